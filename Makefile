@@ -1,0 +1,30 @@
+# Burrow: the two front-door commands are `make demo` and `make test`; both start from `make build`.
+SHELL := /bin/bash
+NPM ?= npm
+MOCHA := node_modules/.bin/mocha
+
+.PHONY: all install build test test-unit test-e2e demo bench clean
+
+all: build
+
+# Installs exactly what package-lock.json pins (npm ci) when a lockfile exists.
+node_modules/.package-lock.json: package.json package-lock.json packages/*/package.json
+	$(NPM) ci --no-audit --no-fund
+	@touch $@
+
+install: node_modules/.package-lock.json
+
+build: install
+	node_modules/.bin/tsc -b tsconfig.json
+
+test: build
+	$(MOCHA)
+
+demo: build
+	node scripts/demo.js
+
+bench: build
+	node bench/run.js
+
+clean:
+	rm -rf node_modules packages/*/dist packages/*/tsconfig.tsbuildinfo test/dist test/tsconfig.tsbuildinfo

@@ -1,0 +1,50 @@
+import { DEFAULT_KEEPALIVE, DEFAULT_MAX_MESSAGE_BYTES, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
+
+/** TLS material for the local listener, when site clients must use TLS. */
+export interface LocalTlsConfig { certFile: string; keyFile: string; caFile?: string }
+
+/** Everything an agent needs to run; built by cli.ts from flags, env and the config file. */
+export interface AgentConfig {
+  /** Broker agent listeners (HOST:PORT); the agent keeps a tunnel to each. */
+  brokers: string[];
+  tlsCertFile: string;
+  tlsKeyFile: string;
+  caFile: string;
+  /** TLS server name to expect from brokers, when it differs from the host in `brokers`. */
+  brokerServerName?: string;
+  /** Site upstreams answering calls from the platform, by service (`*` = default). */
+  upstreams: UpstreamRoute[];
+  /** HOST:PORT where site clients call platform services; off when unset. */
+  localListen?: string;
+  /** TLS for the local listener; required when it is not bound to loopback. */
+  localTls?: LocalTlsConfig;
+  /** HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz); off when unset. */
+  adminListen?: string;
+  /** Idle tunnel streams kept open per broker connection. */
+  minIdleOffers: number;
+  /** Most tunnel streams (idle + busy) per broker connection: the agent's concurrency limit. */
+  maxOffers: number;
+  maxMessageBytes: number;
+  reconnectBaseMs: number;
+  reconnectMaxMs: number;
+  /** How long a site client's call waits for a broker connection, capped by its deadline. */
+  brokerWaitMs: number;
+  drainTimeoutMs: number;
+  keepalive: KeepaliveSettings;
+  logLevel: string;
+  logFormat: LogFormat;
+}
+
+export const AGENT_DEFAULTS = {
+  upstreams: [] as UpstreamRoute[],
+  minIdleOffers: 4,
+  maxOffers: 4096,
+  maxMessageBytes: DEFAULT_MAX_MESSAGE_BYTES,
+  reconnectBaseMs: 500,
+  reconnectMaxMs: 30_000,
+  brokerWaitMs: 5_000,
+  drainTimeoutMs: 30_000,
+  keepalive: DEFAULT_KEEPALIVE,
+  logLevel: 'info',
+  logFormat: 'json' as LogFormat,
+};

@@ -1,0 +1,229 @@
+import { readFileSync } from 'node:fs';
+import type * as http from 'node:http';
+import type { AddressInfo } from 'node:net';
+import { Server, ServerCredentials, credentials as grpcCredentials, status as Status, type ChannelCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
+import {
+  BurrowError, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate, installCatchAll,
+  rejectCall, statusName, upstreamChannelOptions, type Logger,
+} from '@burrow/tunnel';
+import type { AgentConfig } from './agent-config';
+import { AgentMetrics } from './agent-metrics';
+import { Backoff } from './backoff';
+import { BrokerConnection } from './broker-connection';
+
+/** A session that lasted this long counts as healthy: the reconnect backoff starts over. */
+const HEALTHY_SESSION_MS = 10_000;
+
+const LOOPBACK = /^(127\.\d+\.\d+\.\d+|\[::1\]|localhost):\d+$/;
+
+/** The ports a started agent listens on (useful with port 0). */
+export interface AgentPorts { localPort?: number; adminPort?: number }
+
+/**
+ * A Burrow agent: keeps a tunnel to every configured broker (reconnecting with backoff), answers
+ * the calls brokers carry down them with its upstreams, and carries site clients' calls from its
+ * local listener up to a broker.
+ */
+export class Agent {
+  readonly metrics = new AgentMetrics();
+  readonly agentId: string;
+  private readonly upstreams: UpstreamTable;
+  private readonly connections = new Set<BrokerConnection>();
+  private readonly loops: Promise<void>[] = [];
+  private readonly health = new HealthService();
+  private localServer: Server | undefined;
+  private admin: http.Server | undefined;
+  private channelCredentials: ChannelCredentials | undefined;
+  private stopped = false;
+  private wakeLoops = new Set<() => void>();
+  private connectionWaiters = new Set<() => void>();
+  private stopping: Promise<void> | undefined;
+
+  constructor(private readonly config: AgentConfig, private readonly logger: Logger, private readonly version = '0.0.0') {
+    const own = identityOfCertificate(readFileSync(config.tlsCertFile));
+    if (!own || own.role !== 'agent') throw new BurrowError(Status.INVALID_ARGUMENT, `${config.tlsCertFile} is not an agent certificate (URI SAN spiffe://<td>/agent/<id>)`);
+    this.agentId = own.name;
+    this.upstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
+  }
+
+  /** Starts the listeners and the broker connection loops; resolves once listeners are bound. */
+  async start(): Promise<AgentPorts> {
+    this.channelCredentials = grpcCredentials.createSsl(
+      readFileSync(this.config.caFile), readFileSync(this.config.tlsKeyFile), readFileSync(this.config.tlsCertFile),
+    );
+    const ports: AgentPorts = {};
+    if (this.config.localListen) ports.localPort = await this.startLocalListener(this.config.localListen);
+    if (this.config.adminListen) ports.adminPort = await this.startAdmin(this.config.adminListen);
+    for (const address of this.config.brokers) this.loops.push(this.connectLoop(address));
+    this.logger.info('agent started', { agentId: this.agentId, brokers: this.config.brokers, upstreams: this.config.upstreams.length, ...ports });
+    return ports;
+  }
+
+  /** Broker connections with a live session. */
+  get connectedBrokers(): number {
+    return [...this.connections].filter((c) => c.usable).length;
+  }
+
+  /** Resolves once at least one broker session is up (tests, readiness). */
+  waitConnected(timeoutMs = 10_000): Promise<void> {
+    if (this.connectedBrokers > 0) return Promise.resolve();
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => { this.connectionWaiters.delete(done); reject(new Error(`agent not connected within ${timeoutMs} ms`)); }, timeoutMs);
+      const done = (): void => { clearTimeout(timer); this.connectionWaiters.delete(done); resolve(); };
+      this.connectionWaiters.add(done);
+    });
+  }
+
+  /**
+   * Graceful shutdown: stop taking calls, let calls in flight finish for up to `drainTimeoutMs`,
+   * close every connection and listener. Idempotent.
+   */
+  stop(): Promise<void> {
+    this.stopping ??= this.doStop();
+    return this.stopping;
+  }
+
+  private async doStop(): Promise<void> {
+    this.stopped = true;
+    this.health.setStatus('NOT_SERVING');
+    this.health.close();
+    for (const wake of this.wakeLoops) wake();
+    const local = this.localServer;
+    const localDone = local ? new Promise<void>((resolve) => local.tryShutdown(() => resolve())) : Promise.resolve();
+    await Promise.all([...this.connections].map((c) => c.drainAndClose(this.config.drainTimeoutMs)));
+    await Promise.all(this.loops);
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([localDone, new Promise<void>((resolve) => { timer = setTimeout(resolve, this.config.drainTimeoutMs); })]);
+    clearTimeout(timer);
+    local?.forceShutdown();
+    this.upstreams.close();
+    if (this.admin) {
+      const admin = this.admin;
+      admin.closeAllConnections();
+      await new Promise<void>((resolve) => admin.close(() => resolve()));
+    }
+    this.logger.info('agent stopped', { agentId: this.agentId });
+  }
+
+  private async connectLoop(address: string): Promise<void> {
+    const backoff = new Backoff(this.config.reconnectBaseMs, this.config.reconnectMaxMs);
+    let everConnected = false;
+    while (!this.stopped) {
+      const conn = new BrokerConnection({
+        address, credentials: this.channelCredentials!, agentId: this.agentId, agentVersion: this.version,
+        minIdleOffers: this.config.minIdleOffers, maxOffers: this.config.maxOffers, maxMessageBytes: this.config.maxMessageBytes,
+        drainTimeoutMs: this.config.drainTimeoutMs, keepalive: this.config.keepalive, serverNameOverride: this.config.brokerServerName,
+        upstreams: this.upstreams, metrics: this.metrics, logger: this.logger,
+      });
+      this.connections.add(conn);
+      const ended = new Promise<'closed' | 'drain'>((resolve) => {
+        conn.once('closed', () => resolve('closed'));
+        conn.once('drain', () => resolve('drain'));
+      });
+      conn.once('closed', () => this.connections.delete(conn));
+      let sessionStartMs: number | undefined;
+      try {
+        await conn.open();
+        sessionStartMs = Date.now();
+        this.metrics.connects.inc({ result: 'ok' });
+        if (everConnected) this.metrics.reconnects.inc();
+        everConnected = true;
+        for (const w of [...this.connectionWaiters]) w();
+      } catch (err) {
+        this.metrics.connects.inc({ result: 'failed' });
+        this.logger.warn('cannot establish tunnel session', { broker: address, error: (err as Error).message, retryWithinMs: backoff.ceilingMs });
+      }
+      const why = await ended;
+      if (this.stopped) break;
+      if (why === 'drain') {
+        // The broker is going away on purpose: reconnect at once (to a replacement behind the same
+        // address, or another broker); the draining connection finishes its calls on its own.
+        this.connections.delete(conn);
+        backoff.reset();
+        continue;
+      }
+      if (sessionStartMs !== undefined) {
+        if (Date.now() - sessionStartMs >= HEALTHY_SESSION_MS) backoff.reset();
+        this.logger.warn('tunnel session lost', { broker: address, error: conn.closeReason?.message, retryWithinMs: backoff.ceilingMs });
+      }
+      await this.sleep(backoff.nextDelayMs());
+    }
+  }
+
+  private sleep(ms: number): Promise<void> {
+    return new Promise((resolve) => {
+      const wake = (): void => { clearTimeout(timer); this.wakeLoops.delete(wake); resolve(); };
+      const timer = setTimeout(wake, ms);
+      this.wakeLoops.add(wake);
+    });
+  }
+
+  /** The least busy usable connection, waiting up to brokerWaitMs (capped by `deadlineMs`). */
+  private async pickConnection(deadlineMs: number): Promise<BrokerConnection | undefined> {
+    const best = (): BrokerConnection | undefined => {
+      let pick: BrokerConnection | undefined;
+      for (const c of this.connections) if (c.usable && (!pick || c.callsInFlight < pick.callsInFlight)) pick = c;
+      return pick;
+    };
+    const now = best();
+    if (now || this.stopped) return now;
+    const waitMs = Math.max(0, Math.min(this.config.brokerWaitMs, deadlineMs - Date.now()));
+    await new Promise<void>((resolve) => {
+      const timer = setTimeout(() => { this.connectionWaiters.delete(done); resolve(); }, waitMs);
+      const done = (): void => { clearTimeout(timer); this.connectionWaiters.delete(done); resolve(); };
+      this.connectionWaiters.add(done);
+    });
+    return best();
+  }
+
+  private async onLocalCall(call: ServerDuplexStream<Buffer, Buffer>): Promise<void> {
+    const startedMs = Date.now();
+    const deadline = call.getDeadline();
+    const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
+    const conn = await this.pickConnection(deadlineMs);
+    if (!conn || call.cancelled) {
+      const err = new BurrowError(Status.UNAVAILABLE, this.stopped ? 'agent is shutting down' : `agent "${this.agentId}" has no broker connection`);
+      if (!call.cancelled) rejectCall(call, err);
+      this.metrics.calls.inc({ direction: 'to_broker', code: statusName(call.cancelled ? Status.CANCELLED : err.code) });
+      return;
+    }
+    const outcome = await conn.forward(call);
+    const seconds = (Date.now() - startedMs) / 1000;
+    this.metrics.calls.inc({ direction: 'to_broker', code: statusName(outcome.code) });
+    this.metrics.callDuration.observe({ direction: 'to_broker' }, seconds);
+    this.metrics.messageBytes.inc({ direction: 'to_broker', flow: 'request' }, outcome.requestBytes);
+    this.metrics.messageBytes.inc({ direction: 'to_broker', flow: 'response' }, outcome.responseBytes);
+    this.logger.log(outcome.code === Status.OK ? 'debug' : 'info', 'call finished', { direction: 'to_broker', broker: conn.address, method: call.getPath(), status: statusName(outcome.code), details: outcome.code === Status.OK ? undefined : outcome.details, durationMs: Math.round(seconds * 1000) });
+  }
+
+  private async startLocalListener(address: string): Promise<number> {
+    const tls = this.config.localTls;
+    if (!tls && !LOOPBACK.test(address)) {
+      throw new BurrowError(Status.INVALID_ARGUMENT, `local-listen ${address} is not loopback; configure local-tls-cert and local-tls-key`);
+    }
+    const creds = tls
+      ? ServerCredentials.createSsl(tls.caFile ? readFileSync(tls.caFile) : null, [{ cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) }], Boolean(tls.caFile))
+      : ServerCredentials.createInsecure();
+    const server = new Server(callServerOptions(this.config.maxMessageBytes, this.config.keepalive));
+    this.health.addTo(server);
+    installCatchAll(server, (call) => { void this.onLocalCall(call); });
+    this.localServer = server;
+    return new Promise((resolve, reject) =>
+      server.bindAsync(address, creds, (err, port) => (err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port))));
+  }
+
+  private async startAdmin(address: string): Promise<number> {
+    const admin = createAdminServer({
+      metrics: this.metrics.registry,
+      json: { '/brokers': () => [...this.connections].map((c) => ({ broker: c.address, brokerId: c.brokerId, usable: c.usable, protocolVersion: c.protocolVersion, callsInFlight: c.callsInFlight, idleOffers: c.idle })) },
+      isReady: () => !this.stopped && this.connectedBrokers > 0,
+    });
+    this.admin = admin;
+    const i = address.lastIndexOf(':');
+    await new Promise<void>((resolve, reject) => {
+      admin.once('error', (err) => reject(new Error(`cannot listen on ${address}: ${err.message}`)));
+      admin.listen(Number(address.slice(i + 1)), address.slice(0, i).replace(/^\[|\]$/g, ''), () => resolve());
+    });
+    return (admin.address() as AddressInfo).port;
+  }
+}

@@ -1,0 +1,250 @@
+import { EventEmitter } from 'node:events';
+import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
+import {
+  BurrowError, CallStream, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, decodeSessionFrame,
+  encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
+  type CallOutcome, type KeepaliveSettings, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
+} from '@burrow/tunnel';
+import type { AgentMetrics } from './agent-metrics';
+
+/** How long the agent waits for Welcome after opening its session stream. */
+const WELCOME_TIMEOUT_MS = 10_000;
+
+export interface BrokerConnectionOptions {
+  address: string;
+  credentials: ChannelCredentials;
+  agentId: string;
+  agentVersion: string;
+  minIdleOffers: number;
+  maxOffers: number;
+  maxMessageBytes: number;
+  /** How long calls in flight may run on after the broker asked the agent to drain. */
+  drainTimeoutMs: number;
+  keepalive: KeepaliveSettings;
+  serverNameOverride?: string;
+  upstreams: UpstreamTable;
+  metrics: AgentMetrics;
+  logger: Logger;
+}
+
+/**
+ * One connection from the agent to one broker: its own channel (HTTP/2 connection), the session
+ * stream, the pool of idle Offer streams, and the Forward streams of site clients' calls.
+ *
+ * Events: `closed` (error?: BurrowError) once the session is over; `drain` when the broker asked
+ * the agent to go elsewhere. After either, the connection takes no new calls; calls in flight
+ * finish and then the channel closes by itself.
+ */
+export class BrokerConnection extends EventEmitter {
+  private readonly client: Client;
+  private session: ClientDuplexStream<Buffer, Buffer> | undefined;
+  private welcome: WelcomeFrame | undefined;
+  // Invariant: idleOffers + activeCalls = tunnel streams this connection has open.
+  private idleOffers = 0;
+  private activeCalls = 0;
+  private readonly offerStreams = new Set<CallStream>();
+  private closedError: BurrowError | undefined;
+  private isClosed = false;
+  private draining = false;
+  private callCounter = 0;
+
+  constructor(private readonly opts: BrokerConnectionOptions) {
+    super();
+    const channelOptions: Record<string, string | number> = { ...tunnelChannelOptions(opts.maxMessageBytes, opts.keepalive) };
+    if (opts.serverNameOverride) channelOptions['grpc.ssl_target_name_override'] = opts.serverNameOverride;
+    this.client = new Client(opts.address, opts.credentials, channelOptions);
+  }
+
+  get address(): string { return this.opts.address; }
+  /** True while the session is up and the broker has not asked us to drain. */
+  get usable(): boolean { return this.welcome !== undefined && !this.isClosed && !this.draining; }
+  get callsInFlight(): number { return this.activeCalls; }
+  get idle(): number { return this.idleOffers; }
+  get brokerId(): string { return this.welcome?.brokerId ?? ''; }
+  get protocolVersion(): number { return this.welcome?.protocolVersion ?? 0; }
+
+  /**
+   * Opens the session: Hello, then waits for Welcome. Rejects with the broker's refusal (wrong
+   * certificate, no common version, draining) or UNAVAILABLE when it cannot be reached.
+   */
+  open(): Promise<WelcomeFrame> {
+    return new Promise((resolve, reject) => {
+      const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.session, identity, identity, new Metadata());
+      this.session = call;
+      const timer = setTimeout(() => {
+        const err = new BurrowError(Status.UNAVAILABLE, `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`);
+        reject(err);
+        this.close(err);
+      }, WELCOME_TIMEOUT_MS);
+      call.on('error', () => {});
+      call.on('data', (bytes: Buffer) => {
+        let frame;
+        try {
+          frame = decodeSessionFrame(bytes);
+          if (!this.welcome && frame.kind !== 'welcome') throw new ProtocolError(`session began with ${frame.kind}, not welcome`);
+          if (this.welcome && (frame.kind === 'welcome' || frame.kind === 'hello')) throw new ProtocolError(`${frame.kind} frame after welcome`);
+          if (frame.kind === 'welcome' && !PROTOCOL_VERSIONS.includes(frame.welcome.protocolVersion)) throw new ProtocolError(`broker chose protocol version ${frame.welcome.protocolVersion}, which this agent does not speak`);
+        } catch (err) {
+          const e = toBurrowError(err);
+          clearTimeout(timer);
+          reject(e);
+          this.close(e);
+          return;
+        }
+        switch (frame.kind) {
+          case 'welcome':
+            clearTimeout(timer);
+            this.welcome = frame.welcome;
+            this.opts.logger.info('tunnel session established', { broker: this.opts.address, brokerId: frame.welcome.brokerId, sessionId: frame.welcome.sessionId, protocolVersion: frame.welcome.protocolVersion });
+            this.opts.metrics.connectedBrokers.inc();
+            this.addOffers(this.opts.minIdleOffers);
+            resolve(frame.welcome);
+            return;
+          case 'demand':
+            this.addOffers(frame.offers);
+            return;
+          case 'drain':
+            this.startDrain(frame.reason);
+            return;
+          default:
+            return;
+        }
+      });
+      call.on('status', (s) => {
+        clearTimeout(timer);
+        const err = s.code === Status.OK
+          ? new BurrowError(Status.UNAVAILABLE, `broker ${this.opts.address} ended the session`)
+          : new BurrowError(s.code, s.details || statusName(s.code));
+        if (!this.welcome) reject(err);
+        this.close(err);
+      });
+      call.write(encodeSessionFrame({ kind: 'hello', hello: { protocolVersions: [...PROTOCOL_VERSIONS], agentVersion: this.opts.agentVersion, minIdleOffers: this.opts.minIdleOffers } }));
+    });
+  }
+
+  /**
+   * Carries one site client's call to the broker on a new Forward stream. Resolves with the
+   * outcome once the client has its status.
+   */
+  forward(clientCall: ServerDuplexStream<Buffer, Buffer>): Promise<CallOutcome> {
+    const md = new Metadata();
+    md.set(SESSION_ID_KEY, this.welcome!.sessionId);
+    const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.forward, identity, identity, md);
+    const stream = new CallStream(call, 'client', 'originator');
+    this.activeCalls++;
+    this.opts.metrics.tunnelStreams.inc({ state: 'active' });
+    return originate(clientCall, stream, { callId: `a${(++this.callCounter).toString(36)}`, peerName: `broker ${this.opts.address}` }).then((outcome) => {
+      this.callEnded();
+      return outcome;
+    });
+  }
+
+  /** Ends the session and the connection now; calls in flight fail with `error`. */
+  close(error?: BurrowError): void {
+    if (this.isClosed) return;
+    this.isClosed = true;
+    this.closedError = error;
+    this.draining = true;
+    this.session?.cancel();
+    for (const s of [...this.offerStreams]) s.abort(error ?? new BurrowError(Status.UNAVAILABLE, 'agent connection closed'));
+    if (this.welcome) this.opts.metrics.connectedBrokers.dec();
+    this.client.close();
+    this.emit('closed', error);
+  }
+
+  /** Stops taking new calls; closes once calls in flight are done (or `timeoutMs` passes). */
+  drainAndClose(timeoutMs: number): Promise<void> {
+    this.draining = true;
+    for (const s of [...this.offerStreams]) if (s.callState.request === 'idle') s.abort(new BurrowError(Status.UNAVAILABLE, 'agent draining'));
+    return new Promise((resolve) => {
+      if (this.isClosed) return resolve();
+      const timer = setTimeout(() => this.close(new BurrowError(Status.UNAVAILABLE, 'agent shut down before the call finished')), timeoutMs);
+      const check = (): void => {
+        if (this.activeCalls === 0) this.close();
+      };
+      this.once('closed', () => { clearTimeout(timer); resolve(); });
+      this.on('call-ended', check);
+      check();
+    });
+  }
+
+  private startDrain(reason: string): void {
+    if (this.draining) return;
+    this.draining = true;
+    this.opts.logger.info('broker asked to drain; reconnecting', { broker: this.opts.address, reason, callsInFlight: this.activeCalls });
+    this.emit('drain', reason);
+    void this.drainAndClose(this.opts.drainTimeoutMs);
+  }
+
+  private callEnded(): void {
+    this.activeCalls--;
+    this.opts.metrics.tunnelStreams.dec({ state: 'active' });
+    this.emit('call-ended');
+  }
+
+  private addOffers(count: number): void {
+    const room = this.opts.maxOffers - this.idleOffers - this.activeCalls;
+    const n = Math.min(count, room);
+    for (let i = 0; i < n; i++) this.openOffer();
+  }
+
+  private openOffer(): void {
+    if (this.isClosed || this.draining || !this.welcome) return;
+    const md = new Metadata();
+    md.set(SESSION_ID_KEY, this.welcome.sessionId);
+    const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.offer, identity, identity, md);
+    const stream = new CallStream(call, 'client', 'answerer');
+    this.offerStreams.add(stream);
+    this.idleOffers++;
+    this.opts.metrics.tunnelStreams.inc({ state: 'idle' });
+    stream.attach({
+      onFrame: (frame) => {
+        if (frame.kind !== 'start') return;
+        this.idleOffers--;
+        this.activeCalls++;
+        this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
+        this.opts.metrics.tunnelStreams.inc({ state: 'active' });
+        // Keep the pool at its minimum: this offer is now busy.
+        if (this.idleOffers < this.opts.minIdleOffers) this.openOffer();
+        void this.answerOffer(stream, frame.start);
+      },
+      onDrain: () => {},
+      onClosed: () => {
+        // An idle offer ending is the broker retiring it (or the connection going away).
+        if (stream.callState.request === 'idle') {
+          this.idleOffers--;
+          this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
+          this.offerStreams.delete(stream);
+        }
+      },
+      onProtocolError: (err) => this.close(err),
+    });
+  }
+
+  private async answerOffer(stream: CallStream, start: StartFrame): Promise<void> {
+    const startedMs = Date.now();
+    const upstream = this.opts.upstreams.clientFor(start.method);
+    let code: number;
+    let details: string;
+    if (!upstream) {
+      code = Status.UNIMPLEMENTED;
+      details = `agent "${this.opts.agentId}" has no upstream for service "${serviceOfMethod(start.method)}"`;
+      stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
+      stream.finish();
+    } else {
+      const outcome = await answer(stream, start, upstream);
+      ({ code, details } = outcome);
+      this.opts.metrics.messageBytes.inc({ direction: 'from_broker', flow: 'request' }, outcome.requestBytes);
+      this.opts.metrics.messageBytes.inc({ direction: 'from_broker', flow: 'response' }, outcome.responseBytes);
+    }
+    this.offerStreams.delete(stream);
+    this.callEnded();
+    const seconds = (Date.now() - startedMs) / 1000;
+    this.opts.metrics.calls.inc({ direction: 'from_broker', code: statusName(code) });
+    this.opts.metrics.callDuration.observe({ direction: 'from_broker' }, seconds);
+    this.opts.logger.log(code === Status.OK ? 'debug' : 'info', 'call finished', { direction: 'from_broker', broker: this.opts.address, callId: start.callId, method: start.method, status: statusName(code), details: code === Status.OK ? undefined : details, durationMs: Math.round(seconds * 1000) });
+  }
+
+  /** The error the session ended with, if it has ended. */
+  get closeReason(): BurrowError | undefined { return this.closedError; }
+}

@@ -1,0 +1,150 @@
+#!/usr/bin/env node
+/**
+ * burrow-agent: the only file of the agent that reads process.argv and the environment. It turns
+ * flags, BURROW_AGENT_* variables and the YAML config file into a typed {@link AgentConfig},
+ * creates the logger and runs the agent until SIGTERM/SIGINT.
+ */
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import {
+  ConfigError, PROTOCOL_VERSION, asList, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
+  parseListenAddress, parseUpstreamRoute, requireReadableFile, type LogFormat,
+} from '@burrow/tunnel';
+import { Agent } from './agent';
+import { AGENT_DEFAULTS, type AgentConfig } from './agent-config';
+
+const PROG = 'burrow-agent';
+const VERSION: string = (require('../package.json') as { version: string }).version;
+
+const RUN_OPTIONS = {
+  broker: { type: 'string', array: true, describe: 'HOST:PORT of a broker agent listener (repeatable: one tunnel to each)' },
+  'tls-cert': { type: 'string', describe: 'PEM file: the agent certificate, then its chain' },
+  'tls-key': { type: 'string', describe: 'PEM file: the agent private key' },
+  ca: { type: 'string', describe: 'PEM file: CA certificates that sign brokers' },
+  'broker-server-name': { type: 'string', describe: 'TLS name to expect in broker certificates when it differs from the --broker host' },
+  upstream: { type: 'string', array: true, describe: 'SERVICE=HOST:PORT: site service that answers calls from the platform (repeatable; SERVICE * is the default)' },
+  'local-listen': { type: 'string', describe: 'HOST:PORT where site clients call platform services (plaintext only on loopback)' },
+  'local-tls-cert': { type: 'string', describe: 'PEM file: certificate of the local listener (turns on TLS)' },
+  'local-tls-key': { type: 'string', describe: 'PEM file: key of the local listener' },
+  'local-ca': { type: 'string', describe: 'PEM file: CA of site clients; when set, the local listener requires client certificates' },
+  'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)' },
+  'min-idle-streams': { type: 'number', describe: 'idle tunnel streams kept open per broker', default: AGENT_DEFAULTS.minIdleOffers },
+  'max-streams': { type: 'number', describe: 'most tunnel streams per broker (concurrent calls)', default: AGENT_DEFAULTS.maxOffers },
+  'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
+  'reconnect-base': { type: 'string', describe: 'first reconnect backoff window (doubles per failure, full jitter)', default: '500ms' },
+  'reconnect-max': { type: 'string', describe: 'largest reconnect backoff window', default: '30s' },
+  'broker-wait': { type: 'string', describe: 'how long a site client\'s call waits for a broker connection', default: '5s' },
+  'drain-timeout': { type: 'string', describe: 'how long shutdown waits for calls in flight', default: '30s' },
+  'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
+  'keepalive-timeout': { type: 'string', describe: 'ping answer timeout before a connection is dropped', default: '10s' },
+  'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
+  'log-format': { type: 'string', describe: 'json or text', default: 'json' },
+  config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
+} as const;
+
+type Args = Record<string, unknown>;
+
+/** Builds the typed config; every problem is a ConfigError naming its flag. */
+export function agentConfigFromArgs(args: Args): AgentConfig {
+  const brokers = asList(args.broker).map((b) => parseListenAddress('broker', b));
+  if (brokers.length === 0) throw new ConfigError('broker', 'is required (HOST:PORT of a broker agent listener)');
+  const logLevel = String(args['log-level']);
+  if (!['error', 'warn', 'info', 'debug'].includes(logLevel)) throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
+  const logFormat = String(args['log-format']);
+  if (logFormat !== 'json' && logFormat !== 'text') throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
+  const upstreams = asList(args.upstream).map((u) => {
+    try {
+      return parseUpstreamRoute(u);
+    } catch (err) {
+      throw new ConfigError('upstream', (err as Error).message);
+    }
+  });
+  const localTlsCert = args['local-tls-cert'] ? requireReadableFile('local-tls-cert', args['local-tls-cert']) : undefined;
+  const localTlsKey = args['local-tls-key'] ? requireReadableFile('local-tls-key', args['local-tls-key']) : undefined;
+  if (Boolean(localTlsCert) !== Boolean(localTlsKey)) throw new ConfigError(localTlsCert ? 'local-tls-key' : 'local-tls-cert', 'local-tls-cert and local-tls-key go together');
+  const localListen = args['local-listen'] ? parseListenAddress('local-listen', args['local-listen']) : undefined;
+  if (localListen && !localTlsCert && !/^(127\.\d+\.\d+\.\d+|\[::1\]|localhost):\d+$/.test(localListen)) {
+    throw new ConfigError('local-listen', `${localListen} is not loopback; plaintext is only allowed on loopback, set local-tls-cert and local-tls-key`);
+  }
+  const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
+  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3) throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  const minIdleOffers = parseIntInRange('min-idle-streams', args['min-idle-streams'], 1, 1000);
+  const maxOffers = parseIntInRange('max-streams', args['max-streams'], minIdleOffers, 100_000);
+  return {
+    ...AGENT_DEFAULTS,
+    brokers,
+    tlsCertFile: requireReadableFile('tls-cert', args['tls-cert']),
+    tlsKeyFile: requireReadableFile('tls-key', args['tls-key']),
+    caFile: requireReadableFile('ca', args.ca),
+    brokerServerName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
+    upstreams,
+    localListen,
+    localTls: localTlsCert && localTlsKey ? { certFile: localTlsCert, keyFile: localTlsKey, caFile: args['local-ca'] ? requireReadableFile('local-ca', args['local-ca']) : undefined } : undefined,
+    adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
+    minIdleOffers,
+    maxOffers,
+    maxMessageBytes,
+    reconnectBaseMs: parseDurationMs('reconnect-base', args['reconnect-base']),
+    reconnectMaxMs: parseDurationMs('reconnect-max', args['reconnect-max']),
+    brokerWaitMs: parseDurationMs('broker-wait', args['broker-wait']),
+    drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
+    keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
+    logLevel,
+    logFormat: logFormat as LogFormat,
+  };
+}
+
+function fail(message: string): never {
+  process.stderr.write(`${PROG}: ${message}\n`);
+  process.exit(2);
+}
+
+async function run(args: Args): Promise<void> {
+  let config: AgentConfig;
+  try {
+    config = agentConfigFromArgs(args);
+  } catch (err) {
+    fail((err as Error).message);
+  }
+  const logger = createLogger({ level: config.logLevel, format: config.logFormat, component: 'agent' });
+  let agent: Agent;
+  try {
+    agent = new Agent(config, logger, VERSION);
+    await agent.start();
+  } catch (err) {
+    fail((err as Error).message);
+  }
+  let signals = 0;
+  const shutdown = (signal: string): void => {
+    if (++signals > 1) {
+      logger.warn('second signal; exiting now', { signal });
+      process.exit(1);
+    }
+    logger.info('shutting down', { signal });
+    agent.stop().then(() => process.exit(0), (err: Error) => {
+      logger.error('shutdown failed', { error: err.message });
+      process.exit(1);
+    });
+  };
+  process.on('SIGTERM', () => shutdown('SIGTERM'));
+  process.on('SIGINT', () => shutdown('SIGINT'));
+}
+
+function main(): void {
+  void yargs(hideBin(process.argv))
+    .scriptName(PROG)
+    .usage('$0 <command> [options]')
+    .command('run', 'dial out to brokers and answer the calls they carry', (y) =>
+      y.options(RUN_OPTIONS)
+        .env('BURROW_AGENT')
+        .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(RUN_OPTIONS).filter((k) => k !== 'config')))
+        .strict(), (args) => { void run(args as Args); })
+    .demandCommand(1, 'name a command: run')
+    .strict()
+    .version(`${VERSION} (protocol ${PROTOCOL_VERSION})`)
+    .help()
+    .fail((msg, err) => fail(err ? err.message : msg))
+    .parse();
+}
+
+if (require.main === module) main();

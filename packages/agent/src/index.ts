@@ -1,0 +1,7 @@
+/** @burrow/agent: the agent as a library (tests, embedding); the CLI is cli.ts. */
+export * from './agent';
+export * from './agent-config';
+export * from './agent-metrics';
+export * from './backoff';
+export * from './broker-connection';
+export { agentConfigFromArgs } from './cli';

@@ -1,0 +1,262 @@
+import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
+import {
+  BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
+  UpstreamTable, answer, decodeSessionFrame, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
+  statusName, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
+} from '@burrow/tunnel';
+import type { BrokerMetrics } from './broker-metrics';
+import { AgentSession, type TunnelRegistry } from './tunnel-registry';
+
+/** How long a new session may take to send Hello before the broker gives up on it. */
+const HELLO_TIMEOUT_MS = 10_000;
+
+export interface AgentListenerDeps {
+  registry: TunnelRegistry;
+  metrics: BrokerMetrics;
+  logger: Logger;
+  platformUpstreams: UpstreamTable;
+  trustDomain: string;
+  brokerId: string;
+  maxMessageBytes: number;
+  /** True once the broker is draining: new sessions are refused. */
+  isDraining(): boolean;
+}
+
+type RawCall = ServerDuplexStream<Buffer, Buffer>;
+
+/**
+ * The broker's Tunnel service (tunnel.proto): Session, Offer and Forward streams opened by agents.
+ * Every stream must come with a client certificate of role agent in the broker's trust domain;
+ * the agent id is taken from that certificate and nothing else.
+ */
+export class AgentListener {
+  private readonly sessionsById = new Map<string, AgentSession>();
+  private readonly sessionCalls = new Map<AgentSession, RawCall>();
+  private callCounter = 0;
+
+  constructor(private readonly deps: AgentListenerDeps) {}
+
+  addTo(server: Server): void {
+    const def = (path: string) => ({ path, requestStream: true, responseStream: true, requestSerialize: identity, requestDeserialize: identity, responseSerialize: identity, responseDeserialize: identity });
+    server.addService(
+      { session: def(TUNNEL_METHODS.session), offer: def(TUNNEL_METHODS.offer), forward: def(TUNNEL_METHODS.forward) },
+      {
+        session: (call: RawCall) => this.onSession(call),
+        offer: (call: RawCall) => this.onOffer(call),
+        forward: (call: RawCall) => this.onForward(call),
+      },
+    );
+  }
+
+  /** Number of sessions known (leak checks). */
+  get sessionCount(): number { return this.sessionsById.size; }
+
+  /** Sends Drain to every session and retires their idle offers. */
+  drainAll(reason: string): void {
+    for (const session of this.sessionsById.values()) {
+      session.draining = true;
+      session.control.drain(reason);
+      for (const offer of session.idle.splice(0)) offer.stream.finish();
+    }
+  }
+
+  /**
+   * Cuts off every session of `agentId` now (revocation): session streams end with `error` and
+   * calls in flight on them fail. Returns the number of sessions closed.
+   */
+  disconnectAgent(agentId: string, error: BurrowError): number {
+    const sessions = this.deps.registry.sessionsOf(agentId);
+    for (const s of sessions) this.closeSession(s, error, true);
+    return sessions.length;
+  }
+
+  /** Closes sessions whose agent certificate has expired; TLS does not re-check open connections. */
+  closeExpired(nowMs = Date.now()): number {
+    let closed = 0;
+    for (const s of [...this.sessionsById.values()]) {
+      if (s.identity.notAfterMs <= nowMs) {
+        this.closeSession(s, new BurrowError(Status.UNAUTHENTICATED, `certificate of agent "${s.agentId}" expired at ${new Date(s.identity.notAfterMs).toISOString()}`), true);
+        closed++;
+      }
+    }
+    return closed;
+  }
+
+  /** Ends every session stream (final shutdown). */
+  closeAll(error: BurrowError): void {
+    for (const s of [...this.sessionsById.values()]) this.closeSession(s, error, true);
+  }
+
+  private authenticate(call: RawCall, stream: string): PeerIdentity | undefined {
+    const id = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate?.raw);
+    let problem: string | undefined;
+    if (!id) problem = 'client certificate has no Burrow identity (one spiffe:// URI SAN)';
+    else if (id.role !== 'agent') problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;
+    else if (id.trustDomain !== this.deps.trustDomain) problem = `certificate trust domain "${id.trustDomain}" is not "${this.deps.trustDomain}"`;
+    if (problem) {
+      this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason: id ? 'wrong_role' : 'no_identity' });
+      this.deps.logger.warn('tunnel stream refused', { stream, peer: call.getPeer(), reason: problem });
+      call.emit('error', { code: Status.PERMISSION_DENIED, details: problem });
+      return undefined;
+    }
+    return id;
+  }
+
+  private onSession(call: RawCall): void {
+    const id = this.authenticate(call, 'session');
+    if (!id) return;
+    const { logger, metrics, registry } = this.deps;
+    if (this.deps.isDraining()) {
+      call.emit('error', { code: Status.UNAVAILABLE, details: 'broker is draining; connect to another broker' });
+      return;
+    }
+    let session: AgentSession | undefined;
+    const helloTimer = setTimeout(() => fail(new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`)), HELLO_TIMEOUT_MS);
+    const fail = (err: BurrowError): void => {
+      clearTimeout(helloTimer);
+      if (err instanceof ProtocolError) metrics.protocolErrors.inc();
+      logger.warn('tunnel session failed', { agentId: id.name, peer: call.getPeer(), error: err.message });
+      if (session) this.closeSession(session, err, true);
+      else call.emit('error', err.toServiceError());
+    };
+    call.on('error', () => {});
+    call.on('data', (bytes: Buffer) => {
+      let frame;
+      try {
+        frame = decodeSessionFrame(bytes);
+      } catch (err) {
+        fail(err as BurrowError);
+        return;
+      }
+      if (session || frame.kind !== 'hello') {
+        fail(new ProtocolError(session ? `${frame.kind} frame after hello on a session stream` : `session opened with ${frame.kind}, not hello`));
+        return;
+      }
+      clearTimeout(helloTimer);
+      const version = negotiateVersion(PROTOCOL_VERSIONS, frame.hello.protocolVersions);
+      if (version === undefined) {
+        const details = `no common protocol version: agent speaks [${frame.hello.protocolVersions.join(', ')}], broker speaks [${PROTOCOL_VERSIONS.join(', ')}]`;
+        logger.warn('tunnel session refused', { agentId: id.name, reason: details });
+        call.emit('error', { code: Status.FAILED_PRECONDITION, details });
+        return;
+      }
+      session = new AgentSession(id, call.getPeer(), version, frame.hello.agentVersion, Math.min(frame.hello.minIdleOffers, 1000), {
+        demand: (offers) => { metrics.demandedOffers.inc(offers); call.write(encodeSessionFrame({ kind: 'demand', offers })); },
+        drain: (reason) => call.write(encodeSessionFrame({ kind: 'drain', reason })),
+        close: (err) => (err ? call.emit('error', err.toServiceError()) : call.end()),
+      });
+      this.sessionsById.set(session.id, session);
+      this.sessionCalls.set(session, call);
+      call.write(encodeSessionFrame({ kind: 'welcome', welcome: { protocolVersion: version, sessionId: session.id, maxMessageBytes: this.deps.maxMessageBytes, brokerId: this.deps.brokerId } }));
+      registry.addSession(session);
+      metrics.agentConnects.inc();
+      logger.info('agent connected', { agentId: id.name, sessionId: session.id, peer: session.peerAddress, protocolVersion: version, agentVersion: session.agentVersion });
+    });
+    const ended = (): void => {
+      clearTimeout(helloTimer);
+      if (session) this.closeSession(session, undefined, false);
+    };
+    call.on('end', ended);
+    call.on('cancelled', ended);
+  }
+
+  /**
+   * Forgets `session`. `endStream` ends the session stream with `error` (broker-initiated); calls
+   * in flight are aborted only when the session is cut off with an error.
+   */
+  private closeSession(session: AgentSession, error: BurrowError | undefined, endStream: boolean): void {
+    if (!this.sessionsById.delete(session.id)) return;
+    const call = this.sessionCalls.get(session);
+    this.sessionCalls.delete(session);
+    this.deps.registry.removeSession(session);
+    if (error) for (const stream of [...session.active]) stream.abort(error);
+    if (endStream && call && !call.cancelled) session.control.close(error);
+    else if (call && !call.writableEnded && !call.cancelled) call.end();
+    this.deps.logger.info('agent disconnected', { agentId: session.agentId, sessionId: session.id, reason: error?.message ?? 'session ended' });
+  }
+
+  private sessionOf(call: RawCall, id: PeerIdentity, stream: string): AgentSession | undefined {
+    const sessionId = call.metadata.get(SESSION_ID_KEY)[0];
+    const session = typeof sessionId === 'string' ? this.sessionsById.get(sessionId) : undefined;
+    if (!session) {
+      // Usually a race with a session that just ended; the agent reconnects and opens new ones.
+      call.emit('error', { code: Status.FAILED_PRECONDITION, details: `unknown tunnel session "${String(sessionId ?? '')}"` });
+      return undefined;
+    }
+    if (session.agentId !== id.name) {
+      this.deps.metrics.protocolErrors.inc();
+      this.deps.logger.warn('tunnel stream for another agent\'s session refused', { stream, agentId: id.name, sessionAgentId: session.agentId });
+      call.emit('error', { code: Status.PERMISSION_DENIED, details: 'tunnel session belongs to another agent' });
+      return undefined;
+    }
+    return session;
+  }
+
+  private onOffer(call: RawCall): void {
+    const id = this.authenticate(call, 'offer');
+    if (!id) return;
+    const session = this.sessionOf(call, id, 'offer');
+    if (!session) return;
+    const stream = new CallStream(call, 'server', 'originator');
+    // While idle, only the stream's end matters; once assigned, the originator re-attaches.
+    stream.attach({
+      onFrame: () => {},
+      onDrain: () => {},
+      onClosed: () => this.deps.registry.dropOffer(session, stream),
+      onProtocolError: (err) => this.protocolError(session, err),
+    });
+    this.deps.registry.addOffer(session, stream);
+  }
+
+  private onForward(call: RawCall): void {
+    const id = this.authenticate(call, 'forward');
+    if (!id) return;
+    const session = this.sessionOf(call, id, 'forward');
+    if (!session) return;
+    const stream = new CallStream(call, 'server', 'answerer');
+    stream.attach({
+      onFrame: (frame: CallFrame) => {
+        if (frame.kind === 'start') void this.answerForward(session, stream, frame.start);
+      },
+      onDrain: () => {},
+      onClosed: () => {},
+      onProtocolError: (err) => this.protocolError(session, err),
+    });
+  }
+
+  private async answerForward(session: AgentSession, stream: CallStream, start: StartFrame): Promise<void> {
+    const { metrics, logger, platformUpstreams } = this.deps;
+    const startedMs = Date.now();
+    const callId = start.callId || `b${(++this.callCounter).toString(36)}`;
+    const upstream = platformUpstreams.clientFor(start.method);
+    let code: number;
+    let details: string;
+    metrics.callsInFlight.inc({ direction: 'from_agent' });
+    session.active.add(stream);
+    if (!upstream) {
+      code = Status.UNIMPLEMENTED;
+      details = `no platform upstream for the service of ${start.method} at this broker`;
+      stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
+      stream.finish();
+    } else {
+      const md = new Metadata();
+      md.set(CALLING_AGENT_KEY, session.agentId);
+      const outcome = await answer(stream, start, upstream, { extraMetadata: md });
+      ({ code, details } = outcome);
+      metrics.messageBytes.inc({ direction: 'from_agent', flow: 'request' }, outcome.requestBytes);
+      metrics.messageBytes.inc({ direction: 'from_agent', flow: 'response' }, outcome.responseBytes);
+    }
+    session.active.delete(stream);
+    metrics.callsInFlight.dec({ direction: 'from_agent' });
+    const seconds = (Date.now() - startedMs) / 1000;
+    metrics.calls.inc({ direction: 'from_agent', method: metrics.methodLabel(start.method), code: statusName(code) });
+    metrics.callDuration.observe({ direction: 'from_agent' }, seconds);
+    logger.log(code === Status.OK ? 'debug' : 'info', 'call finished', { direction: 'from_agent', agentId: session.agentId, callId, method: start.method, status: statusName(code), details: code === Status.OK ? undefined : details, durationMs: Math.round(seconds * 1000) });
+  }
+
+  private protocolError(session: AgentSession, err: ProtocolError): void {
+    this.deps.metrics.protocolErrors.inc();
+    this.deps.logger.warn('agent broke the tunnel protocol; closing its session', { agentId: session.agentId, sessionId: session.id, error: err.message });
+    this.closeSession(session, err, true);
+  }
+}

@@ -1,0 +1,41 @@
+import { DEFAULT_KEEPALIVE, DEFAULT_MAX_MESSAGE_BYTES, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
+
+/** Everything a broker needs to run; built by cli.ts from flags, env and the config file. */
+export interface BrokerConfig {
+  /** HOST:PORT where agents connect (mTLS, Tunnel service). */
+  agentListen: string;
+  /** HOST:PORT where callers send calls for agents (mTLS, any method + grpc.health.v1). */
+  apiListen: string;
+  /** HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents); off when unset. */
+  adminListen?: string;
+  tlsCertFile: string;
+  tlsKeyFile: string;
+  caFile: string;
+  /** Platform services that site clients reach through agents. */
+  upstreams: UpstreamRoute[];
+  /** Trust domain peers must belong to; default: the one in the broker's own certificate. */
+  trustDomain?: string;
+  /** Id in logs and Welcome frames; default: hostname. */
+  brokerId: string;
+  maxMessageBytes: number;
+  /** How long a call waits for its agent to connect or free a stream, capped by its deadline. */
+  agentWaitMs: number;
+  /** How long SIGTERM waits for calls in flight before cutting them off. */
+  drainTimeoutMs: number;
+  /** Idle offers older than this are retired (above each agent's minimum). */
+  idleOfferTtlMs: number;
+  keepalive: KeepaliveSettings;
+  logLevel: string;
+  logFormat: LogFormat;
+}
+
+export const BROKER_DEFAULTS = {
+  upstreams: [] as UpstreamRoute[],
+  maxMessageBytes: DEFAULT_MAX_MESSAGE_BYTES,
+  agentWaitMs: 5_000,
+  drainTimeoutMs: 30_000,
+  idleOfferTtlMs: 60_000,
+  keepalive: DEFAULT_KEEPALIVE,
+  logLevel: 'info',
+  logFormat: 'json' as LogFormat,
+};

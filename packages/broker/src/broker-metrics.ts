@@ -1,0 +1,42 @@
+import type { RegistryCounts } from './tunnel-registry';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+
+// Method names come from callers; past this many distinct ones, new names are counted as "other"
+// so that a caller sending random paths cannot grow the metrics without bound.
+const MAX_METHOD_LABELS = 500;
+
+/** Every metric the broker exports, on its own registry (served at the admin listener's /metrics). */
+export class BrokerMetrics {
+  readonly registry = new Registry();
+  private readonly knownMethods = new Set<string>();
+
+  // Registry gauges are computed when scraped, so the per-call path never walks the registry.
+  readonly connectedAgents = new Gauge({ name: 'burrow_broker_connected_agents', help: 'Agents with at least one tunnel session to this broker.', registers: [this.registry], collect: () => { this.connectedAgents.set(this.counts().agents); } });
+  readonly sessions = new Gauge({ name: 'burrow_broker_sessions', help: 'Agent tunnel sessions (connections) open.', registers: [this.registry], collect: () => { this.sessions.set(this.counts().sessions); } });
+  readonly tunnelStreams = new Gauge({
+    name: 'burrow_broker_tunnel_streams', help: 'Tunnel streams open, by state (idle offers, active forwarded calls).', labelNames: ['state'], registers: [this.registry],
+    collect: () => { const c = this.counts(); this.tunnelStreams.set({ state: 'idle' }, c.idleOffers); this.tunnelStreams.set({ state: 'active' }, c.activeCalls); },
+  });
+  readonly callsWaiting = new Gauge({ name: 'burrow_broker_calls_waiting', help: 'Caller calls waiting for an agent or a free tunnel stream.', registers: [this.registry], collect: () => { this.callsWaiting.set(this.counts().waiters); } });
+  readonly callsInFlight = new Gauge({ name: 'burrow_broker_calls_in_flight', help: 'Forwarded calls in progress, by direction.', labelNames: ['direction'], registers: [this.registry] });
+  readonly calls = new Counter({ name: 'burrow_broker_calls_total', help: 'Forwarded calls finished, by direction (to_agent, from_agent), method and gRPC status code.', labelNames: ['direction', 'method', 'code'], registers: [this.registry] });
+  readonly callDuration = new Histogram({ name: 'burrow_broker_call_duration_seconds', help: 'Duration of forwarded calls, from arrival at the broker to status.', labelNames: ['direction'], buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60], registers: [this.registry] });
+  readonly messageBytes = new Counter({ name: 'burrow_broker_message_bytes_total', help: 'Message bytes forwarded, by direction of the call and flow (request = towards the upstream, response = back).', labelNames: ['direction', 'flow'], registers: [this.registry] });
+  readonly agentConnects = new Counter({ name: 'burrow_broker_agent_connects_total', help: 'Agent sessions established (first connections and reconnects).', registers: [this.registry] });
+  readonly rejectedHandshakes = new Counter({ name: 'burrow_broker_rejected_handshakes_total', help: 'Connections or tunnel/API calls refused for their credentials, by listener and reason.', labelNames: ['listener', 'reason'], registers: [this.registry] });
+  readonly protocolErrors = new Counter({ name: 'burrow_broker_protocol_errors_total', help: 'Tunnel sessions closed because the agent broke the protocol.', registers: [this.registry] });
+  readonly demandedOffers = new Counter({ name: 'burrow_broker_demanded_offers_total', help: 'Offer streams requested from agents with Demand because calls were waiting.', registers: [this.registry] });
+
+  /** `counts` reads the tunnel registry; called only when metrics are scraped. */
+  constructor(private readonly counts: () => RegistryCounts) {
+    collectDefaultMetrics({ register: this.registry, prefix: 'burrow_broker_process_' });
+  }
+
+  /** The method label for `method`: itself while fewer than the cap are known, else "other". */
+  methodLabel(method: string): string {
+    if (this.knownMethods.has(method)) return method;
+    if (this.knownMethods.size >= MAX_METHOD_LABELS) return 'other';
+    this.knownMethods.add(method);
+    return method;
+  }
+}

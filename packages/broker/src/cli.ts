@@ -1,0 +1,132 @@
+#!/usr/bin/env node
+/**
+ * burrow-broker: the only file of the broker that reads process.argv and the environment. It turns
+ * flags, BURROW_BROKER_* variables and the YAML config file into a typed {@link BrokerConfig},
+ * creates the logger and runs the broker until SIGTERM/SIGINT.
+ */
+import { hostname } from 'node:os';
+import yargs from 'yargs';
+import { hideBin } from 'yargs/helpers';
+import {
+  ConfigError, PROTOCOL_VERSION, asList, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
+  parseUpstreamRoute, requireReadableFile, type LogFormat,
+} from '@burrow/tunnel';
+import { Broker } from './broker';
+import { BROKER_DEFAULTS, type BrokerConfig } from './broker-config';
+
+const PROG = 'burrow-broker';
+const VERSION: string = (require('../package.json') as { version: string }).version;
+
+const SERVE_OPTIONS = {
+  'agent-listen': { type: 'string', describe: 'HOST:PORT where agents connect (mTLS)', default: '0.0.0.0:7443' },
+  'api-listen': { type: 'string', describe: 'HOST:PORT where callers send calls for agents (mTLS)', default: '0.0.0.0:8443' },
+  'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents); off when empty' },
+  'tls-cert': { type: 'string', describe: 'PEM file: the broker certificate, then its chain' },
+  'tls-key': { type: 'string', describe: 'PEM file: the broker private key' },
+  ca: { type: 'string', describe: 'PEM file: CA certificates that sign agents and callers' },
+  upstream: { type: 'string', array: true, describe: 'SERVICE=HOST:PORT: platform service site clients reach through agents (repeatable; SERVICE * is the default)' },
+  'trust-domain': { type: 'string', describe: 'trust domain of agents and callers (default: the broker certificate\'s)' },
+  'broker-id': { type: 'string', describe: 'id in logs and session handshakes (default: hostname)' },
+  'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
+  'agent-wait': { type: 'string', describe: 'how long a call waits for its agent (capped by the call deadline)', default: '5s' },
+  'drain-timeout': { type: 'string', describe: 'how long shutdown waits for calls in flight', default: '30s' },
+  'idle-offer-ttl': { type: 'string', describe: 'idle tunnel streams older than this are retired', default: '60s' },
+  'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
+  'keepalive-timeout': { type: 'string', describe: 'ping answer timeout before a connection is dropped', default: '10s' },
+  'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
+  'log-format': { type: 'string', describe: 'json or text', default: 'json' },
+  config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
+} as const;
+
+type Args = Record<string, unknown>;
+
+/** Builds the typed config; every problem is a ConfigError naming its flag. */
+export function brokerConfigFromArgs(args: Args): BrokerConfig {
+  const logLevel = String(args['log-level']);
+  if (!['error', 'warn', 'info', 'debug'].includes(logLevel)) throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
+  const logFormat = String(args['log-format']);
+  if (logFormat !== 'json' && logFormat !== 'text') throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
+  const upstreams = asList(args.upstream).map((u) => {
+    try {
+      return parseUpstreamRoute(u);
+    } catch (err) {
+      throw new ConfigError('upstream', (err as Error).message);
+    }
+  });
+  const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
+  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3) throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  return {
+    ...BROKER_DEFAULTS,
+    agentListen: parseListenAddress('agent-listen', args['agent-listen']),
+    apiListen: parseListenAddress('api-listen', args['api-listen']),
+    adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
+    tlsCertFile: requireReadableFile('tls-cert', args['tls-cert']),
+    tlsKeyFile: requireReadableFile('tls-key', args['tls-key']),
+    caFile: requireReadableFile('ca', args.ca),
+    upstreams,
+    trustDomain: args['trust-domain'] ? String(args['trust-domain']) : undefined,
+    brokerId: args['broker-id'] ? String(args['broker-id']) : hostname(),
+    maxMessageBytes,
+    agentWaitMs: parseDurationMs('agent-wait', args['agent-wait']),
+    drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
+    idleOfferTtlMs: parseDurationMs('idle-offer-ttl', args['idle-offer-ttl']),
+    keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
+    logLevel,
+    logFormat: logFormat as LogFormat,
+  };
+}
+
+function fail(message: string): never {
+  process.stderr.write(`${PROG}: ${message}\n`);
+  process.exit(2);
+}
+
+async function serve(args: Args): Promise<void> {
+  let config: BrokerConfig;
+  try {
+    config = brokerConfigFromArgs(args);
+  } catch (err) {
+    fail((err as Error).message);
+  }
+  const logger = createLogger({ level: config.logLevel, format: config.logFormat, component: 'broker' });
+  let broker: Broker;
+  try {
+    broker = new Broker(config, logger);
+    await broker.start();
+  } catch (err) {
+    fail((err as Error).message);
+  }
+  let signals = 0;
+  const shutdown = (signal: string): void => {
+    if (++signals > 1) {
+      logger.warn('second signal; exiting now', { signal });
+      process.exit(1);
+    }
+    logger.info('shutting down', { signal });
+    broker.stop().then(() => process.exit(0), (err: Error) => {
+      logger.error('shutdown failed', { error: err.message });
+      process.exit(1);
+    });
+  };
+  process.on('SIGTERM', () => shutdown('SIGTERM'));
+  process.on('SIGINT', () => shutdown('SIGINT'));
+}
+
+function main(): void {
+  void yargs(hideBin(process.argv))
+    .scriptName(PROG)
+    .usage('$0 <command> [options]')
+    .command('serve', 'accept agent tunnels and carry callers\' calls down them', (y) =>
+      y.options(SERVE_OPTIONS)
+        .env('BURROW_BROKER')
+        .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(SERVE_OPTIONS).filter((k) => k !== 'config')))
+        .strict(), (args) => { void serve(args as Args); })
+    .demandCommand(1, 'name a command: serve')
+    .strict()
+    .version(`${VERSION} (protocol ${PROTOCOL_VERSION})`)
+    .help()
+    .fail((msg, err) => fail(err ? err.message : msg))
+    .parse();
+}
+
+if (require.main === module) main();

@@ -1,0 +1,7 @@
+/** @burrow/broker: the broker as a library (tests, embedding); the CLI is cli.ts. */
+export * from './broker';
+export * from './broker-config';
+export * from './broker-metrics';
+export * from './caller-api';
+export * from './tunnel-registry';
+export { brokerConfigFromArgs } from './cli';

@@ -1,0 +1,253 @@
+import { randomUUID } from 'node:crypto';
+import { status as Status } from '@grpc/grpc-js';
+import { BurrowError, type CallStream, type PeerIdentity } from '@burrow/tunnel';
+
+/** An idle Offer stream waiting for a call. */
+export interface IdleOffer {
+  readonly stream: CallStream;
+  readonly session: AgentSession;
+  /** When the offer became idle (ms since epoch), for retiring old ones. */
+  readonly idleSinceMs: number;
+}
+
+/** What the registry needs to talk back to an agent session; implemented by the agent listener. */
+export interface SessionControl {
+  /** Asks the agent to open `offers` more Offer streams. */
+  demand(offers: number): void;
+  /** Tells the agent to reconnect elsewhere. */
+  drain(reason: string): void;
+  /** Ends the session stream (and with it every idle offer). */
+  close(error?: BurrowError): void;
+}
+
+/** One agent connection (one Session stream) and the offers it opened. */
+export class AgentSession {
+  readonly id = randomUUID();
+  readonly connectedAtMs = Date.now();
+  /** Idle offers, most recently added last; calls take from the end so old ones age out. */
+  readonly idle: IdleOffer[] = [];
+  /** Offers carrying a call right now; aborted when the session is cut off (revoked, expired). */
+  readonly active = new Set<CallStream>();
+  draining = false;
+
+  constructor(
+    readonly identity: PeerIdentity,
+    readonly peerAddress: string,
+    readonly protocolVersion: number,
+    readonly agentVersion: string,
+    readonly minIdleOffers: number,
+    readonly control: SessionControl,
+  ) {}
+
+  get agentId(): string { return this.identity.name; }
+  get activeCalls(): number { return this.active.size; }
+}
+
+interface Waiter {
+  resolve(offer: IdleOffer): void;
+  reject(err: BurrowError): void;
+}
+
+interface AgentEntry {
+  readonly sessions: Set<AgentSession>;
+  /** Calls waiting for an offer, oldest first. */
+  readonly waiters: Waiter[];
+  /** Offers asked for with Demand and not yet arrived; keeps us from asking twice. */
+  outstandingDemand: number;
+}
+
+/** Totals over the registry, for metrics and leak checks. */
+export interface RegistryCounts { agents: number; sessions: number; idleOffers: number; activeCalls: number; waiters: number }
+
+/** A snapshot of one connected agent, for /agents and metrics. */
+export interface AgentSummary {
+  id: string;
+  connections: number;
+  connectedSince: string;
+  callsInFlight: number;
+  idleOffers: number;
+  sessions: { id: string; peer: string; protocolVersion: number; agentVersion: string; connectedAt: string; callsInFlight: number; idleOffers: number; draining: boolean }[];
+}
+
+/**
+ * Which agents hold tunnels to this broker, and their idle offers. Callers {@link acquire} an
+ * offer for an agent; when none is idle they queue (FIFO) and the registry sends Demand to the agent
+ * for exactly the number of offers missing. All state is in-process; nothing here blocks.
+ */
+export class TunnelRegistry {
+  private readonly agents = new Map<string, AgentEntry>();
+
+  /** Registers a session whose handshake completed; waiting calls get offers from it. */
+  addSession(session: AgentSession): void {
+    const entry = this.entry(session.agentId);
+    entry.sessions.add(session);
+    // Offers requested from sessions that are gone will never come; ask the new one instead.
+    entry.outstandingDemand = 0;
+    this.demandFor(entry);
+  }
+
+  /** Forgets a session; its idle offers are finished. Calls in flight on it keep running. */
+  removeSession(session: AgentSession): void {
+    const entry = this.agents.get(session.agentId);
+    if (!entry || !entry.sessions.delete(session)) return;
+    for (const offer of session.idle.splice(0)) offer.stream.finish();
+    this.maybeForget(session.agentId, entry);
+  }
+
+  /** An agent opened an Offer stream: hand it to the oldest waiting call or keep it idle. */
+  addOffer(session: AgentSession, stream: CallStream): void {
+    const entry = this.agents.get(session.agentId);
+    if (!entry || !entry.sessions.has(session) || session.draining) {
+      stream.finish();
+      return;
+    }
+    if (entry.outstandingDemand > 0) entry.outstandingDemand--;
+    const offer: IdleOffer = { stream, session, idleSinceMs: Date.now() };
+    const waiter = entry.waiters.shift();
+    if (waiter) waiter.resolve(offer);
+    else session.idle.push(offer);
+  }
+
+  /** Removes an idle offer whose stream closed under it (agent gone, connection lost). */
+  dropOffer(session: AgentSession, stream: CallStream): void {
+    const i = session.idle.findIndex((o) => o.stream === stream);
+    if (i >= 0) session.idle.splice(i, 1);
+  }
+
+  /**
+   * Takes an idle offer of `agentId`, waiting up to `waitMs` for one. Rejects with UNAVAILABLE naming
+   * the agent when it is not connected or no offer came in time, and with DEADLINE_EXCEEDED when
+   * `deadlineMs` (the caller's deadline) comes first. `signal` aborts the wait (caller cancelled).
+   */
+  acquire(agentId: string, waitMs: number, deadlineMs: number, signal: AbortSignal): Promise<IdleOffer> {
+    const entry = this.entry(agentId);
+    const offer = this.takeIdle(entry);
+    if (offer) return Promise.resolve(offer);
+    return new Promise<IdleOffer>((resolve, reject) => {
+      const callerDeadlineFirst = deadlineMs - Date.now() < waitMs;
+      const timer = setTimeout(() => {
+        remove();
+        if (callerDeadlineFirst) reject(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for agent "${agentId}"`));
+        else if (entry.sessions.size === 0) reject(new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" is not connected (waited ${waitMs} ms)`));
+        else reject(new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" opened no tunnel stream within ${waitMs} ms`));
+      }, Math.max(0, Math.min(waitMs, deadlineMs - Date.now())));
+      const onAbort = (): void => {
+        remove();
+        reject(new BurrowError(Status.CANCELLED, 'cancelled while waiting for the agent'));
+      };
+      const waiter: Waiter = {
+        resolve: (o) => { clearTimeout(timer); signal.removeEventListener('abort', onAbort); resolve(o); },
+        reject,
+      };
+      const remove = (): void => {
+        clearTimeout(timer);
+        signal.removeEventListener('abort', onAbort);
+        const i = entry.waiters.indexOf(waiter);
+        if (i >= 0) entry.waiters.splice(i, 1);
+        this.maybeForget(agentId, entry);
+      };
+      signal.addEventListener('abort', onAbort, { once: true });
+      entry.waiters.push(waiter);
+      this.demandFor(entry);
+    });
+  }
+
+  /**
+   * Finishes idle offers that have been idle longer than `maxIdleMs`, keeping at least each
+   * session's `minIdleOffers`. Only the broker retires offers, so no call can land on an offer that
+   * is going away.
+   */
+  retireIdle(maxIdleMs: number, nowMs = Date.now()): number {
+    let retired = 0;
+    for (const entry of this.agents.values()) {
+      for (const session of entry.sessions) {
+        while (session.idle.length > session.minIdleOffers && nowMs - session.idle[0]!.idleSinceMs > maxIdleMs) {
+          session.idle.shift()!.stream.finish();
+          retired++;
+        }
+      }
+    }
+    return retired;
+  }
+
+  /** Sessions of every agent, for drain and shutdown. */
+  allSessions(): AgentSession[] {
+    return [...this.agents.values()].flatMap((e) => [...e.sessions]);
+  }
+
+  /** Sessions of one agent (empty when it is not connected). */
+  sessionsOf(agentId: string): AgentSession[] {
+    return [...(this.agents.get(agentId)?.sessions ?? [])];
+  }
+
+  /** Connected agents with their sessions. */
+  summaries(): AgentSummary[] {
+    const out: AgentSummary[] = [];
+    for (const [id, entry] of this.agents) {
+      if (entry.sessions.size === 0) continue;
+      const sessions = [...entry.sessions];
+      out.push({
+        id,
+        connections: sessions.length,
+        connectedSince: new Date(Math.min(...sessions.map((s) => s.connectedAtMs))).toISOString(),
+        callsInFlight: sessions.reduce((n, s) => n + s.activeCalls, 0),
+        idleOffers: sessions.reduce((n, s) => n + s.idle.length, 0),
+        sessions: sessions.map((s) => ({
+          id: s.id, peer: s.peerAddress, protocolVersion: s.protocolVersion, agentVersion: s.agentVersion,
+          connectedAt: new Date(s.connectedAtMs).toISOString(), callsInFlight: s.activeCalls, idleOffers: s.idle.length, draining: s.draining,
+        })),
+      });
+    }
+    return out;
+  }
+
+  /** Counts for metrics and leak checks. */
+  counts(): RegistryCounts {
+    let agents = 0, sessions = 0, idleOffers = 0, activeCalls = 0, waiters = 0;
+    for (const e of this.agents.values()) {
+      if (e.sessions.size > 0) agents++;
+      waiters += e.waiters.length;
+      for (const s of e.sessions) { sessions++; idleOffers += s.idle.length; activeCalls += s.activeCalls; }
+    }
+    return { agents, sessions, idleOffers, activeCalls, waiters };
+  }
+
+  /** Number of agent entries held, including ones kept only by waiting calls (leak checks). */
+  get entryCount(): number { return this.agents.size; }
+
+  private entry(agentId: string): AgentEntry {
+    let e = this.agents.get(agentId);
+    if (!e) {
+      e = { sessions: new Set(), waiters: [], outstandingDemand: 0 };
+      this.agents.set(agentId, e);
+    }
+    return e;
+  }
+
+  private maybeForget(agentId: string, entry: AgentEntry): void {
+    if (entry.sessions.size === 0 && entry.waiters.length === 0 && this.agents.get(agentId) === entry) this.agents.delete(agentId);
+  }
+
+  // Spreads calls over an agent's connections: the session with an idle offer and the fewest calls.
+  private takeIdle(entry: AgentEntry): IdleOffer | undefined {
+    let best: AgentSession | undefined;
+    for (const s of entry.sessions) {
+      if (s.draining || s.idle.length === 0) continue;
+      if (!best || s.activeCalls < best.activeCalls) best = s;
+    }
+    return best?.idle.pop();
+  }
+
+  private demandFor(entry: AgentEntry): void {
+    const missing = entry.waiters.length - entry.outstandingDemand;
+    if (missing <= 0) return;
+    let target: AgentSession | undefined;
+    for (const s of entry.sessions) {
+      if (s.draining) continue;
+      if (!target || s.activeCalls < target.activeCalls) target = s;
+    }
+    if (!target) return; // not connected: addSession asks when it connects
+    entry.outstandingDemand += missing;
+    target.control.demand(missing);
+  }
+}

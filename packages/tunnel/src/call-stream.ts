@@ -1,0 +1,150 @@
+import type { ClientDuplexStream, ServerDuplexStream, StatusObject } from '@grpc/grpc-js';
+import { status as Status } from '@grpc/grpc-js';
+import { INITIAL_CALL_STATE, isCallDone, transition, type CallState, type FrameSender } from './call-state';
+import { BurrowError, ProtocolError, toBurrowError } from './errors';
+import { decodeCallFrame, encodeCallFrame, type CallFrame } from './frames';
+
+/** What a {@link CallStream} reports to the code driving the forwarded call. */
+export interface CallStreamHandlers {
+  /** A frame that passed the state machine and is to be acted on. */
+  onFrame(frame: CallFrame): void;
+  /** The transport can take more frames after {@link CallStream.send} returned false. */
+  onDrain(): void;
+  /**
+   * The transport stream is finished. `error` is set when it ended before the call was complete
+   * (the peer vanished, reset the stream or the connection dropped).
+   */
+  onClosed(error?: BurrowError): void;
+  /** The peer broke the protocol on this stream; the owner closes the whole session. */
+  onProtocolError(error: ProtocolError): void;
+}
+
+type Duplex = ServerDuplexStream<Buffer, Buffer> | ClientDuplexStream<Buffer, Buffer>;
+
+/**
+ * One Offer or Forward stream seen as a sequence of validated call frames. It owns the
+ * {@link CallState} for the call, checks every frame sent and received against it, and turns the
+ * ways a gRPC stream can end into one `onClosed` callback.
+ *
+ * `grpcRole` says which end of the gRPC stream this is: the broker is always the gRPC server of
+ * tunnel streams, the agent always the client, whatever their forwarded-call role.
+ */
+export class CallStream {
+  private state: CallState = INITIAL_CALL_STATE;
+  private handlers: CallStreamHandlers | undefined;
+  private readonly peer: FrameSender;
+  // Invariant: once closed, no handler is called again and send() is a no-op.
+  private closed = false;
+  private writeEnded = false;
+  private readEnded = false;
+  private pendingFrames: CallFrame[] = [];
+
+  constructor(
+    private readonly duplex: Duplex,
+    readonly grpcRole: 'server' | 'client',
+    readonly role: FrameSender,
+  ) {
+    this.peer = role === 'originator' ? 'answerer' : 'originator';
+    duplex.on('data', (bytes: Buffer) => this.receive(bytes));
+    duplex.on('drain', () => this.handlers?.onDrain());
+    duplex.on('end', () => {
+      this.readEnded = true;
+      this.maybeClosedCleanly();
+    });
+    // grpc-js reports failures of the stream as 'error' (client) or 'cancelled' (server); the
+    // 'error' listener also keeps an unhandled error from crashing the process.
+    duplex.on('error', () => {});
+    if (grpcRole === 'client') {
+      (duplex as ClientDuplexStream<Buffer, Buffer>).on('status', (s: StatusObject) => this.onClientStatus(s));
+    } else {
+      (duplex as ServerDuplexStream<Buffer, Buffer>).on('cancelled', () =>
+        this.close(new BurrowError(Status.UNAVAILABLE, 'tunnel stream reset by the peer')));
+    }
+  }
+
+  /** Starts delivering frames to `handlers`; frames that arrived before are delivered now. */
+  attach(handlers: CallStreamHandlers): void {
+    this.handlers = handlers;
+    const pending = this.pendingFrames;
+    this.pendingFrames = [];
+    for (const f of pending) handlers.onFrame(f);
+  }
+
+  get callState(): CallState { return this.state; }
+  get isClosed(): boolean { return this.closed; }
+
+  /**
+   * Sends one frame. Returns false when the transport's buffer is full: stop producing until
+   * `onDrain`. Throws {@link ProtocolError} when this side would break the frame order (a bug).
+   */
+  send(frame: CallFrame): boolean {
+    if (this.closed || this.writeEnded) return false;
+    this.state = transition(this.state, this.role, frame.kind).state;
+    return this.duplex.write(encodeCallFrame(frame));
+  }
+
+  /** Stops reading frames (backpressure towards the peer through HTTP/2 flow control). */
+  pause(): void { this.duplex.pause(); }
+  resume(): void { if (!this.closed) this.duplex.resume(); }
+
+  /**
+   * Ends this side's half of the gRPC stream once the call is complete: the server end sends
+   * status OK, the client end half-closes.
+   */
+  finish(): void {
+    if (this.writeEnded) return;
+    this.writeEnded = true;
+    this.duplex.end();
+    this.maybeClosedCleanly();
+  }
+
+  /** Tears the gRPC stream down at once (protocol error or shutdown); pending frames are lost. */
+  abort(error: BurrowError): void {
+    if (!this.writeEnded) {
+      this.writeEnded = true;
+      if (this.grpcRole === 'client') (this.duplex as ClientDuplexStream<Buffer, Buffer>).cancel();
+      else this.duplex.emit('error', error.toServiceError());
+    }
+    this.close(error);
+  }
+
+  private receive(bytes: Buffer): void {
+    if (this.closed) return;
+    let frame: CallFrame;
+    let deliver: boolean;
+    try {
+      frame = decodeCallFrame(bytes);
+      const t = transition(this.state, this.peer, frame.kind);
+      this.state = t.state;
+      deliver = t.deliver;
+    } catch (err) {
+      const error = err instanceof ProtocolError ? err : new ProtocolError('bad call frame', err);
+      const handlers = this.handlers;
+      this.abort(error);
+      handlers?.onProtocolError(error);
+      return;
+    }
+    if (!deliver) return;
+    if (this.handlers) this.handlers.onFrame(frame);
+    else this.pendingFrames.push(frame);
+  }
+
+  private onClientStatus(s: StatusObject): void {
+    this.readEnded = true;
+    if (s.code === Status.OK) this.maybeClosedCleanly(true);
+    else this.close(toBurrowError(s, 'tunnel stream failed'));
+  }
+
+  private maybeClosedCleanly(serverFinished = false): void {
+    if (this.closed) return;
+    const streamDone = serverFinished || (this.readEnded && this.writeEnded);
+    if (!streamDone) return;
+    this.close(isCallDone(this.state) ? undefined : new BurrowError(Status.UNAVAILABLE, 'tunnel stream ended before the call completed'));
+  }
+
+  private close(error?: BurrowError): void {
+    if (this.closed) return;
+    this.closed = true;
+    this.handlers?.onClosed(error);
+  }
+}

@@ -1,0 +1,104 @@
+import { readFileSync } from 'node:fs';
+import * as YAML from 'yaml';
+
+/**
+ * Helpers for the binaries' option handling (flags > environment > YAML config file > defaults).
+ * Kept here, beside the protocol code, only because both CLIs need them and must not import each
+ * other; nothing in the protocol code uses them.
+ */
+
+/** A bad configuration value. `field` is the flag name without dashes, as the user wrote it. */
+export class ConfigError extends Error {
+  constructor(readonly field: string, message: string) {
+    super(`${field}: ${message}`);
+  }
+}
+
+/**
+ * Reads a YAML config file whose keys are flag names (`agent-listen: 127.0.0.1:7000`). An
+ * unreadable file, a YAML error (with its line) or an unknown key is a {@link ConfigError}.
+ */
+export function loadYamlConfig(file: string, knownKeys: readonly string[]): Record<string, unknown> {
+  let text: string;
+  try {
+    text = readFileSync(file, 'utf8');
+  } catch (err) {
+    throw new ConfigError('config', `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+  }
+  let doc: unknown;
+  try {
+    doc = YAML.parse(text);
+  } catch (err) {
+    const e = err as { message: string; linePos?: { line: number; col: number }[] };
+    const where = e.linePos?.[0] ? ` at line ${e.linePos[0].line}, column ${e.linePos[0].col}` : '';
+    throw new ConfigError('config', `${file} is not valid YAML${where}: ${e.message.split('\n')[0]}`);
+  }
+  if (doc === null || doc === undefined) return {};
+  if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError('config', `${file} must hold a mapping of option names to values`);
+  for (const key of Object.keys(doc)) {
+    if (!knownKeys.includes(key)) throw new ConfigError(key, `unknown key in ${file}; known keys: ${knownKeys.join(', ')}`);
+  }
+  return doc as Record<string, unknown>;
+}
+
+/** Validates `HOST:PORT` (IPv6 in brackets); port 0 allowed (pick a free port). */
+export function parseListenAddress(field: string, value: unknown): string {
+  const text = String(value ?? '').trim();
+  const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(text);
+  if (!m || Number(m[2]) > 65535) throw new ConfigError(field, `"${text}" is not HOST:PORT`);
+  return text;
+}
+
+const DURATION_UNITS_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
+
+/** Parses `500ms`, `5s`, `1m30s`, `24h` (a bare number is milliseconds) into milliseconds. */
+export function parseDurationMs(field: string, value: unknown): number {
+  const text = String(value ?? '').trim();
+  if (/^\d+$/.test(text)) return Number(text);
+  const re = /(\d+(?:\.\d+)?)(ms|s|m|h|d)/gy;
+  let total = 0;
+  let consumed = 0;
+  let m: RegExpExecArray | null;
+  while ((m = re.exec(text)) !== null) {
+    total += Number(m[1]) * DURATION_UNITS_MS[m[2]!]!;
+    consumed = re.lastIndex;
+  }
+  if (text === '' || consumed !== text.length) throw new ConfigError(field, `"${text}" is not a duration like 500ms, 5s, 1m or 24h`);
+  return Math.round(total);
+}
+
+const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, kib: 1024, mib: 1024 ** 2, gib: 1024 ** 3, kb: 1000, mb: 1000 ** 2, gb: 1000 ** 3 };
+
+/** Parses `16MiB`, `512KiB`, `1048576` into bytes. */
+export function parseBytes(field: string, value: unknown): number {
+  const text = String(value ?? '').trim();
+  const m = /^(\d+(?:\.\d+)?)\s*([A-Za-z]*)$/.exec(text);
+  const unit = m ? SIZE_UNITS[m[2]!.toLowerCase()] : undefined;
+  if (!m || unit === undefined) throw new ConfigError(field, `"${text}" is not a size like 16MiB or 1048576`);
+  return Math.round(Number(m[1]) * unit);
+}
+
+/** Parses a positive integer within [min, max]. */
+export function parseIntInRange(field: string, value: unknown, min: number, max: number): number {
+  const n = Number(value);
+  if (!Number.isInteger(n) || n < min || n > max) throw new ConfigError(field, `"${String(value)}" is not a whole number from ${min} to ${max}`);
+  return n;
+}
+
+/** Checks that a file exists and is readable, naming the field when not. */
+export function requireReadableFile(field: string, value: unknown): string {
+  const file = String(value ?? '');
+  if (file === '') throw new ConfigError(field, 'is required');
+  try {
+    readFileSync(file);
+  } catch (err) {
+    throw new ConfigError(field, `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+  }
+  return file;
+}
+
+/** Normalises a flag that may be given once or many times (or as a YAML list) to a string array. */
+export function asList(value: unknown): string[] {
+  if (value === undefined || value === null) return [];
+  return (Array.isArray(value) ? value : [value]).map(String);
+}

@@ -1,0 +1,162 @@
+import * as path from 'node:path';
+import * as protobuf from 'protobufjs';
+import { ProtocolError } from './errors';
+
+/** The protocol versions this build speaks, highest last. See tunnel.proto, "Versioning". */
+export const PROTOCOL_VERSIONS: readonly number[] = [1];
+export const PROTOCOL_VERSION = 1;
+
+/** Framing allowance on top of the largest forwarded message: frame tags, lengths, metadata. */
+export const FRAME_OVERHEAD_BYTES = 64 * 1024;
+
+/** Default largest forwarded gRPC message, in bytes (16 MiB). */
+export const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
+
+/** Full method paths of the tunnel service, as agent and broker register and call them. */
+export const TUNNEL_METHODS = {
+  session: '/burrow.tunnel.v1.Tunnel/Session',
+  offer: '/burrow.tunnel.v1.Tunnel/Offer',
+  forward: '/burrow.tunnel.v1.Tunnel/Forward',
+} as const;
+
+/** Metadata key that ties Offer and Forward streams to their session. */
+export const SESSION_ID_KEY = 'burrow-session-id';
+
+export interface WireMetadataEntry { key: string; value: Uint8Array }
+
+export interface StartFrame { method: string; metadata: WireMetadataEntry[]; timeoutMs: number; callId: string }
+export interface TrailersFrame { code: number; message: string; metadata: WireMetadataEntry[] }
+
+/** One frame of a forwarded call, as the code sees it (decoded `CallFrame`). */
+export type CallFrame =
+  | { kind: 'start'; start: StartFrame }
+  | { kind: 'message'; data: Buffer }
+  | { kind: 'halfClose' }
+  | { kind: 'cancel'; reason: string }
+  | { kind: 'headers'; metadata: WireMetadataEntry[] }
+  | { kind: 'trailers'; trailers: TrailersFrame };
+
+export interface HelloFrame { protocolVersions: number[]; agentVersion: string; minIdleOffers: number }
+export interface WelcomeFrame { protocolVersion: number; sessionId: string; maxMessageBytes: number; brokerId: string }
+
+/** One frame of a session stream (decoded `SessionFrame`). */
+export type SessionFrame =
+  | { kind: 'hello'; hello: HelloFrame }
+  | { kind: 'welcome'; welcome: WelcomeFrame }
+  | { kind: 'demand'; offers: number }
+  | { kind: 'drain'; reason: string };
+
+/** Directory holding the `.proto` files; resolved relative to this package's build output. */
+export const PROTO_DIR = path.resolve(__dirname, '..', '..', '..', 'proto');
+
+let root: protobuf.Root | undefined;
+function tunnelRoot(): protobuf.Root {
+  root ??= protobuf.loadSync(path.join(PROTO_DIR, 'burrow', 'tunnel', 'v1', 'tunnel.proto'));
+  return root;
+}
+let callFrameType: protobuf.Type | undefined;
+let sessionFrameType: protobuf.Type | undefined;
+function callType(): protobuf.Type {
+  callFrameType ??= tunnelRoot().lookupType('burrow.tunnel.v1.CallFrame');
+  return callFrameType;
+}
+function sessionType(): protobuf.Type {
+  sessionFrameType ??= tunnelRoot().lookupType('burrow.tunnel.v1.SessionFrame');
+  return sessionFrameType;
+}
+
+function toBuffer(bytes: Uint8Array): Buffer {
+  return Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+}
+
+// protobufjs represents uint64 as number or Long; timeouts and sizes fit in a double.
+function toNumber(v: unknown): number {
+  if (typeof v === 'number') return v;
+  if (v && typeof v === 'object' && 'toNumber' in v) return (v as { toNumber(): number }).toNumber();
+  return 0;
+}
+
+function entries(list: unknown): WireMetadataEntry[] {
+  return ((list as { key: string; value: Uint8Array }[] | undefined) ?? []).map((e) => ({ key: e.key, value: e.value }));
+}
+
+/** Encodes a call frame for the wire. */
+export function encodeCallFrame(frame: CallFrame): Buffer {
+  let body: Record<string, unknown>;
+  switch (frame.kind) {
+    case 'start': body = { start: frame.start }; break;
+    case 'message': body = { message: { data: frame.data } }; break;
+    case 'halfClose': body = { halfClose: {} }; break;
+    case 'cancel': body = { cancel: { reason: frame.reason } }; break;
+    case 'headers': body = { headers: { metadata: frame.metadata } }; break;
+    case 'trailers': body = { trailers: frame.trailers }; break;
+  }
+  return toBuffer(callType().encode(body).finish());
+}
+
+/** Decodes a call frame; a malformed one throws {@link ProtocolError}. */
+export function decodeCallFrame(bytes: Buffer): CallFrame {
+  let m: protobuf.Message & Record<string, unknown>;
+  try {
+    m = callType().decode(bytes) as protobuf.Message & Record<string, unknown>;
+  } catch (err) {
+    throw new ProtocolError(`undecodable call frame (${bytes.length} bytes)`, err);
+  }
+  switch (m.kind) {
+    case 'start': {
+      const s = m.start as Record<string, unknown>;
+      if (typeof s.method !== 'string' || !s.method.startsWith('/')) throw new ProtocolError('start frame without a method path');
+      return { kind: 'start', start: { method: s.method, metadata: entries(s.metadata), timeoutMs: toNumber(s.timeoutMs), callId: String(s.callId ?? '') } };
+    }
+    case 'message': return { kind: 'message', data: toBuffer((m.message as { data: Uint8Array }).data ?? new Uint8Array()) };
+    case 'halfClose': return { kind: 'halfClose' };
+    case 'cancel': return { kind: 'cancel', reason: String((m.cancel as { reason?: string }).reason ?? '') };
+    case 'headers': return { kind: 'headers', metadata: entries((m.headers as { metadata: unknown }).metadata) };
+    case 'trailers': {
+      const t = m.trailers as Record<string, unknown>;
+      return { kind: 'trailers', trailers: { code: toNumber(t.code), message: String(t.message ?? ''), metadata: entries(t.metadata) } };
+    }
+    default: throw new ProtocolError('call frame with no kind');
+  }
+}
+
+/** Encodes a session frame for the wire. */
+export function encodeSessionFrame(frame: SessionFrame): Buffer {
+  let body: Record<string, unknown>;
+  switch (frame.kind) {
+    case 'hello': body = { hello: frame.hello }; break;
+    case 'welcome': body = { welcome: frame.welcome }; break;
+    case 'demand': body = { demand: { offers: frame.offers } }; break;
+    case 'drain': body = { drain: { reason: frame.reason } }; break;
+  }
+  return toBuffer(sessionType().encode(body).finish());
+}
+
+/** Decodes a session frame; a malformed one throws {@link ProtocolError}. */
+export function decodeSessionFrame(bytes: Buffer): SessionFrame {
+  let m: protobuf.Message & Record<string, unknown>;
+  try {
+    m = sessionType().decode(bytes) as protobuf.Message & Record<string, unknown>;
+  } catch (err) {
+    throw new ProtocolError(`undecodable session frame (${bytes.length} bytes)`, err);
+  }
+  switch (m.kind) {
+    case 'hello': {
+      const h = m.hello as Record<string, unknown>;
+      return { kind: 'hello', hello: { protocolVersions: ((h.protocolVersions as number[]) ?? []).map(Number), agentVersion: String(h.agentVersion ?? ''), minIdleOffers: Number(h.minIdleOffers ?? 0) } };
+    }
+    case 'welcome': {
+      const w = m.welcome as Record<string, unknown>;
+      return { kind: 'welcome', welcome: { protocolVersion: Number(w.protocolVersion ?? 0), sessionId: String(w.sessionId ?? ''), maxMessageBytes: toNumber(w.maxMessageBytes), brokerId: String(w.brokerId ?? '') } };
+    }
+    case 'demand': return { kind: 'demand', offers: Number((m.demand as { offers?: number }).offers ?? 0) };
+    case 'drain': return { kind: 'drain', reason: String((m.drain as { reason?: string }).reason ?? '') };
+    default: throw new ProtocolError('session frame with no kind');
+  }
+}
+
+/** The highest version in both lists, or undefined when they share none. */
+export function negotiateVersion(ours: readonly number[], theirs: readonly number[]): number | undefined {
+  const common = theirs.filter((v) => ours.includes(v));
+  return common.length === 0 ? undefined : Math.max(...common);
+}

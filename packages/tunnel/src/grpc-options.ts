@@ -1,0 +1,65 @@
+import type { ChannelOptions, ServerOptions } from '@grpc/grpc-js';
+import { FRAME_OVERHEAD_BYTES } from './frames';
+
+/** Keepalive settings; a half-open peer is noticed within about `timeMs + timeoutMs`. */
+export interface KeepaliveSettings {
+  /** Interval between HTTP/2 pings on an otherwise quiet connection. Default 20 s. */
+  timeMs: number;
+  /** How long to wait for the ping's answer before the connection is declared dead. Default 10 s. */
+  timeoutMs: number;
+}
+
+export const DEFAULT_KEEPALIVE: KeepaliveSettings = { timeMs: 20_000, timeoutMs: 10_000 };
+
+// Node's HTTP/2 default session memory cap (10 MiB) would refuse streams carrying one 16 MiB
+// message; memory is bounded per call by flow control and the message limit instead.
+const UNLIMITED_SESSION_MEMORY = Number.MAX_SAFE_INTEGER;
+
+/** Options of a server that ends tunnel streams (the broker's agent listener). */
+export function tunnelServerOptions(maxMessageBytes: number, keepalive: KeepaliveSettings): ServerOptions {
+  return {
+    'grpc.max_receive_message_length': maxMessageBytes + FRAME_OVERHEAD_BYTES,
+    'grpc.max_send_message_length': maxMessageBytes + FRAME_OVERHEAD_BYTES,
+    'grpc.keepalive_time_ms': keepalive.timeMs,
+    'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
+    'grpc.keepalive_permit_without_calls': 1,
+    'grpc-node.max_session_memory': UNLIMITED_SESSION_MEMORY,
+  };
+}
+
+/** Options of the agent's channel to a broker. */
+export function tunnelChannelOptions(maxMessageBytes: number, keepalive: KeepaliveSettings): ChannelOptions {
+  return {
+    'grpc.max_receive_message_length': maxMessageBytes + FRAME_OVERHEAD_BYTES,
+    'grpc.max_send_message_length': maxMessageBytes + FRAME_OVERHEAD_BYTES,
+    'grpc.keepalive_time_ms': keepalive.timeMs,
+    'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
+    'grpc.keepalive_permit_without_calls': 1,
+    // One connection per agent process and broker: the agent manages reconnects itself.
+    'grpc.use_local_subchannel_pool': 1,
+    'grpc.enable_retries': 0,
+    'grpc.initial_reconnect_backoff_ms': 1000,
+  };
+}
+
+/** Options of a server that receives calls to forward (broker caller API, agent local listener). */
+export function callServerOptions(maxMessageBytes: number, keepalive: KeepaliveSettings): ServerOptions {
+  return {
+    'grpc.max_receive_message_length': maxMessageBytes,
+    'grpc.max_send_message_length': maxMessageBytes,
+    'grpc.keepalive_time_ms': keepalive.timeMs,
+    'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
+    'grpc-node.max_session_memory': UNLIMITED_SESSION_MEMORY,
+  };
+}
+
+/** Options of channels to upstream servers. Retries are off: the tunnel must not duplicate calls. */
+export function upstreamChannelOptions(maxMessageBytes: number): ChannelOptions {
+  return {
+    'grpc.max_receive_message_length': maxMessageBytes,
+    'grpc.max_send_message_length': maxMessageBytes,
+    'grpc.enable_retries': 0,
+    'grpc.initial_reconnect_backoff_ms': 200,
+    'grpc.max_reconnect_backoff_ms': 2000,
+  };
+}

@@ -1,0 +1,56 @@
+import type { Server, ServerDuplexStream } from '@grpc/grpc-js';
+
+/** Passes message bytes through untouched: the tunnel never decodes application messages. */
+export const identity = (b: Buffer): Buffer => b;
+
+/** Handles every call to a path the server has no registered service for. */
+export type CatchAllHandler = (call: ServerDuplexStream<Buffer, Buffer>) => void;
+
+interface HandlerLookup {
+  _retrieveHandler(path: string): unknown;
+}
+
+/**
+ * Makes `server` hand every call whose method it does not serve itself to `handler`, as a bidi
+ * stream of raw message bytes.
+ *
+ * grpc-js has no public "unknown service handler" (grpc-go's UnknownServiceHandler); the broker's
+ * caller API and the agent's local listener must accept any method to stay transparent. grpc-js
+ * routes every call through `Server._retrieveHandler(path)`, so we wrap that one method. A bidi
+ * handler is right for all four call kinds: on the wire a unary call is a bidi call with one
+ * message each way, and the far end's upstream enforces the real cardinality.
+ * test/catch-all-server.test.ts fails if a grpc-js upgrade changes this hook.
+ */
+export function installCatchAll(server: Server, handler: CatchAllHandler): void {
+  const lookup = server as unknown as HandlerLookup;
+  const registered = lookup._retrieveHandler.bind(server);
+  if (typeof registered !== 'function') throw new Error('grpc-js Server has no _retrieveHandler; catch-all unsupported');
+  lookup._retrieveHandler = (path: string) =>
+    registered(path) ?? {
+      func: handler,
+      serialize: identity,
+      deserialize: identity,
+      type: 'bidi',
+      path,
+    };
+}
+
+interface Http2ServerList {
+  http2Servers?: Map<import('node:net').Server, unknown>;
+}
+
+/**
+ * Calls `onError` for every TLS handshake a bound `server` refuses (unknown CA, expired or missing
+ * client certificate, wrong protocol). grpc-js keeps its HTTP/2 servers private and drops these
+ * errors silently; operators need them counted (`rejected_handshakes_total`). Call after bindAsync.
+ */
+export function observeTlsClientErrors(server: Server, onError: (err: Error & { code?: string }) => void): void {
+  const servers = (server as unknown as Http2ServerList).http2Servers;
+  if (!servers) return;
+  for (const s of servers.keys()) {
+    if (s.listenerCount('tlsClientError') === 0 || !(s as unknown as { burrowObserved?: boolean }).burrowObserved) {
+      (s as unknown as { burrowObserved?: boolean }).burrowObserved = true;
+      s.on('tlsClientError', onError);
+    }
+  }
+}

@@ -1,0 +1,62 @@
+import { X509Certificate } from 'node:crypto';
+
+/** The three kinds of certificate holder in Burrow. */
+export type PeerRole = 'agent' | 'broker' | 'service';
+
+/** Who is on the other end of a connection, from its verified certificate. */
+export interface PeerIdentity {
+  trustDomain: string;
+  role: PeerRole;
+  /** Agent id or service name; `broker` for brokers. */
+  name: string;
+  spiffeId: string;
+  /** Certificate expiry, ms since the epoch; the broker closes tunnels whose peer cert expired. */
+  notAfterMs: number;
+  serialHex: string;
+}
+
+const SPIFFE = /^spiffe:\/\/([a-z0-9.-]+)\/(agent|service)\/([A-Za-z0-9._-]+)$|^spiffe:\/\/([a-z0-9.-]+)\/broker$/;
+
+/** Parses one SPIFFE id of a Burrow role; undefined when it is not one. */
+export function parseSpiffeId(uri: string): Omit<PeerIdentity, 'notAfterMs' | 'serialHex'> | undefined {
+  const m = SPIFFE.exec(uri);
+  if (!m) return undefined;
+  if (m[4] !== undefined) return { trustDomain: m[4], role: 'broker', name: 'broker', spiffeId: uri };
+  return { trustDomain: m[1]!, role: m[2] as PeerRole, name: m[3]!, spiffeId: uri };
+}
+
+/**
+ * Reads the identity of a peer certificate (DER). The certificate must carry exactly one URI SAN,
+ * a Burrow SPIFFE id: a certificate with none, several, or a foreign one has no identity here,
+ * whatever else it says (the CN is never used). Chain and expiry were verified by TLS already.
+ */
+export function identityOfCertificate(der: Buffer): PeerIdentity | undefined {
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(der);
+  } catch {
+    return undefined;
+  }
+  const uris = (cert.subjectAltName ?? '')
+    .split(', ')
+    .filter((s) => s.startsWith('URI:'))
+    .map((s) => s.slice(4));
+  if (uris.length !== 1) return undefined;
+  const id = parseSpiffeId(uris[0]!);
+  if (!id) return undefined;
+  return { ...id, notAfterMs: Date.parse(cert.validTo), serialHex: cert.serialNumber.toLowerCase() };
+}
+
+// Identity parsing costs ~0.2 ms; a connection's certificate never changes, so cache per DER.
+const cache = new WeakMap<Buffer, PeerIdentity | null>();
+
+/** {@link identityOfCertificate} memoised on the certificate buffer object of a TLS session. */
+export function identityOfPeerCertificate(raw: Buffer | undefined): PeerIdentity | undefined {
+  if (!raw) return undefined;
+  let id = cache.get(raw);
+  if (id === undefined) {
+    id = identityOfCertificate(raw) ?? null;
+    cache.set(raw, id);
+  }
+  return id ?? undefined;
+}

@@ -1,0 +1,20 @@
+/**
+ * @burrow/tunnel: the protocol code the agent and the broker share. No CLI, no process state: the
+ * binaries pass their configuration, logger and clock in.
+ */
+export * from './answerer';
+export * from './call-outcome';
+export * from './call-state';
+export * from './call-stream';
+export * from './grpc-server-hooks';
+export * from './errors';
+export * from './frames';
+export * from './grpc-options';
+export * from './identity';
+export * from './logger';
+export * from './metadata-policy';
+export * from './originator';
+export * from './upstream-table';
+export * from './health-service';
+export * from './cli-options';
+export * from './admin-server';
