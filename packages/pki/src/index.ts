@@ -1,0 +1,38 @@
+/**
+ * Public API of @burrow/pki: create a Burrow PKI directory and issue SPIFFE X509-SVID style
+ * certificates from it. See pki-dir.ts for the on-disk layout.
+ */
+export { PkiError } from './pki-error';
+export { parseDuration } from './duration';
+export { ROLES, NAME_PATTERN, type Role } from './validation';
+export { KEY_ALGORITHMS, DEFAULT_KEY_ALGORITHM, type KeyAlgorithm } from './key-algorithm';
+export { spiffeIdFor, parseSpiffeId, type SpiffeIdParts } from './spiffe-id';
+export {
+  initPki,
+  DEFAULT_TRUST_DOMAIN,
+  DEFAULT_ROOT_TTL_MS,
+  DEFAULT_ISSUING_TTL_MS,
+  NOT_BEFORE_BACKDATE_MS,
+  type InitOptions,
+} from './certificate-authority';
+export {
+  issueCertificate,
+  writeIssued,
+  DEFAULT_LEAF_TTL_MS,
+  ISSUED_FILES,
+  type IssueOptions,
+  type IssuedCertificate,
+} from './issue';
+export {
+  loadPki,
+  clearPkiCache,
+  isPkiInitialised,
+  MANIFEST_FILE,
+  TRUST_BUNDLE_FILE,
+  PKI_FORMAT_VERSION,
+  type LoadedPki,
+  type LoadedCa,
+  type PkiManifest,
+  type CaRecord,
+  type CaKind,
+} from './pki-dir';

@@ -1,0 +1,189 @@
+import { promises as fs } from 'node:fs';
+import * as path from 'node:path';
+import { writeFileAtomic } from './atomic-write';
+import { pemWithNewline, validity } from './certificate-authority';
+import { assertKeyAlgorithm, generateKey, signingAlgorithm, type KeyAlgorithm } from './key-algorithm';
+import { loadPki, signingMaterialOf } from './pki-dir';
+import { PkiError } from './pki-error';
+import { randomSerialHex } from './serial-number';
+import { spiffeIdFor } from './spiffe-id';
+import { assertIpAddress, assertName, assertPositiveMs, assertRole, normalizeDnsName, type Role } from './validation';
+import { x509 } from './x509-provider';
+
+/** Leaf lifetime when none is given: 24 hours (step-ca's and Linkerd's default). */
+export const DEFAULT_LEAF_TTL_MS = 24 * 3_600_000;
+
+/** Options for {@link issueCertificate}. */
+export interface IssueOptions {
+  /** PKI directory created by initPki. */
+  dir: string;
+  role: Role;
+  /**
+   * Agent or service name (see NAME_PATTERN), the last segment of its SPIFFE ID and its CN.
+   * Brokers share the ID `spiffe://<td>/broker`; a broker name, if given, is only validated.
+   */
+  name: string;
+  /** DNS SANs. Brokers only; a broker needs at least one DNS name or IP address. */
+  dns?: string[];
+  /** IP address SANs. Brokers only. */
+  ip?: string[];
+  /** Lifetime. Default 24 h; clamped to the issuing CA's notAfter. */
+  ttlMs?: number;
+  /** Key algorithm of the new key. Default: the PKI's. */
+  keyAlgorithm?: KeyAlgorithm;
+}
+
+/** A freshly issued leaf certificate and its key. */
+export interface IssuedCertificate {
+  /** Leaf certificate followed by the issuing CA certificate, PEM: pass as `cert` to node:tls. */
+  certPem: string;
+  /** The leaf's private key, PKCS#8 PEM: pass as `key` to node:tls. */
+  keyPem: string;
+  /** Trust bundle, the root CA certificate(s), PEM: pass as `ca` to node:tls. */
+  caPem: string;
+  /** The single URI SAN, e.g. `spiffe://burrow.local/agent/site-a`. */
+  spiffeId: string;
+  /** 32 upper-case hex digits, as Node's X509Certificate.serialNumber prints it. */
+  serialHex: string;
+  /** Expiry, as written into the certificate (whole seconds). */
+  notAfter: Date;
+}
+
+/** Extended key usages per role: agents only dial out; brokers and services both accept and make TLS connections. */
+const EXTENDED_KEY_USAGES: Readonly<Record<Role, readonly x509.ExtendedKeyUsage[]>> = {
+  agent: [x509.ExtendedKeyUsage.clientAuth],
+  broker: [x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth],
+  service: [x509.ExtendedKeyUsage.clientAuth, x509.ExtendedKeyUsage.serverAuth],
+};
+
+/** X.509's upper bound for a common name (RFC 5280 ub-common-name). */
+const MAX_COMMON_NAME_LENGTH = 64;
+
+/**
+ * Issues a leaf certificate in the SPIFFE X509-SVID profile from the PKI in `opts.dir`,
+ * generating a new key pair: exactly one URI SAN (the SPIFFE ID) plus, for brokers, DNS/IP
+ * SANs; CA=false; keyUsage digitalSignature (plus keyEncipherment for RSA); EKU by role;
+ * 128-bit random serial; notBefore one minute in the past.
+ *
+ * The loaded CA is cached per directory, so repeated calls cost about one key generation
+ * and one signature.
+ *
+ * @throws PkiError on bad options, an uninitialised directory or an expired issuing CA.
+ */
+export async function issueCertificate(opts: IssueOptions): Promise<IssuedCertificate> {
+  if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
+  const { role } = opts;
+  assertRole(role);
+  const dns = unique((opts.dns ?? []).map((d) => normalizeDnsName(d)));
+  const ip = unique(opts.ip ?? []);
+  ip.forEach((a) => assertIpAddress(a));
+  if (role === 'broker') {
+    if (dns.length === 0 && ip.length === 0) {
+      throw new PkiError('dns: a broker certificate needs at least one DNS name (--dns) or IP address (--ip)');
+    }
+    // Brokers share one SPIFFE ID; a name is optional and only checked so typos surface.
+    if (opts.name !== undefined && opts.name !== '') assertName(opts.name);
+  } else {
+    if (opts.name === undefined || opts.name === '') throw new PkiError(`name: is required for role ${role}`);
+    assertName(opts.name);
+    // The identity of agents and services is their SPIFFE ID alone; hostnames would invite
+    // hostname-based trust decisions that bypass it.
+    if (dns.length > 0) throw new PkiError(`dns: only broker certificates carry DNS names (role is ${role})`);
+    if (ip.length > 0) throw new PkiError(`ip: only broker certificates carry IP addresses (role is ${role})`);
+  }
+  const ttlMs = opts.ttlMs ?? DEFAULT_LEAF_TTL_MS;
+  assertPositiveMs(ttlMs, 'ttlMs');
+
+  const pki = await loadPki(opts.dir);
+  const keyAlgorithm = opts.keyAlgorithm ?? pki.keyAlgorithm;
+  assertKeyAlgorithm(keyAlgorithm);
+  const spiffeId = spiffeIdFor(pki.trustDomain, role, opts.name);
+  const ca = pki.signingCa;
+  const nowMs = Date.now();
+  if (ca.notAfter.getTime() <= nowMs) {
+    throw new PkiError(`dir: issuing CA ${ca.record.id} expired at ${ca.notAfter.toISOString()}; rotate the CA`);
+  }
+  const { privateKey: caKey, subjectName: caSubject } = signingMaterialOf(pki);
+  const { notBefore, notAfter } = validity(nowMs, ttlMs, ca.notAfter);
+  const key = await generateKey(keyAlgorithm);
+  const serialHex = randomSerialHex();
+
+  const keyUsage =
+    keyAlgorithm === 'rsa-2048'
+      ? // TLS 1.2 RSA key exchange encrypts to the certificate key, which needs keyEncipherment.
+        x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment
+      : x509.KeyUsageFlags.digitalSignature;
+  const sans: x509.JsonGeneralName[] = [
+    { type: 'url', value: spiffeId },
+    ...dns.map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
+    ...ip.map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
+  ];
+  const cert = await x509.X509CertificateGenerator.create({
+    serialNumber: serialHex,
+    subject: [{ CN: [commonName(role, opts.name, dns, ip)] }],
+    issuer: caSubject,
+    notBefore,
+    notAfter,
+    publicKey: key.spkiDer,
+    signingKey: caKey,
+    signingAlgorithm: signingAlgorithm(ca.record.keyAlgorithm),
+    extensions: [
+      new x509.BasicConstraintsExtension(false, undefined, true),
+      new x509.KeyUsagesExtension(keyUsage, true),
+      new x509.ExtendedKeyUsageExtension([...EXTENDED_KEY_USAGES[role]], false),
+      // Not critical: the subject DN is non-empty (RFC 5280 §4.2.1.6).
+      new x509.SubjectAlternativeNameExtension(sans, false),
+      new x509.SubjectKeyIdentifierExtension(key.skiHex),
+      new x509.AuthorityKeyIdentifierExtension(ca.record.skiHex),
+    ],
+  });
+
+  return {
+    certPem: pemWithNewline(cert.toString('pem')) + pemWithNewline(ca.certPem),
+    keyPem: key.pkcs8Pem,
+    caPem: pki.trustBundlePem,
+    spiffeId,
+    serialHex,
+    notAfter,
+  };
+}
+
+/**
+ * Subject CN: the agent/service name; for a broker its first DNS name, else its first IP.
+ * A DNS name longer than X.509 allows in a CN falls back to 'broker' (the SANs carry the
+ * real names; nothing in Burrow reads the CN).
+ */
+function commonName(role: Role, name: string, dns: readonly string[], ip: readonly string[]): string {
+  if (role !== 'broker') return name;
+  const first = dns[0] ?? ip[0] ?? 'broker';
+  return first.length <= MAX_COMMON_NAME_LENGTH ? first : 'broker';
+}
+
+function unique<T>(items: readonly T[]): T[] {
+  return [...new Set(items)];
+}
+
+/** File names {@link writeIssued} uses inside its output directory (the Kubernetes TLS secret convention). */
+export const ISSUED_FILES = { cert: 'tls.crt', key: 'tls.key', ca: 'ca.crt' } as const;
+
+/**
+ * Writes an issued certificate to `outDir`: `tls.crt` (leaf + issuing CA), `tls.key` (0600)
+ * and `ca.crt` (trust bundle). Creates `outDir` with mode 0700 if missing (an existing
+ * directory keeps its mode). Each file is replaced atomically.
+ *
+ * Order matters for processes that reload on change: the bundle first (peers must trust a
+ * new CA before anything presents a certificate from it), then the key, then the certificate
+ * last, because watchers usually key on tls.crt.
+ */
+export async function writeIssued(outDir: string, issued: IssuedCertificate): Promise<void> {
+  if (typeof outDir !== 'string' || outDir === '') throw new PkiError('out: is required');
+  const absDir = path.resolve(outDir);
+  try {
+    await fs.mkdir(absDir, { recursive: true, mode: 0o700 });
+  } catch (err) {
+    throw new PkiError(`out: cannot create ${outDir} (${(err as Error).message})`, { cause: err });
+  }
+  await writeFileAtomic(path.join(absDir, ISSUED_FILES.ca), issued.caPem, { mode: 0o644 });
+  await writeFileAtomic(path.join(absDir, ISSUED_FILES.key), issued.keyPem, { mode: 0o600 });
+  await writeFileAtomic(path.join(absDir, ISSUED_FILES.cert), issued.certPem, { mode: 0o644 });
+}
