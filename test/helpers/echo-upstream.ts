@@ -34,6 +34,8 @@ export function metadataJson(md: Metadata): Record<string, string[]> {
 export class EchoUpstream extends EventEmitter {
   readonly calls: SeenCall[] = [];
   active = 0;
+  /** Bytes the ServerStream method managed to hand to grpc-js, over all calls (backpressure tests). */
+  streamedBytes = 0;
   address = '';
   private stopFn: (() => Promise<void>) | undefined;
 
@@ -66,9 +68,10 @@ export class EchoUpstream extends EventEmitter {
         const { count, size } = JSON.parse(m.toString()) as { count: number; size: number };
         let i = 0;
         const pump = (): void => {
-          while (i < count) {
+          while (i < count && !call.cancelled) {
             const buf = Buffer.alloc(size, i % 251);
             i++;
+            this.streamedBytes += size;
             if (!call.write(buf)) { call.once('drain', pump); return; }
           }
           call.end();

@@ -204,8 +204,9 @@ export class BrokerConnection extends EventEmitter {
         this.activeCalls++;
         this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
         this.opts.metrics.tunnelStreams.inc({ state: 'active' });
-        // Keep the pool at its minimum: this offer is now busy.
-        if (this.idleOffers < this.opts.minIdleOffers) this.openOffer();
+        // Replace every offer that takes a call, so the pool keeps the size the load needed; the
+        // broker retires idle offers above the minimum after its idle TTL, shrinking it again.
+        if (this.idleOffers + this.activeCalls < this.opts.maxOffers) this.openOffer();
         void this.answerOffer(stream, frame.start);
       },
       onDrain: () => {},
