@@ -106,8 +106,8 @@ describe('peers that vanish mid-call', () => {
     await stack.startAgent({ brokers: [proxy.address], brokerServerName: 'localhost' });
   });
   after(async () => {
-    await stack?.stop();
     await proxy?.stop();
+    await stack?.stop();
   });
 
   it('the agent connection dying mid-call gives the caller UNAVAILABLE, and the upstream is cancelled', async () => {

@@ -3,6 +3,7 @@ import { Agent, AGENT_DEFAULTS, type AgentConfig } from '@burrow/agent';
 import { Broker, BROKER_DEFAULTS, type BrokerConfig } from '@burrow/broker';
 import { silentLogger, type Logger, createLogger } from '@burrow/tunnel';
 import { EchoUpstream } from './echo-upstream';
+import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './leaks';
 import { PkiFixture, type CertFiles } from './pki-fixture';
 import { RawClient, mtlsCredentials } from './raw-grpc';
 
@@ -39,10 +40,12 @@ export class Stack {
   adminUrl = '';
   localAddress = '';
   brokerConfig!: BrokerConfig;
+  private baseline: ResourceSnapshot = {};
   agentConfig!: AgentConfig;
 
   static async start(opts: StackOptions = {}): Promise<Stack> {
     const s = new Stack();
+    s.baseline = snapshotResources();
     s.pki = await PkiFixture.create();
     [s.brokerCert, s.agentCert, s.serviceCert] = await Promise.all([
       s.pki.issue('broker', 'broker-1'), s.pki.issue('agent', AGENT_ID), s.pki.issue('service', 'platform-svc'),
@@ -88,7 +91,10 @@ export class Stack {
     return md;
   }
 
-  /** Stops everything this stack started and asserts nothing of Burrow's is left. */
+  /**
+   * Stops everything this stack started and asserts that every socket, server and timer it opened
+   * is closed again. Stop anything else the test started first.
+   */
   async stop(): Promise<void> {
     this.caller?.close();
     this.siteClient?.close();
@@ -97,5 +103,6 @@ export class Stack {
     await this.siteUpstream?.stop();
     await this.platformUpstream?.stop();
     this.pki?.cleanup();
+    await expectNoLeaks(this.baseline);
   }
 }
