@@ -3,7 +3,7 @@ SHELL := /bin/bash
 NPM ?= npm
 MOCHA := node_modules/.bin/mocha
 
-.PHONY: all install build test test-unit test-e2e demo bench clean
+.PHONY: all install build test demo clean
 
 all: build
 
@@ -16,15 +16,13 @@ install: node_modules/.package-lock.json
 
 build: install
 	node_modules/.bin/tsc -b tsconfig.json
+	chmod +x packages/*/dist/cli.js
 
 test: build
 	$(MOCHA)
 
 demo: build
 	node scripts/demo.js
-
-bench: build
-	node bench/run.js
 
 clean:
 	rm -rf node_modules packages/*/dist packages/*/tsconfig.tsbuildinfo test/dist test/tsconfig.tsbuildinfo
