@@ -17,6 +17,9 @@ install: node_modules/.package-lock.json
 build: install
 	node_modules/.bin/tsc -b tsconfig.json
 	chmod +x packages/*/dist/cli.js
+	@# npm links workspace bins only when their target exists; the first install ran before tsc.
+	@test -L node_modules/.bin/burrow-agent -a -L node_modules/.bin/burrow-broker -a -L node_modules/.bin/burrow-pki \
+	  || $(NPM) rebuild --ignore-scripts --workspaces >/dev/null
 
 test: build
 	$(MOCHA)
