@@ -137,8 +137,8 @@ export class Agent {
       if (this.stopped) break;
       if (why === 'drain') {
         // The broker is going away on purpose: reconnect at once (to a replacement behind the same
-        // address, or another broker); the draining connection finishes its calls on its own.
-        this.connections.delete(conn);
+        // address, or another broker); the draining connection finishes its calls on its own and
+        // leaves `connections` when it closes, so stop() still waits for it.
         backoff.reset();
         continue;
       }

@@ -88,7 +88,7 @@ export class AgentListener {
   }
 
   private authenticate(call: RawCall, stream: string): PeerIdentity | undefined {
-    const id = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate?.raw);
+    const id = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
     let problem: string | undefined;
     if (!id) problem = 'client certificate has no Burrow identity (one spiffe:// URI SAN)';
     else if (id.role !== 'agent') problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;

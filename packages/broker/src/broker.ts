@@ -47,6 +47,7 @@ export class Broker {
   private timers: NodeJS.Timeout[] = [];
   private draining = false;
   private started = false;
+  private stopped = false;
   private stopping: Promise<void> | undefined;
 
   constructor(private readonly config: BrokerConfig, private readonly logger: Logger) {
@@ -148,6 +149,7 @@ export class Broker {
       this.apiServer.forceShutdown();
       this.agentServer.forceShutdown();
     }
+    this.stopped = true;
     this.platformUpstreams.close();
     if (this.admin) {
       const admin = this.admin;
@@ -157,10 +159,13 @@ export class Broker {
     this.logger.info('broker stopped', { drained: !timedOut });
   }
 
+  // Only for the drain, where "no call in flight" has no event of its own; stops with the broker.
   private waitFor(condition: () => boolean): Promise<void> {
     return new Promise((resolve) => {
       if (condition()) return resolve();
-      const t = setInterval(() => { if (condition()) { clearInterval(t); resolve(); } }, 20);
+      const t = setInterval(() => {
+        if (condition() || this.stopped) { clearInterval(t); resolve(); }
+      }, 20);
     });
   }
 }

@@ -62,7 +62,7 @@ export class CallerApi {
       finish(agentId, err.code, err.message);
     };
 
-    const caller = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate?.raw);
+    const caller = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
     if (!caller || caller.role !== 'service' || caller.trustDomain !== this.deps.trustDomain) {
       const reason = !caller ? 'client certificate has no Burrow identity' : caller.role !== 'service' ? `certificate role "${caller.role}" may not call agents; a service certificate is required` : `certificate trust domain "${caller.trustDomain}" is not "${this.deps.trustDomain}"`;
       metrics.rejectedHandshakes.inc({ listener: 'api', reason: caller ? 'wrong_role' : 'no_identity' });

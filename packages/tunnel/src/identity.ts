@@ -47,16 +47,24 @@ export function identityOfCertificate(der: Buffer): PeerIdentity | undefined {
   return { ...id, notAfterMs: Date.parse(cert.validTo), serialHex: cert.serialNumber.toLowerCase() };
 }
 
-// Identity parsing costs ~0.2 ms; a connection's certificate never changes, so cache per DER.
-const cache = new WeakMap<Buffer, PeerIdentity | null>();
+// Parsing a certificate costs ~0.2 ms and happens on every call and tunnel stream; the result is
+// cached by the certificate's SHA-256 fingerprint, which Node computes with the peer certificate.
+const MAX_CACHED_IDENTITIES = 10_000;
+const cache = new Map<string, PeerIdentity | null>();
 
-/** {@link identityOfCertificate} memoised on the certificate buffer object of a TLS session. */
-export function identityOfPeerCertificate(raw: Buffer | undefined): PeerIdentity | undefined {
-  if (!raw) return undefined;
-  let id = cache.get(raw);
+/** The part of Node's `PeerCertificate` this needs (grpc-js's `getAuthContext().sslPeerCertificate`). */
+export interface PeerCertificateLike { raw?: Buffer; fingerprint256?: string }
+
+/** {@link identityOfCertificate} of a TLS peer certificate, memoised on its fingerprint. */
+export function identityOfPeerCertificate(cert: PeerCertificateLike | undefined): PeerIdentity | undefined {
+  if (!cert?.raw) return undefined;
+  const key = cert.fingerprint256;
+  if (!key) return identityOfCertificate(cert.raw);
+  let id = cache.get(key);
   if (id === undefined) {
-    id = identityOfCertificate(raw) ?? null;
-    cache.set(raw, id);
+    id = identityOfCertificate(cert.raw) ?? null;
+    if (cache.size >= MAX_CACHED_IDENTITIES) cache.delete(cache.keys().next().value as string);
+    cache.set(key, id);
   }
   return id ?? undefined;
 }
