@@ -5,6 +5,7 @@ import { ECHO, EchoUpstream, type SeenCall } from './helpers/echo-upstream';
 import { RawClient, collect } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 import { TcpProxy } from './helpers/tcp-proxy';
+import { waitUntil } from './helpers/wait';
 
 const failure = (p: Promise<unknown>): Promise<ServiceError> => p.then(() => { throw new Error('call succeeded'); }, (e: ServiceError) => e);
 
@@ -153,12 +154,3 @@ describe('peers that vanish mid-call', () => {
     await waitUntil(() => stack.broker.registry.counts().activeCalls === 0);
   });
 });
-
-/** Polls `condition` until true; only for state that has no event of its own. */
-export async function waitUntil(condition: () => boolean, timeoutMs = 5000): Promise<void> {
-  const end = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > end) throw new Error(`condition not met within ${timeoutMs} ms`);
-    await new Promise((r) => setTimeout(r, 10));
-  }
-}

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { expect } from 'chai';
 import { status as Status, type ServiceError } from '@grpc/grpc-js';
-import { waitUntil } from './call-lifecycle.test';
+import { waitUntil } from './helpers/wait';
 import { ECHO } from './helpers/echo-upstream';
 import { collect } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';

@@ -10,6 +10,12 @@ export interface AgentConfig {
   tlsCertFile: string;
   tlsKeyFile: string;
   caFile: string;
+  /**
+   * The enrolled agent's state directory (burrow-agent enroll). When set, the TLS files above are
+   * its tls.crt, tls.key and ca.crt, and the agent renews its certificate and keeps the trust
+   * bundle current there.
+   */
+  stateDir?: string;
   /** TLS server name to expect from brokers, when it differs from the host in `brokers`. */
   brokerServerName?: string;
   /** Site upstreams answering calls from the platform, by service (`*` = default). */

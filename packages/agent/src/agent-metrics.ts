@@ -11,6 +11,9 @@ export class AgentMetrics {
   readonly callDuration = new Histogram({ name: 'burrow_agent_call_duration_seconds', help: 'Duration of forwarded calls at the agent.', labelNames: ['direction'], buckets: [0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60], registers: [this.registry] });
   readonly messageBytes = new Counter({ name: 'burrow_agent_message_bytes_total', help: 'Message bytes forwarded, by direction and flow (request, response).', labelNames: ['direction', 'flow'], registers: [this.registry] });
 
+  readonly renewals = new Counter({ name: 'burrow_agent_renewals_total', help: 'Certificate renewal attempts, by result (ok, failed).', labelNames: ['result'], registers: [this.registry] });
+  readonly certificateExpiry = new Gauge({ name: 'burrow_agent_certificate_expiry_seconds', help: 'Seconds until the agent certificate expires.', registers: [this.registry] });
+
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'burrow_agent_process_' });
   }

@@ -1,11 +1,14 @@
-import { readFileSync } from 'node:fs';
+import { X509Certificate } from 'node:crypto';
+import { readFileSync, statSync } from 'node:fs';
 import type * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { Server, ServerCredentials, credentials as grpcCredentials, status as Status, type ChannelCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
+import { Server, ServerCredentials, experimental, status as Status, type ChannelCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate, installCatchAll,
-  rejectCall, statusName, upstreamChannelOptions, type Logger,
+  BurrowError, CredentialStore, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate,
+  installCatchAll, rejectCall, statusName, upstreamChannelOptions, type IssuedAgentCertificate, type Logger,
 } from '@burrow/tunnel';
+import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
+import { readState, writeFileAtomic, writeState } from './state-dir';
 import type { AgentConfig } from './agent-config';
 import { AgentMetrics } from './agent-metrics';
 import { Backoff } from './backoff';
@@ -34,12 +37,18 @@ export class Agent {
   private localServer: Server | undefined;
   private admin: http.Server | undefined;
   private channelCredentials: ChannelCredentials | undefined;
+  /** The agent's certificate, key and trust bundle; swapped on renewal and bundle updates. */
+  private tls: CredentialStore | undefined;
+  private renewer: CertificateRenewer | undefined;
+  private bundleVersion = 0;
+  private stateWatch: NodeJS.Timeout | undefined;
+  private certFileMtimeMs = 0;
   private stopped = false;
   private wakeLoops = new Set<() => void>();
   private connectionWaiters = new Set<() => void>();
   private stopping: Promise<void> | undefined;
 
-  constructor(private readonly config: AgentConfig, private readonly logger: Logger, private readonly version = '0.0.0') {
+  constructor(private readonly config: AgentConfig, private readonly logger: Logger, private readonly version = '0.0.0', private readonly clock: Clock = SYSTEM_CLOCK) {
     const own = identityOfCertificate(readFileSync(config.tlsCertFile));
     if (!own || own.role !== 'agent') throw new BurrowError(Status.INVALID_ARGUMENT, `${config.tlsCertFile} is not an agent certificate (URI SAN spiffe://<td>/agent/<id>)`);
     this.agentId = own.name;
@@ -48,9 +57,12 @@ export class Agent {
 
   /** Starts the listeners and the broker connection loops; resolves once listeners are bound. */
   async start(): Promise<AgentPorts> {
-    this.channelCredentials = grpcCredentials.createSsl(
-      readFileSync(this.config.caFile), readFileSync(this.config.tlsKeyFile), readFileSync(this.config.tlsCertFile),
-    );
+    this.tls = new CredentialStore({ caPem: readFileSync(this.config.caFile), certPem: readFileSync(this.config.tlsCertFile), keyPem: readFileSync(this.config.tlsKeyFile) });
+    // Built on the store, the credentials use a renewed certificate or a rotated bundle for every
+    // new connection without a restart; open connections carry on.
+    this.channelCredentials = experimental.createCertificateProviderChannelCredentials(this.tls, this.tls);
+    this.updateExpiryMetric();
+    if (this.config.stateDir) this.startStateDir(this.config.stateDir);
     const ports: AgentPorts = {};
     if (this.config.localListen) ports.localPort = await this.startLocalListener(this.config.localListen);
     if (this.config.adminListen) ports.adminPort = await this.startAdmin(this.config.adminListen);
@@ -83,8 +95,19 @@ export class Agent {
     return this.stopping;
   }
 
+  /** The certificate currently in use (PEM). */
+  get certificatePem(): string { return this.tls?.certPem ?? ''; }
+
+  /** Renews the certificate now (tests; normally the renewer's schedule does it). */
+  renewNow(): Promise<void> {
+    if (!this.renewer) return Promise.reject(new Error('renewal needs --state-dir'));
+    return this.renewer.renewNow();
+  }
+
   private async doStop(): Promise<void> {
     this.stopped = true;
+    this.renewer?.stop();
+    clearInterval(this.stateWatch);
     this.health.setStatus('NOT_SERVING');
     this.health.close();
     for (const wake of this.wakeLoops) wake();
@@ -116,6 +139,7 @@ export class Agent {
         upstreams: this.upstreams, metrics: this.metrics, logger: this.logger,
       });
       this.connections.add(conn);
+      conn.on('trust-bundle', (pem: string, version: number) => { void this.installTrustBundle(pem, version); });
       const ended = new Promise<'closed' | 'drain'>((resolve) => {
         conn.once('closed', () => resolve('closed'));
         conn.once('drain', () => resolve('drain'));
@@ -131,7 +155,13 @@ export class Agent {
         for (const w of [...this.connectionWaiters]) w();
       } catch (err) {
         this.metrics.connects.inc({ result: 'failed' });
-        this.logger.warn('cannot establish tunnel session', { broker: address, error: (err as Error).message, retryWithinMs: backoff.ceilingMs });
+        const message = (err as Error).message;
+        // A broker certificate from a CA we do not trust, or our certificate refused, after a CA
+        // rotation or an expiry while offline: say how to get back.
+        const hint = /certificate|PERMISSION_DENIED|no valid client certificate/i.test(message) || (err as { code?: number }).code === Status.PERMISSION_DENIED
+          ? 'if this agent was offline through a CA rotation or past its certificate expiry, enroll again with a new join token (burrow-agent enroll --state-dir ...)'
+          : undefined;
+        this.logger.warn('cannot establish tunnel session', { broker: address, error: message, hint, retryWithinMs: backoff.ceilingMs });
       }
       const why = await ended;
       if (this.stopped) break;
@@ -148,6 +178,84 @@ export class Agent {
       }
       await this.sleep(backoff.nextDelayMs());
     }
+  }
+
+  private startStateDir(dir: string): void {
+    this.bundleVersion = readState(dir)?.bundleVersion ?? 0;
+    this.certFileMtimeMs = statSync(this.config.tlsCertFile).mtimeMs;
+    this.renewer = new CertificateRenewer({
+      clock: this.clock,
+      logger: this.logger,
+      currentCertPem: () => this.tls!.certPem,
+      bundleVersion: () => this.bundleVersion,
+      renew: (csrPem, bundleVersion) => {
+        const conns = [...this.connections].filter((c) => c.usable);
+        if (conns.length === 0) return Promise.reject(new Error('no broker connection to renew over'));
+        return conns[0]!.renew(csrPem, bundleVersion);
+      },
+      install: (issued, keyPem) => this.installCertificate(issued, keyPem),
+      onResult: (result) => this.metrics.renewals.inc({ result }),
+    });
+    this.renewer.start();
+    // Picks up files replaced from outside, e.g. `burrow-agent enroll` run again after the
+    // certificate expired while the agent was offline.
+    this.stateWatch = setInterval(() => this.reloadIfReplaced(), 1_000);
+    this.stateWatch.unref();
+  }
+
+  private reloadIfReplaced(): void {
+    let mtimeMs: number;
+    try {
+      mtimeMs = statSync(this.config.tlsCertFile).mtimeMs;
+    } catch {
+      return;
+    }
+    if (mtimeMs === this.certFileMtimeMs) return;
+    this.certFileMtimeMs = mtimeMs;
+    const certPem = readFileSync(this.config.tlsCertFile, 'utf8');
+    if (certPem === this.tls!.certPem) return;
+    this.tls!.update({ certPem, keyPem: readFileSync(this.config.tlsKeyFile), caPem: readFileSync(this.config.caFile) });
+    this.bundleVersion = readState(this.config.stateDir!)?.bundleVersion ?? this.bundleVersion;
+    this.updateExpiryMetric();
+    this.renewer?.reschedule();
+    this.logger.info('certificate files replaced; using the new certificate for new connections', { notAfter: new X509Certificate(certPem).validTo });
+    for (const w of this.wakeLoops) w(); // reconnect now rather than after the backoff
+  }
+
+  private async installCertificate(issued: IssuedAgentCertificate, keyPem: string): Promise<void> {
+    const dir = this.config.stateDir!;
+    // Key first: a crash between the writes leaves a new key with the old certificate, which the
+    // next renewal repairs; never a certificate without its key.
+    await writeFileAtomic(this.config.tlsKeyFile, keyPem, 0o600);
+    await writeFileAtomic(this.config.tlsCertFile, issued.certificateChainPem, 0o644);
+    await writeFileAtomic(this.config.caFile, issued.trustBundlePem, 0o644);
+    this.certFileMtimeMs = statSync(this.config.tlsCertFile).mtimeMs;
+    this.bundleVersion = issued.bundleVersion;
+    const state = readState(dir);
+    if (state) await writeState(dir, { ...state, bundleVersion: issued.bundleVersion });
+    this.tls!.update({ certPem: issued.certificateChainPem, keyPem, caPem: issued.trustBundlePem });
+    this.updateExpiryMetric();
+    for (const c of this.connections) c.presentCredentials(issued.certificateChainPem);
+  }
+
+  private async installTrustBundle(pem: string, version: number): Promise<void> {
+    if (version <= this.bundleVersion && pem === this.tls!.caPem) return;
+    this.bundleVersion = version;
+    this.tls!.update({ caPem: pem });
+    this.logger.info('trust bundle updated by the broker', { version });
+    if (!this.config.stateDir) return;
+    try {
+      await writeFileAtomic(this.config.caFile, pem, 0o644);
+      const state = readState(this.config.stateDir);
+      if (state) await writeState(this.config.stateDir, { ...state, bundleVersion: version });
+    } catch (err) {
+      this.logger.error('cannot write the trust bundle to the state directory', { error: (err as Error).message });
+    }
+  }
+
+  private updateExpiryMetric(): void {
+    const cert = new X509Certificate(this.tls!.certPem);
+    this.metrics.certificateExpiry.set((Date.parse(cert.validTo) - this.clock.now()) / 1000);
   }
 
   private sleep(ms: number): Promise<void> {

@@ -1,9 +1,9 @@
 import { EventEmitter } from 'node:events';
 import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CallStream, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, decodeSessionFrame,
+  BurrowError, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, decodeSessionFrame,
   encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
-  type CallOutcome, type KeepaliveSettings, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
+  type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
 
@@ -106,6 +106,9 @@ export class BrokerConnection extends EventEmitter {
           case 'drain':
             this.startDrain(frame.reason);
             return;
+          case 'trustBundle':
+            this.emit('trust-bundle', frame.pem, frame.version);
+            return;
           default:
             return;
         }
@@ -130,13 +133,31 @@ export class BrokerConnection extends EventEmitter {
     const md = new Metadata();
     md.set(SESSION_ID_KEY, this.welcome!.sessionId);
     const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.forward, identity, identity, md);
-    const stream = new CallStream(call, 'client', 'originator');
+    const stream = new CallStream(call, 'client', 'originator', (err) => this.close(err));
     this.activeCalls++;
     this.opts.metrics.tunnelStreams.inc({ state: 'active' });
     return originate(clientCall, stream, { callId: `a${(++this.callCounter).toString(36)}`, peerName: `broker ${this.opts.address}` }).then((outcome) => {
       this.callEnded();
       return outcome;
     });
+  }
+
+  /**
+   * Asks this broker for a new certificate (Enrollment/Renew over this mTLS connection). Rejects
+   * with the broker's status when it refuses (revoked, expired) or the call fails.
+   */
+  renew(csrPem: string, bundleVersion: number, timeoutMs = 15_000): Promise<IssuedAgentCertificate> {
+    const def = ENROLLMENT_SERVICE.renew;
+    return new Promise((resolve, reject) => {
+      this.client.makeUnaryRequest(def.path, def.requestSerialize, def.responseDeserialize, { csrPem, bundleVersion } satisfies RenewRequest,
+        new Metadata(), { deadline: Date.now() + timeoutMs },
+        (err, res) => (err ? reject(new BurrowError(err.code, `renewal at ${this.opts.address} failed: ${err.details}`, err)) : resolve(res!)));
+    });
+  }
+
+  /** Tells the broker about a renewed certificate, so this session outlives the old one. */
+  presentCredentials(certificateChainPem: string): void {
+    if (this.session && this.welcome && !this.isClosed) this.session.write(encodeSessionFrame({ kind: 'credentials', certificateChainPem }));
   }
 
   /** Ends the session and the connection now; calls in flight fail with `error`. */
@@ -193,7 +214,7 @@ export class BrokerConnection extends EventEmitter {
     const md = new Metadata();
     md.set(SESSION_ID_KEY, this.welcome.sessionId);
     const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.offer, identity, identity, md);
-    const stream = new CallStream(call, 'client', 'answerer');
+    const stream = new CallStream(call, 'client', 'answerer', (err) => this.close(err));
     this.offerStreams.add(stream);
     this.idleOffers++;
     this.opts.metrics.tunnelStreams.inc({ state: 'idle' });
@@ -218,7 +239,7 @@ export class BrokerConnection extends EventEmitter {
           this.offerStreams.delete(stream);
         }
       },
-      onProtocolError: (err) => this.close(err),
+      onProtocolError: () => {}, // the owner callback above closes the connection
     });
   }
 

@@ -7,10 +7,12 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, PROTOCOL_VERSION, asList, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
+  ConfigError, PROTOCOL_VERSION, asList, requireCertificatePair, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
   parseListenAddress, parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
+import { existsSync } from 'node:fs';
 import { Agent } from './agent';
+import { enroll, stateFiles } from './enroll';
 import { AGENT_DEFAULTS, type AgentConfig } from './agent-config';
 
 const PROG = 'burrow-agent';
@@ -18,7 +20,8 @@ const VERSION: string = (require('../package.json') as { version: string }).vers
 
 const RUN_OPTIONS = {
   broker: { type: 'string', array: true, describe: 'HOST:PORT of a broker agent listener (repeatable: one tunnel to each)' },
-  'tls-cert': { type: 'string', describe: 'PEM file: the agent certificate, then its chain' },
+  'state-dir': { type: 'string', describe: 'directory written by `burrow-agent enroll`: certificate, key and trust bundle, renewed automatically' },
+  'tls-cert': { type: 'string', describe: 'PEM file: the agent certificate, then its chain (default with --state-dir: its tls.crt)' },
   'tls-key': { type: 'string', describe: 'PEM file: the agent private key' },
   ca: { type: 'string', describe: 'PEM file: CA certificates that sign brokers' },
   'broker-server-name': { type: 'string', describe: 'TLS name to expect in broker certificates when it differs from the --broker host' },
@@ -70,12 +73,21 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
   if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3) throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
   const minIdleOffers = parseIntInRange('min-idle-streams', args['min-idle-streams'], 1, 1000);
   const maxOffers = parseIntInRange('max-streams', args['max-streams'], minIdleOffers, 100_000);
+  const stateDir = args['state-dir'] ? String(args['state-dir']) : undefined;
+  const files = stateDir ? stateFiles(stateDir) : undefined;
+  if (stateDir && !args['tls-cert'] && !existsSync(files!.cert)) {
+    throw new ConfigError('state-dir', `${stateDir} holds no certificate; run burrow-agent enroll --broker HOST:PORT --token TOKEN --state-dir ${stateDir} first`);
+  }
+  const tlsCertFile = requireReadableFile('tls-cert', args['tls-cert'] ?? files?.cert);
+  const tlsKeyFile = requireReadableFile('tls-key', args['tls-key'] ?? files?.key);
+  requireCertificatePair('tls-cert', tlsCertFile, 'tls-key', tlsKeyFile, 'agent');
   return {
     ...AGENT_DEFAULTS,
     brokers,
-    tlsCertFile: requireReadableFile('tls-cert', args['tls-cert']),
-    tlsKeyFile: requireReadableFile('tls-key', args['tls-key']),
-    caFile: requireReadableFile('ca', args.ca),
+    tlsCertFile,
+    tlsKeyFile,
+    caFile: requireReadableFile('ca', args.ca ?? files?.ca),
+    stateDir,
     brokerServerName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
     upstreams,
     localListen,
@@ -130,6 +142,30 @@ async function run(args: Args): Promise<void> {
   process.on('SIGINT', () => shutdown('SIGINT'));
 }
 
+const ENROLL_OPTIONS = {
+  broker: { type: 'string', describe: 'HOST:PORT of the broker agent listener', demandOption: true },
+  token: { type: 'string', describe: 'the join token from `burrow-pki token create`', demandOption: true },
+  'state-dir': { type: 'string', describe: 'where to write the key, certificate and trust bundle', demandOption: true },
+  'broker-server-name': { type: 'string', describe: 'TLS name to expect in the broker certificate when it differs from the --broker host' },
+} as const;
+
+async function runEnroll(args: Args): Promise<void> {
+  let broker: string;
+  try {
+    broker = parseListenAddress('broker', args.broker);
+  } catch (err) {
+    fail((err as Error).message);
+  }
+  try {
+    const issued = await enroll({ broker, token: String(args.token), stateDir: String(args['state-dir']), serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined });
+    process.stdout.write(`enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run --broker ${broker} --state-dir ${String(args['state-dir'])}\n`);
+    process.exit(0);
+  } catch (err) {
+    process.stderr.write(`${PROG}: enroll: ${(err as Error).message}\n`);
+    process.exit(1);
+  }
+}
+
 function main(): void {
   void yargs(hideBin(process.argv))
     .scriptName(PROG)
@@ -139,7 +175,9 @@ function main(): void {
         .env('BURROW_AGENT')
         .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(RUN_OPTIONS).filter((k) => k !== 'config')))
         .strict(), (args) => { void run(args as Args); })
-    .demandCommand(1, 'name a command: run')
+    .command('enroll', 'enroll this agent with a join token: make a key, get a certificate, write the state directory', (y) =>
+      y.options(ENROLL_OPTIONS).env('BURROW_AGENT').strict(), (args) => { void runEnroll(args as Args); })
+    .demandCommand(1, 'name a command: run or enroll')
     .strict()
     .version(`${VERSION} (protocol ${PROTOCOL_VERSION})`)
     .help()

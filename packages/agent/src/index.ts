@@ -5,3 +5,6 @@ export * from './agent-metrics';
 export * from './backoff';
 export * from './broker-connection';
 export { agentConfigFromArgs } from './cli';
+export * from './certificate-renewer';
+export * from './enroll';
+export * from './state-dir';

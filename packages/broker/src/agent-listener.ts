@@ -2,7 +2,7 @@ import { Metadata, status as Status, type Server, type ServerDuplexStream } from
 import {
   BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
   UpstreamTable, answer, decodeSessionFrame, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
-  statusName, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
+  statusName, verifyCertificateChain, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
@@ -20,6 +20,10 @@ export interface AgentListenerDeps {
   maxMessageBytes: number;
   /** True once the broker is draining: new sessions are refused. */
   isDraining(): boolean;
+  /** Revocation check for every stream; without a PKI directory nothing is revoked. */
+  isRevoked(id: PeerIdentity): boolean;
+  /** The CAs agents' renewed certificates must chain to (Credentials frames). */
+  trustBundlePem(): string;
 }
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
@@ -74,12 +78,63 @@ export class AgentListener {
   closeExpired(nowMs = Date.now()): number {
     let closed = 0;
     for (const s of [...this.sessionsById.values()]) {
-      if (s.identity.notAfterMs <= nowMs) {
-        this.closeSession(s, new BurrowError(Status.UNAUTHENTICATED, `certificate of agent "${s.agentId}" expired at ${new Date(s.identity.notAfterMs).toISOString()}`), true);
+      if (s.credentialExpiryMs <= nowMs) {
+        this.closeSession(s, new BurrowError(Status.UNAUTHENTICATED, `certificate of agent "${s.agentId}" expired at ${new Date(s.credentialExpiryMs).toISOString()}`), true);
+        this.deps.metrics.connectionsClosed.inc({ reason: 'expired' });
         closed++;
       }
     }
     return closed;
+  }
+
+  /** Closes sessions whose certificate is revoked now (called when the revocation list changes). */
+  closeRevoked(): number {
+    let closed = 0;
+    for (const s of [...this.sessionsById.values()]) {
+      if (!this.deps.isRevoked(s.identity)) continue;
+      this.closeSession(s, new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${s.agentId}" was revoked`), true);
+      this.deps.metrics.connectionsClosed.inc({ reason: 'revoked' });
+      closed++;
+    }
+    return closed;
+  }
+
+  /** Sends the new trust bundle to every session (CA rotation). */
+  broadcastTrustBundle(pem: string, version: number): void {
+    for (const s of this.sessionsById.values()) s.control.trustBundle(pem, version);
+  }
+
+  /** Earliest certificate expiry among connected agents (ms since epoch), for metrics. */
+  earliestAgentExpiryMs(): number | undefined {
+    let min: number | undefined;
+    for (const s of this.sessionsById.values()) if (min === undefined || s.credentialExpiryMs < min) min = s.credentialExpiryMs;
+    return min;
+  }
+
+  /**
+   * A renewed certificate presented on the session: if it chains to our trust bundle and names the
+   * same agent, the session lives on until the new certificate expires. Anything else breaks the
+   * protocol (see the Credentials frame in tunnel.proto).
+   */
+  private acceptCredentials(session: AgentSession, chainPem: string): void {
+    let id: PeerIdentity;
+    try {
+      id = verifyCertificateChain(chainPem, this.deps.trustBundlePem());
+    } catch (err) {
+      this.protocolError(session, new ProtocolError(`renewed certificate refused: ${(err as Error).message}`));
+      return;
+    }
+    if (id.role !== 'agent' || id.name !== session.agentId || id.trustDomain !== session.identity.trustDomain) {
+      this.protocolError(session, new ProtocolError(`renewed certificate names ${id.spiffeId}, not the session's ${session.identity.spiffeId}`));
+      return;
+    }
+    if (this.deps.isRevoked(id)) {
+      this.closeSession(session, new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${id.name}" is revoked`), true);
+      return;
+    }
+    session.identity = id;
+    session.credentialExpiryMs = Math.max(session.credentialExpiryMs, id.notAfterMs);
+    this.deps.logger.debug('agent presented a renewed certificate', { agentId: id.name, sessionId: session.id, serial: id.serialHex, notAfter: new Date(id.notAfterMs).toISOString() });
   }
 
   /** Ends every session stream (final shutdown). */
@@ -90,11 +145,20 @@ export class AgentListener {
   private authenticate(call: RawCall, stream: string): PeerIdentity | undefined {
     const id = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
     let problem: string | undefined;
-    if (!id) problem = 'client certificate has no Burrow identity (one spiffe:// URI SAN)';
-    else if (id.role !== 'agent') problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;
+    let reason = 'wrong_role';
+    if (!id) {
+      // With enrollment on, TLS lets a connection without a valid client certificate through (for
+      // Enroll only); such a connection has no identity here.
+      problem = 'no valid client certificate (missing, expired, or not issued by a trusted CA); enroll again with a new join token';
+      reason = 'no_identity';
+    } else if (id.role !== 'agent') problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;
     else if (id.trustDomain !== this.deps.trustDomain) problem = `certificate trust domain "${id.trustDomain}" is not "${this.deps.trustDomain}"`;
+    else if (this.deps.isRevoked(id)) {
+      problem = `certificate of agent "${id.name}" (serial ${id.serialHex}) is revoked`;
+      reason = 'revoked';
+    }
     if (problem) {
-      this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason: id ? 'wrong_role' : 'no_identity' });
+      this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason });
       this.deps.logger.warn('tunnel stream refused', { stream, peer: call.getPeer(), reason: problem });
       call.emit('error', { code: Status.PERMISSION_DENIED, details: problem });
       return undefined;
@@ -128,6 +192,10 @@ export class AgentListener {
         fail(err as BurrowError);
         return;
       }
+      if (session && frame.kind === 'credentials') {
+        this.acceptCredentials(session, frame.certificateChainPem);
+        return;
+      }
       if (session || frame.kind !== 'hello') {
         fail(new ProtocolError(session ? `${frame.kind} frame after hello on a session stream` : `session opened with ${frame.kind}, not hello`));
         return;
@@ -143,6 +211,7 @@ export class AgentListener {
       session = new AgentSession(id, call.getPeer(), version, frame.hello.agentVersion, Math.min(frame.hello.minIdleOffers, 1000), {
         demand: (offers) => { metrics.demandedOffers.inc(offers); call.write(encodeSessionFrame({ kind: 'demand', offers })); },
         drain: (reason) => call.write(encodeSessionFrame({ kind: 'drain', reason })),
+        trustBundle: (pem, version) => call.write(encodeSessionFrame({ kind: 'trustBundle', pem, version })),
         close: (err) => (err ? call.emit('error', err.toServiceError()) : call.end()),
       });
       this.sessionsById.set(session.id, session);
@@ -197,13 +266,13 @@ export class AgentListener {
     if (!id) return;
     const session = this.sessionOf(call, id, 'offer');
     if (!session) return;
-    const stream = new CallStream(call, 'server', 'originator');
+    const stream = new CallStream(call, 'server', 'originator', (err) => this.protocolError(session, err));
     // While idle, only the stream's end matters; once assigned, the originator re-attaches.
     stream.attach({
       onFrame: () => {},
       onDrain: () => {},
       onClosed: () => this.deps.registry.dropOffer(session, stream),
-      onProtocolError: (err) => this.protocolError(session, err),
+      onProtocolError: () => {},
     });
     this.deps.registry.addOffer(session, stream);
   }
@@ -213,14 +282,14 @@ export class AgentListener {
     if (!id) return;
     const session = this.sessionOf(call, id, 'forward');
     if (!session) return;
-    const stream = new CallStream(call, 'server', 'answerer');
+    const stream = new CallStream(call, 'server', 'answerer', (err) => this.protocolError(session, err));
     stream.attach({
       onFrame: (frame: CallFrame) => {
         if (frame.kind === 'start') void this.answerForward(session, stream, frame.start);
       },
       onDrain: () => {},
       onClosed: () => {},
-      onProtocolError: (err) => this.protocolError(session, err),
+      onProtocolError: () => {},
     });
   }
 

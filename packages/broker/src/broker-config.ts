@@ -8,9 +8,20 @@ export interface BrokerConfig {
   apiListen: string;
   /** HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents); off when unset. */
   adminListen?: string;
-  tlsCertFile: string;
-  tlsKeyFile: string;
-  caFile: string;
+  /** Serving certificate and key; unset with `pkiDir`: the broker issues and renews its own. */
+  tlsCertFile?: string;
+  tlsKeyFile?: string;
+  /** CAs of agents and callers; unset with `pkiDir`: the directory's trust bundle. */
+  caFile?: string;
+  /** A PKI directory (burrow-pki init): enables enrollment, renewal, revocation and rotation. */
+  pkiDir?: string;
+  /** DNS names and IPs for the self-issued serving certificate. */
+  tlsDns: string[];
+  tlsIp: string[];
+  /** Lifetime of certificates this broker issues (agents' and its own). */
+  leafTtlMs?: number;
+  /** Enrollment attempts per source address per minute. */
+  enrollPerMinute: number;
   /** Platform services that site clients reach through agents. */
   upstreams: UpstreamRoute[];
   /** Trust domain peers must belong to; default: the one in the broker's own certificate. */
@@ -31,6 +42,9 @@ export interface BrokerConfig {
 
 export const BROKER_DEFAULTS = {
   upstreams: [] as UpstreamRoute[],
+  tlsDns: [] as string[],
+  tlsIp: [] as string[],
+  enrollPerMinute: 30,
   maxMessageBytes: DEFAULT_MAX_MESSAGE_BYTES,
   agentWaitMs: 5_000,
   drainTimeoutMs: 30_000,

@@ -25,6 +25,13 @@ export class BrokerMetrics {
   readonly agentConnects = new Counter({ name: 'burrow_broker_agent_connects_total', help: 'Agent sessions established (first connections and reconnects).', registers: [this.registry] });
   readonly rejectedHandshakes = new Counter({ name: 'burrow_broker_rejected_handshakes_total', help: 'Connections or tunnel/API calls refused for their credentials, by listener and reason.', labelNames: ['listener', 'reason'], registers: [this.registry] });
   readonly protocolErrors = new Counter({ name: 'burrow_broker_protocol_errors_total', help: 'Tunnel sessions closed because the agent broke the protocol.', registers: [this.registry] });
+  readonly connectionsClosed = new Counter({ name: 'burrow_broker_connections_closed_total', help: 'Agent sessions closed by the broker for their credentials, by reason (expired, revoked).', labelNames: ['reason'], registers: [this.registry] });
+  readonly enrollments = new Counter({ name: 'burrow_pki_enrollments_total', help: 'Enrollment attempts, by result (ok, malformed, unknown, expired, used, banned, bad_csr, rate_limited, error).', labelNames: ['result'], registers: [this.registry] });
+  readonly renewals = new Counter({ name: 'burrow_pki_renewals_total', help: 'Certificate renewals served, by result (ok, revoked, denied, bad_csr, error).', labelNames: ['result'], registers: [this.registry] });
+  readonly servingCertificatesIssued = new Counter({ name: 'burrow_pki_serving_certificates_issued_total', help: 'Serving certificates the broker issued itself (start, renewal, rotation).', registers: [this.registry] });
+  readonly revocationsApplied = new Counter({ name: 'burrow_pki_revocations_total', help: 'Revocation list changes the broker applied.', registers: [this.registry] });
+  readonly certificateExpiry = new Gauge({ name: 'burrow_pki_certificate_expiry_seconds', help: 'Seconds until the earliest certificate expiry, by role (broker: its own serving certificate; agent: connected agents).', labelNames: ['role'], registers: [this.registry] });
+  readonly caExpiry = new Gauge({ name: 'burrow_pki_ca_expiry_seconds', help: 'Seconds until each CA in the PKI directory expires.', labelNames: ['ca', 'kind'], registers: [this.registry] });
   readonly demandedOffers = new Counter({ name: 'burrow_broker_demanded_offers_total', help: 'Offer streams requested from agents with Demand because calls were waiting.', registers: [this.registry] });
 
   /** `counts` reads the tunnel registry; called only when metrics are scraped. */

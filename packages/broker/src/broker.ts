@@ -1,11 +1,14 @@
 import { readFileSync } from 'node:fs';
 import type * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { Server, ServerCredentials, status as Status } from '@grpc/grpc-js';
+import { hostname } from 'node:os';
+import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
-  BurrowError, HealthService, createAdminServer, UpstreamTable, callServerOptions, identityOfCertificate, installCatchAll,
-  observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions, type Logger,
+  BurrowError, CredentialStore, ENROLLMENT_SERVICE, HealthService, createAdminServer, UpstreamTable, callServerOptions,
+  identityOfCertificate, installCatchAll, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
+  type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
+import { BrokerPki } from './broker-pki';
 
 import { AgentListener } from './agent-listener';
 import type { BrokerConfig } from './broker-config';
@@ -39,10 +42,12 @@ export class Broker {
   readonly metrics = new BrokerMetrics(() => this.registry.counts());
   private readonly agentServer: Server;
   private readonly apiServer: Server;
-  private readonly agentListener: AgentListener;
+  private agentListener!: AgentListener;
   private readonly health = new HealthService();
   private readonly platformUpstreams: UpstreamTable;
-  private readonly trustDomain: string;
+  private readonly pki: BrokerPki | undefined;
+  private tls: CredentialStore | undefined;
+  private trustDomain = '';
   private admin: http.Server | undefined;
   private timers: NodeJS.Timeout[] = [];
   private draining = false;
@@ -51,35 +56,62 @@ export class Broker {
   private stopping: Promise<void> | undefined;
 
   constructor(private readonly config: BrokerConfig, private readonly logger: Logger) {
-    const own = identityOfCertificate(readFileSync(config.tlsCertFile));
-    if (!own) throw new BurrowError(Status.INVALID_ARGUMENT, `${config.tlsCertFile} has no Burrow identity (one spiffe:// URI SAN)`);
-    this.trustDomain = config.trustDomain ?? own.trustDomain;
+    if (!config.pkiDir && !(config.tlsCertFile && config.tlsKeyFile && config.caFile)) {
+      throw new BurrowError(Status.INVALID_ARGUMENT, 'tls-cert, tls-key and ca are required without pki-dir');
+    }
     this.platformUpstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
-    const isDraining = (): boolean => this.draining;
-    this.agentListener = new AgentListener({
-      registry: this.registry, metrics: this.metrics, logger, platformUpstreams: this.platformUpstreams,
-      trustDomain: this.trustDomain, brokerId: config.brokerId, maxMessageBytes: config.maxMessageBytes, isDraining,
-    });
     this.agentServer = new Server(tunnelServerOptions(config.maxMessageBytes, config.keepalive));
-    this.agentListener.addTo(this.agentServer);
     this.apiServer = new Server(callServerOptions(config.maxMessageBytes, config.keepalive));
-    this.health.addTo(this.apiServer);
-    const api = new CallerApi({ registry: this.registry, metrics: this.metrics, logger, trustDomain: this.trustDomain, agentWaitMs: config.agentWaitMs, isDraining });
-    installCatchAll(this.apiServer, api.handle);
+    if (config.pkiDir) {
+      const defaultIps = ['127.0.0.1', '::1'];
+      this.pki = new BrokerPki({
+        dir: config.pkiDir, logger, metrics: this.metrics, issueOwnCertificate: !config.tlsCertFile,
+        dns: config.tlsDns.length ? config.tlsDns : [hostname(), 'localhost'], ip: config.tlsIp.length || config.tlsDns.length ? config.tlsIp : defaultIps,
+        leafTtlMs: config.leafTtlMs, enrollPerMinute: config.enrollPerMinute,
+      });
+    }
   }
 
-  /** Binds all listeners. Rejects with a message naming the address when one cannot be bound. */
+  /** The broker's current TLS material (tests, status). */
+  get credentials(): CredentialStore | undefined { return this.tls; }
+
+  /** Loads credentials and binds all listeners. Rejects with a message naming what failed. */
   async start(): Promise<BrokerPorts> {
-    const creds = ServerCredentials.createSsl(
-      readFileSync(this.config.caFile),
-      [{ cert_chain: readFileSync(this.config.tlsCertFile), private_key: readFileSync(this.config.tlsKeyFile) }],
-      true,
-    );
-    const agentPort = await bind(this.agentServer, this.config.agentListen, creds);
-    const apiPort = await bind(this.apiServer, this.config.apiListen, creds);
-    const onTlsError = (listener: string) => (err: Error & { code?: string }): void => {
+    const material = await this.loadTlsMaterial();
+    this.tls = new CredentialStore(material);
+    const own = identityOfCertificate(new (await import('node:crypto')).X509Certificate(material.certPem).raw);
+    if (!own || own.role !== 'broker') throw new BurrowError(Status.INVALID_ARGUMENT, 'tls-cert: not a broker certificate (URI SAN spiffe://<trust-domain>/broker)');
+    this.trustDomain = this.config.trustDomain ?? own.trustDomain;
+    const isDraining = (): boolean => this.draining;
+    const isRevoked = this.pki ? this.pki.isRevoked.bind(this.pki) : () => false;
+    this.agentListener = new AgentListener({
+      registry: this.registry, metrics: this.metrics, logger: this.logger, platformUpstreams: this.platformUpstreams,
+      trustDomain: this.trustDomain, brokerId: this.config.brokerId, maxMessageBytes: this.config.maxMessageBytes, isDraining,
+      isRevoked, trustBundlePem: () => this.tls!.caPem,
+    });
+    this.agentListener.addTo(this.agentServer);
+    if (this.pki) {
+      const pki = this.pki;
+      this.agentServer.addService(ENROLLMENT_SERVICE, {
+        enroll: pki.enroll,
+        renew: (call: ServerUnaryCall<RenewRequest, IssuedAgentCertificate>, cb: sendUnaryData<IssuedAgentCertificate>) => pki.renew(call, cb, this.trustDomain),
+      });
+    }
+    this.health.addTo(this.apiServer);
+    const api = new CallerApi({ registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked });
+    installCatchAll(this.apiServer, api.handle);
+
+    // With enrollment on, the agent listener asks for a client certificate without requiring one:
+    // Enroll is the only method that works without (every other method checks the identity).
+    const agentCreds = experimental.createCertificateProviderServerCredentials(this.tls, this.tls, !this.pki);
+    const apiCreds = experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true);
+    const agentPort = await bind(this.agentServer, this.config.agentListen, agentCreds);
+    const apiPort = await bind(this.apiServer, this.config.apiListen, apiCreds);
+    const onTlsError = (listener: string) => (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
       this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
-      this.logger.warn('TLS handshake refused', { listener, error: err.code ?? err.message });
+      // Node reports a refused client certificate as a reset; the reason is on the socket.
+      const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
+      this.logger.warn('TLS handshake refused', { listener, peer: socket?.remoteAddress, error: reason ? String(reason) : err.code ?? err.message });
     };
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
@@ -97,12 +129,36 @@ export class Broker {
     this.timers.push(setInterval(() => {
       const closed = this.agentListener.closeExpired();
       if (closed) this.logger.warn('closed tunnels of agents whose certificate expired', { sessions: closed });
+      const earliest = this.agentListener.earliestAgentExpiryMs();
+      if (earliest !== undefined) this.metrics.certificateExpiry.set({ role: 'agent' }, (earliest - Date.now()) / 1000);
     }, EXPIRY_CHECK_INTERVAL_MS));
     this.timers.push(setInterval(() => this.registry.retireIdle(this.config.idleOfferTtlMs), IDLE_SWEEP_INTERVAL_MS));
+
     for (const t of this.timers) t.unref();
+    this.pki?.start(this.tls, {
+      onRevocationsChanged: () => {
+        const closed = this.agentListener.closeRevoked();
+        if (closed) this.logger.warn('closed tunnels of revoked agents', { sessions: closed });
+      },
+      onTrustBundleChanged: (pem, version) => this.agentListener.broadcastTrustBundle(pem, version),
+    });
     this.started = true;
-    this.logger.info('broker started', { brokerId: this.config.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
+    this.logger.info('broker started', { pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.config.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
     return { agentPort, apiPort, adminPort };
+  }
+
+  /** Reads the TLS material from files, or from the PKI directory (issuing our own certificate). */
+  private async loadTlsMaterial(): Promise<{ caPem: string; certPem: string; keyPem: string }> {
+    const read = (file: string): string => readFileSync(file, 'utf8');
+    if (!this.pki) return { caPem: read(this.config.caFile!), certPem: read(this.config.tlsCertFile!), keyPem: read(this.config.tlsKeyFile!) };
+    const fromPki = await this.pki.load();
+    const caPem = this.config.caFile ? read(this.config.caFile) : fromPki.caPem;
+    if (this.config.tlsCertFile) {
+      // An operator-supplied certificate: serve it with the bundle's roots appended, so that an
+      // enrolling agent finds the CA its join token pins.
+      return { caPem, certPem: `${read(this.config.tlsCertFile).trimEnd()}\n${fromPki.caPem}`, keyPem: read(this.config.tlsKeyFile!) };
+    }
+    return { caPem, certPem: fromPki.certPem!, keyPem: fromPki.keyPem! };
   }
 
   get isDraining(): boolean { return this.draining; }
@@ -127,6 +183,7 @@ export class Broker {
     this.health.close();
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
+    this.pki?.stop();
     this.agentListener.drainAll('broker shutting down');
     const inFlight = this.registry.counts().activeCalls;
     this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });

@@ -1,6 +1,6 @@
 import { status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, originate, rejectCall, statusName, type Logger,
+  AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, originate, rejectCall, statusName, type Logger, type PeerIdentity,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import type { TunnelRegistry } from './tunnel-registry';
@@ -12,6 +12,8 @@ export interface CallerApiDeps {
   trustDomain: string;
   agentWaitMs: number;
   isDraining(): boolean;
+  /** Revocation check (service certificates can be revoked by serial). */
+  isRevoked(id: PeerIdentity): boolean;
 }
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
@@ -63,8 +65,9 @@ export class CallerApi {
     };
 
     const caller = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
-    if (!caller || caller.role !== 'service' || caller.trustDomain !== this.deps.trustDomain) {
-      const reason = !caller ? 'client certificate has no Burrow identity' : caller.role !== 'service' ? `certificate role "${caller.role}" may not call agents; a service certificate is required` : `certificate trust domain "${caller.trustDomain}" is not "${this.deps.trustDomain}"`;
+    if (!caller || caller.role !== 'service' || caller.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(caller)) {
+      const reason = !caller ? 'client certificate has no Burrow identity' : caller.role !== 'service' ? `certificate role "${caller.role}" may not call agents; a service certificate is required`
+        : caller.trustDomain !== this.deps.trustDomain ? `certificate trust domain "${caller.trustDomain}" is not "${this.deps.trustDomain}"` : `certificate ${caller.spiffeId} (serial ${caller.serialHex}) is revoked`;
       metrics.rejectedHandshakes.inc({ listener: 'api', reason: caller ? 'wrong_role' : 'no_identity' });
       refuse(undefined, new BurrowError(Status.PERMISSION_DENIED, reason));
       return;

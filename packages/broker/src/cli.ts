@@ -4,11 +4,13 @@
  * flags, BURROW_BROKER_* variables and the YAML config file into a typed {@link BrokerConfig},
  * creates the logger and runs the broker until SIGTERM/SIGINT.
  */
+import { existsSync } from 'node:fs';
 import { hostname } from 'node:os';
+import * as path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, PROTOCOL_VERSION, asList, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
+  ConfigError, PROTOCOL_VERSION, asList, requireCertificatePair, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
   parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
@@ -21,9 +23,14 @@ const SERVE_OPTIONS = {
   'agent-listen': { type: 'string', describe: 'HOST:PORT where agents connect (mTLS)', default: '0.0.0.0:7443' },
   'api-listen': { type: 'string', describe: 'HOST:PORT where callers send calls for agents (mTLS)', default: '0.0.0.0:8443' },
   'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents); off when empty' },
-  'tls-cert': { type: 'string', describe: 'PEM file: the broker certificate, then its chain' },
+  'tls-cert': { type: 'string', describe: 'PEM file: the broker certificate, then its chain (optional with --pki-dir: the broker issues its own)' },
   'tls-key': { type: 'string', describe: 'PEM file: the broker private key' },
-  ca: { type: 'string', describe: 'PEM file: CA certificates that sign agents and callers' },
+  ca: { type: 'string', describe: 'PEM file: CA certificates that sign agents and callers (default with --pki-dir: its trust bundle)' },
+  'pki-dir': { type: 'string', describe: 'PKI directory (burrow-pki init): enables enrollment, renewal, revocation and CA rotation' },
+  'tls-dns': { type: 'string', array: true, describe: 'DNS name for the self-issued serving certificate (repeatable; default: hostname, localhost)' },
+  'tls-ip': { type: 'string', array: true, describe: 'IP address for the self-issued serving certificate (repeatable; default: 127.0.0.1, ::1)' },
+  'leaf-ttl': { type: 'string', describe: 'lifetime of certificates the broker issues (agents\' and its own)', default: '24h' },
+  'enroll-per-minute': { type: 'number', describe: 'enrollment attempts allowed per source address per minute', default: 30 },
   upstream: { type: 'string', array: true, describe: 'SERVICE=HOST:PORT: platform service site clients reach through agents (repeatable; SERVICE * is the default)' },
   'trust-domain': { type: 'string', describe: 'trust domain of agents and callers (default: the broker certificate\'s)' },
   'broker-id': { type: 'string', describe: 'id in logs and session handshakes (default: hostname)' },
@@ -55,14 +62,28 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
   });
   const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
   if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3) throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  const pkiDir = args['pki-dir'] ? String(args['pki-dir']) : undefined;
+  if (pkiDir && !existsSync(path.join(pkiDir, 'pki.json'))) throw new ConfigError('pki-dir', `${pkiDir} is not a PKI directory (run burrow-pki init --dir ${pkiDir})`);
+  // With a PKI directory the certificate is optional (self-issued), but a given one must be whole.
+  const needFiles = !pkiDir || args['tls-cert'] !== undefined || args['tls-key'] !== undefined;
+  const tlsCertFile = needFiles ? requireReadableFile('tls-cert', args['tls-cert']) : undefined;
+  const tlsKeyFile = needFiles ? requireReadableFile('tls-key', args['tls-key']) : undefined;
+  if (tlsCertFile && tlsKeyFile) requireCertificatePair('tls-cert', tlsCertFile, 'tls-key', tlsKeyFile, 'broker');
+  const leafTtlMs = parseDurationMs('leaf-ttl', args['leaf-ttl']);
+  if (leafTtlMs < 1000) throw new ConfigError('leaf-ttl', 'must be at least 1s');
   return {
     ...BROKER_DEFAULTS,
     agentListen: parseListenAddress('agent-listen', args['agent-listen']),
     apiListen: parseListenAddress('api-listen', args['api-listen']),
     adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
-    tlsCertFile: requireReadableFile('tls-cert', args['tls-cert']),
-    tlsKeyFile: requireReadableFile('tls-key', args['tls-key']),
-    caFile: requireReadableFile('ca', args.ca),
+    tlsCertFile,
+    tlsKeyFile,
+    caFile: pkiDir && args.ca === undefined ? undefined : requireReadableFile('ca', args.ca),
+    pkiDir,
+    tlsDns: asList(args['tls-dns']),
+    tlsIp: asList(args['tls-ip']),
+    leafTtlMs,
+    enrollPerMinute: parseIntInRange('enroll-per-minute', args['enroll-per-minute'], 1, 100_000),
     upstreams,
     trustDomain: args['trust-domain'] ? String(args['trust-domain']) : undefined,
     brokerId: args['broker-id'] ? String(args['broker-id']) : hostname(),

@@ -16,6 +16,8 @@ export interface SessionControl {
   demand(offers: number): void;
   /** Tells the agent to reconnect elsewhere. */
   drain(reason: string): void;
+  /** Sends a new trust bundle (CA rotation). */
+  trustBundle(pem: string, version: number): void;
   /** Ends the session stream (and with it every idle offer). */
   close(error?: BurrowError): void;
 }
@@ -26,18 +28,29 @@ export class AgentSession {
   readonly connectedAtMs = Date.now();
   /** Idle offers, most recently added last; calls take from the end so old ones age out. */
   readonly idle: IdleOffer[] = [];
+  /** Offers this session was asked for with Demand and has not opened yet. */
+  owedOffers = 0;
   /** Offers carrying a call right now; aborted when the session is cut off (revoked, expired). */
   readonly active = new Set<CallStream>();
   draining = false;
 
+  /**
+   * When this session's credential expires (ms since epoch): the TLS certificate's expiry, moved
+   * later by each renewed certificate the agent presents in a Credentials frame.
+   */
+  credentialExpiryMs: number;
+
   constructor(
-    readonly identity: PeerIdentity,
+    /** The agent's current certificate identity (replaced when it presents a renewed one). */
+    public identity: PeerIdentity,
     readonly peerAddress: string,
     readonly protocolVersion: number,
     readonly agentVersion: string,
     readonly minIdleOffers: number,
     readonly control: SessionControl,
-  ) {}
+  ) {
+    this.credentialExpiryMs = identity.notAfterMs;
+  }
 
   get agentId(): string { return this.identity.name; }
   get activeCalls(): number { return this.active.size; }
@@ -81,8 +94,6 @@ export class TunnelRegistry {
   addSession(session: AgentSession): void {
     const entry = this.entry(session.agentId);
     entry.sessions.add(session);
-    // Offers requested from sessions that are gone will never come; ask the new one instead.
-    entry.outstandingDemand = 0;
     this.demandFor(entry);
   }
 
@@ -91,6 +102,10 @@ export class TunnelRegistry {
     const entry = this.agents.get(session.agentId);
     if (!entry || !entry.sessions.delete(session)) return;
     for (const offer of session.idle.splice(0)) offer.stream.finish();
+    // Offers owed by a session that is gone will never come: ask another session for them.
+    entry.outstandingDemand = Math.max(0, entry.outstandingDemand - session.owedOffers);
+    session.owedOffers = 0;
+    this.demandFor(entry);
     this.maybeForget(session.agentId, entry);
   }
 
@@ -101,7 +116,10 @@ export class TunnelRegistry {
       stream.finish();
       return;
     }
-    if (entry.outstandingDemand > 0) entry.outstandingDemand--;
+    if (session.owedOffers > 0) {
+      session.owedOffers--;
+      entry.outstandingDemand--;
+    }
     const offer: IdleOffer = { stream, session, idleSinceMs: Date.now() };
     const waiter = entry.waiters.shift();
     if (waiter) waiter.resolve(offer);
@@ -144,6 +162,9 @@ export class TunnelRegistry {
         signal.removeEventListener('abort', onAbort);
         const i = entry.waiters.indexOf(waiter);
         if (i >= 0) entry.waiters.splice(i, 1);
+        // Demand beyond the calls still waiting is moot; forget it so that the next waiting call
+        // asks again instead of counting on offers an agent may never open.
+        this.forgetDemandBeyond(entry, entry.waiters.length);
         this.maybeForget(agentId, entry);
       };
       signal.addEventListener('abort', onAbort, { once: true });
@@ -248,6 +269,19 @@ export class TunnelRegistry {
     }
     if (!target) return; // not connected: addSession asks when it connects
     entry.outstandingDemand += missing;
+    target.owedOffers += missing;
     target.control.demand(missing);
+  }
+
+  private forgetDemandBeyond(entry: AgentEntry, limit: number): void {
+    let excess = entry.outstandingDemand - limit;
+    if (excess <= 0) return;
+    entry.outstandingDemand = limit;
+    for (const s of entry.sessions) {
+      const n = Math.min(excess, s.owedOffers);
+      s.owedOffers -= n;
+      excess -= n;
+      if (excess === 0) break;
+    }
   }
 }

@@ -29,10 +29,16 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
     const deadline = start.timeoutMs > 0 ? Date.now() + start.timeoutMs : Infinity;
     const call: ClientDuplexStream<Buffer, Buffer> = upstream.makeBidiStreamRequest(start.method, identity, identity, metadata, { deadline });
 
+    // The outcome is known when trailers go out (or the upstream is cancelled), but the promise
+    // resolves only once the tunnel stream has closed: a process that exits as soon as its calls
+    // "finished" would otherwise drop a status still in its send buffer.
+    let outcome: CallOutcome | undefined;
+    let streamClosed = false;
     const settle = (code: number, details: string): void => {
       if (settled) return;
       settled = true;
-      resolve({ code, details, requestBytes, responseBytes });
+      outcome = { code, details, requestBytes, responseBytes };
+      if (streamClosed) resolve(outcome);
     };
 
     // Trailers go out only after every response message has been forwarded: grpc-js may report
@@ -84,7 +90,9 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
       },
       onDrain() { call.resume(); },
       onClosed(error) {
+        streamClosed = true;
         if (error) cancelUpstream(Status.UNAVAILABLE, `tunnel stream lost: ${error.message}`);
+        if (outcome) resolve(outcome);
       },
       onProtocolError(error) {
         cancelUpstream(Status.INTERNAL, error.message);

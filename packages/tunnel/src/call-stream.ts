@@ -39,10 +39,16 @@ export class CallStream {
   private readEnded = false;
   private pendingFrames: CallFrame[] = [];
 
+  /**
+   * @param onOwnerProtocolError called on a protocol error whatever handlers are attached at the
+   *   time, so the owner of the session (not just the call) always learns of it and can close the
+   *   session, as tunnel.proto requires.
+   */
   constructor(
     private readonly duplex: Duplex,
     readonly grpcRole: 'server' | 'client',
     readonly role: FrameSender,
+    private readonly onOwnerProtocolError?: (error: ProtocolError) => void,
   ) {
     this.peer = role === 'originator' ? 'answerer' : 'originator';
     duplex.on('data', (bytes: Buffer) => this.receive(bytes));
@@ -119,9 +125,13 @@ export class CallStream {
       deliver = t.deliver;
     } catch (err) {
       const error = err instanceof ProtocolError ? err : new ProtocolError('bad call frame', err);
+      // Detach first: the stream ends (with INTERNAL) without reporting itself "lost", and the
+      // handlers learn the real reason exactly once.
       const handlers = this.handlers;
+      this.handlers = undefined;
       this.abort(error);
       handlers?.onProtocolError(error);
+      this.onOwnerProtocolError?.(error);
       return;
     }
     if (!deliver) return;

@@ -1,5 +1,7 @@
+import { X509Certificate, createPrivateKey, type KeyObject } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import * as YAML from 'yaml';
+import { identityOfCertificate } from './identity';
 
 /**
  * Helpers for the binaries' option handling (flags > environment > YAML config file > defaults).
@@ -29,9 +31,9 @@ export function loadYamlConfig(file: string, knownKeys: readonly string[]): Reco
   try {
     doc = YAML.parse(text);
   } catch (err) {
-    const e = err as { message: string; linePos?: { line: number; col: number }[] };
-    const where = e.linePos?.[0] ? ` at line ${e.linePos[0].line}, column ${e.linePos[0].col}` : '';
-    throw new ConfigError('config', `${file} is not valid YAML${where}: ${e.message.split('\n')[0]}`);
+    // The yaml package's first message line already says "at line N, column M:".
+    const first = (err as Error).message.split('\n')[0]!.replace(/:\s*$/, '');
+    throw new ConfigError('config', `${file} is not valid YAML: ${first}`);
   }
   if (doc === null || doc === undefined) return {};
   if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError('config', `${file} must hold a mapping of option names to values`);
@@ -95,6 +97,28 @@ export function requireReadableFile(field: string, value: unknown): string {
     throw new ConfigError(field, `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
   }
   return file;
+}
+
+/**
+ * Checks a certificate/key pair before anything listens: the certificate parses, carries a Burrow
+ * identity of `role`, and the key is its private key. Problems name `certField` or `keyField`.
+ */
+export function requireCertificatePair(certField: string, certFile: string, keyField: string, keyFile: string, role: 'agent' | 'broker' | 'service'): void {
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(readFileSync(certFile));
+  } catch (err) {
+    throw new ConfigError(certField, `${certFile} is not a PEM certificate (${(err as Error).message})`);
+  }
+  const id = identityOfCertificate(cert.raw);
+  if (!id || id.role !== role) throw new ConfigError(certField, `${certFile} is not a ${role} certificate (expected URI SAN spiffe://<trust-domain>/${role === 'broker' ? 'broker' : `${role}/<name>`})`);
+  let key: KeyObject;
+  try {
+    key = createPrivateKey(readFileSync(keyFile));
+  } catch (err) {
+    throw new ConfigError(keyField, `${keyFile} is not a PEM private key (${(err as Error).message})`);
+  }
+  if (!cert.checkPrivateKey(key)) throw new ConfigError(keyField, `${keyFile} is not the private key of ${certFile}`);
 }
 
 /** Normalises a flag that may be given once or many times (or as a YAML list) to a string array. */

@@ -44,7 +44,9 @@ export type SessionFrame =
   | { kind: 'hello'; hello: HelloFrame }
   | { kind: 'welcome'; welcome: WelcomeFrame }
   | { kind: 'demand'; offers: number }
-  | { kind: 'drain'; reason: string };
+  | { kind: 'drain'; reason: string }
+  | { kind: 'credentials'; certificateChainPem: string }
+  | { kind: 'trustBundle'; pem: string; version: number };
 
 /** Directory holding the `.proto` files; resolved relative to this package's build output. */
 export const PROTO_DIR = path.resolve(__dirname, '..', '..', '..', 'proto');
@@ -128,6 +130,8 @@ export function encodeSessionFrame(frame: SessionFrame): Buffer {
     case 'welcome': body = { welcome: frame.welcome }; break;
     case 'demand': body = { demand: { offers: frame.offers } }; break;
     case 'drain': body = { drain: { reason: frame.reason } }; break;
+    case 'credentials': body = { credentials: { certificateChainPem: frame.certificateChainPem } }; break;
+    case 'trustBundle': body = { trustBundle: { pem: frame.pem, version: frame.version } }; break;
   }
   return toBuffer(sessionType().encode(body).finish());
 }
@@ -151,6 +155,11 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
     }
     case 'demand': return { kind: 'demand', offers: Number((m.demand as { offers?: number }).offers ?? 0) };
     case 'drain': return { kind: 'drain', reason: String((m.drain as { reason?: string }).reason ?? '') };
+    case 'credentials': return { kind: 'credentials', certificateChainPem: String((m.credentials as { certificateChainPem?: string }).certificateChainPem ?? '') };
+    case 'trustBundle': {
+      const t = m.trustBundle as { pem?: string; version?: unknown };
+      return { kind: 'trustBundle', pem: String(t.pem ?? ''), version: toNumber(t.version) };
+    }
     default: throw new ProtocolError('session frame with no kind');
   }
 }

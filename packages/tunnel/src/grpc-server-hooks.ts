@@ -44,7 +44,7 @@ interface Http2ServerList {
  * client certificate, wrong protocol). grpc-js keeps its HTTP/2 servers private and drops these
  * errors silently; operators need them counted (`rejected_handshakes_total`). Call after bindAsync.
  */
-export function observeTlsClientErrors(server: Server, onError: (err: Error & { code?: string }) => void): void {
+export function observeTlsClientErrors(server: Server, onError: (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket) => void): void {
   const servers = (server as unknown as Http2ServerList).http2Servers;
   if (!servers) return;
   for (const s of servers.keys()) {

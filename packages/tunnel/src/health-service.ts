@@ -5,6 +5,8 @@ import { PROTO_DIR } from './frames';
 
 export type ServingStatus = 'SERVING' | 'NOT_SERVING';
 
+interface HealthRequest { service: string }
+
 const STATUS_NUMBER: Record<ServingStatus | 'SERVICE_UNKNOWN', number> = { SERVING: 1, NOT_SERVING: 2, SERVICE_UNKNOWN: 3 };
 
 let types: { req: protobuf.Type; res: protobuf.Type } | undefined;
@@ -23,7 +25,7 @@ function healthTypes(): { req: protobuf.Type; res: protobuf.Type } {
  */
 export class HealthService {
   private status: ServingStatus = 'SERVING';
-  private readonly watchers = new Set<{ service: string; call: ServerWritableStream<string, number> }>();
+  private readonly watchers = new Set<{ service: string; call: ServerWritableStream<HealthRequest, number> }>();
 
   constructor(private readonly services: readonly string[] = []) {}
 
@@ -44,21 +46,23 @@ export class HealthService {
 
   addTo(server: Server): void {
     const { req, res } = healthTypes();
-    const deserialize = (b: Buffer): string => String((req.decode(b) as unknown as { service?: string }).service ?? '');
+    // An object, not a bare string: grpc-js treats an empty-string request as "no request received",
+    // and the standard probe sends an empty request (service "").
+    const deserialize = (b: Buffer): HealthRequest => ({ service: String((req.decode(b) as unknown as { service?: string }).service ?? '') });
     const serialize = (s: number): Buffer => Buffer.from(res.encode({ status: s }).finish());
     server.addService({
-      check: { path: '/grpc.health.v1.Health/Check', requestStream: false, responseStream: false, requestSerialize: (s: string) => Buffer.from(req.encode({ service: s }).finish()), requestDeserialize: deserialize, responseSerialize: serialize, responseDeserialize: (b: Buffer) => Number((res.decode(b) as unknown as { status: number }).status) },
-      watch: { path: '/grpc.health.v1.Health/Watch', requestStream: false, responseStream: true, requestSerialize: (s: string) => Buffer.from(req.encode({ service: s }).finish()), requestDeserialize: deserialize, responseSerialize: serialize, responseDeserialize: (b: Buffer) => Number((res.decode(b) as unknown as { status: number }).status) },
+      check: { path: '/grpc.health.v1.Health/Check', requestStream: false, responseStream: false, requestSerialize: (r: HealthRequest) => Buffer.from(req.encode({ service: r.service }).finish()), requestDeserialize: deserialize, responseSerialize: serialize, responseDeserialize: (b: Buffer) => Number((res.decode(b) as unknown as { status: number }).status) },
+      watch: { path: '/grpc.health.v1.Health/Watch', requestStream: false, responseStream: true, requestSerialize: (r: HealthRequest) => Buffer.from(req.encode({ service: r.service }).finish()), requestDeserialize: deserialize, responseSerialize: serialize, responseDeserialize: (b: Buffer) => Number((res.decode(b) as unknown as { status: number }).status) },
     }, {
-      check: (call: ServerUnaryCall<string, number>, cb: sendUnaryData<number>) => {
-        const s = this.statusOf(call.request);
-        if (s === STATUS_NUMBER.SERVICE_UNKNOWN) cb({ code: Status.NOT_FOUND, details: `unknown service "${call.request}"` });
+      check: (call: ServerUnaryCall<HealthRequest, number>, cb: sendUnaryData<number>) => {
+        const s = this.statusOf(call.request.service);
+        if (s === STATUS_NUMBER.SERVICE_UNKNOWN) cb({ code: Status.NOT_FOUND, details: `unknown service "${call.request.service}"` });
         else cb(null, s);
       },
-      watch: (call: ServerWritableStream<string, number>) => {
-        const w = { service: call.request, call };
+      watch: (call: ServerWritableStream<HealthRequest, number>) => {
+        const w = { service: call.request.service, call };
         this.watchers.add(w);
-        call.write(this.statusOf(call.request));
+        call.write(this.statusOf(call.request.service));
         call.on('cancelled', () => this.watchers.delete(w));
       },
     });

@@ -12,13 +12,15 @@ export interface PeerIdentity {
   spiffeId: string;
   /** Certificate expiry, ms since the epoch; the broker closes tunnels whose peer cert expired. */
   notAfterMs: number;
+  /** Start of validity, ms since the epoch (revocation by agent id compares it). */
+  notBeforeMs: number;
   serialHex: string;
 }
 
 const SPIFFE = /^spiffe:\/\/([a-z0-9.-]+)\/(agent|service)\/([A-Za-z0-9._-]+)$|^spiffe:\/\/([a-z0-9.-]+)\/broker$/;
 
 /** Parses one SPIFFE id of a Burrow role; undefined when it is not one. */
-export function parseSpiffeId(uri: string): Omit<PeerIdentity, 'notAfterMs' | 'serialHex'> | undefined {
+export function parseSpiffeId(uri: string): Omit<PeerIdentity, 'notAfterMs' | 'notBeforeMs' | 'serialHex'> | undefined {
   const m = SPIFFE.exec(uri);
   if (!m) return undefined;
   if (m[4] !== undefined) return { trustDomain: m[4], role: 'broker', name: 'broker', spiffeId: uri };
@@ -44,7 +46,7 @@ export function identityOfCertificate(der: Buffer): PeerIdentity | undefined {
   if (uris.length !== 1) return undefined;
   const id = parseSpiffeId(uris[0]!);
   if (!id) return undefined;
-  return { ...id, notAfterMs: Date.parse(cert.validTo), serialHex: cert.serialNumber.toLowerCase() };
+  return { ...id, notAfterMs: Date.parse(cert.validTo), notBeforeMs: Date.parse(cert.validFrom), serialHex: cert.serialNumber.toLowerCase() };
 }
 
 // Parsing a certificate costs ~0.2 ms and happens on every call and tunnel stream; the result is
@@ -67,4 +69,35 @@ export function identityOfPeerCertificate(cert: PeerCertificateLike | undefined)
     cache.set(key, id);
   }
   return id ?? undefined;
+}
+
+/** Splits a PEM bundle into its certificates. */
+export function splitPemCertificates(pem: string): X509Certificate[] {
+  return (pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? []).map((p) => new X509Certificate(p));
+}
+
+/**
+ * Checks a certificate chain (leaf first, then intermediates) presented outside a TLS handshake
+ * (the session's Credentials frame): every link signed by the next, every certificate within its
+ * validity at `nowMs`, the last one signed by a CA of `trustBundlePem`. Returns the leaf's
+ * identity, or throws an Error saying what failed. TLS handshakes never use this: OpenSSL
+ * validates those.
+ */
+export function verifyCertificateChain(chainPem: string, trustBundlePem: string, nowMs = Date.now()): PeerIdentity {
+  const chain = splitPemCertificates(chainPem);
+  const anchors = splitPemCertificates(trustBundlePem);
+  if (chain.length === 0) throw new Error('no certificate in the chain');
+  for (const c of chain) {
+    if (Date.parse(c.validFrom) > nowMs || Date.parse(c.validTo) <= nowMs) throw new Error(`certificate ${c.subject.replace(/\n/g, ', ')} is not valid now`);
+  }
+  for (let i = 0; i + 1 < chain.length; i++) {
+    if (!chain[i]!.checkIssued(chain[i + 1]!) || !chain[i]!.verify(chain[i + 1]!.publicKey)) throw new Error(`certificate ${i} is not signed by certificate ${i + 1}`);
+    if (!chain[i + 1]!.ca) throw new Error(`certificate ${i + 1} is not a CA`);
+  }
+  const last = chain[chain.length - 1]!;
+  const anchored = anchors.some((a) => a.ca && (a.fingerprint256 === last.fingerprint256 || (last.checkIssued(a) && last.verify(a.publicKey))));
+  if (!anchored) throw new Error('chain does not lead to a trusted CA');
+  const id = identityOfCertificate(chain[0]!.raw);
+  if (!id) throw new Error('certificate has no Burrow identity');
+  return id;
 }

@@ -18,3 +18,5 @@ export * from './upstream-table';
 export * from './health-service';
 export * from './cli-options';
 export * from './admin-server';
+export * from './credential-store';
+export * from './enrollment-service';

@@ -1,0 +1,88 @@
+import { X509Certificate } from 'node:crypto';
+import { mkdirSync } from 'node:fs';
+import * as path from 'node:path';
+import * as tls from 'node:tls';
+import { Client, Metadata, credentials, status as Status, type ServiceError } from '@grpc/grpc-js';
+import { caPinOf, createCsr, parseJoinToken, writeIssued } from '@burrow/pki';
+import { BurrowError, ENROLLMENT_SERVICE, type EnrollRequest, type IssuedAgentCertificate } from '@burrow/tunnel';
+import { writeState } from './state-dir';
+
+export interface EnrollOptions {
+  /** The broker's agent listener, HOST:PORT. */
+  broker: string;
+  token: string;
+  stateDir: string;
+  /** TLS name to expect in the broker certificate (default: the host of `broker`). */
+  serverName?: string;
+  timeoutMs?: number;
+}
+
+function splitHostPort(address: string): { host: string; port: number } {
+  const i = address.lastIndexOf(':');
+  return { host: address.slice(0, i).replace(/^\[|\]$/g, ''), port: Number(address.slice(i + 1)) };
+}
+
+/**
+ * Connects without trusting anything yet, reads the broker's certificate chain and returns the
+ * CA certificate whose SHA-256 pin the join token carries. The enrollment call then runs over a
+ * normal TLS connection that trusts only that CA, so OpenSSL does the real chain and hostname
+ * checks; this first look only picks the anchor.
+ */
+export function fetchPinnedCa(broker: string, pins: readonly string[], serverName: string | undefined, timeoutMs: number): Promise<string> {
+  const { host, port } = splitHostPort(broker);
+  return new Promise((resolve, reject) => {
+    const socket = tls.connect({ host, port, servername: serverName ?? (/^[\d.:]+$/.test(host) ? undefined : host), rejectUnauthorized: false, ALPNProtocols: ['h2'] });
+    const timer = setTimeout(() => { socket.destroy(); reject(new BurrowError(Status.UNAVAILABLE, `no TLS answer from ${broker} within ${timeoutMs} ms`)); }, timeoutMs);
+    socket.once('error', (err) => { clearTimeout(timer); reject(new BurrowError(Status.UNAVAILABLE, `cannot reach broker ${broker}: ${err.message}`)); });
+    socket.once('secureConnect', () => {
+      clearTimeout(timer);
+      const seen = new Set<string>();
+      let cert: tls.DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
+      let found: string | undefined;
+      while (cert?.raw && !seen.has(cert.fingerprint256)) {
+        seen.add(cert.fingerprint256);
+        const pem = new X509Certificate(cert.raw).toString();
+        if (pins.includes(caPinOf(pem))) { found = pem; break; }
+        cert = cert.issuerCertificate;
+      }
+      socket.end(); // a polite close: the broker would log a destroyed socket as a refused handshake
+      if (found) resolve(found);
+      else reject(new BurrowError(Status.PERMISSION_DENIED, `broker ${broker} does not present the CA pinned in the join token; is this the right broker?`));
+    });
+  });
+}
+
+/**
+ * `burrow-agent enroll`: makes a key (it never leaves this machine), sends a CSR with the join
+ * token to the broker, and writes the certificate, key and trust bundle to the state directory
+ * (each file atomically). Resolves with the issued identity.
+ */
+export async function enroll(opts: EnrollOptions): Promise<IssuedAgentCertificate> {
+  const timeoutMs = opts.timeoutMs ?? 15_000;
+  const token = parseJoinToken(opts.token);
+  const anchorPem = await fetchPinnedCa(opts.broker, [token.caPinSha256], opts.serverName, timeoutMs);
+  const { csrPem, keyPem } = await createCsr();
+  const channelOptions: Record<string, string> = {};
+  if (opts.serverName) channelOptions['grpc.ssl_target_name_override'] = opts.serverName;
+  const client = new Client(opts.broker, credentials.createSsl(Buffer.from(anchorPem)), channelOptions);
+  try {
+    const issued = await new Promise<IssuedAgentCertificate>((resolve, reject) => {
+      client.makeUnaryRequest(
+        ENROLLMENT_SERVICE.enroll.path, ENROLLMENT_SERVICE.enroll.requestSerialize, ENROLLMENT_SERVICE.enroll.responseDeserialize,
+        { token: opts.token, csrPem } satisfies EnrollRequest, new Metadata(), { deadline: Date.now() + timeoutMs },
+        (err: ServiceError | null, res?: IssuedAgentCertificate) => (err ? reject(new BurrowError(err.code, err.details, err)) : resolve(res!)),
+      );
+    });
+    mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
+    await writeIssued(opts.stateDir, { certPem: issued.certificateChainPem, keyPem, caPem: issued.trustBundlePem } as Parameters<typeof writeIssued>[1]);
+    await writeState(opts.stateDir, { agentId: issued.agentId, spiffeId: issued.spiffeId, bundleVersion: issued.bundleVersion, enrolledAt: new Date().toISOString(), broker: opts.broker });
+    return issued;
+  } finally {
+    client.close();
+  }
+}
+
+/** Paths of the files in an agent state directory. */
+export function stateFiles(stateDir: string): { cert: string; key: string; ca: string; state: string } {
+  return { cert: path.join(stateDir, 'tls.crt'), key: path.join(stateDir, 'tls.key'), ca: path.join(stateDir, 'ca.crt'), state: path.join(stateDir, 'state.json') };
+}

@@ -1,0 +1,220 @@
+import { expect } from 'chai';
+import { writeFileSync } from 'node:fs';
+import * as path from 'node:path';
+import { accepts, freePorts, portsThatAccepted } from './helpers/free-port';
+import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
+import { AGENT_CLI, BROKER_CLI, BurrowProcess, httpGet, killAll, runCli, startBroker } from './helpers/processes';
+
+/**
+ * The two binaries as an operator meets them: help, version, configuration from flags, environment
+ * and a YAML file, and the promise that a bad value is one line on stderr naming the field, exit
+ * code 2, before anything listens.
+ */
+describe('cli', function () {
+  this.timeout(20_000);
+  let pki: PkiFixture;
+  let brokerCert: CertFiles;
+  let agentCert: CertFiles;
+  const version = (require('../../packages/broker/package.json') as { version: string }).version;
+  const agentVersion = (require('../../packages/agent/package.json') as { version: string }).version;
+
+  before(async () => {
+    pki = await PkiFixture.create();
+    [brokerCert, agentCert] = await Promise.all([pki.issue('broker', 'b'), pki.issue('agent', 'site-a')]);
+  });
+  afterEach(async () => { await killAll(); });
+  after(() => pki?.cleanup());
+
+  /** Flag list from a map; `undefined` leaves a flag out (flags given twice become lists in yargs). */
+  const argv = (flags: Record<string, string | undefined>): string[] =>
+    Object.entries(flags).flatMap(([k, v]) => (v === undefined ? [] : [`--${k}`, v]));
+
+  const brokerFlags = (ports: number[], overrides: Record<string, string | undefined> = {}): string[] => argv({
+    'agent-listen': `127.0.0.1:${ports[0]}`, 'api-listen': `127.0.0.1:${ports[1]}`, 'admin-listen': `127.0.0.1:${ports[2]}`,
+    'tls-cert': brokerCert.cert, 'tls-key': brokerCert.key, ca: brokerCert.ca, ...overrides,
+  });
+
+  const agentFlags = (ports: number[], overrides: Record<string, string | undefined> = {}): string[] => argv({
+    broker: `127.0.0.1:${ports[0]}`, 'local-listen': `127.0.0.1:${ports[1]}`, 'admin-listen': `127.0.0.1:${ports[2]}`,
+    'tls-cert': agentCert.cert, 'tls-key': agentCert.key, ca: agentCert.ca, ...overrides,
+  });
+
+  /**
+   * Runs the CLI, probing `ports` the whole time it lives: it must exit 2 with exactly one stderr
+   * line `<prog>: <field>: ...`, and no port may ever have accepted a connection.
+   */
+  async function expectConfigError(cli: string, flags: string[], field: string, ports: number[], env: Record<string, string> = {}): Promise<string> {
+    const prog = cli === BROKER_CLI ? 'burrow-broker' : 'burrow-agent';
+    const args = [cli === BROKER_CLI ? 'serve' : 'run', ...flags];
+    // Precondition: the ports are free, so a hit below can only be this process.
+    for (const p of ports) expect(await accepts(p), `port ${p} free before the run`).to.equal(false);
+    const proc = new BurrowProcess(prog, cli, args, env);
+    // A binary that accepted the bad value runs on; stop it at once so the test fails fast.
+    void proc.waitForLog(cli === BROKER_CLI ? 'broker started' : 'agent started').then(() => proc.signal('SIGKILL'), () => {});
+    const hits = await portsThatAccepted(ports, proc.exited);
+    const exit = await proc.waitExit();
+    const lines = proc.stderrLines.filter((l) => l !== '');
+    expect(exit, `stderr:\n${lines.join('\n')}`).to.deep.equal({ code: 2, signal: null });
+    expect(lines, 'exactly one stderr line').to.have.length(1);
+    expect(lines[0]).to.match(new RegExp(`^${prog}: ${field.replace(/[-]/g, '\\-')}: \\S`));
+    expect(proc.stdout).to.equal('');
+    expect(hits, 'ports that accepted a connection').to.deep.equal([]);
+    return lines[0]!;
+  }
+
+  describe('help and version', () => {
+    it('broker `serve --help` exits 0 and lists every flag', async () => {
+      const r = await runCli(BROKER_CLI, ['serve', '--help']);
+      expect(r.exit.code).to.equal(0);
+      for (const flag of ['--agent-listen', '--api-listen', '--admin-listen', '--tls-cert', '--tls-key', '--ca', '--upstream', '--config',
+        '--drain-timeout', '--agent-wait', '--keepalive-time', '--keepalive-timeout', '--log-format', '--log-level', '--max-message-bytes']) {
+        expect(r.stdout, flag).to.include(flag);
+      }
+    });
+
+    it('broker `--help` exits 0 and names the serve command', async () => {
+      const r = await runCli(BROKER_CLI, ['--help']);
+      expect(r.exit.code).to.equal(0);
+      expect(r.stdout).to.match(/burrow-broker serve/);
+    });
+
+    it('agent `run --help` exits 0 and lists every flag', async () => {
+      const r = await runCli(AGENT_CLI, ['run', '--help']);
+      expect(r.exit.code).to.equal(0);
+      for (const flag of ['--broker', '--tls-cert', '--tls-key', '--ca', '--upstream', '--local-listen', '--admin-listen',
+        '--reconnect-base', '--reconnect-max', '--keepalive-time', '--keepalive-timeout', '--config']) {
+        expect(r.stdout, flag).to.include(flag);
+      }
+    });
+
+    it('`--version` prints the package version and "protocol 1" (broker and agent)', async () => {
+      const [b, a] = await Promise.all([runCli(BROKER_CLI, ['--version']), runCli(AGENT_CLI, ['--version'])]);
+      expect(b.exit.code).to.equal(0);
+      expect(a.exit.code).to.equal(0);
+      expect(b.stdout.trim()).to.equal(`${version} (protocol 1)`);
+      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 1)`);
+    });
+  });
+
+  describe('bad values: one line naming the field, exit 2, nothing listens', () => {
+    it('--agent-listen nope', async () => {
+      const ports = await freePorts(3);
+      const line = await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'agent-listen': 'nope' }), 'agent-listen', ports.slice(1));
+      expect(line).to.include('"nope"');
+    });
+
+    it('--max-message-bytes 5x', async () => {
+      const ports = await freePorts(3);
+      await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'max-message-bytes': '5x' }), 'max-message-bytes', ports);
+    });
+
+    it('--agent-wait forever', async () => {
+      const ports = await freePorts(3);
+      await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'agent-wait': 'forever' }), 'agent-wait', ports);
+    });
+
+    it('--upstream foo (no =)', async () => {
+      const ports = await freePorts(3);
+      await expectConfigError(BROKER_CLI, brokerFlags(ports, { upstream: 'foo' }), 'upstream', ports);
+    });
+
+    it('missing --tls-cert', async () => {
+      const ports = await freePorts(3);
+      const line = await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'tls-cert': undefined }), 'tls-cert', ports);
+      expect(line).to.include('required');
+    });
+
+    it('unreadable --ca /nonexistent', async () => {
+      const ports = await freePorts(3);
+      const line = await expectConfigError(BROKER_CLI, brokerFlags(ports, { ca: '/nonexistent' }), 'ca', ports);
+      expect(line).to.include('/nonexistent');
+    });
+
+    it('agent without --broker', async () => {
+      const ports = await freePorts(3);
+      await expectConfigError(AGENT_CLI, agentFlags(ports, { broker: undefined }), 'broker', ports.slice(1));
+    });
+
+    it('agent --local-listen 0.0.0.0:0 without local TLS', async () => {
+      const ports = await freePorts(3);
+      const line = await expectConfigError(AGENT_CLI, agentFlags(ports, { 'local-listen': '0.0.0.0:0' }), 'local-listen', ports.slice(2));
+      expect(line).to.match(/loopback/);
+    });
+
+    it('a YAML config file with an unknown key names the key', async () => {
+      const ports = await freePorts(3);
+      const file = path.join(pki.root, 'unknown-key.yaml');
+      writeFileSync(file, `admin-listen: 127.0.0.1:${ports[2]}\nagent-wiat: 5s\n`);
+      const line = await expectConfigError(BROKER_CLI, [...brokerFlags(ports, { 'admin-listen': undefined }), '--config', file], 'agent-wiat', ports);
+      expect(line).to.include('unknown key');
+    });
+
+    it('a YAML config file with a syntax error names the line', async () => {
+      const ports = await freePorts(3);
+      const file = path.join(pki.root, 'syntax.yaml');
+      writeFileSync(file, 'log-level: info\nlog-format: json\nbroker-id: a: b\nagent-wait: 5s\n');
+      const line = await expectConfigError(BROKER_CLI, [...brokerFlags(ports), '--config', file], 'config', ports);
+      expect(line).to.match(/line 3\b/);
+    });
+  });
+
+  describe('certificate files are checked before anything listens', () => {
+    it('broker --tls-cert holding an AGENT certificate', async () => {
+      const ports = await freePorts(3);
+      await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'tls-cert': agentCert.cert, 'tls-key': agentCert.key }), 'tls-cert', ports);
+    });
+
+    it('broker --tls-key that does not match --tls-cert', async () => {
+      const ports = await freePorts(3);
+      await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'tls-key': agentCert.key }), 'tls-key', ports);
+    });
+
+    it('agent --tls-cert holding a BROKER certificate', async () => {
+      const ports = await freePorts(3);
+      await expectConfigError(AGENT_CLI, agentFlags(ports, { 'tls-cert': brokerCert.cert, 'tls-key': brokerCert.key }), 'tls-cert', ports.slice(1));
+    });
+  });
+
+  describe('configuration sources', () => {
+    /** Asserts the broker answers /healthz on `port` and nothing answers on `notPorts`, then stops it with SIGTERM. */
+    async function expectAdminOn(proc: BurrowProcess, adminPort: number | undefined, port: number, notPorts: number[]): Promise<void> {
+      expect(adminPort).to.equal(port);
+      const res = await httpGet(`http://127.0.0.1:${port}/healthz`);
+      expect(res.status).to.equal(200);
+      for (const p of notPorts) expect(await accepts(p), `port ${p}`).to.equal(false);
+      proc.signal('SIGTERM');
+      expect(await proc.waitExit()).to.deep.equal({ code: 0, signal: null });
+    }
+
+    it('a config file with valid keys applies (admin-listen only in the file -> /healthz answers)', async () => {
+      const ports = await freePorts(3);
+      const file = path.join(pki.root, 'valid.yaml');
+      writeFileSync(file, `admin-listen: 127.0.0.1:${ports[2]}\nbroker-id: from-file\nagent-wait: 2s\n`);
+      const { proc, ports: got, started } = await startBroker([...brokerFlags(ports, { 'admin-listen': undefined }), '--config', file]);
+      expect(started.brokerId).to.equal('from-file');
+      await expectAdminOn(proc, got.adminPort, ports[2]!, []);
+    });
+
+    it('BURROW_BROKER_ADMIN_LISTEN applies', async () => {
+      const ports = await freePorts(3);
+      const { proc, ports: got } = await startBroker(brokerFlags(ports, { 'admin-listen': undefined }), { BURROW_BROKER_ADMIN_LISTEN: `127.0.0.1:${ports[2]}` });
+      await expectAdminOn(proc, got.adminPort, ports[2]!, []);
+    });
+
+    it('a flag beats the environment, which beats the config file', async () => {
+      const [a, b, fromFile, fromEnv, fromFlag] = await freePorts(5);
+      const file = path.join(pki.root, 'precedence.yaml');
+      writeFileSync(file, `admin-listen: 127.0.0.1:${fromFile}\nbroker-id: from-file\n`);
+      const base = [...brokerFlags([a!, b!, 0], { 'admin-listen': undefined }), '--config', file];
+      const env = { BURROW_BROKER_ADMIN_LISTEN: `127.0.0.1:${fromEnv}`, BURROW_BROKER_BROKER_ID: 'from-env' };
+
+      const flagWins = await startBroker([...base, '--admin-listen', `127.0.0.1:${fromFlag}`, '--broker-id', 'from-flag'], env);
+      expect(flagWins.started.brokerId).to.equal('from-flag');
+      await expectAdminOn(flagWins.proc, flagWins.ports.adminPort, fromFlag!, [fromEnv!, fromFile!]);
+
+      const envWins = await startBroker(base, env);
+      expect(envWins.started.brokerId).to.equal('from-env');
+      await expectAdminOn(envWins.proc, envWins.ports.adminPort, fromEnv!, [fromFlag!, fromFile!]);
+    });
+  });
+});
