@@ -182,7 +182,7 @@ export async function initPki(opts: InitOptions): Promise<void> {
   try {
     const cas: CaRecord[] = [];
     for (const ca of [root, issuing]) {
-      const record = recordFor(ca);
+      const record = recordForCa(ca);
       await writeFileAtomic(path.join(absDir, record.keyFile), ca.keyPem, { mode: 0o600 });
       await writeFileAtomic(path.join(absDir, record.certFile), ca.certPem, { mode: 0o644 });
       cas.push(record);
@@ -232,7 +232,8 @@ async function prepareEmptyDir(absDir: string, shownAs: string): Promise<void> {
   await fs.chmod(absDir, 0o700);
 }
 
-function recordFor(ca: CaMaterial): CaRecord {
+/** The manifest record of a CA written under `ca/` with its versioned names. */
+export function recordForCa(ca: CaMaterial): CaRecord {
   return {
     id: ca.id,
     kind: ca.kind,

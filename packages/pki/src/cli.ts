@@ -6,13 +6,19 @@
  *                    [--root-ttl 3650d] [--issuing-ttl 365d]
  *   burrow-pki issue --dir D --role broker|agent|service --name N [--dns H]... [--ip A]...
  *                    [--ttl 24h] [--key-algorithm A] --out O
+ *   burrow-pki token create --dir D --agent-id ID [--ttl 1h]      prints only the token
+ *   burrow-pki rotate --dir D init|update-clients|update-servers|finish|rollback|status [--force] [--json]
+ *   burrow-pki revoke --dir D (--agent-id ID | --serial HEX) [--ban]
+ *   burrow-pki crl    --dir D [--out F]                            PEM to F, or to stdout
+ *   burrow-pki check  --dir D [--warn-days 60]
  *
  * Every flag can also come from the environment as BURROW_PKI_<FLAG_IN_UPPER_SNAKE_CASE>
  * (BURROW_PKI_DIR, BURROW_PKI_TRUST_DOMAIN, ...); the command line wins. List flags (--dns,
  * --ip) take comma-separated values in the environment, and on the command line too.
  *
  * Exit codes: 0 success (one summary line on stdout); 2 bad input or refused operation
- * (one line `burrow-pki: <message naming the field>` on stderr); 1 unexpected failure.
+ * (one line `burrow-pki: <message naming the field>` on stderr); 1 unexpected failure, and
+ * for `check`, problems found (one line each on stdout).
  *
  * This is the only module of the package that reads process.argv or process.env.
  */
@@ -26,6 +32,11 @@ import { DEFAULT_KEY_ALGORITHM, KEY_ALGORITHMS, type KeyAlgorithm } from './key-
 import { loadPki } from './pki-dir';
 import { PkiError } from './pki-error';
 import { ROLES, type Role } from './validation';
+import { checkPki, DEFAULT_WARN_DAYS } from './check';
+import { validLeavesOf } from './issued-log';
+import { createJoinToken } from './join-token';
+import { revokeDetailed, writeCrl } from './revocation';
+import { agentStates, humanDuration, rotate, rotationState, ROTATE_ACTIONS, type RotateAction, type RotationState } from './rotation';
 
 const PROGRAM = 'burrow-pki';
 const ENV_PREFIX = 'BURROW_PKI_';
@@ -128,6 +139,130 @@ async function runIssue(argv: Record<string, unknown>): Promise<void> {
   );
 }
 
+/** Boolean flag (--force, --ban, --json); its environment variable counts when it is 1/true/yes. */
+function boolFlag(flagName: string, describe: string): Options {
+  const raw = process.env[envName(flagName)];
+  const fromEnv = raw !== undefined && /^(1|true|yes)$/i.test(raw.trim());
+  return { type: 'boolean', describe: `${describe} [env ${envName(flagName)}]`, default: fromEnv };
+}
+
+/** Set by `check` when it found problems: exit 1 without an error line. */
+let exitCodeOverride: number | undefined;
+
+async function runTokenCreate(argv: Record<string, unknown>): Promise<void> {
+  const info = await createJoinToken({ dir: single(argv, 'dir')!, agentId: single(argv, 'agent-id')!, ttlMs: durationFlag(argv, 'ttl') });
+  // Only the token on stdout, so `TOKEN=$(burrow-pki token create ...)` works.
+  process.stdout.write(`${info.token}\n`);
+}
+
+async function runRotate(argv: Record<string, unknown>): Promise<void> {
+  const dir = single(argv, 'dir')!;
+  const action = single(argv, 'action')!;
+  if (action === 'status') {
+    const state = await rotationState(dir);
+    const agents = await agentStates(dir);
+    if (argv.json) {
+      process.stdout.write(`${JSON.stringify({ ...state, agents }, null, 2)}\n`);
+    } else {
+      process.stdout.write(await statusText(dir, state, agents));
+    }
+    return;
+  }
+  if (argv.force && action !== 'finish') throw new PkiError('force: only applies to finish');
+  const state = await rotate({ dir, action: action as RotateAction, force: Boolean(argv.force) });
+  for (const warning of state.warnings ?? []) process.stderr.write(`${PROGRAM}: warning: ${warning}\n`);
+  if (argv.json) {
+    process.stdout.write(`${JSON.stringify(state, null, 2)}\n`);
+    return;
+  }
+  const signer = (pick: (c: RotationState['cas'][number]) => boolean): string => state.cas.find(pick)?.id ?? '?';
+  process.stdout.write(
+    `rotate ${action}: phase ${state.phase}, bundle version ${state.bundleVersion}, trusted roots ${state.cas.filter((c) => c.kind === 'root').map((c) => c.id).join(' + ')}, agents/services signed by ${signer((c) => c.signsClients)}, brokers by ${signer((c) => c.signsServers)}\n`,
+  );
+}
+
+async function statusText(dir: string, state: RotationState, agents: Awaited<ReturnType<typeof agentStates>>): Promise<string> {
+  const nowMs = Date.now();
+  const lines: string[] = [`phase: ${state.phase}`, `bundle version: ${state.bundleVersion}`, '', 'CAs (all in the trust bundle):'];
+  lines.push(...table(
+    ['ID', 'KIND', 'NOT AFTER', 'SIGNS'],
+    state.cas.map((c) => [
+      c.id,
+      c.kind,
+      `${c.notAfter.toISOString()} (${humanDuration(c.notAfter.getTime() - nowMs)} left)`,
+      c.kind === 'root' ? '-' : [c.signsClients ? 'agents, services' : '', c.signsServers ? 'brokers' : ''].filter((x) => x !== '').join(', ') || 'nothing',
+    ]),
+  ));
+  const pki = await loadPki(dir);
+  const rotation = pki.manifest.rotation;
+  if (rotation !== undefined) {
+    const old = await validLeavesOf(pki.dir, rotation.oldIssuingCaId, nowMs);
+    lines.push('', old.count === 0
+      ? `old CA ${rotation.oldIssuingCaId}: no valid certificates left; 'finish' can remove it`
+      : `old CA ${rotation.oldIssuingCaId}: ${old.count} certificate(s) still valid, the last until ${old.lastNotAfter!.toISOString()}`);
+  }
+  lines.push('', `agents (as recorded by brokers; converged = bundle version ${state.bundleVersion} and certificate from ${pki.signingCa.record.id}):`);
+  if (agents.length === 0) {
+    lines.push('  (none recorded)');
+  } else {
+    lines.push(...table(
+      ['AGENT', 'BUNDLE', 'ISSUER', 'CERT NOT AFTER', 'UPDATED', 'CONVERGED'],
+      agents.map((a) => [
+        a.agentId,
+        String(a.bundleVersion),
+        a.issuerCaId,
+        a.notAfter.toISOString() + (a.notAfter.getTime() <= nowMs ? ' (expired)' : ''),
+        a.updatedAt.toISOString(),
+        a.bundleVersion === state.bundleVersion && a.issuerCaId === pki.signingCa.record.id ? 'yes' : 'no',
+      ]),
+    ));
+    const converged = agents.filter((a) => a.bundleVersion === state.bundleVersion && a.issuerCaId === pki.signingCa.record.id).length;
+    lines.push(`  ${converged}/${agents.length} converged`);
+  }
+  return `${lines.join('\n')}\n`;
+}
+
+function table(header: string[], rows: string[][]): string[] {
+  const widths = header.map((h, i) => Math.max(h.length, ...rows.map((r) => (r[i] ?? '').length)));
+  const fmt = (cells: string[]): string => `  ${cells.map((c, i) => c.padEnd(widths[i]!)).join('  ')}`.trimEnd();
+  return [fmt(header), ...rows.map(fmt)];
+}
+
+async function runRevoke(argv: Record<string, unknown>): Promise<void> {
+  const agentId = single(argv, 'agent-id');
+  const serialHex = single(argv, 'serial');
+  const result = await revokeDetailed({ dir: single(argv, 'dir')!, agentId, serialHex, ban: Boolean(argv.ban) });
+  const what = agentId !== undefined
+    ? `agent ${agentId}: every certificate issued up to now${argv.ban ? ', and enrollment (banned)' : ''}`
+    : `serial ${serialHex!.replace(/:/g, '').toUpperCase()}${result.serialKnown === false ? ' (not in the issued-certificate log; listed in every CRL)' : ''}`;
+  process.stdout.write(`revoked ${what}; ${result.serials.length} serial(s) added; revocation list version ${result.version}\n`);
+}
+
+async function runCrl(argv: Record<string, unknown>): Promise<void> {
+  const out = single(argv, 'out');
+  const pem = await writeCrl({ dir: single(argv, 'dir')!, outFile: out });
+  if (out === undefined) process.stdout.write(pem);
+  else process.stdout.write(`wrote ${(pem.match(/BEGIN X509 CRL/g) ?? []).length} CRL(s) to ${out}\n`);
+}
+
+async function runCheck(argv: Record<string, unknown>): Promise<void> {
+  const warnText = single(argv, 'warn-days');
+  const warnDays = warnText === undefined ? DEFAULT_WARN_DAYS : Number(warnText);
+  if (warnText !== undefined && (!/^\d+$/.test(warnText) || !Number.isSafeInteger(warnDays))) {
+    throw new PkiError(`warn-days: must be a whole number of days (got '${warnText}')`);
+  }
+  const result = await checkPki({ dir: single(argv, 'dir')!, warnDays });
+  if (!result.ok) {
+    for (const problem of result.problems) process.stdout.write(`${problem}\n`);
+    exitCodeOverride = 1;
+    return;
+  }
+  const soonest = [...result.cas].sort((a, b) => a.daysLeft - b.daysLeft)[0];
+  process.stdout.write(
+    `ok: ${result.cas.length} CAs, none expires within ${warnDays} days; soonest ${soonest?.id ?? '-'} on ${soonest?.notAfter.toISOString() ?? '-'} (${Math.round(soonest?.daysLeft ?? 0)} days left)\n`,
+  );
+}
+
 function parser(args: readonly string[]): Argv {
   const dirFlag = flag('dir', { describe: 'PKI directory', demandOption: true });
   const keyAlgorithmFlag = (describe: string): Options => flag('key-algorithm', { describe: `${describe}: ${KEY_ALGORITHMS.join(', ')}` });
@@ -161,7 +296,55 @@ function parser(args: readonly string[]): Argv {
           .option('out', flag('out', { describe: 'output directory, created 0700', demandOption: true })),
       runIssue,
     )
-    .demandCommand(1, 'a command is required: init or issue')
+    .command('token', 'manage join tokens', (y) =>
+      y
+        .command(
+          'create',
+          'create a single-use join token bound to an agent id; prints only the token',
+          (yy) =>
+            yy
+              .option('dir', dirFlag)
+              .option('agent-id', flag('agent-id', { describe: 'agent id the token enrolls', demandOption: true }))
+              .option('ttl', flag('ttl', { describe: 'token lifetime, e.g. 10m, 1h (default 1h)' })),
+          runTokenCreate,
+        )
+        .demandCommand(1, 'a token command is required: create'),
+    )
+    .command(
+      'rotate <action>',
+      'CA rotation: init, update-clients, update-servers, finish, rollback, or status',
+      (y) =>
+        y
+          .positional('action', { type: 'string', choices: [...ROTATE_ACTIONS, 'status'], describe: 'phase change, or status' })
+          .option('dir', dirFlag)
+          .option('force', boolFlag('force', 'finish: drop the old CA although certificates it signed are still valid'))
+          .option('json', boolFlag('json', 'print the state as JSON')),
+      runRotate,
+    )
+    .command(
+      'revoke',
+      'revoke a certificate by serial, or every certificate of an agent id so far',
+      (y) =>
+        y
+          .option('dir', dirFlag)
+          .option('agent-id', flag('agent-id', { describe: 'revoke every certificate issued to this agent id up to now' }))
+          .option('serial', flag('serial', { describe: 'revoke the certificate with this serial (hex)' }))
+          .option('ban', boolFlag('ban', 'with --agent-id: also refuse enrollment of this id')),
+      runRevoke,
+    )
+    .command(
+      'crl',
+      'write CRLs (PEM, one per issuing CA) of the revoked certificates',
+      (y) => y.option('dir', dirFlag).option('out', flag('out', { describe: 'output file (default: stdout)' })),
+      runCrl,
+    )
+    .command(
+      'check',
+      'check CA expiry: exit 1 with one line per CA expiring within --warn-days',
+      (y) => y.option('dir', dirFlag).option('warn-days', flag('warn-days', { describe: `warn when fewer days are left (default ${DEFAULT_WARN_DAYS})` })),
+      runCheck,
+    )
+    .demandCommand(1, 'a command is required: init, issue, token, rotate, revoke, crl or check')
     .strict()
     .version(packageVersion())
     .help()
@@ -178,8 +361,9 @@ function parser(args: readonly string[]): Argv {
  */
 export async function main(args: readonly string[]): Promise<number> {
   try {
+    exitCodeOverride = undefined;
     await parser(args).parseAsync();
-    return 0;
+    return exitCodeOverride ?? 0;
   } catch (err) {
     const usage = err instanceof PkiError || err instanceof UsageError;
     const message = (err instanceof Error ? err.message : String(err)).replace(/\s*\n\s*/g, ' ').trim();

@@ -1,6 +1,7 @@
 /**
- * Public API of @burrow/pki: create a Burrow PKI directory and issue SPIFFE X509-SVID style
- * certificates from it. See pki-dir.ts for the on-disk layout.
+ * Public API of @burrow/pki: create a Burrow PKI directory, issue SPIFFE X509-SVID style
+ * certificates from it (directly or from CSRs), enroll agents with join tokens, rotate CAs,
+ * revoke certificates and check expiry. See pki-dir.ts for the on-disk layout.
  */
 export { PkiError } from './pki-error';
 export { parseDuration } from './duration';
@@ -35,4 +36,44 @@ export {
   type PkiManifest,
   type CaRecord,
   type CaKind,
+  type RotationRecord,
+  type RetiredCaRecord,
 } from './pki-dir';
+export {
+  createJoinToken,
+  parseJoinToken,
+  consumeJoinToken,
+  caPinOf,
+  trustBundlePins,
+  EnrollmentError,
+  TOKEN_PREFIX,
+  DEFAULT_JOIN_TOKEN_TTL_MS,
+  type JoinTokenInfo,
+  type ParsedJoinToken,
+  type EnrollmentFailureReason,
+} from './join-token';
+export { createCsr, signCsr, type SignCsrOptions } from './csr';
+export {
+  rotate,
+  rotationState,
+  trustBundle,
+  recordAgentState,
+  agentStates,
+  ROTATE_ACTIONS,
+  type RotationPhase,
+  type RotateAction,
+  type RotationState,
+  type RotationCaState,
+  type RotateOptions,
+  type AgentState,
+} from './rotation';
+export {
+  revoke,
+  loadRevocations,
+  writeCrl,
+  REVOCATIONS_FILE,
+  type RevocationList,
+  type RevokeOptions,
+  type WriteCrlOptions,
+} from './revocation';
+export { checkPki, DEFAULT_WARN_DAYS, type PkiCheckResult } from './check';

@@ -1,9 +1,11 @@
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { writeFileAtomic } from './atomic-write';
-import { pemWithNewline, validity } from './certificate-authority';
+import { NOT_BEFORE_BACKDATE_MS, pemWithNewline, validity } from './certificate-authority';
+import { appendIssuedLeaf } from './issued-log';
 import { assertKeyAlgorithm, generateKey, signingAlgorithm, type KeyAlgorithm } from './key-algorithm';
-import { loadPki, signingMaterialOf } from './pki-dir';
+import { loadPki, signerFor, signingMaterialOf, type LoadedPki } from './pki-dir';
+import { loadRevocations } from './revocation';
 import { PkiError } from './pki-error';
 import { randomSerialHex } from './serial-number';
 import { spiffeIdFor } from './spiffe-id';
@@ -47,6 +49,10 @@ export interface IssuedCertificate {
   serialHex: string;
   /** Expiry, as written into the certificate (whole seconds). */
   notAfter: Date;
+  /** Id of the issuing CA that signed it (`issuing-<ski16>`, as in pki.json and `rotate status`). */
+  issuerCaId: string;
+  /** Version of the trust bundle in `caPem`. */
+  bundleVersion: number;
 }
 
 /** Extended key usages per role: agents only dial out; brokers and services both accept and make TLS connections. */
@@ -65,12 +71,38 @@ const MAX_COMMON_NAME_LENGTH = 64;
  * SANs; CA=false; keyUsage digitalSignature (plus keyEncipherment for RSA); EKU by role;
  * 128-bit random serial; notBefore one minute in the past.
  *
+ * The issuing CA is the one that currently signs the role (see the rotation phases: agents and
+ * services are "clients", brokers "servers"). Every issued leaf is recorded in the issued-leaf
+ * log (serial, role, name, issuing CA, validity) before it is returned.
+ *
  * The loaded CA is cached per directory, so repeated calls cost about one key generation
  * and one signature.
  *
- * @throws PkiError on bad options, an uninitialised directory or an expired issuing CA.
+ * @throws PkiError on bad options, an uninitialised directory, an expired issuing CA or a banned agent.
  */
 export async function issueCertificate(opts: IssueOptions): Promise<IssuedCertificate> {
+  const request = validateLeafRequest(opts);
+  const pki = await loadPki(opts.dir);
+  const keyAlgorithm = opts.keyAlgorithm ?? pki.keyAlgorithm;
+  assertKeyAlgorithm(keyAlgorithm);
+  await assertNotBanned(pki.dir, request);
+  const key = await generateKey(keyAlgorithm);
+  const issued = await signLeaf(pki, request, { spkiDer: key.spkiDer, skiHex: key.skiHex, keyAlgorithm });
+  return { ...issued, keyPem: key.pkcs8Pem };
+}
+
+/** A validated leaf request. */
+export interface LeafRequest {
+  readonly role: Role;
+  /** As given ('' allowed for brokers). */
+  readonly name: string;
+  readonly dns: readonly string[];
+  readonly ip: readonly string[];
+  readonly ttlMs: number;
+}
+
+/** Checks and normalises the identity part of a leaf request (shared by issueCertificate and signCsr). */
+export function validateLeafRequest(opts: { dir: string; role: Role; name: string; dns?: string[]; ip?: string[]; ttlMs?: number }): LeafRequest {
   if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
   const { role } = opts;
   assertRole(role);
@@ -93,38 +125,55 @@ export async function issueCertificate(opts: IssueOptions): Promise<IssuedCertif
   }
   const ttlMs = opts.ttlMs ?? DEFAULT_LEAF_TTL_MS;
   assertPositiveMs(ttlMs, 'ttlMs');
+  return { role, name: opts.name ?? '', dns, ip, ttlMs };
+}
 
-  const pki = await loadPki(opts.dir);
-  const keyAlgorithm = opts.keyAlgorithm ?? pki.keyAlgorithm;
-  assertKeyAlgorithm(keyAlgorithm);
-  const spiffeId = spiffeIdFor(pki.trustDomain, role, opts.name);
-  const ca = pki.signingCa;
+async function assertNotBanned(absDir: string, request: LeafRequest): Promise<void> {
+  if (request.role !== 'agent') return;
+  const revocations = await loadRevocations(absDir);
+  if (revocations.isAgentBanned(request.name)) {
+    throw new PkiError(`name: agent "${request.name}" is banned (burrow-pki revoke --ban); no certificate is issued to it`);
+  }
+}
+
+/**
+ * Signs a leaf for `request` with the given public key, using the CA that currently signs the
+ * role, records it in the issued-leaf log and returns it (without a private key).
+ */
+export async function signLeaf(
+  pki: LoadedPki,
+  request: LeafRequest,
+  publicKey: { spkiDer: Uint8Array; skiHex: string; keyAlgorithm: KeyAlgorithm },
+): Promise<Omit<IssuedCertificate, 'keyPem'>> {
+  const { role } = request;
+  const spiffeId = spiffeIdFor(pki.trustDomain, role, request.name);
+  const ca = signerFor(pki, role);
   const nowMs = Date.now();
   if (ca.notAfter.getTime() <= nowMs) {
     throw new PkiError(`dir: issuing CA ${ca.record.id} expired at ${ca.notAfter.toISOString()}; rotate the CA`);
   }
-  const { privateKey: caKey, subjectName: caSubject } = signingMaterialOf(pki);
-  const { notBefore, notAfter } = validity(nowMs, ttlMs, ca.notAfter);
-  const key = await generateKey(keyAlgorithm);
+  const { privateKey: caKey, subjectName: caSubject } = signingMaterialOf(pki, ca);
+  let { notBefore, notAfter } = validity(nowMs, request.ttlMs, ca.notAfter);
+  if (role === 'agent') notBefore = await afterAgentRevocation(pki.dir, request.name, notBefore, nowMs);
   const serialHex = randomSerialHex();
 
   const keyUsage =
-    keyAlgorithm === 'rsa-2048'
+    publicKey.keyAlgorithm === 'rsa-2048'
       ? // TLS 1.2 RSA key exchange encrypts to the certificate key, which needs keyEncipherment.
         x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment
       : x509.KeyUsageFlags.digitalSignature;
   const sans: x509.JsonGeneralName[] = [
     { type: 'url', value: spiffeId },
-    ...dns.map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
-    ...ip.map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
+    ...request.dns.map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
+    ...request.ip.map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
   ];
   const cert = await x509.X509CertificateGenerator.create({
     serialNumber: serialHex,
-    subject: [{ CN: [commonName(role, opts.name, dns, ip)] }],
+    subject: [{ CN: [commonName(role, request.name, request.dns, request.ip)] }],
     issuer: caSubject,
     notBefore,
     notAfter,
-    publicKey: key.spkiDer,
+    publicKey: publicKey.spkiDer,
     signingKey: caKey,
     signingAlgorithm: signingAlgorithm(ca.record.keyAlgorithm),
     extensions: [
@@ -133,19 +182,46 @@ export async function issueCertificate(opts: IssueOptions): Promise<IssuedCertif
       new x509.ExtendedKeyUsageExtension([...EXTENDED_KEY_USAGES[role]], false),
       // Not critical: the subject DN is non-empty (RFC 5280 §4.2.1.6).
       new x509.SubjectAlternativeNameExtension(sans, false),
-      new x509.SubjectKeyIdentifierExtension(key.skiHex),
+      new x509.SubjectKeyIdentifierExtension(publicKey.skiHex),
       new x509.AuthorityKeyIdentifierExtension(ca.record.skiHex),
     ],
   });
 
+  // Recorded before the certificate leaves this function: rotation (finish) and revocation
+  // rely on the log knowing every leaf a CA signed.
+  await appendIssuedLeaf(pki.dir, {
+    serialHex,
+    role,
+    name: role === 'broker' ? 'broker' : request.name,
+    issuerCaId: ca.record.id,
+    issuedAt: new Date(nowMs).toISOString(),
+    notBefore: notBefore.toISOString(),
+    notAfter: notAfter.toISOString(),
+  });
   return {
     certPem: pemWithNewline(cert.toString('pem')) + pemWithNewline(ca.certPem),
-    keyPem: key.pkcs8Pem,
     caPem: pki.trustBundlePem,
     spiffeId,
     serialHex,
     notAfter,
+    issuerCaId: ca.record.id,
+    bundleVersion: pki.bundleVersion,
   };
+}
+
+/**
+ * A certificate counts as revoked by an agent-id revocation at T when notBefore + 60 s <= T.
+ * notBefore has whole-second precision, so a certificate issued in the same second as (but
+ * after) the revocation could look revoked; move its notBefore just past T - 60 s instead
+ * (still at least 59 s in the past). A revocation dated in the future is left alone: it does
+ * cover this certificate.
+ */
+async function afterAgentRevocation(absDir: string, agentId: string, notBefore: Date, nowMs: number): Promise<Date> {
+  const revocation = (await loadRevocations(absDir)).agentRevocation(agentId);
+  if (revocation === undefined) return notBefore;
+  const revokedAtMs = revocation.revokedAt.getTime();
+  if (revokedAtMs > nowMs || notBefore.getTime() + NOT_BEFORE_BACKDATE_MS > revokedAtMs) return notBefore;
+  return new Date(Math.floor(revokedAtMs / 1000) * 1000 + 1000 - NOT_BEFORE_BACKDATE_MS);
 }
 
 /**
@@ -175,7 +251,7 @@ export const ISSUED_FILES = { cert: 'tls.crt', key: 'tls.key', ca: 'ca.crt' } as
  * new CA before anything presents a certificate from it), then the key, then the certificate
  * last, because watchers usually key on tls.crt.
  */
-export async function writeIssued(outDir: string, issued: IssuedCertificate): Promise<void> {
+export async function writeIssued(outDir: string, issued: Pick<IssuedCertificate, 'certPem' | 'keyPem' | 'caPem'>): Promise<void> {
   if (typeof outDir !== 'string' || outDir === '') throw new PkiError('out: is required');
   const absDir = path.resolve(outDir);
   try {

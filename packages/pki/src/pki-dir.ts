@@ -2,25 +2,38 @@
  * On-disk layout of a Burrow PKI directory (`burrow-pki --dir D`), and loading it.
  *
  * ```text
- * D/                      mode 0700; holds CA private keys
- *   pki.json              manifest (below); written last by init, so its presence means "initialised"
- *   ca-bundle.crt         trust bundle: every trusted root CA certificate, PEM, concatenated
- *   ca/                   mode 0700; CA material under versioned names, one pair per CA
- *     root-<ski16>.crt    root CA certificate (self-signed)
- *     root-<ski16>.key    its PKCS#8 private key, mode 0600
- *     issuing-<ski16>.crt issuing CA certificate, signed by a root
- *     issuing-<ski16>.key its PKCS#8 private key, mode 0600
- *   tokens/, crl/         reserved for enrollment tokens and revocation lists (not created yet)
+ * D/                        mode 0700; holds CA private keys
+ *   pki.json                manifest (below); written last by init, so its presence means "initialised"
+ *   ca-bundle.crt           trust bundle: every trusted root CA certificate, PEM, concatenated
+ *                           (a copy for outside tools; the manifest is authoritative, see trustBundle())
+ *   ca/                     mode 0700; CA material under versioned names, one pair per CA
+ *     root-<ski16>.crt      root CA certificate (self-signed)
+ *     root-<ski16>.key      its PKCS#8 private key, mode 0600
+ *     issuing-<ski16>.crt   issuing CA certificate, signed by a root
+ *     issuing-<ski16>.key   its PKCS#8 private key, mode 0600
+ *   .lock                   held (O_EXCL create) while `rotate` or `revoke` rewrites shared state
+ *   tokens/                 mode 0700; created by the first `token create`
+ *     <tokenId>.json        an unused join token: agent id, SHA-256 of the secret, expiry (never the secret)
+ *     used/<tokenId>.json   written with link(2) (fails if it exists) when a token is consumed: single use
+ *   issued/<caId>/<day>.jsonl  every leaf an issuing CA signed, one JSON line each (serial, role, name,
+ *                           issuedAt, notBefore, notAfter), appended with O_APPEND; <day> is the UTC
+ *                           issue date; files whose leaves have all expired are pruned by rotate/revoke
+ *   agents/<agentId>.json   last state a broker recorded for an agent (recordAgentState)
+ *   revocations.json        revoked serials and agent ids (with time and ban flag), versioned
  * ```
  * `<ski16>` is the first 16 hex digits of the CA's subject key identifier, so each new key
  * gets new file names and CA rotation only adds files and rewrites the manifest and bundle;
- * nothing that a running process may be reading is ever overwritten in place.
+ * nothing that a running process may be reading is ever overwritten in place. Only init
+ * creates `ca/`, `ca-bundle.crt` and `pki.json`; every other entry is created on first use.
  *
- * `pki.json` (see {@link PkiManifest}) lists every CA (`cas`) with its files, parent and
- * validity, names the issuing CA that signs new leaves (`signingCaId`) and the bundle file.
- * Readers ignore fields they do not know, so later features (rotation state per CA, token
- * and CRL bookkeeping) can add fields without a format change; an incompatible change bumps
- * `formatVersion`, and older code then refuses the directory instead of misreading it.
+ * `pki.json` (see {@link PkiManifest}) lists every trusted CA (`cas`) with its files, parent and
+ * validity, names the issuing CA that signs agent and service leaves (`signingCaId`) and the one
+ * that signs broker leaves (`serverSigningCaId`, default the same), the trust bundle version
+ * and, during a CA rotation, its phase. Every root in `cas` is in the trust bundle; CAs removed
+ * by `rotate finish` or `rotate rollback` move to `retiredCas`. Readers ignore fields they do
+ * not know, and fields added after format 1 are optional with defaults, so a manifest written
+ * by init before rotation existed reads as phase standby, bundle version 1. An incompatible
+ * change bumps `formatVersion`, and older code then refuses the directory instead of misreading it.
  *
  * Every file is written atomically (temporary file in the same directory, fsync, rename).
  */
@@ -73,10 +86,40 @@ export interface PkiManifest {
   /** ISO 8601. */
   readonly createdAt: string;
   readonly cas: readonly CaRecord[];
-  /** Id of the issuing CA in `cas` that signs new leaf certificates. */
+  /** Id of the issuing CA in `cas` that signs new agent and service ("client") leaves. */
   readonly signingCaId: string;
+  /** Id of the issuing CA in `cas` that signs broker ("server") leaves. Default: `signingCaId`. */
+  readonly serverSigningCaId?: string;
   /** Trust bundle file (every trusted root), relative to the PKI directory. */
   readonly trustBundleFile: string;
+  /** Trust bundle version: 1 after init, +1 on every rotation phase change. Default 1. */
+  readonly bundleVersion?: number;
+  /** Present while a CA rotation is in progress. */
+  readonly rotation?: RotationRecord;
+  /** CAs that left the trust bundle (rotation finished or rolled back), for history and logs. */
+  readonly retiredCas?: readonly RetiredCaRecord[];
+}
+
+/** A rotation in progress, as recorded in the manifest. */
+export interface RotationRecord {
+  readonly phase: 'init' | 'update-clients' | 'update-servers';
+  /** The issuing and root CA being replaced. */
+  readonly oldIssuingCaId: string;
+  readonly oldRootCaId: string;
+  /** The issuing and root CA created by `rotate init`. */
+  readonly newIssuingCaId: string;
+  readonly newRootCaId: string;
+  /** ISO 8601. */
+  readonly startedAt: string;
+  /** ISO 8601, time of the last phase change. */
+  readonly phaseChangedAt: string;
+}
+
+/** A CA that is no longer trusted. */
+export interface RetiredCaRecord extends CaRecord {
+  /** ISO 8601. */
+  readonly retiredAt: string;
+  readonly retiredBy: 'finish' | 'rollback';
 }
 
 /** A CA certificate loaded from disk (public parts only). */
@@ -101,8 +144,14 @@ export interface LoadedPki {
   readonly keyAlgorithm: KeyAlgorithm;
   /** The trust bundle (root CA certificates, PEM) that peers should trust. */
   readonly trustBundlePem: string;
-  /** The issuing CA that signs new leaves. */
+  /** Version of the trust bundle (manifest `bundleVersion`, default 1). */
+  readonly bundleVersion: number;
+  /** The roots in the trust bundle, in manifest order. */
+  readonly trustedRoots: readonly LoadedCa[];
+  /** The issuing CA that signs new agent and service leaves. */
   readonly signingCa: LoadedCa;
+  /** The issuing CA that signs new broker leaves (the same object as signingCa outside a rotation). */
+  readonly serverSigningCa: LoadedCa;
 }
 
 /** What issuance needs beyond {@link LoadedPki}; kept off the public object. */
@@ -112,13 +161,28 @@ export interface SigningMaterial {
   readonly subjectName: x509.Name;
 }
 
-const signingMaterials = new WeakMap<LoadedPki, SigningMaterial>();
+const signingMaterials = new WeakMap<LoadedCa, SigningMaterial>();
 
-/** Returns the private signing material for a PKI loaded by {@link loadPki}. Internal. */
-export function signingMaterialOf(pki: LoadedPki): SigningMaterial {
-  const material = signingMaterials.get(pki);
-  if (material === undefined) throw new PkiError('dir: PKI object was not produced by loadPki');
+/** Returns the private signing material of a signing CA of a PKI loaded by {@link loadPki}. Internal. */
+export function signingMaterialOf(pki: LoadedPki, ca: LoadedCa = pki.signingCa): SigningMaterial {
+  const material = signingMaterials.get(ca);
+  if (material === undefined) throw new PkiError('dir: CA object was not produced by loadPki');
   return material;
+}
+
+/** Which issuing CA signs leaves of `role` right now: brokers are servers, agents and services clients. */
+export function signerFor(pki: LoadedPki, role: 'broker' | 'agent' | 'service'): LoadedCa {
+  return role === 'broker' ? pki.serverSigningCa : pki.signingCa;
+}
+
+/** Manifest fields with their defaults applied. */
+export function serverSigningCaIdOf(manifest: PkiManifest): string {
+  return manifest.serverSigningCaId ?? manifest.signingCaId;
+}
+
+/** Manifest bundle version, default 1. */
+export function bundleVersionOf(manifest: PkiManifest): number {
+  return manifest.bundleVersion ?? 1;
 }
 
 interface CacheEntry {
@@ -169,19 +233,17 @@ export async function loadPki(dir: string): Promise<LoadedPki> {
 async function reload(absDir: string): Promise<LoadedPki> {
   const manifestPath = path.join(absDir, MANIFEST_FILE);
   const manifest = await readManifest(absDir);
-  const signing = manifest.cas.find((ca) => ca.id === manifest.signingCaId);
-  if (signing === undefined || signing.kind !== 'issuing') {
-    throw new PkiError(`${MANIFEST_FILE}: signingCaId '${manifest.signingCaId}' is not an issuing CA in cas`);
-  }
+  const signerIds = [...new Set([manifest.signingCaId, serverSigningCaIdOf(manifest)])];
+  const signers = signerIds.map((id) => manifest.cas.find((ca) => ca.id === id)!);
   const files = [
     manifestPath,
-    resolveInside(absDir, signing.certFile, 'certFile'),
-    resolveInside(absDir, signing.keyFile, 'keyFile'),
-    resolveInside(absDir, manifest.trustBundleFile, 'trustBundleFile'),
+    ...signers.flatMap((ca) => [resolveInside(absDir, ca.certFile, 'certFile'), resolveInside(absDir, ca.keyFile, 'keyFile')]),
   ];
   // Stamp before reading: if a file changes while we read, the next call sees a new stamp and reloads.
+  // CA files are never rewritten (new keys get new names), and every change of the set of CAs
+  // or of their roles rewrites the manifest, so these files are all the stamp needs.
   const stamp = await stampOf(files);
-  const pki = loadFiles(absDir, manifest, signing, files);
+  const pki = loadFiles(absDir, manifest, signers);
   cache.set(absDir, { files, stamp, pki });
   pki.catch(() => {
     if (cache.get(absDir)?.pki === pki) cache.delete(absDir);
@@ -189,44 +251,58 @@ async function reload(absDir: string): Promise<LoadedPki> {
   return pki;
 }
 
-async function loadFiles(absDir: string, manifest: PkiManifest, signing: CaRecord, files: readonly string[]): Promise<LoadedPki> {
-  const [, certPath, keyPath, bundlePath] = files as [string, string, string, string];
-  const [certPem, keyPem, trustBundlePem] = await Promise.all([
-    readText(certPath, signing.certFile),
-    readText(keyPath, signing.keyFile),
-    readText(bundlePath, manifest.trustBundleFile),
-  ]);
+/** Reads and parses one CA certificate (public part). */
+export async function loadCaCertificate(absDir: string, record: CaRecord): Promise<LoadedCa> {
+  const certPem = await readText(resolveInside(absDir, record.certFile, 'certFile'), record.certFile);
   let certificate: X509Certificate;
-  let parsed: x509.X509Certificate;
   try {
     certificate = new X509Certificate(certPem);
-    parsed = new x509.X509Certificate(certPem);
   } catch (err) {
-    throw new PkiError(`${signing.certFile}: not a readable certificate (${(err as Error).message})`, { cause: err });
+    throw new PkiError(`${record.certFile}: not a readable certificate (${(err as Error).message})`, { cause: err });
   }
-  if (!certificate.ca) throw new PkiError(`${signing.certFile}: is not a CA certificate`);
-  const { privateKey, spkiDer } = await importSigningKey(keyPem, signing.keyAlgorithm, signing.keyFile);
+  if (!certificate.ca) throw new PkiError(`${record.certFile}: is not a CA certificate`);
+  return { record, certPem, certificate, notBefore: new Date(certificate.validFrom), notAfter: new Date(certificate.validTo) };
+}
+
+/** Loads a CA's private key for signing (certificates or CRLs), checking it matches the certificate. */
+export async function loadCaSigningMaterial(absDir: string, ca: LoadedCa): Promise<SigningMaterial> {
+  const { record } = ca;
+  const keyPem = await readText(resolveInside(absDir, record.keyFile, 'keyFile'), record.keyFile);
+  const { privateKey, spkiDer } = await importSigningKey(keyPem, record.keyAlgorithm, record.keyFile);
   // A key that does not match the certificate would produce leaves nobody can verify; catch it here once.
-  const certSpki = certificate.publicKey.export({ type: 'spki', format: 'der' });
+  const certSpki = ca.certificate.publicKey.export({ type: 'spki', format: 'der' });
   if (!certSpki.equals(spkiDer)) {
-    throw new PkiError(`${signing.keyFile}: private key does not match ${signing.certFile}`);
+    throw new PkiError(`${record.keyFile}: private key does not match ${record.certFile}`);
   }
-  const pki: LoadedPki = {
+  let parsed: x509.X509Certificate;
+  try {
+    parsed = new x509.X509Certificate(ca.certPem);
+  } catch (err) {
+    throw new PkiError(`${record.certFile}: not a readable certificate (${(err as Error).message})`, { cause: err });
+  }
+  return { privateKey, subjectName: parsed.subjectName };
+}
+
+async function loadFiles(absDir: string, manifest: PkiManifest, signers: readonly CaRecord[]): Promise<LoadedPki> {
+  const roots = manifest.cas.filter((ca) => ca.kind === 'root');
+  const [loadedSigners, loadedRoots] = await Promise.all([
+    Promise.all(signers.map((record) => loadCaCertificate(absDir, record))),
+    Promise.all(roots.map((record) => loadCaCertificate(absDir, record))),
+  ]);
+  const materials = await Promise.all(loadedSigners.map((ca) => loadCaSigningMaterial(absDir, ca)));
+  loadedSigners.forEach((ca, i) => signingMaterials.set(ca, materials[i]!));
+  const byId = (id: string): LoadedCa => loadedSigners.find((ca) => ca.record.id === id)!;
+  return {
     dir: absDir,
     manifest,
     trustDomain: manifest.trustDomain,
     keyAlgorithm: manifest.keyAlgorithm,
-    trustBundlePem,
-    signingCa: {
-      record: signing,
-      certPem,
-      certificate,
-      notBefore: new Date(certificate.validFrom),
-      notAfter: new Date(certificate.validTo),
-    },
+    trustBundlePem: loadedRoots.map((root) => (root.certPem.endsWith('\n') ? root.certPem : `${root.certPem}\n`)).join(''),
+    bundleVersion: bundleVersionOf(manifest),
+    trustedRoots: loadedRoots,
+    signingCa: byId(manifest.signingCaId),
+    serverSigningCa: byId(serverSigningCaIdOf(manifest)),
   };
-  signingMaterials.set(pki, { privateKey, subjectName: parsed.subjectName });
-  return pki;
 }
 
 /** Reports whether `dir` holds an initialised PKI (its manifest exists). */
@@ -286,11 +362,29 @@ function validateManifest(raw: unknown): PkiManifest {
     if (c.kind !== 'root' && c.kind !== 'issuing') bad(`cas entry ${JSON.stringify(c.id)} has kind ${JSON.stringify(c.kind)}`);
     assertKeyAlgorithm(c.keyAlgorithm, `${MANIFEST_FILE}: cas entry ${String(c.id)} keyAlgorithm`);
   }
+  const cas = m.cas as CaRecord[];
+  const isIssuing = (id: unknown): boolean => cas.some((ca) => ca.id === id && ca.kind === 'issuing');
+  if (!isIssuing(m.signingCaId)) bad(`signingCaId '${String(m.signingCaId)}' is not an issuing CA in cas`);
+  if (m.serverSigningCaId !== undefined && !isIssuing(m.serverSigningCaId)) {
+    bad(`serverSigningCaId '${String(m.serverSigningCaId)}' is not an issuing CA in cas`);
+  }
+  if (!cas.some((ca) => ca.kind === 'root')) bad('cas has no root CA');
+  if (m.bundleVersion !== undefined && (!Number.isSafeInteger(m.bundleVersion) || (m.bundleVersion as number) < 1)) {
+    bad(`bundleVersion must be a positive integer (got ${JSON.stringify(m.bundleVersion)})`);
+  }
+  if (m.rotation !== undefined) {
+    const r = (typeof m.rotation === 'object' && m.rotation !== null ? m.rotation : {}) as Record<string, unknown>;
+    if (!['init', 'update-clients', 'update-servers'].includes(r.phase as string)) bad(`rotation.phase ${JSON.stringify(r.phase)} is not a rotation phase`);
+    for (const key of ['oldIssuingCaId', 'oldRootCaId', 'newIssuingCaId', 'newRootCaId', 'startedAt', 'phaseChangedAt'] as const) {
+      if (typeof r[key] !== 'string') bad(`rotation lacks ${key}`);
+    }
+  }
+  if (m.retiredCas !== undefined && !Array.isArray(m.retiredCas)) bad('retiredCas must be an array');
   return raw as PkiManifest;
 }
 
 /** Resolves a manifest-relative path, refusing anything that would leave the PKI directory. */
-function resolveInside(absDir: string, relative: string, field: string): string {
+export function resolveInside(absDir: string, relative: string, field: string): string {
   if (path.isAbsolute(relative) || relative.split(/[\\/]/).includes('..')) {
     throw new PkiError(`${MANIFEST_FILE}: ${field} '${relative}' must be a path inside the PKI directory`);
   }

@@ -6,7 +6,7 @@
  * and callers can show them to an operator without rewording.
  */
 export class PkiError extends Error {
-  override readonly name = 'PkiError';
+  override readonly name: string = 'PkiError';
 
   constructor(message: string, options?: ErrorOptions) {
     super(message, options);

@@ -1,0 +1,257 @@
+/**
+ * Join tokens: one-time secrets an operator hands to a new agent (`burrow-pki token create`).
+ *
+ * Format (one line, URL-safe):
+ *
+ *   burrow-join-v1.<tokenId>.<secret>.<pin>[~<pin>...]
+ *
+ * - tokenId: 16 lower-case hex digits (64 random bits); names the token in logs and on disk.
+ * - secret: 43 base64url characters (256 random bits). Stored only as its SHA-256.
+ * - pin: SHA-256 (lower-case hex) of the DER SubjectPublicKeyInfo of a root CA in the trust bundle
+ *   (kubeadm's discovery-token-ca-cert-hash): the agent trusts a broker whose chain contains it,
+ *   with nothing else installed. The first pin is the root of the CA that signs broker
+ *   certificates when the token is made; during a CA rotation the other trusted root follows, so
+ *   a token made before `update-servers` still finds its CA after it.
+ *
+ * On disk: `D/tokens/<tokenId>.json` ({@link StoredJoinToken}). Consuming writes
+ * `D/tokens/used/<tokenId>.json` with link(2), which fails if that file exists: of any number of
+ * concurrent consumers, in one process or many sharing the directory, exactly one succeeds.
+ * Then the unused file is removed.
+ */
+import { createHash, randomBytes, timingSafeEqual, X509Certificate } from 'node:crypto';
+import { promises as fs } from 'node:fs';
+import * as path from 'node:path';
+import { writeFileAtomic } from './atomic-write';
+import { loadPki, serverSigningCaIdOf, type LoadedPki } from './pki-dir';
+import { PkiError } from './pki-error';
+import { loadRevocations } from './revocation';
+import { assertName, assertPositiveMs } from './validation';
+
+export const TOKEN_PREFIX = 'burrow-join-v1';
+export const TOKENS_SUBDIR = 'tokens';
+/** Join token lifetime when none is given: 1 hour. */
+export const DEFAULT_JOIN_TOKEN_TTL_MS = 3_600_000;
+/** Used-token records are kept this long after the token's expiry, so reuse reads 'used', then deleted. */
+const USED_RETENTION_MS = 7 * 86_400_000;
+
+const TOKEN_PATTERN = /^burrow-join-v1\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\.([0-9a-f]{64}(?:~[0-9a-f]{64})*)$/;
+
+/** Why an enrollment token was refused. */
+export type EnrollmentFailureReason = 'malformed' | 'unknown' | 'expired' | 'used' | 'banned';
+
+/** A join token was refused. `reason` tells which way; the message never contains the secret. */
+export class EnrollmentError extends PkiError {
+  override readonly name: string = 'EnrollmentError';
+
+  constructor(readonly reason: EnrollmentFailureReason, message: string, options?: ErrorOptions) {
+    super(message, options);
+  }
+}
+
+/** A join token as created. */
+export interface JoinTokenInfo {
+  /** The one-line token to hand to the agent. */
+  token: string;
+  tokenId: string;
+  agentId: string;
+  expiresAt: Date;
+}
+
+/** The parts of a join token. */
+export interface ParsedJoinToken {
+  tokenId: string;
+  secret: string;
+  /** Pin (SHA-256 of the DER SubjectPublicKeyInfo, lower-case hex) of the root CA to trust first. */
+  caPinSha256: string;
+  /** Every pin in the token, `caPinSha256` first (more than one only during a CA rotation). */
+  caPinsSha256: string[];
+}
+
+/** Contents of `D/tokens/<tokenId>.json`. */
+export interface StoredJoinToken {
+  readonly tokenId: string;
+  readonly agentId: string;
+  /** SHA-256 of the secret, lower-case hex. */
+  readonly secretSha256: string;
+  readonly createdAt: string;
+  readonly expiresAt: string;
+  /** In used/ only. */
+  readonly consumedAt?: string;
+}
+
+/** SHA-256 pin (lower-case hex) of a CA certificate: the hash of its DER SubjectPublicKeyInfo. Uses the first certificate in `certPem`. */
+export function caPinOf(certPem: string): string {
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(certPem);
+  } catch (err) {
+    throw new PkiError(`cert: not a readable certificate (${(err as Error).message})`, { cause: err });
+  }
+  return createHash('sha256').update(cert.publicKey.export({ type: 'spki', format: 'der' })).digest('hex');
+}
+
+/** Pins of every root CA in the current trust bundle (an agent accepts a broker chaining to any). */
+export async function trustBundlePins(dir: string): Promise<string[]> {
+  const pki = await loadPki(dir);
+  return pki.trustedRoots.map((root) => caPinOf(root.certPem));
+}
+
+/** Pins for a new token: the root above the CA that signs brokers first, then the other trusted roots. */
+function tokenPins(pki: LoadedPki): string[] {
+  const serverRootId = pki.manifest.cas.find((ca) => ca.id === serverSigningCaIdOf(pki.manifest))?.parentId;
+  const roots = [...pki.trustedRoots].sort((a, b) => Number(b.record.id === serverRootId) - Number(a.record.id === serverRootId));
+  return roots.map((root) => caPinOf(root.certPem));
+}
+
+/**
+ * Creates a single-use join token bound to `agentId`, valid for `ttlMs` (default 1 h). Only
+ * the SHA-256 of its secret is stored.
+ *
+ * @throws PkiError on a bad agent id or ttl, an uninitialised directory, or a banned agent id.
+ */
+export async function createJoinToken(opts: { dir: string; agentId: string; ttlMs?: number }): Promise<JoinTokenInfo> {
+  if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
+  assertName(opts.agentId, 'agent-id');
+  const ttlMs = opts.ttlMs ?? DEFAULT_JOIN_TOKEN_TTL_MS;
+  assertPositiveMs(ttlMs, 'ttl');
+  const pki = await loadPki(opts.dir);
+  if ((await loadRevocations(pki.dir)).isAgentBanned(opts.agentId)) {
+    throw new PkiError(`agent-id: agent "${opts.agentId}" is banned; no join token is created for it`);
+  }
+  const tokensDir = path.join(pki.dir, TOKENS_SUBDIR);
+  await fs.mkdir(path.join(tokensDir, 'used'), { recursive: true, mode: 0o700 });
+  const nowMs = Date.now();
+  const tokenId = randomBytes(8).toString('hex');
+  const secret = randomBytes(32).toString('base64url');
+  const expiresAt = new Date(nowMs + ttlMs);
+  const stored: StoredJoinToken = {
+    tokenId,
+    agentId: opts.agentId,
+    secretSha256: sha256Hex(secret),
+    createdAt: new Date(nowMs).toISOString(),
+    expiresAt: expiresAt.toISOString(),
+  };
+  // noClobber: a (64-bit) id collision fails instead of replacing another token.
+  await writeFileAtomic(path.join(tokensDir, `${tokenId}.json`), `${JSON.stringify(stored, null, 2)}\n`, { mode: 0o600, noClobber: true });
+  // Pruning reads every token file, so do it at most once an hour per process (and so once per CLI run).
+  if (nowMs - (lastPruneMs.get(tokensDir) ?? -Infinity) >= 3_600_000) {
+    lastPruneMs.set(tokensDir, nowMs);
+    await pruneTokens(tokensDir, nowMs).catch(() => undefined);
+  }
+  return { token: `${TOKEN_PREFIX}.${tokenId}.${secret}.${tokenPins(pki).join('~')}`, tokenId, agentId: opts.agentId, expiresAt };
+}
+
+/**
+ * Splits a join token into its parts.
+ *
+ * @throws EnrollmentError (reason 'malformed', a PkiError) if it is not a Burrow join token; the message does not repeat the token.
+ */
+export function parseJoinToken(token: string): ParsedJoinToken {
+  const match = TOKEN_PATTERN.exec(typeof token === 'string' ? token.trim() : '');
+  if (match === null) {
+    const hint = typeof token === 'string' && !token.trim().startsWith(`${TOKEN_PREFIX}.`) ? ` (it must start with '${TOKEN_PREFIX}.')` : '';
+    throw new EnrollmentError('malformed', `token: malformed join token${hint}; expected ${TOKEN_PREFIX}.<16 hex id>.<43-character secret>.<64 hex CA pin>`);
+  }
+  const [, tokenId, secret, pins] = match as unknown as [string, string, string, string];
+  const caPinsSha256 = pins.split('~');
+  return { tokenId, secret, caPinSha256: caPinsSha256[0]!, caPinsSha256 };
+}
+
+/**
+ * Consumes a join token atomically and resolves the agent id it is bound to. Of several
+ * concurrent calls with one token (in any number of processes sharing `dir`), exactly one
+ * resolves; the others reject with reason 'used'.
+ *
+ * @throws EnrollmentError with reason 'malformed', 'unknown' (no such id, or wrong secret),
+ *   'expired', 'used' or 'banned'; messages name the token id and agent, never the secret.
+ */
+export async function consumeJoinToken(opts: { dir: string; token: string; nowMs?: number }): Promise<{ agentId: string }> {
+  if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
+  const parsed = parseJoinToken(opts.token);
+  const nowMs = opts.nowMs ?? Date.now();
+  const absDir = path.resolve(opts.dir);
+  const tokensDir = path.join(absDir, TOKENS_SUBDIR);
+  const tokenFile = path.join(tokensDir, `${parsed.tokenId}.json`);
+  const usedFile = path.join(tokensDir, 'used', `${parsed.tokenId}.json`);
+  const name = `join token ${parsed.tokenId}`;
+
+  const stored = await readStored(tokenFile);
+  if (stored === undefined) {
+    const used = await readStored(usedFile);
+    if (used !== undefined && secretMatches(used, parsed.secret)) throw usedError(name, used);
+    throw new EnrollmentError('unknown', `token: unknown ${name}: it was never created in this PKI directory, or was deleted`);
+  }
+  if (!secretMatches(stored, parsed.secret)) {
+    throw new EnrollmentError('unknown', `token: unknown ${name}: its secret does not match`);
+  }
+  if ((await loadRevocations(absDir)).isAgentBanned(stored.agentId)) {
+    throw new EnrollmentError('banned', `token: ${name} is for agent "${stored.agentId}", which is banned`);
+  }
+  const expiresAtMs = Date.parse(stored.expiresAt);
+  if (!(nowMs < expiresAtMs)) {
+    throw new EnrollmentError('expired', `token: ${name} for agent "${stored.agentId}" expired at ${stored.expiresAt}; create a new one with 'burrow-pki token create'`);
+  }
+  const consumed: StoredJoinToken = { ...stored, consumedAt: new Date(nowMs).toISOString() };
+  try {
+    await writeFileAtomic(usedFile, `${JSON.stringify(consumed, null, 2)}\n`, { mode: 0o600, noClobber: true });
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'EEXIST') {
+      throw usedError(name, (await readStored(usedFile)) ?? stored);
+    }
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
+      // used/ missing: the directory was tampered with; recreate it and let the caller retry.
+      await fs.mkdir(path.dirname(usedFile), { recursive: true, mode: 0o700 });
+    }
+    throw new PkiError(`token: cannot consume ${name} (${(err as Error).message})`, { cause: err });
+  }
+  await fs.rm(tokenFile, { force: true });
+  return { agentId: stored.agentId };
+}
+
+function usedError(name: string, record: StoredJoinToken): EnrollmentError {
+  const when = record.consumedAt === undefined ? '' : ` at ${record.consumedAt}`;
+  return new EnrollmentError('used', `token: ${name} for agent "${record.agentId}" was already used${when}; join tokens are single use, create a new one`);
+}
+
+async function readStored(file: string): Promise<StoredJoinToken | undefined> {
+  let text: string;
+  try {
+    text = await fs.readFile(file, 'utf8');
+  } catch (err) {
+    if ((err as NodeJS.ErrnoException).code === 'ENOENT') return undefined;
+    throw new PkiError(`token: cannot read ${file} (${(err as Error).message})`, { cause: err });
+  }
+  try {
+    const record = JSON.parse(text) as StoredJoinToken;
+    if (typeof record.agentId === 'string' && typeof record.secretSha256 === 'string' && typeof record.expiresAt === 'string') return record;
+  } catch {
+    // fall through
+  }
+  throw new PkiError(`token: ${file} is not a Burrow join token record`);
+}
+
+function secretMatches(record: StoredJoinToken, secret: string): boolean {
+  const expected = Buffer.from(record.secretSha256, 'hex');
+  const actual = createHash('sha256').update(secret).digest();
+  return expected.length === actual.length && timingSafeEqual(expected, actual);
+}
+
+function sha256Hex(text: string): string {
+  return createHash('sha256').update(text).digest('hex');
+}
+
+const lastPruneMs = new Map<string, number>();
+
+/** Deletes unused tokens that expired more than a day ago, and used records past their retention. Best effort. */
+async function pruneTokens(tokensDir: string, nowMs: number): Promise<void> {
+  for (const [dir, keepMs] of [[tokensDir, 86_400_000], [path.join(tokensDir, 'used'), USED_RETENTION_MS]] as const) {
+    const names = await fs.readdir(dir).catch(() => [] as string[]);
+    for (const name of names) {
+      if (!/^[0-9a-f]{16}\.json$/.test(name)) continue;
+      const record = await readStored(path.join(dir, name)).catch(() => undefined);
+      if (record !== undefined && Date.parse(record.expiresAt) + keepMs < nowMs) {
+        await fs.rm(path.join(dir, name), { force: true });
+      }
+    }
+  }
+}
