@@ -246,7 +246,8 @@ export class BrokerPki {
           this.store?.update(own);
         }
       }
-      this.opts.metrics.certificateExpiry.set({ role: 'broker' }, (this.ownNotAfterMs - this.now()) / 1000);
+      if (this.ownNotAfterMs) this.opts.metrics.certificateExpiry.set({ role: 'broker' }, (this.ownNotAfterMs - this.now()) / 1000);
+      for (const ca of await this.caExpiries()) this.opts.metrics.caExpiry.set({ ca: ca.id, kind: ca.kind }, ca.seconds);
     } catch (err) {
       this.opts.logger.warn('cannot read the PKI directory; keeping the last good state', { dir: this.opts.dir, error: (err as Error).message });
     } finally {
