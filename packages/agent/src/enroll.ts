@@ -60,7 +60,8 @@ export function fetchPinnedCa(broker: string, pins: readonly string[], serverNam
 export async function enroll(opts: EnrollOptions): Promise<IssuedAgentCertificate> {
   const timeoutMs = opts.timeoutMs ?? 15_000;
   const token = parseJoinToken(opts.token);
-  const anchorPem = await fetchPinnedCa(opts.broker, [token.caPinSha256], opts.serverName, timeoutMs);
+  // During a CA rotation a token pins both trusted roots; the broker may chain to either.
+  const anchorPem = await fetchPinnedCa(opts.broker, token.caPinsSha256.length ? token.caPinsSha256 : [token.caPinSha256], opts.serverName, timeoutMs);
   const { csrPem, keyPem } = await createCsr();
   const channelOptions: Record<string, string> = {};
   if (opts.serverName) channelOptions['grpc.ssl_target_name_override'] = opts.serverName;

@@ -180,10 +180,9 @@ export class BrokerPki {
 
   private async issueForAgent(agentId: string, csrPem: string, bundleVersion: number): Promise<{ response: IssuedAgentCertificate; serialHex: string; notAfter: Date }> {
     const issued = await signCsr({ dir: this.opts.dir, csrPem, role: 'agent', name: agentId, ttlMs: this.opts.leafTtlMs });
-    const issuer = splitPemCertificates(issued.certPem)[1];
     await recordAgentState({
       dir: this.opts.dir, agentId, bundleVersion: bundleVersion || this.bundle.version,
-      issuerCaId: issuer ? issuer.fingerprint256 : '', serialHex: issued.serialHex, notAfter: issued.notAfter,
+      issuerCaId: issued.issuerCaId, serialHex: issued.serialHex, notAfter: issued.notAfter,
     }).catch((err: Error) => this.opts.logger.warn('cannot record agent state', { agentId, error: err.message }));
     return {
       response: { certificateChainPem: issued.certPem, trustBundlePem: this.bundle.pem, bundleVersion: this.bundle.version, agentId, spiffeId: issued.spiffeId },
