@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 // `make demo`: the whole Burrow path on this machine, with real processes and real mTLS.
-//  1. makes a throwaway PKI (root + issuing CA, broker/agent/service certificates) in a temp dir;
+//  1. makes a throwaway PKI (root + issuing CA, a caller certificate, a join token) in a temp dir;
 //  2. starts two sample upstreams (one "inside the site", one "on the platform");
-//  3. starts a broker process and an agent process that dials out to it;
+//  3. starts a broker process on the PKI directory (it issues its own certificate), enrolls the
+//     agent with the join token alone, and starts the agent process, which dials out;
 //  4. sends unary and streaming calls caller -> broker -> agent -> site upstream, and
 //     site client -> agent -> broker -> platform upstream;
 //  5. shows the broker's view (/agents, a few metrics), shuts both down with SIGTERM, cleans up.
@@ -14,7 +15,7 @@ const os = require('node:os');
 const path = require('node:path');
 const readline = require('node:readline');
 const grpc = require('@grpc/grpc-js');
-const { initPki, issueCertificate, writeIssued } = require('@burrow/pki');
+const { createJoinToken, initPki, issueCertificate, writeIssued } = require('@burrow/pki');
 const { loadGreeter, startSampleUpstream } = require('../examples/sample-upstream');
 
 const ROOT = path.resolve(__dirname, '..');
@@ -71,13 +72,12 @@ async function main() {
   const pkiDir = path.join(tmp, 'pki');
   await initPki({ dir: pkiDir, trustDomain: 'demo.burrow.local' });
   const files = {};
-  for (const [role, name, extra] of [['broker', 'broker', { dns: ['localhost'], ip: ['127.0.0.1'] }], ['agent', AGENT_ID, {}], ['service', 'billing', {}]]) {
-    const issued = await issueCertificate({ dir: pkiDir, role, name, ...extra });
-    const out = path.join(tmp, role);
-    await writeIssued(out, issued);
-    files[role] = { cert: path.join(out, 'tls.crt'), key: path.join(out, 'tls.key'), ca: path.join(out, 'ca.crt') };
-    say(`    ${role.padEnd(7)} ${issued.spiffeId}  (expires ${issued.notAfter.toISOString()})`);
-  }
+  const issued = await issueCertificate({ dir: pkiDir, role: 'service', name: 'billing' });
+  await writeIssued(path.join(tmp, 'service'), issued);
+  files.service = { cert: path.join(tmp, 'service', 'tls.crt'), key: path.join(tmp, 'service', 'tls.key'), ca: path.join(tmp, 'service', 'ca.crt') };
+  say(`    caller  ${issued.spiffeId}  (expires ${issued.notAfter.toISOString()})`);
+  const { token } = await createJoinToken({ dir: pkiDir, agentId: AGENT_ID, ttlMs: 10 * 60_000 });
+  say(`    join token for agent "${AGENT_ID}": ${token.slice(0, 40)}...`);
 
   step(2, 'sample upstreams (burrow.demo.v1.Greeter)');
   const site = await startSampleUpstream('127.0.0.1:0', 'site-upstream');
@@ -86,14 +86,24 @@ async function main() {
 
   step(3, 'broker and agent processes');
   const broker = startBinary('broker', ['serve', '--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0',
-    '--tls-cert', files.broker.cert, '--tls-key', files.broker.key, '--ca', files.broker.ca, '--upstream', `burrow.demo.v1.Greeter=${platform.address}`]);
+    '--pki-dir', pkiDir, '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1', '--upstream', `burrow.demo.v1.Greeter=${platform.address}`]);
   const b = await broker.started;
   say(`    broker pid ${broker.child.pid}: agents -> 127.0.0.1:${b.agentPort}, callers -> 127.0.0.1:${b.apiPort}, admin -> http://127.0.0.1:${b.adminPort}`);
-  const agent = startBinary('agent', ['run', '--broker', `127.0.0.1:${b.agentPort}`, '--tls-cert', files.agent.cert, '--tls-key', files.agent.key,
-    '--ca', files.agent.ca, '--upstream', `burrow.demo.v1.Greeter=${site.address}`, '--local-listen', '127.0.0.1:0']);
+  const stateDir = path.join(tmp, 'agent-state');
+  const enrolled = await new Promise((resolve, reject) => {
+    const p = spawn(process.execPath, [path.join(ROOT, 'packages', 'agent', 'dist', 'cli.js'), 'enroll', '--broker', `127.0.0.1:${b.agentPort}`, '--token', token, '--state-dir', stateDir], { stdio: ['ignore', 'pipe', 'pipe'] });
+    children.push(p);
+    let out = '';
+    p.stdout.on('data', (d) => { out += d; });
+    p.stderr.on('data', (d) => { out += d; });
+    p.on('exit', (code) => (code === 0 ? resolve(out.trim()) : reject(new Error(`enroll failed: ${out}`))));
+  });
+  say(`    burrow-agent enroll -> ${enrolled.split(';')[0]}`);
+  const agent = startBinary('agent', ['run', '--broker', `127.0.0.1:${b.agentPort}`, '--state-dir', stateDir,
+    '--upstream', `burrow.demo.v1.Greeter=${site.address}`, '--local-listen', '127.0.0.1:0']);
   const a = await agent.started;
   await waitForLine(agent, (r) => r.message === 'tunnel session established', 10_000);
-  say(`    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialled out; site clients -> 127.0.0.1:${a.localPort}`);
+  say(`    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialled out with its enrolled certificate; site clients -> 127.0.0.1:${a.localPort}`);
 
   const Greeter = loadGreeter();
   const serviceCreds = grpc.credentials.createSsl(fs.readFileSync(files.service.ca), fs.readFileSync(files.service.key), fs.readFileSync(files.service.cert));

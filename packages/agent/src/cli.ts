@@ -7,7 +7,7 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, PROTOCOL_VERSION, asList, requireCertificatePair, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
+  ConfigError, PROTOCOL_VERSION, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
   parseListenAddress, parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { existsSync } from 'node:fs';
@@ -185,4 +185,7 @@ function main(): void {
     .parse();
 }
 
-if (require.main === module) main();
+if (require.main === module) {
+  silenceIpServerNameWarning();
+  main();
+}

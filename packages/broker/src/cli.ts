@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, PROTOCOL_VERSION, asList, requireCertificatePair, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
+  ConfigError, PROTOCOL_VERSION, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
   parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
@@ -150,4 +150,7 @@ function main(): void {
     .parse();
 }
 
-if (require.main === module) main();
+if (require.main === module) {
+  silenceIpServerNameWarning();
+  main();
+}

@@ -126,3 +126,17 @@ export function asList(value: unknown): string[] {
   if (value === undefined || value === null) return [];
   return (Array.isArray(value) ? value : [value]).map(String);
 }
+
+/**
+ * Silences Node's DEP0123 ("Setting the TLS ServerName to an IP address"), which grpc-js triggers
+ * whenever a broker is addressed by IP. The certificate's IP SAN is still verified; the warning
+ * only tells operators something they cannot act on. Every other warning passes through.
+ */
+export function silenceIpServerNameWarning(): void {
+  const emit = process.emitWarning.bind(process) as (...args: unknown[]) => void;
+  process.emitWarning = ((warning: unknown, ...rest: unknown[]) => {
+    const code = typeof rest[0] === 'object' && rest[0] !== null ? (rest[0] as { code?: string }).code : rest[1];
+    if (code === 'DEP0123') return;
+    emit(warning, ...rest);
+  }) as typeof process.emitWarning;
+}
