@@ -4,7 +4,7 @@ import {
   trustBundle, type RevocationList,
 } from '@burrow/pki';
 import {
-  BurrowError, identityOfPeerCertificate, splitPemCertificates, type CredentialStore, type EnrollRequest,
+  identityOfPeerCertificate, splitPemCertificates, type CredentialStore, type EnrollRequest,
   type IssuedAgentCertificate, type Logger, type PeerIdentity, type RenewRequest,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
@@ -66,7 +66,6 @@ export class BrokerPki {
   private timer: NodeJS.Timeout | undefined;
   private renewTimer: NodeJS.Timeout | undefined;
   private store: CredentialStore | undefined;
-  private ownIssuerPem = '';
   private readonly limiter: RateLimiter;
   private readonly now: () => number;
   private polling = false;
@@ -194,7 +193,6 @@ export class BrokerPki {
   // token pins in the handshake itself.
   private async issueOwn(): Promise<{ certPem: string; keyPem: string }> {
     const issued = await issueCertificate({ dir: this.opts.dir, role: 'broker', name: 'broker', dns: this.opts.dns, ip: this.opts.ip, ttlMs: this.opts.leafTtlMs });
-    this.ownIssuerPem = splitPemCertificates(issued.certPem)[1]?.toString() ?? '';
     this.ownNotAfterMs = issued.notAfter.getTime();
     this.ownNotBeforeMs = this.now();
     this.opts.metrics.servingCertificatesIssued.inc();
@@ -254,15 +252,4 @@ export class BrokerPki {
     }
   }
 
-  /** For logs: the issuer of the current serving certificate. */
-  get servingIssuerPem(): string { return this.ownIssuerPem; }
-
-  /** Throws a BurrowError naming the directory when it is not a usable PKI. */
-  static async check(dir: string): Promise<void> {
-    try {
-      await loadPki(dir);
-    } catch (err) {
-      throw new BurrowError(Status.INVALID_ARGUMENT, `pki-dir: ${dir} is not a Burrow PKI directory (${(err as Error).message})`);
-    }
-  }
 }

@@ -1,3 +1,4 @@
+import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
@@ -79,7 +80,7 @@ export class Broker {
   async start(): Promise<BrokerPorts> {
     const material = await this.loadTlsMaterial();
     this.tls = new CredentialStore(material);
-    const own = identityOfCertificate(new (await import('node:crypto')).X509Certificate(material.certPem).raw);
+    const own = identityOfCertificate(new X509Certificate(material.certPem).raw);
     if (!own || own.role !== 'broker') throw new BurrowError(Status.INVALID_ARGUMENT, 'tls-cert: not a broker certificate (URI SAN spiffe://<trust-domain>/broker)');
     this.trustDomain = this.config.trustDomain ?? own.trustDomain;
     const isDraining = (): boolean => this.draining;
