@@ -6,6 +6,7 @@ import { Server, ServerCredentials, experimental, status as Status, type Channel
 import {
   BurrowError, CredentialStore, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate,
   installCatchAll, rejectCall, statusName, upstreamChannelOptions, type IssuedAgentCertificate, type Logger,
+  logCallFinished,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
 import { readState, writeFileAtomic, writeState } from './state-dir';
@@ -301,7 +302,7 @@ export class Agent {
     this.metrics.callDuration.observe({ direction: 'to_broker' }, seconds);
     this.metrics.messageBytes.inc({ direction: 'to_broker', flow: 'request' }, outcome.requestBytes);
     this.metrics.messageBytes.inc({ direction: 'to_broker', flow: 'response' }, outcome.responseBytes);
-    this.logger.log(outcome.code === Status.OK ? 'debug' : 'info', 'call finished', { direction: 'to_broker', broker: conn.address, method: call.getPath(), status: statusName(outcome.code), details: outcome.code === Status.OK ? undefined : outcome.details, durationMs: Math.round(seconds * 1000) });
+    logCallFinished(this.logger, { direction: 'to_broker', broker: conn.address, method: call.getPath(), code: outcome.code, details: outcome.details, durationMs: Math.round(seconds * 1000) });
   }
 
   private async startLocalListener(address: string): Promise<number> {

@@ -4,6 +4,7 @@ import {
   BurrowError, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, decodeSessionFrame,
   encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
   type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
+  logCallFinished,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
 
@@ -264,7 +265,7 @@ export class BrokerConnection extends EventEmitter {
     const seconds = (Date.now() - startedMs) / 1000;
     this.opts.metrics.calls.inc({ direction: 'from_broker', code: statusName(code) });
     this.opts.metrics.callDuration.observe({ direction: 'from_broker' }, seconds);
-    this.opts.logger.log(code === Status.OK ? 'debug' : 'info', 'call finished', { direction: 'from_broker', broker: this.opts.address, callId: start.callId, method: start.method, status: statusName(code), details: code === Status.OK ? undefined : details, durationMs: Math.round(seconds * 1000) });
+    logCallFinished(this.opts.logger, { direction: 'from_broker', broker: this.opts.address, callId: start.callId, method: start.method, code, details, durationMs: Math.round(seconds * 1000) });
   }
 
   /** The error the session ended with, if it has ended. */

@@ -3,6 +3,7 @@ import {
   BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
   UpstreamTable, answer, decodeSessionFrame, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
   statusName, verifyCertificateChain, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
+  logCallFinished,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
@@ -320,7 +321,7 @@ export class AgentListener {
     const seconds = (Date.now() - startedMs) / 1000;
     metrics.calls.inc({ direction: 'from_agent', method: metrics.methodLabel(start.method), code: statusName(code) });
     metrics.callDuration.observe({ direction: 'from_agent' }, seconds);
-    logger.log(code === Status.OK ? 'debug' : 'info', 'call finished', { direction: 'from_agent', agentId: session.agentId, callId, method: start.method, status: statusName(code), details: code === Status.OK ? undefined : details, durationMs: Math.round(seconds * 1000) });
+    logCallFinished(logger, { direction: 'from_agent', agentId: session.agentId, callId, method: start.method, code, details, durationMs: Math.round(seconds * 1000) });
   }
 
   private protocolError(session: AgentSession, err: ProtocolError): void {

@@ -1,6 +1,7 @@
 import { status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, originate, rejectCall, statusName, type Logger, type PeerIdentity,
+  logCallFinished,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import type { TunnelRegistry } from './tunnel-registry';
@@ -57,7 +58,7 @@ export class CallerApi {
       metrics.callDuration.observe({ direction: 'to_agent' }, seconds);
       if (requestBytes) metrics.messageBytes.inc({ direction: 'to_agent', flow: 'request' }, requestBytes);
       if (responseBytes) metrics.messageBytes.inc({ direction: 'to_agent', flow: 'response' }, responseBytes);
-      logger.log(code === Status.OK ? 'debug' : 'info', 'call finished', { direction: 'to_agent', agentId, callId, method, status: statusName(code), details: code === Status.OK ? undefined : details, durationMs: Math.round(seconds * 1000) });
+      logCallFinished(logger, { direction: 'to_agent', agentId, callId, method, code, details, durationMs: Math.round(seconds * 1000) });
     };
     const refuse = (agentId: string | undefined, err: BurrowError): void => {
       rejectCall(call, err);

@@ -1,4 +1,5 @@
 import * as winston from 'winston';
+import { statusName } from './errors';
 
 export type Logger = winston.Logger;
 export type LogFormat = 'json' | 'text';
@@ -26,4 +27,24 @@ export function createLogger(opts: { level?: string; format?: LogFormat; compone
 /** A logger that drops everything, for tests and library users who bring none. */
 export function silentLogger(): Logger {
   return winston.createLogger({ silent: true, transports: [new winston.transports.Console({ silent: true })] });
+}
+
+/** Fields of the one log line every forwarded call ends with. */
+export interface CallLogFields {
+  direction: string;
+  code: number;
+  details: string;
+  durationMs: number;
+  [field: string]: unknown;
+}
+
+/**
+ * Logs a finished call: failures at info, successes at debug. On the per-call path, so a success
+ * costs nothing unless debug logging is on.
+ */
+export function logCallFinished(logger: Logger, fields: CallLogFields): void {
+  const ok = fields.code === 0;
+  if (ok && !logger.isLevelEnabled('debug')) return;
+  const { code, details, ...rest } = fields;
+  logger.log(ok ? 'debug' : 'info', 'call finished', { ...rest, status: statusName(code), details: ok ? undefined : details });
 }
