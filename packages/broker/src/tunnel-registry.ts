@@ -65,8 +65,13 @@ interface AgentEntry {
   readonly sessions: Set<AgentSession>;
   /** Calls waiting for an offer, oldest first. */
   readonly waiters: Waiter[];
-  /** Offers asked for with Demand and not yet arrived; keeps us from asking twice. */
-  outstandingDemand: number;
+}
+
+/** Offers asked for with Demand and not yet arrived, over all of an agent's sessions. */
+function owedOffers(entry: AgentEntry): number {
+  let n = 0;
+  for (const s of entry.sessions) n += s.owedOffers;
+  return n;
 }
 
 /** Totals over the registry, for metrics and leak checks. */
@@ -103,7 +108,6 @@ export class TunnelRegistry {
     if (!entry || !entry.sessions.delete(session)) return;
     for (const offer of session.idle.splice(0)) offer.stream.finish();
     // Offers owed by a session that is gone will never come: ask another session for them.
-    entry.outstandingDemand = Math.max(0, entry.outstandingDemand - session.owedOffers);
     session.owedOffers = 0;
     this.demandFor(entry);
     this.maybeForget(session.agentId, entry);
@@ -116,10 +120,7 @@ export class TunnelRegistry {
       stream.finish();
       return;
     }
-    if (session.owedOffers > 0) {
-      session.owedOffers--;
-      entry.outstandingDemand--;
-    }
+    if (session.owedOffers > 0) session.owedOffers--;
     const offer: IdleOffer = { stream, session, idleSinceMs: Date.now() };
     const waiter = entry.waiters.shift();
     if (waiter) waiter.resolve(offer);
@@ -239,7 +240,7 @@ export class TunnelRegistry {
   private entry(agentId: string): AgentEntry {
     let e = this.agents.get(agentId);
     if (!e) {
-      e = { sessions: new Set(), waiters: [], outstandingDemand: 0 };
+      e = { sessions: new Set(), waiters: [] };
       this.agents.set(agentId, e);
     }
     return e;
@@ -260,7 +261,7 @@ export class TunnelRegistry {
   }
 
   private demandFor(entry: AgentEntry): void {
-    const missing = entry.waiters.length - entry.outstandingDemand;
+    const missing = entry.waiters.length - owedOffers(entry);
     if (missing <= 0) return;
     let target: AgentSession | undefined;
     for (const s of entry.sessions) {
@@ -268,15 +269,13 @@ export class TunnelRegistry {
       if (!target || s.activeCalls < target.activeCalls) target = s;
     }
     if (!target) return; // not connected: addSession asks when it connects
-    entry.outstandingDemand += missing;
     target.owedOffers += missing;
     target.control.demand(missing);
   }
 
   private forgetDemandBeyond(entry: AgentEntry, limit: number): void {
-    let excess = entry.outstandingDemand - limit;
+    let excess = owedOffers(entry) - limit;
     if (excess <= 0) return;
-    entry.outstandingDemand = limit;
     for (const s of entry.sessions) {
       const n = Math.min(excess, s.owedOffers);
       s.owedOffers -= n;
