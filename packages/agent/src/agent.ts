@@ -13,6 +13,7 @@ import { readState, writeFileAtomic, writeState } from './state-dir';
 import type { AgentConfig } from './agent-config';
 import { AgentMetrics } from './agent-metrics';
 import { Backoff } from './backoff';
+import { BuiltinServices } from './builtin-services';
 import { BrokerConnection } from './broker-connection';
 
 /** A session that lasted this long counts as healthy: the reconnect backoff starts over. */
@@ -32,6 +33,7 @@ export class Agent {
   readonly metrics = new AgentMetrics();
   readonly agentId: string;
   private readonly upstreams: UpstreamTable;
+  private builtins = new BuiltinServices({});
   private readonly connections = new Set<BrokerConnection>();
   private readonly loops: Promise<void>[] = [];
   private readonly health = new HealthService();
@@ -137,7 +139,7 @@ export class Agent {
         address, credentials: this.channelCredentials!, agentId: this.agentId, agentVersion: this.version,
         minIdleOffers: this.config.minIdleOffers, maxOffers: this.config.maxOffers, maxMessageBytes: this.config.maxMessageBytes,
         drainTimeoutMs: this.config.drainTimeoutMs, keepalive: this.config.keepalive, serverNameOverride: this.config.brokerServerName,
-        upstreams: this.upstreams, metrics: this.metrics, logger: this.logger,
+        upstreams: this.upstreams, builtins: this.builtins, metrics: this.metrics, logger: this.logger,
       });
       this.connections.add(conn);
       conn.on('trust-bundle', (pem: string, version: number) => { void this.installTrustBundle(pem, version); });

@@ -1,12 +1,13 @@
 import { EventEmitter } from 'node:events';
 import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, decodeSessionFrame,
+  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame,
   encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
   type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
   logCallFinished,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
+import type { BuiltinServices } from './builtin-services';
 
 /** How long the agent waits for Welcome after opening its session stream. */
 const WELCOME_TIMEOUT_MS = 10_000;
@@ -24,6 +25,8 @@ export interface BrokerConnectionOptions {
   keepalive: KeepaliveSettings;
   serverNameOverride?: string;
   upstreams: UpstreamTable;
+  /** Services the agent answers itself (auth, policy), unless an upstream route names them. */
+  builtins: BuiltinServices;
   metrics: AgentMetrics;
   logger: Logger;
 }
@@ -246,16 +249,26 @@ export class BrokerConnection extends EventEmitter {
 
   private async answerOffer(stream: CallStream, start: StartFrame): Promise<void> {
     const startedMs = Date.now();
-    const upstream = this.opts.upstreams.clientFor(start.method);
+    const service = serviceOfMethod(start.method);
+    // A route naming the service wins over the built-in one; the default route `*` does not.
+    const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(start.method);
+    const upstream = local ? undefined : this.opts.upstreams.clientFor(start.method);
+    let extraMetadata: Metadata | undefined;
+    if (start.caller) {
+      extraMetadata = new Metadata();
+      extraMetadata.set(CALLER_ID_KEY, start.caller);
+    }
     let code: number;
     let details: string;
-    if (!upstream) {
+    if (!local && !upstream) {
       code = Status.UNIMPLEMENTED;
-      details = `agent "${this.opts.agentId}" has no upstream for service "${serviceOfMethod(start.method)}"`;
+      details = `agent "${this.opts.agentId}" has no upstream for service "${service}"`;
       stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
       stream.finish();
     } else {
-      const outcome = await answer(stream, start, upstream);
+      const outcome = local
+        ? await answerLocally(stream, start, local, { maxMessageBytes: this.opts.maxMessageBytes, extraMetadata })
+        : await answer(stream, start, upstream!, { extraMetadata });
       ({ code, details } = outcome);
       this.opts.metrics.messageBytes.inc({ direction: 'from_broker', flow: 'request' }, outcome.requestBytes);
       this.opts.metrics.messageBytes.inc({ direction: 'from_broker', flow: 'response' }, outcome.responseBytes);

@@ -1,3 +1,4 @@
+import type { CallLimits } from './call-limiter';
 import { DEFAULT_KEEPALIVE, DEFAULT_MAX_MESSAGE_BYTES, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
 
 /** Everything a broker needs to run; built by cli.ts from flags, env and the config file. */
@@ -36,6 +37,12 @@ export interface BrokerConfig {
   /** Idle offers older than this are retired (above each agent's minimum). */
   idleOfferTtlMs: number;
   keepalive: KeepaliveSettings;
+  /** HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when unset. */
+  authzenListen?: string;
+  /** Deadline of an AuthZEN HTTP request carried through the tunnel. */
+  authzenTimeoutMs: number;
+  /** Per-caller and per-agent limits on calls in flight and calls per second (0 = off). */
+  limits: CallLimits;
   logLevel: string;
   logFormat: LogFormat;
 }
@@ -50,6 +57,8 @@ export const BROKER_DEFAULTS = {
   drainTimeoutMs: 30_000,
   idleOfferTtlMs: 60_000,
   keepalive: DEFAULT_KEEPALIVE,
+  authzenTimeoutMs: 10_000,
+  limits: { caller: { maxConcurrent: 4096, ratePerSecond: 0 }, agent: { maxConcurrent: 2048, ratePerSecond: 0 } } as CallLimits,
   logLevel: 'info',
   logFormat: 'json' as LogFormat,
 };

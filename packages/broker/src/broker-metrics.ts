@@ -32,6 +32,9 @@ export class BrokerMetrics {
   readonly revocationsApplied = new Counter({ name: 'burrow_pki_revocations_total', help: 'Revocation list changes the broker applied.', registers: [this.registry] });
   readonly certificateExpiry = new Gauge({ name: 'burrow_pki_certificate_expiry_seconds', help: 'Seconds until the earliest certificate expiry, by role (broker: its own serving certificate; agent: connected agents).', labelNames: ['role'], registers: [this.registry] });
   readonly caExpiry = new Gauge({ name: 'burrow_pki_ca_expiry_seconds', help: 'Seconds until each CA in the PKI directory expires.', labelNames: ['ca', 'kind'], registers: [this.registry] });
+  readonly authzDecisions = new Counter({ name: 'burrow_broker_authz_decisions_total', help: 'Caller authorization decisions, by decision (allow, deny).', labelNames: ['decision'], registers: [this.registry] });
+  readonly limitedCalls = new Counter({ name: 'burrow_broker_limited_calls_total', help: 'Calls refused with RESOURCE_EXHAUSTED by a per-caller or per-agent limit, by limit (caller_concurrency, caller_rate, agent_concurrency, agent_rate).', labelNames: ['limit'], registers: [this.registry] });
+  readonly httpRequests = new Counter({ name: 'burrow_broker_authzen_requests_total', help: 'Requests on the AuthZEN HTTP binding, by endpoint (evaluation, evaluations, configuration) and HTTP status.', labelNames: ['endpoint', 'status'], registers: [this.registry] });
   readonly demandedOffers = new Counter({ name: 'burrow_broker_demanded_offers_total', help: 'Offer streams requested from agents with Demand because calls were waiting.', registers: [this.registry] });
 
   /** `counts` reads the tunnel registry; called only when metrics are scraped. */

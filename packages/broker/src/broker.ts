@@ -1,6 +1,7 @@
 import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type * as http from 'node:http';
+import type * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
@@ -14,11 +15,14 @@ import { BrokerPki } from './broker-pki';
 import { AgentListener } from './agent-listener';
 import type { BrokerConfig } from './broker-config';
 import { BrokerMetrics } from './broker-metrics';
+import { createAuthzenServer } from './authzen-http';
+import { CallLimiter } from './call-limiter';
 import { CallerApi } from './caller-api';
+import { ALLOW_ALL_CALLERS, type CallerAuthorizer } from './caller-authorizer';
 import { TunnelRegistry } from './tunnel-registry';
 
 /** The ports a started broker listens on (useful with port 0). */
-export interface BrokerPorts { agentPort: number; apiPort: number; adminPort?: number }
+export interface BrokerPorts { agentPort: number; apiPort: number; adminPort?: number; authzenPort?: number }
 
 // How often the broker looks for expired agent certificates and idle offers to retire.
 const EXPIRY_CHECK_INTERVAL_MS = 1_000;
@@ -27,6 +31,14 @@ const IDLE_SWEEP_INTERVAL_MS = 10_000;
 function splitHostPort(text: string): { host: string; port: number } {
   const i = text.lastIndexOf(':');
   return { host: text.slice(0, i).replace(/^\[|\]$/g, ''), port: Number(text.slice(i + 1)) };
+}
+
+function listen(server: http.Server | https.Server, address: string): Promise<number> {
+  const { host, port } = splitHostPort(address);
+  return new Promise((resolve, reject) => {
+    server.once('error', (err) => reject(new Error(`cannot listen on ${address}: ${err.message}`)));
+    server.listen(port, host, () => resolve((server.address() as AddressInfo).port));
+  });
 }
 
 function bind(server: Server, address: string, creds: ServerCredentials): Promise<number> {
@@ -50,6 +62,9 @@ export class Broker {
   private tls: CredentialStore | undefined;
   private trustDomain = '';
   private admin: http.Server | undefined;
+  private authzen: https.Server | undefined;
+  private readonly limiter: CallLimiter;
+  private authorizer: CallerAuthorizer = ALLOW_ALL_CALLERS;
   private timers: NodeJS.Timeout[] = [];
   private draining = false;
   private started = false;
@@ -60,6 +75,7 @@ export class Broker {
     if (!config.pkiDir && !(config.tlsCertFile && config.tlsKeyFile && config.caFile)) {
       throw new BurrowError(Status.INVALID_ARGUMENT, 'tls-cert, tls-key and ca are required without pki-dir');
     }
+    this.limiter = new CallLimiter(config.limits);
     this.platformUpstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
     this.agentServer = new Server(tunnelServerOptions(config.maxMessageBytes, config.keepalive));
     this.apiServer = new Server(callServerOptions(config.maxMessageBytes, config.keepalive));
@@ -99,7 +115,10 @@ export class Broker {
       });
     }
     this.health.addTo(this.apiServer);
-    const api = new CallerApi({ registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked });
+    const api = new CallerApi({
+      registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked,
+      authorizer: this.authorizer, limiter: this.limiter,
+    });
     installCatchAll(this.apiServer, api.handle);
 
     // With enrollment on, the agent listener asks for a client certificate without requiring one:
@@ -116,16 +135,17 @@ export class Broker {
     };
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
+    let authzenPort: number | undefined;
+    if (this.config.authzenListen) {
+      const server = createAuthzenServer({ api, tls: this.tls, metrics: this.metrics, logger: this.logger, maxBodyBytes: this.config.maxMessageBytes, timeoutMs: this.config.authzenTimeoutMs });
+      this.authzen = server;
+      authzenPort = await listen(server, this.config.authzenListen);
+    }
     let adminPort: number | undefined;
     if (this.config.adminListen) {
       const admin = createAdminServer({ metrics: this.metrics.registry, json: { '/agents': () => this.registry.summaries() }, isReady: () => this.started && !this.draining });
       this.admin = admin;
-      const { host, port } = splitHostPort(this.config.adminListen);
-      await new Promise<void>((resolve, reject) => {
-        admin.once('error', (err) => reject(new Error(`cannot listen on ${this.config.adminListen}: ${err.message}`)));
-        admin.listen(port, host, () => resolve());
-      });
-      adminPort = (admin.address() as AddressInfo).port;
+      adminPort = await listen(admin, this.config.adminListen);
     }
     this.timers.push(setInterval(() => {
       const closed = this.agentListener.closeExpired();
@@ -133,7 +153,10 @@ export class Broker {
       const earliest = this.agentListener.earliestAgentExpiryMs();
       if (earliest !== undefined) this.metrics.certificateExpiry.set({ role: 'agent' }, (earliest - Date.now()) / 1000);
     }, EXPIRY_CHECK_INTERVAL_MS));
-    this.timers.push(setInterval(() => this.registry.retireIdle(this.config.idleOfferTtlMs), IDLE_SWEEP_INTERVAL_MS));
+    this.timers.push(setInterval(() => {
+      this.registry.retireIdle(this.config.idleOfferTtlMs);
+      this.limiter.sweep();
+    }, IDLE_SWEEP_INTERVAL_MS));
 
     for (const t of this.timers) t.unref();
     this.pki?.start(this.tls, {
@@ -144,8 +167,8 @@ export class Broker {
       onTrustBundleChanged: (pem, version) => this.agentListener.broadcastTrustBundle(pem, version),
     });
     this.started = true;
-    this.logger.info('broker started', { pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.config.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
-    return { agentPort, apiPort, adminPort };
+    this.logger.info('broker started', { pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.config.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, authzenPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
+    return { agentPort, apiPort, adminPort, authzenPort };
   }
 
   /** Reads the TLS material from files, or from the PKI directory (issuing our own certificate). */
@@ -186,6 +209,9 @@ export class Broker {
     this.timers = [];
     this.pki?.stop();
     this.agentListener.drainAll('broker shutting down');
+    // No new AuthZEN connections; requests in flight finish like gRPC calls do.
+    const authzen = this.authzen;
+    const authzenClosed = authzen ? new Promise<void>((resolve) => authzen.close(() => resolve())) : Promise.resolve();
     const inFlight = this.registry.counts().activeCalls;
     this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });
     const drained = (async () => {
@@ -209,6 +235,9 @@ export class Broker {
     }
     this.stopped = true;
     this.platformUpstreams.close();
+    this.authzen?.closeAllConnections();
+    await authzenClosed;
+    await this.authorizer.close();
     if (this.admin) {
       const admin = this.admin;
       admin.closeAllConnections();

@@ -1,9 +1,11 @@
-import { status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
+import { Metadata, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, originate, rejectCall, statusName, type Logger, type PeerIdentity,
-  logCallFinished,
+  AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, originate, originateUnary, rejectCall, statusName, type Logger, type PeerIdentity,
+  logCallFinished, type UnaryResult,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
+import { LimitExceededError, type CallLimiter } from './call-limiter';
+import type { CallerAuthorizer } from './caller-authorizer';
 import type { TunnelRegistry } from './tunnel-registry';
 
 export interface CallerApiDeps {
@@ -15,6 +17,9 @@ export interface CallerApiDeps {
   isDraining(): boolean;
   /** Revocation check (service certificates can be revoked by serial). */
   isRevoked(id: PeerIdentity): boolean;
+  /** Which services may call which methods on which agents. */
+  authorizer: CallerAuthorizer;
+  limiter: CallLimiter;
 }
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
@@ -35,8 +40,21 @@ export function agentIdOfCall(call: RawCall): string | undefined {
 }
 
 /**
+ * A call that passed admission: the caller is a valid service, allowed by policy and within its
+ * limits. `finish` records the outcome (metrics, log) and releases the limits exactly once.
+ */
+interface AdmittedCall {
+  caller: PeerIdentity;
+  agentId: string;
+  callId: string;
+  finish(code: number, details: string, requestBytes?: number, responseBytes?: number): void;
+}
+
+/**
  * The caller API: every method that is not the health service lands here, is routed to the named
- * agent, and travels down one of its idle offers.
+ * agent, and travels down one of its idle offers. The AuthZEN HTTP binding enters through
+ * {@link CallerApi.callUnary} and passes the same checks: identity, agent name, draining, caller
+ * policy, limits.
  */
 export class CallerApi {
   private callCounter = 0;
@@ -47,67 +65,128 @@ export class CallerApi {
   /** The catch-all handler for the caller API server. */
   readonly handle = (call: RawCall): void => { void this.forward(call); };
 
-  private async forward(call: RawCall): Promise<void> {
-    const { registry, metrics, logger } = this.deps;
+  /**
+   * Checks everything that does not need the agent, in the order that reveals least to a caller
+   * that fails: identity first, so an unknown client learns nothing about agents or policy.
+   * Throws a BurrowError after recording the refusal.
+   */
+  private admit(peer: PeerIdentity | undefined, agentId: string | undefined, method: string, transport: 'grpc' | 'http'): AdmittedCall {
+    const { metrics, logger } = this.deps;
     const startedMs = Date.now();
-    const method = call.getPath();
     const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
-    const finish = (agentId: string | undefined, code: number, details: string, requestBytes = 0, responseBytes = 0): void => {
+    let release: (() => void) | undefined;
+    let finished = false;
+    const finish = (id: string | undefined, code: number, details: string, requestBytes = 0, responseBytes = 0): void => {
+      if (finished) return;
+      finished = true;
+      release?.();
       const seconds = (Date.now() - startedMs) / 1000;
       metrics.calls.inc({ direction: 'to_agent', method: metrics.methodLabel(method), code: statusName(code) });
       metrics.callDuration.observe({ direction: 'to_agent' }, seconds);
       if (requestBytes) metrics.messageBytes.inc({ direction: 'to_agent', flow: 'request' }, requestBytes);
       if (responseBytes) metrics.messageBytes.inc({ direction: 'to_agent', flow: 'response' }, responseBytes);
-      logCallFinished(logger, { direction: 'to_agent', agentId, callId, method, code, details, durationMs: Math.round(seconds * 1000) });
+      logCallFinished(logger, { direction: 'to_agent', agentId: id, callId, method, code, details, durationMs: Math.round(seconds * 1000), caller: peer?.spiffeId, transport });
     };
-    const refuse = (agentId: string | undefined, err: BurrowError): void => {
-      rejectCall(call, err);
-      finish(agentId, err.code, err.message);
+    const refuse = (id: string | undefined, err: BurrowError): never => {
+      finish(id, err.code, err.message);
+      throw err;
     };
 
-    const caller = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
-    if (!caller || caller.role !== 'service' || caller.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(caller)) {
-      const reason = !caller ? 'client certificate has no Burrow identity' : caller.role !== 'service' ? `certificate role "${caller.role}" may not call agents; a service certificate is required`
-        : caller.trustDomain !== this.deps.trustDomain ? `certificate trust domain "${caller.trustDomain}" is not "${this.deps.trustDomain}"` : `certificate ${caller.spiffeId} (serial ${caller.serialHex}) is revoked`;
-      metrics.rejectedHandshakes.inc({ listener: 'api', reason: caller ? 'wrong_role' : 'no_identity' });
+    if (!peer || peer.role !== 'service' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
+      const reason = !peer ? 'client certificate has no Burrow identity' : peer.role !== 'service' ? `certificate role "${peer.role}" may not call agents; a service certificate is required`
+        : peer.trustDomain !== this.deps.trustDomain ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"` : `certificate ${peer.spiffeId} (serial ${peer.serialHex}) is revoked`;
+      metrics.rejectedHandshakes.inc({ listener: 'api', reason: peer ? 'wrong_role' : 'no_identity' });
       refuse(undefined, new BurrowError(Status.PERMISSION_DENIED, reason));
-      return;
     }
-    const agentId = agentIdOfCall(call);
+    const caller = peer!;
     if (agentId === undefined) {
       refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `name the agent with metadata "${AGENT_ID_KEY}" or the authority "<agent-id>.agent"`));
-      return;
     }
-    if (!AGENT_ID.test(agentId)) {
-      refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `"${agentId.slice(0, 140)}" is not a valid agent id`));
-      return;
+    if (!AGENT_ID.test(agentId!)) {
+      refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `"${agentId!.slice(0, 140)}" is not a valid agent id`));
     }
-    if (this.deps.isDraining()) {
-      refuse(agentId, new BurrowError(Status.UNAVAILABLE, 'broker is draining; retry on another broker'));
-      return;
-    }
+    const agent = agentId!;
+    if (this.deps.isDraining()) refuse(agent, new BurrowError(Status.UNAVAILABLE, 'broker is draining; retry on another broker'));
 
+    const decision = this.deps.authorizer.authorize(caller, agent, method);
+    metrics.authzDecisions.inc({ decision: decision.allowed ? 'allow' : 'deny' });
+    if (!decision.allowed) {
+      logger.warn('caller denied by policy', { caller: caller.spiffeId, agentId: agent, method, reason: decision.reason, policies: decision.policies });
+      refuse(agent, new BurrowError(Status.PERMISSION_DENIED, `${caller.spiffeId} may not call ${method} on agent "${agent}": ${decision.reason}`));
+    }
+    try {
+      release = this.deps.limiter.admit(caller.spiffeId, agent);
+    } catch (err) {
+      if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
+      refuse(agent, err as BurrowError);
+    }
+    return { caller, agentId: agent, callId, finish: (code, details, req, res) => finish(agent, code, details, req, res) };
+  }
+
+  private async forward(call: RawCall): Promise<void> {
+    let admitted: AdmittedCall;
+    try {
+      admitted = this.admit(identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate), agentIdOfCall(call), call.getPath(), 'grpc');
+    } catch (err) {
+      rejectCall(call, err as BurrowError);
+      return;
+    }
+    const { registry, metrics } = this.deps;
+    const { agentId, callId, caller } = admitted;
     const abort = new AbortController();
     const onCancel = (): void => abort.abort();
     call.on('cancelled', onCancel);
     const deadline = call.getDeadline();
     const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
     let offer;
+    metrics.callsInFlight.inc({ direction: 'to_agent' });
     try {
-      metrics.callsInFlight.inc({ direction: 'to_agent' });
       offer = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, abort.signal);
     } catch (err) {
       metrics.callsInFlight.dec({ direction: 'to_agent' });
       call.removeListener('cancelled', onCancel);
-      refuse(agentId, err as BurrowError);
+      rejectCall(call, err as BurrowError);
+      admitted.finish((err as BurrowError).code, (err as BurrowError).message);
       return;
     }
     call.removeListener('cancelled', onCancel);
     const { session, stream } = offer;
     session.active.add(stream);
-    const outcome = await originate(call, stream, { callId, peerName: `agent "${agentId}"` });
+    const outcome = await originate(call, stream, { callId, peerName: `agent "${agentId}"`, caller: caller.spiffeId });
     session.active.delete(stream);
     metrics.callsInFlight.dec({ direction: 'to_agent' });
-    finish(agentId, outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
+    admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
+  }
+
+  /**
+   * One unary call made on behalf of `peer` (the AuthZEN HTTP binding): admitted like a gRPC call,
+   * then carried down the agent's tunnel. Resolves with the status; never rejects.
+   */
+  async callUnary(peer: PeerIdentity | undefined, agentId: string, method: string, message: Buffer, deadlineMs: number, signal?: AbortSignal): Promise<UnaryResult> {
+    let admitted: AdmittedCall;
+    try {
+      admitted = this.admit(peer, agentId, method, 'http');
+    } catch (err) {
+      const e = err as BurrowError;
+      return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };
+    }
+    const { registry, metrics } = this.deps;
+    metrics.callsInFlight.inc({ direction: 'to_agent' });
+    let offer;
+    try {
+      offer = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, signal ?? new AbortController().signal);
+    } catch (err) {
+      const e = err as BurrowError;
+      metrics.callsInFlight.dec({ direction: 'to_agent' });
+      admitted.finish(e.code, e.message);
+      return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };
+    }
+    const { session, stream } = offer;
+    session.active.add(stream);
+    const result = await originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, stream, { callId: admitted.callId, peerName: `agent "${agentId}"`, caller: admitted.caller.spiffeId });
+    session.active.delete(stream);
+    metrics.callsInFlight.dec({ direction: 'to_agent' });
+    admitted.finish(result.code, result.details, result.requestBytes, result.responseBytes);
+    return result;
   }
 }

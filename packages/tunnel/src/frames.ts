@@ -24,7 +24,14 @@ export const SESSION_ID_KEY = 'burrow-session-id';
 
 export interface WireMetadataEntry { key: string; value: Uint8Array }
 
-export interface StartFrame { method: string; metadata: WireMetadataEntry[]; timeoutMs: number; callId: string }
+export interface StartFrame {
+  method: string;
+  metadata: WireMetadataEntry[];
+  timeoutMs: number;
+  callId: string;
+  /** Broker -> agent: the verified SPIFFE id of the platform caller; empty otherwise. */
+  caller?: string;
+}
 export interface TrailersFrame { code: number; message: string; metadata: WireMetadataEntry[] }
 
 /** One frame of a forwarded call, as the code sees it (decoded `CallFrame`). */
@@ -108,7 +115,7 @@ export function decodeCallFrame(bytes: Buffer): CallFrame {
     case 'start': {
       const s = m.start as Record<string, unknown>;
       if (typeof s.method !== 'string' || !s.method.startsWith('/')) throw new ProtocolError('start frame without a method path');
-      return { kind: 'start', start: { method: s.method, metadata: entries(s.metadata), timeoutMs: toNumber(s.timeoutMs), callId: String(s.callId ?? '') } };
+      return { kind: 'start', start: { method: s.method, metadata: entries(s.metadata), timeoutMs: toNumber(s.timeoutMs), callId: String(s.callId ?? ''), ...(s.caller ? { caller: String(s.caller) } : {}) } };
     }
     case 'message': return { kind: 'message', data: toBuffer((m.message as { data: Uint8Array }).data ?? new Uint8Array()) };
     case 'halfClose': return { kind: 'halfClose' };

@@ -20,3 +20,5 @@ export * from './cli-options';
 export * from './admin-server';
 export * from './credential-store';
 export * from './enrollment-service';
+export * from './api-codec';
+export * from './local-answerer';

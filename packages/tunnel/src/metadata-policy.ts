@@ -14,6 +14,8 @@ export const BURROW_PREFIX = 'burrow-';
 export const AGENT_ID_KEY = 'burrow-agent-id';
 /** The metadata key the broker sets on site -> platform calls: the calling agent's verified id. */
 export const CALLING_AGENT_KEY = 'burrow-agent-id';
+/** The metadata key the agent sets on platform -> site calls to upstreams: the caller's verified SPIFFE id. */
+export const CALLER_ID_KEY = 'burrow-caller-id';
 
 const REQUEST_HOP_KEYS = new Set([
   'authorization', 'user-agent', 'host', 'te', 'content-type', 'connection', 'keep-alive',

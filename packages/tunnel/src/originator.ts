@@ -9,6 +9,8 @@ export interface OriginateOptions {
   callId: string;
   /** Name of the far side for error messages, e.g. `agent "site-a"` or `broker`. */
   peerName: string;
+  /** Verified SPIFFE id of the platform caller, sent in Start (broker -> agent calls only). */
+  caller?: string;
 }
 
 /**
@@ -81,7 +83,7 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
     const timeoutMs = Number.isFinite(deadlineMs) ? Math.max(1, deadlineMs - Date.now()) : 0;
     stream.send({
       kind: 'start',
-      start: { method: client.getPath(), metadata: requestMetadataToWire(client.metadata), timeoutMs, callId: opts.callId },
+      start: { method: client.getPath(), metadata: requestMetadataToWire(client.metadata), timeoutMs, callId: opts.callId, caller: opts.caller },
     });
 
     client.on('data', onClientData);
@@ -102,4 +104,81 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
 /** Fails a call that never reached the tunnel (no route, no agent, denied). */
 export function rejectCall(client: ServerDuplexStream<Buffer, Buffer>, error: BurrowError): void {
   client.emit('error', error.toServiceError());
+}
+
+/** What {@link originateUnary} sends: one request message of a unary method. */
+export interface UnaryRequest {
+  method: string;
+  message: Buffer;
+  metadata: Metadata;
+  /** Absolute deadline in epoch ms, or Infinity. */
+  deadlineMs: number;
+  signal?: AbortSignal;
+}
+
+/** How a unary call through the tunnel ended; `response` is set when `code` is OK. */
+export interface UnaryResult extends CallOutcome {
+  response?: Buffer;
+  trailers: Metadata;
+}
+
+/**
+ * The originator end of a unary call that Burrow itself makes (not relayed from a gRPC client):
+ * the broker's AuthZEN HTTP binding uses it. Same frame sequence and deadline rules as
+ * {@link originate}; aborting `signal` cancels the call. Resolves, never rejects.
+ */
+export function originateUnary(req: UnaryRequest, stream: CallStream, opts: OriginateOptions): Promise<UnaryResult> {
+  return new Promise((resolve) => {
+    let response: Buffer | undefined;
+    let settled = false;
+    let timer: NodeJS.Timeout | undefined;
+    const settle = (code: number, details: string, trailers: Metadata): void => {
+      if (settled) return;
+      settled = true;
+      if (timer) clearTimeout(timer);
+      req.signal?.removeEventListener('abort', onAbort);
+      stream.finish();
+      resolve({ code, details, trailers, requestBytes: req.message.length, responseBytes: response?.length ?? 0, response: code === Status.OK ? response : undefined });
+    };
+    const cancel = (code: number, reason: string): void => {
+      if (settled) return;
+      stream.send({ kind: 'cancel', reason });
+      settle(code, reason, new Metadata());
+    };
+    const onAbort = (): void => cancel(Status.CANCELLED, 'cancelled by the client');
+
+    stream.attach({
+      onFrame(frame) {
+        if (frame.kind === 'message') {
+          if (response !== undefined) {
+            cancel(Status.INTERNAL, `${opts.peerName} sent more than one response to unary ${req.method}`);
+            return;
+          }
+          response = frame.data;
+        } else if (frame.kind === 'trailers') {
+          const code = frame.trailers.code === Status.OK && response === undefined ? Status.INTERNAL : frame.trailers.code;
+          const details = code !== frame.trailers.code ? `${opts.peerName} sent no response to unary ${req.method}` : frame.trailers.message;
+          settle(code, details, responseMetadataFromWire(frame.trailers.metadata));
+        }
+      },
+      onDrain() {},
+      onClosed(error) {
+        if (error) settle(Status.UNAVAILABLE, `connection to ${opts.peerName} lost during the call: ${error.message}`, new Metadata());
+      },
+      onProtocolError(error) {
+        settle(Status.UNAVAILABLE, `${opts.peerName} broke the tunnel protocol: ${error.message}`, new Metadata());
+      },
+    });
+
+    const timeoutMs = Number.isFinite(req.deadlineMs) ? Math.max(1, req.deadlineMs - Date.now()) : 0;
+    if (timeoutMs > 0) timer = setTimeout(() => cancel(Status.DEADLINE_EXCEEDED, 'deadline exceeded'), timeoutMs);
+    if (req.signal?.aborted) {
+      settle(Status.CANCELLED, 'cancelled by the client', new Metadata());
+      return;
+    }
+    req.signal?.addEventListener('abort', onAbort);
+    stream.send({ kind: 'start', start: { method: req.method, metadata: requestMetadataToWire(req.metadata), timeoutMs, callId: opts.callId, caller: opts.caller } });
+    stream.send({ kind: 'message', data: req.message });
+    stream.send({ kind: 'halfClose' });
+  });
 }

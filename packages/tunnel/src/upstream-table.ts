@@ -42,6 +42,9 @@ export class UpstreamTable {
 
   get size(): number { return this.byService.size; }
 
+  /** True when `service` has a route of its own (the default route `*` does not count). */
+  hasRoute(service: string): boolean { return this.byService.has(service); }
+
   /** The client for the service of `method`, or undefined when no route (not even `*`) matches. */
   clientFor(method: string): Client | undefined {
     const address = this.byService.get(serviceOfMethod(method)) ?? this.byService.get('*');

@@ -1,0 +1,108 @@
+import { status as Status } from '@grpc/grpc-js';
+import {
+  API_CODECS, AUTH_METHODS, BurrowError, POLICY_METHODS, serviceOfMethod, toBurrowError, type JsonObject, type LocalCallContext, type LocalUnaryHandler,
+} from '@burrow/tunnel';
+
+/**
+ * The services the agent answers itself, without an upstream: token verification
+ * (burrow.auth.v1) and policy decisions (burrow.policy.v1). An `--upstream` route naming one of
+ * these services replaces the built-in one; the default route `*` does not.
+ */
+
+/** What the built-in authentication service needs from a token verifier. */
+export interface TokenAuthenticator {
+  authenticate(token: string, audience: string): Promise<{
+    authenticated: boolean; subject: string; groups: string[]; claims: Record<string, unknown>; expiresAt?: Date; reason: string;
+  }>;
+}
+
+/** What the built-in policy service needs from a policy engine (AuthZEN JSON in and out). */
+export interface PolicyDecider {
+  evaluate(request: JsonObject, opts: { caller?: string }): Promise<JsonObject> | JsonObject;
+  evaluations(request: JsonObject, opts: { caller?: string }): Promise<JsonObject> | JsonObject;
+}
+
+export interface BuiltinServicesOptions {
+  authenticator?: TokenAuthenticator;
+  policy?: PolicyDecider;
+}
+
+const AUTH_SERVICE = serviceOfMethod(AUTH_METHODS.authenticate);
+const POLICY_SERVICE = serviceOfMethod(POLICY_METHODS.evaluate);
+
+/** Full names of the services the agent can answer itself. */
+export const BUILTIN_SERVICE_NAMES: readonly string[] = [AUTH_SERVICE, POLICY_SERVICE];
+
+// Engines report bad input with their own error types; anything carrying a gRPC code (numeric
+// or its name) keeps it, the rest is INTERNAL with the message.
+function engineError(err: unknown, what: string): BurrowError {
+  const code = (err as { code?: unknown } | undefined)?.code;
+  if (typeof code === 'string' && code in Status) {
+    return new BurrowError((Status as unknown as Record<string, number>)[code], (err as Error).message, err);
+  }
+  const e = toBurrowError(err, what);
+  return e.code === Status.UNKNOWN ? new BurrowError(Status.INTERNAL, e.message, err) : e;
+}
+
+/** Dispatches forwarded calls for the built-in services to their engines. */
+export class BuiltinServices {
+  private readonly handlers = new Map<string, LocalUnaryHandler>();
+
+  constructor(private readonly opts: BuiltinServicesOptions) {
+    this.handlers.set(AUTH_METHODS.authenticate, (req) => this.authenticate(req));
+    this.handlers.set(POLICY_METHODS.evaluate, (req, ctx) => this.decide('evaluate', req, ctx));
+    this.handlers.set(POLICY_METHODS.evaluations, (req, ctx) => this.decide('evaluations', req, ctx));
+  }
+
+  /** True when `service` is one the agent answers itself (configured or not). */
+  isBuiltinService(service: string): boolean {
+    return service === AUTH_SERVICE || service === POLICY_SERVICE;
+  }
+
+  /**
+   * The handler for `method`, an UNIMPLEMENTED one for an unknown method of a built-in service,
+   * or undefined when the method is not built in.
+   */
+  handlerFor(method: string): LocalUnaryHandler | undefined {
+    const h = this.handlers.get(method);
+    if (h) return h;
+    if (!this.isBuiltinService(serviceOfMethod(method))) return undefined;
+    return () => Promise.reject(new BurrowError(Status.UNIMPLEMENTED, `the agent's ${serviceOfMethod(method)} has no method ${method.slice(method.lastIndexOf('/') + 1)}`));
+  }
+
+  private async authenticate(request: Buffer): Promise<Buffer> {
+    const verifier = this.opts.authenticator;
+    if (!verifier) throw new BurrowError(Status.FAILED_PRECONDITION, 'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url, or route burrow.auth.v1.AuthenticationService to an upstream');
+    const req = API_CODECS.authenticateRequest.decode(request);
+    let result;
+    try {
+      result = await verifier.authenticate(String(req.token ?? ''), String(req.audience ?? ''));
+    } catch (err) {
+      throw engineError(err, 'token verification failed');
+    }
+    return API_CODECS.authenticateResponse.encode({
+      authenticated: result.authenticated,
+      subject: result.subject,
+      groups: result.groups,
+      claims: result.authenticated ? result.claims : undefined,
+      expires_at: result.expiresAt ? result.expiresAt.toISOString() : undefined,
+      reason: result.reason,
+    });
+  }
+
+  private async decide(kind: 'evaluate' | 'evaluations', request: Buffer, ctx: LocalCallContext): Promise<Buffer> {
+    const engine = this.opts.policy;
+    if (!engine) throw new BurrowError(Status.FAILED_PRECONDITION, 'this agent has no policies: start it with --policies DIR (and --entities FILE), or route burrow.policy.v1.PolicyDecisionService to an upstream');
+    const codecs = kind === 'evaluate'
+      ? { req: API_CODECS.evaluationRequest, res: API_CODECS.evaluationResponse }
+      : { req: API_CODECS.evaluationsRequest, res: API_CODECS.evaluationsResponse };
+    const input = codecs.req.decode(request);
+    let output: JsonObject;
+    try {
+      output = await (kind === 'evaluate' ? engine.evaluate(input, { caller: ctx.caller }) : engine.evaluations(input, { caller: ctx.caller }));
+    } catch (err) {
+      throw engineError(err, 'policy evaluation failed');
+    }
+    return codecs.res.encode(output);
+  }
+}

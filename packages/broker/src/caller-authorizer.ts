@@ -1,0 +1,26 @@
+import type { PeerIdentity } from '@burrow/tunnel';
+
+/** The broker's answer to "may this service make this call on this agent?". */
+export interface CallerDecision {
+  allowed: boolean;
+  /** Why, for the PERMISSION_DENIED message and the log. */
+  reason: string;
+  /** Ids of the policies that decided (empty without a policy set). */
+  policies: string[];
+}
+
+/**
+ * Decides which platform services (by certificate identity) may call which methods on which
+ * agents. The caller API asks before a call touches the registry, so a denied caller learns
+ * nothing about whether the agent is connected.
+ */
+export interface CallerAuthorizer {
+  authorize(caller: PeerIdentity, agentId: string, method: string): CallerDecision;
+  close(): Promise<void>;
+}
+
+/** Used when no caller policy is configured: every service may call everything (logged loudly at start). */
+export const ALLOW_ALL_CALLERS: CallerAuthorizer = {
+  authorize: () => ({ allowed: true, reason: 'no caller policy configured', policies: [] }),
+  close: async () => {},
+};
