@@ -38,6 +38,8 @@ export class Stack {
   agentAddress = '';
   apiAddress = '';
   adminUrl = '';
+  /** host:port of the AuthZEN HTTPS binding, when the broker config turned it on. */
+  authzenAddress = '';
   localAddress = '';
   brokerConfig!: BrokerConfig;
   private baseline: ResourceSnapshot = {};
@@ -63,6 +65,7 @@ export class Stack {
     s.agentAddress = `127.0.0.1:${ports.agentPort}`;
     s.apiAddress = `127.0.0.1:${ports.apiPort}`;
     s.adminUrl = `http://127.0.0.1:${ports.adminPort}`;
+    if (ports.authzenPort) s.authzenAddress = `127.0.0.1:${ports.authzenPort}`;
     s.caller = new RawClient(s.apiAddress, mtlsCredentials(s.serviceCert));
     if (opts.startAgent !== false) await s.startAgent(opts.agent);
     return s;

@@ -5,3 +5,6 @@ export * from './broker-metrics';
 export * from './caller-api';
 export * from './tunnel-registry';
 export { brokerConfigFromArgs } from './cli';
+export * from './call-limiter';
+export * from './caller-authorizer';
+export * from './authzen-http';
