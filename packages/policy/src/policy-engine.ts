@@ -466,7 +466,7 @@ export class PolicyEngine extends EventEmitter {
     const allow = decision === 'allow';
     // Cedar returns them in hash order; sorted, equal decisions read the same.
     const policies = [...diagnostics.reason].sort();
-    const errors: ExplainedError[] = diagnostics.errors.map((e) => ({ policy: e.policyId, location: this.locate(e.policyId, e.error), message: e.error.message }));
+    const errors: ExplainedError[] = [...diagnostics.errors].sort((a, b) => a.policyId.localeCompare(b.policyId)).map((e) => ({ policy: e.policyId, location: this.locate(e.policyId, e.error), message: e.error.message }));
 
     let reason: string;
     if (allow) reason = `permitted by ${policies.join(', ')}`;

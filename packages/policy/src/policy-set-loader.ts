@@ -110,7 +110,10 @@ function cedarIssue(file: string, text: string | undefined, err: DetailedError, 
 function jsonIssue(file: string, text: string, err: Error): PolicyIssue {
   const pos = /position (\d+)/.exec(err.message);
   const message = `invalid JSON: ${err.message}`;
-  return pos ? { file, message, ...lineColumnAt(text, Number(pos[1])) } : { file, message };
+  if (pos) return { file, message, ...lineColumnAt(text, Number(pos[1])) };
+  // V8 gives no position for a truncated document; the end of the text is where it broke.
+  if (/end of JSON input/.test(err.message)) return { file, message, ...lineColumnAt(text, text.length) };
+  return { file, message };
 }
 
 function parseSchema(source: SourceText, issues: PolicyIssue[]): Schema | undefined {
