@@ -10,7 +10,8 @@ import { EXAMPLES_DIR, PolicyFixture } from './helpers/policy-fixture';
  * 2 invalid input or usage).
  */
 describe('burrow-agent policy (CLI)', function () {
-  this.timeout(30_000);
+  // Each test starts up to three processes that each compile Cedar's Wasm module; slow on a busy machine.
+  this.timeout(90_000);
   const policies = path.join(EXAMPLES_DIR, 'policies');
   const entities = path.join(EXAMPLES_DIR, 'entities.json');
   const schema = path.join(EXAMPLES_DIR, 'schema.cedarschema');
@@ -23,7 +24,7 @@ describe('burrow-agent policy (CLI)', function () {
   });
 
   const policy = (args: string[], stdin?: string, env: Record<string, string> = {}): ReturnType<typeof runCli> =>
-    runCli(AGENT_CLI, ['policy', ...args], env, 20_000, stdin);
+    runCli(AGENT_CLI, ['policy', ...args], env, 30_000, stdin);
 
   describe('check', () => {
     it('prints "ok: N policies, M entities" and exits 0 for the example site (with its schema)', async () => {

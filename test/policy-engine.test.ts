@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { readFileSync, readdirSync, unlinkSync } from 'node:fs';
+import { mkdirSync, readFileSync, readdirSync, renameSync, rmSync, unlinkSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { PassThrough } from 'node:stream';
 import { Registry } from 'prom-client';
@@ -408,10 +408,24 @@ describe('policy engine', function () {
       expect(engine.evaluate(request('User:a', 'read', 'Doc:x')).decision).to.equal(false);
     });
 
+    it('a removed policy directory keeps the last good set; once it is back, it is watched and loaded again', async () => {
+      const { engine, fx } = await open({ 'p.cedar': V1 }, undefined, { watch: true, watchDebounceMs: 20 });
+      const moved = `${fx.policiesDir}.old`;
+      const failed = nextReload(engine, (x) => !x.ok);
+      renameSync(fx.policiesDir, moved);
+      expect((await failed).error).to.match(/cannot read policy directory: ENOENT/);
+      expect(engine.evaluate(request('User:a', 'read', 'Doc:x')).decision).to.equal(true);
+      const back = nextReload(engine, (x) => x.ok && x.policies === 2);
+      mkdirSync(fx.policiesDir);
+      writeFileSync(fx.policyPath('p.cedar'), V2);
+      await back;
+      expect(engine.evaluate(request('User:a', 'read', 'Doc:x')).decision).to.equal(false);
+      rmSync(moved, { recursive: true });
+    });
+
     it('reload() without watching: unchanged sources are a no-op, a broken entities file is refused', async () => {
       const { engine, fx, registry } = await open({ 'p.cedar': V1 }, [entity('User', 'a')]);
       expect(await engine.reload()).to.include({ ok: true, changed: false });
-      const { writeFileSync } = await import('node:fs');
       writeFileSync(fx.entitiesFile, '[{"uid": {"type": "User", "id": "a"}, "attrs": {}, "parents": []},\n {"uid": ');
       const r = await engine.reload();
       expect(r.ok).to.equal(false);

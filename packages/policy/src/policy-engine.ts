@@ -1,5 +1,5 @@
 import { EventEmitter } from 'node:events';
-import { watch, type FSWatcher } from 'node:fs';
+import { existsSync, watch, type FSWatcher } from 'node:fs';
 import * as path from 'node:path';
 import type { Writable } from 'node:stream';
 import { Registry } from 'prom-client';
@@ -92,6 +92,9 @@ interface ActiveSet {
 
 type DecisionOutcome = 'allow' | 'deny' | 'error';
 
+/** How often a watch that was lost (its directory removed) is tried again. */
+const REWATCH_INTERVAL_MS = 1000;
+
 let engineSerial = 0;
 
 /**
@@ -116,7 +119,7 @@ export class PolicyEngine extends EventEmitter {
   private reloading: Promise<ReloadResult> = Promise.resolve({ ok: true, changed: false, policies: 0, entities: 0, durationMs: 0 });
   private readonly watchers = new Map<string, FSWatcher>();
   private debounceTimer: NodeJS.Timeout | undefined;
-  private rewatchTimer: NodeJS.Timeout | undefined;
+  private readonly rewatchTimers = new Set<NodeJS.Timeout>();
   private closed = false;
   /** Prometheus registry the metrics are in (the one given, or the engine's own). */
   readonly registry: Registry;
@@ -246,7 +249,8 @@ export class PolicyEngine extends EventEmitter {
     if (this.closed) return;
     this.closed = true;
     clearTimeout(this.debounceTimer);
-    clearTimeout(this.rewatchTimer);
+    for (const t of this.rewatchTimers) clearTimeout(t);
+    this.rewatchTimers.clear();
     for (const w of this.watchers.values()) w.close();
     this.watchers.clear();
     await this.reloading;
@@ -353,6 +357,13 @@ export class PolicyEngine extends EventEmitter {
       // Not persistent: watching alone must not keep a process alive.
       const w = watch(dir, { persistent: false }, (_event, name) => {
         if (filter(name === null ? null : String(name))) this.scheduleReload();
+        // A removed directory ends the watch without an error event: watch again once it is back.
+        if (!existsSync(dir)) {
+          w.close();
+          this.watchers.delete(dir);
+          this.scheduleReload();
+          this.retryWatch(dir, filter);
+        }
       });
       w.on('error', (err) => {
         this.logger.warn('policy watch failed; retrying', { dir, error: err.message });
@@ -369,13 +380,14 @@ export class PolicyEngine extends EventEmitter {
 
   private retryWatch(dir: string, filter: (name: string | null) => boolean): void {
     if (this.closed) return;
-    clearTimeout(this.rewatchTimer);
-    this.rewatchTimer = setTimeout(() => {
+    const timer = setTimeout(() => {
+      this.rewatchTimers.delete(timer);
       this.watchDir(dir, filter);
       // Whatever changed while nobody watched is picked up now.
       if (this.watchers.has(dir)) this.scheduleReload();
-    }, 1000);
-    this.rewatchTimer.unref();
+    }, REWATCH_INTERVAL_MS);
+    timer.unref();
+    this.rewatchTimers.add(timer);
   }
 
   private scheduleReload(): void {

@@ -63,7 +63,7 @@ export interface CompiledPolicySet {
   byId: Map<string, CompiledPolicy>;
   entities: EntityStore;
   schema?: Schema;
-  /** Keys of entities named literally in policies (their attributes may be read by any decision). */
+  /** Keys of entities named literally in policy conditions (their attributes may be read by any decision). */
   literalEntityKeys: Set<string>;
   /** Validator warnings, formatted; the set is still usable. */
   warnings: string[];
@@ -152,7 +152,10 @@ function compileFile(file: SourceText & { name: string }, issues: PolicyIssue[],
       issues.push({ file: file.path, ...where, message: 'policy templates (?principal / ?resource slots) are not supported; write a static policy' });
       return;
     }
-    collectEntityRefs(json.json, literalKeys);
+    // Entities named in the scope (`principal in Group::"admins"`) need not be passed: an `in`
+    // test reads the request entity's ancestors. Only literals in conditions can have their
+    // attributes or ancestors read (`Settings::"global".open`), so only those join every slice.
+    collectEntityRefs(json.json.conditions, literalKeys);
     const annotated = json.json.annotations?.id;
     out.push({
       id: annotated !== undefined ? annotated : `${file.name}#${index}`,
