@@ -240,8 +240,10 @@ export class PolicyEngine extends EventEmitter {
    * file:line:column, and counts a reload failure. Reloads run one at a time. Never rejects.
    */
   reload(): Promise<ReloadResult> {
-    this.reloading = this.reloading.then(() => this.reloadNow());
-    return this.reloading;
+    // Chained on the previous reload whatever its outcome, so one failure cannot stall the rest.
+    const next = this.reloading.catch(() => undefined).then(() => this.reloadNow());
+    this.reloading = next;
+    return next;
   }
 
   /** Stops the watchers, waits for a reload in progress, flushes and closes the audit log. */
@@ -253,7 +255,7 @@ export class PolicyEngine extends EventEmitter {
     this.rewatchTimers.clear();
     for (const w of this.watchers.values()) w.close();
     this.watchers.clear();
-    await this.reloading;
+    await this.reloading.catch(() => undefined);
     // Cedar keeps preparsed sets in Wasm memory until replaced; replace ours with empty ones.
     for (const slot of [0, 1]) {
       cedar.preparsePolicySet(this.slotId(slot), { staticPolicies: {} });
@@ -327,7 +329,11 @@ export class PolicyEngine extends EventEmitter {
         error: result.error, issues: issues.map(formatPolicyIssue), activePolicies: this.policyCount,
       });
     }
-    this.emit('reload', result);
+    try {
+      this.emit('reload', result);
+    } catch (err) {
+      this.logger.error('a reload listener threw', { error: (err as Error).message });
+    }
     return result;
   }
 
@@ -393,7 +399,9 @@ export class PolicyEngine extends EventEmitter {
   private scheduleReload(): void {
     if (this.closed) return;
     clearTimeout(this.debounceTimer);
-    this.debounceTimer = setTimeout(() => { void this.reload(); }, this.opts.watchDebounceMs ?? POLICY_ENGINE_DEFAULTS.watchDebounceMs);
+    this.debounceTimer = setTimeout(() => {
+      this.reload().catch((err: Error) => this.logger.error('policy reload failed unexpectedly', { error: err.message }));
+    }, this.opts.watchDebounceMs ?? POLICY_ENGINE_DEFAULTS.watchDebounceMs);
     this.debounceTimer.unref();
   }
 
