@@ -50,8 +50,10 @@ export class BurrowProcess {
   private partial = '';
   private readonly lineWatchers = new Set<() => void>();
 
-  constructor(readonly name: string, cli: string, args: string[], env: Record<string, string> = {}) {
-    this.child = spawn(process.execPath, [cli, ...args], { env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+  /** `stdin`: text written to the process's stdin, which is then closed (default: no stdin). */
+  constructor(readonly name: string, cli: string, args: string[], env: Record<string, string> = {}, stdin?: string) {
+    this.child = spawn(process.execPath, [cli, ...args], { env: cleanEnv(env), stdio: [stdin === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
+    if (stdin !== undefined) this.child.stdin!.end(stdin);
     if (this.child.pid === undefined) throw new Error(`${name}: spawn failed`);
     this.pid = this.child.pid;
     live.add(this);
@@ -148,8 +150,8 @@ export async function startAgent(args: string[], env: Record<string, string> = {
 }
 
 /** Runs a CLI to completion (for --help, --version and config errors). */
-export async function runCli(cli: string, args: string[], env: Record<string, string> = {}, timeoutMs = 10_000): Promise<{ proc: BurrowProcess; exit: Exit; stdout: string; stderrLines: string[] }> {
-  const proc = new BurrowProcess(path.basename(path.dirname(path.dirname(cli))), cli, args, env);
+export async function runCli(cli: string, args: string[], env: Record<string, string> = {}, timeoutMs = 10_000, stdin?: string): Promise<{ proc: BurrowProcess; exit: Exit; stdout: string; stderrLines: string[] }> {
+  const proc = new BurrowProcess(path.basename(path.dirname(path.dirname(cli))), cli, args, env, stdin);
   const exit = await proc.waitExit(timeoutMs);
   return { proc, exit, stdout: proc.stdout, stderrLines: proc.stderrLines.filter((l) => l !== '') };
 }

@@ -14,6 +14,7 @@ import { existsSync } from 'node:fs';
 import { Agent } from './agent';
 import { enroll, stateFiles } from './enroll';
 import { AGENT_DEFAULTS, type AgentConfig } from './agent-config';
+import { policyCommand, type PolicyCliIo } from './policy-cli';
 
 const PROG = 'burrow-agent';
 const VERSION: string = (require('../package.json') as { version: string }).version;
@@ -166,6 +167,22 @@ async function runEnroll(args: Args): Promise<void> {
   }
 }
 
+/** Runs a `policy` subcommand on the process streams and exits with its code. */
+function runPolicyCommand(handler: (args: Args, io: PolicyCliIo) => Promise<number>): (args: Args) => void {
+  const io: PolicyCliIo = {
+    readStdin: async () => {
+      const chunks: Buffer[] = [];
+      for await (const chunk of process.stdin) chunks.push(chunk as Buffer);
+      return Buffer.concat(chunks).toString('utf8');
+    },
+    out: (text) => process.stdout.write(text),
+    err: (text) => process.stderr.write(`${PROG}: policy: ${text}`),
+  };
+  return (args) => {
+    handler(args, io).then((code) => { process.exitCode = code; }, (err: Error) => fail(err.message));
+  };
+}
+
 function main(): void {
   void yargs(hideBin(process.argv))
     .scriptName(PROG)
@@ -177,7 +194,8 @@ function main(): void {
         .strict(), (args) => { void run(args as Args); })
     .command('enroll', 'enroll this agent with a join token: make a key, get a certificate, write the state directory', (y) =>
       y.options(ENROLL_OPTIONS).env('BURROW_AGENT').strict(), (args) => { void runEnroll(args as Args); })
-    .demandCommand(1, 'name a command: run or enroll')
+    .command(policyCommand(runPolicyCommand))
+    .demandCommand(1, 'name a command: run, enroll or policy')
     .strict()
     .version(`${VERSION} (protocol ${PROTOCOL_VERSION})`)
     .help()

@@ -1,0 +1,541 @@
+import { EventEmitter } from 'node:events';
+import { existsSync, watch, type FSWatcher } from 'node:fs';
+import * as path from 'node:path';
+import type { Writable } from 'node:stream';
+import { Registry } from 'prom-client';
+import type { Logger } from 'winston';
+import { silentLogger } from '@burrow/tunnel';
+import { AuditLog, type AuditRecord } from './audit-log';
+import { cedar, type DetailedError } from './cedar';
+import { entityLiteral, lineColumnAt } from './cedar-text';
+import { DecisionCache } from './decision-cache';
+import { collectEntityRefs, entityKey, type EntityRecord } from './entity-store';
+import {
+  PolicyInputError, canonicalJson, expandEvaluations, normalizeRequest, sha256Hex,
+  type EvaluationResponse, type EvaluationsResponse, type ExplainedError, type ExplainedPolicy, type JsonObject, type NormalizedRequest,
+} from './policy-input';
+import { PolicyMetrics } from './policy-metrics';
+import {
+  PolicyLoadError, compilePolicySet, formatPolicyIssue, readPolicyInputs,
+  type CompiledPolicy, type CompiledPolicySet, type PolicyIssue, type PolicySources,
+} from './policy-set-loader';
+
+/** Defaults of {@link PolicyEngineOptions}. */
+export const POLICY_ENGINE_DEFAULTS = {
+  cacheTtlMs: 5000,
+  cacheMaxEntries: 10_000,
+  watchDebounceMs: 100,
+  metricsPrefix: 'burrow_policy',
+} as const;
+
+/**
+ * The context key that carries `action.properties` into Cedar: Cedar actions are entities of
+ * the schema, not of the request, so request data about the action goes in the context, as
+ * `context.action_properties.<key>`.
+ */
+export const ACTION_PROPERTIES_CONTEXT_KEY = 'action_properties';
+
+/** Options of {@link PolicyEngine.open}. */
+export interface PolicyEngineOptions extends PolicySources {
+  /** How long a decision is served from the cache; 0 turns the cache off. Default 5000. */
+  cacheTtlMs?: number;
+  /** Most decisions cached (least recently used out first). Default 10000. */
+  cacheMaxEntries?: number;
+  /** Audit log: a writable stream (not closed by the engine) or a file path (appended to, mode 0600). */
+  auditLog?: Writable | string;
+  /** Audit records are dropped (counted) while more than this many bytes wait for the disk. Default 8 MiB. */
+  auditMaxBufferedBytes?: number;
+  logger?: Logger;
+  /** Where the metrics go; default a fresh registry. */
+  registry?: Registry;
+  /** Metric name prefix, e.g. `burrow_agent_policy` or `burrow_broker_authz`. Default `burrow_policy`. */
+  metricsPrefix?: string;
+  /** Reload when a policy file, the entities file or the schema changes. Default false. */
+  watch?: boolean;
+  /** Changes closer together than this make one reload. Default 100. */
+  watchDebounceMs?: number;
+  /** Milliseconds now, for cache expiry and audit times; default Date.now. */
+  clock?: () => number;
+}
+
+/** Per-call options of {@link PolicyEngine.evaluate}. */
+export interface EvaluateOptions {
+  /** Who asks, as the caller has verified it (a service identity, an agent id); written to the audit log. */
+  caller?: string;
+}
+
+/** Outcome of one (re)load. */
+export interface ReloadResult {
+  ok: boolean;
+  /** False when the sources were byte-for-byte what is already active (nothing was done). */
+  changed: boolean;
+  /** Policies and entities now active (the old set's counts after a failure). */
+  policies: number;
+  entities: number;
+  durationMs: number;
+  /** One line: the first problem and how many more. */
+  error?: string;
+  issues?: PolicyIssue[];
+}
+
+interface ActiveSet {
+  compiled: CompiledPolicySet;
+  /** Id of the preparsed set in Cedar's Wasm-side cache. */
+  policySetId: string;
+  /** The same set without its forbids, to find the permits a forbid overrode (explain only). */
+  permitsOnlyId: string;
+  schemaName?: string;
+  /** Entities reachable from the policies' entity literals: part of every decision's slice. */
+  literalClosure: Set<string>;
+  loadedAtMs: number;
+}
+
+type DecisionOutcome = 'allow' | 'deny' | 'error';
+
+/** How often a watch that was lost (its directory removed) is tried again. */
+const REWATCH_INTERVAL_MS = 1000;
+
+let engineSerial = 0;
+
+/**
+ * The Burrow policy decision point: answers AuthZEN access evaluations from Cedar policies and
+ * entity data (mapping in docs/policy.md and proto/burrow/policy/v1/policy.proto). Used by the
+ * agent for site decisions and by the broker for caller authorization.
+ *
+ * Decisions are synchronous and CPU-bound (tens of microseconds; see docs/policy.md), cached
+ * for `cacheTtlMs`, and each one is written to the audit log. With `watch`, the sources are
+ * reloaded when they change; a set that fails to load leaves the last good one active.
+ *
+ * Events: `reload` (ReloadResult) after every reload attempt that read the sources.
+ */
+export class PolicyEngine extends EventEmitter {
+  private active: ActiveSet;
+  private readonly cache: DecisionCache<EvaluationResponse>;
+  private readonly metrics: PolicyMetrics;
+  private readonly logger: Logger;
+  private readonly clock: () => number;
+  private readonly serial = ++engineSerial;
+  private generation = 0;
+  private reloading: Promise<ReloadResult> = Promise.resolve({ ok: true, changed: false, policies: 0, entities: 0, durationMs: 0 });
+  private readonly watchers = new Map<string, FSWatcher>();
+  private debounceTimer: NodeJS.Timeout | undefined;
+  private readonly rewatchTimers = new Set<NodeJS.Timeout>();
+  private closed = false;
+  /** Prometheus registry the metrics are in (the one given, or the engine's own). */
+  readonly registry: Registry;
+
+  private constructor(private readonly opts: PolicyEngineOptions, compiled: CompiledPolicySet, private readonly audit: AuditLog | undefined, metrics: PolicyMetrics, registry: Registry) {
+    super();
+    this.logger = opts.logger ?? silentLogger();
+    this.clock = opts.clock ?? Date.now;
+    this.registry = registry;
+    this.metrics = metrics;
+    this.cache = new DecisionCache(opts.cacheTtlMs ?? POLICY_ENGINE_DEFAULTS.cacheTtlMs, opts.cacheMaxEntries ?? POLICY_ENGINE_DEFAULTS.cacheMaxEntries, this.clock);
+    this.active = this.activate(compiled);
+  }
+
+  /**
+   * Loads the policy set and starts the engine (and its watchers when `watch` is set). Rejects with
+   * a {@link PolicyLoadError} whose message is one line naming the file (and line:column) of the
+   * first problem when the initial set does not load, or an Error when the audit log cannot be opened.
+   */
+  static async open(opts: PolicyEngineOptions): Promise<PolicyEngine> {
+    const cacheTtlMs = opts.cacheTtlMs ?? POLICY_ENGINE_DEFAULTS.cacheTtlMs;
+    const cacheMaxEntries = opts.cacheMaxEntries ?? POLICY_ENGINE_DEFAULTS.cacheMaxEntries;
+    if (!Number.isInteger(cacheTtlMs) || cacheTtlMs < 0) throw new RangeError(`cacheTtlMs must be an integer >= 0, got ${cacheTtlMs}`);
+    if (!Number.isInteger(cacheMaxEntries) || cacheMaxEntries < 0) throw new RangeError(`cacheMaxEntries must be an integer >= 0, got ${cacheMaxEntries}`);
+    const started = performance.now();
+    const compiled = compilePolicySet(await readPolicyInputs(opts));
+    const registry = opts.registry ?? new Registry();
+    const metrics = new PolicyMetrics(registry, opts.metricsPrefix ?? POLICY_ENGINE_DEFAULTS.metricsPrefix);
+    const audit = opts.auditLog === undefined ? undefined : await AuditLog.open({
+      sink: opts.auditLog, logger: opts.logger ?? silentLogger(), maxBufferedBytes: opts.auditMaxBufferedBytes, onDrop: () => metrics.auditDropped.inc(),
+    });
+    const engine = new PolicyEngine(opts, compiled, audit, metrics, registry);
+    engine.logLoaded(compiled, performance.now() - started, 'policies loaded');
+    if (opts.watch) engine.startWatching();
+    return engine;
+  }
+
+  /** Policies in the active set. */
+  get policyCount(): number {
+    return this.active.compiled.policies.length;
+  }
+
+  /** Entities in the active entity data. */
+  get entityCount(): number {
+    return this.active.compiled.entities.size;
+  }
+
+  /** The active policies, in load order (for admin pages and tools). */
+  get policies(): readonly CompiledPolicy[] {
+    return this.active.compiled.policies;
+  }
+
+  /**
+   * One AuthZEN access evaluation. Returns `{decision, context: {reason, policies, explanation?}}`;
+   * default deny. Throws {@link PolicyInputError} (INVALID_ARGUMENT) for a request that cannot be
+   * evaluated: missing subject/action/resource, an invalid type name, a value Cedar cannot hold,
+   * or (with a schema) a request the schema does not allow. Every call, cached or not, failed or
+   * not, is one audit record. Synchronous; never waits for I/O.
+   */
+  evaluate(input: unknown, opts: EvaluateOptions = {}): EvaluationResponse {
+    const startNs = process.hrtime.bigint();
+    let request: NormalizedRequest;
+    let key: string;
+    try {
+      request = normalizeRequest(input);
+      key = canonicalJson(request);
+    } catch (err) {
+      this.finish(startNs, 'error', [], false, safeCanonical(input), opts.caller, (err as Error).message);
+      throw err;
+    }
+    const cached = this.cache.get(key);
+    if (cached) {
+      this.metrics.cacheHits.inc();
+      this.finish(startNs, cached.decision ? 'allow' : 'deny', cached.context.policies ?? [], true, key, opts.caller);
+      return structuredClone(cached);
+    }
+    let response: EvaluationResponse;
+    try {
+      response = this.decide(request);
+    } catch (err) {
+      this.finish(startNs, 'error', [], false, key, opts.caller, (err as Error).message);
+      throw err;
+    }
+    this.cache.set(key, response);
+    this.finish(startNs, response.decision ? 'allow' : 'deny', response.context.policies ?? [], false, key, opts.caller);
+    return this.cache.enabled ? structuredClone(response) : response;
+  }
+
+  /**
+   * AuthZEN access evaluations: each item's present subject, action, resource and context replace
+   * the top-level defaults; answers come in order. `options.evaluations_semantic`:
+   * `execute_all` (default), `deny_on_first_deny` or `permit_on_first_permit` stop after the first
+   * deny / permit and leave the later items out. An item that cannot be evaluated gets
+   * `{decision: false, context: {error: {code: 'INVALID_ARGUMENT', message}}}` (a deny for the
+   * semantics). Throws {@link PolicyInputError} only for a malformed batch.
+   */
+  evaluations(input: unknown, opts: EvaluateOptions = {}): EvaluationsResponse {
+    const batch = expandEvaluations(input);
+    const evaluations: EvaluationResponse[] = [];
+    for (const item of batch.items) {
+      let answer: EvaluationResponse;
+      try {
+        answer = this.evaluate(item, opts);
+      } catch (err) {
+        if (!(err instanceof PolicyInputError)) throw err;
+        answer = { decision: false, context: { error: { code: 'INVALID_ARGUMENT', message: err.message } } };
+      }
+      evaluations.push(answer);
+      if (batch.semantic === 'deny_on_first_deny' && !answer.decision) break;
+      if (batch.semantic === 'permit_on_first_permit' && answer.decision) break;
+    }
+    return { evaluations };
+  }
+
+  /**
+   * Reads and compiles the sources again and, when they load, makes them the active set and empties
+   * the decision cache. A set that fails leaves the last good one active, logs every problem with
+   * file:line:column, and counts a reload failure. Reloads run one at a time. Never rejects.
+   */
+  reload(): Promise<ReloadResult> {
+    // Chained on the previous reload whatever its outcome, so one failure cannot stall the rest.
+    const next = this.reloading.catch(() => undefined).then(() => this.reloadNow());
+    this.reloading = next;
+    return next;
+  }
+
+  /** Stops the watchers, waits for a reload in progress, flushes and closes the audit log. */
+  async close(): Promise<void> {
+    if (this.closed) return;
+    this.closed = true;
+    clearTimeout(this.debounceTimer);
+    for (const t of this.rewatchTimers) clearTimeout(t);
+    this.rewatchTimers.clear();
+    for (const w of this.watchers.values()) w.close();
+    this.watchers.clear();
+    await this.reloading.catch(() => undefined);
+    // Cedar keeps preparsed sets in Wasm memory until replaced; replace ours with empty ones.
+    for (const slot of [0, 1]) {
+      cedar.preparsePolicySet(this.slotId(slot), { staticPolicies: {} });
+      cedar.preparsePolicySet(`${this.slotId(slot)}-permits`, { staticPolicies: {} });
+    }
+    await this.audit?.close();
+  }
+
+  private slotId(slot: number): string {
+    return `burrow-policy-${this.serial}-${slot}`;
+  }
+
+  /** Hands a compiled set to Cedar under the slot not in use, so the active one is never disturbed. */
+  private activate(compiled: CompiledPolicySet): ActiveSet {
+    const slot = this.generation++ % 2;
+    const policySetId = this.slotId(slot);
+    const all: Record<string, string> = {};
+    const permits: Record<string, string> = {};
+    for (const p of compiled.policies) {
+      all[p.id] = p.text;
+      if (p.effect === 'permit') permits[p.id] = p.text;
+    }
+    const parsed = cedar.preparsePolicySet(policySetId, { staticPolicies: all });
+    if (parsed.type === 'failure') throw new PolicyLoadError(parsed.errors.map((e) => ({ file: this.opts.policiesDir, message: e.message })));
+    cedar.preparsePolicySet(`${policySetId}-permits`, { staticPolicies: permits });
+    let schemaName: string | undefined;
+    if (compiled.schema !== undefined) {
+      schemaName = `burrow-schema-${this.serial}-${slot}`;
+      const s = cedar.preparseSchema(schemaName, compiled.schema);
+      if (s.type === 'failure') throw new PolicyLoadError(s.errors.map((e) => ({ file: this.opts.schemaFile ?? '', message: e.message })));
+    }
+    const literalClosure = compiled.entities.closure(compiled.literalEntityKeys);
+    this.metrics.policies.set(compiled.policies.length);
+    this.metrics.entities.set(compiled.entities.size);
+    this.metrics.lastReloadSuccess.set(1);
+    this.metrics.lastReloadTimestamp.set(this.clock() / 1000);
+    return { compiled, policySetId, permitsOnlyId: `${policySetId}-permits`, schemaName, literalClosure, loadedAtMs: this.clock() };
+  }
+
+  private logLoaded(compiled: CompiledPolicySet, durationMs: number, message: string): void {
+    this.logger.info(message, {
+      policies: compiled.policies.length, entities: compiled.entities.size, durationMs: Math.round(durationMs * 10) / 10, policiesDir: this.opts.policiesDir,
+    });
+    for (const w of compiled.warnings) this.logger.warn('policy validation warning', { warning: w });
+    if (compiled.policies.length === 0) this.logger.warn('the policy set is empty: every decision is a deny', { policiesDir: this.opts.policiesDir });
+  }
+
+  private async reloadNow(): Promise<ReloadResult> {
+    const started = performance.now();
+    const elapsed = (): number => Math.round((performance.now() - started) * 10) / 10;
+    if (this.closed) return { ok: false, changed: false, policies: this.policyCount, entities: this.entityCount, durationMs: 0, error: 'policy engine closed' };
+    let result: ReloadResult;
+    try {
+      const inputs = await readPolicyInputs(this.opts);
+      if (inputs.fingerprint === this.active.compiled.fingerprint) {
+        // Editors and ConfigMap updates touch files without changing them; nothing to do.
+        return { ok: true, changed: false, policies: this.policyCount, entities: this.entityCount, durationMs: elapsed() };
+      }
+      const compiled = compilePolicySet(inputs);
+      if (this.closed) throw new Error('policy engine closed during reload');
+      this.active = this.activate(compiled);
+      this.cache.clear();
+      result = { ok: true, changed: true, policies: this.policyCount, entities: this.entityCount, durationMs: elapsed() };
+      this.logLoaded(compiled, result.durationMs, 'policies reloaded');
+    } catch (err) {
+      const issues = err instanceof PolicyLoadError ? err.issues : [{ file: this.opts.policiesDir, message: (err as Error).message }];
+      result = { ok: false, changed: true, policies: this.policyCount, entities: this.entityCount, durationMs: elapsed(), error: (err as Error).message, issues };
+      this.metrics.reloadFailures.inc();
+      this.metrics.lastReloadSuccess.set(0);
+      this.logger.error('policy reload failed; the last good policy set stays active', {
+        error: result.error, issues: issues.map(formatPolicyIssue), activePolicies: this.policyCount,
+      });
+    }
+    try {
+      this.emit('reload', result);
+    } catch (err) {
+      this.logger.error('a reload listener threw', { error: (err as Error).message });
+    }
+    return result;
+  }
+
+  // ---- watching ----
+
+  private startWatching(): void {
+    const dirs = new Map<string, ((name: string | null) => boolean)>();
+    const base = (file: string | undefined): string | undefined => (file ? path.basename(file) : undefined);
+    // In the policy directory every event counts (new files, renames, Kubernetes' ..data swap);
+    // the fingerprint check makes a reload for an unrelated file a no-op.
+    dirs.set(path.resolve(this.opts.policiesDir), () => true);
+    for (const file of [this.opts.entitiesFile, this.opts.schemaFile]) {
+      if (!file) continue;
+      const dir = path.dirname(path.resolve(file));
+      if (dirs.has(dir)) continue;
+      // Watch the directory, not the file: editors and atomic writers replace a file by rename,
+      // and a watch on the old inode would go quiet.
+      const names = new Set([base(this.opts.entitiesFile), base(this.opts.schemaFile)]);
+      dirs.set(dir, (name) => name === null || names.has(name) || name.startsWith('..'));
+    }
+    for (const [dir, filter] of dirs) this.watchDir(dir, filter);
+  }
+
+  private watchDir(dir: string, filter: (name: string | null) => boolean): void {
+    if (this.closed) return;
+    try {
+      // Not persistent: watching alone must not keep a process alive.
+      const w = watch(dir, { persistent: false }, (_event, name) => {
+        if (filter(name === null ? null : String(name))) this.scheduleReload();
+        // A removed directory ends the watch without an error event: watch again once it is back.
+        if (!existsSync(dir)) {
+          w.close();
+          this.watchers.delete(dir);
+          this.scheduleReload();
+          this.retryWatch(dir, filter);
+        }
+      });
+      w.on('error', (err) => {
+        this.logger.warn('policy watch failed; retrying', { dir, error: err.message });
+        w.close();
+        this.watchers.delete(dir);
+        this.retryWatch(dir, filter);
+      });
+      this.watchers.set(dir, w);
+    } catch (err) {
+      this.logger.warn('cannot watch for policy changes; retrying', { dir, error: (err as Error).message });
+      this.retryWatch(dir, filter);
+    }
+  }
+
+  private retryWatch(dir: string, filter: (name: string | null) => boolean): void {
+    if (this.closed) return;
+    const timer = setTimeout(() => {
+      this.rewatchTimers.delete(timer);
+      this.watchDir(dir, filter);
+      // Whatever changed while nobody watched is picked up now.
+      if (this.watchers.has(dir)) this.scheduleReload();
+    }, REWATCH_INTERVAL_MS);
+    timer.unref();
+    this.rewatchTimers.add(timer);
+  }
+
+  private scheduleReload(): void {
+    if (this.closed) return;
+    clearTimeout(this.debounceTimer);
+    this.debounceTimer = setTimeout(() => {
+      this.reload().catch((err: Error) => this.logger.error('policy reload failed unexpectedly', { error: err.message }));
+    }, this.opts.watchDebounceMs ?? POLICY_ENGINE_DEFAULTS.watchDebounceMs);
+    this.debounceTimer.unref();
+  }
+
+  // ---- deciding ----
+
+  private finish(startNs: bigint, decision: DecisionOutcome, policies: string[], cached: boolean, key: string, caller: string | undefined, error?: string): void {
+    const latencyNs = Number(process.hrtime.bigint() - startNs);
+    this.metrics.decisions.inc({ decision });
+    this.metrics.decisionDuration.observe(latencyNs / 1e9);
+    if (!this.audit) return;
+    const rec: AuditRecord = {
+      time: new Date(this.clock()).toISOString(),
+      input_sha256: sha256Hex(key),
+      decision,
+      policies,
+      cached,
+      latency_us: Math.round(latencyNs / 1000),
+    };
+    if (caller !== undefined) rec.caller = caller;
+    if (error !== undefined) rec.error = error;
+    this.audit.record(rec);
+  }
+
+  /** Entity data merged with request properties (the request wins, key by key). */
+  private static merged(stored: EntityRecord | undefined, uid: { type: string; id: string }, properties: JsonObject | undefined): EntityRecord | undefined {
+    if (!properties) return stored;
+    if (!stored) return { uid, attrs: { ...properties }, parents: [] };
+    return { ...stored, attrs: { ...stored.attrs, ...properties } };
+  }
+
+  private decide(request: NormalizedRequest): EvaluationResponse {
+    const active = this.active;
+    const store = active.compiled.entities;
+    const principal = { type: request.subject.type, id: request.subject.id };
+    const resource = { type: request.resource.type, id: request.resource.id };
+    const action = { type: 'Action', id: request.action.name };
+    const principalKey = entityKey(principal);
+    const resourceKey = entityKey(resource);
+
+    const context: JsonObject = { ...request.context };
+    if (request.action.properties) {
+      if (ACTION_PROPERTIES_CONTEXT_KEY in context) {
+        throw new PolicyInputError(`context.${ACTION_PROPERTIES_CONTEXT_KEY}`, `context.${ACTION_PROPERTIES_CONTEXT_KEY} is reserved for action.properties; send one or the other`);
+      }
+      context[ACTION_PROPERTIES_CONTEXT_KEY] = request.action.properties;
+    }
+
+    const overrides = new Map<string, EntityRecord>();
+    const principalEntity = PolicyEngine.merged(store.get(principalKey), principal, request.subject.properties);
+    if (principalEntity) overrides.set(principalKey, principalEntity);
+    const resourceBase = overrides.get(resourceKey) ?? store.get(resourceKey);
+    const resourceEntity = PolicyEngine.merged(resourceBase, resource, request.resource.properties);
+    if (resourceEntity) overrides.set(resourceKey, resourceEntity);
+
+    const roots = new Set<string>([principalKey, resourceKey, entityKey(action)]);
+    for (const e of overrides.values()) {
+      for (const p of e.parents) roots.add(entityKey(p));
+      collectEntityRefs(e.attrs, roots);
+    }
+    collectEntityRefs(context, roots);
+    const keys = store.closure(roots, new Set(active.literalClosure));
+    for (const k of overrides.keys()) keys.add(k);
+    const entities: EntityRecord[] = [];
+    for (const k of keys) {
+      const e = overrides.get(k) ?? store.get(k);
+      if (e) entities.push(e);
+    }
+
+    const call = {
+      principal, action, resource, context: context as never, entities: entities as never,
+      preparsedPolicySetId: active.policySetId,
+      preparsedSchemaName: active.schemaName,
+      validateRequest: active.schemaName !== undefined,
+    };
+    const answer = cedar.statefulIsAuthorized(call);
+    if (answer.type === 'failure') {
+      const first = answer.errors[0];
+      throw new PolicyInputError('request', `Cedar cannot evaluate this request: ${first ? first.message : 'unknown error'}`, answer.errors);
+    }
+    const { decision, diagnostics } = answer.response;
+    if (diagnostics.errors.length > 0) this.metrics.evaluationErrors.inc(diagnostics.errors.length);
+    const allow = decision === 'allow';
+    // Cedar returns them in hash order; sorted, equal decisions read the same.
+    const policies = [...diagnostics.reason].sort();
+    const errors: ExplainedError[] = [...diagnostics.errors].sort((a, b) => a.policyId.localeCompare(b.policyId)).map((e) => ({ policy: e.policyId, location: this.locate(e.policyId, e.error), message: e.error.message }));
+
+    let reason: string;
+    if (allow) reason = `permitted by ${policies.join(', ')}`;
+    else if (policies.length > 0) reason = `forbidden by ${policies.join(', ')}`;
+    else reason = 'no policy permits this request (default deny)';
+    if (errors.length > 0) {
+      const shown = errors.slice(0, 3).map((e) => `${e.policy} (${e.message})`).join(', ');
+      reason += `; ${errors.length} ${errors.length === 1 ? 'policy' : 'policies'} failed to evaluate and did not apply: ${shown}${errors.length > 3 ? ', ...' : ''}`;
+    }
+    const response: EvaluationResponse = { decision: allow, context: { reason, policies } };
+    if (request.explain) {
+      const satisfied: ExplainedPolicy[] = policies.map((id) => this.explainPolicy(id));
+      if (!allow && policies.length > 0) {
+        // Cedar names only the forbids of a deny; the permits they overrode come from the permit-only set.
+        const permits = cedar.statefulIsAuthorized({ ...call, preparsedPolicySetId: active.permitsOnlyId });
+        if (permits.type === 'success') for (const id of permits.response.diagnostics.reason) satisfied.push(this.explainPolicy(id));
+      }
+      response.context.explanation = {
+        request: { principal: entityLiteral(principal.type, principal.id), action: entityLiteral(action.type, action.id), resource: entityLiteral(resource.type, resource.id) },
+        satisfied,
+        errors,
+      };
+    }
+    return response;
+  }
+
+  private explainPolicy(id: string): ExplainedPolicy {
+    const p = this.active.compiled.byId.get(id);
+    return p ? { id, effect: p.effect, location: `${p.file}:${p.line}` } : { id, effect: 'permit', location: 'unknown' };
+  }
+
+  /** file:line:column of a Cedar error inside a policy (its offsets are relative to the policy text). */
+  private locate(policyId: string, err: DetailedError): string {
+    const p = this.active.compiled.byId.get(policyId);
+    if (!p) return 'unknown';
+    const loc = err.sourceLocations?.[0];
+    if (!loc) return `${p.file}:${p.line}:${p.column}`;
+    const rel = lineColumnAt(p.text, loc.start);
+    const line = p.line + rel.line - 1;
+    const column = rel.line === 1 ? p.column + rel.column - 1 : rel.column;
+    return `${p.file}:${line}:${column}`;
+  }
+}
+
+/** Canonical JSON of untrusted input for the audit hash; anything unserializable hashes as its type. */
+function safeCanonical(input: unknown): string {
+  try {
+    return canonicalJson(input);
+  } catch {
+    return `<${typeof input}>`;
+  }
+}
