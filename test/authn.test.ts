@@ -10,6 +10,8 @@ import { Registry } from 'prom-client';
 import { BurrowError, ConfigError } from '@burrow/tunnel';
 import { TokenVerifier, authnConfigFromArgs, loadJose, type AuthenticationResult, type JoseModule, type TokenVerifierOptions } from '@burrow/agent';
 import { freePorts } from './helpers/free-port';
+import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
+import { AGENT_CLI, killAll, runCli, startAgent } from './helpers/processes';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { AUD, ISS, TestHttpServer, jwksOf, makeKey, signToken, writeAtomically, type TestKey } from './helpers/token-fixture';
 
@@ -585,5 +587,65 @@ describe('authn: agent flags (authnConfigFromArgs)', () => {
     expect(fieldOf({ 'introspection-url': 'http://x/i', 'token-issuer': 'i', 'introspection-client-id': 'a', 'introspection-client-secret-file': '/nonexistent' })).to.equal('introspection-client-secret-file');
     expect(fieldOf({ jwks, 'token-issuer': 'i', 'introspection-client-id': 'a' })).to.equal('introspection-client-id');
     expect(fieldOf({ jwks, 'token-issuer': 'i', 'introspection-url': 'http://x/i', 'introspection-timeout': '2m' })).to.equal('introspection-timeout');
+  });
+});
+
+describe('authn: burrow-agent run token flags (real processes)', function () {
+  this.timeout(30_000);
+  let pki: PkiFixture;
+  let cert: CertFiles;
+  let jwks: string;
+  let base: string[];
+
+  before(async () => {
+    pki = await PkiFixture.create();
+    cert = await pki.issue('agent', 'site-a');
+    jwks = path.join(pki.root, 'jwks.json');
+    writeFileSync(jwks, '{"keys":[]}');
+    const [closedPort] = await freePorts(1);
+    base = ['run', '--broker', `127.0.0.1:${closedPort!}`, '--tls-cert', cert.cert, '--tls-key', cert.key, '--ca', cert.ca];
+  });
+  afterEach(() => killAll());
+  after(() => pki?.cleanup());
+
+  async function expectOneLineError(args: string[], field: string, env: Record<string, string> = {}): Promise<string> {
+    const { exit, stderrLines, stdout } = await runCli(AGENT_CLI, [...base, ...args], env);
+    expect(exit, stderrLines.join('\n')).to.deep.equal({ code: 2, signal: null });
+    expect(stderrLines).to.have.length(1);
+    expect(stderrLines[0]).to.match(new RegExp(`^burrow-agent: ${field}: \\S`));
+    expect(stdout).to.equal('');
+    return stderrLines[0]!;
+  }
+
+  it('lists the token flags in run --help', async () => {
+    const { exit, stdout } = await runCli(AGENT_CLI, ['run', '--help']);
+    expect(exit.code).to.equal(0);
+    for (const flag of ['--jwks ', '--jwks-url', '--token-issuer', '--token-audience', '--token-algorithms', '--token-clock-skew', '--token-groups-claim', '--introspection-url', '--introspection-client-id', '--introspection-client-secret-file']) {
+      expect(stdout).to.contain(flag);
+    }
+  });
+
+  it('a refused algorithm, from a flag, the environment or the config file, is one line naming token-algorithms', async () => {
+    const line = await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS, '--token-algorithms', 'RS256,HS256'], 'token-algorithms');
+    expect(line).to.contain('HS256 is refused');
+    await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-algorithms', { BURROW_AGENT_TOKEN_ALGORITHMS: 'none' });
+    const config = path.join(pki.root, 'agent.yaml');
+    writeFileSync(config, `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\ntoken-algorithms: HS512\n`);
+    await expectOneLineError(['--config', config], 'token-algorithms');
+  });
+
+  it('other bad token settings name their flag: skew over 5m (env), a missing issuer, a secret without a client id', async () => {
+    await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-clock-skew', { BURROW_AGENT_TOKEN_CLOCK_SKEW: '10m' });
+    await expectOneLineError(['--jwks-url', 'http://127.0.0.1:1/jwks'], 'token-issuer');
+    await expectOneLineError(['--introspection-url', 'http://127.0.0.1:1/i', '--token-issuer', ISS, '--introspection-client-secret-file', jwks], 'introspection-client-id');
+    await expectOneLineError(['--token-audience', AUD], 'token-audience');
+  });
+
+  it('starts with token settings from the config file and the environment together', async () => {
+    const config = path.join(pki.root, 'agent-ok.yaml');
+    writeFileSync(config, `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\n  - https://idp2.site.test\ntoken-audience: ${AUD}\ntoken-groups-claim: roles\n`);
+    // Reaching "agent started" means the whole configuration was accepted; afterEach ends it.
+    const { started } = await startAgent([...base.slice(1), '--config', config], { BURROW_AGENT_TOKEN_CLOCK_SKEW: '2m', BURROW_AGENT_TOKEN_ALGORITHMS: 'ES256,EdDSA' });
+    expect(started.message).to.equal('agent started');
   });
 });
