@@ -1,6 +1,8 @@
 import { expect } from 'chai';
 import { once } from 'node:events';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { mkdtempSync, readFileSync, rmSync, statSync, writeFileSync } from 'node:fs';
+import { promisify } from 'node:util';
 import { createPublicKey, randomBytes } from 'node:crypto';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
@@ -647,5 +649,42 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
     // Reaching "agent started" means the whole configuration was accepted; afterEach ends it.
     const { started } = await startAgent([...base.slice(1), '--config', config], { BURROW_AGENT_TOKEN_CLOCK_SKEW: '2m', BURROW_AGENT_TOKEN_ALGORITHMS: 'ES256,EdDSA' });
     expect(started.message).to.equal('agent started');
+  });
+});
+
+describe('authn: examples/auth/mint-token.js (real processes)', function () {
+  this.timeout(30_000);
+  const script = path.resolve(__dirname, '..', '..', 'examples', 'auth', 'mint-token.js');
+  const run = async (...args: string[]): Promise<string> => (await promisify(execFile)(process.execPath, [script, ...args])).stdout.trim();
+  let dir: string;
+  before(() => { dir = mkdtempSync(path.join(tmpdir(), 'burrow-mint-')); });
+  after(() => rmSync(dir, { recursive: true, force: true }));
+
+  it('makes keys at run time (private ones 0600, a public-only JWKS) and signs tokens the verifier accepts or refuses as it should', async () => {
+    const keys = path.join(dir, 'keys');
+    await run('keys', '--out', keys);
+    for (const file of ['signing-key.jwk', 'signing-key-rs256.jwk']) expect(statSync(path.join(keys, file)).mode & 0o777, file).to.equal(0o600);
+    const jwks = JSON.parse(readFileSync(path.join(keys, 'jwks.json'), 'utf8')) as { keys: Array<Record<string, unknown>> };
+    expect(jwks.keys.map((k) => k.alg)).to.deep.equal(['ES256', 'RS256']);
+    for (const k of jwks.keys) expect(k).to.not.have.any.keys('d', 'p', 'q');
+
+    const v = await TokenVerifier.create({ jwksFile: path.join(keys, 'jwks.json'), issuers: [ISS], audiences: [AUD], registry: new Registry() });
+    try {
+      const common = ['--iss', ISS, '--aud', AUD, '--sub', 'alice'];
+      const good = await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--groups', 'ops,dev', '--claim', 'tenant=acme'));
+      expect(good).to.deep.include({ authenticated: true, subject: 'alice', groups: ['ops', 'dev'] });
+      expect(good.claims.tenant).to.equal('acme');
+      expect((await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key-rs256.jwk'), ...common))).authenticated).to.equal(true);
+      expectRefused(await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--exp', '-5m')), 'expired');
+      expectRefused(await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--nbf', '10m')), 'not_yet_valid');
+    } finally {
+      v.close();
+    }
+  });
+
+  it('says what is wrong in one line and exits 2', async () => {
+    const err = await run('sign', '--key', path.join(dir, 'missing.jwk'), '--iss', ISS, '--aud', AUD, '--sub', 'a').then(() => undefined, (e: { code: number; stderr: string }) => e);
+    expect(err?.code).to.equal(2);
+    expect(err?.stderr).to.match(/^mint-token: --key .*ENOENT\n$/);
   });
 });

@@ -14,23 +14,30 @@ export class TokenRefusal {
   }
 }
 
-interface JoseErrorLike { code?: unknown; claim?: unknown; reason?: unknown; message?: unknown }
+interface JoseErrorLike { code?: unknown; claim?: unknown; reason?: unknown; message?: unknown; payload?: Record<string, unknown> }
+
+/** What the token was checked against, so that a refusal can say what was expected. */
+export interface RefusalContext { issuers: readonly string[]; audiences: readonly string[] }
+
+const at = (seconds: unknown): string => (typeof seconds === 'number' && Number.isFinite(seconds) ? new Date(seconds * 1000).toISOString() : String(seconds));
 
 /**
  * Turns what jose throws while verifying a JWT into a refusal, or returns undefined for anything
  * that is not a verdict about the token (a bug, a broken key), which the caller reports as an
  * error instead.
  */
-export function refusalOfJoseError(err: unknown): TokenRefusal | undefined {
+export function refusalOfJoseError(err: unknown, context: RefusalContext): TokenRefusal | undefined {
   const e = (err ?? {}) as JoseErrorLike;
   const message = typeof e.message === 'string' ? e.message : String(err);
+  const claims = e.payload ?? {};
+  const missing = e.reason === 'missing';
   switch (e.code) {
     case 'ERR_JWT_EXPIRED':
-      return new TokenRefusal('expired', message);
+      return new TokenRefusal('expired', `token expired at ${at(claims.exp)}`);
     case 'ERR_JWT_CLAIM_VALIDATION_FAILED':
-      if (e.claim === 'nbf' && e.reason === 'check_failed') return new TokenRefusal('not_yet_valid', message);
-      if (e.claim === 'aud') return new TokenRefusal('audience', message);
-      if (e.claim === 'iss') return new TokenRefusal('issuer', message);
+      if (e.claim === 'nbf' && e.reason === 'check_failed') return new TokenRefusal('not_yet_valid', `token is not valid before ${at(claims.nbf)}`);
+      if (e.claim === 'aud') return new TokenRefusal('audience', missing ? 'token has no "aud" claim' : `token audience ${JSON.stringify(claims.aud)} does not include ${context.audiences.map((a) => JSON.stringify(a)).join(' or ')}`);
+      if (e.claim === 'iss') return new TokenRefusal('issuer', missing ? 'token has no "iss" claim' : `issuer ${JSON.stringify(claims.iss)} is not accepted`);
       return new TokenRefusal('malformed', message);
     case 'ERR_JOSE_ALG_NOT_ALLOWED':
       return new TokenRefusal('algorithm', message);

@@ -273,7 +273,7 @@ export class TokenVerifier extends EventEmitter {
         // No `kid` and several keys of the right type: the one that verifies is the signer.
         return this.verifyWithEach(err as AsyncIterable<VerifyKey>, token, options);
       }
-      return this.refusalOrThrow(err);
+      return this.refusalOrThrow(err, options);
     }
   }
 
@@ -282,14 +282,14 @@ export class TokenVerifier extends EventEmitter {
       try {
         return (await this.jose.jwtVerify(token, key, options)).payload;
       } catch (err) {
-        if ((err as { code?: string }).code !== 'ERR_JWS_SIGNATURE_VERIFICATION_FAILED') return this.refusalOrThrow(err);
+        if ((err as { code?: string }).code !== 'ERR_JWS_SIGNATURE_VERIFICATION_FAILED') return this.refusalOrThrow(err, options);
       }
     }
     return new TokenRefusal('signature', 'signature verification failed with every candidate key');
   }
 
-  private refusalOrThrow(err: unknown): TokenRefusal {
-    const refusal = refusalOfJoseError(err);
+  private refusalOrThrow(err: unknown, options: JWTVerifyOptions): TokenRefusal {
+    const refusal = refusalOfJoseError(err, { issuers: this.issuers, audiences: options.audience as string[] });
     if (refusal) return refusal;
     throw new BurrowError(Status.INTERNAL, `token verification failed: ${(err as Error).message ?? String(err)}`, err);
   }
