@@ -1,3 +1,4 @@
+import type { TokenVerifierSettings } from './authn/token-verifier';
 import { DEFAULT_KEEPALIVE, DEFAULT_MAX_MESSAGE_BYTES, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
 
 /** TLS material for the local listener, when site clients must use TLS. */
@@ -39,6 +40,8 @@ export interface AgentConfig {
   keepalive: KeepaliveSettings;
   logLevel: string;
   logFormat: LogFormat;
+  /** Token verification for the built-in AuthenticationService; undefined when no key source is configured. */
+  authn?: TokenVerifierSettings;
 }
 
 export const AGENT_DEFAULTS = {

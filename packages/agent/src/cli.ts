@@ -15,6 +15,7 @@ import { Agent } from './agent';
 import { enroll, stateFiles } from './enroll';
 import { AGENT_DEFAULTS, type AgentConfig } from './agent-config';
 import { policyCommand, type PolicyCliIo } from './policy-cli';
+import { AUTHN_RUN_OPTIONS, authnConfigFromArgs } from './authn/authn-config';
 
 const PROG = 'burrow-agent';
 const VERSION: string = (require('../package.json') as { version: string }).version;
@@ -43,6 +44,7 @@ const RUN_OPTIONS = {
   'keepalive-timeout': { type: 'string', describe: 'ping answer timeout before a connection is dropped', default: '10s' },
   'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
   'log-format': { type: 'string', describe: 'json or text', default: 'json' },
+  ...AUTHN_RUN_OPTIONS,
   config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
 } as const;
 
@@ -104,6 +106,7 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
     logLevel,
     logFormat: logFormat as LogFormat,
+    authn: authnConfigFromArgs(args),
   };
 }
 

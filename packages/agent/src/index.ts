@@ -2,6 +2,7 @@
 export * from './agent';
 export * from './agent-config';
 export * from './agent-metrics';
+export * from './authn';
 export * from './backoff';
 export * from './broker-connection';
 export { agentConfigFromArgs } from './cli';

@@ -1,0 +1,89 @@
+import { ConfigError, asList, parseDurationMs, requireReadableFile } from '@burrow/tunnel';
+import { INTROSPECTION_DEFAULTS } from './introspection-client';
+import { DEFAULT_TOKEN_ALGORITHMS, parseTokenAlgorithms } from './token-algorithms';
+import { MAX_CLOCK_SKEW_MS, TOKEN_VERIFIER_DEFAULTS, httpUrl, type TokenVerifierSettings } from './token-verifier';
+
+/**
+ * The agent's token-verification flags, spread into `burrow-agent run`'s options by cli.ts (each
+ * is also a config-file key and a BURROW_AGENT_* variable there). No yargs defaults: a token flag
+ * given without a key source is a mistake to report, and defaults would hide which flags were set.
+ */
+export const AUTHN_RUN_OPTIONS = {
+  jwks: { type: 'string', describe: 'JWKS file of the site\'s token signing keys (air-gapped sites); reloaded when it changes' },
+  'jwks-url': { type: 'string', describe: 'HTTP(S) URL of the site\'s JWKS; fetched at start, on unknown key ids (at most every 30s) and every 10m' },
+  'token-issuer': { type: 'string', array: true, describe: 'accepted token issuer (`iss`, exact match; repeatable or comma-separated); required with --jwks, --jwks-url or --introspection-url' },
+  'token-audience': { type: 'string', array: true, describe: 'audience checked when an Authenticate request names none (repeatable or comma-separated)' },
+  'token-algorithms': { type: 'string', describe: `allowed JWS algorithms, comma-separated (default ${DEFAULT_TOKEN_ALGORITHMS.join(',')}; none and HS* are refused)` },
+  'token-clock-skew': { type: 'string', describe: 'tolerance for exp and nbf, at most 5m (default 60s)' },
+  'token-groups-claim': { type: 'string', describe: 'claim holding the caller\'s groups; a dotted path reaches into objects (default groups)' },
+  'token-required-claims': { type: 'string', describe: 'claims every token must carry besides iss and aud, comma-separated, e.g. sub,exp (default none)' },
+  'introspection-url': { type: 'string', describe: 'RFC 7662 endpoint that judges opaque (non-JWT) tokens' },
+  'introspection-client-id': { type: 'string', describe: 'the agent\'s client id at the introspection endpoint' },
+  'introspection-client-secret-file': { type: 'string', describe: 'file holding the agent\'s client secret at the introspection endpoint' },
+  'introspection-timeout': { type: 'string', describe: 'timeout of one introspection request (default 5s)' },
+  'introspection-cache-ttl': { type: 'string', describe: 'how long an active answer is reused, never past the token\'s exp; 0 turns caching off (default 30s)' },
+} as const;
+
+const SOURCE_FLAGS = ['jwks', 'jwks-url', 'introspection-url'];
+
+/** Comma-separated and repeated values, as one list without empties. */
+function listOf(value: unknown): string[] {
+  return asList(value).flatMap((v) => v.split(',')).map((v) => v.trim()).filter((v) => v !== '');
+}
+
+function given(args: Record<string, unknown>, flag: string): boolean {
+  const v = args[flag];
+  return v !== undefined && v !== null && !(Array.isArray(v) && v.length === 0);
+}
+
+/**
+ * Builds the token verifier's settings from parsed flags, or undefined when no key source is
+ * configured (the agent then answers Authenticate with FAILED_PRECONDITION). Every problem is a
+ * one-line {@link ConfigError} naming its flag.
+ */
+export function authnConfigFromArgs(args: Record<string, unknown>): TokenVerifierSettings | undefined {
+  if (!SOURCE_FLAGS.some((f) => given(args, f))) {
+    const stray = Object.keys(AUTHN_RUN_OPTIONS).find((f) => given(args, f));
+    if (stray) throw new ConfigError(stray, 'has no effect without --jwks, --jwks-url or --introspection-url');
+    return undefined;
+  }
+  if (given(args, 'jwks') && given(args, 'jwks-url')) throw new ConfigError('jwks-url', 'cannot be combined with --jwks: name one key source');
+  const issuers = listOf(args['token-issuer']);
+  if (issuers.length === 0) throw new ConfigError('token-issuer', 'is required with --jwks, --jwks-url or --introspection-url (the accepted iss value)');
+  const settings: TokenVerifierSettings = {
+    issuers,
+    audiences: listOf(args['token-audience']),
+    algorithms: given(args, 'token-algorithms') ? parseTokenAlgorithms('token-algorithms', String(args['token-algorithms'])) : [...DEFAULT_TOKEN_ALGORITHMS],
+    clockSkewMs: TOKEN_VERIFIER_DEFAULTS.clockSkewMs,
+    groupsClaim: TOKEN_VERIFIER_DEFAULTS.groupsClaim,
+    requiredClaims: listOf(args['token-required-claims']),
+  };
+  if (given(args, 'jwks')) settings.jwksFile = requireReadableFile('jwks', args.jwks);
+  if (given(args, 'jwks-url')) settings.jwksUrl = httpUrl('jwks-url', String(args['jwks-url'])).href;
+  if (given(args, 'token-clock-skew')) {
+    settings.clockSkewMs = parseDurationMs('token-clock-skew', args['token-clock-skew']);
+    if (settings.clockSkewMs > MAX_CLOCK_SKEW_MS) throw new ConfigError('token-clock-skew', `${String(args['token-clock-skew'])} is more than the 5m allowed`);
+  }
+  if (given(args, 'token-groups-claim')) {
+    settings.groupsClaim = String(args['token-groups-claim']).trim();
+    if (settings.groupsClaim === '') throw new ConfigError('token-groups-claim', 'must not be empty');
+  }
+  if (given(args, 'introspection-url')) {
+    const secretFile = given(args, 'introspection-client-secret-file') ? requireReadableFile('introspection-client-secret-file', args['introspection-client-secret-file']) : undefined;
+    const clientId = given(args, 'introspection-client-id') ? String(args['introspection-client-id']) : undefined;
+    if (secretFile && !clientId) throw new ConfigError('introspection-client-id', 'is required with --introspection-client-secret-file');
+    const timeoutMs = given(args, 'introspection-timeout') ? parseDurationMs('introspection-timeout', args['introspection-timeout']) : INTROSPECTION_DEFAULTS.timeoutMs;
+    if (timeoutMs < 1 || timeoutMs > 60_000) throw new ConfigError('introspection-timeout', 'must be from 1ms to 1m');
+    settings.introspection = {
+      url: httpUrl('introspection-url', String(args['introspection-url'])).href,
+      clientId,
+      clientSecretFile: secretFile,
+      timeoutMs,
+      cacheTtlMs: given(args, 'introspection-cache-ttl') ? parseDurationMs('introspection-cache-ttl', args['introspection-cache-ttl']) : INTROSPECTION_DEFAULTS.cacheTtlMs,
+    };
+  } else {
+    const stray = ['introspection-client-id', 'introspection-client-secret-file', 'introspection-timeout', 'introspection-cache-ttl'].find((f) => given(args, f));
+    if (stray) throw new ConfigError(stray, 'has no effect without --introspection-url');
+  }
+  return settings;
+}
