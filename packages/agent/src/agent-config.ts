@@ -42,6 +42,19 @@ export interface AgentConfig {
   logFormat: LogFormat;
   /** Token verification for the built-in AuthenticationService; undefined when no key source is configured. */
   authn?: TokenVerifierSettings;
+  /** The built-in policy decision service's sources; undefined without --policies. */
+  policy?: AgentPolicyConfig;
+}
+
+/** Where the built-in policy decision service reads its policies and writes its audit log. */
+export interface AgentPolicyConfig {
+  policiesDir: string;
+  entitiesFile?: string;
+  schemaFile?: string;
+  /** How long a decision is served from the cache; 0 = off. */
+  cacheTtlMs: number;
+  /** File for the audit log (JSON lines), or `-` for stdout. */
+  auditLog: string;
 }
 
 export const AGENT_DEFAULTS = {

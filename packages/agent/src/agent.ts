@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net';
 import { Server, ServerCredentials, experimental, status as Status, type ChannelCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate,
-  installCatchAll, rejectCall, statusName, upstreamChannelOptions, type IssuedAgentCertificate, type Logger,
+  installCatchAll, rejectCall, statusName, upstreamChannelOptions, type IssuedAgentCertificate, type JsonObject, type Logger,
   logCallFinished,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
@@ -13,6 +13,8 @@ import { readState, writeFileAtomic, writeState } from './state-dir';
 import type { AgentConfig } from './agent-config';
 import { AgentMetrics } from './agent-metrics';
 import { Backoff } from './backoff';
+import { PolicyEngine } from '@burrow/policy';
+import { TokenVerifier } from './authn/token-verifier';
 import { BuiltinServices } from './builtin-services';
 import { BrokerConnection } from './broker-connection';
 
@@ -34,6 +36,8 @@ export class Agent {
   readonly agentId: string;
   private readonly upstreams: UpstreamTable;
   private builtins = new BuiltinServices({});
+  private policyEngine: PolicyEngine | undefined;
+  private tokenVerifier: TokenVerifier | undefined;
   private readonly connections = new Set<BrokerConnection>();
   private readonly loops: Promise<void>[] = [];
   private readonly health = new HealthService();
@@ -66,12 +70,37 @@ export class Agent {
     this.channelCredentials = experimental.createCertificateProviderChannelCredentials(this.tls, this.tls);
     this.updateExpiryMetric();
     if (this.config.stateDir) this.startStateDir(this.config.stateDir);
+    await this.startBuiltins();
     const ports: AgentPorts = {};
     if (this.config.localListen) ports.localPort = await this.startLocalListener(this.config.localListen);
     if (this.config.adminListen) ports.adminPort = await this.startAdmin(this.config.adminListen);
     for (const address of this.config.brokers) this.loops.push(this.connectLoop(address));
     this.logger.info('agent started', { agentId: this.agentId, brokers: this.config.brokers, upstreams: this.config.upstreams.length, ...ports });
     return ports;
+  }
+
+  /**
+   * Opens the engines of the built-in services that are configured. A policy set or key source
+   * that does not load is a start-up error naming the file, before any tunnel opens.
+   */
+  private async startBuiltins(): Promise<void> {
+    const { policy, authn } = this.config;
+    if (policy) {
+      this.policyEngine = await PolicyEngine.open({
+        policiesDir: policy.policiesDir, entitiesFile: policy.entitiesFile, schemaFile: policy.schemaFile, cacheTtlMs: policy.cacheTtlMs,
+        auditLog: policy.auditLog === '-' ? process.stdout : policy.auditLog, watch: true,
+        logger: this.logger, registry: this.metrics.registry, metricsPrefix: 'burrow_agent_policy',
+      });
+    }
+    if (authn) this.tokenVerifier = await TokenVerifier.create({ ...authn, logger: this.logger, registry: this.metrics.registry });
+    const engine = this.policyEngine;
+    this.builtins = new BuiltinServices({
+      authenticator: this.tokenVerifier,
+      policy: engine && {
+        evaluate: (request, opts) => engine.evaluate(request, opts) as unknown as JsonObject,
+        evaluations: (request, opts) => engine.evaluations(request, opts) as unknown as JsonObject,
+      },
+    });
   }
 
   /** Broker connections with a live session. */
@@ -123,6 +152,8 @@ export class Agent {
     clearTimeout(timer);
     local?.forceShutdown();
     this.upstreams.close();
+    this.tokenVerifier?.close();
+    await this.policyEngine?.close();
     if (this.admin) {
       const admin = this.admin;
       admin.closeAllConnections();

@@ -13,7 +13,7 @@ import {
 import { existsSync } from 'node:fs';
 import { Agent } from './agent';
 import { enroll, stateFiles } from './enroll';
-import { AGENT_DEFAULTS, type AgentConfig } from './agent-config';
+import { AGENT_DEFAULTS, type AgentConfig, type AgentPolicyConfig } from './agent-config';
 import { policyCommand, type PolicyCliIo } from './policy-cli';
 import { AUTHN_RUN_OPTIONS, authnConfigFromArgs } from './authn/authn-config';
 
@@ -45,6 +45,11 @@ const RUN_OPTIONS = {
   'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
   'log-format': { type: 'string', describe: 'json or text', default: 'json' },
   ...AUTHN_RUN_OPTIONS,
+  policies: { type: 'string', describe: 'directory of *.cedar policy files: turns on the built-in policy decision service' },
+  entities: { type: 'string', describe: 'Cedar JSON entity file (users, groups, resources and their attributes) for the policies' },
+  'policy-schema': { type: 'string', describe: 'Cedar schema (JSON or human format) that policies, entities and requests are validated against' },
+  'policy-cache-ttl': { type: 'string', describe: 'how long a decision is served from the cache (0s turns it off; dropped on reload)', default: '5s' },
+  'audit-log': { type: 'string', describe: 'file that gets one JSON line per policy decision (- for stdout)', default: '-' },
   config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
 } as const;
 
@@ -107,7 +112,23 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     logLevel,
     logFormat: logFormat as LogFormat,
     authn: authnConfigFromArgs(args),
+    policy: policyConfigFromArgs(args),
   };
+}
+
+/** The built-in policy service's sources, or undefined without --policies. */
+function policyConfigFromArgs(args: Args): AgentPolicyConfig | undefined {
+  const str = (k: string): string | undefined => (args[k] === undefined || args[k] === '' ? undefined : String(args[k]));
+  const policiesDir = str('policies');
+  if (!policiesDir) {
+    for (const k of ['entities', 'policy-schema']) if (str(k)) throw new ConfigError(k, 'needs --policies (the directory of *.cedar files)');
+    return undefined;
+  }
+  if (!existsSync(policiesDir)) throw new ConfigError('policies', `${policiesDir} does not exist`);
+  const entitiesFile = str('entities') ? requireReadableFile('entities', args.entities) : undefined;
+  const schemaFile = str('policy-schema') ? requireReadableFile('policy-schema', args['policy-schema']) : undefined;
+  const cacheTtlMs = parseDurationMs('policy-cache-ttl', args['policy-cache-ttl']);
+  return { policiesDir, entitiesFile, schemaFile, cacheTtlMs, auditLog: str('audit-log') ?? '-' };
 }
 
 function fail(message: string): never {

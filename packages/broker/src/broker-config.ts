@@ -41,6 +41,8 @@ export interface BrokerConfig {
   authzenListen?: string;
   /** Deadline of an AuthZEN HTTP request carried through the tunnel. */
   authzenTimeoutMs: number;
+  /** Caller authorization as Cedar policy; unset: every service may call everything (logged loudly). */
+  callerPolicy?: { policiesDir: string; entitiesFile?: string; schemaFile?: string; auditLog?: string };
   /** Per-caller and per-agent limits on calls in flight and calls per second (0 = off). */
   limits: CallLimits;
   logLevel: string;

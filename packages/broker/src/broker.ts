@@ -19,6 +19,7 @@ import { createAuthzenServer } from './authzen-http';
 import { CallLimiter } from './call-limiter';
 import { CallerApi } from './caller-api';
 import { ALLOW_ALL_CALLERS, type CallerAuthorizer } from './caller-authorizer';
+import { PolicyCallerAuthorizer } from './policy-caller-authorizer';
 import { TunnelRegistry } from './tunnel-registry';
 
 /** The ports a started broker listens on (useful with port 0). */
@@ -99,6 +100,14 @@ export class Broker {
     const own = identityOfCertificate(new X509Certificate(material.certPem).raw);
     if (!own || own.role !== 'broker') throw new BurrowError(Status.INVALID_ARGUMENT, 'tls-cert: not a broker certificate (URI SAN spiffe://<trust-domain>/broker)');
     this.trustDomain = this.config.trustDomain ?? own.trustDomain;
+    if (this.config.callerPolicy) {
+      const cp = this.config.callerPolicy;
+      const authorizer = await PolicyCallerAuthorizer.open({ ...cp, logger: this.logger, registry: this.metrics.registry });
+      this.authorizer = authorizer;
+      this.logger.info('caller policy loaded', { policiesDir: cp.policiesDir, policies: authorizer.policyCount });
+    } else {
+      this.logger.warn('NO CALLER POLICY: every service certificate of the trust domain may call every method on every agent; set --caller-policies to restrict callers');
+    }
     const isDraining = (): boolean => this.draining;
     const isRevoked = this.pki ? this.pki.isRevoked.bind(this.pki) : () => false;
     this.agentListener = new AgentListener({

@@ -42,6 +42,10 @@ const SERVE_OPTIONS = {
   'keepalive-timeout': { type: 'string', describe: 'ping answer timeout before a connection is dropped', default: '10s' },
   'authzen-listen': { type: 'string', describe: 'HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when empty' },
   'authzen-timeout': { type: 'string', describe: 'deadline of an AuthZEN HTTP request carried to its agent', default: '10s' },
+  'caller-policies': { type: 'string', describe: 'directory of *.cedar files saying which services may call which methods on which agents (default: all allowed, logged loudly)' },
+  'caller-entities': { type: 'string', describe: 'Cedar JSON entity file for the caller policies (agent groups, service teams)' },
+  'caller-policy-schema': { type: 'string', describe: 'Cedar schema the caller policies and entities are validated against' },
+  'caller-audit-log': { type: 'string', describe: 'file that gets one JSON line per caller authorization decision; off when empty' },
   'caller-max-concurrent': { type: 'number', describe: 'most calls in flight per caller service (0 = no limit)', default: 4096 },
   'caller-rate': { type: 'number', describe: 'calls per second per caller service, token bucket with one second of burst (0 = no limit)', default: 0 },
   'agent-max-concurrent': { type: 'number', describe: 'most calls in flight per agent (0 = no limit)', default: 2048 },
@@ -98,6 +102,7 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
     idleOfferTtlMs: parseDurationMs('idle-offer-ttl', args['idle-offer-ttl']),
     keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
+    callerPolicy: callerPolicyFromArgs(args),
     authzenListen: args['authzen-listen'] ? parseListenAddress('authzen-listen', args['authzen-listen']) : undefined,
     authzenTimeoutMs: parseDurationMs('authzen-timeout', args['authzen-timeout']),
     limits: {
@@ -106,6 +111,22 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     },
     logLevel,
     logFormat: logFormat as LogFormat,
+  };
+}
+
+function callerPolicyFromArgs(args: Args): BrokerConfig['callerPolicy'] {
+  const str = (k: string): string | undefined => (args[k] === undefined || args[k] === '' ? undefined : String(args[k]));
+  const policiesDir = str('caller-policies');
+  if (!policiesDir) {
+    for (const k of ['caller-entities', 'caller-policy-schema', 'caller-audit-log']) if (str(k)) throw new ConfigError(k, 'needs --caller-policies (the directory of *.cedar files)');
+    return undefined;
+  }
+  if (!existsSync(policiesDir)) throw new ConfigError('caller-policies', `${policiesDir} does not exist`);
+  return {
+    policiesDir,
+    entitiesFile: str('caller-entities') ? requireReadableFile('caller-entities', args['caller-entities']) : undefined,
+    schemaFile: str('caller-policy-schema') ? requireReadableFile('caller-policy-schema', args['caller-policy-schema']) : undefined,
+    auditLog: str('caller-audit-log'),
   };
 }
 

@@ -8,3 +8,4 @@ export { brokerConfigFromArgs } from './cli';
 export * from './call-limiter';
 export * from './caller-authorizer';
 export * from './authzen-http';
+export * from './policy-caller-authorizer';

@@ -47,33 +47,37 @@ function isPlainObject(v: unknown): v is Record<string, unknown> {
   return typeof v === 'object' && v !== null && !Array.isArray(v);
 }
 
-// google.protobuf.Value in protobufjs object form <-> JSON.
+// google.protobuf.Value in protobufjs object form <-> JSON. protobufjs ships the well-known types
+// pre-parsed with camelCase field names, whatever keepCase says for our own files.
 function valueToProto(v: unknown, at: string): Record<string, unknown> {
-  if (v === null) return { null_value: 0 };
-  if (typeof v === 'boolean') return { bool_value: v };
+  if (v === null) return { nullValue: 0 };
+  if (typeof v === 'boolean') return { boolValue: v };
   if (typeof v === 'number') {
     if (!Number.isFinite(v)) throw invalid(at, 'numbers must be finite');
-    return { number_value: v };
+    return { numberValue: v };
   }
-  if (typeof v === 'string') return { string_value: v };
-  if (Array.isArray(v)) return { list_value: { values: v.map((e, i) => valueToProto(e, `${at}[${i}]`)) } };
-  if (isPlainObject(v)) return { struct_value: structToProto(v, at) };
+  if (typeof v === 'string') return { stringValue: v };
+  if (Array.isArray(v)) return { listValue: { values: v.map((e, i) => valueToProto(e, `${at}[${i}]`)) } };
+  if (isPlainObject(v)) return { structValue: structToProto(v, at) };
   throw invalid(at, `${typeof v} is not a JSON value`);
 }
 
 function structToProto(obj: Record<string, unknown>, at: string): Record<string, unknown> {
   const fields: Record<string, unknown> = {};
-  for (const [k, v] of Object.entries(obj)) fields[k] = valueToProto(v, at ? `${at}.${k}` : k);
+  for (const [k, v] of Object.entries(obj)) {
+    // As in JSON.stringify: a key whose value is undefined is absent.
+    if (v !== undefined) fields[k] = valueToProto(v, at ? `${at}.${k}` : k);
+  }
   return { fields };
 }
 
 function valueFromProto(v: Record<string, unknown> | undefined): JsonValue {
   if (!v) return null;
-  if (v.struct_value !== undefined && v.struct_value !== null) return structFromProto(v.struct_value as Record<string, unknown>);
-  if (v.list_value !== undefined && v.list_value !== null) return ((v.list_value as { values?: Record<string, unknown>[] }).values ?? []).map(valueFromProto);
-  if (v.string_value !== undefined && v.string_value !== null) return v.string_value as string;
-  if (v.number_value !== undefined && v.number_value !== null) return v.number_value as number;
-  if (v.bool_value !== undefined && v.bool_value !== null) return v.bool_value as boolean;
+  if (v.structValue !== undefined && v.structValue !== null) return structFromProto(v.structValue as Record<string, unknown>);
+  if (v.listValue !== undefined && v.listValue !== null) return ((v.listValue as { values?: Record<string, unknown>[] }).values ?? []).map(valueFromProto);
+  if (v.stringValue !== undefined && v.stringValue !== null) return v.stringValue as string;
+  if (v.numberValue !== undefined && v.numberValue !== null) return v.numberValue as number;
+  if (v.boolValue !== undefined && v.boolValue !== null) return v.boolValue as boolean;
   return null;
 }
 
