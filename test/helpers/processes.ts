@@ -38,6 +38,12 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   return { ...env, ...extra };
 }
 
+/**
+ * Runs a single executable (the agent binary) instead of `node CLI`: `cli` is then ignored, the
+ * process starts in `cwd` with exactly `env` (nothing inherited).
+ */
+export interface ExecutableSpawn { executable: string; cwd: string; env: Record<string, string> }
+
 /** A spawned Burrow binary: its stderr split into lines, JSON lines parsed as logs. */
 export class BurrowProcess {
   readonly child: ChildProcess;
@@ -50,8 +56,10 @@ export class BurrowProcess {
   private partial = '';
   private readonly lineWatchers = new Set<() => void>();
 
-  constructor(readonly name: string, cli: string, args: string[], env: Record<string, string> = {}) {
-    this.child = spawn(process.execPath, [cli, ...args], { env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
+  constructor(readonly name: string, cli: string, args: string[], env: Record<string, string> = {}, exe?: ExecutableSpawn) {
+    this.child = exe
+      ? spawn(exe.executable, args, { env: exe.env, cwd: exe.cwd, stdio: ['ignore', 'pipe', 'pipe'] })
+      : spawn(process.execPath, [cli, ...args], { env: cleanEnv(env), stdio: ['ignore', 'pipe', 'pipe'] });
     if (this.child.pid === undefined) throw new Error(`${name}: spawn failed`);
     this.pid = this.child.pid;
     live.add(this);

@@ -7,13 +7,14 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, PROTOCOL_VERSION, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
+  ConfigError, PROTOCOL_VERSIONS, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
   parseListenAddress, parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { existsSync } from 'node:fs';
 import { Agent } from './agent';
 import { enroll, stateFiles } from './enroll';
 import { AGENT_DEFAULTS, type AgentConfig } from './agent-config';
+import { selfCheck } from './self-check';
 
 const PROG = 'burrow-agent';
 const VERSION: string = (require('../package.json') as { version: string }).version;
@@ -166,6 +167,17 @@ async function runEnroll(args: Args): Promise<void> {
   }
 }
 
+async function runSelfCheck(): Promise<void> {
+  try {
+    const r = await selfCheck();
+    process.stdout.write(`self-check ok: single executable ${r.singleExecutable ? 'yes' : 'no'}; ${r.protos.length} protos (${r.protos.join(', ')}); cedar ${r.cedarVersion} allow/deny; jose ${r.joseAlgorithm} sign/verify\n`);
+    process.exit(0);
+  } catch (err) {
+    process.stderr.write(`${PROG}: ${(err as Error).message}\n`);
+    process.exit(1);
+  }
+}
+
 function main(): void {
   void yargs(hideBin(process.argv))
     .scriptName(PROG)
@@ -177,15 +189,20 @@ function main(): void {
         .strict(), (args) => { void run(args as Args); })
     .command('enroll', 'enroll this agent with a join token: make a key, get a certificate, write the state directory', (y) =>
       y.options(ENROLL_OPTIONS).env('BURROW_AGENT').strict(), (args) => { void runEnroll(args as Args); })
+    // Hidden: run by `make agent-binary` and the tests to prove the single executable is complete.
+    .command('self-check', false, (y) => y.strict(), () => { void runSelfCheck(); })
     .demandCommand(1, 'name a command: run or enroll')
     .strict()
-    .version(`${VERSION} (protocol ${PROTOCOL_VERSION})`)
+    .version(`${VERSION} (protocol ${PROTOCOL_VERSIONS.join(', ')})`)
     .help()
     .fail((msg, err) => fail(err ? err.message : msg))
     .parse();
 }
 
-if (require.main === module) {
+/** Runs the CLI on process.argv; the single executable's entry point calls it (it is not `require.main`). */
+export function cliMain(): void {
   silenceIpServerNameWarning();
   main();
 }
+
+if (require.main === module) cliMain();

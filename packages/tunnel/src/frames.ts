@@ -1,6 +1,7 @@
 import * as path from 'node:path';
 import * as protobuf from 'protobufjs';
 import { ProtocolError } from './errors';
+import { resolveProtoDir } from './embedded-protos';
 
 /** The protocol versions this build speaks, highest last. See tunnel.proto, "Versioning". */
 export const PROTOCOL_VERSIONS: readonly number[] = [1];
@@ -48,8 +49,11 @@ export type SessionFrame =
   | { kind: 'credentials'; certificateChainPem: string }
   | { kind: 'trustBundle'; pem: string; version: number };
 
-/** Directory holding the `.proto` files; resolved relative to this package's build output. */
-export const PROTO_DIR = path.resolve(__dirname, '..', '..', '..', 'proto');
+/**
+ * Directory holding the `.proto` files; resolved relative to this package's build output, or, in the
+ * agent's single executable, a virtual directory served from the embedded copies (embedded-protos.ts).
+ */
+export const PROTO_DIR = resolveProtoDir(path.resolve(__dirname, '..', '..', '..', 'proto'));
 
 let root: protobuf.Root | undefined;
 function tunnelRoot(): protobuf.Root {

@@ -20,3 +20,4 @@ export * from './cli-options';
 export * from './admin-server';
 export * from './credential-store';
 export * from './enrollment-service';
+export * from './embedded-protos';
