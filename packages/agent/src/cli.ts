@@ -123,10 +123,12 @@ async function run(args: Args): Promise<void> {
   let agent: Agent;
   try {
     agent = new Agent(config, logger, VERSION);
-    await agent.start();
   } catch (err) {
     fail((err as Error).message);
   }
+  // Handlers go in before start(): "agent started" is logged inside it, and a SIGTERM that a
+  // supervisor sends on seeing that line must drain, not kill the process by default action.
+  let started: Promise<unknown> = Promise.resolve();
   let signals = 0;
   const shutdown = (signal: string): void => {
     if (++signals > 1) {
@@ -134,13 +136,19 @@ async function run(args: Args): Promise<void> {
       process.exit(1);
     }
     logger.info('shutting down', { signal });
-    agent.stop().then(() => process.exit(0), (err: Error) => {
+    started.then(() => agent.stop()).then(() => process.exit(0), (err: Error) => {
       logger.error('shutdown failed', { error: err.message });
       process.exit(1);
     });
   };
   process.on('SIGTERM', () => shutdown('SIGTERM'));
   process.on('SIGINT', () => shutdown('SIGINT'));
+  started = agent.start();
+  try {
+    await started;
+  } catch (err) {
+    fail((err as Error).message);
+  }
 }
 
 const ENROLL_OPTIONS = {
