@@ -80,6 +80,35 @@ function makeAgentBinary(): Promise<void> {
   });
 }
 
+/** TCP sockets of process `pid` from /proc (IPv4 and IPv6): listening local ports and connected peers. */
+function tcpSocketsOf(pid: number): { listening: string[]; peers: string[] } {
+  const inodes = new Set<string>();
+  for (const fd of fs.readdirSync(`/proc/${pid}/fd`)) {
+    try {
+      const m = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/${pid}/fd/${fd}`));
+      if (m) inodes.add(m[1]!);
+    } catch { /* closed meanwhile */ }
+  }
+  // Addresses in /proc/net/tcp* are hex, IPv4 in host (little-endian) byte order: 0100007F:1F90.
+  const address = (hex: string): string => {
+    const [ip, port] = hex.split(':') as [string, string];
+    const v4 = ip.length === 8 ? ip : ip.startsWith('0000000000000000FFFF0000') ? ip.slice(24) : undefined;
+    const host = v4 ? v4.match(/../g)!.reverse().map((b) => parseInt(b, 16)).join('.') : ip === '00000000000000000000000001000000' ? '::1' : `[${ip}]`;
+    return `${host}:${parseInt(port, 16)}`;
+  };
+  const listening: string[] = [];
+  const peers: string[] = [];
+  for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
+    for (const line of fs.readFileSync(`/proc/${pid}/net/${path.basename(table)}`, 'utf8').split('\n').slice(1)) {
+      const f = line.trim().split(/\s+/);
+      if (f.length < 10 || !inodes.has(f[9]!)) continue;
+      if (f[3] === '0A') listening.push(address(f[1]!));
+      else if (f[3] === '01') peers.push(address(f[2]!));
+    }
+  }
+  return { listening: [...new Set(listening)].sort(), peers: [...new Set(peers)].sort() };
+}
+
 /** PATH of this machine without any directory that holds a `node`: the site has no Node. */
 function pathWithoutNode(): string {
   return (process.env.PATH ?? '').split(':').filter((d) => d && !fs.existsSync(path.join(d, 'node'))).join(':');
@@ -154,11 +183,12 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
     const r = await runToEnd(['self-check']);
     expect(r.exit.code, r.stderr).to.equal(0);
     const protos = listProtoFiles(PROTO_DIR, undefined);
-    expect(r.stdout).to.equal(`self-check ok: single executable yes; ${protos.length} protos (${protos.join(', ')}); cedar 4.13.0 allow/deny; jose ES256 sign/verify\n`);
+    const cedarVersion = (require('@cedar-policy/cedar-wasm/nodejs') as { getCedarVersion(): string }).getCedarVersion();
+    expect(r.stdout).to.equal(`self-check ok: single executable yes; ${protos.length} protos (${protos.join(', ')}); cedar ${cedarVersion} allow/deny; jose ES256 sign/verify\n`);
     expect(r.stderr).to.equal('');
     // The same check passes in plain Node, and says so.
     const plain = await runCli(AGENT_CLI, ['self-check']);
-    expect(plain.stdout).to.match(/^self-check ok: single executable no;/);
+    expect(plain.stdout).to.equal(r.stdout.replace('single executable yes', 'single executable no'));
   });
 
   it('enrolls with a join token against a real broker process, then runs and answers a call through the caller API', async () => {
@@ -193,6 +223,13 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
     expect(res.status.code).to.equal(Status.OK);
     expect(res.response.toString()).to.equal('answered by the single executable');
     expect(echo.calls.map((c) => c.method)).to.deep.equal([ECHO.unary]);
+
+    // No telemetry, no update check: the binary's only TCP peers are its broker and its upstream,
+    // and it listens only where told to.
+    const sockets = tcpSocketsOf(agent.pid);
+    expect(sockets.listening).to.deep.equal([`127.0.0.1:${String(started.adminPort)}`]);
+    expect(sockets.peers.length).to.be.at.least(2);
+    for (const peer of sockets.peers) expect([brokerAddress, echo.address], peer).to.include(peer);
 
     // SIGTERM drains and exits 0, as systemd's stop does.
     agent.signal('SIGTERM');
