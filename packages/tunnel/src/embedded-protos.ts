@@ -31,20 +31,22 @@ export interface AssetSource {
 
 /**
  * The running single executable's assets (`node:sea`), or `undefined` when this process is plain
- * Node. `node:sea` exists from Node 20.12; older Node cannot be a Burrow single executable anyway.
+ * Node. `isSea()` and assets exist from Node 20.12; on older Node (the packages allow 20.11) the
+ * module may be missing or lack them, and such a process is never a Burrow single executable.
  */
 export function seaAssets(): AssetSource | undefined {
-  let sea: typeof import('node:sea');
+  let sea: Partial<typeof import('node:sea')>;
   try {
     sea = require('node:sea') as typeof import('node:sea');
   } catch {
     return undefined;
   }
-  if (!sea.isSea()) return undefined;
+  if (typeof sea.isSea !== 'function' || typeof sea.getAsset !== 'function' || !sea.isSea()) return undefined;
+  const getAsset = sea.getAsset;
   return {
     read(key) {
       try {
-        return sea.getAsset(key, 'utf8');
+        return getAsset(key, 'utf8');
       } catch {
         // getAsset throws ERR_SINGLE_EXECUTABLE_APPLICATION_ASSET_NOT_FOUND for an unknown key.
         return undefined;
