@@ -3,7 +3,7 @@ SHELL := /bin/bash
 NPM ?= npm
 MOCHA := node_modules/.bin/mocha
 
-.PHONY: all install build test demo clean
+.PHONY: all install build test demo clean agent-binary
 
 all: build
 
@@ -27,5 +27,15 @@ test: build
 demo: build
 	node scripts/demo.js
 
+# The agent as one executable for air-gapped sites (docs/install-air-gapped.md): Node single
+# executable with the bundle, the protos and the Cedar wasm inside, plus its .sha256.
+AGENT_BINARY := dist/burrow-agent-linux-x64
+AGENT_BINARY_INPUTS := $(shell find packages/*/src proto -type f) packages/*/package.json package-lock.json scripts/build-agent-binary.js $(realpath $(shell command -v node))
+
+agent-binary: $(AGENT_BINARY)
+
+$(AGENT_BINARY): $(AGENT_BINARY_INPUTS) | build
+	node scripts/build-agent-binary.js
+
 clean:
-	rm -rf node_modules packages/*/dist packages/*/tsconfig.tsbuildinfo test/dist test/tsconfig.tsbuildinfo
+	rm -rf dist node_modules packages/*/dist packages/*/tsconfig.tsbuildinfo test/dist test/tsconfig.tsbuildinfo

@@ -38,6 +38,12 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
   return { ...env, ...extra };
 }
 
+/**
+ * Runs a single executable (the agent binary) instead of `node CLI`: `cli` is then ignored, the
+ * process starts in `cwd` with exactly `env` (nothing inherited).
+ */
+export interface ExecutableSpawn { executable: string; cwd: string; env: Record<string, string> }
+
 /** A spawned Burrow binary: its stderr split into lines, JSON lines parsed as logs. */
 export class BurrowProcess {
   readonly child: ChildProcess;
@@ -50,9 +56,12 @@ export class BurrowProcess {
   private partial = '';
   private readonly lineWatchers = new Set<() => void>();
 
-  /** `stdin`: text written to the process's stdin, which is then closed (default: no stdin). */
-  constructor(readonly name: string, cli: string, args: string[], env: Record<string, string> = {}, stdin?: string) {
-    this.child = spawn(process.execPath, [cli, ...args], { env: cleanEnv(env), stdio: [stdin === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
+  /** `stdin`: text written to the process's stdin, which is then closed (default: no stdin). `exe`: run a standalone executable instead of `node cli`. */
+  constructor(readonly name: string, cli: string, args: string[], env: Record<string, string> = {}, exe?: ExecutableSpawn, stdin?: string) {
+    const stdio: ['ignore' | 'pipe', 'pipe', 'pipe'] = [stdin === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'];
+    this.child = exe
+      ? spawn(exe.executable, args, { env: exe.env, cwd: exe.cwd, stdio })
+      : spawn(process.execPath, [cli, ...args], { env: cleanEnv(env), stdio });
     if (stdin !== undefined) this.child.stdin!.end(stdin);
     if (this.child.pid === undefined) throw new Error(`${name}: spawn failed`);
     this.pid = this.child.pid;
@@ -151,7 +160,7 @@ export async function startAgent(args: string[], env: Record<string, string> = {
 
 /** Runs a CLI to completion (for --help, --version and config errors). */
 export async function runCli(cli: string, args: string[], env: Record<string, string> = {}, timeoutMs = 10_000, stdin?: string): Promise<{ proc: BurrowProcess; exit: Exit; stdout: string; stderrLines: string[] }> {
-  const proc = new BurrowProcess(path.basename(path.dirname(path.dirname(cli))), cli, args, env, stdin);
+  const proc = new BurrowProcess(path.basename(path.dirname(path.dirname(cli))), cli, args, env, undefined, stdin);
   const exit = await proc.waitExit(timeoutMs);
   return { proc, exit, stdout: proc.stdout, stderrLines: proc.stderrLines.filter((l) => l !== '') };
 }

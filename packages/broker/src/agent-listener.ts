@@ -1,7 +1,7 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
-  UpstreamTable, answer, decodeSessionFrame, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
+  UpstreamTable, answer, decodeSessionFrame, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
   statusName, verifyCertificateChain, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
   logCallFinished,
 } from '@burrow/tunnel';
@@ -204,7 +204,8 @@ export class AgentListener {
       clearTimeout(helloTimer);
       const version = negotiateVersion(PROTOCOL_VERSIONS, frame.hello.protocolVersions);
       if (version === undefined) {
-        const details = `no common protocol version: agent speaks [${frame.hello.protocolVersions.join(', ')}], broker speaks [${PROTOCOL_VERSIONS.join(', ')}]`;
+        const details = `no common protocol version: agent speaks ${describeVersions(frame.hello.protocolVersions)}, broker speaks ${describeVersions(PROTOCOL_VERSIONS)}`;
+        metrics.rejectedHandshakes.inc({ listener: 'agent', reason: 'protocol_version' });
         logger.warn('tunnel session refused', { agentId: id.name, reason: details });
         call.emit('error', { code: Status.FAILED_PRECONDITION, details });
         return;

@@ -1,6 +1,7 @@
 import * as path from 'node:path';
 import * as protobuf from 'protobufjs';
 import { ProtocolError } from './errors';
+import { resolveProtoDir } from './embedded-protos';
 
 /** The protocol versions this build speaks, highest last. See tunnel.proto, "Versioning". */
 export const PROTOCOL_VERSIONS: readonly number[] = [1];
@@ -55,8 +56,11 @@ export type SessionFrame =
   | { kind: 'credentials'; certificateChainPem: string }
   | { kind: 'trustBundle'; pem: string; version: number };
 
-/** Directory holding the `.proto` files; resolved relative to this package's build output. */
-export const PROTO_DIR = path.resolve(__dirname, '..', '..', '..', 'proto');
+/**
+ * Directory holding the `.proto` files; resolved relative to this package's build output, or, in the
+ * agent's single executable, a virtual directory served from the embedded copies (embedded-protos.ts).
+ */
+export const PROTO_DIR = resolveProtoDir(path.resolve(__dirname, '..', '..', '..', 'proto'));
 
 let root: protobuf.Root | undefined;
 function tunnelRoot(): protobuf.Root {
@@ -171,8 +175,28 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
   }
 }
 
-/** The highest version in both lists, or undefined when they share none. */
+/**
+ * The highest version in both lists, or undefined when they share none. `theirs` comes from the
+ * peer and may be any length: a loop, not `Math.max(...list)`, which overflows the stack on a few
+ * hundred thousand entries.
+ */
 export function negotiateVersion(ours: readonly number[], theirs: readonly number[]): number | undefined {
-  const common = theirs.filter((v) => ours.includes(v));
-  return common.length === 0 ? undefined : Math.max(...common);
+  let best: number | undefined;
+  for (const v of theirs) if (ours.includes(v) && (best === undefined || v > best)) best = v;
+  return best;
+}
+
+/** Most distinct versions {@link describeVersions} names before it summarises. */
+const DESCRIBED_VERSIONS_MAX = 8;
+
+/**
+ * A version list for logs and status messages: `[1, 2]`. A peer's list is bounded only by the
+ * message size, so it is de-duplicated and cut to a few entries: `[1, 2, … (300000 entries)]`.
+ */
+export function describeVersions(versions: readonly number[]): string {
+  const distinct = [...new Set(versions)];
+  const shown = distinct.slice(0, DESCRIBED_VERSIONS_MAX).join(', ');
+  return distinct.length === versions.length && distinct.length <= DESCRIBED_VERSIONS_MAX
+    ? `[${shown}]`
+    : `[${shown}${distinct.length > DESCRIBED_VERSIONS_MAX ? ', …' : ''} (${versions.length} entries)]`;
 }

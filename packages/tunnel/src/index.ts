@@ -22,3 +22,4 @@ export * from './credential-store';
 export * from './enrollment-service';
 export * from './api-codec';
 export * from './local-answerer';
+export * from './embedded-protos';
