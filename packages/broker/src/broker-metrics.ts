@@ -1,4 +1,4 @@
-import type { RegistryCounts } from './tunnel-registry';
+import type { AgentSummary, RegistryCounts } from './tunnel-registry';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
 // Method names come from callers; past this many distinct ones, new names are counted as "other"
@@ -17,6 +17,16 @@ export class BrokerMetrics {
     name: 'burrow_broker_tunnel_streams', help: 'Tunnel streams open, by state (idle offers, active forwarded calls).', labelNames: ['state'], registers: [this.registry],
     collect: () => { const c = this.counts(); this.tunnelStreams.set({ state: 'idle' }, c.idleOffers); this.tunnelStreams.set({ state: 'active' }, c.activeCalls); },
   });
+  // One series per connected agent (value: its sessions here), so that an alert can name the agent
+  // that went away. Cardinality is the number of agents, which an operator sizes for anyway; the
+  // series disappears when the agent's last session ends, which is what the alert looks for.
+  readonly agentSessions = new Gauge({
+    name: 'burrow_broker_agent_sessions', help: 'Tunnel sessions of each connected agent to this broker (absent when it has none).', labelNames: ['agent_id'], registers: [this.registry],
+    collect: () => {
+      this.agentSessions.reset();
+      for (const a of this.agents()) this.agentSessions.set({ agent_id: a.id }, a.connections);
+    },
+  });
   readonly callsWaiting = new Gauge({ name: 'burrow_broker_calls_waiting', help: 'Caller calls waiting for an agent or a free tunnel stream.', registers: [this.registry], collect: () => { this.callsWaiting.set(this.counts().waiters); } });
   readonly callsInFlight = new Gauge({ name: 'burrow_broker_calls_in_flight', help: 'Forwarded calls in progress, by direction.', labelNames: ['direction'], registers: [this.registry] });
   readonly calls = new Counter({ name: 'burrow_broker_calls_total', help: 'Forwarded calls finished, by direction (to_agent, from_agent), method and gRPC status code.', labelNames: ['direction', 'method', 'code'], registers: [this.registry] });
@@ -34,8 +44,8 @@ export class BrokerMetrics {
   readonly caExpiry = new Gauge({ name: 'burrow_pki_ca_expiry_seconds', help: 'Seconds until each CA in the PKI directory expires.', labelNames: ['ca', 'kind'], registers: [this.registry] });
   readonly demandedOffers = new Counter({ name: 'burrow_broker_demanded_offers_total', help: 'Offer streams requested from agents with Demand because calls were waiting.', registers: [this.registry] });
 
-  /** `counts` reads the tunnel registry; called only when metrics are scraped. */
-  constructor(private readonly counts: () => RegistryCounts) {
+  /** `counts` and `agents` read the tunnel registry; called only when metrics are scraped. */
+  constructor(private readonly counts: () => RegistryCounts, private readonly agents: () => AgentSummary[] = () => []) {
     collectDefaultMetrics({ register: this.registry, prefix: 'burrow_broker_process_' });
   }
 
