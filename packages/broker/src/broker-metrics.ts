@@ -47,6 +47,18 @@ export class BrokerMetrics {
   /** `counts` and `agents` read the tunnel registry; called only when metrics are scraped. */
   constructor(private readonly counts: () => RegistryCounts, private readonly agents: () => AgentSummary[] = () => []) {
     collectDefaultMetrics({ register: this.registry, prefix: 'burrow_broker_process_' });
+    // Every label value known in advance starts at 0, so its series exists from the first scrape:
+    // Prometheus' increase() cannot see the first event of a series that appears with value 1,
+    // and an alert on "any failure" would miss it.
+    for (const result of ['ok', 'malformed', 'unknown', 'expired', 'used', 'banned', 'bad_csr', 'rate_limited', 'error']) this.enrollments.inc({ result }, 0);
+    for (const result of ['ok', 'denied', 'revoked', 'bad_csr', 'error']) this.renewals.inc({ result }, 0);
+    for (const reason of ['expired', 'revoked']) this.connectionsClosed.inc({ reason }, 0);
+    for (const reason of ['tls', 'wrong_role', 'no_identity', 'revoked']) this.rejectedHandshakes.inc({ listener: 'agent', reason }, 0);
+    for (const reason of ['tls', 'wrong_role', 'no_identity']) this.rejectedHandshakes.inc({ listener: 'api', reason }, 0);
+    for (const direction of ['to_agent', 'from_agent']) {
+      this.callDuration.zero({ direction });
+      this.callsInFlight.set({ direction }, 0);
+    }
   }
 
   /** The method label for `method`: itself while fewer than the cap are known, else "other". */
