@@ -23,7 +23,7 @@ const VERSION: string = (require('../package.json') as { version: string }).vers
 const SERVE_OPTIONS = {
   'agent-listen': { type: 'string', describe: 'HOST:PORT where agents connect (mTLS)', default: '0.0.0.0:7443' },
   'api-listen': { type: 'string', describe: 'HOST:PORT where callers send calls for agents (mTLS)', default: '0.0.0.0:8443' },
-  'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents); off when empty' },
+  'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when empty' },
   'admin-token-file': { type: 'string', describe: 'file holding a secret (16+ characters) that POST /agents/<id>/disconnect must carry as Authorization: Bearer; without it mutating admin requests work only on a loopback admin listener' },
   'tls-cert': { type: 'string', describe: 'PEM file: the broker certificate, then its chain (optional with --pki-dir: the broker issues its own)' },
   'tls-key': { type: 'string', describe: 'PEM file: the broker private key' },

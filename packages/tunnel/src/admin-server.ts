@@ -95,10 +95,16 @@ function readBody(req: http.IncomingMessage): Promise<unknown> {
     let size = 0;
     req.on('data', (c: Buffer) => {
       size += c.length;
-      if (size > MAX_BODY_BYTES) { reject(Object.assign(new Error(`request body larger than ${MAX_BODY_BYTES} bytes`), { status: 413 })); req.destroy(); return; }
+      if (size > MAX_BODY_BYTES) {
+        // Answer 413 (the rest of the body is read and dropped; the response closes the connection).
+        reject(Object.assign(new Error(`request body larger than ${MAX_BODY_BYTES} bytes`), { status: 413 }));
+        chunks.length = 0;
+        return;
+      }
       chunks.push(c);
     });
     req.on('end', () => {
+      if (size > MAX_BODY_BYTES) return;
       const text = Buffer.concat(chunks).toString('utf8').trim();
       if (text === '') return resolve({});
       try {
