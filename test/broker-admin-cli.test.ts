@@ -65,6 +65,18 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     const fromEnv = await cli(['agents', 'list', '--json'], { BURROW_BROKER_ADMIN: admin, BURROW_BROKER_AGENT_LISTEN: '127.0.0.1:1' });
     expect(fromEnv.exit.code, fromEnv.stderrLines.join('\n')).to.equal(0);
 
+    // ... and from a YAML config file; an unknown key there is one line naming it.
+    const configFile = path.join(pki.root, 'admin-cli.yaml');
+    writeFileSync(configFile, `admin: ${admin}\njson: true\ntimeout: 10s\n`);
+    const fromConfig = await cli(['agents', 'list', '--config', configFile]);
+    expect(fromConfig.exit.code, fromConfig.stderrLines.join('\n')).to.equal(0);
+    expect((JSON.parse(fromConfig.stdout) as { id: string }[])[0]!.id).to.equal('site-a');
+    writeFileSync(configFile, `admin: ${admin}\nagent-listen: 127.0.0.1:1\n`);
+    const badConfig = await cli(['status', '--config', configFile]);
+    expect(badConfig.exit.code).to.equal(2);
+    expect(badConfig.stderrLines).to.have.length(1);
+    expect(badConfig.stderrLines[0]).to.match(/^burrow-broker: agent-listen: unknown key in /);
+
     const show = await cli(['agents', 'show', 'site-a', '--admin', admin]);
     expect(show.exit.code).to.equal(0);
     expect(show.stdout).to.match(/^agent\s+site-a$/m);
