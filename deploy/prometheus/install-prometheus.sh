@@ -36,8 +36,9 @@ if ! apt_get install --no-install-recommends prometheus >/tmp/burrow-install-pro
     exit 2
   }
 fi
-# A system without policy-rc.d support (systemd running) may still have started it: stop it.
-if command -v systemctl >/dev/null 2>&1 && systemctl is-active --quiet prometheus 2>/dev/null; then
-  $SUDO systemctl stop prometheus || true
+# We installed the package for its binaries only: the packaged service (which listens on :9090,
+# the address the runbook uses for broker admin listeners) must neither run now nor at boot.
+if command -v systemctl >/dev/null 2>&1; then
+  $SUDO systemctl disable --now prometheus >/dev/null 2>&1 || true
 fi
 command -v promtool >/dev/null 2>&1 || { echo "install-prometheus: promtool still missing after install" >&2; exit 2; }
