@@ -5,7 +5,7 @@ import * as http from 'node:http';
 import * as path from 'node:path';
 import { freePort } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { BROKER_CLI, killAll, runCli, startAgent, startBroker, type BurrowProcess } from './helpers/processes';
+import { BROKER_CLI, httpGet, killAll, runCli, startAgent, startBroker, type BurrowProcess } from './helpers/processes';
 
 /** A plain HTTP request to an admin listener, with any method and headers. */
 function request(url: string, method: string, headers: Record<string, string> = {}): Promise<{ status: number; body: string }> {
@@ -98,6 +98,12 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     expect(status.pki.enabled).to.equal(false);
     expect(status.listeners.admin).to.equal(admin);
     expect(status.servingCertificate.spiffeId).to.equal('spiffe://burrow.local/broker');
+    // A serving certificate from files has its expiry exported too (the file-certificate alert).
+    const metrics = await httpGet(`http://${admin}/metrics`);
+    const exported = /^burrow_pki_certificate_expiry_seconds\{role="broker"\} (\S+)$/m.exec(metrics.body);
+    expect(exported, 'broker certificate expiry gauge').to.not.equal(null);
+    const expectedSeconds = (Date.parse(new X509Certificate(readFileSync(brokerCert.cert)).validTo) - Date.now()) / 1000;
+    expect(Number(exported![1])).to.be.closeTo(expectedSeconds, 60);
     const statusText = await cli(['status', '--admin', admin]);
     expect(statusText.exit.code).to.equal(0);
     expect(statusText.stdout).to.match(/^state\s+ready$/m);

@@ -156,6 +156,13 @@ export class Broker {
     };
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
+    // A serving certificate from files is never renewed by the broker: export its expiry here
+    // (self-issued ones are exported by the PKI side, which renews them).
+    const fileCertNotAfterMs = this.config.tlsCertFile ? Date.parse(new X509Certificate(material.certPem).validTo) : undefined;
+    const exportFileCertExpiry = (): void => {
+      if (fileCertNotAfterMs !== undefined) this.metrics.certificateExpiry.set({ role: 'broker' }, (fileCertNotAfterMs - Date.now()) / 1000);
+    };
+    exportFileCertExpiry();
     let adminPort: number | undefined;
     if (this.config.adminListen) {
       const admin = createAdminServer({
@@ -173,6 +180,7 @@ export class Broker {
     this.timers.push(setInterval(() => {
       const closed = this.agentListener.closeExpired();
       if (closed) this.logger.warn('closed tunnels of agents whose certificate expired', { sessions: closed });
+      exportFileCertExpiry();
       const earliest = this.agentListener.earliestAgentExpiryMs();
       // With no agent connected there is no earliest expiry: drop the series rather than leave a
       // frozen value that would look like a healthy certificate.
