@@ -46,8 +46,9 @@ describe('call lifecycle', () => {
         const call = await seen;
         // The upstream's deadline is the caller's. gRPC sends a relative timeout on every hop, so each
         // of the three hops may shift it later by its transit time (as one direct hop would); allow
-        // that, and nothing like the full timeout again.
-        expect(call.deadline).to.be.at.most(deadline + 100);
+        // that, and nothing like the full timeout again. The allowance is generous: on a shared
+        // 2-core machine (load average ~14) the three hops shifted it by 107-224 ms.
+        expect(call.deadline).to.be.at.most(deadline + 500);
         expect(call.deadline).to.be.at.least(deadline - 500);
         expect((await err).code).to.equal(Status.DEADLINE_EXCEEDED);
         await cancelled;
