@@ -16,5 +16,11 @@ export class AgentMetrics {
 
   constructor() {
     collectDefaultMetrics({ register: this.registry, prefix: 'burrow_agent_process_' });
+    // Known label values start at 0 so that their series exist before the first event (an
+    // alert's increase() cannot see the first event of a series that appears with value 1).
+    for (const result of ['ok', 'failed']) {
+      this.connects.inc({ result }, 0);
+      this.renewals.inc({ result }, 0);
+    }
   }
 }

@@ -7,8 +7,13 @@ export interface BrokerConfig {
   agentListen: string;
   /** HOST:PORT where callers send calls for agents (mTLS, any method + grpc.health.v1). */
   apiListen: string;
-  /** HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents); off when unset. */
+  /** HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when unset. */
   adminListen?: string;
+  /**
+   * Shared secret for mutating admin requests (POST /agents/<id>/disconnect), read from
+   * --admin-token-file. Without it they are served only on a loopback admin listener.
+   */
+  adminToken?: string;
   /** Serving certificate and key; unset with `pkiDir`: the broker issues and renews its own. */
   tlsCertFile?: string;
   tlsKeyFile?: string;
@@ -48,6 +53,12 @@ export interface BrokerConfig {
   logLevel: string;
   logFormat: LogFormat;
 }
+
+/**
+ * Where `burrow-broker agents|status` look for the admin listener by default. `serve` has no admin
+ * listener unless --admin-listen is given; this is the address the documentation uses for it.
+ */
+export const DEFAULT_ADMIN_ADDRESS = '127.0.0.1:9090';
 
 export const BROKER_DEFAULTS = {
   upstreams: [] as UpstreamRoute[],

@@ -1,4 +1,4 @@
-import type { RegistryCounts } from './tunnel-registry';
+import type { AgentSummary, RegistryCounts } from './tunnel-registry';
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
 // Method names come from callers; past this many distinct ones, new names are counted as "other"
@@ -16,6 +16,16 @@ export class BrokerMetrics {
   readonly tunnelStreams = new Gauge({
     name: 'burrow_broker_tunnel_streams', help: 'Tunnel streams open, by state (idle offers, active forwarded calls).', labelNames: ['state'], registers: [this.registry],
     collect: () => { const c = this.counts(); this.tunnelStreams.set({ state: 'idle' }, c.idleOffers); this.tunnelStreams.set({ state: 'active' }, c.activeCalls); },
+  });
+  // One series per connected agent (value: its sessions here), so that an alert can name the agent
+  // that went away. Cardinality is the number of agents, which an operator sizes for anyway; the
+  // series disappears when the agent's last session ends, which is what the alert looks for.
+  readonly agentSessions = new Gauge({
+    name: 'burrow_broker_agent_sessions', help: 'Tunnel sessions of each connected agent to this broker (absent when it has none).', labelNames: ['agent_id'], registers: [this.registry],
+    collect: () => {
+      this.agentSessions.reset();
+      for (const a of this.agents()) this.agentSessions.set({ agent_id: a.id }, a.connections);
+    },
   });
   readonly callsWaiting = new Gauge({ name: 'burrow_broker_calls_waiting', help: 'Caller calls waiting for an agent or a free tunnel stream.', registers: [this.registry], collect: () => { this.callsWaiting.set(this.counts().waiters); } });
   readonly callsInFlight = new Gauge({ name: 'burrow_broker_calls_in_flight', help: 'Forwarded calls in progress, by direction.', labelNames: ['direction'], registers: [this.registry] });
@@ -37,9 +47,21 @@ export class BrokerMetrics {
   readonly httpRequests = new Counter({ name: 'burrow_broker_authzen_requests_total', help: 'Requests on the AuthZEN HTTP binding, by endpoint (evaluation, evaluations, configuration) and HTTP status.', labelNames: ['endpoint', 'status'], registers: [this.registry] });
   readonly demandedOffers = new Counter({ name: 'burrow_broker_demanded_offers_total', help: 'Offer streams requested from agents with Demand because calls were waiting.', registers: [this.registry] });
 
-  /** `counts` reads the tunnel registry; called only when metrics are scraped. */
-  constructor(private readonly counts: () => RegistryCounts) {
+  /** `counts` and `agents` read the tunnel registry; called only when metrics are scraped. */
+  constructor(private readonly counts: () => RegistryCounts, private readonly agents: () => AgentSummary[] = () => []) {
     collectDefaultMetrics({ register: this.registry, prefix: 'burrow_broker_process_' });
+    // Every label value known in advance starts at 0, so its series exists from the first scrape:
+    // Prometheus' increase() cannot see the first event of a series that appears with value 1,
+    // and an alert on "any failure" would miss it.
+    for (const result of ['ok', 'malformed', 'unknown', 'expired', 'used', 'banned', 'bad_csr', 'rate_limited', 'error']) this.enrollments.inc({ result }, 0);
+    for (const result of ['ok', 'denied', 'revoked', 'bad_csr', 'error']) this.renewals.inc({ result }, 0);
+    for (const reason of ['expired', 'revoked']) this.connectionsClosed.inc({ reason }, 0);
+    for (const reason of ['tls', 'wrong_role', 'no_identity', 'revoked']) this.rejectedHandshakes.inc({ listener: 'agent', reason }, 0);
+    for (const reason of ['tls', 'wrong_role', 'no_identity']) this.rejectedHandshakes.inc({ listener: 'api', reason }, 0);
+    for (const direction of ['to_agent', 'from_agent']) {
+      this.callDuration.zero({ direction });
+      this.callsInFlight.set({ direction }, 0);
+    }
   }
 
   /** The method label for `method`: itself while fewer than the cap are known, else "other". */

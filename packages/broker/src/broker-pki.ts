@@ -37,6 +37,19 @@ export interface PkiEvents {
   onTrustBundleChanged(pem: string, version: number): void;
 }
 
+/** The `pki` part of the broker's `/status`. */
+export interface BrokerPkiStatus {
+  enabled: true;
+  dir: string;
+  trustDomain: string;
+  /** 'standby' when no CA rotation is in progress. */
+  rotationPhase: string;
+  bundleVersion: number;
+  revocationsVersion: number;
+  selfIssuedServingCertificate: boolean;
+  cas: { id: string; kind: string; notAfter: string; secondsLeft: number; signsClients: boolean; signsServers: boolean }[];
+}
+
 /** Token bucket per source address, so a scanner cannot hammer enrollment. */
 class RateLimiter {
   private readonly buckets = new Map<string, { tokens: number; updatedMs: number }>();
@@ -108,6 +121,29 @@ export class BrokerPki {
   /** True when `id`'s certificate is revoked (by serial, or by agent id since before it was issued). */
   isRevoked(id: PeerIdentity): boolean {
     return this.revocations?.isCertificateRevoked({ role: id.role, name: id.name, serialHex: id.serialHex, notBeforeMs: id.notBeforeMs }) ?? false;
+  }
+
+  /**
+   * The PKI as this broker sees it, for `/status`: directory, rotation phase, trust bundle
+   * version, revocation list version and every CA with its expiry. Rejects when the directory
+   * cannot be read.
+   */
+  async status(): Promise<BrokerPkiStatus> {
+    const pki = await loadPki(this.opts.dir);
+    return {
+      enabled: true,
+      dir: pki.dir,
+      trustDomain: pki.trustDomain,
+      rotationPhase: pki.manifest.rotation?.phase ?? 'standby',
+      bundleVersion: this.bundle.version,
+      revocationsVersion: this.revocations?.version ?? 0,
+      selfIssuedServingCertificate: this.opts.issueOwnCertificate,
+      cas: pki.manifest.cas.map((c) => ({
+        id: c.id, kind: c.kind, notAfter: new Date(String(c.notAfter)).toISOString(),
+        secondsLeft: Math.round((Date.parse(String(c.notAfter)) - this.now()) / 1000),
+        signsClients: c.id === pki.manifest.signingCaId, signsServers: c.id === (pki.manifest.serverSigningCaId ?? pki.manifest.signingCaId),
+      })),
+    };
   }
 
   /** Seconds until each CA expires, for metrics. */

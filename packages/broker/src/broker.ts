@@ -6,11 +6,12 @@ import type { AddressInfo } from 'node:net';
 import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
-  BurrowError, CredentialStore, ENROLLMENT_SERVICE, HealthService, createAdminServer, UpstreamTable, callServerOptions,
+  BurrowError, CredentialStore, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, HealthService, createAdminServer, UpstreamTable, callServerOptions,
   identityOfCertificate, installCatchAll, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
-import { BrokerPki } from './broker-pki';
+import { BrokerPki, type BrokerPkiStatus } from './broker-pki';
+import { brokerAdminRoutes } from './broker-admin';
 
 import { AgentListener } from './agent-listener';
 import type { BrokerConfig } from './broker-config';
@@ -24,6 +25,43 @@ import { TunnelRegistry } from './tunnel-registry';
 
 /** The ports a started broker listens on (useful with port 0). */
 export interface BrokerPorts { agentPort: number; apiPort: number; adminPort?: number; authzenPort?: number }
+
+/** The broker package version (reported by /status and `burrow-broker --version`). */
+export const BROKER_VERSION: string = (require('../package.json') as { version: string }).version;
+
+/** What `/status` reports (and `burrow-broker status` prints). */
+export interface BrokerStatus {
+  brokerId: string;
+  version: string;
+  protocolVersions: readonly number[];
+  startedAt: string;
+  uptimeSeconds: number;
+  /** Taking new calls (false while starting or draining). */
+  ready: boolean;
+  draining: boolean;
+  trustDomain: string;
+  listeners: { agent: string; api: string; admin?: string };
+  agents: number;
+  sessions: number;
+  callsInFlight: number;
+  callsWaiting: number;
+  idleStreams: number;
+  /** The certificate the broker serves now. */
+  servingCertificate: { spiffeId: string; serial: string; notAfter: string; secondsLeft: number };
+  /** PKI directory state; `{ enabled: false }` without --pki-dir, `error` when it cannot be read. */
+  pki: BrokerPkiStatus | { enabled: false } | { enabled: true; error: string };
+}
+
+/** What an operator's disconnect did (POST /agents/<id>/disconnect). */
+export interface DisconnectResult {
+  agentId: string;
+  sessionsClosed: number;
+  callsAborted: number;
+  reason: string;
+  /** Whether the agent's certificate is revoked: if not, it reconnects within its backoff. */
+  revoked: boolean;
+  willReconnect: boolean;
+}
 
 // How often the broker looks for expired agent certificates and idle offers to retire.
 const EXPIRY_CHECK_INTERVAL_MS = 1_000;
@@ -53,7 +91,7 @@ function bind(server: Server, address: string, creds: ServerCredentials): Promis
  */
 export class Broker {
   readonly registry = new TunnelRegistry();
-  readonly metrics = new BrokerMetrics(() => this.registry.counts());
+  readonly metrics = new BrokerMetrics(() => this.registry.counts(), () => this.registry.summaries());
   private readonly agentServer: Server;
   private readonly apiServer: Server;
   private agentListener!: AgentListener;
@@ -71,6 +109,8 @@ export class Broker {
   private started = false;
   private stopped = false;
   private stopping: Promise<void> | undefined;
+  private startedAtMs = 0;
+  private ports: BrokerPorts | undefined;
 
   constructor(private readonly config: BrokerConfig, private readonly logger: Logger) {
     if (!config.pkiDir && !(config.tlsCertFile && config.tlsKeyFile && config.caFile)) {
@@ -150,17 +190,31 @@ export class Broker {
       this.authzen = server;
       authzenPort = await listen(server, this.config.authzenListen);
     }
+    // A serving certificate from files is never renewed by the broker: export its expiry here
+    // (self-issued ones are exported by the PKI side, which renews them).
+    const fileCertNotAfterMs = this.config.tlsCertFile ? Date.parse(new X509Certificate(material.certPem).validTo) : undefined;
+    const exportFileCertExpiry = (): void => {
+      if (fileCertNotAfterMs !== undefined) this.metrics.certificateExpiry.set({ role: 'broker' }, (fileCertNotAfterMs - Date.now()) / 1000);
+    };
+    exportFileCertExpiry();
     let adminPort: number | undefined;
     if (this.config.adminListen) {
-      const admin = createAdminServer({ metrics: this.metrics.registry, json: { '/agents': () => this.registry.summaries() }, isReady: () => this.started && !this.draining });
+      const admin = createAdminServer({
+        metrics: this.metrics.registry, json: { '/agents': () => this.registry.summaries() }, isReady: () => this.started && !this.draining,
+        routes: brokerAdminRoutes(this, this.logger), mutations: { token: this.config.adminToken },
+      });
       this.admin = admin;
       adminPort = await listen(admin, this.config.adminListen);
     }
     this.timers.push(setInterval(() => {
       const closed = this.agentListener.closeExpired();
       if (closed) this.logger.warn('closed tunnels of agents whose certificate expired', { sessions: closed });
+      exportFileCertExpiry();
       const earliest = this.agentListener.earliestAgentExpiryMs();
+      // With no agent connected there is no earliest expiry: drop the series rather than leave a
+      // frozen value that would look like a healthy certificate.
       if (earliest !== undefined) this.metrics.certificateExpiry.set({ role: 'agent' }, (earliest - Date.now()) / 1000);
+      else this.metrics.certificateExpiry.remove({ role: 'agent' });
     }, EXPIRY_CHECK_INTERVAL_MS));
     this.timers.push(setInterval(() => {
       this.registry.retireIdle(this.config.idleOfferTtlMs);
@@ -176,6 +230,8 @@ export class Broker {
       onTrustBundleChanged: (pem, version) => this.agentListener.broadcastTrustBundle(pem, version),
     });
     this.started = true;
+    this.startedAtMs = Date.now();
+    this.ports = { agentPort, apiPort, adminPort, authzenPort };
     this.logger.info('broker started', { pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.config.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, authzenPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
     return { agentPort, apiPort, adminPort, authzenPort };
   }
@@ -195,6 +251,43 @@ export class Broker {
   }
 
   get isDraining(): boolean { return this.draining; }
+
+  /** The broker's state for `/status`. Never rejects: an unreadable PKI directory is reported. */
+  async status(): Promise<BrokerStatus> {
+    const counts = this.registry.counts();
+    const own = new X509Certificate(this.tls!.certPem);
+    const id = identityOfCertificate(own.raw);
+    const notAfterMs = Date.parse(own.validTo);
+    const listen = (configured: string, port: number | undefined): string => `${splitHostPort(configured).host}:${port ?? splitHostPort(configured).port}`;
+    let pki: BrokerStatus['pki'] = { enabled: false };
+    if (this.pki) pki = await this.pki.status().catch((err: Error) => ({ enabled: true as const, error: err.message }));
+    return {
+      brokerId: this.config.brokerId, version: BROKER_VERSION, protocolVersions: PROTOCOL_VERSIONS,
+      startedAt: new Date(this.startedAtMs).toISOString(), uptimeSeconds: Math.round((Date.now() - this.startedAtMs) / 1000),
+      ready: this.started && !this.draining, draining: this.draining, trustDomain: this.trustDomain,
+      listeners: {
+        agent: listen(this.config.agentListen, this.ports?.agentPort), api: listen(this.config.apiListen, this.ports?.apiPort),
+        ...(this.config.adminListen ? { admin: listen(this.config.adminListen, this.ports?.adminPort) } : {}),
+      },
+      agents: counts.agents, sessions: counts.sessions, callsInFlight: counts.activeCalls, callsWaiting: counts.waiters, idleStreams: counts.idleOffers,
+      servingCertificate: { spiffeId: id?.spiffeId ?? '', serial: own.serialNumber.toLowerCase(), notAfter: new Date(notAfterMs).toISOString(), secondsLeft: Math.round((notAfterMs - Date.now()) / 1000) },
+      pki,
+    };
+  }
+
+  /**
+   * An operator cuts off every tunnel of `agentId` (admin POST /agents/<id>/disconnect): calls in
+   * flight on them fail with UNAVAILABLE naming the reason. The agent reconnects after its
+   * backoff unless its certificate is revoked. Undefined when the agent is not connected here.
+   */
+  disconnectByOperator(agentId: string, reason: string): DisconnectResult | undefined {
+    const sessions = this.registry.sessionsOf(agentId);
+    if (sessions.length === 0) return undefined;
+    const revoked = this.pki ? sessions.some((s) => this.pki!.isRevoked(s.identity)) : false;
+    const callsAborted = sessions.reduce((n, s) => n + s.activeCalls, 0);
+    const closed = this.agentListener.disconnectAgent(agentId, new BurrowError(Status.UNAVAILABLE, `disconnected by an operator: ${reason}`));
+    return { agentId, sessionsClosed: closed, callsAborted, reason, revoked, willReconnect: !revoked };
+  }
 
   /** Cuts off every tunnel of `agentId` at once (used by revocation). */
   disconnectAgent(agentId: string, reason: string): number {

@@ -4,7 +4,7 @@
  * flags, BURROW_BROKER_* variables and the YAML config file into a typed {@link BrokerConfig},
  * creates the logger and runs the broker until SIGTERM/SIGINT.
  */
-import { existsSync } from 'node:fs';
+import { existsSync, readFileSync } from 'node:fs';
 import { hostname } from 'node:os';
 import * as path from 'node:path';
 import yargs from 'yargs';
@@ -14,7 +14,8 @@ import {
   parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
-import { BROKER_DEFAULTS, type BrokerConfig } from './broker-config';
+import { BROKER_DEFAULTS, DEFAULT_ADMIN_ADDRESS, type BrokerConfig } from './broker-config';
+import { ADMIN_EXIT, runAdminCommand, type AdminCommand } from './admin-commands';
 
 const PROG = 'burrow-broker';
 const VERSION: string = (require('../package.json') as { version: string }).version;
@@ -22,7 +23,8 @@ const VERSION: string = (require('../package.json') as { version: string }).vers
 const SERVE_OPTIONS = {
   'agent-listen': { type: 'string', describe: 'HOST:PORT where agents connect (mTLS)', default: '0.0.0.0:7443' },
   'api-listen': { type: 'string', describe: 'HOST:PORT where callers send calls for agents (mTLS)', default: '0.0.0.0:8443' },
-  'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents); off when empty' },
+  'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when empty' },
+  'admin-token-file': { type: 'string', describe: 'file holding a secret (16+ characters) that POST /agents/<id>/disconnect must carry as Authorization: Bearer; without it mutating admin requests work only on a loopback admin listener' },
   'tls-cert': { type: 'string', describe: 'PEM file: the broker certificate, then its chain (optional with --pki-dir: the broker issues its own)' },
   'tls-key': { type: 'string', describe: 'PEM file: the broker private key' },
   ca: { type: 'string', describe: 'PEM file: CA certificates that sign agents and callers (default with --pki-dir: its trust bundle)' },
@@ -57,6 +59,31 @@ const SERVE_OPTIONS = {
 
 type Args = Record<string, unknown>;
 
+/** Options of the admin client commands (`agents`, `status`). */
+const ADMIN_OPTIONS = {
+  admin: { type: 'string', describe: 'HOST:PORT of the broker admin listener (its --admin-listen)', default: DEFAULT_ADMIN_ADDRESS },
+  'admin-token-file': { type: 'string', describe: 'file holding the broker\'s admin token (needed to disconnect when the admin listener is not on loopback)' },
+  json: { type: 'boolean', describe: 'print the broker\'s JSON instead of tables', default: false },
+  timeout: { type: 'string', describe: 'how long to wait for the broker', default: '5s' },
+  config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
+} as const;
+const AGENTS_OPTIONS = {
+  ...ADMIN_OPTIONS,
+  reason: { type: 'string', describe: 'agents disconnect: why (logged by the broker, sent to the agent)' },
+} as const;
+
+/** Reads an admin token file: the secret is its content without surrounding whitespace. */
+function readAdminToken(field: string, file: string): string {
+  let token: string;
+  try {
+    token = readFileSync(file, 'utf8').trim();
+  } catch (err) {
+    throw new ConfigError(field, `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+  }
+  if (token.length < 16 || /\s/.test(token)) throw new ConfigError(field, `${file} must hold one token of at least 16 characters without spaces`);
+  return token;
+}
+
 /** Builds the typed config; every problem is a ConfigError naming its flag. */
 export function brokerConfigFromArgs(args: Args): BrokerConfig {
   const logLevel = String(args['log-level']);
@@ -86,6 +113,7 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     agentListen: parseListenAddress('agent-listen', args['agent-listen']),
     apiListen: parseListenAddress('api-listen', args['api-listen']),
     adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
+    adminToken: args['admin-token-file'] ? readAdminToken('admin-token-file', String(args['admin-token-file'])) : undefined,
     tlsCertFile,
     tlsKeyFile,
     caFile: pkiDir && args.ca === undefined ? undefined : requireReadableFile('ca', args.ca),
@@ -166,7 +194,50 @@ async function serve(args: Args): Promise<void> {
   process.on('SIGINT', () => shutdown('SIGINT'));
 }
 
+/** `burrow-broker agents list|show|disconnect` and `burrow-broker status`. */
+async function admin(command: AdminCommand, args: Args): Promise<void> {
+  let address: string, token: string | undefined, timeoutMs: number;
+  try {
+    address = parseListenAddress('admin', args.admin);
+    token = args['admin-token-file'] ? readAdminToken('admin-token-file', String(args['admin-token-file'])) : undefined;
+    timeoutMs = parseDurationMs('timeout', args.timeout);
+    if (command.kind !== 'list' && command.kind !== 'status' && !command.agentId) throw new ConfigError('agent-id', `agents ${command.kind} needs an agent id`);
+    if (command.kind === 'list' && args['agent-id'] !== undefined) throw new ConfigError('agent-id', 'agents list takes no agent id');
+  } catch (err) {
+    fail((err as Error).message);
+  }
+  const result = await runAdminCommand(command, { address, token, timeoutMs, json: Boolean(args.json) });
+  process.stdout.write(result.stdout);
+  if (result.stderr) process.stderr.write(`${PROG}: ${result.stderr}`);
+  process.exitCode = result.exitCode;
+}
+
+function adminCommand(args: Args): AdminCommand {
+  const agentId = args['agent-id'] === undefined ? '' : String(args['agent-id']);
+  switch (args.action) {
+    case 'show': return { kind: 'show', agentId };
+    case 'disconnect': return { kind: 'disconnect', agentId, reason: args.reason === undefined ? undefined : String(args.reason) };
+    default: return { kind: 'list' };
+  }
+}
+
+/**
+ * `serve` and the admin commands share the BURROW_BROKER_ prefix but not their options: a shell
+ * that exports BURROW_BROKER_ADMIN for the client must still run `serve`, and the reverse. Each
+ * command sees only the variables of its own options (yargs' strict mode would refuse the others).
+ */
+function keepOwnEnvironment(command: string | undefined): void {
+  const options: Record<string, readonly string[]> = { serve: Object.keys(SERVE_OPTIONS), agents: Object.keys(AGENTS_OPTIONS), status: Object.keys(ADMIN_OPTIONS) };
+  const own = options[command ?? ''];
+  if (!own) return;
+  for (const name of Object.keys(process.env)) {
+    if (!name.startsWith('BURROW_BROKER_')) continue;
+    if (!own.includes(name.slice('BURROW_BROKER_'.length).toLowerCase().replace(/_/g, '-'))) delete process.env[name];
+  }
+}
+
 function main(): void {
+  keepOwnEnvironment(hideBin(process.argv)[0]);
   void yargs(hideBin(process.argv))
     .scriptName(PROG)
     .usage('$0 <command> [options]')
@@ -175,7 +246,20 @@ function main(): void {
         .env('BURROW_BROKER')
         .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(SERVE_OPTIONS).filter((k) => k !== 'config')))
         .strict(), (args) => { void serve(args as Args); })
-    .demandCommand(1, 'name a command: serve')
+    .command('agents <action> [agent-id]', 'list connected agents, show one, or disconnect one (admin listener)', (y) =>
+      y.positional('action', { choices: ['list', 'show', 'disconnect'] as const, describe: 'list | show <agent-id> | disconnect <agent-id>' })
+        .positional('agent-id', { type: 'string', describe: 'the agent id (its certificate\'s spiffe://<td>/agent/<id>)' })
+        .options(AGENTS_OPTIONS)
+        .env('BURROW_BROKER')
+        .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(AGENTS_OPTIONS).filter((k) => k !== 'config')))
+        .epilog(`exit codes: ${ADMIN_EXIT.ok} done, ${ADMIN_EXIT.notFound} agent not connected, ${ADMIN_EXIT.unreachable} broker unreachable or bad options, ${ADMIN_EXIT.refused} refused (admin token), ${ADMIN_EXIT.failed} other failure`)
+        .strict(), (args) => { void admin(adminCommand(args as Args), args as Args); })
+    .command('status', 'show the broker\'s version, uptime, agents, calls, drain and PKI state (admin listener)', (y) =>
+      y.options(ADMIN_OPTIONS)
+        .env('BURROW_BROKER')
+        .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(ADMIN_OPTIONS).filter((k) => k !== 'config')))
+        .strict(), (args) => { void admin({ kind: 'status' }, args as Args); })
+    .demandCommand(1, 'name a command: serve, agents or status')
     .strict()
     .version(`${VERSION} (protocol ${PROTOCOL_VERSION})`)
     .help()

@@ -74,6 +74,16 @@ function owedOffers(entry: AgentEntry): number {
   return n;
 }
 
+/** What /agents and /agents/<id> say about an agent as a whole. */
+function agentTotals(sessions: AgentSession[]): { connections: number; connectedSince: string; callsInFlight: number; idleOffers: number } {
+  return {
+    connections: sessions.length,
+    connectedSince: new Date(Math.min(...sessions.map((s) => s.connectedAtMs))).toISOString(),
+    callsInFlight: sessions.reduce((n, s) => n + s.activeCalls, 0),
+    idleOffers: sessions.reduce((n, s) => n + s.idle.length, 0),
+  };
+}
+
 /** Totals over the registry, for metrics and leak checks. */
 export interface RegistryCounts { agents: number; sessions: number; idleOffers: number; activeCalls: number; waiters: number }
 
@@ -85,6 +95,25 @@ export interface AgentSummary {
   callsInFlight: number;
   idleOffers: number;
   sessions: { id: string; peer: string; protocolVersion: number; agentVersion: string; connectedAt: string; callsInFlight: number; idleOffers: number; draining: boolean }[];
+}
+
+/** Everything the broker knows about one connected agent, for `/agents/<id>`. */
+export interface AgentDetail {
+  id: string;
+  connections: number;
+  connectedSince: string;
+  callsInFlight: number;
+  idleOffers: number;
+  /** Calls waiting for a tunnel stream of this agent. */
+  callsWaiting: number;
+  /** Tunnel streams asked for with Demand and not opened yet. */
+  owedOffers: number;
+  sessions: {
+    id: string; peer: string; protocolVersion: number; agentVersion: string; connectedAt: string; draining: boolean;
+    callsInFlight: number; idleOffers: number; owedOffers: number;
+    /** The certificate the session runs on now (renewals presented on the session replace it). */
+    certificate: { spiffeId: string; serial: string; notAfter: string; secondsLeft: number };
+  }[];
 }
 
 /**
@@ -210,10 +239,7 @@ export class TunnelRegistry {
       const sessions = [...entry.sessions];
       out.push({
         id,
-        connections: sessions.length,
-        connectedSince: new Date(Math.min(...sessions.map((s) => s.connectedAtMs))).toISOString(),
-        callsInFlight: sessions.reduce((n, s) => n + s.activeCalls, 0),
-        idleOffers: sessions.reduce((n, s) => n + s.idle.length, 0),
+        ...agentTotals(sessions),
         sessions: sessions.map((s) => ({
           id: s.id, peer: s.peerAddress, protocolVersion: s.protocolVersion, agentVersion: s.agentVersion,
           connectedAt: new Date(s.connectedAtMs).toISOString(), callsInFlight: s.activeCalls, idleOffers: s.idle.length, draining: s.draining,
@@ -221,6 +247,28 @@ export class TunnelRegistry {
       });
     }
     return out;
+  }
+
+  /** Details of one connected agent; undefined when it has no session here. */
+  detail(agentId: string, nowMs = Date.now()): AgentDetail | undefined {
+    const entry = this.agents.get(agentId);
+    if (!entry || entry.sessions.size === 0) return undefined;
+    const sessions = [...entry.sessions];
+    return {
+      id: agentId,
+      ...agentTotals(sessions),
+      callsWaiting: entry.waiters.length,
+      owedOffers: owedOffers(entry),
+      sessions: sessions.map((s) => ({
+        id: s.id, peer: s.peerAddress, protocolVersion: s.protocolVersion, agentVersion: s.agentVersion,
+        connectedAt: new Date(s.connectedAtMs).toISOString(), draining: s.draining,
+        callsInFlight: s.activeCalls, idleOffers: s.idle.length, owedOffers: s.owedOffers,
+        certificate: {
+          spiffeId: s.identity.spiffeId, serial: s.identity.serialHex, notAfter: new Date(s.credentialExpiryMs).toISOString(),
+          secondsLeft: Math.round((s.credentialExpiryMs - nowMs) / 1000),
+        },
+      })),
+    };
   }
 
   /** Counts for metrics and leak checks. */
