@@ -7,7 +7,7 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, PROTOCOL_VERSIONS, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
+  ConfigError, PROTOCOL_VERSIONS, runUntilSignalled, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
   parseListenAddress, parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { existsSync } from 'node:fs';
@@ -151,29 +151,7 @@ async function run(args: Args): Promise<void> {
   } catch (err) {
     fail((err as Error).message);
   }
-  // Handlers go in before start(): "agent started" is logged inside it, and a SIGTERM that a
-  // supervisor sends on seeing that line must drain, not kill the process by default action.
-  let started: Promise<unknown> = Promise.resolve();
-  let signals = 0;
-  const shutdown = (signal: string): void => {
-    if (++signals > 1) {
-      logger.warn('second signal; exiting now', { signal });
-      process.exit(1);
-    }
-    logger.info('shutting down', { signal });
-    started.then(() => agent.stop()).then(() => process.exit(0), (err: Error) => {
-      logger.error('shutdown failed', { error: err.message });
-      process.exit(1);
-    });
-  };
-  process.on('SIGTERM', () => shutdown('SIGTERM'));
-  process.on('SIGINT', () => shutdown('SIGINT'));
-  started = agent.start();
-  try {
-    await started;
-  } catch (err) {
-    fail((err as Error).message);
-  }
+  await runUntilSignalled(logger, () => agent.start(), () => agent.stop(), (err) => fail(err.message));
 }
 
 const ENROLL_OPTIONS = {

@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, PROTOCOL_VERSION, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
+  ConfigError, runUntilSignalled, PROTOCOL_VERSION, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
   parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
@@ -174,24 +174,10 @@ async function serve(args: Args): Promise<void> {
   let broker: Broker;
   try {
     broker = new Broker(config, logger);
-    await broker.start();
   } catch (err) {
     fail((err as Error).message);
   }
-  let signals = 0;
-  const shutdown = (signal: string): void => {
-    if (++signals > 1) {
-      logger.warn('second signal; exiting now', { signal });
-      process.exit(1);
-    }
-    logger.info('shutting down', { signal });
-    broker.stop().then(() => process.exit(0), (err: Error) => {
-      logger.error('shutdown failed', { error: err.message });
-      process.exit(1);
-    });
-  };
-  process.on('SIGTERM', () => shutdown('SIGTERM'));
-  process.on('SIGINT', () => shutdown('SIGINT'));
+  await runUntilSignalled(logger, () => broker.start(), () => broker.stop(), (err) => fail(err.message));
 }
 
 /** `burrow-broker agents list|show|disconnect` and `burrow-broker status`. */

@@ -23,3 +23,4 @@ export * from './enrollment-service';
 export * from './api-codec';
 export * from './local-answerer';
 export * from './embedded-protos';
+export * from './signals';
