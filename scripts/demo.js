@@ -6,7 +6,11 @@
 //     agent with the join token alone, and starts the agent process, which dials out;
 //  4. sends unary and streaming calls caller -> broker -> agent -> site upstream, and
 //     site client -> agent -> broker -> platform upstream;
-//  5. shows the broker's view (/agents, a few metrics), shuts both down with SIGTERM, cleans up.
+//  5. asks the site, through the tunnel, to verify tokens (site keys made at run time by
+//     examples/auth/mint-token.js) and to decide policy questions (examples/policy, Cedar), over
+//     gRPC with @burrow/client and over the AuthZEN HTTP binding; the broker's own caller policy
+//     (examples/callers) lets "billing" in and keeps an unlisted service out;
+//  6. shows the broker's view (/agents, a few metrics), shuts both down with SIGTERM, cleans up.
 // Exits 0 when every step worked, 1 otherwise.
 'use strict';
 const { spawn } = require('node:child_process');
@@ -16,6 +20,9 @@ const path = require('node:path');
 const readline = require('node:readline');
 const grpc = require('@grpc/grpc-js');
 const { createJoinToken, initPki, issueCertificate, writeIssued } = require('@burrow/pki');
+const https = require('node:https');
+const { execFileSync } = require('node:child_process');
+const { BurrowClient } = require('@burrow/client');
 const { loadGreeter, startSampleUpstream } = require('../examples/sample-upstream');
 
 const ROOT = path.resolve(__dirname, '..');
@@ -66,6 +73,22 @@ const stream = (call) => new Promise((resolve, reject) => {
   call.on('end', () => resolve(out));
 });
 
+/** POSTs JSON to the broker's AuthZEN binding with a service certificate. */
+function postJson(port, urlPath, body, tls) {
+  return new Promise((resolve, reject) => {
+    const req = https.request({
+      host: '127.0.0.1', port, path: urlPath, method: 'POST', servername: 'localhost', agent: false,
+      ca: fs.readFileSync(tls.ca), cert: fs.readFileSync(tls.cert), key: fs.readFileSync(tls.key), headers: { 'content-type': 'application/json' },
+    }, (res) => {
+      let text = '';
+      res.on('data', (d) => { text += d; });
+      res.on('end', () => resolve({ status: res.statusCode, body: JSON.parse(text) }));
+    });
+    req.on('error', reject);
+    req.end(JSON.stringify(body));
+  });
+}
+
 async function main() {
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'burrow-demo-'));
   step(1, `throwaway PKI in ${tmp}`);
@@ -78,6 +101,13 @@ async function main() {
   say(`    caller  ${issued.spiffeId}  (expires ${issued.notAfter.toISOString()})`);
   const { token } = await createJoinToken({ dir: pkiDir, agentId: AGENT_ID, ttlMs: 10 * 60_000 });
   say(`    join token for agent "${AGENT_ID}": ${token.slice(0, 40)}...`);
+  const outsider = await issueCertificate({ dir: pkiDir, role: 'service', name: 'reporting' });
+  await writeIssued(path.join(tmp, 'outsider'), outsider);
+  files.outsider = { cert: path.join(tmp, 'outsider', 'tls.crt'), key: path.join(tmp, 'outsider', 'tls.key'), ca: path.join(tmp, 'outsider', 'ca.crt') };
+  say(`    caller  ${outsider.spiffeId}  (not in the broker's caller policy)`);
+  const mint = (...args) => execFileSync(process.execPath, [path.join(ROOT, 'examples', 'auth', 'mint-token.js'), ...args], { encoding: 'utf8' }).trim();
+  mint('keys', '--out', path.join(tmp, 'site-keys'));
+  say(`    site token keys (the site's identity provider): ${path.join(tmp, 'site-keys', 'jwks.json')}`);
 
   step(2, 'sample upstreams (burrow.demo.v1.Greeter)');
   const site = await startSampleUpstream('127.0.0.1:0', 'site-upstream');
@@ -86,9 +116,10 @@ async function main() {
 
   step(3, 'broker and agent processes');
   const broker = startBinary('broker', ['serve', '--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0',
-    '--pki-dir', pkiDir, '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1', '--upstream', `burrow.demo.v1.Greeter=${platform.address}`]);
+    '--pki-dir', pkiDir, '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1', '--upstream', `burrow.demo.v1.Greeter=${platform.address}`,
+    '--authzen-listen', '127.0.0.1:0', '--caller-policies', path.join(ROOT, 'examples', 'callers'), '--caller-entities', path.join(ROOT, 'examples', 'callers', 'entities.json')]);
   const b = await broker.started;
-  say(`    broker pid ${broker.child.pid}: agents -> 127.0.0.1:${b.agentPort}, callers -> 127.0.0.1:${b.apiPort}, admin -> http://127.0.0.1:${b.adminPort}`);
+  say(`    broker pid ${broker.child.pid}: agents -> 127.0.0.1:${b.agentPort}, callers -> 127.0.0.1:${b.apiPort}, AuthZEN -> https://localhost:${b.authzenPort}, admin -> http://127.0.0.1:${b.adminPort}`);
   const stateDir = path.join(tmp, 'agent-state');
   const enrolled = await new Promise((resolve, reject) => {
     const p = spawn(process.execPath, [path.join(ROOT, 'packages', 'agent', 'dist', 'cli.js'), 'enroll', '--broker', `127.0.0.1:${b.agentPort}`, '--token', token, '--state-dir', stateDir], { stdio: ['ignore', 'pipe', 'pipe'] });
@@ -100,7 +131,10 @@ async function main() {
   });
   say(`    burrow-agent enroll -> ${enrolled.split(';')[0]}`);
   const agent = startBinary('agent', ['run', '--broker', `127.0.0.1:${b.agentPort}`, '--state-dir', stateDir,
-    '--upstream', `burrow.demo.v1.Greeter=${site.address}`, '--local-listen', '127.0.0.1:0']);
+    '--upstream', `burrow.demo.v1.Greeter=${site.address}`, '--local-listen', '127.0.0.1:0',
+    '--policies', path.join(ROOT, 'examples', 'policy', 'policies'), '--entities', path.join(ROOT, 'examples', 'policy', 'entities.json'),
+    '--audit-log', path.join(tmp, 'audit.jsonl'),
+    '--jwks', path.join(tmp, 'site-keys', 'jwks.json'), '--token-issuer', 'https://idp.demo-site.example', '--token-audience', 'site-api']);
   const a = await agent.started;
   await waitForLine(agent, (r) => r.message === 'tunnel session established', 10_000);
   say(`    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialled out with its enrolled certificate; site clients -> 127.0.0.1:${a.localPort}`);
@@ -129,13 +163,33 @@ async function main() {
   const r4 = await chatDone;
   say(`    bidi   Chat            -> ${r4.map((m) => `"${m.message}"`).join(', ')}`);
 
-  step(6, "the broker's view");
+  step(6, 'auth and policy: the platform asks the site, the site answers from its own keys and rules');
+  const client = new BurrowClient({ broker: `localhost:${b.apiPort}`, tls: { certFile: files.service.cert, keyFile: files.service.key, caFile: files.service.ca } });
+  const sign = (...extra) => mint('sign', '--key', path.join(tmp, 'site-keys', 'signing-key.jwk'), '--iss', 'https://idp.demo-site.example', '--aud', 'site-api', '--sub', 'alice', '--groups', 'engineering', ...extra);
+  const good = await client.authenticate(AGENT_ID, sign('--exp', '10m'));
+  say(`    Authenticate(valid token)    -> authenticated=${good.authenticated} subject=${good.subject} groups=${good.groups.join(',')}`);
+  const expired = await client.authenticate(AGENT_ID, sign('--exp', '-5m'));
+  say(`    Authenticate(expired token)  -> authenticated=${expired.authenticated} reason="${expired.reason}"`);
+  const request = (name) => JSON.parse(fs.readFileSync(path.join(ROOT, 'examples', 'policy', 'requests', name), 'utf8'));
+  const permit = await client.evaluate(AGENT_ID, request('permit-owner-edits.json'));
+  say(`    Evaluate(permit-owner-edits)            -> decision=${permit.decision} by ${JSON.stringify(permit.context.policies)}`);
+  const deny = await client.evaluate(AGENT_ID, request('deny-confidential-without-mfa.json'));
+  say(`    Evaluate(deny-confidential-without-mfa) -> decision=${deny.decision} (${deny.context.reason})`);
+  const viaHttp = await postJson(b.authzenPort, `/agents/${AGENT_ID}/access/v1/evaluation`, request('permit-owner-edits.json'), files.service);
+  say(`    POST https://localhost:${b.authzenPort}/agents/${AGENT_ID}/access/v1/evaluation -> ${viaHttp.status} ${JSON.stringify({ decision: viaHttp.body.decision })}`);
+  const outsiderClient = new BurrowClient({ broker: `localhost:${b.apiPort}`, tls: { certFile: files.outsider.cert, keyFile: files.outsider.key, caFile: files.outsider.ca } });
+  const refused = await outsiderClient.evaluate(AGENT_ID, request('permit-owner-edits.json')).then(() => undefined, (e) => e);
+  say(`    the same question from service "reporting" -> ${refused ? refused.message : 'allowed?!'}`);
+  client.close();
+  outsiderClient.close();
+
+  step(7, "the broker's view");
   const agents = await (await fetch(`http://127.0.0.1:${b.adminPort}/agents`)).json();
   say(`    GET /agents  -> ${JSON.stringify(agents.map(({ id, connections, callsInFlight }) => ({ id, connections, callsInFlight })))}`);
   const metrics = await (await fetch(`http://127.0.0.1:${b.adminPort}/metrics`)).text();
   for (const line of metrics.split('\n').filter((l) => /^burrow_broker_(connected_agents|calls_total)/.test(l))) say(`    ${line}`);
 
-  step(7, 'graceful shutdown (SIGTERM)');
+  step(8, 'graceful shutdown (SIGTERM)');
   caller.close();
   siteClient.close();
   agent.child.kill('SIGTERM');
@@ -146,9 +200,13 @@ async function main() {
   site.server.forceShutdown();
   platform.server.forceShutdown();
   if (ae.code !== 0 || be.code !== 0) throw new Error('a binary did not exit cleanly');
-  const ok = r1.message === 'hello, platform' && r2.length === 3 && r3.callingAgent === AGENT_ID && r4.length === 3 && agents[0]?.id === AGENT_ID;
+  const audited = fs.readFileSync(path.join(tmp, 'audit.jsonl'), 'utf8').trim().split('\n').length;
+  say(`    the agent's audit log holds ${audited} decision records`);
+  const ok = r1.message === 'hello, platform' && r2.length === 3 && r3.callingAgent === AGENT_ID && r4.length === 3 && agents[0]?.id === AGENT_ID
+    && good.authenticated && !expired.authenticated && expired.reason.startsWith('expired') && permit.decision && !deny.decision
+    && viaHttp.status === 200 && viaHttp.body.decision === true && refused?.code === grpc.status.PERMISSION_DENIED && audited >= 3;
   if (!ok) throw new Error('unexpected answers');
-  say('\ndemo: every call crossed the tunnel in both directions.');
+  say('\ndemo: every call crossed the tunnel in both directions; the site verified tokens and decided policy itself.');
 }
 
 main().then(() => {
