@@ -106,7 +106,7 @@ export class CallerApi {
     const { session, stream } = offer;
     session.active.add(stream);
     const outcome = await originate(call, stream, { callId, peerName: `agent "${agentId}"` });
-    session.active.delete(stream);
+    registry.callFinished(offer);
     metrics.callsInFlight.dec({ direction: 'to_agent' });
     finish(agentId, outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
   }

@@ -115,22 +115,32 @@ export class TunnelRegistry {
 
   /** An agent opened an Offer stream: hand it to the oldest waiting call or keep it idle. */
   addOffer(session: AgentSession, stream: CallStream): void {
-    const entry = this.agents.get(session.agentId);
-    if (!entry || !entry.sessions.has(session) || session.draining) {
-      stream.finish();
-      return;
-    }
     if (session.owedOffers > 0) session.owedOffers--;
-    const offer: IdleOffer = { stream, session, idleSinceMs: Date.now() };
-    const waiter = entry.waiters.shift();
-    if (waiter) waiter.resolve(offer);
-    else session.idle.push(offer);
+    this.pool(session, stream);
   }
 
-  /** Removes an idle offer whose stream closed under it (agent gone, connection lost). */
+  /**
+   * A reusable offer's call ended (protocol version 2) and the stream is idle again: it goes to the
+   * oldest waiting call or back to the idle list, like a new offer.
+   */
+  releaseOffer(session: AgentSession, stream: CallStream): void {
+    session.active.delete(stream);
+    this.pool(session, stream);
+  }
+
+  /**
+   * The caller's side of a call on `offer` is over. A single-call offer stops counting as active
+   * now; a reusable one counts until its call has ended on the stream too ({@link releaseOffer}).
+   */
+  callFinished(offer: IdleOffer): void {
+    if (!offer.stream.reusable) offer.session.active.delete(offer.stream);
+  }
+
+  /** Removes an offer whose stream closed under it (agent gone, connection lost, retired). */
   dropOffer(session: AgentSession, stream: CallStream): void {
     const i = session.idle.findIndex((o) => o.stream === stream);
     if (i >= 0) session.idle.splice(i, 1);
+    if (stream.reusable) session.active.delete(stream);
   }
 
   /**
@@ -141,7 +151,10 @@ export class TunnelRegistry {
   acquire(agentId: string, waitMs: number, deadlineMs: number, signal: AbortSignal): Promise<IdleOffer> {
     const entry = this.entry(agentId);
     const offer = this.takeIdle(entry);
-    if (offer) return Promise.resolve(offer);
+    if (offer) {
+      offer.session.active.add(offer.stream);
+      return Promise.resolve(offer);
+    }
     return new Promise<IdleOffer>((resolve, reject) => {
       const callerDeadlineFirst = deadlineMs - Date.now() < waitMs;
       const timer = setTimeout(() => {
@@ -155,7 +168,7 @@ export class TunnelRegistry {
         reject(new BurrowError(Status.CANCELLED, 'cancelled while waiting for the agent'));
       };
       const waiter: Waiter = {
-        resolve: (o) => { clearTimeout(timer); signal.removeEventListener('abort', onAbort); resolve(o); },
+        resolve: (o) => { clearTimeout(timer); signal.removeEventListener('abort', onAbort); o.session.active.add(o.stream); resolve(o); },
         reject,
       };
       const remove = (): void => {
@@ -244,6 +257,18 @@ export class TunnelRegistry {
       this.agents.set(agentId, e);
     }
     return e;
+  }
+
+  private pool(session: AgentSession, stream: CallStream): void {
+    const entry = this.agents.get(session.agentId);
+    if (!entry || !entry.sessions.has(session) || session.draining) {
+      stream.finish();
+      return;
+    }
+    const offer: IdleOffer = { stream, session, idleSinceMs: Date.now() };
+    const waiter = entry.waiters.shift();
+    if (waiter) waiter.resolve(offer);
+    else session.idle.push(offer);
   }
 
   private maybeForget(agentId: string, entry: AgentEntry): void {

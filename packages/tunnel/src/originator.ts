@@ -40,7 +40,7 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
         if (code === Status.OK) client.end(trailers);
         else client.emit('error', { code, details, metadata: trailers });
       }
-      stream.finish();
+      stream.endCall();
       settle(code, details);
     };
 
@@ -93,7 +93,7 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
       const expired = Number.isFinite(deadlineMs) && Date.now() >= deadlineMs;
       const reason = expired ? 'deadline exceeded' : 'cancelled by the client';
       stream.send({ kind: 'cancel', reason });
-      stream.finish();
+      stream.endCall();
       settle(expired ? Status.DEADLINE_EXCEEDED : Status.CANCELLED, reason);
     });
   });
