@@ -6,7 +6,7 @@ import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  identityOfCertificate, installCatchAll, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
+  cachePeerCertificates, identityOfCertificate, installCatchAll, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki } from './broker-pki';
@@ -116,6 +116,8 @@ export class Broker {
     };
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
+    cachePeerCertificates(this.agentServer);
+    cachePeerCertificates(this.apiServer);
     let adminPort: number | undefined;
     if (this.config.adminListen) {
       const admin = createAdminServer({ metrics: this.metrics.registry, json: { '/agents': () => this.registry.summaries() }, isReady: () => this.started && !this.draining });
