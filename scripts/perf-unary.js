@@ -82,6 +82,7 @@ function bidiRate(client, md, mib) {
     let sent = 0;
     let received = 0;
     const t0 = performance.now();
+    const cpu0 = process.cpuUsage();
     const pump = () => {
       while (sent < total) {
         sent++;
@@ -94,7 +95,8 @@ function bidiRate(client, md, mib) {
     call.on('status', (s) => {
       if (s.code !== 0) return reject(new Error(s.details));
       if (received !== total) return reject(new Error(`echoed ${received} of ${total}`));
-      resolve((mib * 1.048576) / ((performance.now() - t0) / 1000));
+      const cpu = process.cpuUsage(cpu0);
+      resolve({ mbPerS: (mib * 1.048576) / ((performance.now() - t0) / 1000), cpuMsPerMiB: (cpu.user + cpu.system) / 1000 / mib });
     });
     pump();
   });
@@ -137,7 +139,11 @@ async function main() {
             if (c === 64) record('cpu us/call c=64', name, t.cpuUsPerCall);
           }
         }
-        if (CASES.includes('bidi')) record('bidi 64KiB MB/s', name, await bidiRate(side.client, side.md, BIDI_MIB));
+        if (CASES.includes('bidi')) {
+          const b = await bidiRate(side.client, side.md, BIDI_MIB);
+          record('bidi 64KiB MB/s', name, b.mbPerS);
+          record('bidi cpu ms/MiB', name, b.cpuMsPerMiB);
+        }
       }
     }
   } catch (err) {
