@@ -105,6 +105,27 @@ describe('offer reuse (protocol version 2)', function () {
     expect(offer.status).to.equal(undefined);
   });
 
+  it('an agent that never answers Cancel with Trailers has the offer ended by the broker after the timeout', async () => {
+    const { offer } = await withOneOffer([1, 2]);
+    stack.broker.registry.cancelTrailersTimeoutMs = 300;
+    try {
+      const doomed = stack.caller.bidi(ECHO.bidi, stack.md());
+      const doomedResult = collect(doomed);
+      await offer.expectNext('start');
+      doomed.cancel();
+      expect((await doomedResult).status.code).to.equal(Status.CANCELLED);
+      await offer.seen((f) => f.kind === 'cancel');
+      expect(stack.broker.registry.counts().activeCalls).to.equal(1); // still held, waiting for Trailers
+      const st = await offer.ended();
+      expect(st.code).to.equal(Status.UNAVAILABLE);
+      expect(st.details).to.contain('no trailers');
+      await waitUntil(() => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().idleOffers === 0);
+      expect(stack.broker.registry.counts().sessions).to.equal(1); // a stream error, not a protocol error
+    } finally {
+      stack.broker.registry.cancelTrailersTimeoutMs = 30_000;
+    }
+  });
+
   it('a call whose answerer finishes before the client half-closes ends with the broker\'s Cancel; the stream is reused', async () => {
     const { offer } = await withOneOffer([1, 2]);
     const call = stack.caller.bidi(ECHO.bidi, stack.md());

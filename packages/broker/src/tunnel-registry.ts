@@ -8,7 +8,12 @@ export interface IdleOffer {
   readonly session: AgentSession;
   /** When the offer became idle (ms since epoch), for retiring old ones. */
   readonly idleSinceMs: number;
+  /** `stream.callsEnded` when the offer became idle: the next call on it is call number this + 1. */
+  readonly callsEndedBefore: number;
 }
+
+/** How long the broker waits for an agent's Trailers after its Cancel before giving up on a reusable offer. */
+export const DEFAULT_CANCEL_TRAILERS_TIMEOUT_MS = 30_000;
 
 /** What the registry needs to talk back to an agent session; implemented by the agent listener. */
 export interface SessionControl {
@@ -94,6 +99,8 @@ export interface AgentSummary {
  */
 export class TunnelRegistry {
   private readonly agents = new Map<string, AgentEntry>();
+  /** See {@link DEFAULT_CANCEL_TRAILERS_TIMEOUT_MS}; settable for tests. */
+  cancelTrailersTimeoutMs = DEFAULT_CANCEL_TRAILERS_TIMEOUT_MS;
 
   /** Registers a session whose handshake completed; waiting calls get offers from it. */
   addSession(session: AgentSession): void {
@@ -133,7 +140,18 @@ export class TunnelRegistry {
    * now; a reusable one counts until its call has ended on the stream too ({@link releaseOffer}).
    */
   callFinished(offer: IdleOffer): void {
-    if (!offer.stream.reusable) offer.session.active.delete(offer.stream);
+    const { stream, session } = offer;
+    if (!stream.reusable) {
+      session.active.delete(stream);
+      return;
+    }
+    // The caller has its status but the call has not ended on the stream (a Cancel waiting for the
+    // agent's Trailers). An agent that never answers would hold the stream forever: end it.
+    if (stream.isClosed || stream.callsEnded !== offer.callsEndedBefore) return;
+    const timer = setTimeout(() => {
+      if (stream.callsEnded === offer.callsEndedBefore) stream.abort(new BurrowError(Status.UNAVAILABLE, `agent sent no trailers within ${this.cancelTrailersTimeoutMs} ms of the call's end`));
+    }, this.cancelTrailersTimeoutMs);
+    void stream.whenCallEnded().then(() => clearTimeout(timer));
   }
 
   /** Removes an offer whose stream closed under it (agent gone, connection lost, retired). */
@@ -265,7 +283,7 @@ export class TunnelRegistry {
       stream.finish();
       return;
     }
-    const offer: IdleOffer = { stream, session, idleSinceMs: Date.now() };
+    const offer: IdleOffer = { stream, session, idleSinceMs: Date.now(), callsEndedBefore: stream.callsEnded };
     const waiter = entry.waiters.shift();
     if (waiter) waiter.resolve(offer);
     else session.idle.push(offer);

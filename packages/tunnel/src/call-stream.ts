@@ -59,6 +59,7 @@ export class CallStream {
   // Resolved when the call in progress ends (true) or the stream closes (false).
   private callEndWaiters: ((reusable: boolean) => void)[] = [];
   private closeWaiters: (() => void)[] = [];
+  private endedCalls = 0;
   /** Set by the owner of a reusable stream; see {@link CallStreamOwnerHooks}. */
   ownerHooks: CallStreamOwnerHooks = {};
 
@@ -111,6 +112,8 @@ export class CallStream {
   }
 
   get callState(): CallState { return this.state; }
+  /** Calls that have ended on this (reusable) stream so far; tells one call of the stream from the next. */
+  get callsEnded(): number { return this.endedCalls; }
   get isClosed(): boolean { return this.closed; }
 
   /**
@@ -213,6 +216,7 @@ export class CallStream {
 
   /** A call ended on a reusable stream: detach its handlers and hand the stream back to its owner. */
   private endOfCall(): void {
+    this.endedCalls++;
     this.handlers = undefined;
     // The call may have paused reading for its own backpressure; the next call starts unpaused.
     this.duplex.resume();
