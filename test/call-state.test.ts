@@ -206,6 +206,108 @@ describe('call state machine: transition() and isCallDone()', () => {
     expect(legalCount).to.be.greaterThan(1000);
     expect(illegalCount).to.be.greaterThan(1000);
   });
+
+  describe('reusable streams (protocol version 2)', () => {
+    /**
+     * Reference for reusable mode, written from tunnel.proto: the frames are one single-call
+     * sequence after another; a call ends when the originator has sent HalfClose or Cancel and
+     * the answerer Trailers, and the next frame belongs to the next call. Returns undefined when
+     * illegal, else deliver flags and the indices of the frames that ended a call.
+     */
+    function reusableReference(steps: readonly Step[]): { delivered: boolean[]; endedAt: number[] } | undefined {
+      const delivered: boolean[] = [];
+      const endedAt: number[] = [];
+      let call: Step[] = [];
+      for (let i = 0; i < steps.length; i++) {
+        call.push(steps[i]!);
+        const r = reference(call);
+        if (!r) return undefined;
+        delivered.push(r.delivered[r.delivered.length - 1]!);
+        const originatorDone = call.some((s) => s === 'o:halfClose' || s === 'o:cancel');
+        if (originatorDone && call.includes('a:trailers')) {
+          endedAt.push(i);
+          call = [];
+        }
+      }
+      return { delivered, endedAt };
+    }
+
+    function runReusable(steps: readonly Step[]): { index: number; delivered: boolean[]; endedAt: number[]; state: CallState } {
+      let state = INITIAL_CALL_STATE;
+      const delivered: boolean[] = [];
+      const endedAt: number[] = [];
+      for (let i = 0; i < steps.length; i++) {
+        let t;
+        try {
+          t = transition(state, senderOf(steps[i]!), kindOf(steps[i]!), true);
+        } catch (err) {
+          if (err instanceof ProtocolError) return { index: i, delivered, endedAt, state };
+          throw err;
+        }
+        state = t.state;
+        delivered.push(t.deliver);
+        if (t.callEnded) endedAt.push(i);
+      }
+      return { index: -1, delivered, endedAt, state };
+    }
+
+    it('carries calls one after the other: each ends at the frame that completes both halves, then Start is legal again', () => {
+      const seq: Step[] = [
+        'o:start', 'o:halfClose', 'a:headers', 'a:message', 'a:trailers', //        a unary call
+        'o:start', 'o:message', 'o:cancel', 'a:message', 'a:trailers', //           cancelled; Trailers free the stream
+        'o:start', 'a:trailers', 'o:message', 'o:cancel', //                        answerer first; originator's Cancel frees it
+        'o:start', 'o:halfClose',
+      ];
+      const r = runReusable(seq);
+      expect(r.index).to.equal(-1);
+      expect(r.endedAt).to.deep.equal([4, 9, 13]);
+      expect(r.delivered).to.deep.equal([true, true, true, true, true, true, true, true, false, false, true, true, false, false, true, true]);
+      expect(r.state).to.deep.equal({ request: 'half-closed', response: 'pending' });
+    });
+
+    it('never lets a second call start before the first has ended on both sides', () => {
+      for (const seq of [['o:start', 'o:start'], ['o:start', 'o:halfClose', 'o:start'], ['o:start', 'a:trailers', 'o:start'], ['o:start', 'o:cancel', 'o:start']] as Step[][]) {
+        expect(runReusable(seq).index, seq.join(' ')).to.equal(seq.length - 1);
+      }
+      // Between calls only Start is legal, from the originator.
+      for (const step of ALL_STEPS.filter((s) => s !== 'o:start')) {
+        expect(runReusable(['o:start', 'o:halfClose', 'a:trailers', step]).index, step).to.equal(3);
+      }
+    });
+
+    it('single-call mode never reports callEnded and never resets', () => {
+      const t = transition(transition(transition(INITIAL_CALL_STATE, 'originator', 'start').state, 'originator', 'halfClose').state, 'answerer', 'trailers');
+      expect(t.callEnded).to.equal(false);
+      expect(t.state).to.deep.equal({ request: 'half-closed', response: 'closed' });
+      expect(() => transition(t.state, 'originator', 'start')).to.throw(ProtocolError);
+    });
+
+    it('agrees with the reference on every sequence of up to 7 frames', () => {
+      let legalCount = 0, illegalCount = 0, ended = 0;
+      const visit = (prefix: Step[]): void => {
+        for (const step of ALL_STEPS) {
+          const seq = [...prefix, step];
+          const want = reusableReference(seq);
+          const got = runReusable(seq);
+          if (!want) {
+            expect(got.index, `${seq.join(' ')} must be rejected at its last frame`).to.equal(seq.length - 1);
+            illegalCount++;
+            continue;
+          }
+          expect(got.index, `${seq.join(' ')} must be legal`).to.equal(-1);
+          expect(got.delivered, `deliver flags of ${seq.join(' ')}`).to.deep.equal(want.delivered);
+          expect(got.endedAt, `call ends in ${seq.join(' ')}`).to.deep.equal(want.endedAt);
+          legalCount++;
+          if (want.endedAt.length > 1) ended++;
+          if (seq.length < 7) visit(seq);
+        }
+      };
+      visit([]);
+      expect(legalCount).to.be.greaterThan(1000);
+      expect(illegalCount).to.be.greaterThan(1000);
+      expect(ended).to.be.greaterThan(10); // sequences with two whole calls were walked
+    });
+  });
 });
 
 // ---------------------------------------------------------------------------------------------

@@ -180,9 +180,9 @@ describe('frames: encode/decode', () => {
       expect(negotiateVersion([], [1])).to.equal(undefined);
     });
 
-    it('this build speaks version 1', () => {
-      expect(PROTOCOL_VERSIONS).to.deep.equal([1]);
-      expect(PROTOCOL_VERSION).to.equal(1);
+    it('this build speaks versions 1 and 2', () => {
+      expect(PROTOCOL_VERSIONS).to.deep.equal([1, 2]);
+      expect(PROTOCOL_VERSION).to.equal(2);
     });
   });
 });

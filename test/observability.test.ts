@@ -224,7 +224,7 @@ describe('observability', function () {
       expect(started.agentPort).to.be.a('number');
       expect(started.timestamp).to.be.a('string');
       const connected = await brokerLog.waitFor((l) => l.message === 'agent connected');
-      expect(connected).to.include({ agentId: 'site-a', protocolVersion: 1 });
+      expect(connected).to.include({ agentId: 'site-a', protocolVersion: 2 });
     });
 
     it('a successful call logs "call finished" with agentId, callId, method, status and durationMs on both sides', async () => {

@@ -2,7 +2,7 @@ import {
   Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type StatusObject,
 } from '@grpc/grpc-js';
 import {
-  PROTOCOL_VERSIONS, SESSION_ID_KEY, TUNNEL_METHODS, decodeCallFrame, decodeSessionFrame, encodeCallFrame, encodeSessionFrame,
+  SESSION_ID_KEY, TUNNEL_METHODS, decodeCallFrame, decodeSessionFrame, encodeCallFrame, encodeSessionFrame,
   type CallFrame, type SessionFrame, type StartFrame, type WelcomeFrame,
 } from '@burrow/tunnel';
 import type { CertFiles } from './pki-fixture';
@@ -175,11 +175,15 @@ export class RawSession extends RawStream<SessionFrame> {
 
   send(frame: SessionFrame): boolean { return this.call.write(encodeSessionFrame(frame)); }
 
-  /** Sends Hello; defaults: this build's versions, agent version "raw-agent/0", no idle offers. */
+  /**
+   * Sends Hello; defaults: version 1 only (single-call offers, so that a test's frames on one offer
+   * are one call), agent version "raw-agent/0", no idle offers. Pass `protocolVersions: [1, 2]` for
+   * a version-2 agent, whose offers carry calls one after the other.
+   */
   hello(opts: { protocolVersions?: number[]; agentVersion?: string; minIdleOffers?: number } = {}): void {
     this.send({
       kind: 'hello',
-      hello: { protocolVersions: opts.protocolVersions ?? [...PROTOCOL_VERSIONS], agentVersion: opts.agentVersion ?? 'raw-agent/0', minIdleOffers: opts.minIdleOffers ?? 0 },
+      hello: { protocolVersions: opts.protocolVersions ?? [1], agentVersion: opts.agentVersion ?? 'raw-agent/0', minIdleOffers: opts.minIdleOffers ?? 0 },
     });
   }
 
@@ -198,9 +202,10 @@ export class RawCallStream extends RawStream<CallFrame> {
   /**
    * Answers one call the way a well-behaved agent with an echo upstream would: waits for Start,
    * collects request messages until HalfClose, then sends Headers, one Message with the
-   * concatenated request, Trailers OK, and half-closes. Resolves with the Start frame.
+   * concatenated request, Trailers OK, and half-closes (unless `keepOpen`: a version-2 agent keeps
+   * its offer for the next call). Resolves with the Start frame.
    */
-  async answerEcho(headers: { key: string; value: Buffer }[] = []): Promise<StartFrame> {
+  async answerEcho(headers: { key: string; value: Buffer }[] = [], keepOpen = false): Promise<StartFrame> {
     const start = (await this.expectNext('start')).start;
     const parts: Buffer[] = [];
     for (;;) {
@@ -212,7 +217,7 @@ export class RawCallStream extends RawStream<CallFrame> {
     this.send({ kind: 'headers', metadata: headers });
     this.send({ kind: 'message', data: Buffer.concat(parts) });
     this.send({ kind: 'trailers', trailers: { code: Status.OK, message: '', metadata: [] } });
-    this.end();
+    if (!keepOpen) this.end();
     return start;
   }
 }

@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame,
+  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame,
   encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
   type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
   logCallFinished,
@@ -218,30 +218,40 @@ export class BrokerConnection extends EventEmitter {
     const md = new Metadata();
     md.set(SESSION_ID_KEY, this.welcome.sessionId);
     const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.offer, identity, identity, md);
-    const stream = new CallStream(call, 'client', 'answerer', (err) => this.close(err));
+    // From protocol version 2 on, an offer carries calls one after the other (tunnel.proto, "Offer").
+    const stream = new CallStream(call, 'client', 'answerer', (err) => this.close(err), this.welcome.protocolVersion >= REUSABLE_OFFERS_VERSION);
     this.offerStreams.add(stream);
+    this.waitForCall(stream);
+  }
+
+  /** Counts `stream` as an idle offer and answers the next call that arrives on it. */
+  private waitForCall(stream: CallStream): void {
     this.idleOffers++;
     this.opts.metrics.tunnelStreams.inc({ state: 'idle' });
+    // These handlers stay attached through a call answered without an upstream call.
+    let taken = false;
     stream.attach({
       onFrame: (frame) => {
         if (frame.kind !== 'start') return;
+        taken = true;
         this.idleOffers--;
         this.activeCalls++;
         this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
         this.opts.metrics.tunnelStreams.inc({ state: 'active' });
-        // Replace every offer that takes a call, so the pool keeps the size the load needed; the
-        // broker retires idle offers above the minimum after its idle TTL, shrinking it again.
-        if (this.idleOffers + this.activeCalls < this.opts.maxOffers) this.openOffer();
+        // Keep the pool at the size the load needs. A single-call offer is replaced as soon as it
+        // takes a call; a reusable one comes back when its call ends, so only the idle minimum is
+        // topped up. The broker retires idle offers above the minimum after its idle TTL.
+        const room = this.idleOffers + this.activeCalls < this.opts.maxOffers;
+        if (room && (!stream.reusable || this.idleOffers < this.opts.minIdleOffers)) this.openOffer();
         void this.answerOffer(stream, frame.start);
       },
       onDrain: () => {},
       onClosed: () => {
         // An idle offer ending is the broker retiring it (or the connection going away).
-        if (stream.callState.request === 'idle') {
-          this.idleOffers--;
-          this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
-          this.offerStreams.delete(stream);
-        }
+        if (taken) return;
+        this.idleOffers--;
+        this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
+        this.offerStreams.delete(stream);
       },
       onProtocolError: () => {}, // the owner callback above closes the connection
     });
@@ -249,6 +259,8 @@ export class BrokerConnection extends EventEmitter {
 
   private async answerOffer(stream: CallStream, start: StartFrame): Promise<void> {
     const startedMs = Date.now();
+    // Taken now: once this call ends, the next one may already be on its way on the same stream.
+    const callEnded = stream.whenCallEnded();
     const service = serviceOfMethod(start.method);
     // A route naming the service wins over the built-in one; the default route `*` does not.
     const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(start.method);
@@ -264,7 +276,7 @@ export class BrokerConnection extends EventEmitter {
       code = Status.UNIMPLEMENTED;
       details = `agent "${this.opts.agentId}" has no upstream for service "${service}"`;
       stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
-      stream.finish();
+      stream.endCall();
     } else {
       const outcome = local
         ? await answerLocally(stream, start, local, { maxMessageBytes: this.opts.maxMessageBytes, extraMetadata })
@@ -273,8 +285,21 @@ export class BrokerConnection extends EventEmitter {
       this.opts.metrics.messageBytes.inc({ direction: 'from_broker', flow: 'request' }, outcome.requestBytes);
       this.opts.metrics.messageBytes.inc({ direction: 'from_broker', flow: 'response' }, outcome.responseBytes);
     }
-    this.offerStreams.delete(stream);
-    this.callEnded();
+    const reusable = await callEnded;
+    if (reusable && !this.draining && !this.isClosed) {
+      this.callEnded();
+      this.waitForCall(stream);
+    } else {
+      this.offerStreams.delete(stream);
+      if (reusable) {
+        // Withdraw the offer by half-closing it after the call's last frames, and count the call
+        // as over only once the broker has ended the stream: a cancel (or a process exit) now
+        // could drop the Trailers still in the send buffer.
+        stream.finish();
+        await stream.whenClosed();
+      }
+      this.callEnded();
+    }
     const seconds = (Date.now() - startedMs) / 1000;
     this.opts.metrics.calls.inc({ direction: 'from_broker', code: statusName(code) });
     this.opts.metrics.callDuration.observe({ direction: 'from_broker' }, seconds);

@@ -1,6 +1,6 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
+  BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
   UpstreamTable, answer, decodeSessionFrame, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
   statusName, verifyCertificateChain, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
   logCallFinished,
@@ -268,14 +268,19 @@ export class AgentListener {
     if (!id) return;
     const session = this.sessionOf(call, id, 'offer');
     if (!session) return;
-    const stream = new CallStream(call, 'server', 'originator', (err) => this.protocolError(session, err));
-    // While idle, only the stream's end matters; once assigned, the originator re-attaches.
-    stream.attach({
-      onFrame: () => {},
-      onDrain: () => {},
+    const reusable = session.protocolVersion >= REUSABLE_OFFERS_VERSION;
+    const stream = new CallStream(call, 'server', 'originator', (err) => this.protocolError(session, err), reusable);
+    // While idle, only the stream's end matters (ownerHooks.onClosed); once assigned, the
+    // originator attaches its own handlers.
+    const idle = { onFrame: () => {}, onDrain: () => {}, onClosed: () => {}, onProtocolError: () => {} };
+    stream.attach(idle);
+    stream.ownerHooks = {
+      onCallEnded: () => {
+        stream.attach(idle);
+        this.deps.registry.releaseOffer(session, stream);
+      },
       onClosed: () => this.deps.registry.dropOffer(session, stream),
-      onProtocolError: () => {},
-    });
+    };
     this.deps.registry.addOffer(session, stream);
   }
 

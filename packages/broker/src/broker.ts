@@ -7,7 +7,7 @@ import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  identityOfCertificate, installCatchAll, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
+  cachePeerCertificates, identityOfCertificate, installCatchAll, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki, type BrokerPkiStatus } from './broker-pki';
@@ -184,6 +184,8 @@ export class Broker {
     };
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
+    cachePeerCertificates(this.agentServer);
+    cachePeerCertificates(this.apiServer);
     let authzenPort: number | undefined;
     if (this.config.authzenListen) {
       const server = createAuthzenServer({ api, tls: this.tls, metrics: this.metrics, logger: this.logger, maxBodyBytes: this.config.maxMessageBytes, timeoutMs: this.config.authzenTimeoutMs });

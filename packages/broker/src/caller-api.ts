@@ -153,7 +153,7 @@ export class CallerApi {
     const { session, stream } = offer;
     session.active.add(stream);
     const outcome = await originate(call, stream, { callId, peerName: `agent "${agentId}"`, caller: caller.spiffeId });
-    session.active.delete(stream);
+    registry.callFinished(offer);
     metrics.callsInFlight.dec({ direction: 'to_agent' });
     admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
   }
@@ -184,7 +184,7 @@ export class CallerApi {
     const { session, stream } = offer;
     session.active.add(stream);
     const result = await originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, stream, { callId: admitted.callId, peerName: `agent "${agentId}"`, caller: admitted.caller.spiffeId });
-    session.active.delete(stream);
+    registry.callFinished(offer);
     metrics.callsInFlight.dec({ direction: 'to_agent' });
     admitted.finish(result.code, result.details, result.requestBytes, result.responseBytes);
     return result;

@@ -8,7 +8,12 @@ export interface IdleOffer {
   readonly session: AgentSession;
   /** When the offer became idle (ms since epoch), for retiring old ones. */
   readonly idleSinceMs: number;
+  /** `stream.callsEnded` when the offer became idle: the next call on it is call number this + 1. */
+  readonly callsEndedBefore: number;
 }
+
+/** How long the broker waits for an agent's Trailers after its Cancel before giving up on a reusable offer. */
+export const DEFAULT_CANCEL_TRAILERS_TIMEOUT_MS = 30_000;
 
 /** What the registry needs to talk back to an agent session; implemented by the agent listener. */
 export interface SessionControl {
@@ -123,6 +128,8 @@ export interface AgentDetail {
  */
 export class TunnelRegistry {
   private readonly agents = new Map<string, AgentEntry>();
+  /** See {@link DEFAULT_CANCEL_TRAILERS_TIMEOUT_MS}; settable for tests. */
+  cancelTrailersTimeoutMs = DEFAULT_CANCEL_TRAILERS_TIMEOUT_MS;
 
   /** Registers a session whose handshake completed; waiting calls get offers from it. */
   addSession(session: AgentSession): void {
@@ -144,22 +151,43 @@ export class TunnelRegistry {
 
   /** An agent opened an Offer stream: hand it to the oldest waiting call or keep it idle. */
   addOffer(session: AgentSession, stream: CallStream): void {
-    const entry = this.agents.get(session.agentId);
-    if (!entry || !entry.sessions.has(session) || session.draining) {
-      stream.finish();
-      return;
-    }
     if (session.owedOffers > 0) session.owedOffers--;
-    const offer: IdleOffer = { stream, session, idleSinceMs: Date.now() };
-    const waiter = entry.waiters.shift();
-    if (waiter) waiter.resolve(offer);
-    else session.idle.push(offer);
+    this.pool(session, stream);
   }
 
-  /** Removes an idle offer whose stream closed under it (agent gone, connection lost). */
+  /**
+   * A reusable offer's call ended (protocol version 2) and the stream is idle again: it goes to the
+   * oldest waiting call or back to the idle list, like a new offer.
+   */
+  releaseOffer(session: AgentSession, stream: CallStream): void {
+    session.active.delete(stream);
+    this.pool(session, stream);
+  }
+
+  /**
+   * The caller's side of a call on `offer` is over. A single-call offer stops counting as active
+   * now; a reusable one counts until its call has ended on the stream too ({@link releaseOffer}).
+   */
+  callFinished(offer: IdleOffer): void {
+    const { stream, session } = offer;
+    if (!stream.reusable) {
+      session.active.delete(stream);
+      return;
+    }
+    // The caller has its status but the call has not ended on the stream (a Cancel waiting for the
+    // agent's Trailers). An agent that never answers would hold the stream forever: end it.
+    if (stream.isClosed || stream.callsEnded !== offer.callsEndedBefore) return;
+    const timer = setTimeout(() => {
+      if (stream.callsEnded === offer.callsEndedBefore) stream.abort(new BurrowError(Status.UNAVAILABLE, `agent sent no trailers within ${this.cancelTrailersTimeoutMs} ms of the call's end`));
+    }, this.cancelTrailersTimeoutMs);
+    void stream.whenCallEnded().then(() => clearTimeout(timer));
+  }
+
+  /** Removes an offer whose stream closed under it (agent gone, connection lost, retired). */
   dropOffer(session: AgentSession, stream: CallStream): void {
     const i = session.idle.findIndex((o) => o.stream === stream);
     if (i >= 0) session.idle.splice(i, 1);
+    if (stream.reusable) session.active.delete(stream);
   }
 
   /**
@@ -170,7 +198,10 @@ export class TunnelRegistry {
   acquire(agentId: string, waitMs: number, deadlineMs: number, signal: AbortSignal): Promise<IdleOffer> {
     const entry = this.entry(agentId);
     const offer = this.takeIdle(entry);
-    if (offer) return Promise.resolve(offer);
+    if (offer) {
+      offer.session.active.add(offer.stream);
+      return Promise.resolve(offer);
+    }
     return new Promise<IdleOffer>((resolve, reject) => {
       const callerDeadlineFirst = deadlineMs - Date.now() < waitMs;
       const timer = setTimeout(() => {
@@ -184,7 +215,7 @@ export class TunnelRegistry {
         reject(new BurrowError(Status.CANCELLED, 'cancelled while waiting for the agent'));
       };
       const waiter: Waiter = {
-        resolve: (o) => { clearTimeout(timer); signal.removeEventListener('abort', onAbort); resolve(o); },
+        resolve: (o) => { clearTimeout(timer); signal.removeEventListener('abort', onAbort); o.session.active.add(o.stream); resolve(o); },
         reject,
       };
       const remove = (): void => {
@@ -292,6 +323,18 @@ export class TunnelRegistry {
       this.agents.set(agentId, e);
     }
     return e;
+  }
+
+  private pool(session: AgentSession, stream: CallStream): void {
+    const entry = this.agents.get(session.agentId);
+    if (!entry || !entry.sessions.has(session) || session.draining) {
+      stream.finish();
+      return;
+    }
+    const offer: IdleOffer = { stream, session, idleSinceMs: Date.now(), callsEndedBefore: stream.callsEnded };
+    const waiter = entry.waiters.shift();
+    if (waiter) waiter.resolve(offer);
+    else session.idle.push(offer);
   }
 
   private maybeForget(agentId: string, entry: AgentEntry): void {

@@ -30,15 +30,15 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
     const call: ClientDuplexStream<Buffer, Buffer> = upstream.makeBidiStreamRequest(start.method, identity, identity, metadata, { deadline });
 
     // The outcome is known when trailers go out (or the upstream is cancelled), but the promise
-    // resolves only once the tunnel stream has closed: a process that exits as soon as its calls
-    // "finished" would otherwise drop a status still in its send buffer.
-    let outcome: CallOutcome | undefined;
-    let streamClosed = false;
+    // resolves only once the call has ended on the tunnel stream (the stream closed, or a reusable
+    // stream is idle again): a process that exits as soon as its calls "finished" would otherwise
+    // drop a status still in its send buffer, and a reused stream must not be handed on early.
+    const callEnded = stream.whenCallEnded();
     const settle = (code: number, details: string): void => {
       if (settled) return;
       settled = true;
-      outcome = { code, details, requestBytes, responseBytes };
-      if (streamClosed) resolve(outcome);
+      const outcome: CallOutcome = { code, details, requestBytes, responseBytes };
+      void callEnded.then(() => resolve(outcome));
     };
 
     // Trailers go out only after every response message has been forwarded: grpc-js may report
@@ -46,7 +46,7 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
     const maybeSendTrailers = (): void => {
       if (settled || !status || !readEnded) return;
       stream.send({ kind: 'trailers', trailers: { code: status.code, message: status.details, metadata: responseMetadataToWire(status.metadata) } });
-      stream.finish();
+      stream.endCall();
       settle(status.code, status.details);
     };
 
@@ -54,6 +54,8 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
       if (!settled) stream.send({ kind: 'headers', metadata: responseMetadataToWire(md) });
     });
     call.on('data', (message: Buffer) => {
+      // After the call settled (cancelled), a reused stream may already carry the next call.
+      if (settled) return;
       responseBytes += message.length;
       if (!stream.send({ kind: 'message', data: message })) call.pause();
     });
@@ -64,7 +66,9 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
     const cancelUpstream = (code: number, details: string): void => {
       if (settled) return;
       call.cancel();
-      stream.finish();
+      // On a reusable stream Trailers always follow Cancel: they are what frees the stream.
+      if (stream.reusable) stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
+      stream.endCall();
       settle(code, details);
     };
 
@@ -90,9 +94,7 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
       },
       onDrain() { call.resume(); },
       onClosed(error) {
-        streamClosed = true;
         if (error) cancelUpstream(Status.UNAVAILABLE, `tunnel stream lost: ${error.message}`);
-        if (outcome) resolve(outcome);
       },
       onProtocolError(error) {
         cancelUpstream(Status.INTERNAL, error.message);

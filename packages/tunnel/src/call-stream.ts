@@ -19,12 +19,30 @@ export interface CallStreamHandlers {
   onProtocolError(error: ProtocolError): void;
 }
 
+/**
+ * What the owner of a reusable stream (the pool it belongs to) hears, whatever call handlers are
+ * attached at the time.
+ */
+export interface CallStreamOwnerHooks {
+  /**
+   * The call in progress ended and the stream is idle again (reusable streams only). The call's
+   * handlers are detached already; frames of the next call queue until the next {@link CallStream.attach}.
+   */
+  onCallEnded?(): void;
+  /** The transport stream is finished (after the call handlers' `onClosed`). */
+  onClosed?(error?: BurrowError): void;
+}
+
 type Duplex = ServerDuplexStream<Buffer, Buffer> | ClientDuplexStream<Buffer, Buffer>;
 
 /**
  * One Offer or Forward stream seen as a sequence of validated call frames. It owns the
  * {@link CallState} for the call, checks every frame sent and received against it, and turns the
  * ways a gRPC stream can end into one `onClosed` callback.
+ *
+ * A `reusable` stream (an Offer stream of a protocol-version-2 session) carries calls one after
+ * the other: when a call ends (see call-state.ts) its handlers are detached, {@link whenCallEnded}
+ * resolves and the owner's `onCallEnded` hook runs; the next call attaches its own handlers.
  *
  * `grpcRole` says which end of the gRPC stream this is: the broker is always the gRPC server of
  * tunnel streams, the agent always the client, whatever their forwarded-call role.
@@ -38,6 +56,12 @@ export class CallStream {
   private writeEnded = false;
   private readEnded = false;
   private pendingFrames: CallFrame[] = [];
+  // Resolved when the call in progress ends (true) or the stream closes (false).
+  private callEndWaiters: ((reusable: boolean) => void)[] = [];
+  private closeWaiters: (() => void)[] = [];
+  private endedCalls = 0;
+  /** Set by the owner of a reusable stream; see {@link CallStreamOwnerHooks}. */
+  ownerHooks: CallStreamOwnerHooks = {};
 
   /**
    * @param onOwnerProtocolError called on a protocol error whatever handlers are attached at the
@@ -49,12 +73,21 @@ export class CallStream {
     readonly grpcRole: 'server' | 'client',
     readonly role: FrameSender,
     private readonly onOwnerProtocolError?: (error: ProtocolError) => void,
+    /** True for an Offer stream of a version-2 session: it carries calls one after the other. */
+    readonly reusable = false,
   ) {
     this.peer = role === 'originator' ? 'answerer' : 'originator';
     duplex.on('data', (bytes: Buffer) => this.receive(bytes));
     duplex.on('drain', () => this.handlers?.onDrain());
     duplex.on('end', () => {
       this.readEnded = true;
+      // On a reusable offer the agent withdraws an idle stream by half-closing it (tunnel.proto,
+      // "Offer"); the broker ends its side too. Mid-call, the stream cannot finish the call.
+      if (this.reusable && grpcRole === 'server' && !this.writeEnded) {
+        if (this.state.request === 'idle') this.finish();
+        else this.abort(new BurrowError(Status.UNAVAILABLE, 'tunnel stream ended before the call completed'));
+        return;
+      }
       this.maybeClosedCleanly();
     });
     // grpc-js reports failures of the stream as 'error' (client) or 'cancelled' (server); the
@@ -63,8 +96,10 @@ export class CallStream {
     if (grpcRole === 'client') {
       (duplex as ClientDuplexStream<Buffer, Buffer>).on('status', (s: StatusObject) => this.onClientStatus(s));
     } else {
-      (duplex as ServerDuplexStream<Buffer, Buffer>).on('cancelled', () =>
-        this.close(new BurrowError(Status.UNAVAILABLE, 'tunnel stream reset by the peer')));
+      // grpc-js emits 'cancelled' also after a clean end; build the error only when it matters.
+      (duplex as ServerDuplexStream<Buffer, Buffer>).on('cancelled', () => {
+        if (!this.closed) this.close(new BurrowError(Status.UNAVAILABLE, 'tunnel stream reset by the peer'));
+      });
     }
   }
 
@@ -77,6 +112,8 @@ export class CallStream {
   }
 
   get callState(): CallState { return this.state; }
+  /** Calls that have ended on this (reusable) stream so far; tells one call of the stream from the next. */
+  get callsEnded(): number { return this.endedCalls; }
   get isClosed(): boolean { return this.closed; }
 
   /**
@@ -85,8 +122,41 @@ export class CallStream {
    */
   send(frame: CallFrame): boolean {
     if (this.closed || this.writeEnded) return false;
-    this.state = transition(this.state, this.role, frame.kind).state;
-    return this.duplex.write(encodeCallFrame(frame));
+    const t = transition(this.state, this.role, frame.kind, this.reusable);
+    this.state = t.state;
+    const more = this.duplex.write(encodeCallFrame(frame));
+    if (t.callEnded) this.endOfCall();
+    return more;
+  }
+
+  /**
+   * Resolves when the call in progress has ended: true when the stream is idle again and can carry
+   * another call (reusable streams), false when the stream closed. Resolves at once when no call
+   * is in progress. Take it while the call runs: after it ends, a next call may already have begun.
+   */
+  whenCallEnded(): Promise<boolean> {
+    if (this.closed) return Promise.resolve(false);
+    if (this.reusable && this.state === INITIAL_CALL_STATE) return Promise.resolve(true);
+    return new Promise((resolve) => this.callEndWaiters.push(resolve));
+  }
+
+  /** Resolves once the transport stream is finished (at once if it is). */
+  whenClosed(): Promise<void> {
+    if (this.closed) return Promise.resolve();
+    return new Promise((resolve) => this.closeWaiters.push(resolve));
+  }
+
+  /**
+   * This side is done with the call in progress. A single-call stream ends ({@link finish}). On a
+   * reusable stream an originator whose request is still open sends Cancel, the frame that frees
+   * the stream once the answerer's Trailers are in (the answerer's own last frame is Trailers).
+   */
+  endCall(): void {
+    if (!this.reusable) {
+      this.finish();
+      return;
+    }
+    if (this.role === 'originator' && this.state.request === 'open') this.send({ kind: 'cancel', reason: 'call completed' });
   }
 
   /** Stops reading frames (backpressure towards the peer through HTTP/2 flow control). */
@@ -118,11 +188,13 @@ export class CallStream {
     if (this.closed) return;
     let frame: CallFrame;
     let deliver: boolean;
+    let callEnded: boolean;
     try {
       frame = decodeCallFrame(bytes);
-      const t = transition(this.state, this.peer, frame.kind);
+      const t = transition(this.state, this.peer, frame.kind, this.reusable);
       this.state = t.state;
       deliver = t.deliver;
+      callEnded = t.callEnded;
     } catch (err) {
       const error = err instanceof ProtocolError ? err : new ProtocolError('bad call frame', err);
       // Detach first: the stream ends (with INTERNAL) without reporting itself "lost", and the
@@ -134,9 +206,22 @@ export class CallStream {
       this.onOwnerProtocolError?.(error);
       return;
     }
-    if (!deliver) return;
-    if (this.handlers) this.handlers.onFrame(frame);
-    else this.pendingFrames.push(frame);
+    if (deliver) {
+      if (this.handlers) this.handlers.onFrame(frame);
+      else this.pendingFrames.push(frame);
+    }
+    // After delivery: the call's handlers act on its last frame (Trailers) before they are detached.
+    if (callEnded && !this.closed) this.endOfCall();
+  }
+
+  /** A call ended on a reusable stream: detach its handlers and hand the stream back to its owner. */
+  private endOfCall(): void {
+    this.endedCalls++;
+    this.handlers = undefined;
+    // The call may have paused reading for its own backpressure; the next call starts unpaused.
+    this.duplex.resume();
+    for (const w of this.callEndWaiters.splice(0)) w(true);
+    this.ownerHooks.onCallEnded?.();
   }
 
   private onClientStatus(s: StatusObject): void {
@@ -149,12 +234,17 @@ export class CallStream {
     if (this.closed) return;
     const streamDone = serverFinished || (this.readEnded && this.writeEnded);
     if (!streamDone) return;
-    this.close(isCallDone(this.state) ? undefined : new BurrowError(Status.UNAVAILABLE, 'tunnel stream ended before the call completed'));
+    // A reusable stream between calls ends cleanly: it is an idle offer being retired.
+    const clean = isCallDone(this.state) || (this.reusable && this.state.request === 'idle');
+    this.close(clean ? undefined : new BurrowError(Status.UNAVAILABLE, 'tunnel stream ended before the call completed'));
   }
 
   private close(error?: BurrowError): void {
     if (this.closed) return;
     this.closed = true;
     this.handlers?.onClosed(error);
+    for (const w of this.callEndWaiters.splice(0)) w(false);
+    for (const w of this.closeWaiters.splice(0)) w();
+    this.ownerHooks.onClosed?.(error);
   }
 }

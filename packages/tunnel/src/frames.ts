@@ -4,8 +4,11 @@ import { ProtocolError } from './errors';
 import { resolveProtoDir } from './embedded-protos';
 
 /** The protocol versions this build speaks, highest last. See tunnel.proto, "Versioning". */
-export const PROTOCOL_VERSIONS: readonly number[] = [1];
-export const PROTOCOL_VERSION = 1;
+export const PROTOCOL_VERSIONS: readonly number[] = [1, 2];
+export const PROTOCOL_VERSION = 2;
+
+/** The first protocol version whose Offer streams carry several calls one after the other. */
+export const REUSABLE_OFFERS_VERSION = 2;
 
 /** Framing allowance on top of the largest forwarded message: frame tags, lengths, metadata. */
 export const FRAME_OVERHEAD_BYTES = 64 * 1024;

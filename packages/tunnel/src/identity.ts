@@ -57,14 +57,25 @@ const cache = new Map<string, PeerIdentity | null>();
 /** The part of Node's `PeerCertificate` this needs (grpc-js's `getAuthContext().sslPeerCertificate`). */
 export interface PeerCertificateLike { raw?: Buffer; fingerprint256?: string }
 
-/** {@link identityOfCertificate} of a TLS peer certificate, memoised on its fingerprint. */
+// The certificate objects of connections whose peer certificate is cached per connection
+// (cachePeerCertificates): one lookup per object instead of a string hash of the fingerprint.
+const byObject = new WeakMap<object, PeerIdentity | null>();
+
+/** {@link identityOfCertificate} of a TLS peer certificate, memoised on the object and its fingerprint. */
 export function identityOfPeerCertificate(cert: PeerCertificateLike | undefined): PeerIdentity | undefined {
   if (!cert?.raw) return undefined;
-  const key = cert.fingerprint256;
-  if (!key) return identityOfCertificate(cert.raw);
+  const known = byObject.get(cert);
+  if (known !== undefined) return known ?? undefined;
+  const id = identityOfFingerprintedCertificate(cert.raw, cert.fingerprint256);
+  byObject.set(cert, id ?? null);
+  return id;
+}
+
+function identityOfFingerprintedCertificate(raw: Buffer, key: string | undefined): PeerIdentity | undefined {
+  if (!key) return identityOfCertificate(raw);
   let id = cache.get(key);
   if (id === undefined) {
-    id = identityOfCertificate(cert.raw) ?? null;
+    id = identityOfCertificate(raw) ?? null;
     if (cache.size >= MAX_CACHED_IDENTITIES) cache.delete(cache.keys().next().value as string);
     cache.set(key, id);
   }

@@ -34,7 +34,7 @@ export interface LocalAnswerOptions {
 /**
  * The answerer end of one forwarded call whose method is built in (no upstream hop): collects the
  * single request message, runs `handler`, and sends Headers, the response and Trailers. Resolves
- * with the outcome once the tunnel stream has closed; never rejects. A cancel from the originator
+ * with the outcome once the call has ended on the tunnel stream; never rejects. A cancel from the originator
  * or the deadline aborts the handler's signal and ends the call with CANCELLED or
  * DEADLINE_EXCEEDED, as a remote upstream would.
  */
@@ -48,7 +48,9 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
     let requestBytes = 0;
     let responseBytes = 0;
     let outcome: CallOutcome | undefined;
-    let streamClosed = false;
+    // Taken before any frame goes out: the call's end on the stream (closed, or a reusable stream
+    // idle again) is when the outcome is final and the stream may carry the next call.
+    const callEnded = stream.whenCallEnded();
     let deadlineTimer: NodeJS.Timeout | undefined;
 
     const settle = (code: number, details: string): void => {
@@ -56,7 +58,8 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
       outcome = { code, details, requestBytes, responseBytes };
       if (deadlineTimer) clearTimeout(deadlineTimer);
       if (!abort.signal.aborted) abort.abort();
-      if (streamClosed) resolve(outcome);
+      const final = outcome;
+      void callEnded.then(() => resolve(final));
     };
     // Sends the final status; the call is over for both sides after this.
     const reply = (err: BurrowError | undefined, response?: Buffer): void => {
@@ -69,13 +72,15 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
         stream.send({ kind: 'message', data: response! });
         stream.send({ kind: 'trailers', trailers: { code: Status.OK, message: '', metadata: [] } });
       }
-      stream.finish();
+      stream.endCall();
       settle(err ? err.code : Status.OK, err ? err.message : '');
     };
     // The originator has gone (cancel) or the stream is lost: no status can be delivered.
     const abandon = (code: number, details: string): void => {
       if (outcome) return;
-      stream.finish();
+      // On a reusable stream Trailers always follow Cancel: they are what frees the stream.
+      if (stream.reusable) stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
+      stream.endCall();
       settle(code, details);
     };
 
@@ -118,9 +123,7 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
       },
       onDrain() { /* one small response: nothing waits for drain */ },
       onClosed(error) {
-        streamClosed = true;
         if (error) abandon(Status.UNAVAILABLE, `tunnel stream lost: ${error.message}`);
-        if (outcome) resolve(outcome);
       },
       onProtocolError(error) {
         abandon(Status.INTERNAL, error.message);

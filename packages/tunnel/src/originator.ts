@@ -42,7 +42,7 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
         if (code === Status.OK) client.end(trailers);
         else client.emit('error', { code, details, metadata: trailers });
       }
-      stream.finish();
+      stream.endCall();
       settle(code, details);
     };
 
@@ -95,7 +95,7 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
       const expired = Number.isFinite(deadlineMs) && Date.now() >= deadlineMs;
       const reason = expired ? 'deadline exceeded' : 'cancelled by the client';
       stream.send({ kind: 'cancel', reason });
-      stream.finish();
+      stream.endCall();
       settle(expired ? Status.DEADLINE_EXCEEDED : Status.CANCELLED, reason);
     });
   });
@@ -137,7 +137,7 @@ export function originateUnary(req: UnaryRequest, stream: CallStream, opts: Orig
       settled = true;
       if (timer) clearTimeout(timer);
       req.signal?.removeEventListener('abort', onAbort);
-      stream.finish();
+      stream.endCall();
       resolve({ code, details, trailers, requestBytes: req.message.length, responseBytes: response?.length ?? 0, response: code === Status.OK ? response : undefined });
     };
     const cancel = (code: number, reason: string): void => {
