@@ -10,7 +10,7 @@ import * as path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, runUntilSignalled, PROTOCOL_VERSION, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
+  ConfigError, runUntilSignalled, PROTOCOL_VERSIONS, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
   parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
@@ -247,7 +247,7 @@ function main(): void {
         .strict(), (args) => { void admin({ kind: 'status' }, args as Args); })
     .demandCommand(1, 'name a command: serve, agents or status')
     .strict()
-    .version(`${VERSION} (protocol ${PROTOCOL_VERSION})`)
+    .version(`${VERSION} (protocol ${PROTOCOL_VERSIONS.join(', ')})`)
     .help()
     .fail((msg, err) => fail(err ? err.message : msg))
     .parse();
