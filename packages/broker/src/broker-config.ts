@@ -50,8 +50,28 @@ export interface BrokerConfig {
   callerPolicy?: { policiesDir: string; entitiesFile?: string; schemaFile?: string; auditLog?: string };
   /** Per-caller and per-agent limits on calls in flight and calls per second (0 = off). */
   limits: CallLimits;
+  /** Set with --redis-url: the broker is one replica of a cluster (agent directory, peer API). */
+  cluster?: ClusterConfig;
   logLevel: string;
   logFormat: LogFormat;
+}
+
+/** How a broker joins a cluster of replicas. */
+export interface ClusterConfig {
+  /** redis:// or rediss:// URL of the agent directory. */
+  redisUrl: string;
+  /** Prefix of every Redis key and channel the cluster uses. */
+  redisKeyPrefix: string;
+  /** HOST:PORT other brokers reach this one's peer listener at. */
+  advertise: string;
+  /** HOST:PORT the peer listener binds. */
+  peerListen: string;
+  /** HOST:PORT agents should dial for this broker; default: the advertise host with the agent listener's port. */
+  agentAdvertise?: string;
+  /** How long a directory entry lives without a refresh (refreshed every third of it). */
+  registryTtlMs: number;
+  /** How long a directory answer is reused for calls to one agent. */
+  lookupCacheMs: number;
 }
 
 /**

@@ -1,5 +1,5 @@
 import type { AgentSummary, RegistryCounts } from './tunnel-registry';
-import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
+import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics, type Metric } from 'prom-client';
 
 // Method names come from callers; past this many distinct ones, new names are counted as "other"
 // so that a caller sending random paths cannot grow the metrics without bound.
@@ -45,6 +45,13 @@ export class BrokerMetrics {
   readonly authzDecisions = new Counter({ name: 'burrow_broker_authz_decisions_total', help: 'Caller authorization decisions, by decision (allow, deny).', labelNames: ['decision'], registers: [this.registry] });
   readonly limitedCalls = new Counter({ name: 'burrow_broker_limited_calls_total', help: 'Calls refused with RESOURCE_EXHAUSTED by a per-caller or per-agent limit, by limit (caller_concurrency, caller_rate, agent_concurrency, agent_rate).', labelNames: ['limit'], registers: [this.registry] });
   readonly httpRequests = new Counter({ name: 'burrow_broker_authzen_requests_total', help: 'Requests on the AuthZEN HTTP binding, by endpoint (evaluation, evaluations, configuration) and HTTP status.', labelNames: ['endpoint', 'status'], registers: [this.registry] });
+  // Cluster (--redis-url): the agent directory and broker-to-broker forwarding.
+  readonly redisUp = new Gauge({ name: 'burrow_broker_redis_up', help: 'Whether the agent directory (Redis) is reachable (1) or not (0); absent without --redis-url.', registers: [] });
+  readonly redisErrors = new Counter({ name: 'burrow_broker_redis_errors_total', help: 'Failed agent directory (Redis) commands and connection losses.', registers: [] });
+  readonly redisCommands = new Counter({ name: 'burrow_broker_redis_commands_total', help: 'Redis commands sent, by purpose (claim, release, lookup, refresh, brokers, join, leave).', labelNames: ['command'], registers: [] });
+  readonly directoryLookups = new Counter({ name: 'burrow_broker_directory_lookups_total', help: 'Agent directory lookups for agents not connected here, by result (found, absent, cached, merged, error).', labelNames: ['result'], registers: [] });
+  readonly peerForwards = new Counter({ name: 'burrow_broker_peer_forwards_total', help: 'Attempts to forward a call to the broker holding its agent, by result (served, refused, unreachable).', labelNames: ['result'], registers: [] });
+  readonly peerCalls = new Counter({ name: 'burrow_broker_peer_calls_total', help: 'Calls other brokers forwarded to this one, by gRPC status code.', labelNames: ['code'], registers: [] });
   readonly demandedOffers = new Counter({ name: 'burrow_broker_demanded_offers_total', help: 'Offer streams requested from agents with Demand because calls were waiting.', registers: [this.registry] });
 
   /** `counts` and `agents` read the tunnel registry; called only when metrics are scraped. */
@@ -62,6 +69,14 @@ export class BrokerMetrics {
       this.callDuration.zero({ direction });
       this.callsInFlight.set({ direction }, 0);
     }
+  }
+
+  /** Registers the cluster metrics (only brokers started with --redis-url export them). */
+  enableClusterMetrics(): void {
+    for (const m of [this.redisUp, this.redisErrors, this.redisCommands, this.directoryLookups, this.peerForwards, this.peerCalls] as Metric[]) this.registry.registerMetric(m);
+    for (const command of ['claim', 'release', 'lookup', 'refresh', 'brokers', 'join', 'leave']) this.redisCommands.inc({ command }, 0);
+    for (const result of ['found', 'absent', 'cached', 'merged', 'error']) this.directoryLookups.inc({ result }, 0);
+    for (const result of ['served', 'refused', 'unreachable']) this.peerForwards.inc({ result }, 0);
   }
 
   /** The method label for `method`: itself while fewer than the cap are known, else "other". */

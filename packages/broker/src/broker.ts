@@ -22,6 +22,12 @@ import { CallerApi } from './caller-api';
 import { ALLOW_ALL_CALLERS, type CallerAuthorizer } from './caller-authorizer';
 import { PolicyCallerAuthorizer } from './policy-caller-authorizer';
 import { TunnelRegistry } from './tunnel-registry';
+import { AgentDirectory, redactUrl, type DirectoryStatus } from './agent-directory';
+import { PeerForwarder } from './peer-forwarder';
+import { PeerListener } from './peer-listener';
+
+/** While a call waits for an agent connected nowhere yet, how often the directory is asked again. */
+const CLUSTER_RETRY_INTERVAL_MS = 250;
 
 /** The ports a started broker listens on (useful with port 0). */
 export interface BrokerPorts { agentPort: number; apiPort: number; adminPort?: number; authzenPort?: number }
@@ -50,6 +56,8 @@ export interface BrokerStatus {
   servingCertificate: { spiffeId: string; serial: string; notAfter: string; secondsLeft: number };
   /** PKI directory state; `{ enabled: false }` without --pki-dir, `error` when it cannot be read. */
   pki: BrokerPkiStatus | { enabled: false } | { enabled: true; error: string };
+  /** Cluster state; `{ enabled: false }` without --redis-url. */
+  cluster: ({ enabled: true; advertise: string } & DirectoryStatus) | { enabled: false };
 }
 
 /** What an operator's disconnect did (POST /agents/<id>/disconnect). */
@@ -111,6 +119,9 @@ export class Broker {
   private stopping: Promise<void> | undefined;
   private startedAtMs = 0;
   private ports: BrokerPorts | undefined;
+  private peerServer: Server | undefined;
+  private directory: AgentDirectory | undefined;
+  private forwarder: PeerForwarder | undefined;
 
   constructor(private readonly config: BrokerConfig, private readonly logger: Logger) {
     if (!config.pkiDir && !(config.tlsCertFile && config.tlsKeyFile && config.caFile)) {
@@ -164,9 +175,23 @@ export class Broker {
       });
     }
     this.health.addTo(this.apiServer);
+    const cluster = this.config.cluster;
+    if (cluster) {
+      this.metrics.enableClusterMetrics();
+      this.forwarder = new PeerForwarder({ tls: this.tls, brokerId: this.config.brokerId, maxMessageBytes: this.config.maxMessageBytes, keepalive: this.config.keepalive, metrics: this.metrics });
+      this.directory = new AgentDirectory({
+        redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, self: { brokerId: this.config.brokerId, peer: cluster.advertise },
+        entryTtlMs: cluster.registryTtlMs, lookupCacheMs: cluster.lookupCacheMs, localAgents: () => this.registry.connectedAgentIds(),
+        onReplicaSet: () => {}, // WIRE-REPLICA-SET
+        metrics: this.metrics, logger: this.logger,
+      });
+      const directory = this.directory;
+      this.registry.onPresence = (agentId, connected) => (connected ? directory.agentConnected(agentId) : directory.agentDisconnected(agentId));
+    }
     const api = new CallerApi({
       registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked,
       authorizer: this.authorizer, limiter: this.limiter,
+      cluster: this.directory && this.forwarder ? { directory: this.directory, forwarder: this.forwarder, retryIntervalMs: CLUSTER_RETRY_INTERVAL_MS } : undefined,
     });
     installCatchAll(this.apiServer, api.handle);
 
@@ -186,6 +211,17 @@ export class Broker {
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
     cachePeerCertificates(this.agentServer);
     cachePeerCertificates(this.apiServer);
+    let peerPort: number | undefined;
+    if (cluster && this.directory) {
+      // Brokers only: the listener requires a client certificate, and PeerListener its role.
+      const peerServer = new Server(tunnelServerOptions(this.config.maxMessageBytes, this.config.keepalive));
+      new PeerListener({ registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked }).addTo(peerServer);
+      this.peerServer = peerServer;
+      peerPort = await bind(peerServer, cluster.peerListen, experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true));
+      observeTlsClientErrors(peerServer, onTlsError('peer'));
+      cachePeerCertificates(peerServer);
+      await this.directory.start(cluster.agentAdvertise ?? `${splitHostPort(cluster.advertise).host}:${agentPort}`);
+    }
     let authzenPort: number | undefined;
     if (this.config.authzenListen) {
       const server = createAuthzenServer({ api, tls: this.tls, metrics: this.metrics, logger: this.logger, maxBodyBytes: this.config.maxMessageBytes, timeoutMs: this.config.authzenTimeoutMs });
@@ -234,7 +270,7 @@ export class Broker {
     this.started = true;
     this.startedAtMs = Date.now();
     this.ports = { agentPort, apiPort, adminPort, authzenPort };
-    this.logger.info('broker started', { pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.config.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, authzenPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
+    this.logger.info('broker started', { cluster: cluster ? { advertise: cluster.advertise, peerPort, redis: redactUrl(cluster.redisUrl) } : undefined, pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.config.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, authzenPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
     return { agentPort, apiPort, adminPort, authzenPort };
   }
 
@@ -274,6 +310,7 @@ export class Broker {
       agents: counts.agents, sessions: counts.sessions, callsInFlight: counts.activeCalls, callsWaiting: counts.waiters, idleStreams: counts.idleOffers,
       servingCertificate: { spiffeId: id?.spiffeId ?? '', serial: own.serialNumber.toLowerCase(), notAfter: new Date(notAfterMs).toISOString(), secondsLeft: Math.round((notAfterMs - Date.now()) / 1000) },
       pki,
+      cluster: this.directory && this.config.cluster ? { enabled: true, advertise: this.config.cluster.advertise, ...this.directory.status() } : { enabled: false },
     };
   }
 
@@ -312,6 +349,8 @@ export class Broker {
     for (const t of this.timers) clearInterval(t);
     this.timers = [];
     this.pki?.stop();
+    // Leave the replica set first, so that peers stop forwarding here and agents learn it.
+    await this.directory?.drain();
     this.agentListener.drainAll('broker shutting down');
     // No new AuthZEN connections; requests in flight finish like gRPC calls do.
     const authzen = this.authzen;
@@ -319,7 +358,11 @@ export class Broker {
     const inFlight = this.registry.counts().activeCalls;
     this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });
     const drained = (async () => {
-      await new Promise<void>((resolve) => this.apiServer.tryShutdown(() => resolve()));
+      const peerServer = this.peerServer;
+      await Promise.all([
+        new Promise<void>((resolve) => this.apiServer.tryShutdown(() => resolve())),
+        peerServer ? new Promise<void>((resolve) => peerServer.tryShutdown(() => resolve())) : undefined,
+      ]);
       // Calls from agents (Forward streams) finish before the sessions go away.
       await this.waitFor(() => this.registry.counts().activeCalls === 0);
       this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down'));
@@ -335,8 +378,11 @@ export class Broker {
       this.logger.warn('drain timeout reached; cutting off calls still in flight', { callsInFlight: this.registry.counts().activeCalls });
       this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down before the call finished'));
       this.apiServer.forceShutdown();
+      this.peerServer?.forceShutdown();
       this.agentServer.forceShutdown();
     }
+    await this.directory?.stop();
+    this.forwarder?.close();
     this.stopped = true;
     this.platformUpstreams.close();
     this.authzen?.closeAllConnections();

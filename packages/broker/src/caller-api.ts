@@ -1,12 +1,31 @@
 import { Metadata, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, originate, originateUnary, rejectCall, statusName, type Logger, type PeerIdentity,
+  AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, type CallStream, originate, originateUnary, rejectCall, statusName, type Logger, type PeerIdentity,
   logCallFinished, type UnaryResult,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { LimitExceededError, type CallLimiter } from './call-limiter';
 import type { CallerAuthorizer } from './caller-authorizer';
-import type { TunnelRegistry } from './tunnel-registry';
+import type { AgentDirectory } from './agent-directory';
+import { noBrokerServes } from './peer-listener';
+import type { PeerForwarder } from './peer-forwarder';
+import type { IdleOffer, TunnelRegistry } from './tunnel-registry';
+
+/** A broker cluster: where agents connected elsewhere are looked up and how calls reach them. */
+export interface ClusterRouting {
+  directory: AgentDirectory;
+  forwarder: PeerForwarder;
+  /** While a call waits for its agent, how often the directory is asked again. */
+  retryIntervalMs: number;
+}
+
+/**
+ * Where a call goes: one of the agent's tunnel streams here, or a Forward stream to the broker
+ * that holds the agent's tunnel (already confirmed ready).
+ */
+type Route =
+  | { local: true; offer: IdleOffer; stream: CallStream }
+  | { local: false; peer: string; stream: CallStream };
 
 export interface CallerApiDeps {
   registry: TunnelRegistry;
@@ -20,6 +39,8 @@ export interface CallerApiDeps {
   /** Which services may call which methods on which agents. */
   authorizer: CallerAuthorizer;
   limiter: CallLimiter;
+  /** Set when the broker runs in a cluster (--redis-url). */
+  cluster?: ClusterRouting;
 }
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
@@ -138,10 +159,10 @@ export class CallerApi {
     call.on('cancelled', onCancel);
     const deadline = call.getDeadline();
     const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
-    let offer;
+    let route: Route;
     metrics.callsInFlight.inc({ direction: 'to_agent' });
     try {
-      offer = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, abort.signal);
+      route = await this.route(agentId, deadlineMs, abort.signal);
     } catch (err) {
       metrics.callsInFlight.dec({ direction: 'to_agent' });
       call.removeListener('cancelled', onCancel);
@@ -150,12 +171,50 @@ export class CallerApi {
       return;
     }
     call.removeListener('cancelled', onCancel);
-    const { session, stream } = offer;
-    session.active.add(stream);
-    const outcome = await originate(call, stream, { callId, peerName: `agent "${agentId}"`, caller: caller.spiffeId });
-    registry.callFinished(offer);
+    const outcome = await originate(call, route.stream, { callId, peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`, caller: caller.spiffeId });
+    if (route.local) registry.callFinished(route.offer);
     metrics.callsInFlight.dec({ direction: 'to_agent' });
     admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
+  }
+
+  /**
+   * Finds the way to `agentId`: its tunnel here if it has one; else, in a cluster, the broker the
+   * directory names that confirms it can serve; else waits (up to the agent wait, capped by the
+   * deadline) for the agent to turn up here or anywhere. Rejects like {@link TunnelRegistry.acquire}.
+   */
+  private async route(agentId: string, deadlineMs: number, signal: AbortSignal): Promise<Route> {
+    const { registry, cluster, agentWaitMs } = this.deps;
+    const local = async (waitMs: number): Promise<Route> => {
+      const offer = await registry.acquire(agentId, waitMs, deadlineMs, signal);
+      return { local: true, offer, stream: offer.stream };
+    };
+    if (!cluster || registry.canServe(agentId)) return local(agentWaitMs);
+    const startedMs = Date.now();
+    const waitUntilMs = Math.min(startedMs + agentWaitMs, deadlineMs);
+    const attempts: string[] = [];
+    for (;;) {
+      let owners: string[] = [];
+      try {
+        owners = await cluster.directory.lookup(agentId);
+      } catch (err) {
+        attempts.push((err as Error).message);
+      }
+      for (const peer of owners) {
+        if (signal.aborted) break;
+        const attempt = await cluster.forwarder.open(peer, agentId, deadlineMs, signal);
+        if (attempt.ready) return { local: false, peer, stream: attempt.stream };
+        cluster.directory.forgetOwner(agentId, peer);
+        attempts.push(attempt.reason);
+      }
+      if (signal.aborted) throw new BurrowError(Status.CANCELLED, 'cancelled while waiting for the agent');
+      if (registry.canServe(agentId)) return local(Math.max(0, waitUntilMs - Date.now()));
+      const leftMs = waitUntilMs - Date.now();
+      if (leftMs <= 0) {
+        if (deadlineMs <= waitUntilMs) throw new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for agent "${agentId}"`);
+        throw noBrokerServes(agentId, Date.now() - startedMs, [...new Set(attempts)].slice(-3));
+      }
+      await registry.whenConnected(agentId, Math.min(leftMs, cluster.retryIntervalMs), signal);
+    }
   }
 
   /**
@@ -172,19 +231,17 @@ export class CallerApi {
     }
     const { registry, metrics } = this.deps;
     metrics.callsInFlight.inc({ direction: 'to_agent' });
-    let offer;
+    let route: Route;
     try {
-      offer = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, signal ?? new AbortController().signal);
+      route = await this.route(agentId, deadlineMs, signal ?? new AbortController().signal);
     } catch (err) {
       const e = err as BurrowError;
       metrics.callsInFlight.dec({ direction: 'to_agent' });
       admitted.finish(e.code, e.message);
       return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };
     }
-    const { session, stream } = offer;
-    session.active.add(stream);
-    const result = await originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, stream, { callId: admitted.callId, peerName: `agent "${agentId}"`, caller: admitted.caller.spiffeId });
-    registry.callFinished(offer);
+    const result = await originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, route.stream, { callId: admitted.callId, peerName: `agent "${agentId}"`, caller: admitted.caller.spiffeId });
+    if (route.local) registry.callFinished(route.offer);
     metrics.callsInFlight.dec({ direction: 'to_agent' });
     admitted.finish(result.code, result.details, result.requestBytes, result.responseBytes);
     return result;

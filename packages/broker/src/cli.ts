@@ -16,6 +16,7 @@ import {
 import { Broker } from './broker';
 import { BROKER_DEFAULTS, DEFAULT_ADMIN_ADDRESS, type BrokerConfig } from './broker-config';
 import { ADMIN_EXIT, runAdminCommand, type AdminCommand } from './admin-commands';
+import { redactUrl } from './agent-directory';
 
 const PROG = 'burrow-broker';
 const VERSION: string = (require('../package.json') as { version: string }).version;
@@ -52,6 +53,12 @@ const SERVE_OPTIONS = {
   'caller-rate': { type: 'number', describe: 'calls per second per caller service, token bucket with one second of burst (0 = no limit)', default: 0 },
   'agent-max-concurrent': { type: 'number', describe: 'most calls in flight per agent (0 = no limit)', default: 2048 },
   'agent-rate': { type: 'number', describe: 'calls per second per agent (0 = no limit)', default: 0 },
+  'redis-url': { type: 'string', describe: 'redis:// URL of the agent directory shared by a cluster of brokers; without it the broker runs alone' },
+  'redis-key-prefix': { type: 'string', describe: 'prefix of the cluster\'s Redis keys and channels (clusters sharing one Redis need different ones)', default: 'burrow:' },
+  advertise: { type: 'string', describe: 'HOST:PORT other brokers reach this broker\'s peer listener at (required with --redis-url; the host must be in the serving certificate)' },
+  'peer-listen': { type: 'string', describe: 'HOST:PORT of the broker-to-broker listener (mTLS, broker certificates only; default: the --advertise address)' },
+  'agent-advertise': { type: 'string', describe: 'HOST:PORT agents should dial for this broker, told to agents in the replica set (default: the --advertise host with the agent listener\'s port)' },
+  'registry-ttl': { type: 'string', describe: 'how long a directory entry outlives its broker (refreshed every third of it)', default: '30s' },
   'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
   'log-format': { type: 'string', describe: 'json or text', default: 'json' },
   config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
@@ -131,6 +138,7 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     idleOfferTtlMs: parseDurationMs('idle-offer-ttl', args['idle-offer-ttl']),
     keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
     callerPolicy: callerPolicyFromArgs(args),
+    cluster: clusterFromArgs(args),
     authzenListen: args['authzen-listen'] ? parseListenAddress('authzen-listen', args['authzen-listen']) : undefined,
     authzenTimeoutMs: parseDurationMs('authzen-timeout', args['authzen-timeout']),
     limits: {
@@ -139,6 +147,34 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     },
     logLevel,
     logFormat: logFormat as LogFormat,
+  };
+}
+
+function clusterFromArgs(args: Args): BrokerConfig['cluster'] {
+  const redisUrl = args['redis-url'] === undefined || args['redis-url'] === '' ? undefined : String(args['redis-url']);
+  if (!redisUrl) {
+    for (const k of ['advertise', 'peer-listen', 'agent-advertise']) if (args[k] !== undefined && args[k] !== '') throw new ConfigError(k, 'needs --redis-url (brokers form a cluster through Redis)');
+    return undefined;
+  }
+  let url: URL;
+  try {
+    url = new URL(redisUrl);
+  } catch {
+    throw new ConfigError('redis-url', `"${redactUrl(redisUrl)}" is not a URL (redis://HOST:PORT[/DB])`);
+  }
+  if (url.protocol !== 'redis:' && url.protocol !== 'rediss:') throw new ConfigError('redis-url', `"${url.protocol}" is not redis: or rediss:`);
+  if (args.advertise === undefined || args.advertise === '') throw new ConfigError('advertise', 'is required with --redis-url (HOST:PORT other brokers reach this one at)');
+  const advertise = parseListenAddress('advertise', args.advertise);
+  const registryTtlMs = parseDurationMs('registry-ttl', args['registry-ttl']);
+  if (registryTtlMs < 1000) throw new ConfigError('registry-ttl', 'must be at least 1s');
+  return {
+    redisUrl,
+    redisKeyPrefix: String(args['redis-key-prefix'] ?? 'burrow:'),
+    advertise,
+    peerListen: args['peer-listen'] ? parseListenAddress('peer-listen', args['peer-listen']) : advertise,
+    agentAdvertise: args['agent-advertise'] ? parseListenAddress('agent-advertise', args['agent-advertise']) : undefined,
+    registryTtlMs,
+    lookupCacheMs: Math.min(1_000, registryTtlMs),
   };
 }
 

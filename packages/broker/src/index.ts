@@ -9,3 +9,6 @@ export * from './call-limiter';
 export * from './caller-authorizer';
 export * from './authzen-http';
 export * from './policy-caller-authorizer';
+export * from './agent-directory';
+export * from './peer-forwarder';
+export * from './peer-listener';

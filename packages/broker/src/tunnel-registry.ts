@@ -128,14 +128,52 @@ export interface AgentDetail {
  */
 export class TunnelRegistry {
   private readonly agents = new Map<string, AgentEntry>();
+  /** Waits of {@link whenConnected}, by agent id. */
+  private readonly connectWaiters = new Map<string, Set<() => void>>();
   /** See {@link DEFAULT_CANCEL_TRAILERS_TIMEOUT_MS}; settable for tests. */
   cancelTrailersTimeoutMs = DEFAULT_CANCEL_TRAILERS_TIMEOUT_MS;
+  /**
+   * Hears an agent's first session arrive (`connected` true) and its last one go (false): the
+   * cluster's agent directory claims and releases the agent with it.
+   */
+  onPresence: ((agentId: string, connected: boolean) => void) | undefined;
 
   /** Registers a session whose handshake completed; waiting calls get offers from it. */
   addSession(session: AgentSession): void {
     const entry = this.entry(session.agentId);
     entry.sessions.add(session);
+    if (entry.sessions.size === 1) this.onPresence?.(session.agentId, true);
+    for (const wake of this.connectWaiters.get(session.agentId) ?? []) wake();
     this.demandFor(entry);
+  }
+
+  /** True when `agentId` has a session here that takes calls (not draining). */
+  canServe(agentId: string): boolean {
+    for (const s of this.agents.get(agentId)?.sessions ?? []) if (!s.draining) return true;
+    return false;
+  }
+
+  /**
+   * Resolves when a session of `agentId` registers here, after `timeoutMs`, or when `signal`
+   * aborts, whichever comes first. Never rejects.
+   */
+  whenConnected(agentId: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
+    return new Promise((resolve) => {
+      let waiters = this.connectWaiters.get(agentId);
+      if (!waiters) this.connectWaiters.set(agentId, (waiters = new Set()));
+      const set = waiters;
+      const wake = (): void => {
+        clearTimeout(timer);
+        signal.removeEventListener('abort', wake);
+        set.delete(wake);
+        if (set.size === 0 && this.connectWaiters.get(agentId) === set) this.connectWaiters.delete(agentId);
+        resolve();
+      };
+      const timer = setTimeout(wake, Math.max(0, timeoutMs));
+      set.add(wake);
+      if (signal.aborted) wake();
+      else signal.addEventListener('abort', wake, { once: true });
+    });
   }
 
   /** Forgets a session; its idle offers are finished. Calls in flight on it keep running. */
@@ -143,6 +181,7 @@ export class TunnelRegistry {
     const entry = this.agents.get(session.agentId);
     if (!entry || !entry.sessions.delete(session)) return;
     for (const offer of session.idle.splice(0)) offer.stream.finish();
+    if (entry.sessions.size === 0) this.onPresence?.(session.agentId, false);
     // Offers owed by a session that is gone will never come: ask another session for them.
     session.owedOffers = 0;
     this.demandFor(entry);
@@ -314,7 +353,12 @@ export class TunnelRegistry {
   }
 
   /** Number of agent entries held, including ones kept only by waiting calls (leak checks). */
-  get entryCount(): number { return this.agents.size; }
+  get entryCount(): number { return this.agents.size + this.connectWaiters.size; }
+
+  /** Ids of the agents with at least one session here. */
+  *connectedAgentIds(): IterableIterator<string> {
+    for (const [id, e] of this.agents) if (e.sessions.size > 0) yield id;
+  }
 
   private entry(agentId: string): AgentEntry {
     let e = this.agents.get(agentId);

@@ -4,6 +4,7 @@
  */
 export * from './answerer';
 export * from './call-outcome';
+export * from './call-relay';
 export * from './call-state';
 export * from './call-stream';
 export * from './grpc-server-hooks';

@@ -1,0 +1,92 @@
+import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
+import { AGENT_ID_KEY, CallStream, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
+import type { BrokerMetrics } from './broker-metrics';
+import { FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_KEY } from './peer-listener';
+
+export interface PeerForwarderOptions {
+  /** The broker's own credentials: its broker certificate is the client certificate here. */
+  tls: CredentialStore;
+  brokerId: string;
+  maxMessageBytes: number;
+  keepalive: KeepaliveSettings;
+  metrics: BrokerMetrics;
+}
+
+/** How an attempt to hand a call to another broker went. */
+export type PeerAttempt =
+  | { ready: true; stream: CallStream }
+  | { ready: false; reason: string };
+
+/**
+ * The forwarding side of the broker-to-broker API: one HTTP/2 connection per peer broker (kept
+ * open, reconnected by grpc-js), and {@link open}, which asks a peer to take a call and resolves
+ * once it has confirmed (ready header) or refused. Nothing of the call has been sent before the
+ * confirmation, so a refusal can always be retried with the next peer.
+ */
+export class PeerForwarder {
+  private readonly clients = new Map<string, Client>();
+  private readonly credentials: ChannelCredentials;
+
+  constructor(private readonly opts: PeerForwarderOptions) {
+    this.credentials = experimental.createCertificateProviderChannelCredentials(opts.tls, opts.tls);
+  }
+
+  /**
+   * Opens a Forward stream to `peer` for a call to `agentId`. Resolves with a stream ready for the
+   * call's frames (this side is the originator) or with why the peer did not take it. Never
+   * rejects; aborting `signal` cancels the attempt.
+   */
+  open(peer: string, agentId: string, deadlineMs: number, signal: AbortSignal): Promise<PeerAttempt> {
+    const md = new Metadata();
+    md.set(AGENT_ID_KEY, agentId);
+    md.set(FORWARDED_BY_KEY, this.opts.brokerId);
+    const call: ClientDuplexStream<Buffer, Buffer> = this.clientFor(peer).makeBidiStreamRequest(PEER_FORWARD_METHOD, identity, identity, md, Number.isFinite(deadlineMs) ? { deadline: deadlineMs } : {});
+    return new Promise((resolve) => {
+      let settled = false;
+      const done = (attempt: PeerAttempt): void => {
+        if (settled) return;
+        settled = true;
+        call.removeListener('metadata', onMetadata);
+        call.removeListener('status', onStatus);
+        signal.removeEventListener('abort', onAbort);
+        resolve(attempt);
+      };
+      const onMetadata = (headers: Metadata): void => {
+        if (headers.get(PEER_READY_KEY)[0] === '1') {
+          this.opts.metrics.peerForwards.inc({ result: 'served' });
+          done({ ready: true, stream: new CallStream(call, 'client', 'originator') });
+        } else {
+          call.cancel();
+          this.opts.metrics.peerForwards.inc({ result: 'refused' });
+          done({ ready: false, reason: `broker ${peer} answered without the ready header` });
+        }
+      };
+      const onStatus = (s: StatusObject): void => {
+        // A refusal by the peer itself carries PEER_REFUSED_KEY; anything else is the transport.
+        this.opts.metrics.peerForwards.inc({ result: s.metadata.get(PEER_REFUSED_KEY).length ? 'refused' : 'unreachable' });
+        done({ ready: false, reason: `broker ${peer}: ${s.details}` });
+      };
+      const onAbort = (): void => { call.cancel(); done({ ready: false, reason: 'cancelled by the client' }); };
+      call.on('error', () => {}); // 'status' carries the outcome
+      call.on('metadata', onMetadata);
+      call.on('status', onStatus);
+      if (signal.aborted) onAbort();
+      else signal.addEventListener('abort', onAbort, { once: true });
+    });
+  }
+
+  /** Closes every peer connection. */
+  close(): void {
+    for (const c of this.clients.values()) c.close();
+    this.clients.clear();
+  }
+
+  private clientFor(peer: string): Client {
+    let c = this.clients.get(peer);
+    if (!c) {
+      c = new Client(peer, this.credentials, { ...tunnelChannelOptions(this.opts.maxMessageBytes, this.opts.keepalive), 'grpc.initial_reconnect_backoff_ms': 200, 'grpc.max_reconnect_backoff_ms': 2000 });
+      this.clients.set(peer, c);
+    }
+    return c;
+  }
+}
