@@ -1,9 +1,15 @@
 import { expect } from 'chai';
+import { rmSync } from 'node:fs';
+import * as path from 'node:path';
+import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
+import { initPki, issueCertificate, revoke, writeIssued } from '@burrow/pki';
 import { status as Status, type ServiceError } from '@grpc/grpc-js';
 import { Broker, BROKER_DEFAULTS, type BrokerConfig, type ClusterConfig } from '@burrow/broker';
 import { silentLogger } from '@burrow/tunnel';
 import { ECHO, metadataJson } from './helpers/echo-upstream';
 import { freePorts } from './helpers/free-port';
+import { expectNoLeaks, snapshotResources } from './helpers/leaks';
+import { makeTempDir } from './helpers/pki';
 import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
 import { TestRedis } from './helpers/redis-server';
 import { AGENT_ID, Stack } from './helpers/stack';
@@ -122,5 +128,43 @@ describe('broker cluster (in process)', function () {
     } finally {
       intruder.close();
     }
+  });
+});
+
+describe('broker cluster: PKI state shared by every broker', function () {
+  this.timeout(30_000);
+
+  it('a revocation closes the agent\'s tunnels on every broker sharing the PKI directory within about a second', async () => {
+    const baseline = snapshotResources();
+    const root = makeTempDir('burrow-cluster-pki-');
+    const dir = path.join(root, 'pki');
+    await initPki({ dir });
+    const agentCert = await issueCertificate({ dir, role: 'agent', name: 'site-r' });
+    await writeIssued(path.join(root, 'agent'), agentCert);
+    const brokers = ['broker-a', 'broker-b'].map((brokerId) => new Broker({
+      ...BROKER_DEFAULTS, agentListen: '127.0.0.1:0', apiListen: '127.0.0.1:0', pkiDir: dir, tlsDns: ['localhost'], tlsIp: ['127.0.0.1'], brokerId, drainTimeoutMs: 2_000,
+    }, silentLogger()));
+    const agentPorts = await Promise.all(brokers.map(async (b) => (await b.start()).agentPort));
+    const files = { cert: path.join(root, 'agent', 'tls.crt'), key: path.join(root, 'agent', 'tls.key'), ca: path.join(root, 'agent', 'ca.crt') };
+    const agent = new Agent({
+      ...AGENT_DEFAULTS, brokers: agentPorts.map((p) => `127.0.0.1:${p}`), brokerServerName: 'localhost', tlsCertFile: files.cert, tlsKeyFile: files.key, caFile: files.ca,
+      reconnectBaseMs: 50, reconnectMaxMs: 300, drainTimeoutMs: 1_000,
+    }, silentLogger());
+    try {
+      await agent.start();
+      await waitUntil(() => brokers.every((b) => b.registry.canServe('site-r')));
+      const revokedAtMs = Date.now();
+      await revoke({ dir, agentId: 'site-r' });
+      await waitUntil(() => brokers.every((b) => b.registry.sessionsOf('site-r').length === 0), 5_000);
+      const tookMs = Date.now() - revokedAtMs;
+      console.log(`      (revocation reached both brokers in ${tookMs} ms)`);
+      // Each broker polls the directory every 500 ms; the issue asks for 1 s, with slack for a loaded machine.
+      expect(tookMs).to.be.below(2_000);
+    } finally {
+      await agent.stop();
+      for (const b of brokers) await b.stop();
+      rmSync(root, { recursive: true, force: true });
+    }
+    await expectNoLeaks(baseline);
   });
 });
