@@ -99,6 +99,13 @@ function statusText(s: BrokerStatus): string {
       pairs.push([`ca ${ca.id}`, `${ca.kind}, expires ${ca.notAfter} (in ${formatSeconds(ca.secondsLeft)})${roles ? `, ${roles}` : ''}`]);
     }
   }
+  const cluster = s.cluster;
+  if (!cluster?.enabled) pairs.push(['cluster', 'off (no --redis-url)']);
+  else {
+    pairs.push(['cluster', `peer listener advertised at ${cluster.advertise}`]);
+    pairs.push(['redis', cluster.redis === 'up' ? 'up' : `DOWN since ${cluster.downSince ?? '?'}${cluster.lastError ? `: ${cluster.lastError}` : ''}`]);
+    pairs.push(['replicas', cluster.brokers.map((b) => `${b.brokerId} (agents at ${b.agent})`).join(', ') || 'none known']);
+  }
   return keyValues(pairs);
 }
 
