@@ -48,7 +48,7 @@ export interface PolicyEngineOptions extends PolicySources {
   logger?: Logger;
   /** Where the metrics go; default a fresh registry. */
   registry?: Registry;
-  /** Metric name prefix, e.g. `burrow_agent_policy` or `burrow_broker_authz`. Default `burrow_policy`. */
+  /** Metric name prefix, e.g. `burrow_agent_policy` or `burrow_broker_caller_policy`. Default `burrow_policy`. */
   metricsPrefix?: string;
   /** Reload when a policy file, the entities file or the schema changes. Default false. */
   watch?: boolean;
