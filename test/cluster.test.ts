@@ -84,6 +84,17 @@ describe('broker cluster (in process)', function () {
     expect(await claimedBy()).to.include('127.0.0.1');
   });
 
+  it('a stale claim (a broker that is gone) costs one refused attempt: the call goes to the next claim', async () => {
+    const [deadPort] = await freePorts(1);
+    // A claim fresher than A's, so B tries the dead broker first.
+    await redis.command('ZADD', `${prefix}agent:${AGENT_ID}`, String(Date.now() + 60_000), `127.0.0.1:${deadPort}`);
+    const r = await callerB.unary(ECHO.unary, Buffer.from('next claim'), stack.md());
+    expect(r.response.toString()).to.equal('next claim');
+    const metrics = await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total');
+    expect(metrics).to.match(/result="unreachable"} 1\b/);
+    expect(metrics).to.match(/result="served"} 1\b/);
+  });
+
   it('a status from the upstream crosses both brokers unchanged', async () => {
     const req = Buffer.from(JSON.stringify({ code: Status.FAILED_PRECONDITION, message: '  spaced  ü ✓ ' }));
     const err = await callerB.unary(ECHO.status, req, stack.md()).then(() => undefined, (e: ServiceError) => e);

@@ -199,7 +199,7 @@ export class CallerApi {
       } catch (err) {
         attempts.push((err as Error).message);
       }
-      for (const peer of owners) {
+      for (const peer of cluster.forwarder.rank(owners)) {
         if (signal.aborted) break;
         const attempt = await cluster.forwarder.open(peer, agentId, deadlineMs, signal);
         if (attempt.ready) return { local: false, peer, stream: attempt.stream };

@@ -10,7 +10,15 @@ export interface PeerForwarderOptions {
   maxMessageBytes: number;
   keepalive: KeepaliveSettings;
   metrics: BrokerMetrics;
+  /**
+   * How long a peer may take to confirm a call before the next one is tried: a broker behind a
+   * dead link would otherwise hold the call until its deadline. Default 2 s.
+   */
+  readyTimeoutMs?: number;
 }
+
+/** A peer that failed at the transport level this recently is tried after the others. */
+const RECENT_FAILURE_MS = 5_000;
 
 /** How an attempt to hand a call to another broker went. */
 export type PeerAttempt =
@@ -25,6 +33,8 @@ export type PeerAttempt =
  */
 export class PeerForwarder {
   private readonly clients = new Map<string, Client>();
+  /** When each peer last failed at the transport level (ms since epoch). */
+  private readonly failedAtMs = new Map<string, number>();
   private readonly credentials: ChannelCredentials;
 
   constructor(private readonly opts: PeerForwarderOptions) {
@@ -37,15 +47,26 @@ export class PeerForwarder {
    * rejects; aborting `signal` cancels the attempt.
    */
   open(peer: string, agentId: string, deadlineMs: number, signal: AbortSignal): Promise<PeerAttempt> {
+    const readyTimeoutMs = this.opts.readyTimeoutMs ?? 2_000;
     const md = new Metadata();
     md.set(AGENT_ID_KEY, agentId);
     md.set(FORWARDED_BY_KEY, this.opts.brokerId);
     const call: ClientDuplexStream<Buffer, Buffer> = this.clientFor(peer).makeBidiStreamRequest(PEER_FORWARD_METHOD, identity, identity, md, Number.isFinite(deadlineMs) ? { deadline: deadlineMs } : {});
     return new Promise((resolve) => {
       let settled = false;
+      const unreachable = (reason: string): void => {
+        this.failedAtMs.set(peer, Date.now());
+        this.opts.metrics.peerForwards.inc({ result: 'unreachable' });
+        done({ ready: false, reason });
+      };
+      const timer = setTimeout(() => {
+        call.cancel();
+        unreachable(`broker ${peer} did not confirm the call within ${readyTimeoutMs} ms`);
+      }, Math.max(1, Math.min(readyTimeoutMs, deadlineMs - Date.now())));
       const done = (attempt: PeerAttempt): void => {
         if (settled) return;
         settled = true;
+        clearTimeout(timer);
         call.removeListener('metadata', onMetadata);
         call.removeListener('status', onStatus);
         signal.removeEventListener('abort', onAbort);
@@ -53,6 +74,7 @@ export class PeerForwarder {
       };
       const onMetadata = (headers: Metadata): void => {
         if (headers.get(PEER_READY_KEY)[0] === '1') {
+          this.failedAtMs.delete(peer);
           this.opts.metrics.peerForwards.inc({ result: 'served' });
           done({ ready: true, stream: new CallStream(call, 'client', 'originator') });
         } else {
@@ -63,7 +85,8 @@ export class PeerForwarder {
       };
       const onStatus = (s: StatusObject): void => {
         // A refusal by the peer itself carries PEER_REFUSED_KEY; anything else is the transport.
-        this.opts.metrics.peerForwards.inc({ result: s.metadata.get(PEER_REFUSED_KEY).length ? 'refused' : 'unreachable' });
+        if (!s.metadata.get(PEER_REFUSED_KEY).length) return unreachable(`broker ${peer}: ${s.details}`);
+        this.opts.metrics.peerForwards.inc({ result: 'refused' });
         done({ ready: false, reason: `broker ${peer}: ${s.details}` });
       };
       const onAbort = (): void => { call.cancel(); done({ ready: false, reason: 'cancelled by the client' }); };
@@ -73,6 +96,12 @@ export class PeerForwarder {
       if (signal.aborted) onAbort();
       else signal.addEventListener('abort', onAbort, { once: true });
     });
+  }
+
+  /** `peers` in the order to try them: as given, but those that failed recently last. */
+  rank(peers: readonly string[], nowMs = Date.now()): string[] {
+    const recent = (p: string): boolean => nowMs - (this.failedAtMs.get(p) ?? -Infinity) < RECENT_FAILURE_MS;
+    return [...peers.filter((p) => !recent(p)), ...peers.filter(recent)];
   }
 
   /** Closes every peer connection. */
