@@ -218,7 +218,16 @@ describe('call state machine: transition() and isCallDone()', () => {
       const delivered: boolean[] = [];
       const endedAt: number[] = [];
       let call: Step[] = [];
+      // After a call the originator half-closed, its Cancel may still come (it crossed the
+      // Trailers): legal once, dropped, and not the start of the next call.
+      let lateCancel = false;
       for (let i = 0; i < steps.length; i++) {
+        if (call.length === 0 && lateCancel && steps[i] === 'o:cancel') {
+          delivered.push(false);
+          lateCancel = false;
+          continue;
+        }
+        lateCancel = false;
         call.push(steps[i]!);
         const r = reference(call);
         if (!r) return undefined;
@@ -226,6 +235,7 @@ describe('call state machine: transition() and isCallDone()', () => {
         const originatorDone = call.some((s) => s === 'o:halfClose' || s === 'o:cancel');
         if (originatorDone && call.includes('a:trailers')) {
           endedAt.push(i);
+          lateCancel = !call.includes('o:cancel');
           call = [];
         }
       }
@@ -269,10 +279,25 @@ describe('call state machine: transition() and isCallDone()', () => {
       for (const seq of [['o:start', 'o:start'], ['o:start', 'o:halfClose', 'o:start'], ['o:start', 'a:trailers', 'o:start'], ['o:start', 'o:cancel', 'o:start']] as Step[][]) {
         expect(runReusable(seq).index, seq.join(' ')).to.equal(seq.length - 1);
       }
-      // Between calls only Start is legal, from the originator.
-      for (const step of ALL_STEPS.filter((s) => s !== 'o:start')) {
+      // Between calls only Start is legal, from the originator (and the late Cancel below).
+      for (const step of ALL_STEPS.filter((s) => s !== 'o:start' && s !== 'o:cancel')) {
         expect(runReusable(['o:start', 'o:halfClose', 'a:trailers', step]).index, step).to.equal(3);
       }
+    });
+
+    it('drops a Cancel sent after HalfClose that crossed the Trailers, once; any other Cancel between calls is an error', () => {
+      // The originator's view: HalfClose, Cancel (its client gave up), then the Trailers arrive.
+      const originator = runReusable(['o:start', 'o:halfClose', 'o:cancel', 'a:trailers', 'o:start']);
+      expect(originator.index).to.equal(-1);
+      expect(originator.endedAt).to.deep.equal([3]);
+      // The answerer's view of the same call: its Trailers went out first, then the Cancel came.
+      const answerer = runReusable(['o:start', 'o:halfClose', 'a:trailers', 'o:cancel', 'o:start', 'o:halfClose']);
+      expect(answerer.index).to.equal(-1);
+      expect(answerer.endedAt).to.deep.equal([2]);
+      expect(answerer.delivered).to.deep.equal([true, true, true, false, true, true]);
+      expect(runReusable(['o:start', 'o:halfClose', 'a:trailers', 'o:cancel', 'o:cancel']).index).to.equal(4);
+      expect(runReusable(['o:start', 'o:cancel', 'a:trailers', 'o:cancel']).index).to.equal(3);
+      expect(runReusable(['o:cancel']).index).to.equal(0);
     });
 
     it('single-call mode never reports callEnded and never resets', () => {

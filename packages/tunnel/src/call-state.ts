@@ -28,9 +28,23 @@ export type ResponseState =
 export interface CallState {
   readonly request: RequestState;
   readonly response: ResponseState;
+  /**
+   * Reusable streams only, while idle: the previous call ended with the originator's HalfClose,
+   * so a Cancel the originator sent after it (its client gave up just as the answer came) may
+   * still be on its way, having crossed the answerer's Trailers. That Cancel is dropped.
+   */
+  readonly lateCancelAllowed?: true;
 }
 
 export const INITIAL_CALL_STATE: CallState = { request: 'idle', response: 'pending' };
+
+/** Idle again after a call whose originator half-closed (see {@link CallState.lateCancelAllowed}). */
+const IDLE_AFTER_HALF_CLOSE: CallState = { request: 'idle', response: 'pending', lateCancelAllowed: true };
+
+/** True when no call is in progress (a fresh stream, or a reusable one between calls). */
+export function isIdle(state: CallState): boolean {
+  return state.request === 'idle';
+}
 
 export type FrameSender = 'originator' | 'answerer';
 
@@ -65,7 +79,7 @@ export function transition(state: CallState, sender: FrameSender, kind: CallFram
   // Both halves over: the originator sent its last frame and the answerer its Trailers. Each side
   // sees the same two frames, so both reset at the same point in the frame sequence.
   if (reusable && t.state.response === 'closed' && (t.state.request === 'half-closed' || t.state.request === 'cancelled')) {
-    return { state: INITIAL_CALL_STATE, deliver: t.deliver, callEnded: true };
+    return { state: t.state.request === 'half-closed' ? IDLE_AFTER_HALF_CLOSE : INITIAL_CALL_STATE, deliver: t.deliver, callEnded: true };
   }
   return t;
 }
@@ -89,6 +103,8 @@ function step(state: CallState, sender: FrameSender, kind: CallFrame['kind']): T
         if (request !== 'open') throw new ProtocolError(request === 'idle' ? 'half-close before start' : 'second half-close');
         return { state: { request: 'half-closed', response }, deliver: response !== 'closed', callEnded: false };
       case 'cancel':
+        // The one frame of a finished call that may arrive after it ended: it is moot now.
+        if (request === 'idle' && state.lateCancelAllowed) return { state: INITIAL_CALL_STATE, deliver: false, callEnded: false };
         if (request === 'idle') throw new ProtocolError('cancel before start');
         // A Cancel crossing the answerer's Trailers is a race, not a violation.
         return { state: { request: 'cancelled', response }, deliver: response !== 'closed', callEnded: false };

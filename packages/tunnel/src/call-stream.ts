@@ -1,6 +1,6 @@
 import type { ClientDuplexStream, ServerDuplexStream, StatusObject } from '@grpc/grpc-js';
 import { status as Status } from '@grpc/grpc-js';
-import { INITIAL_CALL_STATE, isCallDone, transition, type CallState, type FrameSender } from './call-state';
+import { INITIAL_CALL_STATE, isCallDone, isIdle, transition, type CallState, type FrameSender } from './call-state';
 import { BurrowError, ProtocolError, toBurrowError } from './errors';
 import { decodeCallFrame, encodeCallFrame, type CallFrame } from './frames';
 
@@ -84,7 +84,7 @@ export class CallStream {
       // On a reusable offer the agent withdraws an idle stream by half-closing it (tunnel.proto,
       // "Offer"); the broker ends its side too. Mid-call, the stream cannot finish the call.
       if (this.reusable && grpcRole === 'server' && !this.writeEnded) {
-        if (this.state.request === 'idle') this.finish();
+        if (isIdle(this.state)) this.finish();
         else this.abort(new BurrowError(Status.UNAVAILABLE, 'tunnel stream ended before the call completed'));
         return;
       }
@@ -136,7 +136,7 @@ export class CallStream {
    */
   whenCallEnded(): Promise<boolean> {
     if (this.closed) return Promise.resolve(false);
-    if (this.reusable && this.state === INITIAL_CALL_STATE) return Promise.resolve(true);
+    if (this.reusable && isIdle(this.state)) return Promise.resolve(true);
     return new Promise((resolve) => this.callEndWaiters.push(resolve));
   }
 
@@ -235,7 +235,7 @@ export class CallStream {
     const streamDone = serverFinished || (this.readEnded && this.writeEnded);
     if (!streamDone) return;
     // A reusable stream between calls ends cleanly: it is an idle offer being retired.
-    const clean = isCallDone(this.state) || (this.reusable && this.state.request === 'idle');
+    const clean = isCallDone(this.state) || (this.reusable && isIdle(this.state));
     this.close(clean ? undefined : new BurrowError(Status.UNAVAILABLE, 'tunnel stream ended before the call completed'));
   }
 
