@@ -88,8 +88,11 @@ const handlers = {
     let counting = false;
     let stop = false;
     let ok = 0;
+    // Every call that ends, warm-up and the last in flight included: the CPU accounting's divisor.
+    let allCalls = 0;
     const loop = async () => {
       while (!stop) {
+        allCalls++;
         try {
           await unary(method, payload);
           if (counting && !stop) ok++;
@@ -106,7 +109,7 @@ const handlers = {
     stop = true;
     const seconds = (performance.now() - t0) / 1000;
     await Promise.all(loops);
-    return { rps: Math.round(ok / seconds), concurrency, durationMs: Math.round(seconds * 1000), ok, failed: misses.count, failedByCode: misses.byCode };
+    return { rps: Math.round(ok / seconds), concurrency, durationMs: Math.round(seconds * 1000), ok, failed: misses.count, failedByCode: misses.byCode, allCalls };
   },
 
   /**

@@ -10,6 +10,7 @@
 //   BENCH_PROFILE=full make bench    # full profile (10,000 agents, 10 s streams, more rounds)
 //   BENCH_CASES=unary,policy,stream,scale,issuance   run only some cases (development)
 //   BENCH_AGENTS=N                   agents in the scale case instead of the profile's
+//   BENCH_ROUNDS=N                   rounds instead of the profile's
 //   BENCH_CPU_PROF_DIR=DIR           run broker and agent with --cpu-prof into DIR
 //                                    (summarize: node scripts/cpuprofile-summary.js DIR/*.cpuprofile)
 const { execFileSync } = require('node:child_process');
@@ -31,7 +32,7 @@ const { accepts, freePorts } = require(path.join(HELPERS, 'free-port.js'));
 
 const PROFILES = {
   quick: {
-    rounds: 3, warmupCalls: 200, latencyCalls: 1000, rpsWarmupMs: 300, rpsMs: 1500, streamWarmupMs: 500, streamMs: 3000,
+    rounds: 2, warmupCalls: 200, latencyCalls: 1000, rpsWarmupMs: 300, rpsMs: 1500, streamWarmupMs: 500, streamMs: 3000,
     scaleAgents: 1000, swarmProcesses: 2, scaleCalls: 2000, scaleWaitMs: 120_000, enrollments: 300, signCsrs: 300,
   },
   full: {
@@ -43,6 +44,7 @@ const PROFILE_NAME = process.env.BENCH_PROFILE ?? 'quick';
 const P = PROFILES[PROFILE_NAME];
 if (!P) throw new Error(`BENCH_PROFILE must be one of ${Object.keys(PROFILES).join(', ')}`);
 if (process.env.BENCH_AGENTS) P.scaleAgents = Number(process.env.BENCH_AGENTS);
+if (process.env.BENCH_ROUNDS) P.rounds = Number(process.env.BENCH_ROUNDS);
 const CASES = (process.env.BENCH_CASES ?? 'unary,policy,stream,scale,issuance').split(',');
 const CPU_PROF_DIR = process.env.BENCH_CPU_PROF_DIR ? path.resolve(process.env.BENCH_CPU_PROF_DIR) : undefined;
 
@@ -151,6 +153,34 @@ function median(xs) {
   return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
 }
 
+const CLOCK_TICKS_PER_S = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
+
+/** User + system CPU ms of `pid` and its descendants (sshd's session processes), from /proc. */
+function cpuMsOfTree(pid) {
+  let ms = 0;
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    // Fields 14 and 15 of stat (utime, stime), counted after the command name.
+    ms = ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_S;
+    for (const child of fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean)) ms += cpuMsOfTree(Number(child));
+  } catch {
+    // The process is gone: it contributes nothing more.
+  }
+  return ms;
+}
+
+/**
+ * CPU µs per call of each process on a side's path during one measurement: what each hop costs,
+ * which other load on the machine disturbs far less than the wall clock.
+ */
+async function withCpuPerCall(pids, measure) {
+  const before = Object.fromEntries(Object.entries(pids).map(([name, pid]) => [name, cpuMsOfTree(pid)]));
+  const r = await measure();
+  const calls = r.allCalls;
+  r.cpuUsPerCall = Object.fromEntries(Object.entries(pids).map(([name, pid]) => [name, calls ? Math.round(((cpuMsOfTree(pid) - before[name]) * 1000) / calls) : null]));
+  return r;
+}
+
 /**
  * Collects one side's measurements over rounds: each metric keeps every round's value (`rounds`)
  * and reports their median; failed calls of every measurement add up, by code.
@@ -238,6 +268,12 @@ async function runTunnelCases(ctx, result) {
   await callers.floor.call('connect', { address: floor });
 
   const unarySides = Object.keys(sides);
+  const upstreamPid = ctx.upstreamPid;
+  const pathPids = {
+    direct: { caller: callers.direct.proc.pid, upstream: upstreamPid },
+    burrow: { caller: callers.burrow.proc.pid, broker: broker.proc.pid, agent: agent.proc.pid, upstream: upstreamPid },
+    ...(ssh ? { ssh: { caller: callers.ssh.proc.pid, sshd: ssh.sshdPid, ssh: ssh.sshPid, upstream: upstreamPid } } : {}),
+  };
   const unary = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
   const policy = { floor: new SideResult(), burrow_policy: new SideResult() };
   const stream = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
@@ -259,8 +295,9 @@ async function runTunnelCases(ctx, result) {
       }
       for (const c of CONCURRENCIES) {
         for (const s of order(unarySides)) {
-          const r = await callers[s].call('throughput', rpsArgs(ECHO.unary, payloadB64, c));
+          const r = await withCpuPerCall(pathPids[s], () => callers[s].call('throughput', rpsArgs(ECHO.unary, payloadB64, c)));
           unary[s].add(`rps_c${c}`, r.rps, r);
+          if (c === 64) for (const [proc, us] of Object.entries(r.cpuUsPerCall)) unary[s].add(`cpuUsPerCallC64_${proc}`, us, {});
         }
       }
     }
@@ -459,7 +496,7 @@ async function main() {
 
   const upstream = forkChild('upstream.js', 'upstream');
   const { echo, floor } = await upstream.call('addresses');
-  const ctx = { dirs, echo, floor };
+  const ctx = { dirs, echo, floor, upstreamPid: upstream.proc.pid };
   if (['unary', 'policy', 'stream'].some((c) => CASES.includes(c))) await runTunnelCases(ctx, result);
   if (CASES.includes('scale')) await runScale(ctx, result);
   if (CASES.includes('issuance')) await runIssuance(ctx, result);

@@ -68,6 +68,8 @@ async function startSshTunnel({ dir, upstreamPort, sshPort, forwardPort, track, 
   await waitAccepts(forwardPort, ssh);
   return {
     forwardPort,
+    sshdPid: sshd.pid,
+    sshPid: ssh.pid,
     // ssh -V prints on stderr.
     version: execFileSync('sh', ['-c', 'ssh -V 2>&1'], { encoding: 'utf8' }).trim(),
     cleanup() { if (madePrivsep) fs.rmSync(PRIVSEP_DIR, { recursive: true, force: true }); },
