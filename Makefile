@@ -3,7 +3,7 @@ SHELL := /bin/bash
 NPM ?= npm
 MOCHA := node_modules/.bin/mocha
 
-.PHONY: all install build test demo clean agent-binary
+.PHONY: all install build test demo bench clean agent-binary
 
 all: build
 
@@ -26,6 +26,12 @@ test: build
 
 demo: build
 	node scripts/demo.js
+
+# Burrow next to direct gRPC and an ssh reverse tunnel (bench/run.js): quick profile by default,
+# BENCH_PROFILE=full for 10,000 agents. Writes bench/results/latest.json and prints a table.
+# The scale case holds one socket per agent in the broker and in the agent swarm processes.
+bench: build
+	ulimit -n 65536 2>/dev/null || ulimit -n $$(ulimit -Hn); node bench/run.js
 
 # The agent as one executable for air-gapped sites (docs/install-air-gapped.md): Node single
 # executable with the bundle, the protos and the Cedar wasm inside, plus its .sha256.

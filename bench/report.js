@@ -1,0 +1,106 @@
+'use strict';
+// Issue 6's targets, judged on ratios within one run, and the Markdown table `make bench` prints.
+
+const ratio = (a, b) => (a === null || a === undefined || !b ? null : Math.round((a / b) * 100) / 100);
+
+/** Each target: the measured value, the limit, met (true/false, null when not measured). */
+function evaluateTargets(cases) {
+  const u = cases.unary;
+  const p = cases.policy;
+  const s = cases.stream;
+  const sc = cases.scale;
+  const is = cases.issuance;
+  const atMost = (value, limit) => (value === null || value === undefined ? null : value <= limit);
+  const atLeast = (value, limit) => (value === null || value === undefined ? null : value >= limit);
+  const t = {};
+  const p50 = ratio(u?.burrow?.p50_us, u?.direct?.p50_us);
+  t.unary_p50 = { rule: 'burrow p50 <= 2.5x direct', value: p50, limit: 2.5, met: atMost(p50, 2.5) };
+  const c64 = ratio(u?.burrow?.rps_c64, u?.direct?.rps_c64);
+  t.unary_rps_c64 = { rule: 'burrow calls/s at c=64 >= 0.4x direct', value: c64, limit: 0.4, met: atLeast(c64, 0.4) };
+  const pol = ratio(p?.burrow_policy?.p50_us, p?.floor?.p50_us);
+  t.policy_p50 = { rule: 'policy decision p50 <= 2x the one-hop floor', value: pol, limit: 2, met: atMost(pol, 2) };
+  const st = ratio(s?.burrow?.mb_s, s?.direct?.mb_s);
+  t.stream_vs_direct = { rule: 'stream MB/s >= 0.5x direct', value: st, limit: 0.5, met: atLeast(st, 0.5) };
+  const ss = ratio(s?.burrow?.mb_s, s?.ssh?.mb_s);
+  t.stream_vs_ssh = { rule: 'stream MB/s not below ssh', value: ss, limit: 1, met: atLeast(ss, 1) };
+  t.scale_rss = { rule: 'broker <= 50 KiB RSS per idle agent', value: sc?.rss_kib_per_agent ?? null, limit: 50, met: atMost(sc?.rss_kib_per_agent, 50) };
+  const reconnect = sc ? (sc.reconnect_all_s ?? Infinity) : null;
+  t.scale_reconnect = {
+    rule: '10,000 agents all reconnected <= 60 s after a broker restart', value: sc ? sc.reconnect_all_s : null, limit: 60, met: atMost(reconnect, 60),
+    // The target names 10,000 agents; a quick run measures fewer, which says less.
+    conclusive: sc ? sc.agents >= 10_000 : false,
+  };
+  t.issuance = { rule: 'issuance >= 200 certificates/s', value: is?.per_s ?? null, limit: 200, met: atLeast(is?.per_s, 200) };
+  return t;
+}
+
+const fmt = (v, digits = 0) => (v === null || v === undefined ? '–' : Number(v).toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits }));
+const verdict = (target) => {
+  if (!target || target.met === null) return 'not measured';
+  const word = target.met ? 'met' : '**missed**';
+  return target.conclusive === false ? `${word} (at fewer agents than the target's)` : word;
+};
+const times = (v) => (v === null ? '–' : `${fmt(v, 2)}x`);
+
+/** The result as a Markdown table (pasted into the README as it is). */
+function tableLines(result) {
+  const { cases, targets: t, machine: m } = result;
+  const lines = [];
+  const row = (...cells) => lines.push(`| ${cells.join(' | ')} |`);
+  lines.push(`Profile **${m.profile}**, ${m.cpus} x ${m.model}, ${Math.round(m.memKiB / 1048576)} GiB, Node ${m.node}, load average ${m.loadAverageStart.join(' ')} at start, ${m.loadAverageEnd?.join(' ') ?? '?'} at end; commit ${m.gitCommit?.slice(0, 7) ?? '?'}${m.gitDirty ? ' (dirty)' : ''}, ${m.date}.`);
+  lines.push('');
+  const u = cases.unary;
+  const p = cases.policy;
+  const s = cases.stream;
+  if (u || s) {
+    row('case', 'direct', 'burrow', 'ssh', 'burrow/direct', 'target', 'result');
+    row('---', '---:', '---:', '---:', '---:', '---', '---');
+  }
+  if (u) {
+    const r = (label, key, target, rule) => row(label, fmt(u.direct?.[key]), fmt(u.burrow?.[key]), fmt(u.ssh?.[key]), times(ratio(u.burrow?.[key], u.direct?.[key])), rule ?? '', target ? verdict(target) : '');
+    r('unary 100 B p50 (µs)', 'p50_us', t.unary_p50, '<= 2.5x');
+    r('unary p99 (µs)', 'p99_us');
+    for (const c of [1, 16]) r(`unary calls/s, c=${c}`, `rps_c${c}`);
+    r('unary calls/s, c=64', 'rps_c64', t.unary_rps_c64, '>= 0.4x');
+    row('unary failed calls', fmt(u.direct?.failed), fmt(u.burrow?.failed), fmt(u.ssh?.failed), '', '', '');
+  }
+  if (s) {
+    row('bidi 64 KiB stream (MB/s)', fmt(s.direct?.mb_s, 1), fmt(s.burrow?.mb_s, 1), fmt(s.ssh?.mb_s, 1), times(ratio(s.burrow?.mb_s, s.direct?.mb_s)), '>= 0.5x direct; >= ssh',
+      `${verdict(t.stream_vs_direct)}; ${verdict(t.stream_vs_ssh)} (${times(t.stream_vs_ssh.value)} ssh)`);
+    row('stream failed calls', fmt(s.direct?.failed), fmt(s.burrow?.failed), fmt(s.ssh?.failed), '', '', '');
+  }
+  if (p) {
+    lines.push('');
+    row('policy decision', 'floor (1 hop)', 'burrow_policy', 'burrow/floor', 'target', 'result');
+    row('---', '---:', '---:', '---:', '---', '---');
+    row('Evaluate p50 (µs)', fmt(p.floor?.p50_us), fmt(p.burrow_policy?.p50_us), times(t.policy_p50.value), '<= 2x', verdict(t.policy_p50));
+    row('Evaluate p99 (µs)', fmt(p.floor?.p99_us), fmt(p.burrow_policy?.p99_us), times(ratio(p.burrow_policy?.p99_us, p.floor?.p99_us)), '', '');
+    row('Evaluate calls/s, c=64', fmt(p.floor?.rps_c64), fmt(p.burrow_policy?.rps_c64), times(ratio(p.burrow_policy?.rps_c64, p.floor?.rps_c64)), '', '');
+    row('failed calls', fmt(p.floor?.failed), fmt(p.burrow_policy?.failed), '', '', '');
+  }
+  const sc = cases.scale;
+  const is = cases.issuance;
+  if (sc || is) {
+    lines.push('');
+    row('scale and issuance', 'value', 'target', 'result');
+    row('---', '---:', '---', '---');
+  }
+  if (sc) {
+    row('idle agents (own certificate and mTLS connection each)', fmt(sc.agents), '', '');
+    row('broker RSS per idle agent (KiB)', fmt(sc.rss_kib_per_agent, 1), '<= 50', verdict(t.scale_rss));
+    row('all agents connected (s)', fmt(sc.connect_all_s, 2), '', sc.connect_all_s === null ? `**only ${sc.agentsConnectedAtEnd.connect}**` : '');
+    row('all back after a broker SIGKILL + restart (s)', fmt(sc.reconnect_all_s, 2), '<= 60 (10,000 agents)', verdict(t.scale_reconnect));
+    row('calls to random agents ok / failed', `${fmt(sc.calls_ok)} / ${fmt(sc.calls_failed)}`, '', '');
+  }
+  if (is) {
+    row(`enrollments per second (Enroll RPC, c=${is.concurrency}; ${fmt(is.failed)} failed)`, fmt(is.per_s), '>= 200', verdict(t.issuance));
+    row('signCsr per second (library, no RPC)', fmt(is.sign_csr_per_s), '', '');
+  }
+  return lines;
+}
+
+function printTable(result) {
+  process.stdout.write(`\n${tableLines(result).join('\n')}\n\n`);
+}
+
+module.exports = { evaluateTargets, printTable, tableLines };

@@ -1,0 +1,517 @@
+#!/usr/bin/env node
+'use strict';
+// `make bench`: Burrow's cost next to what a site admin would otherwise pick, every process
+// separate as in production (caller, broker, agent, upstream; sshd and ssh for the ssh side),
+// all sides in one run with the same payloads, warm-up and fixed counts, interleaved round by
+// round so that a noisy machine moves every side alike. Writes bench/results/latest.json and
+// prints a Markdown table with each target met or missed. Nothing here is a test.
+//
+//   make bench                       # quick profile (< 5 min on 2 cores)
+//   BENCH_PROFILE=full make bench    # full profile (10,000 agents, 10 s streams, more rounds)
+//   BENCH_CASES=unary,policy,stream,scale,issuance   run only some cases (development)
+//   BENCH_AGENTS=N                   agents in the scale case instead of the profile's
+//   BENCH_ROUNDS=N                   rounds instead of the profile's
+//   BENCH_CPU_PROF_DIR=DIR           run broker and agent with --cpu-prof into DIR
+//                                    (summarize: node scripts/cpuprofile-summary.js DIR/*.cpuprofile)
+const { execFileSync } = require('node:child_process');
+const fs = require('node:fs');
+const os = require('node:os');
+const path = require('node:path');
+const { performance } = require('node:perf_hooks');
+const { API_CODECS, POLICY_METHODS } = require('@burrow/tunnel');
+const { createCsr, createJoinToken, signCsr } = require('@burrow/pki');
+const { IpcChild } = require('./ipc');
+const { startSshTunnel } = require('./ssh-tunnel');
+const { printTable, evaluateTargets } = require('./report');
+
+const ROOT = path.resolve(__dirname, '..');
+const HELPERS = path.join(ROOT, 'test', 'dist', 'helpers');
+const { BurrowProcess, BROKER_CLI, AGENT_CLI, PKI_CLI, getJson, killAll, pollUntil } = require(path.join(HELPERS, 'processes.js'));
+const { ECHO } = require(path.join(HELPERS, 'echo-upstream.js'));
+const { accepts, freePorts } = require(path.join(HELPERS, 'free-port.js'));
+
+const PROFILES = {
+  quick: {
+    rounds: 2, warmupCalls: 200, latencyCalls: 1000, rpsWarmupMs: 300, rpsMs: 1500, streamWarmupMs: 500, streamMs: 3000,
+    scaleAgents: 1000, swarmProcesses: 2, scaleCalls: 2000, scaleWaitMs: 120_000, enrollments: 300, signCsrs: 300,
+  },
+  full: {
+    rounds: 5, warmupCalls: 500, latencyCalls: 3000, rpsWarmupMs: 1000, rpsMs: 5000, streamWarmupMs: 1000, streamMs: 10_000,
+    scaleAgents: 10_000, swarmProcesses: 4, scaleCalls: 10_000, scaleWaitMs: 300_000, enrollments: 1000, signCsrs: 1000,
+  },
+};
+const PROFILE_NAME = process.env.BENCH_PROFILE ?? 'quick';
+const P = PROFILES[PROFILE_NAME];
+if (!P) throw new Error(`BENCH_PROFILE must be one of ${Object.keys(PROFILES).join(', ')}`);
+if (process.env.BENCH_AGENTS) P.scaleAgents = Number(process.env.BENCH_AGENTS);
+if (process.env.BENCH_ROUNDS) P.rounds = Number(process.env.BENCH_ROUNDS);
+const CASES = (process.env.BENCH_CASES ?? 'unary,policy,stream,scale,issuance').split(',');
+const CPU_PROF_DIR = process.env.BENCH_CPU_PROF_DIR ? path.resolve(process.env.BENCH_CPU_PROF_DIR) : undefined;
+
+const UNARY_PAYLOAD_BYTES = 100;
+const STREAM_MESSAGE_BYTES = 64 * 1024;
+const CONCURRENCIES = [1, 16, 64];
+const ENROLL_CONCURRENCY = 16;
+const SITE_AGENT_ID = 'bench-site';
+const POLICY_REQUEST_FILE = path.join(ROOT, 'examples', 'policy', 'requests', 'permit-owner-edits.json');
+const RESULTS_DIR = path.join(__dirname, 'results');
+
+const log = (text) => process.stderr.write(`[bench] ${text}\n`);
+
+// ---- processes: everything started here is in `running`, and cleanup() ends it all -------------
+
+/** name -> { kill(): Promise<void> } for every process this run started and has not reaped. */
+const running = new Map();
+let tmp;
+let sshCleanup;
+let nextKey = 0;
+
+function track(name, kill, exited) {
+  const key = `${name}#${nextKey++}`;
+  running.set(key, { name, kill });
+  void exited.then(() => running.delete(key));
+}
+
+/** A spawned non-Node process (sshd, ssh): tracked, with its stderr kept for error messages. */
+function trackChild(child, name) {
+  child.stderrText = '';
+  child.stderr?.setEncoding('utf8').on('data', (s) => { child.stderrText = (child.stderrText + s).slice(-4000); });
+  const exited = new Promise((resolve) => child.once('exit', resolve));
+  track(name, () => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL'); return exited; }, exited);
+  return child;
+}
+
+function forkChild(script, name) {
+  const child = new IpcChild(path.join(__dirname, script), [], { name });
+  track(name, () => child.kill(), child.exited);
+  return child;
+}
+
+/** The environment without BURROW_* variables, so the host's settings cannot change the bench. */
+function benchEnv() {
+  return Object.fromEntries(Object.entries(process.env).filter(([k]) => !k.startsWith('BURROW_')));
+}
+
+/** Starts a Burrow CLI (`node [flags] cli.js args`) and waits for its "started" log line. */
+async function startBurrow(name, cli, args, { nodeFlags = [], startedMessage }) {
+  const profFlags = CPU_PROF_DIR ? ['--cpu-prof', '--cpu-prof-dir', CPU_PROF_DIR, '--cpu-prof-name', `${name}-${Date.now()}.cpuprofile`] : [];
+  const proc = new BurrowProcess(name, cli, [...nodeFlags, ...profFlags, cli, ...args], {}, { executable: process.execPath, cwd: ROOT, env: benchEnv() });
+  track(name, async () => { proc.expectedExit = true; proc.signal('SIGKILL'); await proc.exited; }, proc.exited);
+  // A broker or agent that dies mid-case would turn every later call into a 5 s wait for it.
+  void proc.exited.then((exit) => {
+    if (proc.expectedExit) return;
+    log(`${name} (pid ${proc.pid}) exited unexpectedly (${JSON.stringify(exit)}); its stderr ends with:\n${proc.stderrTail(30)}`);
+    void cleanup().finally(() => process.exit(1));
+  });
+  const started = await proc.waitForLog(startedMessage, undefined, { timeoutMs: 30_000 });
+  return { proc, started };
+}
+
+/** SIGTERM (so a --cpu-prof profile gets written), SIGKILL after 15 s. */
+async function stopGracefully(proc) {
+  proc.expectedExit = true;
+  proc.signal('SIGTERM');
+  try {
+    await proc.waitExit(15_000);
+  } catch {
+    proc.signal('SIGKILL');
+    await proc.exited;
+  }
+}
+
+async function cleanup() {
+  await Promise.all([...running.values()].map((r) => r.kill().catch(() => {})));
+  await killAll().catch((err) => log(`cleanup: ${err.message}`));
+  try { sshCleanup?.(); } catch (err) { log(`cleanup: ${err.message}`); }
+  if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
+  tmp = undefined;
+}
+
+for (const signal of ['SIGINT', 'SIGTERM', 'SIGHUP']) {
+  process.on(signal, () => {
+    log(`${signal}: stopping every process the bench started`);
+    void cleanup().finally(() => process.exit(130));
+  });
+}
+
+/** Resolves when `port` accepts a TCP connection; rejects when `child` exits first. */
+async function waitAccepts(port, child, timeoutMs = 15_000) {
+  const deadline = Date.now() + timeoutMs;
+  // Nothing announces that sshd listens or that ssh's forward is up, so this polls the port.
+  while (!(await accepts(port))) {
+    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`port ${port}: the process exited first: ${child.stderrText}`);
+    if (Date.now() > deadline) throw new Error(`port ${port} did not accept within ${timeoutMs} ms: ${child.stderrText}`);
+    await new Promise((resolve) => setTimeout(resolve, 20));
+  }
+}
+
+// ---- statistics -----------------------------------------------------------------------------
+
+function median(xs) {
+  const s = xs.filter((x) => x !== null && x !== undefined).sort((a, b) => a - b);
+  if (s.length === 0) return null;
+  return s.length % 2 ? s[(s.length - 1) / 2] : (s[s.length / 2 - 1] + s[s.length / 2]) / 2;
+}
+
+const CLOCK_TICKS_PER_S = Number(execFileSync('getconf', ['CLK_TCK'], { encoding: 'utf8' }).trim());
+
+/** User + system CPU ms of `pid` and its descendants (sshd's session processes), from /proc. */
+function cpuMsOfTree(pid) {
+  let ms = 0;
+  try {
+    const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+    // Fields 14 and 15 of stat (utime, stime), counted after the command name.
+    ms = ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_S;
+    for (const child of fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean)) ms += cpuMsOfTree(Number(child));
+  } catch {
+    // The process is gone: it contributes nothing more.
+  }
+  return ms;
+}
+
+/**
+ * CPU µs per call of each process on a side's path during one measurement: what each hop costs,
+ * which other load on the machine disturbs far less than the wall clock.
+ */
+async function withCpuPerCall(pids, measure) {
+  const before = Object.fromEntries(Object.entries(pids).map(([name, pid]) => [name, cpuMsOfTree(pid)]));
+  const r = await measure();
+  const calls = r.allCalls;
+  r.cpuUsPerCall = Object.fromEntries(Object.entries(pids).map(([name, pid]) => [name, calls ? Math.round(((cpuMsOfTree(pid) - before[name]) * 1000) / calls) : null]));
+  return r;
+}
+
+/**
+ * Collects one side's measurements over rounds: each metric keeps every round's value (`rounds`)
+ * and reports their median; failed calls of every measurement add up, by code.
+ */
+class SideResult {
+  constructor() { this.rounds = {}; this.failed = 0; this.failedByCode = {}; this.notes = {}; }
+  add(metric, value, outcome) {
+    (this.rounds[metric] ??= []).push(value);
+    this.addFailures(outcome);
+  }
+  addFailures(outcome) {
+    this.failed += (outcome.failed ?? 0) + (outcome.warmupFailed ?? 0);
+    for (const [code, n] of Object.entries(outcome.failedByCode ?? {})) this.failedByCode[code] = (this.failedByCode[code] ?? 0) + n;
+  }
+  toJSON() {
+    const out = {};
+    for (const [metric, values] of Object.entries(this.rounds)) out[metric] = median(values);
+    return { ...out, failed: this.failed, failedByCode: this.failedByCode, rounds: this.rounds, ...this.notes };
+  }
+}
+
+// ---- setup ----------------------------------------------------------------------------------
+
+function pki(...args) {
+  return execFileSync(process.execPath, [PKI_CLI, ...args], { encoding: 'utf8', env: benchEnv() });
+}
+
+function certFiles(dir) {
+  return { cert: path.join(dir, 'tls.crt'), key: path.join(dir, 'tls.key'), ca: path.join(dir, 'ca.crt') };
+}
+
+function machineInfo() {
+  const git = (...args) => { try { return execFileSync('git', args, { cwd: ROOT, encoding: 'utf8' }).trim(); } catch { return null; } };
+  const cpus = os.cpus();
+  return {
+    cpus: cpus.length, model: cpus[0]?.model ?? 'unknown', memKiB: Math.round(os.totalmem() / 1024), node: process.version,
+    os: `${os.type()} ${os.release()}`, loadAverageStart: os.loadavg().map((x) => Math.round(x * 100) / 100),
+    profile: PROFILE_NAME, gitCommit: git('rev-parse', 'HEAD'), gitDirty: git('status', '--porcelain') ? true : false,
+    date: new Date().toISOString(), fdLimit: Number(execFileSync('sh', ['-c', 'ulimit -n'], { encoding: 'utf8' }).trim()),
+  };
+}
+
+function brokerArgs(ports, files, extra = []) {
+  return [
+    'serve', '--agent-listen', `127.0.0.1:${ports.agent}`, '--api-listen', `127.0.0.1:${ports.api}`, '--admin-listen', `127.0.0.1:${ports.admin}`,
+    '--tls-cert', files.cert, '--tls-key', files.key, '--ca', files.ca, ...extra,
+  ];
+}
+
+// ---- cases 1-3: unary, policy, stream on one broker + agent ----------------------------------
+
+async function runTunnelCases(ctx, result) {
+  const { dirs, echo, floor } = ctx;
+  const [agentPort, apiPort, adminPort, sshPort, forwardPort] = await freePorts(5);
+  const broker = await startBurrow('broker', BROKER_CLI, brokerArgs({ agent: agentPort, api: apiPort, admin: adminPort }, certFiles(dirs.broker)), { startedMessage: 'broker started' });
+  const agent = await startBurrow('agent', AGENT_CLI, [
+    'run', '--broker', `127.0.0.1:${agentPort}`, ...tlsArgs(certFiles(dirs.agent)), '--upstream', `*=${echo}`,
+    '--policies', path.join(ROOT, 'examples', 'policy', 'policies'), '--entities', path.join(ROOT, 'examples', 'policy', 'entities.json'),
+    // Every decision is evaluated by Cedar: with the cache on, repeating one request would
+    // measure a map lookup instead.
+    '--policy-cache-ttl', '0s', '--audit-log', path.join(tmp, 'audit.jsonl'),
+  ], { startedMessage: 'agent started' });
+  await agent.proc.waitForLog('tunnel session established', undefined, { timeoutMs: 15_000 });
+  const echoPort = Number(echo.split(':').pop());
+
+  const sides = { direct: { address: echo }, burrow: { address: `127.0.0.1:${apiPort}`, tls: certFiles(dirs.caller), agentIds: [SITE_AGENT_ID] } };
+  let ssh;
+  try {
+    ssh = await startSshTunnel({ dir: path.join(tmp, 'ssh'), upstreamPort: echoPort, sshPort, forwardPort, track: trackChild, waitAccepts, log });
+    sshCleanup = ssh.cleanup;
+    sides.ssh = { address: `127.0.0.1:${ssh.forwardPort}` };
+  } catch (err) {
+    // Reported, not hidden: the ssh columns stay empty and the JSON says why.
+    log(`ssh side unavailable: ${err.message}`);
+    result.machine.sshError = err.message;
+  }
+  result.machine.ssh = ssh?.version;
+
+  const callers = {};
+  for (const [name, target] of Object.entries(sides)) {
+    callers[name] = forkChild('caller.js', `caller-${name}`);
+    await callers[name].call('connect', target);
+  }
+  callers.floor = forkChild('caller.js', 'caller-floor');
+  await callers.floor.call('connect', { address: floor });
+
+  const unarySides = Object.keys(sides);
+  const upstreamPid = ctx.upstreamPid;
+  const pathPids = {
+    direct: { caller: callers.direct.proc.pid, upstream: upstreamPid },
+    burrow: { caller: callers.burrow.proc.pid, broker: broker.proc.pid, agent: agent.proc.pid, upstream: upstreamPid },
+    ...(ssh ? { ssh: { caller: callers.ssh.proc.pid, sshd: ssh.sshdPid, ssh: ssh.sshPid, upstream: upstreamPid } } : {}),
+  };
+  const unary = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
+  const policy = { floor: new SideResult(), burrow_policy: new SideResult() };
+  const stream = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
+  const policyCallers = { floor: callers.floor, burrow_policy: callers.burrow };
+  const payloadB64 = Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64');
+  const policyB64 = API_CODECS.evaluationRequest.encode(JSON.parse(fs.readFileSync(POLICY_REQUEST_FILE, 'utf8'))).toString('base64');
+  const latencyArgs = (method, b64) => ({ method, payloadB64: b64, calls: P.latencyCalls, warmupCalls: P.warmupCalls });
+  const rpsArgs = (method, b64, concurrency) => ({ method, payloadB64: b64, concurrency, durationMs: P.rpsMs, warmupMs: P.rpsWarmupMs });
+
+  for (let round = 0; round < P.rounds; round++) {
+    // Alternate the order of the sides so that drift in machine load cancels out.
+    const order = (names) => (round % 2 === 0 ? names : [...names].reverse());
+    log(`round ${round + 1}/${P.rounds}`);
+    if (CASES.includes('unary')) {
+      for (const s of order(unarySides)) {
+        const r = await callers[s].call('latency', latencyArgs(ECHO.unary, payloadB64));
+        unary[s].add('p50_us', r.p50_us, r);
+        unary[s].add('p99_us', r.p99_us, {});
+      }
+      for (const c of CONCURRENCIES) {
+        for (const s of order(unarySides)) {
+          const r = await withCpuPerCall(pathPids[s], () => callers[s].call('throughput', rpsArgs(ECHO.unary, payloadB64, c)));
+          unary[s].add(`rps_c${c}`, r.rps, r);
+          if (c === 64) for (const [proc, us] of Object.entries(r.cpuUsPerCall)) unary[s].add(`cpuUsPerCallC64_${proc}`, us, {});
+        }
+      }
+    }
+    if (CASES.includes('policy')) {
+      for (const s of order(Object.keys(policy))) {
+        const method = POLICY_METHODS.evaluate;
+        const l = await policyCallers[s].call('latency', latencyArgs(method, policyB64));
+        policy[s].add('p50_us', l.p50_us, l);
+        policy[s].add('p99_us', l.p99_us, {});
+        const r = await policyCallers[s].call('throughput', rpsArgs(method, policyB64, 64));
+        policy[s].add('rps_c64', r.rps, r);
+      }
+    }
+    if (CASES.includes('stream')) {
+      for (const s of order(unarySides)) {
+        const warm = await callers[s].call('stream', { method: ECHO.bidi, messageBytes: STREAM_MESSAGE_BYTES, durationMs: P.streamWarmupMs });
+        stream[s].addFailures(warm);
+        const r = await callers[s].call('stream', { method: ECHO.bidi, messageBytes: STREAM_MESSAGE_BYTES, durationMs: P.streamMs });
+        stream[s].add('mb_s', r.mb_s, r);
+        stream[s].add('durationMs', r.durationMs, {});
+        if (r.failed) stream[s].notes.lastFailure = `${r.status} ${r.details ?? ''} (${r.receivedBytes} of ${r.sentBytes} bytes echoed)`;
+      }
+    }
+  }
+  const plain = (bySide) => Object.fromEntries(Object.entries(bySide).map(([side, r]) => [side, r.toJSON()]));
+  if (CASES.includes('unary')) result.cases.unary = { payloadBytes: UNARY_PAYLOAD_BYTES, ...plain(unary) };
+  if (CASES.includes('policy')) {
+    result.cases.policy = {
+      request: path.relative(ROOT, POLICY_REQUEST_FILE), policyCacheTtl: '0s',
+      floorIs: 'direct plaintext gRPC call to a trivial server answering a fixed permit (one hop)', ...plain(policy),
+    };
+  }
+  if (CASES.includes('stream')) result.cases.stream = { messageBytes: STREAM_MESSAGE_BYTES, ...plain(stream) };
+
+  for (const c of Object.values(callers)) await c.call('close');
+  await Promise.all([stopGracefully(agent.proc), stopGracefully(broker.proc)]);
+  for (const c of Object.values(callers)) await c.kill();
+}
+
+function tlsArgs(files) {
+  return ['--tls-cert', files.cert, '--tls-key', files.key, '--ca', files.ca];
+}
+
+// ---- case 4: many idle agents against one broker ---------------------------------------------
+
+/** The broker's VmRSS (KiB) after full GCs, asked of the gc-preload hook. */
+async function settledRssKiB(proc) {
+  const from = proc.logs.length;
+  proc.signal('SIGUSR2');
+  const settled = await proc.waitForLog('bench gc settled', undefined, { from, timeoutMs: 30_000 });
+  const status = fs.readFileSync(`/proc/${proc.pid}/status`, 'utf8');
+  return { rssKiB: Number(/^VmRSS:\s+(\d+) kB/m.exec(status)[1]), heapUsedBytes: Number(settled.heapUsedBytes) };
+}
+
+/** Seconds from `t0Ms` until the broker's /status counts `n` agents, or null at the timeout. */
+async function timeUntilAgents(adminPort, n, t0Ms, timeoutMs) {
+  let last = 0;
+  try {
+    await pollUntil(`${n} agents`, async () => {
+      last = (await getJson(`http://127.0.0.1:${adminPort}/status`)).agents;
+      return last >= n;
+    }, timeoutMs, 100);
+    return { seconds: Math.round((performance.now() - t0Ms) / 10) / 100, connected: last };
+  } catch {
+    return { seconds: null, connected: last };
+  }
+}
+
+async function runScale(ctx, result) {
+  const { dirs, echo } = ctx;
+  const n = P.scaleAgents;
+  const [agent, api, admin] = await freePorts(3);
+  const args = brokerArgs({ agent, api, admin }, certFiles(dirs.broker));
+  const gcFlags = ['--expose-gc', '-r', path.join(__dirname, 'gc-preload.js')];
+  let broker = await startBurrow('scale-broker', BROKER_CLI, args, { nodeFlags: gcFlags, startedMessage: 'broker started' });
+  const ids = Array.from({ length: n }, (_, i) => `scale-${i}`);
+  const swarms = Array.from({ length: P.swarmProcesses }, (_, i) => forkChild('agent-swarm.js', `agent-swarm-${i}`));
+  log(`scale: issuing ${n} agent certificates in ${swarms.length} processes`);
+  const t0Issue = performance.now();
+  await Promise.all(swarms.map((s, i) => s.call('issue', { pkiDir: dirs.pki, ids: ids.filter((_, j) => j % swarms.length === i) })));
+  const issueSeconds = (performance.now() - t0Issue) / 1000;
+  const idle = await settledRssKiB(broker.proc);
+
+  log(`scale: connecting ${n} agents`);
+  const caPem = fs.readFileSync(certFiles(dirs.broker).ca, 'utf8');
+  const t0 = performance.now();
+  await Promise.all(swarms.map((s) => s.call('start', { broker: `127.0.0.1:${agent}`, caPem, upstream: `*=${echo}` })));
+  const connect = await timeUntilAgents(admin, n, t0, P.scaleWaitMs);
+  const loaded = await settledRssKiB(broker.proc);
+
+  const caller = forkChild('caller.js', 'caller-scale');
+  const target = { address: `127.0.0.1:${api}`, tls: certFiles(dirs.caller), agentIds: ids };
+  const callArgs = { method: ECHO.unary, payloadB64: Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64'), calls: P.scaleCalls, concurrency: 16 };
+  await caller.call('connect', target);
+  const callsConnected = await caller.call('randomCalls', callArgs);
+
+  log('scale: SIGKILL the broker, start it again on the same ports');
+  const t0Kill = performance.now();
+  broker.proc.expectedExit = true;
+  broker.proc.signal('SIGKILL');
+  await broker.proc.exited;
+  broker = await startBurrow('scale-broker', BROKER_CLI, args, { nodeFlags: gcFlags, startedMessage: 'broker started' });
+  const restartSeconds = (performance.now() - t0Kill) / 1000;
+  const reconnect = await timeUntilAgents(admin, n, t0Kill, P.scaleWaitMs);
+  // A fresh channel: the old one may sit in grpc-js' reconnect backoff from the kill, which is
+  // the caller's own client and not what this case measures.
+  await caller.call('close');
+  await caller.call('connect', target);
+  const callsReconnected = await caller.call('randomCalls', callArgs);
+  const swarmStatus = await Promise.all(swarms.map((s) => s.call('status')));
+
+  result.cases.scale = {
+    agents: n,
+    rss_kib_per_agent: Math.round(((loaded.rssKiB - idle.rssKiB) / n) * 10) / 10,
+    connect_all_s: connect.seconds,
+    reconnect_all_s: reconnect.seconds,
+    calls_ok: callsConnected.ok + callsReconnected.ok,
+    calls_failed: callsConnected.failed + callsReconnected.failed,
+    agentsConnectedAtEnd: { connect: connect.connected, reconnect: reconnect.connected },
+    brokerRssKiB: { idle: idle.rssKiB, withAgents: loaded.rssKiB },
+    heapBytesPerAgent: Math.round((loaded.heapUsedBytes - idle.heapUsedBytes) / n),
+    brokerRestartToStartedS: Math.round(restartSeconds * 100) / 100,
+    restartIs: 'SIGKILL (a crash), then the same command on the same ports; timed from the kill',
+    idleStreamsPerAgent: 4,
+    calls: { afterConnect: callsConnected, afterReconnect: callsReconnected },
+    swarm: { processes: swarms.length, certificateIssueS: Math.round(issueSeconds * 10) / 10, status: swarmStatus },
+  };
+  await caller.kill();
+  await Promise.all(swarms.map((s) => s.call('stop').catch(() => {})));
+  await Promise.all(swarms.map((s) => s.kill()));
+  await stopGracefully(broker.proc);
+}
+
+// ---- case 5: certificate issuance ------------------------------------------------------------
+
+/** Runs `fn` on every item, `concurrency` at a time; per second over the whole batch. */
+async function ratePerSecond(items, concurrency, fn) {
+  const queue = [...items];
+  let ok = 0;
+  let failed = 0;
+  const t0 = performance.now();
+  await Promise.all(Array.from({ length: concurrency }, async () => {
+    for (let item = queue.shift(); item; item = queue.shift()) {
+      try { await fn(item); ok++; } catch { failed++; }
+    }
+  }));
+  return { perS: Math.round(ok / ((performance.now() - t0) / 1000)), ok, failed };
+}
+
+async function runIssuance(ctx, result) {
+  const { dirs } = ctx;
+  const k = P.enrollments + 1; // + the caller's warm-up enrollment
+  log(`issuance: ${k} join tokens and CSRs (not timed: the platform and the agents make these)`);
+  const requests = [];
+  for (let i = 0; i < k; i++) {
+    const [{ token }, { csrPem }] = await Promise.all([createJoinToken({ dir: dirs.pki, agentId: `enroll-${i}`, ttlMs: 3_600_000 }), createCsr()]);
+    requests.push({ token, csrPem });
+  }
+  const [agent, api, admin] = await freePorts(3);
+  const broker = await startBurrow('enroll-broker', BROKER_CLI, [
+    'serve', '--agent-listen', `127.0.0.1:${agent}`, '--api-listen', `127.0.0.1:${api}`, '--admin-listen', `127.0.0.1:${admin}`,
+    '--pki-dir', dirs.pki, '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1',
+    // Every enrollment comes from 127.0.0.1; the default (30/min per address) would measure the limiter.
+    '--enroll-per-minute', '100000',
+  ], { startedMessage: 'broker started' });
+  const caller = forkChild('caller.js', 'caller-enroll');
+  const enrolled = await caller.call('enroll', { address: `127.0.0.1:${agent}`, caFile: certFiles(dirs.caller).ca, requests, concurrency: ENROLL_CONCURRENCY });
+  await caller.kill();
+  await stopGracefully(broker.proc);
+
+  const csrs = [];
+  for (let i = 0; i < P.signCsrs; i++) csrs.push({ name: `sign-${i}`, csrPem: (await createCsr()).csrPem });
+  const signed = await ratePerSecond(csrs, ENROLL_CONCURRENCY, (c) => signCsr({ dir: dirs.pki, csrPem: c.csrPem, role: 'agent', name: c.name }));
+  result.cases.issuance = {
+    per_s: enrolled.per_s,
+    ok: enrolled.ok, failed: enrolled.failed, failedByCode: enrolled.failedByCode, concurrency: enrolled.concurrency, durationMs: enrolled.durationMs,
+    path: 'Enrollment/Enroll RPC on the broker agent listener (--pki-dir): join token + CSR in, chain out; one TLS connection, no client certificate',
+    sign_csr_per_s: signed.perS, signCsr: { ok: signed.ok, failed: signed.failed, concurrency: ENROLL_CONCURRENCY, in: 'the bench process, @burrow/pki signCsr' },
+  };
+}
+
+// ---- main -----------------------------------------------------------------------------------
+
+async function main() {
+  const t0 = performance.now();
+  tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'burrow-bench-'));
+  const result = { machine: machineInfo(), cases: {} };
+  result.machine.profileSettings = P;
+  log(`profile ${PROFILE_NAME}: ${result.machine.cpus} x ${result.machine.model}, Node ${process.version}, load ${result.machine.loadAverageStart.join(' ')}`);
+
+  const dirs = { pki: path.join(tmp, 'pki'), broker: path.join(tmp, 'broker'), agent: path.join(tmp, 'agent'), caller: path.join(tmp, 'caller') };
+  pki('init', '--dir', dirs.pki, '--trust-domain', 'bench.burrow.local');
+  pki('issue', '--dir', dirs.pki, '--role', 'broker', '--name', 'broker', '--dns', 'localhost', '--ip', '127.0.0.1', '--out', dirs.broker);
+  pki('issue', '--dir', dirs.pki, '--role', 'agent', '--name', SITE_AGENT_ID, '--out', dirs.agent);
+  pki('issue', '--dir', dirs.pki, '--role', 'service', '--name', 'bench-caller', '--out', dirs.caller);
+
+  const upstream = forkChild('upstream.js', 'upstream');
+  const { echo, floor } = await upstream.call('addresses');
+  const ctx = { dirs, echo, floor, upstreamPid: upstream.proc.pid };
+  if (['unary', 'policy', 'stream'].some((c) => CASES.includes(c))) await runTunnelCases(ctx, result);
+  if (CASES.includes('scale')) await runScale(ctx, result);
+  if (CASES.includes('issuance')) await runIssuance(ctx, result);
+
+  result.machine.loadAverageEnd = os.loadavg().map((x) => Math.round(x * 100) / 100);
+  result.machine.benchDurationS = Math.round((performance.now() - t0) / 1000);
+  result.targets = evaluateTargets(result.cases);
+  fs.mkdirSync(RESULTS_DIR, { recursive: true });
+  fs.writeFileSync(path.join(RESULTS_DIR, 'latest.json'), `${JSON.stringify(result, null, 2)}\n`);
+  printTable(result);
+  log(`wrote ${path.relative(process.cwd(), path.join(RESULTS_DIR, 'latest.json'))} in ${result.machine.benchDurationS} s`);
+}
+
+main().then(() => cleanup(), async (err) => {
+  process.stderr.write(`bench failed: ${err.stack ?? err}\n`);
+  await cleanup();
+  process.exitCode = 1;
+});
