@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame,
+  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, isIdle, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame,
   encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
   type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
   logCallFinished,
@@ -177,18 +177,24 @@ export class BrokerConnection extends EventEmitter {
     this.emit('closed', error);
   }
 
-  /** Stops taking new calls; closes once calls in flight are done (or `timeoutMs` passes). */
-  drainAndClose(timeoutMs: number): Promise<void> {
+  /**
+   * Stops taking new calls; closes once calls in flight are done (or `timeoutMs` passes). The
+   * agent going away withdraws its idle offers at once. When the broker asked for the drain
+   * (`brokerAsked`), the broker ends the idle offers itself: a Start it sent before its Drain may
+   * still be on its way on any of them, so the agent keeps them and closes only once every offer
+   * stream has ended.
+   */
+  drainAndClose(timeoutMs: number, brokerAsked = false): Promise<void> {
     this.draining = true;
-    for (const s of [...this.offerStreams]) if (s.callState.request === 'idle') s.abort(new BurrowError(Status.UNAVAILABLE, 'agent draining'));
+    if (!brokerAsked) for (const s of [...this.offerStreams]) if (isIdle(s.callState)) s.abort(new BurrowError(Status.UNAVAILABLE, 'agent draining'));
     return new Promise((resolve) => {
       if (this.isClosed) return resolve();
       const timer = setTimeout(() => this.close(new BurrowError(Status.UNAVAILABLE, 'agent shut down before the call finished')), timeoutMs);
       const check = (): void => {
-        if (this.activeCalls === 0) this.close();
+        if (this.activeCalls === 0 && (!brokerAsked || this.offerStreams.size === 0)) this.close();
       };
       this.once('closed', () => { clearTimeout(timer); resolve(); });
-      this.on('call-ended', check);
+      this.on('stream-ended', check);
       check();
     });
   }
@@ -198,13 +204,13 @@ export class BrokerConnection extends EventEmitter {
     this.draining = true;
     this.opts.logger.info('broker asked to drain; reconnecting', { broker: this.opts.address, reason, callsInFlight: this.activeCalls });
     this.emit('drain', reason);
-    void this.drainAndClose(this.opts.drainTimeoutMs);
+    void this.drainAndClose(this.opts.drainTimeoutMs, true);
   }
 
   private callEnded(): void {
     this.activeCalls--;
     this.opts.metrics.tunnelStreams.dec({ state: 'active' });
-    this.emit('call-ended');
+    this.emit('stream-ended');
   }
 
   private addOffers(count: number): void {
@@ -252,6 +258,7 @@ export class BrokerConnection extends EventEmitter {
         this.idleOffers--;
         this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
         this.offerStreams.delete(stream);
+        this.emit('stream-ended');
       },
       onProtocolError: () => {}, // the owner callback above closes the connection
     });
