@@ -5,7 +5,8 @@
  * ({@link signCsr}). The private key never leaves the agent.
  */
 import { createPublicKey, verify, webcrypto, type KeyObject } from 'node:crypto';
-import { validateLeafRequest, signLeaf, type IssuedCertificate } from './issue';
+import { readTlv } from './der';
+import { assertNotBanned, validateLeafRequest, signLeaf, type IssuedCertificate } from './issue';
 import {
   DEFAULT_KEY_ALGORITHM,
   KEY_ALGORITHMS,
@@ -19,7 +20,6 @@ import {
 } from './key-algorithm';
 import { loadPki } from './pki-dir';
 import { PkiError } from './pki-error';
-import { loadRevocations } from './revocation';
 import type { Role } from './validation';
 import { x509 } from './x509-provider';
 
@@ -78,10 +78,8 @@ export async function signCsr(opts: SignCsrOptions): Promise<Omit<IssuedCertific
   const request = validateLeafRequest(opts);
   const { spkiDer, keyAlgorithm } = await verifiedCsrPublicKey(opts.csrPem);
   const pki = await loadPki(opts.dir);
-  if (request.role === 'agent' && (await loadRevocations(pki.dir)).isAgentBanned(request.name)) {
-    throw new PkiError(`name: agent "${request.name}" is banned (burrow-pki revoke --ban); no certificate is issued to it`);
-  }
-  return signLeaf(pki, request, { spkiDer, skiHex: subjectKeyIdHex(spkiDer), keyAlgorithm });
+  const revocations = await assertNotBanned(pki.dir, request);
+  return signLeaf(pki, request, { spkiDer, skiHex: subjectKeyIdHex(spkiDer), keyAlgorithm }, revocations);
 }
 
 /**
@@ -169,23 +167,6 @@ function splitCsr(der: Buffer): { info: Buffer; spkiDer: Buffer; algorithmOidHex
     algorithmOidHex: der.subarray(oid.contentStart, oid.end).toString('hex'),
     signature: der.subarray(signature.contentStart + 1, signature.end),
   };
-}
-
-function readTlv(der: Buffer, offset: number, expectedTag: number): { start: number; contentStart: number; end: number } {
-  if (der[offset] !== expectedTag) throw new Error(`expected DER tag 0x${expectedTag.toString(16)} at byte ${offset}`);
-  let length = der[offset + 1];
-  let contentStart = offset + 2;
-  if (length === undefined) throw new Error('truncated');
-  if (length & 0x80) {
-    const lengthBytes = length & 0x7f;
-    if (lengthBytes === 0 || lengthBytes > 3) throw new Error(`unsupported DER length at byte ${offset}`);
-    length = 0;
-    for (let i = 0; i < lengthBytes; i++) length = length * 256 + (der[contentStart + i] ?? 0);
-    contentStart += lengthBytes;
-  }
-  const end = contentStart + length;
-  if (end > der.length) throw new Error('truncated');
-  return { start: offset, contentStart, end };
 }
 
 function createPrivateKeyDer(pkcs8Pem: string): Buffer {

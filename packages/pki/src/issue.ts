@@ -3,14 +3,14 @@ import * as path from 'node:path';
 import { writeFileAtomic } from './atomic-write';
 import { NOT_BEFORE_BACKDATE_MS, pemWithNewline, validity } from './certificate-authority';
 import { appendIssuedLeaf } from './issued-log';
-import { assertKeyAlgorithm, generateKey, signingAlgorithm, type KeyAlgorithm } from './key-algorithm';
+import { assertKeyAlgorithm, generateKey, type KeyAlgorithm } from './key-algorithm';
+import { certificatePem, signLeafDer, type ExtendedKeyUsage } from './leaf-der';
 import { loadPki, signerFor, signingMaterialOf, type LoadedPki } from './pki-dir';
-import { loadRevocations } from './revocation';
+import { loadRevocations, type RevocationList } from './revocation';
 import { PkiError } from './pki-error';
 import { randomSerialHex } from './serial-number';
 import { spiffeIdFor } from './spiffe-id';
 import { assertIpAddress, assertName, assertPositiveMs, assertRole, normalizeDnsName, type Role } from './validation';
-import { x509 } from './x509-provider';
 
 /** Leaf lifetime when none is given: 24 hours (step-ca's and Linkerd's default). */
 export const DEFAULT_LEAF_TTL_MS = 24 * 3_600_000;
@@ -56,10 +56,10 @@ export interface IssuedCertificate {
 }
 
 /** Extended key usages per role: agents only dial out; brokers and services both accept and make TLS connections. */
-const EXTENDED_KEY_USAGES: Readonly<Record<Role, readonly x509.ExtendedKeyUsage[]>> = {
-  agent: [x509.ExtendedKeyUsage.clientAuth],
-  broker: [x509.ExtendedKeyUsage.serverAuth, x509.ExtendedKeyUsage.clientAuth],
-  service: [x509.ExtendedKeyUsage.clientAuth, x509.ExtendedKeyUsage.serverAuth],
+const EXTENDED_KEY_USAGES: Readonly<Record<Role, readonly ExtendedKeyUsage[]>> = {
+  agent: ['clientAuth'],
+  broker: ['serverAuth', 'clientAuth'],
+  service: ['clientAuth', 'serverAuth'],
 };
 
 /** X.509's upper bound for a common name (RFC 5280 ub-common-name). */
@@ -85,9 +85,9 @@ export async function issueCertificate(opts: IssueOptions): Promise<IssuedCertif
   const pki = await loadPki(opts.dir);
   const keyAlgorithm = opts.keyAlgorithm ?? pki.keyAlgorithm;
   assertKeyAlgorithm(keyAlgorithm);
-  await assertNotBanned(pki.dir, request);
+  const revocations = await assertNotBanned(pki.dir, request);
   const key = await generateKey(keyAlgorithm);
-  const issued = await signLeaf(pki, request, { spkiDer: key.spkiDer, skiHex: key.skiHex, keyAlgorithm });
+  const issued = await signLeaf(pki, request, { spkiDer: key.spkiDer, skiHex: key.skiHex, keyAlgorithm }, revocations);
   return { ...issued, keyPem: key.pkcs8Pem };
 }
 
@@ -128,22 +128,26 @@ export function validateLeafRequest(opts: { dir: string; role: Role; name: strin
   return { role, name: opts.name ?? '', dns, ip, ttlMs };
 }
 
-async function assertNotBanned(absDir: string, request: LeafRequest): Promise<void> {
-  if (request.role !== 'agent') return;
+/** Refuses a banned agent; returns the revocation list it read (agents only), for {@link signLeaf}. */
+export async function assertNotBanned(absDir: string, request: LeafRequest): Promise<RevocationList | undefined> {
+  if (request.role !== 'agent') return undefined;
   const revocations = await loadRevocations(absDir);
   if (revocations.isAgentBanned(request.name)) {
     throw new PkiError(`name: agent "${request.name}" is banned (burrow-pki revoke --ban); no certificate is issued to it`);
   }
+  return revocations;
 }
 
 /**
  * Signs a leaf for `request` with the given public key, using the CA that currently signs the
  * role, records it in the issued-leaf log and returns it (without a private key).
+ * `revocations`: the list the caller just checked the request against (read here if not given).
  */
 export async function signLeaf(
   pki: LoadedPki,
   request: LeafRequest,
   publicKey: { spkiDer: Uint8Array; skiHex: string; keyAlgorithm: KeyAlgorithm },
+  revocations?: RevocationList,
 ): Promise<Omit<IssuedCertificate, 'keyPem'>> {
   const { role } = request;
   const spiffeId = spiffeIdFor(pki.trustDomain, role, request.name);
@@ -152,40 +156,31 @@ export async function signLeaf(
   if (ca.notAfter.getTime() <= nowMs) {
     throw new PkiError(`dir: issuing CA ${ca.record.id} expired at ${ca.notAfter.toISOString()}; rotate the CA`);
   }
-  const { privateKey: caKey, subjectName: caSubject } = signingMaterialOf(pki, ca);
+  const { signingKey: caKey, subjectDer: caSubjectDer } = signingMaterialOf(pki, ca);
   let { notBefore, notAfter } = validity(nowMs, request.ttlMs, ca.notAfter);
-  if (role === 'agent') notBefore = await afterAgentRevocation(pki.dir, request.name, notBefore, nowMs);
+  if (role === 'agent') notBefore = afterAgentRevocation(revocations ?? (await loadRevocations(pki.dir)), request.name, notBefore, nowMs);
   const serialHex = randomSerialHex();
 
-  const keyUsage =
-    publicKey.keyAlgorithm === 'rsa-2048'
-      ? // TLS 1.2 RSA key exchange encrypts to the certificate key, which needs keyEncipherment.
-        x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment
-      : x509.KeyUsageFlags.digitalSignature;
-  const sans: x509.JsonGeneralName[] = [
-    { type: 'url', value: spiffeId },
-    ...request.dns.map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
-    ...request.ip.map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
-  ];
-  const cert = await x509.X509CertificateGenerator.create({
-    serialNumber: serialHex,
-    subject: [{ CN: [commonName(role, request.name, request.dns, request.ip)] }],
-    issuer: caSubject,
-    notBefore,
-    notAfter,
-    publicKey: publicKey.spkiDer,
-    signingKey: caKey,
-    signingAlgorithm: signingAlgorithm(ca.record.keyAlgorithm),
-    extensions: [
-      new x509.BasicConstraintsExtension(false, undefined, true),
-      new x509.KeyUsagesExtension(keyUsage, true),
-      new x509.ExtendedKeyUsageExtension([...EXTENDED_KEY_USAGES[role]], false),
-      // Not critical: the subject DN is non-empty (RFC 5280 §4.2.1.6).
-      new x509.SubjectAlternativeNameExtension(sans, false),
-      new x509.SubjectKeyIdentifierExtension(publicKey.skiHex),
-      new x509.AuthorityKeyIdentifierExtension(ca.record.skiHex),
-    ],
-  });
+  const certDer = signLeafDer(
+    {
+      serialHex,
+      issuerDer: caSubjectDer,
+      notBefore,
+      notAfter,
+      commonName: commonName(role, request.name, request.dns, request.ip),
+      spkiDer: publicKey.spkiDer,
+      // TLS 1.2 RSA key exchange encrypts to the certificate key, which needs keyEncipherment.
+      keyEncipherment: publicKey.keyAlgorithm === 'rsa-2048',
+      extendedKeyUsages: EXTENDED_KEY_USAGES[role],
+      uris: [spiffeId],
+      dns: request.dns,
+      ips: request.ip,
+      subjectKeyIdHex: publicKey.skiHex,
+      authorityKeyIdHex: ca.record.skiHex,
+    },
+    caKey,
+    ca.record.keyAlgorithm,
+  );
 
   // Recorded before the certificate leaves this function: rotation (finish) and revocation
   // rely on the log knowing every leaf a CA signed.
@@ -199,7 +194,7 @@ export async function signLeaf(
     notAfter: notAfter.toISOString(),
   });
   return {
-    certPem: pemWithNewline(cert.toString('pem')) + pemWithNewline(ca.certPem),
+    certPem: pemWithNewline(certificatePem(certDer)) + pemWithNewline(ca.certPem),
     caPem: pki.trustBundlePem,
     spiffeId,
     serialHex,
@@ -216,8 +211,8 @@ export async function signLeaf(
  * (still at least 59 s in the past). A revocation dated in the future is left alone: it does
  * cover this certificate.
  */
-async function afterAgentRevocation(absDir: string, agentId: string, notBefore: Date, nowMs: number): Promise<Date> {
-  const revocation = (await loadRevocations(absDir)).agentRevocation(agentId);
+function afterAgentRevocation(revocations: RevocationList, agentId: string, notBefore: Date, nowMs: number): Date {
+  const revocation = revocations.agentRevocation(agentId);
   if (revocation === undefined) return notBefore;
   const revokedAtMs = revocation.revokedAt.getTime();
   if (revokedAtMs > nowMs || notBefore.getTime() + NOT_BEFORE_BACKDATE_MS > revokedAtMs) return notBefore;

@@ -6,6 +6,7 @@ import {
   webcrypto,
   type KeyObject,
 } from 'node:crypto';
+import { readTlv, type Tlv } from './der';
 import { PkiError } from './pki-error';
 
 /** Key types Burrow can generate. ECDSA P-256 is the default, as in step-ca, SPIRE, Teleport and Linkerd. */
@@ -124,13 +125,14 @@ export function keyAlgorithmOf(key: KeyObject): KeyAlgorithm | undefined {
 
 /**
  * Imports a PKCS#8 PEM private key as a non-extractable WebCrypto signing key, checking that
- * it is of the expected algorithm. Returns the key and its public half as DER SPKI.
+ * it is of the expected algorithm. Returns the key, its public half as DER SPKI, and the
+ * node:crypto KeyObject (for node:crypto's sign, which the leaf hot path uses).
  */
 export async function importSigningKey(
   pkcs8Pem: string,
   keyAlgorithm: KeyAlgorithm,
   field: string,
-): Promise<{ privateKey: webcrypto.CryptoKey; spkiDer: Buffer }> {
+): Promise<{ privateKey: webcrypto.CryptoKey; spkiDer: Buffer; keyObject: KeyObject }> {
   let keyObject: KeyObject;
   try {
     keyObject = createPrivateKey(pkcs8Pem);
@@ -145,7 +147,7 @@ export async function importSigningKey(
   // Non-extractable: once loaded for signing, the key cannot be exported from this process's WebCrypto handle.
   const privateKey = await webcrypto.subtle.importKey('pkcs8', pkcs8Der, webCryptoAlgorithm(keyAlgorithm), false, ['sign']);
   const spkiDer = createPublicKey(keyObject).export({ type: 'spki', format: 'der' });
-  return { privateKey, spkiDer };
+  return { privateKey, spkiDer, keyObject };
 }
 
 /**
@@ -155,28 +157,16 @@ export async function importSigningKey(
  */
 export function subjectKeyIdHex(spkiDer: Uint8Array): string {
   // SubjectPublicKeyInfo ::= SEQUENCE { algorithm AlgorithmIdentifier, subjectPublicKey BIT STRING }
-  const outer = readTlv(spkiDer, 0, 0x30);
-  const algorithm = readTlv(spkiDer, outer.contentStart, 0x30);
-  const bits = readTlv(spkiDer, algorithm.end, 0x03);
+  let bits: Tlv;
+  try {
+    const outer = readTlv(spkiDer, 0, 0x30);
+    const algorithm = readTlv(spkiDer, outer.contentStart, 0x30);
+    bits = readTlv(spkiDer, algorithm.end, 0x03);
+  } catch (err) {
+    throw new PkiError('publicKey: malformed SubjectPublicKeyInfo', { cause: err });
+  }
   // First content byte of a BIT STRING is the unused-bits count (0 for keys); skip it.
   return createHash('sha1')
     .update(spkiDer.subarray(bits.contentStart + 1, bits.end))
     .digest('hex');
-}
-
-function readTlv(der: Uint8Array, offset: number, expectedTag: number): { contentStart: number; end: number } {
-  if (der[offset] !== expectedTag) throw new PkiError(`publicKey: malformed SubjectPublicKeyInfo`);
-  let length = der[offset + 1];
-  let contentStart = offset + 2;
-  if (length === undefined) throw new PkiError(`publicKey: malformed SubjectPublicKeyInfo`);
-  if (length & 0x80) {
-    const lengthBytes = length & 0x7f;
-    if (lengthBytes === 0 || lengthBytes > 4) throw new PkiError(`publicKey: malformed SubjectPublicKeyInfo`);
-    length = 0;
-    for (let i = 0; i < lengthBytes; i++) length = length * 256 + (der[contentStart + i] ?? 0);
-    contentStart += lengthBytes;
-  }
-  const end = contentStart + length;
-  if (end > der.length) throw new PkiError(`publicKey: malformed SubjectPublicKeyInfo`);
-  return { contentStart, end };
 }

@@ -37,9 +37,10 @@
  *
  * Every file is written atomically (temporary file in the same directory, fsync, rename).
  */
-import { X509Certificate, webcrypto } from 'node:crypto';
+import { X509Certificate, webcrypto, type KeyObject } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
+import { certificateSubjectDer } from './der';
 import { assertKeyAlgorithm, importSigningKey, type KeyAlgorithm } from './key-algorithm';
 import { PkiError } from './pki-error';
 import { assertTrustDomain } from './validation';
@@ -159,6 +160,10 @@ export interface SigningMaterial {
   readonly privateKey: webcrypto.CryptoKey;
   /** The CA's subject exactly as encoded in its certificate, reused as the leaves' issuer. */
   readonly subjectName: x509.Name;
+  /** The same key for node:crypto's sign (leaves, see leaf-der.ts). */
+  readonly signingKey: KeyObject;
+  /** The CA's subject, DER, exactly as encoded in its certificate. */
+  readonly subjectDer: Buffer;
 }
 
 const signingMaterials = new WeakMap<LoadedCa, SigningMaterial>();
@@ -190,6 +195,8 @@ interface CacheEntry {
   readonly files: readonly string[];
   readonly stamp: string;
   readonly pki: Promise<LoadedPki>;
+  /** A stat round in progress, which calls arriving meanwhile share. */
+  checking?: Promise<string>;
 }
 
 // Loaded PKIs per absolute directory. Issuing is otherwise dominated by reading files and
@@ -217,8 +224,11 @@ export async function loadPki(dir: string): Promise<LoadedPki> {
   const absDir = path.resolve(dir);
   const cached = cache.get(absDir);
   if (cached !== undefined) {
-    const stamp = await stampOf(cached.files);
-    if (stamp === cached.stamp) return cached.pki;
+    // Concurrent issuances share one round of stat calls; a call after it ends starts another.
+    cached.checking ??= stampOf(cached.files).finally(() => {
+      cached.checking = undefined;
+    });
+    if ((await cached.checking) === cached.stamp) return cached.pki;
   }
   // Many issuances starting at once against a cold cache share one load instead of each
   // reading the files and importing the key.
@@ -268,7 +278,7 @@ export async function loadCaCertificate(absDir: string, record: CaRecord): Promi
 export async function loadCaSigningMaterial(absDir: string, ca: LoadedCa): Promise<SigningMaterial> {
   const { record } = ca;
   const keyPem = await readText(resolveInside(absDir, record.keyFile, 'keyFile'), record.keyFile);
-  const { privateKey, spkiDer } = await importSigningKey(keyPem, record.keyAlgorithm, record.keyFile);
+  const { privateKey, spkiDer, keyObject } = await importSigningKey(keyPem, record.keyAlgorithm, record.keyFile);
   // A key that does not match the certificate would produce leaves nobody can verify; catch it here once.
   const certSpki = ca.certificate.publicKey.export({ type: 'spki', format: 'der' });
   if (!certSpki.equals(spkiDer)) {
@@ -280,7 +290,7 @@ export async function loadCaSigningMaterial(absDir: string, ca: LoadedCa): Promi
   } catch (err) {
     throw new PkiError(`${record.certFile}: not a readable certificate (${(err as Error).message})`, { cause: err });
   }
-  return { privateKey, subjectName: parsed.subjectName };
+  return { privateKey, subjectName: parsed.subjectName, signingKey: keyObject, subjectDer: certificateSubjectDer(ca.certificate.raw) };
 }
 
 async function loadFiles(absDir: string, manifest: PkiManifest, signers: readonly CaRecord[]): Promise<LoadedPki> {
