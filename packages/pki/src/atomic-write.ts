@@ -11,6 +11,12 @@ export interface AtomicWriteOptions {
    * link(2), which, unlike rename(2), refuses to overwrite, so two racing writers cannot both win.
    */
   readonly noClobber?: boolean;
+  /**
+   * fsync the data before it goes into place (default true). Readers see the old or the new file
+   * either way; without it a crash soon after may leave the new name with no data, so pass false
+   * only for files whose readers skip an unreadable one (informational state, last writer wins).
+   */
+  readonly sync?: boolean;
 }
 
 /**
@@ -29,7 +35,7 @@ export async function writeFileAtomic(filePath: string, data: string | Uint8Arra
     handle = await fs.open(tempPath, 'wx', mode);
     await handle.writeFile(data);
     // Flush before the rename so a crash cannot leave a renamed but empty file.
-    await handle.sync();
+    if (options.sync !== false) await handle.sync();
     await handle.close();
     handle = undefined;
     if (options.noClobber) {

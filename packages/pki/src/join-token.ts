@@ -204,7 +204,9 @@ export async function consumeJoinToken(opts: { dir: string; token: string; nowMs
     }
     throw new PkiError(`token: cannot consume ${name} (${(err as Error).message})`, { cause: err });
   }
-  await fs.rm(tokenFile, { force: true });
+  await fs.unlink(tokenFile).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== 'ENOENT') throw err;
+  });
   return { agentId: stored.agentId };
 }
 

@@ -318,9 +318,21 @@ export async function recordAgentState(opts: { dir: string; agentId: string; bun
     updatedAt: new Date().toISOString(),
   };
   const agentsDir = path.join(pki.dir, AGENTS_SUBDIR);
-  await fs.mkdir(agentsDir, { recursive: true, mode: 0o700 });
-  await writeFileAtomic(path.join(agentsDir, `${opts.agentId}.json`), `${JSON.stringify(record)}\n`, { mode: 0o644 });
+  if (!knownAgentsDirs.has(agentsDir)) {
+    await fs.mkdir(agentsDir, { recursive: true, mode: 0o700 });
+    knownAgentsDirs.add(agentsDir);
+  }
+  // Not fsync'd: a broker records this on every enrollment and renewal, agentStates skips a file
+  // a crash left unreadable, and the next renewal writes it again.
+  const file = path.join(agentsDir, `${opts.agentId}.json`);
+  await writeFileAtomic(file, `${JSON.stringify(record)}\n`, { mode: 0o644, sync: false }).catch((err: NodeJS.ErrnoException) => {
+    if (err.code === 'ENOENT') knownAgentsDirs.delete(agentsDir);
+    throw err;
+  });
 }
+
+/** agents/ directories this process created or found, so recording a state does not mkdir each time. */
+const knownAgentsDirs = new Set<string>();
 
 /** Every recorded agent state, sorted by agent id. */
 export async function agentStates(dir: string): Promise<AgentState[]> {
