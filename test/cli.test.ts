@@ -87,12 +87,12 @@ describe('cli', function () {
       }
     });
 
-    it('`--version` prints the package version and "protocol 2" (broker and agent)', async () => {
+    it('`--version` prints the package version and the protocol versions ("protocol 3" for the broker, "protocol 1, 2, 3" for the agent)', async () => {
       const [b, a] = await Promise.all([runCli(BROKER_CLI, ['--version']), runCli(AGENT_CLI, ['--version'])]);
       expect(b.exit.code).to.equal(0);
       expect(a.exit.code).to.equal(0);
-      expect(b.stdout.trim()).to.equal(`${version} (protocol 2)`);
-      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 2)`);
+      expect(b.stdout.trim()).to.equal(`${version} (protocol 3)`);
+      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 1, 2, 3)`);
     });
   });
 
