@@ -214,6 +214,14 @@ describe('broker replica set: agents and several brokers', function () {
     expect(await gauge(agent, 'brokersConnected')).to.equal(1);
   });
 
+  it('the same --broker given twice is still two tunnels to it (HA), and the replica set adds no third', async () => {
+    const agent = await stack.startAgent({ brokers: [stack.agentAddress, stack.agentAddress] });
+    listenerOf(stack.broker).broadcastReplicaSet([brokerA()]);
+    await waitUntil(() => sessions(stack.broker) === 2 && agent.knownReplicaSet.length === 1);
+    expect(targetsOf(agent).map((t) => t.source)).to.deep.equal(['configured', 'configured']);
+    expect(await gauge(agent, 'brokersConnected')).to.equal(1);
+  });
+
   it('--max-brokers: with 2, one of B and C is chosen by rendezvous hashing; with 1, none', async () => {
     const [b, c] = await Promise.all([startBroker('broker-b'), startBroker('broker-c')]);
     const agent = await stack.startAgent({ maxBrokers: 2 });

@@ -78,10 +78,10 @@ export class Agent {
   private readonly connections = new Set<BrokerConnection>();
   /** Connect loops still running, of targets current and removed (stop() waits for all). */
   private readonly loops = new Set<Promise<void>>();
-  /** Wanted targets by address. */
+  /** Wanted targets by address (`#n` appended for a configured address repeated n times). */
   private readonly targets = new Map<string, Target>();
-  /** Each `--broker` entry's targets, as DNS last expanded it. */
-  private readonly expansions = new Map<string, TargetSpec[]>();
+  /** Each `--broker` entry's targets (by its index: an entry may be repeated), as DNS last expanded it. */
+  private readonly expansions = new Map<number, TargetSpec[]>();
   /** Broker id each address last reached; outlives the target so a reconnect does not reshuffle. */
   private readonly knownIds = new Map<string, string>();
   /** The replica set most recently received from any broker. */
@@ -128,9 +128,14 @@ export class Agent {
     if (this.config.adminListen) ports.adminPort = await this.startAdmin(this.config.adminListen);
     await this.resolveConfigured();
     this.reconcileTargets();
-    this.resolveTimer = setInterval(() => { void this.resolveConfigured().then((changed) => { if (changed) this.reconcileTargets(); }); }, this.options.resolveIntervalMs ?? DEFAULT_RESOLVE_INTERVAL_MS);
+    let resolving = false; // a slow resolver never has two rounds in flight
+    this.resolveTimer = setInterval(() => {
+      if (resolving) return;
+      resolving = true;
+      void this.resolveConfigured().then((changed) => { resolving = false; if (changed) this.reconcileTargets(); });
+    }, this.options.resolveIntervalMs ?? DEFAULT_RESOLVE_INTERVAL_MS);
     this.resolveTimer.unref();
-    this.logger.info('agent started', { agentId: this.agentId, brokers: this.config.brokers, targets: [...this.targets.keys()], maxBrokers: this.config.maxBrokers, upstreams: this.config.upstreams.length, ...ports });
+    this.logger.info('agent started', { agentId: this.agentId, brokers: this.config.brokers, targets: [...this.targets.values()].map((t) => t.address), maxBrokers: this.config.maxBrokers, upstreams: this.config.upstreams.length, ...ports });
     return ports;
   }
 
@@ -140,15 +145,15 @@ export class Agent {
    */
   private async resolveConfigured(): Promise<boolean> {
     let changed = false;
-    await Promise.all(this.config.brokers.map(async (configured) => {
+    await Promise.all(this.config.brokers.map(async (configured, i) => {
       const { specs, error } = await expandConfigured(configured, this.resolveHost, this.config.brokerServerName);
-      const before = this.expansions.get(configured);
+      const before = this.expansions.get(i);
       if (error) {
         this.logger.warn('cannot resolve broker name; keeping its last addresses', { broker: configured, error: error.message, addresses: (before ?? specs).map((t) => t.address) });
         if (before) return;
       }
       if (before && before.map((t) => t.address).join() === specs.map((t) => t.address).join()) return;
-      this.expansions.set(configured, specs);
+      this.expansions.set(i, specs);
       changed = true;
     }));
     return changed;
@@ -162,27 +167,33 @@ export class Agent {
   private reconcileTargets(): void {
     if (this.stopped) return;
     const wanted = chooseTargets({
-      agentId: this.agentId, configured: [...this.expansions.values()].flat(), knownIds: this.knownIds, replicaSet: this.replicaSet,
+      agentId: this.agentId, configured: [...this.expansions].sort(([a], [b]) => a - b).flatMap(([, specs]) => specs), knownIds: this.knownIds, replicaSet: this.replicaSet,
       maxBrokers: this.config.maxBrokers, serverNameOverride: this.config.brokerServerName,
     });
-    const wantedByAddress = new Map(wanted.map((t) => [t.address, t]));
-    for (const [address, target] of this.targets) {
-      const spec = wantedByAddress.get(address);
+    // Keyed by address, plus `#n` for the n-th repeat: `--broker X --broker X` is two tunnels to X.
+    const seen = new Map<string, number>();
+    const wantedByKey = new Map(wanted.map((t) => {
+      const n = seen.get(t.address) ?? 0;
+      seen.set(t.address, n + 1);
+      return [n === 0 ? t.address : `${t.address}#${n}`, t];
+    }));
+    for (const [key, target] of this.targets) {
+      const spec = wantedByKey.get(key);
       if (spec) {
         // An address can move between configured and learned (DNS now names a learned broker).
         Object.assign(target, { source: spec.source, configuredAs: spec.configuredAs, advertisedId: spec.advertisedId });
         continue;
       }
-      this.targets.delete(address);
+      this.targets.delete(key);
       target.removed = true;
       target.wake?.();
-      this.logger.info('broker no longer wanted; draining its tunnel', { broker: address, brokerId: target.brokerId, source: target.source });
+      this.logger.info('broker no longer wanted; draining its tunnel', { broker: target.address, brokerId: target.brokerId, source: target.source });
       void target.conn?.drainAndClose(this.config.drainTimeoutMs);
     }
-    for (const spec of wanted) {
-      if (this.targets.has(spec.address)) continue;
+    for (const [key, spec] of wantedByKey) {
+      if (this.targets.has(key)) continue;
       const target: Target = { ...spec, brokerId: this.knownIds.get(spec.address), removed: false };
-      this.targets.set(spec.address, target);
+      this.targets.set(key, target);
       if (spec.source === 'learned') this.logger.info('opening a tunnel to a broker from the replica set', { broker: spec.address, brokerId: spec.advertisedId });
       const loop = this.connectLoop(target).finally(() => this.loops.delete(loop));
       this.loops.add(loop);
