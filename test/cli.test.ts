@@ -3,7 +3,7 @@ import { writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { accepts, freePorts, portsThatAccepted } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { AGENT_CLI, BROKER_CLI, BurrowProcess, httpGet, killAll, runCli, startBroker } from './helpers/processes';
+import { AGENT_CLI, BROKER_CLI, BurrowProcess, httpGet, killAll, runCli, startAgent, startBroker } from './helpers/processes';
 
 /**
  * The two binaries as an operator meets them: help, version, configuration from flags, environment
@@ -91,8 +91,8 @@ describe('cli', function () {
       const [b, a] = await Promise.all([runCli(BROKER_CLI, ['--version']), runCli(AGENT_CLI, ['--version'])]);
       expect(b.exit.code).to.equal(0);
       expect(a.exit.code).to.equal(0);
-      expect(b.stdout.trim()).to.equal(`${version} (protocol 1, 2)`);
-      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 1, 2)`);
+      expect(b.stdout.trim()).to.equal(`${version} (protocol 1, 2, 3)`);
+      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 1, 2, 3)`);
     });
   });
 
@@ -133,6 +133,12 @@ describe('cli', function () {
     it('agent without --broker', async () => {
       const ports = await freePorts(3);
       await expectConfigError(AGENT_CLI, agentFlags(ports, { broker: undefined }), 'broker', ports.slice(1));
+    });
+
+    it('agent --max-brokers 0', async () => {
+      const ports = await freePorts(3);
+      const line = await expectConfigError(AGENT_CLI, agentFlags(ports, { 'max-brokers': '0' }), 'max-brokers', ports.slice(1));
+      expect(line).to.include('"0" is not a whole number from 1 to 64');
     });
 
     it('agent --local-listen 0.0.0.0:0 without local TLS', async () => {
@@ -199,6 +205,25 @@ describe('cli', function () {
       const ports = await freePorts(3);
       const { proc, ports: got } = await startBroker(brokerFlags(ports, { 'admin-listen': undefined }), { BURROW_BROKER_ADMIN_LISTEN: `127.0.0.1:${ports[2]}` });
       await expectAdminOn(proc, got.adminPort, ports[2]!, []);
+    });
+
+    it('agent max-brokers: default 3; the config file, BURROW_AGENT_MAX_BROKERS and --max-brokers each apply, in that order of precedence', async () => {
+      const ports = await freePorts(3);
+      const file = path.join(pki.root, 'max-brokers.yaml');
+      writeFileSync(file, 'max-brokers: 2\n');
+      const flags = agentFlags(ports, { 'local-listen': undefined, 'admin-listen': undefined });
+      const cases: [string[], Record<string, string>, number][] = [
+        [flags, {}, 3],
+        [[...flags, '--config', file], {}, 2],
+        [[...flags, '--config', file], { BURROW_AGENT_MAX_BROKERS: '4' }, 4],
+        [[...flags, '--config', file, '--max-brokers', '5'], { BURROW_AGENT_MAX_BROKERS: '4' }, 5],
+      ];
+      for (const [args, env, want] of cases) {
+        const { proc, started } = await startAgent(args, env);
+        expect(started.maxBrokers, JSON.stringify({ args: args.slice(-4), env })).to.equal(want);
+        proc.signal('SIGTERM');
+        expect(await proc.waitExit()).to.deep.equal({ code: 0, signal: null });
+      }
     });
 
     it('a flag beats the environment, which beats the config file', async () => {

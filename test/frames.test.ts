@@ -2,7 +2,7 @@ import { randomBytes } from 'node:crypto';
 import { expect } from 'chai';
 import { status as Status } from '@grpc/grpc-js';
 import {
-  PROTOCOL_VERSION, PROTOCOL_VERSIONS, ProtocolError, decodeCallFrame, decodeSessionFrame, encodeCallFrame, encodeSessionFrame,
+  MAX_REPLICA_SET_SIZE, PROTOCOL_VERSION, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, ProtocolError, decodeCallFrame, decodeSessionFrame, encodeCallFrame, encodeSessionFrame,
   negotiateVersion, type CallFrame, type SessionFrame, type WireMetadataEntry,
 } from '@burrow/tunnel';
 import { mulberry32 } from './helpers/seeded-random';
@@ -95,6 +95,11 @@ describe('frames: encode/decode', () => {
       ['demand of 0', { kind: 'demand', offers: 0 }],
       ['drain', { kind: 'drain', reason: 'broker shutting down 😀' }],
       ['drain without reason', { kind: 'drain', reason: '' }],
+      ['brokers: a replica set of hosts, IPv4 and IPv6', { kind: 'brokers', brokers: [
+        { brokerId: 'broker-a', address: 'broker-a.example.internal:7443' }, { brokerId: 'b', address: '10.0.0.2:7443' }, { brokerId: 'brökër-c', address: '[fd00::3]:1' },
+      ] }],
+      ['brokers: an empty set', { kind: 'brokers', brokers: [] }],
+      [`brokers: ${MAX_REPLICA_SET_SIZE} entries, the most allowed`, { kind: 'brokers', brokers: Array.from({ length: MAX_REPLICA_SET_SIZE }, (_, i) => ({ brokerId: `b${i}`, address: `10.0.0.${i}:65535` })) }],
     ];
     for (const [name, frame] of cases) {
       it(name, () => {
@@ -146,10 +151,28 @@ describe('frames: encode/decode', () => {
       expectProtocolError(() => decodeCallFrame(relative), 'start with a method not starting with /');
     });
 
+    describe('a Brokers frame that breaks the rules (tunnel.proto, "Brokers")', () => {
+      const rejects = (brokers: { brokerId: string; address: string }[], message: RegExp): void => {
+        const bytes = encodeSessionFrame({ kind: 'brokers', brokers });
+        expectProtocolError(() => decodeSessionFrame(bytes), JSON.stringify(brokers).slice(0, 80));
+        expect(() => decodeSessionFrame(bytes)).to.throw(message);
+      };
+      for (const address of ['broker-a', 'broker-a:', ':7443', 'broker-a:7443:1', 'broker-a:0', 'broker-a:65536', 'broker-a:123456', 'fd00::3:7443', 'http://broker-a:7443', 'broker a:7443', '']) {
+        it(`address ${JSON.stringify(address)}: a protocol error naming it`, () => {
+          rejects([{ brokerId: 'ok', address: 'ok:1' }, { brokerId: 'bad', address }], new RegExp(`entry 1 \\(broker "bad"\\): address "${address.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}" is not HOST:PORT`));
+        });
+      }
+      it(`more than ${MAX_REPLICA_SET_SIZE} entries`, () => {
+        rejects(Array.from({ length: MAX_REPLICA_SET_SIZE + 1 }, (_, i) => ({ brokerId: `b${i}`, address: 'h:1' })), new RegExp(`lists ${MAX_REPLICA_SET_SIZE + 1} brokers; at most ${MAX_REPLICA_SET_SIZE}`));
+      });
+      it('an entry without a broker id', () => { rejects([{ brokerId: '', address: 'h:1' }], /entry 0 has no broker id/); });
+      it('a broker id listed twice', () => { rejects([{ brokerId: 'x', address: 'h:1' }, { brokerId: 'x', address: 'g:1' }], /lists broker "x" twice/); });
+    });
+
     it('random garbage never throws anything but ProtocolError, and what decodes is a well-formed frame', () => {
       const rnd = mulberry32(0xb0220);
       const callKinds = new Set(['start', 'message', 'halfClose', 'cancel', 'headers', 'trailers']);
-      const sessionKinds = new Set(['hello', 'welcome', 'demand', 'drain']);
+      const sessionKinds = new Set(['hello', 'welcome', 'demand', 'drain', 'credentials', 'trustBundle', 'brokers']);
       let rejected = 0;
       for (let i = 0; i < 5000; i++) {
         const bytes = Buffer.alloc(1 + Math.floor(rnd() * 64));
@@ -180,9 +203,10 @@ describe('frames: encode/decode', () => {
       expect(negotiateVersion([], [1])).to.equal(undefined);
     });
 
-    it('this build speaks versions 1 and 2', () => {
-      expect(PROTOCOL_VERSIONS).to.deep.equal([1, 2]);
-      expect(PROTOCOL_VERSION).to.equal(2);
+    it('this build speaks versions 1, 2 and 3; the replica set arrived in 3', () => {
+      expect(PROTOCOL_VERSIONS).to.deep.equal([1, 2, 3]);
+      expect(PROTOCOL_VERSION).to.equal(3);
+      expect(REPLICA_SET_VERSION).to.equal(3);
     });
   });
 });

@@ -7,7 +7,7 @@ import * as winston from 'winston';
 import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
 import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
 import { Broker } from '@burrow/broker';
-import { createLogger, type Logger } from '@burrow/tunnel';
+import { PROTOCOL_VERSION, createLogger, type Logger } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
 import { getJson, httpGet, type AgentListing } from './helpers/processes';
 import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
@@ -224,7 +224,7 @@ describe('observability', function () {
       expect(started.agentPort).to.be.a('number');
       expect(started.timestamp).to.be.a('string');
       const connected = await brokerLog.waitFor((l) => l.message === 'agent connected');
-      expect(connected).to.include({ agentId: 'site-a', protocolVersion: 2 });
+      expect(connected).to.include({ agentId: 'site-a', protocolVersion: PROTOCOL_VERSION });
     });
 
     it('a successful call logs "call finished" with agentId, callId, method, status and durationMs on both sides', async () => {

@@ -1,6 +1,6 @@
 import { expect } from 'chai';
 import { status as Status, type ServiceError } from '@grpc/grpc-js';
-import type { CallStream } from '@burrow/tunnel';
+import { PROTOCOL_VERSION, type CallStream } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
 import { collect } from './helpers/raw-grpc';
 import { RawAgent, type RawCallStream, type RawSession } from './helpers/raw-agent';
@@ -206,7 +206,7 @@ describe('offer reuse (protocol version 2)', function () {
     await stack.startAgent({ minIdleOffers: 8 });
     try {
       await waitUntil(() => stack.broker.registry.counts().idleOffers === 8);
-      expect(stack.broker.registry.allSessions()[0]!.protocolVersion).to.equal(2);
+      expect(stack.broker.registry.allSessions()[0]!.protocolVersion).to.equal(PROTOCOL_VERSION);
       const before = new Set(idleStreams());
       let next = 0;
       await Promise.all(Array.from({ length: 8 }, async () => {

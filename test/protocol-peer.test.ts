@@ -90,19 +90,19 @@ describe('protocol peer: a raw agent against a real broker', function () {
   });
 
   describe('(a) version negotiation', () => {
-    it('a newer agent ([1, 2, 3]) gets Welcome with version 2 from this broker and is registered', async () => {
+    it('a newer agent ([1, 2, 3, 4]) gets Welcome with version 3 from this broker and is registered', async () => {
       const agent = rawAgent();
       const session = agent.session();
-      session.hello({ protocolVersions: [1, 2, 3], agentVersion: 'raw-agent/3.0', minIdleOffers: 0 });
+      session.hello({ protocolVersions: [1, 2, 3, 4], agentVersion: 'raw-agent/4.0', minIdleOffers: 0 });
       const welcome = await session.welcome();
-      expect(welcome.protocolVersion).to.equal(2);
+      expect(welcome.protocolVersion).to.equal(3);
       expect(welcome.sessionId).to.be.a('string').and.not.equal('');
       expect(welcome.brokerId).to.equal('broker-test');
       expect(welcome.maxMessageBytes).to.equal(DEFAULT_MAX_MESSAGE_BYTES);
       expect(stack.broker.registry.counts()).to.deep.include({ agents: 1, sessions: 1 });
       const [summary] = stack.broker.registry.summaries();
       expect(summary!.id).to.equal('site-a');
-      expect(summary!.sessions[0]).to.deep.include({ id: welcome.sessionId, protocolVersion: 2, agentVersion: 'raw-agent/3.0' });
+      expect(summary!.sessions[0]).to.deep.include({ id: welcome.sessionId, protocolVersion: 3, agentVersion: 'raw-agent/4.0' });
       // The agent ending its session stream makes the broker forget it.
       session.end();
       const st = await session.ended();
@@ -117,7 +117,7 @@ describe('protocol peer: a raw agent against a real broker', function () {
       const st = await session.ended();
       expect(st.code).to.equal(Status.FAILED_PRECONDITION);
       expect(st.details).to.contain('[99]');
-      expect(st.details).to.contain('[1, 2]');
+      expect(st.details).to.contain('[1, 2, 3]');
       expect(session.received).to.have.length(0);
       expect(stack.broker.registry.counts().sessions).to.equal(0);
     });

@@ -6,7 +6,8 @@ import * as winston from 'winston';
 import { ServerCredentials, status as Status, type ServerDuplexStream, type ServiceError } from '@grpc/grpc-js';
 import { AGENT_DEFAULTS, Agent } from '@burrow/agent';
 import {
-  PROTOCOL_VERSIONS, TUNNEL_METHODS, decodeSessionFrame, describeVersions, encodeSessionFrame, negotiateVersion, type HelloFrame, type Logger,
+  PROTOCOL_VERSIONS, REPLICA_SET_VERSION, TUNNEL_METHODS, decodeSessionFrame, describeVersions, encodeSessionFrame, negotiateVersion, type HelloFrame, type Logger,
+  type SessionFrame,
 } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
 import { startRawServer } from './helpers/raw-grpc';
@@ -135,7 +136,7 @@ describe('version skew between agent and broker', () => {
  * says a broker must (or, with `welcomeWith`, the way a broken one might) and records every Hello
  * and Offer. Emits 'hello' per session attempt.
  */
-async function brokerDouble(stack: Stack, versions: readonly number[], welcomeWith?: number) {
+async function brokerDouble(stack: Stack, versions: readonly number[], welcomeWith?: number, afterWelcome: SessionFrame[] = []) {
   const events = new EventEmitter();
   const hellos: HelloFrame[] = [];
   let offers = 0;
@@ -154,6 +155,7 @@ async function brokerDouble(stack: Stack, versions: readonly number[], welcomeWi
           call.emit('error', { code: Status.FAILED_PRECONDITION, details: `no common protocol version: agent speaks ${list(frame.hello.protocolVersions)}, broker speaks ${list(versions)}` });
         } else {
           call.write(encodeSessionFrame({ kind: 'welcome', welcome: { protocolVersion: version, sessionId: `s${hellos.length}`, maxMessageBytes: 1 << 20, brokerId: 'double' } }));
+          for (const f of afterWelcome) call.write(encodeSessionFrame(f));
         }
         events.emit('hello', frame.hello);
       });
@@ -215,6 +217,22 @@ describe('version skew: the real agent against broker doubles', () => {
     expect(await counterTotal(agent.metrics.connectedBrokers)).to.equal(0);
     expect(double.offers).to.equal(0);
   });
+
+  const cases: [string, number, SessionFrame, string][] = [
+    [`a version-${REPLICA_SET_VERSION - 1} broker that sends Brokers anyway`, REPLICA_SET_VERSION - 1, { kind: 'brokers', brokers: [{ brokerId: 'b', address: 'b:1' }] }, `brokers frame on a session of protocol version ${REPLICA_SET_VERSION - 1} (it needs ${REPLICA_SET_VERSION})`],
+    [`a version-${REPLICA_SET_VERSION} broker whose Brokers frame lists an address without a port`, REPLICA_SET_VERSION, { kind: 'brokers', brokers: [{ brokerId: 'b', address: 'b' }] }, 'address "b" is not HOST:PORT'],
+  ];
+  for (const [name, version, frame, error] of cases) {
+    it(`${name}: a protocol error that ends the session, a log naming it, and a new session`, async () => {
+      const double = await brokerDouble(stack, [version], undefined, [frame]);
+      cleanups.push(double.stop);
+      const { agent, records } = await agentAgainst(double.address);
+      await double.hellosReached(2);
+      const lost = records.find((r) => r.message === 'tunnel session lost');
+      expect(String(lost?.error)).to.contain(error);
+      expect(agent.knownReplicaSet).to.deep.equal([]);
+    });
+  }
 
   it(`a broker that picks a version the agent did not offer (${NEWER}): a protocol error, no offers, and the agent retries`, async () => {
     const double = await brokerDouble(stack, [NEWER], NEWER);

@@ -6,7 +6,10 @@ export interface LocalTlsConfig { certFile: string; keyFile: string; caFile?: st
 
 /** Everything an agent needs to run; built by cli.ts from flags, env and the config file. */
 export interface AgentConfig {
-  /** Broker agent listeners (HOST:PORT); the agent keeps a tunnel to each. */
+  /**
+   * Broker agent listeners (HOST:PORT); the agent keeps a tunnel to each, and to every address a
+   * name resolves to.
+   */
   brokers: string[];
   tlsCertFile: string;
   tlsKeyFile: string;
@@ -17,8 +20,16 @@ export interface AgentConfig {
    * bundle current there.
    */
   stateDir?: string;
-  /** TLS server name to expect from brokers, when it differs from the host in `brokers`. */
+  /**
+   * TLS server name to expect from brokers, when it differs from the host in `brokers` (for
+   * brokers learned from the replica set: the host of their advertised address).
+   */
   brokerServerName?: string;
+  /**
+   * Most distinct brokers to keep tunnels to: the configured ones (always kept, each name expanded
+   * to every address it resolves to), then brokers learned from the replica set. At least 1.
+   */
+  maxBrokers: number;
   /** Site upstreams answering calls from the platform, by service (`*` = default). */
   upstreams: UpstreamRoute[];
   /** HOST:PORT where site clients call platform services; off when unset. */
@@ -59,6 +70,7 @@ export interface AgentPolicyConfig {
 
 export const AGENT_DEFAULTS = {
   upstreams: [] as UpstreamRoute[],
+  maxBrokers: 3,
   minIdleOffers: 4,
   maxOffers: 4096,
   maxMessageBytes: DEFAULT_MAX_MESSAGE_BYTES,

@@ -1,9 +1,19 @@
 import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics } from 'prom-client';
 
+/** Broker counts read when /metrics is scraped. */
+export interface BrokerCounts {
+  /** Distinct broker ids with a usable tunnel. */
+  connected: number;
+  /** Brokers in the replica set most recently received. */
+  known: number;
+}
+
 /** Everything the agent exports on its admin listener's /metrics. */
 export class AgentMetrics {
   readonly registry = new Registry();
   readonly connectedBrokers = new Gauge({ name: 'burrow_agent_connected_brokers', help: 'Broker connections with an established tunnel session.', registers: [this.registry] });
+  readonly brokersConnected: Gauge;
+  readonly brokersKnown: Gauge;
   readonly tunnelStreams = new Gauge({ name: 'burrow_agent_tunnel_streams', help: 'Tunnel streams open, by state (idle offers, active calls).', labelNames: ['state'], registers: [this.registry] });
   readonly connects = new Counter({ name: 'burrow_agent_connects_total', help: 'Tunnel session attempts, by result (ok, failed).', labelNames: ['result'], registers: [this.registry] });
   readonly reconnects = new Counter({ name: 'burrow_agent_reconnects_total', help: 'Tunnel sessions lost and re-established.', registers: [this.registry] });
@@ -14,7 +24,16 @@ export class AgentMetrics {
   readonly renewals = new Counter({ name: 'burrow_agent_renewals_total', help: 'Certificate renewal attempts, by result (ok, failed).', labelNames: ['result'], registers: [this.registry] });
   readonly certificateExpiry = new Gauge({ name: 'burrow_agent_certificate_expiry_seconds', help: 'Seconds until the agent certificate expires.', registers: [this.registry] });
 
-  constructor() {
+  /** `brokerCounts` is read at every scrape; without it both broker gauges stay 0. */
+  constructor(brokerCounts: () => BrokerCounts = () => ({ connected: 0, known: 0 })) {
+    this.brokersConnected = new Gauge({
+      name: 'burrow_agent_brokers_connected', help: 'Distinct brokers (by broker id) this agent has a usable tunnel to.', registers: [this.registry],
+      collect() { this.set(brokerCounts().connected); },
+    });
+    this.brokersKnown = new Gauge({
+      name: 'burrow_agent_brokers_known', help: 'Brokers in the replica set most recently received from a broker (protocol version 3).', registers: [this.registry],
+      collect() { this.set(brokerCounts().known); },
+    });
     collectDefaultMetrics({ register: this.registry, prefix: 'burrow_agent_process_' });
     // Known label values start at 0 so that their series exist before the first event (an
     // alert's increase() cannot see the first event of a series that appears with value 1).

@@ -5,7 +5,7 @@ import type { AddressInfo } from 'node:net';
 import { Server, ServerCredentials, experimental, status as Status, type ChannelCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate,
-  installCatchAll, rejectCall, statusName, upstreamChannelOptions, type IssuedAgentCertificate, type JsonObject, type Logger,
+  installCatchAll, rejectCall, statusName, upstreamChannelOptions, type BrokerEndpoint, type IssuedAgentCertificate, type JsonObject, type Logger,
   logCallFinished,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
@@ -17,29 +17,77 @@ import { PolicyEngine } from '@burrow/policy';
 import { TokenVerifier } from './authn/token-verifier';
 import { BuiltinServices } from './builtin-services';
 import { BrokerConnection } from './broker-connection';
+import { chooseTargets, expandConfigured, systemResolver, type HostResolver, type TargetSpec } from './broker-targets';
 
 /** A session that lasted this long counts as healthy: the reconnect backoff starts over. */
 const HEALTHY_SESSION_MS = 10_000;
 
 const LOOPBACK = /^(127\.\d+\.\d+\.\d+|\[::1\]|localhost):\d+$/;
 
+/** How often configured broker names are resolved again. */
+export const DEFAULT_RESOLVE_INTERVAL_MS = 30_000;
+
 /** The ports a started agent listens on (useful with port 0). */
 export interface AgentPorts { localPort?: number; adminPort?: number }
 
+/** What an agent needs besides its config; tests pass fakes. */
+export interface AgentOptions {
+  /** Resolves configured broker names (default: the system resolver, all addresses). */
+  resolveHost?: HostResolver;
+  /** How often configured broker names are resolved again (default 30 s). */
+  resolveIntervalMs?: number;
+}
+
+/** One broker address the agent keeps a tunnel to, and its connect loop. */
+interface Target extends TargetSpec {
+  /** Broker id from the last Welcome on this address. */
+  brokerId?: string;
+  /** The loop's current connection (connecting, up or draining). */
+  conn?: BrokerConnection;
+  /** Set when the target left the wanted set: its loop ends and its tunnel drains. */
+  removed: boolean;
+  /** Ends the loop's backoff sleep early. */
+  wake?: () => void;
+}
+
+/** One entry of the admin listener's /brokers. */
+export interface BrokerTargetStatus {
+  broker: string;
+  source: 'configured' | 'learned';
+  configuredAs?: string;
+  brokerId: string;
+  usable: boolean;
+  protocolVersion: number;
+  callsInFlight: number;
+  idleOffers: number;
+}
+
 /**
- * A Burrow agent: keeps a tunnel to every configured broker (reconnecting with backoff), answers
- * the calls brokers carry down them with its upstreams, and carries site clients' calls from its
- * local listener up to a broker.
+ * A Burrow agent: keeps a tunnel to every configured broker and to brokers it learns from the
+ * replica set (up to `maxBrokers` distinct ones; see broker-targets.ts), reconnecting with backoff,
+ * answers the calls brokers carry down them with its upstreams, and carries site clients' calls
+ * from its local listener up to a broker.
  */
 export class Agent {
-  readonly metrics = new AgentMetrics();
+  readonly metrics = new AgentMetrics(() => ({ connected: this.distinctUsableBrokers(), known: this.replicaSet.length }));
   readonly agentId: string;
   private readonly upstreams: UpstreamTable;
   private builtins = new BuiltinServices({});
   private policyEngine: PolicyEngine | undefined;
   private tokenVerifier: TokenVerifier | undefined;
   private readonly connections = new Set<BrokerConnection>();
-  private readonly loops: Promise<void>[] = [];
+  /** Connect loops still running, of targets current and removed (stop() waits for all). */
+  private readonly loops = new Set<Promise<void>>();
+  /** Wanted targets by address (`#n` appended for a configured address repeated n times). */
+  private readonly targets = new Map<string, Target>();
+  /** Each `--broker` entry's targets (by its index: an entry may be repeated), as DNS last expanded it. */
+  private readonly expansions = new Map<number, TargetSpec[]>();
+  /** Broker id each address last reached; outlives the target so a reconnect does not reshuffle. */
+  private readonly knownIds = new Map<string, string>();
+  /** The replica set most recently received from any broker. */
+  private replicaSet: BrokerEndpoint[] = [];
+  private resolveTimer: NodeJS.Timeout | undefined;
+  private readonly resolveHost: HostResolver;
   private readonly health = new HealthService();
   private localServer: Server | undefined;
   private admin: http.Server | undefined;
@@ -55,7 +103,11 @@ export class Agent {
   private connectionWaiters = new Set<() => void>();
   private stopping: Promise<void> | undefined;
 
-  constructor(private readonly config: AgentConfig, private readonly logger: Logger, private readonly version = '0.0.0', private readonly clock: Clock = SYSTEM_CLOCK) {
+  constructor(
+    private readonly config: AgentConfig, private readonly logger: Logger, private readonly version = '0.0.0', private readonly clock: Clock = SYSTEM_CLOCK,
+    private readonly options: AgentOptions = {},
+  ) {
+    this.resolveHost = options.resolveHost ?? systemResolver;
     const own = identityOfCertificate(readFileSync(config.tlsCertFile));
     if (!own || own.role !== 'agent') throw new BurrowError(Status.INVALID_ARGUMENT, `${config.tlsCertFile} is not an agent certificate (URI SAN spiffe://<td>/agent/<id>)`);
     this.agentId = own.name;
@@ -74,10 +126,112 @@ export class Agent {
     const ports: AgentPorts = {};
     if (this.config.localListen) ports.localPort = await this.startLocalListener(this.config.localListen);
     if (this.config.adminListen) ports.adminPort = await this.startAdmin(this.config.adminListen);
-    for (const address of this.config.brokers) this.loops.push(this.connectLoop(address));
-    this.logger.info('agent started', { agentId: this.agentId, brokers: this.config.brokers, upstreams: this.config.upstreams.length, ...ports });
+    await this.resolveConfigured();
+    this.reconcileTargets();
+    let resolving = false; // a slow resolver never has two rounds in flight
+    this.resolveTimer = setInterval(() => {
+      if (resolving) return;
+      resolving = true;
+      void this.resolveConfigured().then((changed) => { resolving = false; if (changed) this.reconcileTargets(); });
+    }, this.options.resolveIntervalMs ?? DEFAULT_RESOLVE_INTERVAL_MS);
+    this.resolveTimer.unref();
+    this.logger.info('agent started', { agentId: this.agentId, brokers: this.config.brokers, targets: [...this.targets.values()].map((t) => t.address), maxBrokers: this.config.maxBrokers, upstreams: this.config.upstreams.length, ...ports });
     return ports;
   }
+
+  /**
+   * Expands every `--broker` entry through DNS (one target per address; see expandConfigured).
+   * A name that fails to resolve keeps its previous expansion. Resolves to whether anything changed.
+   */
+  private async resolveConfigured(): Promise<boolean> {
+    let changed = false;
+    await Promise.all(this.config.brokers.map(async (configured, i) => {
+      const { specs, error } = await expandConfigured(configured, this.resolveHost, this.config.brokerServerName);
+      const before = this.expansions.get(i);
+      if (error) {
+        this.logger.warn('cannot resolve broker name; keeping its last addresses', { broker: configured, error: error.message, addresses: (before ?? specs).map((t) => t.address) });
+        if (before) return;
+      }
+      if (before && before.map((t) => t.address).join() === specs.map((t) => t.address).join()) return;
+      this.expansions.set(i, specs);
+      changed = true;
+    }));
+    return changed;
+  }
+
+  /**
+   * Brings the running connect loops in line with {@link chooseTargets}: starts loops for new
+   * targets, and drains and ends those of targets no longer wanted (calls in flight finish).
+   * Runs whenever DNS, a Welcome or a replica set changes what is wanted.
+   */
+  private reconcileTargets(): void {
+    if (this.stopped) return;
+    const wanted = chooseTargets({
+      agentId: this.agentId, configured: [...this.expansions].sort(([a], [b]) => a - b).flatMap(([, specs]) => specs), knownIds: this.knownIds, replicaSet: this.replicaSet,
+      maxBrokers: this.config.maxBrokers, serverNameOverride: this.config.brokerServerName,
+    });
+    // Keyed by address, plus `#n` for the n-th repeat: `--broker X --broker X` is two tunnels to X.
+    const seen = new Map<string, number>();
+    const wantedByKey = new Map(wanted.map((t) => {
+      const n = seen.get(t.address) ?? 0;
+      seen.set(t.address, n + 1);
+      return [n === 0 ? t.address : `${t.address}#${n}`, t];
+    }));
+    for (const [key, target] of this.targets) {
+      const spec = wantedByKey.get(key);
+      if (spec) {
+        // An address can move between configured and learned (DNS now names a learned broker).
+        Object.assign(target, { source: spec.source, configuredAs: spec.configuredAs, advertisedId: spec.advertisedId });
+        continue;
+      }
+      this.targets.delete(key);
+      target.removed = true;
+      target.wake?.();
+      this.logger.info('broker no longer wanted; draining its tunnel', { broker: target.address, brokerId: target.brokerId, source: target.source });
+      void target.conn?.drainAndClose(this.config.drainTimeoutMs);
+    }
+    for (const [key, spec] of wantedByKey) {
+      if (this.targets.has(key)) continue;
+      const target: Target = { ...spec, brokerId: this.knownIds.get(spec.address), removed: false };
+      this.targets.set(key, target);
+      if (spec.source === 'learned') this.logger.info('opening a tunnel to a broker from the replica set', { broker: spec.address, brokerId: spec.advertisedId });
+      const loop = this.connectLoop(target).finally(() => this.loops.delete(loop));
+      this.loops.add(loop);
+    }
+  }
+
+  /** A Brokers frame from `from`: it replaces the replica set (the newest set wins). */
+  private onReplicaSet(set: BrokerEndpoint[], from: Target): void {
+    this.noteBrokerId(from);
+    this.replicaSet = set;
+    this.logger.info('broker replica set received', { from: from.address, brokerId: from.brokerId, brokers: set.map((b) => `${b.brokerId}=${b.address}`) });
+    this.reconcileTargets();
+  }
+
+  /** Records which broker `target`'s address reached; a new id may make a learned tunnel redundant. */
+  private noteBrokerId(target: Target): void {
+    const id = target.conn?.brokerId;
+    if (!id || target.brokerId === id) return;
+    target.brokerId = id;
+    this.knownIds.set(target.address, id);
+    if (!target.removed) this.reconcileTargets();
+  }
+
+  /** Distinct broker ids with a usable tunnel (burrow_agent_brokers_connected). */
+  private distinctUsableBrokers(): number {
+    return new Set([...this.connections].filter((c) => c.usable).map((c) => c.brokerId || c.address)).size;
+  }
+
+  /** Every target and the state of its tunnel (the admin listener's /brokers). */
+  brokerTargets(): BrokerTargetStatus[] {
+    return [...this.targets.values()].map((t) => ({
+      broker: t.address, source: t.source, ...(t.configuredAs ? { configuredAs: t.configuredAs } : {}), brokerId: t.conn?.brokerId || t.brokerId || '',
+      usable: t.conn?.usable ?? false, protocolVersion: t.conn?.protocolVersion ?? 0, callsInFlight: t.conn?.callsInFlight ?? 0, idleOffers: t.conn?.idle ?? 0,
+    }));
+  }
+
+  /** The replica set most recently received (a copy). */
+  get knownReplicaSet(): BrokerEndpoint[] { return this.replicaSet.map((b) => ({ ...b })); }
 
   /**
    * Opens the engines of the built-in services that are configured. A policy set or key source
@@ -138,6 +292,7 @@ export class Agent {
 
   private async doStop(): Promise<void> {
     this.stopped = true;
+    clearInterval(this.resolveTimer);
     this.renewer?.stop();
     clearInterval(this.stateWatch);
     this.health.setStatus('NOT_SERVING');
@@ -146,7 +301,7 @@ export class Agent {
     const local = this.localServer;
     const localDone = local ? new Promise<void>((resolve) => local.tryShutdown(() => resolve())) : Promise.resolve();
     await Promise.all([...this.connections].map((c) => c.drainAndClose(this.config.drainTimeoutMs)));
-    await Promise.all(this.loops);
+    await Promise.all([...this.loops]);
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([localDone, new Promise<void>((resolve) => { timer = setTimeout(resolve, this.config.drainTimeoutMs); })]);
     clearTimeout(timer);
@@ -162,18 +317,22 @@ export class Agent {
     this.logger.info('agent stopped', { agentId: this.agentId });
   }
 
-  private async connectLoop(address: string): Promise<void> {
+  /** Keeps a tunnel to `target` until the agent stops or the target is removed. */
+  private async connectLoop(target: Target): Promise<void> {
+    const { address } = target;
     const backoff = new Backoff(this.config.reconnectBaseMs, this.config.reconnectMaxMs);
     let everConnected = false;
-    while (!this.stopped) {
+    while (!this.stopped && !target.removed) {
       const conn = new BrokerConnection({
         address, credentials: this.channelCredentials!, agentId: this.agentId, agentVersion: this.version,
         minIdleOffers: this.config.minIdleOffers, maxOffers: this.config.maxOffers, maxMessageBytes: this.config.maxMessageBytes,
-        drainTimeoutMs: this.config.drainTimeoutMs, keepalive: this.config.keepalive, serverNameOverride: this.config.brokerServerName,
+        drainTimeoutMs: this.config.drainTimeoutMs, keepalive: this.config.keepalive, serverNameOverride: target.serverName,
         upstreams: this.upstreams, builtins: this.builtins, metrics: this.metrics, logger: this.logger,
       });
+      target.conn = conn;
       this.connections.add(conn);
       conn.on('trust-bundle', (pem: string, version: number) => { void this.installTrustBundle(pem, version); });
+      conn.on('brokers', (set: BrokerEndpoint[]) => this.onReplicaSet(set, target));
       const ended = new Promise<'closed' | 'drain'>((resolve) => {
         conn.once('closed', () => resolve('closed'));
         conn.once('drain', () => resolve('drain'));
@@ -183,6 +342,7 @@ export class Agent {
       try {
         await conn.open();
         sessionStartMs = Date.now();
+        this.noteBrokerId(target);
         this.metrics.connects.inc({ result: 'ok' });
         if (everConnected) this.metrics.reconnects.inc();
         everConnected = true;
@@ -201,11 +361,14 @@ export class Agent {
         this.logger.warn('cannot establish tunnel session', { broker: address, error: message, hint, retryWithinMs: backoff.ceilingMs });
       }
       const why = await ended;
-      if (this.stopped) break;
+      // A removed target (a learned broker that left the replica set, an address DNS no longer
+      // gives) is not dialled again; its connection drains on its own.
+      if (this.stopped || target.removed) break;
       if (why === 'drain') {
         // The broker is going away on purpose: reconnect at once (to a replacement behind the same
         // address, or another broker); the draining connection finishes its calls on its own and
-        // leaves `connections` when it closes, so stop() still waits for it.
+        // leaves `connections` when it closes, so stop() still waits for it. A learned broker
+        // gets here only while it is still in the replica set.
         backoff.reset();
         continue;
       }
@@ -213,7 +376,7 @@ export class Agent {
         if (Date.now() - sessionStartMs >= HEALTHY_SESSION_MS) backoff.reset();
         this.logger.warn('tunnel session lost', { broker: address, error: conn.closeReason?.message, retryWithinMs: backoff.ceilingMs });
       }
-      await this.sleep(backoff.nextDelayMs());
+      await this.sleep(backoff.nextDelayMs(), target);
     }
   }
 
@@ -295,11 +458,13 @@ export class Agent {
     this.metrics.certificateExpiry.set((Date.parse(cert.validTo) - this.clock.now()) / 1000);
   }
 
-  private sleep(ms: number): Promise<void> {
+  /** Waits `ms`, or less when the agent stops, the certificate files change or `target` is removed. */
+  private sleep(ms: number, target?: Target): Promise<void> {
     return new Promise((resolve) => {
-      const wake = (): void => { clearTimeout(timer); this.wakeLoops.delete(wake); resolve(); };
+      const wake = (): void => { clearTimeout(timer); this.wakeLoops.delete(wake); if (target?.wake === wake) target.wake = undefined; resolve(); };
       const timer = setTimeout(wake, ms);
       this.wakeLoops.add(wake);
+      if (target) target.wake = wake;
     });
   }
 
@@ -360,7 +525,7 @@ export class Agent {
   private async startAdmin(address: string): Promise<number> {
     const admin = createAdminServer({
       metrics: this.metrics.registry,
-      json: { '/brokers': () => [...this.connections].map((c) => ({ broker: c.address, brokerId: c.brokerId, usable: c.usable, protocolVersion: c.protocolVersion, callsInFlight: c.callsInFlight, idleOffers: c.idle })) },
+      json: { '/brokers': () => this.brokerTargets() },
       isReady: () => !this.stopped && this.connectedBrokers > 0,
     });
     this.admin = admin;

@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, isIdle, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame,
+  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame, isIdle,
   encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
   type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
   logCallFinished,
@@ -37,7 +37,8 @@ export interface BrokerConnectionOptions {
  *
  * Events: `closed` (error?: BurrowError) once the session is over; `drain` when the broker asked
  * the agent to go elsewhere. After either, the connection takes no new calls; calls in flight
- * finish and then the channel closes by itself.
+ * finish and then the channel closes by itself. `brokers` (set: BrokerEndpoint[]) for each
+ * replica set the broker sends (protocol version 3); `trust-bundle` (pem, version).
  */
 export class BrokerConnection extends EventEmitter {
   private readonly client: Client;
@@ -88,6 +89,7 @@ export class BrokerConnection extends EventEmitter {
           if (!this.welcome && frame.kind !== 'welcome') throw new ProtocolError(`session began with ${frame.kind}, not welcome`);
           if (this.welcome && (frame.kind === 'welcome' || frame.kind === 'hello')) throw new ProtocolError(`${frame.kind} frame after welcome`);
           if (frame.kind === 'welcome' && !PROTOCOL_VERSIONS.includes(frame.welcome.protocolVersion)) throw new ProtocolError(`broker chose protocol version ${frame.welcome.protocolVersion}, which this agent does not speak`);
+          if (frame.kind === 'brokers' && this.welcome!.protocolVersion < REPLICA_SET_VERSION) throw new ProtocolError(`brokers frame on a session of protocol version ${this.welcome!.protocolVersion} (it needs ${REPLICA_SET_VERSION})`);
         } catch (err) {
           const e = toBurrowError(err);
           clearTimeout(timer);
@@ -112,6 +114,9 @@ export class BrokerConnection extends EventEmitter {
             return;
           case 'trustBundle':
             this.emit('trust-bundle', frame.pem, frame.version);
+            return;
+          case 'brokers':
+            this.emit('brokers', frame.brokers);
             return;
           default:
             return;

@@ -22,7 +22,8 @@ const PROG = 'burrow-agent';
 const VERSION: string = (require('../package.json') as { version: string }).version;
 
 const RUN_OPTIONS = {
-  broker: { type: 'string', array: true, describe: 'HOST:PORT of a broker agent listener (repeatable: one tunnel to each)' },
+  broker: { type: 'string', array: true, describe: 'HOST:PORT of a broker agent listener (repeatable: one tunnel to each; a name gets one tunnel per address it resolves to)' },
+  'max-brokers': { type: 'number', describe: 'most distinct brokers to keep tunnels to: the --broker ones, then brokers learned from the replica set', default: AGENT_DEFAULTS.maxBrokers },
   'state-dir': { type: 'string', describe: 'directory written by `burrow-agent enroll`: certificate, key and trust bundle, renewed automatically' },
   'tls-cert': { type: 'string', describe: 'PEM file: the agent certificate, then its chain (default with --state-dir: its tls.crt)' },
   'tls-key': { type: 'string', describe: 'PEM file: the agent private key' },
@@ -82,6 +83,7 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
   if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3) throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
   const minIdleOffers = parseIntInRange('min-idle-streams', args['min-idle-streams'], 1, 1000);
   const maxOffers = parseIntInRange('max-streams', args['max-streams'], minIdleOffers, 100_000);
+  const maxBrokers = parseIntInRange('max-brokers', args['max-brokers'], 1, 64);
   const stateDir = args['state-dir'] ? String(args['state-dir']) : undefined;
   const files = stateDir ? stateFiles(stateDir) : undefined;
   if (stateDir && !args['tls-cert'] && !existsSync(files!.cert)) {
@@ -104,6 +106,7 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
     minIdleOffers,
     maxOffers,
+    maxBrokers,
     maxMessageBytes,
     reconnectBaseMs: parseDurationMs('reconnect-base', args['reconnect-base']),
     reconnectMaxMs: parseDurationMs('reconnect-max', args['reconnect-max']),

@@ -5,6 +5,7 @@ export * from './agent-metrics';
 export * from './authn';
 export * from './backoff';
 export * from './broker-connection';
+export * from './broker-targets';
 export { agentConfigFromArgs } from './cli';
 export * from './certificate-renewer';
 export * from './enroll';

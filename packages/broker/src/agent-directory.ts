@@ -286,7 +286,11 @@ export class AgentDirectory {
     this.brokersKey = key;
     this.brokers = brokers;
     this.opts.logger.info('broker replica set changed', { brokers: brokers.map((b) => b.brokerId) });
-    this.opts.onReplicaSet(brokers);
+    try {
+      this.opts.onReplicaSet(brokers);
+    } catch (err) {
+      this.opts.logger.error('cannot pass the broker replica set on', { error: (err as Error).message });
+    }
   }
 
   /** Runs one command or transaction, counting it; a failure is an outage, not an exception. */

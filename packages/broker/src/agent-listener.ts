@@ -1,8 +1,8 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
+  BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
   UpstreamTable, answer, decodeSessionFrame, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
-  statusName, verifyCertificateChain, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
+  statusName, verifyCertificateChain, checkReplicaSet, type BrokerEndpoint, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
   logCallFinished,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
@@ -25,6 +25,12 @@ export interface AgentListenerDeps {
   isRevoked(id: PeerIdentity): boolean;
   /** The CAs agents' renewed certificates must chain to (Credentials frames). */
   trustBundlePem(): string;
+  /**
+   * The broker replica set agents should keep tunnels to (this broker included), sent in a
+   * Brokers frame right after Welcome on every version-3 session when it is not empty. Without it
+   * a new session gets the set last given to {@link AgentListener.broadcastReplicaSet}, if any.
+   */
+  replicaSet?(): BrokerEndpoint[];
 }
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
@@ -38,6 +44,8 @@ export class AgentListener {
   private readonly sessionsById = new Map<string, AgentSession>();
   private readonly sessionCalls = new Map<AgentSession, RawCall>();
   private callCounter = 0;
+  /** The set last broadcast; what new sessions get when `deps.replicaSet` is not given. */
+  private lastReplicaSet: BrokerEndpoint[] = [];
 
   constructor(private readonly deps: AgentListenerDeps) {}
 
@@ -103,6 +111,19 @@ export class AgentListener {
   /** Sends the new trust bundle to every session (CA rotation). */
   broadcastTrustBundle(pem: string, version: number): void {
     for (const s of this.sessionsById.values()) s.control.trustBundle(pem, version);
+  }
+
+  /**
+   * Sends the broker replica set to every session of protocol version 3 or later (older sessions
+   * cannot receive it; tunnel.proto, "Brokers"), replacing what those agents had. Call it whenever
+   * a replica joins, drains or leaves; an empty set is sent too. Synchronous; throws a
+   * ProtocolError naming the problem, before sending anything, when the set breaks the frame's
+   * rules (more than 64 entries, an empty or repeated broker id, an address that is not HOST:PORT).
+   */
+  broadcastReplicaSet(set: BrokerEndpoint[]): void {
+    checkReplicaSet(set);
+    this.lastReplicaSet = set.map((b) => ({ ...b }));
+    for (const s of this.sessionsById.values()) s.control.replicaSet(this.lastReplicaSet);
   }
 
   /** Earliest certificate expiry among connected agents (ms since epoch), for metrics. */
@@ -214,11 +235,14 @@ export class AgentListener {
         demand: (offers) => { metrics.demandedOffers.inc(offers); call.write(encodeSessionFrame({ kind: 'demand', offers })); },
         drain: (reason) => call.write(encodeSessionFrame({ kind: 'drain', reason })),
         trustBundle: (pem, version) => call.write(encodeSessionFrame({ kind: 'trustBundle', pem, version })),
+        replicaSet: (brokers) => { if (version >= REPLICA_SET_VERSION) call.write(encodeSessionFrame({ kind: 'brokers', brokers })); },
         close: (err) => (err ? call.emit('error', err.toServiceError()) : call.end()),
       });
       this.sessionsById.set(session.id, session);
       this.sessionCalls.set(session, call);
       call.write(encodeSessionFrame({ kind: 'welcome', welcome: { protocolVersion: version, sessionId: session.id, maxMessageBytes: this.deps.maxMessageBytes, brokerId: this.deps.brokerId } }));
+      const replicas = this.deps.replicaSet ? this.deps.replicaSet() : this.lastReplicaSet;
+      if (replicas.length > 0) session.control.replicaSet(replicas);
       registry.addSession(session);
       metrics.agentConnects.inc();
       logger.info('agent connected', { agentId: id.name, sessionId: session.id, peer: session.peerAddress, protocolVersion: version, agentVersion: session.agentVersion });

@@ -6,7 +6,7 @@ import type { AddressInfo } from 'node:net';
 import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
-  BurrowError, CredentialStore, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, HealthService, createAdminServer, UpstreamTable, callServerOptions,
+  BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
   cachePeerCertificates, identityOfCertificate, installCatchAll, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
@@ -22,7 +22,7 @@ import { CallerApi } from './caller-api';
 import { ALLOW_ALL_CALLERS, type CallerAuthorizer } from './caller-authorizer';
 import { PolicyCallerAuthorizer } from './policy-caller-authorizer';
 import { TunnelRegistry } from './tunnel-registry';
-import { AgentDirectory, redactUrl, type DirectoryStatus } from './agent-directory';
+import { AgentDirectory, redactUrl, type BrokerRecord, type DirectoryStatus } from './agent-directory';
 import { PeerForwarder } from './peer-forwarder';
 import { PeerListener } from './peer-listener';
 
@@ -74,6 +74,26 @@ export interface DisconnectResult {
 // How often the broker looks for expired agent certificates and idle offers to retire.
 const EXPIRY_CHECK_INTERVAL_MS = 1_000;
 const IDLE_SWEEP_INTERVAL_MS = 10_000;
+
+/**
+ * The replica set as agents get it: each broker's agent address, one entry per broker id (a
+ * duplicate id is a misconfiguration; the first one read wins), entries a Brokers frame could not
+ * carry left out, at most {@link MAX_REPLICA_SET_SIZE}.
+ */
+function replicaEndpoints(brokers: readonly BrokerRecord[]): BrokerEndpoint[] {
+  const out: BrokerEndpoint[] = [];
+  for (const b of brokers) {
+    const e = { brokerId: b.brokerId, address: b.agent };
+    try {
+      checkReplicaSet([...out, e]);
+    } catch {
+      continue;
+    }
+    out.push(e);
+    if (out.length === MAX_REPLICA_SET_SIZE) break;
+  }
+  return out;
+}
 
 function splitHostPort(text: string): { host: string; port: number } {
   const i = text.lastIndexOf(':');
@@ -165,6 +185,7 @@ export class Broker {
       registry: this.registry, metrics: this.metrics, logger: this.logger, platformUpstreams: this.platformUpstreams,
       trustDomain: this.trustDomain, brokerId: this.config.brokerId, maxMessageBytes: this.config.maxMessageBytes, isDraining,
       isRevoked, trustBundlePem: () => this.tls!.caPem,
+      replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
     });
     this.agentListener.addTo(this.agentServer);
     if (this.pki) {
@@ -182,7 +203,8 @@ export class Broker {
       this.directory = new AgentDirectory({
         redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, self: { brokerId: this.config.brokerId, peer: cluster.advertise },
         entryTtlMs: cluster.registryTtlMs, lookupCacheMs: cluster.lookupCacheMs, localAgents: () => this.registry.connectedAgentIds(),
-        onReplicaSet: () => {}, // WIRE-REPLICA-SET
+        // Agents learn the replicas (tunnel.proto, "Brokers").
+        onReplicaSet: (brokers) => this.agentListener.broadcastReplicaSet(replicaEndpoints(brokers)),
         metrics: this.metrics, logger: this.logger,
       });
       const directory = this.directory;

@@ -1,6 +1,6 @@
 import { randomUUID } from 'node:crypto';
 import { status as Status } from '@grpc/grpc-js';
-import { BurrowError, type CallStream, type PeerIdentity } from '@burrow/tunnel';
+import { BurrowError, type BrokerEndpoint, type CallStream, type PeerIdentity } from '@burrow/tunnel';
 
 /** An idle Offer stream waiting for a call. */
 export interface IdleOffer {
@@ -23,6 +23,8 @@ export interface SessionControl {
   drain(reason: string): void;
   /** Sends a new trust bundle (CA rotation). */
   trustBundle(pem: string, version: number): void;
+  /** Sends the broker replica set; a no-op on sessions older than protocol version 3. */
+  replicaSet(brokers: BrokerEndpoint[]): void;
   /** Ends the session stream (and with it every idle offer). */
   close(error?: BurrowError): void;
 }

@@ -4,11 +4,17 @@ import { ProtocolError } from './errors';
 import { resolveProtoDir } from './embedded-protos';
 
 /** The protocol versions this build speaks, highest last. See tunnel.proto, "Versioning". */
-export const PROTOCOL_VERSIONS: readonly number[] = [1, 2];
-export const PROTOCOL_VERSION = 2;
+export const PROTOCOL_VERSIONS: readonly number[] = [1, 2, 3];
+export const PROTOCOL_VERSION = 3;
 
 /** The first protocol version whose Offer streams carry several calls one after the other. */
 export const REUSABLE_OFFERS_VERSION = 2;
+
+/** The first protocol version with the `Brokers` session frame (the broker replica set). */
+export const REPLICA_SET_VERSION = 3;
+
+/** Most entries a `Brokers` frame may list (tunnel.proto, "Brokers"). */
+export const MAX_REPLICA_SET_SIZE = 64;
 
 /** Framing allowance on top of the largest forwarded message: frame tags, lengths, metadata. */
 export const FRAME_OVERHEAD_BYTES = 64 * 1024;
@@ -50,6 +56,9 @@ export type CallFrame =
 export interface HelloFrame { protocolVersions: number[]; agentVersion: string; minIdleOffers: number }
 export interface WelcomeFrame { protocolVersion: number; sessionId: string; maxMessageBytes: number; brokerId: string }
 
+/** One broker replica (tunnel.proto `BrokerEndpoint`): its id and its agent listener's HOST:PORT. */
+export interface BrokerEndpoint { brokerId: string; address: string }
+
 /** One frame of a session stream (decoded `SessionFrame`). */
 export type SessionFrame =
   | { kind: 'hello'; hello: HelloFrame }
@@ -57,7 +66,29 @@ export type SessionFrame =
   | { kind: 'demand'; offers: number }
   | { kind: 'drain'; reason: string }
   | { kind: 'credentials'; certificateChainPem: string }
-  | { kind: 'trustBundle'; pem: string; version: number };
+  | { kind: 'trustBundle'; pem: string; version: number }
+  | { kind: 'brokers'; brokers: BrokerEndpoint[] };
+
+const HOST_PORT = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
+
+/**
+ * Checks a replica set against tunnel.proto's rules for `Brokers`: at most
+ * {@link MAX_REPLICA_SET_SIZE} entries, each with a non-empty broker id unique in the list and an
+ * address of the form HOST:PORT (port 1-65535). Throws {@link ProtocolError} naming the first bad
+ * entry; the decoder uses it on frames from the wire, the broker on sets it is given to send.
+ */
+export function checkReplicaSet(set: readonly BrokerEndpoint[]): void {
+  if (set.length > MAX_REPLICA_SET_SIZE) throw new ProtocolError(`brokers frame lists ${set.length} brokers; at most ${MAX_REPLICA_SET_SIZE} are allowed`);
+  const seen = new Set<string>();
+  for (const [i, b] of set.entries()) {
+    if (!b.brokerId) throw new ProtocolError(`brokers frame entry ${i} has no broker id`);
+    if (seen.has(b.brokerId)) throw new ProtocolError(`brokers frame lists broker "${b.brokerId}" twice`);
+    seen.add(b.brokerId);
+    const m = HOST_PORT.exec(b.address);
+    const port = m ? Number(m[2]) : 0;
+    if (port < 1 || port > 65535) throw new ProtocolError(`brokers frame entry ${i} (broker "${b.brokerId}"): address "${b.address}" is not HOST:PORT`);
+  }
+}
 
 /**
  * Directory holding the `.proto` files; resolved relative to this package's build output, or, in the
@@ -146,6 +177,7 @@ export function encodeSessionFrame(frame: SessionFrame): Buffer {
     case 'drain': body = { drain: { reason: frame.reason } }; break;
     case 'credentials': body = { credentials: { certificateChainPem: frame.certificateChainPem } }; break;
     case 'trustBundle': body = { trustBundle: { pem: frame.pem, version: frame.version } }; break;
+    case 'brokers': body = { brokers: { brokers: frame.brokers.map((b) => ({ brokerId: b.brokerId, address: b.address })) } }; break;
   }
   return toBuffer(sessionType().encode(body).finish());
 }
@@ -173,6 +205,12 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
     case 'trustBundle': {
       const t = m.trustBundle as { pem?: string; version?: unknown };
       return { kind: 'trustBundle', pem: String(t.pem ?? ''), version: toNumber(t.version) };
+    }
+    case 'brokers': {
+      const list = ((m.brokers as { brokers?: { brokerId?: string; address?: string }[] }).brokers ?? []);
+      const brokers = list.map((b) => ({ brokerId: String(b.brokerId ?? ''), address: String(b.address ?? '') }));
+      checkReplicaSet(brokers);
+      return { kind: 'brokers', brokers };
     }
     default: throw new ProtocolError('session frame with no kind');
   }
