@@ -9,7 +9,12 @@
 // prom-client default metrics start an event-loop-delay monitor (a 10 ms timer) per instance;
 // thousands of them in one process would spend the CPU the broker is being measured with. The
 // reconnect loop below is Agent.connectLoop's (packages/agent/src/agent.ts): full-jitter backoff
-// from the same defaults, reset after a healthy session, immediate reconnect on Drain.
+// (burrow-agent's --reconnect-base/--reconnect-max defaults unless the orchestrator says
+// otherwise), reset after a healthy session, immediate reconnect on Drain.
+//
+// First connects arrive the way a fleet does, spread out at a given rate (`start`'s
+// arrivalPerS), not all in one instant; after a broker restart every agent is cut off at the
+// same moment and comes back on its own backoff: that storm is not paced.
 const { credentials } = require('@grpc/grpc-js');
 const { issueCertificate } = require('@burrow/pki');
 const { AGENT_DEFAULTS, AgentMetrics, Backoff, BrokerConnection } = require('@burrow/agent');
@@ -41,12 +46,16 @@ class SwarmAgent {
 
   get connected() { return Boolean(this.conn?.usable); }
 
-  async run(broker, caPem) {
+  async run(broker, caPem, { startDelayMs, reconnectBaseMs, reconnectMaxMs, minIdleOffers }) {
+    await new Promise((resolve) => {
+      const timer = setTimeout(resolve, startDelayMs);
+      this.wake = () => { clearTimeout(timer); resolve(); };
+    });
     const creds = credentials.createSsl(caPem, Buffer.from(this.issued.keyPem), Buffer.from(this.issued.certPem));
-    const backoff = new Backoff(AGENT_DEFAULTS.reconnectBaseMs, AGENT_DEFAULTS.reconnectMaxMs);
+    const backoff = new Backoff(reconnectBaseMs, reconnectMaxMs);
     while (!stopped) {
       const conn = new BrokerConnection({
-        address: broker, credentials: creds, agentId: this.id, agentVersion: 'bench', minIdleOffers: AGENT_DEFAULTS.minIdleOffers,
+        address: broker, credentials: creds, agentId: this.id, agentVersion: 'bench', minIdleOffers,
         maxOffers: AGENT_DEFAULTS.maxOffers, maxMessageBytes: AGENT_DEFAULTS.maxMessageBytes, drainTimeoutMs: 1_000,
         keepalive: AGENT_DEFAULTS.keepalive, upstreams, builtins, metrics, logger,
       });
@@ -81,24 +90,37 @@ serveIpc({
     for (const id of ids) agents.push(new SwarmAgent(id, await issueCertificate({ dir: pkiDir, role: 'agent', name: id })));
     return { issued: ids.length };
   },
-  /** Starts every agent's connection loop at once (the connect storm); resolves at once. */
-  start({ broker, caPem, upstream }) {
+  /**
+   * Starts every agent's connection loop, the first connects `arrivalPerS` a second (this
+   * process's share of the fleet's rate; 0: all at once); resolves at once with when the last
+   * agent's first attempt is due. Options default to burrow-agent's.
+   */
+  start({ broker, caPem, upstream, arrivalPerS = 0, reconnectBaseMs = AGENT_DEFAULTS.reconnectBaseMs, reconnectMaxMs = AGENT_DEFAULTS.reconnectMaxMs, minIdleOffers = AGENT_DEFAULTS.minIdleOffers }) {
+    stopped = false;
     upstreams = new UpstreamTable([parseUpstreamRoute(upstream)], upstreamChannelOptions(AGENT_DEFAULTS.maxMessageBytes));
-    for (const a of agents) a.loop = a.run(broker, Buffer.from(caPem));
-    return { started: agents.length };
+    const gapMs = arrivalPerS > 0 ? 1000 / arrivalPerS : 0;
+    agents.forEach((a, i) => {
+      a.sessions = 0;
+      a.failedAttempts = 0;
+      a.loop = a.run(broker, Buffer.from(caPem), { startDelayMs: i * gapMs, reconnectBaseMs, reconnectMaxMs, minIdleOffers });
+    });
+    return { started: agents.length, rampMs: Math.round((agents.length - 1) * gapMs), reconnectBaseMs, reconnectMaxMs, minIdleOffers };
   },
   status() {
     return {
       connected: agents.filter((a) => a.connected).length,
+      neverConnected: agents.filter((a) => a.sessions === 0).length,
       sessions: agents.reduce((n, a) => n + a.sessions, 0),
       failedAttempts: agents.reduce((n, a) => n + a.failedAttempts, 0),
       rssKiB: Math.round(process.memoryUsage().rss / 1024),
     };
   },
+  /** Closes every agent's connection and ends its loop; `start` may run them again. */
   async stop() {
     stopped = true;
     for (const a of agents) { a.wake?.(); a.conn?.close(); }
     await Promise.all(agents.map((a) => a.loop));
+    for (const a of agents) a.conn = undefined;
     upstreams?.close();
     return { stopped: agents.length };
   },

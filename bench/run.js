@@ -33,11 +33,11 @@ const { accepts, freePorts } = require(path.join(HELPERS, 'free-port.js'));
 const PROFILES = {
   quick: {
     rounds: 2, warmupCalls: 200, latencyCalls: 1000, rpsWarmupMs: 300, rpsMs: 1500, streamWarmupMs: 500, streamMs: 3000,
-    scaleAgents: 1000, swarmProcesses: 2, scaleCalls: 2000, scaleWaitMs: 120_000, enrollments: 300, signCsrs: 300,
+    scaleAgents: 1000, swarmProcesses: 2, scaleCalls: 2000, scaleArrivalPerS: 100, scaleWaitMs: 120_000, enrollments: 300, signCsrs: 300,
   },
   full: {
     rounds: 5, warmupCalls: 500, latencyCalls: 3000, rpsWarmupMs: 1000, rpsMs: 5000, streamWarmupMs: 1000, streamMs: 10_000,
-    scaleAgents: 10_000, swarmProcesses: 4, scaleCalls: 10_000, scaleWaitMs: 300_000, enrollments: 1000, signCsrs: 1000,
+    scaleAgents: 10_000, swarmProcesses: 4, scaleCalls: 10_000, scaleArrivalPerS: 500, scaleWaitMs: 300_000, enrollments: 1000, signCsrs: 1000,
   },
 };
 const PROFILE_NAME = process.env.BENCH_PROFILE ?? 'quick';
@@ -366,13 +366,31 @@ async function timeUntilAgents(adminPort, n, t0Ms, timeoutMs) {
   }
 }
 
+/**
+ * Starts every swarm's agents (first connects paced at `P.scaleArrivalPerS` over the whole
+ * fleet), waits until the broker counts them all or `rampMs + P.scaleWaitMs` passes, and returns
+ * how long that took, the broker's settled RSS and the swarm's start parameters.
+ */
+async function connectFleet(swarms, admin, broker, startArgs) {
+  const t0 = performance.now();
+  const started = await Promise.all(swarms.map((s) => s.call('start', { ...startArgs, arrivalPerS: P.scaleArrivalPerS / swarms.length })));
+  const rampMs = Math.max(...started.map((s) => s.rampMs));
+  const connect = await timeUntilAgents(admin, P.scaleAgents, t0, rampMs + P.scaleWaitMs);
+  const status = await Promise.all(swarms.map((s) => s.call('status')));
+  const sum = (key) => status.reduce((total, s) => total + s[key], 0);
+  return { connect, neverConnected: sum('neverConnected'), failedAttempts: sum('failedAttempts'), rampMs, loaded: await settledRssKiB(broker.proc), started: started[0] };
+}
+
+const perAgentKiB = (loaded, idle, n) => Math.round(((loaded.rssKiB - idle.rssKiB) / n) * 10) / 10;
+
 async function runScale(ctx, result) {
   const { dirs, echo } = ctx;
   const n = P.scaleAgents;
   const [agent, api, admin] = await freePorts(3);
   const args = brokerArgs({ agent, api, admin }, certFiles(dirs.broker));
   const gcFlags = ['--expose-gc', '-r', path.join(__dirname, 'gc-preload.js')];
-  let broker = await startBurrow('scale-broker', BROKER_CLI, args, { nodeFlags: gcFlags, startedMessage: 'broker started' });
+  const startBroker = () => startBurrow('scale-broker', BROKER_CLI, args, { nodeFlags: gcFlags, startedMessage: 'broker started' });
+  let broker = await startBroker();
   const ids = Array.from({ length: n }, (_, i) => `scale-${i}`);
   const swarms = Array.from({ length: P.swarmProcesses }, (_, i) => forkChild('agent-swarm.js', `agent-swarm-${i}`));
   log(`scale: issuing ${n} agent certificates in ${swarms.length} processes`);
@@ -381,12 +399,12 @@ async function runScale(ctx, result) {
   const issueSeconds = (performance.now() - t0Issue) / 1000;
   const idle = await settledRssKiB(broker.proc);
 
-  log(`scale: connecting ${n} agents`);
+  log(`scale: connecting ${n} agents, ${P.scaleArrivalPerS} a second`);
   const caPem = fs.readFileSync(certFiles(dirs.broker).ca, 'utf8');
-  const t0 = performance.now();
-  await Promise.all(swarms.map((s) => s.call('start', { broker: `127.0.0.1:${agent}`, caPem, upstream: `*=${echo}` })));
-  const connect = await timeUntilAgents(admin, n, t0, P.scaleWaitMs);
-  const loaded = await settledRssKiB(broker.proc);
+  // burrow-agent's defaults (--min-idle-streams, --reconnect-base, --reconnect-max): the swarm's own.
+  const startArgs = { broker: `127.0.0.1:${agent}`, caPem, upstream: `*=${echo}` };
+  const first = await connectFleet(swarms, admin, broker, startArgs);
+  const { connect, loaded } = first;
 
   const caller = forkChild('caller.js', 'caller-scale');
   const target = { address: `127.0.0.1:${api}`, tls: certFiles(dirs.caller), agentIds: ids };
@@ -399,7 +417,7 @@ async function runScale(ctx, result) {
   broker.proc.expectedExit = true;
   broker.proc.signal('SIGKILL');
   await broker.proc.exited;
-  broker = await startBurrow('scale-broker', BROKER_CLI, args, { nodeFlags: gcFlags, startedMessage: 'broker started' });
+  broker = await startBroker();
   const restartSeconds = (performance.now() - t0Kill) / 1000;
   const reconnect = await timeUntilAgents(admin, n, t0Kill, P.scaleWaitMs);
   // A fresh channel: the old one may sit in grpc-js' reconnect backoff from the kill, which is
@@ -408,24 +426,43 @@ async function runScale(ctx, result) {
   await caller.call('connect', target);
   const callsReconnected = await caller.call('randomCalls', callArgs);
   const swarmStatus = await Promise.all(swarms.map((s) => s.call('status')));
+  await caller.kill();
+
+  // What the idle offers cost: the same fleet against a fresh broker, one idle stream each.
+  log(`scale: again with 1 idle stream per agent (broker RSS only)`);
+  await Promise.all(swarms.map((s) => s.call('stop')));
+  await stopGracefully(broker.proc);
+  broker = await startBroker();
+  const idleOne = await settledRssKiB(broker.proc);
+  const one = await connectFleet(swarms, admin, broker, { ...startArgs, minIdleOffers: 1 });
 
   result.cases.scale = {
     agents: n,
-    rss_kib_per_agent: Math.round(((loaded.rssKiB - idle.rssKiB) / n) * 10) / 10,
+    rss_kib_per_agent: perAgentKiB(loaded, idle, n),
+    rss_kib_per_agent_1_idle_stream: one.connect.seconds === null ? null : perAgentKiB(one.loaded, idleOne, n),
     connect_all_s: connect.seconds,
     reconnect_all_s: reconnect.seconds,
     calls_ok: callsConnected.ok + callsReconnected.ok,
     calls_failed: callsConnected.failed + callsReconnected.failed,
-    agentsConnectedAtEnd: { connect: connect.connected, reconnect: reconnect.connected },
-    brokerRssKiB: { idle: idle.rssKiB, withAgents: loaded.rssKiB },
+    agents_never_connected: first.neverConnected,
+    agents_not_back_after_restart: n - reconnect.connected,
+    failedConnectAttempts: {
+      connect: first.failedAttempts, reconnect: swarmStatus.reduce((total, s) => total + s.failedAttempts, 0) - first.failedAttempts, oneIdleStream: one.failedAttempts,
+    },
+    agentsConnectedAtEnd: { connect: connect.connected, reconnect: reconnect.connected, oneIdleStream: one.connect.connected },
+    brokerRssKiB: { idle: idle.rssKiB, withAgents: loaded.rssKiB, idleOneStreamRun: idleOne.rssKiB, withAgentsOneStream: one.loaded.rssKiB },
     heapBytesPerAgent: Math.round((loaded.heapUsedBytes - idle.heapUsedBytes) / n),
+    heapBytesPerAgent1IdleStream: Math.round((one.loaded.heapUsedBytes - idleOne.heapUsedBytes) / n),
     brokerRestartToStartedS: Math.round(restartSeconds * 100) / 100,
-    restartIs: 'SIGKILL (a crash), then the same command on the same ports; timed from the kill',
-    idleStreamsPerAgent: 4,
+    restartIs: 'SIGKILL (a crash), then the same command on the same ports; timed from the kill; reconnects are not paced',
+    connectIs: `first connects paced at ${P.scaleArrivalPerS}/s over the fleet (${(first.rampMs / 1000).toFixed(1)} s ramp); timed from the first; waits at most ramp + ${P.scaleWaitMs / 1000} s`,
+    arrivalPerS: P.scaleArrivalPerS,
+    waitBoundS: P.scaleWaitMs / 1000,
+    idleStreamsPerAgent: first.started.minIdleOffers,
+    reconnectBackoffMs: { base: first.started.reconnectBaseMs, max: first.started.reconnectMaxMs },
     calls: { afterConnect: callsConnected, afterReconnect: callsReconnected },
     swarm: { processes: swarms.length, certificateIssueS: Math.round(issueSeconds * 10) / 10, status: swarmStatus },
   };
-  await caller.kill();
   await Promise.all(swarms.map((s) => s.call('stop').catch(() => {})));
   await Promise.all(swarms.map((s) => s.kill()));
   await stopGracefully(broker.proc);
