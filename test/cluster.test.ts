@@ -48,7 +48,8 @@ describe('broker cluster (in process)', function () {
     brokerB = new Broker(config, silentLogger());
     const portsB = await brokerB.start();
     callerB = new RawClient(`127.0.0.1:${portsB.apiPort}`, mtlsCredentials(stack.serviceCert));
-    await stack.startAgent();
+    // One broker only (no tunnel to the replicas it learns), so that B must forward to A.
+    await stack.startAgent({ maxBrokers: 1 });
     // The agent's claim reaches Redis when its session registers at A.
     await waitUntil(() => Boolean(stack.broker.registry.canServe(AGENT_ID)));
   });
@@ -93,6 +94,19 @@ describe('broker cluster (in process)', function () {
     const metrics = await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total');
     expect(metrics).to.match(/result="unreachable"} 1\b/);
     expect(metrics).to.match(/result="served"} 1\b/);
+  });
+
+  it('an agent given one broker learns the replica set from the directory and keeps a tunnel to each broker', async () => {
+    await stack.agent.stop();
+    await stack.startAgent(); // --max-brokers 3 (default)
+    await waitUntil(() => brokerB.registry.canServe(AGENT_ID), 10_000);
+    const status = await brokerB.status();
+    expect((status.cluster as { brokers: { brokerId: string }[] }).brokers.map((b) => b.brokerId)).to.deep.equal(['broker-a', 'broker-b']);
+    const before = await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total');
+    const r = await callerB.unary(ECHO.unary, Buffer.from('own tunnel'), stack.md());
+    expect(r.response.toString()).to.equal('own tunnel');
+    // Served on B's own tunnel: no forward.
+    expect(await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total')).to.equal(before);
   });
 
   it('a status from the upstream crosses both brokers unchanged', async () => {
