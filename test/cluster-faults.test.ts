@@ -192,14 +192,19 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
   // while Start frames the broker had sent before it were still on the way (broker-connection.ts,
   // drainAndClose with brokerAsked), and a Cancel sent after HalfClose that crossed the agent's
   // Trailers was a protocol error that dropped the whole session (call-state.ts, late Cancel).
-  it('3. rolling restart of every broker (SIGTERM, drain, start on the same ports) under 20 caller loops: no call fails except refusals before it started', async function () {
-    this.timeout(120_000);
+  /**
+   * Restarts every broker in turn (SIGTERM, drain, start on the same ports) while 20 caller loops
+   * run. `learn`: the agents are given broker A only and find B and C in the replica set, as a
+   * real deployment does; otherwise each is given its brokers and learns none.
+   */
+  async function rollingRestart(learn: boolean): Promise<void> {
     const w = await newWorld(['a', 'b', 'c']);
     const names = ['a', 'b', 'c'];
     await Promise.all(names.map((n) => w.startBroker(n)));
-    // site-p has tunnels to all three brokers; site-q to A and B only, so C forwards its calls.
-    const homes: Record<string, string[]> = { 'site-p': ['a', 'b', 'c'], 'site-q': ['a', 'b'] };
-    for (const [id, brokers] of Object.entries(homes)) await w.startAgent(id, brokers);
+    // Without learning: site-p has tunnels to all three brokers; site-q to A and B only, so C
+    // forwards its calls. With learning: both are given A and open tunnels to B and C themselves.
+    const homes: Record<string, string[]> = learn ? { 'site-p': ['a', 'b', 'c'], 'site-q': ['a', 'b', 'c'] } : { 'site-p': ['a', 'b', 'c'], 'site-q': ['a', 'b'] };
+    for (const [id, brokers] of Object.entries(homes)) await w.startAgent(id, learn ? ['a'] : brokers, [], learn);
     for (const [id, brokers] of Object.entries(homes)) for (const n of brokers) await w.waitListed(n, id);
 
     const up = new Set(names);
@@ -268,13 +273,23 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
       stop = true;
       await Promise.all(loops);
     }
-    numbers(`rolling restart of 3 brokers under 20 loops: ${JSON.stringify(counts)}, failed ${failed.length}; ${phases.join('; ')}`);
+    numbers(`rolling restart of 3 brokers under 20 loops${learn ? ' (agents learning the replica set)' : ''}: ${JSON.stringify(counts)}, failed ${failed.length}; ${phases.join('; ')}`);
     if ((failed.length || undrained.length) && process.env.BURROW_FAULTS_DEBUG) {
       for (const line of w.logLines((l) => l.message !== 'cannot establish tunnel session' && !String(l.message).startsWith('NO CALLER') && (l.level !== 'info' || (l.code !== undefined && l.code !== 0) || /drain|stopp|started|connected/.test(String(l.message))))) console.log(line);
     }
     expect(failed, 'calls that failed after they started').to.deep.equal([]);
     expect(undrained, 'brokers that hit their drain timeout').to.deep.equal([]);
     expect(counts.ok).to.be.above(500);
+  }
+
+  it('3. rolling restart of every broker (SIGTERM, drain, start on the same ports) under 20 caller loops: no call fails except refusals before it started', async function () {
+    this.timeout(120_000);
+    await rollingRestart(false);
+  });
+
+  it('3b. the same with agents that were given one broker and learned the others from the replica set', async function () {
+    this.timeout(120_000);
+    await rollingRestart(true);
   });
 
   it('4. a flapping agent (SIGKILLed and restarted, then disconnected by an operator, again and again) leaves no stale route', async () => {

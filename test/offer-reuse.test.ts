@@ -190,6 +190,27 @@ describe('offer reuse (protocol version 2)', function () {
     expect(stack.broker.registry.counts().activeCalls).to.equal(0);
   });
 
+  it('a version-3 agent that says Drain gets no more calls; the broker ends its idle offers and keeps the session until the agent leaves', async () => {
+    const { session, offer, version } = await withOneOffer([1, 2, 3]);
+    expect(version).to.equal(3);
+    session.send({ kind: 'drain', reason: 'leaving' });
+    // The broker ends the idle offer itself (status OK): that is the agent's cue to close.
+    expect((await offer.ended()).code).to.equal(Status.OK);
+    expect(stack.broker.registry.canServe('site-a')).to.equal(false);
+    expect(stack.broker.registry.counts().sessions).to.equal(1);
+    // A caller now waits for another tunnel of the agent, and fails when none comes.
+    const err = await echo('nobody').then(() => undefined, (e: ServiceError) => e);
+    expect(err?.code).to.equal(Status.UNAVAILABLE);
+    expect(err?.details).to.contain('opened no tunnel stream');
+  });
+
+  it('Drain from a version-2 agent is a protocol error that ends its session', async () => {
+    const { session } = await withOneOffer([1, 2]);
+    session.send({ kind: 'drain', reason: 'not in version 2' });
+    expect((await session.ended()).code).to.equal(Status.INTERNAL);
+    await waitUntil(() => stack.broker.registry.counts().sessions === 0);
+  });
+
   it('an offer half-closed in the middle of a call fails that call with UNAVAILABLE, and only that call', async () => {
     const { offer } = await withOneOffer([1, 2]);
     const call = stack.caller.bidi(ECHO.bidi, stack.md());

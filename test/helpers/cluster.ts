@@ -134,11 +134,16 @@ export class ClusterWorld {
    * name of this world, or a HOST:PORT such as a proxy's). Resolves at "agent started" (not yet
    * connected: see {@link waitListed}).
    */
-  async startAgent(agentId: string, brokers: string[], extra: string[] = []): Promise<BurrowProcess> {
+  /**
+   * Starts `burrow-agent run` with a tunnel to each of `brokers` (names of this world or
+   * addresses). Unless `learn` is set, `--max-brokers` keeps it to those: the fault tests decide
+   * which broker holds which tunnel; with `learn` it also opens tunnels to the replicas it learns.
+   */
+  async startAgent(agentId: string, brokers: string[], extra: string[] = [], learn = false): Promise<BurrowProcess> {
     const cert = await this.agentCert(agentId);
     const addresses = brokers.map((b) => (this.brokers.has(b) ? this.agentAddress(b) : b));
     const proc = new BurrowProcess(`agent-${agentId}`, AGENT_CLI, ['run',
-      ...addresses.flatMap((a) => ['--broker', a]), '--tls-cert', cert.cert, '--tls-key', cert.key, '--ca', cert.ca,
+      ...addresses.flatMap((a) => ['--broker', a]), ...(learn ? [] : ['--max-brokers', String(addresses.length)]), '--tls-cert', cert.cert, '--tls-key', cert.key, '--ca', cert.ca,
       '--upstream', `*=${this.echo.address}`, '--reconnect-base', '100ms', '--reconnect-max', '500ms', '--drain-timeout', '5s',
       ...(process.env.BURROW_TEST_LOG ? ['--log-level', 'debug'] : []), ...extra,
     ]);

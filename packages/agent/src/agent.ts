@@ -188,7 +188,7 @@ export class Agent {
       target.removed = true;
       target.wake?.();
       this.logger.info('broker no longer wanted; draining its tunnel', { broker: target.address, brokerId: target.brokerId, source: target.source });
-      void target.conn?.drainAndClose(this.config.drainTimeoutMs);
+      void target.conn?.drainAndClose(this.config.drainTimeoutMs, false, 'broker left the replica set');
     }
     for (const [key, spec] of wantedByKey) {
       if (this.targets.has(key)) continue;
@@ -300,7 +300,7 @@ export class Agent {
     for (const wake of this.wakeLoops) wake();
     const local = this.localServer;
     const localDone = local ? new Promise<void>((resolve) => local.tryShutdown(() => resolve())) : Promise.resolve();
-    await Promise.all([...this.connections].map((c) => c.drainAndClose(this.config.drainTimeoutMs)));
+    await Promise.all([...this.connections].map((c) => c.drainAndClose(this.config.drainTimeoutMs, false, 'agent shutting down')));
     await Promise.all([...this.loops]);
     let timer: NodeJS.Timeout | undefined;
     await Promise.race([localDone, new Promise<void>((resolve) => { timer = setTimeout(resolve, this.config.drainTimeoutMs); })]);

@@ -1,7 +1,7 @@
 import { EventEmitter } from 'node:events';
 import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame, isIdle,
+  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, AGENT_DRAIN_VERSION, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame, isIdle,
   encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
   type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
   logCallFinished,
@@ -183,20 +183,25 @@ export class BrokerConnection extends EventEmitter {
   }
 
   /**
-   * Stops taking new calls; closes once calls in flight are done (or `timeoutMs` passes). The
-   * agent going away withdraws its idle offers at once. When the broker asked for the drain
-   * (`brokerAsked`), the broker ends the idle offers itself: a Start it sent before its Drain may
-   * still be on its way on any of them, so the agent keeps them and closes only once every offer
-   * stream has ended.
+   * Stops taking new calls; closes once calls in flight are done (or `timeoutMs` passes). When the
+   * broker asked for the drain (`brokerAsked`), or was told with the agent's own Drain (protocol
+   * version 3), the broker ends the idle offers itself: a Start it sent before may still be on its
+   * way on any of them, so the agent keeps them and closes only once every offer stream has ended.
+   * With an older broker the agent withdraws its idle offers at once.
    */
-  drainAndClose(timeoutMs: number, brokerAsked = false): Promise<void> {
+  drainAndClose(timeoutMs: number, brokerAsked = false, reason = 'agent leaving'): Promise<void> {
+    const alreadyDraining = this.draining;
     this.draining = true;
-    if (!brokerAsked) for (const s of [...this.offerStreams]) if (isIdle(s.callState)) s.abort(new BurrowError(Status.UNAVAILABLE, 'agent draining'));
+    // From protocol version 3 on the agent says it is leaving, and the broker ends the idle offers
+    // as it does for its own drain; an older broker cannot be told, so idle offers are withdrawn.
+    const polite = brokerAsked || (this.welcome !== undefined && this.welcome.protocolVersion >= AGENT_DRAIN_VERSION);
+    if (polite && !brokerAsked && !alreadyDraining && this.session && !this.isClosed) this.session.write(encodeSessionFrame({ kind: 'drain', reason }));
+    if (!polite) for (const s of [...this.offerStreams]) if (isIdle(s.callState)) s.abort(new BurrowError(Status.UNAVAILABLE, 'agent draining'));
     return new Promise((resolve) => {
       if (this.isClosed) return resolve();
       const timer = setTimeout(() => this.close(new BurrowError(Status.UNAVAILABLE, 'agent shut down before the call finished')), timeoutMs);
       const check = (): void => {
-        if (this.activeCalls === 0 && (!brokerAsked || this.offerStreams.size === 0)) this.close();
+        if (this.activeCalls === 0 && (!polite || this.offerStreams.size === 0)) this.close();
       };
       this.once('closed', () => { clearTimeout(timer); resolve(); });
       this.on('stream-ended', check);

@@ -1,6 +1,6 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
+  AGENT_DRAIN_VERSION, BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
   UpstreamTable, answer, decodeSessionFrame, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
   statusName, verifyCertificateChain, checkReplicaSet, type BrokerEndpoint, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
   logCallFinished,
@@ -106,6 +106,18 @@ export class AgentListener {
       closed++;
     }
     return closed;
+  }
+
+  /**
+   * The agent is leaving this session (its Drain, protocol version 3): no more calls go to it,
+   * and its idle offers end, which is what lets the agent close the connection. Calls already on
+   * their way to it are answered as usual.
+   */
+  private agentLeaving(session: AgentSession, reason: string): void {
+    if (session.draining) return;
+    session.draining = true;
+    for (const offer of session.idle.splice(0)) offer.stream.finish();
+    this.deps.logger.info('agent is leaving', { agentId: session.agentId, sessionId: session.id, reason, callsInFlight: session.activeCalls });
   }
 
   /** Sends the new trust bundle to every session (CA rotation). */
@@ -216,6 +228,10 @@ export class AgentListener {
       }
       if (session && frame.kind === 'credentials') {
         this.acceptCredentials(session, frame.certificateChainPem);
+        return;
+      }
+      if (session && frame.kind === 'drain' && session.protocolVersion >= AGENT_DRAIN_VERSION) {
+        this.agentLeaving(session, frame.reason);
         return;
       }
       if (session || frame.kind !== 'hello') {

@@ -12,6 +12,8 @@ export const REUSABLE_OFFERS_VERSION = 2;
 
 /** The first protocol version with the `Brokers` session frame (the broker replica set). */
 export const REPLICA_SET_VERSION = 3;
+/** The first protocol version in which the agent may send Drain (leave a broker without losing a call). */
+export const AGENT_DRAIN_VERSION = 3;
 
 /** Most entries a `Brokers` frame may list (tunnel.proto, "Brokers"). */
 export const MAX_REPLICA_SET_SIZE = 64;
