@@ -147,7 +147,7 @@ describe('broker cluster (in process)', function () {
     const peerAddress = (status.cluster as { advertise: string }).advertise;
     const intruder = new RawClient(peerAddress, mtlsCredentials(stack.serviceCert));
     try {
-      const err = await intruder.unary('/burrow.peer.v1.BrokerPeer/Forward', Buffer.alloc(0), stack.md()).then(() => undefined, (e: ServiceError) => e);
+      const err = await intruder.unary('/burrow.tunnel.v1.BrokerPeer/Forward', Buffer.alloc(0), stack.md()).then(() => undefined, (e: ServiceError) => e);
       expect(err?.code).to.equal(Status.PERMISSION_DENIED);
       expect(err?.details).to.include('broker certificate is required');
     } finally {

@@ -238,7 +238,7 @@ describe('processes (real broker and agent binaries)', function () {
   it('(c2) SIGTERM to the agent: the call in flight completes OK, new calls are refused, exit code 0', async () => {
     const gate = await new GatedUpstream().start();
     cleanups.push(() => gate.stop());
-    const { agent, bports } = await startPair(gate.address);
+    const { broker, agent, bports } = await startPair(gate.address);
     const client = caller(bports);
     const arrived = gate.nextCall();
     const inFlight = client.unary(SLOW, Buffer.from('slow'), md());
@@ -246,6 +246,8 @@ describe('processes (real broker and agent binaries)', function () {
 
     agent.signal('SIGTERM');
     await agent.waitForLog('shutting down');
+    // The agent's Drain (protocol 3) tells the broker; calls the broker sent before it are answered.
+    await broker.waitForLog('agent is leaving', (l) => l.agentId === 'site-a');
     const refused = await failure(client.unary(ECHO.unary, Buffer.from('late'), md(), { deadline: Date.now() + 5_000 }));
     expect(refused.code, refused.details).to.equal(Status.UNAVAILABLE);
     expect(agent.exit, 'agent still draining while the call is in flight').to.equal(undefined);

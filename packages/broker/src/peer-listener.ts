@@ -4,8 +4,8 @@ import {
 } from '@burrow/tunnel';
 import type { CallerApiDeps } from './caller-api';
 
-/** The one method of the broker-to-broker API (proto/burrow/peer/v1/peer.proto). */
-export const PEER_FORWARD_METHOD = '/burrow.peer.v1.BrokerPeer/Forward';
+/** The one method of the broker-to-broker API (tunnel.proto, service BrokerPeer). */
+export const PEER_FORWARD_METHOD = '/burrow.tunnel.v1.BrokerPeer/Forward';
 /** Response header by which the owning broker says it holds a tunnel stream for the call. */
 export const PEER_READY_KEY = 'burrow-peer-ready';
 /** Trailer on every refusal by the owning broker, so the forwarder can tell it from a transport failure. */
