@@ -235,6 +235,31 @@ describe('processes (real broker and agent binaries)', function () {
     expect(stopped!.drained, 'drained before the timeout').to.equal(true);
   });
 
+  it('(c1b) a caller that keeps calling a draining broker does not hold up its drain', async () => {
+    const { broker, bports } = await startPair(echo.address);
+    const client = caller(bports);
+    expect((await client.unary(ECHO.unary, Buffer.from('warm'), md())).response.toString()).to.equal('warm');
+    // Eight loops keep the caller's connection busy with calls the draining broker refuses.
+    let stop = false;
+    const codes = new Map<number, number>();
+    const loops = Array.from({ length: 8 }, async () => {
+      while (!stop) {
+        const r = await client.unary(ECHO.unary, Buffer.from('x'), md(), { deadline: Date.now() + 2_000 }).then(() => Status.OK, (e: ServiceError) => e.code);
+        codes.set(r, (codes.get(r) ?? 0) + 1);
+      }
+    });
+    try {
+      broker.signal('SIGTERM');
+      // `drained: true`: the broker finished before its --drain-timeout (10 s here) cut anything off.
+      expect(await broker.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
+      expect(broker.logs.find((l) => l.message === 'broker stopped')?.drained).to.equal(true);
+    } finally {
+      stop = true;
+      await Promise.all(loops);
+    }
+    expect([...codes.keys()].every((c) => c === Status.OK || c === Status.UNAVAILABLE), JSON.stringify([...codes])).to.equal(true);
+  });
+
   it('(c2) SIGTERM to the agent: the call in flight completes OK, new calls are refused, exit code 0', async () => {
     const gate = await new GatedUpstream().start();
     cleanups.push(() => gate.stop());

@@ -79,6 +79,21 @@ export class BrokerMetrics {
     for (const result of ['served', 'refused', 'unreachable']) this.peerForwards.inc({ result }, 0);
   }
 
+  /** Caller calls (direct and forwarded to this broker) between arrival and status: the drain waits for 0. */
+  toAgentInFlight = 0;
+
+  /** A call towards an agent arrived (caller API, AuthZEN binding or peer API). */
+  toAgentCallStarted(): void {
+    this.toAgentInFlight++;
+    this.callsInFlight.inc({ direction: 'to_agent' });
+  }
+
+  /** That call has its status. */
+  toAgentCallEnded(): void {
+    this.toAgentInFlight--;
+    this.callsInFlight.dec({ direction: 'to_agent' });
+  }
+
   /** The method label for `method`: itself while fewer than the cap are known, else "other". */
   methodLabel(method: string): string {
     if (this.knownMethods.has(method)) return method;

@@ -74,6 +74,8 @@ export interface DisconnectResult {
 // How often the broker looks for expired agent certificates and idle offers to retire.
 const EXPIRY_CHECK_INTERVAL_MS = 1_000;
 const IDLE_SWEEP_INTERVAL_MS = 10_000;
+/** At shutdown, how long connections whose calls are all over may take to close before they are cut. */
+const STATUS_FLUSH_GRACE_MS = 1_000;
 
 /**
  * The replica set as agents get it: each broker's agent address, one entry per broker id (a
@@ -380,15 +382,22 @@ export class Broker {
     const inFlight = this.registry.counts().activeCalls;
     this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });
     const drained = (async () => {
-      const peerServer = this.peerServer;
-      await Promise.all([
-        new Promise<void>((resolve) => this.apiServer.tryShutdown(() => resolve())),
-        peerServer ? new Promise<void>((resolve) => peerServer.tryShutdown(() => resolve())) : undefined,
-      ]);
+      // No new connections; open ones get no new calls (each is refused: draining). A client that
+      // keeps sending refused calls keeps its connection busy, so the drain does not wait for
+      // connections to close but for the calls that were admitted: then the rest is cut.
+      const apiAndPeer = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
+      const closed = Promise.all(apiAndPeer.map((server) => new Promise<void>((resolve) => server.tryShutdown(() => resolve()))));
       // Calls from agents (Forward streams) finish before the sessions go away.
-      await this.waitFor(() => this.registry.counts().activeCalls === 0);
+      await this.waitFor(() => this.metrics.toAgentInFlight === 0 && this.registry.counts().activeCalls === 0);
+      // The last statuses may still sit in send buffers: let the connections close by themselves
+      // for a moment before cutting them.
+      await this.graceThenCut(closed, apiAndPeer);
+      this.logger.debug('drain: no call in flight; closing tunnel sessions');
       this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down'));
-      await new Promise<void>((resolve) => this.agentServer.tryShutdown(() => resolve()));
+      // Agents close their connections when their session ends; one reconnecting in a loop (it
+      // is refused while the broker drains) must not hold the exit either.
+      await this.graceThenCut(new Promise<void>((resolve) => this.agentServer.tryShutdown(() => resolve())), [this.agentServer]);
+      this.logger.debug('drain: agent listener closed');
     })();
     let timer: NodeJS.Timeout | undefined;
     const timedOut = await Promise.race([
@@ -416,6 +425,14 @@ export class Broker {
       await new Promise<void>((resolve) => admin.close(() => resolve()));
     }
     this.logger.info('broker stopped', { drained: !timedOut });
+  }
+
+  /** Waits for `closed` at most {@link STATUS_FLUSH_GRACE_MS}, then cuts what is left of `servers`. */
+  private async graceThenCut(closed: Promise<unknown>, servers: Server[]): Promise<void> {
+    let grace: NodeJS.Timeout | undefined;
+    await Promise.race([closed, new Promise<void>((resolve) => { grace = setTimeout(resolve, STATUS_FLUSH_GRACE_MS); })]);
+    clearTimeout(grace);
+    for (const server of servers) server.forceShutdown();
   }
 
   // Only for the drain, where "no call in flight" has no event of its own; stops with the broker.

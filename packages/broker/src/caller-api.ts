@@ -160,11 +160,11 @@ export class CallerApi {
     const deadline = call.getDeadline();
     const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
     let route: Route;
-    metrics.callsInFlight.inc({ direction: 'to_agent' });
+    metrics.toAgentCallStarted();
     try {
       route = await this.route(agentId, deadlineMs, abort.signal);
     } catch (err) {
-      metrics.callsInFlight.dec({ direction: 'to_agent' });
+      metrics.toAgentCallEnded();
       call.removeListener('cancelled', onCancel);
       rejectCall(call, err as BurrowError);
       admitted.finish((err as BurrowError).code, (err as BurrowError).message);
@@ -173,7 +173,7 @@ export class CallerApi {
     call.removeListener('cancelled', onCancel);
     const outcome = await originate(call, route.stream, { callId, peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`, caller: caller.spiffeId });
     if (route.local) registry.callFinished(route.offer);
-    metrics.callsInFlight.dec({ direction: 'to_agent' });
+    metrics.toAgentCallEnded();
     admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
   }
 
@@ -230,19 +230,19 @@ export class CallerApi {
       return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };
     }
     const { registry, metrics } = this.deps;
-    metrics.callsInFlight.inc({ direction: 'to_agent' });
+    metrics.toAgentCallStarted();
     let route: Route;
     try {
       route = await this.route(agentId, deadlineMs, signal ?? new AbortController().signal);
     } catch (err) {
       const e = err as BurrowError;
-      metrics.callsInFlight.dec({ direction: 'to_agent' });
+      metrics.toAgentCallEnded();
       admitted.finish(e.code, e.message);
       return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };
     }
     const result = await originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, route.stream, { callId: admitted.callId, peerName: `agent "${agentId}"`, caller: admitted.caller.spiffeId });
     if (route.local) registry.callFinished(route.offer);
-    metrics.callsInFlight.dec({ direction: 'to_agent' });
+    metrics.toAgentCallEnded();
     admitted.finish(result.code, result.details, result.requestBytes, result.responseBytes);
     return result;
   }

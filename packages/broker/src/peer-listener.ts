@@ -81,10 +81,10 @@ export class PeerListener {
     const ready = new Metadata();
     ready.set(PEER_READY_KEY, '1');
     call.sendMetadata(ready);
-    metrics.callsInFlight.inc({ direction: 'to_agent' });
+    metrics.toAgentCallStarted();
     const outcome = await relayCall(inbound, offer.stream, `agent "${agentId}"`);
     registry.callFinished(offer);
-    metrics.callsInFlight.dec({ direction: 'to_agent' });
+    metrics.toAgentCallEnded();
     metrics.peerCalls.inc({ code: statusName(outcome.code) });
     logCallFinished(logger, { direction: 'to_agent', agentId, method: outcome.method ?? '', forwardedBy, code: outcome.code, details: outcome.details, durationMs: Date.now() - startedMs });
   }
