@@ -102,7 +102,9 @@ function tableLines(result) {
 }
 
 function printTable(result) {
-  process.stdout.write(`\n${tableLines(result).join('\n')}\n\n`);
+  const deaths = result.machine.agentDeaths ?? [];
+  const deathLines = deaths.length ? [`**The agent process died ${deaths.length} time(s) during the run** and was started again (${deaths.map((d) => JSON.stringify(d.exit)).join(', ')}); the calls it failed are counted above. stderr tail of the first: ${JSON.stringify(deaths[0].stderrTail)}`, ''] : [];
+  process.stdout.write(`\n${[...deathLines, ...tableLines(result)].join('\n')}\n\n`);
 }
 
 module.exports = { evaluateTargets, printTable, tableLines };
