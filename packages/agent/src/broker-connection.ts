@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, AGENT_DRAIN_VERSION, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame, isIdle,
-  encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
+  abortConnectsOnChannelClose, encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
   type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
   logCallFinished,
 } from '@burrow/tunnel';
@@ -11,6 +11,9 @@ import type { BuiltinServices } from './builtin-services';
 
 /** How long the agent waits for Welcome after opening its session stream. */
 const WELCOME_TIMEOUT_MS = 10_000;
+
+// An attempt given up on (no Welcome in time) must not leave its TLS handshake running.
+abortConnectsOnChannelClose();
 
 export interface BrokerConnectionOptions {
   address: string;

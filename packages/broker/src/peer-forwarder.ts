@@ -1,7 +1,10 @@
 import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
-import { AGENT_ID_KEY, CallStream, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
+import { AGENT_ID_KEY, CallStream, abortConnectsOnChannelClose, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_KEY } from './peer-listener';
+
+// A peer channel closed while connecting (a peer that stalls its handshakes) must not leak the socket.
+abortConnectsOnChannelClose();
 
 export interface PeerForwarderOptions {
   /** The broker's own credentials: its broker certificate is the client certificate here. */
