@@ -41,6 +41,11 @@ export interface BrokerConfig {
   drainTimeoutMs: number;
   /** Idle offers older than this are retired (above each agent's minimum). */
   idleOfferTtlMs: number;
+  /**
+   * Most TLS handshakes the agent listener runs at once; connections past it are closed at accept
+   * so that a reconnecting fleet backs off instead of swamping the broker (0 = no cap).
+   */
+  maxPendingHandshakes: number;
   keepalive: KeepaliveSettings;
   /** HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when unset. */
   authzenListen?: string;
@@ -89,6 +94,7 @@ export const BROKER_DEFAULTS = {
   agentWaitMs: 5_000,
   drainTimeoutMs: 30_000,
   idleOfferTtlMs: 60_000,
+  maxPendingHandshakes: 256,
   keepalive: DEFAULT_KEEPALIVE,
   authzenTimeoutMs: 10_000,
   limits: { caller: { maxConcurrent: 4096, ratePerSecond: 0 }, agent: { maxConcurrent: 2048, ratePerSecond: 0 } } as CallLimits,

@@ -34,6 +34,10 @@ export class BrokerMetrics {
   readonly messageBytes = new Counter({ name: 'burrow_broker_message_bytes_total', help: 'Message bytes forwarded, by direction of the call and flow (request = towards the upstream, response = back).', labelNames: ['direction', 'flow'], registers: [this.registry] });
   readonly agentConnects = new Counter({ name: 'burrow_broker_agent_connects_total', help: 'Agent sessions established (first connections and reconnects).', registers: [this.registry] });
   readonly rejectedHandshakes = new Counter({ name: 'burrow_broker_rejected_handshakes_total', help: 'Connections or tunnel/API calls refused for their credentials or protocol version, by listener and reason.', labelNames: ['listener', 'reason'], registers: [this.registry] });
+  readonly handshakesShed = new Counter({ name: 'burrow_broker_handshakes_shed_total', help: 'Agent connections closed at accept because --max-pending-handshakes TLS handshakes were already running (the agents retry after their backoff).', registers: [this.registry] });
+  readonly handshakesPending = new Gauge({ name: 'burrow_broker_handshakes_pending', help: 'TLS handshakes the agent listener is running now.', registers: [this.registry], collect: () => { this.handshakesPending.set(this.pendingHandshakes()); } });
+  /** Read when scraped; the broker sets it once its agent listener is bound. */
+  pendingHandshakes: () => number = () => 0;
   readonly protocolErrors = new Counter({ name: 'burrow_broker_protocol_errors_total', help: 'Tunnel sessions closed because the agent broke the protocol.', registers: [this.registry] });
   readonly connectionsClosed = new Counter({ name: 'burrow_broker_connections_closed_total', help: 'Agent sessions closed by the broker for their credentials, by reason (expired, revoked).', labelNames: ['reason'], registers: [this.registry] });
   readonly enrollments = new Counter({ name: 'burrow_pki_enrollments_total', help: 'Enrollment attempts, by result (ok, malformed, unknown, expired, used, banned, bad_csr, rate_limited, error).', labelNames: ['result'], registers: [this.registry] });

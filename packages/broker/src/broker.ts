@@ -7,7 +7,7 @@ import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  cachePeerCertificates, identityOfCertificate, installCatchAll, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
+  cachePeerCertificates, identityOfCertificate, installCatchAll, limitPendingHandshakes, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions, wasShed,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki, type BrokerPkiStatus } from './broker-pki';
@@ -226,11 +226,21 @@ export class Broker {
     const agentPort = await bind(this.agentServer, this.config.agentListen, agentCreds);
     const apiPort = await bind(this.apiServer, this.config.apiListen, apiCreds);
     const onTlsError = (listener: string) => (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
+      if (wasShed(socket)) return;
       this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
       // Node reports a refused client certificate as a reset; the reason is on the socket.
       const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
       this.logger.warn('TLS handshake refused', { listener, peer: socket?.remoteAddress, error: reason ? String(reason) : err.code ?? err.message });
     };
+    let shedLogged = 0;
+    const handshakes = limitPendingHandshakes(this.agentServer, this.config.maxPendingHandshakes, () => {
+      this.metrics.handshakesShed.inc();
+      // One line per second at most: a reconnect storm sheds thousands.
+      if (Date.now() - shedLogged < 1_000) return;
+      shedLogged = Date.now();
+      this.logger.warn('agent connections shed: too many TLS handshakes in progress', { maxPendingHandshakes: this.config.maxPendingHandshakes, shedSoFar: handshakes.shed() });
+    });
+    this.metrics.pendingHandshakes = handshakes.pending;
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
     cachePeerCertificates(this.agentServer);

@@ -1,4 +1,5 @@
 import type { Server, ServerDuplexStream } from '@grpc/grpc-js';
+import type { Socket } from 'node:net';
 
 /** Passes message bytes through untouched: the tunnel never decodes application messages. */
 export const identity = (b: Buffer): Buffer => b;
@@ -83,4 +84,58 @@ export function cachePeerCertificates(server: Server): void {
       }) as PeerCertificateOf;
     });
   }
+}
+
+/** What {@link limitPendingHandshakes} reports and lets a broker read for /status and metrics. */
+export interface HandshakeLimiter {
+  /** TLS handshakes running now (connections accepted and not yet secure or closed). */
+  pending(): number;
+  /** Connections closed at once because `maxPending` handshakes were already running. */
+  shed(): number;
+}
+
+/**
+ * Caps the TLS handshakes a bound `server` runs at once: a connection that arrives while
+ * `maxPending` are in progress is closed as soon as it is accepted, before any TLS work, and
+ * `onShed` is called. Why: Node starts every accepted handshake at once and runs them all
+ * interleaved, so when a whole fleet reconnects (a broker restart) thousands of handshakes share
+ * the CPU, each one finishes late, agents give up on them (no Welcome in time) and try again, and
+ * the broker spends its CPU on handshakes nobody waits for any more. Closed early, a connection
+ * costs both sides almost nothing and the agent's jittered backoff spreads the fleet out, while the
+ * handshakes admitted finish quickly. A handshake counts from TCP accept until the connection is
+ * secure or closed. `maxPending` 0 turns the cap off. Call after bindAsync.
+ */
+export function limitPendingHandshakes(server: Server, maxPending: number, onShed: (socket: Socket) => void): HandshakeLimiter {
+  const inHandshake = new Set<Socket>();
+  let shedCount = 0;
+  const servers = (server as unknown as Http2ServerList).http2Servers;
+  for (const s of servers?.keys() ?? []) {
+    // Before Node's own listener wraps the socket in TLS: a shed connection never starts a handshake.
+    s.prependListener('connection', (raw: Socket) => {
+      if (maxPending > 0 && inHandshake.size >= maxPending) {
+        shedCount++;
+        SHED.add(raw);
+        onShed(raw);
+        raw.destroy();
+        return;
+      }
+      inHandshake.add(raw);
+      raw.once('close', () => inHandshake.delete(raw));
+    });
+    // node:tls keeps the accepted TCP socket as the TLS socket's _parent (test/handshake-limit
+    // fails if that changes: handshakes would then count until the connection closes).
+    s.on('secureConnection', (tlsSocket: { _parent?: Socket }) => {
+      if (tlsSocket._parent) inHandshake.delete(tlsSocket._parent);
+    });
+  }
+  return { pending: () => inHandshake.size, shed: () => shedCount };
+}
+
+/** Connections {@link limitPendingHandshakes} closed: their TLS errors are not handshake refusals. */
+const SHED = new WeakSet<Socket>();
+
+/** True when `socket` (the TLS socket or its TCP socket) was closed by the handshake limit. */
+export function wasShed(socket: { _parent?: Socket } | Socket | undefined): boolean {
+  if (!socket) return false;
+  return SHED.has(socket as Socket) || Boolean((socket as { _parent?: Socket })._parent && SHED.has((socket as { _parent: Socket })._parent));
 }

@@ -1,0 +1,133 @@
+import { expect } from 'chai';
+import * as net from 'node:net';
+import * as tls from 'node:tls';
+import { readFileSync } from 'node:fs';
+import { Server, ServerCredentials } from '@grpc/grpc-js';
+import { limitPendingHandshakes, wasShed, type HandshakeLimiter } from '@burrow/tunnel';
+import { ECHO } from './helpers/echo-upstream';
+import { expectNoLeaks, snapshotResources } from './helpers/leaks';
+import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
+import { Stack } from './helpers/stack';
+
+/** Resolves once `probe` is true, checking on every turn of the event loop (no fixed sleeps). */
+async function until(what: string, probe: () => boolean | Promise<boolean>, timeoutMs = 5_000): Promise<void> {
+  const end = Date.now() + timeoutMs;
+  while (!(await probe())) {
+    if (Date.now() > end) throw new Error(`${what}: not within ${timeoutMs} ms`);
+    await new Promise((r) => setTimeout(r, 5));
+  }
+}
+
+/** A TCP connection that never says ClientHello: a handshake the server has to wait for. */
+function stalledConnection(port: number): Promise<net.Socket> {
+  return new Promise((resolve, reject) => {
+    const s = net.connect(port, '127.0.0.1', () => resolve(s));
+    s.on('error', reject);
+  });
+}
+
+/** A full mTLS handshake as an agent; resolves with how it ended. */
+function handshake(port: number, cert: CertFiles): Promise<'secure' | string> {
+  return new Promise((resolve) => {
+    const s = tls.connect({ port, host: '127.0.0.1', servername: 'localhost', key: readFileSync(cert.key), cert: readFileSync(cert.cert), ca: readFileSync(cert.ca), ALPNProtocols: ['h2'] }, () => {
+      s.destroy();
+      resolve('secure');
+    });
+    s.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
+  });
+}
+
+describe('TLS handshake cap (limitPendingHandshakes)', function () {
+  let pki: PkiFixture;
+  let brokerCert: CertFiles;
+  let agentCert: CertFiles;
+
+  before(async () => {
+    pki = await PkiFixture.create();
+    [brokerCert, agentCert] = await Promise.all([pki.issue('broker', 'b'), pki.issue('agent', 'a')]);
+  });
+  after(() => pki?.cleanup());
+
+  async function serve(maxPending: number): Promise<{ port: number; limiter: HandshakeLimiter; shedSockets: net.Socket[]; stop(): Promise<void> }> {
+    const server = new Server();
+    const creds = ServerCredentials.createSsl(readFileSync(brokerCert.ca), [{ private_key: readFileSync(brokerCert.key), cert_chain: readFileSync(brokerCert.cert) }], true);
+    const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))));
+    const shedSockets: net.Socket[] = [];
+    const limiter = limitPendingHandshakes(server, maxPending, (s) => shedSockets.push(s));
+    return { port, limiter, shedSockets, stop: () => new Promise<void>((resolve) => server.tryShutdown(() => resolve())) };
+  }
+
+  it('closes connections past the cap before any TLS work, and counts a handshake only until it is secure', async () => {
+    const baseline = snapshotResources();
+    const srv = await serve(2);
+    const stalled = [await stalledConnection(srv.port), await stalledConnection(srv.port)];
+    try {
+      await until('two handshakes pending', () => srv.limiter.pending() === 2);
+
+      // A third connection is shed: the agent sees the connection drop, the server did no handshake.
+      expect(await handshake(srv.port, agentCert)).to.equal('ECONNRESET');
+      expect(srv.limiter.shed()).to.equal(1);
+      expect(srv.shedSockets).to.have.length(1);
+      expect(wasShed(srv.shedSockets[0])).to.equal(true);
+      expect(srv.limiter.pending()).to.equal(2);
+
+      // One stalled client goes away: its slot is free again.
+      stalled.pop()!.destroy();
+      await until('one handshake pending', () => srv.limiter.pending() === 1);
+      // Finished handshakes stop counting: more secure connections in a row than the cap, all
+      // admitted (the server's side of a handshake ends a moment after the client's: wait for it).
+      for (let i = 0; i < 4; i++) {
+        expect(await handshake(srv.port, agentCert)).to.equal('secure');
+        await until('only the stalled handshake pending', () => srv.limiter.pending() === 1);
+      }
+      expect(srv.limiter.shed()).to.equal(1);
+    } finally {
+      for (const s of stalled) s.destroy();
+      await srv.stop();
+    }
+    await expectNoLeaks(baseline);
+  });
+
+  it('0 turns the cap off', async () => {
+    const baseline = snapshotResources();
+    const srv = await serve(0);
+    const stalled = await Promise.all(Array.from({ length: 5 }, () => stalledConnection(srv.port)));
+    try {
+      await until('five handshakes pending', () => srv.limiter.pending() === 5);
+      expect(await handshake(srv.port, agentCert)).to.equal('secure');
+      expect(srv.limiter.shed()).to.equal(0);
+    } finally {
+      for (const s of stalled) s.destroy();
+      await srv.stop();
+    }
+    await expectNoLeaks(baseline);
+  });
+});
+
+describe('broker --max-pending-handshakes', function () {
+  let stack: Stack;
+  after(async () => { await stack?.stop(); });
+
+  it('sheds an agent while the cap is full, counts it apart from refused handshakes, and the agent gets in once a slot frees', async () => {
+    stack = await Stack.start({ broker: { maxPendingHandshakes: 1 }, startAgent: false });
+    const metrics = stack.broker.metrics;
+    const counter = async (c: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> }, labels: Record<string, string> = {}) =>
+      (await c.get()).values.filter((v) => Object.entries(labels).every(([k, val]) => v.labels[k] === val)).reduce((n, v) => n + v.value, 0);
+    const stall = await stalledConnection(Number(stack.agentAddress.split(':')[1]));
+    try {
+      await until('the stalled handshake counted', () => metrics.pendingHandshakes() === 1);
+      const connected = stack.startAgent();
+      await until('the agent shed at least twice (it retries after its backoff)', async () => (await counter(metrics.handshakesShed)) >= 2);
+      expect(await counter(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' }), 'shed connections are not refused handshakes').to.equal(0);
+      stall.destroy();
+      await connected;
+    } finally {
+      stall.destroy();
+    }
+    const r = await stack.caller.unary(ECHO.unary, Buffer.from('after the storm'), stack.md());
+    expect(r.response.toString()).to.equal('after the storm');
+    const scrape = await (await fetch(`${stack.adminUrl}/metrics`)).text();
+    expect(scrape).to.match(/^burrow_broker_handshakes_shed_total [1-9]\d*$/m);
+    expect(scrape).to.match(/^burrow_broker_handshakes_pending 0$/m);
+  });
+});
