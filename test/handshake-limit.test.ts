@@ -130,4 +130,14 @@ describe('broker --max-pending-handshakes', function () {
     expect(scrape).to.match(/^burrow_broker_handshakes_shed_total [1-9]\d*$/m);
     expect(scrape).to.match(/^burrow_broker_handshakes_pending 0$/m);
   });
+
+  it('a peer that hangs up mid-handshake (an agent giving up, a TCP health check) is counted as abandoned, not refused', async () => {
+    const metrics = stack.broker.metrics;
+    const value = async (c: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> }, labels: Record<string, string>) =>
+      (await c.get()).values.filter((v) => Object.entries(labels).every(([k, val]) => v.labels[k] === val)).reduce((n, v) => n + v.value, 0);
+    const before = await value(metrics.abandonedHandshakes, { listener: 'agent' });
+    for (let i = 0; i < 3; i++) (await stalledConnection(Number(stack.agentAddress.split(':')[1]))).destroy();
+    await until('three abandoned handshakes counted', async () => (await value(metrics.abandonedHandshakes, { listener: 'agent' })) === before + 3);
+    expect(await value(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' })).to.equal(0);
+  });
 });

@@ -34,6 +34,7 @@ export class BrokerMetrics {
   readonly messageBytes = new Counter({ name: 'burrow_broker_message_bytes_total', help: 'Message bytes forwarded, by direction of the call and flow (request = towards the upstream, response = back).', labelNames: ['direction', 'flow'], registers: [this.registry] });
   readonly agentConnects = new Counter({ name: 'burrow_broker_agent_connects_total', help: 'Agent sessions established (first connections and reconnects).', registers: [this.registry] });
   readonly rejectedHandshakes = new Counter({ name: 'burrow_broker_rejected_handshakes_total', help: 'Connections or tunnel/API calls refused for their credentials or protocol version, by listener and reason.', labelNames: ['listener', 'reason'], registers: [this.registry] });
+  readonly abandonedHandshakes = new Counter({ name: 'burrow_broker_abandoned_handshakes_total', help: 'TLS handshakes the peer closed or reset before they finished (agents giving up on a busy broker, scanners), by listener; not refusals.', labelNames: ['listener'], registers: [this.registry] });
   readonly handshakesShed = new Counter({ name: 'burrow_broker_handshakes_shed_total', help: 'Agent connections closed at accept because --max-pending-handshakes TLS handshakes were already running (the agents retry after their backoff).', registers: [this.registry] });
   readonly handshakesPending = new Gauge({ name: 'burrow_broker_handshakes_pending', help: 'TLS handshakes the agent listener is running now.', registers: [this.registry], collect: () => { this.handshakesPending.set(this.pendingHandshakes()); } });
   /** Read when scraped; the broker sets it once its agent listener is bound. */
@@ -69,6 +70,7 @@ export class BrokerMetrics {
     for (const reason of ['expired', 'revoked']) this.connectionsClosed.inc({ reason }, 0);
     for (const reason of ['tls', 'wrong_role', 'no_identity', 'revoked']) this.rejectedHandshakes.inc({ listener: 'agent', reason }, 0);
     for (const reason of ['tls', 'wrong_role', 'no_identity']) this.rejectedHandshakes.inc({ listener: 'api', reason }, 0);
+    for (const listener of ['agent', 'api']) this.abandonedHandshakes.inc({ listener }, 0);
     for (const direction of ['to_agent', 'from_agent']) {
       this.callDuration.zero({ direction });
       this.callsInFlight.set({ direction }, 0);

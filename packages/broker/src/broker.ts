@@ -74,6 +74,8 @@ export interface DisconnectResult {
 // How often the broker looks for expired agent certificates and idle offers to retire.
 const EXPIRY_CHECK_INTERVAL_MS = 1_000;
 const IDLE_SWEEP_INTERVAL_MS = 10_000;
+/** Errors of a TLS handshake the peer walked away from (closed or reset its connection). */
+const PEER_HANG_UPS = new Set(['ECONNRESET', 'EPIPE']);
 /** At shutdown, how long connections whose calls are all over may take to close before they are cut. */
 const STATUS_FLUSH_GRACE_MS = 1_000;
 
@@ -227,9 +229,16 @@ export class Broker {
     const apiPort = await bind(this.apiServer, this.config.apiListen, apiCreds);
     const onTlsError = (listener: string) => (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
       if (wasShed(socket)) return;
-      this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
       // Node reports a refused client certificate as a reset; the reason is on the socket.
       const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
+      if (!reason && PEER_HANG_UPS.has(err.code ?? '')) {
+        // The peer went away mid-handshake (an agent that gave up on a busy broker, a port
+        // scanner): nothing was refused, and a reconnect storm must not look like an attack.
+        this.metrics.abandonedHandshakes.inc({ listener });
+        this.logger.debug('TLS handshake abandoned by the peer', { listener, peer: socket?.remoteAddress, error: err.code });
+        return;
+      }
+      this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
       this.logger.warn('TLS handshake refused', { listener, peer: socket?.remoteAddress, error: reason ? String(reason) : err.code ?? err.message });
     };
     let shedLogged = 0;
