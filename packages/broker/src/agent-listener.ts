@@ -35,6 +35,10 @@ export interface AgentListenerDeps {
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
+// While an offer is idle only its end matters (its ownerHooks.onClosed); once assigned, the
+// originator attaches its own handlers. Shared by every idle offer: a broker holds thousands.
+const IDLE_OFFER_HANDLERS = Object.freeze({ onFrame: () => {}, onDrain: () => {}, onClosed: () => {}, onProtocolError: () => {} });
+
 /**
  * The broker's Tunnel service (tunnel.proto): Session, Offer and Forward streams opened by agents.
  * Every stream must come with a client certificate of role agent in the broker's trust domain;
@@ -310,13 +314,10 @@ export class AgentListener {
     if (!session) return;
     const reusable = session.protocolVersion >= REUSABLE_OFFERS_VERSION;
     const stream = new CallStream(call, 'server', 'originator', (err) => this.protocolError(session, err), reusable);
-    // While idle, only the stream's end matters (ownerHooks.onClosed); once assigned, the
-    // originator attaches its own handlers.
-    const idle = { onFrame: () => {}, onDrain: () => {}, onClosed: () => {}, onProtocolError: () => {} };
-    stream.attach(idle);
+    stream.attach(IDLE_OFFER_HANDLERS);
     stream.ownerHooks = {
       onCallEnded: () => {
-        stream.attach(idle);
+        stream.attach(IDLE_OFFER_HANDLERS);
         this.deps.registry.releaseOffer(session, stream);
       },
       onClosed: () => this.deps.registry.dropOffer(session, stream),

@@ -15,6 +15,11 @@ export const DEFAULT_KEEPALIVE: KeepaliveSettings = { timeMs: 20_000, timeoutMs:
 // message; memory is bounded per call by flow control and the message limit instead.
 const UNLIMITED_SESSION_MEMORY = Number.MAX_SAFE_INTEGER;
 
+// grpc-js' channelz keeps a call tracker with its own closures on every stream and connection;
+// Burrow never serves channelz, and on the broker it was ~2 KiB of heap per idle agent (one per
+// tunnel stream) plus work on every forwarded call.
+const NO_CHANNELZ = { 'grpc.enable_channelz': 0 } as const;
+
 /** Options of a server that ends tunnel streams (the broker's agent listener). */
 export function tunnelServerOptions(maxMessageBytes: number, keepalive: KeepaliveSettings): ServerOptions {
   return {
@@ -24,6 +29,7 @@ export function tunnelServerOptions(maxMessageBytes: number, keepalive: Keepaliv
     'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
     'grpc.keepalive_permit_without_calls': 1,
     'grpc-node.max_session_memory': UNLIMITED_SESSION_MEMORY,
+    ...NO_CHANNELZ,
   };
 }
 
@@ -39,6 +45,7 @@ export function tunnelChannelOptions(maxMessageBytes: number, keepalive: Keepali
     'grpc.use_local_subchannel_pool': 1,
     'grpc.enable_retries': 0,
     'grpc.initial_reconnect_backoff_ms': 1000,
+    ...NO_CHANNELZ,
   };
 }
 
@@ -50,6 +57,7 @@ export function callServerOptions(maxMessageBytes: number, keepalive: KeepaliveS
     'grpc.keepalive_time_ms': keepalive.timeMs,
     'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
     'grpc-node.max_session_memory': UNLIMITED_SESSION_MEMORY,
+    ...NO_CHANNELZ,
   };
 }
 
@@ -61,5 +69,6 @@ export function upstreamChannelOptions(maxMessageBytes: number): ChannelOptions 
     'grpc.enable_retries': 0,
     'grpc.initial_reconnect_backoff_ms': 200,
     'grpc.max_reconnect_backoff_ms': 2000,
+    ...NO_CHANNELZ,
   };
 }

@@ -59,13 +59,24 @@ export function observeTlsClientErrors(server: Server, onError: (err: Error & { 
 type PeerCertificateOf = import('node:tls').TLSSocket['getPeerCertificate'];
 
 /**
+ * What of a peer certificate a connection keeps: the DER and its fingerprint, which is all that
+ * grpc-js (`getAuthContext`) and {@link identityOfPeerCertificate} read. Node's object also holds
+ * the subject, issuer, public key and fingerprints as strings: ~1.3 KiB per agent connection of a
+ * broker holding thousands. `getPeerCertificate(true)` still returns everything.
+ */
+function slimPeerCertificate(full: import('node:tls').PeerCertificate): import('node:tls').PeerCertificate {
+  if (!full?.raw) return full;
+  return { raw: full.raw, fingerprint256: full.fingerprint256 } as import('node:tls').PeerCertificate;
+}
+
+/**
  * Makes every TLS connection of a bound `server` compute its peer certificate once. grpc-js calls
  * `getPeerCertificate()` for each call's `getAuthContext()`, and Node builds a fresh object with
  * every field of the certificate each time (~5% of the broker's CPU per forwarded call). A
  * connection's peer certificate cannot change after its handshake (Node allows no renegotiation
  * for TLS 1.3, and Burrow's servers do not request it), so it is kept per connection; the identity
  * read from it is then memoised on the object ({@link identityOfPeerCertificate}). Call after
- * bindAsync.
+ * bindAsync. Only the DER and its fingerprint are kept ({@link slimPeerCertificate}).
  */
 export function cachePeerCertificates(server: Server): void {
   const servers = (server as unknown as Http2ServerList).http2Servers;
@@ -79,7 +90,7 @@ export function cachePeerCertificates(server: Server): void {
       let cached: ReturnType<PeerCertificateOf> | undefined;
       socket.getPeerCertificate = ((detailed?: boolean) => {
         if (detailed) return original.call(socket, true);
-        cached ??= original.call(socket, false);
+        cached ??= slimPeerCertificate(original.call(socket, false));
         return cached;
       }) as PeerCertificateOf;
     });
