@@ -107,7 +107,7 @@ export interface HandshakeLimiter {
 
 /**
  * Caps the TLS handshakes a bound `server` runs at once: a connection that arrives while
- * `maxPending` are in progress is closed as soon as it is accepted, before any TLS work, and
+ * `maxPending` are in progress is reset as soon as it is accepted, before any TLS work, and
  * `onShed` is called. Why: Node starts every accepted handshake at once and runs them all
  * interleaved, so when a whole fleet reconnects (a broker restart) thousands of handshakes share
  * the CPU, each one finishes late, agents give up on them (no Welcome in time) and try again, and
@@ -121,17 +121,23 @@ export function limitPendingHandshakes(server: Server, maxPending: number, onShe
   let shedCount = 0;
   const servers = (server as unknown as Http2ServerList).http2Servers;
   for (const s of servers?.keys() ?? []) {
-    // Before Node's own listener wraps the socket in TLS: a shed connection never starts a handshake.
-    s.prependListener('connection', (raw: Socket) => {
+    // Node's own 'connection' listener wraps the socket in TLS (an OpenSSL session, a TLSWrap, an
+    // error object when it closes); it runs only for the connections admitted, so a shed one costs
+    // no more than its accept.
+    const startTls = s.listeners('connection') as ((raw: Socket) => void)[];
+    s.removeAllListeners('connection');
+    s.on('connection', (raw: Socket) => {
       if (maxPending > 0 && inHandshake.size >= maxPending) {
         shedCount++;
         SHED.add(raw);
         onShed(raw);
-        raw.destroy();
+        // A reset, not a FIN: the agent fails at once, and no TIME_WAIT is left on the broker.
+        raw.resetAndDestroy();
         return;
       }
       inHandshake.add(raw);
       raw.once('close', () => inHandshake.delete(raw));
+      for (const listener of startTls) listener.call(s, raw);
     });
     // node:tls keeps the accepted TCP socket as the TLS socket's _parent (test/handshake-limit
     // fails if that changes: handshakes would then count until the connection closes).
