@@ -34,6 +34,20 @@ const agents = [];
 let stopped = false;
 let upstreams;
 
+/** Failed connection attempts of the whole swarm by cause (what a reconnect storm costs the agents). */
+const failures = {};
+
+function countFailure(err) {
+  const text = String(err?.message ?? err);
+  let cause = 'other';
+  if (/no welcome/.test(text)) cause = 'no_welcome_in_time';
+  else if (/ECONNREFUSED/.test(text)) cause = 'refused';
+  else if (/ECONNRESET|socket hang up|disconnected before secure TLS|Connection dropped/i.test(text)) cause = 'reset';
+  else if (/draining/.test(text)) cause = 'draining';
+  failures[cause] = (failures[cause] ?? 0) + 1;
+  if (cause === 'other') failures.lastOther = text.slice(0, 200);
+}
+
 class SwarmAgent {
   constructor(id, issued) {
     this.id = id;
@@ -69,8 +83,9 @@ class SwarmAgent {
         await conn.open();
         sessionStartMs = Date.now();
         this.sessions++;
-      } catch {
+      } catch (err) {
         this.failedAttempts++;
+        countFailure(err);
       }
       const why = await ended;
       if (stopped) break;
@@ -99,6 +114,7 @@ serveIpc({
     stopped = false;
     upstreams = new UpstreamTable([parseUpstreamRoute(upstream)], upstreamChannelOptions(AGENT_DEFAULTS.maxMessageBytes));
     const gapMs = arrivalPerS > 0 ? 1000 / arrivalPerS : 0;
+    for (const k of Object.keys(failures)) delete failures[k];
     agents.forEach((a, i) => {
       a.sessions = 0;
       a.failedAttempts = 0;
@@ -112,6 +128,7 @@ serveIpc({
       neverConnected: agents.filter((a) => a.sessions === 0).length,
       sessions: agents.reduce((n, a) => n + a.sessions, 0),
       failedAttempts: agents.reduce((n, a) => n + a.failedAttempts, 0),
+      failuresByCause: { ...failures },
       rssKiB: Math.round(process.memoryUsage().rss / 1024),
     };
   },

@@ -55,6 +55,14 @@ class IpcChild {
     });
   }
 
+  /** Closes the IPC channel (the child exits by itself, writing a --cpu-prof profile); SIGKILL after `graceMs`. */
+  async close(graceMs = 10_000) {
+    if (this.proc.connected) this.proc.disconnect();
+    const timer = setTimeout(() => this.kill(), graceMs);
+    await this.exited;
+    clearTimeout(timer);
+  }
+
   /** SIGKILL unless gone; resolves once reaped. */
   kill() {
     if (this.proc.exitCode === null && this.proc.signalCode === null) this.proc.kill('SIGKILL');

@@ -89,9 +89,15 @@ function tableLines(result) {
     row('idle agents (own certificate and mTLS connection each)', fmt(sc.agents), '', '');
     row(`broker RSS per idle agent (KiB), ${fmt(sc.idleStreamsPerAgent)} idle streams each`, fmt(sc.rss_kib_per_agent, 1), '<= 50', verdict(t.scale_rss));
     row('broker RSS per idle agent (KiB), 1 idle stream each', fmt(sc.rss_kib_per_agent_1_idle_stream, 1), '', '');
+    const f = sc.rss_floor_kib_per_connection;
+    if (f) {
+      row('floor: Node server RSS per idle mTLS connection, no HTTP/2 (KiB)', fmt(f.tls, 1), '', f.tls > 50 ? 'the target is below Node\'s own floor' : '');
+      row(`floor: the same with an HTTP/2 session and ${fmt(f.streams)} idle streams (KiB)`, fmt(f.http2WithAgentStreams, 1), '', '');
+    }
     row(`all agents connected (s; first connects ${fmt(sc.arrivalPerS)}/s)`, fmt(sc.connect_all_s, 2), '', sc.connect_all_s === null ? `**only ${sc.agentsConnectedAtEnd.connect}; ${fmt(sc.agents_never_connected)} never**` : '');
     row('all back after a broker SIGKILL + restart (s)', fmt(sc.reconnect_all_s, 2), '<= 60 (10,000 agents)',
       sc.reconnect_all_s === null ? `**${fmt(sc.agents_not_back_after_restart)} not back within ${fmt(sc.waitBoundS)} s**` : verdict(t.scale_reconnect));
+    if (sc.brokerCpuMsPerAgent) row('broker CPU per agent, reconnect storm (ms; handshakes shed)', `${fmt(sc.brokerCpuMsPerAgent.reconnect, 2)} (${fmt(sc.reconnectHandshakesShed)})`, '', '');
     row('calls to random agents ok / failed', `${fmt(sc.calls_ok)} / ${fmt(sc.calls_failed)}`, '', '');
   }
   if (is) {

@@ -11,7 +11,8 @@
 //   BENCH_CASES=unary,policy,stream,scale,issuance   run only some cases (development)
 //   BENCH_AGENTS=N                   agents in the scale case instead of the profile's
 //   BENCH_ROUNDS=N                   rounds instead of the profile's
-//   BENCH_CPU_PROF_DIR=DIR           run broker and agent with --cpu-prof into DIR
+//   BENCH_CPU_PROF_DIR=DIR           run broker, agent and the first agent swarm with --cpu-prof into DIR
+//   BENCH_BROKER_FLAGS="--flag v"    extra burrow-broker flags for every broker (A/B of a setting)
 //                                    (summarize: node scripts/cpuprofile-summary.js DIR/*.cpuprofile)
 const { execFileSync } = require('node:child_process');
 const fs = require('node:fs');
@@ -26,7 +27,7 @@ const { printTable, evaluateTargets } = require('./report');
 
 const ROOT = path.resolve(__dirname, '..');
 const HELPERS = path.join(ROOT, 'test', 'dist', 'helpers');
-const { BurrowProcess, BROKER_CLI, AGENT_CLI, PKI_CLI, getJson, killAll, pollUntil } = require(path.join(HELPERS, 'processes.js'));
+const { BurrowProcess, BROKER_CLI, AGENT_CLI, PKI_CLI, getJson, httpGet, killAll, pollUntil } = require(path.join(HELPERS, 'processes.js'));
 const { ECHO } = require(path.join(HELPERS, 'echo-upstream.js'));
 const { accepts, freePorts } = require(path.join(HELPERS, 'free-port.js'));
 
@@ -37,7 +38,7 @@ const PROFILES = {
   },
   full: {
     rounds: 5, warmupCalls: 500, latencyCalls: 3000, rpsWarmupMs: 1000, rpsMs: 5000, streamWarmupMs: 1000, streamMs: 10_000,
-    scaleAgents: 10_000, swarmProcesses: 4, scaleCalls: 10_000, scaleArrivalPerS: 500, scaleWaitMs: 300_000, enrollments: 1000, signCsrs: 1000,
+    scaleAgents: 10_000, swarmProcesses: 8, scaleCalls: 10_000, scaleArrivalPerS: 100, scaleWaitMs: 300_000, enrollments: 1000, signCsrs: 1000,
   },
 };
 const PROFILE_NAME = process.env.BENCH_PROFILE ?? 'quick';
@@ -48,6 +49,8 @@ if (process.env.BENCH_ROUNDS) P.rounds = Number(process.env.BENCH_ROUNDS);
 const CASES = (process.env.BENCH_CASES ?? 'unary,policy,stream,scale,issuance').split(',');
 const CPU_PROF_DIR = process.env.BENCH_CPU_PROF_DIR ? path.resolve(process.env.BENCH_CPU_PROF_DIR) : undefined;
 
+/** Scheduling priority of the agent swarm processes (the broker's is 0). */
+const SWARM_NICE = 10;
 const UNARY_PAYLOAD_BYTES = 100;
 const STREAM_MESSAGE_BYTES = 64 * 1024;
 const CONCURRENCIES = [1, 16, 64];
@@ -81,8 +84,9 @@ function trackChild(child, name) {
   return child;
 }
 
-function forkChild(script, name) {
-  const child = new IpcChild(path.join(__dirname, script), [], { name });
+function forkChild(script, name, { profile = false } = {}) {
+  const execArgv = profile && CPU_PROF_DIR ? ['--cpu-prof', '--cpu-prof-dir', CPU_PROF_DIR, '--cpu-prof-name', `${name}-${Date.now()}.cpuprofile`] : [];
+  const child = new IpcChild(path.join(__dirname, script), [], { name, execArgv });
   track(name, () => child.kill(), child.exited);
   return child;
 }
@@ -224,10 +228,12 @@ function machineInfo() {
   };
 }
 
+const EXTRA_BROKER_FLAGS = (process.env.BENCH_BROKER_FLAGS ?? '').split(/\s+/).filter(Boolean);
+
 function brokerArgs(ports, files, extra = []) {
   return [
     'serve', '--agent-listen', `127.0.0.1:${ports.agent}`, '--api-listen', `127.0.0.1:${ports.api}`, '--admin-listen', `127.0.0.1:${ports.admin}`,
-    '--tls-cert', files.cert, '--tls-key', files.key, '--ca', files.ca, ...extra,
+    '--tls-cert', files.cert, '--tls-key', files.key, '--ca', files.ca, ...extra, ...EXTRA_BROKER_FLAGS,
   ];
 }
 
@@ -334,8 +340,12 @@ async function runTunnelCases(ctx, result) {
       for (const s of order(unarySides)) {
         const warm = await callers[s].call('stream', { method: ECHO.bidi, messageBytes: STREAM_MESSAGE_BYTES, durationMs: P.streamWarmupMs });
         stream[s].addFailures(warm);
+        const before = Object.fromEntries(Object.entries(pathPids[s]).map(([name, pid]) => [name, cpuMsOfTree(pid)]));
         const r = await callers[s].call('stream', { method: ECHO.bidi, messageBytes: STREAM_MESSAGE_BYTES, durationMs: P.streamMs });
         stream[s].add('mb_s', r.mb_s, r);
+        // CPU ms per MiB echoed, each process of the path: where a streamed byte's cost goes.
+        const mib = r.receivedBytes / 2 ** 20;
+        for (const [proc, pid] of Object.entries(pathPids[s])) stream[s].add(`cpuMsPerMiB_${proc}`, mib ? Math.round(((cpuMsOfTree(pid) - before[proc]) / mib) * 100) / 100 : null, {});
         stream[s].add('durationMs', r.durationMs, {});
         if (r.failed) stream[s].notes.lastFailure = `${r.status} ${r.details ?? ''} (${r.receivedBytes} of ${r.sentBytes} bytes echoed)`;
       }
@@ -393,12 +403,58 @@ async function timeUntilAgents(adminPort, n, t0Ms, timeoutMs) {
  */
 async function connectFleet(swarms, admin, broker, startArgs) {
   const t0 = performance.now();
+  const cpu = cpuMeter({ broker: broker.proc.pid, swarm: swarms.map((s) => s.proc.pid) });
   const started = await Promise.all(swarms.map((s) => s.call('start', { ...startArgs, arrivalPerS: P.scaleArrivalPerS / swarms.length })));
   const rampMs = Math.max(...started.map((s) => s.rampMs));
   const connect = await timeUntilAgents(admin, P.scaleAgents, t0, rampMs + P.scaleWaitMs);
+  const cpuS = cpu.seconds();
   const status = await Promise.all(swarms.map((s) => s.call('status')));
   const sum = (key) => status.reduce((total, s) => total + s[key], 0);
-  return { connect, neverConnected: sum('neverConnected'), failedAttempts: sum('failedAttempts'), rampMs, loaded: await settledRssKiB(broker.proc), started: started[0] };
+  return {
+    connect, cpuS, neverConnected: sum('neverConnected'), failedAttempts: sum('failedAttempts'), failuresByCause: sumFailures(status), rampMs,
+    loaded: await settledRssKiB(broker.proc), started: started[0],
+  };
+}
+
+/** The swarms' failed attempts by cause, added up (`minus`: a previous total to subtract). */
+function sumFailures(statuses, minus = {}) {
+  const out = {};
+  for (const st of statuses) for (const [cause, n] of Object.entries(st.failuresByCause ?? {})) if (typeof n === 'number') out[cause] = (out[cause] ?? 0) + n;
+  for (const [cause, n] of Object.entries(minus)) out[cause] = (out[cause] ?? 0) - n;
+  return out;
+}
+
+/**
+ * CPU seconds each named process (or list of processes) spends from now until `seconds()`: how
+ * much of the machine the broker and the simulated agents each took during a phase.
+ */
+function cpuMeter(pids) {
+  const total = (p) => (Array.isArray(p) ? p.reduce((ms, one) => ms + cpuMsOfTree(one), 0) : cpuMsOfTree(p));
+  const before = Object.fromEntries(Object.entries(pids).map(([name, p]) => [name, total(p)]));
+  return { seconds: () => Object.fromEntries(Object.entries(pids).map(([name, p]) => [name, Math.round(total(p) - before[name]) / 1000])) };
+}
+
+/** The value of an unlabelled counter in the broker's /metrics, or null when it is not there. */
+async function brokerCounter(adminPort, name) {
+  const text = (await httpGet(`http://127.0.0.1:${adminPort}/metrics`)).body;
+  const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
+  return m ? Number(m[1]) : null;
+}
+
+/**
+ * Node's own memory per idle mTLS connection (bench/connection-floor.js: bare node:tls, bare
+ * node:http2, and node:http2 with as many idle streams as an agent holds), with the bench's
+ * broker and agent certificates: the floor under the broker's RSS per agent.
+ */
+function connectionFloor(dirs, connections, streams) {
+  const pem = (dir) => {
+    const f = certFiles(dir);
+    return { certPem: fs.readFileSync(f.cert, 'utf8'), keyPem: fs.readFileSync(f.key, 'utf8'), caPem: fs.readFileSync(f.ca, 'utf8') };
+  };
+  const certsFile = path.join(tmp, 'connection-floor-certs.json');
+  fs.writeFileSync(certsFile, JSON.stringify({ server: pem(dirs.broker), client: pem(dirs.agent) }), { mode: 0o600 });
+  const out = execFileSync(process.execPath, [path.join(__dirname, 'connection-floor.js'), certsFile, String(connections), String(streams)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] });
+  return JSON.parse(out);
 }
 
 const perAgentKiB = (loaded, idle, n) => Math.round(((loaded.rssKiB - idle.rssKiB) / n) * 10) / 10;
@@ -412,7 +468,13 @@ async function runScale(ctx, result) {
   const startBroker = () => startBurrow('scale-broker', BROKER_CLI, args, { nodeFlags: gcFlags, startedMessage: 'broker started' });
   let broker = await startBroker();
   const ids = Array.from({ length: n }, (_, i) => `scale-${i}`);
-  const swarms = Array.from({ length: P.swarmProcesses }, (_, i) => forkChild('agent-swarm.js', `agent-swarm-${i}`));
+  const swarms = Array.from({ length: P.swarmProcesses }, (_, i) => forkChild('agent-swarm.js', `agent-swarm-${i}`, { profile: i === 0 }));
+  // In production the agents run on their own machines; here the swarm processes share 2 cores
+  // with the broker, and the kernel's fair share would give the one broker process 1/(swarms + 1)
+  // of the CPU while every simulated agent does a full client handshake (which costs more than the
+  // broker's side). Lower priority lets the broker take the CPU it needs, as it would on its own
+  // host; the swarms still get all the rest.
+  for (const s of swarms) os.setPriority(s.proc.pid, SWARM_NICE);
   log(`scale: issuing ${n} agent certificates in ${swarms.length} processes`);
   const t0Issue = performance.now();
   await Promise.all(swarms.map((s, i) => s.call('issue', { pkiDir: dirs.pki, ids: ids.filter((_, j) => j % swarms.length === i) })));
@@ -437,9 +499,13 @@ async function runScale(ctx, result) {
   broker.proc.expectedExit = true;
   broker.proc.signal('SIGKILL');
   await broker.proc.exited;
+  const swarmCpu = cpuMeter({ swarm: swarms.map((s) => s.proc.pid) });
   broker = await startBroker();
   const restartSeconds = (performance.now() - t0Kill) / 1000;
+  const brokerCpu = cpuMeter({ broker: broker.proc.pid });
   const reconnect = await timeUntilAgents(admin, n, t0Kill, P.scaleWaitMs);
+  const reconnectCpuS = { ...brokerCpu.seconds(), ...swarmCpu.seconds() };
+  const reconnectShed = await brokerCounter(admin, 'burrow_broker_handshakes_shed_total');
   // A fresh channel: the old one may sit in grpc-js' reconnect backoff from the kill, which is
   // the caller's own client and not what this case measures.
   await caller.call('close');
@@ -469,12 +535,19 @@ async function runScale(ctx, result) {
     failedConnectAttempts: {
       connect: first.failedAttempts, reconnect: swarmStatus.reduce((total, s) => total + s.failedAttempts, 0) - first.failedAttempts, oneIdleStream: one.failedAttempts,
     },
+    failedConnectAttemptsByCause: { connect: first.failuresByCause, reconnect: sumFailures(swarmStatus, first.failuresByCause), oneIdleStream: one.failuresByCause },
     agentsConnectedAtEnd: { connect: connect.connected, reconnect: reconnect.connected, oneIdleStream: one.connect.connected },
     brokerRssKiB: { idle: idle.rssKiB, withAgents: loaded.rssKiB, idleOneStreamRun: idleOne.rssKiB, withAgentsOneStream: one.loaded.rssKiB },
     heapBytesPerAgent: Math.round((loaded.heapUsedBytes - idle.heapUsedBytes) / n),
     heapBytesPerAgent1IdleStream: Math.round((one.loaded.heapUsedBytes - idleOne.heapUsedBytes) / n),
     brokerRestartToStartedS: Math.round(restartSeconds * 100) / 100,
+    // Where the CPU went: on 2 cores the simulated agents' TLS and gRPC clients compete with the
+    // broker, so broker CPU seconds per agent is what a broker on its own core would need.
+    cpuS: { connect: first.cpuS, reconnect: reconnectCpuS },
+    brokerCpuMsPerAgent: { connect: Math.round((first.cpuS.broker * 1000 / n) * 100) / 100, reconnect: Math.round((reconnectCpuS.broker * 1000 / n) * 100) / 100 },
+    reconnectHandshakesShed: reconnectShed,
     restartIs: 'SIGKILL (a crash), then the same command on the same ports; timed from the kill; reconnects are not paced',
+    swarmNice: SWARM_NICE,
     connectIs: `first connects paced at ${P.scaleArrivalPerS}/s over the fleet (${(first.rampMs / 1000).toFixed(1)} s ramp); timed from the first; waits at most ramp + ${P.scaleWaitMs / 1000} s`,
     arrivalPerS: P.scaleArrivalPerS,
     waitBoundS: P.scaleWaitMs / 1000,
@@ -484,8 +557,16 @@ async function runScale(ctx, result) {
     swarm: { processes: swarms.length, certificateIssueS: Math.round(issueSeconds * 10) / 10, status: swarmStatus },
   };
   await Promise.all(swarms.map((s) => s.call('stop').catch(() => {})));
-  await Promise.all(swarms.map((s) => s.kill()));
+  await Promise.all(swarms.map((s) => s.close()));
   await stopGracefully(broker.proc);
+
+  // With the broker and swarms gone, so that nothing else competes for the CPU or the memory.
+  log('scale: the floor, idle connections to bare node:tls and node:http2 servers');
+  const floor = connectionFloor(dirs, Math.min(n, 2000), 1 + first.started.minIdleOffers);
+  result.cases.scale.rss_floor_kib_per_connection = {
+    tls: floor.tls, http2: floor.http2, http2WithAgentStreams: floor.http2Streams, streams: floor.streams, connections: floor.connections,
+    is: 'RSS per idle connection of a server with no Burrow and no grpc-js: node:tls with a client certificate; node:http2 on it; the same with the session stream and idle offers of one agent as plain HTTP/2 streams',
+  };
 }
 
 // ---- case 5: certificate issuance ------------------------------------------------------------
