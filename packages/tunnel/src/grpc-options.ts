@@ -15,9 +15,11 @@ export const DEFAULT_KEEPALIVE: KeepaliveSettings = { timeMs: 20_000, timeoutMs:
 // message; memory is bounded per call by flow control and the message limit instead.
 const UNLIMITED_SESSION_MEMORY = Number.MAX_SAFE_INTEGER;
 
-// grpc-js' channelz keeps a call tracker with its own closures on every stream and connection;
-// Burrow never serves channelz, and on the broker it was ~2 KiB of heap per idle agent (one per
-// tunnel stream) plus work on every forwarded call.
+// Channels only: grpc-js' channelz keeps a call tracker per call, which Burrow never reads. Servers
+// keep it on although it costs the broker ~2 KiB of heap per idle agent: grpc-js 1.14's
+// Server.forceShutdown() destroys only the sessions channelz tracks, so with it off a draining
+// broker could not cut the connections of callers that keep sending (the rolling-restart tests
+// then saw calls dropped at exit).
 const NO_CHANNELZ = { 'grpc.enable_channelz': 0 } as const;
 
 /** Options of a server that ends tunnel streams (the broker's agent listener). */
@@ -29,7 +31,6 @@ export function tunnelServerOptions(maxMessageBytes: number, keepalive: Keepaliv
     'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
     'grpc.keepalive_permit_without_calls': 1,
     'grpc-node.max_session_memory': UNLIMITED_SESSION_MEMORY,
-    ...NO_CHANNELZ,
   };
 }
 
@@ -57,7 +58,6 @@ export function callServerOptions(maxMessageBytes: number, keepalive: KeepaliveS
     'grpc.keepalive_time_ms': keepalive.timeMs,
     'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
     'grpc-node.max_session_memory': UNLIMITED_SESSION_MEMORY,
-    ...NO_CHANNELZ,
   };
 }
 
