@@ -30,6 +30,7 @@ const HELPERS = path.join(ROOT, 'test', 'dist', 'helpers');
 const { BurrowProcess, BROKER_CLI, AGENT_CLI, PKI_CLI, getJson, httpGet, killAll, pollUntil } = require(path.join(HELPERS, 'processes.js'));
 const { ECHO } = require(path.join(HELPERS, 'echo-upstream.js'));
 const { accepts, freePorts } = require(path.join(HELPERS, 'free-port.js'));
+const { metricSum, parseMetrics } = require(path.join(HELPERS, 'cluster.js'));
 
 const PROFILES = {
   quick: {
@@ -175,14 +176,23 @@ function cpuMsOfTree(pid) {
 }
 
 /**
- * CPU µs per call of each process on a side's path during one measurement: what each hop costs,
- * which other load on the machine disturbs far less than the wall clock.
+ * CPU each named process (or list of processes) spends from now on: `ms()` per name so far,
+ * `seconds()` the same in seconds. What each hop or phase costs, which other load on the machine
+ * disturbs far less than the wall clock.
  */
+function cpuMeter(pids) {
+  const total = (p) => (Array.isArray(p) ? p.reduce((ms, one) => ms + cpuMsOfTree(one), 0) : cpuMsOfTree(p));
+  const before = Object.fromEntries(Object.entries(pids).map(([name, p]) => [name, total(p)]));
+  const ms = () => Object.fromEntries(Object.entries(pids).map(([name, p]) => [name, total(p) - before[name]]));
+  return { ms, seconds: () => Object.fromEntries(Object.entries(ms()).map(([name, v]) => [name, Math.round(v) / 1000])) };
+}
+
+/** CPU µs per call of each process on a side's path during one measurement. */
 async function withCpuPerCall(pids, measure) {
-  const before = Object.fromEntries(Object.entries(pids).map(([name, pid]) => [name, cpuMsOfTree(pid)]));
+  const cpu = cpuMeter(pids);
   const r = await measure();
   const calls = r.allCalls;
-  r.cpuUsPerCall = Object.fromEntries(Object.entries(pids).map(([name, pid]) => [name, calls ? Math.round(((cpuMsOfTree(pid) - before[name]) * 1000) / calls) : null]));
+  r.cpuUsPerCall = Object.fromEntries(Object.entries(cpu.ms()).map(([name, ms]) => [name, calls ? Math.round((ms * 1000) / calls) : null]));
   return r;
 }
 
@@ -340,12 +350,12 @@ async function runTunnelCases(ctx, result) {
       for (const s of order(unarySides)) {
         const warm = await callers[s].call('stream', { method: ECHO.bidi, messageBytes: STREAM_MESSAGE_BYTES, durationMs: P.streamWarmupMs });
         stream[s].addFailures(warm);
-        const before = Object.fromEntries(Object.entries(pathPids[s]).map(([name, pid]) => [name, cpuMsOfTree(pid)]));
+        const cpu = cpuMeter(pathPids[s]);
         const r = await callers[s].call('stream', { method: ECHO.bidi, messageBytes: STREAM_MESSAGE_BYTES, durationMs: P.streamMs });
         stream[s].add('mb_s', r.mb_s, r);
         // CPU ms per MiB echoed, each process of the path: where a streamed byte's cost goes.
         const mib = r.receivedBytes / 2 ** 20;
-        for (const [proc, pid] of Object.entries(pathPids[s])) stream[s].add(`cpuMsPerMiB_${proc}`, mib ? Math.round(((cpuMsOfTree(pid) - before[proc]) / mib) * 100) / 100 : null, {});
+        for (const [proc, ms] of Object.entries(cpu.ms())) stream[s].add(`cpuMsPerMiB_${proc}`, mib ? Math.round((ms / mib) * 100) / 100 : null, {});
         stream[s].add('durationMs', r.durationMs, {});
         if (r.failed) stream[s].notes.lastFailure = `${r.status} ${r.details ?? ''} (${r.receivedBytes} of ${r.sentBytes} bytes echoed)`;
       }
@@ -424,21 +434,9 @@ function sumFailures(statuses, minus = {}) {
   return out;
 }
 
-/**
- * CPU seconds each named process (or list of processes) spends from now until `seconds()`: how
- * much of the machine the broker and the simulated agents each took during a phase.
- */
-function cpuMeter(pids) {
-  const total = (p) => (Array.isArray(p) ? p.reduce((ms, one) => ms + cpuMsOfTree(one), 0) : cpuMsOfTree(p));
-  const before = Object.fromEntries(Object.entries(pids).map(([name, p]) => [name, total(p)]));
-  return { seconds: () => Object.fromEntries(Object.entries(pids).map(([name, p]) => [name, Math.round(total(p) - before[name]) / 1000])) };
-}
-
-/** The value of an unlabelled counter in the broker's /metrics, or null when it is not there. */
+/** The sum of a metric's series in the broker's /metrics. */
 async function brokerCounter(adminPort, name) {
-  const text = (await httpGet(`http://127.0.0.1:${adminPort}/metrics`)).body;
-  const m = new RegExp(`^${name} (\\S+)$`, 'm').exec(text);
-  return m ? Number(m[1]) : null;
+  return metricSum(parseMetrics((await httpGet(`http://127.0.0.1:${adminPort}/metrics`)).body), name);
 }
 
 /**

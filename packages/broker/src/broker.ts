@@ -7,7 +7,7 @@ import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  cachePeerCertificates, identityOfCertificate, installCatchAll, limitPendingHandshakes, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions, wasShed,
+  cachePeerCertificates, identityOfCertificate, installCatchAll, limitPendingHandshakes, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki, type BrokerPkiStatus } from './broker-pki';
@@ -228,7 +228,7 @@ export class Broker {
     const agentPort = await bind(this.agentServer, this.config.agentListen, agentCreds);
     const apiPort = await bind(this.apiServer, this.config.apiListen, apiCreds);
     const onTlsError = (listener: string) => (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
-      if (wasShed(socket)) return;
+      // Connections shed by the handshake cap never get here: they are never wrapped in TLS.
       // Node reports a refused client certificate as a reset; the reason is on the socket.
       const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
       if (!reason && PEER_HANG_UPS.has(err.code ?? '')) {

@@ -97,11 +97,11 @@ export function cachePeerCertificates(server: Server): void {
   }
 }
 
-/** What {@link limitPendingHandshakes} reports and lets a broker read for /status and metrics. */
+/** What {@link limitPendingHandshakes} reports (the broker exports both as metrics). */
 export interface HandshakeLimiter {
   /** TLS handshakes running now (connections accepted and not yet secure or closed). */
   pending(): number;
-  /** Connections closed at once because `maxPending` handshakes were already running. */
+  /** Connections reset at once because `maxPending` handshakes were already running. */
   shed(): number;
 }
 
@@ -129,7 +129,6 @@ export function limitPendingHandshakes(server: Server, maxPending: number, onShe
     s.on('connection', (raw: Socket) => {
       if (maxPending > 0 && inHandshake.size >= maxPending) {
         shedCount++;
-        SHED.add(raw);
         onShed(raw);
         // A reset, not a FIN: the agent fails at once, and no TIME_WAIT is left on the broker.
         raw.resetAndDestroy();
@@ -146,13 +145,4 @@ export function limitPendingHandshakes(server: Server, maxPending: number, onShe
     });
   }
   return { pending: () => inHandshake.size, shed: () => shedCount };
-}
-
-/** Connections {@link limitPendingHandshakes} closed: their TLS errors are not handshake refusals. */
-const SHED = new WeakSet<Socket>();
-
-/** True when `socket` (the TLS socket or its TCP socket) was closed by the handshake limit. */
-export function wasShed(socket: { _parent?: Socket } | Socket | undefined): boolean {
-  if (!socket) return false;
-  return SHED.has(socket as Socket) || Boolean((socket as { _parent?: Socket })._parent && SHED.has((socket as { _parent: Socket })._parent));
 }
