@@ -4,7 +4,6 @@
  * flags, BURROW_AGENT_* variables and the YAML config file into a typed {@link AgentConfig},
  * creates the logger and runs the agent until SIGTERM/SIGINT.
  */
-import './v8-flags';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
