@@ -154,23 +154,29 @@ export class CallerApi {
     }
     const { registry, metrics } = this.deps;
     const { agentId, callId, caller } = admitted;
-    const abort = new AbortController();
-    const onCancel = (): void => abort.abort();
-    call.on('cancelled', onCancel);
-    const deadline = call.getDeadline();
-    const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
-    let route: Route;
     metrics.toAgentCallStarted();
-    try {
-      route = await this.route(agentId, deadlineMs, abort.signal);
-    } catch (err) {
-      metrics.toAgentCallEnded();
+    // The common case, an idle offer of the agent's tunnel here, has nothing to wait for and so
+    // nothing to cancel: no AbortController (an EventTarget, ~1.5% of the broker's CPU per call).
+    const idle = registry.tryAcquire(agentId);
+    let route: Route;
+    if (idle) route = { local: true, offer: idle, stream: idle.stream };
+    else {
+      const abort = new AbortController();
+      const onCancel = (): void => abort.abort();
+      call.on('cancelled', onCancel);
+      const deadline = call.getDeadline();
+      const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
+      try {
+        route = await this.route(agentId, deadlineMs, abort.signal);
+      } catch (err) {
+        metrics.toAgentCallEnded();
+        call.removeListener('cancelled', onCancel);
+        rejectCall(call, err as BurrowError);
+        admitted.finish((err as BurrowError).code, (err as BurrowError).message);
+        return;
+      }
       call.removeListener('cancelled', onCancel);
-      rejectCall(call, err as BurrowError);
-      admitted.finish((err as BurrowError).code, (err as BurrowError).message);
-      return;
     }
-    call.removeListener('cancelled', onCancel);
     const outcome = await originate(call, route.stream, { callId, peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`, caller: caller.spiffeId });
     if (route.local) registry.callFinished(route.offer);
     metrics.toAgentCallEnded();

@@ -231,18 +231,23 @@ export class TunnelRegistry {
     if (stream.reusable) session.active.delete(stream);
   }
 
+  /** Takes an idle offer of `agentId` if one is free now; undefined when the call would have to wait. */
+  tryAcquire(agentId: string): IdleOffer | undefined {
+    const entry = this.agents.get(agentId);
+    const offer = entry && this.takeIdle(entry);
+    if (offer) offer.session.active.add(offer.stream);
+    return offer;
+  }
+
   /**
    * Takes an idle offer of `agentId`, waiting up to `waitMs` for one. Rejects with UNAVAILABLE naming
    * the agent when it is not connected or no offer came in time, and with DEADLINE_EXCEEDED when
    * `deadlineMs` (the caller's deadline) comes first. `signal` aborts the wait (caller cancelled).
    */
   acquire(agentId: string, waitMs: number, deadlineMs: number, signal: AbortSignal): Promise<IdleOffer> {
+    const offer = this.tryAcquire(agentId);
+    if (offer) return Promise.resolve(offer);
     const entry = this.entry(agentId);
-    const offer = this.takeIdle(entry);
-    if (offer) {
-      offer.session.active.add(offer.stream);
-      return Promise.resolve(offer);
-    }
     return new Promise<IdleOffer>((resolve, reject) => {
       const callerDeadlineFirst = deadlineMs - Date.now() < waitMs;
       const timer = setTimeout(() => {
