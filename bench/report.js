@@ -59,22 +59,27 @@ function tableLines(result) {
   const u = cases.unary;
   const p = cases.policy;
   const s = cases.stream;
+  // The grpc-js relay columns (relay.js: the same hops with nothing but grpc-js forwarding) appear
+  // when the run measured them; results of runs before they existed print as they did.
+  const relay = Boolean(u?.relay || s?.relay);
+  const sideCells = (bySide, key, digits = 0) => [fmt(bySide.direct?.[key], digits), fmt(bySide.burrow?.[key], digits), fmt(bySide.ssh?.[key], digits), ...(relay ? [fmt(bySide.relay?.[key], digits)] : [])];
+  const vsRelay = (bySide, key) => (relay ? [times(ratio(bySide.burrow?.[key], bySide.relay?.[key]))] : []);
   if (u || s) {
-    row('case', 'direct', 'burrow', 'ssh', 'burrow/direct', 'target', 'result');
-    row('---', '---:', '---:', '---:', '---:', '---', '---');
+    row('case', 'direct', 'burrow', 'ssh', ...(relay ? ['grpc-js relay'] : []), 'burrow/direct', ...(relay ? ['burrow/relay'] : []), 'target', 'result');
+    row('---', '---:', '---:', '---:', ...(relay ? ['---:'] : []), '---:', ...(relay ? ['---:'] : []), '---', '---');
   }
   if (u) {
-    const r = (label, key, target, rule) => row(label, fmt(u.direct?.[key]), fmt(u.burrow?.[key]), fmt(u.ssh?.[key]), target ? targetTimes(target) : times(ratio(u.burrow?.[key], u.direct?.[key])), rule ?? '', target ? verdict(target) : '');
+    const r = (label, key, target, rule) => row(label, ...sideCells(u, key), target ? targetTimes(target) : times(ratio(u.burrow?.[key], u.direct?.[key])), ...vsRelay(u, key), rule ?? '', target ? verdict(target) : '');
     r('unary 100 B p50 (µs)', 'p50_us', t.unary_p50, '<= 2.5x');
     r('unary p99 (µs)', 'p99_us');
     for (const c of [1, 16]) r(`unary calls/s, c=${c}`, `rps_c${c}`);
     r('unary calls/s, c=64', 'rps_c64', t.unary_rps_c64, '>= 0.4x');
-    row('unary failed calls', fmt(u.direct?.failed), fmt(u.burrow?.failed), fmt(u.ssh?.failed), '', '', '');
+    row('unary failed calls', ...sideCells(u, 'failed'), '', ...(relay ? [''] : []), '', '');
   }
   if (s) {
-    row('bidi 64 KiB stream (MB/s)', fmt(s.direct?.mb_s, 1), fmt(s.burrow?.mb_s, 1), fmt(s.ssh?.mb_s, 1), targetTimes(t.stream_vs_direct), '>= 0.5x direct; >= ssh',
+    row('bidi 64 KiB stream (MB/s)', ...sideCells(s, 'mb_s', 1), targetTimes(t.stream_vs_direct), ...vsRelay(s, 'mb_s'), '>= 0.5x direct; >= ssh',
       `${verdict(t.stream_vs_direct)}; ${verdict(t.stream_vs_ssh)} (${targetTimes(t.stream_vs_ssh)} ssh)`);
-    row('stream failed calls', fmt(s.direct?.failed), fmt(s.burrow?.failed), fmt(s.ssh?.failed), '', '', '');
+    row('stream failed calls', ...sideCells(s, 'failed'), '', ...(relay ? [''] : []), '', '');
   }
   if (p) {
     lines.push('');

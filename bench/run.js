@@ -288,6 +288,11 @@ async function runTunnelCases(ctx, result) {
     result.machine.sshError = err.message;
   }
   result.machine.ssh = ssh?.version;
+  // The floor of forwarding with grpc-js: two bare relays on the same hops (see relay.js).
+  const relays = [forkChild('relay.js', 'relay-agent-hop'), forkChild('relay.js', 'relay-broker-hop')];
+  const agentHop = await relays[0].call('start', { listenTls: certFiles(dirs.broker), target: echo });
+  const brokerHop = await relays[1].call('start', { listenTls: certFiles(dirs.broker), target: agentHop, targetTls: certFiles(dirs.agent) });
+  sides.relay = { address: brokerHop, tls: certFiles(dirs.caller) };
 
   const callers = {};
   for (const [name, target] of Object.entries(sides)) {
@@ -303,6 +308,7 @@ async function runTunnelCases(ctx, result) {
     direct: { caller: callers.direct.proc.pid, upstream: upstreamPid },
     burrow: { caller: callers.burrow.proc.pid, broker: broker.proc.pid, agent: agent.proc.pid, upstream: upstreamPid },
     ...(ssh ? { ssh: { caller: callers.ssh.proc.pid, sshd: ssh.sshdPid, ssh: ssh.sshPid, upstream: upstreamPid } } : {}),
+    relay: { caller: callers.relay.proc.pid, relayBroker: relays[1].proc.pid, relayAgent: relays[0].proc.pid, upstream: upstreamPid },
   };
   const unary = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
   const policy = { floor: new SideResult(), burrow_policy: new SideResult() };
@@ -375,6 +381,7 @@ async function runTunnelCases(ctx, result) {
   await restarting;
   await Promise.all([stopGracefully(agent.proc), stopGracefully(broker.proc)]);
   for (const c of Object.values(callers)) await c.kill();
+  for (const r of relays) await r.kill();
 }
 
 function tlsArgs(files) {
