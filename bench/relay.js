@@ -6,7 +6,8 @@
 // nothing else (no identity, policy, tunnel frames, metrics or logs). Two of them in a row, the
 // first behind mTLS and the second reached over mTLS, are the same hops as caller -> broker ->
 // agent -> upstream, so `relay` next to `burrow` in the table says what Burrow costs above
-// forwarding with grpc-js at all.
+// forwarding with grpc-js at all. A third one in front of the policy case's floor server is the
+// floor of any two-hop answer (`relay_policy`, next to `burrow_policy`).
 const fs = require('node:fs');
 const path = require('node:path');
 const { Client, Server, ServerCredentials, credentials, status: Status } = require('@grpc/grpc-js');
@@ -50,16 +51,17 @@ function relay(method, call) {
 serveIpc({
   /**
    * listenTls: {ca, cert, key} files to serve mTLS with (else plaintext); target: HOST:PORT;
-   * targetTls: {ca, cert, key} files to reach it over mTLS (else plaintext). Resolves with the
+   * targetTls: {ca, cert, key} files to reach it over mTLS (else plaintext); methods: the full
+   * method paths to relay (default: the echo upstream's unary and bidi). Resolves with the
    * address listened on.
    */
-  async start({ listenTls, target, targetTls }) {
+  async start({ listenTls, target, targetTls, methods = [ECHO.unary, ECHO.bidi] }) {
     const read = (f) => fs.readFileSync(f);
     client = targetTls
       ? new Client(target, credentials.createSsl(read(targetTls.ca), read(targetTls.key), read(targetTls.cert)), { 'grpc.ssl_target_name_override': TLS_NAME, 'grpc.default_authority': TLS_NAME, 'grpc.enable_retries': 0 })
       : new Client(target, credentials.createInsecure(), { 'grpc.enable_retries': 0 });
     server = new Server();
-    for (const method of [ECHO.unary, ECHO.bidi]) server.register(method, (call) => relay(method, call), identity, identity, 'bidi');
+    for (const method of methods) server.register(method, (call) => relay(method, call), identity, identity, 'bidi');
     const creds = listenTls ? ServerCredentials.createSsl(read(listenTls.ca), [{ cert_chain: read(listenTls.cert), private_key: read(listenTls.key) }], true) : ServerCredentials.createInsecure();
     const port = await new Promise((resolve, reject) => server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))));
     return `127.0.0.1:${port}`;

@@ -83,12 +83,16 @@ function tableLines(result) {
   }
   if (p) {
     lines.push('');
-    row('policy decision', 'floor (1 hop)', 'burrow_policy', 'burrow/floor', 'target', 'result');
-    row('---', '---:', '---:', '---:', '---', '---');
-    row('Evaluate p50 (µs)', fmt(p.floor?.p50_us), fmt(p.burrow_policy?.p50_us), targetTimes(t.policy_p50), '<= 2x', verdict(t.policy_p50));
-    row('Evaluate p99 (µs)', fmt(p.floor?.p99_us), fmt(p.burrow_policy?.p99_us), times(ratio(p.burrow_policy?.p99_us, p.floor?.p99_us)), '', '');
-    row('Evaluate calls/s, c=64', fmt(p.floor?.rps_c64), fmt(p.burrow_policy?.rps_c64), times(ratio(p.burrow_policy?.rps_c64, p.floor?.rps_c64)), '', '');
-    row('failed calls', fmt(p.floor?.failed), fmt(p.burrow_policy?.failed), '', '', '');
+    // relay_policy: the floor server behind one grpc-js relay (two hops, no decision), when measured.
+    const rp = Boolean(p.relay_policy);
+    const policyRow = (label, key, target, rule) => row(label, fmt(p.floor?.[key]), fmt(p.burrow_policy?.[key]), ...(rp ? [fmt(p.relay_policy?.[key])] : []),
+      target ? targetTimes(target) : times(ratio(p.burrow_policy?.[key], p.floor?.[key])), ...(rp ? [times(ratio(p.relay_policy?.[key], p.floor?.[key]))] : []), rule ?? '', target ? verdict(target) : '');
+    row('policy decision', 'floor (1 hop)', 'burrow_policy', ...(rp ? ['grpc-js relay to the floor (2 hops)'] : []), 'burrow/floor', ...(rp ? ['relay/floor'] : []), 'target', 'result');
+    row('---', '---:', '---:', ...(rp ? ['---:'] : []), '---:', ...(rp ? ['---:'] : []), '---', '---');
+    policyRow('Evaluate p50 (µs)', 'p50_us', t.policy_p50, '<= 2x');
+    policyRow('Evaluate p99 (µs)', 'p99_us');
+    policyRow('Evaluate calls/s, c=64', 'rps_c64');
+    row('failed calls', fmt(p.floor?.failed), fmt(p.burrow_policy?.failed), ...(rp ? [fmt(p.relay_policy?.failed)] : []), '', ...(rp ? [''] : []), '', '');
   }
   const sc = cases.scale;
   const is = cases.issuance;

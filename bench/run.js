@@ -293,6 +293,9 @@ async function runTunnelCases(ctx, result) {
   const agentHop = await relays[0].call('start', { listenTls: certFiles(dirs.broker), target: echo });
   const brokerHop = await relays[1].call('start', { listenTls: certFiles(dirs.broker), target: agentHop, targetTls: certFiles(dirs.agent) });
   sides.relay = { address: brokerHop, tls: certFiles(dirs.caller) };
+  // And the policy case's two-hop floor: one relay behind mTLS in front of the trivial server.
+  relays.push(forkChild('relay.js', 'relay-policy'));
+  const policyHop = await relays[2].call('start', { listenTls: certFiles(dirs.broker), target: floor, methods: [POLICY_METHODS.evaluate] });
 
   const callers = {};
   for (const [name, target] of Object.entries(sides)) {
@@ -301,6 +304,8 @@ async function runTunnelCases(ctx, result) {
   }
   callers.floor = forkChild('caller.js', 'caller-floor');
   await callers.floor.call('connect', { address: floor });
+  callers.relayPolicy = forkChild('caller.js', 'caller-relay-policy');
+  await callers.relayPolicy.call('connect', { address: policyHop, tls: certFiles(dirs.caller) });
 
   const unarySides = Object.keys(sides);
   const upstreamPid = ctx.upstreamPid;
@@ -311,9 +316,9 @@ async function runTunnelCases(ctx, result) {
     relay: { caller: callers.relay.proc.pid, relayBroker: relays[1].proc.pid, relayAgent: relays[0].proc.pid, upstream: upstreamPid },
   };
   const unary = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
-  const policy = { floor: new SideResult(), burrow_policy: new SideResult() };
+  const policy = { floor: new SideResult(), burrow_policy: new SideResult(), relay_policy: new SideResult() };
   const stream = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
-  const policyCallers = { floor: callers.floor, burrow_policy: callers.burrow };
+  const policyCallers = { floor: callers.floor, burrow_policy: callers.burrow, relay_policy: callers.relayPolicy };
   const payloadB64 = Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64');
   const policyB64 = API_CODECS.evaluationRequest.encode(JSON.parse(fs.readFileSync(POLICY_REQUEST_FILE, 'utf8'))).toString('base64');
   const latencyArgs = (method, b64) => ({ method, payloadB64: b64, calls: P.latencyCalls, warmupCalls: P.warmupCalls });
@@ -372,7 +377,8 @@ async function runTunnelCases(ctx, result) {
   if (CASES.includes('policy')) {
     result.cases.policy = {
       request: path.relative(ROOT, POLICY_REQUEST_FILE), policyCacheTtl: '0s',
-      floorIs: 'direct plaintext gRPC call to a trivial server answering a fixed permit (one hop)', ...plain(policy),
+      floorIs: 'direct plaintext gRPC call to a trivial server answering a fixed permit (one hop)',
+      relayPolicyIs: 'the same server behind one bare grpc-js relay reached over mTLS (two hops, no decision work)', ...plain(policy),
     };
   }
   if (CASES.includes('stream')) result.cases.stream = { messageBytes: STREAM_MESSAGE_BYTES, ...plain(stream) };

@@ -2,7 +2,7 @@ import { EventEmitter } from 'node:events';
 import { expect } from 'chai';
 import { status as Status, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
 import {
-  BurrowError, CallStream, INITIAL_CALL_STATE, ProtocolError, encodeCallFrame, isCallDone, transition,
+  BurrowError, CallStream, INITIAL_CALL_STATE, ProtocolError, answerLocally, decodeCallFrame, encodeCallFrame, isCallDone, transition,
   type CallFrame, type CallState, type CallStreamHandlers, type FrameSender,
 } from '@burrow/tunnel';
 
@@ -641,5 +641,41 @@ describe('CallStream (fake duplex)', () => {
     expect(r.closed).to.deep.equal([err]);
     fake.finishWith(Status.CANCELLED);
     expect(r.closed).to.have.length(1);
+  });
+});
+
+describe('answerLocally: the signal a built-in handler gets (fake duplex)', () => {
+  /** A call answered by a handler that resolves when `answer` is called; its signal is kept. */
+  function localCall(): { fake: FakeDuplex; signal: () => AbortSignal | undefined; answer: (b: Buffer) => void; outcome: Promise<{ code: number }> } {
+    const { fake, stream } = answererClient();
+    let signal: AbortSignal | undefined;
+    let answer: (b: Buffer) => void = () => {};
+    const outcome = answerLocally(stream, (START as Extract<CallFrame, { kind: 'start' }>).start, (_req, ctx) => {
+      signal = ctx.signal;
+      return new Promise<Buffer>((resolve) => { answer = resolve; });
+    }, { maxMessageBytes: 1024 });
+    fake.receive(START);
+    fake.receive(msg('question'));
+    fake.receive({ kind: 'halfClose' });
+    return { fake, signal: () => signal, answer: (b) => answer(b), outcome };
+  }
+
+  it('a handler that answered is not aborted afterwards (an abort per call cost ~2.5% of the agent\'s CPU)', async () => {
+    const c = localCall();
+    expect(c.signal()?.aborted).to.equal(false);
+    c.answer(Buffer.from('answer'));
+    await new Promise<void>((resolve) => setImmediate(resolve));
+    expect(c.fake.written.map((b) => decodeCallFrame(b).kind)).to.deep.equal(['headers', 'message', 'trailers']);
+    c.fake.finishWith(Status.OK);
+    expect((await c.outcome).code).to.equal(Status.OK);
+    expect(c.signal()!.aborted).to.equal(false);
+  });
+
+  it('a handler still running when the originator cancels is aborted, and the call ends CANCELLED', async () => {
+    const c = localCall();
+    c.fake.receive({ kind: 'cancel', reason: 'caller went away' });
+    expect(c.signal()!.aborted).to.equal(true);
+    c.fake.finishWith(Status.OK);
+    expect((await c.outcome).code).to.equal(Status.CANCELLED);
   });
 });

@@ -48,6 +48,10 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
     let requestBytes = 0;
     let responseBytes = 0;
     let outcome: CallOutcome | undefined;
+    // Set once the handler has answered: nothing is left to stop, so its signal is not aborted
+    // (an abort builds a DOMException with a stack and dispatches an event: ~2.5% of the agent's
+    // CPU per decision when it was done for every call).
+    let handlerDone = false;
     // Taken before any frame goes out: the call's end on the stream (closed, or a reusable stream
     // idle again) is when the outcome is final and the stream may carry the next call.
     const callEnded = stream.whenCallEnded();
@@ -57,7 +61,7 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
       if (outcome) return;
       outcome = { code, details, requestBytes, responseBytes };
       if (deadlineTimer) clearTimeout(deadlineTimer);
-      if (!abort.signal.aborted) abort.abort();
+      if (!handlerDone && !abort.signal.aborted) abort.abort();
       const final = outcome;
       void callEnded.then(() => resolve(final));
     };
@@ -110,8 +114,8 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
               return;
             }
             handler(request, { metadata, deadlineMs, signal: abort.signal, callId: start.callId, caller: start.caller || undefined }).then(
-              (response) => reply(undefined, response),
-              (err: unknown) => reply(toBurrowError(err, `${start.method} failed`)),
+              (response) => { handlerDone = true; reply(undefined, response); },
+              (err: unknown) => { handlerDone = true; reply(toBurrowError(err, `${start.method} failed`)); },
             );
             return;
           case 'cancel':
