@@ -5,6 +5,7 @@ import { readFileSync } from 'node:fs';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
 import { limitPendingHandshakes, type HandshakeLimiter } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
+import { stalledConnection } from './helpers/late-connection';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { Stack } from './helpers/stack';
@@ -18,14 +19,6 @@ type MetricLike = { get(): Promise<{ values: { value: number; labels: Record<str
 /** Sum of a prom-client metric's series whose labels include `labels`. */
 async function metricValue(metric: MetricLike, labels: Record<string, string> = {}): Promise<number> {
   return (await metric.get()).values.filter((v) => Object.entries(labels).every(([k, val]) => v.labels[k] === val)).reduce((n, v) => n + v.value, 0);
-}
-
-/** A TCP connection that never says ClientHello: a handshake the server has to wait for. */
-function stalledConnection(port: number): Promise<net.Socket> {
-  return new Promise((resolve, reject) => {
-    const s = net.connect(port, '127.0.0.1', () => resolve(s));
-    s.on('error', reject);
-  });
 }
 
 /** A full mTLS handshake as an agent; resolves with how it ended. */

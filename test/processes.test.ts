@@ -1,9 +1,11 @@
 import { expect } from 'chai';
 import { EventEmitter } from 'node:events';
+import * as http2 from 'node:http2';
 import * as net from 'node:net';
 import { Metadata, status as Status, type ServerDuplexStream, type ServiceError } from '@grpc/grpc-js';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { freePort } from './helpers/free-port';
+import { callOverStalledConnection, stalledConnection } from './helpers/late-connection';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import {
   getJson, httpGet, killAll, liveProcessCount, startAgent, startBroker, type AgentListing, type BurrowProcess, type BrokerPorts,
@@ -253,11 +255,34 @@ describe('processes (real broker and agent binaries)', function () {
       // `drained: true`: the broker finished before its --drain-timeout (10 s here) cut anything off.
       expect(await broker.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
       expect(broker.logs.find((l) => l.message === 'broker stopped')?.drained).to.equal(true);
+      // The GOAWAY moved the caller's calls off the connection: nothing was left to cut.
+      expect(broker.logs.filter((l) => /cutting/.test(String(l.message)))).to.deep.equal([]);
     } finally {
       stop = true;
       await Promise.all(loops);
     }
     expect([...codes.keys()].every((c) => c === Status.OK || c === Status.UNAVAILABLE), JSON.stringify([...codes])).to.equal(true);
+  });
+
+  it('(c1c) SIGTERM to the broker while a caller\'s connection is mid-handshake: that connection gets GOAWAY too, its call is refused before it starts, nothing is cut', async () => {
+    const { broker, bports } = await startPair(echo.address);
+    // Accepted before the SIGTERM, secure only after the drain closed the listener: it becomes an
+    // HTTP/2 session that the shutdown's first round of GOAWAYs did not see.
+    const raw = await stalledConnection(bports.apiPort);
+    const logsBefore = broker.logs.length;
+    broker.signal('SIGTERM');
+    await broker.waitForLog('broker draining', undefined, { from: logsBefore });
+    const late = callOverStalledConnection(raw, serviceCert, ECHO.unary, { 'burrow-agent-id': 'site-a' });
+    try {
+      expect(await late.first, 'what the late connection saw first').to.equal(`GOAWAY ${http2.constants.NGHTTP2_NO_ERROR}`);
+      // Refused by HTTP/2 (the stream is past the GOAWAY): a grpc-js caller retries it elsewhere.
+      expect(await late.streamClosed).to.equal(`stream closed (answered: false, rstCode ${http2.constants.NGHTTP2_REFUSED_STREAM})`);
+      expect(await broker.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
+    } finally {
+      late.close();
+    }
+    expect(broker.logs.find((l) => l.message === 'broker stopped')?.drained).to.equal(true);
+    expect(broker.logs.filter((l) => /cutting/.test(String(l.message))), 'connections cut after the grace').to.deep.equal([]);
   });
 
   it('(c2) SIGTERM to the agent: the call in flight completes OK, new calls are refused, exit code 0', async () => {

@@ -6,7 +6,7 @@ import { Server, ServerCredentials, experimental, status as Status, type Channel
 import {
   BurrowError, CredentialStore, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate,
   installCatchAll, rejectCall, statusName, upstreamChannelOptions, type BrokerEndpoint, type IssuedAgentCertificate, type JsonObject, type Logger,
-  logCallFinished,
+  logCallFinished, shutdownGracefully,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
 import { readState, writeFileAtomic, writeState } from './state-dir';
@@ -299,7 +299,7 @@ export class Agent {
     this.health.close();
     for (const wake of this.wakeLoops) wake();
     const local = this.localServer;
-    const localDone = local ? new Promise<void>((resolve) => local.tryShutdown(() => resolve())) : Promise.resolve();
+    const localDone = local ? shutdownGracefully(local) : Promise.resolve();
     await Promise.all([...this.connections].map((c) => c.drainAndClose(this.config.drainTimeoutMs, false, 'agent shutting down')));
     await Promise.all([...this.loops]);
     let timer: NodeJS.Timeout | undefined;

@@ -7,7 +7,7 @@ import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  cachePeerCertificates, identityOfCertificate, installCatchAll, limitPendingHandshakes, observeTlsClientErrors, tunnelServerOptions, upstreamChannelOptions,
+  cachePeerCertificates, identityOfCertificate, installCatchAll, limitPendingHandshakes, observeTlsClientErrors, shutdownGracefully, tunnelServerOptions, upstreamChannelOptions,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki, type BrokerPkiStatus } from './broker-pki';
@@ -401,21 +401,22 @@ export class Broker {
     const inFlight = this.registry.counts().activeCalls;
     this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });
     const drained = (async () => {
-      // No new connections; open ones get no new calls (each is refused: draining). A client that
-      // keeps sending refused calls keeps its connection busy, so the drain does not wait for
-      // connections to close but for the calls that were admitted: then the rest is cut.
+      // No new connections, and GOAWAY on every open one (including those still in their TLS
+      // handshake now): clients send new calls elsewhere, and a call that crossed the GOAWAY is
+      // refused (draining). The drain waits for the calls that were admitted, not for every
+      // connection to close: a client that never closes its end must not hold it.
       const apiAndPeer = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
-      const closed = Promise.all(apiAndPeer.map((server) => new Promise<void>((resolve) => server.tryShutdown(() => resolve()))));
+      const closed = Promise.all(apiAndPeer.map(shutdownGracefully));
       // Calls from agents (Forward streams) finish before the sessions go away.
       await this.waitFor(() => this.metrics.toAgentInFlight === 0 && this.registry.counts().activeCalls === 0);
       // The last statuses may still sit in send buffers: let the connections close by themselves
       // for a moment before cutting them.
-      await this.graceThenCut(closed, apiAndPeer);
+      await this.graceThenCut(closed, apiAndPeer, this.peerServer ? 'api, peer' : 'api');
       this.logger.debug('drain: no call in flight; closing tunnel sessions');
       this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down'));
       // Agents close their connections when their session ends; one reconnecting in a loop (it
       // is refused while the broker drains) must not hold the exit either.
-      await this.graceThenCut(new Promise<void>((resolve) => this.agentServer.tryShutdown(() => resolve())), [this.agentServer]);
+      await this.graceThenCut(shutdownGracefully(this.agentServer), [this.agentServer], 'agent');
       this.logger.debug('drain: agent listener closed');
     })();
     let timer: NodeJS.Timeout | undefined;
@@ -446,11 +447,16 @@ export class Broker {
     this.logger.info('broker stopped', { drained: !timedOut });
   }
 
-  /** Waits for `closed` at most {@link STATUS_FLUSH_GRACE_MS}, then cuts what is left of `servers`. */
-  private async graceThenCut(closed: Promise<unknown>, servers: Server[]): Promise<void> {
+  /**
+   * Waits for `closed` at most {@link STATUS_FLUSH_GRACE_MS}, then cuts what is left of `servers`
+   * (`listeners` names them in the log line that says a cut happened: after the GOAWAY, only a
+   * client that never closes its end should need one).
+   */
+  private async graceThenCut(closed: Promise<unknown>, servers: Server[], listeners: string): Promise<void> {
     let grace: NodeJS.Timeout | undefined;
-    await Promise.race([closed, new Promise<void>((resolve) => { grace = setTimeout(resolve, STATUS_FLUSH_GRACE_MS); })]);
+    const cut = await Promise.race([closed.then(() => false), new Promise<boolean>((resolve) => { grace = setTimeout(() => resolve(true), STATUS_FLUSH_GRACE_MS); })]);
     clearTimeout(grace);
+    if (cut) this.logger.warn('connections still open after the drain grace; cutting them', { listeners, graceMs: STATUS_FLUSH_GRACE_MS });
     for (const server of servers) server.forceShutdown();
   }
 

@@ -20,7 +20,7 @@ interface HandlerLookup {
  * routes every call through `Server._retrieveHandler(path)`, so we wrap that one method. A bidi
  * handler is right for all four call kinds: on the wire a unary call is a bidi call with one
  * message each way, and the far end's upstream enforces the real cardinality.
- * test/catch-all-server.test.ts fails if a grpc-js upgrade changes this hook.
+ * test/grpc-server-hooks.test.ts fails if a grpc-js upgrade changes this hook.
  */
 export function installCatchAll(server: Server, handler: CatchAllHandler): void {
   const lookup = server as unknown as HandlerLookup;
@@ -145,4 +145,24 @@ export function limitPendingHandshakes(server: Server, maxPending: number, onShe
     });
   }
   return { pending: () => inHandshake.size, shed: () => shedCount };
+}
+
+/**
+ * `server.tryShutdown()`, and a GOAWAY for every connection that becomes an HTTP/2 session after
+ * it. Why: tryShutdown closes the listener and sends GOAWAY to the sessions it has at that moment,
+ * but a connection still in its TLS handshake becomes a session afterwards, and grpc-js neither
+ * closes it nor refuses its calls: its client keeps sending calls there (each refused while the
+ * server drains) and the connection lives until forceShutdown() resets it, cancelling whatever it
+ * carries at that instant (CANCELLED, which a caller cannot tell from a call that ran). With the
+ * GOAWAY the client's calls go elsewhere, and the connection closes by itself as soon as what it
+ * carries is done. Resolves when every connection is closed, as tryShutdown does. Call after
+ * bindAsync; test/grpc-server-hooks.test.ts fails if grpc-js stops keeping `http2Servers`.
+ */
+export function shutdownGracefully(server: Server): Promise<void> {
+  for (const s of (server as unknown as Http2ServerList).http2Servers?.keys() ?? []) {
+    // Runs after grpc-js's own 'session' listener (added at bind), so grpc-js tracks the session
+    // and its close still holds tryShutdown's callback.
+    s.on('session', (session: import('node:http2').ServerHttp2Session) => session.close());
+  }
+  return new Promise((resolve) => server.tryShutdown(() => resolve()));
 }

@@ -1,0 +1,76 @@
+import { expect } from 'chai';
+import * as http2 from 'node:http2';
+import { readFileSync } from 'node:fs';
+import { Metadata, Server, ServerCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
+import { installCatchAll, shutdownGracefully } from '@burrow/tunnel';
+import { callOverStalledConnection, stalledConnection } from './helpers/late-connection';
+import { expectNoLeaks, snapshotResources } from './helpers/leaks';
+import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
+import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
+
+describe('grpc-js server hooks', function () {
+  let pki: PkiFixture;
+  let serverCert: CertFiles;
+  let clientCert: CertFiles;
+
+  before(async () => {
+    pki = await PkiFixture.create();
+    [serverCert, clientCert] = await Promise.all([pki.issue('broker', 'b'), pki.issue('service', 'platform-svc')]);
+  });
+  after(() => pki?.cleanup());
+
+  /** An mTLS server whose every call (any path) lands in the catch-all, which echoes `path:message`. */
+  async function serve(): Promise<{ server: Server; port: number; served: string[] }> {
+    const server = new Server();
+    const served: string[] = [];
+    installCatchAll(server, (call: ServerDuplexStream<Buffer, Buffer>) => {
+      const path = (call as unknown as { getPath(): string }).getPath();
+      call.once('data', (m: Buffer) => {
+        served.push(m.toString());
+        call.write(Buffer.from(`${path}:${m.toString()}`));
+        call.end();
+      });
+    });
+    const creds = ServerCredentials.createSsl(readFileSync(serverCert.ca), [{ private_key: readFileSync(serverCert.key), cert_chain: readFileSync(serverCert.cert) }], true);
+    const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))));
+    return { server, port, served };
+  }
+
+  it('installCatchAll: a call to a method the server does not register reaches the handler as raw bytes', async () => {
+    const { server, port } = await serve();
+    const client = new RawClient(`127.0.0.1:${port}`, mtlsCredentials(clientCert));
+    try {
+      const r = await client.unary('/some.unknown.Service/Method', Buffer.from('hello'), new Metadata());
+      expect(r.response.toString()).to.equal('/some.unknown.Service/Method:hello');
+    } finally {
+      client.close();
+      server.forceShutdown();
+    }
+  });
+
+  it('shutdownGracefully: a connection still in its TLS handshake when the shutdown began gets GOAWAY, and its call is not served', async () => {
+    const baseline = snapshotResources();
+    const { server, port, served } = await serve();
+    // A connection that is a session already (tryShutdown itself closes it) ...
+    const early = new RawClient(`127.0.0.1:${port}`, mtlsCredentials(clientCert));
+    expect((await early.unary('/x.Y/Z', Buffer.from('early'))).response.toString()).to.equal('/x.Y/Z:early');
+    // ... and one accepted but not yet secure: it becomes a session only after the shutdown began.
+    const raw = await stalledConnection(port);
+    let shutDown = false;
+    const done = shutdownGracefully(server).then(() => { shutDown = true; });
+    try {
+      const late = callOverStalledConnection(raw, clientCert, '/x.Y/Z');
+      expect(await late.first, 'what the late connection saw first').to.equal(`GOAWAY ${http2.constants.NGHTTP2_NO_ERROR}`);
+      expect(await late.streamClosed).to.equal(`stream closed (answered: false, rstCode ${http2.constants.NGHTTP2_REFUSED_STREAM})`);
+      // The late session closes by itself: nothing had to be cut for the shutdown to finish.
+      await done;
+      expect(served, 'calls the server handled').to.deep.equal(['early']);
+      late.close();
+    } finally {
+      early.close();
+      raw.destroy();
+      if (!shutDown) server.forceShutdown();
+    }
+    await expectNoLeaks(baseline);
+  });
+});
