@@ -1,18 +1,54 @@
 import * as net from 'node:net';
+import { readFileSync } from 'node:fs';
 
 /**
- * Ports that were free a moment ago on `host`: all are bound at once (so they are distinct), then
- * released. Another process could take one in between; tests use them at once.
+ * The kernel's ephemeral port range: where a bind to port 0 and every outgoing connection get their
+ * port. A port handed out from inside it can be taken by either between the check and the use (a
+ * broker binding its other listeners to port 0, an agent dialing out): ports are picked below it.
+ */
+function ephemeralRange(): [number, number] {
+  try {
+    const [low, high] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
+    if (low && high) return [low, high];
+  } catch {
+    // not Linux: the IANA range
+  }
+  return [49152, 65535];
+}
+
+const LOWEST_PORT = 10_000;
+/** Ports this process has handed out: never twice, so two callers cannot race for one. */
+const handedOut = new Set<number>();
+
+/** Listens on host:port; false when the port is taken (or not allowed). */
+function tryListen(server: net.Server, port: number, host: string): Promise<boolean> {
+  return new Promise((resolve) => {
+    const onError = (): void => resolve(false);
+    server.once('error', onError);
+    server.listen(port, host, () => { server.off('error', onError); resolve(true); });
+  });
+}
+
+/**
+ * Ports that were free a moment ago on `host`, below the ephemeral range and never handed out
+ * before by this process: all are bound at once (so they are distinct), then released. Only a
+ * process that binds fixed ports itself could take one in between.
  */
 export async function freePorts(count: number, host = '127.0.0.1'): Promise<number[]> {
+  const [ephemeralLow] = ephemeralRange();
+  const span = ephemeralLow - LOWEST_PORT;
   const servers: net.Server[] = [];
   try {
-    for (let i = 0; i < count; i++) {
+    for (let tries = 0; servers.length < count; tries++) {
+      if (span < 1_000 || tries > 1_000) throw new Error(`no free port below the ephemeral range (${ephemeralLow}) on ${host}`);
+      const port = LOWEST_PORT + Math.floor(Math.random() * span);
+      if (handedOut.has(port)) continue;
       const s = net.createServer();
-      servers.push(s);
-      await new Promise<void>((resolve, reject) => { s.once('error', reject); s.listen(0, host, () => resolve()); });
+      if (await tryListen(s, port, host)) servers.push(s);
     }
-    return servers.map((s) => (s.address() as net.AddressInfo).port);
+    const ports = servers.map((s) => (s.address() as net.AddressInfo).port);
+    for (const p of ports) handedOut.add(p);
+    return ports;
   } finally {
     await Promise.all(servers.map((s) => new Promise<void>((resolve) => (s.listening ? s.close(() => resolve()) : resolve()))));
   }
