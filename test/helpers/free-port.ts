@@ -2,18 +2,19 @@ import * as net from 'node:net';
 import { readFileSync } from 'node:fs';
 
 /**
- * The kernel's ephemeral port range: where a bind to port 0 and every outgoing connection get their
- * port. A port handed out from inside it can be taken by either between the check and the use (a
- * broker binding its other listeners to port 0, an agent dialing out): ports are picked below it.
+ * The low end of the kernel's ephemeral port range: where a bind to port 0 and every outgoing
+ * connection get their port. A port handed out from inside that range can be taken by either
+ * between the check and the use (a broker binding its other listeners to port 0, an agent dialing
+ * out): ports are picked below it.
  */
-function ephemeralRange(): [number, number] {
+function ephemeralLow(): number {
   try {
-    const [low, high] = readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/).map(Number);
-    if (low && high) return [low, high];
+    const low = Number(readFileSync('/proc/sys/net/ipv4/ip_local_port_range', 'utf8').trim().split(/\s+/)[0]);
+    if (low) return low;
   } catch {
     // not Linux: the IANA range
   }
-  return [49152, 65535];
+  return 49152;
 }
 
 const LOWEST_PORT = 10_000;
@@ -35,12 +36,12 @@ function tryListen(server: net.Server, port: number, host: string): Promise<bool
  * process that binds fixed ports itself could take one in between.
  */
 export async function freePorts(count: number, host = '127.0.0.1'): Promise<number[]> {
-  const [ephemeralLow] = ephemeralRange();
-  const span = ephemeralLow - LOWEST_PORT;
+  const below = ephemeralLow();
+  const span = below - LOWEST_PORT;
   const servers: net.Server[] = [];
   try {
     for (let tries = 0; servers.length < count; tries++) {
-      if (span < 1_000 || tries > 1_000) throw new Error(`no free port below the ephemeral range (${ephemeralLow}) on ${host}`);
+      if (span < 1_000 || tries > 1_000) throw new Error(`no free port below the ephemeral range (${below}) on ${host}`);
       const port = LOWEST_PORT + Math.floor(Math.random() * span);
       if (handedOut.has(port)) continue;
       const s = net.createServer();

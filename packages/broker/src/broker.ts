@@ -402,9 +402,10 @@ export class Broker {
     this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });
     const drained = (async () => {
       // No new connections, and GOAWAY on every open one (including those still in their TLS
-      // handshake now): clients send new calls elsewhere, and a call that crossed the GOAWAY is
-      // refused (draining). The drain waits for the calls that were admitted, not for every
-      // connection to close: a client that never closes its end must not hold it.
+      // handshake now): clients send new calls elsewhere, a call that crossed the GOAWAY is refused
+      // by HTTP/2, one that arrived before it is refused (draining). The drain waits for the calls
+      // that were admitted, not for every connection to close: a client that never closes its end
+      // must not hold it.
       const apiAndPeer = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
       const closed = Promise.all(apiAndPeer.map(shutdownGracefully));
       // Calls from agents (Forward streams) finish before the sessions go away.
