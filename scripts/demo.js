@@ -134,7 +134,8 @@ async function main() {
     '--upstream', `burrow.demo.v1.Greeter=${site.address}`, '--local-listen', '127.0.0.1:0',
     '--policies', path.join(ROOT, 'examples', 'policy', 'policies'), '--entities', path.join(ROOT, 'examples', 'policy', 'entities.json'),
     '--policy-schema', path.join(ROOT, 'examples', 'policy', 'schema.cedarschema'), '--audit-log', path.join(tmp, 'audit.jsonl'),
-    '--jwks', path.join(tmp, 'site-keys', 'jwks.json'), '--token-issuer', 'https://idp.demo-site.example', '--token-audience', 'site-api']);
+    '--jwks', path.join(tmp, 'site-keys', 'jwks.json'), '--token-issuer', 'https://idp.demo-site.example', '--token-audience', 'site-api',
+    '--token-allowed-audience', 'site-api']);
   const a = await agent.started;
   await waitForLine(agent, (r) => r.message === 'tunnel session established', 10_000);
   say(`    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialled out with its enrolled certificate; site clients -> 127.0.0.1:${a.localPort}`);
