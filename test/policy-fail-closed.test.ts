@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { status as Status } from '@grpc/grpc-js';
 import { BurrowCallError, BurrowClient } from '@burrow/client';
 import { httpsJson } from './helpers/https-json';
-import { EXAMPLES_DIR } from './helpers/policy-fixture';
+import { EXAMPLES_DIR, examplePolicyConfig } from './helpers/policy-fixture';
 import { AGENT_ID, Stack } from './helpers/stack';
 
 const exampleRequest = (name: string): Record<string, unknown> =>
@@ -37,15 +37,7 @@ describe('policy: a forbid that fails to evaluate denies (fail closed)', functio
 
     before(async () => {
       tmp = mkdtempSync(path.join(tmpdir(), 'burrow-failclosed-'));
-      stack = await Stack.start({
-        broker: { authzenListen: '127.0.0.1:0' },
-        agent: {
-          policy: {
-            policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
-            cacheTtlMs: 0, auditLog: path.join(tmp, 'audit.jsonl'),
-          },
-        },
-      });
+      stack = await Stack.start({ broker: { authzenListen: '127.0.0.1:0' }, agent: { policy: examplePolicyConfig(path.join(tmp, 'audit.jsonl')) } });
       client = clientOf(stack);
     });
     after(async () => {
@@ -111,14 +103,7 @@ describe('policy: a forbid that fails to evaluate denies (fail closed)', functio
 
     before(async () => {
       tmp = mkdtempSync(path.join(tmpdir(), 'burrow-failclosed-schema-'));
-      stack = await Stack.start({
-        agent: {
-          policy: {
-            policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
-            schemaFile: path.join(EXAMPLES_DIR, 'schema.cedarschema'), cacheTtlMs: 0, auditLog: path.join(tmp, 'audit.jsonl'),
-          },
-        },
-      });
+      stack = await Stack.start({ agent: { policy: examplePolicyConfig(path.join(tmp, 'audit.jsonl'), true) } });
       client = clientOf(stack);
     });
     after(async () => {

@@ -10,6 +10,7 @@ import { cedar, type DetailedError } from './cedar';
 import { entityLiteral, lineColumnAt } from './cedar-text';
 import { DecisionCache } from './decision-cache';
 import { collectEntityRefs, entityKey, type EntityRecord } from './entity-store';
+import { checkInputBounds } from './input-bounds';
 import {
   PolicyInputError, canonicalJson, expandEvaluations, normalizeRequest, sha256Hex,
   type EvaluationResponse, type EvaluationsResponse, type ExplainedError, type ExplainedPolicy, type JsonObject, type NormalizedRequest,
@@ -175,7 +176,8 @@ export class PolicyEngine extends EventEmitter {
   /**
    * One AuthZEN access evaluation. Returns `{decision, context: {reason, policies, explanation?}}`;
    * default deny. Throws {@link PolicyInputError} (INVALID_ARGUMENT) for a request that cannot be
-   * evaluated: missing subject/action/resource, an invalid type name, a value Cedar cannot hold,
+   * evaluated: over the bounds of POLICY_INPUT_LIMITS (depth, values), missing subject/action/resource,
+   * an invalid type name, a value Cedar cannot hold,
    * or (with a schema) a request the schema does not allow. Every call, cached or not, failed or
    * not, is one audit record. Synchronous; never waits for I/O.
    */
@@ -183,6 +185,13 @@ export class PolicyEngine extends EventEmitter {
     const startNs = process.hrtime.bigint();
     let request: NormalizedRequest;
     let key: string;
+    try {
+      checkInputBounds(input);
+    } catch (err) {
+      // Not canonicalized for the audit hash: that would cost what the bounds are there to avoid.
+      this.finish(startNs, 'error', [], false, '<request over bounds>', opts.caller, (err as Error).message);
+      throw err;
+    }
     try {
       request = normalizeRequest(input);
       key = canonicalJson(request);
@@ -214,9 +223,11 @@ export class PolicyEngine extends EventEmitter {
    * `execute_all` (default), `deny_on_first_deny` or `permit_on_first_permit` stop after the first
    * deny / permit and leave the later items out. An item that cannot be evaluated gets
    * `{decision: false, context: {error: {code: 'INVALID_ARGUMENT', message}}}` (a deny for the
-   * semantics). Throws {@link PolicyInputError} only for a malformed batch.
+   * semantics). Throws {@link PolicyInputError} only for a malformed batch or one over the bounds of
+   * POLICY_INPUT_LIMITS.
    */
   evaluations(input: unknown, opts: EvaluateOptions = {}): EvaluationsResponse {
+    checkInputBounds(input);
     const batch = expandEvaluations(input);
     const evaluations: EvaluationResponse[] = [];
     for (const item of batch.items) {
