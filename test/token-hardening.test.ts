@@ -28,7 +28,12 @@ describe('authn: exp required by default; audiences pinned by the site', functio
     key = await makeKey(jose, 'ES256', 'site-key-1');
     writeFileSync(path.join(tmp, 'jwks.json'), jwksOf(key));
     stack = await Stack.start({
-      agent: { authn: { jwksFile: path.join(tmp, 'jwks.json'), issuers: [ISS], audiences: [AUD], allowedAudiences: [AUD, 'second-api'] } },
+      agent: {
+        authn: {
+          jwksFile: path.join(tmp, 'jwks.json'), issuers: [ISS], audiences: [AUD],
+          allowedAudiences: [AUD, 'second-api'],
+        },
+      },
     });
     const tls = { certFile: stack.serviceCert.cert, keyFile: stack.serviceCert.key, caFile: stack.serviceCert.ca };
     client = new BurrowClient({ broker: stack.apiAddress, tls, serverName: 'localhost' });
@@ -48,7 +53,7 @@ describe('authn: exp required by default; audiences pinned by the site', functio
     expect(withExp.authenticated, withExp.reason).to.equal(true);
   });
 
-  it('a token for an audience outside the pinned set is refused, even when the caller asks for that audience', async () => {
+  it('a token for an audience outside the pinned set is refused, even when the caller asks for it', async () => {
     const forOther = await signToken(jose, key, { aud: OTHER });
     const asked = await client.authenticate(AGENT_ID, forOther, OTHER);
     expect(asked.authenticated).to.equal(false);

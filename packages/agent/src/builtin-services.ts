@@ -101,7 +101,9 @@ export class BuiltinServices {
     // and the engine's own depth and value bounds apply only to what was decoded.
     const { maxMessageBytes } = POLICY_INPUT_LIMITS;
     if (request.length > maxMessageBytes) {
-      throw new BurrowError(Status.INVALID_ARGUMENT, `policy request is ${request.length} bytes; policy requests may be at most ${maxMessageBytes} bytes`);
+      const message = `policy request is ${request.length} bytes; `
+        + `policy requests may be at most ${maxMessageBytes} bytes`;
+      throw new BurrowError(Status.INVALID_ARGUMENT, message);
     }
     let input: JsonObject;
     try {

@@ -65,7 +65,8 @@ class HttpError extends Error {
 
 function tooLarge(maxBytes: number): HttpError {
   // The rest of the body is not read; the connection is closed after the answer.
-  return new HttpError(413, 'RESOURCE_EXHAUSTED', `request body is larger than ${maxBytes} bytes, the AuthZEN request limit`, { connection: 'close' });
+  const message = `request body is larger than ${maxBytes} bytes, the AuthZEN request limit`;
+  return new HttpError(413, 'RESOURCE_EXHAUSTED', message, { connection: 'close' });
 }
 
 /** Reads the body, refusing it from its Content-Length, or as soon as it passes `maxBytes`. */
@@ -96,7 +97,8 @@ function agentIdOf(encoded: string): string {
   try {
     return decodeURIComponent(encoded);
   } catch {
-    throw new HttpError(400, 'INVALID_ARGUMENT', `the agent id in the path, ${JSON.stringify(encoded.slice(0, 100))}, is not valid percent-encoding`);
+    const shown = JSON.stringify(encoded.slice(0, 100));
+    throw new HttpError(400, 'INVALID_ARGUMENT', `the agent id in the path, ${shown}, is not valid percent-encoding`);
   }
 }
 

@@ -47,15 +47,20 @@ export function checkInputBounds(input: unknown, limits: PolicyInputLimits = {})
     const path = top.path.length > 200 ? `${top.path.slice(0, 197)}...` : top.path;
     if (typeof value !== 'object' || value === null) continue;
     if (depth > maxDepth) {
-      throw new PolicyInputError(path, `${path} is nested ${depth} deep; policy requests may nest at most ${maxDepth} levels`);
+      const message = `${path} is nested ${depth} deep; policy requests may nest at most ${maxDepth} levels`;
+      throw new PolicyInputError(path, message);
     }
     const keys = Array.isArray(value) ? undefined : Object.keys(value);
     // Counted before the children are listed, so that a huge array costs nothing more.
     elements += keys ? keys.length : (value as unknown[]).length;
     if (elements > maxElements) {
-      throw new PolicyInputError(path, `the request holds more than ${maxElements} values (at ${path}); policy requests may hold at most ${maxElements}`);
+      const message = `the request holds more than ${maxElements} values (at ${path}); `
+        + `policy requests may hold at most ${maxElements}`;
+      throw new PolicyInputError(path, message);
     }
-    if (keys) for (const k of keys) stack.push({ value: (value as Record<string, unknown>)[k], depth: depth + 1, path: `${path}.${k}` });
-    else (value as unknown[]).forEach((v, i) => stack.push({ value: v, depth: depth + 1, path: `${path}[${i}]` }));
+    const next = depth + 1;
+    const record = value as Record<string, unknown>;
+    if (keys) for (const k of keys) stack.push({ value: record[k], depth: next, path: `${path}.${k}` });
+    else (value as unknown[]).forEach((v, i) => stack.push({ value: v, depth: next, path: `${path}[${i}]` }));
   }
 }

@@ -508,11 +508,16 @@ export class PolicyEngine extends EventEmitter {
 
     let reason: string;
     if (allow) reason = `permitted by ${policies.join(', ')}`;
-    else if (failedClosed) reason = `denied: ${describeErrors(failedForbids, 'forbid', 'failed to evaluate')} (a forbid that cannot be evaluated denies)`;
+    else if (failedClosed) {
+      const failed = describeErrors(failedForbids, 'forbid', 'failed to evaluate');
+      reason = `denied: ${failed} (a forbid that cannot be evaluated denies)`;
+    }
     else if (policies.length > 0) reason = `forbidden by ${policies.join(', ')}`;
     else reason = 'no policy permits this request (default deny)';
     const unexplained = failedClosed ? errors.filter((e) => !failedForbids.includes(e)) : errors;
-    if (unexplained.length > 0) reason += `; ${describeErrors(unexplained, 'policy', 'failed to evaluate and did not apply')}`;
+    if (unexplained.length > 0) {
+      reason += `; ${describeErrors(unexplained, 'policy', 'failed to evaluate and did not apply')}`;
+    }
     const response: EvaluationResponse = { decision: allow, context: { reason, policies } };
     if (request.explain) {
       const satisfied: ExplainedPolicy[] = satisfiedIds.map((id) => this.explainPolicy(id));

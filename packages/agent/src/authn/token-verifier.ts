@@ -137,7 +137,10 @@ export class TokenVerifier extends EventEmitter {
     this.audiences = (options.audiences ?? []).filter((a) => a !== '');
     this.allowedAudiences = (options.allowedAudiences ?? []).filter((a) => a !== '');
     const stray = this.audiences.find((a) => this.allowedAudiences.length > 0 && !this.allowedAudiences.includes(a));
-    if (stray !== undefined) throw new ConfigError('audiences', `"${stray}" is not one of the allowed audiences (${this.allowedAudiences.join(', ')})`);
+    if (stray !== undefined) {
+      const pinned = this.allowedAudiences.join(', ');
+      throw new ConfigError('audiences', `"${stray}" is not one of the allowed audiences (${pinned})`);
+    }
     this.algorithms = parseTokenAlgorithms('algorithms', options.algorithms ?? DEFAULT_TOKEN_ALGORITHMS);
     this.clockSkewMs = options.clockSkewMs ?? TOKEN_VERIFIER_DEFAULTS.clockSkewMs;
     if (!(this.clockSkewMs >= 0 && this.clockSkewMs <= MAX_CLOCK_SKEW_MS)) throw new ConfigError('clockSkewMs', `must be from 0 to ${MAX_CLOCK_SKEW_MS} ms`);
@@ -243,7 +246,9 @@ export class TokenVerifier extends EventEmitter {
     if (audience !== '' && this.allowedAudiences.length > 0 && !this.allowedAudiences.includes(audience)) {
       // The caller must not pick an audience the site did not pin: a token minted for another site
       // service would pass a check against the audience its presenter chose.
-      return new TokenRefusal('audience', `the requested audience ${JSON.stringify(audience)} is not one this agent accepts (${this.allowedAudiences.join(', ')})`);
+      const pinned = this.allowedAudiences.join(', ');
+      const asked = JSON.stringify(audience);
+      return new TokenRefusal('audience', `the requested audience ${asked} is not one this agent accepts (${pinned})`);
     }
     const defaults = this.audiences.length > 0 ? this.audiences : this.allowedAudiences;
     const audiences = audience !== '' ? [audience] : defaults;
@@ -347,7 +352,8 @@ export class TokenVerifier extends EventEmitter {
     if (typeof answer.nbf === 'number' && answer.nbf > nowS + skewS) return new TokenRefusal('not_yet_valid', 'introspection answer "nbf" is in the future');
     if (answer.iss !== undefined && !this.issuers.includes(answer.iss as string)) return new TokenRefusal('issuer', `issuer ${JSON.stringify(answer.iss)} is not accepted`);
     if (answer.aud === undefined && this.allowedAudiences.length > 0) {
-      return new TokenRefusal('audience', `the introspection answer has no "aud"; this agent accepts only ${this.allowedAudiences.join(', ')}`);
+      const pinned = this.allowedAudiences.join(', ');
+      return new TokenRefusal('audience', `the introspection answer has no "aud"; this agent accepts only ${pinned}`);
     }
     if (answer.aud !== undefined) {
       const tokenAudiences = Array.isArray(answer.aud) ? answer.aud : [answer.aud];
