@@ -506,12 +506,10 @@ export class PolicyEngine extends EventEmitter {
     // A deny by a failed forbid names that forbid as the deciding policy.
     const policies = failedClosed ? failedForbids.map((e) => e.policy) : satisfiedIds;
 
+    const failed = failedClosed ? describeErrors(failedForbids, 'forbid', 'failed to evaluate') : '';
     let reason: string;
     if (allow) reason = `permitted by ${policies.join(', ')}`;
-    else if (failedClosed) {
-      const failed = describeErrors(failedForbids, 'forbid', 'failed to evaluate');
-      reason = `denied: ${failed} (a forbid that cannot be evaluated denies)`;
-    }
+    else if (failedClosed) reason = `denied: ${failed} (a forbid that cannot be evaluated denies)`;
     else if (policies.length > 0) reason = `forbidden by ${policies.join(', ')}`;
     else reason = 'no policy permits this request (default deny)';
     const unexplained = failedClosed ? errors.filter((e) => !failedForbids.includes(e)) : errors;
