@@ -133,8 +133,9 @@ async function main() {
   const agent = startBinary('agent', ['run', '--broker', `127.0.0.1:${b.agentPort}`, '--state-dir', stateDir,
     '--upstream', `burrow.demo.v1.Greeter=${site.address}`, '--local-listen', '127.0.0.1:0',
     '--policies', path.join(ROOT, 'examples', 'policy', 'policies'), '--entities', path.join(ROOT, 'examples', 'policy', 'entities.json'),
-    '--audit-log', path.join(tmp, 'audit.jsonl'),
-    '--jwks', path.join(tmp, 'site-keys', 'jwks.json'), '--token-issuer', 'https://idp.demo-site.example', '--token-audience', 'site-api']);
+    '--policy-schema', path.join(ROOT, 'examples', 'policy', 'schema.cedarschema'), '--audit-log', path.join(tmp, 'audit.jsonl'),
+    '--jwks', path.join(tmp, 'site-keys', 'jwks.json'), '--token-issuer', 'https://idp.demo-site.example', '--token-audience', 'site-api',
+    '--token-allowed-audience', 'site-api']);
   const a = await agent.started;
   await waitForLine(agent, (r) => r.message === 'tunnel session established', 10_000);
   say(`    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialled out with its enrolled certificate; site clients -> 127.0.0.1:${a.localPort}`);

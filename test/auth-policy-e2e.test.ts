@@ -40,7 +40,10 @@ describe('auth and policy through the tunnel', function () {
       broker: { authzenListen: '127.0.0.1:0' },
       agent: {
         authn: { jwksFile: path.join(tmp, 'jwks.json'), issuers: [ISS], audiences: [AUD] },
-        policy: { policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'), cacheTtlMs: 5_000, auditLog: auditFile },
+        policy: {
+          policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
+          schemaFile: path.join(EXAMPLES_DIR, 'schema.cedarschema'), cacheTtlMs: 5_000, auditLog: auditFile,
+        },
       },
     });
     client = new BurrowClient({ broker: stack.apiAddress, tls: { certFile: stack.serviceCert.cert, keyFile: stack.serviceCert.key, caFile: stack.serviceCert.ca }, serverName: 'localhost' });

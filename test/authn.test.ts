@@ -101,9 +101,15 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expect(result.expiresAt?.getTime()).to.equal((nowS + 300) * 1000);
     });
 
-    it('accepts a valid RS256 token; a token without exp has no expiresAt', async () => {
+    it('accepts a valid RS256 token; one without exp only with allowTokensWithoutExp (no expiresAt)', async () => {
       const v = await verifier();
-      const result = await v.authenticate(await signToken(jose, rs, { exp: undefined }), AUD);
+      expect((await v.authenticate(await signToken(jose, rs), AUD)).authenticated).to.equal(true);
+      const noExp = await signToken(jose, rs, { exp: undefined });
+      const refused = await v.authenticate(noExp, AUD);
+      expectRefused(refused, 'malformed');
+      expect(refused.reason).to.include('"exp"');
+      const lenient = await verifier({ allowTokensWithoutExp: true });
+      const result = await lenient.authenticate(noExp, AUD);
       expect(result.authenticated, result.reason).to.equal(true);
       expect(result.expiresAt).to.equal(undefined);
     });
@@ -565,8 +571,18 @@ describe('authn: agent flags (authnConfigFromArgs)', () => {
 
   it('is off without a key source, and builds typed settings with defaults', () => {
     expect(authnConfigFromArgs({})).to.equal(undefined);
-    const settings = authnConfigFromArgs({ jwks, 'token-issuer': ['https://a', 'https://b,https://c'], 'token-audience': 'api', 'token-clock-skew': '90s', 'token-required-claims': 'sub, exp' });
-    expect(settings).to.deep.include({ jwksFile: jwks, issuers: ['https://a', 'https://b', 'https://c'], audiences: ['api'], clockSkewMs: 90_000, groupsClaim: 'groups', requiredClaims: ['sub', 'exp'] });
+    const settings = authnConfigFromArgs({
+      jwks, 'token-issuer': ['https://a', 'https://b,https://c'], 'token-audience': 'api', 'token-clock-skew': '90s',
+      'token-required-claims': 'sub, exp',
+      'token-allowed-audience': ['api,other'],
+    });
+    expect(settings).to.deep.include({
+      jwksFile: jwks, issuers: ['https://a', 'https://b', 'https://c'], audiences: ['api'],
+      allowedAudiences: ['api', 'other'], allowTokensWithoutExp: false,
+      clockSkewMs: 90_000, groupsClaim: 'groups', requiredClaims: ['sub', 'exp'],
+    });
+    expect(authnConfigFromArgs({ jwks, 'token-issuer': 'i', 'token-allow-without-exp': true }))
+      .to.deep.include({ allowTokensWithoutExp: true, allowedAudiences: [] });
     expect(settings!.algorithms).to.include('ES256').and.not.include('HS256');
     const intro = authnConfigFromArgs({ 'introspection-url': 'https://idp.site/introspect', 'token-issuer': 'https://a', 'introspection-client-id': 'agent' });
     expect(intro!.introspection).to.deep.include({ url: 'https://idp.site/introspect', clientId: 'agent', timeoutMs: 5000, cacheTtlMs: 30_000 });
@@ -584,6 +600,8 @@ describe('authn: agent flags (authnConfigFromArgs)', () => {
     expect(fieldOf({ jwks, 'token-issuer': 'i', 'token-clock-skew': '6m' })).to.equal('token-clock-skew');
     expect(fieldOf({ jwks, 'token-issuer': 'i', 'token-clock-skew': 'soon' })).to.equal('token-clock-skew');
     expect(fieldOf({ jwks, 'token-issuer': 'i', 'token-groups-claim': ' ' })).to.equal('token-groups-claim');
+    const unpinned = { jwks, 'token-issuer': 'i', 'token-audience': 'x', 'token-allowed-audience': 'y' };
+    expect(fieldOf(unpinned)).to.equal('token-audience');
     expect(fieldOf({ 'introspection-url': 'not a url', 'token-issuer': 'i' })).to.equal('introspection-url');
     expect(fieldOf({ 'introspection-url': 'http://x/i', 'token-issuer': 'i', 'introspection-client-secret-file': jwks })).to.equal('introspection-client-id');
     expect(fieldOf({ 'introspection-url': 'http://x/i', 'token-issuer': 'i', 'introspection-client-id': 'a', 'introspection-client-secret-file': '/nonexistent' })).to.equal('introspection-client-secret-file');
@@ -622,7 +640,11 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
   it('lists the token flags in run --help', async () => {
     const { exit, stdout } = await runCli(AGENT_CLI, ['run', '--help']);
     expect(exit.code).to.equal(0);
-    for (const flag of ['--jwks ', '--jwks-url', '--token-issuer', '--token-audience', '--token-algorithms', '--token-clock-skew', '--token-groups-claim', '--introspection-url', '--introspection-client-id', '--introspection-client-secret-file']) {
+    for (const flag of [
+      '--jwks ', '--jwks-url', '--token-issuer', '--token-audience', '--token-allowed-audience',
+      '--token-allow-without-exp', '--token-algorithms', '--token-clock-skew', '--token-groups-claim',
+      '--introspection-url', '--introspection-client-id', '--introspection-client-secret-file',
+    ]) {
       expect(stdout).to.contain(flag);
     }
   });
@@ -641,13 +663,19 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
     await expectOneLineError(['--jwks-url', 'http://127.0.0.1:1/jwks'], 'token-issuer');
     await expectOneLineError(['--introspection-url', 'http://127.0.0.1:1/i', '--token-issuer', ISS, '--introspection-client-secret-file', jwks], 'introspection-client-id');
     await expectOneLineError(['--token-audience', AUD], 'token-audience');
+    const unpinned = ['--jwks', jwks, '--token-issuer', ISS, '--token-audience', AUD];
+    await expectOneLineError(unpinned, 'token-audience', { BURROW_AGENT_TOKEN_ALLOWED_AUDIENCE: 'other' });
   });
 
   it('starts with token settings from the config file and the environment together', async () => {
     const config = path.join(pki.root, 'agent-ok.yaml');
-    writeFileSync(config, `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\n  - https://idp2.site.test\ntoken-audience: ${AUD}\ntoken-groups-claim: roles\n`);
+    writeFileSync(config, `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\n  - https://idp2.site.test\n`
+      + `token-audience: ${AUD}\ntoken-groups-claim: roles\ntoken-allowed-audience:\n  - ${AUD}\n`);
     // Reaching "agent started" means the whole configuration was accepted; afterEach ends it.
-    const { started } = await startAgent([...base.slice(1), '--config', config], { BURROW_AGENT_TOKEN_CLOCK_SKEW: '2m', BURROW_AGENT_TOKEN_ALGORITHMS: 'ES256,EdDSA' });
+    const { started } = await startAgent([...base.slice(1), '--config', config], {
+      BURROW_AGENT_TOKEN_CLOCK_SKEW: '2m', BURROW_AGENT_TOKEN_ALGORITHMS: 'ES256,EdDSA',
+      BURROW_AGENT_TOKEN_ALLOW_WITHOUT_EXP: 'true',
+    });
     expect(started.message).to.equal('agent started');
   });
 });

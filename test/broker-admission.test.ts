@@ -96,7 +96,9 @@ describe('AuthZEN HTTP binding (transport and errors)', () => {
   it('serves the PDP metadata for an agent', async () => {
     const res = await httpsJson(stack.authzenAddress, 'GET', `/agents/${AGENT_ID}/.well-known/authzen-configuration`, { cert: stack.serviceCert, ca: stack.serviceCert.ca });
     expect(res.status).to.equal(200);
-    expect(res.body.access_evaluation_endpoint).to.equal(`https://${stack.authzenAddress}/agents/${AGENT_ID}/access/v1/evaluation`);
+    // Relative to the metadata URL: the broker never builds URLs from the request's Host header.
+    expect(res.body.policy_decision_point).to.equal(`/agents/${AGENT_ID}`);
+    expect(res.body.access_evaluation_endpoint).to.equal(`/agents/${AGENT_ID}/access/v1/evaluation`);
     expect(res.body.access_evaluations_endpoint).to.match(/\/access\/v1\/evaluations$/);
   });
 

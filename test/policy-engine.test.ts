@@ -163,10 +163,12 @@ describe('policy engine', function () {
       });
     }
 
-    it('a forbid that fails to evaluate does not deny (Cedar skips erroring policies)', () => {
+    it('a forbid that fails to evaluate denies (fail closed), though Cedar skips it and permits', () => {
       const res = engine.evaluate(request('User:alice', 'delete', 'Doc:d3'));
-      expect(res.decision).to.equal(true);
-      expect(res.context.reason).to.match(/^permitted by admins-all; 1 policy failed to evaluate and did not apply: no-delete-locked/);
+      expect(res.decision).to.equal(false);
+      expect(res.context.policies).to.deep.equal(['no-delete-locked']);
+      expect(res.context.reason).to.match(/^denied: 1 forbid policy failed to evaluate: no-delete-locked \(.+\) /)
+        .and.match(/\(a forbid that cannot be evaluated denies\)$/);
     });
 
     it('explain lists the satisfied policies with file:line, overridden permits included, and errors with file:line:column', () => {
@@ -209,6 +211,7 @@ describe('policy engine', function () {
         }
         const staticPolicies: Record<string, string> = {};
         for (const p of engine.policies) staticPolicies[p.id] = p.text;
+        const forbids = new Set(engine.policies.filter((p) => p.effect === 'forbid').map((p) => p.id));
         const uids = (set.entities as { uid: { type: string; id: string } }[]).map((e) => e.uid);
         const principals = [...uids, { type: 'User', id: 'nobody' }];
         const resources = [...uids, { type: 'Document', id: 'missing' }];
@@ -228,8 +231,13 @@ describe('policy engine', function () {
           });
           if (raw.type !== 'success') throw new Error(JSON.stringify(raw.errors));
           const what = `${JSON.stringify(subject)} ${action} ${JSON.stringify(resource)} ${JSON.stringify(ctx)}`;
-          expect(res.decision, what).to.equal(raw.response.decision === 'allow');
-          expect(res.context.policies, what).to.deep.equal([...raw.response.diagnostics.reason].sort());
+          // Cedar's answer, but failing closed: an allow with an erroring forbid is a deny by that forbid.
+          const rawErrorIds = raw.response.diagnostics.errors.map((e) => e.policyId);
+          const failedForbids = rawErrorIds.filter((id) => forbids.has(id)).sort();
+          const failedClosed = raw.response.decision === 'allow' && failedForbids.length > 0;
+          expect(res.decision, what).to.equal(raw.response.decision === 'allow' && !failedClosed);
+          const deciding = failedClosed ? failedForbids : [...raw.response.diagnostics.reason].sort();
+          expect(res.context.policies, what).to.deep.equal(deciding);
           const rawErrors = raw.response.diagnostics.errors.map((e) => e.policyId).sort();
           expect(res.context.explanation!.errors.map((e) => e.policy), what).to.deep.equal(rawErrors);
           if (rawErrors.length > 0) errored++;

@@ -8,6 +8,19 @@ import * as winston from 'winston';
 export const EXAMPLES_DIR = path.resolve(__dirname, '..', '..', '..', 'examples', 'policy');
 
 /**
+ * The agent's policy settings for the example site (examples/policy), decision cache off, audit
+ * records to `auditLog`; with `schema`, validated against the example schema.
+ */
+export function examplePolicyConfig(auditLog: string, schema = false): {
+  policiesDir: string; entitiesFile: string; schemaFile?: string; cacheTtlMs: number; auditLog: string;
+} {
+  return {
+    policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
+    ...(schema ? { schemaFile: path.join(EXAMPLES_DIR, 'schema.cedarschema') } : {}), cacheTtlMs: 0, auditLog,
+  };
+}
+
+/**
  * A throwaway policy set on disk: a temp directory with a `policies/` folder, and optionally an
  * entities file and a schema next to it. Files are replaced atomically (write + rename) unless a
  * test asks for an in-place write.

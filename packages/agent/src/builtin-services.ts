@@ -1,4 +1,5 @@
 import { status as Status } from '@grpc/grpc-js';
+import { POLICY_INPUT_LIMITS } from '@burrow/policy';
 import {
   API_CODECS, AUTH_METHODS, BurrowError, POLICY_METHODS, serviceOfMethod, toBurrowError, type JsonObject, type LocalCallContext, type LocalUnaryHandler,
 } from '@burrow/tunnel';
@@ -96,7 +97,25 @@ export class BuiltinServices {
     const codecs = kind === 'evaluate'
       ? { req: API_CODECS.evaluationRequest, res: API_CODECS.evaluationResponse }
       : { req: API_CODECS.evaluationsRequest, res: API_CODECS.evaluationsResponse };
-    const input = codecs.req.decode(request);
+    // Bounded before decoding: decoding and converting a message costs in proportion to its size,
+    // and the engine's own depth and value bounds apply only to what was decoded.
+    const { maxMessageBytes } = POLICY_INPUT_LIMITS;
+    if (request.length > maxMessageBytes) {
+      const message = `policy request is ${request.length} bytes; `
+        + `policy requests may be at most ${maxMessageBytes} bytes`;
+      throw new BurrowError(Status.INVALID_ARGUMENT, message);
+    }
+    let input: JsonObject;
+    try {
+      input = codecs.req.decode(request);
+    } catch (err) {
+      if (err instanceof BurrowError) throw err;
+      // A Struct nested thousands deep fits in the byte bound and overflows the recursive decoder.
+      const why = err instanceof RangeError
+        ? `it nests too deep to decode; policy requests may nest at most ${POLICY_INPUT_LIMITS.maxDepth} levels`
+        : (err as Error).message;
+      throw new BurrowError(Status.INVALID_ARGUMENT, `policy request cannot be decoded: ${why}`, err);
+    }
     let output: JsonObject;
     try {
       output = await (kind === 'evaluate' ? engine.evaluate(input, { caller: ctx.caller }) : engine.evaluations(input, { caller: ctx.caller }));

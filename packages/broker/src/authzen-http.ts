@@ -5,6 +5,7 @@ import { status as Status } from '@grpc/grpc-js';
 import {
   API_CODECS, BurrowError, POLICY_METHODS, identityOfPeerCertificate, statusName, type ApiCodec, type CredentialStore, type Logger,
 } from '@burrow/tunnel';
+import { POLICY_INPUT_LIMITS, checkInputBounds } from '@burrow/policy';
 import type { BrokerMetrics } from './broker-metrics';
 import type { CallerApi } from './caller-api';
 
@@ -25,7 +26,10 @@ export interface AuthzenHttpDeps {
   tls: CredentialStore;
   metrics: BrokerMetrics;
   logger: Logger;
-  /** Largest request body accepted, in bytes. */
+  /**
+   * Largest request body accepted, in bytes; the smaller of this and POLICY_INPUT_LIMITS.maxBodyBytes
+   * (64 KiB) applies.
+   */
   maxBodyBytes: number;
   /** Deadline of a request carried through the tunnel, in ms. */
   timeoutMs: number;
@@ -59,22 +63,43 @@ class HttpError extends Error {
   }
 }
 
+function tooLarge(maxBytes: number): HttpError {
+  // The rest of the body is not read; the connection is closed after the answer.
+  const message = `request body is larger than ${maxBytes} bytes, the AuthZEN request limit`;
+  return new HttpError(413, 'RESOURCE_EXHAUSTED', message, { connection: 'close' });
+}
+
+/** Reads the body, refusing it from its Content-Length, or as soon as it passes `maxBytes`. */
 function readBody(req: IncomingMessage, maxBytes: number): Promise<Buffer> {
+  const declared = Number(req.headers['content-length']);
+  if (Number.isFinite(declared) && declared > maxBytes) return Promise.reject(tooLarge(maxBytes));
   return new Promise((resolve, reject) => {
     const chunks: Buffer[] = [];
     let size = 0;
-    req.on('data', (chunk: Buffer) => {
+    const onData = (chunk: Buffer): void => {
       size += chunk.length;
       if (size > maxBytes) {
-        reject(new HttpError(413, 'RESOURCE_EXHAUSTED', `request body is larger than ${maxBytes} bytes`));
-        req.destroy();
+        req.removeListener('data', onData);
+        chunks.length = 0;
+        reject(tooLarge(maxBytes));
         return;
       }
       chunks.push(chunk);
-    });
+    };
+    req.on('data', onData);
     req.on('end', () => resolve(Buffer.concat(chunks)));
     req.on('error', reject);
   });
+}
+
+/** The agent id of a request path, percent-decoded; malformed percent-encoding is a 400. */
+function agentIdOf(encoded: string): string {
+  try {
+    return decodeURIComponent(encoded);
+  } catch {
+    const shown = JSON.stringify(encoded.slice(0, 100));
+    throw new HttpError(400, 'INVALID_ARGUMENT', `the agent id in the path, ${shown}, is not valid percent-encoding`);
+  }
 }
 
 /**
@@ -108,6 +133,8 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
     evaluations: { method: POLICY_METHODS.evaluations, request: API_CODECS.evaluationsRequest, response: API_CODECS.evaluationsResponse },
   };
 
+  const maxBodyBytes = Math.min(deps.maxBodyBytes, POLICY_INPUT_LIMITS.maxBodyBytes);
+
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const requestId = typeof req.headers['x-request-id'] === 'string' ? req.headers['x-request-id'].slice(0, 200) : undefined;
     let endpoint = 'unknown';
@@ -118,15 +145,23 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
       res.end(text);
     };
     try {
-      const url = new URL(req.url ?? '/', 'https://broker');
+      let url: URL;
+      try {
+        url = new URL(req.url ?? '/', 'https://broker');
+      } catch {
+        throw new HttpError(400, 'INVALID_ARGUMENT', 'the request target is not a valid path');
+      }
       const m = ROUTE.exec(url.pathname);
       if (!m) throw new HttpError(404, 'NOT_FOUND', `no AuthZEN endpoint at ${url.pathname.slice(0, 200)}; use /agents/<id>/access/v1/evaluation(s)`);
-      const agentId = decodeURIComponent(m[1]);
+      const agentId = agentIdOf(m[1]!);
       const peer = identityOfPeerCertificate((req.socket as TLSSocket).getPeerCertificate());
       if (m[2] === '.well-known/authzen-configuration') {
         endpoint = 'configuration';
         if (req.method !== 'GET' && req.method !== 'HEAD') throw new HttpError(405, 'INVALID_ARGUMENT', 'use GET', { allow: 'GET, HEAD' });
-        const base = `https://${req.headers.host ?? 'broker'}/agents/${encodeURIComponent(agentId)}`;
+        // Relative to the metadata's own URL, never built from the request's Host header: a forged
+        // Host (DNS rebinding, a proxy that passes it through) would otherwise point a PDP client at
+        // another server. The listener has no configured public name to use instead.
+        const base = `/agents/${encodeURIComponent(agentId)}`;
         send(200, {
           policy_decision_point: base,
           access_evaluation_endpoint: `${base}/access/v1/evaluation`,
@@ -138,12 +173,18 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
       if (req.method !== 'POST') throw new HttpError(405, 'INVALID_ARGUMENT', 'use POST', { allow: 'POST' });
       const type = String(req.headers['content-type'] ?? '');
       if (!/^application\/json\b/i.test(type)) throw new HttpError(415, 'INVALID_ARGUMENT', 'content-type must be application/json');
-      const body = await readBody(req, deps.maxBodyBytes);
+      const body = await readBody(req, maxBodyBytes);
       let json: unknown;
       try {
         json = JSON.parse(body.toString('utf8'));
       } catch (err) {
         throw new HttpError(400, 'INVALID_ARGUMENT', `body is not JSON: ${(err as Error).message}`);
+      }
+      try {
+        // Before the conversion to protobuf, which recurses into every value.
+        checkInputBounds(json);
+      } catch (err) {
+        throw new HttpError(400, 'INVALID_ARGUMENT', (err as Error).message);
       }
       const codec = codecs[endpoint as 'evaluation' | 'evaluations'];
       let message: Buffer;

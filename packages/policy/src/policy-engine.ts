@@ -10,6 +10,7 @@ import { cedar, type DetailedError } from './cedar';
 import { entityLiteral, lineColumnAt } from './cedar-text';
 import { DecisionCache } from './decision-cache';
 import { collectEntityRefs, entityKey, type EntityRecord } from './entity-store';
+import { checkInputBounds } from './input-bounds';
 import {
   PolicyInputError, canonicalJson, expandEvaluations, normalizeRequest, sha256Hex,
   type EvaluationResponse, type EvaluationsResponse, type ExplainedError, type ExplainedPolicy, type JsonObject, type NormalizedRequest,
@@ -175,7 +176,8 @@ export class PolicyEngine extends EventEmitter {
   /**
    * One AuthZEN access evaluation. Returns `{decision, context: {reason, policies, explanation?}}`;
    * default deny. Throws {@link PolicyInputError} (INVALID_ARGUMENT) for a request that cannot be
-   * evaluated: missing subject/action/resource, an invalid type name, a value Cedar cannot hold,
+   * evaluated: over the bounds of POLICY_INPUT_LIMITS (depth, values), missing subject/action/resource,
+   * an invalid type name, a value Cedar cannot hold,
    * or (with a schema) a request the schema does not allow. Every call, cached or not, failed or
    * not, is one audit record. Synchronous; never waits for I/O.
    */
@@ -183,6 +185,13 @@ export class PolicyEngine extends EventEmitter {
     const startNs = process.hrtime.bigint();
     let request: NormalizedRequest;
     let key: string;
+    try {
+      checkInputBounds(input);
+    } catch (err) {
+      // Not canonicalized for the audit hash: that would cost what the bounds are there to avoid.
+      this.finish(startNs, 'error', [], false, '<request over bounds>', opts.caller, (err as Error).message);
+      throw err;
+    }
     try {
       request = normalizeRequest(input);
       key = canonicalJson(request);
@@ -214,9 +223,11 @@ export class PolicyEngine extends EventEmitter {
    * `execute_all` (default), `deny_on_first_deny` or `permit_on_first_permit` stop after the first
    * deny / permit and leave the later items out. An item that cannot be evaluated gets
    * `{decision: false, context: {error: {code: 'INVALID_ARGUMENT', message}}}` (a deny for the
-   * semantics). Throws {@link PolicyInputError} only for a malformed batch.
+   * semantics). Throws {@link PolicyInputError} only for a malformed batch or one over the bounds of
+   * POLICY_INPUT_LIMITS.
    */
   evaluations(input: unknown, opts: EvaluateOptions = {}): EvaluationsResponse {
+    checkInputBounds(input);
     const batch = expandEvaluations(input);
     const evaluations: EvaluationResponse[] = [];
     for (const item of batch.items) {
@@ -483,23 +494,32 @@ export class PolicyEngine extends EventEmitter {
     }
     const { decision, diagnostics } = answer.response;
     if (diagnostics.errors.length > 0) this.metrics.evaluationErrors.inc(diagnostics.errors.length);
-    const allow = decision === 'allow';
-    // Cedar returns them in hash order; sorted, equal decisions read the same.
-    const policies = [...diagnostics.reason].sort();
     const errors: ExplainedError[] = [...diagnostics.errors].sort((a, b) => a.policyId.localeCompare(b.policyId)).map((e) => ({ policy: e.policyId, location: this.locate(e.policyId, e.error), message: e.error.message }));
+    // Cedar skips a policy whose condition errors, so a forbid that cannot be evaluated (a context
+    // value of the wrong type, a missing attribute) would let its permits through: fail closed.
+    // An erroring permit needs nothing: skipped, it permits nothing, as in Cedar.
+    const failedForbids = errors.filter((e) => active.compiled.byId.get(e.policy)?.effect === 'forbid');
+    const allow = decision === 'allow' && failedForbids.length === 0;
+    // Cedar returns them in hash order; sorted, equal decisions read the same.
+    const satisfiedIds = [...diagnostics.reason].sort();
+    const failedClosed = decision === 'allow' && !allow;
+    // A deny by a failed forbid names that forbid as the deciding policy.
+    const policies = failedClosed ? failedForbids.map((e) => e.policy) : satisfiedIds;
 
+    const failed = failedClosed ? describeErrors(failedForbids, 'forbid', 'failed to evaluate') : '';
     let reason: string;
     if (allow) reason = `permitted by ${policies.join(', ')}`;
+    else if (failedClosed) reason = `denied: ${failed} (a forbid that cannot be evaluated denies)`;
     else if (policies.length > 0) reason = `forbidden by ${policies.join(', ')}`;
     else reason = 'no policy permits this request (default deny)';
-    if (errors.length > 0) {
-      const shown = errors.slice(0, 3).map((e) => `${e.policy} (${e.message})`).join(', ');
-      reason += `; ${errors.length} ${errors.length === 1 ? 'policy' : 'policies'} failed to evaluate and did not apply: ${shown}${errors.length > 3 ? ', ...' : ''}`;
+    const unexplained = failedClosed ? errors.filter((e) => !failedForbids.includes(e)) : errors;
+    if (unexplained.length > 0) {
+      reason += `; ${describeErrors(unexplained, 'policy', 'failed to evaluate and did not apply')}`;
     }
     const response: EvaluationResponse = { decision: allow, context: { reason, policies } };
     if (request.explain) {
-      const satisfied: ExplainedPolicy[] = policies.map((id) => this.explainPolicy(id));
-      if (!allow && policies.length > 0) {
+      const satisfied: ExplainedPolicy[] = satisfiedIds.map((id) => this.explainPolicy(id));
+      if (decision === 'deny' && policies.length > 0) {
         // Cedar names only the forbids of a deny; the permits they overrode come from the permit-only set.
         const permits = cedar.statefulIsAuthorized({ ...call, preparsedPolicySetId: active.permitsOnlyId });
         if (permits.type === 'success') for (const id of permits.response.diagnostics.reason) satisfied.push(this.explainPolicy(id));
@@ -529,6 +549,13 @@ export class PolicyEngine extends EventEmitter {
     const column = rel.line === 1 ? p.column + rel.column - 1 : rel.column;
     return `${p.file}:${line}:${column}`;
   }
+}
+
+/** `N policies <what>: id (message), ...`, at most three named. */
+function describeErrors(errors: ExplainedError[], kind: 'forbid' | 'policy', what: string): string {
+  const shown = errors.slice(0, 3).map((e) => `${e.policy} (${e.message})`).join(', ');
+  const noun = `${kind === 'forbid' ? 'forbid ' : ''}${errors.length === 1 ? 'policy' : 'policies'}`;
+  return `${errors.length} ${noun} ${what}: ${shown}${errors.length > 3 ? ', ...' : ''}`;
 }
 
 /** Canonical JSON of untrusted input for the audit hash; anything unserializable hashes as its type. */

@@ -13,10 +13,20 @@ export const AUTHN_RUN_OPTIONS = {
   'jwks-url': { type: 'string', describe: 'HTTP(S) URL of the site\'s JWKS; fetched at start, on unknown key ids (at most every 30s) and every 10m' },
   'token-issuer': { type: 'string', array: true, describe: 'accepted token issuer (`iss`, exact match; repeatable or comma-separated); required with --jwks, --jwks-url or --introspection-url' },
   'token-audience': { type: 'string', array: true, describe: 'audience checked when an Authenticate request names none (repeatable or comma-separated)' },
+  'token-allowed-audience': {
+    type: 'string', array: true,
+    describe: 'the only audiences accepted, whatever a request names (repeatable or comma-separated; default any)',
+  },
+  'token-allow-without-exp': {
+    type: 'boolean', describe: 'accept JWTs that carry no exp claim and so never expire (default false: refused)',
+  },
   'token-algorithms': { type: 'string', describe: `allowed JWS algorithms, comma-separated (default ${DEFAULT_TOKEN_ALGORITHMS.join(',')}; none and HS* are refused)` },
   'token-clock-skew': { type: 'string', describe: 'tolerance for exp and nbf, at most 5m (default 60s)' },
   'token-groups-claim': { type: 'string', describe: 'claim holding the caller\'s groups; a dotted path reaches into objects (default groups)' },
-  'token-required-claims': { type: 'string', describe: 'claims every token must carry besides iss and aud, comma-separated, e.g. sub,exp (default none)' },
+  'token-required-claims': {
+    type: 'string',
+    describe: 'claims every token must carry besides iss, aud and (JWTs) exp, comma-separated, e.g. sub (default none)',
+  },
   'introspection-url': { type: 'string', describe: 'RFC 7662 endpoint that judges opaque (non-JWT) tokens' },
   'introspection-client-id': { type: 'string', describe: 'the agent\'s client id at the introspection endpoint' },
   'introspection-client-secret-file': { type: 'string', describe: 'file holding the agent\'s client secret at the introspection endpoint' },
@@ -53,11 +63,18 @@ export function authnConfigFromArgs(args: Record<string, unknown>): TokenVerifie
   const settings: TokenVerifierSettings = {
     issuers,
     audiences: listOf(args['token-audience']),
+    allowedAudiences: listOf(args['token-allowed-audience']),
+    allowTokensWithoutExp: args['token-allow-without-exp'] === true,
     algorithms: given(args, 'token-algorithms') ? parseTokenAlgorithms('token-algorithms', String(args['token-algorithms'])) : [...DEFAULT_TOKEN_ALGORITHMS],
     clockSkewMs: TOKEN_VERIFIER_DEFAULTS.clockSkewMs,
     groupsClaim: TOKEN_VERIFIER_DEFAULTS.groupsClaim,
     requiredClaims: listOf(args['token-required-claims']),
   };
+  const pinned = settings.allowedAudiences!;
+  const outside = settings.audiences!.find((a) => pinned.length > 0 && !pinned.includes(a));
+  if (outside !== undefined) {
+    throw new ConfigError('token-audience', `"${outside}" is not one of --token-allowed-audience`);
+  }
   if (given(args, 'jwks')) settings.jwksFile = requireReadableFile('jwks', args.jwks);
   if (given(args, 'jwks-url')) settings.jwksUrl = httpUrl('jwks-url', String(args['jwks-url'])).href;
   if (given(args, 'token-clock-skew')) {

@@ -37,6 +37,9 @@ export function refusalOfJoseError(err: unknown, context: RefusalContext): Token
     case 'ERR_JWT_CLAIM_VALIDATION_FAILED':
       if (e.claim === 'nbf' && e.reason === 'check_failed') return new TokenRefusal('not_yet_valid', `token is not valid before ${at(claims.nbf)}`);
       if (e.claim === 'aud') return new TokenRefusal('audience', missing ? 'token has no "aud" claim' : `token audience ${JSON.stringify(claims.aud)} does not include ${context.audiences.map((a) => JSON.stringify(a)).join(' or ')}`);
+      if (e.claim === 'exp' && missing) {
+        return new TokenRefusal('malformed', 'token has no "exp" claim; tokens that never expire are refused');
+      }
       if (e.claim === 'iss') return new TokenRefusal('issuer', missing ? 'token has no "iss" claim' : `issuer ${JSON.stringify(claims.iss)} is not accepted`);
       return new TokenRefusal('malformed', message);
     case 'ERR_JOSE_ALG_NOT_ALLOWED':

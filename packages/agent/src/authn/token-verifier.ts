@@ -32,13 +32,24 @@ export interface TokenVerifierSettings {
   issuers?: string[];
   /** Audiences checked when a request names none (a token must carry at least one of them). */
   audiences?: string[];
+  /**
+   * The only audiences this agent accepts, whatever the caller asks for; default none (any audience a
+   * request names). When set, a request naming another audience is refused (`audience: ...`), a token
+   * must carry one of them, and every entry of `audiences` must be one of them.
+   */
+  allowedAudiences?: string[];
+  /**
+   * Accept JWTs that carry no `exp` (tokens that never expire). Default false: a JWT without `exp`
+   * is refused (`malformed: token has no "exp" claim ...`). Introspection answers are not affected.
+   */
+  allowTokensWithoutExp?: boolean;
   /** Allowed JWS algorithms; default {@link DEFAULT_TOKEN_ALGORITHMS}. `none` and HS* are a config error. */
   algorithms?: string[];
   /** Tolerance for `exp` and `nbf`; default 60 s, at most 5 min. */
   clockSkewMs?: number;
   /** Claim holding the groups (an array of strings; a dotted path reaches into objects); default `groups`. */
   groupsClaim?: string;
-  /** Claims a token must carry besides `iss` and `aud`, e.g. ['sub', 'exp']; default none. */
+  /** Claims a token must carry besides `iss`, `aud` (and, for JWTs, `exp`), e.g. ['sub']; default none. */
   requiredClaims?: string[];
   /** Longest token accepted, in UTF-8 bytes; default 16 KiB. */
   maxTokenBytes?: number;
@@ -102,6 +113,9 @@ export class TokenVerifier extends EventEmitter {
   private readonly clock: () => number;
   private readonly issuers: string[];
   private readonly audiences: string[];
+  private readonly allowedAudiences: string[];
+  /** What jose checks for presence in a JWT: `requiredClaims`, plus `exp` unless exp-less tokens are allowed. */
+  private readonly jwtRequiredClaims: string[];
   private readonly algorithms: string[];
   private readonly clockSkewMs: number;
   private readonly groupsPath: string;
@@ -121,12 +135,21 @@ export class TokenVerifier extends EventEmitter {
     this.issuers = (options.issuers ?? []).filter((i) => i !== '');
     if (configured && this.issuers.length === 0) throw new ConfigError('issuers', 'name at least one accepted token issuer');
     this.audiences = (options.audiences ?? []).filter((a) => a !== '');
+    this.allowedAudiences = (options.allowedAudiences ?? []).filter((a) => a !== '');
+    const stray = this.audiences.find((a) => this.allowedAudiences.length > 0 && !this.allowedAudiences.includes(a));
+    if (stray !== undefined) {
+      const pinned = this.allowedAudiences.join(', ');
+      throw new ConfigError('audiences', `"${stray}" is not one of the allowed audiences (${pinned})`);
+    }
     this.algorithms = parseTokenAlgorithms('algorithms', options.algorithms ?? DEFAULT_TOKEN_ALGORITHMS);
     this.clockSkewMs = options.clockSkewMs ?? TOKEN_VERIFIER_DEFAULTS.clockSkewMs;
     if (!(this.clockSkewMs >= 0 && this.clockSkewMs <= MAX_CLOCK_SKEW_MS)) throw new ConfigError('clockSkewMs', `must be from 0 to ${MAX_CLOCK_SKEW_MS} ms`);
     this.groupsPath = options.groupsClaim ?? TOKEN_VERIFIER_DEFAULTS.groupsClaim;
     if (this.groupsPath === '') throw new ConfigError('groupsClaim', 'must not be empty');
     this.requiredClaims = options.requiredClaims ?? [];
+    // A JWT without exp never expires: one leaked token would be good forever. Required by default.
+    const expRequired = options.allowTokensWithoutExp !== true;
+    this.jwtRequiredClaims = [...new Set([...this.requiredClaims, ...(expRequired ? ['exp'] : [])])];
     this.maxTokenBytes = options.maxTokenBytes ?? TOKEN_VERIFIER_DEFAULTS.maxTokenBytes;
 
     const timing = {
@@ -179,7 +202,8 @@ export class TokenVerifier extends EventEmitter {
    * accept; rejects with a {@link BurrowError} only when no verdict is possible: INVALID_ARGUMENT
    * (empty or oversized token), UNAVAILABLE (key source or introspection endpoint unreachable and
    * no keys known), FAILED_PRECONDITION (nothing configured, or no audience to check).
-   * `audience`, when not empty, replaces the configured audiences.
+   * `audience`, when not empty, replaces the configured audiences; with `allowedAudiences` set it
+   * must be one of them, or the token is refused (`audience: ...`) without being looked at.
    */
   async authenticate(token: string, audience = ''): Promise<AuthenticationResult> {
     const startedAt = performance.now();
@@ -219,7 +243,15 @@ export class TokenVerifier extends EventEmitter {
     if (!this.keySource && !this.introspection) {
       throw new BurrowError(Status.FAILED_PRECONDITION, 'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url');
     }
-    const audiences = audience !== '' ? [audience] : this.audiences;
+    if (audience !== '' && this.allowedAudiences.length > 0 && !this.allowedAudiences.includes(audience)) {
+      // The caller must not pick an audience the site did not pin: a token minted for another site
+      // service would pass a check against the audience its presenter chose.
+      const pinned = this.allowedAudiences.join(', ');
+      const asked = JSON.stringify(audience);
+      return new TokenRefusal('audience', `the requested audience ${asked} is not one this agent accepts (${pinned})`);
+    }
+    const defaults = this.audiences.length > 0 ? this.audiences : this.allowedAudiences;
+    const audiences = audience !== '' ? [audience] : defaults;
     if (audiences.length === 0) {
       // Accepting a token meant for any audience would let a token issued to one site service be
       // replayed against another; refuse to judge rather than skip the check.
@@ -249,7 +281,7 @@ export class TokenVerifier extends EventEmitter {
       audience: audiences,
       algorithms: this.algorithms,
       clockTolerance: this.clockSkewMs / 1000,
-      requiredClaims: this.requiredClaims,
+      requiredClaims: this.jwtRequiredClaims,
       currentDate: new Date(this.clock()),
     };
     let outcome = await this.verifyWithKeys(keys, token, options);
@@ -319,6 +351,10 @@ export class TokenVerifier extends EventEmitter {
     if (typeof answer.exp === 'number' && answer.exp <= nowS - skewS) return new TokenRefusal('expired', 'introspection answer "exp" is in the past');
     if (typeof answer.nbf === 'number' && answer.nbf > nowS + skewS) return new TokenRefusal('not_yet_valid', 'introspection answer "nbf" is in the future');
     if (answer.iss !== undefined && !this.issuers.includes(answer.iss as string)) return new TokenRefusal('issuer', `issuer ${JSON.stringify(answer.iss)} is not accepted`);
+    if (answer.aud === undefined && this.allowedAudiences.length > 0) {
+      const pinned = this.allowedAudiences.join(', ');
+      return new TokenRefusal('audience', `the introspection answer has no "aud"; this agent accepts only ${pinned}`);
+    }
     if (answer.aud !== undefined) {
       const tokenAudiences = Array.isArray(answer.aud) ? answer.aud : [answer.aud];
       if (!audiences.some((a) => tokenAudiences.includes(a))) return new TokenRefusal('audience', `token audience ${JSON.stringify(answer.aud)} does not include ${audiences.join(' or ')}`);
