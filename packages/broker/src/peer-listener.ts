@@ -14,7 +14,7 @@ export const PEER_REFUSED_KEY = 'burrow-peer-refused';
 export const FORWARDED_BY_KEY = 'burrow-forwarded-by';
 
 /** The owning side checks what the caller API checks, minus caller policy (done by the forwarder). */
-export type PeerListenerDeps = Pick<CallerApiDeps, 'registry' | 'metrics' | 'logger' | 'trustDomain' | 'agentWaitMs' | 'isDraining' | 'isRevoked'>;
+export type PeerListenerDeps = Pick<CallerApiDeps, 'registry' | 'metrics' | 'logger' | 'trustDomain' | 'agentWaitMs' | 'isDraining' | 'isRevoked' | 'watch'>;
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
@@ -65,24 +65,39 @@ export class PeerListener {
     const abort = new AbortController();
     const onCancel = (): void => abort.abort();
     call.on('cancelled', onCancel);
+    // The forwarding broker's certificate revoked or expired mid-call: the call ends (the agent
+    // gets Cancel), whether it still waits for an offer or is being relayed.
+    let cutBy: BurrowError | undefined;
+    let inbound: CallStream | undefined;
+    const untrack = this.deps.watch.track({
+      identity: peer, listener: 'peer',
+      cut: (error) => {
+        cutBy ??= error;
+        if (inbound) inbound.abort(error);
+        else abort.abort();
+      },
+    });
     const deadline = call.getDeadline();
     const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
     let offer;
     try {
       offer = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, abort.signal);
     } catch (err) {
+      untrack();
       call.removeListener('cancelled', onCancel);
-      if (!call.cancelled) this.refuse(call, (err as BurrowError).code, (err as BurrowError).message);
+      const e = cutBy ?? (err as BurrowError);
+      if (!call.cancelled) this.refuse(call, e.code, e.message);
       return;
     }
     call.removeListener('cancelled', onCancel);
     const startedMs = Date.now();
-    const inbound = new CallStream(call, 'server', 'answerer', (err) => logger.warn('forwarding broker broke the tunnel protocol', { forwardedBy, agentId, error: err.message }));
+    inbound = new CallStream(call, 'server', 'answerer', (err) => logger.warn('forwarding broker broke the tunnel protocol', { forwardedBy, agentId, error: err.message }));
     const ready = new Metadata();
     ready.set(PEER_READY_KEY, '1');
     call.sendMetadata(ready);
     metrics.toAgentCallStarted();
     const outcome = await relayCall(inbound, offer.stream, `agent "${agentId}"`);
+    untrack();
     registry.callFinished(offer);
     metrics.toAgentCallEnded();
     metrics.peerCalls.inc({ code: statusName(outcome.code) });

@@ -1,0 +1,134 @@
+import { rmSync } from 'node:fs';
+import * as path from 'node:path';
+import { expect } from 'chai';
+import { Metadata, status as Status, type ClientDuplexStream, type ServiceError, type StatusObject } from '@grpc/grpc-js';
+import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
+import { Broker, BROKER_DEFAULTS } from '@burrow/broker';
+import { initPki, issueCertificate, writeIssued } from '@burrow/pki';
+import { silentLogger } from '@burrow/tunnel';
+import { ECHO, EchoUpstream } from './helpers/echo-upstream';
+import { expectNoLeaks, snapshotResources } from './helpers/leaks';
+import { makeTempDir } from './helpers/pki';
+import { PKI_CLI, runCli } from './helpers/processes';
+import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
+import type { CertFiles } from './helpers/pki-fixture';
+
+/**
+ * Issue 13, item 4: a caller's certificate revoked or expired mid-call ends its calls in flight
+ * (TLS checked it only at the handshake), within the revocation poll, like an agent's tunnel.
+ */
+describe('credentials cut mid-call: service certificates', function () {
+  this.timeout(30_000);
+
+  const root = makeTempDir('burrow-credential-cut-');
+  const dir = path.join(root, 'pki');
+  let broker: Broker;
+  let agent: Agent;
+  let upstream: EchoUpstream;
+  let apiAddress = '';
+  const baseline = snapshotResources();
+  const files = (name: string): CertFiles => ({ cert: path.join(root, name, 'tls.crt'), key: path.join(root, name, 'tls.key'), ca: path.join(root, name, 'ca.crt') });
+  const md = (): Metadata => {
+    const m = new Metadata();
+    m.set('burrow-agent-id', 'site-cut');
+    return m;
+  };
+  const statusOf = (call: ClientDuplexStream<Buffer, Buffer>): Promise<StatusObject> => new Promise((resolve) => {
+    call.on('error', () => {});
+    call.on('status', resolve);
+  });
+  /** `promise`'s value, or undefined when it takes longer than `ms` (the old code never cut). */
+  const within = async <T>(promise: Promise<T>, ms: number): Promise<T | undefined> => {
+    let timer: NodeJS.Timeout | undefined;
+    const late = new Promise<undefined>((resolve) => { timer = setTimeout(() => resolve(undefined), ms); });
+    try {
+      return await Promise.race([promise, late]);
+    } finally {
+      clearTimeout(timer);
+    }
+  };
+  /** Sends one message on `call` and waits for its echo: the stream is carried end to end. */
+  const roundTrip = (call: ClientDuplexStream<Buffer, Buffer>, text: string): Promise<void> => new Promise((resolve) => {
+    call.once('data', (m: Buffer) => { expect(m.toString()).to.equal(text); resolve(); });
+    call.write(Buffer.from(text));
+  });
+
+  before(async () => {
+    await initPki({ dir });
+    upstream = await new EchoUpstream().start();
+    broker = new Broker({
+      ...BROKER_DEFAULTS, agentListen: '127.0.0.1:0', apiListen: '127.0.0.1:0', pkiDir: dir, tlsDns: ['localhost'], tlsIp: ['127.0.0.1'],
+      brokerId: 'cut-broker', drainTimeoutMs: 2_000,
+    }, silentLogger());
+    const ports = await broker.start();
+    apiAddress = `127.0.0.1:${ports.apiPort}`;
+    await writeIssued(path.join(root, 'agent'), await issueCertificate({ dir, role: 'agent', name: 'site-cut' }));
+    const f = files('agent');
+    agent = new Agent({
+      ...AGENT_DEFAULTS, brokers: [`127.0.0.1:${ports.agentPort}`], brokerServerName: 'localhost', tlsCertFile: f.cert, tlsKeyFile: f.key, caFile: f.ca,
+      upstreams: [{ service: '*', address: upstream.address }], reconnectBaseMs: 50, reconnectMaxMs: 300, drainTimeoutMs: 1_000,
+    }, silentLogger());
+    await agent.start();
+    await agent.waitConnected();
+  });
+
+  after(async () => {
+    await agent?.stop();
+    await broker?.stop();
+    await upstream?.stop();
+    rmSync(root, { recursive: true, force: true });
+    await expectNoLeaks(baseline);
+  });
+
+  it('burrow-pki revoke --serial ends a bidi stream in flight with PERMISSION_DENIED within 1.5 s; a new call is refused', async () => {
+    const svc = await issueCertificate({ dir, role: 'service', name: 'streamer' });
+    await writeIssued(path.join(root, 'svc'), svc);
+    const caller = new RawClient(apiAddress, mtlsCredentials(files('svc')), { 'grpc.ssl_target_name_override': 'localhost' });
+    try {
+      const call = caller.bidi(ECHO.bidi, md());
+      const ended = statusOf(call);
+      await roundTrip(call, 'before');
+      const revoked = await runCli(PKI_CLI, ['revoke', '--dir', dir, '--serial', svc.serialHex]);
+      expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
+      const revokedAtMs = Date.now();
+      // Still carried until the broker applies the revocation: the stream was alive after the revoke.
+      const status = await within(ended, 5_000);
+      const tookMs = Date.now() - revokedAtMs;
+      if (!status) call.cancel();
+      expect(status, 'the stream was still open 5 s after the revocation').to.not.equal(undefined);
+      if (!status) return;
+      console.log(`      (stream ended ${tookMs} ms after burrow-pki revoke exited: ${Status[status.code]} "${status.details}")`);
+      expect(status.code).to.equal(Status.PERMISSION_DENIED);
+      expect(status.details).to.match(/certificate spiffe:\/\/[^ ]+\/service\/streamer \(serial [0-9a-f]+\) was revoked/i);
+      expect(tookMs).to.be.below(1_500);
+      const refused = await caller.unary(ECHO.unary, Buffer.from('after'), md()).then(() => undefined, (e: ServiceError) => e);
+      expect(refused?.code).to.equal(Status.PERMISSION_DENIED);
+      expect(refused?.details).to.match(/revoked/);
+    } finally {
+      caller.close();
+    }
+  });
+
+  it('a stream whose service certificate expires mid-call ends with UNAUTHENTICATED at the expiry', async () => {
+    const svc = await issueCertificate({ dir, role: 'service', name: 'short-lived', ttlMs: 4_000 });
+    await writeIssued(path.join(root, 'short'), svc);
+    const caller = new RawClient(apiAddress, mtlsCredentials(files('short')), { 'grpc.ssl_target_name_override': 'localhost' });
+    try {
+      const call = caller.bidi(ECHO.bidi, md());
+      const ended = statusOf(call);
+      await roundTrip(call, 'before expiry');
+      const status = await within(ended, 8_000);
+      if (!status) call.cancel();
+      expect(status, 'the stream was still open 4 s after the certificate expired').to.not.equal(undefined);
+      if (!status) return;
+      const lateMs = Date.now() - svc.notAfter.getTime();
+      console.log(`      (stream ended ${lateMs} ms after the certificate's notAfter: ${Status[status.code]} "${status.details}")`);
+      expect(status.code).to.equal(Status.UNAUTHENTICATED);
+      expect(status.details).to.match(/service\/short-lived .* expired at/);
+      // The broker checks expiries every second; X.509 times have whole seconds.
+      expect(lateMs).to.be.below(2_500);
+    } finally {
+      caller.close();
+    }
+  });
+});
