@@ -262,7 +262,9 @@ export class Broker {
     if (cluster && this.directory) {
       // Brokers only: the listener requires a client certificate, and PeerListener its role.
       const peerServer = new Server(tunnelServerOptions(this.config.maxMessageBytes, this.config.keepalive));
-      new PeerListener({ registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked, watch: this.watch }).addTo(peerServer);
+      new PeerListener({ registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked, watch: this.watch,
+        limiter: this.limiter, authorizer: this.authorizer,
+      }).addTo(peerServer);
       this.peerServer = peerServer;
       peerPort = await bind(peerServer, cluster.peerListen, experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true));
       observeTlsClientErrors(peerServer, onTlsError('peer'));

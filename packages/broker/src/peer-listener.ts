@@ -1,8 +1,11 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, CallStream, identity, identityOfPeerCertificate, relayCall, statusName, logCallFinished,
+  AGENT_ID_KEY, BurrowError, CallStream, identity, identityOfPeerCertificate, parseSpiffeId, relayCall, statusName, logCallFinished,
+  type PeerIdentity,
 } from '@burrow/tunnel';
+import { LimitExceededError } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
+import { ALLOW_ALL_CALLERS } from './caller-authorizer';
 
 /** The one method of the broker-to-broker API (tunnel.proto, service BrokerPeer). */
 export const PEER_FORWARD_METHOD = '/burrow.tunnel.v1.BrokerPeer/Forward';
@@ -10,11 +13,72 @@ export const PEER_FORWARD_METHOD = '/burrow.tunnel.v1.BrokerPeer/Forward';
 export const PEER_READY_KEY = 'burrow-peer-ready';
 /** Trailer on every refusal by the owning broker, so the forwarder can tell it from a transport failure. */
 export const PEER_REFUSED_KEY = 'burrow-peer-refused';
-/** Request header naming the forwarding broker (logs). */
+/** Request header naming the forwarding broker: the broker where the call entered (logs, audit). */
 export const FORWARDED_BY_KEY = 'burrow-forwarded-by';
+/** Hop metadata: the caller's verified SPIFFE id, as the broker where the call entered saw it. */
+export const HOP_CALLER_KEY = 'burrow-hop-caller';
+/** Hop metadata: the gRPC method of the call (the Start frame must name the same). */
+export const HOP_METHOD_KEY = 'burrow-hop-method';
+/** Hop metadata: the entry broker's caller-policy decision, `allow` or `allow policies=<id>,...` (ids URI-encoded). */
+export const HOP_DECISION_KEY = 'burrow-hop-decision';
 
-/** The owning side checks what the caller API checks, minus caller policy (done by the forwarder). */
-export type PeerListenerDeps = Pick<CallerApiDeps, 'registry' | 'metrics' | 'logger' | 'trustDomain' | 'agentWaitMs' | 'isDraining' | 'isRevoked' | 'watch'>;
+/** What the broker where a call entered vouches for when it forwards the call (hop metadata). */
+export interface Hop {
+  /** The caller's verified SPIFFE id. */
+  caller: string;
+  method: string;
+  /** Ids of the caller policies that permitted the call there (empty: it has no caller policy). */
+  policies: string[];
+}
+
+const MAX_HOP_POLICIES = 32;
+const MAX_HOP_VALUE_CHARS = 4_096;
+const HOP_DECISION = /^allow(?: policies=([A-Za-z0-9%._~!*'()-]+(?:,[A-Za-z0-9%._~!*'()-]+)*))?$/;
+const GRPC_METHOD = /^\/[A-Za-z0-9_.-]+\/[A-Za-z0-9_.-]+$/;
+const BROKER_ID = /^[\x21-\x7e]{1,253}$/;
+
+/** Writes `hop` into the metadata of a Forward call (the forwarding side). */
+export function encodeHop(hop: Hop, md: Metadata): void {
+  md.set(HOP_CALLER_KEY, hop.caller);
+  md.set(HOP_METHOD_KEY, hop.method);
+  const ids = hop.policies.slice(0, MAX_HOP_POLICIES).map(encodeURIComponent);
+  md.set(HOP_DECISION_KEY, ids.length ? `allow policies=${ids.join(',')}` : 'allow');
+}
+
+/**
+ * Reads and checks the hop metadata of a Forward call: `undefined` when there is none (a broker
+ * of an older version), else the hop, or the first problem found (the call is refused with it).
+ */
+export function decodeHop(md: Metadata, trustDomain: string): Hop | undefined | { problem: string } {
+  const value = (key: string): string | undefined => {
+    const v = md.get(key)[0];
+    return typeof v === 'string' ? v : undefined;
+  };
+  const caller = value(HOP_CALLER_KEY);
+  const method = value(HOP_METHOD_KEY);
+  const decision = value(HOP_DECISION_KEY);
+  if (caller === undefined && method === undefined && decision === undefined) return undefined;
+  if (caller === undefined || method === undefined || decision === undefined) return { problem: `${HOP_CALLER_KEY}, ${HOP_METHOD_KEY} and ${HOP_DECISION_KEY} go together` };
+  if ([caller, method, decision].some((v) => v.length > MAX_HOP_VALUE_CHARS)) return { problem: `a hop metadata value is longer than ${MAX_HOP_VALUE_CHARS} characters` };
+  const id = parseSpiffeId(caller);
+  if (!id || id.role !== 'service' || id.trustDomain !== trustDomain) return { problem: `${HOP_CALLER_KEY} "${caller.slice(0, 200)}" is not a service SPIFFE id of trust domain ${trustDomain}` };
+  if (!GRPC_METHOD.test(method)) return { problem: `${HOP_METHOD_KEY} "${method.slice(0, 200)}" is not a gRPC method path (/package.Service/Method)` };
+  const m = HOP_DECISION.exec(decision);
+  const ids = m?.[1]?.split(',') ?? [];
+  if (!m || ids.length > MAX_HOP_POLICIES) return { problem: `${HOP_DECISION_KEY} "${decision.slice(0, 200)}" is not "allow" or "allow policies=<id>,..." (at most ${MAX_HOP_POLICIES})` };
+  try {
+    return { caller, method, policies: ids.map(decodeURIComponent) };
+  } catch {
+    return { problem: `${HOP_DECISION_KEY}: a policy id is not URI-encoded` };
+  }
+}
+
+/**
+ * The owning side checks what the caller API checks: the agent's limits are enforced here (every
+ * call to the agent's tunnels here counts, wherever it entered), and its own caller policy, if it
+ * has one, is applied again to the caller the forwarding broker vouches for.
+ */
+export type PeerListenerDeps = Pick<CallerApiDeps, 'registry' | 'metrics' | 'logger' | 'trustDomain' | 'agentWaitMs' | 'isDraining' | 'isRevoked' | 'watch' | 'limiter' | 'authorizer'>;
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
@@ -57,9 +121,23 @@ export class PeerListener {
       this.refuse(call, Status.INVALID_ARGUMENT, `peer call without ${AGENT_ID_KEY}`);
       return;
     }
+    if (!BROKER_ID.test(forwardedBy)) {
+      this.refuse(call, Status.INVALID_ARGUMENT, `peer call without a valid ${FORWARDED_BY_KEY} (the forwarding broker's id)`);
+      return;
+    }
     // Only agents connected here: a forwarded call is never forwarded again.
     if (this.deps.isDraining() || !registry.canServe(agentId)) {
       this.refuse(call, Status.UNAVAILABLE, this.deps.isDraining() ? 'broker is draining' : `agent "${agentId}" has no tunnel to this broker`);
+      return;
+    }
+    const hop = this.checkHop(call, peer, agentId, forwardedBy);
+    if (hop === false) return;
+    let releaseAgent: () => void;
+    try {
+      releaseAgent = this.deps.limiter.admitAgent(agentId);
+    } catch (err) {
+      if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
+      this.refuse(call, (err as BurrowError).code, (err as BurrowError).message);
       return;
     }
     const abort = new AbortController();
@@ -84,6 +162,7 @@ export class PeerListener {
       offer = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, abort.signal);
     } catch (err) {
       untrack();
+      releaseAgent();
       call.removeListener('cancelled', onCancel);
       const e = cutBy ?? (err as BurrowError);
       if (!call.cancelled) this.refuse(call, e.code, e.message);
@@ -96,12 +175,47 @@ export class PeerListener {
     ready.set(PEER_READY_KEY, '1');
     call.sendMetadata(ready);
     metrics.toAgentCallStarted();
-    const outcome = await relayCall(inbound, offer.stream, `agent "${agentId}"`);
+    const outcome = await relayCall(inbound, offer.stream, `agent "${agentId}"`, { expectedMethod: hop?.method });
     untrack();
+    releaseAgent();
     registry.callFinished(offer);
     metrics.toAgentCallEnded();
     metrics.peerCalls.inc({ code: statusName(outcome.code) });
-    logCallFinished(logger, { direction: 'to_agent', agentId, method: outcome.method ?? '', forwardedBy, code: outcome.code, details: outcome.details, durationMs: Date.now() - startedMs });
+    logCallFinished(logger, {
+      direction: 'to_agent', agentId, method: outcome.method ?? '', forwardedBy, caller: hop?.caller, entryPolicies: hop?.policies,
+      code: outcome.code, details: outcome.details, durationMs: Date.now() - startedMs,
+    });
+  }
+
+  /**
+   * Checks the hop metadata and, when this broker has a caller policy, applies it to the caller
+   * the forwarding broker vouches for (an audit record names both). Returns the hop (undefined
+   * from a broker too old to send one, accepted only without a caller policy here), or false
+   * after refusing the call.
+   */
+  private checkHop(call: RawCall, peer: PeerIdentity, agentId: string, forwardedBy: string): Hop | undefined | false {
+    const { metrics, logger, authorizer } = this.deps;
+    const hop = decodeHop(call.metadata, this.deps.trustDomain);
+    if (hop && 'problem' in hop) {
+      logger.warn('peer call refused: bad hop metadata', { forwardedBy, peer: peer.spiffeId, problem: hop.problem });
+      this.refuse(call, Status.INVALID_ARGUMENT, `hop metadata from broker ${forwardedBy}: ${hop.problem}`);
+      return false;
+    }
+    if (authorizer === ALLOW_ALL_CALLERS) return hop;
+    if (!hop) {
+      this.refuse(call, Status.PERMISSION_DENIED, `broker ${forwardedBy} forwarded a call without ${HOP_CALLER_KEY}, and this broker's caller policy needs the caller (upgrade that broker)`);
+      return false;
+    }
+    const caller = parseSpiffeId(hop.caller)!;
+    const identity: PeerIdentity = { ...caller, notAfterMs: Number.POSITIVE_INFINITY, notBeforeMs: 0, serialHex: '' };
+    const decision = authorizer.authorize(identity, agentId, hop.method, { forwardedBy, entryPolicies: hop.policies });
+    metrics.authzDecisions.inc({ decision: decision.allowed ? 'allow' : 'deny' });
+    if (decision.allowed) return hop;
+    const unnamed = decision.policies.filter((id) => !decision.reason.includes(id));
+    const policies = unnamed.length ? ` (policies: ${unnamed.join(', ')})` : '';
+    logger.warn('forwarded caller denied by policy', { caller: hop.caller, agentId, method: hop.method, forwardedBy, entryPolicies: hop.policies, reason: decision.reason, policies: decision.policies });
+    this.refuse(call, Status.PERMISSION_DENIED, `${hop.caller} may not call ${hop.method} on agent "${agentId}": ${decision.reason}${policies}; the call entered at broker ${forwardedBy}`);
+    return false;
   }
 }
 
