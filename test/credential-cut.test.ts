@@ -1,4 +1,5 @@
-import { rmSync } from 'node:fs';
+import { X509Certificate } from 'node:crypto';
+import { readFileSync, rmSync } from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import { Metadata, status as Status, type ClientDuplexStream, type ServiceError, type StatusObject } from '@grpc/grpc-js';
@@ -6,12 +7,33 @@ import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
 import { Broker, BROKER_DEFAULTS } from '@burrow/broker';
 import { initPki, issueCertificate, writeIssued } from '@burrow/pki';
 import { silentLogger } from '@burrow/tunnel';
+import { ClusterWorld } from './helpers/cluster';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
 import { makeTempDir } from './helpers/pki';
 import { PKI_CLI, runCli } from './helpers/processes';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import type { CertFiles } from './helpers/pki-fixture';
+
+const statusOf = (call: ClientDuplexStream<Buffer, Buffer>): Promise<StatusObject> => new Promise((resolve) => {
+  call.on('error', () => {});
+  call.on('status', resolve);
+});
+/** `promise`'s value, or undefined when it takes longer than `ms` (the old code never cut). */
+const within = async <T>(promise: Promise<T>, ms: number): Promise<T | undefined> => {
+  let timer: NodeJS.Timeout | undefined;
+  const late = new Promise<undefined>((resolve) => { timer = setTimeout(() => resolve(undefined), ms); });
+  try {
+    return await Promise.race([promise, late]);
+  } finally {
+    clearTimeout(timer);
+  }
+};
+/** Sends one message on `call` and waits for its echo: the stream is carried end to end. */
+const roundTrip = (call: ClientDuplexStream<Buffer, Buffer>, text: string): Promise<void> => new Promise((resolve) => {
+  call.once('data', (m: Buffer) => { expect(m.toString()).to.equal(text); resolve(); });
+  call.write(Buffer.from(text));
+});
 
 /**
  * Issue 13, item 4: a caller's certificate revoked or expired mid-call ends its calls in flight
@@ -33,26 +55,6 @@ describe('credentials cut mid-call: service certificates', function () {
     m.set('burrow-agent-id', 'site-cut');
     return m;
   };
-  const statusOf = (call: ClientDuplexStream<Buffer, Buffer>): Promise<StatusObject> => new Promise((resolve) => {
-    call.on('error', () => {});
-    call.on('status', resolve);
-  });
-  /** `promise`'s value, or undefined when it takes longer than `ms` (the old code never cut). */
-  const within = async <T>(promise: Promise<T>, ms: number): Promise<T | undefined> => {
-    let timer: NodeJS.Timeout | undefined;
-    const late = new Promise<undefined>((resolve) => { timer = setTimeout(() => resolve(undefined), ms); });
-    try {
-      return await Promise.race([promise, late]);
-    } finally {
-      clearTimeout(timer);
-    }
-  };
-  /** Sends one message on `call` and waits for its echo: the stream is carried end to end. */
-  const roundTrip = (call: ClientDuplexStream<Buffer, Buffer>, text: string): Promise<void> => new Promise((resolve) => {
-    call.once('data', (m: Buffer) => { expect(m.toString()).to.equal(text); resolve(); });
-    call.write(Buffer.from(text));
-  });
-
   before(async () => {
     await initPki({ dir });
     upstream = await new EchoUpstream().start();
@@ -130,5 +132,39 @@ describe('credentials cut mid-call: service certificates', function () {
     } finally {
       caller.close();
     }
+  });
+});
+
+describe('credentials cut mid-call: peer broker certificates', function () {
+  this.timeout(60_000);
+
+  let world: ClusterWorld;
+  after(async () => { await world?.close(); });
+
+  it('revoking the forwarding broker\'s certificate ends the calls it carries to the broker holding the agent within 1.5 s', async () => {
+    world = await ClusterWorld.create(['a', 'b']);
+    // Both brokers read the PKI directory, so both apply revocations (the owner is the one that cuts).
+    for (const name of ['a', 'b']) await world.startBroker(name, ['--pki-dir', world.pki.pkiDir]);
+    await world.startAgent('site-peer', ['b']);
+    await world.waitListed('b', 'site-peer');
+    const m = new Metadata();
+    m.set('burrow-agent-id', 'site-peer');
+    const call = world.client('a').bidi(ECHO.bidi, m);
+    const ended = statusOf(call);
+    await roundTrip(call, 'through a to b');
+    const serial = new X509Certificate(readFileSync(world.brokerCert.cert)).serialNumber;
+    const revoked = await runCli(PKI_CLI, ['revoke', '--dir', world.pki.pkiDir, '--serial', serial]);
+    expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
+    const revokedAtMs = Date.now();
+    const status = await within(ended, 5_000);
+    const tookMs = Date.now() - revokedAtMs;
+    if (!status) call.cancel();
+    console.log(`      (forwarded stream ended ${tookMs} ms after the broker certificate was revoked: ${status ? `${Status[status.code]} "${status.details}"` : 'still open'})`);
+    expect(status, 'the forwarded stream was still open 5 s after the revocation').to.not.equal(undefined);
+    expect(status!.code).to.not.equal(Status.OK);
+    expect(status!.details).to.match(/broker.*was revoked/);
+    expect(tookMs).to.be.below(1_500);
+    const cut = await world.metrics('b');
+    expect(cut.get('burrow_broker_calls_cut_total{listener="peer",reason="revoked"}')).to.equal(1);
   });
 });

@@ -1,7 +1,7 @@
-import { Client, Metadata, experimental, status as Status, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
+import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
 import { AGENT_ID_KEY, BurrowError, CallStream, abortConnectsOnChannelClose, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
-import { FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_KEY, encodeHop, type Hop } from './peer-listener';
+import { FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_DECISION, PEER_REFUSED_KEY, encodeHop, type Hop } from './peer-listener';
 
 // A peer channel closed while connecting (a peer that stalls its handshakes) must not leak the socket.
 abortConnectsOnChannelClose();
@@ -28,9 +28,6 @@ export type PeerAttempt =
   | { ready: true; stream: CallStream }
   /** `refusal`: the owner decided against the call (policy, limit, bad hop metadata), not "cannot serve". */
   | { ready: false; reason: string; refusal?: BurrowError };
-
-/** Refusals by an owning broker that are its decision on the call, passed on to the caller as they are. */
-const DECISIONS = new Set<number>([Status.PERMISSION_DENIED, Status.RESOURCE_EXHAUSTED, Status.INVALID_ARGUMENT]);
 
 /**
  * The forwarding side of the broker-to-broker API: one HTTP/2 connection per peer broker (kept
@@ -96,7 +93,8 @@ export class PeerForwarder {
         // A refusal by the peer itself carries PEER_REFUSED_KEY; anything else is the transport.
         if (!s.metadata.get(PEER_REFUSED_KEY).length) return unreachable(`broker ${peer}: ${s.details}`);
         this.opts.metrics.peerForwards.inc({ result: 'refused' });
-        const refusal = DECISIONS.has(s.code) ? new BurrowError(s.code, `${s.details} (decided by the broker holding the agent, ${peer})`) : undefined;
+        const decision = s.metadata.get(PEER_REFUSED_KEY)[0] === PEER_REFUSED_DECISION;
+        const refusal = decision ? new BurrowError(s.code, `${s.details} (decided by the broker holding the agent, ${peer})`) : undefined;
         done({ ready: false, reason: `broker ${peer}: ${s.details}`, refusal });
       };
       const onAbort = (): void => { call.cancel(); done({ ready: false, reason: 'cancelled by the client' }); };

@@ -11,8 +11,14 @@ import { ALLOW_ALL_CALLERS } from './caller-authorizer';
 export const PEER_FORWARD_METHOD = '/burrow.tunnel.v1.BrokerPeer/Forward';
 /** Response header by which the owning broker says it holds a tunnel stream for the call. */
 export const PEER_READY_KEY = 'burrow-peer-ready';
-/** Trailer on every refusal by the owning broker, so the forwarder can tell it from a transport failure. */
+/**
+ * Trailer on every refusal by the owning broker, so the forwarder can tell it from a transport
+ * failure: `1` when it cannot serve the call (try another broker), {@link PEER_REFUSED_DECISION}
+ * when it decided against the call itself (caller policy, the agent's limit, bad hop metadata).
+ */
 export const PEER_REFUSED_KEY = 'burrow-peer-refused';
+/** {@link PEER_REFUSED_KEY} value of a decision on the call: the forwarder passes it to the caller. */
+export const PEER_REFUSED_DECISION = 'decision';
 /** Request header naming the forwarding broker: the broker where the call entered (logs, audit). */
 export const FORWARDED_BY_KEY = 'burrow-forwarded-by';
 /** Hop metadata: the caller's verified SPIFFE id, as the broker where the call entered saw it. */
@@ -97,10 +103,10 @@ export class PeerListener {
     );
   }
 
-  private refuse(call: RawCall, code: Status, details: string): void {
+  private refuse(call: RawCall, code: Status, details: string, decision = false): void {
     this.deps.metrics.peerCalls.inc({ code: statusName(code) });
     const metadata = new Metadata();
-    metadata.set(PEER_REFUSED_KEY, '1');
+    metadata.set(PEER_REFUSED_KEY, decision ? PEER_REFUSED_DECISION : '1');
     call.emit('error', { code, details, metadata });
   }
 
@@ -137,7 +143,7 @@ export class PeerListener {
       releaseAgent = this.deps.limiter.admitAgent(agentId);
     } catch (err) {
       if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
-      this.refuse(call, (err as BurrowError).code, (err as BurrowError).message);
+      this.refuse(call, (err as BurrowError).code, (err as BurrowError).message, true);
       return;
     }
     const abort = new AbortController();
@@ -198,12 +204,12 @@ export class PeerListener {
     const hop = decodeHop(call.metadata, this.deps.trustDomain);
     if (hop && 'problem' in hop) {
       logger.warn('peer call refused: bad hop metadata', { forwardedBy, peer: peer.spiffeId, problem: hop.problem });
-      this.refuse(call, Status.INVALID_ARGUMENT, `hop metadata from broker ${forwardedBy}: ${hop.problem}`);
+      this.refuse(call, Status.INVALID_ARGUMENT, `hop metadata from broker ${forwardedBy}: ${hop.problem}`, true);
       return false;
     }
     if (authorizer === ALLOW_ALL_CALLERS) return hop;
     if (!hop) {
-      this.refuse(call, Status.PERMISSION_DENIED, `broker ${forwardedBy} forwarded a call without ${HOP_CALLER_KEY}, and this broker's caller policy needs the caller (upgrade that broker)`);
+      this.refuse(call, Status.PERMISSION_DENIED, `broker ${forwardedBy} forwarded a call without ${HOP_CALLER_KEY}, and this broker's caller policy needs the caller (upgrade that broker)`, true);
       return false;
     }
     const caller = parseSpiffeId(hop.caller)!;
@@ -214,7 +220,7 @@ export class PeerListener {
     const unnamed = decision.policies.filter((id) => !decision.reason.includes(id));
     const policies = unnamed.length ? ` (policies: ${unnamed.join(', ')})` : '';
     logger.warn('forwarded caller denied by policy', { caller: hop.caller, agentId, method: hop.method, forwardedBy, entryPolicies: hop.policies, reason: decision.reason, policies: decision.policies });
-    this.refuse(call, Status.PERMISSION_DENIED, `${hop.caller} may not call ${hop.method} on agent "${agentId}": ${decision.reason}${policies}; the call entered at broker ${forwardedBy}`);
+    this.refuse(call, Status.PERMISSION_DENIED, `${hop.caller} may not call ${hop.method} on agent "${agentId}": ${decision.reason}${policies}; the call entered at broker ${forwardedBy}`, true);
     return false;
   }
 }
