@@ -2,11 +2,12 @@ import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import { Metadata, status as Status, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
+import { decodeCallFrame, encodeCallFrame } from '@burrow/tunnel';
 import { ClusterWorld } from './helpers/cluster';
 import { ECHO } from './helpers/echo-upstream';
 import { makeTempDir } from './helpers/pki';
 import { pollUntil } from './helpers/processes';
-import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
+import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
 import { waitUntil } from './helpers/wait';
 
 /**
@@ -136,6 +137,33 @@ describe('cluster: which broker decides what', function () {
       const none = await forward({});
       expect(none?.code).to.equal(Status.PERMISSION_DENIED);
       expect(none?.details).to.match(/without burrow-hop-caller/);
+    } finally {
+      peer.close();
+    }
+  });
+
+  it('the owner refuses a forwarded call whose Start names another method than the one admitted, before the agent sees it', async () => {
+    const peer = new RawClient(world.peerAddress('b'), mtlsCredentials(world.brokerCert), { 'grpc.ssl_target_name_override': 'localhost' });
+    try {
+      const m = md();
+      m.set('burrow-forwarded-by', 'broker-x');
+      m.set('burrow-hop-caller', 'spiffe://burrow.local/service/platform-svc');
+      m.set('burrow-hop-method', ECHO.unary);
+      m.set('burrow-hop-decision', 'allow policies=entry-permits-platform-svc');
+      const callsBefore = world.echo.calls.length;
+      const call = peer.bidi('/burrow.tunnel.v1.BrokerPeer/Forward', m, { deadline: Date.now() + 5_000 });
+      const done = collect(call);
+      // Admitted for Unary; the Start asks for the method the owner's policy forbids.
+      call.write(encodeCallFrame({ kind: 'start', start: { method: ECHO.metadata, metadata: [], timeoutMs: 0, callId: 'swap' } }));
+      call.end();
+      const { messages, headers } = await done;
+      expect(headers?.get('burrow-peer-ready')[0]).to.equal('1');
+      const frames = messages.map(decodeCallFrame);
+      const trailers = frames.find((f) => f.kind === 'trailers');
+      console.log(`      (method swap: ${JSON.stringify(trailers)})`);
+      expect(trailers?.kind === 'trailers' && trailers.trailers.code).to.equal(Status.PERMISSION_DENIED);
+      expect(trailers?.kind === 'trailers' && trailers.trailers.message).to.match(/method \/burrow.test.Echo\/Metadata is not \/burrow.test.Echo\/Unary/);
+      expect(world.echo.calls.length).to.equal(callsBefore);
     } finally {
       peer.close();
     }
