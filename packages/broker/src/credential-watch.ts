@@ -19,8 +19,8 @@ export interface LiveCall {
 
 interface LiveConnection {
   listener: WatchedListener;
-  /** The client certificate's identity; read when first needed (most connections never are). */
-  identity(): PeerIdentity | undefined;
+  /** The client certificate's identity (undefined: none, or not a Burrow one). */
+  identity: PeerIdentity | undefined;
   /** Refuses new calls (GOAWAY) and lets what is being answered flush. */
   close(): void;
   /** Closes at once. */
@@ -34,6 +34,15 @@ interface LiveConnection {
 const CUT_CLOSE_GRACE_MS = 1_000;
 
 interface Http2ServerList { http2Servers?: Map<import('node:net').Server, unknown> }
+
+/** The identity of a TLS connection's client certificate; undefined when it has none or is gone. */
+function peerIdentityOf(socket: TLSSocket): PeerIdentity | undefined {
+  try {
+    return identityOfPeerCertificate(socket.getPeerCertificate());
+  } catch {
+    return undefined;
+  }
+}
 
 /** Why a certificate lost its right to calls in flight, or undefined when it has not. */
 type Verdict = { reason: 'revoked' | 'expired'; error: BurrowError } | undefined;
@@ -68,10 +77,10 @@ export class CredentialWatch {
   watchGrpcServer(server: Server, listener: WatchedListener): void {
     for (const s of (server as unknown as Http2ServerList).http2Servers?.keys() ?? []) {
       s.on('session', (session: ServerHttp2Session) => {
-        const socket = session.socket as TLSSocket;
         const conn: LiveConnection = {
           listener,
-          identity: () => identityOfPeerCertificate(socket.getPeerCertificate()),
+          // Read now: once the session has lost its socket, session.socket throws.
+          identity: peerIdentityOf(session.socket as TLSSocket),
           close: () => { if (!session.closed && !session.destroyed) session.close(); },
           destroy: () => { if (!session.destroyed) session.destroy(); },
         };
@@ -86,7 +95,7 @@ export class CredentialWatch {
     server.on('secureConnection', (socket: TLSSocket) => {
       const conn: LiveConnection = {
         listener,
-        identity: () => identityOfPeerCertificate(socket.getPeerCertificate()),
+        identity: peerIdentityOf(socket),
         close: () => {
           this.closingSockets.add(socket);
           // An HTTP/1.1 connection between requests has nothing to flush.
@@ -142,7 +151,7 @@ export class CredentialWatch {
       this.deps.logger.warn('call cut: its client certificate is no longer valid', { listener: call.listener, caller: call.identity.spiffeId, serial: call.identity.serialHex, reason: verdict.error.message });
     }
     for (const conn of [...this.connections]) {
-      const id = conn.identity();
+      const id = conn.identity;
       const verdict = id && judge(id);
       if (!verdict) continue;
       this.connections.delete(conn);
