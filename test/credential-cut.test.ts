@@ -1,6 +1,7 @@
 import { X509Certificate } from 'node:crypto';
 import { readFileSync, rmSync } from 'node:fs';
 import * as path from 'node:path';
+import * as tls from 'node:tls';
 import { expect } from 'chai';
 import { Metadata, status as Status, type ClientDuplexStream, type ServiceError, type StatusObject } from '@grpc/grpc-js';
 import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
@@ -12,6 +13,7 @@ import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
 import { makeTempDir } from './helpers/pki';
 import { PKI_CLI, runCli } from './helpers/processes';
+import { httpsJson } from './helpers/https-json';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import type { CertFiles } from './helpers/pki-fixture';
 
@@ -48,6 +50,7 @@ describe('credentials cut mid-call: service certificates', function () {
   let agent: Agent;
   let upstream: EchoUpstream;
   let apiAddress = '';
+  let authzenAddress = '';
   const baseline = snapshotResources();
   const files = (name: string): CertFiles => ({ cert: path.join(root, name, 'tls.crt'), key: path.join(root, name, 'tls.key'), ca: path.join(root, name, 'ca.crt') });
   const md = (): Metadata => {
@@ -60,10 +63,11 @@ describe('credentials cut mid-call: service certificates', function () {
     upstream = await new EchoUpstream().start();
     broker = new Broker({
       ...BROKER_DEFAULTS, agentListen: '127.0.0.1:0', apiListen: '127.0.0.1:0', pkiDir: dir, tlsDns: ['localhost'], tlsIp: ['127.0.0.1'],
-      brokerId: 'cut-broker', drainTimeoutMs: 2_000,
+      brokerId: 'cut-broker', drainTimeoutMs: 2_000, authzenListen: '127.0.0.1:0',
     }, silentLogger());
     const ports = await broker.start();
     apiAddress = `127.0.0.1:${ports.apiPort}`;
+    authzenAddress = `127.0.0.1:${ports.authzenPort}`;
     await writeIssued(path.join(root, 'agent'), await issueCertificate({ dir, role: 'agent', name: 'site-cut' }));
     const f = files('agent');
     agent = new Agent({
@@ -108,6 +112,36 @@ describe('credentials cut mid-call: service certificates', function () {
       expect(refused?.details).to.match(/revoked/);
     } finally {
       caller.close();
+    }
+  });
+
+  it('revoking a service certificate closes its AuthZEN connections within 1.5 s; its next request gets 403', async () => {
+    const svc = await issueCertificate({ dir, role: 'service', name: 'gateway' });
+    await writeIssued(path.join(root, 'gateway'), svc);
+    const f = files('gateway');
+    const socket = tls.connect({
+      host: '127.0.0.1', port: Number(authzenAddress.split(':')[1]), servername: 'localhost',
+      ca: readFileSync(f.ca), cert: readFileSync(f.cert), key: readFileSync(f.key),
+    });
+    socket.on('error', () => {});
+    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+    try {
+      await new Promise<void>((resolve, reject) => { socket.once('secureConnect', resolve); socket.once('error', reject); });
+      const revoked = await runCli(PKI_CLI, ['revoke', '--dir', dir, '--serial', svc.serialHex]);
+      expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
+      const revokedAtMs = Date.now();
+      const gone = await within(closed.then(() => true), 5_000);
+      const tookMs = Date.now() - revokedAtMs;
+      console.log(`      (AuthZEN connection closed ${gone ? `${tookMs} ms after the revoke` : 'never (5 s)'})`);
+      expect(gone, 'the AuthZEN connection was still open 5 s after the revocation').to.equal(true);
+      expect(tookMs).to.be.below(1_500);
+      const res = await httpsJson(authzenAddress, 'POST', '/agents/site-cut/access/v1/evaluation', {
+        cert: f, ca: f.ca, body: { subject: { type: 'user', id: 'u' }, action: { name: 'read' }, resource: { type: 'doc', id: 'd' } },
+      });
+      expect(res.status).to.equal(403);
+      expect(JSON.stringify(res.body)).to.match(/revoked/);
+    } finally {
+      socket.destroy();
     }
   });
 
