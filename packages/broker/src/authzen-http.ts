@@ -120,7 +120,10 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
       const text = JSON.stringify(body);
       // A connection whose certificate was just revoked or expired closes after this answer.
       const closing = deps.watch.isClosing(req.socket as TLSSocket) ? { connection: 'close' } : {};
-      res.writeHead(httpStatus, { 'content-type': 'application/json', 'cache-control': 'no-store', ...(requestId ? { 'x-request-id': requestId } : {}), ...closing, ...headers });
+      res.writeHead(httpStatus, {
+        'content-type': 'application/json', 'cache-control': 'no-store',
+        ...(requestId ? { 'x-request-id': requestId } : {}), ...closing, ...headers,
+      });
       res.end(text);
     };
     try {

@@ -262,8 +262,10 @@ export class Broker {
     if (cluster && this.directory) {
       // Brokers only: the listener requires a client certificate, and PeerListener its role.
       const peerServer = new Server(tunnelServerOptions(this.config.maxMessageBytes, this.config.keepalive));
-      new PeerListener({ registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked, watch: this.watch,
-        limiter: this.limiter, authorizer: this.authorizer,
+      new PeerListener({
+        registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain,
+        agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked, watch: this.watch, limiter: this.limiter,
+        authorizer: this.authorizer,
       }).addTo(peerServer);
       this.peerServer = peerServer;
       peerPort = await bind(peerServer, cluster.peerListen, experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true));
@@ -274,7 +276,10 @@ export class Broker {
     }
     let authzenPort: number | undefined;
     if (this.config.authzenListen) {
-      const server = createAuthzenServer({ api, tls: this.tls, metrics: this.metrics, logger: this.logger, maxBodyBytes: this.config.maxMessageBytes, timeoutMs: this.config.authzenTimeoutMs, watch: this.watch });
+      const server = createAuthzenServer({
+        api, tls: this.tls, metrics: this.metrics, logger: this.logger, maxBodyBytes: this.config.maxMessageBytes,
+        timeoutMs: this.config.authzenTimeoutMs, watch: this.watch,
+      });
       this.authzen = server;
       authzenPort = await listen(server, this.config.authzenListen);
     }

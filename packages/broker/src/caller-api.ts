@@ -171,7 +171,10 @@ export class CallerApi {
         throw err;
       }
     };
-    return { caller, agentId: agent, callId, method, decision, holdAgentSlot, finish: (code, details, req, res) => finish(agent, code, details, req, res) };
+    return {
+      caller, agentId: agent, callId, method, decision, holdAgentSlot,
+      finish: (code, details, req, res) => finish(agent, code, details, req, res),
+    };
   }
 
   private async forward(call: RawCall): Promise<void> {
@@ -225,7 +228,8 @@ export class CallerApi {
       call.removeListener('cancelled', onCancel);
     }
     const outcome = originate(call, route.stream, {
-      callId, peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`, caller: caller.spiffeId, cutter: live.cutter,
+      callId, peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`,
+      caller: caller.spiffeId, cutter: live.cutter,
     });
     if (live.cutBy) live.cutter.cut?.(live.cutBy);
     const { code, details, requestBytes, responseBytes } = await outcome;

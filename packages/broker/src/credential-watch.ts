@@ -113,16 +113,21 @@ export class CredentialWatch {
 
   /** Cuts the calls and connections of certificates `isRevoked` names. Returns how many calls were cut. */
   cutRevoked(isRevoked: (id: PeerIdentity) => boolean): number {
-    return this.cut((id) => (isRevoked(id)
-      ? { reason: 'revoked', error: new BurrowError(Status.PERMISSION_DENIED, `certificate ${id.spiffeId} (serial ${id.serialHex}) was revoked`) }
-      : undefined));
+    return this.cut((id) => {
+      if (!isRevoked(id)) return undefined;
+      const message = `certificate ${id.spiffeId} (serial ${id.serialHex}) was revoked`;
+      return { reason: 'revoked', error: new BurrowError(Status.PERMISSION_DENIED, message) };
+    });
   }
 
   /** Cuts the calls and connections of certificates expired at `nowMs`. Returns how many calls were cut. */
   cutExpired(nowMs = Date.now()): number {
-    return this.cut((id) => (id.notAfterMs <= nowMs
-      ? { reason: 'expired', error: new BurrowError(Status.UNAUTHENTICATED, `certificate ${id.spiffeId} (serial ${id.serialHex}) expired at ${new Date(id.notAfterMs).toISOString()}`) }
-      : undefined));
+    return this.cut((id) => {
+      if (id.notAfterMs > nowMs) return undefined;
+      const at = new Date(id.notAfterMs).toISOString();
+      const message = `certificate ${id.spiffeId} (serial ${id.serialHex}) expired at ${at}`;
+      return { reason: 'expired', error: new BurrowError(Status.UNAUTHENTICATED, message) };
+    });
   }
 
   /** Destroys every connection still closing and forgets everything (broker shutdown). */
@@ -137,7 +142,9 @@ export class CredentialWatch {
   }
 
   /** Tracked calls and connections (tests and the leak check). */
-  get size(): { calls: number; connections: number } { return { calls: this.calls.size, connections: this.connections.size }; }
+  get size(): { calls: number; connections: number } {
+    return { calls: this.calls.size, connections: this.connections.size };
+  }
 
   private cut(judge: (id: PeerIdentity) => Verdict): number {
     let cutCalls = 0;
@@ -148,7 +155,10 @@ export class CredentialWatch {
       call.cut(verdict.error);
       cutCalls++;
       this.deps.metrics.callsCut.inc({ listener: call.listener, reason: verdict.reason });
-      this.deps.logger.warn('call cut: its client certificate is no longer valid', { listener: call.listener, caller: call.identity.spiffeId, serial: call.identity.serialHex, reason: verdict.error.message });
+      this.deps.logger.warn('call cut: its client certificate is no longer valid', {
+        listener: call.listener, caller: call.identity.spiffeId, serial: call.identity.serialHex,
+        reason: verdict.error.message,
+      });
     }
     for (const conn of [...this.connections]) {
       const id = conn.identity;
@@ -159,7 +169,9 @@ export class CredentialWatch {
       const timer = setTimeout(() => { this.closing.delete(conn); conn.destroy(); }, CUT_CLOSE_GRACE_MS);
       timer.unref();
       this.closing.set(conn, timer);
-      this.deps.logger.info('connection closed: its client certificate is no longer valid', { listener: conn.listener, peer: id.spiffeId, serial: id.serialHex, reason: verdict.reason });
+      this.deps.logger.info('connection closed: its client certificate is no longer valid', {
+        listener: conn.listener, peer: id.spiffeId, serial: id.serialHex, reason: verdict.reason,
+      });
     }
     return cutCalls;
   }

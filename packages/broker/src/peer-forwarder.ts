@@ -1,7 +1,12 @@
 import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
-import { AGENT_ID_KEY, BurrowError, CallStream, abortConnectsOnChannelClose, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
+import {
+  AGENT_ID_KEY, BurrowError, CallStream, abortConnectsOnChannelClose, identity, tunnelChannelOptions,
+  type CredentialStore, type KeepaliveSettings,
+} from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
-import { FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_DECISION, PEER_REFUSED_KEY, encodeHop, type Hop } from './peer-listener';
+import {
+  FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_DECISION, PEER_REFUSED_KEY, encodeHop, type Hop,
+} from './peer-listener';
 
 // A peer channel closed while connecting (a peer that stalls its handshakes) must not leak the socket.
 abortConnectsOnChannelClose();
@@ -94,7 +99,9 @@ export class PeerForwarder {
         if (!s.metadata.get(PEER_REFUSED_KEY).length) return unreachable(`broker ${peer}: ${s.details}`);
         this.opts.metrics.peerForwards.inc({ result: 'refused' });
         const decision = s.metadata.get(PEER_REFUSED_KEY)[0] === PEER_REFUSED_DECISION;
-        const refusal = decision ? new BurrowError(s.code, `${s.details} (decided by the broker holding the agent, ${peer})`) : undefined;
+        const refusal = decision
+          ? new BurrowError(s.code, `${s.details} (decided by the broker holding the agent, ${peer})`)
+          : undefined;
         done({ ready: false, reason: `broker ${peer}: ${s.details}`, refusal });
       };
       const onAbort = (): void => { call.cancel(); done({ ready: false, reason: 'cancelled by the client' }); };

@@ -1,7 +1,7 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, CallStream, identity, identityOfPeerCertificate, parseSpiffeId, relayCall, statusName, logCallFinished,
-  type PeerIdentity,
+  AGENT_ID_KEY, BurrowError, CallStream, identity, identityOfPeerCertificate, parseSpiffeId, relayCall, statusName,
+  logCallFinished, type PeerIdentity,
 } from '@burrow/tunnel';
 import { LimitExceededError } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
@@ -64,14 +64,27 @@ export function decodeHop(md: Metadata, trustDomain: string): Hop | undefined | 
   const method = value(HOP_METHOD_KEY);
   const decision = value(HOP_DECISION_KEY);
   if (caller === undefined && method === undefined && decision === undefined) return undefined;
-  if (caller === undefined || method === undefined || decision === undefined) return { problem: `${HOP_CALLER_KEY}, ${HOP_METHOD_KEY} and ${HOP_DECISION_KEY} go together` };
-  if ([caller, method, decision].some((v) => v.length > MAX_HOP_VALUE_CHARS)) return { problem: `a hop metadata value is longer than ${MAX_HOP_VALUE_CHARS} characters` };
+  if (caller === undefined || method === undefined || decision === undefined) {
+    return { problem: `${HOP_CALLER_KEY}, ${HOP_METHOD_KEY} and ${HOP_DECISION_KEY} go together` };
+  }
+  if ([caller, method, decision].some((v) => v.length > MAX_HOP_VALUE_CHARS)) {
+    return { problem: `a hop metadata value is longer than ${MAX_HOP_VALUE_CHARS} characters` };
+  }
   const id = parseSpiffeId(caller);
-  if (!id || id.role !== 'service' || id.trustDomain !== trustDomain) return { problem: `${HOP_CALLER_KEY} "${caller.slice(0, 200)}" is not a service SPIFFE id of trust domain ${trustDomain}` };
-  if (!GRPC_METHOD.test(method)) return { problem: `${HOP_METHOD_KEY} "${method.slice(0, 200)}" is not a gRPC method path (/package.Service/Method)` };
+  if (!id || id.role !== 'service' || id.trustDomain !== trustDomain) {
+    const shown = caller.slice(0, 200);
+    return { problem: `${HOP_CALLER_KEY} "${shown}" is not a service SPIFFE id of trust domain ${trustDomain}` };
+  }
+  if (!GRPC_METHOD.test(method)) {
+    const shown = method.slice(0, 200);
+    return { problem: `${HOP_METHOD_KEY} "${shown}" is not a gRPC method path (/package.Service/Method)` };
+  }
   const m = HOP_DECISION.exec(decision);
   const ids = m?.[1]?.split(',') ?? [];
-  if (!m || ids.length > MAX_HOP_POLICIES) return { problem: `${HOP_DECISION_KEY} "${decision.slice(0, 200)}" is not "allow" or "allow policies=<id>,..." (at most ${MAX_HOP_POLICIES})` };
+  if (!m || ids.length > MAX_HOP_POLICIES) {
+    const expected = `"allow" or "allow policies=<id>,..." (at most ${MAX_HOP_POLICIES})`;
+    return { problem: `${HOP_DECISION_KEY} "${decision.slice(0, 200)}" is not ${expected}` };
+  }
   try {
     return { caller, method, policies: ids.map(decodeURIComponent) };
   } catch {
@@ -84,7 +97,9 @@ export function decodeHop(md: Metadata, trustDomain: string): Hop | undefined | 
  * call to the agent's tunnels here counts, wherever it entered), and its own caller policy, if it
  * has one, is applied again to the caller the forwarding broker vouches for.
  */
-export type PeerListenerDeps = Pick<CallerApiDeps, 'registry' | 'metrics' | 'logger' | 'trustDomain' | 'agentWaitMs' | 'isDraining' | 'isRevoked' | 'watch' | 'limiter' | 'authorizer'>;
+export type PeerListenerDeps = Pick<CallerApiDeps,
+  'registry' | 'metrics' | 'logger' | 'trustDomain' | 'agentWaitMs' | 'isDraining' | 'isRevoked' | 'watch' | 'limiter'
+  | 'authorizer'>;
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
@@ -128,7 +143,8 @@ export class PeerListener {
       return;
     }
     if (!BROKER_ID.test(forwardedBy)) {
-      this.refuse(call, Status.INVALID_ARGUMENT, `peer call without a valid ${FORWARDED_BY_KEY} (the forwarding broker's id)`);
+      const why = `peer call without a valid ${FORWARDED_BY_KEY} (the forwarding broker's id)`;
+      this.refuse(call, Status.INVALID_ARGUMENT, why);
       return;
     }
     // Only agents connected here: a forwarded call is never forwarded again.
@@ -176,7 +192,9 @@ export class PeerListener {
     }
     call.removeListener('cancelled', onCancel);
     const startedMs = Date.now();
-    inbound = new CallStream(call, 'server', 'answerer', (err) => logger.warn('forwarding broker broke the tunnel protocol', { forwardedBy, agentId, error: err.message }));
+    inbound = new CallStream(call, 'server', 'answerer', (err) => {
+      logger.warn('forwarding broker broke the tunnel protocol', { forwardedBy, agentId, error: err.message });
+    });
     const ready = new Metadata();
     ready.set(PEER_READY_KEY, '1');
     call.sendMetadata(ready);
@@ -188,7 +206,8 @@ export class PeerListener {
     metrics.toAgentCallEnded();
     metrics.peerCalls.inc({ code: statusName(outcome.code) });
     logCallFinished(logger, {
-      direction: 'to_agent', agentId, method: outcome.method ?? '', forwardedBy, caller: hop?.caller, entryPolicies: hop?.policies,
+      direction: 'to_agent', agentId, method: outcome.method ?? '', forwardedBy,
+      caller: hop?.caller, entryPolicies: hop?.policies,
       code: outcome.code, details: outcome.details, durationMs: Date.now() - startedMs,
     });
   }
@@ -209,7 +228,9 @@ export class PeerListener {
     }
     if (authorizer === ALLOW_ALL_CALLERS) return hop;
     if (!hop) {
-      this.refuse(call, Status.PERMISSION_DENIED, `broker ${forwardedBy} forwarded a call without ${HOP_CALLER_KEY}, and this broker's caller policy needs the caller (upgrade that broker)`, true);
+      const why = `broker ${forwardedBy} forwarded a call without ${HOP_CALLER_KEY}, and this broker's caller policy `
+        + 'needs the caller (upgrade that broker)';
+      this.refuse(call, Status.PERMISSION_DENIED, why, true);
       return false;
     }
     const caller = parseSpiffeId(hop.caller)!;
@@ -219,8 +240,13 @@ export class PeerListener {
     if (decision.allowed) return hop;
     const unnamed = decision.policies.filter((id) => !decision.reason.includes(id));
     const policies = unnamed.length ? ` (policies: ${unnamed.join(', ')})` : '';
-    logger.warn('forwarded caller denied by policy', { caller: hop.caller, agentId, method: hop.method, forwardedBy, entryPolicies: hop.policies, reason: decision.reason, policies: decision.policies });
-    this.refuse(call, Status.PERMISSION_DENIED, `${hop.caller} may not call ${hop.method} on agent "${agentId}": ${decision.reason}${policies}; the call entered at broker ${forwardedBy}`, true);
+    logger.warn('forwarded caller denied by policy', {
+      caller: hop.caller, agentId, method: hop.method, forwardedBy, entryPolicies: hop.policies,
+      reason: decision.reason, policies: decision.policies,
+    });
+    const why = `${hop.caller} may not call ${hop.method} on agent "${agentId}": ${decision.reason}${policies}; `
+      + `the call entered at broker ${forwardedBy}`;
+    this.refuse(call, Status.PERMISSION_DENIED, why, true);
     return false;
   }
 }

@@ -411,7 +411,10 @@ export class PolicyEngine extends EventEmitter {
 
   // ---- deciding ----
 
-  private finish(startNs: bigint, decision: DecisionOutcome, policies: string[], cached: boolean, key: string, who: EvaluateOptions, error?: string): void {
+  private finish(
+    startNs: bigint, decision: DecisionOutcome, policies: string[], cached: boolean, key: string, who: EvaluateOptions,
+    error?: string,
+  ): void {
     const latencyNs = Number(process.hrtime.bigint() - startNs);
     this.metrics.decisions.inc({ decision });
     this.metrics.decisionDuration.observe(latencyNs / 1e9);

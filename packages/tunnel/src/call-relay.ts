@@ -23,7 +23,9 @@ export interface RelayOptions {
  * vanishing ends the call on the other: towards the answerer with Cancel, towards the originator
  * with UNAVAILABLE trailers. Resolves once the call is over on both streams; never rejects.
  */
-export function relayCall(inbound: CallStream, outbound: CallStream, peerName: string, opts: RelayOptions = {}): Promise<CallOutcome & { method?: string }> {
+export function relayCall(
+  inbound: CallStream, outbound: CallStream, peerName: string, opts: RelayOptions = {},
+): Promise<CallOutcome & { method?: string }> {
   return new Promise((resolve) => {
     let requestBytes = 0;
     let responseBytes = 0;
@@ -51,8 +53,10 @@ export function relayCall(inbound: CallStream, outbound: CallStream, peerName: s
     const toOutbound = (frame: CallFrame): void => {
       if (frame.kind === 'start' && opts.expectedMethod !== undefined && frame.start.method !== opts.expectedMethod) {
         // Nothing reached the answerer: the call is refused before its Start goes on.
-        const details = `the call's method ${frame.start.method.slice(0, 200)} is not ${opts.expectedMethod}, the one it was admitted for`;
-        inbound.send({ kind: 'trailers', trailers: { code: Status.PERMISSION_DENIED, message: details, metadata: [] } });
+        const method = frame.start.method.slice(0, 200);
+        const details = `the call's method ${method} is not ${opts.expectedMethod}, the one it was admitted for`;
+        const trailers = { code: Status.PERMISSION_DENIED, message: details, metadata: [] };
+        inbound.send({ kind: 'trailers', trailers });
         settle(Status.PERMISSION_DENIED, details);
         return;
       }
