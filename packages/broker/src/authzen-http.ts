@@ -8,6 +8,7 @@ import {
 import { POLICY_INPUT_LIMITS, checkInputBounds } from '@burrow/policy';
 import type { BrokerMetrics } from './broker-metrics';
 import type { CallerApi } from './caller-api';
+import type { CredentialWatch } from './credential-watch';
 
 /**
  * The AuthZEN Authorization API 1.0 HTTP/JSON binding, one policy decision point per agent:
@@ -33,6 +34,8 @@ export interface AuthzenHttpDeps {
   maxBodyBytes: number;
   /** Deadline of a request carried through the tunnel, in ms. */
   timeoutMs: number;
+  /** Tracks connections, so that a revoked or expired client certificate loses them. */
+  watch: CredentialWatch;
 }
 
 const ROUTE = /^\/agents\/([^/]+)\/(access\/v1\/evaluations?|\.well-known\/authzen-configuration)$/;
@@ -111,6 +114,7 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
     key: deps.tls.keyPem, cert: deps.tls.certPem, ca: deps.tls.caPem, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.2',
   });
   const server = https.createServer(secureOptions(), (req, res) => { void handle(req, res); });
+  deps.watch.watchTlsServer(server, 'authzen');
   // Follow renewals and rotation: every update of the store rebuilds the context for new handshakes.
   let current = `${deps.tls.certPem}${deps.tls.caPem}`;
   const refresh = (): void => {
@@ -141,7 +145,12 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
     const send = (httpStatus: number, body: unknown, headers: Record<string, string> = {}): void => {
       deps.metrics.httpRequests.inc({ endpoint, status: String(httpStatus) });
       const text = JSON.stringify(body);
-      res.writeHead(httpStatus, { 'content-type': 'application/json', 'cache-control': 'no-store', ...(requestId ? { 'x-request-id': requestId } : {}), ...headers });
+      // A connection whose certificate was just revoked or expired closes after this answer.
+      const closing = deps.watch.isClosing(req.socket as TLSSocket) ? { connection: 'close' } : {};
+      res.writeHead(httpStatus, {
+        'content-type': 'application/json', 'cache-control': 'no-store',
+        ...(requestId ? { 'x-request-id': requestId } : {}), ...closing, ...headers,
+      });
       res.end(text);
     };
     try {

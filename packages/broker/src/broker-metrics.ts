@@ -41,6 +41,12 @@ export class BrokerMetrics {
   pendingHandshakes: () => number = () => 0;
   readonly protocolErrors = new Counter({ name: 'burrow_broker_protocol_errors_total', help: 'Tunnel sessions closed because the agent broke the protocol.', registers: [this.registry] });
   readonly connectionsClosed = new Counter({ name: 'burrow_broker_connections_closed_total', help: 'Agent sessions closed by the broker for their credentials, by reason (expired, revoked).', labelNames: ['reason'], registers: [this.registry] });
+  readonly callsCut = new Counter({
+    name: 'burrow_broker_calls_cut_total',
+    help: 'Calls in flight ended because the client certificate they came with was revoked or expired, '
+      + 'by listener (api, authzen, peer) and reason (revoked, expired).',
+    labelNames: ['listener', 'reason'], registers: [this.registry],
+  });
   readonly enrollments = new Counter({ name: 'burrow_pki_enrollments_total', help: 'Enrollment attempts, by result (ok, malformed, unknown, expired, used, banned, bad_csr, rate_limited, error).', labelNames: ['result'], registers: [this.registry] });
   readonly renewals = new Counter({ name: 'burrow_pki_renewals_total', help: 'Certificate renewals served, by result (ok, revoked, denied, bad_csr, error).', labelNames: ['result'], registers: [this.registry] });
   readonly servingCertificatesIssued = new Counter({ name: 'burrow_pki_serving_certificates_issued_total', help: 'Serving certificates the broker issued itself (start, renewal, rotation).', registers: [this.registry] });

@@ -19,6 +19,7 @@ import { BrokerMetrics } from './broker-metrics';
 import { createAuthzenServer } from './authzen-http';
 import { CallLimiter } from './call-limiter';
 import { CallerApi } from './caller-api';
+import { CredentialWatch } from './credential-watch';
 import { ALLOW_ALL_CALLERS, type CallerAuthorizer } from './caller-authorizer';
 import { PolicyCallerAuthorizer } from './policy-caller-authorizer';
 import { TunnelRegistry } from './tunnel-registry';
@@ -135,6 +136,7 @@ export class Broker {
   private admin: http.Server | undefined;
   private authzen: https.Server | undefined;
   private readonly limiter: CallLimiter;
+  private readonly watch: CredentialWatch;
   private authorizer: CallerAuthorizer = ALLOW_ALL_CALLERS;
   private timers: NodeJS.Timeout[] = [];
   private draining = false;
@@ -152,6 +154,7 @@ export class Broker {
       throw new BurrowError(Status.INVALID_ARGUMENT, 'tls-cert, tls-key and ca are required without pki-dir');
     }
     this.limiter = new CallLimiter(config.limits);
+    this.watch = new CredentialWatch({ logger, metrics: this.metrics });
     this.platformUpstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
     this.agentServer = new Server(tunnelServerOptions(config.maxMessageBytes, config.keepalive));
     this.apiServer = new Server(callServerOptions(config.maxMessageBytes, config.keepalive));
@@ -216,7 +219,7 @@ export class Broker {
     }
     const api = new CallerApi({
       registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked,
-      authorizer: this.authorizer, limiter: this.limiter,
+      authorizer: this.authorizer, limiter: this.limiter, watch: this.watch,
       cluster: this.directory && this.forwarder ? { directory: this.directory, forwarder: this.forwarder, retryIntervalMs: CLUSTER_RETRY_INTERVAL_MS } : undefined,
     });
     installCatchAll(this.apiServer, api.handle);
@@ -254,20 +257,29 @@ export class Broker {
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
     cachePeerCertificates(this.agentServer);
     cachePeerCertificates(this.apiServer);
+    this.watch.watchGrpcServer(this.apiServer, 'api');
     let peerPort: number | undefined;
     if (cluster && this.directory) {
       // Brokers only: the listener requires a client certificate, and PeerListener its role.
       const peerServer = new Server(tunnelServerOptions(this.config.maxMessageBytes, this.config.keepalive));
-      new PeerListener({ registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked }).addTo(peerServer);
+      new PeerListener({
+        registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain,
+        agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked, watch: this.watch, limiter: this.limiter,
+        authorizer: this.authorizer,
+      }).addTo(peerServer);
       this.peerServer = peerServer;
       peerPort = await bind(peerServer, cluster.peerListen, experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true));
       observeTlsClientErrors(peerServer, onTlsError('peer'));
       cachePeerCertificates(peerServer);
+      this.watch.watchGrpcServer(peerServer, 'peer');
       await this.directory.start(cluster.agentAdvertise ?? `${splitHostPort(cluster.advertise).host}:${agentPort}`);
     }
     let authzenPort: number | undefined;
     if (this.config.authzenListen) {
-      const server = createAuthzenServer({ api, tls: this.tls, metrics: this.metrics, logger: this.logger, maxBodyBytes: this.config.maxMessageBytes, timeoutMs: this.config.authzenTimeoutMs });
+      const server = createAuthzenServer({
+        api, tls: this.tls, metrics: this.metrics, logger: this.logger, maxBodyBytes: this.config.maxMessageBytes,
+        timeoutMs: this.config.authzenTimeoutMs, watch: this.watch,
+      });
       this.authzen = server;
       authzenPort = await listen(server, this.config.authzenListen);
     }
@@ -290,6 +302,8 @@ export class Broker {
     this.timers.push(setInterval(() => {
       const closed = this.agentListener.closeExpired();
       if (closed) this.logger.warn('closed tunnels of agents whose certificate expired', { sessions: closed });
+      const cut = this.watch.cutExpired();
+      if (cut) this.logger.warn('cut calls of callers or peer brokers whose certificate expired', { calls: cut });
       exportFileCertExpiry();
       const earliest = this.agentListener.earliestAgentExpiryMs();
       // With no agent connected there is no earliest expiry: drop the series rather than leave a
@@ -307,6 +321,9 @@ export class Broker {
       onRevocationsChanged: () => {
         const closed = this.agentListener.closeRevoked();
         if (closed) this.logger.warn('closed tunnels of revoked agents', { sessions: closed });
+        // Services and peer brokers too: TLS checked their certificates only at the handshake.
+        const cut = this.watch.cutRevoked(isRevoked);
+        if (cut) this.logger.warn('cut calls of revoked callers or peer brokers', { calls: cut });
       },
       onTrustBundleChanged: (pem, version) => this.agentListener.broadcastTrustBundle(pem, version),
     });
@@ -435,6 +452,7 @@ export class Broker {
     }
     await this.directory?.stop();
     this.forwarder?.close();
+    this.watch.stop();
     this.stopped = true;
     this.platformUpstreams.close();
     this.authzen?.closeAllConnections();

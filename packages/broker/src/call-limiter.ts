@@ -90,29 +90,55 @@ export class CallLimiter {
   }
 
   /**
-   * Admits one call of `caller` to `agentId`. Returns the release function to call exactly once
-   * when the call ends; throws {@link LimitExceededError} when a limit is reached.
+   * Takes a slot of `caller`: the broker where a call enters checks its callers' limits. Returns
+   * the release function to call exactly once when the call ends; throws
+   * {@link LimitExceededError} when a limit is reached.
    */
-  admit(caller: string, agentId: string): () => void {
+  admitCaller(caller: string): () => void {
     const c = this.callers.tryAcquire(caller);
     if (c) {
       throw new LimitExceededError(`caller_${c}`, c === 'concurrency'
         ? `caller ${caller} has ${this.limits.caller.maxConcurrent} calls in flight, the most this broker allows`
         : `caller ${caller} exceeded ${this.limits.caller.ratePerSecond} calls per second`);
     }
+    return this.releaser(this.callers, caller);
+  }
+
+  /**
+   * Takes a slot of `agentId`: only the broker that carries the call down the agent's tunnel
+   * calls it (the caller API for a local tunnel, the peer listener for a forwarded call), so the
+   * agent's limits count every call that reaches it through this broker, wherever it entered.
+   * Same contract as {@link admitCaller}.
+   */
+  admitAgent(agentId: string): () => void {
     const a = this.agents.tryAcquire(agentId);
     if (a) {
-      this.callers.release(caller);
       throw new LimitExceededError(`agent_${a}`, a === 'concurrency'
         ? `agent "${agentId}" has ${this.limits.agent.maxConcurrent} calls in flight, the most this broker allows`
         : `agent "${agentId}" exceeded ${this.limits.agent.ratePerSecond} calls per second`);
     }
+    return this.releaser(this.agents, agentId);
+  }
+
+  /** Both slots at once, for a call that enters and reaches its agent here (see the two above). */
+  admit(caller: string, agentId: string): () => void {
+    const releaseCaller = this.admitCaller(caller);
+    let releaseAgent: () => void;
+    try {
+      releaseAgent = this.admitAgent(agentId);
+    } catch (err) {
+      releaseCaller();
+      throw err;
+    }
+    return () => { releaseCaller(); releaseAgent(); };
+  }
+
+  private releaser(limiter: KeyedLimiter, key: string): () => void {
     let released = false;
     return () => {
       if (released) return;
       released = true;
-      this.callers.release(caller);
-      this.agents.release(agentId);
+      limiter.release(key);
     };
   }
 

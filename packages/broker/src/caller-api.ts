@@ -1,11 +1,12 @@
 import { Metadata, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, type CallStream, originate, originateUnary, rejectCall, statusName, type Logger, type PeerIdentity,
-  logCallFinished, type UnaryResult,
+  logCallFinished, type CallCutter, type UnaryResult,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { LimitExceededError, type CallLimiter } from './call-limiter';
-import type { CallerAuthorizer } from './caller-authorizer';
+import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
+import type { CredentialWatch, WatchedListener } from './credential-watch';
 import type { AgentDirectory } from './agent-directory';
 import { noBrokerServes } from './peer-listener';
 import type { PeerForwarder } from './peer-forwarder';
@@ -39,6 +40,8 @@ export interface CallerApiDeps {
   /** Which services may call which methods on which agents. */
   authorizer: CallerAuthorizer;
   limiter: CallLimiter;
+  /** Where calls in flight are registered, so that revoking or expiring their certificate ends them. */
+  watch: CredentialWatch;
   /** Set when the broker runs in a cluster (--redis-url). */
   cluster?: ClusterRouting;
 }
@@ -68,7 +71,21 @@ interface AdmittedCall {
   caller: PeerIdentity;
   agentId: string;
   callId: string;
+  method: string;
+  /** The caller-policy decision that let the call in (sent to the owning broker in hop metadata). */
+  decision: CallerDecision;
+  /** Takes the agent's limit slot (only where the call goes down a tunnel); released by `finish`. */
+  holdAgentSlot(): void;
   finish(code: number, details: string, requestBytes?: number, responseBytes?: number): void;
+}
+
+/** One call's registration with the credential watch (see {@link CallerApi.liveCall}). */
+interface LiveCallState {
+  cutter: CallCutter;
+  waiting: AbortController | undefined;
+  /** Set once the call was cut: the status it ends with, whatever stage it was at. */
+  cutBy: BurrowError | undefined;
+  untrack(): void;
 }
 
 /**
@@ -96,11 +113,13 @@ export class CallerApi {
     const startedMs = Date.now();
     const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
     let release: (() => void) | undefined;
+    let releaseAgent: (() => void) | undefined;
     let finished = false;
     const finish = (id: string | undefined, code: number, details: string, requestBytes = 0, responseBytes = 0): void => {
       if (finished) return;
       finished = true;
       release?.();
+      releaseAgent?.();
       const seconds = (Date.now() - startedMs) / 1000;
       metrics.calls.inc({ direction: 'to_agent', method: metrics.methodLabel(method), code: statusName(code) });
       metrics.callDuration.observe({ direction: 'to_agent' }, seconds);
@@ -135,13 +154,27 @@ export class CallerApi {
       logger.warn('caller denied by policy', { caller: caller.spiffeId, agentId: agent, method, reason: decision.reason, policies: decision.policies });
       refuse(agent, new BurrowError(Status.PERMISSION_DENIED, `${caller.spiffeId} may not call ${method} on agent "${agent}": ${decision.reason}`));
     }
+    // Per-caller limits here, where the call enters; the agent's where its tunnel is
+    // (holdAgentSlot, and the peer listener for a forwarded call): README, "Which broker decides what".
     try {
-      release = this.deps.limiter.admit(caller.spiffeId, agent);
+      release = this.deps.limiter.admitCaller(caller.spiffeId);
     } catch (err) {
       if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
       refuse(agent, err as BurrowError);
     }
-    return { caller, agentId: agent, callId, finish: (code, details, req, res) => finish(agent, code, details, req, res) };
+    const holdAgentSlot = (): void => {
+      if (releaseAgent) return;
+      try {
+        releaseAgent = this.deps.limiter.admitAgent(agent);
+      } catch (err) {
+        if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
+        throw err;
+      }
+    };
+    return {
+      caller, agentId: agent, callId, method, decision, holdAgentSlot,
+      finish: (code, details, req, res) => finish(agent, code, details, req, res),
+    };
   }
 
   private async forward(call: RawCall): Promise<void> {
@@ -155,32 +188,72 @@ export class CallerApi {
     const { registry, metrics } = this.deps;
     const { agentId, callId, caller } = admitted;
     metrics.toAgentCallStarted();
+    const live = this.liveCall(caller, 'api');
     // The common case, an idle offer of the agent's tunnel here, has nothing to wait for and so
     // nothing to cancel: no AbortController (an EventTarget, ~1.5% of the broker's CPU per call).
-    const idle = registry.tryAcquire(agentId);
+    let idle: IdleOffer | undefined;
+    if (registry.canServe(agentId)) {
+      try {
+        admitted.holdAgentSlot();
+      } catch (err) {
+        live.untrack();
+        metrics.toAgentCallEnded();
+        rejectCall(call, err as BurrowError);
+        admitted.finish((err as BurrowError).code, (err as BurrowError).message);
+        return;
+      }
+      idle = registry.tryAcquire(agentId);
+    }
     let route: Route;
     if (idle) route = { local: true, offer: idle, stream: idle.stream };
     else {
       const abort = new AbortController();
+      live.waiting = abort;
       const onCancel = (): void => abort.abort();
       call.on('cancelled', onCancel);
       const deadline = call.getDeadline();
       const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
       try {
-        route = await this.route(agentId, deadlineMs, abort.signal);
+        route = await this.route(admitted, deadlineMs, abort.signal);
       } catch (err) {
+        const e = live.cutBy ?? (err as BurrowError);
+        live.untrack();
         metrics.toAgentCallEnded();
         call.removeListener('cancelled', onCancel);
-        rejectCall(call, err as BurrowError);
-        admitted.finish((err as BurrowError).code, (err as BurrowError).message);
+        rejectCall(call, e);
+        admitted.finish(e.code, e.message);
         return;
       }
+      live.waiting = undefined;
       call.removeListener('cancelled', onCancel);
     }
-    const outcome = await originate(call, route.stream, { callId, peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`, caller: caller.spiffeId });
+    const outcome = originate(call, route.stream, {
+      callId, peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`,
+      caller: caller.spiffeId, cutter: live.cutter,
+    });
+    if (live.cutBy) live.cutter.cut?.(live.cutBy);
+    const { code, details, requestBytes, responseBytes } = await outcome;
+    live.untrack();
     if (route.local) registry.callFinished(route.offer);
     metrics.toAgentCallEnded();
-    admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
+    admitted.finish(code, details, requestBytes, responseBytes);
+  }
+
+  /**
+   * Registers a call of `caller` with the credential watch: a cut while the call waits for its
+   * agent aborts `waiting`; once the call is carried, `cutter` ends it. `cutBy` says why.
+   */
+  private liveCall(caller: PeerIdentity, listener: WatchedListener): LiveCallState {
+    const state: LiveCallState = { cutter: {}, waiting: undefined, cutBy: undefined, untrack: () => {} };
+    state.untrack = this.deps.watch.track({
+      identity: caller, listener,
+      cut: (error) => {
+        state.cutBy ??= error;
+        if (state.cutter.cut) state.cutter.cut(error);
+        else state.waiting?.abort();
+      },
+    });
+    return state;
   }
 
   /**
@@ -188,9 +261,11 @@ export class CallerApi {
    * directory names that confirms it can serve; else waits (up to the agent wait, capped by the
    * deadline) for the agent to turn up here or anywhere. Rejects like {@link TunnelRegistry.acquire}.
    */
-  private async route(agentId: string, deadlineMs: number, signal: AbortSignal): Promise<Route> {
+  private async route(admitted: AdmittedCall, deadlineMs: number, signal: AbortSignal): Promise<Route> {
     const { registry, cluster, agentWaitMs } = this.deps;
+    const { agentId } = admitted;
     const local = async (waitMs: number): Promise<Route> => {
+      admitted.holdAgentSlot();
       const offer = await registry.acquire(agentId, waitMs, deadlineMs, signal);
       return { local: true, offer, stream: offer.stream };
     };
@@ -198,7 +273,10 @@ export class CallerApi {
     const startedMs = Date.now();
     const waitUntilMs = Math.min(startedMs + agentWaitMs, deadlineMs);
     const attempts: string[] = [];
+    const hop = { caller: admitted.caller.spiffeId, method: admitted.method, policies: admitted.decision.policies };
     for (;;) {
+      // Every owner that answered was at its limit for the agent: that is the answer, not a wait.
+      let exhausted: BurrowError | undefined;
       let owners: string[] = [];
       try {
         owners = await cluster.directory.lookup(agentId);
@@ -207,11 +285,15 @@ export class CallerApi {
       }
       for (const peer of cluster.forwarder.rank(owners)) {
         if (signal.aborted) break;
-        const attempt = await cluster.forwarder.open(peer, agentId, deadlineMs, signal);
+        const attempt = await cluster.forwarder.open(peer, agentId, deadlineMs, signal, hop);
         if (attempt.ready) return { local: false, peer, stream: attempt.stream };
-        cluster.directory.forgetOwner(agentId, peer);
+        // The owner decided against the call (its caller policy, malformed hop metadata): final.
+        if (attempt.refusal && attempt.refusal.code !== Status.RESOURCE_EXHAUSTED) throw attempt.refusal;
+        if (attempt.refusal) exhausted = attempt.refusal;
+        else cluster.directory.forgetOwner(agentId, peer);
         attempts.push(attempt.reason);
       }
+      if (exhausted) throw exhausted;
       if (signal.aborted) throw new BurrowError(Status.CANCELLED, 'cancelled while waiting for the agent');
       if (registry.canServe(agentId)) return local(Math.max(0, waitUntilMs - Date.now()));
       const leftMs = waitUntilMs - Date.now();
@@ -237,16 +319,30 @@ export class CallerApi {
     }
     const { registry, metrics } = this.deps;
     metrics.toAgentCallStarted();
+    const live = this.liveCall(admitted.caller, 'authzen');
+    const waiting = new AbortController();
+    live.waiting = waiting;
+    const onGone = (): void => waiting.abort();
+    signal?.addEventListener('abort', onGone, { once: true });
     let route: Route;
     try {
-      route = await this.route(agentId, deadlineMs, signal ?? new AbortController().signal);
+      route = await this.route(admitted, deadlineMs, waiting.signal);
     } catch (err) {
-      const e = err as BurrowError;
+      const e = live.cutBy ?? (err as BurrowError);
+      live.untrack();
+      signal?.removeEventListener('abort', onGone);
       metrics.toAgentCallEnded();
       admitted.finish(e.code, e.message);
       return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };
     }
-    const result = await originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, route.stream, { callId: admitted.callId, peerName: `agent "${agentId}"`, caller: admitted.caller.spiffeId });
+    live.waiting = undefined;
+    signal?.removeEventListener('abort', onGone);
+    const pending = originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, route.stream, {
+      callId: admitted.callId, peerName: `agent "${agentId}"`, caller: admitted.caller.spiffeId, cutter: live.cutter,
+    });
+    if (live.cutBy) live.cutter.cut?.(live.cutBy);
+    const result = await pending;
+    live.untrack();
     if (route.local) registry.callFinished(route.offer);
     metrics.toAgentCallEnded();
     admitted.finish(result.code, result.details, result.requestBytes, result.responseBytes);

@@ -9,13 +9,22 @@ export interface CallerDecision {
   policies: string[];
 }
 
+/** A call another broker admitted and forwarded to the broker holding the agent (hop metadata). */
+export interface ForwardedCall {
+  /** Id of the broker where the call entered. */
+  forwardedBy: string;
+  /** Ids of that broker's caller policies that permitted the call (empty: it has none). */
+  entryPolicies: string[];
+}
+
 /**
  * Decides which platform services (by certificate identity) may call which methods on which
  * agents. The caller API asks before a call touches the registry, so a denied caller learns
  * nothing about whether the agent is connected.
  */
 export interface CallerAuthorizer {
-  authorize(caller: PeerIdentity, agentId: string, method: string): CallerDecision;
+  /** `forwarded`: the call entered at another broker, which let it in with `entryPolicies` (audit). */
+  authorize(caller: PeerIdentity, agentId: string, method: string, forwarded?: ForwardedCall): CallerDecision;
   close(): Promise<void>;
 }
 

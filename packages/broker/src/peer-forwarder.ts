@@ -1,7 +1,12 @@
 import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
-import { AGENT_ID_KEY, CallStream, abortConnectsOnChannelClose, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
+import {
+  AGENT_ID_KEY, BurrowError, CallStream, abortConnectsOnChannelClose, identity, tunnelChannelOptions,
+  type CredentialStore, type KeepaliveSettings,
+} from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
-import { FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_KEY } from './peer-listener';
+import {
+  FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_DECISION, PEER_REFUSED_KEY, encodeHop, type Hop,
+} from './peer-listener';
 
 // A peer channel closed while connecting (a peer that stalls its handshakes) must not leak the socket.
 abortConnectsOnChannelClose();
@@ -26,7 +31,8 @@ const RECENT_FAILURE_MS = 5_000;
 /** How an attempt to hand a call to another broker went. */
 export type PeerAttempt =
   | { ready: true; stream: CallStream }
-  | { ready: false; reason: string };
+  /** `refusal`: the owner decided against the call (policy, limit, bad hop metadata), not "cannot serve". */
+  | { ready: false; reason: string; refusal?: BurrowError };
 
 /**
  * The forwarding side of the broker-to-broker API: one HTTP/2 connection per peer broker (kept
@@ -45,15 +51,17 @@ export class PeerForwarder {
   }
 
   /**
-   * Opens a Forward stream to `peer` for a call to `agentId`. Resolves with a stream ready for the
-   * call's frames (this side is the originator) or with why the peer did not take it. Never
-   * rejects; aborting `signal` cancels the attempt.
+   * Opens a Forward stream to `peer` for a call to `agentId`, telling it who the caller is and
+   * which decision let the call in here (`hop`, see {@link encodeHop}). Resolves with a stream
+   * ready for the call's frames (this side is the originator) or with why the peer did not take
+   * it. Never rejects; aborting `signal` cancels the attempt.
    */
-  open(peer: string, agentId: string, deadlineMs: number, signal: AbortSignal): Promise<PeerAttempt> {
+  open(peer: string, agentId: string, deadlineMs: number, signal: AbortSignal, hop: Hop): Promise<PeerAttempt> {
     const readyTimeoutMs = this.opts.readyTimeoutMs ?? 2_000;
     const md = new Metadata();
     md.set(AGENT_ID_KEY, agentId);
     md.set(FORWARDED_BY_KEY, this.opts.brokerId);
+    encodeHop(hop, md);
     const call: ClientDuplexStream<Buffer, Buffer> = this.clientFor(peer).makeBidiStreamRequest(PEER_FORWARD_METHOD, identity, identity, md, Number.isFinite(deadlineMs) ? { deadline: deadlineMs } : {});
     return new Promise((resolve) => {
       let settled = false;
@@ -90,7 +98,11 @@ export class PeerForwarder {
         // A refusal by the peer itself carries PEER_REFUSED_KEY; anything else is the transport.
         if (!s.metadata.get(PEER_REFUSED_KEY).length) return unreachable(`broker ${peer}: ${s.details}`);
         this.opts.metrics.peerForwards.inc({ result: 'refused' });
-        done({ ready: false, reason: `broker ${peer}: ${s.details}` });
+        const decision = s.metadata.get(PEER_REFUSED_KEY)[0] === PEER_REFUSED_DECISION;
+        const refusal = decision
+          ? new BurrowError(s.code, `${s.details} (decided by the broker holding the agent, ${peer})`)
+          : undefined;
+        done({ ready: false, reason: `broker ${peer}: ${s.details}`, refusal });
       };
       const onAbort = (): void => { call.cancel(); done({ ready: false, reason: 'cancelled by the client' }); };
       call.on('error', () => {}); // 'status' carries the outcome

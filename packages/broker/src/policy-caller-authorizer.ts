@@ -1,7 +1,7 @@
 import { PolicyEngine, type PolicyEngineOptions } from '@burrow/policy';
 import { serviceOfMethod, type Logger, type PeerIdentity } from '@burrow/tunnel';
 import type { Registry } from 'prom-client';
-import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
+import type { CallerAuthorizer, CallerDecision, ForwardedCall } from './caller-authorizer';
 
 export interface PolicyCallerAuthorizerOptions {
   policiesDir: string;
@@ -39,7 +39,7 @@ export class PolicyCallerAuthorizer implements CallerAuthorizer {
 
   get policyCount(): number { return this.engine.policyCount; }
 
-  authorize(caller: PeerIdentity, agentId: string, method: string): CallerDecision {
+  authorize(caller: PeerIdentity, agentId: string, method: string, forwarded?: ForwardedCall): CallerDecision {
     const service = serviceOfMethod(method);
     try {
       const res = this.engine.evaluate({
@@ -47,7 +47,7 @@ export class PolicyCallerAuthorizer implements CallerAuthorizer {
         action: { name: method },
         resource: { type: 'Agent', id: agentId },
         context: { service, method: method.slice(service.length + 2) },
-      }, { caller: caller.spiffeId });
+      }, { caller: caller.spiffeId, ...forwarded });
       return { allowed: res.decision, reason: String(res.context.reason ?? (res.decision ? 'allowed' : 'denied')), policies: (res.context.policies as string[] | undefined) ?? [] };
     } catch (err) {
       // A request the policies cannot judge is denied, never allowed.

@@ -14,6 +14,10 @@ export interface AuditRecord {
   latency_us: number;
   /** Who asked, as the caller of evaluate() vouches for it (a verified service identity, an agent id). */
   caller?: string;
+  /** The broker where the call entered, when another broker admitted it first and forwarded it here. */
+  forwarded_by?: string;
+  /** Ids of the entering broker's caller policies that permitted the call (with forwarded_by). */
+  entry_policies?: string[];
   /** For decision=error: why the request could not be evaluated. */
   error?: string;
 }

@@ -63,6 +63,10 @@ export interface PolicyEngineOptions extends PolicySources {
 export interface EvaluateOptions {
   /** Who asks, as the caller has verified it (a service identity, an agent id); written to the audit log. */
   caller?: string;
+  /** The request was admitted by another broker first (broker caller policy): its id, for the audit log. */
+  forwardedBy?: string;
+  /** Ids of that broker's policies that permitted the request, for the audit log. */
+  entryPolicies?: string[];
 }
 
 /** Outcome of one (re)load. */
@@ -196,24 +200,24 @@ export class PolicyEngine extends EventEmitter {
       request = normalizeRequest(input);
       key = canonicalJson(request);
     } catch (err) {
-      this.finish(startNs, 'error', [], false, safeCanonical(input), opts.caller, (err as Error).message);
+      this.finish(startNs, 'error', [], false, safeCanonical(input), opts, (err as Error).message);
       throw err;
     }
     const cached = this.cache.get(key);
     if (cached) {
       this.metrics.cacheHits.inc();
-      this.finish(startNs, cached.decision ? 'allow' : 'deny', cached.context.policies ?? [], true, key, opts.caller);
+      this.finish(startNs, cached.decision ? 'allow' : 'deny', cached.context.policies ?? [], true, key, opts);
       return structuredClone(cached);
     }
     let response: EvaluationResponse;
     try {
       response = this.decide(request);
     } catch (err) {
-      this.finish(startNs, 'error', [], false, key, opts.caller, (err as Error).message);
+      this.finish(startNs, 'error', [], false, key, opts, (err as Error).message);
       throw err;
     }
     this.cache.set(key, response);
-    this.finish(startNs, response.decision ? 'allow' : 'deny', response.context.policies ?? [], false, key, opts.caller);
+    this.finish(startNs, response.decision ? 'allow' : 'deny', response.context.policies ?? [], false, key, opts);
     return this.cache.enabled ? structuredClone(response) : response;
   }
 
@@ -418,7 +422,10 @@ export class PolicyEngine extends EventEmitter {
 
   // ---- deciding ----
 
-  private finish(startNs: bigint, decision: DecisionOutcome, policies: string[], cached: boolean, key: string, caller: string | undefined, error?: string): void {
+  private finish(
+    startNs: bigint, decision: DecisionOutcome, policies: string[], cached: boolean, key: string, who: EvaluateOptions,
+    error?: string,
+  ): void {
     const latencyNs = Number(process.hrtime.bigint() - startNs);
     this.metrics.decisions.inc({ decision });
     this.metrics.decisionDuration.observe(latencyNs / 1e9);
@@ -431,7 +438,9 @@ export class PolicyEngine extends EventEmitter {
       cached,
       latency_us: Math.round(latencyNs / 1000),
     };
-    if (caller !== undefined) rec.caller = caller;
+    if (who.caller !== undefined) rec.caller = who.caller;
+    if (who.forwardedBy !== undefined) rec.forwarded_by = who.forwardedBy;
+    if (who.entryPolicies !== undefined) rec.entry_policies = who.entryPolicies;
     if (error !== undefined) rec.error = error;
     this.audit.record(rec);
   }

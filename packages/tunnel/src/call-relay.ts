@@ -3,6 +3,15 @@ import type { CallOutcome } from './call-outcome';
 import type { CallStream } from './call-stream';
 import type { CallFrame } from './frames';
 
+/** Options of {@link relayCall}. */
+export interface RelayOptions {
+  /**
+   * The method the call was admitted for (the owning broker checked policy for it): a Start
+   * naming another one is refused with PERMISSION_DENIED and never reaches the answerer.
+   */
+  expectedMethod?: string;
+}
+
 /**
  * Carries one forwarded call from one tunnel stream to another without decoding its messages: the
  * broker that owns an agent's tunnel relays a call another broker forwarded to it (peer API) onto
@@ -14,7 +23,9 @@ import type { CallFrame } from './frames';
  * vanishing ends the call on the other: towards the answerer with Cancel, towards the originator
  * with UNAVAILABLE trailers. Resolves once the call is over on both streams; never rejects.
  */
-export function relayCall(inbound: CallStream, outbound: CallStream, peerName: string): Promise<CallOutcome & { method?: string }> {
+export function relayCall(
+  inbound: CallStream, outbound: CallStream, peerName: string, opts: RelayOptions = {},
+): Promise<CallOutcome & { method?: string }> {
   return new Promise((resolve) => {
     let requestBytes = 0;
     let responseBytes = 0;
@@ -40,6 +51,15 @@ export function relayCall(inbound: CallStream, outbound: CallStream, peerName: s
       settle(Status.CANCELLED, reason);
     };
     const toOutbound = (frame: CallFrame): void => {
+      if (frame.kind === 'start' && opts.expectedMethod !== undefined && frame.start.method !== opts.expectedMethod) {
+        // Nothing reached the answerer: the call is refused before its Start goes on.
+        const method = frame.start.method.slice(0, 200);
+        const details = `the call's method ${method} is not ${opts.expectedMethod}, the one it was admitted for`;
+        const trailers = { code: Status.PERMISSION_DENIED, message: details, metadata: [] };
+        inbound.send({ kind: 'trailers', trailers });
+        settle(Status.PERMISSION_DENIED, details);
+        return;
+      }
       if (frame.kind === 'message') requestBytes += frame.data.length;
       else if (frame.kind === 'start') method = frame.start.method;
       if (!outbound.send(frame)) inbound.pause();

@@ -11,7 +11,16 @@ export interface OriginateOptions {
   peerName: string;
   /** Verified SPIFFE id of the platform caller, sent in Start (broker -> agent calls only). */
   caller?: string;
+  /** Filled in with a way to end the call early (see {@link CallCutter}). */
+  cutter?: CallCutter;
 }
+
+/**
+ * Filled in by {@link originate} and {@link originateUnary}: `cut` ends the call at once with
+ * `error`, as the client's status and as Cancel towards the far side. The broker cuts a caller's
+ * calls when the caller's certificate is revoked or expires mid-call. A no-op once the call is over.
+ */
+export interface CallCutter { cut?: (error: BurrowError) => void }
 
 /**
  * Drives the originator end of one forwarded call: `client` is the call Burrow received from a real
@@ -86,6 +95,13 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
       start: { method: client.getPath(), metadata: requestMetadataToWire(client.metadata), timeoutMs, callId: opts.callId, caller: opts.caller },
     });
 
+    if (opts.cutter) {
+      opts.cutter.cut = (error) => {
+        if (settled) return;
+        stream.send({ kind: 'cancel', reason: error.message });
+        complete(error.code, error.message, new Metadata());
+      };
+    }
     client.on('data', onClientData);
     client.on('end', () => {
       if (!settled) stream.send({ kind: 'halfClose' });
@@ -146,6 +162,7 @@ export function originateUnary(req: UnaryRequest, stream: CallStream, opts: Orig
       settle(code, reason, new Metadata());
     };
     const onAbort = (): void => cancel(Status.CANCELLED, 'cancelled by the client');
+    if (opts.cutter) opts.cutter.cut = (error) => cancel(error.code, error.message);
 
     stream.attach({
       onFrame(frame) {
