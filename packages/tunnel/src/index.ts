@@ -13,6 +13,7 @@ export * from './errors';
 export * from './frames';
 export * from './grpc-options';
 export * from './identity';
+export * from './ids';
 export * from './logger';
 export * from './metadata-policy';
 export * from './originator';
