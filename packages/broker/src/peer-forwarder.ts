@@ -1,5 +1,5 @@
 import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
-import { AGENT_ID_KEY, CallStream, abortConnectsOnChannelClose, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
+import { AGENT_ID_KEY, CallStream, abortConnectsOnChannelClose, brokerIdentityCheck, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_KEY } from './peer-listener';
 
@@ -10,6 +10,8 @@ export interface PeerForwarderOptions {
   /** The broker's own credentials: its broker certificate is the client certificate here. */
   tls: CredentialStore;
   brokerId: string;
+  /** Peers must present a broker certificate of this trust domain. */
+  trustDomain: string;
   maxMessageBytes: number;
   keepalive: KeepaliveSettings;
   metrics: BrokerMetrics;
@@ -41,7 +43,8 @@ export class PeerForwarder {
   private readonly credentials: ChannelCredentials;
 
   constructor(private readonly opts: PeerForwarderOptions) {
-    this.credentials = experimental.createCertificateProviderChannelCredentials(opts.tls, opts.tls);
+    // A peer is a broker by its certificate's SPIFFE id, not by any certificate of the trust domain.
+    this.credentials = experimental.createCertificateProviderChannelCredentials(opts.tls, opts.tls, { checkServerIdentity: brokerIdentityCheck(opts.trustDomain) });
   }
 
   /**

@@ -14,6 +14,7 @@ export * from './frames';
 export * from './grpc-options';
 export * from './identity';
 export * from './ids';
+export * from './broker-identity-check';
 export * from './logger';
 export * from './metadata-policy';
 export * from './originator';
