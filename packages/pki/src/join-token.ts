@@ -21,6 +21,7 @@
 import { createHash, randomBytes, timingSafeEqual, X509Certificate } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
+import { idProblem } from '@burrow/tunnel/dist/ids';
 import { writeFileAtomic } from './atomic-write';
 import { loadPki, serverSigningCaIdOf, type LoadedPki } from './pki-dir';
 import { PkiError } from './pki-error';
@@ -184,6 +185,10 @@ export async function consumeJoinToken(opts: { dir: string; token: string; nowMs
   if (!secretMatches(stored, parsed.secret)) {
     throw new EnrollmentError('unknown', `token: unknown ${name}: its secret does not match`);
   }
+  // A token file edited (or written by an older release) with an id outside the grammar must not
+  // be burnt for a certificate signCsr would refuse anyway: say so before consuming it.
+  const idIssue = idProblem(stored.agentId);
+  if (idIssue !== undefined) throw new EnrollmentError('malformed', `token: ${name} names agent id "${String(stored.agentId).slice(0, 80)}", which ${idIssue.replace(/ \(got .*$/s, '')}`);
   if ((await loadRevocations(absDir)).isAgentBanned(stored.agentId)) {
     throw new EnrollmentError('banned', `token: ${name} is for agent "${stored.agentId}", which is banned`);
   }
