@@ -383,7 +383,7 @@ describe('pki lifecycle', function () {
         signingAlgorithm: { name: 'ECDSA', hash: 'SHA-256' },
         extensions: [
           new x509.SubjectAlternativeNameExtension([
-            { type: 'url', value: 'spiffe://burrow.local/broker' },
+            { type: 'url', value: 'spiffe://burrow.local/broker/evil' },
             { type: 'dns', value: 'evil.example' },
             { type: 'ip', value: '10.0.0.1' },
           ]),

@@ -124,7 +124,9 @@ export class Agent {
     // new connection without a restart; open connections carry on.
     // A broker is known by its certificate's SPIFFE id, spiffe://<our trust domain>/broker/<name>,
     // checked before the hostname: any certificate of the trust domain passes the chain check.
-    this.channelCredentials = experimental.createCertificateProviderChannelCredentials(this.tls, this.tls, { checkServerIdentity: brokerIdentityCheck(this.trustDomain) });
+    this.channelCredentials = experimental.createCertificateProviderChannelCredentials(
+      this.tls, this.tls, { checkServerIdentity: brokerIdentityCheck(this.trustDomain) },
+    );
     this.updateExpiryMetric();
     if (this.config.stateDir) this.startStateDir(this.config.stateDir);
     await this.startBuiltins();
@@ -358,7 +360,8 @@ export class Agent {
         // A broker certificate from a CA we do not trust, or our certificate refused, after a CA
         // rotation or an expiry while offline: say how to get back.
         const hint = message.includes(NOT_A_BROKER)
-          ? `the server at ${address} is not a broker of this agent's trust domain: check --broker (and DNS); no session was opened`
+          ? `the server at ${address} is not a broker of this agent's trust domain: check --broker (and DNS); `
+            + 'no session was opened'
           : /certificate|PERMISSION_DENIED|no valid client certificate/i.test(message) || (err as { code?: number }).code === Status.PERMISSION_DENIED
           ? 'if this agent was offline through a CA rotation or past its certificate expiry, enroll again with a new join token (burrow-agent enroll --state-dir ...)'
           : /protocol version/.test(message)

@@ -191,7 +191,8 @@ export class AgentListener {
       const why = raw ? certificateIdentityProblem(raw) : undefined;
       problem = why
         ? `client certificate has no Burrow identity: ${why}`
-        : 'no valid client certificate (missing, expired, or not issued by a trusted CA); enroll again with a new join token';
+        : 'no valid client certificate (missing, expired, or not issued by a trusted CA); '
+          + 'enroll again with a new join token';
       reason = 'no_identity';
     } else if (id.role !== 'agent') problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;
     else if (id.trustDomain !== this.deps.trustDomain) problem = `certificate trust domain "${id.trustDomain}" is not "${this.deps.trustDomain}"`;

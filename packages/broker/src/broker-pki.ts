@@ -246,7 +246,10 @@ export class BrokerPki {
   // The served chain ends with the trust bundle's roots, so a new agent can find the CA its join
   // token pins in the handshake itself.
   private async issueOwn(): Promise<{ certPem: string; keyPem: string }> {
-    const issued = await issueCertificate({ dir: this.opts.dir, role: 'broker', name: this.opts.name, dns: this.opts.dns, ip: this.opts.ip, ttlMs: this.opts.leafTtlMs });
+    const issued = await issueCertificate({
+      dir: this.opts.dir, role: 'broker', name: this.opts.name, dns: this.opts.dns, ip: this.opts.ip,
+      ttlMs: this.opts.leafTtlMs,
+    });
     this.ownNotAfterMs = issued.notAfter.getTime();
     this.ownNotBeforeMs = this.now();
     this.opts.metrics.servingCertificatesIssued.inc();

@@ -179,7 +179,8 @@ export class Broker {
     const own = identityOfCertificate(ownRaw);
     if (!own || own.role !== 'broker') {
       const presented = own ? `it is ${own.spiffeId}` : certificateIdentityProblem(ownRaw);
-      throw new BurrowError(Status.INVALID_ARGUMENT, `tls-cert: not a broker certificate (URI SAN spiffe://<trust-domain>/broker/<name>): ${presented}`);
+      const expected = 'URI SAN spiffe://<trust-domain>/broker/<name>';
+      throw new BurrowError(Status.INVALID_ARGUMENT, `tls-cert: not a broker certificate (${expected}): ${presented}`);
     }
     // Default: the name agents and peers see in the certificate. A given --broker-id names a
     // self-issued certificate; with --tls-cert it may differ (replicas sharing one certificate).
@@ -189,9 +190,14 @@ export class Broker {
     if (cluster) {
       // Two brokers with one id break failover (agents keep one tunnel per broker id): refuse to
       // be the second, before anything listens.
-      const clash = await findBrokerIdClash({ redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, brokerId: this.brokerId, peer: cluster.advertise });
+      const clash = await findBrokerIdClash({
+        redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, brokerId: this.brokerId, peer: cluster.advertise,
+      });
       if (clash) {
-        throw new BurrowError(Status.FAILED_PRECONDITION, `broker id "${this.brokerId}" is already live in the cluster directory at ${clash.peer} (agents at ${clash.agent}); this broker would be at ${cluster.advertise}: give each broker its own --broker-id (or certificate name)`);
+        throw new BurrowError(Status.FAILED_PRECONDITION,
+          `broker id "${this.brokerId}" is already live in the cluster directory at ${clash.peer} `
+          + `(agents at ${clash.agent}); `
+          + `this broker would be at ${cluster.advertise}: give each broker its own --broker-id (or certificate name)`);
       }
     }
     if (this.config.callerPolicy) {
@@ -221,7 +227,8 @@ export class Broker {
     this.health.addTo(this.apiServer);
     if (cluster) {
       this.metrics.enableClusterMetrics();
-      this.forwarder = new PeerForwarder({ tls: this.tls, brokerId: this.brokerId, trustDomain: this.trustDomain, maxMessageBytes: this.config.maxMessageBytes, keepalive: this.config.keepalive, metrics: this.metrics });
+      this.forwarder = new PeerForwarder({
+        tls: this.tls, brokerId: this.brokerId, trustDomain: this.trustDomain, maxMessageBytes: this.config.maxMessageBytes, keepalive: this.config.keepalive, metrics: this.metrics });
       this.directory = new AgentDirectory({
         redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, self: { brokerId: this.brokerId, peer: cluster.advertise },
         entryTtlMs: cluster.registryTtlMs, lookupCacheMs: cluster.lookupCacheMs, localAgents: () => this.registry.connectedAgentIds(),

@@ -89,7 +89,10 @@ export class CallerApi {
    * that fails: identity first, so an unknown client learns nothing about agents or policy.
    * Throws a BurrowError after recording the refusal.
    */
-  private admit(peer: PeerIdentity | undefined, agentId: string | undefined, method: string, transport: 'grpc' | 'http', peerRaw?: Buffer): AdmittedCall {
+  private admit(
+    peer: PeerIdentity | undefined, agentId: string | undefined, method: string, transport: 'grpc' | 'http',
+    peerRaw?: Buffer,
+  ): AdmittedCall {
     const { metrics, logger } = this.deps;
     const startedMs = Date.now();
     const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
@@ -112,7 +115,8 @@ export class CallerApi {
     };
 
     if (!peer || peer.role !== 'service' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
-      const reason = !peer ? `client certificate has no Burrow identity${peerRaw ? `: ${certificateIdentityProblem(peerRaw)}` : ''}` : peer.role !== 'service' ? `certificate role "${peer.role}" may not call agents; a service certificate is required`
+      const why = peerRaw ? `: ${certificateIdentityProblem(peerRaw)}` : '';
+      const reason = !peer ? `client certificate has no Burrow identity${why}` : peer.role !== 'service' ? `certificate role "${peer.role}" may not call agents; a service certificate is required`
         : peer.trustDomain !== this.deps.trustDomain ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"` : `certificate ${peer.spiffeId} (serial ${peer.serialHex}) is revoked`;
       metrics.rejectedHandshakes.inc({ listener: 'api', reason: peer ? 'wrong_role' : 'no_identity' });
       refuse(undefined, new BurrowError(Status.PERMISSION_DENIED, reason));
@@ -123,7 +127,8 @@ export class CallerApi {
     }
     // Agent ids follow the one id grammar; anything else cannot name a connected agent.
     if (!isValidId(agentId)) {
-      refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `"${agentId!.slice(0, 140)}" is not a valid agent id: ${ID_GRAMMAR}`));
+      const shown = agentId!.slice(0, 140);
+      refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `"${shown}" is not a valid agent id: ${ID_GRAMMAR}`));
     }
     const agent = agentId!;
     if (this.deps.isDraining()) refuse(agent, new BurrowError(Status.UNAVAILABLE, 'broker is draining; retry on another broker'));

@@ -1,5 +1,8 @@
 import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
-import { AGENT_ID_KEY, CallStream, abortConnectsOnChannelClose, brokerIdentityCheck, identity, tunnelChannelOptions, type CredentialStore, type KeepaliveSettings } from '@burrow/tunnel';
+import {
+  AGENT_ID_KEY, CallStream, abortConnectsOnChannelClose, brokerIdentityCheck, identity, tunnelChannelOptions,
+  type CredentialStore, type KeepaliveSettings,
+} from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_KEY } from './peer-listener';
 
@@ -44,7 +47,10 @@ export class PeerForwarder {
 
   constructor(private readonly opts: PeerForwarderOptions) {
     // A peer is a broker by its certificate's SPIFFE id, not by any certificate of the trust domain.
-    this.credentials = experimental.createCertificateProviderChannelCredentials(opts.tls, opts.tls, { checkServerIdentity: brokerIdentityCheck(opts.trustDomain) });
+    const checkServerIdentity = brokerIdentityCheck(opts.trustDomain);
+    this.credentials = experimental.createCertificateProviderChannelCredentials(
+      opts.tls, opts.tls, { checkServerIdentity },
+    );
   }
 
   /**

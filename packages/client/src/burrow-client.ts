@@ -1,8 +1,8 @@
 import { readFileSync } from 'node:fs';
 import { Client, Metadata, credentials, status as Status, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, API_CODECS, AUTH_METHODS, POLICY_METHODS, brokerIdentityCheck, identityOfCertificate, splitPemCertificates, type ApiCodec, type JsonObject,
-  type JsonValue,
+  AGENT_ID_KEY, API_CODECS, AUTH_METHODS, POLICY_METHODS, brokerIdentityCheck, identityOfCertificate,
+  splitPemCertificates, type ApiCodec, type JsonObject, type JsonValue,
 } from '@burrow/tunnel';
 
 /** AuthZEN subject, action, resource (Burrow's policy API uses the same JSON). */
@@ -98,7 +98,8 @@ export class BurrowClient {
     // Any certificate of the trust domain passes the chain check; only a broker's may hear our calls.
     const own = splitPemCertificates(tls.cert.toString())[0];
     const trustDomain = own ? identityOfCertificate(own.raw)?.trustDomain : undefined;
-    const creds: ChannelCredentials = credentials.createSsl(tls.ca, tls.key, tls.cert, { checkServerIdentity: brokerIdentityCheck(trustDomain) });
+    const verify = { checkServerIdentity: brokerIdentityCheck(trustDomain) };
+    const creds: ChannelCredentials = credentials.createSsl(tls.ca, tls.key, tls.cert, verify);
     this.client = new Client(opts.broker, creds, opts.serverName ? { 'grpc.ssl_target_name_override': opts.serverName, 'grpc.default_authority': opts.serverName } : {});
     this.timeoutMs = opts.timeoutMs ?? 5_000;
     this.maxAttempts = Math.max(1, opts.maxAttempts ?? 3);

@@ -234,7 +234,8 @@ function afterAgentRevocation(revocations: RevocationList, agentId: string, notB
 function defaultBrokerName(dns: readonly string[], ip: readonly string[]): string {
   const first = dns[0] ?? ip[0] ?? '';
   if (isValidId(first)) return first;
-  throw new PkiError(`name: a broker needs a name (its broker id); its first DNS name or IP address '${first}' is not one: give --name`);
+  throw new PkiError(`name: a broker needs a name (its broker id); its first DNS name or IP address '${first}' `
+    + 'is not one: give --name');
 }
 
 function unique<T>(items: readonly T[]): T[] {

@@ -188,7 +188,11 @@ export async function consumeJoinToken(opts: { dir: string; token: string; nowMs
   // A token file edited (or written by an older release) with an id outside the grammar must not
   // be burnt for a certificate signCsr would refuse anyway: say so before consuming it.
   const idIssue = idProblem(stored.agentId);
-  if (idIssue !== undefined) throw new EnrollmentError('malformed', `token: ${name} names agent id "${String(stored.agentId).slice(0, 80)}", which ${idIssue.replace(/ \(got .*$/s, '')}`);
+  if (idIssue !== undefined) {
+    const shown = String(stored.agentId).slice(0, 80);
+    const grammar = idIssue.replace(/ \(got .*$/s, '');
+    throw new EnrollmentError('malformed', `token: ${name} names agent id "${shown}", which ${grammar}`);
+  }
   if ((await loadRevocations(absDir)).isAgentBanned(stored.agentId)) {
     throw new EnrollmentError('banned', `token: ${name} is for agent "${stored.agentId}", which is banned`);
   }

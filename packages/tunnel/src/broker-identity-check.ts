@@ -12,7 +12,9 @@ export const NOT_A_BROKER = 'is not a Burrow broker';
 export function brokerCertificateProblem(raw: Buffer, trustDomain: string | undefined): string | undefined {
   const id = identityOfCertificate(raw);
   if (!id) return certificateIdentityProblem(raw) ?? 'the certificate has no Burrow identity';
-  if (id.role !== 'broker') return `it presented ${id.spiffeId}, a${id.role === 'agent' ? 'n' : ''} ${id.role} certificate`;
+  if (id.role !== 'broker') {
+    return `it presented ${id.spiffeId}, a${id.role === 'agent' ? 'n' : ''} ${id.role} certificate`;
+  }
   if (trustDomain !== undefined && id.trustDomain !== trustDomain) {
     return `it presented ${id.spiffeId}, of trust domain "${id.trustDomain}", not "${trustDomain}"`;
   }
@@ -37,7 +39,8 @@ export function brokerIdentityCheck(
     const td = typeof trustDomain === 'function' ? trustDomain() : trustDomain;
     const problem = cert.raw ? brokerCertificateProblem(cert.raw, td) : 'it presented no certificate';
     if (problem !== undefined) {
-      const err = new Error(`server ${host} ${NOT_A_BROKER}${td === undefined ? '' : ` of trust domain "${td}"`}: ${problem}`);
+      const of = td === undefined ? '' : ` of trust domain "${td}"`;
+      const err = new Error(`server ${host} ${NOT_A_BROKER}${of}: ${problem}`);
       return Object.assign(err, { code: 'ERR_BURROW_NOT_A_BROKER' });
     }
     return checkServerIdentity(host, cert);

@@ -63,7 +63,9 @@ export function certificateIdentityProblem(der: Buffer): string | undefined {
   }
   const uris = uriSansOf(cert);
   if (uris.length === 0) return 'the certificate has no URI SAN (a Burrow SPIFFE id)';
-  if (uris.length > 1) return `the certificate has ${uris.length} URI SANs (${uris.join(', ').slice(0, 300)}); Burrow needs exactly one`;
+  if (uris.length > 1) {
+    return `the certificate has ${uris.length} URI SANs (${uris.join(', ').slice(0, 300)}); Burrow needs exactly one`;
+  }
   const problem = spiffeIdProblem(uris[0]!);
   return problem === undefined ? undefined : `its URI SAN ${problem}`;
 }

@@ -20,7 +20,8 @@
 export const ID_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$/;
 
 /** {@link ID_PATTERN} in words, for error messages. */
-export const ID_GRAMMAR = "1-64 lower-case letters, digits, '.', '_' or '-', starting and ending with a letter or digit";
+export const ID_GRAMMAR =
+  "1-64 lower-case letters, digits, '.', '_' or '-', starting and ending with a letter or digit";
 
 /** True when `value` is a Burrow name ({@link ID_PATTERN}). */
 export function isValidId(value: unknown): value is string {
