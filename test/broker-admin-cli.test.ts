@@ -97,7 +97,7 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     expect(status.version).to.match(/^\d+\.\d+\.\d+/);
     expect(status.pki.enabled).to.equal(false);
     expect(status.listeners.admin).to.equal(admin);
-    expect(status.servingCertificate.spiffeId).to.equal('spiffe://burrow.local/broker');
+    expect(status.servingCertificate.spiffeId).to.equal('spiffe://burrow.local/broker/broker-1');
     // A serving certificate from files has its expiry exported too (the file-certificate alert).
     const metrics = await httpGet(`http://${admin}/metrics`);
     const exported = /^burrow_pki_certificate_expiry_seconds\{role="broker"\} (\S+)$/m.exec(metrics.body);

@@ -155,7 +155,7 @@ describe('PKI lifecycle end to end', () => {
 
     it('the broker issued its own serving certificate from the PKI directory', () => {
       const cert = new X509Certificate(world.broker.credentials!.certPem);
-      expect(cert.subjectAltName).to.include('URI:spiffe://burrow.local/broker');
+      expect(cert.subjectAltName).to.include('URI:spiffe://burrow.local/broker/pki-broker,');
       expect(cert.subjectAltName).to.include('IP Address:127.0.0.1');
     });
   });

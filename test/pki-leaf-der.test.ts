@@ -26,11 +26,11 @@ function tbsOf(der: Uint8Array): Buffer {
 
 const EKU_OIDS: Record<ExtendedKeyUsage, string> = { serverAuth: x509.ExtendedKeyUsage.serverAuth, clientAuth: x509.ExtendedKeyUsage.clientAuth };
 
-/** The same leaf through @peculiar/x509, as issue.ts built it before leaf-der.ts. */
+/** The same leaf through @peculiar/x509 (empty subject, critical SAN), as issue.ts built it before leaf-der.ts. */
 async function peculiarLeaf(t: LeafTemplate, caKey: webcrypto.CryptoKey, caKeyAlgorithm: KeyAlgorithm): Promise<x509.X509Certificate> {
   return x509.X509CertificateGenerator.create({
     serialNumber: t.serialHex,
-    subject: [{ CN: [t.commonName] }],
+    subject: [],
     issuer: new x509.Name(new Uint8Array(t.issuerDer).buffer),
     notBefore: t.notBefore,
     notAfter: t.notAfter,
@@ -45,7 +45,7 @@ async function peculiarLeaf(t: LeafTemplate, caKey: webcrypto.CryptoKey, caKeyAl
         ...t.uris.map((value): x509.JsonGeneralName => ({ type: 'url', value })),
         ...t.dns.map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
         ...t.ips.map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
-      ], false),
+      ], true),
       new x509.SubjectKeyIdentifierExtension(t.subjectKeyIdHex),
       new x509.AuthorityKeyIdentifierExtension(t.authorityKeyIdHex),
     ],
@@ -62,7 +62,7 @@ describe('pki leaf DER', function () {
 
   const cases: { what: string; role: Role; cn: string; dns: string[]; ips: string[]; ekus: ExtendedKeyUsage[]; notAfter: Date }[] = [
     { what: 'an agent', role: 'agent', cn: 'site-a', dns: [], ips: [], ekus: ['clientAuth'], notAfter: new Date('2031-05-06T07:08:09Z') },
-    { what: "a name with '_' (UTF8String CN)", role: 'agent', cn: 'site_b', dns: [], ips: [], ekus: ['clientAuth'], notAfter: new Date('2031-05-06T07:08:09Z') },
+    { what: "a name with '_'", role: 'agent', cn: 'site_b', dns: [], ips: [], ekus: ['clientAuth'], notAfter: new Date('2031-05-06T07:08:09Z') },
     {
       what: 'a broker with DNS, IPv4 and IPv6 names, valid past 2049 (GeneralizedTime)', role: 'broker', cn: 'broker.example.com',
       dns: ['broker.example.com', 'b2.example.com'], ips: ['127.0.0.1', '::1', '2001:db8::7:1', 'fe80:1:2:3:4:5:6:7', '1::'],
@@ -78,9 +78,9 @@ describe('pki leaf DER', function () {
           const key = await generateKey(subjectKeyAlgorithm);
           const template: LeafTemplate = {
             serialHex: '0123456789ABCDEF0123456789ABCDEF', issuerDer: material.subjectDer,
-            notBefore: new Date('2026-01-02T03:04:05Z'), notAfter: c.notAfter, commonName: c.cn, spkiDer: key.spkiDer,
+            notBefore: new Date('2026-01-02T03:04:05Z'), notAfter: c.notAfter, spkiDer: key.spkiDer,
             keyEncipherment: subjectKeyAlgorithm === 'rsa-2048', extendedKeyUsages: c.ekus,
-            uris: [`spiffe://burrow.local/${c.role}${c.role === 'broker' ? '' : `/${c.cn}`}`], dns: c.dns, ips: c.ips,
+            uris: [`spiffe://burrow.local/${c.role}/${c.cn}`], dns: c.dns, ips: c.ips,
             subjectKeyIdHex: key.skiHex, authorityKeyIdHex: pki.signingCa.record.skiHex,
           };
           const reference = await peculiarLeaf(template, material.privateKey, caKeyAlgorithm);
@@ -100,7 +100,7 @@ describe('pki leaf DER', function () {
     const { dir } = pkis.get('ecdsa-p256')!;
     const issued = await issueCertificate({ dir, role: 'broker', name: 'broker', ip: ['::ffff:192.0.2.33', '2001:db8::1.2.3.4'] });
     const leaf = new X509Certificate(splitPem(issued.certPem)[0]!);
-    expect(leaf.subjectAltName).to.equal('URI:spiffe://burrow.local/broker, IP Address:0:0:0:0:0:FFFF:C000:221, IP Address:2001:DB8:0:0:0:0:102:304');
+    expect(leaf.subjectAltName).to.equal('URI:spiffe://burrow.local/broker/broker, IP Address:0:0:0:0:0:FFFF:C000:221, IP Address:2001:DB8:0:0:0:0:102:304');
   });
 });
 

@@ -31,7 +31,8 @@ const CLIENT_AUTH = '1.3.6.1.5.5.7.3.2';
 const EXPECTED_EKUS: Record<Role, string[]> = {
   agent: [CLIENT_AUTH],
   broker: [CLIENT_AUTH, SERVER_AUTH].sort(),
-  service: [CLIENT_AUTH, SERVER_AUTH].sort(),
+  // Callers only dial out; no Burrow listener serves with a service certificate.
+  service: [CLIENT_AUTH],
 };
 const CLI = path.join(path.dirname(require.resolve('@burrow/pki/package.json')), 'dist', 'cli.js');
 
@@ -135,10 +136,10 @@ describe('pki', function () {
   });
 
   describe('spiffeIdFor / parseSpiffeId', () => {
-    it('builds the three id shapes, without a name for brokers', () => {
+    it('builds the three id shapes, each with its name (brokers too)', () => {
       expect(spiffeIdFor('burrow.local', 'agent', 'site-a')).to.equal('spiffe://burrow.local/agent/site-a');
       expect(spiffeIdFor('burrow.local', 'service', 'authz')).to.equal('spiffe://burrow.local/service/authz');
-      expect(spiffeIdFor('example.org', 'broker', 'ignored')).to.equal('spiffe://example.org/broker');
+      expect(spiffeIdFor('example.org', 'broker', 'b-1')).to.equal('spiffe://example.org/broker/b-1');
     });
 
     it('accepts names at the edges of the pattern', () => {
@@ -166,8 +167,8 @@ describe('pki', function () {
 
     it('parses what it builds and refuses anything else', () => {
       expect(parseSpiffeId('spiffe://td/agent/a1')).to.deep.equal({ trustDomain: 'td', role: 'agent', name: 'a1' });
-      expect(parseSpiffeId('spiffe://td/broker')).to.deep.equal({ trustDomain: 'td', role: 'broker' });
-      for (const bad of ['spiffe://td/broker/x', 'spiffe://td/agent', 'spiffe://td/agent/A', 'https://td/agent/a', 'spiffe://td/other/a']) {
+      expect(parseSpiffeId('spiffe://td/broker/b-1')).to.deep.equal({ trustDomain: 'td', role: 'broker', name: 'b-1' });
+      for (const bad of ['spiffe://td/broker', 'spiffe://td/broker/B', 'spiffe://td/agent', 'spiffe://td/agent/A', 'https://td/agent/a', 'spiffe://td/other/a']) {
         expect(() => parseSpiffeId(bad), bad).to.throw(PkiError, /^spiffeId: /);
       }
     });
@@ -307,7 +308,7 @@ describe('pki', function () {
         const issued = await issueCertificate({ dir, role, name, ...sanExtra, ...(leafAlgorithm ? { keyAlgorithm } : {}) });
         const t1 = Date.now();
 
-        const expectedId = role === 'broker' ? 'spiffe://burrow.local/broker' : `spiffe://burrow.local/${role}/${name}`;
+        const expectedId = `spiffe://burrow.local/${role}/${name}`;
         expect(issued.spiffeId).to.equal(expectedId);
 
         const pems = splitPem(issued.certPem);
@@ -337,13 +338,14 @@ describe('pki', function () {
             'IP Address:127.0.0.1',
             'IP Address:0:0:0:0:0:0:0:1',
           ]);
-          expect(leaf.subject).to.equal('CN=broker.example.test');
           expect(leaf.checkHost('broker.example.test')).to.equal('broker.example.test');
           expect(leaf.checkIP('127.0.0.1')).to.equal('127.0.0.1');
         } else {
           expect(sans).to.deep.equal([`URI:${expectedId}`]);
-          expect(leaf.subject).to.equal(`CN=${name}`);
         }
+        // No CN (an empty subject): a hostname check has nothing to fall back to.
+        expect(leaf.subject ?? '').to.equal('');
+        expect(leaf.checkHost(name)).to.equal(undefined);
 
         // Node calls the EKU list keyUsage.
         expect([...(leaf.keyUsage ?? [])].sort()).to.deep.equal(EXPECTED_EKUS[role]);
@@ -364,6 +366,7 @@ describe('pki', function () {
         const parsed = new x509.X509Certificate(leaf.raw);
         const bc = parsed.getExtension(x509.BasicConstraintsExtension)!;
         expect([bc.ca, bc.critical]).to.deep.equal([false, true]);
+        expect(parsed.getExtension(x509.SubjectAlternativeNameExtension)!.critical, 'SAN critical (empty subject)').to.equal(true);
         const ku = parsed.getExtension(x509.KeyUsagesExtension)!;
         expect(ku.critical).to.equal(true);
         const expectedKu =
@@ -395,8 +398,8 @@ describe('pki', function () {
         const asClient = await opensslVerify(work, issued, 'sslclient');
         expect(asClient.code, asClient.stdout + asClient.stderr).to.equal(0);
         const asServer = await opensslVerify(work, issued, 'sslserver');
-        if (role === 'agent') {
-          // Must fail: an agent certificate must not be usable to impersonate a server.
+        if (role !== 'broker') {
+          // Must fail: an agent or service certificate must not be usable to impersonate a server.
           expect(asServer.code).to.not.equal(0);
           expect(asServer.stdout + asServer.stderr).to.match(/unsuitable certificate purpose|unsupported certificate purpose/);
         } else {
@@ -644,11 +647,11 @@ describe('pki', function () {
       );
       expect(issue.code, issue.stderr).to.equal(0);
       expect(issue.stdout.trim().split('\n')).to.have.length(1);
-      expect(issue.stdout).to.include('spiffe://cli.test/broker');
+      expect(issue.stdout).to.include('spiffe://cli.test/broker/b');
       expect(mode(path.join(out, 'tls.key'))).to.equal(0o600);
       const [leafPem] = splitPem(fs.readFileSync(path.join(out, 'tls.crt'), 'utf8'));
       const leaf = new X509Certificate(leafPem!);
-      expect(leaf.subjectAltName).to.equal('URI:spiffe://cli.test/broker, DNS:broker.cli.test, IP Address:127.0.0.1');
+      expect(leaf.subjectAltName).to.equal('URI:spiffe://cli.test/broker/b, DNS:broker.cli.test, IP Address:127.0.0.1');
       expect(issue.stdout).to.include(leaf.serialNumber);
       const lifetimeMs = new Date(leaf.validTo).getTime() - new Date(leaf.validFrom).getTime();
       expect(lifetimeMs).to.be.closeTo(90 * 60_000 + NOT_BEFORE_BACKDATE_MS, 2000);
@@ -676,7 +679,7 @@ describe('pki', function () {
       });
       expect(issue.code, issue.stderr).to.equal(0);
       const leaf = new X509Certificate(splitPem(fs.readFileSync(path.join(out, 'tls.crt'), 'utf8'))[0]!);
-      expect(leaf.subjectAltName).to.equal('URI:spiffe://env.test/broker, DNS:a.env.test, DNS:b.env.test, IP Address:127.0.0.1');
+      expect(leaf.subjectAltName).to.equal('URI:spiffe://env.test/broker/a.env.test, DNS:a.env.test, DNS:b.env.test, IP Address:127.0.0.1');
       expect(leaf.publicKey.asymmetricKeyType).to.equal('rsa');
       const lifetimeMs = new Date(leaf.validTo).getTime() - new Date(leaf.validFrom).getTime();
       expect(lifetimeMs).to.be.closeTo(2 * 3_600_000 + NOT_BEFORE_BACKDATE_MS, 2000);

@@ -6,7 +6,7 @@ import { Server, ServerCredentials, experimental, status as Status, type Channel
 import {
   BurrowError, CredentialStore, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate,
   installCatchAll, rejectCall, statusName, upstreamChannelOptions, type BrokerEndpoint, type IssuedAgentCertificate, type JsonObject, type Logger,
-  logCallFinished, shutdownGracefully,
+  logCallFinished, shutdownGracefully, brokerIdentityCheck, NOT_A_BROKER,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
 import { readState, writeFileAtomic, writeState } from './state-dir';
@@ -71,6 +71,8 @@ export interface BrokerTargetStatus {
 export class Agent {
   readonly metrics = new AgentMetrics(() => ({ connected: this.distinctUsableBrokers(), known: this.replicaSet.length }));
   readonly agentId: string;
+  /** The trust domain of this agent's certificate: the only one its brokers may belong to. */
+  private readonly trustDomain: string;
   private readonly upstreams: UpstreamTable;
   private builtins = new BuiltinServices({});
   private policyEngine: PolicyEngine | undefined;
@@ -111,6 +113,7 @@ export class Agent {
     const own = identityOfCertificate(readFileSync(config.tlsCertFile));
     if (!own || own.role !== 'agent') throw new BurrowError(Status.INVALID_ARGUMENT, `${config.tlsCertFile} is not an agent certificate (URI SAN spiffe://<td>/agent/<id>)`);
     this.agentId = own.name;
+    this.trustDomain = own.trustDomain;
     this.upstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
   }
 
@@ -119,7 +122,11 @@ export class Agent {
     this.tls = new CredentialStore({ caPem: readFileSync(this.config.caFile), certPem: readFileSync(this.config.tlsCertFile), keyPem: readFileSync(this.config.tlsKeyFile) });
     // Built on the store, the credentials use a renewed certificate or a rotated bundle for every
     // new connection without a restart; open connections carry on.
-    this.channelCredentials = experimental.createCertificateProviderChannelCredentials(this.tls, this.tls);
+    // A broker is known by its certificate's SPIFFE id, spiffe://<our trust domain>/broker/<name>,
+    // checked before the hostname: any certificate of the trust domain passes the chain check.
+    this.channelCredentials = experimental.createCertificateProviderChannelCredentials(
+      this.tls, this.tls, { checkServerIdentity: brokerIdentityCheck(this.trustDomain) },
+    );
     this.updateExpiryMetric();
     if (this.config.stateDir) this.startStateDir(this.config.stateDir);
     await this.startBuiltins();
@@ -352,7 +359,10 @@ export class Agent {
         const message = (err as Error).message;
         // A broker certificate from a CA we do not trust, or our certificate refused, after a CA
         // rotation or an expiry while offline: say how to get back.
-        const hint = /certificate|PERMISSION_DENIED|no valid client certificate/i.test(message) || (err as { code?: number }).code === Status.PERMISSION_DENIED
+        const hint = message.includes(NOT_A_BROKER)
+          ? `the server at ${address} is not a broker of this agent's trust domain: check --broker (and DNS); `
+            + 'no session was opened'
+          : /certificate|PERMISSION_DENIED|no valid client certificate/i.test(message) || (err as { code?: number }).code === Status.PERMISSION_DENIED
           ? 'if this agent was offline through a CA rotation or past its certificate expiry, enroll again with a new join token (burrow-agent enroll --state-dir ...)'
           : /protocol version/.test(message)
             // Retrying is still right: the broker (or this agent) may be upgraded while we wait.

@@ -4,7 +4,9 @@ import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { Client, Metadata, credentials, status as Status, type ServiceError } from '@grpc/grpc-js';
 import { caPinOf, createCsr, parseJoinToken, writeIssued } from '@burrow/pki';
-import { BurrowError, ENROLLMENT_SERVICE, type EnrollRequest, type IssuedAgentCertificate } from '@burrow/tunnel';
+import {
+  BurrowError, ENROLLMENT_SERVICE, brokerIdentityCheck, type EnrollRequest, type IssuedAgentCertificate,
+} from '@burrow/tunnel';
 import { writeState } from './state-dir';
 
 export interface EnrollOptions {
@@ -65,7 +67,12 @@ export async function enroll(opts: EnrollOptions): Promise<IssuedAgentCertificat
   const { csrPem, keyPem } = await createCsr();
   const channelOptions: Record<string, string> = {};
   if (opts.serverName) channelOptions['grpc.ssl_target_name_override'] = opts.serverName;
-  const client = new Client(opts.broker, credentials.createSsl(Buffer.from(anchorPem)), channelOptions);
+  // The server must be a broker of the pinned CA's trust domain (its subject's O, as burrow-pki
+  // names CAs), not any certificate that CA signed.
+  const trustDomain = /^O=(.+)$/m.exec(new X509Certificate(anchorPem).subject)?.[1];
+  const verify = { checkServerIdentity: brokerIdentityCheck(trustDomain) };
+  const creds = credentials.createSsl(Buffer.from(anchorPem), null, null, verify);
+  const client = new Client(opts.broker, creds, channelOptions);
   try {
     const issued = await new Promise<IssuedAgentCertificate>((resolve, reject) => {
       client.makeUnaryRequest(

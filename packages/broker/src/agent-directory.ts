@@ -304,6 +304,32 @@ export class AgentDirectory {
   }
 }
 
+/**
+ * The live broker of the cluster directory that already has `brokerId` at another peer address
+ * than `peer`, or undefined (none, or the entry is this broker's own from before a restart).
+ * Reads once over its own short-lived connection; Redis unreachable counts as no clash, since a
+ * broker starts without Redis (two brokers starting at the same moment can both pass).
+ */
+export async function findBrokerIdClash(
+  opts: { redisUrl: string; keyPrefix: string; brokerId: string; peer: string },
+): Promise<BrokerRecord | undefined> {
+  const redis = new Redis(opts.redisUrl, {
+    lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 0, connectTimeout: 2_000,
+    retryStrategy: () => null,
+  });
+  redis.on('error', () => {}); // unreachable: no clash can be seen; the directory logs the outage
+  try {
+    await redis.connect();
+    const members = await redis.zrangebyscore(`${opts.keyPrefix}brokers`, `(${Date.now()}`, '+inf');
+    const live = members.map(parseBrokerRecord);
+    return live.find((b) => b !== undefined && b.brokerId === opts.brokerId && b.peer !== opts.peer);
+  } catch {
+    return undefined;
+  } finally {
+    redis.disconnect();
+  }
+}
+
 function parseBrokerRecord(member: string): BrokerRecord | undefined {
   try {
     const v = JSON.parse(member) as Partial<BrokerRecord>;

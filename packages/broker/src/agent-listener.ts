@@ -1,7 +1,7 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   AGENT_DRAIN_VERSION, BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
-  UpstreamTable, answer, decodeSessionFrame, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
+  UpstreamTable, answer, decodeSessionFrame, certificateIdentityProblem, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
   statusName, verifyCertificateChain, checkReplicaSet, type BrokerEndpoint, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
   logCallFinished,
 } from '@burrow/tunnel';
@@ -187,7 +187,12 @@ export class AgentListener {
     if (!id) {
       // With enrollment on, TLS lets a connection without a valid client certificate through (for
       // Enroll only); such a connection has no identity here.
-      problem = 'no valid client certificate (missing, expired, or not issued by a trusted CA); enroll again with a new join token';
+      const raw = call.getAuthContext().sslPeerCertificate?.raw;
+      const why = raw ? certificateIdentityProblem(raw) : undefined;
+      problem = why
+        ? `client certificate has no Burrow identity: ${why}`
+        : 'no valid client certificate (missing, expired, or not issued by a trusted CA); '
+          + 'enroll again with a new join token';
       reason = 'no_identity';
     } else if (id.role !== 'agent') problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;
     else if (id.trustDomain !== this.deps.trustDomain) problem = `certificate trust domain "${id.trustDomain}" is not "${this.deps.trustDomain}"`;

@@ -32,8 +32,13 @@ export interface BrokerConfig {
   upstreams: UpstreamRoute[];
   /** Trust domain peers must belong to; default: the one in the broker's own certificate. */
   trustDomain?: string;
-  /** Id in logs and Welcome frames; default: hostname. */
-  brokerId: string;
+  /**
+   * Id in logs, Welcome frames and the cluster directory: the name in the broker certificate's
+   * SPIFFE id (`spiffe://<td>/broker/<name>`) unless set. When set, it also names a self-issued
+   * certificate (--pki-dir); replicas sharing one --tls-cert each set their own. A self-issued
+   * certificate without it is named by defaultBrokerName (broker-pki.ts).
+   */
+  brokerId?: string;
   maxMessageBytes: number;
   /** How long a call waits for its agent to connect or free a stream, capped by its deadline. */
   agentWaitMs: number;

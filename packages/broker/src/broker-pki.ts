@@ -20,6 +20,8 @@ export interface BrokerPkiOptions {
   issueOwnCertificate: boolean;
   /** Names for the self-issued serving certificate. */
   dns: string[];
+  /** The broker's name (its id) in the self-issued certificate's SPIFFE id. */
+  name: string;
   ip: string[];
   /** Lifetime of self-issued serving certificates and of agent certificates issued here. */
   leafTtlMs?: number;
@@ -48,6 +50,22 @@ export interface BrokerPkiStatus {
   revocationsVersion: number;
   selfIssuedServingCertificate: boolean;
   cas: { id: string; kind: string; notAfter: string; secondsLeft: number; signsClients: boolean; signsServers: boolean }[];
+}
+
+/**
+ * The name (broker id) of a broker that issues its own certificate and was given no --broker-id:
+ * `<hostname>-<agent listener port>`, e.g. `node-7-7443`. Stable across restarts of one broker
+ * (same host, same port) and distinct for two brokers on one host (two listeners cannot share a
+ * port), so an agent that recognises brokers by id keeps a tunnel to each. With port 0 (tests)
+ * the port is unknown before the certificate is issued: the process id stands in for it.
+ * The hostname is folded into the id grammar (lower case; other characters become '-').
+ */
+export function defaultBrokerName(host: string, agentListen: string, pid: number = process.pid): string {
+  const port = Number(agentListen.slice(agentListen.lastIndexOf(':') + 1));
+  const suffix = port > 0 ? String(port) : `pid${pid}`;
+  const base = host.toLowerCase().replace(/[^a-z0-9._-]+/g, '-').slice(0, 63 - suffix.length)
+    .replace(/^[^a-z0-9]+/, '').replace(/[^a-z0-9]+$/, '');
+  return `${base || 'broker'}-${suffix}`;
 }
 
 /** Token bucket per source address, so a scanner cannot hammer enrollment. */
@@ -228,7 +246,10 @@ export class BrokerPki {
   // The served chain ends with the trust bundle's roots, so a new agent can find the CA its join
   // token pins in the handshake itself.
   private async issueOwn(): Promise<{ certPem: string; keyPem: string }> {
-    const issued = await issueCertificate({ dir: this.opts.dir, role: 'broker', name: 'broker', dns: this.opts.dns, ip: this.opts.ip, ttlMs: this.opts.leafTtlMs });
+    const issued = await issueCertificate({
+      dir: this.opts.dir, role: 'broker', name: this.opts.name, dns: this.opts.dns, ip: this.opts.ip,
+      ttlMs: this.opts.leafTtlMs,
+    });
     this.ownNotAfterMs = issued.notAfter.getTime();
     this.ownNotBeforeMs = this.now();
     this.opts.metrics.servingCertificatesIssued.inc();

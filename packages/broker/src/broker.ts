@@ -7,10 +7,10 @@ import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  cachePeerCertificates, identityOfCertificate, installCatchAll, limitPendingHandshakes, observeTlsClientErrors, shutdownGracefully, tunnelServerOptions, upstreamChannelOptions,
+  cachePeerCertificates, certificateIdentityProblem, identityOfCertificate, installCatchAll, limitPendingHandshakes, observeTlsClientErrors, shutdownGracefully, tunnelServerOptions, upstreamChannelOptions,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
-import { BrokerPki, type BrokerPkiStatus } from './broker-pki';
+import { BrokerPki, defaultBrokerName, type BrokerPkiStatus } from './broker-pki';
 import { brokerAdminRoutes } from './broker-admin';
 
 import { AgentListener } from './agent-listener';
@@ -23,7 +23,7 @@ import { CredentialWatch } from './credential-watch';
 import { ALLOW_ALL_CALLERS, type CallerAuthorizer } from './caller-authorizer';
 import { PolicyCallerAuthorizer } from './policy-caller-authorizer';
 import { TunnelRegistry } from './tunnel-registry';
-import { AgentDirectory, redactUrl, type BrokerRecord, type DirectoryStatus } from './agent-directory';
+import { AgentDirectory, findBrokerIdClash, redactUrl, type BrokerRecord, type DirectoryStatus } from './agent-directory';
 import { PeerForwarder } from './peer-forwarder';
 import { PeerListener } from './peer-listener';
 
@@ -133,6 +133,8 @@ export class Broker {
   private readonly pki: BrokerPki | undefined;
   private tls: CredentialStore | undefined;
   private trustDomain = '';
+  /** The name in our certificate's SPIFFE id (set by start()). */
+  private brokerId = '';
   private admin: http.Server | undefined;
   private authzen: https.Server | undefined;
   private readonly limiter: CallLimiter;
@@ -162,6 +164,7 @@ export class Broker {
       const defaultIps = ['127.0.0.1', '::1'];
       this.pki = new BrokerPki({
         dir: config.pkiDir, logger, metrics: this.metrics, issueOwnCertificate: !config.tlsCertFile,
+        name: config.brokerId ?? defaultBrokerName(hostname(), config.agentListen),
         dns: config.tlsDns.length ? config.tlsDns : [hostname(), 'localhost'], ip: config.tlsIp.length || config.tlsDns.length ? config.tlsIp : defaultIps,
         leafTtlMs: config.leafTtlMs, enrollPerMinute: config.enrollPerMinute,
       });
@@ -175,9 +178,31 @@ export class Broker {
   async start(): Promise<BrokerPorts> {
     const material = await this.loadTlsMaterial();
     this.tls = new CredentialStore(material);
-    const own = identityOfCertificate(new X509Certificate(material.certPem).raw);
-    if (!own || own.role !== 'broker') throw new BurrowError(Status.INVALID_ARGUMENT, 'tls-cert: not a broker certificate (URI SAN spiffe://<trust-domain>/broker)');
+    const ownRaw = new X509Certificate(material.certPem).raw;
+    const own = identityOfCertificate(ownRaw);
+    if (!own || own.role !== 'broker') {
+      const presented = own ? `it is ${own.spiffeId}` : certificateIdentityProblem(ownRaw);
+      const expected = 'URI SAN spiffe://<trust-domain>/broker/<name>';
+      throw new BurrowError(Status.INVALID_ARGUMENT, `tls-cert: not a broker certificate (${expected}): ${presented}`);
+    }
+    // Default: the name agents and peers see in the certificate. A given --broker-id names a
+    // self-issued certificate; with --tls-cert it may differ (replicas sharing one certificate).
+    this.brokerId = this.config.brokerId ?? own.name;
     this.trustDomain = this.config.trustDomain ?? own.trustDomain;
+    const cluster = this.config.cluster;
+    if (cluster) {
+      // Two brokers with one id break failover (agents keep one tunnel per broker id): refuse to
+      // be the second, before anything listens.
+      const clash = await findBrokerIdClash({
+        redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, brokerId: this.brokerId, peer: cluster.advertise,
+      });
+      if (clash) {
+        throw new BurrowError(Status.FAILED_PRECONDITION,
+          `broker id "${this.brokerId}" is already live in the cluster directory at ${clash.peer} `
+          + `(agents at ${clash.agent}); `
+          + `this broker would be at ${cluster.advertise}: give each broker its own --broker-id (or certificate name)`);
+      }
+    }
     if (this.config.callerPolicy) {
       const cp = this.config.callerPolicy;
       const authorizer = await PolicyCallerAuthorizer.open({ ...cp, logger: this.logger, registry: this.metrics.registry });
@@ -190,7 +215,7 @@ export class Broker {
     const isRevoked = this.pki ? this.pki.isRevoked.bind(this.pki) : () => false;
     this.agentListener = new AgentListener({
       registry: this.registry, metrics: this.metrics, logger: this.logger, platformUpstreams: this.platformUpstreams,
-      trustDomain: this.trustDomain, brokerId: this.config.brokerId, maxMessageBytes: this.config.maxMessageBytes, isDraining,
+      trustDomain: this.trustDomain, brokerId: this.brokerId, maxMessageBytes: this.config.maxMessageBytes, isDraining,
       isRevoked, trustBundlePem: () => this.tls!.caPem,
       replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
     });
@@ -203,12 +228,12 @@ export class Broker {
       });
     }
     this.health.addTo(this.apiServer);
-    const cluster = this.config.cluster;
     if (cluster) {
       this.metrics.enableClusterMetrics();
-      this.forwarder = new PeerForwarder({ tls: this.tls, brokerId: this.config.brokerId, maxMessageBytes: this.config.maxMessageBytes, keepalive: this.config.keepalive, metrics: this.metrics });
+      this.forwarder = new PeerForwarder({
+        tls: this.tls, brokerId: this.brokerId, trustDomain: this.trustDomain, maxMessageBytes: this.config.maxMessageBytes, keepalive: this.config.keepalive, metrics: this.metrics });
       this.directory = new AgentDirectory({
-        redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, self: { brokerId: this.config.brokerId, peer: cluster.advertise },
+        redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, self: { brokerId: this.brokerId, peer: cluster.advertise },
         entryTtlMs: cluster.registryTtlMs, lookupCacheMs: cluster.lookupCacheMs, localAgents: () => this.registry.connectedAgentIds(),
         // Agents learn the replicas (tunnel.proto, "Brokers").
         onReplicaSet: (brokers) => this.agentListener.broadcastReplicaSet(replicaEndpoints(brokers)),
@@ -330,7 +355,7 @@ export class Broker {
     this.started = true;
     this.startedAtMs = Date.now();
     this.ports = { agentPort, apiPort, adminPort, authzenPort };
-    this.logger.info('broker started', { cluster: cluster ? { advertise: cluster.advertise, peerPort, redis: redactUrl(cluster.redisUrl) } : undefined, pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.config.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, authzenPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
+    this.logger.info('broker started', { cluster: cluster ? { advertise: cluster.advertise, peerPort, redis: redactUrl(cluster.redisUrl) } : undefined, pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, authzenPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
     return { agentPort, apiPort, adminPort, authzenPort };
   }
 
@@ -360,7 +385,7 @@ export class Broker {
     let pki: BrokerStatus['pki'] = { enabled: false };
     if (this.pki) pki = await this.pki.status().catch((err: Error) => ({ enabled: true as const, error: err.message }));
     return {
-      brokerId: this.config.brokerId, version: BROKER_VERSION, protocolVersions: PROTOCOL_VERSIONS,
+      brokerId: this.brokerId, version: BROKER_VERSION, protocolVersions: PROTOCOL_VERSIONS,
       startedAt: new Date(this.startedAtMs).toISOString(), uptimeSeconds: Math.round((Date.now() - this.startedAtMs) / 1000),
       ready: this.started && !this.draining, draining: this.draining, trustDomain: this.trustDomain,
       listeners: {

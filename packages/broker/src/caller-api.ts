@@ -1,6 +1,7 @@
 import { Metadata, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, identityOfPeerCertificate, type CallStream, originate, originateUnary, rejectCall, statusName, type Logger, type PeerIdentity,
+  AGENT_ID_KEY, BurrowError, ID_GRAMMAR, certificateIdentityProblem, identityOfPeerCertificate, isValidId,
+  type CallStream, originate, originateUnary, rejectCall, statusName, type Logger, type PeerIdentity,
   logCallFinished, type CallCutter, type UnaryResult,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
@@ -48,8 +49,6 @@ export interface CallerApiDeps {
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
-// Agent ids as the PKI issues them; anything else cannot name a connected agent.
-const AGENT_ID = /^[A-Za-z0-9._-]{1,128}$/;
 
 /**
  * Names the agent a caller's call is for: the `burrow-agent-id` metadata, or else an authority of
@@ -108,7 +107,10 @@ export class CallerApi {
    * that fails: identity first, so an unknown client learns nothing about agents or policy.
    * Throws a BurrowError after recording the refusal.
    */
-  private admit(peer: PeerIdentity | undefined, agentId: string | undefined, method: string, transport: 'grpc' | 'http'): AdmittedCall {
+  private admit(
+    peer: PeerIdentity | undefined, agentId: string | undefined, method: string, transport: 'grpc' | 'http',
+    peerRaw?: Buffer,
+  ): AdmittedCall {
     const { metrics, logger } = this.deps;
     const startedMs = Date.now();
     const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
@@ -133,7 +135,8 @@ export class CallerApi {
     };
 
     if (!peer || peer.role !== 'service' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
-      const reason = !peer ? 'client certificate has no Burrow identity' : peer.role !== 'service' ? `certificate role "${peer.role}" may not call agents; a service certificate is required`
+      const why = peerRaw ? `: ${certificateIdentityProblem(peerRaw)}` : '';
+      const reason = !peer ? `client certificate has no Burrow identity${why}` : peer.role !== 'service' ? `certificate role "${peer.role}" may not call agents; a service certificate is required`
         : peer.trustDomain !== this.deps.trustDomain ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"` : `certificate ${peer.spiffeId} (serial ${peer.serialHex}) is revoked`;
       metrics.rejectedHandshakes.inc({ listener: 'api', reason: peer ? 'wrong_role' : 'no_identity' });
       refuse(undefined, new BurrowError(Status.PERMISSION_DENIED, reason));
@@ -142,8 +145,10 @@ export class CallerApi {
     if (agentId === undefined) {
       refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `name the agent with metadata "${AGENT_ID_KEY}" or the authority "<agent-id>.agent"`));
     }
-    if (!AGENT_ID.test(agentId!)) {
-      refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `"${agentId!.slice(0, 140)}" is not a valid agent id`));
+    // Agent ids follow the one id grammar; anything else cannot name a connected agent.
+    if (!isValidId(agentId)) {
+      const shown = agentId!.slice(0, 140);
+      refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `"${shown}" is not a valid agent id: ${ID_GRAMMAR}`));
     }
     const agent = agentId!;
     if (this.deps.isDraining()) refuse(agent, new BurrowError(Status.UNAVAILABLE, 'broker is draining; retry on another broker'));
@@ -180,7 +185,8 @@ export class CallerApi {
   private async forward(call: RawCall): Promise<void> {
     let admitted: AdmittedCall;
     try {
-      admitted = this.admit(identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate), agentIdOfCall(call), call.getPath(), 'grpc');
+      const cert = call.getAuthContext().sslPeerCertificate;
+      admitted = this.admit(identityOfPeerCertificate(cert), agentIdOfCall(call), call.getPath(), 'grpc', cert?.raw);
     } catch (err) {
       rejectCall(call, err as BurrowError);
       return;

@@ -5,13 +5,12 @@
  * creates the logger and runs the broker until SIGTERM/SIGINT.
  */
 import { existsSync, readFileSync } from 'node:fs';
-import { hostname } from 'node:os';
 import * as path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
   ConfigError, runUntilSignalled, PROTOCOL_VERSIONS, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
-  parseUpstreamRoute, requireReadableFile, type LogFormat,
+  parseUpstreamRoute, requireReadableFile, idProblem, type LogFormat,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
 import { BROKER_DEFAULTS, DEFAULT_ADMIN_ADDRESS, type BrokerConfig } from './broker-config';
@@ -36,7 +35,7 @@ const SERVE_OPTIONS = {
   'enroll-per-minute': { type: 'number', describe: 'enrollment attempts allowed per source address per minute', default: 30 },
   upstream: { type: 'string', array: true, describe: 'SERVICE=HOST:PORT: platform service site clients reach through agents (repeatable; SERVICE * is the default)' },
   'trust-domain': { type: 'string', describe: 'trust domain of agents and callers (default: the broker certificate\'s)' },
-  'broker-id': { type: 'string', describe: 'id in logs and session handshakes (default: hostname)' },
+  'broker-id': { type: 'string', describe: 'id in logs, session handshakes and the cluster directory: the name in the broker certificate\'s spiffe://<td>/broker/<name> (default: that name; a self-issued certificate is named <hostname>-<agent port>)' },
   'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
   'agent-wait': { type: 'string', describe: 'how long a call waits for its agent (capped by the call deadline)', default: '5s' },
   'drain-timeout': { type: 'string', describe: 'how long shutdown waits for calls in flight', default: '30s' },
@@ -132,7 +131,7 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     enrollPerMinute: parseIntInRange('enroll-per-minute', args['enroll-per-minute'], 1, 100_000),
     upstreams,
     trustDomain: args['trust-domain'] ? String(args['trust-domain']) : undefined,
-    brokerId: args['broker-id'] ? String(args['broker-id']) : hostname(),
+    brokerId: brokerIdFromArgs(args['broker-id']),
     maxMessageBytes,
     agentWaitMs: parseDurationMs('agent-wait', args['agent-wait']),
     drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
@@ -150,6 +149,13 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     logLevel,
     logFormat: logFormat as LogFormat,
   };
+}
+
+function brokerIdFromArgs(value: unknown): string | undefined {
+  if (value === undefined || value === '') return undefined;
+  const problem = idProblem(String(value));
+  if (problem) throw new ConfigError('broker-id', problem);
+  return String(value);
 }
 
 function clusterFromArgs(args: Args): BrokerConfig['cluster'] {

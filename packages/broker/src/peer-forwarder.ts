@@ -1,6 +1,7 @@
 import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, CallStream, abortConnectsOnChannelClose, identity, tunnelChannelOptions,
+  AGENT_ID_KEY, BurrowError, CallStream, abortConnectsOnChannelClose, brokerIdentityCheck, identity,
+  tunnelChannelOptions,
   type CredentialStore, type KeepaliveSettings,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
@@ -15,6 +16,8 @@ export interface PeerForwarderOptions {
   /** The broker's own credentials: its broker certificate is the client certificate here. */
   tls: CredentialStore;
   brokerId: string;
+  /** Peers must present a broker certificate of this trust domain. */
+  trustDomain: string;
   maxMessageBytes: number;
   keepalive: KeepaliveSettings;
   metrics: BrokerMetrics;
@@ -47,7 +50,11 @@ export class PeerForwarder {
   private readonly credentials: ChannelCredentials;
 
   constructor(private readonly opts: PeerForwarderOptions) {
-    this.credentials = experimental.createCertificateProviderChannelCredentials(opts.tls, opts.tls);
+    // A peer is a broker by its certificate's SPIFFE id, not by any certificate of the trust domain.
+    const checkServerIdentity = brokerIdentityCheck(opts.trustDomain);
+    this.credentials = experimental.createCertificateProviderChannelCredentials(
+      opts.tls, opts.tls, { checkServerIdentity },
+    );
   }
 
   /**

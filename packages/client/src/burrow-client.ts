@@ -1,6 +1,9 @@
 import { readFileSync } from 'node:fs';
 import { Client, Metadata, credentials, status as Status, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
-import { AGENT_ID_KEY, API_CODECS, AUTH_METHODS, POLICY_METHODS, type ApiCodec, type JsonObject, type JsonValue } from '@burrow/tunnel';
+import {
+  AGENT_ID_KEY, API_CODECS, AUTH_METHODS, POLICY_METHODS, brokerIdentityCheck, identityOfCertificate,
+  splitPemCertificates, type ApiCodec, type JsonObject, type JsonValue,
+} from '@burrow/tunnel';
 
 /** AuthZEN subject, action, resource (Burrow's policy API uses the same JSON). */
 export interface Subject { type: string; id: string; properties?: JsonObject }
@@ -44,7 +47,10 @@ export interface AuthenticationResult {
 export interface BurrowClientOptions {
   /** HOST:PORT of a broker's caller API. */
   broker: string;
-  /** The caller's `service` certificate and key, and the CA that signs brokers: PEM text or file paths. */
+  /**
+   * The caller's `service` certificate and key, and the CA that signs brokers: PEM text or file
+   * paths. The broker must present `spiffe://<this certificate's trust domain>/broker/<name>`.
+   */
   tls: { cert: string | Buffer; key: string | Buffer; ca: string | Buffer } | { certFile: string; keyFile: string; caFile: string };
   /** TLS name expected in the broker certificate, when it differs from the host in `broker`. */
   serverName?: string;
@@ -89,7 +95,11 @@ export class BurrowClient {
     const tls = 'certFile' in opts.tls
       ? { cert: readFileSync(opts.tls.certFile), key: readFileSync(opts.tls.keyFile), ca: readFileSync(opts.tls.caFile) }
       : { cert: pem(opts.tls.cert), key: pem(opts.tls.key), ca: pem(opts.tls.ca) };
-    const creds: ChannelCredentials = credentials.createSsl(tls.ca, tls.key, tls.cert);
+    // Any certificate of the trust domain passes the chain check; only a broker's may hear our calls.
+    const own = splitPemCertificates(tls.cert.toString())[0];
+    const trustDomain = own ? identityOfCertificate(own.raw)?.trustDomain : undefined;
+    const verify = { checkServerIdentity: brokerIdentityCheck(trustDomain) };
+    const creds: ChannelCredentials = credentials.createSsl(tls.ca, tls.key, tls.cert, verify);
     this.client = new Client(opts.broker, creds, opts.serverName ? { 'grpc.ssl_target_name_override': opts.serverName, 'grpc.default_authority': opts.serverName } : {});
     this.timeoutMs = opts.timeoutMs ?? 5_000;
     this.maxAttempts = Math.max(1, opts.maxAttempts ?? 3);

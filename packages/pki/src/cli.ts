@@ -288,7 +288,10 @@ function parser(args: readonly string[]): Argv {
         y
           .option('dir', dirFlag)
           .option('role', flag('role', { describe: `role: ${ROLES.join(', ')}`, demandOption: true }))
-          .option('name', flag('name', { describe: 'agent or service name (optional for broker)' }))
+          .option('name', flag('name', {
+            describe: 'agent, service or broker name, the last segment of spiffe://<td>/<role>/<name> '
+              + '(a broker\'s default: its first --dns or --ip)',
+          }))
           .option('dns', flag('dns', { describe: 'DNS name SAN, repeatable (broker only)', array: true }))
           .option('ip', flag('ip', { describe: 'IP address SAN, repeatable (broker only)', array: true }))
           .option('ttl', flag('ttl', { describe: 'lifetime, e.g. 90s, 15m, 24h, 7d, 1h30m (default 24h)' }))

@@ -7,6 +7,7 @@ import { assertKeyAlgorithm, generateKey, type KeyAlgorithm } from './key-algori
 import { certificatePem, signLeafDer, type ExtendedKeyUsage } from './leaf-der';
 import { loadPki, signerFor, signingMaterialOf, type LoadedPki } from './pki-dir';
 import { loadRevocations, type RevocationList } from './revocation';
+import { isValidId } from '@burrow/tunnel/dist/ids';
 import { PkiError } from './pki-error';
 import { randomSerialHex } from './serial-number';
 import { spiffeIdFor } from './spiffe-id';
@@ -21,8 +22,9 @@ export interface IssueOptions {
   dir: string;
   role: Role;
   /**
-   * Agent or service name (see NAME_PATTERN), the last segment of its SPIFFE ID and its CN.
-   * Brokers share the ID `spiffe://<td>/broker`; a broker name, if given, is only validated.
+   * Agent, service or broker name (see NAME_PATTERN), the last segment of its SPIFFE ID
+   * (`spiffe://<td>/<role>/<name>`). For a broker it is its broker id; when empty it defaults to
+   * the broker's first DNS name (else its first IP address) if that is a valid name.
    */
   name: string;
   /** DNS SANs. Brokers only; a broker needs at least one DNS name or IP address. */
@@ -55,19 +57,22 @@ export interface IssuedCertificate {
   bundleVersion: number;
 }
 
-/** Extended key usages per role: agents only dial out; brokers and services both accept and make TLS connections. */
+/**
+ * Extended key usages per role, only what each role does: agents and services (callers) only dial
+ * out; brokers serve agents and callers and dial their peers. No Burrow listener serves with a
+ * service certificate (platform upstreams are reached in plaintext from the broker), so a service
+ * certificate cannot pass for a server at the TLS layer either.
+ */
 const EXTENDED_KEY_USAGES: Readonly<Record<Role, readonly ExtendedKeyUsage[]>> = {
   agent: ['clientAuth'],
   broker: ['serverAuth', 'clientAuth'],
-  service: ['clientAuth', 'serverAuth'],
+  service: ['clientAuth'],
 };
-
-/** X.509's upper bound for a common name (RFC 5280 ub-common-name). */
-const MAX_COMMON_NAME_LENGTH = 64;
 
 /**
  * Issues a leaf certificate in the SPIFFE X509-SVID profile from the PKI in `opts.dir`,
- * generating a new key pair: exactly one URI SAN (the SPIFFE ID) plus, for brokers, DNS/IP
+ * generating a new key pair: an empty subject (no CN a hostname check could fall back to) and a
+ * critical subjectAltName with exactly one URI SAN (the SPIFFE ID) plus, for brokers, DNS/IP
  * SANs; CA=false; keyUsage digitalSignature (plus keyEncipherment for RSA); EKU by role;
  * 128-bit random serial; notBefore one minute in the past.
  *
@@ -94,7 +99,7 @@ export async function issueCertificate(opts: IssueOptions): Promise<IssuedCertif
 /** A validated leaf request. */
 export interface LeafRequest {
   readonly role: Role;
-  /** As given ('' allowed for brokers). */
+  /** The name in the SPIFFE ID (for brokers, the given one or the default). */
   readonly name: string;
   readonly dns: readonly string[];
   readonly ip: readonly string[];
@@ -113,8 +118,11 @@ export function validateLeafRequest(opts: { dir: string; role: Role; name: strin
     if (dns.length === 0 && ip.length === 0) {
       throw new PkiError('dns: a broker certificate needs at least one DNS name (--dns) or IP address (--ip)');
     }
-    // Brokers share one SPIFFE ID; a name is optional and only checked so typos surface.
-    if (opts.name !== undefined && opts.name !== '') assertName(opts.name);
+    const name = opts.name === undefined || opts.name === '' ? defaultBrokerName(dns, ip) : opts.name;
+    assertName(name);
+    const ttlMs = opts.ttlMs ?? DEFAULT_LEAF_TTL_MS;
+    assertPositiveMs(ttlMs, 'ttlMs');
+    return { role, name, dns, ip, ttlMs };
   } else {
     if (opts.name === undefined || opts.name === '') throw new PkiError(`name: is required for role ${role}`);
     assertName(opts.name);
@@ -167,7 +175,6 @@ export async function signLeaf(
       issuerDer: caSubjectDer,
       notBefore,
       notAfter,
-      commonName: commonName(role, request.name, request.dns, request.ip),
       spkiDer: publicKey.spkiDer,
       // TLS 1.2 RSA key exchange encrypts to the certificate key, which needs keyEncipherment.
       keyEncipherment: publicKey.keyAlgorithm === 'rsa-2048',
@@ -187,7 +194,7 @@ export async function signLeaf(
   await appendIssuedLeaf(pki.dir, {
     serialHex,
     role,
-    name: role === 'broker' ? 'broker' : request.name,
+    name: request.name,
     issuerCaId: ca.record.id,
     issuedAt: new Date(nowMs).toISOString(),
     notBefore: notBefore.toISOString(),
@@ -220,14 +227,15 @@ function afterAgentRevocation(revocations: RevocationList, agentId: string, notB
 }
 
 /**
- * Subject CN: the agent/service name; for a broker its first DNS name, else its first IP.
- * A DNS name longer than X.509 allows in a CN falls back to 'broker' (the SANs carry the
- * real names; nothing in Burrow reads the CN).
+ * A broker's name when none is given: its first DNS name, else its first IP address, when that
+ * is a valid name (a DNS name is, up to 64 characters; an IPv4 address is; an IPv6 one is not).
+ * Two brokers whose certificates list the same first name share an id: give each its own --name.
  */
-function commonName(role: Role, name: string, dns: readonly string[], ip: readonly string[]): string {
-  if (role !== 'broker') return name;
-  const first = dns[0] ?? ip[0] ?? 'broker';
-  return first.length <= MAX_COMMON_NAME_LENGTH ? first : 'broker';
+function defaultBrokerName(dns: readonly string[], ip: readonly string[]): string {
+  const first = dns[0] ?? ip[0] ?? '';
+  if (isValidId(first)) return first;
+  throw new PkiError(`name: a broker needs a name (its broker id); its first DNS name or IP address '${first}' `
+    + 'is not one: give --name');
 }
 
 function unique<T>(items: readonly T[]): T[] {

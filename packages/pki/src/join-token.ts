@@ -21,6 +21,7 @@
 import { createHash, randomBytes, timingSafeEqual, X509Certificate } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
+import { idProblem } from '@burrow/tunnel/dist/ids';
 import { writeFileAtomic } from './atomic-write';
 import { loadPki, serverSigningCaIdOf, type LoadedPki } from './pki-dir';
 import { PkiError } from './pki-error';
@@ -183,6 +184,14 @@ export async function consumeJoinToken(opts: { dir: string; token: string; nowMs
   }
   if (!secretMatches(stored, parsed.secret)) {
     throw new EnrollmentError('unknown', `token: unknown ${name}: its secret does not match`);
+  }
+  // A token file edited (or written by an older release) with an id outside the grammar must not
+  // be burnt for a certificate signCsr would refuse anyway: say so before consuming it.
+  const idIssue = idProblem(stored.agentId);
+  if (idIssue !== undefined) {
+    const shown = String(stored.agentId).slice(0, 80);
+    const grammar = idIssue.replace(/ \(got .*$/s, '');
+    throw new EnrollmentError('malformed', `token: ${name} names agent id "${shown}", which ${grammar}`);
   }
   if ((await loadRevocations(absDir)).isAgentBanned(stored.agentId)) {
     throw new EnrollmentError('banned', `token: ${name} is for agent "${stored.agentId}", which is banned`);

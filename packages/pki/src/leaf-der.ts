@@ -24,7 +24,6 @@ export interface LeafTemplate {
   readonly issuerDer: Uint8Array;
   readonly notBefore: Date;
   readonly notAfter: Date;
-  readonly commonName: string;
   /** The subject's public key, DER SubjectPublicKeyInfo. */
   readonly spkiDer: Uint8Array;
   /** keyEncipherment as well as digitalSignature (RSA subject keys). */
@@ -40,7 +39,6 @@ export interface LeafTemplate {
 const hex = (h: string): Buffer => Buffer.from(h, 'hex');
 
 const OID = {
-  commonName: hex('550403'),
   basicConstraints: hex('551d13'),
   keyUsage: hex('551d0f'),
   extKeyUsage: hex('551d25'),
@@ -73,7 +71,8 @@ export function leafTbsDer(t: LeafTemplate, caKeyAlgorithm: KeyAlgorithm): Buffe
     // BIT STRING: digitalSignature (bit 0), plus keyEncipherment (bit 2).
     extension(OID.keyUsage, true, t.keyEncipherment ? hex('030205a0') : hex('03020780')),
     extension(OID.extKeyUsage, false, tlv(0x30, ...t.extendedKeyUsages.map((u) => tlv(0x06, OID[u])))),
-    extension(OID.subjectAltName, false, tlv(0x30, ...sans)),
+    // Critical: the subject is empty, and then RFC 5280 (4.1.2.6) wants the SANs marked so.
+    extension(OID.subjectAltName, true, tlv(0x30, ...sans)),
     extension(OID.subjectKeyIdentifier, false, tlv(0x04, hex(t.subjectKeyIdHex))),
     extension(OID.authorityKeyIdentifier, false, tlv(0x30, tlv(0x80, hex(t.authorityKeyIdHex)))),
   ];
@@ -84,7 +83,8 @@ export function leafTbsDer(t: LeafTemplate, caKeyAlgorithm: KeyAlgorithm): Buffe
     SIGNATURE[caKeyAlgorithm].algorithmDer,
     t.issuerDer,
     tlv(0x30, time(t.notBefore), time(t.notAfter)),
-    tlv(0x30, tlv(0x31, tlv(0x30, tlv(0x06, OID.commonName), directoryString(t.commonName)))),
+    // An empty subject: names live in the SANs only, so no hostname check can fall back to a CN.
+    hex('3000'),
     t.spkiDer,
     tlv(0xa3, tlv(0x30, ...extensions)),
   );
@@ -114,11 +114,6 @@ function time(date: Date): Buffer {
   const iso = date.toISOString(); // YYYY-MM-DDTHH:MM:SS.sssZ
   const digits = iso.slice(0, 19).replace(/[-T:]/g, '') + 'Z';
   return date.getUTCFullYear() < 2050 ? tlv(0x17, Buffer.from(digits.slice(2), 'ascii')) : tlv(0x18, Buffer.from(digits, 'ascii'));
-}
-
-/** PrintableString when every character allows it, else UTF8String (@peculiar/x509's choice). */
-function directoryString(text: string): Buffer {
-  return /^[A-Za-z0-9 '()+,\-./:=?]*$/.test(text) ? tlv(0x13, Buffer.from(text, 'ascii')) : tlv(0x0c, Buffer.from(text, 'utf8'));
 }
 
 /** The 4 or 16 bytes of a validated IPv4 or IPv6 address. */

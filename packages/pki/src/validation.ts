@@ -1,4 +1,6 @@
 import { isIP } from 'node:net';
+// The file, not the package index: the PKI library must not load the gRPC stack.
+import { ID_PATTERN, idProblem } from '@burrow/tunnel/dist/ids';
 import { PkiError } from './pki-error';
 
 /** The kinds of workload Burrow issues certificates to. */
@@ -8,15 +10,10 @@ export type Role = 'broker' | 'agent' | 'service';
 export const ROLES: readonly Role[] = ['broker', 'agent', 'service'];
 
 /**
- * Agent and service names: 1-64 characters, lower-case letters, digits, '.', '_' and '-',
- * starting and ending with a letter or digit.
- *
- * Lower case only because the name becomes a SPIFFE ID path segment, and those compare
- * case-sensitively: allowing 'Site-A' next to 'site-a' would mint two identities that an
- * operator reads as one. 64 is the X.509 upper bound for a common name, which the name also is.
- * The first/last-character rule rules out '.' and '..', which SPIFFE forbids as segments.
+ * Agent, service and broker names: Burrow's one id grammar, defined in @burrow/tunnel (ids.ts) and
+ * shared with the identity parser, so that nothing the PKI refuses can be accepted at a listener.
  */
-export const NAME_PATTERN = /^[a-z0-9]([a-z0-9._-]{0,62}[a-z0-9])?$/;
+export const NAME_PATTERN = ID_PATTERN;
 
 /** One DNS label: letters, digits and inner hyphens, at most 63 characters (RFC 1123). */
 const DNS_LABEL = '[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?';
@@ -31,11 +28,8 @@ export function assertRole(value: unknown, field = 'role'): asserts value is Rol
 
 /** Throws a PkiError unless `value` matches {@link NAME_PATTERN}. */
 export function assertName(value: unknown, field = 'name'): asserts value is string {
-  if (typeof value !== 'string' || !NAME_PATTERN.test(value)) {
-    throw new PkiError(
-      `${field}: must be 1-64 lower-case letters, digits, '.', '_' or '-', starting and ending with a letter or digit (got '${String(value)}')`,
-    );
-  }
+  const problem = idProblem(value);
+  if (problem !== undefined) throw new PkiError(`${field}: ${problem}`);
 }
 
 /**

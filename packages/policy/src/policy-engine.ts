@@ -193,7 +193,7 @@ export class PolicyEngine extends EventEmitter {
       checkInputBounds(input);
     } catch (err) {
       // Not canonicalized for the audit hash: that would cost what the bounds are there to avoid.
-      this.finish(startNs, 'error', [], false, '<request over bounds>', opts.caller, (err as Error).message);
+      this.finish(startNs, 'error', [], false, '<request over bounds>', opts, (err as Error).message);
       throw err;
     }
     try {

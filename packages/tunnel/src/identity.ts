@@ -1,4 +1,5 @@
 import { X509Certificate } from 'node:crypto';
+import { ID_GRAMMAR, isValidId } from './ids';
 
 /** The three kinds of certificate holder in Burrow. */
 export type PeerRole = 'agent' | 'broker' | 'service';
@@ -7,7 +8,7 @@ export type PeerRole = 'agent' | 'broker' | 'service';
 export interface PeerIdentity {
   trustDomain: string;
   role: PeerRole;
-  /** Agent id or service name; `broker` for brokers. */
+  /** Agent id, service name or broker name (the broker's id): the last segment of the SPIFFE id. */
   name: string;
   spiffeId: string;
   /** Certificate expiry, ms since the epoch; the broker closes tunnels whose peer cert expired. */
@@ -17,14 +18,56 @@ export interface PeerIdentity {
   serialHex: string;
 }
 
-const SPIFFE = /^spiffe:\/\/([a-z0-9.-]+)\/(agent|service)\/([A-Za-z0-9._-]+)$|^spiffe:\/\/([a-z0-9.-]+)\/broker$/;
+// spiffe://<trust domain>/<role>/<name>; the name is checked against the id grammar (ids.ts).
+const SPIFFE = /^spiffe:\/\/([a-z0-9.-]+)\/(agent|service|broker)\/([^/]*)$/;
 
-/** Parses one SPIFFE id of a Burrow role; undefined when it is not one. */
+/**
+ * Parses one SPIFFE id of a Burrow role, `spiffe://<td>/{agent,service,broker}/<name>`; undefined
+ * when it is not one, including when the name breaks the id grammar ({@link spiffeIdProblem} says
+ * why). Brokers name themselves like the other roles: an id without a name (`.../broker`, which
+ * every broker once shared) is refused, so a peer cannot pass for a broker by role alone.
+ */
 export function parseSpiffeId(uri: string): Omit<PeerIdentity, 'notAfterMs' | 'notBeforeMs' | 'serialHex'> | undefined {
   const m = SPIFFE.exec(uri);
-  if (!m) return undefined;
-  if (m[4] !== undefined) return { trustDomain: m[4], role: 'broker', name: 'broker', spiffeId: uri };
+  if (!m || !isValidId(m[3])) return undefined;
   return { trustDomain: m[1]!, role: m[2] as PeerRole, name: m[3]!, spiffeId: uri };
+}
+
+/** Why `uri` is not a Burrow SPIFFE id, or undefined when it is one. */
+export function spiffeIdProblem(uri: string): string | undefined {
+  if (parseSpiffeId(uri)) return undefined;
+  const shown = uri.length > 120 ? `${uri.slice(0, 120)}… (${uri.length} characters)` : uri;
+  const m = SPIFFE.exec(uri);
+  if (m) return `${shown}: the name breaks the id grammar (${ID_GRAMMAR})`;
+  return `${shown} is not spiffe://<trust-domain>/{agent,service,broker}/<name>`;
+}
+
+/** The URI SANs of a certificate, as Node prints them. */
+export function uriSansOf(cert: X509Certificate): string[] {
+  return (cert.subjectAltName ?? '')
+    .split(', ')
+    .filter((s) => s.startsWith('URI:'))
+    .map((s) => s.slice(4));
+}
+
+/**
+ * Why a certificate (DER) has no Burrow identity, for one-line refusals naming what the peer
+ * presented; undefined when it has one.
+ */
+export function certificateIdentityProblem(der: Buffer): string | undefined {
+  let cert: X509Certificate;
+  try {
+    cert = new X509Certificate(der);
+  } catch {
+    return 'the certificate cannot be parsed';
+  }
+  const uris = uriSansOf(cert);
+  if (uris.length === 0) return 'the certificate has no URI SAN (a Burrow SPIFFE id)';
+  if (uris.length > 1) {
+    return `the certificate has ${uris.length} URI SANs (${uris.join(', ').slice(0, 300)}); Burrow needs exactly one`;
+  }
+  const problem = spiffeIdProblem(uris[0]!);
+  return problem === undefined ? undefined : `its URI SAN ${problem}`;
 }
 
 /**
@@ -39,10 +82,7 @@ export function identityOfCertificate(der: Buffer): PeerIdentity | undefined {
   } catch {
     return undefined;
   }
-  const uris = (cert.subjectAltName ?? '')
-    .split(', ')
-    .filter((s) => s.startsWith('URI:'))
-    .map((s) => s.slice(4));
+  const uris = uriSansOf(cert);
   if (uris.length !== 1) return undefined;
   const id = parseSpiffeId(uris[0]!);
   if (!id) return undefined;

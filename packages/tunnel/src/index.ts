@@ -13,6 +13,8 @@ export * from './errors';
 export * from './frames';
 export * from './grpc-options';
 export * from './identity';
+export * from './ids';
+export * from './broker-identity-check';
 export * from './logger';
 export * from './metadata-policy';
 export * from './originator';
