@@ -146,7 +146,7 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
       expect(metadataJson(md)).to.deep.equal({ 'burrow-agent-id': ['fuzz2'], 'user-agent': md.get('user-agent') });
     });
 
-    it('every spelling of every stripped key: one burrow-agent-id, the certificate\'s, and no injected key', async () => {
+    it('every spelling of every stripped key: one burrow-agent-id, the certificate\'s, no injected key', async () => {
       const fwd = await rogueForward();
       const entries = injectedEntries('site-a');
       const seen = nextCall(stack.platformUpstream);

@@ -527,6 +527,7 @@ export class Agent {
       metrics: this.metrics.registry,
       json: { '/brokers': () => this.brokerTargets() },
       isReady: () => !this.stopped && this.connectedBrokers > 0,
+      allowedHosts: this.config.adminAllowedHosts,
     });
     this.admin = admin;
     const i = address.lastIndexOf(':');
