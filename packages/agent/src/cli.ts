@@ -178,7 +178,11 @@ async function runEnroll(args: Args): Promise<void> {
     fail((err as Error).message);
   }
   try {
-    const issued = await enroll({ broker, token: String(args.token), stateDir: String(args['state-dir']), serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined });
+    const issued = await enroll({
+      broker, token: String(args.token), stateDir: String(args['state-dir']),
+      serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
+      notice: (line) => process.stderr.write(`${PROG}: enroll: ${line}\n`),
+    });
     process.stdout.write(`enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run --broker ${broker} --state-dir ${String(args['state-dir'])}\n`);
     process.exit(0);
   } catch (err) {
