@@ -165,6 +165,48 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
     });
   });
 
+  describe('platform -> site responses: a rogue agent answering a caller', () => {
+    let stack: Stack;
+    let agent: RawAgent | undefined;
+
+    before(async () => { stack = await Stack.start({ startAgent: false }); });
+    after(async () => {
+      agent?.close();
+      await stack.stop();
+    });
+
+    it('headers and trailers in every case spelling: the caller gets none of the stripped keys', async () => {
+      agent = new RawAgent(stack.agentAddress, await stack.pki.issue('agent', 'fuzz3'));
+      const session = agent.session();
+      session.hello();
+      const offer = agent.offer((await session.welcome()).sessionId);
+      const keys = ['grpc-status', 'grpc-message', 'grpc-encoding', 'content-type', 'te', 'connection',
+        'transfer-encoding', 'burrow-agent-id', 'burrow-caller-id'];
+      const injected = (): WireMetadataEntry[] => [
+        ...keys.flatMap((k) => caseSpellings(k).map((key) => ({ key, value: Buffer.from(`injected:${key}`) }))),
+        ...ILLEGAL_KEYS.map((key) => ({ key, value: Buffer.from(`injected:${key}`) })),
+        { key: 'X-Kept-Key', value: Buffer.from('kept') },
+      ];
+      const md = stack.md({}, 'fuzz3');
+      const call = stack.caller.unary(ECHO.unary, Buffer.from('ping'), md, { deadline: Date.now() + 5_000 });
+      await offer.expectNext('start');
+      while ((await offer.next()).kind !== 'halfClose');
+      offer.send({ kind: 'headers', metadata: injected() });
+      offer.send({ kind: 'message', data: Buffer.from('pong') });
+      offer.send({ kind: 'trailers', trailers: { code: Status.OK, message: '', metadata: injected() } });
+      offer.end();
+      const res = await call;
+      console.log(`      the caller got headers ${JSON.stringify(metadataJson(res.headers))}`
+        + ` trailers ${JSON.stringify(metadataJson(res.status.metadata))}`);
+      expect(res.response.toString()).to.equal('pong');
+      expect(res.status.code).to.equal(Status.OK);
+      expect(injectedValuesSeen(res.headers, 'site-a'), 'injected headers').to.deep.equal([]);
+      expect(injectedValuesSeen(res.status.metadata, 'site-a'), 'injected trailers').to.deep.equal([]);
+      expect(res.headers.get('x-kept-key')).to.deep.equal(['kept']);
+      expect(res.status.metadata.get('x-kept-key')).to.deep.equal(['kept']);
+    });
+  });
+
   describe('platform -> site: a caller against a real broker and agent', () => {
     let stack: Stack;
 
