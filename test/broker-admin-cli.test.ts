@@ -1,24 +1,10 @@
 import { expect } from 'chai';
 import { X509Certificate } from 'node:crypto';
 import { readFileSync, writeFileSync } from 'node:fs';
-import * as http from 'node:http';
 import * as path from 'node:path';
 import { freePort } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { BROKER_CLI, httpGet, killAll, runCli, startAgent, startBroker, type BurrowProcess } from './helpers/processes';
-
-/** A plain HTTP request to an admin listener, with any method and headers. */
-function request(url: string, method: string, headers: Record<string, string> = {}): Promise<{ status: number; body: string }> {
-  return new Promise((resolve, reject) => {
-    const req = http.request(url, { method, headers, agent: false, timeout: 5_000 }, (res) => {
-      let body = '';
-      res.setEncoding('utf8').on('data', (c: string) => { body += c; }).on('end', () => resolve({ status: res.statusCode ?? 0, body }));
-    });
-    req.on('timeout', () => req.destroy(new Error(`${method} ${url} timed out`)));
-    req.on('error', reject);
-    req.end();
-  });
-}
+import { BROKER_CLI, httpGet, httpRequest as request, killAll, runCli, startAgent, startBroker, type BurrowProcess } from './helpers/processes';
 
 /**
  * `burrow-broker agents list|show|disconnect` and `burrow-broker status` against real broker and

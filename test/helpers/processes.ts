@@ -193,6 +193,19 @@ export function liveProcessCount(): number { return live.size; }
 // Last resort if mocha itself dies: never leave a broker behind.
 process.on('exit', () => { for (const p of live) { try { p.child.kill('SIGKILL'); } catch { /* gone */ } } });
 
+/** A plain HTTP request to an admin listener, with any method and headers (`host` included). */
+export function httpRequest(url: string, method: string, headers: Record<string, string> = {}): Promise<{ status: number; body: string }> {
+  return new Promise((resolve, reject) => {
+    const req = http.request(url, { method, headers, agent: false, timeout: 5_000 }, (res) => {
+      let body = '';
+      res.setEncoding('utf8').on('data', (c: string) => { body += c; }).on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+    });
+    req.on('timeout', () => req.destroy(new Error(`${method} ${url} timed out`)));
+    req.on('error', reject);
+    req.end();
+  });
+}
+
 /** GET on a plain-HTTP admin listener: status and body. */
 export function httpGet(url: string, timeoutMs = 5_000): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {

@@ -38,6 +38,11 @@ export interface AgentConfig {
   localTls?: LocalTlsConfig;
   /** HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz); off when unset. */
   adminListen?: string;
+  /**
+   * Host names the admin listener answers to besides `localhost`, IP addresses and its own address
+   * (--admin-allowed-host); any other `Host` or `Origin` is refused with 403. Default none.
+   */
+  adminAllowedHosts?: string[];
   /** Idle tunnel streams kept open per broker connection. */
   minIdleOffers: number;
   /** Most tunnel streams (idle + busy) per broker connection: the agent's concurrency limit. */

@@ -14,6 +14,7 @@ import type { AgentConfig } from './agent-config';
 import { AgentMetrics } from './agent-metrics';
 import { Backoff } from './backoff';
 import { PolicyEngine } from '@burrow/policy';
+import { describeTightened, securePrivateDir } from '@burrow/pki';
 import { TokenVerifier } from './authn/token-verifier';
 import { BuiltinServices } from './builtin-services';
 import { BrokerConnection } from './broker-connection';
@@ -128,7 +129,14 @@ export class Agent {
       this.tls, this.tls, { checkServerIdentity: brokerIdentityCheck(this.trustDomain) },
     );
     this.updateExpiryMetric();
-    if (this.config.stateDir) this.startStateDir(this.config.stateDir);
+    if (this.config.stateDir) {
+      // The state directory holds the agent's key: one left group/world accessible is made 0700
+      // (or the start refused, naming it, when another user owns it).
+      const outcome = await securePrivateDir(this.config.stateDir, 'state-dir');
+      const tightened = describeTightened(outcome);
+      if (tightened) this.logger.warn(tightened, { dir: outcome.dir });
+      this.startStateDir(this.config.stateDir);
+    }
     await this.startBuiltins();
     const ports: AgentPorts = {};
     if (this.config.localListen) ports.localPort = await this.startLocalListener(this.config.localListen);
@@ -537,6 +545,7 @@ export class Agent {
       metrics: this.metrics.registry,
       json: { '/brokers': () => this.brokerTargets() },
       isReady: () => !this.stopped && this.connectedBrokers > 0,
+      allowedHosts: this.config.adminAllowedHosts,
     });
     this.admin = admin;
     const i = address.lastIndexOf(':');

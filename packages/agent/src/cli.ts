@@ -8,7 +8,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
   ConfigError, PROTOCOL_VERSIONS, runUntilSignalled, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
-  parseListenAddress, parseUpstreamRoute, requireReadableFile, type LogFormat,
+  parseAllowedHosts, parseListenAddress, parseUpstreamRoute, requireReadableFile, type LogFormat,
 } from '@burrow/tunnel';
 import { existsSync } from 'node:fs';
 import { Agent } from './agent';
@@ -35,6 +35,11 @@ const RUN_OPTIONS = {
   'local-tls-key': { type: 'string', describe: 'PEM file: key of the local listener' },
   'local-ca': { type: 'string', describe: 'PEM file: CA of site clients; when set, the local listener requires client certificates' },
   'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)' },
+  'admin-allowed-host': {
+    type: 'string', array: true,
+    describe: 'host name the admin listener answers to besides localhost, IP addresses and its own address '
+      + '(repeatable; other Host or Origin headers get 403: DNS rebinding)',
+  },
   'min-idle-streams': { type: 'number', describe: 'idle tunnel streams kept open per broker', default: AGENT_DEFAULTS.minIdleOffers },
   'max-streams': { type: 'number', describe: 'most tunnel streams per broker (concurrent calls)', default: AGENT_DEFAULTS.maxOffers },
   'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
@@ -104,6 +109,7 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     localListen,
     localTls: localTlsCert && localTlsKey ? { certFile: localTlsCert, keyFile: localTlsKey, caFile: args['local-ca'] ? requireReadableFile('local-ca', args['local-ca']) : undefined } : undefined,
     adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
+    adminAllowedHosts: parseAllowedHosts('admin-allowed-host', args['admin-allowed-host']),
     minIdleOffers,
     maxOffers,
     maxBrokers,
@@ -172,7 +178,11 @@ async function runEnroll(args: Args): Promise<void> {
     fail((err as Error).message);
   }
   try {
-    const issued = await enroll({ broker, token: String(args.token), stateDir: String(args['state-dir']), serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined });
+    const issued = await enroll({
+      broker, token: String(args.token), stateDir: String(args['state-dir']),
+      serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
+      notice: (line) => process.stderr.write(`${PROG}: enroll: ${line}\n`),
+    });
     process.stdout.write(`enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run --broker ${broker} --state-dir ${String(args['state-dir'])}\n`);
     process.exit(0);
   } catch (err) {

@@ -1,9 +1,8 @@
 import { X509Certificate } from 'node:crypto';
-import { mkdirSync } from 'node:fs';
 import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { Client, Metadata, credentials, status as Status, type ServiceError } from '@grpc/grpc-js';
-import { caPinOf, createCsr, parseJoinToken, writeIssued } from '@burrow/pki';
+import { caPinOf, createCsr, describeTightened, parseJoinToken, writeIssued } from '@burrow/pki';
 import {
   BurrowError, ENROLLMENT_SERVICE, brokerIdentityCheck, type EnrollRequest, type IssuedAgentCertificate,
 } from '@burrow/tunnel';
@@ -17,6 +16,8 @@ export interface EnrollOptions {
   /** TLS name to expect in the broker certificate (default: the host of `broker`). */
   serverName?: string;
   timeoutMs?: number;
+  /** Called with a one-line notice, e.g. that the state directory was tightened to 0700. */
+  notice?: (line: string) => void;
 }
 
 function splitHostPort(address: string): { host: string; port: number } {
@@ -81,8 +82,11 @@ export async function enroll(opts: EnrollOptions): Promise<IssuedAgentCertificat
         (err: ServiceError | null, res?: IssuedAgentCertificate) => (err ? reject(new BurrowError(err.code, err.details, err)) : resolve(res!)),
       );
     });
-    mkdirSync(opts.stateDir, { recursive: true, mode: 0o700 });
-    await writeIssued(opts.stateDir, { certPem: issued.certificateChainPem, keyPem, caPem: issued.trustBundlePem } as Parameters<typeof writeIssued>[1]);
+    // writeIssued creates the state directory 0700, or tightens an existing looser one.
+    const files = { certPem: issued.certificateChainPem, keyPem, caPem: issued.trustBundlePem };
+    const dir = await writeIssued(opts.stateDir, files);
+    const tightened = describeTightened(dir);
+    if (tightened) opts.notice?.(tightened);
     await writeState(opts.stateDir, { agentId: issued.agentId, spiffeId: issued.spiffeId, bundleVersion: issued.bundleVersion, enrolledAt: new Date().toISOString(), broker: opts.broker });
     return issued;
   } finally {

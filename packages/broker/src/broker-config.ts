@@ -14,6 +14,11 @@ export interface BrokerConfig {
    * --admin-token-file. Without it they are served only on a loopback admin listener.
    */
   adminToken?: string;
+  /**
+   * Host names the admin listener answers to besides `localhost`, IP addresses and its own address
+   * (--admin-allowed-host); any other `Host` or `Origin` is refused with 403. Default none.
+   */
+  adminAllowedHosts?: string[];
   /** Serving certificate and key; unset with `pkiDir`: the broker issues and renews its own. */
   tlsCertFile?: string;
   tlsKeyFile?: string;

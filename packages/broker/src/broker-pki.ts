@@ -1,7 +1,7 @@
 import { status as Status, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
-  EnrollmentError, PkiError, consumeJoinToken, issueCertificate, loadPki, loadRevocations, recordAgentState, signCsr,
-  trustBundle, type RevocationList,
+  EnrollmentError, PkiError, consumeJoinToken, describeTightened, issueCertificate, loadPki, loadRevocations,
+  recordAgentState, securePkiDir, signCsr, trustBundle, type RevocationList,
 } from '@burrow/pki';
 import {
   identityOfPeerCertificate, splitPemCertificates, type CredentialStore, type EnrollRequest,
@@ -115,6 +115,11 @@ export class BrokerPki {
    * TLS material for the broker's listeners.
    */
   async load(): Promise<{ caPem: string; certPem?: string; keyPem?: string }> {
+    // The directory holds the CA keys: one left group/world accessible is made 0700 (or refused
+    // when another user owns it) before anything is read from it.
+    for (const outcome of await securePkiDir(this.opts.dir, 'pki-dir')) {
+      this.opts.logger.warn(describeTightened(outcome)!, { dir: outcome.dir });
+    }
     await loadPki(this.opts.dir); // fails early, naming the directory, when it is not a PKI
     this.bundle = await trustBundle(this.opts.dir);
     this.revocations = await loadRevocations(this.opts.dir);

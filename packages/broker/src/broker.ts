@@ -320,6 +320,7 @@ export class Broker {
       const admin = createAdminServer({
         metrics: this.metrics.registry, json: { '/agents': () => this.registry.summaries() }, isReady: () => this.started && !this.draining,
         routes: brokerAdminRoutes(this, this.logger), mutations: { token: this.config.adminToken },
+        allowedHosts: this.config.adminAllowedHosts,
       });
       this.admin = admin;
       adminPort = await listen(admin, this.config.adminListen);

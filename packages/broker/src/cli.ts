@@ -10,7 +10,7 @@ import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
   ConfigError, runUntilSignalled, PROTOCOL_VERSIONS, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
-  parseUpstreamRoute, requireReadableFile, idProblem, type LogFormat,
+  parseAllowedHosts, parseUpstreamRoute, requireReadableFile, idProblem, type LogFormat,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
 import { BROKER_DEFAULTS, DEFAULT_ADMIN_ADDRESS, type BrokerConfig } from './broker-config';
@@ -25,6 +25,11 @@ const SERVE_OPTIONS = {
   'api-listen': { type: 'string', describe: 'HOST:PORT where callers send calls for agents (mTLS)', default: '0.0.0.0:8443' },
   'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when empty' },
   'admin-token-file': { type: 'string', describe: 'file holding a secret (16+ characters) that POST /agents/<id>/disconnect must carry as Authorization: Bearer; without it mutating admin requests work only on a loopback admin listener' },
+  'admin-allowed-host': {
+    type: 'string', array: true,
+    describe: 'host name the admin listener answers to besides localhost, IP addresses and its own address '
+      + '(repeatable; other Host or Origin headers get 403: DNS rebinding)',
+  },
   'tls-cert': { type: 'string', describe: 'PEM file: the broker certificate, then its chain (optional with --pki-dir: the broker issues its own)' },
   'tls-key': { type: 'string', describe: 'PEM file: the broker private key' },
   ca: { type: 'string', describe: 'PEM file: CA certificates that sign agents and callers (default with --pki-dir: its trust bundle)' },
@@ -120,6 +125,7 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     agentListen: parseListenAddress('agent-listen', args['agent-listen']),
     apiListen: parseListenAddress('api-listen', args['api-listen']),
     adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
+    adminAllowedHosts: parseAllowedHosts('admin-allowed-host', args['admin-allowed-host']),
     adminToken: args['admin-token-file'] ? readAdminToken('admin-token-file', String(args['admin-token-file'])) : undefined,
     tlsCertFile,
     tlsKeyFile,

@@ -22,7 +22,7 @@
  *
  * This is the only module of the package that reads process.argv or process.env.
  */
-import { readFileSync } from 'node:fs';
+import { promises as fs, readFileSync } from 'node:fs';
 import * as path from 'node:path';
 import yargs, { type Argv, type Options } from 'yargs';
 import { DEFAULT_TRUST_DOMAIN, initPki } from './certificate-authority';
@@ -31,6 +31,7 @@ import { issueCertificate, writeIssued, ISSUED_FILES } from './issue';
 import { DEFAULT_KEY_ALGORITHM, KEY_ALGORITHMS, type KeyAlgorithm } from './key-algorithm';
 import { loadPki } from './pki-dir';
 import { PkiError } from './pki-error';
+import { describeTightened, securePkiDir, type PrivateDirOutcome } from './private-dir';
 import { ROLES, type Role } from './validation';
 import { checkPki, DEFAULT_WARN_DAYS } from './check';
 import { validLeavesOf } from './issued-log';
@@ -106,8 +107,16 @@ function packageVersion(): string {
   }
 }
 
+/** Reports a directory tightened to 0700 on stderr: stdout stays the command's one summary line. */
+function reportTightened(outcome: PrivateDirOutcome): void {
+  const line = describeTightened(outcome);
+  if (line) process.stderr.write(`${PROGRAM}: ${line}\n`);
+}
+
 async function runInit(argv: Record<string, unknown>): Promise<void> {
   const dir = single(argv, 'dir')!;
+  // init makes an existing (empty) directory 0700 itself; say so when it was looser.
+  const modeBefore = await fs.stat(dir).then((st) => st.mode & 0o777, () => undefined);
   await initPki({
     dir,
     trustDomain: single(argv, 'trust-domain'),
@@ -115,6 +124,9 @@ async function runInit(argv: Record<string, unknown>): Promise<void> {
     rootTtlMs: durationFlag(argv, 'root-ttl'),
     issuingTtlMs: durationFlag(argv, 'issuing-ttl'),
   });
+  if (modeBefore !== undefined && (modeBefore & 0o077) !== 0) {
+    reportTightened({ dir: path.resolve(dir), created: false, tightenedFromMode: modeBefore });
+  }
   const pki = await loadPki(dir);
   const bundle = path.join(dir, pki.manifest.trustBundleFile);
   process.stdout.write(
@@ -133,7 +145,7 @@ async function runIssue(argv: Record<string, unknown>): Promise<void> {
     ttlMs: durationFlag(argv, 'ttl'),
     keyAlgorithm: single(argv, 'key-algorithm') as KeyAlgorithm | undefined,
   });
-  await writeIssued(out, issued);
+  reportTightened(await writeIssued(out, issued));
   process.stdout.write(
     `issued ${issued.spiffeId} serial ${issued.serialHex} expires ${issued.notAfter.toISOString()} -> ${path.join(out, ISSUED_FILES.cert)}\n`,
   );
@@ -296,7 +308,9 @@ function parser(args: readonly string[]): Argv {
           .option('ip', flag('ip', { describe: 'IP address SAN, repeatable (broker only)', array: true }))
           .option('ttl', flag('ttl', { describe: 'lifetime, e.g. 90s, 15m, 24h, 7d, 1h30m (default 24h)' }))
           .option('key-algorithm', keyAlgorithmFlag('key algorithm (default: the PKI\'s)'))
-          .option('out', flag('out', { describe: 'output directory, created 0700', demandOption: true })),
+          .option('out', flag('out', {
+            describe: 'output directory, created 0700 (an existing one is tightened to 0700)', demandOption: true,
+          })),
       runIssue,
     )
     .command('token', 'manage join tokens', (y) =>
@@ -347,6 +361,12 @@ function parser(args: readonly string[]): Argv {
       (y) => y.option('dir', dirFlag).option('warn-days', flag('warn-days', { describe: `warn when fewer days are left (default ${DEFAULT_WARN_DAYS})` })),
       runCheck,
     )
+    .middleware(async (argv) => {
+      // Every command but init works on an existing PKI directory: one left group/world
+      // accessible (copied, unpacked, chmod'ed) is tightened before the command reads its keys.
+      if (argv._[0] === 'init' || typeof argv.dir !== 'string') return;
+      for (const outcome of await securePkiDir(argv.dir)) reportTightened(outcome);
+    })
     .demandCommand(1, 'a command is required: init, issue, token, rotate, revoke, crl or check')
     .strict()
     .version(packageVersion())

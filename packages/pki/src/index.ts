@@ -4,6 +4,9 @@
  * revoke certificates and check expiry. See pki-dir.ts for the on-disk layout.
  */
 export { PkiError } from './pki-error';
+export {
+  securePrivateDir, securePkiDir, describeTightened, formatMode, type PrivateDirOutcome,
+} from './private-dir';
 export { parseDuration } from './duration';
 export { ROLES, NAME_PATTERN, type Role } from './validation';
 export { KEY_ALGORITHMS, DEFAULT_KEY_ALGORITHM, type KeyAlgorithm } from './key-algorithm';

@@ -9,6 +9,7 @@ import { loadPki, signerFor, signingMaterialOf, type LoadedPki } from './pki-dir
 import { loadRevocations, type RevocationList } from './revocation';
 import { isValidId } from '@burrow/tunnel/dist/ids';
 import { PkiError } from './pki-error';
+import { securePrivateDir, type PrivateDirOutcome } from './private-dir';
 import { randomSerialHex } from './serial-number';
 import { spiffeIdFor } from './spiffe-id';
 import { assertIpAddress, assertName, assertPositiveMs, assertRole, normalizeDnsName, type Role } from './validation';
@@ -247,22 +248,22 @@ export const ISSUED_FILES = { cert: 'tls.crt', key: 'tls.key', ca: 'ca.crt' } as
 
 /**
  * Writes an issued certificate to `outDir`: `tls.crt` (leaf + issuing CA), `tls.key` (0600)
- * and `ca.crt` (trust bundle). Creates `outDir` with mode 0700 if missing (an existing
- * directory keeps its mode). Each file is replaced atomically.
+ * and `ca.crt` (trust bundle). Creates `outDir` with mode 0700 if missing and tightens an
+ * existing group/world accessible one to 0700 (see {@link securePrivateDir}; the outcome says
+ * whether it did, for the caller to report). Each file is replaced atomically.
  *
  * Order matters for processes that reload on change: the bundle first (peers must trust a
  * new CA before anything presents a certificate from it), then the key, then the certificate
  * last, because watchers usually key on tls.crt.
  */
-export async function writeIssued(outDir: string, issued: Pick<IssuedCertificate, 'certPem' | 'keyPem' | 'caPem'>): Promise<void> {
+export async function writeIssued(
+  outDir: string, issued: Pick<IssuedCertificate, 'certPem' | 'keyPem' | 'caPem'>,
+): Promise<PrivateDirOutcome> {
   if (typeof outDir !== 'string' || outDir === '') throw new PkiError('out: is required');
-  const absDir = path.resolve(outDir);
-  try {
-    await fs.mkdir(absDir, { recursive: true, mode: 0o700 });
-  } catch (err) {
-    throw new PkiError(`out: cannot create ${outDir} (${(err as Error).message})`, { cause: err });
-  }
+  const outcome = await securePrivateDir(outDir, 'out');
+  const absDir = outcome.dir;
   await writeFileAtomic(path.join(absDir, ISSUED_FILES.ca), issued.caPem, { mode: 0o644 });
   await writeFileAtomic(path.join(absDir, ISSUED_FILES.key), issued.keyPem, { mode: 0o600 });
   await writeFileAtomic(path.join(absDir, ISSUED_FILES.cert), issued.certPem, { mode: 0o644 });
+  return outcome;
 }

@@ -44,6 +44,12 @@ export interface AdminSources {
   mutations?: AdminMutationPolicy;
   /** False while starting or draining: /readyz answers 503. */
   isReady(): boolean;
+  /**
+   * Host names (lowercase, no port) the listener answers to besides the ones always allowed:
+   * `localhost`, IP literals and the bound address (see {@link refuseHost}). The operator's
+   * `--admin-allowed-host`; default none.
+   */
+  allowedHosts?: readonly string[];
 }
 
 /** Largest request body a mutating route accepts (a JSON object with a reason). */
@@ -55,6 +61,55 @@ export function isLoopbackAddress(address: string): boolean {
   if (a === '::1' || a === 'localhost') return true;
   const v4 = a.startsWith('::ffff:') ? a.slice(7) : a;
   return isIP(v4) === 4 && v4.startsWith('127.');
+}
+
+/**
+ * The host part of a `Host` header or an origin's host (`name`, `name:port`, `[v6]:port`),
+ * lowercased, without brackets or a trailing dot; undefined when it is not of that form.
+ */
+function hostOf(value: string): string | undefined {
+  const m = /^(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::\d{1,5})?$/.exec(value.trim());
+  if (!m) return undefined;
+  return m[1]!.replace(/^\[|\]$/g, '').replace(/\.$/, '').toLowerCase();
+}
+
+/**
+ * Why a request's `Host` or `Origin` is refused, or undefined when both are allowed. A DNS
+ * rebinding page reaches the listener under the attacker's own name, and the browser sends that
+ * name as `Host`: so only names the operator listed, `localhost` and the bound address are
+ * allowed. Any IP literal is allowed too: no rebinding can produce one (the browser would treat
+ * it as its own origin), and Prometheus and probes often scrape by an address the process does
+ * not see as its own (NAT, container port mapping). An `Origin` (sent by browsers on
+ * cross-origin requests) must name an allowed host that is not just any IP: a page on another
+ * address has no business reading the admin data.
+ */
+function refuseHost(
+  server: http.Server, req: http.IncomingMessage, allowedHosts: readonly string[],
+): string | undefined {
+  const bound = server.address();
+  const boundHost = bound && typeof bound === 'object' ? bound.address.toLowerCase() : '';
+  const named = (host: string): boolean =>
+    host === 'localhost' || host === boundHost || isLoopbackAddress(host) || allowedHosts.includes(host);
+  const how = (name: string): string => `start the listener with --admin-allowed-host ${name} to allow it`;
+  const hostHeader = req.headers.host ?? '';
+  const host = hostOf(hostHeader);
+  if (host === undefined) return `admin request refused: Host "${hostHeader}" is not a host name\n`;
+  if (!named(host) && isIP(host) === 0) {
+    return `admin request refused: Host "${host}" is not an allowed admin host; ${how(host)}\n`;
+  }
+  const origin = req.headers.origin;
+  if (origin === undefined) return undefined;
+  let originHost: string | undefined;
+  try {
+    originHost = hostOf(new URL(origin).host);
+  } catch {
+    originHost = undefined;
+  }
+  if (originHost === undefined) return `admin request refused: Origin "${origin}" names no host\n`;
+  if (!named(originHost)) {
+    return `admin request refused: Origin "${origin}" is not an allowed admin host; ${how(originHost)}\n`;
+  }
+  return undefined;
 }
 
 function tokenMatches(header: string | undefined, token: string): boolean {
@@ -121,7 +176,8 @@ function readBody(req: http.IncomingMessage): Promise<unknown> {
  * The admin HTTP listener: `/metrics` (Prometheus), `/healthz` (the process is alive), `/readyz`
  * (it takes new work), the JSON routes its owner adds, and {@link AdminRoute}s. Plain HTTP: bind
  * it to loopback or a management network. Read-only routes are open to whoever reaches the
- * listener; mutating ones follow {@link AdminMutationPolicy}.
+ * listener under an allowed `Host` (a DNS-rebinding defence, see {@link AdminSources.allowedHosts}:
+ * others get 403 and a one-line reason); mutating ones also follow {@link AdminMutationPolicy}.
  */
 export function createAdminServer(sources: AdminSources): http.Server {
   const server = http.createServer((req, res) => {
@@ -131,6 +187,9 @@ export function createAdminServer(sources: AdminSources): http.Server {
       res.end(body);
     };
     const sendJson = (r: AdminResponse): void => send(r.status, 'application/json', JSON.stringify(r.body, null, 2) + '\n');
+    // Checked before anything else, on every route: reads expose agent ids, addresses and paths.
+    const hostRefusal = refuseHost(server, req, sources.allowedHosts ?? []);
+    if (hostRefusal) return send(403, 'text/plain', hostRefusal);
     const method = req.method === 'HEAD' ? 'GET' : req.method;
     for (const route of sources.routes ?? []) {
       const m = route.pattern.exec(url);

@@ -3,10 +3,10 @@ import type { CallOutcome } from './call-outcome';
 import type { CallStream } from './call-stream';
 import { identity } from './grpc-server-hooks';
 import type { StartFrame } from './frames';
-import { requestMetadataFromWire, responseMetadataToWire } from './metadata-policy';
+import { requestMetadataFromWire, responseMetadataToWire, setOwnedMetadata } from './metadata-policy';
 
 export interface AnswerOptions {
-  /** Extra request metadata the answerer adds, e.g. the calling agent's verified id. */
+  /** Request metadata the answerer sets, replacing any value the peer sent: e.g. the calling agent's verified id. */
   extraMetadata?: Metadata;
 }
 
@@ -25,7 +25,7 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
     let readEnded = false;
 
     const metadata = requestMetadataFromWire(start.metadata);
-    if (opts.extraMetadata) metadata.merge(opts.extraMetadata);
+    if (opts.extraMetadata) setOwnedMetadata(metadata, opts.extraMetadata);
     const deadline = start.timeoutMs > 0 ? Date.now() + start.timeoutMs : Infinity;
     const call: ClientDuplexStream<Buffer, Buffer> = upstream.makeBidiStreamRequest(start.method, identity, identity, metadata, { deadline });
 

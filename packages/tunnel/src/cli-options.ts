@@ -1,5 +1,6 @@
 import { X509Certificate, createPrivateKey, type KeyObject } from 'node:crypto';
 import { readFileSync } from 'node:fs';
+import { isIP } from 'node:net';
 import * as YAML from 'yaml';
 import { identityOfCertificate } from './identity';
 
@@ -49,6 +50,22 @@ export function parseListenAddress(field: string, value: unknown): string {
   const m = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/.exec(text);
   if (!m || Number(m[2]) > 65535) throw new ConfigError(field, `"${text}" is not HOST:PORT`);
   return text;
+}
+
+/**
+ * Validates the host names of a repeatable `--admin-allowed-host`: a DNS name or an IP address,
+ * without a port or wildcard (a port is never compared; a wildcard would undo the check).
+ * Returns them lowercased, without brackets or a trailing dot.
+ */
+export function parseAllowedHosts(field: string, value: unknown): string[] {
+  return asList(value).map((raw) => {
+    const host = raw.trim().replace(/^\[(.*)\]$/, '$1').replace(/\.$/, '').toLowerCase();
+    const label = '[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?';
+    if (isIP(host) === 0 && !new RegExp(`^${label}(\\.${label})*$`).test(host)) {
+      throw new ConfigError(field, `"${raw}" is not a host name or IP address (no port, no wildcard)`);
+    }
+    return host;
+  });
 }
 
 const DURATION_UNITS_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };

@@ -3,7 +3,7 @@ import type { CallOutcome } from './call-outcome';
 import type { CallStream } from './call-stream';
 import { BurrowError, toBurrowError } from './errors';
 import type { StartFrame } from './frames';
-import { requestMetadataFromWire, responseMetadataToWire } from './metadata-policy';
+import { requestMetadataFromWire, responseMetadataToWire, setOwnedMetadata } from './metadata-policy';
 
 /** What a built-in unary method learns about its call. */
 export interface LocalCallContext {
@@ -41,7 +41,7 @@ export interface LocalAnswerOptions {
 export function answerLocally(stream: CallStream, start: StartFrame, handler: LocalUnaryHandler, opts: LocalAnswerOptions): Promise<CallOutcome> {
   return new Promise((resolve) => {
     const metadata = requestMetadataFromWire(start.metadata);
-    if (opts.extraMetadata) metadata.merge(opts.extraMetadata);
+    if (opts.extraMetadata) setOwnedMetadata(metadata, opts.extraMetadata);
     const deadlineMs = start.timeoutMs > 0 ? Date.now() + start.timeoutMs : Infinity;
     const abort = new AbortController();
     let request: Buffer | undefined;

@@ -6,6 +6,11 @@ import type { WireMetadataEntry } from './frames';
  * sides, so that a caller's broker credential never reaches a site and nothing a caller sends can
  * pose as routing or identity data that Burrow sets itself. The proto's `MetadataEntry` comment
  * documents the same rules for implementers.
+ *
+ * Keys are compared after ASCII lowercasing, and a key that is not a legal gRPC metadata name
+ * even then is dropped: grpc-js and HTTP/2 lowercase names on the far side, so a check on the
+ * spelling a peer sent (`Burrow-Agent-Id`) would let the key through and it would arrive as the
+ * very key the check was meant to stop.
  */
 
 /** Routing and identity keys are all in this namespace; Burrow sets them, callers cannot. */
@@ -24,6 +29,21 @@ const REQUEST_HOP_KEYS = new Set([
 const RESPONSE_HOP_KEYS = new Set(['content-type', 'te', 'connection', 'transfer-encoding']);
 const STATUS_DETAILS_KEY = 'grpc-status-details-bin';
 
+/**
+ * A legal gRPC metadata key before lowercasing: ASCII letters, digits, `_`, `-`, `.`. Checked on
+ * the spelling received, so that no non-ASCII letter can lowercase into an ASCII one (U+212A, the
+ * Kelvin sign, lowercases to `k`) and pass as a key it was not.
+ */
+const LEGAL_KEY = /^[0-9A-Za-z_.-]+$/;
+
+/**
+ * The key as it crosses: lowercased, or undefined when it is not a legal metadata key (pseudo
+ * headers such as `:authority`, spaces, non-ASCII), which is then dropped.
+ */
+export function normalizeMetadataKey(key: string): string | undefined {
+  return LEGAL_KEY.test(key) ? key.toLowerCase() : undefined;
+}
+
 function crossesAsRequest(key: string): boolean {
   return !(key.startsWith(BURROW_PREFIX) || key.startsWith('grpc-') || key.startsWith('proxy-') || key.startsWith(':') || REQUEST_HOP_KEYS.has(key));
 }
@@ -36,9 +56,10 @@ function crossesAsResponse(key: string): boolean {
 function toWire(md: Metadata, crosses: (key: string) => boolean): WireMetadataEntry[] {
   const out: WireMetadataEntry[] = [];
   const map = md.getMap(); // only used for key order; values come from get() to keep repeats
-  for (const key of Object.keys(map)) {
-    if (!crosses(key)) continue;
-    for (const value of md.get(key)) {
+  for (const received of Object.keys(map)) {
+    const key = normalizeMetadataKey(received);
+    if (key === undefined || !crosses(key)) continue;
+    for (const value of md.get(received)) {
       out.push({ key, value: typeof value === 'string' ? Buffer.from(value, 'latin1') : value });
     }
   }
@@ -47,9 +68,11 @@ function toWire(md: Metadata, crosses: (key: string) => boolean): WireMetadataEn
 
 function fromWire(entries: readonly WireMetadataEntry[], crosses: (key: string) => boolean): Metadata {
   const md = new Metadata();
-  for (const { key, value } of entries) {
+  for (const entry of entries) {
     // Applied on receipt too: an older or misbehaving peer must not inject hop keys either.
-    if (!crosses(key)) continue;
+    const key = normalizeMetadataKey(entry.key);
+    if (key === undefined || !crosses(key)) continue;
+    const { value } = entry;
     const buf = Buffer.from(value.buffer, value.byteOffset, value.byteLength);
     try {
       if (key.endsWith('-bin')) md.add(key, buf);
@@ -77,4 +100,17 @@ export function responseMetadataToWire(md: Metadata): WireMetadataEntry[] {
 /** Response headers or trailers received from the tunnel, for the caller. */
 export function responseMetadataFromWire(entries: readonly WireMetadataEntry[]): Metadata {
   return fromWire(entries, crossesAsResponse);
+}
+
+/**
+ * Sets every key of `owned` on `md`, replacing any value `md` already holds for it. The answerer
+ * calls this for the identity keys its side owns (`burrow-agent-id` at the broker,
+ * `burrow-caller-id` at the agent): appending (`Metadata.merge`) would leave a value a peer sent
+ * first, and most servers read only the first value of a key.
+ */
+export function setOwnedMetadata(md: Metadata, owned: Metadata): void {
+  for (const key of Object.keys(owned.getMap())) {
+    md.remove(key);
+    for (const value of owned.get(key)) md.add(key, value);
+  }
 }
