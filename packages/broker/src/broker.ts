@@ -163,6 +163,8 @@ export class Broker {
   private peerServer: Server | undefined;
   private directory: AgentDirectory | undefined;
   private forwarder: PeerForwarder | undefined;
+  /** TCP sockets a listener guard closed (its handshake timed out): counted there, not as abandoned. */
+  private readonly guardClosed = new WeakSet<import('node:net').Socket>();
 
   constructor(private readonly config: BrokerConfig, private readonly logger: Logger) {
     if (!config.pkiDir && !(config.tlsCertFile && config.tlsKeyFile && config.caFile)) {
@@ -246,6 +248,8 @@ export class Broker {
     const apiPort = await bind(this.apiServer, this.config.apiListen, apiCreds);
     const onTlsError = (listener: string) => (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
       // Connections shed by the handshake cap never get here: they are never wrapped in TLS.
+      const parent = (socket as { _parent?: import('node:net').Socket } | undefined)?._parent;
+      if (parent && this.guardClosed.has(parent)) return;
       // Node reports a refused client certificate as a reset; the reason is on the socket.
       const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
       if (!reason && PEER_HANG_UPS.has(err.code ?? '')) {
@@ -353,6 +357,7 @@ export class Broker {
       handshakeTimeoutMs: this.config.handshakeTimeoutMs,
       unauthenticated,
       onClose: (socket, why) => {
+        this.guardClosed.add(socket);
         if (why === 'pending_cap') this.metrics.handshakesShed.inc();
         else this.metrics.connectionsGuarded.inc({ listener, reason: why });
         if (Date.now() - (lastLogged.get(why) ?? 0) < 1_000) return;
