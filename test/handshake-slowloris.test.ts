@@ -91,8 +91,9 @@ describe('handshake slowloris (issue 13 item 2)', function () {
     const handshakeMs = await timedHandshake(port, stack.agentCert, 'h2');
     console.log(`    agent listener: an mTLS handshake from ${CLIENT} took ${handshakeMs} ms`);
     await expectAllClosed('agent listener');
-    const guarded = (await stack.broker.metrics.connectionsGuarded.get()).values;
-    expect(guarded.find((v) => v.labels.listener === 'agent' && v.labels.reason === 'handshake_timeout')?.value).to.be.at.least(1);
+    const scrape = await (await fetch(`${stack.adminUrl}/metrics`)).text();
+    expect(scrape).to.match(/^burrow_broker_connections_guarded_total\{listener="agent",reason="handshake_timeout"\} [1-9]\d*$/m);
+    expect(scrape).to.match(/^burrow_broker_connections_guarded_total\{listener="agent",reason="address_cap"\} [1-9]\d*$/m);
   });
 
   // The listeners services call: a service certificate from CLIENT; AuthZEN speaks HTTP/1.1.
