@@ -161,7 +161,8 @@ export class BrokerPki {
     if (this.limiter.take(address)) return undefined;
     this.opts.metrics.enrollments.inc({ result: 'rate_limited' });
     this.opts.logger.warn('enrollment refused: rate limited', { source: address });
-    return { code: Status.RESOURCE_EXHAUSTED, details: `too many enrollment attempts from ${address}; try again in a minute` };
+    const details = `too many enrollment attempts from ${address}; try again in a minute`;
+    return { code: Status.RESOURCE_EXHAUSTED, details };
   }
 
   /**

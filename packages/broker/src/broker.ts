@@ -7,8 +7,10 @@ import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  cachePeerCertificates, guardConnections, identityOfCertificate, installCatchAll, observeTlsClientErrors, refuseCallsEarly, tlsServersOf, shutdownGracefully, tunnelServerOptions, upstreamChannelOptions,
-  type ConnectionGuard, type GuardedClose, type UnauthenticatedLimits, type IssuedAgentCertificate, type Logger, type RenewRequest,
+  cachePeerCertificates, guardConnections, identityOfCertificate, installCatchAll, observeTlsClientErrors,
+  refuseCallsEarly, tlsServersOf, shutdownGracefully, tunnelServerOptions, upstreamChannelOptions,
+  type ConnectionGuard, type GuardedClose, type UnauthenticatedLimits, type IssuedAgentCertificate, type Logger,
+  type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki, type BrokerPkiStatus } from './broker-pki';
 import { brokerAdminRoutes } from './broker-admin';
@@ -272,7 +274,8 @@ export class Broker {
     if (this.pki) {
       const pki = this.pki;
       // Before the body is read: a refused Enroll must not cost the broker its request.
-      refuseCallsEarly(this.agentServer, (path, address) => (path === ENROLLMENT_SERVICE.enroll.path ? pki.refuseEnrollment(address) : undefined));
+      refuseCallsEarly(this.agentServer, (path, address) =>
+        (path === ENROLLMENT_SERVICE.enroll.path ? pki.refuseEnrollment(address) : undefined));
     }
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
@@ -349,7 +352,9 @@ export class Broker {
    * and logging what they close (one line per listener and reason per second at most: a
    * slowloris or a reconnect storm closes thousands).
    */
-  private guardListener(listener: string, servers: import('node:tls').Server[], unauthenticated?: UnauthenticatedLimits): ConnectionGuard {
+  private guardListener(
+    listener: string, servers: import('node:tls').Server[], unauthenticated?: UnauthenticatedLimits,
+  ): ConnectionGuard {
     const lastLogged = new Map<GuardedClose, number>();
     const guard: ConnectionGuard = guardConnections(servers, {
       maxPending: listener === 'agent' ? this.config.maxPendingHandshakes : 0,
@@ -362,10 +367,11 @@ export class Broker {
         else this.metrics.connectionsGuarded.inc({ listener, reason: why });
         if (Date.now() - (lastLogged.get(why) ?? 0) < 1_000) return;
         lastLogged.set(why, Date.now());
+        const { maxPendingHandshakes, maxPendingHandshakesPerAddress } = this.config;
+        const { handshakeTimeoutMs, unauthenticatedTimeoutMs } = this.config;
         this.logger.warn(GUARD_MESSAGES[why], {
-          listener, peer: socket.remoteAddress, reason: why, maxPendingHandshakes: this.config.maxPendingHandshakes, shedSoFar: guard.shed(),
-          maxPendingHandshakesPerAddress: this.config.maxPendingHandshakesPerAddress, handshakeTimeoutMs: this.config.handshakeTimeoutMs,
-          unauthenticatedTimeoutMs: this.config.unauthenticatedTimeoutMs,
+          listener, peer: socket.remoteAddress, reason: why, shedSoFar: guard.shed(),
+          maxPendingHandshakes, maxPendingHandshakesPerAddress, handshakeTimeoutMs, unauthenticatedTimeoutMs,
         });
       },
     });

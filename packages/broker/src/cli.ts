@@ -148,7 +148,8 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
     idleOfferTtlMs: parseDurationMs('idle-offer-ttl', args['idle-offer-ttl']),
     maxPendingHandshakes: parseIntInRange('max-pending-handshakes', args['max-pending-handshakes'], 0, 1_000_000),
-    maxPendingHandshakesPerAddress: parseIntInRange('max-pending-handshakes-per-address', args['max-pending-handshakes-per-address'], 0, 1_000_000),
+    maxPendingHandshakesPerAddress: parseIntInRange(
+      'max-pending-handshakes-per-address', args['max-pending-handshakes-per-address'], 0, 1_000_000),
     handshakeTimeoutMs: parseTimeoutMs('handshake-timeout', args['handshake-timeout']),
     unauthenticatedTimeoutMs: parseTimeoutMs('unauthenticated-timeout', args['unauthenticated-timeout']),
     keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },

@@ -78,7 +78,8 @@ export function refuseStream(stream: http2.ServerHttp2Stream, code: Status, deta
   if (stream.destroyed || stream.closed) return;
   if (!stream.headersSent) {
     stream.respond({
-      ':status': 200, 'content-type': 'application/grpc', 'grpc-status': String(code), 'grpc-message': encodeURIComponent(details),
+      ':status': 200, 'content-type': 'application/grpc',
+      'grpc-status': String(code), 'grpc-message': encodeURIComponent(details),
     }, { endStream: true });
   }
   // NO_ERROR after a complete response (RFC 9113 §8.1): the client stops sending and keeps the status.
@@ -92,7 +93,8 @@ function capRequestBytes(stream: http2.ServerHttp2Stream, maxBytes: number): voi
     received += chunk.length;
     if (received <= maxBytes) return;
     stream.off('data', onData);
-    refuseStream(stream, Status.RESOURCE_EXHAUSTED, `request larger than ${maxBytes} bytes on a connection without a client certificate`);
+    const details = `request larger than ${maxBytes} bytes on a connection without a client certificate`;
+    refuseStream(stream, Status.RESOURCE_EXHAUSTED, details);
   };
   // Ahead of the gRPC decoder, which would otherwise buffer the chunk first. prependListener does
   // not resume a paused stream (Readable.on('data') would), so the reader keeps its flow control.
@@ -151,9 +153,10 @@ export function guardConnections(servers: Iterable<TlsServer>, opts: ConnectionG
     s.removeAllListeners('connection');
     s.on('connection', (raw: Socket) => {
       const address = raw.remoteAddress ?? '';
+      const unproven = unprovenByAddress.get(address) ?? 0;
       let refused: GuardedClose | undefined;
       if (opts.maxPending > 0 && inHandshake.size >= opts.maxPending) refused = 'pending_cap';
-      else if (opts.maxUnprovenPerAddress > 0 && (unprovenByAddress.get(address) ?? 0) >= opts.maxUnprovenPerAddress) refused = 'address_cap';
+      else if (opts.maxUnprovenPerAddress > 0 && unproven >= opts.maxUnprovenPerAddress) refused = 'address_cap';
       if (refused) {
         if (refused === 'pending_cap') shedCount++;
         opts.onClose(raw, refused);
@@ -162,7 +165,7 @@ export function guardConnections(servers: Iterable<TlsServer>, opts: ConnectionG
         return;
       }
       const t: Tracked = { address, unproven: true, closed: false };
-      unprovenByAddress.set(address, (unprovenByAddress.get(address) ?? 0) + 1);
+      unprovenByAddress.set(address, unproven + 1);
       inHandshake.add(raw);
       tracked.set(raw, t);
       raw.once('close', () => forget(raw, t));

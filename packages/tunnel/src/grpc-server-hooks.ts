@@ -1,5 +1,6 @@
 import type { Server, ServerDuplexStream, status as Status } from '@grpc/grpc-js';
 import type { Socket } from 'node:net';
+import type { IncomingHttpHeaders, ServerHttp2Stream } from 'node:http2';
 import { guardConnections, refuseStream } from './connection-guard';
 
 /** Passes message bytes through untouched: the tunnel never decodes application messages. */
@@ -146,9 +147,11 @@ export interface EarlyRefusal { code: Status; details: string }
  * trailers-only status and the stream is reset. Runs after grpc-js's own stream listener, which
  * then sees its call cancelled. Call after bindAsync.
  */
-export function refuseCallsEarly(server: Server, check: (path: string, remoteAddress: string) => EarlyRefusal | undefined): void {
+export function refuseCallsEarly(
+  server: Server, check: (path: string, remoteAddress: string) => EarlyRefusal | undefined,
+): void {
   for (const s of tlsServersOf(server)) {
-    s.on('stream', (stream: import('node:http2').ServerHttp2Stream, headers: import('node:http2').IncomingHttpHeaders) => {
+    s.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
       const refusal = check(String(headers[':path'] ?? ''), stream.session?.socket?.remoteAddress ?? '');
       if (refusal) refuseStream(stream, refusal.code, refusal.details);
     });
