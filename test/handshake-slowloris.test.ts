@@ -62,7 +62,8 @@ describe('handshake slowloris (issue 13 item 2)', function () {
   let sockets: IdleSocket[] = [];
 
   before(async () => {
-    stack = await Stack.start({ broker: { authzenListen: '127.0.0.1:0', handshakeTimeoutMs: HANDSHAKE_TIMEOUT_MS }, startAgent: false });
+    const broker = { authzenListen: '127.0.0.1:0', handshakeTimeoutMs: HANDSHAKE_TIMEOUT_MS };
+    stack = await Stack.start({ broker, startAgent: false });
   });
   afterEach(() => {
     for (const s of sockets) s.socket.destroy();
@@ -75,7 +76,8 @@ describe('handshake slowloris (issue 13 item 2)', function () {
     const delays = await Promise.all(sockets.map((s) => s.closed));
     const byTimeout = delays.filter((d) => d >= HANDSHAKE_TIMEOUT_MS / 2);
     const longest = Math.max(...delays);
-    console.log(`    ${listener}: ${SOCKETS} idle sockets from ${ATTACKER}: ${SOCKETS - byTimeout.length} reset at accept, ${byTimeout.length} closed by the handshake timeout, the last after ${longest} ms`);
+    console.log(`    ${listener}: ${SOCKETS} idle sockets from ${ATTACKER}: ${SOCKETS - byTimeout.length} reset at accept,`
+      + ` ${byTimeout.length} closed by the handshake timeout, the last after ${longest} ms`);
     expect(byTimeout.length, 'connections held in a handshake by one address').to.be.at.most(32);
     expect(longest, 'the handshake timeout closes the idle sockets').to.be.below(HANDSHAKE_TIMEOUT_MS + 3_000);
   }

@@ -25,14 +25,17 @@ function usage(pid: number): { rssMiB: number; hwmMiB: number; cpuMs: number } {
   const kib = (field: string): number => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN);
   // utime and stime, fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 per second on Linux).
   const stat = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
-  return { rssMiB: kib('VmRSS') / 1024, hwmMiB: kib('VmHWM') / 1024, cpuMs: (Number(stat[11]) + Number(stat[12])) * 10 };
+  const cpuMs = (Number(stat[11]) + Number(stat[12])) * 10;
+  return { rssMiB: kib('VmRSS') / 1024, hwmMiB: kib('VmHWM') / 1024, cpuMs };
 }
 
 /** Every attacker session, destroyed after each test (also when the test failed midway). */
 const attackerSessions: http2.ClientHttp2Session[] = [];
 
+interface AttackerSession { session: http2.ClientHttp2Session; closed: Promise<void> }
+
 /** An HTTP/2 session over TLS from ATTACKER with no client certificate. */
-function unauthenticatedSession(port: number, ca: string): Promise<{ session: http2.ClientHttp2Session; closed: Promise<void> }> {
+function unauthenticatedSession(port: number, ca: string): Promise<AttackerSession> {
   return new Promise((resolve, reject) => {
     const raw = net.connect({ port, host: '127.0.0.1', localAddress: ATTACKER });
     raw.on('error', () => {});
@@ -70,7 +73,8 @@ function enrollStream(session: http2.ClientHttp2Session, body?: Buffer): Promise
   return new Promise((resolve) => {
     let stream: http2.ClientHttp2Stream;
     try {
-      stream = session.request({ ':method': 'POST', ':path': ENROLL_PATH, 'content-type': 'application/grpc', te: 'trailers' }, { endStream: false });
+      const headers = { ':method': 'POST', ':path': ENROLL_PATH, 'content-type': 'application/grpc', te: 'trailers' };
+      stream = session.request(headers, { endStream: false });
     } catch (err) {
       resolve(`not sent: ${(err as Error).message}`);
       return;
@@ -102,8 +106,10 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
   });
   beforeEach(async () => {
     // Settings through the environment, so that the same test runs against brokers without the flag.
-    const started = await startBroker(['--pki-dir', pki.pkiDir, '--agent-listen', '0.0.0.0:0', '--api-listen', '127.0.0.1:0', '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1'],
-      { BURROW_BROKER_UNAUTHENTICATED_TIMEOUT: `${UNAUTHENTICATED_TIMEOUT_MS}ms` });
+    const started = await startBroker([
+      '--pki-dir', pki.pkiDir, '--agent-listen', '0.0.0.0:0', '--api-listen', '127.0.0.1:0',
+      '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1',
+    ], { BURROW_BROKER_UNAUTHENTICATED_TIMEOUT: `${UNAUTHENTICATED_TIMEOUT_MS}ms` });
     broker = started.proc;
     agentPort = started.ports.agentPort;
   });
@@ -120,8 +126,10 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
   async function agentConnectMs(): Promise<number> {
     const started = Date.now();
     const agent = new Agent({
-      ...AGENT_DEFAULTS, brokers: [`127.0.0.1:${agentPort}`], tlsCertFile: agentCert.cert, tlsKeyFile: agentCert.key, caFile: agentCert.ca,
-      upstreams: [{ service: '*', address: echo.address }], reconnectBaseMs: 50, reconnectMaxMs: 500, drainTimeoutMs: 1_000,
+      ...AGENT_DEFAULTS, brokers: [`127.0.0.1:${agentPort}`],
+      tlsCertFile: agentCert.cert, tlsKeyFile: agentCert.key, caFile: agentCert.ca,
+      upstreams: [{ service: '*', address: echo.address }], reconnectBaseMs: 50, reconnectMaxMs: 500,
+      drainTimeoutMs: 1_000,
     }, silentLogger());
     try {
       await agent.start();
@@ -140,7 +148,9 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     const after = usage(broker.pid);
     for (const s of sessions) s.session.destroy();
     const peakGrowth = after.hwmMiB - before.rssMiB;
-    console.log(`    16 MiB Enrolls: statuses ${[...new Set(codes)].join(',')}; broker peak RSS +${peakGrowth.toFixed(0)} MiB (${before.rssMiB.toFixed(0)} -> peak ${after.hwmMiB.toFixed(0)}), CPU ${after.cpuMs - before.cpuMs} ms`);
+    console.log(`    16 MiB Enrolls: statuses ${[...new Set(codes)].join(',')}; broker peak RSS`
+      + ` +${peakGrowth.toFixed(0)} MiB (${before.rssMiB.toFixed(0)} -> peak ${after.hwmMiB.toFixed(0)}),`
+      + ` CPU ${after.cpuMs - before.cpuMs} ms`);
     // RESOURCE_EXHAUSTED (8): the size limit of unauthenticated requests, or the rate limit.
     expect(codes.every((c) => c === '8'), codes.join(',')).to.equal(true);
     expect(peakGrowth, 'peak RSS growth, MiB').to.be.below(64);
@@ -176,7 +186,9 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     const closeMs = Date.now() - closedAt;
     const codes = await Promise.all(streams);
     const counts = codes.reduce<Record<string, number>>((m, c) => ({ ...m, [c]: (m[c] ?? 0) + 1 }), {});
-    console.log(`    stream flood: ${sessions.length} of 100 connections admitted, streams ended ${JSON.stringify(counts)}; broker RSS +${(held.rssMiB - before.rssMiB).toFixed(0)} MiB while held; agent connected in ${connectMs} ms; the last flood connection closed ${closeMs} ms after that`);
+    console.log(`    stream flood: ${sessions.length} of 100 connections admitted, streams ended`
+      + ` ${JSON.stringify(counts)}; broker RSS +${(held.rssMiB - before.rssMiB).toFixed(0)} MiB while held;`
+      + ` agent connected in ${connectMs} ms; the last flood connection closed ${closeMs} ms after that`);
     expect(held.rssMiB - before.rssMiB, 'RSS growth while the flood is held, MiB').to.be.below(40);
     expect(connectMs, 'agent connect time, ms').to.be.below(5_000);
     expect(closeMs, 'flood connections closed by the unauthenticated timeout').to.be.below(UNAUTHENTICATED_TIMEOUT_MS + 5_000);
@@ -207,7 +219,8 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     clearTimeout(timer);
     const open = ends.filter((e) => e === 'open').length;
     const times = ends.filter((e): e is number => e !== 'open');
-    console.log(`    no preface: ${secure} of 50 finished their TLS handshake; ${open} still open after ${limitMs} ms; closed ones after at most ${times.length ? Math.max(...times) : 0} ms`);
+    console.log(`    no preface: ${secure} of 50 finished their TLS handshake; ${open} still open after ${limitMs} ms;`
+      + ` closed ones after at most ${times.length ? Math.max(...times) : 0} ms`);
     expect(secure, 'connections that finished their handshake (the others: reset at accept)').to.be.at.least(32);
     expect(open).to.equal(0);
   });
