@@ -243,7 +243,11 @@ const EXTRA_BROKER_FLAGS = (process.env.BENCH_BROKER_FLAGS ?? '').split(/\s+/).f
 function brokerArgs(ports, files, extra = []) {
   return [
     'serve', '--agent-listen', `127.0.0.1:${ports.agent}`, '--api-listen', `127.0.0.1:${ports.api}`, '--admin-listen', `127.0.0.1:${ports.admin}`,
-    '--tls-cert', files.cert, '--tls-key', files.key, '--ca', files.ca, ...extra, ...EXTRA_BROKER_FLAGS,
+    '--tls-cert', files.cert, '--tls-key', files.key, '--ca', files.ca,
+    // Every agent of the bench dials from 127.0.0.1: the per-address cap (for one attacker address)
+    // would measure itself instead of the fleet's reconnect storm against --max-pending-handshakes.
+    '--max-pending-handshakes-per-address', '0',
+    ...extra, ...EXTRA_BROKER_FLAGS,
   ];
 }
 
@@ -611,6 +615,9 @@ async function runIssuance(ctx, result) {
     '--pki-dir', dirs.pki, '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1',
     // Every enrollment comes from 127.0.0.1; the default (30/min per address) would measure the limiter.
     '--enroll-per-minute', '100000',
+    // Likewise the per-address cap; and the callers' connections (one per concurrent enrollment,
+    // 2 streams at most each) outlive the budget of connections without a client certificate.
+    '--max-pending-handshakes-per-address', '0', '--unauthenticated-timeout', '1h',
   ], { startedMessage: 'broker started' });
   const caller = forkChild('caller.js', 'caller-enroll');
   const enrolled = await caller.call('enroll', { address: `127.0.0.1:${agent}`, caFile: certFiles(dirs.caller).ca, requests, concurrency: ENROLL_CONCURRENCY });

@@ -113,6 +113,12 @@ describe('cli', function () {
       await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'agent-wait': 'forever' }), 'agent-wait', ports);
     });
 
+    it('--handshake-timeout 10ms (below 100ms)', async () => {
+      const ports = await freePorts(3);
+      const line = await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'handshake-timeout': '10ms' }), 'handshake-timeout', ports);
+      expect(line).to.include('must be from 100ms to 1h');
+    });
+
     it('--upstream foo (no =)', async () => {
       const ports = await freePorts(3);
       await expectConfigError(BROKER_CLI, brokerFlags(ports, { upstream: 'foo' }), 'upstream', ports);

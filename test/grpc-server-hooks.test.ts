@@ -1,8 +1,8 @@
 import { expect } from 'chai';
 import * as http2 from 'node:http2';
 import { readFileSync } from 'node:fs';
-import { Metadata, Server, ServerCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
-import { installCatchAll, shutdownGracefully } from '@burrow/tunnel';
+import { Metadata, Server, ServerCredentials, status as Status, type ServerDuplexStream, type ServiceError } from '@grpc/grpc-js';
+import { installCatchAll, refuseCallsEarly, shutdownGracefully } from '@burrow/tunnel';
 import { callOverStalledConnection, stalledConnection } from './helpers/late-connection';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
@@ -42,6 +42,29 @@ describe('grpc-js server hooks', function () {
     try {
       const r = await client.unary('/some.unknown.Service/Method', Buffer.from('hello'), new Metadata());
       expect(r.response.toString()).to.equal('/some.unknown.Service/Method:hello');
+    } finally {
+      client.close();
+      server.forceShutdown();
+    }
+  });
+
+  it('refuseCallsEarly: a refused call gets its status before its body is read, the handler sees no message, other calls are served', async () => {
+    const { server, port, served } = await serve();
+    const peers: string[] = [];
+    refuseCallsEarly(server, (path, address) => {
+      peers.push(address);
+      return path === '/refused.Service/Method' ? { code: Status.RESOURCE_EXHAUSTED, details: 'refused at the headers' } : undefined;
+    });
+    const client = new RawClient(`127.0.0.1:${port}`, mtlsCredentials(clientCert));
+    try {
+      // 8 MiB that the server never needs to read: the status comes first.
+      const err = await client.unary('/refused.Service/Method', Buffer.alloc(8 * 1024 * 1024), new Metadata()).then(() => undefined, (e: ServiceError) => e);
+      expect(err?.code).to.equal(Status.RESOURCE_EXHAUSTED);
+      expect(err?.details).to.equal('refused at the headers');
+      const r = await client.unary('/served.Service/Method', Buffer.from('hello'), new Metadata());
+      expect(r.response.toString()).to.equal('/served.Service/Method:hello');
+      expect(served).to.deep.equal(['hello']);
+      expect(peers).to.deep.equal(['127.0.0.1', '127.0.0.1']);
     } finally {
       client.close();
       server.forceShutdown();

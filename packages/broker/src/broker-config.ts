@@ -56,6 +56,20 @@ export interface BrokerConfig {
    * so that a reconnecting fleet backs off instead of swamping the broker (0 = no cap).
    */
   maxPendingHandshakes: number;
+  /**
+   * Most connections of one source address, on each TLS listener (agent, API, peer, AuthZEN), that
+   * have not proven a valid client certificate: in their handshake, or on the agent listener with
+   * enrollment open without one. One past it is reset at accept, so one address cannot fill
+   * `maxPendingHandshakes` (0 = no cap).
+   */
+  maxPendingHandshakesPerAddress: number;
+  /** A connection to any TLS listener whose handshake has not finished this long after accept is closed. */
+  handshakeTimeoutMs: number;
+  /**
+   * With `pkiDir`: a connection to the agent listener without a valid client certificate (it can
+   * only enroll) is closed this long after its handshake, whatever it does.
+   */
+  unauthenticatedTimeoutMs: number;
   keepalive: KeepaliveSettings;
   /** HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when unset. */
   authzenListen?: string;
@@ -105,6 +119,9 @@ export const BROKER_DEFAULTS = {
   drainTimeoutMs: 30_000,
   idleOfferTtlMs: 60_000,
   maxPendingHandshakes: 256,
+  maxPendingHandshakesPerAddress: 32,
+  handshakeTimeoutMs: 5_000,
+  unauthenticatedTimeoutMs: 10_000,
   keepalive: DEFAULT_KEEPALIVE,
   authzenTimeoutMs: 10_000,
   limits: { caller: { maxConcurrent: 4096, ratePerSecond: 0 }, agent: { maxConcurrent: 2048, ratePerSecond: 0 } } as CallLimits,

@@ -37,6 +37,10 @@ export class BrokerMetrics {
   readonly abandonedHandshakes = new Counter({ name: 'burrow_broker_abandoned_handshakes_total', help: 'TLS handshakes the peer closed or reset before they finished (agents giving up on a busy broker, scanners), by listener; not refusals.', labelNames: ['listener'], registers: [this.registry] });
   readonly handshakesShed = new Counter({ name: 'burrow_broker_handshakes_shed_total', help: 'Agent connections closed at accept because --max-pending-handshakes TLS handshakes were already running (the agents retry after their backoff).', registers: [this.registry] });
   readonly handshakesPending = new Gauge({ name: 'burrow_broker_handshakes_pending', help: 'TLS handshakes the agent listener is running now.', registers: [this.registry], collect: () => { this.handshakesPending.set(this.pendingHandshakes()); } });
+  readonly connectionsGuarded = new Counter({ name: 'burrow_broker_connections_guarded_total', help: 'Connections a listener closed before they proved a client certificate, by listener and reason (address_cap, handshake_timeout, unauthenticated_cap, unauthenticated_timeout; pending_cap is handshakes_shed_total).', labelNames: ['listener', 'reason'], registers: [this.registry] });
+  readonly unauthenticatedConnections = new Gauge({ name: 'burrow_broker_unauthenticated_connections', help: 'Agent-listener connections open without a valid client certificate (enrollment; with --pki-dir).', registers: [this.registry], collect: () => { this.unauthenticatedConnections.set(this.openUnauthenticated()); } });
+  /** Read when scraped; the broker sets it once its agent listener is bound. */
+  openUnauthenticated: () => number = () => 0;
   /** Read when scraped; the broker sets it once its agent listener is bound. */
   pendingHandshakes: () => number = () => 0;
   readonly protocolErrors = new Counter({ name: 'burrow_broker_protocol_errors_total', help: 'Tunnel sessions closed because the agent broke the protocol.', registers: [this.registry] });

@@ -175,15 +175,25 @@ export class BrokerPki {
     return pki.manifest.cas.map((c) => ({ id: c.id, kind: c.kind, seconds: (Date.parse(String(c.notAfter)) - this.now()) / 1000 }));
   }
 
-  /** Enrollment/Enroll: join token + CSR -> the agent's first certificate. No client cert needed. */
+  /**
+   * The enrollment rate limit (`enrollPerMinute` per source address), asked when an Enroll call's
+   * headers arrive, before its body is read (the broker wires it with refuseCallsEarly): counts
+   * the attempt, and returns the refusal to send when `address` is over its budget.
+   */
+  refuseEnrollment(address: string): { code: Status; details: string } | undefined {
+    if (this.limiter.take(address)) return undefined;
+    this.opts.metrics.enrollments.inc({ result: 'rate_limited' });
+    this.opts.logger.warn('enrollment refused: rate limited', { source: address });
+    const details = `too many enrollment attempts from ${address}; try again in a minute`;
+    return { code: Status.RESOURCE_EXHAUSTED, details };
+  }
+
+  /**
+   * Enrollment/Enroll: join token + CSR -> the agent's first certificate. No client cert needed.
+   * The rate limit ran before the body was read ({@link refuseEnrollment}).
+   */
   readonly enroll = (call: ServerUnaryCall<EnrollRequest, IssuedAgentCertificate>, cb: sendUnaryData<IssuedAgentCertificate>): void => {
     const source = call.getPeer().replace(/:\d+$/, '');
-    if (!this.limiter.take(source)) {
-      this.opts.metrics.enrollments.inc({ result: 'rate_limited' });
-      this.opts.logger.warn('enrollment refused: rate limited', { source });
-      cb({ code: Status.RESOURCE_EXHAUSTED, details: `too many enrollment attempts from ${source}; try again in a minute` });
-      return;
-    }
     void (async () => {
       let agentId: string;
       try {

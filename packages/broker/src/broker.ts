@@ -7,7 +7,9 @@ import { hostname } from 'node:os';
 import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  cachePeerCertificates, certificateIdentityProblem, identityOfCertificate, installCatchAll, limitPendingHandshakes, observeTlsClientErrors, shutdownGracefully, tunnelServerOptions, upstreamChannelOptions,
+  cachePeerCertificates, certificateIdentityProblem, guardConnections, identityOfCertificate, installCatchAll,
+  observeTlsClientErrors, refuseCallsEarly, tlsServersOf, shutdownGracefully, tunnelServerOptions,
+  upstreamChannelOptions, type ConnectionGuard, type GuardedClose, type UnauthenticatedLimits,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki, defaultBrokerName, type BrokerPkiStatus } from './broker-pki';
@@ -77,8 +79,25 @@ const EXPIRY_CHECK_INTERVAL_MS = 1_000;
 const IDLE_SWEEP_INTERVAL_MS = 10_000;
 /** Errors of a TLS handshake the peer walked away from (closed or reset its connection). */
 const PEER_HANG_UPS = new Set(['ECONNRESET', 'EPIPE']);
+/**
+ * Limits of an agent-listener connection without a valid client certificate (with --pki-dir): it
+ * can only enroll, one unary call of a join token and a CSR (~2 KiB), so two streams and 64 KiB
+ * per request leave room for retries and larger keys while bounding what it can make the broker
+ * hold (2 x 64 KiB per connection, plus HTTP/2 buffers).
+ */
+const UNAUTHENTICATED_MAX_STREAMS = 2;
+const UNAUTHENTICATED_MAX_REQUEST_BYTES = 64 * 1024;
 /** At shutdown, how long connections whose calls are all over may take to close before they are cut. */
 const STATUS_FLUSH_GRACE_MS = 1_000;
+
+/** The log line of each reason a listener's guard closes a connection for. */
+const GUARD_MESSAGES: Record<GuardedClose, string> = {
+  pending_cap: 'agent connections shed: too many TLS handshakes in progress',
+  address_cap: 'connections refused: too many from one address without a client certificate',
+  handshake_timeout: 'connections closed: TLS handshake not finished in time',
+  unauthenticated_cap: 'connections closed: too many open without a client certificate',
+  unauthenticated_timeout: 'connections closed: open without a client certificate for too long',
+};
 
 /**
  * The replica set as agents get it: each broker's agent address, one entry per broker id (a
@@ -150,6 +169,8 @@ export class Broker {
   private peerServer: Server | undefined;
   private directory: AgentDirectory | undefined;
   private forwarder: PeerForwarder | undefined;
+  /** TCP sockets a listener guard closed (its handshake timed out): counted there, not as abandoned. */
+  private readonly guardClosed = new WeakSet<import('node:net').Socket>();
 
   constructor(private readonly config: BrokerConfig, private readonly logger: Logger) {
     if (!config.pkiDir && !(config.tlsCertFile && config.tlsKeyFile && config.caFile)) {
@@ -257,6 +278,8 @@ export class Broker {
     const apiPort = await bind(this.apiServer, this.config.apiListen, apiCreds);
     const onTlsError = (listener: string) => (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
       // Connections shed by the handshake cap never get here: they are never wrapped in TLS.
+      const parent = (socket as { _parent?: import('node:net').Socket } | undefined)?._parent;
+      if (parent && this.guardClosed.has(parent)) return;
       // Node reports a refused client certificate as a reset; the reason is on the socket.
       const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
       if (!reason && PEER_HANG_UPS.has(err.code ?? '')) {
@@ -269,15 +292,19 @@ export class Broker {
       this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
       this.logger.warn('TLS handshake refused', { listener, peer: socket?.remoteAddress, error: reason ? String(reason) : err.code ?? err.message });
     };
-    let shedLogged = 0;
-    const handshakes = limitPendingHandshakes(this.agentServer, this.config.maxPendingHandshakes, () => {
-      this.metrics.handshakesShed.inc();
-      // One line per second at most: a reconnect storm sheds thousands.
-      if (Date.now() - shedLogged < 1_000) return;
-      shedLogged = Date.now();
-      this.logger.warn('agent connections shed: too many TLS handshakes in progress', { maxPendingHandshakes: this.config.maxPendingHandshakes, shedSoFar: handshakes.shed() });
-    });
+    const handshakes = this.guardListener('agent', tlsServersOf(this.agentServer), this.pki ? {
+      timeoutMs: this.config.unauthenticatedTimeoutMs, maxConnections: this.config.maxPendingHandshakes || 256,
+      maxConcurrentStreams: UNAUTHENTICATED_MAX_STREAMS, maxRequestBytes: UNAUTHENTICATED_MAX_REQUEST_BYTES,
+    } : undefined);
     this.metrics.pendingHandshakes = handshakes.pending;
+    this.metrics.openUnauthenticated = handshakes.unauthenticated;
+    this.guardListener('api', tlsServersOf(this.apiServer));
+    if (this.pki) {
+      const pki = this.pki;
+      // Before the body is read: a refused Enroll must not cost the broker its request.
+      refuseCallsEarly(this.agentServer, (path, address) =>
+        (path === ENROLLMENT_SERVICE.enroll.path ? pki.refuseEnrollment(address) : undefined));
+    }
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
     cachePeerCertificates(this.agentServer);
@@ -295,6 +322,7 @@ export class Broker {
       this.peerServer = peerServer;
       peerPort = await bind(peerServer, cluster.peerListen, experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true));
       observeTlsClientErrors(peerServer, onTlsError('peer'));
+      this.guardListener('peer', tlsServersOf(peerServer));
       cachePeerCertificates(peerServer);
       this.watch.watchGrpcServer(peerServer, 'peer');
       await this.directory.start(cluster.agentAdvertise ?? `${splitHostPort(cluster.advertise).host}:${agentPort}`);
@@ -306,6 +334,7 @@ export class Broker {
         timeoutMs: this.config.authzenTimeoutMs, watch: this.watch,
       });
       this.authzen = server;
+      this.guardListener('authzen', [server]);
       authzenPort = await listen(server, this.config.authzenListen);
     }
     // A serving certificate from files is never renewed by the broker: export its expiry here
@@ -358,6 +387,38 @@ export class Broker {
     this.ports = { agentPort, apiPort, adminPort, authzenPort };
     this.logger.info('broker started', { cluster: cluster ? { advertise: cluster.advertise, peerPort, redis: redactUrl(cluster.redisUrl) } : undefined, pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, authzenPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
     return { agentPort, apiPort, adminPort, authzenPort };
+  }
+
+  /**
+   * Puts the per-address cap and the handshake timeout (and, on the agent listener, the global
+   * handshake cap and the limits of `unauthenticated` connections) on a TLS listener, counting
+   * and logging what they close (one line per listener and reason per second at most: a
+   * slowloris or a reconnect storm closes thousands).
+   */
+  private guardListener(
+    listener: string, servers: import('node:tls').Server[], unauthenticated?: UnauthenticatedLimits,
+  ): ConnectionGuard {
+    const lastLogged = new Map<GuardedClose, number>();
+    const guard: ConnectionGuard = guardConnections(servers, {
+      maxPending: listener === 'agent' ? this.config.maxPendingHandshakes : 0,
+      maxUnprovenPerAddress: this.config.maxPendingHandshakesPerAddress,
+      handshakeTimeoutMs: this.config.handshakeTimeoutMs,
+      unauthenticated,
+      onClose: (socket, why) => {
+        this.guardClosed.add(socket);
+        if (why === 'pending_cap') this.metrics.handshakesShed.inc();
+        else this.metrics.connectionsGuarded.inc({ listener, reason: why });
+        if (Date.now() - (lastLogged.get(why) ?? 0) < 1_000) return;
+        lastLogged.set(why, Date.now());
+        const { maxPendingHandshakes, maxPendingHandshakesPerAddress } = this.config;
+        const { handshakeTimeoutMs, unauthenticatedTimeoutMs } = this.config;
+        this.logger.warn(GUARD_MESSAGES[why], {
+          listener, peer: socket.remoteAddress, reason: why, shedSoFar: guard.shed(),
+          maxPendingHandshakes, maxPendingHandshakesPerAddress, handshakeTimeoutMs, unauthenticatedTimeoutMs,
+        });
+      },
+    });
+    return guard;
   }
 
   /** Reads the TLS material from files, or from the PKI directory (issuing our own certificate). */

@@ -46,6 +46,9 @@ const SERVE_OPTIONS = {
   'drain-timeout': { type: 'string', describe: 'how long shutdown waits for calls in flight', default: '30s' },
   'idle-offer-ttl': { type: 'string', describe: 'idle tunnel streams older than this are retired', default: '60s' },
   'max-pending-handshakes': { type: 'number', describe: 'most TLS handshakes the agent listener runs at once; connections past it are closed at once and the agents retry after their backoff (0 = no cap)', default: 256 },
+  'max-pending-handshakes-per-address': { type: 'number', describe: 'most connections of one source address, per TLS listener, without a proven client certificate (in their handshake, or enrolling); more are closed at accept (0 = no cap)', default: 32 },
+  'handshake-timeout': { type: 'string', describe: 'a connection to any TLS listener whose handshake has not finished in this time is closed', default: '5s' },
+  'unauthenticated-timeout': { type: 'string', describe: 'with --pki-dir: an agent-listener connection without a client certificate (enrollment) is closed this long after its handshake', default: '10s' },
   'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
   'keepalive-timeout': { type: 'string', describe: 'ping answer timeout before a connection is dropped', default: '10s' },
   'authzen-listen': { type: 'string', describe: 'HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when empty' },
@@ -96,6 +99,13 @@ function readAdminToken(field: string, file: string): string {
   return token;
 }
 
+/** A listener timeout: at least 100 ms (a handshake cannot finish in less), at most an hour. */
+function parseTimeoutMs(field: string, value: unknown): number {
+  const ms = parseDurationMs(field, value);
+  if (ms < 100 || ms > 3_600_000) throw new ConfigError(field, 'must be from 100ms to 1h');
+  return ms;
+}
+
 /** Builds the typed config; every problem is a ConfigError naming its flag. */
 export function brokerConfigFromArgs(args: Args): BrokerConfig {
   const logLevel = String(args['log-level']);
@@ -143,6 +153,10 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
     idleOfferTtlMs: parseDurationMs('idle-offer-ttl', args['idle-offer-ttl']),
     maxPendingHandshakes: parseIntInRange('max-pending-handshakes', args['max-pending-handshakes'], 0, 1_000_000),
+    maxPendingHandshakesPerAddress: parseIntInRange(
+      'max-pending-handshakes-per-address', args['max-pending-handshakes-per-address'], 0, 1_000_000),
+    handshakeTimeoutMs: parseTimeoutMs('handshake-timeout', args['handshake-timeout']),
+    unauthenticatedTimeoutMs: parseTimeoutMs('unauthenticated-timeout', args['unauthenticated-timeout']),
     keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
     callerPolicy: callerPolicyFromArgs(args),
     cluster: clusterFromArgs(args),

@@ -1,5 +1,7 @@
-import type { Server, ServerDuplexStream } from '@grpc/grpc-js';
+import type { Server, ServerDuplexStream, status as Status } from '@grpc/grpc-js';
 import type { Socket } from 'node:net';
+import type { IncomingHttpHeaders, ServerHttp2Stream } from 'node:http2';
+import { guardConnections, refuseStream } from './connection-guard';
 
 /** Passes message bytes through untouched: the tunnel never decodes application messages. */
 export const identity = (b: Buffer): Buffer => b;
@@ -106,6 +108,16 @@ export interface HandshakeLimiter {
 }
 
 /**
+ * The TLS servers a bound grpc-js `server` listens with (one per bound address), for
+ * {@link guardConnections}. grpc-js keeps them private (`http2Servers`);
+ * test/grpc-server-hooks.test.ts fails if it stops keeping them.
+ */
+export function tlsServersOf(server: Server): import('node:tls').Server[] {
+  const servers = (server as unknown as Http2ServerList).http2Servers;
+  return [...(servers?.keys() ?? [])] as unknown as import('node:tls').Server[];
+}
+
+/**
  * Caps the TLS handshakes a bound `server` runs at once: a connection that arrives while
  * `maxPending` are in progress is reset as soon as it is accepted, before any TLS work, and
  * `onShed` is called. Why: Node starts every accepted handshake at once and runs them all
@@ -114,37 +126,36 @@ export interface HandshakeLimiter {
  * the broker spends its CPU on handshakes nobody waits for any more. Closed early, a connection
  * costs both sides almost nothing and the agent's jittered backoff spreads the fleet out, while the
  * handshakes admitted finish quickly. A handshake counts from TCP accept until the connection is
- * secure or closed. `maxPending` 0 turns the cap off. Call after bindAsync.
+ * secure or closed. `maxPending` 0 turns the cap off. Call after bindAsync. The broker uses
+ * {@link guardConnections}, which adds per-address caps and timeouts to this cap.
  */
 export function limitPendingHandshakes(server: Server, maxPending: number, onShed: (socket: Socket) => void): HandshakeLimiter {
-  const inHandshake = new Set<Socket>();
-  let shedCount = 0;
-  const servers = (server as unknown as Http2ServerList).http2Servers;
-  for (const s of servers?.keys() ?? []) {
-    // Node's own 'connection' listener wraps the socket in TLS (an OpenSSL session, a TLSWrap, an
-    // error object when it closes); it runs only for the connections admitted, so a shed one costs
-    // no more than its accept.
-    const startTls = s.listeners('connection') as ((raw: Socket) => void)[];
-    s.removeAllListeners('connection');
-    s.on('connection', (raw: Socket) => {
-      if (maxPending > 0 && inHandshake.size >= maxPending) {
-        shedCount++;
-        onShed(raw);
-        // A reset, not a FIN: the agent fails at once, and no TIME_WAIT is left on the broker.
-        raw.resetAndDestroy();
-        return;
-      }
-      inHandshake.add(raw);
-      raw.once('close', () => inHandshake.delete(raw));
-      for (const listener of startTls) listener.call(s, raw);
-    });
-    // node:tls keeps the accepted TCP socket as the TLS socket's _parent (test/handshake-limit
-    // fails if that changes: handshakes would then count until the connection closes).
-    s.on('secureConnection', (tlsSocket: { _parent?: Socket }) => {
-      if (tlsSocket._parent) inHandshake.delete(tlsSocket._parent);
+  const guard = guardConnections(tlsServersOf(server), {
+    maxPending, maxUnprovenPerAddress: 0, handshakeTimeoutMs: 0, onClose: (socket) => onShed(socket),
+  });
+  return { pending: guard.pending, shed: guard.shed };
+}
+
+/** A refusal decided from a call's path and peer address alone (see {@link refuseCallsEarly}). */
+export interface EarlyRefusal { code: Status; details: string }
+
+/**
+ * Lets `check` refuse a call of a bound grpc-js `server` as soon as its headers arrive, before
+ * any of its request body is read or decoded (grpc-js decodes a unary request completely before
+ * the handler runs: a rate limit in the handler cost the broker the whole body of each refused
+ * call). `check` gets the `:path` and the peer's IP address; what it returns is sent as a
+ * trailers-only status and the stream is reset. Runs after grpc-js's own stream listener, which
+ * then sees its call cancelled. Call after bindAsync.
+ */
+export function refuseCallsEarly(
+  server: Server, check: (path: string, remoteAddress: string) => EarlyRefusal | undefined,
+): void {
+  for (const s of tlsServersOf(server)) {
+    s.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {
+      const refusal = check(String(headers[':path'] ?? ''), stream.session?.socket?.remoteAddress ?? '');
+      if (refusal) refuseStream(stream, refusal.code, refusal.details);
     });
   }
-  return { pending: () => inHandshake.size, shed: () => shedCount };
 }
 
 /**

@@ -8,6 +8,7 @@ export * from './call-relay';
 export * from './call-state';
 export * from './call-stream';
 export * from './grpc-server-hooks';
+export * from './connection-guard';
 export * from './grpc-client-hooks';
 export * from './errors';
 export * from './frames';
