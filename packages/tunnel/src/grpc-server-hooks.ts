@@ -87,7 +87,9 @@ export function cachePeerCertificates(server: Server): void {
     const marked = s as unknown as { burrowCachesPeerCertificates?: boolean };
     if (marked.burrowCachesPeerCertificates) continue;
     marked.burrowCachesPeerCertificates = true;
-    s.on('secureConnection', (socket: import('node:tls').TLSSocket) => {
+    // Prepended: Node's HTTP/2 listener, registered first, creates the session (and grpc-js and the
+    // broker's 'session' watchers read the certificate) inside its own 'secureConnection' listener.
+    s.prependListener('secureConnection', (socket: import('node:tls').TLSSocket) => {
       const original = socket.getPeerCertificate;
       let cached: ReturnType<PeerCertificateOf> | undefined;
       socket.getPeerCertificate = ((detailed?: boolean) => {
