@@ -46,6 +46,16 @@ export interface BrokerConfig {
    * so that a reconnecting fleet backs off instead of swamping the broker (0 = no cap).
    */
   maxPendingHandshakes: number;
+  /**
+   * Most session streams one agent certificate identity may hold here at once (those still before
+   * Hello included): a tunnel per broker, plus an old one lingering across a reconnect (0 = no cap).
+   */
+  maxSessionsPerAgent: number;
+  /**
+   * Most Offer streams (idle or carrying a call) one agent may hold here at once, over all its
+   * sessions; above `limits.agent.maxConcurrent` plus the agent's idle minimum (0 = no cap).
+   */
+  maxOffersPerAgent: number;
   keepalive: KeepaliveSettings;
   /** HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when unset. */
   authzenListen?: string;
@@ -95,6 +105,8 @@ export const BROKER_DEFAULTS = {
   drainTimeoutMs: 30_000,
   idleOfferTtlMs: 60_000,
   maxPendingHandshakes: 256,
+  maxSessionsPerAgent: 4,
+  maxOffersPerAgent: 4096,
   keepalive: DEFAULT_KEEPALIVE,
   authzenTimeoutMs: 10_000,
   limits: { caller: { maxConcurrent: 4096, ratePerSecond: 0 }, agent: { maxConcurrent: 2048, ratePerSecond: 0 } } as CallLimits,
