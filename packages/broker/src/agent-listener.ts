@@ -441,10 +441,12 @@ export class AgentListener {
 
   /**
    * Refuses a stream past a per-agent cap with RESOURCE_EXHAUSTED and `details`; the agent's other
-   * streams are left alone. Logged once per agent and limit until the agent is under it again.
+   * streams are left alone. Counted every time (`rejected_handshakes_total`, reason session_limit or
+   * offer_limit), logged once per agent and limit until the agent is under it again.
    */
   private refuseOverLimit(call: RawCall, id: PeerIdentity, limit: 'sessions' | 'offers', details: string): void {
     const key = `${limit}:${id.name}`;
+    this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason: limit === 'sessions' ? 'session_limit' : 'offer_limit' });
     if (!this.refusalsLogged.has(key)) {
       this.refusalsLogged.add(key);
       this.deps.logger.warn('tunnel stream refused: per-agent limit', { agentId: id.name, peer: call.getPeer(), limit, reason: details });
