@@ -4,6 +4,7 @@ import { Metadata, status as Status, type StatusObject } from '@grpc/grpc-js';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { getJson, httpGet, killAll, pollUntil, startAgent, startBroker, type AgentListing, type BurrowProcess } from './helpers/processes';
+import type { CallFrame } from '@burrow/tunnel';
 import { RawAgent, type RawCallStream, type RawSession } from './helpers/raw-agent';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 
@@ -149,8 +150,10 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     await caller.unary(ECHO.unary, Buffer.from('warm'), md);
   });
 
-  afterEach(() => {
+  afterEach(async () => {
     for (const a of rogues.splice(0)) a.close();
+    // The next test starts with the rogue agent's sessions gone (they count against its cap).
+    await pollUntil('the rogue agent gone from /agents', async () => !(await getJson<AgentListing[]>(`${adminUrl}/agents`)).some((a) => a.id === ROGUE));
   });
 
   after(async () => {
@@ -238,6 +241,28 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     const again = rogue().session();
     again.hello({ protocolVersions: [1, 2, 3] });
     await again.welcome();
+  });
+
+  it('a call from an agent naming a 1 MiB method leaves bounded log lines and /metrics labels', async () => {
+    const logFrom = broker.stderrLines.length;
+    const agent = rogue();
+    const session = agent.session();
+    session.hello({ protocolVersions: [1, 2, 3] });
+    const { sessionId } = await session.welcome();
+    const forward = agent.forward(sessionId);
+    const method = `/x.Y/${'m'.repeat(MiB)}`;
+    forward.send({ kind: 'start', start: { method, metadata: [], timeoutMs: 5_000, callId: 'c'.repeat(MiB) } });
+    forward.send({ kind: 'halfClose' });
+    const trailers = (await forward.seen((f) => f.kind === 'trailers')) as Extract<CallFrame, { kind: 'trailers' }>;
+    expect(trailers.trailers.code).to.equal(Status.UNIMPLEMENTED); // this broker has no platform upstreams
+    const line = await broker.waitForLog('call finished', (l) => l.direction === 'from_agent' && l.agentId === ROGUE);
+    const metrics = await httpGet(`${adminUrl}/metrics`);
+    const longestLine = Math.max(...broker.stderrLines.slice(logFrom).map((l) => l.length));
+    console.log(`      1 MiB method: longest log line ${longestLine}, /metrics ${metrics.body.length} bytes`);
+    expect(String(line.method)).to.match(/^\/x\.Y\/m+… \(1048581 characters\)$/);
+    expect(longestLine).to.be.below(8 * 1024);
+    expect(metrics.body.length).to.be.below(256 * 1024);
+    expect(session.status, 'the agent\'s session').to.equal(undefined);
   });
 
   it(`one agent gets at most --max-offers-per-agent (${OFFER_CAP} here) offers; the rest are refused and its session lives on`, async () => {

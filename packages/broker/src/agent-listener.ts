@@ -3,7 +3,7 @@ import {
   AGENT_DRAIN_VERSION, BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
   UpstreamTable, answer, decodeSessionFrame, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
   statusName, verifyCertificateChain, checkReplicaSet, type BrokerEndpoint, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
-  logCallFinished, MAX_SESSION_FRAME_BYTES, sessionFrameTooLarge, type OversizedMessage,
+  logCallFinished, boundedForLog, MAX_SESSION_FRAME_BYTES, sessionFrameTooLarge, type OversizedMessage,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
@@ -16,14 +16,6 @@ const HELLO_TIMEOUT_MS = 10_000;
  * the session stream carries control frames only (tunnel.proto, "Session").
  */
 export const AGENT_LISTENER_RECEIVE_LIMITS: Readonly<Record<string, number>> = { [TUNNEL_METHODS.session]: MAX_SESSION_FRAME_BYTES };
-
-/** Most characters of a peer-chosen string (a session id from metadata) quoted in a status or log line. */
-const QUOTED_CHARS_MAX = 64;
-
-/** `value` cut to {@link QUOTED_CHARS_MAX} characters, saying how long it was when cut. */
-function quoted(value: string): string {
-  return value.length <= QUOTED_CHARS_MAX ? value : `${value.slice(0, QUOTED_CHARS_MAX)}… (${value.length} characters)`;
-}
 
 export interface AgentListenerDeps {
   registry: TunnelRegistry;
@@ -348,7 +340,7 @@ export class AgentListener {
     const session = typeof sessionId === 'string' ? this.sessionsById.get(sessionId) : undefined;
     if (!session) {
       // Usually a race with a session that just ended; the agent reconnects and opens new ones.
-      call.emit('error', { code: Status.FAILED_PRECONDITION, details: `unknown tunnel session "${quoted(String(sessionId ?? ''))}"` });
+      call.emit('error', { code: Status.FAILED_PRECONDITION, details: `unknown tunnel session "${boundedForLog(String(sessionId ?? ''))}"` });
       return undefined;
     }
     if (session.agentId !== id.name) {
