@@ -2,6 +2,7 @@ import { expect } from 'chai';
 import { readFileSync } from 'node:fs';
 import { Metadata, status as Status, type StatusObject } from '@grpc/grpc-js';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
+import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { getJson, httpGet, killAll, pollUntil, startAgent, startBroker, type AgentListing, type BurrowProcess } from './helpers/processes';
 import type { CallFrame } from '@burrow/tunnel';
@@ -128,7 +129,10 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     return outcome;
   }
 
+  let baseline: ResourceSnapshot;
+
   before(async () => {
+    baseline = snapshotResources();
     pki = await PkiFixture.create();
     const [brokerCert, goodCert, serviceCert] = await Promise.all([pki.issue('broker', 'broker-1'), pki.issue('agent', GOOD), pki.issue('service', 'platform-svc')]);
     rogueCert = await pki.issue('agent', ROGUE);
@@ -161,6 +165,7 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     await killAll();
     await echo?.stop();
     pki?.cleanup();
+    await expectNoLeaks(baseline);
   });
 
   it('a Hello listing 15,000,000 versions is refused before it is read; one listing 1,000 with a message naming the bound', async () => {
@@ -223,7 +228,7 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
         if (first === 'welcome') welcomed.push(session);
         else statuses.push(first);
       }
-    }, { cpuMs: 2_000, rssBytes: 50 * MiB });
+    }, { cpuMs: 2_000, rssBytes: 80 * MiB });
     expect(welcomed).to.have.length(4);
     expect(statuses).to.have.length(26);
     for (const s of statuses) {
