@@ -15,7 +15,9 @@ const HELLO_TIMEOUT_MS = 10_000;
  * Receive limits of the agent listener's methods below the server-wide one (receiveLimitInterceptor):
  * the session stream carries control frames only (tunnel.proto, "Session").
  */
-export const AGENT_LISTENER_RECEIVE_LIMITS: Readonly<Record<string, number>> = { [TUNNEL_METHODS.session]: MAX_SESSION_FRAME_BYTES };
+export const AGENT_LISTENER_RECEIVE_LIMITS: Readonly<Record<string, number>> = {
+  [TUNNEL_METHODS.session]: MAX_SESSION_FRAME_BYTES,
+};
 
 export interface AgentListenerDeps {
   registry: TunnelRegistry;
@@ -240,7 +242,8 @@ export class AgentListener {
     const cap = this.deps.maxSessionsPerAgent;
     const held = registry.sessionsOf(id.name).length + (this.pendingSessions.get(id.name) ?? 0);
     if (cap > 0 && held >= cap) {
-      this.refuseOverLimit(call, id, 'sessions', `agent "${id.name}" holds ${held} sessions at this broker; at most ${cap} allowed (--max-sessions-per-agent)`);
+      const details = `agent "${id.name}" holds ${held} sessions at this broker; at most ${cap} allowed`;
+      this.refuseOverLimit(call, id, 'sessions', `${details} (--max-sessions-per-agent)`);
       return;
     }
     this.refusalsLogged.delete(`sessions:${id.name}`);
@@ -340,7 +343,8 @@ export class AgentListener {
     const session = typeof sessionId === 'string' ? this.sessionsById.get(sessionId) : undefined;
     if (!session) {
       // Usually a race with a session that just ended; the agent reconnects and opens new ones.
-      call.emit('error', { code: Status.FAILED_PRECONDITION, details: `unknown tunnel session "${boundedForLog(String(sessionId ?? ''))}"` });
+      const details = `unknown tunnel session "${boundedForLog(String(sessionId ?? ''))}"`;
+      call.emit('error', { code: Status.FAILED_PRECONDITION, details });
       return undefined;
     }
     if (session.agentId !== id.name) {
@@ -362,7 +366,8 @@ export class AgentListener {
     if (cap > 0 && held >= cap) {
       // An offer it was asked for and that is refused will not come: do not wait for it.
       if (session.owedOffers > 0) session.owedOffers--;
-      this.refuseOverLimit(call, id, 'offers', `agent "${id.name}" holds ${held} tunnel streams (offers) at this broker; at most ${cap} allowed (--max-offers-per-agent)`);
+      const details = `agent "${id.name}" holds ${held} tunnel streams (offers) at this broker; at most ${cap} allowed`;
+      this.refuseOverLimit(call, id, 'offers', `${details} (--max-offers-per-agent)`);
       return;
     }
     this.refusalsLogged.delete(`offers:${id.name}`);
@@ -438,10 +443,12 @@ export class AgentListener {
    */
   private refuseOverLimit(call: RawCall, id: PeerIdentity, limit: 'sessions' | 'offers', details: string): void {
     const key = `${limit}:${id.name}`;
-    this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason: limit === 'sessions' ? 'session_limit' : 'offer_limit' });
+    const reason = limit === 'sessions' ? 'session_limit' : 'offer_limit';
+    this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason });
     if (!this.refusalsLogged.has(key)) {
       this.refusalsLogged.add(key);
-      this.deps.logger.warn('tunnel stream refused: per-agent limit', { agentId: id.name, peer: call.getPeer(), limit, reason: details });
+      const fields = { agentId: id.name, peer: call.getPeer(), limit, reason: details };
+      this.deps.logger.warn('tunnel stream refused: per-agent limit', fields);
     }
     call.emit('error', { code: Status.RESOURCE_EXHAUSTED, details });
   }
@@ -455,7 +462,8 @@ export class AgentListener {
     const err = new ProtocolError(sessionFrameTooLarge(message.bytes));
     const id = identityOfPeerCertificate(message.call.getAuthContext().sslPeerCertificate);
     this.deps.metrics.protocolErrors.inc();
-    this.deps.logger.warn('tunnel session failed', { agentId: id?.name, peer: message.call.getPeer(), error: err.message });
+    const fields = { agentId: id?.name, peer: message.call.getPeer(), error: err.message };
+    this.deps.logger.warn('tunnel session failed', fields);
     return { code: err.code, details: err.message };
   }
 

@@ -156,7 +156,9 @@ export class Broker {
     this.agentServer = new Server({
       ...tunnelServerOptions(config.maxMessageBytes, config.keepalive),
       // Session frames are refused past 64 KiB before they are buffered; call streams keep the big limit.
-      interceptors: [receiveLimitInterceptor(AGENT_LISTENER_RECEIVE_LIMITS, (m) => this.agentListener.oversizedSessionFrame(m))],
+      interceptors: [
+        receiveLimitInterceptor(AGENT_LISTENER_RECEIVE_LIMITS, (m) => this.agentListener.oversizedSessionFrame(m)),
+      ],
     });
     this.apiServer = new Server(callServerOptions(config.maxMessageBytes, config.keepalive));
     if (config.pkiDir) {

@@ -114,7 +114,8 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
   // Calls past the offer cap would wait for offers the broker refuses: the cap must not be the lower
   // limit. With --agent-max-concurrent 0 (no limit) the offer cap is what bounds an agent's calls.
   if (maxOffersPerAgent > 0 && agentMaxConcurrent > maxOffersPerAgent) {
-    throw new ConfigError('max-offers-per-agent', `${maxOffersPerAgent} is below --agent-max-concurrent (${agentMaxConcurrent}); raise it or set 0`);
+    const problem = `${maxOffersPerAgent} is below --agent-max-concurrent (${agentMaxConcurrent}); raise it or set 0`;
+    throw new ConfigError('max-offers-per-agent', problem);
   }
   const pkiDir = args['pki-dir'] ? String(args['pki-dir']) : undefined;
   if (pkiDir && !existsSync(path.join(pkiDir, 'pki.json'))) throw new ConfigError('pki-dir', `${pkiDir} is not a PKI directory (run burrow-pki init --dir ${pkiDir})`);

@@ -243,7 +243,8 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
       }
       const agentVersion = String(h.agentVersion ?? '');
       tooLong('Hello agent_version', agentVersion, limits.agentVersionChars);
-      return { kind: 'hello', hello: { protocolVersions: versions.map(Number), agentVersion, minIdleOffers: Number(h.minIdleOffers ?? 0) } };
+      const minIdleOffers = Number(h.minIdleOffers ?? 0);
+      return { kind: 'hello', hello: { protocolVersions: versions.map(Number), agentVersion, minIdleOffers } };
     }
     case 'welcome': {
       const w = m.welcome as Record<string, unknown>;
@@ -251,7 +252,11 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
       const brokerId = String(w.brokerId ?? '');
       tooLong('Welcome session_id', sessionId, limits.idChars);
       tooLong('Welcome broker_id', brokerId, limits.idChars);
-      return { kind: 'welcome', welcome: { protocolVersion: Number(w.protocolVersion ?? 0), sessionId, maxMessageBytes: toNumber(w.maxMessageBytes), brokerId } };
+      const welcome = {
+        protocolVersion: Number(w.protocolVersion ?? 0), sessionId, brokerId,
+        maxMessageBytes: toNumber(w.maxMessageBytes),
+      };
+      return { kind: 'welcome', welcome };
     }
     case 'demand': return { kind: 'demand', offers: Number((m.demand as { offers?: number }).offers ?? 0) };
     case 'drain': {

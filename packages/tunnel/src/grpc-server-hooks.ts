@@ -1,6 +1,6 @@
 import {
-  Metadata, type Server, type ServerDuplexStream, type ServerInterceptingCall, type ServerInterceptingCallInterface, type ServerInterceptor,
-  type StatusObject,
+  Metadata, type Server, type ServerDuplexStream, type ServerInterceptingCall, type ServerInterceptingCallInterface,
+  type ServerInterceptor, type StatusObject,
 } from '@grpc/grpc-js';
 import type { Socket } from 'node:net';
 
@@ -215,7 +215,7 @@ export function receiveLimitInterceptor(
     if (limitBytes === undefined) return call as ServerInterceptingCall;
     const decoder = (call as unknown as DecodingCall).decoder;
     if (!decoder || typeof decoder.write !== 'function' || typeof decoder.maxReadMessageLength !== 'number') {
-      throw new Error('grpc-js server call has no StreamDecoder; receiveLimitInterceptor must be the first interceptor and grpc-js 1.10+');
+      throw new Error('grpc-js server call has no StreamDecoder (receiveLimitInterceptor must come first)');
     }
     decoder.maxReadMessageLength = limitBytes;
     (call as unknown as DecodingCall).maxReceiveMessageSize = limitBytes;

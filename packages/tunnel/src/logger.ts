@@ -47,8 +47,12 @@ export function logCallFinished(logger: Logger, fields: CallLogFields): void {
   if (ok && !logger.isLevelEnabled('debug')) return;
   const { code, details, ...rest } = fields;
   // The method, call id and status message may come from a peer's frame (up to a message in size).
-  for (const key of ['method', 'callId'] as const) if (typeof rest[key] === 'string') rest[key] = boundedForLog(rest[key] as string);
-  logger.log(ok ? 'debug' : 'info', 'call finished', { ...rest, status: statusName(code), details: ok ? undefined : boundedForLog(details) });
+  for (const key of ['method', 'callId'] as const) {
+    if (typeof rest[key] === 'string') rest[key] = boundedForLog(rest[key] as string);
+  }
+  const status = statusName(code);
+  const shown = ok ? undefined : boundedForLog(details);
+  logger.log(ok ? 'debug' : 'info', 'call finished', { ...rest, status, details: shown });
 }
 
 /** Most characters of a peer-controlled string a log line carries ({@link boundedForLog}). */
@@ -60,5 +64,6 @@ export const LOGGED_STRING_MAX_CHARS = 1024;
  * grow by megabytes per call.
  */
 export function boundedForLog(value: string): string {
-  return value.length <= LOGGED_STRING_MAX_CHARS ? value : `${value.slice(0, LOGGED_STRING_MAX_CHARS)}… (${value.length} characters)`;
+  if (value.length <= LOGGED_STRING_MAX_CHARS) return value;
+  return `${value.slice(0, LOGGED_STRING_MAX_CHARS)}… (${value.length} characters)`;
 }
