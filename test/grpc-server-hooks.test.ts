@@ -2,7 +2,7 @@ import { expect } from 'chai';
 import * as http2 from 'node:http2';
 import { readFileSync } from 'node:fs';
 import { Metadata, Server, ServerCredentials, status as Status, type ServerDuplexStream, type ServiceError } from '@grpc/grpc-js';
-import { installCatchAll, refuseCallsEarly, shutdownGracefully } from '@burrow/tunnel';
+import { installCatchAll, receiveLimitInterceptor, refuseCallsEarly, shutdownGracefully, type OversizedMessage } from '@burrow/tunnel';
 import { callOverStalledConnection, stalledConnection } from './helpers/late-connection';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
@@ -20,8 +20,7 @@ describe('grpc-js server hooks', function () {
   after(() => pki?.cleanup());
 
   /** An mTLS server whose every call (any path) lands in the catch-all, which echoes `path:message`. */
-  async function serve(): Promise<{ server: Server; port: number; served: string[] }> {
-    const server = new Server();
+  async function serve(server = new Server()): Promise<{ server: Server; port: number; served: string[] }> {
     const served: string[] = [];
     installCatchAll(server, (call: ServerDuplexStream<Buffer, Buffer>) => {
       const path = (call as unknown as { getPath(): string }).getPath();
@@ -69,6 +68,36 @@ describe('grpc-js server hooks', function () {
       client.close();
       server.forceShutdown();
     }
+  });
+
+  it('receiveLimitInterceptor: a message past its method\'s limit is refused from its length prefix with the status given; other methods keep the server limit', async () => {
+    const baseline = snapshotResources();
+    const oversized: Omit<OversizedMessage, 'call'>[] = [];
+    const server = new Server({
+      'grpc.max_receive_message_length': 4 * 1024 * 1024,
+      interceptors: [receiveLimitInterceptor({ '/x.Small/Call': 1024 }, ({ call, ...m }) => {
+        oversized.push(m);
+        return { code: Status.INTERNAL, details: `too big: ${m.bytes} > ${m.limitBytes} (peer ${call.getPeer() ? 'known' : 'unknown'})` };
+      })],
+    });
+    const { port, served } = await serve(server);
+    const client = new RawClient(`127.0.0.1:${port}`, mtlsCredentials(clientCert));
+    try {
+      // At the limit: served.
+      expect((await client.unary('/x.Small/Call', Buffer.alloc(1024, 0x61))).response.length).to.equal('/x.Small/Call:'.length + 1024);
+      // Past it: refused, with the hook's status, and the handler never sees the message.
+      const err = await client.unary('/x.Small/Call', Buffer.alloc(3 * 1024 * 1024, 0x62)).then(() => undefined, (e: ServiceError) => e);
+      expect(err?.code).to.equal(Status.INTERNAL);
+      expect(err?.details).to.equal(`too big: ${3 * 1024 * 1024} > 1024 (peer known)`);
+      expect(oversized).to.deep.equal([{ path: '/x.Small/Call', bytes: 3 * 1024 * 1024, limitBytes: 1024 }]);
+      expect(served.some((m) => m.startsWith('b'))).to.equal(false);
+      // Another method: the server-wide limit.
+      expect((await client.unary('/x.Big/Call', Buffer.alloc(3 * 1024 * 1024, 0x63))).response.length).to.equal('/x.Big/Call:'.length + 3 * 1024 * 1024);
+    } finally {
+      client.close();
+      server.forceShutdown();
+    }
+    await expectNoLeaks(baseline);
   });
 
   it('shutdownGracefully: a connection still in its TLS handshake when the shutdown began gets GOAWAY, and its call is not served', async () => {

@@ -115,15 +115,16 @@ describe('version skew between agent and broker', () => {
       expect(st.details).to.equal(`no common protocol version: agent speaks ${list([NEWER])}, broker speaks ${list(PROTOCOL_VERSIONS)}`);
     });
 
-    it('a Hello listing a version 300,000 times neither crashes the broker nor floods its status message', async () => {
+    it('a Hello listing a version 300,000 times is a protocol error with a short message, and the broker serves the next session', async () => {
       const session = rawAgent().session();
       session.hello({ protocolVersions: new Array<number>(300_000).fill(NEWER) });
       const st = await session.ended();
-      expect(st.code).to.equal(Status.FAILED_PRECONDITION);
+      // Past the 64 KiB session frame limit: refused from its length, before it is read.
+      expect(st.code).to.equal(Status.INTERNAL);
       expect(st.details.length).to.be.below(300);
-      expect(st.details).to.contain(`${NEWER}`).and.contain('300000 entries');
+      expect(st.details).to.match(/^tunnel protocol error: session frame of \d+ bytes; at most 65536 allowed$/);
       const ok = rawAgent().session();
-      ok.hello({ protocolVersions: new Array<number>(300_000).fill(NEWEST) });
+      ok.hello({ protocolVersions: [NEWER, NEWEST, NEWER] });
       expect((await ok.welcome()).protocolVersion).to.equal(NEWEST);
       ok.end();
       await ok.ended();

@@ -3,13 +3,21 @@ import {
   AGENT_DRAIN_VERSION, BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
   UpstreamTable, answer, decodeSessionFrame, certificateIdentityProblem, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
   statusName, verifyCertificateChain, checkReplicaSet, type BrokerEndpoint, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
-  logCallFinished,
+  logCallFinished, boundedForLog, MAX_SESSION_FRAME_BYTES, sessionFrameTooLarge, type OversizedMessage,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 
 /** How long a new session may take to send Hello before the broker gives up on it. */
 const HELLO_TIMEOUT_MS = 10_000;
+
+/**
+ * Receive limits of the agent listener's methods below the server-wide one (receiveLimitInterceptor):
+ * the session stream carries control frames only (tunnel.proto, "Session").
+ */
+export const AGENT_LISTENER_RECEIVE_LIMITS: Readonly<Record<string, number>> = {
+  [TUNNEL_METHODS.session]: MAX_SESSION_FRAME_BYTES,
+};
 
 export interface AgentListenerDeps {
   registry: TunnelRegistry;
@@ -19,6 +27,16 @@ export interface AgentListenerDeps {
   trustDomain: string;
   brokerId: string;
   maxMessageBytes: number;
+  /**
+   * Most session streams one agent (certificate identity) may hold open here at once, counting
+   * those still waiting for Hello; 0 = no cap. A session past it is refused with RESOURCE_EXHAUSTED.
+   */
+  maxSessionsPerAgent: number;
+  /**
+   * Most Offer streams (idle or carrying a call) one agent may hold open here at once, over all its
+   * sessions; 0 = no cap. An offer past it is refused with RESOURCE_EXHAUSTED; its session lives on.
+   */
+  maxOffersPerAgent: number;
   /** True once the broker is draining: new sessions are refused. */
   isDraining(): boolean;
   /** Revocation check for every stream; without a PKI directory nothing is revoked. */
@@ -50,6 +68,15 @@ export class AgentListener {
   private callCounter = 0;
   /** The set last broadcast; what new sessions get when `deps.replicaSet` is not given. */
   private lastReplicaSet: BrokerEndpoint[] = [];
+  /** Session streams per agent id that have not sent Hello yet (the registry holds the others). */
+  private readonly pendingSessions = new Map<string, number>();
+  /** Offer streams open per agent id, idle or carrying a call; an id is removed at 0. */
+  private readonly offerStreams = new Map<string, number>();
+  /**
+   * Agents refused for a per-agent cap whose refusal was logged: one line per agent and limit
+   * until a stream of that kind is accepted again, so a flood of refused streams is one log line.
+   */
+  private readonly refusalsLogged = new Set<string>();
 
   constructor(private readonly deps: AgentListenerDeps) {}
 
@@ -217,10 +244,29 @@ export class AgentListener {
       call.emit('error', { code: Status.UNAVAILABLE, details: 'broker is draining; connect to another broker' });
       return;
     }
+    const cap = this.deps.maxSessionsPerAgent;
+    const held = registry.sessionsOf(id.name).length + (this.pendingSessions.get(id.name) ?? 0);
+    if (cap > 0 && held >= cap) {
+      const details = `agent "${id.name}" holds ${held} sessions at this broker; at most ${cap} allowed`;
+      this.refuseOverLimit(call, id, 'sessions', `${details} (--max-sessions-per-agent)`);
+      return;
+    }
+    this.refusalsLogged.delete(`sessions:${id.name}`);
+    this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
+    let pending = true;
+    // Called once the stream has sent Hello or ended, whichever comes first.
+    const settle = (): void => {
+      if (!pending) return;
+      pending = false;
+      const n = (this.pendingSessions.get(id.name) ?? 1) - 1;
+      if (n > 0) this.pendingSessions.set(id.name, n);
+      else this.pendingSessions.delete(id.name);
+    };
     let session: AgentSession | undefined;
     const helloTimer = setTimeout(() => fail(new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`)), HELLO_TIMEOUT_MS);
     const fail = (err: BurrowError): void => {
       clearTimeout(helloTimer);
+      settle();
       if (err instanceof ProtocolError) metrics.protocolErrors.inc();
       logger.warn('tunnel session failed', { agentId: id.name, peer: call.getPeer(), error: err.message });
       if (session) this.closeSession(session, err, true);
@@ -248,6 +294,7 @@ export class AgentListener {
         return;
       }
       clearTimeout(helloTimer);
+      settle();
       const version = negotiateVersion(PROTOCOL_VERSIONS, frame.hello.protocolVersions);
       if (version === undefined) {
         const details = `no common protocol version: agent speaks ${describeVersions(frame.hello.protocolVersions)}, broker speaks ${describeVersions(PROTOCOL_VERSIONS)}`;
@@ -274,6 +321,7 @@ export class AgentListener {
     });
     const ended = (): void => {
       clearTimeout(helloTimer);
+      settle();
       if (session) this.closeSession(session, undefined, false);
     };
     call.on('end', ended);
@@ -300,7 +348,8 @@ export class AgentListener {
     const session = typeof sessionId === 'string' ? this.sessionsById.get(sessionId) : undefined;
     if (!session) {
       // Usually a race with a session that just ended; the agent reconnects and opens new ones.
-      call.emit('error', { code: Status.FAILED_PRECONDITION, details: `unknown tunnel session "${String(sessionId ?? '')}"` });
+      const details = `unknown tunnel session "${boundedForLog(String(sessionId ?? ''))}"`;
+      call.emit('error', { code: Status.FAILED_PRECONDITION, details });
       return undefined;
     }
     if (session.agentId !== id.name) {
@@ -317,6 +366,17 @@ export class AgentListener {
     if (!id) return;
     const session = this.sessionOf(call, id, 'offer');
     if (!session) return;
+    const cap = this.deps.maxOffersPerAgent;
+    const held = this.offerStreams.get(id.name) ?? 0;
+    if (cap > 0 && held >= cap) {
+      // An offer it was asked for and that is refused will not come: do not wait for it.
+      if (session.owedOffers > 0) session.owedOffers--;
+      const details = `agent "${id.name}" holds ${held} tunnel streams (offers) at this broker; at most ${cap} allowed`;
+      this.refuseOverLimit(call, id, 'offers', `${details} (--max-offers-per-agent)`);
+      return;
+    }
+    this.refusalsLogged.delete(`offers:${id.name}`);
+    this.offerStreams.set(id.name, held + 1);
     const reusable = session.protocolVersion >= REUSABLE_OFFERS_VERSION;
     const stream = new CallStream(call, 'server', 'originator', (err) => this.protocolError(session, err), reusable);
     stream.attach(IDLE_OFFER_HANDLERS);
@@ -325,7 +385,12 @@ export class AgentListener {
         stream.attach(IDLE_OFFER_HANDLERS);
         this.deps.registry.releaseOffer(session, stream);
       },
-      onClosed: () => this.deps.registry.dropOffer(session, stream),
+      onClosed: () => {
+        const n = (this.offerStreams.get(id.name) ?? 1) - 1;
+        if (n > 0) this.offerStreams.set(id.name, n);
+        else this.offerStreams.delete(id.name);
+        this.deps.registry.dropOffer(session, stream);
+      },
     };
     this.deps.registry.addOffer(session, stream);
   }
@@ -374,6 +439,37 @@ export class AgentListener {
     metrics.calls.inc({ direction: 'from_agent', method: metrics.methodLabel(start.method), code: statusName(code) });
     metrics.callDuration.observe({ direction: 'from_agent' }, seconds);
     logCallFinished(logger, { direction: 'from_agent', agentId: session.agentId, callId, method: start.method, code, details, durationMs: Math.round(seconds * 1000) });
+  }
+
+  /**
+   * Refuses a stream past a per-agent cap with RESOURCE_EXHAUSTED and `details`; the agent's other
+   * streams are left alone. Counted every time (`rejected_handshakes_total`, reason session_limit or
+   * offer_limit), logged once per agent and limit until the agent is under it again.
+   */
+  private refuseOverLimit(call: RawCall, id: PeerIdentity, limit: 'sessions' | 'offers', details: string): void {
+    const key = `${limit}:${id.name}`;
+    const reason = limit === 'sessions' ? 'session_limit' : 'offer_limit';
+    this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason });
+    if (!this.refusalsLogged.has(key)) {
+      this.refusalsLogged.add(key);
+      const fields = { agentId: id.name, peer: call.getPeer(), limit, reason: details };
+      this.deps.logger.warn('tunnel stream refused: per-agent limit', fields);
+    }
+    call.emit('error', { code: Status.RESOURCE_EXHAUSTED, details });
+  }
+
+  /**
+   * A session frame over {@link MAX_SESSION_FRAME_BYTES} (from the agent server's
+   * receiveLimitInterceptor, before the frame is read): a protocol error, logged with the agent's
+   * id; returns the status that ends that session stream. The agent's other sessions live on.
+   */
+  oversizedSessionFrame(message: OversizedMessage): { code: number; details: string } {
+    const err = new ProtocolError(sessionFrameTooLarge(message.bytes));
+    const id = identityOfPeerCertificate(message.call.getAuthContext().sslPeerCertificate);
+    this.deps.metrics.protocolErrors.inc();
+    const fields = { agentId: id?.name, peer: message.call.getPeer(), error: err.message };
+    this.deps.logger.warn('tunnel session failed', fields);
+    return { code: err.code, details: err.message };
   }
 
   private protocolError(session: AgentSession, err: ProtocolError): void {

@@ -70,6 +70,16 @@ export interface BrokerConfig {
    * only enroll) is closed this long after its handshake, whatever it does.
    */
   unauthenticatedTimeoutMs: number;
+  /**
+   * Most session streams one agent certificate identity may hold here at once (those still before
+   * Hello included): a tunnel per broker, plus an old one lingering across a reconnect (0 = no cap).
+   */
+  maxSessionsPerAgent: number;
+  /**
+   * Most Offer streams (idle or carrying a call) one agent may hold here at once, over all its
+   * sessions; above `limits.agent.maxConcurrent` plus the agent's idle minimum (0 = no cap).
+   */
+  maxOffersPerAgent: number;
   keepalive: KeepaliveSettings;
   /** HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when unset. */
   authzenListen?: string;
@@ -122,6 +132,8 @@ export const BROKER_DEFAULTS = {
   maxPendingHandshakesPerAddress: 32,
   handshakeTimeoutMs: 5_000,
   unauthenticatedTimeoutMs: 10_000,
+  maxSessionsPerAgent: 4,
+  maxOffersPerAgent: 4096,
   keepalive: DEFAULT_KEEPALIVE,
   authzenTimeoutMs: 10_000,
   limits: { caller: { maxConcurrent: 4096, ratePerSecond: 0 }, agent: { maxConcurrent: 2048, ratePerSecond: 0 } } as CallLimits,

@@ -4,6 +4,8 @@ import { Counter, Gauge, Histogram, Registry, collectDefaultMetrics, type Metric
 // Method names come from callers; past this many distinct ones, new names are counted as "other"
 // so that a caller sending random paths cannot grow the metrics without bound.
 const MAX_METHOD_LABELS = 500;
+/** Longest method path kept as a label; longer ones are `other`. */
+const MAX_METHOD_LABEL_CHARS = 256;
 
 /** Every metric the broker exports, on its own registry (served at the admin listener's /metrics). */
 export class BrokerMetrics {
@@ -113,7 +115,8 @@ export class BrokerMetrics {
   /** The method label for `method`: itself while fewer than the cap are known, else "other". */
   methodLabel(method: string): string {
     if (this.knownMethods.has(method)) return method;
-    if (this.knownMethods.size >= MAX_METHOD_LABELS) return 'other';
+    // A path is whatever a caller or agent put in it; /metrics must not carry a megabyte label.
+    if (this.knownMethods.size >= MAX_METHOD_LABELS || method.length > MAX_METHOD_LABEL_CHARS) return 'other';
     this.knownMethods.add(method);
     return method;
   }

@@ -8,14 +8,14 @@ import { Server, experimental, status as Status, type ServerCredentials, type Se
 import {
   BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
   cachePeerCertificates, certificateIdentityProblem, guardConnections, identityOfCertificate, installCatchAll,
-  observeTlsClientErrors, refuseCallsEarly, tlsServersOf, shutdownGracefully, tunnelServerOptions,
+  observeTlsClientErrors, receiveLimitInterceptor, refuseCallsEarly, tlsServersOf, shutdownGracefully, tunnelServerOptions,
   upstreamChannelOptions, type ConnectionGuard, type GuardedClose, type UnauthenticatedLimits,
   type IssuedAgentCertificate, type Logger, type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki, defaultBrokerName, type BrokerPkiStatus } from './broker-pki';
 import { brokerAdminRoutes } from './broker-admin';
 
-import { AgentListener } from './agent-listener';
+import { AGENT_LISTENER_RECEIVE_LIMITS, AgentListener } from './agent-listener';
 import type { BrokerConfig } from './broker-config';
 import { BrokerMetrics } from './broker-metrics';
 import { createAuthzenServer } from './authzen-http';
@@ -179,7 +179,13 @@ export class Broker {
     this.limiter = new CallLimiter(config.limits);
     this.watch = new CredentialWatch({ logger, metrics: this.metrics });
     this.platformUpstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
-    this.agentServer = new Server(tunnelServerOptions(config.maxMessageBytes, config.keepalive));
+    this.agentServer = new Server({
+      ...tunnelServerOptions(config.maxMessageBytes, config.keepalive),
+      // Session frames are refused past 64 KiB before they are buffered; call streams keep the big limit.
+      interceptors: [
+        receiveLimitInterceptor(AGENT_LISTENER_RECEIVE_LIMITS, (m) => this.agentListener.oversizedSessionFrame(m)),
+      ],
+    });
     this.apiServer = new Server(callServerOptions(config.maxMessageBytes, config.keepalive));
     if (config.pkiDir) {
       const defaultIps = ['127.0.0.1', '::1'];
@@ -237,6 +243,7 @@ export class Broker {
     this.agentListener = new AgentListener({
       registry: this.registry, metrics: this.metrics, logger: this.logger, platformUpstreams: this.platformUpstreams,
       trustDomain: this.trustDomain, brokerId: this.brokerId, maxMessageBytes: this.config.maxMessageBytes, isDraining,
+      maxSessionsPerAgent: this.config.maxSessionsPerAgent, maxOffersPerAgent: this.config.maxOffersPerAgent,
       isRevoked, trustBundlePem: () => this.tls!.caPem,
       replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
     });

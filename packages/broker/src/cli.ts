@@ -49,6 +49,8 @@ const SERVE_OPTIONS = {
   'max-pending-handshakes-per-address': { type: 'number', describe: 'most connections of one source address, per TLS listener, without a proven client certificate (in their handshake, or enrolling); more are closed at accept (0 = no cap)', default: 32 },
   'handshake-timeout': { type: 'string', describe: 'a connection to any TLS listener whose handshake has not finished in this time is closed', default: '5s' },
   'unauthenticated-timeout': { type: 'string', describe: 'with --pki-dir: an agent-listener connection without a client certificate (enrollment) is closed this long after its handshake', default: '10s' },
+  'max-sessions-per-agent': { type: 'number', describe: 'most tunnel sessions one agent certificate may hold at this broker at once (0 = no cap)', default: 4 },
+  'max-offers-per-agent': { type: 'number', describe: 'most tunnel streams (offers, idle or carrying a call) one agent may hold at this broker at once; at least --agent-max-concurrent (0 = no cap)', default: 4096 },
   'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
   'keepalive-timeout': { type: 'string', describe: 'ping answer timeout before a connection is dropped', default: '10s' },
   'authzen-listen': { type: 'string', describe: 'HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when empty' },
@@ -121,6 +123,14 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
   });
   const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
   if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3) throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  const maxOffersPerAgent = parseIntInRange('max-offers-per-agent', args['max-offers-per-agent'], 0, 1_000_000);
+  const agentMaxConcurrent = parseIntInRange('agent-max-concurrent', args['agent-max-concurrent'], 0, 1_000_000);
+  // Calls past the offer cap would wait for offers the broker refuses: the cap must not be the lower
+  // limit. With --agent-max-concurrent 0 (no limit) the offer cap is what bounds an agent's calls.
+  if (maxOffersPerAgent > 0 && agentMaxConcurrent > maxOffersPerAgent) {
+    const problem = `${maxOffersPerAgent} is below --agent-max-concurrent (${agentMaxConcurrent}); raise it or set 0`;
+    throw new ConfigError('max-offers-per-agent', problem);
+  }
   const pkiDir = args['pki-dir'] ? String(args['pki-dir']) : undefined;
   if (pkiDir && !existsSync(path.join(pkiDir, 'pki.json'))) throw new ConfigError('pki-dir', `${pkiDir} is not a PKI directory (run burrow-pki init --dir ${pkiDir})`);
   // With a PKI directory the certificate is optional (self-issued), but a given one must be whole.
@@ -157,6 +167,8 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
       'max-pending-handshakes-per-address', args['max-pending-handshakes-per-address'], 0, 1_000_000),
     handshakeTimeoutMs: parseTimeoutMs('handshake-timeout', args['handshake-timeout']),
     unauthenticatedTimeoutMs: parseTimeoutMs('unauthenticated-timeout', args['unauthenticated-timeout']),
+    maxSessionsPerAgent: parseIntInRange('max-sessions-per-agent', args['max-sessions-per-agent'], 0, 10_000),
+    maxOffersPerAgent,
     keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
     callerPolicy: callerPolicyFromArgs(args),
     cluster: clusterFromArgs(args),
@@ -164,7 +176,7 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     authzenTimeoutMs: parseDurationMs('authzen-timeout', args['authzen-timeout']),
     limits: {
       caller: { maxConcurrent: parseIntInRange('caller-max-concurrent', args['caller-max-concurrent'], 0, 1_000_000), ratePerSecond: parseIntInRange('caller-rate', args['caller-rate'], 0, 1_000_000) },
-      agent: { maxConcurrent: parseIntInRange('agent-max-concurrent', args['agent-max-concurrent'], 0, 1_000_000), ratePerSecond: parseIntInRange('agent-rate', args['agent-rate'], 0, 1_000_000) },
+      agent: { maxConcurrent: agentMaxConcurrent, ratePerSecond: parseIntInRange('agent-rate', args['agent-rate'], 0, 1_000_000) },
     },
     logLevel,
     logFormat: logFormat as LogFormat,

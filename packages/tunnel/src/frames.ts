@@ -18,6 +18,32 @@ export const AGENT_DRAIN_VERSION = 3;
 /** Most entries a `Brokers` frame may list (tunnel.proto, "Brokers"). */
 export const MAX_REPLICA_SET_SIZE = 64;
 
+/**
+ * Largest session frame either side accepts, in bytes (tunnel.proto, "Session"). The session
+ * stream carries control frames only (the biggest a certificate chain or a trust bundle of a few
+ * KiB), so a frame past this is a peer breaking the protocol; the broker's agent listener refuses
+ * it before it is even buffered (receiveLimitInterceptor), everyone else before decoding it.
+ */
+export const MAX_SESSION_FRAME_BYTES = 64 * 1024;
+
+/**
+ * Bounds on the fields of session frames (tunnel.proto). A peer's frame past one is a protocol
+ * error: these strings end up in logs, `/agents` and status messages, and a version list is
+ * scanned per session, so each must stay small whatever the peer sends.
+ */
+export const SESSION_FIELD_LIMITS = {
+  /** `Hello.protocol_versions`: entries (this build speaks 3 versions). */
+  protocolVersions: 16,
+  /** `Hello.agent_version`: characters (a semantic version with build metadata fits). */
+  agentVersionChars: 256,
+  /** `Welcome.session_id`, `Welcome.broker_id`, `BrokerEndpoint.broker_id`: characters. */
+  idChars: 256,
+  /** `BrokerEndpoint.address` (HOST:PORT; a DNS name is at most 253 characters): characters. */
+  addressChars: 300,
+  /** `Drain.reason`: characters. */
+  reasonChars: 1024,
+} as const;
+
 /** Framing allowance on top of the largest forwarded message: frame tags, lengths, metadata. */
 export const FRAME_OVERHEAD_BYTES = 64 * 1024;
 
@@ -71,6 +97,14 @@ export type SessionFrame =
   | { kind: 'trustBundle'; pem: string; version: number }
   | { kind: 'brokers'; brokers: BrokerEndpoint[] };
 
+/**
+ * Throws {@link ProtocolError} when `value` (a string field of a peer's frame) is longer than
+ * `max` characters. The message gives the length, never the value: it may be megabytes.
+ */
+function tooLong(field: string, value: string, max: number): void {
+  if (value.length > max) throw new ProtocolError(`${field} is ${value.length} characters; at most ${max} allowed`);
+}
+
 const HOST_PORT = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
 
 /**
@@ -84,6 +118,8 @@ export function checkReplicaSet(set: readonly BrokerEndpoint[]): void {
   const seen = new Set<string>();
   for (const [i, b] of set.entries()) {
     if (!b.brokerId) throw new ProtocolError(`brokers frame entry ${i} has no broker id`);
+    tooLong(`brokers frame entry ${i} broker_id`, b.brokerId, SESSION_FIELD_LIMITS.idChars);
+    tooLong(`brokers frame entry ${i} address`, b.address, SESSION_FIELD_LIMITS.addressChars);
     if (seen.has(b.brokerId)) throw new ProtocolError(`brokers frame lists broker "${b.brokerId}" twice`);
     seen.add(b.brokerId);
     const m = HOST_PORT.exec(b.address);
@@ -184,25 +220,51 @@ export function encodeSessionFrame(frame: SessionFrame): Buffer {
   return toBuffer(sessionType().encode(body).finish());
 }
 
-/** Decodes a session frame; a malformed one throws {@link ProtocolError}. */
+/**
+ * Decodes a session frame; a malformed one, one over {@link MAX_SESSION_FRAME_BYTES} (checked
+ * before decoding) or one with a field past {@link SESSION_FIELD_LIMITS} throws
+ * {@link ProtocolError} naming the frame, the field and the bound.
+ */
 export function decodeSessionFrame(bytes: Buffer): SessionFrame {
+  if (bytes.length > MAX_SESSION_FRAME_BYTES) throw new ProtocolError(sessionFrameTooLarge(bytes.length));
   let m: protobuf.Message & Record<string, unknown>;
   try {
     m = sessionType().decode(bytes) as protobuf.Message & Record<string, unknown>;
   } catch (err) {
     throw new ProtocolError(`undecodable session frame (${bytes.length} bytes)`, err);
   }
+  const limits = SESSION_FIELD_LIMITS;
   switch (m.kind) {
     case 'hello': {
       const h = m.hello as Record<string, unknown>;
-      return { kind: 'hello', hello: { protocolVersions: ((h.protocolVersions as number[]) ?? []).map(Number), agentVersion: String(h.agentVersion ?? ''), minIdleOffers: Number(h.minIdleOffers ?? 0) } };
+      const versions = (h.protocolVersions as number[] | undefined) ?? [];
+      if (versions.length > limits.protocolVersions) {
+        throw new ProtocolError(`Hello lists ${versions.length} versions; at most ${limits.protocolVersions} allowed`);
+      }
+      const agentVersion = String(h.agentVersion ?? '');
+      tooLong('Hello agent_version', agentVersion, limits.agentVersionChars);
+      const minIdleOffers = Number(h.minIdleOffers ?? 0);
+      return { kind: 'hello', hello: { protocolVersions: versions.map(Number), agentVersion, minIdleOffers } };
     }
     case 'welcome': {
       const w = m.welcome as Record<string, unknown>;
-      return { kind: 'welcome', welcome: { protocolVersion: Number(w.protocolVersion ?? 0), sessionId: String(w.sessionId ?? ''), maxMessageBytes: toNumber(w.maxMessageBytes), brokerId: String(w.brokerId ?? '') } };
+      const sessionId = String(w.sessionId ?? '');
+      const brokerId = String(w.brokerId ?? '');
+      tooLong('Welcome session_id', sessionId, limits.idChars);
+      tooLong('Welcome broker_id', brokerId, limits.idChars);
+      const welcome = {
+        protocolVersion: Number(w.protocolVersion ?? 0), sessionId, brokerId,
+        maxMessageBytes: toNumber(w.maxMessageBytes),
+      };
+      return { kind: 'welcome', welcome };
     }
     case 'demand': return { kind: 'demand', offers: Number((m.demand as { offers?: number }).offers ?? 0) };
-    case 'drain': return { kind: 'drain', reason: String((m.drain as { reason?: string }).reason ?? '') };
+    case 'drain': {
+      const reason = String((m.drain as { reason?: string }).reason ?? '');
+      tooLong('Drain reason', reason, limits.reasonChars);
+      return { kind: 'drain', reason };
+    }
+    // PEM fields are bounded by the frame size alone: a chain or bundle has no smaller natural bound.
     case 'credentials': return { kind: 'credentials', certificateChainPem: String((m.credentials as { certificateChainPem?: string }).certificateChainPem ?? '') };
     case 'trustBundle': {
       const t = m.trustBundle as { pem?: string; version?: unknown };
@@ -216,6 +278,11 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
     }
     default: throw new ProtocolError('session frame with no kind');
   }
+}
+
+/** The protocol error for a session frame of `bytes` bytes, over {@link MAX_SESSION_FRAME_BYTES}. */
+export function sessionFrameTooLarge(bytes: number): string {
+  return `session frame of ${bytes} bytes; at most ${MAX_SESSION_FRAME_BYTES} allowed`;
 }
 
 /**

@@ -1,4 +1,7 @@
-import type { Server, ServerDuplexStream, status as Status } from '@grpc/grpc-js';
+import {
+  Metadata, type Server, type ServerDuplexStream, type ServerInterceptingCall, type ServerInterceptingCallInterface,
+  type ServerInterceptor, type StatusObject, type status as Status,
+} from '@grpc/grpc-js';
 import type { Socket } from 'node:net';
 import type { IncomingHttpHeaders, ServerHttp2Stream } from 'node:http2';
 import { guardConnections, refuseStream } from './connection-guard';
@@ -178,4 +181,72 @@ export function shutdownGracefully(server: Server): Promise<void> {
     s.on('session', (session: import('node:http2').ServerHttp2Session) => session.close());
   }
   return new Promise((resolve) => server.tryShutdown(() => resolve()));
+}
+
+/** A message refused by {@link receiveLimitInterceptor}, as its `onOversized` sees it. */
+export interface OversizedMessage {
+  /** Full method path of the call. */
+  path: string;
+  /** The message's length as its gRPC length prefix gives it (nothing more of it has been read). */
+  bytes: number;
+  /** The limit for `path`. */
+  limitBytes: number;
+  /** The call (peer address, auth context); it ends with the status `onOversized` returns. */
+  call: ServerInterceptingCallInterface;
+}
+
+/** The parts of grpc-js's BaseServerInterceptingCall and StreamDecoder this hook touches. */
+interface DecodingCall {
+  maxReceiveMessageSize?: number;
+  decoder?: { maxReadMessageLength?: number; readMessageSize?: number; write(data: Buffer): Buffer[] };
+}
+
+/**
+ * A grpc-js server interceptor (put it first in `ServerOptions.interceptors`) that gives the
+ * methods in `limitBytesByPath` a smaller receive limit than the server's
+ * `grpc.max_receive_message_length`, which grpc-js applies to every method alike. A message past
+ * the limit is refused as soon as its 5-byte gRPC prefix arrives, before any of it is buffered;
+ * the call ends with the status `onOversized` returns (called once per call), and the rest of what
+ * the peer sends on that stream is dropped unread. Other methods are untouched. Why: the broker's
+ * agent listener must accept 16 MiB messages on call streams, but its session stream carries small
+ * control frames, and a peer must not make it buffer and decode 16 MiB there.
+ *
+ * grpc-js has no per-method limit; it reads each message's length in the StreamDecoder of the
+ * call's BaseServerInterceptingCall (the `call` the first interceptor gets), checked against that
+ * decoder's `maxReadMessageLength`. This hook lowers that field for the listed paths and wraps the
+ * decoder's `write` to turn its refusal into `onOversized`'s status. It throws at the first call
+ * if grpc-js changes that shape; test/grpc-server-hooks.test.ts pins it.
+ */
+export function receiveLimitInterceptor(
+  limitBytesByPath: Readonly<Record<string, number>>,
+  onOversized: (message: OversizedMessage) => { code: number; details: string },
+): ServerInterceptor {
+  return (method, call) => {
+    const limitBytes = limitBytesByPath[method.path];
+    // Returned unchanged: grpc-js only calls the interceptor chain's methods, and a pass-through
+    // ServerInterceptingCall would cost every tunnel stream an extra layer for nothing.
+    if (limitBytes === undefined) return call as ServerInterceptingCall;
+    const decoder = (call as unknown as DecodingCall).decoder;
+    if (!decoder || typeof decoder.write !== 'function' || typeof decoder.maxReadMessageLength !== 'number') {
+      throw new Error('grpc-js server call has no StreamDecoder (receiveLimitInterceptor must come first)');
+    }
+    decoder.maxReadMessageLength = limitBytes;
+    (call as unknown as DecodingCall).maxReceiveMessageSize = limitBytes;
+    const write = decoder.write.bind(decoder);
+    let refused = false;
+    decoder.write = (data: Buffer): Buffer[] => {
+      if (refused) return [];
+      try {
+        return write(data);
+      } catch {
+        // StreamDecoder throws only for a length over its limit, after storing that length.
+        refused = true;
+        const bytes = typeof decoder.readMessageSize === 'number' ? decoder.readMessageSize : -1;
+        const status = onOversized({ path: method.path, bytes, limitBytes, call });
+        call.sendStatus({ ...status, metadata: new Metadata() } satisfies StatusObject);
+        return [];
+      }
+    };
+    return call as ServerInterceptingCall;
+  };
 }

@@ -46,5 +46,24 @@ export function logCallFinished(logger: Logger, fields: CallLogFields): void {
   const ok = fields.code === 0;
   if (ok && !logger.isLevelEnabled('debug')) return;
   const { code, details, ...rest } = fields;
-  logger.log(ok ? 'debug' : 'info', 'call finished', { ...rest, status: statusName(code), details: ok ? undefined : details });
+  // The method, call id and status message may come from a peer's frame (up to a message in size).
+  for (const key of ['method', 'callId'] as const) {
+    if (typeof rest[key] === 'string') rest[key] = boundedForLog(rest[key] as string);
+  }
+  const status = statusName(code);
+  const shown = ok ? undefined : boundedForLog(details);
+  logger.log(ok ? 'debug' : 'info', 'call finished', { ...rest, status, details: shown });
+}
+
+/** Most characters of a peer-controlled string a log line carries ({@link boundedForLog}). */
+export const LOGGED_STRING_MAX_CHARS = 1024;
+
+/**
+ * `value` cut to {@link LOGGED_STRING_MAX_CHARS} characters, saying how long it was when cut. For
+ * strings a peer chose (a method path, a status message) that go into a log line: a log must not
+ * grow by megabytes per call.
+ */
+export function boundedForLog(value: string): string {
+  if (value.length <= LOGGED_STRING_MAX_CHARS) return value;
+  return `${value.slice(0, LOGGED_STRING_MAX_CHARS)}… (${value.length} characters)`;
 }
