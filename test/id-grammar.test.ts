@@ -9,7 +9,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
 import { enroll } from '@burrow/agent';
-import { Broker, BROKER_DEFAULTS, brokerConfigFromArgs } from '@burrow/broker';
+import { Broker, BROKER_DEFAULTS, brokerConfigFromArgs, serveDefaults } from '@burrow/broker';
 import { createJoinToken, initPki, issueCertificate } from '@burrow/pki';
 import { AGENT_ID_KEY, ID_GRAMMAR, type Logger } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
@@ -112,16 +112,7 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
   });
 
   it('a broker id outside the grammar is a configuration error', () => {
-    expect(() => brokerConfigFromArgs({ ...serveDefaults(), 'broker-id': 'Broker A', 'pki-dir': dir })).to.throw(/broker-id: must be .*got 'Broker A'/);
+    expect(() => brokerConfigFromArgs({ ...serveDefaults(), 'agent-listen': '127.0.0.1:0', 'api-listen': '127.0.0.1:0', 'broker-id': 'Broker A', 'pki-dir': dir })).to.throw(/broker-id: must be .*got 'Broker A'/);
   });
 });
 
-/** The serve options' defaults, as yargs would fill them in. */
-function serveDefaults(): Record<string, unknown> {
-  return {
-    'agent-listen': '127.0.0.1:0', 'api-listen': '127.0.0.1:0', 'leaf-ttl': '24h', 'enroll-per-minute': 30, 'max-message-bytes': '16MiB',
-    'agent-wait': '5s', 'drain-timeout': '30s', 'idle-offer-ttl': '60s', 'max-pending-handshakes': 256, 'keepalive-time': '20s',
-    'keepalive-timeout': '10s', 'authzen-timeout': '10s', 'caller-max-concurrent': 4096, 'caller-rate': 0, 'agent-max-concurrent': 2048,
-    'agent-rate': 0, 'redis-key-prefix': 'burrow:', 'registry-ttl': '30s', 'log-level': 'info', 'log-format': 'json',
-  };
-}

@@ -109,6 +109,15 @@ function parseTimeoutMs(field: string, value: unknown): number {
 }
 
 /** Builds the typed config; every problem is a ConfigError naming its flag. */
+/** The `serve` flags' defaults, as yargs fills them in (for callers of {@link brokerConfigFromArgs}). */
+export function serveDefaults(): Args {
+  const defaults: Args = {};
+  for (const [key, option] of Object.entries(SERVE_OPTIONS)) {
+    if ('default' in option) defaults[key] = option.default;
+  }
+  return defaults;
+}
+
 export function brokerConfigFromArgs(args: Args): BrokerConfig {
   const logLevel = String(args['log-level']);
   if (!['error', 'warn', 'info', 'debug'].includes(logLevel)) throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);

@@ -4,7 +4,7 @@ export * from './broker-config';
 export * from './broker-metrics';
 export * from './caller-api';
 export * from './tunnel-registry';
-export { brokerConfigFromArgs } from './cli';
+export { brokerConfigFromArgs, serveDefaults } from './cli';
 export * from './call-limiter';
 export * from './caller-authorizer';
 export * from './authzen-http';
