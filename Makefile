@@ -3,7 +3,7 @@ SHELL := /bin/bash
 NPM ?= npm
 MOCHA := node_modules/.bin/mocha
 
-.PHONY: all install build test demo bench clean agent-binary
+.PHONY: all install build lint format test demo bench clean agent-binary
 
 all: build
 
@@ -20,6 +20,13 @@ build: install
 	@# npm links workspace bins only when their target exists; the first install ran before tsc.
 	@test -L node_modules/.bin/burrow-agent -a -L node_modules/.bin/burrow-broker -a -L node_modules/.bin/burrow-pki \
 	  || $(NPM) rebuild --ignore-scripts --workspaces >/dev/null
+
+# Formatting and lint rules (biome.jsonc) are checked, never fixed, here: `make format` fixes.
+lint: install
+	node_modules/.bin/biome ci --error-on-warnings .
+
+format: install
+	node_modules/.bin/biome check --write .
 
 test: build
 	$(MOCHA)
