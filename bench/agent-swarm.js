@@ -19,7 +19,13 @@ const { credentials } = require('@grpc/grpc-js');
 const { issueCertificate } = require('@burrow/pki');
 const { AGENT_DEFAULTS, AgentMetrics, Backoff, BrokerConnection } = require('@burrow/agent');
 const { BuiltinServices } = require('@burrow/agent/dist/builtin-services');
-const { UpstreamTable, createLogger, parseUpstreamRoute, silenceIpServerNameWarning, upstreamChannelOptions } = require('@burrow/tunnel');
+const {
+  UpstreamTable,
+  createLogger,
+  parseUpstreamRoute,
+  silenceIpServerNameWarning,
+  upstreamChannelOptions,
+} = require('@burrow/tunnel');
 const { serveIpc } = require('./ipc');
 
 /** Agent.connectLoop's threshold: a session that lasted this long resets the backoff. */
@@ -58,20 +64,35 @@ class SwarmAgent {
     this.failedAttempts = 0;
   }
 
-  get connected() { return Boolean(this.conn?.usable); }
+  get connected() {
+    return Boolean(this.conn?.usable);
+  }
 
   async run(broker, caPem, { startDelayMs, reconnectBaseMs, reconnectMaxMs, minIdleOffers }) {
     await new Promise((resolve) => {
       const timer = setTimeout(resolve, startDelayMs);
-      this.wake = () => { clearTimeout(timer); resolve(); };
+      this.wake = () => {
+        clearTimeout(timer);
+        resolve();
+      };
     });
     const creds = credentials.createSsl(caPem, Buffer.from(this.issued.keyPem), Buffer.from(this.issued.certPem));
     const backoff = new Backoff(reconnectBaseMs, reconnectMaxMs);
     while (!stopped) {
       const conn = new BrokerConnection({
-        address: broker, credentials: creds, agentId: this.id, agentVersion: 'bench', minIdleOffers,
-        maxOffers: AGENT_DEFAULTS.maxOffers, maxMessageBytes: AGENT_DEFAULTS.maxMessageBytes, drainTimeoutMs: 1_000,
-        keepalive: AGENT_DEFAULTS.keepalive, upstreams, builtins, metrics, logger,
+        address: broker,
+        credentials: creds,
+        agentId: this.id,
+        agentVersion: 'bench',
+        minIdleOffers,
+        maxOffers: AGENT_DEFAULTS.maxOffers,
+        maxMessageBytes: AGENT_DEFAULTS.maxMessageBytes,
+        drainTimeoutMs: 1_000,
+        keepalive: AGENT_DEFAULTS.keepalive,
+        upstreams,
+        builtins,
+        metrics,
+        logger,
       });
       this.conn = conn;
       const ended = new Promise((resolve) => {
@@ -89,11 +110,17 @@ class SwarmAgent {
       }
       const why = await ended;
       if (stopped) break;
-      if (why === 'drain') { backoff.reset(); continue; }
+      if (why === 'drain') {
+        backoff.reset();
+        continue;
+      }
       if (sessionStartMs !== undefined && Date.now() - sessionStartMs >= HEALTHY_SESSION_MS) backoff.reset();
       await new Promise((resolve) => {
         const timer = setTimeout(resolve, backoff.nextDelayMs());
-        this.wake = () => { clearTimeout(timer); resolve(); };
+        this.wake = () => {
+          clearTimeout(timer);
+          resolve();
+        };
       });
     }
   }
@@ -102,7 +129,8 @@ class SwarmAgent {
 serveIpc({
   /** Issues one agent certificate per id (kept in memory: nothing else needs the files). */
   async issue({ pkiDir, ids }) {
-    for (const id of ids) agents.push(new SwarmAgent(id, await issueCertificate({ dir: pkiDir, role: 'agent', name: id })));
+    for (const id of ids)
+      agents.push(new SwarmAgent(id, await issueCertificate({ dir: pkiDir, role: 'agent', name: id })));
     return { issued: ids.length };
   },
   /**
@@ -110,17 +138,39 @@ serveIpc({
    * process's share of the fleet's rate; 0: all at once); resolves at once with when the last
    * agent's first attempt is due. Options default to burrow-agent's.
    */
-  start({ broker, caPem, upstream, arrivalPerS = 0, reconnectBaseMs = AGENT_DEFAULTS.reconnectBaseMs, reconnectMaxMs = AGENT_DEFAULTS.reconnectMaxMs, minIdleOffers = AGENT_DEFAULTS.minIdleOffers }) {
+  start({
+    broker,
+    caPem,
+    upstream,
+    arrivalPerS = 0,
+    reconnectBaseMs = AGENT_DEFAULTS.reconnectBaseMs,
+    reconnectMaxMs = AGENT_DEFAULTS.reconnectMaxMs,
+    minIdleOffers = AGENT_DEFAULTS.minIdleOffers,
+  }) {
     stopped = false;
-    upstreams = new UpstreamTable([parseUpstreamRoute(upstream)], upstreamChannelOptions(AGENT_DEFAULTS.maxMessageBytes));
+    upstreams = new UpstreamTable(
+      [parseUpstreamRoute(upstream)],
+      upstreamChannelOptions(AGENT_DEFAULTS.maxMessageBytes),
+    );
     const gapMs = arrivalPerS > 0 ? 1000 / arrivalPerS : 0;
     for (const k of Object.keys(failures)) delete failures[k];
     agents.forEach((a, i) => {
       a.sessions = 0;
       a.failedAttempts = 0;
-      a.loop = a.run(broker, Buffer.from(caPem), { startDelayMs: i * gapMs, reconnectBaseMs, reconnectMaxMs, minIdleOffers });
+      a.loop = a.run(broker, Buffer.from(caPem), {
+        startDelayMs: i * gapMs,
+        reconnectBaseMs,
+        reconnectMaxMs,
+        minIdleOffers,
+      });
     });
-    return { started: agents.length, rampMs: Math.round((agents.length - 1) * gapMs), reconnectBaseMs, reconnectMaxMs, minIdleOffers };
+    return {
+      started: agents.length,
+      rampMs: Math.round((agents.length - 1) * gapMs),
+      reconnectBaseMs,
+      reconnectMaxMs,
+      minIdleOffers,
+    };
   },
   status() {
     return {
@@ -135,7 +185,10 @@ serveIpc({
   /** Closes every agent's connection and ends its loop; `start` may run them again. */
   async stop() {
     stopped = true;
-    for (const a of agents) { a.wake?.(); a.conn?.close(); }
+    for (const a of agents) {
+      a.wake?.();
+      a.conn?.close();
+    }
     await Promise.all(agents.map((a) => a.loop));
     for (const a of agents) a.conn = undefined;
     upstreams?.close();

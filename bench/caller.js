@@ -21,7 +21,10 @@ let agentIds = [];
 
 /** Failed calls by gRPC status name: what a case reports as its misses. */
 class Misses {
-  constructor() { this.count = 0; this.byCode = {}; }
+  constructor() {
+    this.count = 0;
+    this.byCode = {};
+  }
   add(err) {
     this.count++;
     const name = Status[err?.code] ?? 'UNKNOWN';
@@ -31,7 +34,11 @@ class Misses {
 
 function tlsChannel(tls) {
   return {
-    creds: credentials.createSsl(fs.readFileSync(tls.ca), tls.key ? fs.readFileSync(tls.key) : null, tls.cert ? fs.readFileSync(tls.cert) : null),
+    creds: credentials.createSsl(
+      fs.readFileSync(tls.ca),
+      tls.key ? fs.readFileSync(tls.key) : null,
+      tls.cert ? fs.readFileSync(tls.cert) : null,
+    ),
     options: { 'grpc.ssl_target_name_override': BROKER_TLS_NAME, 'grpc.default_authority': BROKER_TLS_NAME },
   };
 }
@@ -75,7 +82,15 @@ const handlers = {
       }
     }
     ms.sort((a, b) => a - b);
-    return { p50_us: quantileUs(ms, 0.5), p99_us: quantileUs(ms, 0.99), calls, ok: ms.length, failed: misses.count - warmupMisses, warmupFailed: warmupMisses, failedByCode: misses.byCode };
+    return {
+      p50_us: quantileUs(ms, 0.5),
+      p99_us: quantileUs(ms, 0.99),
+      calls,
+      ok: ms.length,
+      failed: misses.count - warmupMisses,
+      warmupFailed: warmupMisses,
+      failedByCode: misses.byCode,
+    };
   },
 
   /**
@@ -109,7 +124,15 @@ const handlers = {
     stop = true;
     const seconds = (performance.now() - t0) / 1000;
     await Promise.all(loops);
-    return { rps: Math.round(ok / seconds), concurrency, durationMs: Math.round(seconds * 1000), ok, failed: misses.count, failedByCode: misses.byCode, allCalls };
+    return {
+      rps: Math.round(ok / seconds),
+      concurrency,
+      durationMs: Math.round(seconds * 1000),
+      ok,
+      failed: misses.count,
+      failedByCode: misses.byCode,
+      allCalls,
+    };
   },
 
   /**
@@ -126,14 +149,22 @@ const handlers = {
       let receivedBytes = 0;
       let writing = true;
       const t0 = performance.now();
-      const timer = setTimeout(() => { writing = false; call.end(); }, durationMs);
+      const timer = setTimeout(() => {
+        writing = false;
+        call.end();
+      }, durationMs);
       const pump = () => {
         while (writing) {
           sentBytes += msg.length;
-          if (!call.write(msg)) { call.once('drain', pump); return; }
+          if (!call.write(msg)) {
+            call.once('drain', pump);
+            return;
+          }
         }
       };
-      call.on('data', (m) => { receivedBytes += m.length; });
+      call.on('data', (m) => {
+        receivedBytes += m.length;
+      });
       call.on('error', () => {});
       call.on('status', (s) => {
         clearTimeout(timer);
@@ -141,8 +172,14 @@ const handlers = {
         const seconds = (performance.now() - t0) / 1000;
         const failed = s.code !== Status.OK || receivedBytes !== sentBytes ? 1 : 0;
         resolve({
-          mb_s: Math.round((receivedBytes / 1e6 / seconds) * 10) / 10, durationMs: Math.round(seconds * 1000), messageBytes, sentBytes, receivedBytes,
-          failed, status: Status[s.code], details: s.details || undefined,
+          mb_s: Math.round((receivedBytes / 1e6 / seconds) * 10) / 10,
+          durationMs: Math.round(seconds * 1000),
+          messageBytes,
+          sentBytes,
+          receivedBytes,
+          failed,
+          status: Status[s.code],
+          details: s.details || undefined,
         });
       });
       pump();
@@ -157,30 +194,62 @@ const handlers = {
     const { creds, options } = tlsChannel({ ca: caFile });
     // One connection per worker, as agents enroll (one each): the broker gives a connection
     // without a client certificate 2 concurrent streams.
-    const clients = Array.from({ length: concurrency }, () => new Client(address, creds, { ...options, 'grpc.use_local_subchannel_pool': 1 }));
+    const clients = Array.from(
+      { length: concurrency },
+      () => new Client(address, creds, { ...options, 'grpc.use_local_subchannel_pool': 1 }),
+    );
     const def = ENROLLMENT_SERVICE.enroll;
-    const one = (client, req) => new Promise((resolve, reject) => client.makeUnaryRequest(def.path, def.requestSerialize, def.responseDeserialize, req,
-      new Metadata(), { deadline: Date.now() + CALL_DEADLINE_MS }, (err, res) => (err ? reject(err) : resolve(res))));
+    const one = (client, req) =>
+      new Promise((resolve, reject) =>
+        client.makeUnaryRequest(
+          def.path,
+          def.requestSerialize,
+          def.responseDeserialize,
+          req,
+          new Metadata(),
+          { deadline: Date.now() + CALL_DEADLINE_MS },
+          (err, res) => (err ? reject(err) : resolve(res)),
+        ),
+      );
     // The TLS connections are up before timing (requests[0] stays unused: it was the warm-up call's).
     const misses = new Misses();
-    await Promise.all(clients.map((c) => new Promise((resolve) => c.waitForReady(Date.now() + CALL_DEADLINE_MS, (err) => { if (err) misses.add(err); resolve(); }))));
+    await Promise.all(
+      clients.map(
+        (c) =>
+          new Promise((resolve) =>
+            c.waitForReady(Date.now() + CALL_DEADLINE_MS, (err) => {
+              if (err) misses.add(err);
+              resolve();
+            }),
+          ),
+      ),
+    );
     const queue = requests.slice(1);
     let ok = 0;
     const t0 = performance.now();
-    await Promise.all(clients.map(async (client) => {
-      for (let req = queue.shift(); req; req = queue.shift()) {
-        try {
-          const res = await one(client, req);
-          if (!res.certificateChainPem.includes('BEGIN CERTIFICATE')) throw new Error('no certificate in the answer');
-          ok++;
-        } catch (err) {
-          misses.add(err);
+    await Promise.all(
+      clients.map(async (client) => {
+        for (let req = queue.shift(); req; req = queue.shift()) {
+          try {
+            const res = await one(client, req);
+            if (!res.certificateChainPem.includes('BEGIN CERTIFICATE')) throw new Error('no certificate in the answer');
+            ok++;
+          } catch (err) {
+            misses.add(err);
+          }
         }
-      }
-    }));
+      }),
+    );
     const seconds = (performance.now() - t0) / 1000;
     for (const c of clients) c.close();
-    return { per_s: Math.round(ok / seconds), ok, failed: misses.count, failedByCode: misses.byCode, concurrency, durationMs: Math.round(seconds * 1000) };
+    return {
+      per_s: Math.round(ok / seconds),
+      ok,
+      failed: misses.count,
+      failedByCode: misses.byCode,
+      concurrency,
+      durationMs: Math.round(seconds * 1000),
+    };
   },
 
   /** Unary calls, each to an agent picked at random from agentIds: counts ok and failed. */
@@ -190,20 +259,25 @@ const handlers = {
     let ok = 0;
     let left = calls;
     const t0 = performance.now();
-    await Promise.all(Array.from({ length: concurrency }, async () => {
-      while (left-- > 0) {
-        try {
-          await unary(method, payload);
-          ok++;
-        } catch (err) {
-          misses.add(err);
+    await Promise.all(
+      Array.from({ length: concurrency }, async () => {
+        while (left-- > 0) {
+          try {
+            await unary(method, payload);
+            ok++;
+          } catch (err) {
+            misses.add(err);
+          }
         }
-      }
-    }));
+      }),
+    );
     return { ok, failed: misses.count, failedByCode: misses.byCode, durationMs: Math.round(performance.now() - t0) };
   },
 
-  close() { client?.close(); return true; },
+  close() {
+    client?.close();
+    return true;
+  },
 };
 
 serveIpc(handlers);

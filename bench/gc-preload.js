@@ -8,6 +8,8 @@ process.on('SIGUSR2', () => {
   // A second pass after the event loop turns collects what the first one's finalizers released.
   setImmediate(() => {
     global.gc();
-    process.stderr.write(`${JSON.stringify({ level: 'info', message: 'bench gc settled', heapUsedBytes: process.memoryUsage().heapUsed })}\n`);
+    process.stderr.write(
+      `${JSON.stringify({ level: 'info', message: 'bench gc settled', heapUsedBytes: process.memoryUsage().heapUsed })}\n`,
+    );
   });
 });

@@ -25,14 +25,21 @@ function serveIpc(handlers) {
 class IpcChild {
   constructor(script, args = [], opts = {}) {
     this.name = opts.name ?? script;
-    this.proc = fork(script, args, { stdio: ['ignore', 'inherit', 'inherit', 'ipc'], execArgv: opts.execArgv ?? [], env: opts.env ?? process.env });
+    this.proc = fork(script, args, {
+      stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+      execArgv: opts.execArgv ?? [],
+      env: opts.env ?? process.env,
+    });
     this.pending = new Map();
     this.nextId = 0;
-    this.exited = new Promise((resolve) => this.proc.once('exit', (code, signal) => {
-      for (const { reject } of this.pending.values()) reject(new Error(`${this.name} exited (${code ?? signal}) during a request`));
-      this.pending.clear();
-      resolve({ code, signal });
-    }));
+    this.exited = new Promise((resolve) =>
+      this.proc.once('exit', (code, signal) => {
+        for (const { reject } of this.pending.values())
+          reject(new Error(`${this.name} exited (${code ?? signal}) during a request`));
+        this.pending.clear();
+        resolve({ code, signal });
+      }),
+    );
     this.ready = new Promise((resolve, reject) => {
       this.proc.on('message', (msg) => {
         if (msg.ready) return resolve();
@@ -42,7 +49,9 @@ class IpcChild {
         if (msg.error) p.reject(new Error(`${this.name}: ${msg.error}`));
         else p.resolve(msg.result);
       });
-      this.exited.then(({ code, signal }) => reject(new Error(`${this.name} exited (${code ?? signal}) before it was ready`)));
+      this.exited.then(({ code, signal }) =>
+        reject(new Error(`${this.name} exited (${code ?? signal}) before it was ready`)),
+      );
     });
   }
 

@@ -35,18 +35,29 @@ async function ratePerSecond(items, fn) {
   let next = 0;
   let failed = 0;
   const t0 = performance.now();
-  await Promise.all(Array.from({ length: concurrency }, async () => {
-    while (next < items.length) {
-      try { await fn(items[next++]); } catch (err) { if (failed++ === 0) process.stderr.write(`first failure: ${err.message}\n`); }
-    }
-  }));
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      while (next < items.length) {
+        try {
+          await fn(items[next++]);
+        } catch (err) {
+          if (failed++ === 0) process.stderr.write(`first failure: ${err.message}\n`);
+        }
+      }
+    }),
+  );
   const seconds = (performance.now() - t0) / 1000;
   if (profiler) {
     const { profile } = await profiler.post('Profiler.stop');
     fs.writeFileSync(process.env.ISSUANCE_CPU_PROF, JSON.stringify(profile));
     profiler.disconnect();
   }
-  return { perS: Math.round((items.length - failed) / seconds), ok: items.length - failed, failed, seconds: Math.round(seconds * 100) / 100 };
+  return {
+    perS: Math.round((items.length - failed) / seconds),
+    ok: items.length - failed,
+    failed,
+    seconds: Math.round(seconds * 100) / 100,
+  };
 }
 
 /** BrokerPki.enroll as grpc-js calls it, resolved when its callback is. */
@@ -61,21 +72,37 @@ async function main() {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'burrow-issuance-'));
   try {
     await initPki({ dir, trustDomain: 'bench.burrow.local' });
-    const out = { n, concurrency, node: process.version, cpus: os.cpus().length, loadAverage: os.loadavg().map((x) => Math.round(x * 100) / 100) };
+    const out = {
+      n,
+      concurrency,
+      node: process.version,
+      cpus: os.cpus().length,
+      loadAverage: os.loadavg().map((x) => Math.round(x * 100) / 100),
+    };
     if (which !== 'enroll') {
       const csrs = await Promise.all(Array.from({ length: n }, () => createCsr()));
       let i = 0;
-      out.signCsr = await ratePerSecond(csrs, ({ csrPem }) => signCsr({ dir, csrPem, role: 'agent', name: `sign-${i++}` }));
+      out.signCsr = await ratePerSecond(csrs, ({ csrPem }) =>
+        signCsr({ dir, csrPem, role: 'agent', name: `sign-${i++}` }),
+      );
     }
     if (which !== 'signCsr') {
       const requests = [];
       for (let i = 0; i < n; i++) {
-        const [{ token }, { csrPem }] = await Promise.all([createJoinToken({ dir, agentId: `enroll-${i}`, ttlMs: 3_600_000 }), createCsr()]);
+        const [{ token }, { csrPem }] = await Promise.all([
+          createJoinToken({ dir, agentId: `enroll-${i}`, ttlMs: 3_600_000 }),
+          createCsr(),
+        ]);
         requests.push({ token, csrPem });
       }
       const brokerPki = new BrokerPki({
-        dir, logger: createLogger({ level: 'error', component: 'issuance-profile' }), metrics: new BrokerMetrics(() => ({ agents: 0, sessions: 0, streams: 0 })),
-        issueOwnCertificate: false, dns: [], ip: [], enrollPerMinute: 1e9,
+        dir,
+        logger: createLogger({ level: 'error', component: 'issuance-profile' }),
+        metrics: new BrokerMetrics(() => ({ agents: 0, sessions: 0, streams: 0 })),
+        issueOwnCertificate: false,
+        dns: [],
+        ip: [],
+        enrollPerMinute: 1e9,
       });
       await brokerPki.load();
       out.enroll = await ratePerSecond(requests, (req) => enrollOnce(brokerPki, req));

@@ -24,15 +24,29 @@ let client;
 /** Forwards one server call as a client call to the target, until either side ends it. */
 function relay(method, call) {
   const deadline = call.getDeadline();
-  const out = client.makeBidiStreamRequest(method, identity, identity, call.metadata, { deadline: deadline instanceof Date || typeof deadline === 'number' ? deadline : Infinity });
+  const out = client.makeBidiStreamRequest(method, identity, identity, call.metadata, {
+    deadline: deadline instanceof Date || typeof deadline === 'number' ? deadline : Infinity,
+  });
   let done = false;
   call.on('error', () => {});
   out.on('error', () => {});
-  call.on('cancelled', () => { if (!done) out.cancel(); });
-  call.on('data', (m) => { if (!out.write(m)) { call.pause(); out.once('drain', () => call.resume()); } });
+  call.on('cancelled', () => {
+    if (!done) out.cancel();
+  });
+  call.on('data', (m) => {
+    if (!out.write(m)) {
+      call.pause();
+      out.once('drain', () => call.resume());
+    }
+  });
   call.on('end', () => out.end());
   out.on('metadata', (md) => call.sendMetadata(md));
-  out.on('data', (m) => { if (!call.write(m)) { out.pause(); call.once('drain', () => out.resume()); } });
+  out.on('data', (m) => {
+    if (!call.write(m)) {
+      out.pause();
+      call.once('drain', () => out.resume());
+    }
+  });
   // grpc-js may report the status while answers are still buffered in a paused stream: an OK
   // status is passed on once every answer has been read ('end'), an error at once.
   let status;
@@ -44,8 +58,14 @@ function relay(method, call) {
     if (status.code === Status.OK) call.end(status.metadata);
     else call.emit('error', { code: status.code, details: status.details, metadata: status.metadata });
   };
-  out.on('end', () => { answersRead = true; finish(); });
-  out.on('status', (s) => { status = s; finish(); });
+  out.on('end', () => {
+    answersRead = true;
+    finish();
+  });
+  out.on('status', (s) => {
+    status = s;
+    finish();
+  });
 }
 
 serveIpc({
@@ -58,12 +78,24 @@ serveIpc({
   async start({ listenTls, target, targetTls, methods = [ECHO.unary, ECHO.bidi] }) {
     const read = (f) => fs.readFileSync(f);
     client = targetTls
-      ? new Client(target, credentials.createSsl(read(targetTls.ca), read(targetTls.key), read(targetTls.cert)), { 'grpc.ssl_target_name_override': TLS_NAME, 'grpc.default_authority': TLS_NAME, 'grpc.enable_retries': 0 })
+      ? new Client(target, credentials.createSsl(read(targetTls.ca), read(targetTls.key), read(targetTls.cert)), {
+          'grpc.ssl_target_name_override': TLS_NAME,
+          'grpc.default_authority': TLS_NAME,
+          'grpc.enable_retries': 0,
+        })
       : new Client(target, credentials.createInsecure(), { 'grpc.enable_retries': 0 });
     server = new Server();
     for (const method of methods) server.register(method, (call) => relay(method, call), identity, identity, 'bidi');
-    const creds = listenTls ? ServerCredentials.createSsl(read(listenTls.ca), [{ cert_chain: read(listenTls.cert), private_key: read(listenTls.key) }], true) : ServerCredentials.createInsecure();
-    const port = await new Promise((resolve, reject) => server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))));
+    const creds = listenTls
+      ? ServerCredentials.createSsl(
+          read(listenTls.ca),
+          [{ cert_chain: read(listenTls.cert), private_key: read(listenTls.key) }],
+          true,
+        )
+      : ServerCredentials.createInsecure();
+    const port = await new Promise((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))),
+    );
     return `127.0.0.1:${port}`;
   },
   stop() {

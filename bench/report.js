@@ -25,18 +25,34 @@ function evaluateTargets(cases) {
   t.stream_vs_direct = { rule: 'stream MB/s >= 0.5x direct', value: st, limit: 0.5, met: atLeast(st, 0.5) };
   const ss = ratio(s?.burrow?.mb_s, s?.ssh?.mb_s);
   t.stream_vs_ssh = { rule: 'stream MB/s not below ssh', value: ss, limit: 1, met: atLeast(ss, 1) };
-  t.scale_rss = { rule: 'broker <= 50 KiB RSS per idle agent', value: sc?.rss_kib_per_agent ?? null, limit: 50, met: atMost(sc?.rss_kib_per_agent, 50) };
+  t.scale_rss = {
+    rule: 'broker <= 50 KiB RSS per idle agent',
+    value: sc?.rss_kib_per_agent ?? null,
+    limit: 50,
+    met: atMost(sc?.rss_kib_per_agent, 50),
+  };
   const reconnect = sc ? (sc.reconnect_all_s ?? Infinity) : null;
   t.scale_reconnect = {
-    rule: '10,000 agents all reconnected <= 60 s after a broker restart', value: sc ? sc.reconnect_all_s : null, limit: 60, met: atMost(reconnect, 60),
+    rule: '10,000 agents all reconnected <= 60 s after a broker restart',
+    value: sc ? sc.reconnect_all_s : null,
+    limit: 60,
+    met: atMost(reconnect, 60),
     // The target names 10,000 agents; a quick run measures fewer, which says less.
     conclusive: sc ? sc.agents >= 10_000 : false,
   };
-  t.issuance = { rule: 'issuance >= 200 certificates/s', value: is?.per_s ?? null, limit: 200, met: atLeast(is?.per_s, 200) };
+  t.issuance = {
+    rule: 'issuance >= 200 certificates/s',
+    value: is?.per_s ?? null,
+    limit: 200,
+    met: atLeast(is?.per_s, 200),
+  };
   return t;
 }
 
-const fmt = (v, digits = 0) => (v === null || v === undefined ? '–' : Number(v).toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits }));
+const fmt = (v, digits = 0) =>
+  v === null || v === undefined
+    ? '–'
+    : Number(v).toLocaleString('en-US', { maximumFractionDigits: digits, minimumFractionDigits: digits });
 const verdict = (target) => {
   if (!target || target.met === null) return 'not measured';
   const word = target.met ? 'met' : '**missed**';
@@ -54,7 +70,9 @@ function tableLines(result) {
   const { cases, targets: t, machine: m } = result;
   const lines = [];
   const row = (...cells) => lines.push(`| ${cells.join(' | ')} |`);
-  lines.push(`Profile **${m.profile}**, ${m.cpus} x ${m.model}, ${Math.round(m.memKiB / 1048576)} GiB, Node ${m.node}, load average ${m.loadAverageStart.join(' ')} at start, ${m.loadAverageEnd?.join(' ') ?? '?'} at end; commit ${m.gitCommit?.slice(0, 7) ?? '?'}${m.gitDirty ? ' (dirty)' : ''}, ${m.date}.`);
+  lines.push(
+    `Profile **${m.profile}**, ${m.cpus} x ${m.model}, ${Math.round(m.memKiB / 1048576)} GiB, Node ${m.node}, load average ${m.loadAverageStart.join(' ')} at start, ${m.loadAverageEnd?.join(' ') ?? '?'} at end; commit ${m.gitCommit?.slice(0, 7) ?? '?'}${m.gitDirty ? ' (dirty)' : ''}, ${m.date}.`,
+  );
   lines.push('');
   const u = cases.unary;
   const p = cases.policy;
@@ -62,14 +80,37 @@ function tableLines(result) {
   // The grpc-js relay columns (relay.js: the same hops with nothing but grpc-js forwarding) appear
   // when the run measured them; results of runs before they existed print as they did.
   const relay = Boolean(u?.relay || s?.relay);
-  const sideCells = (bySide, key, digits = 0) => [fmt(bySide.direct?.[key], digits), fmt(bySide.burrow?.[key], digits), fmt(bySide.ssh?.[key], digits), ...(relay ? [fmt(bySide.relay?.[key], digits)] : [])];
+  const sideCells = (bySide, key, digits = 0) => [
+    fmt(bySide.direct?.[key], digits),
+    fmt(bySide.burrow?.[key], digits),
+    fmt(bySide.ssh?.[key], digits),
+    ...(relay ? [fmt(bySide.relay?.[key], digits)] : []),
+  ];
   const vsRelay = (bySide, key) => (relay ? [times(ratio(bySide.burrow?.[key], bySide.relay?.[key]))] : []);
   if (u || s) {
-    row('case', 'direct', 'burrow', 'ssh', ...(relay ? ['grpc-js relay'] : []), 'burrow/direct', ...(relay ? ['burrow/relay'] : []), 'target', 'result');
+    row(
+      'case',
+      'direct',
+      'burrow',
+      'ssh',
+      ...(relay ? ['grpc-js relay'] : []),
+      'burrow/direct',
+      ...(relay ? ['burrow/relay'] : []),
+      'target',
+      'result',
+    );
     row('---', '---:', '---:', '---:', ...(relay ? ['---:'] : []), '---:', ...(relay ? ['---:'] : []), '---', '---');
   }
   if (u) {
-    const r = (label, key, target, rule) => row(label, ...sideCells(u, key), target ? targetTimes(target) : times(ratio(u.burrow?.[key], u.direct?.[key])), ...vsRelay(u, key), rule ?? '', target ? verdict(target) : '');
+    const r = (label, key, target, rule) =>
+      row(
+        label,
+        ...sideCells(u, key),
+        target ? targetTimes(target) : times(ratio(u.burrow?.[key], u.direct?.[key])),
+        ...vsRelay(u, key),
+        rule ?? '',
+        target ? verdict(target) : '',
+      );
     r('unary 100 B p50 (µs)', 'p50_us', t.unary_p50, '<= 2.5x');
     r('unary p99 (µs)', 'p99_us');
     for (const c of [1, 16]) r(`unary calls/s, c=${c}`, `rps_c${c}`);
@@ -77,22 +118,55 @@ function tableLines(result) {
     row('unary failed calls', ...sideCells(u, 'failed'), '', ...(relay ? [''] : []), '', '');
   }
   if (s) {
-    row('bidi 64 KiB stream (MB/s)', ...sideCells(s, 'mb_s', 1), targetTimes(t.stream_vs_direct), ...vsRelay(s, 'mb_s'), '>= 0.5x direct; >= ssh',
-      `${verdict(t.stream_vs_direct)}; ${verdict(t.stream_vs_ssh)} (${targetTimes(t.stream_vs_ssh)} ssh)`);
+    row(
+      'bidi 64 KiB stream (MB/s)',
+      ...sideCells(s, 'mb_s', 1),
+      targetTimes(t.stream_vs_direct),
+      ...vsRelay(s, 'mb_s'),
+      '>= 0.5x direct; >= ssh',
+      `${verdict(t.stream_vs_direct)}; ${verdict(t.stream_vs_ssh)} (${targetTimes(t.stream_vs_ssh)} ssh)`,
+    );
     row('stream failed calls', ...sideCells(s, 'failed'), '', ...(relay ? [''] : []), '', '');
   }
   if (p) {
     lines.push('');
     // relay_policy: the floor server behind one grpc-js relay (two hops, no decision), when measured.
     const rp = Boolean(p.relay_policy);
-    const policyRow = (label, key, target, rule) => row(label, fmt(p.floor?.[key]), fmt(p.burrow_policy?.[key]), ...(rp ? [fmt(p.relay_policy?.[key])] : []),
-      target ? targetTimes(target) : times(ratio(p.burrow_policy?.[key], p.floor?.[key])), ...(rp ? [times(ratio(p.relay_policy?.[key], p.floor?.[key]))] : []), rule ?? '', target ? verdict(target) : '');
-    row('policy decision', 'floor (1 hop)', 'burrow_policy', ...(rp ? ['grpc-js relay to the floor (2 hops)'] : []), 'burrow/floor', ...(rp ? ['relay/floor'] : []), 'target', 'result');
+    const policyRow = (label, key, target, rule) =>
+      row(
+        label,
+        fmt(p.floor?.[key]),
+        fmt(p.burrow_policy?.[key]),
+        ...(rp ? [fmt(p.relay_policy?.[key])] : []),
+        target ? targetTimes(target) : times(ratio(p.burrow_policy?.[key], p.floor?.[key])),
+        ...(rp ? [times(ratio(p.relay_policy?.[key], p.floor?.[key]))] : []),
+        rule ?? '',
+        target ? verdict(target) : '',
+      );
+    row(
+      'policy decision',
+      'floor (1 hop)',
+      'burrow_policy',
+      ...(rp ? ['grpc-js relay to the floor (2 hops)'] : []),
+      'burrow/floor',
+      ...(rp ? ['relay/floor'] : []),
+      'target',
+      'result',
+    );
     row('---', '---:', '---:', ...(rp ? ['---:'] : []), '---:', ...(rp ? ['---:'] : []), '---', '---');
     policyRow('Evaluate p50 (µs)', 'p50_us', t.policy_p50, '<= 2x');
     policyRow('Evaluate p99 (µs)', 'p99_us');
     policyRow('Evaluate calls/s, c=64', 'rps_c64');
-    row('failed calls', fmt(p.floor?.failed), fmt(p.burrow_policy?.failed), ...(rp ? [fmt(p.relay_policy?.failed)] : []), '', ...(rp ? [''] : []), '', '');
+    row(
+      'failed calls',
+      fmt(p.floor?.failed),
+      fmt(p.burrow_policy?.failed),
+      ...(rp ? [fmt(p.relay_policy?.failed)] : []),
+      '',
+      ...(rp ? [''] : []),
+      '',
+      '',
+    );
   }
   const sc = cases.scale;
   const is = cases.issuance;
@@ -103,21 +177,60 @@ function tableLines(result) {
   }
   if (sc) {
     row('idle agents (own certificate and mTLS connection each)', fmt(sc.agents), '', '');
-    row(`broker RSS per idle agent (KiB), ${fmt(sc.idleStreamsPerAgent)} idle streams each`, fmt(sc.rss_kib_per_agent, 1), '<= 50', verdict(t.scale_rss));
+    row(
+      `broker RSS per idle agent (KiB), ${fmt(sc.idleStreamsPerAgent)} idle streams each`,
+      fmt(sc.rss_kib_per_agent, 1),
+      '<= 50',
+      verdict(t.scale_rss),
+    );
     row('broker RSS per idle agent (KiB), 1 idle stream each', fmt(sc.rss_kib_per_agent_1_idle_stream, 1), '', '');
     const f = sc.rss_floor_kib_per_connection;
     if (f) {
-      row('floor: Node server RSS per idle mTLS connection, no HTTP/2 (KiB)', fmt(f.tls, 1), '', f.tls > 50 ? 'the target is below Node\'s own floor' : '');
-      row(`floor: the same with an HTTP/2 session and ${fmt(f.streams)} idle streams (KiB)`, fmt(f.http2WithAgentStreams, 1), '', '');
+      row(
+        'floor: Node server RSS per idle mTLS connection, no HTTP/2 (KiB)',
+        fmt(f.tls, 1),
+        '',
+        f.tls > 50 ? "the target is below Node's own floor" : '',
+      );
+      row(
+        `floor: the same with an HTTP/2 session and ${fmt(f.streams)} idle streams (KiB)`,
+        fmt(f.http2WithAgentStreams, 1),
+        '',
+        '',
+      );
     }
-    row(`all agents connected (s; first connects ${fmt(sc.arrivalPerS)}/s)`, fmt(sc.connect_all_s, 2), '', sc.connect_all_s === null ? `**only ${sc.agentsConnectedAtEnd.connect}; ${fmt(sc.agents_never_connected)} never**` : '');
-    row('all back after a broker SIGKILL + restart (s)', fmt(sc.reconnect_all_s, 2), '<= 60 (10,000 agents)',
-      sc.reconnect_all_s === null ? `**${fmt(sc.agents_not_back_after_restart)} not back within ${fmt(sc.waitBoundS)} s**` : verdict(t.scale_reconnect));
-    if (sc.brokerCpuMsPerAgent) row('broker CPU per agent, reconnect storm (ms; handshakes shed)', `${fmt(sc.brokerCpuMsPerAgent.reconnect, 2)} (${fmt(sc.reconnectHandshakesShed)})`, '', '');
+    row(
+      `all agents connected (s; first connects ${fmt(sc.arrivalPerS)}/s)`,
+      fmt(sc.connect_all_s, 2),
+      '',
+      sc.connect_all_s === null
+        ? `**only ${sc.agentsConnectedAtEnd.connect}; ${fmt(sc.agents_never_connected)} never**`
+        : '',
+    );
+    row(
+      'all back after a broker SIGKILL + restart (s)',
+      fmt(sc.reconnect_all_s, 2),
+      '<= 60 (10,000 agents)',
+      sc.reconnect_all_s === null
+        ? `**${fmt(sc.agents_not_back_after_restart)} not back within ${fmt(sc.waitBoundS)} s**`
+        : verdict(t.scale_reconnect),
+    );
+    if (sc.brokerCpuMsPerAgent)
+      row(
+        'broker CPU per agent, reconnect storm (ms; handshakes shed)',
+        `${fmt(sc.brokerCpuMsPerAgent.reconnect, 2)} (${fmt(sc.reconnectHandshakesShed)})`,
+        '',
+        '',
+      );
     row('calls to random agents ok / failed', `${fmt(sc.calls_ok)} / ${fmt(sc.calls_failed)}`, '', '');
   }
   if (is) {
-    row(`enrollments per second (Enroll RPC, c=${is.concurrency}; ${fmt(is.failed)} failed)`, fmt(is.per_s), '>= 200', verdict(t.issuance));
+    row(
+      `enrollments per second (Enroll RPC, c=${is.concurrency}; ${fmt(is.failed)} failed)`,
+      fmt(is.per_s),
+      '>= 200',
+      verdict(t.issuance),
+    );
     row('signCsr per second (library, no RPC)', fmt(is.sign_csr_per_s), '', '');
   }
   return lines;
@@ -125,7 +238,12 @@ function tableLines(result) {
 
 function printTable(result) {
   const deaths = result.machine.agentDeaths ?? [];
-  const deathLines = deaths.length ? [`**The agent process died ${deaths.length} time(s) during the run** and was started again (${deaths.map((d) => JSON.stringify(d.exit)).join(', ')}); the calls it failed are counted above. stderr tail of the first: ${JSON.stringify(deaths[0].stderrTail)}`, ''] : [];
+  const deathLines = deaths.length
+    ? [
+        `**The agent process died ${deaths.length} time(s) during the run** and was started again (${deaths.map((d) => JSON.stringify(d.exit)).join(', ')}); the calls it failed are counted above. stderr tail of the first: ${JSON.stringify(deaths[0].stderrTail)}`,
+        '',
+      ]
+    : [];
   process.stdout.write(`\n${[...deathLines, ...tableLines(result)].join('\n')}\n\n`);
 }
 

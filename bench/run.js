@@ -27,19 +27,45 @@ const { printTable, evaluateTargets } = require('./report');
 
 const ROOT = path.resolve(__dirname, '..');
 const HELPERS = path.join(ROOT, 'test', 'dist', 'helpers');
-const { BurrowProcess, BROKER_CLI, AGENT_CLI, PKI_CLI, getJson, httpGet, killAll, pollUntil } = require(path.join(HELPERS, 'processes.js'));
+const { BurrowProcess, BROKER_CLI, AGENT_CLI, PKI_CLI, getJson, httpGet, killAll, pollUntil } = require(
+  path.join(HELPERS, 'processes.js'),
+);
 const { ECHO } = require(path.join(HELPERS, 'echo-upstream.js'));
 const { accepts, freePorts } = require(path.join(HELPERS, 'free-port.js'));
 const { metricSum, parseMetrics } = require(path.join(HELPERS, 'cluster.js'));
 
 const PROFILES = {
   quick: {
-    rounds: 2, warmupCalls: 200, latencyCalls: 1000, rpsWarmupMs: 300, rpsMs: 1500, streamWarmupMs: 500, streamMs: 3000,
-    scaleAgents: 1000, swarmProcesses: 2, scaleCalls: 2000, scaleArrivalPerS: 100, scaleWaitMs: 120_000, enrollments: 300, signCsrs: 300,
+    rounds: 2,
+    warmupCalls: 200,
+    latencyCalls: 1000,
+    rpsWarmupMs: 300,
+    rpsMs: 1500,
+    streamWarmupMs: 500,
+    streamMs: 3000,
+    scaleAgents: 1000,
+    swarmProcesses: 2,
+    scaleCalls: 2000,
+    scaleArrivalPerS: 100,
+    scaleWaitMs: 120_000,
+    enrollments: 300,
+    signCsrs: 300,
   },
   full: {
-    rounds: 5, warmupCalls: 500, latencyCalls: 3000, rpsWarmupMs: 1000, rpsMs: 5000, streamWarmupMs: 1000, streamMs: 10_000,
-    scaleAgents: 10_000, swarmProcesses: 8, scaleCalls: 10_000, scaleArrivalPerS: 100, scaleWaitMs: 300_000, enrollments: 1000, signCsrs: 1000,
+    rounds: 5,
+    warmupCalls: 500,
+    latencyCalls: 3000,
+    rpsWarmupMs: 1000,
+    rpsMs: 5000,
+    streamWarmupMs: 1000,
+    streamMs: 10_000,
+    scaleAgents: 10_000,
+    swarmProcesses: 8,
+    scaleCalls: 10_000,
+    scaleArrivalPerS: 100,
+    scaleWaitMs: 300_000,
+    enrollments: 1000,
+    signCsrs: 1000,
   },
 };
 const PROFILE_NAME = process.env.BENCH_PROFILE ?? 'quick';
@@ -79,14 +105,26 @@ function track(name, kill, exited) {
 /** A spawned non-Node process (sshd, ssh): tracked, with its stderr kept for error messages. */
 function trackChild(child, name) {
   child.stderrText = '';
-  child.stderr?.setEncoding('utf8').on('data', (s) => { child.stderrText = (child.stderrText + s).slice(-4000); });
+  child.stderr?.setEncoding('utf8').on('data', (s) => {
+    child.stderrText = (child.stderrText + s).slice(-4000);
+  });
   const exited = new Promise((resolve) => child.once('exit', resolve));
-  track(name, () => { if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL'); return exited; }, exited);
+  track(
+    name,
+    () => {
+      if (child.exitCode === null && child.signalCode === null) child.kill('SIGKILL');
+      return exited;
+    },
+    exited,
+  );
   return child;
 }
 
 function forkChild(script, name, { profile = false } = {}) {
-  const execArgv = profile && CPU_PROF_DIR ? ['--cpu-prof', '--cpu-prof-dir', CPU_PROF_DIR, '--cpu-prof-name', `${name}-${Date.now()}.cpuprofile`] : [];
+  const execArgv =
+    profile && CPU_PROF_DIR
+      ? ['--cpu-prof', '--cpu-prof-dir', CPU_PROF_DIR, '--cpu-prof-name', `${name}-${Date.now()}.cpuprofile`]
+      : [];
   const child = new IpcChild(path.join(__dirname, script), [], { name, execArgv });
   track(name, () => child.kill(), child.exited);
   return child;
@@ -99,13 +137,31 @@ function benchEnv() {
 
 /** Starts a Burrow CLI (`node [flags] cli.js args`) and waits for its "started" log line. */
 async function startBurrow(name, cli, args, { nodeFlags = [], startedMessage, onUnexpectedExit }) {
-  const profFlags = CPU_PROF_DIR ? ['--cpu-prof', '--cpu-prof-dir', CPU_PROF_DIR, '--cpu-prof-name', `${name}-${Date.now()}.cpuprofile`] : [];
-  const proc = new BurrowProcess(name, cli, [...nodeFlags, ...profFlags, cli, ...args], {}, { executable: process.execPath, cwd: ROOT, env: benchEnv() });
-  track(name, async () => { proc.expectedExit = true; proc.signal('SIGKILL'); await proc.exited; }, proc.exited);
+  const profFlags = CPU_PROF_DIR
+    ? ['--cpu-prof', '--cpu-prof-dir', CPU_PROF_DIR, '--cpu-prof-name', `${name}-${Date.now()}.cpuprofile`]
+    : [];
+  const proc = new BurrowProcess(
+    name,
+    cli,
+    [...nodeFlags, ...profFlags, cli, ...args],
+    {},
+    { executable: process.execPath, cwd: ROOT, env: benchEnv() },
+  );
+  track(
+    name,
+    async () => {
+      proc.expectedExit = true;
+      proc.signal('SIGKILL');
+      await proc.exited;
+    },
+    proc.exited,
+  );
   // A broker or agent that dies mid-case would turn every later call into a 5 s wait for it.
   void proc.exited.then((exit) => {
     if (proc.expectedExit) return;
-    log(`${name} (pid ${proc.pid}) exited unexpectedly (${JSON.stringify(exit)}); its stderr ends with:\n${proc.stderrTail(30)}`);
+    log(
+      `${name} (pid ${proc.pid}) exited unexpectedly (${JSON.stringify(exit)}); its stderr ends with:\n${proc.stderrTail(30)}`,
+    );
     if (onUnexpectedExit) onUnexpectedExit(exit, proc.stderrTail(30));
     else void cleanup().finally(() => process.exit(1));
   });
@@ -128,7 +184,11 @@ async function stopGracefully(proc) {
 async function cleanup() {
   await Promise.all([...running.values()].map((r) => r.kill().catch(() => {})));
   await killAll().catch((err) => log(`cleanup: ${err.message}`));
-  try { sshCleanup?.(); } catch (err) { log(`cleanup: ${err.message}`); }
+  try {
+    sshCleanup?.();
+  } catch (err) {
+    log(`cleanup: ${err.message}`);
+  }
   if (tmp) fs.rmSync(tmp, { recursive: true, force: true });
   tmp = undefined;
 }
@@ -145,8 +205,10 @@ async function waitAccepts(port, child, timeoutMs = 15_000) {
   const deadline = Date.now() + timeoutMs;
   // Nothing announces that sshd listens or that ssh's forward is up, so this polls the port.
   while (!(await accepts(port))) {
-    if (child.exitCode !== null || child.signalCode !== null) throw new Error(`port ${port}: the process exited first: ${child.stderrText}`);
-    if (Date.now() > deadline) throw new Error(`port ${port} did not accept within ${timeoutMs} ms: ${child.stderrText}`);
+    if (child.exitCode !== null || child.signalCode !== null)
+      throw new Error(`port ${port}: the process exited first: ${child.stderrText}`);
+    if (Date.now() > deadline)
+      throw new Error(`port ${port} did not accept within ${timeoutMs} ms: ${child.stderrText}`);
     await new Promise((resolve) => setTimeout(resolve, 20));
   }
 }
@@ -168,7 +230,12 @@ function cpuMsOfTree(pid) {
     const fields = fs.readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
     // Fields 14 and 15 of stat (utime, stime), counted after the command name.
     ms = ((Number(fields[11]) + Number(fields[12])) * 1000) / CLOCK_TICKS_PER_S;
-    for (const child of fs.readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8').trim().split(/\s+/).filter(Boolean)) ms += cpuMsOfTree(Number(child));
+    for (const child of fs
+      .readFileSync(`/proc/${pid}/task/${pid}/children`, 'utf8')
+      .trim()
+      .split(/\s+/)
+      .filter(Boolean))
+      ms += cpuMsOfTree(Number(child));
   } catch {
     // The process is gone: it contributes nothing more.
   }
@@ -184,7 +251,10 @@ function cpuMeter(pids) {
   const total = (p) => (Array.isArray(p) ? p.reduce((ms, one) => ms + cpuMsOfTree(one), 0) : cpuMsOfTree(p));
   const before = Object.fromEntries(Object.entries(pids).map(([name, p]) => [name, total(p)]));
   const ms = () => Object.fromEntries(Object.entries(pids).map(([name, p]) => [name, total(p) - before[name]]));
-  return { ms, seconds: () => Object.fromEntries(Object.entries(ms()).map(([name, v]) => [name, Math.round(v) / 1000])) };
+  return {
+    ms,
+    seconds: () => Object.fromEntries(Object.entries(ms()).map(([name, v]) => [name, Math.round(v) / 1000])),
+  };
 }
 
 /** CPU µs per call of each process on a side's path during one measurement. */
@@ -192,7 +262,9 @@ async function withCpuPerCall(pids, measure) {
   const cpu = cpuMeter(pids);
   const r = await measure();
   const calls = r.allCalls;
-  r.cpuUsPerCall = Object.fromEntries(Object.entries(cpu.ms()).map(([name, ms]) => [name, calls ? Math.round((ms * 1000) / calls) : null]));
+  r.cpuUsPerCall = Object.fromEntries(
+    Object.entries(cpu.ms()).map(([name, ms]) => [name, calls ? Math.round((ms * 1000) / calls) : null]),
+  );
   return r;
 }
 
@@ -201,14 +273,20 @@ async function withCpuPerCall(pids, measure) {
  * and reports their median; failed calls of every measurement add up, by code.
  */
 class SideResult {
-  constructor() { this.rounds = {}; this.failed = 0; this.failedByCode = {}; this.notes = {}; }
+  constructor() {
+    this.rounds = {};
+    this.failed = 0;
+    this.failedByCode = {};
+    this.notes = {};
+  }
   add(metric, value, outcome) {
     (this.rounds[metric] ??= []).push(value);
     this.addFailures(outcome);
   }
   addFailures(outcome) {
     this.failed += (outcome.failed ?? 0) + (outcome.warmupFailed ?? 0);
-    for (const [code, n] of Object.entries(outcome.failedByCode ?? {})) this.failedByCode[code] = (this.failedByCode[code] ?? 0) + n;
+    for (const [code, n] of Object.entries(outcome.failedByCode ?? {}))
+      this.failedByCode[code] = (this.failedByCode[code] ?? 0) + n;
   }
   toJSON() {
     const out = {};
@@ -228,13 +306,26 @@ function certFiles(dir) {
 }
 
 function machineInfo() {
-  const git = (...args) => { try { return execFileSync('git', args, { cwd: ROOT, encoding: 'utf8' }).trim(); } catch { return null; } };
+  const git = (...args) => {
+    try {
+      return execFileSync('git', args, { cwd: ROOT, encoding: 'utf8' }).trim();
+    } catch {
+      return null;
+    }
+  };
   const cpus = os.cpus();
   return {
-    cpus: cpus.length, model: cpus[0]?.model ?? 'unknown', memKiB: Math.round(os.totalmem() / 1024), node: process.version,
-    os: `${os.type()} ${os.release()}`, loadAverageStart: os.loadavg().map((x) => Math.round(x * 100) / 100),
-    profile: PROFILE_NAME, gitCommit: git('rev-parse', 'HEAD'), gitDirty: git('status', '--porcelain') ? true : false,
-    date: new Date().toISOString(), fdLimit: Number(execFileSync('sh', ['-c', 'ulimit -n'], { encoding: 'utf8' }).trim()),
+    cpus: cpus.length,
+    model: cpus[0]?.model ?? 'unknown',
+    memKiB: Math.round(os.totalmem() / 1024),
+    node: process.version,
+    os: `${os.type()} ${os.release()}`,
+    loadAverageStart: os.loadavg().map((x) => Math.round(x * 100) / 100),
+    profile: PROFILE_NAME,
+    gitCommit: git('rev-parse', 'HEAD'),
+    gitDirty: git('status', '--porcelain') ? true : false,
+    date: new Date().toISOString(),
+    fdLimit: Number(execFileSync('sh', ['-c', 'ulimit -n'], { encoding: 'utf8' }).trim()),
   };
 }
 
@@ -242,12 +333,25 @@ const EXTRA_BROKER_FLAGS = (process.env.BENCH_BROKER_FLAGS ?? '').split(/\s+/).f
 
 function brokerArgs(ports, files, extra = []) {
   return [
-    'serve', '--agent-listen', `127.0.0.1:${ports.agent}`, '--api-listen', `127.0.0.1:${ports.api}`, '--admin-listen', `127.0.0.1:${ports.admin}`,
-    '--tls-cert', files.cert, '--tls-key', files.key, '--ca', files.ca,
+    'serve',
+    '--agent-listen',
+    `127.0.0.1:${ports.agent}`,
+    '--api-listen',
+    `127.0.0.1:${ports.api}`,
+    '--admin-listen',
+    `127.0.0.1:${ports.admin}`,
+    '--tls-cert',
+    files.cert,
+    '--tls-key',
+    files.key,
+    '--ca',
+    files.ca,
     // Every agent of the bench dials from 127.0.0.1: the per-address cap (for one attacker address)
     // would measure itself instead of the fleet's reconnect storm against --max-pending-handshakes.
-    '--max-pending-handshakes-per-address', '0',
-    ...extra, ...EXTRA_BROKER_FLAGS,
+    '--max-pending-handshakes-per-address',
+    '0',
+    ...extra,
+    ...EXTRA_BROKER_FLAGS,
   ];
 }
 
@@ -256,34 +360,70 @@ function brokerArgs(ports, files, extra = []) {
 async function runTunnelCases(ctx, result) {
   const { dirs, echo, floor } = ctx;
   const [agentPort, apiPort, adminPort, sshPort, forwardPort] = await freePorts(5);
-  const broker = await startBurrow('broker', BROKER_CLI, brokerArgs({ agent: agentPort, api: apiPort, admin: adminPort }, certFiles(dirs.broker)), { startedMessage: 'broker started' });
+  const broker = await startBurrow(
+    'broker',
+    BROKER_CLI,
+    brokerArgs({ agent: agentPort, api: apiPort, admin: adminPort }, certFiles(dirs.broker)),
+    { startedMessage: 'broker started' },
+  );
   const agentArgs = [
-    'run', '--broker', `127.0.0.1:${agentPort}`, ...tlsArgs(certFiles(dirs.agent)), '--upstream', `*=${echo}`,
-    '--policies', path.join(ROOT, 'examples', 'policy', 'policies'), '--entities', path.join(ROOT, 'examples', 'policy', 'entities.json'),
+    'run',
+    '--broker',
+    `127.0.0.1:${agentPort}`,
+    ...tlsArgs(certFiles(dirs.agent)),
+    '--upstream',
+    `*=${echo}`,
+    '--policies',
+    path.join(ROOT, 'examples', 'policy', 'policies'),
+    '--entities',
+    path.join(ROOT, 'examples', 'policy', 'entities.json'),
     // Every decision is evaluated by Cedar: with the cache on, repeating one request would
     // measure a map lookup instead.
-    '--policy-cache-ttl', '0s', '--audit-log', path.join(tmp, 'audit.jsonl'),
+    '--policy-cache-ttl',
+    '0s',
+    '--audit-log',
+    path.join(tmp, 'audit.jsonl'),
   ];
   // An agent that dies is started again, as systemd would (Restart=on-failure), and the death is
   // recorded: the calls it failed count as misses of the measurement that was running.
   let agent;
   let restarting;
   const onAgentDeath = (exit, stderrTail) => {
-    result.machine.agentDeaths = [...(result.machine.agentDeaths ?? []), { exit, stderrTail: stderrTail.split('\n').slice(-12).join('\n') }];
-    restarting = startBurrow('agent', AGENT_CLI, agentArgs, { startedMessage: 'agent started', onUnexpectedExit: onAgentDeath }).then((a) => {
+    result.machine.agentDeaths = [
+      ...(result.machine.agentDeaths ?? []),
+      { exit, stderrTail: stderrTail.split('\n').slice(-12).join('\n') },
+    ];
+    restarting = startBurrow('agent', AGENT_CLI, agentArgs, {
+      startedMessage: 'agent started',
+      onUnexpectedExit: onAgentDeath,
+    }).then((a) => {
       agent = a;
       if (pathPids) pathPids.burrow.agent = a.proc.pid;
     });
   };
-  agent = await startBurrow('agent', AGENT_CLI, agentArgs, { startedMessage: 'agent started', onUnexpectedExit: onAgentDeath });
+  agent = await startBurrow('agent', AGENT_CLI, agentArgs, {
+    startedMessage: 'agent started',
+    onUnexpectedExit: onAgentDeath,
+  });
   let pathPids;
   await agent.proc.waitForLog('tunnel session established', undefined, { timeoutMs: 15_000 });
   const echoPort = Number(echo.split(':').pop());
 
-  const sides = { direct: { address: echo }, burrow: { address: `127.0.0.1:${apiPort}`, tls: certFiles(dirs.caller), agentIds: [SITE_AGENT_ID] } };
+  const sides = {
+    direct: { address: echo },
+    burrow: { address: `127.0.0.1:${apiPort}`, tls: certFiles(dirs.caller), agentIds: [SITE_AGENT_ID] },
+  };
   let ssh;
   try {
-    ssh = await startSshTunnel({ dir: path.join(tmp, 'ssh'), upstreamPort: echoPort, sshPort, forwardPort, track: trackChild, waitAccepts, log });
+    ssh = await startSshTunnel({
+      dir: path.join(tmp, 'ssh'),
+      upstreamPort: echoPort,
+      sshPort,
+      forwardPort,
+      track: trackChild,
+      waitAccepts,
+      log,
+    });
     sshCleanup = ssh.cleanup;
     sides.ssh = { address: `127.0.0.1:${ssh.forwardPort}` };
   } catch (err) {
@@ -295,11 +435,19 @@ async function runTunnelCases(ctx, result) {
   // The floor of forwarding with grpc-js: two bare relays on the same hops (see relay.js).
   const relays = [forkChild('relay.js', 'relay-agent-hop'), forkChild('relay.js', 'relay-broker-hop')];
   const agentHop = await relays[0].call('start', { listenTls: certFiles(dirs.broker), target: echo });
-  const brokerHop = await relays[1].call('start', { listenTls: certFiles(dirs.broker), target: agentHop, targetTls: certFiles(dirs.agent) });
+  const brokerHop = await relays[1].call('start', {
+    listenTls: certFiles(dirs.broker),
+    target: agentHop,
+    targetTls: certFiles(dirs.agent),
+  });
   sides.relay = { address: brokerHop, tls: certFiles(dirs.caller) };
   // And the policy case's two-hop floor: one relay behind mTLS in front of the trivial server.
   relays.push(forkChild('relay.js', 'relay-policy'));
-  const policyHop = await relays[2].call('start', { listenTls: certFiles(dirs.broker), target: floor, methods: [POLICY_METHODS.evaluate] });
+  const policyHop = await relays[2].call('start', {
+    listenTls: certFiles(dirs.broker),
+    target: floor,
+    methods: [POLICY_METHODS.evaluate],
+  });
 
   const callers = {};
   for (const [name, target] of Object.entries(sides)) {
@@ -316,17 +464,32 @@ async function runTunnelCases(ctx, result) {
   pathPids = {
     direct: { caller: callers.direct.proc.pid, upstream: upstreamPid },
     burrow: { caller: callers.burrow.proc.pid, broker: broker.proc.pid, agent: agent.proc.pid, upstream: upstreamPid },
-    ...(ssh ? { ssh: { caller: callers.ssh.proc.pid, sshd: ssh.sshdPid, ssh: ssh.sshPid, upstream: upstreamPid } } : {}),
-    relay: { caller: callers.relay.proc.pid, relayBroker: relays[1].proc.pid, relayAgent: relays[0].proc.pid, upstream: upstreamPid },
+    ...(ssh
+      ? { ssh: { caller: callers.ssh.proc.pid, sshd: ssh.sshdPid, ssh: ssh.sshPid, upstream: upstreamPid } }
+      : {}),
+    relay: {
+      caller: callers.relay.proc.pid,
+      relayBroker: relays[1].proc.pid,
+      relayAgent: relays[0].proc.pid,
+      upstream: upstreamPid,
+    },
   };
   const unary = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
   const policy = { floor: new SideResult(), burrow_policy: new SideResult(), relay_policy: new SideResult() };
   const stream = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
   const policyCallers = { floor: callers.floor, burrow_policy: callers.burrow, relay_policy: callers.relayPolicy };
   const payloadB64 = Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64');
-  const policyB64 = API_CODECS.evaluationRequest.encode(JSON.parse(fs.readFileSync(POLICY_REQUEST_FILE, 'utf8'))).toString('base64');
+  const policyB64 = API_CODECS.evaluationRequest
+    .encode(JSON.parse(fs.readFileSync(POLICY_REQUEST_FILE, 'utf8')))
+    .toString('base64');
   const latencyArgs = (method, b64) => ({ method, payloadB64: b64, calls: P.latencyCalls, warmupCalls: P.warmupCalls });
-  const rpsArgs = (method, b64, concurrency) => ({ method, payloadB64: b64, concurrency, durationMs: P.rpsMs, warmupMs: P.rpsWarmupMs });
+  const rpsArgs = (method, b64, concurrency) => ({
+    method,
+    payloadB64: b64,
+    concurrency,
+    durationMs: P.rpsMs,
+    warmupMs: P.rpsWarmupMs,
+  });
 
   for (let round = 0; round < P.rounds; round++) {
     // Alternate the order of the sides so that drift in machine load cancels out.
@@ -340,9 +503,12 @@ async function runTunnelCases(ctx, result) {
       }
       for (const c of CONCURRENCIES) {
         for (const s of order(unarySides)) {
-          const r = await withCpuPerCall(pathPids[s], () => callers[s].call('throughput', rpsArgs(ECHO.unary, payloadB64, c)));
+          const r = await withCpuPerCall(pathPids[s], () =>
+            callers[s].call('throughput', rpsArgs(ECHO.unary, payloadB64, c)),
+          );
           unary[s].add(`rps_c${c}`, r.rps, r);
-          if (c === 64) for (const [proc, us] of Object.entries(r.cpuUsPerCall)) unary[s].add(`cpuUsPerCallC64_${proc}`, us, {});
+          if (c === 64)
+            for (const [proc, us] of Object.entries(r.cpuUsPerCall)) unary[s].add(`cpuUsPerCallC64_${proc}`, us, {});
         }
       }
     }
@@ -363,16 +529,27 @@ async function runTunnelCases(ctx, result) {
     const order = (names) => (round % 2 === 0 ? names : [...names].reverse());
     if (CASES.includes('stream')) {
       for (const s of order(unarySides)) {
-        const warm = await callers[s].call('stream', { method: ECHO.bidi, messageBytes: STREAM_MESSAGE_BYTES, durationMs: P.streamWarmupMs });
+        const warm = await callers[s].call('stream', {
+          method: ECHO.bidi,
+          messageBytes: STREAM_MESSAGE_BYTES,
+          durationMs: P.streamWarmupMs,
+        });
         stream[s].addFailures(warm);
         const cpu = cpuMeter(pathPids[s]);
-        const r = await callers[s].call('stream', { method: ECHO.bidi, messageBytes: STREAM_MESSAGE_BYTES, durationMs: P.streamMs });
+        const r = await callers[s].call('stream', {
+          method: ECHO.bidi,
+          messageBytes: STREAM_MESSAGE_BYTES,
+          durationMs: P.streamMs,
+        });
         stream[s].add('mb_s', r.mb_s, r);
         // CPU ms per MiB echoed, each process of the path: where a streamed byte's cost goes.
         const mib = r.receivedBytes / 2 ** 20;
-        for (const [proc, ms] of Object.entries(cpu.ms())) stream[s].add(`cpuMsPerMiB_${proc}`, mib ? Math.round((ms / mib) * 100) / 100 : null, {});
+        for (const [proc, ms] of Object.entries(cpu.ms()))
+          stream[s].add(`cpuMsPerMiB_${proc}`, mib ? Math.round((ms / mib) * 100) / 100 : null, {});
         stream[s].add('durationMs', r.durationMs, {});
-        if (r.failed) stream[s].notes.lastFailure = `${r.status} ${r.details ?? ''} (${r.receivedBytes} of ${r.sentBytes} bytes echoed)`;
+        if (r.failed)
+          stream[s].notes.lastFailure =
+            `${r.status} ${r.details ?? ''} (${r.receivedBytes} of ${r.sentBytes} bytes echoed)`;
       }
     }
   }
@@ -380,9 +557,11 @@ async function runTunnelCases(ctx, result) {
   if (CASES.includes('unary')) result.cases.unary = { payloadBytes: UNARY_PAYLOAD_BYTES, ...plain(unary) };
   if (CASES.includes('policy')) {
     result.cases.policy = {
-      request: path.relative(ROOT, POLICY_REQUEST_FILE), policyCacheTtl: '0s',
+      request: path.relative(ROOT, POLICY_REQUEST_FILE),
+      policyCacheTtl: '0s',
       floorIs: 'direct plaintext gRPC call to a trivial server answering a fixed permit (one hop)',
-      relayPolicyIs: 'the same server behind one bare grpc-js relay reached over mTLS (two hops, no decision work)', ...plain(policy),
+      relayPolicyIs: 'the same server behind one bare grpc-js relay reached over mTLS (two hops, no decision work)',
+      ...plain(policy),
     };
   }
   if (CASES.includes('stream')) result.cases.stream = { messageBytes: STREAM_MESSAGE_BYTES, ...plain(stream) };
@@ -413,10 +592,15 @@ async function settledRssKiB(proc) {
 async function timeUntilAgents(adminPort, n, t0Ms, timeoutMs) {
   let last = 0;
   try {
-    await pollUntil(`${n} agents`, async () => {
-      last = (await getJson(`http://127.0.0.1:${adminPort}/status`)).agents;
-      return last >= n;
-    }, timeoutMs, 100);
+    await pollUntil(
+      `${n} agents`,
+      async () => {
+        last = (await getJson(`http://127.0.0.1:${adminPort}/status`)).agents;
+        return last >= n;
+      },
+      timeoutMs,
+      100,
+    );
     return { seconds: Math.round((performance.now() - t0Ms) / 10) / 100, connected: last };
   } catch {
     return { seconds: null, connected: last };
@@ -431,22 +615,32 @@ async function timeUntilAgents(adminPort, n, t0Ms, timeoutMs) {
 async function connectFleet(swarms, admin, broker, startArgs) {
   const t0 = performance.now();
   const cpu = cpuMeter({ broker: broker.proc.pid, swarm: swarms.map((s) => s.proc.pid) });
-  const started = await Promise.all(swarms.map((s) => s.call('start', { ...startArgs, arrivalPerS: P.scaleArrivalPerS / swarms.length })));
+  const started = await Promise.all(
+    swarms.map((s) => s.call('start', { ...startArgs, arrivalPerS: P.scaleArrivalPerS / swarms.length })),
+  );
   const rampMs = Math.max(...started.map((s) => s.rampMs));
   const connect = await timeUntilAgents(admin, P.scaleAgents, t0, rampMs + P.scaleWaitMs);
   const cpuS = cpu.seconds();
   const status = await Promise.all(swarms.map((s) => s.call('status')));
   const sum = (key) => status.reduce((total, s) => total + s[key], 0);
   return {
-    connect, cpuS, neverConnected: sum('neverConnected'), failedAttempts: sum('failedAttempts'), failuresByCause: sumFailures(status), rampMs,
-    loaded: await settledRssKiB(broker.proc), started: started[0],
+    connect,
+    cpuS,
+    neverConnected: sum('neverConnected'),
+    failedAttempts: sum('failedAttempts'),
+    failuresByCause: sumFailures(status),
+    rampMs,
+    loaded: await settledRssKiB(broker.proc),
+    started: started[0],
   };
 }
 
 /** The swarms' failed attempts by cause, added up (`minus`: a previous total to subtract). */
 function sumFailures(statuses, minus = {}) {
   const out = {};
-  for (const st of statuses) for (const [cause, n] of Object.entries(st.failuresByCause ?? {})) if (typeof n === 'number') out[cause] = (out[cause] ?? 0) + n;
+  for (const st of statuses)
+    for (const [cause, n] of Object.entries(st.failuresByCause ?? {}))
+      if (typeof n === 'number') out[cause] = (out[cause] ?? 0) + n;
   for (const [cause, n] of Object.entries(minus)) out[cause] = (out[cause] ?? 0) - n;
   return out;
 }
@@ -464,11 +658,19 @@ async function brokerCounter(adminPort, name) {
 function connectionFloor(dirs, connections, streams) {
   const pem = (dir) => {
     const f = certFiles(dir);
-    return { certPem: fs.readFileSync(f.cert, 'utf8'), keyPem: fs.readFileSync(f.key, 'utf8'), caPem: fs.readFileSync(f.ca, 'utf8') };
+    return {
+      certPem: fs.readFileSync(f.cert, 'utf8'),
+      keyPem: fs.readFileSync(f.key, 'utf8'),
+      caPem: fs.readFileSync(f.ca, 'utf8'),
+    };
   };
   const certsFile = path.join(tmp, 'connection-floor-certs.json');
   fs.writeFileSync(certsFile, JSON.stringify({ server: pem(dirs.broker), client: pem(dirs.agent) }), { mode: 0o600 });
-  const out = execFileSync(process.execPath, [path.join(__dirname, 'connection-floor.js'), certsFile, String(connections), String(streams)], { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] });
+  const out = execFileSync(
+    process.execPath,
+    [path.join(__dirname, 'connection-floor.js'), certsFile, String(connections), String(streams)],
+    { encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'] },
+  );
   return JSON.parse(out);
 }
 
@@ -480,10 +682,13 @@ async function runScale(ctx, result) {
   const [agent, api, admin] = await freePorts(3);
   const args = brokerArgs({ agent, api, admin }, certFiles(dirs.broker));
   const gcFlags = ['--expose-gc', '-r', path.join(__dirname, 'gc-preload.js')];
-  const startBroker = () => startBurrow('scale-broker', BROKER_CLI, args, { nodeFlags: gcFlags, startedMessage: 'broker started' });
+  const startBroker = () =>
+    startBurrow('scale-broker', BROKER_CLI, args, { nodeFlags: gcFlags, startedMessage: 'broker started' });
   let broker = await startBroker();
   const ids = Array.from({ length: n }, (_, i) => `scale-${i}`);
-  const swarms = Array.from({ length: P.swarmProcesses }, (_, i) => forkChild('agent-swarm.js', `agent-swarm-${i}`, { profile: i === 0 }));
+  const swarms = Array.from({ length: P.swarmProcesses }, (_, i) =>
+    forkChild('agent-swarm.js', `agent-swarm-${i}`, { profile: i === 0 }),
+  );
   // In production the agents run on their own machines; here the swarm processes share 2 cores
   // with the broker, and the kernel's fair share would give the one broker process 1/(swarms + 1)
   // of the CPU while every simulated agent does a full client handshake (which costs more than the
@@ -492,7 +697,9 @@ async function runScale(ctx, result) {
   for (const s of swarms) os.setPriority(s.proc.pid, SWARM_NICE);
   log(`scale: issuing ${n} agent certificates in ${swarms.length} processes`);
   const t0Issue = performance.now();
-  await Promise.all(swarms.map((s, i) => s.call('issue', { pkiDir: dirs.pki, ids: ids.filter((_, j) => j % swarms.length === i) })));
+  await Promise.all(
+    swarms.map((s, i) => s.call('issue', { pkiDir: dirs.pki, ids: ids.filter((_, j) => j % swarms.length === i) })),
+  );
   const issueSeconds = (performance.now() - t0Issue) / 1000;
   const idle = await settledRssKiB(broker.proc);
 
@@ -505,7 +712,12 @@ async function runScale(ctx, result) {
 
   const caller = forkChild('caller.js', 'caller-scale');
   const target = { address: `127.0.0.1:${api}`, tls: certFiles(dirs.caller), agentIds: ids };
-  const callArgs = { method: ECHO.unary, payloadB64: Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64'), calls: P.scaleCalls, concurrency: 16 };
+  const callArgs = {
+    method: ECHO.unary,
+    payloadB64: Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64'),
+    calls: P.scaleCalls,
+    concurrency: 16,
+  };
   await caller.call('connect', target);
   const callsConnected = await caller.call('randomCalls', callArgs);
 
@@ -548,20 +760,39 @@ async function runScale(ctx, result) {
     agents_never_connected: first.neverConnected,
     agents_not_back_after_restart: n - reconnect.connected,
     failedConnectAttempts: {
-      connect: first.failedAttempts, reconnect: swarmStatus.reduce((total, s) => total + s.failedAttempts, 0) - first.failedAttempts, oneIdleStream: one.failedAttempts,
+      connect: first.failedAttempts,
+      reconnect: swarmStatus.reduce((total, s) => total + s.failedAttempts, 0) - first.failedAttempts,
+      oneIdleStream: one.failedAttempts,
     },
-    failedConnectAttemptsByCause: { connect: first.failuresByCause, reconnect: sumFailures(swarmStatus, first.failuresByCause), oneIdleStream: one.failuresByCause },
-    agentsConnectedAtEnd: { connect: connect.connected, reconnect: reconnect.connected, oneIdleStream: one.connect.connected },
-    brokerRssKiB: { idle: idle.rssKiB, withAgents: loaded.rssKiB, idleOneStreamRun: idleOne.rssKiB, withAgentsOneStream: one.loaded.rssKiB },
+    failedConnectAttemptsByCause: {
+      connect: first.failuresByCause,
+      reconnect: sumFailures(swarmStatus, first.failuresByCause),
+      oneIdleStream: one.failuresByCause,
+    },
+    agentsConnectedAtEnd: {
+      connect: connect.connected,
+      reconnect: reconnect.connected,
+      oneIdleStream: one.connect.connected,
+    },
+    brokerRssKiB: {
+      idle: idle.rssKiB,
+      withAgents: loaded.rssKiB,
+      idleOneStreamRun: idleOne.rssKiB,
+      withAgentsOneStream: one.loaded.rssKiB,
+    },
     heapBytesPerAgent: Math.round((loaded.heapUsedBytes - idle.heapUsedBytes) / n),
     heapBytesPerAgent1IdleStream: Math.round((one.loaded.heapUsedBytes - idleOne.heapUsedBytes) / n),
     brokerRestartToStartedS: Math.round(restartSeconds * 100) / 100,
     // Where the CPU went: on 2 cores the simulated agents' TLS and gRPC clients compete with the
     // broker, so broker CPU seconds per agent is what a broker on its own core would need.
     cpuS: { connect: first.cpuS, reconnect: reconnectCpuS },
-    brokerCpuMsPerAgent: { connect: Math.round((first.cpuS.broker * 1000 / n) * 100) / 100, reconnect: Math.round((reconnectCpuS.broker * 1000 / n) * 100) / 100 },
+    brokerCpuMsPerAgent: {
+      connect: Math.round(((first.cpuS.broker * 1000) / n) * 100) / 100,
+      reconnect: Math.round(((reconnectCpuS.broker * 1000) / n) * 100) / 100,
+    },
     reconnectHandshakesShed: reconnectShed,
-    restartIs: 'SIGKILL (a crash), then the same command on the same ports; timed from the kill; reconnects are not paced',
+    restartIs:
+      'SIGKILL (a crash), then the same command on the same ports; timed from the kill; reconnects are not paced',
     swarmNice: SWARM_NICE,
     connectIs: `first connects paced at ${P.scaleArrivalPerS}/s over the fleet (${(first.rampMs / 1000).toFixed(1)} s ramp); timed from the first; waits at most ramp + ${P.scaleWaitMs / 1000} s`,
     arrivalPerS: P.scaleArrivalPerS,
@@ -579,7 +810,11 @@ async function runScale(ctx, result) {
   log('scale: the floor, idle connections to bare node:tls and node:http2 servers');
   const floor = connectionFloor(dirs, Math.min(n, 2000), 1 + first.started.minIdleOffers);
   result.cases.scale.rss_floor_kib_per_connection = {
-    tls: floor.tls, http2: floor.http2, http2WithAgentStreams: floor.http2Streams, streams: floor.streams, connections: floor.connections,
+    tls: floor.tls,
+    http2: floor.http2,
+    http2WithAgentStreams: floor.http2Streams,
+    streams: floor.streams,
+    connections: floor.connections,
     is: 'RSS per idle connection of a server with no Burrow and no grpc-js: node:tls with a client certificate; node:http2 on it; the same with the session stream and idle offers of one agent as plain HTTP/2 streams',
   };
 }
@@ -592,11 +827,18 @@ async function ratePerSecond(items, concurrency, fn) {
   let ok = 0;
   let failed = 0;
   const t0 = performance.now();
-  await Promise.all(Array.from({ length: concurrency }, async () => {
-    for (let item = queue.shift(); item; item = queue.shift()) {
-      try { await fn(item); ok++; } catch { failed++; }
-    }
-  }));
+  await Promise.all(
+    Array.from({ length: concurrency }, async () => {
+      for (let item = queue.shift(); item; item = queue.shift()) {
+        try {
+          await fn(item);
+          ok++;
+        } catch {
+          failed++;
+        }
+      }
+    }),
+  );
   return { perS: Math.round(ok / ((performance.now() - t0) / 1000)), ok, failed };
 }
 
@@ -606,32 +848,72 @@ async function runIssuance(ctx, result) {
   log(`issuance: ${k} join tokens and CSRs (not timed: the platform and the agents make these)`);
   const requests = [];
   for (let i = 0; i < k; i++) {
-    const [{ token }, { csrPem }] = await Promise.all([createJoinToken({ dir: dirs.pki, agentId: `enroll-${i}`, ttlMs: 3_600_000 }), createCsr()]);
+    const [{ token }, { csrPem }] = await Promise.all([
+      createJoinToken({ dir: dirs.pki, agentId: `enroll-${i}`, ttlMs: 3_600_000 }),
+      createCsr(),
+    ]);
     requests.push({ token, csrPem });
   }
   const [agent, api, admin] = await freePorts(3);
-  const broker = await startBurrow('enroll-broker', BROKER_CLI, [
-    'serve', '--agent-listen', `127.0.0.1:${agent}`, '--api-listen', `127.0.0.1:${api}`, '--admin-listen', `127.0.0.1:${admin}`,
-    '--pki-dir', dirs.pki, '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1',
-    // Every enrollment comes from 127.0.0.1; the default (30/min per address) would measure the limiter.
-    '--enroll-per-minute', '100000',
-    // Likewise the per-address cap; and the callers' connections (one per concurrent enrollment,
-    // 2 streams at most each) outlive the budget of connections without a client certificate.
-    '--max-pending-handshakes-per-address', '0', '--unauthenticated-timeout', '1h',
-  ], { startedMessage: 'broker started' });
+  const broker = await startBurrow(
+    'enroll-broker',
+    BROKER_CLI,
+    [
+      'serve',
+      '--agent-listen',
+      `127.0.0.1:${agent}`,
+      '--api-listen',
+      `127.0.0.1:${api}`,
+      '--admin-listen',
+      `127.0.0.1:${admin}`,
+      '--pki-dir',
+      dirs.pki,
+      '--tls-dns',
+      'localhost',
+      '--tls-ip',
+      '127.0.0.1',
+      // Every enrollment comes from 127.0.0.1; the default (30/min per address) would measure the limiter.
+      '--enroll-per-minute',
+      '100000',
+      // Likewise the per-address cap; and the callers' connections (one per concurrent enrollment,
+      // 2 streams at most each) outlive the budget of connections without a client certificate.
+      '--max-pending-handshakes-per-address',
+      '0',
+      '--unauthenticated-timeout',
+      '1h',
+    ],
+    { startedMessage: 'broker started' },
+  );
   const caller = forkChild('caller.js', 'caller-enroll');
-  const enrolled = await caller.call('enroll', { address: `127.0.0.1:${agent}`, caFile: certFiles(dirs.caller).ca, requests, concurrency: ENROLL_CONCURRENCY });
+  const enrolled = await caller.call('enroll', {
+    address: `127.0.0.1:${agent}`,
+    caFile: certFiles(dirs.caller).ca,
+    requests,
+    concurrency: ENROLL_CONCURRENCY,
+  });
   await caller.kill();
   await stopGracefully(broker.proc);
 
   const csrs = [];
   for (let i = 0; i < P.signCsrs; i++) csrs.push({ name: `sign-${i}`, csrPem: (await createCsr()).csrPem });
-  const signed = await ratePerSecond(csrs, ENROLL_CONCURRENCY, (c) => signCsr({ dir: dirs.pki, csrPem: c.csrPem, role: 'agent', name: c.name }));
+  const signed = await ratePerSecond(csrs, ENROLL_CONCURRENCY, (c) =>
+    signCsr({ dir: dirs.pki, csrPem: c.csrPem, role: 'agent', name: c.name }),
+  );
   result.cases.issuance = {
     per_s: enrolled.per_s,
-    ok: enrolled.ok, failed: enrolled.failed, failedByCode: enrolled.failedByCode, concurrency: enrolled.concurrency, durationMs: enrolled.durationMs,
+    ok: enrolled.ok,
+    failed: enrolled.failed,
+    failedByCode: enrolled.failedByCode,
+    concurrency: enrolled.concurrency,
+    durationMs: enrolled.durationMs,
     path: 'Enrollment/Enroll RPC on the broker agent listener (--pki-dir): join token + CSR in, chain out; one TLS connection, no client certificate',
-    sign_csr_per_s: signed.perS, signCsr: { ok: signed.ok, failed: signed.failed, concurrency: ENROLL_CONCURRENCY, in: 'the bench process, @burrow/pki signCsr' },
+    sign_csr_per_s: signed.perS,
+    signCsr: {
+      ok: signed.ok,
+      failed: signed.failed,
+      concurrency: ENROLL_CONCURRENCY,
+      in: 'the bench process, @burrow/pki signCsr',
+    },
   };
 }
 
@@ -642,11 +924,32 @@ async function main() {
   tmp = fs.mkdtempSync(path.join(os.tmpdir(), 'burrow-bench-'));
   const result = { machine: machineInfo(), cases: {} };
   result.machine.profileSettings = P;
-  log(`profile ${PROFILE_NAME}: ${result.machine.cpus} x ${result.machine.model}, Node ${process.version}, load ${result.machine.loadAverageStart.join(' ')}`);
+  log(
+    `profile ${PROFILE_NAME}: ${result.machine.cpus} x ${result.machine.model}, Node ${process.version}, load ${result.machine.loadAverageStart.join(' ')}`,
+  );
 
-  const dirs = { pki: path.join(tmp, 'pki'), broker: path.join(tmp, 'broker'), agent: path.join(tmp, 'agent'), caller: path.join(tmp, 'caller') };
+  const dirs = {
+    pki: path.join(tmp, 'pki'),
+    broker: path.join(tmp, 'broker'),
+    agent: path.join(tmp, 'agent'),
+    caller: path.join(tmp, 'caller'),
+  };
   pki('init', '--dir', dirs.pki, '--trust-domain', 'bench.burrow.local');
-  pki('issue', '--dir', dirs.pki, '--role', 'broker', '--name', 'broker', '--dns', 'localhost', '--ip', '127.0.0.1', '--out', dirs.broker);
+  pki(
+    'issue',
+    '--dir',
+    dirs.pki,
+    '--role',
+    'broker',
+    '--name',
+    'broker',
+    '--dns',
+    'localhost',
+    '--ip',
+    '127.0.0.1',
+    '--out',
+    dirs.broker,
+  );
   pki('issue', '--dir', dirs.pki, '--role', 'agent', '--name', SITE_AGENT_ID, '--out', dirs.agent);
   pki('issue', '--dir', dirs.pki, '--role', 'service', '--name', 'bench-caller', '--out', dirs.caller);
 
@@ -663,11 +966,16 @@ async function main() {
   fs.mkdirSync(RESULTS_DIR, { recursive: true });
   fs.writeFileSync(path.join(RESULTS_DIR, 'latest.json'), `${JSON.stringify(result, null, 2)}\n`);
   printTable(result);
-  log(`wrote ${path.relative(process.cwd(), path.join(RESULTS_DIR, 'latest.json'))} in ${result.machine.benchDurationS} s`);
+  log(
+    `wrote ${path.relative(process.cwd(), path.join(RESULTS_DIR, 'latest.json'))} in ${result.machine.benchDurationS} s`,
+  );
 }
 
-main().then(() => cleanup(), async (err) => {
-  process.stderr.write(`bench failed: ${err.stack ?? err}\n`);
-  await cleanup();
-  process.exitCode = 1;
-});
+main().then(
+  () => cleanup(),
+  async (err) => {
+    process.stderr.write(`bench failed: ${err.stack ?? err}\n`);
+    await cleanup();
+    process.exitCode = 1;
+  },
+);

@@ -25,7 +25,8 @@ function ensureOpenSsh(log) {
   if (fs.existsSync(SSHD) && have('ssh') && have('ssh-keygen')) return;
   log('installing openssh-server and openssh-client (apt-get)');
   const env = { ...process.env, DEBIAN_FRONTEND: 'noninteractive' };
-  const install = () => execFileSync('apt-get', ['install', '-y', 'openssh-server', 'openssh-client'], { stdio: 'ignore', env });
+  const install = () =>
+    execFileSync('apt-get', ['install', '-y', 'openssh-server', 'openssh-client'], { stdio: 'ignore', env });
   try {
     install();
   } catch {
@@ -44,27 +45,69 @@ async function startSshTunnel({ dir, upstreamPort, sshPort, forwardPort, track, 
   fs.mkdirSync(dir, { recursive: true, mode: 0o700 });
   const hostKey = path.join(dir, 'host_ed25519');
   const clientKey = path.join(dir, 'client_ed25519');
-  for (const key of [hostKey, clientKey]) execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'burrow-bench', '-f', key]);
+  for (const key of [hostKey, clientKey])
+    execFileSync('ssh-keygen', ['-q', '-t', 'ed25519', '-N', '', '-C', 'burrow-bench', '-f', key]);
   fs.copyFileSync(`${clientKey}.pub`, path.join(dir, 'authorized_keys'));
   const user = os.userInfo().username;
   const config = path.join(dir, 'sshd_config');
-  fs.writeFileSync(config, [
-    `Port ${sshPort}`, 'ListenAddress 127.0.0.1', `HostKey ${hostKey}`, `PidFile ${path.join(dir, 'sshd.pid')}`,
-    `AuthorizedKeysFile ${path.join(dir, 'authorized_keys')}`, `AllowUsers ${user}`, 'PubkeyAuthentication yes',
-    'PasswordAuthentication no', 'KbdInteractiveAuthentication no', 'PermitRootLogin prohibit-password', 'UsePAM no',
-    // The temp dir is ours; sshd's ownership checks of home directories do not apply to it.
-    'StrictModes no', 'AllowTcpForwarding remote', 'GatewayPorts no', 'X11Forwarding no', 'PrintMotd no', 'LogLevel ERROR', '',
-  ].join('\n'));
+  fs.writeFileSync(
+    config,
+    [
+      `Port ${sshPort}`,
+      'ListenAddress 127.0.0.1',
+      `HostKey ${hostKey}`,
+      `PidFile ${path.join(dir, 'sshd.pid')}`,
+      `AuthorizedKeysFile ${path.join(dir, 'authorized_keys')}`,
+      `AllowUsers ${user}`,
+      'PubkeyAuthentication yes',
+      'PasswordAuthentication no',
+      'KbdInteractiveAuthentication no',
+      'PermitRootLogin prohibit-password',
+      'UsePAM no',
+      // The temp dir is ours; sshd's ownership checks of home directories do not apply to it.
+      'StrictModes no',
+      'AllowTcpForwarding remote',
+      'GatewayPorts no',
+      'X11Forwarding no',
+      'PrintMotd no',
+      'LogLevel ERROR',
+      '',
+    ].join('\n'),
+  );
   // sshd refuses to start without its privilege separation directory; a container may lack it.
   const madePrivsep = !fs.existsSync(PRIVSEP_DIR);
   if (madePrivsep) fs.mkdirSync(PRIVSEP_DIR, { mode: 0o755 });
   const sshd = track(spawn(SSHD, ['-D', '-e', '-f', config], { stdio: ['ignore', 'ignore', 'pipe'] }), 'sshd');
   await waitAccepts(sshPort, sshd);
-  const ssh = track(spawn('ssh', [
-    '-N', '-F', '/dev/null', '-i', clientKey, '-p', String(sshPort), '-o', 'BatchMode=yes', '-o', 'IdentitiesOnly=yes',
-    '-o', 'StrictHostKeyChecking=no', '-o', `UserKnownHostsFile=${path.join(dir, 'known_hosts')}`, '-o', 'ExitOnForwardFailure=yes',
-    '-R', `127.0.0.1:${forwardPort}:127.0.0.1:${upstreamPort}`, `${user}@127.0.0.1`,
-  ], { stdio: ['ignore', 'ignore', 'pipe'] }), 'ssh');
+  const ssh = track(
+    spawn(
+      'ssh',
+      [
+        '-N',
+        '-F',
+        '/dev/null',
+        '-i',
+        clientKey,
+        '-p',
+        String(sshPort),
+        '-o',
+        'BatchMode=yes',
+        '-o',
+        'IdentitiesOnly=yes',
+        '-o',
+        'StrictHostKeyChecking=no',
+        '-o',
+        `UserKnownHostsFile=${path.join(dir, 'known_hosts')}`,
+        '-o',
+        'ExitOnForwardFailure=yes',
+        '-R',
+        `127.0.0.1:${forwardPort}:127.0.0.1:${upstreamPort}`,
+        `${user}@127.0.0.1`,
+      ],
+      { stdio: ['ignore', 'ignore', 'pipe'] },
+    ),
+    'ssh',
+  );
   await waitAccepts(forwardPort, ssh);
   return {
     forwardPort,
@@ -72,7 +115,9 @@ async function startSshTunnel({ dir, upstreamPort, sshPort, forwardPort, track, 
     sshPid: ssh.pid,
     // ssh -V prints on stderr.
     version: execFileSync('sh', ['-c', 'ssh -V 2>&1'], { encoding: 'utf8' }).trim(),
-    cleanup() { if (madePrivsep) fs.rmSync(PRIVSEP_DIR, { recursive: true, force: true }); },
+    cleanup() {
+      if (madePrivsep) fs.rmSync(PRIVSEP_DIR, { recursive: true, force: true });
+    },
   };
 }
 

@@ -18,13 +18,22 @@ async function main() {
   const floor = await startRawServer({
     [POLICY_METHODS.evaluate]: (call) => {
       call.on('error', () => {});
-      call.on('data', () => { call.write(permit); call.end(); });
+      call.on('data', () => {
+        call.write(permit);
+        call.end();
+      });
     },
   });
   serveIpc({
     addresses: () => ({ echo: echo.address, floor: floor.address }),
-    stop: async () => { await echo.stop(); await floor.stop(); },
+    stop: async () => {
+      await echo.stop();
+      await floor.stop();
+    },
   });
 }
 
-main().catch((err) => { console.error(err); process.exit(1); });
+main().catch((err) => {
+  console.error(err);
+  process.exit(1);
+});

@@ -48,9 +48,19 @@ const embedCedarWasm = {
       const read = /require\(\s*['"]fs['"]\s*\)\.readFileSync\(\s*wasmPath\s*\)/;
       const wasmFile = path.join(path.dirname(args.path), 'cedar_wasm_bg.wasm');
       if (!read.test(source) || !fs.existsSync(wasmFile)) {
-        return { errors: [{ text: `${args.path} no longer reads cedar_wasm_bg.wasm with require('fs').readFileSync(wasmPath); update the embed-cedar-wasm plugin` }] };
+        return {
+          errors: [
+            {
+              text: `${args.path} no longer reads cedar_wasm_bg.wasm with require('fs').readFileSync(wasmPath); update the embed-cedar-wasm plugin`,
+            },
+          ],
+        };
       }
-      return { contents: source.replace(read, `require(${JSON.stringify(wasmFile)})`), loader: 'js', resolveDir: path.dirname(args.path) };
+      return {
+        contents: source.replace(read, `require(${JSON.stringify(wasmFile)})`),
+        loader: 'js',
+        resolveDir: path.dirname(args.path),
+      };
     });
   },
 };
@@ -58,7 +68,12 @@ const embedCedarWasm = {
 async function bundle(file) {
   const esbuild = require('esbuild');
   const result = await esbuild.build({
-    stdin: { contents: `require(${JSON.stringify(AGENT_CLI)}).cliMain();`, resolveDir: ROOT, sourcefile: 'burrow-agent-main.js', loader: 'js' },
+    stdin: {
+      contents: `require(${JSON.stringify(AGENT_CLI)}).cliMain();`,
+      resolveDir: ROOT,
+      sourcefile: 'burrow-agent-main.js',
+      loader: 'js',
+    },
     bundle: true,
     platform: 'node',
     target: 'node20',
@@ -76,7 +91,9 @@ async function bundle(file) {
 
 function protoAssets() {
   // The compiled tunnel package defines how the binary finds its protos; use its list and names.
-  const { listProtoFiles, PROTO_MANIFEST_ASSET } = require(path.join(ROOT, 'packages', 'tunnel', 'dist', 'embedded-protos.js'));
+  const { listProtoFiles, PROTO_MANIFEST_ASSET } = require(
+    path.join(ROOT, 'packages', 'tunnel', 'dist', 'embedded-protos.js'),
+  );
   const files = listProtoFiles(PROTO_ROOT, undefined);
   const manifest = path.join(WORK, 'proto-index.json');
   fs.writeFileSync(manifest, `${JSON.stringify(files)}\n`);
@@ -89,11 +106,26 @@ function protoAssets() {
 function smoke(binary) {
   const dir = fs.mkdtempSync(path.join(os.tmpdir(), 'burrow-agent-smoke-'));
   try {
-    const env = { PATH: '/usr/sbin:/usr/bin:/sbin:/bin'.split(':').filter((d) => !fs.existsSync(path.join(d, 'node'))).join(':'), HOME: dir, LANG: 'C.UTF-8' };
-    const run = (args) => execFileSync(binary, args, { cwd: dir, env, encoding: 'utf8', stdio: ['ignore', 'pipe', 'pipe'], timeout: 60_000 });
+    const env = {
+      PATH: '/usr/sbin:/usr/bin:/sbin:/bin'
+        .split(':')
+        .filter((d) => !fs.existsSync(path.join(d, 'node')))
+        .join(':'),
+      HOME: dir,
+      LANG: 'C.UTF-8',
+    };
+    const run = (args) =>
+      execFileSync(binary, args, {
+        cwd: dir,
+        env,
+        encoding: 'utf8',
+        stdio: ['ignore', 'pipe', 'pipe'],
+        timeout: 60_000,
+      });
     const version = run(['--version']).trim();
     const { version: expected } = require(path.join(ROOT, 'packages', 'agent', 'package.json'));
-    if (!version.startsWith(`${expected} (protocol `)) fail(`--version printed "${version}", expected "${expected} (protocol …)"`);
+    if (!version.startsWith(`${expected} (protocol `))
+      fail(`--version printed "${version}", expected "${expected} (protocol …)"`);
     const check = run(['self-check']).trim();
     if (!/^self-check ok: single executable yes;/.test(check)) fail(`self-check printed "${check}"`);
     return { version, check };
@@ -110,7 +142,9 @@ function smoke(binary) {
 async function quietly(fn) {
   const said = [];
   const saved = { log: console.log, warn: console.warn, error: console.error };
-  const keep = (...args) => { said.push(args.join(' ')); };
+  const keep = (...args) => {
+    said.push(args.join(' '));
+  };
   Object.assign(console, { log: keep, warn: keep, error: keep });
   try {
     return await fn();
@@ -123,7 +157,10 @@ async function quietly(fn) {
 }
 
 async function main() {
-  if (process.platform !== 'linux' || process.arch !== 'x64') fail(`builds ${NAME} only on linux-x64 (this is ${process.platform}-${process.arch}): the binary is this Node executable plus the agent`);
+  if (process.platform !== 'linux' || process.arch !== 'x64')
+    fail(
+      `builds ${NAME} only on linux-x64 (this is ${process.platform}-${process.arch}): the binary is this Node executable plus the agent`,
+    );
   if (!fs.existsSync(AGENT_CLI)) fail(`${path.relative(ROOT, AGENT_CLI)} is missing; run make build first`);
   const started = Date.now();
   fs.rmSync(WORK, { recursive: true, force: true });
@@ -135,29 +172,43 @@ async function main() {
   const blob = path.join(WORK, 'sea-prep.blob');
   const { assets, count } = protoAssets();
   const seaConfig = path.join(WORK, 'sea-config.json');
-  fs.writeFileSync(seaConfig, JSON.stringify({
-    main: bundleFile,
-    output: blob,
-    // The "single executable applications are experimental" line would precede every log line.
-    disableExperimentalSEAWarning: true,
-    // V8 code cache for the bundle: faster start; valid because the binary embeds this very Node.
-    useCodeCache: true,
-    assets,
-  }, null, 2));
+  fs.writeFileSync(
+    seaConfig,
+    JSON.stringify(
+      {
+        main: bundleFile,
+        output: blob,
+        // The "single executable applications are experimental" line would precede every log line.
+        disableExperimentalSEAWarning: true,
+        // V8 code cache for the bundle: faster start; valid because the binary embeds this very Node.
+        useCodeCache: true,
+        assets,
+      },
+      null,
+      2,
+    ),
+  );
   // Prints "Wrote single executable preparation blob" on success; errors surface through the throw.
-  execFileSync(process.execPath, ['--experimental-sea-config', seaConfig], { cwd: WORK, stdio: ['ignore', 'pipe', 'pipe'] });
+  execFileSync(process.execPath, ['--experimental-sea-config', seaConfig], {
+    cwd: WORK,
+    stdio: ['ignore', 'pipe', 'pipe'],
+  });
 
   const tmp = `${OUT}.tmp-${process.pid}`;
   try {
     fs.copyFileSync(process.execPath, tmp);
     fs.chmodSync(tmp, 0o755);
-    await quietly(() => require('postject').inject(tmp, 'NODE_SEA_BLOB', fs.readFileSync(blob), { sentinelFuse: SEA_FUSE }));
+    await quietly(() =>
+      require('postject').inject(tmp, 'NODE_SEA_BLOB', fs.readFileSync(blob), { sentinelFuse: SEA_FUSE }),
+    );
     const result = smoke(tmp);
     fs.renameSync(tmp, OUT);
     const digest = crypto.createHash('sha256').update(fs.readFileSync(OUT)).digest('hex');
     fs.writeFileSync(`${OUT}.sha256`, `${digest}  ${NAME}\n`);
     const mib = (fs.statSync(OUT).size / 2 ** 20).toFixed(1);
-    process.stdout.write(`built dist/${NAME} (${mib} MiB, ${count} protos, ${((Date.now() - started) / 1000).toFixed(1)} s): ${result.version}\n${result.check}\nsha256 ${digest}\n`);
+    process.stdout.write(
+      `built dist/${NAME} (${mib} MiB, ${count} protos, ${((Date.now() - started) / 1000).toFixed(1)} s): ${result.version}\n${result.check}\nsha256 ${digest}\n`,
+    );
   } finally {
     fs.rmSync(tmp, { force: true });
   }

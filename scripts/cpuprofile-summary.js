@@ -19,7 +19,11 @@ for (let i = 0; i < profile.samples.length; i++) {
   selfUs.set(id, (selfUs.get(id) ?? 0) + (profile.timeDeltas[i] ?? 0));
 }
 const total = [...selfUs.values()].reduce((a, b) => a + b, 0);
-const shortUrl = (u) => u.replace(/^file:\/\//, '').replace(/.*node_modules\//, '~/').replace(/.*\/packages\//, 'packages/');
+const shortUrl = (u) =>
+  u
+    .replace(/^file:\/\//, '')
+    .replace(/.*node_modules\//, '~/')
+    .replace(/.*\/packages\//, 'packages/');
 const byFn = new Map();
 const byFile = new Map();
 for (const [id, us] of selfUs) {

@@ -20,7 +20,10 @@ const { performance } = require('node:perf_hooks');
 
 const helpers = (root) => {
   const dist = path.join(root, 'test', 'dist', 'helpers');
-  return { Stack: require(path.join(dist, 'stack.js')).Stack, RawClient: require(path.join(dist, 'raw-grpc.js')).RawClient };
+  return {
+    Stack: require(path.join(dist, 'stack.js')).Stack,
+    RawClient: require(path.join(dist, 'raw-grpc.js')).RawClient,
+  };
 };
 const { Stack, RawClient } = helpers(path.resolve(__dirname, '..'));
 const { ECHO } = require(path.resolve(__dirname, '..', 'test', 'dist', 'helpers', 'echo-upstream.js'));
@@ -86,17 +89,25 @@ function bidiRate(client, md, mib) {
     const pump = () => {
       while (sent < total) {
         sent++;
-        if (!call.write(msg)) { call.once('drain', pump); return; }
+        if (!call.write(msg)) {
+          call.once('drain', pump);
+          return;
+        }
       }
       call.end();
     };
-    call.on('data', () => { received++; });
+    call.on('data', () => {
+      received++;
+    });
     call.on('error', reject);
     call.on('status', (s) => {
       if (s.code !== 0) return reject(new Error(s.details));
       if (received !== total) return reject(new Error(`echoed ${received} of ${total}`));
       const cpu = process.cpuUsage(cpu0);
-      resolve({ mbPerS: (mib * 1.048576) / ((performance.now() - t0) / 1000), cpuMsPerMiB: (cpu.user + cpu.system) / 1000 / mib });
+      resolve({
+        mbPerS: (mib * 1.048576) / ((performance.now() - t0) / 1000),
+        cpuMsPerMiB: (cpu.user + cpu.system) / 1000 / mib,
+      });
     });
     pump();
   });
@@ -153,11 +164,19 @@ async function main() {
     throw err;
   }
   const cols = order.includes('baseline') ? ['direct', 'baseline', 'burrow'] : ['direct', 'burrow'];
-  const head = cols.map((c) => c.padStart(10)).join('') + cols.filter((c) => c !== 'direct').map((c) => `${c.slice(0, 4)}/dir`.padStart(10)).join('');
+  const head =
+    cols.map((c) => c.padStart(10)).join('') +
+    cols
+      .filter((c) => c !== 'direct')
+      .map((c) => `${c.slice(0, 4)}/dir`.padStart(10))
+      .join('');
   console.log(`\n${'case'.padEnd(18)}${head}   (medians of ${ROUNDS} rounds)`);
   for (const [key, v] of Object.entries(results)) {
     const m = Object.fromEntries(cols.map((c) => [c, v[c] ? median(v[c]) : NaN]));
-    const ratios = cols.filter((c) => c !== 'direct').map((c) => (m[c] / m.direct).toFixed(2).padStart(10)).join('');
+    const ratios = cols
+      .filter((c) => c !== 'direct')
+      .map((c) => (m[c] / m.direct).toFixed(2).padStart(10))
+      .join('');
     console.log(`${key.padEnd(18)}${cols.map((c) => m[c].toFixed(2).padStart(10)).join('')}${ratios}`);
   }
   direct.close();

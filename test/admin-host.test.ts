@@ -26,15 +26,38 @@ describe('admin listeners refuse foreign Host and Origin headers (DNS rebinding)
     pki = await PkiFixture.create();
     [brokerCert, agentCert] = await Promise.all([pki.issue('broker', 'broker-1'), pki.issue('agent', 'site-a')]);
     const b = await startBroker([
-      '--tls-cert', brokerCert.cert, '--tls-key', brokerCert.key, '--ca', brokerCert.ca,
-      '--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0',
-      '--admin-listen', '127.0.0.1:0', '--admin-allowed-host', 'Admin.Example.',
+      '--tls-cert',
+      brokerCert.cert,
+      '--tls-key',
+      brokerCert.key,
+      '--ca',
+      brokerCert.ca,
+      '--agent-listen',
+      '127.0.0.1:0',
+      '--api-listen',
+      '127.0.0.1:0',
+      '--admin-listen',
+      '127.0.0.1:0',
+      '--admin-allowed-host',
+      'Admin.Example.',
     ]);
-    const a = await startAgent([
-      '--broker', `127.0.0.1:${b.ports.agentPort}`,
-      '--tls-cert', agentCert.cert, '--tls-key', agentCert.key, '--ca', agentCert.ca,
-      '--upstream', `*=127.0.0.1:${await freePort()}`, '--admin-listen', '127.0.0.1:0',
-    ], { BURROW_AGENT_ADMIN_ALLOWED_HOST: 'agent-admin.example' });
+    const a = await startAgent(
+      [
+        '--broker',
+        `127.0.0.1:${b.ports.agentPort}`,
+        '--tls-cert',
+        agentCert.cert,
+        '--tls-key',
+        agentCert.key,
+        '--ca',
+        agentCert.ca,
+        '--upstream',
+        `*=127.0.0.1:${await freePort()}`,
+        '--admin-listen',
+        '127.0.0.1:0',
+      ],
+      { BURROW_AGENT_ADMIN_ALLOWED_HOST: 'agent-admin.example' },
+    );
     await b.proc.waitForLog('agent connected');
     brokerAdmin = b.ports.adminPort!;
     agentAdmin = a.ports.adminPort!;
@@ -48,7 +71,10 @@ describe('admin listeners refuse foreign Host and Origin headers (DNS rebinding)
   const agentPaths = ['/brokers', '/metrics', '/healthz', '/readyz'];
 
   it('a foreign Host is refused with 403 and a line naming it and the flag, on every path of both', async () => {
-    const listeners = [[brokerAdmin, brokerPaths, 'broker'], [agentAdmin, agentPaths, 'agent']] as const;
+    const listeners = [
+      [brokerAdmin, brokerPaths, 'broker'],
+      [agentAdmin, agentPaths, 'agent'],
+    ] as const;
     for (const [port, paths, name] of listeners) {
       for (const path of paths) {
         for (const host of ['evil.example', `evil.example:${port}`, 'EVIL.example.', 'localhost.evil.example']) {
@@ -67,9 +93,16 @@ describe('admin listeners refuse foreign Host and Origin headers (DNS rebinding)
 
   it('localhost, loopback and IP literals (with or without a port) and the listed names are served', async () => {
     const common = (port: number): string[] => [
-      `127.0.0.1:${port}`, '127.0.0.1', 'localhost', `localhost:${port}`, 'LOCALHOST', '[::1]', `[::1]:${port}`,
+      `127.0.0.1:${port}`,
+      '127.0.0.1',
+      'localhost',
+      `localhost:${port}`,
+      'LOCALHOST',
+      '[::1]',
+      `[::1]:${port}`,
       // A scrape by an address the process may not see as its own (NAT, container port mapping).
-      `10.1.2.3:${port}`, '[fd00::5]:9090',
+      `10.1.2.3:${port}`,
+      '[fd00::5]:9090',
     ];
     for (const host of [...common(brokerAdmin), 'admin.example', `admin.example:${brokerAdmin}`, 'ADMIN.EXAMPLE']) {
       for (const path of brokerPaths) {
@@ -87,7 +120,11 @@ describe('admin listeners refuse foreign Host and Origin headers (DNS rebinding)
   });
 
   it('an Origin naming a foreign host (or none) is refused even under an allowed Host', async () => {
-    const reads = [[brokerAdmin, '/agents'], [brokerAdmin, '/metrics'], [agentAdmin, '/brokers']] as const;
+    const reads = [
+      [brokerAdmin, '/agents'],
+      [brokerAdmin, '/metrics'],
+      [agentAdmin, '/brokers'],
+    ] as const;
     for (const [port, path] of reads) {
       const host = `127.0.0.1:${port}`;
       for (const origin of ['http://evil.example', `http://evil.example:${port}`, 'null', 'http://10.1.2.3']) {
@@ -107,7 +144,10 @@ describe('admin listeners refuse foreign Host and Origin headers (DNS rebinding)
     const broker = ['serve', '--tls-cert', brokerCert.cert, '--tls-key', brokerCert.key, '--ca', brokerCert.ca];
     const agent = ['run', '--broker', '127.0.0.1:1'];
     agent.push('--tls-cert', agentCert.cert, '--tls-key', agentCert.key, '--ca', agentCert.ca);
-    for (const [cli, args] of [[BROKER_CLI, broker], [AGENT_CLI, agent]] as const) {
+    for (const [cli, args] of [
+      [BROKER_CLI, broker],
+      [AGENT_CLI, agent],
+    ] as const) {
       for (const bad of ['evil.example:80', '*.example', 'http://x']) {
         const r = await runCli(cli, [...args, '--admin-allowed-host', bad]);
         expect(r.exit.code, `${args[0]} ${bad}`).to.equal(2);

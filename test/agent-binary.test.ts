@@ -6,10 +6,27 @@ import { expect } from 'chai';
 import * as protobuf from 'protobufjs';
 import { Metadata, status as Status } from '@grpc/grpc-js';
 import { issueCertificate, writeIssued } from '@burrow/pki';
-import { EMBEDDED_PROTO_DIR, PROTO_DIR, PROTOCOL_VERSIONS, listProtoFiles, serveProtosFromAssets, type AssetSource } from '@burrow/tunnel';
+import {
+  EMBEDDED_PROTO_DIR,
+  PROTO_DIR,
+  PROTOCOL_VERSIONS,
+  listProtoFiles,
+  serveProtosFromAssets,
+  type AssetSource,
+} from '@burrow/tunnel';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { makeTempDir } from './helpers/pki';
-import { AGENT_CLI, BurrowProcess, PKI_CLI, httpGet, killAll, liveProcessCount, runCli, startBroker, type Exit } from './helpers/processes';
+import {
+  AGENT_CLI,
+  BurrowProcess,
+  PKI_CLI,
+  httpGet,
+  killAll,
+  liveProcessCount,
+  runCli,
+  startBroker,
+  type Exit,
+} from './helpers/processes';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 
 // Compiled to test/dist/agent-binary.test.js: the repository root is two levels up.
@@ -32,11 +49,18 @@ function diskAssets(dir: string, read: string[] = []): AssetSource {
 
 describe('embedded protos (what the single executable loads instead of proto/ on disk)', () => {
   let restore: (() => void) | undefined;
-  afterEach(() => { restore?.(); restore = undefined; });
+  afterEach(() => {
+    restore?.();
+    restore = undefined;
+  });
 
   it('every proto loads from assets below EMBEDDED_PROTO_DIR exactly as from disk, sync and async', async () => {
     const files = listProtoFiles(PROTO_DIR, undefined);
-    expect(files).to.include.members(['burrow/tunnel/v1/tunnel.proto', 'grpc/health/v1/health.proto', 'burrow/auth/v1/auth.proto']);
+    expect(files).to.include.members([
+      'burrow/tunnel/v1/tunnel.proto',
+      'grpc/health/v1/health.proto',
+      'burrow/auth/v1/auth.proto',
+    ]);
     const read: string[] = [];
     restore = serveProtosFromAssets(diskAssets(PROTO_DIR, read));
     for (const f of files) {
@@ -56,17 +80,29 @@ describe('embedded protos (what the single executable loads instead of proto/ on
 
   it('a file that is not embedded is ENOENT naming it; paths outside the directory still come from disk; restore undoes it', () => {
     restore = serveProtosFromAssets(diskAssets(PROTO_DIR));
-    expect(() => protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, 'nope', 'x.proto'))).to.throw(/ENOENT.*nope\/x\.proto.*not embedded/);
-    expect(protobuf.loadSync(path.join(PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto')).lookupType('grpc.health.v1.HealthCheckRequest')).to.exist;
+    expect(() => protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, 'nope', 'x.proto'))).to.throw(
+      /ENOENT.*nope\/x\.proto.*not embedded/,
+    );
+    expect(
+      protobuf
+        .loadSync(path.join(PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto'))
+        .lookupType('grpc.health.v1.HealthCheckRequest'),
+    ).to.exist;
     restore();
     restore = undefined;
     // Without the hook the embedded directory does not exist: proof the files above came from it.
-    expect(() => protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto'))).to.throw(/ENOENT/);
+    expect(() => protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto'))).to.throw(
+      /ENOENT/,
+    );
   });
 
   it('the manifest lists the protos in a single executable', () => {
-    expect(listProtoFiles(EMBEDDED_PROTO_DIR, diskAssets(PROTO_DIR))).to.deep.equal(listProtoFiles(PROTO_DIR, undefined));
-    expect(() => listProtoFiles(EMBEDDED_PROTO_DIR, { read: () => undefined })).to.throw(/embeds no proto\/index\.json/);
+    expect(listProtoFiles(EMBEDDED_PROTO_DIR, diskAssets(PROTO_DIR))).to.deep.equal(
+      listProtoFiles(PROTO_DIR, undefined),
+    );
+    expect(() => listProtoFiles(EMBEDDED_PROTO_DIR, { read: () => undefined })).to.throw(
+      /embeds no proto\/index\.json/,
+    );
   });
 });
 
@@ -87,19 +123,32 @@ function tcpSocketsOf(pid: number): { listening: string[]; peers: string[] } {
     try {
       const m = /^socket:\[(\d+)\]$/.exec(fs.readlinkSync(`/proc/${pid}/fd/${fd}`));
       if (m) inodes.add(m[1]!);
-    } catch { /* closed meanwhile */ }
+    } catch {
+      /* closed meanwhile */
+    }
   }
   // Addresses in /proc/net/tcp* are hex, IPv4 in host (little-endian) byte order: 0100007F:1F90.
   const address = (hex: string): string => {
     const [ip, port] = hex.split(':') as [string, string];
     const v4 = ip.length === 8 ? ip : ip.startsWith('0000000000000000FFFF0000') ? ip.slice(24) : undefined;
-    const host = v4 ? v4.match(/../g)!.reverse().map((b) => parseInt(b, 16)).join('.') : ip === '00000000000000000000000001000000' ? '::1' : `[${ip}]`;
+    const host = v4
+      ? v4
+          .match(/../g)!
+          .reverse()
+          .map((b) => parseInt(b, 16))
+          .join('.')
+      : ip === '00000000000000000000000001000000'
+        ? '::1'
+        : `[${ip}]`;
     return `${host}:${parseInt(port, 16)}`;
   };
   const listening: string[] = [];
   const peers: string[] = [];
   for (const table of ['/proc/net/tcp', '/proc/net/tcp6']) {
-    for (const line of fs.readFileSync(`/proc/${pid}/net/${path.basename(table)}`, 'utf8').split('\n').slice(1)) {
+    for (const line of fs
+      .readFileSync(`/proc/${pid}/net/${path.basename(table)}`, 'utf8')
+      .split('\n')
+      .slice(1)) {
       const f = line.trim().split(/\s+/);
       if (f.length < 10 || !inodes.has(f[9]!)) continue;
       if (f[3] === '0A') listening.push(address(f[1]!));
@@ -111,7 +160,10 @@ function tcpSocketsOf(pid: number): { listening: string[]; peers: string[] } {
 
 /** PATH of this machine without any directory that holds a `node`: the site has no Node. */
 function pathWithoutNode(): string {
-  return (process.env.PATH ?? '').split(':').filter((d) => d && !fs.existsSync(path.join(d, 'node'))).join(':');
+  return (process.env.PATH ?? '')
+    .split(':')
+    .filter((d) => d && !fs.existsSync(path.join(d, 'node')))
+    .join(':');
 }
 
 describe('agent single executable (make agent-binary), run as an air-gapped site would', function () {
@@ -145,7 +197,8 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
   });
 
   /** The copied binary as a process in the site directory, with no node anywhere on its PATH. */
-  const agentBinary = (name: string, args: string[]): BurrowProcess => new BurrowProcess(name, '', args, {}, { executable: binary, cwd: site, env: siteEnv });
+  const agentBinary = (name: string, args: string[]): BurrowProcess =>
+    new BurrowProcess(name, '', args, {}, { executable: binary, cwd: site, env: siteEnv });
   const runToEnd = async (args: string[]): Promise<{ exit: Exit; stdout: string; stderr: string }> => {
     const p = agentBinary(`burrow-agent ${args[0]}`, args);
     const exit = await p.waitExit(30_000);
@@ -165,7 +218,11 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
     expect(m![2]).to.equal(BINARY_NAME);
     expect(m![1]).to.equal(createHash('sha256').update(fs.readFileSync(binary)).digest('hex'));
     // The way the install guide verifies it.
-    const check = await new Promise<string>((resolve, reject) => execFile('sha256sum', ['-c', `${BINARY_NAME}.sha256`], { cwd: path.dirname(BINARY) }, (err, out) => (err ? reject(err) : resolve(out))));
+    const check = await new Promise<string>((resolve, reject) =>
+      execFile('sha256sum', ['-c', `${BINARY_NAME}.sha256`], { cwd: path.dirname(BINARY) }, (err, out) =>
+        err ? reject(err) : resolve(out),
+      ),
+    );
     expect(check.trim()).to.equal(`${BINARY_NAME}: OK`);
   });
 
@@ -183,8 +240,12 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
     const r = await runToEnd(['self-check']);
     expect(r.exit.code, r.stderr).to.equal(0);
     const protos = listProtoFiles(PROTO_DIR, undefined);
-    const cedarVersion = (require('@cedar-policy/cedar-wasm/nodejs') as { getCedarVersion(): string }).getCedarVersion();
-    expect(r.stdout).to.equal(`self-check ok: single executable yes; ${protos.length} protos (${protos.join(', ')}); cedar ${cedarVersion} allow/deny; jose ES256 sign/verify\n`);
+    const cedarVersion = (
+      require('@cedar-policy/cedar-wasm/nodejs') as { getCedarVersion(): string }
+    ).getCedarVersion();
+    expect(r.stdout).to.equal(
+      `self-check ok: single executable yes; ${protos.length} protos (${protos.join(', ')}); cedar ${cedarVersion} allow/deny; jose ES256 sign/verify\n`,
+    );
     expect(r.stderr).to.equal('');
     // The same check passes in plain Node, and says so.
     const plain = await runCli(AGENT_CLI, ['self-check']);
@@ -196,26 +257,79 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
     temps.push(world);
     const pkiDir = path.join(world, 'pki');
     expect((await runCli(PKI_CLI, ['init', '--dir', pkiDir])).exit.code).to.equal(0);
-    const broker = await startBroker(['--pki-dir', pkiDir, '--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0', '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1', '--agent-wait', '5s']);
+    const broker = await startBroker([
+      '--pki-dir',
+      pkiDir,
+      '--agent-listen',
+      '127.0.0.1:0',
+      '--api-listen',
+      '127.0.0.1:0',
+      '--tls-dns',
+      'localhost',
+      '--tls-ip',
+      '127.0.0.1',
+      '--agent-wait',
+      '5s',
+    ]);
     const brokerAddress = `127.0.0.1:${broker.ports.agentPort}`;
-    const token = await runCli(PKI_CLI, ['token', 'create', '--dir', pkiDir, '--agent-id', 'air-gapped-site', '--ttl', '10m']);
+    const token = await runCli(PKI_CLI, [
+      'token',
+      'create',
+      '--dir',
+      pkiDir,
+      '--agent-id',
+      'air-gapped-site',
+      '--ttl',
+      '10m',
+    ]);
     expect(token.exit.code).to.equal(0);
 
     // A relative state directory: the binary resolves it against its working directory.
-    const enrolled = await runToEnd(['enroll', '--broker', brokerAddress, '--token', token.stdout.trim(), '--state-dir', 'state']);
+    const enrolled = await runToEnd([
+      'enroll',
+      '--broker',
+      brokerAddress,
+      '--token',
+      token.stdout.trim(),
+      '--state-dir',
+      'state',
+    ]);
     expect(enrolled.exit.code, enrolled.stderr).to.equal(0);
     expect(enrolled.stdout).to.match(/^enrolled as spiffe:\/\/burrow\.local\/agent\/air-gapped-site; state in state;/);
     expect(fs.statSync(path.join(site, 'state', 'tls.key')).mode & 0o777).to.equal(0o600);
 
     echo = await new EchoUpstream().start();
-    const agent = agentBinary('agent-binary', ['run', '--broker', brokerAddress, '--state-dir', 'state', '--upstream', `*=${echo.address}`, '--admin-listen', '127.0.0.1:0', '--drain-timeout', '5s']);
+    const agent = agentBinary('agent-binary', [
+      'run',
+      '--broker',
+      brokerAddress,
+      '--state-dir',
+      'state',
+      '--upstream',
+      `*=${echo.address}`,
+      '--admin-listen',
+      '127.0.0.1:0',
+      '--drain-timeout',
+      '5s',
+    ]);
     const started = await agent.waitForLog('agent started', () => true, { timeoutMs: 20_000 });
-    await Promise.all([agent.waitForLog('tunnel session established'), broker.proc.waitForLog('agent connected', (l) => l.agentId === 'air-gapped-site')]);
+    await Promise.all([
+      agent.waitForLog('tunnel session established'),
+      broker.proc.waitForLog('agent connected', (l) => l.agentId === 'air-gapped-site'),
+    ]);
     expect((await httpGet(`http://127.0.0.1:${String(started.adminPort)}/readyz`)).status).to.equal(200);
 
     const svc = await issueCertificate({ dir: pkiDir, role: 'service', name: 'platform' });
     await writeIssued(path.join(world, 'svc'), svc);
-    const caller = new RawClient(`127.0.0.1:${broker.ports.apiPort}`, mtlsCredentials({ cert: path.join(world, 'svc', 'tls.crt'), key: path.join(world, 'svc', 'tls.key'), ca: path.join(world, 'svc', 'ca.crt') }), { 'grpc.ssl_target_name_override': 'localhost' });
+    const caller = new RawClient(
+      `127.0.0.1:${broker.ports.apiPort}`,
+      mtlsCredentials({
+        cert: path.join(world, 'svc', 'tls.crt'),
+        key: path.join(world, 'svc', 'tls.key'),
+        ca: path.join(world, 'svc', 'ca.crt'),
+      }),
+      { 'grpc.ssl_target_name_override': 'localhost' },
+    );
     clients.push(caller);
     const md = new Metadata();
     md.set('burrow-agent-id', 'air-gapped-site');

@@ -41,12 +41,19 @@ describe('auth and policy through the tunnel', function () {
       agent: {
         authn: { jwksFile: path.join(tmp, 'jwks.json'), issuers: [ISS], audiences: [AUD] },
         policy: {
-          policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
-          schemaFile: path.join(EXAMPLES_DIR, 'schema.cedarschema'), cacheTtlMs: 5_000, auditLog: auditFile,
+          policiesDir: path.join(EXAMPLES_DIR, 'policies'),
+          entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
+          schemaFile: path.join(EXAMPLES_DIR, 'schema.cedarschema'),
+          cacheTtlMs: 5_000,
+          auditLog: auditFile,
         },
       },
     });
-    client = new BurrowClient({ broker: stack.apiAddress, tls: { certFile: stack.serviceCert.cert, keyFile: stack.serviceCert.key, caFile: stack.serviceCert.ca }, serverName: 'localhost' });
+    client = new BurrowClient({
+      broker: stack.apiAddress,
+      tls: { certFile: stack.serviceCert.cert, keyFile: stack.serviceCert.key, caFile: stack.serviceCert.ca },
+      serverName: 'localhost',
+    });
   });
   after(async () => {
     client?.close();
@@ -63,7 +70,11 @@ describe('auth and policy through the tunnel', function () {
       expect(viaGrpc.decision, `${f} over gRPC`).to.equal(expected);
       expect(viaGrpc.context?.reason, f).to.be.a('string').and.not.equal('');
       if (expected) expect(viaGrpc.context?.policies, f).to.be.an('array').that.is.not.empty;
-      const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { cert: stack.serviceCert, ca: stack.serviceCert.ca, body: exampleRequest(f) });
+      const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+        cert: stack.serviceCert,
+        ca: stack.serviceCert.ca,
+        body: exampleRequest(f),
+      });
       expect(viaHttp.status, `${f} over HTTP: ${JSON.stringify(viaHttp.body)}`).to.equal(200);
       expect(viaHttp.body.decision, `${f} over HTTP`).to.equal(expected);
       expect(viaHttp.body.context.policies).to.deep.equal(viaGrpc.context?.policies);
@@ -75,20 +86,35 @@ describe('auth and policy through the tunnel', function () {
     const all = await client.evaluations(AGENT_ID, batch);
     expect(all.evaluations).to.have.length(batch.evaluations.length);
     const decisions = all.evaluations.map((e) => e.decision);
-    const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluations`, { cert: stack.serviceCert, ca: stack.serviceCert.ca, body: batch });
+    const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluations`, {
+      cert: stack.serviceCert,
+      ca: stack.serviceCert.ca,
+      body: batch,
+    });
     expect(viaHttp.status).to.equal(200);
     expect(viaHttp.body.evaluations.map((e: { decision: boolean }) => e.decision)).to.deep.equal(decisions);
     // Each item alone gives the same answer as in the batch (defaults applied the same way).
     for (const [i, item] of batch.evaluations.entries()) {
-      const single = await client.evaluate(AGENT_ID, { subject: item.subject ?? batch.subject, action: item.action ?? batch.action, resource: item.resource ?? batch.resource, context: item.context ?? batch.context });
+      const single = await client.evaluate(AGENT_ID, {
+        subject: item.subject ?? batch.subject,
+        action: item.action ?? batch.action,
+        resource: item.resource ?? batch.resource,
+        context: item.context ?? batch.context,
+      });
       expect(single.decision, `item ${i}`).to.equal(decisions[i]);
     }
     const firstDeny = decisions.indexOf(false);
     expect(firstDeny, 'the example batch has a deny').to.be.at.least(0);
-    const stopped = await client.evaluations(AGENT_ID, { ...batch, options: { evaluations_semantic: 'deny_on_first_deny' } });
+    const stopped = await client.evaluations(AGENT_ID, {
+      ...batch,
+      options: { evaluations_semantic: 'deny_on_first_deny' },
+    });
     expect(stopped.evaluations.map((e) => e.decision)).to.deep.equal(decisions.slice(0, firstDeny + 1));
     const firstPermit = decisions.indexOf(true);
-    const permitStop = await client.evaluations(AGENT_ID, { ...batch, options: { evaluations_semantic: 'permit_on_first_permit' } });
+    const permitStop = await client.evaluations(AGENT_ID, {
+      ...batch,
+      options: { evaluations_semantic: 'permit_on_first_permit' },
+    });
     expect(permitStop.evaluations.map((e) => e.decision)).to.deep.equal(decisions.slice(0, firstPermit + 1));
   });
 
@@ -97,7 +123,10 @@ describe('auth and policy through the tunnel', function () {
     const explained = await client.evaluate(AGENT_ID, { ...permit, explain: true });
     expect(explained.decision).to.equal(true);
     expect(explained.context?.explanation, JSON.stringify(explained.context)).to.be.an('object');
-    const err = await client.evaluate(AGENT_ID, { ...permit, subject: { type: 'Not A Type', id: 'x' } }).then(() => undefined, (e: BurrowCallError) => e);
+    const err = await client.evaluate(AGENT_ID, { ...permit, subject: { type: 'Not A Type', id: 'x' } }).then(
+      () => undefined,
+      (e: BurrowCallError) => e,
+    );
     expect(err).to.be.instanceOf(BurrowCallError);
     expect(err!.code).to.equal(Status.INVALID_ARGUMENT);
     expect(err!.details).to.include('Not A Type');
@@ -109,8 +138,14 @@ describe('auth and policy through the tunnel', function () {
     let lines: Record<string, unknown>[] = [];
     await waitUntil(() => {
       try {
-        lines = readFileSync(auditFile, 'utf8').trim().split('\n').filter(Boolean).map((l) => JSON.parse(l) as Record<string, unknown>);
-      } catch { return false; }
+        lines = readFileSync(auditFile, 'utf8')
+          .trim()
+          .split('\n')
+          .filter(Boolean)
+          .map((l) => JSON.parse(l) as Record<string, unknown>);
+      } catch {
+        return false;
+      }
       return lines.some((l) => typeof l.caller === 'string' && /\/service\/platform-svc$/.test(l.caller));
     });
     const line = lines.find((l) => typeof l.caller === 'string')!;
@@ -126,24 +161,36 @@ describe('auth and policy through the tunnel', function () {
     expect(ok.claims.iss).to.equal(ISS);
     expect(ok.expiresAt!.getTime()).to.be.greaterThan(Date.now());
     const nowS = Math.floor(Date.now() / 1000);
-    const expired = await client.authenticate(AGENT_ID, await signToken(jose, key, { exp: nowS - 3600, iat: nowS - 7200 }));
+    const expired = await client.authenticate(
+      AGENT_ID,
+      await signToken(jose, key, { exp: nowS - 3600, iat: nowS - 7200 }),
+    );
     expect(expired.authenticated).to.equal(false);
     expect(expired.reason).to.match(/^expired: /);
     expect(expired.claims).to.deep.equal({});
     const wrongAud = await client.authenticate(AGENT_ID, good, 'another-api');
     expect(wrongAud.reason).to.match(/^audience: /);
     const [h, p, s] = good.split('.');
-    const tampered = await client.authenticate(AGENT_ID, `${h}.${Buffer.from(JSON.stringify({ iss: ISS, aud: AUD, sub: 'root' })).toString('base64url')}.${s}`);
+    const tampered = await client.authenticate(
+      AGENT_ID,
+      `${h}.${Buffer.from(JSON.stringify({ iss: ISS, aud: AUD, sub: 'root' })).toString('base64url')}.${s}`,
+    );
     expect(tampered.reason).to.match(/^signature: /);
     expect(p).to.be.a('string');
-    const empty = await client.authenticate(AGENT_ID, '').then(() => undefined, (e: BurrowCallError) => e);
+    const empty = await client.authenticate(AGENT_ID, '').then(
+      () => undefined,
+      (e: BurrowCallError) => e,
+    );
     expect(empty?.code).to.equal(Status.INVALID_ARGUMENT);
   });
 
   it('an unknown method of a built-in service is UNIMPLEMENTED and the tunnel lives on', async () => {
     const raw = new RawClient(stack.apiAddress, mtlsCredentials(stack.serviceCert));
     try {
-      const err = await raw.unary('/burrow.policy.v1.PolicyDecisionService/Nope', Buffer.alloc(0), stack.md()).then(() => undefined, (e: { code: number; details: string }) => e);
+      const err = await raw.unary('/burrow.policy.v1.PolicyDecisionService/Nope', Buffer.alloc(0), stack.md()).then(
+        () => undefined,
+        (e: { code: number; details: string }) => e,
+      );
       expect(err?.code).to.equal(Status.UNIMPLEMENTED);
       expect(err?.details).to.include('no method Nope');
       const echo = await raw.unary(ECHO.unary, Buffer.from('still here'), stack.md());
@@ -162,23 +209,39 @@ describe('caller authorization at the broker (Cedar policy)', function () {
   before(async () => {
     tmp = mkdtempSync(path.join(tmpdir(), 'burrow-callers-'));
     mkdirSync(path.join(tmp, 'policies'));
-    writeFileSync(path.join(tmp, 'policies', 'callers.cedar'), [
-      '// The platform service may ask site-a anything about policy, and nothing else.',
-      '@id("platform-policy-questions")',
-      'permit(principal == Service::"platform-svc", action, resource in Site::"eu")',
-      '  when { context.service == "burrow.policy.v1.PolicyDecisionService" };',
-      '// The echo tester may call the echo service on any agent.',
-      '@id("echo-tester")',
-      'permit(principal == Service::"echo-tester", action, resource)',
-      '  when { context.service == "burrow.test.Echo" };',
-    ].join('\n'));
-    writeFileSync(path.join(tmp, 'entities.json'), JSON.stringify([
-      { uid: { type: 'Agent', id: AGENT_ID }, attrs: {}, parents: [{ type: 'Site', id: 'eu' }] },
-      { uid: { type: 'Site', id: 'eu' }, attrs: {}, parents: [] },
-    ]));
+    writeFileSync(
+      path.join(tmp, 'policies', 'callers.cedar'),
+      [
+        '// The platform service may ask site-a anything about policy, and nothing else.',
+        '@id("platform-policy-questions")',
+        'permit(principal == Service::"platform-svc", action, resource in Site::"eu")',
+        '  when { context.service == "burrow.policy.v1.PolicyDecisionService" };',
+        '// The echo tester may call the echo service on any agent.',
+        '@id("echo-tester")',
+        'permit(principal == Service::"echo-tester", action, resource)',
+        '  when { context.service == "burrow.test.Echo" };',
+      ].join('\n'),
+    );
+    writeFileSync(
+      path.join(tmp, 'entities.json'),
+      JSON.stringify([
+        { uid: { type: 'Agent', id: AGENT_ID }, attrs: {}, parents: [{ type: 'Site', id: 'eu' }] },
+        { uid: { type: 'Site', id: 'eu' }, attrs: {}, parents: [] },
+      ]),
+    );
     stack = await Stack.start({
-      broker: { authzenListen: '127.0.0.1:0', callerPolicy: { policiesDir: path.join(tmp, 'policies'), entitiesFile: path.join(tmp, 'entities.json') } },
-      agent: { policy: { policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'), cacheTtlMs: 0, auditLog: path.join(tmp, 'audit.jsonl') } },
+      broker: {
+        authzenListen: '127.0.0.1:0',
+        callerPolicy: { policiesDir: path.join(tmp, 'policies'), entitiesFile: path.join(tmp, 'entities.json') },
+      },
+      agent: {
+        policy: {
+          policiesDir: path.join(EXAMPLES_DIR, 'policies'),
+          entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
+          cacheTtlMs: 0,
+          auditLog: path.join(tmp, 'audit.jsonl'),
+        },
+      },
     });
   });
   after(async () => {
@@ -187,17 +250,33 @@ describe('caller authorization at the broker (Cedar policy)', function () {
   });
 
   it('allows what the policy permits and denies the rest with PERMISSION_DENIED, logged and counted', async () => {
-    const client = new BurrowClient({ broker: stack.apiAddress, tls: { certFile: stack.serviceCert.cert, keyFile: stack.serviceCert.key, caFile: stack.serviceCert.ca }, serverName: 'localhost' });
+    const client = new BurrowClient({
+      broker: stack.apiAddress,
+      tls: { certFile: stack.serviceCert.cert, keyFile: stack.serviceCert.key, caFile: stack.serviceCert.ca },
+      serverName: 'localhost',
+    });
     try {
       const allowed = await client.evaluate(AGENT_ID, exampleRequest('permit-owner-edits.json'));
       expect(allowed.decision).to.equal(true);
-      const denied = await client.authenticate(AGENT_ID, 'x.y.z').then(() => undefined, (e: BurrowCallError) => e);
+      const denied = await client.authenticate(AGENT_ID, 'x.y.z').then(
+        () => undefined,
+        (e: BurrowCallError) => e,
+      );
       expect(denied?.code).to.equal(Status.PERMISSION_DENIED);
-      expect(denied?.details).to.match(/service\/platform-svc may not call \/burrow\.auth\.v1\.AuthenticationService\/Authenticate on agent "site-a"/);
-      const raw = await stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md()).then(() => undefined, (e: { code: number }) => e);
+      expect(denied?.details).to.match(
+        /service\/platform-svc may not call \/burrow\.auth\.v1\.AuthenticationService\/Authenticate on agent "site-a"/,
+      );
+      const raw = await stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md()).then(
+        () => undefined,
+        (e: { code: number }) => e,
+      );
       expect(raw?.code).to.equal(Status.PERMISSION_DENIED);
       // The same policy applies on the HTTP binding.
-      const httpAllowed = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { cert: stack.serviceCert, ca: stack.serviceCert.ca, body: exampleRequest('permit-owner-edits.json') });
+      const httpAllowed = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+        cert: stack.serviceCert,
+        ca: stack.serviceCert.ca,
+        body: exampleRequest('permit-owner-edits.json'),
+      });
       expect(httpAllowed.status).to.equal(200);
     } finally {
       client.close();
@@ -206,9 +285,18 @@ describe('caller authorization at the broker (Cedar policy)', function () {
     try {
       const ok = await tester.unary(ECHO.unary, Buffer.from('allowed'), stack.md());
       expect(ok.response.toString()).to.equal('allowed');
-      const err = await tester.unary('/burrow.policy.v1.PolicyDecisionService/Evaluate', Buffer.alloc(0), stack.md()).then(() => undefined, (e: { code: number }) => e);
+      const err = await tester
+        .unary('/burrow.policy.v1.PolicyDecisionService/Evaluate', Buffer.alloc(0), stack.md())
+        .then(
+          () => undefined,
+          (e: { code: number }) => e,
+        );
       expect(err?.code).to.equal(Status.PERMISSION_DENIED);
-      const httpDenied = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { cert: await stack.pki.issue('service', 'echo-tester'), ca: stack.serviceCert.ca, body: exampleRequest('permit-owner-edits.json') });
+      const httpDenied = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+        cert: await stack.pki.issue('service', 'echo-tester'),
+        ca: stack.serviceCert.ca,
+        body: exampleRequest('permit-owner-edits.json'),
+      });
       expect(httpDenied.status).to.equal(403);
     } finally {
       tester.close();

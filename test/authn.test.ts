@@ -10,12 +10,28 @@ import { performance } from 'node:perf_hooks';
 import { status as Status } from '@grpc/grpc-js';
 import { Registry } from 'prom-client';
 import { BurrowError, ConfigError } from '@burrow/tunnel';
-import { TokenVerifier, authnConfigFromArgs, loadJose, type AuthenticationResult, type JoseModule, type TokenVerifierOptions } from '@burrow/agent';
+import {
+  TokenVerifier,
+  authnConfigFromArgs,
+  loadJose,
+  type AuthenticationResult,
+  type JoseModule,
+  type TokenVerifierOptions,
+} from '@burrow/agent';
 import { freePorts } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { AGENT_CLI, killAll, runCli, startAgent } from './helpers/processes';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
-import { AUD, ISS, TestHttpServer, jwksOf, makeKey, signToken, writeAtomically, type TestKey } from './helpers/token-fixture';
+import {
+  AUD,
+  ISS,
+  TestHttpServer,
+  jwksOf,
+  makeKey,
+  signToken,
+  writeAtomically,
+  type TestKey,
+} from './helpers/token-fixture';
 
 const b64url = (text: string | Buffer): string => Buffer.from(text).toString('base64url');
 
@@ -41,8 +57,17 @@ function expectRefused(result: AuthenticationResult, word: string): void {
 
 async function metricValue(registry: Registry, name: string, labels: Record<string, string> = {}): Promise<number> {
   const metric = (await registry.getMetricsAsJSON()).find((m) => m.name === name);
-  const values = (metric?.values ?? []) as Array<{ value: number; labels: Record<string, string | number>; metricName?: string }>;
-  return values.filter((v) => (v.metricName === undefined || v.metricName === name || v.metricName === `${name}_count`) && Object.entries(labels).every(([k, l]) => v.labels[k] === l))
+  const values = (metric?.values ?? []) as Array<{
+    value: number;
+    labels: Record<string, string | number>;
+    metricName?: string;
+  }>;
+  return values
+    .filter(
+      (v) =>
+        (v.metricName === undefined || v.metricName === name || v.metricName === `${name}_count`) &&
+        Object.entries(labels).every(([k, l]) => v.labels[k] === l),
+    )
     .reduce((sum, v) => sum + v.value, 0);
 }
 
@@ -62,7 +87,10 @@ describe('authn: TokenVerifier (agent token verification)', function () {
   before(async () => {
     jose = await loadJose();
     [es, rs, rotated, stranger] = await Promise.all([
-      makeKey(jose, 'ES256', 'site-es-1'), makeKey(jose, 'RS256', 'site-rs-1'), makeKey(jose, 'ES256', 'site-es-2'), makeKey(jose, 'ES256', 'not-the-site'),
+      makeKey(jose, 'ES256', 'site-es-1'),
+      makeKey(jose, 'RS256', 'site-rs-1'),
+      makeKey(jose, 'ES256', 'site-es-2'),
+      makeKey(jose, 'ES256', 'not-the-site'),
     ]);
     dir = mkdtempSync(path.join(tmpdir(), 'burrow-authn-'));
     jwksFile = path.join(dir, 'jwks.json');
@@ -79,7 +107,13 @@ describe('authn: TokenVerifier (agent token verification)', function () {
   });
 
   async function verifier(options: Partial<TokenVerifierOptions> = {}): Promise<TokenVerifier> {
-    const v = await TokenVerifier.create({ jwksFile, issuers: [ISS], audiences: [AUD], registry: new Registry(), ...options });
+    const v = await TokenVerifier.create({
+      jwksFile,
+      issuers: [ISS],
+      audiences: [AUD],
+      registry: new Registry(),
+      ...options,
+    });
     opened.push(v);
     return v;
   }
@@ -97,7 +131,15 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       const token = await signToken(jose, es, { tenant: 'acme', exp: nowS + 300 }, {}, nowS);
       const result = await v.authenticate(token, '');
       expect(result).to.deep.include({ authenticated: true, subject: 'alice', groups: ['ops', 'dev'], reason: '' });
-      expect(result.claims).to.deep.equal({ iss: ISS, aud: AUD, sub: 'alice', groups: ['ops', 'dev'], iat: nowS, exp: nowS + 300, tenant: 'acme' });
+      expect(result.claims).to.deep.equal({
+        iss: ISS,
+        aud: AUD,
+        sub: 'alice',
+        groups: ['ops', 'dev'],
+        iat: nowS,
+        exp: nowS + 300,
+        tenant: 'acme',
+      });
       expect(result.expiresAt?.getTime()).to.equal((nowS + 300) * 1000);
     });
 
@@ -116,7 +158,9 @@ describe('authn: TokenVerifier (agent token verification)', function () {
 
     it('reads groups from a configured claim, including a dotted path into an object', async () => {
       const v = await verifier({ groupsClaim: 'realm_access.roles' });
-      const result = await v.authenticate(await signToken(jose, es, { realm_access: { roles: ['admin', 7, 'viewer'] } }));
+      const result = await v.authenticate(
+        await signToken(jose, es, { realm_access: { roles: ['admin', 7, 'viewer'] } }),
+      );
       expect(result.groups).to.deep.equal(['admin', 'viewer']);
     });
 
@@ -132,7 +176,8 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       const clock = (): number => nowS * 1000;
       const lenient = await verifier({ clock, clockSkewMs: 60_000 });
       const strict = await verifier({ clock, clockSkewMs: 0 });
-      const sign = (claims: Record<string, unknown>): Promise<string> => signToken(jose, es, { iat: nowS - 100, ...claims }, {}, nowS);
+      const sign = (claims: Record<string, unknown>): Promise<string> =>
+        signToken(jose, es, { iat: nowS - 100, ...claims }, {}, nowS);
       const expiredWithin = await sign({ exp: nowS - 30 });
       const expiredBeyond = await sign({ exp: nowS - 90 });
       const earlyWithin = await sign({ nbf: nowS + 30 });
@@ -166,7 +211,9 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expectRefused(await v.authenticate(await signToken(jose, es, { iss: 'https://evil.test' })), 'issuer');
       expectRefused(await v.authenticate(await signToken(jose, es, { iss: `${ISS}/` })), 'issuer');
       expectRefused(await v.authenticate(await signToken(jose, es, { iss: undefined })), 'issuer');
-      expect((await v.authenticate(await signToken(jose, es, { iss: 'https://idp2.site.test' }))).authenticated).to.equal(true);
+      expect(
+        (await v.authenticate(await signToken(jose, es, { iss: 'https://idp2.site.test' }))).authenticated,
+      ).to.equal(true);
     });
 
     it('enforces required claims (malformed when one is missing)', async () => {
@@ -184,20 +231,32 @@ describe('authn: TokenVerifier (agent token verification)', function () {
 
     it('refuses alg none (algorithm)', async () => {
       const v = await verifier();
-      const unsecured = new jose.UnsecuredJWT({ sub: 'alice', groups: ['admin'] }).setIssuer(ISS).setAudience(AUD).setExpirationTime('10m').encode();
+      const unsecured = new jose.UnsecuredJWT({ sub: 'alice', groups: ['admin'] })
+        .setIssuer(ISS)
+        .setAudience(AUD)
+        .setExpirationTime('10m')
+        .encode();
       expect(unsecured.split('.')).to.have.length(3);
       expectRefused(await v.authenticate(unsecured), 'algorithm');
       // The same with the site's kid, as a forger would write it.
       const payload = unsecured.split('.')[1]!;
-      expectRefused(await v.authenticate(`${b64url(JSON.stringify({ alg: 'none', kid: es.kid }))}.${payload}.`), 'algorithm');
+      expectRefused(
+        await v.authenticate(`${b64url(JSON.stringify({ alg: 'none', kid: es.kid }))}.${payload}.`),
+        'algorithm',
+      );
     });
 
     it('refuses HS256 "signed" with the site\'s RSA public key as the HMAC secret (algorithm)', async () => {
       const v = await verifier();
-      const publicPem = createPublicKey({ key: rs.publicJwk as import('node:crypto').JsonWebKey, format: 'jwk' }).export({ type: 'spki', format: 'pem' });
+      const publicPem = createPublicKey({
+        key: rs.publicJwk as import('node:crypto').JsonWebKey,
+        format: 'jwk',
+      }).export({ type: 'spki', format: 'pem' });
       for (const secret of [Buffer.from(publicPem), Buffer.from(JSON.stringify(rs.publicJwk))]) {
         const forged = await new jose.SignJWT({ iss: ISS, aud: AUD, sub: 'mallory', groups: ['admin'] })
-          .setProtectedHeader({ alg: 'HS256', kid: rs.kid }).setExpirationTime('10m').sign(new Uint8Array(secret));
+          .setProtectedHeader({ alg: 'HS256', kid: rs.kid })
+          .setExpirationTime('10m')
+          .sign(new Uint8Array(secret));
         expectRefused(await v.authenticate(forged), 'algorithm');
       }
     });
@@ -241,14 +300,21 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expectRefused(await v.authenticate(`${header}.${payload}!.${signature}`), 'malformed');
       expectRefused(await v.authenticate(`${b64url('not json')}.${payload}.${signature}`), 'malformed');
       expectRefused(await v.authenticate(`${b64url('[1,2]')}.${payload}.${signature}`), 'malformed');
-      const notJsonPayload = await new jose.CompactSign(Buffer.from('not json')).setProtectedHeader({ alg: 'ES256', kid: es.kid }).sign(es.privateKey);
+      const notJsonPayload = await new jose.CompactSign(Buffer.from('not json'))
+        .setProtectedHeader({ alg: 'ES256', kid: es.kid })
+        .sign(es.privateKey);
       expectRefused(await v.authenticate(notJsonPayload), 'malformed');
       expectRefused(await v.authenticate('a.b.c.d.e'), 'malformed');
     });
 
     it('refuses a token whose crit header names an extension the site does not understand', async () => {
       const v = await verifier();
-      const token = await signToken(jose, es, {}, { crit: ['urn:example:must-understand'], 'urn:example:must-understand': true });
+      const token = await signToken(
+        jose,
+        es,
+        {},
+        { crit: ['urn:example:must-understand'], 'urn:example:must-understand': true },
+      );
       const result = await v.authenticate(token);
       expectRefused(result, 'malformed');
       expect(result.reason).to.contain('urn:example:must-understand');
@@ -262,9 +328,13 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expect(oversized.code).to.equal(Status.INVALID_ARGUMENT);
       expect(oversized.message).to.match(/bytes; the limit is 4096/);
       const defaultLimit = await verifier();
-      expect((await rejection(defaultLimit.authenticate('a'.repeat(16 * 1024 + 1)))).code).to.equal(Status.INVALID_ARGUMENT);
+      expect((await rejection(defaultLimit.authenticate('a'.repeat(16 * 1024 + 1)))).code).to.equal(
+        Status.INVALID_ARGUMENT,
+      );
       const nothing = await verifier({ jwksFile: undefined, issuers: [] });
-      expect((await rejection(nothing.authenticate(await signToken(jose, es)))).code).to.equal(Status.FAILED_PRECONDITION);
+      expect((await rejection(nothing.authenticate(await signToken(jose, es)))).code).to.equal(
+        Status.FAILED_PRECONDITION,
+      );
     });
 
     it('a JWKS file that cannot be read at start is a config error naming jwks', async () => {
@@ -281,7 +351,16 @@ describe('authn: TokenVerifier (agent token verification)', function () {
 
     it('leaves out symmetric and private keys in the JWKS and counts only usable ones', async () => {
       const privateJwk = await jose.exportJWK(stranger.privateKey as Parameters<JoseModule['exportJWK']>[0]);
-      writeAtomically(jwksFile, JSON.stringify({ keys: [es.publicJwk, { kty: 'oct', k: b64url('secret'), kid: 'hmac' }, { ...privateJwk, kid: stranger.kid, alg: 'ES256' }] }));
+      writeAtomically(
+        jwksFile,
+        JSON.stringify({
+          keys: [
+            es.publicJwk,
+            { kty: 'oct', k: b64url('secret'), kid: 'hmac' },
+            { ...privateJwk, kid: stranger.kid, alg: 'ES256' },
+          ],
+        }),
+      );
       const v = await verifier();
       expect(v.keyCount).to.equal(1);
       expectRefused(await v.authenticate(await signToken(jose, stranger)), 'unknown_key');
@@ -316,9 +395,15 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       const idp = await server();
       idp.serveJson(jwksOf(es));
       let nowMs = T0;
-      const v = await verifier({ jwksFile: undefined, jwksUrl: `${idp.url}/jwks`, jwksRefreshMinIntervalMs: 30_000, clock: () => nowMs });
+      const v = await verifier({
+        jwksFile: undefined,
+        jwksUrl: `${idp.url}/jwks`,
+        jwksRefreshMinIntervalMs: 30_000,
+        clock: () => nowMs,
+      });
       expect(idp.requests).to.equal(1);
-      const token = (key: TestKey, claims: Record<string, unknown> = {}): Promise<string> => signToken(jose, key, claims, {}, Math.floor(nowMs / 1000));
+      const token = (key: TestKey, claims: Record<string, unknown> = {}): Promise<string> =>
+        signToken(jose, key, claims, {}, Math.floor(nowMs / 1000));
       expect((await v.authenticate(await token(es))).authenticated).to.equal(true);
 
       // The site rotates: the new key is published, tokens signed with it arrive.
@@ -394,7 +479,10 @@ describe('authn: TokenVerifier (agent token verification)', function () {
   });
 
   describe('opaque tokens: RFC 7662 introspection', () => {
-    interface Seen { authorization?: string; form: URLSearchParams }
+    interface Seen {
+      authorization?: string;
+      form: URLSearchParams;
+    }
     let idp: TestHttpServer;
     let seen: Seen[];
     let secretFile: string;
@@ -411,7 +499,15 @@ describe('authn: TokenVerifier (agent token verification)', function () {
         seen.push({ authorization: req.headers.authorization, form });
         const nowS = Math.floor(nowMs / 1000);
         const answers: Record<string, unknown> = {
-          'opaque-active': { active: true, sub: 'svc-billing', groups: ['billing'], exp: nowS + 600, iss: ISS, aud: AUD, scope: 'read' },
+          'opaque-active': {
+            active: true,
+            sub: 'svc-billing',
+            groups: ['billing'],
+            exp: nowS + 600,
+            iss: ISS,
+            aud: AUD,
+            scope: 'read',
+          },
           'opaque-short': { active: true, sub: 'svc-billing', exp: nowS + 2 },
           'opaque-inactive': { active: false },
           'opaque-other-issuer': { active: true, sub: 'x', iss: 'https://elsewhere.test' },
@@ -421,16 +517,26 @@ describe('authn: TokenVerifier (agent token verification)', function () {
         if (token === 'opaque-hang') return; // never answers; the client's timeout must end the wait
         if (token === 'opaque-500') return void res.writeHead(500).end('boom');
         if (token === 'opaque-401') return void res.writeHead(401).end();
-        if (token === 'opaque-garbage') return void res.writeHead(200, { 'content-type': 'application/json' }).end('{"active":"yes"}');
-        res.writeHead(200, { 'content-type': 'application/json' }).end(JSON.stringify(answers[token] ?? { active: false }));
+        if (token === 'opaque-garbage')
+          return void res.writeHead(200, { 'content-type': 'application/json' }).end('{"active":"yes"}');
+        res
+          .writeHead(200, { 'content-type': 'application/json' })
+          .end(JSON.stringify(answers[token] ?? { active: false }));
       };
     });
 
-    const introspecting = (options: Partial<TokenVerifierOptions> = {}): Promise<TokenVerifier> => verifier({
-      jwksFile: undefined, clock: () => nowMs,
-      introspection: { url: `${idp.url}/introspect`, clientId: 'burrow agent', clientSecretFile: secretFile, timeoutMs: 300 },
-      ...options,
-    });
+    const introspecting = (options: Partial<TokenVerifierOptions> = {}): Promise<TokenVerifier> =>
+      verifier({
+        jwksFile: undefined,
+        clock: () => nowMs,
+        introspection: {
+          url: `${idp.url}/introspect`,
+          clientId: 'burrow agent',
+          clientSecretFile: secretFile,
+          timeoutMs: 300,
+        },
+        ...options,
+      });
 
     it('accepts an active token with its subject, groups, claims and exp; sends the client credentials; caches the answer', async () => {
       const v = await introspecting();
@@ -450,7 +556,7 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expect(seen).to.have.length(1);
     });
 
-    it('never caches past the token\'s exp, and refuses an answer whose exp has passed', async () => {
+    it("never caches past the token's exp, and refuses an answer whose exp has passed", async () => {
       const v = await introspecting({ introspection: { url: `${idp.url}/introspect`, cacheTtlMs: 60_000 } });
       expect((await v.authenticate('opaque-short')).authenticated).to.equal(true);
       nowMs += 1_000;
@@ -540,7 +646,9 @@ describe('authn: TokenVerifier (agent token verification)', function () {
         }
         samples.sort((a, b) => a - b);
         const p = (q: number): string => `${(samples[Math.floor(q * (samples.length - 1))]! * 1000).toFixed(0)} µs`;
-        console.log(`      ${key.alg} verification: p50 ${p(0.5)}, p99 ${p(0.99)} (${samples.length} tokens, cached key)`);
+        console.log(
+          `      ${key.alg} verification: p50 ${p(0.5)}, p99 ${p(0.99)} (${samples.length} tokens, cached key)`,
+        );
         // Generous bound only: the machine is shared; this catches a key re-import per token.
         expect(samples[Math.floor(samples.length / 2)]!).to.be.below(50);
       }
@@ -572,20 +680,39 @@ describe('authn: agent flags (authnConfigFromArgs)', () => {
   it('is off without a key source, and builds typed settings with defaults', () => {
     expect(authnConfigFromArgs({})).to.equal(undefined);
     const settings = authnConfigFromArgs({
-      jwks, 'token-issuer': ['https://a', 'https://b,https://c'], 'token-audience': 'api', 'token-clock-skew': '90s',
+      jwks,
+      'token-issuer': ['https://a', 'https://b,https://c'],
+      'token-audience': 'api',
+      'token-clock-skew': '90s',
       'token-required-claims': 'sub, exp',
       'token-allowed-audience': ['api,other'],
     });
     expect(settings).to.deep.include({
-      jwksFile: jwks, issuers: ['https://a', 'https://b', 'https://c'], audiences: ['api'],
-      allowedAudiences: ['api', 'other'], allowTokensWithoutExp: false,
-      clockSkewMs: 90_000, groupsClaim: 'groups', requiredClaims: ['sub', 'exp'],
+      jwksFile: jwks,
+      issuers: ['https://a', 'https://b', 'https://c'],
+      audiences: ['api'],
+      allowedAudiences: ['api', 'other'],
+      allowTokensWithoutExp: false,
+      clockSkewMs: 90_000,
+      groupsClaim: 'groups',
+      requiredClaims: ['sub', 'exp'],
     });
-    expect(authnConfigFromArgs({ jwks, 'token-issuer': 'i', 'token-allow-without-exp': true }))
-      .to.deep.include({ allowTokensWithoutExp: true, allowedAudiences: [] });
+    expect(authnConfigFromArgs({ jwks, 'token-issuer': 'i', 'token-allow-without-exp': true })).to.deep.include({
+      allowTokensWithoutExp: true,
+      allowedAudiences: [],
+    });
     expect(settings!.algorithms).to.include('ES256').and.not.include('HS256');
-    const intro = authnConfigFromArgs({ 'introspection-url': 'https://idp.site/introspect', 'token-issuer': 'https://a', 'introspection-client-id': 'agent' });
-    expect(intro!.introspection).to.deep.include({ url: 'https://idp.site/introspect', clientId: 'agent', timeoutMs: 5000, cacheTtlMs: 30_000 });
+    const intro = authnConfigFromArgs({
+      'introspection-url': 'https://idp.site/introspect',
+      'token-issuer': 'https://a',
+      'introspection-client-id': 'agent',
+    });
+    expect(intro!.introspection).to.deep.include({
+      url: 'https://idp.site/introspect',
+      clientId: 'agent',
+      timeoutMs: 5000,
+      cacheTtlMs: 30_000,
+    });
   });
 
   it('names the flag of every bad value', () => {
@@ -603,10 +730,21 @@ describe('authn: agent flags (authnConfigFromArgs)', () => {
     const unpinned = { jwks, 'token-issuer': 'i', 'token-audience': 'x', 'token-allowed-audience': 'y' };
     expect(fieldOf(unpinned)).to.equal('token-audience');
     expect(fieldOf({ 'introspection-url': 'not a url', 'token-issuer': 'i' })).to.equal('introspection-url');
-    expect(fieldOf({ 'introspection-url': 'http://x/i', 'token-issuer': 'i', 'introspection-client-secret-file': jwks })).to.equal('introspection-client-id');
-    expect(fieldOf({ 'introspection-url': 'http://x/i', 'token-issuer': 'i', 'introspection-client-id': 'a', 'introspection-client-secret-file': '/nonexistent' })).to.equal('introspection-client-secret-file');
+    expect(
+      fieldOf({ 'introspection-url': 'http://x/i', 'token-issuer': 'i', 'introspection-client-secret-file': jwks }),
+    ).to.equal('introspection-client-id');
+    expect(
+      fieldOf({
+        'introspection-url': 'http://x/i',
+        'token-issuer': 'i',
+        'introspection-client-id': 'a',
+        'introspection-client-secret-file': '/nonexistent',
+      }),
+    ).to.equal('introspection-client-secret-file');
     expect(fieldOf({ jwks, 'token-issuer': 'i', 'introspection-client-id': 'a' })).to.equal('introspection-client-id');
-    expect(fieldOf({ jwks, 'token-issuer': 'i', 'introspection-url': 'http://x/i', 'introspection-timeout': '2m' })).to.equal('introspection-timeout');
+    expect(
+      fieldOf({ jwks, 'token-issuer': 'i', 'introspection-url': 'http://x/i', 'introspection-timeout': '2m' }),
+    ).to.equal('introspection-timeout');
   });
 });
 
@@ -623,7 +761,17 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
     jwks = path.join(pki.root, 'jwks.json');
     writeFileSync(jwks, '{"keys":[]}');
     const [closedPort] = await freePorts(1);
-    base = ['run', '--broker', `127.0.0.1:${closedPort!}`, '--tls-cert', cert.cert, '--tls-key', cert.key, '--ca', cert.ca];
+    base = [
+      'run',
+      '--broker',
+      `127.0.0.1:${closedPort!}`,
+      '--tls-cert',
+      cert.cert,
+      '--tls-key',
+      cert.key,
+      '--ca',
+      cert.ca,
+    ];
   });
   afterEach(() => killAll());
   after(() => pki?.cleanup());
@@ -641,27 +789,53 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
     const { exit, stdout } = await runCli(AGENT_CLI, ['run', '--help']);
     expect(exit.code).to.equal(0);
     for (const flag of [
-      '--jwks ', '--jwks-url', '--token-issuer', '--token-audience', '--token-allowed-audience',
-      '--token-allow-without-exp', '--token-algorithms', '--token-clock-skew', '--token-groups-claim',
-      '--introspection-url', '--introspection-client-id', '--introspection-client-secret-file',
+      '--jwks ',
+      '--jwks-url',
+      '--token-issuer',
+      '--token-audience',
+      '--token-allowed-audience',
+      '--token-allow-without-exp',
+      '--token-algorithms',
+      '--token-clock-skew',
+      '--token-groups-claim',
+      '--introspection-url',
+      '--introspection-client-id',
+      '--introspection-client-secret-file',
     ]) {
       expect(stdout).to.contain(flag);
     }
   });
 
   it('a refused algorithm, from a flag, the environment or the config file, is one line naming token-algorithms', async () => {
-    const line = await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS, '--token-algorithms', 'RS256,HS256'], 'token-algorithms');
+    const line = await expectOneLineError(
+      ['--jwks', jwks, '--token-issuer', ISS, '--token-algorithms', 'RS256,HS256'],
+      'token-algorithms',
+    );
     expect(line).to.contain('HS256 is refused');
-    await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-algorithms', { BURROW_AGENT_TOKEN_ALGORITHMS: 'none' });
+    await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-algorithms', {
+      BURROW_AGENT_TOKEN_ALGORITHMS: 'none',
+    });
     const config = path.join(pki.root, 'agent.yaml');
     writeFileSync(config, `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\ntoken-algorithms: HS512\n`);
     await expectOneLineError(['--config', config], 'token-algorithms');
   });
 
   it('other bad token settings name their flag: skew over 5m (env), a missing issuer, a secret without a client id', async () => {
-    await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-clock-skew', { BURROW_AGENT_TOKEN_CLOCK_SKEW: '10m' });
+    await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-clock-skew', {
+      BURROW_AGENT_TOKEN_CLOCK_SKEW: '10m',
+    });
     await expectOneLineError(['--jwks-url', 'http://127.0.0.1:1/jwks'], 'token-issuer');
-    await expectOneLineError(['--introspection-url', 'http://127.0.0.1:1/i', '--token-issuer', ISS, '--introspection-client-secret-file', jwks], 'introspection-client-id');
+    await expectOneLineError(
+      [
+        '--introspection-url',
+        'http://127.0.0.1:1/i',
+        '--token-issuer',
+        ISS,
+        '--introspection-client-secret-file',
+        jwks,
+      ],
+      'introspection-client-id',
+    );
     await expectOneLineError(['--token-audience', AUD], 'token-audience');
     const unpinned = ['--jwks', jwks, '--token-issuer', ISS, '--token-audience', AUD];
     await expectOneLineError(unpinned, 'token-audience', { BURROW_AGENT_TOKEN_ALLOWED_AUDIENCE: 'other' });
@@ -669,11 +843,15 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
 
   it('starts with token settings from the config file and the environment together', async () => {
     const config = path.join(pki.root, 'agent-ok.yaml');
-    writeFileSync(config, `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\n  - https://idp2.site.test\n`
-      + `token-audience: ${AUD}\ntoken-groups-claim: roles\ntoken-allowed-audience:\n  - ${AUD}\n`);
+    writeFileSync(
+      config,
+      `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\n  - https://idp2.site.test\n` +
+        `token-audience: ${AUD}\ntoken-groups-claim: roles\ntoken-allowed-audience:\n  - ${AUD}\n`,
+    );
     // Reaching "agent started" means the whole configuration was accepted; afterEach ends it.
     const { started } = await startAgent([...base.slice(1), '--config', config], {
-      BURROW_AGENT_TOKEN_CLOCK_SKEW: '2m', BURROW_AGENT_TOKEN_ALGORITHMS: 'ES256,EdDSA',
+      BURROW_AGENT_TOKEN_CLOCK_SKEW: '2m',
+      BURROW_AGENT_TOKEN_ALGORITHMS: 'ES256,EdDSA',
       BURROW_AGENT_TOKEN_ALLOW_WITHOUT_EXP: 'true',
     });
     expect(started.message).to.equal('agent started');
@@ -683,35 +861,79 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
 describe('authn: examples/auth/mint-token.js (real processes)', function () {
   this.timeout(30_000);
   const script = path.resolve(__dirname, '..', '..', 'examples', 'auth', 'mint-token.js');
-  const run = async (...args: string[]): Promise<string> => (await promisify(execFile)(process.execPath, [script, ...args])).stdout.trim();
+  const run = async (...args: string[]): Promise<string> =>
+    (await promisify(execFile)(process.execPath, [script, ...args])).stdout.trim();
   let dir: string;
-  before(() => { dir = mkdtempSync(path.join(tmpdir(), 'burrow-mint-')); });
+  before(() => {
+    dir = mkdtempSync(path.join(tmpdir(), 'burrow-mint-'));
+  });
   after(() => rmSync(dir, { recursive: true, force: true }));
 
   it('makes keys at run time (private ones 0600, a public-only JWKS) and signs tokens the verifier accepts or refuses as it should', async () => {
     const keys = path.join(dir, 'keys');
     await run('keys', '--out', keys);
-    for (const file of ['signing-key.jwk', 'signing-key-rs256.jwk']) expect(statSync(path.join(keys, file)).mode & 0o777, file).to.equal(0o600);
-    const jwks = JSON.parse(readFileSync(path.join(keys, 'jwks.json'), 'utf8')) as { keys: Array<Record<string, unknown>> };
+    for (const file of ['signing-key.jwk', 'signing-key-rs256.jwk'])
+      expect(statSync(path.join(keys, file)).mode & 0o777, file).to.equal(0o600);
+    const jwks = JSON.parse(readFileSync(path.join(keys, 'jwks.json'), 'utf8')) as {
+      keys: Array<Record<string, unknown>>;
+    };
     expect(jwks.keys.map((k) => k.alg)).to.deep.equal(['ES256', 'RS256']);
     for (const k of jwks.keys) expect(k).to.not.have.any.keys('d', 'p', 'q');
 
-    const v = await TokenVerifier.create({ jwksFile: path.join(keys, 'jwks.json'), issuers: [ISS], audiences: [AUD], registry: new Registry() });
+    const v = await TokenVerifier.create({
+      jwksFile: path.join(keys, 'jwks.json'),
+      issuers: [ISS],
+      audiences: [AUD],
+      registry: new Registry(),
+    });
     try {
       const common = ['--iss', ISS, '--aud', AUD, '--sub', 'alice'];
-      const good = await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--groups', 'ops,dev', '--claim', 'tenant=acme'));
+      const good = await v.authenticate(
+        await run(
+          'sign',
+          '--key',
+          path.join(keys, 'signing-key.jwk'),
+          ...common,
+          '--groups',
+          'ops,dev',
+          '--claim',
+          'tenant=acme',
+        ),
+      );
       expect(good).to.deep.include({ authenticated: true, subject: 'alice', groups: ['ops', 'dev'] });
       expect(good.claims.tenant).to.equal('acme');
-      expect((await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key-rs256.jwk'), ...common))).authenticated).to.equal(true);
-      expectRefused(await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--exp', '-5m')), 'expired');
-      expectRefused(await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--nbf', '10m')), 'not_yet_valid');
+      expect(
+        (await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key-rs256.jwk'), ...common)))
+          .authenticated,
+      ).to.equal(true);
+      expectRefused(
+        await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--exp', '-5m')),
+        'expired',
+      );
+      expectRefused(
+        await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--nbf', '10m')),
+        'not_yet_valid',
+      );
     } finally {
       v.close();
     }
   });
 
   it('says what is wrong in one line and exits 2', async () => {
-    const err = await run('sign', '--key', path.join(dir, 'missing.jwk'), '--iss', ISS, '--aud', AUD, '--sub', 'a').then(() => undefined, (e: { code: number; stderr: string }) => e);
+    const err = await run(
+      'sign',
+      '--key',
+      path.join(dir, 'missing.jwk'),
+      '--iss',
+      ISS,
+      '--aud',
+      AUD,
+      '--sub',
+      'a',
+    ).then(
+      () => undefined,
+      (e: { code: number; stderr: string }) => e,
+    );
     expect(err?.code).to.equal(2);
     expect(err?.stderr).to.match(/^mint-token: --key .*ENOENT\n$/);
   });

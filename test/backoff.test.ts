@@ -2,7 +2,6 @@ import { expect } from 'chai';
 import { Backoff } from '@burrow/agent';
 import { mulberry32 } from './helpers/seeded-random';
 
-
 /** The largest value below 1 that Math.random() may return. */
 const ALMOST_ONE = 1 - Number.EPSILON / 2;
 
@@ -27,7 +26,10 @@ describe('Backoff (full jitter)', () => {
   it('ceilingMs reports the current window, doubling from base up to max', () => {
     const b = new Backoff(50, 1_000, () => 0.5);
     const ceilings: number[] = [];
-    for (let i = 0; i < 8; i++) { ceilings.push(b.ceilingMs); b.nextDelayMs(); }
+    for (let i = 0; i < 8; i++) {
+      ceilings.push(b.ceilingMs);
+      b.nextDelayMs();
+    }
     expect(ceilings).to.deep.equal([50, 100, 200, 400, 800, 1_000, 1_000, 1_000]);
   });
 
@@ -66,7 +68,10 @@ describe('Backoff (full jitter)', () => {
       const resetEvery = 5 + Math.floor(configRnd() * 40);
       let n = 0;
       for (let i = 0; i < 200; i++) {
-        if (i > 0 && i % resetEvery === 0) { b.reset(); n = 0; }
+        if (i > 0 && i % resetEvery === 0) {
+          b.reset();
+          n = 0;
+        }
         const window = Math.min(maxMs, baseMs * 2 ** n);
         expect(b.ceilingMs, `config base=${baseMs} max=${maxMs} seed=${seed} attempt ${n}`).to.equal(window);
         const d = b.nextDelayMs();
@@ -85,6 +90,7 @@ describe('Backoff (full jitter)', () => {
       const d = b.nextDelayMs();
       buckets[Math.min(9, Math.floor(d / 100))]!++;
     }
-    for (const [i, count] of buckets.entries()) expect(count, `delays in [${i * 100}, ${i * 100 + 100}) ms`).to.be.within(120, 280);
+    for (const [i, count] of buckets.entries())
+      expect(count, `delays in [${i * 100}, ${i * 100 + 100}) ms`).to.be.within(120, 280);
   });
 });

@@ -4,7 +4,16 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { freePort } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { BROKER_CLI, httpGet, httpRequest as request, killAll, runCli, startAgent, startBroker, type BurrowProcess } from './helpers/processes';
+import {
+  BROKER_CLI,
+  httpGet,
+  httpRequest as request,
+  killAll,
+  runCli,
+  startAgent,
+  startBroker,
+  type BurrowProcess,
+} from './helpers/processes';
 
 /**
  * `burrow-broker agents list|show|disconnect` and `burrow-broker status` against real broker and
@@ -24,12 +33,37 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
   afterEach(() => killAll());
   after(() => pki.cleanup());
 
-  const certFlags = (): string[] => ['--tls-cert', brokerCert.cert, '--tls-key', brokerCert.key, '--ca', brokerCert.ca, '--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0'];
+  const certFlags = (): string[] => [
+    '--tls-cert',
+    brokerCert.cert,
+    '--tls-key',
+    brokerCert.key,
+    '--ca',
+    brokerCert.ca,
+    '--agent-listen',
+    '127.0.0.1:0',
+    '--api-listen',
+    '127.0.0.1:0',
+  ];
 
   /** A broker whose admin listener is at `adminHost`, with one agent connected. */
-  async function brokerWithAgent(adminHost: string, extra: string[] = []): Promise<{ broker: BurrowProcess; agent: BurrowProcess; admin: string }> {
+  async function brokerWithAgent(
+    adminHost: string,
+    extra: string[] = [],
+  ): Promise<{ broker: BurrowProcess; agent: BurrowProcess; admin: string }> {
     const b = await startBroker([...certFlags(), '--admin-listen', `${adminHost}:0`, ...extra]);
-    const a = await startAgent(['--broker', `127.0.0.1:${b.ports.agentPort}`, '--tls-cert', agentCert.cert, '--tls-key', agentCert.key, '--ca', agentCert.ca, '--upstream', `*=127.0.0.1:${await freePort()}`]);
+    const a = await startAgent([
+      '--broker',
+      `127.0.0.1:${b.ports.agentPort}`,
+      '--tls-cert',
+      agentCert.cert,
+      '--tls-key',
+      agentCert.key,
+      '--ca',
+      agentCert.ca,
+      '--upstream',
+      `*=127.0.0.1:${await freePort()}`,
+    ]);
     await b.proc.waitForLog('agent connected');
     return { broker: b.proc, agent: a.proc, admin: `127.0.0.1:${b.ports.adminPort}` };
   }
@@ -44,11 +78,17 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     expect(list.exit.code, list.stderrLines.join('\n')).to.equal(0);
     expect(list.stdout.split('\n')[0]).to.match(/^AGENT\s+SESSIONS\s+CONNECTED SINCE/);
     expect(list.stdout).to.match(/^site-a\s+1\s+/m);
-    const listJson = JSON.parse((await cli(['agents', 'list', '--admin', admin, '--json'])).stdout) as { id: string; connections: number }[];
+    const listJson = JSON.parse((await cli(['agents', 'list', '--admin', admin, '--json'])).stdout) as {
+      id: string;
+      connections: number;
+    }[];
     expect(listJson.map((a) => [a.id, a.connections])).to.deep.equal([['site-a', 1]]);
 
     // The admin address from the environment.
-    const fromEnv = await cli(['agents', 'list', '--json'], { BURROW_BROKER_ADMIN: admin, BURROW_BROKER_AGENT_LISTEN: '127.0.0.1:1' });
+    const fromEnv = await cli(['agents', 'list', '--json'], {
+      BURROW_BROKER_ADMIN: admin,
+      BURROW_BROKER_AGENT_LISTEN: '127.0.0.1:1',
+    });
     expect(fromEnv.exit.code, fromEnv.stderrLines.join('\n')).to.equal(0);
 
     // ... and from a YAML config file; an unknown key there is one line naming it.
@@ -68,17 +108,35 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     expect(show.stdout).to.match(/^agent\s+site-a$/m);
     expect(show.stdout).to.include(serial);
     const detail = JSON.parse((await cli(['agents', 'show', 'site-a', '--admin', admin, '--json'])).stdout) as {
-      id: string; callsInFlight: number; idleOffers: number; sessions: { peer: string; certificate: { serial: string; spiffeId: string; notAfter: string; secondsLeft: number } }[];
+      id: string;
+      callsInFlight: number;
+      idleOffers: number;
+      sessions: {
+        peer: string;
+        certificate: { serial: string; spiffeId: string; notAfter: string; secondsLeft: number };
+      }[];
     };
     expect(detail.id).to.equal('site-a');
     expect(detail.sessions).to.have.length(1);
     expect(detail.sessions[0]!.peer).to.match(/^127\.0\.0\.1:\d+$/);
     expect(detail.sessions[0]!.certificate.serial).to.equal(serial);
     expect(detail.sessions[0]!.certificate.spiffeId).to.equal('spiffe://burrow.local/agent/site-a');
-    expect(Date.parse(detail.sessions[0]!.certificate.notAfter)).to.equal(Date.parse(new X509Certificate(readFileSync(agentCert.cert)).validTo));
+    expect(Date.parse(detail.sessions[0]!.certificate.notAfter)).to.equal(
+      Date.parse(new X509Certificate(readFileSync(agentCert.cert)).validTo),
+    );
     expect(detail.idleOffers).to.be.greaterThan(0);
 
-    const status = JSON.parse((await cli(['status', '--admin', admin, '--json'])).stdout) as { agents: number; sessions: number; draining: boolean; ready: boolean; version: string; uptimeSeconds: number; pki: { enabled: boolean }; listeners: { admin: string }; servingCertificate: { spiffeId: string } };
+    const status = JSON.parse((await cli(['status', '--admin', admin, '--json'])).stdout) as {
+      agents: number;
+      sessions: number;
+      draining: boolean;
+      ready: boolean;
+      version: string;
+      uptimeSeconds: number;
+      pki: { enabled: boolean };
+      listeners: { admin: string };
+      servingCertificate: { spiffeId: string };
+    };
     expect(status).to.include({ agents: 1, sessions: 1, draining: false, ready: true });
     expect(status.version).to.match(/^\d+\.\d+\.\d+/);
     expect(status.pki.enabled).to.equal(false);
@@ -88,7 +146,8 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     const metrics = await httpGet(`http://${admin}/metrics`);
     const exported = /^burrow_pki_certificate_expiry_seconds\{role="broker"\} (\S+)$/m.exec(metrics.body);
     expect(exported, 'broker certificate expiry gauge').to.not.equal(null);
-    const expectedSeconds = (Date.parse(new X509Certificate(readFileSync(brokerCert.cert)).validTo) - Date.now()) / 1000;
+    const expectedSeconds =
+      (Date.parse(new X509Certificate(readFileSync(brokerCert.cert)).validTo) - Date.now()) / 1000;
     expect(Number(exported![1])).to.be.closeTo(expectedSeconds, 60);
     const statusText = await cli(['status', '--admin', admin]);
     expect(statusText.exit.code).to.equal(0);
@@ -97,7 +156,15 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
 
     const connectsBefore = broker.logs.filter((l) => l.message === 'agent connected').length;
     const logIndex = broker.logs.length;
-    const disconnect = await cli(['agents', 'disconnect', 'site-a', '--reason', 'moving site-a to broker-2', '--admin', admin]);
+    const disconnect = await cli([
+      'agents',
+      'disconnect',
+      'site-a',
+      '--reason',
+      'moving site-a to broker-2',
+      '--admin',
+      admin,
+    ]);
     expect(disconnect.exit.code, disconnect.stderrLines.join('\n')).to.equal(0);
     expect(disconnect.stdout).to.include('disconnected agent "site-a": closed 1 session(s)');
     expect(disconnect.stdout).to.include('will reconnect after its backoff unless its certificate is revoked');
@@ -110,7 +177,10 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
 
   it('exits 1 for an agent that is not connected and 2 when the broker is unreachable, with one line', async () => {
     const { admin } = await brokerWithAgent('127.0.0.1');
-    for (const args of [['agents', 'show', 'nope'], ['agents', 'disconnect', 'nope']]) {
+    for (const args of [
+      ['agents', 'show', 'nope'],
+      ['agents', 'disconnect', 'nope'],
+    ]) {
       const r = await cli([...args, '--admin', admin]);
       expect(r.exit.code, args.join(' ')).to.equal(1);
       expect(r.stderrLines).to.deep.equal(['burrow-broker: agent "nope" is not connected to this broker']);
@@ -158,8 +228,13 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     const noToken = await cli(['agents', 'disconnect', 'site-a', '--admin', guarded.admin]);
     expect(noToken.exit.code).to.equal(3);
     expect(noToken.stderrLines[0]).to.include('missing or wrong admin token');
-    expect((await cli(['agents', 'disconnect', 'site-a', '--admin', guarded.admin, '--admin-token-file', wrongFile])).exit.code).to.equal(3);
-    const ok = await cli(['agents', 'disconnect', 'site-a', '--admin', guarded.admin], { BURROW_BROKER_ADMIN_TOKEN_FILE: tokenFile });
+    expect(
+      (await cli(['agents', 'disconnect', 'site-a', '--admin', guarded.admin, '--admin-token-file', wrongFile])).exit
+        .code,
+    ).to.equal(3);
+    const ok = await cli(['agents', 'disconnect', 'site-a', '--admin', guarded.admin], {
+      BURROW_BROKER_ADMIN_TOKEN_FILE: tokenFile,
+    });
     expect(ok.exit.code, ok.stderrLines.join('\n')).to.equal(0);
     expect(ok.stdout).to.include('closed 1 session(s)');
   });

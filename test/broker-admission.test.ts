@@ -7,15 +7,24 @@ import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { AGENT_ID, Stack } from './helpers/stack';
 import { waitUntil } from './helpers/wait';
 
-const failure = (p: Promise<unknown>): Promise<ServiceError | undefined> => p.then(() => undefined, (e: ServiceError) => e);
+const failure = (p: Promise<unknown>): Promise<ServiceError | undefined> =>
+  p.then(
+    () => undefined,
+    (e: ServiceError) => e,
+  );
 
 describe('broker admission: call limits', () => {
   it('CallLimiter: concurrency per key is released exactly once and rate refills with time', () => {
     let nowMs = 0;
-    const limiter = new CallLimiter({ caller: { maxConcurrent: 2, ratePerSecond: 0 }, agent: { maxConcurrent: 0, ratePerSecond: 3 } }, () => nowMs);
+    const limiter = new CallLimiter(
+      { caller: { maxConcurrent: 2, ratePerSecond: 0 }, agent: { maxConcurrent: 0, ratePerSecond: 3 } },
+      () => nowMs,
+    );
     const r1 = limiter.admit('svc-a', 'site-1');
     const r2 = limiter.admit('svc-a', 'site-2');
-    expect(() => limiter.admit('svc-a', 'site-3')).to.throw(LimitExceededError).with.property('limit', 'caller_concurrency');
+    expect(() => limiter.admit('svc-a', 'site-3'))
+      .to.throw(LimitExceededError)
+      .with.property('limit', 'caller_concurrency');
     // Another caller is not affected by svc-a's concurrency.
     const r3 = limiter.admit('svc-b', 'site-1');
     r1();
@@ -23,10 +32,14 @@ describe('broker admission: call limits', () => {
     const r4 = limiter.admit('svc-a', 'site-1');
     expect(() => limiter.admit('svc-a', 'site-1')).to.throw(LimitExceededError);
     // site-1 has used its 3 tokens (r1, r3, r4); the refused call above took none.
-    expect(() => limiter.admit('svc-c', 'site-1')).to.throw(LimitExceededError).with.property('limit', 'agent_rate');
+    expect(() => limiter.admit('svc-c', 'site-1'))
+      .to.throw(LimitExceededError)
+      .with.property('limit', 'agent_rate');
     nowMs += 400; // 1.2 tokens back
     const r5 = limiter.admit('svc-c', 'site-1');
-    expect(() => limiter.admit('svc-d', 'site-1')).to.throw(LimitExceededError).with.property('limit', 'agent_rate');
+    expect(() => limiter.admit('svc-d', 'site-1'))
+      .to.throw(LimitExceededError)
+      .with.property('limit', 'agent_rate');
     for (const r of [r2, r3, r4, r5]) r();
     nowMs += 10_000;
     limiter.sweep();
@@ -36,13 +49,26 @@ describe('broker admission: call limits', () => {
   describe('through a broker', () => {
     let stack: Stack;
     before(async () => {
-      stack = await Stack.start({ broker: { limits: { caller: { maxConcurrent: 0, ratePerSecond: 0 }, agent: { maxConcurrent: 2, ratePerSecond: 0 } } } });
+      stack = await Stack.start({
+        broker: {
+          limits: { caller: { maxConcurrent: 0, ratePerSecond: 0 }, agent: { maxConcurrent: 2, ratePerSecond: 0 } },
+        },
+      });
     });
-    after(async () => { await stack.stop(); });
+    after(async () => {
+      await stack.stop();
+    });
 
     it('the call past the per-agent concurrency limit gets RESOURCE_EXHAUSTED, and the slot frees when a call ends', async () => {
       const hanging = [0, 1].map(() => {
-        const call = stack.caller.client.makeUnaryRequest(ECHO.hang, (b: Buffer) => b, (b: Buffer) => b, Buffer.from('x'), stack.md(), () => {});
+        const call = stack.caller.client.makeUnaryRequest(
+          ECHO.hang,
+          (b: Buffer) => b,
+          (b: Buffer) => b,
+          Buffer.from('x'),
+          stack.md(),
+          () => {},
+        );
         return call;
       });
       await waitUntil(() => stack.siteUpstream.active === 2);
@@ -64,12 +90,20 @@ describe('broker admission: call limits', () => {
 describe('broker admission: per-caller rate', () => {
   let stack: Stack;
   before(async () => {
-    stack = await Stack.start({ broker: { limits: { caller: { maxConcurrent: 0, ratePerSecond: 2 }, agent: { maxConcurrent: 0, ratePerSecond: 0 } } } });
+    stack = await Stack.start({
+      broker: {
+        limits: { caller: { maxConcurrent: 0, ratePerSecond: 2 }, agent: { maxConcurrent: 0, ratePerSecond: 0 } },
+      },
+    });
   });
-  after(async () => { await stack.stop(); });
+  after(async () => {
+    await stack.stop();
+  });
 
   it('a caller over its rate gets RESOURCE_EXHAUSTED; another caller is still served', async () => {
-    const results = await Promise.all([0, 1, 2, 3].map(() => failure(stack.caller.unary(ECHO.unary, Buffer.from('r'), stack.md()))));
+    const results = await Promise.all(
+      [0, 1, 2, 3].map(() => failure(stack.caller.unary(ECHO.unary, Buffer.from('r'), stack.md()))),
+    );
     const refused = results.filter((e) => e?.code === Status.RESOURCE_EXHAUSTED);
     // The bucket holds 2; 4 calls at once cannot all pass, and at most ~0 tokens refill meanwhile.
     expect(refused.length).to.be.at.least(1);
@@ -89,12 +123,21 @@ describe('AuthZEN HTTP binding (transport and errors)', () => {
   before(async () => {
     stack = await Stack.start({ broker: { authzenListen: '127.0.0.1:0' } });
   });
-  after(async () => { await stack.stop(); });
+  after(async () => {
+    await stack.stop();
+  });
 
-  const request = { subject: { type: 'User', id: 'alice' }, action: { name: 'read' }, resource: { type: 'Document', id: 'd1' } };
+  const request = {
+    subject: { type: 'User', id: 'alice' },
+    action: { name: 'read' },
+    resource: { type: 'Document', id: 'd1' },
+  };
 
   it('serves the PDP metadata for an agent', async () => {
-    const res = await httpsJson(stack.authzenAddress, 'GET', `/agents/${AGENT_ID}/.well-known/authzen-configuration`, { cert: stack.serviceCert, ca: stack.serviceCert.ca });
+    const res = await httpsJson(stack.authzenAddress, 'GET', `/agents/${AGENT_ID}/.well-known/authzen-configuration`, {
+      cert: stack.serviceCert,
+      ca: stack.serviceCert.ca,
+    });
     expect(res.status).to.equal(200);
     // Relative to the metadata URL: the broker never builds URLs from the request's Host header.
     expect(res.body.policy_decision_point).to.equal(`/agents/${AGENT_ID}`);
@@ -103,7 +146,12 @@ describe('AuthZEN HTTP binding (transport and errors)', () => {
   });
 
   it('carries an evaluation to the agent: without policies it answers FAILED_PRECONDITION, mapped to 400 with the gRPC code and message', async () => {
-    const res = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { cert: stack.serviceCert, ca: stack.serviceCert.ca, body: request, headers: { 'x-request-id': 'req-42' } });
+    const res = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+      cert: stack.serviceCert,
+      ca: stack.serviceCert.ca,
+      body: request,
+      headers: { 'x-request-id': 'req-42' },
+    });
     expect(res.status).to.equal(400);
     expect(res.body.error.code).to.equal('FAILED_PRECONDITION');
     expect(res.body.error.message).to.include('--policies');
@@ -112,13 +160,22 @@ describe('AuthZEN HTTP binding (transport and errors)', () => {
 
   it('answers bad requests with a clear error and no call', async () => {
     const base = { cert: stack.serviceCert, ca: stack.serviceCert.ca };
-    const notJson = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { ...base, rawBody: '{"subject":' });
+    const notJson = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+      ...base,
+      rawBody: '{"subject":',
+    });
     expect(notJson.status).to.equal(400);
     expect(notJson.body.error.message).to.match(/^body is not JSON/);
-    const wrongShape = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { ...base, body: { subject: 'alice' } });
+    const wrongShape = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+      ...base,
+      body: { subject: 'alice' },
+    });
     expect(wrongShape.status).to.equal(400);
     expect(wrongShape.body.error.message).to.equal('subject: must be a JSON object');
-    const badId = await httpsJson(stack.authzenAddress, 'POST', '/agents/bad%20id/access/v1/evaluation', { ...base, body: request });
+    const badId = await httpsJson(stack.authzenAddress, 'POST', '/agents/bad%20id/access/v1/evaluation', {
+      ...base,
+      body: request,
+    });
     expect(badId.status).to.equal(400);
     expect(badId.body.error.message).to.include('is not a valid agent id');
     const notFound = await httpsJson(stack.authzenAddress, 'POST', '/evaluation', { ...base, body: request });
@@ -126,21 +183,39 @@ describe('AuthZEN HTTP binding (transport and errors)', () => {
     const wrongMethod = await httpsJson(stack.authzenAddress, 'GET', `/agents/${AGENT_ID}/access/v1/evaluation`, base);
     expect(wrongMethod.status).to.equal(405);
     expect(wrongMethod.headers.allow).to.equal('POST');
-    const wrongType = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { ...base, rawBody: 'x', headers: { 'content-type': 'text/plain' } });
+    const wrongType = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+      ...base,
+      rawBody: 'x',
+      headers: { 'content-type': 'text/plain' },
+    });
     expect(wrongType.status).to.equal(415);
   });
 
-  it('an agent that is not connected: 503 naming the agent, after the broker\'s wait', async () => {
-    const res = await httpsJson(stack.authzenAddress, 'POST', '/agents/nobody-here/access/v1/evaluation', { cert: stack.serviceCert, ca: stack.serviceCert.ca, body: request });
+  it("an agent that is not connected: 503 naming the agent, after the broker's wait", async () => {
+    const res = await httpsJson(stack.authzenAddress, 'POST', '/agents/nobody-here/access/v1/evaluation', {
+      cert: stack.serviceCert,
+      ca: stack.serviceCert.ca,
+      body: request,
+    });
     expect(res.status).to.equal(503);
     expect(res.body.error.code).to.equal('UNAVAILABLE');
     expect(res.body.error.message).to.include('nobody-here');
   });
 
   it('refuses a client without a certificate at the TLS handshake, and an agent certificate with 403', async () => {
-    const err = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { ca: stack.serviceCert.ca, body: request }).then(() => undefined, (e: Error) => e);
+    const err = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+      ca: stack.serviceCert.ca,
+      body: request,
+    }).then(
+      () => undefined,
+      (e: Error) => e,
+    );
     expect(err, 'a request without a client certificate must fail').to.be.instanceOf(Error);
-    const asAgent = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, { cert: stack.agentCert, ca: stack.serviceCert.ca, body: request });
+    const asAgent = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+      cert: stack.agentCert,
+      ca: stack.serviceCert.ca,
+      body: request,
+    });
     expect(asAgent.status).to.equal(403);
     expect(asAgent.body.error.message).to.include('a service certificate is required');
   });

@@ -29,11 +29,23 @@ class FakeBroker {
 
   constructor(cert: CertFiles, trustPem: string) {
     this.server = http2.createSecureServer({
-      key: readFileSync(cert.key), cert: readFileSync(cert.cert), ca: trustPem, requestCert: true, rejectUnauthorized: false, allowHTTP1: false,
+      key: readFileSync(cert.key),
+      cert: readFileSync(cert.cert),
+      ca: trustPem,
+      requestCert: true,
+      rejectUnauthorized: false,
+      allowHTTP1: false,
     });
-    this.server.on('secureConnection', () => { this.handshakes++; });
-    this.server.on('session', (s) => { this.sessions.add(s); s.on('close', () => this.sessions.delete(s)); });
-    this.server.on('stream', (_stream, headers) => { this.requests.push(headers); });
+    this.server.on('secureConnection', () => {
+      this.handshakes++;
+    });
+    this.server.on('session', (s) => {
+      this.sessions.add(s);
+      s.on('close', () => this.sessions.delete(s));
+    });
+    this.server.on('stream', (_stream, headers) => {
+      this.requests.push(headers);
+    });
     this.server.on('tlsClientError', () => {});
   }
 
@@ -64,19 +76,28 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
     pki = await PkiFixture.create();
     foreign = await PkiFixture.create();
     [agentCert, serviceCert, brokerCert] = await Promise.all([
-      pki.issue('agent', 'site-a'), pki.issue('service', 'billing'), pki.issue('broker', 'broker-1', { dns: ['localhost'], ip: ['127.0.0.1'] }),
+      pki.issue('agent', 'site-a'),
+      pki.issue('service', 'billing'),
+      pki.issue('broker', 'broker-1', { dns: ['localhost'], ip: ['127.0.0.1'] }),
     ]);
     trustPem = readFileSync(agentCert.ca, 'utf8');
     const forged = (name: string): string => path.join(pki.root, `forged-${name}`);
     fakes['a service certificate issued for the name localhost'] = () => pki.issue('service', 'localhost');
-    fakes['a service certificate as older releases issued it (CN=localhost, serverAuth)'] = () => forgeLeaf(pki.pkiDir, forged('service'), {
-      uris: ['spiffe://burrow.local/service/localhost'], cn: 'localhost', ekus: ['clientAuth', 'serverAuth'],
-    });
+    fakes['a service certificate as older releases issued it (CN=localhost, serverAuth)'] = () =>
+      forgeLeaf(pki.pkiDir, forged('service'), {
+        uris: ['spiffe://burrow.local/service/localhost'],
+        cn: 'localhost',
+        ekus: ['clientAuth', 'serverAuth'],
+      });
     fakes['an agent certificate issued for the name localhost'] = () => pki.issue('agent', 'localhost');
-    fakes['an agent certificate with serverAuth and DNS:localhost'] = () => forgeLeaf(pki.pkiDir, forged('agent'), {
-      uris: ['spiffe://burrow.local/agent/localhost'], dns: ['localhost'], ekus: ['clientAuth', 'serverAuth'],
-    });
-    fakes['a broker certificate of a foreign CA'] = () => foreign.issue('broker', 'broker-1', { dns: ['localhost'], ip: ['127.0.0.1'] });
+    fakes['an agent certificate with serverAuth and DNS:localhost'] = () =>
+      forgeLeaf(pki.pkiDir, forged('agent'), {
+        uris: ['spiffe://burrow.local/agent/localhost'],
+        dns: ['localhost'],
+        ekus: ['clientAuth', 'serverAuth'],
+      });
+    fakes['a broker certificate of a foreign CA'] = () =>
+      foreign.issue('broker', 'broker-1', { dns: ['localhost'], ip: ['127.0.0.1'] });
   });
 
   after(async () => {
@@ -98,13 +119,27 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
   /** Runs a real agent against `address` until it logs a refused session or the fake sees a request. */
   async function agentAgainst(address: string, fake: FakeBroker): Promise<Record<string, unknown>[]> {
     const { logger, records } = capturingLogger();
-    const agent = new Agent({
-      ...AGENT_DEFAULTS, brokers: [address], brokerServerName: 'localhost', tlsCertFile: agentCert.cert, tlsKeyFile: agentCert.key, caFile: agentCert.ca,
-      reconnectBaseMs: 200, reconnectMaxMs: 1_000, drainTimeoutMs: 500,
-    }, logger as unknown as Logger);
+    const agent = new Agent(
+      {
+        ...AGENT_DEFAULTS,
+        brokers: [address],
+        brokerServerName: 'localhost',
+        tlsCertFile: agentCert.cert,
+        tlsKeyFile: agentCert.key,
+        caFile: agentCert.ca,
+        reconnectBaseMs: 200,
+        reconnectMaxMs: 1_000,
+        drainTimeoutMs: 500,
+      },
+      logger as unknown as Logger,
+    );
     await agent.start();
     try {
-      await waitUntil(() => fake.requests.length > 0 || records.some((r) => r.message === 'cannot establish tunnel session'), 10_000, 'a refusal or a request');
+      await waitUntil(
+        () => fake.requests.length > 0 || records.some((r) => r.message === 'cannot establish tunnel session'),
+        10_000,
+        'a refusal or a request',
+      );
     } finally {
       await agent.stop();
     }
@@ -128,17 +163,32 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
           const refused = records.find((r) => r.message === 'cannot establish tunnel session')!;
           console.log(`      agent: ${String(refused.error)}`);
           if (/foreign/.test(what)) expect(String(refused.error)).to.match(/certificate/);
-          else if (/localhost$/.test(what) && /issued for/.test(what)) expect(String(refused.error)).to.match(/is not a Burrow broker|unsuitable certificate purpose|does not contain|not cert's CN/);
-          else expect(String(refused.error)).to.match(/server localhost is not a Burrow broker of trust domain "burrow.local": it presented spiffe:\/\/burrow.local\/(service|agent)\/localhost/);
+          else if (/localhost$/.test(what) && /issued for/.test(what))
+            expect(String(refused.error)).to.match(
+              /is not a Burrow broker|unsuitable certificate purpose|does not contain|not cert's CN/,
+            );
+          else
+            expect(String(refused.error)).to.match(
+              /server localhost is not a Burrow broker of trust domain "burrow.local": it presented spiffe:\/\/burrow.local\/(service|agent)\/localhost/,
+            );
         });
       });
 
       it('is refused by @burrow/client before any request (no token sent)', async () => {
         const cert = await fakes[what]!();
         await withFake(cert, async (address, fake) => {
-          const client = new BurrowClient({ broker: address, serverName: 'localhost', tls: { certFile: serviceCert.cert, keyFile: serviceCert.key, caFile: serviceCert.ca }, timeoutMs: 3_000, maxAttempts: 1 });
+          const client = new BurrowClient({
+            broker: address,
+            serverName: 'localhost',
+            tls: { certFile: serviceCert.cert, keyFile: serviceCert.key, caFile: serviceCert.ca },
+            timeoutMs: 3_000,
+            maxAttempts: 1,
+          });
           try {
-            const err = await client.authenticate('site-a', 'secret-token-123').then(() => undefined, (e: Error) => e);
+            const err = await client.authenticate('site-a', 'secret-token-123').then(
+              () => undefined,
+              (e: Error) => e,
+            );
             expect(err, 'the call must fail').to.be.instanceOf(Error);
             console.log(`      client: ${err!.message}`);
             if (!/foreign|issued for/.test(what)) expect(err!.message).to.match(/is not a Burrow broker/);
@@ -149,16 +199,36 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
         });
       });
 
-      it('is refused by the broker\'s peer forwarder', async () => {
+      it("is refused by the broker's peer forwarder", async () => {
         const cert = await fakes[what]!();
         await withFake(cert, async (address, fake) => {
-          const tls = new CredentialStore({ caPem: readFileSync(brokerCert.ca), certPem: readFileSync(brokerCert.cert), keyPem: readFileSync(brokerCert.key) });
-          const metrics = new BrokerMetrics(() => ({ agents: 0, sessions: 0, activeCalls: 0, waiters: 0, idleOffers: 0 }), () => []);
-          const forwarder = new PeerForwarder({ tls, brokerId: 'broker-1', trustDomain: 'burrow.local', maxMessageBytes: 1 << 20, keepalive: DEFAULT_KEEPALIVE, metrics, readyTimeoutMs: 3_000 });
+          const tls = new CredentialStore({
+            caPem: readFileSync(brokerCert.ca),
+            certPem: readFileSync(brokerCert.cert),
+            keyPem: readFileSync(brokerCert.key),
+          });
+          const metrics = new BrokerMetrics(
+            () => ({ agents: 0, sessions: 0, activeCalls: 0, waiters: 0, idleOffers: 0 }),
+            () => [],
+          );
+          const forwarder = new PeerForwarder({
+            tls,
+            brokerId: 'broker-1',
+            trustDomain: 'burrow.local',
+            maxMessageBytes: 1 << 20,
+            keepalive: DEFAULT_KEEPALIVE,
+            metrics,
+            readyTimeoutMs: 3_000,
+          });
           try {
             // The peer address is an IP, as --advertise usually is; the broker certificate lists it.
-            const attempt = await forwarder.open(address.replace('127.0.0.1', 'localhost'), 'site-a', Date.now() + 5_000, new AbortController().signal,
-              { caller: 'spiffe://burrow.local/service/caller', method: '/echo.Echo/Unary', policies: [] });
+            const attempt = await forwarder.open(
+              address.replace('127.0.0.1', 'localhost'),
+              'site-a',
+              Date.now() + 5_000,
+              new AbortController().signal,
+              { caller: 'spiffe://burrow.local/service/caller', method: '/echo.Echo/Unary', policies: [] },
+            );
             expect(attempt.ready).to.equal(false);
             console.log(`      peer forwarder: ${attempt.ready ? '' : attempt.reason}`);
           } finally {
@@ -171,12 +241,18 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
   }
 
   describe('a fake broker with a real broker certificate (control)', () => {
-    it('gets the agent\'s session request and the client\'s call', async () => {
+    it("gets the agent's session request and the client's call", async () => {
       await withFake(brokerCert, async (address, fake) => {
         await agentAgainst(address, fake);
         expect(fake.requests.length).to.be.greaterThan(0);
         const before = fake.requests.length;
-        const client = new BurrowClient({ broker: address, serverName: 'localhost', tls: { certFile: serviceCert.cert, keyFile: serviceCert.key, caFile: serviceCert.ca }, timeoutMs: 1_000, maxAttempts: 1 });
+        const client = new BurrowClient({
+          broker: address,
+          serverName: 'localhost',
+          tls: { certFile: serviceCert.cert, keyFile: serviceCert.key, caFile: serviceCert.ca },
+          timeoutMs: 1_000,
+          maxAttempts: 1,
+        });
         try {
           await client.authenticate('site-a', 'secret-token-123').catch(() => undefined);
         } finally {

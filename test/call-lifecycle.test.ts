@@ -7,13 +7,23 @@ import { Stack } from './helpers/stack';
 import { TcpProxy } from './helpers/tcp-proxy';
 import { waitUntil } from './helpers/wait';
 
-const failure = (p: Promise<unknown>): Promise<ServiceError> => p.then(() => { throw new Error('call succeeded'); }, (e: ServiceError) => e);
+const failure = (p: Promise<unknown>): Promise<ServiceError> =>
+  p.then(
+    () => {
+      throw new Error('call succeeded');
+    },
+    (e: ServiceError) => e,
+  );
 
 /** Deadlines, cancellation, half-close and peers that vanish mid-call. */
 describe('call lifecycle', () => {
   let stack: Stack;
-  before(async () => { stack = await Stack.start(); });
-  after(async () => { await stack?.stop(); });
+  before(async () => {
+    stack = await Stack.start();
+  });
+  after(async () => {
+    await stack?.stop();
+  });
 
   for (const dir of ['caller -> agent', 'site -> platform'] as const) {
     const client = (): RawClient => (dir === 'caller -> agent' ? stack.caller : stack.siteClient);
@@ -26,15 +36,29 @@ describe('call lifecycle', () => {
       m.set('x-case', caseId);
       return m;
     };
-    beforeEach(() => { caseId = `${dir}-${++caseCounter}`; });
-    const nextCall = (): Promise<SeenCall> => new Promise((resolve) => {
-      const on = (c: SeenCall): void => { if (c.metadata.get('x-case')[0] === caseId) { upstream().off('call', on); resolve(c); } };
-      upstream().on('call', on);
+    beforeEach(() => {
+      caseId = `${dir}-${++caseCounter}`;
     });
-    const nextCancel = (): Promise<SeenCall> => new Promise((resolve) => {
-      const on = (c: SeenCall): void => { if (c.metadata.get('x-case')[0] === caseId) { upstream().off('cancelled', on); resolve(c); } };
-      upstream().on('cancelled', on);
-    });
+    const nextCall = (): Promise<SeenCall> =>
+      new Promise((resolve) => {
+        const on = (c: SeenCall): void => {
+          if (c.metadata.get('x-case')[0] === caseId) {
+            upstream().off('call', on);
+            resolve(c);
+          }
+        };
+        upstream().on('call', on);
+      });
+    const nextCancel = (): Promise<SeenCall> =>
+      new Promise((resolve) => {
+        const on = (c: SeenCall): void => {
+          if (c.metadata.get('x-case')[0] === caseId) {
+            upstream().off('cancelled', on);
+            resolve(c);
+          }
+        };
+        upstream().on('cancelled', on);
+      });
 
     describe(dir, () => {
       it('the far side gets the remaining time, and an expired deadline cancels it', async () => {

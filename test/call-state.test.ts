@@ -2,8 +2,19 @@ import { EventEmitter } from 'node:events';
 import { expect } from 'chai';
 import { status as Status, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
 import {
-  BurrowError, CallStream, INITIAL_CALL_STATE, ProtocolError, answerLocally, decodeCallFrame, encodeCallFrame, isCallDone, transition,
-  type CallFrame, type CallState, type CallStreamHandlers, type FrameSender,
+  BurrowError,
+  CallStream,
+  INITIAL_CALL_STATE,
+  ProtocolError,
+  answerLocally,
+  decodeCallFrame,
+  encodeCallFrame,
+  isCallDone,
+  transition,
+  type CallFrame,
+  type CallState,
+  type CallStreamHandlers,
+  type FrameSender,
 } from '@burrow/tunnel';
 
 /**
@@ -22,7 +33,10 @@ const ALL_STEPS: readonly Step[] = KINDS.flatMap((k) => [`o:${k}`, `a:${k}`] as 
 const senderOf = (s: Step): FrameSender => (s.startsWith('o:') ? 'originator' : 'answerer');
 const kindOf = (s: Step): Kind => s.slice(2) as Kind;
 
-interface RunResult { state: CallState; delivered: boolean[] }
+interface RunResult {
+  state: CallState;
+  delivered: boolean[];
+}
 
 /** Runs `steps` through transition(); throws whatever transition() throws. */
 function run(steps: readonly Step[]): RunResult {
@@ -61,23 +75,37 @@ function firstError(steps: readonly Step[]): { index: number; error?: ProtocolEr
  * the call is done.
  */
 function reference(steps: readonly Step[]): { delivered: boolean[]; done: boolean } | undefined {
-  let started = false, halfClosed = false, cancelled = false;
-  let answered = false /* headers or message */, trailers = false;
+  let started = false,
+    halfClosed = false,
+    cancelled = false;
+  let answered = false /* headers or message */,
+    trailers = false;
   const delivered: boolean[] = [];
   for (const s of steps) {
     const k = kindOf(s);
     if (senderOf(s) === 'originator') {
       if (k === 'headers' || k === 'trailers' || cancelled) return undefined;
-      if (k === 'start') { if (started) return undefined; started = true; delivered.push(true); continue; }
+      if (k === 'start') {
+        if (started) return undefined;
+        started = true;
+        delivered.push(true);
+        continue;
+      }
       if (!started) return undefined;
       if (k === 'message' && halfClosed) return undefined;
-      if (k === 'halfClose') { if (halfClosed) return undefined; halfClosed = true; }
+      if (k === 'halfClose') {
+        if (halfClosed) return undefined;
+        halfClosed = true;
+      }
       if (k === 'cancel') cancelled = true;
       delivered.push(!trailers);
     } else {
       if (k === 'start' || k === 'halfClose' || k === 'cancel') return undefined;
       if (!started || trailers) return undefined;
-      if (k === 'headers') { if (answered) return undefined; answered = true; }
+      if (k === 'headers') {
+        if (answered) return undefined;
+        answered = true;
+      }
       if (k === 'message') answered = true;
       if (k === 'trailers') trailers = true;
       delivered.push(!cancelled);
@@ -93,8 +121,16 @@ describe('call state machine: transition() and isCallDone()', () => {
       [['o:start'], [true], false],
       [['o:start', 'o:message', 'o:message', 'o:halfClose'], [true, true, true, true], false],
       [['o:start', 'o:halfClose', 'a:trailers'], [true, true, true], true],
-      [['o:start', 'o:halfClose', 'a:headers', 'a:message', 'a:message', 'a:trailers'], [true, true, true, true, true, true], true],
-      [['o:start', 'a:headers', 'o:message', 'a:message', 'o:message', 'a:message', 'o:halfClose', 'a:trailers'], Array(8).fill(true), true],
+      [
+        ['o:start', 'o:halfClose', 'a:headers', 'a:message', 'a:message', 'a:trailers'],
+        [true, true, true, true, true, true],
+        true,
+      ],
+      [
+        ['o:start', 'a:headers', 'o:message', 'a:message', 'o:message', 'a:message', 'o:halfClose', 'a:trailers'],
+        Array(8).fill(true),
+        true,
+      ],
       [['o:start', 'a:message', 'a:trailers'], [true, true, true], true], // Headers is optional
       [['o:start', 'a:trailers'], [true, true], true], // Trailers-only response, before HalfClose
       [['o:start', 'o:cancel'], [true, true], true],
@@ -105,7 +141,11 @@ describe('call state machine: transition() and isCallDone()', () => {
       [['o:start', 'a:trailers', 'o:message'], [true, true, false], true],
       [['o:start', 'a:trailers', 'o:halfClose'], [true, true, false], true],
       [['o:start', 'a:trailers', 'o:cancel'], [true, true, false], true],
-      [['o:start', 'a:trailers', 'o:message', 'o:message', 'o:halfClose', 'o:cancel'], [true, true, false, false, false, false], true],
+      [
+        ['o:start', 'a:trailers', 'o:message', 'o:message', 'o:halfClose', 'o:cancel'],
+        [true, true, false, false, false, false],
+        true,
+      ],
       // Allowed races: answerer frames in flight when the originator cancelled are dropped.
       [['o:start', 'o:cancel', 'a:headers'], [true, true, false], true],
       [['o:start', 'o:cancel', 'a:message'], [true, true, false], true],
@@ -182,7 +222,8 @@ describe('call state machine: transition() and isCallDone()', () => {
   it('agrees with a reference model of the proto rules on every sequence of up to 7 frames', () => {
     // Depth-first over every sequence of (sender, kind) pairs; illegal prefixes are not extended
     // (the state after an error is undefined). Checks legality, deliver flags and isCallDone.
-    let legalCount = 0, illegalCount = 0;
+    let legalCount = 0,
+      illegalCount = 0;
     const visit = (prefix: Step[]): void => {
       for (const step of ALL_STEPS) {
         const seq = [...prefix, step];
@@ -242,7 +283,12 @@ describe('call state machine: transition() and isCallDone()', () => {
       return { delivered, endedAt };
     }
 
-    function runReusable(steps: readonly Step[]): { index: number; delivered: boolean[]; endedAt: number[]; state: CallState } {
+    function runReusable(steps: readonly Step[]): {
+      index: number;
+      delivered: boolean[];
+      endedAt: number[];
+      state: CallState;
+    } {
       let state = INITIAL_CALL_STATE;
       const delivered: boolean[] = [];
       const endedAt: number[] = [];
@@ -263,20 +309,54 @@ describe('call state machine: transition() and isCallDone()', () => {
 
     it('carries calls one after the other: each ends at the frame that completes both halves, then Start is legal again', () => {
       const seq: Step[] = [
-        'o:start', 'o:halfClose', 'a:headers', 'a:message', 'a:trailers', //        a unary call
-        'o:start', 'o:message', 'o:cancel', 'a:message', 'a:trailers', //           cancelled; Trailers free the stream
-        'o:start', 'a:trailers', 'o:message', 'o:cancel', //                        answerer first; originator's Cancel frees it
-        'o:start', 'o:halfClose',
+        'o:start',
+        'o:halfClose',
+        'a:headers',
+        'a:message',
+        'a:trailers', //        a unary call
+        'o:start',
+        'o:message',
+        'o:cancel',
+        'a:message',
+        'a:trailers', //           cancelled; Trailers free the stream
+        'o:start',
+        'a:trailers',
+        'o:message',
+        'o:cancel', //                        answerer first; originator's Cancel frees it
+        'o:start',
+        'o:halfClose',
       ];
       const r = runReusable(seq);
       expect(r.index).to.equal(-1);
       expect(r.endedAt).to.deep.equal([4, 9, 13]);
-      expect(r.delivered).to.deep.equal([true, true, true, true, true, true, true, true, false, false, true, true, false, false, true, true]);
+      expect(r.delivered).to.deep.equal([
+        true,
+        true,
+        true,
+        true,
+        true,
+        true,
+        true,
+        true,
+        false,
+        false,
+        true,
+        true,
+        false,
+        false,
+        true,
+        true,
+      ]);
       expect(r.state).to.deep.equal({ request: 'half-closed', response: 'pending' });
     });
 
     it('never lets a second call start before the first has ended on both sides', () => {
-      for (const seq of [['o:start', 'o:start'], ['o:start', 'o:halfClose', 'o:start'], ['o:start', 'a:trailers', 'o:start'], ['o:start', 'o:cancel', 'o:start']] as Step[][]) {
+      for (const seq of [
+        ['o:start', 'o:start'],
+        ['o:start', 'o:halfClose', 'o:start'],
+        ['o:start', 'a:trailers', 'o:start'],
+        ['o:start', 'o:cancel', 'o:start'],
+      ] as Step[][]) {
         expect(runReusable(seq).index, seq.join(' ')).to.equal(seq.length - 1);
       }
       // Between calls only Start is legal, from the originator (and the late Cancel below).
@@ -301,14 +381,20 @@ describe('call state machine: transition() and isCallDone()', () => {
     });
 
     it('single-call mode never reports callEnded and never resets', () => {
-      const t = transition(transition(transition(INITIAL_CALL_STATE, 'originator', 'start').state, 'originator', 'halfClose').state, 'answerer', 'trailers');
+      const t = transition(
+        transition(transition(INITIAL_CALL_STATE, 'originator', 'start').state, 'originator', 'halfClose').state,
+        'answerer',
+        'trailers',
+      );
       expect(t.callEnded).to.equal(false);
       expect(t.state).to.deep.equal({ request: 'half-closed', response: 'closed' });
       expect(() => transition(t.state, 'originator', 'start')).to.throw(ProtocolError);
     });
 
     it('agrees with the reference on every sequence of up to 7 frames', () => {
-      let legalCount = 0, illegalCount = 0, ended = 0;
+      let legalCount = 0,
+        illegalCount = 0,
+        ended = 0;
       const visit = (prefix: Step[]): void => {
         for (const step of ALL_STEPS) {
           const seq = [...prefix, step];
@@ -356,14 +442,30 @@ class FakeDuplex extends EventEmitter {
     this.on('error', (e) => this.emittedErrors.push(e));
   }
 
-  write(b: Buffer): boolean { this.written.push(b); return this.writeResult; }
-  pause(): this { this.paused = true; return this; }
-  resume(): this { this.paused = false; return this; }
-  end(): this { this.endCalls++; return this; }
-  cancel(): void { this.cancelCalls++; }
+  write(b: Buffer): boolean {
+    this.written.push(b);
+    return this.writeResult;
+  }
+  pause(): this {
+    this.paused = true;
+    return this;
+  }
+  resume(): this {
+    this.paused = false;
+    return this;
+  }
+  end(): this {
+    this.endCalls++;
+    return this;
+  }
+  cancel(): void {
+    this.cancelCalls++;
+  }
 
   /** The peer sends `frame`. */
-  receive(frame: CallFrame): void { this.emit('data', encodeCallFrame(frame)); }
+  receive(frame: CallFrame): void {
+    this.emit('data', encodeCallFrame(frame));
+  }
   /** Client role: the server finished the gRPC stream with `code`. */
   finishWith(code: Status, details = ''): void {
     const s = { code, details, metadata: undefined } as unknown as StatusObject;
@@ -382,16 +484,40 @@ interface Recorder extends CallStreamHandlers {
 
 function recorder(): Recorder {
   const r: Recorder = {
-    frames: [], drains: 0, closed: [], protocolErrors: [], log: [],
-    onFrame(f) { r.frames.push(f); r.log.push(`frame:${f.kind}`); },
-    onDrain() { r.drains++; r.log.push('drain'); },
-    onClosed(e) { r.closed.push(e); r.log.push(e ? `closed:${e.code}` : 'closed'); },
-    onProtocolError(e) { r.protocolErrors.push(e); r.log.push('protocolError'); },
+    frames: [],
+    drains: 0,
+    closed: [],
+    protocolErrors: [],
+    log: [],
+    onFrame(f) {
+      r.frames.push(f);
+      r.log.push(`frame:${f.kind}`);
+    },
+    onDrain() {
+      r.drains++;
+      r.log.push('drain');
+    },
+    onClosed(e) {
+      r.closed.push(e);
+      r.log.push(e ? `closed:${e.code}` : 'closed');
+    },
+    onProtocolError(e) {
+      r.protocolErrors.push(e);
+      r.log.push('protocolError');
+    },
   };
   return r;
 }
 
-const START: CallFrame = { kind: 'start', start: { method: '/pkg.Svc/Method', metadata: [{ key: 'x-a', value: Buffer.from('1') }], timeoutMs: 1500, callId: 'c1' } };
+const START: CallFrame = {
+  kind: 'start',
+  start: {
+    method: '/pkg.Svc/Method',
+    metadata: [{ key: 'x-a', value: Buffer.from('1') }],
+    timeoutMs: 1500,
+    callId: 'c1',
+  },
+};
 const msg = (s: string): CallFrame => ({ kind: 'message', data: Buffer.from(s) });
 const TRAILERS_OK: CallFrame = { kind: 'trailers', trailers: { code: 0, message: '', metadata: [] } };
 
@@ -403,7 +529,10 @@ function answererClient(): { fake: FakeDuplex; stream: CallStream } {
 /** A broker-side offer: gRPC server, forwarded-call originator. */
 function originatorServer(): { fake: FakeDuplex; stream: CallStream } {
   const fake = new FakeDuplex();
-  return { fake, stream: new CallStream(fake as unknown as ClientDuplexStream<Buffer, Buffer>, 'server', 'originator') };
+  return {
+    fake,
+    stream: new CallStream(fake as unknown as ClientDuplexStream<Buffer, Buffer>, 'server', 'originator'),
+  };
 }
 
 describe('CallStream (fake duplex)', () => {
@@ -422,7 +551,9 @@ describe('CallStream (fake duplex)', () => {
     expect(start.method).to.equal('/pkg.Svc/Method');
     expect(start.timeoutMs).to.equal(1500);
     expect(start.callId).to.equal('c1');
-    const data = r.frames.filter((f): f is Extract<CallFrame, { kind: 'message' }> => f.kind === 'message').map((f) => f.data.toString());
+    const data = r.frames
+      .filter((f): f is Extract<CallFrame, { kind: 'message' }> => f.kind === 'message')
+      .map((f) => f.data.toString());
     expect(data).to.deep.equal(['one', '', 'three']);
     expect(stream.callState).to.deep.equal({ request: 'half-closed', response: 'pending' });
     expect(r.protocolErrors).to.have.length(0);
@@ -438,7 +569,12 @@ describe('CallStream (fake duplex)', () => {
     stream.attach(r);
     expect(r.log).to.deep.equal(['frame:start', 'frame:message', 'frame:message']);
     fake.receive(msg('c'));
-    expect(r.frames.map((f) => (f.kind === 'message' ? f.data.toString() : f.kind))).to.deep.equal(['start', 'a', 'b', 'c']);
+    expect(r.frames.map((f) => (f.kind === 'message' ? f.data.toString() : f.kind))).to.deep.equal([
+      'start',
+      'a',
+      'b',
+      'c',
+    ]);
   });
 
   it('re-attaching hands later frames to the new handlers only', () => {
@@ -503,7 +639,9 @@ describe('CallStream (fake duplex)', () => {
     fake.receive(START);
     fake.receive(START); // second start
     const afterFrames = r.log.slice(r.log.indexOf('frame:start') + 1);
-    expect(afterFrames[0], `handler calls after the bad frame: ${JSON.stringify(afterFrames)}`).to.equal('protocolError');
+    expect(afterFrames[0], `handler calls after the bad frame: ${JSON.stringify(afterFrames)}`).to.equal(
+      'protocolError',
+    );
     expect(afterFrames.filter((l) => l === 'protocolError')).to.have.length(1);
   });
 
@@ -646,21 +784,33 @@ describe('CallStream (fake duplex)', () => {
 
 describe('answerLocally: the signal a built-in handler gets (fake duplex)', () => {
   /** A call answered by a handler that resolves when `answer` is called; its signal is kept. */
-  function localCall(): { fake: FakeDuplex; signal: () => AbortSignal | undefined; answer: (b: Buffer) => void; outcome: Promise<{ code: number }> } {
+  function localCall(): {
+    fake: FakeDuplex;
+    signal: () => AbortSignal | undefined;
+    answer: (b: Buffer) => void;
+    outcome: Promise<{ code: number }>;
+  } {
     const { fake, stream } = answererClient();
     let signal: AbortSignal | undefined;
     let answer: (b: Buffer) => void = () => {};
-    const outcome = answerLocally(stream, (START as Extract<CallFrame, { kind: 'start' }>).start, (_req, ctx) => {
-      signal = ctx.signal;
-      return new Promise<Buffer>((resolve) => { answer = resolve; });
-    }, { maxMessageBytes: 1024 });
+    const outcome = answerLocally(
+      stream,
+      (START as Extract<CallFrame, { kind: 'start' }>).start,
+      (_req, ctx) => {
+        signal = ctx.signal;
+        return new Promise<Buffer>((resolve) => {
+          answer = resolve;
+        });
+      },
+      { maxMessageBytes: 1024 },
+    );
     fake.receive(START);
     fake.receive(msg('question'));
     fake.receive({ kind: 'halfClose' });
     return { fake, signal: () => signal, answer: (b) => answer(b), outcome };
   }
 
-  it('a handler that answered is not aborted afterwards (an abort per call cost ~2.5% of the agent\'s CPU)', async () => {
+  it("a handler that answered is not aborted afterwards (an abort per call cost ~2.5% of the agent's CPU)", async () => {
     const c = localCall();
     expect(c.signal()?.aborted).to.equal(false);
     c.answer(Buffer.from('answer'));

@@ -3,7 +3,16 @@ import { writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { accepts, freePorts, portsThatAccepted } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { AGENT_CLI, BROKER_CLI, BurrowProcess, httpGet, killAll, runCli, startAgent, startBroker } from './helpers/processes';
+import {
+  AGENT_CLI,
+  BROKER_CLI,
+  BurrowProcess,
+  httpGet,
+  killAll,
+  runCli,
+  startAgent,
+  startBroker,
+} from './helpers/processes';
 
 /**
  * The two binaries as an operator meets them: help, version, configuration from flags, environment
@@ -22,35 +31,58 @@ describe('cli', function () {
     pki = await PkiFixture.create();
     [brokerCert, agentCert] = await Promise.all([pki.issue('broker', 'b'), pki.issue('agent', 'site-a')]);
   });
-  afterEach(async () => { await killAll(); });
+  afterEach(async () => {
+    await killAll();
+  });
   after(() => pki?.cleanup());
 
   /** Flag list from a map; `undefined` leaves a flag out (flags given twice become lists in yargs). */
   const argv = (flags: Record<string, string | undefined>): string[] =>
     Object.entries(flags).flatMap(([k, v]) => (v === undefined ? [] : [`--${k}`, v]));
 
-  const brokerFlags = (ports: number[], overrides: Record<string, string | undefined> = {}): string[] => argv({
-    'agent-listen': `127.0.0.1:${ports[0]}`, 'api-listen': `127.0.0.1:${ports[1]}`, 'admin-listen': `127.0.0.1:${ports[2]}`,
-    'tls-cert': brokerCert.cert, 'tls-key': brokerCert.key, ca: brokerCert.ca, ...overrides,
-  });
+  const brokerFlags = (ports: number[], overrides: Record<string, string | undefined> = {}): string[] =>
+    argv({
+      'agent-listen': `127.0.0.1:${ports[0]}`,
+      'api-listen': `127.0.0.1:${ports[1]}`,
+      'admin-listen': `127.0.0.1:${ports[2]}`,
+      'tls-cert': brokerCert.cert,
+      'tls-key': brokerCert.key,
+      ca: brokerCert.ca,
+      ...overrides,
+    });
 
-  const agentFlags = (ports: number[], overrides: Record<string, string | undefined> = {}): string[] => argv({
-    broker: `127.0.0.1:${ports[0]}`, 'local-listen': `127.0.0.1:${ports[1]}`, 'admin-listen': `127.0.0.1:${ports[2]}`,
-    'tls-cert': agentCert.cert, 'tls-key': agentCert.key, ca: agentCert.ca, ...overrides,
-  });
+  const agentFlags = (ports: number[], overrides: Record<string, string | undefined> = {}): string[] =>
+    argv({
+      broker: `127.0.0.1:${ports[0]}`,
+      'local-listen': `127.0.0.1:${ports[1]}`,
+      'admin-listen': `127.0.0.1:${ports[2]}`,
+      'tls-cert': agentCert.cert,
+      'tls-key': agentCert.key,
+      ca: agentCert.ca,
+      ...overrides,
+    });
 
   /**
    * Runs the CLI, probing `ports` the whole time it lives: it must exit 2 with exactly one stderr
    * line `<prog>: <field>: ...`, and no port may ever have accepted a connection.
    */
-  async function expectConfigError(cli: string, flags: string[], field: string, ports: number[], env: Record<string, string> = {}): Promise<string> {
+  async function expectConfigError(
+    cli: string,
+    flags: string[],
+    field: string,
+    ports: number[],
+    env: Record<string, string> = {},
+  ): Promise<string> {
     const prog = cli === BROKER_CLI ? 'burrow-broker' : 'burrow-agent';
     const args = [cli === BROKER_CLI ? 'serve' : 'run', ...flags];
     // Precondition: the ports are free, so a hit below can only be this process.
     for (const p of ports) expect(await accepts(p), `port ${p} free before the run`).to.equal(false);
     const proc = new BurrowProcess(prog, cli, args, env);
     // A binary that accepted the bad value runs on; stop it at once so the test fails fast.
-    void proc.waitForLog(cli === BROKER_CLI ? 'broker started' : 'agent started').then(() => proc.signal('SIGKILL'), () => {});
+    void proc.waitForLog(cli === BROKER_CLI ? 'broker started' : 'agent started').then(
+      () => proc.signal('SIGKILL'),
+      () => {},
+    );
     const hits = await portsThatAccepted(ports, proc.exited);
     const exit = await proc.waitExit();
     const lines = proc.stderrLines.filter((l) => l !== '');
@@ -66,8 +98,23 @@ describe('cli', function () {
     it('broker `serve --help` exits 0 and lists every flag', async () => {
       const r = await runCli(BROKER_CLI, ['serve', '--help']);
       expect(r.exit.code).to.equal(0);
-      for (const flag of ['--agent-listen', '--api-listen', '--admin-listen', '--tls-cert', '--tls-key', '--ca', '--upstream', '--config',
-        '--drain-timeout', '--agent-wait', '--keepalive-time', '--keepalive-timeout', '--log-format', '--log-level', '--max-message-bytes']) {
+      for (const flag of [
+        '--agent-listen',
+        '--api-listen',
+        '--admin-listen',
+        '--tls-cert',
+        '--tls-key',
+        '--ca',
+        '--upstream',
+        '--config',
+        '--drain-timeout',
+        '--agent-wait',
+        '--keepalive-time',
+        '--keepalive-timeout',
+        '--log-format',
+        '--log-level',
+        '--max-message-bytes',
+      ]) {
         expect(r.stdout, flag).to.include(flag);
       }
     });
@@ -81,8 +128,20 @@ describe('cli', function () {
     it('agent `run --help` exits 0 and lists every flag', async () => {
       const r = await runCli(AGENT_CLI, ['run', '--help']);
       expect(r.exit.code).to.equal(0);
-      for (const flag of ['--broker', '--tls-cert', '--tls-key', '--ca', '--upstream', '--local-listen', '--admin-listen',
-        '--reconnect-base', '--reconnect-max', '--keepalive-time', '--keepalive-timeout', '--config']) {
+      for (const flag of [
+        '--broker',
+        '--tls-cert',
+        '--tls-key',
+        '--ca',
+        '--upstream',
+        '--local-listen',
+        '--admin-listen',
+        '--reconnect-base',
+        '--reconnect-max',
+        '--keepalive-time',
+        '--keepalive-timeout',
+        '--config',
+      ]) {
         expect(r.stdout, flag).to.include(flag);
       }
     });
@@ -99,13 +158,23 @@ describe('cli', function () {
   describe('bad values: one line naming the field, exit 2, nothing listens', () => {
     it('--agent-listen nope', async () => {
       const ports = await freePorts(3);
-      const line = await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'agent-listen': 'nope' }), 'agent-listen', ports.slice(1));
+      const line = await expectConfigError(
+        BROKER_CLI,
+        brokerFlags(ports, { 'agent-listen': 'nope' }),
+        'agent-listen',
+        ports.slice(1),
+      );
       expect(line).to.include('"nope"');
     });
 
     it('--max-message-bytes 5x', async () => {
       const ports = await freePorts(3);
-      await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'max-message-bytes': '5x' }), 'max-message-bytes', ports);
+      await expectConfigError(
+        BROKER_CLI,
+        brokerFlags(ports, { 'max-message-bytes': '5x' }),
+        'max-message-bytes',
+        ports,
+      );
     });
 
     it('--agent-wait forever', async () => {
@@ -115,15 +184,29 @@ describe('cli', function () {
 
     it('--handshake-timeout 10ms (below 100ms)', async () => {
       const ports = await freePorts(3);
-      const line = await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'handshake-timeout': '10ms' }), 'handshake-timeout', ports);
+      const line = await expectConfigError(
+        BROKER_CLI,
+        brokerFlags(ports, { 'handshake-timeout': '10ms' }),
+        'handshake-timeout',
+        ports,
+      );
       expect(line).to.include('must be from 100ms to 1h');
     });
 
     it('--max-offers-per-agent below --agent-max-concurrent, from the flag, the environment and the config file', async () => {
       const ports = await freePorts(3);
-      const line = await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'max-offers-per-agent': '100' }), 'max-offers-per-agent', ports);
-      expect(line).to.equal('burrow-broker: max-offers-per-agent: 100 is below --agent-max-concurrent (2048); raise it or set 0');
-      await expectConfigError(BROKER_CLI, brokerFlags(ports), 'max-offers-per-agent', ports, { BURROW_BROKER_MAX_OFFERS_PER_AGENT: '10' });
+      const line = await expectConfigError(
+        BROKER_CLI,
+        brokerFlags(ports, { 'max-offers-per-agent': '100' }),
+        'max-offers-per-agent',
+        ports,
+      );
+      expect(line).to.equal(
+        'burrow-broker: max-offers-per-agent: 100 is below --agent-max-concurrent (2048); raise it or set 0',
+      );
+      await expectConfigError(BROKER_CLI, brokerFlags(ports), 'max-offers-per-agent', ports, {
+        BURROW_BROKER_MAX_OFFERS_PER_AGENT: '10',
+      });
       const file = path.join(pki.root, 'offers.yaml');
       writeFileSync(file, 'max-offers-per-agent: 5\n');
       await expectConfigError(BROKER_CLI, [...brokerFlags(ports), '--config', file], 'max-offers-per-agent', ports);
@@ -131,7 +214,12 @@ describe('cli', function () {
 
     it('--max-sessions-per-agent -1', async () => {
       const ports = await freePorts(3);
-      await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'max-sessions-per-agent': '-1' }), 'max-sessions-per-agent', ports);
+      await expectConfigError(
+        BROKER_CLI,
+        brokerFlags(ports, { 'max-sessions-per-agent': '-1' }),
+        'max-sessions-per-agent',
+        ports,
+      );
     });
 
     it('--upstream foo (no =)', async () => {
@@ -141,7 +229,12 @@ describe('cli', function () {
 
     it('missing --tls-cert', async () => {
       const ports = await freePorts(3);
-      const line = await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'tls-cert': undefined }), 'tls-cert', ports);
+      const line = await expectConfigError(
+        BROKER_CLI,
+        brokerFlags(ports, { 'tls-cert': undefined }),
+        'tls-cert',
+        ports,
+      );
       expect(line).to.include('required');
     });
 
@@ -158,13 +251,23 @@ describe('cli', function () {
 
     it('agent --max-brokers 0', async () => {
       const ports = await freePorts(3);
-      const line = await expectConfigError(AGENT_CLI, agentFlags(ports, { 'max-brokers': '0' }), 'max-brokers', ports.slice(1));
+      const line = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, { 'max-brokers': '0' }),
+        'max-brokers',
+        ports.slice(1),
+      );
       expect(line).to.include('"0" is not a whole number from 1 to 64');
     });
 
     it('agent --local-listen 0.0.0.0:0 without local TLS', async () => {
       const ports = await freePorts(3);
-      const line = await expectConfigError(AGENT_CLI, agentFlags(ports, { 'local-listen': '0.0.0.0:0' }), 'local-listen', ports.slice(2));
+      const line = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, { 'local-listen': '0.0.0.0:0' }),
+        'local-listen',
+        ports.slice(2),
+      );
       expect(line).to.match(/loopback/);
     });
 
@@ -172,7 +275,12 @@ describe('cli', function () {
       const ports = await freePorts(3);
       const file = path.join(pki.root, 'unknown-key.yaml');
       writeFileSync(file, `admin-listen: 127.0.0.1:${ports[2]}\nagent-wiat: 5s\n`);
-      const line = await expectConfigError(BROKER_CLI, [...brokerFlags(ports, { 'admin-listen': undefined }), '--config', file], 'agent-wiat', ports);
+      const line = await expectConfigError(
+        BROKER_CLI,
+        [...brokerFlags(ports, { 'admin-listen': undefined }), '--config', file],
+        'agent-wiat',
+        ports,
+      );
       expect(line).to.include('unknown key');
     });
 
@@ -188,7 +296,12 @@ describe('cli', function () {
   describe('certificate files are checked before anything listens', () => {
     it('broker --tls-cert holding an AGENT certificate', async () => {
       const ports = await freePorts(3);
-      await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'tls-cert': agentCert.cert, 'tls-key': agentCert.key }), 'tls-cert', ports);
+      await expectConfigError(
+        BROKER_CLI,
+        brokerFlags(ports, { 'tls-cert': agentCert.cert, 'tls-key': agentCert.key }),
+        'tls-cert',
+        ports,
+      );
     });
 
     it('broker --tls-key that does not match --tls-cert', async () => {
@@ -198,13 +311,23 @@ describe('cli', function () {
 
     it('agent --tls-cert holding a BROKER certificate', async () => {
       const ports = await freePorts(3);
-      await expectConfigError(AGENT_CLI, agentFlags(ports, { 'tls-cert': brokerCert.cert, 'tls-key': brokerCert.key }), 'tls-cert', ports.slice(1));
+      await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, { 'tls-cert': brokerCert.cert, 'tls-key': brokerCert.key }),
+        'tls-cert',
+        ports.slice(1),
+      );
     });
   });
 
   describe('configuration sources', () => {
     /** Asserts the broker answers /healthz on `port` and nothing answers on `notPorts`, then stops it with SIGTERM. */
-    async function expectAdminOn(proc: BurrowProcess, adminPort: number | undefined, port: number, notPorts: number[]): Promise<void> {
+    async function expectAdminOn(
+      proc: BurrowProcess,
+      adminPort: number | undefined,
+      port: number,
+      notPorts: number[],
+    ): Promise<void> {
       expect(adminPort).to.equal(port);
       const res = await httpGet(`http://127.0.0.1:${port}/healthz`);
       expect(res.status).to.equal(200);
@@ -217,14 +340,20 @@ describe('cli', function () {
       const ports = await freePorts(3);
       const file = path.join(pki.root, 'valid.yaml');
       writeFileSync(file, `admin-listen: 127.0.0.1:${ports[2]}\nbroker-id: from-file\nagent-wait: 2s\n`);
-      const { proc, ports: got, started } = await startBroker([...brokerFlags(ports, { 'admin-listen': undefined }), '--config', file]);
+      const {
+        proc,
+        ports: got,
+        started,
+      } = await startBroker([...brokerFlags(ports, { 'admin-listen': undefined }), '--config', file]);
       expect(started.brokerId).to.equal('from-file');
       await expectAdminOn(proc, got.adminPort, ports[2]!, []);
     });
 
     it('BURROW_BROKER_ADMIN_LISTEN applies', async () => {
       const ports = await freePorts(3);
-      const { proc, ports: got } = await startBroker(brokerFlags(ports, { 'admin-listen': undefined }), { BURROW_BROKER_ADMIN_LISTEN: `127.0.0.1:${ports[2]}` });
+      const { proc, ports: got } = await startBroker(brokerFlags(ports, { 'admin-listen': undefined }), {
+        BURROW_BROKER_ADMIN_LISTEN: `127.0.0.1:${ports[2]}`,
+      });
       await expectAdminOn(proc, got.adminPort, ports[2]!, []);
     });
 
@@ -254,7 +383,10 @@ describe('cli', function () {
       const base = [...brokerFlags([a!, b!, 0], { 'admin-listen': undefined }), '--config', file];
       const env = { BURROW_BROKER_ADMIN_LISTEN: `127.0.0.1:${fromEnv}`, BURROW_BROKER_BROKER_ID: 'from-env' };
 
-      const flagWins = await startBroker([...base, '--admin-listen', `127.0.0.1:${fromFlag}`, '--broker-id', 'from-flag'], env);
+      const flagWins = await startBroker(
+        [...base, '--admin-listen', `127.0.0.1:${fromFlag}`, '--broker-id', 'from-flag'],
+        env,
+      );
       expect(flagWins.started.brokerId).to.equal('from-flag');
       await expectAdminOn(flagWins.proc, flagWins.ports.adminPort, fromFlag!, [fromEnv!, fromFile!]);
 

@@ -9,7 +9,12 @@ import { issueCertificate, writeIssued } from '@burrow/pki';
 import { silentLogger } from '@burrow/tunnel';
 import { EchoUpstream } from './helpers/echo-upstream';
 import {
-  AGENT_WAIT_MS, ClusterWorld, REGISTRY_TTL_MS, metricSum, percentile, type CallResult,
+  AGENT_WAIT_MS,
+  ClusterWorld,
+  REGISTRY_TTL_MS,
+  metricSum,
+  percentile,
+  type CallResult,
 } from './helpers/cluster';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { getJson, liveProcessCount, pollUntil, type AgentListing } from './helpers/processes';
@@ -25,8 +30,9 @@ import { TestRedis } from './helpers/redis-server';
  * 3s; agents reconnect with a 100 ms..500 ms backoff.
  */
 
-const UNREACHABLE_LINE = 'agent directory (Redis) unreachable; serving only agents connected to this broker until it returns';
-const REACHABLE_LINE = 'agent directory (Redis) reachable; registering this broker\'s agents';
+const UNREACHABLE_LINE =
+  'agent directory (Redis) unreachable; serving only agents connected to this broker until it returns';
+const REACHABLE_LINE = "agent directory (Redis) reachable; registering this broker's agents";
 /** Slack for a loaded 2-CPU machine on top of any bound a test asserts. */
 const SLACK_MS = 500;
 
@@ -38,10 +44,19 @@ function numbers(line: string): void {
 function httpPost(url: string, body: unknown): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     const data = Buffer.from(JSON.stringify(body));
-    const req = http.request(url, { method: 'POST', agent: false, headers: { 'content-type': 'application/json', 'content-length': data.length } }, (res) => {
-      let text = '';
-      res.setEncoding('utf8').on('data', (c: string) => { text += c; }).on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
-    });
+    const req = http.request(
+      url,
+      { method: 'POST', agent: false, headers: { 'content-type': 'application/json', 'content-length': data.length } },
+      (res) => {
+        let text = '';
+        res
+          .setEncoding('utf8')
+          .on('data', (c: string) => {
+            text += c;
+          })
+          .on('end', () => resolve({ status: res.statusCode ?? 0, body: text }));
+      },
+    );
     req.on('error', reject);
     req.end(data);
   });
@@ -57,7 +72,10 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
 
   before(async () => {
     pki = await PkiFixture.create();
-    [brokerCert, serviceCert] = await Promise.all([pki.issue('broker', 'cluster'), pki.issue('service', 'platform-svc')]);
+    [brokerCert, serviceCert] = await Promise.all([
+      pki.issue('broker', 'cluster'),
+      pki.issue('service', 'platform-svc'),
+    ]);
     echo = await new EchoUpstream().start();
   });
   afterEach(async () => {
@@ -76,7 +94,7 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     return world;
   };
 
-  it('1. SIGKILL of the broker holding an agent\'s only tunnel: every surviving broker reaches it again within the backoff; no call outlives its deadline', async () => {
+  it("1. SIGKILL of the broker holding an agent's only tunnel: every surviving broker reaches it again within the backoff; no call outlives its deadline", async () => {
     const w = await newWorld(['a', 'b', 'c']);
     await Promise.all(['a', 'b', 'c'].map((n) => w.startBroker(n)));
     // The agent dials one address, as a fleet behind a balancer or DNS name does; the balancer
@@ -96,17 +114,24 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     // Callers keep calling B and C with 1 s deadlines through the outage until each got an OK.
     const seen: (CallResult & { broker: string; issuedMs: number })[] = [];
     const recoveredMs: Record<string, number> = {};
-    await Promise.all(['b', 'c'].map(async (n) => {
-      while (Date.now() - killedAt < 15_000) {
-        const issuedMs = Date.now() - killedAt;
-        const r = await w.call(n, 'site-k', 1_000);
-        seen.push({ ...r, broker: n, issuedMs });
-        if (r.code === Status.OK) { recoveredMs[n] = issuedMs + r.ms; return; }
-      }
-    }));
+    await Promise.all(
+      ['b', 'c'].map(async (n) => {
+        while (Date.now() - killedAt < 15_000) {
+          const issuedMs = Date.now() - killedAt;
+          const r = await w.call(n, 'site-k', 1_000);
+          seen.push({ ...r, broker: n, issuedMs });
+          if (r.code === Status.OK) {
+            recoveredMs[n] = issuedMs + r.ms;
+            return;
+          }
+        }
+      }),
+    );
     await w.brokerProc('a').waitExit();
     const codes = seen.map((s) => `${s.broker}:${Status[s.code]}:${s.ms}ms`);
-    numbers(`kill -9 of the only tunnel's broker: reachable again via b after ${recoveredMs.b} ms, via c after ${recoveredMs.c} ms; calls during the outage: ${codes.join(', ')}`);
+    numbers(
+      `kill -9 of the only tunnel's broker: reachable again via b after ${recoveredMs.b} ms, via c after ${recoveredMs.c} ms; calls during the outage: ${codes.join(', ')}`,
+    );
     expect(recoveredMs.b, 'reachable via b again').to.be.a('number');
     expect(recoveredMs.c, 'reachable via c again').to.be.a('number');
     // Backoff ceiling 500 ms for the agent's first retry, plus one directory refresh for c.
@@ -114,14 +139,20 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     expect(recoveredMs.c).to.be.below(500 + 1_000 + SLACK_MS);
     for (const s of seen) {
       expect([Status.OK, Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED], `${s.broker}: ${s.details}`).to.include(s.code);
-      expect(s.ms, `a call via ${s.broker} outlived its 1 s deadline: ${Status[s.code]} ${s.details}`).to.be.below(1_000 + 300);
+      expect(s.ms, `a call via ${s.broker} outlived its 1 s deadline: ${Status[s.code]} ${s.details}`).to.be.below(
+        1_000 + 300,
+      );
     }
     const holder = (await w.listed('b')).includes('site-k') ? 'b' : 'c';
     // A's claim is not released by a dead broker: it expires within the registry TTL.
-    await pollUntil('only the surviving holder claims site-k', async () => {
-      const claims = await w.liveClaims('site-k');
-      return claims.length === 1 && claims[0] === w.peerAddress(holder);
-    }, REGISTRY_TTL_MS + SLACK_MS);
+    await pollUntil(
+      'only the surviving holder claims site-k',
+      async () => {
+        const claims = await w.liveClaims('site-k');
+        return claims.length === 1 && claims[0] === w.peerAddress(holder);
+      },
+      REGISTRY_TTL_MS + SLACK_MS,
+    );
     for (const n of ['b', 'c']) expect((await w.call(n, 'site-k')).code).to.equal(Status.OK);
   });
 
@@ -140,7 +171,11 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     const killedAt = Date.now();
     await w.redis.kill();
     for (const n of ['a', 'b']) {
-      await pollUntil(`burrow_broker_redis_up 0 at ${n}`, async () => (await w.metrics(n)).get('burrow_broker_redis_up') === 0, 5_000);
+      await pollUntil(
+        `burrow_broker_redis_up 0 at ${n}`,
+        async () => (await w.metrics(n)).get('burrow_broker_redis_up') === 0,
+        5_000,
+      );
     }
     numbers(`redis outage noticed (redis_up 0 at both) ${Date.now() - killedAt} ms after SIGKILL`);
     for (let i = 0; i < 5; i++) {
@@ -151,20 +186,27 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     }
     // A for site-y: from the last lookup, or UNAVAILABLE naming Redis; never a hang.
     const cross = await w.call('a', 'site-y', 10_000);
-    numbers(`redis down: call at A for B's agent (cached lookup): ${Status[cross.code]} in ${cross.ms} ms ${cross.details}`);
+    numbers(
+      `redis down: call at A for B's agent (cached lookup): ${Status[cross.code]} in ${cross.ms} ms ${cross.details}`,
+    );
     expect([Status.OK, Status.UNAVAILABLE]).to.include(cross.code);
     if (cross.code !== Status.OK) expect(cross.details).to.match(/Redis/);
     expect(cross.ms).to.be.below(AGENT_WAIT_MS + SLACK_MS);
     // B never looked site-x up: nothing to fall back on.
     const blind = await w.call('b', 'site-x', 10_000);
-    numbers(`redis down: call at B for A's agent (never looked up): ${Status[blind.code]} in ${blind.ms} ms: ${blind.details}`);
+    numbers(
+      `redis down: call at B for A's agent (never looked up): ${Status[blind.code]} in ${blind.ms} ms: ${blind.details}`,
+    );
     expect(blind.code, blind.details).to.equal(Status.UNAVAILABLE);
     expect(blind.details).to.match(/Redis/);
     expect(blind.ms).to.be.below(AGENT_WAIT_MS + SLACK_MS);
 
     for (const n of ['a', 'b'] as const) {
       const logs = w.brokerProc(n).logs.slice(logsFrom[n]);
-      expect(logs.filter((l) => l.message === UNREACHABLE_LINE), `one "unreachable" line at ${n}`).to.have.length(1);
+      expect(
+        logs.filter((l) => l.message === UNREACHABLE_LINE),
+        `one "unreachable" line at ${n}`,
+      ).to.have.length(1);
       // The outage lasted through several reconnect attempts, so "once" is meaningful.
       expect(metricSum(await w.metrics(n), 'burrow_broker_redis_errors_total'), `redis errors at ${n}`).to.be.above(2);
     }
@@ -172,15 +214,30 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     await w.redis.restart();
     const restartedAt = Date.now();
     // Empty Redis: the claims come back only by the brokers' own re-registration.
-    await pollUntil('both claims back in the restarted Redis', async () =>
-      (await w.liveClaims('site-x')).includes(w.peerAddress('a')) && (await w.liveClaims('site-y')).includes(w.peerAddress('b')), 3 * 1_000 + 2_000 + SLACK_MS);
+    await pollUntil(
+      'both claims back in the restarted Redis',
+      async () =>
+        (await w.liveClaims('site-x')).includes(w.peerAddress('a')) &&
+        (await w.liveClaims('site-y')).includes(w.peerAddress('b')),
+      3 * 1_000 + 2_000 + SLACK_MS,
+    );
     const rebuiltMs = Date.now() - restartedAt;
     for (const n of ['a', 'b']) {
-      await pollUntil(`burrow_broker_redis_up 1 at ${n}`, async () => (await w.metrics(n)).get('burrow_broker_redis_up') === 1, 5_000);
+      await pollUntil(
+        `burrow_broker_redis_up 1 at ${n}`,
+        async () => (await w.metrics(n)).get('burrow_broker_redis_up') === 1,
+        5_000,
+      );
     }
     numbers(`redis restarted empty: registry rebuilt (ZRANGE shows both claims) in ${rebuiltMs} ms`);
     for (const n of ['a', 'b'] as const) {
-      expect(w.brokerProc(n).logs.slice(logsFrom[n]).filter((l) => l.message === REACHABLE_LINE), `one "reachable" line at ${n}`).to.have.length(1);
+      expect(
+        w
+          .brokerProc(n)
+          .logs.slice(logsFrom[n])
+          .filter((l) => l.message === REACHABLE_LINE),
+        `one "reachable" line at ${n}`,
+      ).to.have.length(1);
     }
     const back = await w.call('a', 'site-y');
     expect(back.code, back.details).to.equal(Status.OK);
@@ -203,7 +260,9 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     await Promise.all(names.map((n) => w.startBroker(n)));
     // Without learning: site-p has tunnels to all three brokers; site-q to A and B only, so C
     // forwards its calls. With learning: both are given A and open tunnels to B and C themselves.
-    const homes: Record<string, string[]> = learn ? { 'site-p': ['a', 'b', 'c'], 'site-q': ['a', 'b', 'c'] } : { 'site-p': ['a', 'b', 'c'], 'site-q': ['a', 'b'] };
+    const homes: Record<string, string[]> = learn
+      ? { 'site-p': ['a', 'b', 'c'], 'site-q': ['a', 'b', 'c'] }
+      : { 'site-p': ['a', 'b', 'c'], 'site-q': ['a', 'b'] };
     for (const [id, brokers] of Object.entries(homes)) await w.startAgent(id, learn ? ['a'] : brokers, [], learn);
     for (const [id, brokers] of Object.entries(homes)) for (const n of brokers) await w.waitListed(n, id);
 
@@ -228,13 +287,24 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
         const refusedBy = new Set<string>();
         for (;;) {
           const candidates = [...up].filter((b) => !refusedBy.has(b));
-          if (candidates.length === 0) { failed.push(`${agentId}: refused by every broker (${[...refusedBy].join(', ')}) during ${phase}`); break; }
+          if (candidates.length === 0) {
+            failed.push(`${agentId}: refused by every broker (${[...refusedBy].join(', ')}) during ${phase}`);
+            break;
+          }
           const n = candidates[turn++ % candidates.length]!;
           const atMs = Date.now() - t0All;
           const r = await w.call(n, agentId, 2_000);
-          if (r.code === Status.OK) { counts.ok++; break; }
+          if (r.code === Status.OK) {
+            counts.ok++;
+            break;
+          }
           const why = notStarted(r);
-          if (!why) { failed.push(`${n} for ${agentId} at ${atMs} ms during ${phase}: ${Status[r.code]} after ${r.ms} ms: ${r.details}`); break; }
+          if (!why) {
+            failed.push(
+              `${n} for ${agentId} at ${atMs} ms during ${phase}: ${Status[r.code]} after ${r.ms} ms: ${r.details}`,
+            );
+            break;
+          }
           if (why === 'draining') counts.refusedDraining++;
           else counts.refusedNoConnection++;
           refusedBy.add(n);
@@ -258,12 +328,18 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
         const stopped = w.brokerProc(n).logs.find((l) => l.message === 'broker stopped');
         expect(exit, `broker ${n} exit after SIGTERM`).to.deep.equal({ code: 0, signal: null });
         if (stopped?.drained !== true) {
-          const timeout = w.brokerProc(n).logs.find((l) => l.message === 'drain timeout reached; cutting off calls still in flight');
-          undrained.push(`${n}: ${JSON.stringify(timeout ?? stopped)}; draining: ${JSON.stringify(w.brokerProc(n).logs.find((l) => l.message === 'broker draining'))}`);
+          const timeout = w
+            .brokerProc(n)
+            .logs.find((l) => l.message === 'drain timeout reached; cutting off calls still in flight');
+          undrained.push(
+            `${n}: ${JSON.stringify(timeout ?? stopped)}; draining: ${JSON.stringify(w.brokerProc(n).logs.find((l) => l.message === 'broker draining'))}`,
+          );
         }
         // After the GOAWAY every caller, peer and agent connection closes by itself: a cut means
         // one kept taking calls (each refused) until the grace ran out, and cut calls fail CANCELLED.
-        const cut = w.brokerProc(n).logs.find((l) => l.message === 'connections still open after the drain grace; cutting them');
+        const cut = w
+          .brokerProc(n)
+          .logs.find((l) => l.message === 'connections still open after the drain grace; cutting them');
         if (cut) undrained.push(`${n}: ${JSON.stringify(cut)}`);
         const drainMs = Date.now() - t0;
         await w.startBroker(n);
@@ -271,15 +347,27 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
         for (const [id, brokers] of Object.entries(homes)) if (brokers.includes(n)) await w.waitListed(n, id);
         up.add(n);
         phase = `steady after ${n} back at ${Date.now() - t0All} ms`;
-        phases.push(`${n}: drained and exited in ${drainMs} ms, back with its agents after ${Date.now() - t0} ms, ${counts.ok - okBefore} calls OK meanwhile`);
+        phases.push(
+          `${n}: drained and exited in ${drainMs} ms, back with its agents after ${Date.now() - t0} ms, ${counts.ok - okBefore} calls OK meanwhile`,
+        );
       }
     } finally {
       stop = true;
       await Promise.all(loops);
     }
-    numbers(`rolling restart of 3 brokers under 20 loops${learn ? ' (agents learning the replica set)' : ''}: ${JSON.stringify(counts)}, failed ${failed.length}; ${phases.join('; ')}`);
+    numbers(
+      `rolling restart of 3 brokers under 20 loops${learn ? ' (agents learning the replica set)' : ''}: ${JSON.stringify(counts)}, failed ${failed.length}; ${phases.join('; ')}`,
+    );
     if ((failed.length || undrained.length) && process.env.BURROW_FAULTS_DEBUG) {
-      for (const line of w.logLines((l) => l.message !== 'cannot establish tunnel session' && !String(l.message).startsWith('NO CALLER') && (l.level !== 'info' || (l.code !== undefined && l.code !== 0) || /drain|stopp|started|connected/.test(String(l.message))))) console.log(line);
+      for (const line of w.logLines(
+        (l) =>
+          l.message !== 'cannot establish tunnel session' &&
+          !String(l.message).startsWith('NO CALLER') &&
+          (l.level !== 'info' ||
+            (l.code !== undefined && l.code !== 0) ||
+            /drain|stopp|started|connected/.test(String(l.message))),
+      ))
+        console.log(line);
     }
     expect(failed, 'calls that failed after they started').to.deep.equal([]);
     expect(undrained, 'brokers that cut connections or hit their drain timeout').to.deep.equal([]);
@@ -316,7 +404,11 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     proc.signal('SIGKILL');
     await proc.waitExit();
     const stoppedAt = Date.now();
-    await pollUntil('no live claim on site-f', async () => (await w.liveClaims('site-f')).length === 0, REGISTRY_TTL_MS);
+    await pollUntil(
+      'no live claim on site-f',
+      async () => (await w.liveClaims('site-f')).length === 0,
+      REGISTRY_TTL_MS,
+    );
     numbers(`flapping agent: claim gone ${Date.now() - stoppedAt} ms after the last SIGKILL`);
     expect(await w.listed('a')).to.deep.equal([]);
     for (const n of ['b', 'c']) {
@@ -333,7 +425,7 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     }
   });
 
-  it('5a. two brokers claim one agent; one is SIGKILLed: a third broker\'s calls reach it through the other at the first try', async () => {
+  it("5a. two brokers claim one agent; one is SIGKILLed: a third broker's calls reach it through the other at the first try", async () => {
     const w = await newWorld(['a', 'b', 'c']);
     await Promise.all(['a', 'b', 'c'].map((n) => w.startBroker(n)));
     await w.startAgent('site-r', ['a', 'b']);
@@ -345,7 +437,9 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     for (let i = 0; i < 4; i++) expect((await w.call('c', 'site-r')).code).to.equal(Status.OK);
     const before = await w.metrics('c');
     // Kill whichever owner C would try first: the freshest claim.
-    const first = (await w.redis.command('ZREVRANGE', `${w.prefix}agent:site-r`, '0', '0')).includes(w.peerAddress('a')) ? 'a' : 'b';
+    const first = (await w.redis.command('ZREVRANGE', `${w.prefix}agent:site-r`, '0', '0')).includes(w.peerAddress('a'))
+      ? 'a'
+      : 'b';
     const other = first === 'a' ? 'b' : 'a';
     w.brokerProc(first).signal('SIGKILL');
     await w.brokerProc(first).waitExit();
@@ -354,16 +448,24 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     // Until the dead broker's claim has expired, C is offered it again at each lookup.
     while (Date.now() - killedAt < REGISTRY_TTL_MS + 500) results.push(await w.call('c', 'site-r', 2_000));
     const after = await w.metrics('c');
-    const delta = (result: string): number => metricSum(after, 'burrow_broker_peer_forwards_total', `result="${result}"`) - metricSum(before, 'burrow_broker_peer_forwards_total', `result="${result}"`);
+    const delta = (result: string): number =>
+      metricSum(after, 'burrow_broker_peer_forwards_total', `result="${result}"`) -
+      metricSum(before, 'burrow_broker_peer_forwards_total', `result="${result}"`);
     const slowest = Math.max(...results.map((r) => r.ms));
-    numbers(`racing claims, owner ${first} SIGKILLed: ${results.length} calls at C, ${results.filter((r) => r.code === Status.OK).length} OK, slowest ${slowest} ms; C's peer forwards: served ${delta('served')}, unreachable ${delta('unreachable')}, refused ${delta('refused')}`);
+    numbers(
+      `racing claims, owner ${first} SIGKILLed: ${results.length} calls at C, ${results.filter((r) => r.code === Status.OK).length} OK, slowest ${slowest} ms; C's peer forwards: served ${delta('served')}, unreachable ${delta('unreachable')}, refused ${delta('refused')}`,
+    );
     for (const r of results) expect(r.code, r.details).to.equal(Status.OK);
     expect(slowest, 'no call waited for the dead owner').to.be.below(1_000);
     expect(delta('served')).to.equal(results.length);
-    await pollUntil(`only ${other} claims site-r`, async () => {
-      const c = await w.liveClaims('site-r');
-      return c.length === 1 && c[0] === w.peerAddress(other);
-    }, REGISTRY_TTL_MS);
+    await pollUntil(
+      `only ${other} claims site-r`,
+      async () => {
+        const c = await w.liveClaims('site-r');
+        return c.length === 1 && c[0] === w.peerAddress(other);
+      },
+      REGISTRY_TTL_MS,
+    );
   });
 
   it('5b. a broker that lost its Redis entry but holds the tunnel re-claims it at its next refresh; calls from another broker come back within 3 s', async () => {
@@ -376,8 +478,14 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     expect(await w.redis.command('DEL', key)).to.equal(':1\r\n');
     const deletedAt = Date.now();
     let reclaimedMs: number | undefined;
-    const watcher = pollUntil('A re-claims site-d', async () => (await w.liveClaims('site-d')).includes(w.peerAddress('a')), 3_000, 10)
-      .then(() => { reclaimedMs = Date.now() - deletedAt; });
+    const watcher = pollUntil(
+      'A re-claims site-d',
+      async () => (await w.liveClaims('site-d')).includes(w.peerAddress('a')),
+      3_000,
+      10,
+    ).then(() => {
+      reclaimedMs = Date.now() - deletedAt;
+    });
     const results: (CallResult & { atMs: number })[] = [];
     while (Date.now() - deletedAt < 3_000) {
       const atMs = Date.now() - deletedAt;
@@ -386,7 +494,9 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     await watcher;
     const failures = results.filter((r) => r.code !== Status.OK);
     const lastFailureEndMs = failures.length ? Math.max(...failures.map((f) => f.atMs + f.ms)) : 0;
-    numbers(`DEL of a held agent's key: re-claimed after ${reclaimedMs} ms; ${results.length} calls at B with 500 ms deadlines, ${failures.length} failed, last failure ended ${lastFailureEndMs} ms after the DEL`);
+    numbers(
+      `DEL of a held agent's key: re-claimed after ${reclaimedMs} ms; ${results.length} calls at B with 500 ms deadlines, ${failures.length} failed, last failure ended ${lastFailureEndMs} ms after the DEL`,
+    );
     expect(reclaimedMs, 're-claimed within one refresh interval (1 s) plus slack').to.be.below(1_000 + SLACK_MS);
     for (const f of failures) expect([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED], f.details).to.include(f.code);
     // Calls may fail only until the re-claim is visible to B (refresh interval + its 250 ms absent cache + one deadline).
@@ -399,7 +509,10 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     await Promise.all(['a', 'b'].map((n) => w.startBroker(n)));
     await w.startAgent('site-n', ['a']);
     await w.waitListed('a', 'site-n');
-    for (let i = 0; i < 20; i++) { await w.call('a', 'site-n'); await w.call('b', 'site-n'); } // warm both paths
+    for (let i = 0; i < 20; i++) {
+      await w.call('a', 'site-n');
+      await w.call('b', 'site-n');
+    } // warm both paths
     const direct: number[] = [];
     const forwarded: number[] = [];
     // Interleaved, so both paths see the same machine load.
@@ -426,8 +539,12 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     const elapsedS = (Date.now() - t0) / 1000;
     const c1 = await commands();
     const fmt = (v: number): string => v.toFixed(2);
-    numbers(`200 sequential unary calls: p50 direct ${fmt(percentile(direct, 50))} ms (p99 ${fmt(percentile(direct, 99))}), p50 forwarded ${fmt(percentile(forwarded, 50))} ms (p99 ${fmt(percentile(forwarded, 99))}), forwarding adds ${fmt(percentile(forwarded, 50) - percentile(direct, 50))} ms at p50`);
-    numbers(`redis commands during 200 forwarded (+200 direct) calls over ${elapsedS.toFixed(1)} s, both brokers: ${c1.total - c0.total} total (${((c1.total - c0.total) / 200).toFixed(3)} per forwarded call, background refreshes included), ${c1.lookup - c0.lookup} lookups (${((c1.lookup - c0.lookup) / 200).toFixed(3)} per forwarded call)`);
+    numbers(
+      `200 sequential unary calls: p50 direct ${fmt(percentile(direct, 50))} ms (p99 ${fmt(percentile(direct, 99))}), p50 forwarded ${fmt(percentile(forwarded, 50))} ms (p99 ${fmt(percentile(forwarded, 99))}), forwarding adds ${fmt(percentile(forwarded, 50) - percentile(direct, 50))} ms at p50`,
+    );
+    numbers(
+      `redis commands during 200 forwarded (+200 direct) calls over ${elapsedS.toFixed(1)} s, both brokers: ${c1.total - c0.total} total (${((c1.total - c0.total) / 200).toFixed(3)} per forwarded call, background refreshes included), ${c1.lookup - c0.lookup} lookups (${((c1.lookup - c0.lookup) / 200).toFixed(3)} per forwarded call)`,
+    );
     // Lookups are cached for 1 s: far fewer than one per call.
     expect(c1.lookup - c0.lookup).to.be.at.most(Math.ceil(elapsedS) + 2);
   });
@@ -439,25 +556,44 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     const w = await newWorld(['a', 'b', 'c']);
     await Promise.all(['a', 'b', 'c'].map((n) => w.startBroker(n, ['--agent-max-concurrent', '0'])));
     // Three balancers with the brokers in rotated orders: agent i prefers broker i % 3.
-    const lbs = await Promise.all([['a', 'b', 'c'], ['b', 'c', 'a'], ['c', 'a', 'b']].map((order) => w.failoverProxy(order)));
+    const lbs = await Promise.all(
+      [
+        ['a', 'b', 'c'],
+        ['b', 'c', 'a'],
+        ['c', 'a', 'b'],
+      ].map((order) => w.failoverProxy(order)),
+    );
     const root = mkdtempSync(path.join(tmpdir(), 'burrow-fleet-'));
     const agents: Agent[] = [];
     try {
       const t0 = Date.now();
       const ids = Array.from({ length: fleet }, (_, i) => `fleet-${i}`);
       for (let i = 0; i < ids.length; i += 50) {
-        await Promise.all(ids.slice(i, i + 50).map(async (id) => {
-          const issued = await issueCertificate({ dir: pki.pkiDir, role: 'agent', name: id });
-          await writeIssued(path.join(root, id), issued);
-        }));
+        await Promise.all(
+          ids.slice(i, i + 50).map(async (id) => {
+            const issued = await issueCertificate({ dir: pki.pkiDir, role: 'agent', name: id });
+            await writeIssued(path.join(root, id), issued);
+          }),
+        );
       }
       const issueMs = Date.now() - t0;
       for (let i = 0; i < ids.length; i++) {
         const d = path.join(root, ids[i]!);
-        const agent = new Agent({
-          ...AGENT_DEFAULTS, brokers: [lbs[i % 3]!.address], tlsCertFile: path.join(d, 'tls.crt'), tlsKeyFile: path.join(d, 'tls.key'), caFile: path.join(d, 'ca.crt'),
-          upstreams: [{ service: '*', address: echo.address }], minIdleOffers: 1, reconnectBaseMs: 500, reconnectMaxMs: 5_000, drainTimeoutMs: 1_000,
-        }, silentLogger());
+        const agent = new Agent(
+          {
+            ...AGENT_DEFAULTS,
+            brokers: [lbs[i % 3]!.address],
+            tlsCertFile: path.join(d, 'tls.crt'),
+            tlsKeyFile: path.join(d, 'tls.key'),
+            caFile: path.join(d, 'ca.crt'),
+            upstreams: [{ service: '*', address: echo.address }],
+            minIdleOffers: 1,
+            reconnectBaseMs: 500,
+            reconnectMaxMs: 5_000,
+            drainTimeoutMs: 1_000,
+          },
+          silentLogger(),
+        );
         agents.push(agent);
         void agent.start();
       }
@@ -471,14 +607,21 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
       const killedAt = Date.now();
       w.brokerProc('a').signal('SIGKILL');
       await w.brokerProc('a').waitExit();
-      await pollUntil('whole fleet connected to b or c', async () => (await union(['b', 'c'])).size === fleet, 120_000, 100);
+      await pollUntil(
+        'whole fleet connected to b or c',
+        async () => (await union(['b', 'c'])).size === fleet,
+        120_000,
+        100,
+      );
       const reconnectedMs = Date.now() - killedAt;
       // Reachable: a call at the broker that does NOT hold each of a sample of moved agents.
       const moved = ids.filter((_, i) => i % 3 === 0).slice(0, 50);
       const onB = new Set(await w.listed('b'));
       const results = await Promise.all(moved.map((id) => w.call(onB.has(id) ? 'c' : 'b', id, 5_000)));
       const reachableMs = Date.now() - killedAt;
-      numbers(`fleet of ${fleet} agents (${onA} on the killed broker): certificates ${issueMs} ms, connected in ${connectMs} ms; after SIGKILL of one of 3 brokers, all connected again in ${reconnectedMs} ms, a forwarded sample of ${moved.length} moved agents answered by ${reachableMs} ms (${results.filter((r) => r.code === Status.OK).length} OK)`);
+      numbers(
+        `fleet of ${fleet} agents (${onA} on the killed broker): certificates ${issueMs} ms, connected in ${connectMs} ms; after SIGKILL of one of 3 brokers, all connected again in ${reconnectedMs} ms, a forwarded sample of ${moved.length} moved agents answered by ${reachableMs} ms (${results.filter((r) => r.code === Status.OK).length} OK)`,
+      );
       for (const r of results) expect(r.code, r.details).to.equal(Status.OK);
     } finally {
       await Promise.all(agents.map((a) => a.stop().catch(() => undefined)));

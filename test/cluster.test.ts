@@ -30,11 +30,20 @@ describe('broker cluster (in process)', function () {
   let run = 0;
 
   const clusterConfig = (peerPort: number): ClusterConfig => ({
-    redisUrl: redis.url, redisKeyPrefix: prefix, advertise: `127.0.0.1:${peerPort}`, peerListen: `127.0.0.1:${peerPort}`, registryTtlMs: 3_000, lookupCacheMs: 1_000,
+    redisUrl: redis.url,
+    redisKeyPrefix: prefix,
+    advertise: `127.0.0.1:${peerPort}`,
+    peerListen: `127.0.0.1:${peerPort}`,
+    registryTtlMs: 3_000,
+    lookupCacheMs: 1_000,
   });
 
-  before(async () => { redis = await TestRedis.start(); });
-  after(async () => { await redis?.kill(); });
+  before(async () => {
+    redis = await TestRedis.start();
+  });
+  after(async () => {
+    await redis?.kill();
+  });
 
   beforeEach(async () => {
     prefix = `t${++run}:`;
@@ -42,8 +51,16 @@ describe('broker cluster (in process)', function () {
     stack = await Stack.start({ broker: { brokerId: 'broker-a', cluster: clusterConfig(peerA!) }, startAgent: false });
     const certB = await stack.pki.issue('broker', 'broker-b');
     const config: BrokerConfig = {
-      ...BROKER_DEFAULTS, agentListen: '127.0.0.1:0', apiListen: '127.0.0.1:0', tlsCertFile: certB.cert, tlsKeyFile: certB.key, caFile: certB.ca,
-      brokerId: 'broker-b', agentWaitMs: 2_000, drainTimeoutMs: 5_000, cluster: clusterConfig(peerB!),
+      ...BROKER_DEFAULTS,
+      agentListen: '127.0.0.1:0',
+      apiListen: '127.0.0.1:0',
+      tlsCertFile: certB.cert,
+      tlsKeyFile: certB.key,
+      caFile: certB.ca,
+      brokerId: 'broker-b',
+      agentWaitMs: 2_000,
+      drainTimeoutMs: 5_000,
+      cluster: clusterConfig(peerB!),
     };
     brokerB = new Broker(config, silentLogger());
     const portsB = await brokerB.start();
@@ -66,7 +83,9 @@ describe('broker cluster (in process)', function () {
     const r = await callerB.unary(ECHO.unary, Buffer.from('through two brokers'), stack.md());
     expect(r.response.toString()).to.equal('through two brokers');
     const seen = stack.siteUpstream.calls.at(-1)!;
-    expect(metadataJson(seen.metadata)['burrow-caller-id']).to.deep.equal(['spiffe://burrow.local/service/platform-svc']);
+    expect(metadataJson(seen.metadata)['burrow-caller-id']).to.deep.equal([
+      'spiffe://burrow.local/service/platform-svc',
+    ]);
 
     const mdCall = callerB.bidi(ECHO.metadata, stack.md({ 'x-custom': 'v1', 'x-bin-bin': Buffer.from([1, 2, 3]) }));
     mdCall.end(Buffer.from('go'));
@@ -101,31 +120,45 @@ describe('broker cluster (in process)', function () {
     await stack.startAgent(); // --max-brokers 3 (default)
     await waitUntil(() => brokerB.registry.canServe(AGENT_ID), 10_000);
     const status = await brokerB.status();
-    expect((status.cluster as { brokers: { brokerId: string }[] }).brokers.map((b) => b.brokerId)).to.deep.equal(['broker-a', 'broker-b']);
+    expect((status.cluster as { brokers: { brokerId: string }[] }).brokers.map((b) => b.brokerId)).to.deep.equal([
+      'broker-a',
+      'broker-b',
+    ]);
     const before = await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total');
     const r = await callerB.unary(ECHO.unary, Buffer.from('own tunnel'), stack.md());
     expect(r.response.toString()).to.equal('own tunnel');
     // Served on B's own tunnel: no forward.
-    expect(await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total')).to.equal(before);
+    expect(await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total')).to.equal(
+      before,
+    );
   });
 
   it('a status from the upstream crosses both brokers unchanged', async () => {
     const req = Buffer.from(JSON.stringify({ code: Status.FAILED_PRECONDITION, message: '  spaced  ü ✓ ' }));
-    const err = await callerB.unary(ECHO.status, req, stack.md()).then(() => undefined, (e: ServiceError) => e);
+    const err = await callerB.unary(ECHO.status, req, stack.md()).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     expect(err?.code).to.equal(Status.FAILED_PRECONDITION);
     expect(err?.details).to.equal('  spaced  ü ✓ ');
     expect(err?.metadata.get('x-trailer')).to.deep.equal(['kept']);
   });
 
   it('an agent connected nowhere: UNAVAILABLE naming it after the agent wait, no hang', async () => {
-    const err = await callerB.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'nowhere')).then(() => undefined, (e: ServiceError) => e);
+    const err = await callerB.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'nowhere')).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     expect(err?.code).to.equal(Status.UNAVAILABLE);
     expect(err?.details).to.include('"nowhere" is not connected to this broker or any other');
   });
 
   it('the deadline bounds a forwarded call that waits', async () => {
     const started = Date.now();
-    const err = await callerB.unary(ECHO.hang, Buffer.from('x'), stack.md(), { deadline: Date.now() + 300 }).then(() => undefined, (e: ServiceError) => e);
+    const err = await callerB.unary(ECHO.hang, Buffer.from('x'), stack.md(), { deadline: Date.now() + 300 }).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     expect(err?.code).to.equal(Status.DEADLINE_EXCEEDED);
     expect(Date.now() - started).to.be.below(2_000);
     await waitUntil(() => stack.siteUpstream.active === 0);
@@ -135,9 +168,13 @@ describe('broker cluster (in process)', function () {
     await stack.agent.stop();
     await waitUntil(() => !stack.broker.registry.canServe(AGENT_ID));
     // The release is one ZREM after the session ends.
-    for (let i = 0; i < 100 && (await claimedBy()).includes('127.0.0.1'); i++) await new Promise((r) => setImmediate(r));
+    for (let i = 0; i < 100 && (await claimedBy()).includes('127.0.0.1'); i++)
+      await new Promise((r) => setImmediate(r));
     expect(await claimedBy()).to.not.include('127.0.0.1');
-    const err = await callerB.unary(ECHO.unary, Buffer.from('x'), stack.md()).then(() => undefined, (e: ServiceError) => e);
+    const err = await callerB.unary(ECHO.unary, Buffer.from('x'), stack.md()).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     expect(err?.code).to.equal(Status.UNAVAILABLE);
   });
 
@@ -147,7 +184,10 @@ describe('broker cluster (in process)', function () {
     const peerAddress = (status.cluster as { advertise: string }).advertise;
     const intruder = new RawClient(peerAddress, mtlsCredentials(stack.serviceCert));
     try {
-      const err = await intruder.unary('/burrow.tunnel.v1.BrokerPeer/Forward', Buffer.alloc(0), stack.md()).then(() => undefined, (e: ServiceError) => e);
+      const err = await intruder.unary('/burrow.tunnel.v1.BrokerPeer/Forward', Buffer.alloc(0), stack.md()).then(
+        () => undefined,
+        (e: ServiceError) => e,
+      );
       expect(err?.code).to.equal(Status.PERMISSION_DENIED);
       expect(err?.details).to.include('broker certificate is required');
     } finally {
@@ -159,22 +199,49 @@ describe('broker cluster (in process)', function () {
 describe('broker cluster: PKI state shared by every broker', function () {
   this.timeout(30_000);
 
-  it('a revocation closes the agent\'s tunnels on every broker sharing the PKI directory within about a second', async () => {
+  it("a revocation closes the agent's tunnels on every broker sharing the PKI directory within about a second", async () => {
     const baseline = snapshotResources();
     const root = makeTempDir('burrow-cluster-pki-');
     const dir = path.join(root, 'pki');
     await initPki({ dir });
     const agentCert = await issueCertificate({ dir, role: 'agent', name: 'site-r' });
     await writeIssued(path.join(root, 'agent'), agentCert);
-    const brokers = ['broker-a', 'broker-b'].map((brokerId) => new Broker({
-      ...BROKER_DEFAULTS, agentListen: '127.0.0.1:0', apiListen: '127.0.0.1:0', pkiDir: dir, tlsDns: ['localhost'], tlsIp: ['127.0.0.1'], brokerId, drainTimeoutMs: 2_000,
-    }, silentLogger()));
+    const brokers = ['broker-a', 'broker-b'].map(
+      (brokerId) =>
+        new Broker(
+          {
+            ...BROKER_DEFAULTS,
+            agentListen: '127.0.0.1:0',
+            apiListen: '127.0.0.1:0',
+            pkiDir: dir,
+            tlsDns: ['localhost'],
+            tlsIp: ['127.0.0.1'],
+            brokerId,
+            drainTimeoutMs: 2_000,
+          },
+          silentLogger(),
+        ),
+    );
     const agentPorts = await Promise.all(brokers.map(async (b) => (await b.start()).agentPort));
-    const files = { cert: path.join(root, 'agent', 'tls.crt'), key: path.join(root, 'agent', 'tls.key'), ca: path.join(root, 'agent', 'ca.crt') };
-    const agent = new Agent({
-      ...AGENT_DEFAULTS, brokers: agentPorts.map((p) => `127.0.0.1:${p}`), brokerServerName: 'localhost', tlsCertFile: files.cert, tlsKeyFile: files.key, caFile: files.ca,
-      reconnectBaseMs: 50, reconnectMaxMs: 300, drainTimeoutMs: 1_000,
-    }, silentLogger());
+    const files = {
+      cert: path.join(root, 'agent', 'tls.crt'),
+      key: path.join(root, 'agent', 'tls.key'),
+      ca: path.join(root, 'agent', 'ca.crt'),
+    };
+    const agent = new Agent(
+      {
+        ...AGENT_DEFAULTS,
+        brokers: agentPorts.map((p) => `127.0.0.1:${p}`),
+        brokerServerName: 'localhost',
+        tlsCertFile: files.cert,
+        tlsKeyFile: files.key,
+        caFile: files.ca,
+        reconnectBaseMs: 50,
+        reconnectMaxMs: 300,
+        drainTimeoutMs: 1_000,
+      },
+      silentLogger(),
+    );
     try {
       await agent.start();
       await waitUntil(() => brokers.every((b) => b.registry.canServe('site-r')));

@@ -4,7 +4,11 @@ import * as path from 'node:path';
 import * as tls from 'node:tls';
 import { expect } from 'chai';
 import {
-  Metadata, status as Status, type ClientDuplexStream, type ServiceError, type StatusObject,
+  Metadata,
+  status as Status,
+  type ClientDuplexStream,
+  type ServiceError,
+  type StatusObject,
 } from '@grpc/grpc-js';
 import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
 import { Broker, BROKER_DEFAULTS } from '@burrow/broker';
@@ -19,14 +23,17 @@ import { httpsJson } from './helpers/https-json';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import type { CertFiles } from './helpers/pki-fixture';
 
-const statusOf = (call: ClientDuplexStream<Buffer, Buffer>): Promise<StatusObject> => new Promise((resolve) => {
-  call.on('error', () => {});
-  call.on('status', resolve);
-});
+const statusOf = (call: ClientDuplexStream<Buffer, Buffer>): Promise<StatusObject> =>
+  new Promise((resolve) => {
+    call.on('error', () => {});
+    call.on('status', resolve);
+  });
 /** `promise`'s value, or undefined when it takes longer than `ms` (the old code never cut). */
 const within = async <T>(promise: Promise<T>, ms: number): Promise<T | undefined> => {
   let timer: NodeJS.Timeout | undefined;
-  const late = new Promise<undefined>((resolve) => { timer = setTimeout(() => resolve(undefined), ms); });
+  const late = new Promise<undefined>((resolve) => {
+    timer = setTimeout(() => resolve(undefined), ms);
+  });
   try {
     return await Promise.race([promise, late]);
   } finally {
@@ -34,10 +41,14 @@ const within = async <T>(promise: Promise<T>, ms: number): Promise<T | undefined
   }
 };
 /** Sends one message on `call` and waits for its echo: the stream is carried end to end. */
-const roundTrip = (call: ClientDuplexStream<Buffer, Buffer>, text: string): Promise<void> => new Promise((resolve) => {
-  call.once('data', (m: Buffer) => { expect(m.toString()).to.equal(text); resolve(); });
-  call.write(Buffer.from(text));
-});
+const roundTrip = (call: ClientDuplexStream<Buffer, Buffer>, text: string): Promise<void> =>
+  new Promise((resolve) => {
+    call.once('data', (m: Buffer) => {
+      expect(m.toString()).to.equal(text);
+      resolve();
+    });
+    call.write(Buffer.from(text));
+  });
 
 /**
  * Issue 13, item 4: a caller's certificate revoked or expired mid-call ends its calls in flight
@@ -55,11 +66,14 @@ describe('credentials cut mid-call: service certificates', function () {
   let authzenAddress = '';
   const baseline = snapshotResources();
   const files = (name: string): CertFiles => ({
-    cert: path.join(root, name, 'tls.crt'), key: path.join(root, name, 'tls.key'), ca: path.join(root, name, 'ca.crt'),
+    cert: path.join(root, name, 'tls.crt'),
+    key: path.join(root, name, 'tls.key'),
+    ca: path.join(root, name, 'ca.crt'),
   });
-  const callerOf = (name: string): RawClient => new RawClient(apiAddress, mtlsCredentials(files(name)), {
-    'grpc.ssl_target_name_override': 'localhost',
-  });
+  const callerOf = (name: string): RawClient =>
+    new RawClient(apiAddress, mtlsCredentials(files(name)), {
+      'grpc.ssl_target_name_override': 'localhost',
+    });
   const md = (): Metadata => {
     const m = new Metadata();
     m.set('burrow-agent-id', 'site-cut');
@@ -68,21 +82,40 @@ describe('credentials cut mid-call: service certificates', function () {
   before(async () => {
     await initPki({ dir });
     upstream = await new EchoUpstream().start();
-    broker = new Broker({
-      ...BROKER_DEFAULTS, agentListen: '127.0.0.1:0', apiListen: '127.0.0.1:0', pkiDir: dir,
-      tlsDns: ['localhost'], tlsIp: ['127.0.0.1'],
-      brokerId: 'cut-broker', drainTimeoutMs: 2_000, authzenListen: '127.0.0.1:0',
-    }, silentLogger());
+    broker = new Broker(
+      {
+        ...BROKER_DEFAULTS,
+        agentListen: '127.0.0.1:0',
+        apiListen: '127.0.0.1:0',
+        pkiDir: dir,
+        tlsDns: ['localhost'],
+        tlsIp: ['127.0.0.1'],
+        brokerId: 'cut-broker',
+        drainTimeoutMs: 2_000,
+        authzenListen: '127.0.0.1:0',
+      },
+      silentLogger(),
+    );
     const ports = await broker.start();
     apiAddress = `127.0.0.1:${ports.apiPort}`;
     authzenAddress = `127.0.0.1:${ports.authzenPort}`;
     await writeIssued(path.join(root, 'agent'), await issueCertificate({ dir, role: 'agent', name: 'site-cut' }));
     const f = files('agent');
-    agent = new Agent({
-      ...AGENT_DEFAULTS, brokers: [`127.0.0.1:${ports.agentPort}`], brokerServerName: 'localhost',
-      tlsCertFile: f.cert, tlsKeyFile: f.key, caFile: f.ca, upstreams: [{ service: '*', address: upstream.address }],
-      reconnectBaseMs: 50, reconnectMaxMs: 300, drainTimeoutMs: 1_000,
-    }, silentLogger());
+    agent = new Agent(
+      {
+        ...AGENT_DEFAULTS,
+        brokers: [`127.0.0.1:${ports.agentPort}`],
+        brokerServerName: 'localhost',
+        tlsCertFile: f.cert,
+        tlsKeyFile: f.key,
+        caFile: f.ca,
+        upstreams: [{ service: '*', address: upstream.address }],
+        reconnectBaseMs: 50,
+        reconnectMaxMs: 300,
+        drainTimeoutMs: 1_000,
+      },
+      silentLogger(),
+    );
     await agent.start();
     await agent.waitConnected();
   });
@@ -95,47 +128,55 @@ describe('credentials cut mid-call: service certificates', function () {
     await expectNoLeaks(baseline);
   });
 
-  it('burrow-pki revoke --serial ends a bidi stream in flight with PERMISSION_DENIED within 1.5 s; '
-    + 'a new call is refused', async () => {
-    const svc = await issueCertificate({ dir, role: 'service', name: 'streamer' });
-    await writeIssued(path.join(root, 'svc'), svc);
-    const caller = callerOf('svc');
-    try {
-      const call = caller.bidi(ECHO.bidi, md());
-      const ended = statusOf(call);
-      await roundTrip(call, 'before');
-      const revoked = await runCli(PKI_CLI, ['revoke', '--dir', dir, '--serial', svc.serialHex]);
-      expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
-      const revokedAtMs = Date.now();
-      // Still carried until the broker applies the revocation: the stream was alive after the revoke.
-      const status = await within(ended, 5_000);
-      const tookMs = Date.now() - revokedAtMs;
-      if (!status) call.cancel();
-      expect(status, 'the stream was still open 5 s after the revocation').to.not.equal(undefined);
-      if (!status) return;
-      const how = `${Status[status.code]} "${status.details}"`;
-      console.log(`      (stream ended ${tookMs} ms after burrow-pki revoke exited: ${how})`);
-      expect(status.code).to.equal(Status.PERMISSION_DENIED);
-      const named = /^certificate spiffe:\/\/[^ ]+\/service\/streamer \(serial [0-9a-f]+\) was revoked$/;
-      expect(status.details).to.match(named);
-      expect(tookMs).to.be.below(1_500);
-      const refused = await caller.unary(ECHO.unary, Buffer.from('after'), md())
-        .then(() => undefined, (e: ServiceError) => e);
-      expect(refused?.code).to.equal(Status.PERMISSION_DENIED);
-      expect(refused?.details).to.match(/revoked/);
-    } finally {
-      caller.close();
-    }
-  });
-
-  it('revoking a service certificate closes its AuthZEN connections within 1.5 s; its next request gets 403',
+  it(
+    'burrow-pki revoke --serial ends a bidi stream in flight with PERMISSION_DENIED within 1.5 s; ' +
+      'a new call is refused',
     async () => {
+      const svc = await issueCertificate({ dir, role: 'service', name: 'streamer' });
+      await writeIssued(path.join(root, 'svc'), svc);
+      const caller = callerOf('svc');
+      try {
+        const call = caller.bidi(ECHO.bidi, md());
+        const ended = statusOf(call);
+        await roundTrip(call, 'before');
+        const revoked = await runCli(PKI_CLI, ['revoke', '--dir', dir, '--serial', svc.serialHex]);
+        expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
+        const revokedAtMs = Date.now();
+        // Still carried until the broker applies the revocation: the stream was alive after the revoke.
+        const status = await within(ended, 5_000);
+        const tookMs = Date.now() - revokedAtMs;
+        if (!status) call.cancel();
+        expect(status, 'the stream was still open 5 s after the revocation').to.not.equal(undefined);
+        if (!status) return;
+        const how = `${Status[status.code]} "${status.details}"`;
+        console.log(`      (stream ended ${tookMs} ms after burrow-pki revoke exited: ${how})`);
+        expect(status.code).to.equal(Status.PERMISSION_DENIED);
+        const named = /^certificate spiffe:\/\/[^ ]+\/service\/streamer \(serial [0-9a-f]+\) was revoked$/;
+        expect(status.details).to.match(named);
+        expect(tookMs).to.be.below(1_500);
+        const refused = await caller.unary(ECHO.unary, Buffer.from('after'), md()).then(
+          () => undefined,
+          (e: ServiceError) => e,
+        );
+        expect(refused?.code).to.equal(Status.PERMISSION_DENIED);
+        expect(refused?.details).to.match(/revoked/);
+      } finally {
+        caller.close();
+      }
+    },
+  );
+
+  it('revoking a service certificate closes its AuthZEN connections within 1.5 s; its next request gets 403', async () => {
     const svc = await issueCertificate({ dir, role: 'service', name: 'gateway' });
     await writeIssued(path.join(root, 'gateway'), svc);
     const f = files('gateway');
     const socket = tls.connect({
-      host: '127.0.0.1', port: Number(authzenAddress.split(':')[1]), servername: 'localhost',
-      ca: readFileSync(f.ca), cert: readFileSync(f.cert), key: readFileSync(f.key),
+      host: '127.0.0.1',
+      port: Number(authzenAddress.split(':')[1]),
+      servername: 'localhost',
+      ca: readFileSync(f.ca),
+      cert: readFileSync(f.cert),
+      key: readFileSync(f.key),
     });
     socket.on('error', () => {});
     const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
@@ -147,13 +188,17 @@ describe('credentials cut mid-call: service certificates', function () {
       const revoked = await runCli(PKI_CLI, ['revoke', '--dir', dir, '--serial', svc.serialHex]);
       expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
       const revokedAtMs = Date.now();
-      const gone = await within(closed.then(() => true), 5_000);
+      const gone = await within(
+        closed.then(() => true),
+        5_000,
+      );
       const tookMs = Date.now() - revokedAtMs;
       console.log(`      (AuthZEN connection closed ${gone ? `${tookMs} ms after the revoke` : 'never (5 s)'})`);
       expect(gone, 'the AuthZEN connection was still open 5 s after the revocation').to.equal(true);
       expect(tookMs).to.be.below(1_500);
       const res = await httpsJson(authzenAddress, 'POST', '/agents/site-cut/access/v1/evaluation', {
-        cert: f, ca: f.ca,
+        cert: f,
+        ca: f.ca,
         body: { subject: { type: 'user', id: 'u' }, action: { name: 'read' }, resource: { type: 'doc', id: 'd' } },
       });
       expect(res.status).to.equal(403);
@@ -192,34 +237,39 @@ describe('credentials cut mid-call: peer broker certificates', function () {
   this.timeout(60_000);
 
   let world: ClusterWorld;
-  after(async () => { await world?.close(); });
-
-  it('revoking the forwarding broker\'s certificate ends the calls it carries to the broker holding the agent '
-    + 'within 1.5 s', async () => {
-    world = await ClusterWorld.create(['a', 'b']);
-    // Both brokers read the PKI directory, so both apply revocations (the owner is the one that cuts).
-    for (const name of ['a', 'b']) await world.startBroker(name, ['--pki-dir', world.pki.pkiDir]);
-    await world.startAgent('site-peer', ['b']);
-    await world.waitListed('b', 'site-peer');
-    const m = new Metadata();
-    m.set('burrow-agent-id', 'site-peer');
-    const call = world.client('a').bidi(ECHO.bidi, m);
-    const ended = statusOf(call);
-    await roundTrip(call, 'through a to b');
-    const serial = new X509Certificate(readFileSync(world.brokerCert.cert)).serialNumber;
-    const revoked = await runCli(PKI_CLI, ['revoke', '--dir', world.pki.pkiDir, '--serial', serial]);
-    expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
-    const revokedAtMs = Date.now();
-    const status = await within(ended, 5_000);
-    const tookMs = Date.now() - revokedAtMs;
-    if (!status) call.cancel();
-    const how = status ? `${Status[status.code]} "${status.details}"` : 'still open';
-    console.log(`      (forwarded stream ended ${tookMs} ms after the broker certificate was revoked: ${how})`);
-    expect(status, 'the forwarded stream was still open 5 s after the revocation').to.not.equal(undefined);
-    expect(status!.code).to.not.equal(Status.OK);
-    expect(status!.details).to.match(/broker.*was revoked/);
-    expect(tookMs).to.be.below(1_500);
-    const cut = await world.metrics('b');
-    expect(cut.get('burrow_broker_calls_cut_total{listener="peer",reason="revoked"}')).to.equal(1);
+  after(async () => {
+    await world?.close();
   });
+
+  it(
+    "revoking the forwarding broker's certificate ends the calls it carries to the broker holding the agent " +
+      'within 1.5 s',
+    async () => {
+      world = await ClusterWorld.create(['a', 'b']);
+      // Both brokers read the PKI directory, so both apply revocations (the owner is the one that cuts).
+      for (const name of ['a', 'b']) await world.startBroker(name, ['--pki-dir', world.pki.pkiDir]);
+      await world.startAgent('site-peer', ['b']);
+      await world.waitListed('b', 'site-peer');
+      const m = new Metadata();
+      m.set('burrow-agent-id', 'site-peer');
+      const call = world.client('a').bidi(ECHO.bidi, m);
+      const ended = statusOf(call);
+      await roundTrip(call, 'through a to b');
+      const serial = new X509Certificate(readFileSync(world.brokerCert.cert)).serialNumber;
+      const revoked = await runCli(PKI_CLI, ['revoke', '--dir', world.pki.pkiDir, '--serial', serial]);
+      expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
+      const revokedAtMs = Date.now();
+      const status = await within(ended, 5_000);
+      const tookMs = Date.now() - revokedAtMs;
+      if (!status) call.cancel();
+      const how = status ? `${Status[status.code]} "${status.details}"` : 'still open';
+      console.log(`      (forwarded stream ended ${tookMs} ms after the broker certificate was revoked: ${how})`);
+      expect(status, 'the forwarded stream was still open 5 s after the revocation').to.not.equal(undefined);
+      expect(status!.code).to.not.equal(Status.OK);
+      expect(status!.details).to.match(/broker.*was revoked/);
+      expect(tookMs).to.be.below(1_500);
+      const cut = await world.metrics('b');
+      expect(cut.get('burrow_broker_calls_cut_total{listener="peer",reason="revoked"}')).to.equal(1);
+    },
+  );
 });

@@ -11,15 +11,21 @@ import { AGENT_ID, Stack } from './helpers/stack';
  */
 describe('forwarding', () => {
   let stack: Stack;
-  before(async () => { stack = await Stack.start(); });
-  after(async () => { await stack?.stop(); });
+  before(async () => {
+    stack = await Stack.start();
+  });
+  after(async () => {
+    await stack?.stop();
+  });
 
   // Both directions run the same cases: caller -> broker -> agent -> site upstream, and
   // site client -> agent -> broker -> platform upstream.
   const directions: { name: string; client(): RawClient; md(extra?: Record<string, string | Buffer>): Metadata }[] = [
     { name: 'caller -> agent', client: () => stack.caller, md: (extra) => stack.md(extra) },
     {
-      name: 'site -> platform', client: () => stack.siteClient, md: (extra = {}) => {
+      name: 'site -> platform',
+      client: () => stack.siteClient,
+      md: (extra = {}) => {
         const md = new Metadata();
         for (const [k, v] of Object.entries(extra)) md.add(k, v);
         return md;
@@ -94,7 +100,12 @@ describe('forwarding', () => {
 
       it('request metadata crosses; hop metadata does not', async () => {
         const binary = Buffer.from([0, 1, 2, 0xfe, 0xff]);
-        const md = dir.md({ 'x-custom': 'value one', 'x-bin-bin': binary, authorization: 'Bearer caller-secret', 'burrow-forged': 'x' });
+        const md = dir.md({
+          'x-custom': 'value one',
+          'x-bin-bin': binary,
+          authorization: 'Bearer caller-secret',
+          'burrow-forged': 'x',
+        });
         md.add('x-repeated', 'a');
         md.add('x-repeated', 'b');
         const res = await dir.client().unary(ECHO.metadata, Buffer.from('q'), md);
@@ -102,8 +113,12 @@ describe('forwarding', () => {
         expect(seen['x-custom']).to.deep.equal(['value one']);
         expect(seen['x-bin-bin']).to.deep.equal([`b64:${binary.toString('base64')}`]);
         // Repeated keys arrive exactly as on a direct call to the same upstream.
-        const direct = new RawClient(dir.name === 'caller -> agent' ? stack.siteUpstream.address : stack.platformUpstream.address);
-        const directSeen = JSON.parse((await direct.unary(ECHO.metadata, Buffer.from('q'), md)).response.toString()) as Record<string, string[]>;
+        const direct = new RawClient(
+          dir.name === 'caller -> agent' ? stack.siteUpstream.address : stack.platformUpstream.address,
+        );
+        const directSeen = JSON.parse(
+          (await direct.unary(ECHO.metadata, Buffer.from('q'), md)).response.toString(),
+        ) as Record<string, string[]>;
         direct.close();
         expect(seen['x-repeated']).to.deep.equal(directSeen['x-repeated']);
         expect(seen).to.not.have.property('authorization');
@@ -118,9 +133,21 @@ describe('forwarding', () => {
       it('status code, message (whitespace, non-BMP unicode) and details survive', async () => {
         const message = '  leading and trailing spaces\ttab\nnewline 😀 𝄞 ü % %20 ';
         const details = randomBytes(48);
-        for (const code of [Status.NOT_FOUND, Status.PERMISSION_DENIED, Status.FAILED_PRECONDITION, Status.INTERNAL, Status.UNAUTHENTICATED]) {
+        for (const code of [
+          Status.NOT_FOUND,
+          Status.PERMISSION_DENIED,
+          Status.FAILED_PRECONDITION,
+          Status.INTERNAL,
+          Status.UNAUTHENTICATED,
+        ]) {
           const req = Buffer.from(JSON.stringify({ code, message, details: details.toString('base64') }));
-          const err = await dir.client().unary(ECHO.status, req, dir.md()).then(() => undefined, (e: ServiceError) => e);
+          const err = await dir
+            .client()
+            .unary(ECHO.status, req, dir.md())
+            .then(
+              () => undefined,
+              (e: ServiceError) => e,
+            );
           expect(err, `code ${code}`).to.not.equal(undefined);
           expect(err!.code).to.equal(code);
           expect(err!.details).to.equal(message);
@@ -132,7 +159,9 @@ describe('forwarding', () => {
       it('trailers arrive on a server-streaming call that fails after sending messages', async () => {
         // The status path of a streaming call: messages, then a non-OK status with details.
         const call = dir.client().bidi(ECHO.status, dir.md());
-        call.write(Buffer.from(JSON.stringify({ code: Status.ABORTED, message: 'abort after stream', details: 'AQID' })));
+        call.write(
+          Buffer.from(JSON.stringify({ code: Status.ABORTED, message: 'abort after stream', details: 'AQID' })),
+        );
         call.end();
         const r = await collect(call);
         expect(r.status.code).to.equal(Status.ABORTED);
@@ -150,15 +179,24 @@ describe('forwarding', () => {
   });
 
   it('the site upstream never sees the routing key or the caller authorization, only the caller identity the broker verified', async () => {
-    const res = await stack.caller.unary(ECHO.metadata, Buffer.from('q'), stack.md({ authorization: 'Bearer platform-token', 'burrow-caller-id': 'spiffe://forged/service/x' }));
+    const res = await stack.caller.unary(
+      ECHO.metadata,
+      Buffer.from('q'),
+      stack.md({ authorization: 'Bearer platform-token', 'burrow-caller-id': 'spiffe://forged/service/x' }),
+    );
     const seen = JSON.parse(res.response.toString()) as Record<string, string[]>;
-    expect(Object.keys(seen).filter((k) => k.startsWith('burrow-') || k === 'authorization')).to.deep.equal(['burrow-caller-id']);
+    expect(Object.keys(seen).filter((k) => k.startsWith('burrow-') || k === 'authorization')).to.deep.equal([
+      'burrow-caller-id',
+    ]);
     expect(seen['burrow-caller-id']).to.have.length(1);
     expect(seen['burrow-caller-id'][0]).to.match(/^spiffe:\/\/[^/]+\/service\/platform-svc$/);
   });
 
   it('an unknown method reaches the upstream, which answers UNIMPLEMENTED, and the tunnel lives on', async () => {
-    const err = await stack.caller.unary('/no.Such/Method', Buffer.from('x'), stack.md()).then(() => undefined, (e: ServiceError) => e);
+    const err = await stack.caller.unary('/no.Such/Method', Buffer.from('x'), stack.md()).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     expect(err?.code).to.equal(Status.UNIMPLEMENTED);
     expect(stack.siteUpstream.calls.length).to.be.greaterThan(0);
     const ok = await stack.caller.unary(ECHO.unary, Buffer.from('still here'), stack.md());

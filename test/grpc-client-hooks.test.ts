@@ -35,10 +35,21 @@ describe('a grpc-js channel closed mid-handshake drops its connection', function
 
   for (const attempt of [1, 2, 3]) {
     it(`attempt ${attempt}: the server sees the connection close as soon as the channel is closed`, async () => {
-      const client = new Client(address, credentials.createSsl(), { 'grpc.use_local_subchannel_pool': 1, 'grpc.enable_retries': 0 });
+      const client = new Client(address, credentials.createSsl(), {
+        'grpc.use_local_subchannel_pool': 1,
+        'grpc.enable_retries': 0,
+      });
       const connected = once(server, 'connection') as Promise<[Socket]>;
       const failed = new Promise<Error | null>((resolve) => {
-        client.makeUnaryRequest('/x.Y/Z', identity, identity, Buffer.alloc(0), new Metadata(), { deadline: Date.now() + 30_000 }, (err) => resolve(err));
+        client.makeUnaryRequest(
+          '/x.Y/Z',
+          identity,
+          identity,
+          Buffer.alloc(0),
+          new Metadata(),
+          { deadline: Date.now() + 30_000 },
+          (err) => resolve(err),
+        );
       });
       const [socket] = await connected;
       const closed = once(socket, 'close');

@@ -18,16 +18,29 @@ type MetricLike = { get(): Promise<{ values: { value: number; labels: Record<str
 
 /** Sum of a prom-client metric's series whose labels include `labels`. */
 async function metricValue(metric: MetricLike, labels: Record<string, string> = {}): Promise<number> {
-  return (await metric.get()).values.filter((v) => Object.entries(labels).every(([k, val]) => v.labels[k] === val)).reduce((n, v) => n + v.value, 0);
+  return (await metric.get()).values
+    .filter((v) => Object.entries(labels).every(([k, val]) => v.labels[k] === val))
+    .reduce((n, v) => n + v.value, 0);
 }
 
 /** A full mTLS handshake as an agent; resolves with how it ended. */
 function handshake(port: number, cert: CertFiles): Promise<'secure' | string> {
   return new Promise((resolve) => {
-    const s = tls.connect({ port, host: '127.0.0.1', servername: 'localhost', key: readFileSync(cert.key), cert: readFileSync(cert.cert), ca: readFileSync(cert.ca), ALPNProtocols: ['h2'] }, () => {
-      s.destroy();
-      resolve('secure');
-    });
+    const s = tls.connect(
+      {
+        port,
+        host: '127.0.0.1',
+        servername: 'localhost',
+        key: readFileSync(cert.key),
+        cert: readFileSync(cert.cert),
+        ca: readFileSync(cert.ca),
+        ALPNProtocols: ['h2'],
+      },
+      () => {
+        s.destroy();
+        resolve('secure');
+      },
+    );
     s.on('error', (err: NodeJS.ErrnoException) => resolve(err.code ?? err.message));
   });
 }
@@ -43,13 +56,26 @@ describe('TLS handshake cap (limitPendingHandshakes)', function () {
   });
   after(() => pki?.cleanup());
 
-  async function serve(maxPending: number): Promise<{ port: number; limiter: HandshakeLimiter; shedSockets: net.Socket[]; stop(): Promise<void> }> {
+  async function serve(
+    maxPending: number,
+  ): Promise<{ port: number; limiter: HandshakeLimiter; shedSockets: net.Socket[]; stop(): Promise<void> }> {
     const server = new Server();
-    const creds = ServerCredentials.createSsl(readFileSync(brokerCert.ca), [{ private_key: readFileSync(brokerCert.key), cert_chain: readFileSync(brokerCert.cert) }], true);
-    const port = await new Promise<number>((resolve, reject) => server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))));
+    const creds = ServerCredentials.createSsl(
+      readFileSync(brokerCert.ca),
+      [{ private_key: readFileSync(brokerCert.key), cert_chain: readFileSync(brokerCert.cert) }],
+      true,
+    );
+    const port = await new Promise<number>((resolve, reject) =>
+      server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))),
+    );
     const shedSockets: net.Socket[] = [];
     const limiter = limitPendingHandshakes(server, maxPending, (s) => shedSockets.push(s));
-    return { port, limiter, shedSockets, stop: () => new Promise<void>((resolve) => server.tryShutdown(() => resolve())) };
+    return {
+      port,
+      limiter,
+      shedSockets,
+      stop: () => new Promise<void>((resolve) => server.tryShutdown(() => resolve())),
+    };
   }
 
   it('closes connections past the cap before any TLS work, and counts a handshake only until it is secure', async () => {
@@ -100,7 +126,9 @@ describe('TLS handshake cap (limitPendingHandshakes)', function () {
 
 describe('broker --max-pending-handshakes', function () {
   let stack: Stack;
-  after(async () => { await stack?.stop(); });
+  after(async () => {
+    await stack?.stop();
+  });
 
   it('sheds an agent while the cap is full, counts it apart from refused handshakes, and the agent gets in once a slot frees', async () => {
     stack = await Stack.start({ broker: { maxPendingHandshakes: 1 }, startAgent: false });
@@ -109,8 +137,14 @@ describe('broker --max-pending-handshakes', function () {
     try {
       await until('the stalled handshake counted', () => metrics.pendingHandshakes() === 1);
       const connected = stack.startAgent();
-      await until('the agent shed at least twice (it retries after its backoff)', async () => (await metricValue(metrics.handshakesShed)) >= 2);
-      expect(await metricValue(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' }), 'shed connections are not refused handshakes').to.equal(0);
+      await until(
+        'the agent shed at least twice (it retries after its backoff)',
+        async () => (await metricValue(metrics.handshakesShed)) >= 2,
+      );
+      expect(
+        await metricValue(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' }),
+        'shed connections are not refused handshakes',
+      ).to.equal(0);
       stall.destroy();
       await connected;
     } finally {
@@ -129,7 +163,10 @@ describe('broker --max-pending-handshakes', function () {
     // One at a time: this broker's cap is 1 handshake.
     for (let i = 1; i <= 3; i++) {
       (await stalledConnection(Number(stack.agentAddress.split(':')[1]))).destroy();
-      await until(`abandoned handshake ${i} counted`, async () => (await metricValue(metrics.abandonedHandshakes, { listener: 'agent' })) === before + i);
+      await until(
+        `abandoned handshake ${i} counted`,
+        async () => (await metricValue(metrics.abandonedHandshakes, { listener: 'agent' })) === before + i,
+      );
     }
     expect(await metricValue(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' })).to.equal(0);
   });

@@ -19,7 +19,11 @@ import { capturingLogger } from './helpers/policy-fixture';
 import { RawAgent } from './helpers/raw-agent';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 
-const BAD_IDS: [string, string][] = [['..', '..'], ['SITE-A', 'SITE-A'], ['3,000 characters', 'a'.repeat(3000)]];
+const BAD_IDS: [string, string][] = [
+  ['..', '..'],
+  ['SITE-A', 'SITE-A'],
+  ['3,000 characters', 'a'.repeat(3000)],
+];
 
 describe('one id grammar, enforced at issuing, enrollment and the listeners (issue 13 item 9)', function () {
   this.timeout(60_000);
@@ -38,10 +42,19 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
     await initPki({ dir });
     const log = capturingLogger();
     records = log.records;
-    broker = new Broker({
-      ...BROKER_DEFAULTS, agentListen: '127.0.0.1:0', apiListen: '127.0.0.1:0', pkiDir: dir, tlsDns: ['localhost'], tlsIp: ['127.0.0.1'],
-      agentWaitMs: 500, drainTimeoutMs: 1_000,
-    }, log.logger as unknown as Logger);
+    broker = new Broker(
+      {
+        ...BROKER_DEFAULTS,
+        agentListen: '127.0.0.1:0',
+        apiListen: '127.0.0.1:0',
+        pkiDir: dir,
+        tlsDns: ['localhost'],
+        tlsIp: ['127.0.0.1'],
+        agentWaitMs: 500,
+        drainTimeoutMs: 1_000,
+      },
+      log.logger as unknown as Logger,
+    );
     const ports = await broker.start();
     agentAddress = `127.0.0.1:${ports.agentPort}`;
     apiAddress = `127.0.0.1:${ports.apiPort}`;
@@ -56,7 +69,10 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
   for (const [what, id] of BAD_IDS) {
     describe(`a name of ${what}`, () => {
       it('in an agent certificate signed by the CA opens no session at the agent listener', async () => {
-        const cert = await forgeLeaf(dir, path.join(root, `agent-${what.length}-${id.length}`), { uris: [`spiffe://burrow.local/agent/${id}`], ekus: ['clientAuth'] });
+        const cert = await forgeLeaf(dir, path.join(root, `agent-${what.length}-${id.length}`), {
+          uris: [`spiffe://burrow.local/agent/${id}`],
+          ekus: ['clientAuth'],
+        });
         const agent = new RawAgent(agentAddress, cert);
         try {
           const session = agent.session();
@@ -64,22 +80,33 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
           const status = await session.ended();
           console.log(`      session: ${Status[status.code]}: ${status.details.slice(0, 160)}`);
           expect(status.code).to.equal(Status.PERMISSION_DENIED);
-          expect(session.received.some((f) => f.kind === 'welcome'), 'a Welcome').to.equal(false);
+          expect(
+            session.received.some((f) => f.kind === 'welcome'),
+            'a Welcome',
+          ).to.equal(false);
         } finally {
           agent.close();
         }
-        const line = records.find((r) => r.message === 'tunnel stream refused' && String(r.reason).includes(id.slice(0, 60)));
-        expect(line, 'the broker\'s log line').to.not.equal(undefined);
+        const line = records.find(
+          (r) => r.message === 'tunnel stream refused' && String(r.reason).includes(id.slice(0, 60)),
+        );
+        expect(line, "the broker's log line").to.not.equal(undefined);
         expect(String(line!.reason)).to.include(ID_GRAMMAR);
       });
 
       it('in a service certificate signed by the CA gets no call through the caller API', async () => {
-        const cert = await forgeLeaf(dir, path.join(root, `service-${what.length}-${id.length}`), { uris: [`spiffe://burrow.local/service/${id}`], ekus: ['clientAuth'] });
+        const cert = await forgeLeaf(dir, path.join(root, `service-${what.length}-${id.length}`), {
+          uris: [`spiffe://burrow.local/service/${id}`],
+          ekus: ['clientAuth'],
+        });
         const caller = new RawClient(apiAddress, mtlsCredentials(cert));
         try {
           const md = new Metadata();
           md.set(AGENT_ID_KEY, 'site-a');
-          const err = await caller.unary(ECHO.unary, Buffer.from('x'), md, { deadline: Date.now() + 5_000 }).then(() => undefined, (e: ServiceError) => e);
+          const err = await caller.unary(ECHO.unary, Buffer.from('x'), md, { deadline: Date.now() + 5_000 }).then(
+            () => undefined,
+            (e: ServiceError) => e,
+          );
           expect(err, 'the call must fail').to.not.equal(undefined);
           console.log(`      call: ${Status[err!.code]}: ${err!.details.slice(0, 160)}`);
           expect(err!.code).to.equal(Status.PERMISSION_DENIED);
@@ -91,28 +118,56 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
 
       it('is refused when issuing and when creating a join token, naming the grammar', async () => {
         for (const role of ['agent', 'service', 'broker'] as const) {
-          const err = await issueCertificate({ dir, role, name: id, ...(role === 'broker' ? { dns: ['localhost'] } : {}) }).then(() => undefined, (e: Error) => e);
-          expect(err?.message, role).to.match(/^name: must be /).and.include(ID_GRAMMAR);
+          const err = await issueCertificate({
+            dir,
+            role,
+            name: id,
+            ...(role === 'broker' ? { dns: ['localhost'] } : {}),
+          }).then(
+            () => undefined,
+            (e: Error) => e,
+          );
+          expect(err?.message, role)
+            .to.match(/^name: must be /)
+            .and.include(ID_GRAMMAR);
         }
-        const err = await createJoinToken({ dir, agentId: id }).then(() => undefined, (e: Error) => e);
+        const err = await createJoinToken({ dir, agentId: id }).then(
+          () => undefined,
+          (e: Error) => e,
+        );
         expect(err?.message).to.include(ID_GRAMMAR);
       });
     });
   }
 
   it('enrollment with a token whose stored agent id breaks the grammar is refused before the token is used', async () => {
-    const { token, tokenId } = await createJoinToken({ dir, agentId: 'site-x' }) as { token: string; tokenId: string };
+    const { token, tokenId } = (await createJoinToken({ dir, agentId: 'site-x' })) as {
+      token: string;
+      tokenId: string;
+    };
     const file = path.join(dir, 'tokens', `${tokenId}.json`);
     const stored = JSON.parse(readFileSync(file, 'utf8')) as { agentId: string };
     writeFileSync(file, JSON.stringify({ ...stored, agentId: 'SITE-A' }));
-    const err = await enroll({ broker: agentAddress, token, stateDir: path.join(root, 'state-x') }).then(() => undefined, (e: Error) => e);
+    const err = await enroll({ broker: agentAddress, token, stateDir: path.join(root, 'state-x') }).then(
+      () => undefined,
+      (e: Error) => e,
+    );
     console.log(`      enroll: ${err?.message}`);
     expect(err?.message).to.include('"SITE-A"').and.include(ID_GRAMMAR);
-    expect(readdirSync(path.join(dir, 'tokens')).includes('used') ? readdirSync(path.join(dir, 'tokens', 'used')) : []).to.not.include(`${tokenId}.json`);
+    expect(
+      readdirSync(path.join(dir, 'tokens')).includes('used') ? readdirSync(path.join(dir, 'tokens', 'used')) : [],
+    ).to.not.include(`${tokenId}.json`);
   });
 
   it('a broker id outside the grammar is a configuration error', () => {
-    expect(() => brokerConfigFromArgs({ ...serveDefaults(), 'agent-listen': '127.0.0.1:0', 'api-listen': '127.0.0.1:0', 'broker-id': 'Broker A', 'pki-dir': dir })).to.throw(/broker-id: must be .*got 'Broker A'/);
+    expect(() =>
+      brokerConfigFromArgs({
+        ...serveDefaults(),
+        'agent-listen': '127.0.0.1:0',
+        'api-listen': '127.0.0.1:0',
+        'broker-id': 'Broker A',
+        'pki-dir': dir,
+      }),
+    ).to.throw(/broker-id: must be .*got 'Broker A'/);
   });
 });
-

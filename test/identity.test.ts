@@ -32,13 +32,21 @@ async function rejected(broker: Broker, listener: string, reason: string): Promi
 }
 
 /** Opens a raw tunnel stream on the agent listener and resolves with its final status. */
-function rawTunnelStream(address: string, files: CertFiles, method: string, md = new Metadata()): Promise<StatusObject> {
+function rawTunnelStream(
+  address: string,
+  files: CertFiles,
+  method: string,
+  md = new Metadata(),
+): Promise<StatusObject> {
   const client = new Client(address, mtlsCredentials(files));
   return new Promise((resolve) => {
     const call = client.makeBidiStreamRequest(method, identity, identity, md, { deadline: Date.now() + 5_000 });
     call.on('data', () => {});
     call.on('error', () => {});
-    call.on('status', (s) => { client.close(); resolve(s); });
+    call.on('status', (s) => {
+      client.close();
+      resolve(s);
+    });
   });
 }
 
@@ -51,9 +59,20 @@ function rawTunnelStream(address: string, files: CertFiles, method: string, md =
  */
 function tlsVerdict(port: number, trust: string, files: CertFiles): Promise<string> {
   return new Promise((resolve) => {
-    const socket = tls.connect({ host: '127.0.0.1', servername: 'localhost', port, ca: readFileSync(trust), key: readFileSync(files.key), cert: readFileSync(files.cert), ALPNProtocols: ['h2'] });
+    const socket = tls.connect({
+      host: '127.0.0.1',
+      servername: 'localhost',
+      port,
+      ca: readFileSync(trust),
+      key: readFileSync(files.key),
+      cert: readFileSync(files.cert),
+      ALPNProtocols: ['h2'],
+    });
     let verdict: string | undefined;
-    const done = (v: string): void => { verdict ??= v; socket.destroy(); };
+    const done = (v: string): void => {
+      verdict ??= v;
+      socket.destroy();
+    };
     socket.once('data', () => done('accepted'));
     socket.once('error', (err: NodeJS.ErrnoException) => done(err.code ?? err.message));
     socket.once('end', () => done('refused'));
@@ -63,10 +82,20 @@ function tlsVerdict(port: number, trust: string, files: CertFiles): Promise<stri
 
 /** Starts an extra agent on `stack`'s broker with `cert`, answering calls with `upstream`. */
 async function extraAgent(stack: Stack, cert: CertFiles, upstream: string): Promise<Agent> {
-  const agent = new Agent({
-    ...AGENT_DEFAULTS, brokers: [stack.agentAddress], tlsCertFile: cert.cert, tlsKeyFile: cert.key, caFile: cert.ca,
-    upstreams: [{ service: '*', address: upstream }], reconnectBaseMs: 50, reconnectMaxMs: 500, drainTimeoutMs: 5_000,
-  }, silentLogger());
+  const agent = new Agent(
+    {
+      ...AGENT_DEFAULTS,
+      brokers: [stack.agentAddress],
+      tlsCertFile: cert.cert,
+      tlsKeyFile: cert.key,
+      caFile: cert.ca,
+      upstreams: [{ service: '*', address: upstream }],
+      reconnectBaseMs: 50,
+      reconnectMaxMs: 500,
+      drainTimeoutMs: 5_000,
+    },
+    silentLogger(),
+  );
   await agent.start();
   await agent.waitConnected();
   return agent;
@@ -89,7 +118,9 @@ describe('identity', function () {
       stack = await Stack.start();
       otherPki = await PkiFixture.create();
     });
-    afterEach(() => { for (const c of clients.splice(0)) c.close(); });
+    afterEach(() => {
+      for (const c of clients.splice(0)) c.close();
+    });
     after(async () => {
       await stack?.stop();
       otherPki?.cleanup();
@@ -122,14 +153,24 @@ describe('identity', function () {
       const foreign = await otherPki.issue('service', 'platform-svc');
       const before = await rejected(stack.broker, 'api', 'tls');
       // Trusts our broker (our CA), presents a certificate our broker does not trust.
-      const creds = credentials.createSsl(readFileSync(stack.serviceCert.ca), readFileSync(foreign.key), readFileSync(foreign.cert));
+      const creds = credentials.createSsl(
+        readFileSync(stack.serviceCert.ca),
+        readFileSync(foreign.key),
+        readFileSync(foreign.cert),
+      );
       const err = await failure(client(creds), ECHO.unary, stack.md());
       expect(err.code, err.details).to.equal(Status.UNAVAILABLE);
       // ...in the TLS handshake, and only because of the issuer: the same name from our PKI is accepted.
       const port = Number(stack.apiAddress.split(':')[1]);
       expect(await tlsVerdict(port, stack.serviceCert.ca, foreign)).to.equal('refused');
-      expect(await tlsVerdict(port, stack.serviceCert.ca, stack.serviceCert), 'control: our own platform-svc certificate').to.equal('accepted');
-      await pollUntil('rejected_handshakes_total{listener="api",reason="tls"} to increase', async () => (await rejected(stack.broker, 'api', 'tls')) > before);
+      expect(
+        await tlsVerdict(port, stack.serviceCert.ca, stack.serviceCert),
+        'control: our own platform-svc certificate',
+      ).to.equal('accepted');
+      await pollUntil(
+        'rejected_handshakes_total{listener="api",reason="tls"} to increase',
+        async () => (await rejected(stack.broker, 'api', 'tls')) > before,
+      );
     });
 
     it('an expired service certificate is refused', async () => {
@@ -144,8 +185,14 @@ describe('identity', function () {
       // Refused in the handshake, and only because of its lifetime: the same name with the default lifetime is accepted.
       const port = Number(stack.apiAddress.split(':')[1]);
       expect(await tlsVerdict(port, expired.ca, expired)).to.equal('refused');
-      expect(await tlsVerdict(port, expired.ca, await stack.pki.issue('service', 'expired-svc')), 'control: same name, default lifetime').to.equal('accepted');
-      await pollUntil('rejected_handshakes_total{listener="api",reason="tls"} to increase', async () => (await rejected(stack.broker, 'api', 'tls')) > before);
+      expect(
+        await tlsVerdict(port, expired.ca, await stack.pki.issue('service', 'expired-svc')),
+        'control: same name, default lifetime',
+      ).to.equal('accepted');
+      await pollUntil(
+        'rejected_handshakes_total{listener="api",reason="tls"} to increase',
+        async () => (await rejected(stack.broker, 'api', 'tls')) > before,
+      );
     });
 
     it('a tunnel Session opened with a SERVICE certificate is refused with PERMISSION_DENIED', async () => {
@@ -175,7 +222,9 @@ describe('identity', function () {
     const stops: (() => Promise<void>)[] = [];
 
     // A short agent wait keeps the "not connected" case quick.
-    beforeEach(async () => { stack = await Stack.start({ broker: { agentWaitMs: 300 } }); });
+    beforeEach(async () => {
+      stack = await Stack.start({ broker: { agentWaitMs: 300 } });
+    });
     afterEach(async () => {
       for (const a of extra.splice(0)) await a.stop();
       for (const s of stops.splice(0)) await s();
@@ -186,7 +235,13 @@ describe('identity', function () {
 
     it('agents for site-a and site-b each get their own calls', async () => {
       // site-b's upstream marks its answers so we know who answered.
-      const siteB = await startRawServer({ [ECHO.unary]: (call) => call.on('data', (m: Buffer) => { call.write(Buffer.concat([Buffer.from('site-b:'), m])); call.end(); }) });
+      const siteB = await startRawServer({
+        [ECHO.unary]: (call) =>
+          call.on('data', (m: Buffer) => {
+            call.write(Buffer.concat([Buffer.from('site-b:'), m]));
+            call.end();
+          }),
+      });
       stops.push(siteB.stop);
       extra.push(await extraAgent(stack, await stack.pki.issue('agent', 'site-b'), siteB.address));
       expect((await listing()).map((a) => a.id).sort()).to.deep.equal(['site-a', 'site-b']);
@@ -228,7 +283,9 @@ describe('identity', function () {
       expect((await listing())[0]).to.include({ id: 'site-a', connections: 2 });
       await stack.agent.stop();
       await pollUntil('/agents to show one connection', async () => (await listing())[0]?.connections === 1);
-      const results = await Promise.all([0, 1, 2, 3, 4].map((i) => stack.caller.unary(ECHO.unary, Buffer.from(`c${i}`), stack.md())));
+      const results = await Promise.all(
+        [0, 1, 2, 3, 4].map((i) => stack.caller.unary(ECHO.unary, Buffer.from(`c${i}`), stack.md())),
+      );
       expect(results.map((r) => r.response.toString())).to.deep.equal(['c0', 'c1', 'c2', 'c3', 'c4']);
     });
   });

@@ -7,13 +7,23 @@ import { collect } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 
 const MiB = 1024 * 1024;
-const failure = (p: Promise<unknown>): Promise<ServiceError> => p.then(() => { throw new Error('call succeeded'); }, (e: ServiceError) => e);
+const failure = (p: Promise<unknown>): Promise<ServiceError> =>
+  p.then(
+    () => {
+      throw new Error('call succeeded');
+    },
+    (e: ServiceError) => e,
+  );
 
 describe('message size limits', () => {
   describe('default limit (16 MiB)', () => {
     let stack: Stack;
-    before(async () => { stack = await Stack.start(); });
-    after(async () => { await stack?.stop(); });
+    before(async () => {
+      stack = await Stack.start();
+    });
+    after(async () => {
+      await stack?.stop();
+    });
 
     it('a 16 MiB message crosses both ways, byte-exact', async () => {
       const payload = randomBytes(16 * MiB);
@@ -33,12 +43,20 @@ describe('message size limits', () => {
 
   describe('configured limit (1 MiB)', () => {
     let stack: Stack;
-    before(async () => { stack = await Stack.start({ broker: { maxMessageBytes: MiB }, agent: { maxMessageBytes: MiB } }); });
-    after(async () => { await stack?.stop(); });
+    before(async () => {
+      stack = await Stack.start({ broker: { maxMessageBytes: MiB }, agent: { maxMessageBytes: MiB } });
+    });
+    after(async () => {
+      await stack?.stop();
+    });
 
     it('a request over the limit fails with RESOURCE_EXHAUSTED in both directions', async () => {
-      expect((await failure(stack.caller.unary(ECHO.unary, Buffer.alloc(MiB + 1), stack.md()))).code).to.equal(Status.RESOURCE_EXHAUSTED);
-      expect((await failure(stack.siteClient.unary(ECHO.unary, Buffer.alloc(MiB + 1)))).code).to.equal(Status.RESOURCE_EXHAUSTED);
+      expect((await failure(stack.caller.unary(ECHO.unary, Buffer.alloc(MiB + 1), stack.md()))).code).to.equal(
+        Status.RESOURCE_EXHAUSTED,
+      );
+      expect((await failure(stack.siteClient.unary(ECHO.unary, Buffer.alloc(MiB + 1)))).code).to.equal(
+        Status.RESOURCE_EXHAUSTED,
+      );
     });
 
     it('a response over the limit fails with RESOURCE_EXHAUSTED, and other calls carry on', async () => {
@@ -55,22 +73,33 @@ describe('message size limits', () => {
 
 describe('no head-of-line blocking', () => {
   let stack: Stack;
-  before(async () => { stack = await Stack.start(); });
-  after(async () => { await stack?.stop(); });
+  before(async () => {
+    stack = await Stack.start();
+  });
+  after(async () => {
+    await stack?.stop();
+  });
 
   it('a call whose reader stopped neither blocks other calls nor holds unbounded memory', async () => {
     // The stalled call asks for 256 MiB and never reads past its first message.
     const stalled = stack.caller.bidi(ECHO.serverStream, stack.md());
     stalled.write(Buffer.from(JSON.stringify({ count: 4096, size: 64 * 1024 })));
     stalled.end();
-    await new Promise<void>((resolve) => stalled.once('data', () => { stalled.pause(); resolve(); }));
+    await new Promise<void>((resolve) =>
+      stalled.once('data', () => {
+        stalled.pause();
+        resolve();
+      }),
+    );
     // Backpressure must reach the upstream: it can only have produced what the windows and
     // buffers of three hops hold.
     await waitUntil(() => stack.siteUpstream.streamedBytes > 0);
     const before = stack.siteUpstream.streamedBytes;
 
     // Meanwhile, other calls on the same agent — unary and a large bidi transfer — complete.
-    const unary = await Promise.all(Array.from({ length: 200 }, (_, i) => stack.caller.unary(ECHO.unary, Buffer.from(`u${i}`), stack.md())));
+    const unary = await Promise.all(
+      Array.from({ length: 200 }, (_, i) => stack.caller.unary(ECHO.unary, Buffer.from(`u${i}`), stack.md())),
+    );
     expect(unary.map((r) => r.response.toString())).to.deep.equal(Array.from({ length: 200 }, (_, i) => `u${i}`));
     const big = stack.caller.bidi(ECHO.serverStream, stack.md());
     big.write(Buffer.from(JSON.stringify({ count: 256, size: 64 * 1024 })));
@@ -81,7 +110,7 @@ describe('no head-of-line blocking', () => {
 
     // The stalled call stayed stalled, and what its upstream produced is bounded (~2 MiB here out of
     // 256 MiB asked for), so the memory it holds is bounded too.
-    const heldBytes = stack.siteUpstream.streamedBytes - (256 * 64 * 1024);
+    const heldBytes = stack.siteUpstream.streamedBytes - 256 * 64 * 1024;
     expect(heldBytes).to.be.lessThan(8 * MiB);
     expect(before).to.be.lessThan(8 * MiB);
     stalled.cancel();
@@ -108,12 +137,18 @@ describe('concurrency', () => {
   // Everything (caller, broker, agent, upstreams) shares this process and its 2 cores here, so the
   // first burst may take seconds to grow the pool; this test is about correctness, `make bench`
   // about speed.
-  before(async () => { stack = await Stack.start({ broker: { agentWaitMs: 15_000 } }); });
-  after(async () => { await stack?.stop(); });
+  before(async () => {
+    stack = await Stack.start({ broker: { agentWaitMs: 15_000 } });
+  });
+  after(async () => {
+    await stack?.stop();
+  });
 
   it('1,000 concurrent calls through one agent complete correctly', async () => {
     const payloads = Array.from({ length: 1000 }, (_, i) => Buffer.from(`call-${i}-${randomBytes(8).toString('hex')}`));
-    const results = await Promise.all(payloads.map((p) => stack.caller.unary(ECHO.unary, p, stack.md(), { deadline: Date.now() + 20_000 })));
+    const results = await Promise.all(
+      payloads.map((p) => stack.caller.unary(ECHO.unary, p, stack.md(), { deadline: Date.now() + 20_000 })),
+    );
     results.forEach((r, i) => expect(r.response.equals(payloads[i]!)).to.equal(true));
     // The pool grew on demand, and every stream went back or was retired: nothing is active.
     await waitUntil(() => stack.broker.registry.counts().activeCalls === 0);
@@ -122,7 +157,9 @@ describe('concurrency', () => {
   });
 
   it('1,000 concurrent calls from site clients complete correctly', async () => {
-    const results = await Promise.all(Array.from({ length: 1000 }, (_, i) => stack.siteClient.unary(ECHO.unary, Buffer.from(`s${i}`))));
+    const results = await Promise.all(
+      Array.from({ length: 1000 }, (_, i) => stack.siteClient.unary(ECHO.unary, Buffer.from(`s${i}`))),
+    );
     results.forEach((r, i) => expect(r.response.toString()).to.equal(`s${i}`));
   });
 

@@ -3,8 +3,14 @@ import { readFileSync } from 'node:fs';
 import { EventEmitter, once } from 'node:events';
 import { Metadata, ServerCredentials, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  TUNNEL_METHODS, decodeCallFrame, decodeSessionFrame, encodeCallFrame, encodeSessionFrame, requestMetadataFromWire,
-  type CallFrame, type WireMetadataEntry,
+  TUNNEL_METHODS,
+  decodeCallFrame,
+  decodeSessionFrame,
+  encodeCallFrame,
+  encodeSessionFrame,
+  requestMetadataFromWire,
+  type CallFrame,
+  type WireMetadataEntry,
 } from '@burrow/tunnel';
 import { ECHO, metadataJson, type SeenCall } from './helpers/echo-upstream';
 import type { CertFiles } from './helpers/pki-fixture';
@@ -23,10 +29,29 @@ import { Stack } from './helpers/stack';
 
 /** Keys that never cross as request metadata (tunnel.proto, MetadataEntry). */
 const STRIPPED_REQUEST_KEYS = [
-  'burrow-agent-id', 'burrow-caller-id', 'burrow-session-id', 'burrow-forwarded-by', 'burrow-anything',
-  'authorization', 'proxy-authorization', 'proxy-connection', 'host', 'user-agent', 'te', 'content-type', 'connection',
-  'keep-alive', 'transfer-encoding', 'upgrade', 'grpc-timeout', 'grpc-encoding', 'grpc-accept-encoding',
-  'grpc-status', 'grpc-message', 'grpc-status-details-bin', 'grpc-previous-rpc-attempts',
+  'burrow-agent-id',
+  'burrow-caller-id',
+  'burrow-session-id',
+  'burrow-forwarded-by',
+  'burrow-anything',
+  'authorization',
+  'proxy-authorization',
+  'proxy-connection',
+  'host',
+  'user-agent',
+  'te',
+  'content-type',
+  'connection',
+  'keep-alive',
+  'transfer-encoding',
+  'upgrade',
+  'grpc-timeout',
+  'grpc-encoding',
+  'grpc-accept-encoding',
+  'grpc-status',
+  'grpc-message',
+  'grpc-status-details-bin',
+  'grpc-previous-rpc-attempts',
 ];
 
 /** Headers node:http2 never sends, so a grpc-js caller cannot try them. */
@@ -34,7 +59,13 @@ const HTTP2_FORBIDDEN = new Set(['connection', 'keep-alive', 'proxy-connection',
 
 /** Keys that are not legal metadata names even after lowercasing, each of which must be dropped. */
 const ILLEGAL_KEYS = [
-  ':authority', ':path', ':method', 'x bad', 'x-caf\u00e9', 'burrow-agent-id\u0000', '',
+  ':authority',
+  ':path',
+  ':method',
+  'x bad',
+  'x-caf\u00e9',
+  'burrow-agent-id\u0000',
+  '',
   // U+212A KELVIN SIGN lowercases to an ASCII "k": it must not become `keep-alive`.
   '\u212Aeep-alive',
   // U+0130 (I with a dot) lowercases to "i" plus a combining dot.
@@ -43,7 +74,10 @@ const ILLEGAL_KEYS = [
 
 /** The spellings of `key` an attacker would try: lower, UPPER, Title-Case, aLtErNaTiNg, iNVERSE title. */
 function caseSpellings(key: string): string[] {
-  const title = key.split('-').map((w) => w.charAt(0).toUpperCase() + w.slice(1)).join('-');
+  const title = key
+    .split('-')
+    .map((w) => w.charAt(0).toUpperCase() + w.slice(1))
+    .join('-');
   const alternating = [...key].map((c, i) => (i % 2 ? c.toUpperCase() : c)).join('');
   const inverse = [...title].map((c) => (c === c.toUpperCase() ? c.toLowerCase() : c.toUpperCase())).join('');
   return [...new Set([key, key.toUpperCase(), title, alternating, inverse])];
@@ -92,7 +126,9 @@ function nextCall(upstream: EventEmitter): Promise<SeenCall> {
 
 /** Sends a unary call's frames on a tunnel call stream and collects the answer up to Trailers. */
 async function callOverStream(
-  send: (f: CallFrame) => void, next: () => Promise<CallFrame>, start: Extract<CallFrame, { kind: 'start' }>['start'],
+  send: (f: CallFrame) => void,
+  next: () => Promise<CallFrame>,
+  start: Extract<CallFrame, { kind: 'start' }>['start'],
 ): Promise<{ data: string[]; code: number; message: string }> {
   send({ kind: 'start', start });
   send({ kind: 'message', data: Buffer.from('ping') });
@@ -117,7 +153,10 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
       stack = await Stack.start({ startAgent: false });
       rogueCert = await stack.pki.issue('agent', 'fuzz2');
     });
-    afterEach(() => { agent?.close(); agent = undefined; });
+    afterEach(() => {
+      agent?.close();
+      agent = undefined;
+    });
 
     /** A Forward stream of a session the rogue agent opened with its own valid certificate. */
     const rogueForward = async (): Promise<RawCallStream> => {
@@ -127,18 +166,29 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
       const { sessionId } = await session.welcome();
       return agent.forward(sessionId);
     };
-    after(async () => { await stack.stop(); });
+    after(async () => {
+      await stack.stop();
+    });
 
-    it('the issue\'s reproduction (Burrow-Agent-Id: site-a, BURROW-CALLER-ID, Authorization, Host)', async () => {
+    it("the issue's reproduction (Burrow-Agent-Id: site-a, BURROW-CALLER-ID, Authorization, Host)", async () => {
       const fwd = await rogueForward();
       const seen = nextCall(stack.platformUpstream);
       const metadata = [
-        ['Burrow-Agent-Id', 'site-a'], ['BURROW-CALLER-ID', 'spiffe://burrow.local/service/admin'],
-        ['Authorization', 'Bearer injected'], ['Host', 'evil.example'],
+        ['Burrow-Agent-Id', 'site-a'],
+        ['BURROW-CALLER-ID', 'spiffe://burrow.local/service/admin'],
+        ['Authorization', 'Bearer injected'],
+        ['Host', 'evil.example'],
       ].map(([key, value]) => ({ key: key!, value: Buffer.from(value!) }));
-      const answer = await callOverStream((f) => fwd.send(f), () => fwd.next(), {
-        method: ECHO.unary, metadata, timeoutMs: 5_000, callId: 'inject-0',
-      });
+      const answer = await callOverStream(
+        (f) => fwd.send(f),
+        () => fwd.next(),
+        {
+          method: ECHO.unary,
+          metadata,
+          timeoutMs: 5_000,
+          callId: 'inject-0',
+        },
+      );
       fwd.end();
       expect(answer.code, answer.message).to.equal(Status.OK);
       const md = (await seen).metadata;
@@ -146,13 +196,20 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
       expect(metadataJson(md)).to.deep.equal({ 'burrow-agent-id': ['fuzz2'], 'user-agent': md.get('user-agent') });
     });
 
-    it('every spelling of every stripped key: one burrow-agent-id, the certificate\'s, no injected key', async () => {
+    it("every spelling of every stripped key: one burrow-agent-id, the certificate's, no injected key", async () => {
       const fwd = await rogueForward();
       const entries = injectedEntries('site-a');
       const seen = nextCall(stack.platformUpstream);
-      const answer = await callOverStream((f) => fwd.send(f), () => fwd.next(), {
-        method: ECHO.unary, metadata: entries, timeoutMs: 5_000, callId: 'inject-1',
-      });
+      const answer = await callOverStream(
+        (f) => fwd.send(f),
+        () => fwd.next(),
+        {
+          method: ECHO.unary,
+          metadata: entries,
+          timeoutMs: 5_000,
+          callId: 'inject-1',
+        },
+      );
       fwd.end();
       expect(answer.code, answer.message).to.equal(Status.OK);
       expect(answer.data).to.deep.equal(['ping']);
@@ -169,7 +226,9 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
     let stack: Stack;
     let agent: RawAgent | undefined;
 
-    before(async () => { stack = await Stack.start({ startAgent: false }); });
+    before(async () => {
+      stack = await Stack.start({ startAgent: false });
+    });
     after(async () => {
       agent?.close();
       await stack.stop();
@@ -180,8 +239,17 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
       const session = agent.session();
       session.hello();
       const offer = agent.offer((await session.welcome()).sessionId);
-      const keys = ['grpc-status', 'grpc-message', 'grpc-encoding', 'content-type', 'te', 'connection',
-        'transfer-encoding', 'burrow-agent-id', 'burrow-caller-id'];
+      const keys = [
+        'grpc-status',
+        'grpc-message',
+        'grpc-encoding',
+        'content-type',
+        'te',
+        'connection',
+        'transfer-encoding',
+        'burrow-agent-id',
+        'burrow-caller-id',
+      ];
       const injected = (): WireMetadataEntry[] => [
         ...keys.flatMap((k) => caseSpellings(k).map((key) => ({ key, value: Buffer.from(`injected:${key}`) }))),
         ...ILLEGAL_KEYS.map((key) => ({ key, value: Buffer.from(`injected:${key}`) })),
@@ -196,8 +264,10 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
       offer.send({ kind: 'trailers', trailers: { code: Status.OK, message: '', metadata: injected() } });
       offer.end();
       const res = await call;
-      console.log(`      the caller got headers ${JSON.stringify(metadataJson(res.headers))}`
-        + ` trailers ${JSON.stringify(metadataJson(res.status.metadata))}`);
+      console.log(
+        `      the caller got headers ${JSON.stringify(metadataJson(res.headers))}` +
+          ` trailers ${JSON.stringify(metadataJson(res.status.metadata))}`,
+      );
       expect(res.response.toString()).to.equal('pong');
       expect(res.status.code).to.equal(Status.OK);
       expect(injectedValuesSeen(res.headers, 'site-a'), 'injected headers').to.deep.equal([]);
@@ -210,10 +280,14 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
   describe('platform -> site: a caller against a real broker and agent', () => {
     let stack: Stack;
 
-    before(async () => { stack = await Stack.start(); });
-    after(async () => { await stack.stop(); });
+    before(async () => {
+      stack = await Stack.start();
+    });
+    after(async () => {
+      await stack.stop();
+    });
 
-    it('a grpc-js caller sending the stripped keys: one burrow-caller-id, the caller\'s SPIFFE id', async () => {
+    it("a grpc-js caller sending the stripped keys: one burrow-caller-id, the caller's SPIFFE id", async () => {
       const md = stack.md();
       for (const key of STRIPPED_REQUEST_KEYS) {
         // The caller's own burrow-agent-id names the agent; it is routing data and must not cross either.
@@ -254,10 +328,17 @@ describe('metadata crossing: identity and hop keys in every case spelling (issue
         entries.push({ key: spelling, value: Buffer.from('spiffe://burrow.local/service/admin') });
       }
       const seen = nextCall(stack.siteUpstream);
-      const answer = await callOverStream((f) => offer.send(f), () => offer.next(), {
-        method: ECHO.unary, metadata: entries, timeoutMs: 5_000, callId: 'inject-2',
-        caller: 'spiffe://burrow.local/service/platform-svc',
-      });
+      const answer = await callOverStream(
+        (f) => offer.send(f),
+        () => offer.next(),
+        {
+          method: ECHO.unary,
+          metadata: entries,
+          timeoutMs: 5_000,
+          callId: 'inject-2',
+          caller: 'spiffe://burrow.local/service/platform-svc',
+        },
+      );
       expect(answer.code, answer.message).to.equal(Status.OK);
       const md = (await seen).metadata;
       expectSiteSawCaller(md);
@@ -277,10 +358,15 @@ class FakeOffer {
   private readonly frames: CallFrame[] = [];
   private readonly events = new EventEmitter();
   constructor(private readonly call: ServerDuplexStream<Buffer, Buffer>) {
-    call.on('data', (b: Buffer) => { this.frames.push(decodeCallFrame(b)); this.events.emit('frame'); });
+    call.on('data', (b: Buffer) => {
+      this.frames.push(decodeCallFrame(b));
+      this.events.emit('frame');
+    });
     call.on('error', () => {});
   }
-  send(f: CallFrame): void { this.call.write(encodeCallFrame(f)); }
+  send(f: CallFrame): void {
+    this.call.write(encodeCallFrame(f));
+  }
   async next(): Promise<CallFrame> {
     while (this.frames.length === 0) await once(this.events, 'frame');
     return this.frames.shift()!;
@@ -296,17 +382,25 @@ class FakeBroker {
   private readonly offers: FakeOffer[] = [];
   private readonly events = new EventEmitter();
   private readonly open = new Set<ServerDuplexStream<Buffer, Buffer>>();
-  private constructor(readonly address: string, private readonly stopServer: () => Promise<void>) {}
+  private constructor(
+    readonly address: string,
+    private readonly stopServer: () => Promise<void>,
+  ) {}
 
   static async start(cert: CertFiles): Promise<FakeBroker> {
     const creds = ServerCredentials.createSsl(
-      readFileSync(cert.ca), [{ cert_chain: readFileSync(cert.cert), private_key: readFileSync(cert.key) }], true,
+      readFileSync(cert.ca),
+      [{ cert_chain: readFileSync(cert.cert), private_key: readFileSync(cert.key) }],
+      true,
     );
     let broker: FakeBroker | undefined;
-    const server = await startRawServer({
-      [TUNNEL_METHODS.session]: (call) => broker!.session(call),
-      [TUNNEL_METHODS.offer]: (call) => broker!.offer(call),
-    }, creds);
+    const server = await startRawServer(
+      {
+        [TUNNEL_METHODS.session]: (call) => broker!.session(call),
+        [TUNNEL_METHODS.offer]: (call) => broker!.offer(call),
+      },
+      creds,
+    );
     broker = new FakeBroker(server.address, server.stop);
     return broker;
   }
@@ -325,10 +419,12 @@ class FakeBroker {
     this.track(call);
     call.on('data', (b: Buffer) => {
       if (decodeSessionFrame(b).kind !== 'hello') return;
-      call.write(encodeSessionFrame({
-        kind: 'welcome',
-        welcome: { protocolVersion: 1, sessionId: 'fake-session', maxMessageBytes: 4 << 20, brokerId: 'fake-broker' },
-      }));
+      call.write(
+        encodeSessionFrame({
+          kind: 'welcome',
+          welcome: { protocolVersion: 1, sessionId: 'fake-session', maxMessageBytes: 4 << 20, brokerId: 'fake-broker' },
+        }),
+      );
     });
   }
 

@@ -4,8 +4,14 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import * as YAML from 'yaml';
 import {
-  alertRules, dashboard, dashboardQueries, ensurePrometheus, expandGrafanaVariables, exportedMetricNames,
-  metricNamesIn, run,
+  alertRules,
+  dashboard,
+  dashboardQueries,
+  ensurePrometheus,
+  expandGrafanaVariables,
+  exportedMetricNames,
+  metricNamesIn,
+  run,
 } from './helpers/monitoring';
 
 describe('monitoring assets: Grafana dashboard and metric names', function () {
@@ -30,7 +36,8 @@ describe('monitoring assets: Grafana dashboard and metric names', function () {
         if (p.type === 'row') continue;
         expect(p.datasource, `${p.title} datasource`).to.deep.equal({ type: 'prometheus', uid: '${datasource}' });
         expect(p.targets, `${p.title} targets`).to.be.an('array').that.is.not.empty;
-        for (const t of p.targets!) expect(t.datasource, `${p.title} ${t.refId}`).to.deep.equal({ type: 'prometheus', uid: '${datasource}' });
+        for (const t of p.targets!)
+          expect(t.datasource, `${p.title} ${t.refId}`).to.deep.equal({ type: 'prometheus', uid: '${datasource}' });
       }
       // Every variable a query uses is defined.
       const defined = new Set(vars.map((v) => v.name));
@@ -44,17 +51,28 @@ describe('monitoring assets: Grafana dashboard and metric names', function () {
     it('covers what operators watch: agents, calls by status, latency, streams, waiting calls, certificates, enrollments, policy', () => {
       const used = new Set(dashboardQueries().flatMap((q) => metricNamesIn(q.expr)));
       for (const name of [
-        'burrow_broker_connected_agents', 'burrow_broker_calls_total', 'burrow_broker_call_duration_seconds_bucket', 'burrow_broker_tunnel_streams',
-        'burrow_broker_calls_waiting', 'burrow_pki_certificate_expiry_seconds', 'burrow_pki_ca_expiry_seconds', 'burrow_pki_enrollments_total',
-        'burrow_agent_authn_requests_total', 'burrow_agent_policy_last_reload_success',
-      ]) expect(used.has(name), name).to.equal(true);
+        'burrow_broker_connected_agents',
+        'burrow_broker_calls_total',
+        'burrow_broker_call_duration_seconds_bucket',
+        'burrow_broker_tunnel_streams',
+        'burrow_broker_calls_waiting',
+        'burrow_pki_certificate_expiry_seconds',
+        'burrow_pki_ca_expiry_seconds',
+        'burrow_pki_enrollments_total',
+        'burrow_agent_authn_requests_total',
+        'burrow_agent_policy_last_reload_success',
+      ])
+        expect(used.has(name), name).to.equal(true);
     });
 
     it('every query parses as PromQL (promtool check rules)', async () => {
       await ensurePrometheus();
       const dir = mkdtempSync(path.join(tmpdir(), 'burrow-dashboard-'));
       try {
-        const rules = dashboardQueries().map((q, i) => ({ record: `burrow_dashboard_query_${i}`, expr: expandGrafanaVariables(q.expr) }));
+        const rules = dashboardQueries().map((q, i) => ({
+          record: `burrow_dashboard_query_${i}`,
+          expr: expandGrafanaVariables(q.expr),
+        }));
         writeFileSync(path.join(dir, 'queries.yaml'), YAML.stringify({ groups: [{ name: 'dashboard', rules }] }));
         const r = await run('promtool', ['check', 'rules', 'queries.yaml'], { cwd: dir });
         expect(r.code, r.stdout + r.stderr).to.equal(0);
@@ -70,7 +88,8 @@ describe('monitoring assets: Grafana dashboard and metric names', function () {
       const exported = await exportedMetricNames();
       const used = new Map<string, string>();
       for (const r of alertRules()) for (const n of metricNamesIn(r.expr)) used.set(n, `alert ${r.alert}`);
-      for (const q of dashboardQueries()) for (const n of metricNamesIn(q.expr)) used.set(n, `dashboard panel "${q.panel}"`);
+      for (const q of dashboardQueries())
+        for (const n of metricNamesIn(q.expr)) used.set(n, `dashboard panel "${q.panel}"`);
       expect(used.size).to.be.greaterThan(20);
       const unknown = [...used].filter(([n]) => n !== 'up' && !exported.has(n)).map(([n, where]) => `${n} (${where})`);
       expect(unknown, 'metric names nobody exports').to.deep.equal([]);

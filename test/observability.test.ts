@@ -16,7 +16,11 @@ import { Stack } from './helpers/stack';
 const HEALTH_CHECK = '/grpc.health.v1.Health/Check';
 
 /** One sample of the Prometheus text format. */
-interface Sample { name: string; labels: Record<string, string>; value: number }
+interface Sample {
+  name: string;
+  labels: Record<string, string>;
+  value: number;
+}
 
 /** Parses the Prometheus text exposition format (enough of it for these tests). */
 function parseMetrics(text: string): Sample[] {
@@ -72,8 +76,21 @@ class CapturedLog extends EventEmitter {
     const seen = this.lines.find(where);
     if (seen) return Promise.resolve(seen);
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => { this.off('line', on); reject(new Error(`no matching log line within ${timeoutMs} ms; got:\n${this.lines.map((l) => JSON.stringify(l)).join('\n')}`)); }, timeoutMs);
-      const on = (l: Record<string, unknown>): void => { if (where(l)) { clearTimeout(timer); this.off('line', on); resolve(l); } };
+      const timer = setTimeout(() => {
+        this.off('line', on);
+        reject(
+          new Error(
+            `no matching log line within ${timeoutMs} ms; got:\n${this.lines.map((l) => JSON.stringify(l)).join('\n')}`,
+          ),
+        );
+      }, timeoutMs);
+      const on = (l: Record<string, unknown>): void => {
+        if (where(l)) {
+          clearTimeout(timer);
+          this.off('line', on);
+          resolve(l);
+        }
+      };
       this.on('line', on);
     });
   }
@@ -95,7 +112,12 @@ describe('observability', function () {
       expect((await collect(call)).status.code).to.equal(Status.OK);
       // One refused call so the rejection counter has a sample.
       agentClient = new RawClient(stack.apiAddress, mtlsCredentials(stack.agentCert));
-      await agentClient.unary(ECHO.unary, Buffer.from('no'), stack.md()).then(() => { throw new Error('agent certificate was allowed to call'); }, () => {});
+      await agentClient.unary(ECHO.unary, Buffer.from('no'), stack.md()).then(
+        () => {
+          throw new Error('agent certificate was allowed to call');
+        },
+        () => {},
+      );
     });
     after(async () => {
       agentClient?.close();
@@ -107,9 +129,15 @@ describe('observability', function () {
       expect(res.status).to.equal(200);
       const m = parseMetrics(res.body);
       expect(value(m, 'burrow_broker_connected_agents')).to.equal(1);
-      expect(value(m, 'burrow_broker_calls_total', { direction: 'to_agent', method: ECHO.unary, code: 'OK' })).to.equal(3);
-      expect(value(m, 'burrow_broker_calls_total', { direction: 'to_agent', method: ECHO.bidi, code: 'OK' })).to.equal(1);
-      expect(value(m, 'burrow_broker_calls_total', { direction: 'to_agent', method: ECHO.unary, code: 'PERMISSION_DENIED' })).to.equal(1);
+      expect(value(m, 'burrow_broker_calls_total', { direction: 'to_agent', method: ECHO.unary, code: 'OK' })).to.equal(
+        3,
+      );
+      expect(value(m, 'burrow_broker_calls_total', { direction: 'to_agent', method: ECHO.bidi, code: 'OK' })).to.equal(
+        1,
+      );
+      expect(
+        value(m, 'burrow_broker_calls_total', { direction: 'to_agent', method: ECHO.unary, code: 'PERMISSION_DENIED' }),
+      ).to.equal(1);
       const buckets = samples(m, 'burrow_broker_call_duration_seconds_bucket', { direction: 'to_agent' });
       expect(buckets.length).to.be.greaterThan(1);
       expect(value(m, 'burrow_broker_call_duration_seconds_bucket', { direction: 'to_agent', le: '+Inf' })).to.equal(5);
@@ -118,7 +146,9 @@ describe('observability', function () {
       expect(value(m, 'burrow_broker_message_bytes_total', { direction: 'to_agent', flow: 'request' })).to.equal(13);
       expect(value(m, 'burrow_broker_message_bytes_total', { direction: 'to_agent', flow: 'response' })).to.equal(13);
       expect(value(m, 'burrow_broker_agent_connects_total')).to.equal(1);
-      expect(value(m, 'burrow_broker_rejected_handshakes_total', { listener: 'api', reason: 'wrong_role' })).to.equal(1);
+      expect(value(m, 'burrow_broker_rejected_handshakes_total', { listener: 'api', reason: 'wrong_role' })).to.equal(
+        1,
+      );
       expect(value(m, 'burrow_broker_tunnel_streams', { state: 'active' })).to.equal(0);
       expect(value(m, 'burrow_broker_tunnel_streams', { state: 'idle' })).to.be.at.least(1);
       expect(res.body).to.match(/^# TYPE burrow_broker_calls_total counter$/m);
@@ -147,7 +177,9 @@ describe('observability', function () {
       const call = stack.caller.bidi('/grpc.health.v1.Health/Watch', new Metadata());
       const first = new Promise<Buffer>((resolve, reject) => {
         call.once('data', resolve);
-        call.on('error', (e: ServiceError) => { if (e.code !== Status.CANCELLED) reject(e); });
+        call.on('error', (e: ServiceError) => {
+          if (e.code !== Status.CANCELLED) reject(e);
+        });
       });
       call.write(Buffer.alloc(0));
       call.end();
@@ -160,7 +192,11 @@ describe('observability', function () {
 
     it('a call to an unknown method naming no agent gets INVALID_ARGUMENT', async () => {
       const err = await stack.caller.unary('/no.such.Service/Method', Buffer.from('x'), new Metadata()).then(
-        () => { throw new Error('call succeeded'); }, (e: ServiceError) => e);
+        () => {
+          throw new Error('call succeeded');
+        },
+        (e: ServiceError) => e,
+      );
       expect(err.code, err.details).to.equal(Status.INVALID_ARGUMENT);
       expect(err.details).to.include('burrow-agent-id');
     });
@@ -168,8 +204,12 @@ describe('observability', function () {
 
   describe('readiness while stopping', () => {
     let stack: Stack;
-    before(async () => { stack = await Stack.start(); });
-    after(async () => { await stack?.stop(); });
+    before(async () => {
+      stack = await Stack.start();
+    });
+    after(async () => {
+      await stack?.stop();
+    });
 
     it('/readyz turns 503 as soon as broker.stop() begins (a call in flight keeps the drain open)', async () => {
       const arrived = new Promise((resolve) => stack.siteUpstream.once('call', resolve));
@@ -202,10 +242,20 @@ describe('observability', function () {
       stack = await Stack.start({ startAgent: false });
       broker = new Broker({ ...stack.brokerConfig, brokerId: 'broker-logs' }, brokerLog.logger);
       const ports = await broker.start();
-      agent = new Agent({
-        ...AGENT_DEFAULTS, brokers: [`127.0.0.1:${ports.agentPort}`], tlsCertFile: stack.agentCert.cert, tlsKeyFile: stack.agentCert.key, caFile: stack.agentCert.ca,
-        upstreams: [{ service: '*', address: stack.siteUpstream.address }], reconnectBaseMs: 50, reconnectMaxMs: 500, drainTimeoutMs: 5_000,
-      }, agentLog.logger);
+      agent = new Agent(
+        {
+          ...AGENT_DEFAULTS,
+          brokers: [`127.0.0.1:${ports.agentPort}`],
+          tlsCertFile: stack.agentCert.cert,
+          tlsKeyFile: stack.agentCert.key,
+          caFile: stack.agentCert.ca,
+          upstreams: [{ service: '*', address: stack.siteUpstream.address }],
+          reconnectBaseMs: 50,
+          reconnectMaxMs: 500,
+          drainTimeoutMs: 5_000,
+        },
+        agentLog.logger,
+      );
       await agent.start();
       await agent.waitConnected();
       client = new RawClient(`127.0.0.1:${ports.apiPort}`, mtlsCredentials(stack.serviceCert));
@@ -232,7 +282,13 @@ describe('observability', function () {
       md.set('burrow-agent-id', 'site-a');
       await client!.unary(ECHO.unary, Buffer.from('logged'), md);
       const line = await brokerLog.waitFor((l) => l.message === 'call finished' && l.method === ECHO.unary);
-      expect(line).to.include({ level: 'debug', direction: 'to_agent', agentId: 'site-a', method: ECHO.unary, status: 'OK' });
+      expect(line).to.include({
+        level: 'debug',
+        direction: 'to_agent',
+        agentId: 'site-a',
+        method: ECHO.unary,
+        status: 'OK',
+      });
       expect(line.callId).to.be.a('string').and.not.equal('');
       expect(line.durationMs).to.be.a('number').and.at.least(0);
       // The agent logs the same call under the same id, so one grep finds both halves.
@@ -244,7 +300,9 @@ describe('observability', function () {
     it('a failed call logs "call finished" at info with its status and details', async () => {
       const md = new Metadata();
       md.set('burrow-agent-id', 'site-a');
-      await client!.unary(ECHO.status, Buffer.from(JSON.stringify({ code: Status.NOT_FOUND, message: 'no such thing' })), md).catch(() => {});
+      await client!
+        .unary(ECHO.status, Buffer.from(JSON.stringify({ code: Status.NOT_FOUND, message: 'no such thing' })), md)
+        .catch(() => {});
       const line = await brokerLog.waitFor((l) => l.message === 'call finished' && l.method === ECHO.status);
       expect(line).to.include({ level: 'info', agentId: 'site-a', status: 'NOT_FOUND', details: 'no such thing' });
       expect(line.callId).to.be.a('string');

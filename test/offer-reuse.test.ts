@@ -16,15 +16,21 @@ describe('offer reuse (protocol version 2)', function () {
   let stack: Stack;
   const agents: RawAgent[] = [];
 
-  before(async () => { stack = await Stack.start({ startAgent: false }); });
-  after(async () => { await stack?.stop(); });
+  before(async () => {
+    stack = await Stack.start({ startAgent: false });
+  });
+  after(async () => {
+    await stack?.stop();
+  });
   afterEach(async () => {
     for (const a of agents.splice(0)) a.close();
     await waitUntil(() => stack.broker.registry.counts().sessions === 0 && stack.broker.registry.entryCount === 0);
   });
 
   /** A raw agent with a session of the given versions and one offer the broker holds as idle. */
-  const withOneOffer = async (protocolVersions: number[]): Promise<{ session: RawSession; offer: RawCallStream; version: number }> => {
+  const withOneOffer = async (
+    protocolVersions: number[],
+  ): Promise<{ session: RawSession; offer: RawCallStream; version: number }> => {
     const agent = new RawAgent(stack.agentAddress, stack.agentCert);
     agents.push(agent);
     const session = agent.session();
@@ -35,8 +41,10 @@ describe('offer reuse (protocol version 2)', function () {
     return { session, offer, version: welcome.protocolVersion };
   };
 
-  const idleStreams = (): CallStream[] => stack.broker.registry.allSessions().flatMap((s) => s.idle.map((o) => o.stream));
-  const echo = (text: string): Promise<{ response: Buffer }> => stack.caller.unary(ECHO.unary, Buffer.from(text), stack.md());
+  const idleStreams = (): CallStream[] =>
+    stack.broker.registry.allSessions().flatMap((s) => s.idle.map((o) => o.stream));
+  const echo = (text: string): Promise<{ response: Buffer }> =>
+    stack.caller.unary(ECHO.unary, Buffer.from(text), stack.md());
 
   it('one offer carries 5 sequential calls and stays open, back in the idle pool after each', async () => {
     const { offer, version } = await withOneOffer([1, 2]);
@@ -54,7 +62,7 @@ describe('offer reuse (protocol version 2)', function () {
     expect(stack.broker.registry.counts().activeCalls).to.equal(0);
   });
 
-  it('a reused offer never carries two calls at once: the second call waits (Demand) until the first one\'s Trailers', async () => {
+  it("a reused offer never carries two calls at once: the second call waits (Demand) until the first one's Trailers", async () => {
     const { session, offer } = await withOneOffer([1, 2]);
     const first = stack.caller.bidi(ECHO.bidi, stack.md());
     const firstResult = collect(first);
@@ -98,7 +106,10 @@ describe('offer reuse (protocol version 2)', function () {
     expect(stack.broker.registry.counts().idleOffers).to.equal(0);
     // Frames of the cancelled call still in flight are dropped by the broker, not errors.
     offer.send({ kind: 'message', data: Buffer.from('late') });
-    offer.send({ kind: 'trailers', trailers: { code: Status.CANCELLED, message: 'cancelled by the originator', metadata: [] } });
+    offer.send({
+      kind: 'trailers',
+      trailers: { code: Status.CANCELLED, message: 'cancelled by the originator', metadata: [] },
+    });
     const start = await offer.answerEcho([], true);
     expect(start.method).to.equal(ECHO.unary);
     expect((await next).response.toString()).to.equal('after cancel');
@@ -119,14 +130,16 @@ describe('offer reuse (protocol version 2)', function () {
       const st = await offer.ended();
       expect(st.code).to.equal(Status.UNAVAILABLE);
       expect(st.details).to.contain('no trailers');
-      await waitUntil(() => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().idleOffers === 0);
+      await waitUntil(
+        () => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().idleOffers === 0,
+      );
       expect(stack.broker.registry.counts().sessions).to.equal(1); // a stream error, not a protocol error
     } finally {
       stack.broker.registry.cancelTrailersTimeoutMs = 30_000;
     }
   });
 
-  it('a call whose answerer finishes before the client half-closes ends with the broker\'s Cancel; the stream is reused', async () => {
+  it("a call whose answerer finishes before the client half-closes ends with the broker's Cancel; the stream is reused", async () => {
     const { offer } = await withOneOffer([1, 2]);
     const call = stack.caller.bidi(ECHO.bidi, stack.md());
     const result = collect(call);
@@ -199,7 +212,10 @@ describe('offer reuse (protocol version 2)', function () {
     expect(stack.broker.registry.canServe('site-a')).to.equal(false);
     expect(stack.broker.registry.counts().sessions).to.equal(1);
     // A caller now waits for another tunnel of the agent, and fails when none comes.
-    const err = await echo('nobody').then(() => undefined, (e: ServiceError) => e);
+    const err = await echo('nobody').then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     expect(err?.code).to.equal(Status.UNAVAILABLE);
     expect(err?.details).to.contain('opened no tunnel stream');
   });
@@ -220,7 +236,9 @@ describe('offer reuse (protocol version 2)', function () {
     const r = await result;
     expect(r.status.code).to.equal(Status.UNAVAILABLE);
     expect(r.status.details).to.contain('ended before the call completed');
-    await waitUntil(() => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().sessions === 1);
+    await waitUntil(
+      () => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().sessions === 1,
+    );
   });
 
   it('end to end, the real agent answers 40 calls at concurrency 8 on the offers it already had', async () => {
@@ -230,12 +248,14 @@ describe('offer reuse (protocol version 2)', function () {
       expect(stack.broker.registry.allSessions()[0]!.protocolVersion).to.equal(PROTOCOL_VERSION);
       const before = new Set(idleStreams());
       let next = 0;
-      await Promise.all(Array.from({ length: 8 }, async () => {
-        while (next < 40) {
-          const text = `m${next++}`;
-          expect((await echo(text)).response.toString()).to.equal(text);
-        }
-      }));
+      await Promise.all(
+        Array.from({ length: 8 }, async () => {
+          while (next < 40) {
+            const text = `m${next++}`;
+            expect((await echo(text)).response.toString()).to.equal(text);
+          }
+        }),
+      );
       await waitUntil(() => stack.broker.registry.counts().activeCalls === 0);
       const after = idleStreams();
       expect(after.length).to.be.at.least(8);

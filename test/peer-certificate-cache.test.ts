@@ -41,18 +41,25 @@ describe('peer certificates are read once per connection', function () {
     // The broker's ends of the caller and agent connections (clients read the broker's
     // certificate when they verify it, which is not the broker's cost).
     const brokerPorts = [stack.apiAddress, stack.agentAddress].map((a) => Number(a.split(':')[1]));
-    const grown = [...reads].filter(([s]) => brokerPorts.includes(s.localPort ?? -1)).map(([s, n]) => n - (before.get(s) ?? 0));
+    const grown = [...reads]
+      .filter(([s]) => brokerPorts.includes(s.localPort ?? -1))
+      .map(([s, n]) => n - (before.get(s) ?? 0));
     expect(grown.length, 'broker-side sockets seen').to.be.at.least(1);
     expect(Math.max(...grown)).to.be.at.most(1);
 
     // A second connection with an agent certificate is judged by its own certificate: refused.
     const wrongRole = new RawClient(stack.apiAddress, mtlsCredentials(stack.agentCert));
     try {
-      const err = await wrongRole.unary(ECHO.unary, Buffer.from('x'), stack.md()).then(() => undefined, (e: { code: number; details: string }) => e);
+      const err = await wrongRole.unary(ECHO.unary, Buffer.from('x'), stack.md()).then(
+        () => undefined,
+        (e: { code: number; details: string }) => e,
+      );
       expect(err?.code).to.equal(Status.PERMISSION_DENIED);
       expect(err?.details).to.contain('role "agent"');
       // ... while the first connection still works as a service.
-      expect((await stack.caller.unary(ECHO.unary, Buffer.from('again'), stack.md())).response.toString()).to.equal('again');
+      expect((await stack.caller.unary(ECHO.unary, Buffer.from('again'), stack.md())).response.toString()).to.equal(
+        'again',
+      );
     } finally {
       wrongRole.close();
     }
@@ -65,7 +72,10 @@ describe('peer certificates are read once per connection', function () {
     expect(id).to.deep.include({ role: 'service', name: 'platform-svc' });
     expect(identityOfPeerCertificate(cert)).to.equal(id); // the memoised object
     const other = new X509Certificate(readFileSync(stack.agentCert.cert));
-    expect(identityOfPeerCertificate({ raw: other.raw, fingerprint256: other.fingerprint256 })).to.deep.include({ role: 'agent', name: 'site-a' });
+    expect(identityOfPeerCertificate({ raw: other.raw, fingerprint256: other.fingerprint256 })).to.deep.include({
+      role: 'agent',
+      name: 'site-a',
+    });
     const garbage = { raw: Buffer.from('not a certificate'), fingerprint256: 'AA:BB' };
     expect(identityOfPeerCertificate(garbage)).to.equal(undefined);
     expect(identityOfPeerCertificate(garbage)).to.equal(undefined);

@@ -7,9 +7,24 @@ import { execFileSync } from 'node:child_process';
 import { X509Certificate, webcrypto } from 'node:crypto';
 import * as fs from 'node:fs';
 import * as path from 'node:path';
-import { KEY_ALGORITHMS, createCsr, issueCertificate, loadPki, rotate, signCsr, type KeyAlgorithm, type Role } from '@burrow/pki';
+import {
+  KEY_ALGORITHMS,
+  createCsr,
+  issueCertificate,
+  loadPki,
+  rotate,
+  signCsr,
+  type KeyAlgorithm,
+  type Role,
+} from '@burrow/pki';
 import { readTlv } from '@burrow/pki/dist/der';
-import { certificatePem, leafTbsDer, signLeafDer, type ExtendedKeyUsage, type LeafTemplate } from '@burrow/pki/dist/leaf-der';
+import {
+  certificatePem,
+  leafTbsDer,
+  signLeafDer,
+  type ExtendedKeyUsage,
+  type LeafTemplate,
+} from '@burrow/pki/dist/leaf-der';
 import { generateKey, signingAlgorithm } from '@burrow/pki/dist/key-algorithm';
 import { signingMaterialOf } from '@burrow/pki/dist/pki-dir';
 import { createTestPki, splitPem, type TestPki } from './helpers/pki';
@@ -24,10 +39,17 @@ function tbsOf(der: Uint8Array): Buffer {
   return Buffer.from(der.subarray(tbs.start, tbs.end));
 }
 
-const EKU_OIDS: Record<ExtendedKeyUsage, string> = { serverAuth: x509.ExtendedKeyUsage.serverAuth, clientAuth: x509.ExtendedKeyUsage.clientAuth };
+const EKU_OIDS: Record<ExtendedKeyUsage, string> = {
+  serverAuth: x509.ExtendedKeyUsage.serverAuth,
+  clientAuth: x509.ExtendedKeyUsage.clientAuth,
+};
 
 /** The same leaf through @peculiar/x509 (empty subject, critical SAN), as issue.ts built it before leaf-der.ts. */
-async function peculiarLeaf(t: LeafTemplate, caKey: webcrypto.CryptoKey, caKeyAlgorithm: KeyAlgorithm): Promise<x509.X509Certificate> {
+async function peculiarLeaf(
+  t: LeafTemplate,
+  caKey: webcrypto.CryptoKey,
+  caKeyAlgorithm: KeyAlgorithm,
+): Promise<x509.X509Certificate> {
   return x509.X509CertificateGenerator.create({
     serialNumber: t.serialHex,
     subject: [],
@@ -39,13 +61,22 @@ async function peculiarLeaf(t: LeafTemplate, caKey: webcrypto.CryptoKey, caKeyAl
     signingAlgorithm: signingAlgorithm(caKeyAlgorithm),
     extensions: [
       new x509.BasicConstraintsExtension(false, undefined, true),
-      new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature | (t.keyEncipherment ? x509.KeyUsageFlags.keyEncipherment : 0), true),
-      new x509.ExtendedKeyUsageExtension(t.extendedKeyUsages.map((u) => EKU_OIDS[u]), false),
-      new x509.SubjectAlternativeNameExtension([
-        ...t.uris.map((value): x509.JsonGeneralName => ({ type: 'url', value })),
-        ...t.dns.map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
-        ...t.ips.map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
-      ], true),
+      new x509.KeyUsagesExtension(
+        x509.KeyUsageFlags.digitalSignature | (t.keyEncipherment ? x509.KeyUsageFlags.keyEncipherment : 0),
+        true,
+      ),
+      new x509.ExtendedKeyUsageExtension(
+        t.extendedKeyUsages.map((u) => EKU_OIDS[u]),
+        false,
+      ),
+      new x509.SubjectAlternativeNameExtension(
+        [
+          ...t.uris.map((value): x509.JsonGeneralName => ({ type: 'url', value })),
+          ...t.dns.map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
+          ...t.ips.map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
+        ],
+        true,
+      ),
       new x509.SubjectKeyIdentifierExtension(t.subjectKeyIdHex),
       new x509.AuthorityKeyIdentifierExtension(t.authorityKeyIdHex),
     ],
@@ -58,15 +89,45 @@ describe('pki leaf DER', function () {
   before(async () => {
     for (const keyAlgorithm of KEY_ALGORITHMS) pkis.set(keyAlgorithm, await createTestPki({ keyAlgorithm }));
   });
-  after(() => { for (const p of pkis.values()) p.cleanup(); });
+  after(() => {
+    for (const p of pkis.values()) p.cleanup();
+  });
 
-  const cases: { what: string; role: Role; cn: string; dns: string[]; ips: string[]; ekus: ExtendedKeyUsage[]; notAfter: Date }[] = [
-    { what: 'an agent', role: 'agent', cn: 'site-a', dns: [], ips: [], ekus: ['clientAuth'], notAfter: new Date('2031-05-06T07:08:09Z') },
-    { what: "a name with '_'", role: 'agent', cn: 'site_b', dns: [], ips: [], ekus: ['clientAuth'], notAfter: new Date('2031-05-06T07:08:09Z') },
+  const cases: {
+    what: string;
+    role: Role;
+    cn: string;
+    dns: string[];
+    ips: string[];
+    ekus: ExtendedKeyUsage[];
+    notAfter: Date;
+  }[] = [
     {
-      what: 'a broker with DNS, IPv4 and IPv6 names, valid past 2049 (GeneralizedTime)', role: 'broker', cn: 'broker.example.com',
-      dns: ['broker.example.com', 'b2.example.com'], ips: ['127.0.0.1', '::1', '2001:db8::7:1', 'fe80:1:2:3:4:5:6:7', '1::'],
-      ekus: ['serverAuth', 'clientAuth'], notAfter: new Date('2051-01-02T03:04:05Z'),
+      what: 'an agent',
+      role: 'agent',
+      cn: 'site-a',
+      dns: [],
+      ips: [],
+      ekus: ['clientAuth'],
+      notAfter: new Date('2031-05-06T07:08:09Z'),
+    },
+    {
+      what: "a name with '_'",
+      role: 'agent',
+      cn: 'site_b',
+      dns: [],
+      ips: [],
+      ekus: ['clientAuth'],
+      notAfter: new Date('2031-05-06T07:08:09Z'),
+    },
+    {
+      what: 'a broker with DNS, IPv4 and IPv6 names, valid past 2049 (GeneralizedTime)',
+      role: 'broker',
+      cn: 'broker.example.com',
+      dns: ['broker.example.com', 'b2.example.com'],
+      ips: ['127.0.0.1', '::1', '2001:db8::7:1', 'fe80:1:2:3:4:5:6:7', '1::'],
+      ekus: ['serverAuth', 'clientAuth'],
+      notAfter: new Date('2051-01-02T03:04:05Z'),
     },
   ];
   for (const caKeyAlgorithm of KEY_ALGORITHMS) {
@@ -77,20 +138,33 @@ describe('pki leaf DER', function () {
           const material = signingMaterialOf(pki);
           const key = await generateKey(subjectKeyAlgorithm);
           const template: LeafTemplate = {
-            serialHex: '0123456789ABCDEF0123456789ABCDEF', issuerDer: material.subjectDer,
-            notBefore: new Date('2026-01-02T03:04:05Z'), notAfter: c.notAfter, spkiDer: key.spkiDer,
-            keyEncipherment: subjectKeyAlgorithm === 'rsa-2048', extendedKeyUsages: c.ekus,
-            uris: [`spiffe://burrow.local/${c.role}/${c.cn}`], dns: c.dns, ips: c.ips,
-            subjectKeyIdHex: key.skiHex, authorityKeyIdHex: pki.signingCa.record.skiHex,
+            serialHex: '0123456789ABCDEF0123456789ABCDEF',
+            issuerDer: material.subjectDer,
+            notBefore: new Date('2026-01-02T03:04:05Z'),
+            notAfter: c.notAfter,
+            spkiDer: key.spkiDer,
+            keyEncipherment: subjectKeyAlgorithm === 'rsa-2048',
+            extendedKeyUsages: c.ekus,
+            uris: [`spiffe://burrow.local/${c.role}/${c.cn}`],
+            dns: c.dns,
+            ips: c.ips,
+            subjectKeyIdHex: key.skiHex,
+            authorityKeyIdHex: pki.signingCa.record.skiHex,
           };
           const reference = await peculiarLeaf(template, material.privateKey, caKeyAlgorithm);
-          expect(leafTbsDer(template, caKeyAlgorithm).toString('hex')).to.equal(tbsOf(new Uint8Array(reference.rawData)).toString('hex'));
+          expect(leafTbsDer(template, caKeyAlgorithm).toString('hex')).to.equal(
+            tbsOf(new Uint8Array(reference.rawData)).toString('hex'),
+          );
 
           const der = signLeafDer(template, material.signingKey, caKeyAlgorithm);
           const cert = new X509Certificate(certificatePem(der));
           expect(cert.verify(pki.signingCa.certificate.publicKey)).to.equal(true);
           expect(cert.checkIssued(pki.signingCa.certificate)).to.equal(true);
-          expect(await new x509.X509Certificate(der).verify({ publicKey: await new x509.X509Certificate(pki.signingCa.certPem).publicKey.export() })).to.equal(true);
+          expect(
+            await new x509.X509Certificate(der).verify({
+              publicKey: await new x509.X509Certificate(pki.signingCa.certPem).publicKey.export(),
+            }),
+          ).to.equal(true);
         });
       }
     }
@@ -98,16 +172,25 @@ describe('pki leaf DER', function () {
 
   it('encodes an IPv4-mapped IPv6 address as its 16 bytes (where @peculiar/x509 does not)', async () => {
     const { dir } = pkis.get('ecdsa-p256')!;
-    const issued = await issueCertificate({ dir, role: 'broker', name: 'broker', ip: ['::ffff:192.0.2.33', '2001:db8::1.2.3.4'] });
+    const issued = await issueCertificate({
+      dir,
+      role: 'broker',
+      name: 'broker',
+      ip: ['::ffff:192.0.2.33', '2001:db8::1.2.3.4'],
+    });
     const leaf = new X509Certificate(splitPem(issued.certPem)[0]!);
-    expect(leaf.subjectAltName).to.equal('URI:spiffe://burrow.local/broker/broker, IP Address:0:0:0:0:0:FFFF:C000:221, IP Address:2001:DB8:0:0:0:0:102:304');
+    expect(leaf.subjectAltName).to.equal(
+      'URI:spiffe://burrow.local/broker/broker, IP Address:0:0:0:0:0:FFFF:C000:221, IP Address:2001:DB8:0:0:0:0:102:304',
+    );
   });
 });
 
 describe('pki cached CA material across a rotation', function () {
   this.timeout(120_000);
   let pki: TestPki;
-  before(async () => { pki = await createTestPki(); });
+  before(async () => {
+    pki = await createTestPki();
+  });
   after(() => pki.cleanup());
 
   /** Signs a CSR (agent) and issues a broker leaf; returns which issuing CA signed each, checked by signature. */
@@ -127,8 +210,11 @@ describe('pki cached CA material across a rotation', function () {
     return { agent: signedBy(agent.certPem, agent.issuerCaId), broker: signedBy(broker.certPem, broker.issuerCaId) };
   }
 
-  const manifest = (): { signingCaId: string; serverSigningCaId?: string; rotation?: { oldIssuingCaId: string; newIssuingCaId: string } } =>
-    JSON.parse(fs.readFileSync(path.join(pki.dir, 'pki.json'), 'utf8'));
+  const manifest = (): {
+    signingCaId: string;
+    serverSigningCaId?: string;
+    rotation?: { oldIssuingCaId: string; newIssuingCaId: string };
+  } => JSON.parse(fs.readFileSync(path.join(pki.dir, 'pki.json'), 'utf8'));
 
   it('signs with the CA each phase names, whether this process or another one rotated', async () => {
     const old = manifest().signingCaId;

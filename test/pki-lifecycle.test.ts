@@ -52,9 +52,16 @@ interface RunResult {
 }
 
 /** Runs a program to completion, capturing output; never rejects on a non-zero exit. */
-function run(command: string, args: string[], options: { env?: NodeJS.ProcessEnv; input?: string } = {}): Promise<RunResult> {
+function run(
+  command: string,
+  args: string[],
+  options: { env?: NodeJS.ProcessEnv; input?: string } = {},
+): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { env: options.env ?? cleanEnv(), stdio: [options.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'] });
+    const child = spawn(command, args, {
+      env: options.env ?? cleanEnv(),
+      stdio: [options.input === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout!.setEncoding('utf8').on('data', (d: string) => (stdout += d));
@@ -72,7 +79,8 @@ function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
   return { ...env, ...extra };
 }
 
-const cli = (args: string[], env: Record<string, string> = {}): Promise<RunResult> => run(process.execPath, [CLI, ...args], { env: cleanEnv(env) });
+const cli = (args: string[], env: Record<string, string> = {}): Promise<RunResult> =>
+  run(process.execPath, [CLI, ...args], { env: cleanEnv(env) });
 
 /** Asserts that `promise` rejects with a PkiError whose one-line message matches `pattern`. */
 async function expectPkiError(promise: Promise<unknown> | (() => unknown), pattern: RegExp): Promise<PkiError> {
@@ -90,7 +98,12 @@ async function expectPkiError(promise: Promise<unknown> | (() => unknown), patte
 }
 
 /** Asserts an EnrollmentError with `reason` whose message does not contain `secret`. */
-async function expectEnrollmentError(promise: Promise<unknown> | (() => unknown), reason: string, secret?: string, pattern?: RegExp): Promise<void> {
+async function expectEnrollmentError(
+  promise: Promise<unknown> | (() => unknown),
+  reason: string,
+  secret?: string,
+  pattern?: RegExp,
+): Promise<void> {
   const err = await expectPkiError(promise, pattern ?? /./);
   expect(err).to.be.instanceOf(EnrollmentError);
   expect((err as EnrollmentError).reason).to.equal(reason);
@@ -148,18 +161,31 @@ describe('pki lifecycle', function () {
     await initPki({ dir, ...opts });
     return dir;
   };
-  const rootIdOf = (dir: string): string => JSON.parse(fs.readFileSync(path.join(dir, 'pki.json'), 'utf8')).cas.find((c: { kind: string }) => c.kind === 'root').id;
+  const rootIdOf = (dir: string): string =>
+    JSON.parse(fs.readFileSync(path.join(dir, 'pki.json'), 'utf8')).cas.find((c: { kind: string }) => c.kind === 'root')
+      .id;
 
   /** `openssl verify` of a leaf against a bundle (as CAfile), with the chain's issuing CA as untrusted. */
-  async function opensslVerify(issued: { certPem: string }, caPem: string, purpose: 'sslclient' | 'sslserver'): Promise<RunResult> {
+  async function opensslVerify(
+    issued: { certPem: string },
+    caPem: string,
+    purpose: 'sslclient' | 'sslserver',
+  ): Promise<RunResult> {
     const work = fs.mkdtempSync(path.join(tempRoot, 'verify-'));
     const [leafPem, issuingPem] = splitPem(issued.certPem);
     fs.writeFileSync(path.join(work, 'leaf.pem'), leafPem!);
     fs.writeFileSync(path.join(work, 'issuing.pem'), issuingPem!);
     fs.writeFileSync(path.join(work, 'ca.pem'), caPem);
     const result = await run('openssl', [
-      'verify', '-x509_strict', '-purpose', purpose,
-      '-CAfile', path.join(work, 'ca.pem'), '-untrusted', path.join(work, 'issuing.pem'), path.join(work, 'leaf.pem'),
+      'verify',
+      '-x509_strict',
+      '-purpose',
+      purpose,
+      '-CAfile',
+      path.join(work, 'ca.pem'),
+      '-untrusted',
+      path.join(work, 'issuing.pem'),
+      path.join(work, 'leaf.pem'),
     ]);
     fs.rmSync(work, { recursive: true, force: true });
     return result;
@@ -181,7 +207,9 @@ describe('pki lifecycle', function () {
       const parsed = parseJoinToken(info.token);
       expect(parsed.tokenId).to.equal(info.tokenId);
       expect(info.token).to.include(parsed.secret);
-      expect(parsed.caPinSha256).to.equal(caPinOf(fs.readFileSync(path.join(dir, 'ca', `${rootIdOf(dir)}.crt`), 'utf8')));
+      expect(parsed.caPinSha256).to.equal(
+        caPinOf(fs.readFileSync(path.join(dir, 'ca', `${rootIdOf(dir)}.crt`), 'utf8')),
+      );
 
       expect(await consumeJoinToken({ dir, token: info.token })).to.deep.equal({ agentId: 'site-a' });
       await expectEnrollmentError(consumeJoinToken({ dir, token: info.token }), 'used', parsed.secret, /already used/);
@@ -204,11 +232,24 @@ describe('pki lifecycle', function () {
     it('tells unknown ids and wrong secrets apart from used and expired tokens', async () => {
       const info = await createJoinToken({ dir, agentId: 'site-c' });
       const parsed = parseJoinToken(info.token);
-      const unknownId = info.token.replace(parsed.tokenId, parsed.tokenId === '0123456789abcdef' ? 'fedcba9876543210' : '0123456789abcdef');
-      await expectEnrollmentError(consumeJoinToken({ dir, token: unknownId }), 'unknown', parsed.secret, /unknown join token/);
+      const unknownId = info.token.replace(
+        parsed.tokenId,
+        parsed.tokenId === '0123456789abcdef' ? 'fedcba9876543210' : '0123456789abcdef',
+      );
+      await expectEnrollmentError(
+        consumeJoinToken({ dir, token: unknownId }),
+        'unknown',
+        parsed.secret,
+        /unknown join token/,
+      );
       const otherSecret = `${parsed.secret.slice(0, 42)}${parsed.secret.endsWith('A') ? 'B' : 'A'}`;
       const wrongSecret = info.token.replace(parsed.secret, otherSecret);
-      await expectEnrollmentError(consumeJoinToken({ dir, token: wrongSecret }), 'unknown', otherSecret, /secret does not match/);
+      await expectEnrollmentError(
+        consumeJoinToken({ dir, token: wrongSecret }),
+        'unknown',
+        otherSecret,
+        /secret does not match/,
+      );
       // A wrong secret does not burn the token either, and after use a wrong secret is still 'unknown'.
       await consumeJoinToken({ dir, token: info.token });
       await expectEnrollmentError(consumeJoinToken({ dir, token: wrongSecret }), 'unknown');
@@ -265,7 +306,10 @@ describe('pki lifecycle', function () {
     it('validates createJoinToken options', async () => {
       await expectPkiError(createJoinToken({ dir, agentId: 'Site A' }), /^agent-id: /);
       await expectPkiError(createJoinToken({ dir, agentId: 'site-f', ttlMs: 0 }), /^ttl: /);
-      await expectPkiError(createJoinToken({ dir: freshDir('nopki'), agentId: 'site-f' }), /not an initialised Burrow PKI/);
+      await expectPkiError(
+        createJoinToken({ dir: freshDir('nopki'), agentId: 'site-f' }),
+        /not an initialised Burrow PKI/,
+      );
     });
 
     it('lets exactly one of 20 concurrent consumers in one process win', async () => {
@@ -310,15 +354,23 @@ describe('pki lifecycle', function () {
           });
           child.once('exit', (code) => reject(new Error(`child exited ${code} before ready: ${err}`)));
         });
-        const done = new Promise<string>((resolve) => child.once('close', () => resolve(out.replace('ready\n', '').trim() || `no output; stderr: ${err}`)));
+        const done = new Promise<string>((resolve) =>
+          child.once('close', () => resolve(out.replace('ready\n', '').trim() || `no output; stderr: ${err}`)),
+        );
         return { child, ready, done };
       });
       try {
         await Promise.all(children.map((c) => c.ready));
         for (const c of children) c.child.stdin.write('go\n');
         const outputs = await Promise.all(children.map((c) => c.done));
-        expect(outputs.filter((o) => o === 'OK site-procs'), outputs.join(' | ')).to.have.length(1);
-        expect(outputs.filter((o) => o === 'FAIL used'), outputs.join(' | ')).to.have.length(7);
+        expect(
+          outputs.filter((o) => o === 'OK site-procs'),
+          outputs.join(' | '),
+        ).to.have.length(1);
+        expect(
+          outputs.filter((o) => o === 'FAIL used'),
+          outputs.join(' | '),
+        ).to.have.length(7);
       } finally {
         for (const c of children) if (c.child.exitCode === null) c.child.kill();
       }
@@ -327,8 +379,16 @@ describe('pki lifecycle', function () {
     it('refuses tokens of a banned agent, and new tokens for it', async () => {
       const { token } = await createJoinToken({ dir, agentId: 'site-banned' });
       await revoke({ dir, agentId: 'site-banned', ban: true });
-      await expectEnrollmentError(consumeJoinToken({ dir, token }), 'banned', parseJoinToken(token).secret, /"site-banned".*banned/);
-      await expectPkiError(createJoinToken({ dir, agentId: 'site-banned' }), /^agent-id: agent "site-banned" is banned/);
+      await expectEnrollmentError(
+        consumeJoinToken({ dir, token }),
+        'banned',
+        parseJoinToken(token).secret,
+        /"site-banned".*banned/,
+      );
+      await expectPkiError(
+        createJoinToken({ dir, agentId: 'site-banned' }),
+        /^agent-id: agent "site-banned" is banned/,
+      );
     });
   });
 
@@ -336,7 +396,10 @@ describe('pki lifecycle', function () {
     it('caPinOf is the SHA-256 of the DER SubjectPublicKeyInfo, as openssl computes it, and the token carries it', async () => {
       const dir = await newPki('pin');
       const rootFile = path.join(dir, 'ca', `${rootIdOf(dir)}.crt`);
-      const openssl = await run('sh', ['-c', `openssl x509 -in '${rootFile}' -pubkey -noout | openssl pkey -pubin -outform der | sha256sum`]);
+      const openssl = await run('sh', [
+        '-c',
+        `openssl x509 -in '${rootFile}' -pubkey -noout | openssl pkey -pubin -outform der | sha256sum`,
+      ]);
       expect(openssl.code, openssl.stderr).to.equal(0);
       const expected = openssl.stdout.split(' ')[0]!;
       expect(expected).to.match(/^[0-9a-f]{64}$/);
@@ -405,8 +468,17 @@ describe('pki lifecycle', function () {
 
     it('issues broker certificates from CSRs with the DNS/IP SANs the caller gives', async () => {
       const { csrPem } = await createCsr();
-      const issued = await signCsr({ dir, csrPem, role: 'broker', name: 'broker', dns: ['broker.example'], ip: ['127.0.0.1'] });
-      expect(leafOf(issued).subjectAltName).to.equal('URI:spiffe://burrow.local/broker/broker, DNS:broker.example, IP Address:127.0.0.1');
+      const issued = await signCsr({
+        dir,
+        csrPem,
+        role: 'broker',
+        name: 'broker',
+        dns: ['broker.example'],
+        ip: ['127.0.0.1'],
+      });
+      expect(leafOf(issued).subjectAltName).to.equal(
+        'URI:spiffe://burrow.local/broker/broker, DNS:broker.example, IP Address:127.0.0.1',
+      );
       const verify = await opensslVerify(issued, issued.caPem, 'sslserver');
       expect(verify.code, verify.stderr + verify.stdout).to.equal(0);
     });
@@ -422,27 +494,48 @@ describe('pki lifecycle', function () {
         signingAlgorithm: { name: 'ECDSA', hash: 'SHA-256' },
       });
       const csrPem = forged.toString('pem');
-      expect(Buffer.from(forged.publicKey.rawData).equals(Buffer.from(await webcrypto.subtle.exportKey('spki', a.publicKey)))).to.equal(true);
+      expect(
+        Buffer.from(forged.publicKey.rawData).equals(
+          Buffer.from(await webcrypto.subtle.exportKey('spki', a.publicKey)),
+        ),
+      ).to.equal(true);
       // openssl agrees that it is bad, so the refusal below is not vacuous (OpenSSL 3.0 exits 0 but says so).
       const req = await run('openssl', ['req', '-verify', '-noout'], { input: csrPem });
       expect(req.stdout + req.stderr).to.include('self-signature verify failure');
-      await expectPkiError(signCsr({ dir, csrPem, role: 'agent', name: 'site-c' }), /^csr: CSR signature does not verify/);
+      await expectPkiError(
+        signCsr({ dir, csrPem, role: 'agent', name: 'site-c' }),
+        /^csr: CSR signature does not verify/,
+      );
     });
 
     it('refuses unreadable CSRs and keys of other types', async () => {
       await expectPkiError(signCsr({ dir, csrPem: '', role: 'agent', name: 'a' }), /^csr: is required/);
-      await expectPkiError(signCsr({ dir, csrPem: 'hello', role: 'agent', name: 'a' }), /^csr: not a PEM certificate request/);
       await expectPkiError(
-        signCsr({ dir, csrPem: '-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n', role: 'agent', name: 'a' }),
+        signCsr({ dir, csrPem: 'hello', role: 'agent', name: 'a' }),
+        /^csr: not a PEM certificate request/,
+      );
+      await expectPkiError(
+        signCsr({
+          dir,
+          csrPem: '-----BEGIN CERTIFICATE REQUEST-----\nAAAA\n-----END CERTIFICATE REQUEST-----\n',
+          role: 'agent',
+          name: 'a',
+        }),
         /^csr: not a readable PKCS#10/,
       );
-      const p384 = (await webcrypto.subtle.generateKey({ name: 'ECDSA', namedCurve: 'P-384' }, true, ['sign', 'verify'])) as webcrypto.CryptoKeyPair;
+      const p384 = (await webcrypto.subtle.generateKey({ name: 'ECDSA', namedCurve: 'P-384' }, true, [
+        'sign',
+        'verify',
+      ])) as webcrypto.CryptoKeyPair;
       const csr = await x509.Pkcs10CertificateRequestGenerator.create({
         name: 'CN=x',
         keys: p384 as unknown as CsrKeys,
         signingAlgorithm: { name: 'ECDSA', hash: 'SHA-384' },
       });
-      await expectPkiError(signCsr({ dir, csrPem: csr.toString('pem'), role: 'agent', name: 'a' }), /^csr: key type ec (secp384r1|P-384) is not accepted; use one of ecdsa-p256, ed25519, rsa-2048$/);
+      await expectPkiError(
+        signCsr({ dir, csrPem: csr.toString('pem'), role: 'agent', name: 'a' }),
+        /^csr: key type ec (secp384r1|P-384) is not accepted; use one of ecdsa-p256, ed25519, rsa-2048$/,
+      );
       const { csrPem } = await createCsr();
       await expectPkiError(signCsr({ dir, csrPem, role: 'agent', name: 'Bad Name' }), /^name: /);
       await expectPkiError(signCsr({ dir, csrPem, role: 'agent', name: 'a', dns: ['x.example'] }), /^dns: only broker/);
@@ -456,7 +549,13 @@ describe('pki lifecycle', function () {
       const issuingId = (await rotationState(own)).cas.find((x) => x.kind === 'issuing')!.id;
       expect([a.issuerCaId, b.issuerCaId, c.issuerCaId]).to.deep.equal([issuingId, issuingId, issuingId]);
       const logDir = path.join(own, 'issued', issuingId);
-      const records = fs.readdirSync(logDir).flatMap((f) => fs.readFileSync(path.join(logDir, f), 'utf8').trim().split('\n').map((l) => JSON.parse(l)));
+      const records = fs.readdirSync(logDir).flatMap((f) =>
+        fs
+          .readFileSync(path.join(logDir, f), 'utf8')
+          .trim()
+          .split('\n')
+          .map((l) => JSON.parse(l)),
+      );
       expect(records.map((r) => [r.serialHex, r.role, r.name, r.issuerCaId, r.notAfter])).to.deep.equal([
         [a.serialHex, 'agent', 'site-a', issuingId, a.notAfter.toISOString()],
         [b.serialHex, 'service', 'authz', issuingId, b.notAfter.toISOString()],
@@ -469,7 +568,12 @@ describe('pki lifecycle', function () {
     it('goes init → update-clients → update-servers → finish, switching trust and signers phase by phase', async () => {
       const dir = await newPki('rotation');
       const versions: number[] = [];
-      const issueAll = async (): Promise<{ agent: IssuedCertificate; service: IssuedCertificate; broker: IssuedCertificate; csrAgent: Omit<IssuedCertificate, 'keyPem'> }> => ({
+      const issueAll = async (): Promise<{
+        agent: IssuedCertificate;
+        service: IssuedCertificate;
+        broker: IssuedCertificate;
+        csrAgent: Omit<IssuedCertificate, 'keyPem'>;
+      }> => ({
         agent: await issueCertificate({ dir, role: 'agent', name: 'site-a' }),
         service: await issueCertificate({ dir, role: 'service', name: 'authz' }),
         broker: await issueCertificate({ dir, role: 'broker', name: 'broker', ip: ['127.0.0.1'] }),
@@ -487,7 +591,9 @@ describe('pki lifecycle', function () {
           expect(leafOf(issued).checkIssued(issuing), `${label} issued by ${ca}`).to.equal(true);
           expect(leafOf(issued).verify(issuing.publicKey), `${label} signed by ${ca}`).to.equal(true);
           expect(issued.issuerCaId, label).to.equal(ca);
-          expect(new X509Certificate(splitPem(issued.certPem)[1]!).fingerprint256, `${label} chain`).to.equal(issuing.fingerprint256);
+          expect(new X509Certificate(splitPem(issued.certPem)[1]!).fingerprint256, `${label} chain`).to.equal(
+            issuing.fingerprint256,
+          );
         }
       };
       const expectBundle = async (rootIds: string[]): Promise<void> => {
@@ -496,8 +602,13 @@ describe('pki lifecycle', function () {
         expect(fs.readFileSync(path.join(dir, 'ca-bundle.crt'), 'utf8')).to.equal(bundle.pem);
         versions.push(bundle.version);
       };
-      const verifyAll = async (certs: Awaited<ReturnType<typeof issueAll>>, caPem: string, expected: number): Promise<void> => {
-        for (const issued of [certs.agent, certs.service, certs.csrAgent]) expect((await opensslVerify(issued, caPem, 'sslclient')).code).to.equal(expected);
+      const verifyAll = async (
+        certs: Awaited<ReturnType<typeof issueAll>>,
+        caPem: string,
+        expected: number,
+      ): Promise<void> => {
+        for (const issued of [certs.agent, certs.service, certs.csrAgent])
+          expect((await opensslVerify(issued, caPem, 'sslclient')).code).to.equal(expected);
         expect((await opensslVerify(certs.broker, caPem, 'sslserver')).code).to.equal(expected);
       };
 
@@ -527,11 +638,19 @@ describe('pki lifecycle', function () {
       expect(fingerprints(initCerts.agent.caPem)).to.have.length(2);
       // A token made now pins the root of the brokers' CA first, then the other trusted root.
       const { token } = await createJoinToken({ dir, agentId: 'site-t' });
-      expect(parseJoinToken(token).caPinsSha256).to.deep.equal([oldRoot, newRoot].map((id) => caPinOf(fs.readFileSync(path.join(dir, 'ca', `${id}.crt`), 'utf8'))));
+      expect(parseJoinToken(token).caPinsSha256).to.deep.equal(
+        [oldRoot, newRoot].map((id) => caPinOf(fs.readFileSync(path.join(dir, 'ca', `${id}.crt`), 'utf8'))),
+      );
       expect((await rotationState(dir)).phase).to.equal('init');
 
-      await expectPkiError(rotate({ dir, action: 'init' }), /^rotate init: a rotation is already in progress \(phase init\)/);
-      await expectPkiError(rotate({ dir, action: 'update-servers' }), /^rotate update-servers: not allowed in phase init; run 'rotate update-clients' next/);
+      await expectPkiError(
+        rotate({ dir, action: 'init' }),
+        /^rotate init: a rotation is already in progress \(phase init\)/,
+      );
+      await expectPkiError(
+        rotate({ dir, action: 'update-servers' }),
+        /^rotate update-servers: not allowed in phase init; run 'rotate update-clients' next/,
+      );
       await expectPkiError(rotate({ dir, action: 'finish' }), /^rotate finish: not allowed in phase init/);
 
       // update-clients: agents and services get the new CA; brokers keep the old one.
@@ -542,7 +661,10 @@ describe('pki lifecycle', function () {
       const clientsCerts = await issueAll();
       expectIssuers(clientsCerts, newIssuing, oldIssuing);
       await verifyAll(clientsCerts, clientsCerts.agent.caPem, 0);
-      await expectPkiError(rotate({ dir, action: 'finish' }), /not allowed in phase update-clients; run 'rotate update-servers' next/);
+      await expectPkiError(
+        rotate({ dir, action: 'finish' }),
+        /not allowed in phase update-clients; run 'rotate update-servers' next/,
+      );
 
       // update-servers: brokers too.
       const s3 = await rotate({ dir, action: 'update-servers' });
@@ -553,9 +675,14 @@ describe('pki lifecycle', function () {
       expectIssuers(serversCerts, newIssuing, newIssuing);
 
       // finish: refused while a leaf of the old CA is valid, naming when the last one expires.
-      const oldLeaves = [standbyCerts, initCerts].flatMap((c) => [c.agent, c.service, c.broker, c.csrAgent]).concat([clientsCerts.broker]);
+      const oldLeaves = [standbyCerts, initCerts]
+        .flatMap((c) => [c.agent, c.service, c.broker, c.csrAgent])
+        .concat([clientsCerts.broker]);
       const lastOld = new Date(Math.max(...oldLeaves.map((l) => l.notAfter.getTime())));
-      const refused = await expectPkiError(rotate({ dir, action: 'finish' }), /^rotate finish: 9 certificate\(s\) signed by the old CA/);
+      const refused = await expectPkiError(
+        rotate({ dir, action: 'finish' }),
+        /^rotate finish: 9 certificate\(s\) signed by the old CA/,
+      );
       expect(refused.message).to.include(oldIssuing);
       expect(refused.message).to.include(`until ${lastOld.toISOString()}`);
       expect(refused.message).to.include('--force');
@@ -574,7 +701,10 @@ describe('pki lifecycle', function () {
       await verifyAll(standbyCerts, after.agent.caPem, 2);
       expect((await opensslVerify(clientsCerts.agent, after.agent.caPem, 'sslclient')).code).to.equal(0);
       const manifest = JSON.parse(fs.readFileSync(path.join(dir, 'pki.json'), 'utf8'));
-      expect(manifest.retiredCas.map((c: { id: string; retiredBy: string }) => [c.id, c.retiredBy])).to.deep.equal([[oldRoot, 'finish'], [oldIssuing, 'finish']]);
+      expect(manifest.retiredCas.map((c: { id: string; retiredBy: string }) => [c.id, c.retiredBy])).to.deep.equal([
+        [oldRoot, 'finish'],
+        [oldIssuing, 'finish'],
+      ]);
       expect(manifest.rotation).to.equal(undefined);
 
       expect(versions.filter((v, i) => i === 0 || v !== versions[i - 1])).to.deep.equal([1, 2, 3, 4, 5]);
@@ -588,7 +718,10 @@ describe('pki lifecycle', function () {
       const dir = await newPki('force');
       const old = await issueCertificate({ dir, role: 'agent', name: 'site-a' });
       for (const action of ['init', 'update-clients', 'update-servers'] as const) await rotate({ dir, action });
-      await expectPkiError(rotate({ dir, action: 'finish' }), new RegExp(`the last until ${old.notAfter.toISOString().replace(/\./g, '\\.')}`));
+      await expectPkiError(
+        rotate({ dir, action: 'finish' }),
+        new RegExp(`the last until ${old.notAfter.toISOString().replace(/\./g, '\\.')}`),
+      );
       const state = await rotate({ dir, action: 'finish', force: true });
       expect(state.phase).to.equal('standby');
       expect(state.bundleVersion).to.equal(5);
@@ -601,7 +734,10 @@ describe('pki lifecycle', function () {
         const s0 = await rotationState(dir);
         const oldRoot = roots(s0)[0]!;
         const oldIssuing = signers(s0).clients;
-        const steps = ['init', 'update-clients', 'update-servers'].slice(0, ['init', 'update-clients', 'update-servers'].indexOf(from) + 1) as ('init' | 'update-clients' | 'update-servers')[];
+        const steps = ['init', 'update-clients', 'update-servers'].slice(
+          0,
+          ['init', 'update-clients', 'update-servers'].indexOf(from) + 1,
+        ) as ('init' | 'update-clients' | 'update-servers')[];
         let state = s0;
         for (const action of steps) state = await rotate({ dir, action });
         const newIssuing = state.cas.find((c) => c.kind === 'issuing' && c.id !== oldIssuing)!.id;
@@ -621,7 +757,9 @@ describe('pki lifecycle', function () {
         } else {
           // The operator is told that the new CA's leaves stop being trusted.
           expect(rolledBack.warnings).to.have.length(1);
-          expect(rolledBack.warnings![0]).to.match(new RegExp(`^1 certificate\\(s\\) signed by the new CA ${newIssuing}`));
+          expect(rolledBack.warnings![0]).to.match(
+            new RegExp(`^1 certificate\\(s\\) signed by the new CA ${newIssuing}`),
+          );
         }
         const agent = await issueCertificate({ dir, role: 'agent', name: 'site-a' });
         const broker = await issueCertificate({ dir, role: 'broker', name: 'broker', dns: ['broker.example'] });
@@ -648,7 +786,10 @@ describe('pki lifecycle', function () {
     it('breaks a lock left behind by a process that died', async () => {
       const dir = await newPki('stale-lock');
       const dead = spawnSync(process.execPath, ['-e', '']);
-      fs.writeFileSync(path.join(dir, '.lock'), JSON.stringify({ pid: dead.pid, host: os.hostname(), since: new Date().toISOString() }));
+      fs.writeFileSync(
+        path.join(dir, '.lock'),
+        JSON.stringify({ pid: dead.pid, host: os.hostname(), since: new Date().toISOString() }),
+      );
       expect((await rotate({ dir, action: 'init' })).phase).to.equal('init');
       expect(fs.readdirSync(dir).filter((n) => n.startsWith('.lock'))).to.deep.equal([]);
     });
@@ -656,21 +797,47 @@ describe('pki lifecycle', function () {
     it('lists agent states recorded by brokers in status (library and CLI)', async () => {
       const dir = await newPki('status');
       const a = await signCsr({ dir, csrPem: (await createCsr()).csrPem, role: 'agent', name: 'site-a' });
-      await recordAgentState({ dir, agentId: 'site-a', bundleVersion: 1, issuerCaId: a.issuerCaId, serialHex: a.serialHex, notAfter: a.notAfter });
+      await recordAgentState({
+        dir,
+        agentId: 'site-a',
+        bundleVersion: 1,
+        issuerCaId: a.issuerCaId,
+        serialHex: a.serialHex,
+        notAfter: a.notAfter,
+      });
       await rotate({ dir, action: 'init' });
       const state = await rotate({ dir, action: 'update-clients' });
       const b = await signCsr({ dir, csrPem: (await createCsr()).csrPem, role: 'agent', name: 'site-b' });
       // A broker may report the issuer as the SHA-256 fingerprint of the issuing CA certificate.
       const bIssuerFingerprint = new X509Certificate(splitPem(b.certPem)[1]!).fingerprint256;
-      await recordAgentState({ dir, agentId: 'site-b', bundleVersion: state.bundleVersion, issuerCaId: bIssuerFingerprint, serialHex: b.serialHex.toLowerCase(), notAfter: b.notAfter });
+      await recordAgentState({
+        dir,
+        agentId: 'site-b',
+        bundleVersion: state.bundleVersion,
+        issuerCaId: bIssuerFingerprint,
+        serialHex: b.serialHex.toLowerCase(),
+        notAfter: b.notAfter,
+      });
 
       const states = await agentStates(dir);
-      expect(states.map((s) => [s.agentId, s.bundleVersion, s.issuerCaId, s.serialHex, s.notAfter.toISOString()])).to.deep.equal([
+      expect(
+        states.map((s) => [s.agentId, s.bundleVersion, s.issuerCaId, s.serialHex, s.notAfter.toISOString()]),
+      ).to.deep.equal([
         ['site-a', 1, a.issuerCaId, a.serialHex, a.notAfter.toISOString()],
         ['site-b', 3, b.issuerCaId, b.serialHex, b.notAfter.toISOString()],
       ]);
       expect(states[0]!.updatedAt.getTime()).to.be.closeTo(Date.now(), 10_000);
-      await expectPkiError(recordAgentState({ dir, agentId: '../x', bundleVersion: 1, issuerCaId: 'x', serialHex: '01', notAfter: new Date() }), /^agentId: /);
+      await expectPkiError(
+        recordAgentState({
+          dir,
+          agentId: '../x',
+          bundleVersion: 1,
+          issuerCaId: 'x',
+          serialHex: '01',
+          notAfter: new Date(),
+        }),
+        /^agentId: /,
+      );
 
       const text = await cli(['rotate', '--dir', dir, 'status']);
       expect(text.code, text.stderr).to.equal(0);
@@ -693,21 +860,31 @@ describe('pki lifecycle', function () {
       const dir = await newPki('rotate-cli');
       const bad = await cli(['rotate', '--dir', dir, 'update-clients']);
       expect(bad.code).to.equal(2);
-      expect(bad.stderr).to.match(/^burrow-pki: rotate update-clients: not allowed in phase standby; no rotation is in progress; start one with 'rotate init'\n$/);
+      expect(bad.stderr).to.match(
+        /^burrow-pki: rotate update-clients: not allowed in phase standby; no rotation is in progress; start one with 'rotate init'\n$/,
+      );
       const init = await cli(['rotate', '--dir', dir, 'init']);
       expect(init.code, init.stderr).to.equal(0);
       expect(init.stdout).to.match(/^rotate init: phase init, bundle version 2, trusted roots root-\w+ \+ root-\w+, /);
       expect(init.stdout.trim().split('\n')).to.have.length(1);
       await issueCertificate({ dir, role: 'broker', name: 'broker', ip: ['127.0.0.1'] });
-      for (const action of ['update-clients', 'update-servers']) expect((await cli(['rotate', '--dir', dir, action])).code).to.equal(0);
+      for (const action of ['update-clients', 'update-servers'])
+        expect((await cli(['rotate', '--dir', dir, action])).code).to.equal(0);
       const refused = await cli(['rotate', '--dir', dir, 'finish']);
       expect(refused.code).to.equal(2);
       expect(refused.stderr.trimEnd().split('\n')).to.have.length(1);
-      expect(refused.stderr).to.match(/^burrow-pki: rotate finish: 1 certificate\(s\) signed by the old CA issuing-\w+ are still valid, the last until \d{4}-\d\d-\d\dT[\d:.]+Z \(in 2\d h \d+ min\)/);
+      expect(refused.stderr).to.match(
+        /^burrow-pki: rotate finish: 1 certificate\(s\) signed by the old CA issuing-\w+ are still valid, the last until \d{4}-\d\d-\d\dT[\d:.]+Z \(in 2\d h \d+ min\)/,
+      );
       const forced = await cli(['rotate', '--dir', dir, 'finish', '--force', '--json']);
       expect(forced.code, forced.stderr).to.equal(0);
       expect(JSON.parse(forced.stdout)).to.include({ phase: 'standby', bundleVersion: 5 });
-      for (const args of [['rotate', '--dir', dir, 'sideways'], ['rotate', '--dir', dir], ['rotate', 'init'], ['rotate', '--dir', dir, 'init', '--force']]) {
+      for (const args of [
+        ['rotate', '--dir', dir, 'sideways'],
+        ['rotate', '--dir', dir],
+        ['rotate', 'init'],
+        ['rotate', '--dir', dir, 'init', '--force'],
+      ]) {
         const result = await cli(args);
         expect(result.code, args.join(' ')).to.equal(2);
         expect(result.stderr, args.join(' ')).to.match(/^burrow-pki: [^\n]+\n$/);
@@ -716,7 +893,11 @@ describe('pki lifecycle', function () {
   });
 
   describe('revocation', () => {
-    const identity = (issued: { certPem: string }, role: string, name: string): { role: string; name: string; serialHex: string; notBeforeMs: number } => {
+    const identity = (
+      issued: { certPem: string },
+      role: string,
+      name: string,
+    ): { role: string; name: string; serialHex: string; notBeforeMs: number } => {
       const leaf = leafOf(issued);
       return { role, name, serialHex: leaf.serialNumber, notBeforeMs: new Date(leaf.validFrom).getTime() };
     };
@@ -733,7 +914,9 @@ describe('pki lifecycle', function () {
       const list = await loadRevocations(dir);
       expect(list.version).to.equal(1);
       expect(list.isCertificateRevoked(identity(c1, 'agent', 'site-a'))).to.equal(true);
-      expect(list.isCertificateRevoked({ ...identity(c1, 'agent', 'site-a'), serialHex: c1.serialHex.toLowerCase() })).to.equal(true);
+      expect(
+        list.isCertificateRevoked({ ...identity(c1, 'agent', 'site-a'), serialHex: c1.serialHex.toLowerCase() }),
+      ).to.equal(true);
       expect(list.isCertificateRevoked(identity(c2, 'agent', 'site-a'))).to.equal(false);
       expect(list.isAgentBanned('site-a')).to.equal(false);
       // ':'-separated input works too, and revoking again changes nothing but the version.
@@ -767,13 +950,16 @@ describe('pki lifecycle', function () {
 
       // The rule by time: issuance time (notBefore + 60 s) at or before the revocation.
       const revokedAtMs = list.agentRevocation('site-r')!.revokedAt.getTime();
-      const probe = (notBeforeMs: number): boolean => list.isCertificateRevoked({ role: 'agent', name: 'site-r', serialHex: '01', notBeforeMs });
+      const probe = (notBeforeMs: number): boolean =>
+        list.isCertificateRevoked({ role: 'agent', name: 'site-r', serialHex: '01', notBeforeMs });
       expect(probe(revokedAtMs - NOT_BEFORE_BACKDATE_MS)).to.equal(true);
       expect(probe(revokedAtMs - NOT_BEFORE_BACKDATE_MS + 1)).to.equal(false);
 
       // The serials known at revocation time are listed (for CRLs).
       const stored = JSON.parse(fs.readFileSync(path.join(dir, 'revocations.json'), 'utf8'));
-      expect(stored.serials.map((s: { serialHex: string }) => s.serialHex).sort()).to.deep.equal([before1.serialHex, before2.serialHex].sort());
+      expect(stored.serials.map((s: { serialHex: string }) => s.serialHex).sort()).to.deep.equal(
+        [before1.serialHex, before2.serialHex].sort(),
+      );
     });
 
     it('bans: enrollment, new tokens and issuance are refused, and every certificate of the id is revoked', async () => {
@@ -785,11 +971,21 @@ describe('pki lifecycle', function () {
       expect(list.isAgentBanned('site-x')).to.equal(true);
       expect(list.isAgentBanned('site-y')).to.equal(false);
       expect(list.isCertificateRevoked(identity(old, 'agent', 'site-x'))).to.equal(true);
-      expect(list.isCertificateRevoked({ role: 'agent', name: 'site-x', serialHex: '01', notBeforeMs: Date.now() + 3_600_000 })).to.equal(true);
+      expect(
+        list.isCertificateRevoked({
+          role: 'agent',
+          name: 'site-x',
+          serialHex: '01',
+          notBeforeMs: Date.now() + 3_600_000,
+        }),
+      ).to.equal(true);
       await expectEnrollmentError(consumeJoinToken({ dir, token }), 'banned');
       await expectPkiError(createJoinToken({ dir, agentId: 'site-x' }), /banned/);
       await expectPkiError(issueCertificate({ dir, role: 'agent', name: 'site-x' }), /^name: agent "site-x" is banned/);
-      await expectPkiError(signCsr({ dir, csrPem: (await createCsr()).csrPem, role: 'agent', name: 'site-x' }), /banned/);
+      await expectPkiError(
+        signCsr({ dir, csrPem: (await createCsr()).csrPem, role: 'agent', name: 'site-x' }),
+        /banned/,
+      );
       // A later revocation without --ban does not lift the ban.
       await revoke({ dir, agentId: 'site-x' });
       expect((await loadRevocations(dir)).isAgentBanned('site-x')).to.equal(true);
@@ -852,7 +1048,9 @@ describe('pki lifecycle', function () {
       const two = await writeCrl({ dir });
       const blocks = two.match(/-----BEGIN X509 CRL-----[\s\S]+?-----END X509 CRL-----\n/g)!;
       expect(blocks).to.have.length(2);
-      const [oldText, newText] = await Promise.all(blocks.map((b) => run('openssl', ['crl', '-noout', '-text'], { input: b })));
+      const [oldText, newText] = await Promise.all(
+        blocks.map((b) => run('openssl', ['crl', '-noout', '-text'], { input: b })),
+      );
       expect(oldText!.stdout).to.include(revoked.serialHex);
       expect(oldText!.stdout).not.to.include(fresh.serialHex);
       expect(newText!.stdout).to.include(fresh.serialHex);
@@ -867,7 +1065,9 @@ describe('pki lifecycle', function () {
       expect(bySerial.stdout).to.equal(`revoked serial ${c.serialHex}; 1 serial(s) added; revocation list version 1\n`);
       const byAgent = await cli(['revoke', '--dir', dir, '--agent-id', 'site-b', '--ban']);
       expect(byAgent.code, byAgent.stderr).to.equal(0);
-      expect(byAgent.stdout).to.match(/^revoked agent site-b: every certificate issued up to now, and enrollment \(banned\); 0 serial\(s\) added; revocation list version 2\n$/);
+      expect(byAgent.stdout).to.match(
+        /^revoked agent site-b: every certificate issued up to now, and enrollment \(banned\); 0 serial\(s\) added; revocation list version 2\n$/,
+      );
       expect((await loadRevocations(dir)).isAgentBanned('site-b')).to.equal(true);
       for (const args of [
         ['revoke', '--dir', dir],
@@ -909,7 +1109,11 @@ describe('pki lifecycle', function () {
       const result = await checkPki({ dir });
       expect(result.ok).to.equal(false);
       expect(result.problems).to.have.length(1);
-      expect(result.problems[0]).to.match(new RegExp(`^issuing CA ${issuingId} expires at \\S+Z, 30 days left \\(warning threshold 60 days\\); rotate it with 'burrow-pki rotate --dir .* init'$`));
+      expect(result.problems[0]).to.match(
+        new RegExp(
+          `^issuing CA ${issuingId} expires at \\S+Z, 30 days left \\(warning threshold 60 days\\); rotate it with 'burrow-pki rotate --dir .* init'$`,
+        ),
+      );
       expect((await checkPki({ dir, warnDays: 20 })).ok).to.equal(true);
       const later = await checkPki({ dir, nowMs: Date.now() + 31 * DAY_MS });
       expect(later.problems[0]).to.match(new RegExp(`^issuing CA ${issuingId} expired at `));
@@ -924,7 +1128,9 @@ describe('pki lifecycle', function () {
     it('exits 0 with a summary, 1 with one line per problem, 2 on bad input', async () => {
       const ok = await cli(['check', '--dir', await newPki('check-cli-ok')]);
       expect(ok.code, ok.stderr).to.equal(0);
-      expect(ok.stdout).to.match(/^ok: 2 CAs, none expires within 60 days; soonest issuing-\w+ on \S+ \(365 days left\)\n$/);
+      expect(ok.stdout).to.match(
+        /^ok: 2 CAs, none expires within 60 days; soonest issuing-\w+ on \S+ \(365 days left\)\n$/,
+      );
       const shortDir = await newPki('check-cli-short', { issuingTtlMs: 30 * DAY_MS });
       const warn = await cli(['check', '--dir', shortDir]);
       expect(warn.code).to.equal(1);
@@ -946,7 +1152,9 @@ describe('pki lifecycle', function () {
       expect(created.stderr).to.equal('');
       expect(created.stdout).to.match(/^burrow-join-v1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}\.[0-9a-f]{64}\n$/);
       const token = created.stdout.trim();
-      const stored = JSON.parse(fs.readFileSync(path.join(dir, 'tokens', `${parseJoinToken(token).tokenId}.json`), 'utf8'));
+      const stored = JSON.parse(
+        fs.readFileSync(path.join(dir, 'tokens', `${parseJoinToken(token).tokenId}.json`), 'utf8'),
+      );
       expect(Date.parse(stored.expiresAt)).to.be.closeTo(Date.now() + 600_000, 10_000);
       expect(await consumeJoinToken({ dir, token })).to.deep.equal({ agentId: 'site-a' });
       const fromEnv = await cli(['token', 'create'], { BURROW_PKI_DIR: dir, BURROW_PKI_AGENT_ID: 'site-b' });

@@ -61,9 +61,17 @@ interface RunResult {
 }
 
 /** Runs a program to completion, capturing output; never rejects on a non-zero exit. */
-function run(command: string, args: string[], options: { env?: NodeJS.ProcessEnv; cwd?: string } = {}): Promise<RunResult> {
+function run(
+  command: string,
+  args: string[],
+  options: { env?: NodeJS.ProcessEnv; cwd?: string } = {},
+): Promise<RunResult> {
   return new Promise((resolve, reject) => {
-    const child = spawn(command, args, { env: options.env ?? process.env, cwd: options.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
+    const child = spawn(command, args, {
+      env: options.env ?? process.env,
+      cwd: options.cwd,
+      stdio: ['ignore', 'pipe', 'pipe'],
+    });
     let stdout = '';
     let stderr = '';
     child.stdout.setEncoding('utf8').on('data', (d: string) => (stdout += d));
@@ -81,7 +89,11 @@ function cleanEnv(extra: Record<string, string> = {}): NodeJS.ProcessEnv {
 }
 
 /** `openssl verify` of leaf against the trust bundle, with the issuing CA as untrusted intermediate. */
-async function opensslVerify(workDir: string, issued: IssuedCertificate, purpose?: 'sslclient' | 'sslserver'): Promise<RunResult> {
+async function opensslVerify(
+  workDir: string,
+  issued: IssuedCertificate,
+  purpose?: 'sslclient' | 'sslserver',
+): Promise<RunResult> {
   const [leafPem, issuingPem] = splitPem(issued.certPem);
   const leafFile = path.join(workDir, 'leaf.pem');
   const issuingFile = path.join(workDir, 'issuing.pem');
@@ -127,10 +139,28 @@ describe('pki', function () {
       });
     }
 
-    const invalid = ['', '5x', '90', 'h', '1.5h', '-5m', '+5m', '30m1h', '1h1h', '1h 30m', '1H', '5 m', 'abc', '9999999999999999999d'];
+    const invalid = [
+      '',
+      '5x',
+      '90',
+      'h',
+      '1.5h',
+      '-5m',
+      '+5m',
+      '30m1h',
+      '1h1h',
+      '1h 30m',
+      '1H',
+      '5 m',
+      'abc',
+      '9999999999999999999d',
+    ];
     for (const text of invalid) {
       it(`rejects '${text}' with a PkiError naming it`, () => {
-        expect(() => parseDuration(text)).to.throw(PkiError).with.property('message').that.includes(`'${text}'`);
+        expect(() => parseDuration(text))
+          .to.throw(PkiError)
+          .with.property('message')
+          .that.includes(`'${text}'`);
       });
     }
   });
@@ -168,7 +198,14 @@ describe('pki', function () {
     it('parses what it builds and refuses anything else', () => {
       expect(parseSpiffeId('spiffe://td/agent/a1')).to.deep.equal({ trustDomain: 'td', role: 'agent', name: 'a1' });
       expect(parseSpiffeId('spiffe://td/broker/b-1')).to.deep.equal({ trustDomain: 'td', role: 'broker', name: 'b-1' });
-      for (const bad of ['spiffe://td/broker', 'spiffe://td/broker/B', 'spiffe://td/agent', 'spiffe://td/agent/A', 'https://td/agent/a', 'spiffe://td/other/a']) {
+      for (const bad of [
+        'spiffe://td/broker',
+        'spiffe://td/broker/B',
+        'spiffe://td/agent',
+        'spiffe://td/agent/A',
+        'https://td/agent/a',
+        'spiffe://td/other/a',
+      ]) {
         expect(() => parseSpiffeId(bad), bad).to.throw(PkiError, /^spiffeId: /);
       }
     });
@@ -261,8 +298,14 @@ describe('pki', function () {
 
     it('validates its options', async () => {
       await expectPkiError(() => initPki({ dir: '' }), /^dir: /);
-      await expectPkiError(() => initPki({ dir: freshDir('v'), trustDomain: 'Bad_Domain' }), /^trustDomain: .*Bad_Domain/);
-      await expectPkiError(() => initPki({ dir: freshDir('v'), keyAlgorithm: 'dsa' as KeyAlgorithm }), /^keyAlgorithm: .*dsa/);
+      await expectPkiError(
+        () => initPki({ dir: freshDir('v'), trustDomain: 'Bad_Domain' }),
+        /^trustDomain: .*Bad_Domain/,
+      );
+      await expectPkiError(
+        () => initPki({ dir: freshDir('v'), keyAlgorithm: 'dsa' as KeyAlgorithm }),
+        /^keyAlgorithm: .*dsa/,
+      );
       await expectPkiError(() => initPki({ dir: freshDir('v'), rootTtlMs: 0 }), /^rootTtlMs: /);
       await expectPkiError(() => initPki({ dir: freshDir('v'), issuingTtlMs: -1 }), /^issuingTtlMs: /);
     });
@@ -303,9 +346,16 @@ describe('pki', function () {
         const dir = pkiDirs.get(pkiAlgorithm)!;
         const keyAlgorithm = leafAlgorithm ?? pkiAlgorithm;
         const name = role === 'broker' ? 'broker-1' : `${role}-1`;
-        const sanExtra = role === 'broker' ? { dns: ['broker.example.test', 'Localhost'], ip: ['127.0.0.1', '::1'] } : {};
+        const sanExtra =
+          role === 'broker' ? { dns: ['broker.example.test', 'Localhost'], ip: ['127.0.0.1', '::1'] } : {};
         const t0 = Date.now();
-        const issued = await issueCertificate({ dir, role, name, ...sanExtra, ...(leafAlgorithm ? { keyAlgorithm } : {}) });
+        const issued = await issueCertificate({
+          dir,
+          role,
+          name,
+          ...sanExtra,
+          ...(leafAlgorithm ? { keyAlgorithm } : {}),
+        });
         const t1 = Date.now();
 
         const expectedId = `spiffe://burrow.local/${role}/${name}`;
@@ -366,7 +416,10 @@ describe('pki', function () {
         const parsed = new x509.X509Certificate(leaf.raw);
         const bc = parsed.getExtension(x509.BasicConstraintsExtension)!;
         expect([bc.ca, bc.critical]).to.deep.equal([false, true]);
-        expect(parsed.getExtension(x509.SubjectAlternativeNameExtension)!.critical, 'SAN critical (empty subject)').to.equal(true);
+        expect(
+          parsed.getExtension(x509.SubjectAlternativeNameExtension)!.critical,
+          'SAN critical (empty subject)',
+        ).to.equal(true);
         const ku = parsed.getExtension(x509.KeyUsagesExtension)!;
         expect(ku.critical).to.equal(true);
         const expectedKu =
@@ -374,10 +427,14 @@ describe('pki', function () {
             ? x509.KeyUsageFlags.digitalSignature | x509.KeyUsageFlags.keyEncipherment
             : x509.KeyUsageFlags.digitalSignature;
         expect(ku.usages).to.equal(expectedKu);
-        const issuingSki = new x509.X509Certificate(issuing.raw).getExtension(x509.SubjectKeyIdentifierExtension)!.keyId;
+        const issuingSki = new x509.X509Certificate(issuing.raw).getExtension(
+          x509.SubjectKeyIdentifierExtension,
+        )!.keyId;
         expect(parsed.getExtension(x509.AuthorityKeyIdentifierExtension)!.keyId).to.equal(issuingSki);
         // SKI is RFC 5280 method 1, the same value @peculiar/x509 itself computes.
-        const expectedSki = (await x509.SubjectKeyIdentifierExtension.create(leaf.publicKey.export({ type: 'spki', format: 'der' }))).keyId;
+        const expectedSki = (
+          await x509.SubjectKeyIdentifierExtension.create(leaf.publicKey.export({ type: 'spki', format: 'der' }))
+        ).keyId;
         expect(parsed.getExtension(x509.SubjectKeyIdentifierExtension)!.keyId).to.equal(expectedSki);
 
         // Key: PKCS#8, the requested algorithm, matching the certificate.
@@ -401,7 +458,9 @@ describe('pki', function () {
         if (role !== 'broker') {
           // Must fail: an agent or service certificate must not be usable to impersonate a server.
           expect(asServer.code).to.not.equal(0);
-          expect(asServer.stdout + asServer.stderr).to.match(/unsuitable certificate purpose|unsupported certificate purpose/);
+          expect(asServer.stdout + asServer.stderr).to.match(
+            /unsuitable certificate purpose|unsupported certificate purpose/,
+          );
         } else {
           expect(asServer.code, asServer.stdout + asServer.stderr).to.equal(0);
         }
@@ -418,14 +477,21 @@ describe('pki', function () {
 
     it('gives every certificate a different serial and key', async () => {
       const dir = pkiDirs.get('ecdsa-p256')!;
-      const issued = await Promise.all(Array.from({ length: 50 }, (_, i) => issueCertificate({ dir, role: 'agent', name: `a${i}` })));
+      const issued = await Promise.all(
+        Array.from({ length: 50 }, (_, i) => issueCertificate({ dir, role: 'agent', name: `a${i}` })),
+      );
       expect(new Set(issued.map((c) => c.serialHex)).size).to.equal(50);
       expect(new Set(issued.map((c) => c.keyPem)).size).to.equal(50);
     });
 
     it('honours ttlMs', async () => {
       const t0 = Date.now();
-      const issued = await issueCertificate({ dir: pkiDirs.get('ecdsa-p256')!, role: 'service', name: 's', ttlMs: 15 * 60_000 });
+      const issued = await issueCertificate({
+        dir: pkiDirs.get('ecdsa-p256')!,
+        role: 'service',
+        name: 's',
+        ttlMs: 15 * 60_000,
+      });
       expect(issued.notAfter.getTime()).to.be.within(t0 + 15 * 60_000 - 1000, Date.now() + 15 * 60_000);
     });
 
@@ -435,10 +501,19 @@ describe('pki', function () {
       await expectPkiError(() => issueCertificate({ dir, role: 'broker', name: 'b', dns: [], ip: [] }), /^dns: /);
       await expectPkiError(() => issueCertificate({ dir, role: 'agent', name: 'a', dns: ['a.example'] }), /^dns: /);
       await expectPkiError(() => issueCertificate({ dir, role: 'service', name: 's', ip: ['10.0.0.1'] }), /^ip: /);
-      await expectPkiError(() => issueCertificate({ dir, role: 'broker', name: 'b', ip: ['300.1.1.1'] }), /^ip: .*300\.1\.1\.1/);
+      await expectPkiError(
+        () => issueCertificate({ dir, role: 'broker', name: 'b', ip: ['300.1.1.1'] }),
+        /^ip: .*300\.1\.1\.1/,
+      );
       await expectPkiError(() => issueCertificate({ dir, role: 'broker', name: 'b', ip: ['fe80::1%eth0'] }), /^ip: /);
-      await expectPkiError(() => issueCertificate({ dir, role: 'broker', name: 'b', dns: ['bad_host'] }), /^dns: .*bad_host/);
-      await expectPkiError(() => issueCertificate({ dir, role: 'broker', name: 'b', dns: ['*.example.com'] }), /^dns: /);
+      await expectPkiError(
+        () => issueCertificate({ dir, role: 'broker', name: 'b', dns: ['bad_host'] }),
+        /^dns: .*bad_host/,
+      );
+      await expectPkiError(
+        () => issueCertificate({ dir, role: 'broker', name: 'b', dns: ['*.example.com'] }),
+        /^dns: /,
+      );
       await expectPkiError(() => issueCertificate({ dir, role: 'agent', name: '' }), /^name: .*required/);
       await expectPkiError(() => issueCertificate({ dir, role: 'agent', name: 'Bad Name' }), /^name: .*Bad Name/);
       await expectPkiError(() => issueCertificate({ dir, role: 'nope' as Role, name: 'a' }), /^role: .*nope/);
@@ -448,7 +523,10 @@ describe('pki', function () {
         () => issueCertificate({ dir, role: 'agent', name: 'a', keyAlgorithm: 'p384' as KeyAlgorithm }),
         /^keyAlgorithm: .*p384/,
       );
-      await expectPkiError(() => issueCertificate({ dir: freshDir('missing'), role: 'agent', name: 'a' }), /^dir: .*not an initialised/);
+      await expectPkiError(
+        () => issueCertificate({ dir: freshDir('missing'), role: 'agent', name: 'a' }),
+        /^dir: .*not an initialised/,
+      );
     });
 
     it('picks up a PKI re-created at the same path (cache follows the files)', async () => {
@@ -578,7 +656,9 @@ describe('pki', function () {
       const result = await exchange({ ...tlsOptions(foreignAgent), ca: agent.caPem });
       await serverErrored;
       expect(clientErrors.length).to.be.greaterThan(errorsBefore);
-      expect(acceptedPeers, 'server never accepted the foreign client').to.deep.equal(['URI:spiffe://burrow.local/agent/site-a']);
+      expect(acceptedPeers, 'server never accepted the foreign client').to.deep.equal([
+        'URI:spiffe://burrow.local/agent/site-a',
+      ]);
       // With TLS 1.3 the client sees secureConnect before the server's verdict, and the server
       // just drops the connection, so the failure shows as the first exchange getting no reply.
       expect(result.reply).to.equal('');
@@ -588,15 +668,18 @@ describe('pki', function () {
       const verdicts: Array<{ authorized: boolean; error: string | undefined; peer: string | undefined }> = [];
       const sockets = new Set<tls.TLSSocket>();
       // rejectUnauthorized: false lets the connection through so the server can inspect the verdict.
-      const permissive = tls.createServer({ ...tlsOptions(broker), requestCert: true, rejectUnauthorized: false }, (socket) => {
-        sockets.add(socket);
-        verdicts.push({
-          authorized: socket.authorized,
-          error: socket.authorizationError === null ? undefined : String(socket.authorizationError),
-          peer: socket.getPeerCertificate().subjectaltname,
-        });
-        socket.once('data', () => socket.end('pong'));
-      });
+      const permissive = tls.createServer(
+        { ...tlsOptions(broker), requestCert: true, rejectUnauthorized: false },
+        (socket) => {
+          sockets.add(socket);
+          verdicts.push({
+            authorized: socket.authorized,
+            error: socket.authorizationError === null ? undefined : String(socket.authorizationError),
+            peer: socket.getPeerCertificate().subjectaltname,
+          });
+          socket.once('data', () => socket.end('pong'));
+        },
+      );
       await new Promise<void>((resolve) => permissive.listen(0, '127.0.0.1', resolve));
       try {
         const permissivePort = (permissive.address() as AddressInfo).port;
@@ -609,7 +692,11 @@ describe('pki', function () {
       expect(verdicts).to.have.length(2);
       expect(verdicts[0]!.authorized).to.equal(false);
       expect(verdicts[0]!.error).to.match(/UNABLE_TO_VERIFY_LEAF_SIGNATURE|UNABLE_TO_GET_ISSUER_CERT/);
-      expect(verdicts[1]).to.deep.equal({ authorized: true, error: undefined, peer: 'URI:spiffe://burrow.local/agent/site-a' });
+      expect(verdicts[1]).to.deep.equal({
+        authorized: true,
+        error: undefined,
+        peer: 'URI:spiffe://burrow.local/agent/site-a',
+      });
     });
 
     it('refuses to connect without a client certificate', async () => {
@@ -622,7 +709,9 @@ describe('pki', function () {
       const result = await exchange({ ...tlsOptions(agent), ca: foreignAgent.caPem });
       expect(result.reply).to.equal('');
       expect(result.authorized).to.equal(false);
-      expect((result.error as NodeJS.ErrnoException | undefined)?.code).to.match(/UNABLE_TO_VERIFY|SELF_SIGNED|UNABLE_TO_GET_ISSUER/);
+      expect((result.error as NodeJS.ErrnoException | undefined)?.code).to.match(
+        /UNABLE_TO_VERIFY|SELF_SIGNED|UNABLE_TO_GET_ISSUER/,
+      );
     });
   });
 
@@ -630,9 +719,13 @@ describe('pki', function () {
     it('runs init and issue end to end', async () => {
       const dir = freshDir('cli-pki');
       const out = freshDir('cli-out');
-      const init = await run(process.execPath, [CLI, 'init', '--dir', dir, '--trust-domain', 'cli.test', '--key-algorithm', 'ed25519'], {
-        env: cleanEnv(),
-      });
+      const init = await run(
+        process.execPath,
+        [CLI, 'init', '--dir', dir, '--trust-domain', 'cli.test', '--key-algorithm', 'ed25519'],
+        {
+          env: cleanEnv(),
+        },
+      );
       expect(init.code, init.stderr).to.equal(0);
       expect(init.stderr).to.equal('');
       expect(init.stdout.trim().split('\n')).to.have.length(1);
@@ -642,7 +735,24 @@ describe('pki', function () {
 
       const issue = await run(
         process.execPath,
-        [CLI, 'issue', '--dir', dir, '--role', 'broker', '--name', 'b', '--dns', 'broker.cli.test', '--ip', '127.0.0.1', '--ttl', '1h30m', '--out', out],
+        [
+          CLI,
+          'issue',
+          '--dir',
+          dir,
+          '--role',
+          'broker',
+          '--name',
+          'b',
+          '--dns',
+          'broker.cli.test',
+          '--ip',
+          '127.0.0.1',
+          '--ttl',
+          '1h30m',
+          '--out',
+          out,
+        ],
         { env: cleanEnv() },
       );
       expect(issue.code, issue.stderr).to.equal(0);
@@ -655,7 +765,16 @@ describe('pki', function () {
       expect(issue.stdout).to.include(leaf.serialNumber);
       const lifetimeMs = new Date(leaf.validTo).getTime() - new Date(leaf.validFrom).getTime();
       expect(lifetimeMs).to.be.closeTo(90 * 60_000 + NOT_BEFORE_BACKDATE_MS, 2000);
-      const verify = await run('openssl', ['verify', '-CAfile', path.join(out, 'ca.crt'), '-untrusted', path.join(out, 'tls.crt'), '-purpose', 'sslserver', path.join(out, 'tls.crt')]);
+      const verify = await run('openssl', [
+        'verify',
+        '-CAfile',
+        path.join(out, 'ca.crt'),
+        '-untrusted',
+        path.join(out, 'tls.crt'),
+        '-purpose',
+        'sslserver',
+        path.join(out, 'tls.crt'),
+      ]);
       expect(verify.code, verify.stdout + verify.stderr).to.equal(0);
     });
 
@@ -679,7 +798,9 @@ describe('pki', function () {
       });
       expect(issue.code, issue.stderr).to.equal(0);
       const leaf = new X509Certificate(splitPem(fs.readFileSync(path.join(out, 'tls.crt'), 'utf8'))[0]!);
-      expect(leaf.subjectAltName).to.equal('URI:spiffe://env.test/broker/a.env.test, DNS:a.env.test, DNS:b.env.test, IP Address:127.0.0.1');
+      expect(leaf.subjectAltName).to.equal(
+        'URI:spiffe://env.test/broker/a.env.test, DNS:a.env.test, DNS:b.env.test, IP Address:127.0.0.1',
+      );
       expect(leaf.publicKey.asymmetricKeyType).to.equal('rsa');
       const lifetimeMs = new Date(leaf.validTo).getTime() - new Date(leaf.validFrom).getTime();
       expect(lifetimeMs).to.be.closeTo(2 * 3_600_000 + NOT_BEFORE_BACKDATE_MS, 2000);
@@ -699,18 +820,98 @@ describe('pki', function () {
     });
 
     const badInvocations: Array<{ label: string; args: () => string[]; stderr: RegExp }> = [
-      { label: '--role nope', args: () => ['issue', '--dir', cliPkiDir, '--role', 'nope', '--name', 'a', '--out', freshDir('o')], stderr: /role: .*nope/ },
-      { label: 'missing --dir', args: () => ['issue', '--role', 'agent', '--name', 'a', '--out', freshDir('o')], stderr: /dir/ },
-      { label: '--ttl 5x', args: () => ['issue', '--dir', cliPkiDir, '--role', 'agent', '--name', 'a', '--ttl', '5x', '--out', freshDir('o')], stderr: /ttl: .*'5x'/ },
-      { label: '--ttl 0s', args: () => ['issue', '--dir', cliPkiDir, '--role', 'agent', '--name', 'a', '--ttl', '0s', '--out', freshDir('o')], stderr: /ttl: / },
-      { label: 'broker without --dns/--ip', args: () => ['issue', '--dir', cliPkiDir, '--role', 'broker', '--out', freshDir('o')], stderr: /dns: / },
-      { label: 'agent without --name', args: () => ['issue', '--dir', cliPkiDir, '--role', 'agent', '--out', freshDir('o')], stderr: /name: .*required/ },
-      { label: 'an unknown flag', args: () => ['issue', '--dir', cliPkiDir, '--role', 'agent', '--name', 'a', '--out', freshDir('o'), '--colour'], stderr: /colour/ },
-      { label: 'a repeated single-valued flag', args: () => ['issue', '--dir', cliPkiDir, '--dir', cliPkiDir, '--role', 'agent', '--name', 'a', '--out', freshDir('o')], stderr: /dir: .*more than once/ },
+      {
+        label: '--role nope',
+        args: () => ['issue', '--dir', cliPkiDir, '--role', 'nope', '--name', 'a', '--out', freshDir('o')],
+        stderr: /role: .*nope/,
+      },
+      {
+        label: 'missing --dir',
+        args: () => ['issue', '--role', 'agent', '--name', 'a', '--out', freshDir('o')],
+        stderr: /dir/,
+      },
+      {
+        label: '--ttl 5x',
+        args: () => [
+          'issue',
+          '--dir',
+          cliPkiDir,
+          '--role',
+          'agent',
+          '--name',
+          'a',
+          '--ttl',
+          '5x',
+          '--out',
+          freshDir('o'),
+        ],
+        stderr: /ttl: .*'5x'/,
+      },
+      {
+        label: '--ttl 0s',
+        args: () => [
+          'issue',
+          '--dir',
+          cliPkiDir,
+          '--role',
+          'agent',
+          '--name',
+          'a',
+          '--ttl',
+          '0s',
+          '--out',
+          freshDir('o'),
+        ],
+        stderr: /ttl: /,
+      },
+      {
+        label: 'broker without --dns/--ip',
+        args: () => ['issue', '--dir', cliPkiDir, '--role', 'broker', '--out', freshDir('o')],
+        stderr: /dns: /,
+      },
+      {
+        label: 'agent without --name',
+        args: () => ['issue', '--dir', cliPkiDir, '--role', 'agent', '--out', freshDir('o')],
+        stderr: /name: .*required/,
+      },
+      {
+        label: 'an unknown flag',
+        args: () => ['issue', '--dir', cliPkiDir, '--role', 'agent', '--name', 'a', '--out', freshDir('o'), '--colour'],
+        stderr: /colour/,
+      },
+      {
+        label: 'a repeated single-valued flag',
+        args: () => [
+          'issue',
+          '--dir',
+          cliPkiDir,
+          '--dir',
+          cliPkiDir,
+          '--role',
+          'agent',
+          '--name',
+          'a',
+          '--out',
+          freshDir('o'),
+        ],
+        stderr: /dir: .*more than once/,
+      },
       { label: 'no command', args: () => [], stderr: /command/ },
-      { label: 'init of an initialised dir', args: () => ['init', '--dir', cliPkiDir], stderr: /dir: .*already initialised/ },
-      { label: 'init with a bad trust domain', args: () => ['init', '--dir', freshDir('td'), '--trust-domain', 'UPPER'], stderr: /trustDomain: .*UPPER/ },
-      { label: 'init with --key-algorithm dsa', args: () => ['init', '--dir', freshDir('ka'), '--key-algorithm', 'dsa'], stderr: /keyAlgorithm: .*dsa/ },
+      {
+        label: 'init of an initialised dir',
+        args: () => ['init', '--dir', cliPkiDir],
+        stderr: /dir: .*already initialised/,
+      },
+      {
+        label: 'init with a bad trust domain',
+        args: () => ['init', '--dir', freshDir('td'), '--trust-domain', 'UPPER'],
+        stderr: /trustDomain: .*UPPER/,
+      },
+      {
+        label: 'init with --key-algorithm dsa',
+        args: () => ['init', '--dir', freshDir('ka'), '--key-algorithm', 'dsa'],
+        stderr: /keyAlgorithm: .*dsa/,
+      },
     ];
     for (const { label, args, stderr } of badInvocations) {
       it(`exits 2 with one line on stderr for ${label}`, async () => {
@@ -737,7 +938,9 @@ describe('pki', function () {
       expect(issueHelp.stdout).to.include('BURROW_PKI_DIR').and.to.include('--dns');
       const version = await run(process.execPath, [CLI, '--version'], { env: cleanEnv() });
       expect(version.code).to.equal(0);
-      const pkgVersion = JSON.parse(fs.readFileSync(path.join(path.dirname(CLI), '..', 'package.json'), 'utf8')).version;
+      const pkgVersion = JSON.parse(
+        fs.readFileSync(path.join(path.dirname(CLI), '..', 'package.json'), 'utf8'),
+      ).version;
       expect(version.stdout.trim()).to.equal(pkgVersion);
     });
   });

@@ -28,14 +28,23 @@ describe('burrow-agent policy (CLI)', function () {
 
   describe('check', () => {
     it('prints "ok: N policies, M entities" and exits 0 for the example site (with its schema)', async () => {
-      const { exit, stdout } = await policy(['check', '--policies', policies, '--entities', entities, '--policy-schema', schema]);
+      const { exit, stdout } = await policy([
+        'check',
+        '--policies',
+        policies,
+        '--entities',
+        entities,
+        '--policy-schema',
+        schema,
+      ]);
       expect(exit.code).to.equal(0);
       expect(stdout).to.equal('ok: 7 policies, 17 entities\n');
     });
 
     it('prints every error as file:line:column and exits 1', async () => {
       const fx = new PolicyFixture({
-        'a.cedar': 'permit (principal, action, resource);\npermit (principal, action, resource) when { principal.x > };\n',
+        'a.cedar':
+          'permit (principal, action, resource);\npermit (principal, action, resource) when { principal.x > };\n',
         'b.cedar': '\nforbid (principal, acton, resource);\n',
       });
       fixtures.push(fx);
@@ -48,19 +57,29 @@ describe('burrow-agent policy (CLI)', function () {
     });
 
     it('reports schema violations with the policy line, and bad entity data by file', async () => {
-      const fx = new PolicyFixture({ 'p.cedar': '@id("typo")\npermit (principal, action == Action::"read", resource is Document)\nwhen { resource.clasification == "public" };\n' });
+      const fx = new PolicyFixture({
+        'p.cedar':
+          '@id("typo")\npermit (principal, action == Action::"read", resource is Document)\nwhen { resource.clasification == "public" };\n',
+      });
       fixtures.push(fx);
       const bad = await policy(['check', '--policies', fx.policiesDir, '--policy-schema', schema]);
       expect(bad.exit.code).to.equal(1);
-      expect(bad.stderrLines.join('\n')).to.match(new RegExp(`${fx.policyPath('p.cedar')}:3:\\d+: policy typo: .*clasification`));
+      expect(bad.stderrLines.join('\n')).to.match(
+        new RegExp(`${fx.policyPath('p.cedar')}:3:\\d+: policy typo: .*clasification`),
+      );
       writeFileSync(fx.entitiesFile, '{"not": "an array"}');
       const ents = await policy(['check', '--policies', policies, '--entities', fx.entitiesFile]);
       expect(ents.exit.code).to.equal(1);
-      expect(ents.stderrLines).to.deep.equal([`burrow-agent: policy: ${fx.entitiesFile}: must be a JSON array of entities ({"uid": {"type", "id"}, "attrs", "parents"})`]);
+      expect(ents.stderrLines).to.deep.equal([
+        `burrow-agent: policy: ${fx.entitiesFile}: must be a JSON array of entities ({"uid": {"type", "id"}, "attrs", "parents"})`,
+      ]);
     });
 
     it('takes its flags from BURROW_AGENT_* variables and from a YAML --config file', async () => {
-      const fromEnv = await policy(['check'], undefined, { BURROW_AGENT_POLICIES: policies, BURROW_AGENT_ENTITIES: entities });
+      const fromEnv = await policy(['check'], undefined, {
+        BURROW_AGENT_POLICIES: policies,
+        BURROW_AGENT_ENTITIES: entities,
+      });
       expect(fromEnv.exit.code).to.equal(0);
       expect(fromEnv.stdout).to.equal('ok: 7 policies, 17 entities\n');
       const fx = new PolicyFixture({});
@@ -88,11 +107,17 @@ describe('burrow-agent policy (CLI)', function () {
       expect(permit.exit.code).to.equal(0);
       expect(JSON.parse(permit.stdout)).to.deep.equal({
         decision: true,
-        context: { reason: 'permitted by owners-manage-own-documents, project-team-edits', policies: ['owners-manage-own-documents', 'project-team-edits'] },
+        context: {
+          reason: 'permitted by owners-manage-own-documents, project-team-edits',
+          policies: ['owners-manage-own-documents', 'project-team-edits'],
+        },
       });
       const deny = await policy(base, sample('deny-contractor-deletes-own.json'));
       expect(deny.exit.code).to.equal(0);
-      expect(JSON.parse(deny.stdout)).to.deep.equal({ decision: false, context: { reason: 'forbidden by contractors-never-delete', policies: ['contractors-never-delete'] } });
+      expect(JSON.parse(deny.stdout)).to.deep.equal({
+        decision: false,
+        context: { reason: 'forbidden by contractors-never-delete', policies: ['contractors-never-delete'] },
+      });
     });
 
     it('--explain adds the satisfied policies with their file:line', async () => {
@@ -117,15 +142,27 @@ describe('burrow-agent policy (CLI)', function () {
     });
 
     it('invalid input: exit 2 with one line naming the problem', async () => {
-      const badType = await policy(base, JSON.stringify({ subject: { type: 'User Group', id: 'x' }, action: { name: 'read' }, resource: { type: 'Document', id: 'd' } }));
+      const badType = await policy(
+        base,
+        JSON.stringify({
+          subject: { type: 'User Group', id: 'x' },
+          action: { name: 'read' },
+          resource: { type: 'Document', id: 'd' },
+        }),
+      );
       expect(badType.exit.code).to.equal(2);
       expect(badType.stdout).to.equal('');
-      expect(badType.stderrLines).to.deep.equal(['burrow-agent: policy: invalid request: subject.type "User Group" is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)']);
+      expect(badType.stderrLines).to.deep.equal([
+        'burrow-agent: policy: invalid request: subject.type "User Group" is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)',
+      ]);
       const notJson = await policy(base, '{"subject": ');
       expect(notJson.exit.code).to.equal(2);
       expect(notJson.stderrLines).to.have.length(1);
       expect(notJson.stderrLines[0]).to.match(/^burrow-agent: policy: input: not JSON: /);
-      const badSemantic = await policy(base, JSON.stringify({ evaluations: [], options: { evaluations_semantic: 'random' } }));
+      const badSemantic = await policy(
+        base,
+        JSON.stringify({ evaluations: [], options: { evaluations_semantic: 'random' } }),
+      );
       expect(badSemantic.exit.code).to.equal(2);
       expect(badSemantic.stderrLines[0]).to.match(/evaluations_semantic "random"/);
     });
@@ -133,7 +170,10 @@ describe('burrow-agent policy (CLI)', function () {
     it('a policy set that does not load: exit 1 naming the file', async () => {
       const fx = new PolicyFixture({ 'x.cedar': 'permit (principal, action, resource' });
       fixtures.push(fx);
-      const { exit, stderrLines } = await policy(['eval', '--policies', fx.policiesDir], sample('permit-owner-edits.json'));
+      const { exit, stderrLines } = await policy(
+        ['eval', '--policies', fx.policiesDir],
+        sample('permit-owner-edits.json'),
+      );
       expect(exit.code).to.equal(1);
       expect(stderrLines).to.have.length(1);
       expect(stderrLines[0]).to.match(new RegExp(`^burrow-agent: policy: ${fx.policyPath('x.cedar')}:1:\\d+: `));

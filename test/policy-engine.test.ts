@@ -6,8 +6,15 @@ import { Registry } from 'prom-client';
 import cedar = require('@cedar-policy/cedar-wasm/nodejs');
 import { status as Status } from '@grpc/grpc-js';
 import {
-  PolicyEngine, PolicyInputError, PolicyLoadError, canonicalJson, sha256Hex, splitPolicyStatements,
-  type EvaluationResponse, type PolicyEngineOptions, type ReloadResult,
+  PolicyEngine,
+  PolicyInputError,
+  PolicyLoadError,
+  canonicalJson,
+  sha256Hex,
+  splitPolicyStatements,
+  type EvaluationResponse,
+  type PolicyEngineOptions,
+  type ReloadResult,
 } from '@burrow/policy';
 import { EXAMPLES_DIR, PolicyFixture, capturingLogger, entity, request } from './helpers/policy-fixture';
 
@@ -75,8 +82,20 @@ const ENTITIES = [
   entity('User', 'alice', { clearance: 1 }, [['Group', 'admins']]),
   entity('User', 'bob', { clearance: 1 }, [['Group', 'eng']]),
   entity('User', 'carol', { clearance: 2 }),
-  entity('Doc', 'd1', { owner: { __entity: { type: 'User', id: 'bob' } }, public: false, locked: true, level: 3, team: { __entity: { type: 'Group', id: 'eng' } } }),
-  entity('Doc', 'd2', { owner: { __entity: { type: 'User', id: 'carol' } }, public: true, locked: false, level: 1, team: { __entity: { type: 'Group', id: 'admins' } } }),
+  entity('Doc', 'd1', {
+    owner: { __entity: { type: 'User', id: 'bob' } },
+    public: false,
+    locked: true,
+    level: 3,
+    team: { __entity: { type: 'Group', id: 'eng' } },
+  }),
+  entity('Doc', 'd2', {
+    owner: { __entity: { type: 'User', id: 'carol' } },
+    public: true,
+    locked: false,
+    level: 1,
+    team: { __entity: { type: 'Group', id: 'admins' } },
+  }),
   entity('Doc', 'd3', {}),
   entity('Settings', 'global', { open_config: true }),
 ];
@@ -91,9 +110,16 @@ function metric(registry: Registry, name: string, labels: Record<string, string>
 }
 
 /** Resolves with the first reload result `accept` takes (registered before the change is made). */
-function nextReload(engine: PolicyEngine, accept: (r: ReloadResult) => boolean = () => true, timeoutMs = 10_000): Promise<ReloadResult> {
+function nextReload(
+  engine: PolicyEngine,
+  accept: (r: ReloadResult) => boolean = () => true,
+  timeoutMs = 10_000,
+): Promise<ReloadResult> {
   return new Promise((resolve, reject) => {
-    const timer = setTimeout(() => { engine.off('reload', on); reject(new Error(`no matching reload within ${timeoutMs} ms`)); }, timeoutMs);
+    const timer = setTimeout(() => {
+      engine.off('reload', on);
+      reject(new Error(`no matching reload within ${timeoutMs} ms`));
+    }, timeoutMs);
     const on = (r: ReloadResult): void => {
       if (!accept(r)) return;
       clearTimeout(timer);
@@ -109,11 +135,21 @@ describe('policy engine', function () {
   const fixtures: PolicyFixture[] = [];
   const engines: PolicyEngine[] = [];
 
-  async function open(policies: Record<string, string>, entities: unknown[] | undefined = ENTITIES, extra: Partial<PolicyEngineOptions> = {}): Promise<{ engine: PolicyEngine; fx: PolicyFixture; registry: Registry }> {
+  async function open(
+    policies: Record<string, string>,
+    entities: unknown[] | undefined = ENTITIES,
+    extra: Partial<PolicyEngineOptions> = {},
+  ): Promise<{ engine: PolicyEngine; fx: PolicyFixture; registry: Registry }> {
     const fx = new PolicyFixture(policies, entities);
     fixtures.push(fx);
     const registry = new Registry();
-    const engine = await PolicyEngine.open({ policiesDir: fx.policiesDir, entitiesFile: entities ? fx.entitiesFile : undefined, registry, metricsPrefix: 'test_policy', ...extra });
+    const engine = await PolicyEngine.open({
+      policiesDir: fx.policiesDir,
+      entitiesFile: entities ? fx.entitiesFile : undefined,
+      registry,
+      metricsPrefix: 'test_policy',
+      ...extra,
+    });
     engines.push(engine);
     return { engine, fx, registry };
   }
@@ -125,33 +161,169 @@ describe('policy engine', function () {
 
   describe('decisions', () => {
     let engine: PolicyEngine;
-    beforeEach(async () => { ({ engine } = await open({ 'base.cedar': BASE, 'misc.cedar': MISC })); });
+    beforeEach(async () => {
+      ({ engine } = await open({ 'base.cedar': BASE, 'misc.cedar': MISC }));
+    });
 
-    const cases: { name: string; req: Record<string, unknown>; decision: boolean; policies: string[]; reason?: RegExp }[] = [
-      { name: 'permit through a group (parents)', req: request('User:alice', 'delete', 'Doc:d2'), decision: true, policies: ['admins-all'] },
-      { name: 'forbid wins over permit', req: request('User:alice', 'delete', 'Doc:d1'), decision: false, policies: ['no-delete-locked'], reason: /^forbidden by no-delete-locked/ },
-      { name: 'default deny: no policy applies', req: request('User:carol', 'delete', 'Doc:d2'), decision: false, policies: [], reason: /no policy permits this request \(default deny\)$/ },
-      { name: 'permit comparing an entity-valued attribute to the principal', req: request('User:bob', 'read', 'Doc:d1'), decision: true, policies: ['owner-reads'] },
-      { name: 'a subject absent from the entity data can still be permitted', req: request('User:erin', 'read', 'Doc:d2'), decision: true, policies: ['public-read'] },
-      { name: 'group membership is transitive (bob in eng in staff)', req: request('User:bob', 'lunch', 'Doc:d1'), decision: true, policies: ['staff-lunch'] },
+    const cases: {
+      name: string;
+      req: Record<string, unknown>;
+      decision: boolean;
+      policies: string[];
+      reason?: RegExp;
+    }[] = [
+      {
+        name: 'permit through a group (parents)',
+        req: request('User:alice', 'delete', 'Doc:d2'),
+        decision: true,
+        policies: ['admins-all'],
+      },
+      {
+        name: 'forbid wins over permit',
+        req: request('User:alice', 'delete', 'Doc:d1'),
+        decision: false,
+        policies: ['no-delete-locked'],
+        reason: /^forbidden by no-delete-locked/,
+      },
+      {
+        name: 'default deny: no policy applies',
+        req: request('User:carol', 'delete', 'Doc:d2'),
+        decision: false,
+        policies: [],
+        reason: /no policy permits this request \(default deny\)$/,
+      },
+      {
+        name: 'permit comparing an entity-valued attribute to the principal',
+        req: request('User:bob', 'read', 'Doc:d1'),
+        decision: true,
+        policies: ['owner-reads'],
+      },
+      {
+        name: 'a subject absent from the entity data can still be permitted',
+        req: request('User:erin', 'read', 'Doc:d2'),
+        decision: true,
+        policies: ['public-read'],
+      },
+      {
+        name: 'group membership is transitive (bob in eng in staff)',
+        req: request('User:bob', 'lunch', 'Doc:d1'),
+        decision: true,
+        policies: ['staff-lunch'],
+      },
       { name: 'not in the group: deny', req: request('User:carol', 'lunch', 'Doc:d1'), decision: false, policies: [] },
-      { name: 'three levels up (bob in eng in staff in everyone)', req: request('User:bob', 'breathe', 'Doc:d1'), decision: true, policies: ['everyone-breathes'] },
-      { name: 'entity data alone: clearance 2 < level 3', req: request('User:carol', 'view_secret', 'Doc:d1'), decision: false, policies: [] },
-      { name: 'subject properties override entity attributes', req: request('User:carol', 'view_secret', 'Doc:d1', { subject: { type: 'User', id: 'carol', properties: { clearance: 5 } } }), decision: true, policies: ['clearance'] },
-      { name: 'resource properties override entity attributes', req: request('User:carol', 'view_secret', 'Doc:d1', { resource: { type: 'Doc', id: 'd1', properties: { level: 2 } } }), decision: true, policies: ['clearance'] },
-      { name: 'an absent subject is made from its properties', req: request('User:zed', 'view_secret', 'Doc:d1', { subject: { type: 'User', id: 'zed', properties: { clearance: 9 } } }), decision: true, policies: ['clearance'] },
-      { name: 'properties override only the keys they name', req: request('User:bob', 'write', 'Doc:d1', { resource: { type: 'Doc', id: 'd1', properties: { level: 0 } } }), decision: true, policies: ['team-writes'] },
-      { name: 'a resource property can point at another entity', req: request('User:alice', 'write', 'Doc:d3', { resource: { type: 'Doc', id: 'd3', properties: { team: { __entity: { type: 'Group', id: 'admins' } } } } }), decision: true, policies: ['admins-all', 'team-writes'] },
-      { name: 'context condition met', req: request('User:carol', 'print', 'Doc:d2', { context: { hour: 10 } }), decision: true, policies: ['office-hours'] },
-      { name: 'context condition not met', req: request('User:carol', 'print', 'Doc:d2', { context: { hour: 20 } }), decision: false, policies: [] },
-      { name: 'an error in `when` (missing context key) is not an allow', req: request('User:carol', 'print', 'Doc:d2'), decision: false, policies: [], reason: /default deny\); 1 policy failed to evaluate and did not apply: office-hours \(.*hour/ },
-      { name: 'an error in `when` (missing attribute) is not an allow', req: request('User:carol', 'read', 'Doc:d3'), decision: false, policies: [], reason: /public-read \(.*public/ },
-      { name: 'an absent subject without properties has no attributes: error, deny', req: request('User:zed', 'view_secret', 'Doc:d1'), decision: false, policies: [], reason: /clearance \(/ },
-      { name: 'attributes of an entity named in a policy are available', req: request('User:carol', 'configure', 'Doc:d3'), decision: true, policies: ['config-open'] },
-      { name: 'action properties reach the context (small)', req: request('User:carol', 'transfer', 'Doc:d3', { action: { name: 'transfer', properties: { amount: 50 } } }), decision: true, policies: ['small-transfers'] },
-      { name: 'action properties reach the context (large)', req: request('User:carol', 'transfer', 'Doc:d3', { action: { name: 'transfer', properties: { amount: 500 } } }), decision: false, policies: [] },
-      { name: 'an unannotated policy is <file>#<index>', req: request('User:carol', 'wave', 'Doc:d2'), decision: true, policies: ['misc.cedar#0'] },
-      { name: 'an unannotated forbid is <file>#<index>', req: request('User:carol', 'wave', 'Doc:d1'), decision: false, policies: ['misc.cedar#1'] },
+      {
+        name: 'three levels up (bob in eng in staff in everyone)',
+        req: request('User:bob', 'breathe', 'Doc:d1'),
+        decision: true,
+        policies: ['everyone-breathes'],
+      },
+      {
+        name: 'entity data alone: clearance 2 < level 3',
+        req: request('User:carol', 'view_secret', 'Doc:d1'),
+        decision: false,
+        policies: [],
+      },
+      {
+        name: 'subject properties override entity attributes',
+        req: request('User:carol', 'view_secret', 'Doc:d1', {
+          subject: { type: 'User', id: 'carol', properties: { clearance: 5 } },
+        }),
+        decision: true,
+        policies: ['clearance'],
+      },
+      {
+        name: 'resource properties override entity attributes',
+        req: request('User:carol', 'view_secret', 'Doc:d1', {
+          resource: { type: 'Doc', id: 'd1', properties: { level: 2 } },
+        }),
+        decision: true,
+        policies: ['clearance'],
+      },
+      {
+        name: 'an absent subject is made from its properties',
+        req: request('User:zed', 'view_secret', 'Doc:d1', {
+          subject: { type: 'User', id: 'zed', properties: { clearance: 9 } },
+        }),
+        decision: true,
+        policies: ['clearance'],
+      },
+      {
+        name: 'properties override only the keys they name',
+        req: request('User:bob', 'write', 'Doc:d1', { resource: { type: 'Doc', id: 'd1', properties: { level: 0 } } }),
+        decision: true,
+        policies: ['team-writes'],
+      },
+      {
+        name: 'a resource property can point at another entity',
+        req: request('User:alice', 'write', 'Doc:d3', {
+          resource: { type: 'Doc', id: 'd3', properties: { team: { __entity: { type: 'Group', id: 'admins' } } } },
+        }),
+        decision: true,
+        policies: ['admins-all', 'team-writes'],
+      },
+      {
+        name: 'context condition met',
+        req: request('User:carol', 'print', 'Doc:d2', { context: { hour: 10 } }),
+        decision: true,
+        policies: ['office-hours'],
+      },
+      {
+        name: 'context condition not met',
+        req: request('User:carol', 'print', 'Doc:d2', { context: { hour: 20 } }),
+        decision: false,
+        policies: [],
+      },
+      {
+        name: 'an error in `when` (missing context key) is not an allow',
+        req: request('User:carol', 'print', 'Doc:d2'),
+        decision: false,
+        policies: [],
+        reason: /default deny\); 1 policy failed to evaluate and did not apply: office-hours \(.*hour/,
+      },
+      {
+        name: 'an error in `when` (missing attribute) is not an allow',
+        req: request('User:carol', 'read', 'Doc:d3'),
+        decision: false,
+        policies: [],
+        reason: /public-read \(.*public/,
+      },
+      {
+        name: 'an absent subject without properties has no attributes: error, deny',
+        req: request('User:zed', 'view_secret', 'Doc:d1'),
+        decision: false,
+        policies: [],
+        reason: /clearance \(/,
+      },
+      {
+        name: 'attributes of an entity named in a policy are available',
+        req: request('User:carol', 'configure', 'Doc:d3'),
+        decision: true,
+        policies: ['config-open'],
+      },
+      {
+        name: 'action properties reach the context (small)',
+        req: request('User:carol', 'transfer', 'Doc:d3', { action: { name: 'transfer', properties: { amount: 50 } } }),
+        decision: true,
+        policies: ['small-transfers'],
+      },
+      {
+        name: 'action properties reach the context (large)',
+        req: request('User:carol', 'transfer', 'Doc:d3', { action: { name: 'transfer', properties: { amount: 500 } } }),
+        decision: false,
+        policies: [],
+      },
+      {
+        name: 'an unannotated policy is <file>#<index>',
+        req: request('User:carol', 'wave', 'Doc:d2'),
+        decision: true,
+        policies: ['misc.cedar#0'],
+      },
+      {
+        name: 'an unannotated forbid is <file>#<index>',
+        req: request('User:carol', 'wave', 'Doc:d1'),
+        decision: false,
+        policies: ['misc.cedar#1'],
+      },
     ];
     for (const c of cases) {
       it(c.name, () => {
@@ -167,7 +339,8 @@ describe('policy engine', function () {
       const res = engine.evaluate(request('User:alice', 'delete', 'Doc:d3'));
       expect(res.decision).to.equal(false);
       expect(res.context.policies).to.deep.equal(['no-delete-locked']);
-      expect(res.context.reason).to.match(/^denied: 1 forbid policy failed to evaluate: no-delete-locked \(.+\) /)
+      expect(res.context.reason)
+        .to.match(/^denied: 1 forbid policy failed to evaluate: no-delete-locked \(.+\) /)
         .and.match(/\(a forbid that cannot be evaluated denies\)$/);
     });
 
@@ -197,14 +370,28 @@ describe('policy engine', function () {
     // The engine passes Cedar only the entities a decision can reach; raw Cedar with the whole
     // entity data and the same policies must agree on every request, errors included.
     const sets = [
-      { name: 'example site', actions: ['read', 'edit', 'delete', 'share'], policiesDir: path.join(EXAMPLES_DIR, 'policies'), entities: JSON.parse(readFileSync(path.join(EXAMPLES_DIR, 'entities.json'), 'utf8')) as unknown[] },
-      { name: 'test set (with an entity read through a policy literal)', actions: ['read', 'delete', 'print', 'write', 'configure', 'lunch', 'breathe', 'wave', 'view_secret'], policies: { 'base.cedar': BASE, 'misc.cedar': MISC }, entities: ENTITIES },
+      {
+        name: 'example site',
+        actions: ['read', 'edit', 'delete', 'share'],
+        policiesDir: path.join(EXAMPLES_DIR, 'policies'),
+        entities: JSON.parse(readFileSync(path.join(EXAMPLES_DIR, 'entities.json'), 'utf8')) as unknown[],
+      },
+      {
+        name: 'test set (with an entity read through a policy literal)',
+        actions: ['read', 'delete', 'print', 'write', 'configure', 'lunch', 'breathe', 'wave', 'view_secret'],
+        policies: { 'base.cedar': BASE, 'misc.cedar': MISC },
+        entities: ENTITIES,
+      },
     ];
     for (const set of sets) {
       it(set.name, async () => {
         let engine: PolicyEngine;
         if ('policiesDir' in set) {
-          engine = await PolicyEngine.open({ policiesDir: set.policiesDir!, entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'), cacheTtlMs: 0 });
+          engine = await PolicyEngine.open({
+            policiesDir: set.policiesDir!,
+            entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
+            cacheTtlMs: 0,
+          });
           engines.push(engine);
         } else {
           ({ engine } = await open(set.policies!, set.entities, { cacheTtlMs: 0 }));
@@ -222,27 +409,36 @@ describe('policy engine', function () {
         // grandparent or a missed literal shows up as a different answer.
         const contexts = [{}, { mfa: true, hour: 10 }, { incident_id: 'INC-1', hour: 20 }, { mfa: false }];
         let i = 0;
-        for (const subject of principals) for (const action of actions) for (const resource of resources) {
-          const ctx = contexts[i++ % contexts.length];
-          const res = engine.evaluate({ subject, action: { name: action }, resource, context: ctx, explain: true });
-          const raw = cedar.isAuthorized({
-            principal: subject, action: { type: 'Action', id: action }, resource, context: ctx as never,
-            policies: { staticPolicies }, entities: set.entities as never,
-          });
-          if (raw.type !== 'success') throw new Error(JSON.stringify(raw.errors));
-          const what = `${JSON.stringify(subject)} ${action} ${JSON.stringify(resource)} ${JSON.stringify(ctx)}`;
-          // Cedar's answer, but failing closed: an allow with an erroring forbid is a deny by that forbid.
-          const rawErrorIds = raw.response.diagnostics.errors.map((e) => e.policyId);
-          const failedForbids = rawErrorIds.filter((id) => forbids.has(id)).sort();
-          const failedClosed = raw.response.decision === 'allow' && failedForbids.length > 0;
-          expect(res.decision, what).to.equal(raw.response.decision === 'allow' && !failedClosed);
-          const deciding = failedClosed ? failedForbids : [...raw.response.diagnostics.reason].sort();
-          expect(res.context.policies, what).to.deep.equal(deciding);
-          const rawErrors = raw.response.diagnostics.errors.map((e) => e.policyId).sort();
-          expect(res.context.explanation!.errors.map((e) => e.policy), what).to.deep.equal(rawErrors);
-          if (rawErrors.length > 0) errored++;
-          if (res.decision) allowed++;
-        }
+        for (const subject of principals)
+          for (const action of actions)
+            for (const resource of resources) {
+              const ctx = contexts[i++ % contexts.length];
+              const res = engine.evaluate({ subject, action: { name: action }, resource, context: ctx, explain: true });
+              const raw = cedar.isAuthorized({
+                principal: subject,
+                action: { type: 'Action', id: action },
+                resource,
+                context: ctx as never,
+                policies: { staticPolicies },
+                entities: set.entities as never,
+              });
+              if (raw.type !== 'success') throw new Error(JSON.stringify(raw.errors));
+              const what = `${JSON.stringify(subject)} ${action} ${JSON.stringify(resource)} ${JSON.stringify(ctx)}`;
+              // Cedar's answer, but failing closed: an allow with an erroring forbid is a deny by that forbid.
+              const rawErrorIds = raw.response.diagnostics.errors.map((e) => e.policyId);
+              const failedForbids = rawErrorIds.filter((id) => forbids.has(id)).sort();
+              const failedClosed = raw.response.decision === 'allow' && failedForbids.length > 0;
+              expect(res.decision, what).to.equal(raw.response.decision === 'allow' && !failedClosed);
+              const deciding = failedClosed ? failedForbids : [...raw.response.diagnostics.reason].sort();
+              expect(res.context.policies, what).to.deep.equal(deciding);
+              const rawErrors = raw.response.diagnostics.errors.map((e) => e.policyId).sort();
+              expect(
+                res.context.explanation!.errors.map((e) => e.policy),
+                what,
+              ).to.deep.equal(rawErrors);
+              if (rawErrors.length > 0) errored++;
+              if (res.decision) allowed++;
+            }
         // The requests must have covered allows and evaluation errors, or the comparison proves little.
         expect(allowed).to.be.greaterThan(10);
         expect(errored).to.be.greaterThan(10);
@@ -253,24 +449,99 @@ describe('policy engine', function () {
   describe('invalid input is INVALID_ARGUMENT naming the field and the value', () => {
     let engine: PolicyEngine;
     let registry: Registry;
-    beforeEach(async () => { ({ engine, registry } = await open({ 'base.cedar': BASE })); });
+    beforeEach(async () => {
+      ({ engine, registry } = await open({ 'base.cedar': BASE }));
+    });
 
     const bad: { name: string; req: unknown; field: string; message: RegExp }[] = [
-      { name: 'type with a space', req: request('User Group:x', 'read', 'Doc:d1'), field: 'subject.type', message: /subject\.type "User Group" is not a valid Cedar type name/ },
-      { name: 'type starting with a digit', req: request('1User:x', 'read', 'Doc:d1'), field: 'subject.type', message: /"1User"/ },
-      { name: 'empty resource type', req: { ...request('User:x', 'read', 'Doc:d1'), resource: { type: '', id: 'd1' } }, field: 'resource.type', message: /resource\.type "" is not/ },
-      { name: 'reserved word as type', req: request('User:x', 'read', 'if:d1'), field: 'resource.type', message: /"if"/ },
-      { name: 'dangling ::', req: { ...request('User:x', 'read', 'Doc:d1'), subject: { type: 'Acme::', id: 'x' } }, field: 'subject.type', message: /is not a valid Cedar type name/ },
-      { name: 'missing subject', req: { action: { name: 'read' }, resource: { type: 'Doc', id: 'd1' } }, field: 'subject', message: /^subject is required$/ },
-      { name: 'missing action', req: { subject: { type: 'User', id: 'x' }, resource: { type: 'Doc', id: 'd1' } }, field: 'action', message: /^action is required$/ },
-      { name: 'missing resource', req: { subject: { type: 'User', id: 'x' }, action: { name: 'read' } }, field: 'resource', message: /^resource is required$/ },
-      { name: 'empty action name', req: request('User:x', '', 'Doc:d1'), field: 'action.name', message: /action\.name must be a non-empty string, got ""/ },
-      { name: 'numeric id', req: { ...request('User:x', 'read', 'Doc:d1'), subject: { type: 'User', id: 7 } }, field: 'subject.id', message: /got 7/ },
-      { name: 'a float in properties', req: { ...request('User:x', 'read', 'Doc:d1'), subject: { type: 'User', id: 'x', properties: { score: 1.5 } } }, field: 'subject.properties.score', message: /subject\.properties\.score is 1\.5/ },
-      { name: 'a null deep in the context', req: request('User:x', 'read', 'Doc:d1', { context: { a: { b: [1, null] } } }), field: 'context.a.b[1]', message: /context\.a\.b\[1\] is null/ },
-      { name: 'properties that are not an object', req: { ...request('User:x', 'read', 'Doc:d1'), resource: { type: 'Doc', id: 'd1', properties: [1] } }, field: 'resource.properties', message: /must be an object/ },
+      {
+        name: 'type with a space',
+        req: request('User Group:x', 'read', 'Doc:d1'),
+        field: 'subject.type',
+        message: /subject\.type "User Group" is not a valid Cedar type name/,
+      },
+      {
+        name: 'type starting with a digit',
+        req: request('1User:x', 'read', 'Doc:d1'),
+        field: 'subject.type',
+        message: /"1User"/,
+      },
+      {
+        name: 'empty resource type',
+        req: { ...request('User:x', 'read', 'Doc:d1'), resource: { type: '', id: 'd1' } },
+        field: 'resource.type',
+        message: /resource\.type "" is not/,
+      },
+      {
+        name: 'reserved word as type',
+        req: request('User:x', 'read', 'if:d1'),
+        field: 'resource.type',
+        message: /"if"/,
+      },
+      {
+        name: 'dangling ::',
+        req: { ...request('User:x', 'read', 'Doc:d1'), subject: { type: 'Acme::', id: 'x' } },
+        field: 'subject.type',
+        message: /is not a valid Cedar type name/,
+      },
+      {
+        name: 'missing subject',
+        req: { action: { name: 'read' }, resource: { type: 'Doc', id: 'd1' } },
+        field: 'subject',
+        message: /^subject is required$/,
+      },
+      {
+        name: 'missing action',
+        req: { subject: { type: 'User', id: 'x' }, resource: { type: 'Doc', id: 'd1' } },
+        field: 'action',
+        message: /^action is required$/,
+      },
+      {
+        name: 'missing resource',
+        req: { subject: { type: 'User', id: 'x' }, action: { name: 'read' } },
+        field: 'resource',
+        message: /^resource is required$/,
+      },
+      {
+        name: 'empty action name',
+        req: request('User:x', '', 'Doc:d1'),
+        field: 'action.name',
+        message: /action\.name must be a non-empty string, got ""/,
+      },
+      {
+        name: 'numeric id',
+        req: { ...request('User:x', 'read', 'Doc:d1'), subject: { type: 'User', id: 7 } },
+        field: 'subject.id',
+        message: /got 7/,
+      },
+      {
+        name: 'a float in properties',
+        req: { ...request('User:x', 'read', 'Doc:d1'), subject: { type: 'User', id: 'x', properties: { score: 1.5 } } },
+        field: 'subject.properties.score',
+        message: /subject\.properties\.score is 1\.5/,
+      },
+      {
+        name: 'a null deep in the context',
+        req: request('User:x', 'read', 'Doc:d1', { context: { a: { b: [1, null] } } }),
+        field: 'context.a.b[1]',
+        message: /context\.a\.b\[1\] is null/,
+      },
+      {
+        name: 'properties that are not an object',
+        req: { ...request('User:x', 'read', 'Doc:d1'), resource: { type: 'Doc', id: 'd1', properties: [1] } },
+        field: 'resource.properties',
+        message: /must be an object/,
+      },
       { name: 'not an object at all', req: 'hello', field: 'request', message: /must be a JSON object/ },
-      { name: 'action properties and context.action_properties together', req: request('User:x', 'read', 'Doc:d1', { action: { name: 'read', properties: { a: 1 } }, context: { action_properties: {} } }), field: 'context.action_properties', message: /reserved/ },
+      {
+        name: 'action properties and context.action_properties together',
+        req: request('User:x', 'read', 'Doc:d1', {
+          action: { name: 'read', properties: { a: 1 } },
+          context: { action_properties: {} },
+        }),
+        field: 'context.action_properties',
+        message: /reserved/,
+      },
     ];
     for (const b of bad) {
       it(b.name, () => {
@@ -296,12 +567,14 @@ describe('policy engine', function () {
 
   describe('evaluations', () => {
     let engine: PolicyEngine;
-    beforeEach(async () => { ({ engine } = await open({ 'base.cedar': BASE, 'misc.cedar': MISC })); });
+    beforeEach(async () => {
+      ({ engine } = await open({ 'base.cedar': BASE, 'misc.cedar': MISC }));
+    });
 
     const items = [
-      { resource: { type: 'Doc', id: 'd2' } },                              // alice delete d2: allow
-      { resource: { type: 'Doc', id: 'd1' } },                              // alice delete d1: forbid
-      { subject: { type: 'User', id: 'carol' } },                           // carol delete (default resource d2): deny
+      { resource: { type: 'Doc', id: 'd2' } }, // alice delete d2: allow
+      { resource: { type: 'Doc', id: 'd1' } }, // alice delete d1: forbid
+      { subject: { type: 'User', id: 'carol' } }, // carol delete (default resource d2): deny
       { action: { name: 'print' }, subject: { type: 'User', id: 'carol' } }, // context default hour 10: allow
       { action: { name: 'print' }, subject: { type: 'User', id: 'carol' }, context: { other: true } }, // item context replaces the default: error, deny
     ];
@@ -328,12 +601,18 @@ describe('policy engine', function () {
     });
 
     it('permit_on_first_permit stops after the first permit', () => {
-      const res = engine.evaluations({ ...batch('permit_on_first_permit'), evaluations: [items[1], items[2], items[3], items[0]] });
+      const res = engine.evaluations({
+        ...batch('permit_on_first_permit'),
+        evaluations: [items[1], items[2], items[3], items[0]],
+      });
       expect(res.evaluations.map((e) => e.decision)).to.deep.equal([false, false, true]);
     });
 
     it('an unknown semantic is INVALID_ARGUMENT for the whole batch', () => {
-      expect(() => engine.evaluations(batch('first_come'))).to.throw(PolicyInputError, /options\.evaluations_semantic "first_come" is not one of execute_all, deny_on_first_deny, permit_on_first_permit/);
+      expect(() => engine.evaluations(batch('first_come'))).to.throw(
+        PolicyInputError,
+        /options\.evaluations_semantic "first_come" is not one of execute_all, deny_on_first_deny, permit_on_first_permit/,
+      );
       expect(() => engine.evaluations({ evaluations: 'x' })).to.throw(PolicyInputError, /evaluations must be an array/);
     });
 
@@ -341,7 +620,16 @@ describe('policy engine', function () {
       const bad = { subject: { type: 'User Group', id: 'x' } };
       const res = engine.evaluations({ ...batch(), evaluations: [items[0], bad, items[3]] });
       expect(res.evaluations).to.have.length(3);
-      expect(res.evaluations[1]).to.deep.equal({ decision: false, context: { error: { code: 'INVALID_ARGUMENT', message: 'subject.type "User Group" is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)' } } });
+      expect(res.evaluations[1]).to.deep.equal({
+        decision: false,
+        context: {
+          error: {
+            code: 'INVALID_ARGUMENT',
+            message:
+              'subject.type "User Group" is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)',
+          },
+        },
+      });
       expect(res.evaluations[2].decision).to.equal(true);
       const stopped = engine.evaluations({ ...batch('deny_on_first_deny'), evaluations: [items[0], bad, items[3]] });
       expect(stopped.evaluations).to.have.length(2);
@@ -357,34 +645,63 @@ describe('policy engine', function () {
 
   describe('loading', () => {
     it('a parse error is a startup error naming file:line:column', async () => {
-      const fx = new PolicyFixture({ 'good.cedar': BASE, 'bad.cedar': 'permit (principal, action, resource);\n\npermit (principal, action, resource) when { principal.x > };\n' });
+      const fx = new PolicyFixture({
+        'good.cedar': BASE,
+        'bad.cedar':
+          'permit (principal, action, resource);\n\npermit (principal, action, resource) when { principal.x > };\n',
+      });
       fixtures.push(fx);
-      const err = await PolicyEngine.open({ policiesDir: fx.policiesDir }).then(() => undefined, (e: unknown) => e);
+      const err = await PolicyEngine.open({ policiesDir: fx.policiesDir }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
       expect(err).to.be.instanceOf(PolicyLoadError);
       expect((err as Error).message).to.match(new RegExp(`^${fx.policyPath('bad.cedar')}:3:\\d+: .*unexpected token`));
       expect((err as Error).message).to.not.include('\n');
     });
 
     it('duplicate ids are an error naming both files', async () => {
-      const fx = new PolicyFixture({ 'a.cedar': '@id("same")\npermit (principal, action, resource);\n', 'b.cedar': '\n\n@id("same")\nforbid (principal, action, resource);\n' });
+      const fx = new PolicyFixture({
+        'a.cedar': '@id("same")\npermit (principal, action, resource);\n',
+        'b.cedar': '\n\n@id("same")\nforbid (principal, action, resource);\n',
+      });
       fixtures.push(fx);
-      const err = await PolicyEngine.open({ policiesDir: fx.policiesDir }).then(() => undefined, (e: unknown) => e) as PolicyLoadError;
-      expect(err.message).to.equal(`${fx.policyPath('b.cedar')}:3:1: policy id "same" is already used at ${fx.policyPath('a.cedar')}:1`);
+      const err = (await PolicyEngine.open({ policiesDir: fx.policiesDir }).then(
+        () => undefined,
+        (e: unknown) => e,
+      )) as PolicyLoadError;
+      expect(err.message).to.equal(
+        `${fx.policyPath('b.cedar')}:3:1: policy id "same" is already used at ${fx.policyPath('a.cedar')}:1`,
+      );
     });
 
     it('a schema validates the policies (error with file:line) and the requests', async () => {
-      const schema = 'entity User { clearance: Long }; entity Doc { level: Long }; action read appliesTo { principal: User, resource: Doc };';
-      const fx = new PolicyFixture({ 'p.cedar': 'permit (principal, action == Action::"read", resource)\nwhen {\n  principal.clearence >= resource.level\n};\n' });
+      const schema =
+        'entity User { clearance: Long }; entity Doc { level: Long }; action read appliesTo { principal: User, resource: Doc };';
+      const fx = new PolicyFixture({
+        'p.cedar':
+          'permit (principal, action == Action::"read", resource)\nwhen {\n  principal.clearence >= resource.level\n};\n',
+      });
       fixtures.push(fx);
       fx.writeSchema(schema);
-      const err = await PolicyEngine.open({ policiesDir: fx.policiesDir, schemaFile: fx.schemaFile }).then(() => undefined, (e: unknown) => e) as PolicyLoadError;
+      const err = (await PolicyEngine.open({ policiesDir: fx.policiesDir, schemaFile: fx.schemaFile }).then(
+        () => undefined,
+        (e: unknown) => e,
+      )) as PolicyLoadError;
       expect(err).to.be.instanceOf(PolicyLoadError);
       expect(err.message).to.match(new RegExp(`^${fx.policyPath('p.cedar')}:3:3: policy p\\.cedar#0: .*clearence`));
 
-      fx.replacePolicy('p.cedar', 'permit (principal, action == Action::"read", resource) when { principal.clearance >= resource.level };\n');
+      fx.replacePolicy(
+        'p.cedar',
+        'permit (principal, action == Action::"read", resource) when { principal.clearance >= resource.level };\n',
+      );
       const engine = await PolicyEngine.open({ policiesDir: fx.policiesDir, schemaFile: fx.schemaFile });
       engines.push(engine);
-      const props = (c: unknown): Record<string, unknown> => ({ ...request('User:u', 'read', 'Doc:d'), subject: { type: 'User', id: 'u', properties: { clearance: c } }, resource: { type: 'Doc', id: 'd', properties: { level: 1 } } });
+      const props = (c: unknown): Record<string, unknown> => ({
+        ...request('User:u', 'read', 'Doc:d'),
+        subject: { type: 'User', id: 'u', properties: { clearance: c } },
+        resource: { type: 'Doc', id: 'd', properties: { level: 1 } },
+      });
       expect(engine.evaluate(props(2)).decision).to.equal(true);
       expect(() => engine.evaluate(props('high'))).to.throw(PolicyInputError, /Cedar cannot evaluate this request/);
       expect(() => engine.evaluate({ ...props(2), action: { name: 'write' } })).to.throw(PolicyInputError, /write/);
@@ -393,7 +710,11 @@ describe('policy engine', function () {
     it('the example site loads with and without its schema, and its sample requests decide as their names say', async () => {
       const requestsDir = path.join(EXAMPLES_DIR, 'requests');
       for (const schemaFile of [undefined, path.join(EXAMPLES_DIR, 'schema.cedarschema')]) {
-        const engine = await PolicyEngine.open({ policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'), schemaFile });
+        const engine = await PolicyEngine.open({
+          policiesDir: path.join(EXAMPLES_DIR, 'policies'),
+          entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
+          schemaFile,
+        });
         engines.push(engine);
         const files = readdirSync(requestsDir).filter((f) => /^(permit|deny)-/.test(f));
         expect(files.filter((f) => f.startsWith('permit-'))).to.not.be.empty;
@@ -403,13 +724,16 @@ describe('policy engine', function () {
           expect(res.decision, `${f}: ${res.context.reason}`).to.equal(f.startsWith('permit-'));
           if (f.startsWith('deny-')) expect(res.context.reason, f).to.not.match(/failed to evaluate/);
         }
-        const batch = engine.evaluations(JSON.parse(readFileSync(path.join(requestsDir, 'evaluations-batch.json'), 'utf8')));
+        const batch = engine.evaluations(
+          JSON.parse(readFileSync(path.join(requestsDir, 'evaluations-batch.json'), 'utf8')),
+        );
         expect(batch.evaluations.map((e) => e.decision)).to.deep.equal([true, true, false, true]);
       }
     });
 
     it('splits policy text at top-level semicolons only', () => {
-      const text = '// x; y\n@id("a;b")\npermit (principal, action, resource) when { context.s == "q;\\";" };\n forbid (principal, action, resource);';
+      const text =
+        '// x; y\n@id("a;b")\npermit (principal, action, resource) when { context.s == "q;\\";" };\n forbid (principal, action, resource);';
       expect(splitPolicyStatements(text).map((s) => s.offset)).to.deep.equal([8, 88]);
       expect(splitPolicyStatements(text)[1].text).to.equal('forbid (principal, action, resource);');
     });
@@ -417,7 +741,8 @@ describe('policy engine', function () {
 
   describe('hot reload', () => {
     const V1 = '@id("v")\npermit (principal, action == Action::"read", resource);\n';
-    const V2 = '@id("v")\nforbid (principal, action == Action::"read", resource);\npermit (principal, action == Action::"read", resource);\n';
+    const V2 =
+      '@id("v")\nforbid (principal, action == Action::"read", resource);\npermit (principal, action == Action::"read", resource);\n';
 
     it('a replaced file (rename over) is picked up and the new decision applies', async () => {
       const { engine, fx, registry } = await open({ 'p.cedar': V1 }, undefined, { watch: true, watchDebounceMs: 20 });
@@ -432,7 +757,10 @@ describe('policy engine', function () {
     });
 
     it('an in-place edit, a new file, a removed file and an entities change are all picked up', async () => {
-      const { engine, fx } = await open({ 'p.cedar': V1 }, [entity('User', 'a', { ok: false })], { watch: true, watchDebounceMs: 20 });
+      const { engine, fx } = await open({ 'p.cedar': V1 }, [entity('User', 'a', { ok: false })], {
+        watch: true,
+        watchDebounceMs: 20,
+      });
       let r = nextReload(engine, (x) => x.ok && x.policies === 2);
       fx.editPolicyInPlace('p.cedar', V2);
       await r;
@@ -452,9 +780,16 @@ describe('policy engine', function () {
 
     it('a broken file keeps the last good set, counts a failure, logs file:line, and a fix recovers', async () => {
       const { logger, records } = capturingLogger();
-      const { engine, fx, registry } = await open({ 'p.cedar': V1 }, undefined, { watch: true, watchDebounceMs: 20, logger });
+      const { engine, fx, registry } = await open({ 'p.cedar': V1 }, undefined, {
+        watch: true,
+        watchDebounceMs: 20,
+        logger,
+      });
       const failed = nextReload(engine, (x) => !x.ok);
-      fx.replacePolicy('p.cedar', '@id("v")\npermit (principal, action == Action::"read", resource)\nwhen { resource.x == };\n');
+      fx.replacePolicy(
+        'p.cedar',
+        '@id("v")\npermit (principal, action == Action::"read", resource)\nwhen { resource.x == };\n',
+      );
       const r = await failed;
       expect(r.error).to.match(new RegExp(`^${fx.policyPath('p.cedar')}:3:\\d+: `));
       expect(r.policies).to.equal(1);
@@ -507,11 +842,18 @@ describe('policy engine', function () {
       let now = 1_000_000;
       const { engine, registry } = await open({ 'base.cedar': BASE }, ENTITIES, { cacheTtlMs: 1000, clock: () => now });
       const a = engine.evaluate(request('User:alice', 'delete', 'Doc:d2', { context: { x: 1, y: 2 } }));
-      const b = engine.evaluate({ context: { y: 2, x: 1 }, resource: { id: 'd2', type: 'Doc' }, action: { name: 'delete' }, subject: { id: 'alice', type: 'User' } });
+      const b = engine.evaluate({
+        context: { y: 2, x: 1 },
+        resource: { id: 'd2', type: 'Doc' },
+        action: { name: 'delete' },
+        subject: { id: 'alice', type: 'User' },
+      });
       expect(b).to.deep.equal(a);
       expect(await metric(registry, 'test_policy_cache_hits_total')).to.equal(1);
       b.context.policies!.push('tampered');
-      expect(engine.evaluate(request('User:alice', 'delete', 'Doc:d2', { context: { x: 1, y: 2 } })).context.policies).to.deep.equal(['admins-all']);
+      expect(
+        engine.evaluate(request('User:alice', 'delete', 'Doc:d2', { context: { x: 1, y: 2 } })).context.policies,
+      ).to.deep.equal(['admins-all']);
       expect(await metric(registry, 'test_policy_cache_hits_total')).to.equal(2);
       now += 1001;
       engine.evaluate(request('User:alice', 'delete', 'Doc:d2', { context: { x: 1, y: 2 } }));
@@ -520,7 +862,9 @@ describe('policy engine', function () {
     });
 
     it('a successful reload drops the cache: the new policy applies at once', async () => {
-      const { engine, fx, registry } = await open({ 'p.cedar': 'permit (principal, action, resource);' }, undefined, { cacheTtlMs: 3_600_000 });
+      const { engine, fx, registry } = await open({ 'p.cedar': 'permit (principal, action, resource);' }, undefined, {
+        cacheTtlMs: 3_600_000,
+      });
       const req = request('User:a', 'read', 'Doc:x');
       expect(engine.evaluate(req).decision).to.equal(true);
       expect(engine.evaluate(req).decision).to.equal(true);
@@ -532,7 +876,9 @@ describe('policy engine', function () {
     });
 
     it('keeps at most cacheMaxEntries, least recently used out first; TTL 0 turns it off', async () => {
-      const { engine, registry } = await open({ 'p.cedar': 'permit (principal, action, resource);' }, undefined, { cacheMaxEntries: 2 });
+      const { engine, registry } = await open({ 'p.cedar': 'permit (principal, action, resource);' }, undefined, {
+        cacheMaxEntries: 2,
+      });
       const r = (id: string): Record<string, unknown> => request(`User:${id}`, 'read', 'Doc:x');
       engine.evaluate(r('1'));
       engine.evaluate(r('2'));
@@ -562,13 +908,27 @@ describe('policy engine', function () {
       engine.evaluate(request('User:alice', 'delete', 'Doc:d1'));
       expect(() => engine.evaluate(request('User Group:x', 'read', 'Doc:d1'))).to.throw(PolicyInputError);
       await engine.close();
-      const lines = readFileSync(auditFile, 'utf8').trim().split('\n').map((l) => JSON.parse(l) as Record<string, unknown>);
+      const lines = readFileSync(auditFile, 'utf8')
+        .trim()
+        .split('\n')
+        .map((l) => JSON.parse(l) as Record<string, unknown>);
       expect(lines).to.have.length(4);
       const expectedHash = sha256Hex(canonicalJson({ ...req, context: {}, explain: false }));
-      expect(lines[0]).to.include({ time: '2026-01-02T03:04:05.000Z', input_sha256: expectedHash, decision: 'allow', cached: false, caller: 'spiffe://burrow.local/service/billing' });
+      expect(lines[0]).to.include({
+        time: '2026-01-02T03:04:05.000Z',
+        input_sha256: expectedHash,
+        decision: 'allow',
+        cached: false,
+        caller: 'spiffe://burrow.local/service/billing',
+      });
       expect(lines[0].policies).to.deep.equal(['admins-all']);
       expect(lines[0].latency_us).to.be.a('number').and.at.least(0);
-      expect(lines[1]).to.include({ time: '2026-01-02T03:04:05.001Z', input_sha256: expectedHash, decision: 'allow', cached: true });
+      expect(lines[1]).to.include({
+        time: '2026-01-02T03:04:05.001Z',
+        input_sha256: expectedHash,
+        decision: 'allow',
+        cached: true,
+      });
       expect(lines[1]).to.not.have.property('caller');
       expect(lines[2]).to.include({ decision: 'deny', cached: false });
       expect(lines[2].policies).to.deep.equal(['no-delete-locked']);
@@ -580,15 +940,27 @@ describe('policy engine', function () {
       const sink = new PassThrough();
       const chunks: string[] = [];
       sink.on('data', (c: Buffer) => chunks.push(c.toString()));
-      const { engine } = await open({ 'p.cedar': 'permit (principal, action, resource);' }, undefined, { auditLog: sink });
-      engine.evaluations({ subject: { type: 'User', id: 'a' }, action: { name: 'r' }, evaluations: [{ resource: { type: 'D', id: '1' } }, { resource: { type: 'D', id: '2' } }] });
+      const { engine } = await open({ 'p.cedar': 'permit (principal, action, resource);' }, undefined, {
+        auditLog: sink,
+      });
+      engine.evaluations({
+        subject: { type: 'User', id: 'a' },
+        action: { name: 'r' },
+        evaluations: [{ resource: { type: 'D', id: '1' } }, { resource: { type: 'D', id: '2' } }],
+      });
       await engine.close();
       expect(chunks.join('').trim().split('\n')).to.have.length(2);
       expect(sink.writableEnded).to.equal(false);
       sink.destroy();
       const fx = new PolicyFixture({ 'p.cedar': 'permit (principal, action, resource);' });
       fixtures.push(fx);
-      const err = await PolicyEngine.open({ policiesDir: fx.policiesDir, auditLog: path.join(fx.root, 'missing', 'audit.jsonl') }).then(() => undefined, (e: unknown) => e);
+      const err = await PolicyEngine.open({
+        policiesDir: fx.policiesDir,
+        auditLog: path.join(fx.root, 'missing', 'audit.jsonl'),
+      }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
       expect((err as Error).message).to.match(/audit log .*missing\/audit\.jsonl: cannot open: ENOENT/);
     });
   });
@@ -609,7 +981,10 @@ describe('policy engine', function () {
   });
 
   it('close() is idempotent and a reload after it reports the engine closed', async () => {
-    const { engine } = await open({ 'p.cedar': 'permit (principal, action, resource);' }, undefined, { watch: true, watchDebounceMs: 10 });
+    const { engine } = await open({ 'p.cedar': 'permit (principal, action, resource);' }, undefined, {
+      watch: true,
+      watchDebounceMs: 10,
+    });
     await engine.close();
     await engine.close();
     expect((await engine.reload()).error).to.equal('policy engine closed');

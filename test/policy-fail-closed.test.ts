@@ -13,8 +13,10 @@ const exampleRequest = (name: string): Record<string, unknown> =>
 
 /** alice is an admin (`admins-full-access` permits her everything); atlas-budget is confidential. */
 const aliceReadsBudget = (context: Record<string, unknown>): Record<string, unknown> => ({
-  subject: { type: 'User', id: 'alice' }, action: { name: 'read' },
-  resource: { type: 'Document', id: 'atlas-budget' }, context,
+  subject: { type: 'User', id: 'alice' },
+  action: { name: 'read' },
+  resource: { type: 'Document', id: 'atlas-budget' },
+  context,
 });
 
 function clientOf(stack: Stack): BurrowClient {
@@ -54,9 +56,13 @@ describe('policy: a forbid that fails to evaluate denies (fail closed)', functio
         const viaGrpc = await client.evaluate(AGENT_ID, request);
         expect(viaGrpc.decision, JSON.stringify(viaGrpc.context)).to.equal(false);
         expect(viaGrpc.context?.policies).to.deep.equal(['confidential-requires-mfa']);
-        expect(viaGrpc.context?.reason).to.match(/confidential-requires-mfa \(.+\)/).and.include('failed to evaluate');
+        expect(viaGrpc.context?.reason)
+          .to.match(/confidential-requires-mfa \(.+\)/)
+          .and.include('failed to evaluate');
         const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
-          cert: stack.serviceCert, ca: stack.serviceCert.ca, body: request,
+          cert: stack.serviceCert,
+          ca: stack.serviceCert.ca,
+          body: request,
         });
         expect(viaHttp.status, JSON.stringify(viaHttp.body)).to.equal(200);
         expect(viaHttp.body.decision).to.equal(false);
@@ -86,7 +92,8 @@ describe('policy: a forbid that fails to evaluate denies (fail closed)', functio
 
     it('a batch item whose forbid errors is a deny for deny_on_first_deny', async () => {
       const batch = await client.evaluations(AGENT_ID, {
-        subject: { type: 'User', id: 'alice' }, action: { name: 'read' },
+        subject: { type: 'User', id: 'alice' },
+        action: { name: 'read' },
         evaluations: [
           { resource: { type: 'Document', id: 'atlas-design' } },
           { resource: { type: 'Document', id: 'atlas-budget' }, context: { mfa: 'yes' } },
@@ -116,8 +123,10 @@ describe('policy: a forbid that fails to evaluate denies (fail closed)', functio
 
     it('an ill-typed context is INVALID_ARGUMENT before any policy runs; others decide as before', async () => {
       for (const mfa of ['true', 1]) {
-        const err = await client.evaluate(AGENT_ID, aliceReadsBudget({ mfa }))
-          .then(() => undefined, (e: BurrowCallError) => e);
+        const err = await client.evaluate(AGENT_ID, aliceReadsBudget({ mfa })).then(
+          () => undefined,
+          (e: BurrowCallError) => e,
+        );
         expect(err, `mfa ${JSON.stringify(mfa)}`).to.be.instanceOf(BurrowCallError);
         expect(err!.code).to.equal(Status.INVALID_ARGUMENT);
         expect(err!.details).to.include('mfa');
@@ -125,7 +134,9 @@ describe('policy: a forbid that fails to evaluate denies (fail closed)', functio
       expect((await client.evaluate(AGENT_ID, aliceReadsBudget({ mfa: true }))).decision).to.equal(true);
       expect((await client.evaluate(AGENT_ID, aliceReadsBudget({ mfa: false }))).decision).to.equal(false);
       const names = [
-        'permit-owner-edits.json', 'permit-support-during-incident.json', 'deny-contractor-deletes-own.json',
+        'permit-owner-edits.json',
+        'permit-support-during-incident.json',
+        'deny-contractor-deletes-own.json',
       ];
       for (const name of names) {
         const answer = await client.evaluate(AGENT_ID, exampleRequest(name));

@@ -11,7 +11,9 @@ import { examplePolicyConfig } from './helpers/policy-fixture';
 import { AGENT_ID, Stack } from './helpers/stack';
 
 const ordinary = {
-  subject: { type: 'User', id: 'carol' }, action: { name: 'edit' }, resource: { type: 'Document', id: 'atlas-design' },
+  subject: { type: 'User', id: 'carol' },
+  action: { name: 'edit' },
+  resource: { type: 'Document', id: 'atlas-design' },
 };
 
 /** `{"a": {"a": ... {"a": true}}}`, `levels` objects deep. */
@@ -33,7 +35,8 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
   let client: BurrowClient;
   let tmp: string;
   const http = (): { cert: Stack['serviceCert']; ca: string } => ({
-    cert: stack.serviceCert, ca: stack.serviceCert.ca,
+    cert: stack.serviceCert,
+    ca: stack.serviceCert.ca,
   });
   const EVALUATION = `/agents/${AGENT_ID}/access/v1/evaluation`;
 
@@ -58,7 +61,7 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
     return performance.now() - started;
   }
 
-  it('a 1 M-element set is refused quickly, naming the bound, and another caller\'s decisions stay fast', async () => {
+  it("a 1 M-element set is refused quickly, naming the bound, and another caller's decisions stay fast", async () => {
     const baseline: number[] = [];
     for (let i = 0; i < 5; i++) baseline.push(await timedDecision());
     const huge = { ...ordinary, context: { tags: Array.from({ length: 1_000_000 }, (_, i) => i) } };
@@ -67,10 +70,14 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
     const body = JSON.stringify(huge);
 
     const started = performance.now();
-    const viaGrpc = stack.caller.unary(POLICY_METHODS.evaluate, message, stack.md())
-      .then(() => undefined, (e: { code: number; details: string }) => ({ ...e, ms: performance.now() - started }));
-    const viaHttp = httpsJson(stack.authzenAddress, 'POST', EVALUATION, { ...http(), rawBody: body })
-      .then((r) => ({ ...r, ms: performance.now() - started }));
+    const viaGrpc = stack.caller.unary(POLICY_METHODS.evaluate, message, stack.md()).then(
+      () => undefined,
+      (e: { code: number; details: string }) => ({ ...e, ms: performance.now() - started }),
+    );
+    const viaHttp = httpsJson(stack.authzenAddress, 'POST', EVALUATION, { ...http(), rawBody: body }).then((r) => ({
+      ...r,
+      ms: performance.now() - started,
+    }));
     const during: number[] = [];
     for (let i = 0; i < 10; i++) during.push(await timedDecision());
     const [grpcErr, httpRes] = await Promise.all([viaGrpc, viaHttp]);
@@ -81,10 +88,12 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
       return Math.round(sorted[Math.floor(xs.length / 2)]! * 10) / 10;
     };
     const mb = (n: number): string => (n / 1e6).toFixed(1);
-    console.log(`      1M-element request (${mb(message.length)} MB protobuf, ${mb(body.length)} MB JSON): `
-      + `gRPC answered in ${Math.round(grpcErr?.ms ?? -1)} ms, HTTP ${httpRes.status} in ${Math.round(httpRes.ms)} ms; `
-      + `another caller's decision: p50 ${p50(baseline)} / max ${max(baseline)} ms before, `
-      + `p50 ${p50(during)} / max ${max(during)} ms during`);
+    console.log(
+      `      1M-element request (${mb(message.length)} MB protobuf, ${mb(body.length)} MB JSON): ` +
+        `gRPC answered in ${Math.round(grpcErr?.ms ?? -1)} ms, HTTP ${httpRes.status} in ${Math.round(httpRes.ms)} ms; ` +
+        `another caller's decision: p50 ${p50(baseline)} / max ${max(baseline)} ms before, ` +
+        `p50 ${p50(during)} / max ${max(during)} ms during`,
+    );
     expect(grpcErr, 'the gRPC request must be refused').to.not.equal(undefined);
     expect(grpcErr!.code).to.equal(Status.INVALID_ARGUMENT);
     expect(grpcErr!.details).to.match(/policy requests may be at most 262144 bytes/);
@@ -92,7 +101,7 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
     expect(httpRes.body.error.message).to.include('65536 bytes');
     expect(grpcErr!.ms).to.be.below(5_000);
     expect(httpRes.ms).to.be.below(5_000);
-    expect(max(during), 'another caller\'s decision latency during the attack').to.be.below(1_000);
+    expect(max(during), "another caller's decision latency during the attack").to.be.below(1_000);
   });
 
   it('more values than the bound, under the byte bound, is 400 and INVALID_ARGUMENT naming the bound', async () => {
@@ -101,14 +110,20 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
     const viaHttp = await httpsJson(stack.authzenAddress, 'POST', EVALUATION, { ...http(), body: many });
     expect(viaHttp.status, JSON.stringify(viaHttp.body)).to.equal(400);
     expect(viaHttp.body.error.message).to.match(/more than 10000 values/);
-    const viaGrpc = await client.evaluate(AGENT_ID, many).then(() => undefined, (e: BurrowCallError) => e);
+    const viaGrpc = await client.evaluate(AGENT_ID, many).then(
+      () => undefined,
+      (e: BurrowCallError) => e,
+    );
     expect(viaGrpc?.code).to.equal(Status.INVALID_ARGUMENT);
     expect(viaGrpc?.details).to.match(/more than 10000 values/);
   });
 
   it('nesting over the bound is 400 over HTTP and INVALID_ARGUMENT over gRPC, naming the bound', async () => {
     const deep = { ...ordinary, context: nested(20) };
-    const viaGrpc = await client.evaluate(AGENT_ID, deep).then(() => undefined, (e: BurrowCallError) => e);
+    const viaGrpc = await client.evaluate(AGENT_ID, deep).then(
+      () => undefined,
+      (e: BurrowCallError) => e,
+    );
     expect(viaGrpc, 'depth 20 must be refused').to.be.instanceOf(BurrowCallError);
     expect(viaGrpc!.code).to.equal(Status.INVALID_ARGUMENT);
     expect(viaGrpc!.details).to.match(/may nest at most 16 levels/);
@@ -127,7 +142,8 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
 
   it('a path with %ZZ and a body that is not JSON are 400 naming the problem, never 500', async () => {
     const targets = [
-      ['POST', '/agents/%ZZ/access/v1/evaluation'], ['GET', '/agents/%ZZ/.well-known/authzen-configuration'],
+      ['POST', '/agents/%ZZ/access/v1/evaluation'],
+      ['GET', '/agents/%ZZ/.well-known/authzen-configuration'],
     ];
     for (const [method, target] of targets) {
       const body = method === 'POST' ? { body: ordinary } : {};
@@ -140,9 +156,10 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
     expect(notJson.body.error.message).to.match(/^body is not JSON/);
   });
 
-  it('the PDP metadata never repeats the request\'s Host header', async () => {
+  it("the PDP metadata never repeats the request's Host header", async () => {
     const res = await httpsJson(stack.authzenAddress, 'GET', `/agents/${AGENT_ID}/.well-known/authzen-configuration`, {
-      ...http(), headers: { host: 'evil.example' },
+      ...http(),
+      headers: { host: 'evil.example' },
     });
     expect(res.status).to.equal(200);
     expect(JSON.stringify(res.body)).to.not.include('evil.example');

@@ -82,10 +82,17 @@ describe('key directories are tightened to 0700 (or refused)', function () {
     expect(statSync(theirs).uid).to.equal(65534);
   });
 
-  it('the broker\'s --pki-dir and the agent\'s --state-dir (enroll, then run) end up 0700, each logged', async () => {
+  it("the broker's --pki-dir and the agent's --state-dir (enroll, then run) end up 0700, each logged", async () => {
     chmodSync(pkiDir, 0o777);
     const b = await startBroker([
-      '--pki-dir', pkiDir, '--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0', '--tls-ip', '127.0.0.1',
+      '--pki-dir',
+      pkiDir,
+      '--agent-listen',
+      '127.0.0.1:0',
+      '--api-listen',
+      '127.0.0.1:0',
+      '--tls-ip',
+      '127.0.0.1',
     ]);
     const brokerLine = b.proc.logs.find((l) => String(l.message ?? '').startsWith('tightened'));
     expect(brokerLine, b.proc.stderrTail()).to.not.equal(undefined);

@@ -8,7 +8,15 @@ import { freePort } from './helpers/free-port';
 import { callOverStalledConnection, stalledConnection } from './helpers/late-connection';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import {
-  getJson, httpGet, killAll, liveProcessCount, startAgent, startBroker, type AgentListing, type BurrowProcess, type BrokerPorts,
+  getJson,
+  httpGet,
+  killAll,
+  liveProcessCount,
+  startAgent,
+  startBroker,
+  type AgentListing,
+  type BurrowProcess,
+  type BrokerPorts,
 } from './helpers/processes';
 import { RawClient, collect, mtlsCredentials, startRawServer } from './helpers/raw-grpc';
 
@@ -27,7 +35,10 @@ class GatedUpstream extends EventEmitter {
     const s = await startRawServer({
       [SLOW]: (call) => {
         call.on('error', () => {});
-        call.once('data', (m: Buffer) => { this.held.push(call); this.emit('call', m); });
+        call.once('data', (m: Buffer) => {
+          this.held.push(call);
+          this.emit('call', m);
+        });
       },
     });
     this.address = s.address;
@@ -36,7 +47,9 @@ class GatedUpstream extends EventEmitter {
   }
 
   /** Resolves when the next call reaches the upstream. */
-  nextCall(): Promise<Buffer> { return new Promise((resolve) => this.once('call', resolve)); }
+  nextCall(): Promise<Buffer> {
+    return new Promise((resolve) => this.once('call', resolve));
+  }
 
   /** Answers every held call with `slow:done`. */
   release(): void {
@@ -63,12 +76,19 @@ class StallableProxy {
 
   async start(): Promise<this> {
     this.server = net.createServer((client) => {
-      if (this.stalled) { client.resetAndDestroy(); return; }
+      if (this.stalled) {
+        client.resetAndDestroy();
+        return;
+      }
       const upstream = net.connect(this.targetPort, '127.0.0.1');
       const pair = { a: client, b: upstream, stalled: false };
       this.pairs.add(pair);
-      client.on('data', (c) => { if (!pair.stalled) upstream.write(c); });
-      upstream.on('data', (c) => { if (!pair.stalled) client.write(c); });
+      client.on('data', (c) => {
+        if (!pair.stalled) upstream.write(c);
+      });
+      upstream.on('data', (c) => {
+        if (!pair.stalled) client.write(c);
+      });
       const close = (): void => {
         if (pair.stalled) return; // a stalled pair stays open until restore() drops it
         this.pairs.delete(pair);
@@ -82,7 +102,9 @@ class StallableProxy {
     return this;
   }
 
-  get connections(): number { return this.pairs.size; }
+  get connections(): number {
+    return this.pairs.size;
+  }
 
   stall(): void {
     this.stalled = true;
@@ -94,12 +116,20 @@ class StallableProxy {
   }
 
   restore(): void {
-    for (const p of [...this.pairs]) if (p.stalled) { this.pairs.delete(p); p.a.destroy(); p.b.destroy(); }
+    for (const p of [...this.pairs])
+      if (p.stalled) {
+        this.pairs.delete(p);
+        p.a.destroy();
+        p.b.destroy();
+      }
     this.stalled = false;
   }
 
   async stop(): Promise<void> {
-    for (const p of this.pairs) { p.a.destroy(); p.b.destroy(); }
+    for (const p of this.pairs) {
+      p.a.destroy();
+      p.b.destroy();
+    }
     this.pairs.clear();
     await new Promise<void>((resolve) => (this.server ? this.server.close(() => resolve()) : resolve()));
   }
@@ -128,7 +158,11 @@ describe('processes (real broker and agent binaries)', function () {
 
   before(async () => {
     pki = await PkiFixture.create();
-    [brokerCert, agentCert, serviceCert] = await Promise.all([pki.issue('broker', 'b'), pki.issue('agent', 'site-a'), pki.issue('service', 'platform-svc')]);
+    [brokerCert, agentCert, serviceCert] = await Promise.all([
+      pki.issue('broker', 'b'),
+      pki.issue('agent', 'site-a'),
+      pki.issue('service', 'platform-svc'),
+    ]);
     echo = await new EchoUpstream().start();
   });
   afterEach(async () => {
@@ -143,12 +177,45 @@ describe('processes (real broker and agent binaries)', function () {
   });
 
   const brokerArgs = (agentListen = '127.0.0.1:0', extra: string[] = []): string[] => [
-    '--agent-listen', agentListen, '--api-listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0',
-    '--tls-cert', brokerCert.cert, '--tls-key', brokerCert.key, '--ca', brokerCert.ca, '--agent-wait', '1s', '--drain-timeout', '10s', ...extra,
+    '--agent-listen',
+    agentListen,
+    '--api-listen',
+    '127.0.0.1:0',
+    '--admin-listen',
+    '127.0.0.1:0',
+    '--tls-cert',
+    brokerCert.cert,
+    '--tls-key',
+    brokerCert.key,
+    '--ca',
+    brokerCert.ca,
+    '--agent-wait',
+    '1s',
+    '--drain-timeout',
+    '10s',
+    ...extra,
   ];
   const agentArgs = (broker: string, upstream: string, extra: string[] = []): string[] => [
-    '--broker', broker, '--tls-cert', agentCert.cert, '--tls-key', agentCert.key, '--ca', agentCert.ca, '--upstream', `*=${upstream}`,
-    '--admin-listen', '127.0.0.1:0', '--reconnect-base', '100ms', '--reconnect-max', '500ms', '--drain-timeout', '10s', ...(process.env.BURROW_TEST_LOG ? ['--log-level', 'debug'] : []), ...extra,
+    '--broker',
+    broker,
+    '--tls-cert',
+    agentCert.cert,
+    '--tls-key',
+    agentCert.key,
+    '--ca',
+    agentCert.ca,
+    '--upstream',
+    `*=${upstream}`,
+    '--admin-listen',
+    '127.0.0.1:0',
+    '--reconnect-base',
+    '100ms',
+    '--reconnect-max',
+    '500ms',
+    '--drain-timeout',
+    '10s',
+    ...(process.env.BURROW_TEST_LOG ? ['--log-level', 'debug'] : []),
+    ...extra,
   ];
   const caller = (ports: BrokerPorts): RawClient => {
     const c = new RawClient(`127.0.0.1:${ports.apiPort}`, mtlsCredentials(serviceCert));
@@ -160,14 +227,26 @@ describe('processes (real broker and agent binaries)', function () {
     m.set('burrow-agent-id', 'site-a');
     return m;
   };
-  const agentsOf = (ports: BrokerPorts): Promise<AgentListing[]> => getJson<AgentListing[]>(`http://127.0.0.1:${ports.adminPort}/agents`);
+  const agentsOf = (ports: BrokerPorts): Promise<AgentListing[]> =>
+    getJson<AgentListing[]>(`http://127.0.0.1:${ports.adminPort}/agents`);
 
   /** Broker + agent processes, connected. */
-  async function startPair(upstream: string, opts: { agentListen?: string; brokerExtra?: string[]; agentExtra?: string[]; brokerAddress?: (p: BrokerPorts) => string } = {}): Promise<{ broker: BurrowProcess; bports: BrokerPorts; agent: BurrowProcess }> {
+  async function startPair(
+    upstream: string,
+    opts: {
+      agentListen?: string;
+      brokerExtra?: string[];
+      agentExtra?: string[];
+      brokerAddress?: (p: BrokerPorts) => string;
+    } = {},
+  ): Promise<{ broker: BurrowProcess; bports: BrokerPorts; agent: BurrowProcess }> {
     const b = await startBroker(brokerArgs(opts.agentListen, opts.brokerExtra));
     const address = opts.brokerAddress ? opts.brokerAddress(b.ports) : `127.0.0.1:${b.ports.agentPort}`;
     const a = await startAgent(agentArgs(address, upstream, opts.agentExtra));
-    await Promise.all([a.proc.waitForLog('tunnel session established'), b.proc.waitForLog('agent connected', (l) => l.agentId === 'site-a')]);
+    await Promise.all([
+      a.proc.waitForLog('tunnel session established'),
+      b.proc.waitForLog('agent connected', (l) => l.agentId === 'site-a'),
+    ]);
     return { broker: b.proc, bports: b.ports, agent: a.proc };
   }
 
@@ -190,7 +269,9 @@ describe('processes (real broker and agent binaries)', function () {
   it('(b) broker restart on the same agent port: the agent reconnects by itself and calls work again', async () => {
     const port = await freePort();
     const first = await startPair(echo.address, { agentListen: `127.0.0.1:${port}` });
-    expect((await caller(first.bports).unary(ECHO.unary, Buffer.from('before'), md())).response.toString()).to.equal('before');
+    expect((await caller(first.bports).unary(ECHO.unary, Buffer.from('before'), md())).response.toString()).to.equal(
+      'before',
+    );
 
     const logsBefore = first.agent.logs.length;
     first.broker.signal('SIGKILL');
@@ -220,9 +301,13 @@ describe('processes (real broker and agent binaries)', function () {
     broker.signal('SIGTERM');
     const draining = await broker.waitForLog('broker draining');
     expect(draining.callsInFlight).to.equal(1);
-    const refused = await failure(client.unary(ECHO.unary, Buffer.from('late'), md(), { deadline: Date.now() + 5_000 }));
+    const refused = await failure(
+      client.unary(ECHO.unary, Buffer.from('late'), md(), { deadline: Date.now() + 5_000 }),
+    );
     expect(refused.code, refused.details).to.equal(Status.UNAVAILABLE);
-    const fresh = await failure(caller(bports).unary(ECHO.unary, Buffer.from('late'), md(), { deadline: Date.now() + 5_000 }));
+    const fresh = await failure(
+      caller(bports).unary(ECHO.unary, Buffer.from('late'), md(), { deadline: Date.now() + 5_000 }),
+    );
     expect(fresh.code, fresh.details).to.equal(Status.UNAVAILABLE);
     expect((await httpGet(`http://127.0.0.1:${bports.adminPort}/readyz`)).status).to.equal(503);
     expect(broker.exit, 'broker still draining while the call is in flight').to.equal(undefined);
@@ -246,7 +331,10 @@ describe('processes (real broker and agent binaries)', function () {
     const codes = new Map<number, number>();
     const loops = Array.from({ length: 8 }, async () => {
       while (!stop) {
-        const r = await client.unary(ECHO.unary, Buffer.from('x'), md(), { deadline: Date.now() + 2_000 }).then(() => Status.OK, (e: ServiceError) => e.code);
+        const r = await client.unary(ECHO.unary, Buffer.from('x'), md(), { deadline: Date.now() + 2_000 }).then(
+          () => Status.OK,
+          (e: ServiceError) => e.code,
+        );
         codes.set(r, (codes.get(r) ?? 0) + 1);
       }
     });
@@ -261,10 +349,13 @@ describe('processes (real broker and agent binaries)', function () {
       stop = true;
       await Promise.all(loops);
     }
-    expect([...codes.keys()].every((c) => c === Status.OK || c === Status.UNAVAILABLE), JSON.stringify([...codes])).to.equal(true);
+    expect(
+      [...codes.keys()].every((c) => c === Status.OK || c === Status.UNAVAILABLE),
+      JSON.stringify([...codes]),
+    ).to.equal(true);
   });
 
-  it('(c1c) SIGTERM to the broker while a caller\'s connection is mid-handshake: that connection gets GOAWAY too, its call is refused before it starts, nothing is cut', async () => {
+  it("(c1c) SIGTERM to the broker while a caller's connection is mid-handshake: that connection gets GOAWAY too, its call is refused before it starts, nothing is cut", async () => {
     const { broker, bports } = await startPair(echo.address);
     // Accepted before the SIGTERM, secure only after the drain closed the listener: it becomes an
     // HTTP/2 session that the shutdown's first round of GOAWAYs did not see.
@@ -274,15 +365,22 @@ describe('processes (real broker and agent binaries)', function () {
     await broker.waitForLog('broker draining', undefined, { from: logsBefore });
     const late = callOverStalledConnection(raw, serviceCert, ECHO.unary, { 'burrow-agent-id': 'site-a' });
     try {
-      expect(await late.first, 'what the late connection saw first').to.equal(`GOAWAY ${http2.constants.NGHTTP2_NO_ERROR}`);
+      expect(await late.first, 'what the late connection saw first').to.equal(
+        `GOAWAY ${http2.constants.NGHTTP2_NO_ERROR}`,
+      );
       // Refused by HTTP/2 (the stream is past the GOAWAY): a grpc-js caller retries it elsewhere.
-      expect(await late.streamClosed).to.equal(`stream closed (answered: false, rstCode ${http2.constants.NGHTTP2_REFUSED_STREAM})`);
+      expect(await late.streamClosed).to.equal(
+        `stream closed (answered: false, rstCode ${http2.constants.NGHTTP2_REFUSED_STREAM})`,
+      );
       expect(await broker.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
     } finally {
       late.close();
     }
     expect(broker.logs.find((l) => l.message === 'broker stopped')?.drained).to.equal(true);
-    expect(broker.logs.filter((l) => /cutting/.test(String(l.message))), 'connections cut after the grace').to.deep.equal([]);
+    expect(
+      broker.logs.filter((l) => /cutting/.test(String(l.message))),
+      'connections cut after the grace',
+    ).to.deep.equal([]);
   });
 
   it('(c2) SIGTERM to the agent: the call in flight completes OK, new calls are refused, exit code 0', async () => {
@@ -298,7 +396,9 @@ describe('processes (real broker and agent binaries)', function () {
     await agent.waitForLog('shutting down');
     // The agent's Drain (protocol 3) tells the broker; calls the broker sent before it are answered.
     await broker.waitForLog('agent is leaving', (l) => l.agentId === 'site-a');
-    const refused = await failure(client.unary(ECHO.unary, Buffer.from('late'), md(), { deadline: Date.now() + 5_000 }));
+    const refused = await failure(
+      client.unary(ECHO.unary, Buffer.from('late'), md(), { deadline: Date.now() + 5_000 }),
+    );
     expect(refused.code, refused.details).to.equal(Status.UNAVAILABLE);
     expect(agent.exit, 'agent still draining while the call is in flight').to.equal(undefined);
 
@@ -316,7 +416,9 @@ describe('processes (real broker and agent binaries)', function () {
     cleanups.push(() => proxy.stop());
     const agent = await startAgent(agentArgs(`127.0.0.1:${proxy.port}`, echo.address, keepalive));
     await Promise.all([agent.proc.waitForLog('tunnel session established'), broker.proc.waitForLog('agent connected')]);
-    expect((await caller(broker.ports).unary(ECHO.unary, Buffer.from('via proxy'), md())).response.toString()).to.equal('via proxy');
+    expect((await caller(broker.ports).unary(ECHO.unary, Buffer.from('via proxy'), md())).response.toString()).to.equal(
+      'via proxy',
+    );
     expect(proxy.connections).to.equal(1);
 
     const brokerLogs = broker.proc.logs.length;
@@ -324,7 +426,10 @@ describe('processes (real broker and agent binaries)', function () {
     const stalledAt = Date.now();
     proxy.stall();
     const [gone, lost] = await Promise.all([
-      broker.proc.waitForLog('agent disconnected', (l) => l.agentId === 'site-a', { from: brokerLogs, timeoutMs: 8_000 }),
+      broker.proc.waitForLog('agent disconnected', (l) => l.agentId === 'site-a', {
+        from: brokerLogs,
+        timeoutMs: 8_000,
+      }),
       agent.proc.waitForLog('tunnel session lost', undefined, { from: agentLogs, timeoutMs: 8_000 }),
     ]);
     const elapsed = Date.now() - stalledAt;
@@ -332,7 +437,9 @@ describe('processes (real broker and agent binaries)', function () {
     expect(gone).to.be.an('object');
     expect(lost.broker).to.equal(`127.0.0.1:${proxy.port}`);
     expect(await agentsOf(broker.ports), 'the broker no longer lists the agent').to.deep.equal([]);
-    const unrouted = await failure(caller(broker.ports).unary(ECHO.unary, Buffer.from('x'), md(), { deadline: Date.now() + 5_000 }));
+    const unrouted = await failure(
+      caller(broker.ports).unary(ECHO.unary, Buffer.from('x'), md(), { deadline: Date.now() + 5_000 }),
+    );
     expect(unrouted.code).to.equal(Status.UNAVAILABLE);
 
     const agentLogsBeforeRestore = agent.proc.logs.length;
@@ -343,6 +450,8 @@ describe('processes (real broker and agent binaries)', function () {
       broker.proc.waitForLog('agent connected', (l) => l.agentId === 'site-a', { from: brokerLogsBeforeRestore }),
     ]);
     expect((await agentsOf(broker.ports))[0]).to.include({ id: 'site-a', connections: 1 });
-    expect((await caller(broker.ports).unary(ECHO.unary, Buffer.from('again'), md())).response.toString()).to.equal('again');
+    expect((await caller(broker.ports).unary(ECHO.unary, Buffer.from('again'), md())).response.toString()).to.equal(
+      'again',
+    );
   });
 });

@@ -4,15 +4,32 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import * as YAML from 'yaml';
 import {
-  ALERTS_FILE, ALERT_TESTS_FILE, OPERATIONS_DOC, PROMETHEUS_DIR, alertRules, ensurePrometheus, run,
+  ALERTS_FILE,
+  ALERT_TESTS_FILE,
+  OPERATIONS_DOC,
+  PROMETHEUS_DIR,
+  alertRules,
+  ensurePrometheus,
+  run,
 } from './helpers/monitoring';
 
-interface AlertTestCase { eval_time: string; alertname: string; exp_alerts?: unknown[] }
-interface AlertTestGroup { name: string; alert_rule_test?: AlertTestCase[] }
+interface AlertTestCase {
+  eval_time: string;
+  alertname: string;
+  exp_alerts?: unknown[];
+}
+interface AlertTestGroup {
+  name: string;
+  alert_rule_test?: AlertTestCase[];
+}
 
 /** GitHub-style anchor of a markdown heading. */
 function anchor(heading: string): string {
-  return heading.trim().toLowerCase().replace(/[^a-z0-9 _-]/g, '').replace(/ /g, '-');
+  return heading
+    .trim()
+    .toLowerCase()
+    .replace(/[^a-z0-9 _-]/g, '')
+    .replace(/ /g, '-');
 }
 
 describe('Prometheus alerting rules (deploy/prometheus)', function () {
@@ -43,12 +60,16 @@ describe('Prometheus alerting rules (deploy/prometheus)', function () {
   });
 
   it('every alert has a severity and a runbook entry in docs/operations.md', () => {
-    const headings = new Set([...readFileSync(OPERATIONS_DOC, 'utf8').matchAll(/^#{2,4} (.+)$/gm)].map((m) => anchor(m[1]!)));
+    const headings = new Set(
+      [...readFileSync(OPERATIONS_DOC, 'utf8').matchAll(/^#{2,4} (.+)$/gm)].map((m) => anchor(m[1]!)),
+    );
     for (const rule of alertRules()) {
       expect(rule.labels.severity, rule.alert).to.be.oneOf(['warning', 'critical']);
       const m = /^docs\/operations\.md#(.+)$/.exec(rule.annotations.runbook_url ?? '');
       expect(m, `${rule.alert} runbook_url`).to.not.equal(null);
-      expect(headings.has(m![1]!), `${rule.alert}: docs/operations.md has no heading with anchor #${m![1]}`).to.equal(true);
+      expect(headings.has(m![1]!), `${rule.alert}: docs/operations.md has no heading with anchor #${m![1]}`).to.equal(
+        true,
+      );
     }
   });
 
@@ -63,7 +84,11 @@ describe('Prometheus alerting rules (deploy/prometheus)', function () {
     const mutations: [string, string, string][] = [
       ['BurrowBrokerDown', 'expr: up{job="burrow-broker"} == 0', 'expr: up{job="burrow-broker"} == 2'],
       ['BurrowTunneledCallErrorRate', ') > 0.05', ') > 0.5'],
-      ['BurrowPolicyReloadFailed', '[15m]) > 0\n            or on (job, instance)', '[15m]) > 0\n            and on (job, instance)'],
+      [
+        'BurrowPolicyReloadFailed',
+        '[15m]) > 0\n            or on (job, instance)',
+        '[15m]) > 0\n            and on (job, instance)',
+      ],
     ];
     for (const [alert, from, to] of mutations) {
       it(`a changed ${alert} fails promtool test rules`, async () => {

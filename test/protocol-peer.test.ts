@@ -24,7 +24,9 @@ async function waitUntil(condition: () => boolean, what: string, timeoutMs = 3_0
 /** `promise`, or a rejection naming `what` if it has not settled within `ms`. */
 function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
   let timer: NodeJS.Timeout | undefined;
-  const timeout = new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`no ${what} within ${ms} ms`)), ms); });
+  const timeout = new Promise<never>((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`no ${what} within ${ms} ms`)), ms);
+  });
   return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
@@ -33,7 +35,8 @@ async function counterValue(counter: Broker['metrics']['protocolErrors']): Promi
 }
 
 /** The broker's agent listener, for its session count (leak checks). */
-const sessionCount = (broker: Broker): number => (broker as unknown as { agentListener: { sessionCount: number } }).agentListener.sessionCount;
+const sessionCount = (broker: Broker): number =>
+  (broker as unknown as { agentListener: { sessionCount: number } }).agentListener.sessionCount;
 
 describe('protocol peer: a raw agent against a real broker', function () {
   let stack: Stack;
@@ -46,10 +49,13 @@ describe('protocol peer: a raw agent against a real broker', function () {
     agents.push(a);
     return a;
   };
-  const protocolErrorsInThisTest = async (): Promise<number> => (await counterValue(stack.broker.metrics.protocolErrors)) - protocolErrorsBefore;
+  const protocolErrorsInThisTest = async (): Promise<number> =>
+    (await counterValue(stack.broker.metrics.protocolErrors)) - protocolErrorsBefore;
 
   /** A raw agent with a session that completed its handshake. */
-  const connected = async (opts: { minIdleOffers?: number; cert?: CertFiles } = {}): Promise<{ agent: RawAgent; session: RawSession; sessionId: string }> => {
+  const connected = async (
+    opts: { minIdleOffers?: number; cert?: CertFiles } = {},
+  ): Promise<{ agent: RawAgent; session: RawSession; sessionId: string }> => {
     const agent = rawAgent(opts.cert);
     const session = agent.session();
     session.hello({ minIdleOffers: opts.minIdleOffers ?? 0 });
@@ -73,7 +79,9 @@ describe('protocol peer: a raw agent against a real broker', function () {
     stack = await Stack.start({ startAgent: false });
     siteB = await stack.pki.issue('agent', 'site-b');
   });
-  after(async () => { await stack?.stop(); });
+  after(async () => {
+    await stack?.stop();
+  });
 
   beforeEach(async () => {
     protocolErrorsBefore = await counterValue(stack.broker.metrics.protocolErrors);
@@ -82,11 +90,21 @@ describe('protocol peer: a raw agent against a real broker', function () {
   afterEach(async () => {
     for (const a of agents.splice(0)) a.close();
     // Leak check: every session, offer, waiter and agent entry is gone once the agents are.
-    await waitUntil(() => {
-      const c = stack.broker.registry.counts();
-      return c.agents === 0 && c.sessions === 0 && c.idleOffers === 0 && c.activeCalls === 0 && c.waiters === 0
-        && stack.broker.registry.entryCount === 0 && sessionCount(stack.broker) === 0;
-    }, `an empty registry (now ${JSON.stringify(stack.broker.registry.counts())}, listener sessions ${sessionCount(stack.broker)})`);
+    await waitUntil(
+      () => {
+        const c = stack.broker.registry.counts();
+        return (
+          c.agents === 0 &&
+          c.sessions === 0 &&
+          c.idleOffers === 0 &&
+          c.activeCalls === 0 &&
+          c.waiters === 0 &&
+          stack.broker.registry.entryCount === 0 &&
+          sessionCount(stack.broker) === 0
+        );
+      },
+      `an empty registry (now ${JSON.stringify(stack.broker.registry.counts())}, listener sessions ${sessionCount(stack.broker)})`,
+    );
   });
 
   describe('(a) version negotiation', () => {
@@ -102,7 +120,11 @@ describe('protocol peer: a raw agent against a real broker', function () {
       expect(stack.broker.registry.counts()).to.deep.include({ agents: 1, sessions: 1 });
       const [summary] = stack.broker.registry.summaries();
       expect(summary!.id).to.equal('site-a');
-      expect(summary!.sessions[0]).to.deep.include({ id: welcome.sessionId, protocolVersion: 3, agentVersion: 'raw-agent/4.0' });
+      expect(summary!.sessions[0]).to.deep.include({
+        id: welcome.sessionId,
+        protocolVersion: 3,
+        agentVersion: 'raw-agent/4.0',
+      });
       // The agent ending its session stream makes the broker forget it.
       session.end();
       const st = await session.ended();
@@ -126,9 +148,26 @@ describe('protocol peer: a raw agent against a real broker', function () {
   describe('(b) a broken session stream', () => {
     const cases: [string, (s: RawSession) => void][] = [
       ['first frame is Demand, not Hello', (s) => s.send({ kind: 'demand', offers: 3 })],
-      ['first frame is Welcome, not Hello', (s) => s.send({ kind: 'welcome', welcome: { protocolVersion: 1, sessionId: 'x', maxMessageBytes: 1, brokerId: 'b' } })],
-      ['undecodable bytes', (s) => { s.writeBytes(Buffer.from([0x0a, 0x7f, 0x01, 0x02])); }],
-      ['a frame with no kind', (s) => { s.writeBytes(Buffer.alloc(0)); }],
+      [
+        'first frame is Welcome, not Hello',
+        (s) =>
+          s.send({
+            kind: 'welcome',
+            welcome: { protocolVersion: 1, sessionId: 'x', maxMessageBytes: 1, brokerId: 'b' },
+          }),
+      ],
+      [
+        'undecodable bytes',
+        (s) => {
+          s.writeBytes(Buffer.from([0x0a, 0x7f, 0x01, 0x02]));
+        },
+      ],
+      [
+        'a frame with no kind',
+        (s) => {
+          s.writeBytes(Buffer.alloc(0));
+        },
+      ],
     ];
     for (const [name, send] of cases) {
       it(`${name}: the session ends with INTERNAL and protocolErrors increments`, async () => {
@@ -156,7 +195,7 @@ describe('protocol peer: a raw agent against a real broker', function () {
     });
   });
 
-  describe('(c) offers for sessions that are not the agent\'s', () => {
+  describe("(c) offers for sessions that are not the agent's", () => {
     it('an Offer with an unknown burrow-session-id, or none, gets FAILED_PRECONDITION', async () => {
       const { agent } = await connected();
       const unknown = agent.offer('00000000-0000-0000-0000-000000000000');
@@ -168,7 +207,7 @@ describe('protocol peer: a raw agent against a real broker', function () {
       expect(stack.broker.registry.counts().idleOffers).to.equal(0);
     });
 
-    it('an Offer or Forward with another agent\'s session id gets PERMISSION_DENIED and leaves that session alone', async () => {
+    it("an Offer or Forward with another agent's session id gets PERMISSION_DENIED and leaves that session alone", async () => {
       const a = await connected();
       const b = await connected({ cert: siteB });
       expect(stack.broker.registry.counts()).to.deep.include({ agents: 2, sessions: 2 });
@@ -190,11 +229,16 @@ describe('protocol peer: a raw agent against a real broker', function () {
     });
   });
 
-  describe('(d) a call assigned to the raw agent\'s offer', () => {
+  describe("(d) a call assigned to the raw agent's offer", () => {
     it('Start carries the method, only the metadata that may cross, and the remaining deadline', async () => {
       const { agent, sessionId } = await connected();
       const [offer] = await openIdleOffers(agent, sessionId, 1);
-      const md = stack.md({ authorization: 'Bearer caller-secret', 'burrow-foo': 'spoofed', 'x-foo': 'bar', 'x-blob-bin': Buffer.from([0, 255, 1]) });
+      const md = stack.md({
+        authorization: 'Bearer caller-secret',
+        'burrow-foo': 'spoofed',
+        'x-foo': 'bar',
+        'x-blob-bin': Buffer.from([0, 255, 1]),
+      });
       const sentAt = Date.now();
       const call = stack.caller.unary(ECHO.unary, Buffer.from('ping'), md, { deadline: sentAt + 5_000 });
       const start = await offer!.answerEcho();
@@ -205,8 +249,11 @@ describe('protocol peer: a raw agent against a real broker', function () {
       const keys = start.metadata.map((e) => e.key);
       expect(keys).to.not.include('authorization');
       expect(keys.filter((k) => k.startsWith('burrow-'))).to.deep.equal([]);
-      expect(keys.filter((k) => k.startsWith('grpc-') || k === 'user-agent' || k === 'content-type' || k === 'te')).to.deep.equal([]);
-      const hex = (k: string): string[] => start.metadata.filter((e) => e.key === k).map((e) => Buffer.from(e.value).toString('hex'));
+      expect(
+        keys.filter((k) => k.startsWith('grpc-') || k === 'user-agent' || k === 'content-type' || k === 'te'),
+      ).to.deep.equal([]);
+      const hex = (k: string): string[] =>
+        start.metadata.filter((e) => e.key === k).map((e) => Buffer.from(e.value).toString('hex'));
       expect(hex('x-foo')).to.deep.equal([Buffer.from('bar').toString('hex')]);
       expect(hex('x-blob-bin')).to.deep.equal(['00ff01']);
       // The broker measured the remaining time when it sent Start: a little under 5 s.
@@ -232,7 +279,12 @@ describe('protocol peer: a raw agent against a real broker', function () {
       const { offer, call } = await assigned();
       offer.send({ kind: 'headers', metadata: [] });
       offer.send({ kind: 'headers', metadata: [] });
-      const err = await call.then(() => { throw new Error('the call succeeded'); }, (e: ServiceError) => e);
+      const err = await call.then(
+        () => {
+          throw new Error('the call succeeded');
+        },
+        (e: ServiceError) => e,
+      );
       expect(err.code).to.equal(Status.UNAVAILABLE);
       expect(err.details).to.match(/protocol/);
       expect(err.details).to.contain('headers frame after headers');
@@ -243,7 +295,7 @@ describe('protocol peer: a raw agent against a real broker', function () {
     // BUG: once an offer carries a call, originate() re-attaches the CallStream handlers and its
     // onProtocolError only fails the call; AgentListener.protocolError() (close the session, count
     // the error) is never reached, so an agent that broke the protocol keeps its session.
-    it('Headers twice: the broker closes the agent\'s whole session with INTERNAL and counts a protocol error', async () => {
+    it("Headers twice: the broker closes the agent's whole session with INTERNAL and counts a protocol error", async () => {
       const { session, offer, call } = await assigned();
       offer.send({ kind: 'headers', metadata: [] });
       offer.send({ kind: 'headers', metadata: [] });
@@ -260,7 +312,12 @@ describe('protocol peer: a raw agent against a real broker', function () {
       const { offer, call } = await assigned();
       offer.send({ kind: 'trailers', trailers: { code: Status.NOT_FOUND, message: '  gone\t😀 ', metadata: [] } });
       offer.send({ kind: 'message', data: Buffer.from('after trailers') });
-      const err = await call.then(() => { throw new Error('the call succeeded'); }, (e: ServiceError) => e);
+      const err = await call.then(
+        () => {
+          throw new Error('the call succeeded');
+        },
+        (e: ServiceError) => e,
+      );
       expect(err.code).to.equal(Status.NOT_FOUND);
       expect(err.details).to.equal('  gone\t😀 ');
       // The broker finishes the offer as soon as Trailers arrives, so the Message behind it is not
@@ -287,7 +344,15 @@ describe('protocol peer: a raw agent against a real broker', function () {
     it('a well-ordered Forward reaches the platform upstream with the verified agent id', async () => {
       const { agent, sessionId } = await connected();
       const fwd = agent.forward(sessionId);
-      fwd.send({ kind: 'start', start: { method: ECHO.unary, metadata: [{ key: 'burrow-agent-id', value: Buffer.from('spoofed') }], timeoutMs: 5_000, callId: 'f1' } });
+      fwd.send({
+        kind: 'start',
+        start: {
+          method: ECHO.unary,
+          metadata: [{ key: 'burrow-agent-id', value: Buffer.from('spoofed') }],
+          timeoutMs: 5_000,
+          callId: 'f1',
+        },
+      });
       fwd.send({ kind: 'message', data: Buffer.from('up') });
       fwd.send({ kind: 'halfClose' });
       const frames: CallFrame[] = [];
@@ -327,7 +392,9 @@ describe('protocol peer: a raw agent against a real broker', function () {
     it('5 calls waiting on an agent with no idle offers make the broker demand exactly 5, and all 5 succeed once offered', async () => {
       const { agent, session, sessionId } = await connected({ minIdleOffers: 0 });
       const demandedBefore = await counterValue(stack.broker.metrics.demandedOffers);
-      const calls = [0, 1, 2, 3, 4].map((i) => stack.caller.unary(ECHO.unary, Buffer.from(`call-${i}`), stack.md(), { deadline: Date.now() + 10_000 }));
+      const calls = [0, 1, 2, 3, 4].map((i) =>
+        stack.caller.unary(ECHO.unary, Buffer.from(`call-${i}`), stack.md(), { deadline: Date.now() + 10_000 }),
+      );
       let demanded = 0;
       while (demanded < 5) {
         const f = await session.expectNext('demand');
@@ -339,11 +406,21 @@ describe('protocol peer: a raw agent against a real broker', function () {
       const offers = [0, 1, 2, 3, 4].map(() => agent.offer(sessionId));
       const starts = await Promise.all(offers.map((o) => o.answerEcho()));
       const results = await Promise.all(calls);
-      expect(results.map((r) => r.response.toString()).sort()).to.deep.equal(['call-0', 'call-1', 'call-2', 'call-3', 'call-4']);
+      expect(results.map((r) => r.response.toString()).sort()).to.deep.equal([
+        'call-0',
+        'call-1',
+        'call-2',
+        'call-3',
+        'call-4',
+      ]);
       expect(starts.every((s) => s.method === ECHO.unary)).to.equal(true);
       for (const o of offers) expect((await o.ended()).code).to.equal(Status.OK);
       // Not more: no further Demand arrived, and the broker counted exactly 5.
-      expect(session.received.filter((f) => f.kind === 'demand').reduce((n, f) => n + (f.kind === 'demand' ? f.offers : 0), 0)).to.equal(5);
+      expect(
+        session.received
+          .filter((f) => f.kind === 'demand')
+          .reduce((n, f) => n + (f.kind === 'demand' ? f.offers : 0), 0),
+      ).to.equal(5);
       expect((await counterValue(stack.broker.metrics.demandedOffers)) - demandedBefore).to.equal(5);
       expect(stack.broker.registry.counts()).to.deep.include({ waiters: 0, activeCalls: 0, idleOffers: 0 });
     });
@@ -360,10 +437,17 @@ describe('protocol peer: a raw agent against a real broker', function () {
       const first = stack.caller.unary(ECHO.unary, Buffer.from('first'), stack.md(), { deadline: Date.now() + 300 });
       expect((await session.expectNext('demand')).offers).to.equal(1);
       // The raw agent ignores it (e.g. it is at its own concurrency limit); the call times out.
-      const e1 = await first.then(() => { throw new Error('the call succeeded'); }, (e: ServiceError) => e);
+      const e1 = await first.then(
+        () => {
+          throw new Error('the call succeeded');
+        },
+        (e: ServiceError) => e,
+      );
       expect(e1.code).to.equal(Status.DEADLINE_EXCEEDED);
       await waitUntil(() => stack.broker.registry.counts().waiters === 0, 'the first waiter to go');
-      const second = stack.caller.unary(ECHO.unary, Buffer.from('second'), stack.md(), { deadline: Date.now() + 1_500 });
+      const second = stack.caller.unary(ECHO.unary, Buffer.from('second'), stack.md(), {
+        deadline: Date.now() + 1_500,
+      });
       try {
         const d = await within(session.expectNext('demand'), 1_000, 'Demand for the second waiting call');
         expect(d.offers).to.equal(1);
@@ -378,11 +462,13 @@ describe('protocol peer: a raw agent against a real broker', function () {
     // BUG: TunnelRegistry.removeSession() forgets a session without taking back the Demand it was
     // sent; outstandingDemand is only reset by addSession(), so when an agent has two sessions and
     // the one asked goes away, the waiting call is never offered a stream by the other one.
-    it('demand owed by a session that ends is asked again from the agent\'s other session', async () => {
+    it("demand owed by a session that ends is asked again from the agent's other session", async () => {
       const one = await connected();
       const two = await connected();
       expect(stack.broker.registry.counts()).to.deep.include({ agents: 1, sessions: 2 });
-      const call = stack.caller.unary(ECHO.unary, Buffer.from('survivor'), stack.md(), { deadline: Date.now() + 1_800 });
+      const call = stack.caller.unary(ECHO.unary, Buffer.from('survivor'), stack.md(), {
+        deadline: Date.now() + 1_800,
+      });
       try {
         await Promise.race([one.session.seen(isDemand), two.session.seen(isDemand)]);
         const [asked, other] = one.session.received.some(isDemand) ? [one, two] : [two, one];
@@ -452,7 +538,9 @@ describe('protocol peer: a raw agent against a real broker', function () {
       expect(stack.broker.registry.retireIdle(0, Date.now() + 1_000)).to.equal(0);
       expect(offers[2]!.status).to.equal(undefined);
       const answered = offers[2]!.answerEcho();
-      const res = await stack.caller.unary(ECHO.unary, Buffer.from('on the kept offer'), stack.md(), { deadline: Date.now() + 5_000 });
+      const res = await stack.caller.unary(ECHO.unary, Buffer.from('on the kept offer'), stack.md(), {
+        deadline: Date.now() + 5_000,
+      });
       expect(res.response.toString()).to.equal('on the kept offer');
       await answered;
       expect((await offers[2]!.ended()).code).to.equal(Status.OK);

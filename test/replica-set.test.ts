@@ -1,7 +1,15 @@
 import { once } from 'node:events';
 import { expect } from 'chai';
 import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
-import { AGENT_DEFAULTS, Agent, chooseTargets, expandConfigured, rendezvousScore, type HostResolver, type TargetSpec } from '@burrow/agent';
+import {
+  AGENT_DEFAULTS,
+  Agent,
+  chooseTargets,
+  expandConfigured,
+  rendezvousScore,
+  type HostResolver,
+  type TargetSpec,
+} from '@burrow/agent';
 import { Broker, type BrokerConfig } from '@burrow/broker';
 import { ProtocolError, silentLogger, type BrokerEndpoint } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
@@ -21,7 +29,10 @@ import { waitUntil } from './helpers/wait';
  * The broker's agent listener. broker.ts does not wire the replica set yet (the Redis registry
  * will), so these tests reach the listener directly and call its public broadcastReplicaSet.
  */
-function listenerOf(broker: Broker): { broadcastReplicaSet(set: BrokerEndpoint[]): void; broadcastTrustBundle(pem: string, version: number): void } {
+function listenerOf(broker: Broker): {
+  broadcastReplicaSet(set: BrokerEndpoint[]): void;
+  broadcastTrustBundle(pem: string, version: number): void;
+} {
   return (broker as unknown as { agentListener: ReturnType<typeof listenerOf> }).agentListener;
 }
 
@@ -29,24 +40,46 @@ const sessions = (b: Broker): number => b.registry.counts().sessions;
 
 describe('broker replica set: choosing targets (pure)', () => {
   const configured = (address: string): TargetSpec => ({ address, source: 'configured', configuredAs: address });
-  const set = (...ids: string[]): BrokerEndpoint[] => ids.map((id, i) => ({ brokerId: id, address: `10.0.0.${i + 1}:7443` }));
+  const set = (...ids: string[]): BrokerEndpoint[] =>
+    ids.map((id, i) => ({ brokerId: id, address: `10.0.0.${i + 1}:7443` }));
 
   it('keeps configured targets, skips brokers already reached by id or address, and stops at maxBrokers', () => {
     const targets = chooseTargets({
-      agentId: 'site-a', configured: [configured('10.0.0.1:7443')], knownIds: new Map([['10.0.0.1:7443', 'a']]),
-      replicaSet: set('a', 'b', 'c', 'd'), maxBrokers: 3,
+      agentId: 'site-a',
+      configured: [configured('10.0.0.1:7443')],
+      knownIds: new Map([['10.0.0.1:7443', 'a']]),
+      replicaSet: set('a', 'b', 'c', 'd'),
+      maxBrokers: 3,
     });
     expect(targets.map((t) => t.source)).to.deep.equal(['configured', 'learned', 'learned']);
     expect(targets.filter((t) => t.advertisedId === 'a')).to.have.length(0);
     // A configured target whose broker id is not known yet counts as a broker of its own.
-    expect(chooseTargets({ agentId: 'site-a', configured: [configured('broker.example:7443')], knownIds: new Map(), replicaSet: set('a', 'b'), maxBrokers: 2 })).to.have.length(2);
-    expect(chooseTargets({ agentId: 'site-a', configured: [configured('x:1'), configured('y:1')], knownIds: new Map(), replicaSet: set('a', 'b'), maxBrokers: 1 })).to.have.length(2);
+    expect(
+      chooseTargets({
+        agentId: 'site-a',
+        configured: [configured('broker.example:7443')],
+        knownIds: new Map(),
+        replicaSet: set('a', 'b'),
+        maxBrokers: 2,
+      }),
+    ).to.have.length(2);
+    expect(
+      chooseTargets({
+        agentId: 'site-a',
+        configured: [configured('x:1'), configured('y:1')],
+        knownIds: new Map(),
+        replicaSet: set('a', 'b'),
+        maxBrokers: 1,
+      }),
+    ).to.have.length(2);
   });
 
   it('chooses by rendezvous hashing: stable, spread over brokers, and a broker leaving moves only its own agents', () => {
     const ids = ['b1', 'b2', 'b3', 'b4', 'b5'];
-    const choice = (agentId: string, brokers: string[]): string[] => chooseTargets({ agentId, configured: [], knownIds: new Map(), replicaSet: set(...brokers), maxBrokers: 2 })
-      .map((t) => t.advertisedId!).sort();
+    const choice = (agentId: string, brokers: string[]): string[] =>
+      chooseTargets({ agentId, configured: [], knownIds: new Map(), replicaSet: set(...brokers), maxBrokers: 2 })
+        .map((t) => t.advertisedId!)
+        .sort();
     const load = new Map(ids.map((id) => [id, 0]));
     let moved = 0;
     for (let i = 0; i < 500; i++) {
@@ -54,7 +87,10 @@ describe('broker replica set: choosing targets (pure)', () => {
       const before = choice(agentId, ids);
       expect(choice(agentId, [...ids].reverse()), 'independent of the order of the set').to.deep.equal(before);
       for (const id of before) load.set(id, load.get(id)! + 1);
-      const after = choice(agentId, ids.filter((id) => id !== 'b3'));
+      const after = choice(
+        agentId,
+        ids.filter((id) => id !== 'b3'),
+      );
       if (!before.includes('b3')) expect(after, 'agents that did not pick b3 keep their brokers').to.deep.equal(before);
       else moved++;
     }
@@ -65,11 +101,22 @@ describe('broker replica set: choosing targets (pure)', () => {
   });
 
   it('expands a configured name to one target per address, keeping the name as the TLS server name', async () => {
-    const resolver: HostResolver = async (host) => (host === 'brokers.example' ? ['10.0.0.2', '10.0.0.1', '10.0.0.2', 'fd00::1'] : []);
+    const resolver: HostResolver = async (host) =>
+      host === 'brokers.example' ? ['10.0.0.2', '10.0.0.1', '10.0.0.2', 'fd00::1'] : [];
     const { specs } = await expandConfigured('brokers.example:7443', resolver);
-    expect(specs.map((t) => [t.address, t.serverName])).to.deep.equal([['10.0.0.1:7443', 'brokers.example'], ['10.0.0.2:7443', 'brokers.example'], ['[fd00::1]:7443', 'brokers.example']]);
-    expect((await expandConfigured('brokers.example:7443', resolver, 'override.example')).specs[0]!.serverName).to.equal('override.example');
-    expect((await expandConfigured('127.0.0.1:7443', () => Promise.reject(new Error('not asked')))).specs.map((t) => t.address)).to.deep.equal(['127.0.0.1:7443']);
+    expect(specs.map((t) => [t.address, t.serverName])).to.deep.equal([
+      ['10.0.0.1:7443', 'brokers.example'],
+      ['10.0.0.2:7443', 'brokers.example'],
+      ['[fd00::1]:7443', 'brokers.example'],
+    ]);
+    expect(
+      (await expandConfigured('brokers.example:7443', resolver, 'override.example')).specs[0]!.serverName,
+    ).to.equal('override.example');
+    expect(
+      (await expandConfigured('127.0.0.1:7443', () => Promise.reject(new Error('not asked')))).specs.map(
+        (t) => t.address,
+      ),
+    ).to.deep.equal(['127.0.0.1:7443']);
     const failed = await expandConfigured('nowhere.example:7443', () => Promise.reject(new Error('ENOTFOUND')));
     expect(failed.specs.map((t) => t.address)).to.deep.equal(['nowhere.example:7443']);
     expect(failed.error?.message).to.equal('ENOTFOUND');
@@ -79,9 +126,15 @@ describe('broker replica set: choosing targets (pure)', () => {
 describe('broker replica set: the Brokers frame on the wire', () => {
   let stack: Stack;
   const raws: RawAgent[] = [];
-  before(async () => { stack = await Stack.start({ startAgent: false }); });
-  afterEach(() => { for (const a of raws.splice(0)) a.close(); });
-  after(async () => { await stack?.stop(); });
+  before(async () => {
+    stack = await Stack.start({ startAgent: false });
+  });
+  afterEach(() => {
+    for (const a of raws.splice(0)) a.close();
+  });
+  after(async () => {
+    await stack?.stop();
+  });
 
   const connect = async (protocolVersions: number[]) => {
     const a = new RawAgent(stack.agentAddress, stack.agentCert);
@@ -90,7 +143,10 @@ describe('broker replica set: the Brokers frame on the wire', () => {
     session.hello({ protocolVersions });
     return { session, welcome: await session.welcome() };
   };
-  const SET: BrokerEndpoint[] = [{ brokerId: 'broker-test', address: '127.0.0.1:7443' }, { brokerId: 'broker-2', address: 'broker-2.example:7443' }];
+  const SET: BrokerEndpoint[] = [
+    { brokerId: 'broker-test', address: '127.0.0.1:7443' },
+    { brokerId: 'broker-2', address: 'broker-2.example:7443' },
+  ];
 
   it('a version-3 session gets every broadcast set; a version-2 session (agent double) gets none and still works', async () => {
     const v3 = await connect([1, 2, 3]);
@@ -120,8 +176,15 @@ describe('broker replica set: the Brokers frame on the wire', () => {
   });
 
   it('broadcastReplicaSet refuses a set the frame cannot carry, before sending anything', () => {
-    expect(() => listenerOf(stack.broker).broadcastReplicaSet([{ brokerId: 'x', address: 'no-port' }])).to.throw(ProtocolError, /address "no-port" is not HOST:PORT/);
-    expect(() => listenerOf(stack.broker).broadcastReplicaSet(Array.from({ length: 65 }, (_, i) => ({ brokerId: `b${i}`, address: 'h:1' })))).to.throw(ProtocolError, /at most 64/);
+    expect(() => listenerOf(stack.broker).broadcastReplicaSet([{ brokerId: 'x', address: 'no-port' }])).to.throw(
+      ProtocolError,
+      /address "no-port" is not HOST:PORT/,
+    );
+    expect(() =>
+      listenerOf(stack.broker).broadcastReplicaSet(
+        Array.from({ length: 65 }, (_, i) => ({ brokerId: `b${i}`, address: 'h:1' })),
+      ),
+    ).to.throw(ProtocolError, /at most 64/);
   });
 });
 
@@ -132,8 +195,14 @@ describe('broker replica set: agents and several brokers', function () {
   const clients: RawClient[] = [];
 
   /** Another broker of the stack's PKI on port 0 (or `agentListen`). */
-  async function startBroker(brokerId: string, overrides: Partial<BrokerConfig> = {}): Promise<{ broker: Broker; endpoint: BrokerEndpoint; caller: RawClient }> {
-    const broker = new Broker({ ...stack.brokerConfig, brokerId, adminListen: undefined, ...overrides }, silentLogger());
+  async function startBroker(
+    brokerId: string,
+    overrides: Partial<BrokerConfig> = {},
+  ): Promise<{ broker: Broker; endpoint: BrokerEndpoint; caller: RawClient }> {
+    const broker = new Broker(
+      { ...stack.brokerConfig, brokerId, adminListen: undefined, ...overrides },
+      silentLogger(),
+    );
     extra.push(broker);
     const ports = await broker.start();
     const host = (overrides.agentListen ?? '127.0.0.1:0').split(':')[0]!;
@@ -143,7 +212,9 @@ describe('broker replica set: agents and several brokers', function () {
   }
   const brokerA = (): BrokerEndpoint => ({ brokerId: 'broker-test', address: stack.agentAddress });
 
-  beforeEach(async () => { stack = await Stack.start({ startAgent: false }); });
+  beforeEach(async () => {
+    stack = await Stack.start({ startAgent: false });
+  });
   afterEach(async () => {
     for (const c of clients.splice(0)) c.close();
     await stack.agent?.stop();
@@ -151,8 +222,10 @@ describe('broker replica set: agents and several brokers', function () {
     await stack.stop();
   });
 
-  const targetsOf = (agent: Agent) => agent.brokerTargets().map((t) => ({ broker: t.broker, source: t.source, brokerId: t.brokerId }));
-  const gauge = async (agent: Agent, name: 'brokersConnected' | 'brokersKnown'): Promise<number> => (await agent.metrics[name].get()).values[0]!.value;
+  const targetsOf = (agent: Agent) =>
+    agent.brokerTargets().map((t) => ({ broker: t.broker, source: t.source, brokerId: t.brokerId }));
+  const gauge = async (agent: Agent, name: 'brokersConnected' | 'brokersKnown'): Promise<number> =>
+    (await agent.metrics[name].get()).values[0]!.value;
 
   it('an agent configured with broker A only learns {A, B} from A, opens a tunnel to B, and drains it without failing a call when A advertises {A}', async () => {
     const b = await startBroker('broker-b');
@@ -184,7 +257,9 @@ describe('broker replica set: agents and several brokers', function () {
     expect(await gauge(agent, 'brokersConnected')).to.equal(1);
     expect(await gauge(agent, 'brokersKnown')).to.equal(1);
     // Calls keep working through A, from the platform and from the site.
-    expect((await stack.caller.unary(ECHO.unary, Buffer.from('via A'), stack.md())).response.toString()).to.equal('via A');
+    expect((await stack.caller.unary(ECHO.unary, Buffer.from('via A'), stack.md())).response.toString()).to.equal(
+      'via A',
+    );
     expect((await stack.siteClient.unary(ECHO.unary, Buffer.from('up'))).response.toString()).to.equal('up');
   });
 
@@ -193,7 +268,10 @@ describe('broker replica set: agents and several brokers', function () {
     const agent = await stack.startAgent({ brokerWaitMs: 5_000 });
     listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint]);
     await waitUntil(() => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
-    const inFlight = b.caller.unary(ECHO.hang, Buffer.from('x'), stack.md()).then(() => undefined, (e: ServiceError) => e);
+    const inFlight = b.caller.unary(ECHO.hang, Buffer.from('x'), stack.md()).then(
+      () => undefined,
+      (e: ServiceError) => e,
+    );
     await once(stack.siteUpstream, 'call');
     const stopped = b.broker.stop();
     await waitUntil(() => agent.brokerTargets().filter((t) => t.usable).length === 1);
@@ -248,17 +326,40 @@ describe('broker replica set: agents and several brokers', function () {
     const two = await startBroker('broker-dns-2', { ...tls, agentListen: `127.0.0.2:${port}` });
     let addresses = ['127.0.0.1', '127.0.0.2'];
     const asked: string[] = [];
-    const resolver: HostResolver = async (host) => { asked.push(host); return addresses; };
+    const resolver: HostResolver = async (host) => {
+      asked.push(host);
+      return addresses;
+    };
     // Stack.startAgent has no resolver option: this agent is started by hand on the stack's files.
-    const agent = new Agent({
-      ...AGENT_DEFAULTS, brokers: [`brokers.test:${port}`], tlsCertFile: stack.agentCert.cert, tlsKeyFile: stack.agentCert.key, caFile: stack.agentCert.ca,
-      upstreams: [{ service: '*', address: stack.siteUpstream.address }], reconnectBaseMs: 50, reconnectMaxMs: 500, drainTimeoutMs: 5_000,
-    }, silentLogger(), '0.0.0', undefined, { resolveHost: resolver, resolveIntervalMs: 50 });
+    const agent = new Agent(
+      {
+        ...AGENT_DEFAULTS,
+        brokers: [`brokers.test:${port}`],
+        tlsCertFile: stack.agentCert.cert,
+        tlsKeyFile: stack.agentCert.key,
+        caFile: stack.agentCert.ca,
+        upstreams: [{ service: '*', address: stack.siteUpstream.address }],
+        reconnectBaseMs: 50,
+        reconnectMaxMs: 500,
+        drainTimeoutMs: 5_000,
+      },
+      silentLogger(),
+      '0.0.0',
+      undefined,
+      { resolveHost: resolver, resolveIntervalMs: 50 },
+    );
     try {
       await agent.start();
-      await waitUntil(() => sessions(one.broker) === 1 && sessions(two.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
+      await waitUntil(
+        () => sessions(one.broker) === 1 && sessions(two.broker) === 1 && agent.brokerTargets().every((t) => t.usable),
+      );
       expect(asked[0]).to.equal('brokers.test');
-      expect(agent.brokerTargets().map((t) => [t.broker, t.source, t.configuredAs, t.brokerId]).sort()).to.deep.equal([
+      expect(
+        agent
+          .brokerTargets()
+          .map((t) => [t.broker, t.source, t.configuredAs, t.brokerId])
+          .sort(),
+      ).to.deep.equal([
         [`127.0.0.1:${port}`, 'configured', `brokers.test:${port}`, 'broker-dns-1'],
         [`127.0.0.2:${port}`, 'configured', `brokers.test:${port}`, 'broker-dns-2'],
       ]);

@@ -6,12 +6,22 @@ import { ECHO } from './helpers/echo-upstream';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 
-const failure = (p: Promise<unknown>): Promise<ServiceError> => p.then(() => { throw new Error('call succeeded'); }, (e: ServiceError) => e);
+const failure = (p: Promise<unknown>): Promise<ServiceError> =>
+  p.then(
+    () => {
+      throw new Error('call succeeded');
+    },
+    (e: ServiceError) => e,
+  );
 
 describe('routing', () => {
   let stack: Stack;
-  before(async () => { stack = await Stack.start({ broker: { agentWaitMs: 1_000 } }); });
-  after(async () => { await stack?.stop(); });
+  before(async () => {
+    stack = await Stack.start({ broker: { agentWaitMs: 1_000 } });
+  });
+  after(async () => {
+    await stack?.stop();
+  });
 
   it('names the agent with the burrow-agent-id metadata', async () => {
     const res = await stack.caller.unary(ECHO.unary, Buffer.from('by metadata'), stack.md());
@@ -48,17 +58,28 @@ describe('routing', () => {
   });
 
   it('a caller deadline shorter than the wait: DEADLINE_EXCEEDED at the deadline', async () => {
-    const err = await failure(stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'site-nowhere'), { deadline: Date.now() + 200 }));
+    const err = await failure(
+      stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'site-nowhere'), { deadline: Date.now() + 200 }),
+    );
     expect(err.code).to.equal(Status.DEADLINE_EXCEEDED);
   });
 
   it('an agent that connects while a call waits for it gets the call', async () => {
     const cert = await stack.pki.issue('agent', 'site-late');
-    const pending = stack.caller.unary(ECHO.unary, Buffer.from('late'), stack.md({}, 'site-late'), { deadline: Date.now() + 5_000 });
-    const late = new Agent({
-      ...AGENT_DEFAULTS, brokers: [stack.agentAddress], tlsCertFile: cert.cert, tlsKeyFile: cert.key, caFile: cert.ca,
-      upstreams: [{ service: '*', address: stack.siteUpstream.address }],
-    }, silentLogger());
+    const pending = stack.caller.unary(ECHO.unary, Buffer.from('late'), stack.md({}, 'site-late'), {
+      deadline: Date.now() + 5_000,
+    });
+    const late = new Agent(
+      {
+        ...AGENT_DEFAULTS,
+        brokers: [stack.agentAddress],
+        tlsCertFile: cert.cert,
+        tlsKeyFile: cert.key,
+        caFile: cert.ca,
+        upstreams: [{ service: '*', address: stack.siteUpstream.address }],
+      },
+      silentLogger(),
+    );
     try {
       await late.start();
       expect((await pending).response.toString()).to.equal('late');
@@ -71,12 +92,22 @@ describe('routing', () => {
     const call = stack.caller.bidi(ECHO.bidi, stack.md({}, 'site-nowhere'));
     call.on('error', () => {});
     await new Promise<void>((resolve) => {
-      const t = setInterval(() => { if (stack.broker.registry.counts().waiters === 1) { clearInterval(t); resolve(); } }, 5);
+      const t = setInterval(() => {
+        if (stack.broker.registry.counts().waiters === 1) {
+          clearInterval(t);
+          resolve();
+        }
+      }, 5);
     });
     call.cancel();
     await new Promise<void>((resolve) => call.on('status', () => resolve()));
     await new Promise<void>((resolve) => {
-      const t = setInterval(() => { if (stack.broker.registry.counts().waiters === 0) { clearInterval(t); resolve(); } }, 5);
+      const t = setInterval(() => {
+        if (stack.broker.registry.counts().waiters === 0) {
+          clearInterval(t);
+          resolve();
+        }
+      }, 5);
     });
     expect(stack.broker.registry.entryCount).to.equal(1);
   });
@@ -98,7 +129,9 @@ describe('routing at the agent', () => {
       ],
     });
   });
-  after(async () => { await stack?.stop(); });
+  after(async () => {
+    await stack?.stop();
+  });
 
   it('no upstream for the service at the agent: UNIMPLEMENTED naming agent and service', async () => {
     const err = await failure(stack.caller.unary('/other.Service/Method', Buffer.from('x'), stack.md()));
@@ -112,7 +145,9 @@ describe('routing at the agent', () => {
   });
 
   it('many calls to an unreachable upstream do not starve other calls', async () => {
-    const bad = Array.from({ length: 200 }, () => failure(stack.caller.unary('/burrow.test.Gone/Method', Buffer.from('x'), stack.md())));
+    const bad = Array.from({ length: 200 }, () =>
+      failure(stack.caller.unary('/burrow.test.Gone/Method', Buffer.from('x'), stack.md())),
+    );
     const good = Array.from({ length: 50 }, (_, i) => stack.caller.unary(ECHO.unary, Buffer.from(`g${i}`), stack.md()));
     const [badResults, goodResults] = await Promise.all([Promise.all(bad), Promise.all(good)]);
     for (const e of badResults) expect(e.code).to.equal(Status.UNAVAILABLE);

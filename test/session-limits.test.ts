@@ -5,7 +5,15 @@ import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import {
-  getJson, httpGet, killAll, pollUntil, startAgent, startBroker, type AgentListing, type BurrowProcess, type LogLine,
+  getJson,
+  httpGet,
+  killAll,
+  pollUntil,
+  startAgent,
+  startBroker,
+  type AgentListing,
+  type BurrowProcess,
+  type LogLine,
 } from './helpers/processes';
 import type { CallFrame } from '@burrow/tunnel';
 import { RawAgent, type RawCallStream, type RawSession } from './helpers/raw-agent';
@@ -40,7 +48,10 @@ const MiB = 1024 * 1024;
 /** A varint, as protobuf writes lengths. */
 function varint(n: number): Buffer {
   const out: number[] = [];
-  while (n > 0x7f) { out.push((n & 0x7f) | 0x80); n = Math.floor(n / 128); }
+  while (n > 0x7f) {
+    out.push((n & 0x7f) | 0x80);
+    n = Math.floor(n / 128);
+  }
   out.push(n);
   return Buffer.from(out);
 }
@@ -59,13 +70,22 @@ function helloWithVersions(count: number): Buffer {
  * Calls the good agent in a loop (one call in flight) until stop() and reports the latencies; every
  * call must succeed.
  */
-interface CallStats { calls: number; failures: string[]; p50Ms: number; maxMs: number }
+interface CallStats {
+  calls: number;
+  failures: string[];
+  p50Ms: number;
+  maxMs: number;
+}
 
 function callLoop(caller: RawClient): { stop(): Promise<CallStats> } {
   const latencies: number[] = [];
   const failures: string[] = [];
   let running = true;
-  const md = (): Metadata => { const m = new Metadata(); m.set('burrow-agent-id', GOOD); return m; };
+  const md = (): Metadata => {
+    const m = new Metadata();
+    m.set('burrow-agent-id', GOOD);
+    return m;
+  };
   const loop = (async () => {
     while (running) {
       const t0 = performance.now();
@@ -89,7 +109,7 @@ function callLoop(caller: RawClient): { stop(): Promise<CallStats> } {
   };
 }
 
-describe('session limits: a rogue agent\'s oversized but valid frames (real broker and agent processes)', function () {
+describe("session limits: a rogue agent's oversized but valid frames (real broker and agent processes)", function () {
   this.timeout(120_000);
 
   let pki: PkiFixture;
@@ -113,19 +133,26 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
 
   /** Runs `attack` while the good agent is called in a loop; asserts the calls and prints the cost. */
   async function underAttack(
-    name: string, attack: () => Promise<void>, bounds: { cpuMs: number; rssBytes: number },
+    name: string,
+    attack: () => Promise<void>,
+    bounds: { cpuMs: number; rssBytes: number },
   ): Promise<void> {
     const before = usage(broker.pid);
     const loop = callLoop(caller);
-    const attacked = attack().then(() => undefined, (err: unknown) => err);
+    const attacked = attack().then(
+      () => undefined,
+      (err: unknown) => err,
+    );
     const failed = await attacked;
     const calls = await loop.stop();
     const after = usage(broker.pid);
     const cpuMs = after.cpuMs - before.cpuMs;
     const rssBytes = after.rssBytes - before.rssBytes;
     const rss = `${(before.rssBytes / MiB).toFixed(0)} -> ${(after.rssBytes / MiB).toFixed(0)} MiB`;
-    console.log(`      ${name}: broker +${cpuMs} ms CPU, RSS ${rss}; `
-      + `${GOOD}: ${calls.calls} calls, p50 ${calls.p50Ms} ms, max ${calls.maxMs} ms`);
+    console.log(
+      `      ${name}: broker +${cpuMs} ms CPU, RSS ${rss}; ` +
+        `${GOOD}: ${calls.calls} calls, p50 ${calls.p50Ms} ms, max ${calls.maxMs} ms`,
+    );
     if (failed) throw failed;
     expect(calls.failures, 'calls to the other agent').to.deep.equal([]);
     expect(calls.calls, 'calls to the other agent').to.be.greaterThan(0);
@@ -148,21 +175,44 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     baseline = snapshotResources();
     pki = await PkiFixture.create();
     const [brokerCert, goodCert, serviceCert] = await Promise.all([
-      pki.issue('broker', 'broker-1'), pki.issue('agent', GOOD), pki.issue('service', 'platform-svc'),
+      pki.issue('broker', 'broker-1'),
+      pki.issue('agent', GOOD),
+      pki.issue('service', 'platform-svc'),
     ]);
     rogueCert = await pki.issue('agent', ROGUE);
     echo = await new EchoUpstream().start();
     const b = await startBroker([
-      '--tls-cert', brokerCert.cert, '--tls-key', brokerCert.key, '--ca', brokerCert.ca,
-      '--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0',
-      '--max-offers-per-agent', String(OFFER_CAP), '--agent-max-concurrent', String(OFFER_CAP),
+      '--tls-cert',
+      brokerCert.cert,
+      '--tls-key',
+      brokerCert.key,
+      '--ca',
+      brokerCert.ca,
+      '--agent-listen',
+      '127.0.0.1:0',
+      '--api-listen',
+      '127.0.0.1:0',
+      '--admin-listen',
+      '127.0.0.1:0',
+      '--max-offers-per-agent',
+      String(OFFER_CAP),
+      '--agent-max-concurrent',
+      String(OFFER_CAP),
     ]);
     broker = b.proc;
     agentAddress = `127.0.0.1:${b.ports.agentPort}`;
     adminUrl = `http://127.0.0.1:${b.ports.adminPort}`;
     await startAgent([
-      '--broker', agentAddress, '--tls-cert', goodCert.cert, '--tls-key', goodCert.key, '--ca', goodCert.ca,
-      '--upstream', `*=${echo.address}`,
+      '--broker',
+      agentAddress,
+      '--tls-cert',
+      goodCert.cert,
+      '--tls-key',
+      goodCert.key,
+      '--ca',
+      goodCert.ca,
+      '--upstream',
+      `*=${echo.address}`,
     ]);
     await broker.waitForLog('agent connected', (l) => l.agentId === GOOD);
     caller = new RawClient(`127.0.0.1:${b.ports.apiPort}`, mtlsCredentials(serviceCert));
@@ -188,11 +238,15 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
 
   it('a Hello listing 15,000,000 versions is refused before it is read; one listing 1,000 names the bound', async () => {
     let huge!: StatusObject;
-    await underAttack('Hello with 15,000,000 versions', async () => {
-      const session = rogue().session();
-      session.writeBytes(helloWithVersions(15_000_000));
-      huge = await refused(session);
-    }, { cpuMs: 1_500, rssBytes: 150 * MiB });
+    await underAttack(
+      'Hello with 15,000,000 versions',
+      async () => {
+        const session = rogue().session();
+        session.writeBytes(helloWithVersions(15_000_000));
+        huge = await refused(session);
+      },
+      { cpuMs: 1_500, rssBytes: 150 * MiB },
+    );
     expect(huge.code).to.equal(Status.INTERNAL);
     expect(huge.details).to.match(/^tunnel protocol error: session frame of 150000\d\d bytes; at most 65536 allowed$/);
     const logged = (l: LogLine): boolean =>
@@ -209,13 +263,17 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
   it('8 sessions with a 10 MiB agent_version are refused, and neither the log nor /agents carries it', async () => {
     const logBytesBefore = broker.stderrLines.reduce((n, l) => n + l.length, 0);
     const statuses: StatusObject[] = [];
-    await underAttack('8 x Hello with a 10 MiB agent_version', async () => {
-      for (let i = 0; i < 8; i++) {
-        const session = rogue().session();
-        session.hello({ protocolVersions: [1, 2, 3], agentVersion: 'v'.repeat(10 * MiB) });
-        statuses.push(await refused(session));
-      }
-    }, { cpuMs: 2_000, rssBytes: 150 * MiB });
+    await underAttack(
+      '8 x Hello with a 10 MiB agent_version',
+      async () => {
+        for (let i = 0; i < 8; i++) {
+          const session = rogue().session();
+          session.hello({ protocolVersions: [1, 2, 3], agentVersion: 'v'.repeat(10 * MiB) });
+          statuses.push(await refused(session));
+        }
+      },
+      { cpuMs: 2_000, rssBytes: 150 * MiB },
+    );
     for (const s of statuses) {
       expect(s.code).to.equal(Status.INTERNAL);
       expect(s.details).to.match(/^tunnel protocol error: session frame of 104857\d\d bytes; at most 65536 allowed$/);
@@ -223,7 +281,9 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     const session = rogue().session();
     session.hello({ protocolVersions: [1, 2, 3], agentVersion: 'v'.repeat(300) });
     const status = await refused(session);
-    expect(status.details).to.equal('tunnel protocol error: Hello agent_version is 300 characters; at most 256 allowed');
+    expect(status.details).to.equal(
+      'tunnel protocol error: Hello agent_version is 300 characters; at most 256 allowed',
+    );
 
     const logBytes = broker.stderrLines.reduce((n, l) => n + l.length, 0) - logBytesBefore;
     const longest = Math.max(...broker.stderrLines.map((l) => l.length));
@@ -239,25 +299,32 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     const logFrom = broker.logs.length;
     const welcomed: RawSession[] = [];
     const statuses: StatusObject[] = [];
-    await underAttack('30 sessions from one certificate on 3 connections', async () => {
-      const connections = [rogue(), rogue(), rogue()];
-      for (let i = 0; i < 30; i++) {
-        const session = connections[i % 3]!.session();
-        session.hello({ protocolVersions: [1, 2, 3] });
-        const first = await Promise.race([session.welcome().then(() => 'welcome' as const), session.ended()]);
-        if (first === 'welcome') welcomed.push(session);
-        else statuses.push(first);
-      }
-    }, { cpuMs: 2_000, rssBytes: 80 * MiB });
+    await underAttack(
+      '30 sessions from one certificate on 3 connections',
+      async () => {
+        const connections = [rogue(), rogue(), rogue()];
+        for (let i = 0; i < 30; i++) {
+          const session = connections[i % 3]!.session();
+          session.hello({ protocolVersions: [1, 2, 3] });
+          const first = await Promise.race([session.welcome().then(() => 'welcome' as const), session.ended()]);
+          if (first === 'welcome') welcomed.push(session);
+          else statuses.push(first);
+        }
+      },
+      { cpuMs: 2_000, rssBytes: 80 * MiB },
+    );
     expect(welcomed).to.have.length(4);
     expect(statuses).to.have.length(26);
     for (const s of statuses) {
       expect(s.code).to.equal(Status.RESOURCE_EXHAUSTED);
-      expect(s.details).to.equal(`agent "${ROGUE}" holds 4 sessions at this broker; at most 4 allowed`
-        + ' (--max-sessions-per-agent)');
+      expect(s.details).to.equal(
+        `agent "${ROGUE}" holds 4 sessions at this broker; at most 4 allowed` + ' (--max-sessions-per-agent)',
+      );
     }
     for (const s of welcomed) expect(s.status, 'a session within the cap').to.equal(undefined);
-    const refusalLines = broker.logs.slice(logFrom).filter((l) => l.message === 'tunnel stream refused: per-agent limit');
+    const refusalLines = broker.logs
+      .slice(logFrom)
+      .filter((l) => l.message === 'tunnel stream refused: per-agent limit');
     expect(refusalLines).to.have.length(1);
     expect(refusalLines[0]).to.include({ agentId: ROGUE, limit: 'sessions' });
 
@@ -288,7 +355,7 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     expect(String(line.method)).to.match(/^\/x\.Y\/m+… \(1048581 characters\)$/);
     expect(longestLine).to.be.below(8 * 1024);
     expect(metrics.body.length).to.be.below(256 * 1024);
-    expect(session.status, 'the agent\'s session').to.equal(undefined);
+    expect(session.status, "the agent's session").to.equal(undefined);
   });
 
   it(`one agent gets at most --max-offers-per-agent (${OFFER_CAP} here) offers; its session lives on`, async () => {
@@ -298,25 +365,29 @@ describe('session limits: a rogue agent\'s oversized but valid frames (real brok
     const { sessionId } = await session.welcome();
     const offers: RawCallStream[] = [];
     const statuses: StatusObject[] = [];
-    await underAttack(`2,000 idle offers from one agent (cap ${OFFER_CAP})`, async () => {
-      // In batches: the caller of the other agent shares this process's event loop.
-      for (let i = 0; i < 2_000; i++) {
-        offers.push(agent.offer(sessionId));
-        if (i % 50 === 49) await new Promise((resolve) => setImmediate(resolve));
-      }
-      const refusedAll = (): boolean => offers.filter((o) => o.status).length >= 2_000 - OFFER_CAP;
-      await pollUntil('every offer past the cap refused', refusedAll, 20_000);
-      statuses.push(...offers.flatMap((o) => (o.status ? [o.status] : [])));
-    }, { cpuMs: 4_000, rssBytes: 100 * MiB });
+    await underAttack(
+      `2,000 idle offers from one agent (cap ${OFFER_CAP})`,
+      async () => {
+        // In batches: the caller of the other agent shares this process's event loop.
+        for (let i = 0; i < 2_000; i++) {
+          offers.push(agent.offer(sessionId));
+          if (i % 50 === 49) await new Promise((resolve) => setImmediate(resolve));
+        }
+        const refusedAll = (): boolean => offers.filter((o) => o.status).length >= 2_000 - OFFER_CAP;
+        await pollUntil('every offer past the cap refused', refusedAll, 20_000);
+        statuses.push(...offers.flatMap((o) => (o.status ? [o.status] : [])));
+      },
+      { cpuMs: 4_000, rssBytes: 100 * MiB },
+    );
     expect(statuses).to.have.length(2_000 - OFFER_CAP);
     for (const s of statuses) {
       expect(s.code).to.equal(Status.RESOURCE_EXHAUSTED);
       expect(s.details).to.equal(
-        `agent "${ROGUE}" holds ${OFFER_CAP} tunnel streams (offers) at this broker; at most ${OFFER_CAP} allowed`
-        + ' (--max-offers-per-agent)',
+        `agent "${ROGUE}" holds ${OFFER_CAP} tunnel streams (offers) at this broker; at most ${OFFER_CAP} allowed` +
+          ' (--max-offers-per-agent)',
       );
     }
     expect((await listing(ROGUE))?.idleOffers).to.equal(OFFER_CAP);
-    expect(session.status, 'the rogue agent\'s session').to.equal(undefined);
+    expect(session.status, "the rogue agent's session").to.equal(undefined);
   });
 });

@@ -5,8 +5,12 @@ import { Stack } from './helpers/stack';
 
 describe('smoke', () => {
   let stack: Stack;
-  before(async () => { stack = await Stack.start(); });
-  after(async () => { await stack?.stop(); });
+  before(async () => {
+    stack = await Stack.start();
+  });
+  after(async () => {
+    await stack?.stop();
+  });
 
   it('carries a unary call caller -> broker -> agent -> upstream', async () => {
     const res = await stack.caller.unary(ECHO.unary, Buffer.from('hello'), stack.md());

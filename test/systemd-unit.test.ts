@@ -35,7 +35,9 @@ function parseUnit(text: string): Map<string, Map<string, string[]>> {
 
 function run(cmd: string, args: string[]): Promise<{ code: number | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(cmd, args, { timeout: 60_000 }, (err, stdout, stderr) => resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr }));
+    execFile(cmd, args, { timeout: 60_000 }, (err, stdout, stderr) =>
+      resolve({ code: err ? (typeof err.code === 'number' ? err.code : 1) : 0, stdout, stderr }),
+    );
   });
 }
 
@@ -50,13 +52,18 @@ describe('deploy/systemd: the hardened agent unit', () => {
     return v?.[0];
   };
   const temps: string[] = [];
-  after(() => { for (const t of temps) fs.rmSync(t, { recursive: true, force: true }); });
+  after(() => {
+    for (const t of temps) fs.rmSync(t, { recursive: true, force: true });
+  });
 
   it('runs the agent as the burrow system user with --config /etc/burrow-agent/agent.yaml, and the sysusers file creates that user', () => {
     expect(one('ExecStart')).to.equal('/usr/local/bin/burrow-agent run --config /etc/burrow-agent/agent.yaml');
     expect(one('User')).to.equal('burrow');
     expect(one('Group')).to.equal('burrow');
-    const sysusers = fs.readFileSync(path.join(DEPLOY, 'burrow-agent.sysusers'), 'utf8').split('\n').filter((l) => l.trim() && !l.startsWith('#'));
+    const sysusers = fs
+      .readFileSync(path.join(DEPLOY, 'burrow-agent.sysusers'), 'utf8')
+      .split('\n')
+      .filter((l) => l.trim() && !l.startsWith('#'));
     expect(sysusers).to.have.length(1);
     expect(sysusers[0]!.split(/\s+/).slice(0, 3)).to.deep.equal(['u', 'burrow', '-']);
     expect(sysusers[0]).to.contain('/var/lib/burrow-agent');
@@ -67,10 +74,23 @@ describe('deploy/systemd: the hardened agent unit', () => {
 
   it('has every hardening key, an empty capability set, and no MemoryDenyWriteExecute', () => {
     const expected: Record<string, string> = {
-      NoNewPrivileges: 'yes', ProtectSystem: 'strict', ProtectHome: 'yes', PrivateTmp: 'yes', PrivateDevices: 'yes',
-      ProtectKernelTunables: 'yes', ProtectKernelModules: 'yes', ProtectKernelLogs: 'yes', ProtectControlGroups: 'yes',
-      RestrictAddressFamilies: 'AF_INET AF_INET6 AF_UNIX', CapabilityBoundingSet: '', AmbientCapabilities: '', LockPersonality: 'yes',
-      RestrictNamespaces: 'yes', RestrictSUIDSGID: 'yes', SystemCallArchitectures: 'native', UMask: '0077',
+      NoNewPrivileges: 'yes',
+      ProtectSystem: 'strict',
+      ProtectHome: 'yes',
+      PrivateTmp: 'yes',
+      PrivateDevices: 'yes',
+      ProtectKernelTunables: 'yes',
+      ProtectKernelModules: 'yes',
+      ProtectKernelLogs: 'yes',
+      ProtectControlGroups: 'yes',
+      RestrictAddressFamilies: 'AF_INET AF_INET6 AF_UNIX',
+      CapabilityBoundingSet: '',
+      AmbientCapabilities: '',
+      LockPersonality: 'yes',
+      RestrictNamespaces: 'yes',
+      RestrictSUIDSGID: 'yes',
+      SystemCallArchitectures: 'native',
+      UMask: '0077',
     };
     for (const [key, value] of Object.entries(expected)) expect(one(key), key).to.equal(value);
     expect(service.get('SystemCallFilter')![0]).to.equal('@system-service');
@@ -95,7 +115,15 @@ describe('deploy/systemd: the hardened agent unit', () => {
     const state = await pki.issue('agent', 'example-site');
     try {
       const agent = new BurrowProcess('agent-example', AGENT_CLI, [
-        'run', '--config', path.join(DEPLOY, 'agent.yaml.example'), '--state-dir', path.dirname(state.cert), '--broker', '127.0.0.1:1', '--admin-listen', '127.0.0.1:0',
+        'run',
+        '--config',
+        path.join(DEPLOY, 'agent.yaml.example'),
+        '--state-dir',
+        path.dirname(state.cert),
+        '--broker',
+        '127.0.0.1:1',
+        '--admin-listen',
+        '127.0.0.1:0',
       ]);
       const started = await agent.waitForLog('agent started');
       expect(started).to.include({ agentId: 'example-site', upstreams: 1 });
@@ -109,7 +137,9 @@ describe('deploy/systemd: the hardened agent unit', () => {
 
   it('systemd-analyze verify accepts the unit without a single warning (and does flag a misspelt key)', async function () {
     if (!hasCommand('systemd-analyze')) this.skip();
-    const systemUnits = ['/usr/lib/systemd/system', '/lib/systemd/system'].find((d) => fs.existsSync(path.join(d, 'sysinit.target')));
+    const systemUnits = ['/usr/lib/systemd/system', '/lib/systemd/system'].find((d) =>
+      fs.existsSync(path.join(d, 'sysinit.target')),
+    );
     if (!systemUnits) this.skip();
     // An offline root: systemd's own units (for the default dependencies), the unit, and an
     // executable where ExecStart= expects the agent (verify checks that it exists).
@@ -128,7 +158,7 @@ describe('deploy/systemd: the hardened agent unit', () => {
     expect(typo.stderr).to.contain("Unknown key 'NoNewPrivilege'");
   });
 
-  it('systemd-analyze security rates the unit\'s exposure 2.0 or lower', async function () {
+  it("systemd-analyze security rates the unit's exposure 2.0 or lower", async function () {
     if (!hasCommand('systemd-analyze')) this.skip();
     const r = await run('systemd-analyze', ['security', '--offline=true', UNIT]);
     const m = /Overall exposure level for burrow-agent\.service: (\d+(?:\.\d+)?)/.exec(r.stdout + r.stderr);
@@ -137,11 +167,13 @@ describe('deploy/systemd: the hardened agent unit', () => {
     expect(Number(m![1])).to.be.at.most(2.0);
   });
 
-  it('MemoryDenyWriteExecute would break the agent: Node aborts under the kernel\'s equivalent, and --jitless loses WebAssembly', async function () {
+  it("MemoryDenyWriteExecute would break the agent: Node aborts under the kernel's equivalent, and --jitless loses WebAssembly", async function () {
     // PR_SET_MDWE (Linux 6.3+) through python3's ctypes; skipped where either is missing.
     if (!hasCommand('python3')) this.skip();
-    const mdwe = 'import ctypes,os,sys\nlibc=ctypes.CDLL(None,use_errno=True)\nif libc.prctl(65,1,0,0,0)!=0: sys.exit(77)\nos.execv(sys.argv[1],sys.argv[1:])';
-    const underMdwe = (args: string[]): ReturnType<typeof spawnSync> => spawnSync('python3', ['-c', mdwe, process.execPath, ...args], { encoding: 'utf8', timeout: 60_000 });
+    const mdwe =
+      'import ctypes,os,sys\nlibc=ctypes.CDLL(None,use_errno=True)\nif libc.prctl(65,1,0,0,0)!=0: sys.exit(77)\nos.execv(sys.argv[1],sys.argv[1:])';
+    const underMdwe = (args: string[]): ReturnType<typeof spawnSync> =>
+      spawnSync('python3', ['-c', mdwe, process.execPath, ...args], { encoding: 'utf8', timeout: 60_000 });
     const plain = underMdwe(['-e', 'console.log(1 + 1)']);
     if (plain.status === 77) this.skip(); // kernel without PR_SET_MDWE
     expect(plain.status, String(plain.stdout)).to.not.equal(0);

@@ -30,7 +30,9 @@ describe('authn: exp required by default; audiences pinned by the site', functio
     stack = await Stack.start({
       agent: {
         authn: {
-          jwksFile: path.join(tmp, 'jwks.json'), issuers: [ISS], audiences: [AUD],
+          jwksFile: path.join(tmp, 'jwks.json'),
+          issuers: [ISS],
+          audiences: [AUD],
           allowedAudiences: [AUD, 'second-api'],
         },
       },

@@ -8,7 +8,17 @@ import { Metadata } from '@grpc/grpc-js';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { freePorts } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { getJson, killAll, pollUntil, runCli, startAgent, startBroker, BROKER_CLI, type AgentListing, type BurrowProcess } from './helpers/processes';
+import {
+  getJson,
+  killAll,
+  pollUntil,
+  runCli,
+  startAgent,
+  startBroker,
+  BROKER_CLI,
+  type AgentListing,
+  type BurrowProcess,
+} from './helpers/processes';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { TestRedis } from './helpers/redis-server';
 
@@ -38,12 +48,36 @@ describe('two brokers on one host (issue 13 item 8)', function () {
   });
 
   /** `burrow-broker serve` as README's cluster section has it, on this test's ports and directories. */
-  async function broker(name: string, ports: { agent: number; api: number; peer: number; admin: number }, extra: string[] = []): Promise<BurrowProcess> {
-    const { proc } = await startBroker([
-      '--pki-dir', pki.pkiDir, '--redis-url', redis.url, '--advertise', `127.0.0.1:${ports.peer}`,
-      '--agent-listen', `127.0.0.1:${ports.agent}`, '--api-listen', `127.0.0.1:${ports.api}`, '--admin-listen', `127.0.0.1:${ports.admin}`,
-      '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1', '--registry-ttl', '3s', ...extra,
-    ], {}, name);
+  async function broker(
+    name: string,
+    ports: { agent: number; api: number; peer: number; admin: number },
+    extra: string[] = [],
+  ): Promise<BurrowProcess> {
+    const { proc } = await startBroker(
+      [
+        '--pki-dir',
+        pki.pkiDir,
+        '--redis-url',
+        redis.url,
+        '--advertise',
+        `127.0.0.1:${ports.peer}`,
+        '--agent-listen',
+        `127.0.0.1:${ports.agent}`,
+        '--api-listen',
+        `127.0.0.1:${ports.api}`,
+        '--admin-listen',
+        `127.0.0.1:${ports.admin}`,
+        '--tls-dns',
+        'localhost',
+        '--tls-ip',
+        '127.0.0.1',
+        '--registry-ttl',
+        '3s',
+        ...extra,
+      ],
+      {},
+      name,
+    );
     return proc;
   }
 
@@ -51,34 +85,59 @@ describe('two brokers on one host (issue 13 item 8)', function () {
     const [a1, a2, a3, a4, b1, b2, b3, b4] = await freePorts(8);
     const a = await broker('broker-a', { agent: a1!, api: a2!, peer: a3!, admin: a4! });
     await broker('broker-b', { agent: b1!, api: b2!, peer: b3!, admin: b4! });
-    const idOf = async (port: number): Promise<string> => (await getJson<{ brokerId: string }>(`http://127.0.0.1:${port}/status`)).brokerId;
+    const idOf = async (port: number): Promise<string> =>
+      (await getJson<{ brokerId: string }>(`http://127.0.0.1:${port}/status`)).brokerId;
     const [idA, idB] = [await idOf(a4!), await idOf(b4!)];
     console.log(`      broker ids: ${idA}, ${idB}`);
 
     await startAgent([
-      '--broker', `127.0.0.1:${a1}`, '--tls-cert', agentCert.cert, '--tls-key', agentCert.key, '--ca', agentCert.ca,
-      '--upstream', `*=${echo.address}`, '--broker-server-name', 'localhost', '--reconnect-max', '500ms',
+      '--broker',
+      `127.0.0.1:${a1}`,
+      '--tls-cert',
+      agentCert.cert,
+      '--tls-key',
+      agentCert.key,
+      '--ca',
+      agentCert.ca,
+      '--upstream',
+      `*=${echo.address}`,
+      '--broker-server-name',
+      'localhost',
+      '--reconnect-max',
+      '500ms',
     ]);
     const holds = async (adminPort: number): Promise<boolean> =>
       (await getJson<AgentListing[]>(`http://127.0.0.1:${adminPort}/agents`)).some((x) => x.id === 'site-a');
-    await pollUntil('the agent connected to both brokers', async () => (await holds(a4!)) && (await holds(b4!)), 15_000);
+    await pollUntil(
+      'the agent connected to both brokers',
+      async () => (await holds(a4!)) && (await holds(b4!)),
+      15_000,
+    );
 
     const caller = new RawClient(`127.0.0.1:${b2}`, mtlsCredentials(serviceCert));
     clients.push(caller);
-    const md = (): Metadata => { const m = new Metadata(); m.set('burrow-agent-id', 'site-a'); return m; };
+    const md = (): Metadata => {
+      const m = new Metadata();
+      m.set('burrow-agent-id', 'site-a');
+      return m;
+    };
     await caller.unary(ECHO.unary, Buffer.from('before'), md(), { deadline: Date.now() + 5_000 });
 
     a.signal('SIGKILL');
     await a.exited;
     const killedMs = Date.now();
-    await pollUntil('a call through broker b reaches the agent', async () => {
-      try {
-        const res = await caller.unary(ECHO.unary, Buffer.from('after'), md(), { deadline: Date.now() + 1_000 });
-        return res.response.toString() === 'after';
-      } catch {
-        return false;
-      }
-    }, 10_000);
+    await pollUntil(
+      'a call through broker b reaches the agent',
+      async () => {
+        try {
+          const res = await caller.unary(ECHO.unary, Buffer.from('after'), md(), { deadline: Date.now() + 1_000 });
+          return res.response.toString() === 'after';
+        } catch {
+          return false;
+        }
+      },
+      10_000,
+    );
     const resumedMs = Date.now() - killedMs;
     console.log(`      calls through the surviving broker resumed ${resumedMs} ms after kill -9 of the other`);
     expect(resumedMs).to.be.below(5_000);
@@ -89,10 +148,32 @@ describe('two brokers on one host (issue 13 item 8)', function () {
   it('a broker whose id is live in the directory at another address refuses to start, naming both', async () => {
     const [a1, a2, a3, a4, b1, b2, b3, b4] = await freePorts(8);
     await broker('broker-a', { agent: a1!, api: a2!, peer: a3!, admin: a4! }, ['--broker-id', 'edge-1']);
-    const second = await runCli(BROKER_CLI, [
-      'serve', '--pki-dir', pki.pkiDir, '--redis-url', redis.url, '--advertise', `127.0.0.1:${b3}`, '--broker-id', 'edge-1',
-      '--agent-listen', `127.0.0.1:${b1}`, '--api-listen', `127.0.0.1:${b2}`, '--admin-listen', `127.0.0.1:${b4}`, '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1',
-    ], {}, 15_000);
+    const second = await runCli(
+      BROKER_CLI,
+      [
+        'serve',
+        '--pki-dir',
+        pki.pkiDir,
+        '--redis-url',
+        redis.url,
+        '--advertise',
+        `127.0.0.1:${b3}`,
+        '--broker-id',
+        'edge-1',
+        '--agent-listen',
+        `127.0.0.1:${b1}`,
+        '--api-listen',
+        `127.0.0.1:${b2}`,
+        '--admin-listen',
+        `127.0.0.1:${b4}`,
+        '--tls-dns',
+        'localhost',
+        '--tls-ip',
+        '127.0.0.1',
+      ],
+      {},
+      15_000,
+    );
     const text = second.stderrLines.join('\n');
     console.log(`      refusal: ${second.stderrLines.find((l) => l.includes('already live')) ?? text.slice(-300)}`);
     expect(second.exit.code).to.not.equal(0);

@@ -32,7 +32,10 @@ function usage(pid: number): { rssMiB: number; hwmMiB: number; cpuMs: number } {
 /** Every attacker session, destroyed after each test (also when the test failed midway). */
 const attackerSessions: http2.ClientHttp2Session[] = [];
 
-interface AttackerSession { session: http2.ClientHttp2Session; closed: Promise<void> }
+interface AttackerSession {
+  session: http2.ClientHttp2Session;
+  closed: Promise<void>;
+}
 
 /** An HTTP/2 session over TLS from ATTACKER with no client certificate. */
 function unauthenticatedSession(port: number, ca: string): Promise<AttackerSession> {
@@ -57,7 +60,10 @@ function unauthenticatedSession(port: number, ca: string): Promise<AttackerSessi
 function enrollFrame(tokenBytes: number): Buffer {
   const varint: number[] = [];
   for (let n = tokenBytes; ; n = Math.floor(n / 128)) {
-    if (n < 128) { varint.push(n); break; }
+    if (n < 128) {
+      varint.push(n);
+      break;
+    }
     varint.push((n % 128) | 128);
   }
   const body = Buffer.alloc(1 + varint.length + tokenBytes, 0x41);
@@ -80,8 +86,12 @@ function enrollStream(session: http2.ClientHttp2Session, body?: Buffer): Promise
       return;
     }
     let code = 'none';
-    stream.on('response', (h) => { if (h['grpc-status'] !== undefined) code = String(h['grpc-status']); });
-    stream.on('trailers', (h) => { if (h['grpc-status'] !== undefined) code = String(h['grpc-status']); });
+    stream.on('response', (h) => {
+      if (h['grpc-status'] !== undefined) code = String(h['grpc-status']);
+    });
+    stream.on('trailers', (h) => {
+      if (h['grpc-status'] !== undefined) code = String(h['grpc-status']);
+    });
     stream.on('error', () => {});
     stream.resume();
     stream.once('close', () => resolve(code === 'none' ? `reset ${stream.rstCode}` : code));
@@ -106,10 +116,21 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
   });
   beforeEach(async () => {
     // Settings through the environment, so that the same test runs against brokers without the flag.
-    const started = await startBroker([
-      '--pki-dir', pki.pkiDir, '--agent-listen', '0.0.0.0:0', '--api-listen', '127.0.0.1:0',
-      '--tls-dns', 'localhost', '--tls-ip', '127.0.0.1',
-    ], { BURROW_BROKER_UNAUTHENTICATED_TIMEOUT: `${UNAUTHENTICATED_TIMEOUT_MS}ms` });
+    const started = await startBroker(
+      [
+        '--pki-dir',
+        pki.pkiDir,
+        '--agent-listen',
+        '0.0.0.0:0',
+        '--api-listen',
+        '127.0.0.1:0',
+        '--tls-dns',
+        'localhost',
+        '--tls-ip',
+        '127.0.0.1',
+      ],
+      { BURROW_BROKER_UNAUTHENTICATED_TIMEOUT: `${UNAUTHENTICATED_TIMEOUT_MS}ms` },
+    );
     broker = started.proc;
     agentPort = started.ports.agentPort;
   });
@@ -125,12 +146,20 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
   /** Starts an agent with a valid certificate from 127.0.0.1; resolves with its time to a session. */
   async function agentConnectMs(): Promise<number> {
     const started = Date.now();
-    const agent = new Agent({
-      ...AGENT_DEFAULTS, brokers: [`127.0.0.1:${agentPort}`],
-      tlsCertFile: agentCert.cert, tlsKeyFile: agentCert.key, caFile: agentCert.ca,
-      upstreams: [{ service: '*', address: echo.address }], reconnectBaseMs: 50, reconnectMaxMs: 500,
-      drainTimeoutMs: 1_000,
-    }, silentLogger());
+    const agent = new Agent(
+      {
+        ...AGENT_DEFAULTS,
+        brokers: [`127.0.0.1:${agentPort}`],
+        tlsCertFile: agentCert.cert,
+        tlsKeyFile: agentCert.key,
+        caFile: agentCert.ca,
+        upstreams: [{ service: '*', address: echo.address }],
+        reconnectBaseMs: 50,
+        reconnectMaxMs: 500,
+        drainTimeoutMs: 1_000,
+      },
+      silentLogger(),
+    );
     try {
       await agent.start();
       await agent.waitConnected(15_000);
@@ -148,11 +177,16 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     const after = usage(broker.pid);
     for (const s of sessions) s.session.destroy();
     const peakGrowth = after.hwmMiB - before.rssMiB;
-    console.log(`    16 MiB Enrolls: statuses ${[...new Set(codes)].join(',')}; broker peak RSS`
-      + ` +${peakGrowth.toFixed(0)} MiB (${before.rssMiB.toFixed(0)} -> peak ${after.hwmMiB.toFixed(0)}),`
-      + ` CPU ${after.cpuMs - before.cpuMs} ms`);
+    console.log(
+      `    16 MiB Enrolls: statuses ${[...new Set(codes)].join(',')}; broker peak RSS` +
+        ` +${peakGrowth.toFixed(0)} MiB (${before.rssMiB.toFixed(0)} -> peak ${after.hwmMiB.toFixed(0)}),` +
+        ` CPU ${after.cpuMs - before.cpuMs} ms`,
+    );
     // RESOURCE_EXHAUSTED (8): the size limit of unauthenticated requests, or the rate limit.
-    expect(codes.every((c) => c === '8'), codes.join(',')).to.equal(true);
+    expect(
+      codes.every((c) => c === '8'),
+      codes.join(','),
+    ).to.equal(true);
     expect(peakGrowth, 'peak RSS growth, MiB').to.be.below(64);
     expect(after.cpuMs - before.cpuMs, 'broker CPU, ms').to.be.below(2_000);
   });
@@ -167,7 +201,9 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     const refused = await enrollStream(session, enrollFrame(16 * 1024 * 1024 - 1024));
     const after = usage(broker.pid);
     session.destroy();
-    console.log(`    rate-limited 16 MiB Enroll: status ${refused}, broker peak RSS +${(after.hwmMiB - before.hwmMiB).toFixed(0)} MiB`);
+    console.log(
+      `    rate-limited 16 MiB Enroll: status ${refused}, broker peak RSS +${(after.hwmMiB - before.hwmMiB).toFixed(0)} MiB`,
+    );
     expect(refused).to.equal('8');
     expect(after.hwmMiB - before.hwmMiB, 'peak RSS growth, MiB').to.be.below(8);
   });
@@ -178,7 +214,14 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     const sessions = opened.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
     const streams = sessions.flatMap((s) => Array.from({ length: 500 }, () => enrollStream(s.session)));
     // A ping answered means the broker has read every frame sent before it on that connection.
-    await Promise.all(sessions.map((s) => new Promise<void>((resolve) => { if (!s.session.ping(() => resolve())) resolve(); })));
+    await Promise.all(
+      sessions.map(
+        (s) =>
+          new Promise<void>((resolve) => {
+            if (!s.session.ping(() => resolve())) resolve();
+          }),
+      ),
+    );
     const held = usage(broker.pid);
     const connectMs = await agentConnectMs();
     const closedAt = Date.now();
@@ -186,41 +229,61 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     const closeMs = Date.now() - closedAt;
     const codes = await Promise.all(streams);
     const counts = codes.reduce<Record<string, number>>((m, c) => ({ ...m, [c]: (m[c] ?? 0) + 1 }), {});
-    console.log(`    stream flood: ${sessions.length} of 100 connections admitted, streams ended`
-      + ` ${JSON.stringify(counts)}; broker RSS +${(held.rssMiB - before.rssMiB).toFixed(0)} MiB while held;`
-      + ` agent connected in ${connectMs} ms; the last flood connection closed ${closeMs} ms after that`);
+    console.log(
+      `    stream flood: ${sessions.length} of 100 connections admitted, streams ended` +
+        ` ${JSON.stringify(counts)}; broker RSS +${(held.rssMiB - before.rssMiB).toFixed(0)} MiB while held;` +
+        ` agent connected in ${connectMs} ms; the last flood connection closed ${closeMs} ms after that`,
+    );
     expect(held.rssMiB - before.rssMiB, 'RSS growth while the flood is held, MiB').to.be.below(40);
     expect(connectMs, 'agent connect time, ms').to.be.below(5_000);
-    expect(closeMs, 'flood connections closed by the unauthenticated timeout').to.be.below(UNAUTHENTICATED_TIMEOUT_MS + 5_000);
+    expect(closeMs, 'flood connections closed by the unauthenticated timeout').to.be.below(
+      UNAUTHENTICATED_TIMEOUT_MS + 5_000,
+    );
   });
 
   it('50 connections that never send the HTTP/2 preface are closed by the unauthenticated timeout', async () => {
     const opened = Date.now();
     let secure = 0;
-    const sockets = await Promise.all(Array.from({ length: 50 }, () => new Promise<{ closed: Promise<number> }>((resolve) => {
-      // node:tls hands localAddress to net.connect, though its type does not list it.
-      const options: tls.ConnectionOptions = { port: agentPort, host: '127.0.0.1', servername: 'localhost', ca, ALPNProtocols: ['h2'] };
-      const s = tls.connect({ ...options, localAddress: ATTACKER } as tls.ConnectionOptions);
-      s.on('error', () => {});
-      const closed = new Promise<number>((done) => s.once('close', () => done(Date.now() - opened)));
-      s.once('secureConnect', () => {
-        secure++;
-        // Reading, so that the broker's close is seen (the peer itself never sends anything).
-        s.resume();
-        resolve({ closed });
-      });
-      // A reset at accept (the per-address cap) ends it before it connects.
-      s.once('close', () => resolve({ closed }));
-    })));
+    const sockets = await Promise.all(
+      Array.from(
+        { length: 50 },
+        () =>
+          new Promise<{ closed: Promise<number> }>((resolve) => {
+            // node:tls hands localAddress to net.connect, though its type does not list it.
+            const options: tls.ConnectionOptions = {
+              port: agentPort,
+              host: '127.0.0.1',
+              servername: 'localhost',
+              ca,
+              ALPNProtocols: ['h2'],
+            };
+            const s = tls.connect({ ...options, localAddress: ATTACKER } as tls.ConnectionOptions);
+            s.on('error', () => {});
+            const closed = new Promise<number>((done) => s.once('close', () => done(Date.now() - opened)));
+            s.once('secureConnect', () => {
+              secure++;
+              // Reading, so that the broker's close is seen (the peer itself never sends anything).
+              s.resume();
+              resolve({ closed });
+            });
+            // A reset at accept (the per-address cap) ends it before it connects.
+            s.once('close', () => resolve({ closed }));
+          }),
+      ),
+    );
     const limitMs = UNAUTHENTICATED_TIMEOUT_MS + 5_000;
     let timer: NodeJS.Timeout | undefined;
-    const deadline = new Promise<'open'>((resolve) => { timer = setTimeout(() => resolve('open'), limitMs); });
+    const deadline = new Promise<'open'>((resolve) => {
+      timer = setTimeout(() => resolve('open'), limitMs);
+    });
     const ends = await Promise.all(sockets.map((c) => Promise.race([c.closed, deadline])));
     clearTimeout(timer);
     const open = ends.filter((e) => e === 'open').length;
     const times = ends.filter((e): e is number => e !== 'open');
-    console.log(`    no preface: ${secure} of 50 finished their TLS handshake; ${open} still open after ${limitMs} ms;`
-      + ` closed ones after at most ${times.length ? Math.max(...times) : 0} ms`);
+    console.log(
+      `    no preface: ${secure} of 50 finished their TLS handshake; ${open} still open after ${limitMs} ms;` +
+        ` closed ones after at most ${times.length ? Math.max(...times) : 0} ms`,
+    );
     expect(secure, 'connections that finished their handshake (the others: reset at accept)').to.be.at.least(32);
     expect(open).to.equal(0);
   });

@@ -35,19 +35,31 @@ process.stdout.write(decide(request()));
 `;
 }
 
-function runNode(script: string): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
+function runNode(
+  script: string,
+): Promise<{ code: number | null; signal: NodeJS.Signals | null; stdout: string; stderr: string }> {
   return new Promise((resolve) => {
-    execFile(process.execPath, ['--allow-natives-syntax', '-e', script], { cwd: ROOT, timeout: 30_000 }, (err, stdout, stderr) => {
-      const e = err as (NodeJS.ErrnoException & { code?: number | string; signal?: NodeJS.Signals }) | null;
-      resolve({ code: e ? (typeof e.code === 'number' ? e.code : null) : 0, signal: e?.signal ?? null, stdout, stderr });
-    });
+    execFile(
+      process.execPath,
+      ['--allow-natives-syntax', '-e', script],
+      { cwd: ROOT, timeout: 30_000 },
+      (err, stdout, stderr) => {
+        const e = err as (NodeJS.ErrnoException & { code?: number | string; signal?: NodeJS.Signals }) | null;
+        resolve({
+          code: e ? (typeof e.code === 'number' ? e.code : null) : 0,
+          signal: e?.signal ?? null,
+          stdout,
+          stderr,
+        });
+      },
+    );
   });
 }
 
 describe('V8 deoptimization inside a Cedar call (the agent crash under mixed load)', function () {
   this.timeout(60_000);
 
-  it('without Burrow\'s V8 setting, Node 20 aborts: the reproduction reaches the bug', async function () {
+  it("without Burrow's V8 setting, Node 20 aborts: the reproduction reaches the bug", async function () {
     if (!process.versions.node.startsWith('20.')) this.skip(); // the bug is V8 11.3's; newer V8 may not have it
     const r = await runNode(reproduction(''));
     expect(r.signal, `exit ${r.code}, stderr: ${r.stderr.slice(-400)}`).to.equal('SIGTRAP');

@@ -64,7 +64,10 @@ async function makeKeys(jose, flags) {
   const out = single(flags, 'out', true);
   fs.mkdirSync(out, { recursive: true });
   const publicKeys = [];
-  for (const [alg, file] of [['ES256', 'signing-key.jwk'], ['RS256', 'signing-key-rs256.jwk']]) {
+  for (const [alg, file] of [
+    ['ES256', 'signing-key.jwk'],
+    ['RS256', 'signing-key-rs256.jwk'],
+  ]) {
     const { publicKey, privateKey } = await jose.generateKeyPair(alg, { extractable: true });
     const publicJwk = await jose.exportJWK(publicKey);
     // The RFC 7638 thumbprint is a stable kid that needs no registry of names.
@@ -73,10 +76,15 @@ async function makeKeys(jose, flags) {
     const target = path.join(out, file);
     // Created with 0600 from the start: a private key is never readable by others, not even briefly.
     fs.rmSync(target, { force: true });
-    fs.writeFileSync(target, JSON.stringify({ ...(await jose.exportJWK(privateKey)), kid, alg }, null, 2) + '\n', { mode: 0o600, flag: 'wx' });
+    fs.writeFileSync(target, JSON.stringify({ ...(await jose.exportJWK(privateKey)), kid, alg }, null, 2) + '\n', {
+      mode: 0o600,
+      flag: 'wx',
+    });
   }
   fs.writeFileSync(path.join(out, 'jwks.json'), JSON.stringify({ keys: publicKeys }, null, 2) + '\n');
-  process.stdout.write(`wrote ${path.join(out, 'jwks.json')} (public), ${path.join(out, 'signing-key.jwk')} (ES256, private) and ${path.join(out, 'signing-key-rs256.jwk')} (RS256, private)\n`);
+  process.stdout.write(
+    `wrote ${path.join(out, 'jwks.json')} (public), ${path.join(out, 'signing-key.jwk')} (ES256, private) and ${path.join(out, 'signing-key-rs256.jwk')} (RS256, private)\n`,
+  );
 }
 
 async function sign(jose, flags) {
@@ -87,11 +95,16 @@ async function sign(jose, flags) {
   } catch (err) {
     fail(`--key ${keyFile}: ${err.code || err.message}`);
   }
-  if (!jwk.alg || !jwk.d) fail(`--key ${keyFile} is not a private JWK with an "alg" (make one with: mint-token.js keys --out DIR)`);
+  if (!jwk.alg || !jwk.d)
+    fail(`--key ${keyFile} is not a private JWK with an "alg" (make one with: mint-token.js keys --out DIR)`);
   const key = await jose.importJWK(jwk, jwk.alg);
   const now = Math.floor(Date.now() / 1000);
   const claims = { sub: single(flags, 'sub', true) };
-  if (flags.groups !== undefined) claims.groups = String(single(flags, 'groups')).split(',').map((g) => g.trim()).filter(Boolean);
+  if (flags.groups !== undefined)
+    claims.groups = String(single(flags, 'groups'))
+      .split(',')
+      .map((g) => g.trim())
+      .filter(Boolean);
   for (const pair of [].concat(flags.claim ?? [])) {
     const eq = pair.indexOf('=');
     if (eq <= 0) fail(`--claim "${pair}" is not name=value`);

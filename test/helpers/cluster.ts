@@ -4,7 +4,15 @@ import { ECHO, EchoUpstream } from './echo-upstream';
 import { freePorts } from './free-port';
 import { PkiFixture, type CertFiles } from './pki-fixture';
 import {
-  AGENT_CLI, BROKER_CLI, BurrowProcess, getJson, httpGet, killAll, pollUntil, type AgentListing, type BrokerPorts,
+  AGENT_CLI,
+  BROKER_CLI,
+  BurrowProcess,
+  getJson,
+  httpGet,
+  killAll,
+  pollUntil,
+  type AgentListing,
+  type BrokerPorts,
 } from './processes';
 import { RawClient, mtlsCredentials } from './raw-grpc';
 import { TestRedis } from './redis-server';
@@ -35,7 +43,12 @@ export interface BrokerSlot {
 }
 
 /** The outcome of one unary call: never rejects. */
-export interface CallResult { code: number; details: string; ms: number; response?: string }
+export interface CallResult {
+  code: number;
+  details: string;
+  ms: number;
+  response?: string;
+}
 
 const REGISTRY_TTL = '3s';
 export const REGISTRY_TTL_MS = 3_000;
@@ -55,23 +68,40 @@ export class ClusterWorld {
   private readonly proxies: FailoverProxy[] = [];
 
   private constructor(
-    readonly redis: TestRedis, readonly pki: PkiFixture, readonly echo: EchoUpstream,
-    readonly brokerCert: CertFiles, readonly serviceCert: CertFiles,
+    readonly redis: TestRedis,
+    readonly pki: PkiFixture,
+    readonly echo: EchoUpstream,
+    readonly brokerCert: CertFiles,
+    readonly serviceCert: CertFiles,
   ) {
     this.prefix = `faults${process.pid}-${++worldCounter}:`;
   }
 
   /** Makes the PKI, Redis and the echo upstream, and reserves four ports per broker name. */
-  static async create(names: string[], shared?: { redis?: TestRedis; pki?: PkiFixture; brokerCert?: CertFiles; serviceCert?: CertFiles; echo?: EchoUpstream }): Promise<ClusterWorld> {
-    const redis = shared?.redis ?? await TestRedis.start();
-    const pki = shared?.pki ?? await PkiFixture.create();
-    const brokerCert = shared?.brokerCert ?? await pki.issue('broker', 'cluster');
-    const serviceCert = shared?.serviceCert ?? await pki.issue('service', 'platform-svc');
-    const echo = shared?.echo ?? await new EchoUpstream().start();
+  static async create(
+    names: string[],
+    shared?: {
+      redis?: TestRedis;
+      pki?: PkiFixture;
+      brokerCert?: CertFiles;
+      serviceCert?: CertFiles;
+      echo?: EchoUpstream;
+    },
+  ): Promise<ClusterWorld> {
+    const redis = shared?.redis ?? (await TestRedis.start());
+    const pki = shared?.pki ?? (await PkiFixture.create());
+    const brokerCert = shared?.brokerCert ?? (await pki.issue('broker', 'cluster'));
+    const serviceCert = shared?.serviceCert ?? (await pki.issue('service', 'platform-svc'));
+    const echo = shared?.echo ?? (await new EchoUpstream().start());
     const w = new ClusterWorld(redis, pki, echo, brokerCert, serviceCert);
     const ports = await freePorts(names.length * 4);
     names.forEach((name, i) => {
-      const [agentPort, apiPort, peerPort, adminPort] = ports.slice(i * 4, i * 4 + 4) as [number, number, number, number];
+      const [agentPort, apiPort, peerPort, adminPort] = ports.slice(i * 4, i * 4 + 4) as [
+        number,
+        number,
+        number,
+        number,
+      ];
       w.brokers.set(name, { name, brokerId: `broker-${name}`, agentPort, apiPort, peerPort, adminPort });
     });
     return w;
@@ -83,31 +113,66 @@ export class ClusterWorld {
     return s;
   }
 
-  agentAddress(name: string): string { return `127.0.0.1:${this.slot(name).agentPort}`; }
-  peerAddress(name: string): string { return `127.0.0.1:${this.slot(name).peerPort}`; }
-  adminUrl(name: string, route: string): string { return `http://127.0.0.1:${this.slot(name).adminPort}${route}`; }
+  agentAddress(name: string): string {
+    return `127.0.0.1:${this.slot(name).agentPort}`;
+  }
+  peerAddress(name: string): string {
+    return `127.0.0.1:${this.slot(name).peerPort}`;
+  }
+  adminUrl(name: string, route: string): string {
+    return `http://127.0.0.1:${this.slot(name).adminPort}${route}`;
+  }
 
   /** Starts `burrow-broker serve` for `name` on its fixed ports; resolves at "broker started". */
   async startBroker(name: string, extra: string[] = []): Promise<BurrowProcess> {
     const s = this.slot(name);
     if (s.proc && !s.proc.exit) throw new Error(`broker ${name} is already running`);
-    const proc = new BurrowProcess(`broker-${name}`, BROKER_CLI, ['serve',
-      '--agent-listen', `127.0.0.1:${s.agentPort}`, '--api-listen', `127.0.0.1:${s.apiPort}`, '--admin-listen', `127.0.0.1:${s.adminPort}`,
-      '--tls-cert', this.brokerCert.cert, '--tls-key', this.brokerCert.key, '--ca', this.brokerCert.ca,
-      '--broker-id', s.brokerId, '--redis-url', this.redis.url, '--redis-key-prefix', this.prefix,
-      '--advertise', `127.0.0.1:${s.peerPort}`, '--registry-ttl', REGISTRY_TTL, '--agent-wait', '3s', '--drain-timeout', '10s',
-      ...(process.env.BURROW_TEST_LOG ? ['--log-level', 'debug'] : []), ...extra,
+    const proc = new BurrowProcess(`broker-${name}`, BROKER_CLI, [
+      'serve',
+      '--agent-listen',
+      `127.0.0.1:${s.agentPort}`,
+      '--api-listen',
+      `127.0.0.1:${s.apiPort}`,
+      '--admin-listen',
+      `127.0.0.1:${s.adminPort}`,
+      '--tls-cert',
+      this.brokerCert.cert,
+      '--tls-key',
+      this.brokerCert.key,
+      '--ca',
+      this.brokerCert.ca,
+      '--broker-id',
+      s.brokerId,
+      '--redis-url',
+      this.redis.url,
+      '--redis-key-prefix',
+      this.prefix,
+      '--advertise',
+      `127.0.0.1:${s.peerPort}`,
+      '--registry-ttl',
+      REGISTRY_TTL,
+      '--agent-wait',
+      '3s',
+      '--drain-timeout',
+      '10s',
+      ...(process.env.BURROW_TEST_LOG ? ['--log-level', 'debug'] : []),
+      ...extra,
     ]);
     s.proc = proc;
     this.history.push(proc);
     // Longer than processes.ts' 10 s: three brokers starting at once on a busy 2-CPU machine.
     const started = await proc.waitForLog('broker started', undefined, { timeoutMs: STARTUP_TIMEOUT_MS });
-    if (Number(started.agentPort) !== s.agentPort || Number(started.apiPort) !== s.apiPort) throw new Error(`broker ${name} did not bind its fixed ports: ${JSON.stringify(started)}`);
+    if (Number(started.agentPort) !== s.agentPort || Number(started.apiPort) !== s.apiPort)
+      throw new Error(`broker ${name} did not bind its fixed ports: ${JSON.stringify(started)}`);
     return proc;
   }
 
   /** Signals the broker and waits until it exited. */
-  async stopBroker(name: string, signal: NodeJS.Signals, timeoutMs = 15_000): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
+  async stopBroker(
+    name: string,
+    signal: NodeJS.Signals,
+    timeoutMs = 15_000,
+  ): Promise<{ code: number | null; signal: NodeJS.Signals | null }> {
     const proc = this.slot(name).proc;
     if (!proc) throw new Error(`broker ${name} was never started`);
     proc.signal(signal);
@@ -142,10 +207,26 @@ export class ClusterWorld {
   async startAgent(agentId: string, brokers: string[], extra: string[] = [], learn = false): Promise<BurrowProcess> {
     const cert = await this.agentCert(agentId);
     const addresses = brokers.map((b) => (this.brokers.has(b) ? this.agentAddress(b) : b));
-    const proc = new BurrowProcess(`agent-${agentId}`, AGENT_CLI, ['run',
-      ...addresses.flatMap((a) => ['--broker', a]), ...(learn ? [] : ['--max-brokers', String(addresses.length)]), '--tls-cert', cert.cert, '--tls-key', cert.key, '--ca', cert.ca,
-      '--upstream', `*=${this.echo.address}`, '--reconnect-base', '100ms', '--reconnect-max', '500ms', '--drain-timeout', '5s',
-      ...(process.env.BURROW_TEST_LOG ? ['--log-level', 'debug'] : []), ...extra,
+    const proc = new BurrowProcess(`agent-${agentId}`, AGENT_CLI, [
+      'run',
+      ...addresses.flatMap((a) => ['--broker', a]),
+      ...(learn ? [] : ['--max-brokers', String(addresses.length)]),
+      '--tls-cert',
+      cert.cert,
+      '--tls-key',
+      cert.key,
+      '--ca',
+      cert.ca,
+      '--upstream',
+      `*=${this.echo.address}`,
+      '--reconnect-base',
+      '100ms',
+      '--reconnect-max',
+      '500ms',
+      '--drain-timeout',
+      '5s',
+      ...(process.env.BURROW_TEST_LOG ? ['--log-level', 'debug'] : []),
+      ...extra,
     ]);
     this.agents.set(agentId, proc);
     this.history.push(proc);
@@ -156,7 +237,9 @@ export class ClusterWorld {
   /** Every log line of every process of this world that `where` accepts, as `[name] json` lines in time order. */
   logLines(where: (l: import('./processes').LogLine) => boolean): string[] {
     const out: { t: string; line: string }[] = [];
-    for (const p of this.history) for (const l of p.logs) if (where(l)) out.push({ t: String(l.timestamp ?? ''), line: `[${p.name} ${p.pid}] ${JSON.stringify(l)}` });
+    for (const p of this.history)
+      for (const l of p.logs)
+        if (where(l)) out.push({ t: String(l.timestamp ?? ''), line: `[${p.name} ${p.pid}] ${JSON.stringify(l)}` });
     return out.sort((a, b) => a.t.localeCompare(b.t)).map((o) => o.line);
   }
 
@@ -168,12 +251,18 @@ export class ClusterWorld {
 
   /** Polls the broker's /agents until `agentId` is listed (connected there). */
   async waitListed(name: string, agentId: string, timeoutMs = 10_000): Promise<void> {
-    await pollUntil(`agent ${agentId} listed by broker ${name}`, async () => (await this.listed(name)).includes(agentId), timeoutMs);
+    await pollUntil(
+      `agent ${agentId} listed by broker ${name}`,
+      async () => (await this.listed(name)).includes(agentId),
+      timeoutMs,
+    );
   }
 
   /** The brokers (peer addresses) whose claim on `agentId` in Redis has not expired. */
   async liveClaims(agentId: string): Promise<string[]> {
-    return parseRespArray(await this.redis.command('ZRANGEBYSCORE', `${this.prefix}agent:${agentId}`, `(${Date.now()}`, '+inf'));
+    return parseRespArray(
+      await this.redis.command('ZRANGEBYSCORE', `${this.prefix}agent:${agentId}`, `(${Date.now()}`, '+inf'),
+    );
   }
 
   /** Every member of the agent's claim set, expired or not. */
@@ -185,7 +274,10 @@ export class ClusterWorld {
   client(name: string): RawClient {
     let c = this.clients.get(name);
     if (!c) {
-      c = new RawClient(`127.0.0.1:${this.slot(name).apiPort}`, mtlsCredentials(this.serviceCert), { 'grpc.initial_reconnect_backoff_ms': 100, 'grpc.max_reconnect_backoff_ms': 500 });
+      c = new RawClient(`127.0.0.1:${this.slot(name).apiPort}`, mtlsCredentials(this.serviceCert), {
+        'grpc.initial_reconnect_backoff_ms': 100,
+        'grpc.max_reconnect_backoff_ms': 500,
+      });
       this.clients.set(name, c);
     }
     return c;
@@ -197,7 +289,9 @@ export class ClusterWorld {
     md.set('burrow-agent-id', agentId);
     const started = Date.now();
     try {
-      const r = await this.client(name).unary(ECHO.unary, Buffer.from(payload), md, { deadline: Date.now() + deadlineMs });
+      const r = await this.client(name).unary(ECHO.unary, Buffer.from(payload), md, {
+        deadline: Date.now() + deadlineMs,
+      });
       return { code: Status.OK, details: '', ms: Date.now() - started, response: r.response.toString() };
     } catch (err) {
       const e = err as ServiceError;
@@ -288,7 +382,9 @@ export class FailoverProxy {
 
   constructor(private readonly backendPorts: number[]) {}
 
-  get address(): string { return `127.0.0.1:${this.port}`; }
+  get address(): string {
+    return `127.0.0.1:${this.port}`;
+  }
 
   async start(): Promise<this> {
     this.server = net.createServer((client) => {
@@ -298,7 +394,10 @@ export class FailoverProxy {
       client.pause();
       const tryBackend = (i: number): void => {
         if (client.destroyed) return;
-        if (i >= this.backendPorts.length) { client.resetAndDestroy(); return; }
+        if (i >= this.backendPorts.length) {
+          client.resetAndDestroy();
+          return;
+        }
         const upstream = net.connect(this.backendPorts[i]!, '127.0.0.1');
         this.sockets.add(upstream);
         upstream.on('close', () => this.sockets.delete(upstream));
@@ -314,7 +413,9 @@ export class FailoverProxy {
           upstream.pipe(client);
           client.resume();
           client.on('close', () => upstream.destroy());
-          upstream.on('close', () => { if (!client.destroyed) client.resetAndDestroy(); });
+          upstream.on('close', () => {
+            if (!client.destroyed) client.resetAndDestroy();
+          });
         });
       };
       tryBackend(0);

@@ -42,18 +42,31 @@ export async function forgeLeaf(pkiDir: string, outDir: string, leaf: ForgedLeaf
     extensions: [
       new x509.BasicConstraintsExtension(false, undefined, true),
       new x509.KeyUsagesExtension(x509.KeyUsageFlags.digitalSignature, true),
-      new x509.ExtendedKeyUsageExtension(leaf.ekus.map((u) => eku[u]), false),
-      new x509.SubjectAlternativeNameExtension([
-        ...leaf.uris.map((value): x509.JsonGeneralName => ({ type: 'url', value })),
-        ...(leaf.dns ?? []).map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
-        ...(leaf.ip ?? []).map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
-      ], !leaf.cn),
+      new x509.ExtendedKeyUsageExtension(
+        leaf.ekus.map((u) => eku[u]),
+        false,
+      ),
+      new x509.SubjectAlternativeNameExtension(
+        [
+          ...leaf.uris.map((value): x509.JsonGeneralName => ({ type: 'url', value })),
+          ...(leaf.dns ?? []).map((value): x509.JsonGeneralName => ({ type: 'dns', value })),
+          ...(leaf.ip ?? []).map((value): x509.JsonGeneralName => ({ type: 'ip', value })),
+        ],
+        !leaf.cn,
+      ),
       new x509.AuthorityKeyIdentifierExtension(pki.signingCa.record.skiHex),
     ],
   });
-  const pkcs8 = Buffer.from(await webcrypto.subtle.exportKey('pkcs8', keys.privateKey)).toString('base64').match(/.{1,64}/g)!.join('\n');
+  const pkcs8 = Buffer.from(await webcrypto.subtle.exportKey('pkcs8', keys.privateKey))
+    .toString('base64')
+    .match(/.{1,64}/g)!
+    .join('\n');
   mkdirSync(outDir, { recursive: true, mode: 0o700 });
-  const files = { cert: path.join(outDir, 'tls.crt'), key: path.join(outDir, 'tls.key'), ca: path.join(outDir, 'ca.crt') };
+  const files = {
+    cert: path.join(outDir, 'tls.crt'),
+    key: path.join(outDir, 'tls.key'),
+    ca: path.join(outDir, 'ca.crt'),
+  };
   writeFileSync(files.cert, `${cert.toString('pem')}\n${pki.signingCa.certPem.trimEnd()}\n`);
   writeFileSync(files.key, `-----BEGIN PRIVATE KEY-----\n${pkcs8}\n-----END PRIVATE KEY-----\n`, { mode: 0o600 });
   writeFileSync(files.ca, pki.trustBundlePem);

@@ -26,7 +26,10 @@ function tryListen(server: net.Server, port: number, host: string): Promise<bool
   return new Promise((resolve) => {
     const onError = (): void => resolve(false);
     server.once('error', onError);
-    server.listen(port, host, () => { server.off('error', onError); resolve(true); });
+    server.listen(port, host, () => {
+      server.off('error', onError);
+      resolve(true);
+    });
   });
 }
 
@@ -41,7 +44,8 @@ export async function freePorts(count: number, host = '127.0.0.1'): Promise<numb
   const servers: net.Server[] = [];
   try {
     for (let tries = 0; servers.length < count; tries++) {
-      if (span < 1_000 || tries > 1_000) throw new Error(`no free port below the ephemeral range (${below}) on ${host}`);
+      if (span < 1_000 || tries > 1_000)
+        throw new Error(`no free port below the ephemeral range (${below}) on ${host}`);
       const port = LOWEST_PORT + Math.floor(Math.random() * span);
       if (handedOut.has(port)) continue;
       const s = net.createServer();
@@ -51,7 +55,9 @@ export async function freePorts(count: number, host = '127.0.0.1'): Promise<numb
     for (const p of ports) handedOut.add(p);
     return ports;
   } finally {
-    await Promise.all(servers.map((s) => new Promise<void>((resolve) => (s.listening ? s.close(() => resolve()) : resolve()))));
+    await Promise.all(
+      servers.map((s) => new Promise<void>((resolve) => (s.listening ? s.close(() => resolve()) : resolve()))),
+    );
   }
 }
 
@@ -64,8 +70,14 @@ export async function freePort(host = '127.0.0.1'): Promise<number> {
 export function accepts(port: number, host = '127.0.0.1'): Promise<boolean> {
   return new Promise((resolve) => {
     const socket = net.connect({ port, host });
-    socket.once('connect', () => { socket.destroy(); resolve(true); });
-    socket.once('error', () => { socket.destroy(); resolve(false); });
+    socket.once('connect', () => {
+      socket.destroy();
+      resolve(true);
+    });
+    socket.once('error', () => {
+      socket.destroy();
+      resolve(false);
+    });
   });
 }
 
@@ -75,13 +87,21 @@ export function accepts(port: number, host = '127.0.0.1'): Promise<boolean> {
  * this is a poll; each refused loopback connect takes well under a millisecond, so the loop is paced
  * by a short timer.
  */
-export async function portsThatAccepted(ports: number[], until: Promise<unknown>, host = '127.0.0.1'): Promise<number[]> {
+export async function portsThatAccepted(
+  ports: number[],
+  until: Promise<unknown>,
+  host = '127.0.0.1',
+): Promise<number[]> {
   let done = false;
-  void until.finally(() => { done = true; });
+  void until.finally(() => {
+    done = true;
+  });
   const hits = new Set<number>();
   const round = async (): Promise<void> => {
     const results = await Promise.all(ports.map((p) => accepts(p, host)));
-    results.forEach((ok, i) => { if (ok) hits.add(ports[i]!); });
+    results.forEach((ok, i) => {
+      if (ok) hits.add(ports[i]!);
+    });
   };
   while (!done) {
     await round();

@@ -34,24 +34,50 @@ export interface LateCall {
  * HTTP/2 session on it and sends one unary gRPC call to `path` at once, before anything the server
  * sends can arrive: how a client whose connection was accepted just before a shutdown behaves.
  */
-export function callOverStalledConnection(raw: net.Socket, cert: CertFiles, path: string, headers: Record<string, string> = {}): LateCall {
-  const socket = tls.connect({ socket: raw, servername: 'localhost', key: readFileSync(cert.key), cert: readFileSync(cert.cert), ca: readFileSync(cert.ca), ALPNProtocols: ['h2'] });
+export function callOverStalledConnection(
+  raw: net.Socket,
+  cert: CertFiles,
+  path: string,
+  headers: Record<string, string> = {},
+): LateCall {
+  const socket = tls.connect({
+    socket: raw,
+    servername: 'localhost',
+    key: readFileSync(cert.key),
+    cert: readFileSync(cert.cert),
+    ca: readFileSync(cert.ca),
+    ALPNProtocols: ['h2'],
+  });
   const session = http2.connect('https://localhost', { createConnection: () => socket });
   session.on('error', () => {});
   const goaway = new Promise<string>((resolve) => {
     session.once('goaway', (code: number) => resolve(`GOAWAY ${code}`));
     session.once('close', () => resolve('closed without GOAWAY'));
   });
-  const stream = session.request({ ':method': 'POST', ':path': path, 'content-type': 'application/grpc', te: 'trailers', ...headers });
+  const stream = session.request({
+    ':method': 'POST',
+    ':path': path,
+    'content-type': 'application/grpc',
+    te: 'trailers',
+    ...headers,
+  });
   stream.on('error', () => {});
   stream.resume();
   stream.end(grpcFrame(Buffer.from('late')));
   let answered = false;
-  stream.on('response', () => { answered = true; });
-  const streamClosed = new Promise<string>((resolve) => stream.once('close', () => resolve(`stream closed (answered: ${answered}, rstCode ${stream.rstCode})`)));
+  stream.on('response', () => {
+    answered = true;
+  });
+  const streamClosed = new Promise<string>((resolve) =>
+    stream.once('close', () => resolve(`stream closed (answered: ${answered}, rstCode ${stream.rstCode})`)),
+  );
   return {
     first: Promise.race([goaway, streamClosed.then((s) => `${s} before any GOAWAY`)]),
     streamClosed,
-    close: () => { session.close(); socket.destroy(); raw.destroy(); },
+    close: () => {
+      session.close();
+      socket.destroy();
+      raw.destroy();
+    },
   };
 }

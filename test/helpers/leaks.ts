@@ -19,7 +19,9 @@ const ALLOWANCE: ResourceSnapshot = { Timeout: 1 };
 
 function excess(baseline: ResourceSnapshot): string[] {
   const now = snapshotResources();
-  return Object.entries(now).filter(([k, n]) => n > (baseline[k] ?? 0) + (ALLOWANCE[k] ?? 0)).map(([k, n]) => `${k}: ${n} (baseline ${baseline[k] ?? 0})`);
+  return Object.entries(now)
+    .filter(([k, n]) => n > (baseline[k] ?? 0) + (ALLOWANCE[k] ?? 0))
+    .map(([k, n]) => `${k}: ${n} (baseline ${baseline[k] ?? 0})`);
 }
 
 /** Resolves once nothing beyond `baseline` is open; rejects naming what is left after `timeoutMs`. */

@@ -19,18 +19,40 @@ export const ALERT_TESTS_FILE = path.join(PROMETHEUS_DIR, 'alerts.test.yaml');
 export const DASHBOARD_FILE = path.join(ROOT, 'deploy', 'grafana', 'burrow.json');
 export const OPERATIONS_DOC = path.join(ROOT, 'docs', 'operations.md');
 
-export interface AlertRule { group: string; alert: string; expr: string; labels: Record<string, string>; annotations: Record<string, string> }
+export interface AlertRule {
+  group: string;
+  alert: string;
+  expr: string;
+  labels: Record<string, string>;
+  annotations: Record<string, string>;
+}
 
 /** Every alerting rule in deploy/prometheus/alerts.yaml. */
 export function alertRules(): AlertRule[] {
-  const doc = YAML.parse(readFileSync(ALERTS_FILE, 'utf8')) as { groups: { name: string; rules: Omit<AlertRule, 'group'>[] }[] };
+  const doc = YAML.parse(readFileSync(ALERTS_FILE, 'utf8')) as {
+    groups: { name: string; rules: Omit<AlertRule, 'group'>[] }[];
+  };
   return doc.groups.flatMap((g) => g.rules.map((r) => ({ group: g.name, ...r })));
 }
 
-export interface DashboardQuery { panel: string; expr: string }
+export interface DashboardQuery {
+  panel: string;
+  expr: string;
+}
 
 /** The Grafana dashboard JSON model. */
-export function dashboard(): { panels: { id: number; type: string; title: string; gridPos: Record<string, number>; datasource?: unknown; targets?: { refId: string; expr: string; datasource?: unknown }[] }[]; templating: { list: { name: string; type: string; query: unknown }[] }; [k: string]: unknown } {
+export function dashboard(): {
+  panels: {
+    id: number;
+    type: string;
+    title: string;
+    gridPos: Record<string, number>;
+    datasource?: unknown;
+    targets?: { refId: string; expr: string; datasource?: unknown }[];
+  }[];
+  templating: { list: { name: string; type: string; query: unknown }[] };
+  [k: string]: unknown;
+} {
   return JSON.parse(readFileSync(DASHBOARD_FILE, 'utf8')) as ReturnType<typeof dashboard>;
 }
 
@@ -71,26 +93,45 @@ export async function exportedMetricNames(): Promise<Set<string>> {
   for (const registry of [broker.registry, agent.registry]) {
     for (const m of await registry.getMetricsAsJSON()) {
       names.add(m.name);
-      if (String(m.type) === 'histogram') for (const suffix of ['_bucket', '_sum', '_count']) names.add(m.name + suffix);
+      if (String(m.type) === 'histogram')
+        for (const suffix of ['_bucket', '_sum', '_count']) names.add(m.name + suffix);
     }
   }
   return names;
 }
 
 /** Output of a finished child process. */
-export interface RunResult { code: number | null; stdout: string; stderr: string }
+export interface RunResult {
+  code: number | null;
+  stdout: string;
+  stderr: string;
+}
 
 /** Runs a command to completion (no shell), with a generous timeout for slow shared machines. */
-export function run(command: string, args: string[], opts: { cwd?: string; timeoutMs?: number } = {}): Promise<RunResult> {
+export function run(
+  command: string,
+  args: string[],
+  opts: { cwd?: string; timeoutMs?: number } = {},
+): Promise<RunResult> {
   return new Promise((resolve, reject) => {
     const child = spawn(command, args, { cwd: opts.cwd, stdio: ['ignore', 'pipe', 'pipe'] });
     let stdout = '';
     let stderr = '';
-    child.stdout.setEncoding('utf8').on('data', (s: string) => { stdout += s; });
-    child.stderr.setEncoding('utf8').on('data', (s: string) => { stderr += s; });
+    child.stdout.setEncoding('utf8').on('data', (s: string) => {
+      stdout += s;
+    });
+    child.stderr.setEncoding('utf8').on('data', (s: string) => {
+      stderr += s;
+    });
     const timer = setTimeout(() => child.kill('SIGKILL'), opts.timeoutMs ?? 120_000);
-    child.once('error', (err) => { clearTimeout(timer); reject(err); });
-    child.once('close', (code) => { clearTimeout(timer); resolve({ code, stdout, stderr }); });
+    child.once('error', (err) => {
+      clearTimeout(timer);
+      reject(err);
+    });
+    child.once('close', (code) => {
+      clearTimeout(timer);
+      resolve({ code, stdout, stderr });
+    });
   });
 }
 

@@ -4,7 +4,11 @@ import * as path from 'node:path';
 import { initPki, issueCertificate, writeIssued, type Role } from '@burrow/pki';
 
 /** Files of one issued certificate, as the binaries take them. */
-export interface CertFiles { cert: string; key: string; ca: string }
+export interface CertFiles {
+  cert: string;
+  key: string;
+  ca: string;
+}
 
 /**
  * A throwaway PKI made by packages/pki at test time (no key is ever committed): one directory with
@@ -26,9 +30,15 @@ export class PkiFixture {
     return f;
   }
 
-  async issue(role: Role, name: string, opts: { ttlMs?: number; dns?: string[]; ip?: string[] } = {}): Promise<CertFiles> {
+  async issue(
+    role: Role,
+    name: string,
+    opts: { ttlMs?: number; dns?: string[]; ip?: string[] } = {},
+  ): Promise<CertFiles> {
     const issued = await issueCertificate({
-      dir: this.pkiDir, role, name,
+      dir: this.pkiDir,
+      role,
+      name,
       dns: opts.dns ?? (role === 'broker' ? ['localhost'] : undefined),
       ip: opts.ip ?? (role === 'broker' ? ['127.0.0.1', '::1'] : undefined),
       ttlMs: opts.ttlMs,

@@ -11,12 +11,22 @@ export const EXAMPLES_DIR = path.resolve(__dirname, '..', '..', '..', 'examples'
  * The agent's policy settings for the example site (examples/policy), decision cache off, audit
  * records to `auditLog`; with `schema`, validated against the example schema.
  */
-export function examplePolicyConfig(auditLog: string, schema = false): {
-  policiesDir: string; entitiesFile: string; schemaFile?: string; cacheTtlMs: number; auditLog: string;
+export function examplePolicyConfig(
+  auditLog: string,
+  schema = false,
+): {
+  policiesDir: string;
+  entitiesFile: string;
+  schemaFile?: string;
+  cacheTtlMs: number;
+  auditLog: string;
 } {
   return {
-    policiesDir: path.join(EXAMPLES_DIR, 'policies'), entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
-    ...(schema ? { schemaFile: path.join(EXAMPLES_DIR, 'schema.cedarschema') } : {}), cacheTtlMs: 0, auditLog,
+    policiesDir: path.join(EXAMPLES_DIR, 'policies'),
+    entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
+    ...(schema ? { schemaFile: path.join(EXAMPLES_DIR, 'schema.cedarschema') } : {}),
+    cacheTtlMs: 0,
+    auditLog,
   };
 }
 
@@ -87,12 +97,22 @@ export function capturingLogger(): { logger: winston.Logger; records: Record<str
 }
 
 /** Shorthand for an entity in Cedar's JSON entity format. */
-export function entity(type: string, id: string, attrs: Record<string, unknown> = {}, parents: [string, string][] = []): unknown {
+export function entity(
+  type: string,
+  id: string,
+  attrs: Record<string, unknown> = {},
+  parents: [string, string][] = [],
+): unknown {
   return { uid: { type, id }, attrs, parents: parents.map(([t, i]) => ({ type: t, id: i })) };
 }
 
 /** Shorthand for an AuthZEN request. */
-export function request(subject: string, action: string, resource: string, extra: Record<string, unknown> = {}): Record<string, unknown> {
+export function request(
+  subject: string,
+  action: string,
+  resource: string,
+  extra: Record<string, unknown> = {},
+): Record<string, unknown> {
   const [st, sid] = subject.split(':');
   const [rt, rid] = resource.split(':');
   return { subject: { type: st, id: sid }, action: { name: action }, resource: { type: rt, id: rid }, ...extra };

@@ -22,9 +22,16 @@ export const AGENT_CLI = path.join(ROOT, 'packages', 'agent', 'dist', 'cli.js');
 export const PKI_CLI = path.join(ROOT, 'packages', 'pki', 'dist', 'cli.js');
 
 /** One JSON log line of a Burrow binary. */
-export interface LogLine { message?: string; level?: string; [key: string]: unknown }
+export interface LogLine {
+  message?: string;
+  level?: string;
+  [key: string]: unknown;
+}
 
-export interface Exit { code: number | null; signal: NodeJS.Signals | null }
+export interface Exit {
+  code: number | null;
+  signal: NodeJS.Signals | null;
+}
 
 /** Every process spawned here and not yet reaped; {@link killAll} ends them. */
 const live = new Set<BurrowProcess>();
@@ -42,7 +49,11 @@ function cleanEnv(extra: Record<string, string>): NodeJS.ProcessEnv {
  * Runs a single executable (the agent binary) instead of `node CLI`: `cli` is then ignored, the
  * process starts in `cwd` with exactly `env` (nothing inherited).
  */
-export interface ExecutableSpawn { executable: string; cwd: string; env: Record<string, string> }
+export interface ExecutableSpawn {
+  executable: string;
+  cwd: string;
+  env: Record<string, string>;
+}
 
 /** A spawned Burrow binary: its stderr split into lines, JSON lines parsed as logs. */
 export class BurrowProcess {
@@ -57,7 +68,14 @@ export class BurrowProcess {
   private readonly lineWatchers = new Set<() => void>();
 
   /** `stdin`: text written to the process's stdin, which is then closed (default: no stdin). `exe`: run a standalone executable instead of `node cli`. */
-  constructor(readonly name: string, cli: string, args: string[], env: Record<string, string> = {}, exe?: ExecutableSpawn, stdin?: string) {
+  constructor(
+    readonly name: string,
+    cli: string,
+    args: string[],
+    env: Record<string, string> = {},
+    exe?: ExecutableSpawn,
+    stdin?: string,
+  ) {
     const stdio: ['ignore' | 'pipe', 'pipe', 'pipe'] = [stdin === undefined ? 'ignore' : 'pipe', 'pipe', 'pipe'];
     this.child = exe
       ? spawn(exe.executable, args, { env: exe.env, cwd: exe.cwd, stdio })
@@ -67,7 +85,9 @@ export class BurrowProcess {
     this.pid = this.child.pid;
     live.add(this);
     spawnedPids.add(this.pid);
-    this.child.stdout!.setEncoding('utf8').on('data', (s: string) => { this.stdout += s; });
+    this.child.stdout!.setEncoding('utf8').on('data', (s: string) => {
+      this.stdout += s;
+    });
     this.child.stderr!.setEncoding('utf8').on('data', (s: string) => this.onStderr(s));
     this.exited = new Promise((resolve) => {
       // 'close' (not 'exit'): every byte of stderr has been read by then.
@@ -92,7 +112,11 @@ export class BurrowProcess {
     if (process.env.BURROW_TEST_LOG) process.stderr.write(`[${this.name}] ${line}\n`);
     this.stderrLines.push(line);
     if (line.startsWith('{')) {
-      try { this.logs.push(JSON.parse(line) as LogLine); } catch { /* not a log line */ }
+      try {
+        this.logs.push(JSON.parse(line) as LogLine);
+      } catch {
+        /* not a log line */
+      }
     }
     for (const w of [...this.lineWatchers]) w();
   }
@@ -102,17 +126,40 @@ export class BurrowProcess {
    * {@link logs}) whose message is `message` and that `where` accepts. Rejects when the process
    * exits first or after `timeoutMs`, quoting its stderr.
    */
-  waitForLog(message: string, where: (l: LogLine) => boolean = () => true, opts: { timeoutMs?: number; from?: number } = {}): Promise<LogLine> {
+  waitForLog(
+    message: string,
+    where: (l: LogLine) => boolean = () => true,
+    opts: { timeoutMs?: number; from?: number } = {},
+  ): Promise<LogLine> {
     const timeoutMs = opts.timeoutMs ?? 10_000;
     const from = opts.from ?? 0;
     return new Promise((resolve, reject) => {
       const check = (): void => {
         const hit = this.logs.slice(from).find((l) => l.message === message && where(l));
-        if (hit) { cleanup(); resolve(hit); return; }
-        if (this.exit) { cleanup(); reject(new Error(`${this.name} exited (${JSON.stringify(this.exit)}) before logging "${message}"; stderr:\n${this.stderrTail()}`)); }
+        if (hit) {
+          cleanup();
+          resolve(hit);
+          return;
+        }
+        if (this.exit) {
+          cleanup();
+          reject(
+            new Error(
+              `${this.name} exited (${JSON.stringify(this.exit)}) before logging "${message}"; stderr:\n${this.stderrTail()}`,
+            ),
+          );
+        }
       };
-      const timer = setTimeout(() => { cleanup(); reject(new Error(`${this.name} did not log "${message}" within ${timeoutMs} ms; stderr:\n${this.stderrTail()}`)); }, timeoutMs);
-      const cleanup = (): void => { clearTimeout(timer); this.lineWatchers.delete(check); };
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(
+          new Error(`${this.name} did not log "${message}" within ${timeoutMs} ms; stderr:\n${this.stderrTail()}`),
+        );
+      }, timeoutMs);
+      const cleanup = (): void => {
+        clearTimeout(timer);
+        this.lineWatchers.delete(check);
+      };
       this.lineWatchers.add(check);
       check();
     });
@@ -124,7 +171,17 @@ export class BurrowProcess {
     try {
       return await Promise.race([
         this.exited,
-        new Promise<never>((_, reject) => { timer = setTimeout(() => reject(new Error(`${this.name} (pid ${this.pid}) did not exit within ${timeoutMs} ms; stderr:\n${this.stderrTail()}`)), timeoutMs); }),
+        new Promise<never>((_, reject) => {
+          timer = setTimeout(
+            () =>
+              reject(
+                new Error(
+                  `${this.name} (pid ${this.pid}) did not exit within ${timeoutMs} ms; stderr:\n${this.stderrTail()}`,
+                ),
+              ),
+            timeoutMs,
+          );
+        }),
       ]);
     } finally {
       clearTimeout(timer);
@@ -141,25 +198,61 @@ export class BurrowProcess {
   }
 }
 
-export interface BrokerPorts { agentPort: number; apiPort: number; adminPort?: number }
-export interface AgentPorts { localPort?: number; adminPort?: number }
+export interface BrokerPorts {
+  agentPort: number;
+  apiPort: number;
+  adminPort?: number;
+}
+export interface AgentPorts {
+  localPort?: number;
+  adminPort?: number;
+}
 
 /** Starts `burrow-broker serve ARGS` and waits for its "broker started" line. */
-export async function startBroker(args: string[], env: Record<string, string> = {}, name = 'broker'): Promise<{ proc: BurrowProcess; ports: BrokerPorts; started: LogLine }> {
+export async function startBroker(
+  args: string[],
+  env: Record<string, string> = {},
+  name = 'broker',
+): Promise<{ proc: BurrowProcess; ports: BrokerPorts; started: LogLine }> {
   const proc = new BurrowProcess(name, BROKER_CLI, ['serve', ...args], env);
   const started = await proc.waitForLog('broker started');
-  return { proc, started, ports: { agentPort: Number(started.agentPort), apiPort: Number(started.apiPort), adminPort: started.adminPort === undefined ? undefined : Number(started.adminPort) } };
+  return {
+    proc,
+    started,
+    ports: {
+      agentPort: Number(started.agentPort),
+      apiPort: Number(started.apiPort),
+      adminPort: started.adminPort === undefined ? undefined : Number(started.adminPort),
+    },
+  };
 }
 
 /** Starts `burrow-agent run ARGS` and waits for its "agent started" line. */
-export async function startAgent(args: string[], env: Record<string, string> = {}, name = 'agent'): Promise<{ proc: BurrowProcess; ports: AgentPorts; started: LogLine }> {
+export async function startAgent(
+  args: string[],
+  env: Record<string, string> = {},
+  name = 'agent',
+): Promise<{ proc: BurrowProcess; ports: AgentPorts; started: LogLine }> {
   const proc = new BurrowProcess(name, AGENT_CLI, ['run', ...args], env);
   const started = await proc.waitForLog('agent started');
-  return { proc, started, ports: { localPort: started.localPort === undefined ? undefined : Number(started.localPort), adminPort: started.adminPort === undefined ? undefined : Number(started.adminPort) } };
+  return {
+    proc,
+    started,
+    ports: {
+      localPort: started.localPort === undefined ? undefined : Number(started.localPort),
+      adminPort: started.adminPort === undefined ? undefined : Number(started.adminPort),
+    },
+  };
 }
 
 /** Runs a CLI to completion (for --help, --version and config errors). */
-export async function runCli(cli: string, args: string[], env: Record<string, string> = {}, timeoutMs = 10_000, stdin?: string): Promise<{ proc: BurrowProcess; exit: Exit; stdout: string; stderrLines: string[] }> {
+export async function runCli(
+  cli: string,
+  args: string[],
+  env: Record<string, string> = {},
+  timeoutMs = 10_000,
+  stdin?: string,
+): Promise<{ proc: BurrowProcess; exit: Exit; stdout: string; stderrLines: string[] }> {
   const proc = new BurrowProcess(path.basename(path.dirname(path.dirname(cli))), cli, args, env, undefined, stdin);
   const exit = await proc.waitExit(timeoutMs);
   return { proc, exit, stdout: proc.stdout, stderrLines: proc.stderrLines.filter((l) => l !== '') };
@@ -188,17 +281,36 @@ export async function killAll(): Promise<void> {
 }
 
 /** Number of spawned processes not yet reaped. */
-export function liveProcessCount(): number { return live.size; }
+export function liveProcessCount(): number {
+  return live.size;
+}
 
 // Last resort if mocha itself dies: never leave a broker behind.
-process.on('exit', () => { for (const p of live) { try { p.child.kill('SIGKILL'); } catch { /* gone */ } } });
+process.on('exit', () => {
+  for (const p of live) {
+    try {
+      p.child.kill('SIGKILL');
+    } catch {
+      /* gone */
+    }
+  }
+});
 
 /** A plain HTTP request to an admin listener, with any method and headers (`host` included). */
-export function httpRequest(url: string, method: string, headers: Record<string, string> = {}): Promise<{ status: number; body: string }> {
+export function httpRequest(
+  url: string,
+  method: string,
+  headers: Record<string, string> = {},
+): Promise<{ status: number; body: string }> {
   return new Promise((resolve, reject) => {
     const req = http.request(url, { method, headers, agent: false, timeout: 5_000 }, (res) => {
       let body = '';
-      res.setEncoding('utf8').on('data', (c: string) => { body += c; }).on('end', () => resolve({ status: res.statusCode ?? 0, body }));
+      res
+        .setEncoding('utf8')
+        .on('data', (c: string) => {
+          body += c;
+        })
+        .on('end', () => resolve({ status: res.statusCode ?? 0, body }));
     });
     req.on('timeout', () => req.destroy(new Error(`${method} ${url} timed out`)));
     req.on('error', reject);
@@ -212,7 +324,9 @@ export function httpGet(url: string, timeoutMs = 5_000): Promise<{ status: numbe
     const req = http.get(url, { agent: false, timeout: timeoutMs }, (res) => {
       let body = '';
       res.setEncoding('utf8');
-      res.on('data', (c: string) => { body += c; });
+      res.on('data', (c: string) => {
+        body += c;
+      });
       res.on('end', () => resolve({ status: res.statusCode ?? 0, body }));
       res.on('error', reject);
     });
@@ -232,7 +346,12 @@ export async function getJson<T>(url: string): Promise<T> {
  * Polls `probe` until it returns a truthy value or `timeoutMs` passes. Only for state that has no
  * event to wait on (e.g. the broker's /agents listing); the message names what was awaited.
  */
-export async function pollUntil<T>(what: string, probe: () => Promise<T | undefined | false> | T | undefined | false, timeoutMs = 5_000, intervalMs = 25): Promise<T> {
+export async function pollUntil<T>(
+  what: string,
+  probe: () => Promise<T | undefined | false> | T | undefined | false,
+  timeoutMs = 5_000,
+  intervalMs = 25,
+): Promise<T> {
   const deadline = Date.now() + timeoutMs;
   let last: unknown;
   for (;;) {
@@ -243,10 +362,20 @@ export async function pollUntil<T>(what: string, probe: () => Promise<T | undefi
     } catch (err) {
       last = err;
     }
-    if (Date.now() >= deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`);
+    if (Date.now() >= deadline)
+      throw new Error(
+        `timed out after ${timeoutMs} ms waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`,
+      );
     await new Promise((resolve) => setTimeout(resolve, intervalMs));
   }
 }
 
 /** The /agents entry of the broker admin listener. */
-export interface AgentListing { id: string; connections: number; connectedSince: string; callsInFlight: number; idleOffers: number; sessions: unknown[] }
+export interface AgentListing {
+  id: string;
+  connections: number;
+  connectedSince: string;
+  callsInFlight: number;
+  idleOffers: number;
+  sessions: unknown[];
+}

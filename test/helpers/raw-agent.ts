@@ -1,9 +1,22 @@
 import {
-  Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type StatusObject,
+  Client,
+  Metadata,
+  status as Status,
+  type ChannelCredentials,
+  type ClientDuplexStream,
+  type StatusObject,
 } from '@grpc/grpc-js';
 import {
-  SESSION_ID_KEY, TUNNEL_METHODS, decodeCallFrame, decodeSessionFrame, encodeCallFrame, encodeSessionFrame,
-  type CallFrame, type SessionFrame, type StartFrame, type WelcomeFrame,
+  SESSION_ID_KEY,
+  TUNNEL_METHODS,
+  decodeCallFrame,
+  decodeSessionFrame,
+  encodeCallFrame,
+  encodeSessionFrame,
+  type CallFrame,
+  type SessionFrame,
+  type StartFrame,
+  type WelcomeFrame,
 } from '@burrow/tunnel';
 import type { CertFiles } from './pki-fixture';
 import { mtlsCredentials, raw } from './raw-grpc';
@@ -30,8 +43,10 @@ export class RawAgent {
     const creds = 'cert' in cert ? mtlsCredentials(cert) : cert;
     // Own subchannel: every RawAgent is its own HTTP/2 connection, like a real agent process.
     this.client = new Client(address, creds, {
-      'grpc.use_local_subchannel_pool': 1, 'grpc.enable_retries': 0,
-      'grpc.max_receive_message_length': -1, 'grpc.max_send_message_length': -1,
+      'grpc.use_local_subchannel_pool': 1,
+      'grpc.enable_retries': 0,
+      'grpc.max_receive_message_length': -1,
+      'grpc.max_send_message_length': -1,
     });
   }
 
@@ -92,7 +107,10 @@ export class RawStream<F> {
   private statusWaiters: ((s: StatusObject) => void)[] = [];
   private watchers: { pred(f: F): boolean; resolve(f: F): void }[] = [];
 
-  constructor(readonly call: ClientDuplexStream<Buffer, Buffer>, private readonly decode: (b: Buffer) => F) {
+  constructor(
+    readonly call: ClientDuplexStream<Buffer, Buffer>,
+    private readonly decode: (b: Buffer) => F,
+  ) {
     call.on('data', (bytes: Buffer) => {
       let frame: F;
       try {
@@ -148,10 +166,16 @@ export class RawStream<F> {
   }
 
   /** Writes raw bytes (for malformed input). */
-  writeBytes(bytes: Buffer): boolean { return this.call.write(bytes); }
+  writeBytes(bytes: Buffer): boolean {
+    return this.call.write(bytes);
+  }
   /** Half-closes this side. */
-  end(): void { this.call.end(); }
-  cancel(): void { this.call.cancel(); }
+  end(): void {
+    this.call.end();
+  }
+  cancel(): void {
+    this.call.cancel();
+  }
 
   private flush(): void {
     while (this.waiters.length > 0) {
@@ -161,7 +185,13 @@ export class RawStream<F> {
         this.waiters.shift()!.reject(this.decodeError);
       } else if (this.status) {
         const s = this.status;
-        this.waiters.shift()!.reject(Object.assign(new Error(`stream ended with status ${Status[s.code]} (${s.code}): ${s.details}`), { code: s.code }));
+        this.waiters
+          .shift()!
+          .reject(
+            Object.assign(new Error(`stream ended with status ${Status[s.code]} (${s.code}): ${s.details}`), {
+              code: s.code,
+            }),
+          );
       } else {
         return;
       }
@@ -171,9 +201,13 @@ export class RawStream<F> {
 
 /** A Session stream. */
 export class RawSession extends RawStream<SessionFrame> {
-  constructor(call: ClientDuplexStream<Buffer, Buffer>) { super(call, decodeSessionFrame); }
+  constructor(call: ClientDuplexStream<Buffer, Buffer>) {
+    super(call, decodeSessionFrame);
+  }
 
-  send(frame: SessionFrame): boolean { return this.call.write(encodeSessionFrame(frame)); }
+  send(frame: SessionFrame): boolean {
+    return this.call.write(encodeSessionFrame(frame));
+  }
 
   /**
    * Sends Hello; defaults: version 1 only (single-call offers, so that a test's frames on one offer
@@ -183,7 +217,11 @@ export class RawSession extends RawStream<SessionFrame> {
   hello(opts: { protocolVersions?: number[]; agentVersion?: string; minIdleOffers?: number } = {}): void {
     this.send({
       kind: 'hello',
-      hello: { protocolVersions: opts.protocolVersions ?? [1], agentVersion: opts.agentVersion ?? 'raw-agent/0', minIdleOffers: opts.minIdleOffers ?? 0 },
+      hello: {
+        protocolVersions: opts.protocolVersions ?? [1],
+        agentVersion: opts.agentVersion ?? 'raw-agent/0',
+        minIdleOffers: opts.minIdleOffers ?? 0,
+      },
     });
   }
 
@@ -195,9 +233,13 @@ export class RawSession extends RawStream<SessionFrame> {
 
 /** An Offer or Forward stream. */
 export class RawCallStream extends RawStream<CallFrame> {
-  constructor(call: ClientDuplexStream<Buffer, Buffer>) { super(call, decodeCallFrame); }
+  constructor(call: ClientDuplexStream<Buffer, Buffer>) {
+    super(call, decodeCallFrame);
+  }
 
-  send(frame: CallFrame): boolean { return this.call.write(encodeCallFrame(frame)); }
+  send(frame: CallFrame): boolean {
+    return this.call.write(encodeCallFrame(frame));
+  }
 
   /**
    * Answers one call the way a well-behaved agent with an echo upstream would: waits for Start,

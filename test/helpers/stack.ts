@@ -10,7 +10,9 @@ import { RawClient, mtlsCredentials } from './raw-grpc';
 export const AGENT_ID = 'site-a';
 
 const logger = (component: string): Logger =>
-  process.env.BURROW_TEST_LOG ? createLogger({ level: process.env.BURROW_TEST_LOG, format: 'text', component }) : silentLogger();
+  process.env.BURROW_TEST_LOG
+    ? createLogger({ level: process.env.BURROW_TEST_LOG, format: 'text', component })
+    : silentLogger();
 
 export interface StackOptions {
   broker?: Partial<BrokerConfig>;
@@ -50,14 +52,24 @@ export class Stack {
     s.baseline = snapshotResources();
     s.pki = await PkiFixture.create();
     [s.brokerCert, s.agentCert, s.serviceCert] = await Promise.all([
-      s.pki.issue('broker', 'broker-1'), s.pki.issue('agent', AGENT_ID), s.pki.issue('service', 'platform-svc'),
+      s.pki.issue('broker', 'broker-1'),
+      s.pki.issue('agent', AGENT_ID),
+      s.pki.issue('service', 'platform-svc'),
     ]);
     s.siteUpstream = await new EchoUpstream().start();
     s.platformUpstream = await new EchoUpstream().start();
     s.brokerConfig = {
-      ...BROKER_DEFAULTS, agentListen: '127.0.0.1:0', apiListen: '127.0.0.1:0', adminListen: '127.0.0.1:0',
-      tlsCertFile: s.brokerCert.cert, tlsKeyFile: s.brokerCert.key, caFile: s.brokerCert.ca, brokerId: 'broker-test',
-      upstreams: [{ service: '*', address: s.platformUpstream.address }], agentWaitMs: 2_000, drainTimeoutMs: 5_000,
+      ...BROKER_DEFAULTS,
+      agentListen: '127.0.0.1:0',
+      apiListen: '127.0.0.1:0',
+      adminListen: '127.0.0.1:0',
+      tlsCertFile: s.brokerCert.cert,
+      tlsKeyFile: s.brokerCert.key,
+      caFile: s.brokerCert.ca,
+      brokerId: 'broker-test',
+      upstreams: [{ service: '*', address: s.platformUpstream.address }],
+      agentWaitMs: 2_000,
+      drainTimeoutMs: 5_000,
       ...opts.broker,
     };
     s.broker = new Broker(s.brokerConfig, logger('broker'));
@@ -73,9 +85,17 @@ export class Stack {
 
   async startAgent(overrides: Partial<AgentConfig> = {}): Promise<Agent> {
     this.agentConfig = {
-      ...AGENT_DEFAULTS, brokers: [this.agentAddress], tlsCertFile: this.agentCert.cert, tlsKeyFile: this.agentCert.key, caFile: this.agentCert.ca,
-      upstreams: [{ service: '*', address: this.siteUpstream.address }], localListen: '127.0.0.1:0', reconnectBaseMs: 50, reconnectMaxMs: 500,
-      drainTimeoutMs: 5_000, ...overrides,
+      ...AGENT_DEFAULTS,
+      brokers: [this.agentAddress],
+      tlsCertFile: this.agentCert.cert,
+      tlsKeyFile: this.agentCert.key,
+      caFile: this.agentCert.ca,
+      upstreams: [{ service: '*', address: this.siteUpstream.address }],
+      localListen: '127.0.0.1:0',
+      reconnectBaseMs: 50,
+      reconnectMaxMs: 500,
+      drainTimeoutMs: 5_000,
+      ...overrides,
     };
     this.agent = new Agent(this.agentConfig, logger('agent'));
     const ports = await this.agent.start();

@@ -11,10 +11,17 @@ export class TcpProxy {
   private holed = false;
   port = 0;
 
-  constructor(private readonly targetHost: string, private readonly targetPort: number) {}
+  constructor(
+    private readonly targetHost: string,
+    private readonly targetPort: number,
+  ) {}
 
-  get address(): string { return `127.0.0.1:${this.port}`; }
-  get connections(): number { return this.pairs.size; }
+  get address(): string {
+    return `127.0.0.1:${this.port}`;
+  }
+  get connections(): number {
+    return this.pairs.size;
+  }
 
   async start(port = 0): Promise<this> {
     this.server = net.createServer((client) => {
@@ -22,7 +29,9 @@ export class TcpProxy {
       const pair: [net.Socket, net.Socket] = [client, upstream];
       this.pairs.add(pair);
       const forward = (from: net.Socket, to: net.Socket): void => {
-        from.on('data', (chunk) => { if (!this.holed) to.write(chunk); });
+        from.on('data', (chunk) => {
+          if (!this.holed) to.write(chunk);
+        });
       };
       forward(client, upstream);
       forward(upstream, client);
@@ -41,12 +50,17 @@ export class TcpProxy {
 
   /** Resets every connection now, as a crashed peer or a dropped link would. */
   cut(): void {
-    for (const [a, b] of this.pairs) { a.resetAndDestroy(); b.resetAndDestroy(); }
+    for (const [a, b] of this.pairs) {
+      a.resetAndDestroy();
+      b.resetAndDestroy();
+    }
     this.pairs.clear();
   }
 
   /** Silently drops all traffic on existing and new connections, closing nothing. */
-  blackhole(on = true): void { this.holed = on; }
+  blackhole(on = true): void {
+    this.holed = on;
+  }
 
   async stop(): Promise<void> {
     this.cut();

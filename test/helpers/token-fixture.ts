@@ -36,10 +36,20 @@ export function writeAtomically(file: string, text: string): void {
  * Signs a JWT with `key`. The payload starts as a valid one (iss, aud, sub, groups, iat, exp in 10
  * minutes, times from `nowS`) and `claims` overrides it; a claim set to undefined is left out.
  */
-export function signToken(jose: JoseModule, key: TestKey, claims: Record<string, unknown> = {}, header: Record<string, unknown> = {}, nowS = Math.floor(Date.now() / 1000)): Promise<string> {
+export function signToken(
+  jose: JoseModule,
+  key: TestKey,
+  claims: Record<string, unknown> = {},
+  header: Record<string, unknown> = {},
+  nowS = Math.floor(Date.now() / 1000),
+): Promise<string> {
   const payload = { iss: ISS, aud: AUD, sub: 'alice', groups: ['ops', 'dev'], iat: nowS, exp: nowS + 600, ...claims };
-  const crit = Array.isArray(header.crit) ? Object.fromEntries((header.crit as string[]).map((c) => [c, true])) : undefined;
-  return new jose.SignJWT(payload).setProtectedHeader({ alg: key.alg, kid: key.kid, ...header }).sign(key.privateKey, crit ? { crit } : undefined);
+  const crit = Array.isArray(header.crit)
+    ? Object.fromEntries((header.crit as string[]).map((c) => [c, true]))
+    : undefined;
+  return new jose.SignJWT(payload)
+    .setProtectedHeader({ alg: key.alg, kid: key.kid, ...header })
+    .sign(key.privateKey, crit ? { crit } : undefined);
 }
 
 /**
@@ -50,7 +60,9 @@ export class TestHttpServer {
   readonly server: http.Server;
   requests = 0;
   readonly events = new EventEmitter();
-  handler: (req: http.IncomingMessage, body: string, res: http.ServerResponse) => void = (_req, _body, res) => { res.writeHead(404).end(); };
+  handler: (req: http.IncomingMessage, body: string, res: http.ServerResponse) => void = (_req, _body, res) => {
+    res.writeHead(404).end();
+  };
 
   private constructor() {
     this.server = http.createServer((req, res) => {
@@ -77,7 +89,9 @@ export class TestHttpServer {
 
   /** Serves `body` as JSON with status 200 (or the status given). */
   serveJson(body: string, status = 200): void {
-    this.handler = (_req, _body, res) => { res.writeHead(status, { 'content-type': 'application/json' }).end(body); };
+    this.handler = (_req, _body, res) => {
+      res.writeHead(status, { 'content-type': 'application/json' }).end(body);
+    };
   }
 
   /** Resolves when the server has answered `count` requests in all. */

@@ -1,8 +1,18 @@
 import type { TokenVerifierSettings } from './authn/token-verifier';
-import { DEFAULT_KEEPALIVE, DEFAULT_MAX_MESSAGE_BYTES, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
+import {
+  DEFAULT_KEEPALIVE,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  type KeepaliveSettings,
+  type LogFormat,
+  type UpstreamRoute,
+} from '@burrow/tunnel';
 
 /** TLS material for the local listener, when site clients must use TLS. */
-export interface LocalTlsConfig { certFile: string; keyFile: string; caFile?: string }
+export interface LocalTlsConfig {
+  certFile: string;
+  keyFile: string;
+  caFile?: string;
+}
 
 /** Everything an agent needs to run; built by cli.ts from flags, env and the config file. */
 export interface AgentConfig {

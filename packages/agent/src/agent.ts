@@ -2,11 +2,34 @@ import { X509Certificate } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
 import type * as http from 'node:http';
 import type { AddressInfo } from 'node:net';
-import { Server, ServerCredentials, experimental, status as Status, type ChannelCredentials, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CredentialStore, HealthService, UpstreamTable, callServerOptions, createAdminServer, identityOfCertificate,
-  installCatchAll, rejectCall, statusName, upstreamChannelOptions, type BrokerEndpoint, type IssuedAgentCertificate, type JsonObject, type Logger,
-  logCallFinished, shutdownGracefully, brokerIdentityCheck, NOT_A_BROKER,
+  Server,
+  ServerCredentials,
+  experimental,
+  status as Status,
+  type ChannelCredentials,
+  type ServerDuplexStream,
+} from '@grpc/grpc-js';
+import {
+  BurrowError,
+  CredentialStore,
+  HealthService,
+  UpstreamTable,
+  callServerOptions,
+  createAdminServer,
+  identityOfCertificate,
+  installCatchAll,
+  rejectCall,
+  statusName,
+  upstreamChannelOptions,
+  type BrokerEndpoint,
+  type IssuedAgentCertificate,
+  type JsonObject,
+  type Logger,
+  logCallFinished,
+  shutdownGracefully,
+  brokerIdentityCheck,
+  NOT_A_BROKER,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
 import { readState, writeFileAtomic, writeState } from './state-dir';
@@ -29,7 +52,10 @@ const LOOPBACK = /^(127\.\d+\.\d+\.\d+|\[::1\]|localhost):\d+$/;
 export const DEFAULT_RESOLVE_INTERVAL_MS = 30_000;
 
 /** The ports a started agent listens on (useful with port 0). */
-export interface AgentPorts { localPort?: number; adminPort?: number }
+export interface AgentPorts {
+  localPort?: number;
+  adminPort?: number;
+}
 
 /** What an agent needs besides its config; tests pass fakes. */
 export interface AgentOptions {
@@ -70,7 +96,10 @@ export interface BrokerTargetStatus {
  * from its local listener up to a broker.
  */
 export class Agent {
-  readonly metrics = new AgentMetrics(() => ({ connected: this.distinctUsableBrokers(), known: this.replicaSet.length }));
+  readonly metrics = new AgentMetrics(() => ({
+    connected: this.distinctUsableBrokers(),
+    known: this.replicaSet.length,
+  }));
   readonly agentId: string;
   /** The trust domain of this agent's certificate: the only one its brokers may belong to. */
   private readonly trustDomain: string;
@@ -107,12 +136,19 @@ export class Agent {
   private stopping: Promise<void> | undefined;
 
   constructor(
-    private readonly config: AgentConfig, private readonly logger: Logger, private readonly version = '0.0.0', private readonly clock: Clock = SYSTEM_CLOCK,
+    private readonly config: AgentConfig,
+    private readonly logger: Logger,
+    private readonly version = '0.0.0',
+    private readonly clock: Clock = SYSTEM_CLOCK,
     private readonly options: AgentOptions = {},
   ) {
     this.resolveHost = options.resolveHost ?? systemResolver;
     const own = identityOfCertificate(readFileSync(config.tlsCertFile));
-    if (!own || own.role !== 'agent') throw new BurrowError(Status.INVALID_ARGUMENT, `${config.tlsCertFile} is not an agent certificate (URI SAN spiffe://<td>/agent/<id>)`);
+    if (!own || own.role !== 'agent')
+      throw new BurrowError(
+        Status.INVALID_ARGUMENT,
+        `${config.tlsCertFile} is not an agent certificate (URI SAN spiffe://<td>/agent/<id>)`,
+      );
     this.agentId = own.name;
     this.trustDomain = own.trustDomain;
     this.upstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
@@ -120,14 +156,18 @@ export class Agent {
 
   /** Starts the listeners and the broker connection loops; resolves once listeners are bound. */
   async start(): Promise<AgentPorts> {
-    this.tls = new CredentialStore({ caPem: readFileSync(this.config.caFile), certPem: readFileSync(this.config.tlsCertFile), keyPem: readFileSync(this.config.tlsKeyFile) });
+    this.tls = new CredentialStore({
+      caPem: readFileSync(this.config.caFile),
+      certPem: readFileSync(this.config.tlsCertFile),
+      keyPem: readFileSync(this.config.tlsKeyFile),
+    });
     // Built on the store, the credentials use a renewed certificate or a rotated bundle for every
     // new connection without a restart; open connections carry on.
     // A broker is known by its certificate's SPIFFE id, spiffe://<our trust domain>/broker/<name>,
     // checked before the hostname: any certificate of the trust domain passes the chain check.
-    this.channelCredentials = experimental.createCertificateProviderChannelCredentials(
-      this.tls, this.tls, { checkServerIdentity: brokerIdentityCheck(this.trustDomain) },
-    );
+    this.channelCredentials = experimental.createCertificateProviderChannelCredentials(this.tls, this.tls, {
+      checkServerIdentity: brokerIdentityCheck(this.trustDomain),
+    });
     this.updateExpiryMetric();
     if (this.config.stateDir) {
       // The state directory holds the agent's key: one left group/world accessible is made 0700
@@ -147,10 +187,20 @@ export class Agent {
     this.resolveTimer = setInterval(() => {
       if (resolving) return;
       resolving = true;
-      void this.resolveConfigured().then((changed) => { resolving = false; if (changed) this.reconcileTargets(); });
+      void this.resolveConfigured().then((changed) => {
+        resolving = false;
+        if (changed) this.reconcileTargets();
+      });
     }, this.options.resolveIntervalMs ?? DEFAULT_RESOLVE_INTERVAL_MS);
     this.resolveTimer.unref();
-    this.logger.info('agent started', { agentId: this.agentId, brokers: this.config.brokers, targets: [...this.targets.values()].map((t) => t.address), maxBrokers: this.config.maxBrokers, upstreams: this.config.upstreams.length, ...ports });
+    this.logger.info('agent started', {
+      agentId: this.agentId,
+      brokers: this.config.brokers,
+      targets: [...this.targets.values()].map((t) => t.address),
+      maxBrokers: this.config.maxBrokers,
+      upstreams: this.config.upstreams.length,
+      ...ports,
+    });
     return ports;
   }
 
@@ -160,17 +210,23 @@ export class Agent {
    */
   private async resolveConfigured(): Promise<boolean> {
     let changed = false;
-    await Promise.all(this.config.brokers.map(async (configured, i) => {
-      const { specs, error } = await expandConfigured(configured, this.resolveHost, this.config.brokerServerName);
-      const before = this.expansions.get(i);
-      if (error) {
-        this.logger.warn('cannot resolve broker name; keeping its last addresses', { broker: configured, error: error.message, addresses: (before ?? specs).map((t) => t.address) });
-        if (before) return;
-      }
-      if (before && before.map((t) => t.address).join() === specs.map((t) => t.address).join()) return;
-      this.expansions.set(i, specs);
-      changed = true;
-    }));
+    await Promise.all(
+      this.config.brokers.map(async (configured, i) => {
+        const { specs, error } = await expandConfigured(configured, this.resolveHost, this.config.brokerServerName);
+        const before = this.expansions.get(i);
+        if (error) {
+          this.logger.warn('cannot resolve broker name; keeping its last addresses', {
+            broker: configured,
+            error: error.message,
+            addresses: (before ?? specs).map((t) => t.address),
+          });
+          if (before) return;
+        }
+        if (before && before.map((t) => t.address).join() === specs.map((t) => t.address).join()) return;
+        this.expansions.set(i, specs);
+        changed = true;
+      }),
+    );
     return changed;
   }
 
@@ -182,34 +238,52 @@ export class Agent {
   private reconcileTargets(): void {
     if (this.stopped) return;
     const wanted = chooseTargets({
-      agentId: this.agentId, configured: [...this.expansions].sort(([a], [b]) => a - b).flatMap(([, specs]) => specs), knownIds: this.knownIds, replicaSet: this.replicaSet,
-      maxBrokers: this.config.maxBrokers, serverNameOverride: this.config.brokerServerName,
+      agentId: this.agentId,
+      configured: [...this.expansions].sort(([a], [b]) => a - b).flatMap(([, specs]) => specs),
+      knownIds: this.knownIds,
+      replicaSet: this.replicaSet,
+      maxBrokers: this.config.maxBrokers,
+      serverNameOverride: this.config.brokerServerName,
     });
     // Keyed by address, plus `#n` for the n-th repeat: `--broker X --broker X` is two tunnels to X.
     const seen = new Map<string, number>();
-    const wantedByKey = new Map(wanted.map((t) => {
-      const n = seen.get(t.address) ?? 0;
-      seen.set(t.address, n + 1);
-      return [n === 0 ? t.address : `${t.address}#${n}`, t];
-    }));
+    const wantedByKey = new Map(
+      wanted.map((t) => {
+        const n = seen.get(t.address) ?? 0;
+        seen.set(t.address, n + 1);
+        return [n === 0 ? t.address : `${t.address}#${n}`, t];
+      }),
+    );
     for (const [key, target] of this.targets) {
       const spec = wantedByKey.get(key);
       if (spec) {
         // An address can move between configured and learned (DNS now names a learned broker).
-        Object.assign(target, { source: spec.source, configuredAs: spec.configuredAs, advertisedId: spec.advertisedId });
+        Object.assign(target, {
+          source: spec.source,
+          configuredAs: spec.configuredAs,
+          advertisedId: spec.advertisedId,
+        });
         continue;
       }
       this.targets.delete(key);
       target.removed = true;
       target.wake?.();
-      this.logger.info('broker no longer wanted; draining its tunnel', { broker: target.address, brokerId: target.brokerId, source: target.source });
+      this.logger.info('broker no longer wanted; draining its tunnel', {
+        broker: target.address,
+        brokerId: target.brokerId,
+        source: target.source,
+      });
       void target.conn?.drainAndClose(this.config.drainTimeoutMs, false, 'broker left the replica set');
     }
     for (const [key, spec] of wantedByKey) {
       if (this.targets.has(key)) continue;
       const target: Target = { ...spec, brokerId: this.knownIds.get(spec.address), removed: false };
       this.targets.set(key, target);
-      if (spec.source === 'learned') this.logger.info('opening a tunnel to a broker from the replica set', { broker: spec.address, brokerId: spec.advertisedId });
+      if (spec.source === 'learned')
+        this.logger.info('opening a tunnel to a broker from the replica set', {
+          broker: spec.address,
+          brokerId: spec.advertisedId,
+        });
       const loop = this.connectLoop(target).finally(() => this.loops.delete(loop));
       this.loops.add(loop);
     }
@@ -219,7 +293,11 @@ export class Agent {
   private onReplicaSet(set: BrokerEndpoint[], from: Target): void {
     this.noteBrokerId(from);
     this.replicaSet = set;
-    this.logger.info('broker replica set received', { from: from.address, brokerId: from.brokerId, brokers: set.map((b) => `${b.brokerId}=${b.address}`) });
+    this.logger.info('broker replica set received', {
+      from: from.address,
+      brokerId: from.brokerId,
+      brokers: set.map((b) => `${b.brokerId}=${b.address}`),
+    });
     this.reconcileTargets();
   }
 
@@ -240,13 +318,21 @@ export class Agent {
   /** Every target and the state of its tunnel (the admin listener's /brokers). */
   brokerTargets(): BrokerTargetStatus[] {
     return [...this.targets.values()].map((t) => ({
-      broker: t.address, source: t.source, ...(t.configuredAs ? { configuredAs: t.configuredAs } : {}), brokerId: t.conn?.brokerId || t.brokerId || '',
-      usable: t.conn?.usable ?? false, protocolVersion: t.conn?.protocolVersion ?? 0, callsInFlight: t.conn?.callsInFlight ?? 0, idleOffers: t.conn?.idle ?? 0,
+      broker: t.address,
+      source: t.source,
+      ...(t.configuredAs ? { configuredAs: t.configuredAs } : {}),
+      brokerId: t.conn?.brokerId || t.brokerId || '',
+      usable: t.conn?.usable ?? false,
+      protocolVersion: t.conn?.protocolVersion ?? 0,
+      callsInFlight: t.conn?.callsInFlight ?? 0,
+      idleOffers: t.conn?.idle ?? 0,
     }));
   }
 
   /** The replica set most recently received (a copy). */
-  get knownReplicaSet(): BrokerEndpoint[] { return this.replicaSet.map((b) => ({ ...b })); }
+  get knownReplicaSet(): BrokerEndpoint[] {
+    return this.replicaSet.map((b) => ({ ...b }));
+  }
 
   /**
    * Opens the engines of the built-in services that are configured. A policy set or key source
@@ -256,12 +342,23 @@ export class Agent {
     const { policy, authn } = this.config;
     if (policy) {
       this.policyEngine = await PolicyEngine.open({
-        policiesDir: policy.policiesDir, entitiesFile: policy.entitiesFile, schemaFile: policy.schemaFile, cacheTtlMs: policy.cacheTtlMs,
-        auditLog: policy.auditLog === '-' ? process.stdout : policy.auditLog, watch: true,
-        logger: this.logger, registry: this.metrics.registry, metricsPrefix: 'burrow_agent_policy',
+        policiesDir: policy.policiesDir,
+        entitiesFile: policy.entitiesFile,
+        schemaFile: policy.schemaFile,
+        cacheTtlMs: policy.cacheTtlMs,
+        auditLog: policy.auditLog === '-' ? process.stdout : policy.auditLog,
+        watch: true,
+        logger: this.logger,
+        registry: this.metrics.registry,
+        metricsPrefix: 'burrow_agent_policy',
       });
     }
-    if (authn) this.tokenVerifier = await TokenVerifier.create({ ...authn, logger: this.logger, registry: this.metrics.registry });
+    if (authn)
+      this.tokenVerifier = await TokenVerifier.create({
+        ...authn,
+        logger: this.logger,
+        registry: this.metrics.registry,
+      });
     const engine = this.policyEngine;
     this.builtins = new BuiltinServices({
       authenticator: this.tokenVerifier,
@@ -281,8 +378,15 @@ export class Agent {
   waitConnected(timeoutMs = 10_000): Promise<void> {
     if (this.connectedBrokers > 0) return Promise.resolve();
     return new Promise((resolve, reject) => {
-      const timer = setTimeout(() => { this.connectionWaiters.delete(done); reject(new Error(`agent not connected within ${timeoutMs} ms`)); }, timeoutMs);
-      const done = (): void => { clearTimeout(timer); this.connectionWaiters.delete(done); resolve(); };
+      const timer = setTimeout(() => {
+        this.connectionWaiters.delete(done);
+        reject(new Error(`agent not connected within ${timeoutMs} ms`));
+      }, timeoutMs);
+      const done = (): void => {
+        clearTimeout(timer);
+        this.connectionWaiters.delete(done);
+        resolve();
+      };
       this.connectionWaiters.add(done);
     });
   }
@@ -297,7 +401,9 @@ export class Agent {
   }
 
   /** The certificate currently in use (PEM). */
-  get certificatePem(): string { return this.tls?.certPem ?? ''; }
+  get certificatePem(): string {
+    return this.tls?.certPem ?? '';
+  }
 
   /** Renews the certificate now (tests; normally the renewer's schedule does it). */
   renewNow(): Promise<void> {
@@ -315,10 +421,17 @@ export class Agent {
     for (const wake of this.wakeLoops) wake();
     const local = this.localServer;
     const localDone = local ? shutdownGracefully(local) : Promise.resolve();
-    await Promise.all([...this.connections].map((c) => c.drainAndClose(this.config.drainTimeoutMs, false, 'agent shutting down')));
+    await Promise.all(
+      [...this.connections].map((c) => c.drainAndClose(this.config.drainTimeoutMs, false, 'agent shutting down')),
+    );
     await Promise.all([...this.loops]);
     let timer: NodeJS.Timeout | undefined;
-    await Promise.race([localDone, new Promise<void>((resolve) => { timer = setTimeout(resolve, this.config.drainTimeoutMs); })]);
+    await Promise.race([
+      localDone,
+      new Promise<void>((resolve) => {
+        timer = setTimeout(resolve, this.config.drainTimeoutMs);
+      }),
+    ]);
     clearTimeout(timer);
     local?.forceShutdown();
     this.upstreams.close();
@@ -339,14 +452,26 @@ export class Agent {
     let everConnected = false;
     while (!this.stopped && !target.removed) {
       const conn = new BrokerConnection({
-        address, credentials: this.channelCredentials!, agentId: this.agentId, agentVersion: this.version,
-        minIdleOffers: this.config.minIdleOffers, maxOffers: this.config.maxOffers, maxMessageBytes: this.config.maxMessageBytes,
-        drainTimeoutMs: this.config.drainTimeoutMs, keepalive: this.config.keepalive, serverNameOverride: target.serverName,
-        upstreams: this.upstreams, builtins: this.builtins, metrics: this.metrics, logger: this.logger,
+        address,
+        credentials: this.channelCredentials!,
+        agentId: this.agentId,
+        agentVersion: this.version,
+        minIdleOffers: this.config.minIdleOffers,
+        maxOffers: this.config.maxOffers,
+        maxMessageBytes: this.config.maxMessageBytes,
+        drainTimeoutMs: this.config.drainTimeoutMs,
+        keepalive: this.config.keepalive,
+        serverNameOverride: target.serverName,
+        upstreams: this.upstreams,
+        builtins: this.builtins,
+        metrics: this.metrics,
+        logger: this.logger,
       });
       target.conn = conn;
       this.connections.add(conn);
-      conn.on('trust-bundle', (pem: string, version: number) => { void this.installTrustBundle(pem, version); });
+      conn.on('trust-bundle', (pem: string, version: number) => {
+        void this.installTrustBundle(pem, version);
+      });
       conn.on('brokers', (set: BrokerEndpoint[]) => this.onReplicaSet(set, target));
       const ended = new Promise<'closed' | 'drain'>((resolve) => {
         conn.once('closed', () => resolve('closed'));
@@ -368,15 +493,21 @@ export class Agent {
         // A broker certificate from a CA we do not trust, or our certificate refused, after a CA
         // rotation or an expiry while offline: say how to get back.
         const hint = message.includes(NOT_A_BROKER)
-          ? `the server at ${address} is not a broker of this agent's trust domain: check --broker (and DNS); `
-            + 'no session was opened'
-          : /certificate|PERMISSION_DENIED|no valid client certificate/i.test(message) || (err as { code?: number }).code === Status.PERMISSION_DENIED
-          ? 'if this agent was offline through a CA rotation or past its certificate expiry, enroll again with a new join token (burrow-agent enroll --state-dir ...)'
-          : /protocol version/.test(message)
-            // Retrying is still right: the broker (or this agent) may be upgraded while we wait.
-            ? 'this agent and the broker share no tunnel protocol version; upgrade the older one (burrow-agent --version and the broker log show the versions)'
-            : undefined;
-        this.logger.warn('cannot establish tunnel session', { broker: address, error: message, hint, retryWithinMs: backoff.ceilingMs });
+          ? `the server at ${address} is not a broker of this agent's trust domain: check --broker (and DNS); ` +
+            'no session was opened'
+          : /certificate|PERMISSION_DENIED|no valid client certificate/i.test(message) ||
+              (err as { code?: number }).code === Status.PERMISSION_DENIED
+            ? 'if this agent was offline through a CA rotation or past its certificate expiry, enroll again with a new join token (burrow-agent enroll --state-dir ...)'
+            : /protocol version/.test(message)
+              ? // Retrying is still right: the broker (or this agent) may be upgraded while we wait.
+                'this agent and the broker share no tunnel protocol version; upgrade the older one (burrow-agent --version and the broker log show the versions)'
+              : undefined;
+        this.logger.warn('cannot establish tunnel session', {
+          broker: address,
+          error: message,
+          hint,
+          retryWithinMs: backoff.ceilingMs,
+        });
       }
       const why = await ended;
       // A removed target (a learned broker that left the replica set, an address DNS no longer
@@ -392,7 +523,11 @@ export class Agent {
       }
       if (sessionStartMs !== undefined) {
         if (Date.now() - sessionStartMs >= HEALTHY_SESSION_MS) backoff.reset();
-        this.logger.warn('tunnel session lost', { broker: address, error: conn.closeReason?.message, retryWithinMs: backoff.ceilingMs });
+        this.logger.warn('tunnel session lost', {
+          broker: address,
+          error: conn.closeReason?.message,
+          retryWithinMs: backoff.ceilingMs,
+        });
       }
       await this.sleep(backoff.nextDelayMs(), target);
     }
@@ -432,11 +567,17 @@ export class Agent {
     this.certFileMtimeMs = mtimeMs;
     const certPem = readFileSync(this.config.tlsCertFile, 'utf8');
     if (certPem === this.tls!.certPem) return;
-    this.tls!.update({ certPem, keyPem: readFileSync(this.config.tlsKeyFile), caPem: readFileSync(this.config.caFile) });
+    this.tls!.update({
+      certPem,
+      keyPem: readFileSync(this.config.tlsKeyFile),
+      caPem: readFileSync(this.config.caFile),
+    });
     this.bundleVersion = readState(this.config.stateDir!)?.bundleVersion ?? this.bundleVersion;
     this.updateExpiryMetric();
     this.renewer?.reschedule();
-    this.logger.info('certificate files replaced; using the new certificate for new connections', { notAfter: new X509Certificate(certPem).validTo });
+    this.logger.info('certificate files replaced; using the new certificate for new connections', {
+      notAfter: new X509Certificate(certPem).validTo,
+    });
     for (const w of this.wakeLoops) w(); // reconnect now rather than after the backoff
   }
 
@@ -479,7 +620,12 @@ export class Agent {
   /** Waits `ms`, or less when the agent stops, the certificate files change or `target` is removed. */
   private sleep(ms: number, target?: Target): Promise<void> {
     return new Promise((resolve) => {
-      const wake = (): void => { clearTimeout(timer); this.wakeLoops.delete(wake); if (target?.wake === wake) target.wake = undefined; resolve(); };
+      const wake = (): void => {
+        clearTimeout(timer);
+        this.wakeLoops.delete(wake);
+        if (target?.wake === wake) target.wake = undefined;
+        resolve();
+      };
       const timer = setTimeout(wake, ms);
       this.wakeLoops.add(wake);
       if (target) target.wake = wake;
@@ -497,8 +643,15 @@ export class Agent {
     if (now || this.stopped) return now;
     const waitMs = Math.max(0, Math.min(this.config.brokerWaitMs, deadlineMs - Date.now()));
     await new Promise<void>((resolve) => {
-      const timer = setTimeout(() => { this.connectionWaiters.delete(done); resolve(); }, waitMs);
-      const done = (): void => { clearTimeout(timer); this.connectionWaiters.delete(done); resolve(); };
+      const timer = setTimeout(() => {
+        this.connectionWaiters.delete(done);
+        resolve();
+      }, waitMs);
+      const done = (): void => {
+        clearTimeout(timer);
+        this.connectionWaiters.delete(done);
+        resolve();
+      };
       this.connectionWaiters.add(done);
     });
     return best();
@@ -510,9 +663,15 @@ export class Agent {
     const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
     const conn = await this.pickConnection(deadlineMs);
     if (!conn || call.cancelled) {
-      const err = new BurrowError(Status.UNAVAILABLE, this.stopped ? 'agent is shutting down' : `agent "${this.agentId}" has no broker connection`);
+      const err = new BurrowError(
+        Status.UNAVAILABLE,
+        this.stopped ? 'agent is shutting down' : `agent "${this.agentId}" has no broker connection`,
+      );
       if (!call.cancelled) rejectCall(call, err);
-      this.metrics.calls.inc({ direction: 'to_broker', code: statusName(call.cancelled ? Status.CANCELLED : err.code) });
+      this.metrics.calls.inc({
+        direction: 'to_broker',
+        code: statusName(call.cancelled ? Status.CANCELLED : err.code),
+      });
       return;
     }
     const outcome = await conn.forward(call);
@@ -521,23 +680,42 @@ export class Agent {
     this.metrics.callDuration.observe({ direction: 'to_broker' }, seconds);
     this.metrics.messageBytes.inc({ direction: 'to_broker', flow: 'request' }, outcome.requestBytes);
     this.metrics.messageBytes.inc({ direction: 'to_broker', flow: 'response' }, outcome.responseBytes);
-    logCallFinished(this.logger, { direction: 'to_broker', broker: conn.address, method: call.getPath(), code: outcome.code, details: outcome.details, durationMs: Math.round(seconds * 1000) });
+    logCallFinished(this.logger, {
+      direction: 'to_broker',
+      broker: conn.address,
+      method: call.getPath(),
+      code: outcome.code,
+      details: outcome.details,
+      durationMs: Math.round(seconds * 1000),
+    });
   }
 
   private async startLocalListener(address: string): Promise<number> {
     const tls = this.config.localTls;
     if (!tls && !LOOPBACK.test(address)) {
-      throw new BurrowError(Status.INVALID_ARGUMENT, `local-listen ${address} is not loopback; configure local-tls-cert and local-tls-key`);
+      throw new BurrowError(
+        Status.INVALID_ARGUMENT,
+        `local-listen ${address} is not loopback; configure local-tls-cert and local-tls-key`,
+      );
     }
     const creds = tls
-      ? ServerCredentials.createSsl(tls.caFile ? readFileSync(tls.caFile) : null, [{ cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) }], Boolean(tls.caFile))
+      ? ServerCredentials.createSsl(
+          tls.caFile ? readFileSync(tls.caFile) : null,
+          [{ cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) }],
+          Boolean(tls.caFile),
+        )
       : ServerCredentials.createInsecure();
     const server = new Server(callServerOptions(this.config.maxMessageBytes, this.config.keepalive));
     this.health.addTo(server);
-    installCatchAll(server, (call) => { void this.onLocalCall(call); });
+    installCatchAll(server, (call) => {
+      void this.onLocalCall(call);
+    });
     this.localServer = server;
     return new Promise((resolve, reject) =>
-      server.bindAsync(address, creds, (err, port) => (err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port))));
+      server.bindAsync(address, creds, (err, port) =>
+        err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port),
+      ),
+    );
   }
 
   private async startAdmin(address: string): Promise<number> {

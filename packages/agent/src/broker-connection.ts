@@ -1,9 +1,44 @@
 import { EventEmitter } from 'node:events';
-import { Client, Metadata, status as Status, type ChannelCredentials, type ClientDuplexStream, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  BurrowError, CALLER_ID_KEY, CallStream, ENROLLMENT_SERVICE, AGENT_DRAIN_VERSION, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS, answer, answerLocally, decodeSessionFrame, isIdle,
-  abortConnectsOnChannelClose, encodeSessionFrame, identity, originate, serviceOfMethod, statusName, toBurrowError, tunnelChannelOptions,
-  type CallOutcome, type IssuedAgentCertificate, type KeepaliveSettings, type RenewRequest, type Logger, type StartFrame, type UpstreamTable, type WelcomeFrame,
+  Client,
+  Metadata,
+  status as Status,
+  type ChannelCredentials,
+  type ClientDuplexStream,
+  type ServerDuplexStream,
+} from '@grpc/grpc-js';
+import {
+  BurrowError,
+  CALLER_ID_KEY,
+  CallStream,
+  ENROLLMENT_SERVICE,
+  AGENT_DRAIN_VERSION,
+  PROTOCOL_VERSIONS,
+  REPLICA_SET_VERSION,
+  REUSABLE_OFFERS_VERSION,
+  ProtocolError,
+  SESSION_ID_KEY,
+  TUNNEL_METHODS,
+  answer,
+  answerLocally,
+  decodeSessionFrame,
+  isIdle,
+  abortConnectsOnChannelClose,
+  encodeSessionFrame,
+  identity,
+  originate,
+  serviceOfMethod,
+  statusName,
+  toBurrowError,
+  tunnelChannelOptions,
+  type CallOutcome,
+  type IssuedAgentCertificate,
+  type KeepaliveSettings,
+  type RenewRequest,
+  type Logger,
+  type StartFrame,
+  type UpstreamTable,
+  type WelcomeFrame,
   logCallFinished,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
@@ -58,18 +93,32 @@ export class BrokerConnection extends EventEmitter {
 
   constructor(private readonly opts: BrokerConnectionOptions) {
     super();
-    const channelOptions: Record<string, string | number> = { ...tunnelChannelOptions(opts.maxMessageBytes, opts.keepalive) };
+    const channelOptions: Record<string, string | number> = {
+      ...tunnelChannelOptions(opts.maxMessageBytes, opts.keepalive),
+    };
     if (opts.serverNameOverride) channelOptions['grpc.ssl_target_name_override'] = opts.serverNameOverride;
     this.client = new Client(opts.address, opts.credentials, channelOptions);
   }
 
-  get address(): string { return this.opts.address; }
+  get address(): string {
+    return this.opts.address;
+  }
   /** True while the session is up and the broker has not asked us to drain. */
-  get usable(): boolean { return this.welcome !== undefined && !this.isClosed && !this.draining; }
-  get callsInFlight(): number { return this.activeCalls; }
-  get idle(): number { return this.idleOffers; }
-  get brokerId(): string { return this.welcome?.brokerId ?? ''; }
-  get protocolVersion(): number { return this.welcome?.protocolVersion ?? 0; }
+  get usable(): boolean {
+    return this.welcome !== undefined && !this.isClosed && !this.draining;
+  }
+  get callsInFlight(): number {
+    return this.activeCalls;
+  }
+  get idle(): number {
+    return this.idleOffers;
+  }
+  get brokerId(): string {
+    return this.welcome?.brokerId ?? '';
+  }
+  get protocolVersion(): number {
+    return this.welcome?.protocolVersion ?? 0;
+  }
 
   /**
    * Opens the session: Hello, then waits for Welcome. Rejects with the broker's refusal (wrong
@@ -80,7 +129,10 @@ export class BrokerConnection extends EventEmitter {
       const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.session, identity, identity, new Metadata());
       this.session = call;
       const timer = setTimeout(() => {
-        const err = new BurrowError(Status.UNAVAILABLE, `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`);
+        const err = new BurrowError(
+          Status.UNAVAILABLE,
+          `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`,
+        );
         reject(err);
         this.close(err);
       }, WELCOME_TIMEOUT_MS);
@@ -89,10 +141,18 @@ export class BrokerConnection extends EventEmitter {
         let frame;
         try {
           frame = decodeSessionFrame(bytes);
-          if (!this.welcome && frame.kind !== 'welcome') throw new ProtocolError(`session began with ${frame.kind}, not welcome`);
-          if (this.welcome && (frame.kind === 'welcome' || frame.kind === 'hello')) throw new ProtocolError(`${frame.kind} frame after welcome`);
-          if (frame.kind === 'welcome' && !PROTOCOL_VERSIONS.includes(frame.welcome.protocolVersion)) throw new ProtocolError(`broker chose protocol version ${frame.welcome.protocolVersion}, which this agent does not speak`);
-          if (frame.kind === 'brokers' && this.welcome!.protocolVersion < REPLICA_SET_VERSION) throw new ProtocolError(`brokers frame on a session of protocol version ${this.welcome!.protocolVersion} (it needs ${REPLICA_SET_VERSION})`);
+          if (!this.welcome && frame.kind !== 'welcome')
+            throw new ProtocolError(`session began with ${frame.kind}, not welcome`);
+          if (this.welcome && (frame.kind === 'welcome' || frame.kind === 'hello'))
+            throw new ProtocolError(`${frame.kind} frame after welcome`);
+          if (frame.kind === 'welcome' && !PROTOCOL_VERSIONS.includes(frame.welcome.protocolVersion))
+            throw new ProtocolError(
+              `broker chose protocol version ${frame.welcome.protocolVersion}, which this agent does not speak`,
+            );
+          if (frame.kind === 'brokers' && this.welcome!.protocolVersion < REPLICA_SET_VERSION)
+            throw new ProtocolError(
+              `brokers frame on a session of protocol version ${this.welcome!.protocolVersion} (it needs ${REPLICA_SET_VERSION})`,
+            );
         } catch (err) {
           const e = toBurrowError(err);
           clearTimeout(timer);
@@ -104,7 +164,12 @@ export class BrokerConnection extends EventEmitter {
           case 'welcome':
             clearTimeout(timer);
             this.welcome = frame.welcome;
-            this.opts.logger.info('tunnel session established', { broker: this.opts.address, brokerId: frame.welcome.brokerId, sessionId: frame.welcome.sessionId, protocolVersion: frame.welcome.protocolVersion });
+            this.opts.logger.info('tunnel session established', {
+              broker: this.opts.address,
+              brokerId: frame.welcome.brokerId,
+              sessionId: frame.welcome.sessionId,
+              protocolVersion: frame.welcome.protocolVersion,
+            });
             this.opts.metrics.connectedBrokers.inc();
             this.addOffers(this.opts.minIdleOffers);
             resolve(frame.welcome);
@@ -127,13 +192,23 @@ export class BrokerConnection extends EventEmitter {
       });
       call.on('status', (s) => {
         clearTimeout(timer);
-        const err = s.code === Status.OK
-          ? new BurrowError(Status.UNAVAILABLE, `broker ${this.opts.address} ended the session`)
-          : new BurrowError(s.code, s.details || statusName(s.code));
+        const err =
+          s.code === Status.OK
+            ? new BurrowError(Status.UNAVAILABLE, `broker ${this.opts.address} ended the session`)
+            : new BurrowError(s.code, s.details || statusName(s.code));
         if (!this.welcome) reject(err);
         this.close(err);
       });
-      call.write(encodeSessionFrame({ kind: 'hello', hello: { protocolVersions: [...PROTOCOL_VERSIONS], agentVersion: this.opts.agentVersion, minIdleOffers: this.opts.minIdleOffers } }));
+      call.write(
+        encodeSessionFrame({
+          kind: 'hello',
+          hello: {
+            protocolVersions: [...PROTOCOL_VERSIONS],
+            agentVersion: this.opts.agentVersion,
+            minIdleOffers: this.opts.minIdleOffers,
+          },
+        }),
+      );
     });
   }
 
@@ -148,7 +223,10 @@ export class BrokerConnection extends EventEmitter {
     const stream = new CallStream(call, 'client', 'originator', (err) => this.close(err));
     this.activeCalls++;
     this.opts.metrics.tunnelStreams.inc({ state: 'active' });
-    return originate(clientCall, stream, { callId: `a${(++this.callCounter).toString(36)}`, peerName: `broker ${this.opts.address}` }).then((outcome) => {
+    return originate(clientCall, stream, {
+      callId: `a${(++this.callCounter).toString(36)}`,
+      peerName: `broker ${this.opts.address}`,
+    }).then((outcome) => {
       this.callEnded();
       return outcome;
     });
@@ -161,15 +239,25 @@ export class BrokerConnection extends EventEmitter {
   renew(csrPem: string, bundleVersion: number, timeoutMs = 15_000): Promise<IssuedAgentCertificate> {
     const def = ENROLLMENT_SERVICE.renew;
     return new Promise((resolve, reject) => {
-      this.client.makeUnaryRequest(def.path, def.requestSerialize, def.responseDeserialize, { csrPem, bundleVersion } satisfies RenewRequest,
-        new Metadata(), { deadline: Date.now() + timeoutMs },
-        (err, res) => (err ? reject(new BurrowError(err.code, `renewal at ${this.opts.address} failed: ${err.details}`, err)) : resolve(res!)));
+      this.client.makeUnaryRequest(
+        def.path,
+        def.requestSerialize,
+        def.responseDeserialize,
+        { csrPem, bundleVersion } satisfies RenewRequest,
+        new Metadata(),
+        { deadline: Date.now() + timeoutMs },
+        (err, res) =>
+          err
+            ? reject(new BurrowError(err.code, `renewal at ${this.opts.address} failed: ${err.details}`, err))
+            : resolve(res!),
+      );
     });
   }
 
   /** Tells the broker about a renewed certificate, so this session outlives the old one. */
   presentCredentials(certificateChainPem: string): void {
-    if (this.session && this.welcome && !this.isClosed) this.session.write(encodeSessionFrame({ kind: 'credentials', certificateChainPem }));
+    if (this.session && this.welcome && !this.isClosed)
+      this.session.write(encodeSessionFrame({ kind: 'credentials', certificateChainPem }));
   }
 
   /** Ends the session and the connection now; calls in flight fail with `error`. */
@@ -179,7 +267,8 @@ export class BrokerConnection extends EventEmitter {
     this.closedError = error;
     this.draining = true;
     this.session?.cancel();
-    for (const s of [...this.offerStreams]) s.abort(error ?? new BurrowError(Status.UNAVAILABLE, 'agent connection closed'));
+    for (const s of [...this.offerStreams])
+      s.abort(error ?? new BurrowError(Status.UNAVAILABLE, 'agent connection closed'));
     if (this.welcome) this.opts.metrics.connectedBrokers.dec();
     this.client.close();
     this.emit('closed', error);
@@ -198,15 +287,24 @@ export class BrokerConnection extends EventEmitter {
     // From protocol version 3 on the agent says it is leaving, and the broker ends the idle offers
     // as it does for its own drain; an older broker cannot be told, so idle offers are withdrawn.
     const polite = brokerAsked || (this.welcome !== undefined && this.welcome.protocolVersion >= AGENT_DRAIN_VERSION);
-    if (polite && !brokerAsked && !alreadyDraining && this.session && !this.isClosed) this.session.write(encodeSessionFrame({ kind: 'drain', reason }));
-    if (!polite) for (const s of [...this.offerStreams]) if (isIdle(s.callState)) s.abort(new BurrowError(Status.UNAVAILABLE, 'agent draining'));
+    if (polite && !brokerAsked && !alreadyDraining && this.session && !this.isClosed)
+      this.session.write(encodeSessionFrame({ kind: 'drain', reason }));
+    if (!polite)
+      for (const s of [...this.offerStreams])
+        if (isIdle(s.callState)) s.abort(new BurrowError(Status.UNAVAILABLE, 'agent draining'));
     return new Promise((resolve) => {
       if (this.isClosed) return resolve();
-      const timer = setTimeout(() => this.close(new BurrowError(Status.UNAVAILABLE, 'agent shut down before the call finished')), timeoutMs);
+      const timer = setTimeout(
+        () => this.close(new BurrowError(Status.UNAVAILABLE, 'agent shut down before the call finished')),
+        timeoutMs,
+      );
       const check = (): void => {
         if (this.activeCalls === 0 && (!polite || this.offerStreams.size === 0)) this.close();
       };
-      this.once('closed', () => { clearTimeout(timer); resolve(); });
+      this.once('closed', () => {
+        clearTimeout(timer);
+        resolve();
+      });
       this.on('stream-ended', check);
       check();
     });
@@ -215,7 +313,11 @@ export class BrokerConnection extends EventEmitter {
   private startDrain(reason: string): void {
     if (this.draining) return;
     this.draining = true;
-    this.opts.logger.info('broker asked to drain; reconnecting', { broker: this.opts.address, reason, callsInFlight: this.activeCalls });
+    this.opts.logger.info('broker asked to drain; reconnecting', {
+      broker: this.opts.address,
+      reason,
+      callsInFlight: this.activeCalls,
+    });
     this.emit('drain', reason);
     void this.drainAndClose(this.opts.drainTimeoutMs, true);
   }
@@ -238,7 +340,13 @@ export class BrokerConnection extends EventEmitter {
     md.set(SESSION_ID_KEY, this.welcome.sessionId);
     const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.offer, identity, identity, md);
     // From protocol version 2 on, an offer carries calls one after the other (tunnel.proto, "Offer").
-    const stream = new CallStream(call, 'client', 'answerer', (err) => this.close(err), this.welcome.protocolVersion >= REUSABLE_OFFERS_VERSION);
+    const stream = new CallStream(
+      call,
+      'client',
+      'answerer',
+      (err) => this.close(err),
+      this.welcome.protocolVersion >= REUSABLE_OFFERS_VERSION,
+    );
     this.offerStreams.add(stream);
     this.waitForCall(stream);
   }
@@ -323,9 +431,19 @@ export class BrokerConnection extends EventEmitter {
     const seconds = (Date.now() - startedMs) / 1000;
     this.opts.metrics.calls.inc({ direction: 'from_broker', code: statusName(code) });
     this.opts.metrics.callDuration.observe({ direction: 'from_broker' }, seconds);
-    logCallFinished(this.opts.logger, { direction: 'from_broker', broker: this.opts.address, callId: start.callId, method: start.method, code, details, durationMs: Math.round(seconds * 1000) });
+    logCallFinished(this.opts.logger, {
+      direction: 'from_broker',
+      broker: this.opts.address,
+      callId: start.callId,
+      method: start.method,
+      code,
+      details,
+      durationMs: Math.round(seconds * 1000),
+    });
   }
 
   /** The error the session ended with, if it has ended. */
-  get closeReason(): BurrowError | undefined { return this.closedError; }
+  get closeReason(): BurrowError | undefined {
+    return this.closedError;
+  }
 }

@@ -17,7 +17,8 @@ import type { BrokerEndpoint } from '@burrow/tunnel';
 export type HostResolver = (host: string) => Promise<string[]>;
 
 /** The system resolver: `dns.promises.lookup(host, { all: true })`, so /etc/hosts counts too. */
-export const systemResolver: HostResolver = async (host) => (await dns.lookup(host, { all: true })).map((a) => a.address);
+export const systemResolver: HostResolver = async (host) =>
+  (await dns.lookup(host, { all: true })).map((a) => a.address);
 
 /** One address to keep a tunnel to. */
 export interface TargetSpec {
@@ -49,9 +50,15 @@ function joinHostPort(host: string, port: string): string {
  * A name that does not resolve (or resolves to nothing) stays the name: grpc-js resolves it when
  * it dials, as it did before the agent knew about replicas. Never rejects.
  */
-export async function expandConfigured(configured: string, resolve: HostResolver, serverNameOverride?: string): Promise<{ specs: TargetSpec[]; error?: Error }> {
+export async function expandConfigured(
+  configured: string,
+  resolve: HostResolver,
+  serverNameOverride?: string,
+): Promise<{ specs: TargetSpec[]; error?: Error }> {
   const { host, port } = splitHostPort(configured);
-  const itself: TargetSpec[] = [{ address: configured, serverName: serverNameOverride, source: 'configured', configuredAs: configured }];
+  const itself: TargetSpec[] = [
+    { address: configured, serverName: serverNameOverride, source: 'configured', configuredAs: configured },
+  ];
   if (isIP(host)) return { specs: itself };
   let addresses: string[];
   try {
@@ -60,7 +67,14 @@ export async function expandConfigured(configured: string, resolve: HostResolver
     return { specs: itself, error: err as Error };
   }
   if (addresses.length === 0) return { specs: itself };
-  return { specs: addresses.map((ip) => ({ address: joinHostPort(ip, port), serverName: serverNameOverride ?? host, source: 'configured', configuredAs: configured })) };
+  return {
+    specs: addresses.map((ip) => ({
+      address: joinHostPort(ip, port),
+      serverName: serverNameOverride ?? host,
+      source: 'configured',
+      configuredAs: configured,
+    })),
+  };
 }
 
 /**
@@ -109,7 +123,12 @@ export function chooseTargets(inputs: TargetInputs): TargetSpec[] {
     if (addresses.has(b.address)) continue; // two ids behind one address: one tunnel
     taken.add(b.brokerId);
     addresses.add(b.address);
-    learned.push({ address: b.address, serverName: inputs.serverNameOverride, source: 'learned', advertisedId: b.brokerId });
+    learned.push({
+      address: b.address,
+      serverName: inputs.serverNameOverride,
+      source: 'learned',
+      advertisedId: b.brokerId,
+    });
   }
   return [...inputs.configured, ...learned];
 }

@@ -1,7 +1,15 @@
 import { status as Status } from '@grpc/grpc-js';
 import { POLICY_INPUT_LIMITS } from '@burrow/policy';
 import {
-  API_CODECS, AUTH_METHODS, BurrowError, POLICY_METHODS, serviceOfMethod, toBurrowError, type JsonObject, type LocalCallContext, type LocalUnaryHandler,
+  API_CODECS,
+  AUTH_METHODS,
+  BurrowError,
+  POLICY_METHODS,
+  serviceOfMethod,
+  toBurrowError,
+  type JsonObject,
+  type LocalCallContext,
+  type LocalUnaryHandler,
 } from '@burrow/tunnel';
 
 /**
@@ -12,8 +20,16 @@ import {
 
 /** What the built-in authentication service needs from a token verifier. */
 export interface TokenAuthenticator {
-  authenticate(token: string, audience: string): Promise<{
-    authenticated: boolean; subject: string; groups: string[]; claims: Record<string, unknown>; expiresAt?: Date; reason: string;
+  authenticate(
+    token: string,
+    audience: string,
+  ): Promise<{
+    authenticated: boolean;
+    subject: string;
+    groups: string[];
+    claims: Record<string, unknown>;
+    expiresAt?: Date;
+    reason: string;
   }>;
 }
 
@@ -68,12 +84,22 @@ export class BuiltinServices {
     const h = this.handlers.get(method);
     if (h) return h;
     if (!this.isBuiltinService(serviceOfMethod(method))) return undefined;
-    return () => Promise.reject(new BurrowError(Status.UNIMPLEMENTED, `the agent's ${serviceOfMethod(method)} has no method ${method.slice(method.lastIndexOf('/') + 1)}`));
+    return () =>
+      Promise.reject(
+        new BurrowError(
+          Status.UNIMPLEMENTED,
+          `the agent's ${serviceOfMethod(method)} has no method ${method.slice(method.lastIndexOf('/') + 1)}`,
+        ),
+      );
   }
 
   private async authenticate(request: Buffer): Promise<Buffer> {
     const verifier = this.opts.authenticator;
-    if (!verifier) throw new BurrowError(Status.FAILED_PRECONDITION, 'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url, or route burrow.auth.v1.AuthenticationService to an upstream');
+    if (!verifier)
+      throw new BurrowError(
+        Status.FAILED_PRECONDITION,
+        'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url, or route burrow.auth.v1.AuthenticationService to an upstream',
+      );
     const req = API_CODECS.authenticateRequest.decode(request);
     let result;
     try {
@@ -93,16 +119,21 @@ export class BuiltinServices {
 
   private async decide(kind: 'evaluate' | 'evaluations', request: Buffer, ctx: LocalCallContext): Promise<Buffer> {
     const engine = this.opts.policy;
-    if (!engine) throw new BurrowError(Status.FAILED_PRECONDITION, 'this agent has no policies: start it with --policies DIR (and --entities FILE), or route burrow.policy.v1.PolicyDecisionService to an upstream');
-    const codecs = kind === 'evaluate'
-      ? { req: API_CODECS.evaluationRequest, res: API_CODECS.evaluationResponse }
-      : { req: API_CODECS.evaluationsRequest, res: API_CODECS.evaluationsResponse };
+    if (!engine)
+      throw new BurrowError(
+        Status.FAILED_PRECONDITION,
+        'this agent has no policies: start it with --policies DIR (and --entities FILE), or route burrow.policy.v1.PolicyDecisionService to an upstream',
+      );
+    const codecs =
+      kind === 'evaluate'
+        ? { req: API_CODECS.evaluationRequest, res: API_CODECS.evaluationResponse }
+        : { req: API_CODECS.evaluationsRequest, res: API_CODECS.evaluationsResponse };
     // Bounded before decoding: decoding and converting a message costs in proportion to its size,
     // and the engine's own depth and value bounds apply only to what was decoded.
     const { maxMessageBytes } = POLICY_INPUT_LIMITS;
     if (request.length > maxMessageBytes) {
-      const message = `policy request is ${request.length} bytes; `
-        + `policy requests may be at most ${maxMessageBytes} bytes`;
+      const message =
+        `policy request is ${request.length} bytes; ` + `policy requests may be at most ${maxMessageBytes} bytes`;
       throw new BurrowError(Status.INVALID_ARGUMENT, message);
     }
     let input: JsonObject;
@@ -111,14 +142,17 @@ export class BuiltinServices {
     } catch (err) {
       if (err instanceof BurrowError) throw err;
       // A Struct nested thousands deep fits in the byte bound and overflows the recursive decoder.
-      const why = err instanceof RangeError
-        ? `it nests too deep to decode; policy requests may nest at most ${POLICY_INPUT_LIMITS.maxDepth} levels`
-        : (err as Error).message;
+      const why =
+        err instanceof RangeError
+          ? `it nests too deep to decode; policy requests may nest at most ${POLICY_INPUT_LIMITS.maxDepth} levels`
+          : (err as Error).message;
       throw new BurrowError(Status.INVALID_ARGUMENT, `policy request cannot be decoded: ${why}`, err);
     }
     let output: JsonObject;
     try {
-      output = await (kind === 'evaluate' ? engine.evaluate(input, { caller: ctx.caller }) : engine.evaluations(input, { caller: ctx.caller }));
+      output = await (kind === 'evaluate'
+        ? engine.evaluate(input, { caller: ctx.caller })
+        : engine.evaluations(input, { caller: ctx.caller }));
     } catch (err) {
       throw engineError(err, 'policy evaluation failed');
     }

@@ -61,7 +61,10 @@ export class CertificateRenewer {
   private stopped = false;
   private inFlight: Promise<void> | undefined;
 
-  constructor(private readonly deps: RenewerDeps, private readonly random: () => number = Math.random) {}
+  constructor(
+    private readonly deps: RenewerDeps,
+    private readonly random: () => number = Math.random,
+  ) {}
 
   /** Schedules the next renewal from the current certificate. */
   start(): void {
@@ -76,7 +79,9 @@ export class CertificateRenewer {
 
   /** Renews now (tests, and after a certificate was replaced by hand). */
   renewNow(): Promise<void> {
-    this.inFlight ??= this.attempt().finally(() => { this.inFlight = undefined; });
+    this.inFlight ??= this.attempt().finally(() => {
+      this.inFlight = undefined;
+    });
     return this.inFlight;
   }
 
@@ -103,11 +108,18 @@ export class CertificateRenewer {
     const { notBeforeMs, notAfterMs } = this.validity();
     const now = this.deps.clock.now();
     if (notAfterMs <= now) {
-      this.deps.logger.error(`agent certificate expired at ${new Date(notAfterMs).toISOString()} and can no longer renew; enroll again with a new join token: burrow-agent enroll --broker HOST:PORT --token TOKEN --state-dir DIR (the running agent picks the new certificate up)`);
+      this.deps.logger.error(
+        `agent certificate expired at ${new Date(notAfterMs).toISOString()} and can no longer renew; enroll again with a new join token: burrow-agent enroll --broker HOST:PORT --token TOKEN --state-dir DIR (the running agent picks the new certificate up)`,
+      );
       return;
     }
     const when = atMs ?? renewalTimeMs(notBeforeMs, notAfterMs, this.random);
-    this.timer = this.deps.clock.setTimeout(() => { void this.renewNow(); }, Math.max(0, when - now));
+    this.timer = this.deps.clock.setTimeout(
+      () => {
+        void this.renewNow();
+      },
+      Math.max(0, when - now),
+    );
   }
 
   private async attempt(): Promise<void> {
@@ -128,7 +140,11 @@ export class CertificateRenewer {
       this.deps.onResult?.('failed');
       const now = this.deps.clock.now();
       const retryMs = renewalRetryDelayMs(now, notAfterMs);
-      this.deps.logger.warn('certificate renewal failed; retrying', { error: (err as Error).message, retryInMs: Math.round(retryMs), expiresAt: new Date(notAfterMs).toISOString() });
+      this.deps.logger.warn('certificate renewal failed; retrying', {
+        error: (err as Error).message,
+        retryInMs: Math.round(retryMs),
+        expiresAt: new Date(notAfterMs).toISOString(),
+      });
       if (!this.stopped) {
         this.timer?.cancel();
         this.schedule(now + retryMs);

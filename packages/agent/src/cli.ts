@@ -7,8 +7,22 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, PROTOCOL_VERSIONS, runUntilSignalled, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, loadYamlConfig, parseBytes, parseDurationMs, parseIntInRange,
-  parseAllowedHosts, parseListenAddress, parseUpstreamRoute, requireReadableFile, type LogFormat,
+  ConfigError,
+  PROTOCOL_VERSIONS,
+  runUntilSignalled,
+  asList,
+  requireCertificatePair,
+  silenceIpServerNameWarning,
+  createLogger,
+  loadYamlConfig,
+  parseBytes,
+  parseDurationMs,
+  parseIntInRange,
+  parseAllowedHosts,
+  parseListenAddress,
+  parseUpstreamRoute,
+  requireReadableFile,
+  type LogFormat,
 } from '@burrow/tunnel';
 import { existsSync } from 'node:fs';
 import { Agent } from './agent';
@@ -22,41 +36,112 @@ const PROG = 'burrow-agent';
 const VERSION: string = (require('../package.json') as { version: string }).version;
 
 const RUN_OPTIONS = {
-  broker: { type: 'string', array: true, describe: 'HOST:PORT of a broker agent listener (repeatable: one tunnel to each; a name gets one tunnel per address it resolves to)' },
-  'max-brokers': { type: 'number', describe: 'most distinct brokers to keep tunnels to: the --broker ones, then brokers learned from the replica set', default: AGENT_DEFAULTS.maxBrokers },
-  'state-dir': { type: 'string', describe: 'directory written by `burrow-agent enroll`: certificate, key and trust bundle, renewed automatically' },
-  'tls-cert': { type: 'string', describe: 'PEM file: the agent certificate, then its chain (default with --state-dir: its tls.crt)' },
+  broker: {
+    type: 'string',
+    array: true,
+    describe:
+      'HOST:PORT of a broker agent listener (repeatable: one tunnel to each; a name gets one tunnel per address it resolves to)',
+  },
+  'max-brokers': {
+    type: 'number',
+    describe: 'most distinct brokers to keep tunnels to: the --broker ones, then brokers learned from the replica set',
+    default: AGENT_DEFAULTS.maxBrokers,
+  },
+  'state-dir': {
+    type: 'string',
+    describe: 'directory written by `burrow-agent enroll`: certificate, key and trust bundle, renewed automatically',
+  },
+  'tls-cert': {
+    type: 'string',
+    describe: 'PEM file: the agent certificate, then its chain (default with --state-dir: its tls.crt)',
+  },
   'tls-key': { type: 'string', describe: 'PEM file: the agent private key' },
   ca: { type: 'string', describe: 'PEM file: CA certificates that sign brokers' },
-  'broker-server-name': { type: 'string', describe: 'TLS name to expect in broker certificates when it differs from the --broker host' },
-  upstream: { type: 'string', array: true, describe: 'SERVICE=HOST:PORT: site service that answers calls from the platform (repeatable; SERVICE * is the default)' },
-  'local-listen': { type: 'string', describe: 'HOST:PORT where site clients call platform services (plaintext only on loopback)' },
+  'broker-server-name': {
+    type: 'string',
+    describe: 'TLS name to expect in broker certificates when it differs from the --broker host',
+  },
+  upstream: {
+    type: 'string',
+    array: true,
+    describe:
+      'SERVICE=HOST:PORT: site service that answers calls from the platform (repeatable; SERVICE * is the default)',
+  },
+  'local-listen': {
+    type: 'string',
+    describe: 'HOST:PORT where site clients call platform services (plaintext only on loopback)',
+  },
   'local-tls-cert': { type: 'string', describe: 'PEM file: certificate of the local listener (turns on TLS)' },
   'local-tls-key': { type: 'string', describe: 'PEM file: key of the local listener' },
-  'local-ca': { type: 'string', describe: 'PEM file: CA of site clients; when set, the local listener requires client certificates' },
-  'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)' },
-  'admin-allowed-host': {
-    type: 'string', array: true,
-    describe: 'host name the admin listener answers to besides localhost, IP addresses and its own address '
-      + '(repeatable; other Host or Origin headers get 403: DNS rebinding)',
+  'local-ca': {
+    type: 'string',
+    describe: 'PEM file: CA of site clients; when set, the local listener requires client certificates',
   },
-  'min-idle-streams': { type: 'number', describe: 'idle tunnel streams kept open per broker', default: AGENT_DEFAULTS.minIdleOffers },
-  'max-streams': { type: 'number', describe: 'most tunnel streams per broker (concurrent calls)', default: AGENT_DEFAULTS.maxOffers },
+  'admin-listen': {
+    type: 'string',
+    describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)',
+  },
+  'admin-allowed-host': {
+    type: 'string',
+    array: true,
+    describe:
+      'host name the admin listener answers to besides localhost, IP addresses and its own address ' +
+      '(repeatable; other Host or Origin headers get 403: DNS rebinding)',
+  },
+  'min-idle-streams': {
+    type: 'number',
+    describe: 'idle tunnel streams kept open per broker',
+    default: AGENT_DEFAULTS.minIdleOffers,
+  },
+  'max-streams': {
+    type: 'number',
+    describe: 'most tunnel streams per broker (concurrent calls)',
+    default: AGENT_DEFAULTS.maxOffers,
+  },
   'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
-  'reconnect-base': { type: 'string', describe: 'first reconnect backoff window (doubles per failure, full jitter)', default: '500ms' },
+  'reconnect-base': {
+    type: 'string',
+    describe: 'first reconnect backoff window (doubles per failure, full jitter)',
+    default: '500ms',
+  },
   'reconnect-max': { type: 'string', describe: 'largest reconnect backoff window', default: '30s' },
-  'broker-wait': { type: 'string', describe: 'how long a site client\'s call waits for a broker connection', default: '5s' },
+  'broker-wait': {
+    type: 'string',
+    describe: "how long a site client's call waits for a broker connection",
+    default: '5s',
+  },
   'drain-timeout': { type: 'string', describe: 'how long shutdown waits for calls in flight', default: '30s' },
   'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
-  'keepalive-timeout': { type: 'string', describe: 'ping answer timeout before a connection is dropped', default: '10s' },
+  'keepalive-timeout': {
+    type: 'string',
+    describe: 'ping answer timeout before a connection is dropped',
+    default: '10s',
+  },
   'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
   'log-format': { type: 'string', describe: 'json or text', default: 'json' },
   ...AUTHN_RUN_OPTIONS,
-  policies: { type: 'string', describe: 'directory of *.cedar policy files: turns on the built-in policy decision service' },
-  entities: { type: 'string', describe: 'Cedar JSON entity file (users, groups, resources and their attributes) for the policies' },
-  'policy-schema': { type: 'string', describe: 'Cedar schema (JSON or human format) that policies, entities and requests are validated against' },
-  'policy-cache-ttl': { type: 'string', describe: 'how long a decision is served from the cache (0s turns it off; dropped on reload)', default: '5s' },
-  'audit-log': { type: 'string', describe: 'file that gets one JSON line per policy decision (- for stdout)', default: '-' },
+  policies: {
+    type: 'string',
+    describe: 'directory of *.cedar policy files: turns on the built-in policy decision service',
+  },
+  entities: {
+    type: 'string',
+    describe: 'Cedar JSON entity file (users, groups, resources and their attributes) for the policies',
+  },
+  'policy-schema': {
+    type: 'string',
+    describe: 'Cedar schema (JSON or human format) that policies, entities and requests are validated against',
+  },
+  'policy-cache-ttl': {
+    type: 'string',
+    describe: 'how long a decision is served from the cache (0s turns it off; dropped on reload)',
+    default: '5s',
+  },
+  'audit-log': {
+    type: 'string',
+    describe: 'file that gets one JSON line per policy decision (- for stdout)',
+    default: '-',
+  },
   config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
 } as const;
 
@@ -67,9 +152,11 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
   const brokers = asList(args.broker).map((b) => parseListenAddress('broker', b));
   if (brokers.length === 0) throw new ConfigError('broker', 'is required (HOST:PORT of a broker agent listener)');
   const logLevel = String(args['log-level']);
-  if (!['error', 'warn', 'info', 'debug'].includes(logLevel)) throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
+  if (!['error', 'warn', 'info', 'debug'].includes(logLevel))
+    throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
   const logFormat = String(args['log-format']);
-  if (logFormat !== 'json' && logFormat !== 'text') throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
+  if (logFormat !== 'json' && logFormat !== 'text')
+    throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
   const upstreams = asList(args.upstream).map((u) => {
     try {
       return parseUpstreamRoute(u);
@@ -77,22 +164,35 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
       throw new ConfigError('upstream', (err as Error).message);
     }
   });
-  const localTlsCert = args['local-tls-cert'] ? requireReadableFile('local-tls-cert', args['local-tls-cert']) : undefined;
+  const localTlsCert = args['local-tls-cert']
+    ? requireReadableFile('local-tls-cert', args['local-tls-cert'])
+    : undefined;
   const localTlsKey = args['local-tls-key'] ? requireReadableFile('local-tls-key', args['local-tls-key']) : undefined;
-  if (Boolean(localTlsCert) !== Boolean(localTlsKey)) throw new ConfigError(localTlsCert ? 'local-tls-key' : 'local-tls-cert', 'local-tls-cert and local-tls-key go together');
+  if (Boolean(localTlsCert) !== Boolean(localTlsKey))
+    throw new ConfigError(
+      localTlsCert ? 'local-tls-key' : 'local-tls-cert',
+      'local-tls-cert and local-tls-key go together',
+    );
   const localListen = args['local-listen'] ? parseListenAddress('local-listen', args['local-listen']) : undefined;
   if (localListen && !localTlsCert && !/^(127\.\d+\.\d+\.\d+|\[::1\]|localhost):\d+$/.test(localListen)) {
-    throw new ConfigError('local-listen', `${localListen} is not loopback; plaintext is only allowed on loopback, set local-tls-cert and local-tls-key`);
+    throw new ConfigError(
+      'local-listen',
+      `${localListen} is not loopback; plaintext is only allowed on loopback, set local-tls-cert and local-tls-key`,
+    );
   }
   const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
-  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3) throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3)
+    throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
   const minIdleOffers = parseIntInRange('min-idle-streams', args['min-idle-streams'], 1, 1000);
   const maxOffers = parseIntInRange('max-streams', args['max-streams'], minIdleOffers, 100_000);
   const maxBrokers = parseIntInRange('max-brokers', args['max-brokers'], 1, 64);
   const stateDir = args['state-dir'] ? String(args['state-dir']) : undefined;
   const files = stateDir ? stateFiles(stateDir) : undefined;
   if (stateDir && !args['tls-cert'] && !existsSync(files!.cert)) {
-    throw new ConfigError('state-dir', `${stateDir} holds no certificate; run burrow-agent enroll --broker HOST:PORT --token TOKEN --state-dir ${stateDir} first`);
+    throw new ConfigError(
+      'state-dir',
+      `${stateDir} holds no certificate; run burrow-agent enroll --broker HOST:PORT --token TOKEN --state-dir ${stateDir} first`,
+    );
   }
   const tlsCertFile = requireReadableFile('tls-cert', args['tls-cert'] ?? files?.cert);
   const tlsKeyFile = requireReadableFile('tls-key', args['tls-key'] ?? files?.key);
@@ -107,7 +207,14 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     brokerServerName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
     upstreams,
     localListen,
-    localTls: localTlsCert && localTlsKey ? { certFile: localTlsCert, keyFile: localTlsKey, caFile: args['local-ca'] ? requireReadableFile('local-ca', args['local-ca']) : undefined } : undefined,
+    localTls:
+      localTlsCert && localTlsKey
+        ? {
+            certFile: localTlsCert,
+            keyFile: localTlsKey,
+            caFile: args['local-ca'] ? requireReadableFile('local-ca', args['local-ca']) : undefined,
+          }
+        : undefined,
     adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
     adminAllowedHosts: parseAllowedHosts('admin-allowed-host', args['admin-allowed-host']),
     minIdleOffers,
@@ -118,7 +225,10 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     reconnectMaxMs: parseDurationMs('reconnect-max', args['reconnect-max']),
     brokerWaitMs: parseDurationMs('broker-wait', args['broker-wait']),
     drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
-    keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
+    keepalive: {
+      timeMs: parseDurationMs('keepalive-time', args['keepalive-time']),
+      timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']),
+    },
     logLevel,
     logFormat: logFormat as LogFormat,
     authn: authnConfigFromArgs(args),
@@ -128,10 +238,12 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
 
 /** The built-in policy service's sources, or undefined without --policies. */
 function policyConfigFromArgs(args: Args): AgentPolicyConfig | undefined {
-  const str = (k: string): string | undefined => (args[k] === undefined || args[k] === '' ? undefined : String(args[k]));
+  const str = (k: string): string | undefined =>
+    args[k] === undefined || args[k] === '' ? undefined : String(args[k]);
   const policiesDir = str('policies');
   if (!policiesDir) {
-    for (const k of ['entities', 'policy-schema']) if (str(k)) throw new ConfigError(k, 'needs --policies (the directory of *.cedar files)');
+    for (const k of ['entities', 'policy-schema'])
+      if (str(k)) throw new ConfigError(k, 'needs --policies (the directory of *.cedar files)');
     return undefined;
   }
   if (!existsSync(policiesDir)) throw new ConfigError('policies', `${policiesDir} does not exist`);
@@ -160,14 +272,22 @@ async function run(args: Args): Promise<void> {
   } catch (err) {
     fail((err as Error).message);
   }
-  await runUntilSignalled(logger, () => agent.start(), () => agent.stop(), (err) => fail(err.message));
+  await runUntilSignalled(
+    logger,
+    () => agent.start(),
+    () => agent.stop(),
+    (err) => fail(err.message),
+  );
 }
 
 const ENROLL_OPTIONS = {
   broker: { type: 'string', describe: 'HOST:PORT of the broker agent listener', demandOption: true },
   token: { type: 'string', describe: 'the join token from `burrow-pki token create`', demandOption: true },
   'state-dir': { type: 'string', describe: 'where to write the key, certificate and trust bundle', demandOption: true },
-  'broker-server-name': { type: 'string', describe: 'TLS name to expect in the broker certificate when it differs from the --broker host' },
+  'broker-server-name': {
+    type: 'string',
+    describe: 'TLS name to expect in the broker certificate when it differs from the --broker host',
+  },
 } as const;
 
 async function runEnroll(args: Args): Promise<void> {
@@ -179,11 +299,15 @@ async function runEnroll(args: Args): Promise<void> {
   }
   try {
     const issued = await enroll({
-      broker, token: String(args.token), stateDir: String(args['state-dir']),
+      broker,
+      token: String(args.token),
+      stateDir: String(args['state-dir']),
       serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
       notice: (line) => process.stderr.write(`${PROG}: enroll: ${line}\n`),
     });
-    process.stdout.write(`enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run --broker ${broker} --state-dir ${String(args['state-dir'])}\n`);
+    process.stdout.write(
+      `enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run --broker ${broker} --state-dir ${String(args['state-dir'])}\n`,
+    );
     process.exit(0);
   } catch (err) {
     process.stderr.write(`${PROG}: enroll: ${(err as Error).message}\n`);
@@ -203,14 +327,21 @@ function runPolicyCommand(handler: (args: Args, io: PolicyCliIo) => Promise<numb
     err: (text) => process.stderr.write(`${PROG}: policy: ${text}`),
   };
   return (args) => {
-    handler(args, io).then((code) => { process.exitCode = code; }, (err: Error) => fail(err.message));
+    handler(args, io).then(
+      (code) => {
+        process.exitCode = code;
+      },
+      (err: Error) => fail(err.message),
+    );
   };
 }
 
 async function runSelfCheck(): Promise<void> {
   try {
     const r = await selfCheck();
-    process.stdout.write(`self-check ok: single executable ${r.singleExecutable ? 'yes' : 'no'}; ${r.protos.length} protos (${r.protos.join(', ')}); cedar ${r.cedarVersion} allow/deny; jose ${r.joseAlgorithm} sign/verify\n`);
+    process.stdout.write(
+      `self-check ok: single executable ${r.singleExecutable ? 'yes' : 'no'}; ${r.protos.length} protos (${r.protos.join(', ')}); cedar ${r.cedarVersion} allow/deny; jose ${r.joseAlgorithm} sign/verify\n`,
+    );
     process.exit(0);
   } catch (err) {
     process.stderr.write(`${PROG}: ${(err as Error).message}\n`);
@@ -222,16 +353,42 @@ function main(): void {
   void yargs(hideBin(process.argv))
     .scriptName(PROG)
     .usage('$0 <command> [options]')
-    .command('run', 'dial out to brokers and answer the calls they carry', (y) =>
-      y.options(RUN_OPTIONS)
-        .env('BURROW_AGENT')
-        .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(RUN_OPTIONS).filter((k) => k !== 'config')))
-        .strict(), (args) => { void run(args as Args); })
-    .command('enroll', 'enroll this agent with a join token: make a key, get a certificate, write the state directory', (y) =>
-      y.options(ENROLL_OPTIONS).env('BURROW_AGENT').strict(), (args) => { void runEnroll(args as Args); })
+    .command(
+      'run',
+      'dial out to brokers and answer the calls they carry',
+      (y) =>
+        y
+          .options(RUN_OPTIONS)
+          .env('BURROW_AGENT')
+          .config('config', 'YAML config file (keys are flag names)', (file: string) =>
+            loadYamlConfig(
+              file,
+              Object.keys(RUN_OPTIONS).filter((k) => k !== 'config'),
+            ),
+          )
+          .strict(),
+      (args) => {
+        void run(args as Args);
+      },
+    )
+    .command(
+      'enroll',
+      'enroll this agent with a join token: make a key, get a certificate, write the state directory',
+      (y) => y.options(ENROLL_OPTIONS).env('BURROW_AGENT').strict(),
+      (args) => {
+        void runEnroll(args as Args);
+      },
+    )
     .command(policyCommand(runPolicyCommand))
     // Hidden: run by `make agent-binary` and the tests to prove the single executable is complete.
-    .command('self-check', false, (y) => y.strict(), () => { void runSelfCheck(); })
+    .command(
+      'self-check',
+      false,
+      (y) => y.strict(),
+      () => {
+        void runSelfCheck();
+      },
+    )
     .demandCommand(1, 'name a command: run, enroll or policy')
     .strict()
     .version(`${VERSION} (protocol ${PROTOCOL_VERSIONS.join(', ')})`)

@@ -4,7 +4,11 @@ import * as tls from 'node:tls';
 import { Client, Metadata, credentials, status as Status, type ServiceError } from '@grpc/grpc-js';
 import { caPinOf, createCsr, describeTightened, parseJoinToken, writeIssued } from '@burrow/pki';
 import {
-  BurrowError, ENROLLMENT_SERVICE, brokerIdentityCheck, type EnrollRequest, type IssuedAgentCertificate,
+  BurrowError,
+  ENROLLMENT_SERVICE,
+  brokerIdentityCheck,
+  type EnrollRequest,
+  type IssuedAgentCertificate,
 } from '@burrow/tunnel';
 import { writeState } from './state-dir';
 
@@ -31,12 +35,29 @@ function splitHostPort(address: string): { host: string; port: number } {
  * normal TLS connection that trusts only that CA, so OpenSSL does the real chain and hostname
  * checks; this first look only picks the anchor.
  */
-export function fetchPinnedCa(broker: string, pins: readonly string[], serverName: string | undefined, timeoutMs: number): Promise<string> {
+export function fetchPinnedCa(
+  broker: string,
+  pins: readonly string[],
+  serverName: string | undefined,
+  timeoutMs: number,
+): Promise<string> {
   const { host, port } = splitHostPort(broker);
   return new Promise((resolve, reject) => {
-    const socket = tls.connect({ host, port, servername: serverName ?? (/^[\d.:]+$/.test(host) ? undefined : host), rejectUnauthorized: false, ALPNProtocols: ['h2'] });
-    const timer = setTimeout(() => { socket.destroy(); reject(new BurrowError(Status.UNAVAILABLE, `no TLS answer from ${broker} within ${timeoutMs} ms`)); }, timeoutMs);
-    socket.once('error', (err) => { clearTimeout(timer); reject(new BurrowError(Status.UNAVAILABLE, `cannot reach broker ${broker}: ${err.message}`)); });
+    const socket = tls.connect({
+      host,
+      port,
+      servername: serverName ?? (/^[\d.:]+$/.test(host) ? undefined : host),
+      rejectUnauthorized: false,
+      ALPNProtocols: ['h2'],
+    });
+    const timer = setTimeout(() => {
+      socket.destroy();
+      reject(new BurrowError(Status.UNAVAILABLE, `no TLS answer from ${broker} within ${timeoutMs} ms`));
+    }, timeoutMs);
+    socket.once('error', (err) => {
+      clearTimeout(timer);
+      reject(new BurrowError(Status.UNAVAILABLE, `cannot reach broker ${broker}: ${err.message}`));
+    });
     socket.once('secureConnect', () => {
       clearTimeout(timer);
       const seen = new Set<string>();
@@ -45,12 +66,21 @@ export function fetchPinnedCa(broker: string, pins: readonly string[], serverNam
       while (cert?.raw && !seen.has(cert.fingerprint256)) {
         seen.add(cert.fingerprint256);
         const pem = new X509Certificate(cert.raw).toString();
-        if (pins.includes(caPinOf(pem))) { found = pem; break; }
+        if (pins.includes(caPinOf(pem))) {
+          found = pem;
+          break;
+        }
         cert = cert.issuerCertificate;
       }
       socket.end(); // a polite close: the broker would log a destroyed socket as a refused handshake
       if (found) resolve(found);
-      else reject(new BurrowError(Status.PERMISSION_DENIED, `broker ${broker} does not present the CA pinned in the join token; is this the right broker?`));
+      else
+        reject(
+          new BurrowError(
+            Status.PERMISSION_DENIED,
+            `broker ${broker} does not present the CA pinned in the join token; is this the right broker?`,
+          ),
+        );
     });
   });
 }
@@ -64,7 +94,12 @@ export async function enroll(opts: EnrollOptions): Promise<IssuedAgentCertificat
   const timeoutMs = opts.timeoutMs ?? 15_000;
   const token = parseJoinToken(opts.token);
   // During a CA rotation a token pins both trusted roots; the broker may chain to either.
-  const anchorPem = await fetchPinnedCa(opts.broker, token.caPinsSha256.length ? token.caPinsSha256 : [token.caPinSha256], opts.serverName, timeoutMs);
+  const anchorPem = await fetchPinnedCa(
+    opts.broker,
+    token.caPinsSha256.length ? token.caPinsSha256 : [token.caPinSha256],
+    opts.serverName,
+    timeoutMs,
+  );
   const { csrPem, keyPem } = await createCsr();
   const channelOptions: Record<string, string> = {};
   if (opts.serverName) channelOptions['grpc.ssl_target_name_override'] = opts.serverName;
@@ -77,9 +112,14 @@ export async function enroll(opts: EnrollOptions): Promise<IssuedAgentCertificat
   try {
     const issued = await new Promise<IssuedAgentCertificate>((resolve, reject) => {
       client.makeUnaryRequest(
-        ENROLLMENT_SERVICE.enroll.path, ENROLLMENT_SERVICE.enroll.requestSerialize, ENROLLMENT_SERVICE.enroll.responseDeserialize,
-        { token: opts.token, csrPem } satisfies EnrollRequest, new Metadata(), { deadline: Date.now() + timeoutMs },
-        (err: ServiceError | null, res?: IssuedAgentCertificate) => (err ? reject(new BurrowError(err.code, err.details, err)) : resolve(res!)),
+        ENROLLMENT_SERVICE.enroll.path,
+        ENROLLMENT_SERVICE.enroll.requestSerialize,
+        ENROLLMENT_SERVICE.enroll.responseDeserialize,
+        { token: opts.token, csrPem } satisfies EnrollRequest,
+        new Metadata(),
+        { deadline: Date.now() + timeoutMs },
+        (err: ServiceError | null, res?: IssuedAgentCertificate) =>
+          err ? reject(new BurrowError(err.code, err.details, err)) : resolve(res!),
       );
     });
     // writeIssued creates the state directory 0700, or tightens an existing looser one.
@@ -87,7 +127,13 @@ export async function enroll(opts: EnrollOptions): Promise<IssuedAgentCertificat
     const dir = await writeIssued(opts.stateDir, files);
     const tightened = describeTightened(dir);
     if (tightened) opts.notice?.(tightened);
-    await writeState(opts.stateDir, { agentId: issued.agentId, spiffeId: issued.spiffeId, bundleVersion: issued.bundleVersion, enrolledAt: new Date().toISOString(), broker: opts.broker });
+    await writeState(opts.stateDir, {
+      agentId: issued.agentId,
+      spiffeId: issued.spiffeId,
+      bundleVersion: issued.bundleVersion,
+      enrolledAt: new Date().toISOString(),
+      broker: opts.broker,
+    });
     return issued;
   } finally {
     client.close();
@@ -96,5 +142,10 @@ export async function enroll(opts: EnrollOptions): Promise<IssuedAgentCertificat
 
 /** Paths of the files in an agent state directory. */
 export function stateFiles(stateDir: string): { cert: string; key: string; ca: string; state: string } {
-  return { cert: path.join(stateDir, 'tls.crt'), key: path.join(stateDir, 'tls.key'), ca: path.join(stateDir, 'ca.crt'), state: path.join(stateDir, 'state.json') };
+  return {
+    cert: path.join(stateDir, 'tls.crt'),
+    key: path.join(stateDir, 'tls.key'),
+    ca: path.join(stateDir, 'ca.crt'),
+    state: path.join(stateDir, 'state.json'),
+  };
 }

@@ -6,18 +6,32 @@
 import { readFile } from 'node:fs/promises';
 import type { Argv, CommandModule } from 'yargs';
 import { ConfigError, loadYamlConfig } from '@burrow/tunnel';
-import { PolicyEngine, PolicyInputError, PolicyLoadError, formatPolicyIssue, loadPolicySet, type PolicySources } from '@burrow/policy';
+import {
+  PolicyEngine,
+  PolicyInputError,
+  PolicyLoadError,
+  formatPolicyIssue,
+  loadPolicySet,
+  type PolicySources,
+} from '@burrow/policy';
 
 /** Flags shared by both commands; each is also a YAML key and a BURROW_AGENT_* variable. */
 export const POLICY_SOURCE_OPTIONS = {
   policies: { type: 'string', describe: 'directory of *.cedar policy files', demandOption: true },
   entities: { type: 'string', describe: 'Cedar JSON entity file (users, groups, resources and their attributes)' },
-  'policy-schema': { type: 'string', describe: 'Cedar schema (JSON or human format); policies, entities and requests are validated against it' },
+  'policy-schema': {
+    type: 'string',
+    describe: 'Cedar schema (JSON or human format); policies, entities and requests are validated against it',
+  },
 } as const;
 
 export const POLICY_EVAL_OPTIONS = {
   ...POLICY_SOURCE_OPTIONS,
-  explain: { type: 'boolean', describe: 'add the satisfied policies (file:line) and evaluation errors to every answer', default: false },
+  explain: {
+    type: 'boolean',
+    describe: 'add the satisfied policies (file:line) and evaluation errors to every answer',
+    default: false,
+  },
   input: { type: 'string', describe: 'file holding the AuthZEN request JSON (default: stdin)' },
 } as const;
 
@@ -34,7 +48,8 @@ export interface PolicyCliIo {
 type Args = Record<string, unknown>;
 
 function sourcesFrom(args: Args): PolicySources {
-  const str = (k: string): string | undefined => (args[k] === undefined || args[k] === '' ? undefined : String(args[k]));
+  const str = (k: string): string | undefined =>
+    args[k] === undefined || args[k] === '' ? undefined : String(args[k]);
   const policiesDir = str('policies');
   if (!policiesDir) throw new ConfigError('policies', 'is required (a directory of *.cedar files)');
   return { policiesDir, entitiesFile: str('entities'), schemaFile: str('policy-schema') };
@@ -77,7 +92,9 @@ export async function runPolicyEval(args: Args, io: PolicyCliIo): Promise<number
   try {
     text = args.input ? await readFile(String(args.input), 'utf8') : await io.readStdin();
   } catch (err) {
-    io.err(`input: cannot read ${String(args.input)}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}\n`);
+    io.err(
+      `input: cannot read ${String(args.input)}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}\n`,
+    );
     return POLICY_EXIT.invalidInput;
   }
   let request: unknown;
@@ -102,7 +119,9 @@ export async function runPolicyEval(args: Args, io: PolicyCliIo): Promise<number
       const batch = request as { options?: Args };
       response = engine.evaluations(explain ? { ...batch, options: { ...batch.options, explain: true } } : batch);
     } else {
-      response = engine.evaluate(explain && typeof request === 'object' && request !== null ? { ...request, explain: true } : request);
+      response = engine.evaluate(
+        explain && typeof request === 'object' && request !== null ? { ...request, explain: true } : request,
+      );
     }
     io.out(`${JSON.stringify(response, null, 2)}\n`);
     return POLICY_EXIT.ok;
@@ -119,23 +138,33 @@ export async function runPolicyEval(args: Args, io: PolicyCliIo): Promise<number
  * The `policy` command with its `check` and `eval` subcommands, for cli.ts's yargs. `handle` wraps
  * a handler: it runs it and exits with its code (cli.ts owns the process).
  */
-export function policyCommand(handle: (run: (args: Args, io: PolicyCliIo) => Promise<number>) => (args: Args) => void): CommandModule {
+export function policyCommand(
+  handle: (run: (args: Args, io: PolicyCliIo) => Promise<number>) => (args: Args) => void,
+): CommandModule {
   const withConfig = <T>(cmd: Argv<T>, keys: readonly string[]): Argv<T> =>
-    cmd.env('BURROW_AGENT')
+    cmd
+      .env('BURROW_AGENT')
       .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, keys))
       .strict();
   return {
     command: 'policy',
     describe: 'check policies offline and evaluate AuthZEN requests against them',
-    builder: (p: Argv) => p
-      .command('check', 'parse and validate the policy set: prints "ok: N policies, M entities", or every error as file:line:column and exits 1',
-        (c) => withConfig(c.options(POLICY_SOURCE_OPTIONS), Object.keys(POLICY_SOURCE_OPTIONS)),
-        handle(runPolicyCheck))
-      .command('eval', 'evaluate one AuthZEN request (or an evaluations batch) read as JSON from stdin and print the AuthZEN response; exit 0 for allow and deny, 2 for invalid input',
-        (c) => withConfig(c.options(POLICY_EVAL_OPTIONS), Object.keys(POLICY_EVAL_OPTIONS)),
-        handle(runPolicyEval))
-      .demandCommand(1, 'name a policy command: check or eval')
-      .strict(),
+    builder: (p: Argv) =>
+      p
+        .command(
+          'check',
+          'parse and validate the policy set: prints "ok: N policies, M entities", or every error as file:line:column and exits 1',
+          (c) => withConfig(c.options(POLICY_SOURCE_OPTIONS), Object.keys(POLICY_SOURCE_OPTIONS)),
+          handle(runPolicyCheck),
+        )
+        .command(
+          'eval',
+          'evaluate one AuthZEN request (or an evaluations batch) read as JSON from stdin and print the AuthZEN response; exit 0 for allow and deny, 2 for invalid input',
+          (c) => withConfig(c.options(POLICY_EVAL_OPTIONS), Object.keys(POLICY_EVAL_OPTIONS)),
+          handle(runPolicyEval),
+        )
+        .demandCommand(1, 'name a policy command: check or eval')
+        .strict(),
     handler: () => undefined,
   };
 }

@@ -18,8 +18,12 @@ export interface SelfCheckResult {
 // repository's CommonJS module resolution cannot see; Node 20.19+ loads it with require().
 interface Jose {
   generateKeyPair(alg: string): Promise<{ publicKey: unknown; privateKey: unknown }>;
-  SignJWT: new (payload: Record<string, unknown>) => {
-    setProtectedHeader(h: { alg: string }): { setIssuer(i: string): { setExpirationTime(t: string): { sign(k: unknown): Promise<string> } } };
+  SignJWT: new (
+    payload: Record<string, unknown>,
+  ) => {
+    setProtectedHeader(h: { alg: string }): {
+      setIssuer(i: string): { setExpirationTime(t: string): { sign(k: unknown): Promise<string> } };
+    };
   };
   jwtVerify(jwt: string, key: unknown, opts: { issuer: string }): Promise<{ payload: Record<string, unknown> }>;
 }
@@ -53,10 +57,15 @@ export async function selfCheck(): Promise<SelfCheckResult> {
   const cedar = require('@cedar-policy/cedar-wasm/nodejs') as typeof import('@cedar-policy/cedar-wasm/nodejs');
   const decide = (id: string): string => {
     const answer = cedar.isAuthorized({
-      principal: { type: 'Agent', id }, action: { type: 'Action', id: 'call' }, resource: { type: 'Service', id: 'x' },
-      context: {}, policies: { staticPolicies: SELF_CHECK_POLICY }, entities: [],
+      principal: { type: 'Agent', id },
+      action: { type: 'Action', id: 'call' },
+      resource: { type: 'Service', id: 'x' },
+      context: {},
+      policies: { staticPolicies: SELF_CHECK_POLICY },
+      entities: [],
     });
-    if (answer.type !== 'success') throw new Error(`self-check failed: cedar: ${answer.errors.map((e) => e.message).join('; ')}`);
+    if (answer.type !== 'success')
+      throw new Error(`self-check failed: cedar: ${answer.errors.map((e) => e.message).join('; ')}`);
     return answer.response.decision;
   };
   check(decide('self-check') === 'allow', 'cedar denied the principal its policy permits');
@@ -65,9 +74,18 @@ export async function selfCheck(): Promise<SelfCheckResult> {
   const jose = require('jose') as Jose;
   const alg = 'ES256';
   const { publicKey, privateKey } = await jose.generateKeyPair(alg);
-  const jwt = await new jose.SignJWT({ sub: 'self-check' }).setProtectedHeader({ alg }).setIssuer('burrow-agent').setExpirationTime('1m').sign(privateKey);
+  const jwt = await new jose.SignJWT({ sub: 'self-check' })
+    .setProtectedHeader({ alg })
+    .setIssuer('burrow-agent')
+    .setExpirationTime('1m')
+    .sign(privateKey);
   const verified = await jose.jwtVerify(jwt, publicKey, { issuer: 'burrow-agent' });
   check(verified.payload.sub === 'self-check', 'jose verified a token with the wrong subject');
 
-  return { singleExecutable: seaAssets() !== undefined, protos, cedarVersion: cedar.getCedarVersion(), joseAlgorithm: alg };
+  return {
+    singleExecutable: seaAssets() !== undefined,
+    protos,
+    cedarVersion: cedar.getCedarVersion(),
+    joseAlgorithm: alg,
+  };
 }

@@ -5,7 +5,10 @@ export type AdminFailureKind = 'unreachable' | 'not_found' | 'refused' | 'failed
 
 /** An admin request that did not succeed; `message` is one line naming the address. */
 export class AdminRequestError extends Error {
-  constructor(readonly kind: AdminFailureKind, message: string) {
+  constructor(
+    readonly kind: AdminFailureKind,
+    message: string,
+  ) {
     super(message);
   }
 }
@@ -42,30 +45,64 @@ export class AdminClient {
     const port = Number(address.slice(i + 1));
     const headers: Record<string, string> = { accept: 'application/json' };
     if (token !== undefined) headers.authorization = `Bearer ${token}`;
-    if (body !== undefined) { headers['content-type'] = 'application/json'; headers['content-length'] = String(Buffer.byteLength(body)); }
+    if (body !== undefined) {
+      headers['content-type'] = 'application/json';
+      headers['content-length'] = String(Buffer.byteLength(body));
+    }
     return new Promise<T>((resolve, reject) => {
       const req = http.request({ host, port, method, path, headers, agent: false, timeout: timeoutMs }, (res) => {
         let text = '';
         res.setEncoding('utf8');
-        res.on('data', (c: string) => { text += c; });
-        res.on('error', (err) => reject(new AdminRequestError('unreachable', `broker admin listener at ${address}: ${err.message}`)));
+        res.on('data', (c: string) => {
+          text += c;
+        });
+        res.on('error', (err) =>
+          reject(new AdminRequestError('unreachable', `broker admin listener at ${address}: ${err.message}`)),
+        );
         res.on('end', () => {
           const status = res.statusCode ?? 0;
           let parsed: unknown;
-          try { parsed = JSON.parse(text); } catch { parsed = undefined; }
+          try {
+            parsed = JSON.parse(text);
+          } catch {
+            parsed = undefined;
+          }
           const error = (parsed as { error?: unknown } | undefined)?.error;
           const detail = typeof error === 'string' ? error : text.trim().split('\n')[0] || `HTTP ${status}`;
           if (status >= 200 && status < 300) {
-            if (parsed === undefined) reject(new AdminRequestError('failed', `broker admin listener at ${address} answered ${method} ${path} with something that is not JSON`));
+            if (parsed === undefined)
+              reject(
+                new AdminRequestError(
+                  'failed',
+                  `broker admin listener at ${address} answered ${method} ${path} with something that is not JSON`,
+                ),
+              );
             else resolve(parsed as T);
           } else if (status === 404) reject(new AdminRequestError('not_found', detail));
-          else if (status === 401 || status === 403) reject(new AdminRequestError('refused', `broker admin listener at ${address} refused ${method} ${path}: ${detail}`));
-          else reject(new AdminRequestError('failed', `broker admin listener at ${address}: ${method} ${path}: HTTP ${status}: ${detail}`));
+          else if (status === 401 || status === 403)
+            reject(
+              new AdminRequestError(
+                'refused',
+                `broker admin listener at ${address} refused ${method} ${path}: ${detail}`,
+              ),
+            );
+          else
+            reject(
+              new AdminRequestError(
+                'failed',
+                `broker admin listener at ${address}: ${method} ${path}: HTTP ${status}: ${detail}`,
+              ),
+            );
         });
       });
       req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
       req.on('error', (err: NodeJS.ErrnoException) => {
-        reject(new AdminRequestError('unreachable', `cannot reach the broker admin listener at ${address}: ${err.code ?? err.message}`));
+        reject(
+          new AdminRequestError(
+            'unreachable',
+            `cannot reach the broker admin listener at ${address}: ${err.code ?? err.message}`,
+          ),
+        );
       });
       req.end(body);
     });

@@ -22,12 +22,25 @@ export interface AdminCommandOptions extends AdminClientOptions {
 }
 
 /** What the command printed and its exit code; cli.ts writes and exits. */
-export interface AdminCommandResult { exitCode: number; stdout: string; stderr: string }
+export interface AdminCommandResult {
+  exitCode: number;
+  stdout: string;
+  stderr: string;
+}
 
 /** Lays out rows in columns two spaces apart; the first row is the header. */
 export function formatTable(rows: string[][]): string {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return rows.map((r) => r.map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]!))).join('  ').trimEnd()).join('\n') + '\n';
+  return (
+    rows
+      .map((r) =>
+        r
+          .map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]!)))
+          .join('  ')
+          .trimEnd(),
+      )
+      .join('\n') + '\n'
+  );
 }
 
 /** `3725` -> `1h 2m 5s`; negative durations (already past) say so. */
@@ -35,7 +48,10 @@ export function formatSeconds(seconds: number): string {
   if (seconds < 0) return `${formatSeconds(-seconds)} ago`;
   const s = Math.round(seconds);
   const parts: string[] = [];
-  const d = Math.floor(s / 86_400), h = Math.floor((s % 86_400) / 3600), m = Math.floor((s % 3600) / 60), sec = s % 60;
+  const d = Math.floor(s / 86_400),
+    h = Math.floor((s % 86_400) / 3600),
+    m = Math.floor((s % 3600) / 60),
+    sec = s % 60;
   if (d) parts.push(`${d}d`);
   if (h) parts.push(`${h}h`);
   if (m && !d) parts.push(`${m}m`);
@@ -48,26 +64,66 @@ function since(iso: string, nowMs: number): string {
 }
 
 function keyValues(pairs: [string, string | number | boolean][]): string {
-  return formatTable([['', ''], ...pairs.map(([k, v]) => [k, String(v)])]).split('\n').slice(1).join('\n');
+  return formatTable([['', ''], ...pairs.map(([k, v]) => [k, String(v)])])
+    .split('\n')
+    .slice(1)
+    .join('\n');
 }
 
 function listText(agents: AgentSummary[], address: string, nowMs: number): string {
   if (agents.length === 0) return `no agents connected to the broker at ${address}\n`;
   const rows = [['AGENT', 'SESSIONS', 'CONNECTED SINCE', 'UP', 'CALLS', 'IDLE STREAMS', 'PEERS']];
   for (const a of [...agents].sort((x, y) => x.id.localeCompare(y.id))) {
-    rows.push([a.id, String(a.connections), a.connectedSince, formatSeconds((nowMs - Date.parse(a.connectedSince)) / 1000), String(a.callsInFlight), String(a.idleOffers), a.sessions.map((s) => s.peer).join(',')]);
+    rows.push([
+      a.id,
+      String(a.connections),
+      a.connectedSince,
+      formatSeconds((nowMs - Date.parse(a.connectedSince)) / 1000),
+      String(a.callsInFlight),
+      String(a.idleOffers),
+      a.sessions.map((s) => s.peer).join(','),
+    ]);
   }
   return formatTable(rows);
 }
 
 function showText(a: AgentDetail, nowMs: number): string {
   const head = keyValues([
-    ['agent', a.id], ['sessions', a.connections], ['connected since', since(a.connectedSince, nowMs)],
-    ['calls in flight', a.callsInFlight], ['calls waiting', a.callsWaiting], ['idle streams', a.idleOffers], ['streams requested', a.owedOffers],
+    ['agent', a.id],
+    ['sessions', a.connections],
+    ['connected since', since(a.connectedSince, nowMs)],
+    ['calls in flight', a.callsInFlight],
+    ['calls waiting', a.callsWaiting],
+    ['idle streams', a.idleOffers],
+    ['streams requested', a.owedOffers],
   ]);
-  const rows = [['SESSION', 'PEER', 'CONNECTED AT', 'PROTOCOL', 'AGENT VERSION', 'CALLS', 'IDLE', 'DRAINING', 'CERT SERIAL', 'CERT EXPIRES']];
+  const rows = [
+    [
+      'SESSION',
+      'PEER',
+      'CONNECTED AT',
+      'PROTOCOL',
+      'AGENT VERSION',
+      'CALLS',
+      'IDLE',
+      'DRAINING',
+      'CERT SERIAL',
+      'CERT EXPIRES',
+    ],
+  ];
   for (const s of a.sessions) {
-    rows.push([s.id, s.peer, s.connectedAt, String(s.protocolVersion), s.agentVersion, String(s.callsInFlight), String(s.idleOffers), s.draining ? 'yes' : 'no', s.certificate.serial, `${s.certificate.notAfter} (in ${formatSeconds(s.certificate.secondsLeft)})`]);
+    rows.push([
+      s.id,
+      s.peer,
+      s.connectedAt,
+      String(s.protocolVersion),
+      s.agentVersion,
+      String(s.callsInFlight),
+      String(s.idleOffers),
+      s.draining ? 'yes' : 'no',
+      s.certificate.serial,
+      `${s.certificate.notAfter} (in ${formatSeconds(s.certificate.secondsLeft)})`,
+    ]);
   }
   return `${head}\n${formatTable(rows)}`;
 }
@@ -82,40 +138,78 @@ function disconnectText(r: DisconnectResult): string {
 
 function statusText(s: BrokerStatus): string {
   const pairs: [string, string | number | boolean][] = [
-    ['broker', s.brokerId], ['version', `${s.version} (protocol ${s.protocolVersions.join(', ')})`],
+    ['broker', s.brokerId],
+    ['version', `${s.version} (protocol ${s.protocolVersions.join(', ')})`],
     ['started', `${s.startedAt} (up ${formatSeconds(s.uptimeSeconds)})`],
-    ['state', s.draining ? 'draining' : s.ready ? 'ready' : 'starting'], ['trust domain', s.trustDomain],
-    ['agent listener', s.listeners.agent], ['api listener', s.listeners.api], ['admin listener', s.listeners.admin ?? 'off'],
-    ['agents', s.agents], ['sessions', s.sessions], ['calls in flight', s.callsInFlight], ['calls waiting', s.callsWaiting], ['idle streams', s.idleStreams],
-    ['serving certificate', `${s.servingCertificate.spiffeId} serial ${s.servingCertificate.serial}, expires ${s.servingCertificate.notAfter} (in ${formatSeconds(s.servingCertificate.secondsLeft)})`],
+    ['state', s.draining ? 'draining' : s.ready ? 'ready' : 'starting'],
+    ['trust domain', s.trustDomain],
+    ['agent listener', s.listeners.agent],
+    ['api listener', s.listeners.api],
+    ['admin listener', s.listeners.admin ?? 'off'],
+    ['agents', s.agents],
+    ['sessions', s.sessions],
+    ['calls in flight', s.callsInFlight],
+    ['calls waiting', s.callsWaiting],
+    ['idle streams', s.idleStreams],
+    [
+      'serving certificate',
+      `${s.servingCertificate.spiffeId} serial ${s.servingCertificate.serial}, expires ${s.servingCertificate.notAfter} (in ${formatSeconds(s.servingCertificate.secondsLeft)})`,
+    ],
   ];
   const pki = s.pki;
   if (!pki.enabled) pairs.push(['pki', 'off (certificates from files)']);
   else if ('error' in pki) pairs.push(['pki', `cannot read the PKI directory: ${pki.error}`]);
   else {
-    pairs.push(['pki', pki.dir], ['rotation phase', pki.rotationPhase], ['trust bundle version', pki.bundleVersion], ['revocations version', pki.revocationsVersion]);
+    pairs.push(
+      ['pki', pki.dir],
+      ['rotation phase', pki.rotationPhase],
+      ['trust bundle version', pki.bundleVersion],
+      ['revocations version', pki.revocationsVersion],
+    );
     for (const ca of pki.cas) {
-      const roles = [ca.signsClients ? 'signs agents/services' : '', ca.signsServers ? 'signs brokers' : ''].filter(Boolean).join(', ');
-      pairs.push([`ca ${ca.id}`, `${ca.kind}, expires ${ca.notAfter} (in ${formatSeconds(ca.secondsLeft)})${roles ? `, ${roles}` : ''}`]);
+      const roles = [ca.signsClients ? 'signs agents/services' : '', ca.signsServers ? 'signs brokers' : '']
+        .filter(Boolean)
+        .join(', ');
+      pairs.push([
+        `ca ${ca.id}`,
+        `${ca.kind}, expires ${ca.notAfter} (in ${formatSeconds(ca.secondsLeft)})${roles ? `, ${roles}` : ''}`,
+      ]);
     }
   }
   const cluster = s.cluster;
   if (!cluster?.enabled) pairs.push(['cluster', 'off (no --redis-url)']);
   else {
     pairs.push(['cluster', `peer listener advertised at ${cluster.advertise}`]);
-    pairs.push(['redis', cluster.redis === 'up' ? 'up' : `DOWN since ${cluster.downSince ?? '?'}${cluster.lastError ? `: ${cluster.lastError}` : ''}`]);
-    pairs.push(['replicas', cluster.brokers.map((b) => `${b.brokerId} (agents at ${b.agent})`).join(', ') || 'none known']);
+    pairs.push([
+      'redis',
+      cluster.redis === 'up'
+        ? 'up'
+        : `DOWN since ${cluster.downSince ?? '?'}${cluster.lastError ? `: ${cluster.lastError}` : ''}`,
+    ]);
+    pairs.push([
+      'replicas',
+      cluster.brokers.map((b) => `${b.brokerId} (agents at ${b.agent})`).join(', ') || 'none known',
+    ]);
   }
   return keyValues(pairs);
 }
 
-const EXIT_OF_FAILURE = { unreachable: ADMIN_EXIT.unreachable, not_found: ADMIN_EXIT.notFound, refused: ADMIN_EXIT.refused, failed: ADMIN_EXIT.failed } as const;
+const EXIT_OF_FAILURE = {
+  unreachable: ADMIN_EXIT.unreachable,
+  not_found: ADMIN_EXIT.notFound,
+  refused: ADMIN_EXIT.refused,
+  failed: ADMIN_EXIT.failed,
+} as const;
 
 /**
  * Runs one admin command against the broker's admin listener. Never rejects: failures become a
  * one-line message on stderr and an exit code from {@link ADMIN_EXIT}.
  */
-export async function runAdminCommand(command: AdminCommand, opts: AdminCommandOptions, nowMs: () => number = Date.now): Promise<AdminCommandResult> {
+export async function runAdminCommand(
+  command: AdminCommand,
+  opts: AdminCommandOptions,
+  nowMs: () => number = Date.now,
+): Promise<AdminCommandResult> {
   const client = new AdminClient(opts);
   const json = (v: unknown): string => JSON.stringify(v, null, 2) + '\n';
   const path = (id: string): string => `/agents/${encodeURIComponent(id)}`;
@@ -133,7 +227,10 @@ export async function runAdminCommand(command: AdminCommand, opts: AdminCommandO
         break;
       }
       case 'disconnect': {
-        const result = await client.post<DisconnectResult>(`${path(command.agentId)}/disconnect`, command.reason === undefined ? {} : { reason: command.reason });
+        const result = await client.post<DisconnectResult>(
+          `${path(command.agentId)}/disconnect`,
+          command.reason === undefined ? {} : { reason: command.reason },
+        );
         stdout = opts.json ? json(result) : disconnectText(result);
         break;
       }
@@ -145,7 +242,8 @@ export async function runAdminCommand(command: AdminCommand, opts: AdminCommandO
     }
     return { exitCode: ADMIN_EXIT.ok, stdout, stderr: '' };
   } catch (err) {
-    if (err instanceof AdminRequestError) return { exitCode: EXIT_OF_FAILURE[err.kind], stdout: '', stderr: `${err.message}\n` };
+    if (err instanceof AdminRequestError)
+      return { exitCode: EXIT_OF_FAILURE[err.kind], stdout: '', stderr: `${err.message}\n` };
     return { exitCode: ADMIN_EXIT.failed, stdout: '', stderr: `${(err as Error).message}\n` };
   }
 }

@@ -94,16 +94,24 @@ export class AgentDirectory {
     this.self = { ...opts.self, agent: '' };
     this.redis = new Redis(opts.redisUrl, options);
     this.subscriber = new Redis(opts.redisUrl, { ...options, enableOfflineQueue: true });
-    this.redis.on('ready', () => { void this.onReady(); });
+    this.redis.on('ready', () => {
+      void this.onReady();
+    });
     this.redis.on('error', (err: Error) => this.onError(err));
     this.redis.on('close', () => this.onError(new Error('connection closed')));
     this.subscriber.on('error', () => {}); // the main connection reports outages
-    this.subscriber.on('message', () => { void this.readBrokers(); });
+    this.subscriber.on('message', () => {
+      void this.readBrokers();
+    });
     opts.metrics.redisUp.set(0);
   }
 
-  private key(name: string): string { return `${this.opts.keyPrefix}${name}`; }
-  private get selfMember(): string { return JSON.stringify(this.self); }
+  private key(name: string): string {
+    return `${this.opts.keyPrefix}${name}`;
+  }
+  private get selfMember(): string {
+    return JSON.stringify(this.self);
+  }
 
   /**
    * Connects and registers this broker. Resolves once Redis answered or the first attempt failed:
@@ -111,14 +119,24 @@ export class AgentDirectory {
    */
   async start(agentAddress: string): Promise<void> {
     this.self = { ...this.self, agent: agentAddress };
-    void this.subscriber.connect().then(() => this.subscriber.subscribe(this.key('brokers'))).catch(() => {});
+    void this.subscriber
+      .connect()
+      .then(() => this.subscriber.subscribe(this.key('brokers')))
+      .catch(() => {});
     await this.redis.connect().catch(() => {});
-    this.refreshTimer = setInterval(() => { void this.refresh(); }, Math.max(100, Math.floor(this.opts.entryTtlMs / 3)));
+    this.refreshTimer = setInterval(
+      () => {
+        void this.refresh();
+      },
+      Math.max(100, Math.floor(this.opts.entryTtlMs / 3)),
+    );
     this.refreshTimer.unref();
   }
 
   /** The live brokers as last read (this one included while it is not draining). */
-  get replicaSet(): BrokerRecord[] { return this.brokers; }
+  get replicaSet(): BrokerRecord[] {
+    return this.brokers;
+  }
 
   status(): DirectoryStatus {
     return {
@@ -133,7 +151,14 @@ export class AgentDirectory {
   agentConnected(agentId: string): void {
     if (!this.up || this.stopped) return; // re-registered with all others when Redis is back
     const k = this.key(`agent:${agentId}`);
-    this.send('claim', this.redis.multi().zadd(k, Date.now() + this.opts.entryTtlMs, this.self.peer).pexpire(k, this.opts.entryTtlMs), 2);
+    this.send(
+      'claim',
+      this.redis
+        .multi()
+        .zadd(k, Date.now() + this.opts.entryTtlMs, this.self.peer)
+        .pexpire(k, this.opts.entryTtlMs),
+      2,
+    );
   }
 
   /** The agent's last tunnel to this broker is gone: drop the claim. Never rejects. */
@@ -220,7 +245,11 @@ export class AgentDirectory {
       this.opts.metrics.directoryLookups.inc({ result: 'error' });
       const stale = this.cache.get(agentId);
       if (stale) return stale.owners;
-      throw new BurrowError(Status.UNAVAILABLE, `the agent directory (Redis) is unavailable: ${(err as Error).message}`, err);
+      throw new BurrowError(
+        Status.UNAVAILABLE,
+        `the agent directory (Redis) is unavailable: ${(err as Error).message}`,
+        err,
+      );
     }
   }
 
@@ -228,7 +257,9 @@ export class AgentDirectory {
   private async onReady(): Promise<void> {
     if (!this.up && this.downSinceMs !== undefined) {
       const downMs = Date.now() - this.downSinceMs;
-      this.opts.logger.info('agent directory (Redis) reachable; registering this broker\'s agents', { redisDownMs: this.lastError ? downMs : undefined });
+      this.opts.logger.info("agent directory (Redis) reachable; registering this broker's agents", {
+        redisDownMs: this.lastError ? downMs : undefined,
+      });
     }
     this.up = true;
     this.downSinceMs = undefined;
@@ -245,7 +276,11 @@ export class AgentDirectory {
     this.downSinceMs ??= Date.now();
     this.lastError = err.message;
     this.opts.metrics.redisUp.set(0);
-    if (!this.stopped) this.opts.logger.error('agent directory (Redis) unreachable; serving only agents connected to this broker until it returns', { redis: redactUrl(this.opts.redisUrl), error: err.message });
+    if (!this.stopped)
+      this.opts.logger.error(
+        'agent directory (Redis) unreachable; serving only agents connected to this broker until it returns',
+        { redis: redactUrl(this.opts.redisUrl), error: err.message },
+      );
   }
 
   /**
@@ -280,7 +315,10 @@ export class AgentDirectory {
       this.onError(err as Error);
       return;
     }
-    const brokers = members.map(parseBrokerRecord).filter((b): b is BrokerRecord => b !== undefined).sort((a, b) => a.brokerId.localeCompare(b.brokerId));
+    const brokers = members
+      .map(parseBrokerRecord)
+      .filter((b): b is BrokerRecord => b !== undefined)
+      .sort((a, b) => a.brokerId.localeCompare(b.brokerId));
     const key = JSON.stringify(brokers);
     if (key === this.brokersKey) return;
     this.brokersKey = key;
@@ -294,7 +332,11 @@ export class AgentDirectory {
   }
 
   /** Runs one command or transaction, counting it; a failure is an outage, not an exception. */
-  private async send(kind: string, command: Promise<unknown> | { exec(): Promise<unknown> }, count: number): Promise<void> {
+  private async send(
+    kind: string,
+    command: Promise<unknown> | { exec(): Promise<unknown> },
+    count: number,
+  ): Promise<void> {
     this.opts.metrics.redisCommands.inc({ command: kind }, count);
     try {
       await ('exec' in command ? command.exec() : command);
@@ -310,11 +352,17 @@ export class AgentDirectory {
  * Reads once over its own short-lived connection; Redis unreachable counts as no clash, since a
  * broker starts without Redis (two brokers starting at the same moment can both pass).
  */
-export async function findBrokerIdClash(
-  opts: { redisUrl: string; keyPrefix: string; brokerId: string; peer: string },
-): Promise<BrokerRecord | undefined> {
+export async function findBrokerIdClash(opts: {
+  redisUrl: string;
+  keyPrefix: string;
+  brokerId: string;
+  peer: string;
+}): Promise<BrokerRecord | undefined> {
   const redis = new Redis(opts.redisUrl, {
-    lazyConnect: true, enableOfflineQueue: false, maxRetriesPerRequest: 0, connectTimeout: 2_000,
+    lazyConnect: true,
+    enableOfflineQueue: false,
+    maxRetriesPerRequest: 0,
+    connectTimeout: 2_000,
     retryStrategy: () => null,
   });
   redis.on('error', () => {}); // unreachable: no clash can be seen; the directory logs the outage
@@ -333,7 +381,8 @@ export async function findBrokerIdClash(
 function parseBrokerRecord(member: string): BrokerRecord | undefined {
   try {
     const v = JSON.parse(member) as Partial<BrokerRecord>;
-    if (typeof v.brokerId === 'string' && typeof v.peer === 'string' && typeof v.agent === 'string') return { brokerId: v.brokerId, peer: v.peer, agent: v.agent };
+    if (typeof v.brokerId === 'string' && typeof v.peer === 'string' && typeof v.agent === 'string')
+      return { brokerId: v.brokerId, peer: v.peer, agent: v.agent };
   } catch {
     // another program's member under our prefix: not a broker
   }

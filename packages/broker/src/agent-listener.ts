@@ -1,9 +1,37 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_DRAIN_VERSION, BurrowError, CALLING_AGENT_KEY, CallStream, PROTOCOL_VERSIONS, REPLICA_SET_VERSION, REUSABLE_OFFERS_VERSION, ProtocolError, SESSION_ID_KEY, TUNNEL_METHODS,
-  UpstreamTable, answer, decodeSessionFrame, certificateIdentityProblem, describeVersions, encodeSessionFrame, identity, identityOfPeerCertificate, negotiateVersion,
-  statusName, verifyCertificateChain, checkReplicaSet, type BrokerEndpoint, type CallFrame, type Logger, type PeerIdentity, type StartFrame,
-  logCallFinished, boundedForLog, MAX_SESSION_FRAME_BYTES, sessionFrameTooLarge, type OversizedMessage,
+  AGENT_DRAIN_VERSION,
+  BurrowError,
+  CALLING_AGENT_KEY,
+  CallStream,
+  PROTOCOL_VERSIONS,
+  REPLICA_SET_VERSION,
+  REUSABLE_OFFERS_VERSION,
+  ProtocolError,
+  SESSION_ID_KEY,
+  TUNNEL_METHODS,
+  UpstreamTable,
+  answer,
+  decodeSessionFrame,
+  certificateIdentityProblem,
+  describeVersions,
+  encodeSessionFrame,
+  identity,
+  identityOfPeerCertificate,
+  negotiateVersion,
+  statusName,
+  verifyCertificateChain,
+  checkReplicaSet,
+  type BrokerEndpoint,
+  type CallFrame,
+  type Logger,
+  type PeerIdentity,
+  type StartFrame,
+  logCallFinished,
+  boundedForLog,
+  MAX_SESSION_FRAME_BYTES,
+  sessionFrameTooLarge,
+  type OversizedMessage,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
@@ -55,7 +83,12 @@ type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
 // While an offer is idle only its end matters (its ownerHooks.onClosed); once assigned, the
 // originator attaches its own handlers. Shared by every idle offer: a broker holds thousands.
-const IDLE_OFFER_HANDLERS = Object.freeze({ onFrame: () => {}, onDrain: () => {}, onClosed: () => {}, onProtocolError: () => {} });
+const IDLE_OFFER_HANDLERS = Object.freeze({
+  onFrame: () => {},
+  onDrain: () => {},
+  onClosed: () => {},
+  onProtocolError: () => {},
+});
 
 /**
  * The broker's Tunnel service (tunnel.proto): Session, Offer and Forward streams opened by agents.
@@ -81,7 +114,15 @@ export class AgentListener {
   constructor(private readonly deps: AgentListenerDeps) {}
 
   addTo(server: Server): void {
-    const def = (path: string) => ({ path, requestStream: true, responseStream: true, requestSerialize: identity, requestDeserialize: identity, responseSerialize: identity, responseDeserialize: identity });
+    const def = (path: string) => ({
+      path,
+      requestStream: true,
+      responseStream: true,
+      requestSerialize: identity,
+      requestDeserialize: identity,
+      responseSerialize: identity,
+      responseDeserialize: identity,
+    });
     server.addService(
       { session: def(TUNNEL_METHODS.session), offer: def(TUNNEL_METHODS.offer), forward: def(TUNNEL_METHODS.forward) },
       {
@@ -93,7 +134,9 @@ export class AgentListener {
   }
 
   /** Number of sessions known (leak checks). */
-  get sessionCount(): number { return this.sessionsById.size; }
+  get sessionCount(): number {
+    return this.sessionsById.size;
+  }
 
   /** Sends Drain to every session and retires their idle offers. */
   drainAll(reason: string): void {
@@ -119,7 +162,14 @@ export class AgentListener {
     let closed = 0;
     for (const s of [...this.sessionsById.values()]) {
       if (s.credentialExpiryMs <= nowMs) {
-        this.closeSession(s, new BurrowError(Status.UNAUTHENTICATED, `certificate of agent "${s.agentId}" expired at ${new Date(s.credentialExpiryMs).toISOString()}`), true);
+        this.closeSession(
+          s,
+          new BurrowError(
+            Status.UNAUTHENTICATED,
+            `certificate of agent "${s.agentId}" expired at ${new Date(s.credentialExpiryMs).toISOString()}`,
+          ),
+          true,
+        );
         this.deps.metrics.connectionsClosed.inc({ reason: 'expired' });
         closed++;
       }
@@ -132,7 +182,11 @@ export class AgentListener {
     let closed = 0;
     for (const s of [...this.sessionsById.values()]) {
       if (!this.deps.isRevoked(s.identity)) continue;
-      this.closeSession(s, new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${s.agentId}" was revoked`), true);
+      this.closeSession(
+        s,
+        new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${s.agentId}" was revoked`),
+        true,
+      );
       this.deps.metrics.connectionsClosed.inc({ reason: 'revoked' });
       closed++;
     }
@@ -148,7 +202,12 @@ export class AgentListener {
     if (session.draining) return;
     session.draining = true;
     for (const offer of session.idle.splice(0)) offer.stream.finish();
-    this.deps.logger.info('agent is leaving', { agentId: session.agentId, sessionId: session.id, reason, callsInFlight: session.activeCalls });
+    this.deps.logger.info('agent is leaving', {
+      agentId: session.agentId,
+      sessionId: session.id,
+      reason,
+      callsInFlight: session.activeCalls,
+    });
   }
 
   /** Sends the new trust bundle to every session (CA rotation). */
@@ -172,7 +231,8 @@ export class AgentListener {
   /** Earliest certificate expiry among connected agents (ms since epoch), for metrics. */
   earliestAgentExpiryMs(): number | undefined {
     let min: number | undefined;
-    for (const s of this.sessionsById.values()) if (min === undefined || s.credentialExpiryMs < min) min = s.credentialExpiryMs;
+    for (const s of this.sessionsById.values())
+      if (min === undefined || s.credentialExpiryMs < min) min = s.credentialExpiryMs;
     return min;
   }
 
@@ -190,16 +250,28 @@ export class AgentListener {
       return;
     }
     if (id.role !== 'agent' || id.name !== session.agentId || id.trustDomain !== session.identity.trustDomain) {
-      this.protocolError(session, new ProtocolError(`renewed certificate names ${id.spiffeId}, not the session's ${session.identity.spiffeId}`));
+      this.protocolError(
+        session,
+        new ProtocolError(`renewed certificate names ${id.spiffeId}, not the session's ${session.identity.spiffeId}`),
+      );
       return;
     }
     if (this.deps.isRevoked(id)) {
-      this.closeSession(session, new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${id.name}" is revoked`), true);
+      this.closeSession(
+        session,
+        new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${id.name}" is revoked`),
+        true,
+      );
       return;
     }
     session.identity = id;
     session.credentialExpiryMs = Math.max(session.credentialExpiryMs, id.notAfterMs);
-    this.deps.logger.debug('agent presented a renewed certificate', { agentId: id.name, sessionId: session.id, serial: id.serialHex, notAfter: new Date(id.notAfterMs).toISOString() });
+    this.deps.logger.debug('agent presented a renewed certificate', {
+      agentId: id.name,
+      sessionId: session.id,
+      serial: id.serialHex,
+      notAfter: new Date(id.notAfterMs).toISOString(),
+    });
   }
 
   /** Ends every session stream (final shutdown). */
@@ -218,11 +290,13 @@ export class AgentListener {
       const why = raw ? certificateIdentityProblem(raw) : undefined;
       problem = why
         ? `client certificate has no Burrow identity: ${why}`
-        : 'no valid client certificate (missing, expired, or not issued by a trusted CA); '
-          + 'enroll again with a new join token';
+        : 'no valid client certificate (missing, expired, or not issued by a trusted CA); ' +
+          'enroll again with a new join token';
       reason = 'no_identity';
-    } else if (id.role !== 'agent') problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;
-    else if (id.trustDomain !== this.deps.trustDomain) problem = `certificate trust domain "${id.trustDomain}" is not "${this.deps.trustDomain}"`;
+    } else if (id.role !== 'agent')
+      problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;
+    else if (id.trustDomain !== this.deps.trustDomain)
+      problem = `certificate trust domain "${id.trustDomain}" is not "${this.deps.trustDomain}"`;
     else if (this.deps.isRevoked(id)) {
       problem = `certificate of agent "${id.name}" (serial ${id.serialHex}) is revoked`;
       reason = 'revoked';
@@ -263,7 +337,10 @@ export class AgentListener {
       else this.pendingSessions.delete(id.name);
     };
     let session: AgentSession | undefined;
-    const helloTimer = setTimeout(() => fail(new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`)), HELLO_TIMEOUT_MS);
+    const helloTimer = setTimeout(
+      () => fail(new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`)),
+      HELLO_TIMEOUT_MS,
+    );
     const fail = (err: BurrowError): void => {
       clearTimeout(helloTimer);
       settle();
@@ -290,7 +367,13 @@ export class AgentListener {
         return;
       }
       if (session || frame.kind !== 'hello') {
-        fail(new ProtocolError(session ? `${frame.kind} frame after hello on a session stream` : `session opened with ${frame.kind}, not hello`));
+        fail(
+          new ProtocolError(
+            session
+              ? `${frame.kind} frame after hello on a session stream`
+              : `session opened with ${frame.kind}, not hello`,
+          ),
+        );
         return;
       }
       clearTimeout(helloTimer);
@@ -303,21 +386,49 @@ export class AgentListener {
         call.emit('error', { code: Status.FAILED_PRECONDITION, details });
         return;
       }
-      session = new AgentSession(id, call.getPeer(), version, frame.hello.agentVersion, Math.min(frame.hello.minIdleOffers, 1000), {
-        demand: (offers) => { metrics.demandedOffers.inc(offers); call.write(encodeSessionFrame({ kind: 'demand', offers })); },
-        drain: (reason) => call.write(encodeSessionFrame({ kind: 'drain', reason })),
-        trustBundle: (pem, version) => call.write(encodeSessionFrame({ kind: 'trustBundle', pem, version })),
-        replicaSet: (brokers) => { if (version >= REPLICA_SET_VERSION) call.write(encodeSessionFrame({ kind: 'brokers', brokers })); },
-        close: (err) => (err ? call.emit('error', err.toServiceError()) : call.end()),
-      });
+      session = new AgentSession(
+        id,
+        call.getPeer(),
+        version,
+        frame.hello.agentVersion,
+        Math.min(frame.hello.minIdleOffers, 1000),
+        {
+          demand: (offers) => {
+            metrics.demandedOffers.inc(offers);
+            call.write(encodeSessionFrame({ kind: 'demand', offers }));
+          },
+          drain: (reason) => call.write(encodeSessionFrame({ kind: 'drain', reason })),
+          trustBundle: (pem, version) => call.write(encodeSessionFrame({ kind: 'trustBundle', pem, version })),
+          replicaSet: (brokers) => {
+            if (version >= REPLICA_SET_VERSION) call.write(encodeSessionFrame({ kind: 'brokers', brokers }));
+          },
+          close: (err) => (err ? call.emit('error', err.toServiceError()) : call.end()),
+        },
+      );
       this.sessionsById.set(session.id, session);
       this.sessionCalls.set(session, call);
-      call.write(encodeSessionFrame({ kind: 'welcome', welcome: { protocolVersion: version, sessionId: session.id, maxMessageBytes: this.deps.maxMessageBytes, brokerId: this.deps.brokerId } }));
+      call.write(
+        encodeSessionFrame({
+          kind: 'welcome',
+          welcome: {
+            protocolVersion: version,
+            sessionId: session.id,
+            maxMessageBytes: this.deps.maxMessageBytes,
+            brokerId: this.deps.brokerId,
+          },
+        }),
+      );
       const replicas = this.deps.replicaSet ? this.deps.replicaSet() : this.lastReplicaSet;
       if (replicas.length > 0) session.control.replicaSet(replicas);
       registry.addSession(session);
       metrics.agentConnects.inc();
-      logger.info('agent connected', { agentId: id.name, sessionId: session.id, peer: session.peerAddress, protocolVersion: version, agentVersion: session.agentVersion });
+      logger.info('agent connected', {
+        agentId: id.name,
+        sessionId: session.id,
+        peer: session.peerAddress,
+        protocolVersion: version,
+        agentVersion: session.agentVersion,
+      });
     });
     const ended = (): void => {
       clearTimeout(helloTimer);
@@ -340,7 +451,11 @@ export class AgentListener {
     if (error) for (const stream of [...session.active]) stream.abort(error);
     if (endStream && call && !call.cancelled) session.control.close(error);
     else if (call && !call.writableEnded && !call.cancelled) call.end();
-    this.deps.logger.info('agent disconnected', { agentId: session.agentId, sessionId: session.id, reason: error?.message ?? 'session ended' });
+    this.deps.logger.info('agent disconnected', {
+      agentId: session.agentId,
+      sessionId: session.id,
+      reason: error?.message ?? 'session ended',
+    });
   }
 
   private sessionOf(call: RawCall, id: PeerIdentity, stream: string): AgentSession | undefined {
@@ -354,7 +469,11 @@ export class AgentListener {
     }
     if (session.agentId !== id.name) {
       this.deps.metrics.protocolErrors.inc();
-      this.deps.logger.warn('tunnel stream for another agent\'s session refused', { stream, agentId: id.name, sessionAgentId: session.agentId });
+      this.deps.logger.warn("tunnel stream for another agent's session refused", {
+        stream,
+        agentId: id.name,
+        sessionAgentId: session.agentId,
+      });
       call.emit('error', { code: Status.PERMISSION_DENIED, details: 'tunnel session belongs to another agent' });
       return undefined;
     }
@@ -438,7 +557,15 @@ export class AgentListener {
     const seconds = (Date.now() - startedMs) / 1000;
     metrics.calls.inc({ direction: 'from_agent', method: metrics.methodLabel(start.method), code: statusName(code) });
     metrics.callDuration.observe({ direction: 'from_agent' }, seconds);
-    logCallFinished(logger, { direction: 'from_agent', agentId: session.agentId, callId, method: start.method, code, details, durationMs: Math.round(seconds * 1000) });
+    logCallFinished(logger, {
+      direction: 'from_agent',
+      agentId: session.agentId,
+      callId,
+      method: start.method,
+      code,
+      details,
+      durationMs: Math.round(seconds * 1000),
+    });
   }
 
   /**
@@ -474,7 +601,11 @@ export class AgentListener {
 
   private protocolError(session: AgentSession, err: ProtocolError): void {
     this.deps.metrics.protocolErrors.inc();
-    this.deps.logger.warn('agent broke the tunnel protocol; closing its session', { agentId: session.agentId, sessionId: session.id, error: err.message });
+    this.deps.logger.warn('agent broke the tunnel protocol; closing its session', {
+      agentId: session.agentId,
+      sessionId: session.id,
+      error: err.message,
+    });
     this.closeSession(session, err, true);
   }
 }

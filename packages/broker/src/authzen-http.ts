@@ -3,7 +3,14 @@ import type { IncomingMessage, ServerResponse } from 'node:http';
 import type { TLSSocket } from 'node:tls';
 import { status as Status } from '@grpc/grpc-js';
 import {
-  API_CODECS, BurrowError, POLICY_METHODS, identityOfPeerCertificate, statusName, type ApiCodec, type CredentialStore, type Logger,
+  API_CODECS,
+  BurrowError,
+  POLICY_METHODS,
+  identityOfPeerCertificate,
+  statusName,
+  type ApiCodec,
+  type CredentialStore,
+  type Logger,
 } from '@burrow/tunnel';
 import { POLICY_INPUT_LIMITS, checkInputBounds } from '@burrow/policy';
 import type { BrokerMetrics } from './broker-metrics';
@@ -61,7 +68,12 @@ export function httpStatusOf(code: number): number {
 }
 
 class HttpError extends Error {
-  constructor(readonly httpStatus: number, readonly code: string, message: string, readonly headers: Record<string, string> = {}) {
+  constructor(
+    readonly httpStatus: number,
+    readonly code: string,
+    message: string,
+    readonly headers: Record<string, string> = {},
+  ) {
     super(message);
   }
 }
@@ -111,9 +123,16 @@ function agentIdOf(encoded: string): string {
  */
 export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
   const secureOptions = (): https.ServerOptions => ({
-    key: deps.tls.keyPem, cert: deps.tls.certPem, ca: deps.tls.caPem, requestCert: true, rejectUnauthorized: true, minVersion: 'TLSv1.2',
+    key: deps.tls.keyPem,
+    cert: deps.tls.certPem,
+    ca: deps.tls.caPem,
+    requestCert: true,
+    rejectUnauthorized: true,
+    minVersion: 'TLSv1.2',
   });
-  const server = https.createServer(secureOptions(), (req, res) => { void handle(req, res); });
+  const server = https.createServer(secureOptions(), (req, res) => {
+    void handle(req, res);
+  });
   deps.watch.watchTlsServer(server, 'authzen');
   // Follow renewals and rotation: every update of the store rebuilds the context for new handshakes.
   let current = `${deps.tls.certPem}${deps.tls.caPem}`;
@@ -133,14 +152,23 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
   });
 
   const codecs: Record<'evaluation' | 'evaluations', { method: string; request: ApiCodec; response: ApiCodec }> = {
-    evaluation: { method: POLICY_METHODS.evaluate, request: API_CODECS.evaluationRequest, response: API_CODECS.evaluationResponse },
-    evaluations: { method: POLICY_METHODS.evaluations, request: API_CODECS.evaluationsRequest, response: API_CODECS.evaluationsResponse },
+    evaluation: {
+      method: POLICY_METHODS.evaluate,
+      request: API_CODECS.evaluationRequest,
+      response: API_CODECS.evaluationResponse,
+    },
+    evaluations: {
+      method: POLICY_METHODS.evaluations,
+      request: API_CODECS.evaluationsRequest,
+      response: API_CODECS.evaluationsResponse,
+    },
   };
 
   const maxBodyBytes = Math.min(deps.maxBodyBytes, POLICY_INPUT_LIMITS.maxBodyBytes);
 
   async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const requestId = typeof req.headers['x-request-id'] === 'string' ? req.headers['x-request-id'].slice(0, 200) : undefined;
+    const requestId =
+      typeof req.headers['x-request-id'] === 'string' ? req.headers['x-request-id'].slice(0, 200) : undefined;
     let endpoint = 'unknown';
     const send = (httpStatus: number, body: unknown, headers: Record<string, string> = {}): void => {
       deps.metrics.httpRequests.inc({ endpoint, status: String(httpStatus) });
@@ -148,8 +176,11 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
       // A connection whose certificate was just revoked or expired closes after this answer.
       const closing = deps.watch.isClosing(req.socket as TLSSocket) ? { connection: 'close' } : {};
       res.writeHead(httpStatus, {
-        'content-type': 'application/json', 'cache-control': 'no-store',
-        ...(requestId ? { 'x-request-id': requestId } : {}), ...closing, ...headers,
+        'content-type': 'application/json',
+        'cache-control': 'no-store',
+        ...(requestId ? { 'x-request-id': requestId } : {}),
+        ...closing,
+        ...headers,
       });
       res.end(text);
     };
@@ -161,12 +192,18 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
         throw new HttpError(400, 'INVALID_ARGUMENT', 'the request target is not a valid path');
       }
       const m = ROUTE.exec(url.pathname);
-      if (!m) throw new HttpError(404, 'NOT_FOUND', `no AuthZEN endpoint at ${url.pathname.slice(0, 200)}; use /agents/<id>/access/v1/evaluation(s)`);
+      if (!m)
+        throw new HttpError(
+          404,
+          'NOT_FOUND',
+          `no AuthZEN endpoint at ${url.pathname.slice(0, 200)}; use /agents/<id>/access/v1/evaluation(s)`,
+        );
       const agentId = agentIdOf(m[1]!);
       const peer = identityOfPeerCertificate((req.socket as TLSSocket).getPeerCertificate());
       if (m[2] === '.well-known/authzen-configuration') {
         endpoint = 'configuration';
-        if (req.method !== 'GET' && req.method !== 'HEAD') throw new HttpError(405, 'INVALID_ARGUMENT', 'use GET', { allow: 'GET, HEAD' });
+        if (req.method !== 'GET' && req.method !== 'HEAD')
+          throw new HttpError(405, 'INVALID_ARGUMENT', 'use GET', { allow: 'GET, HEAD' });
         // Relative to the metadata's own URL, never built from the request's Host header: a forged
         // Host (DNS rebinding, a proxy that passes it through) would otherwise point a PDP client at
         // another server. The listener has no configured public name to use instead.
@@ -181,7 +218,8 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
       endpoint = m[2].endsWith('s') ? 'evaluations' : 'evaluation';
       if (req.method !== 'POST') throw new HttpError(405, 'INVALID_ARGUMENT', 'use POST', { allow: 'POST' });
       const type = String(req.headers['content-type'] ?? '');
-      if (!/^application\/json\b/i.test(type)) throw new HttpError(415, 'INVALID_ARGUMENT', 'content-type must be application/json');
+      if (!/^application\/json\b/i.test(type))
+        throw new HttpError(415, 'INVALID_ARGUMENT', 'content-type must be application/json');
       const body = await readBody(req, maxBodyBytes);
       let json: unknown;
       try {
@@ -204,12 +242,22 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
         throw err;
       }
       const abort = new AbortController();
-      const onGone = (): void => { if (!res.writableEnded) abort.abort(); };
+      const onGone = (): void => {
+        if (!res.writableEnded) abort.abort();
+      };
       res.on('close', onGone);
-      const result = await deps.api.callUnary(peer, agentId, codec.method, message, Date.now() + deps.timeoutMs, abort.signal);
+      const result = await deps.api.callUnary(
+        peer,
+        agentId,
+        codec.method,
+        message,
+        Date.now() + deps.timeoutMs,
+        abort.signal,
+      );
       res.removeListener('close', onGone);
       if (abort.signal.aborted) return; // the client left; nobody to answer
-      if (result.code !== Status.OK) throw new HttpError(httpStatusOf(result.code), statusName(result.code), result.details);
+      if (result.code !== Status.OK)
+        throw new HttpError(httpStatusOf(result.code), statusName(result.code), result.details);
       send(200, codec.response.decode(result.response!));
     } catch (err) {
       if (err instanceof HttpError) {

@@ -15,28 +15,45 @@ const MAX_REASON_CHARS = 200;
  * - `GET /status`: version, uptime, listeners, agents, calls, draining, serving certificate, PKI.
  */
 export function brokerAdminRoutes(broker: Broker, logger: Logger): AdminRoute[] {
-  const notConnected = (id: string) => ({ status: 404, body: { error: `agent "${id}" is not connected to this broker` } });
+  const notConnected = (id: string) => ({
+    status: 404,
+    body: { error: `agent "${id}" is not connected to this broker` },
+  });
   return [
     {
-      method: 'GET', pattern: /^\/status$/, mutating: false,
+      method: 'GET',
+      pattern: /^\/status$/,
+      mutating: false,
       handle: async () => ({ status: 200, body: await broker.status() }),
     },
     {
-      method: 'GET', pattern: /^\/agents\/([^/]+)$/, mutating: false,
+      method: 'GET',
+      pattern: /^\/agents\/([^/]+)$/,
+      mutating: false,
       handle: ([id]) => {
         const detail = broker.registry.detail(id!);
         return detail ? { status: 200, body: detail } : notConnected(id!);
       },
     },
     {
-      method: 'POST', pattern: /^\/agents\/([^/]+)\/disconnect$/, mutating: true,
+      method: 'POST',
+      pattern: /^\/agents\/([^/]+)\/disconnect$/,
+      mutating: true,
       handle: ([id], req) => {
         const given = (req.body as { reason?: unknown } | null)?.reason;
-        if (given !== undefined && typeof given !== 'string') return { status: 400, body: { error: 'reason must be a string' } };
+        if (given !== undefined && typeof given !== 'string')
+          return { status: 400, body: { error: 'reason must be a string' } };
         const reason = (given ?? '').trim().slice(0, MAX_REASON_CHARS) || 'no reason given';
         const result = broker.disconnectByOperator(id!, reason);
         if (!result) return notConnected(id!);
-        logger.warn('agent disconnected by an operator', { agentId: id, reason, sessions: result.sessionsClosed, callsAborted: result.callsAborted, from: req.remoteAddress, revoked: result.revoked });
+        logger.warn('agent disconnected by an operator', {
+          agentId: id,
+          reason,
+          sessions: result.sessionsClosed,
+          callsAborted: result.callsAborted,
+          from: req.remoteAddress,
+          revoked: result.revoked,
+        });
         return { status: 200, body: result };
       },
     },

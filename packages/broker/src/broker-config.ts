@@ -1,5 +1,11 @@
 import type { CallLimits } from './call-limiter';
-import { DEFAULT_KEEPALIVE, DEFAULT_MAX_MESSAGE_BYTES, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
+import {
+  DEFAULT_KEEPALIVE,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  type KeepaliveSettings,
+  type LogFormat,
+  type UpstreamRoute,
+} from '@burrow/tunnel';
 
 /** Everything a broker needs to run; built by cli.ts from flags, env and the config file. */
 export interface BrokerConfig {
@@ -136,7 +142,10 @@ export const BROKER_DEFAULTS = {
   maxOffersPerAgent: 4096,
   keepalive: DEFAULT_KEEPALIVE,
   authzenTimeoutMs: 10_000,
-  limits: { caller: { maxConcurrent: 4096, ratePerSecond: 0 }, agent: { maxConcurrent: 2048, ratePerSecond: 0 } } as CallLimits,
+  limits: {
+    caller: { maxConcurrent: 4096, ratePerSecond: 0 },
+    agent: { maxConcurrent: 2048, ratePerSecond: 0 },
+  } as CallLimits,
   logLevel: 'info',
   logFormat: 'json' as LogFormat,
 };

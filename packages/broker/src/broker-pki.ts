@@ -1,11 +1,27 @@
 import { status as Status, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
-  EnrollmentError, PkiError, consumeJoinToken, describeTightened, issueCertificate, loadPki, loadRevocations,
-  recordAgentState, securePkiDir, signCsr, trustBundle, type RevocationList,
+  EnrollmentError,
+  PkiError,
+  consumeJoinToken,
+  describeTightened,
+  issueCertificate,
+  loadPki,
+  loadRevocations,
+  recordAgentState,
+  securePkiDir,
+  signCsr,
+  trustBundle,
+  type RevocationList,
 } from '@burrow/pki';
 import {
-  identityOfPeerCertificate, splitPemCertificates, type CredentialStore, type EnrollRequest,
-  type IssuedAgentCertificate, type Logger, type PeerIdentity, type RenewRequest,
+  identityOfPeerCertificate,
+  splitPemCertificates,
+  type CredentialStore,
+  type EnrollRequest,
+  type IssuedAgentCertificate,
+  type Logger,
+  type PeerIdentity,
+  type RenewRequest,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 
@@ -49,7 +65,14 @@ export interface BrokerPkiStatus {
   bundleVersion: number;
   revocationsVersion: number;
   selfIssuedServingCertificate: boolean;
-  cas: { id: string; kind: string; notAfter: string; secondsLeft: number; signsClients: boolean; signsServers: boolean }[];
+  cas: {
+    id: string;
+    kind: string;
+    notAfter: string;
+    secondsLeft: number;
+    signsClients: boolean;
+    signsServers: boolean;
+  }[];
 }
 
 /**
@@ -63,15 +86,22 @@ export interface BrokerPkiStatus {
 export function defaultBrokerName(host: string, agentListen: string, pid: number = process.pid): string {
   const port = Number(agentListen.slice(agentListen.lastIndexOf(':') + 1));
   const suffix = port > 0 ? String(port) : `pid${pid}`;
-  const base = host.toLowerCase().replace(/[^a-z0-9._-]+/g, '-').slice(0, 63 - suffix.length)
-    .replace(/^[^a-z0-9]+/, '').replace(/[^a-z0-9]+$/, '');
+  const base = host
+    .toLowerCase()
+    .replace(/[^a-z0-9._-]+/g, '-')
+    .slice(0, 63 - suffix.length)
+    .replace(/^[^a-z0-9]+/, '')
+    .replace(/[^a-z0-9]+$/, '');
   return `${base || 'broker'}-${suffix}`;
 }
 
 /** Token bucket per source address, so a scanner cannot hammer enrollment. */
 class RateLimiter {
   private readonly buckets = new Map<string, { tokens: number; updatedMs: number }>();
-  constructor(private readonly perMinute: number, private readonly now: () => number) {}
+  constructor(
+    private readonly perMinute: number,
+    private readonly now: () => number,
+  ) {}
 
   take(key: string): boolean {
     const now = this.now();
@@ -107,8 +137,12 @@ export class BrokerPki {
   }
 
   /** The trust bundle PEM agents and callers must chain to. */
-  get trustBundlePem(): string { return this.bundle.pem; }
-  get bundleVersion(): number { return this.bundle.version; }
+  get trustBundlePem(): string {
+    return this.bundle.pem;
+  }
+  get bundleVersion(): number {
+    return this.bundle.version;
+  }
 
   /**
    * Loads the directory; with `issueOwnCertificate`, issues the serving certificate. Returns the
@@ -131,7 +165,9 @@ export class BrokerPki {
   /** Starts polling the directory and renewing the serving certificate; `store` gets the updates. */
   start(store: CredentialStore, events: PkiEvents): void {
     this.store = store;
-    this.timer = setInterval(() => { void this.poll(events); }, PKI_POLL_INTERVAL_MS);
+    this.timer = setInterval(() => {
+      void this.poll(events);
+    }, PKI_POLL_INTERVAL_MS);
     this.timer.unref();
     if (this.opts.issueOwnCertificate) this.scheduleOwnRenewal();
   }
@@ -143,7 +179,14 @@ export class BrokerPki {
 
   /** True when `id`'s certificate is revoked (by serial, or by agent id since before it was issued). */
   isRevoked(id: PeerIdentity): boolean {
-    return this.revocations?.isCertificateRevoked({ role: id.role, name: id.name, serialHex: id.serialHex, notBeforeMs: id.notBeforeMs }) ?? false;
+    return (
+      this.revocations?.isCertificateRevoked({
+        role: id.role,
+        name: id.name,
+        serialHex: id.serialHex,
+        notBeforeMs: id.notBeforeMs,
+      }) ?? false
+    );
   }
 
   /**
@@ -162,9 +205,12 @@ export class BrokerPki {
       revocationsVersion: this.revocations?.version ?? 0,
       selfIssuedServingCertificate: this.opts.issueOwnCertificate,
       cas: pki.manifest.cas.map((c) => ({
-        id: c.id, kind: c.kind, notAfter: new Date(String(c.notAfter)).toISOString(),
+        id: c.id,
+        kind: c.kind,
+        notAfter: new Date(String(c.notAfter)).toISOString(),
         secondsLeft: Math.round((Date.parse(String(c.notAfter)) - this.now()) / 1000),
-        signsClients: c.id === pki.manifest.signingCaId, signsServers: c.id === (pki.manifest.serverSigningCaId ?? pki.manifest.signingCaId),
+        signsClients: c.id === pki.manifest.signingCaId,
+        signsServers: c.id === (pki.manifest.serverSigningCaId ?? pki.manifest.signingCaId),
       })),
     };
   }
@@ -172,7 +218,11 @@ export class BrokerPki {
   /** Seconds until each CA expires, for metrics. */
   async caExpiries(): Promise<{ id: string; kind: string; seconds: number }[]> {
     const pki = await loadPki(this.opts.dir);
-    return pki.manifest.cas.map((c) => ({ id: c.id, kind: c.kind, seconds: (Date.parse(String(c.notAfter)) - this.now()) / 1000 }));
+    return pki.manifest.cas.map((c) => ({
+      id: c.id,
+      kind: c.kind,
+      seconds: (Date.parse(String(c.notAfter)) - this.now()) / 1000,
+    }));
   }
 
   /**
@@ -192,7 +242,10 @@ export class BrokerPki {
    * Enrollment/Enroll: join token + CSR -> the agent's first certificate. No client cert needed.
    * The rate limit ran before the body was read ({@link refuseEnrollment}).
    */
-  readonly enroll = (call: ServerUnaryCall<EnrollRequest, IssuedAgentCertificate>, cb: sendUnaryData<IssuedAgentCertificate>): void => {
+  readonly enroll = (
+    call: ServerUnaryCall<EnrollRequest, IssuedAgentCertificate>,
+    cb: sendUnaryData<IssuedAgentCertificate>,
+  ): void => {
     const source = call.getPeer().replace(/:\d+$/, '');
     void (async () => {
       let agentId: string;
@@ -202,7 +255,10 @@ export class BrokerPki {
         const reason = err instanceof EnrollmentError ? err.reason : 'error';
         this.opts.metrics.enrollments.inc({ result: reason });
         this.opts.logger.warn('enrollment refused', { source, reason, error: (err as Error).message });
-        cb({ code: err instanceof EnrollmentError ? Status.PERMISSION_DENIED : Status.INTERNAL, details: `enrollment refused: ${(err as Error).message}` });
+        cb({
+          code: err instanceof EnrollmentError ? Status.PERMISSION_DENIED : Status.INTERNAL,
+          details: `enrollment refused: ${(err as Error).message}`,
+        });
         return;
       }
       try {
@@ -222,39 +278,77 @@ export class BrokerPki {
    * Enrollment/Renew: the agent's valid client certificate + a CSR for a new key -> a new
    * certificate for the same identity. `authenticate` is the agent listener's identity check.
    */
-  readonly renew = (call: ServerUnaryCall<RenewRequest, IssuedAgentCertificate>, cb: sendUnaryData<IssuedAgentCertificate>, trustDomain: string): void => {
+  readonly renew = (
+    call: ServerUnaryCall<RenewRequest, IssuedAgentCertificate>,
+    cb: sendUnaryData<IssuedAgentCertificate>,
+    trustDomain: string,
+  ): void => {
     const id = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
     let problem: string | undefined;
     let result = 'denied';
-    if (!id) problem = 'renewal needs a valid client certificate; an agent whose certificate expired must enroll again with a new join token';
-    else if (id.role !== 'agent' || id.trustDomain !== trustDomain) problem = `certificate ${id.spiffeId} may not renew an agent certificate`;
-    else if (this.isRevoked(id)) { problem = `certificate of agent "${id.name}" is revoked`; result = 'revoked'; }
+    if (!id)
+      problem =
+        'renewal needs a valid client certificate; an agent whose certificate expired must enroll again with a new join token';
+    else if (id.role !== 'agent' || id.trustDomain !== trustDomain)
+      problem = `certificate ${id.spiffeId} may not renew an agent certificate`;
+    else if (this.isRevoked(id)) {
+      problem = `certificate of agent "${id.name}" is revoked`;
+      result = 'revoked';
+    }
     if (problem || !id) {
       this.opts.metrics.renewals.inc({ result });
       this.opts.logger.warn('renewal refused', { agentId: id?.name, reason: problem });
       cb({ code: Status.PERMISSION_DENIED, details: problem });
       return;
     }
-    void this.issueForAgent(id.name, call.request.csrPem, call.request.bundleVersion).then((issued) => {
-      this.opts.metrics.renewals.inc({ result: 'ok' });
-      this.opts.logger.info('agent certificate renewed', { agentId: id.name, serial: issued.serialHex, notAfter: issued.notAfter.toISOString() });
-      cb(null, issued.response);
-    }, (err: Error) => {
-      const bad = err instanceof PkiError;
-      this.opts.metrics.renewals.inc({ result: bad ? 'bad_csr' : 'error' });
-      cb({ code: bad ? Status.INVALID_ARGUMENT : Status.INTERNAL, details: `renewal refused: ${err.message}` });
-    });
+    void this.issueForAgent(id.name, call.request.csrPem, call.request.bundleVersion).then(
+      (issued) => {
+        this.opts.metrics.renewals.inc({ result: 'ok' });
+        this.opts.logger.info('agent certificate renewed', {
+          agentId: id.name,
+          serial: issued.serialHex,
+          notAfter: issued.notAfter.toISOString(),
+        });
+        cb(null, issued.response);
+      },
+      (err: Error) => {
+        const bad = err instanceof PkiError;
+        this.opts.metrics.renewals.inc({ result: bad ? 'bad_csr' : 'error' });
+        cb({ code: bad ? Status.INVALID_ARGUMENT : Status.INTERNAL, details: `renewal refused: ${err.message}` });
+      },
+    );
   };
 
-  private async issueForAgent(agentId: string, csrPem: string, bundleVersion: number): Promise<{ response: IssuedAgentCertificate; serialHex: string; notAfter: Date }> {
-    const issued = await signCsr({ dir: this.opts.dir, csrPem, role: 'agent', name: agentId, ttlMs: this.opts.leafTtlMs });
+  private async issueForAgent(
+    agentId: string,
+    csrPem: string,
+    bundleVersion: number,
+  ): Promise<{ response: IssuedAgentCertificate; serialHex: string; notAfter: Date }> {
+    const issued = await signCsr({
+      dir: this.opts.dir,
+      csrPem,
+      role: 'agent',
+      name: agentId,
+      ttlMs: this.opts.leafTtlMs,
+    });
     await recordAgentState({
-      dir: this.opts.dir, agentId, bundleVersion: bundleVersion || this.bundle.version,
-      issuerCaId: issued.issuerCaId, serialHex: issued.serialHex, notAfter: issued.notAfter,
+      dir: this.opts.dir,
+      agentId,
+      bundleVersion: bundleVersion || this.bundle.version,
+      issuerCaId: issued.issuerCaId,
+      serialHex: issued.serialHex,
+      notAfter: issued.notAfter,
     }).catch((err: Error) => this.opts.logger.warn('cannot record agent state', { agentId, error: err.message }));
     return {
-      response: { certificateChainPem: issued.certPem, trustBundlePem: this.bundle.pem, bundleVersion: this.bundle.version, agentId, spiffeId: issued.spiffeId },
-      serialHex: issued.serialHex, notAfter: issued.notAfter,
+      response: {
+        certificateChainPem: issued.certPem,
+        trustBundlePem: this.bundle.pem,
+        bundleVersion: this.bundle.version,
+        agentId,
+        spiffeId: issued.spiffeId,
+      },
+      serialHex: issued.serialHex,
+      notAfter: issued.notAfter,
     };
   }
 
@@ -262,14 +356,21 @@ export class BrokerPki {
   // token pins in the handshake itself.
   private async issueOwn(): Promise<{ certPem: string; keyPem: string }> {
     const issued = await issueCertificate({
-      dir: this.opts.dir, role: 'broker', name: this.opts.name, dns: this.opts.dns, ip: this.opts.ip,
+      dir: this.opts.dir,
+      role: 'broker',
+      name: this.opts.name,
+      dns: this.opts.dns,
+      ip: this.opts.ip,
       ttlMs: this.opts.leafTtlMs,
     });
     this.ownNotAfterMs = issued.notAfter.getTime();
     this.ownNotBeforeMs = this.now();
     this.opts.metrics.servingCertificatesIssued.inc();
     this.opts.metrics.certificateExpiry.set({ role: 'broker' }, (this.ownNotAfterMs - this.now()) / 1000);
-    this.opts.logger.info('issued the broker serving certificate', { serial: issued.serialHex, notAfter: issued.notAfter.toISOString() });
+    this.opts.logger.info('issued the broker serving certificate', {
+      serial: issued.serialHex,
+      notAfter: issued.notAfter.toISOString(),
+    });
     return { certPem: `${issued.certPem.trimEnd()}\n${this.bundle.pem}`, keyPem: issued.keyPem };
   }
 
@@ -279,17 +380,29 @@ export class BrokerPki {
   /** Renews at about 2/3 of the lifetime, minus up to 1/20 of it in jitter; retries with backoff. */
   private scheduleOwnRenewal(retryMs?: number): void {
     const lifeMs = this.ownNotAfterMs - this.ownNotBeforeMs;
-    const atMs = retryMs !== undefined ? this.now() + retryMs : this.ownNotBeforeMs + (lifeMs * 2) / 3 - Math.random() * (lifeMs / 20);
-    this.renewTimer = setTimeout(() => {
-      this.issueOwn().then((own) => {
-        this.store?.update(own);
-        this.scheduleOwnRenewal();
-      }, (err: Error) => {
-        const nextMs = Math.min(60_000, Math.max(1_000, (this.ownNotAfterMs - this.now()) / 10));
-        this.opts.logger.error('cannot renew the broker serving certificate; retrying', { error: err.message, retryInMs: nextMs });
-        this.scheduleOwnRenewal(nextMs);
-      });
-    }, Math.max(0, atMs - this.now()));
+    const atMs =
+      retryMs !== undefined
+        ? this.now() + retryMs
+        : this.ownNotBeforeMs + (lifeMs * 2) / 3 - Math.random() * (lifeMs / 20);
+    this.renewTimer = setTimeout(
+      () => {
+        this.issueOwn().then(
+          (own) => {
+            this.store?.update(own);
+            this.scheduleOwnRenewal();
+          },
+          (err: Error) => {
+            const nextMs = Math.min(60_000, Math.max(1_000, (this.ownNotAfterMs - this.now()) / 10));
+            this.opts.logger.error('cannot renew the broker serving certificate; retrying', {
+              error: err.message,
+              retryInMs: nextMs,
+            });
+            this.scheduleOwnRenewal(nextMs);
+          },
+        );
+      },
+      Math.max(0, atMs - this.now()),
+    );
     this.renewTimer.unref();
   }
 
@@ -306,7 +419,10 @@ export class BrokerPki {
       const bundle = await trustBundle(this.opts.dir);
       if (bundle.version !== this.bundle.version || bundle.pem !== this.bundle.pem) {
         this.bundle = bundle;
-        this.opts.logger.info('trust bundle changed', { version: bundle.version, cas: splitPemCertificates(bundle.pem).length });
+        this.opts.logger.info('trust bundle changed', {
+          version: bundle.version,
+          cas: splitPemCertificates(bundle.pem).length,
+        });
         this.store?.update({ caPem: bundle.pem });
         events.onTrustBundleChanged(bundle.pem, bundle.version);
         // A rotation that moves brokers to the new CA: reissue our certificate now.
@@ -315,13 +431,17 @@ export class BrokerPki {
           this.store?.update(own);
         }
       }
-      if (this.ownNotAfterMs) this.opts.metrics.certificateExpiry.set({ role: 'broker' }, (this.ownNotAfterMs - this.now()) / 1000);
-      for (const ca of await this.caExpiries()) this.opts.metrics.caExpiry.set({ ca: ca.id, kind: ca.kind }, ca.seconds);
+      if (this.ownNotAfterMs)
+        this.opts.metrics.certificateExpiry.set({ role: 'broker' }, (this.ownNotAfterMs - this.now()) / 1000);
+      for (const ca of await this.caExpiries())
+        this.opts.metrics.caExpiry.set({ ca: ca.id, kind: ca.kind }, ca.seconds);
     } catch (err) {
-      this.opts.logger.warn('cannot read the PKI directory; keeping the last good state', { dir: this.opts.dir, error: (err as Error).message });
+      this.opts.logger.warn('cannot read the PKI directory; keeping the last good state', {
+        dir: this.opts.dir,
+        error: (err as Error).message,
+      });
     } finally {
       this.polling = false;
     }
   }
-
 }

@@ -4,13 +4,44 @@ import type * as http from 'node:http';
 import type * as https from 'node:https';
 import type { AddressInfo } from 'node:net';
 import { hostname } from 'node:os';
-import { Server, experimental, status as Status, type ServerCredentials, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
-  BurrowError, CredentialStore, ENROLLMENT_SERVICE, MAX_REPLICA_SET_SIZE, PROTOCOL_VERSIONS, checkReplicaSet, type BrokerEndpoint, HealthService, createAdminServer, UpstreamTable, callServerOptions,
-  cachePeerCertificates, certificateIdentityProblem, guardConnections, identityOfCertificate, installCatchAll,
-  observeTlsClientErrors, receiveLimitInterceptor, refuseCallsEarly, tlsServersOf, shutdownGracefully, tunnelServerOptions,
-  upstreamChannelOptions, type ConnectionGuard, type GuardedClose, type UnauthenticatedLimits,
-  type IssuedAgentCertificate, type Logger, type RenewRequest,
+  Server,
+  experimental,
+  status as Status,
+  type ServerCredentials,
+  type ServerUnaryCall,
+  type sendUnaryData,
+} from '@grpc/grpc-js';
+import {
+  BurrowError,
+  CredentialStore,
+  ENROLLMENT_SERVICE,
+  MAX_REPLICA_SET_SIZE,
+  PROTOCOL_VERSIONS,
+  checkReplicaSet,
+  type BrokerEndpoint,
+  HealthService,
+  createAdminServer,
+  UpstreamTable,
+  callServerOptions,
+  cachePeerCertificates,
+  certificateIdentityProblem,
+  guardConnections,
+  identityOfCertificate,
+  installCatchAll,
+  observeTlsClientErrors,
+  receiveLimitInterceptor,
+  refuseCallsEarly,
+  tlsServersOf,
+  shutdownGracefully,
+  tunnelServerOptions,
+  upstreamChannelOptions,
+  type ConnectionGuard,
+  type GuardedClose,
+  type UnauthenticatedLimits,
+  type IssuedAgentCertificate,
+  type Logger,
+  type RenewRequest,
 } from '@burrow/tunnel';
 import { BrokerPki, defaultBrokerName, type BrokerPkiStatus } from './broker-pki';
 import { brokerAdminRoutes } from './broker-admin';
@@ -25,7 +56,13 @@ import { CredentialWatch } from './credential-watch';
 import { ALLOW_ALL_CALLERS, type CallerAuthorizer } from './caller-authorizer';
 import { PolicyCallerAuthorizer } from './policy-caller-authorizer';
 import { TunnelRegistry } from './tunnel-registry';
-import { AgentDirectory, findBrokerIdClash, redactUrl, type BrokerRecord, type DirectoryStatus } from './agent-directory';
+import {
+  AgentDirectory,
+  findBrokerIdClash,
+  redactUrl,
+  type BrokerRecord,
+  type DirectoryStatus,
+} from './agent-directory';
 import { PeerForwarder } from './peer-forwarder';
 import { PeerListener } from './peer-listener';
 
@@ -33,7 +70,12 @@ import { PeerListener } from './peer-listener';
 const CLUSTER_RETRY_INTERVAL_MS = 250;
 
 /** The ports a started broker listens on (useful with port 0). */
-export interface BrokerPorts { agentPort: number; apiPort: number; adminPort?: number; authzenPort?: number }
+export interface BrokerPorts {
+  agentPort: number;
+  apiPort: number;
+  adminPort?: number;
+  authzenPort?: number;
+}
 
 /** The broker package version (reported by /status and `burrow-broker --version`). */
 export const BROKER_VERSION: string = (require('../package.json') as { version: string }).version;
@@ -134,7 +176,10 @@ function listen(server: http.Server | https.Server, address: string): Promise<nu
 
 function bind(server: Server, address: string, creds: ServerCredentials): Promise<number> {
   return new Promise((resolve, reject) =>
-    server.bindAsync(address, creds, (err, port) => (err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port))));
+    server.bindAsync(address, creds, (err, port) =>
+      err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port),
+    ),
+  );
 }
 
 /**
@@ -143,7 +188,10 @@ function bind(server: Server, address: string, creds: ServerCredentials): Promis
  */
 export class Broker {
   readonly registry = new TunnelRegistry();
-  readonly metrics = new BrokerMetrics(() => this.registry.counts(), () => this.registry.summaries());
+  readonly metrics = new BrokerMetrics(
+    () => this.registry.counts(),
+    () => this.registry.summaries(),
+  );
   private readonly agentServer: Server;
   private readonly apiServer: Server;
   private agentListener!: AgentListener;
@@ -172,7 +220,10 @@ export class Broker {
   /** TCP sockets a listener guard closed (its handshake timed out): counted there, not as abandoned. */
   private readonly guardClosed = new WeakSet<import('node:net').Socket>();
 
-  constructor(private readonly config: BrokerConfig, private readonly logger: Logger) {
+  constructor(
+    private readonly config: BrokerConfig,
+    private readonly logger: Logger,
+  ) {
     if (!config.pkiDir && !(config.tlsCertFile && config.tlsKeyFile && config.caFile)) {
       throw new BurrowError(Status.INVALID_ARGUMENT, 'tls-cert, tls-key and ca are required without pki-dir');
     }
@@ -190,16 +241,23 @@ export class Broker {
     if (config.pkiDir) {
       const defaultIps = ['127.0.0.1', '::1'];
       this.pki = new BrokerPki({
-        dir: config.pkiDir, logger, metrics: this.metrics, issueOwnCertificate: !config.tlsCertFile,
+        dir: config.pkiDir,
+        logger,
+        metrics: this.metrics,
+        issueOwnCertificate: !config.tlsCertFile,
         name: config.brokerId ?? defaultBrokerName(hostname(), config.agentListen),
-        dns: config.tlsDns.length ? config.tlsDns : [hostname(), 'localhost'], ip: config.tlsIp.length || config.tlsDns.length ? config.tlsIp : defaultIps,
-        leafTtlMs: config.leafTtlMs, enrollPerMinute: config.enrollPerMinute,
+        dns: config.tlsDns.length ? config.tlsDns : [hostname(), 'localhost'],
+        ip: config.tlsIp.length || config.tlsDns.length ? config.tlsIp : defaultIps,
+        leafTtlMs: config.leafTtlMs,
+        enrollPerMinute: config.enrollPerMinute,
       });
     }
   }
 
   /** The broker's current TLS material (tests, status). */
-  get credentials(): CredentialStore | undefined { return this.tls; }
+  get credentials(): CredentialStore | undefined {
+    return this.tls;
+  }
 
   /** Loads credentials and binds all listeners. Rejects with a message naming what failed. */
   async start(): Promise<BrokerPorts> {
@@ -221,30 +279,49 @@ export class Broker {
       // Two brokers with one id break failover (agents keep one tunnel per broker id): refuse to
       // be the second, before anything listens.
       const clash = await findBrokerIdClash({
-        redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, brokerId: this.brokerId, peer: cluster.advertise,
+        redisUrl: cluster.redisUrl,
+        keyPrefix: cluster.redisKeyPrefix,
+        brokerId: this.brokerId,
+        peer: cluster.advertise,
       });
       if (clash) {
-        throw new BurrowError(Status.FAILED_PRECONDITION,
-          `broker id "${this.brokerId}" is already live in the cluster directory at ${clash.peer} `
-          + `(agents at ${clash.agent}); `
-          + `this broker would be at ${cluster.advertise}: give each broker its own --broker-id (or certificate name)`);
+        throw new BurrowError(
+          Status.FAILED_PRECONDITION,
+          `broker id "${this.brokerId}" is already live in the cluster directory at ${clash.peer} ` +
+            `(agents at ${clash.agent}); ` +
+            `this broker would be at ${cluster.advertise}: give each broker its own --broker-id (or certificate name)`,
+        );
       }
     }
     if (this.config.callerPolicy) {
       const cp = this.config.callerPolicy;
-      const authorizer = await PolicyCallerAuthorizer.open({ ...cp, logger: this.logger, registry: this.metrics.registry });
+      const authorizer = await PolicyCallerAuthorizer.open({
+        ...cp,
+        logger: this.logger,
+        registry: this.metrics.registry,
+      });
       this.authorizer = authorizer;
       this.logger.info('caller policy loaded', { policiesDir: cp.policiesDir, policies: authorizer.policyCount });
     } else {
-      this.logger.warn('NO CALLER POLICY: every service certificate of the trust domain may call every method on every agent; set --caller-policies to restrict callers');
+      this.logger.warn(
+        'NO CALLER POLICY: every service certificate of the trust domain may call every method on every agent; set --caller-policies to restrict callers',
+      );
     }
     const isDraining = (): boolean => this.draining;
     const isRevoked = this.pki ? this.pki.isRevoked.bind(this.pki) : () => false;
     this.agentListener = new AgentListener({
-      registry: this.registry, metrics: this.metrics, logger: this.logger, platformUpstreams: this.platformUpstreams,
-      trustDomain: this.trustDomain, brokerId: this.brokerId, maxMessageBytes: this.config.maxMessageBytes, isDraining,
-      maxSessionsPerAgent: this.config.maxSessionsPerAgent, maxOffersPerAgent: this.config.maxOffersPerAgent,
-      isRevoked, trustBundlePem: () => this.tls!.caPem,
+      registry: this.registry,
+      metrics: this.metrics,
+      logger: this.logger,
+      platformUpstreams: this.platformUpstreams,
+      trustDomain: this.trustDomain,
+      brokerId: this.brokerId,
+      maxMessageBytes: this.config.maxMessageBytes,
+      isDraining,
+      maxSessionsPerAgent: this.config.maxSessionsPerAgent,
+      maxOffersPerAgent: this.config.maxOffersPerAgent,
+      isRevoked,
+      trustBundlePem: () => this.tls!.caPem,
       replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
     });
     this.agentListener.addTo(this.agentServer);
@@ -252,28 +329,54 @@ export class Broker {
       const pki = this.pki;
       this.agentServer.addService(ENROLLMENT_SERVICE, {
         enroll: pki.enroll,
-        renew: (call: ServerUnaryCall<RenewRequest, IssuedAgentCertificate>, cb: sendUnaryData<IssuedAgentCertificate>) => pki.renew(call, cb, this.trustDomain),
+        renew: (
+          call: ServerUnaryCall<RenewRequest, IssuedAgentCertificate>,
+          cb: sendUnaryData<IssuedAgentCertificate>,
+        ) => pki.renew(call, cb, this.trustDomain),
       });
     }
     this.health.addTo(this.apiServer);
     if (cluster) {
       this.metrics.enableClusterMetrics();
       this.forwarder = new PeerForwarder({
-        tls: this.tls, brokerId: this.brokerId, trustDomain: this.trustDomain, maxMessageBytes: this.config.maxMessageBytes, keepalive: this.config.keepalive, metrics: this.metrics });
+        tls: this.tls,
+        brokerId: this.brokerId,
+        trustDomain: this.trustDomain,
+        maxMessageBytes: this.config.maxMessageBytes,
+        keepalive: this.config.keepalive,
+        metrics: this.metrics,
+      });
       this.directory = new AgentDirectory({
-        redisUrl: cluster.redisUrl, keyPrefix: cluster.redisKeyPrefix, self: { brokerId: this.brokerId, peer: cluster.advertise },
-        entryTtlMs: cluster.registryTtlMs, lookupCacheMs: cluster.lookupCacheMs, localAgents: () => this.registry.connectedAgentIds(),
+        redisUrl: cluster.redisUrl,
+        keyPrefix: cluster.redisKeyPrefix,
+        self: { brokerId: this.brokerId, peer: cluster.advertise },
+        entryTtlMs: cluster.registryTtlMs,
+        lookupCacheMs: cluster.lookupCacheMs,
+        localAgents: () => this.registry.connectedAgentIds(),
         // Agents learn the replicas (tunnel.proto, "Brokers").
         onReplicaSet: (brokers) => this.agentListener.broadcastReplicaSet(replicaEndpoints(brokers)),
-        metrics: this.metrics, logger: this.logger,
+        metrics: this.metrics,
+        logger: this.logger,
       });
       const directory = this.directory;
-      this.registry.onPresence = (agentId, connected) => (connected ? directory.agentConnected(agentId) : directory.agentDisconnected(agentId));
+      this.registry.onPresence = (agentId, connected) =>
+        connected ? directory.agentConnected(agentId) : directory.agentDisconnected(agentId);
     }
     const api = new CallerApi({
-      registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain, agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked,
-      authorizer: this.authorizer, limiter: this.limiter, watch: this.watch,
-      cluster: this.directory && this.forwarder ? { directory: this.directory, forwarder: this.forwarder, retryIntervalMs: CLUSTER_RETRY_INTERVAL_MS } : undefined,
+      registry: this.registry,
+      metrics: this.metrics,
+      logger: this.logger,
+      trustDomain: this.trustDomain,
+      agentWaitMs: this.config.agentWaitMs,
+      isDraining,
+      isRevoked,
+      authorizer: this.authorizer,
+      limiter: this.limiter,
+      watch: this.watch,
+      cluster:
+        this.directory && this.forwarder
+          ? { directory: this.directory, forwarder: this.forwarder, retryIntervalMs: CLUSTER_RETRY_INTERVAL_MS }
+          : undefined,
     });
     installCatchAll(this.apiServer, api.handle);
 
@@ -283,26 +386,44 @@ export class Broker {
     const apiCreds = experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true);
     const agentPort = await bind(this.agentServer, this.config.agentListen, agentCreds);
     const apiPort = await bind(this.apiServer, this.config.apiListen, apiCreds);
-    const onTlsError = (listener: string) => (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
-      // Connections shed by the handshake cap never get here: they are never wrapped in TLS.
-      const parent = (socket as { _parent?: import('node:net').Socket } | undefined)?._parent;
-      if (parent && this.guardClosed.has(parent)) return;
-      // Node reports a refused client certificate as a reset; the reason is on the socket.
-      const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
-      if (!reason && PEER_HANG_UPS.has(err.code ?? '')) {
-        // The peer went away mid-handshake (an agent that gave up on a busy broker, a port
-        // scanner): nothing was refused, and a reconnect storm must not look like an attack.
-        this.metrics.abandonedHandshakes.inc({ listener });
-        this.logger.debug('TLS handshake abandoned by the peer', { listener, peer: socket?.remoteAddress, error: err.code });
-        return;
-      }
-      this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
-      this.logger.warn('TLS handshake refused', { listener, peer: socket?.remoteAddress, error: reason ? String(reason) : err.code ?? err.message });
-    };
-    const handshakes = this.guardListener('agent', tlsServersOf(this.agentServer), this.pki ? {
-      timeoutMs: this.config.unauthenticatedTimeoutMs, maxConnections: this.config.maxPendingHandshakes || 256,
-      maxConcurrentStreams: UNAUTHENTICATED_MAX_STREAMS, maxRequestBytes: UNAUTHENTICATED_MAX_REQUEST_BYTES,
-    } : undefined);
+    const onTlsError =
+      (listener: string) =>
+      (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
+        // Connections shed by the handshake cap never get here: they are never wrapped in TLS.
+        const parent = (socket as { _parent?: import('node:net').Socket } | undefined)?._parent;
+        if (parent && this.guardClosed.has(parent)) return;
+        // Node reports a refused client certificate as a reset; the reason is on the socket.
+        const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
+        if (!reason && PEER_HANG_UPS.has(err.code ?? '')) {
+          // The peer went away mid-handshake (an agent that gave up on a busy broker, a port
+          // scanner): nothing was refused, and a reconnect storm must not look like an attack.
+          this.metrics.abandonedHandshakes.inc({ listener });
+          this.logger.debug('TLS handshake abandoned by the peer', {
+            listener,
+            peer: socket?.remoteAddress,
+            error: err.code,
+          });
+          return;
+        }
+        this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
+        this.logger.warn('TLS handshake refused', {
+          listener,
+          peer: socket?.remoteAddress,
+          error: reason ? String(reason) : (err.code ?? err.message),
+        });
+      };
+    const handshakes = this.guardListener(
+      'agent',
+      tlsServersOf(this.agentServer),
+      this.pki
+        ? {
+            timeoutMs: this.config.unauthenticatedTimeoutMs,
+            maxConnections: this.config.maxPendingHandshakes || 256,
+            maxConcurrentStreams: UNAUTHENTICATED_MAX_STREAMS,
+            maxRequestBytes: UNAUTHENTICATED_MAX_REQUEST_BYTES,
+          }
+        : undefined,
+    );
     this.metrics.pendingHandshakes = handshakes.pending;
     this.metrics.openUnauthenticated = handshakes.unauthenticated;
     this.guardListener('api', tlsServersOf(this.apiServer));
@@ -310,7 +431,8 @@ export class Broker {
       const pki = this.pki;
       // Before the body is read: a refused Enroll must not cost the broker its request.
       refuseCallsEarly(this.agentServer, (path, address) =>
-        (path === ENROLLMENT_SERVICE.enroll.path ? pki.refuseEnrollment(address) : undefined));
+        path === ENROLLMENT_SERVICE.enroll.path ? pki.refuseEnrollment(address) : undefined,
+      );
     }
     observeTlsClientErrors(this.agentServer, onTlsError('agent'));
     observeTlsClientErrors(this.apiServer, onTlsError('api'));
@@ -322,12 +444,23 @@ export class Broker {
       // Brokers only: the listener requires a client certificate, and PeerListener its role.
       const peerServer = new Server(tunnelServerOptions(this.config.maxMessageBytes, this.config.keepalive));
       new PeerListener({
-        registry: this.registry, metrics: this.metrics, logger: this.logger, trustDomain: this.trustDomain,
-        agentWaitMs: this.config.agentWaitMs, isDraining, isRevoked, watch: this.watch, limiter: this.limiter,
+        registry: this.registry,
+        metrics: this.metrics,
+        logger: this.logger,
+        trustDomain: this.trustDomain,
+        agentWaitMs: this.config.agentWaitMs,
+        isDraining,
+        isRevoked,
+        watch: this.watch,
+        limiter: this.limiter,
         authorizer: this.authorizer,
       }).addTo(peerServer);
       this.peerServer = peerServer;
-      peerPort = await bind(peerServer, cluster.peerListen, experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true));
+      peerPort = await bind(
+        peerServer,
+        cluster.peerListen,
+        experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true),
+      );
       observeTlsClientErrors(peerServer, onTlsError('peer'));
       this.guardListener('peer', tlsServersOf(peerServer));
       cachePeerCertificates(peerServer);
@@ -337,8 +470,13 @@ export class Broker {
     let authzenPort: number | undefined;
     if (this.config.authzenListen) {
       const server = createAuthzenServer({
-        api, tls: this.tls, metrics: this.metrics, logger: this.logger, maxBodyBytes: this.config.maxMessageBytes,
-        timeoutMs: this.config.authzenTimeoutMs, watch: this.watch,
+        api,
+        tls: this.tls,
+        metrics: this.metrics,
+        logger: this.logger,
+        maxBodyBytes: this.config.maxMessageBytes,
+        timeoutMs: this.config.authzenTimeoutMs,
+        watch: this.watch,
       });
       this.authzen = server;
       this.guardListener('authzen', [server]);
@@ -346,37 +484,48 @@ export class Broker {
     }
     // A serving certificate from files is never renewed by the broker: export its expiry here
     // (self-issued ones are exported by the PKI side, which renews them).
-    const fileCertNotAfterMs = this.config.tlsCertFile ? Date.parse(new X509Certificate(material.certPem).validTo) : undefined;
+    const fileCertNotAfterMs = this.config.tlsCertFile
+      ? Date.parse(new X509Certificate(material.certPem).validTo)
+      : undefined;
     const exportFileCertExpiry = (): void => {
-      if (fileCertNotAfterMs !== undefined) this.metrics.certificateExpiry.set({ role: 'broker' }, (fileCertNotAfterMs - Date.now()) / 1000);
+      if (fileCertNotAfterMs !== undefined)
+        this.metrics.certificateExpiry.set({ role: 'broker' }, (fileCertNotAfterMs - Date.now()) / 1000);
     };
     exportFileCertExpiry();
     let adminPort: number | undefined;
     if (this.config.adminListen) {
       const admin = createAdminServer({
-        metrics: this.metrics.registry, json: { '/agents': () => this.registry.summaries() }, isReady: () => this.started && !this.draining,
-        routes: brokerAdminRoutes(this, this.logger), mutations: { token: this.config.adminToken },
+        metrics: this.metrics.registry,
+        json: { '/agents': () => this.registry.summaries() },
+        isReady: () => this.started && !this.draining,
+        routes: brokerAdminRoutes(this, this.logger),
+        mutations: { token: this.config.adminToken },
         allowedHosts: this.config.adminAllowedHosts,
       });
       this.admin = admin;
       adminPort = await listen(admin, this.config.adminListen);
     }
-    this.timers.push(setInterval(() => {
-      const closed = this.agentListener.closeExpired();
-      if (closed) this.logger.warn('closed tunnels of agents whose certificate expired', { sessions: closed });
-      const cut = this.watch.cutExpired();
-      if (cut) this.logger.warn('cut calls of callers or peer brokers whose certificate expired', { calls: cut });
-      exportFileCertExpiry();
-      const earliest = this.agentListener.earliestAgentExpiryMs();
-      // With no agent connected there is no earliest expiry: drop the series rather than leave a
-      // frozen value that would look like a healthy certificate.
-      if (earliest !== undefined) this.metrics.certificateExpiry.set({ role: 'agent' }, (earliest - Date.now()) / 1000);
-      else this.metrics.certificateExpiry.remove({ role: 'agent' });
-    }, EXPIRY_CHECK_INTERVAL_MS));
-    this.timers.push(setInterval(() => {
-      this.registry.retireIdle(this.config.idleOfferTtlMs);
-      this.limiter.sweep();
-    }, IDLE_SWEEP_INTERVAL_MS));
+    this.timers.push(
+      setInterval(() => {
+        const closed = this.agentListener.closeExpired();
+        if (closed) this.logger.warn('closed tunnels of agents whose certificate expired', { sessions: closed });
+        const cut = this.watch.cutExpired();
+        if (cut) this.logger.warn('cut calls of callers or peer brokers whose certificate expired', { calls: cut });
+        exportFileCertExpiry();
+        const earliest = this.agentListener.earliestAgentExpiryMs();
+        // With no agent connected there is no earliest expiry: drop the series rather than leave a
+        // frozen value that would look like a healthy certificate.
+        if (earliest !== undefined)
+          this.metrics.certificateExpiry.set({ role: 'agent' }, (earliest - Date.now()) / 1000);
+        else this.metrics.certificateExpiry.remove({ role: 'agent' });
+      }, EXPIRY_CHECK_INTERVAL_MS),
+    );
+    this.timers.push(
+      setInterval(() => {
+        this.registry.retireIdle(this.config.idleOfferTtlMs);
+        this.limiter.sweep();
+      }, IDLE_SWEEP_INTERVAL_MS),
+    );
 
     for (const t of this.timers) t.unref();
     this.pki?.start(this.tls, {
@@ -392,7 +541,20 @@ export class Broker {
     this.started = true;
     this.startedAtMs = Date.now();
     this.ports = { agentPort, apiPort, adminPort, authzenPort };
-    this.logger.info('broker started', { cluster: cluster ? { advertise: cluster.advertise, peerPort, redis: redactUrl(cluster.redisUrl) } : undefined, pkiDir: this.config.pkiDir, enrollment: Boolean(this.pki), brokerId: this.brokerId, agentListen: this.config.agentListen, agentPort, apiListen: this.config.apiListen, apiPort, adminPort, authzenPort, trustDomain: this.trustDomain, platformUpstreams: this.config.upstreams.length });
+    this.logger.info('broker started', {
+      cluster: cluster ? { advertise: cluster.advertise, peerPort, redis: redactUrl(cluster.redisUrl) } : undefined,
+      pkiDir: this.config.pkiDir,
+      enrollment: Boolean(this.pki),
+      brokerId: this.brokerId,
+      agentListen: this.config.agentListen,
+      agentPort,
+      apiListen: this.config.apiListen,
+      apiPort,
+      adminPort,
+      authzenPort,
+      trustDomain: this.trustDomain,
+      platformUpstreams: this.config.upstreams.length,
+    });
     return { agentPort, apiPort, adminPort, authzenPort };
   }
 
@@ -403,7 +565,9 @@ export class Broker {
    * slowloris or a reconnect storm closes thousands).
    */
   private guardListener(
-    listener: string, servers: import('node:tls').Server[], unauthenticated?: UnauthenticatedLimits,
+    listener: string,
+    servers: import('node:tls').Server[],
+    unauthenticated?: UnauthenticatedLimits,
   ): ConnectionGuard {
     const lastLogged = new Map<GuardedClose, number>();
     const guard: ConnectionGuard = guardConnections(servers, {
@@ -420,8 +584,14 @@ export class Broker {
         const { maxPendingHandshakes, maxPendingHandshakesPerAddress } = this.config;
         const { handshakeTimeoutMs, unauthenticatedTimeoutMs } = this.config;
         this.logger.warn(GUARD_MESSAGES[why], {
-          listener, peer: socket.remoteAddress, reason: why, shedSoFar: guard.shed(),
-          maxPendingHandshakes, maxPendingHandshakesPerAddress, handshakeTimeoutMs, unauthenticatedTimeoutMs,
+          listener,
+          peer: socket.remoteAddress,
+          reason: why,
+          shedSoFar: guard.shed(),
+          maxPendingHandshakes,
+          maxPendingHandshakesPerAddress,
+          handshakeTimeoutMs,
+          unauthenticatedTimeoutMs,
         });
       },
     });
@@ -431,18 +601,29 @@ export class Broker {
   /** Reads the TLS material from files, or from the PKI directory (issuing our own certificate). */
   private async loadTlsMaterial(): Promise<{ caPem: string; certPem: string; keyPem: string }> {
     const read = (file: string): string => readFileSync(file, 'utf8');
-    if (!this.pki) return { caPem: read(this.config.caFile!), certPem: read(this.config.tlsCertFile!), keyPem: read(this.config.tlsKeyFile!) };
+    if (!this.pki)
+      return {
+        caPem: read(this.config.caFile!),
+        certPem: read(this.config.tlsCertFile!),
+        keyPem: read(this.config.tlsKeyFile!),
+      };
     const fromPki = await this.pki.load();
     const caPem = this.config.caFile ? read(this.config.caFile) : fromPki.caPem;
     if (this.config.tlsCertFile) {
       // An operator-supplied certificate: serve it with the bundle's roots appended, so that an
       // enrolling agent finds the CA its join token pins.
-      return { caPem, certPem: `${read(this.config.tlsCertFile).trimEnd()}\n${fromPki.caPem}`, keyPem: read(this.config.tlsKeyFile!) };
+      return {
+        caPem,
+        certPem: `${read(this.config.tlsCertFile).trimEnd()}\n${fromPki.caPem}`,
+        keyPem: read(this.config.tlsKeyFile!),
+      };
     }
     return { caPem, certPem: fromPki.certPem!, keyPem: fromPki.keyPem! };
   }
 
-  get isDraining(): boolean { return this.draining; }
+  get isDraining(): boolean {
+    return this.draining;
+  }
 
   /** The broker's state for `/status`. Never rejects: an unreadable PKI directory is reported. */
   async status(): Promise<BrokerStatus> {
@@ -450,21 +631,40 @@ export class Broker {
     const own = new X509Certificate(this.tls!.certPem);
     const id = identityOfCertificate(own.raw);
     const notAfterMs = Date.parse(own.validTo);
-    const listen = (configured: string, port: number | undefined): string => `${splitHostPort(configured).host}:${port ?? splitHostPort(configured).port}`;
+    const listen = (configured: string, port: number | undefined): string =>
+      `${splitHostPort(configured).host}:${port ?? splitHostPort(configured).port}`;
     let pki: BrokerStatus['pki'] = { enabled: false };
     if (this.pki) pki = await this.pki.status().catch((err: Error) => ({ enabled: true as const, error: err.message }));
     return {
-      brokerId: this.brokerId, version: BROKER_VERSION, protocolVersions: PROTOCOL_VERSIONS,
-      startedAt: new Date(this.startedAtMs).toISOString(), uptimeSeconds: Math.round((Date.now() - this.startedAtMs) / 1000),
-      ready: this.started && !this.draining, draining: this.draining, trustDomain: this.trustDomain,
+      brokerId: this.brokerId,
+      version: BROKER_VERSION,
+      protocolVersions: PROTOCOL_VERSIONS,
+      startedAt: new Date(this.startedAtMs).toISOString(),
+      uptimeSeconds: Math.round((Date.now() - this.startedAtMs) / 1000),
+      ready: this.started && !this.draining,
+      draining: this.draining,
+      trustDomain: this.trustDomain,
       listeners: {
-        agent: listen(this.config.agentListen, this.ports?.agentPort), api: listen(this.config.apiListen, this.ports?.apiPort),
+        agent: listen(this.config.agentListen, this.ports?.agentPort),
+        api: listen(this.config.apiListen, this.ports?.apiPort),
         ...(this.config.adminListen ? { admin: listen(this.config.adminListen, this.ports?.adminPort) } : {}),
       },
-      agents: counts.agents, sessions: counts.sessions, callsInFlight: counts.activeCalls, callsWaiting: counts.waiters, idleStreams: counts.idleOffers,
-      servingCertificate: { spiffeId: id?.spiffeId ?? '', serial: own.serialNumber.toLowerCase(), notAfter: new Date(notAfterMs).toISOString(), secondsLeft: Math.round((notAfterMs - Date.now()) / 1000) },
+      agents: counts.agents,
+      sessions: counts.sessions,
+      callsInFlight: counts.activeCalls,
+      callsWaiting: counts.waiters,
+      idleStreams: counts.idleOffers,
+      servingCertificate: {
+        spiffeId: id?.spiffeId ?? '',
+        serial: own.serialNumber.toLowerCase(),
+        notAfter: new Date(notAfterMs).toISOString(),
+        secondsLeft: Math.round((notAfterMs - Date.now()) / 1000),
+      },
       pki,
-      cluster: this.directory && this.config.cluster ? { enabled: true, advertise: this.config.cluster.advertise, ...this.directory.status() } : { enabled: false },
+      cluster:
+        this.directory && this.config.cluster
+          ? { enabled: true, advertise: this.config.cluster.advertise, ...this.directory.status() }
+          : { enabled: false },
     };
   }
 
@@ -478,7 +678,10 @@ export class Broker {
     if (sessions.length === 0) return undefined;
     const revoked = this.pki ? sessions.some((s) => this.pki!.isRevoked(s.identity)) : false;
     const callsAborted = sessions.reduce((n, s) => n + s.activeCalls, 0);
-    const closed = this.agentListener.disconnectAgent(agentId, new BurrowError(Status.UNAVAILABLE, `disconnected by an operator: ${reason}`));
+    const closed = this.agentListener.disconnectAgent(
+      agentId,
+      new BurrowError(Status.UNAVAILABLE, `disconnected by an operator: ${reason}`),
+    );
     return { agentId, sessionsClosed: closed, callsAborted, reason, revoked, willReconnect: !revoked };
   }
 
@@ -534,11 +737,15 @@ export class Broker {
     let timer: NodeJS.Timeout | undefined;
     const timedOut = await Promise.race([
       drained.then(() => false),
-      new Promise<boolean>((resolve) => { timer = setTimeout(() => resolve(true), this.config.drainTimeoutMs); }),
+      new Promise<boolean>((resolve) => {
+        timer = setTimeout(() => resolve(true), this.config.drainTimeoutMs);
+      }),
     ]);
     clearTimeout(timer);
     if (timedOut) {
-      this.logger.warn('drain timeout reached; cutting off calls still in flight', { callsInFlight: this.registry.counts().activeCalls });
+      this.logger.warn('drain timeout reached; cutting off calls still in flight', {
+        callsInFlight: this.registry.counts().activeCalls,
+      });
       this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down before the call finished'));
       this.apiServer.forceShutdown();
       this.peerServer?.forceShutdown();
@@ -567,9 +774,18 @@ export class Broker {
    */
   private async graceThenCut(closed: Promise<unknown>, servers: Server[], listeners: string): Promise<void> {
     let grace: NodeJS.Timeout | undefined;
-    const cut = await Promise.race([closed.then(() => false), new Promise<boolean>((resolve) => { grace = setTimeout(() => resolve(true), STATUS_FLUSH_GRACE_MS); })]);
+    const cut = await Promise.race([
+      closed.then(() => false),
+      new Promise<boolean>((resolve) => {
+        grace = setTimeout(() => resolve(true), STATUS_FLUSH_GRACE_MS);
+      }),
+    ]);
     clearTimeout(grace);
-    if (cut) this.logger.warn('connections still open after the drain grace; cutting them', { listeners, graceMs: STATUS_FLUSH_GRACE_MS });
+    if (cut)
+      this.logger.warn('connections still open after the drain grace; cutting them', {
+        listeners,
+        graceMs: STATUS_FLUSH_GRACE_MS,
+      });
     for (const server of servers) server.forceShutdown();
   }
 
@@ -578,7 +794,10 @@ export class Broker {
     return new Promise((resolve) => {
       if (condition()) return resolve();
       const t = setInterval(() => {
-        if (condition() || this.stopped) { clearInterval(t); resolve(); }
+        if (condition() || this.stopped) {
+          clearInterval(t);
+          resolve();
+        }
       }, 20);
     });
   }

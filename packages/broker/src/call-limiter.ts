@@ -9,18 +9,28 @@ export interface KeyLimits {
   ratePerSecond: number;
 }
 
-export interface CallLimits { caller: KeyLimits; agent: KeyLimits }
+export interface CallLimits {
+  caller: KeyLimits;
+  agent: KeyLimits;
+}
 
 /** Which limit refused a call; the metric label and the first words of the status message. */
 export type LimitName = 'caller_concurrency' | 'caller_rate' | 'agent_concurrency' | 'agent_rate';
 
 export class LimitExceededError extends BurrowError {
-  constructor(readonly limit: LimitName, message: string) {
+  constructor(
+    readonly limit: LimitName,
+    message: string,
+  ) {
     super(Status.RESOURCE_EXHAUSTED, message);
   }
 }
 
-interface KeyState { inFlight: number; tokens: number; refilledMs: number }
+interface KeyState {
+  inFlight: number;
+  tokens: number;
+  refilledMs: number;
+}
 
 /**
  * Per-key concurrency and rate limits (one instance for callers, one for agents). State for a key
@@ -30,7 +40,10 @@ interface KeyState { inFlight: number; tokens: number; refilledMs: number }
 class KeyedLimiter {
   private readonly keys = new Map<string, KeyState>();
 
-  constructor(private readonly limits: KeyLimits, private readonly now: () => number) {}
+  constructor(
+    private readonly limits: KeyLimits,
+    private readonly now: () => number,
+  ) {}
 
   /** Takes a slot for `key`, or returns which limit is exhausted. */
   tryAcquire(key: string): 'concurrency' | 'rate' | undefined {
@@ -69,11 +82,14 @@ class KeyedLimiter {
   private forgetIfIdle(key: string, s: KeyState): void {
     if (s.inFlight > 0) return;
     const { ratePerSecond } = this.limits;
-    const refilled = ratePerSecond <= 0 || s.tokens + ((this.now() - s.refilledMs) / 1000) * ratePerSecond >= ratePerSecond;
+    const refilled =
+      ratePerSecond <= 0 || s.tokens + ((this.now() - s.refilledMs) / 1000) * ratePerSecond >= ratePerSecond;
     if (refilled) this.keys.delete(key);
   }
 
-  get size(): number { return this.keys.size; }
+  get size(): number {
+    return this.keys.size;
+  }
 }
 
 /**
@@ -84,7 +100,10 @@ export class CallLimiter {
   private readonly callers: KeyedLimiter;
   private readonly agents: KeyedLimiter;
 
-  constructor(private readonly limits: CallLimits, now: () => number = Date.now) {
+  constructor(
+    private readonly limits: CallLimits,
+    now: () => number = Date.now,
+  ) {
     this.callers = new KeyedLimiter(limits.caller, now);
     this.agents = new KeyedLimiter(limits.agent, now);
   }
@@ -97,9 +116,12 @@ export class CallLimiter {
   admitCaller(caller: string): () => void {
     const c = this.callers.tryAcquire(caller);
     if (c) {
-      throw new LimitExceededError(`caller_${c}`, c === 'concurrency'
-        ? `caller ${caller} has ${this.limits.caller.maxConcurrent} calls in flight, the most this broker allows`
-        : `caller ${caller} exceeded ${this.limits.caller.ratePerSecond} calls per second`);
+      throw new LimitExceededError(
+        `caller_${c}`,
+        c === 'concurrency'
+          ? `caller ${caller} has ${this.limits.caller.maxConcurrent} calls in flight, the most this broker allows`
+          : `caller ${caller} exceeded ${this.limits.caller.ratePerSecond} calls per second`,
+      );
     }
     return this.releaser(this.callers, caller);
   }
@@ -113,9 +135,12 @@ export class CallLimiter {
   admitAgent(agentId: string): () => void {
     const a = this.agents.tryAcquire(agentId);
     if (a) {
-      throw new LimitExceededError(`agent_${a}`, a === 'concurrency'
-        ? `agent "${agentId}" has ${this.limits.agent.maxConcurrent} calls in flight, the most this broker allows`
-        : `agent "${agentId}" exceeded ${this.limits.agent.ratePerSecond} calls per second`);
+      throw new LimitExceededError(
+        `agent_${a}`,
+        a === 'concurrency'
+          ? `agent "${agentId}" has ${this.limits.agent.maxConcurrent} calls in flight, the most this broker allows`
+          : `agent "${agentId}" exceeded ${this.limits.agent.ratePerSecond} calls per second`,
+      );
     }
     return this.releaser(this.agents, agentId);
   }
@@ -130,7 +155,10 @@ export class CallLimiter {
       releaseCaller();
       throw err;
     }
-    return () => { releaseCaller(); releaseAgent(); };
+    return () => {
+      releaseCaller();
+      releaseAgent();
+    };
   }
 
   private releaser(limiter: KeyedLimiter, key: string): () => void {
@@ -149,5 +177,7 @@ export class CallLimiter {
   }
 
   /** Keys currently tracked (tests and the leak check). */
-  get trackedKeys(): number { return this.callers.size + this.agents.size; }
+  get trackedKeys(): number {
+    return this.callers.size + this.agents.size;
+  }
 }

@@ -1,8 +1,21 @@
 import { Metadata, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, ID_GRAMMAR, certificateIdentityProblem, identityOfPeerCertificate, isValidId,
-  type CallStream, originate, originateUnary, rejectCall, statusName, type Logger, type PeerIdentity,
-  logCallFinished, type CallCutter, type UnaryResult,
+  AGENT_ID_KEY,
+  BurrowError,
+  ID_GRAMMAR,
+  certificateIdentityProblem,
+  identityOfPeerCertificate,
+  isValidId,
+  type CallStream,
+  originate,
+  originateUnary,
+  rejectCall,
+  statusName,
+  type Logger,
+  type PeerIdentity,
+  logCallFinished,
+  type CallCutter,
+  type UnaryResult,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { LimitExceededError, type CallLimiter } from './call-limiter';
@@ -25,9 +38,7 @@ export interface ClusterRouting {
  * Where a call goes: one of the agent's tunnel streams here, or a Forward stream to the broker
  * that holds the agent's tunnel (already confirmed ready).
  */
-type Route =
-  | { local: true; offer: IdleOffer; stream: CallStream }
-  | { local: false; peer: string; stream: CallStream };
+type Route = { local: true; offer: IdleOffer; stream: CallStream } | { local: false; peer: string; stream: CallStream };
 
 export interface CallerApiDeps {
   registry: TunnelRegistry;
@@ -48,7 +59,6 @@ export interface CallerApiDeps {
 }
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
-
 
 /**
  * Names the agent a caller's call is for: the `burrow-agent-id` metadata, or else an authority of
@@ -100,7 +110,9 @@ export class CallerApi {
   constructor(private readonly deps: CallerApiDeps) {}
 
   /** The catch-all handler for the caller API server. */
-  readonly handle = (call: RawCall): void => { void this.forward(call); };
+  readonly handle = (call: RawCall): void => {
+    void this.forward(call);
+  };
 
   /**
    * Checks everything that does not need the agent, in the order that reveals least to a caller
@@ -108,7 +120,10 @@ export class CallerApi {
    * Throws a BurrowError after recording the refusal.
    */
   private admit(
-    peer: PeerIdentity | undefined, agentId: string | undefined, method: string, transport: 'grpc' | 'http',
+    peer: PeerIdentity | undefined,
+    agentId: string | undefined,
+    method: string,
+    transport: 'grpc' | 'http',
     peerRaw?: Buffer,
   ): AdmittedCall {
     const { metrics, logger } = this.deps;
@@ -117,7 +132,13 @@ export class CallerApi {
     let release: (() => void) | undefined;
     let releaseAgent: (() => void) | undefined;
     let finished = false;
-    const finish = (id: string | undefined, code: number, details: string, requestBytes = 0, responseBytes = 0): void => {
+    const finish = (
+      id: string | undefined,
+      code: number,
+      details: string,
+      requestBytes = 0,
+      responseBytes = 0,
+    ): void => {
       if (finished) return;
       finished = true;
       release?.();
@@ -127,7 +148,17 @@ export class CallerApi {
       metrics.callDuration.observe({ direction: 'to_agent' }, seconds);
       if (requestBytes) metrics.messageBytes.inc({ direction: 'to_agent', flow: 'request' }, requestBytes);
       if (responseBytes) metrics.messageBytes.inc({ direction: 'to_agent', flow: 'response' }, responseBytes);
-      logCallFinished(logger, { direction: 'to_agent', agentId: id, callId, method, code, details, durationMs: Math.round(seconds * 1000), caller: peer?.spiffeId, transport });
+      logCallFinished(logger, {
+        direction: 'to_agent',
+        agentId: id,
+        callId,
+        method,
+        code,
+        details,
+        durationMs: Math.round(seconds * 1000),
+        caller: peer?.spiffeId,
+        transport,
+      });
     };
     const refuse = (id: string | undefined, err: BurrowError): never => {
       finish(id, err.code, err.message);
@@ -136,14 +167,25 @@ export class CallerApi {
 
     if (!peer || peer.role !== 'service' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
       const why = peerRaw ? `: ${certificateIdentityProblem(peerRaw)}` : '';
-      const reason = !peer ? `client certificate has no Burrow identity${why}` : peer.role !== 'service' ? `certificate role "${peer.role}" may not call agents; a service certificate is required`
-        : peer.trustDomain !== this.deps.trustDomain ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"` : `certificate ${peer.spiffeId} (serial ${peer.serialHex}) is revoked`;
+      const reason = !peer
+        ? `client certificate has no Burrow identity${why}`
+        : peer.role !== 'service'
+          ? `certificate role "${peer.role}" may not call agents; a service certificate is required`
+          : peer.trustDomain !== this.deps.trustDomain
+            ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"`
+            : `certificate ${peer.spiffeId} (serial ${peer.serialHex}) is revoked`;
       metrics.rejectedHandshakes.inc({ listener: 'api', reason: peer ? 'wrong_role' : 'no_identity' });
       refuse(undefined, new BurrowError(Status.PERMISSION_DENIED, reason));
     }
     const caller = peer!;
     if (agentId === undefined) {
-      refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `name the agent with metadata "${AGENT_ID_KEY}" or the authority "<agent-id>.agent"`));
+      refuse(
+        undefined,
+        new BurrowError(
+          Status.INVALID_ARGUMENT,
+          `name the agent with metadata "${AGENT_ID_KEY}" or the authority "<agent-id>.agent"`,
+        ),
+      );
     }
     // Agent ids follow the one id grammar; anything else cannot name a connected agent.
     if (!isValidId(agentId)) {
@@ -151,13 +193,26 @@ export class CallerApi {
       refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `"${shown}" is not a valid agent id: ${ID_GRAMMAR}`));
     }
     const agent = agentId!;
-    if (this.deps.isDraining()) refuse(agent, new BurrowError(Status.UNAVAILABLE, 'broker is draining; retry on another broker'));
+    if (this.deps.isDraining())
+      refuse(agent, new BurrowError(Status.UNAVAILABLE, 'broker is draining; retry on another broker'));
 
     const decision = this.deps.authorizer.authorize(caller, agent, method);
     metrics.authzDecisions.inc({ decision: decision.allowed ? 'allow' : 'deny' });
     if (!decision.allowed) {
-      logger.warn('caller denied by policy', { caller: caller.spiffeId, agentId: agent, method, reason: decision.reason, policies: decision.policies });
-      refuse(agent, new BurrowError(Status.PERMISSION_DENIED, `${caller.spiffeId} may not call ${method} on agent "${agent}": ${decision.reason}`));
+      logger.warn('caller denied by policy', {
+        caller: caller.spiffeId,
+        agentId: agent,
+        method,
+        reason: decision.reason,
+        policies: decision.policies,
+      });
+      refuse(
+        agent,
+        new BurrowError(
+          Status.PERMISSION_DENIED,
+          `${caller.spiffeId} may not call ${method} on agent "${agent}": ${decision.reason}`,
+        ),
+      );
     }
     // Per-caller limits here, where the call enters; the agent's where its tunnel is
     // (holdAgentSlot, and the peer listener for a forwarded call): README, "Which broker decides what".
@@ -177,7 +232,12 @@ export class CallerApi {
       }
     };
     return {
-      caller, agentId: agent, callId, method, decision, holdAgentSlot,
+      caller,
+      agentId: agent,
+      callId,
+      method,
+      decision,
+      holdAgentSlot,
       finish: (code, details, req, res) => finish(agent, code, details, req, res),
     };
   }
@@ -234,8 +294,10 @@ export class CallerApi {
       call.removeListener('cancelled', onCancel);
     }
     const outcome = originate(call, route.stream, {
-      callId, peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`,
-      caller: caller.spiffeId, cutter: live.cutter,
+      callId,
+      peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`,
+      caller: caller.spiffeId,
+      cutter: live.cutter,
     });
     if (live.cutBy) live.cutter.cut?.(live.cutBy);
     const { code, details, requestBytes, responseBytes } = await outcome;
@@ -252,7 +314,8 @@ export class CallerApi {
   private liveCall(caller: PeerIdentity, listener: WatchedListener): LiveCallState {
     const state: LiveCallState = { cutter: {}, waiting: undefined, cutBy: undefined, untrack: () => {} };
     state.untrack = this.deps.watch.track({
-      identity: caller, listener,
+      identity: caller,
+      listener,
       cut: (error) => {
         state.cutBy ??= error;
         if (state.cutter.cut) state.cutter.cut(error);
@@ -304,7 +367,8 @@ export class CallerApi {
       if (registry.canServe(agentId)) return local(Math.max(0, waitUntilMs - Date.now()));
       const leftMs = waitUntilMs - Date.now();
       if (leftMs <= 0) {
-        if (deadlineMs <= waitUntilMs) throw new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for agent "${agentId}"`);
+        if (deadlineMs <= waitUntilMs)
+          throw new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for agent "${agentId}"`);
         throw noBrokerServes(agentId, Date.now() - startedMs, [...new Set(attempts)].slice(-3));
       }
       await registry.whenConnected(agentId, Math.min(leftMs, cluster.retryIntervalMs), signal);
@@ -315,7 +379,14 @@ export class CallerApi {
    * One unary call made on behalf of `peer` (the AuthZEN HTTP binding): admitted like a gRPC call,
    * then carried down the agent's tunnel. Resolves with the status; never rejects.
    */
-  async callUnary(peer: PeerIdentity | undefined, agentId: string, method: string, message: Buffer, deadlineMs: number, signal?: AbortSignal): Promise<UnaryResult> {
+  async callUnary(
+    peer: PeerIdentity | undefined,
+    agentId: string,
+    method: string,
+    message: Buffer,
+    deadlineMs: number,
+    signal?: AbortSignal,
+  ): Promise<UnaryResult> {
     let admitted: AdmittedCall;
     try {
       admitted = this.admit(peer, agentId, method, 'http');
@@ -344,7 +415,10 @@ export class CallerApi {
     live.waiting = undefined;
     signal?.removeEventListener('abort', onGone);
     const pending = originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, route.stream, {
-      callId: admitted.callId, peerName: `agent "${agentId}"`, caller: admitted.caller.spiffeId, cutter: live.cutter,
+      callId: admitted.callId,
+      peerName: `agent "${agentId}"`,
+      caller: admitted.caller.spiffeId,
+      cutter: live.cutter,
     });
     if (live.cutBy) live.cutter.cut?.(live.cutBy);
     const result = await pending;

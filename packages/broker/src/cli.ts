@@ -9,8 +9,23 @@ import * as path from 'node:path';
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
-  ConfigError, runUntilSignalled, PROTOCOL_VERSIONS, asList, requireCertificatePair, silenceIpServerNameWarning, createLogger, parseIntInRange, loadYamlConfig, parseBytes, parseDurationMs, parseListenAddress,
-  parseAllowedHosts, parseUpstreamRoute, requireReadableFile, idProblem, type LogFormat,
+  ConfigError,
+  runUntilSignalled,
+  PROTOCOL_VERSIONS,
+  asList,
+  requireCertificatePair,
+  silenceIpServerNameWarning,
+  createLogger,
+  parseIntInRange,
+  loadYamlConfig,
+  parseBytes,
+  parseDurationMs,
+  parseListenAddress,
+  parseAllowedHosts,
+  parseUpstreamRoute,
+  requireReadableFile,
+  idProblem,
+  type LogFormat,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
 import { BROKER_DEFAULTS, DEFAULT_ADMIN_ADDRESS, type BrokerConfig } from './broker-config';
@@ -22,53 +37,191 @@ const VERSION: string = (require('../package.json') as { version: string }).vers
 
 const SERVE_OPTIONS = {
   'agent-listen': { type: 'string', describe: 'HOST:PORT where agents connect (mTLS)', default: '0.0.0.0:7443' },
-  'api-listen': { type: 'string', describe: 'HOST:PORT where callers send calls for agents (mTLS)', default: '0.0.0.0:8443' },
-  'admin-listen': { type: 'string', describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when empty' },
-  'admin-token-file': { type: 'string', describe: 'file holding a secret (16+ characters) that POST /agents/<id>/disconnect must carry as Authorization: Bearer; without it mutating admin requests work only on a loopback admin listener' },
-  'admin-allowed-host': {
-    type: 'string', array: true,
-    describe: 'host name the admin listener answers to besides localhost, IP addresses and its own address '
-      + '(repeatable; other Host or Origin headers get 403: DNS rebinding)',
+  'api-listen': {
+    type: 'string',
+    describe: 'HOST:PORT where callers send calls for agents (mTLS)',
+    default: '0.0.0.0:8443',
   },
-  'tls-cert': { type: 'string', describe: 'PEM file: the broker certificate, then its chain (optional with --pki-dir: the broker issues its own)' },
+  'admin-listen': {
+    type: 'string',
+    describe:
+      'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when empty',
+  },
+  'admin-token-file': {
+    type: 'string',
+    describe:
+      'file holding a secret (16+ characters) that POST /agents/<id>/disconnect must carry as Authorization: Bearer; without it mutating admin requests work only on a loopback admin listener',
+  },
+  'admin-allowed-host': {
+    type: 'string',
+    array: true,
+    describe:
+      'host name the admin listener answers to besides localhost, IP addresses and its own address ' +
+      '(repeatable; other Host or Origin headers get 403: DNS rebinding)',
+  },
+  'tls-cert': {
+    type: 'string',
+    describe: 'PEM file: the broker certificate, then its chain (optional with --pki-dir: the broker issues its own)',
+  },
   'tls-key': { type: 'string', describe: 'PEM file: the broker private key' },
-  ca: { type: 'string', describe: 'PEM file: CA certificates that sign agents and callers (default with --pki-dir: its trust bundle)' },
-  'pki-dir': { type: 'string', describe: 'PKI directory (burrow-pki init): enables enrollment, renewal, revocation and CA rotation' },
-  'tls-dns': { type: 'string', array: true, describe: 'DNS name for the self-issued serving certificate (repeatable; default: hostname, localhost)' },
-  'tls-ip': { type: 'string', array: true, describe: 'IP address for the self-issued serving certificate (repeatable; default: 127.0.0.1, ::1)' },
-  'leaf-ttl': { type: 'string', describe: 'lifetime of certificates the broker issues (agents\' and its own)', default: '24h' },
-  'enroll-per-minute': { type: 'number', describe: 'enrollment attempts allowed per source address per minute', default: 30 },
-  upstream: { type: 'string', array: true, describe: 'SERVICE=HOST:PORT: platform service site clients reach through agents (repeatable; SERVICE * is the default)' },
-  'trust-domain': { type: 'string', describe: 'trust domain of agents and callers (default: the broker certificate\'s)' },
-  'broker-id': { type: 'string', describe: 'id in logs, session handshakes and the cluster directory: the name in the broker certificate\'s spiffe://<td>/broker/<name> (default: that name; a self-issued certificate is named <hostname>-<agent port>)' },
+  ca: {
+    type: 'string',
+    describe: 'PEM file: CA certificates that sign agents and callers (default with --pki-dir: its trust bundle)',
+  },
+  'pki-dir': {
+    type: 'string',
+    describe: 'PKI directory (burrow-pki init): enables enrollment, renewal, revocation and CA rotation',
+  },
+  'tls-dns': {
+    type: 'string',
+    array: true,
+    describe: 'DNS name for the self-issued serving certificate (repeatable; default: hostname, localhost)',
+  },
+  'tls-ip': {
+    type: 'string',
+    array: true,
+    describe: 'IP address for the self-issued serving certificate (repeatable; default: 127.0.0.1, ::1)',
+  },
+  'leaf-ttl': {
+    type: 'string',
+    describe: "lifetime of certificates the broker issues (agents' and its own)",
+    default: '24h',
+  },
+  'enroll-per-minute': {
+    type: 'number',
+    describe: 'enrollment attempts allowed per source address per minute',
+    default: 30,
+  },
+  upstream: {
+    type: 'string',
+    array: true,
+    describe:
+      'SERVICE=HOST:PORT: platform service site clients reach through agents (repeatable; SERVICE * is the default)',
+  },
+  'trust-domain': {
+    type: 'string',
+    describe: "trust domain of agents and callers (default: the broker certificate's)",
+  },
+  'broker-id': {
+    type: 'string',
+    describe:
+      "id in logs, session handshakes and the cluster directory: the name in the broker certificate's spiffe://<td>/broker/<name> (default: that name; a self-issued certificate is named <hostname>-<agent port>)",
+  },
   'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
-  'agent-wait': { type: 'string', describe: 'how long a call waits for its agent (capped by the call deadline)', default: '5s' },
+  'agent-wait': {
+    type: 'string',
+    describe: 'how long a call waits for its agent (capped by the call deadline)',
+    default: '5s',
+  },
   'drain-timeout': { type: 'string', describe: 'how long shutdown waits for calls in flight', default: '30s' },
   'idle-offer-ttl': { type: 'string', describe: 'idle tunnel streams older than this are retired', default: '60s' },
-  'max-pending-handshakes': { type: 'number', describe: 'most TLS handshakes the agent listener runs at once; connections past it are closed at once and the agents retry after their backoff (0 = no cap)', default: 256 },
-  'max-pending-handshakes-per-address': { type: 'number', describe: 'most connections of one source address, per TLS listener, without a proven client certificate (in their handshake, or enrolling); more are closed at accept (0 = no cap)', default: 32 },
-  'handshake-timeout': { type: 'string', describe: 'a connection to any TLS listener whose handshake has not finished in this time is closed', default: '5s' },
-  'unauthenticated-timeout': { type: 'string', describe: 'with --pki-dir: an agent-listener connection without a client certificate (enrollment) is closed this long after its handshake', default: '10s' },
-  'max-sessions-per-agent': { type: 'number', describe: 'most tunnel sessions one agent certificate may hold at this broker at once (0 = no cap)', default: 4 },
-  'max-offers-per-agent': { type: 'number', describe: 'most tunnel streams (offers, idle or carrying a call) one agent may hold at this broker at once; at least --agent-max-concurrent (0 = no cap)', default: 4096 },
+  'max-pending-handshakes': {
+    type: 'number',
+    describe:
+      'most TLS handshakes the agent listener runs at once; connections past it are closed at once and the agents retry after their backoff (0 = no cap)',
+    default: 256,
+  },
+  'max-pending-handshakes-per-address': {
+    type: 'number',
+    describe:
+      'most connections of one source address, per TLS listener, without a proven client certificate (in their handshake, or enrolling); more are closed at accept (0 = no cap)',
+    default: 32,
+  },
+  'handshake-timeout': {
+    type: 'string',
+    describe: 'a connection to any TLS listener whose handshake has not finished in this time is closed',
+    default: '5s',
+  },
+  'unauthenticated-timeout': {
+    type: 'string',
+    describe:
+      'with --pki-dir: an agent-listener connection without a client certificate (enrollment) is closed this long after its handshake',
+    default: '10s',
+  },
+  'max-sessions-per-agent': {
+    type: 'number',
+    describe: 'most tunnel sessions one agent certificate may hold at this broker at once (0 = no cap)',
+    default: 4,
+  },
+  'max-offers-per-agent': {
+    type: 'number',
+    describe:
+      'most tunnel streams (offers, idle or carrying a call) one agent may hold at this broker at once; at least --agent-max-concurrent (0 = no cap)',
+    default: 4096,
+  },
   'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
-  'keepalive-timeout': { type: 'string', describe: 'ping answer timeout before a connection is dropped', default: '10s' },
-  'authzen-listen': { type: 'string', describe: 'HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when empty' },
-  'authzen-timeout': { type: 'string', describe: 'deadline of an AuthZEN HTTP request carried to its agent', default: '10s' },
-  'caller-policies': { type: 'string', describe: 'directory of *.cedar files saying which services may call which methods on which agents (default: all allowed, logged loudly)' },
-  'caller-entities': { type: 'string', describe: 'Cedar JSON entity file for the caller policies (agent groups, service teams)' },
-  'caller-policy-schema': { type: 'string', describe: 'Cedar schema the caller policies and entities are validated against' },
-  'caller-audit-log': { type: 'string', describe: 'file that gets one JSON line per caller authorization decision; off when empty' },
-  'caller-max-concurrent': { type: 'number', describe: 'most calls in flight per caller service (0 = no limit)', default: 4096 },
-  'caller-rate': { type: 'number', describe: 'calls per second per caller service, token bucket with one second of burst (0 = no limit)', default: 0 },
+  'keepalive-timeout': {
+    type: 'string',
+    describe: 'ping answer timeout before a connection is dropped',
+    default: '10s',
+  },
+  'authzen-listen': {
+    type: 'string',
+    describe: 'HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when empty',
+  },
+  'authzen-timeout': {
+    type: 'string',
+    describe: 'deadline of an AuthZEN HTTP request carried to its agent',
+    default: '10s',
+  },
+  'caller-policies': {
+    type: 'string',
+    describe:
+      'directory of *.cedar files saying which services may call which methods on which agents (default: all allowed, logged loudly)',
+  },
+  'caller-entities': {
+    type: 'string',
+    describe: 'Cedar JSON entity file for the caller policies (agent groups, service teams)',
+  },
+  'caller-policy-schema': {
+    type: 'string',
+    describe: 'Cedar schema the caller policies and entities are validated against',
+  },
+  'caller-audit-log': {
+    type: 'string',
+    describe: 'file that gets one JSON line per caller authorization decision; off when empty',
+  },
+  'caller-max-concurrent': {
+    type: 'number',
+    describe: 'most calls in flight per caller service (0 = no limit)',
+    default: 4096,
+  },
+  'caller-rate': {
+    type: 'number',
+    describe: 'calls per second per caller service, token bucket with one second of burst (0 = no limit)',
+    default: 0,
+  },
   'agent-max-concurrent': { type: 'number', describe: 'most calls in flight per agent (0 = no limit)', default: 2048 },
   'agent-rate': { type: 'number', describe: 'calls per second per agent (0 = no limit)', default: 0 },
-  'redis-url': { type: 'string', describe: 'redis:// URL of the agent directory shared by a cluster of brokers; without it the broker runs alone' },
-  'redis-key-prefix': { type: 'string', describe: 'prefix of the cluster\'s Redis keys and channels (clusters sharing one Redis need different ones)', default: 'burrow:' },
-  advertise: { type: 'string', describe: 'HOST:PORT other brokers reach this broker\'s peer listener at (required with --redis-url; the host must be in the serving certificate)' },
-  'peer-listen': { type: 'string', describe: 'HOST:PORT of the broker-to-broker listener (mTLS, broker certificates only; default: the --advertise address)' },
-  'agent-advertise': { type: 'string', describe: 'HOST:PORT agents should dial for this broker, told to agents in the replica set (default: the --advertise host with the agent listener\'s port)' },
-  'registry-ttl': { type: 'string', describe: 'how long a directory entry outlives its broker (refreshed every third of it)', default: '30s' },
+  'redis-url': {
+    type: 'string',
+    describe: 'redis:// URL of the agent directory shared by a cluster of brokers; without it the broker runs alone',
+  },
+  'redis-key-prefix': {
+    type: 'string',
+    describe: "prefix of the cluster's Redis keys and channels (clusters sharing one Redis need different ones)",
+    default: 'burrow:',
+  },
+  advertise: {
+    type: 'string',
+    describe:
+      "HOST:PORT other brokers reach this broker's peer listener at (required with --redis-url; the host must be in the serving certificate)",
+  },
+  'peer-listen': {
+    type: 'string',
+    describe:
+      'HOST:PORT of the broker-to-broker listener (mTLS, broker certificates only; default: the --advertise address)',
+  },
+  'agent-advertise': {
+    type: 'string',
+    describe:
+      "HOST:PORT agents should dial for this broker, told to agents in the replica set (default: the --advertise host with the agent listener's port)",
+  },
+  'registry-ttl': {
+    type: 'string',
+    describe: 'how long a directory entry outlives its broker (refreshed every third of it)',
+    default: '30s',
+  },
   'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
   'log-format': { type: 'string', describe: 'json or text', default: 'json' },
   config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
@@ -78,9 +231,16 @@ type Args = Record<string, unknown>;
 
 /** Options of the admin client commands (`agents`, `status`). */
 const ADMIN_OPTIONS = {
-  admin: { type: 'string', describe: 'HOST:PORT of the broker admin listener (its --admin-listen)', default: DEFAULT_ADMIN_ADDRESS },
-  'admin-token-file': { type: 'string', describe: 'file holding the broker\'s admin token (needed to disconnect when the admin listener is not on loopback)' },
-  json: { type: 'boolean', describe: 'print the broker\'s JSON instead of tables', default: false },
+  admin: {
+    type: 'string',
+    describe: 'HOST:PORT of the broker admin listener (its --admin-listen)',
+    default: DEFAULT_ADMIN_ADDRESS,
+  },
+  'admin-token-file': {
+    type: 'string',
+    describe: "file holding the broker's admin token (needed to disconnect when the admin listener is not on loopback)",
+  },
+  json: { type: 'boolean', describe: "print the broker's JSON instead of tables", default: false },
   timeout: { type: 'string', describe: 'how long to wait for the broker', default: '5s' },
   config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
 } as const;
@@ -97,7 +257,8 @@ function readAdminToken(field: string, file: string): string {
   } catch (err) {
     throw new ConfigError(field, `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
   }
-  if (token.length < 16 || /\s/.test(token)) throw new ConfigError(field, `${file} must hold one token of at least 16 characters without spaces`);
+  if (token.length < 16 || /\s/.test(token))
+    throw new ConfigError(field, `${file} must hold one token of at least 16 characters without spaces`);
   return token;
 }
 
@@ -120,9 +281,11 @@ export function serveDefaults(): Args {
 
 export function brokerConfigFromArgs(args: Args): BrokerConfig {
   const logLevel = String(args['log-level']);
-  if (!['error', 'warn', 'info', 'debug'].includes(logLevel)) throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
+  if (!['error', 'warn', 'info', 'debug'].includes(logLevel))
+    throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
   const logFormat = String(args['log-format']);
-  if (logFormat !== 'json' && logFormat !== 'text') throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
+  if (logFormat !== 'json' && logFormat !== 'text')
+    throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
   const upstreams = asList(args.upstream).map((u) => {
     try {
       return parseUpstreamRoute(u);
@@ -131,7 +294,8 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     }
   });
   const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
-  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3) throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3)
+    throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
   const maxOffersPerAgent = parseIntInRange('max-offers-per-agent', args['max-offers-per-agent'], 0, 1_000_000);
   const agentMaxConcurrent = parseIntInRange('agent-max-concurrent', args['agent-max-concurrent'], 0, 1_000_000);
   // Calls past the offer cap would wait for offers the broker refuses: the cap must not be the lower
@@ -141,7 +305,8 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     throw new ConfigError('max-offers-per-agent', problem);
   }
   const pkiDir = args['pki-dir'] ? String(args['pki-dir']) : undefined;
-  if (pkiDir && !existsSync(path.join(pkiDir, 'pki.json'))) throw new ConfigError('pki-dir', `${pkiDir} is not a PKI directory (run burrow-pki init --dir ${pkiDir})`);
+  if (pkiDir && !existsSync(path.join(pkiDir, 'pki.json')))
+    throw new ConfigError('pki-dir', `${pkiDir} is not a PKI directory (run burrow-pki init --dir ${pkiDir})`);
   // With a PKI directory the certificate is optional (self-issued), but a given one must be whole.
   const needFiles = !pkiDir || args['tls-cert'] !== undefined || args['tls-key'] !== undefined;
   const tlsCertFile = needFiles ? requireReadableFile('tls-cert', args['tls-cert']) : undefined;
@@ -155,7 +320,9 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     apiListen: parseListenAddress('api-listen', args['api-listen']),
     adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
     adminAllowedHosts: parseAllowedHosts('admin-allowed-host', args['admin-allowed-host']),
-    adminToken: args['admin-token-file'] ? readAdminToken('admin-token-file', String(args['admin-token-file'])) : undefined,
+    adminToken: args['admin-token-file']
+      ? readAdminToken('admin-token-file', String(args['admin-token-file']))
+      : undefined,
     tlsCertFile,
     tlsKeyFile,
     caFile: pkiDir && args.ca === undefined ? undefined : requireReadableFile('ca', args.ca),
@@ -173,19 +340,32 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     idleOfferTtlMs: parseDurationMs('idle-offer-ttl', args['idle-offer-ttl']),
     maxPendingHandshakes: parseIntInRange('max-pending-handshakes', args['max-pending-handshakes'], 0, 1_000_000),
     maxPendingHandshakesPerAddress: parseIntInRange(
-      'max-pending-handshakes-per-address', args['max-pending-handshakes-per-address'], 0, 1_000_000),
+      'max-pending-handshakes-per-address',
+      args['max-pending-handshakes-per-address'],
+      0,
+      1_000_000,
+    ),
     handshakeTimeoutMs: parseTimeoutMs('handshake-timeout', args['handshake-timeout']),
     unauthenticatedTimeoutMs: parseTimeoutMs('unauthenticated-timeout', args['unauthenticated-timeout']),
     maxSessionsPerAgent: parseIntInRange('max-sessions-per-agent', args['max-sessions-per-agent'], 0, 10_000),
     maxOffersPerAgent,
-    keepalive: { timeMs: parseDurationMs('keepalive-time', args['keepalive-time']), timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']) },
+    keepalive: {
+      timeMs: parseDurationMs('keepalive-time', args['keepalive-time']),
+      timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']),
+    },
     callerPolicy: callerPolicyFromArgs(args),
     cluster: clusterFromArgs(args),
     authzenListen: args['authzen-listen'] ? parseListenAddress('authzen-listen', args['authzen-listen']) : undefined,
     authzenTimeoutMs: parseDurationMs('authzen-timeout', args['authzen-timeout']),
     limits: {
-      caller: { maxConcurrent: parseIntInRange('caller-max-concurrent', args['caller-max-concurrent'], 0, 1_000_000), ratePerSecond: parseIntInRange('caller-rate', args['caller-rate'], 0, 1_000_000) },
-      agent: { maxConcurrent: agentMaxConcurrent, ratePerSecond: parseIntInRange('agent-rate', args['agent-rate'], 0, 1_000_000) },
+      caller: {
+        maxConcurrent: parseIntInRange('caller-max-concurrent', args['caller-max-concurrent'], 0, 1_000_000),
+        ratePerSecond: parseIntInRange('caller-rate', args['caller-rate'], 0, 1_000_000),
+      },
+      agent: {
+        maxConcurrent: agentMaxConcurrent,
+        ratePerSecond: parseIntInRange('agent-rate', args['agent-rate'], 0, 1_000_000),
+      },
     },
     logLevel,
     logFormat: logFormat as LogFormat,
@@ -202,7 +382,9 @@ function brokerIdFromArgs(value: unknown): string | undefined {
 function clusterFromArgs(args: Args): BrokerConfig['cluster'] {
   const redisUrl = args['redis-url'] === undefined || args['redis-url'] === '' ? undefined : String(args['redis-url']);
   if (!redisUrl) {
-    for (const k of ['advertise', 'peer-listen', 'agent-advertise']) if (args[k] !== undefined && args[k] !== '') throw new ConfigError(k, 'needs --redis-url (brokers form a cluster through Redis)');
+    for (const k of ['advertise', 'peer-listen', 'agent-advertise'])
+      if (args[k] !== undefined && args[k] !== '')
+        throw new ConfigError(k, 'needs --redis-url (brokers form a cluster through Redis)');
     return undefined;
   }
   let url: URL;
@@ -211,8 +393,10 @@ function clusterFromArgs(args: Args): BrokerConfig['cluster'] {
   } catch {
     throw new ConfigError('redis-url', `"${redactUrl(redisUrl)}" is not a URL (redis://HOST:PORT[/DB])`);
   }
-  if (url.protocol !== 'redis:' && url.protocol !== 'rediss:') throw new ConfigError('redis-url', `"${url.protocol}" is not redis: or rediss:`);
-  if (args.advertise === undefined || args.advertise === '') throw new ConfigError('advertise', 'is required with --redis-url (HOST:PORT other brokers reach this one at)');
+  if (url.protocol !== 'redis:' && url.protocol !== 'rediss:')
+    throw new ConfigError('redis-url', `"${url.protocol}" is not redis: or rediss:`);
+  if (args.advertise === undefined || args.advertise === '')
+    throw new ConfigError('advertise', 'is required with --redis-url (HOST:PORT other brokers reach this one at)');
   const advertise = parseListenAddress('advertise', args.advertise);
   const registryTtlMs = parseDurationMs('registry-ttl', args['registry-ttl']);
   if (registryTtlMs < 1000) throw new ConfigError('registry-ttl', 'must be at least 1s');
@@ -221,24 +405,30 @@ function clusterFromArgs(args: Args): BrokerConfig['cluster'] {
     redisKeyPrefix: String(args['redis-key-prefix'] ?? 'burrow:'),
     advertise,
     peerListen: args['peer-listen'] ? parseListenAddress('peer-listen', args['peer-listen']) : advertise,
-    agentAdvertise: args['agent-advertise'] ? parseListenAddress('agent-advertise', args['agent-advertise']) : undefined,
+    agentAdvertise: args['agent-advertise']
+      ? parseListenAddress('agent-advertise', args['agent-advertise'])
+      : undefined,
     registryTtlMs,
     lookupCacheMs: Math.min(1_000, registryTtlMs),
   };
 }
 
 function callerPolicyFromArgs(args: Args): BrokerConfig['callerPolicy'] {
-  const str = (k: string): string | undefined => (args[k] === undefined || args[k] === '' ? undefined : String(args[k]));
+  const str = (k: string): string | undefined =>
+    args[k] === undefined || args[k] === '' ? undefined : String(args[k]);
   const policiesDir = str('caller-policies');
   if (!policiesDir) {
-    for (const k of ['caller-entities', 'caller-policy-schema', 'caller-audit-log']) if (str(k)) throw new ConfigError(k, 'needs --caller-policies (the directory of *.cedar files)');
+    for (const k of ['caller-entities', 'caller-policy-schema', 'caller-audit-log'])
+      if (str(k)) throw new ConfigError(k, 'needs --caller-policies (the directory of *.cedar files)');
     return undefined;
   }
   if (!existsSync(policiesDir)) throw new ConfigError('caller-policies', `${policiesDir} does not exist`);
   return {
     policiesDir,
     entitiesFile: str('caller-entities') ? requireReadableFile('caller-entities', args['caller-entities']) : undefined,
-    schemaFile: str('caller-policy-schema') ? requireReadableFile('caller-policy-schema', args['caller-policy-schema']) : undefined,
+    schemaFile: str('caller-policy-schema')
+      ? requireReadableFile('caller-policy-schema', args['caller-policy-schema'])
+      : undefined,
     auditLog: str('caller-audit-log'),
   };
 }
@@ -262,7 +452,12 @@ async function serve(args: Args): Promise<void> {
   } catch (err) {
     fail((err as Error).message);
   }
-  await runUntilSignalled(logger, () => broker.start(), () => broker.stop(), (err) => fail(err.message));
+  await runUntilSignalled(
+    logger,
+    () => broker.start(),
+    () => broker.stop(),
+    (err) => fail(err.message),
+  );
 }
 
 /** `burrow-broker agents list|show|disconnect` and `burrow-broker status`. */
@@ -272,8 +467,10 @@ async function admin(command: AdminCommand, args: Args): Promise<void> {
     address = parseListenAddress('admin', args.admin);
     token = args['admin-token-file'] ? readAdminToken('admin-token-file', String(args['admin-token-file'])) : undefined;
     timeoutMs = parseDurationMs('timeout', args.timeout);
-    if (command.kind !== 'list' && command.kind !== 'status' && !command.agentId) throw new ConfigError('agent-id', `agents ${command.kind} needs an agent id`);
-    if (command.kind === 'list' && args['agent-id'] !== undefined) throw new ConfigError('agent-id', 'agents list takes no agent id');
+    if (command.kind !== 'list' && command.kind !== 'status' && !command.agentId)
+      throw new ConfigError('agent-id', `agents ${command.kind} needs an agent id`);
+    if (command.kind === 'list' && args['agent-id'] !== undefined)
+      throw new ConfigError('agent-id', 'agents list takes no agent id');
   } catch (err) {
     fail((err as Error).message);
   }
@@ -286,9 +483,12 @@ async function admin(command: AdminCommand, args: Args): Promise<void> {
 function adminCommand(args: Args): AdminCommand {
   const agentId = args['agent-id'] === undefined ? '' : String(args['agent-id']);
   switch (args.action) {
-    case 'show': return { kind: 'show', agentId };
-    case 'disconnect': return { kind: 'disconnect', agentId, reason: args.reason === undefined ? undefined : String(args.reason) };
-    default: return { kind: 'list' };
+    case 'show':
+      return { kind: 'show', agentId };
+    case 'disconnect':
+      return { kind: 'disconnect', agentId, reason: args.reason === undefined ? undefined : String(args.reason) };
+    default:
+      return { kind: 'list' };
   }
 }
 
@@ -298,7 +498,11 @@ function adminCommand(args: Args): AdminCommand {
  * command sees only the variables of its own options (yargs' strict mode would refuse the others).
  */
 function keepOwnEnvironment(command: string | undefined): void {
-  const options: Record<string, readonly string[]> = { serve: Object.keys(SERVE_OPTIONS), agents: Object.keys(AGENTS_OPTIONS), status: Object.keys(ADMIN_OPTIONS) };
+  const options: Record<string, readonly string[]> = {
+    serve: Object.keys(SERVE_OPTIONS),
+    agents: Object.keys(AGENTS_OPTIONS),
+    status: Object.keys(ADMIN_OPTIONS),
+  };
   const own = options[command ?? ''];
   if (!own) return;
   for (const name of Object.keys(process.env)) {
@@ -312,24 +516,71 @@ function main(): void {
   void yargs(hideBin(process.argv))
     .scriptName(PROG)
     .usage('$0 <command> [options]')
-    .command('serve', 'accept agent tunnels and carry callers\' calls down them', (y) =>
-      y.options(SERVE_OPTIONS)
-        .env('BURROW_BROKER')
-        .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(SERVE_OPTIONS).filter((k) => k !== 'config')))
-        .strict(), (args) => { void serve(args as Args); })
-    .command('agents <action> [agent-id]', 'list connected agents, show one, or disconnect one (admin listener)', (y) =>
-      y.positional('action', { choices: ['list', 'show', 'disconnect'] as const, describe: 'list | show <agent-id> | disconnect <agent-id>' })
-        .positional('agent-id', { type: 'string', describe: 'the agent id (its certificate\'s spiffe://<td>/agent/<id>)' })
-        .options(AGENTS_OPTIONS)
-        .env('BURROW_BROKER')
-        .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(AGENTS_OPTIONS).filter((k) => k !== 'config')))
-        .epilog(`exit codes: ${ADMIN_EXIT.ok} done, ${ADMIN_EXIT.notFound} agent not connected, ${ADMIN_EXIT.unreachable} broker unreachable or bad options, ${ADMIN_EXIT.refused} refused (admin token), ${ADMIN_EXIT.failed} other failure`)
-        .strict(), (args) => { void admin(adminCommand(args as Args), args as Args); })
-    .command('status', 'show the broker\'s version, uptime, agents, calls, drain and PKI state (admin listener)', (y) =>
-      y.options(ADMIN_OPTIONS)
-        .env('BURROW_BROKER')
-        .config('config', 'YAML config file (keys are flag names)', (file: string) => loadYamlConfig(file, Object.keys(ADMIN_OPTIONS).filter((k) => k !== 'config')))
-        .strict(), (args) => { void admin({ kind: 'status' }, args as Args); })
+    .command(
+      'serve',
+      "accept agent tunnels and carry callers' calls down them",
+      (y) =>
+        y
+          .options(SERVE_OPTIONS)
+          .env('BURROW_BROKER')
+          .config('config', 'YAML config file (keys are flag names)', (file: string) =>
+            loadYamlConfig(
+              file,
+              Object.keys(SERVE_OPTIONS).filter((k) => k !== 'config'),
+            ),
+          )
+          .strict(),
+      (args) => {
+        void serve(args as Args);
+      },
+    )
+    .command(
+      'agents <action> [agent-id]',
+      'list connected agents, show one, or disconnect one (admin listener)',
+      (y) =>
+        y
+          .positional('action', {
+            choices: ['list', 'show', 'disconnect'] as const,
+            describe: 'list | show <agent-id> | disconnect <agent-id>',
+          })
+          .positional('agent-id', {
+            type: 'string',
+            describe: "the agent id (its certificate's spiffe://<td>/agent/<id>)",
+          })
+          .options(AGENTS_OPTIONS)
+          .env('BURROW_BROKER')
+          .config('config', 'YAML config file (keys are flag names)', (file: string) =>
+            loadYamlConfig(
+              file,
+              Object.keys(AGENTS_OPTIONS).filter((k) => k !== 'config'),
+            ),
+          )
+          .epilog(
+            `exit codes: ${ADMIN_EXIT.ok} done, ${ADMIN_EXIT.notFound} agent not connected, ${ADMIN_EXIT.unreachable} broker unreachable or bad options, ${ADMIN_EXIT.refused} refused (admin token), ${ADMIN_EXIT.failed} other failure`,
+          )
+          .strict(),
+      (args) => {
+        void admin(adminCommand(args as Args), args as Args);
+      },
+    )
+    .command(
+      'status',
+      "show the broker's version, uptime, agents, calls, drain and PKI state (admin listener)",
+      (y) =>
+        y
+          .options(ADMIN_OPTIONS)
+          .env('BURROW_BROKER')
+          .config('config', 'YAML config file (keys are flag names)', (file: string) =>
+            loadYamlConfig(
+              file,
+              Object.keys(ADMIN_OPTIONS).filter((k) => k !== 'config'),
+            ),
+          )
+          .strict(),
+      (args) => {
+        void admin({ kind: 'status' }, args as Args);
+      },
+    )
     .demandCommand(1, 'name a command: serve, agents or status')
     .strict()
     .version(`${VERSION} (protocol ${PROTOCOL_VERSIONS.join(', ')})`)

@@ -33,7 +33,9 @@ interface LiveConnection {
  */
 const CUT_CLOSE_GRACE_MS = 1_000;
 
-interface Http2ServerList { http2Servers?: Map<import('node:net').Server, unknown> }
+interface Http2ServerList {
+  http2Servers?: Map<import('node:net').Server, unknown>;
+}
 
 /** The identity of a TLS connection's client certificate; undefined when it has none or is gone. */
 function peerIdentityOf(socket: TLSSocket): PeerIdentity | undefined {
@@ -70,7 +72,9 @@ export class CredentialWatch {
   /** Tracks `call` until the returned function is called, which must happen when the call ends. */
   track(call: LiveCall): () => void {
     this.calls.add(call);
-    return () => { this.calls.delete(call); };
+    return () => {
+      this.calls.delete(call);
+    };
   }
 
   /** Tracks every HTTP/2 connection of a bound grpc-js `server` (call after bindAsync). */
@@ -81,8 +85,12 @@ export class CredentialWatch {
           listener,
           // Read now: once the session has lost its socket, session.socket throws.
           identity: peerIdentityOf(session.socket as TLSSocket),
-          close: () => { if (!session.closed && !session.destroyed) session.close(); },
-          destroy: () => { if (!session.destroyed) session.destroy(); },
+          close: () => {
+            if (!session.closed && !session.destroyed) session.close();
+          },
+          destroy: () => {
+            if (!session.destroyed) session.destroy();
+          },
         };
         this.connections.add(conn);
         session.once('close', () => this.connections.delete(conn));
@@ -109,7 +117,9 @@ export class CredentialWatch {
   }
 
   /** Whether an AuthZEN response on `socket` should close the connection (its certificate was cut). */
-  isClosing(socket: TLSSocket): boolean { return this.closingSockets.has(socket); }
+  isClosing(socket: TLSSocket): boolean {
+    return this.closingSockets.has(socket);
+  }
 
   /** Cuts the calls and connections of certificates `isRevoked` names. Returns how many calls were cut. */
   cutRevoked(isRevoked: (id: PeerIdentity) => boolean): number {
@@ -156,7 +166,9 @@ export class CredentialWatch {
       cutCalls++;
       this.deps.metrics.callsCut.inc({ listener: call.listener, reason: verdict.reason });
       this.deps.logger.warn('call cut: its client certificate is no longer valid', {
-        listener: call.listener, caller: call.identity.spiffeId, serial: call.identity.serialHex,
+        listener: call.listener,
+        caller: call.identity.spiffeId,
+        serial: call.identity.serialHex,
         reason: verdict.error.message,
       });
     }
@@ -166,11 +178,17 @@ export class CredentialWatch {
       if (!verdict) continue;
       this.connections.delete(conn);
       conn.close();
-      const timer = setTimeout(() => { this.closing.delete(conn); conn.destroy(); }, CUT_CLOSE_GRACE_MS);
+      const timer = setTimeout(() => {
+        this.closing.delete(conn);
+        conn.destroy();
+      }, CUT_CLOSE_GRACE_MS);
       timer.unref();
       this.closing.set(conn, timer);
       this.deps.logger.info('connection closed: its client certificate is no longer valid', {
-        listener: conn.listener, peer: id.spiffeId, serial: id.serialHex, reason: verdict.reason,
+        listener: conn.listener,
+        peer: id.spiffeId,
+        serial: id.serialHex,
+        reason: verdict.reason,
       });
     }
     return cutCalls;

@@ -1,12 +1,31 @@
-import { Client, Metadata, experimental, type ChannelCredentials, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, CallStream, abortConnectsOnChannelClose, brokerIdentityCheck, identity,
+  Client,
+  Metadata,
+  experimental,
+  type ChannelCredentials,
+  type ClientDuplexStream,
+  type StatusObject,
+} from '@grpc/grpc-js';
+import {
+  AGENT_ID_KEY,
+  BurrowError,
+  CallStream,
+  abortConnectsOnChannelClose,
+  brokerIdentityCheck,
+  identity,
   tunnelChannelOptions,
-  type CredentialStore, type KeepaliveSettings,
+  type CredentialStore,
+  type KeepaliveSettings,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import {
-  FORWARDED_BY_KEY, PEER_FORWARD_METHOD, PEER_READY_KEY, PEER_REFUSED_DECISION, PEER_REFUSED_KEY, encodeHop, type Hop,
+  FORWARDED_BY_KEY,
+  PEER_FORWARD_METHOD,
+  PEER_READY_KEY,
+  PEER_REFUSED_DECISION,
+  PEER_REFUSED_KEY,
+  encodeHop,
+  type Hop,
 } from './peer-listener';
 
 // A peer channel closed while connecting (a peer that stalls its handshakes) must not leak the socket.
@@ -52,9 +71,9 @@ export class PeerForwarder {
   constructor(private readonly opts: PeerForwarderOptions) {
     // A peer is a broker by its certificate's SPIFFE id, not by any certificate of the trust domain.
     const checkServerIdentity = brokerIdentityCheck(opts.trustDomain);
-    this.credentials = experimental.createCertificateProviderChannelCredentials(
-      opts.tls, opts.tls, { checkServerIdentity },
-    );
+    this.credentials = experimental.createCertificateProviderChannelCredentials(opts.tls, opts.tls, {
+      checkServerIdentity,
+    });
   }
 
   /**
@@ -69,7 +88,13 @@ export class PeerForwarder {
     md.set(AGENT_ID_KEY, agentId);
     md.set(FORWARDED_BY_KEY, this.opts.brokerId);
     encodeHop(hop, md);
-    const call: ClientDuplexStream<Buffer, Buffer> = this.clientFor(peer).makeBidiStreamRequest(PEER_FORWARD_METHOD, identity, identity, md, Number.isFinite(deadlineMs) ? { deadline: deadlineMs } : {});
+    const call: ClientDuplexStream<Buffer, Buffer> = this.clientFor(peer).makeBidiStreamRequest(
+      PEER_FORWARD_METHOD,
+      identity,
+      identity,
+      md,
+      Number.isFinite(deadlineMs) ? { deadline: deadlineMs } : {},
+    );
     return new Promise((resolve) => {
       let settled = false;
       const unreachable = (reason: string): void => {
@@ -77,10 +102,13 @@ export class PeerForwarder {
         this.opts.metrics.peerForwards.inc({ result: 'unreachable' });
         done({ ready: false, reason });
       };
-      const timer = setTimeout(() => {
-        call.cancel();
-        unreachable(`broker ${peer} did not confirm the call within ${readyTimeoutMs} ms`);
-      }, Math.max(1, Math.min(readyTimeoutMs, deadlineMs - Date.now())));
+      const timer = setTimeout(
+        () => {
+          call.cancel();
+          unreachable(`broker ${peer} did not confirm the call within ${readyTimeoutMs} ms`);
+        },
+        Math.max(1, Math.min(readyTimeoutMs, deadlineMs - Date.now())),
+      );
       const done = (attempt: PeerAttempt): void => {
         if (settled) return;
         settled = true;
@@ -111,7 +139,10 @@ export class PeerForwarder {
           : undefined;
         done({ ready: false, reason: `broker ${peer}: ${s.details}`, refusal });
       };
-      const onAbort = (): void => { call.cancel(); done({ ready: false, reason: 'cancelled by the client' }); };
+      const onAbort = (): void => {
+        call.cancel();
+        done({ ready: false, reason: 'cancelled by the client' });
+      };
       call.on('error', () => {}); // 'status' carries the outcome
       call.on('metadata', onMetadata);
       call.on('status', onStatus);
@@ -135,7 +166,11 @@ export class PeerForwarder {
   private clientFor(peer: string): Client {
     let c = this.clients.get(peer);
     if (!c) {
-      c = new Client(peer, this.credentials, { ...tunnelChannelOptions(this.opts.maxMessageBytes, this.opts.keepalive), 'grpc.initial_reconnect_backoff_ms': 200, 'grpc.max_reconnect_backoff_ms': 2000 });
+      c = new Client(peer, this.credentials, {
+        ...tunnelChannelOptions(this.opts.maxMessageBytes, this.opts.keepalive),
+        'grpc.initial_reconnect_backoff_ms': 200,
+        'grpc.max_reconnect_backoff_ms': 2000,
+      });
       this.clients.set(peer, c);
     }
     return c;

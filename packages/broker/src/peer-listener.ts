@@ -1,7 +1,15 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, BurrowError, CallStream, identity, identityOfPeerCertificate, parseSpiffeId, relayCall, statusName,
-  logCallFinished, type PeerIdentity,
+  AGENT_ID_KEY,
+  BurrowError,
+  CallStream,
+  identity,
+  identityOfPeerCertificate,
+  parseSpiffeId,
+  relayCall,
+  statusName,
+  logCallFinished,
+  type PeerIdentity,
 } from '@burrow/tunnel';
 import { LimitExceededError } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
@@ -97,9 +105,19 @@ export function decodeHop(md: Metadata, trustDomain: string): Hop | undefined | 
  * call to the agent's tunnels here counts, wherever it entered), and its own caller policy, if it
  * has one, is applied again to the caller the forwarding broker vouches for.
  */
-export type PeerListenerDeps = Pick<CallerApiDeps,
-  'registry' | 'metrics' | 'logger' | 'trustDomain' | 'agentWaitMs' | 'isDraining' | 'isRevoked' | 'watch' | 'limiter'
-  | 'authorizer'>;
+export type PeerListenerDeps = Pick<
+  CallerApiDeps,
+  | 'registry'
+  | 'metrics'
+  | 'logger'
+  | 'trustDomain'
+  | 'agentWaitMs'
+  | 'isDraining'
+  | 'isRevoked'
+  | 'watch'
+  | 'limiter'
+  | 'authorizer'
+>;
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
@@ -113,8 +131,22 @@ export class PeerListener {
 
   addTo(server: Server): void {
     server.addService(
-      { forward: { path: PEER_FORWARD_METHOD, requestStream: true, responseStream: true, requestSerialize: identity, requestDeserialize: identity, responseSerialize: identity, responseDeserialize: identity } },
-      { forward: (call: RawCall) => { void this.onForward(call); } },
+      {
+        forward: {
+          path: PEER_FORWARD_METHOD,
+          requestStream: true,
+          responseStream: true,
+          requestSerialize: identity,
+          requestDeserialize: identity,
+          responseSerialize: identity,
+          responseDeserialize: identity,
+        },
+      },
+      {
+        forward: (call: RawCall) => {
+          void this.onForward(call);
+        },
+      },
     );
   }
 
@@ -129,8 +161,13 @@ export class PeerListener {
     const { registry, metrics, logger } = this.deps;
     const peer = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
     if (!peer || peer.role !== 'broker' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
-      const why = !peer ? 'client certificate has no Burrow identity' : peer.role !== 'broker' ? `certificate role "${peer.role}" may not use the peer API; a broker certificate is required`
-        : peer.trustDomain !== this.deps.trustDomain ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"` : `certificate ${peer.spiffeId} is revoked`;
+      const why = !peer
+        ? 'client certificate has no Burrow identity'
+        : peer.role !== 'broker'
+          ? `certificate role "${peer.role}" may not use the peer API; a broker certificate is required`
+          : peer.trustDomain !== this.deps.trustDomain
+            ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"`
+            : `certificate ${peer.spiffeId} is revoked`;
       metrics.rejectedHandshakes.inc({ listener: 'peer', reason: peer ? 'wrong_role' : 'no_identity' });
       logger.warn('peer call refused', { peer: call.getPeer(), reason: why });
       this.refuse(call, Status.PERMISSION_DENIED, why);
@@ -149,7 +186,11 @@ export class PeerListener {
     }
     // Only agents connected here: a forwarded call is never forwarded again.
     if (this.deps.isDraining() || !registry.canServe(agentId)) {
-      this.refuse(call, Status.UNAVAILABLE, this.deps.isDraining() ? 'broker is draining' : `agent "${agentId}" has no tunnel to this broker`);
+      this.refuse(
+        call,
+        Status.UNAVAILABLE,
+        this.deps.isDraining() ? 'broker is draining' : `agent "${agentId}" has no tunnel to this broker`,
+      );
       return;
     }
     const hop = this.checkHop(call, peer, agentId, forwardedBy);
@@ -170,7 +211,8 @@ export class PeerListener {
     let cutBy: BurrowError | undefined;
     let inbound: CallStream | undefined;
     const untrack = this.deps.watch.track({
-      identity: peer, listener: 'peer',
+      identity: peer,
+      listener: 'peer',
       cut: (error) => {
         cutBy ??= error;
         if (inbound) inbound.abort(error);
@@ -206,9 +248,15 @@ export class PeerListener {
     metrics.toAgentCallEnded();
     metrics.peerCalls.inc({ code: statusName(outcome.code) });
     logCallFinished(logger, {
-      direction: 'to_agent', agentId, method: outcome.method ?? '', forwardedBy,
-      caller: hop?.caller, entryPolicies: hop?.policies,
-      code: outcome.code, details: outcome.details, durationMs: Date.now() - startedMs,
+      direction: 'to_agent',
+      agentId,
+      method: outcome.method ?? '',
+      forwardedBy,
+      caller: hop?.caller,
+      entryPolicies: hop?.policies,
+      code: outcome.code,
+      details: outcome.details,
+      durationMs: Date.now() - startedMs,
     });
   }
 
@@ -228,8 +276,9 @@ export class PeerListener {
     }
     if (authorizer === ALLOW_ALL_CALLERS) return hop;
     if (!hop) {
-      const why = `broker ${forwardedBy} forwarded a call without ${HOP_CALLER_KEY}, and this broker's caller policy `
-        + 'needs the caller (upgrade that broker)';
+      const why =
+        `broker ${forwardedBy} forwarded a call without ${HOP_CALLER_KEY}, and this broker's caller policy ` +
+        'needs the caller (upgrade that broker)';
       this.refuse(call, Status.PERMISSION_DENIED, why, true);
       return false;
     }
@@ -241,11 +290,17 @@ export class PeerListener {
     const unnamed = decision.policies.filter((id) => !decision.reason.includes(id));
     const policies = unnamed.length ? ` (policies: ${unnamed.join(', ')})` : '';
     logger.warn('forwarded caller denied by policy', {
-      caller: hop.caller, agentId, method: hop.method, forwardedBy, entryPolicies: hop.policies,
-      reason: decision.reason, policies: decision.policies,
+      caller: hop.caller,
+      agentId,
+      method: hop.method,
+      forwardedBy,
+      entryPolicies: hop.policies,
+      reason: decision.reason,
+      policies: decision.policies,
     });
-    const why = `${hop.caller} may not call ${hop.method} on agent "${agentId}": ${decision.reason}${policies}; `
-      + `the call entered at broker ${forwardedBy}`;
+    const why =
+      `${hop.caller} may not call ${hop.method} on agent "${agentId}": ${decision.reason}${policies}; ` +
+      `the call entered at broker ${forwardedBy}`;
     this.refuse(call, Status.PERMISSION_DENIED, why, true);
     return false;
   }
@@ -254,5 +309,8 @@ export class PeerListener {
 /** Thrown to callers when no broker could take a call (kept for messages naming the attempts). */
 export function noBrokerServes(agentId: string, waitedMs: number, attempts: string[]): BurrowError {
   const tried = attempts.length ? `; tried ${attempts.join('; ')}` : '';
-  return new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" is not connected to this broker or any other (waited ${waitedMs} ms${tried})`);
+  return new BurrowError(
+    Status.UNAVAILABLE,
+    `agent "${agentId}" is not connected to this broker or any other (waited ${waitedMs} ms${tried})`,
+  );
 }

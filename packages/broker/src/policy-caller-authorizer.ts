@@ -31,29 +31,54 @@ export class PolicyCallerAuthorizer implements CallerAuthorizer {
 
   static async open(opts: PolicyCallerAuthorizerOptions): Promise<PolicyCallerAuthorizer> {
     const engineOpts: PolicyEngineOptions = {
-      policiesDir: opts.policiesDir, entitiesFile: opts.entitiesFile, schemaFile: opts.schemaFile, auditLog: opts.auditLog,
-      watch: true, logger: opts.logger, registry: opts.registry, metricsPrefix: 'burrow_broker_caller_policy',
+      policiesDir: opts.policiesDir,
+      entitiesFile: opts.entitiesFile,
+      schemaFile: opts.schemaFile,
+      auditLog: opts.auditLog,
+      watch: true,
+      logger: opts.logger,
+      registry: opts.registry,
+      metricsPrefix: 'burrow_broker_caller_policy',
     };
     return new PolicyCallerAuthorizer(await PolicyEngine.open(engineOpts));
   }
 
-  get policyCount(): number { return this.engine.policyCount; }
+  get policyCount(): number {
+    return this.engine.policyCount;
+  }
 
   authorize(caller: PeerIdentity, agentId: string, method: string, forwarded?: ForwardedCall): CallerDecision {
     const service = serviceOfMethod(method);
     try {
-      const res = this.engine.evaluate({
-        subject: { type: 'Service', id: caller.name, properties: { spiffe_id: caller.spiffeId, trust_domain: caller.trustDomain } },
-        action: { name: method },
-        resource: { type: 'Agent', id: agentId },
-        context: { service, method: method.slice(service.length + 2) },
-      }, { caller: caller.spiffeId, ...forwarded });
-      return { allowed: res.decision, reason: String(res.context.reason ?? (res.decision ? 'allowed' : 'denied')), policies: (res.context.policies as string[] | undefined) ?? [] };
+      const res = this.engine.evaluate(
+        {
+          subject: {
+            type: 'Service',
+            id: caller.name,
+            properties: { spiffe_id: caller.spiffeId, trust_domain: caller.trustDomain },
+          },
+          action: { name: method },
+          resource: { type: 'Agent', id: agentId },
+          context: { service, method: method.slice(service.length + 2) },
+        },
+        { caller: caller.spiffeId, ...forwarded },
+      );
+      return {
+        allowed: res.decision,
+        reason: String(res.context.reason ?? (res.decision ? 'allowed' : 'denied')),
+        policies: (res.context.policies as string[] | undefined) ?? [],
+      };
     } catch (err) {
       // A request the policies cannot judge is denied, never allowed.
-      return { allowed: false, reason: `caller policy could not be evaluated: ${(err as Error).message}`, policies: [] };
+      return {
+        allowed: false,
+        reason: `caller policy could not be evaluated: ${(err as Error).message}`,
+        policies: [],
+      };
     }
   }
 
-  close(): Promise<void> { return this.engine.close(); }
+  close(): Promise<void> {
+    return this.engine.close();
+  }
 }

@@ -59,8 +59,12 @@ export class AgentSession {
     this.credentialExpiryMs = identity.notAfterMs;
   }
 
-  get agentId(): string { return this.identity.name; }
-  get activeCalls(): number { return this.active.size; }
+  get agentId(): string {
+    return this.identity.name;
+  }
+  get activeCalls(): number {
+    return this.active.size;
+  }
 }
 
 interface Waiter {
@@ -82,7 +86,12 @@ function owedOffers(entry: AgentEntry): number {
 }
 
 /** What /agents and /agents/<id> say about an agent as a whole. */
-function agentTotals(sessions: AgentSession[]): { connections: number; connectedSince: string; callsInFlight: number; idleOffers: number } {
+function agentTotals(sessions: AgentSession[]): {
+  connections: number;
+  connectedSince: string;
+  callsInFlight: number;
+  idleOffers: number;
+} {
   return {
     connections: sessions.length,
     connectedSince: new Date(Math.min(...sessions.map((s) => s.connectedAtMs))).toISOString(),
@@ -92,7 +101,13 @@ function agentTotals(sessions: AgentSession[]): { connections: number; connected
 }
 
 /** Totals over the registry, for metrics and leak checks. */
-export interface RegistryCounts { agents: number; sessions: number; idleOffers: number; activeCalls: number; waiters: number }
+export interface RegistryCounts {
+  agents: number;
+  sessions: number;
+  idleOffers: number;
+  activeCalls: number;
+  waiters: number;
+}
 
 /** A snapshot of one connected agent, for /agents and metrics. */
 export interface AgentSummary {
@@ -101,7 +116,16 @@ export interface AgentSummary {
   connectedSince: string;
   callsInFlight: number;
   idleOffers: number;
-  sessions: { id: string; peer: string; protocolVersion: number; agentVersion: string; connectedAt: string; callsInFlight: number; idleOffers: number; draining: boolean }[];
+  sessions: {
+    id: string;
+    peer: string;
+    protocolVersion: number;
+    agentVersion: string;
+    connectedAt: string;
+    callsInFlight: number;
+    idleOffers: number;
+    draining: boolean;
+  }[];
 }
 
 /** Everything the broker knows about one connected agent, for `/agents/<id>`. */
@@ -116,8 +140,15 @@ export interface AgentDetail {
   /** Tunnel streams asked for with Demand and not opened yet. */
   owedOffers: number;
   sessions: {
-    id: string; peer: string; protocolVersion: number; agentVersion: string; connectedAt: string; draining: boolean;
-    callsInFlight: number; idleOffers: number; owedOffers: number;
+    id: string;
+    peer: string;
+    protocolVersion: number;
+    agentVersion: string;
+    connectedAt: string;
+    draining: boolean;
+    callsInFlight: number;
+    idleOffers: number;
+    owedOffers: number;
     /** The certificate the session runs on now (renewals presented on the session replace it). */
     certificate: { spiffeId: string; serial: string; notAfter: string; secondsLeft: number };
   }[];
@@ -219,7 +250,13 @@ export class TunnelRegistry {
     // agent's Trailers). An agent that never answers would hold the stream forever: end it.
     if (stream.isClosed || stream.callsEnded !== offer.callsEndedBefore) return;
     const timer = setTimeout(() => {
-      if (stream.callsEnded === offer.callsEndedBefore) stream.abort(new BurrowError(Status.UNAVAILABLE, `agent sent no trailers within ${this.cancelTrailersTimeoutMs} ms of the call's end`));
+      if (stream.callsEnded === offer.callsEndedBefore)
+        stream.abort(
+          new BurrowError(
+            Status.UNAVAILABLE,
+            `agent sent no trailers within ${this.cancelTrailersTimeoutMs} ms of the call's end`,
+          ),
+        );
     }, this.cancelTrailersTimeoutMs);
     void stream.whenCallEnded().then(() => clearTimeout(timer));
   }
@@ -250,18 +287,31 @@ export class TunnelRegistry {
     const entry = this.entry(agentId);
     return new Promise<IdleOffer>((resolve, reject) => {
       const callerDeadlineFirst = deadlineMs - Date.now() < waitMs;
-      const timer = setTimeout(() => {
-        remove();
-        if (callerDeadlineFirst) reject(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for agent "${agentId}"`));
-        else if (entry.sessions.size === 0) reject(new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" is not connected (waited ${waitMs} ms)`));
-        else reject(new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" opened no tunnel stream within ${waitMs} ms`));
-      }, Math.max(0, Math.min(waitMs, deadlineMs - Date.now())));
+      const timer = setTimeout(
+        () => {
+          remove();
+          if (callerDeadlineFirst)
+            reject(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for agent "${agentId}"`));
+          else if (entry.sessions.size === 0)
+            reject(new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" is not connected (waited ${waitMs} ms)`));
+          else
+            reject(
+              new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" opened no tunnel stream within ${waitMs} ms`),
+            );
+        },
+        Math.max(0, Math.min(waitMs, deadlineMs - Date.now())),
+      );
       const onAbort = (): void => {
         remove();
         reject(new BurrowError(Status.CANCELLED, 'cancelled while waiting for the agent'));
       };
       const waiter: Waiter = {
-        resolve: (o) => { clearTimeout(timer); signal.removeEventListener('abort', onAbort); o.session.active.add(o.stream); resolve(o); },
+        resolve: (o) => {
+          clearTimeout(timer);
+          signal.removeEventListener('abort', onAbort);
+          o.session.active.add(o.stream);
+          resolve(o);
+        },
         reject,
       };
       const remove = (): void => {
@@ -318,8 +368,14 @@ export class TunnelRegistry {
         id,
         ...agentTotals(sessions),
         sessions: sessions.map((s) => ({
-          id: s.id, peer: s.peerAddress, protocolVersion: s.protocolVersion, agentVersion: s.agentVersion,
-          connectedAt: new Date(s.connectedAtMs).toISOString(), callsInFlight: s.activeCalls, idleOffers: s.idle.length, draining: s.draining,
+          id: s.id,
+          peer: s.peerAddress,
+          protocolVersion: s.protocolVersion,
+          agentVersion: s.agentVersion,
+          connectedAt: new Date(s.connectedAtMs).toISOString(),
+          callsInFlight: s.activeCalls,
+          idleOffers: s.idle.length,
+          draining: s.draining,
         })),
       });
     }
@@ -337,11 +393,19 @@ export class TunnelRegistry {
       callsWaiting: entry.waiters.length,
       owedOffers: owedOffers(entry),
       sessions: sessions.map((s) => ({
-        id: s.id, peer: s.peerAddress, protocolVersion: s.protocolVersion, agentVersion: s.agentVersion,
-        connectedAt: new Date(s.connectedAtMs).toISOString(), draining: s.draining,
-        callsInFlight: s.activeCalls, idleOffers: s.idle.length, owedOffers: s.owedOffers,
+        id: s.id,
+        peer: s.peerAddress,
+        protocolVersion: s.protocolVersion,
+        agentVersion: s.agentVersion,
+        connectedAt: new Date(s.connectedAtMs).toISOString(),
+        draining: s.draining,
+        callsInFlight: s.activeCalls,
+        idleOffers: s.idle.length,
+        owedOffers: s.owedOffers,
         certificate: {
-          spiffeId: s.identity.spiffeId, serial: s.identity.serialHex, notAfter: new Date(s.credentialExpiryMs).toISOString(),
+          spiffeId: s.identity.spiffeId,
+          serial: s.identity.serialHex,
+          notAfter: new Date(s.credentialExpiryMs).toISOString(),
           secondsLeft: Math.round((s.credentialExpiryMs - nowMs) / 1000),
         },
       })),
@@ -350,17 +414,27 @@ export class TunnelRegistry {
 
   /** Counts for metrics and leak checks. */
   counts(): RegistryCounts {
-    let agents = 0, sessions = 0, idleOffers = 0, activeCalls = 0, waiters = 0;
+    let agents = 0,
+      sessions = 0,
+      idleOffers = 0,
+      activeCalls = 0,
+      waiters = 0;
     for (const e of this.agents.values()) {
       if (e.sessions.size > 0) agents++;
       waiters += e.waiters.length;
-      for (const s of e.sessions) { sessions++; idleOffers += s.idle.length; activeCalls += s.activeCalls; }
+      for (const s of e.sessions) {
+        sessions++;
+        idleOffers += s.idle.length;
+        activeCalls += s.activeCalls;
+      }
     }
     return { agents, sessions, idleOffers, activeCalls, waiters };
   }
 
   /** Number of agent entries held, including ones kept only by waiting calls (leak checks). */
-  get entryCount(): number { return this.agents.size + this.connectWaiters.size; }
+  get entryCount(): number {
+    return this.agents.size + this.connectWaiters.size;
+  }
 
   /** Ids of the agents with at least one session here. */
   *connectedAgentIds(): IterableIterator<string> {
@@ -389,7 +463,8 @@ export class TunnelRegistry {
   }
 
   private maybeForget(agentId: string, entry: AgentEntry): void {
-    if (entry.sessions.size === 0 && entry.waiters.length === 0 && this.agents.get(agentId) === entry) this.agents.delete(agentId);
+    if (entry.sessions.size === 0 && entry.waiters.length === 0 && this.agents.get(agentId) === entry)
+      this.agents.delete(agentId);
   }
 
   // Spreads calls over an agent's connections: the session with an idle offer and the fewest calls.

@@ -1,14 +1,40 @@
 import { readFileSync } from 'node:fs';
-import { Client, Metadata, credentials, status as Status, type ChannelCredentials, type ServiceError } from '@grpc/grpc-js';
 import {
-  AGENT_ID_KEY, API_CODECS, AUTH_METHODS, POLICY_METHODS, brokerIdentityCheck, identityOfCertificate,
-  splitPemCertificates, type ApiCodec, type JsonObject, type JsonValue,
+  Client,
+  Metadata,
+  credentials,
+  status as Status,
+  type ChannelCredentials,
+  type ServiceError,
+} from '@grpc/grpc-js';
+import {
+  AGENT_ID_KEY,
+  API_CODECS,
+  AUTH_METHODS,
+  POLICY_METHODS,
+  brokerIdentityCheck,
+  identityOfCertificate,
+  splitPemCertificates,
+  type ApiCodec,
+  type JsonObject,
+  type JsonValue,
 } from '@burrow/tunnel';
 
 /** AuthZEN subject, action, resource (Burrow's policy API uses the same JSON). */
-export interface Subject { type: string; id: string; properties?: JsonObject }
-export interface Action { name: string; properties?: JsonObject }
-export interface Resource { type: string; id: string; properties?: JsonObject }
+export interface Subject {
+  type: string;
+  id: string;
+  properties?: JsonObject;
+}
+export interface Action {
+  name: string;
+  properties?: JsonObject;
+}
+export interface Resource {
+  type: string;
+  id: string;
+  properties?: JsonObject;
+}
 
 export interface EvaluationRequest {
   subject?: Subject;
@@ -32,7 +58,9 @@ export interface EvaluationsRequest extends Omit<EvaluationRequest, 'explain'> {
   options?: { evaluations_semantic?: EvaluationsSemantic; explain?: boolean };
 }
 
-export interface EvaluationsResponse { evaluations: EvaluationResponse[] }
+export interface EvaluationsResponse {
+  evaluations: EvaluationResponse[];
+}
 
 export interface AuthenticationResult {
   authenticated: boolean;
@@ -51,7 +79,9 @@ export interface BurrowClientOptions {
    * The caller's `service` certificate and key, and the CA that signs brokers: PEM text or file
    * paths. The broker must present `spiffe://<this certificate's trust domain>/broker/<name>`.
    */
-  tls: { cert: string | Buffer; key: string | Buffer; ca: string | Buffer } | { certFile: string; keyFile: string; caFile: string };
+  tls:
+    | { cert: string | Buffer; key: string | Buffer; ca: string | Buffer }
+    | { certFile: string; keyFile: string; caFile: string };
   /** TLS name expected in the broker certificate, when it differs from the host in `broker`. */
   serverName?: string;
   /** Deadline of each call (all attempts together), in ms. Default 5000. */
@@ -71,12 +101,18 @@ export interface CallOptions {
 /** A failed call: the gRPC status the broker or agent answered with. */
 export class BurrowCallError extends Error {
   override readonly name = 'BurrowCallError';
-  constructor(readonly code: Status, readonly details: string, readonly attempts: number) {
+  constructor(
+    readonly code: Status,
+    readonly details: string,
+    readonly attempts: number,
+  ) {
     super(`${Status[code] ?? code}: ${details}`);
   }
 }
 
-function pem(v: string | Buffer): Buffer { return Buffer.isBuffer(v) ? v : Buffer.from(v); }
+function pem(v: string | Buffer): Buffer {
+  return Buffer.isBuffer(v) ? v : Buffer.from(v);
+}
 
 /**
  * The client platform services use to ask a site, through a broker: "is this token valid?"
@@ -92,23 +128,46 @@ export class BurrowClient {
   private readonly retryBaseMs: number;
 
   constructor(opts: BurrowClientOptions) {
-    const tls = 'certFile' in opts.tls
-      ? { cert: readFileSync(opts.tls.certFile), key: readFileSync(opts.tls.keyFile), ca: readFileSync(opts.tls.caFile) }
-      : { cert: pem(opts.tls.cert), key: pem(opts.tls.key), ca: pem(opts.tls.ca) };
+    const tls =
+      'certFile' in opts.tls
+        ? {
+            cert: readFileSync(opts.tls.certFile),
+            key: readFileSync(opts.tls.keyFile),
+            ca: readFileSync(opts.tls.caFile),
+          }
+        : { cert: pem(opts.tls.cert), key: pem(opts.tls.key), ca: pem(opts.tls.ca) };
     // Any certificate of the trust domain passes the chain check; only a broker's may hear our calls.
     const own = splitPemCertificates(tls.cert.toString())[0];
     const trustDomain = own ? identityOfCertificate(own.raw)?.trustDomain : undefined;
     const verify = { checkServerIdentity: brokerIdentityCheck(trustDomain) };
     const creds: ChannelCredentials = credentials.createSsl(tls.ca, tls.key, tls.cert, verify);
-    this.client = new Client(opts.broker, creds, opts.serverName ? { 'grpc.ssl_target_name_override': opts.serverName, 'grpc.default_authority': opts.serverName } : {});
+    this.client = new Client(
+      opts.broker,
+      creds,
+      opts.serverName
+        ? { 'grpc.ssl_target_name_override': opts.serverName, 'grpc.default_authority': opts.serverName }
+        : {},
+    );
     this.timeoutMs = opts.timeoutMs ?? 5_000;
     this.maxAttempts = Math.max(1, opts.maxAttempts ?? 3);
     this.retryBaseMs = opts.retryBaseMs ?? 100;
   }
 
   /** Verifies `token` with the site's keys. A refused token resolves with authenticated=false. */
-  async authenticate(agentId: string, token: string, audience = '', opts: CallOptions = {}): Promise<AuthenticationResult> {
-    const res = await this.call(agentId, AUTH_METHODS.authenticate, API_CODECS.authenticateRequest, API_CODECS.authenticateResponse, { token, audience }, opts);
+  async authenticate(
+    agentId: string,
+    token: string,
+    audience = '',
+    opts: CallOptions = {},
+  ): Promise<AuthenticationResult> {
+    const res = await this.call(
+      agentId,
+      AUTH_METHODS.authenticate,
+      API_CODECS.authenticateRequest,
+      API_CODECS.authenticateResponse,
+      { token, audience },
+      opts,
+    );
     return {
       authenticated: res.authenticated === true,
       subject: String(res.subject ?? ''),
@@ -121,21 +180,46 @@ export class BurrowClient {
 
   /** One AuthZEN access evaluation, decided by the site's policies. */
   async evaluate(agentId: string, request: EvaluationRequest, opts: CallOptions = {}): Promise<EvaluationResponse> {
-    const res = await this.call(agentId, POLICY_METHODS.evaluate, API_CODECS.evaluationRequest, API_CODECS.evaluationResponse, request, opts);
+    const res = await this.call(
+      agentId,
+      POLICY_METHODS.evaluate,
+      API_CODECS.evaluationRequest,
+      API_CODECS.evaluationResponse,
+      request,
+      opts,
+    );
     return { decision: res.decision === true, context: res.context as JsonObject | undefined };
   }
 
   /** Many evaluations in one round trip, answered in order (AuthZEN access evaluations). */
   async evaluations(agentId: string, batch: EvaluationsRequest, opts: CallOptions = {}): Promise<EvaluationsResponse> {
-    const res = await this.call(agentId, POLICY_METHODS.evaluations, API_CODECS.evaluationsRequest, API_CODECS.evaluationsResponse, batch, opts);
+    const res = await this.call(
+      agentId,
+      POLICY_METHODS.evaluations,
+      API_CODECS.evaluationsRequest,
+      API_CODECS.evaluationsResponse,
+      batch,
+      opts,
+    );
     const items = (res.evaluations as JsonObject[] | undefined) ?? [];
-    return { evaluations: items.map((e) => ({ decision: e.decision === true, context: e.context as JsonObject | undefined })) };
+    return {
+      evaluations: items.map((e) => ({ decision: e.decision === true, context: e.context as JsonObject | undefined })),
+    };
   }
 
   /** Closes the connection to the broker. */
-  close(): void { this.client.close(); }
+  close(): void {
+    this.client.close();
+  }
 
-  private async call(agentId: string, method: string, reqCodec: ApiCodec, resCodec: ApiCodec, body: unknown, opts: CallOptions): Promise<JsonObject> {
+  private async call(
+    agentId: string,
+    method: string,
+    reqCodec: ApiCodec,
+    resCodec: ApiCodec,
+    body: unknown,
+    opts: CallOptions,
+  ): Promise<JsonObject> {
     const message = reqCodec.encode(body as JsonValue);
     const deadlineMs = Date.now() + (opts.timeoutMs ?? this.timeoutMs);
     for (let attempt = 1; ; attempt++) {
@@ -145,21 +229,36 @@ export class BurrowClient {
         const e = err as ServiceError;
         const retryable = e.code === Status.UNAVAILABLE && attempt < this.maxAttempts && !opts.signal?.aborted;
         const delayMs = Math.random() * this.retryBaseMs * 2 ** (attempt - 1);
-        if (!retryable || Date.now() + delayMs >= deadlineMs) throw new BurrowCallError(e.code ?? Status.UNKNOWN, e.details ?? e.message, attempt);
+        if (!retryable || Date.now() + delayMs >= deadlineMs)
+          throw new BurrowCallError(e.code ?? Status.UNKNOWN, e.details ?? e.message, attempt);
         await new Promise((resolve) => setTimeout(resolve, delayMs));
       }
     }
   }
 
-  private unary(agentId: string, method: string, message: Buffer, deadlineMs: number, signal?: AbortSignal): Promise<Buffer> {
+  private unary(
+    agentId: string,
+    method: string,
+    message: Buffer,
+    deadlineMs: number,
+    signal?: AbortSignal,
+  ): Promise<Buffer> {
     const md = new Metadata();
     md.set(AGENT_ID_KEY, agentId);
     return new Promise((resolve, reject) => {
-      const call = this.client.makeUnaryRequest(method, (b: Buffer) => b, (b: Buffer) => b, message, md, { deadline: deadlineMs }, (err, res) => {
-        signal?.removeEventListener('abort', onAbort);
-        if (err) reject(err);
-        else resolve(res!);
-      });
+      const call = this.client.makeUnaryRequest(
+        method,
+        (b: Buffer) => b,
+        (b: Buffer) => b,
+        message,
+        md,
+        { deadline: deadlineMs },
+        (err, res) => {
+          signal?.removeEventListener('abort', onAbort);
+          if (err) reject(err);
+          else resolve(res!);
+        },
+      );
       const onAbort = (): void => call.cancel();
       signal?.addEventListener('abort', onAbort);
     });

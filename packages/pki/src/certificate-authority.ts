@@ -117,7 +117,8 @@ export async function createIssuingCa(opts: CreateCaOptions & { readonly root: C
   const { privateKey: rootKey } = await importSigningKey(root.keyPem, root.keyAlgorithm, 'root key');
   const rootCert = new x509.X509Certificate(root.certPem);
   const nowMs = opts.nowMs ?? Date.now();
-  if (root.notAfter.getTime() <= nowMs) throw new PkiError(`root: CA ${root.id} expired at ${root.notAfter.toISOString()}`);
+  if (root.notAfter.getTime() <= nowMs)
+    throw new PkiError(`root: CA ${root.id} expired at ${root.notAfter.toISOString()}`);
   const { notBefore, notAfter } = validity(nowMs, opts.ttlMs, root.notAfter);
   const cert = await x509.X509CertificateGenerator.create({
     serialNumber: randomSerialHex(),
@@ -225,7 +226,8 @@ async function prepareEmptyDir(absDir: string, shownAs: string): Promise<void> {
     if (code === 'ENOTDIR') throw new PkiError(`dir: ${shownAs} exists and is not a directory`);
     throw new PkiError(`dir: cannot read ${shownAs} (${(err as Error).message})`, { cause: err });
   }
-  if (entries.includes(MANIFEST_FILE)) throw new PkiError(`dir: ${shownAs} is already initialised (${MANIFEST_FILE} exists)`);
+  if (entries.includes(MANIFEST_FILE))
+    throw new PkiError(`dir: ${shownAs} is already initialised (${MANIFEST_FILE} exists)`);
   // Refuse a non-empty directory: init tightens its mode and CA keys should not share a
   // directory with unrelated files (or with a half-finished earlier init).
   if (entries.length > 0) throw new PkiError(`dir: ${shownAs} is not empty; init needs a new or empty directory`);

@@ -44,14 +44,17 @@ export async function checkPki(opts: { dir: string; nowMs?: number; warnDays?: n
     const daysLeft = (ca.notAfter.getTime() - nowMs) / DAY_MS;
     cas.push({ id: record.id, kind: record.kind, notAfter: ca.notAfter, daysLeft });
     const label = `${record.kind} CA ${record.id}`;
-    const replacing = rotating && (record.id === manifest.rotation!.oldIssuingCaId || record.id === manifest.rotation!.oldRootCaId);
+    const replacing =
+      rotating && (record.id === manifest.rotation!.oldIssuingCaId || record.id === manifest.rotation!.oldRootCaId);
     const advice = replacing
       ? `a rotation replacing it is in phase ${manifest.rotation!.phase}; complete it with 'burrow-pki rotate'`
       : `rotate it with 'burrow-pki rotate --dir ${opts.dir} init'`;
     if (daysLeft <= 0) {
       problems.push(`${label} expired at ${ca.notAfter.toISOString()}; ${advice}`);
     } else if (daysLeft < warnDays) {
-      problems.push(`${label} expires at ${ca.notAfter.toISOString()}, ${daysText(daysLeft)} left (warning threshold ${warnDays} days); ${advice}`);
+      problems.push(
+        `${label} expires at ${ca.notAfter.toISOString()}, ${daysText(daysLeft)} left (warning threshold ${warnDays} days); ${advice}`,
+      );
     }
   }
   return { ok: problems.length === 0, problems, cas };

@@ -37,7 +37,15 @@ import { checkPki, DEFAULT_WARN_DAYS } from './check';
 import { validLeavesOf } from './issued-log';
 import { createJoinToken } from './join-token';
 import { revokeDetailed, writeCrl } from './revocation';
-import { agentStates, humanDuration, rotate, rotationState, ROTATE_ACTIONS, type RotateAction, type RotationState } from './rotation';
+import {
+  agentStates,
+  humanDuration,
+  rotate,
+  rotationState,
+  ROTATE_ACTIONS,
+  type RotateAction,
+  type RotationState,
+} from './rotation';
 
 const PROGRAM = 'burrow-pki';
 const ENV_PREFIX = 'BURROW_PKI_';
@@ -101,7 +109,8 @@ function durationFlag(argv: Record<string, unknown>, flagName: string): number |
 
 function packageVersion(): string {
   try {
-    return (JSON.parse(readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')) as { version: string }).version;
+    return (JSON.parse(readFileSync(path.join(__dirname, '..', 'package.json'), 'utf8')) as { version: string })
+      .version;
   } catch {
     return 'unknown';
   }
@@ -116,7 +125,10 @@ function reportTightened(outcome: PrivateDirOutcome): void {
 async function runInit(argv: Record<string, unknown>): Promise<void> {
   const dir = single(argv, 'dir')!;
   // init makes an existing (empty) directory 0700 itself; say so when it was looser.
-  const modeBefore = await fs.stat(dir).then((st) => st.mode & 0o777, () => undefined);
+  const modeBefore = await fs.stat(dir).then(
+    (st) => st.mode & 0o777,
+    () => undefined,
+  );
   await initPki({
     dir,
     trustDomain: single(argv, 'trust-domain'),
@@ -162,7 +174,11 @@ function boolFlag(flagName: string, describe: string): Options {
 let exitCodeOverride: number | undefined;
 
 async function runTokenCreate(argv: Record<string, unknown>): Promise<void> {
-  const info = await createJoinToken({ dir: single(argv, 'dir')!, agentId: single(argv, 'agent-id')!, ttlMs: durationFlag(argv, 'ttl') });
+  const info = await createJoinToken({
+    dir: single(argv, 'dir')!,
+    agentId: single(argv, 'agent-id')!,
+    ttlMs: durationFlag(argv, 'ttl'),
+  });
   // Only the token on stdout, so `TOKEN=$(burrow-pki token create ...)` works.
   process.stdout.write(`${info.token}\n`);
 }
@@ -189,46 +205,76 @@ async function runRotate(argv: Record<string, unknown>): Promise<void> {
   }
   const signer = (pick: (c: RotationState['cas'][number]) => boolean): string => state.cas.find(pick)?.id ?? '?';
   process.stdout.write(
-    `rotate ${action}: phase ${state.phase}, bundle version ${state.bundleVersion}, trusted roots ${state.cas.filter((c) => c.kind === 'root').map((c) => c.id).join(' + ')}, agents/services signed by ${signer((c) => c.signsClients)}, brokers by ${signer((c) => c.signsServers)}\n`,
+    `rotate ${action}: phase ${state.phase}, bundle version ${state.bundleVersion}, trusted roots ${state.cas
+      .filter((c) => c.kind === 'root')
+      .map((c) => c.id)
+      .join(
+        ' + ',
+      )}, agents/services signed by ${signer((c) => c.signsClients)}, brokers by ${signer((c) => c.signsServers)}\n`,
   );
 }
 
-async function statusText(dir: string, state: RotationState, agents: Awaited<ReturnType<typeof agentStates>>): Promise<string> {
+async function statusText(
+  dir: string,
+  state: RotationState,
+  agents: Awaited<ReturnType<typeof agentStates>>,
+): Promise<string> {
   const nowMs = Date.now();
-  const lines: string[] = [`phase: ${state.phase}`, `bundle version: ${state.bundleVersion}`, '', 'CAs (all in the trust bundle):'];
-  lines.push(...table(
-    ['ID', 'KIND', 'NOT AFTER', 'SIGNS'],
-    state.cas.map((c) => [
-      c.id,
-      c.kind,
-      `${c.notAfter.toISOString()} (${humanDuration(c.notAfter.getTime() - nowMs)} left)`,
-      c.kind === 'root' ? '-' : [c.signsClients ? 'agents, services' : '', c.signsServers ? 'brokers' : ''].filter((x) => x !== '').join(', ') || 'nothing',
-    ]),
-  ));
+  const lines: string[] = [
+    `phase: ${state.phase}`,
+    `bundle version: ${state.bundleVersion}`,
+    '',
+    'CAs (all in the trust bundle):',
+  ];
+  lines.push(
+    ...table(
+      ['ID', 'KIND', 'NOT AFTER', 'SIGNS'],
+      state.cas.map((c) => [
+        c.id,
+        c.kind,
+        `${c.notAfter.toISOString()} (${humanDuration(c.notAfter.getTime() - nowMs)} left)`,
+        c.kind === 'root'
+          ? '-'
+          : [c.signsClients ? 'agents, services' : '', c.signsServers ? 'brokers' : '']
+              .filter((x) => x !== '')
+              .join(', ') || 'nothing',
+      ]),
+    ),
+  );
   const pki = await loadPki(dir);
   const rotation = pki.manifest.rotation;
   if (rotation !== undefined) {
     const old = await validLeavesOf(pki.dir, rotation.oldIssuingCaId, nowMs);
-    lines.push('', old.count === 0
-      ? `old CA ${rotation.oldIssuingCaId}: no valid certificates left; 'finish' can remove it`
-      : `old CA ${rotation.oldIssuingCaId}: ${old.count} certificate(s) still valid, the last until ${old.lastNotAfter!.toISOString()}`);
+    lines.push(
+      '',
+      old.count === 0
+        ? `old CA ${rotation.oldIssuingCaId}: no valid certificates left; 'finish' can remove it`
+        : `old CA ${rotation.oldIssuingCaId}: ${old.count} certificate(s) still valid, the last until ${old.lastNotAfter!.toISOString()}`,
+    );
   }
-  lines.push('', `agents (as recorded by brokers; converged = bundle version ${state.bundleVersion} and certificate from ${pki.signingCa.record.id}):`);
+  lines.push(
+    '',
+    `agents (as recorded by brokers; converged = bundle version ${state.bundleVersion} and certificate from ${pki.signingCa.record.id}):`,
+  );
   if (agents.length === 0) {
     lines.push('  (none recorded)');
   } else {
-    lines.push(...table(
-      ['AGENT', 'BUNDLE', 'ISSUER', 'CERT NOT AFTER', 'UPDATED', 'CONVERGED'],
-      agents.map((a) => [
-        a.agentId,
-        String(a.bundleVersion),
-        a.issuerCaId,
-        a.notAfter.toISOString() + (a.notAfter.getTime() <= nowMs ? ' (expired)' : ''),
-        a.updatedAt.toISOString(),
-        a.bundleVersion === state.bundleVersion && a.issuerCaId === pki.signingCa.record.id ? 'yes' : 'no',
-      ]),
-    ));
-    const converged = agents.filter((a) => a.bundleVersion === state.bundleVersion && a.issuerCaId === pki.signingCa.record.id).length;
+    lines.push(
+      ...table(
+        ['AGENT', 'BUNDLE', 'ISSUER', 'CERT NOT AFTER', 'UPDATED', 'CONVERGED'],
+        agents.map((a) => [
+          a.agentId,
+          String(a.bundleVersion),
+          a.issuerCaId,
+          a.notAfter.toISOString() + (a.notAfter.getTime() <= nowMs ? ' (expired)' : ''),
+          a.updatedAt.toISOString(),
+          a.bundleVersion === state.bundleVersion && a.issuerCaId === pki.signingCa.record.id ? 'yes' : 'no',
+        ]),
+      ),
+    );
+    const converged = agents.filter(
+      (a) => a.bundleVersion === state.bundleVersion && a.issuerCaId === pki.signingCa.record.id,
+    ).length;
     lines.push(`  ${converged}/${agents.length} converged`);
   }
   return `${lines.join('\n')}\n`;
@@ -244,10 +290,13 @@ async function runRevoke(argv: Record<string, unknown>): Promise<void> {
   const agentId = single(argv, 'agent-id');
   const serialHex = single(argv, 'serial');
   const result = await revokeDetailed({ dir: single(argv, 'dir')!, agentId, serialHex, ban: Boolean(argv.ban) });
-  const what = agentId !== undefined
-    ? `agent ${agentId}: every certificate issued up to now${argv.ban ? ', and enrollment (banned)' : ''}`
-    : `serial ${serialHex!.replace(/:/g, '').toUpperCase()}${result.serialKnown === false ? ' (not in the issued-certificate log; listed in every CRL)' : ''}`;
-  process.stdout.write(`revoked ${what}; ${result.serials.length} serial(s) added; revocation list version ${result.version}\n`);
+  const what =
+    agentId !== undefined
+      ? `agent ${agentId}: every certificate issued up to now${argv.ban ? ', and enrollment (banned)' : ''}`
+      : `serial ${serialHex!.replace(/:/g, '').toUpperCase()}${result.serialKnown === false ? ' (not in the issued-certificate log; listed in every CRL)' : ''}`;
+  process.stdout.write(
+    `revoked ${what}; ${result.serials.length} serial(s) added; revocation list version ${result.version}\n`,
+  );
 }
 
 async function runCrl(argv: Record<string, unknown>): Promise<void> {
@@ -277,7 +326,8 @@ async function runCheck(argv: Record<string, unknown>): Promise<void> {
 
 function parser(args: readonly string[]): Argv {
   const dirFlag = flag('dir', { describe: 'PKI directory', demandOption: true });
-  const keyAlgorithmFlag = (describe: string): Options => flag('key-algorithm', { describe: `${describe}: ${KEY_ALGORITHMS.join(', ')}` });
+  const keyAlgorithmFlag = (describe: string): Options =>
+    flag('key-algorithm', { describe: `${describe}: ${KEY_ALGORITHMS.join(', ')}` });
   return yargs([...args])
     .scriptName(PROGRAM)
     .usage(`$0 <command> [options]\n\nCreate a Burrow PKI and issue SPIFFE X509-SVID style certificates.`)
@@ -287,7 +337,10 @@ function parser(args: readonly string[]): Argv {
       (y) =>
         y
           .option('dir', dirFlag)
-          .option('trust-domain', flag('trust-domain', { describe: `SPIFFE trust domain (default ${DEFAULT_TRUST_DOMAIN})` }))
+          .option(
+            'trust-domain',
+            flag('trust-domain', { describe: `SPIFFE trust domain (default ${DEFAULT_TRUST_DOMAIN})` }),
+          )
           .option('key-algorithm', keyAlgorithmFlag(`CA key algorithm (default ${DEFAULT_KEY_ALGORITHM})`))
           .option('root-ttl', flag('root-ttl', { describe: 'root CA lifetime, e.g. 3650d (default 10 years)' }))
           .option('issuing-ttl', flag('issuing-ttl', { describe: 'issuing CA lifetime, e.g. 365d (default 1 year)' })),
@@ -300,17 +353,25 @@ function parser(args: readonly string[]): Argv {
         y
           .option('dir', dirFlag)
           .option('role', flag('role', { describe: `role: ${ROLES.join(', ')}`, demandOption: true }))
-          .option('name', flag('name', {
-            describe: 'agent, service or broker name, the last segment of spiffe://<td>/<role>/<name> '
-              + '(a broker\'s default: its first --dns or --ip)',
-          }))
+          .option(
+            'name',
+            flag('name', {
+              describe:
+                'agent, service or broker name, the last segment of spiffe://<td>/<role>/<name> ' +
+                "(a broker's default: its first --dns or --ip)",
+            }),
+          )
           .option('dns', flag('dns', { describe: 'DNS name SAN, repeatable (broker only)', array: true }))
           .option('ip', flag('ip', { describe: 'IP address SAN, repeatable (broker only)', array: true }))
           .option('ttl', flag('ttl', { describe: 'lifetime, e.g. 90s, 15m, 24h, 7d, 1h30m (default 24h)' }))
-          .option('key-algorithm', keyAlgorithmFlag('key algorithm (default: the PKI\'s)'))
-          .option('out', flag('out', {
-            describe: 'output directory, created 0700 (an existing one is tightened to 0700)', demandOption: true,
-          })),
+          .option('key-algorithm', keyAlgorithmFlag("key algorithm (default: the PKI's)"))
+          .option(
+            'out',
+            flag('out', {
+              describe: 'output directory, created 0700 (an existing one is tightened to 0700)',
+              demandOption: true,
+            }),
+          ),
       runIssue,
     )
     .command('token', 'manage join tokens', (y) =>
@@ -332,7 +393,11 @@ function parser(args: readonly string[]): Argv {
       'CA rotation: init, update-clients, update-servers, finish, rollback, or status',
       (y) =>
         y
-          .positional('action', { type: 'string', choices: [...ROTATE_ACTIONS, 'status'], describe: 'phase change, or status' })
+          .positional('action', {
+            type: 'string',
+            choices: [...ROTATE_ACTIONS, 'status'],
+            describe: 'phase change, or status',
+          })
           .option('dir', dirFlag)
           .option('force', boolFlag('force', 'finish: drop the old CA although certificates it signed are still valid'))
           .option('json', boolFlag('json', 'print the state as JSON')),
@@ -344,7 +409,10 @@ function parser(args: readonly string[]): Argv {
       (y) =>
         y
           .option('dir', dirFlag)
-          .option('agent-id', flag('agent-id', { describe: 'revoke every certificate issued to this agent id up to now' }))
+          .option(
+            'agent-id',
+            flag('agent-id', { describe: 'revoke every certificate issued to this agent id up to now' }),
+          )
           .option('serial', flag('serial', { describe: 'revoke the certificate with this serial (hex)' }))
           .option('ban', boolFlag('ban', 'with --agent-id: also refuse enrollment of this id')),
       runRevoke,
@@ -358,7 +426,13 @@ function parser(args: readonly string[]): Argv {
     .command(
       'check',
       'check CA expiry: exit 1 with one line per CA expiring within --warn-days',
-      (y) => y.option('dir', dirFlag).option('warn-days', flag('warn-days', { describe: `warn when fewer days are left (default ${DEFAULT_WARN_DAYS})` })),
+      (y) =>
+        y
+          .option('dir', dirFlag)
+          .option(
+            'warn-days',
+            flag('warn-days', { describe: `warn when fewer days are left (default ${DEFAULT_WARN_DAYS})` }),
+          ),
       runCheck,
     )
     .middleware(async (argv) => {

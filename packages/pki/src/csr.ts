@@ -32,7 +32,9 @@ const MAX_CSR_PEM_LENGTH = 16_384;
  * issuer decides the identity. Returns the CSR and the private key (PKCS#8 PEM), which stays with
  * the caller.
  */
-export async function createCsr(opts: { keyAlgorithm?: KeyAlgorithm } = {}): Promise<{ csrPem: string; keyPem: string }> {
+export async function createCsr(
+  opts: { keyAlgorithm?: KeyAlgorithm } = {},
+): Promise<{ csrPem: string; keyPem: string }> {
   const keyAlgorithm = opts.keyAlgorithm ?? DEFAULT_KEY_ALGORITHM;
   assertKeyAlgorithm(keyAlgorithm);
   const key = await generateKey(keyAlgorithm);
@@ -104,9 +106,13 @@ const CSR_SIGNATURE_ALGORITHMS: Readonly<Record<string, { name: string; hash: st
  * and the signature are needed, since everything else the CSR says is ignored anyway.
  */
 export async function verifiedCsrPublicKey(csrPem: unknown): Promise<{ spkiDer: Buffer; keyAlgorithm: KeyAlgorithm }> {
-  if (typeof csrPem !== 'string' || csrPem.trim() === '') throw new PkiError('csr: is required (a PKCS#10 certificate request, PEM)');
-  if (csrPem.length > MAX_CSR_PEM_LENGTH) throw new PkiError(`csr: longer than ${MAX_CSR_PEM_LENGTH} characters; not a Burrow CSR`);
-  const match = /-----BEGIN (NEW )?CERTIFICATE REQUEST-----([\s\S]*?)-----END (NEW )?CERTIFICATE REQUEST-----/.exec(csrPem);
+  if (typeof csrPem !== 'string' || csrPem.trim() === '')
+    throw new PkiError('csr: is required (a PKCS#10 certificate request, PEM)');
+  if (csrPem.length > MAX_CSR_PEM_LENGTH)
+    throw new PkiError(`csr: longer than ${MAX_CSR_PEM_LENGTH} characters; not a Burrow CSR`);
+  const match = /-----BEGIN (NEW )?CERTIFICATE REQUEST-----([\s\S]*?)-----END (NEW )?CERTIFICATE REQUEST-----/.exec(
+    csrPem,
+  );
   if (match === null) {
     throw new PkiError('csr: not a PEM certificate request (no -----BEGIN CERTIFICATE REQUEST----- block)');
   }
@@ -126,21 +132,30 @@ export async function verifiedCsrPublicKey(csrPem: unknown): Promise<{ spkiDer: 
   const keyAlgorithm = keyAlgorithmOf(keyObject);
   if (keyAlgorithm === undefined) {
     const details = keyObject.asymmetricKeyDetails ?? {};
-    const what = [keyObject.asymmetricKeyType, details.namedCurve, details.modulusLength].filter((v) => v !== undefined).join(' ');
+    const what = [keyObject.asymmetricKeyType, details.namedCurve, details.modulusLength]
+      .filter((v) => v !== undefined)
+      .join(' ');
     throw new PkiError(`csr: key type ${what || 'unknown'} is not accepted; use one of ${KEY_ALGORITHMS.join(', ')}`);
   }
   const algorithm = CSR_SIGNATURE_ALGORITHMS[parts.algorithmOidHex];
   if (algorithm === undefined) {
-    throw new PkiError(`csr: signature algorithm (OID bytes ${parts.algorithmOidHex}) is not accepted; sign with ECDSA or RSA PKCS#1 v1.5 and SHA-256/384/512, or Ed25519`);
+    throw new PkiError(
+      `csr: signature algorithm (OID bytes ${parts.algorithmOidHex}) is not accepted; sign with ECDSA or RSA PKCS#1 v1.5 and SHA-256/384/512, or Ed25519`,
+    );
   }
   let valid: boolean;
   try {
     valid = verify(algorithm.hash, parts.info, keyObject, parts.signature);
   } catch (err) {
-    throw new PkiError(`csr: CSR signature does not verify (${algorithm.name} with a ${keyAlgorithm} key: ${oneLine(err)})`, { cause: err });
+    throw new PkiError(
+      `csr: CSR signature does not verify (${algorithm.name} with a ${keyAlgorithm} key: ${oneLine(err)})`,
+      { cause: err },
+    );
   }
   if (!valid) {
-    throw new PkiError('csr: CSR signature does not verify with the public key it contains: the requester did not prove it holds the private key');
+    throw new PkiError(
+      'csr: CSR signature does not verify with the public key it contains: the requester did not prove it holds the private key',
+    );
   }
   return { spkiDer: parts.spkiDer, keyAlgorithm };
 }

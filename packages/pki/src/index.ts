@@ -5,7 +5,11 @@
  */
 export { PkiError } from './pki-error';
 export {
-  securePrivateDir, securePkiDir, describeTightened, formatMode, type PrivateDirOutcome,
+  securePrivateDir,
+  securePkiDir,
+  describeTightened,
+  formatMode,
+  type PrivateDirOutcome,
 } from './private-dir';
 export { parseDuration } from './duration';
 export { ROLES, NAME_PATTERN, type Role } from './validation';

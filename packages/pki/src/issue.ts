@@ -108,7 +108,14 @@ export interface LeafRequest {
 }
 
 /** Checks and normalises the identity part of a leaf request (shared by issueCertificate and signCsr). */
-export function validateLeafRequest(opts: { dir: string; role: Role; name: string; dns?: string[]; ip?: string[]; ttlMs?: number }): LeafRequest {
+export function validateLeafRequest(opts: {
+  dir: string;
+  role: Role;
+  name: string;
+  dns?: string[];
+  ip?: string[];
+  ttlMs?: number;
+}): LeafRequest {
   if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
   const { role } = opts;
   assertRole(role);
@@ -142,7 +149,9 @@ export async function assertNotBanned(absDir: string, request: LeafRequest): Pro
   if (request.role !== 'agent') return undefined;
   const revocations = await loadRevocations(absDir);
   if (revocations.isAgentBanned(request.name)) {
-    throw new PkiError(`name: agent "${request.name}" is banned (burrow-pki revoke --ban); no certificate is issued to it`);
+    throw new PkiError(
+      `name: agent "${request.name}" is banned (burrow-pki revoke --ban); no certificate is issued to it`,
+    );
   }
   return revocations;
 }
@@ -167,7 +176,8 @@ export async function signLeaf(
   }
   const { signingKey: caKey, subjectDer: caSubjectDer } = signingMaterialOf(pki, ca);
   let { notBefore, notAfter } = validity(nowMs, request.ttlMs, ca.notAfter);
-  if (role === 'agent') notBefore = afterAgentRevocation(revocations ?? (await loadRevocations(pki.dir)), request.name, notBefore, nowMs);
+  if (role === 'agent')
+    notBefore = afterAgentRevocation(revocations ?? (await loadRevocations(pki.dir)), request.name, notBefore, nowMs);
   const serialHex = randomSerialHex();
 
   const certDer = signLeafDer(
@@ -235,8 +245,10 @@ function afterAgentRevocation(revocations: RevocationList, agentId: string, notB
 function defaultBrokerName(dns: readonly string[], ip: readonly string[]): string {
   const first = dns[0] ?? ip[0] ?? '';
   if (isValidId(first)) return first;
-  throw new PkiError(`name: a broker needs a name (its broker id); its first DNS name or IP address '${first}' `
-    + 'is not one: give --name');
+  throw new PkiError(
+    `name: a broker needs a name (its broker id); its first DNS name or IP address '${first}' ` +
+      'is not one: give --name',
+  );
 }
 
 function unique<T>(items: readonly T[]): T[] {
@@ -257,7 +269,8 @@ export const ISSUED_FILES = { cert: 'tls.crt', key: 'tls.key', ca: 'ca.crt' } as
  * last, because watchers usually key on tls.crt.
  */
 export async function writeIssued(
-  outDir: string, issued: Pick<IssuedCertificate, 'certPem' | 'keyPem' | 'caPem'>,
+  outDir: string,
+  issued: Pick<IssuedCertificate, 'certPem' | 'keyPem' | 'caPem'>,
 ): Promise<PrivateDirOutcome> {
   if (typeof outDir !== 'string' || outDir === '') throw new PkiError('out: is required');
   const outcome = await securePrivateDir(outDir, 'out');

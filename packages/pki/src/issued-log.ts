@@ -46,7 +46,9 @@ export async function appendIssuedLeaf(absDir: string, record: IssuedLeafRecord)
     await fs.appendFile(file, line, { mode: 0o644 });
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') knownDirs.delete(caDir);
-    throw new PkiError(`dir: cannot record the issued certificate in ${file} (${(err as Error).message})`, { cause: err });
+    throw new PkiError(`dir: cannot record the issued certificate in ${file} (${(err as Error).message})`, {
+      cause: err,
+    });
   }
 }
 
@@ -76,7 +78,11 @@ export async function readAllIssuedLeaves(absDir: string): Promise<IssuedLeafRec
 }
 
 /** Leaves of `issuingCaId` still valid at `nowMs`: how many, and the last expiry. */
-export async function validLeavesOf(absDir: string, issuingCaId: string, nowMs: number): Promise<{ count: number; lastNotAfter?: Date }> {
+export async function validLeavesOf(
+  absDir: string,
+  issuingCaId: string,
+  nowMs: number,
+): Promise<{ count: number; lastNotAfter?: Date }> {
   let count = 0;
   let last = -Infinity;
   for (const record of await readIssuedLeaves(absDir, issuingCaId)) {
@@ -117,7 +123,12 @@ function parseRecord(line: string): IssuedLeafRecord | undefined {
   if (line.trim() === '') return undefined;
   try {
     const r = JSON.parse(line) as Partial<IssuedLeafRecord>;
-    if (typeof r.serialHex === 'string' && typeof r.notAfter === 'string' && typeof r.issuerCaId === 'string' && typeof r.name === 'string') {
+    if (
+      typeof r.serialHex === 'string' &&
+      typeof r.notAfter === 'string' &&
+      typeof r.issuerCaId === 'string' &&
+      typeof r.name === 'string'
+    ) {
       return r as IssuedLeafRecord;
     }
   } catch {

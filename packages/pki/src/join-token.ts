@@ -44,7 +44,11 @@ export type EnrollmentFailureReason = 'malformed' | 'unknown' | 'expired' | 'use
 export class EnrollmentError extends PkiError {
   override readonly name: string = 'EnrollmentError';
 
-  constructor(readonly reason: EnrollmentFailureReason, message: string, options?: ErrorOptions) {
+  constructor(
+    readonly reason: EnrollmentFailureReason,
+    message: string,
+    options?: ErrorOptions,
+  ) {
     super(message, options);
   }
 }
@@ -88,7 +92,9 @@ export function caPinOf(certPem: string): string {
   } catch (err) {
     throw new PkiError(`cert: not a readable certificate (${(err as Error).message})`, { cause: err });
   }
-  return createHash('sha256').update(cert.publicKey.export({ type: 'spki', format: 'der' })).digest('hex');
+  return createHash('sha256')
+    .update(cert.publicKey.export({ type: 'spki', format: 'der' }))
+    .digest('hex');
 }
 
 /** Pins of every root CA in the current trust bundle (an agent accepts a broker chaining to any). */
@@ -100,7 +106,9 @@ export async function trustBundlePins(dir: string): Promise<string[]> {
 /** Pins for a new token: the root above the CA that signs brokers first, then the other trusted roots. */
 function tokenPins(pki: LoadedPki): string[] {
   const serverRootId = pki.manifest.cas.find((ca) => ca.id === serverSigningCaIdOf(pki.manifest))?.parentId;
-  const roots = [...pki.trustedRoots].sort((a, b) => Number(b.record.id === serverRootId) - Number(a.record.id === serverRootId));
+  const roots = [...pki.trustedRoots].sort(
+    (a, b) => Number(b.record.id === serverRootId) - Number(a.record.id === serverRootId),
+  );
   return roots.map((root) => caPinOf(root.certPem));
 }
 
@@ -133,13 +141,21 @@ export async function createJoinToken(opts: { dir: string; agentId: string; ttlM
     expiresAt: expiresAt.toISOString(),
   };
   // noClobber: a (64-bit) id collision fails instead of replacing another token.
-  await writeFileAtomic(path.join(tokensDir, `${tokenId}.json`), `${JSON.stringify(stored, null, 2)}\n`, { mode: 0o600, noClobber: true });
+  await writeFileAtomic(path.join(tokensDir, `${tokenId}.json`), `${JSON.stringify(stored, null, 2)}\n`, {
+    mode: 0o600,
+    noClobber: true,
+  });
   // Pruning reads every token file, so do it at most once an hour per process (and so once per CLI run).
   if (nowMs - (lastPruneMs.get(tokensDir) ?? -Infinity) >= 3_600_000) {
     lastPruneMs.set(tokensDir, nowMs);
     await pruneTokens(tokensDir, nowMs).catch(() => undefined);
   }
-  return { token: `${TOKEN_PREFIX}.${tokenId}.${secret}.${tokenPins(pki).join('~')}`, tokenId, agentId: opts.agentId, expiresAt };
+  return {
+    token: `${TOKEN_PREFIX}.${tokenId}.${secret}.${tokenPins(pki).join('~')}`,
+    tokenId,
+    agentId: opts.agentId,
+    expiresAt,
+  };
 }
 
 /**
@@ -150,8 +166,14 @@ export async function createJoinToken(opts: { dir: string; agentId: string; ttlM
 export function parseJoinToken(token: string): ParsedJoinToken {
   const match = TOKEN_PATTERN.exec(typeof token === 'string' ? token.trim() : '');
   if (match === null) {
-    const hint = typeof token === 'string' && !token.trim().startsWith(`${TOKEN_PREFIX}.`) ? ` (it must start with '${TOKEN_PREFIX}.')` : '';
-    throw new EnrollmentError('malformed', `token: malformed join token${hint}; expected ${TOKEN_PREFIX}.<16 hex id>.<43-character secret>.<64 hex CA pin>`);
+    const hint =
+      typeof token === 'string' && !token.trim().startsWith(`${TOKEN_PREFIX}.`)
+        ? ` (it must start with '${TOKEN_PREFIX}.')`
+        : '';
+    throw new EnrollmentError(
+      'malformed',
+      `token: malformed join token${hint}; expected ${TOKEN_PREFIX}.<16 hex id>.<43-character secret>.<64 hex CA pin>`,
+    );
   }
   const [, tokenId, secret, pins] = match as unknown as [string, string, string, string];
   const caPinsSha256 = pins.split('~');
@@ -166,7 +188,11 @@ export function parseJoinToken(token: string): ParsedJoinToken {
  * @throws EnrollmentError with reason 'malformed', 'unknown' (no such id, or wrong secret),
  *   'expired', 'used' or 'banned'; messages name the token id and agent, never the secret.
  */
-export async function consumeJoinToken(opts: { dir: string; token: string; nowMs?: number }): Promise<{ agentId: string }> {
+export async function consumeJoinToken(opts: {
+  dir: string;
+  token: string;
+  nowMs?: number;
+}): Promise<{ agentId: string }> {
   if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
   const parsed = parseJoinToken(opts.token);
   const nowMs = opts.nowMs ?? Date.now();
@@ -180,7 +206,10 @@ export async function consumeJoinToken(opts: { dir: string; token: string; nowMs
   if (stored === undefined) {
     const used = await readStored(usedFile);
     if (used !== undefined && secretMatches(used, parsed.secret)) throw usedError(name, used);
-    throw new EnrollmentError('unknown', `token: unknown ${name}: it was never created in this PKI directory, or was deleted`);
+    throw new EnrollmentError(
+      'unknown',
+      `token: unknown ${name}: it was never created in this PKI directory, or was deleted`,
+    );
   }
   if (!secretMatches(stored, parsed.secret)) {
     throw new EnrollmentError('unknown', `token: unknown ${name}: its secret does not match`);
@@ -198,7 +227,10 @@ export async function consumeJoinToken(opts: { dir: string; token: string; nowMs
   }
   const expiresAtMs = Date.parse(stored.expiresAt);
   if (!(nowMs < expiresAtMs)) {
-    throw new EnrollmentError('expired', `token: ${name} for agent "${stored.agentId}" expired at ${stored.expiresAt}; create a new one with 'burrow-pki token create'`);
+    throw new EnrollmentError(
+      'expired',
+      `token: ${name} for agent "${stored.agentId}" expired at ${stored.expiresAt}; create a new one with 'burrow-pki token create'`,
+    );
   }
   const consumed: StoredJoinToken = { ...stored, consumedAt: new Date(nowMs).toISOString() };
   try {
@@ -221,7 +253,10 @@ export async function consumeJoinToken(opts: { dir: string; token: string; nowMs
 
 function usedError(name: string, record: StoredJoinToken): EnrollmentError {
   const when = record.consumedAt === undefined ? '' : ` at ${record.consumedAt}`;
-  return new EnrollmentError('used', `token: ${name} for agent "${record.agentId}" was already used${when}; join tokens are single use, create a new one`);
+  return new EnrollmentError(
+    'used',
+    `token: ${name} for agent "${record.agentId}" was already used${when}; join tokens are single use, create a new one`,
+  );
 }
 
 async function readStored(file: string): Promise<StoredJoinToken | undefined> {
@@ -234,7 +269,12 @@ async function readStored(file: string): Promise<StoredJoinToken | undefined> {
   }
   try {
     const record = JSON.parse(text) as StoredJoinToken;
-    if (typeof record.agentId === 'string' && typeof record.secretSha256 === 'string' && typeof record.expiresAt === 'string') return record;
+    if (
+      typeof record.agentId === 'string' &&
+      typeof record.secretSha256 === 'string' &&
+      typeof record.expiresAt === 'string'
+    )
+      return record;
   } catch {
     // fall through
   }
@@ -255,7 +295,10 @@ const lastPruneMs = new Map<string, number>();
 
 /** Deletes unused tokens that expired more than a day ago, and used records past their retention. Best effort. */
 async function pruneTokens(tokensDir: string, nowMs: number): Promise<void> {
-  for (const [dir, keepMs] of [[tokensDir, 86_400_000], [path.join(tokensDir, 'used'), USED_RETENTION_MS]] as const) {
+  for (const [dir, keepMs] of [
+    [tokensDir, 86_400_000],
+    [path.join(tokensDir, 'used'), USED_RETENTION_MS],
+  ] as const) {
     const names = await fs.readdir(dir).catch(() => [] as string[]);
     for (const name of names) {
       if (!/^[0-9a-f]{16}\.json$/.test(name)) continue;

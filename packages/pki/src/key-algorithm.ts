@@ -1,11 +1,4 @@
-import {
-  createHash,
-  createPrivateKey,
-  createPublicKey,
-  generateKeyPair,
-  webcrypto,
-  type KeyObject,
-} from 'node:crypto';
+import { createHash, createPrivateKey, createPublicKey, generateKeyPair, webcrypto, type KeyObject } from 'node:crypto';
 import { readTlv, type Tlv } from './der';
 import { PkiError } from './pki-error';
 
@@ -37,7 +30,9 @@ const KEY_ENCODING = {
 type EncodedPairCallback = (err: Error | null, publicKey: Buffer, privateKey: string) => void;
 
 /** Promise wrapper; util.promisify's overloads for generateKeyPair do not type-check with encodings. */
-function generateEncoded(start: (done: EncodedPairCallback) => void): Promise<{ publicKey: Buffer; privateKey: string }> {
+function generateEncoded(
+  start: (done: EncodedPairCallback) => void,
+): Promise<{ publicKey: Buffer; privateKey: string }> {
   return new Promise((resolve, reject) => {
     start((err, publicKey, privateKey) => (err ? reject(err) : resolve({ publicKey, privateKey })));
   });
@@ -82,7 +77,9 @@ export async function generateKey(keyAlgorithm: KeyAlgorithm): Promise<Generated
 }
 
 /** The WebCrypto import/sign parameters for a CA key of the given algorithm. */
-export function webCryptoAlgorithm(keyAlgorithm: KeyAlgorithm): webcrypto.RsaHashedImportParams | webcrypto.EcKeyImportParams | webcrypto.Algorithm {
+export function webCryptoAlgorithm(
+  keyAlgorithm: KeyAlgorithm,
+): webcrypto.RsaHashedImportParams | webcrypto.EcKeyImportParams | webcrypto.Algorithm {
   switch (keyAlgorithm) {
     case 'ecdsa-p256':
       return { name: 'ECDSA', namedCurve: 'P-256' } as webcrypto.EcKeyImportParams;
@@ -141,11 +138,15 @@ export async function importSigningKey(
   }
   const actual = keyAlgorithmOf(keyObject);
   if (actual !== keyAlgorithm) {
-    throw new PkiError(`${field}: key is ${actual ?? keyObject.asymmetricKeyType ?? 'unknown'}, manifest says ${keyAlgorithm}`);
+    throw new PkiError(
+      `${field}: key is ${actual ?? keyObject.asymmetricKeyType ?? 'unknown'}, manifest says ${keyAlgorithm}`,
+    );
   }
   const pkcs8Der = keyObject.export({ type: 'pkcs8', format: 'der' });
   // Non-extractable: once loaded for signing, the key cannot be exported from this process's WebCrypto handle.
-  const privateKey = await webcrypto.subtle.importKey('pkcs8', pkcs8Der, webCryptoAlgorithm(keyAlgorithm), false, ['sign']);
+  const privateKey = await webcrypto.subtle.importKey('pkcs8', pkcs8Der, webCryptoAlgorithm(keyAlgorithm), false, [
+    'sign',
+  ]);
   const spkiDer = createPublicKey(keyObject).export({ type: 'spki', format: 'der' });
   return { privateKey, spkiDer, keyObject };
 }

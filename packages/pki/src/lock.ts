@@ -58,8 +58,11 @@ export async function withPkiLock<T>(absDir: string, what: string, fn: () => Pro
       continue;
     }
     if (Date.now() >= deadline) {
-      const who = holder === undefined ? 'another process' : `pid ${holder.pid} on ${holder.host} since ${holder.since}`;
-      throw new PkiError(`dir: cannot ${what}: ${lockPath} is held by ${who}; retry, or remove the file if that process is gone`);
+      const who =
+        holder === undefined ? 'another process' : `pid ${holder.pid} on ${holder.host} since ${holder.since}`;
+      throw new PkiError(
+        `dir: cannot ${what}: ${lockPath} is held by ${who}; retry, or remove the file if that process is gone`,
+      );
     }
     // Waiting for another writer, which holds the lock for milliseconds; back off gently.
     await new Promise((resolve) => setTimeout(resolve, delayMs));
@@ -75,7 +78,8 @@ export async function withPkiLock<T>(absDir: string, what: string, fn: () => Pro
 async function readOwner(lockPath: string): Promise<LockOwner | undefined> {
   try {
     const raw = JSON.parse(await fs.readFile(lockPath, 'utf8')) as Partial<LockOwner>;
-    if (typeof raw.pid === 'number' && typeof raw.host === 'string' && typeof raw.since === 'string') return raw as LockOwner;
+    if (typeof raw.pid === 'number' && typeof raw.host === 'string' && typeof raw.since === 'string')
+      return raw as LockOwner;
   } catch {
     // Missing (released meanwhile) or still being written: treat as held, retry.
   }

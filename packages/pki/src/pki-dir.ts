@@ -247,7 +247,10 @@ async function reload(absDir: string): Promise<LoadedPki> {
   const signers = signerIds.map((id) => manifest.cas.find((ca) => ca.id === id)!);
   const files = [
     manifestPath,
-    ...signers.flatMap((ca) => [resolveInside(absDir, ca.certFile, 'certFile'), resolveInside(absDir, ca.keyFile, 'keyFile')]),
+    ...signers.flatMap((ca) => [
+      resolveInside(absDir, ca.certFile, 'certFile'),
+      resolveInside(absDir, ca.keyFile, 'keyFile'),
+    ]),
   ];
   // Stamp before reading: if a file changes while we read, the next call sees a new stamp and reloads.
   // CA files are never rewritten (new keys get new names), and every change of the set of CAs
@@ -271,7 +274,13 @@ export async function loadCaCertificate(absDir: string, record: CaRecord): Promi
     throw new PkiError(`${record.certFile}: not a readable certificate (${(err as Error).message})`, { cause: err });
   }
   if (!certificate.ca) throw new PkiError(`${record.certFile}: is not a CA certificate`);
-  return { record, certPem, certificate, notBefore: new Date(certificate.validFrom), notAfter: new Date(certificate.validTo) };
+  return {
+    record,
+    certPem,
+    certificate,
+    notBefore: new Date(certificate.validFrom),
+    notAfter: new Date(certificate.validTo),
+  };
 }
 
 /** Loads a CA's private key for signing (certificates or CRLs), checking it matches the certificate. */
@@ -290,7 +299,12 @@ export async function loadCaSigningMaterial(absDir: string, ca: LoadedCa): Promi
   } catch (err) {
     throw new PkiError(`${record.certFile}: not a readable certificate (${(err as Error).message})`, { cause: err });
   }
-  return { privateKey, subjectName: parsed.subjectName, signingKey: keyObject, subjectDer: certificateSubjectDer(ca.certificate.raw) };
+  return {
+    privateKey,
+    subjectName: parsed.subjectName,
+    signingKey: keyObject,
+    subjectDer: certificateSubjectDer(ca.certificate.raw),
+  };
 }
 
 async function loadFiles(absDir: string, manifest: PkiManifest, signers: readonly CaRecord[]): Promise<LoadedPki> {
@@ -307,7 +321,9 @@ async function loadFiles(absDir: string, manifest: PkiManifest, signers: readonl
     manifest,
     trustDomain: manifest.trustDomain,
     keyAlgorithm: manifest.keyAlgorithm,
-    trustBundlePem: loadedRoots.map((root) => (root.certPem.endsWith('\n') ? root.certPem : `${root.certPem}\n`)).join(''),
+    trustBundlePem: loadedRoots
+      .map((root) => (root.certPem.endsWith('\n') ? root.certPem : `${root.certPem}\n`))
+      .join(''),
     bundleVersion: bundleVersionOf(manifest),
     trustedRoots: loadedRoots,
     signingCa: byId(manifest.signingCaId),
@@ -337,7 +353,9 @@ export async function readManifest(dir: string): Promise<PkiManifest> {
     text = await fs.readFile(manifestPath, 'utf8');
   } catch (err) {
     if ((err as NodeJS.ErrnoException).code === 'ENOENT') {
-      throw new PkiError(`dir: ${dir} is not an initialised Burrow PKI (no ${MANIFEST_FILE}); run 'burrow-pki init' first`);
+      throw new PkiError(
+        `dir: ${dir} is not an initialised Burrow PKI (no ${MANIFEST_FILE}); run 'burrow-pki init' first`,
+      );
     }
     throw new PkiError(`dir: cannot read ${manifestPath} (${(err as Error).message})`, { cause: err });
   }
@@ -357,7 +375,9 @@ function validateManifest(raw: unknown): PkiManifest {
   if (typeof raw !== 'object' || raw === null) return bad('not a JSON object');
   const m = raw as Record<string, unknown>;
   if (m.formatVersion !== PKI_FORMAT_VERSION) {
-    return bad(`unsupported formatVersion ${JSON.stringify(m.formatVersion)} (this version of burrow-pki reads ${PKI_FORMAT_VERSION})`);
+    return bad(
+      `unsupported formatVersion ${JSON.stringify(m.formatVersion)} (this version of burrow-pki reads ${PKI_FORMAT_VERSION})`,
+    );
   }
   assertTrustDomain(m.trustDomain, `${MANIFEST_FILE}: trustDomain`);
   assertKeyAlgorithm(m.keyAlgorithm, `${MANIFEST_FILE}: keyAlgorithm`);
@@ -369,7 +389,8 @@ function validateManifest(raw: unknown): PkiManifest {
     for (const key of ['id', 'certFile', 'keyFile', 'skiHex', 'notBefore', 'notAfter'] as const) {
       if (typeof c[key] !== 'string') bad(`cas entry ${JSON.stringify(c.id)} lacks ${key}`);
     }
-    if (c.kind !== 'root' && c.kind !== 'issuing') bad(`cas entry ${JSON.stringify(c.id)} has kind ${JSON.stringify(c.kind)}`);
+    if (c.kind !== 'root' && c.kind !== 'issuing')
+      bad(`cas entry ${JSON.stringify(c.id)} has kind ${JSON.stringify(c.kind)}`);
     assertKeyAlgorithm(c.keyAlgorithm, `${MANIFEST_FILE}: cas entry ${String(c.id)} keyAlgorithm`);
   }
   const cas = m.cas as CaRecord[];
@@ -384,8 +405,16 @@ function validateManifest(raw: unknown): PkiManifest {
   }
   if (m.rotation !== undefined) {
     const r = (typeof m.rotation === 'object' && m.rotation !== null ? m.rotation : {}) as Record<string, unknown>;
-    if (!['init', 'update-clients', 'update-servers'].includes(r.phase as string)) bad(`rotation.phase ${JSON.stringify(r.phase)} is not a rotation phase`);
-    for (const key of ['oldIssuingCaId', 'oldRootCaId', 'newIssuingCaId', 'newRootCaId', 'startedAt', 'phaseChangedAt'] as const) {
+    if (!['init', 'update-clients', 'update-servers'].includes(r.phase as string))
+      bad(`rotation.phase ${JSON.stringify(r.phase)} is not a rotation phase`);
+    for (const key of [
+      'oldIssuingCaId',
+      'oldRootCaId',
+      'newIssuingCaId',
+      'newRootCaId',
+      'startedAt',
+      'phaseChangedAt',
+    ] as const) {
       if (typeof r[key] !== 'string') bad(`rotation lacks ${key}`);
     }
   }

@@ -60,8 +60,8 @@ export async function securePrivateDir(dir: string, field: string): Promise<Priv
   const uid = process.getuid?.();
   if (uid !== undefined && st.uid !== uid) {
     throw new PkiError(
-      `${field}: ${dir} is mode ${formatMode(st.mode)} and owned by uid ${st.uid}, not by this user (uid ${uid}): `
-      + 'other users could read or replace the keys in it; chmod 700 it as its owner or use another directory',
+      `${field}: ${dir} is mode ${formatMode(st.mode)} and owned by uid ${st.uid}, not by this user (uid ${uid}): ` +
+        'other users could read or replace the keys in it; chmod 700 it as its owner or use another directory',
     );
   }
   await fs.chmod(abs, st.mode & 0o700);
@@ -76,7 +76,10 @@ export async function securePrivateDir(dir: string, field: string): Promise<Priv
 export async function securePkiDir(dir: string, field = 'dir'): Promise<PrivateDirOutcome[]> {
   const outcomes: PrivateDirOutcome[] = [];
   for (const d of [dir, path.join(dir, 'ca'), path.join(dir, 'tokens')]) {
-    const exists = await fs.stat(d).then((s) => s.isDirectory(), () => false);
+    const exists = await fs.stat(d).then(
+      (s) => s.isDirectory(),
+      () => false,
+    );
     if (exists) outcomes.push(await securePrivateDir(d, field));
   }
   return outcomes.filter((o) => o.tightenedFromMode !== undefined);

@@ -79,7 +79,10 @@ export interface RevocationList {
 
 /** Canonical comparison form of a serial: upper-case hex, no separators, no leading zeros. */
 export function serialKey(serialHex: string): string {
-  return serialHex.replace(/[:\s]/g, '').toUpperCase().replace(/^0+(?=.)/, '');
+  return serialHex
+    .replace(/[:\s]/g, '')
+    .toUpperCase()
+    .replace(/^0+(?=.)/, '');
 }
 
 /**
@@ -89,7 +92,9 @@ export function serialKey(serialHex: string): string {
 export function normalizeSerialHex(value: unknown, field = 'serial'): string {
   const text = typeof value === 'string' ? value.trim().replace(/:/g, '') : '';
   if (!/^[0-9a-fA-F]{1,40}$/.test(text)) {
-    throw new PkiError(`${field}: must be a certificate serial number in hex, e.g. 3F2A…, at most 40 digits (got '${String(value)}')`);
+    throw new PkiError(
+      `${field}: must be a certificate serial number in hex, e.g. 3F2A…, at most 40 digits (got '${String(value)}')`,
+    );
   }
   return text.toUpperCase();
 }
@@ -100,7 +105,9 @@ class Revocations implements RevocationList {
 
   constructor(readonly file: RevocationsFile) {
     this.serials = new Set(file.serials.map((s) => serialKey(s.serialHex)));
-    this.agents = new Map(file.agents.map((a) => [a.agentId, { revokedAtMs: Date.parse(a.revokedAt), banned: a.banned }]));
+    this.agents = new Map(
+      file.agents.map((a) => [a.agentId, { revokedAtMs: Date.parse(a.revokedAt), banned: a.banned }]),
+    );
   }
 
   get version(): number {
@@ -209,7 +216,8 @@ export async function revokeDetailed(opts: RevokeOptions): Promise<RevokeResult>
   if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
   const hasAgent = opts.agentId !== undefined && opts.agentId !== '';
   const hasSerial = opts.serialHex !== undefined && opts.serialHex !== '';
-  if (hasAgent === hasSerial) throw new PkiError('revoke: give exactly one of agent id (--agent-id) or serial (--serial)');
+  if (hasAgent === hasSerial)
+    throw new PkiError('revoke: give exactly one of agent id (--agent-id) or serial (--serial)');
   if (opts.ban && !hasAgent) throw new PkiError('ban: only applies to an agent id (--agent-id)');
   if (hasAgent) assertName(opts.agentId, 'agent-id');
   const serial = hasSerial ? normalizeSerialHex(opts.serialHex) : undefined;
@@ -234,7 +242,9 @@ export async function revokeDetailed(opts: RevokeOptions): Promise<RevokeResult>
         serials.push({
           serialHex: leaf?.serialHex.toUpperCase() ?? serial,
           revokedAt: now,
-          ...(leaf === undefined ? {} : { issuerCaId: leaf.issuerCaId, role: leaf.role, name: leaf.name, notAfter: leaf.notAfter }),
+          ...(leaf === undefined
+            ? {}
+            : { issuerCaId: leaf.issuerCaId, role: leaf.role, name: leaf.name, notAfter: leaf.notAfter }),
           via: 'serial',
         });
         added.push(serial);
@@ -257,7 +267,15 @@ export async function revokeDetailed(opts: RevokeOptions): Promise<RevokeResult>
         if (!record.banned && Date.parse(leaf.issuedAt) > revokedAtMs) continue;
         if (have.has(serialKey(leaf.serialHex))) continue;
         have.add(serialKey(leaf.serialHex));
-        serials.push({ serialHex: leaf.serialHex.toUpperCase(), revokedAt: now, issuerCaId: leaf.issuerCaId, role: leaf.role, name: leaf.name, notAfter: leaf.notAfter, via: 'agent' });
+        serials.push({
+          serialHex: leaf.serialHex.toUpperCase(),
+          revokedAt: now,
+          issuerCaId: leaf.issuerCaId,
+          role: leaf.role,
+          name: leaf.name,
+          notAfter: leaf.notAfter,
+          via: 'agent',
+        });
         added.push(leaf.serialHex.toUpperCase());
       }
     }
@@ -311,7 +329,10 @@ export async function writeCrl(opts: WriteCrlOptions): Promise<string> {
     const { privateKey, subjectName } = await loadCaSigningMaterial(absDir, ca);
     const entries = live
       .filter((s) => s.issuerCaId === undefined || s.issuerCaId === record.id)
-      .map((s) => ({ serialNumber: s.serialHex, revocationDate: new Date(Math.floor(Date.parse(s.revokedAt) / 1000) * 1000) }));
+      .map((s) => ({
+        serialNumber: s.serialHex,
+        revocationDate: new Date(Math.floor(Date.parse(s.revokedAt) / 1000) * 1000),
+      }));
     const crl = await x509.X509CrlGenerator.create({
       issuer: subjectName,
       thisUpdate,
@@ -340,7 +361,10 @@ export async function writeCrl(opts: WriteCrlOptions): Promise<string> {
 }
 
 function derToPem(der: ArrayBuffer, label: string): string {
-  const lines = Buffer.from(der).toString('base64').match(/.{1,64}/g) ?? [];
+  const lines =
+    Buffer.from(der)
+      .toString('base64')
+      .match(/.{1,64}/g) ?? [];
   return `-----BEGIN ${label}-----\n${lines.join('\n')}\n-----END ${label}-----\n`;
 }
 

@@ -42,7 +42,13 @@ import { assertName } from './validation';
 export type RotationPhase = 'standby' | 'init' | 'update-clients' | 'update-servers';
 /** What `rotate` can do. */
 export type RotateAction = 'init' | 'update-clients' | 'update-servers' | 'finish' | 'rollback';
-export const ROTATE_ACTIONS: readonly RotateAction[] = ['init', 'update-clients', 'update-servers', 'finish', 'rollback'];
+export const ROTATE_ACTIONS: readonly RotateAction[] = [
+  'init',
+  'update-clients',
+  'update-servers',
+  'finish',
+  'rollback',
+];
 
 /** One CA in {@link RotationState}. */
 export interface RotationCaState {
@@ -114,14 +120,19 @@ export async function rotate(opts: RotateOptions): Promise<RotationState> {
       case 'finish': {
         const rotation = manifest.rotation;
         if (rotation === undefined || phase !== NEXT[opts.action]) throw illegal(opts.action, phase);
-        if (opts.action === 'update-clients') next = phaseChange(manifest, rotation, 'update-clients', nowMs, { signingCaId: rotation.newIssuingCaId });
-        else if (opts.action === 'update-servers') next = phaseChange(manifest, rotation, 'update-servers', nowMs, { serverSigningCaId: rotation.newIssuingCaId });
+        if (opts.action === 'update-clients')
+          next = phaseChange(manifest, rotation, 'update-clients', nowMs, { signingCaId: rotation.newIssuingCaId });
+        else if (opts.action === 'update-servers')
+          next = phaseChange(manifest, rotation, 'update-servers', nowMs, {
+            serverSigningCaId: rotation.newIssuingCaId,
+          });
         else next = await finishRotation(absDir, manifest, rotation, nowMs, Boolean(opts.force));
         break;
       }
       case 'rollback': {
         const rotation = manifest.rotation;
-        if (rotation === undefined) throw new PkiError(`rotate rollback: no rotation in progress (phase standby); nothing to roll back`);
+        if (rotation === undefined)
+          throw new PkiError(`rotate rollback: no rotation in progress (phase standby); nothing to roll back`);
         next = retire(manifest, [rotation.newRootCaId, rotation.newIssuingCaId], 'rollback', nowMs, {
           signingCaId: rotation.oldIssuingCaId,
           serverSigningCaId: rotation.oldIssuingCaId,
@@ -152,9 +163,17 @@ function illegal(action: RotateAction, phase: RotationPhase): PkiError {
   return new PkiError(`rotate ${action}: not allowed in phase ${phase}; ${nextStep[phase]}`);
 }
 
-async function initRotation(absDir: string, manifest: PkiManifest, phase: RotationPhase, nowMs: number, opts: RotateOptions): Promise<PkiManifest> {
+async function initRotation(
+  absDir: string,
+  manifest: PkiManifest,
+  phase: RotationPhase,
+  nowMs: number,
+  opts: RotateOptions,
+): Promise<PkiManifest> {
   if (phase !== 'standby') {
-    throw new PkiError(`rotate init: a rotation is already in progress (phase ${phase}); finish it ('rotate finish') or roll it back ('rotate rollback') first`);
+    throw new PkiError(
+      `rotate init: a rotation is already in progress (phase ${phase}); finish it ('rotate finish') or roll it back ('rotate rollback') first`,
+    );
   }
   const oldIssuing = manifest.cas.find((ca) => ca.id === manifest.signingCaId)!;
   const oldRoot = manifest.cas.find((ca) => ca.id === oldIssuing.parentId && ca.kind === 'root');
@@ -163,8 +182,12 @@ async function initRotation(absDir: string, manifest: PkiManifest, phase: Rotati
   const lifetime = (ca: CaRecord): number => Date.parse(ca.notAfter) - Date.parse(ca.notBefore) - 60_000;
   const rootTtlMs = opts.rootTtlMs ?? lifetime(oldRoot);
   const issuingTtlMs = opts.issuingTtlMs ?? lifetime(oldIssuing);
-  for (const [field, ms] of [['rootTtlMs', rootTtlMs], ['issuingTtlMs', issuingTtlMs]] as const) {
-    if (!Number.isSafeInteger(ms) || ms <= 0) throw new PkiError(`${field}: must be a positive whole number of milliseconds (got ${ms})`);
+  for (const [field, ms] of [
+    ['rootTtlMs', rootTtlMs],
+    ['issuingTtlMs', issuingTtlMs],
+  ] as const) {
+    if (!Number.isSafeInteger(ms) || ms <= 0)
+      throw new PkiError(`${field}: must be a positive whole number of milliseconds (got ${ms})`);
   }
   const common = { trustDomain: manifest.trustDomain, keyAlgorithm: manifest.keyAlgorithm, nowMs };
   const root = await createRootCa({ ...common, ttlMs: rootTtlMs });
@@ -206,7 +229,13 @@ function phaseChange(
   };
 }
 
-async function finishRotation(absDir: string, manifest: PkiManifest, rotation: RotationRecord, nowMs: number, force: boolean): Promise<PkiManifest> {
+async function finishRotation(
+  absDir: string,
+  manifest: PkiManifest,
+  rotation: RotationRecord,
+  nowMs: number,
+  force: boolean,
+): Promise<PkiManifest> {
   const leaves = await validLeavesOf(absDir, rotation.oldIssuingCaId, nowMs);
   if (leaves.count > 0 && !force) {
     const last = leaves.lastNotAfter!;
@@ -229,7 +258,9 @@ function retire(
   signers: { signingCaId: string; serverSigningCaId: string },
 ): PkiManifest {
   const at = new Date(nowMs).toISOString();
-  const retired = manifest.cas.filter((ca) => ids.includes(ca.id)).map((ca): RetiredCaRecord => ({ ...ca, retiredAt: at, retiredBy: by }));
+  const retired = manifest.cas
+    .filter((ca) => ids.includes(ca.id))
+    .map((ca): RetiredCaRecord => ({ ...ca, retiredAt: at, retiredBy: by }));
   const rest: PkiManifest = { ...manifest };
   delete (rest as { rotation?: RotationRecord }).rotation;
   return {
@@ -300,13 +331,21 @@ export interface AgentState {
  * which agents have converged on the current bundle and issuer. One file per agent, replaced
  * atomically; the last writer wins.
  */
-export async function recordAgentState(opts: { dir: string; agentId: string; bundleVersion: number; issuerCaId: string; serialHex: string; notAfter: Date }): Promise<void> {
+export async function recordAgentState(opts: {
+  dir: string;
+  agentId: string;
+  bundleVersion: number;
+  issuerCaId: string;
+  serialHex: string;
+  notAfter: Date;
+}): Promise<void> {
   if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
   assertName(opts.agentId, 'agentId');
   if (!Number.isSafeInteger(opts.bundleVersion) || opts.bundleVersion < 0) {
     throw new PkiError(`bundleVersion: must be a whole number >= 0 (got ${String(opts.bundleVersion)})`);
   }
-  if (!(opts.notAfter instanceof Date) || Number.isNaN(opts.notAfter.getTime())) throw new PkiError('notAfter: must be a valid Date');
+  if (!(opts.notAfter instanceof Date) || Number.isNaN(opts.notAfter.getTime()))
+    throw new PkiError('notAfter: must be a valid Date');
   const pki = await loadPki(opts.dir);
   const issuerCaId = await canonicalCaId(pki.dir, pki.manifest, String(opts.issuerCaId ?? ''));
   const record = {
@@ -325,10 +364,12 @@ export async function recordAgentState(opts: { dir: string; agentId: string; bun
   // Not fsync'd: a broker records this on every enrollment and renewal, agentStates skips a file
   // a crash left unreadable, and the next renewal writes it again.
   const file = path.join(agentsDir, `${opts.agentId}.json`);
-  await writeFileAtomic(file, `${JSON.stringify(record)}\n`, { mode: 0o644, sync: false }).catch((err: NodeJS.ErrnoException) => {
-    if (err.code === 'ENOENT') knownAgentsDirs.delete(agentsDir);
-    throw err;
-  });
+  await writeFileAtomic(file, `${JSON.stringify(record)}\n`, { mode: 0o644, sync: false }).catch(
+    (err: NodeJS.ErrnoException) => {
+      if (err.code === 'ENOENT') knownAgentsDirs.delete(agentsDir);
+      throw err;
+    },
+  );
 }
 
 /** agents/ directories this process created or found, so recording a state does not mkdir each time. */

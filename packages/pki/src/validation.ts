@@ -39,9 +39,7 @@ export function assertName(value: unknown, field = 'name'): asserts value is str
  */
 export function assertTrustDomain(value: unknown, field = 'trustDomain'): asserts value is string {
   if (typeof value !== 'string' || value.length > 253 || !DNS_NAME_PATTERN.test(value)) {
-    throw new PkiError(
-      `${field}: must be a lower-case DNS-like name such as 'burrow.local' (got '${String(value)}')`,
-    );
+    throw new PkiError(`${field}: must be a lower-case DNS-like name such as 'burrow.local' (got '${String(value)}')`);
   }
 }
 

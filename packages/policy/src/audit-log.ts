@@ -50,7 +50,11 @@ export class AuditLog {
     this.stream = typeof opts.sink === 'string' ? createWriteStream(opts.sink, { flags: 'a', mode: 0o600 }) : opts.sink;
     this.maxBufferedBytes = opts.maxBufferedBytes ?? 8 * 1024 * 1024;
     this.stream.on('error', (err: Error) => {
-      if (!this.failed) opts.logger.error('audit log write failed; decisions go on without it', { error: err.message, file: typeof opts.sink === 'string' ? opts.sink : undefined });
+      if (!this.failed)
+        opts.logger.error('audit log write failed; decisions go on without it', {
+          error: err.message,
+          file: typeof opts.sink === 'string' ? opts.sink : undefined,
+        });
       this.failed = err;
     });
   }
@@ -63,9 +67,13 @@ export class AuditLog {
     const log = new AuditLog(opts);
     if (log.owned) {
       await new Promise<void>((resolve, reject) => {
-        const onError = (err: NodeJS.ErrnoException): void => reject(new Error(`audit log ${String(opts.sink)}: cannot open: ${err.code ?? err.message}`));
+        const onError = (err: NodeJS.ErrnoException): void =>
+          reject(new Error(`audit log ${String(opts.sink)}: cannot open: ${err.code ?? err.message}`));
         log.stream.once('error', onError);
-        log.stream.once('open', () => { log.stream.off('error', onError); resolve(); });
+        log.stream.once('open', () => {
+          log.stream.off('error', onError);
+          resolve();
+        });
       });
     }
     return log;

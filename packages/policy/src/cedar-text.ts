@@ -26,7 +26,10 @@ export function splitPolicyStatements(text: string): PolicyStatement[] {
       i = eol < 0 ? text.length : eol + 1;
       continue;
     }
-    if (/\s/.test(ch)) { i++; continue; }
+    if (/\s/.test(ch)) {
+      i++;
+      continue;
+    }
     if (start < 0) start = i;
     if (ch === '"') {
       i++;
@@ -49,7 +52,10 @@ export function lineColumnAt(text: string, offset: number): { line: number; colu
   let lineStart = 0;
   const end = Math.max(0, Math.min(offset, text.length));
   for (let i = 0; i < end; i++) {
-    if (text.charCodeAt(i) === 10) { line++; lineStart = i + 1; }
+    if (text.charCodeAt(i) === 10) {
+      line++;
+      lineStart = i + 1;
+    }
   }
   return { line, column: end - lineStart + 1 };
 }

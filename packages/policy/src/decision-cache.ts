@@ -12,7 +12,11 @@ export class DecisionCache<V> {
    * @param maxEntries most entries kept
    * @param clock milliseconds now (tests pass a fake)
    */
-  constructor(private readonly ttlMs: number, private readonly maxEntries: number, private readonly clock: () => number) {}
+  constructor(
+    private readonly ttlMs: number,
+    private readonly maxEntries: number,
+    private readonly clock: () => number,
+  ) {}
 
   get enabled(): boolean {
     return this.ttlMs > 0 && this.maxEntries > 0;

@@ -1,7 +1,10 @@
 import { entityLiteral } from './cedar-text';
 
 /** An entity uid in Cedar's JSON form. */
-export interface EntityUid { type: string; id: string }
+export interface EntityUid {
+  type: string;
+  id: string;
+}
 
 /** One entity in Cedar's JSON entity format, uids normalized to `{type, id}`. */
 export interface EntityRecord {
@@ -51,7 +54,10 @@ export function collectEntityRefs(value: unknown, out: Set<string>): void {
   for (const v of Object.values(value)) collectEntityRefs(v, out);
 }
 
-interface StoredEntity { record: EntityRecord; refs: string[] }
+interface StoredEntity {
+  record: EntityRecord;
+  refs: string[];
+}
 
 /**
  * The site's entity data, indexed for slicing. Passing all entities to Cedar on every decision would

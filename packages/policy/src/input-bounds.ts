@@ -54,8 +54,9 @@ export function checkInputBounds(input: unknown, limits: PolicyInputLimits = {})
     // Counted before the children are listed, so that a huge array costs nothing more.
     elements += keys ? keys.length : (value as unknown[]).length;
     if (elements > maxElements) {
-      const message = `the request holds more than ${maxElements} values (at ${path}); `
-        + `policy requests may hold at most ${maxElements}`;
+      const message =
+        `the request holds more than ${maxElements} values (at ${path}); ` +
+        `policy requests may hold at most ${maxElements}`;
       throw new PolicyInputError(path, message);
     }
     const next = depth + 1;

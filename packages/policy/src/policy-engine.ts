@@ -12,13 +12,28 @@ import { DecisionCache } from './decision-cache';
 import { collectEntityRefs, entityKey, type EntityRecord } from './entity-store';
 import { checkInputBounds } from './input-bounds';
 import {
-  PolicyInputError, canonicalJson, expandEvaluations, normalizeRequest, sha256Hex,
-  type EvaluationResponse, type EvaluationsResponse, type ExplainedError, type ExplainedPolicy, type JsonObject, type NormalizedRequest,
+  PolicyInputError,
+  canonicalJson,
+  expandEvaluations,
+  normalizeRequest,
+  sha256Hex,
+  type EvaluationResponse,
+  type EvaluationsResponse,
+  type ExplainedError,
+  type ExplainedPolicy,
+  type JsonObject,
+  type NormalizedRequest,
 } from './policy-input';
 import { PolicyMetrics } from './policy-metrics';
 import {
-  PolicyLoadError, compilePolicySet, formatPolicyIssue, readPolicyInputs,
-  type CompiledPolicy, type CompiledPolicySet, type PolicyIssue, type PolicySources,
+  PolicyLoadError,
+  compilePolicySet,
+  formatPolicyIssue,
+  readPolicyInputs,
+  type CompiledPolicy,
+  type CompiledPolicySet,
+  type PolicyIssue,
+  type PolicySources,
 } from './policy-set-loader';
 
 /** Defaults of {@link PolicyEngineOptions}. */
@@ -121,7 +136,13 @@ export class PolicyEngine extends EventEmitter {
   private readonly clock: () => number;
   private readonly serial = ++engineSerial;
   private generation = 0;
-  private reloading: Promise<ReloadResult> = Promise.resolve({ ok: true, changed: false, policies: 0, entities: 0, durationMs: 0 });
+  private reloading: Promise<ReloadResult> = Promise.resolve({
+    ok: true,
+    changed: false,
+    policies: 0,
+    entities: 0,
+    durationMs: 0,
+  });
   private readonly watchers = new Map<string, FSWatcher>();
   private debounceTimer: NodeJS.Timeout | undefined;
   private readonly rewatchTimers = new Set<NodeJS.Timeout>();
@@ -129,13 +150,23 @@ export class PolicyEngine extends EventEmitter {
   /** Prometheus registry the metrics are in (the one given, or the engine's own). */
   readonly registry: Registry;
 
-  private constructor(private readonly opts: PolicyEngineOptions, compiled: CompiledPolicySet, private readonly audit: AuditLog | undefined, metrics: PolicyMetrics, registry: Registry) {
+  private constructor(
+    private readonly opts: PolicyEngineOptions,
+    compiled: CompiledPolicySet,
+    private readonly audit: AuditLog | undefined,
+    metrics: PolicyMetrics,
+    registry: Registry,
+  ) {
     super();
     this.logger = opts.logger ?? silentLogger();
     this.clock = opts.clock ?? Date.now;
     this.registry = registry;
     this.metrics = metrics;
-    this.cache = new DecisionCache(opts.cacheTtlMs ?? POLICY_ENGINE_DEFAULTS.cacheTtlMs, opts.cacheMaxEntries ?? POLICY_ENGINE_DEFAULTS.cacheMaxEntries, this.clock);
+    this.cache = new DecisionCache(
+      opts.cacheTtlMs ?? POLICY_ENGINE_DEFAULTS.cacheTtlMs,
+      opts.cacheMaxEntries ?? POLICY_ENGINE_DEFAULTS.cacheMaxEntries,
+      this.clock,
+    );
     this.active = this.activate(compiled);
   }
 
@@ -147,15 +178,23 @@ export class PolicyEngine extends EventEmitter {
   static async open(opts: PolicyEngineOptions): Promise<PolicyEngine> {
     const cacheTtlMs = opts.cacheTtlMs ?? POLICY_ENGINE_DEFAULTS.cacheTtlMs;
     const cacheMaxEntries = opts.cacheMaxEntries ?? POLICY_ENGINE_DEFAULTS.cacheMaxEntries;
-    if (!Number.isInteger(cacheTtlMs) || cacheTtlMs < 0) throw new RangeError(`cacheTtlMs must be an integer >= 0, got ${cacheTtlMs}`);
-    if (!Number.isInteger(cacheMaxEntries) || cacheMaxEntries < 0) throw new RangeError(`cacheMaxEntries must be an integer >= 0, got ${cacheMaxEntries}`);
+    if (!Number.isInteger(cacheTtlMs) || cacheTtlMs < 0)
+      throw new RangeError(`cacheTtlMs must be an integer >= 0, got ${cacheTtlMs}`);
+    if (!Number.isInteger(cacheMaxEntries) || cacheMaxEntries < 0)
+      throw new RangeError(`cacheMaxEntries must be an integer >= 0, got ${cacheMaxEntries}`);
     const started = performance.now();
     const compiled = compilePolicySet(await readPolicyInputs(opts));
     const registry = opts.registry ?? new Registry();
     const metrics = new PolicyMetrics(registry, opts.metricsPrefix ?? POLICY_ENGINE_DEFAULTS.metricsPrefix);
-    const audit = opts.auditLog === undefined ? undefined : await AuditLog.open({
-      sink: opts.auditLog, logger: opts.logger ?? silentLogger(), maxBufferedBytes: opts.auditMaxBufferedBytes, onDrop: () => metrics.auditDropped.inc(),
-    });
+    const audit =
+      opts.auditLog === undefined
+        ? undefined
+        : await AuditLog.open({
+            sink: opts.auditLog,
+            logger: opts.logger ?? silentLogger(),
+            maxBufferedBytes: opts.auditMaxBufferedBytes,
+            onDrop: () => metrics.auditDropped.inc(),
+          });
     const engine = new PolicyEngine(opts, compiled, audit, metrics, registry);
     engine.logLoaded(compiled, performance.now() - started, 'policies loaded');
     if (opts.watch) engine.startWatching();
@@ -294,54 +333,100 @@ export class PolicyEngine extends EventEmitter {
       if (p.effect === 'permit') permits[p.id] = p.text;
     }
     const parsed = cedar.preparsePolicySet(policySetId, { staticPolicies: all });
-    if (parsed.type === 'failure') throw new PolicyLoadError(parsed.errors.map((e) => ({ file: this.opts.policiesDir, message: e.message })));
+    if (parsed.type === 'failure')
+      throw new PolicyLoadError(parsed.errors.map((e) => ({ file: this.opts.policiesDir, message: e.message })));
     cedar.preparsePolicySet(`${policySetId}-permits`, { staticPolicies: permits });
     let schemaName: string | undefined;
     if (compiled.schema !== undefined) {
       schemaName = `burrow-schema-${this.serial}-${slot}`;
       const s = cedar.preparseSchema(schemaName, compiled.schema);
-      if (s.type === 'failure') throw new PolicyLoadError(s.errors.map((e) => ({ file: this.opts.schemaFile ?? '', message: e.message })));
+      if (s.type === 'failure')
+        throw new PolicyLoadError(s.errors.map((e) => ({ file: this.opts.schemaFile ?? '', message: e.message })));
     }
     const literalClosure = compiled.entities.closure(compiled.literalEntityKeys);
     this.metrics.policies.set(compiled.policies.length);
     this.metrics.entities.set(compiled.entities.size);
     this.metrics.lastReloadSuccess.set(1);
     this.metrics.lastReloadTimestamp.set(this.clock() / 1000);
-    return { compiled, policySetId, permitsOnlyId: `${policySetId}-permits`, schemaName, literalClosure, loadedAtMs: this.clock() };
+    return {
+      compiled,
+      policySetId,
+      permitsOnlyId: `${policySetId}-permits`,
+      schemaName,
+      literalClosure,
+      loadedAtMs: this.clock(),
+    };
   }
 
   private logLoaded(compiled: CompiledPolicySet, durationMs: number, message: string): void {
     this.logger.info(message, {
-      policies: compiled.policies.length, entities: compiled.entities.size, durationMs: Math.round(durationMs * 10) / 10, policiesDir: this.opts.policiesDir,
+      policies: compiled.policies.length,
+      entities: compiled.entities.size,
+      durationMs: Math.round(durationMs * 10) / 10,
+      policiesDir: this.opts.policiesDir,
     });
     for (const w of compiled.warnings) this.logger.warn('policy validation warning', { warning: w });
-    if (compiled.policies.length === 0) this.logger.warn('the policy set is empty: every decision is a deny', { policiesDir: this.opts.policiesDir });
+    if (compiled.policies.length === 0)
+      this.logger.warn('the policy set is empty: every decision is a deny', { policiesDir: this.opts.policiesDir });
   }
 
   private async reloadNow(): Promise<ReloadResult> {
     const started = performance.now();
     const elapsed = (): number => Math.round((performance.now() - started) * 10) / 10;
-    if (this.closed) return { ok: false, changed: false, policies: this.policyCount, entities: this.entityCount, durationMs: 0, error: 'policy engine closed' };
+    if (this.closed)
+      return {
+        ok: false,
+        changed: false,
+        policies: this.policyCount,
+        entities: this.entityCount,
+        durationMs: 0,
+        error: 'policy engine closed',
+      };
     let result: ReloadResult;
     try {
       const inputs = await readPolicyInputs(this.opts);
       if (inputs.fingerprint === this.active.compiled.fingerprint) {
         // Editors and ConfigMap updates touch files without changing them; nothing to do.
-        return { ok: true, changed: false, policies: this.policyCount, entities: this.entityCount, durationMs: elapsed() };
+        return {
+          ok: true,
+          changed: false,
+          policies: this.policyCount,
+          entities: this.entityCount,
+          durationMs: elapsed(),
+        };
       }
       const compiled = compilePolicySet(inputs);
       if (this.closed) throw new Error('policy engine closed during reload');
       this.active = this.activate(compiled);
       this.cache.clear();
-      result = { ok: true, changed: true, policies: this.policyCount, entities: this.entityCount, durationMs: elapsed() };
+      result = {
+        ok: true,
+        changed: true,
+        policies: this.policyCount,
+        entities: this.entityCount,
+        durationMs: elapsed(),
+      };
       this.logLoaded(compiled, result.durationMs, 'policies reloaded');
     } catch (err) {
-      const issues = err instanceof PolicyLoadError ? err.issues : [{ file: this.opts.policiesDir, message: (err as Error).message }];
-      result = { ok: false, changed: true, policies: this.policyCount, entities: this.entityCount, durationMs: elapsed(), error: (err as Error).message, issues };
+      const issues =
+        err instanceof PolicyLoadError
+          ? err.issues
+          : [{ file: this.opts.policiesDir, message: (err as Error).message }];
+      result = {
+        ok: false,
+        changed: true,
+        policies: this.policyCount,
+        entities: this.entityCount,
+        durationMs: elapsed(),
+        error: (err as Error).message,
+        issues,
+      };
       this.metrics.reloadFailures.inc();
       this.metrics.lastReloadSuccess.set(0);
       this.logger.error('policy reload failed; the last good policy set stays active', {
-        error: result.error, issues: issues.map(formatPolicyIssue), activePolicies: this.policyCount,
+        error: result.error,
+        issues: issues.map(formatPolicyIssue),
+        activePolicies: this.policyCount,
       });
     }
     try {
@@ -355,7 +440,7 @@ export class PolicyEngine extends EventEmitter {
   // ---- watching ----
 
   private startWatching(): void {
-    const dirs = new Map<string, ((name: string | null) => boolean)>();
+    const dirs = new Map<string, (name: string | null) => boolean>();
     const base = (file: string | undefined): string | undefined => (file ? path.basename(file) : undefined);
     // In the policy directory every event counts (new files, renames, Kubernetes' ..data swap);
     // the fingerprint check makes a reload for an unrelated file a no-op.
@@ -415,7 +500,9 @@ export class PolicyEngine extends EventEmitter {
     if (this.closed) return;
     clearTimeout(this.debounceTimer);
     this.debounceTimer = setTimeout(() => {
-      this.reload().catch((err: Error) => this.logger.error('policy reload failed unexpectedly', { error: err.message }));
+      this.reload().catch((err: Error) =>
+        this.logger.error('policy reload failed unexpectedly', { error: err.message }),
+      );
     }, this.opts.watchDebounceMs ?? POLICY_ENGINE_DEFAULTS.watchDebounceMs);
     this.debounceTimer.unref();
   }
@@ -423,7 +510,12 @@ export class PolicyEngine extends EventEmitter {
   // ---- deciding ----
 
   private finish(
-    startNs: bigint, decision: DecisionOutcome, policies: string[], cached: boolean, key: string, who: EvaluateOptions,
+    startNs: bigint,
+    decision: DecisionOutcome,
+    policies: string[],
+    cached: boolean,
+    key: string,
+    who: EvaluateOptions,
     error?: string,
   ): void {
     const latencyNs = Number(process.hrtime.bigint() - startNs);
@@ -446,7 +538,11 @@ export class PolicyEngine extends EventEmitter {
   }
 
   /** Entity data merged with request properties (the request wins, key by key). */
-  private static merged(stored: EntityRecord | undefined, uid: { type: string; id: string }, properties: JsonObject | undefined): EntityRecord | undefined {
+  private static merged(
+    stored: EntityRecord | undefined,
+    uid: { type: string; id: string },
+    properties: JsonObject | undefined,
+  ): EntityRecord | undefined {
     if (!properties) return stored;
     if (!stored) return { uid, attrs: { ...properties }, parents: [] };
     return { ...stored, attrs: { ...stored.attrs, ...properties } };
@@ -464,7 +560,10 @@ export class PolicyEngine extends EventEmitter {
     const context: JsonObject = { ...request.context };
     if (request.action.properties) {
       if (ACTION_PROPERTIES_CONTEXT_KEY in context) {
-        throw new PolicyInputError(`context.${ACTION_PROPERTIES_CONTEXT_KEY}`, `context.${ACTION_PROPERTIES_CONTEXT_KEY} is reserved for action.properties; send one or the other`);
+        throw new PolicyInputError(
+          `context.${ACTION_PROPERTIES_CONTEXT_KEY}`,
+          `context.${ACTION_PROPERTIES_CONTEXT_KEY} is reserved for action.properties; send one or the other`,
+        );
       }
       context[ACTION_PROPERTIES_CONTEXT_KEY] = request.action.properties;
     }
@@ -491,7 +590,11 @@ export class PolicyEngine extends EventEmitter {
     }
 
     const call = {
-      principal, action, resource, context: context as never, entities: entities as never,
+      principal,
+      action,
+      resource,
+      context: context as never,
+      entities: entities as never,
       preparsedPolicySetId: active.policySetId,
       preparsedSchemaName: active.schemaName,
       validateRequest: active.schemaName !== undefined,
@@ -499,11 +602,17 @@ export class PolicyEngine extends EventEmitter {
     const answer = cedar.statefulIsAuthorized(call);
     if (answer.type === 'failure') {
       const first = answer.errors[0];
-      throw new PolicyInputError('request', `Cedar cannot evaluate this request: ${first ? first.message : 'unknown error'}`, answer.errors);
+      throw new PolicyInputError(
+        'request',
+        `Cedar cannot evaluate this request: ${first ? first.message : 'unknown error'}`,
+        answer.errors,
+      );
     }
     const { decision, diagnostics } = answer.response;
     if (diagnostics.errors.length > 0) this.metrics.evaluationErrors.inc(diagnostics.errors.length);
-    const errors: ExplainedError[] = [...diagnostics.errors].sort((a, b) => a.policyId.localeCompare(b.policyId)).map((e) => ({ policy: e.policyId, location: this.locate(e.policyId, e.error), message: e.error.message }));
+    const errors: ExplainedError[] = [...diagnostics.errors]
+      .sort((a, b) => a.policyId.localeCompare(b.policyId))
+      .map((e) => ({ policy: e.policyId, location: this.locate(e.policyId, e.error), message: e.error.message }));
     // Cedar skips a policy whose condition errors, so a forbid that cannot be evaluated (a context
     // value of the wrong type, a missing attribute) would let its permits through: fail closed.
     // An erroring permit needs nothing: skipped, it permits nothing, as in Cedar.
@@ -531,10 +640,15 @@ export class PolicyEngine extends EventEmitter {
       if (decision === 'deny' && policies.length > 0) {
         // Cedar names only the forbids of a deny; the permits they overrode come from the permit-only set.
         const permits = cedar.statefulIsAuthorized({ ...call, preparsedPolicySetId: active.permitsOnlyId });
-        if (permits.type === 'success') for (const id of permits.response.diagnostics.reason) satisfied.push(this.explainPolicy(id));
+        if (permits.type === 'success')
+          for (const id of permits.response.diagnostics.reason) satisfied.push(this.explainPolicy(id));
       }
       response.context.explanation = {
-        request: { principal: entityLiteral(principal.type, principal.id), action: entityLiteral(action.type, action.id), resource: entityLiteral(resource.type, resource.id) },
+        request: {
+          principal: entityLiteral(principal.type, principal.id),
+          action: entityLiteral(action.type, action.id),
+          resource: entityLiteral(resource.type, resource.id),
+        },
         satisfied,
         errors,
       };
@@ -544,7 +658,9 @@ export class PolicyEngine extends EventEmitter {
 
   private explainPolicy(id: string): ExplainedPolicy {
     const p = this.active.compiled.byId.get(id);
-    return p ? { id, effect: p.effect, location: `${p.file}:${p.line}` } : { id, effect: 'permit', location: 'unknown' };
+    return p
+      ? { id, effect: p.effect, location: `${p.file}:${p.line}` }
+      : { id, effect: 'permit', location: 'unknown' };
   }
 
   /** file:line:column of a Cedar error inside a policy (its offsets are relative to the policy text). */
@@ -562,7 +678,10 @@ export class PolicyEngine extends EventEmitter {
 
 /** `N policies <what>: id (message), ...`, at most three named. */
 function describeErrors(errors: ExplainedError[], kind: 'forbid' | 'policy', what: string): string {
-  const shown = errors.slice(0, 3).map((e) => `${e.policy} (${e.message})`).join(', ');
+  const shown = errors
+    .slice(0, 3)
+    .map((e) => `${e.policy} (${e.message})`)
+    .join(', ');
   const noun = `${kind === 'forbid' ? 'forbid ' : ''}${errors.length === 1 ? 'policy' : 'policies'}`;
   return `${errors.length} ${noun} ${what}: ${shown}${errors.length > 3 ? ', ...' : ''}`;
 }

@@ -12,9 +12,20 @@ import { isCedarTypeName } from './cedar-text';
 /** A JSON object (AuthZEN `properties` and `context`). */
 export type JsonObject = { [key: string]: unknown };
 
-export interface AuthzenSubject { type: string; id: string; properties?: JsonObject }
-export interface AuthzenAction { name: string; properties?: JsonObject }
-export interface AuthzenResource { type: string; id: string; properties?: JsonObject }
+export interface AuthzenSubject {
+  type: string;
+  id: string;
+  properties?: JsonObject;
+}
+export interface AuthzenAction {
+  name: string;
+  properties?: JsonObject;
+}
+export interface AuthzenResource {
+  type: string;
+  id: string;
+  properties?: JsonObject;
+}
 
 /** AuthZEN access evaluation request, plus Burrow's `explain`. */
 export interface EvaluationRequest {
@@ -27,7 +38,11 @@ export interface EvaluationRequest {
 
 /** AuthZEN `evaluations_semantic` values. */
 export type EvaluationsSemantic = 'execute_all' | 'deny_on_first_deny' | 'permit_on_first_permit';
-export const EVALUATIONS_SEMANTICS: readonly EvaluationsSemantic[] = ['execute_all', 'deny_on_first_deny', 'permit_on_first_permit'];
+export const EVALUATIONS_SEMANTICS: readonly EvaluationsSemantic[] = [
+  'execute_all',
+  'deny_on_first_deny',
+  'permit_on_first_permit',
+];
 
 /** AuthZEN access evaluations (batch) request. */
 export interface EvaluationsRequest {
@@ -40,9 +55,17 @@ export interface EvaluationsRequest {
 }
 
 /** A determining policy, as the explanation lists it. */
-export interface ExplainedPolicy { id: string; effect: 'permit' | 'forbid'; location: string }
+export interface ExplainedPolicy {
+  id: string;
+  effect: 'permit' | 'forbid';
+  location: string;
+}
 /** A policy whose evaluation failed (for example a `when` reading a missing attribute). */
-export interface ExplainedError { policy: string; location: string; message: string }
+export interface ExplainedError {
+  policy: string;
+  location: string;
+  message: string;
+}
 
 /** `context.explanation` of a response when `explain` was asked for. */
 export interface Explanation {
@@ -61,15 +84,24 @@ export interface ResponseContext {
   error?: { code: 'INVALID_ARGUMENT'; message: string };
 }
 
-export interface EvaluationResponse { decision: boolean; context: ResponseContext }
-export interface EvaluationsResponse { evaluations: EvaluationResponse[] }
+export interface EvaluationResponse {
+  decision: boolean;
+  context: ResponseContext;
+}
+export interface EvaluationsResponse {
+  evaluations: EvaluationResponse[];
+}
 
 /**
  * A request the engine cannot evaluate: a missing or malformed field, an invalid type name, a value
  * Cedar cannot hold. gRPC status INVALID_ARGUMENT; the message names the field and the value.
  */
 export class PolicyInputError extends BurrowError {
-  constructor(readonly field: string, message: string, cause?: unknown) {
+  constructor(
+    readonly field: string,
+    message: string,
+    cause?: unknown,
+  ) {
     super(Status.INVALID_ARGUMENT, message, cause);
   }
 }
@@ -109,7 +141,10 @@ export function checkCedarValue(path: string, value: unknown): void {
       return;
     case 'number':
       if (!Number.isSafeInteger(value)) {
-        throw new PolicyInputError(path, `${path} is ${String(value)}; Cedar numbers are integers (Long) and JSON ones must be within ±2^53`);
+        throw new PolicyInputError(
+          path,
+          `${path} is ${String(value)}; Cedar numbers are integers (Long) and JSON ones must be within ±2^53`,
+        );
       }
       return;
     case 'object':
@@ -120,7 +155,10 @@ export function checkCedarValue(path: string, value: unknown): void {
       for (const [k, v] of Object.entries(value as JsonObject)) checkCedarValue(`${path}.${k}`, v);
       return;
     default:
-      throw new PolicyInputError(path, `${path} is ${value === undefined ? 'undefined' : `a ${typeof value}`}; only JSON values are allowed`);
+      throw new PolicyInputError(
+        path,
+        `${path} is ${value === undefined ? 'undefined' : `a ${typeof value}`}; only JSON values are allowed`,
+      );
   }
 }
 
@@ -133,22 +171,30 @@ function checkProperties(path: string, value: unknown): JsonObject | undefined {
 
 function checkTypedEntity(field: 'subject' | 'resource', value: unknown): AuthzenSubject {
   if (value === undefined || value === null) throw new PolicyInputError(field, `${field} is required`);
-  if (!isPlainObject(value)) throw new PolicyInputError(field, `${field} must be an object with type and id, got ${describe(value)}`);
+  if (!isPlainObject(value))
+    throw new PolicyInputError(field, `${field} must be an object with type and id, got ${describe(value)}`);
   const { type, id } = value;
-  if (typeof type !== 'string') throw new PolicyInputError(`${field}.type`, `${field}.type must be a string, got ${describe(type)}`);
+  if (typeof type !== 'string')
+    throw new PolicyInputError(`${field}.type`, `${field}.type must be a string, got ${describe(type)}`);
   if (!isCedarTypeName(type)) {
-    throw new PolicyInputError(`${field}.type`, `${field}.type ${JSON.stringify(type)} is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)`);
+    throw new PolicyInputError(
+      `${field}.type`,
+      `${field}.type ${JSON.stringify(type)} is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)`,
+    );
   }
-  if (typeof id !== 'string' || id === '') throw new PolicyInputError(`${field}.id`, `${field}.id must be a non-empty string, got ${describe(id)}`);
+  if (typeof id !== 'string' || id === '')
+    throw new PolicyInputError(`${field}.id`, `${field}.id must be a non-empty string, got ${describe(id)}`);
   const properties = checkProperties(`${field}.properties`, value.properties);
   return properties === undefined ? { type, id } : { type, id, properties };
 }
 
 function checkAction(value: unknown): AuthzenAction {
   if (value === undefined || value === null) throw new PolicyInputError('action', 'action is required');
-  if (!isPlainObject(value)) throw new PolicyInputError('action', `action must be an object with a name, got ${describe(value)}`);
+  if (!isPlainObject(value))
+    throw new PolicyInputError('action', `action must be an object with a name, got ${describe(value)}`);
   const { name } = value;
-  if (typeof name !== 'string' || name === '') throw new PolicyInputError('action.name', `action.name must be a non-empty string, got ${describe(name)}`);
+  if (typeof name !== 'string' || name === '')
+    throw new PolicyInputError('action.name', `action.name must be a non-empty string, got ${describe(name)}`);
   const properties = checkProperties('action.properties', value.properties);
   return properties === undefined ? { name } : { name, properties };
 }
@@ -158,7 +204,8 @@ function checkAction(value: unknown): AuthzenAction {
  * present. Throws {@link PolicyInputError} naming the first bad field.
  */
 export function normalizeRequest(input: unknown): NormalizedRequest {
-  if (!isPlainObject(input)) throw new PolicyInputError('request', `the request must be a JSON object, got ${describe(input)}`);
+  if (!isPlainObject(input))
+    throw new PolicyInputError('request', `the request must be a JSON object, got ${describe(input)}`);
   const subject = checkTypedEntity('subject', input.subject);
   const action = checkAction(input.action);
   const resource = checkTypedEntity('resource', input.resource);
@@ -183,25 +230,38 @@ export interface NormalizedBatch {
  * malformed batch (not an array, unknown semantic); item problems surface per item later.
  */
 export function expandEvaluations(input: unknown): NormalizedBatch {
-  if (!isPlainObject(input)) throw new PolicyInputError('request', `the evaluations request must be a JSON object, got ${describe(input)}`);
+  if (!isPlainObject(input))
+    throw new PolicyInputError('request', `the evaluations request must be a JSON object, got ${describe(input)}`);
   const options = input.options;
-  if (options !== undefined && !isPlainObject(options)) throw new PolicyInputError('options', `options must be an object, got ${describe(options)}`);
+  if (options !== undefined && !isPlainObject(options))
+    throw new PolicyInputError('options', `options must be an object, got ${describe(options)}`);
   const semanticRaw = options?.evaluations_semantic ?? 'execute_all';
   if (typeof semanticRaw !== 'string' || !(EVALUATIONS_SEMANTICS as readonly string[]).includes(semanticRaw)) {
-    throw new PolicyInputError('options.evaluations_semantic', `options.evaluations_semantic ${describe(semanticRaw)} is not one of ${EVALUATIONS_SEMANTICS.join(', ')}`);
+    throw new PolicyInputError(
+      'options.evaluations_semantic',
+      `options.evaluations_semantic ${describe(semanticRaw)} is not one of ${EVALUATIONS_SEMANTICS.join(', ')}`,
+    );
   }
   if (options?.explain !== undefined && typeof options.explain !== 'boolean') {
-    throw new PolicyInputError('options.explain', `options.explain must be a boolean, got ${describe(options.explain)}`);
+    throw new PolicyInputError(
+      'options.explain',
+      `options.explain must be a boolean, got ${describe(options.explain)}`,
+    );
   }
   const list = input.evaluations ?? [];
-  if (!Array.isArray(list)) throw new PolicyInputError('evaluations', `evaluations must be an array, got ${describe(list)}`);
+  if (!Array.isArray(list))
+    throw new PolicyInputError('evaluations', `evaluations must be an array, got ${describe(list)}`);
   const pick = (item: JsonObject, key: 'subject' | 'action' | 'resource' | 'context'): unknown =>
-    (item[key] !== undefined && item[key] !== null ? item[key] : input[key]);
+    item[key] !== undefined && item[key] !== null ? item[key] : input[key];
   const raw: unknown[] = list.length === 0 ? [{}] : list;
   const items = raw.map((entry): EvaluationRequest => {
     // A malformed item is kept as is so that it fails on its own, in its place.
     if (!isPlainObject(entry)) return entry as EvaluationRequest;
-    const item: JsonObject = { subject: pick(entry, 'subject'), action: pick(entry, 'action'), resource: pick(entry, 'resource') };
+    const item: JsonObject = {
+      subject: pick(entry, 'subject'),
+      action: pick(entry, 'action'),
+      resource: pick(entry, 'resource'),
+    };
     const context = pick(entry, 'context');
     if (context !== undefined) item.context = context;
     if (entry.explain !== undefined) item.explain = entry.explain;
@@ -218,7 +278,9 @@ export function expandEvaluations(input: unknown): NormalizedBatch {
 export function canonicalJson(value: unknown): string {
   if (Array.isArray(value)) return `[${value.map((v) => (v === undefined ? 'null' : canonicalJson(v))).join(',')}]`;
   if (isPlainObject(value)) {
-    const keys = Object.keys(value).filter((k) => value[k] !== undefined).sort();
+    const keys = Object.keys(value)
+      .filter((k) => value[k] !== undefined)
+      .sort();
     return `{${keys.map((k) => `${JSON.stringify(k)}:${canonicalJson(value[k])}`).join(',')}}`;
   }
   return JSON.stringify(value) ?? 'null';

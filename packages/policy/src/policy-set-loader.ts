@@ -16,7 +16,12 @@ export interface PolicySources {
 }
 
 /** One problem found while loading: a file and, when Cedar gives one, the line and column. */
-export interface PolicyIssue { file: string; line?: number; column?: number; message: string }
+export interface PolicyIssue {
+  file: string;
+  line?: number;
+  column?: number;
+  message: string;
+}
 
 /** `file:line:column: message`, the form editors and compilers use. */
 export function formatPolicyIssue(issue: PolicyIssue): string {
@@ -31,12 +36,18 @@ export function formatPolicyIssue(issue: PolicyIssue): string {
 export class PolicyLoadError extends Error {
   override readonly name = 'PolicyLoadError';
   constructor(readonly issues: PolicyIssue[]) {
-    super(issues.length === 0 ? 'policy set failed to load'
-      : `${formatPolicyIssue(issues[0])}${issues.length > 1 ? ` (and ${issues.length - 1} more)` : ''}`);
+    super(
+      issues.length === 0
+        ? 'policy set failed to load'
+        : `${formatPolicyIssue(issues[0])}${issues.length > 1 ? ` (and ${issues.length - 1} more)` : ''}`,
+    );
   }
 }
 
-interface SourceText { path: string; text: string }
+interface SourceText {
+  path: string;
+  text: string;
+}
 
 /** The raw text of every source, read once per load; `fingerprint` tells whether anything changed. */
 export interface PolicyInputs {
@@ -74,7 +85,9 @@ async function readSource(file: string): Promise<SourceText> {
   try {
     return { path: file, text: await readFile(file, 'utf8') };
   } catch (err) {
-    throw new PolicyLoadError([{ file, message: `cannot read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}` }]);
+    throw new PolicyLoadError([
+      { file, message: `cannot read: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}` },
+    ]);
   }
 }
 
@@ -91,12 +104,21 @@ export async function readPolicyInputs(sources: PolicySources): Promise<PolicyIn
       .map((d) => d.name)
       .sort();
   } catch (err) {
-    throw new PolicyLoadError([{ file: sources.policiesDir, message: `cannot read policy directory: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}` }]);
+    throw new PolicyLoadError([
+      {
+        file: sources.policiesDir,
+        message: `cannot read policy directory: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`,
+      },
+    ]);
   }
-  const policyFiles = await Promise.all(names.map(async (name) => ({ name, ...(await readSource(path.join(sources.policiesDir, name))) })));
+  const policyFiles = await Promise.all(
+    names.map(async (name) => ({ name, ...(await readSource(path.join(sources.policiesDir, name))) })),
+  );
   const entities = sources.entitiesFile ? await readSource(sources.entitiesFile) : undefined;
   const schema = sources.schemaFile ? await readSource(sources.schemaFile) : undefined;
-  const fingerprint = sha256Hex(JSON.stringify([policyFiles.map((f) => [f.name, f.text]), entities?.text ?? null, schema?.text ?? null]));
+  const fingerprint = sha256Hex(
+    JSON.stringify([policyFiles.map((f) => [f.name, f.text]), entities?.text ?? null, schema?.text ?? null]),
+  );
   return { policyFiles, entities, schema, fingerprint };
 }
 
@@ -128,15 +150,23 @@ function parseSchema(source: SourceText, issues: PolicyIssue[]): Schema | undefi
   }
   const answer = cedar.checkParseSchema(schema);
   if (answer.type === 'failure') {
-    for (const e of answer.errors) issues.push(cedarIssue(source.path, typeof schema === 'string' ? source.text : undefined, e));
+    for (const e of answer.errors)
+      issues.push(cedarIssue(source.path, typeof schema === 'string' ? source.text : undefined, e));
     return undefined;
   }
   return schema;
 }
 
-interface FilePolicy extends CompiledPolicy { offset: number; fileText: string }
+interface FilePolicy extends CompiledPolicy {
+  offset: number;
+  fileText: string;
+}
 
-function compileFile(file: SourceText & { name: string }, issues: PolicyIssue[], literalKeys: Set<string>): FilePolicy[] {
+function compileFile(
+  file: SourceText & { name: string },
+  issues: PolicyIssue[],
+  literalKeys: Set<string>,
+): FilePolicy[] {
   const parsed = cedar.checkParsePolicySet({ staticPolicies: file.text });
   if (parsed.type === 'failure') {
     for (const e of parsed.errors) issues.push(cedarIssue(file.path, file.text, e));
@@ -149,7 +179,11 @@ function compileFile(file: SourceText & { name: string }, issues: PolicyIssue[],
     const json = cedar.policyToJson(stmt.text);
     if (json.type === 'failure') {
       // Cedar parsed the file, so a statement that is not a static policy is a template (a `?principal` or `?resource` slot).
-      issues.push({ file: file.path, ...where, message: 'policy templates (?principal / ?resource slots) are not supported; write a static policy' });
+      issues.push({
+        file: file.path,
+        ...where,
+        message: 'policy templates (?principal / ?resource slots) are not supported; write a static policy',
+      });
       return;
     }
     // Entities named in the scope (`principal in Group::"admins"`) need not be passed: an `in`
@@ -180,12 +214,16 @@ function loadEntities(source: SourceText, schema: Schema | undefined, issues: Po
     return undefined;
   }
   if (!Array.isArray(raw)) {
-    issues.push({ file: source.path, message: 'must be a JSON array of entities ({"uid": {"type", "id"}, "attrs", "parents"})' });
+    issues.push({
+      file: source.path,
+      message: 'must be a JSON array of entities ({"uid": {"type", "id"}, "attrs", "parents"})',
+    });
     return undefined;
   }
   const answer = cedar.checkParseEntities({ entities: raw as never, schema: schema ?? null });
   if (answer.type === 'failure') {
-    for (const e of answer.errors) issues.push({ file: source.path, message: e.help ? `${e.message} (${e.help})` : e.message });
+    for (const e of answer.errors)
+      issues.push({ file: source.path, message: e.help ? `${e.message} (${e.help})` : e.message });
     return undefined;
   }
   const records: EntityRecord[] = [];
@@ -222,7 +260,12 @@ export function compilePolicySet(inputs: PolicyInputs): CompiledPolicySet {
     for (const policy of compileFile(file, issues, literalKeys)) {
       const first = byId.get(policy.id);
       if (first) {
-        issues.push({ file: policy.file, line: policy.line, column: policy.column, message: `policy id "${policy.id}" is already used at ${first.file}:${first.line}` });
+        issues.push({
+          file: policy.file,
+          line: policy.line,
+          column: policy.column,
+          message: `policy id "${policy.id}" is already used at ${first.file}:${first.line}`,
+        });
         continue;
       }
       byId.set(policy.id, policy);
@@ -239,7 +282,11 @@ export function compilePolicySet(inputs: PolicyInputs): CompiledPolicySet {
     } else {
       const located = (v: { policyId: string; error: DetailedError }): PolicyIssue => {
         const p = byId.get(v.policyId);
-        return p ? { ...cedarIssue(p.file, p.fileText, v.error, p.offset), message: `policy ${p.id}: ${cedarIssue(p.file, undefined, v.error).message}` }
+        return p
+          ? {
+              ...cedarIssue(p.file, p.fileText, v.error, p.offset),
+              message: `policy ${p.id}: ${cedarIssue(p.file, undefined, v.error).message}`,
+            }
           : { file: inputs.schema!.path, message: v.error.message };
       };
       for (const v of answer.validationErrors) issues.push(located(v));

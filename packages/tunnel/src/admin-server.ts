@@ -4,7 +4,10 @@ import { isIP } from 'node:net';
 import type { Registry } from 'prom-client';
 
 /** What an admin route answers: an HTTP status and a JSON body. */
-export interface AdminResponse { status: number; body: unknown }
+export interface AdminResponse {
+  status: number;
+  body: unknown;
+}
 
 /**
  * A route with a path parameter or a side effect, e.g. `GET /agents/<id>` or
@@ -70,7 +73,10 @@ export function isLoopbackAddress(address: string): boolean {
 function hostOf(value: string): string | undefined {
   const m = /^(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::\d{1,5})?$/.exec(value.trim());
   if (!m) return undefined;
-  return m[1]!.replace(/^\[|\]$/g, '').replace(/\.$/, '').toLowerCase();
+  return m[1]!
+    .replace(/^\[|\]$/g, '')
+    .replace(/\.$/, '')
+    .toLowerCase();
 }
 
 /**
@@ -84,7 +90,9 @@ function hostOf(value: string): string | undefined {
  * address has no business reading the admin data.
  */
 function refuseHost(
-  server: http.Server, req: http.IncomingMessage, allowedHosts: readonly string[],
+  server: http.Server,
+  req: http.IncomingMessage,
+  allowedHosts: readonly string[],
 ): string | undefined {
   const bound = server.address();
   const boundHost = bound && typeof bound === 'object' ? bound.address.toLowerCase() : '';
@@ -126,20 +134,35 @@ function tokenMatches(header: string | undefined, token: string): boolean {
  * a web page cannot forge: no `Origin` header (browsers send one on cross-site POSTs) and a
  * loopback `Host` (a DNS-rebinding page would send its own name).
  */
-function refuseMutation(server: http.Server, req: http.IncomingMessage, policy: AdminMutationPolicy | undefined): AdminResponse | undefined {
+function refuseMutation(
+  server: http.Server,
+  req: http.IncomingMessage,
+  policy: AdminMutationPolicy | undefined,
+): AdminResponse | undefined {
   if (!policy) return { status: 403, body: { error: 'this admin listener serves no mutating requests' } };
   if (policy.token !== undefined) {
     if (tokenMatches(req.headers.authorization, policy.token)) return undefined;
-    return { status: 401, body: { error: 'missing or wrong admin token: send Authorization: Bearer <contents of the admin token file>' } };
+    return {
+      status: 401,
+      body: { error: 'missing or wrong admin token: send Authorization: Bearer <contents of the admin token file>' },
+    };
   }
   const bound = server.address();
   const boundHost = bound && typeof bound === 'object' ? bound.address : '';
   if (!isLoopbackAddress(boundHost)) {
-    return { status: 403, body: { error: `mutating admin requests are refused: the admin listener is bound to ${boundHost}, not loopback, and no admin token file is configured` } };
+    return {
+      status: 403,
+      body: {
+        error: `mutating admin requests are refused: the admin listener is bound to ${boundHost}, not loopback, and no admin token file is configured`,
+      },
+    };
   }
   const host = (req.headers.host ?? '').replace(/:\d+$/, '');
   if (req.headers.origin !== undefined || !isLoopbackAddress(host)) {
-    return { status: 403, body: { error: 'mutating admin requests must come from a local client (no Origin header, loopback Host)' } };
+    return {
+      status: 403,
+      body: { error: 'mutating admin requests must come from a local client (no Origin header, loopback Host)' },
+    };
   }
   return undefined;
 }
@@ -186,7 +209,8 @@ export function createAdminServer(sources: AdminSources): http.Server {
       res.writeHead(code, { 'content-type': type, 'cache-control': 'no-store', ...headers });
       res.end(body);
     };
-    const sendJson = (r: AdminResponse): void => send(r.status, 'application/json', JSON.stringify(r.body, null, 2) + '\n');
+    const sendJson = (r: AdminResponse): void =>
+      send(r.status, 'application/json', JSON.stringify(r.body, null, 2) + '\n');
     // Checked before anything else, on every route: reads expose agent ids, addresses and paths.
     const hostRefusal = refuseHost(server, req, sources.allowedHosts ?? []);
     if (hostRefusal) return send(403, 'text/plain', hostRefusal);
@@ -206,7 +230,9 @@ export function createAdminServer(sources: AdminSources): http.Server {
       const body = method === 'POST' ? readBody(req) : Promise.resolve({});
       body
         .then((b) => route.handle(params, { remoteAddress: req.socket.remoteAddress ?? '', body: b }))
-        .then(sendJson, (err: Error & { status?: number }) => sendJson({ status: err.status ?? 500, body: { error: err.message } }));
+        .then(sendJson, (err: Error & { status?: number }) =>
+          sendJson({ status: err.status ?? 500, body: { error: err.message } }),
+        );
       return;
     }
     if (method !== 'GET') return send(405, 'text/plain', 'method not allowed\n', { allow: 'GET' });

@@ -16,7 +16,12 @@ export interface AnswerOptions {
  * Trailers. Resolves with the outcome; never rejects. The upstream deadline is the remaining time
  * the originator measured, so the far side never gets more time than the caller gave.
  */
-export function answer(stream: CallStream, start: StartFrame, upstream: Client, opts: AnswerOptions = {}): Promise<CallOutcome> {
+export function answer(
+  stream: CallStream,
+  start: StartFrame,
+  upstream: Client,
+  opts: AnswerOptions = {},
+): Promise<CallOutcome> {
   return new Promise((resolve) => {
     let requestBytes = 0;
     let responseBytes = 0;
@@ -27,7 +32,13 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
     const metadata = requestMetadataFromWire(start.metadata);
     if (opts.extraMetadata) setOwnedMetadata(metadata, opts.extraMetadata);
     const deadline = start.timeoutMs > 0 ? Date.now() + start.timeoutMs : Infinity;
-    const call: ClientDuplexStream<Buffer, Buffer> = upstream.makeBidiStreamRequest(start.method, identity, identity, metadata, { deadline });
+    const call: ClientDuplexStream<Buffer, Buffer> = upstream.makeBidiStreamRequest(
+      start.method,
+      identity,
+      identity,
+      metadata,
+      { deadline },
+    );
 
     // The outcome is known when trailers go out (or the upstream is cancelled), but the promise
     // resolves only once the call has ended on the tunnel stream (the stream closed, or a reusable
@@ -45,7 +56,10 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
     // the status while messages still sit in the stream's read buffer.
     const maybeSendTrailers = (): void => {
       if (settled || !status || !readEnded) return;
-      stream.send({ kind: 'trailers', trailers: { code: status.code, message: status.details, metadata: responseMetadataToWire(status.metadata) } });
+      stream.send({
+        kind: 'trailers',
+        trailers: { code: status.code, message: status.details, metadata: responseMetadataToWire(status.metadata) },
+      });
       stream.endCall();
       settle(status.code, status.details);
     };
@@ -59,9 +73,15 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
       responseBytes += message.length;
       if (!stream.send({ kind: 'message', data: message })) call.pause();
     });
-    call.on('end', () => { readEnded = true; maybeSendTrailers(); });
+    call.on('end', () => {
+      readEnded = true;
+      maybeSendTrailers();
+    });
     call.on('error', () => {}); // the 'status' event carries the same information
-    call.on('status', (s: StatusObject) => { status = s; maybeSendTrailers(); });
+    call.on('status', (s: StatusObject) => {
+      status = s;
+      maybeSendTrailers();
+    });
 
     const cancelUpstream = (code: number, details: string): void => {
       if (settled) return;
@@ -92,7 +112,9 @@ export function answer(stream: CallStream, start: StartFrame, upstream: Client, 
             return;
         }
       },
-      onDrain() { call.resume(); },
+      onDrain() {
+        call.resume();
+      },
       onClosed(error) {
         if (error) cancelUpstream(Status.UNAVAILABLE, `tunnel stream lost: ${error.message}`);
       },

@@ -30,10 +30,13 @@ export type JsonObject = { [key: string]: JsonValue };
 let apiRoot: protobuf.Root | undefined;
 function root(): protobuf.Root {
   if (!apiRoot) {
-    apiRoot = new protobuf.Root().loadSync([
-      path.join(PROTO_DIR, 'burrow', 'auth', 'v1', 'auth.proto'),
-      path.join(PROTO_DIR, 'burrow', 'policy', 'v1', 'policy.proto'),
-    ], { keepCase: true });
+    apiRoot = new protobuf.Root().loadSync(
+      [
+        path.join(PROTO_DIR, 'burrow', 'auth', 'v1', 'auth.proto'),
+        path.join(PROTO_DIR, 'burrow', 'policy', 'v1', 'policy.proto'),
+      ],
+      { keepCase: true },
+    );
     apiRoot.resolveAll();
   }
   return apiRoot;
@@ -73,8 +76,10 @@ function structToProto(obj: Record<string, unknown>, at: string): Record<string,
 
 function valueFromProto(v: Record<string, unknown> | undefined): JsonValue {
   if (!v) return null;
-  if (v.structValue !== undefined && v.structValue !== null) return structFromProto(v.structValue as Record<string, unknown>);
-  if (v.listValue !== undefined && v.listValue !== null) return ((v.listValue as { values?: Record<string, unknown>[] }).values ?? []).map(valueFromProto);
+  if (v.structValue !== undefined && v.structValue !== null)
+    return structFromProto(v.structValue as Record<string, unknown>);
+  if (v.listValue !== undefined && v.listValue !== null)
+    return ((v.listValue as { values?: Record<string, unknown>[] }).values ?? []).map(valueFromProto);
   if (v.stringValue !== undefined && v.stringValue !== null) return v.stringValue as string;
   if (v.numberValue !== undefined && v.numberValue !== null) return v.numberValue as number;
   if (v.boolValue !== undefined && v.boolValue !== null) return v.boolValue as boolean;
@@ -83,7 +88,8 @@ function valueFromProto(v: Record<string, unknown> | undefined): JsonValue {
 
 function structFromProto(s: Record<string, unknown>): JsonObject {
   const out: JsonObject = {};
-  for (const [k, v] of Object.entries((s.fields as Record<string, Record<string, unknown>> | undefined) ?? {})) out[k] = valueFromProto(v);
+  for (const [k, v] of Object.entries((s.fields as Record<string, Record<string, unknown>> | undefined) ?? {}))
+    out[k] = valueFromProto(v);
   return out;
 }
 
@@ -180,20 +186,39 @@ export class ApiCodec {
     try {
       msg = this.type.decode(bytes);
     } catch (err) {
-      throw new BurrowError(Status.INVALID_ARGUMENT, `request is not a valid ${this.type.name}: ${(err as Error).message}`, err);
+      throw new BurrowError(
+        Status.INVALID_ARGUMENT,
+        `request is not a valid ${this.type.name}: ${(err as Error).message}`,
+        err,
+      );
     }
-    return messageFromProto(this.type, this.type.toObject(msg, { defaults: false, arrays: true, longs: Number }) as Record<string, unknown>);
+    return messageFromProto(
+      this.type,
+      this.type.toObject(msg, { defaults: false, arrays: true, longs: Number }) as Record<string, unknown>,
+    );
   }
 }
 
 /** The codecs of the built-in services, by message. */
 export const API_CODECS = {
-  get authenticateRequest(): ApiCodec { return cached('burrow.auth.v1.AuthenticateRequest'); },
-  get authenticateResponse(): ApiCodec { return cached('burrow.auth.v1.AuthenticateResponse'); },
-  get evaluationRequest(): ApiCodec { return cached('burrow.policy.v1.EvaluationRequest'); },
-  get evaluationResponse(): ApiCodec { return cached('burrow.policy.v1.EvaluationResponse'); },
-  get evaluationsRequest(): ApiCodec { return cached('burrow.policy.v1.EvaluationsRequest'); },
-  get evaluationsResponse(): ApiCodec { return cached('burrow.policy.v1.EvaluationsResponse'); },
+  get authenticateRequest(): ApiCodec {
+    return cached('burrow.auth.v1.AuthenticateRequest');
+  },
+  get authenticateResponse(): ApiCodec {
+    return cached('burrow.auth.v1.AuthenticateResponse');
+  },
+  get evaluationRequest(): ApiCodec {
+    return cached('burrow.policy.v1.EvaluationRequest');
+  },
+  get evaluationResponse(): ApiCodec {
+    return cached('burrow.policy.v1.EvaluationResponse');
+  },
+  get evaluationsRequest(): ApiCodec {
+    return cached('burrow.policy.v1.EvaluationsRequest');
+  },
+  get evaluationsResponse(): ApiCodec {
+    return cached('burrow.policy.v1.EvaluationsResponse');
+  },
 };
 
 const codecCache = new Map<string, ApiCodec>();

@@ -24,7 +24,10 @@ export interface RelayOptions {
  * with UNAVAILABLE trailers. Resolves once the call is over on both streams; never rejects.
  */
 export function relayCall(
-  inbound: CallStream, outbound: CallStream, peerName: string, opts: RelayOptions = {},
+  inbound: CallStream,
+  outbound: CallStream,
+  peerName: string,
+  opts: RelayOptions = {},
 ): Promise<CallOutcome & { method?: string }> {
   return new Promise((resolve) => {
     let requestBytes = 0;
@@ -47,7 +50,8 @@ export function relayCall(
     };
     const abandonOutbound = (reason: string): void => {
       if (outcome) return;
-      if (outbound.callState.request === 'open' || outbound.callState.request === 'half-closed') outbound.send({ kind: 'cancel', reason });
+      if (outbound.callState.request === 'open' || outbound.callState.request === 'half-closed')
+        outbound.send({ kind: 'cancel', reason });
       settle(Status.CANCELLED, reason);
     };
     const toOutbound = (frame: CallFrame): void => {
@@ -69,7 +73,9 @@ export function relayCall(
     inbound.attach({
       onFrame: toOutbound,
       onDrain: () => outbound.resume(),
-      onClosed: (error) => { if (error) abandonOutbound(`forwarding broker lost the call: ${error.message}`); },
+      onClosed: (error) => {
+        if (error) abandonOutbound(`forwarding broker lost the call: ${error.message}`);
+      },
       onProtocolError: (error) => abandonOutbound(`forwarding broker broke the tunnel protocol: ${error.message}`),
     });
     outbound.attach({
@@ -80,7 +86,9 @@ export function relayCall(
         if (frame.kind === 'trailers') settle(frame.trailers.code, frame.trailers.message);
       },
       onDrain: () => inbound.resume(),
-      onClosed: (error) => { if (error) failInbound(`connection to ${peerName} lost during the call: ${error.message}`); },
+      onClosed: (error) => {
+        if (error) failInbound(`connection to ${peerName} lost during the call: ${error.message}`);
+      },
       onProtocolError: (error) => failInbound(`${peerName} broke the tunnel protocol: ${error.message}`),
     });
   });

@@ -74,12 +74,25 @@ const ANSWERER_ONLY = new Set<CallFrame['kind']>(['headers', 'trailers']);
  * not allow in `state` from `sender`. `reusable` selects the reusable-stream mode (see above): the
  * frame that completes both halves of a call resets the state to idle and reports `callEnded`.
  */
-export function transition(state: CallState, sender: FrameSender, kind: CallFrame['kind'], reusable = false): Transition {
+export function transition(
+  state: CallState,
+  sender: FrameSender,
+  kind: CallFrame['kind'],
+  reusable = false,
+): Transition {
   const t = step(state, sender, kind);
   // Both halves over: the originator sent its last frame and the answerer its Trailers. Each side
   // sees the same two frames, so both reset at the same point in the frame sequence.
-  if (reusable && t.state.response === 'closed' && (t.state.request === 'half-closed' || t.state.request === 'cancelled')) {
-    return { state: t.state.request === 'half-closed' ? IDLE_AFTER_HALF_CLOSE : INITIAL_CALL_STATE, deliver: t.deliver, callEnded: true };
+  if (
+    reusable &&
+    t.state.response === 'closed' &&
+    (t.state.request === 'half-closed' || t.state.request === 'cancelled')
+  ) {
+    return {
+      state: t.state.request === 'half-closed' ? IDLE_AFTER_HALF_CLOSE : INITIAL_CALL_STATE,
+      deliver: t.deliver,
+      callEnded: true,
+    };
   }
   return t;
 }
@@ -96,15 +109,18 @@ function step(state: CallState, sender: FrameSender, kind: CallFrame['kind']): T
         if (request !== 'idle') throw new ProtocolError('second start frame');
         return { state: { request: 'open', response }, deliver: true, callEnded: false };
       case 'message':
-        if (request !== 'open') throw new ProtocolError(request === 'idle' ? 'message before start' : 'message after half-close');
+        if (request !== 'open')
+          throw new ProtocolError(request === 'idle' ? 'message before start' : 'message after half-close');
         // The answerer may already have finished (Trailers before HalfClose): the message is moot.
         return { state, deliver: response !== 'closed', callEnded: false };
       case 'halfClose':
-        if (request !== 'open') throw new ProtocolError(request === 'idle' ? 'half-close before start' : 'second half-close');
+        if (request !== 'open')
+          throw new ProtocolError(request === 'idle' ? 'half-close before start' : 'second half-close');
         return { state: { request: 'half-closed', response }, deliver: response !== 'closed', callEnded: false };
       case 'cancel':
         // The one frame of a finished call that may arrive after it ended: it is moot now.
-        if (request === 'idle' && state.lateCancelAllowed) return { state: INITIAL_CALL_STATE, deliver: false, callEnded: false };
+        if (request === 'idle' && state.lateCancelAllowed)
+          return { state: INITIAL_CALL_STATE, deliver: false, callEnded: false };
         if (request === 'idle') throw new ProtocolError('cancel before start');
         // A Cancel crossing the answerer's Trailers is a race, not a violation.
         return { state: { request: 'cancelled', response }, deliver: response !== 'closed', callEnded: false };

@@ -111,10 +111,16 @@ export class CallStream {
     for (const f of pending) handlers.onFrame(f);
   }
 
-  get callState(): CallState { return this.state; }
+  get callState(): CallState {
+    return this.state;
+  }
   /** Calls that have ended on this (reusable) stream so far; tells one call of the stream from the next. */
-  get callsEnded(): number { return this.endedCalls; }
-  get isClosed(): boolean { return this.closed; }
+  get callsEnded(): number {
+    return this.endedCalls;
+  }
+  get isClosed(): boolean {
+    return this.closed;
+  }
 
   /**
    * Sends one frame. Returns false when the transport's buffer is full: stop producing until
@@ -156,12 +162,17 @@ export class CallStream {
       this.finish();
       return;
     }
-    if (this.role === 'originator' && this.state.request === 'open') this.send({ kind: 'cancel', reason: 'call completed' });
+    if (this.role === 'originator' && this.state.request === 'open')
+      this.send({ kind: 'cancel', reason: 'call completed' });
   }
 
   /** Stops reading frames (backpressure towards the peer through HTTP/2 flow control). */
-  pause(): void { this.duplex.pause(); }
-  resume(): void { if (!this.closed) this.duplex.resume(); }
+  pause(): void {
+    this.duplex.pause();
+  }
+  resume(): void {
+    if (!this.closed) this.duplex.resume();
+  }
 
   /**
    * Ends this side's half of the gRPC stream once the call is complete: the server end sends
@@ -236,7 +247,9 @@ export class CallStream {
     if (!streamDone) return;
     // A reusable stream between calls ends cleanly: it is an idle offer being retired.
     const clean = isCallDone(this.state) || (this.reusable && isIdle(this.state));
-    this.close(clean ? undefined : new BurrowError(Status.UNAVAILABLE, 'tunnel stream ended before the call completed'));
+    this.close(
+      clean ? undefined : new BurrowError(Status.UNAVAILABLE, 'tunnel stream ended before the call completed'),
+    );
   }
 
   private close(error?: BurrowError): void {

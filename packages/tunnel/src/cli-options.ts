@@ -12,7 +12,10 @@ import { identityOfCertificate } from './identity';
 
 /** A bad configuration value. `field` is the flag name without dashes, as the user wrote it. */
 export class ConfigError extends Error {
-  constructor(readonly field: string, message: string) {
+  constructor(
+    readonly field: string,
+    message: string,
+  ) {
     super(`${field}: ${message}`);
   }
 }
@@ -37,9 +40,11 @@ export function loadYamlConfig(file: string, knownKeys: readonly string[]): Reco
     throw new ConfigError('config', `${file} is not valid YAML: ${first}`);
   }
   if (doc === null || doc === undefined) return {};
-  if (typeof doc !== 'object' || Array.isArray(doc)) throw new ConfigError('config', `${file} must hold a mapping of option names to values`);
+  if (typeof doc !== 'object' || Array.isArray(doc))
+    throw new ConfigError('config', `${file} must hold a mapping of option names to values`);
   for (const key of Object.keys(doc)) {
-    if (!knownKeys.includes(key)) throw new ConfigError(key, `unknown key in ${file}; known keys: ${knownKeys.join(', ')}`);
+    if (!knownKeys.includes(key))
+      throw new ConfigError(key, `unknown key in ${file}; known keys: ${knownKeys.join(', ')}`);
   }
   return doc as Record<string, unknown>;
 }
@@ -59,7 +64,11 @@ export function parseListenAddress(field: string, value: unknown): string {
  */
 export function parseAllowedHosts(field: string, value: unknown): string[] {
   return asList(value).map((raw) => {
-    const host = raw.trim().replace(/^\[(.*)\]$/, '$1').replace(/\.$/, '').toLowerCase();
+    const host = raw
+      .trim()
+      .replace(/^\[(.*)\]$/, '$1')
+      .replace(/\.$/, '')
+      .toLowerCase();
     const label = '[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?';
     if (isIP(host) === 0 && !new RegExp(`^${label}(\\.${label})*$`).test(host)) {
       throw new ConfigError(field, `"${raw}" is not a host name or IP address (no port, no wildcard)`);
@@ -82,11 +91,21 @@ export function parseDurationMs(field: string, value: unknown): number {
     total += Number(m[1]) * DURATION_UNITS_MS[m[2]!]!;
     consumed = re.lastIndex;
   }
-  if (text === '' || consumed !== text.length) throw new ConfigError(field, `"${text}" is not a duration like 500ms, 5s, 1m or 24h`);
+  if (text === '' || consumed !== text.length)
+    throw new ConfigError(field, `"${text}" is not a duration like 500ms, 5s, 1m or 24h`);
   return Math.round(total);
 }
 
-const SIZE_UNITS: Record<string, number> = { '': 1, b: 1, kib: 1024, mib: 1024 ** 2, gib: 1024 ** 3, kb: 1000, mb: 1000 ** 2, gb: 1000 ** 3 };
+const SIZE_UNITS: Record<string, number> = {
+  '': 1,
+  b: 1,
+  kib: 1024,
+  mib: 1024 ** 2,
+  gib: 1024 ** 3,
+  kb: 1000,
+  mb: 1000 ** 2,
+  gb: 1000 ** 3,
+};
 
 /** Parses `16MiB`, `512KiB`, `1048576` into bytes. */
 export function parseBytes(field: string, value: unknown): number {
@@ -100,7 +119,8 @@ export function parseBytes(field: string, value: unknown): number {
 /** Parses a positive integer within [min, max]. */
 export function parseIntInRange(field: string, value: unknown, min: number, max: number): number {
   const n = Number(value);
-  if (!Number.isInteger(n) || n < min || n > max) throw new ConfigError(field, `"${String(value)}" is not a whole number from ${min} to ${max}`);
+  if (!Number.isInteger(n) || n < min || n > max)
+    throw new ConfigError(field, `"${String(value)}" is not a whole number from ${min} to ${max}`);
   return n;
 }
 
@@ -120,7 +140,13 @@ export function requireReadableFile(field: string, value: unknown): string {
  * Checks a certificate/key pair before anything listens: the certificate parses, carries a Burrow
  * identity of `role`, and the key is its private key. Problems name `certField` or `keyField`.
  */
-export function requireCertificatePair(certField: string, certFile: string, keyField: string, keyFile: string, role: 'agent' | 'broker' | 'service'): void {
+export function requireCertificatePair(
+  certField: string,
+  certFile: string,
+  keyField: string,
+  keyFile: string,
+  role: 'agent' | 'broker' | 'service',
+): void {
   let cert: X509Certificate;
   try {
     cert = new X509Certificate(readFileSync(certFile));
@@ -128,7 +154,11 @@ export function requireCertificatePair(certField: string, certFile: string, keyF
     throw new ConfigError(certField, `${certFile} is not a PEM certificate (${(err as Error).message})`);
   }
   const id = identityOfCertificate(cert.raw);
-  if (!id || id.role !== role) throw new ConfigError(certField, `${certFile} is not a ${role} certificate (expected URI SAN spiffe://<trust-domain>/${role === 'broker' ? 'broker' : `${role}/<name>`})`);
+  if (!id || id.role !== role)
+    throw new ConfigError(
+      certField,
+      `${certFile} is not a ${role} certificate (expected URI SAN spiffe://<trust-domain>/${role === 'broker' ? 'broker' : `${role}/<name>`})`,
+    );
   let key: KeyObject;
   try {
     key = createPrivateKey(readFileSync(keyFile));

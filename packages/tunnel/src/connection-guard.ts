@@ -77,10 +77,15 @@ interface Tracked {
 export function refuseStream(stream: http2.ServerHttp2Stream, code: Status, details: string): void {
   if (stream.destroyed || stream.closed) return;
   if (!stream.headersSent) {
-    stream.respond({
-      ':status': 200, 'content-type': 'application/grpc',
-      'grpc-status': String(code), 'grpc-message': encodeURIComponent(details),
-    }, { endStream: true });
+    stream.respond(
+      {
+        ':status': 200,
+        'content-type': 'application/grpc',
+        'grpc-status': String(code),
+        'grpc-message': encodeURIComponent(details),
+      },
+      { endStream: true },
+    );
   }
   // NO_ERROR after a complete response (RFC 9113 §8.1): the client stops sending and keeps the status.
   stream.close(http2.constants.NGHTTP2_NO_ERROR);

@@ -5,7 +5,11 @@ type CaListener = Parameters<CertificateProvider['addCaCertificateListener']>[0]
 type IdentityListener = Parameters<CertificateProvider['addIdentityCertificateListener']>[0];
 
 /** PEM material of one TLS identity and the CAs it trusts. */
-export interface TlsMaterial { caPem: string | Buffer; certPem: string | Buffer; keyPem: string | Buffer }
+export interface TlsMaterial {
+  caPem: string | Buffer;
+  certPem: string | Buffer;
+  keyPem: string | Buffer;
+}
 
 /**
  * The TLS identity and trust bundle of a broker or agent, swappable at run time. It implements
@@ -25,9 +29,15 @@ export class CredentialStore implements CertificateProvider {
     this.key = Buffer.from(material.keyPem);
   }
 
-  get caPem(): string { return this.ca.toString(); }
-  get certPem(): string { return this.cert.toString(); }
-  get keyPem(): string { return this.key.toString(); }
+  get caPem(): string {
+    return this.ca.toString();
+  }
+  get certPem(): string {
+    return this.cert.toString();
+  }
+  get keyPem(): string {
+    return this.key.toString();
+  }
 
   /** Replaces any part; listeners (grpc-js servers and channels) see it at once. */
   update(material: Partial<TlsMaterial>): void {
@@ -47,12 +57,20 @@ export class CredentialStore implements CertificateProvider {
   // would be lost and the server would drop every connection as "credentials not loaded".
   addCaCertificateListener(listener: CaListener): void {
     this.caListeners.add(listener);
-    queueMicrotask(() => { if (this.caListeners.has(listener)) listener({ caCertificate: this.ca }); });
+    queueMicrotask(() => {
+      if (this.caListeners.has(listener)) listener({ caCertificate: this.ca });
+    });
   }
-  removeCaCertificateListener(listener: CaListener): void { this.caListeners.delete(listener); }
+  removeCaCertificateListener(listener: CaListener): void {
+    this.caListeners.delete(listener);
+  }
   addIdentityCertificateListener(listener: IdentityListener): void {
     this.identityListeners.add(listener);
-    queueMicrotask(() => { if (this.identityListeners.has(listener)) listener({ certificate: this.cert, privateKey: this.key }); });
+    queueMicrotask(() => {
+      if (this.identityListeners.has(listener)) listener({ certificate: this.cert, privateKey: this.key });
+    });
   }
-  removeIdentityCertificateListener(listener: IdentityListener): void { this.identityListeners.delete(listener); }
+  removeIdentityCertificateListener(listener: IdentityListener): void {
+    this.identityListeners.delete(listener);
+  }
 }

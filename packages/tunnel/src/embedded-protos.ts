@@ -56,7 +56,10 @@ export function seaAssets(): AssetSource | undefined {
 }
 
 function enoent(file: string): NodeJS.ErrnoException {
-  return Object.assign(new Error(`ENOENT: no such file or directory, open '${file}' (not embedded in this executable)`), { code: 'ENOENT', path: file });
+  return Object.assign(
+    new Error(`ENOENT: no such file or directory, open '${file}' (not embedded in this executable)`),
+    { code: 'ENOENT', path: file },
+  );
 }
 
 type FetchCallback = (err: Error | null, source?: string) => void;
@@ -87,10 +90,17 @@ export function serveProtosFromAssets(assets: AssetSource, dir: string = EMBEDDE
     readFileSync: ((file: fs.PathOrFileDescriptor, options?: unknown) => {
       const text = lookup(file);
       if (text === undefined) return previousFs.readFileSync(file, options as BufferEncoding);
-      return typeof options === 'string' || (options as { encoding?: string } | undefined)?.encoding ? text : Buffer.from(text, 'utf8');
+      return typeof options === 'string' || (options as { encoding?: string } | undefined)?.encoding
+        ? text
+        : Buffer.from(text, 'utf8');
     }) as typeof fs.readFileSync,
   };
-  rootProto.fetch = function fetch(this: unknown, filename: string, options: unknown, callback?: FetchCallback): unknown {
+  rootProto.fetch = function fetch(
+    this: unknown,
+    filename: string,
+    options: unknown,
+    callback?: FetchCallback,
+  ): unknown {
     const cb = (typeof options === 'function' ? options : callback) as FetchCallback | undefined;
     let text: string | undefined;
     try {

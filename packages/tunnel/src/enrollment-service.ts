@@ -4,9 +4,21 @@ import type { ServiceDefinition } from '@grpc/grpc-js';
 import { PROTO_DIR } from './frames';
 
 /** burrow.pki.v1 messages as the code sees them (proto/burrow/pki/v1/enrollment.proto). */
-export interface EnrollRequest { token: string; csrPem: string }
-export interface RenewRequest { csrPem: string; bundleVersion: number }
-export interface IssuedAgentCertificate { certificateChainPem: string; trustBundlePem: string; bundleVersion: number; agentId: string; spiffeId: string }
+export interface EnrollRequest {
+  token: string;
+  csrPem: string;
+}
+export interface RenewRequest {
+  csrPem: string;
+  bundleVersion: number;
+}
+export interface IssuedAgentCertificate {
+  certificateChainPem: string;
+  trustBundlePem: string;
+  bundleVersion: number;
+  agentId: string;
+  spiffeId: string;
+}
 
 let root: protobuf.Root | undefined;
 function type(name: string): protobuf.Type {
@@ -28,13 +40,21 @@ const cert = codec<IssuedAgentCertificate>('burrow.pki.v1.Certificate');
 /** The Enrollment service for grpc-js clients and servers (served on the broker's agent listener). */
 export const ENROLLMENT_SERVICE = {
   enroll: {
-    path: '/burrow.pki.v1.Enrollment/Enroll', requestStream: false, responseStream: false,
-    requestSerialize: enrollReq.serialize, requestDeserialize: enrollReq.deserialize,
-    responseSerialize: cert.serialize, responseDeserialize: cert.deserialize,
+    path: '/burrow.pki.v1.Enrollment/Enroll',
+    requestStream: false,
+    responseStream: false,
+    requestSerialize: enrollReq.serialize,
+    requestDeserialize: enrollReq.deserialize,
+    responseSerialize: cert.serialize,
+    responseDeserialize: cert.deserialize,
   },
   renew: {
-    path: '/burrow.pki.v1.Enrollment/Renew', requestStream: false, responseStream: false,
-    requestSerialize: renewReq.serialize, requestDeserialize: renewReq.deserialize,
-    responseSerialize: cert.serialize, responseDeserialize: cert.deserialize,
+    path: '/burrow.pki.v1.Enrollment/Renew',
+    requestStream: false,
+    responseStream: false,
+    requestSerialize: renewReq.serialize,
+    requestDeserialize: renewReq.deserialize,
+    responseSerialize: cert.serialize,
+    responseDeserialize: cert.deserialize,
   },
 } satisfies ServiceDefinition;

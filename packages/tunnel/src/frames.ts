@@ -60,7 +60,10 @@ export const TUNNEL_METHODS = {
 /** Metadata key that ties Offer and Forward streams to their session. */
 export const SESSION_ID_KEY = 'burrow-session-id';
 
-export interface WireMetadataEntry { key: string; value: Uint8Array }
+export interface WireMetadataEntry {
+  key: string;
+  value: Uint8Array;
+}
 
 export interface StartFrame {
   method: string;
@@ -70,7 +73,11 @@ export interface StartFrame {
   /** Broker -> agent: the verified SPIFFE id of the platform caller; empty otherwise. */
   caller?: string;
 }
-export interface TrailersFrame { code: number; message: string; metadata: WireMetadataEntry[] }
+export interface TrailersFrame {
+  code: number;
+  message: string;
+  metadata: WireMetadataEntry[];
+}
 
 /** One frame of a forwarded call, as the code sees it (decoded `CallFrame`). */
 export type CallFrame =
@@ -81,11 +88,23 @@ export type CallFrame =
   | { kind: 'headers'; metadata: WireMetadataEntry[] }
   | { kind: 'trailers'; trailers: TrailersFrame };
 
-export interface HelloFrame { protocolVersions: number[]; agentVersion: string; minIdleOffers: number }
-export interface WelcomeFrame { protocolVersion: number; sessionId: string; maxMessageBytes: number; brokerId: string }
+export interface HelloFrame {
+  protocolVersions: number[];
+  agentVersion: string;
+  minIdleOffers: number;
+}
+export interface WelcomeFrame {
+  protocolVersion: number;
+  sessionId: string;
+  maxMessageBytes: number;
+  brokerId: string;
+}
 
 /** One broker replica (tunnel.proto `BrokerEndpoint`): its id and its agent listener's HOST:PORT. */
-export interface BrokerEndpoint { brokerId: string; address: string }
+export interface BrokerEndpoint {
+  brokerId: string;
+  address: string;
+}
 
 /** One frame of a session stream (decoded `SessionFrame`). */
 export type SessionFrame =
@@ -114,7 +133,8 @@ const HOST_PORT = /^(\[[0-9a-fA-F:.]+\]|[A-Za-z0-9.-]+):(\d{1,5})$/;
  * entry; the decoder uses it on frames from the wire, the broker on sets it is given to send.
  */
 export function checkReplicaSet(set: readonly BrokerEndpoint[]): void {
-  if (set.length > MAX_REPLICA_SET_SIZE) throw new ProtocolError(`brokers frame lists ${set.length} brokers; at most ${MAX_REPLICA_SET_SIZE} are allowed`);
+  if (set.length > MAX_REPLICA_SET_SIZE)
+    throw new ProtocolError(`brokers frame lists ${set.length} brokers; at most ${MAX_REPLICA_SET_SIZE} are allowed`);
   const seen = new Set<string>();
   for (const [i, b] of set.entries()) {
     if (!b.brokerId) throw new ProtocolError(`brokers frame entry ${i} has no broker id`);
@@ -124,7 +144,10 @@ export function checkReplicaSet(set: readonly BrokerEndpoint[]): void {
     seen.add(b.brokerId);
     const m = HOST_PORT.exec(b.address);
     const port = m ? Number(m[2]) : 0;
-    if (port < 1 || port > 65535) throw new ProtocolError(`brokers frame entry ${i} (broker "${b.brokerId}"): address "${b.address}" is not HOST:PORT`);
+    if (port < 1 || port > 65535)
+      throw new ProtocolError(
+        `brokers frame entry ${i} (broker "${b.brokerId}"): address "${b.address}" is not HOST:PORT`,
+      );
   }
 }
 
@@ -162,19 +185,34 @@ function toNumber(v: unknown): number {
 }
 
 function entries(list: unknown): WireMetadataEntry[] {
-  return ((list as { key: string; value: Uint8Array }[] | undefined) ?? []).map((e) => ({ key: e.key, value: e.value }));
+  return ((list as { key: string; value: Uint8Array }[] | undefined) ?? []).map((e) => ({
+    key: e.key,
+    value: e.value,
+  }));
 }
 
 /** Encodes a call frame for the wire. */
 export function encodeCallFrame(frame: CallFrame): Buffer {
   let body: Record<string, unknown>;
   switch (frame.kind) {
-    case 'start': body = { start: frame.start }; break;
-    case 'message': body = { message: { data: frame.data } }; break;
-    case 'halfClose': body = { halfClose: {} }; break;
-    case 'cancel': body = { cancel: { reason: frame.reason } }; break;
-    case 'headers': body = { headers: { metadata: frame.metadata } }; break;
-    case 'trailers': body = { trailers: frame.trailers }; break;
+    case 'start':
+      body = { start: frame.start };
+      break;
+    case 'message':
+      body = { message: { data: frame.data } };
+      break;
+    case 'halfClose':
+      body = { halfClose: {} };
+      break;
+    case 'cancel':
+      body = { cancel: { reason: frame.reason } };
+      break;
+    case 'headers':
+      body = { headers: { metadata: frame.metadata } };
+      break;
+    case 'trailers':
+      body = { trailers: frame.trailers };
+      break;
   }
   return toBuffer(callType().encode(body).finish());
 }
@@ -190,18 +228,36 @@ export function decodeCallFrame(bytes: Buffer): CallFrame {
   switch (m.kind) {
     case 'start': {
       const s = m.start as Record<string, unknown>;
-      if (typeof s.method !== 'string' || !s.method.startsWith('/')) throw new ProtocolError('start frame without a method path');
-      return { kind: 'start', start: { method: s.method, metadata: entries(s.metadata), timeoutMs: toNumber(s.timeoutMs), callId: String(s.callId ?? ''), ...(s.caller ? { caller: String(s.caller) } : {}) } };
+      if (typeof s.method !== 'string' || !s.method.startsWith('/'))
+        throw new ProtocolError('start frame without a method path');
+      return {
+        kind: 'start',
+        start: {
+          method: s.method,
+          metadata: entries(s.metadata),
+          timeoutMs: toNumber(s.timeoutMs),
+          callId: String(s.callId ?? ''),
+          ...(s.caller ? { caller: String(s.caller) } : {}),
+        },
+      };
     }
-    case 'message': return { kind: 'message', data: toBuffer((m.message as { data: Uint8Array }).data ?? new Uint8Array()) };
-    case 'halfClose': return { kind: 'halfClose' };
-    case 'cancel': return { kind: 'cancel', reason: String((m.cancel as { reason?: string }).reason ?? '') };
-    case 'headers': return { kind: 'headers', metadata: entries((m.headers as { metadata: unknown }).metadata) };
+    case 'message':
+      return { kind: 'message', data: toBuffer((m.message as { data: Uint8Array }).data ?? new Uint8Array()) };
+    case 'halfClose':
+      return { kind: 'halfClose' };
+    case 'cancel':
+      return { kind: 'cancel', reason: String((m.cancel as { reason?: string }).reason ?? '') };
+    case 'headers':
+      return { kind: 'headers', metadata: entries((m.headers as { metadata: unknown }).metadata) };
     case 'trailers': {
       const t = m.trailers as Record<string, unknown>;
-      return { kind: 'trailers', trailers: { code: toNumber(t.code), message: String(t.message ?? ''), metadata: entries(t.metadata) } };
+      return {
+        kind: 'trailers',
+        trailers: { code: toNumber(t.code), message: String(t.message ?? ''), metadata: entries(t.metadata) },
+      };
     }
-    default: throw new ProtocolError('call frame with no kind');
+    default:
+      throw new ProtocolError('call frame with no kind');
   }
 }
 
@@ -209,13 +265,27 @@ export function decodeCallFrame(bytes: Buffer): CallFrame {
 export function encodeSessionFrame(frame: SessionFrame): Buffer {
   let body: Record<string, unknown>;
   switch (frame.kind) {
-    case 'hello': body = { hello: frame.hello }; break;
-    case 'welcome': body = { welcome: frame.welcome }; break;
-    case 'demand': body = { demand: { offers: frame.offers } }; break;
-    case 'drain': body = { drain: { reason: frame.reason } }; break;
-    case 'credentials': body = { credentials: { certificateChainPem: frame.certificateChainPem } }; break;
-    case 'trustBundle': body = { trustBundle: { pem: frame.pem, version: frame.version } }; break;
-    case 'brokers': body = { brokers: { brokers: frame.brokers.map((b) => ({ brokerId: b.brokerId, address: b.address })) } }; break;
+    case 'hello':
+      body = { hello: frame.hello };
+      break;
+    case 'welcome':
+      body = { welcome: frame.welcome };
+      break;
+    case 'demand':
+      body = { demand: { offers: frame.offers } };
+      break;
+    case 'drain':
+      body = { drain: { reason: frame.reason } };
+      break;
+    case 'credentials':
+      body = { credentials: { certificateChainPem: frame.certificateChainPem } };
+      break;
+    case 'trustBundle':
+      body = { trustBundle: { pem: frame.pem, version: frame.version } };
+      break;
+    case 'brokers':
+      body = { brokers: { brokers: frame.brokers.map((b) => ({ brokerId: b.brokerId, address: b.address })) } };
+      break;
   }
   return toBuffer(sessionType().encode(body).finish());
 }
@@ -253,30 +323,38 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
       tooLong('Welcome session_id', sessionId, limits.idChars);
       tooLong('Welcome broker_id', brokerId, limits.idChars);
       const welcome = {
-        protocolVersion: Number(w.protocolVersion ?? 0), sessionId, brokerId,
+        protocolVersion: Number(w.protocolVersion ?? 0),
+        sessionId,
+        brokerId,
         maxMessageBytes: toNumber(w.maxMessageBytes),
       };
       return { kind: 'welcome', welcome };
     }
-    case 'demand': return { kind: 'demand', offers: Number((m.demand as { offers?: number }).offers ?? 0) };
+    case 'demand':
+      return { kind: 'demand', offers: Number((m.demand as { offers?: number }).offers ?? 0) };
     case 'drain': {
       const reason = String((m.drain as { reason?: string }).reason ?? '');
       tooLong('Drain reason', reason, limits.reasonChars);
       return { kind: 'drain', reason };
     }
     // PEM fields are bounded by the frame size alone: a chain or bundle has no smaller natural bound.
-    case 'credentials': return { kind: 'credentials', certificateChainPem: String((m.credentials as { certificateChainPem?: string }).certificateChainPem ?? '') };
+    case 'credentials':
+      return {
+        kind: 'credentials',
+        certificateChainPem: String((m.credentials as { certificateChainPem?: string }).certificateChainPem ?? ''),
+      };
     case 'trustBundle': {
       const t = m.trustBundle as { pem?: string; version?: unknown };
       return { kind: 'trustBundle', pem: String(t.pem ?? ''), version: toNumber(t.version) };
     }
     case 'brokers': {
-      const list = ((m.brokers as { brokers?: { brokerId?: string; address?: string }[] }).brokers ?? []);
+      const list = (m.brokers as { brokers?: { brokerId?: string; address?: string }[] }).brokers ?? [];
       const brokers = list.map((b) => ({ brokerId: String(b.brokerId ?? ''), address: String(b.address ?? '') }));
       checkReplicaSet(brokers);
       return { kind: 'brokers', brokers };
     }
-    default: throw new ProtocolError('session frame with no kind');
+    default:
+      throw new ProtocolError('session frame with no kind');
   }
 }
 

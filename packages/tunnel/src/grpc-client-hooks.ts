@@ -2,7 +2,9 @@ import type { Socket } from 'node:net';
 
 // grpc-js internals this module hooks; test/grpc-client-hooks.test.ts fails if an upgrade moves them.
 /* eslint-disable @typescript-eslint/no-var-requires */
-const transport = require('@grpc/grpc-js/build/src/transport') as { Http2SubchannelConnector: { prototype: ConnectorProto } };
+const transport = require('@grpc/grpc-js/build/src/transport') as {
+  Http2SubchannelConnector: { prototype: ConnectorProto };
+};
 const subchannel = require('@grpc/grpc-js/build/src/subchannel') as { Subchannel: { prototype: SubchannelProto } };
 
 const PENDING = Symbol('burrow.pendingConnects');
@@ -37,7 +39,8 @@ export function abortConnectsOnChannelClose(): void {
   if (installed) return;
   const connector = transport.Http2SubchannelConnector?.prototype;
   const sub = subchannel.Subchannel?.prototype;
-  if (!connector?.tcpConnect || !connector.connect || !sub?.unref || !sub.ref) throw new Error('grpc-js internals changed: cannot abort connects on channel close');
+  if (!connector?.tcpConnect || !connector.connect || !sub?.unref || !sub.ref)
+    throw new Error('grpc-js internals changed: cannot abort connects on channel close');
   installed = true;
   const tcpConnect = connector.tcpConnect;
   connector.tcpConnect = async function (address, options) {

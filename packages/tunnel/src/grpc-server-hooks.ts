@@ -1,6 +1,12 @@
 import {
-  Metadata, type Server, type ServerDuplexStream, type ServerInterceptingCall, type ServerInterceptingCallInterface,
-  type ServerInterceptor, type StatusObject, type status as Status,
+  Metadata,
+  type Server,
+  type ServerDuplexStream,
+  type ServerInterceptingCall,
+  type ServerInterceptingCallInterface,
+  type ServerInterceptor,
+  type StatusObject,
+  type status as Status,
 } from '@grpc/grpc-js';
 import type { Socket } from 'node:net';
 import type { IncomingHttpHeaders, ServerHttp2Stream } from 'node:http2';
@@ -30,7 +36,8 @@ interface HandlerLookup {
 export function installCatchAll(server: Server, handler: CatchAllHandler): void {
   const lookup = server as unknown as HandlerLookup;
   const registered = lookup._retrieveHandler.bind(server);
-  if (typeof registered !== 'function') throw new Error('grpc-js Server has no _retrieveHandler; catch-all unsupported');
+  if (typeof registered !== 'function')
+    throw new Error('grpc-js Server has no _retrieveHandler; catch-all unsupported');
   lookup._retrieveHandler = (path: string) =>
     registered(path) ?? {
       func: handler,
@@ -50,7 +57,10 @@ interface Http2ServerList {
  * client certificate, wrong protocol). grpc-js keeps its HTTP/2 servers private and drops these
  * errors silently; operators need them counted (`rejected_handshakes_total`). Call after bindAsync.
  */
-export function observeTlsClientErrors(server: Server, onError: (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket) => void): void {
+export function observeTlsClientErrors(
+  server: Server,
+  onError: (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket) => void,
+): void {
   const servers = (server as unknown as Http2ServerList).http2Servers;
   if (!servers) return;
   for (const s of servers.keys()) {
@@ -134,15 +144,25 @@ export function tlsServersOf(server: Server): import('node:tls').Server[] {
  * secure or closed. `maxPending` 0 turns the cap off. Call after bindAsync. The broker uses
  * {@link guardConnections}, which adds per-address caps and timeouts to this cap.
  */
-export function limitPendingHandshakes(server: Server, maxPending: number, onShed: (socket: Socket) => void): HandshakeLimiter {
+export function limitPendingHandshakes(
+  server: Server,
+  maxPending: number,
+  onShed: (socket: Socket) => void,
+): HandshakeLimiter {
   const guard = guardConnections(tlsServersOf(server), {
-    maxPending, maxUnprovenPerAddress: 0, handshakeTimeoutMs: 0, onClose: (socket) => onShed(socket),
+    maxPending,
+    maxUnprovenPerAddress: 0,
+    handshakeTimeoutMs: 0,
+    onClose: (socket) => onShed(socket),
   });
   return { pending: guard.pending, shed: guard.shed };
 }
 
 /** A refusal decided from a call's path and peer address alone (see {@link refuseCallsEarly}). */
-export interface EarlyRefusal { code: Status; details: string }
+export interface EarlyRefusal {
+  code: Status;
+  details: string;
+}
 
 /**
  * Lets `check` refuse a call of a bound grpc-js `server` as soon as its headers arrive, before
@@ -153,7 +173,8 @@ export interface EarlyRefusal { code: Status; details: string }
  * then sees its call cancelled. Call after bindAsync.
  */
 export function refuseCallsEarly(
-  server: Server, check: (path: string, remoteAddress: string) => EarlyRefusal | undefined,
+  server: Server,
+  check: (path: string, remoteAddress: string) => EarlyRefusal | undefined,
 ): void {
   for (const s of tlsServersOf(server)) {
     s.on('stream', (stream: ServerHttp2Stream, headers: IncomingHttpHeaders) => {

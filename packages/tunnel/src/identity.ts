@@ -86,7 +86,12 @@ export function identityOfCertificate(der: Buffer): PeerIdentity | undefined {
   if (uris.length !== 1) return undefined;
   const id = parseSpiffeId(uris[0]!);
   if (!id) return undefined;
-  return { ...id, notAfterMs: Date.parse(cert.validTo), notBeforeMs: Date.parse(cert.validFrom), serialHex: cert.serialNumber.toLowerCase() };
+  return {
+    ...id,
+    notAfterMs: Date.parse(cert.validTo),
+    notBeforeMs: Date.parse(cert.validFrom),
+    serialHex: cert.serialNumber.toLowerCase(),
+  };
 }
 
 // Parsing a certificate costs ~0.2 ms and happens on every call and tunnel stream; the result is
@@ -95,7 +100,10 @@ const MAX_CACHED_IDENTITIES = 10_000;
 const cache = new Map<string, PeerIdentity | null>();
 
 /** The part of Node's `PeerCertificate` this needs (grpc-js's `getAuthContext().sslPeerCertificate`). */
-export interface PeerCertificateLike { raw?: Buffer; fingerprint256?: string }
+export interface PeerCertificateLike {
+  raw?: Buffer;
+  fingerprint256?: string;
+}
 
 // The certificate objects of connections whose peer certificate is cached per connection
 // (cachePeerCertificates): one lookup per object instead of a string hash of the fingerprint.
@@ -124,7 +132,9 @@ function identityOfFingerprintedCertificate(raw: Buffer, key: string | undefined
 
 /** Splits a PEM bundle into its certificates. */
 export function splitPemCertificates(pem: string): X509Certificate[] {
-  return (pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? []).map((p) => new X509Certificate(p));
+  return (pem.match(/-----BEGIN CERTIFICATE-----[\s\S]+?-----END CERTIFICATE-----/g) ?? []).map(
+    (p) => new X509Certificate(p),
+  );
 }
 
 /**
@@ -139,14 +149,18 @@ export function verifyCertificateChain(chainPem: string, trustBundlePem: string,
   const anchors = splitPemCertificates(trustBundlePem);
   if (chain.length === 0) throw new Error('no certificate in the chain');
   for (const c of chain) {
-    if (Date.parse(c.validFrom) > nowMs || Date.parse(c.validTo) <= nowMs) throw new Error(`certificate ${c.subject.replace(/\n/g, ', ')} is not valid now`);
+    if (Date.parse(c.validFrom) > nowMs || Date.parse(c.validTo) <= nowMs)
+      throw new Error(`certificate ${c.subject.replace(/\n/g, ', ')} is not valid now`);
   }
   for (let i = 0; i + 1 < chain.length; i++) {
-    if (!chain[i]!.checkIssued(chain[i + 1]!) || !chain[i]!.verify(chain[i + 1]!.publicKey)) throw new Error(`certificate ${i} is not signed by certificate ${i + 1}`);
+    if (!chain[i]!.checkIssued(chain[i + 1]!) || !chain[i]!.verify(chain[i + 1]!.publicKey))
+      throw new Error(`certificate ${i} is not signed by certificate ${i + 1}`);
     if (!chain[i + 1]!.ca) throw new Error(`certificate ${i + 1} is not a CA`);
   }
   const last = chain[chain.length - 1]!;
-  const anchored = anchors.some((a) => a.ca && (a.fingerprint256 === last.fingerprint256 || (last.checkIssued(a) && last.verify(a.publicKey))));
+  const anchored = anchors.some(
+    (a) => a.ca && (a.fingerprint256 === last.fingerprint256 || (last.checkIssued(a) && last.verify(a.publicKey))),
+  );
   if (!anchored) throw new Error('chain does not lead to a trusted CA');
   const id = identityOfCertificate(chain[0]!.raw);
   if (!id) throw new Error('certificate has no Burrow identity');

@@ -38,7 +38,12 @@ export interface LocalAnswerOptions {
  * or the deadline aborts the handler's signal and ends the call with CANCELLED or
  * DEADLINE_EXCEEDED, as a remote upstream would.
  */
-export function answerLocally(stream: CallStream, start: StartFrame, handler: LocalUnaryHandler, opts: LocalAnswerOptions): Promise<CallOutcome> {
+export function answerLocally(
+  stream: CallStream,
+  start: StartFrame,
+  handler: LocalUnaryHandler,
+  opts: LocalAnswerOptions,
+): Promise<CallOutcome> {
   return new Promise((resolve) => {
     const metadata = requestMetadataFromWire(start.metadata);
     if (opts.extraMetadata) setOwnedMetadata(metadata, opts.extraMetadata);
@@ -69,7 +74,14 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
     const reply = (err: BurrowError | undefined, response?: Buffer): void => {
       if (outcome) return;
       if (err) {
-        stream.send({ kind: 'trailers', trailers: { code: err.code, message: err.message, metadata: responseMetadataToWire(err.metadata ?? new Metadata()) } });
+        stream.send({
+          kind: 'trailers',
+          trailers: {
+            code: err.code,
+            message: err.message,
+            metadata: responseMetadataToWire(err.metadata ?? new Metadata()),
+          },
+        });
       } else {
         stream.send({ kind: 'headers', metadata: [] });
         responseBytes = response!.length;
@@ -89,7 +101,10 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
     };
 
     if (Number.isFinite(deadlineMs)) {
-      deadlineTimer = setTimeout(() => reply(new BurrowError(Status.DEADLINE_EXCEEDED, 'deadline exceeded while the agent was answering')), start.timeoutMs);
+      deadlineTimer = setTimeout(
+        () => reply(new BurrowError(Status.DEADLINE_EXCEEDED, 'deadline exceeded while the agent was answering')),
+        start.timeoutMs,
+      );
       deadlineTimer.unref();
     }
 
@@ -103,7 +118,12 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
               return;
             }
             if (frame.data.length > opts.maxMessageBytes) {
-              reply(new BurrowError(Status.RESOURCE_EXHAUSTED, `request message of ${frame.data.length} bytes is larger than ${opts.maxMessageBytes}`));
+              reply(
+                new BurrowError(
+                  Status.RESOURCE_EXHAUSTED,
+                  `request message of ${frame.data.length} bytes is larger than ${opts.maxMessageBytes}`,
+                ),
+              );
               return;
             }
             request = frame.data;
@@ -113,9 +133,21 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
               reply(new BurrowError(Status.INTERNAL, `${start.method} is unary but the request had no message`));
               return;
             }
-            handler(request, { metadata, deadlineMs, signal: abort.signal, callId: start.callId, caller: start.caller || undefined }).then(
-              (response) => { handlerDone = true; reply(undefined, response); },
-              (err: unknown) => { handlerDone = true; reply(toBurrowError(err, `${start.method} failed`)); },
+            handler(request, {
+              metadata,
+              deadlineMs,
+              signal: abort.signal,
+              callId: start.callId,
+              caller: start.caller || undefined,
+            }).then(
+              (response) => {
+                handlerDone = true;
+                reply(undefined, response);
+              },
+              (err: unknown) => {
+                handlerDone = true;
+                reply(toBurrowError(err, `${start.method} failed`));
+              },
             );
             return;
           case 'cancel':
@@ -125,7 +157,9 @@ export function answerLocally(stream: CallStream, start: StartFrame, handler: Lo
             return;
         }
       },
-      onDrain() { /* one small response: nothing waits for drain */ },
+      onDrain() {
+        /* one small response: nothing waits for drain */
+      },
       onClosed(error) {
         if (error) abandon(Status.UNAVAILABLE, `tunnel stream lost: ${error.message}`);
       },

@@ -9,18 +9,24 @@ export type LogFormat = 'json' | 'text';
  * terminal. Logs go to stderr so that a command's stdout stays parseable.
  */
 export function createLogger(opts: { level?: string; format?: LogFormat; component: string }): Logger {
-  const format = opts.format === 'text'
-    ? winston.format.combine(winston.format.timestamp(), winston.format.printf((i) => {
-      const { level, message, timestamp, component, ...rest } = i as Record<string, unknown>;
-      const extra = Object.keys(rest).length ? ' ' + JSON.stringify(rest) : '';
-      return `${String(timestamp)} ${String(level)} [${String(component)}] ${String(message)}${extra}`;
-    }))
-    : winston.format.combine(winston.format.timestamp(), winston.format.json());
+  const format =
+    opts.format === 'text'
+      ? winston.format.combine(
+          winston.format.timestamp(),
+          winston.format.printf((i) => {
+            const { level, message, timestamp, component, ...rest } = i as Record<string, unknown>;
+            const extra = Object.keys(rest).length ? ' ' + JSON.stringify(rest) : '';
+            return `${String(timestamp)} ${String(level)} [${String(component)}] ${String(message)}${extra}`;
+          }),
+        )
+      : winston.format.combine(winston.format.timestamp(), winston.format.json());
   return winston.createLogger({
     level: opts.level ?? 'info',
     defaultMeta: { component: opts.component },
     format,
-    transports: [new winston.transports.Console({ stderrLevels: ['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly'] })],
+    transports: [
+      new winston.transports.Console({ stderrLevels: ['error', 'warn', 'info', 'http', 'verbose', 'debug', 'silly'] }),
+    ],
   });
 }
 

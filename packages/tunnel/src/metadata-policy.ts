@@ -23,8 +23,15 @@ export const CALLING_AGENT_KEY = 'burrow-agent-id';
 export const CALLER_ID_KEY = 'burrow-caller-id';
 
 const REQUEST_HOP_KEYS = new Set([
-  'authorization', 'user-agent', 'host', 'te', 'content-type', 'connection', 'keep-alive',
-  'transfer-encoding', 'upgrade',
+  'authorization',
+  'user-agent',
+  'host',
+  'te',
+  'content-type',
+  'connection',
+  'keep-alive',
+  'transfer-encoding',
+  'upgrade',
 ]);
 const RESPONSE_HOP_KEYS = new Set(['content-type', 'te', 'connection', 'transfer-encoding']);
 const STATUS_DETAILS_KEY = 'grpc-status-details-bin';
@@ -45,12 +52,23 @@ export function normalizeMetadataKey(key: string): string | undefined {
 }
 
 function crossesAsRequest(key: string): boolean {
-  return !(key.startsWith(BURROW_PREFIX) || key.startsWith('grpc-') || key.startsWith('proxy-') || key.startsWith(':') || REQUEST_HOP_KEYS.has(key));
+  return !(
+    key.startsWith(BURROW_PREFIX) ||
+    key.startsWith('grpc-') ||
+    key.startsWith('proxy-') ||
+    key.startsWith(':') ||
+    REQUEST_HOP_KEYS.has(key)
+  );
 }
 
 function crossesAsResponse(key: string): boolean {
   if (key === STATUS_DETAILS_KEY) return true;
-  return !(key.startsWith(BURROW_PREFIX) || key.startsWith('grpc-') || key.startsWith(':') || RESPONSE_HOP_KEYS.has(key));
+  return !(
+    key.startsWith(BURROW_PREFIX) ||
+    key.startsWith('grpc-') ||
+    key.startsWith(':') ||
+    RESPONSE_HOP_KEYS.has(key)
+  );
 }
 
 function toWire(md: Metadata, crosses: (key: string) => boolean): WireMetadataEntry[] {

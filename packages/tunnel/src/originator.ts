@@ -20,7 +20,9 @@ export interface OriginateOptions {
  * `error`, as the client's status and as Cancel towards the far side. The broker cuts a caller's
  * calls when the caller's certificate is revoked or expires mid-call. A no-op once the call is over.
  */
-export interface CallCutter { cut?: (error: BurrowError) => void }
+export interface CallCutter {
+  cut?: (error: BurrowError) => void;
+}
 
 /**
  * Drives the originator end of one forwarded call: `client` is the call Burrow received from a real
@@ -28,7 +30,11 @@ export interface CallCutter { cut?: (error: BurrowError) => void }
  * never rejects. Backpressure runs both ways: the client is paused while the tunnel is full and the
  * tunnel is paused while the client is not reading.
  */
-export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: CallStream, opts: OriginateOptions): Promise<CallOutcome> {
+export function originate(
+  client: ServerDuplexStream<Buffer, Buffer>,
+  stream: CallStream,
+  opts: OriginateOptions,
+): Promise<CallOutcome> {
   return new Promise((resolve) => {
     let requestBytes = 0;
     let responseBytes = 0;
@@ -80,9 +86,16 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
             return; // originator frames never arrive here: CallStream rejects them
         }
       },
-      onDrain() { client.resume(); },
+      onDrain() {
+        client.resume();
+      },
       onClosed(error) {
-        if (error) complete(Status.UNAVAILABLE, `connection to ${opts.peerName} lost during the call: ${error.message}`, new Metadata());
+        if (error)
+          complete(
+            Status.UNAVAILABLE,
+            `connection to ${opts.peerName} lost during the call: ${error.message}`,
+            new Metadata(),
+          );
       },
       onProtocolError(error) {
         complete(Status.UNAVAILABLE, `${opts.peerName} broke the tunnel protocol: ${error.message}`, new Metadata());
@@ -92,7 +105,13 @@ export function originate(client: ServerDuplexStream<Buffer, Buffer>, stream: Ca
     const timeoutMs = Number.isFinite(deadlineMs) ? Math.max(1, deadlineMs - Date.now()) : 0;
     stream.send({
       kind: 'start',
-      start: { method: client.getPath(), metadata: requestMetadataToWire(client.metadata), timeoutMs, callId: opts.callId, caller: opts.caller },
+      start: {
+        method: client.getPath(),
+        metadata: requestMetadataToWire(client.metadata),
+        timeoutMs,
+        callId: opts.callId,
+        caller: opts.caller,
+      },
     });
 
     if (opts.cutter) {
@@ -154,7 +173,14 @@ export function originateUnary(req: UnaryRequest, stream: CallStream, opts: Orig
       if (timer) clearTimeout(timer);
       req.signal?.removeEventListener('abort', onAbort);
       stream.endCall();
-      resolve({ code, details, trailers, requestBytes: req.message.length, responseBytes: response?.length ?? 0, response: code === Status.OK ? response : undefined });
+      resolve({
+        code,
+        details,
+        trailers,
+        requestBytes: req.message.length,
+        responseBytes: response?.length ?? 0,
+        response: code === Status.OK ? response : undefined,
+      });
     };
     const cancel = (code: number, reason: string): void => {
       if (settled) return;
@@ -173,14 +199,23 @@ export function originateUnary(req: UnaryRequest, stream: CallStream, opts: Orig
           }
           response = frame.data;
         } else if (frame.kind === 'trailers') {
-          const code = frame.trailers.code === Status.OK && response === undefined ? Status.INTERNAL : frame.trailers.code;
-          const details = code !== frame.trailers.code ? `${opts.peerName} sent no response to unary ${req.method}` : frame.trailers.message;
+          const code =
+            frame.trailers.code === Status.OK && response === undefined ? Status.INTERNAL : frame.trailers.code;
+          const details =
+            code !== frame.trailers.code
+              ? `${opts.peerName} sent no response to unary ${req.method}`
+              : frame.trailers.message;
           settle(code, details, responseMetadataFromWire(frame.trailers.metadata));
         }
       },
       onDrain() {},
       onClosed(error) {
-        if (error) settle(Status.UNAVAILABLE, `connection to ${opts.peerName} lost during the call: ${error.message}`, new Metadata());
+        if (error)
+          settle(
+            Status.UNAVAILABLE,
+            `connection to ${opts.peerName} lost during the call: ${error.message}`,
+            new Metadata(),
+          );
       },
       onProtocolError(error) {
         settle(Status.UNAVAILABLE, `${opts.peerName} broke the tunnel protocol: ${error.message}`, new Metadata());
@@ -194,7 +229,16 @@ export function originateUnary(req: UnaryRequest, stream: CallStream, opts: Orig
       return;
     }
     req.signal?.addEventListener('abort', onAbort);
-    stream.send({ kind: 'start', start: { method: req.method, metadata: requestMetadataToWire(req.metadata), timeoutMs, callId: opts.callId, caller: opts.caller } });
+    stream.send({
+      kind: 'start',
+      start: {
+        method: req.method,
+        metadata: requestMetadataToWire(req.metadata),
+        timeoutMs,
+        callId: opts.callId,
+        caller: opts.caller,
+      },
+    });
     stream.send({ kind: 'message', data: req.message });
     stream.send({ kind: 'halfClose' });
   });

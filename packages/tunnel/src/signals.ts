@@ -6,7 +6,12 @@ import type { Logger } from './logger';
  * `start`: the "started" line is logged inside it, and a supervisor's SIGTERM sent on seeing it
  * must drain, not kill the process by Node's default action. A failing `start` goes to `onStartFailed`.
  */
-export async function runUntilSignalled(logger: Logger, start: () => Promise<unknown>, stop: () => Promise<void>, onStartFailed: (err: Error) => never): Promise<void> {
+export async function runUntilSignalled(
+  logger: Logger,
+  start: () => Promise<unknown>,
+  stop: () => Promise<void>,
+  onStartFailed: (err: Error) => never,
+): Promise<void> {
   let started: Promise<unknown> = Promise.resolve();
   let signals = 0;
   const shutdown = (signal: string): void => {
@@ -15,10 +20,15 @@ export async function runUntilSignalled(logger: Logger, start: () => Promise<unk
       process.exit(1);
     }
     logger.info('shutting down', { signal });
-    started.then(() => stop()).then(() => process.exit(0), (err: Error) => {
-      logger.error('shutdown failed', { error: err.message });
-      process.exit(1);
-    });
+    started
+      .then(() => stop())
+      .then(
+        () => process.exit(0),
+        (err: Error) => {
+          logger.error('shutdown failed', { error: err.message });
+          process.exit(1);
+        },
+      );
   };
   process.on('SIGTERM', () => shutdown('SIGTERM'));
   process.on('SIGINT', () => shutdown('SIGINT'));

@@ -1,7 +1,10 @@
 import { Client, credentials, type ChannelOptions } from '@grpc/grpc-js';
 
 /** One `SERVICE=HOST:PORT` route; `service` is a full service name or `*` for the default. */
-export interface UpstreamRoute { service: string; address: string }
+export interface UpstreamRoute {
+  service: string;
+  address: string;
+}
 
 /**
  * Parses `grpc.testing.TestService=127.0.0.1:50051` (or `*=host:port`). Throws with a message
@@ -15,7 +18,10 @@ export function parseUpstreamRoute(text: string): UpstreamRoute {
   if (service !== '*' && !/^[A-Za-z_][\w]*(\.[A-Za-z_][\w]*)*$/.test(service)) {
     throw new Error(`"${service}" is not a full gRPC service name (like pkg.Service) or *`);
   }
-  if (!/^(\[[0-9a-fA-F:.]+\]|[^:\s[\]]+):\d{1,5}$/.test(address) || Number(address.slice(address.lastIndexOf(':') + 1)) > 65535) {
+  if (
+    !/^(\[[0-9a-fA-F:.]+\]|[^:\s[\]]+):\d{1,5}$/.test(address) ||
+    Number(address.slice(address.lastIndexOf(':') + 1)) > 65535
+  ) {
     throw new Error(`"${address}" is not HOST:PORT`);
   }
   return { service, address };
@@ -36,14 +42,21 @@ export class UpstreamTable {
   private readonly byService = new Map<string, string>();
   private readonly clients = new Map<string, Client>();
 
-  constructor(routes: readonly UpstreamRoute[], private readonly channelOptions: ChannelOptions) {
+  constructor(
+    routes: readonly UpstreamRoute[],
+    private readonly channelOptions: ChannelOptions,
+  ) {
     for (const r of routes) this.byService.set(r.service, r.address);
   }
 
-  get size(): number { return this.byService.size; }
+  get size(): number {
+    return this.byService.size;
+  }
 
   /** True when `service` has a route of its own (the default route `*` does not count). */
-  hasRoute(service: string): boolean { return this.byService.has(service); }
+  hasRoute(service: string): boolean {
+    return this.byService.has(service);
+  }
 
   /** The client for the service of `method`, or undefined when no route (not even `*`) matches. */
   clientFor(method: string): Client | undefined {

@@ -9,36 +9,68 @@ import { MAX_CLOCK_SKEW_MS, TOKEN_VERIFIER_DEFAULTS, httpUrl, type TokenVerifier
  * given without a key source is a mistake to report, and defaults would hide which flags were set.
  */
 export const AUTHN_RUN_OPTIONS = {
-  jwks: { type: 'string', describe: 'JWKS file of the site\'s token signing keys (air-gapped sites); reloaded when it changes' },
-  'jwks-url': { type: 'string', describe: 'HTTP(S) URL of the site\'s JWKS; fetched at start, on unknown key ids (at most every 30s) and every 10m' },
-  'token-issuer': { type: 'string', array: true, describe: 'accepted token issuer (`iss`, exact match; repeatable or comma-separated); required with --jwks, --jwks-url or --introspection-url' },
-  'token-audience': { type: 'string', array: true, describe: 'audience checked when an Authenticate request names none (repeatable or comma-separated)' },
+  jwks: {
+    type: 'string',
+    describe: "JWKS file of the site's token signing keys (air-gapped sites); reloaded when it changes",
+  },
+  'jwks-url': {
+    type: 'string',
+    describe: "HTTP(S) URL of the site's JWKS; fetched at start, on unknown key ids (at most every 30s) and every 10m",
+  },
+  'token-issuer': {
+    type: 'string',
+    array: true,
+    describe:
+      'accepted token issuer (`iss`, exact match; repeatable or comma-separated); required with --jwks, --jwks-url or --introspection-url',
+  },
+  'token-audience': {
+    type: 'string',
+    array: true,
+    describe: 'audience checked when an Authenticate request names none (repeatable or comma-separated)',
+  },
   'token-allowed-audience': {
-    type: 'string', array: true,
+    type: 'string',
+    array: true,
     describe: 'the only audiences accepted, whatever a request names (repeatable or comma-separated; default any)',
   },
   'token-allow-without-exp': {
-    type: 'boolean', describe: 'accept JWTs that carry no exp claim and so never expire (default false: refused)',
+    type: 'boolean',
+    describe: 'accept JWTs that carry no exp claim and so never expire (default false: refused)',
   },
-  'token-algorithms': { type: 'string', describe: `allowed JWS algorithms, comma-separated (default ${DEFAULT_TOKEN_ALGORITHMS.join(',')}; none and HS* are refused)` },
+  'token-algorithms': {
+    type: 'string',
+    describe: `allowed JWS algorithms, comma-separated (default ${DEFAULT_TOKEN_ALGORITHMS.join(',')}; none and HS* are refused)`,
+  },
   'token-clock-skew': { type: 'string', describe: 'tolerance for exp and nbf, at most 5m (default 60s)' },
-  'token-groups-claim': { type: 'string', describe: 'claim holding the caller\'s groups; a dotted path reaches into objects (default groups)' },
+  'token-groups-claim': {
+    type: 'string',
+    describe: "claim holding the caller's groups; a dotted path reaches into objects (default groups)",
+  },
   'token-required-claims': {
     type: 'string',
     describe: 'claims every token must carry besides iss, aud and (JWTs) exp, comma-separated, e.g. sub (default none)',
   },
   'introspection-url': { type: 'string', describe: 'RFC 7662 endpoint that judges opaque (non-JWT) tokens' },
-  'introspection-client-id': { type: 'string', describe: 'the agent\'s client id at the introspection endpoint' },
-  'introspection-client-secret-file': { type: 'string', describe: 'file holding the agent\'s client secret at the introspection endpoint' },
+  'introspection-client-id': { type: 'string', describe: "the agent's client id at the introspection endpoint" },
+  'introspection-client-secret-file': {
+    type: 'string',
+    describe: "file holding the agent's client secret at the introspection endpoint",
+  },
   'introspection-timeout': { type: 'string', describe: 'timeout of one introspection request (default 5s)' },
-  'introspection-cache-ttl': { type: 'string', describe: 'how long an active answer is reused, never past the token\'s exp; 0 turns caching off (default 30s)' },
+  'introspection-cache-ttl': {
+    type: 'string',
+    describe: "how long an active answer is reused, never past the token's exp; 0 turns caching off (default 30s)",
+  },
 } as const;
 
 const SOURCE_FLAGS = ['jwks', 'jwks-url', 'introspection-url'];
 
 /** Comma-separated and repeated values, as one list without empties. */
 function listOf(value: unknown): string[] {
-  return asList(value).flatMap((v) => v.split(',')).map((v) => v.trim()).filter((v) => v !== '');
+  return asList(value)
+    .flatMap((v) => v.split(','))
+    .map((v) => v.trim())
+    .filter((v) => v !== '');
 }
 
 function given(args: Record<string, unknown>, flag: string): boolean {
@@ -57,15 +89,22 @@ export function authnConfigFromArgs(args: Record<string, unknown>): TokenVerifie
     if (stray) throw new ConfigError(stray, 'has no effect without --jwks, --jwks-url or --introspection-url');
     return undefined;
   }
-  if (given(args, 'jwks') && given(args, 'jwks-url')) throw new ConfigError('jwks-url', 'cannot be combined with --jwks: name one key source');
+  if (given(args, 'jwks') && given(args, 'jwks-url'))
+    throw new ConfigError('jwks-url', 'cannot be combined with --jwks: name one key source');
   const issuers = listOf(args['token-issuer']);
-  if (issuers.length === 0) throw new ConfigError('token-issuer', 'is required with --jwks, --jwks-url or --introspection-url (the accepted iss value)');
+  if (issuers.length === 0)
+    throw new ConfigError(
+      'token-issuer',
+      'is required with --jwks, --jwks-url or --introspection-url (the accepted iss value)',
+    );
   const settings: TokenVerifierSettings = {
     issuers,
     audiences: listOf(args['token-audience']),
     allowedAudiences: listOf(args['token-allowed-audience']),
     allowTokensWithoutExp: args['token-allow-without-exp'] === true,
-    algorithms: given(args, 'token-algorithms') ? parseTokenAlgorithms('token-algorithms', String(args['token-algorithms'])) : [...DEFAULT_TOKEN_ALGORITHMS],
+    algorithms: given(args, 'token-algorithms')
+      ? parseTokenAlgorithms('token-algorithms', String(args['token-algorithms']))
+      : [...DEFAULT_TOKEN_ALGORITHMS],
     clockSkewMs: TOKEN_VERIFIER_DEFAULTS.clockSkewMs,
     groupsClaim: TOKEN_VERIFIER_DEFAULTS.groupsClaim,
     requiredClaims: listOf(args['token-required-claims']),
@@ -79,27 +118,40 @@ export function authnConfigFromArgs(args: Record<string, unknown>): TokenVerifie
   if (given(args, 'jwks-url')) settings.jwksUrl = httpUrl('jwks-url', String(args['jwks-url'])).href;
   if (given(args, 'token-clock-skew')) {
     settings.clockSkewMs = parseDurationMs('token-clock-skew', args['token-clock-skew']);
-    if (settings.clockSkewMs > MAX_CLOCK_SKEW_MS) throw new ConfigError('token-clock-skew', `${String(args['token-clock-skew'])} is more than the 5m allowed`);
+    if (settings.clockSkewMs > MAX_CLOCK_SKEW_MS)
+      throw new ConfigError('token-clock-skew', `${String(args['token-clock-skew'])} is more than the 5m allowed`);
   }
   if (given(args, 'token-groups-claim')) {
     settings.groupsClaim = String(args['token-groups-claim']).trim();
     if (settings.groupsClaim === '') throw new ConfigError('token-groups-claim', 'must not be empty');
   }
   if (given(args, 'introspection-url')) {
-    const secretFile = given(args, 'introspection-client-secret-file') ? requireReadableFile('introspection-client-secret-file', args['introspection-client-secret-file']) : undefined;
+    const secretFile = given(args, 'introspection-client-secret-file')
+      ? requireReadableFile('introspection-client-secret-file', args['introspection-client-secret-file'])
+      : undefined;
     const clientId = given(args, 'introspection-client-id') ? String(args['introspection-client-id']) : undefined;
-    if (secretFile && !clientId) throw new ConfigError('introspection-client-id', 'is required with --introspection-client-secret-file');
-    const timeoutMs = given(args, 'introspection-timeout') ? parseDurationMs('introspection-timeout', args['introspection-timeout']) : INTROSPECTION_DEFAULTS.timeoutMs;
+    if (secretFile && !clientId)
+      throw new ConfigError('introspection-client-id', 'is required with --introspection-client-secret-file');
+    const timeoutMs = given(args, 'introspection-timeout')
+      ? parseDurationMs('introspection-timeout', args['introspection-timeout'])
+      : INTROSPECTION_DEFAULTS.timeoutMs;
     if (timeoutMs < 1 || timeoutMs > 60_000) throw new ConfigError('introspection-timeout', 'must be from 1ms to 1m');
     settings.introspection = {
       url: httpUrl('introspection-url', String(args['introspection-url'])).href,
       clientId,
       clientSecretFile: secretFile,
       timeoutMs,
-      cacheTtlMs: given(args, 'introspection-cache-ttl') ? parseDurationMs('introspection-cache-ttl', args['introspection-cache-ttl']) : INTROSPECTION_DEFAULTS.cacheTtlMs,
+      cacheTtlMs: given(args, 'introspection-cache-ttl')
+        ? parseDurationMs('introspection-cache-ttl', args['introspection-cache-ttl'])
+        : INTROSPECTION_DEFAULTS.cacheTtlMs,
     };
   } else {
-    const stray = ['introspection-client-id', 'introspection-client-secret-file', 'introspection-timeout', 'introspection-cache-ttl'].find((f) => given(args, f));
+    const stray = [
+      'introspection-client-id',
+      'introspection-client-secret-file',
+      'introspection-timeout',
+      'introspection-cache-ttl',
+    ].find((f) => given(args, f));
     if (stray) throw new ConfigError(stray, 'has no effect without --introspection-url');
   }
   return settings;

@@ -22,7 +22,10 @@ export interface HttpResponse {
 
 /** A request that got no usable answer: refused, timed out, too large, cut off. */
 export class HttpRequestError extends Error {
-  constructor(message: string, readonly errno?: string) {
+  constructor(
+    message: string,
+    readonly errno?: string,
+  ) {
     super(message);
   }
 }
@@ -60,23 +63,38 @@ export class HttpClient {
       };
       const headers: Record<string, string> = { ...req.headers };
       if (req.body !== undefined) headers['content-length'] = String(Buffer.byteLength(req.body));
-      const outgoing = send(req.url, { method: req.method, headers, agent: secure ? this.httpsAgent : this.httpAgent }, (incoming) => {
-        const chunks: Buffer[] = [];
-        let size = 0;
-        incoming.on('data', (chunk: Buffer) => {
-          size += chunk.length;
-          if (size > req.maxBodyBytes) {
-            incoming.destroy();
-            finish(new HttpRequestError(`answer larger than ${req.maxBodyBytes} bytes`));
-            return;
-          }
-          chunks.push(chunk);
-        });
-        incoming.on('end', () => finish(undefined, { status: incoming.statusCode ?? 0, contentType: String(incoming.headers['content-type'] ?? ''), body: Buffer.concat(chunks) }));
-        incoming.on('error', (err: NodeJS.ErrnoException) => finish(new HttpRequestError(`answer cut off: ${err.message}`, err.code)));
-        incoming.on('aborted', () => finish(new HttpRequestError('answer cut off')));
-      });
-      const timer = setTimeout(() => finish(new HttpRequestError(`no answer within ${req.timeoutMs} ms`, 'ETIMEDOUT')), req.timeoutMs);
+      const outgoing = send(
+        req.url,
+        { method: req.method, headers, agent: secure ? this.httpsAgent : this.httpAgent },
+        (incoming) => {
+          const chunks: Buffer[] = [];
+          let size = 0;
+          incoming.on('data', (chunk: Buffer) => {
+            size += chunk.length;
+            if (size > req.maxBodyBytes) {
+              incoming.destroy();
+              finish(new HttpRequestError(`answer larger than ${req.maxBodyBytes} bytes`));
+              return;
+            }
+            chunks.push(chunk);
+          });
+          incoming.on('end', () =>
+            finish(undefined, {
+              status: incoming.statusCode ?? 0,
+              contentType: String(incoming.headers['content-type'] ?? ''),
+              body: Buffer.concat(chunks),
+            }),
+          );
+          incoming.on('error', (err: NodeJS.ErrnoException) =>
+            finish(new HttpRequestError(`answer cut off: ${err.message}`, err.code)),
+          );
+          incoming.on('aborted', () => finish(new HttpRequestError('answer cut off')));
+        },
+      );
+      const timer = setTimeout(
+        () => finish(new HttpRequestError(`no answer within ${req.timeoutMs} ms`, 'ETIMEDOUT')),
+        req.timeoutMs,
+      );
       outgoing.on('error', (err: NodeJS.ErrnoException) => finish(new HttpRequestError(err.message, err.code)));
       outgoing.end(req.body);
     });

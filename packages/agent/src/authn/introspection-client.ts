@@ -41,7 +41,12 @@ export class IntrospectionClient {
   private readonly cache = new Map<string, { answer: IntrospectionAnswer; untilMs: number }>();
 
   /** Throws an Error naming the option when `options` cannot work (bad URL, unreadable secret). */
-  constructor(options: IntrospectionOptions, clientSecret: string | undefined, private readonly http: HttpClient, private readonly clock: () => number) {
+  constructor(
+    options: IntrospectionOptions,
+    clientSecret: string | undefined,
+    private readonly http: HttpClient,
+    private readonly clock: () => number,
+  ) {
     this.url = new URL(options.url);
     this.timeoutMs = options.timeoutMs ?? INTROSPECTION_DEFAULTS.timeoutMs;
     this.cacheTtlMs = options.cacheTtlMs ?? INTROSPECTION_DEFAULTS.cacheTtlMs;
@@ -49,7 +54,9 @@ export class IntrospectionClient {
     this.headers = { 'content-type': 'application/x-www-form-urlencoded', accept: 'application/json' };
     if (options.clientId !== undefined && clientSecret !== undefined) {
       // RFC 6749 2.3.1: both parts are form-encoded before they are joined and base64-encoded.
-      const basic = Buffer.from(`${encodeURIComponent(options.clientId)}:${encodeURIComponent(clientSecret)}`).toString('base64');
+      const basic = Buffer.from(`${encodeURIComponent(options.clientId)}:${encodeURIComponent(clientSecret)}`).toString(
+        'base64',
+      );
       this.headers.authorization = `Basic ${basic}`;
     }
     this.formClientId = clientSecret === undefined ? options.clientId : undefined;
@@ -76,22 +83,44 @@ export class IntrospectionClient {
     if (this.formClientId !== undefined) form.set('client_id', this.formClientId);
     let res;
     try {
-      res = await this.http.request({ method: 'POST', url: this.url, headers: this.headers, body: form.toString(), timeoutMs: this.timeoutMs, maxBodyBytes: MAX_ANSWER_BYTES });
+      res = await this.http.request({
+        method: 'POST',
+        url: this.url,
+        headers: this.headers,
+        body: form.toString(),
+        timeoutMs: this.timeoutMs,
+        maxBodyBytes: MAX_ANSWER_BYTES,
+      });
     } catch (err) {
-      throw new BurrowError(Status.UNAVAILABLE, `introspection endpoint ${this.url.href} cannot be reached: ${(err as HttpRequestError).message}`, err);
+      throw new BurrowError(
+        Status.UNAVAILABLE,
+        `introspection endpoint ${this.url.href} cannot be reached: ${(err as HttpRequestError).message}`,
+        err,
+      );
     }
     if (res.status === 401 || res.status === 403) {
-      throw new BurrowError(Status.FAILED_PRECONDITION, `introspection endpoint ${this.url.href} refused the agent's client credentials (HTTP ${res.status})`);
+      throw new BurrowError(
+        Status.FAILED_PRECONDITION,
+        `introspection endpoint ${this.url.href} refused the agent's client credentials (HTTP ${res.status})`,
+      );
     }
-    if (res.status !== 200) throw new BurrowError(Status.UNAVAILABLE, `introspection endpoint ${this.url.href} failed: HTTP ${res.status}`);
+    if (res.status !== 200)
+      throw new BurrowError(Status.UNAVAILABLE, `introspection endpoint ${this.url.href} failed: HTTP ${res.status}`);
     let answer: unknown;
     try {
       answer = JSON.parse(res.body.toString('utf8'));
     } catch (err) {
-      throw new BurrowError(Status.UNAVAILABLE, `introspection endpoint ${this.url.href} answered with something that is not JSON`, err);
+      throw new BurrowError(
+        Status.UNAVAILABLE,
+        `introspection endpoint ${this.url.href} answered with something that is not JSON`,
+        err,
+      );
     }
     if (typeof answer !== 'object' || answer === null || typeof (answer as { active?: unknown }).active !== 'boolean') {
-      throw new BurrowError(Status.UNAVAILABLE, `introspection endpoint ${this.url.href} answered without a boolean "active"`);
+      throw new BurrowError(
+        Status.UNAVAILABLE,
+        `introspection endpoint ${this.url.href} answered without a boolean "active"`,
+      );
     }
     const result = answer as IntrospectionAnswer;
     if (result.active) this.remember(key, result, now);

@@ -28,7 +28,8 @@ export class JwksFileLoader implements JwksLoader {
     } catch (err) {
       throw new Error(`cannot read ${this.file}: ${(err as NodeJS.ErrnoException).code ?? (err as Error).message}`);
     }
-    if (bytes.length > MAX_JWKS_BYTES) throw new Error(`${this.file} is ${bytes.length} bytes, larger than a JWKS can be (${MAX_JWKS_BYTES})`);
+    if (bytes.length > MAX_JWKS_BYTES)
+      throw new Error(`${this.file} is ${bytes.length} bytes, larger than a JWKS can be (${MAX_JWKS_BYTES})`);
     return bytes;
   }
 

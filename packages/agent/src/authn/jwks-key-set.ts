@@ -46,7 +46,8 @@ export class JwksKeySet {
     const skipped: string[] = [];
     (doc as { keys: unknown[] }).keys.forEach((candidate, index) => {
       const problem = unusableBecause(candidate);
-      const name = typeof (candidate as JWK | null)?.kid === 'string' ? `kid "${(candidate as JWK).kid}"` : `key #${index}`;
+      const name =
+        typeof (candidate as JWK | null)?.kid === 'string' ? `kid "${(candidate as JWK).kid}"` : `key #${index}`;
       if (problem) skipped.push(`${name}: ${problem}`);
       else usable.push(candidate as JWK);
     });
@@ -65,7 +66,8 @@ function unusableBecause(jwk: unknown): string | undefined {
   try {
     const parsed = createPublicKey({ key: key as import('node:crypto').JsonWebKey, format: 'jwk' });
     const bits = parsed.asymmetricKeyDetails?.modulusLength;
-    if (bits !== undefined && bits < MIN_RSA_BITS) return `RSA key of ${bits} bits; at least ${MIN_RSA_BITS} are required`;
+    if (bits !== undefined && bits < MIN_RSA_BITS)
+      return `RSA key of ${bits} bits; at least ${MIN_RSA_BITS} are required`;
   } catch (err) {
     return `not a usable public key (${(err as Error).message})`;
   }

@@ -120,9 +120,16 @@ export class JwksSource extends EventEmitter {
       if (this.closed) return false;
       this.lastError = (err as Error).message;
       this.metrics.jwksRefreshes.inc({ result: 'failed' });
-      this.logger.warn('cannot load the token signing keys; keeping the last good ones', { source: this.loader.description, why, error: this.lastError, keys: this.current?.count ?? 0 });
+      this.logger.warn('cannot load the token signing keys; keeping the last good ones', {
+        source: this.loader.description,
+        why,
+        error: this.lastError,
+        keys: this.current?.count ?? 0,
+      });
       // Without any keys every token fails, so try again soon rather than after maxAgeMs.
-      this.schedule(this.current ? this.options.maxAgeMs : Math.min(this.options.refreshMinIntervalMs, this.options.maxAgeMs));
+      this.schedule(
+        this.current ? this.options.maxAgeMs : Math.min(this.options.refreshMinIntervalMs, this.options.maxAgeMs),
+      );
       this.emit('failed', err);
       return false;
     }
@@ -136,8 +143,16 @@ export class JwksSource extends EventEmitter {
     }
     this.current = next;
     this.metrics.jwksKeys.set(next.count);
-    this.logger.info('token signing keys loaded', { source: this.loader.description, why, keys: next.count, skipped: next.skipped.length ? next.skipped : undefined });
-    if (next.count === 0) this.logger.warn('the JWKS holds no usable key; every token will be refused', { source: this.loader.description });
+    this.logger.info('token signing keys loaded', {
+      source: this.loader.description,
+      why,
+      keys: next.count,
+      skipped: next.skipped.length ? next.skipped : undefined,
+    });
+    if (next.count === 0)
+      this.logger.warn('the JWKS holds no usable key; every token will be refused', {
+        source: this.loader.description,
+      });
     this.emit('keys', next);
     return true;
   }

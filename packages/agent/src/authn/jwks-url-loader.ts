@@ -9,14 +9,24 @@ import type { JwksLoader } from './jwks-source';
 export class JwksUrlLoader implements JwksLoader {
   readonly description: string;
 
-  constructor(private readonly url: URL, private readonly http: HttpClient, private readonly timeoutMs: number) {
+  constructor(
+    private readonly url: URL,
+    private readonly http: HttpClient,
+    private readonly timeoutMs: number,
+  ) {
     this.description = `jwks-url ${url.href}`;
   }
 
   async load(): Promise<Buffer> {
     let res;
     try {
-      res = await this.http.request({ method: 'GET', url: this.url, headers: { accept: 'application/jwk-set+json, application/json' }, timeoutMs: this.timeoutMs, maxBodyBytes: MAX_JWKS_BYTES });
+      res = await this.http.request({
+        method: 'GET',
+        url: this.url,
+        headers: { accept: 'application/jwk-set+json, application/json' },
+        timeoutMs: this.timeoutMs,
+        maxBodyBytes: MAX_JWKS_BYTES,
+      });
     } catch (err) {
       throw new Error(`GET ${this.url.href}: ${(err as HttpRequestError).message}`);
     }

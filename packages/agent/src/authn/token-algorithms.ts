@@ -5,7 +5,17 @@ import { ConfigError } from '@burrow/tunnel';
  * providers sign with. ES512 and Ed25519 may be configured; they are off by default because few
  * providers issue them.
  */
-export const DEFAULT_TOKEN_ALGORITHMS: readonly string[] = ['RS256', 'RS384', 'RS512', 'PS256', 'PS384', 'PS512', 'ES256', 'ES384', 'EdDSA'];
+export const DEFAULT_TOKEN_ALGORITHMS: readonly string[] = [
+  'RS256',
+  'RS384',
+  'RS512',
+  'PS256',
+  'PS384',
+  'PS512',
+  'ES256',
+  'ES384',
+  'EdDSA',
+];
 
 /** Every algorithm that may be configured: asymmetric signatures only. */
 export const SUPPORTED_TOKEN_ALGORITHMS: readonly string[] = [...DEFAULT_TOKEN_ALGORITHMS, 'ES512', 'Ed25519'];
@@ -21,9 +31,13 @@ export function parseTokenAlgorithms(field: string, value: string | readonly str
   if (list.length === 0) throw new ConfigError(field, 'names no algorithm');
   for (const alg of list) {
     if (alg.toLowerCase() === 'none' || /^HS\d+$/i.test(alg)) {
-      throw new ConfigError(field, `${alg} is refused: tokens must be signed with a private key and verified with a public one`);
+      throw new ConfigError(
+        field,
+        `${alg} is refused: tokens must be signed with a private key and verified with a public one`,
+      );
     }
-    if (!SUPPORTED_TOKEN_ALGORITHMS.includes(alg)) throw new ConfigError(field, `"${alg}" is not one of ${SUPPORTED_TOKEN_ALGORITHMS.join(', ')}`);
+    if (!SUPPORTED_TOKEN_ALGORITHMS.includes(alg))
+      throw new ConfigError(field, `"${alg}" is not one of ${SUPPORTED_TOKEN_ALGORITHMS.join(', ')}`);
   }
   return [...new Set(list)];
 }

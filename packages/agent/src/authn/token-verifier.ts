@@ -125,15 +125,20 @@ export class TokenVerifier extends EventEmitter {
   private readonly keySource: JwksSource | undefined;
   private readonly introspection: IntrospectionClient | undefined;
 
-  private constructor(private readonly jose: JoseModule, options: TokenVerifierOptions) {
+  private constructor(
+    private readonly jose: JoseModule,
+    options: TokenVerifierOptions,
+  ) {
     super();
     this.logger = options.logger ?? silentLogger();
     this.clock = options.clock ?? Date.now;
     this.metrics = new AuthnMetrics(options.registry ?? new Registry());
     const configured = Boolean(options.jwksFile || options.jwksUrl || options.introspection);
-    if (options.jwksFile && options.jwksUrl) throw new ConfigError('jwksUrl', 'cannot be combined with jwksFile: name one key source');
+    if (options.jwksFile && options.jwksUrl)
+      throw new ConfigError('jwksUrl', 'cannot be combined with jwksFile: name one key source');
     this.issuers = (options.issuers ?? []).filter((i) => i !== '');
-    if (configured && this.issuers.length === 0) throw new ConfigError('issuers', 'name at least one accepted token issuer');
+    if (configured && this.issuers.length === 0)
+      throw new ConfigError('issuers', 'name at least one accepted token issuer');
     this.audiences = (options.audiences ?? []).filter((a) => a !== '');
     this.allowedAudiences = (options.allowedAudiences ?? []).filter((a) => a !== '');
     const stray = this.audiences.find((a) => this.allowedAudiences.length > 0 && !this.allowedAudiences.includes(a));
@@ -143,7 +148,8 @@ export class TokenVerifier extends EventEmitter {
     }
     this.algorithms = parseTokenAlgorithms('algorithms', options.algorithms ?? DEFAULT_TOKEN_ALGORITHMS);
     this.clockSkewMs = options.clockSkewMs ?? TOKEN_VERIFIER_DEFAULTS.clockSkewMs;
-    if (!(this.clockSkewMs >= 0 && this.clockSkewMs <= MAX_CLOCK_SKEW_MS)) throw new ConfigError('clockSkewMs', `must be from 0 to ${MAX_CLOCK_SKEW_MS} ms`);
+    if (!(this.clockSkewMs >= 0 && this.clockSkewMs <= MAX_CLOCK_SKEW_MS))
+      throw new ConfigError('clockSkewMs', `must be from 0 to ${MAX_CLOCK_SKEW_MS} ms`);
     this.groupsPath = options.groupsClaim ?? TOKEN_VERIFIER_DEFAULTS.groupsClaim;
     if (this.groupsPath === '') throw new ConfigError('groupsClaim', 'must not be empty');
     this.requiredClaims = options.requiredClaims ?? [];
@@ -161,15 +167,27 @@ export class TokenVerifier extends EventEmitter {
       this.keySource = new JwksSource(jose, new JwksFileLoader(options.jwksFile), timing, this.metrics, this.logger);
     } else if (options.jwksUrl) {
       const url = httpUrl('jwksUrl', options.jwksUrl);
-      this.keySource = new JwksSource(jose, new JwksUrlLoader(url, this.http, options.jwksTimeoutMs ?? TOKEN_VERIFIER_DEFAULTS.jwksTimeoutMs), timing, this.metrics, this.logger);
+      this.keySource = new JwksSource(
+        jose,
+        new JwksUrlLoader(url, this.http, options.jwksTimeoutMs ?? TOKEN_VERIFIER_DEFAULTS.jwksTimeoutMs),
+        timing,
+        this.metrics,
+        this.logger,
+      );
     }
     this.keySource?.on('keys', (set: JwksKeySet) => this.emit('keys', set));
     this.keySource?.on('failed', (err: Error) => this.emit('jwks-failed', err));
     if (options.introspection) {
       const intro = options.introspection;
       httpUrl('introspection.url', intro.url);
-      if (intro.clientSecretFile !== undefined && intro.clientId === undefined) throw new ConfigError('introspection.clientId', 'is required with a client secret');
-      this.introspection = new IntrospectionClient(intro, intro.clientSecretFile === undefined ? undefined : readSecret(intro.clientSecretFile), this.http, this.clock);
+      if (intro.clientSecretFile !== undefined && intro.clientId === undefined)
+        throw new ConfigError('introspection.clientId', 'is required with a client secret');
+      this.introspection = new IntrospectionClient(
+        intro,
+        intro.clientSecretFile === undefined ? undefined : readSecret(intro.clientSecretFile),
+        this.http,
+        this.clock,
+      );
     }
   }
 
@@ -239,9 +257,13 @@ export class TokenVerifier extends EventEmitter {
   private async judge(token: string, audience: string): Promise<AuthenticationResult | TokenRefusal> {
     if (typeof token !== 'string' || token === '') throw new BurrowError(Status.INVALID_ARGUMENT, 'token is empty');
     const bytes = Buffer.byteLength(token, 'utf8');
-    if (bytes > this.maxTokenBytes) throw new BurrowError(Status.INVALID_ARGUMENT, `token is ${bytes} bytes; the limit is ${this.maxTokenBytes}`);
+    if (bytes > this.maxTokenBytes)
+      throw new BurrowError(Status.INVALID_ARGUMENT, `token is ${bytes} bytes; the limit is ${this.maxTokenBytes}`);
     if (!this.keySource && !this.introspection) {
-      throw new BurrowError(Status.FAILED_PRECONDITION, 'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url');
+      throw new BurrowError(
+        Status.FAILED_PRECONDITION,
+        'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url',
+      );
     }
     if (audience !== '' && this.allowedAudiences.length > 0 && !this.allowedAudiences.includes(audience)) {
       // The caller must not pick an audience the site did not pin: a token minted for another site
@@ -255,26 +277,41 @@ export class TokenVerifier extends EventEmitter {
     if (audiences.length === 0) {
       // Accepting a token meant for any audience would let a token issued to one site service be
       // replayed against another; refuse to judge rather than skip the check.
-      throw new BurrowError(Status.FAILED_PRECONDITION, 'no audience to check: the request names none and the agent has no --token-audience');
+      throw new BurrowError(
+        Status.FAILED_PRECONDITION,
+        'no audience to check: the request names none and the agent has no --token-audience',
+      );
     }
     const parts = token.split('.');
     if (parts.length === 3 && this.keySource) {
       // jose checks the signature before it decodes the payload, so a payload that is not base64url
       // would be reported as a bad signature; it is a malformed token, and cheaper to say so first.
       const bad = parts.findIndex((p, i) => !BASE64URL.test(p) || (p === '' && i < 2));
-      if (bad >= 0) return new TokenRefusal('malformed', `the ${['header', 'payload', 'signature'][bad]} is not base64url`);
+      if (bad >= 0)
+        return new TokenRefusal('malformed', `the ${['header', 'payload', 'signature'][bad]} is not base64url`);
       return this.verifyJwt(this.keySource, token, audiences);
     }
     if (this.introspection) return this.judgeIntrospected(this.introspection, token, audiences);
-    return new TokenRefusal('malformed', `not a compact JWS (${parts.length} dot-separated parts, expected 3) and no introspection endpoint is configured`);
+    return new TokenRefusal(
+      'malformed',
+      `not a compact JWS (${parts.length} dot-separated parts, expected 3) and no introspection endpoint is configured`,
+    );
   }
 
-  private async verifyJwt(source: JwksSource, token: string, audiences: string[]): Promise<AuthenticationResult | TokenRefusal> {
+  private async verifyJwt(
+    source: JwksSource,
+    token: string,
+    audiences: string[],
+  ): Promise<AuthenticationResult | TokenRefusal> {
     let keys = source.keys();
     if (!keys) {
       await source.refreshForUnknownKey();
       keys = source.keys();
-      if (!keys) throw new BurrowError(Status.UNAVAILABLE, `no token signing keys: ${source.description}: ${source.lastError ?? 'not loaded yet'}`);
+      if (!keys)
+        throw new BurrowError(
+          Status.UNAVAILABLE,
+          `no token signing keys: ${source.description}: ${source.lastError ?? 'not loaded yet'}`,
+        );
     }
     const options: JWTVerifyOptions = {
       issuer: this.issuers,
@@ -297,7 +334,11 @@ export class TokenVerifier extends EventEmitter {
   }
 
   /** One verification against one key set; a verdict, never a rejection, for the token's faults. */
-  private async verifyWithKeys(keys: JwksKeySet, token: string, options: JWTVerifyOptions): Promise<JWTPayload | TokenRefusal> {
+  private async verifyWithKeys(
+    keys: JwksKeySet,
+    token: string,
+    options: JWTVerifyOptions,
+  ): Promise<JWTPayload | TokenRefusal> {
     try {
       return (await this.jose.jwtVerify(token, keys.lookup, options)).payload;
     } catch (err) {
@@ -309,12 +350,17 @@ export class TokenVerifier extends EventEmitter {
     }
   }
 
-  private async verifyWithEach(candidates: AsyncIterable<VerifyKey>, token: string, options: JWTVerifyOptions): Promise<JWTPayload | TokenRefusal> {
+  private async verifyWithEach(
+    candidates: AsyncIterable<VerifyKey>,
+    token: string,
+    options: JWTVerifyOptions,
+  ): Promise<JWTPayload | TokenRefusal> {
     for await (const key of candidates) {
       try {
         return (await this.jose.jwtVerify(token, key, options)).payload;
       } catch (err) {
-        if ((err as { code?: string }).code !== 'ERR_JWS_SIGNATURE_VERIFICATION_FAILED') return this.refusalOrThrow(err, options);
+        if ((err as { code?: string }).code !== 'ERR_JWS_SIGNATURE_VERIFICATION_FAILED')
+          return this.refusalOrThrow(err, options);
       }
     }
     return new TokenRefusal('signature', 'signature verification failed with every candidate key');
@@ -331,11 +377,15 @@ export class TokenVerifier extends EventEmitter {
       const header = this.jose.decodeProtectedHeader(token);
       return `no key in the site's key set matches ${header.kid === undefined ? 'a token without kid' : `kid "${String(header.kid)}"`} for ${String(header.alg)}`;
     } catch {
-      return 'no key in the site\'s key set matches the token';
+      return "no key in the site's key set matches the token";
     }
   }
 
-  private judgeIntrospected(client: IntrospectionClient, token: string, audiences: string[]): Promise<AuthenticationResult | TokenRefusal> {
+  private judgeIntrospected(
+    client: IntrospectionClient,
+    token: string,
+    audiences: string[],
+  ): Promise<AuthenticationResult | TokenRefusal> {
     return client.introspect(token).then((answer) => this.checkIntrospected(answer, audiences));
   }
 
@@ -345,22 +395,34 @@ export class TokenVerifier extends EventEmitter {
    * present, must match. Endpoints that omit `aud` leave the audience to them.
    */
   private checkIntrospected(answer: IntrospectionAnswer, audiences: string[]): AuthenticationResult | TokenRefusal {
-    if (!answer.active) return new TokenRefusal('inactive', 'the introspection endpoint reports the token inactive (expired, revoked or unknown)');
+    if (!answer.active)
+      return new TokenRefusal(
+        'inactive',
+        'the introspection endpoint reports the token inactive (expired, revoked or unknown)',
+      );
     const nowS = this.clock() / 1000;
     const skewS = this.clockSkewMs / 1000;
-    if (typeof answer.exp === 'number' && answer.exp <= nowS - skewS) return new TokenRefusal('expired', 'introspection answer "exp" is in the past');
-    if (typeof answer.nbf === 'number' && answer.nbf > nowS + skewS) return new TokenRefusal('not_yet_valid', 'introspection answer "nbf" is in the future');
-    if (answer.iss !== undefined && !this.issuers.includes(answer.iss as string)) return new TokenRefusal('issuer', `issuer ${JSON.stringify(answer.iss)} is not accepted`);
+    if (typeof answer.exp === 'number' && answer.exp <= nowS - skewS)
+      return new TokenRefusal('expired', 'introspection answer "exp" is in the past');
+    if (typeof answer.nbf === 'number' && answer.nbf > nowS + skewS)
+      return new TokenRefusal('not_yet_valid', 'introspection answer "nbf" is in the future');
+    if (answer.iss !== undefined && !this.issuers.includes(answer.iss as string))
+      return new TokenRefusal('issuer', `issuer ${JSON.stringify(answer.iss)} is not accepted`);
     if (answer.aud === undefined && this.allowedAudiences.length > 0) {
       const pinned = this.allowedAudiences.join(', ');
       return new TokenRefusal('audience', `the introspection answer has no "aud"; this agent accepts only ${pinned}`);
     }
     if (answer.aud !== undefined) {
       const tokenAudiences = Array.isArray(answer.aud) ? answer.aud : [answer.aud];
-      if (!audiences.some((a) => tokenAudiences.includes(a))) return new TokenRefusal('audience', `token audience ${JSON.stringify(answer.aud)} does not include ${audiences.join(' or ')}`);
+      if (!audiences.some((a) => tokenAudiences.includes(a)))
+        return new TokenRefusal(
+          'audience',
+          `token audience ${JSON.stringify(answer.aud)} does not include ${audiences.join(' or ')}`,
+        );
     }
     for (const claim of this.requiredClaims) {
-      if (!(claim in answer)) return new TokenRefusal('malformed', `introspection answer lacks the required "${claim}" claim`);
+      if (!(claim in answer))
+        return new TokenRefusal('malformed', `introspection answer lacks the required "${claim}" claim`);
     }
     const { active: _active, ...claims } = answer;
     return this.accepted(claims);
@@ -401,7 +463,8 @@ export function httpUrl(field: string, value: string): URL {
   } catch {
     throw new ConfigError(field, `"${value}" is not a URL`);
   }
-  if (url.protocol !== 'http:' && url.protocol !== 'https:') throw new ConfigError(field, `"${value}" is not an http: or https: URL`);
+  if (url.protocol !== 'http:' && url.protocol !== 'https:')
+    throw new ConfigError(field, `"${value}" is not an http: or https: URL`);
   return url;
 }
 
@@ -410,7 +473,10 @@ function readSecret(file: string): string {
   try {
     text = readFileSync(file, 'utf8');
   } catch (err) {
-    throw new ConfigError('introspection.clientSecretFile', `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`);
+    throw new ConfigError(
+      'introspection.clientSecretFile',
+      `cannot read ${file}: ${(err as NodeJS.ErrnoException).code ?? String(err)}`,
+    );
   }
   const secret = text.replace(/\r?\n$/, '');
   if (secret === '') throw new ConfigError('introspection.clientSecretFile', `${file} is empty`);
