@@ -19,41 +19,51 @@ const tls = require('node:tls');
 const [certsFile, nArg, streamsArg] = process.argv.slice(2);
 const certs = JSON.parse(fs.readFileSync(certsFile, 'utf8'));
 
-if (process.env.BURROW_FLOOR_CLIENT) {
+/** The forked child: opens the connections with the agent certificate and holds them. */
+function runClient() {
   // Client: opens `n` connections of `kind`, reports, then holds them until it is killed.
   process.on('message', async ({ port, n, kind, streams }) => {
     const held = [];
-    const opts = { key: certs.client.keyPem, cert: certs.client.certPem, ca: certs.client.caPem, servername: 'localhost' };
-    const connectOne = () => new Promise((resolve, reject) => {
-      if (kind === 'tls') {
-        const s = tls.connect({ port, host: '127.0.0.1', ...opts }, resolve);
-        s.on('error', reject);
-        held.push(s);
-        return;
-      }
-      const session = http2.connect(`https://127.0.0.1:${port}`, opts, () => {
-        let answered = 0;
-        if (streams === 0) resolve();
-        for (let k = 0; k < streams; k++) {
-          const req = session.request({ ':method': 'POST', ':path': '/idle' });
-          req.on('error', () => {});
-          req.on('response', () => { if (++answered === streams) resolve(); });
-          req.write('x');
-          held.push(req);
+    const opts = {
+      key: certs.client.keyPem,
+      cert: certs.client.certPem,
+      ca: certs.client.caPem,
+      servername: 'localhost',
+    };
+    const connectOne = () =>
+      new Promise((resolve, reject) => {
+        if (kind === 'tls') {
+          const s = tls.connect({ port, host: '127.0.0.1', ...opts }, resolve);
+          s.on('error', reject);
+          held.push(s);
+          return;
         }
-      });
-      session.on('error', reject);
-      held.push(session);
+        const session = http2.connect(`https://127.0.0.1:${port}`, opts, () => {
+          let answered = 0;
+          if (streams === 0) resolve();
+          for (let k = 0; k < streams; k++) {
+            const req = session.request({ ':method': 'POST', ':path': '/idle' });
+            req.on('error', () => {});
+            req.on('response', () => {
+              if (++answered === streams) resolve();
+            });
+            req.write('x');
+            held.push(req);
+          }
+        });
+        session.on('error', reject);
+        held.push(session);
       });
     // 16 handshakes at a time: quicker than one by one, and never a storm.
     let left = n;
-    await Promise.all(Array.from({ length: Math.min(16, n) }, async () => {
-      while (left-- > 0) await connectOne();
-    }));
+    await Promise.all(
+      Array.from({ length: Math.min(16, n) }, async () => {
+        while (left-- > 0) await connectOne();
+      }),
+    );
     process.send({ connected: held.length });
   });
   process.on('disconnect', () => process.exit(0));
-  return;
 }
 
 const rssKiB = () => {
@@ -64,7 +74,13 @@ const rssKiB = () => {
 
 /** KiB of server RSS per idle connection of `kind` (tls | http2) with `streams` idle streams each. */
 async function measure(kind, n, streams) {
-  const opts = { key: certs.server.keyPem, cert: certs.server.certPem, ca: certs.server.caPem, requestCert: true, rejectUnauthorized: true };
+  const opts = {
+    key: certs.server.keyPem,
+    cert: certs.server.certPem,
+    ca: certs.server.caPem,
+    requestCert: true,
+    rejectUnauthorized: true,
+  };
   const held = [];
   const server = kind === 'tls' ? tls.createServer(opts, (s) => held.push(s)) : http2.createSecureServer(opts);
   if (kind !== 'tls') {
@@ -76,7 +92,10 @@ async function measure(kind, n, streams) {
   }
   await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
   const before = rssKiB();
-  const client = fork(__filename, process.argv.slice(2), { env: { ...process.env, BURROW_FLOOR_CLIENT: '1' }, stdio: ['ignore', 'inherit', 'inherit', 'ipc'] });
+  const client = fork(__filename, process.argv.slice(2), {
+    env: { ...process.env, BURROW_FLOOR_CLIENT: '1' },
+    stdio: ['ignore', 'inherit', 'inherit', 'ipc'],
+  });
   const exited = new Promise((resolve) => client.once('exit', resolve));
   await new Promise((resolve, reject) => {
     client.once('message', resolve);
@@ -94,22 +113,37 @@ async function measure(kind, n, streams) {
 /** Runs one measurement in a fresh process (pages freed by an earlier one would hide RSS growth). */
 function measureApart(kind, n, streams) {
   const out = execFileSync(process.execPath, ['--expose-gc', __filename, ...process.argv.slice(2)], {
-    env: { ...process.env, BURROW_FLOOR_KIND: JSON.stringify({ kind, n, streams }) }, encoding: 'utf8', stdio: ['ignore', 'pipe', 'inherit'],
+    env: { ...process.env, BURROW_FLOOR_KIND: JSON.stringify({ kind, n, streams }) },
+    encoding: 'utf8',
+    stdio: ['ignore', 'pipe', 'inherit'],
   });
   return Number(out.trim());
 }
 
-(async () => {
-  const n = Number(nArg);
-  const streams = Number(streamsArg);
-  if (process.env.BURROW_FLOOR_KIND) {
-    const one = JSON.parse(process.env.BURROW_FLOOR_KIND);
-    process.stdout.write(`${await measure(one.kind, one.n, one.streams)}\n`);
-    return;
-  }
-  const out = { connections: n, streams, tls: measureApart('tls', n, 0), http2: measureApart('http2', n, 0), http2Streams: measureApart('http2', n, streams) };
-  process.stdout.write(`${JSON.stringify(out)}\n`);
-})().catch((err) => {
-  process.stderr.write(`connection-floor: ${err.stack}\n`);
-  process.exit(1);
-});
+/** The parent: measures each kind in a fresh process, or (BURROW_FLOOR_KIND) is that process. */
+function runServer() {
+  (async () => {
+    const n = Number(nArg);
+    const streams = Number(streamsArg);
+    if (process.env.BURROW_FLOOR_KIND) {
+      const one = JSON.parse(process.env.BURROW_FLOOR_KIND);
+      process.stdout.write(`${await measure(one.kind, one.n, one.streams)}\n`);
+      return;
+    }
+    const out = {
+      connections: n,
+      streams,
+      tls: measureApart('tls', n, 0),
+      http2: measureApart('http2', n, 0),
+      http2Streams: measureApart('http2', n, streams),
+    };
+    process.stdout.write(`${JSON.stringify(out)}\n`);
+  })().catch((err) => {
+    process.stderr.write(`connection-floor: ${err.stack}\n`);
+    process.exit(1);
+  });
+}
+
+// Last, so that every const above is initialised before either side runs.
+if (process.env.BURROW_FLOOR_CLIENT) runClient();
+else runServer();

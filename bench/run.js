@@ -280,7 +280,8 @@ class SideResult {
     this.notes = {};
   }
   add(metric, value, outcome) {
-    (this.rounds[metric] ??= []).push(value);
+    this.rounds[metric] ??= [];
+    this.rounds[metric].push(value);
     this.addFailures(outcome);
   }
   addFailures(outcome) {
@@ -323,7 +324,7 @@ function machineInfo() {
     loadAverageStart: os.loadavg().map((x) => Math.round(x * 100) / 100),
     profile: PROFILE_NAME,
     gitCommit: git('rev-parse', 'HEAD'),
-    gitDirty: git('status', '--porcelain') ? true : false,
+    gitDirty: !!git('status', '--porcelain'),
     date: new Date().toISOString(),
     fdLimit: Number(execFileSync('sh', ['-c', 'ulimit -n'], { encoding: 'utf8' }).trim()),
   };

@@ -51,7 +51,7 @@ if (require.main === module) {
   };
   startSampleUpstream(arg('--listen', '127.0.0.1:50051'), arg('--name', 'sample')).then(
     ({ server, address }) => {
-      process.stdout.write(JSON.stringify({ listening: address }) + '\n');
+      process.stdout.write(`${JSON.stringify({ listening: address })}\n`);
       const stop = () => server.tryShutdown(() => process.exit(0));
       process.on('SIGTERM', stop);
       process.on('SIGINT', stop);

@@ -214,4 +214,4 @@ async function main() {
   }
 }
 
-main().catch((err) => fail(err && err.stack ? err.stack : String(err)));
+main().catch((err) => fail(err?.stack ? err.stack : String(err)));

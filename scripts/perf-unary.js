@@ -128,7 +128,9 @@ async function main() {
   const unary = (side) => () => side.client.unary(ECHO.unary, PAYLOAD, side.md() ?? undefined);
   const results = {};
   const record = (key, side, value) => {
-    ((results[key] ??= {})[side] ??= []).push(value);
+    results[key] ??= {};
+    results[key][side] ??= [];
+    results[key][side].push(value);
     console.log(JSON.stringify({ case: key, side, value: Math.round(value * 1000) / 1000 }));
   };
   const order = ONLY ? [ONLY] : BASELINE_DIR ? ['direct', 'baseline', 'burrow'] : ['direct', 'burrow'];

@@ -89,7 +89,7 @@ function generateSite(dir) {
           `permit (principal, action == Action::"${action}", resource is Document) when { principal in resource.project.team && principal.level > ${n % 5} };`,
         );
     }
-    fs.writeFileSync(path.join(dir, 'policies', `p${f}.cedar`), lines.join('\n') + '\n');
+    fs.writeFileSync(path.join(dir, 'policies', `p${f}.cedar`), `${lines.join('\n')}\n`);
   }
   return entities.length;
 }

@@ -206,7 +206,7 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
   };
 
   it('the site really has no node: not on PATH, no NODE_PATH, an empty working directory besides the binary', () => {
-    expect(siteEnv.PATH.split(':').some((d) => fs.existsSync(path.join(d, 'node')))).to.equal(false);
+    expect((siteEnv.PATH ?? '').split(':').some((d) => fs.existsSync(path.join(d, 'node')))).to.equal(false);
     expect(siteEnv).to.not.have.property('NODE_PATH');
     expect(fs.readdirSync(site)).to.deep.equal(['burrow-agent']);
   });

@@ -14,6 +14,7 @@ import { AUD, ISS, jwksOf, makeKey, signToken, type TestKey } from './helpers/to
 import { waitUntil } from './helpers/wait';
 
 const REQUESTS_DIR = path.join(EXAMPLES_DIR, 'requests');
+// biome-ignore lint/suspicious/noExplicitAny: the example files are AuthZEN JSON of several shapes
 const exampleRequest = (name: string): any => JSON.parse(readFileSync(path.join(REQUESTS_DIR, name), 'utf8'));
 
 /**

@@ -286,7 +286,7 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       const promoted = b64url(JSON.stringify({ ...claims, groups: ['admin'] }));
       expectRefused(await v.authenticate(`${header}.${promoted}.${signature}`), 'signature');
       const sig = Buffer.from(signature, 'base64url');
-      sig[10] ^= 0x01;
+      sig[10]! ^= 0x01;
       expectRefused(await v.authenticate(`${header}.${payload}.${sig.toString('base64url')}`), 'signature');
       const rsToken = (await signToken(jose, rs)).split('.');
       expectRefused(await v.authenticate(`${rsToken[0]}.${rsToken[1]}.${b64url(randomBytes(256))}`), 'signature');

@@ -75,11 +75,11 @@ describe('broker admission: call limits', () => {
       const err = await failure(stack.caller.unary(ECHO.unary, Buffer.from('third'), stack.md()));
       expect(err?.code).to.equal(Status.RESOURCE_EXHAUSTED);
       expect(err?.details).to.include(`agent "${AGENT_ID}" has 2 calls in flight`);
-      hanging[0].cancel();
+      hanging[0]!.cancel();
       await waitUntil(() => stack.siteUpstream.active === 1);
       const ok = await stack.caller.unary(ECHO.unary, Buffer.from('fits again'), stack.md());
       expect(ok.response.toString()).to.equal('fits again');
-      hanging[1].cancel();
+      hanging[1]!.cancel();
       await waitUntil(() => stack.siteUpstream.active === 0);
       const text = await (await fetch(`${stack.adminUrl}/metrics`)).text();
       expect(text).to.match(/burrow_broker_limited_calls_total\{limit="agent_concurrency"\} 1/);

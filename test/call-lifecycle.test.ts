@@ -1,8 +1,8 @@
 import { once } from 'node:events';
 import { expect } from 'chai';
 import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
-import { ECHO, EchoUpstream, type SeenCall } from './helpers/echo-upstream';
-import { RawClient, collect } from './helpers/raw-grpc';
+import { ECHO, type EchoUpstream, type SeenCall } from './helpers/echo-upstream';
+import { type RawClient, collect } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 import { TcpProxy } from './helpers/tcp-proxy';
 import { waitUntil } from './helpers/wait';
@@ -113,7 +113,10 @@ describe('call lifecycle', () => {
     });
     const results = calls.map((c) => collect(c));
     // Cancel in a different order from creation, some immediately, some after a response.
-    calls.forEach((c, i) => (i % 3 === 0 ? c.cancel() : setImmediate(() => c.cancel())));
+    calls.forEach((c, i) => {
+      if (i % 3 === 0) c.cancel();
+      else setImmediate(() => c.cancel());
+    });
     const statuses = await Promise.all(results);
     for (const r of statuses) expect([Status.OK, Status.CANCELLED]).to.include(r.status.code);
     await waitUntil(() => stack.broker.registry.counts().activeCalls === 0 && stack.siteUpstream.active === 0);

@@ -293,7 +293,7 @@ describe('call state machine: transition() and isCallDone()', () => {
       const delivered: boolean[] = [];
       const endedAt: number[] = [];
       for (let i = 0; i < steps.length; i++) {
-        let t;
+        let t: ReturnType<typeof transition>;
         try {
           t = transition(state, senderOf(steps[i]!), kindOf(steps[i]!), true);
         } catch (err) {

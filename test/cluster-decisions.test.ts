@@ -44,8 +44,7 @@ describe('cluster: which broker decides what', function () {
     mkdirSync(ownerPolicies);
     const permit = '@id("platform-svc-may-call")\npermit(principal == Service::"platform-svc", action, resource);\n';
     const entryPermit = permit.replace('platform-svc-may-call', 'entry-permits-platform-svc');
-    const forbid =
-      '@id("owner-forbids-metadata")\n' + `forbid(principal, action == Action::"${ECHO.metadata}", resource);\n`;
+    const forbid = `@id("owner-forbids-metadata")\nforbid(principal, action == Action::"${ECHO.metadata}", resource);\n`;
     writeFileSync(path.join(entryPolicies, 'callers.cedar'), entryPermit);
     writeFileSync(path.join(ownerPolicies, 'callers.cedar'), `${permit}${forbid}`);
     world = await ClusterWorld.create(['a', 'b']);

@@ -62,7 +62,9 @@ describe('forwarding', () => {
         const r = await collect(call);
         expect(r.status.code).to.equal(Status.OK);
         expect(r.messages).to.have.length(200);
-        r.messages.forEach((m, i) => expect(m.equals(Buffer.alloc(10_240, i % 251)), `message ${i}`).to.equal(true));
+        r.messages.forEach((m, i) => {
+          expect(m.equals(Buffer.alloc(10_240, i % 251)), `message ${i}`).to.equal(true);
+        });
       });
 
       it('bidi: interleaved messages echo one by one', async () => {
@@ -189,7 +191,7 @@ describe('forwarding', () => {
       'burrow-caller-id',
     ]);
     expect(seen['burrow-caller-id']).to.have.length(1);
-    expect(seen['burrow-caller-id'][0]).to.match(/^spiffe:\/\/[^/]+\/service\/platform-svc$/);
+    expect(seen['burrow-caller-id']?.[0]).to.match(/^spiffe:\/\/[^/]+\/service\/platform-svc$/);
   });
 
   it('an unknown method reaches the upstream, which answers UNIMPLEMENTED, and the tunnel lives on', async () => {

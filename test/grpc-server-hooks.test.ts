@@ -21,7 +21,7 @@ import { expectNoLeaks, snapshotResources } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 
-describe('grpc-js server hooks', function () {
+describe('grpc-js server hooks', () => {
   let pki: PkiFixture;
   let serverCert: CertFiles;
   let clientCert: CertFiles;

@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import * as net from 'node:net';
+import type * as net from 'node:net';
 import * as tls from 'node:tls';
 import { readFileSync } from 'node:fs';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
@@ -45,7 +45,7 @@ function handshake(port: number, cert: CertFiles): Promise<'secure' | string> {
   });
 }
 
-describe('TLS handshake cap (limitPendingHandshakes)', function () {
+describe('TLS handshake cap (limitPendingHandshakes)', () => {
   let pki: PkiFixture;
   let brokerCert: CertFiles;
   let agentCert: CertFiles;
@@ -124,7 +124,7 @@ describe('TLS handshake cap (limitPendingHandshakes)', function () {
   });
 });
 
-describe('broker --max-pending-handshakes', function () {
+describe('broker --max-pending-handshakes', () => {
   let stack: Stack;
   after(async () => {
     await stack?.stop();

@@ -149,7 +149,9 @@ describe('concurrency', () => {
     const results = await Promise.all(
       payloads.map((p) => stack.caller.unary(ECHO.unary, p, stack.md(), { deadline: Date.now() + 20_000 })),
     );
-    results.forEach((r, i) => expect(r.response.equals(payloads[i]!)).to.equal(true));
+    results.forEach((r, i) => {
+      expect(r.response.equals(payloads[i]!)).to.equal(true);
+    });
     // The pool grew on demand, and every stream went back or was retired: nothing is active.
     await waitUntil(() => stack.broker.registry.counts().activeCalls === 0);
     expect(stack.broker.registry.counts().waiters).to.equal(0);
@@ -160,7 +162,9 @@ describe('concurrency', () => {
     const results = await Promise.all(
       Array.from({ length: 1000 }, (_, i) => stack.siteClient.unary(ECHO.unary, Buffer.from(`s${i}`))),
     );
-    results.forEach((r, i) => expect(r.response.toString()).to.equal(`s${i}`));
+    results.forEach((r, i) => {
+      expect(r.response.toString()).to.equal(`s${i}`);
+    });
   });
 
   it('idle streams above the minimum are retired, and calls still work afterwards', async () => {

@@ -1,7 +1,7 @@
 import { expect } from 'chai';
 import { readFileSync } from 'node:fs';
 import { EventEmitter, once } from 'node:events';
-import { Metadata, ServerCredentials, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
+import { type Metadata, ServerCredentials, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   TUNNEL_METHODS,
   decodeCallFrame,

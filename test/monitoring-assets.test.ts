@@ -14,6 +14,9 @@ import {
   run,
 } from './helpers/monitoring';
 
+// The dashboard's data source is the Grafana template variable, written literally in the JSON.
+const DATASOURCE_VARIABLE = '$' + '{datasource}';
+
 describe('monitoring assets: Grafana dashboard and metric names', function () {
   this.timeout(600_000);
 
@@ -32,12 +35,12 @@ describe('monitoring assets: Grafana dashboard and metric names', function () {
       expect(new Set(ids).size, 'panel ids are unique').to.equal(ids.length);
       for (const p of d.panels) {
         for (const k of ['x', 'y', 'w', 'h']) expect(p.gridPos[k], `${p.title} gridPos.${k}`).to.be.a('number');
-        expect(p.gridPos.x + p.gridPos.w, `${p.title} fits in 24 columns`).to.be.at.most(24);
+        expect(p.gridPos.x! + p.gridPos.w!, `${p.title} fits in 24 columns`).to.be.at.most(24);
         if (p.type === 'row') continue;
-        expect(p.datasource, `${p.title} datasource`).to.deep.equal({ type: 'prometheus', uid: '${datasource}' });
+        expect(p.datasource, `${p.title} datasource`).to.deep.equal({ type: 'prometheus', uid: DATASOURCE_VARIABLE });
         expect(p.targets, `${p.title} targets`).to.be.an('array').that.is.not.empty;
         for (const t of p.targets!)
-          expect(t.datasource, `${p.title} ${t.refId}`).to.deep.equal({ type: 'prometheus', uid: '${datasource}' });
+          expect(t.datasource, `${p.title} ${t.refId}`).to.deep.equal({ type: 'prometheus', uid: DATASOURCE_VARIABLE });
       }
       // Every variable a query uses is defined.
       const defined = new Set(vars.map((v) => v.name));

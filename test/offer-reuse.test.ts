@@ -12,7 +12,7 @@ import { waitUntil } from './helpers/wait';
  * Component tests drive the broker with a hand-written agent (RawAgent) that says exactly which
  * frames go where; an end-to-end test runs the real agent. Real sockets, real mTLS.
  */
-describe('offer reuse (protocol version 2)', function () {
+describe('offer reuse (protocol version 2)', () => {
   let stack: Stack;
   const agents: RawAgent[] = [];
 

@@ -13,7 +13,7 @@ import { Stack } from './helpers/stack';
  * call: Node builds a new certificate object on every getPeerCertificate() and grpc-js asks for it
  * on every call. Identity checks must still see each connection's own certificate.
  */
-describe('peer certificates are read once per connection', function () {
+describe('peer certificates are read once per connection', () => {
   let stack: Stack;
   const reads = new Map<TLSSocket, number>();
   const original = TLSSocket.prototype.getPeerCertificate;

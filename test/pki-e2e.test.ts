@@ -6,7 +6,7 @@ import { expect } from 'chai';
 import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
 import { Agent, AGENT_DEFAULTS, enroll, stateFiles } from '@burrow/agent';
 import { Broker, BROKER_DEFAULTS, type BrokerConfig } from '@burrow/broker';
-import { createJoinToken, initPki, issueCertificate, revoke, rotate, rotationState, writeIssued } from '@burrow/pki';
+import { createJoinToken, initPki, issueCertificate, revoke, rotate, writeIssued } from '@burrow/pki';
 import { createLogger, silentLogger, type Logger } from '@burrow/tunnel';
 
 const testLogger = (component: string): Logger =>

@@ -106,7 +106,7 @@ async function opensslVerify(
   return run('openssl', [...args, leafFile]);
 }
 
-describe('pki', function () {
+describe('pki', () => {
   let tempRoot: string;
 
   before(() => {

@@ -345,7 +345,7 @@ describe('policy engine', function () {
     });
 
     it('explain lists the satisfied policies with file:line, overridden permits included, and errors with file:line:column', () => {
-      const base = path.join(fixtures[0].policiesDir, 'base.cedar');
+      const base = path.join(fixtures[0]!.policiesDir, 'base.cedar');
       const denied = engine.evaluate({ ...request('User:alice', 'delete', 'Doc:d1'), explain: true });
       expect(denied.context.explanation).to.deep.equal({
         request: { principal: 'User::"alice"', action: 'Action::"delete"', resource: 'Doc::"d1"' },
@@ -358,7 +358,7 @@ describe('policy engine', function () {
       const errored = engine.evaluate({ ...request('User:carol', 'print', 'Doc:d2'), explain: true });
       expect(errored.context.explanation!.satisfied).to.deep.equal([]);
       expect(errored.context.explanation!.errors).to.have.length(1);
-      const err = errored.context.explanation!.errors[0];
+      const err = errored.context.explanation!.errors[0]!;
       expect(err.policy).to.equal('office-hours');
       // `context.hour` is on line 19 of BASE (the `when` of office-hours).
       expect(err.location).to.match(new RegExp(`^${base.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}:19:\\d+$`));
@@ -590,8 +590,8 @@ describe('policy engine', function () {
     it('execute_all (the default) answers every item in order, each field taken from the item or the defaults as a whole', () => {
       const res = engine.evaluations(batch());
       expect(res.evaluations.map((e) => e.decision)).to.deep.equal([true, false, false, true, false]);
-      expect(res.evaluations[1].context.policies).to.deep.equal(['no-delete-locked']);
-      expect(res.evaluations[4].context.reason).to.match(/office-hours \(.*hour/);
+      expect(res.evaluations[1]!.context.policies).to.deep.equal(['no-delete-locked']);
+      expect(res.evaluations[4]!.context.reason).to.match(/office-hours \(.*hour/);
       expect(engine.evaluations(batch('execute_all'))).to.deep.equal(res);
     });
 
@@ -630,7 +630,7 @@ describe('policy engine', function () {
           },
         },
       });
-      expect(res.evaluations[2].decision).to.equal(true);
+      expect(res.evaluations[2]!.decision).to.equal(true);
       const stopped = engine.evaluations({ ...batch('deny_on_first_deny'), evaluations: [items[0], bad, items[3]] });
       expect(stopped.evaluations).to.have.length(2);
     });
@@ -638,8 +638,8 @@ describe('policy engine', function () {
     it('no evaluations array: the top-level request is the one evaluation; options.explain explains every item', () => {
       const res = engine.evaluations({ ...batch(), evaluations: undefined, options: { explain: true } });
       expect(res.evaluations).to.have.length(1);
-      expect(res.evaluations[0].decision).to.equal(true);
-      expect(res.evaluations[0].context.explanation!.satisfied.map((p) => p.id)).to.deep.equal(['admins-all']);
+      expect(res.evaluations[0]!.decision).to.equal(true);
+      expect(res.evaluations[0]!.context.explanation!.satisfied.map((p) => p.id)).to.deep.equal(['admins-all']);
     });
   });
 
@@ -735,7 +735,7 @@ describe('policy engine', function () {
       const text =
         '// x; y\n@id("a;b")\npermit (principal, action, resource) when { context.s == "q;\\";" };\n forbid (principal, action, resource);';
       expect(splitPolicyStatements(text).map((s) => s.offset)).to.deep.equal([8, 88]);
-      expect(splitPolicyStatements(text)[1].text).to.equal('forbid (principal, action, resource);');
+      expect(splitPolicyStatements(text)[1]!.text).to.equal('forbid (principal, action, resource);');
     });
   });
 
@@ -799,7 +799,7 @@ describe('policy engine', function () {
       const logged = records.find((l) => l.message === 'policy reload failed; the last good policy set stays active');
       expect(logged, JSON.stringify(records)).to.exist;
       expect(logged!.level).to.equal('error');
-      expect(String((logged!.issues as string[])[0])).to.match(new RegExp(`p\\.cedar:3:\\d+: .*unexpected token`));
+      expect(String((logged!.issues as string[])[0])).to.match(/p\.cedar:3:\d+: .*unexpected token/);
 
       const fixed = nextReload(engine, (x) => x.ok);
       fx.replacePolicy('p.cedar', V2);
@@ -921,8 +921,8 @@ describe('policy engine', function () {
         cached: false,
         caller: 'spiffe://burrow.local/service/billing',
       });
-      expect(lines[0].policies).to.deep.equal(['admins-all']);
-      expect(lines[0].latency_us).to.be.a('number').and.at.least(0);
+      expect(lines[0]!.policies).to.deep.equal(['admins-all']);
+      expect(lines[0]!.latency_us).to.be.a('number').and.at.least(0);
       expect(lines[1]).to.include({
         time: '2026-01-02T03:04:05.001Z',
         input_sha256: expectedHash,
@@ -931,9 +931,9 @@ describe('policy engine', function () {
       });
       expect(lines[1]).to.not.have.property('caller');
       expect(lines[2]).to.include({ decision: 'deny', cached: false });
-      expect(lines[2].policies).to.deep.equal(['no-delete-locked']);
+      expect(lines[2]!.policies).to.deep.equal(['no-delete-locked']);
       expect(lines[3]).to.include({ decision: 'error', cached: false });
-      expect(String(lines[3].error)).to.match(/subject\.type "User Group"/);
+      expect(String(lines[3]!.error)).to.match(/subject\.type "User Group"/);
     });
 
     it('a stream sink gets the lines, is not ended by close(), and an unwritable path is a startup error', async () => {

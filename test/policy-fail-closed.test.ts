@@ -70,7 +70,10 @@ describe('policy: a forbid that fails to evaluate denies (fail closed)', functio
         // Explain lists the forbid among the errors, with its place in the file.
         const explained = await client.evaluate(AGENT_ID, { ...request, explain: true });
         expect(explained.decision).to.equal(false);
-        const errors = (explained.context?.explanation as { errors: { policy: string; location: string }[] }).errors;
+        const explanation = explained.context?.explanation as
+          | { errors: { policy: string; location: string }[] }
+          | undefined;
+        const errors = explanation?.errors ?? [];
         expect(errors.map((e) => e.policy)).to.deep.equal(['confidential-requires-mfa']);
         expect(errors[0]!.location).to.match(/guardrails\.cedar:\d+:\d+$/);
       });

@@ -38,7 +38,7 @@ async function counterValue(counter: Broker['metrics']['protocolErrors']): Promi
 const sessionCount = (broker: Broker): number =>
   (broker as unknown as { agentListener: { sessionCount: number } }).agentListener.sessionCount;
 
-describe('protocol peer: a raw agent against a real broker', function () {
+describe('protocol peer: a raw agent against a real broker', () => {
   let stack: Stack;
   let siteB: CertFiles;
   const agents: RawAgent[] = [];

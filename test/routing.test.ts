@@ -151,6 +151,8 @@ describe('routing at the agent', () => {
     const good = Array.from({ length: 50 }, (_, i) => stack.caller.unary(ECHO.unary, Buffer.from(`g${i}`), stack.md()));
     const [badResults, goodResults] = await Promise.all([Promise.all(bad), Promise.all(good)]);
     for (const e of badResults) expect(e.code).to.equal(Status.UNAVAILABLE);
-    goodResults.forEach((r, i) => expect(r.response.toString()).to.equal(`g${i}`));
+    goodResults.forEach((r, i) => {
+      expect(r.response.toString()).to.equal(`g${i}`);
+    });
   });
 });

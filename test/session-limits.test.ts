@@ -318,7 +318,7 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
     for (const s of statuses) {
       expect(s.code).to.equal(Status.RESOURCE_EXHAUSTED);
       expect(s.details).to.equal(
-        `agent "${ROGUE}" holds 4 sessions at this broker; at most 4 allowed` + ' (--max-sessions-per-agent)',
+        `agent "${ROGUE}" holds 4 sessions at this broker; at most 4 allowed (--max-sessions-per-agent)`,
       );
     }
     for (const s of welcomed) expect(s.status, 'a session within the cap').to.equal(undefined);

@@ -177,7 +177,7 @@ describe('two brokers on one host (issue 13 item 8)', function () {
     const text = second.stderrLines.join('\n');
     console.log(`      refusal: ${second.stderrLines.find((l) => l.includes('already live')) ?? text.slice(-300)}`);
     expect(second.exit.code).to.not.equal(0);
-    expect(text).to.include('broker id "edge-1" is already live in the cluster directory at 127.0.0.1:' + a3);
+    expect(text).to.include(`broker id "edge-1" is already live in the cluster directory at 127.0.0.1:${a3}`);
     expect(text).to.include(`127.0.0.1:${b3}`);
   });
 });

@@ -24,7 +24,7 @@ function usage(pid: number): { rssMiB: number; hwmMiB: number; cpuMs: number } {
   const status = readFileSync(`/proc/${pid}/status`, 'utf8');
   const kib = (field: string): number => Number(new RegExp(`^${field}:\\s+(\\d+) kB`, 'm').exec(status)?.[1] ?? NaN);
   // utime and stime, fields 14 and 15 of /proc/<pid>/stat, in clock ticks (100 per second on Linux).
-  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1].split(' ');
+  const stat = readFileSync(`/proc/${pid}/stat`, 'utf8').split(') ')[1]!.split(' ');
   const cpuMs = (Number(stat[11]) + Number(stat[12])) * 10;
   return { rssMiB: kib('VmRSS') / 1024, hwmMiB: kib('VmHWM') / 1024, cpuMs };
 }
@@ -228,7 +228,10 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     await Promise.all(sessions.map((s) => s.closed));
     const closeMs = Date.now() - closedAt;
     const codes = await Promise.all(streams);
-    const counts = codes.reduce<Record<string, number>>((m, c) => ({ ...m, [c]: (m[c] ?? 0) + 1 }), {});
+    const counts = codes.reduce<Record<string, number>>((m, c) => {
+      m[c] = (m[c] ?? 0) + 1;
+      return m;
+    }, {});
     console.log(
       `    stream flood: ${sessions.length} of 100 connections admitted, streams ended` +
         ` ${JSON.stringify(counts)}; broker RSS +${(held.rssMiB - before.rssMiB).toFixed(0)} MiB while held;` +

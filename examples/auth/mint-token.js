@@ -76,12 +76,12 @@ async function makeKeys(jose, flags) {
     const target = path.join(out, file);
     // Created with 0600 from the start: a private key is never readable by others, not even briefly.
     fs.rmSync(target, { force: true });
-    fs.writeFileSync(target, JSON.stringify({ ...(await jose.exportJWK(privateKey)), kid, alg }, null, 2) + '\n', {
+    fs.writeFileSync(target, `${JSON.stringify({ ...(await jose.exportJWK(privateKey)), kid, alg }, null, 2)}\n`, {
       mode: 0o600,
       flag: 'wx',
     });
   }
-  fs.writeFileSync(path.join(out, 'jwks.json'), JSON.stringify({ keys: publicKeys }, null, 2) + '\n');
+  fs.writeFileSync(path.join(out, 'jwks.json'), `${JSON.stringify({ keys: publicKeys }, null, 2)}\n`);
   process.stdout.write(
     `wrote ${path.join(out, 'jwks.json')} (public), ${path.join(out, 'signing-key.jwk')} (ES256, private) and ${path.join(out, 'signing-key-rs256.jwk')} (RS256, private)\n`,
   );

@@ -5,6 +5,7 @@ import type { CertFiles } from './pki-fixture';
 export interface JsonResponse {
   status: number;
   headers: Record<string, string | string[] | undefined>;
+  // biome-ignore lint/suspicious/noExplicitAny: tests read whatever JSON the endpoint under test answers
   body: any;
 }
 

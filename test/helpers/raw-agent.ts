@@ -109,7 +109,7 @@ export class RawStream<F> {
 
   constructor(
     readonly call: ClientDuplexStream<Buffer, Buffer>,
-    private readonly decode: (b: Buffer) => F,
+    readonly decode: (b: Buffer) => F,
   ) {
     call.on('data', (bytes: Buffer) => {
       let frame: F;
@@ -122,7 +122,11 @@ export class RawStream<F> {
       }
       this.received.push(frame);
       this.queue.push(frame);
-      this.watchers = this.watchers.filter((w) => (w.pred(frame) ? (w.resolve(frame), false) : true));
+      this.watchers = this.watchers.filter((w) => {
+        if (!w.pred(frame)) return true;
+        w.resolve(frame);
+        return false;
+      });
       this.flush();
     });
     call.on('error', () => {}); // 'status' carries it
@@ -185,13 +189,11 @@ export class RawStream<F> {
         this.waiters.shift()!.reject(this.decodeError);
       } else if (this.status) {
         const s = this.status;
-        this.waiters
-          .shift()!
-          .reject(
-            Object.assign(new Error(`stream ended with status ${Status[s.code]} (${s.code}): ${s.details}`), {
-              code: s.code,
-            }),
-          );
+        this.waiters.shift()!.reject(
+          Object.assign(new Error(`stream ended with status ${Status[s.code]} (${s.code}): ${s.details}`), {
+            code: s.code,
+          }),
+        );
       } else {
         return;
       }

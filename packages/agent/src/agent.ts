@@ -144,7 +144,7 @@ export class Agent {
   ) {
     this.resolveHost = options.resolveHost ?? systemResolver;
     const own = identityOfCertificate(readFileSync(config.tlsCertFile));
-    if (!own || own.role !== 'agent')
+    if (own?.role !== 'agent')
       throw new BurrowError(
         Status.INVALID_ARGUMENT,
         `${config.tlsCertFile} is not an agent certificate (URI SAN spiffe://<td>/agent/<id>)`,

@@ -138,7 +138,7 @@ export class BrokerConnection extends EventEmitter {
       }, WELCOME_TIMEOUT_MS);
       call.on('error', () => {});
       call.on('data', (bytes: Buffer) => {
-        let frame;
+        let frame: ReturnType<typeof decodeSessionFrame>;
         try {
           frame = decodeSessionFrame(bytes);
           if (!this.welcome && frame.kind !== 'welcome')

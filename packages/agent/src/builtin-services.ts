@@ -55,7 +55,7 @@ export const BUILTIN_SERVICE_NAMES: readonly string[] = [AUTH_SERVICE, POLICY_SE
 function engineError(err: unknown, what: string): BurrowError {
   const code = (err as { code?: unknown } | undefined)?.code;
   if (typeof code === 'string' && code in Status) {
-    return new BurrowError((Status as unknown as Record<string, number>)[code], (err as Error).message, err);
+    return new BurrowError((Status as unknown as Record<string, number>)[code]!, (err as Error).message, err);
   }
   const e = toBurrowError(err, what);
   return e.code === Status.UNKNOWN ? new BurrowError(Status.INTERNAL, e.message, err) : e;
@@ -101,7 +101,7 @@ export class BuiltinServices {
         'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url, or route burrow.auth.v1.AuthenticationService to an upstream',
       );
     const req = API_CODECS.authenticateRequest.decode(request);
-    let result;
+    let result: Awaited<ReturnType<typeof verifier.authenticate>>;
     try {
       result = await verifier.authenticate(String(req.token ?? ''), String(req.audience ?? ''));
     } catch (err) {

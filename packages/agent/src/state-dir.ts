@@ -39,7 +39,7 @@ export async function writeFileAtomic(file: string, data: string | Buffer, mode 
 }
 
 export async function writeState(dir: string, state: AgentState): Promise<void> {
-  await writeFileAtomic(path.join(dir, 'state.json'), JSON.stringify(state, null, 2) + '\n', 0o600);
+  await writeFileAtomic(path.join(dir, 'state.json'), `${JSON.stringify(state, null, 2)}\n`, 0o600);
 }
 
 /** The state, or undefined when the directory has none (not enrolled). */

@@ -31,16 +31,14 @@ export interface AdminCommandResult {
 /** Lays out rows in columns two spaces apart; the first row is the header. */
 export function formatTable(rows: string[][]): string {
   const widths = rows[0]!.map((_, c) => Math.max(...rows.map((r) => (r[c] ?? '').length)));
-  return (
-    rows
-      .map((r) =>
-        r
-          .map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]!)))
-          .join('  ')
-          .trimEnd(),
-      )
-      .join('\n') + '\n'
-  );
+  return `${rows
+    .map((r) =>
+      r
+        .map((cell, c) => (c === r.length - 1 ? cell : cell.padEnd(widths[c]!)))
+        .join('  ')
+        .trimEnd(),
+    )
+    .join('\n')}\n`;
 }
 
 /** `3725` -> `1h 2m 5s`; negative durations (already past) say so. */
@@ -211,7 +209,7 @@ export async function runAdminCommand(
   nowMs: () => number = Date.now,
 ): Promise<AdminCommandResult> {
   const client = new AdminClient(opts);
-  const json = (v: unknown): string => JSON.stringify(v, null, 2) + '\n';
+  const json = (v: unknown): string => `${JSON.stringify(v, null, 2)}\n`;
   const path = (id: string): string => `/agents/${encodeURIComponent(id)}`;
   try {
     let stdout: string;

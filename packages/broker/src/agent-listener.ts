@@ -10,7 +10,7 @@ import {
   ProtocolError,
   SESSION_ID_KEY,
   TUNNEL_METHODS,
-  UpstreamTable,
+  type UpstreamTable,
   answer,
   decodeSessionFrame,
   certificateIdentityProblem,
@@ -351,7 +351,7 @@ export class AgentListener {
     };
     call.on('error', () => {});
     call.on('data', (bytes: Buffer) => {
-      let frame;
+      let frame: ReturnType<typeof decodeSessionFrame>;
       try {
         frame = decodeSessionFrame(bytes);
       } catch (err) {

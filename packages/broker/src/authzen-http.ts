@@ -215,7 +215,7 @@ export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
         });
         return;
       }
-      endpoint = m[2].endsWith('s') ? 'evaluations' : 'evaluation';
+      endpoint = m[2]!.endsWith('s') ? 'evaluations' : 'evaluation';
       if (req.method !== 'POST') throw new HttpError(405, 'INVALID_ARGUMENT', 'use POST', { allow: 'POST' });
       const type = String(req.headers['content-type'] ?? '');
       if (!/^application\/json\b/i.test(type))

@@ -265,7 +265,7 @@ export class Broker {
     this.tls = new CredentialStore(material);
     const ownRaw = new X509Certificate(material.certPem).raw;
     const own = identityOfCertificate(ownRaw);
-    if (!own || own.role !== 'broker') {
+    if (own?.role !== 'broker') {
       const presented = own ? `it is ${own.spiffeId}` : certificateIdentityProblem(ownRaw);
       const expected = 'URI SAN spiffe://<trust-domain>/broker/<name>';
       throw new BurrowError(Status.INVALID_ARGUMENT, `tls-cert: not a broker certificate (${expected}): ${presented}`);

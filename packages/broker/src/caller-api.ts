@@ -165,7 +165,7 @@ export class CallerApi {
       throw err;
     };
 
-    if (!peer || peer.role !== 'service' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
+    if (peer?.role !== 'service' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
       const why = peerRaw ? `: ${certificateIdentityProblem(peerRaw)}` : '';
       const reason = !peer
         ? `client certificate has no Burrow identity${why}`

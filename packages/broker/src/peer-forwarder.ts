@@ -131,7 +131,10 @@ export class PeerForwarder {
       };
       const onStatus = (s: StatusObject): void => {
         // A refusal by the peer itself carries PEER_REFUSED_KEY; anything else is the transport.
-        if (!s.metadata.get(PEER_REFUSED_KEY).length) return unreachable(`broker ${peer}: ${s.details}`);
+        if (!s.metadata.get(PEER_REFUSED_KEY).length) {
+          unreachable(`broker ${peer}: ${s.details}`);
+          return;
+        }
         this.opts.metrics.peerForwards.inc({ result: 'refused' });
         const decision = s.metadata.get(PEER_REFUSED_KEY)[0] === PEER_REFUSED_DECISION;
         const refusal = decision

@@ -79,7 +79,7 @@ export function decodeHop(md: Metadata, trustDomain: string): Hop | undefined | 
     return { problem: `a hop metadata value is longer than ${MAX_HOP_VALUE_CHARS} characters` };
   }
   const id = parseSpiffeId(caller);
-  if (!id || id.role !== 'service' || id.trustDomain !== trustDomain) {
+  if (id?.role !== 'service' || id.trustDomain !== trustDomain) {
     const shown = caller.slice(0, 200);
     return { problem: `${HOP_CALLER_KEY} "${shown}" is not a service SPIFFE id of trust domain ${trustDomain}` };
   }
@@ -160,7 +160,7 @@ export class PeerListener {
   private async onForward(call: RawCall): Promise<void> {
     const { registry, metrics, logger } = this.deps;
     const peer = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
-    if (!peer || peer.role !== 'broker' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
+    if (peer?.role !== 'broker' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
       const why = !peer
         ? 'client certificate has no Burrow identity'
         : peer.role !== 'broker'
@@ -221,7 +221,7 @@ export class PeerListener {
     });
     const deadline = call.getDeadline();
     const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
-    let offer;
+    let offer: Awaited<ReturnType<typeof registry.acquire>>;
     try {
       offer = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, abort.signal);
     } catch (err) {

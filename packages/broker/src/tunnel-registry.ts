@@ -193,7 +193,10 @@ export class TunnelRegistry {
   whenConnected(agentId: string, timeoutMs: number, signal: AbortSignal): Promise<void> {
     return new Promise((resolve) => {
       let waiters = this.connectWaiters.get(agentId);
-      if (!waiters) this.connectWaiters.set(agentId, (waiters = new Set()));
+      if (!waiters) {
+        waiters = new Set();
+        this.connectWaiters.set(agentId, waiters);
+      }
       const set = waiters;
       const wake = (): void => {
         clearTimeout(timer);
@@ -212,7 +215,7 @@ export class TunnelRegistry {
   /** Forgets a session; its idle offers are finished. Calls in flight on it keep running. */
   removeSession(session: AgentSession): void {
     const entry = this.agents.get(session.agentId);
-    if (!entry || !entry.sessions.delete(session)) return;
+    if (!entry?.sessions.delete(session)) return;
     for (const offer of session.idle.splice(0)) offer.stream.finish();
     if (entry.sessions.size === 0) this.onPresence?.(session.agentId, false);
     // Offers owed by a session that is gone will never come: ask another session for them.
@@ -452,7 +455,7 @@ export class TunnelRegistry {
 
   private pool(session: AgentSession, stream: CallStream): void {
     const entry = this.agents.get(session.agentId);
-    if (!entry || !entry.sessions.has(session) || session.draining) {
+    if (!entry?.sessions.has(session) || session.draining) {
       stream.finish();
       return;
     }

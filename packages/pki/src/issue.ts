@@ -1,4 +1,3 @@
-import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { writeFileAtomic } from './atomic-write';
 import { NOT_BEFORE_BACKDATE_MS, pemWithNewline, validity } from './certificate-authority';
@@ -121,7 +120,7 @@ export function validateLeafRequest(opts: {
   assertRole(role);
   const dns = unique((opts.dns ?? []).map((d) => normalizeDnsName(d)));
   const ip = unique(opts.ip ?? []);
-  ip.forEach((a) => assertIpAddress(a));
+  for (const a of ip) assertIpAddress(a);
   if (role === 'broker') {
     if (dns.length === 0 && ip.length === 0) {
       throw new PkiError('dns: a broker certificate needs at least one DNS name (--dns) or IP address (--ip)');

@@ -115,7 +115,7 @@ function extension(oid: Buffer, critical: boolean, value: Buffer): Buffer {
 /** RFC 5280: UTCTime through 2049, GeneralizedTime from 2050; whole seconds, Zulu. */
 function time(date: Date): Buffer {
   const iso = date.toISOString(); // YYYY-MM-DDTHH:MM:SS.sssZ
-  const digits = iso.slice(0, 19).replace(/[-T:]/g, '') + 'Z';
+  const digits = `${iso.slice(0, 19).replace(/[-T:]/g, '')}Z`;
   return date.getUTCFullYear() < 2050
     ? tlv(0x17, Buffer.from(digits.slice(2), 'ascii'))
     : tlv(0x18, Buffer.from(digits, 'ascii'));
@@ -135,6 +135,8 @@ function ipBytes(address: string): Buffer {
   const after = tail === undefined ? [] : groups(tail);
   const all = [...before, ...new Array<number>(8 - before.length - after.length).fill(0), ...after];
   const out = Buffer.alloc(16);
-  all.forEach((g, i) => out.writeUInt16BE(g, i * 2));
+  all.forEach((g, i) => {
+    out.writeUInt16BE(g, i * 2);
+  });
   return out;
 }

@@ -37,7 +37,7 @@
  *
  * Every file is written atomically (temporary file in the same directory, fsync, rename).
  */
-import { X509Certificate, webcrypto, type KeyObject } from 'node:crypto';
+import { X509Certificate, type webcrypto, type KeyObject } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { certificateSubjectDer } from './der';
@@ -314,7 +314,9 @@ async function loadFiles(absDir: string, manifest: PkiManifest, signers: readonl
     Promise.all(roots.map((record) => loadCaCertificate(absDir, record))),
   ]);
   const materials = await Promise.all(loadedSigners.map((ca) => loadCaSigningMaterial(absDir, ca)));
-  loadedSigners.forEach((ca, i) => signingMaterials.set(ca, materials[i]!));
+  loadedSigners.forEach((ca, i) => {
+    signingMaterials.set(ca, materials[i]!);
+  });
   const byId = (id: string): LoadedCa => loadedSigners.find((ca) => ca.record.id === id)!;
   return {
     dir: absDir,

@@ -20,7 +20,7 @@ export function splitPolicyStatements(text: string): PolicyStatement[] {
   let start = -1;
   let i = 0;
   while (i < text.length) {
-    const ch = text[i];
+    const ch = text[i]!; // i < text.length
     if (ch === '/' && text[i + 1] === '/') {
       const eol = text.indexOf('\n', i);
       i = eol < 0 ? text.length : eol + 1;

@@ -62,6 +62,9 @@ export function checkInputBounds(input: unknown, limits: PolicyInputLimits = {})
     const next = depth + 1;
     const record = value as Record<string, unknown>;
     if (keys) for (const k of keys) stack.push({ value: record[k], depth: next, path: `${path}.${k}` });
-    else (value as unknown[]).forEach((v, i) => stack.push({ value: v, depth: next, path: `${path}[${i}]` }));
+    else
+      (value as unknown[]).forEach((v, i) => {
+        stack.push({ value: v, depth: next, path: `${path}[${i}]` });
+      });
   }
 }

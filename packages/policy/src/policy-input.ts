@@ -149,7 +149,9 @@ export function checkCedarValue(path: string, value: unknown): void {
       return;
     case 'object':
       if (Array.isArray(value)) {
-        value.forEach((item, i) => checkCedarValue(`${path}[${i}]`, item));
+        value.forEach((item, i) => {
+          checkCedarValue(`${path}[${i}]`, item);
+        });
         return;
       }
       for (const [k, v] of Object.entries(value as JsonObject)) checkCedarValue(`${path}.${k}`, v);

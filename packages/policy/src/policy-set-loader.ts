@@ -39,7 +39,7 @@ export class PolicyLoadError extends Error {
     super(
       issues.length === 0
         ? 'policy set failed to load'
-        : `${formatPolicyIssue(issues[0])}${issues.length > 1 ? ` (and ${issues.length - 1} more)` : ''}`,
+        : `${formatPolicyIssue(issues[0]!)}${issues.length > 1 ? ` (and ${issues.length - 1} more)` : ''}`,
     );
   }
 }

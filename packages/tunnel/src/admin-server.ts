@@ -71,7 +71,7 @@ export function isLoopbackAddress(address: string): boolean {
  * lowercased, without brackets or a trailing dot; undefined when it is not of that form.
  */
 function hostOf(value: string): string | undefined {
-  const m = /^(\[[0-9a-fA-F:.]+\]|[^:\[\]]+)(?::\d{1,5})?$/.exec(value.trim());
+  const m = /^(\[[0-9a-fA-F:.]+\]|[^:[\]]+)(?::\d{1,5})?$/.exec(value.trim());
   if (!m) return undefined;
   return m[1]!
     .replace(/^\[|\]$/g, '')
@@ -210,7 +210,7 @@ export function createAdminServer(sources: AdminSources): http.Server {
       res.end(body);
     };
     const sendJson = (r: AdminResponse): void =>
-      send(r.status, 'application/json', JSON.stringify(r.body, null, 2) + '\n');
+      send(r.status, 'application/json', `${JSON.stringify(r.body, null, 2)}\n`);
     // Checked before anything else, on every route: reads expose agent ids, addresses and paths.
     const hostRefusal = refuseHost(server, req, sources.allowedHosts ?? []);
     if (hostRefusal) return send(403, 'text/plain', hostRefusal);
@@ -250,7 +250,7 @@ export function createAdminServer(sources: AdminSources): http.Server {
       default: {
         const route = sources.json[url];
         if (!route) return send(404, 'text/plain', 'not found\n');
-        return send(200, 'application/json', JSON.stringify(route(), null, 2) + '\n');
+        return send(200, 'application/json', `${JSON.stringify(route(), null, 2)}\n`);
       }
     }
   });

@@ -1,4 +1,10 @@
-import { Metadata, status as Status, type Client, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
+import {
+  type Metadata,
+  status as Status,
+  type Client,
+  type ClientDuplexStream,
+  type StatusObject,
+} from '@grpc/grpc-js';
 import type { CallOutcome } from './call-outcome';
 import type { CallStream } from './call-stream';
 import { identity } from './grpc-server-hooks';

@@ -86,8 +86,7 @@ export function parseDurationMs(field: string, value: unknown): number {
   const re = /(\d+(?:\.\d+)?)(ms|s|m|h|d)/gy;
   let total = 0;
   let consumed = 0;
-  let m: RegExpExecArray | null;
-  while ((m = re.exec(text)) !== null) {
+  for (let m = re.exec(text); m !== null; m = re.exec(text)) {
     total += Number(m[1]) * DURATION_UNITS_MS[m[2]!]!;
     consumed = re.lastIndex;
   }

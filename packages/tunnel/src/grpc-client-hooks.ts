@@ -49,7 +49,8 @@ export function abortConnectsOnChannelClose(): void {
       socket.destroy();
       throw new Error('channel closed while connecting');
     }
-    (this[PENDING] ??= new Set()).add(socket);
+    this[PENDING] ??= new Set();
+    this[PENDING].add(socket);
     return socket;
   };
   const connect = connector.connect;

@@ -15,7 +15,7 @@ export function createLogger(opts: { level?: string; format?: LogFormat; compone
           winston.format.timestamp(),
           winston.format.printf((i) => {
             const { level, message, timestamp, component, ...rest } = i as Record<string, unknown>;
-            const extra = Object.keys(rest).length ? ' ' + JSON.stringify(rest) : '';
+            const extra = Object.keys(rest).length ? ` ${JSON.stringify(rest)}` : '';
             return `${String(timestamp)} ${String(level)} [${String(component)}] ${String(message)}${extra}`;
           }),
         )

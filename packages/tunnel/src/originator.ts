@@ -1,7 +1,7 @@
 import { Metadata, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import type { CallOutcome } from './call-outcome';
 import type { CallStream } from './call-stream';
-import { BurrowError } from './errors';
+import type { BurrowError } from './errors';
 import { requestMetadataToWire, responseMetadataFromWire } from './metadata-policy';
 
 export interface OriginateOptions {

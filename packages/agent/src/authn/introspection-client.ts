@@ -1,7 +1,7 @@
 import { createHash } from 'node:crypto';
 import { status as Status } from '@grpc/grpc-js';
 import { BurrowError } from '@burrow/tunnel';
-import { HttpClient, HttpRequestError } from './http-client';
+import type { HttpClient, HttpRequestError } from './http-client';
 
 /** Settings of the RFC 7662 introspection endpoint that judges opaque tokens. */
 export interface IntrospectionOptions {
@@ -81,7 +81,7 @@ export class IntrospectionClient {
 
     const form = new URLSearchParams({ token, token_type_hint: 'access_token' });
     if (this.formClientId !== undefined) form.set('client_id', this.formClientId);
-    let res;
+    let res: Awaited<ReturnType<HttpClient['request']>>;
     try {
       res = await this.http.request({
         method: 'POST',

@@ -1,4 +1,4 @@
-import { HttpClient, HttpRequestError } from './http-client';
+import type { HttpClient, HttpRequestError } from './http-client';
 import { MAX_JWKS_BYTES } from './jwks-file-loader';
 import type { JwksLoader } from './jwks-source';
 
@@ -18,7 +18,7 @@ export class JwksUrlLoader implements JwksLoader {
   }
 
   async load(): Promise<Buffer> {
-    let res;
+    let res: Awaited<ReturnType<HttpClient['request']>>;
     try {
       res = await this.http.request({
         method: 'GET',
