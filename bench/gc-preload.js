@@ -9,7 +9,11 @@ process.on('SIGUSR2', () => {
   setImmediate(() => {
     global.gc();
     process.stderr.write(
-      `${JSON.stringify({ level: 'info', message: 'bench gc settled', heapUsedBytes: process.memoryUsage().heapUsed })}\n`,
+      `${JSON.stringify({
+        level: 'info',
+        message: 'bench gc settled',
+        heapUsedBytes: process.memoryUsage().heapUsed,
+      })}\n`,
     );
   });
 });

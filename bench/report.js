@@ -71,7 +71,9 @@ function tableLines(result) {
   const lines = [];
   const row = (...cells) => lines.push(`| ${cells.join(' | ')} |`);
   lines.push(
-    `Profile **${m.profile}**, ${m.cpus} x ${m.model}, ${Math.round(m.memKiB / 1048576)} GiB, Node ${m.node}, load average ${m.loadAverageStart.join(' ')} at start, ${m.loadAverageEnd?.join(' ') ?? '?'} at end; commit ${m.gitCommit?.slice(0, 7) ?? '?'}${m.gitDirty ? ' (dirty)' : ''}, ${m.date}.`,
+    `Profile **${m.profile}**, ${m.cpus} x ${m.model}, ${Math.round(m.memKiB / 1048576)} GiB, Node ${m.node}, ` +
+      `load average ${m.loadAverageStart.join(' ')} at start, ${m.loadAverageEnd?.join(' ') ?? '?'} at end; ` +
+      `commit ${m.gitCommit?.slice(0, 7) ?? '?'}${m.gitDirty ? ' (dirty)' : ''}, ${m.date}.`,
   );
   lines.push('');
   const u = cases.unary;
@@ -240,7 +242,9 @@ function printTable(result) {
   const deaths = result.machine.agentDeaths ?? [];
   const deathLines = deaths.length
     ? [
-        `**The agent process died ${deaths.length} time(s) during the run** and was started again (${deaths.map((d) => JSON.stringify(d.exit)).join(', ')}); the calls it failed are counted above. stderr tail of the first: ${JSON.stringify(deaths[0].stderrTail)}`,
+        `**The agent process died ${deaths.length} time(s) during the run** and was started again ` +
+          `(${deaths.map((d) => JSON.stringify(d.exit)).join(', ')}); the calls it failed are counted above. ` +
+          `stderr tail of the first: ${JSON.stringify(deaths[0].stderrTail)}`,
         '',
       ]
     : [];

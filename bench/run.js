@@ -160,7 +160,8 @@ async function startBurrow(name, cli, args, { nodeFlags = [], startedMessage, on
   void proc.exited.then((exit) => {
     if (proc.expectedExit) return;
     log(
-      `${name} (pid ${proc.pid}) exited unexpectedly (${JSON.stringify(exit)}); its stderr ends with:\n${proc.stderrTail(30)}`,
+      `${name} (pid ${proc.pid}) exited unexpectedly (${JSON.stringify(exit)}); its stderr ends ` +
+        `with:\n${proc.stderrTail(30)}`,
     );
     if (onUnexpectedExit) onUnexpectedExit(exit, proc.stderrTail(30));
     else void cleanup().finally(() => process.exit(1));
@@ -795,7 +796,9 @@ async function runScale(ctx, result) {
     restartIs:
       'SIGKILL (a crash), then the same command on the same ports; timed from the kill; reconnects are not paced',
     swarmNice: SWARM_NICE,
-    connectIs: `first connects paced at ${P.scaleArrivalPerS}/s over the fleet (${(first.rampMs / 1000).toFixed(1)} s ramp); timed from the first; waits at most ramp + ${P.scaleWaitMs / 1000} s`,
+    connectIs:
+      `first connects paced at ${P.scaleArrivalPerS}/s over the fleet (${(first.rampMs / 1000).toFixed(1)} s ` +
+      `ramp); timed from the first; waits at most ramp + ${P.scaleWaitMs / 1000} s`,
     arrivalPerS: P.scaleArrivalPerS,
     waitBoundS: P.scaleWaitMs / 1000,
     idleStreamsPerAgent: first.started.minIdleOffers,
@@ -816,7 +819,9 @@ async function runScale(ctx, result) {
     http2WithAgentStreams: floor.http2Streams,
     streams: floor.streams,
     connections: floor.connections,
-    is: 'RSS per idle connection of a server with no Burrow and no grpc-js: node:tls with a client certificate; node:http2 on it; the same with the session stream and idle offers of one agent as plain HTTP/2 streams',
+    is:
+      'RSS per idle connection of a server with no Burrow and no grpc-js: node:tls with a client certificate; ' +
+      'node:http2 on it; the same with the session stream and idle offers of one agent as plain HTTP/2 streams',
   };
 }
 
@@ -907,7 +912,9 @@ async function runIssuance(ctx, result) {
     failedByCode: enrolled.failedByCode,
     concurrency: enrolled.concurrency,
     durationMs: enrolled.durationMs,
-    path: 'Enrollment/Enroll RPC on the broker agent listener (--pki-dir): join token + CSR in, chain out; one TLS connection, no client certificate',
+    path:
+      'Enrollment/Enroll RPC on the broker agent listener (--pki-dir): join token + CSR in, chain out; one TLS ' +
+      'connection, no client certificate',
     sign_csr_per_s: signed.perS,
     signCsr: {
       ok: signed.ok,
@@ -926,7 +933,8 @@ async function main() {
   const result = { machine: machineInfo(), cases: {} };
   result.machine.profileSettings = P;
   log(
-    `profile ${PROFILE_NAME}: ${result.machine.cpus} x ${result.machine.model}, Node ${process.version}, load ${result.machine.loadAverageStart.join(' ')}`,
+    `profile ${PROFILE_NAME}: ${result.machine.cpus} x ${result.machine.model}, Node ${process.version}, ` +
+      `load ${result.machine.loadAverageStart.join(' ')}`,
   );
 
   const dirs = {
@@ -968,7 +976,8 @@ async function main() {
   fs.writeFileSync(path.join(RESULTS_DIR, 'latest.json'), `${JSON.stringify(result, null, 2)}\n`);
   printTable(result);
   log(
-    `wrote ${path.relative(process.cwd(), path.join(RESULTS_DIR, 'latest.json'))} in ${result.machine.benchDurationS} s`,
+    `wrote ${path.relative(process.cwd(), path.join(RESULTS_DIR, 'latest.json'))} ` +
+      `in ${result.machine.benchDurationS} s`,
   );
 }
 

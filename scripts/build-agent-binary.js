@@ -51,7 +51,9 @@ const embedCedarWasm = {
         return {
           errors: [
             {
-              text: `${args.path} no longer reads cedar_wasm_bg.wasm with require('fs').readFileSync(wasmPath); update the embed-cedar-wasm plugin`,
+              text:
+                `${args.path} no longer reads cedar_wasm_bg.wasm with require('fs').readFileSync(wasmPath); ` +
+                `update the embed-cedar-wasm plugin`,
             },
           ],
         };
@@ -159,7 +161,8 @@ async function quietly(fn) {
 async function main() {
   if (process.platform !== 'linux' || process.arch !== 'x64')
     fail(
-      `builds ${NAME} only on linux-x64 (this is ${process.platform}-${process.arch}): the binary is this Node executable plus the agent`,
+      `builds ${NAME} only on linux-x64 (this is ${process.platform}-${process.arch}): the binary is this Node ` +
+        `executable plus the agent`,
     );
   if (!fs.existsSync(AGENT_CLI)) fail(`${path.relative(ROOT, AGENT_CLI)} is missing; run make build first`);
   const started = Date.now();
@@ -207,7 +210,8 @@ async function main() {
     fs.writeFileSync(`${OUT}.sha256`, `${digest}  ${NAME}\n`);
     const mib = (fs.statSync(OUT).size / 2 ** 20).toFixed(1);
     process.stdout.write(
-      `built dist/${NAME} (${mib} MiB, ${count} protos, ${((Date.now() - started) / 1000).toFixed(1)} s): ${result.version}\n${result.check}\nsha256 ${digest}\n`,
+      `built dist/${NAME} (${mib} MiB, ${count} protos, ${((Date.now() - started) / 1000).toFixed(1)} ` +
+        `s): ${result.version}\n${result.check}\nsha256 ${digest}\n`,
     );
   } finally {
     fs.rmSync(tmp, { force: true });

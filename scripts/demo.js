@@ -186,7 +186,8 @@ async function main() {
   ]);
   const b = await broker.started;
   say(
-    `    broker pid ${broker.child.pid}: agents -> 127.0.0.1:${b.agentPort}, callers -> 127.0.0.1:${b.apiPort}, AuthZEN -> https://localhost:${b.authzenPort}, admin -> http://127.0.0.1:${b.adminPort}`,
+    `    broker pid ${broker.child.pid}: agents -> 127.0.0.1:${b.agentPort}, callers -> 127.0.0.1:${b.apiPort}, ` +
+      `AuthZEN -> https://localhost:${b.authzenPort}, admin -> http://127.0.0.1:${b.adminPort}`,
   );
   const stateDir = path.join(tmp, 'agent-state');
   const enrolled = await new Promise((resolve, reject) => {
@@ -245,7 +246,8 @@ async function main() {
   const a = await agent.started;
   await waitForLine(agent, (r) => r.message === 'tunnel session established', 10_000);
   say(
-    `    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialled out with its enrolled certificate; site clients -> 127.0.0.1:${a.localPort}`,
+    `    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialled out with its enrolled certificate; site ` +
+      `clients -> 127.0.0.1:${a.localPort}`,
   );
 
   const Greeter = loadGreeter();
@@ -269,7 +271,8 @@ async function main() {
   step(5, 'site client -> agent -> broker -> platform upstream');
   const r3 = await unary(siteClient, 'sayHello', { name: 'site' }, new grpc.Metadata());
   say(
-    `    unary  SayHello        -> "${r3.message}" (answered by ${r3.answeredBy}; broker says the caller is agent "${r3.callingAgent}")`,
+    `    unary  SayHello        -> "${r3.message}" (answered by ${r3.answeredBy}; broker says the caller is ` +
+      `agent "${r3.callingAgent}")`,
   );
   const chat = siteClient.chat(new grpc.Metadata());
   const chatDone = stream(chat);
@@ -300,7 +303,8 @@ async function main() {
     );
   const good = await client.authenticate(AGENT_ID, sign('--exp', '10m'));
   say(
-    `    Authenticate(valid token)    -> authenticated=${good.authenticated} subject=${good.subject} groups=${good.groups.join(',')}`,
+    `    Authenticate(valid token)    -> authenticated=${good.authenticated} subject=${good.subject} ` +
+      `groups=${good.groups.join(',')}`,
   );
   const expired = await client.authenticate(AGENT_ID, sign('--exp', '-5m'));
   say(`    Authenticate(expired token)  -> authenticated=${expired.authenticated} reason="${expired.reason}"`);
@@ -308,7 +312,8 @@ async function main() {
     JSON.parse(fs.readFileSync(path.join(ROOT, 'examples', 'policy', 'requests', name), 'utf8'));
   const permit = await client.evaluate(AGENT_ID, request('permit-owner-edits.json'));
   say(
-    `    Evaluate(permit-owner-edits)            -> decision=${permit.decision} by ${JSON.stringify(permit.context.policies)}`,
+    `    Evaluate(permit-owner-edits)            -> decision=${permit.decision} ` +
+      `by ${JSON.stringify(permit.context.policies)}`,
   );
   const deny = await client.evaluate(AGENT_ID, request('deny-confidential-without-mfa.json'));
   say(`    Evaluate(deny-confidential-without-mfa) -> decision=${deny.decision} (${deny.context.reason})`);
@@ -319,7 +324,8 @@ async function main() {
     files.service,
   );
   say(
-    `    POST https://localhost:${b.authzenPort}/agents/${AGENT_ID}/access/v1/evaluation -> ${viaHttp.status} ${JSON.stringify({ decision: viaHttp.body.decision })}`,
+    `    POST https://localhost:${b.authzenPort}/agents/${AGENT_ID}/access/v1/evaluation ` +
+      `-> ${viaHttp.status} ${JSON.stringify({ decision: viaHttp.body.decision })}`,
   );
   const outsiderClient = new BurrowClient({
     broker: `localhost:${b.apiPort}`,
@@ -336,7 +342,8 @@ async function main() {
   step(7, "the broker's view");
   const agents = await (await fetch(`http://127.0.0.1:${b.adminPort}/agents`)).json();
   say(
-    `    GET /agents  -> ${JSON.stringify(agents.map(({ id, connections, callsInFlight }) => ({ id, connections, callsInFlight })))}`,
+    `    GET /agents  ` +
+      `-> ${JSON.stringify(agents.map(({ id, connections, callsInFlight }) => ({ id, connections, callsInFlight })))}`,
   );
   const metrics = await (await fetch(`http://127.0.0.1:${b.adminPort}/metrics`)).text();
   for (const line of metrics.split('\n').filter((l) => /^burrow_broker_(connected_agents|calls_total)/.test(l)))

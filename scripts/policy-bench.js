@@ -74,19 +74,23 @@ function generateSite(dir) {
       const action = actions[n % 4];
       if (n % 10 === 9)
         lines.push(
-          `forbid (principal in Group::"g${n % groups}", action == Action::"${action}", resource in Project::"p${n % 100}") unless { principal.employee };`,
+          `forbid (principal in Group::"g${n % groups}", action == Action::"${action}", resource in ` +
+            `Project::"p${n % 100}") unless { principal.employee };`,
         );
       else if (n % 3 === 0)
         lines.push(
-          `permit (principal in Group::"g${n % groups}", action == Action::"${action}", resource in Project::"p${(n * 3) % 100}") when { principal.level >= resource.level };`,
+          `permit (principal in Group::"g${n % groups}", action == Action::"${action}", resource in ` +
+            `Project::"p${(n * 3) % 100}") when { principal.level >= resource.level };`,
         );
       else if (n % 3 === 1)
         lines.push(
-          `permit (principal, action == Action::"${action}", resource is Document) when { resource.owner == principal && context.hour >= ${n % 9} };`,
+          `permit (principal, action == Action::"${action}", resource is Document) when { resource.owner == ` +
+            `principal && context.hour >= ${n % 9} };`,
         );
       else
         lines.push(
-          `permit (principal, action == Action::"${action}", resource is Document) when { principal in resource.project.team && principal.level > ${n % 5} };`,
+          `permit (principal, action == Action::"${action}", resource is Document) when { principal in ` +
+            `resource.project.team && principal.level > ${n % 5} };`,
         );
     }
     fs.writeFileSync(path.join(dir, 'policies', `p${f}.cedar`), `${lines.join('\n')}\n`);
@@ -167,7 +171,8 @@ function benchRawCedar(label, opts, requests) {
       time(() => cedar.statefulIsAuthorized({ ...call(requests[i % requests.length]), preparsedPolicySetId: 'bench' })),
     );
   console.log(
-    `${label}: raw statefulIsAuthorized (preparsed policies, all ${entities.length} entities every call) ${fmt(stateful)}`,
+    `${label}: raw statefulIsAuthorized (preparsed policies, all ${entities.length} entities every ` +
+      `call) ${fmt(stateful)}`,
   );
 }
 
@@ -178,7 +183,8 @@ async function main() {
     .map((f) => JSON.parse(fs.readFileSync(path.join(EXAMPLES, 'requests', f), 'utf8')));
   const sample = { policiesDir: path.join(EXAMPLES, 'policies'), entitiesFile: path.join(EXAMPLES, 'entities.json') };
   console.log(
-    `cedar ${cedar.getCedarVersion()}, node ${process.version}, ${os.cpus().length} cpus, load ${os.loadavg()[0].toFixed(1)}`,
+    `cedar ${cedar.getCedarVersion()}, node ${process.version}, ${os.cpus().length} cpus, ` +
+      `load ${os.loadavg()[0].toFixed(1)}`,
   );
   await benchEngine('example site (7 policies, 17 entities)', sample, sampleRequests);
   benchRawCedar('example site', sample, sampleRequests);
@@ -203,7 +209,8 @@ async function main() {
     }
     reloads.sort((a, b) => a - b);
     console.log(
-      `generated site: reload (read, parse, validate, swap) median ${reloads[5].toFixed(1)} ms, max ${reloads[9].toFixed(1)} ms`,
+      `generated site: reload (read, parse, validate, swap) median ${reloads[5].toFixed(1)} ms, ` +
+        `max ${reloads[9].toFixed(1)} ms`,
     );
     await engine.close();
   } finally {

@@ -117,31 +117,36 @@ describe('admin server: routes and mutating requests', () => {
     expect((await send(port, '127.0.0.1', 'GET', '/nothing')).status).to.equal(404);
   });
 
-  it('on loopback without a token: runs a local POST with its JSON body, refuses other methods, forged origins, bad and huge bodies', async () => {
-    const port = await start('127.0.0.1', {});
-    const ok = await send(port, '127.0.0.1', 'POST', '/things/x/poke', {
-      headers: { 'content-type': 'application/json' },
-      body: '{"reason":"r"}',
-    });
-    expect(ok.status, ok.body).to.equal(200);
-    expect(calls).to.deep.equal([{ params: ['x'], body: { reason: 'r' } }]);
-    expect((await send(port, '127.0.0.1', 'GET', '/things/x/poke')).status).to.equal(405);
-    expect(
-      (await send(port, '127.0.0.1', 'POST', '/things/x/poke', { headers: { origin: 'https://evil.example' } })).status,
-    ).to.equal(403);
-    expect(
-      (await send(port, '127.0.0.1', 'POST', '/things/x/poke', { headers: { host: 'evil.example:80' } })).status,
-    ).to.equal(403);
-    expect((await send(port, '127.0.0.1', 'POST', '/things/x/poke', { body: '{not json' })).status).to.equal(400);
-    expect(
-      (
-        await send(port, '127.0.0.1', 'POST', '/things/x/poke', {
-          body: JSON.stringify({ reason: 'x'.repeat(20_000) }),
-        })
-      ).status,
-    ).to.equal(413);
-    expect(calls).to.have.length(1);
-  });
+  it(
+    'on loopback without a token: runs a local POST with its JSON body, refuses other methods, forged origins, ' +
+      'bad and huge bodies',
+    async () => {
+      const port = await start('127.0.0.1', {});
+      const ok = await send(port, '127.0.0.1', 'POST', '/things/x/poke', {
+        headers: { 'content-type': 'application/json' },
+        body: '{"reason":"r"}',
+      });
+      expect(ok.status, ok.body).to.equal(200);
+      expect(calls).to.deep.equal([{ params: ['x'], body: { reason: 'r' } }]);
+      expect((await send(port, '127.0.0.1', 'GET', '/things/x/poke')).status).to.equal(405);
+      expect(
+        (await send(port, '127.0.0.1', 'POST', '/things/x/poke', { headers: { origin: 'https://evil.example' } }))
+          .status,
+      ).to.equal(403);
+      expect(
+        (await send(port, '127.0.0.1', 'POST', '/things/x/poke', { headers: { host: 'evil.example:80' } })).status,
+      ).to.equal(403);
+      expect((await send(port, '127.0.0.1', 'POST', '/things/x/poke', { body: '{not json' })).status).to.equal(400);
+      expect(
+        (
+          await send(port, '127.0.0.1', 'POST', '/things/x/poke', {
+            body: JSON.stringify({ reason: 'x'.repeat(20_000) }),
+          })
+        ).status,
+      ).to.equal(413);
+      expect(calls).to.have.length(1);
+    },
+  );
 
   it('refuses mutating requests when the owner gave no policy', async () => {
     const port = await start('127.0.0.1', undefined);

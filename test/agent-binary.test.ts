@@ -78,23 +78,27 @@ describe('embedded protos (what the single executable loads instead of proto/ on
     expect(Object.keys(def)).to.include('grpc.health.v1.Health');
   });
 
-  it('a file that is not embedded is ENOENT naming it; paths outside the directory still come from disk; restore undoes it', () => {
-    restore = serveProtosFromAssets(diskAssets(PROTO_DIR));
-    expect(() => protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, 'nope', 'x.proto'))).to.throw(
-      /ENOENT.*nope\/x\.proto.*not embedded/,
-    );
-    expect(
-      protobuf
-        .loadSync(path.join(PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto'))
-        .lookupType('grpc.health.v1.HealthCheckRequest'),
-    ).to.exist;
-    restore();
-    restore = undefined;
-    // Without the hook the embedded directory does not exist: proof the files above came from it.
-    expect(() => protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto'))).to.throw(
-      /ENOENT/,
-    );
-  });
+  it(
+    'a file that is not embedded is ENOENT naming it; paths ' +
+      'outside the directory still come from disk; restore undoes it',
+    () => {
+      restore = serveProtosFromAssets(diskAssets(PROTO_DIR));
+      expect(() => protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, 'nope', 'x.proto'))).to.throw(
+        /ENOENT.*nope\/x\.proto.*not embedded/,
+      );
+      expect(
+        protobuf
+          .loadSync(path.join(PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto'))
+          .lookupType('grpc.health.v1.HealthCheckRequest'),
+      ).to.exist;
+      restore();
+      restore = undefined;
+      // Without the hook the embedded directory does not exist: proof the files above came from it.
+      expect(() => protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, 'grpc', 'health', 'v1', 'health.proto'))).to.throw(
+        /ENOENT/,
+      );
+    },
+  );
 
   it('the manifest lists the protos in a single executable', () => {
     expect(listProtoFiles(EMBEDDED_PROTO_DIR, diskAssets(PROTO_DIR))).to.deep.equal(
@@ -226,15 +230,19 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
     expect(check.trim()).to.equal(`${BINARY_NAME}: OK`);
   });
 
-  it('--version prints the agent version and protocol versions on one line, the same as node packages/agent/dist/cli.js', async () => {
-    const fromBinary = await runToEnd(['--version']);
-    const fromNode = await runCli(AGENT_CLI, ['--version']);
-    expect(fromBinary.exit).to.deep.equal({ code: 0, signal: null });
-    expect(fromBinary.stdout).to.equal(`${AGENT_VERSION} (protocol ${PROTOCOL_VERSIONS.join(', ')})\n`);
-    expect(fromBinary.stdout).to.equal(fromNode.stdout);
-    // No "single executable applications are experimental" warning, nothing else on stderr.
-    expect(fromBinary.stderr).to.equal('');
-  });
+  it(
+    '--version prints the agent version and protocol versions on one line, the same as node ' +
+      'packages/agent/dist/cli.js',
+    async () => {
+      const fromBinary = await runToEnd(['--version']);
+      const fromNode = await runCli(AGENT_CLI, ['--version']);
+      expect(fromBinary.exit).to.deep.equal({ code: 0, signal: null });
+      expect(fromBinary.stdout).to.equal(`${AGENT_VERSION} (protocol ${PROTOCOL_VERSIONS.join(', ')})\n`);
+      expect(fromBinary.stdout).to.equal(fromNode.stdout);
+      // No "single executable applications are experimental" warning, nothing else on stderr.
+      expect(fromBinary.stderr).to.equal('');
+    },
+  );
 
   it('self-check: every proto, the Cedar wasm engine and jose work from inside the binary', async () => {
     const r = await runToEnd(['self-check']);
@@ -244,7 +252,8 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
       require('@cedar-policy/cedar-wasm/nodejs') as { getCedarVersion(): string }
     ).getCedarVersion();
     expect(r.stdout).to.equal(
-      `self-check ok: single executable yes; ${protos.length} protos (${protos.join(', ')}); cedar ${cedarVersion} allow/deny; jose ES256 sign/verify\n`,
+      `self-check ok: single executable yes; ${protos.length} protos (${protos.join(', ')}); ` +
+        `cedar ${cedarVersion} allow/deny; jose ES256 sign/verify\n`,
     );
     expect(r.stderr).to.equal('');
     // The same check passes in plain Node, and says so.
@@ -252,103 +261,108 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
     expect(plain.stdout).to.equal(r.stdout.replace('single executable yes', 'single executable no'));
   });
 
-  it('enrolls with a join token against a real broker process, then runs and answers a call through the caller API', async () => {
-    const world = makeTempDir('burrow-binary-e2e-');
-    temps.push(world);
-    const pkiDir = path.join(world, 'pki');
-    expect((await runCli(PKI_CLI, ['init', '--dir', pkiDir])).exit.code).to.equal(0);
-    const broker = await startBroker([
-      '--pki-dir',
-      pkiDir,
-      '--agent-listen',
-      '127.0.0.1:0',
-      '--api-listen',
-      '127.0.0.1:0',
-      '--tls-dns',
-      'localhost',
-      '--tls-ip',
-      '127.0.0.1',
-      '--agent-wait',
-      '5s',
-    ]);
-    const brokerAddress = `127.0.0.1:${broker.ports.agentPort}`;
-    const token = await runCli(PKI_CLI, [
-      'token',
-      'create',
-      '--dir',
-      pkiDir,
-      '--agent-id',
-      'air-gapped-site',
-      '--ttl',
-      '10m',
-    ]);
-    expect(token.exit.code).to.equal(0);
+  it(
+    'enrolls with a join token against a real broker process, ' + 'then runs and answers a call through the caller API',
+    async () => {
+      const world = makeTempDir('burrow-binary-e2e-');
+      temps.push(world);
+      const pkiDir = path.join(world, 'pki');
+      expect((await runCli(PKI_CLI, ['init', '--dir', pkiDir])).exit.code).to.equal(0);
+      const broker = await startBroker([
+        '--pki-dir',
+        pkiDir,
+        '--agent-listen',
+        '127.0.0.1:0',
+        '--api-listen',
+        '127.0.0.1:0',
+        '--tls-dns',
+        'localhost',
+        '--tls-ip',
+        '127.0.0.1',
+        '--agent-wait',
+        '5s',
+      ]);
+      const brokerAddress = `127.0.0.1:${broker.ports.agentPort}`;
+      const token = await runCli(PKI_CLI, [
+        'token',
+        'create',
+        '--dir',
+        pkiDir,
+        '--agent-id',
+        'air-gapped-site',
+        '--ttl',
+        '10m',
+      ]);
+      expect(token.exit.code).to.equal(0);
 
-    // A relative state directory: the binary resolves it against its working directory.
-    const enrolled = await runToEnd([
-      'enroll',
-      '--broker',
-      brokerAddress,
-      '--token',
-      token.stdout.trim(),
-      '--state-dir',
-      'state',
-    ]);
-    expect(enrolled.exit.code, enrolled.stderr).to.equal(0);
-    expect(enrolled.stdout).to.match(/^enrolled as spiffe:\/\/burrow\.local\/agent\/air-gapped-site; state in state;/);
-    expect(fs.statSync(path.join(site, 'state', 'tls.key')).mode & 0o777).to.equal(0o600);
+      // A relative state directory: the binary resolves it against its working directory.
+      const enrolled = await runToEnd([
+        'enroll',
+        '--broker',
+        brokerAddress,
+        '--token',
+        token.stdout.trim(),
+        '--state-dir',
+        'state',
+      ]);
+      expect(enrolled.exit.code, enrolled.stderr).to.equal(0);
+      expect(enrolled.stdout).to.match(
+        /^enrolled as spiffe:\/\/burrow\.local\/agent\/air-gapped-site; state in state;/,
+      );
+      expect(fs.statSync(path.join(site, 'state', 'tls.key')).mode & 0o777).to.equal(0o600);
 
-    echo = await new EchoUpstream().start();
-    const agent = agentBinary('agent-binary', [
-      'run',
-      '--broker',
-      brokerAddress,
-      '--state-dir',
-      'state',
-      '--upstream',
-      `*=${echo.address}`,
-      '--admin-listen',
-      '127.0.0.1:0',
-      '--drain-timeout',
-      '5s',
-    ]);
-    const started = await agent.waitForLog('agent started', () => true, { timeoutMs: 20_000 });
-    await Promise.all([
-      agent.waitForLog('tunnel session established'),
-      broker.proc.waitForLog('agent connected', (l) => l.agentId === 'air-gapped-site'),
-    ]);
-    expect((await httpGet(`http://127.0.0.1:${String(started.adminPort)}/readyz`)).status).to.equal(200);
+      echo = await new EchoUpstream().start();
+      const agent = agentBinary('agent-binary', [
+        'run',
+        '--broker',
+        brokerAddress,
+        '--state-dir',
+        'state',
+        '--upstream',
+        `*=${echo.address}`,
+        '--admin-listen',
+        '127.0.0.1:0',
+        '--drain-timeout',
+        '5s',
+      ]);
+      const started = await agent.waitForLog('agent started', () => true, { timeoutMs: 20_000 });
+      await Promise.all([
+        agent.waitForLog('tunnel session established'),
+        broker.proc.waitForLog('agent connected', (l) => l.agentId === 'air-gapped-site'),
+      ]);
+      expect((await httpGet(`http://127.0.0.1:${String(started.adminPort)}/readyz`)).status).to.equal(200);
 
-    const svc = await issueCertificate({ dir: pkiDir, role: 'service', name: 'platform' });
-    await writeIssued(path.join(world, 'svc'), svc);
-    const caller = new RawClient(
-      `127.0.0.1:${broker.ports.apiPort}`,
-      mtlsCredentials({
-        cert: path.join(world, 'svc', 'tls.crt'),
-        key: path.join(world, 'svc', 'tls.key'),
-        ca: path.join(world, 'svc', 'ca.crt'),
-      }),
-      { 'grpc.ssl_target_name_override': 'localhost' },
-    );
-    clients.push(caller);
-    const md = new Metadata();
-    md.set('burrow-agent-id', 'air-gapped-site');
-    const res = await caller.unary(ECHO.unary, Buffer.from('answered by the single executable'), md);
-    expect(res.status.code).to.equal(Status.OK);
-    expect(res.response.toString()).to.equal('answered by the single executable');
-    expect(echo.calls.map((c) => c.method)).to.deep.equal([ECHO.unary]);
+      const svc = await issueCertificate({ dir: pkiDir, role: 'service', name: 'platform' });
+      await writeIssued(path.join(world, 'svc'), svc);
+      const caller = new RawClient(
+        `127.0.0.1:${broker.ports.apiPort}`,
+        mtlsCredentials({
+          cert: path.join(world, 'svc', 'tls.crt'),
+          key: path.join(world, 'svc', 'tls.key'),
+          ca: path.join(world, 'svc', 'ca.crt'),
+        }),
+        { 'grpc.ssl_target_name_override': 'localhost' },
+      );
+      clients.push(caller);
+      const md = new Metadata();
+      md.set('burrow-agent-id', 'air-gapped-site');
+      const res = await caller.unary(ECHO.unary, Buffer.from('answered by the single executable'), md);
+      expect(res.status.code).to.equal(Status.OK);
+      expect(res.response.toString()).to.equal('answered by the single executable');
+      expect(echo.calls.map((c) => c.method)).to.deep.equal([ECHO.unary]);
 
-    // No telemetry, no update check: the binary's only TCP peers are its broker and its upstream,
-    // and it listens only where told to.
-    const sockets = tcpSocketsOf(agent.pid);
-    expect(sockets.listening).to.deep.equal([`127.0.0.1:${String(started.adminPort)}`]);
-    expect(sockets.peers.length).to.be.at.least(2);
-    for (const peer of sockets.peers) expect([brokerAddress, echo.address], peer).to.include(peer);
+      // No telemetry, no update check: the binary's only TCP peers are its broker and its upstream,
+      // and it listens only where told to.
+      const sockets = tcpSocketsOf(agent.pid);
+      expect(sockets.listening).to.deep.equal([`127.0.0.1:${String(started.adminPort)}`]);
+      expect(sockets.peers.length).to.be.at.least(2);
+      for (const peer of sockets.peers) expect([brokerAddress, echo.address], peer).to.include(peer);
 
-    // SIGTERM drains and exits 0, as systemd's stop does.
-    agent.signal('SIGTERM');
-    expect(await agent.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
-    broker.proc.signal('SIGTERM');
-    expect(await broker.proc.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
-  });
+      // SIGTERM drains and exits 0, as systemd's stop does.
+      agent.signal('SIGTERM');
+      expect(await agent.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
+      broker.proc.signal('SIGTERM');
+      expect(await broker.proc.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
+    },
+  );
 });

@@ -62,62 +62,68 @@ describe('auth and policy through the tunnel', function () {
     rmSync(tmp, { recursive: true, force: true });
   });
 
-  it('every example request gets the decision its file name promises, over gRPC and over the AuthZEN HTTP binding', async () => {
-    const files = readdirSync(REQUESTS_DIR).filter((f) => /^(permit|deny)-.*\.json$/.test(f));
-    expect(files.length).to.be.at.least(2);
-    for (const f of files) {
-      const expected = f.startsWith('permit-');
-      const viaGrpc = await client.evaluate(AGENT_ID, exampleRequest(f));
-      expect(viaGrpc.decision, `${f} over gRPC`).to.equal(expected);
-      expect(viaGrpc.context?.reason, f).to.be.a('string').and.not.equal('');
-      if (expected) expect(viaGrpc.context?.policies, f).to.be.an('array').that.is.not.empty;
-      const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+  it(
+    'every example request gets the decision its file name promises, ' + 'over gRPC and over the AuthZEN HTTP binding',
+    async () => {
+      const files = readdirSync(REQUESTS_DIR).filter((f) => /^(permit|deny)-.*\.json$/.test(f));
+      expect(files.length).to.be.at.least(2);
+      for (const f of files) {
+        const expected = f.startsWith('permit-');
+        const viaGrpc = await client.evaluate(AGENT_ID, exampleRequest(f));
+        expect(viaGrpc.decision, `${f} over gRPC`).to.equal(expected);
+        expect(viaGrpc.context?.reason, f).to.be.a('string').and.not.equal('');
+        if (expected) expect(viaGrpc.context?.policies, f).to.be.an('array').that.is.not.empty;
+        const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+          cert: stack.serviceCert,
+          ca: stack.serviceCert.ca,
+          body: exampleRequest(f),
+        });
+        expect(viaHttp.status, `${f} over HTTP: ${JSON.stringify(viaHttp.body)}`).to.equal(200);
+        expect(viaHttp.body.decision, `${f} over HTTP`).to.equal(expected);
+        expect(viaHttp.body.context.policies).to.deep.equal(viaGrpc.context?.policies);
+      }
+    },
+  );
+
+  it(
+    'evaluations: defaults merged, answered in order, ' + 'and the stop semantics honoured, over both bindings',
+    async () => {
+      const batch = exampleRequest('evaluations-batch.json');
+      const all = await client.evaluations(AGENT_ID, batch);
+      expect(all.evaluations).to.have.length(batch.evaluations.length);
+      const decisions = all.evaluations.map((e) => e.decision);
+      const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluations`, {
         cert: stack.serviceCert,
         ca: stack.serviceCert.ca,
-        body: exampleRequest(f),
+        body: batch,
       });
-      expect(viaHttp.status, `${f} over HTTP: ${JSON.stringify(viaHttp.body)}`).to.equal(200);
-      expect(viaHttp.body.decision, `${f} over HTTP`).to.equal(expected);
-      expect(viaHttp.body.context.policies).to.deep.equal(viaGrpc.context?.policies);
-    }
-  });
-
-  it('evaluations: defaults merged, answered in order, and the stop semantics honoured, over both bindings', async () => {
-    const batch = exampleRequest('evaluations-batch.json');
-    const all = await client.evaluations(AGENT_ID, batch);
-    expect(all.evaluations).to.have.length(batch.evaluations.length);
-    const decisions = all.evaluations.map((e) => e.decision);
-    const viaHttp = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluations`, {
-      cert: stack.serviceCert,
-      ca: stack.serviceCert.ca,
-      body: batch,
-    });
-    expect(viaHttp.status).to.equal(200);
-    expect(viaHttp.body.evaluations.map((e: { decision: boolean }) => e.decision)).to.deep.equal(decisions);
-    // Each item alone gives the same answer as in the batch (defaults applied the same way).
-    for (const [i, item] of batch.evaluations.entries()) {
-      const single = await client.evaluate(AGENT_ID, {
-        subject: item.subject ?? batch.subject,
-        action: item.action ?? batch.action,
-        resource: item.resource ?? batch.resource,
-        context: item.context ?? batch.context,
+      expect(viaHttp.status).to.equal(200);
+      expect(viaHttp.body.evaluations.map((e: { decision: boolean }) => e.decision)).to.deep.equal(decisions);
+      // Each item alone gives the same answer as in the batch (defaults applied the same way).
+      for (const [i, item] of batch.evaluations.entries()) {
+        const single = await client.evaluate(AGENT_ID, {
+          subject: item.subject ?? batch.subject,
+          action: item.action ?? batch.action,
+          resource: item.resource ?? batch.resource,
+          context: item.context ?? batch.context,
+        });
+        expect(single.decision, `item ${i}`).to.equal(decisions[i]);
+      }
+      const firstDeny = decisions.indexOf(false);
+      expect(firstDeny, 'the example batch has a deny').to.be.at.least(0);
+      const stopped = await client.evaluations(AGENT_ID, {
+        ...batch,
+        options: { evaluations_semantic: 'deny_on_first_deny' },
       });
-      expect(single.decision, `item ${i}`).to.equal(decisions[i]);
-    }
-    const firstDeny = decisions.indexOf(false);
-    expect(firstDeny, 'the example batch has a deny').to.be.at.least(0);
-    const stopped = await client.evaluations(AGENT_ID, {
-      ...batch,
-      options: { evaluations_semantic: 'deny_on_first_deny' },
-    });
-    expect(stopped.evaluations.map((e) => e.decision)).to.deep.equal(decisions.slice(0, firstDeny + 1));
-    const firstPermit = decisions.indexOf(true);
-    const permitStop = await client.evaluations(AGENT_ID, {
-      ...batch,
-      options: { evaluations_semantic: 'permit_on_first_permit' },
-    });
-    expect(permitStop.evaluations.map((e) => e.decision)).to.deep.equal(decisions.slice(0, firstPermit + 1));
-  });
+      expect(stopped.evaluations.map((e) => e.decision)).to.deep.equal(decisions.slice(0, firstDeny + 1));
+      const firstPermit = decisions.indexOf(true);
+      const permitStop = await client.evaluations(AGENT_ID, {
+        ...batch,
+        options: { evaluations_semantic: 'permit_on_first_permit' },
+      });
+      expect(permitStop.evaluations.map((e) => e.decision)).to.deep.equal(decisions.slice(0, firstPermit + 1));
+    },
+  );
 
   it('explain mode says which policy decided; a bad type name is INVALID_ARGUMENT naming it', async () => {
     const permit = exampleRequest('permit-owner-edits.json');

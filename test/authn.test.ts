@@ -320,22 +320,25 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expect(result.reason).to.contain('urn:example:must-understand');
     });
 
-    it('answers INVALID_ARGUMENT for an empty or oversized token, FAILED_PRECONDITION when nothing is configured', async () => {
-      const v = await verifier({ maxTokenBytes: 4096 });
-      expect((await rejection(v.authenticate(''))).code).to.equal(Status.INVALID_ARGUMENT);
-      const big = await signToken(jose, es, { padding: 'x'.repeat(5000) });
-      const oversized = await rejection(v.authenticate(big));
-      expect(oversized.code).to.equal(Status.INVALID_ARGUMENT);
-      expect(oversized.message).to.match(/bytes; the limit is 4096/);
-      const defaultLimit = await verifier();
-      expect((await rejection(defaultLimit.authenticate('a'.repeat(16 * 1024 + 1)))).code).to.equal(
-        Status.INVALID_ARGUMENT,
-      );
-      const nothing = await verifier({ jwksFile: undefined, issuers: [] });
-      expect((await rejection(nothing.authenticate(await signToken(jose, es)))).code).to.equal(
-        Status.FAILED_PRECONDITION,
-      );
-    });
+    it(
+      'answers INVALID_ARGUMENT for an empty or oversized token, ' + 'FAILED_PRECONDITION when nothing is configured',
+      async () => {
+        const v = await verifier({ maxTokenBytes: 4096 });
+        expect((await rejection(v.authenticate(''))).code).to.equal(Status.INVALID_ARGUMENT);
+        const big = await signToken(jose, es, { padding: 'x'.repeat(5000) });
+        const oversized = await rejection(v.authenticate(big));
+        expect(oversized.code).to.equal(Status.INVALID_ARGUMENT);
+        expect(oversized.message).to.match(/bytes; the limit is 4096/);
+        const defaultLimit = await verifier();
+        expect((await rejection(defaultLimit.authenticate('a'.repeat(16 * 1024 + 1)))).code).to.equal(
+          Status.INVALID_ARGUMENT,
+        );
+        const nothing = await verifier({ jwksFile: undefined, issuers: [] });
+        expect((await rejection(nothing.authenticate(await signToken(jose, es)))).code).to.equal(
+          Status.FAILED_PRECONDITION,
+        );
+      },
+    );
 
     it('a JWKS file that cannot be read at start is a config error naming jwks', async () => {
       writeFileSync(jwksFile, '{"not": "a jwks"}');
@@ -366,71 +369,81 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expectRefused(await v.authenticate(await signToken(jose, stranger)), 'unknown_key');
     });
 
-    it('reloads the JWKS file when it changes (rotation without restart) and keeps the last good keys on a bad write', async () => {
-      const registry = new Registry();
-      const v = await verifier({ registry });
-      const rotatedToken = await signToken(jose, rotated);
-      expectRefused(await v.authenticate(rotatedToken), 'unknown_key');
-      const reloaded = once(v, 'keys');
-      writeAtomically(jwksFile, jwksOf(es, rotated));
-      await reloaded;
-      expect(v.keyCount).to.equal(2);
-      expect((await v.authenticate(rotatedToken)).authenticated).to.equal(true);
-      expectRefused(await v.authenticate(await signToken(jose, rs)), 'unknown_key');
+    it(
+      'reloads the JWKS file when it changes (rotation without ' +
+        'restart) and keeps the last good keys on a bad write',
+      async () => {
+        const registry = new Registry();
+        const v = await verifier({ registry });
+        const rotatedToken = await signToken(jose, rotated);
+        expectRefused(await v.authenticate(rotatedToken), 'unknown_key');
+        const reloaded = once(v, 'keys');
+        writeAtomically(jwksFile, jwksOf(es, rotated));
+        await reloaded;
+        expect(v.keyCount).to.equal(2);
+        expect((await v.authenticate(rotatedToken)).authenticated).to.equal(true);
+        expectRefused(await v.authenticate(await signToken(jose, rs)), 'unknown_key');
 
-      const failed = once(v, 'jwks-failed');
-      writeAtomically(jwksFile, '{ truncated');
-      await failed;
-      expect((await v.authenticate(rotatedToken)).authenticated).to.equal(true);
-      expect(await metricValue(registry, 'burrow_agent_authn_jwks_refresh_total', { result: 'ok' })).to.equal(2);
-      expect(await metricValue(registry, 'burrow_agent_authn_jwks_refresh_total', { result: 'failed' })).to.equal(1);
-      expect(await metricValue(registry, 'burrow_agent_authn_jwks_keys')).to.equal(2);
-    });
+        const failed = once(v, 'jwks-failed');
+        writeAtomically(jwksFile, '{ truncated');
+        await failed;
+        expect((await v.authenticate(rotatedToken)).authenticated).to.equal(true);
+        expect(await metricValue(registry, 'burrow_agent_authn_jwks_refresh_total', { result: 'ok' })).to.equal(2);
+        expect(await metricValue(registry, 'burrow_agent_authn_jwks_refresh_total', { result: 'failed' })).to.equal(1);
+        expect(await metricValue(registry, 'burrow_agent_authn_jwks_keys')).to.equal(2);
+      },
+    );
   });
 
   describe('JWT verification against a JWKS URL', () => {
     const T0 = 1_900_000_000_000;
 
-    it('fetches at start, picks up a rotated key on an unknown kid, and refetches at most once per interval under a flood of unknown kids', async () => {
-      const idp = await server();
-      idp.serveJson(jwksOf(es));
-      let nowMs = T0;
-      const v = await verifier({
-        jwksFile: undefined,
-        jwksUrl: `${idp.url}/jwks`,
-        jwksRefreshMinIntervalMs: 30_000,
-        clock: () => nowMs,
-      });
-      expect(idp.requests).to.equal(1);
-      const token = (key: TestKey, claims: Record<string, unknown> = {}): Promise<string> =>
-        signToken(jose, key, claims, {}, Math.floor(nowMs / 1000));
-      expect((await v.authenticate(await token(es))).authenticated).to.equal(true);
+    it(
+      'fetches at start, picks up a rotated key on an unknown kid, and refetches at most once per interval under ' +
+        'a flood of unknown kids',
+      async () => {
+        const idp = await server();
+        idp.serveJson(jwksOf(es));
+        let nowMs = T0;
+        const v = await verifier({
+          jwksFile: undefined,
+          jwksUrl: `${idp.url}/jwks`,
+          jwksRefreshMinIntervalMs: 30_000,
+          clock: () => nowMs,
+        });
+        expect(idp.requests).to.equal(1);
+        const token = (key: TestKey, claims: Record<string, unknown> = {}): Promise<string> =>
+          signToken(jose, key, claims, {}, Math.floor(nowMs / 1000));
+        expect((await v.authenticate(await token(es))).authenticated).to.equal(true);
 
-      // The site rotates: the new key is published, tokens signed with it arrive.
-      idp.serveJson(jwksOf(es, rotated));
-      const rotatedToken = await token(rotated);
-      // Within the interval after the start fetch, an unknown kid does not refetch.
-      expectRefused(await v.authenticate(rotatedToken), 'unknown_key');
-      expect(idp.requests).to.equal(1);
-      nowMs += 30_001;
-      expect((await v.authenticate(rotatedToken)).authenticated).to.equal(true);
-      expect(idp.requests).to.equal(2);
+        // The site rotates: the new key is published, tokens signed with it arrive.
+        idp.serveJson(jwksOf(es, rotated));
+        const rotatedToken = await token(rotated);
+        // Within the interval after the start fetch, an unknown kid does not refetch.
+        expectRefused(await v.authenticate(rotatedToken), 'unknown_key');
+        expect(idp.requests).to.equal(1);
+        nowMs += 30_001;
+        expect((await v.authenticate(rotatedToken)).authenticated).to.equal(true);
+        expect(idp.requests).to.equal(2);
 
-      // A flood of made-up kids, concurrent and then sequential: one refetch for the interval.
-      nowMs += 30_001;
-      const floodKeys = await Promise.all(Array.from({ length: 20 }, (_, i) => makeKey(jose, 'ES256', `made-up-${i}`)));
-      const floodTokens = await Promise.all(floodKeys.map((k) => token(k)));
-      const results = await Promise.all(floodTokens.map((t) => v.authenticate(t)));
-      for (const r of results) expectRefused(r, 'unknown_key');
-      expect(idp.requests).to.equal(3);
-      for (const t of floodTokens) expectRefused(await v.authenticate(t), 'unknown_key');
-      expect(idp.requests).to.equal(3);
-      // Known keys are not slowed down or refetched meanwhile.
-      expect((await v.authenticate(await token(es))).authenticated).to.equal(true);
-      nowMs += 30_001;
-      expectRefused(await v.authenticate(floodTokens[0]!), 'unknown_key');
-      expect(idp.requests).to.equal(4);
-    });
+        // A flood of made-up kids, concurrent and then sequential: one refetch for the interval.
+        nowMs += 30_001;
+        const floodKeys = await Promise.all(
+          Array.from({ length: 20 }, (_, i) => makeKey(jose, 'ES256', `made-up-${i}`)),
+        );
+        const floodTokens = await Promise.all(floodKeys.map((k) => token(k)));
+        const results = await Promise.all(floodTokens.map((t) => v.authenticate(t)));
+        for (const r of results) expectRefused(r, 'unknown_key');
+        expect(idp.requests).to.equal(3);
+        for (const t of floodTokens) expectRefused(await v.authenticate(t), 'unknown_key');
+        expect(idp.requests).to.equal(3);
+        // Known keys are not slowed down or refetched meanwhile.
+        expect((await v.authenticate(await token(es))).authenticated).to.equal(true);
+        nowMs += 30_001;
+        expectRefused(await v.authenticate(floodTokens[0]!), 'unknown_key');
+        expect(idp.requests).to.equal(4);
+      },
+    );
 
     it('answers UNAVAILABLE while the key server cannot be reached and no keys are known, then recovers', async () => {
       const [closedPort] = await freePorts(1);
@@ -454,16 +467,20 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expect(idp.requests).to.equal(2);
     });
 
-    it('keeps the last good keys when the key server goes down: known keys verify, unknown kids are refused, not errors', async () => {
-      const idp = await server();
-      idp.serveJson(jwksOf(es));
-      let nowMs = Date.now();
-      const v = await verifier({ jwksFile: undefined, jwksUrl: `${idp.url}/jwks`, clock: () => nowMs });
-      await idp.close();
-      nowMs += 30_001;
-      expectRefused(await v.authenticate(await signToken(jose, rotated)), 'unknown_key');
-      expect((await v.authenticate(await signToken(jose, es))).authenticated).to.equal(true);
-    });
+    it(
+      'keeps the last good keys when the key server goes down: ' +
+        'known keys verify, unknown kids are refused, not errors',
+      async () => {
+        const idp = await server();
+        idp.serveJson(jwksOf(es));
+        let nowMs = Date.now();
+        const v = await verifier({ jwksFile: undefined, jwksUrl: `${idp.url}/jwks`, clock: () => nowMs });
+        await idp.close();
+        nowMs += 30_001;
+        expectRefused(await v.authenticate(await signToken(jose, rotated)), 'unknown_key');
+        expect((await v.authenticate(await signToken(jose, es))).authenticated).to.equal(true);
+      },
+    );
 
     it('reloads in the background every jwksMaxAgeMs, and close() stops it', async () => {
       const idp = await server();
@@ -538,23 +555,32 @@ describe('authn: TokenVerifier (agent token verification)', function () {
         ...options,
       });
 
-    it('accepts an active token with its subject, groups, claims and exp; sends the client credentials; caches the answer', async () => {
-      const v = await introspecting();
-      const result = await v.authenticate('opaque-active');
-      expect(result).to.deep.include({ authenticated: true, subject: 'svc-billing', groups: ['billing'], reason: '' });
-      expect(result.claims).to.include({ scope: 'read', iss: ISS });
-      expect(result.claims).to.not.have.property('active');
-      expect(result.expiresAt).to.be.instanceOf(Date);
-      expect(seen).to.have.length(1);
-      expect(seen[0]!.form.get('token_type_hint')).to.equal('access_token');
-      const basic = Buffer.from(seen[0]!.authorization!.replace(/^Basic /, ''), 'base64').toString('utf8');
-      expect(basic).to.equal('burrow%20agent:s3cr%3At');
-      expect((await v.authenticate('opaque-active')).authenticated).to.equal(true);
-      expect(seen, 'the second answer came from the cache').to.have.length(1);
-      // The cache is per audience-neutral answer: another audience is checked again, not refetched.
-      expectRefused(await v.authenticate('opaque-active', 'another-api'), 'audience');
-      expect(seen).to.have.length(1);
-    });
+    it(
+      'accepts an active token with its subject, groups, claims ' +
+        'and exp; sends the client credentials; caches the answer',
+      async () => {
+        const v = await introspecting();
+        const result = await v.authenticate('opaque-active');
+        expect(result).to.deep.include({
+          authenticated: true,
+          subject: 'svc-billing',
+          groups: ['billing'],
+          reason: '',
+        });
+        expect(result.claims).to.include({ scope: 'read', iss: ISS });
+        expect(result.claims).to.not.have.property('active');
+        expect(result.expiresAt).to.be.instanceOf(Date);
+        expect(seen).to.have.length(1);
+        expect(seen[0]!.form.get('token_type_hint')).to.equal('access_token');
+        const basic = Buffer.from(seen[0]!.authorization!.replace(/^Basic /, ''), 'base64').toString('utf8');
+        expect(basic).to.equal('burrow%20agent:s3cr%3At');
+        expect((await v.authenticate('opaque-active')).authenticated).to.equal(true);
+        expect(seen, 'the second answer came from the cache').to.have.length(1);
+        // The cache is per audience-neutral answer: another audience is checked again, not refetched.
+        expectRefused(await v.authenticate('opaque-active', 'another-api'), 'audience');
+        expect(seen).to.have.length(1);
+      },
+    );
 
     it("never caches past the token's exp, and refuses an answer whose exp has passed", async () => {
       const v = await introspecting({ introspection: { url: `${idp.url}/introspect`, cacheTtlMs: 60_000 } });
@@ -569,30 +595,37 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       expect(seen[0]!.form.get('client_id')).to.equal(null);
     });
 
-    it('refuses inactive tokens (inactive) without caching them, and checks iss and aud when the answer has them', async () => {
-      const v = await introspecting();
-      expectRefused(await v.authenticate('opaque-inactive'), 'inactive');
-      expectRefused(await v.authenticate('opaque-inactive'), 'inactive');
-      expect(seen).to.have.length(2);
-      expectRefused(await v.authenticate('opaque-other-issuer'), 'issuer');
-      expectRefused(await v.authenticate('opaque-other-audience'), 'audience');
-    });
+    it(
+      'refuses inactive tokens (inactive) without caching them, ' + 'and checks iss and aud when the answer has them',
+      async () => {
+        const v = await introspecting();
+        expectRefused(await v.authenticate('opaque-inactive'), 'inactive');
+        expectRefused(await v.authenticate('opaque-inactive'), 'inactive');
+        expect(seen).to.have.length(2);
+        expectRefused(await v.authenticate('opaque-other-issuer'), 'issuer');
+        expectRefused(await v.authenticate('opaque-other-audience'), 'audience');
+      },
+    );
 
-    it('answers UNAVAILABLE when the endpoint is down, fails, times out or answers nonsense; FAILED_PRECONDITION when it refuses the agent', async () => {
-      const v = await introspecting();
-      const startedAt = performance.now();
-      const timedOut = await rejection(v.authenticate('opaque-hang'));
-      expect(timedOut.code).to.equal(Status.UNAVAILABLE);
-      expect(timedOut.message).to.match(/no answer within 300 ms/);
-      expect(performance.now() - startedAt).to.be.below(10_000);
-      expect((await rejection(v.authenticate('opaque-500'))).code).to.equal(Status.UNAVAILABLE);
-      expect((await rejection(v.authenticate('opaque-garbage'))).code).to.equal(Status.UNAVAILABLE);
-      expect((await rejection(v.authenticate('opaque-401'))).code).to.equal(Status.FAILED_PRECONDITION);
-      await idp.close();
-      const down = await rejection(v.authenticate('opaque-active'));
-      expect(down.code).to.equal(Status.UNAVAILABLE);
-      expect(down.message).to.match(/cannot be reached/);
-    });
+    it(
+      'answers UNAVAILABLE when the endpoint is down, fails, times out or answers nonsense; FAILED_PRECONDITION ' +
+        'when it refuses the agent',
+      async () => {
+        const v = await introspecting();
+        const startedAt = performance.now();
+        const timedOut = await rejection(v.authenticate('opaque-hang'));
+        expect(timedOut.code).to.equal(Status.UNAVAILABLE);
+        expect(timedOut.message).to.match(/no answer within 300 ms/);
+        expect(performance.now() - startedAt).to.be.below(10_000);
+        expect((await rejection(v.authenticate('opaque-500'))).code).to.equal(Status.UNAVAILABLE);
+        expect((await rejection(v.authenticate('opaque-garbage'))).code).to.equal(Status.UNAVAILABLE);
+        expect((await rejection(v.authenticate('opaque-401'))).code).to.equal(Status.FAILED_PRECONDITION);
+        await idp.close();
+        const down = await rejection(v.authenticate('opaque-active'));
+        expect(down.code).to.equal(Status.UNAVAILABLE);
+        expect(down.message).to.match(/cannot be reached/);
+      },
+    );
 
     it('sends only non-JWS tokens to introspection when a JWKS is configured too', async () => {
       const v = await introspecting({ jwksFile });
@@ -806,40 +839,46 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
     }
   });
 
-  it('a refused algorithm, from a flag, the environment or the config file, is one line naming token-algorithms', async () => {
-    const line = await expectOneLineError(
-      ['--jwks', jwks, '--token-issuer', ISS, '--token-algorithms', 'RS256,HS256'],
-      'token-algorithms',
-    );
-    expect(line).to.contain('HS256 is refused');
-    await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-algorithms', {
-      BURROW_AGENT_TOKEN_ALGORITHMS: 'none',
-    });
-    const config = path.join(pki.root, 'agent.yaml');
-    writeFileSync(config, `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\ntoken-algorithms: HS512\n`);
-    await expectOneLineError(['--config', config], 'token-algorithms');
-  });
+  it(
+    'a refused algorithm, from a flag, the environment or the config file, ' + 'is one line naming token-algorithms',
+    async () => {
+      const line = await expectOneLineError(
+        ['--jwks', jwks, '--token-issuer', ISS, '--token-algorithms', 'RS256,HS256'],
+        'token-algorithms',
+      );
+      expect(line).to.contain('HS256 is refused');
+      await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-algorithms', {
+        BURROW_AGENT_TOKEN_ALGORITHMS: 'none',
+      });
+      const config = path.join(pki.root, 'agent.yaml');
+      writeFileSync(config, `jwks: ${jwks}\ntoken-issuer:\n  - ${ISS}\ntoken-algorithms: HS512\n`);
+      await expectOneLineError(['--config', config], 'token-algorithms');
+    },
+  );
 
-  it('other bad token settings name their flag: skew over 5m (env), a missing issuer, a secret without a client id', async () => {
-    await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-clock-skew', {
-      BURROW_AGENT_TOKEN_CLOCK_SKEW: '10m',
-    });
-    await expectOneLineError(['--jwks-url', 'http://127.0.0.1:1/jwks'], 'token-issuer');
-    await expectOneLineError(
-      [
-        '--introspection-url',
-        'http://127.0.0.1:1/i',
-        '--token-issuer',
-        ISS,
-        '--introspection-client-secret-file',
-        jwks,
-      ],
-      'introspection-client-id',
-    );
-    await expectOneLineError(['--token-audience', AUD], 'token-audience');
-    const unpinned = ['--jwks', jwks, '--token-issuer', ISS, '--token-audience', AUD];
-    await expectOneLineError(unpinned, 'token-audience', { BURROW_AGENT_TOKEN_ALLOWED_AUDIENCE: 'other' });
-  });
+  it(
+    'other bad token settings name their flag: skew over 5m (env), ' + 'a missing issuer, a secret without a client id',
+    async () => {
+      await expectOneLineError(['--jwks', jwks, '--token-issuer', ISS], 'token-clock-skew', {
+        BURROW_AGENT_TOKEN_CLOCK_SKEW: '10m',
+      });
+      await expectOneLineError(['--jwks-url', 'http://127.0.0.1:1/jwks'], 'token-issuer');
+      await expectOneLineError(
+        [
+          '--introspection-url',
+          'http://127.0.0.1:1/i',
+          '--token-issuer',
+          ISS,
+          '--introspection-client-secret-file',
+          jwks,
+        ],
+        'introspection-client-id',
+      );
+      await expectOneLineError(['--token-audience', AUD], 'token-audience');
+      const unpinned = ['--jwks', jwks, '--token-issuer', ISS, '--token-audience', AUD];
+      await expectOneLineError(unpinned, 'token-audience', { BURROW_AGENT_TOKEN_ALLOWED_AUDIENCE: 'other' });
+    },
+  );
 
   it('starts with token settings from the config file and the environment together', async () => {
     const config = path.join(pki.root, 'agent-ok.yaml');
@@ -869,55 +908,63 @@ describe('authn: examples/auth/mint-token.js (real processes)', function () {
   });
   after(() => rmSync(dir, { recursive: true, force: true }));
 
-  it('makes keys at run time (private ones 0600, a public-only JWKS) and signs tokens the verifier accepts or refuses as it should', async () => {
-    const keys = path.join(dir, 'keys');
-    await run('keys', '--out', keys);
-    for (const file of ['signing-key.jwk', 'signing-key-rs256.jwk'])
-      expect(statSync(path.join(keys, file)).mode & 0o777, file).to.equal(0o600);
-    const jwks = JSON.parse(readFileSync(path.join(keys, 'jwks.json'), 'utf8')) as {
-      keys: Array<Record<string, unknown>>;
-    };
-    expect(jwks.keys.map((k) => k.alg)).to.deep.equal(['ES256', 'RS256']);
-    for (const k of jwks.keys) expect(k).to.not.have.any.keys('d', 'p', 'q');
+  it(
+    'makes keys at run time (private ones 0600, a public-only JWKS) and signs tokens the verifier accepts or ' +
+      'refuses as it should',
+    async () => {
+      const keys = path.join(dir, 'keys');
+      await run('keys', '--out', keys);
+      for (const file of ['signing-key.jwk', 'signing-key-rs256.jwk'])
+        expect(statSync(path.join(keys, file)).mode & 0o777, file).to.equal(0o600);
+      const jwks = JSON.parse(readFileSync(path.join(keys, 'jwks.json'), 'utf8')) as {
+        keys: Array<Record<string, unknown>>;
+      };
+      expect(jwks.keys.map((k) => k.alg)).to.deep.equal(['ES256', 'RS256']);
+      for (const k of jwks.keys) expect(k).to.not.have.any.keys('d', 'p', 'q');
 
-    const v = await TokenVerifier.create({
-      jwksFile: path.join(keys, 'jwks.json'),
-      issuers: [ISS],
-      audiences: [AUD],
-      registry: new Registry(),
-    });
-    try {
-      const common = ['--iss', ISS, '--aud', AUD, '--sub', 'alice'];
-      const good = await v.authenticate(
-        await run(
-          'sign',
-          '--key',
-          path.join(keys, 'signing-key.jwk'),
-          ...common,
-          '--groups',
-          'ops,dev',
-          '--claim',
-          'tenant=acme',
-        ),
-      );
-      expect(good).to.deep.include({ authenticated: true, subject: 'alice', groups: ['ops', 'dev'] });
-      expect(good.claims.tenant).to.equal('acme');
-      expect(
-        (await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key-rs256.jwk'), ...common)))
-          .authenticated,
-      ).to.equal(true);
-      expectRefused(
-        await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--exp', '-5m')),
-        'expired',
-      );
-      expectRefused(
-        await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--nbf', '10m')),
-        'not_yet_valid',
-      );
-    } finally {
-      v.close();
-    }
-  });
+      const v = await TokenVerifier.create({
+        jwksFile: path.join(keys, 'jwks.json'),
+        issuers: [ISS],
+        audiences: [AUD],
+        registry: new Registry(),
+      });
+      try {
+        const common = ['--iss', ISS, '--aud', AUD, '--sub', 'alice'];
+        const good = await v.authenticate(
+          await run(
+            'sign',
+            '--key',
+            path.join(keys, 'signing-key.jwk'),
+            ...common,
+            '--groups',
+            'ops,dev',
+            '--claim',
+            'tenant=acme',
+          ),
+        );
+        expect(good).to.deep.include({ authenticated: true, subject: 'alice', groups: ['ops', 'dev'] });
+        expect(good.claims.tenant).to.equal('acme');
+        expect(
+          (await v.authenticate(await run('sign', '--key', path.join(keys, 'signing-key-rs256.jwk'), ...common)))
+            .authenticated,
+        ).to.equal(true);
+        expectRefused(
+          await v.authenticate(
+            await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--exp', '-5m'),
+          ),
+          'expired',
+        );
+        expectRefused(
+          await v.authenticate(
+            await run('sign', '--key', path.join(keys, 'signing-key.jwk'), ...common, '--nbf', '10m'),
+          ),
+          'not_yet_valid',
+        );
+      } finally {
+        v.close();
+      }
+    },
+  );
 
   it('says what is wrong in one line and exits 2', async () => {
     const err = await run(

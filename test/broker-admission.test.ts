@@ -59,31 +59,34 @@ describe('broker admission: call limits', () => {
       await stack.stop();
     });
 
-    it('the call past the per-agent concurrency limit gets RESOURCE_EXHAUSTED, and the slot frees when a call ends', async () => {
-      const hanging = [0, 1].map(() => {
-        const call = stack.caller.client.makeUnaryRequest(
-          ECHO.hang,
-          (b: Buffer) => b,
-          (b: Buffer) => b,
-          Buffer.from('x'),
-          stack.md(),
-          () => {},
-        );
-        return call;
-      });
-      await waitUntil(() => stack.siteUpstream.active === 2);
-      const err = await failure(stack.caller.unary(ECHO.unary, Buffer.from('third'), stack.md()));
-      expect(err?.code).to.equal(Status.RESOURCE_EXHAUSTED);
-      expect(err?.details).to.include(`agent "${AGENT_ID}" has 2 calls in flight`);
-      hanging[0]!.cancel();
-      await waitUntil(() => stack.siteUpstream.active === 1);
-      const ok = await stack.caller.unary(ECHO.unary, Buffer.from('fits again'), stack.md());
-      expect(ok.response.toString()).to.equal('fits again');
-      hanging[1]!.cancel();
-      await waitUntil(() => stack.siteUpstream.active === 0);
-      const text = await (await fetch(`${stack.adminUrl}/metrics`)).text();
-      expect(text).to.match(/burrow_broker_limited_calls_total\{limit="agent_concurrency"\} 1/);
-    });
+    it(
+      'the call past the per-agent concurrency limit gets RESOURCE_EXHAUSTED, ' + 'and the slot frees when a call ends',
+      async () => {
+        const hanging = [0, 1].map(() => {
+          const call = stack.caller.client.makeUnaryRequest(
+            ECHO.hang,
+            (b: Buffer) => b,
+            (b: Buffer) => b,
+            Buffer.from('x'),
+            stack.md(),
+            () => {},
+          );
+          return call;
+        });
+        await waitUntil(() => stack.siteUpstream.active === 2);
+        const err = await failure(stack.caller.unary(ECHO.unary, Buffer.from('third'), stack.md()));
+        expect(err?.code).to.equal(Status.RESOURCE_EXHAUSTED);
+        expect(err?.details).to.include(`agent "${AGENT_ID}" has 2 calls in flight`);
+        hanging[0]!.cancel();
+        await waitUntil(() => stack.siteUpstream.active === 1);
+        const ok = await stack.caller.unary(ECHO.unary, Buffer.from('fits again'), stack.md());
+        expect(ok.response.toString()).to.equal('fits again');
+        hanging[1]!.cancel();
+        await waitUntil(() => stack.siteUpstream.active === 0);
+        const text = await (await fetch(`${stack.adminUrl}/metrics`)).text();
+        expect(text).to.match(/burrow_broker_limited_calls_total\{limit="agent_concurrency"\} 1/);
+      },
+    );
   });
 });
 
@@ -145,18 +148,22 @@ describe('AuthZEN HTTP binding (transport and errors)', () => {
     expect(res.body.access_evaluations_endpoint).to.match(/\/access\/v1\/evaluations$/);
   });
 
-  it('carries an evaluation to the agent: without policies it answers FAILED_PRECONDITION, mapped to 400 with the gRPC code and message', async () => {
-    const res = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
-      cert: stack.serviceCert,
-      ca: stack.serviceCert.ca,
-      body: request,
-      headers: { 'x-request-id': 'req-42' },
-    });
-    expect(res.status).to.equal(400);
-    expect(res.body.error.code).to.equal('FAILED_PRECONDITION');
-    expect(res.body.error.message).to.include('--policies');
-    expect(res.headers['x-request-id']).to.equal('req-42');
-  });
+  it(
+    'carries an evaluation to the agent: without policies it answers FAILED_PRECONDITION, mapped to 400 with the ' +
+      'gRPC code and message',
+    async () => {
+      const res = await httpsJson(stack.authzenAddress, 'POST', `/agents/${AGENT_ID}/access/v1/evaluation`, {
+        cert: stack.serviceCert,
+        ca: stack.serviceCert.ca,
+        body: request,
+        headers: { 'x-request-id': 'req-42' },
+      });
+      expect(res.status).to.equal(400);
+      expect(res.body.error.code).to.equal('FAILED_PRECONDITION');
+      expect(res.body.error.message).to.include('--policies');
+      expect(res.headers['x-request-id']).to.equal('req-42');
+    },
+  );
 
   it('answers bad requests with a clear error and no call', async () => {
     const base = { cert: stack.serviceCert, ca: stack.serviceCert.ca };

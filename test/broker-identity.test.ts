@@ -169,7 +169,10 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
             );
           else
             expect(String(refused.error)).to.match(
-              /server localhost is not a Burrow broker of trust domain "burrow.local": it presented spiffe:\/\/burrow.local\/(service|agent)\/localhost/,
+              new RegExp(
+                'server localhost is not a Burrow broker of trust domain "burrow.local": ' +
+                  String.raw`it presented spiffe:\/\/burrow.local\/(service|agent)\/localhost`,
+              ),
             );
         });
       });

@@ -307,48 +307,52 @@ describe('call state machine: transition() and isCallDone()', () => {
       return { index: -1, delivered, endedAt, state };
     }
 
-    it('carries calls one after the other: each ends at the frame that completes both halves, then Start is legal again', () => {
-      const seq: Step[] = [
-        'o:start',
-        'o:halfClose',
-        'a:headers',
-        'a:message',
-        'a:trailers', //        a unary call
-        'o:start',
-        'o:message',
-        'o:cancel',
-        'a:message',
-        'a:trailers', //           cancelled; Trailers free the stream
-        'o:start',
-        'a:trailers',
-        'o:message',
-        'o:cancel', //                        answerer first; originator's Cancel frees it
-        'o:start',
-        'o:halfClose',
-      ];
-      const r = runReusable(seq);
-      expect(r.index).to.equal(-1);
-      expect(r.endedAt).to.deep.equal([4, 9, 13]);
-      expect(r.delivered).to.deep.equal([
-        true,
-        true,
-        true,
-        true,
-        true,
-        true,
-        true,
-        true,
-        false,
-        false,
-        true,
-        true,
-        false,
-        false,
-        true,
-        true,
-      ]);
-      expect(r.state).to.deep.equal({ request: 'half-closed', response: 'pending' });
-    });
+    it(
+      'carries calls one after the other: each ends at the frame ' +
+        'that completes both halves, then Start is legal again',
+      () => {
+        const seq: Step[] = [
+          'o:start',
+          'o:halfClose',
+          'a:headers',
+          'a:message',
+          'a:trailers', //        a unary call
+          'o:start',
+          'o:message',
+          'o:cancel',
+          'a:message',
+          'a:trailers', //           cancelled; Trailers free the stream
+          'o:start',
+          'a:trailers',
+          'o:message',
+          'o:cancel', //                        answerer first; originator's Cancel frees it
+          'o:start',
+          'o:halfClose',
+        ];
+        const r = runReusable(seq);
+        expect(r.index).to.equal(-1);
+        expect(r.endedAt).to.deep.equal([4, 9, 13]);
+        expect(r.delivered).to.deep.equal([
+          true,
+          true,
+          true,
+          true,
+          true,
+          true,
+          true,
+          true,
+          false,
+          false,
+          true,
+          true,
+          false,
+          false,
+          true,
+          true,
+        ]);
+        expect(r.state).to.deep.equal({ request: 'half-closed', response: 'pending' });
+      },
+    );
 
     it('never lets a second call start before the first has ended on both sides', () => {
       for (const seq of [
@@ -365,20 +369,24 @@ describe('call state machine: transition() and isCallDone()', () => {
       }
     });
 
-    it('drops a Cancel sent after HalfClose that crossed the Trailers, once; any other Cancel between calls is an error', () => {
-      // The originator's view: HalfClose, Cancel (its client gave up), then the Trailers arrive.
-      const originator = runReusable(['o:start', 'o:halfClose', 'o:cancel', 'a:trailers', 'o:start']);
-      expect(originator.index).to.equal(-1);
-      expect(originator.endedAt).to.deep.equal([3]);
-      // The answerer's view of the same call: its Trailers went out first, then the Cancel came.
-      const answerer = runReusable(['o:start', 'o:halfClose', 'a:trailers', 'o:cancel', 'o:start', 'o:halfClose']);
-      expect(answerer.index).to.equal(-1);
-      expect(answerer.endedAt).to.deep.equal([2]);
-      expect(answerer.delivered).to.deep.equal([true, true, true, false, true, true]);
-      expect(runReusable(['o:start', 'o:halfClose', 'a:trailers', 'o:cancel', 'o:cancel']).index).to.equal(4);
-      expect(runReusable(['o:start', 'o:cancel', 'a:trailers', 'o:cancel']).index).to.equal(3);
-      expect(runReusable(['o:cancel']).index).to.equal(0);
-    });
+    it(
+      'drops a Cancel sent after HalfClose that crossed the ' +
+        'Trailers, once; any other Cancel between calls is an error',
+      () => {
+        // The originator's view: HalfClose, Cancel (its client gave up), then the Trailers arrive.
+        const originator = runReusable(['o:start', 'o:halfClose', 'o:cancel', 'a:trailers', 'o:start']);
+        expect(originator.index).to.equal(-1);
+        expect(originator.endedAt).to.deep.equal([3]);
+        // The answerer's view of the same call: its Trailers went out first, then the Cancel came.
+        const answerer = runReusable(['o:start', 'o:halfClose', 'a:trailers', 'o:cancel', 'o:start', 'o:halfClose']);
+        expect(answerer.index).to.equal(-1);
+        expect(answerer.endedAt).to.deep.equal([2]);
+        expect(answerer.delivered).to.deep.equal([true, true, true, false, true, true]);
+        expect(runReusable(['o:start', 'o:halfClose', 'a:trailers', 'o:cancel', 'o:cancel']).index).to.equal(4);
+        expect(runReusable(['o:start', 'o:cancel', 'a:trailers', 'o:cancel']).index).to.equal(3);
+        expect(runReusable(['o:cancel']).index).to.equal(0);
+      },
+    );
 
     it('single-call mode never reports callEnded and never resets', () => {
       const t = transition(
@@ -589,27 +597,30 @@ describe('CallStream (fake duplex)', () => {
     expect(second.log).to.deep.equal(['frame:headers']);
   });
 
-  it('an out-of-order frame: onProtocolError once, the stream is cancelled (client end), nothing more is delivered', () => {
-    const { fake, stream } = answererClient();
-    const r = recorder();
-    stream.attach(r);
-    fake.receive(msg('before start')); // answerer receiving Message before Start
-    expect(r.protocolErrors).to.have.length(1);
-    expect(r.protocolErrors[0]).to.be.instanceOf(ProtocolError);
-    expect(r.protocolErrors[0]!.message).to.contain('message before start');
-    expect(fake.cancelCalls).to.equal(1);
-    expect(stream.isClosed).to.equal(true);
-    // Nothing after: neither frames nor another protocol error, and sends are refused.
-    fake.receive(START);
-    fake.receive(msg('x'));
-    fake.emit('data', Buffer.from([0xff, 0xff, 0xff]));
-    fake.finishWith(Status.UNAVAILABLE);
-    expect(r.frames).to.have.length(0);
-    expect(r.protocolErrors).to.have.length(1);
-    expect(stream.send({ kind: 'headers', metadata: [] })).to.equal(false);
-    expect(fake.written).to.have.length(0);
-    expect(fake.cancelCalls).to.equal(1);
-  });
+  it(
+    'an out-of-order frame: onProtocolError once, ' + 'the stream is cancelled (client end), nothing more is delivered',
+    () => {
+      const { fake, stream } = answererClient();
+      const r = recorder();
+      stream.attach(r);
+      fake.receive(msg('before start')); // answerer receiving Message before Start
+      expect(r.protocolErrors).to.have.length(1);
+      expect(r.protocolErrors[0]).to.be.instanceOf(ProtocolError);
+      expect(r.protocolErrors[0]!.message).to.contain('message before start');
+      expect(fake.cancelCalls).to.equal(1);
+      expect(stream.isClosed).to.equal(true);
+      // Nothing after: neither frames nor another protocol error, and sends are refused.
+      fake.receive(START);
+      fake.receive(msg('x'));
+      fake.emit('data', Buffer.from([0xff, 0xff, 0xff]));
+      fake.finishWith(Status.UNAVAILABLE);
+      expect(r.frames).to.have.length(0);
+      expect(r.protocolErrors).to.have.length(1);
+      expect(stream.send({ kind: 'headers', metadata: [] })).to.equal(false);
+      expect(fake.written).to.have.length(0);
+      expect(fake.cancelCalls).to.equal(1);
+    },
+  );
 
   it('an out-of-order frame on the server end ends the gRPC stream with INTERNAL', () => {
     const { fake, stream } = originatorServer();
@@ -632,18 +643,21 @@ describe('CallStream (fake duplex)', () => {
   // owner is told "stream lost" before "protocol error": originate() then reports the breach to
   // the caller as "connection to agent ... lost during the call" and its onProtocolError never
   // takes effect.
-  it('reports a protocol error as such: onProtocolError comes first and no handler runs after the stream is closed', () => {
-    const { fake, stream } = answererClient();
-    const r = recorder();
-    stream.attach(r);
-    fake.receive(START);
-    fake.receive(START); // second start
-    const afterFrames = r.log.slice(r.log.indexOf('frame:start') + 1);
-    expect(afterFrames[0], `handler calls after the bad frame: ${JSON.stringify(afterFrames)}`).to.equal(
-      'protocolError',
-    );
-    expect(afterFrames.filter((l) => l === 'protocolError')).to.have.length(1);
-  });
+  it(
+    'reports a protocol error as such: ' + 'onProtocolError comes first and no handler runs after the stream is closed',
+    () => {
+      const { fake, stream } = answererClient();
+      const r = recorder();
+      stream.attach(r);
+      fake.receive(START);
+      fake.receive(START); // second start
+      const afterFrames = r.log.slice(r.log.indexOf('frame:start') + 1);
+      expect(afterFrames[0], `handler calls after the bad frame: ${JSON.stringify(afterFrames)}`).to.equal(
+        'protocolError',
+      );
+      expect(afterFrames.filter((l) => l === 'protocolError')).to.have.length(1);
+    },
+  );
 
   it('undecodable bytes and a frame with no kind are protocol errors', () => {
     for (const bytes of [Buffer.from([0x0a, 0x05, 0x01]), Buffer.alloc(0), Buffer.from([0x78, 0x01])]) {
@@ -810,16 +824,19 @@ describe('answerLocally: the signal a built-in handler gets (fake duplex)', () =
     return { fake, signal: () => signal, answer: (b) => answer(b), outcome };
   }
 
-  it("a handler that answered is not aborted afterwards (an abort per call cost ~2.5% of the agent's CPU)", async () => {
-    const c = localCall();
-    expect(c.signal()?.aborted).to.equal(false);
-    c.answer(Buffer.from('answer'));
-    await new Promise<void>((resolve) => setImmediate(resolve));
-    expect(c.fake.written.map((b) => decodeCallFrame(b).kind)).to.deep.equal(['headers', 'message', 'trailers']);
-    c.fake.finishWith(Status.OK);
-    expect((await c.outcome).code).to.equal(Status.OK);
-    expect(c.signal()!.aborted).to.equal(false);
-  });
+  it(
+    'a handler that answered is not aborted afterwards ' + "(an abort per call cost ~2.5% of the agent's CPU)",
+    async () => {
+      const c = localCall();
+      expect(c.signal()?.aborted).to.equal(false);
+      c.answer(Buffer.from('answer'));
+      await new Promise<void>((resolve) => setImmediate(resolve));
+      expect(c.fake.written.map((b) => decodeCallFrame(b).kind)).to.deep.equal(['headers', 'message', 'trailers']);
+      c.fake.finishWith(Status.OK);
+      expect((await c.outcome).code).to.equal(Status.OK);
+      expect(c.signal()!.aborted).to.equal(false);
+    },
+  );
 
   it('a handler still running when the originator cancels is aborted, and the call ends CANCELLED', async () => {
     const c = localCall();

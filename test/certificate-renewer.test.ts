@@ -51,14 +51,18 @@ describe('certificate renewal timing', () => {
     );
   });
 
-  it('retries after a tenth of the time left, between 1 s and 60 s, never past expiry for lives over 1 s (property)', () => {
-    fc.assert(
-      fc.property(fc.integer({ min: 0, max: 2 ** 40 }), fc.integer({ min: 1, max: 86_400_000 }), (now, leftMs) => {
-        const d = renewalRetryDelayMs(now, now + leftMs);
-        return d >= 1_000 && d <= 60_000 && (leftMs < 10_000 || d <= leftMs / 10 + 1);
-      }),
-    );
-  });
+  it(
+    'retries after a tenth of the time left, between 1 s and ' +
+      '60 s, never past expiry for lives over 1 s (property)',
+    () => {
+      fc.assert(
+        fc.property(fc.integer({ min: 0, max: 2 ** 40 }), fc.integer({ min: 1, max: 86_400_000 }), (now, leftMs) => {
+          const d = renewalRetryDelayMs(now, now + leftMs);
+          return d >= 1_000 && d <= 60_000 && (leftMs < 10_000 || d <= leftMs / 10 + 1);
+        }),
+      );
+    },
+  );
 
   describe('CertificateRenewer with an injected clock', () => {
     let pki: PkiFixture;

@@ -193,24 +193,27 @@ describe('cli', function () {
       expect(line).to.include('must be from 100ms to 1h');
     });
 
-    it('--max-offers-per-agent below --agent-max-concurrent, from the flag, the environment and the config file', async () => {
-      const ports = await freePorts(3);
-      const line = await expectConfigError(
-        BROKER_CLI,
-        brokerFlags(ports, { 'max-offers-per-agent': '100' }),
-        'max-offers-per-agent',
-        ports,
-      );
-      expect(line).to.equal(
-        'burrow-broker: max-offers-per-agent: 100 is below --agent-max-concurrent (2048); raise it or set 0',
-      );
-      await expectConfigError(BROKER_CLI, brokerFlags(ports), 'max-offers-per-agent', ports, {
-        BURROW_BROKER_MAX_OFFERS_PER_AGENT: '10',
-      });
-      const file = path.join(pki.root, 'offers.yaml');
-      writeFileSync(file, 'max-offers-per-agent: 5\n');
-      await expectConfigError(BROKER_CLI, [...brokerFlags(ports), '--config', file], 'max-offers-per-agent', ports);
-    });
+    it(
+      '--max-offers-per-agent below --agent-max-concurrent, ' + 'from the flag, the environment and the config file',
+      async () => {
+        const ports = await freePorts(3);
+        const line = await expectConfigError(
+          BROKER_CLI,
+          brokerFlags(ports, { 'max-offers-per-agent': '100' }),
+          'max-offers-per-agent',
+          ports,
+        );
+        expect(line).to.equal(
+          'burrow-broker: max-offers-per-agent: 100 is below --agent-max-concurrent (2048); raise it or set 0',
+        );
+        await expectConfigError(BROKER_CLI, brokerFlags(ports), 'max-offers-per-agent', ports, {
+          BURROW_BROKER_MAX_OFFERS_PER_AGENT: '10',
+        });
+        const file = path.join(pki.root, 'offers.yaml');
+        writeFileSync(file, 'max-offers-per-agent: 5\n');
+        await expectConfigError(BROKER_CLI, [...brokerFlags(ports), '--config', file], 'max-offers-per-agent', ports);
+      },
+    );
 
     it('--max-sessions-per-agent -1', async () => {
       const ports = await freePorts(3);
@@ -357,24 +360,28 @@ describe('cli', function () {
       await expectAdminOn(proc, got.adminPort, ports[2]!, []);
     });
 
-    it('agent max-brokers: default 3; the config file, BURROW_AGENT_MAX_BROKERS and --max-brokers each apply, in that order of precedence', async () => {
-      const ports = await freePorts(3);
-      const file = path.join(pki.root, 'max-brokers.yaml');
-      writeFileSync(file, 'max-brokers: 2\n');
-      const flags = agentFlags(ports, { 'local-listen': undefined, 'admin-listen': undefined });
-      const cases: [string[], Record<string, string>, number][] = [
-        [flags, {}, 3],
-        [[...flags, '--config', file], {}, 2],
-        [[...flags, '--config', file], { BURROW_AGENT_MAX_BROKERS: '4' }, 4],
-        [[...flags, '--config', file, '--max-brokers', '5'], { BURROW_AGENT_MAX_BROKERS: '4' }, 5],
-      ];
-      for (const [args, env, want] of cases) {
-        const { proc, started } = await startAgent(args, env);
-        expect(started.maxBrokers, JSON.stringify({ args: args.slice(-4), env })).to.equal(want);
-        proc.signal('SIGTERM');
-        expect(await proc.waitExit()).to.deep.equal({ code: 0, signal: null });
-      }
-    });
+    it(
+      'agent max-brokers: default 3; the config file, BURROW_AGENT_MAX_BROKERS and --max-brokers each apply, in ' +
+        'that order of precedence',
+      async () => {
+        const ports = await freePorts(3);
+        const file = path.join(pki.root, 'max-brokers.yaml');
+        writeFileSync(file, 'max-brokers: 2\n');
+        const flags = agentFlags(ports, { 'local-listen': undefined, 'admin-listen': undefined });
+        const cases: [string[], Record<string, string>, number][] = [
+          [flags, {}, 3],
+          [[...flags, '--config', file], {}, 2],
+          [[...flags, '--config', file], { BURROW_AGENT_MAX_BROKERS: '4' }, 4],
+          [[...flags, '--config', file, '--max-brokers', '5'], { BURROW_AGENT_MAX_BROKERS: '4' }, 5],
+        ];
+        for (const [args, env, want] of cases) {
+          const { proc, started } = await startAgent(args, env);
+          expect(started.maxBrokers, JSON.stringify({ args: args.slice(-4), env })).to.equal(want);
+          proc.signal('SIGTERM');
+          expect(await proc.waitExit()).to.deep.equal({ code: 0, signal: null });
+        }
+      },
+    );
 
     it('a flag beats the environment, which beats the config file', async () => {
       const [a, b, fromFile, fromEnv, fromFlag] = await freePorts(5);

@@ -115,23 +115,26 @@ describe('broker cluster (in process)', function () {
     expect(metrics).to.match(/result="served"} 1\b/);
   });
 
-  it('an agent given one broker learns the replica set from the directory and keeps a tunnel to each broker', async () => {
-    await stack.agent.stop();
-    await stack.startAgent(); // --max-brokers 3 (default)
-    await waitUntil(() => brokerB.registry.canServe(AGENT_ID), 10_000);
-    const status = await brokerB.status();
-    expect((status.cluster as { brokers: { brokerId: string }[] }).brokers.map((b) => b.brokerId)).to.deep.equal([
-      'broker-a',
-      'broker-b',
-    ]);
-    const before = await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total');
-    const r = await callerB.unary(ECHO.unary, Buffer.from('own tunnel'), stack.md());
-    expect(r.response.toString()).to.equal('own tunnel');
-    // Served on B's own tunnel: no forward.
-    expect(await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total')).to.equal(
-      before,
-    );
-  });
+  it(
+    'an agent given one broker learns the replica set ' + 'from the directory and keeps a tunnel to each broker',
+    async () => {
+      await stack.agent.stop();
+      await stack.startAgent(); // --max-brokers 3 (default)
+      await waitUntil(() => brokerB.registry.canServe(AGENT_ID), 10_000);
+      const status = await brokerB.status();
+      expect((status.cluster as { brokers: { brokerId: string }[] }).brokers.map((b) => b.brokerId)).to.deep.equal([
+        'broker-a',
+        'broker-b',
+      ]);
+      const before = await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total');
+      const r = await callerB.unary(ECHO.unary, Buffer.from('own tunnel'), stack.md());
+      expect(r.response.toString()).to.equal('own tunnel');
+      // Served on B's own tunnel: no forward.
+      expect(await brokerB.metrics.registry.getSingleMetricAsString('burrow_broker_peer_forwards_total')).to.equal(
+        before,
+      );
+    },
+  );
 
   it('a status from the upstream crosses both brokers unchanged', async () => {
     const req = Buffer.from(JSON.stringify({ code: Status.FAILED_PRECONDITION, message: '  spaced  ü ✓ ' }));
@@ -199,64 +202,67 @@ describe('broker cluster (in process)', function () {
 describe('broker cluster: PKI state shared by every broker', function () {
   this.timeout(30_000);
 
-  it("a revocation closes the agent's tunnels on every broker sharing the PKI directory within about a second", async () => {
-    const baseline = snapshotResources();
-    const root = makeTempDir('burrow-cluster-pki-');
-    const dir = path.join(root, 'pki');
-    await initPki({ dir });
-    const agentCert = await issueCertificate({ dir, role: 'agent', name: 'site-r' });
-    await writeIssued(path.join(root, 'agent'), agentCert);
-    const brokers = ['broker-a', 'broker-b'].map(
-      (brokerId) =>
-        new Broker(
-          {
-            ...BROKER_DEFAULTS,
-            agentListen: '127.0.0.1:0',
-            apiListen: '127.0.0.1:0',
-            pkiDir: dir,
-            tlsDns: ['localhost'],
-            tlsIp: ['127.0.0.1'],
-            brokerId,
-            drainTimeoutMs: 2_000,
-          },
-          silentLogger(),
-        ),
-    );
-    const agentPorts = await Promise.all(brokers.map(async (b) => (await b.start()).agentPort));
-    const files = {
-      cert: path.join(root, 'agent', 'tls.crt'),
-      key: path.join(root, 'agent', 'tls.key'),
-      ca: path.join(root, 'agent', 'ca.crt'),
-    };
-    const agent = new Agent(
-      {
-        ...AGENT_DEFAULTS,
-        brokers: agentPorts.map((p) => `127.0.0.1:${p}`),
-        brokerServerName: 'localhost',
-        tlsCertFile: files.cert,
-        tlsKeyFile: files.key,
-        caFile: files.ca,
-        reconnectBaseMs: 50,
-        reconnectMaxMs: 300,
-        drainTimeoutMs: 1_000,
-      },
-      silentLogger(),
-    );
-    try {
-      await agent.start();
-      await waitUntil(() => brokers.every((b) => b.registry.canServe('site-r')));
-      const revokedAtMs = Date.now();
-      await revoke({ dir, agentId: 'site-r' });
-      await waitUntil(() => brokers.every((b) => b.registry.sessionsOf('site-r').length === 0), 5_000);
-      const tookMs = Date.now() - revokedAtMs;
-      console.log(`      (revocation reached both brokers in ${tookMs} ms)`);
-      // Each broker polls the directory every 500 ms; the issue asks for 1 s, with slack for a loaded machine.
-      expect(tookMs).to.be.below(2_000);
-    } finally {
-      await agent.stop();
-      for (const b of brokers) await b.stop();
-      rmSync(root, { recursive: true, force: true });
-    }
-    await expectNoLeaks(baseline);
-  });
+  it(
+    "a revocation closes the agent's tunnels on every " + 'broker sharing the PKI directory within about a second',
+    async () => {
+      const baseline = snapshotResources();
+      const root = makeTempDir('burrow-cluster-pki-');
+      const dir = path.join(root, 'pki');
+      await initPki({ dir });
+      const agentCert = await issueCertificate({ dir, role: 'agent', name: 'site-r' });
+      await writeIssued(path.join(root, 'agent'), agentCert);
+      const brokers = ['broker-a', 'broker-b'].map(
+        (brokerId) =>
+          new Broker(
+            {
+              ...BROKER_DEFAULTS,
+              agentListen: '127.0.0.1:0',
+              apiListen: '127.0.0.1:0',
+              pkiDir: dir,
+              tlsDns: ['localhost'],
+              tlsIp: ['127.0.0.1'],
+              brokerId,
+              drainTimeoutMs: 2_000,
+            },
+            silentLogger(),
+          ),
+      );
+      const agentPorts = await Promise.all(brokers.map(async (b) => (await b.start()).agentPort));
+      const files = {
+        cert: path.join(root, 'agent', 'tls.crt'),
+        key: path.join(root, 'agent', 'tls.key'),
+        ca: path.join(root, 'agent', 'ca.crt'),
+      };
+      const agent = new Agent(
+        {
+          ...AGENT_DEFAULTS,
+          brokers: agentPorts.map((p) => `127.0.0.1:${p}`),
+          brokerServerName: 'localhost',
+          tlsCertFile: files.cert,
+          tlsKeyFile: files.key,
+          caFile: files.ca,
+          reconnectBaseMs: 50,
+          reconnectMaxMs: 300,
+          drainTimeoutMs: 1_000,
+        },
+        silentLogger(),
+      );
+      try {
+        await agent.start();
+        await waitUntil(() => brokers.every((b) => b.registry.canServe('site-r')));
+        const revokedAtMs = Date.now();
+        await revoke({ dir, agentId: 'site-r' });
+        await waitUntil(() => brokers.every((b) => b.registry.sessionsOf('site-r').length === 0), 5_000);
+        const tookMs = Date.now() - revokedAtMs;
+        console.log(`      (revocation reached both brokers in ${tookMs} ms)`);
+        // Each broker polls the directory every 500 ms; the issue asks for 1 s, with slack for a loaded machine.
+        expect(tookMs).to.be.below(2_000);
+      } finally {
+        await agent.stop();
+        for (const b of brokers) await b.stop();
+        rmSync(root, { recursive: true, force: true });
+      }
+      await expectNoLeaks(baseline);
+    },
+  );
 });

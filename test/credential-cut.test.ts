@@ -166,47 +166,50 @@ describe('credentials cut mid-call: service certificates', function () {
     },
   );
 
-  it('revoking a service certificate closes its AuthZEN connections within 1.5 s; its next request gets 403', async () => {
-    const svc = await issueCertificate({ dir, role: 'service', name: 'gateway' });
-    await writeIssued(path.join(root, 'gateway'), svc);
-    const f = files('gateway');
-    const socket = tls.connect({
-      host: '127.0.0.1',
-      port: Number(authzenAddress.split(':')[1]),
-      servername: 'localhost',
-      ca: readFileSync(f.ca),
-      cert: readFileSync(f.cert),
-      key: readFileSync(f.key),
-    });
-    socket.on('error', () => {});
-    const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
-    try {
-      await new Promise<void>((resolve, reject) => {
-        socket.once('secureConnect', resolve);
-        socket.once('error', reject);
+  it(
+    'revoking a service certificate closes its AuthZEN connections within 1.5 s; ' + 'its next request gets 403',
+    async () => {
+      const svc = await issueCertificate({ dir, role: 'service', name: 'gateway' });
+      await writeIssued(path.join(root, 'gateway'), svc);
+      const f = files('gateway');
+      const socket = tls.connect({
+        host: '127.0.0.1',
+        port: Number(authzenAddress.split(':')[1]),
+        servername: 'localhost',
+        ca: readFileSync(f.ca),
+        cert: readFileSync(f.cert),
+        key: readFileSync(f.key),
       });
-      const revoked = await runCli(PKI_CLI, ['revoke', '--dir', dir, '--serial', svc.serialHex]);
-      expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
-      const revokedAtMs = Date.now();
-      const gone = await within(
-        closed.then(() => true),
-        5_000,
-      );
-      const tookMs = Date.now() - revokedAtMs;
-      console.log(`      (AuthZEN connection closed ${gone ? `${tookMs} ms after the revoke` : 'never (5 s)'})`);
-      expect(gone, 'the AuthZEN connection was still open 5 s after the revocation').to.equal(true);
-      expect(tookMs).to.be.below(1_500);
-      const res = await httpsJson(authzenAddress, 'POST', '/agents/site-cut/access/v1/evaluation', {
-        cert: f,
-        ca: f.ca,
-        body: { subject: { type: 'user', id: 'u' }, action: { name: 'read' }, resource: { type: 'doc', id: 'd' } },
-      });
-      expect(res.status).to.equal(403);
-      expect(JSON.stringify(res.body)).to.match(/revoked/);
-    } finally {
-      socket.destroy();
-    }
-  });
+      socket.on('error', () => {});
+      const closed = new Promise<void>((resolve) => socket.once('close', () => resolve()));
+      try {
+        await new Promise<void>((resolve, reject) => {
+          socket.once('secureConnect', resolve);
+          socket.once('error', reject);
+        });
+        const revoked = await runCli(PKI_CLI, ['revoke', '--dir', dir, '--serial', svc.serialHex]);
+        expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
+        const revokedAtMs = Date.now();
+        const gone = await within(
+          closed.then(() => true),
+          5_000,
+        );
+        const tookMs = Date.now() - revokedAtMs;
+        console.log(`      (AuthZEN connection closed ${gone ? `${tookMs} ms after the revoke` : 'never (5 s)'})`);
+        expect(gone, 'the AuthZEN connection was still open 5 s after the revocation').to.equal(true);
+        expect(tookMs).to.be.below(1_500);
+        const res = await httpsJson(authzenAddress, 'POST', '/agents/site-cut/access/v1/evaluation', {
+          cert: f,
+          ca: f.ca,
+          body: { subject: { type: 'user', id: 'u' }, action: { name: 'read' }, resource: { type: 'doc', id: 'd' } },
+        });
+        expect(res.status).to.equal(403);
+        expect(JSON.stringify(res.body)).to.match(/revoked/);
+      } finally {
+        socket.destroy();
+      }
+    },
+  );
 
   it('a stream whose service certificate expires mid-call ends with UNAUTHENTICATED at the expiry', async () => {
     const svc = await issueCertificate({ dir, role: 'service', name: 'short-lived', ttlMs: 4_000 });

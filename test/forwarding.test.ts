@@ -180,19 +180,23 @@ describe('forwarding', () => {
     expect(seen['burrow-agent-id']).to.deep.equal([AGENT_ID]);
   });
 
-  it('the site upstream never sees the routing key or the caller authorization, only the caller identity the broker verified', async () => {
-    const res = await stack.caller.unary(
-      ECHO.metadata,
-      Buffer.from('q'),
-      stack.md({ authorization: 'Bearer platform-token', 'burrow-caller-id': 'spiffe://forged/service/x' }),
-    );
-    const seen = JSON.parse(res.response.toString()) as Record<string, string[]>;
-    expect(Object.keys(seen).filter((k) => k.startsWith('burrow-') || k === 'authorization')).to.deep.equal([
-      'burrow-caller-id',
-    ]);
-    expect(seen['burrow-caller-id']).to.have.length(1);
-    expect(seen['burrow-caller-id']?.[0]).to.match(/^spiffe:\/\/[^/]+\/service\/platform-svc$/);
-  });
+  it(
+    'the site upstream never sees the routing key or the caller authorization, only the caller identity the ' +
+      'broker verified',
+    async () => {
+      const res = await stack.caller.unary(
+        ECHO.metadata,
+        Buffer.from('q'),
+        stack.md({ authorization: 'Bearer platform-token', 'burrow-caller-id': 'spiffe://forged/service/x' }),
+      );
+      const seen = JSON.parse(res.response.toString()) as Record<string, string[]>;
+      expect(Object.keys(seen).filter((k) => k.startsWith('burrow-') || k === 'authorization')).to.deep.equal([
+        'burrow-caller-id',
+      ]);
+      expect(seen['burrow-caller-id']).to.have.length(1);
+      expect(seen['burrow-caller-id']?.[0]).to.match(/^spiffe:\/\/[^/]+\/service\/platform-svc$/);
+    },
+  );
 
   it('an unknown method reaches the upstream, which answers UNIMPLEMENTED, and the tunnel lives on', async () => {
     const err = await stack.caller.unary('/no.Such/Method', Buffer.from('x'), stack.md()).then(

@@ -272,7 +272,8 @@ describe('frames: encode/decode', () => {
               { brokerId: 'bad', address },
             ],
             new RegExp(
-              `entry 1 \\(broker "bad"\\): address "${address.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}" is not HOST:PORT`,
+              `entry 1 \\(broker "bad"\\): address ` +
+                `"${address.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}" is not HOST:PORT`,
             ),
           );
         });

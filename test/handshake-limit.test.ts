@@ -78,35 +78,38 @@ describe('TLS handshake cap (limitPendingHandshakes)', () => {
     };
   }
 
-  it('closes connections past the cap before any TLS work, and counts a handshake only until it is secure', async () => {
-    const baseline = snapshotResources();
-    const srv = await serve(2);
-    const stalled = [await stalledConnection(srv.port), await stalledConnection(srv.port)];
-    try {
-      await until('two handshakes pending', () => srv.limiter.pending() === 2);
+  it(
+    'closes connections past the cap before any TLS work, ' + 'and counts a handshake only until it is secure',
+    async () => {
+      const baseline = snapshotResources();
+      const srv = await serve(2);
+      const stalled = [await stalledConnection(srv.port), await stalledConnection(srv.port)];
+      try {
+        await until('two handshakes pending', () => srv.limiter.pending() === 2);
 
-      // A third connection is shed: the agent sees the connection drop, the server did no handshake.
-      expect(await handshake(srv.port, agentCert)).to.equal('ECONNRESET');
-      expect(srv.limiter.shed()).to.equal(1);
-      expect(srv.shedSockets).to.have.length(1);
-      expect(srv.limiter.pending()).to.equal(2);
+        // A third connection is shed: the agent sees the connection drop, the server did no handshake.
+        expect(await handshake(srv.port, agentCert)).to.equal('ECONNRESET');
+        expect(srv.limiter.shed()).to.equal(1);
+        expect(srv.shedSockets).to.have.length(1);
+        expect(srv.limiter.pending()).to.equal(2);
 
-      // One stalled client goes away: its slot is free again.
-      stalled.pop()!.destroy();
-      await until('one handshake pending', () => srv.limiter.pending() === 1);
-      // Finished handshakes stop counting: more secure connections in a row than the cap, all
-      // admitted (the server's side of a handshake ends a moment after the client's: wait for it).
-      for (let i = 0; i < 4; i++) {
-        expect(await handshake(srv.port, agentCert)).to.equal('secure');
-        await until('only the stalled handshake pending', () => srv.limiter.pending() === 1);
+        // One stalled client goes away: its slot is free again.
+        stalled.pop()!.destroy();
+        await until('one handshake pending', () => srv.limiter.pending() === 1);
+        // Finished handshakes stop counting: more secure connections in a row than the cap, all
+        // admitted (the server's side of a handshake ends a moment after the client's: wait for it).
+        for (let i = 0; i < 4; i++) {
+          expect(await handshake(srv.port, agentCert)).to.equal('secure');
+          await until('only the stalled handshake pending', () => srv.limiter.pending() === 1);
+        }
+        expect(srv.limiter.shed()).to.equal(1);
+      } finally {
+        for (const s of stalled) s.destroy();
+        await srv.stop();
       }
-      expect(srv.limiter.shed()).to.equal(1);
-    } finally {
-      for (const s of stalled) s.destroy();
-      await srv.stop();
-    }
-    await expectNoLeaks(baseline);
-  });
+      await expectNoLeaks(baseline);
+    },
+  );
 
   it('0 turns the cap off', async () => {
     const baseline = snapshotResources();
@@ -130,44 +133,52 @@ describe('broker --max-pending-handshakes', () => {
     await stack?.stop();
   });
 
-  it('sheds an agent while the cap is full, counts it apart from refused handshakes, and the agent gets in once a slot frees', async () => {
-    stack = await Stack.start({ broker: { maxPendingHandshakes: 1 }, startAgent: false });
-    const metrics = stack.broker.metrics;
-    const stall = await stalledConnection(Number(stack.agentAddress.split(':')[1]));
-    try {
-      await until('the stalled handshake counted', () => metrics.pendingHandshakes() === 1);
-      const connected = stack.startAgent();
-      await until(
-        'the agent shed at least twice (it retries after its backoff)',
-        async () => (await metricValue(metrics.handshakesShed)) >= 2,
-      );
-      expect(
-        await metricValue(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' }),
-        'shed connections are not refused handshakes',
-      ).to.equal(0);
-      stall.destroy();
-      await connected;
-    } finally {
-      stall.destroy();
-    }
-    const r = await stack.caller.unary(ECHO.unary, Buffer.from('after the storm'), stack.md());
-    expect(r.response.toString()).to.equal('after the storm');
-    const scrape = await (await fetch(`${stack.adminUrl}/metrics`)).text();
-    expect(scrape).to.match(/^burrow_broker_handshakes_shed_total [1-9]\d*$/m);
-    expect(scrape).to.match(/^burrow_broker_handshakes_pending 0$/m);
-  });
+  it(
+    'sheds an agent while the cap is full, counts it apart from ' +
+      'refused handshakes, and the agent gets in once a slot frees',
+    async () => {
+      stack = await Stack.start({ broker: { maxPendingHandshakes: 1 }, startAgent: false });
+      const metrics = stack.broker.metrics;
+      const stall = await stalledConnection(Number(stack.agentAddress.split(':')[1]));
+      try {
+        await until('the stalled handshake counted', () => metrics.pendingHandshakes() === 1);
+        const connected = stack.startAgent();
+        await until(
+          'the agent shed at least twice (it retries after its backoff)',
+          async () => (await metricValue(metrics.handshakesShed)) >= 2,
+        );
+        expect(
+          await metricValue(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' }),
+          'shed connections are not refused handshakes',
+        ).to.equal(0);
+        stall.destroy();
+        await connected;
+      } finally {
+        stall.destroy();
+      }
+      const r = await stack.caller.unary(ECHO.unary, Buffer.from('after the storm'), stack.md());
+      expect(r.response.toString()).to.equal('after the storm');
+      const scrape = await (await fetch(`${stack.adminUrl}/metrics`)).text();
+      expect(scrape).to.match(/^burrow_broker_handshakes_shed_total [1-9]\d*$/m);
+      expect(scrape).to.match(/^burrow_broker_handshakes_pending 0$/m);
+    },
+  );
 
-  it('a peer that hangs up mid-handshake (an agent giving up, a TCP health check) is counted as abandoned, not refused', async () => {
-    const metrics = stack.broker.metrics;
-    const before = await metricValue(metrics.abandonedHandshakes, { listener: 'agent' });
-    // One at a time: this broker's cap is 1 handshake.
-    for (let i = 1; i <= 3; i++) {
-      (await stalledConnection(Number(stack.agentAddress.split(':')[1]))).destroy();
-      await until(
-        `abandoned handshake ${i} counted`,
-        async () => (await metricValue(metrics.abandonedHandshakes, { listener: 'agent' })) === before + i,
-      );
-    }
-    expect(await metricValue(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' })).to.equal(0);
-  });
+  it(
+    'a peer that hangs up mid-handshake (an agent giving up, ' +
+      'a TCP health check) is counted as abandoned, not refused',
+    async () => {
+      const metrics = stack.broker.metrics;
+      const before = await metricValue(metrics.abandonedHandshakes, { listener: 'agent' });
+      // One at a time: this broker's cap is 1 handshake.
+      for (let i = 1; i <= 3; i++) {
+        (await stalledConnection(Number(stack.agentAddress.split(':')[1]))).destroy();
+        await until(
+          `abandoned handshake ${i} counted`,
+          async () => (await metricValue(metrics.abandonedHandshakes, { listener: 'agent' })) === before + i,
+        );
+      }
+      expect(await metricValue(metrics.rejectedHandshakes, { listener: 'agent', reason: 'tls' })).to.equal(0);
+    },
+  );
 });

@@ -102,27 +102,30 @@ describe('handshake slowloris (issue 13 item 2)', function () {
     expect(longest, 'the handshake timeout closes the idle sockets').to.be.below(HANDSHAKE_TIMEOUT_MS + 3_000);
   }
 
-  it('agent listener: a real agent connects while 300 idle sockets from another address are open; they are closed', async () => {
-    const port = Number(stack.agentAddress.split(':')[1]);
-    sockets = await slowloris(port, SOCKETS);
-    const started = Date.now();
-    await stack.startAgent();
-    const connectMs = Date.now() - started;
-    console.log(
-      `    agent listener: the agent's session is up ${connectMs} ms after it started, with the slowloris open`,
-    );
-    expect(connectMs).to.be.below(HANDSHAKE_TIMEOUT_MS);
-    const handshakeMs = await timedHandshake(port, stack.agentCert, 'h2');
-    console.log(`    agent listener: an mTLS handshake from ${CLIENT} took ${handshakeMs} ms`);
-    await expectAllClosed('agent listener');
-    const scrape = await (await fetch(`${stack.adminUrl}/metrics`)).text();
-    expect(scrape).to.match(
-      /^burrow_broker_connections_guarded_total\{listener="agent",reason="handshake_timeout"\} [1-9]\d*$/m,
-    );
-    expect(scrape).to.match(
-      /^burrow_broker_connections_guarded_total\{listener="agent",reason="address_cap"\} [1-9]\d*$/m,
-    );
-  });
+  it(
+    'agent listener: a real agent connects while 300 idle ' + 'sockets from another address are open; they are closed',
+    async () => {
+      const port = Number(stack.agentAddress.split(':')[1]);
+      sockets = await slowloris(port, SOCKETS);
+      const started = Date.now();
+      await stack.startAgent();
+      const connectMs = Date.now() - started;
+      console.log(
+        `    agent listener: the agent's session is up ${connectMs} ms after it started, with the slowloris open`,
+      );
+      expect(connectMs).to.be.below(HANDSHAKE_TIMEOUT_MS);
+      const handshakeMs = await timedHandshake(port, stack.agentCert, 'h2');
+      console.log(`    agent listener: an mTLS handshake from ${CLIENT} took ${handshakeMs} ms`);
+      await expectAllClosed('agent listener');
+      const scrape = await (await fetch(`${stack.adminUrl}/metrics`)).text();
+      expect(scrape).to.match(
+        /^burrow_broker_connections_guarded_total\{listener="agent",reason="handshake_timeout"\} [1-9]\d*$/m,
+      );
+      expect(scrape).to.match(
+        /^burrow_broker_connections_guarded_total\{listener="agent",reason="address_cap"\} [1-9]\d*$/m,
+      );
+    },
+  );
 
   // The listeners services call: a service certificate from CLIENT; AuthZEN speaks HTTP/1.1.
   const serviceListeners = [
@@ -130,13 +133,17 @@ describe('handshake slowloris (issue 13 item 2)', function () {
     { name: 'AuthZEN', address: (): string => stack.authzenAddress, alpn: 'http/1.1' },
   ];
   for (const l of serviceListeners) {
-    it(`${l.name} listener: a service finishes its handshake while 300 idle sockets are open; they are closed`, async () => {
-      const port = Number(l.address().split(':')[1]);
-      sockets = await slowloris(port, SOCKETS);
-      const handshakeMs = await timedHandshake(port, stack.serviceCert, l.alpn);
-      console.log(`    ${l.name} listener: an mTLS handshake from ${CLIENT} took ${handshakeMs} ms`);
-      expect(handshakeMs).to.be.below(HANDSHAKE_TIMEOUT_MS);
-      await expectAllClosed(`${l.name} listener`);
-    });
+    it(
+      // biome-ignore lint/style/useTemplate: split in two to stay within 120 columns (make lint)
+      `${l.name} listener: a service finishes its handshake ` + `while 300 idle sockets are open; they are closed`,
+      async () => {
+        const port = Number(l.address().split(':')[1]);
+        sockets = await slowloris(port, SOCKETS);
+        const handshakeMs = await timedHandshake(port, stack.serviceCert, l.alpn);
+        console.log(`    ${l.name} listener: an mTLS handshake from ${CLIENT} took ${handshakeMs} ms`);
+        expect(handshakeMs).to.be.below(HANDSHAKE_TIMEOUT_MS);
+        await expectAllClosed(`${l.name} listener`);
+      },
+    );
   }
 });

@@ -140,24 +140,27 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
     });
   }
 
-  it('enrollment with a token whose stored agent id breaks the grammar is refused before the token is used', async () => {
-    const { token, tokenId } = (await createJoinToken({ dir, agentId: 'site-x' })) as {
-      token: string;
-      tokenId: string;
-    };
-    const file = path.join(dir, 'tokens', `${tokenId}.json`);
-    const stored = JSON.parse(readFileSync(file, 'utf8')) as { agentId: string };
-    writeFileSync(file, JSON.stringify({ ...stored, agentId: 'SITE-A' }));
-    const err = await enroll({ broker: agentAddress, token, stateDir: path.join(root, 'state-x') }).then(
-      () => undefined,
-      (e: Error) => e,
-    );
-    console.log(`      enroll: ${err?.message}`);
-    expect(err?.message).to.include('"SITE-A"').and.include(ID_GRAMMAR);
-    expect(
-      readdirSync(path.join(dir, 'tokens')).includes('used') ? readdirSync(path.join(dir, 'tokens', 'used')) : [],
-    ).to.not.include(`${tokenId}.json`);
-  });
+  it(
+    'enrollment with a token whose stored agent id breaks ' + 'the grammar is refused before the token is used',
+    async () => {
+      const { token, tokenId } = (await createJoinToken({ dir, agentId: 'site-x' })) as {
+        token: string;
+        tokenId: string;
+      };
+      const file = path.join(dir, 'tokens', `${tokenId}.json`);
+      const stored = JSON.parse(readFileSync(file, 'utf8')) as { agentId: string };
+      writeFileSync(file, JSON.stringify({ ...stored, agentId: 'SITE-A' }));
+      const err = await enroll({ broker: agentAddress, token, stateDir: path.join(root, 'state-x') }).then(
+        () => undefined,
+        (e: Error) => e,
+      );
+      console.log(`      enroll: ${err?.message}`);
+      expect(err?.message).to.include('"SITE-A"').and.include(ID_GRAMMAR);
+      expect(
+        readdirSync(path.join(dir, 'tokens')).includes('used') ? readdirSync(path.join(dir, 'tokens', 'used')) : [],
+      ).to.not.include(`${tokenId}.json`);
+    },
+  );
 
   it('a broker id outside the grammar is a configuration error', () => {
     expect(() =>

@@ -182,7 +182,8 @@ describe('identity', function () {
       const before = await rejected(stack.broker, 'api', 'tls');
       const err = await failure(client(mtlsCredentials(expired)), ECHO.unary, stack.md());
       expect(err.code, err.details).to.equal(Status.UNAVAILABLE);
-      // Refused in the handshake, and only because of its lifetime: the same name with the default lifetime is accepted.
+      // Refused in the handshake, and only because of its lifetime: the same name with the default lifetime is
+      // accepted.
       const port = Number(stack.apiAddress.split(':')[1]);
       expect(await tlsVerdict(port, expired.ca, expired)).to.equal('refused');
       expect(
@@ -204,16 +205,19 @@ describe('identity', function () {
       expect(agents.map((a) => a.id)).to.deep.equal(['site-a']);
     });
 
-    it('an Offer stream opened with a SERVICE certificate for a real session id is refused with PERMISSION_DENIED', async () => {
-      const [listing] = await getJson<(AgentListing & { sessions: { id: string }[] })[]>(`${stack.adminUrl}/agents`);
-      const md = new Metadata();
-      md.set('burrow-session-id', listing!.sessions[0]!.id);
-      const s = await rawTunnelStream(stack.agentAddress, stack.serviceCert, '/burrow.tunnel.v1.Tunnel/Offer', md);
-      expect(s.code, s.details).to.equal(Status.PERMISSION_DENIED);
-      // The real agent's session is untouched.
-      const res = await stack.caller.unary(ECHO.unary, Buffer.from('still'), stack.md());
-      expect(res.response.toString()).to.equal('still');
-    });
+    it(
+      'an Offer stream opened with a SERVICE certificate for ' + 'a real session id is refused with PERMISSION_DENIED',
+      async () => {
+        const [listing] = await getJson<(AgentListing & { sessions: { id: string }[] })[]>(`${stack.adminUrl}/agents`);
+        const md = new Metadata();
+        md.set('burrow-session-id', listing!.sessions[0]!.id);
+        const s = await rawTunnelStream(stack.agentAddress, stack.serviceCert, '/burrow.tunnel.v1.Tunnel/Offer', md);
+        expect(s.code, s.details).to.equal(Status.PERMISSION_DENIED);
+        // The real agent's session is untouched.
+        const res = await stack.caller.unary(ECHO.unary, Buffer.from('still'), stack.md());
+        expect(res.response.toString()).to.equal('still');
+      },
+    );
   });
 
   describe('the agent id comes from the certificate', () => {
@@ -261,21 +265,25 @@ describe('identity', function () {
       expect(err.details).to.match(/site-c/);
     });
 
-    it('a second connection with the same certificate adds up (connections: 2); stopping it leaves the first serving', async () => {
-      const second = await extraAgent(stack, stack.agentCert, stack.siteUpstream.address);
-      extra.push(second);
-      const [entry] = await listing();
-      expect(entry).to.include({ id: 'site-a', connections: 2 });
-      expect(entry!.sessions).to.have.length(2);
+    it(
+      'a second connection with the same certificate adds up ' +
+        '(connections: 2); stopping it leaves the first serving',
+      async () => {
+        const second = await extraAgent(stack, stack.agentCert, stack.siteUpstream.address);
+        extra.push(second);
+        const [entry] = await listing();
+        expect(entry).to.include({ id: 'site-a', connections: 2 });
+        expect(entry!.sessions).to.have.length(2);
 
-      // Stop the newer connection: had it replaced (hijacked) the first, nothing would be left.
-      await second.stop();
-      await pollUntil('/agents to show one connection', async () => (await listing())[0]?.connections === 1);
-      for (let i = 0; i < 5; i++) {
-        const res = await stack.caller.unary(ECHO.unary, Buffer.from(`after-${i}`), stack.md());
-        expect(res.response.toString()).to.equal(`after-${i}`);
-      }
-    });
+        // Stop the newer connection: had it replaced (hijacked) the first, nothing would be left.
+        await second.stop();
+        await pollUntil('/agents to show one connection', async () => (await listing())[0]?.connections === 1);
+        for (let i = 0; i < 5; i++) {
+          const res = await stack.caller.unary(ECHO.unary, Buffer.from(`after-${i}`), stack.md());
+          expect(res.response.toString()).to.equal(`after-${i}`);
+        }
+      },
+    );
 
     it('stopping the first of two connections leaves the second serving', async () => {
       const second = await extraAgent(stack, stack.agentCert, stack.siteUpstream.address);

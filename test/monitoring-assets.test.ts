@@ -51,22 +51,26 @@ describe('monitoring assets: Grafana dashboard and metric names', function () {
       }
     });
 
-    it('covers what operators watch: agents, calls by status, latency, streams, waiting calls, certificates, enrollments, policy', () => {
-      const used = new Set(dashboardQueries().flatMap((q) => metricNamesIn(q.expr)));
-      for (const name of [
-        'burrow_broker_connected_agents',
-        'burrow_broker_calls_total',
-        'burrow_broker_call_duration_seconds_bucket',
-        'burrow_broker_tunnel_streams',
-        'burrow_broker_calls_waiting',
-        'burrow_pki_certificate_expiry_seconds',
-        'burrow_pki_ca_expiry_seconds',
-        'burrow_pki_enrollments_total',
-        'burrow_agent_authn_requests_total',
-        'burrow_agent_policy_last_reload_success',
-      ])
-        expect(used.has(name), name).to.equal(true);
-    });
+    it(
+      'covers what operators watch: agents, calls by status, latency, streams, waiting calls, certificates, ' +
+        'enrollments, policy',
+      () => {
+        const used = new Set(dashboardQueries().flatMap((q) => metricNamesIn(q.expr)));
+        for (const name of [
+          'burrow_broker_connected_agents',
+          'burrow_broker_calls_total',
+          'burrow_broker_call_duration_seconds_bucket',
+          'burrow_broker_tunnel_streams',
+          'burrow_broker_calls_waiting',
+          'burrow_pki_certificate_expiry_seconds',
+          'burrow_pki_ca_expiry_seconds',
+          'burrow_pki_enrollments_total',
+          'burrow_agent_authn_requests_total',
+          'burrow_agent_policy_last_reload_success',
+        ])
+          expect(used.has(name), name).to.equal(true);
+      },
+    );
 
     it('every query parses as PromQL (promtool check rules)', async () => {
       await ensurePrometheus();

@@ -277,25 +277,28 @@ describe('observability', function () {
       expect(connected).to.include({ agentId: 'site-a', protocolVersion: PROTOCOL_VERSION });
     });
 
-    it('a successful call logs "call finished" with agentId, callId, method, status and durationMs on both sides', async () => {
-      const md = new Metadata();
-      md.set('burrow-agent-id', 'site-a');
-      await client!.unary(ECHO.unary, Buffer.from('logged'), md);
-      const line = await brokerLog.waitFor((l) => l.message === 'call finished' && l.method === ECHO.unary);
-      expect(line).to.include({
-        level: 'debug',
-        direction: 'to_agent',
-        agentId: 'site-a',
-        method: ECHO.unary,
-        status: 'OK',
-      });
-      expect(line.callId).to.be.a('string').and.not.equal('');
-      expect(line.durationMs).to.be.a('number').and.at.least(0);
-      // The agent logs the same call under the same id, so one grep finds both halves.
-      const agentLine = await agentLog.waitFor((l) => l.message === 'call finished' && l.callId === line.callId);
-      expect(agentLine).to.include({ direction: 'from_broker', method: ECHO.unary, status: 'OK' });
-      expect(agentLine.durationMs).to.be.a('number');
-    });
+    it(
+      'a successful call logs "call finished" with agentId, ' + 'callId, method, status and durationMs on both sides',
+      async () => {
+        const md = new Metadata();
+        md.set('burrow-agent-id', 'site-a');
+        await client!.unary(ECHO.unary, Buffer.from('logged'), md);
+        const line = await brokerLog.waitFor((l) => l.message === 'call finished' && l.method === ECHO.unary);
+        expect(line).to.include({
+          level: 'debug',
+          direction: 'to_agent',
+          agentId: 'site-a',
+          method: ECHO.unary,
+          status: 'OK',
+        });
+        expect(line.callId).to.be.a('string').and.not.equal('');
+        expect(line.durationMs).to.be.a('number').and.at.least(0);
+        // The agent logs the same call under the same id, so one grep finds both halves.
+        const agentLine = await agentLog.waitFor((l) => l.message === 'call finished' && l.callId === line.callId);
+        expect(agentLine).to.include({ direction: 'from_broker', method: ECHO.unary, status: 'OK' });
+        expect(agentLine.durationMs).to.be.a('number');
+      },
+    );
 
     it('a failed call logs "call finished" at info with its status and details', async () => {
       const md = new Metadata();
@@ -309,18 +312,22 @@ describe('observability', function () {
       expect(line.durationMs).to.be.a('number');
     });
 
-    it('a refused TLS handshake is logged with the certificate problem (expired), not a bare socket error', async () => {
-      const expired = await stack.pki.issue('service', 'expired-svc', { ttlMs: 1 });
-      const notAfter = Date.parse(new X509Certificate(readFileSync(expired.cert)).validTo);
-      if (Date.now() <= notAfter) await new Promise((resolve) => setTimeout(resolve, notAfter - Date.now() + 1));
-      const apiAddress = `127.0.0.1:${(await brokerLog.waitFor((l) => l.message === 'broker started')).apiPort as number}`;
-      expiredClient = new RawClient(apiAddress, mtlsCredentials(expired));
-      const md = new Metadata();
-      md.set('burrow-agent-id', 'site-a');
-      await expiredClient.unary(ECHO.unary, Buffer.from('x'), md, { deadline: Date.now() + 5_000 }).catch(() => {});
-      const line = await brokerLog.waitFor((l) => l.message === 'TLS handshake refused');
-      expect(line).to.include({ level: 'warn', listener: 'api' });
-      expect(String(line.error)).to.match(/EXPIRED/i);
-    });
+    it(
+      'a refused TLS handshake is logged with the certificate problem (expired), ' + 'not a bare socket error',
+      async () => {
+        const expired = await stack.pki.issue('service', 'expired-svc', { ttlMs: 1 });
+        const notAfter = Date.parse(new X509Certificate(readFileSync(expired.cert)).validTo);
+        if (Date.now() <= notAfter) await new Promise((resolve) => setTimeout(resolve, notAfter - Date.now() + 1));
+        const started = await brokerLog.waitFor((l) => l.message === 'broker started');
+        const apiAddress = `127.0.0.1:${started.apiPort as number}`;
+        expiredClient = new RawClient(apiAddress, mtlsCredentials(expired));
+        const md = new Metadata();
+        md.set('burrow-agent-id', 'site-a');
+        await expiredClient.unary(ECHO.unary, Buffer.from('x'), md, { deadline: Date.now() + 5_000 }).catch(() => {});
+        const line = await brokerLog.waitFor((l) => l.message === 'TLS handshake refused');
+        expect(line).to.include({ level: 'warn', listener: 'api' });
+        expect(String(line.error)).to.match(/EXPIRED/i);
+      },
+    );
   });
 });

@@ -62,29 +62,33 @@ describe('offer reuse (protocol version 2)', () => {
     expect(stack.broker.registry.counts().activeCalls).to.equal(0);
   });
 
-  it("a reused offer never carries two calls at once: the second call waits (Demand) until the first one's Trailers", async () => {
-    const { session, offer } = await withOneOffer([1, 2]);
-    const first = stack.caller.bidi(ECHO.bidi, stack.md());
-    const firstResult = collect(first);
-    first.write(Buffer.from('one'));
-    await offer.expectNext('start');
-    expect((await offer.expectNext('message')).data.toString()).to.equal('one');
-    // The only offer is busy: a second call must wait, and the broker asks the agent for more.
-    const second = echo('two');
-    expect((await session.expectNext('demand')).offers).to.equal(1);
-    first.end();
-    await offer.expectNext('halfClose');
-    offer.send({ kind: 'message', data: Buffer.from('one') });
-    // Nothing of the second call has reached the offer while the first is in progress.
-    expect(offer.received.filter((f) => f.kind === 'start')).to.have.length(1);
-    offer.send({ kind: 'trailers', trailers: { code: Status.OK, message: '', metadata: [] } });
-    const r1 = await firstResult;
-    expect(r1.status.code).to.equal(Status.OK);
-    expect(r1.messages.map(String)).to.deep.equal(['one']);
-    // Trailers after HalfClose ended the call: the same stream now carries the waiting call.
-    await offer.answerEcho([], true);
-    expect((await second).response.toString()).to.equal('two');
-  });
+  it(
+    'a reused offer never carries two calls at once: the ' +
+      "second call waits (Demand) until the first one's Trailers",
+    async () => {
+      const { session, offer } = await withOneOffer([1, 2]);
+      const first = stack.caller.bidi(ECHO.bidi, stack.md());
+      const firstResult = collect(first);
+      first.write(Buffer.from('one'));
+      await offer.expectNext('start');
+      expect((await offer.expectNext('message')).data.toString()).to.equal('one');
+      // The only offer is busy: a second call must wait, and the broker asks the agent for more.
+      const second = echo('two');
+      expect((await session.expectNext('demand')).offers).to.equal(1);
+      first.end();
+      await offer.expectNext('halfClose');
+      offer.send({ kind: 'message', data: Buffer.from('one') });
+      // Nothing of the second call has reached the offer while the first is in progress.
+      expect(offer.received.filter((f) => f.kind === 'start')).to.have.length(1);
+      offer.send({ kind: 'trailers', trailers: { code: Status.OK, message: '', metadata: [] } });
+      const r1 = await firstResult;
+      expect(r1.status.code).to.equal(Status.OK);
+      expect(r1.messages.map(String)).to.deep.equal(['one']);
+      // Trailers after HalfClose ended the call: the same stream now carries the waiting call.
+      await offer.answerEcho([], true);
+      expect((await second).response.toString()).to.equal('two');
+    },
+  );
 
   it('a cancelled call is followed by Trailers, and only then does the stream carry the next (good) call', async () => {
     const { session, offer } = await withOneOffer([1, 2]);
@@ -116,42 +120,49 @@ describe('offer reuse (protocol version 2)', () => {
     expect(offer.status).to.equal(undefined);
   });
 
-  it('an agent that never answers Cancel with Trailers has the offer ended by the broker after the timeout', async () => {
-    const { offer } = await withOneOffer([1, 2]);
-    stack.broker.registry.cancelTrailersTimeoutMs = 300;
-    try {
-      const doomed = stack.caller.bidi(ECHO.bidi, stack.md());
-      const doomedResult = collect(doomed);
-      await offer.expectNext('start');
-      doomed.cancel();
-      expect((await doomedResult).status.code).to.equal(Status.CANCELLED);
-      await offer.seen((f) => f.kind === 'cancel');
-      expect(stack.broker.registry.counts().activeCalls).to.equal(1); // still held, waiting for Trailers
-      const st = await offer.ended();
-      expect(st.code).to.equal(Status.UNAVAILABLE);
-      expect(st.details).to.contain('no trailers');
-      await waitUntil(
-        () => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().idleOffers === 0,
-      );
-      expect(stack.broker.registry.counts().sessions).to.equal(1); // a stream error, not a protocol error
-    } finally {
-      stack.broker.registry.cancelTrailersTimeoutMs = 30_000;
-    }
-  });
+  it(
+    'an agent that never answers Cancel with Trailers ' + 'has the offer ended by the broker after the timeout',
+    async () => {
+      const { offer } = await withOneOffer([1, 2]);
+      stack.broker.registry.cancelTrailersTimeoutMs = 300;
+      try {
+        const doomed = stack.caller.bidi(ECHO.bidi, stack.md());
+        const doomedResult = collect(doomed);
+        await offer.expectNext('start');
+        doomed.cancel();
+        expect((await doomedResult).status.code).to.equal(Status.CANCELLED);
+        await offer.seen((f) => f.kind === 'cancel');
+        expect(stack.broker.registry.counts().activeCalls).to.equal(1); // still held, waiting for Trailers
+        const st = await offer.ended();
+        expect(st.code).to.equal(Status.UNAVAILABLE);
+        expect(st.details).to.contain('no trailers');
+        await waitUntil(
+          () => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().idleOffers === 0,
+        );
+        expect(stack.broker.registry.counts().sessions).to.equal(1); // a stream error, not a protocol error
+      } finally {
+        stack.broker.registry.cancelTrailersTimeoutMs = 30_000;
+      }
+    },
+  );
 
-  it("a call whose answerer finishes before the client half-closes ends with the broker's Cancel; the stream is reused", async () => {
-    const { offer } = await withOneOffer([1, 2]);
-    const call = stack.caller.bidi(ECHO.bidi, stack.md());
-    const result = collect(call);
-    await offer.expectNext('start');
-    offer.send({ kind: 'trailers', trailers: { code: Status.FAILED_PRECONDITION, message: 'no', metadata: [] } });
-    expect((await result).status.code).to.equal(Status.FAILED_PRECONDITION);
-    expect((await offer.expectNext('cancel')).reason).to.equal('call completed');
-    await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
-    const next = echo('next');
-    await offer.answerEcho([], true);
-    expect((await next).response.toString()).to.equal('next');
-  });
+  it(
+    'a call whose answerer finishes before the client half-closes ' +
+      "ends with the broker's Cancel; the stream is reused",
+    async () => {
+      const { offer } = await withOneOffer([1, 2]);
+      const call = stack.caller.bidi(ECHO.bidi, stack.md());
+      const result = collect(call);
+      await offer.expectNext('start');
+      offer.send({ kind: 'trailers', trailers: { code: Status.FAILED_PRECONDITION, message: 'no', metadata: [] } });
+      expect((await result).status.code).to.equal(Status.FAILED_PRECONDITION);
+      expect((await offer.expectNext('cancel')).reason).to.equal('call completed');
+      await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
+      const next = echo('next');
+      await offer.answerEcho([], true);
+      expect((await next).response.toString()).to.equal('next');
+    },
+  );
 
   it('an answerer frame between two calls of a reused stream is a protocol error that ends the session', async () => {
     const { session, offer } = await withOneOffer([1, 2]);
@@ -177,48 +188,58 @@ describe('offer reuse (protocol version 2)', () => {
     expect(((await next) as ServiceError).code).to.equal(Status.UNAVAILABLE);
   });
 
-  it('the broker retires a reused offer that has been idle past the TTL, counting idle time from its last call', async () => {
-    const { offer } = await withOneOffer([1, 2]);
-    const call = echo('r');
-    await offer.answerEcho([], true);
-    await call;
-    await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
-    const [idle] = stack.broker.registry.allSessions()[0]!.idle;
-    expect(Date.now() - idle!.idleSinceMs).to.be.lessThan(1000); // reset by the release
-    expect(stack.broker.registry.retireIdle(60_000)).to.equal(0);
-    expect(stack.broker.registry.retireIdle(60_000, Date.now() + 61_000)).to.equal(1);
-    expect((await offer.ended()).code).to.equal(Status.OK);
-    expect(stack.broker.registry.counts().idleOffers).to.equal(0);
-  });
+  it(
+    'the broker retires a reused offer that has been idle past the TTL, ' + 'counting idle time from its last call',
+    async () => {
+      const { offer } = await withOneOffer([1, 2]);
+      const call = echo('r');
+      await offer.answerEcho([], true);
+      await call;
+      await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
+      const [idle] = stack.broker.registry.allSessions()[0]!.idle;
+      expect(Date.now() - idle!.idleSinceMs).to.be.lessThan(1000); // reset by the release
+      expect(stack.broker.registry.retireIdle(60_000)).to.equal(0);
+      expect(stack.broker.registry.retireIdle(60_000, Date.now() + 61_000)).to.equal(1);
+      expect((await offer.ended()).code).to.equal(Status.OK);
+      expect(stack.broker.registry.counts().idleOffers).to.equal(0);
+    },
+  );
 
-  it('an agent withdraws an idle reused offer by half-closing it: the broker ends it with OK and forgets it', async () => {
-    const { offer } = await withOneOffer([1, 2]);
-    const call = echo('w');
-    await offer.answerEcho([], true);
-    await call;
-    await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
-    offer.end();
-    expect((await offer.ended()).code).to.equal(Status.OK);
-    await waitUntil(() => stack.broker.registry.counts().idleOffers === 0);
-    expect(stack.broker.registry.counts().activeCalls).to.equal(0);
-  });
+  it(
+    'an agent withdraws an idle reused offer by half-closing it: ' + 'the broker ends it with OK and forgets it',
+    async () => {
+      const { offer } = await withOneOffer([1, 2]);
+      const call = echo('w');
+      await offer.answerEcho([], true);
+      await call;
+      await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
+      offer.end();
+      expect((await offer.ended()).code).to.equal(Status.OK);
+      await waitUntil(() => stack.broker.registry.counts().idleOffers === 0);
+      expect(stack.broker.registry.counts().activeCalls).to.equal(0);
+    },
+  );
 
-  it('a version-3 agent that says Drain gets no more calls; the broker ends its idle offers and keeps the session until the agent leaves', async () => {
-    const { session, offer, version } = await withOneOffer([1, 2, 3]);
-    expect(version).to.equal(3);
-    session.send({ kind: 'drain', reason: 'leaving' });
-    // The broker ends the idle offer itself (status OK): that is the agent's cue to close.
-    expect((await offer.ended()).code).to.equal(Status.OK);
-    expect(stack.broker.registry.canServe('site-a')).to.equal(false);
-    expect(stack.broker.registry.counts().sessions).to.equal(1);
-    // A caller now waits for another tunnel of the agent, and fails when none comes.
-    const err = await echo('nobody').then(
-      () => undefined,
-      (e: ServiceError) => e,
-    );
-    expect(err?.code).to.equal(Status.UNAVAILABLE);
-    expect(err?.details).to.contain('opened no tunnel stream');
-  });
+  it(
+    'a version-3 agent that says Drain gets no more calls; the broker ends its idle offers and keeps the session ' +
+      'until the agent leaves',
+    async () => {
+      const { session, offer, version } = await withOneOffer([1, 2, 3]);
+      expect(version).to.equal(3);
+      session.send({ kind: 'drain', reason: 'leaving' });
+      // The broker ends the idle offer itself (status OK): that is the agent's cue to close.
+      expect((await offer.ended()).code).to.equal(Status.OK);
+      expect(stack.broker.registry.canServe('site-a')).to.equal(false);
+      expect(stack.broker.registry.counts().sessions).to.equal(1);
+      // A caller now waits for another tunnel of the agent, and fails when none comes.
+      const err = await echo('nobody').then(
+        () => undefined,
+        (e: ServiceError) => e,
+      );
+      expect(err?.code).to.equal(Status.UNAVAILABLE);
+      expect(err?.details).to.contain('opened no tunnel stream');
+    },
+  );
 
   it('Drain from a version-2 agent is a protocol error that ends its session', async () => {
     const { session } = await withOneOffer([1, 2]);

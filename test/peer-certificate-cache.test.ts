@@ -32,38 +32,41 @@ describe('peer certificates are read once per connection', () => {
     await stack?.stop();
   });
 
-  it('30 calls on one caller connection read its certificate at most once, and identities stay per connection', async () => {
-    const before = new Map(reads);
-    for (let i = 0; i < 30; i++) {
-      const r = await stack.caller.unary(ECHO.unary, Buffer.from(`c${i}`), stack.md());
-      expect(r.response.toString()).to.equal(`c${i}`);
-    }
-    // The broker's ends of the caller and agent connections (clients read the broker's
-    // certificate when they verify it, which is not the broker's cost).
-    const brokerPorts = [stack.apiAddress, stack.agentAddress].map((a) => Number(a.split(':')[1]));
-    const grown = [...reads]
-      .filter(([s]) => brokerPorts.includes(s.localPort ?? -1))
-      .map(([s, n]) => n - (before.get(s) ?? 0));
-    expect(grown.length, 'broker-side sockets seen').to.be.at.least(1);
-    expect(Math.max(...grown)).to.be.at.most(1);
+  it(
+    '30 calls on one caller connection read its certificate at most once, ' + 'and identities stay per connection',
+    async () => {
+      const before = new Map(reads);
+      for (let i = 0; i < 30; i++) {
+        const r = await stack.caller.unary(ECHO.unary, Buffer.from(`c${i}`), stack.md());
+        expect(r.response.toString()).to.equal(`c${i}`);
+      }
+      // The broker's ends of the caller and agent connections (clients read the broker's
+      // certificate when they verify it, which is not the broker's cost).
+      const brokerPorts = [stack.apiAddress, stack.agentAddress].map((a) => Number(a.split(':')[1]));
+      const grown = [...reads]
+        .filter(([s]) => brokerPorts.includes(s.localPort ?? -1))
+        .map(([s, n]) => n - (before.get(s) ?? 0));
+      expect(grown.length, 'broker-side sockets seen').to.be.at.least(1);
+      expect(Math.max(...grown)).to.be.at.most(1);
 
-    // A second connection with an agent certificate is judged by its own certificate: refused.
-    const wrongRole = new RawClient(stack.apiAddress, mtlsCredentials(stack.agentCert));
-    try {
-      const err = await wrongRole.unary(ECHO.unary, Buffer.from('x'), stack.md()).then(
-        () => undefined,
-        (e: { code: number; details: string }) => e,
-      );
-      expect(err?.code).to.equal(Status.PERMISSION_DENIED);
-      expect(err?.details).to.contain('role "agent"');
-      // ... while the first connection still works as a service.
-      expect((await stack.caller.unary(ECHO.unary, Buffer.from('again'), stack.md())).response.toString()).to.equal(
-        'again',
-      );
-    } finally {
-      wrongRole.close();
-    }
-  });
+      // A second connection with an agent certificate is judged by its own certificate: refused.
+      const wrongRole = new RawClient(stack.apiAddress, mtlsCredentials(stack.agentCert));
+      try {
+        const err = await wrongRole.unary(ECHO.unary, Buffer.from('x'), stack.md()).then(
+          () => undefined,
+          (e: { code: number; details: string }) => e,
+        );
+        expect(err?.code).to.equal(Status.PERMISSION_DENIED);
+        expect(err?.details).to.contain('role "agent"');
+        // ... while the first connection still works as a service.
+        expect((await stack.caller.unary(ECHO.unary, Buffer.from('again'), stack.md())).response.toString()).to.equal(
+          'again',
+        );
+      } finally {
+        wrongRole.close();
+      }
+    },
+  );
 
   it('identityOfPeerCertificate memoises per certificate object and reads each new object', () => {
     const x509 = new X509Certificate(readFileSync(stack.serviceCert.cert));

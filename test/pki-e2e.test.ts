@@ -146,33 +146,36 @@ describe('PKI lifecycle end to end', () => {
       expect(res.response.toString()).to.equal('enrolled');
     });
 
-    it('a used, unknown, expired or malformed token is refused with PERMISSION_DENIED and a clear message', async () => {
-      const { token } = await createJoinToken({ dir: world.dir, agentId: 'site-b' });
-      await enroll({ broker: world.agentAddress, token, stateDir: path.join(world.root, 'b1') });
-      const used = await enroll({ broker: world.agentAddress, token, stateDir: path.join(world.root, 'b2') }).then(
-        () => undefined,
-        (e: Error & { code?: number }) => e,
-      );
-      expect(used?.code).to.equal(Status.PERMISSION_DENIED);
-      expect(used?.message).to.match(/used/);
-      const expired = await createJoinToken({ dir: world.dir, agentId: 'site-c', ttlMs: 1 });
-      const e2 = await enroll({
-        broker: world.agentAddress,
-        token: expired.token,
-        stateDir: path.join(world.root, 'c1'),
-      }).then(
-        () => undefined,
-        (e: Error & { code?: number }) => e,
-      );
-      expect(e2?.code).to.equal(Status.PERMISSION_DENIED);
-      expect(e2?.message).to.match(/expired/);
-      const before = Number(
-        (await world.broker.metrics.enrollments.get()).values
-          .filter((v) => v.labels.result !== 'ok')
-          .reduce((n, v) => n + v.value, 0),
-      );
-      expect(before).to.be.at.least(2);
-    });
+    it(
+      'a used, unknown, expired or malformed token is ' + 'refused with PERMISSION_DENIED and a clear message',
+      async () => {
+        const { token } = await createJoinToken({ dir: world.dir, agentId: 'site-b' });
+        await enroll({ broker: world.agentAddress, token, stateDir: path.join(world.root, 'b1') });
+        const used = await enroll({ broker: world.agentAddress, token, stateDir: path.join(world.root, 'b2') }).then(
+          () => undefined,
+          (e: Error & { code?: number }) => e,
+        );
+        expect(used?.code).to.equal(Status.PERMISSION_DENIED);
+        expect(used?.message).to.match(/used/);
+        const expired = await createJoinToken({ dir: world.dir, agentId: 'site-c', ttlMs: 1 });
+        const e2 = await enroll({
+          broker: world.agentAddress,
+          token: expired.token,
+          stateDir: path.join(world.root, 'c1'),
+        }).then(
+          () => undefined,
+          (e: Error & { code?: number }) => e,
+        );
+        expect(e2?.code).to.equal(Status.PERMISSION_DENIED);
+        expect(e2?.message).to.match(/expired/);
+        const before = Number(
+          (await world.broker.metrics.enrollments.get()).values
+            .filter((v) => v.labels.result !== 'ok')
+            .reduce((n, v) => n + v.value, 0),
+        );
+        expect(before).to.be.at.least(2);
+      },
+    );
 
     it('N concurrent enrollments with one token: exactly one succeeds', async () => {
       const { token } = await createJoinToken({ dir: world.dir, agentId: 'site-race' });
@@ -186,44 +189,51 @@ describe('PKI lifecycle end to end', () => {
         if (r.status === 'rejected') expect((r.reason as { code?: number }).code).to.equal(Status.PERMISSION_DENIED);
     });
 
-    it('a CSR signed with a key it does not hold is refused, and the identity comes from the token, not the CSR', async () => {
-      const { token } = await createJoinToken({ dir: world.dir, agentId: 'site-pop' });
-      const x509 = await import('@peculiar/x509');
-      const { webcrypto } = await import('node:crypto');
-      const alg = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' } as const;
-      const a = await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify']);
-      const b = await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify']);
-      // Claims key B but is signed with key A: no proof of possession of B.
-      const forged = await x509.Pkcs10CertificateRequestGenerator.create({
-        name: 'CN=evil',
-        keys: { publicKey: b.publicKey, privateKey: a.privateKey },
-        signingAlgorithm: alg,
-      });
-      const client = new (await import('@grpc/grpc-js')).Client(
-        world.agentAddress,
-        (await import('@grpc/grpc-js')).credentials.createSsl(Buffer.from(world.broker.credentials!.caPem)),
-        { 'grpc.ssl_target_name_override': 'localhost' },
-      );
-      const { ENROLLMENT_SERVICE } = await import('@burrow/tunnel');
-      const err = await new Promise<ServiceError | undefined>((resolve) =>
-        client.makeUnaryRequest(
-          ENROLLMENT_SERVICE.enroll.path,
-          ENROLLMENT_SERVICE.enroll.requestSerialize,
-          ENROLLMENT_SERVICE.enroll.responseDeserialize,
-          { token, csrPem: forged.toString('pem') },
-          new Metadata(),
-          {},
-          (e: ServiceError | null) => resolve(e ?? undefined),
-        ),
-      );
-      client.close();
-      expect(err?.code).to.equal(Status.INVALID_ARGUMENT);
-      expect(err?.details).to.match(/signature|possession/i);
-      // A CSR asking for another identity gets the token's.
-      const { token: t2 } = await createJoinToken({ dir: world.dir, agentId: 'site-named' });
-      const issued = await enroll({ broker: world.agentAddress, token: t2, stateDir: path.join(world.root, 'named') });
-      expect(issued.spiffeId).to.equal('spiffe://burrow.local/agent/site-named');
-    });
+    it(
+      'a CSR signed with a key it does not hold is refused, ' + 'and the identity comes from the token, not the CSR',
+      async () => {
+        const { token } = await createJoinToken({ dir: world.dir, agentId: 'site-pop' });
+        const x509 = await import('@peculiar/x509');
+        const { webcrypto } = await import('node:crypto');
+        const alg = { name: 'ECDSA', namedCurve: 'P-256', hash: 'SHA-256' } as const;
+        const a = await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify']);
+        const b = await webcrypto.subtle.generateKey(alg, true, ['sign', 'verify']);
+        // Claims key B but is signed with key A: no proof of possession of B.
+        const forged = await x509.Pkcs10CertificateRequestGenerator.create({
+          name: 'CN=evil',
+          keys: { publicKey: b.publicKey, privateKey: a.privateKey },
+          signingAlgorithm: alg,
+        });
+        const client = new (await import('@grpc/grpc-js')).Client(
+          world.agentAddress,
+          (await import('@grpc/grpc-js')).credentials.createSsl(Buffer.from(world.broker.credentials!.caPem)),
+          { 'grpc.ssl_target_name_override': 'localhost' },
+        );
+        const { ENROLLMENT_SERVICE } = await import('@burrow/tunnel');
+        const err = await new Promise<ServiceError | undefined>((resolve) =>
+          client.makeUnaryRequest(
+            ENROLLMENT_SERVICE.enroll.path,
+            ENROLLMENT_SERVICE.enroll.requestSerialize,
+            ENROLLMENT_SERVICE.enroll.responseDeserialize,
+            { token, csrPem: forged.toString('pem') },
+            new Metadata(),
+            {},
+            (e: ServiceError | null) => resolve(e ?? undefined),
+          ),
+        );
+        client.close();
+        expect(err?.code).to.equal(Status.INVALID_ARGUMENT);
+        expect(err?.details).to.match(/signature|possession/i);
+        // A CSR asking for another identity gets the token's.
+        const { token: t2 } = await createJoinToken({ dir: world.dir, agentId: 'site-named' });
+        const issued = await enroll({
+          broker: world.agentAddress,
+          token: t2,
+          stateDir: path.join(world.root, 'named'),
+        });
+        expect(issued.spiffeId).to.equal('spiffe://burrow.local/agent/site-named');
+      },
+    );
 
     it('the broker issued its own serving certificate from the PKI directory', () => {
       const cert = new X509Certificate(world.broker.credentials!.certPem);
@@ -344,79 +354,82 @@ describe('PKI lifecycle end to end', () => {
       await world?.stop();
     });
 
-    it('a full rotation with live tunnels fails no call; an agent offline through it recovers by re-enrolling', async function () {
-      this.timeout(60_000);
-      const live = await world.runAgent(await world.enrollAgent('site-live'));
-      const offlineDir = await world.enrollAgent('site-offline');
-      await live.waitConnected();
-      let ok = 0;
-      const errors: string[] = [];
-      let running = true;
-      const loop = (async () => {
-        while (running) {
-          await world.caller
-            .unary(ECHO.unary, Buffer.from('r'), world.md('site-live'), { deadline: Date.now() + 5_000 })
-            .then(
-              () => {
-                ok++;
-              },
-              (e: ServiceError) => {
-                errors.push(`${e.code} ${e.details}`);
-              },
-            );
-        }
-      })();
-      const progress = async (): Promise<void> => {
-        const before = ok;
-        await waitUntil(() => ok > before + 5 || !running, 10_000);
-      };
-      const pki = (world.broker as unknown as { pki: { bundleVersion: number } }).pki;
-      try {
-        for (const action of ['init', 'update-clients', 'update-servers'] as const) {
-          const state = await rotate({ dir: world.dir, action });
-          await waitUntil(() => pki.bundleVersion === state.bundleVersion, 3_000);
-          await live.renewNow();
-          if (action === 'update-clients') {
-            // Callers move to the new CA too; the old caller connection finishes its calls.
-            const svc = await issueCertificate({ dir: world.dir, role: 'service', name: 'caller' });
-            await writeIssued(path.join(world.root, 'svc2'), svc);
-            const old = world.caller;
-            world.caller = new RawClient(world.apiAddress, mtlsCredentials(world.files('svc2')), {
-              'grpc.ssl_target_name_override': 'localhost',
-            });
-            await progress();
-            old.close();
+    it(
+      'a full rotation with live tunnels fails no call; ' + 'an agent offline through it recovers by re-enrolling',
+      async function () {
+        this.timeout(60_000);
+        const live = await world.runAgent(await world.enrollAgent('site-live'));
+        const offlineDir = await world.enrollAgent('site-offline');
+        await live.waitConnected();
+        let ok = 0;
+        const errors: string[] = [];
+        let running = true;
+        const loop = (async () => {
+          while (running) {
+            await world.caller
+              .unary(ECHO.unary, Buffer.from('r'), world.md('site-live'), { deadline: Date.now() + 5_000 })
+              .then(
+                () => {
+                  ok++;
+                },
+                (e: ServiceError) => {
+                  errors.push(`${e.code} ${e.details}`);
+                },
+              );
           }
+        })();
+        const progress = async (): Promise<void> => {
+          const before = ok;
+          await waitUntil(() => ok > before + 5 || !running, 10_000);
+        };
+        const pki = (world.broker as unknown as { pki: { bundleVersion: number } }).pki;
+        try {
+          for (const action of ['init', 'update-clients', 'update-servers'] as const) {
+            const state = await rotate({ dir: world.dir, action });
+            await waitUntil(() => pki.bundleVersion === state.bundleVersion, 3_000);
+            await live.renewNow();
+            if (action === 'update-clients') {
+              // Callers move to the new CA too; the old caller connection finishes its calls.
+              const svc = await issueCertificate({ dir: world.dir, role: 'service', name: 'caller' });
+              await writeIssued(path.join(world.root, 'svc2'), svc);
+              const old = world.caller;
+              world.caller = new RawClient(world.apiAddress, mtlsCredentials(world.files('svc2')), {
+                'grpc.ssl_target_name_override': 'localhost',
+              });
+              await progress();
+              old.close();
+            }
+            await progress();
+          }
+          // Every certificate the old CA issued to agents and brokers lives at most leafTtl (4 s);
+          // the first caller certificate (24 h) was replaced above and is no longer used, which is
+          // what --force asserts.
+          await new Promise((r) => setTimeout(r, 4_500));
+          await rotate({ dir: world.dir, action: 'finish', force: true });
           await progress();
+          // A new connection now needs the new CA end to end.
+          await live.renewNow();
+          await progress();
+        } finally {
+          running = false;
+          await loop;
         }
-        // Every certificate the old CA issued to agents and brokers lives at most leafTtl (4 s);
-        // the first caller certificate (24 h) was replaced above and is no longer used, which is
-        // what --force asserts.
-        await new Promise((r) => setTimeout(r, 4_500));
-        await rotate({ dir: world.dir, action: 'finish', force: true });
-        await progress();
-        // A new connection now needs the new CA end to end.
-        await live.renewNow();
-        await progress();
-      } finally {
-        running = false;
-        await loop;
-      }
-      expect(errors).to.deep.equal([]);
-      expect(ok).to.be.greaterThan(20);
+        expect(errors).to.deep.equal([]);
+        expect(ok).to.be.greaterThan(20);
 
-      // The agent that slept through it: its certificate is from the old CA, no longer trusted.
-      const offline = await world.runAgent(offlineDir);
-      const notConnected = await offline.waitConnected(1_500).then(
-        () => false,
-        () => true,
-      );
-      expect(notConnected, 'an agent with a certificate from the retired CA connected').to.equal(true);
-      const { token } = await createJoinToken({ dir: world.dir, agentId: 'site-offline' });
-      await enroll({ broker: world.agentAddress, token, stateDir: offlineDir });
-      await offline.waitConnected(5_000);
-      const res = await world.caller.unary(ECHO.unary, Buffer.from('back'), world.md('site-offline'));
-      expect(res.response.toString()).to.equal('back');
-    });
+        // The agent that slept through it: its certificate is from the old CA, no longer trusted.
+        const offline = await world.runAgent(offlineDir);
+        const notConnected = await offline.waitConnected(1_500).then(
+          () => false,
+          () => true,
+        );
+        expect(notConnected, 'an agent with a certificate from the retired CA connected').to.equal(true);
+        const { token } = await createJoinToken({ dir: world.dir, agentId: 'site-offline' });
+        await enroll({ broker: world.agentAddress, token, stateDir: offlineDir });
+        await offline.waitConnected(5_000);
+        const res = await world.caller.unary(ECHO.unary, Buffer.from('back'), world.md('site-offline'));
+        expect(res.response.toString()).to.equal('back');
+      },
+    );
   });
 });

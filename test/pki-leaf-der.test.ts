@@ -133,39 +133,43 @@ describe('pki leaf DER', function () {
   for (const caKeyAlgorithm of KEY_ALGORITHMS) {
     for (const subjectKeyAlgorithm of KEY_ALGORITHMS) {
       for (const c of cases) {
-        it(`encodes ${c.what} (${subjectKeyAlgorithm} key, ${caKeyAlgorithm} CA) exactly as @peculiar/x509 does, and signs it`, async () => {
-          const pki = await loadPki(pkis.get(caKeyAlgorithm)!.dir);
-          const material = signingMaterialOf(pki);
-          const key = await generateKey(subjectKeyAlgorithm);
-          const template: LeafTemplate = {
-            serialHex: '0123456789ABCDEF0123456789ABCDEF',
-            issuerDer: material.subjectDer,
-            notBefore: new Date('2026-01-02T03:04:05Z'),
-            notAfter: c.notAfter,
-            spkiDer: key.spkiDer,
-            keyEncipherment: subjectKeyAlgorithm === 'rsa-2048',
-            extendedKeyUsages: c.ekus,
-            uris: [`spiffe://burrow.local/${c.role}/${c.cn}`],
-            dns: c.dns,
-            ips: c.ips,
-            subjectKeyIdHex: key.skiHex,
-            authorityKeyIdHex: pki.signingCa.record.skiHex,
-          };
-          const reference = await peculiarLeaf(template, material.privateKey, caKeyAlgorithm);
-          expect(leafTbsDer(template, caKeyAlgorithm).toString('hex')).to.equal(
-            tbsOf(new Uint8Array(reference.rawData)).toString('hex'),
-          );
+        it(
+          `encodes ${c.what} (${subjectKeyAlgorithm} key, ${caKeyAlgorithm} CA) exactly as @peculiar/x509 does, ` +
+            `and signs it`,
+          async () => {
+            const pki = await loadPki(pkis.get(caKeyAlgorithm)!.dir);
+            const material = signingMaterialOf(pki);
+            const key = await generateKey(subjectKeyAlgorithm);
+            const template: LeafTemplate = {
+              serialHex: '0123456789ABCDEF0123456789ABCDEF',
+              issuerDer: material.subjectDer,
+              notBefore: new Date('2026-01-02T03:04:05Z'),
+              notAfter: c.notAfter,
+              spkiDer: key.spkiDer,
+              keyEncipherment: subjectKeyAlgorithm === 'rsa-2048',
+              extendedKeyUsages: c.ekus,
+              uris: [`spiffe://burrow.local/${c.role}/${c.cn}`],
+              dns: c.dns,
+              ips: c.ips,
+              subjectKeyIdHex: key.skiHex,
+              authorityKeyIdHex: pki.signingCa.record.skiHex,
+            };
+            const reference = await peculiarLeaf(template, material.privateKey, caKeyAlgorithm);
+            expect(leafTbsDer(template, caKeyAlgorithm).toString('hex')).to.equal(
+              tbsOf(new Uint8Array(reference.rawData)).toString('hex'),
+            );
 
-          const der = signLeafDer(template, material.signingKey, caKeyAlgorithm);
-          const cert = new X509Certificate(certificatePem(der));
-          expect(cert.verify(pki.signingCa.certificate.publicKey)).to.equal(true);
-          expect(cert.checkIssued(pki.signingCa.certificate)).to.equal(true);
-          expect(
-            await new x509.X509Certificate(der).verify({
-              publicKey: await new x509.X509Certificate(pki.signingCa.certPem).publicKey.export(),
-            }),
-          ).to.equal(true);
-        });
+            const der = signLeafDer(template, material.signingKey, caKeyAlgorithm);
+            const cert = new X509Certificate(certificatePem(der));
+            expect(cert.verify(pki.signingCa.certificate.publicKey)).to.equal(true);
+            expect(cert.checkIssued(pki.signingCa.certificate)).to.equal(true);
+            expect(
+              await new x509.X509Certificate(der).verify({
+                publicKey: await new x509.X509Certificate(pki.signingCa.certPem).publicKey.export(),
+              }),
+            ).to.equal(true);
+          },
+        );
       }
     }
   }
@@ -180,7 +184,8 @@ describe('pki leaf DER', function () {
     });
     const leaf = new X509Certificate(splitPem(issued.certPem)[0]!);
     expect(leaf.subjectAltName).to.equal(
-      'URI:spiffe://burrow.local/broker/broker, IP Address:0:0:0:0:0:FFFF:C000:221, IP Address:2001:DB8:0:0:0:0:102:304',
+      'URI:spiffe://burrow.local/broker/broker, IP Address:0:0:0:0:0:FFFF:C000:221, IP ' +
+        'Address:2001:DB8:0:0:0:0:102:304',
     );
   });
 });

@@ -393,23 +393,26 @@ describe('pki lifecycle', function () {
   });
 
   describe('CA pins', () => {
-    it('caPinOf is the SHA-256 of the DER SubjectPublicKeyInfo, as openssl computes it, and the token carries it', async () => {
-      const dir = await newPki('pin');
-      const rootFile = path.join(dir, 'ca', `${rootIdOf(dir)}.crt`);
-      const openssl = await run('sh', [
-        '-c',
-        `openssl x509 -in '${rootFile}' -pubkey -noout | openssl pkey -pubin -outform der | sha256sum`,
-      ]);
-      expect(openssl.code, openssl.stderr).to.equal(0);
-      const expected = openssl.stdout.split(' ')[0]!;
-      expect(expected).to.match(/^[0-9a-f]{64}$/);
-      expect(caPinOf(fs.readFileSync(rootFile, 'utf8'))).to.equal(expected);
-      expect(await trustBundlePins(dir)).to.deep.equal([expected]);
-      const { token } = await createJoinToken({ dir, agentId: 'site-a' });
-      expect(parseJoinToken(token).caPinSha256).to.equal(expected);
-      expect(parseJoinToken(token).caPinsSha256).to.deep.equal([expected]);
-      expect(() => caPinOf('not a certificate')).to.throw(PkiError);
-    });
+    it(
+      'caPinOf is the SHA-256 of the DER SubjectPublicKeyInfo, ' + 'as openssl computes it, and the token carries it',
+      async () => {
+        const dir = await newPki('pin');
+        const rootFile = path.join(dir, 'ca', `${rootIdOf(dir)}.crt`);
+        const openssl = await run('sh', [
+          '-c',
+          `openssl x509 -in '${rootFile}' -pubkey -noout | openssl pkey -pubin -outform der | sha256sum`,
+        ]);
+        expect(openssl.code, openssl.stderr).to.equal(0);
+        const expected = openssl.stdout.split(' ')[0]!;
+        expect(expected).to.match(/^[0-9a-f]{64}$/);
+        expect(caPinOf(fs.readFileSync(rootFile, 'utf8'))).to.equal(expected);
+        expect(await trustBundlePins(dir)).to.deep.equal([expected]);
+        const { token } = await createJoinToken({ dir, agentId: 'site-a' });
+        expect(parseJoinToken(token).caPinSha256).to.equal(expected);
+        expect(parseJoinToken(token).caPinsSha256).to.deep.equal([expected]);
+        expect(() => caPinOf('not a certificate')).to.throw(PkiError);
+      },
+    );
   });
 
   describe('CSRs', () => {
@@ -861,7 +864,10 @@ describe('pki lifecycle', function () {
       const bad = await cli(['rotate', '--dir', dir, 'update-clients']);
       expect(bad.code).to.equal(2);
       expect(bad.stderr).to.match(
-        /^burrow-pki: rotate update-clients: not allowed in phase standby; no rotation is in progress; start one with 'rotate init'\n$/,
+        new RegExp(
+          '^burrow-pki: rotate update-clients: not allowed in phase standby; ' +
+            String.raw`no rotation is in progress; start one with 'rotate init'\n$`,
+        ),
       );
       const init = await cli(['rotate', '--dir', dir, 'init']);
       expect(init.code, init.stderr).to.equal(0);
@@ -874,7 +880,10 @@ describe('pki lifecycle', function () {
       expect(refused.code).to.equal(2);
       expect(refused.stderr.trimEnd().split('\n')).to.have.length(1);
       expect(refused.stderr).to.match(
-        /^burrow-pki: rotate finish: 1 certificate\(s\) signed by the old CA issuing-\w+ are still valid, the last until \d{4}-\d\d-\d\dT[\d:.]+Z \(in 2\d h \d+ min\)/,
+        new RegExp(
+          String.raw`^burrow-pki: rotate finish: 1 certificate\(s\) signed by the old CA ` +
+            String.raw`issuing-\w+ are still valid, the last until \d{4}-\d\d-\d\dT[\d:.]+Z \(in 2\d h \d+ min\)`,
+        ),
       );
       const forced = await cli(['rotate', '--dir', dir, 'finish', '--force', '--json']);
       expect(forced.code, forced.stderr).to.equal(0);
@@ -962,34 +971,40 @@ describe('pki lifecycle', function () {
       );
     });
 
-    it('bans: enrollment, new tokens and issuance are refused, and every certificate of the id is revoked', async () => {
-      const dir = await newPki('ban');
-      const old = await issueCertificate({ dir, role: 'agent', name: 'site-x' });
-      const { token } = await createJoinToken({ dir, agentId: 'site-x' });
-      await revoke({ dir, agentId: 'site-x', ban: true });
-      const list = await loadRevocations(dir);
-      expect(list.isAgentBanned('site-x')).to.equal(true);
-      expect(list.isAgentBanned('site-y')).to.equal(false);
-      expect(list.isCertificateRevoked(identity(old, 'agent', 'site-x'))).to.equal(true);
-      expect(
-        list.isCertificateRevoked({
-          role: 'agent',
-          name: 'site-x',
-          serialHex: '01',
-          notBeforeMs: Date.now() + 3_600_000,
-        }),
-      ).to.equal(true);
-      await expectEnrollmentError(consumeJoinToken({ dir, token }), 'banned');
-      await expectPkiError(createJoinToken({ dir, agentId: 'site-x' }), /banned/);
-      await expectPkiError(issueCertificate({ dir, role: 'agent', name: 'site-x' }), /^name: agent "site-x" is banned/);
-      await expectPkiError(
-        signCsr({ dir, csrPem: (await createCsr()).csrPem, role: 'agent', name: 'site-x' }),
-        /banned/,
-      );
-      // A later revocation without --ban does not lift the ban.
-      await revoke({ dir, agentId: 'site-x' });
-      expect((await loadRevocations(dir)).isAgentBanned('site-x')).to.equal(true);
-    });
+    it(
+      'bans: enrollment, new tokens and issuance are refused, ' + 'and every certificate of the id is revoked',
+      async () => {
+        const dir = await newPki('ban');
+        const old = await issueCertificate({ dir, role: 'agent', name: 'site-x' });
+        const { token } = await createJoinToken({ dir, agentId: 'site-x' });
+        await revoke({ dir, agentId: 'site-x', ban: true });
+        const list = await loadRevocations(dir);
+        expect(list.isAgentBanned('site-x')).to.equal(true);
+        expect(list.isAgentBanned('site-y')).to.equal(false);
+        expect(list.isCertificateRevoked(identity(old, 'agent', 'site-x'))).to.equal(true);
+        expect(
+          list.isCertificateRevoked({
+            role: 'agent',
+            name: 'site-x',
+            serialHex: '01',
+            notBeforeMs: Date.now() + 3_600_000,
+          }),
+        ).to.equal(true);
+        await expectEnrollmentError(consumeJoinToken({ dir, token }), 'banned');
+        await expectPkiError(createJoinToken({ dir, agentId: 'site-x' }), /banned/);
+        await expectPkiError(
+          issueCertificate({ dir, role: 'agent', name: 'site-x' }),
+          /^name: agent "site-x" is banned/,
+        );
+        await expectPkiError(
+          signCsr({ dir, csrPem: (await createCsr()).csrPem, role: 'agent', name: 'site-x' }),
+          /banned/,
+        );
+        // A later revocation without --ban does not lift the ban.
+        await revoke({ dir, agentId: 'site-x' });
+        expect((await loadRevocations(dir)).isAgentBanned('site-x')).to.equal(true);
+      },
+    );
 
     it('validates revoke options', async () => {
       const dir = await newPki('revoke-options');
@@ -1066,7 +1081,10 @@ describe('pki lifecycle', function () {
       const byAgent = await cli(['revoke', '--dir', dir, '--agent-id', 'site-b', '--ban']);
       expect(byAgent.code, byAgent.stderr).to.equal(0);
       expect(byAgent.stdout).to.match(
-        /^revoked agent site-b: every certificate issued up to now, and enrollment \(banned\); 0 serial\(s\) added; revocation list version 2\n$/,
+        new RegExp(
+          String.raw`^revoked agent site-b: every certificate issued up to now, and enrollment \(banned\); ` +
+            String.raw`0 serial\(s\) added; revocation list version 2\n$`,
+        ),
       );
       expect((await loadRevocations(dir)).isAgentBanned('site-b')).to.equal(true);
       for (const args of [
@@ -1111,7 +1129,8 @@ describe('pki lifecycle', function () {
       expect(result.problems).to.have.length(1);
       expect(result.problems[0]).to.match(
         new RegExp(
-          `^issuing CA ${issuingId} expires at \\S+Z, 30 days left \\(warning threshold 60 days\\); rotate it with 'burrow-pki rotate --dir .* init'$`,
+          `^issuing CA ${issuingId} expires at \\S+Z, 30 days left \\(warning threshold 60 days\\); rotate it ` +
+            `with 'burrow-pki rotate --dir .* init'$`,
         ),
       );
       expect((await checkPki({ dir, warnDays: 20 })).ok).to.equal(true);

@@ -59,7 +59,8 @@ describe('burrow-agent policy (CLI)', function () {
     it('reports schema violations with the policy line, and bad entity data by file', async () => {
       const fx = new PolicyFixture({
         'p.cedar':
-          '@id("typo")\npermit (principal, action == Action::"read", resource is Document)\nwhen { resource.clasification == "public" };\n',
+          '@id("typo")\npermit (principal, action == Action::"read", resource is Document)\nwhen { ' +
+          'resource.clasification == "public" };\n',
       });
       fixtures.push(fx);
       const bad = await policy(['check', '--policies', fx.policiesDir, '--policy-schema', schema]);
@@ -71,7 +72,8 @@ describe('burrow-agent policy (CLI)', function () {
       const ents = await policy(['check', '--policies', policies, '--entities', fx.entitiesFile]);
       expect(ents.exit.code).to.equal(1);
       expect(ents.stderrLines).to.deep.equal([
-        `burrow-agent: policy: ${fx.entitiesFile}: must be a JSON array of entities ({"uid": {"type", "id"}, "attrs", "parents"})`,
+        `burrow-agent: policy: ${fx.entitiesFile}: must be a JSON array of entities ({"uid": {"type", "id"}, ` +
+          `"attrs", "parents"})`,
       ]);
     });
 
@@ -153,7 +155,8 @@ describe('burrow-agent policy (CLI)', function () {
       expect(badType.exit.code).to.equal(2);
       expect(badType.stdout).to.equal('');
       expect(badType.stderrLines).to.deep.equal([
-        'burrow-agent: policy: invalid request: subject.type "User Group" is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)',
+        'burrow-agent: policy: invalid request: subject.type "User Group" is not a valid Cedar type name ' +
+          '(identifiers joined by ::, such as User or Acme::Document)',
       ]);
       const notJson = await policy(base, '{"subject": ');
       expect(notJson.exit.code).to.equal(2);

@@ -344,26 +344,30 @@ describe('policy engine', function () {
         .and.match(/\(a forbid that cannot be evaluated denies\)$/);
     });
 
-    it('explain lists the satisfied policies with file:line, overridden permits included, and errors with file:line:column', () => {
-      const base = path.join(fixtures[0]!.policiesDir, 'base.cedar');
-      const denied = engine.evaluate({ ...request('User:alice', 'delete', 'Doc:d1'), explain: true });
-      expect(denied.context.explanation).to.deep.equal({
-        request: { principal: 'User::"alice"', action: 'Action::"delete"', resource: 'Doc::"d1"' },
-        satisfied: [
-          { id: 'no-delete-locked', effect: 'forbid', location: `${base}:13` },
-          { id: 'admins-all', effect: 'permit', location: `${base}:2` },
-        ],
-        errors: [],
-      });
-      const errored = engine.evaluate({ ...request('User:carol', 'print', 'Doc:d2'), explain: true });
-      expect(errored.context.explanation!.satisfied).to.deep.equal([]);
-      expect(errored.context.explanation!.errors).to.have.length(1);
-      const err = errored.context.explanation!.errors[0]!;
-      expect(err.policy).to.equal('office-hours');
-      // `context.hour` is on line 19 of BASE (the `when` of office-hours).
-      expect(err.location).to.match(new RegExp(`^${base.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}:19:\\d+$`));
-      expect(err.message).to.match(/hour/);
-    });
+    it(
+      'explain lists the satisfied policies with file:line, overridden permits included, and errors with ' +
+        'file:line:column',
+      () => {
+        const base = path.join(fixtures[0]!.policiesDir, 'base.cedar');
+        const denied = engine.evaluate({ ...request('User:alice', 'delete', 'Doc:d1'), explain: true });
+        expect(denied.context.explanation).to.deep.equal({
+          request: { principal: 'User::"alice"', action: 'Action::"delete"', resource: 'Doc::"d1"' },
+          satisfied: [
+            { id: 'no-delete-locked', effect: 'forbid', location: `${base}:13` },
+            { id: 'admins-all', effect: 'permit', location: `${base}:2` },
+          ],
+          errors: [],
+        });
+        const errored = engine.evaluate({ ...request('User:carol', 'print', 'Doc:d2'), explain: true });
+        expect(errored.context.explanation!.satisfied).to.deep.equal([]);
+        expect(errored.context.explanation!.errors).to.have.length(1);
+        const err = errored.context.explanation!.errors[0]!;
+        expect(err.policy).to.equal('office-hours');
+        // `context.hour` is on line 19 of BASE (the `when` of office-hours).
+        expect(err.location).to.match(new RegExp(`^${base.replace(/[.*+?^${}()|[\]\\]/g, '\\$&')}:19:\\d+$`));
+        expect(err.message).to.match(/hour/);
+      },
+    );
   });
 
   describe('entity slicing gives the same answers as passing every entity', () => {
@@ -576,7 +580,8 @@ describe('policy engine', function () {
       { resource: { type: 'Doc', id: 'd1' } }, // alice delete d1: forbid
       { subject: { type: 'User', id: 'carol' } }, // carol delete (default resource d2): deny
       { action: { name: 'print' }, subject: { type: 'User', id: 'carol' } }, // context default hour 10: allow
-      { action: { name: 'print' }, subject: { type: 'User', id: 'carol' }, context: { other: true } }, // item context replaces the default: error, deny
+      // item context replaces the default: error, deny
+      { action: { name: 'print' }, subject: { type: 'User', id: 'carol' }, context: { other: true } },
     ];
     const batch = (semantic?: string): Record<string, unknown> => ({
       subject: { type: 'User', id: 'alice' },
@@ -587,13 +592,17 @@ describe('policy engine', function () {
       ...(semantic ? { options: { evaluations_semantic: semantic } } : {}),
     });
 
-    it('execute_all (the default) answers every item in order, each field taken from the item or the defaults as a whole', () => {
-      const res = engine.evaluations(batch());
-      expect(res.evaluations.map((e) => e.decision)).to.deep.equal([true, false, false, true, false]);
-      expect(res.evaluations[1]!.context.policies).to.deep.equal(['no-delete-locked']);
-      expect(res.evaluations[4]!.context.reason).to.match(/office-hours \(.*hour/);
-      expect(engine.evaluations(batch('execute_all'))).to.deep.equal(res);
-    });
+    it(
+      'execute_all (the default) answers every item in order, ' +
+        'each field taken from the item or the defaults as a whole',
+      () => {
+        const res = engine.evaluations(batch());
+        expect(res.evaluations.map((e) => e.decision)).to.deep.equal([true, false, false, true, false]);
+        expect(res.evaluations[1]!.context.policies).to.deep.equal(['no-delete-locked']);
+        expect(res.evaluations[4]!.context.reason).to.match(/office-hours \(.*hour/);
+        expect(engine.evaluations(batch('execute_all'))).to.deep.equal(res);
+      },
+    );
 
     it('deny_on_first_deny stops after the first deny', () => {
       const res = engine.evaluations(batch('deny_on_first_deny'));
@@ -611,7 +620,10 @@ describe('policy engine', function () {
     it('an unknown semantic is INVALID_ARGUMENT for the whole batch', () => {
       expect(() => engine.evaluations(batch('first_come'))).to.throw(
         PolicyInputError,
-        /options\.evaluations_semantic "first_come" is not one of execute_all, deny_on_first_deny, permit_on_first_permit/,
+        new RegExp(
+          String.raw`options\.evaluations_semantic "first_come" is not one of ` +
+            'execute_all, deny_on_first_deny, permit_on_first_permit',
+        ),
       );
       expect(() => engine.evaluations({ evaluations: 'x' })).to.throw(PolicyInputError, /evaluations must be an array/);
     });
@@ -626,7 +638,8 @@ describe('policy engine', function () {
           error: {
             code: 'INVALID_ARGUMENT',
             message:
-              'subject.type "User Group" is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)',
+              'subject.type "User Group" is not a valid Cedar type name (identifiers joined by ::, such as User ' +
+              'or Acme::Document)',
           },
         },
       });
@@ -677,10 +690,12 @@ describe('policy engine', function () {
 
     it('a schema validates the policies (error with file:line) and the requests', async () => {
       const schema =
-        'entity User { clearance: Long }; entity Doc { level: Long }; action read appliesTo { principal: User, resource: Doc };';
+        'entity User { clearance: Long }; entity Doc { level: Long }; action read appliesTo { principal: User, ' +
+        'resource: Doc };';
       const fx = new PolicyFixture({
         'p.cedar':
-          'permit (principal, action == Action::"read", resource)\nwhen {\n  principal.clearence >= resource.level\n};\n',
+          'permit (principal, action == Action::"read", resource)\nwhen {\n  principal.clearence >= ' +
+          'resource.level\n};\n',
       });
       fixtures.push(fx);
       fx.writeSchema(schema);
@@ -707,33 +722,37 @@ describe('policy engine', function () {
       expect(() => engine.evaluate({ ...props(2), action: { name: 'write' } })).to.throw(PolicyInputError, /write/);
     });
 
-    it('the example site loads with and without its schema, and its sample requests decide as their names say', async () => {
-      const requestsDir = path.join(EXAMPLES_DIR, 'requests');
-      for (const schemaFile of [undefined, path.join(EXAMPLES_DIR, 'schema.cedarschema')]) {
-        const engine = await PolicyEngine.open({
-          policiesDir: path.join(EXAMPLES_DIR, 'policies'),
-          entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
-          schemaFile,
-        });
-        engines.push(engine);
-        const files = readdirSync(requestsDir).filter((f) => /^(permit|deny)-/.test(f));
-        expect(files.filter((f) => f.startsWith('permit-'))).to.not.be.empty;
-        expect(files.filter((f) => f.startsWith('deny-'))).to.not.be.empty;
-        for (const f of files) {
-          const res = engine.evaluate(JSON.parse(readFileSync(path.join(requestsDir, f), 'utf8')));
-          expect(res.decision, `${f}: ${res.context.reason}`).to.equal(f.startsWith('permit-'));
-          if (f.startsWith('deny-')) expect(res.context.reason, f).to.not.match(/failed to evaluate/);
+    it(
+      'the example site loads with and without its schema, ' + 'and its sample requests decide as their names say',
+      async () => {
+        const requestsDir = path.join(EXAMPLES_DIR, 'requests');
+        for (const schemaFile of [undefined, path.join(EXAMPLES_DIR, 'schema.cedarschema')]) {
+          const engine = await PolicyEngine.open({
+            policiesDir: path.join(EXAMPLES_DIR, 'policies'),
+            entitiesFile: path.join(EXAMPLES_DIR, 'entities.json'),
+            schemaFile,
+          });
+          engines.push(engine);
+          const files = readdirSync(requestsDir).filter((f) => /^(permit|deny)-/.test(f));
+          expect(files.filter((f) => f.startsWith('permit-'))).to.not.be.empty;
+          expect(files.filter((f) => f.startsWith('deny-'))).to.not.be.empty;
+          for (const f of files) {
+            const res = engine.evaluate(JSON.parse(readFileSync(path.join(requestsDir, f), 'utf8')));
+            expect(res.decision, `${f}: ${res.context.reason}`).to.equal(f.startsWith('permit-'));
+            if (f.startsWith('deny-')) expect(res.context.reason, f).to.not.match(/failed to evaluate/);
+          }
+          const batch = engine.evaluations(
+            JSON.parse(readFileSync(path.join(requestsDir, 'evaluations-batch.json'), 'utf8')),
+          );
+          expect(batch.evaluations.map((e) => e.decision)).to.deep.equal([true, true, false, true]);
         }
-        const batch = engine.evaluations(
-          JSON.parse(readFileSync(path.join(requestsDir, 'evaluations-batch.json'), 'utf8')),
-        );
-        expect(batch.evaluations.map((e) => e.decision)).to.deep.equal([true, true, false, true]);
-      }
-    });
+      },
+    );
 
     it('splits policy text at top-level semicolons only', () => {
       const text =
-        '// x; y\n@id("a;b")\npermit (principal, action, resource) when { context.s == "q;\\";" };\n forbid (principal, action, resource);';
+        '// x; y\n@id("a;b")\npermit (principal, action, resource) when { context.s == "q;\\";" };\n forbid ' +
+        '(principal, action, resource);';
       expect(splitPolicyStatements(text).map((s) => s.offset)).to.deep.equal([8, 88]);
       expect(splitPolicyStatements(text)[1]!.text).to.equal('forbid (principal, action, resource);');
     });
@@ -742,7 +761,8 @@ describe('policy engine', function () {
   describe('hot reload', () => {
     const V1 = '@id("v")\npermit (principal, action == Action::"read", resource);\n';
     const V2 =
-      '@id("v")\nforbid (principal, action == Action::"read", resource);\npermit (principal, action == Action::"read", resource);\n';
+      '@id("v")\nforbid (principal, action == Action::"read", resource);\npermit (principal, action == ' +
+      'Action::"read", resource);\n';
 
     it('a replaced file (rename over) is picked up and the new decision applies', async () => {
       const { engine, fx, registry } = await open({ 'p.cedar': V1 }, undefined, { watch: true, watchDebounceMs: 20 });
@@ -808,20 +828,23 @@ describe('policy engine', function () {
       expect(engine.evaluate(request('User:a', 'read', 'Doc:x')).decision).to.equal(false);
     });
 
-    it('a removed policy directory keeps the last good set; once it is back, it is watched and loaded again', async () => {
-      const { engine, fx } = await open({ 'p.cedar': V1 }, undefined, { watch: true, watchDebounceMs: 20 });
-      const moved = `${fx.policiesDir}.old`;
-      const failed = nextReload(engine, (x) => !x.ok);
-      renameSync(fx.policiesDir, moved);
-      expect((await failed).error).to.match(/cannot read policy directory: ENOENT/);
-      expect(engine.evaluate(request('User:a', 'read', 'Doc:x')).decision).to.equal(true);
-      const back = nextReload(engine, (x) => x.ok && x.policies === 2);
-      mkdirSync(fx.policiesDir);
-      writeFileSync(fx.policyPath('p.cedar'), V2);
-      await back;
-      expect(engine.evaluate(request('User:a', 'read', 'Doc:x')).decision).to.equal(false);
-      rmSync(moved, { recursive: true });
-    });
+    it(
+      'a removed policy directory keeps the last good set; ' + 'once it is back, it is watched and loaded again',
+      async () => {
+        const { engine, fx } = await open({ 'p.cedar': V1 }, undefined, { watch: true, watchDebounceMs: 20 });
+        const moved = `${fx.policiesDir}.old`;
+        const failed = nextReload(engine, (x) => !x.ok);
+        renameSync(fx.policiesDir, moved);
+        expect((await failed).error).to.match(/cannot read policy directory: ENOENT/);
+        expect(engine.evaluate(request('User:a', 'read', 'Doc:x')).decision).to.equal(true);
+        const back = nextReload(engine, (x) => x.ok && x.policies === 2);
+        mkdirSync(fx.policiesDir);
+        writeFileSync(fx.policyPath('p.cedar'), V2);
+        await back;
+        expect(engine.evaluate(request('User:a', 'read', 'Doc:x')).decision).to.equal(false);
+        rmSync(moved, { recursive: true });
+      },
+    );
 
     it('reload() without watching: unchanged sources are a no-op, a broken entities file is refused', async () => {
       const { engine, fx, registry } = await open({ 'p.cedar': V1 }, [entity('User', 'a')]);
@@ -895,46 +918,49 @@ describe('policy engine', function () {
   });
 
   describe('audit log', () => {
-    it('writes one JSON line per decision (cached, denied and invalid ones too) and close() flushes the file', async () => {
-      const fx0 = new PolicyFixture({});
-      fixtures.push(fx0);
-      const auditFile = path.join(fx0.root, 'audit.jsonl');
-      let now = Date.parse('2026-01-02T03:04:05.000Z');
-      const { engine } = await open({ 'base.cedar': BASE }, ENTITIES, { auditLog: auditFile, clock: () => now });
-      const req = request('User:alice', 'delete', 'Doc:d2');
-      engine.evaluate(req, { caller: 'spiffe://burrow.local/service/billing' });
-      now += 1;
-      engine.evaluate(req);
-      engine.evaluate(request('User:alice', 'delete', 'Doc:d1'));
-      expect(() => engine.evaluate(request('User Group:x', 'read', 'Doc:d1'))).to.throw(PolicyInputError);
-      await engine.close();
-      const lines = readFileSync(auditFile, 'utf8')
-        .trim()
-        .split('\n')
-        .map((l) => JSON.parse(l) as Record<string, unknown>);
-      expect(lines).to.have.length(4);
-      const expectedHash = sha256Hex(canonicalJson({ ...req, context: {}, explain: false }));
-      expect(lines[0]).to.include({
-        time: '2026-01-02T03:04:05.000Z',
-        input_sha256: expectedHash,
-        decision: 'allow',
-        cached: false,
-        caller: 'spiffe://burrow.local/service/billing',
-      });
-      expect(lines[0]!.policies).to.deep.equal(['admins-all']);
-      expect(lines[0]!.latency_us).to.be.a('number').and.at.least(0);
-      expect(lines[1]).to.include({
-        time: '2026-01-02T03:04:05.001Z',
-        input_sha256: expectedHash,
-        decision: 'allow',
-        cached: true,
-      });
-      expect(lines[1]).to.not.have.property('caller');
-      expect(lines[2]).to.include({ decision: 'deny', cached: false });
-      expect(lines[2]!.policies).to.deep.equal(['no-delete-locked']);
-      expect(lines[3]).to.include({ decision: 'error', cached: false });
-      expect(String(lines[3]!.error)).to.match(/subject\.type "User Group"/);
-    });
+    it(
+      'writes one JSON line per decision (cached, ' + 'denied and invalid ones too) and close() flushes the file',
+      async () => {
+        const fx0 = new PolicyFixture({});
+        fixtures.push(fx0);
+        const auditFile = path.join(fx0.root, 'audit.jsonl');
+        let now = Date.parse('2026-01-02T03:04:05.000Z');
+        const { engine } = await open({ 'base.cedar': BASE }, ENTITIES, { auditLog: auditFile, clock: () => now });
+        const req = request('User:alice', 'delete', 'Doc:d2');
+        engine.evaluate(req, { caller: 'spiffe://burrow.local/service/billing' });
+        now += 1;
+        engine.evaluate(req);
+        engine.evaluate(request('User:alice', 'delete', 'Doc:d1'));
+        expect(() => engine.evaluate(request('User Group:x', 'read', 'Doc:d1'))).to.throw(PolicyInputError);
+        await engine.close();
+        const lines = readFileSync(auditFile, 'utf8')
+          .trim()
+          .split('\n')
+          .map((l) => JSON.parse(l) as Record<string, unknown>);
+        expect(lines).to.have.length(4);
+        const expectedHash = sha256Hex(canonicalJson({ ...req, context: {}, explain: false }));
+        expect(lines[0]).to.include({
+          time: '2026-01-02T03:04:05.000Z',
+          input_sha256: expectedHash,
+          decision: 'allow',
+          cached: false,
+          caller: 'spiffe://burrow.local/service/billing',
+        });
+        expect(lines[0]!.policies).to.deep.equal(['admins-all']);
+        expect(lines[0]!.latency_us).to.be.a('number').and.at.least(0);
+        expect(lines[1]).to.include({
+          time: '2026-01-02T03:04:05.001Z',
+          input_sha256: expectedHash,
+          decision: 'allow',
+          cached: true,
+        });
+        expect(lines[1]).to.not.have.property('caller');
+        expect(lines[2]).to.include({ decision: 'deny', cached: false });
+        expect(lines[2]!.policies).to.deep.equal(['no-delete-locked']);
+        expect(lines[3]).to.include({ decision: 'error', cached: false });
+        expect(String(lines[3]!.error)).to.match(/subject\.type "User Group"/);
+      },
+    );
 
     it('a stream sink gets the lines, is not ended by close(), and an unwritable path is a startup error', async () => {
       const sink = new PassThrough();

@@ -90,7 +90,8 @@ describe('policy requests: bounded before evaluation, malformed input refused', 
     const mb = (n: number): string => (n / 1e6).toFixed(1);
     console.log(
       `      1M-element request (${mb(message.length)} MB protobuf, ${mb(body.length)} MB JSON): ` +
-        `gRPC answered in ${Math.round(grpcErr?.ms ?? -1)} ms, HTTP ${httpRes.status} in ${Math.round(httpRes.ms)} ms; ` +
+        `gRPC answered in ${Math.round(grpcErr?.ms ?? -1)} ms, HTTP ${httpRes.status} ` +
+        `in ${Math.round(httpRes.ms)} ms; ` +
         `another caller's decision: p50 ${p50(baseline)} / max ${max(baseline)} ms before, ` +
         `p50 ${p50(during)} / max ${max(during)} ms during`,
     );

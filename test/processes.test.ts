@@ -355,33 +355,37 @@ describe('processes (real broker and agent binaries)', function () {
     ).to.equal(true);
   });
 
-  it("(c1c) SIGTERM to the broker while a caller's connection is mid-handshake: that connection gets GOAWAY too, its call is refused before it starts, nothing is cut", async () => {
-    const { broker, bports } = await startPair(echo.address);
-    // Accepted before the SIGTERM, secure only after the drain closed the listener: it becomes an
-    // HTTP/2 session that the shutdown's first round of GOAWAYs did not see.
-    const raw = await stalledConnection(bports.apiPort);
-    const logsBefore = broker.logs.length;
-    broker.signal('SIGTERM');
-    await broker.waitForLog('broker draining', undefined, { from: logsBefore });
-    const late = callOverStalledConnection(raw, serviceCert, ECHO.unary, { 'burrow-agent-id': 'site-a' });
-    try {
-      expect(await late.first, 'what the late connection saw first').to.equal(
-        `GOAWAY ${http2.constants.NGHTTP2_NO_ERROR}`,
-      );
-      // Refused by HTTP/2 (the stream is past the GOAWAY): a grpc-js caller retries it elsewhere.
-      expect(await late.streamClosed).to.equal(
-        `stream closed (answered: false, rstCode ${http2.constants.NGHTTP2_REFUSED_STREAM})`,
-      );
-      expect(await broker.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
-    } finally {
-      late.close();
-    }
-    expect(broker.logs.find((l) => l.message === 'broker stopped')?.drained).to.equal(true);
-    expect(
-      broker.logs.filter((l) => /cutting/.test(String(l.message))),
-      'connections cut after the grace',
-    ).to.deep.equal([]);
-  });
+  it(
+    "(c1c) SIGTERM to the broker while a caller's connection is mid-handshake: that connection gets GOAWAY too, " +
+      'its call is refused before it starts, nothing is cut',
+    async () => {
+      const { broker, bports } = await startPair(echo.address);
+      // Accepted before the SIGTERM, secure only after the drain closed the listener: it becomes an
+      // HTTP/2 session that the shutdown's first round of GOAWAYs did not see.
+      const raw = await stalledConnection(bports.apiPort);
+      const logsBefore = broker.logs.length;
+      broker.signal('SIGTERM');
+      await broker.waitForLog('broker draining', undefined, { from: logsBefore });
+      const late = callOverStalledConnection(raw, serviceCert, ECHO.unary, { 'burrow-agent-id': 'site-a' });
+      try {
+        expect(await late.first, 'what the late connection saw first').to.equal(
+          `GOAWAY ${http2.constants.NGHTTP2_NO_ERROR}`,
+        );
+        // Refused by HTTP/2 (the stream is past the GOAWAY): a grpc-js caller retries it elsewhere.
+        expect(await late.streamClosed).to.equal(
+          `stream closed (answered: false, rstCode ${http2.constants.NGHTTP2_REFUSED_STREAM})`,
+        );
+        expect(await broker.waitExit(15_000)).to.deep.equal({ code: 0, signal: null });
+      } finally {
+        late.close();
+      }
+      expect(broker.logs.find((l) => l.message === 'broker stopped')?.drained).to.equal(true);
+      expect(
+        broker.logs.filter((l) => /cutting/.test(String(l.message))),
+        'connections cut after the grace',
+      ).to.deep.equal([]);
+    },
+  );
 
   it('(c2) SIGTERM to the agent: the call in flight completes OK, new calls are refused, exit code 0', async () => {
     const gate = await new GatedUpstream().start();
@@ -409,49 +413,56 @@ describe('processes (real broker and agent binaries)', function () {
     expect(agent.logs.some((l) => l.message === 'agent stopped')).to.equal(true);
   });
 
-  it('(d) half-open path: with 1 s keepalives both sides notice within ~5 s, and the agent reconnects once the path works', async () => {
-    const keepalive = ['--keepalive-time', '1s', '--keepalive-timeout', '1s'];
-    const broker = await startBroker(brokerArgs('127.0.0.1:0', keepalive));
-    const proxy = await new StallableProxy(broker.ports.agentPort).start();
-    cleanups.push(() => proxy.stop());
-    const agent = await startAgent(agentArgs(`127.0.0.1:${proxy.port}`, echo.address, keepalive));
-    await Promise.all([agent.proc.waitForLog('tunnel session established'), broker.proc.waitForLog('agent connected')]);
-    expect((await caller(broker.ports).unary(ECHO.unary, Buffer.from('via proxy'), md())).response.toString()).to.equal(
-      'via proxy',
-    );
-    expect(proxy.connections).to.equal(1);
+  it(
+    '(d) half-open path: with 1 s keepalives both sides notice ' +
+      'within ~5 s, and the agent reconnects once the path works',
+    async () => {
+      const keepalive = ['--keepalive-time', '1s', '--keepalive-timeout', '1s'];
+      const broker = await startBroker(brokerArgs('127.0.0.1:0', keepalive));
+      const proxy = await new StallableProxy(broker.ports.agentPort).start();
+      cleanups.push(() => proxy.stop());
+      const agent = await startAgent(agentArgs(`127.0.0.1:${proxy.port}`, echo.address, keepalive));
+      await Promise.all([
+        agent.proc.waitForLog('tunnel session established'),
+        broker.proc.waitForLog('agent connected'),
+      ]);
+      expect(
+        (await caller(broker.ports).unary(ECHO.unary, Buffer.from('via proxy'), md())).response.toString(),
+      ).to.equal('via proxy');
+      expect(proxy.connections).to.equal(1);
 
-    const brokerLogs = broker.proc.logs.length;
-    const agentLogs = agent.proc.logs.length;
-    const stalledAt = Date.now();
-    proxy.stall();
-    const [gone, lost] = await Promise.all([
-      broker.proc.waitForLog('agent disconnected', (l) => l.agentId === 'site-a', {
-        from: brokerLogs,
-        timeoutMs: 8_000,
-      }),
-      agent.proc.waitForLog('tunnel session lost', undefined, { from: agentLogs, timeoutMs: 8_000 }),
-    ]);
-    const elapsed = Date.now() - stalledAt;
-    expect(elapsed, 'both sides noticed the dead path within ~5 s').to.be.below(5_000);
-    expect(gone).to.be.an('object');
-    expect(lost.broker).to.equal(`127.0.0.1:${proxy.port}`);
-    expect(await agentsOf(broker.ports), 'the broker no longer lists the agent').to.deep.equal([]);
-    const unrouted = await failure(
-      caller(broker.ports).unary(ECHO.unary, Buffer.from('x'), md(), { deadline: Date.now() + 5_000 }),
-    );
-    expect(unrouted.code).to.equal(Status.UNAVAILABLE);
+      const brokerLogs = broker.proc.logs.length;
+      const agentLogs = agent.proc.logs.length;
+      const stalledAt = Date.now();
+      proxy.stall();
+      const [gone, lost] = await Promise.all([
+        broker.proc.waitForLog('agent disconnected', (l) => l.agentId === 'site-a', {
+          from: brokerLogs,
+          timeoutMs: 8_000,
+        }),
+        agent.proc.waitForLog('tunnel session lost', undefined, { from: agentLogs, timeoutMs: 8_000 }),
+      ]);
+      const elapsed = Date.now() - stalledAt;
+      expect(elapsed, 'both sides noticed the dead path within ~5 s').to.be.below(5_000);
+      expect(gone).to.be.an('object');
+      expect(lost.broker).to.equal(`127.0.0.1:${proxy.port}`);
+      expect(await agentsOf(broker.ports), 'the broker no longer lists the agent').to.deep.equal([]);
+      const unrouted = await failure(
+        caller(broker.ports).unary(ECHO.unary, Buffer.from('x'), md(), { deadline: Date.now() + 5_000 }),
+      );
+      expect(unrouted.code).to.equal(Status.UNAVAILABLE);
 
-    const agentLogsBeforeRestore = agent.proc.logs.length;
-    const brokerLogsBeforeRestore = broker.proc.logs.length;
-    proxy.restore();
-    await Promise.all([
-      agent.proc.waitForLog('tunnel session established', undefined, { from: agentLogsBeforeRestore }),
-      broker.proc.waitForLog('agent connected', (l) => l.agentId === 'site-a', { from: brokerLogsBeforeRestore }),
-    ]);
-    expect((await agentsOf(broker.ports))[0]).to.include({ id: 'site-a', connections: 1 });
-    expect((await caller(broker.ports).unary(ECHO.unary, Buffer.from('again'), md())).response.toString()).to.equal(
-      'again',
-    );
-  });
+      const agentLogsBeforeRestore = agent.proc.logs.length;
+      const brokerLogsBeforeRestore = broker.proc.logs.length;
+      proxy.restore();
+      await Promise.all([
+        agent.proc.waitForLog('tunnel session established', undefined, { from: agentLogsBeforeRestore }),
+        broker.proc.waitForLog('agent connected', (l) => l.agentId === 'site-a', { from: brokerLogsBeforeRestore }),
+      ]);
+      expect((await agentsOf(broker.ports))[0]).to.include({ id: 'site-a', connections: 1 });
+      expect((await caller(broker.ports).unary(ECHO.unary, Buffer.from('again'), md())).response.toString()).to.equal(
+        'again',
+      );
+    },
+  );
 });

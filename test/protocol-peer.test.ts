@@ -103,7 +103,8 @@ describe('protocol peer: a raw agent against a real broker', () => {
           sessionCount(stack.broker) === 0
         );
       },
-      `an empty registry (now ${JSON.stringify(stack.broker.registry.counts())}, listener sessions ${sessionCount(stack.broker)})`,
+      `an empty registry (now ${JSON.stringify(stack.broker.registry.counts())}, listener ` +
+        `sessions ${sessionCount(stack.broker)})`,
     );
   });
 
@@ -132,17 +133,20 @@ describe('protocol peer: a raw agent against a real broker', () => {
       await waitUntil(() => stack.broker.registry.counts().sessions === 0, 'the session to be forgotten');
     });
 
-    it('an agent with no common version ([99]) gets FAILED_PRECONDITION naming both lists, and no Welcome', async () => {
-      const agent = rawAgent();
-      const session = agent.session();
-      session.hello({ protocolVersions: [99] });
-      const st = await session.ended();
-      expect(st.code).to.equal(Status.FAILED_PRECONDITION);
-      expect(st.details).to.contain('[99]');
-      expect(st.details).to.contain('[1, 2, 3]');
-      expect(session.received).to.have.length(0);
-      expect(stack.broker.registry.counts().sessions).to.equal(0);
-    });
+    it(
+      'an agent with no common version ([99]) gets ' + 'FAILED_PRECONDITION naming both lists, and no Welcome',
+      async () => {
+        const agent = rawAgent();
+        const session = agent.session();
+        session.hello({ protocolVersions: [99] });
+        const st = await session.ended();
+        expect(st.code).to.equal(Status.FAILED_PRECONDITION);
+        expect(st.details).to.contain('[99]');
+        expect(st.details).to.contain('[1, 2, 3]');
+        expect(session.received).to.have.length(0);
+        expect(stack.broker.registry.counts().sessions).to.equal(0);
+      },
+    );
   });
 
   describe('(b) a broken session stream', () => {
@@ -207,26 +211,29 @@ describe('protocol peer: a raw agent against a real broker', () => {
       expect(stack.broker.registry.counts().idleOffers).to.equal(0);
     });
 
-    it("an Offer or Forward with another agent's session id gets PERMISSION_DENIED and leaves that session alone", async () => {
-      const a = await connected();
-      const b = await connected({ cert: siteB });
-      expect(stack.broker.registry.counts()).to.deep.include({ agents: 2, sessions: 2 });
-      const stolenOffer = b.agent.offer(a.sessionId);
-      const stolenForward = b.agent.forward(a.sessionId);
-      const [o, f] = await Promise.all([stolenOffer.ended(), stolenForward.ended()]);
-      expect(o.code).to.equal(Status.PERMISSION_DENIED);
-      expect(f.code).to.equal(Status.PERMISSION_DENIED);
-      expect(await protocolErrorsInThisTest()).to.equal(2);
-      expect(stack.broker.registry.counts()).to.deep.include({ agents: 2, sessions: 2, idleOffers: 0 });
-      // site-a's session still works: an offer of its own carries a call.
-      const [offer] = await openIdleOffers(a.agent, a.sessionId, 1);
-      const answered = offer!.answerEcho();
-      const res = await stack.caller.unary(ECHO.unary, Buffer.from('still a'), stack.md());
-      expect(res.response.toString()).to.equal('still a');
-      await answered;
-      expect(a.session.status).to.equal(undefined);
-      expect(b.session.status).to.equal(undefined);
-    });
+    it(
+      "an Offer or Forward with another agent's session id " + 'gets PERMISSION_DENIED and leaves that session alone',
+      async () => {
+        const a = await connected();
+        const b = await connected({ cert: siteB });
+        expect(stack.broker.registry.counts()).to.deep.include({ agents: 2, sessions: 2 });
+        const stolenOffer = b.agent.offer(a.sessionId);
+        const stolenForward = b.agent.forward(a.sessionId);
+        const [o, f] = await Promise.all([stolenOffer.ended(), stolenForward.ended()]);
+        expect(o.code).to.equal(Status.PERMISSION_DENIED);
+        expect(f.code).to.equal(Status.PERMISSION_DENIED);
+        expect(await protocolErrorsInThisTest()).to.equal(2);
+        expect(stack.broker.registry.counts()).to.deep.include({ agents: 2, sessions: 2, idleOffers: 0 });
+        // site-a's session still works: an offer of its own carries a call.
+        const [offer] = await openIdleOffers(a.agent, a.sessionId, 1);
+        const answered = offer!.answerEcho();
+        const res = await stack.caller.unary(ECHO.unary, Buffer.from('still a'), stack.md());
+        expect(res.response.toString()).to.equal('still a');
+        await answered;
+        expect(a.session.status).to.equal(undefined);
+        expect(b.session.status).to.equal(undefined);
+      },
+    );
   });
 
   describe("(d) a call assigned to the raw agent's offer", () => {
@@ -295,37 +302,43 @@ describe('protocol peer: a raw agent against a real broker', () => {
     // BUG: once an offer carries a call, originate() re-attaches the CallStream handlers and its
     // onProtocolError only fails the call; AgentListener.protocolError() (close the session, count
     // the error) is never reached, so an agent that broke the protocol keeps its session.
-    it("Headers twice: the broker closes the agent's whole session with INTERNAL and counts a protocol error", async () => {
-      const { session, offer, call } = await assigned();
-      offer.send({ kind: 'headers', metadata: [] });
-      offer.send({ kind: 'headers', metadata: [] });
-      await call.catch(() => {});
-      await offer.ended();
-      // Both are decided synchronously when the bad frame is read, before the offer's status is sent.
-      expect(await protocolErrorsInThisTest(), 'protocolErrors').to.equal(1);
-      expect(stack.broker.registry.counts().sessions, 'sessions still registered').to.equal(0);
-      const st = await within(session.ended(), 2_000, 'end of the session stream');
-      expect(st.code).to.equal(Status.INTERNAL);
-    });
+    it(
+      "Headers twice: the broker closes the agent's whole " + 'session with INTERNAL and counts a protocol error',
+      async () => {
+        const { session, offer, call } = await assigned();
+        offer.send({ kind: 'headers', metadata: [] });
+        offer.send({ kind: 'headers', metadata: [] });
+        await call.catch(() => {});
+        await offer.ended();
+        // Both are decided synchronously when the bad frame is read, before the offer's status is sent.
+        expect(await protocolErrorsInThisTest(), 'protocolErrors').to.equal(1);
+        expect(stack.broker.registry.counts().sessions, 'sessions still registered').to.equal(0);
+        const st = await within(session.ended(), 2_000, 'end of the session stream');
+        expect(st.code).to.equal(Status.INTERNAL);
+      },
+    );
 
-    it('Trailers then Message: the caller gets the Trailers status unchanged, the late Message is never forwarded', async () => {
-      const { offer, call } = await assigned();
-      offer.send({ kind: 'trailers', trailers: { code: Status.NOT_FOUND, message: '  gone\t😀 ', metadata: [] } });
-      offer.send({ kind: 'message', data: Buffer.from('after trailers') });
-      const err = await call.then(
-        () => {
-          throw new Error('the call succeeded');
-        },
-        (e: ServiceError) => e,
-      );
-      expect(err.code).to.equal(Status.NOT_FOUND);
-      expect(err.details).to.equal('  gone\t😀 ');
-      // The broker finishes the offer as soon as Trailers arrives, so the Message behind it is not
-      // read at all (whether it counts as a detected protocol error depends on that race, so it is
-      // not asserted here). The offer itself ends cleanly or as a protocol error, never hangs.
-      const st = await offer.ended();
-      expect([Status.OK, Status.INTERNAL]).to.include(st.code);
-    });
+    it(
+      'Trailers then Message: the caller gets the Trailers status unchanged, ' + 'the late Message is never forwarded',
+      async () => {
+        const { offer, call } = await assigned();
+        offer.send({ kind: 'trailers', trailers: { code: Status.NOT_FOUND, message: '  gone\t😀 ', metadata: [] } });
+        offer.send({ kind: 'message', data: Buffer.from('after trailers') });
+        const err = await call.then(
+          () => {
+            throw new Error('the call succeeded');
+          },
+          (e: ServiceError) => e,
+        );
+        expect(err.code).to.equal(Status.NOT_FOUND);
+        expect(err.details).to.equal('  gone\t😀 ');
+        // The broker finishes the offer as soon as Trailers arrives, so the Message behind it is not
+        // read at all (whether it counts as a detected protocol error depends on that race, so it is
+        // not asserted here). The offer itself ends cleanly or as a protocol error, never hangs.
+        const st = await offer.ended();
+        expect([Status.OK, Status.INTERNAL]).to.include(st.code);
+      },
+    );
 
     it('Start sent by the agent on an idle offer ends the offer with INTERNAL and closes the session', async () => {
       const { agent, sessionId } = await connected();
@@ -389,41 +402,45 @@ describe('protocol peer: a raw agent against a real broker', () => {
   });
 
   describe('(e) demand', () => {
-    it('5 calls waiting on an agent with no idle offers make the broker demand exactly 5, and all 5 succeed once offered', async () => {
-      const { agent, session, sessionId } = await connected({ minIdleOffers: 0 });
-      const demandedBefore = await counterValue(stack.broker.metrics.demandedOffers);
-      const calls = [0, 1, 2, 3, 4].map((i) =>
-        stack.caller.unary(ECHO.unary, Buffer.from(`call-${i}`), stack.md(), { deadline: Date.now() + 10_000 }),
-      );
-      let demanded = 0;
-      while (demanded < 5) {
-        const f = await session.expectNext('demand');
-        expect(f.offers).to.be.greaterThan(0);
-        demanded += f.offers;
-      }
-      expect(demanded).to.equal(5);
-      expect(stack.broker.registry.counts().waiters).to.equal(5);
-      const offers = [0, 1, 2, 3, 4].map(() => agent.offer(sessionId));
-      const starts = await Promise.all(offers.map((o) => o.answerEcho()));
-      const results = await Promise.all(calls);
-      expect(results.map((r) => r.response.toString()).sort()).to.deep.equal([
-        'call-0',
-        'call-1',
-        'call-2',
-        'call-3',
-        'call-4',
-      ]);
-      expect(starts.every((s) => s.method === ECHO.unary)).to.equal(true);
-      for (const o of offers) expect((await o.ended()).code).to.equal(Status.OK);
-      // Not more: no further Demand arrived, and the broker counted exactly 5.
-      expect(
-        session.received
-          .filter((f) => f.kind === 'demand')
-          .reduce((n, f) => n + (f.kind === 'demand' ? f.offers : 0), 0),
-      ).to.equal(5);
-      expect((await counterValue(stack.broker.metrics.demandedOffers)) - demandedBefore).to.equal(5);
-      expect(stack.broker.registry.counts()).to.deep.include({ waiters: 0, activeCalls: 0, idleOffers: 0 });
-    });
+    it(
+      '5 calls waiting on an agent with no idle offers make the ' +
+        'broker demand exactly 5, and all 5 succeed once offered',
+      async () => {
+        const { agent, session, sessionId } = await connected({ minIdleOffers: 0 });
+        const demandedBefore = await counterValue(stack.broker.metrics.demandedOffers);
+        const calls = [0, 1, 2, 3, 4].map((i) =>
+          stack.caller.unary(ECHO.unary, Buffer.from(`call-${i}`), stack.md(), { deadline: Date.now() + 10_000 }),
+        );
+        let demanded = 0;
+        while (demanded < 5) {
+          const f = await session.expectNext('demand');
+          expect(f.offers).to.be.greaterThan(0);
+          demanded += f.offers;
+        }
+        expect(demanded).to.equal(5);
+        expect(stack.broker.registry.counts().waiters).to.equal(5);
+        const offers = [0, 1, 2, 3, 4].map(() => agent.offer(sessionId));
+        const starts = await Promise.all(offers.map((o) => o.answerEcho()));
+        const results = await Promise.all(calls);
+        expect(results.map((r) => r.response.toString()).sort()).to.deep.equal([
+          'call-0',
+          'call-1',
+          'call-2',
+          'call-3',
+          'call-4',
+        ]);
+        expect(starts.every((s) => s.method === ECHO.unary)).to.equal(true);
+        for (const o of offers) expect((await o.ended()).code).to.equal(Status.OK);
+        // Not more: no further Demand arrived, and the broker counted exactly 5.
+        expect(
+          session.received
+            .filter((f) => f.kind === 'demand')
+            .reduce((n, f) => n + (f.kind === 'demand' ? f.offers : 0), 0),
+        ).to.equal(5);
+        expect((await counterValue(stack.broker.metrics.demandedOffers)) - demandedBefore).to.equal(5);
+        expect(stack.broker.registry.counts()).to.deep.include({ waiters: 0, activeCalls: 0, idleOffers: 0 });
+      },
+    );
   });
 
   describe('(e2) demand bookkeeping', () => {
@@ -432,32 +449,35 @@ describe('protocol peer: a raw agent against a real broker', () => {
     // BUG: TunnelRegistry.acquire() removes a waiter that timed out or was cancelled but leaves
     // entry.outstandingDemand as it was, so the broker believes an offer is still on its way for a
     // call that no longer exists, and the next waiting call gets no Demand at all.
-    it('a call that gave up waiting leaves no demand owed: the next waiting call makes the broker send Demand', async () => {
-      const { agent, session, sessionId } = await connected();
-      const first = stack.caller.unary(ECHO.unary, Buffer.from('first'), stack.md(), { deadline: Date.now() + 300 });
-      expect((await session.expectNext('demand')).offers).to.equal(1);
-      // The raw agent ignores it (e.g. it is at its own concurrency limit); the call times out.
-      const e1 = await first.then(
-        () => {
-          throw new Error('the call succeeded');
-        },
-        (e: ServiceError) => e,
-      );
-      expect(e1.code).to.equal(Status.DEADLINE_EXCEEDED);
-      await waitUntil(() => stack.broker.registry.counts().waiters === 0, 'the first waiter to go');
-      const second = stack.caller.unary(ECHO.unary, Buffer.from('second'), stack.md(), {
-        deadline: Date.now() + 1_500,
-      });
-      try {
-        const d = await within(session.expectNext('demand'), 1_000, 'Demand for the second waiting call');
-        expect(d.offers).to.equal(1);
-        const answered = agent.offer(sessionId).answerEcho();
-        expect((await second).response.toString()).to.equal('second');
-        await answered;
-      } finally {
-        await second.catch(() => {});
-      }
-    });
+    it(
+      'a call that gave up waiting leaves no demand owed: ' + 'the next waiting call makes the broker send Demand',
+      async () => {
+        const { agent, session, sessionId } = await connected();
+        const first = stack.caller.unary(ECHO.unary, Buffer.from('first'), stack.md(), { deadline: Date.now() + 300 });
+        expect((await session.expectNext('demand')).offers).to.equal(1);
+        // The raw agent ignores it (e.g. it is at its own concurrency limit); the call times out.
+        const e1 = await first.then(
+          () => {
+            throw new Error('the call succeeded');
+          },
+          (e: ServiceError) => e,
+        );
+        expect(e1.code).to.equal(Status.DEADLINE_EXCEEDED);
+        await waitUntil(() => stack.broker.registry.counts().waiters === 0, 'the first waiter to go');
+        const second = stack.caller.unary(ECHO.unary, Buffer.from('second'), stack.md(), {
+          deadline: Date.now() + 1_500,
+        });
+        try {
+          const d = await within(session.expectNext('demand'), 1_000, 'Demand for the second waiting call');
+          expect(d.offers).to.equal(1);
+          const answered = agent.offer(sessionId).answerEcho();
+          expect((await second).response.toString()).to.equal('second');
+          await answered;
+        } finally {
+          await second.catch(() => {});
+        }
+      },
+    );
 
     // BUG: TunnelRegistry.removeSession() forgets a session without taking back the Demand it was
     // sent; outstandingDemand is only reset by addSession(), so when an agent has two sessions and
@@ -521,38 +541,44 @@ describe('protocol peer: a raw agent against a real broker', () => {
   });
 
   describe('(g) retiring idle offers', () => {
-    it('retireIdle(0) with minIdleOffers=1 and 3 idle offers retires exactly the 2 oldest, ending them with OK', async () => {
-      const { agent, sessionId } = await connected({ minIdleOffers: 1 });
-      const offers = await openIdleOffers(agent, sessionId, 3);
-      // retireIdle retires offers idle *longer than* maxIdleMs; pass a clock 1 ms ahead so the
-      // offers registered in this very millisecond count as idle for longer than 0 ms.
-      const retired = stack.broker.registry.retireIdle(0, Date.now() + 1);
-      expect(retired).to.equal(2);
-      expect(stack.broker.registry.counts().idleOffers).to.equal(1);
-      const [s0, s1] = await Promise.all([offers[0]!.ended(), offers[1]!.ended()]);
-      expect(s0.code).to.equal(Status.OK);
-      expect(s1.code).to.equal(Status.OK);
-      expect(offers[0]!.received).to.have.length(0);
-      expect(offers[1]!.received).to.have.length(0);
-      // Below the minimum nothing more is retired, and the kept offer still carries a call.
-      expect(stack.broker.registry.retireIdle(0, Date.now() + 1_000)).to.equal(0);
-      expect(offers[2]!.status).to.equal(undefined);
-      const answered = offers[2]!.answerEcho();
-      const res = await stack.caller.unary(ECHO.unary, Buffer.from('on the kept offer'), stack.md(), {
-        deadline: Date.now() + 5_000,
-      });
-      expect(res.response.toString()).to.equal('on the kept offer');
-      await answered;
-      expect((await offers[2]!.ended()).code).to.equal(Status.OK);
-    });
+    it(
+      'retireIdle(0) with minIdleOffers=1 and 3 idle offers ' + 'retires exactly the 2 oldest, ending them with OK',
+      async () => {
+        const { agent, sessionId } = await connected({ minIdleOffers: 1 });
+        const offers = await openIdleOffers(agent, sessionId, 3);
+        // retireIdle retires offers idle *longer than* maxIdleMs; pass a clock 1 ms ahead so the
+        // offers registered in this very millisecond count as idle for longer than 0 ms.
+        const retired = stack.broker.registry.retireIdle(0, Date.now() + 1);
+        expect(retired).to.equal(2);
+        expect(stack.broker.registry.counts().idleOffers).to.equal(1);
+        const [s0, s1] = await Promise.all([offers[0]!.ended(), offers[1]!.ended()]);
+        expect(s0.code).to.equal(Status.OK);
+        expect(s1.code).to.equal(Status.OK);
+        expect(offers[0]!.received).to.have.length(0);
+        expect(offers[1]!.received).to.have.length(0);
+        // Below the minimum nothing more is retired, and the kept offer still carries a call.
+        expect(stack.broker.registry.retireIdle(0, Date.now() + 1_000)).to.equal(0);
+        expect(offers[2]!.status).to.equal(undefined);
+        const answered = offers[2]!.answerEcho();
+        const res = await stack.caller.unary(ECHO.unary, Buffer.from('on the kept offer'), stack.md(), {
+          deadline: Date.now() + 5_000,
+        });
+        expect(res.response.toString()).to.equal('on the kept offer');
+        await answered;
+        expect((await offers[2]!.ended()).code).to.equal(Status.OK);
+      },
+    );
   });
 
-  it('the raw agent can also be refused by certificate role: a service certificate may not open a session', async () => {
-    const agent = rawAgent(stack.serviceCert);
-    const session = agent.session();
-    session.hello();
-    const st = await session.ended();
-    expect(st.code).to.equal(Status.PERMISSION_DENIED);
-    expect(st.details).to.contain('agent certificate is required');
-  });
+  it(
+    'the raw agent can also be refused by certificate role: ' + 'a service certificate may not open a session',
+    async () => {
+      const agent = rawAgent(stack.serviceCert);
+      const session = agent.session();
+      session.hello();
+      const st = await session.ended();
+      expect(st.code).to.equal(Status.PERMISSION_DENIED);
+      expect(st.details).to.contain('agent certificate is required');
+    },
+  );
 });

@@ -74,31 +74,35 @@ describe('broker replica set: choosing targets (pure)', () => {
     ).to.have.length(2);
   });
 
-  it('chooses by rendezvous hashing: stable, spread over brokers, and a broker leaving moves only its own agents', () => {
-    const ids = ['b1', 'b2', 'b3', 'b4', 'b5'];
-    const choice = (agentId: string, brokers: string[]): string[] =>
-      chooseTargets({ agentId, configured: [], knownIds: new Map(), replicaSet: set(...brokers), maxBrokers: 2 })
-        .map((t) => t.advertisedId!)
-        .sort();
-    const load = new Map(ids.map((id) => [id, 0]));
-    let moved = 0;
-    for (let i = 0; i < 500; i++) {
-      const agentId = `site-${i}`;
-      const before = choice(agentId, ids);
-      expect(choice(agentId, [...ids].reverse()), 'independent of the order of the set').to.deep.equal(before);
-      for (const id of before) load.set(id, load.get(id)! + 1);
-      const after = choice(
-        agentId,
-        ids.filter((id) => id !== 'b3'),
-      );
-      if (!before.includes('b3')) expect(after, 'agents that did not pick b3 keep their brokers').to.deep.equal(before);
-      else moved++;
-    }
-    // 500 agents x 2 picks over 5 brokers: 200 each on average.
-    for (const [id, n] of load) expect(n, id).to.be.within(140, 260);
-    expect(moved).to.equal(load.get('b3'));
-    expect(rendezvousScore('site-1', 'b1')).to.equal(rendezvousScore('site-1', 'b1'));
-  });
+  it(
+    'chooses by rendezvous hashing: stable, spread over brokers, ' + 'and a broker leaving moves only its own agents',
+    () => {
+      const ids = ['b1', 'b2', 'b3', 'b4', 'b5'];
+      const choice = (agentId: string, brokers: string[]): string[] =>
+        chooseTargets({ agentId, configured: [], knownIds: new Map(), replicaSet: set(...brokers), maxBrokers: 2 })
+          .map((t) => t.advertisedId!)
+          .sort();
+      const load = new Map(ids.map((id) => [id, 0]));
+      let moved = 0;
+      for (let i = 0; i < 500; i++) {
+        const agentId = `site-${i}`;
+        const before = choice(agentId, ids);
+        expect(choice(agentId, [...ids].reverse()), 'independent of the order of the set').to.deep.equal(before);
+        for (const id of before) load.set(id, load.get(id)! + 1);
+        const after = choice(
+          agentId,
+          ids.filter((id) => id !== 'b3'),
+        );
+        if (!before.includes('b3'))
+          expect(after, 'agents that did not pick b3 keep their brokers').to.deep.equal(before);
+        else moved++;
+      }
+      // 500 agents x 2 picks over 5 brokers: 200 each on average.
+      for (const [id, n] of load) expect(n, id).to.be.within(140, 260);
+      expect(moved).to.equal(load.get('b3'));
+      expect(rendezvousScore('site-1', 'b1')).to.equal(rendezvousScore('site-1', 'b1'));
+    },
+  );
 
   it('expands a configured name to one target per address, keeping the name as the TLS server name', async () => {
     const resolver: HostResolver = async (host) =>
@@ -148,21 +152,24 @@ describe('broker replica set: the Brokers frame on the wire', () => {
     { brokerId: 'broker-2', address: 'broker-2.example:7443' },
   ];
 
-  it('a version-3 session gets every broadcast set; a version-2 session (agent double) gets none and still works', async () => {
-    const v3 = await connect([1, 2, 3]);
-    const v2 = await connect([1, 2]);
-    expect(v3.welcome.protocolVersion).to.equal(3);
-    expect(v2.welcome.protocolVersion).to.equal(2);
-    listenerOf(stack.broker).broadcastReplicaSet(SET);
-    expect(await v3.session.expectNext('brokers')).to.deep.equal({ kind: 'brokers', brokers: SET });
-    listenerOf(stack.broker).broadcastReplicaSet([]);
-    expect(await v3.session.expectNext('brokers')).to.deep.equal({ kind: 'brokers', brokers: [] });
-    // Frames on one stream arrive in order: a Brokers frame sent to the v2 session would come before this.
-    listenerOf(stack.broker).broadcastTrustBundle('pem', 7);
-    expect((await v2.session.next()).kind).to.equal('trustBundle');
-    expect(v2.session.received.map((f) => f.kind)).to.deep.equal(['welcome', 'trustBundle']);
-    await v3.session.expectNext('trustBundle');
-  });
+  it(
+    'a version-3 session gets every broadcast set; ' + 'a version-2 session (agent double) gets none and still works',
+    async () => {
+      const v3 = await connect([1, 2, 3]);
+      const v2 = await connect([1, 2]);
+      expect(v3.welcome.protocolVersion).to.equal(3);
+      expect(v2.welcome.protocolVersion).to.equal(2);
+      listenerOf(stack.broker).broadcastReplicaSet(SET);
+      expect(await v3.session.expectNext('brokers')).to.deep.equal({ kind: 'brokers', brokers: SET });
+      listenerOf(stack.broker).broadcastReplicaSet([]);
+      expect(await v3.session.expectNext('brokers')).to.deep.equal({ kind: 'brokers', brokers: [] });
+      // Frames on one stream arrive in order: a Brokers frame sent to the v2 session would come before this.
+      listenerOf(stack.broker).broadcastTrustBundle('pem', 7);
+      expect((await v2.session.next()).kind).to.equal('trustBundle');
+      expect(v2.session.received.map((f) => f.kind)).to.deep.equal(['welcome', 'trustBundle']);
+      await v3.session.expectNext('trustBundle');
+    },
+  );
 
   it('a new version-3 session gets the current set right after Welcome; a version-2 one does not', async () => {
     listenerOf(stack.broker).broadcastReplicaSet(SET);
@@ -227,70 +234,78 @@ describe('broker replica set: agents and several brokers', function () {
   const gauge = async (agent: Agent, name: 'brokersConnected' | 'brokersKnown'): Promise<number> =>
     (await agent.metrics[name].get()).values[0]!.value;
 
-  it('an agent configured with broker A only learns {A, B} from A, opens a tunnel to B, and drains it without failing a call when A advertises {A}', async () => {
-    const b = await startBroker('broker-b');
-    const agent = await stack.startAgent();
-    expect(await gauge(agent, 'brokersKnown')).to.equal(0);
-    listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint]);
-    await waitUntil(() => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
-    expect(sessions(stack.broker), 'A is not dialled twice').to.equal(1);
-    expect(targetsOf(agent)).to.deep.equal([
-      { broker: stack.agentAddress, source: 'configured', brokerId: 'broker-test' },
-      { broker: b.endpoint.address, source: 'learned', brokerId: 'broker-b' },
-    ]);
-    expect(await gauge(agent, 'brokersConnected')).to.equal(2);
-    expect(await gauge(agent, 'brokersKnown')).to.equal(2);
-    // A call through B is in flight (request still open) when B leaves the set.
-    const call = b.caller.bidi(ECHO.bidi, stack.md());
-    const result = collect(call);
-    call.write(Buffer.from('before the drain'));
-    await once(stack.siteUpstream, 'call');
-    listenerOf(stack.broker).broadcastReplicaSet([brokerA()]);
-    await waitUntil(() => agent.brokerTargets().length === 1);
-    call.write(Buffer.from(', after it'));
-    call.end();
-    const r = await result;
-    expect(r.status.code, r.status.details).to.equal(Status.OK);
-    expect(Buffer.concat(r.messages).toString()).to.equal('before the drain, after it');
-    await waitUntil(() => sessions(b.broker) === 0);
-    expect(sessions(stack.broker)).to.equal(1);
-    expect(await gauge(agent, 'brokersConnected')).to.equal(1);
-    expect(await gauge(agent, 'brokersKnown')).to.equal(1);
-    // Calls keep working through A, from the platform and from the site.
-    expect((await stack.caller.unary(ECHO.unary, Buffer.from('via A'), stack.md())).response.toString()).to.equal(
-      'via A',
-    );
-    expect((await stack.siteClient.unary(ECHO.unary, Buffer.from('up'))).response.toString()).to.equal('up');
-  });
+  it(
+    'an agent configured with broker A only learns {A, B} from A, opens a tunnel to B, and drains it without ' +
+      'failing a call when A advertises {A}',
+    async () => {
+      const b = await startBroker('broker-b');
+      const agent = await stack.startAgent();
+      expect(await gauge(agent, 'brokersKnown')).to.equal(0);
+      listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint]);
+      await waitUntil(() => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
+      expect(sessions(stack.broker), 'A is not dialled twice').to.equal(1);
+      expect(targetsOf(agent)).to.deep.equal([
+        { broker: stack.agentAddress, source: 'configured', brokerId: 'broker-test' },
+        { broker: b.endpoint.address, source: 'learned', brokerId: 'broker-b' },
+      ]);
+      expect(await gauge(agent, 'brokersConnected')).to.equal(2);
+      expect(await gauge(agent, 'brokersKnown')).to.equal(2);
+      // A call through B is in flight (request still open) when B leaves the set.
+      const call = b.caller.bidi(ECHO.bidi, stack.md());
+      const result = collect(call);
+      call.write(Buffer.from('before the drain'));
+      await once(stack.siteUpstream, 'call');
+      listenerOf(stack.broker).broadcastReplicaSet([brokerA()]);
+      await waitUntil(() => agent.brokerTargets().length === 1);
+      call.write(Buffer.from(', after it'));
+      call.end();
+      const r = await result;
+      expect(r.status.code, r.status.details).to.equal(Status.OK);
+      expect(Buffer.concat(r.messages).toString()).to.equal('before the drain, after it');
+      await waitUntil(() => sessions(b.broker) === 0);
+      expect(sessions(stack.broker)).to.equal(1);
+      expect(await gauge(agent, 'brokersConnected')).to.equal(1);
+      expect(await gauge(agent, 'brokersKnown')).to.equal(1);
+      // Calls keep working through A, from the platform and from the site.
+      expect((await stack.caller.unary(ECHO.unary, Buffer.from('via A'), stack.md())).response.toString()).to.equal(
+        'via A',
+      );
+      expect((await stack.siteClient.unary(ECHO.unary, Buffer.from('up'))).response.toString()).to.equal('up');
+    },
+  );
 
-  it('a broker that stops: its call in flight fails with UNAVAILABLE, new calls go through the other tunnel at once', async () => {
-    const b = await startBroker('broker-b', { drainTimeoutMs: 300 });
-    const agent = await stack.startAgent({ brokerWaitMs: 5_000 });
-    listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint]);
-    await waitUntil(() => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
-    const inFlight = b.caller.unary(ECHO.hang, Buffer.from('x'), stack.md()).then(
-      () => undefined,
-      (e: ServiceError) => e,
-    );
-    await once(stack.siteUpstream, 'call');
-    const stopped = b.broker.stop();
-    await waitUntil(() => agent.brokerTargets().filter((t) => t.usable).length === 1);
-    // No waiting for the broker that is going away: both directions answer well within brokerWait.
-    const t0 = Date.now();
-    const [platform, site] = await Promise.all([
-      stack.caller.unary(ECHO.unary, Buffer.from('platform'), stack.md(), { deadline: Date.now() + 2_000 }),
-      stack.siteClient.unary(ECHO.unary, Buffer.from('site'), new Metadata(), { deadline: Date.now() + 2_000 }),
-    ]);
-    expect(Date.now() - t0).to.be.below(1_000);
-    expect(platform.response.toString()).to.equal('platform');
-    expect(site.response.toString()).to.equal('site');
-    const err = await inFlight;
-    expect(err?.code, err?.details).to.equal(Status.UNAVAILABLE);
-    await stopped;
-    // B is gone but still in the set: the agent keeps trying it and keeps serving through A.
-    expect((await stack.siteClient.unary(ECHO.unary, Buffer.from('still'))).response.toString()).to.equal('still');
-    expect(await gauge(agent, 'brokersConnected')).to.equal(1);
-  });
+  it(
+    'a broker that stops: its call in flight fails with ' +
+      'UNAVAILABLE, new calls go through the other tunnel at once',
+    async () => {
+      const b = await startBroker('broker-b', { drainTimeoutMs: 300 });
+      const agent = await stack.startAgent({ brokerWaitMs: 5_000 });
+      listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint]);
+      await waitUntil(() => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
+      const inFlight = b.caller.unary(ECHO.hang, Buffer.from('x'), stack.md()).then(
+        () => undefined,
+        (e: ServiceError) => e,
+      );
+      await once(stack.siteUpstream, 'call');
+      const stopped = b.broker.stop();
+      await waitUntil(() => agent.brokerTargets().filter((t) => t.usable).length === 1);
+      // No waiting for the broker that is going away: both directions answer well within brokerWait.
+      const t0 = Date.now();
+      const [platform, site] = await Promise.all([
+        stack.caller.unary(ECHO.unary, Buffer.from('platform'), stack.md(), { deadline: Date.now() + 2_000 }),
+        stack.siteClient.unary(ECHO.unary, Buffer.from('site'), new Metadata(), { deadline: Date.now() + 2_000 }),
+      ]);
+      expect(Date.now() - t0).to.be.below(1_000);
+      expect(platform.response.toString()).to.equal('platform');
+      expect(site.response.toString()).to.equal('site');
+      const err = await inFlight;
+      expect(err?.code, err?.details).to.equal(Status.UNAVAILABLE);
+      await stopped;
+      // B is gone but still in the set: the agent keeps trying it and keeps serving through A.
+      expect((await stack.siteClient.unary(ECHO.unary, Buffer.from('still'))).response.toString()).to.equal('still');
+      expect(await gauge(agent, 'brokersConnected')).to.equal(1);
+    },
+  );
 
   it('the same --broker given twice is still two tunnels to it (HA), and the replica set adds no third', async () => {
     const agent = await stack.startAgent({ brokers: [stack.agentAddress, stack.agentAddress] });
@@ -318,56 +333,60 @@ describe('broker replica set: agents and several brokers', function () {
     expect(sessions(b.broker) + sessions(c.broker)).to.equal(0);
   });
 
-  it('a configured name that resolves to two addresses gives two tunnels, and one again when DNS drops an address', async () => {
-    const cert = await stack.pki.issue('broker', 'brokers', { dns: ['brokers.test'] });
-    const tls = { tlsCertFile: cert.cert, tlsKeyFile: cert.key, caFile: cert.ca };
-    const one = await startBroker('broker-dns-1', { ...tls, agentListen: '127.0.0.1:0' });
-    const port = one.endpoint.address.split(':')[1]!;
-    const two = await startBroker('broker-dns-2', { ...tls, agentListen: `127.0.0.2:${port}` });
-    let addresses = ['127.0.0.1', '127.0.0.2'];
-    const asked: string[] = [];
-    const resolver: HostResolver = async (host) => {
-      asked.push(host);
-      return addresses;
-    };
-    // Stack.startAgent has no resolver option: this agent is started by hand on the stack's files.
-    const agent = new Agent(
-      {
-        ...AGENT_DEFAULTS,
-        brokers: [`brokers.test:${port}`],
-        tlsCertFile: stack.agentCert.cert,
-        tlsKeyFile: stack.agentCert.key,
-        caFile: stack.agentCert.ca,
-        upstreams: [{ service: '*', address: stack.siteUpstream.address }],
-        reconnectBaseMs: 50,
-        reconnectMaxMs: 500,
-        drainTimeoutMs: 5_000,
-      },
-      silentLogger(),
-      '0.0.0',
-      undefined,
-      { resolveHost: resolver, resolveIntervalMs: 50 },
-    );
-    try {
-      await agent.start();
-      await waitUntil(
-        () => sessions(one.broker) === 1 && sessions(two.broker) === 1 && agent.brokerTargets().every((t) => t.usable),
+  it(
+    'a configured name that resolves to two addresses gives two tunnels, ' + 'and one again when DNS drops an address',
+    async () => {
+      const cert = await stack.pki.issue('broker', 'brokers', { dns: ['brokers.test'] });
+      const tls = { tlsCertFile: cert.cert, tlsKeyFile: cert.key, caFile: cert.ca };
+      const one = await startBroker('broker-dns-1', { ...tls, agentListen: '127.0.0.1:0' });
+      const port = one.endpoint.address.split(':')[1]!;
+      const two = await startBroker('broker-dns-2', { ...tls, agentListen: `127.0.0.2:${port}` });
+      let addresses = ['127.0.0.1', '127.0.0.2'];
+      const asked: string[] = [];
+      const resolver: HostResolver = async (host) => {
+        asked.push(host);
+        return addresses;
+      };
+      // Stack.startAgent has no resolver option: this agent is started by hand on the stack's files.
+      const agent = new Agent(
+        {
+          ...AGENT_DEFAULTS,
+          brokers: [`brokers.test:${port}`],
+          tlsCertFile: stack.agentCert.cert,
+          tlsKeyFile: stack.agentCert.key,
+          caFile: stack.agentCert.ca,
+          upstreams: [{ service: '*', address: stack.siteUpstream.address }],
+          reconnectBaseMs: 50,
+          reconnectMaxMs: 500,
+          drainTimeoutMs: 5_000,
+        },
+        silentLogger(),
+        '0.0.0',
+        undefined,
+        { resolveHost: resolver, resolveIntervalMs: 50 },
       );
-      expect(asked[0]).to.equal('brokers.test');
-      expect(
-        agent
-          .brokerTargets()
-          .map((t) => [t.broker, t.source, t.configuredAs, t.brokerId])
-          .sort(),
-      ).to.deep.equal([
-        [`127.0.0.1:${port}`, 'configured', `brokers.test:${port}`, 'broker-dns-1'],
-        [`127.0.0.2:${port}`, 'configured', `brokers.test:${port}`, 'broker-dns-2'],
-      ]);
-      addresses = ['127.0.0.1'];
-      await waitUntil(() => sessions(two.broker) === 0 && agent.brokerTargets().length === 1);
-      expect(sessions(one.broker)).to.equal(1);
-    } finally {
-      await agent.stop();
-    }
-  });
+      try {
+        await agent.start();
+        await waitUntil(
+          () =>
+            sessions(one.broker) === 1 && sessions(two.broker) === 1 && agent.brokerTargets().every((t) => t.usable),
+        );
+        expect(asked[0]).to.equal('brokers.test');
+        expect(
+          agent
+            .brokerTargets()
+            .map((t) => [t.broker, t.source, t.configuredAs, t.brokerId])
+            .sort(),
+        ).to.deep.equal([
+          [`127.0.0.1:${port}`, 'configured', `brokers.test:${port}`, 'broker-dns-1'],
+          [`127.0.0.2:${port}`, 'configured', `brokers.test:${port}`, 'broker-dns-2'],
+        ]);
+        addresses = ['127.0.0.1'];
+        await waitUntil(() => sessions(two.broker) === 0 && agent.brokerTargets().length === 1);
+        expect(sessions(one.broker)).to.equal(1);
+      } finally {
+        await agent.stop();
+      }
+    },
+  );
 });

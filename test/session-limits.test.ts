@@ -236,29 +236,34 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
     await expectNoLeaks(baseline);
   });
 
-  it('a Hello listing 15,000,000 versions is refused before it is read; one listing 1,000 names the bound', async () => {
-    let huge!: StatusObject;
-    await underAttack(
-      'Hello with 15,000,000 versions',
-      async () => {
-        const session = rogue().session();
-        session.writeBytes(helloWithVersions(15_000_000));
-        huge = await refused(session);
-      },
-      { cpuMs: 1_500, rssBytes: 150 * MiB },
-    );
-    expect(huge.code).to.equal(Status.INTERNAL);
-    expect(huge.details).to.match(/^tunnel protocol error: session frame of 150000\d\d bytes; at most 65536 allowed$/);
-    const logged = (l: LogLine): boolean =>
-      l.agentId === ROGUE && String(l.error).startsWith('tunnel protocol error: session frame of 150000');
-    await broker.waitForLog('tunnel session failed', logged);
+  it(
+    'a Hello listing 15,000,000 versions is refused before it is read; ' + 'one listing 1,000 names the bound',
+    async () => {
+      let huge!: StatusObject;
+      await underAttack(
+        'Hello with 15,000,000 versions',
+        async () => {
+          const session = rogue().session();
+          session.writeBytes(helloWithVersions(15_000_000));
+          huge = await refused(session);
+        },
+        { cpuMs: 1_500, rssBytes: 150 * MiB },
+      );
+      expect(huge.code).to.equal(Status.INTERNAL);
+      expect(huge.details).to.match(
+        /^tunnel protocol error: session frame of 150000\d\d bytes; at most 65536 allowed$/,
+      );
+      const logged = (l: LogLine): boolean =>
+        l.agentId === ROGUE && String(l.error).startsWith('tunnel protocol error: session frame of 150000');
+      await broker.waitForLog('tunnel session failed', logged);
 
-    const session = rogue().session();
-    session.writeBytes(helloWithVersions(1_000));
-    const status = await refused(session);
-    expect(status.code).to.equal(Status.INTERNAL);
-    expect(status.details).to.equal('tunnel protocol error: Hello lists 1000 versions; at most 16 allowed');
-  });
+      const session = rogue().session();
+      session.writeBytes(helloWithVersions(1_000));
+      const status = await refused(session);
+      expect(status.code).to.equal(Status.INTERNAL);
+      expect(status.details).to.equal('tunnel protocol error: Hello lists 1000 versions; at most 16 allowed');
+    },
+  );
 
   it('8 sessions with a 10 MiB agent_version are refused, and neither the log nor /agents carries it', async () => {
     const logBytesBefore = broker.stderrLines.reduce((n, l) => n + l.length, 0);

@@ -56,21 +56,25 @@ describe('deploy/systemd: the hardened agent unit', () => {
     for (const t of temps) fs.rmSync(t, { recursive: true, force: true });
   });
 
-  it('runs the agent as the burrow system user with --config /etc/burrow-agent/agent.yaml, and the sysusers file creates that user', () => {
-    expect(one('ExecStart')).to.equal('/usr/local/bin/burrow-agent run --config /etc/burrow-agent/agent.yaml');
-    expect(one('User')).to.equal('burrow');
-    expect(one('Group')).to.equal('burrow');
-    const sysusers = fs
-      .readFileSync(path.join(DEPLOY, 'burrow-agent.sysusers'), 'utf8')
-      .split('\n')
-      .filter((l) => l.trim() && !l.startsWith('#'));
-    expect(sysusers).to.have.length(1);
-    expect(sysusers[0]!.split(/\s+/).slice(0, 3)).to.deep.equal(['u', 'burrow', '-']);
-    expect(sysusers[0]).to.contain('/var/lib/burrow-agent');
-    expect(one('StateDirectory')).to.equal('burrow-agent');
-    expect(one('StateDirectoryMode')).to.equal('0700');
-    expect(one('ConfigurationDirectory')).to.equal('burrow-agent');
-  });
+  it(
+    'runs the agent as the burrow system user with --config /etc/burrow-agent/agent.yaml, and the sysusers file ' +
+      'creates that user',
+    () => {
+      expect(one('ExecStart')).to.equal('/usr/local/bin/burrow-agent run --config /etc/burrow-agent/agent.yaml');
+      expect(one('User')).to.equal('burrow');
+      expect(one('Group')).to.equal('burrow');
+      const sysusers = fs
+        .readFileSync(path.join(DEPLOY, 'burrow-agent.sysusers'), 'utf8')
+        .split('\n')
+        .filter((l) => l.trim() && !l.startsWith('#'));
+      expect(sysusers).to.have.length(1);
+      expect(sysusers[0]!.split(/\s+/).slice(0, 3)).to.deep.equal(['u', 'burrow', '-']);
+      expect(sysusers[0]).to.contain('/var/lib/burrow-agent');
+      expect(one('StateDirectory')).to.equal('burrow-agent');
+      expect(one('StateDirectoryMode')).to.equal('0700');
+      expect(one('ConfigurationDirectory')).to.equal('burrow-agent');
+    },
+  );
 
   it('has every hardening key, an empty capability set, and no MemoryDenyWriteExecute', () => {
     const expected: Record<string, string> = {
@@ -97,66 +101,77 @@ describe('deploy/systemd: the hardened agent unit', () => {
     expect(service.has('MemoryDenyWriteExecute'), 'MemoryDenyWriteExecute breaks V8 and WebAssembly').to.equal(false);
   });
 
-  it('restarts on failure and stops with SIGTERM, waiting longer than the drain timeout (default and example config)', () => {
-    expect(one('Restart')).to.equal('on-failure');
-    expect(one('KillSignal')).to.equal('SIGTERM');
-    const stopMs = parseDurationMs('TimeoutStopSec', one('TimeoutStopSec'));
-    expect(stopMs).to.be.above(AGENT_DEFAULTS.drainTimeoutMs);
-    const example = fs.readFileSync(path.join(DEPLOY, 'agent.yaml.example'), 'utf8');
-    const drain = /^drain-timeout: (\S+)$/m.exec(example);
-    expect(drain, 'drain-timeout in agent.yaml.example').to.not.equal(null);
-    expect(stopMs).to.be.above(parseDurationMs('drain-timeout', drain![1]));
-  });
+  it(
+    'restarts on failure and stops with SIGTERM, waiting ' +
+      'longer than the drain timeout (default and example config)',
+    () => {
+      expect(one('Restart')).to.equal('on-failure');
+      expect(one('KillSignal')).to.equal('SIGTERM');
+      const stopMs = parseDurationMs('TimeoutStopSec', one('TimeoutStopSec'));
+      expect(stopMs).to.be.above(AGENT_DEFAULTS.drainTimeoutMs);
+      const example = fs.readFileSync(path.join(DEPLOY, 'agent.yaml.example'), 'utf8');
+      const drain = /^drain-timeout: (\S+)$/m.exec(example);
+      expect(drain, 'drain-timeout in agent.yaml.example').to.not.equal(null);
+      expect(stopMs).to.be.above(parseDurationMs('drain-timeout', drain![1]));
+    },
+  );
 
-  it('agent.yaml.example is a configuration the agent starts with (state-dir, broker and admin port overridden for the test)', async function () {
-    this.timeout(60_000);
-    const pki = await PkiFixture.create();
-    temps.push(pki.root);
-    const state = await pki.issue('agent', 'example-site');
-    try {
-      const agent = new BurrowProcess('agent-example', AGENT_CLI, [
-        'run',
-        '--config',
-        path.join(DEPLOY, 'agent.yaml.example'),
-        '--state-dir',
-        path.dirname(state.cert),
-        '--broker',
-        '127.0.0.1:1',
-        '--admin-listen',
-        '127.0.0.1:0',
-      ]);
-      const started = await agent.waitForLog('agent started');
-      expect(started).to.include({ agentId: 'example-site', upstreams: 1 });
-      agent.signal('SIGTERM');
-      expect(await agent.waitExit()).to.deep.equal({ code: 0, signal: null });
-    } finally {
-      await killAll();
-    }
-    expect(liveProcessCount()).to.equal(0);
-  });
+  it(
+    'agent.yaml.example is a configuration the agent starts with ' +
+      '(state-dir, broker and admin port overridden for the test)',
+    async function () {
+      this.timeout(60_000);
+      const pki = await PkiFixture.create();
+      temps.push(pki.root);
+      const state = await pki.issue('agent', 'example-site');
+      try {
+        const agent = new BurrowProcess('agent-example', AGENT_CLI, [
+          'run',
+          '--config',
+          path.join(DEPLOY, 'agent.yaml.example'),
+          '--state-dir',
+          path.dirname(state.cert),
+          '--broker',
+          '127.0.0.1:1',
+          '--admin-listen',
+          '127.0.0.1:0',
+        ]);
+        const started = await agent.waitForLog('agent started');
+        expect(started).to.include({ agentId: 'example-site', upstreams: 1 });
+        agent.signal('SIGTERM');
+        expect(await agent.waitExit()).to.deep.equal({ code: 0, signal: null });
+      } finally {
+        await killAll();
+      }
+      expect(liveProcessCount()).to.equal(0);
+    },
+  );
 
-  it('systemd-analyze verify accepts the unit without a single warning (and does flag a misspelt key)', async function () {
-    if (!hasCommand('systemd-analyze')) this.skip();
-    const systemUnits = ['/usr/lib/systemd/system', '/lib/systemd/system'].find((d) =>
-      fs.existsSync(path.join(d, 'sysinit.target')),
-    );
-    if (!systemUnits) this.skip();
-    // An offline root: systemd's own units (for the default dependencies), the unit, and an
-    // executable where ExecStart= expects the agent (verify checks that it exists).
-    const root = makeTempDir('burrow-unit-root-');
-    temps.push(root);
-    fs.cpSync(systemUnits!, path.join(root, 'usr', 'lib', 'systemd', 'system'), { recursive: true });
-    fs.mkdirSync(path.join(root, 'usr', 'local', 'bin'), { recursive: true });
-    fs.copyFileSync('/bin/true', path.join(root, 'usr', 'local', 'bin', 'burrow-agent'));
-    const installed = path.join(root, 'etc', 'systemd', 'system', 'burrow-agent.service');
-    fs.mkdirSync(path.dirname(installed), { recursive: true });
-    fs.copyFileSync(UNIT, installed);
-    const ok = await run('systemd-analyze', ['verify', `--root=${root}`, 'burrow-agent.service']);
-    expect(ok, `${ok.stdout}${ok.stderr}`).to.deep.equal({ code: 0, stdout: '', stderr: '' });
-    fs.writeFileSync(installed, fs.readFileSync(UNIT, 'utf8').replace('NoNewPrivileges=', 'NoNewPrivilege='));
-    const typo = await run('systemd-analyze', ['verify', `--root=${root}`, 'burrow-agent.service']);
-    expect(typo.stderr).to.contain("Unknown key 'NoNewPrivilege'");
-  });
+  it(
+    'systemd-analyze verify accepts the unit without ' + 'a single warning (and does flag a misspelt key)',
+    async function () {
+      if (!hasCommand('systemd-analyze')) this.skip();
+      const systemUnits = ['/usr/lib/systemd/system', '/lib/systemd/system'].find((d) =>
+        fs.existsSync(path.join(d, 'sysinit.target')),
+      );
+      if (!systemUnits) this.skip();
+      // An offline root: systemd's own units (for the default dependencies), the unit, and an
+      // executable where ExecStart= expects the agent (verify checks that it exists).
+      const root = makeTempDir('burrow-unit-root-');
+      temps.push(root);
+      fs.cpSync(systemUnits!, path.join(root, 'usr', 'lib', 'systemd', 'system'), { recursive: true });
+      fs.mkdirSync(path.join(root, 'usr', 'local', 'bin'), { recursive: true });
+      fs.copyFileSync('/bin/true', path.join(root, 'usr', 'local', 'bin', 'burrow-agent'));
+      const installed = path.join(root, 'etc', 'systemd', 'system', 'burrow-agent.service');
+      fs.mkdirSync(path.dirname(installed), { recursive: true });
+      fs.copyFileSync(UNIT, installed);
+      const ok = await run('systemd-analyze', ['verify', `--root=${root}`, 'burrow-agent.service']);
+      expect(ok, `${ok.stdout}${ok.stderr}`).to.deep.equal({ code: 0, stdout: '', stderr: '' });
+      fs.writeFileSync(installed, fs.readFileSync(UNIT, 'utf8').replace('NoNewPrivileges=', 'NoNewPrivilege='));
+      const typo = await run('systemd-analyze', ['verify', `--root=${root}`, 'burrow-agent.service']);
+      expect(typo.stderr).to.contain("Unknown key 'NoNewPrivilege'");
+    },
+  );
 
   it("systemd-analyze security rates the unit's exposure 2.0 or lower", async function () {
     if (!hasCommand('systemd-analyze')) this.skip();
@@ -167,18 +182,23 @@ describe('deploy/systemd: the hardened agent unit', () => {
     expect(Number(m![1])).to.be.at.most(2.0);
   });
 
-  it("MemoryDenyWriteExecute would break the agent: Node aborts under the kernel's equivalent, and --jitless loses WebAssembly", async function () {
-    // PR_SET_MDWE (Linux 6.3+) through python3's ctypes; skipped where either is missing.
-    if (!hasCommand('python3')) this.skip();
-    const mdwe =
-      'import ctypes,os,sys\nlibc=ctypes.CDLL(None,use_errno=True)\nif libc.prctl(65,1,0,0,0)!=0: sys.exit(77)\nos.execv(sys.argv[1],sys.argv[1:])';
-    const underMdwe = (args: string[]): ReturnType<typeof spawnSync> =>
-      spawnSync('python3', ['-c', mdwe, process.execPath, ...args], { encoding: 'utf8', timeout: 60_000 });
-    const plain = underMdwe(['-e', 'console.log(1 + 1)']);
-    if (plain.status === 77) this.skip(); // kernel without PR_SET_MDWE
-    expect(plain.status, String(plain.stdout)).to.not.equal(0);
-    expect(String(plain.stderr)).to.contain('SetPermissions');
-    const jitless = underMdwe(['--jitless', '-p', 'typeof WebAssembly']);
-    expect(String(jitless.stdout).trim()).to.equal('undefined');
-  });
+  it(
+    "MemoryDenyWriteExecute would break the agent: Node aborts under the kernel's equivalent, and --jitless loses " +
+      'WebAssembly',
+    async function () {
+      // PR_SET_MDWE (Linux 6.3+) through python3's ctypes; skipped where either is missing.
+      if (!hasCommand('python3')) this.skip();
+      const mdwe =
+        'import ctypes,os,sys\nlibc=ctypes.CDLL(None,use_errno=True)\nif libc.prctl(65,1,0,0,0)!=0: ' +
+        'sys.exit(77)\nos.execv(sys.argv[1],sys.argv[1:])';
+      const underMdwe = (args: string[]): ReturnType<typeof spawnSync> =>
+        spawnSync('python3', ['-c', mdwe, process.execPath, ...args], { encoding: 'utf8', timeout: 60_000 });
+      const plain = underMdwe(['-e', 'console.log(1 + 1)']);
+      if (plain.status === 77) this.skip(); // kernel without PR_SET_MDWE
+      expect(plain.status, String(plain.stdout)).to.not.equal(0);
+      expect(String(plain.stderr)).to.contain('SetPermissions');
+      const jitless = underMdwe(['--jitless', '-p', 'typeof WebAssembly']);
+      expect(String(jitless.stdout).trim()).to.equal('undefined');
+    },
+  );
 });

@@ -81,69 +81,73 @@ describe('two brokers on one host (issue 13 item 8)', function () {
     return proc;
   }
 
-  it('each broker gets its own id, the agent a tunnel to each, and calls resume through one after kill -9 of the other', async () => {
-    const [a1, a2, a3, a4, b1, b2, b3, b4] = await freePorts(8);
-    const a = await broker('broker-a', { agent: a1!, api: a2!, peer: a3!, admin: a4! });
-    await broker('broker-b', { agent: b1!, api: b2!, peer: b3!, admin: b4! });
-    const idOf = async (port: number): Promise<string> =>
-      (await getJson<{ brokerId: string }>(`http://127.0.0.1:${port}/status`)).brokerId;
-    const [idA, idB] = [await idOf(a4!), await idOf(b4!)];
-    console.log(`      broker ids: ${idA}, ${idB}`);
+  it(
+    'each broker gets its own id, the agent a tunnel to each, ' +
+      'and calls resume through one after kill -9 of the other',
+    async () => {
+      const [a1, a2, a3, a4, b1, b2, b3, b4] = await freePorts(8);
+      const a = await broker('broker-a', { agent: a1!, api: a2!, peer: a3!, admin: a4! });
+      await broker('broker-b', { agent: b1!, api: b2!, peer: b3!, admin: b4! });
+      const idOf = async (port: number): Promise<string> =>
+        (await getJson<{ brokerId: string }>(`http://127.0.0.1:${port}/status`)).brokerId;
+      const [idA, idB] = [await idOf(a4!), await idOf(b4!)];
+      console.log(`      broker ids: ${idA}, ${idB}`);
 
-    await startAgent([
-      '--broker',
-      `127.0.0.1:${a1}`,
-      '--tls-cert',
-      agentCert.cert,
-      '--tls-key',
-      agentCert.key,
-      '--ca',
-      agentCert.ca,
-      '--upstream',
-      `*=${echo.address}`,
-      '--broker-server-name',
-      'localhost',
-      '--reconnect-max',
-      '500ms',
-    ]);
-    const holds = async (adminPort: number): Promise<boolean> =>
-      (await getJson<AgentListing[]>(`http://127.0.0.1:${adminPort}/agents`)).some((x) => x.id === 'site-a');
-    await pollUntil(
-      'the agent connected to both brokers',
-      async () => (await holds(a4!)) && (await holds(b4!)),
-      15_000,
-    );
+      await startAgent([
+        '--broker',
+        `127.0.0.1:${a1}`,
+        '--tls-cert',
+        agentCert.cert,
+        '--tls-key',
+        agentCert.key,
+        '--ca',
+        agentCert.ca,
+        '--upstream',
+        `*=${echo.address}`,
+        '--broker-server-name',
+        'localhost',
+        '--reconnect-max',
+        '500ms',
+      ]);
+      const holds = async (adminPort: number): Promise<boolean> =>
+        (await getJson<AgentListing[]>(`http://127.0.0.1:${adminPort}/agents`)).some((x) => x.id === 'site-a');
+      await pollUntil(
+        'the agent connected to both brokers',
+        async () => (await holds(a4!)) && (await holds(b4!)),
+        15_000,
+      );
 
-    const caller = new RawClient(`127.0.0.1:${b2}`, mtlsCredentials(serviceCert));
-    clients.push(caller);
-    const md = (): Metadata => {
-      const m = new Metadata();
-      m.set('burrow-agent-id', 'site-a');
-      return m;
-    };
-    await caller.unary(ECHO.unary, Buffer.from('before'), md(), { deadline: Date.now() + 5_000 });
+      const caller = new RawClient(`127.0.0.1:${b2}`, mtlsCredentials(serviceCert));
+      clients.push(caller);
+      const md = (): Metadata => {
+        const m = new Metadata();
+        m.set('burrow-agent-id', 'site-a');
+        return m;
+      };
+      await caller.unary(ECHO.unary, Buffer.from('before'), md(), { deadline: Date.now() + 5_000 });
 
-    a.signal('SIGKILL');
-    await a.exited;
-    const killedMs = Date.now();
-    await pollUntil(
-      'a call through broker b reaches the agent',
-      async () => {
-        try {
-          const res = await caller.unary(ECHO.unary, Buffer.from('after'), md(), { deadline: Date.now() + 1_000 });
-          return res.response.toString() === 'after';
-        } catch {
-          return false;
-        }
-      },
-      10_000,
-    );
-    const resumedMs = Date.now() - killedMs;
-    console.log(`      calls through the surviving broker resumed ${resumedMs} ms after kill -9 of the other`);
-    expect(resumedMs).to.be.below(5_000);
-    expect(idA).to.not.equal(idB);
-    expect(idA).to.match(new RegExp(`-${a1}$`));
-  });
+      a.signal('SIGKILL');
+      await a.exited;
+      const killedMs = Date.now();
+      await pollUntil(
+        'a call through broker b reaches the agent',
+        async () => {
+          try {
+            const res = await caller.unary(ECHO.unary, Buffer.from('after'), md(), { deadline: Date.now() + 1_000 });
+            return res.response.toString() === 'after';
+          } catch {
+            return false;
+          }
+        },
+        10_000,
+      );
+      const resumedMs = Date.now() - killedMs;
+      console.log(`      calls through the surviving broker resumed ${resumedMs} ms after kill -9 of the other`);
+      expect(resumedMs).to.be.below(5_000);
+      expect(idA).to.not.equal(idB);
+      expect(idA).to.match(new RegExp(`-${a1}$`));
+    },
+  );
 
   it('a broker whose id is live in the directory at another address refuses to start, naming both', async () => {
     const [a1, a2, a3, a4, b1, b2, b3, b4] = await freePorts(8);

@@ -202,47 +202,52 @@ describe('unauthenticated floods on the agent listener (issue 13 item 5)', funct
     const after = usage(broker.pid);
     session.destroy();
     console.log(
-      `    rate-limited 16 MiB Enroll: status ${refused}, broker peak RSS +${(after.hwmMiB - before.hwmMiB).toFixed(0)} MiB`,
+      `    rate-limited 16 MiB Enroll: status ${refused}, broker peak RSS ` +
+        `+${(after.hwmMiB - before.hwmMiB).toFixed(0)} MiB`,
     );
     expect(refused).to.equal('8');
     expect(after.hwmMiB - before.hwmMiB, 'peak RSS growth, MiB').to.be.below(8);
   });
 
-  it('100 connections x 500 Enroll streams with no body: bounded memory, closed by the timeout, an agent still connects', async () => {
-    const before = usage(broker.pid);
-    const opened = await Promise.allSettled(Array.from({ length: 100 }, () => unauthenticatedSession(agentPort, ca)));
-    const sessions = opened.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
-    const streams = sessions.flatMap((s) => Array.from({ length: 500 }, () => enrollStream(s.session)));
-    // A ping answered means the broker has read every frame sent before it on that connection.
-    await Promise.all(
-      sessions.map(
-        (s) =>
-          new Promise<void>((resolve) => {
-            if (!s.session.ping(() => resolve())) resolve();
-          }),
-      ),
-    );
-    const held = usage(broker.pid);
-    const connectMs = await agentConnectMs();
-    const closedAt = Date.now();
-    await Promise.all(sessions.map((s) => s.closed));
-    const closeMs = Date.now() - closedAt;
-    const codes = await Promise.all(streams);
-    const counts = codes.reduce<Record<string, number>>((m, c) => {
-      m[c] = (m[c] ?? 0) + 1;
-      return m;
-    }, {});
-    console.log(
-      `    stream flood: ${sessions.length} of 100 connections admitted, streams ended` +
-        ` ${JSON.stringify(counts)}; broker RSS +${(held.rssMiB - before.rssMiB).toFixed(0)} MiB while held;` +
-        ` agent connected in ${connectMs} ms; the last flood connection closed ${closeMs} ms after that`,
-    );
-    expect(held.rssMiB - before.rssMiB, 'RSS growth while the flood is held, MiB').to.be.below(40);
-    expect(connectMs, 'agent connect time, ms').to.be.below(5_000);
-    expect(closeMs, 'flood connections closed by the unauthenticated timeout').to.be.below(
-      UNAUTHENTICATED_TIMEOUT_MS + 5_000,
-    );
-  });
+  it(
+    '100 connections x 500 Enroll streams with no body: bounded ' +
+      'memory, closed by the timeout, an agent still connects',
+    async () => {
+      const before = usage(broker.pid);
+      const opened = await Promise.allSettled(Array.from({ length: 100 }, () => unauthenticatedSession(agentPort, ca)));
+      const sessions = opened.flatMap((r) => (r.status === 'fulfilled' ? [r.value] : []));
+      const streams = sessions.flatMap((s) => Array.from({ length: 500 }, () => enrollStream(s.session)));
+      // A ping answered means the broker has read every frame sent before it on that connection.
+      await Promise.all(
+        sessions.map(
+          (s) =>
+            new Promise<void>((resolve) => {
+              if (!s.session.ping(() => resolve())) resolve();
+            }),
+        ),
+      );
+      const held = usage(broker.pid);
+      const connectMs = await agentConnectMs();
+      const closedAt = Date.now();
+      await Promise.all(sessions.map((s) => s.closed));
+      const closeMs = Date.now() - closedAt;
+      const codes = await Promise.all(streams);
+      const counts = codes.reduce<Record<string, number>>((m, c) => {
+        m[c] = (m[c] ?? 0) + 1;
+        return m;
+      }, {});
+      console.log(
+        `    stream flood: ${sessions.length} of 100 connections admitted, streams ended` +
+          ` ${JSON.stringify(counts)}; broker RSS +${(held.rssMiB - before.rssMiB).toFixed(0)} MiB while held;` +
+          ` agent connected in ${connectMs} ms; the last flood connection closed ${closeMs} ms after that`,
+      );
+      expect(held.rssMiB - before.rssMiB, 'RSS growth while the flood is held, MiB').to.be.below(40);
+      expect(connectMs, 'agent connect time, ms').to.be.below(5_000);
+      expect(closeMs, 'flood connections closed by the unauthenticated timeout').to.be.below(
+        UNAUTHENTICATED_TIMEOUT_MS + 5_000,
+      );
+    },
+  );
 
   it('50 connections that never send the HTTP/2 preface are closed by the unauthenticated timeout', async () => {
     const opened = Date.now();

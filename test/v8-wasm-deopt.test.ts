@@ -12,13 +12,16 @@ const ROOT = path.resolve(__dirname, '..', '..');
  * invalidating `decide`'s assumptions does under load. `prelude` runs first.
  */
 function reproduction(prelude: string): string {
-  return `${prelude}
+  return (
+    `${prelude}
 const cedar = require('@cedar-policy/cedar-wasm/nodejs');
 cedar.preparsePolicySet('p', { staticPolicies: { p0: 'permit(principal, action, resource);' } });
 let deoptNow = false;
 function request() {
-  const call = { principal: { type: 'User', id: 'a' }, action: { type: 'Action', id: 'view' }, resource: { type: 'Doc', id: 'd' }, context: {}, entities: [], preparsedPolicySetId: 'p' };
-  Object.defineProperty(call, 'validateRequest', { enumerable: true, get() { if (deoptNow) %DeoptimizeFunction(decide); return false; } });
+  const call = { principal: { type: 'User', id: 'a' }, action: { type: 'Action', id: 'view' }, ` +
+    `resource: { type: 'Doc', id: 'd' }, context: {}, entities: [], preparsedPolicySetId: 'p' };
+  Object.defineProperty(call, 'validateRequest', { enumerable: true, ` +
+    `get() { if (deoptNow) %DeoptimizeFunction(decide); return false; } });
   return call;
 }
 function decide(call) {
@@ -32,7 +35,8 @@ for (let i = 0; i < 20; i++) decide(request());
 decide(request());
 deoptNow = true;
 process.stdout.write(decide(request()));
-`;
+`
+  );
 }
 
 function runNode(

@@ -96,69 +96,83 @@ describe('version skew between agent and broker', () => {
     await stack?.stop();
   });
 
-  describe(`an agent one version older than the broker (agent ${list([OLDER])}, broker ${list(PROTOCOL_VERSIONS)})`, () => {
-    it('is refused with FAILED_PRECONDITION naming both lists: no Welcome, not registered, counted, not a protocol error', async () => {
-      const refusedBefore = await counterTotal(stack.broker.metrics.rejectedHandshakes, {
-        listener: 'agent',
-        reason: 'protocol_version',
-      });
-      const protocolErrorsBefore = await counterTotal(stack.broker.metrics.protocolErrors);
-      const session = rawAgent().session();
-      session.hello({ protocolVersions: [OLDER], agentVersion: 'raw-agent/old' });
-      const st = await session.ended();
-      expect(st.code).to.equal(Status.FAILED_PRECONDITION);
-      expect(st.details).to.equal(
-        `no common protocol version: agent speaks ${list([OLDER])}, broker speaks ${list(PROTOCOL_VERSIONS)}`,
+  describe(
+    `an agent one version older than the broker (agent ${list([OLDER])}, ` + `broker ${list(PROTOCOL_VERSIONS)})`,
+    () => {
+      it(
+        'is refused with FAILED_PRECONDITION naming both lists: ' +
+          'no Welcome, not registered, counted, not a protocol error',
+        async () => {
+          const refusedBefore = await counterTotal(stack.broker.metrics.rejectedHandshakes, {
+            listener: 'agent',
+            reason: 'protocol_version',
+          });
+          const protocolErrorsBefore = await counterTotal(stack.broker.metrics.protocolErrors);
+          const session = rawAgent().session();
+          session.hello({ protocolVersions: [OLDER], agentVersion: 'raw-agent/old' });
+          const st = await session.ended();
+          expect(st.code).to.equal(Status.FAILED_PRECONDITION);
+          expect(st.details).to.equal(
+            `no common protocol version: agent speaks ${list([OLDER])}, broker speaks ${list(PROTOCOL_VERSIONS)}`,
+          );
+          expect(session.received).to.have.length(0);
+          expect(stack.broker.registry.counts()).to.deep.include({ agents: 0, sessions: 0 });
+          expect(
+            await counterTotal(stack.broker.metrics.rejectedHandshakes, {
+              listener: 'agent',
+              reason: 'protocol_version',
+            }),
+          ).to.equal(refusedBefore + 1);
+          expect(await counterTotal(stack.broker.metrics.protocolErrors)).to.equal(protocolErrorsBefore);
+          // A caller asking for that agent learns it is not connected.
+          const err = await stack.caller
+            .unary(ECHO.unary, Buffer.from('x'), stack.md(), { deadline: Date.now() + 500 })
+            .then(
+              () => undefined,
+              (e: ServiceError) => e,
+            );
+          expect(err?.code).to.be.oneOf([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED]);
+        },
       );
-      expect(session.received).to.have.length(0);
-      expect(stack.broker.registry.counts()).to.deep.include({ agents: 0, sessions: 0 });
-      expect(
-        await counterTotal(stack.broker.metrics.rejectedHandshakes, { listener: 'agent', reason: 'protocol_version' }),
-      ).to.equal(refusedBefore + 1);
-      expect(await counterTotal(stack.broker.metrics.protocolErrors)).to.equal(protocolErrorsBefore);
-      // A caller asking for that agent learns it is not connected.
-      const err = await stack.caller
-        .unary(ECHO.unary, Buffer.from('x'), stack.md(), { deadline: Date.now() + 500 })
-        .then(
-          () => undefined,
-          (e: ServiceError) => e,
-        );
-      expect(err?.code).to.be.oneOf([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED]);
-    });
 
-    it('an agent that also speaks the current version is welcomed in it', async () => {
-      const session = rawAgent().session();
-      session.hello({ protocolVersions: [OLDER, ...PROTOCOL_VERSIONS] });
-      expect((await session.welcome()).protocolVersion).to.equal(NEWEST);
-      session.end();
-      await session.ended();
-    });
-  });
+      it('an agent that also speaks the current version is welcomed in it', async () => {
+        const session = rawAgent().session();
+        session.hello({ protocolVersions: [OLDER, ...PROTOCOL_VERSIONS] });
+        expect((await session.welcome()).protocolVersion).to.equal(NEWEST);
+        session.end();
+        await session.ended();
+      });
+    },
+  );
 
   describe(`an agent one version newer than the broker (agent ${list([...PROTOCOL_VERSIONS, NEWER])})`, () => {
     for (const versions of [
       [...PROTOCOL_VERSIONS, NEWER],
       [NEWER, ...PROTOCOL_VERSIONS],
     ]) {
-      it(`offering ${list(versions)}: welcomed in ${NEWEST}, the highest common version, and carries a caller's call in it`, async () => {
-        const agent = rawAgent();
-        const session = agent.session();
-        session.hello({ protocolVersions: versions, agentVersion: 'raw-agent/new' });
-        const welcome = await session.welcome();
-        expect(welcome.protocolVersion).to.equal(NEWEST);
-        expect(stack.broker.registry.summaries()[0]!.sessions[0]).to.deep.include({
-          protocolVersion: NEWEST,
-          agentVersion: 'raw-agent/new',
-        });
-        const offer = agent.offer(welcome.sessionId);
-        const [res] = await Promise.all([
-          stack.caller.unary(ECHO.unary, Buffer.from('spoken in the older version'), stack.md()),
-          offer.answerEcho(),
-        ]);
-        expect(res.response.toString()).to.equal('spoken in the older version');
-        session.end();
-        await session.ended();
-      });
+      it(
+        `offering ${list(versions)}: welcomed in ${NEWEST}, the ` +
+          `highest common version, and carries a caller's call in it`,
+        async () => {
+          const agent = rawAgent();
+          const session = agent.session();
+          session.hello({ protocolVersions: versions, agentVersion: 'raw-agent/new' });
+          const welcome = await session.welcome();
+          expect(welcome.protocolVersion).to.equal(NEWEST);
+          expect(stack.broker.registry.summaries()[0]!.sessions[0]).to.deep.include({
+            protocolVersion: NEWEST,
+            agentVersion: 'raw-agent/new',
+          });
+          const offer = agent.offer(welcome.sessionId);
+          const [res] = await Promise.all([
+            stack.caller.unary(ECHO.unary, Buffer.from('spoken in the older version'), stack.md()),
+            offer.answerEcho(),
+          ]);
+          expect(res.response.toString()).to.equal('spoken in the older version');
+          session.end();
+          await session.ended();
+        },
+      );
     }
 
     it(`an agent that speaks only ${list([NEWER])} is refused with FAILED_PRECONDITION naming both lists`, async () => {
@@ -171,20 +185,24 @@ describe('version skew between agent and broker', () => {
       );
     });
 
-    it('a Hello listing a version 300,000 times is a protocol error with a short message, and the broker serves the next session', async () => {
-      const session = rawAgent().session();
-      session.hello({ protocolVersions: new Array<number>(300_000).fill(NEWER) });
-      const st = await session.ended();
-      // Past the 64 KiB session frame limit: refused from its length, before it is read.
-      expect(st.code).to.equal(Status.INTERNAL);
-      expect(st.details.length).to.be.below(300);
-      expect(st.details).to.match(/^tunnel protocol error: session frame of \d+ bytes; at most 65536 allowed$/);
-      const ok = rawAgent().session();
-      ok.hello({ protocolVersions: [NEWER, NEWEST, NEWER] });
-      expect((await ok.welcome()).protocolVersion).to.equal(NEWEST);
-      ok.end();
-      await ok.ended();
-    });
+    it(
+      'a Hello listing a version 300,000 times is a protocol error with a short message, and the broker serves ' +
+        'the next session',
+      async () => {
+        const session = rawAgent().session();
+        session.hello({ protocolVersions: new Array<number>(300_000).fill(NEWER) });
+        const st = await session.ended();
+        // Past the 64 KiB session frame limit: refused from its length, before it is read.
+        expect(st.code).to.equal(Status.INTERNAL);
+        expect(st.details.length).to.be.below(300);
+        expect(st.details).to.match(/^tunnel protocol error: session frame of \d+ bytes; at most 65536 allowed$/);
+        const ok = rawAgent().session();
+        ok.hello({ protocolVersions: [NEWER, NEWEST, NEWER] });
+        expect((await ok.welcome()).protocolVersion).to.equal(NEWEST);
+        ok.end();
+        await ok.ended();
+      },
+    );
   });
 });
 
@@ -221,7 +239,9 @@ async function brokerDouble(
           if (version === undefined) {
             call.emit('error', {
               code: Status.FAILED_PRECONDITION,
-              details: `no common protocol version: agent speaks ${list(frame.hello.protocolVersions)}, broker speaks ${list(versions)}`,
+              details:
+                `no common protocol version: agent speaks ${list(frame.hello.protocolVersions)}, broker ` +
+                `speaks ${list(versions)}`,
             });
           } else {
             call.write(
@@ -303,38 +323,46 @@ describe('version skew: the real agent against broker doubles', () => {
     return { agent, records };
   }
 
-  it(`a broker one version newer (${list([...PROTOCOL_VERSIONS, NEWER])}): the agent offers exactly its versions, is welcomed in ${NEWEST} and opens its pool`, async () => {
-    const double = await brokerDouble(stack, [...PROTOCOL_VERSIONS, NEWER]);
-    cleanups.push(double.stop);
-    const { agent, records } = await agentAgainst(double.address);
-    await agent.waitConnected();
-    expect(double.hellos[0]).to.deep.equal({
-      protocolVersions: [...PROTOCOL_VERSIONS],
-      agentVersion: 'test-agent/1',
-      minIdleOffers: 2,
-    });
-    expect(records.find((r) => r.message === 'tunnel session established')).to.include({
-      protocolVersion: NEWEST,
-      brokerId: 'double',
-    });
-    while (double.offers < 2) await once(double.events, 'offer');
-  });
+  it(
+    `a broker one version newer (${list([...PROTOCOL_VERSIONS, NEWER])}): the agent offers exactly its versions, ` +
+      `is welcomed in ${NEWEST} and opens its pool`,
+    async () => {
+      const double = await brokerDouble(stack, [...PROTOCOL_VERSIONS, NEWER]);
+      cleanups.push(double.stop);
+      const { agent, records } = await agentAgainst(double.address);
+      await agent.waitConnected();
+      expect(double.hellos[0]).to.deep.equal({
+        protocolVersions: [...PROTOCOL_VERSIONS],
+        agentVersion: 'test-agent/1',
+        minIdleOffers: 2,
+      });
+      expect(records.find((r) => r.message === 'tunnel session established')).to.include({
+        protocolVersion: NEWEST,
+        brokerId: 'double',
+      });
+      while (double.offers < 2) await once(double.events, 'offer');
+    },
+  );
 
-  it(`a broker one version older (${list([OLDER])}): the agent logs the refusal naming both lists, is not connected, and keeps retrying`, async () => {
-    const double = await brokerDouble(stack, [OLDER]);
-    cleanups.push(double.stop);
-    const { agent, records } = await agentAgainst(double.address);
-    await double.hellosReached(3);
-    const failures = records.filter((r) => r.message === 'cannot establish tunnel session');
-    expect(failures.length).to.be.at.least(2);
-    expect(failures[0]!.error).to.equal(
-      `no common protocol version: agent speaks ${list(PROTOCOL_VERSIONS)}, broker speaks ${list([OLDER])}`,
-    );
-    expect(String(failures[0]!.hint)).to.match(/upgrade/);
-    expect(await counterTotal(agent.metrics.connects, { result: 'failed' })).to.be.at.least(2);
-    expect(await counterTotal(agent.metrics.connectedBrokers)).to.equal(0);
-    expect(double.offers).to.equal(0);
-  });
+  it(
+    `a broker one version older (${list([OLDER])}): the agent logs the refusal naming both lists, is not ` +
+      `connected, and keeps retrying`,
+    async () => {
+      const double = await brokerDouble(stack, [OLDER]);
+      cleanups.push(double.stop);
+      const { agent, records } = await agentAgainst(double.address);
+      await double.hellosReached(3);
+      const failures = records.filter((r) => r.message === 'cannot establish tunnel session');
+      expect(failures.length).to.be.at.least(2);
+      expect(failures[0]!.error).to.equal(
+        `no common protocol version: agent speaks ${list(PROTOCOL_VERSIONS)}, broker speaks ${list([OLDER])}`,
+      );
+      expect(String(failures[0]!.hint)).to.match(/upgrade/);
+      expect(await counterTotal(agent.metrics.connects, { result: 'failed' })).to.be.at.least(2);
+      expect(await counterTotal(agent.metrics.connectedBrokers)).to.equal(0);
+      expect(double.offers).to.equal(0);
+    },
+  );
 
   const cases: [string, number, SessionFrame, string][] = [
     [
@@ -362,16 +390,20 @@ describe('version skew: the real agent against broker doubles', () => {
     });
   }
 
-  it(`a broker that picks a version the agent did not offer (${NEWER}): a protocol error, no offers, and the agent retries`, async () => {
-    const double = await brokerDouble(stack, [NEWER], NEWER);
-    cleanups.push(double.stop);
-    const { agent, records } = await agentAgainst(double.address);
-    await double.hellosReached(2);
-    const failure = records.find((r) => r.message === 'cannot establish tunnel session');
-    expect(String(failure?.error)).to.contain(
-      `broker chose protocol version ${NEWER}, which this agent does not speak`,
-    );
-    expect(await counterTotal(agent.metrics.connectedBrokers)).to.equal(0);
-    expect(double.offers).to.equal(0);
-  });
+  it(
+    `a broker that picks a version the agent did not offer ` +
+      `(${NEWER}): a protocol error, no offers, and the agent retries`,
+    async () => {
+      const double = await brokerDouble(stack, [NEWER], NEWER);
+      cleanups.push(double.stop);
+      const { agent, records } = await agentAgainst(double.address);
+      await double.hellosReached(2);
+      const failure = records.find((r) => r.message === 'cannot establish tunnel session');
+      expect(String(failure?.error)).to.contain(
+        `broker chose protocol version ${NEWER}, which this agent does not speak`,
+      );
+      expect(await counterTotal(agent.metrics.connectedBrokers)).to.equal(0);
+      expect(double.offers).to.equal(0);
+    },
+  );
 });

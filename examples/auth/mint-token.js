@@ -20,9 +20,11 @@
 const fs = require('node:fs');
 const path = require('node:path');
 
-const USAGE = `usage:
+const USAGE =
+  `usage:
   mint-token.js keys --out DIR
-  mint-token.js sign --key FILE --iss ISS --aud AUD --sub SUB [--groups a,b] [--exp 10m] [--nbf 0s] [--claim name=value ...]`;
+  mint-token.js sign --key FILE --iss ISS --aud AUD --sub SUB ` +
+  '[--groups a,b] [--exp 10m] [--nbf 0s] [--claim name=value ...]';
 
 function fail(message) {
   process.stderr.write(`mint-token: ${message}\n`);
@@ -83,7 +85,8 @@ async function makeKeys(jose, flags) {
   }
   fs.writeFileSync(path.join(out, 'jwks.json'), `${JSON.stringify({ keys: publicKeys }, null, 2)}\n`);
   process.stdout.write(
-    `wrote ${path.join(out, 'jwks.json')} (public), ${path.join(out, 'signing-key.jwk')} (ES256, private) and ${path.join(out, 'signing-key-rs256.jwk')} (RS256, private)\n`,
+    `wrote ${path.join(out, 'jwks.json')} (public), ${path.join(out, 'signing-key.jwk')} (ES256, private) ` +
+      `and ${path.join(out, 'signing-key-rs256.jwk')} (RS256, private)\n`,
   );
 }
 

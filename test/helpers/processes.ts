@@ -67,7 +67,10 @@ export class BurrowProcess {
   private partial = '';
   private readonly lineWatchers = new Set<() => void>();
 
-  /** `stdin`: text written to the process's stdin, which is then closed (default: no stdin). `exe`: run a standalone executable instead of `node cli`. */
+  /**
+   * `stdin`: text written to the process's stdin, which is then closed (default: no stdin). `exe`: run a standalone
+   * executable instead of `node cli`.
+   */
   constructor(
     readonly name: string,
     cli: string,
@@ -145,7 +148,8 @@ export class BurrowProcess {
           cleanup();
           reject(
             new Error(
-              `${this.name} exited (${JSON.stringify(this.exit)}) before logging "${message}"; stderr:\n${this.stderrTail()}`,
+              `${this.name} exited (${JSON.stringify(this.exit)}) before logging "${message}"; ` +
+                `stderr:\n${this.stderrTail()}`,
             ),
           );
         }
@@ -364,7 +368,8 @@ export async function pollUntil<T>(
     }
     if (Date.now() >= deadline)
       throw new Error(
-        `timed out after ${timeoutMs} ms waiting for ${what} (last: ${last instanceof Error ? last.message : JSON.stringify(last)})`,
+        `timed out after ${timeoutMs} ms waiting for ${what} ` +
+          `(last: ${last instanceof Error ? last.message : JSON.stringify(last)})`,
       );
     await new Promise((resolve) => setTimeout(resolve, intervalMs));
   }

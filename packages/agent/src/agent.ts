@@ -497,10 +497,12 @@ export class Agent {
             'no session was opened'
           : /certificate|PERMISSION_DENIED|no valid client certificate/i.test(message) ||
               (err as { code?: number }).code === Status.PERMISSION_DENIED
-            ? 'if this agent was offline through a CA rotation or past its certificate expiry, enroll again with a new join token (burrow-agent enroll --state-dir ...)'
+            ? 'if this agent was offline through a CA rotation or past its certificate expiry, enroll again with ' +
+              'a new join token (burrow-agent enroll --state-dir ...)'
             : /protocol version/.test(message)
               ? // Retrying is still right: the broker (or this agent) may be upgraded while we wait.
-                'this agent and the broker share no tunnel protocol version; upgrade the older one (burrow-agent --version and the broker log show the versions)'
+                'this agent and the broker share no tunnel protocol version; upgrade the older one ' +
+                '(burrow-agent --version and the broker log show the versions)'
               : undefined;
         this.logger.warn('cannot establish tunnel session', {
           broker: address,

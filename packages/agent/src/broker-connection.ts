@@ -151,7 +151,8 @@ export class BrokerConnection extends EventEmitter {
             );
           if (frame.kind === 'brokers' && this.welcome!.protocolVersion < REPLICA_SET_VERSION)
             throw new ProtocolError(
-              `brokers frame on a session of protocol version ${this.welcome!.protocolVersion} (it needs ${REPLICA_SET_VERSION})`,
+              `brokers frame on a session of protocol version ${this.welcome!.protocolVersion} (it ` +
+                `needs ${REPLICA_SET_VERSION})`,
             );
         } catch (err) {
           const e = toBurrowError(err);

@@ -98,7 +98,8 @@ export class BuiltinServices {
     if (!verifier)
       throw new BurrowError(
         Status.FAILED_PRECONDITION,
-        'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url, or route burrow.auth.v1.AuthenticationService to an upstream',
+        'this agent verifies no tokens: start it with --jwks, --jwks-url or --introspection-url, or route ' +
+          'burrow.auth.v1.AuthenticationService to an upstream',
       );
     const req = API_CODECS.authenticateRequest.decode(request);
     let result: Awaited<ReturnType<typeof verifier.authenticate>>;
@@ -122,7 +123,8 @@ export class BuiltinServices {
     if (!engine)
       throw new BurrowError(
         Status.FAILED_PRECONDITION,
-        'this agent has no policies: start it with --policies DIR (and --entities FILE), or route burrow.policy.v1.PolicyDecisionService to an upstream',
+        'this agent has no policies: start it with --policies DIR (and --entities FILE), or route ' +
+          'burrow.policy.v1.PolicyDecisionService to an upstream',
       );
     const codecs =
       kind === 'evaluate'

@@ -109,7 +109,9 @@ export class CertificateRenewer {
     const now = this.deps.clock.now();
     if (notAfterMs <= now) {
       this.deps.logger.error(
-        `agent certificate expired at ${new Date(notAfterMs).toISOString()} and can no longer renew; enroll again with a new join token: burrow-agent enroll --broker HOST:PORT --token TOKEN --state-dir DIR (the running agent picks the new certificate up)`,
+        `agent certificate expired at ${new Date(notAfterMs).toISOString()} and can no longer renew; enroll ` +
+          `again with a new join token: burrow-agent enroll --broker HOST:PORT --token TOKEN --state-dir DIR (the ` +
+          `running agent picks the new certificate up)`,
       );
       return;
     }

@@ -40,7 +40,8 @@ const RUN_OPTIONS = {
     type: 'string',
     array: true,
     describe:
-      'HOST:PORT of a broker agent listener (repeatable: one tunnel to each; a name gets one tunnel per address it resolves to)',
+      'HOST:PORT of a broker agent listener (repeatable: one tunnel to each; a name gets one tunnel per address ' +
+      'it resolves to)',
   },
   'max-brokers': {
     type: 'number',
@@ -191,7 +192,8 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
   if (stateDir && !args['tls-cert'] && !existsSync(files!.cert)) {
     throw new ConfigError(
       'state-dir',
-      `${stateDir} holds no certificate; run burrow-agent enroll --broker HOST:PORT --token TOKEN --state-dir ${stateDir} first`,
+      `${stateDir} holds no certificate; run burrow-agent enroll --broker HOST:PORT --token TOKEN ` +
+        `--state-dir ${stateDir} first`,
     );
   }
   const tlsCertFile = requireReadableFile('tls-cert', args['tls-cert'] ?? files?.cert);
@@ -306,7 +308,8 @@ async function runEnroll(args: Args): Promise<void> {
       notice: (line) => process.stderr.write(`${PROG}: enroll: ${line}\n`),
     });
     process.stdout.write(
-      `enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run --broker ${broker} --state-dir ${String(args['state-dir'])}\n`,
+      `enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run ` +
+        `--broker ${broker} --state-dir ${String(args['state-dir'])}\n`,
     );
     process.exit(0);
   } catch (err) {
@@ -340,7 +343,8 @@ async function runSelfCheck(): Promise<void> {
   try {
     const r = await selfCheck();
     process.stdout.write(
-      `self-check ok: single executable ${r.singleExecutable ? 'yes' : 'no'}; ${r.protos.length} protos (${r.protos.join(', ')}); cedar ${r.cedarVersion} allow/deny; jose ${r.joseAlgorithm} sign/verify\n`,
+      `self-check ok: single executable ${r.singleExecutable ? 'yes' : 'no'}; ${r.protos.length} protos ` +
+        `(${r.protos.join(', ')}); cedar ${r.cedarVersion} allow/deny; jose ${r.joseAlgorithm} sign/verify\n`,
     );
     process.exit(0);
   } catch (err) {

@@ -153,13 +153,15 @@ export function policyCommand(
       p
         .command(
           'check',
-          'parse and validate the policy set: prints "ok: N policies, M entities", or every error as file:line:column and exits 1',
+          'parse and validate the policy set: prints "ok: N policies, M entities", or every error as ' +
+            'file:line:column and exits 1',
           (c) => withConfig(c.options(POLICY_SOURCE_OPTIONS), Object.keys(POLICY_SOURCE_OPTIONS)),
           handle(runPolicyCheck),
         )
         .command(
           'eval',
-          'evaluate one AuthZEN request (or an evaluations batch) read as JSON from stdin and print the AuthZEN response; exit 0 for allow and deny, 2 for invalid input',
+          'evaluate one AuthZEN request (or an evaluations batch) read as JSON from stdin and print the AuthZEN ' +
+            'response; exit 0 for allow and deny, 2 for invalid input',
           (c) => withConfig(c.options(POLICY_EVAL_OPTIONS), Object.keys(POLICY_EVAL_OPTIONS)),
           handle(runPolicyEval),
         )

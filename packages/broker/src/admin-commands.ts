@@ -127,10 +127,13 @@ function showText(a: AgentDetail, nowMs: number): string {
 }
 
 function disconnectText(r: DisconnectResult): string {
-  const what = `disconnected agent "${r.agentId}": closed ${r.sessionsClosed} session(s), failed ${r.callsAborted} call(s) in flight (reason: ${r.reason})`;
+  const what =
+    `disconnected agent "${r.agentId}": closed ${r.sessionsClosed} session(s), failed ${r.callsAborted} call(s) ` +
+    `in flight (reason: ${r.reason})`;
   const next = r.revoked
     ? 'Its certificate is revoked: it will not reconnect.'
-    : `The agent will reconnect after its backoff unless its certificate is revoked (burrow-pki revoke --agent-id ${r.agentId}).`;
+    : `The agent will reconnect after its backoff unless its certificate is revoked (burrow-pki revoke ` +
+      `--agent-id ${r.agentId}).`;
   return `${what}\n${next}\n`;
 }
 
@@ -151,7 +154,8 @@ function statusText(s: BrokerStatus): string {
     ['idle streams', s.idleStreams],
     [
       'serving certificate',
-      `${s.servingCertificate.spiffeId} serial ${s.servingCertificate.serial}, expires ${s.servingCertificate.notAfter} (in ${formatSeconds(s.servingCertificate.secondsLeft)})`,
+      `${s.servingCertificate.spiffeId} serial ${s.servingCertificate.serial}, ` +
+        `expires ${s.servingCertificate.notAfter} (in ${formatSeconds(s.servingCertificate.secondsLeft)})`,
     ],
   ];
   const pki = s.pki;

@@ -380,7 +380,9 @@ export class AgentListener {
       settle();
       const version = negotiateVersion(PROTOCOL_VERSIONS, frame.hello.protocolVersions);
       if (version === undefined) {
-        const details = `no common protocol version: agent speaks ${describeVersions(frame.hello.protocolVersions)}, broker speaks ${describeVersions(PROTOCOL_VERSIONS)}`;
+        const details =
+          `no common protocol version: agent speaks ${describeVersions(frame.hello.protocolVersions)}, broker ` +
+          `speaks ${describeVersions(PROTOCOL_VERSIONS)}`;
         metrics.rejectedHandshakes.inc({ listener: 'agent', reason: 'protocol_version' });
         logger.warn('tunnel session refused', { agentId: id.name, reason: details });
         call.emit('error', { code: Status.FAILED_PRECONDITION, details });

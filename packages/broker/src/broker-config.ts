@@ -13,7 +13,10 @@ export interface BrokerConfig {
   agentListen: string;
   /** HOST:PORT where callers send calls for agents (mTLS, any method + grpc.health.v1). */
   apiListen: string;
-  /** HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when unset. */
+  /**
+   * HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when
+   * unset.
+   */
   adminListen?: string;
   /**
    * Shared secret for mutating admin requests (POST /agents/<id>/disconnect), read from

@@ -82,7 +82,9 @@ export class BrokerMetrics {
   });
   readonly messageBytes = new Counter({
     name: 'burrow_broker_message_bytes_total',
-    help: 'Message bytes forwarded, by direction of the call and flow (request = towards the upstream, response = back).',
+    help:
+      'Message bytes forwarded, by direction of the call and ' +
+      'flow (request = towards the upstream, response = back).',
     labelNames: ['direction', 'flow'],
     registers: [this.registry],
   });
@@ -99,13 +101,17 @@ export class BrokerMetrics {
   });
   readonly abandonedHandshakes = new Counter({
     name: 'burrow_broker_abandoned_handshakes_total',
-    help: 'TLS handshakes the peer closed or reset before they finished (agents giving up on a busy broker, scanners), by listener; not refusals.',
+    help:
+      'TLS handshakes the peer closed or reset before they finished (agents giving up on a busy broker, ' +
+      'scanners), by listener; not refusals.',
     labelNames: ['listener'],
     registers: [this.registry],
   });
   readonly handshakesShed = new Counter({
     name: 'burrow_broker_handshakes_shed_total',
-    help: 'Agent connections closed at accept because --max-pending-handshakes TLS handshakes were already running (the agents retry after their backoff).',
+    help:
+      'Agent connections closed at accept because --max-pending-handshakes TLS handshakes were already running ' +
+      '(the agents retry after their backoff).',
     registers: [this.registry],
   });
   readonly handshakesPending = new Gauge({
@@ -118,7 +124,10 @@ export class BrokerMetrics {
   });
   readonly connectionsGuarded = new Counter({
     name: 'burrow_broker_connections_guarded_total',
-    help: 'Connections a listener closed before they proved a client certificate, by listener and reason (address_cap, handshake_timeout, unauthenticated_cap, unauthenticated_timeout; pending_cap is handshakes_shed_total).',
+    help:
+      'Connections a listener closed before they proved a client certificate, by listener and reason ' +
+      '(address_cap, handshake_timeout, unauthenticated_cap, unauthenticated_timeout; pending_cap is ' +
+      'handshakes_shed_total).',
     labelNames: ['listener', 'reason'],
     registers: [this.registry],
   });
@@ -155,7 +164,9 @@ export class BrokerMetrics {
   });
   readonly enrollments = new Counter({
     name: 'burrow_pki_enrollments_total',
-    help: 'Enrollment attempts, by result (ok, malformed, unknown, expired, used, banned, bad_csr, rate_limited, error).',
+    help:
+      'Enrollment attempts, by result (ok, malformed, unknown, ' +
+      'expired, used, banned, bad_csr, rate_limited, error).',
     labelNames: ['result'],
     registers: [this.registry],
   });
@@ -177,7 +188,9 @@ export class BrokerMetrics {
   });
   readonly certificateExpiry = new Gauge({
     name: 'burrow_pki_certificate_expiry_seconds',
-    help: 'Seconds until the earliest certificate expiry, by role (broker: its own serving certificate; agent: connected agents).',
+    help:
+      'Seconds until the earliest certificate expiry, by role (broker: its own serving certificate; agent: ' +
+      'connected agents).',
     labelNames: ['role'],
     registers: [this.registry],
   });
@@ -195,7 +208,9 @@ export class BrokerMetrics {
   });
   readonly limitedCalls = new Counter({
     name: 'burrow_broker_limited_calls_total',
-    help: 'Calls refused with RESOURCE_EXHAUSTED by a per-caller or per-agent limit, by limit (caller_concurrency, caller_rate, agent_concurrency, agent_rate).',
+    help:
+      'Calls refused with RESOURCE_EXHAUSTED by a per-caller or per-agent limit, by limit (caller_concurrency, ' +
+      'caller_rate, agent_concurrency, agent_rate).',
     labelNames: ['limit'],
     registers: [this.registry],
   });

@@ -288,7 +288,8 @@ export class BrokerPki {
     let result = 'denied';
     if (!id)
       problem =
-        'renewal needs a valid client certificate; an agent whose certificate expired must enroll again with a new join token';
+        'renewal needs a valid client certificate; an agent whose certificate expired must enroll again with a ' +
+        'new join token';
     else if (id.role !== 'agent' || id.trustDomain !== trustDomain)
       problem = `certificate ${id.spiffeId} may not renew an agent certificate`;
     else if (this.isRevoked(id)) {

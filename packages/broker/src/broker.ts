@@ -304,7 +304,8 @@ export class Broker {
       this.logger.info('caller policy loaded', { policiesDir: cp.policiesDir, policies: authorizer.policyCount });
     } else {
       this.logger.warn(
-        'NO CALLER POLICY: every service certificate of the trust domain may call every method on every agent; set --caller-policies to restrict callers',
+        'NO CALLER POLICY: every service certificate of the trust domain may call every method on every agent; ' +
+          'set --caller-policies to restrict callers',
       );
     }
     const isDraining = (): boolean => this.draining;

@@ -45,12 +45,14 @@ const SERVE_OPTIONS = {
   'admin-listen': {
     type: 'string',
     describe:
-      'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, /status); off when empty',
+      'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /agents, /agents/<id>, ' +
+      '/status); off when empty',
   },
   'admin-token-file': {
     type: 'string',
     describe:
-      'file holding a secret (16+ characters) that POST /agents/<id>/disconnect must carry as Authorization: Bearer; without it mutating admin requests work only on a loopback admin listener',
+      'file holding a secret (16+ characters) that POST /agents/<id>/disconnect must carry as Authorization: ' +
+      'Bearer; without it mutating admin requests work only on a loopback admin listener',
   },
   'admin-allowed-host': {
     type: 'string',
@@ -105,7 +107,8 @@ const SERVE_OPTIONS = {
   'broker-id': {
     type: 'string',
     describe:
-      "id in logs, session handshakes and the cluster directory: the name in the broker certificate's spiffe://<td>/broker/<name> (default: that name; a self-issued certificate is named <hostname>-<agent port>)",
+      "id in logs, session handshakes and the cluster directory: the name in the broker certificate's " +
+      'spiffe://<td>/broker/<name> (default: that name; a self-issued certificate is named <hostname>-<agent port>)',
   },
   'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
   'agent-wait': {
@@ -118,13 +121,15 @@ const SERVE_OPTIONS = {
   'max-pending-handshakes': {
     type: 'number',
     describe:
-      'most TLS handshakes the agent listener runs at once; connections past it are closed at once and the agents retry after their backoff (0 = no cap)',
+      'most TLS handshakes the agent listener runs at once; connections past it are closed at once and the ' +
+      'agents retry after their backoff (0 = no cap)',
     default: 256,
   },
   'max-pending-handshakes-per-address': {
     type: 'number',
     describe:
-      'most connections of one source address, per TLS listener, without a proven client certificate (in their handshake, or enrolling); more are closed at accept (0 = no cap)',
+      'most connections of one source address, per TLS listener, without a proven client certificate (in their ' +
+      'handshake, or enrolling); more are closed at accept (0 = no cap)',
     default: 32,
   },
   'handshake-timeout': {
@@ -135,7 +140,8 @@ const SERVE_OPTIONS = {
   'unauthenticated-timeout': {
     type: 'string',
     describe:
-      'with --pki-dir: an agent-listener connection without a client certificate (enrollment) is closed this long after its handshake',
+      'with --pki-dir: an agent-listener connection without a client certificate (enrollment) is closed this ' +
+      'long after its handshake',
     default: '10s',
   },
   'max-sessions-per-agent': {
@@ -146,7 +152,8 @@ const SERVE_OPTIONS = {
   'max-offers-per-agent': {
     type: 'number',
     describe:
-      'most tunnel streams (offers, idle or carrying a call) one agent may hold at this broker at once; at least --agent-max-concurrent (0 = no cap)',
+      'most tunnel streams (offers, idle or carrying a call) one agent may hold at this broker at once; at ' +
+      'least --agent-max-concurrent (0 = no cap)',
     default: 4096,
   },
   'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
@@ -167,7 +174,8 @@ const SERVE_OPTIONS = {
   'caller-policies': {
     type: 'string',
     describe:
-      'directory of *.cedar files saying which services may call which methods on which agents (default: all allowed, logged loudly)',
+      'directory of *.cedar files saying which services may call which methods on which agents (default: all ' +
+      'allowed, logged loudly)',
   },
   'caller-entities': {
     type: 'string',
@@ -205,7 +213,8 @@ const SERVE_OPTIONS = {
   advertise: {
     type: 'string',
     describe:
-      "HOST:PORT other brokers reach this broker's peer listener at (required with --redis-url; the host must be in the serving certificate)",
+      "HOST:PORT other brokers reach this broker's peer listener at (required with --redis-url; the host must " +
+      'be in the serving certificate)',
   },
   'peer-listen': {
     type: 'string',
@@ -215,7 +224,8 @@ const SERVE_OPTIONS = {
   'agent-advertise': {
     type: 'string',
     describe:
-      "HOST:PORT agents should dial for this broker, told to agents in the replica set (default: the --advertise host with the agent listener's port)",
+      'HOST:PORT agents should dial for this broker, told to agents in the replica set (default: the ' +
+      "--advertise host with the agent listener's port)",
   },
   'registry-ttl': {
     type: 'string',
@@ -556,7 +566,9 @@ function main(): void {
             ),
           )
           .epilog(
-            `exit codes: ${ADMIN_EXIT.ok} done, ${ADMIN_EXIT.notFound} agent not connected, ${ADMIN_EXIT.unreachable} broker unreachable or bad options, ${ADMIN_EXIT.refused} refused (admin token), ${ADMIN_EXIT.failed} other failure`,
+            `exit codes: ${ADMIN_EXIT.ok} done, ${ADMIN_EXIT.notFound} agent not ` +
+              `connected, ${ADMIN_EXIT.unreachable} broker unreachable or bad options, ${ADMIN_EXIT.refused} ` +
+              `refused (admin token), ${ADMIN_EXIT.failed} other failure`,
           )
           .strict(),
       (args) => {

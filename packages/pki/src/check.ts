@@ -53,7 +53,8 @@ export async function checkPki(opts: { dir: string; nowMs?: number; warnDays?: n
       problems.push(`${label} expired at ${ca.notAfter.toISOString()}; ${advice}`);
     } else if (daysLeft < warnDays) {
       problems.push(
-        `${label} expires at ${ca.notAfter.toISOString()}, ${daysText(daysLeft)} left (warning threshold ${warnDays} days); ${advice}`,
+        `${label} expires at ${ca.notAfter.toISOString()}, ${daysText(daysLeft)} left (warning ` +
+          `threshold ${warnDays} days); ${advice}`,
       );
     }
   }

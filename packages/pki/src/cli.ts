@@ -142,7 +142,8 @@ async function runInit(argv: Record<string, unknown>): Promise<void> {
   const pki = await loadPki(dir);
   const bundle = path.join(dir, pki.manifest.trustBundleFile);
   process.stdout.write(
-    `initialised ${dir}: trust domain ${pki.trustDomain}, ${pki.keyAlgorithm}, issuing CA ${pki.signingCa.record.id} valid until ${pki.signingCa.notAfter.toISOString()}, trust bundle ${bundle}\n`,
+    `initialised ${dir}: trust domain ${pki.trustDomain}, ${pki.keyAlgorithm}, issuing ` +
+      `CA ${pki.signingCa.record.id} valid until ${pki.signingCa.notAfter.toISOString()}, trust bundle ${bundle}\n`,
   );
 }
 
@@ -159,7 +160,8 @@ async function runIssue(argv: Record<string, unknown>): Promise<void> {
   });
   reportTightened(await writeIssued(out, issued));
   process.stdout.write(
-    `issued ${issued.spiffeId} serial ${issued.serialHex} expires ${issued.notAfter.toISOString()} -> ${path.join(out, ISSUED_FILES.cert)}\n`,
+    `issued ${issued.spiffeId} serial ${issued.serialHex} expires ${issued.notAfter.toISOString()} ` +
+      `-> ${path.join(out, ISSUED_FILES.cert)}\n`,
   );
 }
 
@@ -249,12 +251,14 @@ async function statusText(
       '',
       old.count === 0
         ? `old CA ${rotation.oldIssuingCaId}: no valid certificates left; 'finish' can remove it`
-        : `old CA ${rotation.oldIssuingCaId}: ${old.count} certificate(s) still valid, the last until ${old.lastNotAfter!.toISOString()}`,
+        : `old CA ${rotation.oldIssuingCaId}: ${old.count} certificate(s) still valid, the last ` +
+            `until ${old.lastNotAfter!.toISOString()}`,
     );
   }
   lines.push(
     '',
-    `agents (as recorded by brokers; converged = bundle version ${state.bundleVersion} and certificate from ${pki.signingCa.record.id}):`,
+    `agents (as recorded by brokers; converged = bundle version ${state.bundleVersion} and certificate ` +
+      `from ${pki.signingCa.record.id}):`,
   );
   if (agents.length === 0) {
     lines.push('  (none recorded)');
@@ -293,7 +297,8 @@ async function runRevoke(argv: Record<string, unknown>): Promise<void> {
   const what =
     agentId !== undefined
       ? `agent ${agentId}: every certificate issued up to now${argv.ban ? ', and enrollment (banned)' : ''}`
-      : `serial ${serialHex!.replace(/:/g, '').toUpperCase()}${result.serialKnown === false ? ' (not in the issued-certificate log; listed in every CRL)' : ''}`;
+      : `serial ${serialHex!.replace(/:/g, '').toUpperCase()}` +
+        `${result.serialKnown === false ? ' (not in the issued-certificate log; listed in every CRL)' : ''}`;
   process.stdout.write(
     `revoked ${what}; ${result.serials.length} serial(s) added; revocation list version ${result.version}\n`,
   );
@@ -320,7 +325,8 @@ async function runCheck(argv: Record<string, unknown>): Promise<void> {
   }
   const soonest = [...result.cas].sort((a, b) => a.daysLeft - b.daysLeft)[0];
   process.stdout.write(
-    `ok: ${result.cas.length} CAs, none expires within ${warnDays} days; soonest ${soonest?.id ?? '-'} on ${soonest?.notAfter.toISOString() ?? '-'} (${Math.round(soonest?.daysLeft ?? 0)} days left)\n`,
+    `ok: ${result.cas.length} CAs, none expires within ${warnDays} days; soonest ${soonest?.id ?? '-'} ` +
+      `on ${soonest?.notAfter.toISOString() ?? '-'} (${Math.round(soonest?.daysLeft ?? 0)} days left)\n`,
   );
 }
 

@@ -140,7 +140,8 @@ export async function verifiedCsrPublicKey(csrPem: unknown): Promise<{ spkiDer: 
   const algorithm = CSR_SIGNATURE_ALGORITHMS[parts.algorithmOidHex];
   if (algorithm === undefined) {
     throw new PkiError(
-      `csr: signature algorithm (OID bytes ${parts.algorithmOidHex}) is not accepted; sign with ECDSA or RSA PKCS#1 v1.5 and SHA-256/384/512, or Ed25519`,
+      `csr: signature algorithm (OID bytes ${parts.algorithmOidHex}) is not accepted; sign with ECDSA or RSA ` +
+        `PKCS#1 v1.5 and SHA-256/384/512, or Ed25519`,
     );
   }
   let valid: boolean;
@@ -154,7 +155,8 @@ export async function verifiedCsrPublicKey(csrPem: unknown): Promise<{ spkiDer: 
   }
   if (!valid) {
     throw new PkiError(
-      'csr: CSR signature does not verify with the public key it contains: the requester did not prove it holds the private key',
+      'csr: CSR signature does not verify with the public key it contains: the requester did not prove it holds ' +
+        'the private key',
     );
   }
   return { spkiDer: parts.spkiDer, keyAlgorithm };
@@ -162,7 +164,8 @@ export async function verifiedCsrPublicKey(csrPem: unknown): Promise<{ spkiDer: 
 
 /**
  * CertificationRequest ::= SEQUENCE { certificationRequestInfo, signatureAlgorithm, signature BIT STRING }
- * CertificationRequestInfo ::= SEQUENCE { version INTEGER, subject Name, subjectPKInfo SubjectPublicKeyInfo, attributes [0] }
+ * CertificationRequestInfo ::= SEQUENCE { version INTEGER, subject Name, subjectPKInfo SubjectPublicKeyInfo,
+ *   attributes [0] }
  */
 function splitCsr(der: Buffer): { info: Buffer; spkiDer: Buffer; algorithmOidHex: string; signature: Buffer } {
   const outer = readTlv(der, 0, 0x30);

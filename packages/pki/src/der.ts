@@ -38,7 +38,8 @@ export function tlv(tag: number, ...content: Uint8Array[]): Buffer {
 
 /** The subject Name of a DER certificate, exactly as encoded there. */
 export function certificateSubjectDer(certDer: Uint8Array): Buffer {
-  // Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version, serial, signature, issuer, validity, subject, ... }, ... }
+  // Certificate ::= SEQUENCE {
+  //   tbsCertificate SEQUENCE { [0] version, serial, signature, issuer, validity, subject, ... }, ... }
   const cert = readTlv(certDer, 0, 0x30);
   const tbs = readTlv(certDer, cert.contentStart, 0x30);
   const version = readTlv(certDer, tbs.contentStart, 0xa0);

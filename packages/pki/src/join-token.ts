@@ -84,7 +84,10 @@ export interface StoredJoinToken {
   readonly consumedAt?: string;
 }
 
-/** SHA-256 pin (lower-case hex) of a CA certificate: the hash of its DER SubjectPublicKeyInfo. Uses the first certificate in `certPem`. */
+/**
+ * SHA-256 pin (lower-case hex) of a CA certificate: the hash of its DER SubjectPublicKeyInfo. Uses the first
+ * certificate in `certPem`.
+ */
 export function caPinOf(certPem: string): string {
   let cert: X509Certificate;
   try {
@@ -161,7 +164,8 @@ export async function createJoinToken(opts: { dir: string; agentId: string; ttlM
 /**
  * Splits a join token into its parts.
  *
- * @throws EnrollmentError (reason 'malformed', a PkiError) if it is not a Burrow join token; the message does not repeat the token.
+ * @throws EnrollmentError (reason 'malformed', a PkiError) if it is not a Burrow join token; the message does not
+ * repeat the token.
  */
 export function parseJoinToken(token: string): ParsedJoinToken {
   const match = TOKEN_PATTERN.exec(typeof token === 'string' ? token.trim() : '');
@@ -229,7 +233,8 @@ export async function consumeJoinToken(opts: {
   if (!(nowMs < expiresAtMs)) {
     throw new EnrollmentError(
       'expired',
-      `token: ${name} for agent "${stored.agentId}" expired at ${stored.expiresAt}; create a new one with 'burrow-pki token create'`,
+      `token: ${name} for agent "${stored.agentId}" expired at ${stored.expiresAt}; create a new one with ` +
+        `'burrow-pki token create'`,
     );
   }
   const consumed: StoredJoinToken = { ...stored, consumedAt: new Date(nowMs).toISOString() };
@@ -255,7 +260,8 @@ function usedError(name: string, record: StoredJoinToken): EnrollmentError {
   const when = record.consumedAt === undefined ? '' : ` at ${record.consumedAt}`;
   return new EnrollmentError(
     'used',
-    `token: ${name} for agent "${record.agentId}" was already used${when}; join tokens are single use, create a new one`,
+    `token: ${name} for agent "${record.agentId}" was already ` +
+      `used${when}; join tokens are single use, create a new one`,
   );
 }
 

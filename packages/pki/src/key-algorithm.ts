@@ -90,7 +90,10 @@ export function webCryptoAlgorithm(
   }
 }
 
-/** Signature parameters for certificates signed by a CA key of the given algorithm (always SHA-256 where a hash applies). */
+/**
+ * Signature parameters for certificates signed by a CA key of the given algorithm (always SHA-256 where a hash
+ * applies).
+ */
 export function signingAlgorithm(keyAlgorithm: KeyAlgorithm): webcrypto.Algorithm | webcrypto.EcdsaParams {
   switch (keyAlgorithm) {
     case 'ecdsa-p256':

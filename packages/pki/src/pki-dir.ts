@@ -378,7 +378,8 @@ function validateManifest(raw: unknown): PkiManifest {
   const m = raw as Record<string, unknown>;
   if (m.formatVersion !== PKI_FORMAT_VERSION) {
     return bad(
-      `unsupported formatVersion ${JSON.stringify(m.formatVersion)} (this version of burrow-pki reads ${PKI_FORMAT_VERSION})`,
+      `unsupported formatVersion ${JSON.stringify(m.formatVersion)} (this version of burrow-pki ` +
+        `reads ${PKI_FORMAT_VERSION})`,
     );
   }
   assertTrustDomain(m.trustDomain, `${MANIFEST_FILE}: trustDomain`);

@@ -140,7 +140,9 @@ export async function rotate(opts: RotateOptions): Promise<RotationState> {
         const leaves = await validLeavesOf(absDir, rotation.newIssuingCaId, nowMs);
         if (leaves.count > 0) {
           warnings.push(
-            `${leaves.count} certificate(s) signed by the new CA ${rotation.newIssuingCaId} (valid until ${leaves.lastNotAfter!.toISOString()} at the latest) are no longer trusted; their holders must renew with a certificate from ${rotation.oldIssuingCaId}, or enroll again`,
+            `${leaves.count} certificate(s) signed by the new CA ${rotation.newIssuingCaId} (valid ` +
+              `until ${leaves.lastNotAfter!.toISOString()} at the latest) are no longer trusted; their holders ` +
+              `must renew with a certificate from ${rotation.oldIssuingCaId}, or enroll again`,
           );
         }
         break;
@@ -172,7 +174,8 @@ async function initRotation(
 ): Promise<PkiManifest> {
   if (phase !== 'standby') {
     throw new PkiError(
-      `rotate init: a rotation is already in progress (phase ${phase}); finish it ('rotate finish') or roll it back ('rotate rollback') first`,
+      `rotate init: a rotation is already in progress (phase ${phase}); finish it ('rotate finish') or roll it ` +
+        `back ('rotate rollback') first`,
     );
   }
   const oldIssuing = manifest.cas.find((ca) => ca.id === manifest.signingCaId)!;
@@ -240,7 +243,9 @@ async function finishRotation(
   if (leaves.count > 0 && !force) {
     const last = leaves.lastNotAfter!;
     throw new PkiError(
-      `rotate finish: ${leaves.count} certificate(s) signed by the old CA ${rotation.oldIssuingCaId} are still valid, the last until ${last.toISOString()} (in ${humanDuration(last.getTime() - nowMs)}); run finish after that, or with --force to drop the old CA now and break those certificates`,
+      `rotate finish: ${leaves.count} certificate(s) signed by the old CA ${rotation.oldIssuingCaId} are still ` +
+        `valid, the last until ${last.toISOString()} (in ${humanDuration(last.getTime() - nowMs)}); run finish ` +
+        `after that, or with --force to drop the old CA now and break those certificates`,
     );
   }
   return retire(manifest, [rotation.oldRootCaId, rotation.oldIssuingCaId], 'finish', nowMs, {
@@ -319,7 +324,10 @@ export interface AgentState {
   agentId: string;
   /** Trust bundle version the agent holds (as it reported, or as the broker sent it). */
   bundleVersion: number;
-  /** Issuing CA of its current certificate (CA id; a SHA-256 fingerprint given by the broker is translated when it matches a known CA). */
+  /**
+   * Issuing CA of its current certificate (CA id; a SHA-256 fingerprint given by the broker is translated when it
+   * matches a known CA).
+   */
   issuerCaId: string;
   serialHex: string;
   notAfter: Date;
@@ -403,7 +411,10 @@ export async function agentStates(dir: string): Promise<AgentState[]> {
 
 const fingerprintCache = new Map<string, string>();
 
-/** Accepts a CA id or the SHA-256 fingerprint of a CA certificate (any case, ':' optional) and returns the CA id when known. */
+/**
+ * Accepts a CA id or the SHA-256 fingerprint of a CA certificate (any case, ':' optional) and returns the CA id when
+ * known.
+ */
 async function canonicalCaId(absDir: string, manifest: PkiManifest, value: string): Promise<string> {
   const all = [...manifest.cas, ...(manifest.retiredCas ?? [])];
   if (all.some((ca) => ca.id === value)) return value;

@@ -6,7 +6,9 @@ import type { Logger } from 'winston';
 export interface AuditRecord {
   /** ISO 8601 time of the decision. */
   time: string;
-  /** SHA-256 (hex) of the canonical JSON of the request, so equal requests can be matched without logging their data. */
+  /**
+   * SHA-256 (hex) of the canonical JSON of the request, so equal requests can be matched without logging their data.
+   */
   input_sha256: string;
   decision: 'allow' | 'deny' | 'error';
   policies: string[];
@@ -24,7 +26,10 @@ export interface AuditRecord {
 
 /** Options of {@link AuditLog}. */
 export interface AuditLogOptions {
-  /** A writable stream (left open on close, only drained) or a file path (opened for append, mode 0600, closed on close). */
+  /**
+   * A writable stream (left open on close, only drained) or a file path (opened for append, mode 0600, closed on
+   * close).
+   */
   sink: Writable | string;
   logger: Logger;
   /** Records are dropped (and counted) while more than this many bytes wait for the disk. Default 8 MiB. */

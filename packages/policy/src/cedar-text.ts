@@ -46,7 +46,9 @@ export function splitPolicyStatements(text: string): PolicyStatement[] {
   return statements;
 }
 
-/** 1-based line and column of `offset` in `text` (Cedar reports offsets in UTF-16 units of the JS string it was given). */
+/**
+ * 1-based line and column of `offset` in `text` (Cedar reports offsets in UTF-16 units of the JS string it was given).
+ */
 export function lineColumnAt(text: string, offset: number): { line: number; column: number } {
   let line = 1;
   let lineStart = 0;

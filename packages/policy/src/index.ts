@@ -1,4 +1,6 @@
-/** @burrow/policy: the Cedar policy engine shared by the agent (site decisions) and the broker (caller authorization). */
+/**
+ * @burrow/policy: the Cedar policy engine shared by the agent (site decisions) and the broker (caller authorization).
+ */
 export * from './policy-engine';
 export * from './policy-input';
 export * from './input-bounds';

@@ -181,7 +181,8 @@ function checkTypedEntity(field: 'subject' | 'resource', value: unknown): Authze
   if (!isCedarTypeName(type)) {
     throw new PolicyInputError(
       `${field}.type`,
-      `${field}.type ${JSON.stringify(type)} is not a valid Cedar type name (identifiers joined by ::, such as User or Acme::Document)`,
+      `${field}.type ${JSON.stringify(type)} is not a valid Cedar type name (identifiers joined by ::, such as ` +
+        `User or Acme::Document)`,
     );
   }
   if (typeof id !== 'string' || id === '')

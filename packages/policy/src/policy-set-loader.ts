@@ -178,7 +178,8 @@ function compileFile(
     const where = lineColumnAt(file.text, stmt.offset);
     const json = cedar.policyToJson(stmt.text);
     if (json.type === 'failure') {
-      // Cedar parsed the file, so a statement that is not a static policy is a template (a `?principal` or `?resource` slot).
+      // Cedar parsed the file, so a statement that is not a static policy is a template (a `?principal` or `?resource`
+      // slot).
       issues.push({
         file: file.path,
         ...where,

@@ -153,7 +153,9 @@ function refuseMutation(
     return {
       status: 403,
       body: {
-        error: `mutating admin requests are refused: the admin listener is bound to ${boundHost}, not loopback, and no admin token file is configured`,
+        error:
+          `mutating admin requests are refused: the admin listener is bound to ${boundHost}, not loopback, and no ` +
+          `admin token file is configured`,
       },
     };
   }

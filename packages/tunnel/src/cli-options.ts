@@ -156,7 +156,8 @@ export function requireCertificatePair(
   if (!id || id.role !== role)
     throw new ConfigError(
       certField,
-      `${certFile} is not a ${role} certificate (expected URI SAN spiffe://<trust-domain>/${role === 'broker' ? 'broker' : `${role}/<name>`})`,
+      `${certFile} is not a ${role} certificate (expected URI SAN ` +
+        `spiffe://<trust-domain>/${role === 'broker' ? 'broker' : `${role}/<name>`})`,
     );
   let key: KeyObject;
   try {

@@ -77,7 +77,9 @@ export function serveProtosFromAssets(assets: AssetSource, dir: string = EMBEDDE
   const previousFs = util.fs;
   const previousFetch = rootProto.fetch;
   const prefix = dir + path.sep;
-  /** The embedded text of `file`, `undefined` when it is not below `dir`; throws ENOENT when it should be but is not. */
+  /**
+   * The embedded text of `file`, `undefined` when it is not below `dir`; throws ENOENT when it should be but is not.
+   */
   const lookup = (file: unknown): string | undefined => {
     if (typeof file !== 'string') return undefined;
     const resolved = path.resolve(file);

@@ -21,7 +21,8 @@ export const AUTHN_RUN_OPTIONS = {
     type: 'string',
     array: true,
     describe:
-      'accepted token issuer (`iss`, exact match; repeatable or comma-separated); required with --jwks, --jwks-url or --introspection-url',
+      'accepted token issuer (`iss`, exact match; repeatable or comma-separated); required with --jwks, ' +
+      '--jwks-url or --introspection-url',
   },
   'token-audience': {
     type: 'string',
@@ -39,7 +40,9 @@ export const AUTHN_RUN_OPTIONS = {
   },
   'token-algorithms': {
     type: 'string',
-    describe: `allowed JWS algorithms, comma-separated (default ${DEFAULT_TOKEN_ALGORITHMS.join(',')}; none and HS* are refused)`,
+    describe:
+      `allowed JWS algorithms, comma-separated ` +
+      `(default ${DEFAULT_TOKEN_ALGORITHMS.join(',')}; none and HS* are refused)`,
   },
   'token-clock-skew': { type: 'string', describe: 'tolerance for exp and nbf, at most 5m (default 60s)' },
   'token-groups-claim': {

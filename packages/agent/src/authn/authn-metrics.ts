@@ -11,7 +11,10 @@ function reuse<T>(registry: Registry, name: string, make: () => T): T {
 
 /** The token verifier's metrics, registered on the agent's registry. */
 export class AuthnMetrics {
-  /** Authenticate requests by result and reason (the refusal's stable word, or the error's status name in lower case; empty when authenticated). */
+  /**
+   * Authenticate requests by result and reason (the refusal's stable word, or the error's status name in lower case;
+   * empty when authenticated).
+   */
   readonly requests: Counter<'result' | 'reason'>;
   readonly duration: Histogram<'result'>;
   /** JWKS loads (start, change, unknown key, background), by result (ok, failed). */
@@ -27,7 +30,9 @@ export class AuthnMetrics {
       () =>
         new Counter({
           name: 'burrow_agent_authn_requests_total',
-          help: "Token verifications, by result (authenticated, refused, error) and reason (the refusal's stable word or the error status).",
+          help:
+            "Token verifications, by result (authenticated, refused, error) and reason (the refusal's stable word " +
+            'or the error status).',
           labelNames: ['result', 'reason'],
           registers,
         }),

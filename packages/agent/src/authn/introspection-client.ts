@@ -13,7 +13,10 @@ export interface IntrospectionOptions {
   clientSecretFile?: string;
   /** Whole request, connect to last byte; default 5 s. */
   timeoutMs?: number;
-  /** How long an `active: true` answer is reused for the same token, never past its `exp`; default 30 s, 0 turns the cache off. */
+  /**
+   * How long an `active: true` answer is reused for the same token, never past its `exp`; default 30 s, 0 turns the
+   * cache off.
+   */
   cacheTtlMs?: number;
   /** Most cached answers; the oldest goes first; default 10,000. */
   maxCacheEntries?: number;

@@ -64,7 +64,8 @@ export function refusalOfJoseError(err: unknown, context: RefusalContext): Token
           'audience',
           missing
             ? 'token has no "aud" claim'
-            : `token audience ${JSON.stringify(claims.aud)} does not include ${context.audiences.map((a) => JSON.stringify(a)).join(' or ')}`,
+            : `token audience ${JSON.stringify(claims.aud)} does not ` +
+                `include ${context.audiences.map((a) => JSON.stringify(a)).join(' or ')}`,
         );
       if (e.claim === 'exp' && missing) {
         return new TokenRefusal('malformed', 'token has no "exp" claim; tokens that never expire are refused');

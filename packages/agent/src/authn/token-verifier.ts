@@ -375,7 +375,11 @@ export class TokenVerifier extends EventEmitter {
   private describeKeyOf(token: string): string {
     try {
       const header = this.jose.decodeProtectedHeader(token);
-      return `no key in the site's key set matches ${header.kid === undefined ? 'a token without kid' : `kid "${String(header.kid)}"`} for ${String(header.alg)}`;
+      return (
+        `no key in the site's key set ` +
+        `matches ${header.kid === undefined ? 'a token without kid' : `kid "${String(header.kid)}"`} ` +
+        `for ${String(header.alg)}`
+      );
     } catch {
       return "no key in the site's key set matches the token";
     }
