@@ -24,13 +24,13 @@ build: install
 # Formatting and lint rules (biome.jsonc) are checked, never fixed, here: `make format` fixes. The line-length
 # check catches what the formatter cannot wrap: strings, template literals and comments over 120 columns.
 lint: install
-	node_modules/.bin/biome ci --error-on-warnings .
+	node_modules/.bin/biome ci --error-on-warnings --colors=off .
 	node scripts/check-line-length.js
 
 format: install
 	node_modules/.bin/biome check --write .
 
-test: build
+test: build lint
 	$(MOCHA)
 
 demo: build
