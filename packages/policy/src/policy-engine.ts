@@ -33,6 +33,7 @@ import {
   readPolicyInputs,
   type CompiledPolicy,
   type CompiledPolicySet,
+  type PolicyInputs,
   type PolicyIssue,
   type PolicySources,
 } from './policy-set-loader';
@@ -384,61 +385,15 @@ export class PolicyEngine extends EventEmitter {
   private async reloadNow(): Promise<ReloadResult> {
     const started = performance.now();
     const elapsed = (): number => Math.round((performance.now() - started) * 10) / 10;
-    if (this.closed)
-      return {
-        ok: false,
-        changed: false,
-        policies: this.policyCount,
-        entities: this.entityCount,
-        durationMs: 0,
-        error: 'policy engine closed',
-      };
+    if (this.closed) return this.reloadResult(false, false, 0, { error: 'policy engine closed' });
     let result: ReloadResult;
     try {
       const inputs = await readPolicyInputs(this.opts);
-      if (inputs.fingerprint === this.active.compiled.fingerprint) {
-        // Editors and ConfigMap updates touch files without changing them; nothing to do.
-        return {
-          ok: true,
-          changed: false,
-          policies: this.policyCount,
-          entities: this.entityCount,
-          durationMs: elapsed(),
-        };
-      }
-      const compiled = compilePolicySet(inputs);
-      if (this.closed) throw new Error('policy engine closed during reload');
-      this.active = this.activate(compiled);
-      this.cache.clear();
-      result = {
-        ok: true,
-        changed: true,
-        policies: this.policyCount,
-        entities: this.entityCount,
-        durationMs: elapsed(),
-      };
-      this.logLoaded(compiled, result.durationMs, 'policies reloaded');
+      // Editors and ConfigMap updates touch files without changing them; nothing to do.
+      if (inputs.fingerprint === this.active.compiled.fingerprint) return this.reloadResult(true, false, elapsed());
+      result = this.activateReloaded(inputs, elapsed);
     } catch (err) {
-      const issues =
-        err instanceof PolicyLoadError
-          ? err.issues
-          : [{ file: this.opts.policiesDir, message: (err as Error).message }];
-      result = {
-        ok: false,
-        changed: true,
-        policies: this.policyCount,
-        entities: this.entityCount,
-        durationMs: elapsed(),
-        error: (err as Error).message,
-        issues,
-      };
-      this.metrics.reloadFailures.inc();
-      this.metrics.lastReloadSuccess.set(0);
-      this.logger.error('policy reload failed; the last good policy set stays active', {
-        error: result.error,
-        issues: issues.map(formatPolicyIssue),
-        activePolicies: this.policyCount,
-      });
+      result = this.reloadFailed(err as Error, elapsed());
     }
     try {
       this.emit('reload', result);
@@ -446,6 +401,42 @@ export class PolicyEngine extends EventEmitter {
       this.logger.error('a reload listener threw', { error: (err as Error).message });
     }
     return result;
+  }
+
+  /** Compiles changed sources and makes them the active set, emptying the decision cache. */
+  private activateReloaded(inputs: PolicyInputs, elapsed: () => number): ReloadResult {
+    const compiled = compilePolicySet(inputs);
+    if (this.closed) throw new Error('policy engine closed during reload');
+    this.active = this.activate(compiled);
+    this.cache.clear();
+    const result = this.reloadResult(true, true, elapsed());
+    this.logLoaded(compiled, result.durationMs, 'policies reloaded');
+    return result;
+  }
+
+  /** A reload that failed: the last good set stays active; counted and logged with every issue. */
+  private reloadFailed(err: Error, durationMs: number): ReloadResult {
+    const issues =
+      err instanceof PolicyLoadError ? err.issues : [{ file: this.opts.policiesDir, message: err.message }];
+    const result = this.reloadResult(false, true, durationMs, { error: err.message, issues });
+    this.metrics.reloadFailures.inc();
+    this.metrics.lastReloadSuccess.set(0);
+    this.logger.error('policy reload failed; the last good policy set stays active', {
+      error: result.error,
+      issues: issues.map(formatPolicyIssue),
+      activePolicies: this.policyCount,
+    });
+    return result;
+  }
+
+  /** A ReloadResult with the counts of the set active now. */
+  private reloadResult(
+    ok: boolean,
+    changed: boolean,
+    durationMs: number,
+    failure: Pick<ReloadResult, 'error' | 'issues'> = {},
+  ): ReloadResult {
+    return { ok, changed, policies: this.policyCount, entities: this.entityCount, durationMs, ...failure };
   }
 
   // ---- watching ----
