@@ -11,6 +11,7 @@ import {
   type ApiCodec,
   type CredentialStore,
   type Logger,
+  type PeerIdentity,
 } from '@burrow/tunnel';
 import { POLICY_INPUT_LIMITS, checkInputBounds } from '@burrow/policy';
 import type { BrokerMetrics } from './broker-metrics';
@@ -117,157 +118,256 @@ function agentIdOf(encoded: string): string {
   }
 }
 
+type Endpoint = 'evaluation' | 'evaluations';
+
+/** The gRPC method and the JSON <-> protobuf codecs behind one evaluation endpoint. */
+interface EndpointCodec {
+  method: string;
+  request: ApiCodec;
+  response: ApiCodec;
+}
+
+const CODECS: Record<Endpoint, EndpointCodec> = {
+  evaluation: {
+    method: POLICY_METHODS.evaluate,
+    request: API_CODECS.evaluationRequest,
+    response: API_CODECS.evaluationResponse,
+  },
+  evaluations: {
+    method: POLICY_METHODS.evaluations,
+    request: API_CODECS.evaluationsRequest,
+    response: API_CODECS.evaluationsResponse,
+  },
+};
+
+const WELL_KNOWN = '.well-known/authzen-configuration';
+
+/** What the request handler needs: the listener's dependencies and the body limit in force. */
+interface AuthzenContext {
+  deps: AuthzenHttpDeps;
+  /** The smaller of deps.maxBodyBytes and POLICY_INPUT_LIMITS.maxBodyBytes. */
+  maxBodyBytes: number;
+}
+
 /**
  * Creates the HTTPS listener (mTLS: callers present `service` certificates). Its TLS material
  * follows the broker's credential store, so renewals and CA rotation apply to new connections.
  */
 export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
-  const secureOptions = (): https.ServerOptions => ({
-    key: deps.tls.keyPem,
-    cert: deps.tls.certPem,
-    ca: deps.tls.caPem,
+  const ctx: AuthzenContext = { deps, maxBodyBytes: Math.min(deps.maxBodyBytes, POLICY_INPUT_LIMITS.maxBodyBytes) };
+  const server = https.createServer(secureOptionsOf(deps.tls), (req, res) => {
+    void handle(ctx, req, res);
+  });
+  deps.watch.watchTlsServer(server, 'authzen');
+  followCredentialStore(server, deps.tls);
+  return server;
+}
+
+function secureOptionsOf(tls: CredentialStore): https.ServerOptions {
+  return {
+    key: tls.keyPem,
+    cert: tls.certPem,
+    ca: tls.caPem,
     requestCert: true,
     rejectUnauthorized: true,
     minVersion: 'TLSv1.2',
-  });
-  const server = https.createServer(secureOptions(), (req, res) => {
-    void handle(req, res);
-  });
-  deps.watch.watchTlsServer(server, 'authzen');
-  // Follow renewals and rotation: every update of the store rebuilds the context for new handshakes.
-  let current = `${deps.tls.certPem}${deps.tls.caPem}`;
+  };
+}
+
+/** Follows renewals and rotation: every update of the store rebuilds the context for new handshakes. */
+function followCredentialStore(server: https.Server, tls: CredentialStore): void {
+  let current = `${tls.certPem}${tls.caPem}`;
   const refresh = (): void => {
-    const next = `${deps.tls.certPem}${deps.tls.caPem}`;
+    const next = `${tls.certPem}${tls.caPem}`;
     if (next === current) return;
     current = next;
-    server.setSecureContext(secureOptions());
+    server.setSecureContext(secureOptionsOf(tls));
   };
   const onCa = (): void => refresh();
   const onIdentity = (): void => refresh();
-  deps.tls.addCaCertificateListener(onCa);
-  deps.tls.addIdentityCertificateListener(onIdentity);
+  tls.addCaCertificateListener(onCa);
+  tls.addIdentityCertificateListener(onIdentity);
   server.on('close', () => {
-    deps.tls.removeCaCertificateListener(onCa);
-    deps.tls.removeIdentityCertificateListener(onIdentity);
+    tls.removeCaCertificateListener(onCa);
+    tls.removeIdentityCertificateListener(onIdentity);
   });
+}
 
-  const codecs: Record<'evaluation' | 'evaluations', { method: string; request: ApiCodec; response: ApiCodec }> = {
-    evaluation: {
-      method: POLICY_METHODS.evaluate,
-      request: API_CODECS.evaluationRequest,
-      response: API_CODECS.evaluationResponse,
-    },
-    evaluations: {
-      method: POLICY_METHODS.evaluations,
-      request: API_CODECS.evaluationsRequest,
-      response: API_CODECS.evaluationsResponse,
-    },
-  };
+/** The answer to one request: counts it under its endpoint and writes the JSON body with the common headers. */
+class Reply {
+  /** Metric label; stays 'unknown' until the path names an endpoint. */
+  endpoint = 'unknown';
+  private readonly requestId: string | undefined;
 
-  const maxBodyBytes = Math.min(deps.maxBodyBytes, POLICY_INPUT_LIMITS.maxBodyBytes);
-
-  async function handle(req: IncomingMessage, res: ServerResponse): Promise<void> {
-    const requestId =
-      typeof req.headers['x-request-id'] === 'string' ? req.headers['x-request-id'].slice(0, 200) : undefined;
-    let endpoint = 'unknown';
-    const send = (httpStatus: number, body: unknown, headers: Record<string, string> = {}): void => {
-      deps.metrics.httpRequests.inc({ endpoint, status: String(httpStatus) });
-      const text = JSON.stringify(body);
-      // A connection whose certificate was just revoked or expired closes after this answer.
-      const closing = deps.watch.isClosing(req.socket as TLSSocket) ? { connection: 'close' } : {};
-      res.writeHead(httpStatus, {
-        'content-type': 'application/json',
-        'cache-control': 'no-store',
-        ...(requestId ? { 'x-request-id': requestId } : {}),
-        ...closing,
-        ...headers,
-      });
-      res.end(text);
-    };
-    try {
-      let url: URL;
-      try {
-        url = new URL(req.url ?? '/', 'https://broker');
-      } catch {
-        throw new HttpError(400, 'INVALID_ARGUMENT', 'the request target is not a valid path');
-      }
-      const m = ROUTE.exec(url.pathname);
-      if (!m)
-        throw new HttpError(
-          404,
-          'NOT_FOUND',
-          `no AuthZEN endpoint at ${url.pathname.slice(0, 200)}; use /agents/<id>/access/v1/evaluation(s)`,
-        );
-      const agentId = agentIdOf(m[1]!);
-      const peer = identityOfPeerCertificate((req.socket as TLSSocket).getPeerCertificate());
-      if (m[2] === '.well-known/authzen-configuration') {
-        endpoint = 'configuration';
-        if (req.method !== 'GET' && req.method !== 'HEAD')
-          throw new HttpError(405, 'INVALID_ARGUMENT', 'use GET', { allow: 'GET, HEAD' });
-        // Relative to the metadata's own URL, never built from the request's Host header: a forged
-        // Host (DNS rebinding, a proxy that passes it through) would otherwise point a PDP client at
-        // another server. The listener has no configured public name to use instead.
-        const base = `/agents/${encodeURIComponent(agentId)}`;
-        send(200, {
-          policy_decision_point: base,
-          access_evaluation_endpoint: `${base}/access/v1/evaluation`,
-          access_evaluations_endpoint: `${base}/access/v1/evaluations`,
-        });
-        return;
-      }
-      endpoint = m[2]!.endsWith('s') ? 'evaluations' : 'evaluation';
-      if (req.method !== 'POST') throw new HttpError(405, 'INVALID_ARGUMENT', 'use POST', { allow: 'POST' });
-      const type = String(req.headers['content-type'] ?? '');
-      if (!/^application\/json\b/i.test(type))
-        throw new HttpError(415, 'INVALID_ARGUMENT', 'content-type must be application/json');
-      const body = await readBody(req, maxBodyBytes);
-      let json: unknown;
-      try {
-        json = JSON.parse(body.toString('utf8'));
-      } catch (err) {
-        throw new HttpError(400, 'INVALID_ARGUMENT', `body is not JSON: ${(err as Error).message}`);
-      }
-      try {
-        // Before the conversion to protobuf, which recurses into every value.
-        checkInputBounds(json);
-      } catch (err) {
-        throw new HttpError(400, 'INVALID_ARGUMENT', (err as Error).message);
-      }
-      const codec = codecs[endpoint as 'evaluation' | 'evaluations'];
-      let message: Buffer;
-      try {
-        message = codec.request.encode(json);
-      } catch (err) {
-        if (err instanceof BurrowError) throw new HttpError(400, statusName(err.code), err.message);
-        throw err;
-      }
-      const abort = new AbortController();
-      const onGone = (): void => {
-        if (!res.writableEnded) abort.abort();
-      };
-      res.on('close', onGone);
-      const result = await deps.api.callUnary(
-        peer,
-        agentId,
-        codec.method,
-        message,
-        Date.now() + deps.timeoutMs,
-        abort.signal,
-      );
-      res.removeListener('close', onGone);
-      if (abort.signal.aborted) return; // the client left; nobody to answer
-      if (result.code !== Status.OK)
-        throw new HttpError(httpStatusOf(result.code), statusName(result.code), result.details);
-      send(200, codec.response.decode(result.response!));
-    } catch (err) {
-      if (err instanceof HttpError) {
-        send(err.httpStatus, { error: { code: err.code, message: err.message } }, err.headers);
-        return;
-      }
-      deps.logger.error('AuthZEN request failed', { error: (err as Error).message });
-      send(500, { error: { code: 'INTERNAL', message: 'internal error' } });
-    }
+  constructor(
+    private readonly deps: AuthzenHttpDeps,
+    private readonly req: IncomingMessage,
+    private readonly res: ServerResponse,
+  ) {
+    const id = req.headers['x-request-id'];
+    this.requestId = typeof id === 'string' ? id.slice(0, 200) : undefined;
   }
 
-  return server;
+  send(httpStatus: number, body: unknown, headers: Record<string, string> = {}): void {
+    this.deps.metrics.httpRequests.inc({ endpoint: this.endpoint, status: String(httpStatus) });
+    const text = JSON.stringify(body);
+    // A connection whose certificate was just revoked or expired closes after this answer.
+    const closing = this.deps.watch.isClosing(this.req.socket as TLSSocket) ? { connection: 'close' } : {};
+    this.res.writeHead(httpStatus, {
+      'content-type': 'application/json',
+      'cache-control': 'no-store',
+      ...(this.requestId ? { 'x-request-id': this.requestId } : {}),
+      ...closing,
+      ...headers,
+    });
+    this.res.end(text);
+  }
+}
+
+async function handle(ctx: AuthzenContext, req: IncomingMessage, res: ServerResponse): Promise<void> {
+  const reply = new Reply(ctx.deps, req, res);
+  try {
+    await route(ctx, req, res, reply);
+  } catch (err) {
+    sendError(ctx.deps.logger, reply, err);
+  }
+}
+
+/** Error mapping: an HttpError is answered as it says; anything else is logged and a 500. */
+function sendError(logger: Logger, reply: Reply, err: unknown): void {
+  if (err instanceof HttpError) {
+    reply.send(err.httpStatus, { error: { code: err.code, message: err.message } }, err.headers);
+    return;
+  }
+  logger.error('AuthZEN request failed', { error: (err as Error).message });
+  reply.send(500, { error: { code: 'INTERNAL', message: 'internal error' } });
+}
+
+async function route(ctx: AuthzenContext, req: IncomingMessage, res: ServerResponse, reply: Reply): Promise<void> {
+  const [encodedAgentId, rest] = matchRoute(req);
+  const agentId = agentIdOf(encodedAgentId);
+  const peer = admitPeer(req);
+  if (rest === WELL_KNOWN) {
+    reply.endpoint = 'configuration';
+    answerConfiguration(req, reply, agentId);
+    return;
+  }
+  const endpoint: Endpoint = rest.endsWith('s') ? 'evaluations' : 'evaluation';
+  reply.endpoint = endpoint;
+  if (req.method !== 'POST') throw new HttpError(405, 'INVALID_ARGUMENT', 'use POST', { allow: 'POST' });
+  const json = await readJsonRequest(req, ctx.maxBodyBytes);
+  const codec = CODECS[endpoint];
+  await evaluateThroughTunnel(ctx.deps, res, reply, { peer, agentId, codec, message: encodeRequest(codec, json) });
+}
+
+/** The agent id (still percent-encoded) and the rest of the path of a known endpoint, or a 400 / 404. */
+function matchRoute(req: IncomingMessage): [string, string] {
+  let url: URL;
+  try {
+    url = new URL(req.url ?? '/', 'https://broker');
+  } catch {
+    throw new HttpError(400, 'INVALID_ARGUMENT', 'the request target is not a valid path');
+  }
+  const m = ROUTE.exec(url.pathname);
+  if (!m)
+    throw new HttpError(
+      404,
+      'NOT_FOUND',
+      `no AuthZEN endpoint at ${url.pathname.slice(0, 200)}; use /agents/<id>/access/v1/evaluation(s)`,
+    );
+  return [m[1]!, m[2]!];
+}
+
+/**
+ * The caller's identity, from the client certificate the TLS handshake verified. The admission
+ * checks on it (role, trust domain, revocation) run in CallerApi.callUnary, like a gRPC caller's.
+ */
+function admitPeer(req: IncomingMessage): PeerIdentity | undefined {
+  return identityOfPeerCertificate((req.socket as TLSSocket).getPeerCertificate());
+}
+
+/** The PDP metadata of one agent, answered by the broker itself. */
+function answerConfiguration(req: IncomingMessage, reply: Reply, agentId: string): void {
+  if (req.method !== 'GET' && req.method !== 'HEAD')
+    throw new HttpError(405, 'INVALID_ARGUMENT', 'use GET', { allow: 'GET, HEAD' });
+  // Relative to the metadata's own URL, never built from the request's Host header: a forged
+  // Host (DNS rebinding, a proxy that passes it through) would otherwise point a PDP client at
+  // another server. The listener has no configured public name to use instead.
+  const base = `/agents/${encodeURIComponent(agentId)}`;
+  reply.send(200, {
+    policy_decision_point: base,
+    access_evaluation_endpoint: `${base}/access/v1/evaluation`,
+    access_evaluations_endpoint: `${base}/access/v1/evaluations`,
+  });
+}
+
+/** The JSON body of an evaluation request, within the byte limit and POLICY_INPUT_LIMITS, or a 4xx. */
+async function readJsonRequest(req: IncomingMessage, maxBodyBytes: number): Promise<unknown> {
+  const type = String(req.headers['content-type'] ?? '');
+  if (!/^application\/json\b/i.test(type))
+    throw new HttpError(415, 'INVALID_ARGUMENT', 'content-type must be application/json');
+  const body = await readBody(req, maxBodyBytes);
+  let json: unknown;
+  try {
+    json = JSON.parse(body.toString('utf8'));
+  } catch (err) {
+    throw new HttpError(400, 'INVALID_ARGUMENT', `body is not JSON: ${(err as Error).message}`);
+  }
+  try {
+    // Before the conversion to protobuf, which recurses into every value.
+    checkInputBounds(json);
+  } catch (err) {
+    throw new HttpError(400, 'INVALID_ARGUMENT', (err as Error).message);
+  }
+  return json;
+}
+
+/** The request as the gRPC message; a value the message cannot hold is a 400. */
+function encodeRequest(codec: EndpointCodec, json: unknown): Buffer {
+  try {
+    return codec.request.encode(json);
+  } catch (err) {
+    if (err instanceof BurrowError) throw new HttpError(400, statusName(err.code), err.message);
+    throw err;
+  }
+}
+
+/** One evaluation carried to the agent. */
+interface TunnelCall {
+  peer: PeerIdentity | undefined;
+  agentId: string;
+  codec: EndpointCodec;
+  message: Buffer;
+}
+
+/**
+ * Carries the evaluation through the tunnel like a caller's gRPC call and answers with the decoded
+ * response; a call that fails becomes an HttpError with the mapped status. A client that leaves
+ * cancels the call and gets no answer.
+ */
+async function evaluateThroughTunnel(
+  deps: AuthzenHttpDeps,
+  res: ServerResponse,
+  reply: Reply,
+  call: TunnelCall,
+): Promise<void> {
+  const abort = new AbortController();
+  const onGone = (): void => {
+    if (!res.writableEnded) abort.abort();
+  };
+  res.on('close', onGone);
+  const deadlineMs = Date.now() + deps.timeoutMs;
+  const result = await deps.api.callUnary(
+    call.peer,
+    call.agentId,
+    call.codec.method,
+    call.message,
+    deadlineMs,
+    abort.signal,
+  );
+  res.removeListener('close', onGone);
+  if (abort.signal.aborted) return; // the client left; nobody to answer
+  if (result.code !== Status.OK)
+    throw new HttpError(httpStatusOf(result.code), statusName(result.code), result.details);
+  reply.send(200, call.codec.response.decode(result.response!));
 }

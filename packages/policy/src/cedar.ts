@@ -19,4 +19,11 @@ setFlagsFromString('--no-turbo-inline-js-wasm-calls');
 import cedar = require('@cedar-policy/cedar-wasm/nodejs');
 
 export { cedar };
-export type { DetailedError, Schema, EntityJson, AuthorizationAnswer } from '@cedar-policy/cedar-wasm/nodejs';
+export type {
+  DetailedError,
+  Schema,
+  EntityJson,
+  AuthorizationAnswer,
+  StatefulAuthorizationCall,
+  Response as CedarResponse,
+} from '@cedar-policy/cedar-wasm/nodejs';

@@ -6,10 +6,10 @@ import { Registry } from 'prom-client';
 import type { Logger } from 'winston';
 import { silentLogger } from '@burrow/tunnel';
 import { AuditLog, type AuditRecord } from './audit-log';
-import { cedar, type DetailedError } from './cedar';
+import { cedar, type CedarResponse, type DetailedError, type StatefulAuthorizationCall } from './cedar';
 import { entityLiteral, lineColumnAt } from './cedar-text';
 import { DecisionCache } from './decision-cache';
-import { collectEntityRefs, entityKey, type EntityRecord } from './entity-store';
+import { collectEntityRefs, entityKey, type EntityRecord, type EntityStore, type EntityUid } from './entity-store';
 import { checkInputBounds } from './input-bounds';
 import {
   PolicyInputError,
@@ -21,6 +21,7 @@ import {
   type EvaluationsResponse,
   type ExplainedError,
   type ExplainedPolicy,
+  type Explanation,
   type JsonObject,
   type NormalizedRequest,
 } from './policy-input';
@@ -32,6 +33,7 @@ import {
   readPolicyInputs,
   type CompiledPolicy,
   type CompiledPolicySet,
+  type PolicyInputs,
   type PolicyIssue,
   type PolicySources,
 } from './policy-set-loader';
@@ -111,6 +113,16 @@ interface ActiveSet {
 }
 
 type DecisionOutcome = 'allow' | 'deny' | 'error';
+
+/** The principal, action and resource of a request, as Cedar takes them. */
+interface RequestUids {
+  principal: EntityUid;
+  action: EntityUid;
+  resource: EntityUid;
+}
+
+/** A Cedar call whose uids are known to be in `{type, id}` form (the explanation prints them). */
+type CedarCall = StatefulAuthorizationCall & RequestUids;
 
 /** How often a watch that was lost (its directory removed) is tried again. */
 const REWATCH_INTERVAL_MS = 1000;
@@ -373,61 +385,15 @@ export class PolicyEngine extends EventEmitter {
   private async reloadNow(): Promise<ReloadResult> {
     const started = performance.now();
     const elapsed = (): number => Math.round((performance.now() - started) * 10) / 10;
-    if (this.closed)
-      return {
-        ok: false,
-        changed: false,
-        policies: this.policyCount,
-        entities: this.entityCount,
-        durationMs: 0,
-        error: 'policy engine closed',
-      };
+    if (this.closed) return this.reloadResult(false, false, 0, { error: 'policy engine closed' });
     let result: ReloadResult;
     try {
       const inputs = await readPolicyInputs(this.opts);
-      if (inputs.fingerprint === this.active.compiled.fingerprint) {
-        // Editors and ConfigMap updates touch files without changing them; nothing to do.
-        return {
-          ok: true,
-          changed: false,
-          policies: this.policyCount,
-          entities: this.entityCount,
-          durationMs: elapsed(),
-        };
-      }
-      const compiled = compilePolicySet(inputs);
-      if (this.closed) throw new Error('policy engine closed during reload');
-      this.active = this.activate(compiled);
-      this.cache.clear();
-      result = {
-        ok: true,
-        changed: true,
-        policies: this.policyCount,
-        entities: this.entityCount,
-        durationMs: elapsed(),
-      };
-      this.logLoaded(compiled, result.durationMs, 'policies reloaded');
+      // Editors and ConfigMap updates touch files without changing them; nothing to do.
+      if (inputs.fingerprint === this.active.compiled.fingerprint) return this.reloadResult(true, false, elapsed());
+      result = this.activateReloaded(inputs, elapsed);
     } catch (err) {
-      const issues =
-        err instanceof PolicyLoadError
-          ? err.issues
-          : [{ file: this.opts.policiesDir, message: (err as Error).message }];
-      result = {
-        ok: false,
-        changed: true,
-        policies: this.policyCount,
-        entities: this.entityCount,
-        durationMs: elapsed(),
-        error: (err as Error).message,
-        issues,
-      };
-      this.metrics.reloadFailures.inc();
-      this.metrics.lastReloadSuccess.set(0);
-      this.logger.error('policy reload failed; the last good policy set stays active', {
-        error: result.error,
-        issues: issues.map(formatPolicyIssue),
-        activePolicies: this.policyCount,
-      });
+      result = this.reloadFailed(err as Error, elapsed());
     }
     try {
       this.emit('reload', result);
@@ -435,6 +401,42 @@ export class PolicyEngine extends EventEmitter {
       this.logger.error('a reload listener threw', { error: (err as Error).message });
     }
     return result;
+  }
+
+  /** Compiles changed sources and makes them the active set, emptying the decision cache. */
+  private activateReloaded(inputs: PolicyInputs, elapsed: () => number): ReloadResult {
+    const compiled = compilePolicySet(inputs);
+    if (this.closed) throw new Error('policy engine closed during reload');
+    this.active = this.activate(compiled);
+    this.cache.clear();
+    const result = this.reloadResult(true, true, elapsed());
+    this.logLoaded(compiled, result.durationMs, 'policies reloaded');
+    return result;
+  }
+
+  /** A reload that failed: the last good set stays active; counted and logged with every issue. */
+  private reloadFailed(err: Error, durationMs: number): ReloadResult {
+    const issues =
+      err instanceof PolicyLoadError ? err.issues : [{ file: this.opts.policiesDir, message: err.message }];
+    const result = this.reloadResult(false, true, durationMs, { error: err.message, issues });
+    this.metrics.reloadFailures.inc();
+    this.metrics.lastReloadSuccess.set(0);
+    this.logger.error('policy reload failed; the last good policy set stays active', {
+      error: result.error,
+      issues: issues.map(formatPolicyIssue),
+      activePolicies: this.policyCount,
+    });
+    return result;
+  }
+
+  /** A ReloadResult with the counts of the set active now. */
+  private reloadResult(
+    ok: boolean,
+    changed: boolean,
+    durationMs: number,
+    failure: Pick<ReloadResult, 'error' | 'issues'> = {},
+  ): ReloadResult {
+    return { ok, changed, policies: this.policyCount, entities: this.entityCount, durationMs, ...failure };
   }
 
   // ---- watching ----
@@ -537,68 +539,9 @@ export class PolicyEngine extends EventEmitter {
     this.audit.record(rec);
   }
 
-  /** Entity data merged with request properties (the request wins, key by key). */
-  private static merged(
-    stored: EntityRecord | undefined,
-    uid: { type: string; id: string },
-    properties: JsonObject | undefined,
-  ): EntityRecord | undefined {
-    if (!properties) return stored;
-    if (!stored) return { uid, attrs: { ...properties }, parents: [] };
-    return { ...stored, attrs: { ...stored.attrs, ...properties } };
-  }
-
   private decide(request: NormalizedRequest): EvaluationResponse {
     const active = this.active;
-    const store = active.compiled.entities;
-    const principal = { type: request.subject.type, id: request.subject.id };
-    const resource = { type: request.resource.type, id: request.resource.id };
-    const action = { type: 'Action', id: request.action.name };
-    const principalKey = entityKey(principal);
-    const resourceKey = entityKey(resource);
-
-    const context: JsonObject = { ...request.context };
-    if (request.action.properties) {
-      if (ACTION_PROPERTIES_CONTEXT_KEY in context) {
-        throw new PolicyInputError(
-          `context.${ACTION_PROPERTIES_CONTEXT_KEY}`,
-          `context.${ACTION_PROPERTIES_CONTEXT_KEY} is reserved for action.properties; send one or the other`,
-        );
-      }
-      context[ACTION_PROPERTIES_CONTEXT_KEY] = request.action.properties;
-    }
-
-    const overrides = new Map<string, EntityRecord>();
-    const principalEntity = PolicyEngine.merged(store.get(principalKey), principal, request.subject.properties);
-    if (principalEntity) overrides.set(principalKey, principalEntity);
-    const resourceBase = overrides.get(resourceKey) ?? store.get(resourceKey);
-    const resourceEntity = PolicyEngine.merged(resourceBase, resource, request.resource.properties);
-    if (resourceEntity) overrides.set(resourceKey, resourceEntity);
-
-    const roots = new Set<string>([principalKey, resourceKey, entityKey(action)]);
-    for (const e of overrides.values()) {
-      for (const p of e.parents) roots.add(entityKey(p));
-      collectEntityRefs(e.attrs, roots);
-    }
-    collectEntityRefs(context, roots);
-    const keys = store.closure(roots, new Set(active.literalClosure));
-    for (const k of overrides.keys()) keys.add(k);
-    const entities: EntityRecord[] = [];
-    for (const k of keys) {
-      const e = overrides.get(k) ?? store.get(k);
-      if (e) entities.push(e);
-    }
-
-    const call = {
-      principal,
-      action,
-      resource,
-      context: context as never,
-      entities: entities as never,
-      preparsedPolicySetId: active.policySetId,
-      preparsedSchemaName: active.schemaName,
-      validateRequest: active.schemaName !== undefined,
-    };
+    const call = cedarCallOf(active, request);
     const answer = cedar.statefulIsAuthorized(call);
     if (answer.type === 'failure') {
       const first = answer.errors[0];
@@ -608,7 +551,18 @@ export class PolicyEngine extends EventEmitter {
         answer.errors,
       );
     }
-    const { decision, diagnostics } = answer.response;
+    const verdict = this.verdictOf(active, answer.response);
+    const response: EvaluationResponse = {
+      decision: verdict.allow,
+      context: { reason: reasonOf(verdict), policies: verdict.policies },
+    };
+    if (request.explain) response.context.explanation = this.explanationOf(active, call, verdict);
+    return response;
+  }
+
+  /** Cedar's answer with the fail-closed rule applied, and the policies that decided. */
+  private verdictOf(active: ActiveSet, response: CedarResponse): Verdict {
+    const { decision, diagnostics } = response;
     if (diagnostics.errors.length > 0) this.metrics.evaluationErrors.inc(diagnostics.errors.length);
     const errors: ExplainedError[] = [...diagnostics.errors]
       .sort((a, b) => a.policyId.localeCompare(b.policyId))
@@ -623,37 +577,28 @@ export class PolicyEngine extends EventEmitter {
     const failedClosed = decision === 'allow' && !allow;
     // A deny by a failed forbid names that forbid as the deciding policy.
     const policies = failedClosed ? failedForbids.map((e) => e.policy) : satisfiedIds;
+    return { cedarDecision: decision, allow, failedClosed, policies, satisfiedIds, errors, failedForbids };
+  }
 
-    const failed = failedClosed ? describeErrors(failedForbids, 'forbid', 'failed to evaluate') : '';
-    let reason: string;
-    if (allow) reason = `permitted by ${policies.join(', ')}`;
-    else if (failedClosed) reason = `denied: ${failed} (a forbid that cannot be evaluated denies)`;
-    else if (policies.length > 0) reason = `forbidden by ${policies.join(', ')}`;
-    else reason = 'no policy permits this request (default deny)';
-    const unexplained = failedClosed ? errors.filter((e) => !failedForbids.includes(e)) : errors;
-    if (unexplained.length > 0) {
-      reason += `; ${describeErrors(unexplained, 'policy', 'failed to evaluate and did not apply')}`;
+  /** `context.explanation`: the request's entities, the policies that applied, and the errors. */
+  private explanationOf(active: ActiveSet, call: CedarCall, verdict: Verdict): Explanation {
+    const satisfied: ExplainedPolicy[] = verdict.satisfiedIds.map((id) => this.explainPolicy(id));
+    if (verdict.cedarDecision === 'deny' && verdict.policies.length > 0) {
+      // Cedar names only the forbids of a deny; the permits they overrode come from the permit-only set.
+      const permits = cedar.statefulIsAuthorized({ ...call, preparsedPolicySetId: active.permitsOnlyId });
+      if (permits.type === 'success')
+        for (const id of permits.response.diagnostics.reason) satisfied.push(this.explainPolicy(id));
     }
-    const response: EvaluationResponse = { decision: allow, context: { reason, policies } };
-    if (request.explain) {
-      const satisfied: ExplainedPolicy[] = satisfiedIds.map((id) => this.explainPolicy(id));
-      if (decision === 'deny' && policies.length > 0) {
-        // Cedar names only the forbids of a deny; the permits they overrode come from the permit-only set.
-        const permits = cedar.statefulIsAuthorized({ ...call, preparsedPolicySetId: active.permitsOnlyId });
-        if (permits.type === 'success')
-          for (const id of permits.response.diagnostics.reason) satisfied.push(this.explainPolicy(id));
-      }
-      response.context.explanation = {
-        request: {
-          principal: entityLiteral(principal.type, principal.id),
-          action: entityLiteral(action.type, action.id),
-          resource: entityLiteral(resource.type, resource.id),
-        },
-        satisfied,
-        errors,
-      };
-    }
-    return response;
+    const { principal, action, resource } = call;
+    return {
+      request: {
+        principal: entityLiteral(principal.type, principal.id),
+        action: entityLiteral(action.type, action.id),
+        resource: entityLiteral(resource.type, resource.id),
+      },
+      satisfied,
+      errors: verdict.errors,
+    };
   }
 
   private explainPolicy(id: string): ExplainedPolicy {
@@ -674,6 +619,126 @@ export class PolicyEngine extends EventEmitter {
     const column = rel.line === 1 ? p.column + rel.column - 1 : rel.column;
     return `${p.file}:${line}:${column}`;
   }
+}
+
+/** Cedar's answer to one request, as interpreted by {@link PolicyEngine.decide}. */
+interface Verdict {
+  /** Cedar's own decision, before the fail-closed rule. */
+  cedarDecision: CedarResponse['decision'];
+  /** The decision answered: Cedar's allow, unless a forbid failed to evaluate. */
+  allow: boolean;
+  /** Cedar allowed, but a forbid that failed to evaluate turned it into a deny. */
+  failedClosed: boolean;
+  /** The deciding policies: the failed forbids when failed closed, else the satisfied ones. */
+  policies: string[];
+  /** Policies Cedar found satisfied, sorted. */
+  satisfiedIds: string[];
+  /** Every policy that failed to evaluate, sorted by id. */
+  errors: ExplainedError[];
+  /** The forbids among `errors`. */
+  failedForbids: ExplainedError[];
+}
+
+/** The one-line `context.reason` of a decision. */
+function reasonOf(verdict: Verdict): string {
+  const { allow, failedClosed, policies, errors, failedForbids } = verdict;
+  const failed = failedClosed ? describeErrors(failedForbids, 'forbid', 'failed to evaluate') : '';
+  let reason: string;
+  if (allow) reason = `permitted by ${policies.join(', ')}`;
+  else if (failedClosed) reason = `denied: ${failed} (a forbid that cannot be evaluated denies)`;
+  else if (policies.length > 0) reason = `forbidden by ${policies.join(', ')}`;
+  else reason = 'no policy permits this request (default deny)';
+  const unexplained = failedClosed ? errors.filter((e) => !failedForbids.includes(e)) : errors;
+  if (unexplained.length > 0) {
+    reason += `; ${describeErrors(unexplained, 'policy', 'failed to evaluate and did not apply')}`;
+  }
+  return reason;
+}
+
+/** The Cedar call for one request against the active set: uids, context and the entity slice. */
+function cedarCallOf(active: ActiveSet, request: NormalizedRequest): CedarCall {
+  const uids: RequestUids = {
+    principal: { type: request.subject.type, id: request.subject.id },
+    action: { type: 'Action', id: request.action.name },
+    resource: { type: request.resource.type, id: request.resource.id },
+  };
+  const context = contextOf(request);
+  const entities = entitySlice(active, request, uids, context);
+  return {
+    ...uids,
+    context: context as never,
+    entities: entities as never,
+    preparsedPolicySetId: active.policySetId,
+    preparsedSchemaName: active.schemaName,
+    validateRequest: active.schemaName !== undefined,
+  };
+}
+
+/** The request's context, with `action.properties` under {@link ACTION_PROPERTIES_CONTEXT_KEY}. */
+function contextOf(request: NormalizedRequest): JsonObject {
+  const context: JsonObject = { ...request.context };
+  if (request.action.properties) {
+    if (ACTION_PROPERTIES_CONTEXT_KEY in context) {
+      throw new PolicyInputError(
+        `context.${ACTION_PROPERTIES_CONTEXT_KEY}`,
+        `context.${ACTION_PROPERTIES_CONTEXT_KEY} is reserved for action.properties; send one or the other`,
+      );
+    }
+    context[ACTION_PROPERTIES_CONTEXT_KEY] = request.action.properties;
+  }
+  return context;
+}
+
+/**
+ * The entities one decision needs: the principal and resource (with the request's properties),
+ * everything reachable from them, from the action and the context, and the policies' literal closure.
+ */
+function entitySlice(
+  active: ActiveSet,
+  request: NormalizedRequest,
+  uids: RequestUids,
+  context: JsonObject,
+): EntityRecord[] {
+  const store = active.compiled.entities;
+  const overrides = requestEntities(store, request, uids);
+  const roots = new Set<string>([entityKey(uids.principal), entityKey(uids.resource), entityKey(uids.action)]);
+  for (const e of overrides.values()) {
+    for (const p of e.parents) roots.add(entityKey(p));
+    collectEntityRefs(e.attrs, roots);
+  }
+  collectEntityRefs(context, roots);
+  const keys = store.closure(roots, new Set(active.literalClosure));
+  for (const k of overrides.keys()) keys.add(k);
+  const entities: EntityRecord[] = [];
+  for (const k of keys) {
+    const e = overrides.get(k) ?? store.get(k);
+    if (e) entities.push(e);
+  }
+  return entities;
+}
+
+/** The principal and resource as this request sees them: stored data with its properties merged in. */
+function requestEntities(store: EntityStore, request: NormalizedRequest, uids: RequestUids): Map<string, EntityRecord> {
+  const principalKey = entityKey(uids.principal);
+  const resourceKey = entityKey(uids.resource);
+  const overrides = new Map<string, EntityRecord>();
+  const principalEntity = merged(store.get(principalKey), uids.principal, request.subject.properties);
+  if (principalEntity) overrides.set(principalKey, principalEntity);
+  const resourceBase = overrides.get(resourceKey) ?? store.get(resourceKey);
+  const resourceEntity = merged(resourceBase, uids.resource, request.resource.properties);
+  if (resourceEntity) overrides.set(resourceKey, resourceEntity);
+  return overrides;
+}
+
+/** Entity data merged with request properties (the request wins, key by key). */
+function merged(
+  stored: EntityRecord | undefined,
+  uid: EntityUid,
+  properties: JsonObject | undefined,
+): EntityRecord | undefined {
+  if (!properties) return stored;
+  if (!stored) return { uid, attrs: { ...properties }, parents: [] };
+  return { ...stored, attrs: { ...stored.attrs, ...properties } };
 }
 
 /** `N policies <what>: id (message), ...`, at most three named. */
