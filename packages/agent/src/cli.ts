@@ -148,23 +148,65 @@ const RUN_OPTIONS = {
 
 type Args = Record<string, unknown>;
 
-/** Builds the typed config; every problem is a ConfigError naming its flag. */
+/**
+ * Builds the typed config; every problem is a ConfigError naming its flag. Flags are checked in
+ * a fixed order, so with several bad flags the same one is always reported.
+ */
 export function agentConfigFromArgs(args: Args): AgentConfig {
   const brokers = asList(args.broker).map((b) => parseListenAddress('broker', b));
   if (brokers.length === 0) throw new ConfigError('broker', 'is required (HOST:PORT of a broker agent listener)');
+  const { logLevel, logFormat } = logSettingsFromArgs(args);
+  const upstreams = upstreamsFromArgs(args);
+  const local = localSideFromArgs(args);
+  const limits = streamLimitsFromArgs(args);
+  const identity = identityFromArgs(args);
+  return {
+    ...AGENT_DEFAULTS,
+    brokers,
+    ...identity,
+    brokerServerName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
+    upstreams,
+    localListen: local.localListen,
+    localTls: localTlsFromArgs(args, local),
+    adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
+    adminAllowedHosts: parseAllowedHosts('admin-allowed-host', args['admin-allowed-host']),
+    ...limits,
+    ...timingsFromArgs(args),
+    logLevel,
+    logFormat,
+    authn: authnConfigFromArgs(args),
+    policy: policyConfigFromArgs(args),
+  };
+}
+
+function logSettingsFromArgs(args: Args): { logLevel: string; logFormat: LogFormat } {
   const logLevel = String(args['log-level']);
   if (!['error', 'warn', 'info', 'debug'].includes(logLevel))
     throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
   const logFormat = String(args['log-format']);
   if (logFormat !== 'json' && logFormat !== 'text')
     throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
-  const upstreams = asList(args.upstream).map((u) => {
+  return { logLevel, logFormat };
+}
+
+function upstreamsFromArgs(args: Args): AgentConfig['upstreams'] {
+  return asList(args.upstream).map((u) => {
     try {
       return parseUpstreamRoute(u);
     } catch (err) {
       throw new ConfigError('upstream', (err as Error).message);
     }
   });
+}
+
+/** The site-side listener for local clients (--local-listen) and its TLS files. */
+interface LocalSideArgs {
+  readonly localListen: string | undefined;
+  readonly localTlsCert: string | undefined;
+  readonly localTlsKey: string | undefined;
+}
+
+function localSideFromArgs(args: Args): LocalSideArgs {
   const localTlsCert = args['local-tls-cert']
     ? requireReadableFile('local-tls-cert', args['local-tls-cert'])
     : undefined;
@@ -175,18 +217,44 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
       'local-tls-cert and local-tls-key go together',
     );
   const localListen = args['local-listen'] ? parseListenAddress('local-listen', args['local-listen']) : undefined;
+  // Local clients' calls carry credentials: without TLS they may only cross the loopback interface.
   if (localListen && !localTlsCert && !/^(127\.\d+\.\d+\.\d+|\[::1\]|localhost):\d+$/.test(localListen)) {
     throw new ConfigError(
       'local-listen',
       `${localListen} is not loopback; plaintext is only allowed on loopback, set local-tls-cert and local-tls-key`,
     );
   }
+  return { localListen, localTlsCert, localTlsKey };
+}
+
+/** TLS of the local listener, with --local-ca (checked after the agent's own --ca) when given. */
+function localTlsFromArgs(args: Args, local: LocalSideArgs): AgentConfig['localTls'] {
+  return local.localTlsCert && local.localTlsKey
+    ? {
+        certFile: local.localTlsCert,
+        keyFile: local.localTlsKey,
+        caFile: args['local-ca'] ? requireReadableFile('local-ca', args['local-ca']) : undefined,
+      }
+    : undefined;
+}
+
+function streamLimitsFromArgs(
+  args: Args,
+): Pick<AgentConfig, 'minIdleOffers' | 'maxOffers' | 'maxBrokers' | 'maxMessageBytes'> {
   const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
   if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3)
     throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
   const minIdleOffers = parseIntInRange('min-idle-streams', args['min-idle-streams'], 1, 1000);
   const maxOffers = parseIntInRange('max-streams', args['max-streams'], minIdleOffers, 100_000);
   const maxBrokers = parseIntInRange('max-brokers', args['max-brokers'], 1, 64);
+  return { minIdleOffers, maxOffers, maxBrokers, maxMessageBytes };
+}
+
+/**
+ * The agent's certificate, key and trust bundle: from explicit flags, or else from the files
+ * `burrow-agent enroll` wrote into --state-dir.
+ */
+function identityFromArgs(args: Args): Pick<AgentConfig, 'tlsCertFile' | 'tlsKeyFile' | 'caFile' | 'stateDir'> {
   const stateDir = args['state-dir'] ? String(args['state-dir']) : undefined;
   const files = stateDir ? stateFiles(stateDir) : undefined;
   if (stateDir && !args['tls-cert'] && !existsSync(files!.cert)) {
@@ -199,30 +267,13 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
   const tlsCertFile = requireReadableFile('tls-cert', args['tls-cert'] ?? files?.cert);
   const tlsKeyFile = requireReadableFile('tls-key', args['tls-key'] ?? files?.key);
   requireCertificatePair('tls-cert', tlsCertFile, 'tls-key', tlsKeyFile, 'agent');
+  return { tlsCertFile, tlsKeyFile, caFile: requireReadableFile('ca', args.ca ?? files?.ca), stateDir };
+}
+
+function timingsFromArgs(
+  args: Args,
+): Pick<AgentConfig, 'reconnectBaseMs' | 'reconnectMaxMs' | 'brokerWaitMs' | 'drainTimeoutMs' | 'keepalive'> {
   return {
-    ...AGENT_DEFAULTS,
-    brokers,
-    tlsCertFile,
-    tlsKeyFile,
-    caFile: requireReadableFile('ca', args.ca ?? files?.ca),
-    stateDir,
-    brokerServerName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
-    upstreams,
-    localListen,
-    localTls:
-      localTlsCert && localTlsKey
-        ? {
-            certFile: localTlsCert,
-            keyFile: localTlsKey,
-            caFile: args['local-ca'] ? requireReadableFile('local-ca', args['local-ca']) : undefined,
-          }
-        : undefined,
-    adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
-    adminAllowedHosts: parseAllowedHosts('admin-allowed-host', args['admin-allowed-host']),
-    minIdleOffers,
-    maxOffers,
-    maxBrokers,
-    maxMessageBytes,
     reconnectBaseMs: parseDurationMs('reconnect-base', args['reconnect-base']),
     reconnectMaxMs: parseDurationMs('reconnect-max', args['reconnect-max']),
     brokerWaitMs: parseDurationMs('broker-wait', args['broker-wait']),
@@ -231,10 +282,6 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
       timeMs: parseDurationMs('keepalive-time', args['keepalive-time']),
       timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']),
     },
-    logLevel,
-    logFormat: logFormat as LogFormat,
-    authn: authnConfigFromArgs(args),
-    policy: policyConfigFromArgs(args),
   };
 }
 

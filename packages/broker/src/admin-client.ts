@@ -43,12 +43,7 @@ export class AdminClient {
     const i = address.lastIndexOf(':');
     const host = address.slice(0, i).replace(/^\[|\]$/g, '');
     const port = Number(address.slice(i + 1));
-    const headers: Record<string, string> = { accept: 'application/json' };
-    if (token !== undefined) headers.authorization = `Bearer ${token}`;
-    if (body !== undefined) {
-      headers['content-type'] = 'application/json';
-      headers['content-length'] = String(Buffer.byteLength(body));
-    }
+    const headers = requestHeaders(token, body);
     return new Promise<T>((resolve, reject) => {
       const req = http.request({ host, port, method, path, headers, agent: false, timeout: timeoutMs }, (res) => {
         let text = '';
@@ -60,39 +55,11 @@ export class AdminClient {
           reject(new AdminRequestError('unreachable', `broker admin listener at ${address}: ${err.message}`)),
         );
         res.on('end', () => {
-          const status = res.statusCode ?? 0;
-          let parsed: unknown;
           try {
-            parsed = JSON.parse(text);
-          } catch {
-            parsed = undefined;
+            resolve(answerOf<T>(res.statusCode ?? 0, text, { address, method, path }));
+          } catch (err) {
+            reject(err);
           }
-          const error = (parsed as { error?: unknown } | undefined)?.error;
-          const detail = typeof error === 'string' ? error : text.trim().split('\n')[0] || `HTTP ${status}`;
-          if (status >= 200 && status < 300) {
-            if (parsed === undefined)
-              reject(
-                new AdminRequestError(
-                  'failed',
-                  `broker admin listener at ${address} answered ${method} ${path} with something that is not JSON`,
-                ),
-              );
-            else resolve(parsed as T);
-          } else if (status === 404) reject(new AdminRequestError('not_found', detail));
-          else if (status === 401 || status === 403)
-            reject(
-              new AdminRequestError(
-                'refused',
-                `broker admin listener at ${address} refused ${method} ${path}: ${detail}`,
-              ),
-            );
-          else
-            reject(
-              new AdminRequestError(
-                'failed',
-                `broker admin listener at ${address}: ${method} ${path}: HTTP ${status}: ${detail}`,
-              ),
-            );
         });
       });
       req.on('timeout', () => req.destroy(new Error(`no answer within ${timeoutMs} ms`)));
@@ -107,4 +74,45 @@ export class AdminClient {
       req.end(body);
     });
   }
+}
+
+function requestHeaders(token: string | undefined, body: string | undefined): Record<string, string> {
+  const headers: Record<string, string> = { accept: 'application/json' };
+  if (token !== undefined) headers.authorization = `Bearer ${token}`;
+  if (body !== undefined) {
+    headers['content-type'] = 'application/json';
+    headers['content-length'] = String(Buffer.byteLength(body));
+  }
+  return headers;
+}
+
+/**
+ * The parsed JSON of a 2xx answer; any other answer throws an {@link AdminRequestError} whose
+ * detail is the answer's `error` field, else its first line, else the HTTP status.
+ */
+function answerOf<T>(status: number, text: string, call: { address: string; method: string; path: string }): T {
+  const { address, method, path } = call;
+  let parsed: unknown;
+  try {
+    parsed = JSON.parse(text);
+  } catch {
+    parsed = undefined;
+  }
+  const error = (parsed as { error?: unknown } | undefined)?.error;
+  const detail = typeof error === 'string' ? error : text.trim().split('\n')[0] || `HTTP ${status}`;
+  if (status >= 200 && status < 300) {
+    if (parsed === undefined)
+      throw new AdminRequestError(
+        'failed',
+        `broker admin listener at ${address} answered ${method} ${path} with something that is not JSON`,
+      );
+    return parsed as T;
+  }
+  if (status === 404) throw new AdminRequestError('not_found', detail);
+  if (status === 401 || status === 403)
+    throw new AdminRequestError('refused', `broker admin listener at ${address} refused ${method} ${path}: ${detail}`);
+  throw new AdminRequestError(
+    'failed',
+    `broker admin listener at ${address}: ${method} ${path}: HTTP ${status}: ${detail}`,
+  );
 }

@@ -228,60 +228,74 @@ async function statusText(
     '',
     'CAs (all in the trust bundle):',
   ];
-  lines.push(
-    ...table(
-      ['ID', 'KIND', 'NOT AFTER', 'SIGNS'],
-      state.cas.map((c) => [
-        c.id,
-        c.kind,
-        `${c.notAfter.toISOString()} (${humanDuration(c.notAfter.getTime() - nowMs)} left)`,
-        c.kind === 'root'
-          ? '-'
-          : [c.signsClients ? 'agents, services' : '', c.signsServers ? 'brokers' : '']
-              .filter((x) => x !== '')
-              .join(', ') || 'nothing',
-      ]),
-    ),
-  );
+  lines.push(...caTable(state, nowMs));
   const pki = await loadPki(dir);
   const rotation = pki.manifest.rotation;
   if (rotation !== undefined) {
-    const old = await validLeavesOf(pki.dir, rotation.oldIssuingCaId, nowMs);
-    lines.push(
-      '',
-      old.count === 0
-        ? `old CA ${rotation.oldIssuingCaId}: no valid certificates left; 'finish' can remove it`
-        : `old CA ${rotation.oldIssuingCaId}: ${old.count} certificate(s) still valid, the last ` +
-            `until ${old.lastNotAfter!.toISOString()}`,
-    );
+    lines.push('', await oldCaLine(pki.dir, rotation.oldIssuingCaId, nowMs));
   }
   lines.push(
     '',
     `agents (as recorded by brokers; converged = bundle version ${state.bundleVersion} and certificate ` +
       `from ${pki.signingCa.record.id}):`,
   );
-  if (agents.length === 0) {
-    lines.push('  (none recorded)');
-  } else {
-    lines.push(
-      ...table(
-        ['AGENT', 'BUNDLE', 'ISSUER', 'CERT NOT AFTER', 'UPDATED', 'CONVERGED'],
-        agents.map((a) => [
-          a.agentId,
-          String(a.bundleVersion),
-          a.issuerCaId,
-          a.notAfter.toISOString() + (a.notAfter.getTime() <= nowMs ? ' (expired)' : ''),
-          a.updatedAt.toISOString(),
-          a.bundleVersion === state.bundleVersion && a.issuerCaId === pki.signingCa.record.id ? 'yes' : 'no',
-        ]),
-      ),
-    );
-    const converged = agents.filter(
-      (a) => a.bundleVersion === state.bundleVersion && a.issuerCaId === pki.signingCa.record.id,
-    ).length;
-    lines.push(`  ${converged}/${agents.length} converged`);
-  }
+  lines.push(...agentLines(agents, state.bundleVersion, pki.signingCa.record.id, nowMs));
   return `${lines.join('\n')}\n`;
+}
+
+/** One row per CA of the trust bundle: its lifetime left and what it signs. */
+function caTable(state: RotationState, nowMs: number): string[] {
+  return table(
+    ['ID', 'KIND', 'NOT AFTER', 'SIGNS'],
+    state.cas.map((c) => [
+      c.id,
+      c.kind,
+      `${c.notAfter.toISOString()} (${humanDuration(c.notAfter.getTime() - nowMs)} left)`,
+      c.kind === 'root'
+        ? '-'
+        : [c.signsClients ? 'agents, services' : '', c.signsServers ? 'brokers' : '']
+            .filter((x) => x !== '')
+            .join(', ') || 'nothing',
+    ]),
+  );
+}
+
+/** During a rotation: whether the old issuing CA still has valid certificates ('finish' waits for none). */
+async function oldCaLine(pkiDir: string, oldIssuingCaId: string, nowMs: number): Promise<string> {
+  const old = await validLeavesOf(pkiDir, oldIssuingCaId, nowMs);
+  return old.count === 0
+    ? `old CA ${oldIssuingCaId}: no valid certificates left; 'finish' can remove it`
+    : `old CA ${oldIssuingCaId}: ${old.count} certificate(s) still valid, the last ` +
+        `until ${old.lastNotAfter!.toISOString()}`;
+}
+
+/**
+ * The agents brokers recorded, and how many have converged: they hold bundle `bundleVersion`
+ * and a certificate from the signing CA `signingCaId`.
+ */
+function agentLines(
+  agents: Awaited<ReturnType<typeof agentStates>>,
+  bundleVersion: number,
+  signingCaId: string,
+  nowMs: number,
+): string[] {
+  if (agents.length === 0) return ['  (none recorded)'];
+  const isConverged = (a: (typeof agents)[number]): boolean =>
+    a.bundleVersion === bundleVersion && a.issuerCaId === signingCaId;
+  return [
+    ...table(
+      ['AGENT', 'BUNDLE', 'ISSUER', 'CERT NOT AFTER', 'UPDATED', 'CONVERGED'],
+      agents.map((a) => [
+        a.agentId,
+        String(a.bundleVersion),
+        a.issuerCaId,
+        a.notAfter.toISOString() + (a.notAfter.getTime() <= nowMs ? ' (expired)' : ''),
+        a.updatedAt.toISOString(),
+        isConverged(a) ? 'yes' : 'no',
+      ]),
+    ),
+    `  ${agents.filter(isConverged).length}/${agents.length} converged`,
+  ];
 }
 
 function table(header: string[], rows: string[][]): string[] {
@@ -330,117 +344,145 @@ async function runCheck(argv: Record<string, unknown>): Promise<void> {
   );
 }
 
+/** `--key-algorithm`, described with the algorithms it accepts. */
+function keyAlgorithmFlag(describe: string): Options {
+  return flag('key-algorithm', { describe: `${describe}: ${KEY_ALGORITHMS.join(', ')}` });
+}
+
 function parser(args: readonly string[]): Argv {
+  // Built once per parse, so every command's --dir reads BURROW_PKI_DIR at the same moment.
   const dirFlag = flag('dir', { describe: 'PKI directory', demandOption: true });
-  const keyAlgorithmFlag = (describe: string): Options =>
-    flag('key-algorithm', { describe: `${describe}: ${KEY_ALGORITHMS.join(', ')}` });
-  return yargs([...args])
+  const y = yargs([...args])
     .scriptName(PROGRAM)
-    .usage(`$0 <command> [options]\n\nCreate a Burrow PKI and issue SPIFFE X509-SVID style certificates.`)
+    .usage(`$0 <command> [options]\n\nCreate a Burrow PKI and issue SPIFFE X509-SVID style certificates.`);
+  return withCommonBehaviour(withLifecycleCommands(withIssuingCommands(y, dirFlag), dirFlag));
+}
+
+/** Commands that create things: the PKI itself, certificates and join tokens. */
+function withIssuingCommands(y: Argv, dirFlag: Options): Argv {
+  return y
     .command(
       'init',
       'create a root CA, an issuing CA and the trust bundle in a new directory',
-      (y) =>
-        y
-          .option('dir', dirFlag)
-          .option(
-            'trust-domain',
-            flag('trust-domain', { describe: `SPIFFE trust domain (default ${DEFAULT_TRUST_DOMAIN})` }),
-          )
-          .option('key-algorithm', keyAlgorithmFlag(`CA key algorithm (default ${DEFAULT_KEY_ALGORITHM})`))
-          .option('root-ttl', flag('root-ttl', { describe: 'root CA lifetime, e.g. 3650d (default 10 years)' }))
-          .option('issuing-ttl', flag('issuing-ttl', { describe: 'issuing CA lifetime, e.g. 365d (default 1 year)' })),
+      (yy) => initOptions(yy, dirFlag),
       runInit,
     )
     .command(
       'issue',
       'issue a certificate and key into an output directory (tls.crt, tls.key, ca.crt)',
-      (y) =>
-        y
-          .option('dir', dirFlag)
-          .option('role', flag('role', { describe: `role: ${ROLES.join(', ')}`, demandOption: true }))
-          .option(
-            'name',
-            flag('name', {
-              describe:
-                'agent, service or broker name, the last segment of spiffe://<td>/<role>/<name> ' +
-                "(a broker's default: its first --dns or --ip)",
-            }),
-          )
-          .option('dns', flag('dns', { describe: 'DNS name SAN, repeatable (broker only)', array: true }))
-          .option('ip', flag('ip', { describe: 'IP address SAN, repeatable (broker only)', array: true }))
-          .option('ttl', flag('ttl', { describe: 'lifetime, e.g. 90s, 15m, 24h, 7d, 1h30m (default 24h)' }))
-          .option('key-algorithm', keyAlgorithmFlag("key algorithm (default: the PKI's)"))
-          .option(
-            'out',
-            flag('out', {
-              describe: 'output directory, created 0700 (an existing one is tightened to 0700)',
-              demandOption: true,
-            }),
-          ),
+      (yy) => issueOptions(yy, dirFlag),
       runIssue,
     )
-    .command('token', 'manage join tokens', (y) =>
-      y
-        .command(
-          'create',
-          'create a single-use join token bound to an agent id; prints only the token',
-          (yy) =>
-            yy
-              .option('dir', dirFlag)
-              .option('agent-id', flag('agent-id', { describe: 'agent id the token enrolls', demandOption: true }))
-              .option('ttl', flag('ttl', { describe: 'token lifetime, e.g. 10m, 1h (default 1h)' })),
-          runTokenCreate,
-        )
-        .demandCommand(1, 'a token command is required: create'),
+    .command('token', 'manage join tokens', (yy) => tokenCommands(yy, dirFlag));
+}
+
+function initOptions(y: Argv, dirFlag: Options): Argv {
+  return y
+    .option('dir', dirFlag)
+    .option('trust-domain', flag('trust-domain', { describe: `SPIFFE trust domain (default ${DEFAULT_TRUST_DOMAIN})` }))
+    .option('key-algorithm', keyAlgorithmFlag(`CA key algorithm (default ${DEFAULT_KEY_ALGORITHM})`))
+    .option('root-ttl', flag('root-ttl', { describe: 'root CA lifetime, e.g. 3650d (default 10 years)' }))
+    .option('issuing-ttl', flag('issuing-ttl', { describe: 'issuing CA lifetime, e.g. 365d (default 1 year)' }));
+}
+
+function issueOptions(y: Argv, dirFlag: Options): Argv {
+  return y
+    .option('dir', dirFlag)
+    .option('role', flag('role', { describe: `role: ${ROLES.join(', ')}`, demandOption: true }))
+    .option(
+      'name',
+      flag('name', {
+        describe:
+          'agent, service or broker name, the last segment of spiffe://<td>/<role>/<name> ' +
+          "(a broker's default: its first --dns or --ip)",
+      }),
     )
+    .option('dns', flag('dns', { describe: 'DNS name SAN, repeatable (broker only)', array: true }))
+    .option('ip', flag('ip', { describe: 'IP address SAN, repeatable (broker only)', array: true }))
+    .option('ttl', flag('ttl', { describe: 'lifetime, e.g. 90s, 15m, 24h, 7d, 1h30m (default 24h)' }))
+    .option('key-algorithm', keyAlgorithmFlag("key algorithm (default: the PKI's)"))
+    .option(
+      'out',
+      flag('out', {
+        describe: 'output directory, created 0700 (an existing one is tightened to 0700)',
+        demandOption: true,
+      }),
+    );
+}
+
+function tokenCommands(y: Argv, dirFlag: Options): Argv {
+  return y
+    .command(
+      'create',
+      'create a single-use join token bound to an agent id; prints only the token',
+      (yy) =>
+        yy
+          .option('dir', dirFlag)
+          .option('agent-id', flag('agent-id', { describe: 'agent id the token enrolls', demandOption: true }))
+          .option('ttl', flag('ttl', { describe: 'token lifetime, e.g. 10m, 1h (default 1h)' })),
+      runTokenCreate,
+    )
+    .demandCommand(1, 'a token command is required: create');
+}
+
+/** Commands that operate an existing PKI: rotation, revocation, CRLs and expiry checks. */
+function withLifecycleCommands(y: Argv, dirFlag: Options): Argv {
+  return y
     .command(
       'rotate <action>',
       'CA rotation: init, update-clients, update-servers, finish, rollback, or status',
-      (y) =>
-        y
-          .positional('action', {
-            type: 'string',
-            choices: [...ROTATE_ACTIONS, 'status'],
-            describe: 'phase change, or status',
-          })
-          .option('dir', dirFlag)
-          .option('force', boolFlag('force', 'finish: drop the old CA although certificates it signed are still valid'))
-          .option('json', boolFlag('json', 'print the state as JSON')),
+      (yy) => rotateOptions(yy, dirFlag),
       runRotate,
     )
     .command(
       'revoke',
       'revoke a certificate by serial, or every certificate of an agent id so far',
-      (y) =>
-        y
-          .option('dir', dirFlag)
-          .option(
-            'agent-id',
-            flag('agent-id', { describe: 'revoke every certificate issued to this agent id up to now' }),
-          )
-          .option('serial', flag('serial', { describe: 'revoke the certificate with this serial (hex)' }))
-          .option('ban', boolFlag('ban', 'with --agent-id: also refuse enrollment of this id')),
+      (yy) => revokeOptions(yy, dirFlag),
       runRevoke,
     )
     .command(
       'crl',
       'write CRLs (PEM, one per issuing CA) of the revoked certificates',
-      (y) => y.option('dir', dirFlag).option('out', flag('out', { describe: 'output file (default: stdout)' })),
+      (yy) => yy.option('dir', dirFlag).option('out', flag('out', { describe: 'output file (default: stdout)' })),
       runCrl,
     )
     .command(
       'check',
       'check CA expiry: exit 1 with one line per CA expiring within --warn-days',
-      (y) =>
-        y
+      (yy) =>
+        yy
           .option('dir', dirFlag)
           .option(
             'warn-days',
             flag('warn-days', { describe: `warn when fewer days are left (default ${DEFAULT_WARN_DAYS})` }),
           ),
       runCheck,
-    )
+    );
+}
+
+function rotateOptions(y: Argv, dirFlag: Options): Argv {
+  return y
+    .positional('action', {
+      type: 'string',
+      choices: [...ROTATE_ACTIONS, 'status'],
+      describe: 'phase change, or status',
+    })
+    .option('dir', dirFlag)
+    .option('force', boolFlag('force', 'finish: drop the old CA although certificates it signed are still valid'))
+    .option('json', boolFlag('json', 'print the state as JSON'));
+}
+
+function revokeOptions(y: Argv, dirFlag: Options): Argv {
+  return y
+    .option('dir', dirFlag)
+    .option('agent-id', flag('agent-id', { describe: 'revoke every certificate issued to this agent id up to now' }))
+    .option('serial', flag('serial', { describe: 'revoke the certificate with this serial (hex)' }))
+    .option('ban', boolFlag('ban', 'with --agent-id: also refuse enrollment of this id'));
+}
+
+/** Directory hardening, strictness, help/version and error handling shared by every command. */
+function withCommonBehaviour(y: Argv): Argv {
+  return y
     .middleware(async (argv) => {
       // Every command but init works on an existing PKI directory: one left group/world
       // accessible (copied, unpacked, chmod'ed) is tightened before the command reads its keys.

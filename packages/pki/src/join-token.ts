@@ -206,18 +206,42 @@ export async function consumeJoinToken(opts: {
   const usedFile = path.join(tokensDir, 'used', `${parsed.tokenId}.json`);
   const name = `join token ${parsed.tokenId}`;
 
+  const stored = await readMatchingToken(tokenFile, usedFile, parsed.secret, name);
+  await assertConsumable(absDir, stored, name, nowMs);
+  await recordConsumed(usedFile, stored, name, nowMs);
+  await fs.unlink(tokenFile).catch((err: NodeJS.ErrnoException) => {
+    if (err.code !== 'ENOENT') throw err;
+  });
+  return { agentId: stored.agentId };
+}
+
+/**
+ * The pending token record whose secret matches. A token already consumed is reported as 'used'
+ * only to a caller that proves it knows the secret; to anyone else it is 'unknown'.
+ */
+async function readMatchingToken(
+  tokenFile: string,
+  usedFile: string,
+  secret: string,
+  name: string,
+): Promise<StoredJoinToken> {
   const stored = await readStored(tokenFile);
   if (stored === undefined) {
     const used = await readStored(usedFile);
-    if (used !== undefined && secretMatches(used, parsed.secret)) throw usedError(name, used);
+    if (used !== undefined && secretMatches(used, secret)) throw usedError(name, used);
     throw new EnrollmentError(
       'unknown',
       `token: unknown ${name}: it was never created in this PKI directory, or was deleted`,
     );
   }
-  if (!secretMatches(stored, parsed.secret)) {
+  if (!secretMatches(stored, secret)) {
     throw new EnrollmentError('unknown', `token: unknown ${name}: its secret does not match`);
   }
+  return stored;
+}
+
+/** Refuses, without consuming it, a token whose agent id is malformed or banned, or that has expired. */
+async function assertConsumable(absDir: string, stored: StoredJoinToken, name: string, nowMs: number): Promise<void> {
   // A token file edited (or written by an older release) with an id outside the grammar must not
   // be burnt for a certificate signCsr would refuse anyway: say so before consuming it.
   const idIssue = idProblem(stored.agentId);
@@ -237,6 +261,13 @@ export async function consumeJoinToken(opts: {
         `'burrow-pki token create'`,
     );
   }
+}
+
+/**
+ * Writes the consumed record to used/ without clobbering: the exclusive create is what lets
+ * exactly one of several concurrent consumers win; the others get 'used'.
+ */
+async function recordConsumed(usedFile: string, stored: StoredJoinToken, name: string, nowMs: number): Promise<void> {
   const consumed: StoredJoinToken = { ...stored, consumedAt: new Date(nowMs).toISOString() };
   try {
     await writeFileAtomic(usedFile, `${JSON.stringify(consumed, null, 2)}\n`, { mode: 0o600, noClobber: true });
@@ -250,10 +281,6 @@ export async function consumeJoinToken(opts: {
     }
     throw new PkiError(`token: cannot consume ${name} (${(err as Error).message})`, { cause: err });
   }
-  await fs.unlink(tokenFile).catch((err: NodeJS.ErrnoException) => {
-    if (err.code !== 'ENOENT') throw err;
-  });
-  return { agentId: stored.agentId };
 }
 
 function usedError(name: string, record: StoredJoinToken): EnrollmentError {

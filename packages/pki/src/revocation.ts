@@ -19,7 +19,7 @@ import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { writeFileAtomic } from './atomic-write';
 import { NOT_BEFORE_BACKDATE_MS } from './certificate-authority';
-import { pruneIssuedLogs, readAllIssuedLeaves } from './issued-log';
+import { pruneIssuedLogs, readAllIssuedLeaves, type IssuedLeafRecord } from './issued-log';
 import { signingAlgorithm } from './key-algorithm';
 import { withPkiLock } from './lock';
 import { loadCaCertificate, loadCaSigningMaterial, readManifest } from './pki-dir';
@@ -213,6 +213,43 @@ export async function revoke(opts: RevokeOptions): Promise<void> {
 
 /** {@link revoke}, returning what it added. */
 export async function revokeDetailed(opts: RevokeOptions): Promise<RevokeResult> {
+  const serial = checkRevokeOptions(opts);
+  const nowMs = opts.nowMs ?? Date.now();
+  const absDir = path.resolve(opts.dir);
+  await readManifest(absDir); // a clear error for a directory that is not a PKI
+
+  return withPkiLock(absDir, 'revoke', async () => {
+    const current = await readRevocationsFile(path.join(absDir, REVOCATIONS_FILE));
+    const draft: RevocationDraft = {
+      now: new Date(nowMs).toISOString(),
+      serials: [...current.serials],
+      agents: [...current.agents],
+      have: new Set(current.serials.map((s) => serialKey(s.serialHex))),
+      added: [],
+    };
+    const leaves = await readAllIssuedLeaves(absDir);
+    let serialKnown: boolean | undefined;
+    if (serial !== undefined) serialKnown = addSerial(draft, serial, leaves);
+    else addAgent(draft, opts.agentId!, Boolean(opts.ban), leaves, nowMs);
+
+    const next: RevocationsFile = {
+      version: current.version + 1,
+      updatedAt: draft.now,
+      // Entries of certificates that have expired no longer matter; keep the file small.
+      serials: draft.serials.filter((s) => s.notAfter === undefined || Date.parse(s.notAfter) > nowMs),
+      agents: draft.agents,
+    };
+    await writeFileAtomic(path.join(absDir, REVOCATIONS_FILE), `${JSON.stringify(next, null, 2)}\n`, { mode: 0o644 });
+    await pruneIssuedLogs(absDir, nowMs).catch(() => undefined);
+    return { version: next.version, serials: draft.added, ...(serialKnown === undefined ? {} : { serialKnown }) };
+  });
+}
+
+/**
+ * Rejects inconsistent {@link RevokeOptions} before anything is read or locked.
+ * @returns the normalised serial for a revocation by serial, undefined for one by agent id.
+ */
+function checkRevokeOptions(opts: RevokeOptions): string | undefined {
   if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
   const hasAgent = opts.agentId !== undefined && opts.agentId !== '';
   const hasSerial = opts.serialHex !== undefined && opts.serialHex !== '';
@@ -220,77 +257,79 @@ export async function revokeDetailed(opts: RevokeOptions): Promise<RevokeResult>
     throw new PkiError('revoke: give exactly one of agent id (--agent-id) or serial (--serial)');
   if (opts.ban && !hasAgent) throw new PkiError('ban: only applies to an agent id (--agent-id)');
   if (hasAgent) assertName(opts.agentId, 'agent-id');
-  const serial = hasSerial ? normalizeSerialHex(opts.serialHex) : undefined;
-  const nowMs = opts.nowMs ?? Date.now();
-  const absDir = path.resolve(opts.dir);
-  await readManifest(absDir); // a clear error for a directory that is not a PKI
+  return hasSerial ? normalizeSerialHex(opts.serialHex) : undefined;
+}
 
-  return withPkiLock(absDir, 'revoke', async () => {
-    const current = await readRevocationsFile(path.join(absDir, REVOCATIONS_FILE));
-    const now = new Date(nowMs).toISOString();
-    const serials = [...current.serials];
-    const agents = [...current.agents];
-    const have = new Set(serials.map((s) => serialKey(s.serialHex)));
-    const added: string[] = [];
-    const leaves = await readAllIssuedLeaves(absDir);
-    let serialKnown: boolean | undefined;
+/** The revocation list being changed under the PKI lock by {@link revokeDetailed}. */
+interface RevocationDraft {
+  /** Revocation time of new entries (ISO 8601). */
+  readonly now: string;
+  readonly serials: RevokedSerialRecord[];
+  readonly agents: RevokedAgentRecord[];
+  /** serialKey of every serial in `serials`, so none is listed twice. */
+  readonly have: Set<string>;
+  /** Serials added by this call, for the result. */
+  readonly added: string[];
+}
 
-    if (serial !== undefined) {
-      const leaf = leaves.find((l) => serialKey(l.serialHex) === serialKey(serial));
-      serialKnown = leaf !== undefined;
-      if (!have.has(serialKey(serial))) {
-        serials.push({
-          serialHex: leaf?.serialHex.toUpperCase() ?? serial,
-          revokedAt: now,
-          ...(leaf === undefined
-            ? {}
-            : { issuerCaId: leaf.issuerCaId, role: leaf.role, name: leaf.name, notAfter: leaf.notAfter }),
-          via: 'serial',
-        });
-        added.push(serial);
-      }
-    } else {
-      const agentId = opts.agentId!;
-      const index = agents.findIndex((a) => a.agentId === agentId);
-      const previous = index >= 0 ? agents[index] : undefined;
-      const revokedAtMs = Math.max(nowMs, previous === undefined ? -Infinity : Date.parse(previous.revokedAt));
-      const record: RevokedAgentRecord = {
-        agentId,
-        revokedAt: new Date(revokedAtMs).toISOString(),
-        banned: Boolean(opts.ban) || (previous?.banned ?? false),
-      };
-      if (index >= 0) agents[index] = record;
-      else agents.push(record);
-      for (const leaf of leaves) {
-        if (leaf.role !== 'agent' || leaf.name !== agentId) continue;
-        if (Date.parse(leaf.notAfter) <= nowMs) continue; // expired: nothing to revoke
-        if (!record.banned && Date.parse(leaf.issuedAt) > revokedAtMs) continue;
-        if (have.has(serialKey(leaf.serialHex))) continue;
-        have.add(serialKey(leaf.serialHex));
-        serials.push({
-          serialHex: leaf.serialHex.toUpperCase(),
-          revokedAt: now,
-          issuerCaId: leaf.issuerCaId,
-          role: leaf.role,
-          name: leaf.name,
-          notAfter: leaf.notAfter,
-          via: 'agent',
-        });
-        added.push(leaf.serialHex.toUpperCase());
-      }
-    }
+/**
+ * Lists one serial, with its issuer and lifetime when the issued-leaf log knows it.
+ * @returns whether the log knew it.
+ */
+function addSerial(draft: RevocationDraft, serial: string, leaves: readonly IssuedLeafRecord[]): boolean {
+  const leaf = leaves.find((l) => serialKey(l.serialHex) === serialKey(serial));
+  if (!draft.have.has(serialKey(serial))) {
+    draft.serials.push({
+      serialHex: leaf?.serialHex.toUpperCase() ?? serial,
+      revokedAt: draft.now,
+      ...(leaf === undefined
+        ? {}
+        : { issuerCaId: leaf.issuerCaId, role: leaf.role, name: leaf.name, notAfter: leaf.notAfter }),
+      via: 'serial',
+    });
+    draft.added.push(serial);
+  }
+  return leaf !== undefined;
+}
 
-    const next: RevocationsFile = {
-      version: current.version + 1,
-      updatedAt: now,
-      // Entries of certificates that have expired no longer matter; keep the file small.
-      serials: serials.filter((s) => s.notAfter === undefined || Date.parse(s.notAfter) > nowMs),
-      agents,
-    };
-    await writeFileAtomic(path.join(absDir, REVOCATIONS_FILE), `${JSON.stringify(next, null, 2)}\n`, { mode: 0o644 });
-    await pruneIssuedLogs(absDir, nowMs).catch(() => undefined);
-    return { version: next.version, serials: added, ...(serialKnown === undefined ? {} : { serialKnown }) };
-  });
+/**
+ * Records the agent's revocation (never moving an earlier one back, never lifting a ban) and
+ * lists the serials of its unexpired certificates issued up to then (all of them when banned).
+ */
+function addAgent(
+  draft: RevocationDraft,
+  agentId: string,
+  ban: boolean,
+  leaves: readonly IssuedLeafRecord[],
+  nowMs: number,
+): void {
+  const index = draft.agents.findIndex((a) => a.agentId === agentId);
+  const previous = index >= 0 ? draft.agents[index] : undefined;
+  const revokedAtMs = Math.max(nowMs, previous === undefined ? -Infinity : Date.parse(previous.revokedAt));
+  const record: RevokedAgentRecord = {
+    agentId,
+    revokedAt: new Date(revokedAtMs).toISOString(),
+    banned: ban || (previous?.banned ?? false),
+  };
+  if (index >= 0) draft.agents[index] = record;
+  else draft.agents.push(record);
+  for (const leaf of leaves) {
+    if (leaf.role !== 'agent' || leaf.name !== agentId) continue;
+    if (Date.parse(leaf.notAfter) <= nowMs) continue; // expired: nothing to revoke
+    if (!record.banned && Date.parse(leaf.issuedAt) > revokedAtMs) continue;
+    if (draft.have.has(serialKey(leaf.serialHex))) continue;
+    draft.have.add(serialKey(leaf.serialHex));
+    draft.serials.push({
+      serialHex: leaf.serialHex.toUpperCase(),
+      revokedAt: draft.now,
+      issuerCaId: leaf.issuerCaId,
+      role: leaf.role,
+      name: leaf.name,
+      notAfter: leaf.notAfter,
+      via: 'agent',
+    });
+    draft.added.push(leaf.serialHex.toUpperCase());
+  }
 }
 
 /** Options for {@link writeCrl}. */

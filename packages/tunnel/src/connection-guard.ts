@@ -116,90 +116,45 @@ function capRequestBytes(stream: http2.ServerHttp2Stream, maxBytes: number): voi
  * work. Call after the servers are bound (grpc-js) or created (node:https).
  */
 export function guardConnections(servers: Iterable<TlsServer>, opts: ConnectionGuardOptions): ConnectionGuard {
-  const inHandshake = new Set<Socket>();
-  const unauthenticated = new Set<Socket>();
-  const unprovenByAddress = new Map<string, number>();
-  const tracked = new Map<Socket, Tracked>();
-  let shedCount = 0;
+  const guard = new GuardState(opts);
+  for (const s of servers) guard.install(s);
+  return {
+    pending: () => guard.inHandshake.size,
+    shed: () => guard.shedCount,
+    unauthenticated: () => guard.unauthenticated.size,
+  };
+}
 
-  const prove = (t: Tracked): void => {
-    if (!t.unproven) return;
-    t.unproven = false;
-    const left = (unprovenByAddress.get(t.address) ?? 1) - 1;
-    if (left > 0) unprovenByAddress.set(t.address, left);
-    else unprovenByAddress.delete(t.address);
-  };
-  const forget = (raw: Socket, t: Tracked): void => {
-    if (t.closed) return;
-    t.closed = true;
-    clearTimeout(t.timer);
-    inHandshake.delete(raw);
-    unauthenticated.delete(raw);
-    tracked.delete(raw);
-    prove(t);
-  };
-  const closeAfter = (ms: number, raw: Socket, t: Tracked, why: GuardedClose, socket: Socket): void => {
-    clearTimeout(t.timer);
-    if (ms <= 0) return;
-    t.timer = setTimeout(() => {
-      opts.onClose(raw, why);
-      socket.destroy();
-      raw.destroy();
-    }, ms);
-    // Cleared when the connection closes; never the reason the process stays up.
-    t.timer.unref();
-  };
+/** The bookkeeping of one {@link guardConnections} call, shared by all of its servers. */
+class GuardState {
+  /** Accepted sockets whose TLS handshake is running (what `maxPending` counts). */
+  readonly inHandshake = new Set<Socket>();
+  /** Sockets secure without a valid client certificate (what `unauthenticated.maxConnections` counts). */
+  readonly unauthenticated = new Set<Socket>();
+  /** Connections reset at accept by `maxPending`. */
+  shedCount = 0;
+  /** Per source address, its connections with `unproven` set; no entry for 0. */
+  private readonly unprovenByAddress = new Map<string, number>();
+  /** Every open connection the guard admitted, by its TCP socket. */
+  private readonly tracked = new Map<Socket, Tracked>();
 
-  for (const s of servers) {
+  constructor(private readonly opts: ConnectionGuardOptions) {}
+
+  /** Puts the guard in front of `s`'s TLS handshakes, and caps its unauthenticated HTTP/2 sessions. */
+  install(s: TlsServer): void {
     // Node's own 'connection' listener wraps the socket in TLS (an OpenSSL session, a TLSWrap, an
     // error object when it closes); it runs only for the connections admitted, so a refused one
     // costs no more than its accept.
     const startTls = s.listeners('connection') as ((raw: Socket) => void)[];
     s.removeAllListeners('connection');
     s.on('connection', (raw: Socket) => {
-      const address = raw.remoteAddress ?? '';
-      const unproven = unprovenByAddress.get(address) ?? 0;
-      let refused: GuardedClose | undefined;
-      if (opts.maxPending > 0 && inHandshake.size >= opts.maxPending) refused = 'pending_cap';
-      else if (opts.maxUnprovenPerAddress > 0 && unproven >= opts.maxUnprovenPerAddress) refused = 'address_cap';
-      if (refused) {
-        if (refused === 'pending_cap') shedCount++;
-        opts.onClose(raw, refused);
-        // A reset, not a FIN: the client fails at once, and no TIME_WAIT is left on the server.
-        raw.resetAndDestroy();
-        return;
-      }
-      const t: Tracked = { address, unproven: true, closed: false };
-      unprovenByAddress.set(address, unproven + 1);
-      inHandshake.add(raw);
-      tracked.set(raw, t);
-      raw.once('close', () => forget(raw, t));
-      closeAfter(opts.handshakeTimeoutMs, raw, t, 'handshake_timeout', raw);
+      if (!this.admit(raw)) return;
       for (const listener of startTls) listener.call(s, raw);
     });
     // node:tls keeps the accepted TCP socket as the TLS socket's _parent (test/handshake-limit
     // fails if that changes: handshakes would then count until the connection closes).
-    s.on('secureConnection', (tlsSocket: TLSSocket & { _parent?: Socket }) => {
-      const raw = tlsSocket._parent;
-      const t = raw ? tracked.get(raw) : undefined;
-      if (!raw || !t) return;
-      inHandshake.delete(raw);
-      clearTimeout(t.timer);
-      tlsSocket.once('close', () => forget(raw, t));
-      const limits = opts.unauthenticated;
-      if (tlsSocket.authorized || !limits) {
-        prove(t);
-        return;
-      }
-      if (unauthenticated.size >= limits.maxConnections) {
-        opts.onClose(raw, 'unauthenticated_cap');
-        tlsSocket.destroy();
-        return;
-      }
-      unauthenticated.add(raw);
-      closeAfter(limits.timeoutMs, raw, t, 'unauthenticated_timeout', tlsSocket);
-    });
-    const limits = opts.unauthenticated;
+    s.on('secureConnection', (tlsSocket: TLSSocket & { _parent?: Socket }) => this.secured(tlsSocket));
+    const limits = this.opts.unauthenticated;
     if (limits) {
       // Node's HTTP/2 server creates the session in its own 'secureConnection' listener (before
       // the one above), so these settings go out before any frame of the client is read.
@@ -210,5 +165,86 @@ export function guardConnections(servers: Iterable<TlsServer>, opts: ConnectionG
       });
     }
   }
-  return { pending: () => inHandshake.size, shed: () => shedCount, unauthenticated: () => unauthenticated.size };
+
+  /**
+   * At accept: resets `raw` past the pending or per-address cap, else tracks it and starts its
+   * handshake timeout. @returns whether the TLS handshake may start.
+   */
+  private admit(raw: Socket): boolean {
+    const { opts } = this;
+    const address = raw.remoteAddress ?? '';
+    const unproven = this.unprovenByAddress.get(address) ?? 0;
+    let refused: GuardedClose | undefined;
+    if (opts.maxPending > 0 && this.inHandshake.size >= opts.maxPending) refused = 'pending_cap';
+    else if (opts.maxUnprovenPerAddress > 0 && unproven >= opts.maxUnprovenPerAddress) refused = 'address_cap';
+    if (refused) {
+      if (refused === 'pending_cap') this.shedCount++;
+      opts.onClose(raw, refused);
+      // A reset, not a FIN: the client fails at once, and no TIME_WAIT is left on the server.
+      raw.resetAndDestroy();
+      return false;
+    }
+    const t: Tracked = { address, unproven: true, closed: false };
+    this.unprovenByAddress.set(address, unproven + 1);
+    this.inHandshake.add(raw);
+    this.tracked.set(raw, t);
+    raw.once('close', () => this.forget(raw, t));
+    this.closeAfter(opts.handshakeTimeoutMs, raw, t, 'handshake_timeout', raw);
+    return true;
+  }
+
+  /** Handshake done: proves a client-certified connection, caps and times the others. */
+  private secured(tlsSocket: TLSSocket & { _parent?: Socket }): void {
+    const raw = tlsSocket._parent;
+    const t = raw ? this.tracked.get(raw) : undefined;
+    if (!raw || !t) return;
+    this.inHandshake.delete(raw);
+    clearTimeout(t.timer);
+    tlsSocket.once('close', () => this.forget(raw, t));
+    const limits = this.opts.unauthenticated;
+    if (tlsSocket.authorized || !limits) {
+      this.prove(t);
+      return;
+    }
+    if (this.unauthenticated.size >= limits.maxConnections) {
+      this.opts.onClose(raw, 'unauthenticated_cap');
+      tlsSocket.destroy();
+      return;
+    }
+    this.unauthenticated.add(raw);
+    this.closeAfter(limits.timeoutMs, raw, t, 'unauthenticated_timeout', tlsSocket);
+  }
+
+  /** Stops counting `t` against its address. */
+  private prove(t: Tracked): void {
+    if (!t.unproven) return;
+    t.unproven = false;
+    const left = (this.unprovenByAddress.get(t.address) ?? 1) - 1;
+    if (left > 0) this.unprovenByAddress.set(t.address, left);
+    else this.unprovenByAddress.delete(t.address);
+  }
+
+  /** The connection closed: drops it from every count (once, whichever socket reported it). */
+  private forget(raw: Socket, t: Tracked): void {
+    if (t.closed) return;
+    t.closed = true;
+    clearTimeout(t.timer);
+    this.inHandshake.delete(raw);
+    this.unauthenticated.delete(raw);
+    this.tracked.delete(raw);
+    this.prove(t);
+  }
+
+  /** Replaces `t`'s timer: after `ms` (never for 0), reports `why` and destroys `socket` and `raw`. */
+  private closeAfter(ms: number, raw: Socket, t: Tracked, why: GuardedClose, socket: Socket): void {
+    clearTimeout(t.timer);
+    if (ms <= 0) return;
+    t.timer = setTimeout(() => {
+      this.opts.onClose(raw, why);
+      socket.destroy();
+      raw.destroy();
+    }, ms);
+    // Cleared when the connection closes; never the reason the process stays up.
+    t.timer.unref();
+  }
 }

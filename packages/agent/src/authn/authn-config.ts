@@ -94,6 +94,25 @@ export function authnConfigFromArgs(args: Record<string, unknown>): TokenVerifie
   }
   if (given(args, 'jwks') && given(args, 'jwks-url'))
     throw new ConfigError('jwks-url', 'cannot be combined with --jwks: name one key source');
+  const settings = tokenRulesFromArgs(args);
+  applyKeySourceFlags(settings, args);
+  applyClaimFlags(settings, args);
+  if (given(args, 'introspection-url')) {
+    settings.introspection = introspectionFromArgs(args);
+  } else {
+    const stray = [
+      'introspection-client-id',
+      'introspection-client-secret-file',
+      'introspection-timeout',
+      'introspection-cache-ttl',
+    ].find((f) => given(args, f));
+    if (stray) throw new ConfigError(stray, 'has no effect without --introspection-url');
+  }
+  return settings;
+}
+
+/** Issuers, audiences, algorithms and required claims, with the defaults of the flags not given. */
+function tokenRulesFromArgs(args: Record<string, unknown>): TokenVerifierSettings {
   const issuers = listOf(args['token-issuer']);
   if (issuers.length === 0)
     throw new ConfigError(
@@ -117,8 +136,17 @@ export function authnConfigFromArgs(args: Record<string, unknown>): TokenVerifie
   if (outside !== undefined) {
     throw new ConfigError('token-audience', `"${outside}" is not one of --token-allowed-audience`);
   }
+  return settings;
+}
+
+/** --jwks or --jwks-url (never both; checked before) into `settings`. */
+function applyKeySourceFlags(settings: TokenVerifierSettings, args: Record<string, unknown>): void {
   if (given(args, 'jwks')) settings.jwksFile = requireReadableFile('jwks', args.jwks);
   if (given(args, 'jwks-url')) settings.jwksUrl = httpUrl('jwks-url', String(args['jwks-url'])).href;
+}
+
+/** --token-clock-skew and --token-groups-claim over their defaults in `settings`. */
+function applyClaimFlags(settings: TokenVerifierSettings, args: Record<string, unknown>): void {
   if (given(args, 'token-clock-skew')) {
     settings.clockSkewMs = parseDurationMs('token-clock-skew', args['token-clock-skew']);
     if (settings.clockSkewMs > MAX_CLOCK_SKEW_MS)
@@ -128,34 +156,27 @@ export function authnConfigFromArgs(args: Record<string, unknown>): TokenVerifie
     settings.groupsClaim = String(args['token-groups-claim']).trim();
     if (settings.groupsClaim === '') throw new ConfigError('token-groups-claim', 'must not be empty');
   }
-  if (given(args, 'introspection-url')) {
-    const secretFile = given(args, 'introspection-client-secret-file')
-      ? requireReadableFile('introspection-client-secret-file', args['introspection-client-secret-file'])
-      : undefined;
-    const clientId = given(args, 'introspection-client-id') ? String(args['introspection-client-id']) : undefined;
-    if (secretFile && !clientId)
-      throw new ConfigError('introspection-client-id', 'is required with --introspection-client-secret-file');
-    const timeoutMs = given(args, 'introspection-timeout')
-      ? parseDurationMs('introspection-timeout', args['introspection-timeout'])
-      : INTROSPECTION_DEFAULTS.timeoutMs;
-    if (timeoutMs < 1 || timeoutMs > 60_000) throw new ConfigError('introspection-timeout', 'must be from 1ms to 1m');
-    settings.introspection = {
-      url: httpUrl('introspection-url', String(args['introspection-url'])).href,
-      clientId,
-      clientSecretFile: secretFile,
-      timeoutMs,
-      cacheTtlMs: given(args, 'introspection-cache-ttl')
-        ? parseDurationMs('introspection-cache-ttl', args['introspection-cache-ttl'])
-        : INTROSPECTION_DEFAULTS.cacheTtlMs,
-    };
-  } else {
-    const stray = [
-      'introspection-client-id',
-      'introspection-client-secret-file',
-      'introspection-timeout',
-      'introspection-cache-ttl',
-    ].find((f) => given(args, f));
-    if (stray) throw new ConfigError(stray, 'has no effect without --introspection-url');
-  }
-  return settings;
+}
+
+/** The introspection endpoint's settings, given --introspection-url. */
+function introspectionFromArgs(args: Record<string, unknown>): TokenVerifierSettings['introspection'] {
+  const secretFile = given(args, 'introspection-client-secret-file')
+    ? requireReadableFile('introspection-client-secret-file', args['introspection-client-secret-file'])
+    : undefined;
+  const clientId = given(args, 'introspection-client-id') ? String(args['introspection-client-id']) : undefined;
+  if (secretFile && !clientId)
+    throw new ConfigError('introspection-client-id', 'is required with --introspection-client-secret-file');
+  const timeoutMs = given(args, 'introspection-timeout')
+    ? parseDurationMs('introspection-timeout', args['introspection-timeout'])
+    : INTROSPECTION_DEFAULTS.timeoutMs;
+  if (timeoutMs < 1 || timeoutMs > 60_000) throw new ConfigError('introspection-timeout', 'must be from 1ms to 1m');
+  return {
+    url: httpUrl('introspection-url', String(args['introspection-url'])).href,
+    clientId,
+    clientSecretFile: secretFile,
+    timeoutMs,
+    cacheTtlMs: given(args, 'introspection-cache-ttl')
+      ? parseDurationMs('introspection-cache-ttl', args['introspection-cache-ttl'])
+      : INTROSPECTION_DEFAULTS.cacheTtlMs,
+  };
 }

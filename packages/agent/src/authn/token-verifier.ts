@@ -158,16 +158,25 @@ export class TokenVerifier extends EventEmitter {
     this.jwtRequiredClaims = [...new Set([...this.requiredClaims, ...(expRequired ? ['exp'] : [])])];
     this.maxTokenBytes = options.maxTokenBytes ?? TOKEN_VERIFIER_DEFAULTS.maxTokenBytes;
 
+    this.keySource = this.createKeySource(jose, options);
+    this.keySource?.on('keys', (set: JwksKeySet) => this.emit('keys', set));
+    this.keySource?.on('failed', (err: Error) => this.emit('jwks-failed', err));
+    this.introspection = this.createIntrospectionClient(options);
+  }
+
+  /** The JWKS file or URL source of `options`, or undefined for neither. Throws ConfigError for a bad URL. */
+  private createKeySource(jose: JoseModule, options: TokenVerifierOptions): JwksSource | undefined {
     const timing = {
       refreshMinIntervalMs: options.jwksRefreshMinIntervalMs ?? TOKEN_VERIFIER_DEFAULTS.jwksRefreshMinIntervalMs,
       maxAgeMs: options.jwksMaxAgeMs ?? TOKEN_VERIFIER_DEFAULTS.jwksMaxAgeMs,
       clock: this.clock,
     };
     if (options.jwksFile) {
-      this.keySource = new JwksSource(jose, new JwksFileLoader(options.jwksFile), timing, this.metrics, this.logger);
-    } else if (options.jwksUrl) {
+      return new JwksSource(jose, new JwksFileLoader(options.jwksFile), timing, this.metrics, this.logger);
+    }
+    if (options.jwksUrl) {
       const url = httpUrl('jwksUrl', options.jwksUrl);
-      this.keySource = new JwksSource(
+      return new JwksSource(
         jose,
         new JwksUrlLoader(url, this.http, options.jwksTimeoutMs ?? TOKEN_VERIFIER_DEFAULTS.jwksTimeoutMs),
         timing,
@@ -175,20 +184,22 @@ export class TokenVerifier extends EventEmitter {
         this.logger,
       );
     }
-    this.keySource?.on('keys', (set: JwksKeySet) => this.emit('keys', set));
-    this.keySource?.on('failed', (err: Error) => this.emit('jwks-failed', err));
-    if (options.introspection) {
-      const intro = options.introspection;
-      httpUrl('introspection.url', intro.url);
-      if (intro.clientSecretFile !== undefined && intro.clientId === undefined)
-        throw new ConfigError('introspection.clientId', 'is required with a client secret');
-      this.introspection = new IntrospectionClient(
-        intro,
-        intro.clientSecretFile === undefined ? undefined : readSecret(intro.clientSecretFile),
-        this.http,
-        this.clock,
-      );
-    }
+    return undefined;
+  }
+
+  /** The introspection client of `options`, or undefined without one; reads the client secret now. */
+  private createIntrospectionClient(options: TokenVerifierOptions): IntrospectionClient | undefined {
+    if (!options.introspection) return undefined;
+    const intro = options.introspection;
+    httpUrl('introspection.url', intro.url);
+    if (intro.clientSecretFile !== undefined && intro.clientId === undefined)
+      throw new ConfigError('introspection.clientId', 'is required with a client secret');
+    return new IntrospectionClient(
+      intro,
+      intro.clientSecretFile === undefined ? undefined : readSecret(intro.clientSecretFile),
+      this.http,
+      this.clock,
+    );
   }
 
   /**
