@@ -18,7 +18,7 @@ import { forgeLeaf } from './helpers/forged-cert';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { capturingLogger } from './helpers/policy-fixture';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 /** A TLS HTTP/2 server that records every request and never answers it. */
 class FakeBroker {
@@ -135,10 +135,10 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
     );
     await agent.start();
     try {
-      await waitUntil(
+      await pollUntil(
+        'a refusal or a request',
         () => fake.requests.length > 0 || records.some((r) => r.message === 'cannot establish tunnel session'),
         10_000,
-        'a refusal or a request',
       );
     } finally {
       await agent.stop();
