@@ -13,7 +13,7 @@ import * as path from 'node:path';
 import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
 import { BrokerMetrics, PeerForwarder } from '@burrow/broker';
 import { BurrowClient } from '@burrow/client';
-import { CredentialStore, DEFAULT_KEEPALIVE, type Logger } from '@burrow/tunnel';
+import { CredentialStore, DEFAULT_KEEPALIVE } from '@burrow/tunnel';
 import { forgeLeaf } from './helpers/forged-cert';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
@@ -131,7 +131,7 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
         reconnectMaxMs: 1_000,
         drainTimeoutMs: 500,
       },
-      logger as unknown as Logger,
+      logger,
     );
     await agent.start();
     try {
