@@ -57,7 +57,7 @@ export {
   type LocalAnswerOptions,
 } from './local-answerer';
 export { relayCall, type RelayOptions } from './call-relay';
-export { CallStream, type CallStreamOwnerHooks } from './call-stream';
+export { CallStream, type CallStreamOwnerHooks, type CallDuplex } from './call-stream';
 /** @internal Tests drive a CallStream with these handlers. */
 export type { CallStreamHandlers } from './call-stream';
 export type { CallOutcome } from './call-outcome';
