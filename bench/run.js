@@ -27,9 +27,10 @@ const { printTable, evaluateTargets } = require('./report');
 
 const ROOT = path.resolve(__dirname, '..');
 const HELPERS = path.join(ROOT, 'test', 'dist', 'helpers');
-const { BurrowProcess, BROKER_CLI, AGENT_CLI, PKI_CLI, getJson, httpGet, killAll, pollUntil } = require(
+const { BurrowProcess, BROKER_CLI, AGENT_CLI, PKI_CLI, getJson, httpGet, killAll } = require(
   path.join(HELPERS, 'processes.js'),
 );
+const { pollUntil } = require(path.join(HELPERS, 'wait.js'));
 const { ECHO } = require(path.join(HELPERS, 'echo-upstream.js'));
 const { accepts, freePorts } = require(path.join(HELPERS, 'free-port.js'));
 const { metricSum, parseMetrics } = require(path.join(HELPERS, 'cluster.js'));

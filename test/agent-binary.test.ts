@@ -15,7 +15,7 @@ import {
   type AssetSource,
 } from '@burrow/tunnel';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
-import { makeTempDir } from './helpers/pki';
+import { makeTempDir } from './helpers/pki-fixture';
 import {
   AGENT_CLI,
   BurrowProcess,

@@ -11,7 +11,7 @@ import { EXAMPLES_DIR } from './helpers/policy-fixture';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { AGENT_ID, Stack } from './helpers/stack';
 import { AUD, ISS, jwksOf, makeKey, signToken, type TestKey } from './helpers/token-fixture';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 const REQUESTS_DIR = path.join(EXAMPLES_DIR, 'requests');
 // biome-ignore lint/suspicious/noExplicitAny: the example files are AuthZEN JSON of several shapes
@@ -143,7 +143,7 @@ describe('auth and policy through the tunnel', function () {
   it('every decision is audited with the caller identity the broker verified', async () => {
     await client.evaluate(AGENT_ID, exampleRequest('permit-owner-edits.json'));
     let lines: Record<string, unknown>[] = [];
-    await waitUntil(() => {
+    await pollUntil('condition', () => {
       try {
         lines = readFileSync(auditFile, 'utf8')
           .trim()

@@ -5,7 +5,7 @@ import { ECHO } from './helpers/echo-upstream';
 import { httpsJson } from './helpers/https-json';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { AGENT_ID, Stack } from './helpers/stack';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 const failure = (p: Promise<unknown>): Promise<ServiceError | undefined> =>
   p.then(
@@ -73,16 +73,16 @@ describe('broker admission: call limits', () => {
           );
           return call;
         });
-        await waitUntil(() => stack.siteUpstream.active === 2);
+        await pollUntil('condition', () => stack.siteUpstream.active === 2);
         const err = await failure(stack.caller.unary(ECHO.unary, Buffer.from('third'), stack.md()));
         expect(err?.code).to.equal(Status.RESOURCE_EXHAUSTED);
         expect(err?.details).to.include(`agent "${AGENT_ID}" has 2 calls in flight`);
         hanging[0]!.cancel();
-        await waitUntil(() => stack.siteUpstream.active === 1);
+        await pollUntil('condition', () => stack.siteUpstream.active === 1);
         const ok = await stack.caller.unary(ECHO.unary, Buffer.from('fits again'), stack.md());
         expect(ok.response.toString()).to.equal('fits again');
         hanging[1]!.cancel();
-        await waitUntil(() => stack.siteUpstream.active === 0);
+        await pollUntil('condition', () => stack.siteUpstream.active === 0);
         const text = await (await fetch(`${stack.adminUrl}/metrics`)).text();
         expect(text).to.match(/burrow_broker_limited_calls_total\{limit="agent_concurrency"\} 1/);
       },

@@ -13,12 +13,12 @@ import * as path from 'node:path';
 import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
 import { BrokerMetrics, PeerForwarder } from '@burrow/broker';
 import { BurrowClient } from '@burrow/client';
-import { CredentialStore, DEFAULT_KEEPALIVE, type Logger } from '@burrow/tunnel';
+import { CredentialStore, DEFAULT_KEEPALIVE } from '@burrow/tunnel';
 import { forgeLeaf } from './helpers/forged-cert';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { capturingLogger } from './helpers/policy-fixture';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 /** A TLS HTTP/2 server that records every request and never answers it. */
 class FakeBroker {
@@ -131,14 +131,14 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
         reconnectMaxMs: 1_000,
         drainTimeoutMs: 500,
       },
-      logger as unknown as Logger,
+      logger,
     );
     await agent.start();
     try {
-      await waitUntil(
+      await pollUntil(
+        'a refusal or a request',
         () => fake.requests.length > 0 || records.some((r) => r.message === 'cannot establish tunnel session'),
         10_000,
-        'a refusal or a request',
       );
     } finally {
       await agent.stop();

@@ -5,7 +5,7 @@ import { ECHO, type EchoUpstream, type SeenCall } from './helpers/echo-upstream'
 import { type RawClient, collect } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 import { TcpProxy } from './helpers/tcp-proxy';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 const failure = (p: Promise<unknown>): Promise<ServiceError> =>
   p.then(
@@ -119,7 +119,10 @@ describe('call lifecycle', () => {
     });
     const statuses = await Promise.all(results);
     for (const r of statuses) expect([Status.OK, Status.CANCELLED]).to.include(r.status.code);
-    await waitUntil(() => stack.broker.registry.counts().activeCalls === 0 && stack.siteUpstream.active === 0);
+    await pollUntil(
+      'condition',
+      () => stack.broker.registry.counts().activeCalls === 0 && stack.siteUpstream.active === 0,
+    );
     expect(stack.broker.registry.counts().waiters).to.equal(0);
     expect(stack.broker.registry.entryCount).to.equal(1);
   });
@@ -152,7 +155,7 @@ describe('peers that vanish mid-call', () => {
     await cancelled;
     // The agent reconnects by itself (through the proxy) and calls work again.
     await stack.agent.waitConnected(5_000);
-    await waitUntil(() => stack.broker.registry.counts().sessions === 1);
+    await pollUntil('condition', () => stack.broker.registry.counts().sessions === 1);
     const ok = await stack.caller.unary(ECHO.unary, Buffer.from('back'), stack.md());
     expect(ok.response.toString()).to.equal('back');
   });
@@ -179,6 +182,6 @@ describe('peers that vanish mid-call', () => {
     const r = await collect(call);
     // A direct grpc-js client of a server that force-shuts down sees CANCELLED ("Call cancelled").
     expect(r.status.code).to.equal(Status.CANCELLED);
-    await waitUntil(() => stack.broker.registry.counts().activeCalls === 0);
+    await pollUntil('condition', () => stack.broker.registry.counts().activeCalls === 0);
   });
 });

@@ -1,6 +1,6 @@
 import { EventEmitter } from 'node:events';
 import { expect } from 'chai';
-import { status as Status, type ClientDuplexStream, type StatusObject } from '@grpc/grpc-js';
+import { Metadata, status as Status, type StatusObject } from '@grpc/grpc-js';
 import {
   BurrowError,
   CallStream,
@@ -476,7 +476,7 @@ class FakeDuplex extends EventEmitter {
   }
   /** Client role: the server finished the gRPC stream with `code`. */
   finishWith(code: Status, details = ''): void {
-    const s = { code, details, metadata: undefined } as unknown as StatusObject;
+    const s: StatusObject = { code, details, metadata: new Metadata() };
     this.emit('status', s);
   }
 }
@@ -532,14 +532,14 @@ const TRAILERS_OK: CallFrame = { kind: 'trailers', trailers: { code: 0, message:
 /** An agent-side offer: gRPC client, forwarded-call answerer. */
 function answererClient(): { fake: FakeDuplex; stream: CallStream } {
   const fake = new FakeDuplex();
-  return { fake, stream: new CallStream(fake as unknown as ClientDuplexStream<Buffer, Buffer>, 'client', 'answerer') };
+  return { fake, stream: new CallStream(fake, 'client', 'answerer') };
 }
 /** A broker-side offer: gRPC server, forwarded-call originator. */
 function originatorServer(): { fake: FakeDuplex; stream: CallStream } {
   const fake = new FakeDuplex();
   return {
     fake,
-    stream: new CallStream(fake as unknown as ClientDuplexStream<Buffer, Buffer>, 'server', 'originator'),
+    stream: new CallStream(fake, 'server', 'originator'),
   };
 }
 

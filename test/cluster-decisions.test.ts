@@ -5,10 +5,9 @@ import { Metadata, status as Status, type ClientDuplexStream, type ServiceError 
 import { decodeCallFrame, encodeCallFrame } from '@burrow/tunnel';
 import { ClusterWorld } from './helpers/cluster';
 import { ECHO } from './helpers/echo-upstream';
-import { makeTempDir } from './helpers/pki';
-import { pollUntil } from './helpers/processes';
+import { makeTempDir } from './helpers/pki-fixture';
 import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 const PEER_FORWARD = '/burrow.tunnel.v1.BrokerPeer/Forward';
 
@@ -84,7 +83,7 @@ describe('cluster: which broker decides what', function () {
           call.on('error', () => {});
           held.push(call);
         }
-        await waitUntil(() => world.echo.active === activeBefore + 2, 10_000, 'two held calls at the agent');
+        await pollUntil('two held calls at the agent', () => world.echo.active === activeBefore + 2, 10_000);
         const viaA = await world.call('a', 'site-lim', 3_000);
         const viaB = await world.call('b', 'site-lim', 3_000);
         console.log(
@@ -102,7 +101,7 @@ describe('cluster: which broker decides what', function () {
       }
       // The slots come back once the held calls end.
       const passes = async (): Promise<boolean> => (await world.call('a', 'site-lim', 3_000)).code === Status.OK;
-      await waitUntil(passes, 10_000, 'a call through a after the held ones ended');
+      await pollUntil('a call through a after the held ones ended', passes, 10_000);
     },
   );
 

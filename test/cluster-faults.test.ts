@@ -17,7 +17,8 @@ import {
   type CallResult,
 } from './helpers/cluster';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { getJson, liveProcessCount, pollUntil, type AgentListing } from './helpers/processes';
+import { getJson, liveProcessCount, type AgentListing } from './helpers/processes';
+import { pollUntil } from './helpers/wait';
 import { TestRedis } from './helpers/redis-server';
 
 /**

@@ -9,11 +9,11 @@ import { silentLogger } from '@burrow/tunnel';
 import { ECHO, metadataJson } from './helpers/echo-upstream';
 import { freePorts } from './helpers/free-port';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
-import { makeTempDir } from './helpers/pki';
+import { makeTempDir } from './helpers/pki-fixture';
 import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
 import { TestRedis } from './helpers/redis-server';
 import { AGENT_ID, Stack } from './helpers/stack';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 /**
  * Broker clustering, in one process: two brokers share a test's own Redis; the agent holds a
@@ -68,7 +68,7 @@ describe('broker cluster (in process)', function () {
     // One broker only (no tunnel to the replicas it learns), so that B must forward to A.
     await stack.startAgent({ maxBrokers: 1 });
     // The agent's claim reaches Redis when its session registers at A.
-    await waitUntil(() => Boolean(stack.broker.registry.canServe(AGENT_ID)));
+    await pollUntil('condition', () => Boolean(stack.broker.registry.canServe(AGENT_ID)));
   });
 
   afterEach(async () => {
@@ -120,7 +120,7 @@ describe('broker cluster (in process)', function () {
     async () => {
       await stack.agent.stop();
       await stack.startAgent(); // --max-brokers 3 (default)
-      await waitUntil(() => brokerB.registry.canServe(AGENT_ID), 10_000);
+      await pollUntil('condition', () => brokerB.registry.canServe(AGENT_ID), 10_000);
       const status = await brokerB.status();
       expect((status.cluster as { brokers: { brokerId: string }[] }).brokers.map((b) => b.brokerId)).to.deep.equal([
         'broker-a',
@@ -164,12 +164,12 @@ describe('broker cluster (in process)', function () {
     );
     expect(err?.code).to.equal(Status.DEADLINE_EXCEEDED);
     expect(Date.now() - started).to.be.below(2_000);
-    await waitUntil(() => stack.siteUpstream.active === 0);
+    await pollUntil('condition', () => stack.siteUpstream.active === 0);
   });
 
   it('the agent leaving A removes its claim; a caller of B then waits and fails cleanly', async () => {
     await stack.agent.stop();
-    await waitUntil(() => !stack.broker.registry.canServe(AGENT_ID));
+    await pollUntil('condition', () => !stack.broker.registry.canServe(AGENT_ID));
     // The release is one ZREM after the session ends.
     for (let i = 0; i < 100 && (await claimedBy()).includes('127.0.0.1'); i++)
       await new Promise((r) => setImmediate(r));
@@ -249,10 +249,10 @@ describe('broker cluster: PKI state shared by every broker', function () {
       );
       try {
         await agent.start();
-        await waitUntil(() => brokers.every((b) => b.registry.canServe('site-r')));
+        await pollUntil('condition', () => brokers.every((b) => b.registry.canServe('site-r')));
         const revokedAtMs = Date.now();
         await revoke({ dir, agentId: 'site-r' });
-        await waitUntil(() => brokers.every((b) => b.registry.sessionsOf('site-r').length === 0), 5_000);
+        await pollUntil('condition', () => brokers.every((b) => b.registry.sessionsOf('site-r').length === 0), 5_000);
         const tookMs = Date.now() - revokedAtMs;
         console.log(`      (revocation reached both brokers in ${tookMs} ms)`);
         // Each broker polls the directory every 500 ms; the issue asks for 1 s, with slack for a loaded machine.

@@ -17,7 +17,7 @@ import { silentLogger } from '@burrow/tunnel';
 import { ClusterWorld } from './helpers/cluster';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
-import { makeTempDir } from './helpers/pki';
+import { makeTempDir } from './helpers/pki-fixture';
 import { PKI_CLI, runCli } from './helpers/processes';
 import { httpsJson } from './helpers/https-json';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';

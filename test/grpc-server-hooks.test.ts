@@ -36,7 +36,7 @@ describe('grpc-js server hooks', () => {
   async function serve(server = new Server()): Promise<{ server: Server; port: number; served: string[] }> {
     const served: string[] = [];
     installCatchAll(server, (call: ServerDuplexStream<Buffer, Buffer>) => {
-      const path = (call as unknown as { getPath(): string }).getPath();
+      const path = call.getPath();
       call.once('data', (m: Buffer) => {
         served.push(m.toString());
         call.write(Buffer.from(`${path}:${m.toString()}`));

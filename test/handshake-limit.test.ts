@@ -9,10 +9,12 @@ import { stalledConnection } from './helpers/late-connection';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { Stack } from './helpers/stack';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 /** Polls a condition (pending handshakes and metric values have no event of their own). */
-const until = (what: string, probe: () => boolean | Promise<boolean>): Promise<void> => waitUntil(probe, 5_000, what);
+const until = async (what: string, probe: () => boolean | Promise<boolean>): Promise<void> => {
+  await pollUntil(what, probe, 5_000);
+};
 
 type MetricLike = { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> };
 

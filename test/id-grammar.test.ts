@@ -11,7 +11,7 @@ import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
 import { enroll } from '@burrow/agent';
 import { Broker, BROKER_DEFAULTS, brokerConfigFromArgs, serveDefaults } from '@burrow/broker';
 import { createJoinToken, initPki, issueCertificate } from '@burrow/pki';
-import { AGENT_ID_KEY, ID_GRAMMAR, type Logger } from '@burrow/tunnel';
+import { AGENT_ID_KEY, ID_GRAMMAR } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
 import { forgeLeaf } from './helpers/forged-cert';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
@@ -53,7 +53,7 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
         agentWaitMs: 500,
         drainTimeoutMs: 1_000,
       },
-      log.logger as unknown as Logger,
+      log.logger,
     );
     const ports = await broker.start();
     agentAddress = `127.0.0.1:${ports.agentPort}`;

@@ -8,7 +8,8 @@ import type { Broker } from '@burrow/broker';
 import { silentLogger } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { getJson, pollUntil, type AgentListing } from './helpers/processes';
+import { getJson, type AgentListing } from './helpers/processes';
+import { pollUntil } from './helpers/wait';
 import { RawClient, mtlsCredentials, startRawServer } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 

@@ -1,7 +1,7 @@
 import { randomBytes } from 'node:crypto';
 import { expect } from 'chai';
 import { status as Status, type ServiceError } from '@grpc/grpc-js';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 import { ECHO } from './helpers/echo-upstream';
 import { collect } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
@@ -93,7 +93,7 @@ describe('no head-of-line blocking', () => {
     );
     // Backpressure must reach the upstream: it can only have produced what the windows and
     // buffers of three hops hold.
-    await waitUntil(() => stack.siteUpstream.streamedBytes > 0);
+    await pollUntil('condition', () => stack.siteUpstream.streamedBytes > 0);
     const before = stack.siteUpstream.streamedBytes;
 
     // Meanwhile, other calls on the same agent — unary and a large bidi transfer — complete.
@@ -153,7 +153,7 @@ describe('concurrency', () => {
       expect(r.response.equals(payloads[i]!)).to.equal(true);
     });
     // The pool grew on demand, and every stream went back or was retired: nothing is active.
-    await waitUntil(() => stack.broker.registry.counts().activeCalls === 0);
+    await pollUntil('condition', () => stack.broker.registry.counts().activeCalls === 0);
     expect(stack.broker.registry.counts().waiters).to.equal(0);
     expect(Number((await stack.broker.metrics.demandedOffers.get()).values[0]?.value ?? 0)).to.be.greaterThan(0);
   });
@@ -170,11 +170,11 @@ describe('concurrency', () => {
   it('idle streams above the minimum are retired, and calls still work afterwards', async () => {
     // Reused offers (protocol 2) serve waiting calls as they come back, so offers demanded during
     // the burst may still be arriving after it: retire once every demanded offer is in.
-    await waitUntil(() => stack.broker.registry.allSessions().every((s) => s.owedOffers === 0), 15_000);
+    await pollUntil('condition', () => stack.broker.registry.allSessions().every((s) => s.owedOffers === 0), 15_000);
     const idleBefore = stack.broker.registry.counts().idleOffers;
     expect(idleBefore).to.be.greaterThan(stack.agentConfig.minIdleOffers);
     stack.broker.registry.retireIdle(-1); // -1: also the offers that came back this millisecond
-    await waitUntil(() => stack.broker.registry.counts().idleOffers === stack.agentConfig.minIdleOffers);
+    await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === stack.agentConfig.minIdleOffers);
     const ok = await stack.caller.unary(ECHO.unary, Buffer.from('after retire'), stack.md());
     expect(ok.response.toString()).to.equal('after retire');
   });

@@ -5,7 +5,7 @@ import { ECHO } from './helpers/echo-upstream';
 import { collect } from './helpers/raw-grpc';
 import { RawAgent, type RawCallStream, type RawSession } from './helpers/raw-agent';
 import { Stack } from './helpers/stack';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 /**
  * Protocol version 2: an Offer stream carries calls one after the other (tunnel.proto, "Offer").
@@ -24,7 +24,10 @@ describe('offer reuse (protocol version 2)', () => {
   });
   afterEach(async () => {
     for (const a of agents.splice(0)) a.close();
-    await waitUntil(() => stack.broker.registry.counts().sessions === 0 && stack.broker.registry.entryCount === 0);
+    await pollUntil(
+      'condition',
+      () => stack.broker.registry.counts().sessions === 0 && stack.broker.registry.entryCount === 0,
+    );
   });
 
   /** A raw agent with a session of the given versions and one offer the broker holds as idle. */
@@ -37,7 +40,7 @@ describe('offer reuse (protocol version 2)', () => {
     session.hello({ protocolVersions, minIdleOffers: 0 });
     const welcome = await session.welcome();
     const offer = agent.offer(welcome.sessionId);
-    await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
+    await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === 1);
     return { session, offer, version: welcome.protocolVersion };
   };
 
@@ -55,7 +58,7 @@ describe('offer reuse (protocol version 2)', () => {
       const start = await offer.answerEcho([], true);
       expect(start.method).to.equal(ECHO.unary);
       expect((await call).response.toString()).to.equal(`call ${i}`);
-      await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
+      await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === 1);
       expect(idleStreams()).to.deep.equal([stream]); // the same stream object, not a new offer
       expect(offer.status).to.equal(undefined);
     }
@@ -136,7 +139,8 @@ describe('offer reuse (protocol version 2)', () => {
         const st = await offer.ended();
         expect(st.code).to.equal(Status.UNAVAILABLE);
         expect(st.details).to.contain('no trailers');
-        await waitUntil(
+        await pollUntil(
+          'condition',
           () => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().idleOffers === 0,
         );
         expect(stack.broker.registry.counts().sessions).to.equal(1); // a stream error, not a protocol error
@@ -157,7 +161,7 @@ describe('offer reuse (protocol version 2)', () => {
       offer.send({ kind: 'trailers', trailers: { code: Status.FAILED_PRECONDITION, message: 'no', metadata: [] } });
       expect((await result).status.code).to.equal(Status.FAILED_PRECONDITION);
       expect((await offer.expectNext('cancel')).reason).to.equal('call completed');
-      await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
+      await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === 1);
       const next = echo('next');
       await offer.answerEcho([], true);
       expect((await next).response.toString()).to.equal('next');
@@ -195,7 +199,7 @@ describe('offer reuse (protocol version 2)', () => {
       const call = echo('r');
       await offer.answerEcho([], true);
       await call;
-      await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
+      await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === 1);
       const [idle] = stack.broker.registry.allSessions()[0]!.idle;
       expect(Date.now() - idle!.idleSinceMs).to.be.lessThan(1000); // reset by the release
       expect(stack.broker.registry.retireIdle(60_000)).to.equal(0);
@@ -212,10 +216,10 @@ describe('offer reuse (protocol version 2)', () => {
       const call = echo('w');
       await offer.answerEcho([], true);
       await call;
-      await waitUntil(() => stack.broker.registry.counts().idleOffers === 1);
+      await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === 1);
       offer.end();
       expect((await offer.ended()).code).to.equal(Status.OK);
-      await waitUntil(() => stack.broker.registry.counts().idleOffers === 0);
+      await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === 0);
       expect(stack.broker.registry.counts().activeCalls).to.equal(0);
     },
   );
@@ -245,7 +249,7 @@ describe('offer reuse (protocol version 2)', () => {
     const { session } = await withOneOffer([1, 2]);
     session.send({ kind: 'drain', reason: 'not in version 2' });
     expect((await session.ended()).code).to.equal(Status.INTERNAL);
-    await waitUntil(() => stack.broker.registry.counts().sessions === 0);
+    await pollUntil('condition', () => stack.broker.registry.counts().sessions === 0);
   });
 
   it('an offer half-closed in the middle of a call fails that call with UNAVAILABLE, and only that call', async () => {
@@ -257,7 +261,8 @@ describe('offer reuse (protocol version 2)', () => {
     const r = await result;
     expect(r.status.code).to.equal(Status.UNAVAILABLE);
     expect(r.status.details).to.contain('ended before the call completed');
-    await waitUntil(
+    await pollUntil(
+      'condition',
       () => stack.broker.registry.counts().activeCalls === 0 && stack.broker.registry.counts().sessions === 1,
     );
   });
@@ -265,7 +270,7 @@ describe('offer reuse (protocol version 2)', () => {
   it('end to end, the real agent answers 40 calls at concurrency 8 on the offers it already had', async () => {
     await stack.startAgent({ minIdleOffers: 8 });
     try {
-      await waitUntil(() => stack.broker.registry.counts().idleOffers === 8);
+      await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === 8);
       expect(stack.broker.registry.allSessions()[0]!.protocolVersion).to.equal(PROTOCOL_VERSION);
       const before = new Set(idleStreams());
       let next = 0;
@@ -277,7 +282,7 @@ describe('offer reuse (protocol version 2)', () => {
           }
         }),
       );
-      await waitUntil(() => stack.broker.registry.counts().activeCalls === 0);
+      await pollUntil('condition', () => stack.broker.registry.counts().activeCalls === 0);
       const after = idleStreams();
       expect(after.length).to.be.at.least(8);
       // Pool top-ups may add offers, but every call ran on a stream that carries calls again.

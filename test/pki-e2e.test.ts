@@ -13,7 +13,7 @@ const testLogger = (component: string): Logger =>
   process.env.BURROW_TEST_LOG
     ? createLogger({ level: process.env.BURROW_TEST_LOG, format: 'text', component })
     : silentLogger();
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
@@ -274,7 +274,7 @@ describe('PKI lifecycle end to end', () => {
       const firstSerial = new X509Certificate(agent.certificatePem).serialNumber;
       const pump = setInterval(() => call.write(Buffer.from(`m${echoed}`)), 50);
       try {
-        await waitUntil(() => failed !== undefined || echoed > 0, 5_000);
+        await pollUntil('condition', () => failed !== undefined || echoed > 0, 5_000);
         for (;;) {
           if (failed) throw failed;
           if ((await renewals()) >= 3 && (await servingIssued()) - servingAtStart >= 3) break;
@@ -286,7 +286,7 @@ describe('PKI lifecycle end to end', () => {
       // One more message after the last renewals still comes back on the same stream.
       const before = echoed;
       call.write(Buffer.from('last'));
-      await waitUntil(() => echoed > before || failed !== undefined);
+      await pollUntil('condition', () => echoed > before || failed !== undefined);
       expect(failed).to.equal(undefined);
       expect(new X509Certificate(agent.certificatePem).serialNumber).to.not.equal(firstSerial);
       call.end();
@@ -313,7 +313,7 @@ describe('PKI lifecycle end to end', () => {
       expect(world.broker.registry.sessionsOf('site-x')).to.have.length(1);
       const t0 = Date.now();
       await revoke({ dir: world.dir, agentId: 'site-x', ban: true });
-      await waitUntil(() => world.broker.registry.sessionsOf('site-x').length === 0, 1_500);
+      await pollUntil('condition', () => world.broker.registry.sessionsOf('site-x').length === 0, 1_500);
       expect(Date.now() - t0).to.be.lessThan(1_500);
       // Reconnecting (the agent keeps trying) gets no session; renewal is refused.
       const failedConnects = async (): Promise<number> =>
@@ -380,13 +380,13 @@ describe('PKI lifecycle end to end', () => {
         })();
         const progress = async (): Promise<void> => {
           const before = ok;
-          await waitUntil(() => ok > before + 5 || !running, 10_000);
+          await pollUntil('condition', () => ok > before + 5 || !running, 10_000);
         };
         const pki = (world.broker as unknown as { pki: { bundleVersion: number } }).pki;
         try {
           for (const action of ['init', 'update-clients', 'update-servers'] as const) {
             const state = await rotate({ dir: world.dir, action });
-            await waitUntil(() => pki.bundleVersion === state.bundleVersion, 3_000);
+            await pollUntil('condition', () => pki.bundleVersion === state.bundleVersion, 3_000);
             await live.renewNow();
             if (action === 'update-clients') {
               // Callers move to the new CA too; the old caller connection finishes its calls.

@@ -27,7 +27,7 @@ import {
 } from '@burrow/pki/dist/leaf-der';
 import { generateKey, signingAlgorithm } from '@burrow/pki/dist/key-algorithm';
 import { signingMaterialOf } from '@burrow/pki/dist/pki-dir';
-import { createTestPki, splitPem, type TestPki } from './helpers/pki';
+import { PkiFixture, splitPem } from './helpers/pki-fixture';
 
 x509.cryptoProvider.set(webcrypto as unknown as Parameters<typeof x509.cryptoProvider.set>[0]);
 const PKI_CLI = path.join(path.dirname(require.resolve('@burrow/pki/package.json')), 'dist', 'cli.js');
@@ -85,9 +85,9 @@ async function peculiarLeaf(
 
 describe('pki leaf DER', function () {
   this.timeout(60_000);
-  const pkis = new Map<KeyAlgorithm, TestPki>();
+  const pkis = new Map<KeyAlgorithm, PkiFixture>();
   before(async () => {
-    for (const keyAlgorithm of KEY_ALGORITHMS) pkis.set(keyAlgorithm, await createTestPki({ keyAlgorithm }));
+    for (const keyAlgorithm of KEY_ALGORITHMS) pkis.set(keyAlgorithm, await PkiFixture.create({ keyAlgorithm }));
   });
   after(() => {
     for (const p of pkis.values()) p.cleanup();
@@ -137,7 +137,7 @@ describe('pki leaf DER', function () {
           `encodes ${c.what} (${subjectKeyAlgorithm} key, ${caKeyAlgorithm} CA) exactly as @peculiar/x509 does, ` +
             `and signs it`,
           async () => {
-            const pki = await loadPki(pkis.get(caKeyAlgorithm)!.dir);
+            const pki = await loadPki(pkis.get(caKeyAlgorithm)!.pkiDir);
             const material = signingMaterialOf(pki);
             const key = await generateKey(subjectKeyAlgorithm);
             const template: LeafTemplate = {
@@ -175,7 +175,7 @@ describe('pki leaf DER', function () {
   }
 
   it('encodes an IPv4-mapped IPv6 address as its 16 bytes (where @peculiar/x509 does not)', async () => {
-    const { dir } = pkis.get('ecdsa-p256')!;
+    const { pkiDir: dir } = pkis.get('ecdsa-p256')!;
     const issued = await issueCertificate({
       dir,
       role: 'broker',
@@ -192,21 +192,21 @@ describe('pki leaf DER', function () {
 
 describe('pki cached CA material across a rotation', function () {
   this.timeout(120_000);
-  let pki: TestPki;
+  let pki: PkiFixture;
   before(async () => {
-    pki = await createTestPki();
+    pki = await PkiFixture.create();
   });
   after(() => pki.cleanup());
 
   /** Signs a CSR (agent) and issues a broker leaf; returns which issuing CA signed each, checked by signature. */
   async function issuers(): Promise<{ agent: string; broker: string }> {
     const { csrPem } = await createCsr();
-    const agent = await signCsr({ dir: pki.dir, csrPem, role: 'agent', name: 'site-r' });
-    const broker = await issueCertificate({ dir: pki.dir, role: 'broker', name: 'broker', dns: ['localhost'] });
+    const agent = await signCsr({ dir: pki.pkiDir, csrPem, role: 'agent', name: 'site-r' });
+    const broker = await issueCertificate({ dir: pki.pkiDir, role: 'broker', name: 'broker', dns: ['localhost'] });
     const signedBy = (certPem: string, issuerCaId: string): string => {
       const [leafPem, caPem] = splitPem(certPem);
       const leaf = new X509Certificate(leafPem!);
-      const ca = new X509Certificate(fs.readFileSync(path.join(pki.dir, 'ca', `${issuerCaId}.crt`), 'utf8'));
+      const ca = new X509Certificate(fs.readFileSync(path.join(pki.pkiDir, 'ca', `${issuerCaId}.crt`), 'utf8'));
       expect(new X509Certificate(caPem!).fingerprint256).to.equal(ca.fingerprint256);
       expect(leaf.verify(ca.publicKey), `leaf verifies with ${issuerCaId}`).to.equal(true);
       expect(leaf.issuer).to.equal(ca.subject);
@@ -219,36 +219,36 @@ describe('pki cached CA material across a rotation', function () {
     signingCaId: string;
     serverSigningCaId?: string;
     rotation?: { oldIssuingCaId: string; newIssuingCaId: string };
-  } => JSON.parse(fs.readFileSync(path.join(pki.dir, 'pki.json'), 'utf8'));
+  } => JSON.parse(fs.readFileSync(path.join(pki.pkiDir, 'pki.json'), 'utf8'));
 
   it('signs with the CA each phase names, whether this process or another one rotated', async () => {
     const old = manifest().signingCaId;
     expect(await issuers()).to.deep.equal({ agent: old, broker: old }); // cache warm
 
     // Another process (the operator's burrow-pki) rotates: this process must notice on its own.
-    execFileSync(process.execPath, [PKI_CLI, 'rotate', 'init', '--dir', pki.dir]);
+    execFileSync(process.execPath, [PKI_CLI, 'rotate', 'init', '--dir', pki.pkiDir]);
     const fresh = manifest().rotation!.newIssuingCaId;
     expect(fresh).to.not.equal(old);
     expect(await issuers()).to.deep.equal({ agent: old, broker: old });
 
-    execFileSync(process.execPath, [PKI_CLI, 'rotate', 'update-clients', '--dir', pki.dir]);
+    execFileSync(process.execPath, [PKI_CLI, 'rotate', 'update-clients', '--dir', pki.pkiDir]);
     expect(await issuers()).to.deep.equal({ agent: fresh, broker: old });
 
-    await rotate({ dir: pki.dir, action: 'update-servers' });
+    await rotate({ dir: pki.pkiDir, action: 'update-servers' });
     expect(await issuers()).to.deep.equal({ agent: fresh, broker: fresh });
 
-    await rotate({ dir: pki.dir, action: 'finish', force: true });
+    await rotate({ dir: pki.pkiDir, action: 'finish', force: true });
     expect(manifest().signingCaId).to.equal(fresh);
     expect(await issuers()).to.deep.equal({ agent: fresh, broker: fresh });
   });
 
   it('goes back to the old CA on rollback', async () => {
     const current = manifest().signingCaId;
-    await rotate({ dir: pki.dir, action: 'init' });
+    await rotate({ dir: pki.pkiDir, action: 'init' });
     const fresh = manifest().rotation!.newIssuingCaId;
-    await rotate({ dir: pki.dir, action: 'update-clients' });
+    await rotate({ dir: pki.pkiDir, action: 'update-clients' });
     expect(await issuers()).to.deep.equal({ agent: fresh, broker: current });
-    execFileSync(process.execPath, [PKI_CLI, 'rotate', 'rollback', '--dir', pki.dir]);
+    execFileSync(process.execPath, [PKI_CLI, 'rotate', 'rollback', '--dir', pki.pkiDir]);
     expect(await issuers()).to.deep.equal({ agent: current, broker: current });
   });
 });

@@ -24,7 +24,7 @@ import {
   type KeyAlgorithm,
   type Role,
 } from '@burrow/pki';
-import { createTestPki, makeTempDir, splitPem, tlsOptions, type TestPki } from './helpers/pki';
+import { makeTempDir, PkiFixture, splitPem, tlsOptions } from './helpers/pki-fixture';
 
 const SERVER_AUTH = '1.3.6.1.5.5.7.3.1';
 const CLIENT_AUTH = '1.3.6.1.5.5.7.3.2';
@@ -559,15 +559,15 @@ describe('pki', () => {
   });
 
   describe('writeIssued', () => {
-    let pki: TestPki;
+    let pki: PkiFixture;
     before(async () => {
-      pki = await createTestPki();
+      pki = await PkiFixture.create();
     });
     after(() => pki.cleanup());
 
     it('writes tls.crt, tls.key (0600) and ca.crt into a new 0700 directory, replacing old files', async () => {
       const out = path.join(freshDir('out'), 'nested', 'certs');
-      const first = await pki.issue('agent', 'site-a');
+      const first = await pki.issuePem('agent', 'site-a');
       await writeIssued(out, first);
       expect(mode(out)).to.equal(0o700);
       expect(fs.readdirSync(out).sort()).to.deep.equal(['ca.crt', 'tls.crt', 'tls.key']);
@@ -576,7 +576,7 @@ describe('pki', () => {
       expect(fs.readFileSync(path.join(out, 'tls.key'), 'utf8')).to.equal(first.keyPem);
       expect(fs.readFileSync(path.join(out, 'ca.crt'), 'utf8')).to.equal(first.caPem);
 
-      const second = await pki.issue('agent', 'site-a');
+      const second = await pki.issuePem('agent', 'site-a');
       await writeIssued(out, second);
       expect(fs.readFileSync(path.join(out, 'tls.key'), 'utf8')).to.equal(second.keyPem);
       expect(fs.readFileSync(path.join(out, 'tls.crt'), 'utf8')).to.equal(second.certPem);
@@ -586,8 +586,8 @@ describe('pki', () => {
   });
 
   describe('mTLS with issued certificates', () => {
-    let pki: TestPki;
-    let otherPki: TestPki;
+    let pki: PkiFixture;
+    let otherPki: PkiFixture;
     let broker: IssuedCertificate;
     let agent: IssuedCertificate;
     let foreignAgent: IssuedCertificate;
@@ -599,11 +599,11 @@ describe('pki', () => {
     const acceptedPeers: Array<string | undefined> = [];
 
     before(async () => {
-      pki = await createTestPki();
-      otherPki = await createTestPki();
-      broker = await pki.issue('broker', 'broker', { ip: ['127.0.0.1'] });
-      agent = await pki.issue('agent', 'site-a');
-      foreignAgent = await otherPki.issue('agent', 'site-a');
+      pki = await PkiFixture.create();
+      otherPki = await PkiFixture.create();
+      broker = await pki.issuePem('broker', 'broker', { ip: ['127.0.0.1'] });
+      agent = await pki.issuePem('agent', 'site-a');
+      foreignAgent = await otherPki.issuePem('agent', 'site-a');
       server = tls.createServer({ ...tlsOptions(broker), requestCert: true, rejectUnauthorized: true }, (socket) => {
         serverSockets.add(socket);
         socket.on('close', () => serverSockets.delete(socket));

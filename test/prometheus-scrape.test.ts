@@ -10,7 +10,8 @@ import { EXAMPLES_DIR } from './helpers/policy-fixture';
 import { TestRedis } from './helpers/redis-server';
 import { ISS, jwksOf, makeKey } from './helpers/token-fixture';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { getJson, killAll, pollUntil, startAgent, startBroker } from './helpers/processes';
+import { getJson, killAll, startAgent, startBroker } from './helpers/processes';
+import { pollUntil } from './helpers/wait';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 
 interface PromResponse<T> {

@@ -6,20 +6,12 @@ import { ECHO } from './helpers/echo-upstream';
 import type { CertFiles } from './helpers/pki-fixture';
 import { RawAgent, type RawCallStream, type RawSession } from './helpers/raw-agent';
 import { Stack } from './helpers/stack';
+import { pollUntil } from './helpers/wait';
 
 /**
  * Component tests of the broker's side of tunnel.proto against a hand-written agent (RawAgent)
  * that sends exactly the frames each test chooses, on real sockets with real mTLS.
  */
-
-/** Polls `condition` until it holds; only for state that has no event (registry contents). */
-async function waitUntil(condition: () => boolean, what: string, timeoutMs = 3_000): Promise<void> {
-  const deadline = Date.now() + timeoutMs;
-  while (!condition()) {
-    if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
-    await new Promise((resolve) => setTimeout(resolve, 5));
-  }
-}
 
 /** `promise`, or a rejection naming `what` if it has not settled within `ms`. */
 function within<T>(promise: Promise<T>, ms: number, what: string): Promise<T> {
@@ -70,7 +62,11 @@ describe('protocol peer: a raw agent against a real broker', () => {
     for (let i = 0; i < n; i++) {
       offers.push(agent.offer(sessionId));
       // One at a time, so the broker's idle list is in the order we opened them.
-      await waitUntil(() => stack.broker.registry.counts().idleOffers === before + i + 1, `idle offer #${i + 1}`);
+      await pollUntil(
+        `idle offer #${i + 1}`,
+        () => stack.broker.registry.counts().idleOffers === before + i + 1,
+        3_000,
+      );
     }
     return offers;
   };
@@ -90,7 +86,9 @@ describe('protocol peer: a raw agent against a real broker', () => {
   afterEach(async () => {
     for (const a of agents.splice(0)) a.close();
     // Leak check: every session, offer, waiter and agent entry is gone once the agents are.
-    await waitUntil(
+    await pollUntil(
+      `an empty registry (now ${JSON.stringify(stack.broker.registry.counts())}, listener ` +
+        `sessions ${sessionCount(stack.broker)})`,
       () => {
         const c = stack.broker.registry.counts();
         return (
@@ -103,8 +101,7 @@ describe('protocol peer: a raw agent against a real broker', () => {
           sessionCount(stack.broker) === 0
         );
       },
-      `an empty registry (now ${JSON.stringify(stack.broker.registry.counts())}, listener ` +
-        `sessions ${sessionCount(stack.broker)})`,
+      3_000,
     );
   });
 
@@ -130,7 +127,7 @@ describe('protocol peer: a raw agent against a real broker', () => {
       session.end();
       const st = await session.ended();
       expect(st.code).to.equal(Status.OK);
-      await waitUntil(() => stack.broker.registry.counts().sessions === 0, 'the session to be forgotten');
+      await pollUntil('the session to be forgotten', () => stack.broker.registry.counts().sessions === 0, 3_000);
     });
 
     it(
@@ -348,7 +345,7 @@ describe('protocol peer: a raw agent against a real broker', () => {
       expect(st.code).to.equal(Status.INTERNAL);
       expect(st.details).to.contain('protocol error');
       // An idle offer's protocol error reaches the listener: the session goes too.
-      await waitUntil(() => stack.broker.registry.counts().sessions === 0, 'the session to be closed');
+      await pollUntil('the session to be closed', () => stack.broker.registry.counts().sessions === 0, 3_000);
       expect(await protocolErrorsInThisTest()).to.equal(1);
     });
   });
@@ -463,7 +460,7 @@ describe('protocol peer: a raw agent against a real broker', () => {
           (e: ServiceError) => e,
         );
         expect(e1.code).to.equal(Status.DEADLINE_EXCEEDED);
-        await waitUntil(() => stack.broker.registry.counts().waiters === 0, 'the first waiter to go');
+        await pollUntil('the first waiter to go', () => stack.broker.registry.counts().waiters === 0, 3_000);
         const second = stack.caller.unary(ECHO.unary, Buffer.from('second'), stack.md(), {
           deadline: Date.now() + 1_500,
         });
@@ -494,7 +491,11 @@ describe('protocol peer: a raw agent against a real broker', () => {
         const [asked, other] = one.session.received.some(isDemand) ? [one, two] : [two, one];
         expect(other.session.received.filter(isDemand), 'only one session is asked').to.have.length(0);
         asked.agent.close(); // the asked session goes away before opening the offer
-        await waitUntil(() => stack.broker.registry.counts().sessions === 1, 'the asked session to be forgotten');
+        await pollUntil(
+          'the asked session to be forgotten',
+          () => stack.broker.registry.counts().sessions === 1,
+          3_000,
+        );
         const d = await within(other.session.seen(isDemand), 1_000, 'Demand on the remaining session');
         expect(d.kind === 'demand' && d.offers).to.equal(1);
         const answered = other.agent.offer(other.sessionId).answerEcho();
@@ -530,11 +531,11 @@ describe('protocol peer: a raw agent against a real broker', () => {
 
       const agent = rawAgent();
       const silent = agent.session();
-      await waitUntil(() => helloTimers.size === 1, 'the broker to start the session handler');
+      await pollUntil('the broker to start the session handler', () => helloTimers.size === 1, 3_000);
       expect(stack.broker.registry.counts()).to.deep.include({ agents: 0, sessions: 0 });
       expect(sessionCount(stack.broker)).to.equal(0);
       silent.cancel();
-      await waitUntil(() => helloTimers.size === 0, 'the hello timer to be cleared');
+      await pollUntil('the hello timer to be cleared', () => helloTimers.size === 0, 3_000);
       expect(await protocolErrorsInThisTest()).to.equal(0);
       expect(stack.broker.registry.counts()).to.deep.include({ agents: 0, sessions: 0 });
     });

@@ -16,7 +16,7 @@ import { ECHO } from './helpers/echo-upstream';
 import { RawAgent } from './helpers/raw-agent';
 import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
-import { waitUntil } from './helpers/wait';
+import { pollUntil } from './helpers/wait';
 
 /**
  * Broker replicas (protocol version 3, the Brokers session frame): brokers advertise the replica
@@ -242,7 +242,7 @@ describe('broker replica set: agents and several brokers', function () {
       const agent = await stack.startAgent();
       expect(await gauge(agent, 'brokersKnown')).to.equal(0);
       listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint]);
-      await waitUntil(() => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
+      await pollUntil('condition', () => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
       expect(sessions(stack.broker), 'A is not dialled twice').to.equal(1);
       expect(targetsOf(agent)).to.deep.equal([
         { broker: stack.agentAddress, source: 'configured', brokerId: 'broker-test' },
@@ -256,13 +256,13 @@ describe('broker replica set: agents and several brokers', function () {
       call.write(Buffer.from('before the drain'));
       await once(stack.siteUpstream, 'call');
       listenerOf(stack.broker).broadcastReplicaSet([brokerA()]);
-      await waitUntil(() => agent.brokerTargets().length === 1);
+      await pollUntil('condition', () => agent.brokerTargets().length === 1);
       call.write(Buffer.from(', after it'));
       call.end();
       const r = await result;
       expect(r.status.code, r.status.details).to.equal(Status.OK);
       expect(Buffer.concat(r.messages).toString()).to.equal('before the drain, after it');
-      await waitUntil(() => sessions(b.broker) === 0);
+      await pollUntil('condition', () => sessions(b.broker) === 0);
       expect(sessions(stack.broker)).to.equal(1);
       expect(await gauge(agent, 'brokersConnected')).to.equal(1);
       expect(await gauge(agent, 'brokersKnown')).to.equal(1);
@@ -281,14 +281,14 @@ describe('broker replica set: agents and several brokers', function () {
       const b = await startBroker('broker-b', { drainTimeoutMs: 300 });
       const agent = await stack.startAgent({ brokerWaitMs: 5_000 });
       listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint]);
-      await waitUntil(() => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
+      await pollUntil('condition', () => sessions(b.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
       const inFlight = b.caller.unary(ECHO.hang, Buffer.from('x'), stack.md()).then(
         () => undefined,
         (e: ServiceError) => e,
       );
       await once(stack.siteUpstream, 'call');
       const stopped = b.broker.stop();
-      await waitUntil(() => agent.brokerTargets().filter((t) => t.usable).length === 1);
+      await pollUntil('condition', () => agent.brokerTargets().filter((t) => t.usable).length === 1);
       // No waiting for the broker that is going away: both directions answer well within brokerWait.
       const t0 = Date.now();
       const [platform, site] = await Promise.all([
@@ -310,7 +310,7 @@ describe('broker replica set: agents and several brokers', function () {
   it('the same --broker given twice is still two tunnels to it (HA), and the replica set adds no third', async () => {
     const agent = await stack.startAgent({ brokers: [stack.agentAddress, stack.agentAddress] });
     listenerOf(stack.broker).broadcastReplicaSet([brokerA()]);
-    await waitUntil(() => sessions(stack.broker) === 2 && agent.knownReplicaSet.length === 1);
+    await pollUntil('condition', () => sessions(stack.broker) === 2 && agent.knownReplicaSet.length === 1);
     expect(targetsOf(agent).map((t) => t.source)).to.deep.equal(['configured', 'configured']);
     expect(await gauge(agent, 'brokersConnected')).to.equal(1);
   });
@@ -321,14 +321,14 @@ describe('broker replica set: agents and several brokers', function () {
     const expected = rendezvousScore(agent.agentId, 'broker-b') > rendezvousScore(agent.agentId, 'broker-c') ? b : c;
     const other = expected === b ? c : b;
     listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint, c.endpoint]);
-    await waitUntil(() => sessions(expected.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
+    await pollUntil('condition', () => sessions(expected.broker) === 1 && agent.brokerTargets().every((t) => t.usable));
     expect(targetsOf(agent).map((t) => t.brokerId)).to.deep.equal(['broker-test', expected.endpoint.brokerId]);
     expect(sessions(other.broker)).to.equal(0);
     await agent.stop();
 
     const one = await stack.startAgent({ maxBrokers: 1 });
     listenerOf(stack.broker).broadcastReplicaSet([brokerA(), b.endpoint, c.endpoint]);
-    await waitUntil(() => one.knownReplicaSet.length === 3);
+    await pollUntil('condition', () => one.knownReplicaSet.length === 3);
     expect(targetsOf(one).map((t) => t.brokerId)).to.deep.equal(['broker-test']);
     expect(sessions(b.broker) + sessions(c.broker)).to.equal(0);
   });
@@ -367,7 +367,8 @@ describe('broker replica set: agents and several brokers', function () {
       );
       try {
         await agent.start();
-        await waitUntil(
+        await pollUntil(
+          'condition',
           () =>
             sessions(one.broker) === 1 && sessions(two.broker) === 1 && agent.brokerTargets().every((t) => t.usable),
         );
@@ -382,7 +383,7 @@ describe('broker replica set: agents and several brokers', function () {
           [`127.0.0.2:${port}`, 'configured', `brokers.test:${port}`, 'broker-dns-2'],
         ]);
         addresses = ['127.0.0.1'];
-        await waitUntil(() => sessions(two.broker) === 0 && agent.brokerTargets().length === 1);
+        await pollUntil('condition', () => sessions(two.broker) === 0 && agent.brokerTargets().length === 1);
         expect(sessions(one.broker)).to.equal(1);
       } finally {
         await agent.stop();

@@ -8,13 +8,13 @@ import {
   getJson,
   httpGet,
   killAll,
-  pollUntil,
   startAgent,
   startBroker,
   type AgentListing,
   type BurrowProcess,
   type LogLine,
 } from './helpers/processes';
+import { pollUntil } from './helpers/wait';
 import type { CallFrame } from '@burrow/tunnel';
 import { RawAgent, type RawCallStream, type RawSession } from './helpers/raw-agent';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';

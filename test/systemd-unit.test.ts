@@ -5,7 +5,7 @@ import { expect } from 'chai';
 import { AGENT_DEFAULTS } from '@burrow/agent';
 import { parseDurationMs } from '@burrow/tunnel';
 import { PkiFixture } from './helpers/pki-fixture';
-import { makeTempDir } from './helpers/pki';
+import { makeTempDir } from './helpers/pki-fixture';
 import { BurrowProcess, AGENT_CLI, killAll, liveProcessCount } from './helpers/processes';
 
 // Compiled to test/dist/systemd-unit.test.js: the repository root is two levels up.

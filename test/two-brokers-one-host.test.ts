@@ -11,7 +11,6 @@ import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import {
   getJson,
   killAll,
-  pollUntil,
   runCli,
   startAgent,
   startBroker,
@@ -19,6 +18,7 @@ import {
   type AgentListing,
   type BurrowProcess,
 } from './helpers/processes';
+import { pollUntil } from './helpers/wait';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { TestRedis } from './helpers/redis-server';
 

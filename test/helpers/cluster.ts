@@ -10,10 +10,10 @@ import {
   getJson,
   httpGet,
   killAll,
-  pollUntil,
   type AgentListing,
   type BrokerPorts,
 } from './processes';
+import { pollUntil } from './wait';
 import { RawClient, mtlsCredentials } from './raw-grpc';
 import { TestRedis } from './redis-server';
 

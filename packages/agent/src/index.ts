@@ -1,12 +1,56 @@
-/** @burrow/agent: the agent as a library (tests, embedding); the CLI is cli.ts. */
-export * from './agent';
-export * from './agent-config';
-export * from './agent-metrics';
-export * from './authn';
-export * from './backoff';
-export * from './broker-connection';
-export * from './broker-targets';
+/**
+ * @burrow/agent: the agent as a library (tests, embedding); the CLI is cli.ts. Exports marked `@internal` are
+ * parts of the agent exported only so the tests and benchmarks can drive them alone.
+ */
+
+// The agent and its configuration.
+export {
+  Agent,
+  DEFAULT_RESOLVE_INTERVAL_MS,
+  type AgentPorts,
+  type AgentOptions,
+  type BrokerTargetStatus,
+} from './agent';
+export { AGENT_DEFAULTS, type AgentConfig, type LocalTlsConfig, type AgentPolicyConfig } from './agent-config';
+/** Builds an {@link AgentConfig} from parsed `burrow-agent run` options (what the CLI does). */
 export { agentConfigFromArgs } from './cli';
-export * from './certificate-renewer';
-export * from './enroll';
-export * from './state-dir';
+
+// Token verification for the built-in burrow.auth.v1.AuthenticationService.
+export {
+  TokenVerifier,
+  TOKEN_VERIFIER_DEFAULTS,
+  type TokenVerifierSettings,
+  type TokenVerifierOptions,
+  type AuthenticationResult,
+} from './authn/token-verifier';
+export { AuthnMetrics, type AuthnResult } from './authn/authn-metrics';
+/** @internal Tests parse authn options and load jose with these. */
+export { authnConfigFromArgs } from './authn/authn-config';
+/** @internal */
+export { loadJose, type JoseModule } from './authn/jose-loader';
+
+/** @internal The agent's parts, driven alone by tests and benchmarks. */
+export { AgentMetrics, type BrokerCounts } from './agent-metrics';
+/** @internal */
+export { Backoff } from './backoff';
+/** @internal */
+export { BrokerConnection, type BrokerConnectionOptions } from './broker-connection';
+/** @internal Which brokers the agent connects to (unit-tested pure functions). */
+export {
+  expandConfigured,
+  rendezvousScore,
+  chooseTargets,
+  type HostResolver,
+  type TargetSpec,
+  type TargetInputs,
+} from './broker-targets';
+/** @internal When the agent renews its certificate. */
+export {
+  CertificateRenewer,
+  renewalTimeMs,
+  renewalRetryDelayMs,
+  type Clock,
+  type RenewerDeps,
+} from './certificate-renewer';
+/** @internal Enrollment and the state directory's file names. */
+export { enroll, stateFiles, type EnrollOptions } from './enroll';

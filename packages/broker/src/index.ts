@@ -1,14 +1,28 @@
-/** @burrow/broker: the broker as a library (tests, embedding); the CLI is cli.ts. */
-export * from './broker';
-export * from './broker-config';
-export * from './broker-metrics';
-export * from './caller-api';
-export * from './tunnel-registry';
+/**
+ * @burrow/broker: the broker as a library (tests, embedding); the CLI is cli.ts. Exports marked `@internal` are
+ * parts of the broker exported only so the tests and benchmarks can drive them alone.
+ */
+
+// The broker and its configuration.
+export { Broker, BROKER_VERSION, type BrokerPorts, type BrokerStatus, type DisconnectResult } from './broker';
+export { BROKER_DEFAULTS, DEFAULT_ADMIN_ADDRESS, type BrokerConfig, type ClusterConfig } from './broker-config';
+/** Builds a {@link BrokerConfig} from parsed `burrow-broker serve` options (what the CLI does). */
 export { brokerConfigFromArgs, serveDefaults } from './cli';
-export * from './call-limiter';
-export * from './caller-authorizer';
-export * from './authzen-http';
-export * from './policy-caller-authorizer';
-export * from './agent-directory';
-export * from './peer-forwarder';
-export * from './peer-listener';
+/** What the broker reports about its agents (admin API, {@link Broker} status). */
+export type { RegistryCounts, AgentSummary, AgentDetail } from './tunnel-registry';
+
+// Caller authorization: the hook an embedder implements, and the Cedar-backed one the CLI uses.
+export {
+  ALLOW_ALL_CALLERS,
+  type CallerAuthorizer,
+  type CallerDecision,
+  type ForwardedCall,
+} from './caller-authorizer';
+export { PolicyCallerAuthorizer, type PolicyCallerAuthorizerOptions } from './policy-caller-authorizer';
+
+/** @internal The broker's parts, driven alone by tests and benchmarks. */
+export { BrokerMetrics } from './broker-metrics';
+/** @internal */
+export { CallLimiter, LimitExceededError, type CallLimits, type KeyLimits, type LimitName } from './call-limiter';
+/** @internal */
+export { PeerForwarder, type PeerForwarderOptions, type PeerAttempt } from './peer-forwarder';

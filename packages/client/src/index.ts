@@ -1,4 +1,18 @@
 /**
  * @burrow/client: what a platform service needs to ask sites questions through a Burrow broker.
  */
-export * from './burrow-client';
+export {
+  BurrowClient,
+  BurrowCallError,
+  type BurrowClientOptions,
+  type CallOptions,
+  type AuthenticationResult,
+  type Subject,
+  type Action,
+  type Resource,
+  type EvaluationRequest,
+  type EvaluationResponse,
+  type EvaluationsSemantic,
+  type EvaluationsRequest,
+  type EvaluationsResponse,
+} from './burrow-client';

@@ -33,7 +33,16 @@ export interface CallStreamOwnerHooks {
   onClosed?(error?: BurrowError): void;
 }
 
-type Duplex = ServerDuplexStream<Buffer, Buffer> | ClientDuplexStream<Buffer, Buffer>;
+/**
+ * What a CallStream uses of its transport: a grpc-js `ServerDuplexStream` or `ClientDuplexStream` of bytes
+ * (client streams also have `cancel`). Naming only these lets the unit tests drive a CallStream with a fake.
+ */
+export interface CallDuplex extends NodeJS.EventEmitter {
+  write(chunk: Buffer): boolean;
+  pause(): unknown;
+  resume(): unknown;
+  end(): unknown;
+}
 
 /**
  * One Offer or Forward stream seen as a sequence of validated call frames. It owns the
@@ -69,7 +78,7 @@ export class CallStream {
    *   session, as tunnel.proto requires.
    */
   constructor(
-    private readonly duplex: Duplex,
+    private readonly duplex: CallDuplex,
     readonly grpcRole: 'server' | 'client',
     readonly role: FrameSender,
     private readonly onOwnerProtocolError?: (error: ProtocolError) => void,

@@ -1,31 +1,186 @@
 /**
- * @burrow/tunnel: the protocol code the agent and the broker share. No CLI, no process state: the
- * binaries pass their configuration, logger and clock in.
+ * @burrow/tunnel: the protocol code the agent and the broker share. No process state: the binaries pass their
+ * configuration, logger and clock in. The helpers both CLIs share are in their own section at the end.
+ *
+ * Every consumer is another Burrow package; exports marked `@internal` are there only for the tests.
  */
-export * from './answerer';
-export * from './call-outcome';
-export * from './call-relay';
-export * from './call-state';
-export * from './call-stream';
-export * from './grpc-server-hooks';
-export * from './connection-guard';
-export * from './grpc-client-hooks';
-export * from './errors';
-export * from './frames';
-export * from './grpc-options';
-export * from './identity';
-export * from './ids';
-export * from './broker-identity-check';
-export * from './logger';
-export * from './metadata-policy';
-export * from './originator';
-export * from './upstream-table';
-export * from './health-service';
-export * from './cli-options';
-export * from './admin-server';
-export * from './credential-store';
-export * from './enrollment-service';
-export * from './api-codec';
-export * from './local-answerer';
-export * from './embedded-protos';
-export * from './signals';
+
+// Wire format: session and call frames, protocol versions, the tunnel's gRPC methods.
+export {
+  checkReplicaSet,
+  encodeSessionFrame,
+  decodeSessionFrame,
+  sessionFrameTooLarge,
+  negotiateVersion,
+  describeVersions,
+  PROTOCOL_VERSIONS,
+  REUSABLE_OFFERS_VERSION,
+  REPLICA_SET_VERSION,
+  AGENT_DRAIN_VERSION,
+  MAX_REPLICA_SET_SIZE,
+  MAX_SESSION_FRAME_BYTES,
+  DEFAULT_MAX_MESSAGE_BYTES,
+  TUNNEL_METHODS,
+  SESSION_ID_KEY,
+  PROTO_DIR,
+  type StartFrame,
+  type TrailersFrame,
+  type CallFrame,
+  type WelcomeFrame,
+  type BrokerEndpoint,
+} from './frames';
+/** @internal Tests build and check raw frames with these. */
+export {
+  encodeCallFrame,
+  decodeCallFrame,
+  PROTOCOL_VERSION,
+  type WireMetadataEntry,
+  type HelloFrame,
+  type SessionFrame,
+} from './frames';
+
+// Forwarding one call: the originator opens it, the answerer serves it, the relay splices two of them.
+export {
+  originate,
+  rejectCall,
+  originateUnary,
+  type OriginateOptions,
+  type CallCutter,
+  type UnaryRequest,
+  type UnaryResult,
+} from './originator';
+export { answer, type AnswerOptions } from './answerer';
+export {
+  answerLocally,
+  type LocalCallContext,
+  type LocalUnaryHandler,
+  type LocalAnswerOptions,
+} from './local-answerer';
+export { relayCall, type RelayOptions } from './call-relay';
+export { CallStream, type CallStreamOwnerHooks, type CallDuplex } from './call-stream';
+/** @internal Tests drive a CallStream with these handlers. */
+export type { CallStreamHandlers } from './call-stream';
+export type { CallOutcome } from './call-outcome';
+export { isIdle, type RequestState, type ResponseState } from './call-state';
+/** @internal The call state machine, exported for its unit tests. */
+export {
+  transition,
+  isCallDone,
+  INITIAL_CALL_STATE,
+  type CallState,
+  type FrameSender,
+  type Transition,
+} from './call-state';
+
+// Which metadata crosses the tunnel, and the keys Burrow owns.
+export { AGENT_ID_KEY, CALLING_AGENT_KEY, CALLER_ID_KEY } from './metadata-policy';
+/** @internal Tests check the metadata filter with it. */
+export { requestMetadataFromWire } from './metadata-policy';
+
+// Upstream routing and the API codecs (the JSON shapes of the policy and auth services).
+export { parseUpstreamRoute, serviceOfMethod, UpstreamTable, type UpstreamRoute } from './upstream-table';
+export { AUTH_METHODS, POLICY_METHODS, ApiCodec, API_CODECS, type JsonValue, type JsonObject } from './api-codec';
+export {
+  ENROLLMENT_SERVICE,
+  type EnrollRequest,
+  type RenewRequest,
+  type IssuedAgentCertificate,
+} from './enrollment-service';
+
+// Identities: SPIFFE ids from certificates, chain checks, the id grammar.
+export {
+  parseSpiffeId,
+  certificateIdentityProblem,
+  identityOfCertificate,
+  identityOfPeerCertificate,
+  splitPemCertificates,
+  verifyCertificateChain,
+  type PeerRole,
+  type PeerIdentity,
+  type PeerCertificateLike,
+} from './identity';
+export { brokerIdentityCheck, NOT_A_BROKER } from './broker-identity-check';
+export { isValidId, idProblem, ID_PATTERN, ID_GRAMMAR } from './ids';
+export { CredentialStore, type TlsMaterial } from './credential-store';
+
+// gRPC server and channel plumbing: options, hooks into grpc-js, connection limits, health.
+export {
+  tunnelServerOptions,
+  tunnelChannelOptions,
+  callServerOptions,
+  upstreamChannelOptions,
+  DEFAULT_KEEPALIVE,
+  type KeepaliveSettings,
+} from './grpc-options';
+export {
+  installCatchAll,
+  observeTlsClientErrors,
+  cachePeerCertificates,
+  tlsServersOf,
+  refuseCallsEarly,
+  shutdownGracefully,
+  receiveLimitInterceptor,
+  identity,
+  type CatchAllHandler,
+  type EarlyRefusal,
+  type OversizedMessage,
+} from './grpc-server-hooks';
+/** @internal Tests exercise the handshake limiter alone. */
+export { limitPendingHandshakes, type HandshakeLimiter } from './grpc-server-hooks';
+export { abortConnectsOnChannelClose } from './grpc-client-hooks';
+export {
+  guardConnections,
+  type GuardedClose,
+  type UnauthenticatedLimits,
+  type ConnectionGuardOptions,
+  type ConnectionGuard,
+} from './connection-guard';
+export { HealthService, type ServingStatus } from './health-service';
+
+// Errors and logging.
+export { toBurrowError, statusName, BurrowError, ProtocolError } from './errors';
+/** A setting the operator gave is wrong: thrown by CLI parsing and by library code that checks its settings. */
+export { ConfigError } from './cli-options';
+export {
+  createLogger,
+  silentLogger,
+  logCallFinished,
+  boundedForLog,
+  type Logger,
+  type LogFormat,
+  type CallLogFields,
+} from './logger';
+
+// The admin HTTP server (status, metrics, mutations) both binaries run.
+export {
+  createAdminServer,
+  type AdminResponse,
+  type AdminRoute,
+  type AdminMutationPolicy,
+  type AdminSources,
+} from './admin-server';
+/** @internal Tests check the loopback rule with it. */
+export { isLoopbackAddress } from './admin-server';
+
+// Protos embedded in the agent's single executable.
+export { seaAssets, listProtoFiles, type AssetSource } from './embedded-protos';
+/** @internal Tests serve protos from fake assets with these. */
+export { serveProtosFromAssets, EMBEDDED_PROTO_DIR } from './embedded-protos';
+
+// ---------------------------------------------------------------------------------------------------------------
+// For the two CLIs (burrow-agent, burrow-broker) only: option parsing, config files, signal handling. Library
+// code takes its settings already parsed and does not use these.
+// ---------------------------------------------------------------------------------------------------------------
+export {
+  loadYamlConfig,
+  parseListenAddress,
+  parseAllowedHosts,
+  parseDurationMs,
+  parseBytes,
+  parseIntInRange,
+  requireReadableFile,
+  requireCertificatePair,
+  asList,
+  silenceIpServerNameWarning,
+} from './cli-options';
+export { runUntilSignalled } from './signals';
