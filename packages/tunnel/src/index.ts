@@ -29,3 +29,4 @@ export * from './api-codec';
 export * from './local-answerer';
 export * from './embedded-protos';
 export * from './signals';
+export { bindOn, listenOn, splitHostPort } from './listen';
