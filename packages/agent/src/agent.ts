@@ -1,7 +1,6 @@
 import { X509Certificate } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
 import type * as http from 'node:http';
-import type { AddressInfo } from 'node:net';
 import {
   Server,
   ServerCredentials,
@@ -30,6 +29,8 @@ import {
   shutdownGracefully,
   brokerIdentityCheck,
   NOT_A_BROKER,
+  bindOn,
+  listenOn,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
 import { readState, writeFileAtomic, writeState } from './state-dir';
@@ -713,11 +714,7 @@ export class Agent {
       void this.onLocalCall(call);
     });
     this.localServer = server;
-    return new Promise((resolve, reject) =>
-      server.bindAsync(address, creds, (err, port) =>
-        err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port),
-      ),
-    );
+    return bindOn(server, address, creds);
   }
 
   private async startAdmin(address: string): Promise<number> {
@@ -728,11 +725,6 @@ export class Agent {
       allowedHosts: this.config.adminAllowedHosts,
     });
     this.admin = admin;
-    const i = address.lastIndexOf(':');
-    await new Promise<void>((resolve, reject) => {
-      admin.once('error', (err) => reject(new Error(`cannot listen on ${address}: ${err.message}`)));
-      admin.listen(Number(address.slice(i + 1)), address.slice(0, i).replace(/^\[|\]$/g, ''), () => resolve());
-    });
-    return (admin.address() as AddressInfo).port;
+    return listenOn(admin, address);
   }
 }

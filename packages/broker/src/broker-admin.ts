@@ -1,8 +1,32 @@
 import type { AdminRoute, Logger } from '@burrow/tunnel';
-import type { Broker } from './broker';
+import type { TunnelRegistry } from './tunnel-registry';
 
 /** Longest reason an operator may attach to a disconnect (it travels in the status message). */
 const MAX_REASON_CHARS = 200;
+
+/** What an operator's disconnect did (POST /agents/<id>/disconnect). */
+export interface DisconnectResult {
+  agentId: string;
+  sessionsClosed: number;
+  callsAborted: number;
+  reason: string;
+  /** Whether the agent's certificate is revoked: if not, it reconnects within its backoff. */
+  revoked: boolean;
+  willReconnect: boolean;
+}
+
+/**
+ * What the admin routes need of the broker (`Broker` has it). An interface rather than the class,
+ * so that this module does not import broker.ts, which imports it.
+ */
+export interface BrokerAdminTarget {
+  /** The body of `GET /status`. */
+  status(): Promise<object>;
+  /** Where `GET /agents/<id>` reads one connected agent. */
+  readonly registry: Pick<TunnelRegistry, 'detail'>;
+  /** `POST /agents/<id>/disconnect`; undefined when the agent is not connected here. */
+  disconnectByOperator(agentId: string, reason: string): DisconnectResult | undefined;
+}
 
 /**
  * The broker's admin routes beyond the read-only listings (see createAdminServer):
@@ -14,7 +38,7 @@ const MAX_REASON_CHARS = 200;
  *   admin token, or a loopback admin listener.
  * - `GET /status`: version, uptime, listeners, agents, calls, draining, serving certificate, PKI.
  */
-export function brokerAdminRoutes(broker: Broker, logger: Logger): AdminRoute[] {
+export function brokerAdminRoutes(broker: BrokerAdminTarget, logger: Logger): AdminRoute[] {
   const notConnected = (id: string) => ({
     status: 404,
     body: { error: `agent "${id}" is not connected to this broker` },

@@ -2,16 +2,9 @@ import { X509Certificate } from 'node:crypto';
 import { readFileSync } from 'node:fs';
 import type * as http from 'node:http';
 import type * as https from 'node:https';
-import type { AddressInfo } from 'node:net';
 import { hostname } from 'node:os';
-import {
-  Server,
-  experimental,
-  status as Status,
-  type ServerCredentials,
-  type ServerUnaryCall,
-  type sendUnaryData,
-} from '@grpc/grpc-js';
+import type { TLSSocket } from 'node:tls';
+import { Server, experimental, status as Status, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
 import {
   BurrowError,
   CredentialStore,
@@ -42,12 +35,17 @@ import {
   type IssuedAgentCertificate,
   type Logger,
   type RenewRequest,
+  bindOn,
+  listenOn,
+  splitHostPort,
 } from '@burrow/tunnel';
 import { BrokerPki, defaultBrokerName, type BrokerPkiStatus } from './broker-pki';
-import { brokerAdminRoutes } from './broker-admin';
+import { brokerAdminRoutes, type DisconnectResult } from './broker-admin';
+
+export type { DisconnectResult } from './broker-admin';
 
 import { AGENT_LISTENER_RECEIVE_LIMITS, AgentListener } from './agent-listener';
-import type { BrokerConfig } from './broker-config';
+import type { BrokerConfig, ClusterConfig } from './broker-config';
 import { BrokerMetrics } from './broker-metrics';
 import { createAuthzenServer } from './authzen-http';
 import { CallLimiter } from './call-limiter';
@@ -64,7 +62,7 @@ import {
   type DirectoryStatus,
 } from './agent-directory';
 import { PeerForwarder } from './peer-forwarder';
-import { PeerListener } from './peer-listener';
+import { PeerListener, type PeerListenerDeps } from './peer-listener';
 
 /** While a call waits for an agent connected nowhere yet, how often the directory is asked again. */
 const CLUSTER_RETRY_INTERVAL_MS = 250;
@@ -103,17 +101,6 @@ export interface BrokerStatus {
   pki: BrokerPkiStatus | { enabled: false } | { enabled: true; error: string };
   /** Cluster state; `{ enabled: false }` without --redis-url. */
   cluster: ({ enabled: true; advertise: string } & DirectoryStatus) | { enabled: false };
-}
-
-/** What an operator's disconnect did (POST /agents/<id>/disconnect). */
-export interface DisconnectResult {
-  agentId: string;
-  sessionsClosed: number;
-  callsAborted: number;
-  reason: string;
-  /** Whether the agent's certificate is revoked: if not, it reconnects within its backoff. */
-  revoked: boolean;
-  willReconnect: boolean;
 }
 
 // How often the broker looks for expired agent certificates and idle offers to retire.
@@ -161,27 +148,6 @@ function replicaEndpoints(brokers: readonly BrokerRecord[]): BrokerEndpoint[] {
   return out;
 }
 
-function splitHostPort(text: string): { host: string; port: number } {
-  const i = text.lastIndexOf(':');
-  return { host: text.slice(0, i).replace(/^\[|\]$/g, ''), port: Number(text.slice(i + 1)) };
-}
-
-function listen(server: http.Server | https.Server, address: string): Promise<number> {
-  const { host, port } = splitHostPort(address);
-  return new Promise((resolve, reject) => {
-    server.once('error', (err) => reject(new Error(`cannot listen on ${address}: ${err.message}`)));
-    server.listen(port, host, () => resolve((server.address() as AddressInfo).port));
-  });
-}
-
-function bind(server: Server, address: string, creds: ServerCredentials): Promise<number> {
-  return new Promise((resolve, reject) =>
-    server.bindAsync(address, creds, (err, port) =>
-      err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port),
-    ),
-  );
-}
-
 /**
  * A Burrow broker: the agent listener (tunnels), the caller API and the admin listener, wired to
  * one tunnel registry. Construct, `start()`, and `stop()` to drain and shut down.
@@ -219,6 +185,9 @@ export class Broker {
   private forwarder: PeerForwarder | undefined;
   /** TCP sockets a listener guard closed (its handshake timed out): counted there, not as abandoned. */
   private readonly guardClosed = new WeakSet<import('node:net').Socket>();
+  /** What the listeners ask while admitting calls and sessions. */
+  private readonly drainingNow = (): boolean => this.draining;
+  private readonly isRevoked: BrokerPki['isRevoked'];
 
   constructor(
     private readonly config: BrokerConfig,
@@ -252,6 +221,7 @@ export class Broker {
         enrollPerMinute: config.enrollPerMinute,
       });
     }
+    this.isRevoked = this.pki ? this.pki.isRevoked.bind(this.pki) : () => false;
   }
 
   /** The broker's current TLS material (tests, status). */
@@ -261,8 +231,38 @@ export class Broker {
 
   /** Loads credentials and binds all listeners. Rejects with a message naming what failed. */
   async start(): Promise<BrokerPorts> {
+    const { tls, certPem } = await this.loadIdentity();
+    const cluster = this.config.cluster;
+    if (cluster) await this.refuseDuplicateBrokerId(cluster);
+    await this.loadCallerPolicy();
+    this.wireAgentListener(tls);
+    this.health.addTo(this.apiServer);
+    if (cluster) this.wireCluster(cluster, tls);
+    const api = this.createCallerApi();
+    const { agentPort, apiPort } = await this.bindTunnelListeners(tls);
+    const peerPort =
+      cluster && this.directory ? await this.startPeerListener(cluster, this.directory, tls, agentPort) : undefined;
+    const authzenPort = await this.startAuthzen(api, tls);
+    const exportFileCertExpiry = this.fileCertExpiryExporter(certPem);
+    exportFileCertExpiry();
+    const adminPort = await this.startAdmin();
+    this.startTimers(exportFileCertExpiry);
+    this.startPki(tls);
+    this.started = true;
+    this.startedAtMs = Date.now();
+    this.ports = { agentPort, apiPort, adminPort, authzenPort };
+    this.logStarted(this.ports, peerPort);
+    return { agentPort, apiPort, adminPort, authzenPort };
+  }
+
+  /**
+   * Identity: loads the serving certificate, checks that it is a broker's, and takes the broker id
+   * and trust domain from it (unless the config names them).
+   */
+  private async loadIdentity(): Promise<{ tls: CredentialStore; certPem: string }> {
     const material = await this.loadTlsMaterial();
-    this.tls = new CredentialStore(material);
+    const tls = new CredentialStore(material);
+    this.tls = tls;
     const ownRaw = new X509Certificate(material.certPem).raw;
     const own = identityOfCertificate(ownRaw);
     if (own?.role !== 'broker') {
@@ -274,25 +274,32 @@ export class Broker {
     // self-issued certificate; with --tls-cert it may differ (replicas sharing one certificate).
     this.brokerId = this.config.brokerId ?? own.name;
     this.trustDomain = this.config.trustDomain ?? own.trustDomain;
-    const cluster = this.config.cluster;
-    if (cluster) {
-      // Two brokers with one id break failover (agents keep one tunnel per broker id): refuse to
-      // be the second, before anything listens.
-      const clash = await findBrokerIdClash({
-        redisUrl: cluster.redisUrl,
-        keyPrefix: cluster.redisKeyPrefix,
-        brokerId: this.brokerId,
-        peer: cluster.advertise,
-      });
-      if (clash) {
-        throw new BurrowError(
-          Status.FAILED_PRECONDITION,
-          `broker id "${this.brokerId}" is already live in the cluster directory at ${clash.peer} ` +
-            `(agents at ${clash.agent}); ` +
-            `this broker would be at ${cluster.advertise}: give each broker its own --broker-id (or certificate name)`,
-        );
-      }
+    return { tls, certPem: material.certPem };
+  }
+
+  /**
+   * Two brokers with one id break failover (agents keep one tunnel per broker id): refuse to be
+   * the second, before anything listens.
+   */
+  private async refuseDuplicateBrokerId(cluster: ClusterConfig): Promise<void> {
+    const clash = await findBrokerIdClash({
+      redisUrl: cluster.redisUrl,
+      keyPrefix: cluster.redisKeyPrefix,
+      brokerId: this.brokerId,
+      peer: cluster.advertise,
+    });
+    if (clash) {
+      throw new BurrowError(
+        Status.FAILED_PRECONDITION,
+        `broker id "${this.brokerId}" is already live in the cluster directory at ${clash.peer} ` +
+          `(agents at ${clash.agent}); ` +
+          `this broker would be at ${cluster.advertise}: give each broker its own --broker-id (or certificate name)`,
+      );
     }
+  }
+
+  /** Opens the caller policy, or warns loudly that every caller of the trust domain may call anything. */
+  private async loadCallerPolicy(): Promise<void> {
     if (this.config.callerPolicy) {
       const cp = this.config.callerPolicy;
       const authorizer = await PolicyCallerAuthorizer.open({
@@ -308,8 +315,10 @@ export class Broker {
           'set --caller-policies to restrict callers',
       );
     }
-    const isDraining = (): boolean => this.draining;
-    const isRevoked = this.pki ? this.pki.isRevoked.bind(this.pki) : () => false;
+  }
+
+  /** Puts the tunnel service (and, with a PKI directory, enrollment) on the agent server. */
+  private wireAgentListener(tls: CredentialStore): void {
     this.agentListener = new AgentListener({
       registry: this.registry,
       metrics: this.metrics,
@@ -318,11 +327,11 @@ export class Broker {
       trustDomain: this.trustDomain,
       brokerId: this.brokerId,
       maxMessageBytes: this.config.maxMessageBytes,
-      isDraining,
+      isDraining: this.drainingNow,
       maxSessionsPerAgent: this.config.maxSessionsPerAgent,
       maxOffersPerAgent: this.config.maxOffersPerAgent,
-      isRevoked,
-      trustBundlePem: () => this.tls!.caPem,
+      isRevoked: this.isRevoked,
+      trustBundlePem: () => tls.caPem,
       replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
     });
     this.agentListener.addTo(this.agentServer);
@@ -336,83 +345,73 @@ export class Broker {
         ) => pki.renew(call, cb, this.trustDomain),
       });
     }
-    this.health.addTo(this.apiServer);
-    if (cluster) {
-      this.metrics.enableClusterMetrics();
-      this.forwarder = new PeerForwarder({
-        tls: this.tls,
-        brokerId: this.brokerId,
-        trustDomain: this.trustDomain,
-        maxMessageBytes: this.config.maxMessageBytes,
-        keepalive: this.config.keepalive,
-        metrics: this.metrics,
-      });
-      this.directory = new AgentDirectory({
-        redisUrl: cluster.redisUrl,
-        keyPrefix: cluster.redisKeyPrefix,
-        self: { brokerId: this.brokerId, peer: cluster.advertise },
-        entryTtlMs: cluster.registryTtlMs,
-        lookupCacheMs: cluster.lookupCacheMs,
-        localAgents: () => this.registry.connectedAgentIds(),
-        // Agents learn the replicas (tunnel.proto, "Brokers").
-        onReplicaSet: (brokers) => this.agentListener.broadcastReplicaSet(replicaEndpoints(brokers)),
-        metrics: this.metrics,
-        logger: this.logger,
-      });
-      const directory = this.directory;
-      this.registry.onPresence = (agentId, connected) =>
-        connected ? directory.agentConnected(agentId) : directory.agentDisconnected(agentId);
-    }
-    const api = new CallerApi({
+  }
+
+  /** Cluster wiring: the forwarder to peer brokers and the agent directory in Redis. */
+  private wireCluster(cluster: ClusterConfig, tls: CredentialStore): void {
+    this.metrics.enableClusterMetrics();
+    this.forwarder = new PeerForwarder({
+      tls,
+      brokerId: this.brokerId,
+      trustDomain: this.trustDomain,
+      maxMessageBytes: this.config.maxMessageBytes,
+      keepalive: this.config.keepalive,
+      metrics: this.metrics,
+    });
+    const directory = new AgentDirectory({
+      redisUrl: cluster.redisUrl,
+      keyPrefix: cluster.redisKeyPrefix,
+      self: { brokerId: this.brokerId, peer: cluster.advertise },
+      entryTtlMs: cluster.registryTtlMs,
+      lookupCacheMs: cluster.lookupCacheMs,
+      localAgents: () => this.registry.connectedAgentIds(),
+      // Agents learn the replicas (tunnel.proto, "Brokers").
+      onReplicaSet: (brokers) => this.agentListener.broadcastReplicaSet(replicaEndpoints(brokers)),
+      metrics: this.metrics,
+      logger: this.logger,
+    });
+    this.directory = directory;
+    this.registry.onPresence = (agentId, connected) =>
+      connected ? directory.agentConnected(agentId) : directory.agentDisconnected(agentId);
+  }
+
+  /** What the caller API and the peer listener share to admit and run a call for an agent. */
+  private callAdmission(): PeerListenerDeps {
+    return {
       registry: this.registry,
       metrics: this.metrics,
       logger: this.logger,
       trustDomain: this.trustDomain,
       agentWaitMs: this.config.agentWaitMs,
-      isDraining,
-      isRevoked,
+      isDraining: this.drainingNow,
+      isRevoked: this.isRevoked,
       authorizer: this.authorizer,
       limiter: this.limiter,
       watch: this.watch,
+    };
+  }
+
+  /** The caller API, serving every method on the API server. */
+  private createCallerApi(): CallerApi {
+    const api = new CallerApi({
+      ...this.callAdmission(),
       cluster:
         this.directory && this.forwarder
           ? { directory: this.directory, forwarder: this.forwarder, retryIntervalMs: CLUSTER_RETRY_INTERVAL_MS }
           : undefined,
     });
     installCatchAll(this.apiServer, api.handle);
+    return api;
+  }
 
+  /** Binds the agent and API listeners and puts their guards and TLS hooks on them. */
+  private async bindTunnelListeners(tls: CredentialStore): Promise<{ agentPort: number; apiPort: number }> {
     // With enrollment on, the agent listener asks for a client certificate without requiring one:
     // Enroll is the only method that works without (every other method checks the identity).
-    const agentCreds = experimental.createCertificateProviderServerCredentials(this.tls, this.tls, !this.pki);
-    const apiCreds = experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true);
-    const agentPort = await bind(this.agentServer, this.config.agentListen, agentCreds);
-    const apiPort = await bind(this.apiServer, this.config.apiListen, apiCreds);
-    const onTlsError =
-      (listener: string) =>
-      (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket): void => {
-        // Connections shed by the handshake cap never get here: they are never wrapped in TLS.
-        const parent = (socket as { _parent?: import('node:net').Socket } | undefined)?._parent;
-        if (parent && this.guardClosed.has(parent)) return;
-        // Node reports a refused client certificate as a reset; the reason is on the socket.
-        const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
-        if (!reason && PEER_HANG_UPS.has(err.code ?? '')) {
-          // The peer went away mid-handshake (an agent that gave up on a busy broker, a port
-          // scanner): nothing was refused, and a reconnect storm must not look like an attack.
-          this.metrics.abandonedHandshakes.inc({ listener });
-          this.logger.debug('TLS handshake abandoned by the peer', {
-            listener,
-            peer: socket?.remoteAddress,
-            error: err.code,
-          });
-          return;
-        }
-        this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
-        this.logger.warn('TLS handshake refused', {
-          listener,
-          peer: socket?.remoteAddress,
-          error: reason ? String(reason) : (err.code ?? err.message),
-        });
-      };
+    const agentCreds = experimental.createCertificateProviderServerCredentials(tls, tls, !this.pki);
+    const apiCreds = experimental.createCertificateProviderServerCredentials(tls, tls, true);
+    const agentPort = await bindOn(this.agentServer, this.config.agentListen, agentCreds);
+    const apiPort = await bindOn(this.apiServer, this.config.apiListen, apiCreds);
     const handshakes = this.guardListener(
       'agent',
       tlsServersOf(this.agentServer),
@@ -435,77 +434,111 @@ export class Broker {
         path === ENROLLMENT_SERVICE.enroll.path ? pki.refuseEnrollment(address) : undefined,
       );
     }
-    observeTlsClientErrors(this.agentServer, onTlsError('agent'));
-    observeTlsClientErrors(this.apiServer, onTlsError('api'));
+    observeTlsClientErrors(this.agentServer, this.tlsErrorObserver('agent'));
+    observeTlsClientErrors(this.apiServer, this.tlsErrorObserver('api'));
     cachePeerCertificates(this.agentServer);
     cachePeerCertificates(this.apiServer);
     this.watch.watchGrpcServer(this.apiServer, 'api');
-    let peerPort: number | undefined;
-    if (cluster && this.directory) {
-      // Brokers only: the listener requires a client certificate, and PeerListener its role.
-      const peerServer = new Server(tunnelServerOptions(this.config.maxMessageBytes, this.config.keepalive));
-      new PeerListener({
-        registry: this.registry,
-        metrics: this.metrics,
-        logger: this.logger,
-        trustDomain: this.trustDomain,
-        agentWaitMs: this.config.agentWaitMs,
-        isDraining,
-        isRevoked,
-        watch: this.watch,
-        limiter: this.limiter,
-        authorizer: this.authorizer,
-      }).addTo(peerServer);
-      this.peerServer = peerServer;
-      peerPort = await bind(
-        peerServer,
-        cluster.peerListen,
-        experimental.createCertificateProviderServerCredentials(this.tls, this.tls, true),
-      );
-      observeTlsClientErrors(peerServer, onTlsError('peer'));
-      this.guardListener('peer', tlsServersOf(peerServer));
-      cachePeerCertificates(peerServer);
-      this.watch.watchGrpcServer(peerServer, 'peer');
-      await this.directory.start(cluster.agentAdvertise ?? `${splitHostPort(cluster.advertise).host}:${agentPort}`);
-    }
-    let authzenPort: number | undefined;
-    if (this.config.authzenListen) {
-      const server = createAuthzenServer({
-        api,
-        tls: this.tls,
-        metrics: this.metrics,
-        logger: this.logger,
-        maxBodyBytes: this.config.maxMessageBytes,
-        timeoutMs: this.config.authzenTimeoutMs,
-        watch: this.watch,
+    return { agentPort, apiPort };
+  }
+
+  /** Counts and logs a listener's failed TLS handshakes: refused ones as warnings, abandoned ones quietly. */
+  private tlsErrorObserver(listener: string): (err: Error & { code?: string }, socket?: TLSSocket) => void {
+    return (err, socket) => {
+      // Connections shed by the handshake cap never get here: they are never wrapped in TLS.
+      const parent = (socket as { _parent?: import('node:net').Socket } | undefined)?._parent;
+      if (parent && this.guardClosed.has(parent)) return;
+      // Node reports a refused client certificate as a reset; the reason is on the socket.
+      const reason = (socket as { authorizationError?: Error } | undefined)?.authorizationError;
+      if (!reason && PEER_HANG_UPS.has(err.code ?? '')) {
+        // The peer went away mid-handshake (an agent that gave up on a busy broker, a port
+        // scanner): nothing was refused, and a reconnect storm must not look like an attack.
+        this.metrics.abandonedHandshakes.inc({ listener });
+        this.logger.debug('TLS handshake abandoned by the peer', {
+          listener,
+          peer: socket?.remoteAddress,
+          error: err.code,
+        });
+        return;
+      }
+      this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
+      this.logger.warn('TLS handshake refused', {
+        listener,
+        peer: socket?.remoteAddress,
+        error: reason ? String(reason) : (err.code ?? err.message),
       });
-      this.authzen = server;
-      this.guardListener('authzen', [server]);
-      authzenPort = await listen(server, this.config.authzenListen);
-    }
-    // A serving certificate from files is never renewed by the broker: export its expiry here
-    // (self-issued ones are exported by the PKI side, which renews them).
-    const fileCertNotAfterMs = this.config.tlsCertFile
-      ? Date.parse(new X509Certificate(material.certPem).validTo)
-      : undefined;
-    const exportFileCertExpiry = (): void => {
+    };
+  }
+
+  /**
+   * Cluster wiring: the peer listener (brokers only: it requires a client certificate, and
+   * PeerListener its role), then this broker's entry in the directory. Resolves to the peer port.
+   */
+  private async startPeerListener(
+    cluster: ClusterConfig,
+    directory: AgentDirectory,
+    tls: CredentialStore,
+    agentPort: number,
+  ): Promise<number> {
+    const peerServer = new Server(tunnelServerOptions(this.config.maxMessageBytes, this.config.keepalive));
+    new PeerListener(this.callAdmission()).addTo(peerServer);
+    this.peerServer = peerServer;
+    const creds = experimental.createCertificateProviderServerCredentials(tls, tls, true);
+    const peerPort = await bindOn(peerServer, cluster.peerListen, creds);
+    observeTlsClientErrors(peerServer, this.tlsErrorObserver('peer'));
+    this.guardListener('peer', tlsServersOf(peerServer));
+    cachePeerCertificates(peerServer);
+    this.watch.watchGrpcServer(peerServer, 'peer');
+    await directory.start(cluster.agentAdvertise ?? `${splitHostPort(cluster.advertise).host}:${agentPort}`);
+    return peerPort;
+  }
+
+  /** The AuthZEN listener, when configured; resolves to its port. */
+  private async startAuthzen(api: CallerApi, tls: CredentialStore): Promise<number | undefined> {
+    if (!this.config.authzenListen) return undefined;
+    const server = createAuthzenServer({
+      api,
+      tls,
+      metrics: this.metrics,
+      logger: this.logger,
+      maxBodyBytes: this.config.maxMessageBytes,
+      timeoutMs: this.config.authzenTimeoutMs,
+      watch: this.watch,
+    });
+    this.authzen = server;
+    this.guardListener('authzen', [server]);
+    return listenOn(server, this.config.authzenListen);
+  }
+
+  /**
+   * A serving certificate from files is never renewed by the broker: what exports its expiry
+   * (self-issued ones are exported by the PKI side, which renews them; then this does nothing).
+   */
+  private fileCertExpiryExporter(certPem: string): () => void {
+    const fileCertNotAfterMs = this.config.tlsCertFile ? Date.parse(new X509Certificate(certPem).validTo) : undefined;
+    return (): void => {
       if (fileCertNotAfterMs !== undefined)
         this.metrics.certificateExpiry.set({ role: 'broker' }, (fileCertNotAfterMs - Date.now()) / 1000);
     };
-    exportFileCertExpiry();
-    let adminPort: number | undefined;
-    if (this.config.adminListen) {
-      const admin = createAdminServer({
-        metrics: this.metrics.registry,
-        json: { '/agents': () => this.registry.summaries() },
-        isReady: () => this.started && !this.draining,
-        routes: brokerAdminRoutes(this, this.logger),
-        mutations: { token: this.config.adminToken },
-        allowedHosts: this.config.adminAllowedHosts,
-      });
-      this.admin = admin;
-      adminPort = await listen(admin, this.config.adminListen);
-    }
+  }
+
+  /** The plain-HTTP admin listener, when configured; resolves to its port. */
+  private async startAdmin(): Promise<number | undefined> {
+    if (!this.config.adminListen) return undefined;
+    const admin = createAdminServer({
+      metrics: this.metrics.registry,
+      json: { '/agents': () => this.registry.summaries() },
+      isReady: () => this.started && !this.draining,
+      routes: brokerAdminRoutes(this, this.logger),
+      mutations: { token: this.config.adminToken },
+      allowedHosts: this.config.adminAllowedHosts,
+    });
+    this.admin = admin;
+    return listenOn(admin, this.config.adminListen);
+  }
+
+  /** Timers: certificate expiry (agents, callers, our own from files) and retiring idle offers. */
+  private startTimers(exportFileCertExpiry: () => void): void {
     this.timers.push(
       setInterval(() => {
         const closed = this.agentListener.closeExpired();
@@ -529,34 +562,39 @@ export class Broker {
     );
 
     for (const t of this.timers) t.unref();
-    this.pki?.start(this.tls, {
+  }
+
+  /** Starts the PKI side's polls (revocations, trust bundle, own renewal), acting on what they find. */
+  private startPki(tls: CredentialStore): void {
+    this.pki?.start(tls, {
       onRevocationsChanged: () => {
         const closed = this.agentListener.closeRevoked();
         if (closed) this.logger.warn('closed tunnels of revoked agents', { sessions: closed });
         // Services and peer brokers too: TLS checked their certificates only at the handshake.
-        const cut = this.watch.cutRevoked(isRevoked);
+        const cut = this.watch.cutRevoked(this.isRevoked);
         if (cut) this.logger.warn('cut calls of revoked callers or peer brokers', { calls: cut });
       },
       onTrustBundleChanged: (pem, version) => this.agentListener.broadcastTrustBundle(pem, version),
     });
-    this.started = true;
-    this.startedAtMs = Date.now();
-    this.ports = { agentPort, apiPort, adminPort, authzenPort };
+  }
+
+  /** The one line that says the broker is up, with what it listens on. */
+  private logStarted(ports: BrokerPorts, peerPort: number | undefined): void {
+    const cluster = this.config.cluster;
     this.logger.info('broker started', {
       cluster: cluster ? { advertise: cluster.advertise, peerPort, redis: redactUrl(cluster.redisUrl) } : undefined,
       pkiDir: this.config.pkiDir,
       enrollment: Boolean(this.pki),
       brokerId: this.brokerId,
       agentListen: this.config.agentListen,
-      agentPort,
+      agentPort: ports.agentPort,
       apiListen: this.config.apiListen,
-      apiPort,
-      adminPort,
-      authzenPort,
+      apiPort: ports.apiPort,
+      adminPort: ports.adminPort,
+      authzenPort: ports.authzenPort,
       trustDomain: this.trustDomain,
       platformUpstreams: this.config.upstreams.length,
     });
-    return { agentPort, apiPort, adminPort, authzenPort };
   }
 
   /**
@@ -701,6 +739,20 @@ export class Broker {
   }
 
   private async doStop(): Promise<void> {
+    await this.stopTakingWork();
+    // No new AuthZEN connections; requests in flight finish like gRPC calls do.
+    const authzen = this.authzen;
+    const authzenClosed = authzen ? new Promise<void>((resolve) => authzen.close(() => resolve())) : Promise.resolve();
+    const inFlight = this.registry.counts().activeCalls;
+    this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });
+    const timedOut = await this.timedOut(this.drainListeners(), this.config.drainTimeoutMs);
+    if (timedOut) this.cutOffCallsInFlight();
+    await this.closeTheRest(authzenClosed);
+    this.logger.info('broker stopped', { drained: !timedOut });
+  }
+
+  /** The drain's first step: not ready, no timers or PKI polls, out of the replica set, agents told. */
+  private async stopTakingWork(): Promise<void> {
     this.draining = true;
     this.health.setStatus('NOT_SERVING');
     this.health.close();
@@ -710,48 +762,56 @@ export class Broker {
     // Leave the replica set first, so that peers stop forwarding here and agents learn it.
     await this.directory?.drain();
     this.agentListener.drainAll('broker shutting down');
-    // No new AuthZEN connections; requests in flight finish like gRPC calls do.
-    const authzen = this.authzen;
-    const authzenClosed = authzen ? new Promise<void>((resolve) => authzen.close(() => resolve())) : Promise.resolve();
-    const inFlight = this.registry.counts().activeCalls;
-    this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });
-    const drained = (async () => {
-      // No new connections, and GOAWAY on every open one (including those still in their TLS
-      // handshake now): clients send new calls elsewhere, a call that crossed the GOAWAY is refused
-      // by HTTP/2, one that arrived before it is refused (draining). The drain waits for the calls
-      // that were admitted, not for every connection to close: a client that never closes its end
-      // must not hold it.
-      const apiAndPeer = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
-      const closed = Promise.all(apiAndPeer.map(shutdownGracefully));
-      // Calls from agents (Forward streams) finish before the sessions go away.
-      await this.waitFor(() => this.metrics.toAgentInFlight === 0 && this.registry.counts().activeCalls === 0);
-      // The last statuses may still sit in send buffers: let the connections close by themselves
-      // for a moment before cutting them.
-      await this.graceThenCut(closed, apiAndPeer, this.peerServer ? 'api, peer' : 'api');
-      this.logger.debug('drain: no call in flight; closing tunnel sessions');
-      this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down'));
-      // Agents close their connections when their session ends; one reconnecting in a loop (it
-      // is refused while the broker drains) must not hold the exit either.
-      await this.graceThenCut(shutdownGracefully(this.agentServer), [this.agentServer], 'agent');
-      this.logger.debug('drain: agent listener closed');
-    })();
+  }
+
+  /** Waits for the calls in flight, then closes the API, peer and agent listeners. */
+  private async drainListeners(): Promise<void> {
+    // No new connections, and GOAWAY on every open one (including those still in their TLS
+    // handshake now): clients send new calls elsewhere, a call that crossed the GOAWAY is refused
+    // by HTTP/2, one that arrived before it is refused (draining). The drain waits for the calls
+    // that were admitted, not for every connection to close: a client that never closes its end
+    // must not hold it.
+    const apiAndPeer = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
+    const closed = Promise.all(apiAndPeer.map(shutdownGracefully));
+    // Calls from agents (Forward streams) finish before the sessions go away.
+    await this.waitFor(() => this.metrics.toAgentInFlight === 0 && this.registry.counts().activeCalls === 0);
+    // The last statuses may still sit in send buffers: let the connections close by themselves
+    // for a moment before cutting them.
+    await this.graceThenCut(closed, apiAndPeer, this.peerServer ? 'api, peer' : 'api');
+    this.logger.debug('drain: no call in flight; closing tunnel sessions');
+    this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down'));
+    // Agents close their connections when their session ends; one reconnecting in a loop (it
+    // is refused while the broker drains) must not hold the exit either.
+    await this.graceThenCut(shutdownGracefully(this.agentServer), [this.agentServer], 'agent');
+    this.logger.debug('drain: agent listener closed');
+  }
+
+  /** Resolves to true when `work` did not finish within `ms` (false when it did). */
+  private async timedOut(work: Promise<void>, ms: number): Promise<boolean> {
     let timer: NodeJS.Timeout | undefined;
     const timedOut = await Promise.race([
-      drained.then(() => false),
+      work.then(() => false),
       new Promise<boolean>((resolve) => {
-        timer = setTimeout(() => resolve(true), this.config.drainTimeoutMs);
+        timer = setTimeout(() => resolve(true), ms);
       }),
     ]);
     clearTimeout(timer);
-    if (timedOut) {
-      this.logger.warn('drain timeout reached; cutting off calls still in flight', {
-        callsInFlight: this.registry.counts().activeCalls,
-      });
-      this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down before the call finished'));
-      this.apiServer.forceShutdown();
-      this.peerServer?.forceShutdown();
-      this.agentServer.forceShutdown();
-    }
+    return timedOut;
+  }
+
+  /** At the drain timeout: fails the calls still in flight and cuts every gRPC connection. */
+  private cutOffCallsInFlight(): void {
+    this.logger.warn('drain timeout reached; cutting off calls still in flight', {
+      callsInFlight: this.registry.counts().activeCalls,
+    });
+    this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down before the call finished'));
+    this.apiServer.forceShutdown();
+    this.peerServer?.forceShutdown();
+    this.agentServer.forceShutdown();
+  }
+
+  /** After the drain: the directory, peer channels, upstreams, AuthZEN, caller policy and admin listener. */
+  private async closeTheRest(authzenClosed: Promise<void>): Promise<void> {
     await this.directory?.stop();
     this.forwarder?.close();
     this.watch.stop();
@@ -765,7 +825,6 @@ export class Broker {
       admin.closeAllConnections();
       await new Promise<void>((resolve) => admin.close(() => resolve()));
     }
-    this.logger.info('broker stopped', { drained: !timedOut });
   }
 
   /**

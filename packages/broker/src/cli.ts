@@ -6,7 +6,7 @@
  */
 import { existsSync, readFileSync } from 'node:fs';
 import * as path from 'node:path';
-import yargs from 'yargs';
+import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
   ConfigError,
@@ -279,7 +279,6 @@ function parseTimeoutMs(field: string, value: unknown): number {
   return ms;
 }
 
-/** Builds the typed config; every problem is a ConfigError naming its flag. */
 /** The `serve` flags' defaults, as yargs fills them in (for callers of {@link brokerConfigFromArgs}). */
 export function serveDefaults(): Args {
   const defaults: Args = {};
@@ -289,23 +288,62 @@ export function serveDefaults(): Args {
   return defaults;
 }
 
+/**
+ * Builds the typed config; every problem is a ConfigError naming its flag. The parts are read in
+ * a fixed order, so that of several bad flags the same one is reported first.
+ */
 export function brokerConfigFromArgs(args: Args): BrokerConfig {
+  const logging = loggingFromArgs(args);
+  const upstreams = upstreamsFromArgs(args);
+  const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
+  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3)
+    throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  const { maxOffersPerAgent, agentMaxConcurrent } = offerCapFromArgs(args);
+  const tls = tlsFilesFromArgs(args);
+  return {
+    ...BROKER_DEFAULTS,
+    ...listenersFromArgs(args),
+    ...pkiFromArgs(args, tls),
+    upstreams,
+    trustDomain: args['trust-domain'] ? String(args['trust-domain']) : undefined,
+    brokerId: brokerIdFromArgs(args['broker-id']),
+    maxMessageBytes,
+    ...connectionLimitsFromArgs(args),
+    maxOffersPerAgent,
+    keepalive: {
+      timeMs: parseDurationMs('keepalive-time', args['keepalive-time']),
+      timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']),
+    },
+    callerPolicy: callerPolicyFromArgs(args),
+    cluster: clusterFromArgs(args),
+    authzenListen: args['authzen-listen'] ? parseListenAddress('authzen-listen', args['authzen-listen']) : undefined,
+    authzenTimeoutMs: parseDurationMs('authzen-timeout', args['authzen-timeout']),
+    limits: callLimitsFromArgs(args, agentMaxConcurrent),
+    ...logging,
+  };
+}
+
+function loggingFromArgs(args: Args): Pick<BrokerConfig, 'logLevel' | 'logFormat'> {
   const logLevel = String(args['log-level']);
   if (!['error', 'warn', 'info', 'debug'].includes(logLevel))
     throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
   const logFormat = String(args['log-format']);
   if (logFormat !== 'json' && logFormat !== 'text')
     throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
-  const upstreams = asList(args.upstream).map((u) => {
+  return { logLevel, logFormat: logFormat as LogFormat };
+}
+
+function upstreamsFromArgs(args: Args): BrokerConfig['upstreams'] {
+  return asList(args.upstream).map((u) => {
     try {
       return parseUpstreamRoute(u);
     } catch (err) {
       throw new ConfigError('upstream', (err as Error).message);
     }
   });
-  const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
-  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3)
-    throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+}
+
+function offerCapFromArgs(args: Args): { maxOffersPerAgent: number; agentMaxConcurrent: number } {
   const maxOffersPerAgent = parseIntInRange('max-offers-per-agent', args['max-offers-per-agent'], 0, 1_000_000);
   const agentMaxConcurrent = parseIntInRange('agent-max-concurrent', args['agent-max-concurrent'], 0, 1_000_000);
   // Calls past the offer cap would wait for offers the broker refuses: the cap must not be the lower
@@ -314,6 +352,13 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     const problem = `${maxOffersPerAgent} is below --agent-max-concurrent (${agentMaxConcurrent}); raise it or set 0`;
     throw new ConfigError('max-offers-per-agent', problem);
   }
+  return { maxOffersPerAgent, agentMaxConcurrent };
+}
+
+type TlsFiles = Pick<BrokerConfig, 'pkiDir' | 'tlsCertFile' | 'tlsKeyFile' | 'leafTtlMs'>;
+
+/** The PKI directory and the serving certificate's files (optional with a PKI directory). */
+function tlsFilesFromArgs(args: Args): TlsFiles {
   const pkiDir = args['pki-dir'] ? String(args['pki-dir']) : undefined;
   if (pkiDir && !existsSync(path.join(pkiDir, 'pki.json')))
     throw new ConfigError('pki-dir', `${pkiDir} is not a PKI directory (run burrow-pki init --dir ${pkiDir})`);
@@ -324,8 +369,13 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
   if (tlsCertFile && tlsKeyFile) requireCertificatePair('tls-cert', tlsCertFile, 'tls-key', tlsKeyFile, 'broker');
   const leafTtlMs = parseDurationMs('leaf-ttl', args['leaf-ttl']);
   if (leafTtlMs < 1000) throw new ConfigError('leaf-ttl', 'must be at least 1s');
+  return { pkiDir, tlsCertFile, tlsKeyFile, leafTtlMs };
+}
+
+function listenersFromArgs(
+  args: Args,
+): Pick<BrokerConfig, 'agentListen' | 'apiListen' | 'adminListen' | 'adminAllowedHosts' | 'adminToken'> {
   return {
-    ...BROKER_DEFAULTS,
     agentListen: parseListenAddress('agent-listen', args['agent-listen']),
     apiListen: parseListenAddress('api-listen', args['api-listen']),
     adminListen: args['admin-listen'] ? parseListenAddress('admin-listen', args['admin-listen']) : undefined,
@@ -333,18 +383,41 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     adminToken: args['admin-token-file']
       ? readAdminToken('admin-token-file', String(args['admin-token-file']))
       : undefined,
-    tlsCertFile,
-    tlsKeyFile,
-    caFile: pkiDir && args.ca === undefined ? undefined : requireReadableFile('ca', args.ca),
-    pkiDir,
+  };
+}
+
+/** TLS and PKI options: the CA (optional with a PKI directory) and what the broker issues. */
+function pkiFromArgs(
+  args: Args,
+  tls: TlsFiles,
+): TlsFiles & Pick<BrokerConfig, 'caFile' | 'tlsDns' | 'tlsIp' | 'enrollPerMinute'> {
+  return {
+    tlsCertFile: tls.tlsCertFile,
+    tlsKeyFile: tls.tlsKeyFile,
+    caFile: tls.pkiDir && args.ca === undefined ? undefined : requireReadableFile('ca', args.ca),
+    pkiDir: tls.pkiDir,
     tlsDns: asList(args['tls-dns']),
     tlsIp: asList(args['tls-ip']),
-    leafTtlMs,
+    leafTtlMs: tls.leafTtlMs,
     enrollPerMinute: parseIntInRange('enroll-per-minute', args['enroll-per-minute'], 1, 100_000),
-    upstreams,
-    trustDomain: args['trust-domain'] ? String(args['trust-domain']) : undefined,
-    brokerId: brokerIdFromArgs(args['broker-id']),
-    maxMessageBytes,
+  };
+}
+
+type ConnectionLimits = Pick<
+  BrokerConfig,
+  | 'agentWaitMs'
+  | 'drainTimeoutMs'
+  | 'idleOfferTtlMs'
+  | 'maxPendingHandshakes'
+  | 'maxPendingHandshakesPerAddress'
+  | 'handshakeTimeoutMs'
+  | 'unauthenticatedTimeoutMs'
+  | 'maxSessionsPerAgent'
+>;
+
+/** Waits, drain and the limits on handshakes and sessions. */
+function connectionLimitsFromArgs(args: Args): ConnectionLimits {
+  return {
     agentWaitMs: parseDurationMs('agent-wait', args['agent-wait']),
     drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
     idleOfferTtlMs: parseDurationMs('idle-offer-ttl', args['idle-offer-ttl']),
@@ -358,27 +431,20 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     handshakeTimeoutMs: parseTimeoutMs('handshake-timeout', args['handshake-timeout']),
     unauthenticatedTimeoutMs: parseTimeoutMs('unauthenticated-timeout', args['unauthenticated-timeout']),
     maxSessionsPerAgent: parseIntInRange('max-sessions-per-agent', args['max-sessions-per-agent'], 0, 10_000),
-    maxOffersPerAgent,
-    keepalive: {
-      timeMs: parseDurationMs('keepalive-time', args['keepalive-time']),
-      timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']),
+  };
+}
+
+/** Per-caller and per-agent concurrency and rate limits. */
+function callLimitsFromArgs(args: Args, agentMaxConcurrent: number): BrokerConfig['limits'] {
+  return {
+    caller: {
+      maxConcurrent: parseIntInRange('caller-max-concurrent', args['caller-max-concurrent'], 0, 1_000_000),
+      ratePerSecond: parseIntInRange('caller-rate', args['caller-rate'], 0, 1_000_000),
     },
-    callerPolicy: callerPolicyFromArgs(args),
-    cluster: clusterFromArgs(args),
-    authzenListen: args['authzen-listen'] ? parseListenAddress('authzen-listen', args['authzen-listen']) : undefined,
-    authzenTimeoutMs: parseDurationMs('authzen-timeout', args['authzen-timeout']),
-    limits: {
-      caller: {
-        maxConcurrent: parseIntInRange('caller-max-concurrent', args['caller-max-concurrent'], 0, 1_000_000),
-        ratePerSecond: parseIntInRange('caller-rate', args['caller-rate'], 0, 1_000_000),
-      },
-      agent: {
-        maxConcurrent: agentMaxConcurrent,
-        ratePerSecond: parseIntInRange('agent-rate', args['agent-rate'], 0, 1_000_000),
-      },
+    agent: {
+      maxConcurrent: agentMaxConcurrent,
+      ratePerSecond: parseIntInRange('agent-rate', args['agent-rate'], 0, 1_000_000),
     },
-    logLevel,
-    logFormat: logFormat as LogFormat,
   };
 }
 
@@ -521,56 +587,56 @@ function keepOwnEnvironment(command: string | undefined): void {
   }
 }
 
+/** Reads the environment (BURROW_BROKER_*) and a YAML config file for a command with `options`. */
+function withEnvAndConfigFile(y: Argv, options: Record<string, unknown>): Argv {
+  return y.env('BURROW_BROKER').config('config', 'YAML config file (keys are flag names)', (file: string) =>
+    loadYamlConfig(
+      file,
+      Object.keys(options).filter((k) => k !== 'config'),
+    ),
+  );
+}
+
+function serveCommand(y: Argv): Argv {
+  return withEnvAndConfigFile(y.options(SERVE_OPTIONS), SERVE_OPTIONS).strict();
+}
+
+function agentsCommand(y: Argv): Argv {
+  const withArgs = y
+    .positional('action', {
+      choices: ['list', 'show', 'disconnect'] as const,
+      describe: 'list | show <agent-id> | disconnect <agent-id>',
+    })
+    .positional('agent-id', {
+      type: 'string',
+      describe: "the agent id (its certificate's spiffe://<td>/agent/<id>)",
+    })
+    .options(AGENTS_OPTIONS);
+  return withEnvAndConfigFile(withArgs, AGENTS_OPTIONS)
+    .epilog(
+      `exit codes: ${ADMIN_EXIT.ok} done, ${ADMIN_EXIT.notFound} agent not ` +
+        `connected, ${ADMIN_EXIT.unreachable} broker unreachable or bad options, ${ADMIN_EXIT.refused} ` +
+        `refused (admin token), ${ADMIN_EXIT.failed} other failure`,
+    )
+    .strict();
+}
+
+function statusCommand(y: Argv): Argv {
+  return withEnvAndConfigFile(y.options(ADMIN_OPTIONS), ADMIN_OPTIONS).strict();
+}
+
 function main(): void {
   keepOwnEnvironment(hideBin(process.argv)[0]);
   void yargs(hideBin(process.argv))
     .scriptName(PROG)
     .usage('$0 <command> [options]')
-    .command(
-      'serve',
-      "accept agent tunnels and carry callers' calls down them",
-      (y) =>
-        y
-          .options(SERVE_OPTIONS)
-          .env('BURROW_BROKER')
-          .config('config', 'YAML config file (keys are flag names)', (file: string) =>
-            loadYamlConfig(
-              file,
-              Object.keys(SERVE_OPTIONS).filter((k) => k !== 'config'),
-            ),
-          )
-          .strict(),
-      (args) => {
-        void serve(args as Args);
-      },
-    )
+    .command('serve', "accept agent tunnels and carry callers' calls down them", serveCommand, (args) => {
+      void serve(args as Args);
+    })
     .command(
       'agents <action> [agent-id]',
       'list connected agents, show one, or disconnect one (admin listener)',
-      (y) =>
-        y
-          .positional('action', {
-            choices: ['list', 'show', 'disconnect'] as const,
-            describe: 'list | show <agent-id> | disconnect <agent-id>',
-          })
-          .positional('agent-id', {
-            type: 'string',
-            describe: "the agent id (its certificate's spiffe://<td>/agent/<id>)",
-          })
-          .options(AGENTS_OPTIONS)
-          .env('BURROW_BROKER')
-          .config('config', 'YAML config file (keys are flag names)', (file: string) =>
-            loadYamlConfig(
-              file,
-              Object.keys(AGENTS_OPTIONS).filter((k) => k !== 'config'),
-            ),
-          )
-          .epilog(
-            `exit codes: ${ADMIN_EXIT.ok} done, ${ADMIN_EXIT.notFound} agent not ` +
-              `connected, ${ADMIN_EXIT.unreachable} broker unreachable or bad options, ${ADMIN_EXIT.refused} ` +
-              `refused (admin token), ${ADMIN_EXIT.failed} other failure`,
-          )
-          .strict(),
+      agentsCommand,
       (args) => {
         void admin(adminCommand(args as Args), args as Args);
       },
@@ -578,17 +644,7 @@ function main(): void {
     .command(
       'status',
       "show the broker's version, uptime, agents, calls, drain and PKI state (admin listener)",
-      (y) =>
-        y
-          .options(ADMIN_OPTIONS)
-          .env('BURROW_BROKER')
-          .config('config', 'YAML config file (keys are flag names)', (file: string) =>
-            loadYamlConfig(
-              file,
-              Object.keys(ADMIN_OPTIONS).filter((k) => k !== 'config'),
-            ),
-          )
-          .strict(),
+      statusCommand,
       (args) => {
         void admin({ kind: 'status' }, args as Args);
       },

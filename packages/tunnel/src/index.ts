@@ -184,3 +184,6 @@ export {
   silenceIpServerNameWarning,
 } from './cli-options';
 export { runUntilSignalled } from './signals';
+
+// Listening: one bind helper for grpc-js and HTTP servers, with the error message both binaries print.
+export { bindOn, listenOn, splitHostPort } from './listen';
