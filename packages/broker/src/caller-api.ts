@@ -22,8 +22,8 @@ import { LimitExceededError, type CallLimiter } from './call-limiter';
 import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
 import type { CredentialWatch, WatchedListener } from './credential-watch';
 import type { AgentDirectory } from './agent-directory';
-import { noBrokerServes } from './peer-listener';
 import type { PeerForwarder } from './peer-forwarder';
+import { noBrokerServes } from './peer-protocol';
 import type { IdleOffer, TunnelRegistry } from './tunnel-registry';
 
 /** A broker cluster: where agents connected elsewhere are looked up and how calls reach them. */

@@ -12,3 +12,4 @@ export * from './policy-caller-authorizer';
 export * from './agent-directory';
 export * from './peer-forwarder';
 export * from './peer-listener';
+export * from './peer-protocol';

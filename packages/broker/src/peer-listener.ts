@@ -1,7 +1,7 @@
 import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
 import {
   AGENT_ID_KEY,
-  BurrowError,
+  type BurrowError,
   CallStream,
   identity,
   identityOfPeerCertificate,
@@ -14,91 +14,19 @@ import {
 import { LimitExceededError } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
 import { ALLOW_ALL_CALLERS } from './caller-authorizer';
+import {
+  FORWARDED_BY_KEY,
+  HOP_CALLER_KEY,
+  PEER_FORWARD_METHOD,
+  PEER_READY_KEY,
+  PEER_REFUSED_DECISION,
+  PEER_REFUSED_KEY,
+  decodeHop,
+  type Hop,
+} from './peer-protocol';
 
-/** The one method of the broker-to-broker API (tunnel.proto, service BrokerPeer). */
-export const PEER_FORWARD_METHOD = '/burrow.tunnel.v1.BrokerPeer/Forward';
-/** Response header by which the owning broker says it holds a tunnel stream for the call. */
-export const PEER_READY_KEY = 'burrow-peer-ready';
-/**
- * Trailer on every refusal by the owning broker, so the forwarder can tell it from a transport
- * failure: `1` when it cannot serve the call (try another broker), {@link PEER_REFUSED_DECISION}
- * when it decided against the call itself (caller policy, the agent's limit, bad hop metadata).
- */
-export const PEER_REFUSED_KEY = 'burrow-peer-refused';
-/** {@link PEER_REFUSED_KEY} value of a decision on the call: the forwarder passes it to the caller. */
-export const PEER_REFUSED_DECISION = 'decision';
-/** Request header naming the forwarding broker: the broker where the call entered (logs, audit). */
-export const FORWARDED_BY_KEY = 'burrow-forwarded-by';
-/** Hop metadata: the caller's verified SPIFFE id, as the broker where the call entered saw it. */
-export const HOP_CALLER_KEY = 'burrow-hop-caller';
-/** Hop metadata: the gRPC method of the call (the Start frame must name the same). */
-export const HOP_METHOD_KEY = 'burrow-hop-method';
-/** Hop metadata: the entry broker's caller-policy decision, `allow` or `allow policies=<id>,...` (ids URI-encoded). */
-export const HOP_DECISION_KEY = 'burrow-hop-decision';
-
-/** What the broker where a call entered vouches for when it forwards the call (hop metadata). */
-export interface Hop {
-  /** The caller's verified SPIFFE id. */
-  caller: string;
-  method: string;
-  /** Ids of the caller policies that permitted the call there (empty: it has no caller policy). */
-  policies: string[];
-}
-
-const MAX_HOP_POLICIES = 32;
-const MAX_HOP_VALUE_CHARS = 4_096;
-const HOP_DECISION = /^allow(?: policies=([A-Za-z0-9%._~!*'()-]+(?:,[A-Za-z0-9%._~!*'()-]+)*))?$/;
-const GRPC_METHOD = /^\/[A-Za-z0-9_.-]+\/[A-Za-z0-9_.-]+$/;
+/** What a forwarding broker's id ({@link FORWARDED_BY_KEY}) may be: printable ASCII, a host name's length. */
 const BROKER_ID = /^[\x21-\x7e]{1,253}$/;
-
-/** Writes `hop` into the metadata of a Forward call (the forwarding side). */
-export function encodeHop(hop: Hop, md: Metadata): void {
-  md.set(HOP_CALLER_KEY, hop.caller);
-  md.set(HOP_METHOD_KEY, hop.method);
-  const ids = hop.policies.slice(0, MAX_HOP_POLICIES).map(encodeURIComponent);
-  md.set(HOP_DECISION_KEY, ids.length ? `allow policies=${ids.join(',')}` : 'allow');
-}
-
-/**
- * Reads and checks the hop metadata of a Forward call: `undefined` when there is none (a broker
- * of an older version), else the hop, or the first problem found (the call is refused with it).
- */
-export function decodeHop(md: Metadata, trustDomain: string): Hop | undefined | { problem: string } {
-  const value = (key: string): string | undefined => {
-    const v = md.get(key)[0];
-    return typeof v === 'string' ? v : undefined;
-  };
-  const caller = value(HOP_CALLER_KEY);
-  const method = value(HOP_METHOD_KEY);
-  const decision = value(HOP_DECISION_KEY);
-  if (caller === undefined && method === undefined && decision === undefined) return undefined;
-  if (caller === undefined || method === undefined || decision === undefined) {
-    return { problem: `${HOP_CALLER_KEY}, ${HOP_METHOD_KEY} and ${HOP_DECISION_KEY} go together` };
-  }
-  if ([caller, method, decision].some((v) => v.length > MAX_HOP_VALUE_CHARS)) {
-    return { problem: `a hop metadata value is longer than ${MAX_HOP_VALUE_CHARS} characters` };
-  }
-  const id = parseSpiffeId(caller);
-  if (id?.role !== 'service' || id.trustDomain !== trustDomain) {
-    const shown = caller.slice(0, 200);
-    return { problem: `${HOP_CALLER_KEY} "${shown}" is not a service SPIFFE id of trust domain ${trustDomain}` };
-  }
-  if (!GRPC_METHOD.test(method)) {
-    const shown = method.slice(0, 200);
-    return { problem: `${HOP_METHOD_KEY} "${shown}" is not a gRPC method path (/package.Service/Method)` };
-  }
-  const m = HOP_DECISION.exec(decision);
-  const ids = m?.[1]?.split(',') ?? [];
-  if (!m || ids.length > MAX_HOP_POLICIES) {
-    const expected = `"allow" or "allow policies=<id>,..." (at most ${MAX_HOP_POLICIES})`;
-    return { problem: `${HOP_DECISION_KEY} "${decision.slice(0, 200)}" is not ${expected}` };
-  }
-  try {
-    return { caller, method, policies: ids.map(decodeURIComponent) };
-  } catch {
-    return { problem: `${HOP_DECISION_KEY}: a policy id is not URI-encoded` };
-  }
-}
 
 /**
  * The owning side checks what the caller API checks: the agent's limits are enforced here (every
@@ -304,13 +232,4 @@ export class PeerListener {
     this.refuse(call, Status.PERMISSION_DENIED, why, true);
     return false;
   }
-}
-
-/** Thrown to callers when no broker could take a call (kept for messages naming the attempts). */
-export function noBrokerServes(agentId: string, waitedMs: number, attempts: string[]): BurrowError {
-  const tried = attempts.length ? `; tried ${attempts.join('; ')}` : '';
-  return new BurrowError(
-    Status.UNAVAILABLE,
-    `agent "${agentId}" is not connected to this broker or any other (waited ${waitedMs} ms${tried})`,
-  );
 }
