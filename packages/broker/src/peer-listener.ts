@@ -3,17 +3,20 @@ import {
   AGENT_ID_KEY,
   type BurrowError,
   CallStream,
-  identity,
+  rawBidiMethod,
   identityOfPeerCertificate,
   parseSpiffeId,
   relayCall,
   statusName,
-  logCallFinished,
+  recordCallFinished,
+  deadlineMsOf,
+  waitCancellable,
   type PeerIdentity,
 } from '@burrow/tunnel';
-import { LimitExceededError } from './call-limiter';
+import { countIfLimited } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
 import { ALLOW_ALL_CALLERS } from './caller-authorizer';
+import { PEER_BROKER_RULE, checkPeer } from './peer-admission';
 import {
   FORWARDED_BY_KEY,
   HOP_CALLER_KEY,
@@ -49,6 +52,16 @@ export type PeerListenerDeps = Pick<
 
 type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
+/** A Forward call that passed {@link PeerListener.admitForward}; it holds the agent's limit slot. */
+interface AdmittedForward {
+  /** The forwarding broker. */
+  peer: PeerIdentity;
+  agentId: string;
+  forwardedBy: string;
+  hop: Hop | undefined;
+  releaseAgent(): void;
+}
+
 /**
  * The owning side of the broker-to-broker API: takes calls other brokers forward for agents
  * connected here, confirms it can serve each (ready header) and relays it onto the agent's
@@ -59,17 +72,7 @@ export class PeerListener {
 
   addTo(server: Server): void {
     server.addService(
-      {
-        forward: {
-          path: PEER_FORWARD_METHOD,
-          requestStream: true,
-          responseStream: true,
-          requestSerialize: identity,
-          requestDeserialize: identity,
-          responseSerialize: identity,
-          responseDeserialize: identity,
-        },
-      },
+      { forward: rawBidiMethod(PEER_FORWARD_METHOD) },
       {
         forward: (call: RawCall) => {
           void this.onForward(call);
@@ -85,32 +88,33 @@ export class PeerListener {
     call.emit('error', { code, details, metadata });
   }
 
-  private async onForward(call: RawCall): Promise<void> {
+  /**
+   * Everything a Forward call must pass before it waits for the agent: the forwarding broker's
+   * certificate, the agent and broker ids, that the agent is served here, the hop metadata and
+   * caller policy, the agent's limits. Returns what the call goes on with, or undefined after
+   * refusing it (the refusal is a stream error: the connection between the brokers lives on).
+   */
+  private admitForward(call: RawCall): AdmittedForward | undefined {
     const { registry, metrics, logger } = this.deps;
-    const peer = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
-    if (peer?.role !== 'broker' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
-      const why = !peer
-        ? 'client certificate has no Burrow identity'
-        : peer.role !== 'broker'
-          ? `certificate role "${peer.role}" may not use the peer API; a broker certificate is required`
-          : peer.trustDomain !== this.deps.trustDomain
-            ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"`
-            : `certificate ${peer.spiffeId} is revoked`;
-      metrics.rejectedHandshakes.inc({ listener: 'peer', reason: peer ? 'wrong_role' : 'no_identity' });
-      logger.warn('peer call refused', { peer: call.getPeer(), reason: why });
-      this.refuse(call, Status.PERMISSION_DENIED, why);
-      return;
+    // The certificate itself is not passed: a peer's refusal never explained it.
+    const presented = { identity: identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate) };
+    const checked = checkPeer(presented, PEER_BROKER_RULE, this.deps);
+    if ('refusal' in checked) {
+      logger.warn('peer call refused', { peer: call.getPeer(), reason: checked.refusal.message });
+      this.refuse(call, checked.refusal.code, checked.refusal.message);
+      return undefined;
     }
+    const peer = checked.identity;
     const agentId = call.metadata.get(AGENT_ID_KEY)[0];
     const forwardedBy = String(call.metadata.get(FORWARDED_BY_KEY)[0] ?? '');
     if (typeof agentId !== 'string' || agentId === '') {
       this.refuse(call, Status.INVALID_ARGUMENT, `peer call without ${AGENT_ID_KEY}`);
-      return;
+      return undefined;
     }
     if (!BROKER_ID.test(forwardedBy)) {
       const why = `peer call without a valid ${FORWARDED_BY_KEY} (the forwarding broker's id)`;
       this.refuse(call, Status.INVALID_ARGUMENT, why);
-      return;
+      return undefined;
     }
     // Only agents connected here: a forwarded call is never forwarded again.
     if (this.deps.isDraining() || !registry.canServe(agentId)) {
@@ -119,21 +123,27 @@ export class PeerListener {
         Status.UNAVAILABLE,
         this.deps.isDraining() ? 'broker is draining' : `agent "${agentId}" has no tunnel to this broker`,
       );
-      return;
+      return undefined;
     }
     const hop = this.checkHop(call, peer, agentId, forwardedBy);
-    if (hop === false) return;
+    if (hop === false) return undefined;
     let releaseAgent: () => void;
     try {
       releaseAgent = this.deps.limiter.admitAgent(agentId);
     } catch (err) {
-      if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
+      countIfLimited(err, metrics);
       this.refuse(call, (err as BurrowError).code, (err as BurrowError).message, true);
-      return;
+      return undefined;
     }
+    return { peer, agentId, forwardedBy, hop, releaseAgent };
+  }
+
+  private async onForward(call: RawCall): Promise<void> {
+    const admitted = this.admitForward(call);
+    if (!admitted) return;
+    const { registry, metrics, logger } = this.deps;
+    const { peer, agentId, forwardedBy, hop, releaseAgent } = admitted;
     const abort = new AbortController();
-    const onCancel = (): void => abort.abort();
-    call.on('cancelled', onCancel);
     // The forwarding broker's certificate revoked or expired mid-call: the call ends (the agent
     // gets Cancel), whether it still waits for an offer or is being relayed.
     let cutBy: BurrowError | undefined;
@@ -147,20 +157,19 @@ export class PeerListener {
         else abort.abort();
       },
     });
-    const deadline = call.getDeadline();
-    const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
     let offer: Awaited<ReturnType<typeof registry.acquire>>;
     try {
-      offer = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, abort.signal);
+      const deadlineMs = deadlineMsOf(call);
+      offer = await waitCancellable(call, abort, (signal) =>
+        registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, signal),
+      );
     } catch (err) {
       untrack();
       releaseAgent();
-      call.removeListener('cancelled', onCancel);
       const e = cutBy ?? (err as BurrowError);
       if (!call.cancelled) this.refuse(call, e.code, e.message);
       return;
     }
-    call.removeListener('cancelled', onCancel);
     const startedMs = Date.now();
     inbound = new CallStream(call, 'server', 'answerer', (err) => {
       logger.warn('forwarding broker broke the tunnel protocol', { forwardedBy, agentId, error: err.message });
@@ -175,16 +184,13 @@ export class PeerListener {
     registry.callFinished(offer);
     metrics.toAgentCallEnded();
     metrics.peerCalls.inc({ code: statusName(outcome.code) });
-    logCallFinished(logger, {
+    // Counted as a call where it entered; here only the peer call and the log line.
+    recordCallFinished(logger, undefined, {
       direction: 'to_agent',
-      agentId,
-      method: outcome.method ?? '',
-      forwardedBy,
-      caller: hop?.caller,
-      entryPolicies: hop?.policies,
       code: outcome.code,
       details: outcome.details,
-      durationMs: Date.now() - startedMs,
+      startedMs,
+      log: { agentId, method: outcome.method ?? '', forwardedBy, caller: hop?.caller, entryPolicies: hop?.policies },
     });
   }
 

@@ -4,6 +4,11 @@
  */
 export * from './answerer';
 export * from './call-outcome';
+export * from './call-accounting';
+export * from './answer-unimplemented';
+export * from './cancellable-wait';
+export * from './deadline';
+export * from './raw-bidi-method';
 export * from './call-relay';
 export * from './call-state';
 export * from './call-stream';
