@@ -96,7 +96,7 @@ export class PeerListener {
    */
   private admitForward(call: RawCall): AdmittedForward | undefined {
     const { registry, metrics, logger } = this.deps;
-    // The certificate itself is not passed: a peer's refusal never explained it.
+    // Without the certificate: this refusal has never said what is wrong with a broker's certificate.
     const presented = { identity: identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate) };
     const checked = checkPeer(presented, PEER_BROKER_RULE, this.deps);
     if ('refusal' in checked) {
