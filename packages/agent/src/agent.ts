@@ -25,7 +25,8 @@ import {
   type IssuedAgentCertificate,
   type JsonObject,
   type Logger,
-  logCallFinished,
+  recordCallFinished,
+  deadlineMsOf,
   shutdownGracefully,
   brokerIdentityCheck,
   NOT_A_BROKER,
@@ -662,9 +663,7 @@ export class Agent {
 
   private async onLocalCall(call: ServerDuplexStream<Buffer, Buffer>): Promise<void> {
     const startedMs = Date.now();
-    const deadline = call.getDeadline();
-    const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
-    const conn = await this.pickConnection(deadlineMs);
+    const conn = await this.pickConnection(deadlineMsOf(call));
     if (!conn || call.cancelled) {
       const err = new BurrowError(
         Status.UNAVAILABLE,
@@ -678,18 +677,14 @@ export class Agent {
       return;
     }
     const outcome = await conn.forward(call);
-    const seconds = (Date.now() - startedMs) / 1000;
-    this.metrics.calls.inc({ direction: 'to_broker', code: statusName(outcome.code) });
-    this.metrics.callDuration.observe({ direction: 'to_broker' }, seconds);
-    this.metrics.messageBytes.inc({ direction: 'to_broker', flow: 'request' }, outcome.requestBytes);
-    this.metrics.messageBytes.inc({ direction: 'to_broker', flow: 'response' }, outcome.responseBytes);
-    logCallFinished(this.logger, {
+    recordCallFinished(this.logger, this.metrics, {
       direction: 'to_broker',
-      broker: conn.address,
-      method: call.getPath(),
       code: outcome.code,
       details: outcome.details,
-      durationMs: Math.round(seconds * 1000),
+      startedMs,
+      requestBytes: outcome.requestBytes,
+      responseBytes: outcome.responseBytes,
+      log: { broker: conn.address, method: call.getPath() },
     });
   }
 

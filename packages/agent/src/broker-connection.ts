@@ -39,7 +39,8 @@ import {
   type StartFrame,
   type UpstreamTable,
   type WelcomeFrame,
-  logCallFinished,
+  recordCallFinished,
+  answerUnimplemented,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
 import type { BuiltinServices } from './builtin-services';
@@ -399,20 +400,13 @@ export class BrokerConnection extends EventEmitter {
       extraMetadata = new Metadata();
       extraMetadata.set(CALLER_ID_KEY, start.caller);
     }
-    let code: number;
-    let details: string;
+    let outcome: Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>;
     if (!local && !upstream) {
-      code = Status.UNIMPLEMENTED;
-      details = `agent "${this.opts.agentId}" has no upstream for service "${service}"`;
-      stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
-      stream.endCall();
+      outcome = answerUnimplemented(stream, `agent "${this.opts.agentId}" has no upstream for service "${service}"`);
     } else {
-      const outcome = local
+      outcome = local
         ? await answerLocally(stream, start, local, { maxMessageBytes: this.opts.maxMessageBytes, extraMetadata })
         : await answer(stream, start, upstream!, { extraMetadata });
-      ({ code, details } = outcome);
-      this.opts.metrics.messageBytes.inc({ direction: 'from_broker', flow: 'request' }, outcome.requestBytes);
-      this.opts.metrics.messageBytes.inc({ direction: 'from_broker', flow: 'response' }, outcome.responseBytes);
     }
     const reusable = await callEnded;
     if (reusable && !this.draining && !this.isClosed) {
@@ -429,17 +423,14 @@ export class BrokerConnection extends EventEmitter {
       }
       this.callEnded();
     }
-    const seconds = (Date.now() - startedMs) / 1000;
-    this.opts.metrics.calls.inc({ direction: 'from_broker', code: statusName(code) });
-    this.opts.metrics.callDuration.observe({ direction: 'from_broker' }, seconds);
-    logCallFinished(this.opts.logger, {
+    recordCallFinished(this.opts.logger, this.opts.metrics, {
       direction: 'from_broker',
-      broker: this.opts.address,
-      callId: start.callId,
-      method: start.method,
-      code,
-      details,
-      durationMs: Math.round(seconds * 1000),
+      code: outcome.code,
+      details: outcome.details,
+      startedMs,
+      requestBytes: outcome.requestBytes,
+      responseBytes: outcome.responseBytes,
+      log: { broker: this.opts.address, callId: start.callId, method: start.method },
     });
   }
 

@@ -13,13 +13,11 @@ import {
   type UpstreamTable,
   answer,
   decodeSessionFrame,
-  certificateIdentityProblem,
   describeVersions,
   encodeSessionFrame,
-  identity,
+  rawBidiMethod,
   identityOfPeerCertificate,
   negotiateVersion,
-  statusName,
   verifyCertificateChain,
   checkReplicaSet,
   type BrokerEndpoint,
@@ -27,13 +25,16 @@ import {
   type Logger,
   type PeerIdentity,
   type StartFrame,
-  logCallFinished,
+  recordCallFinished,
+  answerUnimplemented,
+  type CallOutcome,
   boundedForLog,
   MAX_SESSION_FRAME_BYTES,
   sessionFrameTooLarge,
   type OversizedMessage,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
+import { AGENT_RULE, checkPeer, presentedPeer } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 
 /** How long a new session may take to send Hello before the broker gives up on it. */
@@ -114,17 +115,12 @@ export class AgentListener {
   constructor(private readonly deps: AgentListenerDeps) {}
 
   addTo(server: Server): void {
-    const def = (path: string) => ({
-      path,
-      requestStream: true,
-      responseStream: true,
-      requestSerialize: identity,
-      requestDeserialize: identity,
-      responseSerialize: identity,
-      responseDeserialize: identity,
-    });
     server.addService(
-      { session: def(TUNNEL_METHODS.session), offer: def(TUNNEL_METHODS.offer), forward: def(TUNNEL_METHODS.forward) },
+      {
+        session: rawBidiMethod(TUNNEL_METHODS.session),
+        offer: rawBidiMethod(TUNNEL_METHODS.offer),
+        forward: rawBidiMethod(TUNNEL_METHODS.forward),
+      },
       {
         session: (call: RawCall) => this.onSession(call),
         offer: (call: RawCall) => this.onOffer(call),
@@ -159,35 +155,32 @@ export class AgentListener {
 
   /** Closes sessions whose agent certificate has expired; TLS does not re-check open connections. */
   closeExpired(nowMs = Date.now()): number {
-    let closed = 0;
-    for (const s of [...this.sessionsById.values()]) {
-      if (s.credentialExpiryMs <= nowMs) {
-        this.closeSession(
-          s,
-          new BurrowError(
-            Status.UNAUTHENTICATED,
-            `certificate of agent "${s.agentId}" expired at ${new Date(s.credentialExpiryMs).toISOString()}`,
-          ),
-          true,
-        );
-        this.deps.metrics.connectionsClosed.inc({ reason: 'expired' });
-        closed++;
-      }
-    }
-    return closed;
+    return this.cutSessions('expired', (s) => {
+      if (s.credentialExpiryMs > nowMs) return undefined;
+      const at = new Date(s.credentialExpiryMs).toISOString();
+      return new BurrowError(Status.UNAUTHENTICATED, `certificate of agent "${s.agentId}" expired at ${at}`);
+    });
   }
 
   /** Closes sessions whose certificate is revoked now (called when the revocation list changes). */
   closeRevoked(): number {
+    return this.cutSessions('revoked', (s) => {
+      if (!this.deps.isRevoked(s.identity)) return undefined;
+      return new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${s.agentId}" was revoked`);
+    });
+  }
+
+  /**
+   * Closes every session for which `verdict` gives an error, with that error (calls in flight on
+   * it fail), counting each in connections_closed_total under `reason`. Returns how many.
+   */
+  private cutSessions(reason: 'expired' | 'revoked', verdict: (s: AgentSession) => BurrowError | undefined): number {
     let closed = 0;
     for (const s of [...this.sessionsById.values()]) {
-      if (!this.deps.isRevoked(s.identity)) continue;
-      this.closeSession(
-        s,
-        new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${s.agentId}" was revoked`),
-        true,
-      );
-      this.deps.metrics.connectionsClosed.inc({ reason: 'revoked' });
+      const error = verdict(s);
+      if (!error) continue;
+      this.closeSession(s, error, true);
+      this.deps.metrics.connectionsClosed.inc({ reason });
       closed++;
     }
     return closed;
@@ -280,34 +273,12 @@ export class AgentListener {
   }
 
   private authenticate(call: RawCall, stream: string): PeerIdentity | undefined {
-    const id = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
-    let problem: string | undefined;
-    let reason = 'wrong_role';
-    if (!id) {
-      // With enrollment on, TLS lets a connection without a valid client certificate through (for
-      // Enroll only); such a connection has no identity here.
-      const raw = call.getAuthContext().sslPeerCertificate?.raw;
-      const why = raw ? certificateIdentityProblem(raw) : undefined;
-      problem = why
-        ? `client certificate has no Burrow identity: ${why}`
-        : 'no valid client certificate (missing, expired, or not issued by a trusted CA); ' +
-          'enroll again with a new join token';
-      reason = 'no_identity';
-    } else if (id.role !== 'agent')
-      problem = `certificate role "${id.role}" may not open tunnels; an agent certificate is required`;
-    else if (id.trustDomain !== this.deps.trustDomain)
-      problem = `certificate trust domain "${id.trustDomain}" is not "${this.deps.trustDomain}"`;
-    else if (this.deps.isRevoked(id)) {
-      problem = `certificate of agent "${id.name}" (serial ${id.serialHex}) is revoked`;
-      reason = 'revoked';
-    }
-    if (problem) {
-      this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason });
-      this.deps.logger.warn('tunnel stream refused', { stream, peer: call.getPeer(), reason: problem });
-      call.emit('error', { code: Status.PERMISSION_DENIED, details: problem });
-      return undefined;
-    }
-    return id;
+    const checked = checkPeer(presentedPeer(call.getAuthContext().sslPeerCertificate), AGENT_RULE, this.deps);
+    if ('identity' in checked) return checked.identity;
+    const { code, message } = checked.refusal;
+    this.deps.logger.warn('tunnel stream refused', { stream, peer: call.getPeer(), reason: message });
+    call.emit('error', { code, details: message });
+    return undefined;
   }
 
   private onSession(call: RawCall): void {
@@ -537,36 +508,27 @@ export class AgentListener {
     const startedMs = Date.now();
     const callId = start.callId || `b${(++this.callCounter).toString(36)}`;
     const upstream = platformUpstreams.clientFor(start.method);
-    let code: number;
-    let details: string;
     metrics.callsInFlight.inc({ direction: 'from_agent' });
     session.active.add(stream);
+    let outcome: Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>;
     if (!upstream) {
-      code = Status.UNIMPLEMENTED;
-      details = `no platform upstream for the service of ${start.method} at this broker`;
-      stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
-      stream.finish();
+      outcome = answerUnimplemented(stream, `no platform upstream for the service of ${start.method} at this broker`);
     } else {
       const md = new Metadata();
       md.set(CALLING_AGENT_KEY, session.agentId);
-      const outcome = await answer(stream, start, upstream, { extraMetadata: md });
-      ({ code, details } = outcome);
-      metrics.messageBytes.inc({ direction: 'from_agent', flow: 'request' }, outcome.requestBytes);
-      metrics.messageBytes.inc({ direction: 'from_agent', flow: 'response' }, outcome.responseBytes);
+      outcome = await answer(stream, start, upstream, { extraMetadata: md });
     }
     session.active.delete(stream);
     metrics.callsInFlight.dec({ direction: 'from_agent' });
-    const seconds = (Date.now() - startedMs) / 1000;
-    metrics.calls.inc({ direction: 'from_agent', method: metrics.methodLabel(start.method), code: statusName(code) });
-    metrics.callDuration.observe({ direction: 'from_agent' }, seconds);
-    logCallFinished(logger, {
+    recordCallFinished(logger, metrics, {
       direction: 'from_agent',
-      agentId: session.agentId,
-      callId,
-      method: start.method,
-      code,
-      details,
-      durationMs: Math.round(seconds * 1000),
+      code: outcome.code,
+      details: outcome.details,
+      startedMs,
+      requestBytes: outcome.requestBytes,
+      responseBytes: outcome.responseBytes,
+      callLabels: { method: metrics.methodLabel(start.method) },
+      log: { agentId: session.agentId, callId, method: start.method },
     });
   }
 

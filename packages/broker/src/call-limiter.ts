@@ -1,3 +1,4 @@
+import type { BrokerMetrics } from './broker-metrics';
 import { status as Status } from '@grpc/grpc-js';
 import { BurrowError } from '@burrow/tunnel';
 
@@ -30,6 +31,14 @@ interface KeyState {
   inFlight: number;
   tokens: number;
   refilledMs: number;
+}
+
+/**
+ * Counts `err` in limited_calls_total when it is a {@link LimitExceededError}; anything else is
+ * not a limit and is not counted. For the listeners that catch what {@link CallLimiter} throws.
+ */
+export function countIfLimited(err: unknown, metrics: Pick<BrokerMetrics, 'limitedCalls'>): void {
+  if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
 }
 
 /**
@@ -114,16 +123,7 @@ export class CallLimiter {
    * {@link LimitExceededError} when a limit is reached.
    */
   admitCaller(caller: string): () => void {
-    const c = this.callers.tryAcquire(caller);
-    if (c) {
-      throw new LimitExceededError(
-        `caller_${c}`,
-        c === 'concurrency'
-          ? `caller ${caller} has ${this.limits.caller.maxConcurrent} calls in flight, the most this broker allows`
-          : `caller ${caller} exceeded ${this.limits.caller.ratePerSecond} calls per second`,
-      );
-    }
-    return this.releaser(this.callers, caller);
+    return this.take(this.callers, 'caller', caller, `caller ${caller}`);
   }
 
   /**
@@ -133,16 +133,22 @@ export class CallLimiter {
    * Same contract as {@link admitCaller}.
    */
   admitAgent(agentId: string): () => void {
-    const a = this.agents.tryAcquire(agentId);
-    if (a) {
+    return this.take(this.agents, 'agent', agentId, `agent "${agentId}"`);
+  }
+
+  /** Takes a slot of `key` from `limiter` (the limits of `kind`); `who` names the key in the refusal. */
+  private take(limiter: KeyedLimiter, kind: 'caller' | 'agent', key: string, who: string): () => void {
+    const hit = limiter.tryAcquire(key);
+    if (hit) {
+      const { maxConcurrent, ratePerSecond } = this.limits[kind];
       throw new LimitExceededError(
-        `agent_${a}`,
-        a === 'concurrency'
-          ? `agent "${agentId}" has ${this.limits.agent.maxConcurrent} calls in flight, the most this broker allows`
-          : `agent "${agentId}" exceeded ${this.limits.agent.ratePerSecond} calls per second`,
+        `${kind}_${hit}`,
+        hit === 'concurrency'
+          ? `${who} has ${maxConcurrent} calls in flight, the most this broker allows`
+          : `${who} exceeded ${ratePerSecond} calls per second`,
       );
     }
-    return this.releaser(this.agents, agentId);
+    return this.releaser(limiter, key);
   }
 
   /** Both slots at once, for a call that enters and reaches its agent here (see the two above). */

@@ -3,27 +3,27 @@ import {
   AGENT_ID_KEY,
   BurrowError,
   ID_GRAMMAR,
-  certificateIdentityProblem,
-  identityOfPeerCertificate,
   isValidId,
   type CallStream,
   originate,
   originateUnary,
   rejectCall,
-  statusName,
   type Logger,
   type PeerIdentity,
-  logCallFinished,
+  recordCallFinished,
+  deadlineMsOf,
+  waitCancellable,
   type CallCutter,
   type UnaryResult,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
-import { LimitExceededError, type CallLimiter } from './call-limiter';
+import { countIfLimited, type CallLimiter } from './call-limiter';
 import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
 import type { CredentialWatch, WatchedListener } from './credential-watch';
 import type { AgentDirectory } from './agent-directory';
-import { noBrokerServes } from './peer-listener';
+import { CALLER_RULE, checkPeer, presentedPeer, type PresentedPeer } from './peer-admission';
 import type { PeerForwarder } from './peer-forwarder';
+import { noBrokerServes } from './peer-protocol';
 import type { IdleOffer, TunnelRegistry } from './tunnel-registry';
 
 /** A broker cluster: where agents connected elsewhere are looked up and how calls reach them. */
@@ -70,6 +70,24 @@ export function agentIdOfCall(call: RawCall): string | undefined {
   const host = call.getHost?.() ?? '';
   const m = /^([^:]+)\.agent(:\d+)?$/.exec(host);
   return m ? m[1] : undefined;
+}
+
+/**
+ * The agent a call names, if the name can be one: present, and of the one id grammar (anything
+ * else cannot name a connected agent). The refusal is INVALID_ARGUMENT.
+ */
+function checkAgentName(agentId: string | undefined): { agentId: string } | { refusal: BurrowError } {
+  if (agentId === undefined) {
+    const why = `name the agent with metadata "${AGENT_ID_KEY}" or the authority "<agent-id>.agent"`;
+    return { refusal: new BurrowError(Status.INVALID_ARGUMENT, why) };
+  }
+  // isValidId narrows to string, which agentId already is: its boolean is what is wanted here.
+  const valid: boolean = isValidId(agentId);
+  if (!valid) {
+    const why = `"${agentId.slice(0, 140)}" is not a valid agent id: ${ID_GRAMMAR}`;
+    return { refusal: new BurrowError(Status.INVALID_ARGUMENT, why) };
+  }
+  return { agentId };
 }
 
 /**
@@ -120,114 +138,42 @@ export class CallerApi {
    * Throws a BurrowError after recording the refusal.
    */
   private admit(
-    peer: PeerIdentity | undefined,
+    presented: PresentedPeer,
     agentId: string | undefined,
     method: string,
     transport: 'grpc' | 'http',
-    peerRaw?: Buffer,
   ): AdmittedCall {
-    const { metrics, logger } = this.deps;
-    const startedMs = Date.now();
-    const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
-    let release: (() => void) | undefined;
-    let releaseAgent: (() => void) | undefined;
-    let finished = false;
-    const finish = (
-      id: string | undefined,
-      code: number,
-      details: string,
-      requestBytes = 0,
-      responseBytes = 0,
-    ): void => {
-      if (finished) return;
-      finished = true;
-      release?.();
-      releaseAgent?.();
-      const seconds = (Date.now() - startedMs) / 1000;
-      metrics.calls.inc({ direction: 'to_agent', method: metrics.methodLabel(method), code: statusName(code) });
-      metrics.callDuration.observe({ direction: 'to_agent' }, seconds);
-      if (requestBytes) metrics.messageBytes.inc({ direction: 'to_agent', flow: 'request' }, requestBytes);
-      if (responseBytes) metrics.messageBytes.inc({ direction: 'to_agent', flow: 'response' }, responseBytes);
-      logCallFinished(logger, {
-        direction: 'to_agent',
-        agentId: id,
-        callId,
-        method,
-        code,
-        details,
-        durationMs: Math.round(seconds * 1000),
-        caller: peer?.spiffeId,
-        transport,
-      });
-    };
+    const { limiter, metrics } = this.deps;
+    const { callId, slots, finish } = this.accounting(presented, method, transport);
     const refuse = (id: string | undefined, err: BurrowError): never => {
       finish(id, err.code, err.message);
       throw err;
     };
 
-    if (peer?.role !== 'service' || peer.trustDomain !== this.deps.trustDomain || this.deps.isRevoked(peer)) {
-      const why = peerRaw ? `: ${certificateIdentityProblem(peerRaw)}` : '';
-      const reason = !peer
-        ? `client certificate has no Burrow identity${why}`
-        : peer.role !== 'service'
-          ? `certificate role "${peer.role}" may not call agents; a service certificate is required`
-          : peer.trustDomain !== this.deps.trustDomain
-            ? `certificate trust domain "${peer.trustDomain}" is not "${this.deps.trustDomain}"`
-            : `certificate ${peer.spiffeId} (serial ${peer.serialHex}) is revoked`;
-      metrics.rejectedHandshakes.inc({ listener: 'api', reason: peer ? 'wrong_role' : 'no_identity' });
-      refuse(undefined, new BurrowError(Status.PERMISSION_DENIED, reason));
-    }
-    const caller = peer!;
-    if (agentId === undefined) {
-      refuse(
-        undefined,
-        new BurrowError(
-          Status.INVALID_ARGUMENT,
-          `name the agent with metadata "${AGENT_ID_KEY}" or the authority "<agent-id>.agent"`,
-        ),
-      );
-    }
-    // Agent ids follow the one id grammar; anything else cannot name a connected agent.
-    if (!isValidId(agentId)) {
-      const shown = agentId!.slice(0, 140);
-      refuse(undefined, new BurrowError(Status.INVALID_ARGUMENT, `"${shown}" is not a valid agent id: ${ID_GRAMMAR}`));
-    }
-    const agent = agentId!;
+    const checked = checkPeer(presented, CALLER_RULE, this.deps);
+    if ('refusal' in checked) return refuse(undefined, checked.refusal);
+    const caller = checked.identity;
+    const named = checkAgentName(agentId);
+    if ('refusal' in named) return refuse(undefined, named.refusal);
+    const agent = named.agentId;
     if (this.deps.isDraining())
       refuse(agent, new BurrowError(Status.UNAVAILABLE, 'broker is draining; retry on another broker'));
-
-    const decision = this.deps.authorizer.authorize(caller, agent, method);
-    metrics.authzDecisions.inc({ decision: decision.allowed ? 'allow' : 'deny' });
-    if (!decision.allowed) {
-      logger.warn('caller denied by policy', {
-        caller: caller.spiffeId,
-        agentId: agent,
-        method,
-        reason: decision.reason,
-        policies: decision.policies,
-      });
-      refuse(
-        agent,
-        new BurrowError(
-          Status.PERMISSION_DENIED,
-          `${caller.spiffeId} may not call ${method} on agent "${agent}": ${decision.reason}`,
-        ),
-      );
-    }
+    const authorized = this.authorize(caller, agent, method);
+    if ('refusal' in authorized) return refuse(agent, authorized.refusal);
     // Per-caller limits here, where the call enters; the agent's where its tunnel is
     // (holdAgentSlot, and the peer listener for a forwarded call): README, "Which broker decides what".
     try {
-      release = this.deps.limiter.admitCaller(caller.spiffeId);
+      slots.caller = limiter.admitCaller(caller.spiffeId);
     } catch (err) {
-      if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
+      countIfLimited(err, metrics);
       refuse(agent, err as BurrowError);
     }
     const holdAgentSlot = (): void => {
-      if (releaseAgent) return;
+      if (slots.agent) return;
       try {
-        releaseAgent = this.deps.limiter.admitAgent(agent);
+        slots.agent = limiter.admitAgent(agent);
       } catch (err) {
-        if (err instanceof LimitExceededError) metrics.limitedCalls.inc({ limit: err.limit });
+        countIfLimited(err, metrics);
         throw err;
       }
     };
@@ -236,17 +182,68 @@ export class CallerApi {
       agentId: agent,
       callId,
       method,
-      decision,
+      decision: authorized.decision,
       holdAgentSlot,
       finish: (code, details, req, res) => finish(agent, code, details, req, res),
     };
   }
 
+  /**
+   * A new call's id, the limit slots it will hold, and its `finish`: releases those slots and
+   * records the call (metrics, the log line), the first time only.
+   */
+  private accounting(presented: PresentedPeer, method: string, transport: 'grpc' | 'http') {
+    const { metrics } = this.deps;
+    const startedMs = Date.now();
+    const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
+    // The limit slots taken so far, released by `finish`.
+    const slots: { caller?: () => void; agent?: () => void } = {};
+    let finished = false;
+    const finish = (id: string | undefined, code: number, details: string, requestBytes = 0, responseBytes = 0) => {
+      if (finished) return;
+      finished = true;
+      slots.caller?.();
+      slots.agent?.();
+      // A call refused at admission carried no message: it adds no byte series.
+      recordCallFinished(this.deps.logger, metrics, {
+        direction: 'to_agent',
+        code,
+        details,
+        startedMs,
+        requestBytes: requestBytes || undefined,
+        responseBytes: responseBytes || undefined,
+        callLabels: { method: metrics.methodLabel(method) },
+        log: { agentId: id, callId, method, caller: presented.identity?.spiffeId, transport },
+      });
+    };
+    return { callId, slots, finish };
+  }
+
+  /** The caller policy's decision on the call, counted, and logged with the refusal when it denies. */
+  private authorize(
+    caller: PeerIdentity,
+    agentId: string,
+    method: string,
+  ): { decision: CallerDecision } | { refusal: BurrowError } {
+    const decision = this.deps.authorizer.authorize(caller, agentId, method);
+    this.deps.metrics.authzDecisions.inc({ decision: decision.allowed ? 'allow' : 'deny' });
+    if (decision.allowed) return { decision };
+    this.deps.logger.warn('caller denied by policy', {
+      caller: caller.spiffeId,
+      agentId,
+      method,
+      reason: decision.reason,
+      policies: decision.policies,
+    });
+    const why = `${caller.spiffeId} may not call ${method} on agent "${agentId}": ${decision.reason}`;
+    return { refusal: new BurrowError(Status.PERMISSION_DENIED, why) };
+  }
+
   private async forward(call: RawCall): Promise<void> {
     let admitted: AdmittedCall;
     try {
-      const cert = call.getAuthContext().sslPeerCertificate;
-      admitted = this.admit(identityOfPeerCertificate(cert), agentIdOfCall(call), call.getPath(), 'grpc', cert?.raw);
+      const presented = presentedPeer(call.getAuthContext().sslPeerCertificate);
+      admitted = this.admit(presented, agentIdOfCall(call), call.getPath(), 'grpc');
     } catch (err) {
       rejectCall(call, err as BurrowError);
       return;
@@ -275,23 +272,17 @@ export class CallerApi {
     else {
       const abort = new AbortController();
       live.waiting = abort;
-      const onCancel = (): void => abort.abort();
-      call.on('cancelled', onCancel);
-      const deadline = call.getDeadline();
-      const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
       try {
-        route = await this.route(admitted, deadlineMs, abort.signal);
+        route = await waitCancellable(call, abort, (signal) => this.route(admitted, deadlineMsOf(call), signal));
       } catch (err) {
         const e = live.cutBy ?? (err as BurrowError);
         live.untrack();
         metrics.toAgentCallEnded();
-        call.removeListener('cancelled', onCancel);
         rejectCall(call, e);
         admitted.finish(e.code, e.message);
         return;
       }
       live.waiting = undefined;
-      call.removeListener('cancelled', onCancel);
     }
     const outcome = originate(call, route.stream, {
       callId,
@@ -389,7 +380,7 @@ export class CallerApi {
   ): Promise<UnaryResult> {
     let admitted: AdmittedCall;
     try {
-      admitted = this.admit(peer, agentId, method, 'http');
+      admitted = this.admit({ identity: peer }, agentId, method, 'http');
     } catch (err) {
       const e = err as BurrowError;
       return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };

@@ -26,7 +26,7 @@ import {
   PEER_REFUSED_KEY,
   encodeHop,
   type Hop,
-} from './peer-listener';
+} from './peer-protocol';
 
 // A peer channel closed while connecting (a peer that stalls its handshakes) must not leak the socket.
 abortConnectsOnChannelClose();

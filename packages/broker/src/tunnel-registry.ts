@@ -109,6 +109,18 @@ export interface RegistryCounts {
   waiters: number;
 }
 
+/** One session of a connected agent, as /agents lists it. */
+export interface SessionSummary {
+  id: string;
+  peer: string;
+  protocolVersion: number;
+  agentVersion: string;
+  connectedAt: string;
+  callsInFlight: number;
+  idleOffers: number;
+  draining: boolean;
+}
+
 /** A snapshot of one connected agent, for /agents and metrics. */
 export interface AgentSummary {
   id: string;
@@ -116,42 +128,34 @@ export interface AgentSummary {
   connectedSince: string;
   callsInFlight: number;
   idleOffers: number;
-  sessions: {
-    id: string;
-    peer: string;
-    protocolVersion: number;
-    agentVersion: string;
-    connectedAt: string;
-    callsInFlight: number;
-    idleOffers: number;
-    draining: boolean;
-  }[];
+  sessions: SessionSummary[];
 }
 
 /** Everything the broker knows about one connected agent, for `/agents/<id>`. */
-export interface AgentDetail {
-  id: string;
-  connections: number;
-  connectedSince: string;
-  callsInFlight: number;
-  idleOffers: number;
+export interface AgentDetail extends Omit<AgentSummary, 'sessions'> {
   /** Calls waiting for a tunnel stream of this agent. */
   callsWaiting: number;
   /** Tunnel streams asked for with Demand and not opened yet. */
   owedOffers: number;
-  sessions: {
-    id: string;
-    peer: string;
-    protocolVersion: number;
-    agentVersion: string;
-    connectedAt: string;
-    draining: boolean;
-    callsInFlight: number;
-    idleOffers: number;
+  sessions: (SessionSummary & {
     owedOffers: number;
     /** The certificate the session runs on now (renewals presented on the session replace it). */
     certificate: { spiffeId: string; serial: string; notAfter: string; secondsLeft: number };
-  }[];
+  })[];
+}
+
+/** What /agents says of one session (and /agents/<id>, which adds to it). */
+function sessionSummary(s: AgentSession): SessionSummary {
+  return {
+    id: s.id,
+    peer: s.peerAddress,
+    protocolVersion: s.protocolVersion,
+    agentVersion: s.agentVersion,
+    connectedAt: new Date(s.connectedAtMs).toISOString(),
+    callsInFlight: s.activeCalls,
+    idleOffers: s.idle.length,
+    draining: s.draining,
+  };
 }
 
 /**
@@ -370,16 +374,7 @@ export class TunnelRegistry {
       out.push({
         id,
         ...agentTotals(sessions),
-        sessions: sessions.map((s) => ({
-          id: s.id,
-          peer: s.peerAddress,
-          protocolVersion: s.protocolVersion,
-          agentVersion: s.agentVersion,
-          connectedAt: new Date(s.connectedAtMs).toISOString(),
-          callsInFlight: s.activeCalls,
-          idleOffers: s.idle.length,
-          draining: s.draining,
-        })),
+        sessions: sessions.map(sessionSummary),
       });
     }
     return out;
@@ -396,14 +391,7 @@ export class TunnelRegistry {
       callsWaiting: entry.waiters.length,
       owedOffers: owedOffers(entry),
       sessions: sessions.map((s) => ({
-        id: s.id,
-        peer: s.peerAddress,
-        protocolVersion: s.protocolVersion,
-        agentVersion: s.agentVersion,
-        connectedAt: new Date(s.connectedAtMs).toISOString(),
-        draining: s.draining,
-        callsInFlight: s.activeCalls,
-        idleOffers: s.idle.length,
+        ...sessionSummary(s),
         owedOffers: s.owedOffers,
         certificate: {
           spiffeId: s.identity.spiffeId,

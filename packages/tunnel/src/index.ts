@@ -187,3 +187,10 @@ export { runUntilSignalled } from './signals';
 
 // Listening: one bind helper for grpc-js and HTTP servers, with the error message both binaries print.
 export { bindOn, listenOn, splitHostPort } from './listen';
+
+// One place for each rule a listener or a side applies to every call.
+export { recordCallFinished, type CallMetrics, type FinishedCall } from './call-accounting';
+export { answerUnimplemented } from './answer-unimplemented';
+export { waitCancellable } from './cancellable-wait';
+export { deadlineMsOf } from './deadline';
+export { rawBidiMethod } from './raw-bidi-method';

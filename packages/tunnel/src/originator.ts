@@ -1,6 +1,7 @@
 import { Metadata, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
 import type { CallOutcome } from './call-outcome';
 import type { CallStream } from './call-stream';
+import { deadlineMsOf } from './deadline';
 import type { BurrowError } from './errors';
 import { requestMetadataToWire, responseMetadataFromWire } from './metadata-policy';
 
@@ -40,8 +41,7 @@ export function originate(
     let responseBytes = 0;
     let settled = false;
 
-    const deadline = client.getDeadline();
-    const deadlineMs = deadline instanceof Date ? deadline.getTime() : deadline;
+    const deadlineMs = deadlineMsOf(client);
 
     const settle = (code: number, details: string): void => {
       if (settled) return;
