@@ -1,3 +1,4 @@
+import type { webcrypto } from 'node:crypto';
 import { promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { writeFileAtomic } from './atomic-write';
@@ -7,6 +8,7 @@ import {
   generateKey,
   importSigningKey,
   signingAlgorithm,
+  type GeneratedKey,
   type KeyAlgorithm,
 } from './key-algorithm';
 import {
@@ -83,27 +85,15 @@ export async function createRootCa(opts: CreateCaOptions): Promise<CaMaterial> {
   const { privateKey } = await importSigningKey(key.pkcs8Pem, opts.keyAlgorithm, 'root key');
   const { notBefore, notAfter } = validity(opts.nowMs ?? Date.now(), opts.ttlMs);
   const name = caName(opts.trustDomain, 'Root', key.skiHex);
-  const cert = await x509.X509CertificateGenerator.create({
-    serialNumber: randomSerialHex(),
+  return signCaCertificate({
+    kind: 'root',
+    key,
     subject: name,
     issuer: name,
-    notBefore,
-    notAfter,
-    publicKey: key.spkiDer,
-    signingKey: privateKey,
-    signingAlgorithm: signingAlgorithm(opts.keyAlgorithm),
+    validity: { notBefore, notAfter },
+    signer: { privateKey, keyAlgorithm: opts.keyAlgorithm },
     extensions: caExtensions(1, key.skiHex),
   });
-  return {
-    id: caId('root', key.skiHex),
-    kind: 'root',
-    keyAlgorithm: opts.keyAlgorithm,
-    certPem: pemWithNewline(cert.toString('pem')),
-    keyPem: key.pkcs8Pem,
-    skiHex: key.skiHex,
-    notBefore,
-    notAfter,
-  };
 }
 
 /**
@@ -120,27 +110,60 @@ export async function createIssuingCa(opts: CreateCaOptions & { readonly root: C
   if (root.notAfter.getTime() <= nowMs)
     throw new PkiError(`root: CA ${root.id} expired at ${root.notAfter.toISOString()}`);
   const { notBefore, notAfter } = validity(nowMs, opts.ttlMs, root.notAfter);
-  const cert = await x509.X509CertificateGenerator.create({
-    serialNumber: randomSerialHex(),
+  return signCaCertificate({
+    kind: 'issuing',
+    key,
     subject: caName(opts.trustDomain, 'Issuing', key.skiHex),
     issuer: rootCert.subjectName,
-    notBefore,
-    notAfter,
-    publicKey: key.spkiDer,
-    signingKey: rootKey,
-    signingAlgorithm: signingAlgorithm(root.keyAlgorithm),
+    validity: { notBefore, notAfter },
+    signer: { privateKey: rootKey, keyAlgorithm: root.keyAlgorithm },
     extensions: [...caExtensions(0, key.skiHex), new x509.AuthorityKeyIdentifierExtension(root.skiHex)],
+    parentId: root.id,
+  });
+}
+
+type CertificateName = x509.X509CertificateCreateWithKeyParams['issuer'];
+
+/** What sets a root CA certificate apart from an issuing one; {@link signCaCertificate} does the rest. */
+interface CaCertificateSpec {
+  readonly kind: CaKind;
+  /** The CA's own, freshly generated key. */
+  readonly key: GeneratedKey;
+  readonly subject: CertificateName;
+  readonly issuer: CertificateName;
+  readonly validity: { readonly notBefore: Date; readonly notAfter: Date };
+  /** The key that signs the certificate: the CA's own for a root, the root's for an issuing CA. */
+  readonly signer: { readonly privateKey: webcrypto.CryptoKey; readonly keyAlgorithm: KeyAlgorithm };
+  readonly extensions: x509.Extension[];
+  /** Id of the signing CA; absent for a self-signed root. */
+  readonly parentId?: string;
+}
+
+/** Signs a CA certificate (random serial) and returns it with its key as {@link CaMaterial}. */
+async function signCaCertificate(spec: CaCertificateSpec): Promise<CaMaterial> {
+  const { key, validity } = spec;
+  const cert = await x509.X509CertificateGenerator.create({
+    serialNumber: randomSerialHex(),
+    subject: spec.subject,
+    issuer: spec.issuer,
+    notBefore: validity.notBefore,
+    notAfter: validity.notAfter,
+    publicKey: key.spkiDer,
+    signingKey: spec.signer.privateKey,
+    signingAlgorithm: signingAlgorithm(spec.signer.keyAlgorithm),
+    extensions: spec.extensions,
   });
   return {
-    id: caId('issuing', key.skiHex),
-    kind: 'issuing',
-    keyAlgorithm: opts.keyAlgorithm,
+    id: caId(spec.kind, key.skiHex),
+    kind: spec.kind,
+    keyAlgorithm: key.keyAlgorithm,
     certPem: pemWithNewline(cert.toString('pem')),
     keyPem: key.pkcs8Pem,
     skiHex: key.skiHex,
-    notBefore,
-    notAfter,
-    parentId: root.id,
+    notBefore: validity.notBefore,
+    notAfter: validity.notAfter,
+    // A root has no parent: leave the key out rather than set it to undefined.
+    ...(spec.parentId === undefined ? {} : { parentId: spec.parentId }),
   };
 }
 

@@ -355,25 +355,63 @@ function parser(args: readonly string[]): Argv {
   const y = yargs([...args])
     .scriptName(PROGRAM)
     .usage(`$0 <command> [options]\n\nCreate a Burrow PKI and issue SPIFFE X509-SVID style certificates.`);
-  return withCommonBehaviour(withLifecycleCommands(withIssuingCommands(y, dirFlag), dirFlag));
+  return withCommonBehaviour(withPkiCommands(y, dirFlag));
 }
 
-/** Commands that create things: the PKI itself, certificates and join tokens. */
-function withIssuingCommands(y: Argv, dirFlag: Options): Argv {
-  return y
-    .command(
-      'init',
-      'create a root CA, an issuing CA and the trust bundle in a new directory',
-      (yy) => initOptions(yy, dirFlag),
-      runInit,
-    )
-    .command(
-      'issue',
-      'issue a certificate and key into an output directory (tls.crt, tls.key, ca.crt)',
-      (yy) => issueOptions(yy, dirFlag),
-      runIssue,
-    )
-    .command('token', 'manage join tokens', (yy) => tokenCommands(yy, dirFlag));
+/** A burrow-pki command; its options builder gets the shared --dir flag. */
+interface PkiCommand {
+  readonly command: string;
+  readonly describe: string;
+  readonly options: (y: Argv, dirFlag: Options) => Argv;
+  /** Absent for a command that only groups subcommands. */
+  readonly run?: (argv: Record<string, unknown>) => Promise<void>;
+}
+
+// In the order --help lists them.
+const PKI_COMMANDS: readonly PkiCommand[] = [
+  // Commands that create things: the PKI itself, certificates and join tokens.
+  {
+    command: 'init',
+    describe: 'create a root CA, an issuing CA and the trust bundle in a new directory',
+    options: initOptions,
+    run: runInit,
+  },
+  {
+    command: 'issue',
+    describe: 'issue a certificate and key into an output directory (tls.crt, tls.key, ca.crt)',
+    options: issueOptions,
+    run: runIssue,
+  },
+  { command: 'token', describe: 'manage join tokens', options: tokenCommands },
+  // Commands that operate an existing PKI: rotation, revocation, CRLs and expiry checks.
+  {
+    command: 'rotate <action>',
+    describe: 'CA rotation: init, update-clients, update-servers, finish, rollback, or status',
+    options: rotateOptions,
+    run: runRotate,
+  },
+  {
+    command: 'revoke',
+    describe: 'revoke a certificate by serial, or every certificate of an agent id so far',
+    options: revokeOptions,
+    run: runRevoke,
+  },
+  {
+    command: 'crl',
+    describe: 'write CRLs (PEM, one per issuing CA) of the revoked certificates',
+    options: crlOptions,
+    run: runCrl,
+  },
+  {
+    command: 'check',
+    describe: 'check CA expiry: exit 1 with one line per CA expiring within --warn-days',
+    options: checkOptions,
+    run: runCheck,
+  },
+];
+
+function withPkiCommands(y: Argv, dirFlag: Options): Argv {
+  return PKI_COMMANDS.reduce((yy, c) => yy.command(c.command, c.describe, (sub) => c.options(sub, dirFlag), c.run), y);
 }
 
 function initOptions(y: Argv, dirFlag: Options): Argv {
@@ -425,38 +463,16 @@ function tokenCommands(y: Argv, dirFlag: Options): Argv {
     .demandCommand(1, 'a token command is required: create');
 }
 
-/** Commands that operate an existing PKI: rotation, revocation, CRLs and expiry checks. */
-function withLifecycleCommands(y: Argv, dirFlag: Options): Argv {
+function crlOptions(y: Argv, dirFlag: Options): Argv {
+  return y.option('dir', dirFlag).option('out', flag('out', { describe: 'output file (default: stdout)' }));
+}
+
+function checkOptions(y: Argv, dirFlag: Options): Argv {
   return y
-    .command(
-      'rotate <action>',
-      'CA rotation: init, update-clients, update-servers, finish, rollback, or status',
-      (yy) => rotateOptions(yy, dirFlag),
-      runRotate,
-    )
-    .command(
-      'revoke',
-      'revoke a certificate by serial, or every certificate of an agent id so far',
-      (yy) => revokeOptions(yy, dirFlag),
-      runRevoke,
-    )
-    .command(
-      'crl',
-      'write CRLs (PEM, one per issuing CA) of the revoked certificates',
-      (yy) => yy.option('dir', dirFlag).option('out', flag('out', { describe: 'output file (default: stdout)' })),
-      runCrl,
-    )
-    .command(
-      'check',
-      'check CA expiry: exit 1 with one line per CA expiring within --warn-days',
-      (yy) =>
-        yy
-          .option('dir', dirFlag)
-          .option(
-            'warn-days',
-            flag('warn-days', { describe: `warn when fewer days are left (default ${DEFAULT_WARN_DAYS})` }),
-          ),
-      runCheck,
+    .option('dir', dirFlag)
+    .option(
+      'warn-days',
+      flag('warn-days', { describe: `warn when fewer days are left (default ${DEFAULT_WARN_DAYS})` }),
     );
 }
 

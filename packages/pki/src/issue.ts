@@ -107,14 +107,7 @@ export interface LeafRequest {
 }
 
 /** Checks and normalises the identity part of a leaf request (shared by issueCertificate and signCsr). */
-export function validateLeafRequest(opts: {
-  dir: string;
-  role: Role;
-  name: string;
-  dns?: string[];
-  ip?: string[];
-  ttlMs?: number;
-}): LeafRequest {
+export function validateLeafRequest(opts: Omit<IssueOptions, 'keyAlgorithm'>): LeafRequest {
   if (typeof opts?.dir !== 'string' || opts.dir === '') throw new PkiError('dir: is required');
   const { role } = opts;
   assertRole(role);

@@ -76,33 +76,35 @@ export async function generateKey(keyAlgorithm: KeyAlgorithm): Promise<Generated
   };
 }
 
+type ImportParams = webcrypto.RsaHashedImportParams | webcrypto.EcKeyImportParams | webcrypto.Algorithm;
+type SignParams = webcrypto.Algorithm | webcrypto.EcdsaParams;
+
+// One row per algorithm so that the import and signature parameters of a key cannot drift apart.
+interface WebCryptoParams {
+  readonly importKey: ImportParams;
+  readonly sign: SignParams;
+}
+const WEBCRYPTO_PARAMS: Readonly<Record<KeyAlgorithm, WebCryptoParams>> = {
+  'ecdsa-p256': { importKey: { name: 'ECDSA', namedCurve: 'P-256' }, sign: { name: 'ECDSA', hash: 'SHA-256' } },
+  ed25519: { importKey: { name: 'Ed25519' }, sign: { name: 'Ed25519' } },
+  'rsa-2048': {
+    importKey: { name: 'RSASSA-PKCS1-v1_5', hash: 'SHA-256' },
+    sign: { name: 'RSASSA-PKCS1-v1_5', hash: 'SHA-256' },
+  },
+};
+
 /** The WebCrypto import/sign parameters for a CA key of the given algorithm. */
-export function webCryptoAlgorithm(
-  keyAlgorithm: KeyAlgorithm,
-): webcrypto.RsaHashedImportParams | webcrypto.EcKeyImportParams | webcrypto.Algorithm {
-  switch (keyAlgorithm) {
-    case 'ecdsa-p256':
-      return { name: 'ECDSA', namedCurve: 'P-256' } as webcrypto.EcKeyImportParams;
-    case 'ed25519':
-      return { name: 'Ed25519' };
-    case 'rsa-2048':
-      return { name: 'RSASSA-PKCS1-v1_5', hash: 'SHA-256' } as webcrypto.RsaHashedImportParams;
-  }
+export function webCryptoAlgorithm(keyAlgorithm: KeyAlgorithm): ImportParams {
+  // A fresh object per call, as callers may hand it on to WebCrypto.
+  return { ...WEBCRYPTO_PARAMS[keyAlgorithm].importKey };
 }
 
 /**
  * Signature parameters for certificates signed by a CA key of the given algorithm (always SHA-256 where a hash
  * applies).
  */
-export function signingAlgorithm(keyAlgorithm: KeyAlgorithm): webcrypto.Algorithm | webcrypto.EcdsaParams {
-  switch (keyAlgorithm) {
-    case 'ecdsa-p256':
-      return { name: 'ECDSA', hash: 'SHA-256' } as webcrypto.EcdsaParams;
-    case 'ed25519':
-      return { name: 'Ed25519' };
-    case 'rsa-2048':
-      return { name: 'RSASSA-PKCS1-v1_5', hash: 'SHA-256' } as webcrypto.RsaHashedImportParams;
-  }
+export function signingAlgorithm(keyAlgorithm: KeyAlgorithm): SignParams {
+  return { ...WEBCRYPTO_PARAMS[keyAlgorithm].sign };
 }
 
 /**

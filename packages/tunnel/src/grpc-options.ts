@@ -25,23 +25,27 @@ const NO_CHANNELZ = { 'grpc.enable_channelz': 0 } as const;
 /** Options of a server that ends tunnel streams (the broker's agent listener). */
 export function tunnelServerOptions(maxMessageBytes: number, keepalive: KeepaliveSettings): ServerOptions {
   return {
-    'grpc.max_receive_message_length': maxMessageBytes + FRAME_OVERHEAD_BYTES,
-    'grpc.max_send_message_length': maxMessageBytes + FRAME_OVERHEAD_BYTES,
-    'grpc.keepalive_time_ms': keepalive.timeMs,
-    'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
-    'grpc.keepalive_permit_without_calls': 1,
+    ...tunnelConnectionOptions(maxMessageBytes, keepalive),
     'grpc-node.max_session_memory': UNLIMITED_SESSION_MEMORY,
   };
 }
 
-/** Options of the agent's channel to a broker. */
-export function tunnelChannelOptions(maxMessageBytes: number, keepalive: KeepaliveSettings): ChannelOptions {
+// Both ends of a tunnel connection: frames carry a message plus framing overhead, and pings run even
+// between calls, so an idle agent's dead connection is noticed from either side.
+function tunnelConnectionOptions(maxMessageBytes: number, keepalive: KeepaliveSettings) {
   return {
     'grpc.max_receive_message_length': maxMessageBytes + FRAME_OVERHEAD_BYTES,
     'grpc.max_send_message_length': maxMessageBytes + FRAME_OVERHEAD_BYTES,
     'grpc.keepalive_time_ms': keepalive.timeMs,
     'grpc.keepalive_timeout_ms': keepalive.timeoutMs,
     'grpc.keepalive_permit_without_calls': 1,
+  };
+}
+
+/** Options of the agent's channel to a broker. */
+export function tunnelChannelOptions(maxMessageBytes: number, keepalive: KeepaliveSettings): ChannelOptions {
+  return {
+    ...tunnelConnectionOptions(maxMessageBytes, keepalive),
     // One connection per agent process and broker: the agent manages reconnects itself.
     'grpc.use_local_subchannel_pool': 1,
     'grpc.enable_retries': 0,
