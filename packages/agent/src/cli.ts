@@ -27,6 +27,7 @@ import {
   requireReadableFile,
   runDaemon,
   silenceIpServerNameWarning,
+  stringOption,
   upstreamsFromArgs,
   withEnvAndConfigFile,
 } from '@burrow/tunnel';
@@ -54,40 +55,26 @@ const RUN_OPTIONS = {
     describe: 'most distinct brokers to keep tunnels to: the --broker ones, then brokers learned from the replica set',
     default: AGENT_DEFAULTS.maxBrokers,
   },
-  'state-dir': {
-    type: 'string',
-    describe: 'directory written by `burrow-agent enroll`: certificate, key and trust bundle, renewed automatically',
-  },
-  'tls-cert': {
-    type: 'string',
-    describe: 'PEM file: the agent certificate, then its chain (default with --state-dir: its tls.crt)',
-  },
-  'tls-key': { type: 'string', describe: 'PEM file: the agent private key' },
-  ca: { type: 'string', describe: 'PEM file: CA certificates that sign brokers' },
-  'broker-server-name': {
-    type: 'string',
-    describe: 'TLS name to expect in broker certificates when it differs from the --broker host',
-  },
+  'state-dir': stringOption(
+    'directory written by `burrow-agent enroll`: certificate, key and trust bundle, renewed automatically',
+  ),
+  'tls-cert': stringOption('PEM file: the agent certificate, then its chain (default with --state-dir: its tls.crt)'),
+  'tls-key': stringOption('PEM file: the agent private key'),
+  ca: stringOption('PEM file: CA certificates that sign brokers'),
+  'broker-server-name': stringOption(
+    'TLS name to expect in broker certificates when it differs from the --broker host',
+  ),
   upstream: {
     type: 'string',
     array: true,
     describe:
       'SERVICE=HOST:PORT: site service that answers calls from the platform (repeatable; SERVICE * is the default)',
   },
-  'local-listen': {
-    type: 'string',
-    describe: 'HOST:PORT where site clients call platform services (plaintext only on loopback)',
-  },
-  'local-tls-cert': { type: 'string', describe: 'PEM file: certificate of the local listener (turns on TLS)' },
-  'local-tls-key': { type: 'string', describe: 'PEM file: key of the local listener' },
-  'local-ca': {
-    type: 'string',
-    describe: 'PEM file: CA of site clients; when set, the local listener requires client certificates',
-  },
-  'admin-listen': {
-    type: 'string',
-    describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)',
-  },
+  'local-listen': stringOption('HOST:PORT where site clients call platform services (plaintext only on loopback)'),
+  'local-tls-cert': stringOption('PEM file: certificate of the local listener (turns on TLS)'),
+  'local-tls-key': stringOption('PEM file: key of the local listener'),
+  'local-ca': stringOption('PEM file: CA of site clients; when set, the local listener requires client certificates'),
+  'admin-listen': stringOption('HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)'),
   ...ADMIN_ALLOWED_HOST_OPTION,
   'min-idle-streams': {
     type: 'number',
@@ -115,18 +102,11 @@ const RUN_OPTIONS = {
   ...KEEPALIVE_OPTIONS,
   ...LOG_OPTIONS,
   ...AUTHN_RUN_OPTIONS,
-  policies: {
-    type: 'string',
-    describe: 'directory of *.cedar policy files: turns on the built-in policy decision service',
-  },
-  entities: {
-    type: 'string',
-    describe: 'Cedar JSON entity file (users, groups, resources and their attributes) for the policies',
-  },
-  'policy-schema': {
-    type: 'string',
-    describe: 'Cedar schema (JSON or human format) that policies, entities and requests are validated against',
-  },
+  policies: stringOption('directory of *.cedar policy files: turns on the built-in policy decision service'),
+  entities: stringOption('Cedar JSON entity file (users, groups, resources and their attributes) for the policies'),
+  'policy-schema': stringOption(
+    'Cedar schema (JSON or human format) that policies, entities and requests are validated against',
+  ),
   'policy-cache-ttl': {
     type: 'string',
     describe: 'how long a decision is served from the cache (0s turns it off; dropped on reload)',

@@ -12,6 +12,11 @@ import { parseUpstreamRoute, type UpstreamRoute } from './upstream-table';
  * these into its own option table where its `--help` lists them.
  */
 
+/** A plain string flag: no default, not repeatable. */
+export function stringOption(describe: string): { readonly type: 'string'; readonly describe: string } {
+  return { type: 'string', describe };
+}
+
 /** `--log-level` and `--log-format`. */
 export const LOG_OPTIONS = {
   'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },

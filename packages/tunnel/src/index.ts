@@ -184,6 +184,7 @@ export {
   silenceIpServerNameWarning,
 } from './cli-options';
 export {
+  stringOption,
   LOG_OPTIONS,
   KEEPALIVE_OPTIONS,
   MAX_MESSAGE_BYTES_OPTION,
