@@ -1,11 +1,5 @@
 import type { TokenVerifierSettings } from './authn/token-verifier';
-import {
-  DEFAULT_KEEPALIVE,
-  DEFAULT_MAX_MESSAGE_BYTES,
-  type KeepaliveSettings,
-  type LogFormat,
-  type UpstreamRoute,
-} from '@burrow/tunnel';
+import { SHARED_CONFIG_DEFAULTS, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
 
 /** TLS material for the local listener, when site clients must use TLS. */
 export interface LocalTlsConfig {
@@ -88,12 +82,9 @@ export const AGENT_DEFAULTS = {
   maxBrokers: 3,
   minIdleOffers: 4,
   maxOffers: 4096,
-  maxMessageBytes: DEFAULT_MAX_MESSAGE_BYTES,
   reconnectBaseMs: 500,
   reconnectMaxMs: 30_000,
   brokerWaitMs: 5_000,
   drainTimeoutMs: 30_000,
-  keepalive: DEFAULT_KEEPALIVE,
-  logLevel: 'info',
-  logFormat: 'json' as LogFormat,
+  ...SHARED_CONFIG_DEFAULTS,
 };

@@ -11,6 +11,7 @@ import {
   type LocalCallContext,
   type LocalUnaryHandler,
 } from '@burrow/tunnel';
+import type { AuthenticationResult } from './authn/token-verifier';
 
 /**
  * The services the agent answers itself, without an upstream: token verification
@@ -20,17 +21,7 @@ import {
 
 /** What the built-in authentication service needs from a token verifier. */
 export interface TokenAuthenticator {
-  authenticate(
-    token: string,
-    audience: string,
-  ): Promise<{
-    authenticated: boolean;
-    subject: string;
-    groups: string[];
-    claims: Record<string, unknown>;
-    expiresAt?: Date;
-    reason: string;
-  }>;
+  authenticate(token: string, audience: string): Promise<AuthenticationResult>;
 }
 
 /** What the built-in policy service needs from a policy engine (AuthZEN JSON in and out). */

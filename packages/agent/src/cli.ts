@@ -7,22 +7,29 @@
 import yargs from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
+  ADMIN_ALLOWED_HOST_OPTION,
+  CONFIG_FILE_OPTION,
   ConfigError,
-  PROTOCOL_VERSIONS,
-  runUntilSignalled,
+  DRAIN_TIMEOUT_OPTION,
+  KEEPALIVE_OPTIONS,
+  LOG_OPTIONS,
+  MAX_MESSAGE_BYTES_OPTION,
   asList,
-  requireCertificatePair,
-  silenceIpServerNameWarning,
-  createLogger,
-  loadYamlConfig,
-  parseBytes,
+  keepaliveFromArgs,
+  logSettingsFromArgs,
+  maxMessageBytesFromArgs,
+  parseAllowedHosts,
+  parseCommandLine,
   parseDurationMs,
   parseIntInRange,
-  parseAllowedHosts,
   parseListenAddress,
-  parseUpstreamRoute,
+  requireCertificatePair,
   requireReadableFile,
-  type LogFormat,
+  runDaemon,
+  silenceIpServerNameWarning,
+  stringOption,
+  upstreamsFromArgs,
+  withEnvAndConfigFile,
 } from '@burrow/tunnel';
 import { existsSync } from 'node:fs';
 import { Agent } from './agent';
@@ -48,47 +55,27 @@ const RUN_OPTIONS = {
     describe: 'most distinct brokers to keep tunnels to: the --broker ones, then brokers learned from the replica set',
     default: AGENT_DEFAULTS.maxBrokers,
   },
-  'state-dir': {
-    type: 'string',
-    describe: 'directory written by `burrow-agent enroll`: certificate, key and trust bundle, renewed automatically',
-  },
-  'tls-cert': {
-    type: 'string',
-    describe: 'PEM file: the agent certificate, then its chain (default with --state-dir: its tls.crt)',
-  },
-  'tls-key': { type: 'string', describe: 'PEM file: the agent private key' },
-  ca: { type: 'string', describe: 'PEM file: CA certificates that sign brokers' },
-  'broker-server-name': {
-    type: 'string',
-    describe: 'TLS name to expect in broker certificates when it differs from the --broker host',
-  },
+  'state-dir': stringOption(
+    'directory written by `burrow-agent enroll`: certificate, key and trust bundle, renewed automatically',
+  ),
+  'tls-cert': stringOption('PEM file: the agent certificate, then its chain (default with --state-dir: its tls.crt)'),
+  'tls-key': stringOption('PEM file: the agent private key'),
+  ca: stringOption('PEM file: CA certificates that sign brokers'),
+  'broker-server-name': stringOption(
+    'TLS name to expect in broker certificates when it differs from the --broker host',
+  ),
   upstream: {
     type: 'string',
     array: true,
     describe:
       'SERVICE=HOST:PORT: site service that answers calls from the platform (repeatable; SERVICE * is the default)',
   },
-  'local-listen': {
-    type: 'string',
-    describe: 'HOST:PORT where site clients call platform services (plaintext only on loopback)',
-  },
-  'local-tls-cert': { type: 'string', describe: 'PEM file: certificate of the local listener (turns on TLS)' },
-  'local-tls-key': { type: 'string', describe: 'PEM file: key of the local listener' },
-  'local-ca': {
-    type: 'string',
-    describe: 'PEM file: CA of site clients; when set, the local listener requires client certificates',
-  },
-  'admin-listen': {
-    type: 'string',
-    describe: 'HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)',
-  },
-  'admin-allowed-host': {
-    type: 'string',
-    array: true,
-    describe:
-      'host name the admin listener answers to besides localhost, IP addresses and its own address ' +
-      '(repeatable; other Host or Origin headers get 403: DNS rebinding)',
-  },
+  'local-listen': stringOption('HOST:PORT where site clients call platform services (plaintext only on loopback)'),
+  'local-tls-cert': stringOption('PEM file: certificate of the local listener (turns on TLS)'),
+  'local-tls-key': stringOption('PEM file: key of the local listener'),
+  'local-ca': stringOption('PEM file: CA of site clients; when set, the local listener requires client certificates'),
+  'admin-listen': stringOption('HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)'),
+  ...ADMIN_ALLOWED_HOST_OPTION,
   'min-idle-streams': {
     type: 'number',
     describe: 'idle tunnel streams kept open per broker',
@@ -99,7 +86,7 @@ const RUN_OPTIONS = {
     describe: 'most tunnel streams per broker (concurrent calls)',
     default: AGENT_DEFAULTS.maxOffers,
   },
-  'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
+  ...MAX_MESSAGE_BYTES_OPTION,
   'reconnect-base': {
     type: 'string',
     describe: 'first reconnect backoff window (doubles per failure, full jitter)',
@@ -111,28 +98,15 @@ const RUN_OPTIONS = {
     describe: "how long a site client's call waits for a broker connection",
     default: '5s',
   },
-  'drain-timeout': { type: 'string', describe: 'how long shutdown waits for calls in flight', default: '30s' },
-  'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
-  'keepalive-timeout': {
-    type: 'string',
-    describe: 'ping answer timeout before a connection is dropped',
-    default: '10s',
-  },
-  'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
-  'log-format': { type: 'string', describe: 'json or text', default: 'json' },
+  ...DRAIN_TIMEOUT_OPTION,
+  ...KEEPALIVE_OPTIONS,
+  ...LOG_OPTIONS,
   ...AUTHN_RUN_OPTIONS,
-  policies: {
-    type: 'string',
-    describe: 'directory of *.cedar policy files: turns on the built-in policy decision service',
-  },
-  entities: {
-    type: 'string',
-    describe: 'Cedar JSON entity file (users, groups, resources and their attributes) for the policies',
-  },
-  'policy-schema': {
-    type: 'string',
-    describe: 'Cedar schema (JSON or human format) that policies, entities and requests are validated against',
-  },
+  policies: stringOption('directory of *.cedar policy files: turns on the built-in policy decision service'),
+  entities: stringOption('Cedar JSON entity file (users, groups, resources and their attributes) for the policies'),
+  'policy-schema': stringOption(
+    'Cedar schema (JSON or human format) that policies, entities and requests are validated against',
+  ),
   'policy-cache-ttl': {
     type: 'string',
     describe: 'how long a decision is served from the cache (0s turns it off; dropped on reload)',
@@ -143,7 +117,7 @@ const RUN_OPTIONS = {
     describe: 'file that gets one JSON line per policy decision (- for stdout)',
     default: '-',
   },
-  config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
+  ...CONFIG_FILE_OPTION,
 } as const;
 
 type Args = Record<string, unknown>;
@@ -177,26 +151,6 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     authn: authnConfigFromArgs(args),
     policy: policyConfigFromArgs(args),
   };
-}
-
-function logSettingsFromArgs(args: Args): { logLevel: string; logFormat: LogFormat } {
-  const logLevel = String(args['log-level']);
-  if (!['error', 'warn', 'info', 'debug'].includes(logLevel))
-    throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
-  const logFormat = String(args['log-format']);
-  if (logFormat !== 'json' && logFormat !== 'text')
-    throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
-  return { logLevel, logFormat };
-}
-
-function upstreamsFromArgs(args: Args): AgentConfig['upstreams'] {
-  return asList(args.upstream).map((u) => {
-    try {
-      return parseUpstreamRoute(u);
-    } catch (err) {
-      throw new ConfigError('upstream', (err as Error).message);
-    }
-  });
 }
 
 /** The site-side listener for local clients (--local-listen) and its TLS files. */
@@ -241,9 +195,7 @@ function localTlsFromArgs(args: Args, local: LocalSideArgs): AgentConfig['localT
 function streamLimitsFromArgs(
   args: Args,
 ): Pick<AgentConfig, 'minIdleOffers' | 'maxOffers' | 'maxBrokers' | 'maxMessageBytes'> {
-  const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
-  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3)
-    throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  const maxMessageBytes = maxMessageBytesFromArgs(args);
   const minIdleOffers = parseIntInRange('min-idle-streams', args['min-idle-streams'], 1, 1000);
   const maxOffers = parseIntInRange('max-streams', args['max-streams'], minIdleOffers, 100_000);
   const maxBrokers = parseIntInRange('max-brokers', args['max-brokers'], 1, 64);
@@ -278,10 +230,7 @@ function timingsFromArgs(
     reconnectMaxMs: parseDurationMs('reconnect-max', args['reconnect-max']),
     brokerWaitMs: parseDurationMs('broker-wait', args['broker-wait']),
     drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
-    keepalive: {
-      timeMs: parseDurationMs('keepalive-time', args['keepalive-time']),
-      timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']),
-    },
+    keepalive: keepaliveFromArgs(args),
   };
 }
 
@@ -307,25 +256,12 @@ function fail(message: string): never {
   process.exit(2);
 }
 
-async function run(args: Args): Promise<void> {
-  let config: AgentConfig;
-  try {
-    config = agentConfigFromArgs(args);
-  } catch (err) {
-    fail((err as Error).message);
-  }
-  const logger = createLogger({ level: config.logLevel, format: config.logFormat, component: 'agent' });
-  let agent: Agent;
-  try {
-    agent = new Agent(config, logger, VERSION);
-  } catch (err) {
-    fail((err as Error).message);
-  }
-  await runUntilSignalled(
-    logger,
-    () => agent.start(),
-    () => agent.stop(),
-    (err) => fail(err.message),
+function run(args: Args): Promise<void> {
+  return runDaemon(
+    'agent',
+    () => agentConfigFromArgs(args),
+    (config, logger) => new Agent(config, logger, VERSION),
+    fail,
   );
 }
 
@@ -401,23 +337,13 @@ async function runSelfCheck(): Promise<void> {
 }
 
 function main(): void {
-  void yargs(hideBin(process.argv))
+  const commands = yargs(hideBin(process.argv))
     .scriptName(PROG)
     .usage('$0 <command> [options]')
     .command(
       'run',
       'dial out to brokers and answer the calls they carry',
-      (y) =>
-        y
-          .options(RUN_OPTIONS)
-          .env('BURROW_AGENT')
-          .config('config', 'YAML config file (keys are flag names)', (file: string) =>
-            loadYamlConfig(
-              file,
-              Object.keys(RUN_OPTIONS).filter((k) => k !== 'config'),
-            ),
-          )
-          .strict(),
+      (y) => withEnvAndConfigFile(y.options(RUN_OPTIONS), 'BURROW_AGENT', RUN_OPTIONS).strict(),
       (args) => {
         void run(args as Args);
       },
@@ -440,12 +366,8 @@ function main(): void {
         void runSelfCheck();
       },
     )
-    .demandCommand(1, 'name a command: run, enroll or policy')
-    .strict()
-    .version(`${VERSION} (protocol ${PROTOCOL_VERSIONS.join(', ')})`)
-    .help()
-    .fail((msg, err) => fail(err ? err.message : msg))
-    .parse();
+    .demandCommand(1, 'name a command: run, enroll or policy');
+  parseCommandLine(commands, VERSION, fail);
 }
 
 /** Runs the CLI on process.argv; the single executable's entry point calls it (it is not `require.main`). */

@@ -1,11 +1,5 @@
 import type { CallLimits } from './call-limiter';
-import {
-  DEFAULT_KEEPALIVE,
-  DEFAULT_MAX_MESSAGE_BYTES,
-  type KeepaliveSettings,
-  type LogFormat,
-  type UpstreamRoute,
-} from '@burrow/tunnel';
+import { SHARED_CONFIG_DEFAULTS, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
 
 /** Everything a broker needs to run; built by cli.ts from flags, env and the config file. */
 export interface BrokerConfig {
@@ -133,7 +127,6 @@ export const BROKER_DEFAULTS = {
   tlsDns: [] as string[],
   tlsIp: [] as string[],
   enrollPerMinute: 30,
-  maxMessageBytes: DEFAULT_MAX_MESSAGE_BYTES,
   agentWaitMs: 5_000,
   drainTimeoutMs: 30_000,
   idleOfferTtlMs: 60_000,
@@ -143,12 +136,10 @@ export const BROKER_DEFAULTS = {
   unauthenticatedTimeoutMs: 10_000,
   maxSessionsPerAgent: 4,
   maxOffersPerAgent: 4096,
-  keepalive: DEFAULT_KEEPALIVE,
   authzenTimeoutMs: 10_000,
   limits: {
     caller: { maxConcurrent: 4096, ratePerSecond: 0 },
     agent: { maxConcurrent: 2048, ratePerSecond: 0 },
   } as CallLimits,
-  logLevel: 'info',
-  logFormat: 'json' as LogFormat,
+  ...SHARED_CONFIG_DEFAULTS,
 };

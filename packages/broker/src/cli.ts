@@ -9,23 +9,31 @@ import * as path from 'node:path';
 import yargs, { type Argv } from 'yargs';
 import { hideBin } from 'yargs/helpers';
 import {
+  // The flags and the parsing burrow-agent shares, in the order this file uses them.
+  ADMIN_ALLOWED_HOST_OPTION,
+  MAX_MESSAGE_BYTES_OPTION,
+  DRAIN_TIMEOUT_OPTION,
+  KEEPALIVE_OPTIONS,
+  LOG_OPTIONS,
+  CONFIG_FILE_OPTION,
+  logSettingsFromArgs,
+  upstreamsFromArgs,
+  maxMessageBytesFromArgs,
+  keepaliveFromArgs,
+  runDaemon,
+  withEnvAndConfigFile,
+  parseCommandLine,
+  // Single values.
   ConfigError,
-  runUntilSignalled,
-  PROTOCOL_VERSIONS,
-  asList,
-  requireCertificatePair,
-  silenceIpServerNameWarning,
-  createLogger,
-  parseIntInRange,
-  loadYamlConfig,
-  parseBytes,
-  parseDurationMs,
+  idProblem,
   parseListenAddress,
   parseAllowedHosts,
-  parseUpstreamRoute,
+  parseDurationMs,
+  parseIntInRange,
   requireReadableFile,
-  idProblem,
-  type LogFormat,
+  requireCertificatePair,
+  asList,
+  silenceIpServerNameWarning,
 } from '@burrow/tunnel';
 import { Broker } from './broker';
 import { BROKER_DEFAULTS, DEFAULT_ADMIN_ADDRESS, type BrokerConfig } from './broker-config';
@@ -54,13 +62,7 @@ const SERVE_OPTIONS = {
       'file holding a secret (16+ characters) that POST /agents/<id>/disconnect must carry as Authorization: ' +
       'Bearer; without it mutating admin requests work only on a loopback admin listener',
   },
-  'admin-allowed-host': {
-    type: 'string',
-    array: true,
-    describe:
-      'host name the admin listener answers to besides localhost, IP addresses and its own address ' +
-      '(repeatable; other Host or Origin headers get 403: DNS rebinding)',
-  },
+  ...ADMIN_ALLOWED_HOST_OPTION,
   'tls-cert': {
     type: 'string',
     describe: 'PEM file: the broker certificate, then its chain (optional with --pki-dir: the broker issues its own)',
@@ -110,13 +112,13 @@ const SERVE_OPTIONS = {
       "id in logs, session handshakes and the cluster directory: the name in the broker certificate's " +
       'spiffe://<td>/broker/<name> (default: that name; a self-issued certificate is named <hostname>-<agent port>)',
   },
-  'max-message-bytes': { type: 'string', describe: 'largest forwarded message, e.g. 16MiB', default: '16MiB' },
+  ...MAX_MESSAGE_BYTES_OPTION,
   'agent-wait': {
     type: 'string',
     describe: 'how long a call waits for its agent (capped by the call deadline)',
     default: '5s',
   },
-  'drain-timeout': { type: 'string', describe: 'how long shutdown waits for calls in flight', default: '30s' },
+  ...DRAIN_TIMEOUT_OPTION,
   'idle-offer-ttl': { type: 'string', describe: 'idle tunnel streams older than this are retired', default: '60s' },
   'max-pending-handshakes': {
     type: 'number',
@@ -156,12 +158,7 @@ const SERVE_OPTIONS = {
       'least --agent-max-concurrent (0 = no cap)',
     default: 4096,
   },
-  'keepalive-time': { type: 'string', describe: 'HTTP/2 ping interval on quiet connections', default: '20s' },
-  'keepalive-timeout': {
-    type: 'string',
-    describe: 'ping answer timeout before a connection is dropped',
-    default: '10s',
-  },
+  ...KEEPALIVE_OPTIONS,
   'authzen-listen': {
     type: 'string',
     describe: 'HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when empty',
@@ -232,9 +229,8 @@ const SERVE_OPTIONS = {
     describe: 'how long a directory entry outlives its broker (refreshed every third of it)',
     default: '30s',
   },
-  'log-level': { type: 'string', describe: 'error, warn, info or debug', default: 'info' },
-  'log-format': { type: 'string', describe: 'json or text', default: 'json' },
-  config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
+  ...LOG_OPTIONS,
+  ...CONFIG_FILE_OPTION,
 } as const;
 
 type Args = Record<string, unknown>;
@@ -252,7 +248,7 @@ const ADMIN_OPTIONS = {
   },
   json: { type: 'boolean', describe: "print the broker's JSON instead of tables", default: false },
   timeout: { type: 'string', describe: 'how long to wait for the broker', default: '5s' },
-  config: { type: 'string', describe: 'YAML file whose keys are these flag names' },
+  ...CONFIG_FILE_OPTION,
 } as const;
 const AGENTS_OPTIONS = {
   ...ADMIN_OPTIONS,
@@ -293,11 +289,9 @@ export function serveDefaults(): Args {
  * a fixed order, so that of several bad flags the same one is reported first.
  */
 export function brokerConfigFromArgs(args: Args): BrokerConfig {
-  const logging = loggingFromArgs(args);
+  const logging = logSettingsFromArgs(args);
   const upstreams = upstreamsFromArgs(args);
-  const maxMessageBytes = parseBytes('max-message-bytes', args['max-message-bytes']);
-  if (maxMessageBytes < 1024 || maxMessageBytes > 1024 ** 3)
-    throw new ConfigError('max-message-bytes', 'must be from 1KiB to 1GiB');
+  const maxMessageBytes = maxMessageBytesFromArgs(args);
   const { maxOffersPerAgent, agentMaxConcurrent } = offerCapFromArgs(args);
   const tls = tlsFilesFromArgs(args);
   return {
@@ -310,10 +304,7 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     maxMessageBytes,
     ...connectionLimitsFromArgs(args),
     maxOffersPerAgent,
-    keepalive: {
-      timeMs: parseDurationMs('keepalive-time', args['keepalive-time']),
-      timeoutMs: parseDurationMs('keepalive-timeout', args['keepalive-timeout']),
-    },
+    keepalive: keepaliveFromArgs(args),
     callerPolicy: callerPolicyFromArgs(args),
     cluster: clusterFromArgs(args),
     authzenListen: args['authzen-listen'] ? parseListenAddress('authzen-listen', args['authzen-listen']) : undefined,
@@ -321,26 +312,6 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     limits: callLimitsFromArgs(args, agentMaxConcurrent),
     ...logging,
   };
-}
-
-function loggingFromArgs(args: Args): Pick<BrokerConfig, 'logLevel' | 'logFormat'> {
-  const logLevel = String(args['log-level']);
-  if (!['error', 'warn', 'info', 'debug'].includes(logLevel))
-    throw new ConfigError('log-level', `"${logLevel}" is not one of error, warn, info, debug`);
-  const logFormat = String(args['log-format']);
-  if (logFormat !== 'json' && logFormat !== 'text')
-    throw new ConfigError('log-format', `"${logFormat}" is not json or text`);
-  return { logLevel, logFormat: logFormat as LogFormat };
-}
-
-function upstreamsFromArgs(args: Args): BrokerConfig['upstreams'] {
-  return asList(args.upstream).map((u) => {
-    try {
-      return parseUpstreamRoute(u);
-    } catch (err) {
-      throw new ConfigError('upstream', (err as Error).message);
-    }
-  });
 }
 
 function offerCapFromArgs(args: Args): { maxOffersPerAgent: number; agentMaxConcurrent: number } {
@@ -514,25 +485,12 @@ function fail(message: string): never {
   process.exit(2);
 }
 
-async function serve(args: Args): Promise<void> {
-  let config: BrokerConfig;
-  try {
-    config = brokerConfigFromArgs(args);
-  } catch (err) {
-    fail((err as Error).message);
-  }
-  const logger = createLogger({ level: config.logLevel, format: config.logFormat, component: 'broker' });
-  let broker: Broker;
-  try {
-    broker = new Broker(config, logger);
-  } catch (err) {
-    fail((err as Error).message);
-  }
-  await runUntilSignalled(
-    logger,
-    () => broker.start(),
-    () => broker.stop(),
-    (err) => fail(err.message),
+function serve(args: Args): Promise<void> {
+  return runDaemon(
+    'broker',
+    () => brokerConfigFromArgs(args),
+    (config, logger) => new Broker(config, logger),
+    fail,
   );
 }
 
@@ -587,18 +545,8 @@ function keepOwnEnvironment(command: string | undefined): void {
   }
 }
 
-/** Reads the environment (BURROW_BROKER_*) and a YAML config file for a command with `options`. */
-function withEnvAndConfigFile(y: Argv, options: Record<string, unknown>): Argv {
-  return y.env('BURROW_BROKER').config('config', 'YAML config file (keys are flag names)', (file: string) =>
-    loadYamlConfig(
-      file,
-      Object.keys(options).filter((k) => k !== 'config'),
-    ),
-  );
-}
-
 function serveCommand(y: Argv): Argv {
-  return withEnvAndConfigFile(y.options(SERVE_OPTIONS), SERVE_OPTIONS).strict();
+  return withEnvAndConfigFile(y.options(SERVE_OPTIONS), 'BURROW_BROKER', SERVE_OPTIONS).strict();
 }
 
 function agentsCommand(y: Argv): Argv {
@@ -612,7 +560,7 @@ function agentsCommand(y: Argv): Argv {
       describe: "the agent id (its certificate's spiffe://<td>/agent/<id>)",
     })
     .options(AGENTS_OPTIONS);
-  return withEnvAndConfigFile(withArgs, AGENTS_OPTIONS)
+  return withEnvAndConfigFile(withArgs, 'BURROW_BROKER', AGENTS_OPTIONS)
     .epilog(
       `exit codes: ${ADMIN_EXIT.ok} done, ${ADMIN_EXIT.notFound} agent not ` +
         `connected, ${ADMIN_EXIT.unreachable} broker unreachable or bad options, ${ADMIN_EXIT.refused} ` +
@@ -622,12 +570,12 @@ function agentsCommand(y: Argv): Argv {
 }
 
 function statusCommand(y: Argv): Argv {
-  return withEnvAndConfigFile(y.options(ADMIN_OPTIONS), ADMIN_OPTIONS).strict();
+  return withEnvAndConfigFile(y.options(ADMIN_OPTIONS), 'BURROW_BROKER', ADMIN_OPTIONS).strict();
 }
 
 function main(): void {
   keepOwnEnvironment(hideBin(process.argv)[0]);
-  void yargs(hideBin(process.argv))
+  const commands = yargs(hideBin(process.argv))
     .scriptName(PROG)
     .usage('$0 <command> [options]')
     .command('serve', "accept agent tunnels and carry callers' calls down them", serveCommand, (args) => {
@@ -649,12 +597,8 @@ function main(): void {
         void admin({ kind: 'status' }, args as Args);
       },
     )
-    .demandCommand(1, 'name a command: serve, agents or status')
-    .strict()
-    .version(`${VERSION} (protocol ${PROTOCOL_VERSIONS.join(', ')})`)
-    .help()
-    .fail((msg, err) => fail(err ? err.message : msg))
-    .parse();
+    .demandCommand(1, 'name a command: serve, agents or status');
+  parseCommandLine(commands, VERSION, fail);
 }
 
 if (require.main === module) {

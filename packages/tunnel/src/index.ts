@@ -183,6 +183,25 @@ export {
   asList,
   silenceIpServerNameWarning,
 } from './cli-options';
+export {
+  stringOption,
+  LOG_OPTIONS,
+  KEEPALIVE_OPTIONS,
+  MAX_MESSAGE_BYTES_OPTION,
+  DRAIN_TIMEOUT_OPTION,
+  ADMIN_ALLOWED_HOST_OPTION,
+  CONFIG_FILE_OPTION,
+  SHARED_CONFIG_DEFAULTS,
+  withEnvAndConfigFile,
+  parseCommandLine,
+  runDaemon,
+  type CliFailure,
+  type Daemon,
+  logSettingsFromArgs,
+  upstreamsFromArgs,
+  maxMessageBytesFromArgs,
+  keepaliveFromArgs,
+} from './cli-common';
 export { runUntilSignalled } from './signals';
 
 // Listening: one bind helper for grpc-js and HTTP servers, with the error message both binaries print.

@@ -1,4 +1,4 @@
-import { ConfigError, asList, parseDurationMs, requireReadableFile } from '@burrow/tunnel';
+import { ConfigError, asList, parseDurationMs, requireReadableFile, stringOption } from '@burrow/tunnel';
 import { INTROSPECTION_DEFAULTS } from './introspection-client';
 import { DEFAULT_TOKEN_ALGORITHMS, parseTokenAlgorithms } from './token-algorithms';
 import { MAX_CLOCK_SKEW_MS, TOKEN_VERIFIER_DEFAULTS, httpUrl, type TokenVerifierSettings } from './token-verifier';
@@ -9,14 +9,10 @@ import { MAX_CLOCK_SKEW_MS, TOKEN_VERIFIER_DEFAULTS, httpUrl, type TokenVerifier
  * given without a key source is a mistake to report, and defaults would hide which flags were set.
  */
 export const AUTHN_RUN_OPTIONS = {
-  jwks: {
-    type: 'string',
-    describe: "JWKS file of the site's token signing keys (air-gapped sites); reloaded when it changes",
-  },
-  'jwks-url': {
-    type: 'string',
-    describe: "HTTP(S) URL of the site's JWKS; fetched at start, on unknown key ids (at most every 30s) and every 10m",
-  },
+  jwks: stringOption("JWKS file of the site's token signing keys (air-gapped sites); reloaded when it changes"),
+  'jwks-url': stringOption(
+    "HTTP(S) URL of the site's JWKS; fetched at start, on unknown key ids (at most every 30s) and every 10m",
+  ),
   'token-issuer': {
     type: 'string',
     array: true,
@@ -38,32 +34,26 @@ export const AUTHN_RUN_OPTIONS = {
     type: 'boolean',
     describe: 'accept JWTs that carry no exp claim and so never expire (default false: refused)',
   },
-  'token-algorithms': {
-    type: 'string',
-    describe:
-      `allowed JWS algorithms, comma-separated ` +
+  'token-algorithms': stringOption(
+    `allowed JWS algorithms, comma-separated ` +
       `(default ${DEFAULT_TOKEN_ALGORITHMS.join(',')}; none and HS* are refused)`,
-  },
-  'token-clock-skew': { type: 'string', describe: 'tolerance for exp and nbf, at most 5m (default 60s)' },
-  'token-groups-claim': {
-    type: 'string',
-    describe: "claim holding the caller's groups; a dotted path reaches into objects (default groups)",
-  },
-  'token-required-claims': {
-    type: 'string',
-    describe: 'claims every token must carry besides iss, aud and (JWTs) exp, comma-separated, e.g. sub (default none)',
-  },
-  'introspection-url': { type: 'string', describe: 'RFC 7662 endpoint that judges opaque (non-JWT) tokens' },
-  'introspection-client-id': { type: 'string', describe: "the agent's client id at the introspection endpoint" },
-  'introspection-client-secret-file': {
-    type: 'string',
-    describe: "file holding the agent's client secret at the introspection endpoint",
-  },
-  'introspection-timeout': { type: 'string', describe: 'timeout of one introspection request (default 5s)' },
-  'introspection-cache-ttl': {
-    type: 'string',
-    describe: "how long an active answer is reused, never past the token's exp; 0 turns caching off (default 30s)",
-  },
+  ),
+  'token-clock-skew': stringOption('tolerance for exp and nbf, at most 5m (default 60s)'),
+  'token-groups-claim': stringOption(
+    "claim holding the caller's groups; a dotted path reaches into objects (default groups)",
+  ),
+  'token-required-claims': stringOption(
+    'claims every token must carry besides iss, aud and (JWTs) exp, comma-separated, e.g. sub (default none)',
+  ),
+  'introspection-url': stringOption('RFC 7662 endpoint that judges opaque (non-JWT) tokens'),
+  'introspection-client-id': stringOption("the agent's client id at the introspection endpoint"),
+  'introspection-client-secret-file': stringOption(
+    "file holding the agent's client secret at the introspection endpoint",
+  ),
+  'introspection-timeout': stringOption('timeout of one introspection request (default 5s)'),
+  'introspection-cache-ttl': stringOption(
+    "how long an active answer is reused, never past the token's exp; 0 turns caching off (default 30s)",
+  ),
 } as const;
 
 const SOURCE_FLAGS = ['jwks', 'jwks-url', 'introspection-url'];
