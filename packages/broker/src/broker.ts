@@ -89,7 +89,7 @@ export interface BrokerStatus {
   ready: boolean;
   draining: boolean;
   trustDomain: string;
-  listeners: { agent: string; api: string; admin?: string };
+  listeners: { agent: string; api: string; admin?: string; authzen?: string };
   agents: number;
   sessions: number;
   callsInFlight: number;
@@ -687,6 +687,7 @@ export class Broker {
         agent: listen(this.config.agentListen, this.ports?.agentPort),
         api: listen(this.config.apiListen, this.ports?.apiPort),
         ...(this.config.adminListen ? { admin: listen(this.config.adminListen, this.ports?.adminPort) } : {}),
+        ...(this.config.authzenListen ? { authzen: listen(this.config.authzenListen, this.ports?.authzenPort) } : {}),
       },
       agents: counts.agents,
       sessions: counts.sessions,
