@@ -215,8 +215,10 @@ export class Broker {
         metrics: this.metrics,
         issueOwnCertificate: !config.tlsCertFile,
         name: config.brokerId ?? defaultBrokerName(hostname(), config.agentListen),
-        dns: config.tlsDns.length ? config.tlsDns : [hostname(), 'localhost'],
-        ip: config.tlsIp.length || config.tlsDns.length ? config.tlsIp : defaultIps,
+        // The given names add to the defaults (local tools and health checks keep working) unless
+        // --no-default-names: then the certificate names exactly what was given (issueCertificate drops repeats).
+        dns: [...(config.defaultNames ? [hostname(), 'localhost'] : []), ...config.tlsDns],
+        ip: [...(config.defaultNames ? defaultIps : []), ...config.tlsIp],
         leafTtlMs: config.leafTtlMs,
         enrollPerMinute: config.enrollPerMinute,
       });
