@@ -70,6 +70,17 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
 
   const cli = (args: string[], env: Record<string, string> = {}) => runCli(BROKER_CLI, args, env, 30_000);
 
+  it('status names the AuthZEN listener with its bound port', async () => {
+    const { admin } = await brokerWithAgent('127.0.0.1', ['--authzen-listen', '127.0.0.1:0']);
+    const status = JSON.parse((await cli(['status', '--admin', admin, '--json'])).stdout) as {
+      listeners: { authzen?: string };
+    };
+    expect(status.listeners.authzen).to.match(/^127\.0\.0\.1:[1-9]\d*$/);
+    const text = await cli(['status', '--admin', admin]);
+    expect(text.exit.code, text.stderrLines.join('\n')).to.equal(0);
+    expect(/^authzen listener\s+(\S+)$/m.exec(text.stdout)?.[1]).to.equal(status.listeners.authzen);
+  });
+
   it('lists, shows, reports status and disconnects an agent that then reconnects', async () => {
     const { broker, admin } = await brokerWithAgent('127.0.0.1');
     const serial = new X509Certificate(readFileSync(agentCert.cert)).serialNumber.toLowerCase();
@@ -153,6 +164,7 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     expect(statusText.exit.code).to.equal(0);
     expect(statusText.stdout).to.match(/^state\s+ready$/m);
     expect(statusText.stdout).to.match(/^agents\s+1$/m);
+    expect(statusText.stdout).to.match(/^authzen listener\s+off$/m);
 
     const connectsBefore = broker.logs.filter((l) => l.message === 'agent connected').length;
     const logIndex = broker.logs.length;

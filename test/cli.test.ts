@@ -1,6 +1,7 @@
 import { expect } from 'chai';
 import { writeFileSync } from 'node:fs';
 import * as path from 'node:path';
+import { parseDurationMs } from '@burrow/tunnel';
 import { accepts, freePorts, portsThatAccepted } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import {
@@ -180,6 +181,35 @@ describe('cli', function () {
     it('--agent-wait forever', async () => {
       const ports = await freePorts(3);
       await expectConfigError(BROKER_CLI, brokerFlags(ports, { 'agent-wait': 'forever' }), 'agent-wait', ports);
+    });
+
+    it('a duration without a unit, from the flag, the environment and the config file (broker and agent)', async () => {
+      const ports = await freePorts(3);
+      const file = path.join(pki.root, 'drain.yaml');
+      writeFileSync(file, 'drain-timeout: 30\n');
+      const runs: [string[], Record<string, string>][] = [
+        [brokerFlags(ports, { 'drain-timeout': '30' }), {}],
+        [brokerFlags(ports), { BURROW_BROKER_DRAIN_TIMEOUT: '30' }],
+        [[...brokerFlags(ports), '--config', file], {}],
+      ];
+      for (const [flags, env] of runs) {
+        expect(await expectConfigError(BROKER_CLI, flags, 'drain-timeout', ports, env)).to.equal(
+          'burrow-broker: drain-timeout: "30" has no unit; write 30s or 30ms',
+        );
+      }
+      const agent = agentFlags(ports, { 'reconnect-base': '1.5' });
+      expect(await expectConfigError(AGENT_CLI, agent, 'reconnect-base', ports.slice(1))).to.equal(
+        'burrow-agent: reconnect-base: "1.5" has no unit; write 1.5s or 1.5ms',
+      );
+    });
+
+    it('0 needs no unit (it means the same in every unit); other durations do', () => {
+      expect(parseDurationMs('drain-timeout', 0)).to.equal(0);
+      expect(parseDurationMs('drain-timeout', '0')).to.equal(0);
+      expect(parseDurationMs('drain-timeout', '1m30s')).to.equal(90_000);
+      expect(() => parseDurationMs('agent-wait', 5000)).to.throw(
+        'agent-wait: "5000" has no unit; write 5000s or 5000ms',
+      );
     });
 
     it('--handshake-timeout 10ms (below 100ms)', async () => {

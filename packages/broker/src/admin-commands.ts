@@ -147,6 +147,7 @@ function statusText(s: BrokerStatus): string {
     ['agent listener', s.listeners.agent],
     ['api listener', s.listeners.api],
     ['admin listener', s.listeners.admin ?? 'off'],
+    ['authzen listener', s.listeners.authzen ?? 'off'],
     ['agents', s.agents],
     ['sessions', s.sessions],
     ['calls in flight', s.callsInFlight],

@@ -32,6 +32,11 @@ export interface BrokerConfig {
   /** DNS names and IPs for the self-issued serving certificate. */
   tlsDns: string[];
   tlsIp: string[];
+  /**
+   * Whether the self-issued certificate also names the host name, `localhost`, 127.0.0.1 and ::1
+   * besides `tlsDns`/`tlsIp` (default true; false: only what they give).
+   */
+  defaultNames: boolean;
   /** Lifetime of certificates this broker issues (agents' and its own). */
   leafTtlMs?: number;
   /** Enrollment attempts per source address per minute. */
@@ -126,6 +131,7 @@ export const BROKER_DEFAULTS = {
   upstreams: [] as UpstreamRoute[],
   tlsDns: [] as string[],
   tlsIp: [] as string[],
+  defaultNames: true,
   enrollPerMinute: 30,
   agentWaitMs: 5_000,
   drainTimeoutMs: 30_000,

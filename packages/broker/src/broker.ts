@@ -89,7 +89,7 @@ export interface BrokerStatus {
   ready: boolean;
   draining: boolean;
   trustDomain: string;
-  listeners: { agent: string; api: string; admin?: string };
+  listeners: { agent: string; api: string; admin?: string; authzen?: string };
   agents: number;
   sessions: number;
   callsInFlight: number;
@@ -215,8 +215,10 @@ export class Broker {
         metrics: this.metrics,
         issueOwnCertificate: !config.tlsCertFile,
         name: config.brokerId ?? defaultBrokerName(hostname(), config.agentListen),
-        dns: config.tlsDns.length ? config.tlsDns : [hostname(), 'localhost'],
-        ip: config.tlsIp.length || config.tlsDns.length ? config.tlsIp : defaultIps,
+        // The given names add to the defaults (local tools and health checks keep working) unless
+        // --no-default-names: then the certificate names exactly what was given (issueCertificate drops repeats).
+        dns: [...(config.defaultNames ? [hostname(), 'localhost'] : []), ...config.tlsDns],
+        ip: [...(config.defaultNames ? defaultIps : []), ...config.tlsIp],
         leafTtlMs: config.leafTtlMs,
         enrollPerMinute: config.enrollPerMinute,
       });
@@ -687,6 +689,7 @@ export class Broker {
         agent: listen(this.config.agentListen, this.ports?.agentPort),
         api: listen(this.config.apiListen, this.ports?.apiPort),
         ...(this.config.adminListen ? { admin: listen(this.config.adminListen, this.ports?.adminPort) } : {}),
+        ...(this.config.authzenListen ? { authzen: listen(this.config.authzenListen, this.ports?.authzenPort) } : {}),
       },
       agents: counts.agents,
       sessions: counts.sessions,

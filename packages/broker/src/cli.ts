@@ -79,12 +79,19 @@ const SERVE_OPTIONS = {
   'tls-dns': {
     type: 'string',
     array: true,
-    describe: 'DNS name for the self-issued serving certificate (repeatable; default: hostname, localhost)',
+    describe: 'DNS name for the self-issued serving certificate (repeatable; added to hostname, localhost)',
   },
   'tls-ip': {
     type: 'string',
     array: true,
-    describe: 'IP address for the self-issued serving certificate (repeatable; default: 127.0.0.1, ::1)',
+    describe: 'IP address for the self-issued serving certificate (repeatable; added to 127.0.0.1, ::1)',
+  },
+  'default-names': {
+    type: 'boolean',
+    describe:
+      'the self-issued certificate also names hostname, localhost, 127.0.0.1, ::1 besides --tls-dns/--tls-ip ' +
+      '(--no-default-names: only those)',
+    default: true,
   },
   'leaf-ttl': {
     type: 'string',
@@ -361,14 +368,20 @@ function listenersFromArgs(
 function pkiFromArgs(
   args: Args,
   tls: TlsFiles,
-): TlsFiles & Pick<BrokerConfig, 'caFile' | 'tlsDns' | 'tlsIp' | 'enrollPerMinute'> {
+): TlsFiles & Pick<BrokerConfig, 'caFile' | 'tlsDns' | 'tlsIp' | 'defaultNames' | 'enrollPerMinute'> {
+  const tlsDns = asList(args['tls-dns']);
+  const tlsIp = asList(args['tls-ip']);
+  const defaultNames = args['default-names'] !== false;
+  if (!defaultNames && tls.pkiDir && !tls.tlsCertFile && tlsDns.length + tlsIp.length === 0)
+    throw new ConfigError('default-names', 'with --no-default-names the certificate needs --tls-dns or --tls-ip');
   return {
     tlsCertFile: tls.tlsCertFile,
     tlsKeyFile: tls.tlsKeyFile,
     caFile: tls.pkiDir && args.ca === undefined ? undefined : requireReadableFile('ca', args.ca),
     pkiDir: tls.pkiDir,
-    tlsDns: asList(args['tls-dns']),
-    tlsIp: asList(args['tls-ip']),
+    tlsDns,
+    tlsIp,
+    defaultNames,
     leafTtlMs: tls.leafTtlMs,
     enrollPerMinute: parseIntInRange('enroll-per-minute', args['enroll-per-minute'], 1, 100_000),
   };

@@ -79,10 +79,17 @@ export function parseAllowedHosts(field: string, value: unknown): string[] {
 
 const DURATION_UNITS_MS: Record<string, number> = { ms: 1, s: 1000, m: 60_000, h: 3_600_000, d: 86_400_000 };
 
-/** Parses `500ms`, `5s`, `1m30s`, `24h` (a bare number is milliseconds) into milliseconds. */
+/**
+ * Parses `500ms`, `5s`, `1m30s`, `24h` into milliseconds. A number needs a unit (`30` in a YAML
+ * file or an environment variable could mean seconds as well as milliseconds), except `0`, which
+ * means the same in every unit.
+ *
+ * @throws ConfigError naming `field`: `"30" has no unit; write 30s or 30ms`.
+ */
 export function parseDurationMs(field: string, value: unknown): number {
   const text = String(value ?? '').trim();
-  if (/^\d+$/.test(text)) return Number(text);
+  if (/^0+$/.test(text)) return 0;
+  if (/^\d+(\.\d+)?$/.test(text)) throw new ConfigError(field, `"${text}" has no unit; write ${text}s or ${text}ms`);
   const re = /(\d+(?:\.\d+)?)(ms|s|m|h|d)/gy;
   let total = 0;
   let consumed = 0;
