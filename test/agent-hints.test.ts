@@ -1,6 +1,6 @@
 import { once } from 'node:events';
 import { expect } from 'chai';
-import { Agent, type AgentConfig } from '@burrow/agent';
+import { Agent, type AgentConfig, connectHint } from '@burrow/agent';
 import { Broker } from '@burrow/broker';
 import { silentLogger } from '@burrow/tunnel';
 import { freePort } from './helpers/free-port';
@@ -93,6 +93,15 @@ describe('agent connect hints', () => {
   it('a name that does not resolve: says so', async () => {
     const failure = await firstFailure({ brokers: ['no-such-host.invalid:7443'] });
     expect(failure.hint).to.equal("no-such-host.invalid does not resolve: check --broker and the site's DNS");
+  });
+
+  it("a cluster broker's peer listener: says so (the peer listener's own refusal), not enroll again", () => {
+    // The words of the peer listener's admission check (broker peer-admission.ts, PEER_RULE).
+    const message = 'certificate role "agent" may not use the peer API; a broker certificate is required';
+    expect(connectHint({ address: '10.0.0.5:7444', message, code: 7, caFile: 'ca.crt' })).to.equal(
+      "10.0.0.5:7444 is a broker's peer listener (its --peer-listen), not its agent listener: point --broker at " +
+        "the broker's agent port (its --agent-listen)",
+    );
   });
 
   it("the agent's own certificate refused (not from the broker's CA): enroll again", async () => {

@@ -34,6 +34,13 @@ export function connectHint(f: ConnectFailure): string | undefined {
       '(its --agent-listen)'
     );
   }
+  // A cluster broker's peer listener refuses an agent certificate the same way.
+  if (/certificate role "agent" may not use the peer API/.test(message)) {
+    return (
+      `${address} is a broker's peer listener (its --peer-listen), not its agent listener: point --broker at the ` +
+      "broker's agent port (its --agent-listen)"
+    );
+  }
   // A plain-HTTP server (the broker's admin port) answers the TLS ClientHello with an HTTP response.
   if (/wrong version number|packet length too long|http_request/i.test(message)) {
     return (
