@@ -1,8 +1,6 @@
 import { EventEmitter, once } from 'node:events';
 import { readFileSync } from 'node:fs';
-import { Writable } from 'node:stream';
 import { expect } from 'chai';
-import * as winston from 'winston';
 import { ServerCredentials, status as Status, type ServerDuplexStream, type ServiceError } from '@grpc/grpc-js';
 import { AGENT_DEFAULTS, Agent } from '@burrow/agent';
 import {
@@ -14,12 +12,12 @@ import {
   encodeSessionFrame,
   negotiateVersion,
   type HelloFrame,
-  type Logger,
   type SessionFrame,
 } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
 import { startRawServer } from './helpers/raw-grpc';
 import { RawAgent } from './helpers/raw-agent';
+import { recordingLogger } from './helpers/recording-logger';
 import { Stack } from './helpers/stack';
 
 /**
@@ -34,25 +32,6 @@ const NEWEST = Math.max(...PROTOCOL_VERSIONS);
 const OLDER = OLDEST - 1;
 const NEWER = NEWEST + 1;
 const list = (versions: readonly number[]): string => `[${versions.join(', ')}]`;
-
-/** A logger that keeps every record (JSON) for assertions. */
-function recordingLogger(): { logger: Logger; records: Record<string, unknown>[] } {
-  const records: Record<string, unknown>[] = [];
-  const stream = new Writable({
-    write(chunk: Buffer, _enc, cb) {
-      records.push(JSON.parse(chunk.toString()) as Record<string, unknown>);
-      cb();
-    },
-  });
-  return {
-    logger: winston.createLogger({
-      level: 'debug',
-      format: winston.format.json(),
-      transports: [new winston.transports.Stream({ stream })],
-    }),
-    records,
-  };
-}
 
 async function counterTotal(
   counter: { get(): Promise<{ values: { value: number; labels: Record<string, unknown> }[] }> },

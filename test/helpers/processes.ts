@@ -1,6 +1,7 @@
 import { spawn, type ChildProcess } from 'node:child_process';
 import * as http from 'node:http';
 import * as path from 'node:path';
+import type { CertFiles } from './pki-fixture';
 
 /**
  * Real burrow-broker / burrow-agent processes for end-to-end tests.
@@ -210,6 +211,11 @@ export interface BrokerPorts {
 export interface AgentPorts {
   localPort?: number;
   adminPort?: number;
+}
+
+/** `--tls-cert`, `--tls-key` and `--ca` of a broker serving with the certificate files `c`. */
+export function brokerTlsArgs(c: CertFiles): string[] {
+  return ['--tls-cert', c.cert, '--tls-key', c.key, '--ca', c.ca];
 }
 
 /** Starts `burrow-broker serve ARGS` and waits for its "broker started" line. */

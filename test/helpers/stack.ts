@@ -83,8 +83,9 @@ export class Stack {
     return s;
   }
 
-  async startAgent(overrides: Partial<AgentConfig> = {}): Promise<Agent> {
-    this.agentConfig = {
+  /** The config {@link startAgent} runs the test agent with: this stack's broker and certificates. */
+  agentConfigWith(overrides: Partial<AgentConfig> = {}): AgentConfig {
+    return {
       ...AGENT_DEFAULTS,
       brokers: [this.agentAddress],
       tlsCertFile: this.agentCert.cert,
@@ -97,6 +98,10 @@ export class Stack {
       drainTimeoutMs: 5_000,
       ...overrides,
     };
+  }
+
+  async startAgent(overrides: Partial<AgentConfig> = {}): Promise<Agent> {
+    this.agentConfig = this.agentConfigWith(overrides);
     this.agent = new Agent(this.agentConfig, logger('agent'));
     const ports = await this.agent.start();
     this.localAddress = `127.0.0.1:${ports.localPort}`;

@@ -29,7 +29,6 @@ import {
   deadlineMsOf,
   shutdownGracefully,
   brokerIdentityCheck,
-  NOT_A_BROKER,
   bindOn,
   listenOn,
 } from '@burrow/tunnel';
@@ -43,6 +42,7 @@ import { describeTightened, securePrivateDir } from '@burrow/pki';
 import { TokenVerifier } from './authn/token-verifier';
 import { BuiltinServices } from './builtin-services';
 import { BrokerConnection } from './broker-connection';
+import { connectHint } from './connect-hint';
 import { chooseTargets, expandConfigured, systemResolver, type HostResolver, type TargetSpec } from './broker-targets';
 
 /** A session that lasted this long counts as healthy: the reconnect backoff starts over. */
@@ -492,20 +492,12 @@ export class Agent {
       } catch (err) {
         this.metrics.connects.inc({ result: 'failed' });
         const message = (err as Error).message;
-        // A broker certificate from a CA we do not trust, or our certificate refused, after a CA
-        // rotation or an expiry while offline: say how to get back.
-        const hint = message.includes(NOT_A_BROKER)
-          ? `the server at ${address} is not a broker of this agent's trust domain: check --broker (and DNS); ` +
-            'no session was opened'
-          : /certificate|PERMISSION_DENIED|no valid client certificate/i.test(message) ||
-              (err as { code?: number }).code === Status.PERMISSION_DENIED
-            ? 'if this agent was offline through a CA rotation or past its certificate expiry, enroll again with ' +
-              'a new join token (burrow-agent enroll --state-dir ...)'
-            : /protocol version/.test(message)
-              ? // Retrying is still right: the broker (or this agent) may be upgraded while we wait.
-                'this agent and the broker share no tunnel protocol version; upgrade the older one ' +
-                '(burrow-agent --version and the broker log show the versions)'
-              : undefined;
+        const hint = connectHint({
+          address,
+          message,
+          code: (err as { code?: number }).code,
+          caFile: this.config.caFile,
+        });
         this.logger.warn('cannot establish tunnel session', {
           broker: address,
           error: message,

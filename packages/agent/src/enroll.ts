@@ -5,6 +5,7 @@ import { Client, Metadata, credentials, status as Status, type ServiceError } fr
 import { caPinOf, createCsr, describeTightened, parseJoinToken, writeIssued } from '@burrow/pki';
 import {
   BurrowError,
+  ENROLLMENT_NOT_ENABLED,
   ENROLLMENT_SERVICE,
   brokerIdentityCheck,
   type EnrollRequest,
@@ -23,6 +24,9 @@ export interface EnrollOptions {
   /** Called with a one-line notice, e.g. that the state directory was tightened to 0700. */
   notice?: (line: string) => void;
 }
+
+/** An HTTP/2 SETTINGS frame with no settings: length 0, type 4, no flags, stream 0. */
+const H2_EMPTY_SETTINGS = Buffer.from([0, 0, 0, 4, 0, 0, 0, 0, 0]);
 
 function splitHostPort(address: string): { host: string; port: number } {
   const i = address.lastIndexOf(':');
@@ -50,19 +54,39 @@ export function fetchPinnedCa(
       rejectUnauthorized: false,
       ALPNProtocols: ['h2'],
     });
+    let found: string | undefined;
+    let settled = false;
+    const settle = (err?: BurrowError): void => {
+      if (settled) return;
+      settled = true;
+      clearTimeout(timer);
+      socket.end(); // a polite close: the broker would log a destroyed socket as a refused handshake
+      if (err) reject(err);
+      else if (found) resolve(found);
+      else
+        reject(
+          new BurrowError(
+            Status.PERMISSION_DENIED,
+            `broker ${broker} does not present the CA pinned in the join token; is this the right broker?`,
+          ),
+        );
+    };
     const timer = setTimeout(() => {
       socket.destroy();
-      reject(new BurrowError(Status.UNAVAILABLE, `no TLS answer from ${broker} within ${timeoutMs} ms`));
+      settle(new BurrowError(Status.UNAVAILABLE, `no TLS answer from ${broker} within ${timeoutMs} ms`));
     }, timeoutMs);
-    socket.once('error', (err) => {
-      clearTimeout(timer);
-      reject(new BurrowError(Status.UNAVAILABLE, `cannot reach broker ${broker}: ${err.message}`));
+    socket.on('error', (err: Error & { code?: string }) => {
+      // A broker without a PKI directory requires a client certificate: in TLS 1.3 it says so with
+      // an alert after the handshake (1.2: during it), which no enrollment can get past.
+      if (err.code === 'ERR_SSL_TLSV13_ALERT_CERTIFICATE_REQUIRED' || /certificate required/i.test(err.message)) {
+        settle(new BurrowError(Status.FAILED_PRECONDITION, `broker ${broker}: ${ENROLLMENT_NOT_ENABLED}`));
+        return;
+      }
+      settle(new BurrowError(Status.UNAVAILABLE, `cannot reach broker ${broker}: ${err.message}`));
     });
     socket.once('secureConnect', () => {
-      clearTimeout(timer);
       const seen = new Set<string>();
       let cert: tls.DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
-      let found: string | undefined;
       while (cert?.raw && !seen.has(cert.fingerprint256)) {
         seen.add(cert.fingerprint256);
         const pem = new X509Certificate(cert.raw).toString();
@@ -72,15 +96,12 @@ export function fetchPinnedCa(
         }
         cert = cert.issuerCertificate;
       }
-      socket.end(); // a polite close: the broker would log a destroyed socket as a refused handshake
-      if (found) resolve(found);
-      else
-        reject(
-          new BurrowError(
-            Status.PERMISSION_DENIED,
-            `broker ${broker} does not present the CA pinned in the join token; is this the right broker?`,
-          ),
-        );
+      // Whether the broker lets a client without a certificate through (enrollment on) shows only
+      // once it answers: send the HTTP/2 preface and an empty SETTINGS frame, and wait for its
+      // SETTINGS (enrollment on) or its certificate-required alert (the error above).
+      socket.write(Buffer.concat([Buffer.from('PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n'), H2_EMPTY_SETTINGS]));
+      socket.once('data', () => settle());
+      socket.once('close', () => settle());
     });
   });
 }

@@ -15,6 +15,9 @@ export { AGENT_DEFAULTS, type AgentConfig, type LocalTlsConfig, type AgentPolicy
 /** Builds an {@link AgentConfig} from parsed `burrow-agent run` options (what the CLI does). */
 export { agentConfigFromArgs } from './cli';
 
+/** @internal The hint of `cannot establish tunnel session`, per cause (tests). */
+export { connectHint, type ConnectFailure } from './connect-hint';
+
 // Token verification for the built-in burrow.auth.v1.AuthenticationService.
 export {
   TokenVerifier,

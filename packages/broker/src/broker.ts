@@ -38,6 +38,7 @@ import {
   bindOn,
   listenOn,
   splitHostPort,
+  ENROLLMENT_NOT_ENABLED,
 } from '@burrow/tunnel';
 import { BrokerPki, defaultBrokerName, type BrokerPkiStatus } from './broker-pki';
 import { brokerAdminRoutes, type DisconnectResult } from './broker-admin';
@@ -464,10 +465,17 @@ export class Broker {
         return;
       }
       this.metrics.rejectedHandshakes.inc({ listener, reason: 'tls' });
+      // A client without a certificate on the agent listener of a broker without a PKI directory
+      // is most likely `burrow-agent enroll`: say why it cannot work here.
+      const noEnrollment =
+        listener === 'agent' && !this.pki && err.code === 'ERR_SSL_PEER_DID_NOT_RETURN_A_CERTIFICATE'
+          ? `${ENROLLMENT_NOT_ENABLED} (a client without a certificate, e.g. burrow-agent enroll)`
+          : undefined;
       this.logger.warn('TLS handshake refused', {
         listener,
         peer: socket?.remoteAddress,
         error: reason ? String(reason) : (err.code ?? err.message),
+        hint: noEnrollment,
       });
     };
   }

@@ -37,6 +37,12 @@ const enrollReq = codec<EnrollRequest>('burrow.pki.v1.EnrollRequest');
 const renewReq = codec<RenewRequest>('burrow.pki.v1.RenewRequest');
 const cert = codec<IssuedAgentCertificate>('burrow.pki.v1.Certificate');
 
+/**
+ * Why `burrow-agent enroll` cannot work against a broker without a PKI directory: said by the
+ * agent (enroll) and logged by the broker, word for word, so either side's log finds the other's.
+ */
+export const ENROLLMENT_NOT_ENABLED = 'enrollment is not enabled on this broker (start it with --pki-dir)';
+
 /** The Enrollment service for grpc-js clients and servers (served on the broker's agent listener). */
 export const ENROLLMENT_SERVICE = {
   enroll: {

@@ -81,6 +81,7 @@ export { requestMetadataFromWire } from './metadata-policy';
 export { parseUpstreamRoute, serviceOfMethod, UpstreamTable, type UpstreamRoute } from './upstream-table';
 export { AUTH_METHODS, POLICY_METHODS, ApiCodec, API_CODECS, type JsonValue, type JsonObject } from './api-codec';
 export {
+  ENROLLMENT_NOT_ENABLED,
   ENROLLMENT_SERVICE,
   type EnrollRequest,
   type RenewRequest,
