@@ -3,7 +3,7 @@ import { status as Status } from '@grpc/grpc-js';
 import type { ServerHttp2Session } from 'node:http2';
 import type { Server as HttpsServer } from 'node:https';
 import type { TLSSocket } from 'node:tls';
-import { BurrowError, identityOfPeerCertificate, type Logger, type PeerIdentity } from '@burrow/tunnel';
+import { BurrowError, identityOfPeerCertificate, type Logger, type PeerIdentity, tlsServersOf } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 
 /** The listeners whose client certificates are watched (metric label `listener`). */
@@ -32,10 +32,6 @@ interface LiveConnection {
  * before it is destroyed: a client that never closes its end must not keep it.
  */
 const CUT_CLOSE_GRACE_MS = 1_000;
-
-interface Http2ServerList {
-  http2Servers?: Map<import('node:net').Server, unknown>;
-}
 
 /** The identity of a TLS connection's client certificate; undefined when it has none or is gone. */
 function peerIdentityOf(socket: TLSSocket): PeerIdentity | undefined {
@@ -79,7 +75,7 @@ export class CredentialWatch {
 
   /** Tracks every HTTP/2 connection of a bound grpc-js `server` (call after bindAsync). */
   watchGrpcServer(server: Server, listener: WatchedListener): void {
-    for (const s of (server as unknown as Http2ServerList).http2Servers?.keys() ?? []) {
+    for (const s of tlsServersOf(server)) {
       s.on('session', (session: ServerHttp2Session) => {
         const conn: LiveConnection = {
           listener,

@@ -33,7 +33,13 @@ export interface UnauthenticatedLimits {
 
 /** What {@link guardConnections} enforces on a TLS listener. */
 export interface ConnectionGuardOptions {
-  /** Most TLS handshakes at once over all addresses; a connection past it is reset at accept (0 = no cap). */
+  /**
+   * Most TLS handshakes at once over all addresses; a connection past it is reset at accept (0 = no
+   * cap). Why: Node starts every accepted handshake at once and runs them interleaved, so when a
+   * fleet reconnects (a broker restart) each handshake finishes late, agents give up on it and try
+   * again, and the broker spends its CPU on handshakes nobody waits for. Reset early, a connection
+   * costs both sides almost nothing and the agents' jittered backoff spreads the fleet out.
+   */
   maxPending: number;
   /**
    * Most connections of one source address that have not proven a valid client certificate: in

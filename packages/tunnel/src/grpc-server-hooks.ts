@@ -8,7 +8,6 @@ import {
   type StatusObject,
   type status as Status,
 } from '@grpc/grpc-js';
-import type { Socket } from 'node:net';
 import type { IncomingHttpHeaders, ServerHttp2Stream } from 'node:http2';
 import { guardConnections, refuseStream } from './connection-guard';
 
@@ -61,9 +60,7 @@ export function observeTlsClientErrors(
   server: Server,
   onError: (err: Error & { code?: string }, socket?: import('node:tls').TLSSocket) => void,
 ): void {
-  const servers = (server as unknown as Http2ServerList).http2Servers;
-  if (!servers) return;
-  for (const s of servers.keys()) {
+  for (const s of tlsServersOf(server)) {
     if (s.listenerCount('tlsClientError') === 0 || !(s as unknown as { burrowObserved?: boolean }).burrowObserved) {
       (s as unknown as { burrowObserved?: boolean }).burrowObserved = true;
       s.on('tlsClientError', onError);
@@ -94,9 +91,7 @@ function slimPeerCertificate(full: import('node:tls').PeerCertificate): import('
  * bindAsync. Only the DER and its fingerprint are kept ({@link slimPeerCertificate}).
  */
 export function cachePeerCertificates(server: Server): void {
-  const servers = (server as unknown as Http2ServerList).http2Servers;
-  if (!servers) return;
-  for (const s of servers.keys()) {
+  for (const s of tlsServersOf(server)) {
     const marked = s as unknown as { burrowCachesPeerCertificates?: boolean };
     if (marked.burrowCachesPeerCertificates) continue;
     marked.burrowCachesPeerCertificates = true;
@@ -114,14 +109,6 @@ export function cachePeerCertificates(server: Server): void {
   }
 }
 
-/** What {@link limitPendingHandshakes} reports (the broker exports both as metrics). */
-export interface HandshakeLimiter {
-  /** TLS handshakes running now (connections accepted and not yet secure or closed). */
-  pending(): number;
-  /** Connections reset at once because `maxPending` handshakes were already running. */
-  shed(): number;
-}
-
 /**
  * The TLS servers a bound grpc-js `server` listens with (one per bound address), for
  * {@link guardConnections}. grpc-js keeps them private (`http2Servers`);
@@ -130,32 +117,6 @@ export interface HandshakeLimiter {
 export function tlsServersOf(server: Server): import('node:tls').Server[] {
   const servers = (server as unknown as Http2ServerList).http2Servers;
   return [...(servers?.keys() ?? [])] as unknown as import('node:tls').Server[];
-}
-
-/**
- * Caps the TLS handshakes a bound `server` runs at once: a connection that arrives while
- * `maxPending` are in progress is reset as soon as it is accepted, before any TLS work, and
- * `onShed` is called. Why: Node starts every accepted handshake at once and runs them all
- * interleaved, so when a whole fleet reconnects (a broker restart) thousands of handshakes share
- * the CPU, each one finishes late, agents give up on them (no Welcome in time) and try again, and
- * the broker spends its CPU on handshakes nobody waits for any more. Closed early, a connection
- * costs both sides almost nothing and the agent's jittered backoff spreads the fleet out, while the
- * handshakes admitted finish quickly. A handshake counts from TCP accept until the connection is
- * secure or closed. `maxPending` 0 turns the cap off. Call after bindAsync. The broker uses
- * {@link guardConnections}, which adds per-address caps and timeouts to this cap.
- */
-export function limitPendingHandshakes(
-  server: Server,
-  maxPending: number,
-  onShed: (socket: Socket) => void,
-): HandshakeLimiter {
-  const guard = guardConnections(tlsServersOf(server), {
-    maxPending,
-    maxUnprovenPerAddress: 0,
-    handshakeTimeoutMs: 0,
-    onClose: (socket) => onShed(socket),
-  });
-  return { pending: guard.pending, shed: guard.shed };
 }
 
 /** A refusal decided from a call's path and peer address alone (see {@link refuseCallsEarly}). */
@@ -196,7 +157,7 @@ export function refuseCallsEarly(
  * bindAsync; test/grpc-server-hooks.test.ts fails if grpc-js stops keeping `http2Servers`.
  */
 export function shutdownGracefully(server: Server): Promise<void> {
-  for (const s of (server as unknown as Http2ServerList).http2Servers?.keys() ?? []) {
+  for (const s of tlsServersOf(server)) {
     // Runs after grpc-js's own 'session' listener (added at bind), so grpc-js tracks the session
     // and its close still holds tryShutdown's callback.
     s.on('session', (session: import('node:http2').ServerHttp2Session) => session.close());

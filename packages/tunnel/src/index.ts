@@ -127,7 +127,6 @@ export {
   type OversizedMessage,
 } from './grpc-server-hooks';
 /** @internal Tests exercise the handshake limiter alone. */
-export { limitPendingHandshakes, type HandshakeLimiter } from './grpc-server-hooks';
 export { abortConnectsOnChannelClose } from './grpc-client-hooks';
 export {
   guardConnections,
