@@ -1,7 +1,16 @@
 import { expect } from 'chai';
 import { freePort } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { AGENT_CLI, BROKER_CLI, httpRequest, killAll, runCli, startAgent, startBroker } from './helpers/processes';
+import {
+  AGENT_CLI,
+  BROKER_CLI,
+  httpRequest,
+  killAll,
+  runCli,
+  startAgent,
+  startBroker,
+  tlsArgs,
+} from './helpers/processes';
 
 /** A GET with exactly the headers given (Host included), as a DNS-rebinding page or a probe sends it. */
 const get = (port: number, path: string, headers: Record<string, string>): Promise<{ status: number; body: string }> =>
@@ -26,12 +35,7 @@ describe('admin listeners refuse foreign Host and Origin headers (DNS rebinding)
     pki = await PkiFixture.create();
     [brokerCert, agentCert] = await Promise.all([pki.issue('broker', 'broker-1'), pki.issue('agent', 'site-a')]);
     const b = await startBroker([
-      '--tls-cert',
-      brokerCert.cert,
-      '--tls-key',
-      brokerCert.key,
-      '--ca',
-      brokerCert.ca,
+      ...tlsArgs(brokerCert),
       '--agent-listen',
       '127.0.0.1:0',
       '--api-listen',
@@ -45,12 +49,7 @@ describe('admin listeners refuse foreign Host and Origin headers (DNS rebinding)
       [
         '--broker',
         `127.0.0.1:${b.ports.agentPort}`,
-        '--tls-cert',
-        agentCert.cert,
-        '--tls-key',
-        agentCert.key,
-        '--ca',
-        agentCert.ca,
+        ...tlsArgs(agentCert),
         '--upstream',
         `*=127.0.0.1:${await freePort()}`,
         '--admin-listen',

@@ -20,7 +20,7 @@ import {
 } from '@burrow/agent';
 import { freePorts } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { AGENT_CLI, killAll, runCli, startAgent } from './helpers/processes';
+import { AGENT_CLI, killAll, runCli, startAgent, tlsArgs } from './helpers/processes';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import {
   AUD,
@@ -794,17 +794,7 @@ describe('authn: burrow-agent run token flags (real processes)', function () {
     jwks = path.join(pki.root, 'jwks.json');
     writeFileSync(jwks, '{"keys":[]}');
     const [closedPort] = await freePorts(1);
-    base = [
-      'run',
-      '--broker',
-      `127.0.0.1:${closedPort!}`,
-      '--tls-cert',
-      cert.cert,
-      '--tls-key',
-      cert.key,
-      '--ca',
-      cert.ca,
-    ];
+    base = ['run', '--broker', `127.0.0.1:${closedPort!}`, ...tlsArgs(cert)];
   });
   afterEach(() => killAll());
   after(() => pki?.cleanup());

@@ -13,6 +13,7 @@ import {
   startAgent,
   startBroker,
   type BurrowProcess,
+  tlsArgs,
 } from './helpers/processes';
 
 /**
@@ -34,12 +35,7 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
   after(() => pki.cleanup());
 
   const certFlags = (): string[] => [
-    '--tls-cert',
-    brokerCert.cert,
-    '--tls-key',
-    brokerCert.key,
-    '--ca',
-    brokerCert.ca,
+    ...tlsArgs(brokerCert),
     '--agent-listen',
     '127.0.0.1:0',
     '--api-listen',
@@ -55,12 +51,7 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     const a = await startAgent([
       '--broker',
       `127.0.0.1:${b.ports.agentPort}`,
-      '--tls-cert',
-      agentCert.cert,
-      '--tls-key',
-      agentCert.key,
-      '--ca',
-      agentCert.ca,
+      ...tlsArgs(agentCert),
       '--upstream',
       `*=127.0.0.1:${await freePort()}`,
     ]);

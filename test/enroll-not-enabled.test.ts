@@ -2,7 +2,7 @@ import * as path from 'node:path';
 import { expect } from 'chai';
 import { createJoinToken } from '@burrow/pki';
 import { type CertFiles, PkiFixture } from './helpers/pki-fixture';
-import { AGENT_CLI, brokerTlsArgs, killAll, liveProcessCount, runCli, startBroker } from './helpers/processes';
+import { AGENT_CLI, tlsArgs, killAll, liveProcessCount, runCli, startBroker } from './helpers/processes';
 
 const NOT_ENABLED = 'enrollment is not enabled on this broker (start it with --pki-dir)';
 
@@ -28,7 +28,7 @@ describe('enrollment against a broker without --pki-dir (processes)', () => {
 
   it('burrow-agent enroll exits non-zero saying so, and the broker logs it', async () => {
     const listen = ['--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0'];
-    const { proc: broker, ports } = await startBroker([...listen, ...brokerTlsArgs(brokerCert)]);
+    const { proc: broker, ports } = await startBroker([...listen, ...tlsArgs(brokerCert)]);
     const { token } = await createJoinToken({ dir: pki.pkiDir, agentId: 'site-a' });
     const { exit, stderrLines } = await runCli(AGENT_CLI, [
       'enroll',

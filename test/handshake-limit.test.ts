@@ -3,7 +3,7 @@ import type * as net from 'node:net';
 import * as tls from 'node:tls';
 import { readFileSync } from 'node:fs';
 import { Server, ServerCredentials } from '@grpc/grpc-js';
-import { limitPendingHandshakes, type HandshakeLimiter } from '@burrow/tunnel';
+import { type ConnectionGuard, guardConnections, tlsServersOf } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
 import { stalledConnection } from './helpers/late-connection';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
@@ -47,7 +47,7 @@ function handshake(port: number, cert: CertFiles): Promise<'secure' | string> {
   });
 }
 
-describe('TLS handshake cap (limitPendingHandshakes)', () => {
+describe('TLS handshake cap (guardConnections maxPending)', () => {
   let pki: PkiFixture;
   let brokerCert: CertFiles;
   let agentCert: CertFiles;
@@ -60,7 +60,7 @@ describe('TLS handshake cap (limitPendingHandshakes)', () => {
 
   async function serve(
     maxPending: number,
-  ): Promise<{ port: number; limiter: HandshakeLimiter; shedSockets: net.Socket[]; stop(): Promise<void> }> {
+  ): Promise<{ port: number; limiter: ConnectionGuard; shedSockets: net.Socket[]; stop(): Promise<void> }> {
     const server = new Server();
     const creds = ServerCredentials.createSsl(
       readFileSync(brokerCert.ca),
@@ -71,7 +71,13 @@ describe('TLS handshake cap (limitPendingHandshakes)', () => {
       server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))),
     );
     const shedSockets: net.Socket[] = [];
-    const limiter = limitPendingHandshakes(server, maxPending, (s) => shedSockets.push(s));
+    // The pending cap alone, as the broker's agent listener has it with the other guards off.
+    const limiter = guardConnections(tlsServersOf(server), {
+      maxPending,
+      maxUnprovenPerAddress: 0,
+      handshakeTimeoutMs: 0,
+      onClose: (s) => shedSockets.push(s),
+    });
     return {
       port,
       limiter,

@@ -17,6 +17,7 @@ import {
   type AgentListing,
   type BurrowProcess,
   type BrokerPorts,
+  tlsArgs,
 } from './helpers/processes';
 import { RawClient, collect, mtlsCredentials, startRawServer } from './helpers/raw-grpc';
 
@@ -183,12 +184,7 @@ describe('processes (real broker and agent binaries)', function () {
     '127.0.0.1:0',
     '--admin-listen',
     '127.0.0.1:0',
-    '--tls-cert',
-    brokerCert.cert,
-    '--tls-key',
-    brokerCert.key,
-    '--ca',
-    brokerCert.ca,
+    ...tlsArgs(brokerCert),
     '--agent-wait',
     '1s',
     '--drain-timeout',
@@ -198,12 +194,7 @@ describe('processes (real broker and agent binaries)', function () {
   const agentArgs = (broker: string, upstream: string, extra: string[] = []): string[] => [
     '--broker',
     broker,
-    '--tls-cert',
-    agentCert.cert,
-    '--tls-key',
-    agentCert.key,
-    '--ca',
-    agentCert.ca,
+    ...tlsArgs(agentCert),
     '--upstream',
     `*=${upstream}`,
     '--admin-listen',

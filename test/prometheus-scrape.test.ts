@@ -10,7 +10,7 @@ import { EXAMPLES_DIR } from './helpers/policy-fixture';
 import { TestRedis } from './helpers/redis-server';
 import { ISS, jwksOf, makeKey } from './helpers/token-fixture';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
-import { getJson, killAll, startAgent, startBroker } from './helpers/processes';
+import { getJson, killAll, startAgent, startBroker, tlsArgs } from './helpers/processes';
 import { pollUntil } from './helpers/wait';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 
@@ -97,12 +97,7 @@ describe('Prometheus scrapes a real broker and agent', function () {
     const agent = await startAgent([
       '--broker',
       `127.0.0.1:${broker.ports.agentPort}`,
-      '--tls-cert',
-      agentCert.cert,
-      '--tls-key',
-      agentCert.key,
-      '--ca',
-      agentCert.ca,
+      ...tlsArgs(agentCert),
       '--upstream',
       `burrow.test.Echo=127.0.0.1:${closedPort}`,
       '--admin-listen',

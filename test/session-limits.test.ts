@@ -13,6 +13,7 @@ import {
   type AgentListing,
   type BurrowProcess,
   type LogLine,
+  tlsArgs,
 } from './helpers/processes';
 import { pollUntil } from './helpers/wait';
 import type { CallFrame } from '@burrow/tunnel';
@@ -182,12 +183,7 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
     rogueCert = await pki.issue('agent', ROGUE);
     echo = await new EchoUpstream().start();
     const b = await startBroker([
-      '--tls-cert',
-      brokerCert.cert,
-      '--tls-key',
-      brokerCert.key,
-      '--ca',
-      brokerCert.ca,
+      ...tlsArgs(brokerCert),
       '--agent-listen',
       '127.0.0.1:0',
       '--api-listen',
@@ -202,18 +198,7 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
     broker = b.proc;
     agentAddress = `127.0.0.1:${b.ports.agentPort}`;
     adminUrl = `http://127.0.0.1:${b.ports.adminPort}`;
-    await startAgent([
-      '--broker',
-      agentAddress,
-      '--tls-cert',
-      goodCert.cert,
-      '--tls-key',
-      goodCert.key,
-      '--ca',
-      goodCert.ca,
-      '--upstream',
-      `*=${echo.address}`,
-    ]);
+    await startAgent(['--broker', agentAddress, ...tlsArgs(goodCert), '--upstream', `*=${echo.address}`]);
     await broker.waitForLog('agent connected', (l) => l.agentId === GOOD);
     caller = new RawClient(`127.0.0.1:${b.ports.apiPort}`, mtlsCredentials(serviceCert));
     // Warm up the path, so that the first measured call is not the first call.

@@ -17,6 +17,7 @@ import {
   BROKER_CLI,
   type AgentListing,
   type BurrowProcess,
+  tlsArgs,
 } from './helpers/processes';
 import { pollUntil } from './helpers/wait';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
@@ -96,12 +97,7 @@ describe('two brokers on one host (issue 13 item 8)', function () {
       await startAgent([
         '--broker',
         `127.0.0.1:${a1}`,
-        '--tls-cert',
-        agentCert.cert,
-        '--tls-key',
-        agentCert.key,
-        '--ca',
-        agentCert.ca,
+        ...tlsArgs(agentCert),
         '--upstream',
         `*=${echo.address}`,
         '--broker-server-name',

@@ -213,8 +213,8 @@ export interface AgentPorts {
   adminPort?: number;
 }
 
-/** `--tls-cert`, `--tls-key` and `--ca` of a broker serving with the certificate files `c`. */
-export function brokerTlsArgs(c: CertFiles): string[] {
+/** `--tls-cert`, `--tls-key` and `--ca` of a broker or agent holding the certificate files `c`. */
+export function tlsArgs(c: CertFiles): string[] {
   return ['--tls-cert', c.cert, '--tls-key', c.key, '--ca', c.ca];
 }
 
