@@ -132,3 +132,56 @@ export function setOwnedMetadata(md: Metadata, owned: Metadata): void {
     for (const value of owned.get(key)) md.add(key, value);
   }
 }
+
+/**
+ * Transport headers the raw data plane passes on unchanged besides the metadata: messages cross
+ * without being re-encoded, so their compression must stay named (`grpc-encoding`) and the encodings
+ * a side accepts must reach the far side (`grpc-accept-encoding`).
+ */
+const PASSED_TRANSPORT_KEYS = new Set(['grpc-encoding', 'grpc-accept-encoding']);
+
+/** Headers as they travel on one hop: values of a repeated key in order. */
+export type HeaderBlock = Record<string, string | string[]>;
+
+function addHeader(out: HeaderBlock, key: string, value: string): void {
+  const had = out[key];
+  if (had === undefined) out[key] = value;
+  else if (Array.isArray(had)) had.push(value);
+  else out[key] = [had, value];
+}
+
+/**
+ * The request metadata of a call arriving in `rawHeaders` (Node's flat `[key, value, ...]` list,
+ * which keeps repeated keys apart), as it goes on to the next hop: hop keys removed, keys
+ * lowercased, illegal keys dropped (the same rules as {@link requestMetadataToWire}), plus the
+ * compression headers. `owned` is set last, replacing anything of the same key.
+ */
+export function forwardedRequestMetadata(rawHeaders: readonly string[], owned?: Record<string, string>): HeaderBlock {
+  const out: HeaderBlock = {};
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+    const key = normalizeMetadataKey(rawHeaders[i]!);
+    if (key === undefined) continue;
+    if (crossesAsRequest(key) || PASSED_TRANSPORT_KEYS.has(key)) addHeader(out, key, rawHeaders[i + 1]!);
+  }
+  if (owned) for (const [key, value] of Object.entries(owned)) out[key] = value;
+  return out;
+}
+
+/**
+ * Response headers or trailers (`rawHeaders`) as they go back towards the caller: the response
+ * rules of {@link responseMetadataToWire}, plus the compression headers, plus `grpc-status` and
+ * `grpc-message` when `withStatus` (trailers, trailers-only responses).
+ */
+export function forwardedResponseMetadata(rawHeaders: readonly string[], withStatus: boolean): HeaderBlock {
+  const out: HeaderBlock = {};
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+    const key = normalizeMetadataKey(rawHeaders[i]!);
+    if (key === undefined) continue;
+    const passes =
+      crossesAsResponse(key) ||
+      PASSED_TRANSPORT_KEYS.has(key) ||
+      (withStatus && (key === 'grpc-status' || key === 'grpc-message'));
+    if (passes && key !== 'date') addHeader(out, key, rawHeaders[i + 1]!);
+  }
+  return out;
+}
