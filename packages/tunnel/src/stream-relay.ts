@@ -166,7 +166,7 @@ export function relayCall(
     });
 
     // Next hop -> caller.
-    outbound.on('response', (headers, flags, rawHeaders: string[]) => {
+    outbound.on('response', (headers: http2.IncomingHttpHeaders, flags: number, rawHeaders: string[]) => {
       if (outcome) return;
       const httpStatus = Number(headers[':status']);
       const status = statusOfHeaders(headers);
