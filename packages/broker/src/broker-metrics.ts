@@ -36,7 +36,6 @@ export class BrokerMetrics {
     registers: [this.registry],
     collect: () => {
       const c = this.counts();
-      this.tunnelStreams.set({ state: 'idle' }, c.idleOffers);
       this.tunnelStreams.set({ state: 'active' }, c.activeCalls);
     },
   });

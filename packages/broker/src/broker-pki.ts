@@ -1,4 +1,20 @@
-import { status as Status, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
+import { status as Status } from '@grpc/grpc-js';
+import type { PeerCertificateLike } from '@burrow/tunnel';
+
+/** What an Enrollment method reads of its call: the request, the peer's address and certificate. */
+export interface EnrollmentCall<Request> {
+  request: Request;
+  /** HOST:PORT of the client. */
+  peer: string;
+  /** The client certificate, when the connection presented a valid one. */
+  peerCertificate: PeerCertificateLike | undefined;
+}
+
+/** How an Enrollment method answers: an error (code, details) or the issued certificate. */
+export type EnrollmentReply = (
+  err: { code: Status; details?: string } | null,
+  response?: IssuedAgentCertificate,
+) => void;
 import {
   EnrollmentError,
   PkiError,
@@ -243,10 +259,10 @@ export class BrokerPki {
    * The rate limit ran before the body was read ({@link refuseEnrollment}).
    */
   readonly enroll = (
-    call: ServerUnaryCall<EnrollRequest, IssuedAgentCertificate>,
-    cb: sendUnaryData<IssuedAgentCertificate>,
+    call: EnrollmentCall<EnrollRequest>,
+    cb: EnrollmentReply,
   ): void => {
-    const source = call.getPeer().replace(/:\d+$/, '');
+    const source = call.peer.replace(/:\d+$/, '');
     void (async () => {
       let agentId: string;
       try {
@@ -279,11 +295,11 @@ export class BrokerPki {
    * certificate for the same identity. `authenticate` is the agent listener's identity check.
    */
   readonly renew = (
-    call: ServerUnaryCall<RenewRequest, IssuedAgentCertificate>,
-    cb: sendUnaryData<IssuedAgentCertificate>,
+    call: EnrollmentCall<RenewRequest>,
+    cb: EnrollmentReply,
     trustDomain: string,
   ): void => {
-    const id = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
+    const id = identityOfPeerCertificate(call.peerCertificate);
     let problem: string | undefined;
     let result = 'denied';
     if (!id)

@@ -1,9 +1,8 @@
-import type { Server } from '@grpc/grpc-js';
 import { status as Status } from '@grpc/grpc-js';
-import type { ServerHttp2Session } from 'node:http2';
+import type { Http2SecureServer, ServerHttp2Session } from 'node:http2';
 import type { Server as HttpsServer } from 'node:https';
 import type { TLSSocket } from 'node:tls';
-import { BurrowError, identityOfPeerCertificate, type Logger, type PeerIdentity, tlsServersOf } from '@burrow/tunnel';
+import { BurrowError, identityOfPeerCertificate, type Logger, type PeerIdentity } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 
 /** The listeners whose client certificates are watched (metric label `listener`). */
@@ -73,25 +72,23 @@ export class CredentialWatch {
     };
   }
 
-  /** Tracks every HTTP/2 connection of a bound grpc-js `server` (call after bindAsync). */
-  watchGrpcServer(server: Server, listener: WatchedListener): void {
-    for (const s of tlsServersOf(server)) {
-      s.on('session', (session: ServerHttp2Session) => {
-        const conn: LiveConnection = {
-          listener,
-          // Read now: once the session has lost its socket, session.socket throws.
-          identity: peerIdentityOf(session.socket as TLSSocket),
-          close: () => {
-            if (!session.closed && !session.destroyed) session.close();
-          },
-          destroy: () => {
-            if (!session.destroyed) session.destroy();
-          },
-        };
-        this.connections.add(conn);
-        session.once('close', () => this.connections.delete(conn));
-      });
-    }
+  /** Tracks every HTTP/2 connection of a node:http2 secure `server` (the API and peer listeners). */
+  watchHttp2Server(server: Http2SecureServer, listener: WatchedListener): void {
+    server.on('session', (session: ServerHttp2Session) => {
+      const conn: LiveConnection = {
+        listener,
+        // Read now: once the session has lost its socket, session.socket throws.
+        identity: peerIdentityOf(session.socket as TLSSocket),
+        close: () => {
+          if (!session.closed && !session.destroyed) session.close();
+        },
+        destroy: () => {
+          if (!session.destroyed) session.destroy();
+        },
+      };
+      this.connections.add(conn);
+      session.once('close', () => this.connections.delete(conn));
+    });
   }
 
   /** Tracks every connection of the AuthZEN HTTPS `server`. */

@@ -50,6 +50,7 @@ export { relayCall, nextHopHeaders, openStream, type RelayOptions, type CallCutt
 export {
   answerUnary,
   unaryCall,
+  unaryOnStream,
   type LocalCallContext,
   type LocalUnaryHandler,
   type UnaryAnswerOptions,
@@ -121,6 +122,7 @@ export {
 export { abortConnectsOnChannelClose } from './grpc-client-hooks';
 export {
   guardConnections,
+  limitUnauthenticatedSession,
   type GuardedClose,
   type UnauthenticatedLimits,
   type ConnectionGuardOptions,

@@ -180,7 +180,6 @@ export function unaryCall(
     const timeout = timeoutHeader(opts.deadlineMs, Date.now());
     if (timeout) headers['grpc-timeout'] = timeout;
     let stream: http2.ClientHttp2Stream;
-    const requestBytes = message.length;
     try {
       if (session.closed || session.destroyed) throw new Error('the connection is closing');
       stream = session.request(headers as http2.OutgoingHttpHeaders);
@@ -189,6 +188,21 @@ export function unaryCall(
       resolve({ code: Status.UNAVAILABLE, details, requestBytes: 0, responseBytes: 0, trailers: {} });
       return;
     }
+    resolve(unaryOnStream(stream, message, opts));
+  });
+}
+
+/**
+ * The rest of a unary call on a stream already opened (its request headers sent): sends `message`,
+ * reads the response and the status. Resolves with the status, never rejects.
+ */
+export function unaryOnStream(
+  stream: http2.ClientHttp2Stream,
+  message: Buffer,
+  opts: { peerName: string; deadlineMs: number; maxMessageBytes: number; signal?: AbortSignal },
+): Promise<UnaryCallResult> {
+  return new Promise((resolve) => {
+    const requestBytes = message.length;
     const reader = new MessageReader(opts.maxMessageBytes);
     let response: Buffer | undefined;
     let done: UnaryCallResult | undefined;
