@@ -486,6 +486,7 @@ export class AgentListener {
       }
     }
     if (!h2.closed && !h2.destroyed) {
+      tunnel.channel?.end();
       h2.close();
       // A peer that keeps the connection (or its streams) open past the grace period is cut.
       setTimeout(() => h2.destroy(), error || refusedAlready ? CLOSE_GRACE_MS : this.deps.keepalive.timeMs).unref();
