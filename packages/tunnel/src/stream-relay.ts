@@ -177,10 +177,10 @@ export function relayCall(
         if (status && httpStatus === 200) {
           try {
             const fields = forwardedResponseMetadata(rawHeaders, true);
-            inbound.respond(
-              { ...fields, ':status': 200, 'content-type': GRPC_CONTENT_TYPE },
-              { endStream: true, sendDate: false } as http2.ServerStreamResponseOptions,
-            );
+            inbound.respond({ ...fields, ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
+              endStream: true,
+              sendDate: false,
+            } as http2.ServerStreamResponseOptions);
           } catch {
             // The caller's stream is gone; its close settles nothing more.
           }
@@ -193,7 +193,11 @@ export function relayCall(
         const fields = forwardedResponseMetadata(rawHeaders, false);
         const contentType = headers['content-type'];
         inbound.respond(
-          { ...fields, ':status': 200, 'content-type': typeof contentType === 'string' ? contentType : GRPC_CONTENT_TYPE },
+          {
+            ...fields,
+            ':status': 200,
+            'content-type': typeof contentType === 'string' ? contentType : GRPC_CONTENT_TYPE,
+          },
           { waitForTrailers: true, sendDate: false } as http2.ServerStreamResponseOptions,
         );
       } catch {

@@ -118,10 +118,10 @@ export function answerUnary(
           }
           responseBytes = response.length;
           try {
-            stream.respond(
-              { ':status': 200, 'content-type': GRPC_CONTENT_TYPE },
-              { waitForTrailers: true, sendDate: false } as http2.ServerStreamResponseOptions,
-            );
+            stream.respond({ ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
+              waitForTrailers: true,
+              sendDate: false,
+            } as http2.ServerStreamResponseOptions);
             stream.once('wantTrailers', () => stream.sendTrailers(statusTrailers(Status.OK, '')));
             stream.end(frameMessage(response));
           } catch {
