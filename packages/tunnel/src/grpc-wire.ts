@@ -175,8 +175,10 @@ export function statusOfHeaders(
 ): { code: number; details: string } | undefined {
   const raw = headers?.['grpc-status'];
   if (raw === undefined) return undefined;
-  const code = Number(Array.isArray(raw) ? raw[0] : raw);
-  const valid = Number.isInteger(code) && code >= 0 && code <= 16;
+  const text = Array.isArray(raw) ? raw[0] : raw;
+  // Digits only (the spec's 1*DIGIT): Number() would read "", " " and "+0" as 0, that is OK.
+  const code = text !== undefined && /^\d{1,2}$/.test(text) ? Number(text) : Number.NaN;
+  const valid = code >= 0 && code <= 16;
   return {
     code: valid ? code : Status.UNKNOWN,
     details: valid ? decodeGrpcMessage(headers?.['grpc-message']) : `invalid grpc-status "${String(raw)}"`,
