@@ -6,10 +6,13 @@ import {
   GRPC_CONTENT_TYPE,
   MESSAGE_PREFIX_BYTES,
   MessageSizeGuard,
+  atDeadline,
   endWithStatus,
   messageTooLarge,
   statusOfHeaders,
   statusOfReset,
+  stopRequestAfterStatus,
+  stopRequestAfterTrailers,
   timeoutHeader,
 } from './grpc-wire';
 import { forwardedRequestMetadata, forwardedResponseMetadata, type HeaderBlock } from './metadata-policy';
@@ -99,6 +102,8 @@ export function relayCall(
   opts: RelayOptions,
 ): Promise<CallOutcome> {
   return new Promise((resolve) => {
+    // Kept now: a closed stream no longer names its session, and a reset must not read as a lost connection.
+    const session = outbound.session;
     const requestGuard = new MessageSizeGuard(opts.maxMessageBytes);
     const responseGuard = new MessageSizeGuard(opts.maxMessageBytes);
     let requestBytes = 0;
@@ -106,13 +111,13 @@ export function relayCall(
     let outcome: { code: number; details: string } | undefined;
     let trailersRaw: string[] | undefined;
     let trailerStatus: { code: number; details: string } | undefined;
-    let timer: NodeJS.Timeout | undefined;
+    let cancelTimer: (() => void) | undefined;
     let resolved = false;
 
     const finishIfDone = (): void => {
       if (resolved || !outcome || !inbound.closed) return;
       resolved = true;
-      if (timer) clearTimeout(timer);
+      cancelTimer?.();
       if (!outbound.closed) outbound.close(NGHTTP2_CANCEL);
       resolve({
         ...outcome,
@@ -133,12 +138,9 @@ export function relayCall(
       settle(error.code, error.message);
     };
     if (opts.cutter) opts.cutter.cut = fail;
-    if (Number.isFinite(opts.deadlineMs)) {
-      timer = setTimeout(
-        () => fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`)),
-        Math.max(0, opts.deadlineMs - Date.now()),
-      );
-    }
+    cancelTimer = atDeadline(opts.deadlineMs, () =>
+      fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`)),
+    );
 
     // Caller -> next hop.
     inbound.on('data', (chunk: Buffer) => {
@@ -181,6 +183,7 @@ export function relayCall(
               endStream: true,
               sendDate: false,
             } as http2.ServerStreamResponseOptions);
+            stopRequestAfterStatus(inbound);
           } catch {
             // The caller's stream is gone; its close settles nothing more.
           }
@@ -220,17 +223,15 @@ export function relayCall(
       trailerStatus = statusOfHeaders(headers);
     });
     outbound.on('end', () => {
-      if (outcome || !inbound.headersSent) return;
-      const status = trailerStatus ?? {
-        code: Status.INTERNAL,
-        details: `${opts.peerName} ended the call without a status`,
-      };
-      const trailers = trailerStatus
-        ? forwardedResponseMetadata(trailersRaw ?? [], true)
-        : { 'grpc-status': String(status.code), 'grpc-message': status.details };
+      // Node ends the readable side on a reset too (CANCEL included): without trailers, the
+      // close below says how the stream ended.
+      if (outcome || !inbound.headersSent || !trailerStatus) return;
+      const status = trailerStatus;
+      const trailers = forwardedResponseMetadata(trailersRaw ?? [], true);
       inbound.once('wantTrailers', () => {
         try {
           inbound.sendTrailers(trailers);
+          stopRequestAfterTrailers(inbound);
         } catch {
           inbound.close();
         }
@@ -241,8 +242,13 @@ export function relayCall(
     outbound.on('error', () => {});
     outbound.on('close', () => {
       if (!outcome) {
-        const sessionGone = outbound.session === undefined || outbound.session.destroyed || outbound.session.closed;
-        fail(statusOfReset(outbound.rstCode ?? NGHTTP2_CANCEL, sessionGone, opts.peerName));
+        const sessionGone = session === undefined || session.destroyed || session.closed;
+        const rstCode = outbound.rstCode ?? NGHTTP2_CANCEL;
+        fail(
+          rstCode === NGHTTP2_NO_ERROR && !sessionGone
+            ? new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`)
+            : statusOfReset(rstCode, sessionGone, opts.peerName),
+        );
       }
       finishIfDone();
     });
