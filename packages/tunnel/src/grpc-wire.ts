@@ -270,6 +270,16 @@ export function atDeadline(deadlineMs: number, fn: () => void): () => void {
 /** The longest delay setTimeout takes as it is. */
 const MAX_TIMER_MS = 2 ** 31 - 1;
 
+/** The gRPC status an HTTP status means when a hop answers without grpc-status (gRPC spec). */
+export function statusOfHttp(httpStatus: number): number {
+  if (httpStatus === 400) return Status.INTERNAL;
+  if (httpStatus === 401) return Status.UNAUTHENTICATED;
+  if (httpStatus === 403) return Status.PERMISSION_DENIED;
+  if (httpStatus === 404) return Status.UNIMPLEMENTED;
+  if ([429, 502, 503, 504].includes(httpStatus)) return Status.UNAVAILABLE;
+  return Status.UNKNOWN;
+}
+
 /** How a peer's RST_STREAM (or a lost connection) ends a forwarded call, as a gRPC status. */
 export function statusOfReset(rstCode: number, sessionGone: boolean, peerName: string): BurrowError {
   if (sessionGone) return new BurrowError(Status.UNAVAILABLE, `connection to ${peerName} lost during the call`);

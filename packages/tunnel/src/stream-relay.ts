@@ -10,6 +10,7 @@ import {
   endWithStatus,
   messageTooLarge,
   statusOfHeaders,
+  statusOfHttp,
   statusOfReset,
   stopRequestAfterStatus,
   stopRequestAfterTrailers,
@@ -72,16 +73,6 @@ export function openStream(session: http2.ClientHttp2Session, headers: HeaderBlo
   } catch (err) {
     throw new BurrowError(Status.UNAVAILABLE, `cannot open a stream to ${peerName}: ${(err as Error).message}`, err);
   }
-}
-
-/** The gRPC status an HTTP status means when a hop answers without grpc-status (gRPC spec). */
-function statusOfHttp(httpStatus: number): number {
-  if (httpStatus === 400) return Status.INTERNAL;
-  if (httpStatus === 401) return Status.UNAUTHENTICATED;
-  if (httpStatus === 403) return Status.PERMISSION_DENIED;
-  if (httpStatus === 404) return Status.UNIMPLEMENTED;
-  if ([429, 502, 503, 504].includes(httpStatus)) return Status.UNAVAILABLE;
-  return Status.UNKNOWN;
 }
 
 /**
