@@ -185,7 +185,7 @@ describe('grpc-wire', () => {
       expect(timeoutHeader(now + 10 * 365 * 86_400_000, now)).to.equal('99999999S');
     });
 
-    it('round-trips: the deadline read back is never earlier than the deadline written, less than one unit later', () => {
+    it('round-trips: read back, never earlier than written and less than one unit later', () => {
       for (const left of [1, 999, 60_000, 3_600_000, 99_999_999, 100_000_000, 1_234_567_890]) {
         const header = timeoutHeader(now + left, now)!;
         const back = deadlineFromTimeout(header, now)!;

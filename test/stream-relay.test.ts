@@ -527,7 +527,7 @@ describe('stream-relay: relayCall between a grpc-js client and an upstream over 
     expect((await (await relay.call(0)).outcome).code).to.equal(Status.PERMISSION_DENIED);
   });
 
-  it('gives the caller the status when the upstream ends before the caller half-closes; both streams close', async () => {
+  it('gives the status when the upstream ends before the caller half-closes; both streams close', async () => {
     const { upstream, relay, client } = await echoSetup();
     const call = client.bidi(ECHO.status);
     call.on('error', () => {});
