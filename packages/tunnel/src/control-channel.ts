@@ -1,6 +1,12 @@
 import type * as http2 from 'node:http2';
 import { ProtocolError, type BurrowError } from './errors';
-import { MAX_SESSION_FRAME_BYTES, type SessionFrame, decodeSessionFrame, encodeSessionFrame, sessionFrameTooLarge } from './frames';
+import {
+  MAX_SESSION_FRAME_BYTES,
+  type SessionFrame,
+  decodeSessionFrame,
+  encodeSessionFrame,
+  sessionFrameTooLarge,
+} from './frames';
 import { MessageReader, frameMessage } from './grpc-wire';
 
 /** What a control channel reports to its owner. */

@@ -1,6 +1,8 @@
-import type * as http2 from 'node:http2';
+import * as http2 from 'node:http2';
 import { status as Status } from '@grpc/grpc-js';
 import { BurrowError } from './errors';
+
+const { NGHTTP2_NO_ERROR } = http2.constants;
 
 /**
  * gRPC over HTTP/2 as the raw data plane handles it (the gRPC "PROTOCOL-HTTP2" document): the
@@ -175,8 +177,10 @@ export function statusOfHeaders(
 ): { code: number; details: string } | undefined {
   const raw = headers?.['grpc-status'];
   if (raw === undefined) return undefined;
-  const code = Number(Array.isArray(raw) ? raw[0] : raw);
-  const valid = Number.isInteger(code) && code >= 0 && code <= 16;
+  const text = Array.isArray(raw) ? raw[0] : raw;
+  // Digits only (the spec's 1*DIGIT): Number() would read "", " " and "+0" as 0, that is OK.
+  const code = text !== undefined && /^\d{1,2}$/.test(text) ? Number(text) : Number.NaN;
+  const valid = code >= 0 && code <= 16;
   return {
     code: valid ? code : Status.UNKNOWN,
     details: valid ? decodeGrpcMessage(headers?.['grpc-message']) : `invalid grpc-status "${String(raw)}"`,
@@ -203,6 +207,7 @@ export function endWithStatus(stream: http2.ServerHttp2Stream, code: number, det
         { ':status': 200, 'content-type': GRPC_CONTENT_TYPE, ...statusTrailers(code, details) },
         { endStream: true },
       );
+      stopRequestAfterStatus(stream);
       return;
     }
     // Responded with waitForTrailers: the trailers go out in the wantTrailers event after end().
@@ -214,6 +219,7 @@ export function endWithStatus(stream: http2.ServerHttp2Stream, code: number, det
     stream.once('wantTrailers', () => {
       try {
         stream.sendTrailers(trailers);
+        stopRequestAfterTrailers(stream);
       } catch {
         stream.close();
       }
@@ -222,6 +228,56 @@ export function endWithStatus(stream: http2.ServerHttp2Stream, code: number, det
   } catch {
     stream.close();
   }
+}
+
+/**
+ * Called once a server stream's final status has been sent: a caller still sending (it has not
+ * half-closed) is told to stop with RST_STREAM NO_ERROR (RFC 9113 section 8.1), as grpc-go and
+ * grpc-js servers do. Without it the stream stays open, and what it holds on every hop with it,
+ * for as long as the caller keeps its half open. Node flushes the status before the reset.
+ */
+export function stopRequestAfterStatus(stream: http2.ServerHttp2Stream): void {
+  if (!stream.readableEnded && !stream.closed && !stream.destroyed) stream.close(NGHTTP2_NO_ERROR);
+}
+
+/**
+ * {@link stopRequestAfterStatus} for a status sent as trailers, from the `wantTrailers` listener
+ * right after `sendTrailers`. Node sends a reset made in that listener (or on the next tick) before
+ * the trailers, and the caller then sees a call without a status (measured on Node 20: 300 of 300);
+ * after its own write of the trailers (setImmediate) the order holds.
+ */
+export function stopRequestAfterTrailers(stream: http2.ServerHttp2Stream): void {
+  setImmediate(() => stopRequestAfterStatus(stream));
+}
+
+/**
+ * Runs `fn` at `deadlineMs` (epoch ms). setTimeout fires at once for delays past 2^31-1 ms (24.8
+ * days, while grpc-timeout allows years): such a timer is re-armed until the deadline is near.
+ * Returns the function that cancels it.
+ */
+export function atDeadline(deadlineMs: number, fn: () => void): () => void {
+  let timer: NodeJS.Timeout | undefined;
+  const arm = (): void => {
+    const left = deadlineMs - Date.now();
+    timer = left > MAX_TIMER_MS ? setTimeout(arm, MAX_TIMER_MS) : setTimeout(fn, Math.max(0, left));
+  };
+  if (Number.isFinite(deadlineMs)) arm();
+  return () => {
+    if (timer) clearTimeout(timer);
+  };
+}
+
+/** The longest delay setTimeout takes as it is. */
+const MAX_TIMER_MS = 2 ** 31 - 1;
+
+/** The gRPC status an HTTP status means when a hop answers without grpc-status (gRPC spec). */
+export function statusOfHttp(httpStatus: number): number {
+  if (httpStatus === 400) return Status.INTERNAL;
+  if (httpStatus === 401) return Status.UNAUTHENTICATED;
+  if (httpStatus === 403) return Status.PERMISSION_DENIED;
+  if (httpStatus === 404) return Status.UNIMPLEMENTED;
+  if ([429, 502, 503, 504].includes(httpStatus)) return Status.UNAVAILABLE;
+  return Status.UNKNOWN;
 }
 
 /** How a peer's RST_STREAM (or a lost connection) ends a forwarded call, as a gRPC status. */

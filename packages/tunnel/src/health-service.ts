@@ -77,8 +77,7 @@ export class HealthService {
    */
   answer(stream: http2.ServerHttp2Stream, method: string, deadlineMs: number): void {
     const { req, res } = healthTypes();
-    const serviceOf = (b: Buffer): string =>
-      String((req.decode(b) as unknown as { service?: string }).service ?? '');
+    const serviceOf = (b: Buffer): string => String((req.decode(b) as unknown as { service?: string }).service ?? '');
     const encode = (s: number): Buffer => Buffer.from(res.encode({ status: s }).finish());
     if (method === HEALTH_CHECK) {
       void answerUnary(
@@ -109,9 +108,13 @@ export class HealthService {
       if (first === undefined || stream.headersSent) return;
       const service = serviceOf(first);
       stream.respond({ ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, { waitForTrailers: true });
-      const w = { service, write: (s: number) => stream.write(frameMessage(encode(s))), end: () => {
-        endWithStatus(stream, Status.OK, '');
-      } };
+      const w = {
+        service,
+        write: (s: number) => stream.write(frameMessage(encode(s))),
+        end: () => {
+          endWithStatus(stream, Status.OK, '');
+        },
+      };
       this.watchers.add(w);
       w.write(this.statusOf(service));
       stream.on('close', () => this.watchers.delete(w));

@@ -44,6 +44,9 @@ export {
   statusOfHeaders,
   statusTrailers,
   endWithStatus,
+  stopRequestAfterStatus,
+  stopRequestAfterTrailers,
+  atDeadline,
   statusOfReset,
 } from './grpc-wire';
 export { relayCall, nextHopHeaders, openStream, type RelayOptions, type CallCutter } from './stream-relay';

@@ -6,10 +6,14 @@ import {
   GRPC_CONTENT_TYPE,
   MESSAGE_PREFIX_BYTES,
   MessageSizeGuard,
+  atDeadline,
   endWithStatus,
   messageTooLarge,
   statusOfHeaders,
+  statusOfHttp,
   statusOfReset,
+  stopRequestAfterStatus,
+  stopRequestAfterTrailers,
   timeoutHeader,
 } from './grpc-wire';
 import { forwardedRequestMetadata, forwardedResponseMetadata, type HeaderBlock } from './metadata-policy';
@@ -71,16 +75,6 @@ export function openStream(session: http2.ClientHttp2Session, headers: HeaderBlo
   }
 }
 
-/** The gRPC status an HTTP status means when a hop answers without grpc-status (gRPC spec). */
-function statusOfHttp(httpStatus: number): number {
-  if (httpStatus === 400) return Status.INTERNAL;
-  if (httpStatus === 401) return Status.UNAUTHENTICATED;
-  if (httpStatus === 403) return Status.PERMISSION_DENIED;
-  if (httpStatus === 404) return Status.UNIMPLEMENTED;
-  if ([429, 502, 503, 504].includes(httpStatus)) return Status.UNAVAILABLE;
-  return Status.UNKNOWN;
-}
-
 /**
  * Carries one gRPC call from `inbound` (the stream it arrived on; this side answers it) to
  * `outbound` (the stream this side opened to the next hop) as bytes: DATA is piped both ways and
@@ -99,6 +93,8 @@ export function relayCall(
   opts: RelayOptions,
 ): Promise<CallOutcome> {
   return new Promise((resolve) => {
+    // Kept now: a closed stream no longer names its session, and a reset must not read as a lost connection.
+    const session = outbound.session;
     const requestGuard = new MessageSizeGuard(opts.maxMessageBytes);
     const responseGuard = new MessageSizeGuard(opts.maxMessageBytes);
     let requestBytes = 0;
@@ -106,13 +102,13 @@ export function relayCall(
     let outcome: { code: number; details: string } | undefined;
     let trailersRaw: string[] | undefined;
     let trailerStatus: { code: number; details: string } | undefined;
-    let timer: NodeJS.Timeout | undefined;
+    let cancelTimer: (() => void) | undefined;
     let resolved = false;
 
     const finishIfDone = (): void => {
       if (resolved || !outcome || !inbound.closed) return;
       resolved = true;
-      if (timer) clearTimeout(timer);
+      cancelTimer?.();
       if (!outbound.closed) outbound.close(NGHTTP2_CANCEL);
       resolve({
         ...outcome,
@@ -133,12 +129,9 @@ export function relayCall(
       settle(error.code, error.message);
     };
     if (opts.cutter) opts.cutter.cut = fail;
-    if (Number.isFinite(opts.deadlineMs)) {
-      timer = setTimeout(
-        () => fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`)),
-        Math.max(0, opts.deadlineMs - Date.now()),
-      );
-    }
+    cancelTimer = atDeadline(opts.deadlineMs, () =>
+      fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`)),
+    );
 
     // Caller -> next hop.
     inbound.on('data', (chunk: Buffer) => {
@@ -177,10 +170,11 @@ export function relayCall(
         if (status && httpStatus === 200) {
           try {
             const fields = forwardedResponseMetadata(rawHeaders, true);
-            inbound.respond(
-              { ...fields, ':status': 200, 'content-type': GRPC_CONTENT_TYPE },
-              { endStream: true, sendDate: false } as http2.ServerStreamResponseOptions,
-            );
+            inbound.respond({ ...fields, ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
+              endStream: true,
+              sendDate: false,
+            } as http2.ServerStreamResponseOptions);
+            stopRequestAfterStatus(inbound);
           } catch {
             // The caller's stream is gone; its close settles nothing more.
           }
@@ -193,7 +187,11 @@ export function relayCall(
         const fields = forwardedResponseMetadata(rawHeaders, false);
         const contentType = headers['content-type'];
         inbound.respond(
-          { ...fields, ':status': 200, 'content-type': typeof contentType === 'string' ? contentType : GRPC_CONTENT_TYPE },
+          {
+            ...fields,
+            ':status': 200,
+            'content-type': typeof contentType === 'string' ? contentType : GRPC_CONTENT_TYPE,
+          },
           { waitForTrailers: true, sendDate: false } as http2.ServerStreamResponseOptions,
         );
       } catch {
@@ -216,17 +214,15 @@ export function relayCall(
       trailerStatus = statusOfHeaders(headers);
     });
     outbound.on('end', () => {
-      if (outcome || !inbound.headersSent) return;
-      const status = trailerStatus ?? {
-        code: Status.INTERNAL,
-        details: `${opts.peerName} ended the call without a status`,
-      };
-      const trailers = trailerStatus
-        ? forwardedResponseMetadata(trailersRaw ?? [], true)
-        : { 'grpc-status': String(status.code), 'grpc-message': status.details };
+      // Node ends the readable side on a reset too (CANCEL included): without trailers, the
+      // close below says how the stream ended.
+      if (outcome || !inbound.headersSent || !trailerStatus) return;
+      const status = trailerStatus;
+      const trailers = forwardedResponseMetadata(trailersRaw ?? [], true);
       inbound.once('wantTrailers', () => {
         try {
           inbound.sendTrailers(trailers);
+          stopRequestAfterTrailers(inbound);
         } catch {
           inbound.close();
         }
@@ -237,8 +233,13 @@ export function relayCall(
     outbound.on('error', () => {});
     outbound.on('close', () => {
       if (!outcome) {
-        const sessionGone = outbound.session === undefined || outbound.session.destroyed || outbound.session.closed;
-        fail(statusOfReset(outbound.rstCode ?? NGHTTP2_CANCEL, sessionGone, opts.peerName));
+        const sessionGone = session === undefined || session.destroyed || session.closed;
+        const rstCode = outbound.rstCode ?? NGHTTP2_CANCEL;
+        fail(
+          rstCode === NGHTTP2_NO_ERROR && !sessionGone
+            ? new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`)
+            : statusOfReset(rstCode, sessionGone, opts.peerName),
+        );
       }
       finishIfDone();
     });

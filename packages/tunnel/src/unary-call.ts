@@ -5,9 +5,11 @@ import { BurrowError, toBurrowError } from './errors';
 import {
   GRPC_CONTENT_TYPE,
   MessageReader,
+  atDeadline,
   endWithStatus,
   frameMessage,
   statusOfHeaders,
+  statusOfHttp,
   statusOfReset,
   statusTrailers,
   timeoutHeader,
@@ -61,11 +63,11 @@ export function answerUnary(
     // An abort builds an event and an exception: done only when the handler is still running.
     let handlerRunning = false;
     let abort: AbortController | undefined;
-    let timer: NodeJS.Timeout | undefined;
+    let cancelTimer: (() => void) | undefined;
     const settle = (code: number, details: string): void => {
       if (outcome) return;
       outcome = { code, details };
-      if (timer) clearTimeout(timer);
+      cancelTimer?.();
       if (handlerRunning) abort?.abort();
       if (stream.closed) resolve({ ...outcome, requestBytes, responseBytes });
     };
@@ -74,12 +76,9 @@ export function answerUnary(
       endWithStatus(stream, err.code, err.message);
       settle(err.code, err.message);
     };
-    if (Number.isFinite(opts.deadlineMs)) {
-      timer = setTimeout(
-        () => fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while answering ${opts.method}`)),
-        Math.max(0, opts.deadlineMs - Date.now()),
-      );
-    }
+    cancelTimer = atDeadline(opts.deadlineMs, () =>
+      fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while answering ${opts.method}`)),
+    );
     stream.on('data', (chunk: Buffer) => {
       if (outcome) return;
       try {
@@ -118,10 +117,10 @@ export function answerUnary(
           }
           responseBytes = response.length;
           try {
-            stream.respond(
-              { ':status': 200, 'content-type': GRPC_CONTENT_TYPE },
-              { waitForTrailers: true, sendDate: false } as http2.ServerStreamResponseOptions,
-            );
+            stream.respond({ ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
+              waitForTrailers: true,
+              sendDate: false,
+            } as http2.ServerStreamResponseOptions);
             stream.once('wantTrailers', () => stream.sendTrailers(statusTrailers(Status.OK, '')));
             stream.end(frameMessage(response));
           } catch {
@@ -180,6 +179,11 @@ export function unaryCall(
     const timeout = timeoutHeader(opts.deadlineMs, Date.now());
     if (timeout) headers['grpc-timeout'] = timeout;
     let stream: http2.ClientHttp2Stream;
+    if (opts.signal?.aborted) {
+      // An abort event never comes for a signal aborted already.
+      resolve({ code: Status.CANCELLED, details: 'cancelled', requestBytes: 0, responseBytes: 0, trailers: {} });
+      return;
+    }
     try {
       if (session.closed || session.destroyed) throw new Error('the connection is closing');
       stream = session.request(headers as http2.OutgoingHttpHeaders);
@@ -203,31 +207,38 @@ export function unaryOnStream(
 ): Promise<UnaryCallResult> {
   return new Promise((resolve) => {
     const requestBytes = message.length;
+    // Kept now: a closed stream no longer names its session.
+    const session = stream.session!;
     const reader = new MessageReader(opts.maxMessageBytes);
     let response: Buffer | undefined;
     let done: UnaryCallResult | undefined;
-    let timer: NodeJS.Timeout | undefined;
     let trailers: http2.IncomingHttpHeaders = {};
-    const finish = (code: number, details: string): void => {
+    /** `answered`: the server sent its status, so the call is over for it and is not cancelled. */
+    const finish = (code: number, details: string, answered = false): void => {
       if (done) return;
       done = { code, details, requestBytes, responseBytes: response?.length ?? 0, response, trailers };
-      if (timer) clearTimeout(timer);
+      cancelTimer();
       opts.signal?.removeEventListener('abort', onAbort);
-      if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
+      if (!stream.closed) {
+        // A CANCEL after the answer would show the server a finished call as cancelled.
+        if (!answered) stream.close(http2.constants.NGHTTP2_CANCEL);
+        else if (!stream.writableFinished) stream.close(http2.constants.NGHTTP2_NO_ERROR);
+      }
       resolve(done);
     };
     const onAbort = (): void => finish(Status.CANCELLED, 'cancelled');
     opts.signal?.addEventListener('abort', onAbort, { once: true });
-    if (Number.isFinite(opts.deadlineMs))
-      timer = setTimeout(
-        () => finish(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`),
-        Math.max(0, opts.deadlineMs - Date.now()),
-      );
+    const cancelTimer = atDeadline(opts.deadlineMs, () =>
+      finish(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`),
+    );
     stream.on('response', (h, flags) => {
       const status = statusOfHeaders(h);
-      if (flags & 0x1 || status) {
+      const httpStatus = Number(h[':status']);
+      if (flags & 0x1 || status || httpStatus !== 200) {
         trailers = h;
-        finish(status?.code ?? Status.INTERNAL, status?.details ?? `${opts.peerName} answered without a status`);
+        const code = status?.code ?? (httpStatus === 200 ? Status.INTERNAL : statusOfHttp(httpStatus));
+        const details = status?.details ?? `${opts.peerName} answered HTTP ${httpStatus} without a gRPC status`;
+        finish(code, details, flags & 0x1 ? true : httpStatus !== 200);
       }
     });
     stream.on('data', (chunk: Buffer) => {
@@ -244,12 +255,19 @@ export function unaryOnStream(
     });
     stream.on('end', () => {
       const status = statusOfHeaders(trailers);
-      finish(status?.code ?? Status.INTERNAL, status?.details ?? `${opts.peerName} ended the call without a status`);
+      // Node ends the readable side on a reset too: without a status, the close below says why.
+      if (status) finish(status.code, status.details, true);
     });
     stream.on('error', () => {});
     stream.on('close', () => {
-      const sessionGone = stream.session === undefined || stream.session.destroyed;
-      const e = statusOfReset(stream.rstCode ?? 8, sessionGone, opts.peerName);
+      // `session`, not stream.session: a closed stream no longer names its session.
+      const sessionGone = session.destroyed || session.closed;
+      const rstCode = stream.rstCode ?? http2.constants.NGHTTP2_CANCEL;
+      if (rstCode === http2.constants.NGHTTP2_NO_ERROR && !sessionGone) {
+        finish(Status.INTERNAL, `${opts.peerName} ended the call without a status`);
+        return;
+      }
+      const e = statusOfReset(rstCode, sessionGone, opts.peerName);
       finish(e.code, e.message);
     });
     stream.end(frameMessage(message));
