@@ -151,8 +151,8 @@ describe('cli', function () {
       const [b, a] = await Promise.all([runCli(BROKER_CLI, ['--version']), runCli(AGENT_CLI, ['--version'])]);
       expect(b.exit.code).to.equal(0);
       expect(a.exit.code).to.equal(0);
-      expect(b.stdout.trim()).to.equal(`${version} (protocol 1, 2, 3)`);
-      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 1, 2, 3)`);
+      expect(b.stdout.trim()).to.equal(`${version} (protocol 4)`);
+      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 4)`);
     });
   });
 

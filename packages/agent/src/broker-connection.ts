@@ -263,7 +263,9 @@ export class BrokerConnection extends EventEmitter {
       return;
     }
     if (!this.welcome) {
-      this.protocolError(new ProtocolError('call stream before welcome'));
+      // HTTP/2 writes a new stream's HEADERS ahead of DATA already queued, so a call the broker
+      // opened right after Welcome can arrive before it: it waits for Welcome (or the tunnel's end).
+      this.once('welcome', () => void this.answerCall(stream, path, headers, raw));
       return;
     }
     void this.answerCall(stream, path, headers, raw);

@@ -42,7 +42,7 @@ import {
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import type { BrokerPki } from './broker-pki';
-import { AGENT_RULE, checkPeer, presentedPeer } from './peer-admission';
+import { AGENT_RULE, checkPeer, peerCertificateOf, presentedPeer } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 
 /** How long a new tunnel may take to send Hello before the broker gives up on it. */
@@ -230,7 +230,7 @@ export class AgentListener {
   // Tunnels (ALPN burrow-tunnel): this broker is the HTTP/2 client.
 
   private openTunnel(socket: TLSSocket): void {
-    const { metrics, logger } = this.deps;
+    const { logger } = this.deps;
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
     const h2 = http2.connect('https://agent.burrow', {
       ...H2_SESSION_OPTIONS,
@@ -251,7 +251,7 @@ export class AgentListener {
       this.closeTunnel(tunnel, undefined);
       return;
     }
-    const checked = checkPeer(presentedPeer(socket.getPeerCertificate()), AGENT_RULE, this.deps);
+    const checked = checkPeer(presentedPeer(peerCertificateOf(socket)), AGENT_RULE, this.deps);
     let id: PeerIdentity | undefined;
     let refusal: BurrowError | undefined;
     if ('refusal' in checked) refusal = checked.refusal;
@@ -273,6 +273,11 @@ export class AgentListener {
       onFrame: (frame) => {
         if (!tunnel.session) {
           settle();
+          if (refusal) {
+            // Said once the agent has the control stream (its Hello shows it does).
+            this.refuse(tunnel, refusal);
+            return;
+          }
           if (frame.kind !== 'hello' || !id) {
             this.protocolError(tunnel, new ProtocolError(`session opened with ${frame.kind}, not hello`), id);
             return;
@@ -291,19 +296,15 @@ export class AgentListener {
         this.closeTunnel(tunnel, undefined);
       },
     });
-    if (refusal) {
-      logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
-      this.refuse(tunnel, refusal);
-      return;
-    }
-    if (id) {
+    if (refusal) logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
+    else if (id) {
       pending = true;
       this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
     }
     helloTimer = setTimeout(() => {
       settle();
-      metrics.protocolErrors.inc();
-      this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id);
+      if (refusal) this.refuse(tunnel, refusal);
+      else this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id);
     }, HELLO_TIMEOUT_MS);
   }
 
@@ -516,7 +517,7 @@ export class AgentListener {
       this.refuseLegacyAgent(stream, method);
       return;
     }
-    const checked = checkPeer(presentedPeer(socket.getPeerCertificate()), AGENT_RULE, this.deps);
+    const checked = checkPeer(presentedPeer(peerCertificateOf(socket)), AGENT_RULE, this.deps);
     if ('refusal' in checked) {
       this.deps.logger.warn('site call refused', { peer: socket.remoteAddress, reason: checked.refusal.message });
       endWithStatus(stream, checked.refusal.code, checked.refusal.message);
@@ -594,7 +595,7 @@ export class AgentListener {
         return;
       }
     }
-    const certificate = socket.authorized ? socket.getPeerCertificate() : undefined;
+    const certificate = socket.authorized ? peerCertificateOf(socket) : undefined;
     void answerUnary(
       stream,
       (request) =>

@@ -29,7 +29,7 @@ import { countIfLimited, type CallLimiter } from './call-limiter';
 import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
 import type { CredentialWatch, WatchedListener } from './credential-watch';
 import type { AgentDirectory } from './agent-directory';
-import { CALLER_RULE, checkPeer, presentedPeer, type PresentedPeer } from './peer-admission';
+import { CALLER_RULE, checkPeer, peerCertificateOf, presentedPeer, type PresentedPeer } from './peer-admission';
 import type { PeerForwarder } from './peer-forwarder';
 import { noBrokerServes } from './peer-protocol';
 import type { AgentSession, TunnelRegistry } from './tunnel-registry';
@@ -92,17 +92,10 @@ export function agentIdOfCall(headers: http2.IncomingHttpHeaders): string | unde
   return m ? m[1] : undefined;
 }
 
-/** What a caller presented, read once per connection: Node builds a whole object per call otherwise. */
-const presentedByConnection = new WeakMap<http2.Http2Session, PresentedPeer>();
+/** What a caller presented: its connection's certificate (read once per connection). */
 function presentedOf(stream: http2.ServerHttp2Stream): PresentedPeer {
-  const session = stream.session;
-  if (!session) return { identity: undefined };
-  let p = presentedByConnection.get(session);
-  if (!p) {
-    p = presentedPeer((session.socket as TLSSocket).getPeerCertificate());
-    presentedByConnection.set(session, p);
-  }
-  return p;
+  const socket = stream.session?.socket as TLSSocket | undefined;
+  return socket ? presentedPeer(peerCertificateOf(socket)) : { identity: undefined };
 }
 
 /**

@@ -1,4 +1,4 @@
-import type { PeerCertificate } from 'node:tls';
+import type { PeerCertificate, TLSSocket } from 'node:tls';
 import { status as Status } from '@grpc/grpc-js';
 import {
   BurrowError,
@@ -14,6 +14,21 @@ export interface PresentedPeer {
   identity: PeerIdentity | undefined;
   /** The certificate (DER), to say why it names no identity; absent where the listener has none. */
   raw?: Buffer;
+}
+
+const certificates = new WeakMap<TLSSocket, PeerCertificate>();
+
+/**
+ * The client certificate of a TLS connection, read once per connection: Node builds a whole object
+ * (every extension parsed) each time it is asked, and every call on a connection would ask.
+ */
+export function peerCertificateOf(socket: TLSSocket): PeerCertificate {
+  let cert = certificates.get(socket);
+  if (!cert) {
+    cert = socket.getPeerCertificate();
+    certificates.set(socket, cert);
+  }
+  return cert;
 }
 
 /** The client certificate of a TLS connection or gRPC call, as {@link checkPeer} reads it. */

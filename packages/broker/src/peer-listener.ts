@@ -23,7 +23,7 @@ import {
 import { countIfLimited } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
 import { ALLOW_ALL_CALLERS } from './caller-authorizer';
-import { PEER_BROKER_RULE, checkPeer } from './peer-admission';
+import { PEER_BROKER_RULE, checkPeer, peerCertificateOf } from './peer-admission';
 import {
   FORWARDED_BY_KEY,
   HOP_CALLER_KEY,
@@ -124,7 +124,7 @@ export class PeerListener {
     const { registry, metrics, logger } = this.deps;
     const socket = call.stream.session?.socket as TLSSocket | undefined;
     // Without the certificate: this refusal has never said what is wrong with a broker's certificate.
-    const presented = { identity: identityOfPeerCertificate(socket?.getPeerCertificate()) };
+    const presented = { identity: identityOfPeerCertificate(socket && peerCertificateOf(socket)) };
     const checked = checkPeer(presented, PEER_BROKER_RULE, this.deps);
     if ('refusal' in checked) {
       logger.warn('peer call refused', { peer: socket?.remoteAddress, reason: checked.refusal.message });

@@ -41,6 +41,8 @@ export function followCredentialStore(server: tls.Server, store: CredentialStore
 /** The HTTP/2 sessions of a server, for drain (GOAWAY) and the final cut. */
 export class SessionSet {
   private readonly sessions = new Set<http2.Http2Session>();
+  /** Set by {@link closeGracefully}: a session that starts later (its handshake was running) gets GOAWAY at once. */
+  private closing = false;
 
   track(server: { on(event: 'session', l: (s: http2.ServerHttp2Session) => void): unknown }): void {
     server.on('session', (s) => this.add(s));
@@ -49,6 +51,7 @@ export class SessionSet {
   add(session: http2.Http2Session): void {
     this.sessions.add(session);
     session.once('close', () => this.sessions.delete(session));
+    if (this.closing) session.close();
   }
 
   get size(): number {
@@ -57,6 +60,7 @@ export class SessionSet {
 
   /** GOAWAY to every session: calls in flight finish, new ones go elsewhere. Resolves when all closed. */
   closeGracefully(): Promise<void> {
+    this.closing = true;
     const closing = [...this.sessions].map(
       (s) =>
         new Promise<void>((resolve) => {
