@@ -177,7 +177,7 @@ describe("the agent's concurrency limit (--max-concurrent-calls)", () => {
     await stack?.stop();
   });
 
-  it('calls past the limit wait for a free stream (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS) and then succeed', async () => {
+  it('calls past the limit wait for a free stream (SETTINGS_MAX_CONCURRENT_STREAMS), then succeed', async () => {
     let most = 0;
     const onCall = (): void => {
       most = Math.max(most, stack.siteUpstream.active);
