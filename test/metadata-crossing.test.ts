@@ -417,7 +417,7 @@ describe('metadata crossing on raw HTTP/2: identity and hop keys (issue 13, item
       expect(md.get('x-kept-key')).to.deep.equal(['kept']);
     });
 
-    it('burrow-caller-id sent several times (every case spelling): the upstream still sees exactly one value', async () => {
+    it('burrow-caller-id sent several times (all case spellings): the upstream sees exactly one value', async () => {
       const seen = nextCall(stack.siteUpstream);
       const values = caseSpellings(CALLER_ID_KEY).map((_, i) => `spiffe://burrow.local/service/svc-${i}`);
       const answer = await unaryOn(await fake.session(), ECHO.unary, { [CALLER_ID_KEY]: values });
