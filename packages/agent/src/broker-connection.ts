@@ -328,8 +328,10 @@ export class BrokerConnection extends EventEmitter {
     this.activeCalls++;
     this.opts.metrics.tunnelStreams.inc({ state: 'active' });
     const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], startedMs) ?? Number.POSITIVE_INFINITY;
-    const callerHeader = headers[CALLER_ID_KEY];
-    const caller = typeof callerHeader === 'string' && callerHeader !== '' ? callerHeader : undefined;
+    // From the raw list, not `headers`: node joins a repeated key's values with ", ", and a broker
+    // that sent burrow-caller-id twice must not make the upstream see one value that is both ids.
+    // A v4 broker sends it once (it replaces any value); of several, the first is the one passed on.
+    const caller = firstRawValue(raw, CALLER_ID_KEY) || undefined;
     const callIdHeader = headers[CALL_ID_KEY];
     const callId = typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `a${(++this.callCounter).toString(36)}`;
     const service = serviceOfMethod(method);
@@ -539,4 +541,10 @@ export class BrokerConnection extends EventEmitter {
     this.opts.metrics.tunnelStreams.dec({ state: 'active' });
     this.emit('call-ended');
   }
+}
+
+/** The first value of `key` (lowercase) in node's flat raw header list, or undefined. */
+function firstRawValue(raw: readonly string[], key: string): string | undefined {
+  for (let i = 0; i + 1 < raw.length; i += 2) if (raw[i]!.toLowerCase() === key) return raw[i + 1];
+  return undefined;
 }

@@ -129,12 +129,19 @@ export class PeerForwarder {
             : undefined;
         done({ ready: false, reason: `broker ${peer}: ${status.details}`, refusal });
       };
-      const onClose = (): void => unreachable(`broker ${peer}: the stream was reset (HTTP/2 error ${stream.rstCode})`);
+      // A connection that failed (TLS: a peer that is not a broker) destroys the stream with that error: name it.
+      let streamError: Error | undefined;
+      const onClose = (): void =>
+        unreachable(
+          `broker ${peer}: ${streamError?.message ?? `the stream was reset (HTTP/2 error ${stream.rstCode})`}`,
+        );
       const onAbort = (): void => {
         stream.close(http2.constants.NGHTTP2_CANCEL);
         done({ ready: false, reason: 'cancelled by the client' });
       };
-      stream.on('error', () => {});
+      stream.on('error', (err) => {
+        streamError ??= err;
+      });
       stream.on('continue', onContinue);
       stream.on('response', onResponse);
       stream.on('close', onClose);
