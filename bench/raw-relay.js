@@ -215,6 +215,8 @@ serveIpc({
       dialed.once('error', reject);
     });
     if (dialed.alpnProtocol !== 'h2') throw new Error(`hop1 negotiated ALPN ${dialed.alpnProtocol}, not h2`);
+    // One connection for the life of the bench child: a lost one fails the calls (UNAVAILABLE at
+    // hop1), and no redial hides it.
     dialed.setNoDelay(true);
     // The dialed socket is hop2's HTTP/2 server connection (the role flip of a reverse tunnel).
     server.emit('connection', dialed);
