@@ -6,6 +6,14 @@
 // round so that a noisy machine moves every side alike. Writes bench/results/latest.json and
 // prints a Markdown table with each target met or missed. Nothing here is a test.
 //
+// Sides of the unary and stream cases: `direct` (the caller straight to the echo upstream,
+// plaintext), `burrow` (caller -> broker -> agent -> upstream), `ssh` (sshd and `ssh -R`, see
+// ssh-tunnel.js), and two floors on Burrow's processes and hops that do nothing but forward:
+// `relay` (two grpc-js relays, relay.js: re-making each call with grpc-js) and `raw` (two raw
+// node:http2 relays in a reverse tunnel's shape, raw-relay.js: the second dials the first, which
+// then opens one HTTP/2 stream per call on that connection). `raw` is the floor Burrow's data
+// plane is judged against (issue 15): any tunnel of that shape in Node pays at least its cost.
+//
 //   make bench                       # quick profile (< 5 min on 2 cores)
 //   BENCH_PROFILE=full make bench    # full profile (10,000 agents, 10 s streams, more rounds)
 //   BENCH_CASES=unary,policy,stream,scale,issuance   run only some cases (development)
@@ -444,6 +452,13 @@ async function runTunnelCases(ctx, result) {
     targetTls: certFiles(dirs.agent),
   });
   sides.relay = { address: brokerHop, tls: certFiles(dirs.caller) };
+  // The floor of forwarding with raw node:http2 in the shape of a reverse tunnel (see raw-relay.js):
+  // hop 2 dials hop 1, then hop 1 opens one HTTP/2 stream per call on that connection.
+  const rawHops = [forkChild('raw-relay.js', 'raw-hop1'), forkChild('raw-relay.js', 'raw-hop2')];
+  const rawHop1 = await rawHops[0].call('hop1', { listenTls: certFiles(dirs.broker) });
+  await rawHops[1].call('hop2', { hop1: rawHop1.agents, dialTls: certFiles(dirs.agent), target: echo });
+  await rawHops[0].call('agentConnected');
+  sides.raw = { address: rawHop1.callers, tls: certFiles(dirs.caller) };
   // And the policy case's two-hop floor: one relay behind mTLS in front of the trivial server.
   relays.push(forkChild('relay.js', 'relay-policy'));
   const policyHop = await relays[2].call('start', {
@@ -474,6 +489,12 @@ async function runTunnelCases(ctx, result) {
       caller: callers.relay.proc.pid,
       relayBroker: relays[1].proc.pid,
       relayAgent: relays[0].proc.pid,
+      upstream: upstreamPid,
+    },
+    raw: {
+      caller: callers.raw.proc.pid,
+      rawHop1: rawHops[0].proc.pid,
+      rawHop2: rawHops[1].proc.pid,
       upstream: upstreamPid,
     },
   };
@@ -573,7 +594,7 @@ async function runTunnelCases(ctx, result) {
   await restarting;
   await Promise.all([stopGracefully(agent.proc), stopGracefully(broker.proc)]);
   for (const c of Object.values(callers)) await c.kill();
-  for (const r of relays) await r.kill();
+  for (const r of [...relays, ...rawHops]) await r.kill();
 }
 
 function tlsArgs(files) {
