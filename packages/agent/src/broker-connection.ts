@@ -130,8 +130,9 @@ export class BrokerConnection extends EventEmitter {
     return {
       host: bare,
       port: Number(port),
-      // No SNI for an IP address (RFC 6066); the name check still applies.
-      servername: isIP(servername) ? undefined : servername,
+      // No SNI for an IP address (RFC 6066; '' keeps http2.connect from using the host); the name
+      // check still applies.
+      servername: isIP(servername) ? '' : servername,
       ca: this.opts.tls.caPem,
       cert: this.opts.tls.certPem,
       key: this.opts.tls.keyPem,

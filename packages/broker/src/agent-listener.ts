@@ -42,7 +42,7 @@ import {
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import type { BrokerPki } from './broker-pki';
-import { AGENT_RULE, checkPeer, peerCertificateOf, presentedPeer } from './peer-admission';
+import { AGENT_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 
 /** How long a new tunnel may take to send Hello before the broker gives up on it. */
@@ -251,7 +251,7 @@ export class AgentListener {
       this.closeTunnel(tunnel, undefined);
       return;
     }
-    const checked = checkPeer(presentedPeer(peerCertificateOf(socket)), AGENT_RULE, this.deps);
+    const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
     let id: PeerIdentity | undefined;
     let refusal: BurrowError | undefined;
     if ('refusal' in checked) refusal = checked.refusal;
@@ -517,7 +517,7 @@ export class AgentListener {
       this.refuseLegacyAgent(stream, method);
       return;
     }
-    const checked = checkPeer(presentedPeer(peerCertificateOf(socket)), AGENT_RULE, this.deps);
+    const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
     if ('refusal' in checked) {
       this.deps.logger.warn('site call refused', { peer: socket.remoteAddress, reason: checked.refusal.message });
       endWithStatus(stream, checked.refusal.code, checked.refusal.message);

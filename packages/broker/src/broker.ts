@@ -747,9 +747,16 @@ export class Broker {
     // that crossed the GOAWAY is refused by HTTP/2, one that arrived before it is refused
     // (draining). The drain waits for the calls that were admitted, not for every connection to
     // close: a client that never closes its end must not hold it.
-    const listeners = [this.apiServer, this.agentServer, ...(this.peerServer ? [this.peerServer] : [])];
-    for (const l of listeners) l.close();
-    const closed = Promise.all([this.apiSessions.closeGracefully(), this.peerSessions.closeGracefully()]);
+    // A listener's close completes once its last connection has closed: that includes one accepted
+    // before the drain whose handshake ends after it (its session gets GOAWAY as it starts).
+    const callerListeners = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
+    const listenersClosed = callerListeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve())));
+    this.agentServer.close();
+    const closed = Promise.all([
+      ...listenersClosed,
+      this.apiSessions.closeGracefully(),
+      this.peerSessions.closeGracefully(),
+    ]);
     // Calls from agents (site -> platform) finish before the sessions go away.
     this.agentListener.closeCallConnections();
     await this.waitFor(

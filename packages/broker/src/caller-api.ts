@@ -29,7 +29,7 @@ import { countIfLimited, type CallLimiter } from './call-limiter';
 import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
 import type { CredentialWatch, WatchedListener } from './credential-watch';
 import type { AgentDirectory } from './agent-directory';
-import { CALLER_RULE, checkPeer, peerCertificateOf, presentedPeer, type PresentedPeer } from './peer-admission';
+import { CALLER_RULE, checkPeer, presentedBy, type PresentedPeer } from './peer-admission';
 import type { PeerForwarder } from './peer-forwarder';
 import { noBrokerServes } from './peer-protocol';
 import type { AgentSession, TunnelRegistry } from './tunnel-registry';
@@ -95,7 +95,7 @@ export function agentIdOfCall(headers: http2.IncomingHttpHeaders): string | unde
 /** What a caller presented: its connection's certificate (read once per connection). */
 function presentedOf(stream: http2.ServerHttp2Stream): PresentedPeer {
   const socket = stream.session?.socket as TLSSocket | undefined;
-  return socket ? presentedPeer(peerCertificateOf(socket)) : { identity: undefined };
+  return socket ? presentedBy(socket) : { identity: undefined };
 }
 
 /**

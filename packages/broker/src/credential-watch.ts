@@ -2,9 +2,9 @@ import { status as Status } from '@grpc/grpc-js';
 import type { Http2SecureServer, ServerHttp2Session } from 'node:http2';
 import type { Server as HttpsServer } from 'node:https';
 import type { TLSSocket } from 'node:tls';
-import { BurrowError, identityOfPeerCertificate, type Logger, type PeerIdentity } from '@burrow/tunnel';
+import { BurrowError, type Logger, type PeerIdentity } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
-import { peerCertificateOf } from './peer-admission';
+import { presentedBy } from './peer-admission';
 
 /** The listeners whose client certificates are watched (metric label `listener`). */
 export type WatchedListener = 'api' | 'authzen' | 'peer';
@@ -36,7 +36,7 @@ const CUT_CLOSE_GRACE_MS = 1_000;
 /** The identity of a TLS connection's client certificate; undefined when it has none or is gone. */
 function peerIdentityOf(socket: TLSSocket): PeerIdentity | undefined {
   try {
-    return identityOfPeerCertificate(peerCertificateOf(socket));
+    return presentedBy(socket).identity;
   } catch {
     return undefined;
   }

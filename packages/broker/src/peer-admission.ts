@@ -31,6 +31,16 @@ export function peerCertificateOf(socket: TLSSocket): PeerCertificate {
   return cert;
 }
 
+/**
+ * What the client of a TLS connection presented. A certificate that did not verify (a listener
+ * that lets such connections through for enrollment) names no identity, whatever its SANs say;
+ * it is kept to explain the refusal.
+ */
+export function presentedBy(socket: TLSSocket): PresentedPeer {
+  const cert = peerCertificateOf(socket);
+  return socket.authorized ? presentedPeer(cert) : { identity: undefined, raw: cert?.raw };
+}
+
 /** The client certificate of a TLS connection or gRPC call, as {@link checkPeer} reads it. */
 export function presentedPeer(cert: PeerCertificate | undefined): PresentedPeer {
   return { identity: identityOfPeerCertificate(cert), raw: cert?.raw };

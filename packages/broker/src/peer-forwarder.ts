@@ -1,4 +1,5 @@
 import * as http2 from 'node:http2';
+import { isIP } from 'node:net';
 import {
   AGENT_ID_KEY,
   BurrowError,
@@ -172,7 +173,8 @@ export class PeerForwarder {
       ca: tls.caPem,
       cert: tls.certPem,
       key: tls.keyPem,
-      servername: host.replace(/^\[|\]$/g, ''),
+      // No SNI for an IP address (RFC 6066); '' keeps http2.connect from using the host.
+      servername: isIP(host.replace(/^\[|\]$/g, '')) ? '' : host,
       checkServerIdentity: this.checkServerIdentity,
       ALPNProtocols: ['h2'],
       minVersion: 'TLSv1.2',

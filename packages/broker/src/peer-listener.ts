@@ -9,7 +9,6 @@ import {
   GRPC_CONTENT_TYPE,
   deadlineFromTimeout,
   encodeGrpcMessage,
-  identityOfPeerCertificate,
   nextHopHeaders,
   openStream,
   parseSpiffeId,
@@ -23,7 +22,7 @@ import {
 import { countIfLimited } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
 import { ALLOW_ALL_CALLERS } from './caller-authorizer';
-import { PEER_BROKER_RULE, checkPeer, peerCertificateOf } from './peer-admission';
+import { PEER_BROKER_RULE, checkPeer, presentedBy } from './peer-admission';
 import {
   FORWARDED_BY_KEY,
   HOP_CALLER_KEY,
@@ -124,7 +123,7 @@ export class PeerListener {
     const { registry, metrics, logger } = this.deps;
     const socket = call.stream.session?.socket as TLSSocket | undefined;
     // Without the certificate: this refusal has never said what is wrong with a broker's certificate.
-    const presented = { identity: identityOfPeerCertificate(socket && peerCertificateOf(socket)) };
+    const presented = { identity: socket ? presentedBy(socket).identity : undefined };
     const checked = checkPeer(presented, PEER_BROKER_RULE, this.deps);
     if ('refusal' in checked) {
       logger.warn('peer call refused', { peer: socket?.remoteAddress, reason: checked.refusal.message });
