@@ -223,28 +223,6 @@ describe('cli', function () {
       expect(line).to.include('must be from 100ms to 1h');
     });
 
-    it(
-      '--max-offers-per-agent below --agent-max-concurrent, ' + 'from the flag, the environment and the config file',
-      async () => {
-        const ports = await freePorts(3);
-        const line = await expectConfigError(
-          BROKER_CLI,
-          brokerFlags(ports, { 'max-offers-per-agent': '100' }),
-          'max-offers-per-agent',
-          ports,
-        );
-        expect(line).to.equal(
-          'burrow-broker: max-offers-per-agent: 100 is below --agent-max-concurrent (2048); raise it or set 0',
-        );
-        await expectConfigError(BROKER_CLI, brokerFlags(ports), 'max-offers-per-agent', ports, {
-          BURROW_BROKER_MAX_OFFERS_PER_AGENT: '10',
-        });
-        const file = path.join(pki.root, 'offers.yaml');
-        writeFileSync(file, 'max-offers-per-agent: 5\n');
-        await expectConfigError(BROKER_CLI, [...brokerFlags(ports), '--config', file], 'max-offers-per-agent', ports);
-      },
-    );
-
     it('--max-sessions-per-agent -1', async () => {
       const ports = await freePorts(3);
       await expectConfigError(

@@ -254,11 +254,6 @@ export class BrokerMetrics {
     labelNames: ['code'],
     registers: [],
   });
-  readonly demandedOffers = new Counter({
-    name: 'burrow_broker_demanded_offers_total',
-    help: 'Offer streams requested from agents with Demand because calls were waiting.',
-    registers: [this.registry],
-  });
 
   /** `counts` and `agents` read the tunnel registry; called only when metrics are scraped. */
   constructor(
