@@ -84,7 +84,9 @@ describe('version skew between agent and broker', () => {
     await stack?.stop();
   });
 
-  describe(`an agent one version older than the broker (agent ${list([OLDER])}, broker ${list(PROTOCOL_VERSIONS)})`, () => {
+  const olderTitle =
+    `an agent one version older than the broker (agent ${list([OLDER])}, ` + `broker ${list(PROTOCOL_VERSIONS)})`;
+  describe(olderTitle, () => {
     it(
       'on the control stream: Refused with FAILED_PRECONDITION naming both lists, ' +
         'no Welcome, not registered, counted, not a protocol error',
@@ -116,7 +118,9 @@ describe('version skew between agent and broker', () => {
     );
 
     for (const versions of [[1, 2, 3], [3]]) {
-      it(`an agent of versions ${list(versions)} (ALPN h2, the old Tunnel/Session) is refused naming both lists`, async () => {
+      const title =
+        `an agent of versions ${list(versions)} (ALPN h2, the old Tunnel/Session) ` + 'is refused naming both lists';
+      it(title, async () => {
         const refusedBefore = await refusedForVersion();
         const status = await legacySession(stack.agentAddress, stack.agentCert, versions);
         expect(status.code).to.equal(Status.FAILED_PRECONDITION);
@@ -140,7 +144,8 @@ describe('version skew between agent and broker', () => {
       [...PROTOCOL_VERSIONS, NEWER],
       [NEWER, ...PROTOCOL_VERSIONS],
     ]) {
-      it(`offering ${list(versions)}: welcomed in ${NEWEST}, the highest common version, and carries a caller's call`, async () => {
+      const title = `offering ${list(versions)}: welcomed in ${NEWEST}, the highest common version, and carries a call`;
+      it(title, async () => {
         const agent = await rawAgent();
         const { welcome } = await agent.welcome(versions, 'raw-agent/new');
         expect(welcome.protocolVersion).to.equal(NEWEST);
@@ -390,7 +395,9 @@ describe('version skew: the real agent against broker doubles', () => {
     },
   );
 
-  it(`a broker that picks a version the agent did not offer (${NEWER}): a protocol error, and the agent retries`, async () => {
+  const pickedTitle =
+    `a broker that picks a version the agent did not offer (${NEWER}): ` + 'a protocol error; the agent retries';
+  it(pickedTitle, async () => {
     const double = await tunnelBrokerDouble(stack, [NEWER], { welcomeWith: NEWER });
     cleanups.push(double.stop);
     const { agent, records } = await agentAgainst(double.address);
