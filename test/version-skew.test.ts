@@ -118,8 +118,7 @@ describe('version skew between agent and broker', () => {
     );
 
     for (const versions of [[1, 2, 3], [3]]) {
-      const title =
-        `an agent of versions ${list(versions)} (ALPN h2, the old Tunnel/Session) ` + 'is refused naming both lists';
+      const title = `an agent of versions ${list(versions)} (h2, the old Tunnel/Session) is refused naming both lists`;
       it(title, async () => {
         const refusedBefore = await refusedForVersion();
         const status = await legacySession(stack.agentAddress, stack.agentCert, versions);
@@ -395,8 +394,7 @@ describe('version skew: the real agent against broker doubles', () => {
     },
   );
 
-  const pickedTitle =
-    `a broker that picks a version the agent did not offer (${NEWER}): ` + 'a protocol error; the agent retries';
+  const pickedTitle = `a broker picking a version the agent did not offer (${NEWER}): a protocol error; the agent retries`;
   it(pickedTitle, async () => {
     const double = await tunnelBrokerDouble(stack, [NEWER], { welcomeWith: NEWER });
     cleanups.push(double.stop);
