@@ -394,7 +394,7 @@ describe('version skew: the real agent against broker doubles', () => {
     },
   );
 
-  const pickedTitle = `a broker picking a version the agent did not offer (${NEWER}): a protocol error; the agent retries`;
+  const pickedTitle = `a broker picking a version the agent did not offer (${NEWER}): protocol error, agent retries`;
   it(pickedTitle, async () => {
     const double = await tunnelBrokerDouble(stack, [NEWER], { welcomeWith: NEWER });
     cleanups.push(double.stop);
