@@ -239,7 +239,7 @@ describe("session limits: a rogue agent's oversized session frames (real broker 
     await expectNoLeaks(baseline);
   });
 
-  it('a session frame declaring 10 MiB is refused from its prefix; a Hello listing 1,000 versions names the bound', async () => {
+  it('a frame declaring 10 MiB is refused from its prefix; a Hello of 1,000 versions names the bound', async () => {
     const refusals: { code: number; message: string }[] = [];
     await underAttack(
       '8 x a 5-byte prefix declaring 10 MiB',
