@@ -159,7 +159,13 @@ export class BrokerConnection extends EventEmitter {
         this.close(err);
       };
       const timer = setTimeout(
-        () => fail(new BurrowError(Status.UNAVAILABLE, `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`)),
+        () =>
+          fail(
+            new BurrowError(
+              Status.UNAVAILABLE,
+              `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`,
+            ),
+          ),
         WELCOME_TIMEOUT_MS,
       );
       this.once('welcome', (welcome: WelcomeFrame) => {
@@ -205,17 +211,30 @@ export class BrokerConnection extends EventEmitter {
       });
       const timer = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), WELCOME_TIMEOUT_MS);
       let status: { code: number; details: string } | undefined;
-      stream.on('response', (h) => (status ??= statusOfHeaders(h)));
-      stream.on('trailers', (h) => (status ??= statusOfHeaders(h)));
-      stream.on('error', () => {});
-      stream.resume();
-      stream.on('close', () => {
+      let done = false;
+      // Settled by the status itself: this stream's request side stays open (an old Session is a
+      // bidi stream), so it would close only when the old broker resets it, which grpc-js does not.
+      const settle = (): void => {
+        if (done) return;
+        done = true;
         clearTimeout(timer);
+        if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
         const why = status
           ? status.details
           : `it speaks an older protocol; this agent speaks [${PROTOCOL_VERSIONS.join(', ')}]`;
         resolve(new BurrowError(status?.code ?? Status.FAILED_PRECONDITION, why));
+      };
+      stream.on('response', (h) => {
+        status ??= statusOfHeaders(h);
+        if (status) settle();
       });
+      stream.on('trailers', (h) => {
+        status ??= statusOfHeaders(h);
+        settle();
+      });
+      stream.on('error', () => {});
+      stream.resume();
+      stream.on('close', settle);
       stream.write(hello);
     });
     session.destroy();
@@ -334,7 +353,8 @@ export class BrokerConnection extends EventEmitter {
     // A v4 broker sends it once (it replaces any value); of several, the first is the one passed on.
     const caller = firstRawValue(raw, CALLER_ID_KEY) || undefined;
     const callIdHeader = headers[CALL_ID_KEY];
-    const callId = typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `a${(++this.callCounter).toString(36)}`;
+    const callId =
+      typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `a${(++this.callCounter).toString(36)}`;
     const service = serviceOfMethod(method);
     // A route naming the service wins over the built-in one; the default route `*` does not.
     const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(method);
@@ -359,7 +379,8 @@ export class BrokerConnection extends EventEmitter {
           const out = openStream(upstream.session, next, peerName);
           outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
           const why = upstream.lastError();
-          if (outcome.code === Status.UNAVAILABLE && why) outcome = { ...outcome, details: `${outcome.details} (${why})` };
+          if (outcome.code === Status.UNAVAILABLE && why)
+            outcome = { ...outcome, details: `${outcome.details} (${why})` };
         } catch (err) {
           const e = toBurrowError(err);
           endWithStatus(stream, e.code, e.message);

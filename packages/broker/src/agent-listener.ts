@@ -86,6 +86,8 @@ export interface AgentListenerDeps {
 interface Tunnel {
   readonly socket: TLSSocket;
   readonly h2: http2.ClientHttp2Session;
+  /** The control stream (the first stream this broker opens), once opened. */
+  control?: http2.ClientHttp2Stream;
   channel?: ControlChannel;
   session?: AgentSession;
   closed: boolean;
@@ -251,6 +253,7 @@ export class AgentListener {
       this.closeTunnel(tunnel, undefined);
       return;
     }
+    tunnel.control = control;
     const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
     let id: PeerIdentity | undefined;
     let refusal: BurrowError | undefined;
@@ -271,13 +274,11 @@ export class AgentListener {
     };
     tunnel.channel = new ControlChannel(control, {
       onFrame: (frame) => {
+        // A refused or closed tunnel takes nothing more: an agent sends Hello without waiting, and
+        // a Hello read after Refused must not register a session (past the cap, or never removed).
+        if (tunnel.closed) return;
         if (!tunnel.session) {
           settle();
-          if (refusal) {
-            // Said once the agent has the control stream (its Hello shows it does).
-            this.refuse(tunnel, refusal);
-            return;
-          }
           if (frame.kind !== 'hello' || !id) {
             this.protocolError(tunnel, new ProtocolError(`session opened with ${frame.kind}, not hello`), id);
             return;
@@ -296,15 +297,21 @@ export class AgentListener {
         this.closeTunnel(tunnel, undefined);
       },
     });
-    if (refusal) logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
-    else if (id) {
+    if (refusal) {
+      // The per-agent cap logs its own line, once per agent while it stays over it: a flood of
+      // connections must not become a flood of log lines.
+      if (refusal.code !== Status.RESOURCE_EXHAUSTED)
+        logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
+      this.refuse(tunnel, refusal);
+      return;
+    }
+    if (id) {
       pending = true;
       this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
     }
     helloTimer = setTimeout(() => {
       settle();
-      if (refusal) this.refuse(tunnel, refusal);
-      else this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id);
+      this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id);
     }, HELLO_TIMEOUT_MS);
   }
 
@@ -320,7 +327,12 @@ export class AgentListener {
       this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason: 'session_limit' });
       if (!this.refusalsLogged.has(key)) {
         this.refusalsLogged.add(key);
-        this.deps.logger.warn('tunnel refused: per-agent limit', { agentId: id.name, peer, limit: 'sessions', reason: details });
+        this.deps.logger.warn('tunnel refused: per-agent limit', {
+          agentId: id.name,
+          peer,
+          limit: 'sessions',
+          reason: details,
+        });
       }
       return new BurrowError(Status.RESOURCE_EXHAUSTED, `${details} (--max-sessions-per-agent)`);
     }
@@ -373,7 +385,8 @@ export class AgentListener {
   private onSessionFrame(tunnel: Tunnel, session: AgentSession, frame: SessionFrame): void {
     if (frame.kind === 'credentials') this.acceptCredentials(tunnel, session, frame.certificateChainPem);
     else if (frame.kind === 'drain') this.agentLeaving(tunnel, session, frame.reason);
-    else this.protocolError(tunnel, new ProtocolError(`${frame.kind} frame from an agent after hello`), session.identity);
+    else
+      this.protocolError(tunnel, new ProtocolError(`${frame.kind} frame from an agent after hello`), session.identity);
   }
 
   /**
@@ -426,12 +439,17 @@ export class AgentListener {
       return;
     }
     if (id.role !== 'agent' || id.name !== session.agentId || id.trustDomain !== session.identity.trustDomain) {
-      const error = new ProtocolError(`renewed certificate names ${id.spiffeId}, not the session's ${session.identity.spiffeId}`);
+      const error = new ProtocolError(
+        `renewed certificate names ${id.spiffeId}, not the session's ${session.identity.spiffeId}`,
+      );
       this.protocolError(tunnel, error, session.identity);
       return;
     }
     if (this.deps.isRevoked(id)) {
-      this.closeTunnel(tunnel, new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${id.name}" is revoked`));
+      this.closeTunnel(
+        tunnel,
+        new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${id.name}" is revoked`),
+      );
       return;
     }
     session.identity = id;
@@ -488,7 +506,17 @@ export class AgentListener {
     }
     if (!h2.closed && !h2.destroyed) {
       tunnel.channel?.end();
-      h2.close();
+      const close = (): void => {
+        if (!h2.closed && !h2.destroyed) h2.close();
+      };
+      // After a Refused frame, GOAWAY waits for the control stream to end: nghttp2 sends control
+      // frames (GOAWAY) ahead of queued HEADERS and DATA, so a tunnel refused as soon as it was
+      // accepted would get GOAWAY before its control stream, and the agent (an HTTP/2 server that
+      // has seen GOAWAY) would never see the stream nor the Refused on it. The timer below still
+      // cuts an agent that keeps the stream open.
+      const { control } = tunnel;
+      if ((error || refusedAlready) && control && !control.closed) control.once('close', close);
+      else close();
       // A peer that keeps the connection (or its streams) open past the grace period is cut.
       setTimeout(() => h2.destroy(), error || refusedAlready ? CLOSE_GRACE_MS : this.deps.keepalive.timeMs).unref();
     }
@@ -543,7 +571,8 @@ export class AgentListener {
     const { metrics, logger, platformUpstreams } = this.deps;
     const startedMs = Date.now();
     const callIdHeader = headers['burrow-call-id'];
-    const callId = typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `b${(++this.callCounter).toString(36)}`;
+    const callId =
+      typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `b${(++this.callCounter).toString(36)}`;
     metrics.callsInFlight.inc({ direction: 'from_agent' });
     let outcome: { code: number; details: string; requestBytes?: number; responseBytes?: number };
     const upstream = platformUpstreams.sessionFor(method);
@@ -554,7 +583,14 @@ export class AgentListener {
       try {
         const out = openStream(
           upstream.session,
-          nextHopHeaders(method, upstream.address, raw, deadlineMs, { [CALLING_AGENT_KEY]: agent.name }, headers['content-type']),
+          nextHopHeaders(
+            method,
+            upstream.address,
+            raw,
+            deadlineMs,
+            { [CALLING_AGENT_KEY]: agent.name },
+            headers['content-type'],
+          ),
           peerName,
         );
         outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.deps.maxMessageBytes, deadlineMs });
@@ -578,7 +614,12 @@ export class AgentListener {
   }
 
   /** Enroll (no client certificate needed) and Renew, when this broker has a PKI directory. */
-  private answerEnrollment(stream: http2.ServerHttp2Stream, method: string, socket: TLSSocket, deadlineMs: number): void {
+  private answerEnrollment(
+    stream: http2.ServerHttp2Stream,
+    method: string,
+    socket: TLSSocket,
+    deadlineMs: number,
+  ): void {
     const { pki } = this.deps;
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
     if (!pki) {
