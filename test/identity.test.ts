@@ -215,7 +215,7 @@ describe('identity', function () {
       expect(agents.map((a) => a.id)).to.deep.equal(['site-a']);
     });
 
-    it('a site call (agent -> platform) made with a SERVICE certificate is refused with PERMISSION_DENIED', async () => {
+    it('a site call (agent -> platform) with a SERVICE certificate is refused with PERMISSION_DENIED', async () => {
       // The agent listener's ordinary gRPC side takes the agent's platform calls: a service
       // certificate may not pose as an agent there either.
       const s = await rawTunnelStream(stack.agentAddress, stack.serviceCert, ECHO.unary);

@@ -187,9 +187,7 @@ function localTlsFromArgs(args: Args, local: LocalSideArgs): AgentConfig['localT
     : undefined;
 }
 
-function streamLimitsFromArgs(
-  args: Args,
-): Pick<AgentConfig, 'maxConcurrentCalls' | 'maxBrokers' | 'maxMessageBytes'> {
+function streamLimitsFromArgs(args: Args): Pick<AgentConfig, 'maxConcurrentCalls' | 'maxBrokers' | 'maxMessageBytes'> {
   const maxMessageBytes = maxMessageBytesFromArgs(args);
   const maxConcurrentCalls = parseIntInRange('max-concurrent-calls', args['max-concurrent-calls'], 1, 100_000);
   const maxBrokers = parseIntInRange('max-brokers', args['max-brokers'], 1, 64);

@@ -667,7 +667,8 @@ export class AgentListener {
   private refuseLegacyAgent(stream: http2.ServerHttp2Stream, method: string): void {
     const { metrics, logger } = this.deps;
     const refuse = (theirs: string): void => {
-      const details = `no common protocol version: agent speaks ${theirs}, broker speaks ${describeVersions(PROTOCOL_VERSIONS)}`;
+      const ours = describeVersions(PROTOCOL_VERSIONS);
+      const details = `no common protocol version: agent speaks ${theirs}, broker speaks ${ours}`;
       metrics.rejectedHandshakes.inc({ listener: 'agent', reason: 'protocol_version' });
       logger.warn('tunnel session refused', { peer: stream.session?.socket?.remoteAddress, reason: details });
       endWithStatus(stream, Status.FAILED_PRECONDITION, details);

@@ -243,7 +243,7 @@ export class BrokerPki {
 
   /**
    * The enrollment rate limit (`enrollPerMinute` per source address), asked when an Enroll call's
-   * headers arrive, before its body is read (the broker wires it with refuseCallsEarly): counts
+   * headers arrive, before its body is read (the agent listener asks it when the headers arrive): counts
    * the attempt, and returns the refusal to send when `address` is over its budget.
    */
   refuseEnrollment(address: string): { code: Status; details: string } | undefined {
@@ -258,10 +258,7 @@ export class BrokerPki {
    * Enrollment/Enroll: join token + CSR -> the agent's first certificate. No client cert needed.
    * The rate limit ran before the body was read ({@link refuseEnrollment}).
    */
-  readonly enroll = (
-    call: EnrollmentCall<EnrollRequest>,
-    cb: EnrollmentReply,
-  ): void => {
+  readonly enroll = (call: EnrollmentCall<EnrollRequest>, cb: EnrollmentReply): void => {
     const source = call.peer.replace(/:\d+$/, '');
     void (async () => {
       let agentId: string;
@@ -294,11 +291,7 @@ export class BrokerPki {
    * Enrollment/Renew: the agent's valid client certificate + a CSR for a new key -> a new
    * certificate for the same identity. `authenticate` is the agent listener's identity check.
    */
-  readonly renew = (
-    call: EnrollmentCall<RenewRequest>,
-    cb: EnrollmentReply,
-    trustDomain: string,
-  ): void => {
+  readonly renew = (call: EnrollmentCall<RenewRequest>, cb: EnrollmentReply, trustDomain: string): void => {
     const id = identityOfPeerCertificate(call.peerCertificate);
     let problem: string | undefined;
     let result = 'denied';

@@ -1,4 +1,4 @@
-import * as http2 from 'node:http2';
+import type * as http2 from 'node:http2';
 import type { TLSSocket } from 'node:tls';
 import { status as Status } from '@grpc/grpc-js';
 import {

@@ -3,7 +3,7 @@ import type { TLSSocket } from 'node:tls';
 import { status as Status } from '@grpc/grpc-js';
 import {
   AGENT_ID_KEY,
-  BurrowError,
+  type BurrowError,
   CALLER_ID_KEY,
   CALL_ID_KEY,
   GRPC_CONTENT_TYPE,
@@ -196,7 +196,14 @@ export class PeerListener {
       if (hop) owned[CALLER_ID_KEY] = hop.caller;
       outbound = openStream(
         session.h2,
-        nextHopHeaders(call.method, `${agentId}.agent`, call.rawHeaders, deadlineMs, owned, call.headers['content-type']),
+        nextHopHeaders(
+          call.method,
+          `${agentId}.agent`,
+          call.rawHeaders,
+          deadlineMs,
+          owned,
+          call.headers['content-type'],
+        ),
         `agent "${agentId}"`,
       );
     } catch (err) {

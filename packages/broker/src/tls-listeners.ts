@@ -1,5 +1,5 @@
 import * as http2 from 'node:http2';
-import * as tls from 'node:tls';
+import type * as tls from 'node:tls';
 import { H2_SESSION_OPTIONS, type CredentialStore } from '@burrow/tunnel';
 
 /**

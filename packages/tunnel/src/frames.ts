@@ -56,12 +56,6 @@ export const LEGACY_SESSION_PATH = '/burrow.tunnel.v1.Tunnel/Session';
 /** Request header on the broker's call streams: the call's id in the broker's logs. */
 export const CALL_ID_KEY = 'burrow-call-id';
 
-/** One metadata entry as a session of version 1-3 or a test encodes it. */
-export interface WireMetadataEntry {
-  key: string;
-  value: Uint8Array;
-}
-
 export interface HelloFrame {
   protocolVersions: number[];
   agentVersion: string;

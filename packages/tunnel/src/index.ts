@@ -27,7 +27,7 @@ export {
   type BrokerEndpoint,
 } from './frames';
 /** @internal Tests build and check raw frames with these. */
-export { PROTOCOL_VERSION, type WireMetadataEntry, type HelloFrame, type SessionFrame } from './frames';
+export { PROTOCOL_VERSION, type HelloFrame, type SessionFrame } from './frames';
 export { ControlChannel, type ControlHandlers } from './control-channel';
 
 // gRPC over raw HTTP/2: message prefixes, deadlines, statuses; one call relayed stream to stream.
@@ -70,8 +70,6 @@ export {
   forwardedResponseMetadata,
   type HeaderBlock,
 } from './metadata-policy';
-/** @internal Tests check the metadata filter with it. */
-export { requestMetadataFromWire } from './metadata-policy';
 
 // Upstream routing and the API codecs (the JSON shapes of the policy and auth services).
 export {
@@ -108,21 +106,6 @@ export { CredentialStore, type TlsMaterial } from './credential-store';
 
 // gRPC server and channel plumbing: options, hooks into grpc-js, connection limits, health.
 export { H2_SESSION_OPTIONS, keepSessionAlive, DEFAULT_KEEPALIVE, type KeepaliveSettings } from './grpc-options';
-export {
-  installCatchAll,
-  observeTlsClientErrors,
-  cachePeerCertificates,
-  tlsServersOf,
-  refuseCallsEarly,
-  shutdownGracefully,
-  receiveLimitInterceptor,
-  identity,
-  type CatchAllHandler,
-  type EarlyRefusal,
-  type OversizedMessage,
-} from './grpc-server-hooks';
-/** @internal Tests exercise the handshake limiter alone. */
-export { abortConnectsOnChannelClose } from './grpc-client-hooks';
 export {
   guardConnections,
   limitUnauthenticatedSession,
@@ -201,11 +184,9 @@ export {
 } from './cli-common';
 export { runUntilSignalled } from './signals';
 
-// Listening: one bind helper for grpc-js and HTTP servers, with the error message both binaries print.
-export { bindOn, listenOn, splitHostPort } from './listen';
+// Listening: one listen helper for every server, with the error message both binaries print.
+export { listenOn, splitHostPort } from './listen';
 
 // One place for each rule a listener or a side applies to every call.
 export { recordCallFinished, type CallMetrics, type FinishedCall } from './call-accounting';
 export { answerUnimplemented } from './answer-unimplemented';
-export { waitCancellable } from './cancellable-wait';
-export { deadlineMsOf } from './deadline';
