@@ -60,6 +60,16 @@ export {
   type UnaryCallResult,
 } from './unary-call';
 export type { CallOutcome } from './call-outcome';
+/** @internal The relayed call's state machine, exported for its unit tests. */
+export {
+  transition,
+  isSettled,
+  INITIAL_CALL_STATE,
+  type CallState,
+  type CallEvent,
+  type CallPhase,
+  type CallStatus,
+} from './call-state';
 
 // Which metadata crosses the tunnel, and the keys Burrow owns.
 export {

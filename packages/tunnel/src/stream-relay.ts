@@ -1,6 +1,7 @@
 import * as http2 from 'node:http2';
 import { status as Status } from '@grpc/grpc-js';
 import type { CallOutcome } from './call-outcome';
+import { type CallState, INITIAL_CALL_STATE, isSettled, transition } from './call-state';
 import { BurrowError } from './errors';
 import {
   GRPC_CONTENT_TYPE,
@@ -99,34 +100,36 @@ export function relayCall(
     const responseGuard = new MessageSizeGuard(opts.maxMessageBytes);
     let requestBytes = 0;
     let responseBytes = 0;
-    let outcome: { code: number; details: string } | undefined;
+    let state: CallState = INITIAL_CALL_STATE;
+    const settled = (): boolean => isSettled(state);
     let trailersRaw: string[] | undefined;
     let trailerStatus: { code: number; details: string } | undefined;
     let cancelTimer: (() => void) | undefined;
     let resolved = false;
 
     const finishIfDone = (): void => {
-      if (resolved || !outcome || !inbound.closed) return;
+      if (resolved || !settled() || !inbound.closed) return;
       resolved = true;
+      state = transition(state, { kind: 'caller-closed' });
       cancelTimer?.();
       if (!outbound.closed) outbound.close(NGHTTP2_CANCEL);
       resolve({
-        ...outcome,
+        ...state.outcome!,
         requestBytes: Math.max(0, requestBytes - MESSAGE_PREFIX_BYTES * requestGuard.messages),
         responseBytes: Math.max(0, responseBytes - MESSAGE_PREFIX_BYTES * responseGuard.messages),
       });
     };
     const settle = (code: number, details: string): void => {
-      if (outcome) return;
-      outcome = { code, details };
+      state = transition(state, { kind: 'status', status: { code, details } });
       finishIfDone();
     };
     /** Ends the call from this side: the caller gets `error`, the next hop a CANCEL. */
     const fail = (error: BurrowError): void => {
-      if (outcome) return;
+      if (settled()) return;
       endWithStatus(inbound, error.code, error.message);
       if (!outbound.closed) outbound.close(NGHTTP2_CANCEL);
-      settle(error.code, error.message);
+      state = transition(state, { kind: 'failed', status: { code: error.code, details: error.message } });
+      finishIfDone();
     };
     if (opts.cutter) opts.cutter.cut = fail;
     cancelTimer = atDeadline(opts.deadlineMs, () =>
@@ -135,7 +138,7 @@ export function relayCall(
 
     // Caller -> next hop.
     inbound.on('data', (chunk: Buffer) => {
-      if (outcome) return;
+      if (settled()) return;
       requestBytes += chunk.length;
       const tooLarge = requestGuard.check(chunk);
       if (tooLarge !== undefined) {
@@ -151,16 +154,16 @@ export function relayCall(
     inbound.on('error', () => {});
     inbound.on('close', () => {
       // The caller reset its stream (cancelled, deadline at the caller, connection gone).
-      if (!outcome) {
+      if (!settled()) {
         if (!outbound.closed) outbound.close(NGHTTP2_CANCEL);
-        settle(Status.CANCELLED, 'the caller cancelled the call');
+        state = transition(state, { kind: 'caller-gone' });
       }
       finishIfDone();
     });
 
     // Next hop -> caller.
     outbound.on('response', (headers: http2.IncomingHttpHeaders, flags: number, rawHeaders: string[]) => {
-      if (outcome) return;
+      if (settled()) return;
       const httpStatus = Number(headers[':status']);
       const status = statusOfHeaders(headers);
       if (flags & END_STREAM_FLAG || httpStatus !== 200) {
@@ -194,12 +197,13 @@ export function relayCall(
           },
           { waitForTrailers: true, sendDate: false } as http2.ServerStreamResponseOptions,
         );
+        state = transition(state, { kind: 'response-headers' });
       } catch {
         fail(new BurrowError(Status.CANCELLED, 'the caller cancelled the call'));
       }
     });
     outbound.on('data', (chunk: Buffer) => {
-      if (outcome) return;
+      if (settled()) return;
       responseBytes += chunk.length;
       const tooLarge = responseGuard.check(chunk);
       if (tooLarge !== undefined) {
@@ -216,7 +220,7 @@ export function relayCall(
     outbound.on('end', () => {
       // Node ends the readable side on a reset too (CANCEL included): without trailers, the
       // close below says how the stream ended.
-      if (outcome || !inbound.headersSent || !trailerStatus) return;
+      if (settled() || state.phase !== 'responding' || !trailerStatus) return;
       const status = trailerStatus;
       const trailers = forwardedResponseMetadata(trailersRaw ?? [], true);
       inbound.once('wantTrailers', () => {
@@ -232,7 +236,7 @@ export function relayCall(
     });
     outbound.on('error', () => {});
     outbound.on('close', () => {
-      if (!outcome) {
+      if (!settled()) {
         const sessionGone = session === undefined || session.destroyed || session.closed;
         const rstCode = outbound.rstCode ?? NGHTTP2_CANCEL;
         fail(
