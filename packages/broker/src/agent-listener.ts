@@ -413,15 +413,7 @@ export class AgentListener {
       session.draining = true;
       session.control.drain(reason);
     }
-    const closeWhenIdle = (): void => {
-      if (tunnel.closed) return;
-      if (session.activeCalls > 0) {
-        setTimeout(closeWhenIdle, 50).unref();
-        return;
-      }
-      this.closeTunnel(tunnel, undefined);
-    };
-    closeWhenIdle();
+    void session.whenIdle().then(() => this.closeTunnel(tunnel, undefined));
   }
 
   /**

@@ -322,7 +322,7 @@ export class CallerApi {
     try {
       const outbound = route.local ? this.openOnAgent(route.session, call, admitted) : route.stream;
       const peerName = route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`;
-      if (route.local) route.session.active.add(live.cutter);
+      if (route.local) route.session.callStarted(live.cutter);
       const relayed = relayCall(stream, outbound, {
         peerName,
         maxMessageBytes: this.deps.maxMessageBytes,
@@ -331,7 +331,7 @@ export class CallerApi {
       });
       if (live.cutBy) live.cutter.cut?.(live.cutBy);
       outcome = await relayed;
-      if (route.local) route.session.active.delete(live.cutter);
+      if (route.local) route.session.callEnded(live.cutter);
     } catch (err) {
       this.endRefused(call, admitted, live, toBurrowError(err));
       return;
@@ -492,10 +492,10 @@ export class CallerApi {
     if (live.cutBy) waiting.abort();
     let result: UnaryCallResult;
     if (route.local) {
-      route.session.active.add(live.cutter);
+      route.session.callStarted(live.cutter);
       const headers = { [CALLER_ID_KEY]: admitted.caller.spiffeId, [CALL_ID_KEY]: admitted.callId };
       result = await unaryCall(route.session.h2, method, message, { ...opts, authority: `${agentId}.agent`, headers });
-      route.session.active.delete(live.cutter);
+      route.session.callEnded(live.cutter);
     } else {
       result = await unaryOnStream(route.stream, message, opts);
     }

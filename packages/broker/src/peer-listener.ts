@@ -219,14 +219,14 @@ export class PeerListener {
     // Ready: the forwarding broker sends the call's DATA from here on.
     stream.additionalHeaders({ ':status': 100 });
     metrics.toAgentCallStarted();
-    session.active.add(cutter);
+    session.callStarted(cutter);
     const outcome = await relayCall(stream, outbound, {
       peerName: `agent "${agentId}"`,
       maxMessageBytes: this.deps.maxMessageBytes,
       deadlineMs,
       cutter,
     });
-    session.active.delete(cutter);
+    session.callEnded(cutter);
     untrack();
     releaseAgent();
     metrics.toAgentCallEnded();

@@ -25,6 +25,8 @@ export class AgentSession {
   /** Calls carried on this session now; cut with the session's error when it is cut off. */
   readonly active = new Set<CallCutter>();
   draining = false;
+  /** Resolved when the last call in flight ends (see {@link whenIdle}). */
+  private idleWaiters: (() => void)[] = [];
 
   /**
    * When this session's credential expires (ms since epoch): the TLS certificate's expiry, moved
@@ -48,6 +50,24 @@ export class AgentSession {
   get agentId(): string {
     return this.identity.name;
   }
+
+  /** A call now runs on this session; `cutter` ends it if the session is cut off. */
+  callStarted(cutter: CallCutter): void {
+    this.active.add(cutter);
+  }
+
+  /** The call of `cutter` is over. */
+  callEnded(cutter: CallCutter): void {
+    this.active.delete(cutter);
+    if (this.active.size === 0) for (const wake of this.idleWaiters.splice(0)) wake();
+  }
+
+  /** Resolves once no call runs on this session (at once when none does). */
+  whenIdle(): Promise<void> {
+    if (this.active.size === 0) return Promise.resolve();
+    return new Promise((resolve) => this.idleWaiters.push(resolve));
+  }
+
   get activeCalls(): number {
     return this.active.size;
   }
