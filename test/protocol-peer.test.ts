@@ -260,28 +260,32 @@ describe('protocol peer: a raw agent against a real broker (protocol version 4)'
   });
 
   describe('(a) version negotiation', () => {
-    it('a newer agent ([4, 5, 99]) gets Welcome with version 4 and is registered; ending its control stream ends it', async () => {
-      const { agent, control } = await rawAgent();
-      control.send({ kind: 'hello', hello: { protocolVersions: [4, 5, 99], agentVersion: 'raw-agent/5.0' } });
-      const welcome = await control.welcome();
-      expect(welcome.protocolVersion).to.equal(4);
-      expect(welcome.sessionId).to.be.a('string').and.not.equal('');
-      expect(welcome.brokerId).to.equal('broker-test');
-      expect(welcome.maxMessageBytes).to.equal(DEFAULT_MAX_MESSAGE_BYTES);
-      expect(stack.broker.registry.counts()).to.deep.include({ agents: 1, sessions: 1 });
-      const [summary] = stack.broker.registry.summaries();
-      expect(summary!.id).to.equal('site-a');
-      expect(summary!.sessions[0]).to.deep.include({
-        id: welcome.sessionId,
-        protocolVersion: 4,
-        agentVersion: 'raw-agent/5.0',
-      });
-      // The agent ending its side of the control stream ends the session, with no protocol error.
-      control.stream.end();
-      await within(agent.closed, 3_000, 'close of the connection');
-      await pollUntil('the session to be forgotten', () => stack.broker.registry.counts().sessions === 0);
-      expect(await protocolErrorsInThisTest()).to.equal(0);
-    });
+    it(
+      'a newer agent ([4, 5, 99]) gets Welcome with version 4 and is registered; ' +
+        'ending its control stream ends it',
+      async () => {
+        const { agent, control } = await rawAgent();
+        control.send({ kind: 'hello', hello: { protocolVersions: [4, 5, 99], agentVersion: 'raw-agent/5.0' } });
+        const welcome = await control.welcome();
+        expect(welcome.protocolVersion).to.equal(4);
+        expect(welcome.sessionId).to.be.a('string').and.not.equal('');
+        expect(welcome.brokerId).to.equal('broker-test');
+        expect(welcome.maxMessageBytes).to.equal(DEFAULT_MAX_MESSAGE_BYTES);
+        expect(stack.broker.registry.counts()).to.deep.include({ agents: 1, sessions: 1 });
+        const [summary] = stack.broker.registry.summaries();
+        expect(summary!.id).to.equal('site-a');
+        expect(summary!.sessions[0]).to.deep.include({
+          id: welcome.sessionId,
+          protocolVersion: 4,
+          agentVersion: 'raw-agent/5.0',
+        });
+        // The agent ending its side of the control stream ends the session, with no protocol error.
+        control.stream.end();
+        await within(agent.closed, 3_000, 'close of the connection');
+        await pollUntil('the session to be forgotten', () => stack.broker.registry.counts().sessions === 0);
+        expect(await protocolErrorsInThisTest()).to.equal(0);
+      },
+    );
 
     it('an agent with no common version ([99]) gets Refused FAILED_PRECONDITION naming both lists', async () => {
       const { agent, control } = await rawAgent();
@@ -403,14 +407,17 @@ describe('protocol peer: a raw agent against a real broker (protocol version 4)'
       await expectProtocolError(agent, control, 'renewed certificate refused');
     });
 
-    it("Credentials naming another agent (site-b's valid chain) are a protocol error; site-b is untouched", async () => {
-      const other = await connected(siteB);
-      const { agent, control } = await connected();
-      control.send({ kind: 'credentials', certificateChainPem: readFileSync(siteB.cert, 'utf8') });
-      await expectProtocolError(agent, control, /names spiffe:\/\/[^ ]+\/agent\/site-b/);
-      expect(stack.broker.registry.sessionsOf('site-b')).to.have.length(1);
-      await stillServes(other.agent, 'site-b');
-    });
+    it(
+      "Credentials naming another agent (site-b's valid chain) are a protocol error; " + 'site-b is untouched',
+      async () => {
+        const other = await connected(siteB);
+        const { agent, control } = await connected();
+        control.send({ kind: 'credentials', certificateChainPem: readFileSync(siteB.cert, 'utf8') });
+        await expectProtocolError(agent, control, /names spiffe:\/\/[^ ]+\/agent\/site-b/);
+        expect(stack.broker.registry.sessionsOf('site-b')).to.have.length(1);
+        await stillServes(other.agent, 'site-b');
+      },
+    );
 
     it("Credentials with the same agent's renewed certificate are taken, and the session carries calls", async () => {
       const { agent, control } = await connected();
@@ -612,20 +619,23 @@ describe('protocol peer: a raw agent against a real broker (protocol version 4)'
       });
     }
 
-    it('a response message over the limit: RESOURCE_EXHAUSTED from its length prefix, the agent stream reset', async () => {
-      const { agent, sessionId } = await connected();
-      const { err, stream } = await failedCall(agent, (s) => {
-        s.respond(grpcHeaders);
-        // Only the prefix: the broker must decide from it, without waiting for the 16 MiB body.
-        s.write(prefix(DEFAULT_MAX_MESSAGE_BYTES + 1));
-      });
-      expect(err.code, err.details).to.equal(Status.RESOURCE_EXHAUSTED);
-      expect(err.details).to.contain(String(DEFAULT_MAX_MESSAGE_BYTES + 1));
-      expect(stream.rstCode, 'the reset the agent got').to.equal(NGHTTP2_CANCEL);
-      await stillServes(agent);
-      expect(stack.broker.registry.sessionsOf('site-a').map((s) => s.id)).to.deep.equal([sessionId]);
-      expect(await protocolErrorsInThisTest()).to.equal(0);
-    });
+    it(
+      'a response message over the limit: RESOURCE_EXHAUSTED from its length prefix, ' + 'the agent stream reset',
+      async () => {
+        const { agent, sessionId } = await connected();
+        const { err, stream } = await failedCall(agent, (s) => {
+          s.respond(grpcHeaders);
+          // Only the prefix: the broker must decide from it, without waiting for the 16 MiB body.
+          s.write(prefix(DEFAULT_MAX_MESSAGE_BYTES + 1));
+        });
+        expect(err.code, err.details).to.equal(Status.RESOURCE_EXHAUSTED);
+        expect(err.details).to.contain(String(DEFAULT_MAX_MESSAGE_BYTES + 1));
+        expect(stream.rstCode, 'the reset the agent got').to.equal(NGHTTP2_CANCEL);
+        await stillServes(agent);
+        expect(stack.broker.registry.sessionsOf('site-a').map((s) => s.id)).to.deep.equal([sessionId]);
+        expect(await protocolErrorsInThisTest()).to.equal(0);
+      },
+    );
   });
 
   describe('(f) the agent, as the HTTP/2 server, tries to start a stream of its own', () => {
@@ -654,7 +664,7 @@ describe('protocol peer: a raw agent against a real broker (protocol version 4)'
           agent.socket.destroy();
         }
         await pollUntil('the session to be forgotten', () => stack.broker.registry.sessionsOf('site-a').length === 0);
-        console.log(`      protocolErrors counted: ${await protocolErrorsInThisTest()}`);
+        expect(await protocolErrorsInThisTest(), 'protocolErrors').to.equal(1);
         await stillServes(other.agent, 'site-b');
         // The broker still takes new tunnels of the same agent.
         const again = await connected();
