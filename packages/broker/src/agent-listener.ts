@@ -262,6 +262,15 @@ export class AgentListener {
       id = checked.identity;
       refusal = this.sessionRefusal(id, peer);
     }
+    // nghttp2 found the agent breaking HTTP/2 itself (a PUSH_PROMISE, a stream the agent, the
+    // HTTP/2 server, tried to open, bad framing): a protocol error like a bad session frame. The
+    // session is gone already (GOAWAY sent, its streams closed, often the tunnel forgotten with
+    // them), so no Refused can follow: the error is counted and logged, and the tunnel closed.
+    h2.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ERR_HTTP2_ERROR') return;
+      this.reportProtocolError(tunnel, new ProtocolError(`HTTP/2: ${err.message}`), id);
+      this.closeTunnel(tunnel, undefined);
+    });
     let helloTimer: NodeJS.Timeout | undefined;
     let pending = false;
     const settle = (): void => {
@@ -455,13 +464,18 @@ export class AgentListener {
   }
 
   private protocolError(tunnel: Tunnel, error: ProtocolError, id: PeerIdentity | undefined): void {
+    this.reportProtocolError(tunnel, error, id);
+    this.closeTunnel(tunnel, error);
+  }
+
+  /** Counts and logs a protocol error of the agent on `tunnel`. */
+  private reportProtocolError(tunnel: Tunnel, error: ProtocolError, id: PeerIdentity | undefined): void {
     this.deps.metrics.protocolErrors.inc();
     this.deps.logger.warn('agent broke the tunnel protocol; closing its session', {
       agentId: id?.name,
       sessionId: tunnel.session?.id,
       error: error.message,
     });
-    this.closeTunnel(tunnel, error);
   }
 
   /** Sends Refused, then closes the connection (destroyed if the agent does not close it first). */

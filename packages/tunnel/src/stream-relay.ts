@@ -13,6 +13,7 @@ import {
   statusOfHeaders,
   statusOfHttp,
   statusOfReset,
+  statusTrailers,
   stopRequestAfterStatus,
   stopRequestAfterTrailers,
   timeoutHeader,
@@ -60,6 +61,17 @@ export function nextHopHeaders(
   const timeout = timeoutHeader(deadlineMs, Date.now());
   if (timeout) headers['grpc-timeout'] = timeout;
   return headers;
+}
+
+/**
+ * Trailer fields going back to the caller with the `grpc-status` this relay read from them: a
+ * peer's value that is not a status code (`abc`, `17`, two values) would otherwise reach the
+ * caller as it is, and grpc clients read it as NaN or an unknown code. It becomes the UNKNOWN
+ * that {@link statusOfHeaders} made of it, its grpc-message naming the value received.
+ */
+function withReadStatus(fields: HeaderBlock, status: { code: number; details: string }): HeaderBlock {
+  if (fields['grpc-status'] === String(status.code)) return fields;
+  return statusTrailers(status.code, status.details, fields as http2.OutgoingHttpHeaders) as HeaderBlock;
 }
 
 /**
@@ -172,7 +184,7 @@ export function relayCall(
         const details = status?.details ?? `${opts.peerName} answered HTTP ${httpStatus} without a gRPC status`;
         if (status && httpStatus === 200) {
           try {
-            const fields = forwardedResponseMetadata(rawHeaders, true);
+            const fields = withReadStatus(forwardedResponseMetadata(rawHeaders, true), status);
             inbound.respond({ ...fields, ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
               endStream: true,
               sendDate: false,
@@ -222,7 +234,7 @@ export function relayCall(
       // close below says how the stream ended.
       if (settled() || state.phase !== 'responding' || !trailerStatus) return;
       const status = trailerStatus;
-      const trailers = forwardedResponseMetadata(trailersRaw ?? [], true);
+      const trailers = withReadStatus(forwardedResponseMetadata(trailersRaw ?? [], true), status);
       inbound.once('wantTrailers', () => {
         try {
           inbound.sendTrailers(trailers);
