@@ -2,6 +2,7 @@ import { expect } from 'chai';
 import { readFileSync } from 'node:fs';
 import { Metadata, status as Status, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
+import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { killAll, liveProcessCount, startAgent, startBroker, tlsArgs, type BurrowProcess } from './helpers/processes';
 import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
@@ -60,8 +61,10 @@ describe('stalled server streams (real broker and agent processes)', function ()
   let serviceCert: CertFiles;
   let echo: EchoUpstream;
   const clients: RawClient[] = [];
+  let baseline: ResourceSnapshot;
 
   before(async () => {
+    baseline = snapshotResources();
     pki = await PkiFixture.create();
     [brokerCert, agentCert, serviceCert] = await Promise.all([
       pki.issue('broker', 'b'),
@@ -78,6 +81,7 @@ describe('stalled server streams (real broker and agent processes)', function ()
     await echo?.stop();
     pki?.cleanup();
     expect(liveProcessCount(), 'child processes left').to.equal(0);
+    await expectNoLeaks(baseline);
   });
 
   const md = (): Metadata => {
@@ -179,8 +183,9 @@ describe('stalled server streams (real broker and agent processes)', function ()
         const agentGrowth = agentStalled! - agentBefore!;
         const brokerGrowth = brokerStalled! - brokerBefore!;
         console.log(
-          `      ${STALLED_STREAMS} stalled 1 MiB streams: agent RSS ${mib(agentBefore!)} -> ${mib(agentStalled!)} MiB ` +
-            `(+${mib(agentGrowth)}), broker RSS ${mib(brokerBefore!)} -> ${mib(brokerStalled!)} MiB ` +
+          `      ${STALLED_STREAMS} stalled 1 MiB streams: ` +
+            `agent RSS ${mib(agentBefore!)} -> ${mib(agentStalled!)} MiB (+${mib(agentGrowth)}), ` +
+            `broker RSS ${mib(brokerBefore!)} -> ${mib(brokerStalled!)} MiB ` +
             `(+${mib(brokerGrowth)}), upstream produced ${mib(produced)} MiB; ${UNARY_CALLS} unary: ` +
             `p50 ${p50.toFixed(1)} ms, max ${max.toFixed(1)} ms`,
         );
