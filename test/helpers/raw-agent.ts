@@ -103,7 +103,10 @@ export class RawAgent {
   }
 
   /** Opens the control stream, says Hello with `versions` and resolves with Welcome. */
-  async welcome(versions: number[] = [4], agentVersion = 'raw-agent'): Promise<{ control: RawControl; welcome: WelcomeFrame }> {
+  async welcome(
+    versions: number[] = [4],
+    agentVersion = 'raw-agent',
+  ): Promise<{ control: RawControl; welcome: WelcomeFrame }> {
     const control = await this.control();
     control.send({ kind: 'hello', hello: { protocolVersions: versions, agentVersion } });
     return { control, welcome: await control.welcome() };
