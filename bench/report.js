@@ -56,7 +56,7 @@ function evaluateTargets(cases) {
     met: atMost(sc?.rss_kib_per_agent, 50),
   };
   // Issue 15: an idle v4 agent costs the broker about what Node keeps for an idle mTLS HTTP/2
-  // connection with one open stream (connection-floor.js), and a reconnect storm no offer pools.
+  // connection with one open stream (connection-floor.js), and a reconnect storm has no offer pools to rebuild.
   t.scale_rss_vs_floor = {
     rule: "broker RSS per idle agent <= 1.3x Node's floor (idle mTLS HTTP/2 connection, one open stream)",
     value: sc?.rss_per_agent_vs_floor ?? null,
