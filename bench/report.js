@@ -55,6 +55,22 @@ function evaluateTargets(cases) {
     limit: 50,
     met: atMost(sc?.rss_kib_per_agent, 50),
   };
+  // Issue 15: an idle v4 agent costs the broker about what Node keeps for an idle mTLS HTTP/2
+  // connection with one open stream (connection-floor.js), and a reconnect storm has no offer pools to rebuild.
+  t.scale_rss_vs_floor = {
+    rule: "broker RSS per idle agent <= 1.3x Node's floor (idle mTLS HTTP/2 connection, one open stream)",
+    value: sc?.rss_per_agent_vs_floor ?? null,
+    limit: 1.3,
+    met: atMost(sc?.rss_per_agent_vs_floor, 1.3),
+  };
+  const stormMs = sc?.brokerCpuMsPerAgent?.reconnect;
+  t.scale_reconnect_cpu = {
+    rule: 'broker CPU per agent in the reconnect storm after a restart <= 3 ms',
+    value: stormMs ?? null,
+    limit: 3,
+    met: atMost(stormMs, 3),
+    conclusive: sc ? sc.agents >= 10_000 : false,
+  };
   const reconnect = sc ? (sc.reconnect_all_s ?? Infinity) : null;
   t.scale_reconnect = {
     rule: '10,000 agents all reconnected <= 60 s after a broker restart',
@@ -258,13 +274,18 @@ function tableLines(result) {
   }
   if (sc) {
     row('idle agents (own certificate and mTLS connection each)', fmt(sc.agents), '', '');
+    // Results of the offer protocol (before v4) had idle offer streams per agent and a second run with one.
+    const offers = sc.idleStreamsPerAgent !== undefined;
     row(
-      `broker RSS per idle agent (KiB), ${fmt(sc.idleStreamsPerAgent)} idle streams each`,
+      offers
+        ? `broker RSS per idle agent (KiB), ${fmt(sc.idleStreamsPerAgent)} idle streams each`
+        : 'broker RSS per idle agent (KiB; connection and control stream)',
       fmt(sc.rss_kib_per_agent, 1),
       '<= 50',
       verdict(t.scale_rss),
     );
-    row('broker RSS per idle agent (KiB), 1 idle stream each', fmt(sc.rss_kib_per_agent_1_idle_stream, 1), '', '');
+    if (offers)
+      row('broker RSS per idle agent (KiB), 1 idle stream each', fmt(sc.rss_kib_per_agent_1_idle_stream, 1), '', '');
     const f = sc.rss_floor_kib_per_connection;
     if (f) {
       row(
@@ -273,12 +294,27 @@ function tableLines(result) {
         '',
         f.tls > 50 ? "the target is below Node's own floor" : '',
       );
-      row(
-        `floor: the same with an HTTP/2 session and ${fmt(f.streams)} idle streams (KiB)`,
-        fmt(f.http2WithAgentStreams, 1),
-        '',
-        '',
-      );
+      if (offers)
+        row(
+          `floor: the same with an HTTP/2 session and ${fmt(f.streams)} idle streams (KiB)`,
+          fmt(f.http2WithAgentStreams, 1),
+          '',
+          '',
+        );
+      else {
+        row(
+          'floor: the same with an HTTP/2 session (v4 roles) and one open stream (KiB)',
+          fmt(f.http2WithControlStream, 1),
+          '',
+          '',
+        );
+        row(
+          'broker RSS per idle agent / that floor',
+          targetTimes(t.scale_rss_vs_floor),
+          '<= 1.3x',
+          verdict(t.scale_rss_vs_floor),
+        );
+      }
     }
     row(
       `all agents connected (s; first connects ${fmt(sc.arrivalPerS)}/s)`,
@@ -300,8 +336,8 @@ function tableLines(result) {
       row(
         'broker CPU per agent, reconnect storm (ms; handshakes shed)',
         `${fmt(sc.brokerCpuMsPerAgent.reconnect, 2)} (${fmt(sc.reconnectHandshakesShed)})`,
-        '',
-        '',
+        '<= 3 (10,000 agents)',
+        verdict(t.scale_reconnect_cpu),
       );
     row('calls to random agents ok / failed', `${fmt(sc.calls_ok)} / ${fmt(sc.calls_failed)}`, '', '');
   }
