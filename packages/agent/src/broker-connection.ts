@@ -178,6 +178,8 @@ export class BrokerConnection extends EventEmitter {
         fail(err ?? new BurrowError(Status.UNAVAILABLE, `broker ${this.opts.address} ended the session`)),
       );
       const socket = tls.connect(this.tlsOptions([TUNNEL_ALPN, 'h2']));
+      // Calls are small writes each way: Nagle would hold every other one for the peer's delayed ACK.
+      socket.setNoDelay(true);
       this.socket = socket;
       socket.once('error', (err) => fail(toBurrowError(err, `cannot connect to broker ${this.opts.address}`)));
       socket.once('close', () => this.close());

@@ -127,6 +127,8 @@ export class AgentListener {
   /** Takes a connection whose TLS handshake completed (the agent TLS server's 'secureConnection'). */
   accept(socket: TLSSocket): void {
     socket.on('error', () => {});
+    // Calls are small writes each way: Nagle would hold every other one for the peer's delayed ACK.
+    socket.setNoDelay(true);
     if (socket.alpnProtocol === TUNNEL_ALPN) this.openTunnel(socket);
     else this.grpcServer.emit('connection', socket);
   }

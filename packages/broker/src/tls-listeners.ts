@@ -83,6 +83,8 @@ export class SessionSet {
 export function createSecureH2Server(store: CredentialStore): http2.Http2SecureServer {
   const options = (): tls.TlsOptions => serverTlsOptions(store, true, ['h2']);
   const server = http2.createSecureServer({ ...H2_SESSION_OPTIONS, ...options() } as http2.SecureServerOptions);
+  // Calls are small writes each way: Nagle would hold every other one for the peer's delayed ACK.
+  server.on('secureConnection', (socket: tls.TLSSocket) => socket.setNoDelay(true));
   followCredentialStore(server, store, options);
   return server;
 }

@@ -247,6 +247,8 @@ export function stopRequestAfterStatus(stream: http2.ServerHttp2Stream): void {
  * after its own write of the trailers (setImmediate) the order holds.
  */
 export function stopRequestAfterTrailers(stream: http2.ServerHttp2Stream): void {
+  // The usual call has sent all of its request by now: nothing to stop, no extra turn of the loop.
+  if (stream.readableEnded || stream.closed || stream.destroyed) return;
   setImmediate(() => stopRequestAfterStatus(stream));
 }
 

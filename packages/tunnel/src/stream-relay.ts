@@ -124,7 +124,11 @@ export function relayCall(
       resolved = true;
       state = transition(state, { kind: 'caller-closed' });
       cancelTimer?.();
-      if (!outbound.closed) outbound.close(NGHTTP2_CANCEL);
+      // A next hop that answered in full closes its stream by itself once our request has ended:
+      // a reset then would be one more frame each way per call for nothing.
+      const answered = trailerStatus !== undefined && outbound.readableEnded;
+      if (!outbound.closed && !(answered && outbound.writableFinished))
+        outbound.close(answered ? NGHTTP2_NO_ERROR : NGHTTP2_CANCEL);
       resolve({
         ...state.outcome!,
         requestBytes: Math.max(0, requestBytes - MESSAGE_PREFIX_BYTES * requestGuard.messages),

@@ -79,7 +79,11 @@ export class UpstreamTable {
     if (!session || session.closed || session.destroyed) {
       const made = http2.connect(`http://${address}`, { settings: { enablePush: false } });
       this.sessions.set(address, made);
-      made.on('connect', () => this.errors.delete(address));
+      made.on('connect', (_session, socket) => {
+        this.errors.delete(address);
+        // Calls are small writes each way: Nagle would hold every other one for a delayed ACK.
+        (socket as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
+      });
       made.on('error', (err: NodeJS.ErrnoException) => this.errors.set(address, err.code ?? err.message));
       made.on('goaway', () => this.forget(address, made));
       made.on('close', () => this.forget(address, made));
