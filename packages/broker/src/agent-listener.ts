@@ -45,6 +45,9 @@ import type { BrokerPki } from './broker-pki';
 import { AGENT_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 
+/** Site -> platform calls one agent connection may run at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). */
+const MAX_SITE_CALLS_PER_CONNECTION = 4096;
+
 /** How long a new tunnel may take to send Hello before the broker gives up on it. */
 const HELLO_TIMEOUT_MS = 10_000;
 /** How long a refused or cut tunnel may take to read its Refused frame before the socket is destroyed. */
@@ -115,7 +118,12 @@ export class AgentListener {
   readonly grpcServer: http2.Http2Server;
 
   constructor(private readonly deps: AgentListenerDeps) {
-    this.grpcServer = http2.createServer(H2_SESSION_OPTIONS);
+    // An agent's site calls share one connection; past this many at once HTTP/2 holds them back
+    // (the agent's client queues), so one site cannot open streams without bound here.
+    this.grpcServer = http2.createServer({
+      ...H2_SESSION_OPTIONS,
+      settings: { ...H2_SESSION_OPTIONS.settings, maxConcurrentStreams: MAX_SITE_CALLS_PER_CONNECTION },
+    });
     this.grpcServer.on('session', (session: http2.ServerHttp2Session) => this.onGrpcSession(session));
     this.grpcServer.on(
       'stream',

@@ -31,7 +31,7 @@ export class BrokerMetrics {
   });
   readonly tunnelStreams = new Gauge({
     name: 'burrow_broker_tunnel_streams',
-    help: 'Tunnel streams open, by state (idle offers, active forwarded calls).',
+    help: 'Call streams open on agents\' tunnels now, by state (active).',
     labelNames: ['state'],
     registers: [this.registry],
     collect: () => {
@@ -54,7 +54,7 @@ export class BrokerMetrics {
   });
   readonly callsWaiting = new Gauge({
     name: 'burrow_broker_calls_waiting',
-    help: 'Caller calls waiting for an agent or a free tunnel stream.',
+    help: 'Caller calls waiting for their agent to connect.',
     registers: [this.registry],
     collect: () => {
       this.callsWaiting.set(this.counts().waiters);

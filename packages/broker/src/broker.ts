@@ -93,7 +93,7 @@ export interface BrokerStatus {
   cluster: ({ enabled: true; advertise: string } & DirectoryStatus) | { enabled: false };
 }
 
-// How often the broker looks for expired agent certificates and idle offers to retire.
+// How often the broker looks for expired agent certificates; how often it sweeps idle limiter entries.
 const EXPIRY_CHECK_INTERVAL_MS = 1_000;
 const IDLE_SWEEP_INTERVAL_MS = 10_000;
 /** Errors of a TLS handshake the peer walked away from (closed or reset its connection). */
@@ -519,7 +519,7 @@ export class Broker {
     return listenOn(admin, this.config.adminListen);
   }
 
-  /** Timers: certificate expiry (agents, callers, our own from files) and retiring idle offers. */
+  /** Timers: certificate expiry (agents, callers, our own from files) and the limiter's sweep. */
   private startTimers(exportFileCertExpiry: () => void): void {
     this.timers.push(
       setInterval(() => {

@@ -143,7 +143,7 @@ interface LiveCallState {
 
 /**
  * The caller API: every method that is not the health service lands here, is routed to the named
- * agent, and travels down one of its idle offers. The AuthZEN HTTP binding enters through
+ * agent, and travels as one HTTP/2 stream on its tunnel. The AuthZEN HTTP binding enters through
  * {@link CallerApi.callUnary} and passes the same checks: identity, agent name, draining, caller
  * policy, limits.
  */

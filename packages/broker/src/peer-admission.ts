@@ -86,7 +86,7 @@ export const PEER_BROKER_RULE: PeerRule = {
   revokedReason: 'wrong_role',
 };
 
-/** The Tunnel service: agents open sessions, offers and forwards. */
+/** The agent listener: agents open tunnels and make their site calls. */
 export const AGENT_RULE: PeerRule = {
   listener: 'agent',
   role: 'agent',

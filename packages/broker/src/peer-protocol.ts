@@ -21,7 +21,7 @@ export const PEER_REFUSED_DECISION = 'decision';
 export const FORWARDED_BY_KEY = 'burrow-forwarded-by';
 /** Hop metadata: the caller's verified SPIFFE id, as the broker where the call entered saw it. */
 export const HOP_CALLER_KEY = 'burrow-hop-caller';
-/** Hop metadata: the gRPC method of the call (the Start frame must name the same). */
+/** Hop metadata: the gRPC method the call was admitted for (its `:path` must be the same). */
 export const HOP_METHOD_KEY = 'burrow-hop-method';
 /** Hop metadata: the entry broker's caller-policy decision, `allow` or `allow policies=<id>,...` (ids URI-encoded). */
 export const HOP_DECISION_KEY = 'burrow-hop-decision';
@@ -40,7 +40,7 @@ const MAX_HOP_VALUE_CHARS = 4_096;
 const HOP_DECISION = /^allow(?: policies=([A-Za-z0-9%._~!*'()-]+(?:,[A-Za-z0-9%._~!*'()-]+)*))?$/;
 const GRPC_METHOD = /^\/[A-Za-z0-9_.-]+\/[A-Za-z0-9_.-]+$/;
 
-/** Writes `hop` into the metadata of a Forward call (the forwarding side). */
+/** Writes `hop` into the headers of a forwarded call (the forwarding side). */
 export function encodeHop(hop: Hop, headers: Record<string, string>): void {
   headers[HOP_CALLER_KEY] = hop.caller;
   headers[HOP_METHOD_KEY] = hop.method;
@@ -49,7 +49,7 @@ export function encodeHop(hop: Hop, headers: Record<string, string>): void {
 }
 
 /**
- * Reads and checks the hop metadata of a Forward call: `undefined` when there is none (a broker
+ * Reads and checks the hop metadata of a forwarded call: `undefined` when there is none (a broker
  * of an older version), else the hop, or the first problem found (the call is refused with it).
  */
 export function decodeHop(headers: IncomingHttpHeaders, trustDomain: string): Hop | undefined | { problem: string } {
