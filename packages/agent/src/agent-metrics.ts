@@ -20,7 +20,7 @@ export class AgentMetrics {
   readonly brokersKnown: Gauge;
   readonly tunnelStreams = new Gauge({
     name: 'burrow_agent_tunnel_streams',
-    help: 'Calls the broker runs on this agent\'s tunnels now (state active).',
+    help: "Calls the broker runs on this agent's tunnels now (state active).",
     labelNames: ['state'],
     registers: [this.registry],
   });

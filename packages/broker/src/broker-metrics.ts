@@ -31,7 +31,7 @@ export class BrokerMetrics {
   });
   readonly tunnelStreams = new Gauge({
     name: 'burrow_broker_tunnel_streams',
-    help: 'Call streams open on agents\' tunnels now, by state (active).',
+    help: "Call streams open on agents' tunnels now, by state (active).",
     labelNames: ['state'],
     registers: [this.registry],
     collect: () => {
