@@ -1,8 +1,9 @@
 #!/usr/bin/env node
 'use strict';
 // Many idle agents in one process for the scale case: each is the agent library's own
-// BrokerConnection (session, Hello/Welcome, its pool of idle offer streams, answering calls with
-// the echo upstream) on its own mTLS connection with its own certificate, issued here by
+// BrokerConnection (protocol v4: one mTLS connection on which the agent is the HTTP/2 server, the
+// control stream the broker opens with Hello/Welcome, and nothing else while idle; each call the
+// broker opens is answered with the echo upstream) with its own certificate, issued here by
 // @burrow/pki at bench time.
 //
 // Why not N instances of the Agent class: each Agent builds an AgentMetrics registry, whose
@@ -15,23 +16,23 @@
 // First connects arrive the way a fleet does, spread out at a given rate (`start`'s
 // arrivalPerS), not all in one instant; after a broker restart every agent is cut off at the
 // same moment and comes back on its own backoff: that storm is not paced.
-const { credentials } = require('@grpc/grpc-js');
 const { issueCertificate } = require('@burrow/pki');
 const { AGENT_DEFAULTS, AgentMetrics, Backoff, BrokerConnection } = require('@burrow/agent');
 const { BuiltinServices } = require('@burrow/agent/dist/builtin-services');
 const {
+  CredentialStore,
   UpstreamTable,
   createLogger,
+  identityOfCertificate,
   parseUpstreamRoute,
   silenceIpServerNameWarning,
-  upstreamChannelOptions,
 } = require('@burrow/tunnel');
 const { serveIpc } = require('./ipc');
 
 /** Agent.connectLoop's threshold: a session that lasted this long resets the backoff. */
 const HEALTHY_SESSION_MS = 10_000;
 
-// As burrow-agent does: the broker is dialled by IP, which grpc-js also sets as the TLS server name.
+// As burrow-agent does: the broker is dialled by IP (the site -> platform `h2` session would warn).
 silenceIpServerNameWarning();
 const logger = createLogger({ level: 'error', component: 'agent-swarm' });
 const metrics = new AgentMetrics();
@@ -68,7 +69,7 @@ class SwarmAgent {
     return Boolean(this.conn?.usable);
   }
 
-  async run(broker, caPem, { startDelayMs, reconnectBaseMs, reconnectMaxMs, minIdleOffers }) {
+  async run(broker, caPem, { startDelayMs, reconnectBaseMs, reconnectMaxMs, maxConcurrentCalls }) {
     await new Promise((resolve) => {
       const timer = setTimeout(resolve, startDelayMs);
       this.wake = () => {
@@ -76,16 +77,19 @@ class SwarmAgent {
         resolve();
       };
     });
-    const creds = credentials.createSsl(caPem, Buffer.from(this.issued.keyPem), Buffer.from(this.issued.certPem));
+    // As burrow-agent: the certificate and trust bundle in a store read at each dial, the trust
+    // domain (which broker certificates to accept) from the agent's own certificate.
+    const tls = new CredentialStore({ caPem, certPem: this.issued.certPem, keyPem: this.issued.keyPem });
+    const trustDomain = identityOfCertificate(Buffer.from(this.issued.certPem)).trustDomain;
     const backoff = new Backoff(reconnectBaseMs, reconnectMaxMs);
     while (!stopped) {
       const conn = new BrokerConnection({
         address: broker,
-        credentials: creds,
+        tls,
+        trustDomain,
         agentId: this.id,
         agentVersion: 'bench',
-        minIdleOffers,
-        maxOffers: AGENT_DEFAULTS.maxOffers,
+        maxConcurrentCalls,
         maxMessageBytes: AGENT_DEFAULTS.maxMessageBytes,
         drainTimeoutMs: 1_000,
         keepalive: AGENT_DEFAULTS.keepalive,
@@ -145,13 +149,10 @@ serveIpc({
     arrivalPerS = 0,
     reconnectBaseMs = AGENT_DEFAULTS.reconnectBaseMs,
     reconnectMaxMs = AGENT_DEFAULTS.reconnectMaxMs,
-    minIdleOffers = AGENT_DEFAULTS.minIdleOffers,
+    maxConcurrentCalls = AGENT_DEFAULTS.maxConcurrentCalls,
   }) {
     stopped = false;
-    upstreams = new UpstreamTable(
-      [parseUpstreamRoute(upstream)],
-      upstreamChannelOptions(AGENT_DEFAULTS.maxMessageBytes),
-    );
+    upstreams = new UpstreamTable([parseUpstreamRoute(upstream)]);
     const gapMs = arrivalPerS > 0 ? 1000 / arrivalPerS : 0;
     for (const k of Object.keys(failures)) delete failures[k];
     agents.forEach((a, i) => {
@@ -161,7 +162,7 @@ serveIpc({
         startDelayMs: i * gapMs,
         reconnectBaseMs,
         reconnectMaxMs,
-        minIdleOffers,
+        maxConcurrentCalls,
       });
     });
     return {
@@ -169,7 +170,7 @@ serveIpc({
       rampMs: Math.round((agents.length - 1) * gapMs),
       reconnectBaseMs,
       reconnectMaxMs,
-      minIdleOffers,
+      maxConcurrentCalls,
     };
   },
   status() {

@@ -6,6 +6,14 @@
 // round so that a noisy machine moves every side alike. Writes bench/results/latest.json and
 // prints a Markdown table with each target met or missed. Nothing here is a test.
 //
+// Sides of the unary and stream cases: `direct` (the caller straight to the echo upstream,
+// plaintext), `burrow` (caller -> broker -> agent -> upstream), `ssh` (sshd and `ssh -R`, see
+// ssh-tunnel.js), and two floors on Burrow's processes and hops that do nothing but forward:
+// `relay` (two grpc-js relays, relay.js: re-making each call with grpc-js) and `raw` (two raw
+// node:http2 relays in a reverse tunnel's shape, raw-relay.js: the second dials the first, which
+// then opens one HTTP/2 stream per call on that connection). `raw` is the floor Burrow's data
+// plane is judged against (issue 15): any tunnel of that shape in Node pays at least its cost.
+//
 //   make bench                       # quick profile (< 5 min on 2 cores)
 //   BENCH_PROFILE=full make bench    # full profile (10,000 agents, 10 s streams, more rounds)
 //   BENCH_CASES=unary,policy,stream,scale,issuance   run only some cases (development)
@@ -444,6 +452,13 @@ async function runTunnelCases(ctx, result) {
     targetTls: certFiles(dirs.agent),
   });
   sides.relay = { address: brokerHop, tls: certFiles(dirs.caller) };
+  // The floor of forwarding with raw node:http2 in the shape of a reverse tunnel (see raw-relay.js):
+  // hop 2 dials hop 1, then hop 1 opens one HTTP/2 stream per call on that connection.
+  const rawHops = [forkChild('raw-relay.js', 'raw-hop1'), forkChild('raw-relay.js', 'raw-hop2')];
+  const rawHop1 = await rawHops[0].call('hop1', { listenTls: certFiles(dirs.broker) });
+  await rawHops[1].call('hop2', { hop1: rawHop1.agents, dialTls: certFiles(dirs.agent), target: echo });
+  await rawHops[0].call('agentConnected');
+  sides.raw = { address: rawHop1.callers, tls: certFiles(dirs.caller) };
   // And the policy case's two-hop floor: one relay behind mTLS in front of the trivial server.
   relays.push(forkChild('relay.js', 'relay-policy'));
   const policyHop = await relays[2].call('start', {
@@ -474,6 +489,12 @@ async function runTunnelCases(ctx, result) {
       caller: callers.relay.proc.pid,
       relayBroker: relays[1].proc.pid,
       relayAgent: relays[0].proc.pid,
+      upstream: upstreamPid,
+    },
+    raw: {
+      caller: callers.raw.proc.pid,
+      rawHop1: rawHops[0].proc.pid,
+      rawHop2: rawHops[1].proc.pid,
       upstream: upstreamPid,
     },
   };
@@ -573,7 +594,7 @@ async function runTunnelCases(ctx, result) {
   await restarting;
   await Promise.all([stopGracefully(agent.proc), stopGracefully(broker.proc)]);
   for (const c of Object.values(callers)) await c.kill();
-  for (const r of relays) await r.kill();
+  for (const r of [...relays, ...rawHops]) await r.kill();
 }
 
 function tlsArgs(files) {
@@ -654,9 +675,10 @@ async function brokerCounter(adminPort, name) {
 }
 
 /**
- * Node's own memory per idle mTLS connection (bench/connection-floor.js: bare node:tls, bare
- * node:http2, and node:http2 with as many idle streams as an agent holds), with the bench's
- * broker and agent certificates: the floor under the broker's RSS per agent.
+ * Node's own memory per idle mTLS connection (bench/connection-floor.js: bare node:tls, an idle
+ * node:http2 session on it in v4's roles, and the same with `streams` open streams: an idle v4
+ * agent holds one, its control stream), with the bench's broker and agent certificates: the floor
+ * under the broker's RSS per agent.
  */
 function connectionFloor(dirs, connections, streams) {
   const pem = (dir) => {
@@ -676,6 +698,9 @@ function connectionFloor(dirs, connections, streams) {
   );
   return JSON.parse(out);
 }
+
+/** Streams an idle v4 agent holds on its connection: the control stream. */
+const STREAMS_PER_IDLE_AGENT = 1;
 
 const perAgentKiB = (loaded, idle, n) => Math.round(((loaded.rssKiB - idle.rssKiB) / n) * 10) / 10;
 
@@ -708,7 +733,7 @@ async function runScale(ctx, result) {
 
   log(`scale: connecting ${n} agents, ${P.scaleArrivalPerS} a second`);
   const caPem = fs.readFileSync(certFiles(dirs.broker).ca, 'utf8');
-  // burrow-agent's defaults (--min-idle-streams, --reconnect-base, --reconnect-max): the swarm's own.
+  // burrow-agent's defaults (--max-concurrent-calls, --reconnect-base, --reconnect-max): the swarm's own.
   const startArgs = { broker: `127.0.0.1:${agent}`, caPem, upstream: `*=${echo}` };
   const first = await connectFleet(swarms, admin, broker, startArgs);
   const { connect, loaded } = first;
@@ -744,18 +769,9 @@ async function runScale(ctx, result) {
   const swarmStatus = await Promise.all(swarms.map((s) => s.call('status')));
   await caller.kill();
 
-  // What the idle offers cost: the same fleet against a fresh broker, one idle stream each.
-  log(`scale: again with 1 idle stream per agent (broker RSS only)`);
-  await Promise.all(swarms.map((s) => s.call('stop')));
-  await stopGracefully(broker.proc);
-  broker = await startBroker();
-  const idleOne = await settledRssKiB(broker.proc);
-  const one = await connectFleet(swarms, admin, broker, { ...startArgs, minIdleOffers: 1 });
-
   result.cases.scale = {
     agents: n,
     rss_kib_per_agent: perAgentKiB(loaded, idle, n),
-    rss_kib_per_agent_1_idle_stream: one.connect.seconds === null ? null : perAgentKiB(one.loaded, idleOne, n),
     connect_all_s: connect.seconds,
     reconnect_all_s: reconnect.seconds,
     calls_ok: callsConnected.ok + callsReconnected.ok,
@@ -765,26 +781,17 @@ async function runScale(ctx, result) {
     failedConnectAttempts: {
       connect: first.failedAttempts,
       reconnect: swarmStatus.reduce((total, s) => total + s.failedAttempts, 0) - first.failedAttempts,
-      oneIdleStream: one.failedAttempts,
     },
     failedConnectAttemptsByCause: {
       connect: first.failuresByCause,
       reconnect: sumFailures(swarmStatus, first.failuresByCause),
-      oneIdleStream: one.failuresByCause,
     },
     agentsConnectedAtEnd: {
       connect: connect.connected,
       reconnect: reconnect.connected,
-      oneIdleStream: one.connect.connected,
     },
-    brokerRssKiB: {
-      idle: idle.rssKiB,
-      withAgents: loaded.rssKiB,
-      idleOneStreamRun: idleOne.rssKiB,
-      withAgentsOneStream: one.loaded.rssKiB,
-    },
+    brokerRssKiB: { idle: idle.rssKiB, withAgents: loaded.rssKiB },
     heapBytesPerAgent: Math.round((loaded.heapUsedBytes - idle.heapUsedBytes) / n),
-    heapBytesPerAgent1IdleStream: Math.round((one.loaded.heapUsedBytes - idleOne.heapUsedBytes) / n),
     brokerRestartToStartedS: Math.round(restartSeconds * 100) / 100,
     // Where the CPU went: on 2 cores the simulated agents' TLS and gRPC clients compete with the
     // broker, so broker CPU seconds per agent is what a broker on its own core would need.
@@ -802,7 +809,10 @@ async function runScale(ctx, result) {
       `ramp); timed from the first; waits at most ramp + ${P.scaleWaitMs / 1000} s`,
     arrivalPerS: P.scaleArrivalPerS,
     waitBoundS: P.scaleWaitMs / 1000,
-    idleStreamsPerAgent: first.started.minIdleOffers,
+    // Protocol v4: an idle agent holds its connection and the control stream the broker opened, no
+    // idle streams; calls are streams the broker opens when they come, up to maxConcurrentCalls.
+    streamsPerIdleAgent: STREAMS_PER_IDLE_AGENT,
+    maxConcurrentCallsPerAgent: first.started.maxConcurrentCalls,
     reconnectBackoffMs: { base: first.started.reconnectBaseMs, max: first.started.reconnectMaxMs },
     calls: { afterConnect: callsConnected, afterReconnect: callsReconnected },
     swarm: { processes: swarms.length, certificateIssueS: Math.round(issueSeconds * 10) / 10, status: swarmStatus },
@@ -813,17 +823,22 @@ async function runScale(ctx, result) {
 
   // With the broker and swarms gone, so that nothing else competes for the CPU or the memory.
   log('scale: the floor, idle connections to bare node:tls and node:http2 servers');
-  const floor = connectionFloor(dirs, Math.min(n, 2000), 1 + first.started.minIdleOffers);
+  const floor = connectionFloor(dirs, Math.min(n, 2000), STREAMS_PER_IDLE_AGENT);
   result.cases.scale.rss_floor_kib_per_connection = {
     tls: floor.tls,
     http2: floor.http2,
-    http2WithAgentStreams: floor.http2Streams,
+    http2WithControlStream: floor.http2Streams,
     streams: floor.streams,
     connections: floor.connections,
     is:
       'RSS per idle connection of a server with no Burrow and no grpc-js: node:tls with a client certificate; ' +
-      'node:http2 on it; the same with the session stream and idle offers of one agent as plain HTTP/2 streams',
+      'an idle node:http2 session on it in v4 roles (the TLS server is the HTTP/2 client); the same with one ' +
+      "open stream that the server side opened, as a broker opens an agent's control stream",
   };
+  result.cases.scale.rss_per_agent_vs_floor =
+    floor.http2Streams > 0
+      ? Math.round((result.cases.scale.rss_kib_per_agent / floor.http2Streams) * 1000) / 1000
+      : null;
 }
 
 // ---- case 5: certificate issuance ------------------------------------------------------------

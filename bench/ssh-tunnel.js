@@ -1,8 +1,16 @@
 'use strict';
 // The "ssh" alternative a site admin would otherwise pick: Debian's OpenSSH sshd on a loopback
 // port with its own config, host key and authorized_keys (all made here, in a temp dir), and
-// `ssh -N -R` from "inside the site" publishing the upstream on a port of the sshd side, where
+// `ssh -R` from "inside the site" publishing the upstream on a port of the sshd side, where
 // the caller dials it with plaintext gRPC.
+//
+// The ssh client holds a session with a pty open (`-tt ... sleep infinity`) instead of `-N`: sshd
+// sets TCP_NODELAY on its connection only for a session with a pty (or X11), and `-N` opens none.
+// With Nagle's algorithm on sshd's side and loopback's 64 KiB MSS, every write of a gRPC stream is a
+// "small segment" held until the peer's delayed ACK (~50 a second, 20-40 ms each): a 64 KiB bidi
+// stream moved 2-4 MB/s while plain TCP through the same tunnel moved 200-500 MB/s. On a real
+// network (1,448-byte MSS) most of that stall goes away, so the pty makes the side measure ssh,
+// not a loopback artifact (docs/performance-notes.md, "The ssh side").
 const { execFileSync, spawn } = require('node:child_process');
 const fs = require('node:fs');
 const os = require('node:os');
@@ -70,6 +78,7 @@ async function startSshTunnel({ dir, upstreamPort, sshPort, forwardPort, track, 
       'GatewayPorts no',
       'X11Forwarding no',
       'PrintMotd no',
+      'PrintLastLog no',
       'LogLevel ERROR',
       '',
     ].join('\n'),
@@ -83,7 +92,8 @@ async function startSshTunnel({ dir, upstreamPort, sshPort, forwardPort, track, 
     spawn(
       'ssh',
       [
-        '-N',
+        // A pty, so that sshd turns Nagle's algorithm off on its connection (see the header).
+        '-tt',
         '-F',
         '/dev/null',
         '-i',
@@ -103,6 +113,8 @@ async function startSshTunnel({ dir, upstreamPort, sshPort, forwardPort, track, 
         '-R',
         `127.0.0.1:${forwardPort}:127.0.0.1:${upstreamPort}`,
         `${user}@127.0.0.1`,
+        // The session's only job is to exist (and keep the pty): the forward lives as long as it does.
+        'sleep infinity',
       ],
       { stdio: ['ignore', 'ignore', 'pipe'] },
     ),

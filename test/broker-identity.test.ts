@@ -7,46 +7,77 @@
 // certificate is the control: it does see the requests.
 import { expect } from 'chai';
 import * as http2 from 'node:http2';
+import * as tls from 'node:tls';
 import { readFileSync } from 'node:fs';
 import type { AddressInfo } from 'node:net';
 import * as path from 'node:path';
 import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
 import { BrokerMetrics, PeerForwarder } from '@burrow/broker';
 import { BurrowClient } from '@burrow/client';
-import { CredentialStore, DEFAULT_KEEPALIVE } from '@burrow/tunnel';
+import { CONTROL_PATH, CredentialStore, DEFAULT_KEEPALIVE, GRPC_CONTENT_TYPE, TUNNEL_ALPN } from '@burrow/tunnel';
 import { forgeLeaf } from './helpers/forged-cert';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
 import { capturingLogger } from './helpers/policy-fixture';
 import { pollUntil } from './helpers/wait';
 
-/** A TLS HTTP/2 server that records every request and never answers it. */
+/**
+ * A TLS server that records every request it gets and never answers one. It offers both of a v4
+ * broker's ALPNs: on `burrow-tunnel` it is the HTTP/2 client, as a broker is, and opens the control
+ * stream (what the agent sends on it, its Hello, is a request); on `h2` it is an HTTP/2 server
+ * (the client's calls, the peer forwarder's, an agent's site calls).
+ */
 class FakeBroker {
-  readonly requests: http2.IncomingHttpHeaders[] = [];
+  readonly requests: (http2.IncomingHttpHeaders | { hello: Buffer })[] = [];
   handshakes = 0;
-  private readonly server: http2.Http2SecureServer;
-  private readonly sessions = new Set<http2.ServerHttp2Session>();
+  private readonly server: tls.Server;
+  private readonly h2 = http2.createServer();
+  private readonly sessions = new Set<http2.Http2Session>();
+  private readonly sockets = new Set<tls.TLSSocket>();
 
   constructor(cert: CertFiles, trustPem: string) {
-    this.server = http2.createSecureServer({
+    this.server = tls.createServer({
       key: readFileSync(cert.key),
       cert: readFileSync(cert.cert),
       ca: trustPem,
       requestCert: true,
       rejectUnauthorized: false,
-      allowHTTP1: false,
+      ALPNProtocols: [TUNNEL_ALPN, 'h2'],
     });
-    this.server.on('secureConnection', () => {
+    this.server.on('secureConnection', (socket: tls.TLSSocket) => {
       this.handshakes++;
+      this.sockets.add(socket);
+      socket.on('close', () => this.sockets.delete(socket));
+      socket.on('error', () => {});
+      if (socket.alpnProtocol === TUNNEL_ALPN) this.tunnel(socket);
+      else this.h2.emit('connection', socket);
     });
-    this.server.on('session', (s) => {
-      this.sessions.add(s);
-      s.on('close', () => this.sessions.delete(s));
-    });
-    this.server.on('stream', (_stream, headers) => {
+    this.h2.on('session', (s) => this.track(s));
+    this.h2.on('stream', (stream, headers) => {
+      stream.on('error', () => {});
       this.requests.push(headers);
     });
     this.server.on('tlsClientError', () => {});
+  }
+
+  /** The broker's side of a tunnel: opens the control stream; whatever the agent sends is recorded. */
+  private tunnel(socket: tls.TLSSocket): void {
+    const session = http2.connect('https://agent', { createConnection: () => socket });
+    this.track(session);
+    const control = session.request({
+      ':method': 'POST',
+      ':path': CONTROL_PATH,
+      'content-type': GRPC_CONTENT_TYPE,
+      te: 'trailers',
+    });
+    control.on('error', () => {});
+    control.on('data', (hello: Buffer) => this.requests.push({ hello }));
+  }
+
+  private track(s: http2.Http2Session): void {
+    this.sessions.add(s);
+    s.on('error', () => {});
+    s.on('close', () => this.sessions.delete(s));
   }
 
   async start(): Promise<string> {
@@ -56,6 +87,7 @@ class FakeBroker {
 
   async stop(): Promise<void> {
     for (const s of this.sessions) s.destroy();
+    for (const s of this.sockets) s.destroy();
     await new Promise<void>((resolve) => this.server.close(() => resolve()));
   }
 }
@@ -205,20 +237,19 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
       it("is refused by the broker's peer forwarder", async () => {
         const cert = await fakes[what]!();
         await withFake(cert, async (address, fake) => {
-          const tls = new CredentialStore({
+          const store = new CredentialStore({
             caPem: readFileSync(brokerCert.ca),
             certPem: readFileSync(brokerCert.cert),
             keyPem: readFileSync(brokerCert.key),
           });
           const metrics = new BrokerMetrics(
-            () => ({ agents: 0, sessions: 0, activeCalls: 0, waiters: 0, idleOffers: 0 }),
+            () => ({ agents: 0, sessions: 0, activeCalls: 0, waiters: 0 }),
             () => [],
           );
           const forwarder = new PeerForwarder({
-            tls,
+            tls: store,
             brokerId: 'broker-1',
             trustDomain: 'burrow.local',
-            maxMessageBytes: 1 << 20,
             keepalive: DEFAULT_KEEPALIVE,
             metrics,
             readyTimeoutMs: 3_000,
@@ -228,12 +259,23 @@ describe('only a broker certificate passes for a broker (issue 13 item 3)', func
             const attempt = await forwarder.open(
               address.replace('127.0.0.1', 'localhost'),
               'site-a',
-              Date.now() + 5_000,
+              {
+                method: '/echo.Echo/Unary',
+                rawHeaders: ['x-custom', 'v'],
+                contentType: GRPC_CONTENT_TYPE,
+                deadlineMs: Date.now() + 5_000,
+              },
               new AbortController().signal,
               { caller: 'spiffe://burrow.local/service/caller', method: '/echo.Echo/Unary', policies: [] },
             );
-            expect(attempt.ready).to.equal(false);
-            console.log(`      peer forwarder: ${attempt.ready ? '' : attempt.reason}`);
+            if (attempt.ready) throw new Error('the peer forwarder handed a call to a fake broker');
+            console.log(`      peer forwarder: ${attempt.reason}`);
+            // The reason names the certificate problem, not a bare stream reset.
+            expect(attempt.reason).to.match(
+              /foreign/.test(what)
+                ? /certificate/
+                : /is not a Burrow broker|unsuitable certificate purpose|does not contain|not cert's CN/,
+            );
           } finally {
             forwarder.close();
           }

@@ -151,8 +151,8 @@ describe('cli', function () {
       const [b, a] = await Promise.all([runCli(BROKER_CLI, ['--version']), runCli(AGENT_CLI, ['--version'])]);
       expect(b.exit.code).to.equal(0);
       expect(a.exit.code).to.equal(0);
-      expect(b.stdout.trim()).to.equal(`${version} (protocol 1, 2, 3)`);
-      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 1, 2, 3)`);
+      expect(b.stdout.trim()).to.equal(`${version} (protocol 4)`);
+      expect(a.stdout.trim()).to.equal(`${agentVersion} (protocol 4)`);
     });
   });
 
@@ -222,28 +222,6 @@ describe('cli', function () {
       );
       expect(line).to.include('must be from 100ms to 1h');
     });
-
-    it(
-      '--max-offers-per-agent below --agent-max-concurrent, ' + 'from the flag, the environment and the config file',
-      async () => {
-        const ports = await freePorts(3);
-        const line = await expectConfigError(
-          BROKER_CLI,
-          brokerFlags(ports, { 'max-offers-per-agent': '100' }),
-          'max-offers-per-agent',
-          ports,
-        );
-        expect(line).to.equal(
-          'burrow-broker: max-offers-per-agent: 100 is below --agent-max-concurrent (2048); raise it or set 0',
-        );
-        await expectConfigError(BROKER_CLI, brokerFlags(ports), 'max-offers-per-agent', ports, {
-          BURROW_BROKER_MAX_OFFERS_PER_AGENT: '10',
-        });
-        const file = path.join(pki.root, 'offers.yaml');
-        writeFileSync(file, 'max-offers-per-agent: 5\n');
-        await expectConfigError(BROKER_CLI, [...brokerFlags(ports), '--config', file], 'max-offers-per-agent', ports);
-      },
-    );
 
     it('--max-sessions-per-agent -1', async () => {
       const ports = await freePorts(3);

@@ -1,15 +1,23 @@
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import * as http2 from 'node:http2';
 import * as path from 'node:path';
 import { expect } from 'chai';
-import { Metadata, status as Status, type ClientDuplexStream, type ServiceError } from '@grpc/grpc-js';
-import { decodeCallFrame, encodeCallFrame } from '@burrow/tunnel';
+import { Metadata, status as Status, type ClientDuplexStream } from '@grpc/grpc-js';
+import { GRPC_CONTENT_TYPE, frameMessage, statusOfHeaders } from '@burrow/tunnel';
 import { ClusterWorld } from './helpers/cluster';
 import { ECHO } from './helpers/echo-upstream';
+import { readReply } from './helpers/h2';
 import { makeTempDir } from './helpers/pki-fixture';
-import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
 import { pollUntil } from './helpers/wait';
 
-const PEER_FORWARD = '/burrow.tunnel.v1.BrokerPeer/Forward';
+/** What the owning broker answered a hand-made forwarded call. */
+interface PeerAnswer {
+  /** Whether it confirmed the call (100 Continue) before answering. */
+  continued: boolean;
+  code: number | undefined;
+  details: string;
+  refused: string | undefined;
+}
 
 /**
  * Issue 13, item 14: in a cluster the broker holding the agent's tunnel enforces the agent's
@@ -23,11 +31,51 @@ describe('cluster: which broker decides what', function () {
   let world: ClusterWorld;
   const root = makeTempDir('burrow-cluster-decisions-');
   const auditFile = path.join(root, 'owner-audit.jsonl');
-  /** A client of b's peer listener with the cluster's broker certificate, as a forwarding broker. */
-  const peerClient = (): RawClient =>
-    new RawClient(world.peerAddress('b'), mtlsCredentials(world.brokerCert), {
-      'grpc.ssl_target_name_override': 'localhost',
+  /**
+   * A forwarded call made by hand (tunnel.proto, "A forwarded call, with a ready handshake"): one
+   * HTTP/2 stream to b's peer listener with the cluster's broker certificate, as a forwarding broker
+   * would open it, `expect: 100-continue` and the hop headers given. The call's message is sent only
+   * after a 100, as the forwarder does.
+   */
+  const forwardByHand = async (method: string, hop: Record<string, string>): Promise<PeerAnswer> => {
+    const session = http2.connect(`https://${world.peerAddress('b')}`, {
+      ca: readFileSync(world.brokerCert.ca),
+      cert: readFileSync(world.brokerCert.cert),
+      key: readFileSync(world.brokerCert.key),
+      ALPNProtocols: ['h2'],
+      checkServerIdentity: () => undefined,
     });
+    session.on('error', () => {});
+    try {
+      const stream = session.request({
+        ':method': 'POST',
+        ':path': method,
+        'content-type': GRPC_CONTENT_TYPE,
+        te: 'trailers',
+        'grpc-timeout': '5S',
+        expect: '100-continue',
+        'burrow-agent-id': 'site-lim',
+        'burrow-forwarded-by': 'broker-x',
+        ...hop,
+      });
+      let continued = false;
+      stream.on('continue', () => {
+        continued = true;
+        stream.end(frameMessage(Buffer.from('x')));
+      });
+      const reply = await readReply(stream);
+      const status = statusOfHeaders(reply.trailers) ?? statusOfHeaders(reply.headers);
+      const refused = reply.trailers?.['burrow-peer-refused'] ?? reply.headers['burrow-peer-refused'];
+      return {
+        continued,
+        code: status?.code,
+        details: status?.details ?? `no status (reset ${reply.rstCode})`,
+        refused: typeof refused === 'string' ? refused : undefined,
+      };
+    } finally {
+      session.destroy();
+    }
+  };
   const md = (): Metadata => {
     const m = new Metadata();
     m.set('burrow-agent-id', 'site-lim');
@@ -162,92 +210,108 @@ describe('cluster: which broker decides what', function () {
     },
   );
 
-  it('the owner refuses hop metadata that is not well formed, naming the key', async () => {
-    // A broker certificate of the trust domain, as a forwarding broker would present.
-    const peer = peerClient();
-    const forward = async (hop: Record<string, string>): Promise<ServiceError | undefined> => {
-      const m = md();
-      m.set('burrow-forwarded-by', 'broker-x');
-      for (const [k, v] of Object.entries(hop)) m.set(k, v);
-      return peer.unary(PEER_FORWARD, Buffer.alloc(0), m, { deadline: Date.now() + 5_000 }).then(
-        () => undefined,
-        (e: ServiceError) => e,
-      );
-    };
+  it('the owner refuses hop metadata that is not well formed, naming the key, before confirming the call', async () => {
     const good = {
       'burrow-hop-caller': 'spiffe://burrow.local/service/platform-svc',
       'burrow-hop-method': ECHO.unary,
       'burrow-hop-decision': 'allow',
     };
-    try {
-      const cases: [string, Record<string, string>, RegExp][] = [
-        [
-          'an agent as the caller',
-          { ...good, 'burrow-hop-caller': 'spiffe://burrow.local/agent/site-lim' },
-          /burrow-hop-caller .* is not a service SPIFFE id/,
-        ],
-        [
-          'a foreign trust domain',
-          { ...good, 'burrow-hop-caller': 'spiffe://evil.example/service/platform-svc' },
-          /burrow-hop-caller .* trust domain burrow.local/,
-        ],
-        [
-          'a method that is no path',
-          { ...good, 'burrow-hop-method': 'Unary' },
-          /burrow-hop-method "Unary" is not a gRPC method path/,
-        ],
-        [
-          'a decision that is not allow',
-          { ...good, 'burrow-hop-decision': 'deny' },
-          /burrow-hop-decision "deny" is not "allow"/,
-        ],
-        ['a caller with no method', { 'burrow-hop-caller': good['burrow-hop-caller'] }, /go together/],
-      ];
-      for (const [what, hop, message] of cases) {
-        const err = await forward(hop);
-        expect(err?.code, what).to.equal(Status.INVALID_ARGUMENT);
-        expect(err?.details, what).to.match(message);
-      }
-      // Without hop metadata (a broker of an older version) an owner with a caller policy cannot judge the caller.
-      const none = await forward({});
-      expect(none?.code).to.equal(Status.PERMISSION_DENIED);
-      expect(none?.details).to.match(/without burrow-hop-caller/);
-    } finally {
-      peer.close();
+    const callsBefore = world.echo.calls.length;
+    const cases: [string, Record<string, string>, RegExp][] = [
+      [
+        'an agent as the caller',
+        { ...good, 'burrow-hop-caller': 'spiffe://burrow.local/agent/site-lim' },
+        /burrow-hop-caller .* is not a service SPIFFE id/,
+      ],
+      [
+        'a foreign trust domain',
+        { ...good, 'burrow-hop-caller': 'spiffe://evil.example/service/platform-svc' },
+        /burrow-hop-caller .* trust domain burrow.local/,
+      ],
+      [
+        'a method that is no path',
+        { ...good, 'burrow-hop-method': 'Unary' },
+        /burrow-hop-method "Unary" is not a gRPC method path/,
+      ],
+      [
+        'a decision that is not allow',
+        { ...good, 'burrow-hop-decision': 'deny' },
+        /burrow-hop-decision "deny" is not "allow"/,
+      ],
+      ['a caller with no method', { 'burrow-hop-caller': good['burrow-hop-caller'] }, /go together/],
+    ];
+    for (const [what, hop, message] of cases) {
+      const r = await forwardByHand(ECHO.unary, hop);
+      expect(r.code, `${what}: ${r.details}`).to.equal(Status.INVALID_ARGUMENT);
+      expect(r.details, what).to.match(message);
+      // A decision on the call: the forwarding broker passes it to the caller instead of trying another.
+      expect(r.refused, what).to.equal('decision');
+      expect(r.continued, `${what}: confirmed before refusing`).to.equal(false);
     }
+    // Without hop metadata (a broker of an older version) an owner with a caller policy cannot judge the caller.
+    const none = await forwardByHand(ECHO.unary, {});
+    expect(none.code, none.details).to.equal(Status.PERMISSION_DENIED);
+    expect(none.details).to.match(/without burrow-hop-caller/);
+    expect(none.continued).to.equal(false);
+    // The well-formed hop is served: the control.
+    const ok = await forwardByHand(ECHO.unary, good);
+    expect(ok.code, ok.details).to.equal(Status.OK);
+    expect(ok.continued).to.equal(true);
+    expect(world.echo.calls.length).to.equal(callsBefore + 1);
   });
 
   it(
-    'the owner refuses a forwarded call whose Start names another method than the one admitted, ' +
-      'before the agent sees it',
+    "the owner refuses a forwarded call whose :path is another method than the hop's, " +
+      'before confirming it and before the agent sees it',
     async () => {
-      const peer = peerClient();
-      try {
-        const m = md();
-        m.set('burrow-forwarded-by', 'broker-x');
-        m.set('burrow-hop-caller', 'spiffe://burrow.local/service/platform-svc');
-        m.set('burrow-hop-method', ECHO.unary);
-        m.set('burrow-hop-decision', 'allow policies=entry-permits-platform-svc');
-        const callsBefore = world.echo.calls.length;
-        const call = peer.bidi(PEER_FORWARD, m, { deadline: Date.now() + 5_000 });
-        const done = collect(call);
-        // Admitted for Unary; the Start asks for the method the owner's policy forbids.
-        const start = { method: ECHO.metadata, metadata: [], timeoutMs: 0, callId: 'swap' };
-        call.write(encodeCallFrame({ kind: 'start', start }));
-        call.end();
-        const { messages, headers } = await done;
-        expect(headers?.get('burrow-peer-ready')[0]).to.equal('1');
-        const frames = messages.map(decodeCallFrame);
-        const trailers = frames.find((f) => f.kind === 'trailers');
-        console.log(`      (method swap: ${JSON.stringify(trailers)})`);
-        expect(trailers?.kind === 'trailers' && trailers.trailers.code).to.equal(Status.PERMISSION_DENIED);
-        expect(trailers?.kind === 'trailers' && trailers.trailers.message).to.match(
-          /method \/burrow.test.Echo\/Metadata is not \/burrow.test.Echo\/Unary/,
-        );
-        expect(world.echo.calls.length).to.equal(callsBefore);
-      } finally {
-        peer.close();
-      }
+      const callsBefore = world.echo.calls.length;
+      // Admitted at the entry broker for Unary; the stream asks for the method the owner's policy forbids.
+      const r = await forwardByHand(ECHO.metadata, {
+        'burrow-hop-caller': 'spiffe://burrow.local/service/platform-svc',
+        'burrow-hop-method': ECHO.unary,
+        'burrow-hop-decision': 'allow policies=entry-permits-platform-svc',
+      });
+      console.log(`      (method swap: ${Status[r.code ?? -1]} "${r.details}")`);
+      expect(r.code).to.equal(Status.PERMISSION_DENIED);
+      expect(r.details).to.match(/method \/burrow.test.Echo\/Metadata is not \/burrow.test.Echo\/Unary/);
+      expect(r.refused).to.equal('decision');
+      expect(r.continued).to.equal(false);
+      expect(world.echo.calls.length).to.equal(callsBefore);
     },
   );
+
+  it('a client with a service certificate gets PERMISSION_DENIED from the peer listener', async () => {
+    const session = http2.connect(`https://${world.peerAddress('b')}`, {
+      ca: readFileSync(world.serviceCert.ca),
+      cert: readFileSync(world.serviceCert.cert),
+      key: readFileSync(world.serviceCert.key),
+      ALPNProtocols: ['h2'],
+      checkServerIdentity: () => undefined,
+    });
+    session.on('error', () => {});
+    try {
+      const callsBefore = world.echo.calls.length;
+      const stream = session.request({
+        ':method': 'POST',
+        ':path': ECHO.unary,
+        'content-type': GRPC_CONTENT_TYPE,
+        te: 'trailers',
+        expect: '100-continue',
+        'burrow-agent-id': 'site-lim',
+        'burrow-forwarded-by': 'broker-x',
+      });
+      let continued = false;
+      stream.on('continue', () => {
+        continued = true;
+      });
+      const reply = await readReply(stream);
+      const status = statusOfHeaders(reply.trailers) ?? statusOfHeaders(reply.headers);
+      expect(status?.code, status?.details).to.equal(Status.PERMISSION_DENIED);
+      expect(status?.details).to.match(/certificate role "service" may not use the peer API/);
+      expect(continued).to.equal(false);
+      expect(world.echo.calls.length).to.equal(callsBefore);
+    } finally {
+      session.destroy();
+    }
+  });
 });

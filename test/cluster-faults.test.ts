@@ -260,10 +260,10 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
     },
   );
 
-  // This test found two races, both fixed: the agent closed its connection on the broker's Drain
-  // while Start frames the broker had sent before it were still on the way (broker-connection.ts,
-  // drainAndClose with brokerAsked), and a Cancel sent after HalfClose that crossed the agent's
-  // Trailers was a protocol error that dropped the whole session (call-state.ts, late Cancel).
+  // Under the offer protocol this test found two races, both fixed: the agent closed its connection on
+  // the broker's Drain while calls the broker had opened before it were still on the way (the Drain
+  // that answers the agent's is written after every call stream opened before it: tunnel.proto,
+  // "Drain"), and a cancel crossing the agent's trailers dropped the whole tunnel.
   /**
    * Restarts every broker in turn (SIGTERM, drain, start on the same ports) while 20 caller loops
    * run. `learn`: the agents are given broker A only and find B and C in the replica set, as a
@@ -643,7 +643,6 @@ describe('cluster faults (real broker and agent processes, real Redis)', functio
               tlsKeyFile: path.join(d, 'tls.key'),
               caFile: path.join(d, 'ca.crt'),
               upstreams: [{ service: '*', address: echo.address }],
-              minIdleOffers: 1,
               reconnectBaseMs: 500,
               reconnectMaxMs: 5_000,
               drainTimeoutMs: 1_000,

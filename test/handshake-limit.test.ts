@@ -2,8 +2,7 @@ import { expect } from 'chai';
 import type * as net from 'node:net';
 import * as tls from 'node:tls';
 import { readFileSync } from 'node:fs';
-import { Server, ServerCredentials } from '@grpc/grpc-js';
-import { type ConnectionGuard, guardConnections, tlsServersOf } from '@burrow/tunnel';
+import { type ConnectionGuard, guardConnections, listenOn } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
 import { stalledConnection } from './helpers/late-connection';
 import { expectNoLeaks, snapshotResources } from './helpers/leaks';
@@ -61,18 +60,19 @@ describe('TLS handshake cap (guardConnections maxPending)', () => {
   async function serve(
     maxPending: number,
   ): Promise<{ port: number; limiter: ConnectionGuard; shedSockets: net.Socket[]; stop(): Promise<void> }> {
-    const server = new Server();
-    const creds = ServerCredentials.createSsl(
-      readFileSync(brokerCert.ca),
-      [{ private_key: readFileSync(brokerCert.key), cert_chain: readFileSync(brokerCert.cert) }],
-      true,
-    );
-    const port = await new Promise<number>((resolve, reject) =>
-      server.bindAsync('127.0.0.1:0', creds, (err, p) => (err ? reject(err) : resolve(p))),
-    );
+    // Like the broker's agent listener: a TLS server that requires a client certificate.
+    const server = tls.createServer({
+      ca: readFileSync(brokerCert.ca),
+      key: readFileSync(brokerCert.key),
+      cert: readFileSync(brokerCert.cert),
+      requestCert: true,
+      rejectUnauthorized: true,
+    });
+    server.on('secureConnection', (socket: tls.TLSSocket) => socket.on('error', () => {}));
+    const port = await listenOn(server, '127.0.0.1:0');
     const shedSockets: net.Socket[] = [];
     // The pending cap alone, as the broker's agent listener has it with the other guards off.
-    const limiter = guardConnections(tlsServersOf(server), {
+    const limiter = guardConnections([server], {
       maxPending,
       maxUnprovenPerAddress: 0,
       handshakeTimeoutMs: 0,
@@ -82,7 +82,10 @@ describe('TLS handshake cap (guardConnections maxPending)', () => {
       port,
       limiter,
       shedSockets,
-      stop: () => new Promise<void>((resolve) => server.tryShutdown(() => resolve())),
+      stop: () =>
+        new Promise<void>((resolve) => {
+          server.close(() => resolve());
+        }),
     };
   }
 

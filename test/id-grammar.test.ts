@@ -17,6 +17,7 @@ import { forgeLeaf } from './helpers/forged-cert';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { capturingLogger } from './helpers/policy-fixture';
 import { RawAgent } from './helpers/raw-agent';
+import { firstAnswer } from './helpers/raw-call';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 
 const BAD_IDS: [string, string][] = [
@@ -34,6 +35,7 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
   let apiAddress: string;
   let records: Record<string, unknown>[];
   let baseline: ResourceSnapshot;
+  const stack = (): Broker => broker;
 
   before(async () => {
     baseline = snapshotResources();
@@ -73,23 +75,19 @@ describe('one id grammar, enforced at issuing, enrollment and the listeners (iss
           uris: [`spiffe://burrow.local/agent/${id}`],
           ekus: ['clientAuth'],
         });
-        const agent = new RawAgent(agentAddress, cert);
+        const agent = await RawAgent.connect(agentAddress, cert);
         try {
-          const session = agent.session();
-          session.hello();
-          const status = await session.ended();
-          console.log(`      session: ${Status[status.code]}: ${status.details.slice(0, 160)}`);
-          expect(status.code).to.equal(Status.PERMISSION_DENIED);
-          expect(
-            session.received.some((f) => f.kind === 'welcome'),
-            'a Welcome',
-          ).to.equal(false);
+          const control = await agent.control();
+          control.send({ kind: 'hello', hello: { protocolVersions: [4], agentVersion: 'raw-agent' } });
+          const answer = await firstAnswer(control);
+          if (answer.kind !== 'refused') throw new Error(`the broker answered with ${answer.kind}, not Refused`);
+          console.log(`      session: ${Status[answer.code]}: ${answer.message.slice(0, 160)}`);
+          expect(answer.code).to.equal(Status.PERMISSION_DENIED);
+          expect(stack().registry.counts().sessions, 'sessions registered').to.equal(0);
         } finally {
           agent.close();
         }
-        const line = records.find(
-          (r) => r.message === 'tunnel stream refused' && String(r.reason).includes(id.slice(0, 60)),
-        );
+        const line = records.find((r) => r.message === 'tunnel refused' && String(r.reason).includes(id.slice(0, 60)));
         expect(line, "the broker's log line").to.not.equal(undefined);
         expect(String(line!.reason)).to.include(ID_GRAMMAR);
       });

@@ -12,6 +12,7 @@ import { getJson, type AgentListing } from './helpers/processes';
 import { pollUntil } from './helpers/wait';
 import { RawClient, mtlsCredentials, startRawServer } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
+import { RawAgent } from './helpers/raw-agent';
 
 const identity = (b: Buffer): Buffer => b;
 
@@ -197,28 +198,32 @@ describe('identity', function () {
       );
     });
 
-    it('a tunnel Session opened with a SERVICE certificate is refused with PERMISSION_DENIED', async () => {
+    it('a tunnel opened with a SERVICE certificate is refused with PERMISSION_DENIED', async () => {
       const before = await rejected(stack.broker, 'agent', 'wrong_role');
-      const s = await rawTunnelStream(stack.agentAddress, stack.serviceCert, '/burrow.tunnel.v1.Tunnel/Session');
-      expect(s.code, s.details).to.equal(Status.PERMISSION_DENIED);
+      const agent = await RawAgent.connect(stack.agentAddress, stack.serviceCert);
+      try {
+        const control = await agent.control();
+        control.send({ kind: 'hello', hello: { protocolVersions: [4], agentVersion: 'raw' } });
+        const refused = await control.refused();
+        expect(refused.code, refused.message).to.equal(Status.PERMISSION_DENIED);
+        await agent.closed;
+      } finally {
+        agent.close();
+      }
       expect(await rejected(stack.broker, 'agent', 'wrong_role')).to.equal(before + 1);
       const agents = await getJson<AgentListing[]>(`${stack.adminUrl}/agents`);
       expect(agents.map((a) => a.id)).to.deep.equal(['site-a']);
     });
 
-    it(
-      'an Offer stream opened with a SERVICE certificate for ' + 'a real session id is refused with PERMISSION_DENIED',
-      async () => {
-        const [listing] = await getJson<(AgentListing & { sessions: { id: string }[] })[]>(`${stack.adminUrl}/agents`);
-        const md = new Metadata();
-        md.set('burrow-session-id', listing!.sessions[0]!.id);
-        const s = await rawTunnelStream(stack.agentAddress, stack.serviceCert, '/burrow.tunnel.v1.Tunnel/Offer', md);
-        expect(s.code, s.details).to.equal(Status.PERMISSION_DENIED);
-        // The real agent's session is untouched.
-        const res = await stack.caller.unary(ECHO.unary, Buffer.from('still'), stack.md());
-        expect(res.response.toString()).to.equal('still');
-      },
-    );
+    it('a site call (agent -> platform) with a SERVICE certificate is refused with PERMISSION_DENIED', async () => {
+      // The agent listener's ordinary gRPC side takes the agent's platform calls: a service
+      // certificate may not pose as an agent there either.
+      const s = await rawTunnelStream(stack.agentAddress, stack.serviceCert, ECHO.unary);
+      expect(s.code, s.details).to.equal(Status.PERMISSION_DENIED);
+      // The real agent's session is untouched.
+      const res = await stack.caller.unary(ECHO.unary, Buffer.from('still'), stack.md());
+      expect(res.response.toString()).to.equal('still');
+    });
   });
 
   describe('the agent id comes from the certificate', () => {

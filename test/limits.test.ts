@@ -93,7 +93,7 @@ describe('no head-of-line blocking', () => {
     );
     // Backpressure must reach the upstream: it can only have produced what the windows and
     // buffers of three hops hold.
-    await pollUntil('condition', () => stack.siteUpstream.streamedBytes > 0);
+    await pollUntil('the stalled call streaming', () => stack.siteUpstream.streamedBytes > 0);
     const before = stack.siteUpstream.streamedBytes;
 
     // Meanwhile, other calls on the same agent — unary and a large bidi transfer — complete.
@@ -134,9 +134,9 @@ describe('no head-of-line blocking', () => {
 
 describe('concurrency', () => {
   let stack: Stack;
-  // Everything (caller, broker, agent, upstreams) shares this process and its 2 cores here, so the
-  // first burst may take seconds to grow the pool; this test is about correctness, `make bench`
-  // about speed.
+  // Everything (caller, broker, agent, upstreams) shares this process and its 2 cores here, and the
+  // agent's SETTINGS_MAX_CONCURRENT_STREAMS makes the broker queue calls past it, so a burst may take
+  // seconds; this test is about correctness, `make bench` about speed.
   before(async () => {
     stack = await Stack.start({ broker: { agentWaitMs: 15_000 } });
   });
@@ -152,10 +152,10 @@ describe('concurrency', () => {
     results.forEach((r, i) => {
       expect(r.response.equals(payloads[i]!)).to.equal(true);
     });
-    // The pool grew on demand, and every stream went back or was retired: nothing is active.
-    await pollUntil('condition', () => stack.broker.registry.counts().activeCalls === 0);
+    // Every call stream ended and was accounted for: nothing is active, nothing waits.
+    await pollUntil('no active calls', () => stack.broker.registry.counts().activeCalls === 0);
     expect(stack.broker.registry.counts().waiters).to.equal(0);
-    expect(Number((await stack.broker.metrics.demandedOffers.get()).values[0]?.value ?? 0)).to.be.greaterThan(0);
+    expect(stack.agent.brokerTargets().map((t) => t.callsInFlight)).to.deep.equal([0]);
   });
 
   it('1,000 concurrent calls from site clients complete correctly', async () => {
@@ -166,16 +166,49 @@ describe('concurrency', () => {
       expect(r.response.toString()).to.equal(`s${i}`);
     });
   });
+});
 
-  it('idle streams above the minimum are retired, and calls still work afterwards', async () => {
-    // Reused offers (protocol 2) serve waiting calls as they come back, so offers demanded during
-    // the burst may still be arriving after it: retire once every demanded offer is in.
-    await pollUntil('condition', () => stack.broker.registry.allSessions().every((s) => s.owedOffers === 0), 15_000);
-    const idleBefore = stack.broker.registry.counts().idleOffers;
-    expect(idleBefore).to.be.greaterThan(stack.agentConfig.minIdleOffers);
-    stack.broker.registry.retireIdle(-1); // -1: also the offers that came back this millisecond
-    await pollUntil('condition', () => stack.broker.registry.counts().idleOffers === stack.agentConfig.minIdleOffers);
-    const ok = await stack.caller.unary(ECHO.unary, Buffer.from('after retire'), stack.md());
-    expect(ok.response.toString()).to.equal('after retire');
+describe("the agent's concurrency limit (--max-concurrent-calls)", () => {
+  let stack: Stack;
+  before(async () => {
+    stack = await Stack.start({ agent: { maxConcurrentCalls: 3 } });
+  });
+  after(async () => {
+    await stack?.stop();
+  });
+
+  it('calls past the limit wait for a free stream (SETTINGS_MAX_CONCURRENT_STREAMS), then succeed', async () => {
+    let most = 0;
+    const onCall = (): void => {
+      most = Math.max(most, stack.siteUpstream.active);
+    };
+    stack.siteUpstream.on('call', onCall);
+    try {
+      // Three calls hold every call stream the agent allows; the fourth and fifth must queue, not fail.
+      const held = Array.from({ length: 3 }, () => stack.caller.bidi(ECHO.bidi, stack.md()));
+      for (const c of held) c.write(Buffer.from('hold'));
+      await Promise.all(held.map((c) => new Promise((resolve) => c.once('data', resolve))));
+      expect(stack.siteUpstream.active).to.equal(3);
+      const queued = [0, 1].map((i) =>
+        stack.caller.unary(ECHO.unary, Buffer.from(`q${i}`), stack.md(), { deadline: Date.now() + 10_000 }),
+      );
+      const settled = Promise.allSettled(queued);
+      // The queued calls have not reached the upstream while the three are held.
+      const raced = await Promise.race([settled, new Promise((resolve) => setTimeout(resolve, 300, 'waiting'))]);
+      expect(raced, 'calls past the limit finished while every stream was held').to.equal('waiting');
+      expect(stack.siteUpstream.active).to.equal(3);
+      for (const c of held) c.end();
+      await Promise.all(held.map((c) => collect(c)));
+      const answers = await Promise.all(queued);
+      expect(answers.map((r) => r.response.toString())).to.deep.equal(['q0', 'q1']);
+      // Many more than the limit at once: all succeed, never more than 3 at the upstream.
+      const burst = await Promise.all(
+        Array.from({ length: 60 }, (_, i) => stack.caller.unary(ECHO.unary, Buffer.from(`b${i}`), stack.md())),
+      );
+      expect(burst.map((r) => r.response.toString())).to.deep.equal(Array.from({ length: 60 }, (_, i) => `b${i}`));
+      expect(most).to.equal(3);
+    } finally {
+      stack.siteUpstream.off('call', onCall);
+    }
   });
 });

@@ -9,7 +9,7 @@ import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 
 /**
- * The broker reads each connection's peer certificate once (cachePeerCertificates), not once per
+ * The broker reads each connection's peer certificate once (peerCertificateOf), not once per
  * call: Node builds a new certificate object on every getPeerCertificate() and grpc-js asks for it
  * on every call. Identity checks must still see each connection's own certificate.
  */

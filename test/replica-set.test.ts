@@ -11,15 +11,15 @@ import {
   type TargetSpec,
 } from '@burrow/agent';
 import { Broker, type BrokerConfig } from '@burrow/broker';
-import { ProtocolError, silentLogger, type BrokerEndpoint } from '@burrow/tunnel';
+import { ProtocolError, silentLogger, type BrokerEndpoint, type SessionFrame, type WelcomeFrame } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
-import { RawAgent } from './helpers/raw-agent';
+import { RawAgent, type RawControl } from './helpers/raw-agent';
 import { RawClient, collect, mtlsCredentials } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 import { pollUntil } from './helpers/wait';
 
 /**
- * Broker replicas (protocol version 3, the Brokers session frame): brokers advertise the replica
+ * Broker replicas (the Brokers session frame of tunnel.proto): brokers advertise the replica
  * set, agents keep tunnels to several brokers, converge when the set changes, and keep serving
  * through the remaining tunnels when one broker goes away. In-process brokers on port 0, real
  * sockets, real mTLS.
@@ -140,49 +140,53 @@ describe('broker replica set: the Brokers frame on the wire', () => {
     await stack?.stop();
   });
 
-  const connect = async (protocolVersions: number[]) => {
-    const a = new RawAgent(stack.agentAddress, stack.agentCert);
+  /** A raw agent whose session was welcomed; its control stream for reading what follows. */
+  const connect = async (): Promise<{ control: RawControl; welcome: WelcomeFrame }> => {
+    const a = await RawAgent.connect(stack.agentAddress, stack.agentCert);
     raws.push(a);
-    const session = a.session();
-    session.hello({ protocolVersions });
-    return { session, welcome: await session.welcome() };
+    return a.welcome();
+  };
+  /** The broker's next frame on `control`, which must be of `kind`. */
+  const expectNext = async <K extends SessionFrame['kind']>(
+    control: RawControl,
+    kind: K,
+  ): Promise<Extract<SessionFrame, { kind: K }>> => {
+    const f = await control.next();
+    if (f?.kind !== kind) throw new Error(`expected ${kind}, got ${f ? f.kind : 'the end of the control stream'}`);
+    return f as Extract<SessionFrame, { kind: K }>;
   };
   const SET: BrokerEndpoint[] = [
     { brokerId: 'broker-test', address: '127.0.0.1:7443' },
     { brokerId: 'broker-2', address: 'broker-2.example:7443' },
   ];
 
-  it(
-    'a version-3 session gets every broadcast set; ' + 'a version-2 session (agent double) gets none and still works',
-    async () => {
-      const v3 = await connect([1, 2, 3]);
-      const v2 = await connect([1, 2]);
-      expect(v3.welcome.protocolVersion).to.equal(3);
-      expect(v2.welcome.protocolVersion).to.equal(2);
-      listenerOf(stack.broker).broadcastReplicaSet(SET);
-      expect(await v3.session.expectNext('brokers')).to.deep.equal({ kind: 'brokers', brokers: SET });
-      listenerOf(stack.broker).broadcastReplicaSet([]);
-      expect(await v3.session.expectNext('brokers')).to.deep.equal({ kind: 'brokers', brokers: [] });
-      // Frames on one stream arrive in order: a Brokers frame sent to the v2 session would come before this.
-      listenerOf(stack.broker).broadcastTrustBundle('pem', 7);
-      expect((await v2.session.next()).kind).to.equal('trustBundle');
-      expect(v2.session.received.map((f) => f.kind)).to.deep.equal(['welcome', 'trustBundle']);
-      await v3.session.expectNext('trustBundle');
-    },
-  );
-
-  it('a new version-3 session gets the current set right after Welcome; a version-2 one does not', async () => {
+  it('a session gets every broadcast set, the empty one included, in order with other frames', async () => {
+    const { control, welcome } = await connect();
+    expect(welcome.protocolVersion).to.equal(4);
     listenerOf(stack.broker).broadcastReplicaSet(SET);
-    const v3 = await connect([3, 2, 1]);
-    expect(await v3.session.expectNext('brokers')).to.deep.equal({ kind: 'brokers', brokers: SET });
-    const v2 = await connect([2]);
-    listenerOf(stack.broker).broadcastTrustBundle('pem', 8);
-    expect(v2.session.received.map((f) => f.kind)).to.deep.equal(['welcome']);
-    expect((await v2.session.next()).kind).to.equal('trustBundle');
+    expect(await expectNext(control, 'brokers')).to.deep.equal({ kind: 'brokers', brokers: SET });
     listenerOf(stack.broker).broadcastReplicaSet([]);
+    expect(await expectNext(control, 'brokers')).to.deep.equal({ kind: 'brokers', brokers: [] });
+    listenerOf(stack.broker).broadcastTrustBundle('pem', 7);
+    expect(await expectNext(control, 'trustBundle')).to.deep.include({ pem: 'pem', version: 7 });
   });
 
-  it('broadcastReplicaSet refuses a set the frame cannot carry, before sending anything', () => {
+  it('a new session gets the current set right after Welcome, and none while the set is empty', async () => {
+    listenerOf(stack.broker).broadcastReplicaSet(SET);
+    const first = await connect();
+    expect(await expectNext(first.control, 'brokers')).to.deep.equal({ kind: 'brokers', brokers: SET });
+    listenerOf(stack.broker).broadcastReplicaSet([]);
+    expect(await expectNext(first.control, 'brokers')).to.deep.equal({ kind: 'brokers', brokers: [] });
+    // With the set empty a new session gets no Brokers frame: frames on one stream arrive in order,
+    // so one sent after Welcome would come before this TrustBundle.
+    const second = await connect();
+    listenerOf(stack.broker).broadcastTrustBundle('pem', 8);
+    expect((await second.control.next())?.kind).to.equal('trustBundle');
+    expect((await first.control.next())?.kind).to.equal('trustBundle');
+  });
+
+  it('broadcastReplicaSet refuses a set the frame cannot carry, before sending anything', async () => {
+    const { control } = await connect();
     expect(() => listenerOf(stack.broker).broadcastReplicaSet([{ brokerId: 'x', address: 'no-port' }])).to.throw(
       ProtocolError,
       /address "no-port" is not HOST:PORT/,
@@ -192,6 +196,9 @@ describe('broker replica set: the Brokers frame on the wire', () => {
         Array.from({ length: 65 }, (_, i) => ({ brokerId: `b${i}`, address: 'h:1' })),
       ),
     ).to.throw(ProtocolError, /at most 64/);
+    // Nothing went out: the next frame the session sees is the one sent after the refusals.
+    listenerOf(stack.broker).broadcastTrustBundle('pem', 9);
+    expect((await control.next())?.kind).to.equal('trustBundle');
   });
 });
 

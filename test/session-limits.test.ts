@@ -1,6 +1,8 @@
-import { expect } from 'chai';
 import { readFileSync } from 'node:fs';
-import { Metadata, status as Status, type StatusObject } from '@grpc/grpc-js';
+import * as http2 from 'node:http2';
+import { expect } from 'chai';
+import { Metadata, status as Status } from '@grpc/grpc-js';
+import { GRPC_CONTENT_TYPE, frameMessage, statusOfHeaders } from '@burrow/tunnel';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { expectNoLeaks, snapshotResources, type ResourceSnapshot } from './helpers/leaks';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
@@ -16,23 +18,21 @@ import {
   tlsArgs,
 } from './helpers/processes';
 import { pollUntil } from './helpers/wait';
-import type { CallFrame } from '@burrow/tunnel';
-import { RawAgent, type RawCallStream, type RawSession } from './helpers/raw-agent';
+import { RawAgent } from './helpers/raw-agent';
+import { expectRefused, firstAnswer } from './helpers/raw-call';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 
 /**
- * A rogue agent (a valid agent certificate, hand-made frames: RawAgent) against a real broker
- * process while a second, real agent process serves calls: oversized but well-formed session
- * frames, many sessions and many offers from one certificate. Each is refused with a message
- * naming the bound; the broker's memory and CPU stay bounded; the other agent's calls keep
- * working with a bounded latency. The assertions are about outcomes only (refused, bounded, others
- * unaffected), so they hold whatever carries the calls.
+ * A rogue agent (a valid agent certificate, hand-made session frames: RawAgent) against a real
+ * broker process while a second, real agent process serves calls: session frames whose length
+ * prefix is over the bound, Hello fields over theirs, many sessions from one certificate, a
+ * megabyte method name. Each is refused with a message naming the bound; the broker's memory and
+ * CPU stay bounded; the other agent's calls keep working with a bounded latency. The assertions are
+ * about outcomes only (refused, bounded, others unaffected), so they hold whatever carries the calls.
  */
 
 const ROGUE = 'site-a';
 const GOOD = 'site-b';
-/** What the broker is started with for the offers test (its default is 4096). */
-const OFFER_CAP = 256;
 
 /** Broker CPU time (user + system, ms) and resident memory (bytes), from /proc. */
 function usage(pid: number): { cpuMs: number; rssBytes: number } {
@@ -46,25 +46,11 @@ function usage(pid: number): { cpuMs: number; rssBytes: number } {
 
 const MiB = 1024 * 1024;
 
-/** A varint, as protobuf writes lengths. */
-function varint(n: number): Buffer {
-  const out: number[] = [];
-  while (n > 0x7f) {
-    out.push((n & 0x7f) | 0x80);
-    n = Math.floor(n / 128);
-  }
-  out.push(n);
-  return Buffer.from(out);
-}
-
-/**
- * A well-formed SessionFrame{hello{protocol_versions: [1 x count]}}, built by hand: protobufjs
- * would need an array of `count` numbers in the test process first.
- */
-function helloWithVersions(count: number): Buffer {
-  // Hello.protocol_versions, packed.
-  const versions = Buffer.concat([Buffer.from([0x0a]), varint(count), Buffer.alloc(count, 1)]);
-  return Buffer.concat([Buffer.from([0x0a]), varint(versions.length), versions]); // SessionFrame.hello
+/** The 5-byte gRPC message prefix alone: uncompressed, declaring a message of `bytes` bytes. */
+function lengthPrefix(bytes: number): Buffer {
+  const b = Buffer.alloc(5);
+  b.writeUInt32BE(bytes, 1);
+  return b;
 }
 
 /**
@@ -110,7 +96,51 @@ function callLoop(caller: RawClient): { stop(): Promise<CallStats> } {
   };
 }
 
-describe("session limits: a rogue agent's oversized but valid frames (real broker and agent processes)", function () {
+/**
+ * A site -> platform call as the rogue agent makes it (tunnel.proto, "Site -> platform calls"): ALPN
+ * `h2`, its certificate, `:path` = `method`. Resolves with the gRPC status, or the reset that ended it.
+ */
+async function siteCall(address: string, cert: CertFiles, method: string): Promise<string> {
+  const session = http2.connect(`https://${address}`, {
+    ca: readFileSync(cert.ca),
+    cert: readFileSync(cert.cert),
+    key: readFileSync(cert.key),
+    ALPNProtocols: ['h2'],
+    checkServerIdentity: () => undefined,
+    maxSendHeaderBlockLength: 4 * MiB,
+  } as http2.SecureClientSessionOptions);
+  session.on('error', () => {});
+  try {
+    return await new Promise<string>((resolve) => {
+      let status: { code: number; details: string } | undefined;
+      let stream: http2.ClientHttp2Stream;
+      try {
+        stream = session.request({
+          ':method': 'POST',
+          ':path': method,
+          'content-type': GRPC_CONTENT_TYPE,
+          te: 'trailers',
+          'burrow-call-id': 'c'.repeat(2048),
+        });
+      } catch (err) {
+        resolve(`not sent: ${(err as Error).message}`);
+        return;
+      }
+      stream.on('response', (h) => (status ??= statusOfHeaders(h)));
+      stream.on('trailers', (h) => (status ??= statusOfHeaders(h)));
+      stream.on('error', () => {});
+      stream.resume();
+      stream.on('close', () =>
+        resolve(status ? `${Status[status.code]}: ${status.details.slice(0, 80)}` : `reset ${stream.rstCode}`),
+      );
+      stream.end(frameMessage(Buffer.from('x')));
+    });
+  } finally {
+    session.destroy();
+  }
+}
+
+describe("session limits: a rogue agent's oversized session frames (real broker and agent processes)", function () {
   this.timeout(120_000);
 
   let pki: PkiFixture;
@@ -126,8 +156,8 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
   const listing = async (id: string): Promise<AgentListing | undefined> =>
     (await getJson<AgentListing[]>(`${adminUrl}/agents`)).find((a) => a.id === id);
 
-  const rogue = (): RawAgent => {
-    const a = new RawAgent(agentAddress, rogueCert);
+  const rogue = async (): Promise<RawAgent> => {
+    const a = await RawAgent.connect(agentAddress, rogueCert);
     rogues.push(a);
     return a;
   };
@@ -162,14 +192,6 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
     expect(rssBytes, 'broker RSS growth (bytes)').to.be.below(bounds.rssBytes);
   }
 
-  /** The status a session ends with when the broker refuses it; a Welcome fails the test at once. */
-  async function refused(session: RawSession): Promise<StatusObject> {
-    const welcomed = session.seen((f) => f.kind === 'welcome').then(() => 'welcome' as const);
-    const outcome = await Promise.race([welcomed, session.ended()]);
-    if (outcome === 'welcome') throw new Error('the broker welcomed the session instead of refusing it');
-    return outcome;
-  }
-
   let baseline: ResourceSnapshot;
 
   before(async () => {
@@ -190,10 +212,6 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
       '127.0.0.1:0',
       '--admin-listen',
       '127.0.0.1:0',
-      '--max-offers-per-agent',
-      String(OFFER_CAP),
-      '--agent-max-concurrent',
-      String(OFFER_CAP),
     ]);
     broker = b.proc;
     agentAddress = `127.0.0.1:${b.ports.agentPort}`;
@@ -221,57 +239,61 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
     await expectNoLeaks(baseline);
   });
 
-  it(
-    'a Hello listing 15,000,000 versions is refused before it is read; ' + 'one listing 1,000 names the bound',
-    async () => {
-      let huge!: StatusObject;
-      await underAttack(
-        'Hello with 15,000,000 versions',
-        async () => {
-          const session = rogue().session();
-          session.writeBytes(helloWithVersions(15_000_000));
-          huge = await refused(session);
-        },
-        { cpuMs: 1_500, rssBytes: 150 * MiB },
-      );
-      expect(huge.code).to.equal(Status.INTERNAL);
-      expect(huge.details).to.match(
-        /^tunnel protocol error: session frame of 150000\d\d bytes; at most 65536 allowed$/,
-      );
-      const logged = (l: LogLine): boolean =>
-        l.agentId === ROGUE && String(l.error).startsWith('tunnel protocol error: session frame of 150000');
-      await broker.waitForLog('tunnel session failed', logged);
+  it('a frame declaring 10 MiB is refused from its prefix; a Hello of 1,000 versions names the bound', async () => {
+    const refusals: { code: number; message: string }[] = [];
+    await underAttack(
+      '8 x a 5-byte prefix declaring 10 MiB',
+      async () => {
+        for (let i = 0; i < 8; i++) {
+          const agent = await rogue();
+          // Only the prefix: a broker that waited for (or allocated) the body would hold the session open.
+          (await agent.control()).sendRaw(lengthPrefix(10 * MiB));
+          const control = await agent.control();
+          refusals.push(await expectRefused(control));
+          // The broker ends the control stream after Refused (and cuts the connection).
+          expect(await control.next()).to.equal(undefined);
+          agent.close();
+        }
+      },
+      { cpuMs: 1_500, rssBytes: 16 * MiB },
+    );
+    for (const r of refusals) {
+      expect(r.code).to.equal(Status.INTERNAL);
+      expect(r.message).to.equal('tunnel protocol error: session frame of 10485760 bytes; at most 65536 allowed');
+    }
+    const logged = (l: LogLine): boolean =>
+      l.agentId === ROGUE && String(l.error).startsWith('tunnel protocol error: session frame of 10485760');
+    await broker.waitForLog('agent broke the tunnel protocol; closing its session', logged);
 
-      const session = rogue().session();
-      session.writeBytes(helloWithVersions(1_000));
-      const status = await refused(session);
-      expect(status.code).to.equal(Status.INTERNAL);
-      expect(status.details).to.equal('tunnel protocol error: Hello lists 1000 versions; at most 16 allowed');
-    },
-  );
+    const control = await (await rogue()).control();
+    control.send({ kind: 'hello', hello: { protocolVersions: new Array<number>(1_000).fill(4), agentVersion: 'x' } });
+    const status = await expectRefused(control);
+    expect(status.code).to.equal(Status.INTERNAL);
+    expect(status.message).to.equal('tunnel protocol error: Hello lists 1000 versions; at most 16 allowed');
+  });
 
   it('8 sessions with a 10 MiB agent_version are refused, and neither the log nor /agents carries it', async () => {
     const logBytesBefore = broker.stderrLines.reduce((n, l) => n + l.length, 0);
-    const statuses: StatusObject[] = [];
+    const refusals: { code: number; message: string }[] = [];
     await underAttack(
       '8 x Hello with a 10 MiB agent_version',
       async () => {
         for (let i = 0; i < 8; i++) {
-          const session = rogue().session();
-          session.hello({ protocolVersions: [1, 2, 3], agentVersion: 'v'.repeat(10 * MiB) });
-          statuses.push(await refused(session));
+          const control = await (await rogue()).control();
+          control.send({ kind: 'hello', hello: { protocolVersions: [4], agentVersion: 'v'.repeat(10 * MiB) } });
+          refusals.push(await expectRefused(control));
         }
       },
       { cpuMs: 2_000, rssBytes: 150 * MiB },
     );
-    for (const s of statuses) {
-      expect(s.code).to.equal(Status.INTERNAL);
-      expect(s.details).to.match(/^tunnel protocol error: session frame of 104857\d\d bytes; at most 65536 allowed$/);
+    for (const r of refusals) {
+      expect(r.code).to.equal(Status.INTERNAL);
+      expect(r.message).to.match(/^tunnel protocol error: session frame of 104857\d\d bytes; at most 65536 allowed$/);
     }
-    const session = rogue().session();
-    session.hello({ protocolVersions: [1, 2, 3], agentVersion: 'v'.repeat(300) });
-    const status = await refused(session);
-    expect(status.details).to.equal(
+    const control = await (await rogue()).control();
+    control.send({ kind: 'hello', hello: { protocolVersions: [4], agentVersion: 'v'.repeat(300) } });
+    const status = await expectRefused(control);
+    expect(status.message).to.equal(
       'tunnel protocol error: Hello agent_version is 300 characters; at most 256 allowed',
     );
 
@@ -287,97 +309,66 @@ describe("session limits: a rogue agent's oversized but valid frames (real broke
 
   it('one certificate gets at most --max-sessions-per-agent (default 4) sessions; the rest are refused', async () => {
     const logFrom = broker.logs.length;
-    const welcomed: RawSession[] = [];
-    const statuses: StatusObject[] = [];
+    const welcomed: RawAgent[] = [];
+    const refusals: { code: number; message: string }[] = [];
     await underAttack(
-      '30 sessions from one certificate on 3 connections',
+      '30 sessions from one certificate',
       async () => {
-        const connections = [rogue(), rogue(), rogue()];
         for (let i = 0; i < 30; i++) {
-          const session = connections[i % 3]!.session();
-          session.hello({ protocolVersions: [1, 2, 3] });
-          const first = await Promise.race([session.welcome().then(() => 'welcome' as const), session.ended()]);
-          if (first === 'welcome') welcomed.push(session);
-          else statuses.push(first);
+          const agent = await rogue();
+          const control = await agent.control();
+          control.send({ kind: 'hello', hello: { protocolVersions: [4], agentVersion: 'rogue' } });
+          const answer = await firstAnswer(control);
+          if (answer.kind === 'welcome') welcomed.push(agent);
+          else if (answer.kind === 'refused') refusals.push(answer);
+          else throw new Error('the control stream ended with neither Welcome nor Refused');
         }
       },
       { cpuMs: 2_000, rssBytes: 80 * MiB },
     );
     expect(welcomed).to.have.length(4);
-    expect(statuses).to.have.length(26);
-    for (const s of statuses) {
+    expect(refusals).to.have.length(26);
+    for (const s of refusals) {
       expect(s.code).to.equal(Status.RESOURCE_EXHAUSTED);
-      expect(s.details).to.equal(
+      expect(s.message).to.equal(
         `agent "${ROGUE}" holds 4 sessions at this broker; at most 4 allowed (--max-sessions-per-agent)`,
       );
     }
-    for (const s of welcomed) expect(s.status, 'a session within the cap').to.equal(undefined);
+    expect((await listing(ROGUE))?.connections).to.equal(4);
+    // One line per agent while it stays over its cap, not one per refused connection.
     const refusalLines = broker.logs
       .slice(logFrom)
-      .filter((l) => l.message === 'tunnel stream refused: per-agent limit');
-    expect(refusalLines).to.have.length(1);
-    expect(refusalLines[0]).to.include({ agentId: ROGUE, limit: 'sessions' });
+      .filter((l) => l.agentId === ROGUE && String(l.reason ?? l.error ?? '').includes('--max-sessions-per-agent'));
+    const perAgent = broker.logs.slice(logFrom).filter((l) => l.message === 'tunnel refused: per-agent limit');
+    expect(perAgent).to.have.length(1);
+    expect(perAgent[0]).to.include({ agentId: ROGUE, limit: 'sessions' });
+    expect(refusalLines.length, 'log lines about the refused sessions').to.be.at.most(1);
 
     // A session that ends frees its place.
-    welcomed[0]!.cancel();
+    welcomed[0]!.close();
     await pollUntil('the rogue agent down to 3 sessions', async () => (await listing(ROGUE))?.connections === 3);
-    const again = rogue().session();
-    again.hello({ protocolVersions: [1, 2, 3] });
-    await again.welcome();
+    await (await rogue()).welcome([4]);
   });
 
   it('a call from an agent naming a 1 MiB method leaves bounded log lines and /metrics labels', async () => {
     const logFrom = broker.stderrLines.length;
-    const agent = rogue();
-    const session = agent.session();
-    session.hello({ protocolVersions: [1, 2, 3] });
-    const { sessionId } = await session.welcome();
-    const forward = agent.forward(sessionId);
-    const method = `/x.Y/${'m'.repeat(MiB)}`;
-    forward.send({ kind: 'start', start: { method, metadata: [], timeoutMs: 5_000, callId: 'c'.repeat(MiB) } });
-    forward.send({ kind: 'halfClose' });
-    const trailers = (await forward.seen((f) => f.kind === 'trailers')) as Extract<CallFrame, { kind: 'trailers' }>;
-    expect(trailers.trailers.code).to.equal(Status.UNIMPLEMENTED); // this broker has no platform upstreams
+    const agent = await rogue();
+    await agent.welcome([4]);
+    const results: string[] = [];
+    // 60 KiB fits Node's default HTTP/2 header limits and reaches the broker's call handling; 1 MiB
+    // is refused by HTTP/2 itself (or makes it through, if a limit is raised).
+    for (const length of [60 * 1024, MiB])
+      results.push(await siteCall(agentAddress, rogueCert, `/x.Y/${'m'.repeat(length)}`));
+    console.log(`      site calls: ${results.join(' | ')}`);
+    expect(results[0]).to.match(/^UNIMPLEMENTED: /); // this broker has no platform upstreams
     const line = await broker.waitForLog('call finished', (l) => l.direction === 'from_agent' && l.agentId === ROGUE);
+    expect(String(line.method)).to.match(/^\/x\.Y\/m+… \(61445 characters\)$/);
     const metrics = await httpGet(`${adminUrl}/metrics`);
     const longestLine = Math.max(...broker.stderrLines.slice(logFrom).map((l) => l.length));
-    console.log(`      1 MiB method: longest log line ${longestLine}, /metrics ${metrics.body.length} bytes`);
-    expect(String(line.method)).to.match(/^\/x\.Y\/m+… \(1048581 characters\)$/);
+    console.log(`      long methods: longest log line ${longestLine}, /metrics ${metrics.body.length} bytes`);
     expect(longestLine).to.be.below(8 * 1024);
     expect(metrics.body.length).to.be.below(256 * 1024);
-    expect(session.status, "the agent's session").to.equal(undefined);
-  });
-
-  it(`one agent gets at most --max-offers-per-agent (${OFFER_CAP} here) offers; its session lives on`, async () => {
-    const agent = rogue();
-    const session = agent.session();
-    session.hello({ protocolVersions: [1, 2, 3] });
-    const { sessionId } = await session.welcome();
-    const offers: RawCallStream[] = [];
-    const statuses: StatusObject[] = [];
-    await underAttack(
-      `2,000 idle offers from one agent (cap ${OFFER_CAP})`,
-      async () => {
-        // In batches: the caller of the other agent shares this process's event loop.
-        for (let i = 0; i < 2_000; i++) {
-          offers.push(agent.offer(sessionId));
-          if (i % 50 === 49) await new Promise((resolve) => setImmediate(resolve));
-        }
-        const refusedAll = (): boolean => offers.filter((o) => o.status).length >= 2_000 - OFFER_CAP;
-        await pollUntil('every offer past the cap refused', refusedAll, 20_000);
-        statuses.push(...offers.flatMap((o) => (o.status ? [o.status] : [])));
-      },
-      { cpuMs: 4_000, rssBytes: 100 * MiB },
-    );
-    expect(statuses).to.have.length(2_000 - OFFER_CAP);
-    for (const s of statuses) {
-      expect(s.code).to.equal(Status.RESOURCE_EXHAUSTED);
-      expect(s.details).to.equal(
-        `agent "${ROGUE}" holds ${OFFER_CAP} tunnel streams (offers) at this broker; at most ${OFFER_CAP} allowed` +
-          ' (--max-offers-per-agent)',
-      );
-    }
-    expect((await listing(ROGUE))?.idleOffers).to.equal(OFFER_CAP);
-    expect(session.status, "the rogue agent's session").to.equal(undefined);
+    // The rogue agent's tunnel is not touched by its calls' fate.
+    expect((await listing(ROGUE))?.connections).to.equal(1);
   });
 });

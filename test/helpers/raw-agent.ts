@@ -1,267 +1,241 @@
+import { readFileSync } from 'node:fs';
+import * as http2 from 'node:http2';
+import * as tls from 'node:tls';
 import {
-  Client,
-  Metadata,
-  status as Status,
-  type ChannelCredentials,
-  type ClientDuplexStream,
-  type StatusObject,
-} from '@grpc/grpc-js';
-import {
-  SESSION_ID_KEY,
-  TUNNEL_METHODS,
-  decodeCallFrame,
+  CONTROL_PATH,
+  GRPC_CONTENT_TYPE,
+  LEGACY_SESSION_PATH,
+  MessageReader,
+  TUNNEL_ALPN,
   decodeSessionFrame,
-  encodeCallFrame,
   encodeSessionFrame,
-  type CallFrame,
+  frameMessage,
+  statusOfHeaders,
   type SessionFrame,
-  type StartFrame,
   type WelcomeFrame,
 } from '@burrow/tunnel';
 import type { CertFiles } from './pki-fixture';
-import { mtlsCredentials, raw } from './raw-grpc';
 
 /**
- * A hand-written agent for protocol tests: it speaks tunnel.proto directly with grpc-js (identity
- * serializers on the Tunnel paths, mTLS with an agent certificate) and does only what the test tells
- * it to, so tests can send the broker any sequence of frames, legal or not, and see exactly what
- * comes back. It keeps no pool and opens nothing by itself.
+ * A hand-written agent for protocol tests (tunnel.proto, version 4): it dials the broker's agent
+ * listener with ALPN `burrow-tunnel`, becomes the HTTP/2 server on that connection as a real agent
+ * does, and does only what the test tells it to: it sends the session frames (or raw bytes) the
+ * test gives, and hands every call stream the broker opens to the test. Nothing is answered or sent
+ * by itself.
  *
- *   const agent = new RawAgent(stack.agentAddress, stack.agentCert);
- *   const session = agent.session();
- *   session.hello({ minIdleOffers: 0 });
- *   const welcome = await session.welcome();
- *   const offer = agent.offer(welcome.sessionId);
- *   ...
- *   agent.close(); // cancels everything still open
+ *   const agent = await RawAgent.connect(stack.agentAddress, stack.agentCert);
+ *   const control = await agent.control();
+ *   control.send({ kind: 'hello', hello: { protocolVersions: [4], agentVersion: 'raw' } });
+ *   const welcome = await control.welcome();
+ *   agent.onCall((stream, headers) => ...);
+ *   agent.close();
  */
 export class RawAgent {
-  readonly client: Client;
-  private readonly streams = new Set<{ readonly status: StatusObject | undefined; cancel(): void }>();
+  private controlStream: Promise<RawControl>;
+  private callHandler: ((stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders) => void) | undefined;
+  /** Call streams that arrived before a handler was set. */
+  readonly pendingCalls: { stream: http2.ServerHttp2Stream; headers: http2.IncomingHttpHeaders }[] = [];
+  session: http2.ServerHttp2Session | undefined;
+  /** Resolves when the connection has closed. */
+  readonly closed: Promise<void>;
 
-  constructor(address: string, cert: CertFiles | ChannelCredentials) {
-    const creds = 'cert' in cert ? mtlsCredentials(cert) : cert;
-    // Own subchannel: every RawAgent is its own HTTP/2 connection, like a real agent process.
-    this.client = new Client(address, creds, {
-      'grpc.use_local_subchannel_pool': 1,
-      'grpc.enable_retries': 0,
-      'grpc.max_receive_message_length': -1,
-      'grpc.max_send_message_length': -1,
+  private constructor(readonly socket: tls.TLSSocket) {
+    this.closed = new Promise((resolve) => socket.once('close', () => resolve()));
+    let gotControl!: (c: RawControl) => void;
+    this.controlStream = new Promise((resolve) => {
+      gotControl = resolve;
+    });
+    const server = http2.createServer();
+    server.on('session', (s: http2.ServerHttp2Session) => {
+      this.session = s;
+      s.on('error', () => {});
+    });
+    let first = true;
+    server.on('stream', (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders) => {
+      stream.on('error', () => {});
+      if (first && headers[':path'] === CONTROL_PATH) {
+        first = false;
+        stream.respond({ ':status': 200, 'content-type': GRPC_CONTENT_TYPE });
+        gotControl(new RawControl(stream));
+        return;
+      }
+      if (this.callHandler) this.callHandler(stream, headers);
+      else this.pendingCalls.push({ stream, headers });
+    });
+    server.emit('connection', socket);
+  }
+
+  /**
+   * Dials `address` as agent `cert` with ALPN `burrow-tunnel` (or `alpn`); resolves once TLS is up.
+   * Rejects with the TLS error when the handshake fails.
+   */
+  static connect(address: string, cert: CertFiles, opts: { alpn?: string[] } = {}): Promise<RawAgent> {
+    const [host, port] = splitAddress(address);
+    return new Promise((resolve, reject) => {
+      const socket = tls.connect({
+        host,
+        port,
+        ca: readFileSync(cert.ca),
+        cert: readFileSync(cert.cert),
+        key: readFileSync(cert.key),
+        ALPNProtocols: opts.alpn ?? [TUNNEL_ALPN],
+        // Tests dial by IP; the broker's identity is not what they check.
+        checkServerIdentity: () => undefined,
+      });
+      socket.once('error', reject);
+      socket.once('secureConnect', () => {
+        socket.off('error', reject);
+        socket.on('error', () => {});
+        resolve(new RawAgent(socket));
+      });
     });
   }
 
-  /** Opens a Session stream; nothing is sent until the test sends it. */
-  session(md = new Metadata()): RawSession {
-    const s = new RawSession(this.client.makeBidiStreamRequest(TUNNEL_METHODS.session, raw, raw, md));
-    this.track(s);
-    return s;
+  /** The control stream, once the broker has opened it. */
+  control(): Promise<RawControl> {
+    return this.controlStream;
   }
 
-  /** Opens an Offer stream for `sessionId` (no metadata at all when `sessionId` is undefined). */
-  offer(sessionId: string | undefined): RawCallStream {
-    return this.callStream(TUNNEL_METHODS.offer, sessionId);
+  /** Hands every call stream the broker opens (and those that came before) to `handler`. */
+  onCall(handler: (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders) => void): void {
+    this.callHandler = handler;
+    for (const c of this.pendingCalls.splice(0)) handler(c.stream, c.headers);
   }
 
-  /** Opens a Forward stream for `sessionId`. */
-  forward(sessionId: string | undefined): RawCallStream {
-    return this.callStream(TUNNEL_METHODS.forward, sessionId);
+  /** Opens the control stream, says Hello with `versions` and resolves with Welcome. */
+  async welcome(
+    versions: number[] = [4],
+    agentVersion = 'raw-agent',
+  ): Promise<{ control: RawControl; welcome: WelcomeFrame }> {
+    const control = await this.control();
+    control.send({ kind: 'hello', hello: { protocolVersions: versions, agentVersion } });
+    return { control, welcome: await control.welcome() };
   }
 
-  /** Streams opened and not yet finished with a status. */
-  get openStreams(): number {
-    return [...this.streams].filter((s) => !s.status).length;
-  }
-
-  /** Cancels every stream still open and closes the channel. Idempotent. */
   close(): void {
-    for (const s of this.streams) if (!s.status) s.cancel();
-    this.streams.clear();
-    this.client.close();
+    this.session?.destroy();
+    this.socket.destroy();
+  }
+}
+
+/** The agent's end of the control stream: frames out, frames in, in order. */
+export class RawControl {
+  private readonly frames: SessionFrame[] = [];
+  private readonly waiters: ((f: SessionFrame | undefined) => void)[] = [];
+  private ended = false;
+  /** A frame the reader could not decode (the broker broke the protocol), if any. */
+  error: Error | undefined;
+
+  constructor(readonly stream: http2.ServerHttp2Stream) {
+    const reader = new MessageReader(1024 * 1024);
+    stream.on('data', (chunk: Buffer) => {
+      try {
+        for (const m of reader.push(chunk)) this.push(decodeSessionFrame(m));
+      } catch (err) {
+        this.error = err as Error;
+      }
+    });
+    const end = (): void => {
+      this.ended = true;
+      for (const w of this.waiters.splice(0)) w(undefined);
+    };
+    stream.on('end', end);
+    stream.on('close', end);
   }
 
-  private callStream(path: string, sessionId: string | undefined): RawCallStream {
-    const md = new Metadata();
-    if (sessionId !== undefined) md.set(SESSION_ID_KEY, sessionId);
-    const s = new RawCallStream(this.client.makeBidiStreamRequest(path, raw, raw, md));
-    this.track(s);
-    return s;
+  private push(frame: SessionFrame): void {
+    const w = this.waiters.shift();
+    if (w) w(frame);
+    else this.frames.push(frame);
   }
 
-  private track(s: { readonly status: StatusObject | undefined; cancel(): void }): void {
-    this.streams.add(s);
+  send(frame: SessionFrame): void {
+    this.stream.write(frameMessage(encodeSessionFrame(frame)));
+  }
+
+  /** Writes `bytes` as they are (a test's malformed frame, a bare length prefix). */
+  sendRaw(bytes: Buffer): void {
+    this.stream.write(bytes);
+  }
+
+  /** The next frame from the broker; undefined once the stream has ended. */
+  next(timeoutMs = 5_000): Promise<SessionFrame | undefined> {
+    const f = this.frames.shift();
+    if (f) return Promise.resolve(f);
+    if (this.ended) return Promise.resolve(undefined);
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => reject(new Error(`no session frame within ${timeoutMs} ms`)), timeoutMs);
+      this.waiters.push((frame) => {
+        clearTimeout(timer);
+        resolve(frame);
+      });
+    });
+  }
+
+  /** The next frame, which must be Welcome; rejects naming a Refused frame's status otherwise. */
+  async welcome(): Promise<WelcomeFrame> {
+    const f = await this.next();
+    if (f?.kind === 'welcome') return f.welcome;
+    if (f?.kind === 'refused') throw Object.assign(new Error(f.message), { code: f.code });
+    throw new Error(`expected welcome, got ${f ? f.kind : 'the end of the control stream'}`);
+  }
+
+  /** The next frame, which must be Refused: its code and message. */
+  async refused(): Promise<{ code: number; message: string }> {
+    for (;;) {
+      const f = await this.next();
+      if (f === undefined) throw new Error('control stream ended without a refused frame');
+      if (f.kind === 'refused') return { code: f.code, message: f.message };
+    }
   }
 }
 
 /**
- * One tunnel stream seen from the agent: received frames queue up until the test takes them with
- * next(); the final status is kept. Undecodable bytes from the broker are a test failure: next()
- * rejects with the decode error.
+ * An agent of protocol versions 1-3 as a v4 broker sees it: ALPN `h2` and a call to the old
+ * Tunnel/Session with a Hello listing `versions`. Resolves with the status the broker answers.
  */
-export class RawStream<F> {
-  /** Every frame received, in order (also those already taken by next()). */
-  readonly received: F[] = [];
-  status: StatusObject | undefined;
-  private readonly queue: F[] = [];
-  private decodeError: Error | undefined;
-  private waiters: { resolve(f: F): void; reject(e: Error): void }[] = [];
-  private statusWaiters: ((s: StatusObject) => void)[] = [];
-  private watchers: { pred(f: F): boolean; resolve(f: F): void }[] = [];
-
-  constructor(
-    readonly call: ClientDuplexStream<Buffer, Buffer>,
-    readonly decode: (b: Buffer) => F,
-  ) {
-    call.on('data', (bytes: Buffer) => {
-      let frame: F;
-      try {
-        frame = decode(bytes);
-      } catch (err) {
-        this.decodeError = err as Error;
-        this.flush();
-        return;
-      }
-      this.received.push(frame);
-      this.queue.push(frame);
-      this.watchers = this.watchers.filter((w) => {
-        if (!w.pred(frame)) return true;
-        w.resolve(frame);
-        return false;
+export async function legacySession(
+  address: string,
+  cert: CertFiles,
+  versions: number[],
+): Promise<{ code: number; details: string }> {
+  const [host, port] = splitAddress(address);
+  const session = http2.connect(`https://${address}`, {
+    host,
+    port,
+    ca: readFileSync(cert.ca),
+    cert: readFileSync(cert.cert),
+    key: readFileSync(cert.key),
+    ALPNProtocols: ['h2'],
+    checkServerIdentity: () => undefined,
+  } as http2.SecureClientSessionOptions);
+  session.on('error', () => {});
+  try {
+    return await new Promise((resolve, reject) => {
+      const stream = session.request({
+        ':method': 'POST',
+        ':path': LEGACY_SESSION_PATH,
+        'content-type': GRPC_CONTENT_TYPE,
+        te: 'trailers',
       });
-      this.flush();
+      let status: { code: number; details: string } | undefined;
+      stream.on('response', (h) => (status ??= statusOfHeaders(h)));
+      stream.on('trailers', (h) => (status ??= statusOfHeaders(h)));
+      stream.on('error', () => {});
+      stream.resume();
+      stream.on('close', () => (status ? resolve(status) : reject(new Error('no status from the broker'))));
+      stream.write(
+        frameMessage(
+          encodeSessionFrame({ kind: 'hello', hello: { protocolVersions: versions, agentVersion: 'old-agent' } }),
+        ),
+      );
     });
-    call.on('error', () => {}); // 'status' carries it
-    call.on('status', (s: StatusObject) => {
-      this.status = s;
-      this.flush();
-      for (const w of this.statusWaiters.splice(0)) w(s);
-    });
-  }
-
-  /** The next frame from the broker; rejects if the stream ends (with its status) first. */
-  next(): Promise<F> {
-    return new Promise((resolve, reject) => {
-      this.waiters.push({ resolve, reject });
-      this.flush();
-    });
-  }
-
-  /**
-   * The first frame, received already or later, that matches `pred`; unlike next() it does not take
-   * the frame from the queue (for watching several streams at once). Never rejects.
-   */
-  seen(pred: (f: F) => boolean): Promise<F> {
-    const already = this.received.find(pred);
-    if (already !== undefined) return Promise.resolve(already);
-    return new Promise((resolve) => this.watchers.push({ pred, resolve }));
-  }
-
-  /** The next frame, which must be of `kind`. */
-  async expectNext<K extends string>(kind: K): Promise<Extract<F, { kind: K }>> {
-    const f = await this.next();
-    const got = (f as { kind: string }).kind;
-    if (got !== kind) throw new Error(`expected a ${kind} frame, got ${got}: ${JSON.stringify(f)}`);
-    return f as Extract<F, { kind: K }>;
-  }
-
-  /** Resolves with the stream's final status. */
-  ended(): Promise<StatusObject> {
-    if (this.status) return Promise.resolve(this.status);
-    return new Promise((resolve) => this.statusWaiters.push(resolve));
-  }
-
-  /** Writes raw bytes (for malformed input). */
-  writeBytes(bytes: Buffer): boolean {
-    return this.call.write(bytes);
-  }
-  /** Half-closes this side. */
-  end(): void {
-    this.call.end();
-  }
-  cancel(): void {
-    this.call.cancel();
-  }
-
-  private flush(): void {
-    while (this.waiters.length > 0) {
-      if (this.queue.length > 0) {
-        this.waiters.shift()!.resolve(this.queue.shift()!);
-      } else if (this.decodeError) {
-        this.waiters.shift()!.reject(this.decodeError);
-      } else if (this.status) {
-        const s = this.status;
-        this.waiters.shift()!.reject(
-          Object.assign(new Error(`stream ended with status ${Status[s.code]} (${s.code}): ${s.details}`), {
-            code: s.code,
-          }),
-        );
-      } else {
-        return;
-      }
-    }
+  } finally {
+    session.destroy();
   }
 }
 
-/** A Session stream. */
-export class RawSession extends RawStream<SessionFrame> {
-  constructor(call: ClientDuplexStream<Buffer, Buffer>) {
-    super(call, decodeSessionFrame);
-  }
-
-  send(frame: SessionFrame): boolean {
-    return this.call.write(encodeSessionFrame(frame));
-  }
-
-  /**
-   * Sends Hello; defaults: version 1 only (single-call offers, so that a test's frames on one offer
-   * are one call), agent version "raw-agent/0", no idle offers. Pass `protocolVersions: [1, 2]` for
-   * a version-2 agent, whose offers carry calls one after the other.
-   */
-  hello(opts: { protocolVersions?: number[]; agentVersion?: string; minIdleOffers?: number } = {}): void {
-    this.send({
-      kind: 'hello',
-      hello: {
-        protocolVersions: opts.protocolVersions ?? [1],
-        agentVersion: opts.agentVersion ?? 'raw-agent/0',
-        minIdleOffers: opts.minIdleOffers ?? 0,
-      },
-    });
-  }
-
-  /** The Welcome frame, which must be the first frame. */
-  async welcome(): Promise<WelcomeFrame> {
-    return (await this.expectNext('welcome')).welcome;
-  }
-}
-
-/** An Offer or Forward stream. */
-export class RawCallStream extends RawStream<CallFrame> {
-  constructor(call: ClientDuplexStream<Buffer, Buffer>) {
-    super(call, decodeCallFrame);
-  }
-
-  send(frame: CallFrame): boolean {
-    return this.call.write(encodeCallFrame(frame));
-  }
-
-  /**
-   * Answers one call the way a well-behaved agent with an echo upstream would: waits for Start,
-   * collects request messages until HalfClose, then sends Headers, one Message with the
-   * concatenated request, Trailers OK, and half-closes (unless `keepOpen`: a version-2 agent keeps
-   * its offer for the next call). Resolves with the Start frame.
-   */
-  async answerEcho(headers: { key: string; value: Buffer }[] = [], keepOpen = false): Promise<StartFrame> {
-    const start = (await this.expectNext('start')).start;
-    const parts: Buffer[] = [];
-    for (;;) {
-      const f = await this.next();
-      if (f.kind === 'message') parts.push(f.data);
-      else if (f.kind === 'halfClose') break;
-      else throw new Error(`unexpected ${f.kind} frame while reading the request`);
-    }
-    this.send({ kind: 'headers', metadata: headers });
-    this.send({ kind: 'message', data: Buffer.concat(parts) });
-    this.send({ kind: 'trailers', trailers: { code: Status.OK, message: '', metadata: [] } });
-    if (!keepOpen) this.end();
-    return start;
-  }
+function splitAddress(address: string): [string, number] {
+  const i = address.lastIndexOf(':');
+  return [address.slice(0, i).replace(/^\[|\]$/g, ''), Number(address.slice(i + 1))];
 }

@@ -47,10 +47,11 @@ export interface AgentConfig {
    * (--admin-allowed-host); any other `Host` or `Origin` is refused with 403. Default none.
    */
   adminAllowedHosts?: string[];
-  /** Idle tunnel streams kept open per broker connection. */
-  minIdleOffers: number;
-  /** Most tunnel streams (idle + busy) per broker connection: the agent's concurrency limit. */
-  maxOffers: number;
+  /**
+   * Most calls a broker may run on one tunnel at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS of
+   * the agent's side): the agent's concurrency limit per broker connection.
+   */
+  maxConcurrentCalls: number;
   maxMessageBytes: number;
   reconnectBaseMs: number;
   reconnectMaxMs: number;
@@ -80,8 +81,7 @@ export interface AgentPolicyConfig {
 export const AGENT_DEFAULTS = {
   upstreams: [] as UpstreamRoute[],
   maxBrokers: 3,
-  minIdleOffers: 4,
-  maxOffers: 4096,
+  maxConcurrentCalls: 4096,
   reconnectBaseMs: 500,
   reconnectMaxMs: 30_000,
   brokerWaitMs: 5_000,

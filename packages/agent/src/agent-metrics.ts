@@ -20,7 +20,7 @@ export class AgentMetrics {
   readonly brokersKnown: Gauge;
   readonly tunnelStreams = new Gauge({
     name: 'burrow_agent_tunnel_streams',
-    help: 'Tunnel streams open, by state (idle offers, active calls).',
+    help: "Calls the broker runs on this agent's tunnels now (state active).",
     labelNames: ['state'],
     registers: [this.registry],
   });
@@ -79,7 +79,7 @@ export class AgentMetrics {
     });
     this.brokersKnown = new Gauge({
       name: 'burrow_agent_brokers_known',
-      help: 'Brokers in the replica set most recently received from a broker (protocol version 3).',
+      help: 'Brokers in the replica set most recently received from a broker (Brokers frame).',
       registers: [this.registry],
       collect() {
         this.set(brokerCounts().known);

@@ -1,35 +1,24 @@
 import { X509Certificate } from 'node:crypto';
 import { readFileSync, statSync } from 'node:fs';
 import type * as http from 'node:http';
-import {
-  Server,
-  ServerCredentials,
-  experimental,
-  status as Status,
-  type ChannelCredentials,
-  type ServerDuplexStream,
-} from '@grpc/grpc-js';
+import * as http2 from 'node:http2';
+import { status as Status } from '@grpc/grpc-js';
 import {
   BurrowError,
   CredentialStore,
   HealthService,
+  H2_SESSION_OPTIONS,
+  deadlineFromTimeout,
+  endWithStatus,
   UpstreamTable,
-  callServerOptions,
   createAdminServer,
   identityOfCertificate,
-  installCatchAll,
-  rejectCall,
   statusName,
-  upstreamChannelOptions,
   type BrokerEndpoint,
   type IssuedAgentCertificate,
   type JsonObject,
   type Logger,
   recordCallFinished,
-  deadlineMsOf,
-  shutdownGracefully,
-  brokerIdentityCheck,
-  bindOn,
   listenOn,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
@@ -88,7 +77,6 @@ export interface BrokerTargetStatus {
   usable: boolean;
   protocolVersion: number;
   callsInFlight: number;
-  idleOffers: number;
 }
 
 /**
@@ -123,9 +111,9 @@ export class Agent {
   private resolveTimer: NodeJS.Timeout | undefined;
   private readonly resolveHost: HostResolver;
   private readonly health = new HealthService();
-  private localServer: Server | undefined;
+  private localServer: http2.Http2Server | http2.Http2SecureServer | undefined;
+  private readonly localSessions = new Set<http2.ServerHttp2Session>();
   private admin: http.Server | undefined;
-  private channelCredentials: ChannelCredentials | undefined;
   /** The agent's certificate, key and trust bundle; swapped on renewal and bundle updates. */
   private tls: CredentialStore | undefined;
   private renewer: CertificateRenewer | undefined;
@@ -153,7 +141,7 @@ export class Agent {
       );
     this.agentId = own.name;
     this.trustDomain = own.trustDomain;
-    this.upstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
+    this.upstreams = new UpstreamTable(config.upstreams);
   }
 
   /** Starts the listeners and the broker connection loops; resolves once listeners are bound. */
@@ -162,13 +150,6 @@ export class Agent {
       caPem: readFileSync(this.config.caFile),
       certPem: readFileSync(this.config.tlsCertFile),
       keyPem: readFileSync(this.config.tlsKeyFile),
-    });
-    // Built on the store, the credentials use a renewed certificate or a rotated bundle for every
-    // new connection without a restart; open connections carry on.
-    // A broker is known by its certificate's SPIFFE id, spiffe://<our trust domain>/broker/<name>,
-    // checked before the hostname: any certificate of the trust domain passes the chain check.
-    this.channelCredentials = experimental.createCertificateProviderChannelCredentials(this.tls, this.tls, {
-      checkServerIdentity: brokerIdentityCheck(this.trustDomain),
     });
     this.updateExpiryMetric();
     if (this.config.stateDir) {
@@ -327,7 +308,6 @@ export class Agent {
       usable: t.conn?.usable ?? false,
       protocolVersion: t.conn?.protocolVersion ?? 0,
       callsInFlight: t.conn?.callsInFlight ?? 0,
-      idleOffers: t.conn?.idle ?? 0,
     }));
   }
 
@@ -422,7 +402,16 @@ export class Agent {
     this.health.close();
     for (const wake of this.wakeLoops) wake();
     const local = this.localServer;
-    const localDone = local ? shutdownGracefully(local) : Promise.resolve();
+    local?.close();
+    const localDone = Promise.all(
+      [...this.localSessions].map(
+        (session) =>
+          new Promise<void>((resolve) => {
+            session.once('close', () => resolve());
+            session.close();
+          }),
+      ),
+    );
     await Promise.all(
       [...this.connections].map((c) => c.drainAndClose(this.config.drainTimeoutMs, false, 'agent shutting down')),
     );
@@ -435,7 +424,7 @@ export class Agent {
       }),
     ]);
     clearTimeout(timer);
-    local?.forceShutdown();
+    for (const session of this.localSessions) session.destroy();
     this.upstreams.close();
     this.tokenVerifier?.close();
     await this.policyEngine?.close();
@@ -455,11 +444,13 @@ export class Agent {
     while (!this.stopped && !target.removed) {
       const conn = new BrokerConnection({
         address,
-        credentials: this.channelCredentials!,
+        // Read from the store at each dial: a renewed certificate or a rotated bundle applies to
+        // every new connection without a restart; open connections carry on.
+        tls: this.tls!,
+        trustDomain: this.trustDomain,
         agentId: this.agentId,
         agentVersion: this.version,
-        minIdleOffers: this.config.minIdleOffers,
-        maxOffers: this.config.maxOffers,
+        maxConcurrentCalls: this.config.maxConcurrentCalls,
         maxMessageBytes: this.config.maxMessageBytes,
         drainTimeoutMs: this.config.drainTimeoutMs,
         keepalive: this.config.keepalive,
@@ -653,22 +644,30 @@ export class Agent {
     return best();
   }
 
-  private async onLocalCall(call: ServerDuplexStream<Buffer, Buffer>): Promise<void> {
+  /** A site client's call on the local listener: carried up to the least busy broker. */
+  private async onLocalCall(
+    stream: http2.ServerHttp2Stream,
+    headers: http2.IncomingHttpHeaders,
+    raw: string[],
+  ): Promise<void> {
     const startedMs = Date.now();
-    const conn = await this.pickConnection(deadlineMsOf(call));
-    if (!conn || call.cancelled) {
+    const method = String(headers[':path'] ?? '');
+    const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], startedMs) ?? Number.POSITIVE_INFINITY;
+    if (HealthService.handles(method)) {
+      this.health.answer(stream, method, deadlineMs);
+      return;
+    }
+    const conn = await this.pickConnection(deadlineMs);
+    if (!conn || stream.closed) {
       const err = new BurrowError(
         Status.UNAVAILABLE,
         this.stopped ? 'agent is shutting down' : `agent "${this.agentId}" has no broker connection`,
       );
-      if (!call.cancelled) rejectCall(call, err);
-      this.metrics.calls.inc({
-        direction: 'to_broker',
-        code: statusName(call.cancelled ? Status.CANCELLED : err.code),
-      });
+      if (!stream.closed) endWithStatus(stream, err.code, err.message);
+      this.metrics.calls.inc({ direction: 'to_broker', code: statusName(stream.closed ? Status.CANCELLED : err.code) });
       return;
     }
-    const outcome = await conn.forward(call);
+    const outcome = await conn.forward(stream, headers, raw, deadlineMs);
     recordCallFinished(this.logger, this.metrics, {
       direction: 'to_broker',
       code: outcome.code,
@@ -676,7 +675,7 @@ export class Agent {
       startedMs,
       requestBytes: outcome.requestBytes,
       responseBytes: outcome.responseBytes,
-      log: { broker: conn.address, method: call.getPath() },
+      log: { broker: conn.address, method },
     });
   }
 
@@ -688,20 +687,29 @@ export class Agent {
         `local-listen ${address} is not loopback; configure local-tls-cert and local-tls-key`,
       );
     }
-    const creds = tls
-      ? ServerCredentials.createSsl(
-          tls.caFile ? readFileSync(tls.caFile) : null,
-          [{ cert_chain: readFileSync(tls.certFile), private_key: readFileSync(tls.keyFile) }],
-          Boolean(tls.caFile),
-        )
-      : ServerCredentials.createInsecure();
-    const server = new Server(callServerOptions(this.config.maxMessageBytes, this.config.keepalive));
-    this.health.addTo(server);
-    installCatchAll(server, (call) => {
-      void this.onLocalCall(call);
+    const server = tls
+      ? http2.createSecureServer({
+          ...H2_SESSION_OPTIONS,
+          cert: readFileSync(tls.certFile),
+          key: readFileSync(tls.keyFile),
+          ...(tls.caFile ? { ca: readFileSync(tls.caFile), requestCert: true, rejectUnauthorized: true } : {}),
+          ALPNProtocols: ['h2'],
+        })
+      : http2.createServer(H2_SESSION_OPTIONS);
+    server.on('session', (session: http2.ServerHttp2Session) => {
+      this.localSessions.add(session);
+      session.on('error', () => {});
+      session.once('close', () => this.localSessions.delete(session));
     });
+    server.on(
+      'stream',
+      (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, _flags: number, raw: string[]) => {
+        stream.on('error', () => {});
+        void this.onLocalCall(stream, headers, raw);
+      },
+    );
     this.localServer = server;
-    return bindOn(server, address, creds);
+    return listenOn(server, address);
   }
 
   private async startAdmin(address: string): Promise<number> {

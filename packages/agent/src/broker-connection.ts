@@ -1,63 +1,65 @@
 import { EventEmitter } from 'node:events';
-import {
-  Client,
-  Metadata,
-  status as Status,
-  type ChannelCredentials,
-  type ClientDuplexStream,
-  type ServerDuplexStream,
-} from '@grpc/grpc-js';
+import * as http2 from 'node:http2';
+import { isIP } from 'node:net';
+import * as tls from 'node:tls';
+import { status as Status } from '@grpc/grpc-js';
 import {
   BurrowError,
   CALLER_ID_KEY,
-  CallStream,
+  CALL_ID_KEY,
+  CONTROL_PATH,
+  ControlChannel,
   ENROLLMENT_SERVICE,
-  AGENT_DRAIN_VERSION,
+  GRPC_CONTENT_TYPE,
+  H2_SESSION_OPTIONS,
+  LEGACY_SESSION_PATH,
   PROTOCOL_VERSIONS,
-  REPLICA_SET_VERSION,
-  REUSABLE_OFFERS_VERSION,
   ProtocolError,
-  SESSION_ID_KEY,
-  TUNNEL_METHODS,
-  answer,
-  answerLocally,
-  decodeSessionFrame,
-  isIdle,
-  abortConnectsOnChannelClose,
+  TUNNEL_ALPN,
+  answerUnary,
+  answerUnimplemented,
+  brokerIdentityCheck,
+  deadlineFromTimeout,
   encodeSessionFrame,
-  identity,
-  originate,
+  endWithStatus,
+  frameMessage,
+  keepSessionAlive,
+  nextHopHeaders,
+  openStream,
+  recordCallFinished,
+  relayCall,
   serviceOfMethod,
-  statusName,
+  splitHostPort,
+  statusOfHeaders,
   toBurrowError,
-  tunnelChannelOptions,
+  unaryCall,
   type CallOutcome,
+  type CredentialStore,
   type IssuedAgentCertificate,
   type KeepaliveSettings,
-  type RenewRequest,
   type Logger,
-  type StartFrame,
+  type RenewRequest,
+  type SessionFrame,
   type UpstreamTable,
   type WelcomeFrame,
-  recordCallFinished,
-  answerUnimplemented,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
 import type { BuiltinServices } from './builtin-services';
 
-/** How long the agent waits for Welcome after opening its session stream. */
+/** How long the agent waits for Welcome after the TLS handshake. */
 const WELCOME_TIMEOUT_MS = 10_000;
-
-// An attempt given up on (no Welcome in time) must not leave its TLS handshake running.
-abortConnectsOnChannelClose();
+/** How long a leaving agent waits for the broker's Drain that answers its own. */
+const DRAIN_ACK_TIMEOUT_MS = 5_000;
 
 export interface BrokerConnectionOptions {
   address: string;
-  credentials: ChannelCredentials;
+  /** The agent's certificate, key and trust bundle (renewals and rotation apply to new connections). */
+  tls: CredentialStore;
+  trustDomain: string;
   agentId: string;
   agentVersion: string;
-  minIdleOffers: number;
-  maxOffers: number;
+  /** Calls the broker may run on this connection at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). */
+  maxConcurrentCalls: number;
   maxMessageBytes: number;
   /** How long calls in flight may run on after the broker asked the agent to drain. */
   drainTimeoutMs: number;
@@ -71,48 +73,43 @@ export interface BrokerConnectionOptions {
 }
 
 /**
- * One connection from the agent to one broker: its own channel (HTTP/2 connection), the session
- * stream, the pool of idle Offer streams, and the Forward streams of site clients' calls.
+ * One tunnel from the agent to one broker (tunnel.proto, "Roles"): the TLS connection the agent
+ * dials with ALPN `burrow-tunnel`, on which the agent is the HTTP/2 server, its control stream, and
+ * the calls the broker opens on it, each answered by a built-in service or relayed to an upstream.
+ * Site clients' calls go up on a second, ordinary `h2` connection made when the first one comes.
  *
- * Events: `closed` (error?: BurrowError) once the session is over; `drain` when the broker asked
+ * Events: `closed` (error?: BurrowError) once the tunnel is over; `drain` when the broker asked
  * the agent to go elsewhere. After either, the connection takes no new calls; calls in flight
- * finish and then the channel closes by itself. `brokers` (set: BrokerEndpoint[]) for each
- * replica set the broker sends (protocol version 3); `trust-bundle` (pem, version).
+ * finish and then the connection closes. `brokers` (set: BrokerEndpoint[]) for each replica set the
+ * broker sends; `trust-bundle` (pem, version).
  */
 export class BrokerConnection extends EventEmitter {
-  private readonly client: Client;
-  private session: ClientDuplexStream<Buffer, Buffer> | undefined;
+  private socket: tls.TLSSocket | undefined;
+  private h2: http2.ServerHttp2Session | undefined;
+  private channel: ControlChannel | undefined;
   private welcome: WelcomeFrame | undefined;
-  // Invariant: idleOffers + activeCalls = tunnel streams this connection has open.
-  private idleOffers = 0;
   private activeCalls = 0;
-  private readonly offerStreams = new Set<CallStream>();
   private closedError: BurrowError | undefined;
   private isClosed = false;
   private draining = false;
+  private brokerDrained = false;
+  /** The `h2` connection for site -> platform calls and renewals, made on first use. */
+  private callSession: http2.ClientHttp2Session | undefined;
   private callCounter = 0;
 
   constructor(private readonly opts: BrokerConnectionOptions) {
     super();
-    const channelOptions: Record<string, string | number> = {
-      ...tunnelChannelOptions(opts.maxMessageBytes, opts.keepalive),
-    };
-    if (opts.serverNameOverride) channelOptions['grpc.ssl_target_name_override'] = opts.serverNameOverride;
-    this.client = new Client(opts.address, opts.credentials, channelOptions);
   }
 
   get address(): string {
     return this.opts.address;
   }
-  /** True while the session is up and the broker has not asked us to drain. */
+  /** True while the session is up and neither side is draining. */
   get usable(): boolean {
     return this.welcome !== undefined && !this.isClosed && !this.draining;
   }
   get callsInFlight(): number {
     return this.activeCalls;
-  }
-  get idle(): number {
-    return this.idleOffers;
   }
   get brokerId(): string {
     return this.welcome?.brokerId ?? '';
@@ -120,194 +117,433 @@ export class BrokerConnection extends EventEmitter {
   get protocolVersion(): number {
     return this.welcome?.protocolVersion ?? 0;
   }
+  /** The error the session ended with, if it has ended. */
+  get closeReason(): BurrowError | undefined {
+    return this.closedError;
+  }
+
+  /** TLS options to the broker from the store's current material. */
+  private tlsOptions(alpn: string[]): tls.ConnectionOptions {
+    const { host, port } = splitHostPort(this.opts.address);
+    const bare = host.replace(/^\[|\]$/g, '');
+    const servername = this.opts.serverNameOverride ?? bare;
+    return {
+      host: bare,
+      port: Number(port),
+      // No SNI for an IP address (RFC 6066; '' keeps http2.connect from using the host); the name
+      // check still applies.
+      servername: isIP(servername) ? '' : servername,
+      ca: this.opts.tls.caPem,
+      cert: this.opts.tls.certPem,
+      key: this.opts.tls.keyPem,
+      ALPNProtocols: alpn,
+      minVersion: 'TLSv1.2',
+      checkServerIdentity: (_host, cert) => brokerIdentityCheck(this.opts.trustDomain)(servername, cert),
+    };
+  }
 
   /**
-   * Opens the session: Hello, then waits for Welcome. Rejects with the broker's refusal (wrong
-   * certificate, no common version, draining) or UNAVAILABLE when it cannot be reached.
+   * Dials the broker and opens the tunnel: resolves with Welcome; rejects with the broker's refusal
+   * (wrong certificate, no common version, draining, a limit) or UNAVAILABLE when it cannot be
+   * reached.
    */
   open(): Promise<WelcomeFrame> {
     return new Promise((resolve, reject) => {
-      const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.session, identity, identity, new Metadata());
-      this.session = call;
-      const timer = setTimeout(() => {
-        const err = new BurrowError(
-          Status.UNAVAILABLE,
-          `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`,
-        );
-        reject(err);
-        this.close(err);
-      }, WELCOME_TIMEOUT_MS);
-      call.on('error', () => {});
-      call.on('data', (bytes: Buffer) => {
-        let frame: ReturnType<typeof decodeSessionFrame>;
-        try {
-          frame = decodeSessionFrame(bytes);
-          if (!this.welcome && frame.kind !== 'welcome')
-            throw new ProtocolError(`session began with ${frame.kind}, not welcome`);
-          if (this.welcome && (frame.kind === 'welcome' || frame.kind === 'hello'))
-            throw new ProtocolError(`${frame.kind} frame after welcome`);
-          if (frame.kind === 'welcome' && !PROTOCOL_VERSIONS.includes(frame.welcome.protocolVersion))
-            throw new ProtocolError(
-              `broker chose protocol version ${frame.welcome.protocolVersion}, which this agent does not speak`,
-            );
-          if (frame.kind === 'brokers' && this.welcome!.protocolVersion < REPLICA_SET_VERSION)
-            throw new ProtocolError(
-              `brokers frame on a session of protocol version ${this.welcome!.protocolVersion} (it ` +
-                `needs ${REPLICA_SET_VERSION})`,
-            );
-        } catch (err) {
-          const e = toBurrowError(err);
+      let settled = false;
+      const fail = (err: BurrowError): void => {
+        if (!settled) {
+          settled = true;
           clearTimeout(timer);
-          reject(e);
-          this.close(e);
-          return;
+          reject(err);
         }
-        switch (frame.kind) {
-          case 'welcome':
-            clearTimeout(timer);
-            this.welcome = frame.welcome;
-            this.opts.logger.info('tunnel session established', {
-              broker: this.opts.address,
-              brokerId: frame.welcome.brokerId,
-              sessionId: frame.welcome.sessionId,
-              protocolVersion: frame.welcome.protocolVersion,
-            });
-            this.opts.metrics.connectedBrokers.inc();
-            this.addOffers(this.opts.minIdleOffers);
-            resolve(frame.welcome);
-            return;
-          case 'demand':
-            this.addOffers(frame.offers);
-            return;
-          case 'drain':
-            this.startDrain(frame.reason);
-            return;
-          case 'trustBundle':
-            this.emit('trust-bundle', frame.pem, frame.version);
-            return;
-          case 'brokers':
-            this.emit('brokers', frame.brokers);
-            return;
-          default:
-            return;
-        }
-      });
-      call.on('status', (s) => {
-        clearTimeout(timer);
-        const err =
-          s.code === Status.OK
-            ? new BurrowError(Status.UNAVAILABLE, `broker ${this.opts.address} ended the session`)
-            : new BurrowError(s.code, s.details || statusName(s.code));
-        if (!this.welcome) reject(err);
         this.close(err);
-      });
-      call.write(
-        encodeSessionFrame({
-          kind: 'hello',
-          hello: {
-            protocolVersions: [...PROTOCOL_VERSIONS],
-            agentVersion: this.opts.agentVersion,
-            minIdleOffers: this.opts.minIdleOffers,
-          },
-        }),
+      };
+      const timer = setTimeout(
+        () =>
+          fail(
+            new BurrowError(
+              Status.UNAVAILABLE,
+              `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`,
+            ),
+          ),
+        WELCOME_TIMEOUT_MS,
       );
+      this.once('welcome', (welcome: WelcomeFrame) => {
+        if (settled) return;
+        settled = true;
+        clearTimeout(timer);
+        resolve(welcome);
+      });
+      this.once('closed', (err?: BurrowError) =>
+        fail(err ?? new BurrowError(Status.UNAVAILABLE, `broker ${this.opts.address} ended the session`)),
+      );
+      const socket = tls.connect(this.tlsOptions([TUNNEL_ALPN, 'h2']));
+      // Calls are small writes each way: Nagle would hold every other one for the peer's delayed ACK.
+      socket.setNoDelay(true);
+      this.socket = socket;
+      socket.once('error', (err) => fail(toBurrowError(err, `cannot connect to broker ${this.opts.address}`)));
+      socket.once('close', () => this.close());
+      socket.once('secureConnect', () => {
+        if (socket.alpnProtocol === TUNNEL_ALPN) this.serve(socket);
+        else if (socket.alpnProtocol === 'h2') void this.askOldBroker(socket).then(fail);
+        else fail(new BurrowError(Status.UNAVAILABLE, `broker ${this.opts.address} chose no application protocol`));
+      });
     });
   }
 
   /**
-   * Carries one site client's call to the broker on a new Forward stream. Resolves with the
-   * outcome once the client has its status.
+   * A broker that picked `h2` speaks protocol versions 1-3: its Session refuses this agent's Hello
+   * with FAILED_PRECONDITION naming both version lists, which is the error to report.
    */
-  forward(clientCall: ServerDuplexStream<Buffer, Buffer>): Promise<CallOutcome> {
-    const md = new Metadata();
-    md.set(SESSION_ID_KEY, this.welcome!.sessionId);
-    const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.forward, identity, identity, md);
-    const stream = new CallStream(call, 'client', 'originator', (err) => this.close(err));
+  private async askOldBroker(socket: tls.TLSSocket): Promise<BurrowError> {
+    const session = http2.connect(`https://${this.opts.address}`, { createConnection: () => socket });
+    session.on('error', () => {});
+    const hello = frameMessage(
+      encodeSessionFrame({
+        kind: 'hello',
+        hello: { protocolVersions: [...PROTOCOL_VERSIONS], agentVersion: this.opts.agentVersion },
+      }),
+    );
+    const result = await new Promise<BurrowError>((resolve) => {
+      const stream = session.request({
+        ':method': 'POST',
+        ':path': LEGACY_SESSION_PATH,
+        'content-type': GRPC_CONTENT_TYPE,
+        te: 'trailers',
+      });
+      const timer = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), WELCOME_TIMEOUT_MS);
+      let status: { code: number; details: string } | undefined;
+      let done = false;
+      // Settled by the status itself: this stream's request side stays open (an old Session is a
+      // bidi stream), so it would close only when the old broker resets it, which grpc-js does not.
+      const settle = (): void => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        if (!stream.closed) stream.close(http2.constants.NGHTTP2_CANCEL);
+        const why = status
+          ? status.details
+          : `it speaks an older protocol; this agent speaks [${PROTOCOL_VERSIONS.join(', ')}]`;
+        resolve(new BurrowError(status?.code ?? Status.FAILED_PRECONDITION, why));
+      };
+      stream.on('response', (h) => {
+        status ??= statusOfHeaders(h);
+        if (status) settle();
+      });
+      stream.on('trailers', (h) => {
+        status ??= statusOfHeaders(h);
+        settle();
+      });
+      stream.on('error', () => {});
+      stream.resume();
+      stream.on('close', settle);
+      stream.write(hello);
+    });
+    session.destroy();
+    return result;
+  }
+
+  /** The tunnel proper: this agent is the HTTP/2 server on the connection it dialed. */
+  private serve(socket: tls.TLSSocket): void {
+    const server = http2.createServer({
+      ...H2_SESSION_OPTIONS,
+      // The control stream counts too.
+      settings: { ...H2_SESSION_OPTIONS.settings, maxConcurrentStreams: this.opts.maxConcurrentCalls + 1 },
+    });
+    server.on('session', (session: http2.ServerHttp2Session) => {
+      this.h2 = session;
+      session.on('error', () => {});
+      session.once('close', () => this.close());
+      keepSessionAlive(session, this.opts.keepalive);
+    });
+    server.on(
+      'stream',
+      (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, _flags: number, raw: string[]) =>
+        this.onStream(stream, headers, raw),
+    );
+    server.emit('connection', socket);
+  }
+
+  private onStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, raw: string[]): void {
+    stream.on('error', () => {});
+    const path = String(headers[':path'] ?? '');
+    if (!this.channel) {
+      if (path !== CONTROL_PATH) {
+        this.protocolError(new ProtocolError(`first stream is ${path.slice(0, 200)}, not the control stream`));
+        return;
+      }
+      stream.respond({ ':status': 200, 'content-type': GRPC_CONTENT_TYPE });
+      this.channel = new ControlChannel(stream, {
+        onFrame: (frame) => this.onControlFrame(frame),
+        onProtocolError: (error) => this.protocolError(error),
+        onClosed: () => this.close(this.closedError),
+      });
+      this.channel.send({
+        kind: 'hello',
+        hello: { protocolVersions: [...PROTOCOL_VERSIONS], agentVersion: this.opts.agentVersion },
+      });
+      return;
+    }
+    if (!this.welcome) {
+      // HTTP/2 writes a new stream's HEADERS ahead of DATA already queued, so a call the broker
+      // opened right after Welcome can arrive before it: it waits for Welcome (or the tunnel's end).
+      this.once('welcome', () => void this.answerCall(stream, path, headers, raw));
+      return;
+    }
+    void this.answerCall(stream, path, headers, raw);
+  }
+
+  private onControlFrame(frame: SessionFrame): void {
+    if (!this.welcome) {
+      if (frame.kind === 'refused') {
+        this.close(new BurrowError(frame.code, frame.message));
+        return;
+      }
+      if (frame.kind !== 'welcome') {
+        this.protocolError(new ProtocolError(`session began with ${frame.kind}, not welcome`));
+        return;
+      }
+      if (!PROTOCOL_VERSIONS.includes(frame.welcome.protocolVersion)) {
+        const v = frame.welcome.protocolVersion;
+        this.protocolError(new ProtocolError(`broker chose protocol version ${v}, which this agent does not speak`));
+        return;
+      }
+      this.welcome = frame.welcome;
+      this.opts.logger.info('tunnel session established', {
+        broker: this.opts.address,
+        brokerId: frame.welcome.brokerId,
+        sessionId: frame.welcome.sessionId,
+        protocolVersion: frame.welcome.protocolVersion,
+      });
+      this.opts.metrics.connectedBrokers.inc();
+      this.emit('welcome', frame.welcome);
+      return;
+    }
+    switch (frame.kind) {
+      case 'drain':
+        this.brokerDrained = true;
+        this.emit('drain-ack');
+        this.startDrain(frame.reason);
+        return;
+      case 'trustBundle':
+        this.emit('trust-bundle', frame.pem, frame.version);
+        return;
+      case 'brokers':
+        this.emit('brokers', frame.brokers);
+        return;
+      case 'refused':
+        this.close(new BurrowError(frame.code, frame.message));
+        return;
+      default:
+        this.protocolError(new ProtocolError(`${frame.kind} frame from a broker after welcome`));
+    }
+  }
+
+  /** A call the broker opened on the tunnel: a built-in service, an upstream, or UNIMPLEMENTED. */
+  private async answerCall(
+    stream: http2.ServerHttp2Stream,
+    method: string,
+    headers: http2.IncomingHttpHeaders,
+    raw: string[],
+  ): Promise<void> {
+    const startedMs = Date.now();
     this.activeCalls++;
     this.opts.metrics.tunnelStreams.inc({ state: 'active' });
-    return originate(clientCall, stream, {
-      callId: `a${(++this.callCounter).toString(36)}`,
-      peerName: `broker ${this.opts.address}`,
-    }).then((outcome) => {
-      this.callEnded();
-      return outcome;
+    const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], startedMs) ?? Number.POSITIVE_INFINITY;
+    // From the raw list, not `headers`: node joins a repeated key's values with ", ", and a broker
+    // that sent burrow-caller-id twice must not make the upstream see one value that is both ids.
+    // A v4 broker sends it once (it replaces any value); of several, the first is the one passed on.
+    const caller = firstRawValue(raw, CALLER_ID_KEY) || undefined;
+    const callIdHeader = headers[CALL_ID_KEY];
+    const callId =
+      typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `a${(++this.callCounter).toString(36)}`;
+    const service = serviceOfMethod(method);
+    // A route naming the service wins over the built-in one; the default route `*` does not.
+    const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(method);
+    let outcome: Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>;
+    if (local) {
+      outcome = await answerUnary(stream, local, {
+        method,
+        maxMessageBytes: this.maxMessageBytes,
+        deadlineMs,
+        callId,
+        caller,
+      });
+    } else {
+      const upstream = this.opts.upstreams.sessionFor(method);
+      if (!upstream) {
+        outcome = answerUnimplemented(stream, `agent "${this.opts.agentId}" has no upstream for service "${service}"`);
+      } else {
+        const peerName = `upstream ${upstream.address}`;
+        try {
+          const owned = caller ? { [CALLER_ID_KEY]: caller } : undefined;
+          const next = nextHopHeaders(method, upstream.address, raw, deadlineMs, owned, headers['content-type']);
+          const out = openStream(upstream.session, next, peerName);
+          outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
+          const why = upstream.lastError();
+          if (outcome.code === Status.UNAVAILABLE && why)
+            outcome = { ...outcome, details: `${outcome.details} (${why})` };
+        } catch (err) {
+          const e = toBurrowError(err);
+          endWithStatus(stream, e.code, e.message);
+          outcome = { code: e.code, details: e.message };
+        }
+      }
+    }
+    this.callEnded();
+    recordCallFinished(this.opts.logger, this.opts.metrics, {
+      direction: 'from_broker',
+      code: outcome.code,
+      details: outcome.details,
+      startedMs,
+      requestBytes: outcome.requestBytes,
+      responseBytes: outcome.responseBytes,
+      log: { broker: this.opts.address, callId, method },
     });
   }
 
+  private get maxMessageBytes(): number {
+    const theirs = this.welcome?.maxMessageBytes ?? 0;
+    return theirs > 0 ? Math.min(theirs, this.opts.maxMessageBytes) : this.opts.maxMessageBytes;
+  }
+
+  /** The `h2` connection to this broker (agent = client): site -> platform calls and renewals. */
+  private platformSession(): http2.ClientHttp2Session {
+    if (this.callSession && !this.callSession.closed && !this.callSession.destroyed) return this.callSession;
+    const options = this.tlsOptions(['h2']);
+    const session = http2.connect(`https://${this.opts.address}`, {
+      ...H2_SESSION_OPTIONS,
+      ...options,
+    } as http2.SecureClientSessionOptions);
+    session.on('error', () => {});
+    keepSessionAlive(session, this.opts.keepalive);
+    this.callSession = session;
+    return session;
+  }
+
   /**
-   * Asks this broker for a new certificate (Enrollment/Renew over this mTLS connection). Rejects
-   * with the broker's status when it refuses (revoked, expired) or the call fails.
+   * Carries one site client's call to the broker on the `h2` connection. Resolves with the outcome
+   * once the client has its status.
    */
-  renew(csrPem: string, bundleVersion: number, timeoutMs = 15_000): Promise<IssuedAgentCertificate> {
+  async forward(
+    stream: http2.ServerHttp2Stream,
+    headers: http2.IncomingHttpHeaders,
+    raw: string[],
+    deadlineMs: number,
+  ): Promise<CallOutcome> {
+    const method = String(headers[':path'] ?? '');
+    const peerName = `broker ${this.opts.address}`;
+    this.activeCalls++;
+    this.opts.metrics.tunnelStreams.inc({ state: 'active' });
+    try {
+      const owned = { [CALL_ID_KEY]: `a${(++this.callCounter).toString(36)}` };
+      const next = nextHopHeaders(method, this.opts.address, raw, deadlineMs, owned, headers['content-type']);
+      const out = openStream(this.platformSession(), next, peerName);
+      return await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
+    } catch (err) {
+      const e = toBurrowError(err);
+      endWithStatus(stream, e.code, e.message);
+      return { code: e.code, details: e.message, requestBytes: 0, responseBytes: 0 };
+    } finally {
+      this.callEnded();
+    }
+  }
+
+  /**
+   * Asks this broker for a new certificate (Enrollment/Renew over mTLS). Rejects with the broker's
+   * status when it refuses (revoked, expired) or the call fails.
+   */
+  async renew(csrPem: string, bundleVersion: number, timeoutMs = 15_000): Promise<IssuedAgentCertificate> {
     const def = ENROLLMENT_SERVICE.renew;
-    return new Promise((resolve, reject) => {
-      this.client.makeUnaryRequest(
-        def.path,
-        def.requestSerialize,
-        def.responseDeserialize,
-        { csrPem, bundleVersion } satisfies RenewRequest,
-        new Metadata(),
-        { deadline: Date.now() + timeoutMs },
-        (err, res) =>
-          err
-            ? reject(new BurrowError(err.code, `renewal at ${this.opts.address} failed: ${err.details}`, err))
-            : resolve(res!),
-      );
-    });
+    const result = await unaryCall(
+      this.platformSession(),
+      def.path,
+      def.requestSerialize({ csrPem, bundleVersion } satisfies RenewRequest),
+      {
+        authority: this.opts.address,
+        peerName: `broker ${this.opts.address}`,
+        deadlineMs: Date.now() + timeoutMs,
+        maxMessageBytes: 1024 * 1024,
+      },
+    );
+    if (result.code !== Status.OK || !result.response)
+      throw new BurrowError(result.code, `renewal at ${this.opts.address} failed: ${result.details}`);
+    return def.responseDeserialize(result.response);
   }
 
   /** Tells the broker about a renewed certificate, so this session outlives the old one. */
   presentCredentials(certificateChainPem: string): void {
-    if (this.session && this.welcome && !this.isClosed)
-      this.session.write(encodeSessionFrame({ kind: 'credentials', certificateChainPem }));
+    if (this.welcome && !this.isClosed) this.channel?.send({ kind: 'credentials', certificateChainPem });
   }
 
-  /** Ends the session and the connection now; calls in flight fail with `error`. */
+  private protocolError(error: ProtocolError): void {
+    this.opts.logger.warn('broker broke the tunnel protocol; closing the tunnel', {
+      broker: this.opts.address,
+      error: error.message,
+    });
+    this.close(error);
+  }
+
+  /** Ends the tunnel and its connections now; calls in flight fail. */
   close(error?: BurrowError): void {
     if (this.isClosed) return;
     this.isClosed = true;
     this.closedError = error;
     this.draining = true;
-    this.session?.cancel();
-    for (const s of [...this.offerStreams])
-      s.abort(error ?? new BurrowError(Status.UNAVAILABLE, 'agent connection closed'));
+    if (error) {
+      this.h2?.destroy();
+      this.socket?.destroy();
+    } else {
+      // Clean end: the last statuses may still sit in send buffers; GOAWAY and let them go out.
+      this.channel?.end();
+      this.h2?.close();
+      const socket = this.socket;
+      setTimeout(() => socket?.destroy(), 2_000).unref();
+    }
+    this.callSession?.close();
     if (this.welcome) this.opts.metrics.connectedBrokers.dec();
-    this.client.close();
     this.emit('closed', error);
   }
 
   /**
-   * Stops taking new calls; closes once calls in flight are done (or `timeoutMs` passes). When the
-   * broker asked for the drain (`brokerAsked`), or was told with the agent's own Drain (protocol
-   * version 3), the broker ends the idle offers itself: a Start it sent before may still be on its
-   * way on any of them, so the agent keeps them and closes only once every offer stream has ended.
-   * With an older broker the agent withdraws its idle offers at once.
+   * Stops taking new calls and closes once the calls in flight are done (or `timeoutMs` passes).
+   * Unless the broker asked for it (`brokerAsked`), the agent says it is leaving (Drain) and waits
+   * for the broker's Drain that answers it: written after every call stream the broker opened
+   * before, it means no call is still on its way (tunnel.proto, "Drain").
    */
-  drainAndClose(timeoutMs: number, brokerAsked = false, reason = 'agent leaving'): Promise<void> {
+  async drainAndClose(timeoutMs: number, brokerAsked = false, reason = 'agent leaving'): Promise<void> {
+    if (this.isClosed) return;
     const alreadyDraining = this.draining;
     this.draining = true;
-    // From protocol version 3 on the agent says it is leaving, and the broker ends the idle offers
-    // as it does for its own drain; an older broker cannot be told, so idle offers are withdrawn.
-    const polite = brokerAsked || (this.welcome !== undefined && this.welcome.protocolVersion >= AGENT_DRAIN_VERSION);
-    if (polite && !brokerAsked && !alreadyDraining && this.session && !this.isClosed)
-      this.session.write(encodeSessionFrame({ kind: 'drain', reason }));
-    if (!polite)
-      for (const s of [...this.offerStreams])
-        if (isIdle(s.callState)) s.abort(new BurrowError(Status.UNAVAILABLE, 'agent draining'));
-    return new Promise((resolve) => {
-      if (this.isClosed) return resolve();
+    if (!brokerAsked && !alreadyDraining && this.welcome && !this.brokerDrained) {
+      this.channel?.send({ kind: 'drain', reason });
+      await new Promise<void>((resolve) => {
+        const timer = setTimeout(resolve, Math.min(DRAIN_ACK_TIMEOUT_MS, timeoutMs));
+        const done = (): void => {
+          clearTimeout(timer);
+          this.off('drain-ack', done);
+          this.off('closed', done);
+          resolve();
+        };
+        this.once('drain-ack', done);
+        this.once('closed', done);
+      });
+    }
+    if (this.isClosed) return;
+    await new Promise<void>((resolve) => {
       const timer = setTimeout(
         () => this.close(new BurrowError(Status.UNAVAILABLE, 'agent shut down before the call finished')),
         timeoutMs,
       );
       const check = (): void => {
-        if (this.activeCalls === 0 && (!polite || this.offerStreams.size === 0)) this.close();
+        if (this.activeCalls === 0) this.close();
       };
       this.once('closed', () => {
         clearTimeout(timer);
+        this.off('call-ended', check);
         resolve();
       });
-      this.on('stream-ended', check);
+      this.on('call-ended', check);
       check();
     });
   }
@@ -327,115 +563,12 @@ export class BrokerConnection extends EventEmitter {
   private callEnded(): void {
     this.activeCalls--;
     this.opts.metrics.tunnelStreams.dec({ state: 'active' });
-    this.emit('stream-ended');
+    this.emit('call-ended');
   }
+}
 
-  private addOffers(count: number): void {
-    const room = this.opts.maxOffers - this.idleOffers - this.activeCalls;
-    const n = Math.min(count, room);
-    for (let i = 0; i < n; i++) this.openOffer();
-  }
-
-  private openOffer(): void {
-    if (this.isClosed || this.draining || !this.welcome) return;
-    const md = new Metadata();
-    md.set(SESSION_ID_KEY, this.welcome.sessionId);
-    const call = this.client.makeBidiStreamRequest(TUNNEL_METHODS.offer, identity, identity, md);
-    // From protocol version 2 on, an offer carries calls one after the other (tunnel.proto, "Offer").
-    const stream = new CallStream(
-      call,
-      'client',
-      'answerer',
-      (err) => this.close(err),
-      this.welcome.protocolVersion >= REUSABLE_OFFERS_VERSION,
-    );
-    this.offerStreams.add(stream);
-    this.waitForCall(stream);
-  }
-
-  /** Counts `stream` as an idle offer and answers the next call that arrives on it. */
-  private waitForCall(stream: CallStream): void {
-    this.idleOffers++;
-    this.opts.metrics.tunnelStreams.inc({ state: 'idle' });
-    // These handlers stay attached through a call answered without an upstream call.
-    let taken = false;
-    stream.attach({
-      onFrame: (frame) => {
-        if (frame.kind !== 'start') return;
-        taken = true;
-        this.idleOffers--;
-        this.activeCalls++;
-        this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
-        this.opts.metrics.tunnelStreams.inc({ state: 'active' });
-        // Keep the pool at the size the load needs. A single-call offer is replaced as soon as it
-        // takes a call; a reusable one comes back when its call ends, so only the idle minimum is
-        // topped up. The broker retires idle offers above the minimum after its idle TTL.
-        const room = this.idleOffers + this.activeCalls < this.opts.maxOffers;
-        if (room && (!stream.reusable || this.idleOffers < this.opts.minIdleOffers)) this.openOffer();
-        void this.answerOffer(stream, frame.start);
-      },
-      onDrain: () => {},
-      onClosed: () => {
-        // An idle offer ending is the broker retiring it (or the connection going away).
-        if (taken) return;
-        this.idleOffers--;
-        this.opts.metrics.tunnelStreams.dec({ state: 'idle' });
-        this.offerStreams.delete(stream);
-        this.emit('stream-ended');
-      },
-      onProtocolError: () => {}, // the owner callback above closes the connection
-    });
-  }
-
-  private async answerOffer(stream: CallStream, start: StartFrame): Promise<void> {
-    const startedMs = Date.now();
-    // Taken now: once this call ends, the next one may already be on its way on the same stream.
-    const callEnded = stream.whenCallEnded();
-    const service = serviceOfMethod(start.method);
-    // A route naming the service wins over the built-in one; the default route `*` does not.
-    const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(start.method);
-    const upstream = local ? undefined : this.opts.upstreams.clientFor(start.method);
-    let extraMetadata: Metadata | undefined;
-    if (start.caller) {
-      extraMetadata = new Metadata();
-      extraMetadata.set(CALLER_ID_KEY, start.caller);
-    }
-    let outcome: Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>;
-    if (!local && !upstream) {
-      outcome = answerUnimplemented(stream, `agent "${this.opts.agentId}" has no upstream for service "${service}"`);
-    } else {
-      outcome = local
-        ? await answerLocally(stream, start, local, { maxMessageBytes: this.opts.maxMessageBytes, extraMetadata })
-        : await answer(stream, start, upstream!, { extraMetadata });
-    }
-    const reusable = await callEnded;
-    if (reusable && !this.draining && !this.isClosed) {
-      this.callEnded();
-      this.waitForCall(stream);
-    } else {
-      this.offerStreams.delete(stream);
-      if (reusable) {
-        // Withdraw the offer by half-closing it after the call's last frames, and count the call
-        // as over only once the broker has ended the stream: a cancel (or a process exit) now
-        // could drop the Trailers still in the send buffer.
-        stream.finish();
-        await stream.whenClosed();
-      }
-      this.callEnded();
-    }
-    recordCallFinished(this.opts.logger, this.opts.metrics, {
-      direction: 'from_broker',
-      code: outcome.code,
-      details: outcome.details,
-      startedMs,
-      requestBytes: outcome.requestBytes,
-      responseBytes: outcome.responseBytes,
-      log: { broker: this.opts.address, callId: start.callId, method: start.method },
-    });
-  }
-
-  /** The error the session ended with, if it has ended. */
-  get closeReason(): BurrowError | undefined {
-    return this.closedError;
-  }
+/** The first value of `key` (lowercase) in node's flat raw header list, or undefined. */
+function firstRawValue(raw: readonly string[], key: string): string | undefined {
+  for (let i = 0; i + 1 < raw.length; i += 2) if (raw[i]!.toLowerCase() === key) return raw[i + 1];
+  return undefined;
 }

@@ -9,7 +9,7 @@ import type { BrokerEndpoint } from '@burrow/tunnel';
  * frame tells it something new.
  *
  * Targets are the configured `--broker` addresses (each name expanded to one target per address it
- * resolves to) plus brokers learned from the replica set (protocol version 3, `Brokers` frame),
+ * resolves to) plus brokers learned from the replica set (the `Brokers` frame),
  * up to `--max-brokers` distinct brokers in all. Configured targets always stay.
  */
 

@@ -76,15 +76,10 @@ const RUN_OPTIONS = {
   'local-ca': stringOption('PEM file: CA of site clients; when set, the local listener requires client certificates'),
   'admin-listen': stringOption('HOST:PORT of the plain-HTTP admin listener (/metrics, /healthz, /readyz, /brokers)'),
   ...ADMIN_ALLOWED_HOST_OPTION,
-  'min-idle-streams': {
+  'max-concurrent-calls': {
     type: 'number',
-    describe: 'idle tunnel streams kept open per broker',
-    default: AGENT_DEFAULTS.minIdleOffers,
-  },
-  'max-streams': {
-    type: 'number',
-    describe: 'most tunnel streams per broker (concurrent calls)',
-    default: AGENT_DEFAULTS.maxOffers,
+    describe: 'most calls a broker may run on one tunnel at once (HTTP/2 concurrent streams)',
+    default: AGENT_DEFAULTS.maxConcurrentCalls,
   },
   ...MAX_MESSAGE_BYTES_OPTION,
   'reconnect-base': {
@@ -192,14 +187,11 @@ function localTlsFromArgs(args: Args, local: LocalSideArgs): AgentConfig['localT
     : undefined;
 }
 
-function streamLimitsFromArgs(
-  args: Args,
-): Pick<AgentConfig, 'minIdleOffers' | 'maxOffers' | 'maxBrokers' | 'maxMessageBytes'> {
+function streamLimitsFromArgs(args: Args): Pick<AgentConfig, 'maxConcurrentCalls' | 'maxBrokers' | 'maxMessageBytes'> {
   const maxMessageBytes = maxMessageBytesFromArgs(args);
-  const minIdleOffers = parseIntInRange('min-idle-streams', args['min-idle-streams'], 1, 1000);
-  const maxOffers = parseIntInRange('max-streams', args['max-streams'], minIdleOffers, 100_000);
+  const maxConcurrentCalls = parseIntInRange('max-concurrent-calls', args['max-concurrent-calls'], 1, 100_000);
   const maxBrokers = parseIntInRange('max-brokers', args['max-brokers'], 1, 64);
-  return { minIdleOffers, maxOffers, maxBrokers, maxMessageBytes };
+  return { maxConcurrentCalls, maxBrokers, maxMessageBytes };
 }
 
 /**

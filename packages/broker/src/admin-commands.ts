@@ -70,7 +70,7 @@ function keyValues(pairs: [string, string | number | boolean][]): string {
 
 function listText(agents: AgentSummary[], address: string, nowMs: number): string {
   if (agents.length === 0) return `no agents connected to the broker at ${address}\n`;
-  const rows = [['AGENT', 'SESSIONS', 'CONNECTED SINCE', 'UP', 'CALLS', 'IDLE STREAMS', 'PEERS']];
+  const rows = [['AGENT', 'SESSIONS', 'CONNECTED SINCE', 'UP', 'CALLS', 'PEERS']];
   for (const a of [...agents].sort((x, y) => x.id.localeCompare(y.id))) {
     rows.push([
       a.id,
@@ -78,7 +78,6 @@ function listText(agents: AgentSummary[], address: string, nowMs: number): strin
       a.connectedSince,
       formatSeconds((nowMs - Date.parse(a.connectedSince)) / 1000),
       String(a.callsInFlight),
-      String(a.idleOffers),
       a.sessions.map((s) => s.peer).join(','),
     ]);
   }
@@ -91,9 +90,6 @@ function showText(a: AgentDetail, nowMs: number): string {
     ['sessions', a.connections],
     ['connected since', since(a.connectedSince, nowMs)],
     ['calls in flight', a.callsInFlight],
-    ['calls waiting', a.callsWaiting],
-    ['idle streams', a.idleOffers],
-    ['streams requested', a.owedOffers],
   ]);
   const rows = [
     [
@@ -103,7 +99,6 @@ function showText(a: AgentDetail, nowMs: number): string {
       'PROTOCOL',
       'AGENT VERSION',
       'CALLS',
-      'IDLE',
       'DRAINING',
       'CERT SERIAL',
       'CERT EXPIRES',
@@ -117,7 +112,6 @@ function showText(a: AgentDetail, nowMs: number): string {
       String(s.protocolVersion),
       s.agentVersion,
       String(s.callsInFlight),
-      String(s.idleOffers),
       s.draining ? 'yes' : 'no',
       s.certificate.serial,
       `${s.certificate.notAfter} (in ${formatSeconds(s.certificate.secondsLeft)})`,
@@ -152,7 +146,6 @@ function statusText(s: BrokerStatus): string {
     ['sessions', s.sessions],
     ['calls in flight', s.callsInFlight],
     ['calls waiting', s.callsWaiting],
-    ['idle streams', s.idleStreams],
     [
       'serving certificate',
       `${s.servingCertificate.spiffeId} serial ${s.servingCertificate.serial}, ` +

@@ -1,52 +1,57 @@
-import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
+import * as http2 from 'node:http2';
+import type { TLSSocket } from 'node:tls';
+import { status as Status } from '@grpc/grpc-js';
 import {
-  AGENT_DRAIN_VERSION,
   BurrowError,
   CALLING_AGENT_KEY,
-  CallStream,
+  CONTROL_PATH,
+  ControlChannel,
+  ENROLLMENT_SERVICE,
+  GRPC_CONTENT_TYPE,
+  H2_SESSION_OPTIONS,
+  LEGACY_SESSION_PATH,
+  LEGACY_TUNNEL_SERVICE,
+  MessageReader,
   PROTOCOL_VERSIONS,
-  REPLICA_SET_VERSION,
-  REUSABLE_OFFERS_VERSION,
   ProtocolError,
-  SESSION_ID_KEY,
-  TUNNEL_METHODS,
+  TUNNEL_ALPN,
   type UpstreamTable,
-  answer,
+  answerUnary,
+  answerUnimplemented,
+  checkReplicaSet,
+  deadlineFromTimeout,
   decodeSessionFrame,
   describeVersions,
-  encodeSessionFrame,
-  rawBidiMethod,
-  identityOfPeerCertificate,
+  endWithStatus,
+  keepSessionAlive,
+  limitUnauthenticatedSession,
+  type UnauthenticatedLimits,
   negotiateVersion,
+  nextHopHeaders,
+  openStream,
+  recordCallFinished,
+  relayCall,
+  serviceOfMethod,
+  toBurrowError,
   verifyCertificateChain,
-  checkReplicaSet,
   type BrokerEndpoint,
-  type CallFrame,
+  type KeepaliveSettings,
   type Logger,
   type PeerIdentity,
-  type StartFrame,
-  recordCallFinished,
-  answerUnimplemented,
-  type CallOutcome,
-  boundedForLog,
-  MAX_SESSION_FRAME_BYTES,
-  sessionFrameTooLarge,
-  type OversizedMessage,
+  type SessionFrame,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
-import { AGENT_RULE, checkPeer, presentedPeer } from './peer-admission';
+import type { BrokerPki } from './broker-pki';
+import { AGENT_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 
-/** How long a new session may take to send Hello before the broker gives up on it. */
-const HELLO_TIMEOUT_MS = 10_000;
+/** Site -> platform calls one agent connection may run at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). */
+const MAX_SITE_CALLS_PER_CONNECTION = 4096;
 
-/**
- * Receive limits of the agent listener's methods below the server-wide one (receiveLimitInterceptor):
- * the session stream carries control frames only (tunnel.proto, "Session").
- */
-export const AGENT_LISTENER_RECEIVE_LIMITS: Readonly<Record<string, number>> = {
-  [TUNNEL_METHODS.session]: MAX_SESSION_FRAME_BYTES,
-};
+/** How long a new tunnel may take to send Hello before the broker gives up on it. */
+const HELLO_TIMEOUT_MS = 10_000;
+/** How long a refused or cut tunnel may take to read its Refused frame before the socket is destroyed. */
+const CLOSE_GRACE_MS = 2_000;
 
 export interface AgentListenerDeps {
   registry: TunnelRegistry;
@@ -56,105 +61,116 @@ export interface AgentListenerDeps {
   trustDomain: string;
   brokerId: string;
   maxMessageBytes: number;
+  keepalive: KeepaliveSettings;
   /**
-   * Most session streams one agent (certificate identity) may hold open here at once, counting
-   * those still waiting for Hello; 0 = no cap. A session past it is refused with RESOURCE_EXHAUSTED.
+   * Most tunnel sessions one agent (certificate identity) may hold here at once, counting those
+   * still waiting for Hello; 0 = no cap. A session past it is Refused with RESOURCE_EXHAUSTED.
    */
   maxSessionsPerAgent: number;
-  /**
-   * Most Offer streams (idle or carrying a call) one agent may hold open here at once, over all its
-   * sessions; 0 = no cap. An offer past it is refused with RESOURCE_EXHAUSTED; its session lives on.
-   */
-  maxOffersPerAgent: number;
   /** True once the broker is draining: new sessions are refused. */
   isDraining(): boolean;
-  /** Revocation check for every stream; without a PKI directory nothing is revoked. */
+  /** Revocation check for every connection; without a PKI directory nothing is revoked. */
   isRevoked(id: PeerIdentity): boolean;
   /** The CAs agents' renewed certificates must chain to (Credentials frames). */
   trustBundlePem(): string;
+  /** Enrollment (Enroll, Renew) when the broker has a PKI directory. */
+  pki?: BrokerPki;
+  /** Limits of connections without a valid client certificate (with enrollment on). */
+  unauthenticated?: UnauthenticatedLimits;
   /**
    * The broker replica set agents should keep tunnels to (this broker included), sent in a
-   * Brokers frame right after Welcome on every version-3 session when it is not empty. Without it
-   * a new session gets the set last given to {@link AgentListener.broadcastReplicaSet}, if any.
+   * Brokers frame right after Welcome when it is not empty. Without it a new session gets the set
+   * last given to {@link AgentListener.broadcastReplicaSet}, if any.
    */
   replicaSet?(): BrokerEndpoint[];
 }
 
-type RawCall = ServerDuplexStream<Buffer, Buffer>;
-
-// While an offer is idle only its end matters (its ownerHooks.onClosed); once assigned, the
-// originator attaches its own handlers. Shared by every idle offer: a broker holds thousands.
-const IDLE_OFFER_HANDLERS = Object.freeze({
-  onFrame: () => {},
-  onDrain: () => {},
-  onClosed: () => {},
-  onProtocolError: () => {},
-});
+/** One tunnel connection: its HTTP/2 session (broker = client), its control channel, its session once welcomed. */
+interface Tunnel {
+  readonly socket: TLSSocket;
+  readonly h2: http2.ClientHttp2Session;
+  /** The control stream (the first stream this broker opens), once opened. */
+  control?: http2.ClientHttp2Stream;
+  channel?: ControlChannel;
+  session?: AgentSession;
+  closed: boolean;
+}
 
 /**
- * The broker's Tunnel service (tunnel.proto): Session, Offer and Forward streams opened by agents.
- * Every stream must come with a client certificate of role agent in the broker's trust domain;
- * the agent id is taken from that certificate and nothing else.
+ * The broker's agent listener (tunnel.proto, "Roles"): connections agents dial. `burrow-tunnel`
+ * connections become tunnels (this broker the HTTP/2 client, one stream per call); `h2` connections
+ * are ordinary gRPC: Enrollment, the agents' calls to platform services, and the refusal of agents
+ * that speak only protocol versions 1-3. Every tunnel and every call needs a client certificate of
+ * role agent in the broker's trust domain; the agent id is taken from it and nothing else.
  */
 export class AgentListener {
-  private readonly sessionsById = new Map<string, AgentSession>();
-  private readonly sessionCalls = new Map<AgentSession, RawCall>();
-  private callCounter = 0;
+  private readonly tunnels = new Set<Tunnel>();
+  /** Tunnels per agent id that have not sent Hello yet (the registry holds the others). */
+  private readonly pendingSessions = new Map<string, number>();
   /** The set last broadcast; what new sessions get when `deps.replicaSet` is not given. */
   private lastReplicaSet: BrokerEndpoint[] = [];
-  /** Session streams per agent id that have not sent Hello yet (the registry holds the others). */
-  private readonly pendingSessions = new Map<string, number>();
-  /** Offer streams open per agent id, idle or carrying a call; an id is removed at 0. */
-  private readonly offerStreams = new Map<string, number>();
-  /**
-   * Agents refused for a per-agent cap whose refusal was logged: one line per agent and limit
-   * until a stream of that kind is accepted again, so a flood of refused streams is one log line.
-   */
+  /** Agents refused for the session cap whose refusal was logged: one line per agent until it is under it. */
   private readonly refusalsLogged = new Set<string>();
+  /** `h2` connections of agents (site -> platform calls), cut with the agent's sessions. */
+  private readonly callConnections = new Map<http2.ServerHttp2Session, PeerIdentity>();
+  private callCounter = 0;
+  /** Serves the `h2` connections. */
+  readonly grpcServer: http2.Http2Server;
 
-  constructor(private readonly deps: AgentListenerDeps) {}
-
-  addTo(server: Server): void {
-    server.addService(
-      {
-        session: rawBidiMethod(TUNNEL_METHODS.session),
-        offer: rawBidiMethod(TUNNEL_METHODS.offer),
-        forward: rawBidiMethod(TUNNEL_METHODS.forward),
-      },
-      {
-        session: (call: RawCall) => this.onSession(call),
-        offer: (call: RawCall) => this.onOffer(call),
-        forward: (call: RawCall) => this.onForward(call),
-      },
+  constructor(private readonly deps: AgentListenerDeps) {
+    // An agent's site calls share one connection; past this many at once HTTP/2 holds them back
+    // (the agent's client queues), so one site cannot open streams without bound here.
+    this.grpcServer = http2.createServer({
+      ...H2_SESSION_OPTIONS,
+      settings: { ...H2_SESSION_OPTIONS.settings, maxConcurrentStreams: MAX_SITE_CALLS_PER_CONNECTION },
+    });
+    this.grpcServer.on('session', (session: http2.ServerHttp2Session) => this.onGrpcSession(session));
+    this.grpcServer.on(
+      'stream',
+      (stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, _flags: number, raw: string[]) =>
+        this.onGrpcStream(stream, headers, raw),
     );
+  }
+
+  /** Takes a connection whose TLS handshake completed (the agent TLS server's 'secureConnection'). */
+  accept(socket: TLSSocket): void {
+    socket.on('error', () => {});
+    // Calls are small writes each way: Nagle would hold every other one for the peer's delayed ACK.
+    socket.setNoDelay(true);
+    if (socket.alpnProtocol === TUNNEL_ALPN) this.openTunnel(socket);
+    else this.grpcServer.emit('connection', socket);
   }
 
   /** Number of sessions known (leak checks). */
   get sessionCount(): number {
-    return this.sessionsById.size;
+    let n = 0;
+    for (const t of this.tunnels) if (t.session) n++;
+    return n;
   }
 
-  /** Sends Drain to every session and retires their idle offers. */
+  /** Sends Drain to every session; each closes once its calls have ended. */
   drainAll(reason: string): void {
-    for (const session of this.sessionsById.values()) {
-      session.draining = true;
-      session.control.drain(reason);
-      for (const offer of session.idle.splice(0)) offer.stream.finish();
-    }
+    for (const t of this.tunnels) if (t.session) this.drainSession(t, reason);
   }
 
   /**
-   * Cuts off every session of `agentId` now (revocation): session streams end with `error` and
-   * calls in flight on them fail. Returns the number of sessions closed.
+   * Cuts off every session of `agentId` now (revocation): calls in flight on them fail with
+   * `error`. Returns the number of sessions closed.
    */
   disconnectAgent(agentId: string, error: BurrowError): number {
-    const sessions = this.deps.registry.sessionsOf(agentId);
-    for (const s of sessions) this.closeSession(s, error, true);
-    return sessions.length;
+    let n = 0;
+    for (const t of [...this.tunnels])
+      if (t.session?.agentId === agentId) {
+        this.closeTunnel(t, error);
+        n++;
+      }
+    for (const [conn, id] of this.callConnections) if (id.name === agentId) conn.destroy();
+    return n;
   }
 
   /** Closes sessions whose agent certificate has expired; TLS does not re-check open connections. */
   closeExpired(nowMs = Date.now()): number {
+    for (const [conn, id] of this.callConnections) if (id.notAfterMs <= nowMs) conn.destroy();
     return this.cutSessions('expired', (s) => {
       if (s.credentialExpiryMs > nowMs) return undefined;
       const at = new Date(s.credentialExpiryMs).toISOString();
@@ -164,37 +180,243 @@ export class AgentListener {
 
   /** Closes sessions whose certificate is revoked now (called when the revocation list changes). */
   closeRevoked(): number {
+    for (const [conn, id] of this.callConnections) if (this.deps.isRevoked(id)) conn.destroy();
     return this.cutSessions('revoked', (s) => {
       if (!this.deps.isRevoked(s.identity)) return undefined;
       return new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${s.agentId}" was revoked`);
     });
   }
 
-  /**
-   * Closes every session for which `verdict` gives an error, with that error (calls in flight on
-   * it fail), counting each in connections_closed_total under `reason`. Returns how many.
-   */
   private cutSessions(reason: 'expired' | 'revoked', verdict: (s: AgentSession) => BurrowError | undefined): number {
     let closed = 0;
-    for (const s of [...this.sessionsById.values()]) {
-      const error = verdict(s);
+    for (const t of [...this.tunnels]) {
+      const error = t.session && verdict(t.session);
       if (!error) continue;
-      this.closeSession(s, error, true);
+      this.closeTunnel(t, error);
       this.deps.metrics.connectionsClosed.inc({ reason });
       closed++;
     }
     return closed;
   }
 
+  /** Sends the new trust bundle to every session (CA rotation). */
+  broadcastTrustBundle(pem: string, version: number): void {
+    for (const t of this.tunnels) if (t.session) t.session.control.trustBundle(pem, version);
+  }
+
   /**
-   * The agent is leaving this session (its Drain, protocol version 3): no more calls go to it,
-   * and its idle offers end, which is what lets the agent close the connection. Calls already on
-   * their way to it are answered as usual.
+   * Sends the broker replica set to every session, replacing what those agents had. Throws a
+   * ProtocolError naming the problem, before sending anything, when the set breaks the frame's rules.
    */
-  private agentLeaving(session: AgentSession, reason: string): void {
+  broadcastReplicaSet(set: BrokerEndpoint[]): void {
+    checkReplicaSet(set);
+    this.lastReplicaSet = set.map((b) => ({ ...b }));
+    for (const t of this.tunnels) if (t.session) t.session.control.replicaSet(this.lastReplicaSet);
+  }
+
+  /** Earliest certificate expiry among connected agents (ms since epoch), for metrics. */
+  earliestAgentExpiryMs(): number | undefined {
+    let min: number | undefined;
+    for (const t of this.tunnels)
+      if (t.session && (min === undefined || t.session.credentialExpiryMs < min)) min = t.session.credentialExpiryMs;
+    return min;
+  }
+
+  /** Ends every tunnel and call connection (final shutdown). */
+  closeAll(error: BurrowError): void {
+    for (const t of [...this.tunnels]) this.closeTunnel(t, error);
+    for (const conn of this.callConnections.keys()) conn.destroy();
+  }
+
+  /** Closes the `h2` connections gracefully (drain): calls in flight finish. */
+  closeCallConnections(): void {
+    for (const conn of this.callConnections.keys()) if (!conn.closed) conn.close();
+  }
+
+  /** Calls in flight on `h2` connections (site -> platform), for drain. */
+  get callConnectionCount(): number {
+    return this.callConnections.size;
+  }
+
+  // ---------------------------------------------------------------------------------------------
+  // Tunnels (ALPN burrow-tunnel): this broker is the HTTP/2 client.
+
+  private openTunnel(socket: TLSSocket): void {
+    const { logger } = this.deps;
+    const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    const h2 = http2.connect('https://agent.burrow', {
+      ...H2_SESSION_OPTIONS,
+      createConnection: () => socket,
+    });
+    const tunnel: Tunnel = { socket, h2, closed: false };
+    this.tunnels.add(tunnel);
+    h2.on('error', () => {});
+    h2.on('close', () => this.closeTunnel(tunnel, undefined));
+    keepSessionAlive(h2, this.deps.keepalive);
+    let control: http2.ClientHttp2Stream;
+    try {
+      control = h2.request(
+        { ':method': 'POST', ':path': CONTROL_PATH, 'content-type': GRPC_CONTENT_TYPE, te: 'trailers' },
+        { endStream: false },
+      );
+    } catch {
+      this.closeTunnel(tunnel, undefined);
+      return;
+    }
+    tunnel.control = control;
+    const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
+    let id: PeerIdentity | undefined;
+    let refusal: BurrowError | undefined;
+    if ('refusal' in checked) refusal = checked.refusal;
+    else {
+      id = checked.identity;
+      refusal = this.sessionRefusal(id, peer);
+    }
+    // nghttp2 found the agent breaking HTTP/2 itself (a PUSH_PROMISE, a stream the agent, the
+    // HTTP/2 server, tried to open, bad framing): a protocol error like a bad session frame. The
+    // session is gone already (GOAWAY sent, its streams closed, often the tunnel forgotten with
+    // them), so no Refused can follow: the error is counted and logged, and the tunnel closed.
+    h2.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ERR_HTTP2_ERROR') return;
+      this.reportProtocolError(tunnel, new ProtocolError(`HTTP/2: ${err.message}`), id);
+      this.closeTunnel(tunnel, undefined);
+    });
+    let helloTimer: NodeJS.Timeout | undefined;
+    let pending = false;
+    const settle = (): void => {
+      clearTimeout(helloTimer);
+      if (!pending || !id) return;
+      pending = false;
+      const n = (this.pendingSessions.get(id.name) ?? 1) - 1;
+      if (n > 0) this.pendingSessions.set(id.name, n);
+      else this.pendingSessions.delete(id.name);
+    };
+    tunnel.channel = new ControlChannel(control, {
+      onFrame: (frame) => {
+        // A refused or closed tunnel takes nothing more: an agent sends Hello without waiting, and
+        // a Hello read after Refused must not register a session (past the cap, or never removed).
+        if (tunnel.closed) return;
+        if (!tunnel.session) {
+          settle();
+          if (frame.kind !== 'hello' || !id) {
+            this.protocolError(tunnel, new ProtocolError(`session opened with ${frame.kind}, not hello`), id);
+            return;
+          }
+          this.welcome(tunnel, id, frame.hello.protocolVersions, frame.hello.agentVersion, peer);
+          return;
+        }
+        this.onSessionFrame(tunnel, tunnel.session, frame);
+      },
+      onProtocolError: (error) => {
+        settle();
+        this.protocolError(tunnel, error, id);
+      },
+      onClosed: () => {
+        settle();
+        this.closeTunnel(tunnel, undefined);
+      },
+    });
+    if (refusal) {
+      // The per-agent cap logs its own line, once per agent while it stays over it: a flood of
+      // connections must not become a flood of log lines.
+      if (refusal.code !== Status.RESOURCE_EXHAUSTED)
+        logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
+      this.refuse(tunnel, refusal);
+      return;
+    }
+    if (id) {
+      pending = true;
+      this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
+    }
+    helloTimer = setTimeout(() => {
+      settle();
+      this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id);
+    }, HELLO_TIMEOUT_MS);
+  }
+
+  /** Why a new session of `id` is not taken (draining, over the per-agent cap), or undefined. */
+  private sessionRefusal(id: PeerIdentity, peer: string): BurrowError | undefined {
+    if (this.deps.isDraining())
+      return new BurrowError(Status.UNAVAILABLE, 'broker is draining; connect to another broker');
+    const cap = this.deps.maxSessionsPerAgent;
+    const held = this.deps.registry.sessionsOf(id.name).length + (this.pendingSessions.get(id.name) ?? 0);
+    if (cap > 0 && held >= cap) {
+      const details = `agent "${id.name}" holds ${held} sessions at this broker; at most ${cap} allowed`;
+      const key = `sessions:${id.name}`;
+      this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason: 'session_limit' });
+      if (!this.refusalsLogged.has(key)) {
+        this.refusalsLogged.add(key);
+        this.deps.logger.warn('tunnel refused: per-agent limit', {
+          agentId: id.name,
+          peer,
+          limit: 'sessions',
+          reason: details,
+        });
+      }
+      return new BurrowError(Status.RESOURCE_EXHAUSTED, `${details} (--max-sessions-per-agent)`);
+    }
+    this.refusalsLogged.delete(`sessions:${id.name}`);
+    return undefined;
+  }
+
+  private welcome(tunnel: Tunnel, id: PeerIdentity, versions: number[], agentVersion: string, peer: string): void {
+    const { metrics, logger, registry } = this.deps;
+    const version = negotiateVersion(PROTOCOL_VERSIONS, versions);
+    if (version === undefined) {
+      const details =
+        `no common protocol version: agent speaks ${describeVersions(versions)}, broker ` +
+        `speaks ${describeVersions(PROTOCOL_VERSIONS)}`;
+      metrics.rejectedHandshakes.inc({ listener: 'agent', reason: 'protocol_version' });
+      logger.warn('tunnel session refused', { agentId: id.name, reason: details });
+      this.refuse(tunnel, new BurrowError(Status.FAILED_PRECONDITION, details));
+      return;
+    }
+    const channel = tunnel.channel!;
+    const session = new AgentSession(id, peer, version, agentVersion, tunnel.h2, {
+      drain: (reason) => channel.send({ kind: 'drain', reason }),
+      trustBundle: (pem, v) => channel.send({ kind: 'trustBundle', pem, version: v }),
+      replicaSet: (brokers) => channel.send({ kind: 'brokers', brokers }),
+      close: (err) => this.closeTunnel(tunnel, err),
+    });
+    tunnel.session = session;
+    channel.send({
+      kind: 'welcome',
+      welcome: {
+        protocolVersion: version,
+        sessionId: session.id,
+        maxMessageBytes: this.deps.maxMessageBytes,
+        brokerId: this.deps.brokerId,
+      },
+    });
+    const replicas = this.deps.replicaSet ? this.deps.replicaSet() : this.lastReplicaSet;
+    if (replicas.length > 0) session.control.replicaSet(replicas);
+    registry.addSession(session);
+    metrics.agentConnects.inc();
+    logger.info('agent connected', {
+      agentId: id.name,
+      sessionId: session.id,
+      peer,
+      protocolVersion: version,
+      agentVersion,
+    });
+  }
+
+  private onSessionFrame(tunnel: Tunnel, session: AgentSession, frame: SessionFrame): void {
+    if (frame.kind === 'credentials') this.acceptCredentials(tunnel, session, frame.certificateChainPem);
+    else if (frame.kind === 'drain') this.agentLeaving(tunnel, session, frame.reason);
+    else
+      this.protocolError(tunnel, new ProtocolError(`${frame.kind} frame from an agent after hello`), session.identity);
+  }
+
+  /**
+   * The agent is leaving this session: no more calls go to it, and this broker answers with its own
+   * Drain, written after every call stream opened before it, so the agent can close once its calls
+   * are done without one arriving late (tunnel.proto, "Drain").
+   */
+  private agentLeaving(tunnel: Tunnel, session: AgentSession, reason: string): void {
     if (session.draining) return;
     session.draining = true;
-    for (const offer of session.idle.splice(0)) offer.stream.finish();
+    tunnel.channel?.send({ kind: 'drain', reason: 'agent leaving' });
     this.deps.logger.info('agent is leaving', {
       agentId: session.agentId,
       sessionId: session.id,
@@ -203,30 +425,14 @@ export class AgentListener {
     });
   }
 
-  /** Sends the new trust bundle to every session (CA rotation). */
-  broadcastTrustBundle(pem: string, version: number): void {
-    for (const s of this.sessionsById.values()) s.control.trustBundle(pem, version);
-  }
-
-  /**
-   * Sends the broker replica set to every session of protocol version 3 or later (older sessions
-   * cannot receive it; tunnel.proto, "Brokers"), replacing what those agents had. Call it whenever
-   * a replica joins, drains or leaves; an empty set is sent too. Synchronous; throws a
-   * ProtocolError naming the problem, before sending anything, when the set breaks the frame's
-   * rules (more than 64 entries, an empty or repeated broker id, an address that is not HOST:PORT).
-   */
-  broadcastReplicaSet(set: BrokerEndpoint[]): void {
-    checkReplicaSet(set);
-    this.lastReplicaSet = set.map((b) => ({ ...b }));
-    for (const s of this.sessionsById.values()) s.control.replicaSet(this.lastReplicaSet);
-  }
-
-  /** Earliest certificate expiry among connected agents (ms since epoch), for metrics. */
-  earliestAgentExpiryMs(): number | undefined {
-    let min: number | undefined;
-    for (const s of this.sessionsById.values())
-      if (min === undefined || s.credentialExpiryMs < min) min = s.credentialExpiryMs;
-    return min;
+  /** Broker drain of one session: Drain, no new calls, close once the calls in flight have ended. */
+  private drainSession(tunnel: Tunnel, reason: string): void {
+    const session = tunnel.session!;
+    if (!session.draining) {
+      session.draining = true;
+      session.control.drain(reason);
+    }
+    void session.whenIdle().then(() => this.closeTunnel(tunnel, undefined));
   }
 
   /**
@@ -234,26 +440,26 @@ export class AgentListener {
    * same agent, the session lives on until the new certificate expires. Anything else breaks the
    * protocol (see the Credentials frame in tunnel.proto).
    */
-  private acceptCredentials(session: AgentSession, chainPem: string): void {
+  private acceptCredentials(tunnel: Tunnel, session: AgentSession, chainPem: string): void {
     let id: PeerIdentity;
     try {
       id = verifyCertificateChain(chainPem, this.deps.trustBundlePem());
     } catch (err) {
-      this.protocolError(session, new ProtocolError(`renewed certificate refused: ${(err as Error).message}`));
+      const error = new ProtocolError(`renewed certificate refused: ${(err as Error).message}`);
+      this.protocolError(tunnel, error, session.identity);
       return;
     }
     if (id.role !== 'agent' || id.name !== session.agentId || id.trustDomain !== session.identity.trustDomain) {
-      this.protocolError(
-        session,
-        new ProtocolError(`renewed certificate names ${id.spiffeId}, not the session's ${session.identity.spiffeId}`),
+      const error = new ProtocolError(
+        `renewed certificate names ${id.spiffeId}, not the session's ${session.identity.spiffeId}`,
       );
+      this.protocolError(tunnel, error, session.identity);
       return;
     }
     if (this.deps.isRevoked(id)) {
-      this.closeSession(
-        session,
+      this.closeTunnel(
+        tunnel,
         new BurrowError(Status.PERMISSION_DENIED, `certificate of agent "${id.name}" is revoked`),
-        true,
       );
       return;
     }
@@ -267,258 +473,149 @@ export class AgentListener {
     });
   }
 
-  /** Ends every session stream (final shutdown). */
-  closeAll(error: BurrowError): void {
-    for (const s of [...this.sessionsById.values()]) this.closeSession(s, error, true);
+  private protocolError(tunnel: Tunnel, error: ProtocolError, id: PeerIdentity | undefined): void {
+    this.reportProtocolError(tunnel, error, id);
+    this.closeTunnel(tunnel, error);
   }
 
-  private authenticate(call: RawCall, stream: string): PeerIdentity | undefined {
-    const checked = checkPeer(presentedPeer(call.getAuthContext().sslPeerCertificate), AGENT_RULE, this.deps);
-    if ('identity' in checked) return checked.identity;
-    const { code, message } = checked.refusal;
-    this.deps.logger.warn('tunnel stream refused', { stream, peer: call.getPeer(), reason: message });
-    call.emit('error', { code, details: message });
-    return undefined;
-  }
-
-  private onSession(call: RawCall): void {
-    const id = this.authenticate(call, 'session');
-    if (!id) return;
-    const { logger, metrics, registry } = this.deps;
-    if (this.deps.isDraining()) {
-      call.emit('error', { code: Status.UNAVAILABLE, details: 'broker is draining; connect to another broker' });
-      return;
-    }
-    const cap = this.deps.maxSessionsPerAgent;
-    const held = registry.sessionsOf(id.name).length + (this.pendingSessions.get(id.name) ?? 0);
-    if (cap > 0 && held >= cap) {
-      const details = `agent "${id.name}" holds ${held} sessions at this broker; at most ${cap} allowed`;
-      this.refuseOverLimit(call, id, 'sessions', `${details} (--max-sessions-per-agent)`);
-      return;
-    }
-    this.refusalsLogged.delete(`sessions:${id.name}`);
-    this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
-    let pending = true;
-    // Called once the stream has sent Hello or ended, whichever comes first.
-    const settle = (): void => {
-      if (!pending) return;
-      pending = false;
-      const n = (this.pendingSessions.get(id.name) ?? 1) - 1;
-      if (n > 0) this.pendingSessions.set(id.name, n);
-      else this.pendingSessions.delete(id.name);
-    };
-    let session: AgentSession | undefined;
-    const helloTimer = setTimeout(
-      () => fail(new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`)),
-      HELLO_TIMEOUT_MS,
-    );
-    const fail = (err: BurrowError): void => {
-      clearTimeout(helloTimer);
-      settle();
-      if (err instanceof ProtocolError) metrics.protocolErrors.inc();
-      logger.warn('tunnel session failed', { agentId: id.name, peer: call.getPeer(), error: err.message });
-      if (session) this.closeSession(session, err, true);
-      else call.emit('error', err.toServiceError());
-    };
-    call.on('error', () => {});
-    call.on('data', (bytes: Buffer) => {
-      let frame: ReturnType<typeof decodeSessionFrame>;
-      try {
-        frame = decodeSessionFrame(bytes);
-      } catch (err) {
-        fail(err as BurrowError);
-        return;
-      }
-      if (session && frame.kind === 'credentials') {
-        this.acceptCredentials(session, frame.certificateChainPem);
-        return;
-      }
-      if (session && frame.kind === 'drain' && session.protocolVersion >= AGENT_DRAIN_VERSION) {
-        this.agentLeaving(session, frame.reason);
-        return;
-      }
-      if (session || frame.kind !== 'hello') {
-        fail(
-          new ProtocolError(
-            session
-              ? `${frame.kind} frame after hello on a session stream`
-              : `session opened with ${frame.kind}, not hello`,
-          ),
-        );
-        return;
-      }
-      clearTimeout(helloTimer);
-      settle();
-      const version = negotiateVersion(PROTOCOL_VERSIONS, frame.hello.protocolVersions);
-      if (version === undefined) {
-        const details =
-          `no common protocol version: agent speaks ${describeVersions(frame.hello.protocolVersions)}, broker ` +
-          `speaks ${describeVersions(PROTOCOL_VERSIONS)}`;
-        metrics.rejectedHandshakes.inc({ listener: 'agent', reason: 'protocol_version' });
-        logger.warn('tunnel session refused', { agentId: id.name, reason: details });
-        call.emit('error', { code: Status.FAILED_PRECONDITION, details });
-        return;
-      }
-      session = new AgentSession(
-        id,
-        call.getPeer(),
-        version,
-        frame.hello.agentVersion,
-        Math.min(frame.hello.minIdleOffers, 1000),
-        {
-          demand: (offers) => {
-            metrics.demandedOffers.inc(offers);
-            call.write(encodeSessionFrame({ kind: 'demand', offers }));
-          },
-          drain: (reason) => call.write(encodeSessionFrame({ kind: 'drain', reason })),
-          trustBundle: (pem, version) => call.write(encodeSessionFrame({ kind: 'trustBundle', pem, version })),
-          replicaSet: (brokers) => {
-            if (version >= REPLICA_SET_VERSION) call.write(encodeSessionFrame({ kind: 'brokers', brokers }));
-          },
-          close: (err) => (err ? call.emit('error', err.toServiceError()) : call.end()),
-        },
-      );
-      this.sessionsById.set(session.id, session);
-      this.sessionCalls.set(session, call);
-      call.write(
-        encodeSessionFrame({
-          kind: 'welcome',
-          welcome: {
-            protocolVersion: version,
-            sessionId: session.id,
-            maxMessageBytes: this.deps.maxMessageBytes,
-            brokerId: this.deps.brokerId,
-          },
-        }),
-      );
-      const replicas = this.deps.replicaSet ? this.deps.replicaSet() : this.lastReplicaSet;
-      if (replicas.length > 0) session.control.replicaSet(replicas);
-      registry.addSession(session);
-      metrics.agentConnects.inc();
-      logger.info('agent connected', {
-        agentId: id.name,
-        sessionId: session.id,
-        peer: session.peerAddress,
-        protocolVersion: version,
-        agentVersion: session.agentVersion,
-      });
+  /** Counts and logs a protocol error of the agent on `tunnel`. */
+  private reportProtocolError(tunnel: Tunnel, error: ProtocolError, id: PeerIdentity | undefined): void {
+    this.deps.metrics.protocolErrors.inc();
+    this.deps.logger.warn('agent broke the tunnel protocol; closing its session', {
+      agentId: id?.name,
+      sessionId: tunnel.session?.id,
+      error: error.message,
     });
-    const ended = (): void => {
-      clearTimeout(helloTimer);
-      settle();
-      if (session) this.closeSession(session, undefined, false);
-    };
-    call.on('end', ended);
-    call.on('cancelled', ended);
+  }
+
+  /** Sends Refused, then closes the connection (destroyed if the agent does not close it first). */
+  private refuse(tunnel: Tunnel, error: BurrowError): void {
+    tunnel.channel?.send({ kind: 'refused', code: error.code, message: error.message.slice(0, 1024) });
+    tunnel.channel?.end();
+    this.closeTunnel(tunnel, undefined, true);
   }
 
   /**
-   * Forgets `session`. `endStream` ends the session stream with `error` (broker-initiated); calls
-   * in flight are aborted only when the session is cut off with an error.
+   * Forgets `tunnel`. With `error`, calls in flight on it end with that status and the agent is told
+   * (Refused) before the connection closes; without, the connection closes once its streams are done.
    */
-  private closeSession(session: AgentSession, error: BurrowError | undefined, endStream: boolean): void {
-    if (!this.sessionsById.delete(session.id)) return;
-    const call = this.sessionCalls.get(session);
-    this.sessionCalls.delete(session);
-    this.deps.registry.removeSession(session);
-    if (error) for (const stream of [...session.active]) stream.abort(error);
-    if (endStream && call && !call.cancelled) session.control.close(error);
-    else if (call && !call.writableEnded && !call.cancelled) call.end();
-    this.deps.logger.info('agent disconnected', {
-      agentId: session.agentId,
-      sessionId: session.id,
-      reason: error?.message ?? 'session ended',
-    });
+  private closeTunnel(tunnel: Tunnel, error: BurrowError | undefined, refusedAlready = false): void {
+    const { session, h2 } = tunnel;
+    if (!tunnel.closed) {
+      tunnel.closed = true;
+      this.tunnels.delete(tunnel);
+      if (session) {
+        this.deps.registry.removeSession(session);
+        this.deps.logger.info('agent disconnected', {
+          agentId: session.agentId,
+          sessionId: session.id,
+          reason: error?.message ?? 'session ended',
+        });
+      }
+    }
+    if (error) {
+      if (session) for (const call of [...session.active]) call.cut?.(error);
+      if (!refusedAlready) {
+        tunnel.channel?.send({ kind: 'refused', code: error.code, message: error.message.slice(0, 1024) });
+        tunnel.channel?.end();
+      }
+    }
+    if (!h2.closed && !h2.destroyed) {
+      tunnel.channel?.end();
+      const close = (): void => {
+        if (!h2.closed && !h2.destroyed) h2.close();
+      };
+      // After a Refused frame, GOAWAY waits for the control stream to end: nghttp2 sends control
+      // frames (GOAWAY) ahead of queued HEADERS and DATA, so a tunnel refused as soon as it was
+      // accepted would get GOAWAY before its control stream, and the agent (an HTTP/2 server that
+      // has seen GOAWAY) would never see the stream nor the Refused on it. The timer below still
+      // cuts an agent that keeps the stream open.
+      const { control } = tunnel;
+      if ((error || refusedAlready) && control && !control.closed) control.once('close', close);
+      else close();
+      // A peer that keeps the connection (or its streams) open past the grace period is cut.
+      setTimeout(() => h2.destroy(), error || refusedAlready ? CLOSE_GRACE_MS : this.deps.keepalive.timeMs).unref();
+    }
   }
 
-  private sessionOf(call: RawCall, id: PeerIdentity, stream: string): AgentSession | undefined {
-    const sessionId = call.metadata.get(SESSION_ID_KEY)[0];
-    const session = typeof sessionId === 'string' ? this.sessionsById.get(sessionId) : undefined;
-    if (!session) {
-      // Usually a race with a session that just ended; the agent reconnects and opens new ones.
-      const details = `unknown tunnel session "${boundedForLog(String(sessionId ?? ''))}"`;
-      call.emit('error', { code: Status.FAILED_PRECONDITION, details });
-      return undefined;
-    }
-    if (session.agentId !== id.name) {
-      this.deps.metrics.protocolErrors.inc();
-      this.deps.logger.warn("tunnel stream for another agent's session refused", {
-        stream,
-        agentId: id.name,
-        sessionAgentId: session.agentId,
-      });
-      call.emit('error', { code: Status.PERMISSION_DENIED, details: 'tunnel session belongs to another agent' });
-      return undefined;
-    }
-    return session;
+  // ---------------------------------------------------------------------------------------------
+  // Ordinary gRPC (ALPN h2): enrollment, site -> platform calls, refusal of agents of versions 1-3.
+
+  private onGrpcSession(session: http2.ServerHttp2Session): void {
+    session.on('error', () => {});
+    if (this.deps.unauthenticated) limitUnauthenticatedSession(session, this.deps.unauthenticated);
+    keepSessionAlive(session, this.deps.keepalive);
   }
 
-  private onOffer(call: RawCall): void {
-    const id = this.authenticate(call, 'offer');
-    if (!id) return;
-    const session = this.sessionOf(call, id, 'offer');
-    if (!session) return;
-    const cap = this.deps.maxOffersPerAgent;
-    const held = this.offerStreams.get(id.name) ?? 0;
-    if (cap > 0 && held >= cap) {
-      // An offer it was asked for and that is refused will not come: do not wait for it.
-      if (session.owedOffers > 0) session.owedOffers--;
-      const details = `agent "${id.name}" holds ${held} tunnel streams (offers) at this broker; at most ${cap} allowed`;
-      this.refuseOverLimit(call, id, 'offers', `${details} (--max-offers-per-agent)`);
+  private onGrpcStream(stream: http2.ServerHttp2Stream, headers: http2.IncomingHttpHeaders, raw: string[]): void {
+    stream.on('error', () => {});
+    const method = String(headers[':path'] ?? '');
+    const socket = stream.session?.socket as TLSSocket | undefined;
+    if (!socket) return;
+    const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
+    if (method === ENROLLMENT_SERVICE.enroll.path || method === ENROLLMENT_SERVICE.renew.path) {
+      this.answerEnrollment(stream, method, socket, deadlineMs);
       return;
     }
-    this.refusalsLogged.delete(`offers:${id.name}`);
-    this.offerStreams.set(id.name, held + 1);
-    const reusable = session.protocolVersion >= REUSABLE_OFFERS_VERSION;
-    const stream = new CallStream(call, 'server', 'originator', (err) => this.protocolError(session, err), reusable);
-    stream.attach(IDLE_OFFER_HANDLERS);
-    stream.ownerHooks = {
-      onCallEnded: () => {
-        stream.attach(IDLE_OFFER_HANDLERS);
-        this.deps.registry.releaseOffer(session, stream);
-      },
-      onClosed: () => {
-        const n = (this.offerStreams.get(id.name) ?? 1) - 1;
-        if (n > 0) this.offerStreams.set(id.name, n);
-        else this.offerStreams.delete(id.name);
-        this.deps.registry.dropOffer(session, stream);
-      },
-    };
-    this.deps.registry.addOffer(session, stream);
+    if (serviceOfMethod(method) === LEGACY_TUNNEL_SERVICE) {
+      this.refuseLegacyAgent(stream, method);
+      return;
+    }
+    const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
+    if ('refusal' in checked) {
+      this.deps.logger.warn('site call refused', { peer: socket.remoteAddress, reason: checked.refusal.message });
+      endWithStatus(stream, checked.refusal.code, checked.refusal.message);
+      return;
+    }
+    const session = stream.session as http2.ServerHttp2Session;
+    if (!this.callConnections.has(session)) {
+      this.callConnections.set(session, checked.identity);
+      session.once('close', () => this.callConnections.delete(session));
+    }
+    void this.answerSiteCall(stream, method, raw, headers, checked.identity, deadlineMs);
   }
 
-  private onForward(call: RawCall): void {
-    const id = this.authenticate(call, 'forward');
-    if (!id) return;
-    const session = this.sessionOf(call, id, 'forward');
-    if (!session) return;
-    const stream = new CallStream(call, 'server', 'answerer', (err) => this.protocolError(session, err));
-    stream.attach({
-      onFrame: (frame: CallFrame) => {
-        if (frame.kind === 'start') void this.answerForward(session, stream, frame.start);
-      },
-      onDrain: () => {},
-      onClosed: () => {},
-      onProtocolError: () => {},
-    });
-  }
-
-  private async answerForward(session: AgentSession, stream: CallStream, start: StartFrame): Promise<void> {
+  /** A site client's call (site -> platform): relayed to the platform upstream that serves it. */
+  private async answerSiteCall(
+    stream: http2.ServerHttp2Stream,
+    method: string,
+    raw: string[],
+    headers: http2.IncomingHttpHeaders,
+    agent: PeerIdentity,
+    deadlineMs: number,
+  ): Promise<void> {
     const { metrics, logger, platformUpstreams } = this.deps;
     const startedMs = Date.now();
-    const callId = start.callId || `b${(++this.callCounter).toString(36)}`;
-    const upstream = platformUpstreams.clientFor(start.method);
+    const callIdHeader = headers['burrow-call-id'];
+    const callId =
+      typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `b${(++this.callCounter).toString(36)}`;
     metrics.callsInFlight.inc({ direction: 'from_agent' });
-    session.active.add(stream);
-    let outcome: Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>;
+    let outcome: { code: number; details: string; requestBytes?: number; responseBytes?: number };
+    const upstream = platformUpstreams.sessionFor(method);
     if (!upstream) {
-      outcome = answerUnimplemented(stream, `no platform upstream for the service of ${start.method} at this broker`);
+      outcome = answerUnimplemented(stream, `no platform upstream for the service of ${method} at this broker`);
     } else {
-      const md = new Metadata();
-      md.set(CALLING_AGENT_KEY, session.agentId);
-      outcome = await answer(stream, start, upstream, { extraMetadata: md });
+      const peerName = `platform upstream ${upstream.address}`;
+      try {
+        const out = openStream(
+          upstream.session,
+          nextHopHeaders(
+            method,
+            upstream.address,
+            raw,
+            deadlineMs,
+            { [CALLING_AGENT_KEY]: agent.name },
+            headers['content-type'],
+          ),
+          peerName,
+        );
+        outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.deps.maxMessageBytes, deadlineMs });
+      } catch (err) {
+        const e = toBurrowError(err);
+        endWithStatus(stream, e.code, e.message);
+        outcome = { code: e.code, details: e.message };
+      }
     }
-    session.active.delete(stream);
     metrics.callsInFlight.dec({ direction: 'from_agent' });
     recordCallFinished(logger, metrics, {
       direction: 'from_agent',
@@ -527,49 +624,96 @@ export class AgentListener {
       startedMs,
       requestBytes: outcome.requestBytes,
       responseBytes: outcome.responseBytes,
-      callLabels: { method: metrics.methodLabel(start.method) },
-      log: { agentId: session.agentId, callId, method: start.method },
+      callLabels: { method: metrics.methodLabel(method) },
+      log: { agentId: agent.name, callId, method },
     });
   }
 
-  /**
-   * Refuses a stream past a per-agent cap with RESOURCE_EXHAUSTED and `details`; the agent's other
-   * streams are left alone. Counted every time (`rejected_handshakes_total`, reason session_limit or
-   * offer_limit), logged once per agent and limit until the agent is under it again.
-   */
-  private refuseOverLimit(call: RawCall, id: PeerIdentity, limit: 'sessions' | 'offers', details: string): void {
-    const key = `${limit}:${id.name}`;
-    const reason = limit === 'sessions' ? 'session_limit' : 'offer_limit';
-    this.deps.metrics.rejectedHandshakes.inc({ listener: 'agent', reason });
-    if (!this.refusalsLogged.has(key)) {
-      this.refusalsLogged.add(key);
-      const fields = { agentId: id.name, peer: call.getPeer(), limit, reason: details };
-      this.deps.logger.warn('tunnel stream refused: per-agent limit', fields);
+  /** Enroll (no client certificate needed) and Renew, when this broker has a PKI directory. */
+  private answerEnrollment(
+    stream: http2.ServerHttp2Stream,
+    method: string,
+    socket: TLSSocket,
+    deadlineMs: number,
+  ): void {
+    const { pki } = this.deps;
+    const peer = `${socket.remoteAddress}:${socket.remotePort}`;
+    if (!pki) {
+      endWithStatus(stream, Status.UNIMPLEMENTED, 'enrollment is not enabled on this broker (start it with --pki-dir)');
+      return;
     }
-    call.emit('error', { code: Status.RESOURCE_EXHAUSTED, details });
+    const enroll = method === ENROLLMENT_SERVICE.enroll.path;
+    if (enroll) {
+      // Before the body is read: a refused Enroll must not cost the broker its request.
+      const refused = pki.refuseEnrollment(socket.remoteAddress ?? '');
+      if (refused) {
+        endWithStatus(stream, refused.code, refused.details);
+        stream.close(http2.constants.NGHTTP2_NO_ERROR);
+        return;
+      }
+    }
+    const certificate = socket.authorized ? peerCertificateOf(socket) : undefined;
+    void answerUnary(
+      stream,
+      (request) =>
+        new Promise<Buffer>((resolve, reject) => {
+          const reply = (
+            err: { code: number; details?: string } | null,
+            response?: Parameters<typeof ENROLLMENT_SERVICE.enroll.responseSerialize>[0],
+          ): void => {
+            if (err) reject(new BurrowError(err.code, err.details ?? ''));
+            else resolve(ENROLLMENT_SERVICE.enroll.responseSerialize(response!));
+          };
+          if (enroll) {
+            const req = ENROLLMENT_SERVICE.enroll.requestDeserialize(request);
+            pki.enroll({ request: req, peer, peerCertificate: certificate }, reply);
+          } else {
+            const req = ENROLLMENT_SERVICE.renew.requestDeserialize(request);
+            pki.renew({ request: req, peer, peerCertificate: certificate }, reply, this.deps.trustDomain);
+          }
+        }),
+      { method, maxMessageBytes: 64 * 1024, deadlineMs, callId: '' },
+    );
   }
 
   /**
-   * A session frame over {@link MAX_SESSION_FRAME_BYTES} (from the agent server's
-   * receiveLimitInterceptor, before the frame is read): a protocol error, logged with the agent's
-   * id; returns the status that ends that session stream. The agent's other sessions live on.
+   * An agent of protocol versions 1-3 (it offered only `h2` and opened the old Tunnel service):
+   * FAILED_PRECONDITION naming both version lists, read from its Hello when it sends one.
    */
-  oversizedSessionFrame(message: OversizedMessage): { code: number; details: string } {
-    const err = new ProtocolError(sessionFrameTooLarge(message.bytes));
-    const id = identityOfPeerCertificate(message.call.getAuthContext().sslPeerCertificate);
-    this.deps.metrics.protocolErrors.inc();
-    const fields = { agentId: id?.name, peer: message.call.getPeer(), error: err.message };
-    this.deps.logger.warn('tunnel session failed', fields);
-    return { code: err.code, details: err.message };
-  }
-
-  private protocolError(session: AgentSession, err: ProtocolError): void {
-    this.deps.metrics.protocolErrors.inc();
-    this.deps.logger.warn('agent broke the tunnel protocol; closing its session', {
-      agentId: session.agentId,
-      sessionId: session.id,
-      error: err.message,
+  private refuseLegacyAgent(stream: http2.ServerHttp2Stream, method: string): void {
+    const { metrics, logger } = this.deps;
+    const refuse = (theirs: string): void => {
+      const ours = describeVersions(PROTOCOL_VERSIONS);
+      const details = `no common protocol version: agent speaks ${theirs}, broker speaks ${ours}`;
+      metrics.rejectedHandshakes.inc({ listener: 'agent', reason: 'protocol_version' });
+      logger.warn('tunnel session refused', { peer: stream.session?.socket?.remoteAddress, reason: details });
+      endWithStatus(stream, Status.FAILED_PRECONDITION, details);
+    };
+    if (method !== LEGACY_SESSION_PATH) {
+      refuse('[1, 2, 3] (an old tunnel stream)');
+      return;
+    }
+    const reader = new MessageReader(64 * 1024);
+    const timer = setTimeout(() => refuse('an older protocol (no hello)'), HELLO_TIMEOUT_MS);
+    stream.on('close', () => clearTimeout(timer));
+    stream.on('data', (chunk: Buffer) => {
+      let frames: Buffer[];
+      try {
+        frames = reader.push(chunk);
+      } catch {
+        clearTimeout(timer);
+        refuse('an older protocol');
+        return;
+      }
+      const first = frames[0];
+      if (first === undefined || stream.headersSent) return;
+      clearTimeout(timer);
+      try {
+        const frame = decodeSessionFrame(first);
+        refuse(frame.kind === 'hello' ? describeVersions(frame.hello.protocolVersions) : 'an older protocol');
+      } catch {
+        refuse('an older protocol');
+      }
     });
-    this.closeSession(session, err, true);
   }
 }

@@ -53,12 +53,10 @@ export interface BrokerConfig {
    */
   brokerId?: string;
   maxMessageBytes: number;
-  /** How long a call waits for its agent to connect or free a stream, capped by its deadline. */
+  /** How long a call waits for its agent to connect, capped by its deadline. */
   agentWaitMs: number;
   /** How long SIGTERM waits for calls in flight before cutting them off. */
   drainTimeoutMs: number;
-  /** Idle offers older than this are retired (above each agent's minimum). */
-  idleOfferTtlMs: number;
   /**
    * Most TLS handshakes the agent listener runs at once; connections past it are closed at accept
    * so that a reconnecting fleet backs off instead of swamping the broker (0 = no cap).
@@ -83,11 +81,6 @@ export interface BrokerConfig {
    * Hello included): a tunnel per broker, plus an old one lingering across a reconnect (0 = no cap).
    */
   maxSessionsPerAgent: number;
-  /**
-   * Most Offer streams (idle or carrying a call) one agent may hold here at once, over all its
-   * sessions; above `limits.agent.maxConcurrent` plus the agent's idle minimum (0 = no cap).
-   */
-  maxOffersPerAgent: number;
   keepalive: KeepaliveSettings;
   /** HOST:PORT of the AuthZEN HTTP/JSON binding (HTTPS, mTLS with service certificates); off when unset. */
   authzenListen?: string;
@@ -135,13 +128,11 @@ export const BROKER_DEFAULTS = {
   enrollPerMinute: 30,
   agentWaitMs: 5_000,
   drainTimeoutMs: 30_000,
-  idleOfferTtlMs: 60_000,
   maxPendingHandshakes: 256,
   maxPendingHandshakesPerAddress: 32,
   handshakeTimeoutMs: 5_000,
   unauthenticatedTimeoutMs: 10_000,
   maxSessionsPerAgent: 4,
-  maxOffersPerAgent: 4096,
   authzenTimeoutMs: 10_000,
   limits: {
     caller: { maxConcurrent: 4096, ratePerSecond: 0 },

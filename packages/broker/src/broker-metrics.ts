@@ -31,12 +31,11 @@ export class BrokerMetrics {
   });
   readonly tunnelStreams = new Gauge({
     name: 'burrow_broker_tunnel_streams',
-    help: 'Tunnel streams open, by state (idle offers, active forwarded calls).',
+    help: "Call streams open on agents' tunnels now, by state (active).",
     labelNames: ['state'],
     registers: [this.registry],
     collect: () => {
       const c = this.counts();
-      this.tunnelStreams.set({ state: 'idle' }, c.idleOffers);
       this.tunnelStreams.set({ state: 'active' }, c.activeCalls);
     },
   });
@@ -55,7 +54,7 @@ export class BrokerMetrics {
   });
   readonly callsWaiting = new Gauge({
     name: 'burrow_broker_calls_waiting',
-    help: 'Caller calls waiting for an agent or a free tunnel stream.',
+    help: 'Caller calls waiting for their agent to connect.',
     registers: [this.registry],
     collect: () => {
       this.callsWaiting.set(this.counts().waiters);
@@ -254,11 +253,6 @@ export class BrokerMetrics {
     help: 'Calls other brokers forwarded to this one, by gRPC status code.',
     labelNames: ['code'],
     registers: [],
-  });
-  readonly demandedOffers = new Counter({
-    name: 'burrow_broker_demanded_offers_total',
-    help: 'Offer streams requested from agents with Demand because calls were waiting.',
-    registers: [this.registry],
   });
 
   /** `counts` and `agents` read the tunnel registry; called only when metrics are scraped. */

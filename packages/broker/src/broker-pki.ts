@@ -1,4 +1,20 @@
-import { status as Status, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
+import { status as Status } from '@grpc/grpc-js';
+import type { PeerCertificateLike } from '@burrow/tunnel';
+
+/** What an Enrollment method reads of its call: the request, the peer's address and certificate. */
+export interface EnrollmentCall<Request> {
+  request: Request;
+  /** HOST:PORT of the client. */
+  peer: string;
+  /** The client certificate, when the connection presented a valid one. */
+  peerCertificate: PeerCertificateLike | undefined;
+}
+
+/** How an Enrollment method answers: an error (code, details) or the issued certificate. */
+export type EnrollmentReply = (
+  err: { code: Status; details?: string } | null,
+  response?: IssuedAgentCertificate,
+) => void;
 import {
   EnrollmentError,
   PkiError,
@@ -227,7 +243,7 @@ export class BrokerPki {
 
   /**
    * The enrollment rate limit (`enrollPerMinute` per source address), asked when an Enroll call's
-   * headers arrive, before its body is read (the broker wires it with refuseCallsEarly): counts
+   * headers arrive, before its body is read (the agent listener asks it when the headers arrive): counts
    * the attempt, and returns the refusal to send when `address` is over its budget.
    */
   refuseEnrollment(address: string): { code: Status; details: string } | undefined {
@@ -242,11 +258,8 @@ export class BrokerPki {
    * Enrollment/Enroll: join token + CSR -> the agent's first certificate. No client cert needed.
    * The rate limit ran before the body was read ({@link refuseEnrollment}).
    */
-  readonly enroll = (
-    call: ServerUnaryCall<EnrollRequest, IssuedAgentCertificate>,
-    cb: sendUnaryData<IssuedAgentCertificate>,
-  ): void => {
-    const source = call.getPeer().replace(/:\d+$/, '');
+  readonly enroll = (call: EnrollmentCall<EnrollRequest>, cb: EnrollmentReply): void => {
+    const source = call.peer.replace(/:\d+$/, '');
     void (async () => {
       let agentId: string;
       try {
@@ -278,12 +291,8 @@ export class BrokerPki {
    * Enrollment/Renew: the agent's valid client certificate + a CSR for a new key -> a new
    * certificate for the same identity. `authenticate` is the agent listener's identity check.
    */
-  readonly renew = (
-    call: ServerUnaryCall<RenewRequest, IssuedAgentCertificate>,
-    cb: sendUnaryData<IssuedAgentCertificate>,
-    trustDomain: string,
-  ): void => {
-    const id = identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate);
+  readonly renew = (call: EnrollmentCall<RenewRequest>, cb: EnrollmentReply, trustDomain: string): void => {
+    const id = identityOfPeerCertificate(call.peerCertificate);
     let problem: string | undefined;
     let result = 'denied';
     if (!id)

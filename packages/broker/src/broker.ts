@@ -3,39 +3,28 @@ import { readFileSync } from 'node:fs';
 import type * as http from 'node:http';
 import type * as https from 'node:https';
 import { hostname } from 'node:os';
+import * as tlsModule from 'node:tls';
 import type { TLSSocket } from 'node:tls';
-import { Server, experimental, status as Status, type ServerUnaryCall, type sendUnaryData } from '@grpc/grpc-js';
+import type * as http2 from 'node:http2';
+import { status as Status } from '@grpc/grpc-js';
 import {
   BurrowError,
   CredentialStore,
-  ENROLLMENT_SERVICE,
   MAX_REPLICA_SET_SIZE,
   PROTOCOL_VERSIONS,
+  TUNNEL_ALPN,
   checkReplicaSet,
   type BrokerEndpoint,
   HealthService,
   createAdminServer,
   UpstreamTable,
-  callServerOptions,
-  cachePeerCertificates,
   certificateIdentityProblem,
   guardConnections,
   identityOfCertificate,
-  installCatchAll,
-  observeTlsClientErrors,
-  receiveLimitInterceptor,
-  refuseCallsEarly,
-  tlsServersOf,
-  shutdownGracefully,
-  tunnelServerOptions,
-  upstreamChannelOptions,
   type ConnectionGuard,
   type GuardedClose,
   type UnauthenticatedLimits,
-  type IssuedAgentCertificate,
   type Logger,
-  type RenewRequest,
-  bindOn,
   listenOn,
   splitHostPort,
   ENROLLMENT_NOT_ENABLED,
@@ -45,7 +34,8 @@ import { brokerAdminRoutes, type DisconnectResult } from './broker-admin';
 
 export type { DisconnectResult } from './broker-admin';
 
-import { AGENT_LISTENER_RECEIVE_LIMITS, AgentListener } from './agent-listener';
+import { AgentListener } from './agent-listener';
+import { SessionSet, createSecureH2Server, followCredentialStore, serverTlsOptions } from './tls-listeners';
 import type { BrokerConfig, ClusterConfig } from './broker-config';
 import { BrokerMetrics } from './broker-metrics';
 import { createAuthzenServer } from './authzen-http';
@@ -95,7 +85,6 @@ export interface BrokerStatus {
   sessions: number;
   callsInFlight: number;
   callsWaiting: number;
-  idleStreams: number;
   /** The certificate the broker serves now. */
   servingCertificate: { spiffeId: string; serial: string; notAfter: string; secondsLeft: number };
   /** PKI directory state; `{ enabled: false }` without --pki-dir, `error` when it cannot be read. */
@@ -104,7 +93,7 @@ export interface BrokerStatus {
   cluster: ({ enabled: true; advertise: string } & DirectoryStatus) | { enabled: false };
 }
 
-// How often the broker looks for expired agent certificates and idle offers to retire.
+// How often the broker looks for expired agent certificates; how often it sweeps idle limiter entries.
 const EXPIRY_CHECK_INTERVAL_MS = 1_000;
 const IDLE_SWEEP_INTERVAL_MS = 10_000;
 /** Errors of a TLS handshake the peer walked away from (closed or reset its connection). */
@@ -159,8 +148,12 @@ export class Broker {
     () => this.registry.counts(),
     () => this.registry.summaries(),
   );
-  private readonly agentServer: Server;
-  private readonly apiServer: Server;
+  private agentServer!: tlsModule.Server;
+  private apiServer!: http2.Http2SecureServer;
+  private readonly apiSessions = new SessionSet();
+  private readonly peerSessions = new SessionSet();
+  private readonly agentCallSessions = new SessionSet();
+  private callerApi!: CallerApi;
   private agentListener!: AgentListener;
   private readonly health = new HealthService();
   private readonly platformUpstreams: UpstreamTable;
@@ -181,7 +174,7 @@ export class Broker {
   private stopping: Promise<void> | undefined;
   private startedAtMs = 0;
   private ports: BrokerPorts | undefined;
-  private peerServer: Server | undefined;
+  private peerServer: http2.Http2SecureServer | undefined;
   private directory: AgentDirectory | undefined;
   private forwarder: PeerForwarder | undefined;
   /** TCP sockets a listener guard closed (its handshake timed out): counted there, not as abandoned. */
@@ -199,15 +192,7 @@ export class Broker {
     }
     this.limiter = new CallLimiter(config.limits);
     this.watch = new CredentialWatch({ logger, metrics: this.metrics });
-    this.platformUpstreams = new UpstreamTable(config.upstreams, upstreamChannelOptions(config.maxMessageBytes));
-    this.agentServer = new Server({
-      ...tunnelServerOptions(config.maxMessageBytes, config.keepalive),
-      // Session frames are refused past 64 KiB before they are buffered; call streams keep the big limit.
-      interceptors: [
-        receiveLimitInterceptor(AGENT_LISTENER_RECEIVE_LIMITS, (m) => this.agentListener.oversizedSessionFrame(m)),
-      ],
-    });
-    this.apiServer = new Server(callServerOptions(config.maxMessageBytes, config.keepalive));
+    this.platformUpstreams = new UpstreamTable(config.upstreams);
     if (config.pkiDir) {
       const defaultIps = ['127.0.0.1', '::1'];
       this.pki = new BrokerPki({
@@ -239,7 +224,6 @@ export class Broker {
     if (cluster) await this.refuseDuplicateBrokerId(cluster);
     await this.loadCallerPolicy();
     this.wireAgentListener(tls);
-    this.health.addTo(this.apiServer);
     if (cluster) this.wireCluster(cluster, tls);
     const api = this.createCallerApi();
     const { agentPort, apiPort } = await this.bindTunnelListeners(tls);
@@ -320,7 +304,7 @@ export class Broker {
     }
   }
 
-  /** Puts the tunnel service (and, with a PKI directory, enrollment) on the agent server. */
+  /** The agent listener's tunnels, enrollment (with a PKI directory) and the agents' platform calls. */
   private wireAgentListener(tls: CredentialStore): void {
     this.agentListener = new AgentListener({
       registry: this.registry,
@@ -330,24 +314,27 @@ export class Broker {
       trustDomain: this.trustDomain,
       brokerId: this.brokerId,
       maxMessageBytes: this.config.maxMessageBytes,
+      keepalive: this.config.keepalive,
       isDraining: this.drainingNow,
       maxSessionsPerAgent: this.config.maxSessionsPerAgent,
-      maxOffersPerAgent: this.config.maxOffersPerAgent,
       isRevoked: this.isRevoked,
       trustBundlePem: () => tls.caPem,
+      pki: this.pki,
+      unauthenticated: this.unauthenticatedLimits(),
       replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
     });
-    this.agentListener.addTo(this.agentServer);
-    if (this.pki) {
-      const pki = this.pki;
-      this.agentServer.addService(ENROLLMENT_SERVICE, {
-        enroll: pki.enroll,
-        renew: (
-          call: ServerUnaryCall<RenewRequest, IssuedAgentCertificate>,
-          cb: sendUnaryData<IssuedAgentCertificate>,
-        ) => pki.renew(call, cb, this.trustDomain),
-      });
-    }
+    this.agentCallSessions.track(this.agentListener.grpcServer);
+  }
+
+  /** With enrollment on: the limits of agent-listener connections without a valid client certificate. */
+  private unauthenticatedLimits(): UnauthenticatedLimits | undefined {
+    if (!this.pki) return undefined;
+    return {
+      timeoutMs: this.config.unauthenticatedTimeoutMs,
+      maxConnections: this.config.maxPendingHandshakes || 256,
+      maxConcurrentStreams: UNAUTHENTICATED_MAX_STREAMS,
+      maxRequestBytes: UNAUTHENTICATED_MAX_REQUEST_BYTES,
+    };
   }
 
   /** Cluster wiring: the forwarder to peer brokers and the agent directory in Redis. */
@@ -357,7 +344,6 @@ export class Broker {
       tls,
       brokerId: this.brokerId,
       trustDomain: this.trustDomain,
-      maxMessageBytes: this.config.maxMessageBytes,
       keepalive: this.config.keepalive,
       metrics: this.metrics,
     });
@@ -391,6 +377,7 @@ export class Broker {
       authorizer: this.authorizer,
       limiter: this.limiter,
       watch: this.watch,
+      maxMessageBytes: this.config.maxMessageBytes,
     };
   }
 
@@ -402,46 +389,32 @@ export class Broker {
         this.directory && this.forwarder
           ? { directory: this.directory, forwarder: this.forwarder, retryIntervalMs: CLUSTER_RETRY_INTERVAL_MS }
           : undefined,
+      health: this.health,
     });
-    installCatchAll(this.apiServer, api.handle);
+    this.callerApi = api;
     return api;
   }
 
   /** Binds the agent and API listeners and puts their guards and TLS hooks on them. */
   private async bindTunnelListeners(tls: CredentialStore): Promise<{ agentPort: number; apiPort: number }> {
     // With enrollment on, the agent listener asks for a client certificate without requiring one:
-    // Enroll is the only method that works without (every other method checks the identity).
-    const agentCreds = experimental.createCertificateProviderServerCredentials(tls, tls, !this.pki);
-    const apiCreds = experimental.createCertificateProviderServerCredentials(tls, tls, true);
-    const agentPort = await bindOn(this.agentServer, this.config.agentListen, agentCreds);
-    const apiPort = await bindOn(this.apiServer, this.config.apiListen, apiCreds);
-    const handshakes = this.guardListener(
-      'agent',
-      tlsServersOf(this.agentServer),
-      this.pki
-        ? {
-            timeoutMs: this.config.unauthenticatedTimeoutMs,
-            maxConnections: this.config.maxPendingHandshakes || 256,
-            maxConcurrentStreams: UNAUTHENTICATED_MAX_STREAMS,
-            maxRequestBytes: UNAUTHENTICATED_MAX_REQUEST_BYTES,
-          }
-        : undefined,
-    );
+    // Enroll is the only method that works without (every other stream checks the identity).
+    const agentOptions = (): tlsModule.TlsOptions => serverTlsOptions(tls, !this.pki, [TUNNEL_ALPN, 'h2']);
+    this.agentServer = tlsModule.createServer(agentOptions());
+    followCredentialStore(this.agentServer, tls, agentOptions);
+    this.agentServer.on('secureConnection', (socket: TLSSocket) => this.agentListener.accept(socket));
+    this.apiServer = createSecureH2Server(tls);
+    this.apiServer.on('stream', this.callerApi.handle);
+    this.apiSessions.track(this.apiServer);
+    const handshakes = this.guardListener('agent', [this.agentServer], this.unauthenticatedLimits());
     this.metrics.pendingHandshakes = handshakes.pending;
     this.metrics.openUnauthenticated = handshakes.unauthenticated;
-    this.guardListener('api', tlsServersOf(this.apiServer));
-    if (this.pki) {
-      const pki = this.pki;
-      // Before the body is read: a refused Enroll must not cost the broker its request.
-      refuseCallsEarly(this.agentServer, (path, address) =>
-        path === ENROLLMENT_SERVICE.enroll.path ? pki.refuseEnrollment(address) : undefined,
-      );
-    }
-    observeTlsClientErrors(this.agentServer, this.tlsErrorObserver('agent'));
-    observeTlsClientErrors(this.apiServer, this.tlsErrorObserver('api'));
-    cachePeerCertificates(this.agentServer);
-    cachePeerCertificates(this.apiServer);
-    this.watch.watchGrpcServer(this.apiServer, 'api');
+    this.guardListener('api', [this.apiServer]);
+    this.agentServer.on('tlsClientError', this.tlsErrorObserver('agent'));
+    this.apiServer.on('tlsClientError', this.tlsErrorObserver('api'));
+    this.watch.watchHttp2Server(this.apiServer, 'api');
+    const agentPort = await listenOn(this.agentServer, this.config.agentListen);
+    const apiPort = await listenOn(this.apiServer, this.config.apiListen);
     return { agentPort, apiPort };
   }
 
@@ -490,15 +463,14 @@ export class Broker {
     tls: CredentialStore,
     agentPort: number,
   ): Promise<number> {
-    const peerServer = new Server(tunnelServerOptions(this.config.maxMessageBytes, this.config.keepalive));
-    new PeerListener(this.callAdmission()).addTo(peerServer);
+    const peerServer = createSecureH2Server(tls);
+    peerServer.on('stream', new PeerListener(this.callAdmission()).handle);
     this.peerServer = peerServer;
-    const creds = experimental.createCertificateProviderServerCredentials(tls, tls, true);
-    const peerPort = await bindOn(peerServer, cluster.peerListen, creds);
-    observeTlsClientErrors(peerServer, this.tlsErrorObserver('peer'));
-    this.guardListener('peer', tlsServersOf(peerServer));
-    cachePeerCertificates(peerServer);
-    this.watch.watchGrpcServer(peerServer, 'peer');
+    this.peerSessions.track(peerServer);
+    peerServer.on('tlsClientError', this.tlsErrorObserver('peer'));
+    this.guardListener('peer', [peerServer]);
+    this.watch.watchHttp2Server(peerServer, 'peer');
+    const peerPort = await listenOn(peerServer, cluster.peerListen);
     await directory.start(cluster.agentAdvertise ?? `${splitHostPort(cluster.advertise).host}:${agentPort}`);
     return peerPort;
   }
@@ -547,7 +519,7 @@ export class Broker {
     return listenOn(admin, this.config.adminListen);
   }
 
-  /** Timers: certificate expiry (agents, callers, our own from files) and retiring idle offers. */
+  /** Timers: certificate expiry (agents, callers, our own from files) and the limiter's sweep. */
   private startTimers(exportFileCertExpiry: () => void): void {
     this.timers.push(
       setInterval(() => {
@@ -564,12 +536,7 @@ export class Broker {
         else this.metrics.certificateExpiry.remove({ role: 'agent' });
       }, EXPIRY_CHECK_INTERVAL_MS),
     );
-    this.timers.push(
-      setInterval(() => {
-        this.registry.retireIdle(this.config.idleOfferTtlMs);
-        this.limiter.sweep();
-      }, IDLE_SWEEP_INTERVAL_MS),
-    );
+    this.timers.push(setInterval(() => this.limiter.sweep(), IDLE_SWEEP_INTERVAL_MS));
 
     for (const t of this.timers) t.unref();
   }
@@ -703,7 +670,6 @@ export class Broker {
       sessions: counts.sessions,
       callsInFlight: counts.activeCalls,
       callsWaiting: counts.waiters,
-      idleStreams: counts.idleOffers,
       servingCertificate: {
         spiffeId: id?.spiffeId ?? '',
         serial: own.serialNumber.toLowerCase(),
@@ -777,23 +743,33 @@ export class Broker {
 
   /** Waits for the calls in flight, then closes the API, peer and agent listeners. */
   private async drainListeners(): Promise<void> {
-    // No new connections, and GOAWAY on every open one (including those still in their TLS
-    // handshake now): clients send new calls elsewhere, a call that crossed the GOAWAY is refused
-    // by HTTP/2, one that arrived before it is refused (draining). The drain waits for the calls
-    // that were admitted, not for every connection to close: a client that never closes its end
-    // must not hold it.
-    const apiAndPeer = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
-    const closed = Promise.all(apiAndPeer.map(shutdownGracefully));
-    // Calls from agents (Forward streams) finish before the sessions go away.
-    await this.waitFor(() => this.metrics.toAgentInFlight === 0 && this.registry.counts().activeCalls === 0);
+    // No new connections, and GOAWAY on every open one: clients send new calls elsewhere, a call
+    // that crossed the GOAWAY is refused by HTTP/2, one that arrived before it is refused
+    // (draining). The drain waits for the calls that were admitted, not for every connection to
+    // close: a client that never closes its end must not hold it.
+    // A listener's close completes once its last connection has closed: that includes one accepted
+    // before the drain whose handshake ends after it (its session gets GOAWAY as it starts).
+    const callerListeners = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
+    const listenersClosed = callerListeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve())));
+    this.agentServer.close();
+    const closed = Promise.all([
+      ...listenersClosed,
+      this.apiSessions.closeGracefully(),
+      this.peerSessions.closeGracefully(),
+    ]);
+    // Calls from agents (site -> platform) finish before the sessions go away.
+    this.agentListener.closeCallConnections();
+    await this.waitFor(
+      () =>
+        this.metrics.toAgentInFlight === 0 &&
+        this.registry.counts().activeCalls === 0 &&
+        this.agentCallSessions.size === 0,
+    );
     // The last statuses may still sit in send buffers: let the connections close by themselves
     // for a moment before cutting them.
-    await this.graceThenCut(closed, apiAndPeer, this.peerServer ? 'api, peer' : 'api');
+    await this.graceThenCut(closed, [this.apiSessions, this.peerSessions], this.peerServer ? 'api, peer' : 'api');
     this.logger.debug('drain: no call in flight; closing tunnel sessions');
     this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down'));
-    // Agents close their connections when their session ends; one reconnecting in a loop (it
-    // is refused while the broker drains) must not hold the exit either.
-    await this.graceThenCut(shutdownGracefully(this.agentServer), [this.agentServer], 'agent');
     this.logger.debug('drain: agent listener closed');
   }
 
@@ -816,9 +792,9 @@ export class Broker {
       callsInFlight: this.registry.counts().activeCalls,
     });
     this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down before the call finished'));
-    this.apiServer.forceShutdown();
-    this.peerServer?.forceShutdown();
-    this.agentServer.forceShutdown();
+    this.apiSessions.destroyAll();
+    this.peerSessions.destroyAll();
+    this.agentCallSessions.destroyAll();
   }
 
   /** After the drain: the directory, peer channels, upstreams, AuthZEN, caller policy and admin listener. */
@@ -843,7 +819,7 @@ export class Broker {
    * (`listeners` names them in the log line that says a cut happened: after the GOAWAY, only a
    * client that never closes its end should need one).
    */
-  private async graceThenCut(closed: Promise<unknown>, servers: Server[], listeners: string): Promise<void> {
+  private async graceThenCut(closed: Promise<unknown>, sessions: SessionSet[], listeners: string): Promise<void> {
     let grace: NodeJS.Timeout | undefined;
     const cut = await Promise.race([
       closed.then(() => false),
@@ -857,7 +833,7 @@ export class Broker {
         listeners,
         graceMs: STATUS_FLUSH_GRACE_MS,
       });
-    for (const server of servers) server.forceShutdown();
+    for (const set of sessions) set.destroyAll();
   }
 
   // Only for the drain, where "no call in flight" has no event of its own; stops with the broker.

@@ -1,30 +1,38 @@
-import { Metadata, status as Status, type ServerDuplexStream } from '@grpc/grpc-js';
+import type * as http2 from 'node:http2';
+import type { TLSSocket } from 'node:tls';
+import { status as Status } from '@grpc/grpc-js';
 import {
   AGENT_ID_KEY,
   BurrowError,
+  CALLER_ID_KEY,
+  CALL_ID_KEY,
+  HealthService,
   ID_GRAMMAR,
+  deadlineFromTimeout,
+  endWithStatus,
   isValidId,
-  type CallStream,
-  originate,
-  originateUnary,
-  rejectCall,
+  nextHopHeaders,
+  openStream,
+  relayCall,
+  toBurrowError,
+  unaryCall,
+  unaryOnStream,
+  type CallOutcome,
   type Logger,
   type PeerIdentity,
   recordCallFinished,
-  deadlineMsOf,
-  waitCancellable,
   type CallCutter,
-  type UnaryResult,
+  type UnaryCallResult,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { countIfLimited, type CallLimiter } from './call-limiter';
 import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
 import type { CredentialWatch, WatchedListener } from './credential-watch';
 import type { AgentDirectory } from './agent-directory';
-import { CALLER_RULE, checkPeer, presentedPeer, type PresentedPeer } from './peer-admission';
+import { CALLER_RULE, checkPeer, presentedBy, type PresentedPeer } from './peer-admission';
 import type { PeerForwarder } from './peer-forwarder';
 import { noBrokerServes } from './peer-protocol';
-import type { IdleOffer, TunnelRegistry } from './tunnel-registry';
+import type { AgentSession, TunnelRegistry } from './tunnel-registry';
 
 /** A broker cluster: where agents connected elsewhere are looked up and how calls reach them. */
 export interface ClusterRouting {
@@ -35,10 +43,19 @@ export interface ClusterRouting {
 }
 
 /**
- * Where a call goes: one of the agent's tunnel streams here, or a Forward stream to the broker
- * that holds the agent's tunnel (already confirmed ready).
+ * Where a call goes: one of the agent's tunnel sessions here, or a stream to the broker that holds
+ * the agent's tunnel (already confirmed ready).
  */
-type Route = { local: true; offer: IdleOffer; stream: CallStream } | { local: false; peer: string; stream: CallStream };
+type Route = { local: true; session: AgentSession } | { local: false; peer: string; stream: http2.ClientHttp2Stream };
+
+/** A call as it arrived on the caller API: the stream, its method and headers. */
+interface ApiCall {
+  stream: http2.ServerHttp2Stream;
+  headers: http2.IncomingHttpHeaders;
+  rawHeaders: string[];
+  method: string;
+  deadlineMs: number;
+}
 
 export interface CallerApiDeps {
   registry: TunnelRegistry;
@@ -56,20 +73,29 @@ export interface CallerApiDeps {
   watch: CredentialWatch;
   /** Set when the broker runs in a cluster (--redis-url). */
   cluster?: ClusterRouting;
+  /** Largest message either way, read from the length prefixes as calls pass. */
+  maxMessageBytes: number;
+  /** The broker's own health service, answered on the caller API. */
+  health: HealthService;
 }
-
-type RawCall = ServerDuplexStream<Buffer, Buffer>;
 
 /**
  * Names the agent a caller's call is for: the `burrow-agent-id` metadata, or else an authority of
  * the form `<id>.agent` (optionally with a port), so stock clients need only a target change.
  */
-export function agentIdOfCall(call: RawCall): string | undefined {
-  const fromMetadata = call.metadata.get(AGENT_ID_KEY)[0];
-  if (typeof fromMetadata === 'string' && fromMetadata !== '') return fromMetadata;
-  const host = call.getHost?.() ?? '';
+export function agentIdOfCall(headers: http2.IncomingHttpHeaders): string | undefined {
+  const fromMetadata = headers[AGENT_ID_KEY];
+  const first = Array.isArray(fromMetadata) ? fromMetadata[0] : fromMetadata;
+  if (typeof first === 'string' && first !== '') return first.split(',')[0]!.trim();
+  const host = String(headers[':authority'] ?? '');
   const m = /^([^:]+)\.agent(:\d+)?$/.exec(host);
   return m ? m[1] : undefined;
+}
+
+/** What a caller presented: its connection's certificate (read once per connection). */
+function presentedOf(stream: http2.ServerHttp2Stream): PresentedPeer {
+  const socket = stream.session?.socket as TLSSocket | undefined;
+  return socket ? presentedBy(socket) : { identity: undefined };
 }
 
 /**
@@ -117,7 +143,7 @@ interface LiveCallState {
 
 /**
  * The caller API: every method that is not the health service lands here, is routed to the named
- * agent, and travels down one of its idle offers. The AuthZEN HTTP binding enters through
+ * agent, and travels as one HTTP/2 stream on its tunnel. The AuthZEN HTTP binding enters through
  * {@link CallerApi.callUnary} and passes the same checks: identity, agent name, draining, caller
  * policy, limits.
  */
@@ -127,9 +153,21 @@ export class CallerApi {
 
   constructor(private readonly deps: CallerApiDeps) {}
 
-  /** The catch-all handler for the caller API server. */
-  readonly handle = (call: RawCall): void => {
-    void this.forward(call);
+  /** The caller API server's 'stream' handler. */
+  readonly handle = (
+    stream: http2.ServerHttp2Stream,
+    headers: http2.IncomingHttpHeaders,
+    _flags: number,
+    rawHeaders: string[],
+  ): void => {
+    stream.on('error', () => {});
+    const method = String(headers[':path'] ?? '');
+    const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
+    if (HealthService.handles(method)) {
+      this.deps.health.answer(stream, method, deadlineMs);
+      return;
+    }
+    void this.forward({ stream, headers, rawHeaders, method, deadlineMs });
   };
 
   /**
@@ -239,63 +277,90 @@ export class CallerApi {
     return { refusal: new BurrowError(Status.PERMISSION_DENIED, why) };
   }
 
-  private async forward(call: RawCall): Promise<void> {
+  private async forward(call: ApiCall): Promise<void> {
+    const { stream } = call;
     let admitted: AdmittedCall;
     try {
-      const presented = presentedPeer(call.getAuthContext().sslPeerCertificate);
-      admitted = this.admit(presented, agentIdOfCall(call), call.getPath(), 'grpc');
+      admitted = this.admit(presentedOf(stream), agentIdOfCall(call.headers), call.method, 'grpc');
     } catch (err) {
-      rejectCall(call, err as BurrowError);
+      const e = err as BurrowError;
+      endWithStatus(stream, e.code, e.message);
       return;
     }
     const { registry, metrics } = this.deps;
-    const { agentId, callId, caller } = admitted;
+    const { agentId, caller } = admitted;
     metrics.toAgentCallStarted();
     const live = this.liveCall(caller, 'api');
-    // The common case, an idle offer of the agent's tunnel here, has nothing to wait for and so
-    // nothing to cancel: no AbortController (an EventTarget, ~1.5% of the broker's CPU per call).
-    let idle: IdleOffer | undefined;
-    if (registry.canServe(agentId)) {
+    let route: Route | undefined;
+    // The common case, a session of the agent here, has nothing to wait for and so nothing to
+    // cancel: no AbortController (an EventTarget, ~1.5% of the broker's CPU per call).
+    const session = registry.pick(agentId);
+    if (session) {
       try {
         admitted.holdAgentSlot();
+        route = { local: true, session };
       } catch (err) {
-        live.untrack();
-        metrics.toAgentCallEnded();
-        rejectCall(call, err as BurrowError);
-        admitted.finish((err as BurrowError).code, (err as BurrowError).message);
+        this.endRefused(call, admitted, live, err as BurrowError);
         return;
       }
-      idle = registry.tryAcquire(agentId);
-    }
-    let route: Route;
-    if (idle) route = { local: true, offer: idle, stream: idle.stream };
-    else {
+    } else {
       const abort = new AbortController();
       live.waiting = abort;
+      const onClose = (): void => abort.abort();
+      stream.once('close', onClose);
       try {
-        route = await waitCancellable(call, abort, (signal) => this.route(admitted, deadlineMsOf(call), signal));
+        route = await this.route(admitted, call, abort.signal);
       } catch (err) {
-        const e = live.cutBy ?? (err as BurrowError);
-        live.untrack();
-        metrics.toAgentCallEnded();
-        rejectCall(call, e);
-        admitted.finish(e.code, e.message);
+        stream.off('close', onClose);
+        this.endRefused(call, admitted, live, live.cutBy ?? (err as BurrowError));
         return;
       }
+      stream.off('close', onClose);
       live.waiting = undefined;
     }
-    const outcome = originate(call, route.stream, {
-      callId,
-      peerName: route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`,
-      caller: caller.spiffeId,
-      cutter: live.cutter,
-    });
-    if (live.cutBy) live.cutter.cut?.(live.cutBy);
-    const { code, details, requestBytes, responseBytes } = await outcome;
+    let outcome: CallOutcome;
+    try {
+      const outbound = route.local ? this.openOnAgent(route.session, call, admitted) : route.stream;
+      const peerName = route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`;
+      if (route.local) route.session.callStarted(live.cutter);
+      const relayed = relayCall(stream, outbound, {
+        peerName,
+        maxMessageBytes: this.deps.maxMessageBytes,
+        deadlineMs: call.deadlineMs,
+        cutter: live.cutter,
+      });
+      if (live.cutBy) live.cutter.cut?.(live.cutBy);
+      outcome = await relayed;
+      if (route.local) route.session.callEnded(live.cutter);
+    } catch (err) {
+      this.endRefused(call, admitted, live, toBurrowError(err));
+      return;
+    }
     live.untrack();
-    if (route.local) registry.callFinished(route.offer);
     metrics.toAgentCallEnded();
-    admitted.finish(code, details, requestBytes, responseBytes);
+    admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
+  }
+
+  /** The call's stream on the agent's session: the caller's metadata after the crossing rules, plus who calls. */
+  private openOnAgent(session: AgentSession, call: ApiCall, admitted: AdmittedCall): http2.ClientHttp2Stream {
+    const owned = { [CALLER_ID_KEY]: admitted.caller.spiffeId, [CALL_ID_KEY]: admitted.callId };
+    const headers = nextHopHeaders(
+      call.method,
+      `${admitted.agentId}.agent`,
+      call.rawHeaders,
+      call.deadlineMs,
+      owned,
+      call.headers['content-type'],
+    );
+    return openStream(session.h2, headers, `agent "${admitted.agentId}"`);
+  }
+
+  /** A call that ends before it was carried: its status to the caller, its accounting. */
+  private endRefused(call: ApiCall, admitted: AdmittedCall, live: LiveCallState, error: BurrowError): void {
+    live.untrack();
+    this.deps.metrics.toAgentCallEnded();
+    endWithStatus(call.stream, error.code, error.message);
+    admitted.finish(error.code, error.message);
   }
 
   /**
@@ -321,13 +386,18 @@ export class CallerApi {
    * directory names that confirms it can serve; else waits (up to the agent wait, capped by the
    * deadline) for the agent to turn up here or anywhere. Rejects like {@link TunnelRegistry.acquire}.
    */
-  private async route(admitted: AdmittedCall, deadlineMs: number, signal: AbortSignal): Promise<Route> {
+  private async route(
+    admitted: AdmittedCall,
+    call: Pick<ApiCall, 'method' | 'rawHeaders' | 'headers' | 'deadlineMs'>,
+    signal: AbortSignal,
+  ): Promise<Route> {
     const { registry, cluster, agentWaitMs } = this.deps;
     const { agentId } = admitted;
+    const { deadlineMs } = call;
     const local = async (waitMs: number): Promise<Route> => {
       admitted.holdAgentSlot();
-      const offer = await registry.acquire(agentId, waitMs, deadlineMs, signal);
-      return { local: true, offer, stream: offer.stream };
+      const session = await registry.acquire(agentId, waitMs, deadlineMs, signal);
+      return { local: true, session };
     };
     if (!cluster || registry.canServe(agentId)) return local(agentWaitMs);
     const startedMs = Date.now();
@@ -345,7 +415,13 @@ export class CallerApi {
       }
       for (const peer of cluster.forwarder.rank(owners)) {
         if (signal.aborted) break;
-        const attempt = await cluster.forwarder.open(peer, agentId, deadlineMs, signal, hop);
+        const forwarded = {
+          method: call.method,
+          rawHeaders: call.rawHeaders,
+          contentType: call.headers['content-type'],
+          deadlineMs,
+        };
+        const attempt = await cluster.forwarder.open(peer, agentId, forwarded, signal, hop);
         if (attempt.ready) return { local: false, peer, stream: attempt.stream };
         // The owner decided against the call (its caller policy, malformed hop metadata): final.
         if (attempt.refusal && attempt.refusal.code !== Status.RESOURCE_EXHAUSTED) throw attempt.refusal;
@@ -377,46 +453,53 @@ export class CallerApi {
     message: Buffer,
     deadlineMs: number,
     signal?: AbortSignal,
-  ): Promise<UnaryResult> {
+  ): Promise<UnaryCallResult> {
     let admitted: AdmittedCall;
     try {
       admitted = this.admit({ identity: peer }, agentId, method, 'http');
     } catch (err) {
       const e = err as BurrowError;
-      return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };
+      return { code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 };
     }
-    const { registry, metrics } = this.deps;
+    const { metrics } = this.deps;
     metrics.toAgentCallStarted();
     const live = this.liveCall(admitted.caller, 'authzen');
     const waiting = new AbortController();
     live.waiting = waiting;
     const onGone = (): void => waiting.abort();
     signal?.addEventListener('abort', onGone, { once: true });
-    let route: Route;
-    try {
-      route = await this.route(admitted, deadlineMs, waiting.signal);
-    } catch (err) {
-      const e = live.cutBy ?? (err as BurrowError);
+    const ended = (result: UnaryCallResult): UnaryCallResult => {
       live.untrack();
       signal?.removeEventListener('abort', onGone);
       metrics.toAgentCallEnded();
-      admitted.finish(e.code, e.message);
-      return { code: e.code, details: e.message, trailers: new Metadata(), requestBytes: 0, responseBytes: 0 };
+      admitted.finish(result.code, result.details, result.requestBytes, result.responseBytes);
+      return result;
+    };
+    let route: Route;
+    try {
+      route = await this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, waiting.signal);
+    } catch (err) {
+      const e = live.cutBy ?? (err as BurrowError);
+      return ended({ code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 });
     }
     live.waiting = undefined;
-    signal?.removeEventListener('abort', onGone);
-    const pending = originateUnary({ method, message, metadata: new Metadata(), deadlineMs, signal }, route.stream, {
-      callId: admitted.callId,
-      peerName: `agent "${agentId}"`,
-      caller: admitted.caller.spiffeId,
-      cutter: live.cutter,
-    });
-    if (live.cutBy) live.cutter.cut?.(live.cutBy);
-    const result = await pending;
-    live.untrack();
-    if (route.local) registry.callFinished(route.offer);
-    metrics.toAgentCallEnded();
-    admitted.finish(result.code, result.details, result.requestBytes, result.responseBytes);
-    return result;
+    const peerName = `agent "${agentId}"`;
+    const opts = { peerName, deadlineMs, maxMessageBytes: this.deps.maxMessageBytes, signal: waiting.signal };
+    live.cutter.cut = (error) => {
+      live.cutBy ??= error;
+      waiting.abort();
+    };
+    if (live.cutBy) waiting.abort();
+    let result: UnaryCallResult;
+    if (route.local) {
+      route.session.callStarted(live.cutter);
+      const headers = { [CALLER_ID_KEY]: admitted.caller.spiffeId, [CALL_ID_KEY]: admitted.callId };
+      result = await unaryCall(route.session.h2, method, message, { ...opts, authority: `${agentId}.agent`, headers });
+      route.session.callEnded(live.cutter);
+    } else {
+      result = await unaryOnStream(route.stream, message, opts);
+    }
+    if (live.cutBy) result = { ...result, code: live.cutBy.code, details: live.cutBy.message };
+    return ended(result);
   }
 }

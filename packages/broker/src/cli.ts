@@ -126,7 +126,6 @@ const SERVE_OPTIONS = {
     default: '5s',
   },
   ...DRAIN_TIMEOUT_OPTION,
-  'idle-offer-ttl': { type: 'string', describe: 'idle tunnel streams older than this are retired', default: '60s' },
   'max-pending-handshakes': {
     type: 'number',
     describe:
@@ -157,13 +156,6 @@ const SERVE_OPTIONS = {
     type: 'number',
     describe: 'most tunnel sessions one agent certificate may hold at this broker at once (0 = no cap)',
     default: 4,
-  },
-  'max-offers-per-agent': {
-    type: 'number',
-    describe:
-      'most tunnel streams (offers, idle or carrying a call) one agent may hold at this broker at once; at ' +
-      'least --agent-max-concurrent (0 = no cap)',
-    default: 4096,
   },
   ...KEEPALIVE_OPTIONS,
   'authzen-listen': {
@@ -299,7 +291,7 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
   const logging = logSettingsFromArgs(args);
   const upstreams = upstreamsFromArgs(args);
   const maxMessageBytes = maxMessageBytesFromArgs(args);
-  const { maxOffersPerAgent, agentMaxConcurrent } = offerCapFromArgs(args);
+  const agentMaxConcurrent = parseIntInRange('agent-max-concurrent', args['agent-max-concurrent'], 0, 1_000_000);
   const tls = tlsFilesFromArgs(args);
   return {
     ...BROKER_DEFAULTS,
@@ -310,7 +302,6 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     brokerId: brokerIdFromArgs(args['broker-id']),
     maxMessageBytes,
     ...connectionLimitsFromArgs(args),
-    maxOffersPerAgent,
     keepalive: keepaliveFromArgs(args),
     callerPolicy: callerPolicyFromArgs(args),
     cluster: clusterFromArgs(args),
@@ -319,18 +310,6 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     limits: callLimitsFromArgs(args, agentMaxConcurrent),
     ...logging,
   };
-}
-
-function offerCapFromArgs(args: Args): { maxOffersPerAgent: number; agentMaxConcurrent: number } {
-  const maxOffersPerAgent = parseIntInRange('max-offers-per-agent', args['max-offers-per-agent'], 0, 1_000_000);
-  const agentMaxConcurrent = parseIntInRange('agent-max-concurrent', args['agent-max-concurrent'], 0, 1_000_000);
-  // Calls past the offer cap would wait for offers the broker refuses: the cap must not be the lower
-  // limit. With --agent-max-concurrent 0 (no limit) the offer cap is what bounds an agent's calls.
-  if (maxOffersPerAgent > 0 && agentMaxConcurrent > maxOffersPerAgent) {
-    const problem = `${maxOffersPerAgent} is below --agent-max-concurrent (${agentMaxConcurrent}); raise it or set 0`;
-    throw new ConfigError('max-offers-per-agent', problem);
-  }
-  return { maxOffersPerAgent, agentMaxConcurrent };
 }
 
 type TlsFiles = Pick<BrokerConfig, 'pkiDir' | 'tlsCertFile' | 'tlsKeyFile' | 'leafTtlMs'>;
@@ -391,7 +370,6 @@ type ConnectionLimits = Pick<
   BrokerConfig,
   | 'agentWaitMs'
   | 'drainTimeoutMs'
-  | 'idleOfferTtlMs'
   | 'maxPendingHandshakes'
   | 'maxPendingHandshakesPerAddress'
   | 'handshakeTimeoutMs'
@@ -404,7 +382,6 @@ function connectionLimitsFromArgs(args: Args): ConnectionLimits {
   return {
     agentWaitMs: parseDurationMs('agent-wait', args['agent-wait']),
     drainTimeoutMs: parseDurationMs('drain-timeout', args['drain-timeout']),
-    idleOfferTtlMs: parseDurationMs('idle-offer-ttl', args['idle-offer-ttl']),
     maxPendingHandshakes: parseIntInRange('max-pending-handshakes', args['max-pending-handshakes'], 0, 1_000_000),
     maxPendingHandshakesPerAddress: parseIntInRange(
       'max-pending-handshakes-per-address',

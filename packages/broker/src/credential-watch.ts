@@ -1,10 +1,10 @@
-import type { Server } from '@grpc/grpc-js';
 import { status as Status } from '@grpc/grpc-js';
-import type { ServerHttp2Session } from 'node:http2';
+import type { Http2SecureServer, ServerHttp2Session } from 'node:http2';
 import type { Server as HttpsServer } from 'node:https';
 import type { TLSSocket } from 'node:tls';
-import { BurrowError, identityOfPeerCertificate, type Logger, type PeerIdentity, tlsServersOf } from '@burrow/tunnel';
+import { BurrowError, type Logger, type PeerIdentity } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
+import { presentedBy } from './peer-admission';
 
 /** The listeners whose client certificates are watched (metric label `listener`). */
 export type WatchedListener = 'api' | 'authzen' | 'peer';
@@ -36,7 +36,7 @@ const CUT_CLOSE_GRACE_MS = 1_000;
 /** The identity of a TLS connection's client certificate; undefined when it has none or is gone. */
 function peerIdentityOf(socket: TLSSocket): PeerIdentity | undefined {
   try {
-    return identityOfPeerCertificate(socket.getPeerCertificate());
+    return presentedBy(socket).identity;
   } catch {
     return undefined;
   }
@@ -73,25 +73,23 @@ export class CredentialWatch {
     };
   }
 
-  /** Tracks every HTTP/2 connection of a bound grpc-js `server` (call after bindAsync). */
-  watchGrpcServer(server: Server, listener: WatchedListener): void {
-    for (const s of tlsServersOf(server)) {
-      s.on('session', (session: ServerHttp2Session) => {
-        const conn: LiveConnection = {
-          listener,
-          // Read now: once the session has lost its socket, session.socket throws.
-          identity: peerIdentityOf(session.socket as TLSSocket),
-          close: () => {
-            if (!session.closed && !session.destroyed) session.close();
-          },
-          destroy: () => {
-            if (!session.destroyed) session.destroy();
-          },
-        };
-        this.connections.add(conn);
-        session.once('close', () => this.connections.delete(conn));
-      });
-    }
+  /** Tracks every HTTP/2 connection of a node:http2 secure `server` (the API and peer listeners). */
+  watchHttp2Server(server: Http2SecureServer, listener: WatchedListener): void {
+    server.on('session', (session: ServerHttp2Session) => {
+      const conn: LiveConnection = {
+        listener,
+        // Read now: once the session has lost its socket, session.socket throws.
+        identity: peerIdentityOf(session.socket as TLSSocket),
+        close: () => {
+          if (!session.closed && !session.destroyed) session.close();
+        },
+        destroy: () => {
+          if (!session.destroyed) session.destroy();
+        },
+      };
+      this.connections.add(conn);
+      session.once('close', () => this.connections.delete(conn));
+    });
   }
 
   /** Tracks every connection of the AuthZEN HTTPS `server`. */

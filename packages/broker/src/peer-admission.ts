@@ -1,4 +1,4 @@
-import type { PeerCertificate } from 'node:tls';
+import type { PeerCertificate, TLSSocket } from 'node:tls';
 import { status as Status } from '@grpc/grpc-js';
 import {
   BurrowError,
@@ -14,6 +14,31 @@ export interface PresentedPeer {
   identity: PeerIdentity | undefined;
   /** The certificate (DER), to say why it names no identity; absent where the listener has none. */
   raw?: Buffer;
+}
+
+const certificates = new WeakMap<TLSSocket, PeerCertificate>();
+
+/**
+ * The client certificate of a TLS connection, read once per connection: Node builds a whole object
+ * (every extension parsed) each time it is asked, and every call on a connection would ask.
+ */
+export function peerCertificateOf(socket: TLSSocket): PeerCertificate {
+  let cert = certificates.get(socket);
+  if (!cert) {
+    cert = socket.getPeerCertificate();
+    certificates.set(socket, cert);
+  }
+  return cert;
+}
+
+/**
+ * What the client of a TLS connection presented. A certificate that did not verify (a listener
+ * that lets such connections through for enrollment) names no identity, whatever its SANs say;
+ * it is kept to explain the refusal.
+ */
+export function presentedBy(socket: TLSSocket): PresentedPeer {
+  const cert = peerCertificateOf(socket);
+  return socket.authorized ? presentedPeer(cert) : { identity: undefined, raw: cert?.raw };
 }
 
 /** The client certificate of a TLS connection or gRPC call, as {@link checkPeer} reads it. */
@@ -61,7 +86,7 @@ export const PEER_BROKER_RULE: PeerRule = {
   revokedReason: 'wrong_role',
 };
 
-/** The Tunnel service: agents open sessions, offers and forwards. */
+/** The agent listener: agents open tunnels and make their site calls. */
 export const AGENT_RULE: PeerRule = {
   listener: 'agent',
   role: 'agent',

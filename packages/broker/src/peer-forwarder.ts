@@ -1,35 +1,20 @@
-import {
-  Client,
-  Metadata,
-  experimental,
-  type ChannelCredentials,
-  type ClientDuplexStream,
-  type StatusObject,
-} from '@grpc/grpc-js';
+import * as http2 from 'node:http2';
+import { isIP } from 'node:net';
 import {
   AGENT_ID_KEY,
   BurrowError,
-  CallStream,
-  abortConnectsOnChannelClose,
+  H2_SESSION_OPTIONS,
   brokerIdentityCheck,
-  identity,
-  tunnelChannelOptions,
+  keepSessionAlive,
+  nextHopHeaders,
+  openStream,
+  splitHostPort,
+  statusOfHeaders,
   type CredentialStore,
   type KeepaliveSettings,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
-import {
-  FORWARDED_BY_KEY,
-  PEER_FORWARD_METHOD,
-  PEER_READY_KEY,
-  PEER_REFUSED_DECISION,
-  PEER_REFUSED_KEY,
-  encodeHop,
-  type Hop,
-} from './peer-protocol';
-
-// A peer channel closed while connecting (a peer that stalls its handshakes) must not leak the socket.
-abortConnectsOnChannelClose();
+import { FORWARDED_BY_KEY, PEER_REFUSED_DECISION, PEER_REFUSED_KEY, encodeHop, type Hop } from './peer-protocol';
 
 export interface PeerForwarderOptions {
   /** The broker's own credentials: its broker certificate is the client certificate here. */
@@ -37,7 +22,6 @@ export interface PeerForwarderOptions {
   brokerId: string;
   /** Peers must present a broker certificate of this trust domain. */
   trustDomain: string;
-  maxMessageBytes: number;
   keepalive: KeepaliveSettings;
   metrics: BrokerMetrics;
   /**
@@ -52,49 +36,55 @@ const RECENT_FAILURE_MS = 5_000;
 
 /** How an attempt to hand a call to another broker went. */
 export type PeerAttempt =
-  | { ready: true; stream: CallStream }
+  | { ready: true; stream: http2.ClientHttp2Stream }
   /** `refusal`: the owner decided against the call (policy, limit, bad hop metadata), not "cannot serve". */
   | { ready: false; reason: string; refusal?: BurrowError };
 
+/** The call being handed on: its method, the caller's headers as received, the deadline. */
+export interface ForwardedCall {
+  method: string;
+  rawHeaders: readonly string[];
+  contentType?: string | string[];
+  deadlineMs: number;
+}
+
 /**
- * The forwarding side of the broker-to-broker API: one HTTP/2 connection per peer broker (kept
- * open, reconnected by grpc-js), and {@link open}, which asks a peer to take a call and resolves
- * once it has confirmed (ready header) or refused. Nothing of the call has been sent before the
- * confirmation, so a refusal can always be retried with the next peer.
+ * The forwarding side of the broker-to-broker API (tunnel.proto, service BrokerPeer): one HTTP/2
+ * connection per peer broker (kept open, made again after it closes), and {@link open}, which opens
+ * the call's stream at a peer and resolves once the peer has confirmed (100 Continue) or refused.
+ * No DATA of the call is sent before the confirmation, so a refusal can always be retried with the
+ * next peer.
  */
 export class PeerForwarder {
-  private readonly clients = new Map<string, Client>();
+  private readonly sessions = new Map<string, http2.ClientHttp2Session>();
   /** When each peer last failed at the transport level (ms since epoch). */
   private readonly failedAtMs = new Map<string, number>();
-  private readonly credentials: ChannelCredentials;
+  private readonly checkServerIdentity: ReturnType<typeof brokerIdentityCheck>;
 
   constructor(private readonly opts: PeerForwarderOptions) {
     // A peer is a broker by its certificate's SPIFFE id, not by any certificate of the trust domain.
-    const checkServerIdentity = brokerIdentityCheck(opts.trustDomain);
-    this.credentials = experimental.createCertificateProviderChannelCredentials(opts.tls, opts.tls, {
-      checkServerIdentity,
-    });
+    this.checkServerIdentity = brokerIdentityCheck(opts.trustDomain);
   }
 
   /**
-   * Opens a Forward stream to `peer` for a call to `agentId`, telling it who the caller is and
-   * which decision let the call in here (`hop`, see {@link encodeHop}). Resolves with a stream
-   * ready for the call's frames (this side is the originator) or with why the peer did not take
-   * it. Never rejects; aborting `signal` cancels the attempt.
+   * Opens `call` at `peer` for `agentId`, telling it who the caller is and which decision let the
+   * call in here (`hop`). Resolves with the stream, ready for the call's DATA, or with why the peer
+   * did not take it. Never rejects; aborting `signal` cancels the attempt.
    */
-  open(peer: string, agentId: string, deadlineMs: number, signal: AbortSignal, hop: Hop): Promise<PeerAttempt> {
+  open(peer: string, agentId: string, call: ForwardedCall, signal: AbortSignal, hop: Hop): Promise<PeerAttempt> {
     const readyTimeoutMs = this.opts.readyTimeoutMs ?? 2_000;
-    const md = new Metadata();
-    md.set(AGENT_ID_KEY, agentId);
-    md.set(FORWARDED_BY_KEY, this.opts.brokerId);
-    encodeHop(hop, md);
-    const call: ClientDuplexStream<Buffer, Buffer> = this.clientFor(peer).makeBidiStreamRequest(
-      PEER_FORWARD_METHOD,
-      identity,
-      identity,
-      md,
-      Number.isFinite(deadlineMs) ? { deadline: deadlineMs } : {},
-    );
+    const owned: Record<string, string> = { [AGENT_ID_KEY]: agentId, [FORWARDED_BY_KEY]: this.opts.brokerId };
+    encodeHop(hop, owned);
+    const headers = nextHopHeaders(call.method, peer, call.rawHeaders, call.deadlineMs, owned, call.contentType);
+    headers.expect = '100-continue';
+    let stream: http2.ClientHttp2Stream;
+    try {
+      stream = openStream(this.sessionFor(peer), headers, `broker ${peer}`);
+    } catch (err) {
+      this.failedAtMs.set(peer, Date.now());
+      this.opts.metrics.peerForwards.inc({ result: 'unreachable' });
+      return Promise.resolve({ ready: false, reason: (err as Error).message });
+    }
     return new Promise((resolve) => {
       let settled = false;
       const unreachable = (reason: string): void => {
@@ -104,51 +94,58 @@ export class PeerForwarder {
       };
       const timer = setTimeout(
         () => {
-          call.cancel();
+          stream.close(http2.constants.NGHTTP2_CANCEL);
           unreachable(`broker ${peer} did not confirm the call within ${readyTimeoutMs} ms`);
         },
-        Math.max(1, Math.min(readyTimeoutMs, deadlineMs - Date.now())),
+        Math.max(1, Math.min(readyTimeoutMs, call.deadlineMs - Date.now())),
       );
       const done = (attempt: PeerAttempt): void => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
-        call.removeListener('metadata', onMetadata);
-        call.removeListener('status', onStatus);
+        stream.removeListener('continue', onContinue);
+        stream.removeListener('response', onResponse);
+        stream.removeListener('close', onClose);
         signal.removeEventListener('abort', onAbort);
         resolve(attempt);
       };
-      const onMetadata = (headers: Metadata): void => {
-        if (headers.get(PEER_READY_KEY)[0] === '1') {
-          this.failedAtMs.delete(peer);
-          this.opts.metrics.peerForwards.inc({ result: 'served' });
-          done({ ready: true, stream: new CallStream(call, 'client', 'originator') });
-        } else {
-          call.cancel();
-          this.opts.metrics.peerForwards.inc({ result: 'refused' });
-          done({ ready: false, reason: `broker ${peer} answered without the ready header` });
-        }
+      const onContinue = (): void => {
+        this.failedAtMs.delete(peer);
+        this.opts.metrics.peerForwards.inc({ result: 'served' });
+        done({ ready: true, stream });
       };
-      const onStatus = (s: StatusObject): void => {
+      const onResponse = (h: http2.IncomingHttpHeaders): void => {
         // A refusal by the peer itself carries PEER_REFUSED_KEY; anything else is the transport.
-        if (!s.metadata.get(PEER_REFUSED_KEY).length) {
-          unreachable(`broker ${peer}: ${s.details}`);
+        const status = statusOfHeaders(h);
+        const refused = h[PEER_REFUSED_KEY];
+        stream.close(http2.constants.NGHTTP2_CANCEL);
+        if (!status || refused === undefined) {
+          unreachable(`broker ${peer}: ${status?.details ?? 'answered without confirming the call'}`);
           return;
         }
         this.opts.metrics.peerForwards.inc({ result: 'refused' });
-        const decision = s.metadata.get(PEER_REFUSED_KEY)[0] === PEER_REFUSED_DECISION;
-        const refusal = decision
-          ? new BurrowError(s.code, `${s.details} (decided by the broker holding the agent, ${peer})`)
-          : undefined;
-        done({ ready: false, reason: `broker ${peer}: ${s.details}`, refusal });
+        const refusal =
+          refused === PEER_REFUSED_DECISION
+            ? new BurrowError(status.code, `${status.details} (decided by the broker holding the agent, ${peer})`)
+            : undefined;
+        done({ ready: false, reason: `broker ${peer}: ${status.details}`, refusal });
       };
+      // A connection that failed (TLS: a peer that is not a broker) destroys the stream with that error: name it.
+      let streamError: Error | undefined;
+      const onClose = (): void =>
+        unreachable(
+          `broker ${peer}: ${streamError?.message ?? `the stream was reset (HTTP/2 error ${stream.rstCode})`}`,
+        );
       const onAbort = (): void => {
-        call.cancel();
+        stream.close(http2.constants.NGHTTP2_CANCEL);
         done({ ready: false, reason: 'cancelled by the client' });
       };
-      call.on('error', () => {}); // 'status' carries the outcome
-      call.on('metadata', onMetadata);
-      call.on('status', onStatus);
+      stream.on('error', (err) => {
+        streamError ??= err;
+      });
+      stream.on('continue', onContinue);
+      stream.on('response', onResponse);
+      stream.on('close', onClose);
       if (signal.aborted) onAbort();
       else signal.addEventListener('abort', onAbort, { once: true });
     });
@@ -162,20 +159,37 @@ export class PeerForwarder {
 
   /** Closes every peer connection. */
   close(): void {
-    for (const c of this.clients.values()) c.close();
-    this.clients.clear();
+    for (const s of this.sessions.values()) s.close();
+    this.sessions.clear();
   }
 
-  private clientFor(peer: string): Client {
-    let c = this.clients.get(peer);
-    if (!c) {
-      c = new Client(peer, this.credentials, {
-        ...tunnelChannelOptions(this.opts.maxMessageBytes, this.opts.keepalive),
-        'grpc.initial_reconnect_backoff_ms': 200,
-        'grpc.max_reconnect_backoff_ms': 2000,
-      });
-      this.clients.set(peer, c);
-    }
-    return c;
+  private sessionFor(peer: string): http2.ClientHttp2Session {
+    let s = this.sessions.get(peer);
+    if (s && !s.closed && !s.destroyed) return s;
+    const { tls } = this.opts;
+    const { host } = splitHostPort(peer);
+    const made = http2.connect(`https://${peer}`, {
+      ...H2_SESSION_OPTIONS,
+      ca: tls.caPem,
+      cert: tls.certPem,
+      key: tls.keyPem,
+      // No SNI for an IP address (RFC 6066); '' keeps http2.connect from using the host.
+      servername: isIP(host.replace(/^\[|\]$/g, '')) ? '' : host,
+      checkServerIdentity: this.checkServerIdentity,
+      ALPNProtocols: ['h2'],
+      minVersion: 'TLSv1.2',
+    });
+    made.on('error', () => this.failedAtMs.set(peer, Date.now()));
+    made.on('close', () => {
+      if (this.sessions.get(peer) === made) this.sessions.delete(peer);
+    });
+    made.on('goaway', () => {
+      if (this.sessions.get(peer) === made) this.sessions.delete(peer);
+    });
+    keepSessionAlive(made, this.opts.keepalive);
+    made.unref();
+    this.sessions.set(peer, made);
+    s = made;
+    return s;
   }
 }

@@ -1,27 +1,31 @@
-import { Metadata, status as Status, type Server, type ServerDuplexStream } from '@grpc/grpc-js';
+import * as http2 from 'node:http2';
+import type { TLSSocket } from 'node:tls';
+import { status as Status } from '@grpc/grpc-js';
 import {
   AGENT_ID_KEY,
   type BurrowError,
-  CallStream,
-  rawBidiMethod,
-  identityOfPeerCertificate,
+  CALLER_ID_KEY,
+  CALL_ID_KEY,
+  GRPC_CONTENT_TYPE,
+  deadlineFromTimeout,
+  encodeGrpcMessage,
+  nextHopHeaders,
+  openStream,
   parseSpiffeId,
   relayCall,
   statusName,
   recordCallFinished,
-  deadlineMsOf,
-  waitCancellable,
+  toBurrowError,
+  type CallCutter,
   type PeerIdentity,
 } from '@burrow/tunnel';
 import { countIfLimited } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
 import { ALLOW_ALL_CALLERS } from './caller-authorizer';
-import { PEER_BROKER_RULE, checkPeer } from './peer-admission';
+import { PEER_BROKER_RULE, checkPeer, presentedBy } from './peer-admission';
 import {
   FORWARDED_BY_KEY,
   HOP_CALLER_KEY,
-  PEER_FORWARD_METHOD,
-  PEER_READY_KEY,
   PEER_REFUSED_DECISION,
   PEER_REFUSED_KEY,
   decodeHop,
@@ -48,11 +52,10 @@ export type PeerListenerDeps = Pick<
   | 'watch'
   | 'limiter'
   | 'authorizer'
+  | 'maxMessageBytes'
 >;
 
-type RawCall = ServerDuplexStream<Buffer, Buffer>;
-
-/** A Forward call that passed {@link PeerListener.admitForward}; it holds the agent's limit slot. */
+/** A forwarded call that passed {@link PeerListener.admitForward}; it holds the agent's limit slot. */
 interface AdmittedForward {
   /** The forwarding broker. */
   peer: PeerIdentity;
@@ -62,51 +65,74 @@ interface AdmittedForward {
   releaseAgent(): void;
 }
 
+/** A forwarded call as it arrived: the stream, its method and headers. */
+interface PeerCall {
+  stream: http2.ServerHttp2Stream;
+  headers: http2.IncomingHttpHeaders;
+  rawHeaders: string[];
+  method: string;
+}
+
 /**
  * The owning side of the broker-to-broker API: takes calls other brokers forward for agents
- * connected here, confirms it can serve each (ready header) and relays it onto the agent's
- * tunnel. Never forwards a call further.
+ * connected here, confirms it can serve each (100 Continue) and relays it onto a call stream of the
+ * agent's tunnel. Never forwards a call further.
  */
 export class PeerListener {
+  private callCounter = 0;
+  private readonly idPrefix = `p${Math.random().toString(36).slice(2, 6)}`;
+
   constructor(private readonly deps: PeerListenerDeps) {}
 
-  addTo(server: Server): void {
-    server.addService(
-      { forward: rawBidiMethod(PEER_FORWARD_METHOD) },
-      {
-        forward: (call: RawCall) => {
-          void this.onForward(call);
-        },
-      },
-    );
-  }
+  /** The peer server's 'stream' handler. */
+  readonly handle = (
+    stream: http2.ServerHttp2Stream,
+    headers: http2.IncomingHttpHeaders,
+    _flags: number,
+    rawHeaders: string[],
+  ): void => {
+    stream.on('error', () => {});
+    void this.onForward({ stream, headers, rawHeaders, method: String(headers[':path'] ?? '') });
+  };
 
-  private refuse(call: RawCall, code: Status, details: string, decision = false): void {
+  private refuse(call: PeerCall, code: Status, details: string, decision = false): void {
     this.deps.metrics.peerCalls.inc({ code: statusName(code) });
-    const metadata = new Metadata();
-    metadata.set(PEER_REFUSED_KEY, decision ? PEER_REFUSED_DECISION : '1');
-    call.emit('error', { code, details, metadata });
+    const { stream } = call;
+    if (stream.destroyed || stream.closed || stream.headersSent) return;
+    stream.respond(
+      {
+        ':status': 200,
+        'content-type': GRPC_CONTENT_TYPE,
+        'grpc-status': String(code),
+        'grpc-message': encodeGrpcMessage(details),
+        [PEER_REFUSED_KEY]: decision ? PEER_REFUSED_DECISION : '1',
+      },
+      { endStream: true },
+    );
+    // The forwarding broker sent no DATA (it waits for 100); a reset stops anything in flight.
+    stream.close(http2.constants.NGHTTP2_NO_ERROR);
   }
 
   /**
-   * Everything a Forward call must pass before it waits for the agent: the forwarding broker's
+   * Everything a forwarded call must pass before it waits for the agent: the forwarding broker's
    * certificate, the agent and broker ids, that the agent is served here, the hop metadata and
    * caller policy, the agent's limits. Returns what the call goes on with, or undefined after
    * refusing it (the refusal is a stream error: the connection between the brokers lives on).
    */
-  private admitForward(call: RawCall): AdmittedForward | undefined {
+  private admitForward(call: PeerCall): AdmittedForward | undefined {
     const { registry, metrics, logger } = this.deps;
+    const socket = call.stream.session?.socket as TLSSocket | undefined;
     // Without the certificate: this refusal has never said what is wrong with a broker's certificate.
-    const presented = { identity: identityOfPeerCertificate(call.getAuthContext().sslPeerCertificate) };
+    const presented = { identity: socket ? presentedBy(socket).identity : undefined };
     const checked = checkPeer(presented, PEER_BROKER_RULE, this.deps);
     if ('refusal' in checked) {
-      logger.warn('peer call refused', { peer: call.getPeer(), reason: checked.refusal.message });
+      logger.warn('peer call refused', { peer: socket?.remoteAddress, reason: checked.refusal.message });
       this.refuse(call, checked.refusal.code, checked.refusal.message);
       return undefined;
     }
     const peer = checked.identity;
-    const agentId = call.metadata.get(AGENT_ID_KEY)[0];
-    const forwardedBy = String(call.metadata.get(FORWARDED_BY_KEY)[0] ?? '');
+    const agentId = call.headers[AGENT_ID_KEY];
+    const forwardedBy = String(call.headers[FORWARDED_BY_KEY] ?? '');
     if (typeof agentId !== 'string' || agentId === '') {
       this.refuse(call, Status.INVALID_ARGUMENT, `peer call without ${AGENT_ID_KEY}`);
       return undefined;
@@ -138,50 +164,71 @@ export class PeerListener {
     return { peer, agentId, forwardedBy, hop, releaseAgent };
   }
 
-  private async onForward(call: RawCall): Promise<void> {
+  private async onForward(call: PeerCall): Promise<void> {
     const admitted = this.admitForward(call);
     if (!admitted) return;
     const { registry, metrics, logger } = this.deps;
     const { peer, agentId, forwardedBy, hop, releaseAgent } = admitted;
+    const { stream } = call;
     const abort = new AbortController();
-    // The forwarding broker's certificate revoked or expired mid-call: the call ends (the agent
-    // gets Cancel), whether it still waits for an offer or is being relayed.
+    const onClose = (): void => abort.abort();
+    stream.once('close', onClose);
+    // The forwarding broker's certificate revoked or expired mid-call: the call ends (the agent's
+    // stream is reset), whether it still waits for the agent or is being relayed.
     let cutBy: BurrowError | undefined;
-    let inbound: CallStream | undefined;
+    const cutter: CallCutter = {};
     const untrack = this.deps.watch.track({
       identity: peer,
       listener: 'peer',
       cut: (error) => {
         cutBy ??= error;
-        if (inbound) inbound.abort(error);
+        if (cutter.cut) cutter.cut(error);
         else abort.abort();
       },
     });
-    let offer: Awaited<ReturnType<typeof registry.acquire>>;
+    const deadlineMs = deadlineFromTimeout(call.headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
+    let session: Awaited<ReturnType<typeof registry.acquire>>;
+    let outbound: http2.ClientHttp2Stream;
+    const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
     try {
-      const deadlineMs = deadlineMsOf(call);
-      offer = await waitCancellable(call, abort, (signal) =>
-        registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, signal),
+      session = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, abort.signal);
+      const owned: Record<string, string> = { [CALL_ID_KEY]: callId };
+      if (hop) owned[CALLER_ID_KEY] = hop.caller;
+      outbound = openStream(
+        session.h2,
+        nextHopHeaders(
+          call.method,
+          `${agentId}.agent`,
+          call.rawHeaders,
+          deadlineMs,
+          owned,
+          call.headers['content-type'],
+        ),
+        `agent "${agentId}"`,
       );
     } catch (err) {
+      stream.off('close', onClose);
       untrack();
       releaseAgent();
-      const e = cutBy ?? (err as BurrowError);
-      if (!call.cancelled) this.refuse(call, e.code, e.message);
+      const e = cutBy ?? toBurrowError(err);
+      this.refuse(call, e.code, e.message);
       return;
     }
+    stream.off('close', onClose);
     const startedMs = Date.now();
-    inbound = new CallStream(call, 'server', 'answerer', (err) => {
-      logger.warn('forwarding broker broke the tunnel protocol', { forwardedBy, agentId, error: err.message });
-    });
-    const ready = new Metadata();
-    ready.set(PEER_READY_KEY, '1');
-    call.sendMetadata(ready);
+    // Ready: the forwarding broker sends the call's DATA from here on.
+    stream.additionalHeaders({ ':status': 100 });
     metrics.toAgentCallStarted();
-    const outcome = await relayCall(inbound, offer.stream, `agent "${agentId}"`, { expectedMethod: hop?.method });
+    session.callStarted(cutter);
+    const outcome = await relayCall(stream, outbound, {
+      peerName: `agent "${agentId}"`,
+      maxMessageBytes: this.deps.maxMessageBytes,
+      deadlineMs,
+      cutter,
+    });
+    session.callEnded(cutter);
     untrack();
     releaseAgent();
-    registry.callFinished(offer);
     metrics.toAgentCallEnded();
     metrics.peerCalls.inc({ code: statusName(outcome.code) });
     // Counted as a call where it entered; here only the peer call and the log line.
@@ -190,7 +237,7 @@ export class PeerListener {
       code: outcome.code,
       details: outcome.details,
       startedMs,
-      log: { agentId, method: outcome.method ?? '', forwardedBy, caller: hop?.caller, entryPolicies: hop?.policies },
+      log: { agentId, callId, method: call.method, forwardedBy, caller: hop?.caller, entryPolicies: hop?.policies },
     });
   }
 
@@ -200,12 +247,19 @@ export class PeerListener {
    * from a broker too old to send one, accepted only without a caller policy here), or false
    * after refusing the call.
    */
-  private checkHop(call: RawCall, peer: PeerIdentity, agentId: string, forwardedBy: string): Hop | undefined | false {
+  private checkHop(call: PeerCall, peer: PeerIdentity, agentId: string, forwardedBy: string): Hop | undefined | false {
     const { metrics, logger, authorizer } = this.deps;
-    const hop = decodeHop(call.metadata, this.deps.trustDomain);
+    const hop = decodeHop(call.headers, this.deps.trustDomain);
     if (hop && 'problem' in hop) {
       logger.warn('peer call refused: bad hop metadata', { forwardedBy, peer: peer.spiffeId, problem: hop.problem });
       this.refuse(call, Status.INVALID_ARGUMENT, `hop metadata from broker ${forwardedBy}: ${hop.problem}`, true);
+      return false;
+    }
+    if (hop && hop.method !== call.method) {
+      // The call's method is its :path; a hop naming another one was admitted for something else.
+      const method = call.method.slice(0, 200);
+      const details = `the call's method ${method} is not ${hop.method}, the one it was admitted for`;
+      this.refuse(call, Status.PERMISSION_DENIED, details, true);
       return false;
     }
     if (authorizer === ALLOW_ALL_CALLERS) return hop;

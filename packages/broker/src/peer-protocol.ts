@@ -1,4 +1,5 @@
-import { type Metadata, status as Status } from '@grpc/grpc-js';
+import type { IncomingHttpHeaders } from 'node:http2';
+import { status as Status } from '@grpc/grpc-js';
 import { BurrowError, parseSpiffeId } from '@burrow/tunnel';
 
 /*
@@ -8,10 +9,6 @@ import { BurrowError, parseSpiffeId } from '@burrow/tunnel';
  * depend on it and not on each other.
  */
 
-/** The one method of the broker-to-broker API (tunnel.proto, service BrokerPeer). */
-export const PEER_FORWARD_METHOD = '/burrow.tunnel.v1.BrokerPeer/Forward';
-/** Response header by which the owning broker says it holds a tunnel stream for the call. */
-export const PEER_READY_KEY = 'burrow-peer-ready';
 /**
  * Trailer on every refusal by the owning broker, so the forwarder can tell it from a transport
  * failure: `1` when it cannot serve the call (try another broker), {@link PEER_REFUSED_DECISION}
@@ -24,7 +21,7 @@ export const PEER_REFUSED_DECISION = 'decision';
 export const FORWARDED_BY_KEY = 'burrow-forwarded-by';
 /** Hop metadata: the caller's verified SPIFFE id, as the broker where the call entered saw it. */
 export const HOP_CALLER_KEY = 'burrow-hop-caller';
-/** Hop metadata: the gRPC method of the call (the Start frame must name the same). */
+/** Hop metadata: the gRPC method the call was admitted for (its `:path` must be the same). */
 export const HOP_METHOD_KEY = 'burrow-hop-method';
 /** Hop metadata: the entry broker's caller-policy decision, `allow` or `allow policies=<id>,...` (ids URI-encoded). */
 export const HOP_DECISION_KEY = 'burrow-hop-decision';
@@ -43,21 +40,21 @@ const MAX_HOP_VALUE_CHARS = 4_096;
 const HOP_DECISION = /^allow(?: policies=([A-Za-z0-9%._~!*'()-]+(?:,[A-Za-z0-9%._~!*'()-]+)*))?$/;
 const GRPC_METHOD = /^\/[A-Za-z0-9_.-]+\/[A-Za-z0-9_.-]+$/;
 
-/** Writes `hop` into the metadata of a Forward call (the forwarding side). */
-export function encodeHop(hop: Hop, md: Metadata): void {
-  md.set(HOP_CALLER_KEY, hop.caller);
-  md.set(HOP_METHOD_KEY, hop.method);
+/** Writes `hop` into the headers of a forwarded call (the forwarding side). */
+export function encodeHop(hop: Hop, headers: Record<string, string>): void {
+  headers[HOP_CALLER_KEY] = hop.caller;
+  headers[HOP_METHOD_KEY] = hop.method;
   const ids = hop.policies.slice(0, MAX_HOP_POLICIES).map(encodeURIComponent);
-  md.set(HOP_DECISION_KEY, ids.length ? `allow policies=${ids.join(',')}` : 'allow');
+  headers[HOP_DECISION_KEY] = ids.length ? `allow policies=${ids.join(',')}` : 'allow';
 }
 
 /**
- * Reads and checks the hop metadata of a Forward call: `undefined` when there is none (a broker
+ * Reads and checks the hop metadata of a forwarded call: `undefined` when there is none (a broker
  * of an older version), else the hop, or the first problem found (the call is refused with it).
  */
-export function decodeHop(md: Metadata, trustDomain: string): Hop | undefined | { problem: string } {
+export function decodeHop(headers: IncomingHttpHeaders, trustDomain: string): Hop | undefined | { problem: string } {
   const value = (key: string): string | undefined => {
-    const v = md.get(key)[0];
+    const v = headers[key];
     return typeof v === 'string' ? v : undefined;
   };
   const caller = value(HOP_CALLER_KEY);

@@ -1,16 +1,17 @@
+import type * as http2 from 'node:http2';
 import { status as Status } from '@grpc/grpc-js';
 import type { CallOutcome } from './call-outcome';
-import type { CallStream } from './call-stream';
+import { endWithStatus } from './grpc-wire';
 
 /**
- * Answers the call that just started on `stream` with UNIMPLEMENTED and `details` (its side has
- * no upstream for the method's service), and ends the call on the stream: a stream error, the
- * tunnel lives on. Called by the agent for an Offer and by the broker for a Forward. Returns the
- * status, for the call's accounting.
+ * Answers the call on `stream` with UNIMPLEMENTED and `details` (this side has no upstream for the
+ * method's service): a stream error, the tunnel lives on. Called by the agent for a call from the
+ * broker and by the broker for a site's call. Returns the status, for the call's accounting.
  */
-export function answerUnimplemented(stream: CallStream, details: string): Pick<CallOutcome, 'code' | 'details'> {
-  const code = Status.UNIMPLEMENTED;
-  stream.send({ kind: 'trailers', trailers: { code, message: details, metadata: [] } });
-  stream.endCall();
-  return { code, details };
+export function answerUnimplemented(
+  stream: http2.ServerHttp2Stream,
+  details: string,
+): Pick<CallOutcome, 'code' | 'details'> {
+  endWithStatus(stream, Status.UNIMPLEMENTED, details);
+  return { code: Status.UNIMPLEMENTED, details };
 }

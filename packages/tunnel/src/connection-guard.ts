@@ -113,6 +113,18 @@ function capRequestBytes(stream: http2.ServerHttp2Stream, maxBytes: number): voi
 }
 
 /**
+ * Applies `limits` to an HTTP/2 server session whose connection has no valid client certificate
+ * (a session of a certified connection is left alone): its stream cap goes out in SETTINGS, and
+ * each stream's request bytes are counted as they arrive. For HTTP/2 servers fed sockets by hand
+ * (the broker's agent listener); {@link guardConnections} does it for the servers it guards.
+ */
+export function limitUnauthenticatedSession(session: http2.ServerHttp2Session, limits: UnauthenticatedLimits): void {
+  if ((session.socket as TLSSocket).authorized) return;
+  session.settings({ maxConcurrentStreams: limits.maxConcurrentStreams });
+  session.on('stream', (stream: http2.ServerHttp2Stream) => capRequestBytes(stream, limits.maxRequestBytes));
+}
+
+/**
  * Guards the connections of TLS `servers` (one listener may be several servers: grpc-js binds
  * one per address): the caps and timeouts of {@link ConnectionGuardOptions}. Why: Node runs
  * every accepted handshake and waits 120 s for one that never finishes, so idle sockets (a
@@ -164,11 +176,7 @@ class GuardState {
     if (limits) {
       // Node's HTTP/2 server creates the session in its own 'secureConnection' listener (before
       // the one above), so these settings go out before any frame of the client is read.
-      s.on('session', (session: http2.ServerHttp2Session) => {
-        if ((session.socket as TLSSocket).authorized) return;
-        session.settings({ maxConcurrentStreams: limits.maxConcurrentStreams });
-        session.on('stream', (stream: http2.ServerHttp2Stream) => capRequestBytes(stream, limits.maxRequestBytes));
-      });
+      s.on('session', (session: http2.ServerHttp2Session) => limitUnauthenticatedSession(session, limits));
     }
   }
 

@@ -4,16 +4,14 @@ import { ProtocolError } from './errors';
 import { resolveProtoDir } from './embedded-protos';
 
 /** The protocol versions this build speaks, highest last. See tunnel.proto, "Versioning". */
-export const PROTOCOL_VERSIONS: readonly number[] = [1, 2, 3];
-export const PROTOCOL_VERSION = 3;
+export const PROTOCOL_VERSIONS: readonly number[] = [4];
+export const PROTOCOL_VERSION = 4;
 
-/** The first protocol version whose Offer streams carry several calls one after the other. */
-export const REUSABLE_OFFERS_VERSION = 2;
-
-/** The first protocol version with the `Brokers` session frame (the broker replica set). */
-export const REPLICA_SET_VERSION = 3;
-/** The first protocol version in which the agent may send Drain (leave a broker without losing a call). */
-export const AGENT_DRAIN_VERSION = 3;
+/**
+ * ALPN of a tunnel connection (tunnel.proto, "Roles"): the broker is the HTTP/2 client on the
+ * connection the agent dialed. `h2` on the same listener is ordinary gRPC with the agent as client.
+ */
+export const TUNNEL_ALPN = 'burrow-tunnel';
 
 /** Most entries a `Brokers` frame may list (tunnel.proto, "Brokers"). */
 export const MAX_REPLICA_SET_SIZE = 64;
@@ -44,54 +42,23 @@ export const SESSION_FIELD_LIMITS = {
   reasonChars: 1024,
 } as const;
 
-/** Framing allowance on top of the largest forwarded message: frame tags, lengths, metadata. */
-export const FRAME_OVERHEAD_BYTES = 64 * 1024;
-
 /** Default largest forwarded gRPC message, in bytes (16 MiB). */
 export const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
-/** Full method paths of the tunnel service, as agent and broker register and call them. */
-export const TUNNEL_METHODS = {
-  session: '/burrow.tunnel.v1.Tunnel/Session',
-  offer: '/burrow.tunnel.v1.Tunnel/Offer',
-  forward: '/burrow.tunnel.v1.Tunnel/Forward',
-} as const;
+/** The control stream's path: the first stream the broker opens on a tunnel connection. */
+export const CONTROL_PATH = '/burrow.tunnel.v1.Tunnel/Control';
 
-/** Metadata key that ties Offer and Forward streams to their session. */
-export const SESSION_ID_KEY = 'burrow-session-id';
+/** Methods of the Tunnel service of versions 1-3, which agents of those versions call on `h2`. */
+export const LEGACY_TUNNEL_SERVICE = 'burrow.tunnel.v1.Tunnel';
+/** The session method of versions 1-3, whose Hello names the old agent's versions. */
+export const LEGACY_SESSION_PATH = '/burrow.tunnel.v1.Tunnel/Session';
 
-export interface WireMetadataEntry {
-  key: string;
-  value: Uint8Array;
-}
-
-export interface StartFrame {
-  method: string;
-  metadata: WireMetadataEntry[];
-  timeoutMs: number;
-  callId: string;
-  /** Broker -> agent: the verified SPIFFE id of the platform caller; empty otherwise. */
-  caller?: string;
-}
-export interface TrailersFrame {
-  code: number;
-  message: string;
-  metadata: WireMetadataEntry[];
-}
-
-/** One frame of a forwarded call, as the code sees it (decoded `CallFrame`). */
-export type CallFrame =
-  | { kind: 'start'; start: StartFrame }
-  | { kind: 'message'; data: Buffer }
-  | { kind: 'halfClose' }
-  | { kind: 'cancel'; reason: string }
-  | { kind: 'headers'; metadata: WireMetadataEntry[] }
-  | { kind: 'trailers'; trailers: TrailersFrame };
+/** Request header on the broker's call streams: the call's id in the broker's logs. */
+export const CALL_ID_KEY = 'burrow-call-id';
 
 export interface HelloFrame {
   protocolVersions: number[];
   agentVersion: string;
-  minIdleOffers: number;
 }
 export interface WelcomeFrame {
   protocolVersion: number;
@@ -110,7 +77,7 @@ export interface BrokerEndpoint {
 export type SessionFrame =
   | { kind: 'hello'; hello: HelloFrame }
   | { kind: 'welcome'; welcome: WelcomeFrame }
-  | { kind: 'demand'; offers: number }
+  | { kind: 'refused'; code: number; message: string }
   | { kind: 'drain'; reason: string }
   | { kind: 'credentials'; certificateChainPem: string }
   | { kind: 'trustBundle'; pem: string; version: number }
@@ -162,12 +129,7 @@ function tunnelRoot(): protobuf.Root {
   root ??= protobuf.loadSync(path.join(PROTO_DIR, 'burrow', 'tunnel', 'v1', 'tunnel.proto'));
   return root;
 }
-let callFrameType: protobuf.Type | undefined;
 let sessionFrameType: protobuf.Type | undefined;
-function callType(): protobuf.Type {
-  callFrameType ??= tunnelRoot().lookupType('burrow.tunnel.v1.CallFrame');
-  return callFrameType;
-}
 function sessionType(): protobuf.Type {
   sessionFrameType ??= tunnelRoot().lookupType('burrow.tunnel.v1.SessionFrame');
   return sessionFrameType;
@@ -184,83 +146,6 @@ function toNumber(v: unknown): number {
   return 0;
 }
 
-function entries(list: unknown): WireMetadataEntry[] {
-  return ((list as { key: string; value: Uint8Array }[] | undefined) ?? []).map((e) => ({
-    key: e.key,
-    value: e.value,
-  }));
-}
-
-/** Encodes a call frame for the wire. */
-export function encodeCallFrame(frame: CallFrame): Buffer {
-  let body: Record<string, unknown>;
-  switch (frame.kind) {
-    case 'start':
-      body = { start: frame.start };
-      break;
-    case 'message':
-      body = { message: { data: frame.data } };
-      break;
-    case 'halfClose':
-      body = { halfClose: {} };
-      break;
-    case 'cancel':
-      body = { cancel: { reason: frame.reason } };
-      break;
-    case 'headers':
-      body = { headers: { metadata: frame.metadata } };
-      break;
-    case 'trailers':
-      body = { trailers: frame.trailers };
-      break;
-  }
-  return toBuffer(callType().encode(body).finish());
-}
-
-/** Decodes a call frame; a malformed one throws {@link ProtocolError}. */
-export function decodeCallFrame(bytes: Buffer): CallFrame {
-  let m: protobuf.Message & Record<string, unknown>;
-  try {
-    m = callType().decode(bytes) as protobuf.Message & Record<string, unknown>;
-  } catch (err) {
-    throw new ProtocolError(`undecodable call frame (${bytes.length} bytes)`, err);
-  }
-  switch (m.kind) {
-    case 'start': {
-      const s = m.start as Record<string, unknown>;
-      if (typeof s.method !== 'string' || !s.method.startsWith('/'))
-        throw new ProtocolError('start frame without a method path');
-      return {
-        kind: 'start',
-        start: {
-          method: s.method,
-          metadata: entries(s.metadata),
-          timeoutMs: toNumber(s.timeoutMs),
-          callId: String(s.callId ?? ''),
-          ...(s.caller ? { caller: String(s.caller) } : {}),
-        },
-      };
-    }
-    case 'message':
-      return { kind: 'message', data: toBuffer((m.message as { data: Uint8Array }).data ?? new Uint8Array()) };
-    case 'halfClose':
-      return { kind: 'halfClose' };
-    case 'cancel':
-      return { kind: 'cancel', reason: String((m.cancel as { reason?: string }).reason ?? '') };
-    case 'headers':
-      return { kind: 'headers', metadata: entries((m.headers as { metadata: unknown }).metadata) };
-    case 'trailers': {
-      const t = m.trailers as Record<string, unknown>;
-      return {
-        kind: 'trailers',
-        trailers: { code: toNumber(t.code), message: String(t.message ?? ''), metadata: entries(t.metadata) },
-      };
-    }
-    default:
-      throw new ProtocolError('call frame with no kind');
-  }
-}
-
 /** Encodes a session frame for the wire. */
 export function encodeSessionFrame(frame: SessionFrame): Buffer {
   let body: Record<string, unknown>;
@@ -271,8 +156,8 @@ export function encodeSessionFrame(frame: SessionFrame): Buffer {
     case 'welcome':
       body = { welcome: frame.welcome };
       break;
-    case 'demand':
-      body = { demand: { offers: frame.offers } };
+    case 'refused':
+      body = { refused: { code: frame.code, message: frame.message } };
       break;
     case 'drain':
       body = { drain: { reason: frame.reason } };
@@ -313,8 +198,7 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
       }
       const agentVersion = String(h.agentVersion ?? '');
       tooLong('Hello agent_version', agentVersion, limits.agentVersionChars);
-      const minIdleOffers = Number(h.minIdleOffers ?? 0);
-      return { kind: 'hello', hello: { protocolVersions: versions.map(Number), agentVersion, minIdleOffers } };
+      return { kind: 'hello', hello: { protocolVersions: versions.map(Number), agentVersion } };
     }
     case 'welcome': {
       const w = m.welcome as Record<string, unknown>;
@@ -330,8 +214,12 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
       };
       return { kind: 'welcome', welcome };
     }
-    case 'demand':
-      return { kind: 'demand', offers: Number((m.demand as { offers?: number }).offers ?? 0) };
+    case 'refused': {
+      const r = m.refused as { code?: number; message?: string };
+      const message = String(r.message ?? '');
+      tooLong('Refused message', message, limits.reasonChars);
+      return { kind: 'refused', code: Number(r.code ?? 2), message };
+    }
     case 'drain': {
       const reason = String((m.drain as { reason?: string }).reason ?? '');
       tooLong('Drain reason', reason, limits.reasonChars);

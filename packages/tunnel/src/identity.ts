@@ -106,7 +106,7 @@ export interface PeerCertificateLike {
 }
 
 // The certificate objects of connections whose peer certificate is cached per connection
-// (cachePeerCertificates): one lookup per object instead of a string hash of the fingerprint.
+// (the broker's peerCertificateOf): one lookup per object instead of a string hash of the fingerprint.
 const byObject = new WeakMap<object, PeerIdentity | null>();
 
 /** {@link identityOfCertificate} of a TLS peer certificate, memoised on the object and its fingerprint. */

@@ -5,7 +5,7 @@
  * Every consumer is another Burrow package; exports marked `@internal` are there only for the tests.
  */
 
-// Wire format: session and call frames, protocol versions, the tunnel's gRPC methods.
+// Wire format: session frames, protocol versions, the tunnel's paths and ALPN.
 export {
   checkReplicaSet,
   encodeSessionFrame,
@@ -14,71 +14,81 @@ export {
   negotiateVersion,
   describeVersions,
   PROTOCOL_VERSIONS,
-  REUSABLE_OFFERS_VERSION,
-  REPLICA_SET_VERSION,
-  AGENT_DRAIN_VERSION,
   MAX_REPLICA_SET_SIZE,
   MAX_SESSION_FRAME_BYTES,
   DEFAULT_MAX_MESSAGE_BYTES,
-  TUNNEL_METHODS,
-  SESSION_ID_KEY,
+  TUNNEL_ALPN,
+  CONTROL_PATH,
+  CALL_ID_KEY,
+  LEGACY_TUNNEL_SERVICE,
+  LEGACY_SESSION_PATH,
   PROTO_DIR,
-  type StartFrame,
-  type TrailersFrame,
-  type CallFrame,
   type WelcomeFrame,
   type BrokerEndpoint,
 } from './frames';
 /** @internal Tests build and check raw frames with these. */
-export {
-  encodeCallFrame,
-  decodeCallFrame,
-  PROTOCOL_VERSION,
-  type WireMetadataEntry,
-  type HelloFrame,
-  type SessionFrame,
-} from './frames';
+export { PROTOCOL_VERSION, type HelloFrame, type SessionFrame } from './frames';
+export { ControlChannel, type ControlHandlers } from './control-channel';
 
-// Forwarding one call: the originator opens it, the answerer serves it, the relay splices two of them.
+// gRPC over raw HTTP/2: message prefixes, deadlines, statuses; one call relayed stream to stream.
 export {
-  originate,
-  rejectCall,
-  originateUnary,
-  type OriginateOptions,
-  type CallCutter,
-  type UnaryRequest,
-  type UnaryResult,
-} from './originator';
-export { answer, type AnswerOptions } from './answerer';
+  GRPC_CONTENT_TYPE,
+  MessageSizeGuard,
+  MessageReader,
+  frameMessage,
+  messageTooLarge,
+  deadlineFromTimeout,
+  timeoutHeader,
+  encodeGrpcMessage,
+  decodeGrpcMessage,
+  statusOfHeaders,
+  statusTrailers,
+  endWithStatus,
+  stopRequestAfterStatus,
+  stopRequestAfterTrailers,
+  atDeadline,
+  statusOfReset,
+} from './grpc-wire';
+export { relayCall, nextHopHeaders, openStream, type RelayOptions, type CallCutter } from './stream-relay';
 export {
-  answerLocally,
+  answerUnary,
+  unaryCall,
+  unaryOnStream,
   type LocalCallContext,
   type LocalUnaryHandler,
-  type LocalAnswerOptions,
-} from './local-answerer';
-export { relayCall, type RelayOptions } from './call-relay';
-export { CallStream, type CallStreamOwnerHooks, type CallDuplex } from './call-stream';
-/** @internal Tests drive a CallStream with these handlers. */
-export type { CallStreamHandlers } from './call-stream';
+  type UnaryAnswerOptions,
+  type UnaryCallResult,
+} from './unary-call';
 export type { CallOutcome } from './call-outcome';
-export { isIdle, type RequestState, type ResponseState } from './call-state';
-/** @internal The call state machine, exported for its unit tests. */
+/** @internal The relayed call's state machine, exported for its unit tests. */
 export {
   transition,
-  isCallDone,
+  isSettled,
   INITIAL_CALL_STATE,
   type CallState,
-  type FrameSender,
-  type Transition,
+  type CallEvent,
+  type CallPhase,
+  type CallStatus,
 } from './call-state';
 
 // Which metadata crosses the tunnel, and the keys Burrow owns.
-export { AGENT_ID_KEY, CALLING_AGENT_KEY, CALLER_ID_KEY } from './metadata-policy';
-/** @internal Tests check the metadata filter with it. */
-export { requestMetadataFromWire } from './metadata-policy';
+export {
+  AGENT_ID_KEY,
+  CALLING_AGENT_KEY,
+  CALLER_ID_KEY,
+  forwardedRequestMetadata,
+  forwardedResponseMetadata,
+  type HeaderBlock,
+} from './metadata-policy';
 
 // Upstream routing and the API codecs (the JSON shapes of the policy and auth services).
-export { parseUpstreamRoute, serviceOfMethod, UpstreamTable, type UpstreamRoute } from './upstream-table';
+export {
+  parseUpstreamRoute,
+  serviceOfMethod,
+  UpstreamTable,
+  type UpstreamRoute,
+  type UpstreamSession,
+} from './upstream-table';
 export { AUTH_METHODS, POLICY_METHODS, ApiCodec, API_CODECS, type JsonValue, type JsonObject } from './api-codec';
 export {
   ENROLLMENT_NOT_ENABLED,
@@ -105,37 +115,17 @@ export { isValidId, idProblem, ID_PATTERN, ID_GRAMMAR } from './ids';
 export { CredentialStore, type TlsMaterial } from './credential-store';
 
 // gRPC server and channel plumbing: options, hooks into grpc-js, connection limits, health.
-export {
-  tunnelServerOptions,
-  tunnelChannelOptions,
-  callServerOptions,
-  upstreamChannelOptions,
-  DEFAULT_KEEPALIVE,
-  type KeepaliveSettings,
-} from './grpc-options';
-export {
-  installCatchAll,
-  observeTlsClientErrors,
-  cachePeerCertificates,
-  tlsServersOf,
-  refuseCallsEarly,
-  shutdownGracefully,
-  receiveLimitInterceptor,
-  identity,
-  type CatchAllHandler,
-  type EarlyRefusal,
-  type OversizedMessage,
-} from './grpc-server-hooks';
-/** @internal Tests exercise the handshake limiter alone. */
-export { abortConnectsOnChannelClose } from './grpc-client-hooks';
+export { H2_SESSION_OPTIONS, keepSessionAlive, DEFAULT_KEEPALIVE, type KeepaliveSettings } from './grpc-options';
 export {
   guardConnections,
+  limitUnauthenticatedSession,
   type GuardedClose,
   type UnauthenticatedLimits,
   type ConnectionGuardOptions,
   type ConnectionGuard,
 } from './connection-guard';
 export { HealthService, type ServingStatus } from './health-service';
+export { refuseStream } from './connection-guard';
 
 // Errors and logging.
 export { toBurrowError, statusName, BurrowError, ProtocolError } from './errors';
@@ -204,12 +194,9 @@ export {
 } from './cli-common';
 export { runUntilSignalled } from './signals';
 
-// Listening: one bind helper for grpc-js and HTTP servers, with the error message both binaries print.
-export { bindOn, listenOn, splitHostPort } from './listen';
+// Listening: one listen helper for every server, with the error message both binaries print.
+export { listenOn, splitHostPort } from './listen';
 
 // One place for each rule a listener or a side applies to every call.
 export { recordCallFinished, type CallMetrics, type FinishedCall } from './call-accounting';
 export { answerUnimplemented } from './answer-unimplemented';
-export { waitCancellable } from './cancellable-wait';
-export { deadlineMsOf } from './deadline';
-export { rawBidiMethod } from './raw-bidi-method';

@@ -2,7 +2,6 @@
  * Binding listeners to `HOST:PORT` addresses, the same way for the broker and the agent: one error
  * message (`cannot listen on <address>: <reason>`) and the bound port back (useful with port 0).
  */
-import type { Server as GrpcServer, ServerCredentials } from '@grpc/grpc-js';
 import type { AddressInfo, Server as NetServer } from 'node:net';
 
 /** Splits `HOST:PORT` (an IPv6 host may be in brackets, which are removed). */
@@ -18,13 +17,4 @@ export function listenOn(server: NetServer, address: string): Promise<number> {
     server.once('error', (err) => reject(new Error(`cannot listen on ${address}: ${err.message}`)));
     server.listen(port, host, () => resolve((server.address() as AddressInfo).port));
   });
-}
-
-/** Binds a grpc-js `server` to `address` with `creds`; resolves to the bound port. */
-export function bindOn(server: GrpcServer, address: string, creds: ServerCredentials): Promise<number> {
-  return new Promise((resolve, reject) =>
-    server.bindAsync(address, creds, (err, port) =>
-      err ? reject(new Error(`cannot listen on ${address}: ${err.message}`)) : resolve(port),
-    ),
-  );
 }

@@ -1,6 +1,3 @@
-import { Metadata } from '@grpc/grpc-js';
-import type { WireMetadataEntry } from './frames';
-
 /**
  * Which metadata crosses the tunnel. This is an explicit denylist of hop keys, applied by both
  * sides, so that a caller's broker credential never reaches a site and nothing a caller sends can
@@ -71,64 +68,55 @@ function crossesAsResponse(key: string): boolean {
   );
 }
 
-function toWire(md: Metadata, crosses: (key: string) => boolean): WireMetadataEntry[] {
-  const out: WireMetadataEntry[] = [];
-  const map = md.getMap(); // only used for key order; values come from get() to keep repeats
-  for (const received of Object.keys(map)) {
-    const key = normalizeMetadataKey(received);
-    if (key === undefined || !crosses(key)) continue;
-    for (const value of md.get(received)) {
-      out.push({ key, value: typeof value === 'string' ? Buffer.from(value, 'latin1') : value });
-    }
-  }
-  return out;
-}
+/**
+ * Transport headers the raw data plane passes on unchanged besides the metadata: messages cross
+ * without being re-encoded, so their compression must stay named (`grpc-encoding`) and the encodings
+ * a side accepts must reach the far side (`grpc-accept-encoding`).
+ */
+const PASSED_TRANSPORT_KEYS = new Set(['grpc-encoding', 'grpc-accept-encoding']);
 
-function fromWire(entries: readonly WireMetadataEntry[], crosses: (key: string) => boolean): Metadata {
-  const md = new Metadata();
-  for (const entry of entries) {
-    // Applied on receipt too: an older or misbehaving peer must not inject hop keys either.
-    const key = normalizeMetadataKey(entry.key);
-    if (key === undefined || !crosses(key)) continue;
-    const { value } = entry;
-    const buf = Buffer.from(value.buffer, value.byteOffset, value.byteLength);
-    try {
-      if (key.endsWith('-bin')) md.add(key, buf);
-      else md.add(key, buf.toString('latin1'));
-    } catch {
-      // grpc-js rejects keys/values that are not legal metadata; dropping one entry is the
-      // conservative choice over failing a call for a header the upstream probably ignores.
-    }
-  }
-  return md;
-}
+/** Headers as they travel on one hop: values of a repeated key in order. */
+export type HeaderBlock = Record<string, string | string[]>;
 
-/** Request metadata of an incoming call, as it crosses the tunnel. */
-export function requestMetadataToWire(md: Metadata): WireMetadataEntry[] {
-  return toWire(md, crossesAsRequest);
-}
-/** Request metadata received from the tunnel, for the upstream call. */
-export function requestMetadataFromWire(entries: readonly WireMetadataEntry[]): Metadata {
-  return fromWire(entries, crossesAsRequest);
-}
-/** Response headers or trailers of an upstream call, as they cross the tunnel. */
-export function responseMetadataToWire(md: Metadata): WireMetadataEntry[] {
-  return toWire(md, crossesAsResponse);
-}
-/** Response headers or trailers received from the tunnel, for the caller. */
-export function responseMetadataFromWire(entries: readonly WireMetadataEntry[]): Metadata {
-  return fromWire(entries, crossesAsResponse);
+function addHeader(out: HeaderBlock, key: string, value: string): void {
+  const had = out[key];
+  if (had === undefined) out[key] = value;
+  else if (Array.isArray(had)) had.push(value);
+  else out[key] = [had, value];
 }
 
 /**
- * Sets every key of `owned` on `md`, replacing any value `md` already holds for it. The answerer
- * calls this for the identity keys its side owns (`burrow-agent-id` at the broker,
- * `burrow-caller-id` at the agent): appending (`Metadata.merge`) would leave a value a peer sent
- * first, and most servers read only the first value of a key.
+ * The request metadata of a call arriving in `rawHeaders` (Node's flat `[key, value, ...]` list,
+ * which keeps repeated keys apart), as it goes on to the next hop: hop keys removed, keys
+ * lowercased, illegal keys dropped (the request rules above), plus the
+ * compression headers. `owned` is set last, replacing anything of the same key.
  */
-export function setOwnedMetadata(md: Metadata, owned: Metadata): void {
-  for (const key of Object.keys(owned.getMap())) {
-    md.remove(key);
-    for (const value of owned.get(key)) md.add(key, value);
+export function forwardedRequestMetadata(rawHeaders: readonly string[], owned?: Record<string, string>): HeaderBlock {
+  const out: HeaderBlock = {};
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+    const key = normalizeMetadataKey(rawHeaders[i]!);
+    if (key === undefined) continue;
+    if (crossesAsRequest(key) || PASSED_TRANSPORT_KEYS.has(key)) addHeader(out, key, rawHeaders[i + 1]!);
   }
+  if (owned) for (const [key, value] of Object.entries(owned)) out[key] = value;
+  return out;
+}
+
+/**
+ * Response headers or trailers (`rawHeaders`) as they go back towards the caller: the response
+ * rules of {@link responseMetadataToWire}, plus the compression headers, plus `grpc-status` and
+ * `grpc-message` when `withStatus` (trailers, trailers-only responses).
+ */
+export function forwardedResponseMetadata(rawHeaders: readonly string[], withStatus: boolean): HeaderBlock {
+  const out: HeaderBlock = {};
+  for (let i = 0; i + 1 < rawHeaders.length; i += 2) {
+    const key = normalizeMetadataKey(rawHeaders[i]!);
+    if (key === undefined) continue;
+    const passes =
+      crossesAsResponse(key) ||
+      PASSED_TRANSPORT_KEYS.has(key) ||
+      (withStatus && (key === 'grpc-status' || key === 'grpc-message'));
+    if (passes && key !== 'date') addHeader(out, key, rawHeaders[i + 1]!);
+  }
+  return out;
 }

@@ -1,4 +1,4 @@
-import { Client, credentials, type ChannelOptions } from '@grpc/grpc-js';
+import * as http2 from 'node:http2';
 
 /** One `SERVICE=HOST:PORT` route; `service` is a full service name or `*` for the default. */
 export interface UpstreamRoute {
@@ -33,19 +33,27 @@ export function serviceOfMethod(method: string): string {
   return slash < 0 ? method.slice(1) : method.slice(1, slash);
 }
 
+/** An upstream's HTTP/2 session and how it is named in status messages. */
+export interface UpstreamSession {
+  session: http2.ClientHttp2Session;
+  address: string;
+  /** Why the last connection to this upstream failed, if it did (status messages). */
+  lastError(): string | undefined;
+}
+
 /**
- * Routes forwarded calls to upstream gRPC servers by service name, one shared channel per address.
- * Used by the agent (site upstreams) and the broker (platform upstreams). Channels connect lazily;
- * a call to an unreachable upstream fails fast with UNAVAILABLE, so it never holds other calls.
+ * Routes forwarded calls to upstream gRPC servers by service name, over one reused plaintext HTTP/2
+ * (h2c) session per address. Used by the agent (site upstreams) and the broker (platform upstreams).
+ * Sessions connect lazily and are made again after they close; a call to an unreachable upstream
+ * fails fast with UNAVAILABLE, so it never holds other calls.
  */
 export class UpstreamTable {
   private readonly byService = new Map<string, string>();
-  private readonly clients = new Map<string, Client>();
+  private readonly sessions = new Map<string, http2.ClientHttp2Session>();
+  private readonly errors = new Map<string, string>();
+  private closed = false;
 
-  constructor(
-    routes: readonly UpstreamRoute[],
-    private readonly channelOptions: ChannelOptions,
-  ) {
+  constructor(routes: readonly UpstreamRoute[]) {
     for (const r of routes) this.byService.set(r.service, r.address);
   }
 
@@ -58,21 +66,42 @@ export class UpstreamTable {
     return this.byService.has(service);
   }
 
-  /** The client for the service of `method`, or undefined when no route (not even `*`) matches. */
-  clientFor(method: string): Client | undefined {
-    const address = this.byService.get(serviceOfMethod(method)) ?? this.byService.get('*');
-    if (address === undefined) return undefined;
-    let client = this.clients.get(address);
-    if (!client) {
-      client = new Client(address, credentials.createInsecure(), this.channelOptions);
-      this.clients.set(address, client);
-    }
-    return client;
+  /** The address serving `method`, or undefined when no route (not even `*`) matches. */
+  addressFor(method: string): string | undefined {
+    return this.byService.get(serviceOfMethod(method)) ?? this.byService.get('*');
   }
 
-  /** Closes every upstream channel. Calls still running on them finish first (grpc-js close). */
+  /** The session for the service of `method`, or undefined when no route (not even `*`) matches. */
+  sessionFor(method: string): UpstreamSession | undefined {
+    const address = this.addressFor(method);
+    if (address === undefined || this.closed) return undefined;
+    let session = this.sessions.get(address);
+    if (!session || session.closed || session.destroyed) {
+      const made = http2.connect(`http://${address}`, { settings: { enablePush: false } });
+      this.sessions.set(address, made);
+      made.on('connect', (_session, socket) => {
+        this.errors.delete(address);
+        // Calls are small writes each way: Nagle would hold every other one for a delayed ACK.
+        (socket as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
+      });
+      made.on('error', (err: NodeJS.ErrnoException) => this.errors.set(address, err.code ?? err.message));
+      made.on('goaway', () => this.forget(address, made));
+      made.on('close', () => this.forget(address, made));
+      // The table keeps sessions for reuse; they must not keep a stopping process alive.
+      made.unref();
+      session = made;
+    }
+    return { session, address, lastError: () => this.errors.get(address) };
+  }
+
+  private forget(address: string, session: http2.ClientHttp2Session): void {
+    if (this.sessions.get(address) === session) this.sessions.delete(address);
+  }
+
+  /** Closes every upstream session. Calls still running on them finish first (HTTP/2 close). */
   close(): void {
-    for (const c of this.clients.values()) c.close();
-    this.clients.clear();
+    this.closed = true;
+    for (const s of this.sessions.values()) s.close();
+    this.sessions.clear();
   }
 }
