@@ -457,6 +457,7 @@ export class Agent {
         serverNameOverride: target.serverName,
         upstreams: this.upstreams,
         builtins: this.builtins,
+        health: this.health,
         metrics: this.metrics,
         logger: this.logger,
       });

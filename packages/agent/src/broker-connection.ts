@@ -12,6 +12,7 @@ import {
   ENROLLMENT_SERVICE,
   GRPC_CONTENT_TYPE,
   H2_SESSION_OPTIONS,
+  HealthService,
   LEGACY_SESSION_PATH,
   PROTOCOL_VERSIONS,
   ProtocolError,
@@ -68,6 +69,8 @@ export interface BrokerConnectionOptions {
   upstreams: UpstreamTable;
   /** Services the agent answers itself (auth, policy), unless an upstream route names them. */
   builtins: BuiltinServices;
+  /** The agent's health (grpc.health.v1), answered for calls through the tunnel that ask for it. */
+  health: HealthService;
   metrics: AgentMetrics;
   logger: Logger;
 }
@@ -359,6 +362,12 @@ export class BrokerConnection extends EventEmitter {
       typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `a${(++this.callCounter).toString(36)}`;
     const service = serviceOfMethod(method);
     // A route naming the service wins over the built-in one; the default route `*` does not.
+    if (HealthService.handles(method) && !this.opts.upstreams.hasRoute(service)) {
+      // A ping through the tunnel: the agent answers for itself (its health, not an upstream's).
+      this.opts.health.answer(stream, method, deadlineMs);
+      this.callEnded();
+      return;
+    }
     const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(method);
     let outcome: Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>;
     if (local) {

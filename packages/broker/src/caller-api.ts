@@ -163,7 +163,9 @@ export class CallerApi {
     stream.on('error', () => {});
     const method = String(headers[':path'] ?? '');
     const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
-    if (HealthService.handles(method)) {
+    // The broker's own health, unless the call names an agent: then it is the agent's (a ping
+    // through the tunnel, answered by the agent itself).
+    if (HealthService.handles(method) && agentIdOfCall(headers) === undefined) {
       this.deps.health.answer(stream, method, deadlineMs);
       return;
     }
