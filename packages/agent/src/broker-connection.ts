@@ -43,6 +43,7 @@ import {
   type SessionFrame,
   type UpstreamTable,
   type WelcomeFrame,
+  type BrokerEndpoint,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
 import type { BuiltinServices } from './builtin-services';
@@ -76,17 +77,31 @@ export interface BrokerConnectionOptions {
 }
 
 /**
+ * What a {@link BrokerConnection} reports, by event name and listener arguments. Public:
+ * `closed` (once, with the error it ended with, if any), `drain` (the broker asked the agent to go
+ * elsewhere), `brokers` (each replica set the broker sends), `trust-bundle` (a new trust bundle).
+ * Internal: `welcome`, `drain-ack` (the broker's Drain after the agent's), `call-ended`.
+ */
+export interface BrokerConnectionEvents {
+  closed: [error?: BurrowError];
+  drain: [reason: string];
+  brokers: [set: BrokerEndpoint[]];
+  'trust-bundle': [pem: string, version: number];
+  welcome: [welcome: WelcomeFrame];
+  'drain-ack': [];
+  'call-ended': [];
+}
+
+/**
  * One tunnel from the agent to one broker (tunnel.proto, "Roles"): the TLS connection the agent
  * dials with ALPN `burrow-tunnel`, on which the agent is the HTTP/2 server, its control stream, and
  * the calls the broker opens on it, each answered by a built-in service or relayed to an upstream.
  * Site clients' calls go up on a second, ordinary `h2` connection made when the first one comes.
  *
- * Events: `closed` (error?: BurrowError) once the tunnel is over; `drain` when the broker asked
- * the agent to go elsewhere. After either, the connection takes no new calls; calls in flight
- * finish and then the connection closes. `brokers` (set: BrokerEndpoint[]) for each replica set the
- * broker sends; `trust-bundle` (pem, version).
+ * Events ({@link BrokerConnectionEvents}): after `closed` or `drain` the connection takes no new
+ * calls; calls in flight finish and then the connection closes.
  */
-export class BrokerConnection extends EventEmitter {
+export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
   private socket: tls.TLSSocket | undefined;
   private h2: http2.ServerHttp2Session | undefined;
   private channel: ControlChannel | undefined;

@@ -37,7 +37,7 @@ export { AgentMetrics, type BrokerCounts } from './agent-metrics';
 /** @internal */
 export { Backoff } from './backoff';
 /** @internal */
-export { BrokerConnection, type BrokerConnectionOptions } from './broker-connection';
+export { BrokerConnection, type BrokerConnectionEvents, type BrokerConnectionOptions } from './broker-connection';
 /** @internal Which brokers the agent connects to (unit-tested pure functions). */
 export {
   expandConfigured,

@@ -637,6 +637,19 @@ export class Broker {
     return { caPem, certPem: fromPki.certPem!, keyPem: fromPki.keyPem! };
   }
 
+  /**
+   * What the broker tells its agents' sessions (replica set, trust bundle) and how many it holds:
+   * the cluster directory and the PKI poll drive these; tests drive them directly.
+   */
+  get agentSessions(): Pick<AgentListener, 'broadcastReplicaSet' | 'broadcastTrustBundle' | 'sessionCount'> {
+    return this.agentListener;
+  }
+
+  /** The trust bundle version the broker serves (with a PKI directory; undefined without). */
+  get trustBundleVersion(): number | undefined {
+    return this.pki?.bundleVersion;
+  }
+
   get isDraining(): boolean {
     return this.draining;
   }
