@@ -242,77 +242,36 @@ export class AgentListener {
   // Tunnels (ALPN burrow-tunnel): this broker is the HTTP/2 client.
 
   private openTunnel(socket: TLSSocket): void {
-    const { logger } = this.deps;
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
-    const h2 = http2.connect('https://agent.burrow', {
-      ...H2_SESSION_OPTIONS,
-      createConnection: () => socket,
-    });
-    const tunnel: Tunnel = { socket, h2, closed: false };
-    this.tunnels.add(tunnel);
-    h2.on('error', () => {});
-    h2.on('close', () => this.closeTunnel(tunnel, undefined));
-    keepSessionAlive(h2, this.deps.keepalive);
-    let control: http2.ClientHttp2Stream;
-    try {
-      control = h2.request(
-        { ':method': 'POST', ':path': CONTROL_PATH, 'content-type': GRPC_CONTENT_TYPE, te: 'trailers' },
-        { endStream: false },
-      );
-    } catch {
-      this.closeTunnel(tunnel, undefined);
-      return;
-    }
-    tunnel.control = control;
+    const tunnel = this.connectTunnel(socket);
+    if (!tunnel) return;
     const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
-    let id: PeerIdentity | undefined;
-    let refusal: BurrowError | undefined;
-    if ('refusal' in checked) refusal = checked.refusal;
-    else {
-      id = checked.identity;
-      refusal = this.sessionRefusal(id, peer);
-    }
-    // nghttp2 found the agent breaking HTTP/2 itself (a PUSH_PROMISE, a stream the agent, the
-    // HTTP/2 server, tried to open, bad framing): a protocol error like a bad session frame. The
-    // session is gone already (GOAWAY sent, its streams closed, often the tunnel forgotten with
-    // them), so no Refused can follow: the error is counted and logged, and the tunnel closed.
-    h2.on('error', (err: NodeJS.ErrnoException) => {
-      if (err.code !== 'ERR_HTTP2_ERROR') return;
-      this.reportProtocolError(tunnel, new ProtocolError(`HTTP/2: ${err.message}`), id);
-      this.closeTunnel(tunnel, undefined);
-    });
-    let helloTimer: NodeJS.Timeout | undefined;
-    let pending = false;
-    const settle = (): void => {
-      clearTimeout(helloTimer);
-      if (!pending || !id) return;
-      pending = false;
-      const n = (this.pendingSessions.get(id.name) ?? 1) - 1;
-      if (n > 0) this.pendingSessions.set(id.name, n);
-      else this.pendingSessions.delete(id.name);
-    };
-    tunnel.channel = new ControlChannel(control, {
+    const id = 'identity' in checked ? checked.identity : undefined;
+    const refusal = 'refusal' in checked ? checked.refusal : this.sessionRefusal(checked.identity, peer);
+    this.watchHttp2Errors(tunnel, id);
+    const hello = this.awaitHello(id);
+    tunnel.channel = new ControlChannel(tunnel.control!, {
       onFrame: (frame) => {
         // A refused or closed tunnel takes nothing more: an agent sends Hello without waiting, and
         // a Hello read after Refused must not register a session (past the cap, or never removed).
         if (tunnel.closed) return;
-        if (!tunnel.session) {
-          settle();
-          if (frame.kind !== 'hello' || !id) {
-            this.protocolError(tunnel, new ProtocolError(`session opened with ${frame.kind}, not hello`), id);
-            return;
-          }
-          this.welcome(tunnel, id, frame.hello.protocolVersions, frame.hello.agentVersion, peer);
+        if (tunnel.session) {
+          this.onSessionFrame(tunnel, tunnel.session, frame);
           return;
         }
-        this.onSessionFrame(tunnel, tunnel.session, frame);
+        hello.settle();
+        if (frame.kind !== 'hello' || !id) {
+          this.protocolError(tunnel, new ProtocolError(`session opened with ${frame.kind}, not hello`), id);
+          return;
+        }
+        this.welcome(tunnel, id, frame.hello.protocolVersions, frame.hello.agentVersion, peer);
       },
       onProtocolError: (error) => {
-        settle();
+        hello.settle();
         this.protocolError(tunnel, error, id);
       },
       onClosed: () => {
-        settle();
+        hello.settle();
         this.closeTunnel(tunnel, undefined);
       },
     });
@@ -320,18 +279,76 @@ export class AgentListener {
       // The per-agent cap logs its own line, once per agent while it stays over it: a flood of
       // connections must not become a flood of log lines.
       if (refusal.code !== Status.RESOURCE_EXHAUSTED)
-        logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
+        this.deps.logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
       this.refuse(tunnel, refusal);
       return;
     }
-    if (id) {
-      pending = true;
-      this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
+    hello.start(() => this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id));
+  }
+
+  /**
+   * This broker as the HTTP/2 client on the socket the agent dialed, and the control stream opened
+   * on it (tunnel.proto, "Control stream"); undefined when the connection is already gone.
+   */
+  private connectTunnel(socket: TLSSocket): Tunnel | undefined {
+    const h2 = http2.connect('https://agent.burrow', { ...H2_SESSION_OPTIONS, createConnection: () => socket });
+    const tunnel: Tunnel = { socket, h2, closed: false };
+    this.tunnels.add(tunnel);
+    h2.on('error', () => {});
+    h2.on('close', () => this.closeTunnel(tunnel, undefined));
+    keepSessionAlive(h2, this.deps.keepalive);
+    try {
+      tunnel.control = h2.request(
+        { ':method': 'POST', ':path': CONTROL_PATH, 'content-type': GRPC_CONTENT_TYPE, te: 'trailers' },
+        { endStream: false },
+      );
+    } catch {
+      this.closeTunnel(tunnel, undefined);
+      return undefined;
     }
-    helloTimer = setTimeout(() => {
-      settle();
-      this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id);
-    }, HELLO_TIMEOUT_MS);
+    return tunnel;
+  }
+
+  /**
+   * nghttp2 found the agent breaking HTTP/2 itself (a PUSH_PROMISE, a stream the agent, the HTTP/2
+   * server, tried to open, bad framing): a protocol error like a bad session frame. The session is
+   * gone already (GOAWAY sent, its streams closed), so no Refused can follow: the error is counted
+   * and logged, and the tunnel closed.
+   */
+  private watchHttp2Errors(tunnel: Tunnel, id: PeerIdentity | undefined): void {
+    tunnel.h2.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ERR_HTTP2_ERROR') return;
+      this.reportProtocolError(tunnel, new ProtocolError(`HTTP/2: ${err.message}`), id);
+      this.closeTunnel(tunnel, undefined);
+    });
+  }
+
+  /**
+   * The wait for a tunnel's Hello: it counts against the agent's session cap from `start` until
+   * `settle` (Hello, a protocol error, the end), and `timedOut` runs when no Hello came in time.
+   */
+  private awaitHello(id: PeerIdentity | undefined): { start(timedOut: () => void): void; settle(): void } {
+    let timer: NodeJS.Timeout | undefined;
+    let pending = false;
+    const settle = (): void => {
+      clearTimeout(timer);
+      if (!pending || !id) return;
+      pending = false;
+      const n = (this.pendingSessions.get(id.name) ?? 1) - 1;
+      if (n > 0) this.pendingSessions.set(id.name, n);
+      else this.pendingSessions.delete(id.name);
+    };
+    const start = (timedOut: () => void): void => {
+      if (id) {
+        pending = true;
+        this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
+      }
+      timer = setTimeout(() => {
+        settle();
+        timedOut();
+      }, HELLO_TIMEOUT_MS);
+    };
+    return { start, settle };
   }
 
   /** Why a new session of `id` is not taken (draining, over the per-agent cap), or undefined. */
