@@ -4,6 +4,7 @@ import * as net from 'node:net';
 import * as os from 'node:os';
 import * as path from 'node:path';
 import { BackgroundTerminal } from './helpers/background-terminal';
+import { expectNoLeaks, type ResourceSnapshot, snapshotResources } from './helpers/leaks';
 import { type QuickStartStep, quickStartSteps } from './helpers/quick-start-steps';
 import { ShellTerminal } from './helpers/shell-terminal';
 
@@ -88,6 +89,8 @@ describe('README quick start, run as written', function () {
 
   let base = '';
   let checkout = '';
+  let baseline: ResourceSnapshot = {};
+  const ports = new Set<number>();
   let terminal: ShellTerminal | undefined;
   const background = new Map<string, BackgroundTerminal>();
   /** Top-level entries the steps created in the checkout (anything that is not one of the mirror's links). */
@@ -99,7 +102,7 @@ describe('README quick start, run as written', function () {
   };
 
   before(async () => {
-    const ports = new Set<number>();
+    baseline = snapshotResources();
     for (const step of STEPS) {
       const text = step.kind === 'interrupt' ? '' : step.script;
       const ready = step.kind === 'background' && 'url' in step.ready ? step.ready.url : '';
@@ -123,6 +126,9 @@ describe('README quick start, run as written', function () {
     await Promise.all([...background.values()].map((b) => b.kill()));
     await terminal?.close();
     if (base) fs.rmSync(base, { recursive: true, force: true });
+    await expectNoLeaks(baseline);
+    // Every process of the quick start is gone: its fixed ports can be taken again.
+    for (const port of ports) await assertPortFree(port);
   });
 
   it('has the steps it promises: build, PKI, upstream, broker, enroll, agent, calls, Ctrl-C, clean up', () => {
