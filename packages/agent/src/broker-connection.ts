@@ -7,7 +7,9 @@ import {
   BurrowError,
   CALLER_ID_KEY,
   CALL_ID_KEY,
+  CallIds,
   CONTROL_PATH,
+  SESSION_HANDSHAKE_TIMEOUT_MS,
   ControlChannel,
   ENROLLMENT_SERVICE,
   GRPC_CONTENT_TYPE,
@@ -48,8 +50,6 @@ import {
 import type { AgentMetrics } from './agent-metrics';
 import type { BuiltinServices } from './builtin-services';
 
-/** How long the agent waits for Welcome after the TLS handshake. */
-const WELCOME_TIMEOUT_MS = 10_000;
 /** How long a leaving agent waits for the broker's Drain that answers its own. */
 const DRAIN_ACK_TIMEOUT_MS = 5_000;
 
@@ -113,7 +113,7 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
   private brokerDrained = false;
   /** The `h2` connection for site -> platform calls and renewals, made on first use. */
   private callSession: http2.ClientHttp2Session | undefined;
-  private callCounter = 0;
+  private readonly callIds = new CallIds('a');
 
   constructor(private readonly opts: BrokerConnectionOptions) {
     super();
@@ -181,10 +181,10 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
           fail(
             new BurrowError(
               Status.UNAVAILABLE,
-              `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`,
+              `no welcome from broker ${this.opts.address} within ${SESSION_HANDSHAKE_TIMEOUT_MS} ms`,
             ),
           ),
-        WELCOME_TIMEOUT_MS,
+        SESSION_HANDSHAKE_TIMEOUT_MS,
       );
       this.once('welcome', (welcome: WelcomeFrame) => {
         if (settled) return;
@@ -229,7 +229,7 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
         'content-type': GRPC_CONTENT_TYPE,
         te: 'trailers',
       });
-      const timer = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), WELCOME_TIMEOUT_MS);
+      const timer = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), SESSION_HANDSHAKE_TIMEOUT_MS);
       let status: { code: number; details: string } | undefined;
       let done = false;
       // Settled by the status itself: this stream's request side stays open (an old Session is a
@@ -372,9 +372,7 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
     // that sent burrow-caller-id twice must not make the upstream see one value that is both ids.
     // A v4 broker sends it once (it replaces any value); of several, the first is the one passed on.
     const caller = firstRawValue(raw, CALLER_ID_KEY) || undefined;
-    const callIdHeader = headers[CALL_ID_KEY];
-    const callId =
-      typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `a${(++this.callCounter).toString(36)}`;
+    const callId = this.callIds.fromHeader(headers[CALL_ID_KEY]);
     const service = serviceOfMethod(method);
     // A route naming the service wins over the built-in one; the default route `*` does not.
     if (HealthService.handles(method) && !this.opts.upstreams.hasRoute(service)) {
@@ -460,7 +458,7 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
     this.activeCalls++;
     this.opts.metrics.tunnelStreams.inc({ state: 'active' });
     try {
-      const owned = { [CALL_ID_KEY]: `a${(++this.callCounter).toString(36)}` };
+      const owned = { [CALL_ID_KEY]: this.callIds.next() };
       const next = nextHopHeaders(method, this.opts.address, raw, deadlineMs, owned, headers['content-type']);
       const out = openStream(this.platformSession(), next, peerName);
       return await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });

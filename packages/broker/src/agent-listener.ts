@@ -4,7 +4,10 @@ import { status as Status } from '@grpc/grpc-js';
 import {
   BurrowError,
   CALLING_AGENT_KEY,
+  CALL_ID_KEY,
+  CallIds,
   CONTROL_PATH,
+  SESSION_HANDSHAKE_TIMEOUT_MS,
   ControlChannel,
   ENROLLMENT_SERVICE,
   GRPC_CONTENT_TYPE,
@@ -48,8 +51,6 @@ import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 /** Site -> platform calls one agent connection may run at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). */
 const MAX_SITE_CALLS_PER_CONNECTION = 4096;
 
-/** How long a new tunnel may take to send Hello before the broker gives up on it. */
-const HELLO_TIMEOUT_MS = 10_000;
 /** How long a refused or cut tunnel may take to read its Refused frame before the socket is destroyed. */
 const CLOSE_GRACE_MS = 2_000;
 
@@ -113,7 +114,7 @@ export class AgentListener {
   private readonly refusalsLogged = new Set<string>();
   /** `h2` connections of agents (site -> platform calls), cut with the agent's sessions. */
   private readonly callConnections = new Map<http2.ServerHttp2Session, PeerIdentity>();
-  private callCounter = 0;
+  private readonly callIds = new CallIds('b');
   /** Serves the `h2` connections. */
   readonly grpcServer: http2.Http2Server;
 
@@ -283,7 +284,9 @@ export class AgentListener {
       this.refuse(tunnel, refusal);
       return;
     }
-    hello.start(() => this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id));
+    hello.start(() =>
+      this.protocolError(tunnel, new ProtocolError(`no hello within ${SESSION_HANDSHAKE_TIMEOUT_MS} ms`), id),
+    );
   }
 
   /**
@@ -346,7 +349,7 @@ export class AgentListener {
       timer = setTimeout(() => {
         settle();
         timedOut();
-      }, HELLO_TIMEOUT_MS);
+      }, SESSION_HANDSHAKE_TIMEOUT_MS);
     };
     return { start, settle };
   }
@@ -603,9 +606,7 @@ export class AgentListener {
   ): Promise<void> {
     const { metrics, logger, platformUpstreams } = this.deps;
     const startedMs = Date.now();
-    const callIdHeader = headers['burrow-call-id'];
-    const callId =
-      typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `b${(++this.callCounter).toString(36)}`;
+    const callId = this.callIds.fromHeader(headers[CALL_ID_KEY]);
     metrics.callsInFlight.inc({ direction: 'from_agent' });
     let outcome: { code: number; details: string; requestBytes?: number; responseBytes?: number };
     const upstream = platformUpstreams.sessionFor(method);
@@ -711,7 +712,7 @@ export class AgentListener {
       return;
     }
     const reader = new MessageReader(64 * 1024);
-    const timer = setTimeout(() => refuse('an older protocol (no hello)'), HELLO_TIMEOUT_MS);
+    const timer = setTimeout(() => refuse('an older protocol (no hello)'), SESSION_HANDSHAKE_TIMEOUT_MS);
     stream.on('close', () => clearTimeout(timer));
     stream.on('data', (chunk: Buffer) => {
       let frames: Buffer[];

@@ -6,6 +6,8 @@ import {
   BurrowError,
   CALLER_ID_KEY,
   CALL_ID_KEY,
+  CallIds,
+  type StreamListener,
   HealthService,
   ID_GRAMMAR,
   deadlineFromTimeout,
@@ -148,18 +150,12 @@ interface LiveCallState {
  * policy, limits.
  */
 export class CallerApi {
-  private callCounter = 0;
-  private readonly idPrefix = Math.random().toString(36).slice(2, 8);
+  private readonly callIds = new CallIds('c');
 
   constructor(private readonly deps: CallerApiDeps) {}
 
   /** The caller API server's 'stream' handler. */
-  readonly handle = (
-    stream: http2.ServerHttp2Stream,
-    headers: http2.IncomingHttpHeaders,
-    _flags: number,
-    rawHeaders: string[],
-  ): void => {
+  readonly handle: StreamListener = (stream, headers, _flags, rawHeaders) => {
     stream.on('error', () => {});
     const method = String(headers[':path'] ?? '');
     const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
@@ -235,7 +231,7 @@ export class CallerApi {
   private accounting(presented: PresentedPeer, method: string, transport: 'grpc' | 'http') {
     const { metrics } = this.deps;
     const startedMs = Date.now();
-    const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
+    const callId = this.callIds.next();
     // The limit slots taken so far, released by `finish`.
     const slots: { caller?: () => void; agent?: () => void } = {};
     let finished = false;

@@ -6,6 +6,8 @@ import {
   type BurrowError,
   CALLER_ID_KEY,
   CALL_ID_KEY,
+  CallIds,
+  type StreamListener,
   GRPC_CONTENT_TYPE,
   deadlineFromTimeout,
   encodeGrpcMessage,
@@ -81,18 +83,12 @@ interface PeerCall {
  * agent's tunnel. Never forwards a call further.
  */
 export class PeerListener {
-  private callCounter = 0;
-  private readonly idPrefix = `p${Math.random().toString(36).slice(2, 6)}`;
+  private readonly callIds = new CallIds('p');
 
   constructor(private readonly deps: PeerListenerDeps) {}
 
   /** The peer server's 'stream' handler. */
-  readonly handle = (
-    stream: http2.ServerHttp2Stream,
-    headers: http2.IncomingHttpHeaders,
-    _flags: number,
-    rawHeaders: string[],
-  ): void => {
+  readonly handle: StreamListener = (stream, headers, _flags, rawHeaders) => {
     stream.on('error', () => {});
     void this.onForward({ stream, headers, rawHeaders, method: String(headers[':path'] ?? '') });
   };
@@ -189,7 +185,7 @@ export class PeerListener {
       },
     });
     const deadlineMs = deadlineFromTimeout(call.headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
-    const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
+    const callId = this.callIds.next();
     let opened: { session: AgentSession; outbound: http2.ClientHttp2Stream };
     try {
       opened = await this.openOnAgent(call, agentId, hop, callId, deadlineMs, abort.signal);

@@ -45,6 +45,12 @@ export const SESSION_FIELD_LIMITS = {
 /** Default largest forwarded gRPC message, in bytes (16 MiB). */
 export const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
+/**
+ * How long either side of a new tunnel waits for the other's first session frame (the broker for
+ * Hello, the agent for Welcome or Refused) before it gives the connection up.
+ */
+export const SESSION_HANDSHAKE_TIMEOUT_MS = 10_000;
+
 /** The control stream's path: the first stream the broker opens on a tunnel connection. */
 export const CONTROL_PATH = '/burrow.tunnel.v1.Tunnel/Control';
 
