@@ -214,7 +214,7 @@ describe('burrow-call (the caller CLI)', function () {
       );
     });
 
-    it('a request that is not JSON: exit 2; one of the wrong shape: INVALID_ARGUMENT (3) naming the field', async () => {
+    it('a request that is not JSON: exit 2; one of the wrong shape: INVALID_ARGUMENT (3) naming it', async () => {
       const bad = await call(['evaluate', ...target, '--request', '-'], '{"subject": ');
       expect(bad.exit.code).to.equal(2);
       expect(bad.stderrLines).to.have.length(1);
