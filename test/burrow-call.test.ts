@@ -1,8 +1,12 @@
 import { expect } from 'chai';
 import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
+import { ServerCredentials, status as Status } from '@grpc/grpc-js';
 import { loadJose } from '@burrow/agent';
+import { BurrowCallError, BurrowClient } from '@burrow/client';
 import { ECHO } from './helpers/echo-upstream';
+import { PkiFixture } from './helpers/pki-fixture';
+import { startRawServer } from './helpers/raw-grpc';
 import { EXAMPLES_DIR } from './helpers/policy-fixture';
 import { CALL_CLI, killAll, runCli } from './helpers/processes';
 import { AGENT_ID, Stack } from './helpers/stack';
@@ -85,10 +89,14 @@ describe('burrow-call (the caller CLI)', function () {
     });
 
     it('an agent that is not connected: exit 14 and one line naming UNAVAILABLE and the agent', async () => {
-      const r = await call(['ping', ...target.slice(0, 4), '--agent', 'no-such-site', '--timeout', '20s']);
+      // The broker waits 2 s for the agent (the stack's --agent-wait); the retry then runs into the
+      // 3 s deadline: the caller still learns that the agent is not connected, not a bare deadline.
+      const r = await call(['ping', ...target.slice(0, 4), '--agent', 'no-such-site', '--timeout', '3s']);
       expect(r.exit.code, r.stderrLines.join('\n')).to.equal(14);
       expect(r.stderrLines).to.have.length(1);
-      expect(r.stderrLines[0]).to.match(/^burrow-call: UNAVAILABLE: .*no-such-site/);
+      expect(r.stderrLines[0]).to.equal(
+        'burrow-call: UNAVAILABLE: agent "no-such-site" is not connected (waited 2000 ms)',
+      );
       expect(r.stdout).to.equal('');
     });
 
@@ -296,5 +304,47 @@ describe('burrow-call (the caller CLI)', function () {
       expect(r.exit.code).to.equal(7);
       expect(r.stderrLines).to.deep.equal(['burrow-call: PERMISSION_DENIED: no; way']);
     });
+  });
+});
+
+describe('BurrowClient retries (under burrow-call)', () => {
+  it('a retry of UNAVAILABLE that runs out the deadline reports the UNAVAILABLE, not a bare deadline', async () => {
+    const pki = await PkiFixture.create();
+    let calls = 0;
+    // A broker that says the agent is not connected, then (like a broker waiting for an absent
+    // agent up to the caller's deadline) never answers the retry.
+    const broker = await startRawServer(
+      {
+        '/grpc.health.v1.Health/Check': (call) => {
+          if (++calls === 1) call.emit('error', { code: Status.UNAVAILABLE, details: 'agent "x" is not connected' });
+        },
+      },
+      await pki
+        .issue('broker', 'b')
+        .then((c) =>
+          ServerCredentials.createSsl(readFileSync(c.ca), [
+            { cert_chain: readFileSync(c.cert), private_key: readFileSync(c.key) },
+          ]),
+        ),
+    );
+    const svc = await pki.issue('service', 'caller');
+    const client = new BurrowClient({
+      broker: broker.address,
+      tls: { certFile: svc.cert, keyFile: svc.key, caFile: svc.ca },
+      retryBaseMs: 1,
+    });
+    try {
+      const err = await client.ping('x', { timeoutMs: 1_000 }).then(
+        () => undefined,
+        (e: unknown) => e,
+      );
+      expect(err).to.be.instanceOf(BurrowCallError);
+      expect(err).to.include({ code: Status.UNAVAILABLE, details: 'agent "x" is not connected', attempts: 2 });
+      expect(calls).to.equal(2);
+    } finally {
+      client.close();
+      await broker.stop();
+      pki.cleanup();
+    }
   });
 });

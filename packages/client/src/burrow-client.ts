@@ -300,13 +300,19 @@ export class BurrowClient {
     beforeAttempt?: () => void,
   ): Promise<Buffer> {
     const deadlineMs = Date.now() + (opts.timeoutMs ?? this.timeoutMs);
+    let unavailable: ServiceError | undefined;
     for (let attempt = 1; ; attempt++) {
       try {
         beforeAttempt?.();
         return await this.unary(agentId, method, message, deadlineMs, opts.signal);
       } catch (err) {
-        const e = err as ServiceError;
-        const retryable = e.code === Status.UNAVAILABLE && attempt < this.maxAttempts && !opts.signal?.aborted;
+        let e = err as ServiceError;
+        // A retry that ran out the clock says less than the UNAVAILABLE it retried (`agent "x" is not
+        // connected`): the broker waits for an absent agent until the deadline on the second attempt.
+        if (e.code === Status.DEADLINE_EXCEEDED && unavailable) e = unavailable;
+        if (e.code === Status.UNAVAILABLE) unavailable = e;
+        const retryable =
+          e === err && e.code === Status.UNAVAILABLE && attempt < this.maxAttempts && !opts.signal?.aborted;
         const delayMs = Math.random() * this.retryBaseMs * 2 ** (attempt - 1);
         if (!retryable || Date.now() + delayMs >= deadlineMs)
           throw new BurrowCallError(e.code ?? Status.UNKNOWN, e.details ?? e.message, attempt);
