@@ -53,8 +53,6 @@ async function main() {
     format: 'cjs',
     logLevel: 'silent',
     plugins: [protoDirPlugin],
-    // Optional native/peer modules some dependencies probe for at run time; absent is fine.
-    external: [],
   };
   const results = await Promise.all([
     esbuild.build({

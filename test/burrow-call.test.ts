@@ -1,19 +1,17 @@
 import { expect } from 'chai';
-import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { readFileSync, rmSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { ServerCredentials, status as Status } from '@grpc/grpc-js';
 import { loadJose } from '@burrow/agent';
 import { BurrowCallError, BurrowClient } from '@burrow/client';
 import { ECHO } from './helpers/echo-upstream';
-import { PkiFixture } from './helpers/pki-fixture';
+import { PkiFixture, makeTempDir } from './helpers/pki-fixture';
 import { startRawServer } from './helpers/raw-grpc';
 import { EXAMPLES_DIR } from './helpers/policy-fixture';
 import { CALL_CLI, killAll, runCli } from './helpers/processes';
 import { AGENT_ID, Stack } from './helpers/stack';
 import { AUD, ISS, jwksOf, makeKey, signToken, type TestKey } from './helpers/token-fixture';
 
-// Compiled to test/dist: the repository root is two levels up.
-const ROOT = path.resolve(__dirname, '..', '..');
 const REQUESTS_DIR = path.join(EXAMPLES_DIR, 'requests');
 
 // The echo upstream answers Unary with the request's own bytes, so one message type serves both ways.
@@ -48,7 +46,7 @@ describe('burrow-call (the caller CLI)', function () {
     runCli(CALL_CLI, args, env, 30_000, stdin);
 
   before(async () => {
-    tmp = mkdtempSync(path.join(ROOT, 'test', 'dist', 'burrow-call-'));
+    tmp = makeTempDir('burrow-call-');
     const jose = await loadJose();
     key = await makeKey(jose, 'ES256', 'site-key-1');
     writeFileSync(path.join(tmp, 'jwks.json'), jwksOf(key));

@@ -1,8 +1,9 @@
 import { expect } from 'chai';
 import { execFile } from 'node:child_process';
-import { mkdirSync, mkdtempSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdirSync, readdirSync, rmSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { promisify } from 'node:util';
+import { makeTempDir } from './helpers/pki-fixture';
 import { runCli } from './helpers/processes';
 import { AGENT_ID, Stack } from './helpers/stack';
 
@@ -34,7 +35,9 @@ describe('@burrow/client installed from its tarball', function () {
     });
 
   before(async () => {
-    tmp = mkdtempSync(path.join(ROOT, 'test', 'dist', 'client-package-'));
+    // Outside the checkout: from inside it, require() would find the repository's node_modules and
+    // hide a dependency the tarball lacks.
+    tmp = makeTempDir('burrow-client-package-');
     const packDir = path.join(tmp, 'pack');
     project = path.join(tmp, 'project');
     mkdirSync(packDir);
