@@ -56,4 +56,4 @@ $(AGENT_BINARY): $(AGENT_BINARY_INPUTS) | build
 	node scripts/build-agent-binary.js
 
 clean:
-	rm -rf dist node_modules packages/*/dist packages/*/tsconfig.tsbuildinfo test/dist test/tsconfig.tsbuildinfo
+	rm -rf dist node_modules packages/*/dist packages/client/bundle packages/client/proto packages/*/tsconfig.tsbuildinfo test/dist test/tsconfig.tsbuildinfo
