@@ -144,6 +144,20 @@ describe('burrow-call (the caller CLI)', function () {
       });
   });
 
+  it("every flag of every command is a row of the README's burrow-call table, with its BURROW_CALL_ variable", async () => {
+    const readme = readFileSync(path.join(__dirname, '..', '..', 'README.md'), 'utf8');
+    const section = readme.slice(readme.indexOf('### `burrow-call`'), readme.indexOf('## Error codes'));
+    for (const cmd of ['ping', 'authenticate', 'evaluate', 'evaluations', 'invoke']) {
+      const help = await call([cmd, '--help']);
+      const flags = [...help.stdout.matchAll(/^ {2}--([a-z-]+)/gm)].map((m) => m[1]!);
+      expect(flags, cmd).to.include.members(['broker', 'cert-dir', 'agent', 'timeout', 'json', 'config']);
+      for (const flag of flags.filter((f) => f !== 'help' && f !== 'version')) {
+        const env = `BURROW_CALL_${flag.toUpperCase().replace(/-/g, '_')}`;
+        expect(section, `${cmd} --${flag}`).to.match(new RegExp(`^\\| \`--${flag}\`.*\\| \`${env}\` \\|`, 'm'));
+      }
+    }
+  });
+
   function writeConfig(text: string): string {
     const file = path.join(tmp, `config-${Math.random().toString(36).slice(2)}.yaml`);
     writeFileSync(file, text);
