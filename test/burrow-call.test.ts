@@ -144,7 +144,7 @@ describe('burrow-call (the caller CLI)', function () {
       });
   });
 
-  it("every flag of every command is a row of the README's burrow-call table, with its BURROW_CALL_ variable", async () => {
+  it("every flag of every command has a row in the README's burrow-call table with its variable", async () => {
     const readme = readFileSync(path.join(__dirname, '..', '..', 'README.md'), 'utf8');
     const section = readme.slice(readme.indexOf('### `burrow-call`'), readme.indexOf('## Error codes'));
     for (const cmd of ['ping', 'authenticate', 'evaluate', 'evaluations', 'invoke']) {
