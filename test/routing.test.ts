@@ -57,11 +57,14 @@ describe('routing', () => {
     expect(stack.broker.registry.entryCount).to.equal(1);
   });
 
-  it('a caller deadline shorter than the wait: DEADLINE_EXCEEDED at the deadline', async () => {
+  it('a caller deadline shorter than the wait: UNAVAILABLE naming the agent, before the deadline', async () => {
+    const started = Date.now();
     const err = await failure(
       stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'site-nowhere'), { deadline: Date.now() + 200 }),
     );
-    expect(err.code).to.equal(Status.DEADLINE_EXCEEDED);
+    expect(err.code, err.details).to.equal(Status.UNAVAILABLE);
+    expect(err.details).to.match(/agent "site-nowhere" is not connected .*before the caller's deadline/);
+    expect(Date.now() - started).to.be.below(200);
   });
 
   it('an agent that connects while a call waits for it gets the call', async () => {
@@ -154,5 +157,30 @@ describe('routing at the agent', () => {
     goodResults.forEach((r, i) => {
       expect(r.response.toString()).to.equal(`g${i}`);
     });
+  });
+});
+
+describe('routing: a caller deadline (1 s) shorter than --agent-wait (5 s)', () => {
+  let stack: Stack;
+  before(async () => {
+    stack = await Stack.start({ broker: { agentWaitMs: 5_000 } });
+  });
+  after(async () => {
+    await stack?.stop();
+  });
+
+  it('an offline agent: UNAVAILABLE naming it within the deadline, not DEADLINE_EXCEEDED', async () => {
+    const started = Date.now();
+    const err = await failure(
+      stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'site-offline'), { deadline: started + 1_000 }),
+    );
+    const tookMs = Date.now() - started;
+    expect(err.code, err.details).to.equal(Status.UNAVAILABLE);
+    expect(err.details).to.match(
+      /^agent "site-offline" is not connected \(waited \d+ ms, answering before the caller's deadline\)$/,
+    );
+    // It waited for the agent (most of the caller's second), then answered in time.
+    expect(tookMs).to.be.within(700, 999);
+    expect(stack.broker.registry.counts().waiters).to.equal(0);
   });
 });
