@@ -3,6 +3,7 @@ import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
 import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
 import { silentLogger } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
+import { freePort } from './helpers/free-port';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 
@@ -142,9 +143,34 @@ describe('routing at the agent', () => {
     expect(err.details).to.equal('agent "site-a" has no upstream for service "other.Service"');
   });
 
-  it('an unreachable upstream: UNAVAILABLE', async () => {
+  it('an unreachable upstream (closed port): UNAVAILABLE naming the agent, the route and the cause', async () => {
     const err = await failure(stack.caller.unary('/burrow.test.Gone/Method', Buffer.from('x'), stack.md()));
     expect(err.code).to.equal(Status.UNAVAILABLE);
+    expect(err.details).to.equal(
+      'agent "site-a": upstream burrow.test.Gone at 127.0.0.1:1 is unreachable (ECONNREFUSED)',
+    );
+  });
+
+  it('an unreachable default route names it `*`', async () => {
+    const port = await freePort(); // free: nothing listens there, a connect is refused
+    const cert = await stack.pki.issue('agent', 'site-b');
+    const agent = new Agent(
+      {
+        ...stack.agentConfigWith({ upstreams: [{ service: '*', address: `127.0.0.1:${port}` }] }),
+        tlsCertFile: cert.cert,
+        tlsKeyFile: cert.key,
+      },
+      silentLogger(),
+    );
+    try {
+      await agent.start();
+      await agent.waitConnected();
+      const err = await failure(stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'site-b')));
+      expect(err.code).to.equal(Status.UNAVAILABLE);
+      expect(err.details).to.equal(`agent "site-b": upstream * at 127.0.0.1:${port} is unreachable (ECONNREFUSED)`);
+    } finally {
+      await agent.stop();
+    }
   });
 
   it('many calls to an unreachable upstream do not starve other calls', async () => {

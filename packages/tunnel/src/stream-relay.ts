@@ -37,6 +37,12 @@ export interface RelayOptions {
   /** The caller's deadline (epoch ms, Infinity for none): the call ends with DEADLINE_EXCEEDED there. */
   deadlineMs: number;
   cutter?: CallCutter;
+  /**
+   * How the next hop is named when its connection never came up (refused, no route, DNS), in the
+   * UNAVAILABLE `<name> is unreachable (ECONNREFUSED)`; default `peerName`. Distinct from a
+   * connection lost during the call, after which the next hop may have run it.
+   */
+  unreachableName?: string;
 }
 
 /**
@@ -250,15 +256,28 @@ export function relayCall(
       inbound.end();
       settle(status.code, status.details);
     });
-    outbound.on('error', () => {});
+    // Node cancels a stream whose session failed to connect with the connect error as the cause;
+    // the session's own 'error' (with the same code) comes only after this stream has closed.
+    let connectError: string | undefined;
+    outbound.on('error', (err: Error) => {
+      const cause = err.cause as NodeJS.ErrnoException | undefined;
+      connectError = cause ? (cause.code ?? cause.message) : undefined;
+    });
     outbound.on('close', () => {
       if (!settled()) {
         const sessionGone = session === undefined || session.destroyed || session.closed;
         const rstCode = outbound.rstCode ?? NGHTTP2_CANCEL;
+        // A session still `connecting` when it is gone never reached the next hop: nothing ran.
+        const neverConnected = session !== undefined && sessionGone && session.connecting;
         fail(
-          rstCode === NGHTTP2_NO_ERROR && !sessionGone
-            ? new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`)
-            : statusOfReset(rstCode, sessionGone, opts.peerName),
+          neverConnected
+            ? new BurrowError(
+                Status.UNAVAILABLE,
+                `${opts.unreachableName ?? opts.peerName} is unreachable (${connectError ?? 'connection failed'})`,
+              )
+            : rstCode === NGHTTP2_NO_ERROR && !sessionGone
+              ? new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`)
+              : statusOfReset(rstCode, sessionGone, opts.peerName),
         );
       }
       finishIfDone();
