@@ -42,14 +42,14 @@ describe('routing', () => {
     }
   });
 
-  it("a caller at the agent listener: UNIMPLEMENTED naming that listener and the caller API's port", async () => {
+  it("a caller at the agent listener: refused naming that listener and the caller API's port", async () => {
     const client = new RawClient(stack.agentAddress, mtlsCredentials(stack.serviceCert), {
       'grpc.ssl_target_name_override': 'localhost',
     });
     try {
       const err = await failure(client.unary(ECHO.unary, Buffer.from('x'), stack.md()));
       const apiPort = stack.apiAddress.split(':').pop();
-      expect(err.code, err.details).to.equal(Status.UNIMPLEMENTED);
+      expect(err.code, err.details).to.equal(Status.PERMISSION_DENIED);
       expect(err.details).to.equal(
         `this is the broker's agent listener (agents connect here); call the caller API on port ${apiPort}`,
       );

@@ -584,14 +584,15 @@ export class AgentListener {
   }
 
   /**
-   * UNIMPLEMENTED for a caller (service certificate) that called this listener: no method a caller
-   * means is served here, and PERMISSION_DENIED would send them to debug their certificate.
+   * The refusal of a caller (service certificate) that called this listener: still PERMISSION_DENIED
+   * (the role may not use this listener, counted as wrong_role), but worded for the likely cause,
+   * the wrong port, rather than a problem with the certificate.
    */
   private wrongListener(): BurrowError {
     const port = this.deps.callerApiPort?.();
     const where = port === undefined ? "the broker's caller API port" : `the caller API on port ${port}`;
     return new BurrowError(
-      Status.UNIMPLEMENTED,
+      Status.PERMISSION_DENIED,
       `this is the broker's agent listener (agents connect here); call ${where}`,
     );
   }
