@@ -130,6 +130,17 @@ describe('cli', function () {
         ['serve', '--agent_listen', '127.0.0.1:0'],
         'burrow-broker: unknown flag --agent_listen: did you mean --agent-listen?',
       );
+      // yargs would take the camelCase spelling silently: one name per flag.
+      await refused(
+        BROKER_CLI,
+        ['status', '--adminListen', '127.0.0.1:1'],
+        'burrow-broker: unknown flag --adminListen: did you mean --admin-listen?',
+      );
+      await refused(
+        PKI_CLI,
+        ['token', 'create', '--dir', dir, '--agentId', 'site-a'],
+        'burrow-pki: unknown flag --agentId: did you mean --agent-id?',
+      );
     });
 
     it('a missing required flag names its environment variable', async () => {

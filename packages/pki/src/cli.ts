@@ -24,7 +24,7 @@
  */
 import { promises as fs, readFileSync } from 'node:fs';
 import * as path from 'node:path';
-import { explainUsageError, usageOptionsOf } from '@burrow/tunnel/dist/explain-usage-error';
+import { explainUsageError, misspeltFlag, usageOptionsOf } from '@burrow/tunnel/dist/explain-usage-error';
 import yargs, { type Argv, type Options } from 'yargs';
 import { DEFAULT_TRUST_DOMAIN, initPki } from './certificate-authority';
 import { parseDuration } from './duration';
@@ -507,6 +507,11 @@ function withCommonBehaviour(y: Argv, args: readonly string[]): Argv {
       for (const outcome of await securePkiDir(argv.dir)) reportTightened(outcome);
     })
     .demandCommand(1, 'a command is required: init, issue, token, rotate, revoke, crl or check')
+    .check(() => {
+      const misspelt = misspeltFlag(args, usageOptionsOf(y));
+      if (misspelt) throw new UsageError(misspelt);
+      return true;
+    }, true)
     .strict()
     .version(packageVersion())
     .help()

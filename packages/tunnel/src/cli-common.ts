@@ -1,5 +1,5 @@
 import type { Argv } from 'yargs';
-import { explainUsageError, usageOptionsOf } from './explain-usage-error';
+import { explainUsageError, misspeltFlag, usageOptionsOf } from './explain-usage-error';
 import { ConfigError, asList, loadYamlConfig, parseBytes, parseDurationMs } from './cli-options';
 import { DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS } from './frames';
 import { DEFAULT_KEEPALIVE, type KeepaliveSettings } from './grpc-options';
@@ -175,6 +175,11 @@ export function parseCommandLine<T>(y: Argv<T>, version: string, fail: CliFailur
     .strict()
     .version(`${version} (protocol ${PROTOCOL_VERSIONS.join(', ')})`)
     .help()
+    .check(() => {
+      const misspelt = misspeltFlag(args, usageOptionsOf(y));
+      if (misspelt) throw new Error(misspelt);
+      return true;
+    }, true)
     .fail((msg, err) => fail(err ? err.message : explainUsageError(msg, args, usageOptionsOf(y))))
     .parse();
 }

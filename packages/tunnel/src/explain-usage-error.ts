@@ -9,14 +9,12 @@ function kebab(name: string): string {
 }
 
 /**
- * Rewrites a yargs usage error for people. yargs (with camel-case expansion, which its `.env()`
- * needs: it turns BURROW_AGENT_STATE_DIR into `stateDir`) lists an unknown flag twice
- * (`admin-listn, adminListn`); a misspelt flag such as `--agent_id` is reported as the flag it
- * meant missing; and a missing flag does not say it can come from the environment. Returns one
- * line: the flag given in the wrong spelling with the right one, else the message without twins
- * and with `--` on flags, with each missing flag's environment variable when `envPrefix` is set.
+ * The error for a flag given in another spelling of one of the command's flags (`--agent_id`,
+ * `--agentId` for `--agent-id`), else undefined. yargs accepts the camelCase spelling silently
+ * (its camel-case expansion) and reports a snake_case one as the real flag missing; each flag has
+ * one name, so both are refused naming it. Arguments after `--` are not flags.
  */
-export function explainUsageError(message: string, args: readonly string[], options: UsageOptions): string {
+export function misspeltFlag(args: readonly string[], options: UsageOptions): string | undefined {
   const known = new Set(Object.keys(options.key));
   const isKnown = (name: string): boolean => known.has(name) || (name.startsWith('no-') && known.has(name.slice(3)));
   const end = args.indexOf('--');
@@ -26,6 +24,21 @@ export function explainUsageError(message: string, args: readonly string[], opti
     const meant = kebab(m[1]!);
     if (meant !== m[1] && isKnown(meant)) return `unknown flag --${m[1]}: did you mean --${meant}?`;
   }
+  return undefined;
+}
+
+/**
+ * Rewrites a yargs usage error for people. yargs (with camel-case expansion, which its `.env()`
+ * needs: it turns BURROW_AGENT_STATE_DIR into `stateDir`) lists an unknown flag twice
+ * (`admin-listn, adminListn`); a misspelt flag such as `--agent_id` is reported as the flag it
+ * meant missing; and a missing flag does not say it can come from the environment. Returns one
+ * line: the flag given in the wrong spelling with the right one, else the message without twins
+ * and with `--` on flags, with each missing flag's environment variable when `envPrefix` is set.
+ */
+export function explainUsageError(message: string, args: readonly string[], options: UsageOptions): string {
+  const misspelt = misspeltFlag(args, options);
+  if (misspelt) return misspelt;
+  const known = new Set(Object.keys(options.key));
   const [first = '', ...rest] = message.split('\n');
   if (first === 'Invalid values:') {
     // `  Argument: action, Given: "frob", Choices: "list", "show"` per flag.
