@@ -401,9 +401,16 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
           const owned = caller ? { [CALLER_ID_KEY]: caller } : undefined;
           const next = nextHopHeaders(method, upstream.address, raw, deadlineMs, owned, headers['content-type']);
           const out = openStream(upstream.session, next, peerName);
-          outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
+          // The route's name as configured (`*` for the default route), as operations.md quotes it.
+          const route = this.opts.upstreams.hasRoute(service) ? service : '*';
+          outcome = await relayCall(stream, out, {
+            peerName,
+            maxMessageBytes: this.maxMessageBytes,
+            deadlineMs,
+            unreachableName: `agent "${this.opts.agentId}": upstream ${route} at ${upstream.address}`,
+          });
           const why = upstream.lastError();
-          if (outcome.code === Status.UNAVAILABLE && why)
+          if (outcome.code === Status.UNAVAILABLE && why && !outcome.details.includes(`(${why})`))
             outcome = { ...outcome, details: `${outcome.details} (${why})` };
         } catch (err) {
           const e = toBurrowError(err);

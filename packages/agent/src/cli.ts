@@ -359,7 +359,7 @@ function main(): void {
       },
     )
     .demandCommand(1, 'name a command: run, enroll or policy');
-  parseCommandLine(commands, VERSION, fail);
+  parseCommandLine(commands, VERSION, fail, hideBin(process.argv));
 }
 
 /** Runs the CLI on process.argv; the single executable's entry point calls it (it is not `require.main`). */

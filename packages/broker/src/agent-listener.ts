@@ -45,7 +45,7 @@ import {
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import type { BrokerPki } from './broker-pki';
-import { AGENT_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
+import { AGENT_RULE, CALLER_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 
 /** Site -> platform calls one agent connection may run at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). */
@@ -84,6 +84,11 @@ export interface AgentListenerDeps {
    * last given to {@link AgentListener.broadcastReplicaSet}, if any.
    */
   replicaSet?(): BrokerEndpoint[];
+  /**
+   * The port of this broker's caller API once bound, named to a caller (a service certificate)
+   * that called this listener by mistake; undefined before it is bound.
+   */
+  callerApiPort?(): number | undefined;
 }
 
 /** One tunnel connection: its HTTP/2 session (broker = client), its control channel, its session once welcomed. */
@@ -581,10 +586,13 @@ export class AgentListener {
       this.refuseLegacyAgent(stream, method);
       return;
     }
-    const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
+    const presented = presentedBy(socket);
+    const checked = checkPeer(presented, AGENT_RULE, this.deps);
     if ('refusal' in checked) {
-      this.deps.logger.warn('site call refused', { peer: socket.remoteAddress, reason: checked.refusal.message });
-      endWithStatus(stream, checked.refusal.code, checked.refusal.message);
+      // A caller's certificate here means the wrong port, not a wrong certificate: say where to go.
+      const refusal = presented.identity?.role === CALLER_RULE.role ? this.wrongListener() : checked.refusal;
+      this.deps.logger.warn('site call refused', { peer: socket.remoteAddress, method, reason: refusal.message });
+      endWithStatus(stream, refusal.code, refusal.message);
       return;
     }
     const session = stream.session as http2.ServerHttp2Session;
@@ -593,6 +601,20 @@ export class AgentListener {
       session.once('close', () => this.callConnections.delete(session));
     }
     void this.answerSiteCall(stream, method, raw, headers, checked.identity, deadlineMs);
+  }
+
+  /**
+   * The refusal of a caller (service certificate) that called this listener: still PERMISSION_DENIED
+   * (the role may not use this listener, counted as wrong_role), but worded for the likely cause,
+   * the wrong port, rather than a problem with the certificate.
+   */
+  private wrongListener(): BurrowError {
+    const port = this.deps.callerApiPort?.();
+    const where = port === undefined ? "the broker's caller API port" : `the caller API on port ${port}`;
+    return new BurrowError(
+      Status.PERMISSION_DENIED,
+      `this is the broker's agent listener (agents connect here); call ${where}`,
+    );
   }
 
   /** A site client's call (site -> platform): relayed to the platform upstream that serves it. */

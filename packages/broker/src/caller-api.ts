@@ -34,7 +34,7 @@ import type { AgentDirectory } from './agent-directory';
 import { CALLER_RULE, checkPeer, presentedBy, type PresentedPeer } from './peer-admission';
 import type { PeerForwarder } from './peer-forwarder';
 import { noBrokerServes } from './peer-protocol';
-import type { AgentSession, TunnelRegistry } from './tunnel-registry';
+import { giveUpAtMs, type AgentSession, type TunnelRegistry } from './tunnel-registry';
 
 /** A broker cluster: where agents connected elsewhere are looked up and how calls reach them. */
 export interface ClusterRouting {
@@ -399,7 +399,8 @@ export class CallerApi {
     };
     if (!cluster || registry.canServe(agentId)) return local(agentWaitMs);
     const startedMs = Date.now();
-    const waitUntilMs = Math.min(startedMs + agentWaitMs, deadlineMs);
+    // Ends before the caller's deadline (see giveUpAtMs) so the caller hears which agent is missing.
+    const waitUntilMs = giveUpAtMs(startedMs, agentWaitMs, deadlineMs);
     const attempts: string[] = [];
     const hop = { caller: admitted.caller.spiffeId, method: admitted.method, policies: admitted.decision.policies };
     for (;;) {
@@ -431,11 +432,7 @@ export class CallerApi {
       if (signal.aborted) throw new BurrowError(Status.CANCELLED, 'cancelled while waiting for the agent');
       if (registry.canServe(agentId)) return local(Math.max(0, waitUntilMs - Date.now()));
       const leftMs = waitUntilMs - Date.now();
-      if (leftMs <= 0) {
-        if (deadlineMs <= waitUntilMs)
-          throw new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for agent "${agentId}"`);
-        throw noBrokerServes(agentId, Date.now() - startedMs, [...new Set(attempts)].slice(-3));
-      }
+      if (leftMs <= 0) throw noBrokerServes(agentId, Date.now() - startedMs, [...new Set(attempts)].slice(-3));
       await registry.whenConnected(agentId, Math.min(leftMs, cluster.retryIntervalMs), signal);
     }
   }

@@ -283,7 +283,8 @@ function command(
 }
 
 function main(): void {
-  const commands = yargs(hideBin(process.argv))
+  const args = hideBin(process.argv);
+  const commands = yargs(args)
     .scriptName(PROG)
     .usage('$0 <command> --broker HOST:PORT --cert-dir DIR --agent ID [options]')
     .command(command('ping', 'ask the agent itself whether it serves (health through the tunnel)', {}, ping))
@@ -292,7 +293,7 @@ function main(): void {
     .command(command('evaluations', 'a batch of AuthZEN evaluations', REQUEST_OPTION, evaluations))
     .command(command('invoke <method>', 'call any unary method of the site', INVOKE_OPTIONS, invoke))
     .demandCommand(1, 'name a command: ping, authenticate, evaluate, evaluations or invoke');
-  parseCommandLine(commands, VERSION, fail);
+  parseCommandLine(commands, VERSION, fail, args);
 }
 
 /** Runs the CLI on process.argv; the bundled bin calls it (in a bundle this file is not `require.main`). */

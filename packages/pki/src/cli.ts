@@ -24,6 +24,7 @@
  */
 import { promises as fs, readFileSync } from 'node:fs';
 import * as path from 'node:path';
+import { explainUsageError, misspeltFlag, usageOptionsOf } from '@burrow/tunnel/dist/explain-usage-error';
 import yargs, { type Argv, type Options } from 'yargs';
 import { DEFAULT_TRUST_DOMAIN, initPki } from './certificate-authority';
 import { parseDuration } from './duration';
@@ -355,7 +356,7 @@ function parser(args: readonly string[]): Argv {
   const y = yargs([...args])
     .scriptName(PROGRAM)
     .usage(`$0 <command> [options]\n\nCreate a Burrow PKI and issue SPIFFE X509-SVID style certificates.`);
-  return withCommonBehaviour(withPkiCommands(y, dirFlag));
+  return withCommonBehaviour(withPkiCommands(y, dirFlag), args);
 }
 
 /** A burrow-pki command; its options builder gets the shared --dir flag. */
@@ -497,7 +498,7 @@ function revokeOptions(y: Argv, dirFlag: Options): Argv {
 }
 
 /** Directory hardening, strictness, help/version and error handling shared by every command. */
-function withCommonBehaviour(y: Argv): Argv {
+function withCommonBehaviour(y: Argv, args: readonly string[]): Argv {
   return y
     .middleware(async (argv) => {
       // Every command but init works on an existing PKI directory: one left group/world
@@ -506,13 +507,20 @@ function withCommonBehaviour(y: Argv): Argv {
       for (const outcome of await securePkiDir(argv.dir)) reportTightened(outcome);
     })
     .demandCommand(1, 'a command is required: init, issue, token, rotate, revoke, crl or check')
+    .check(() => {
+      const misspelt = misspeltFlag(args, usageOptionsOf(y));
+      if (misspelt) throw new UsageError(misspelt);
+      return true;
+    }, true)
     .strict()
     .version(packageVersion())
     .help()
     .alias('h', 'help')
     .wrap(Math.min(100, yargs().terminalWidth()))
     .fail((message, err) => {
-      throw err ?? new UsageError(message);
+      // The flags' variables are BURROW_PKI_<FLAG> (see flag()), not yargs' .env(): name them.
+      const options = { ...usageOptionsOf(y), envPrefix: ENV_PREFIX.slice(0, -1) };
+      throw err ?? new UsageError(explainUsageError(message, args, options));
     });
 }
 

@@ -194,6 +194,7 @@ export {
   maxMessageBytesFromArgs,
   keepaliveFromArgs,
 } from './cli-common';
+export { explainUsageError } from './explain-usage-error';
 export { runUntilSignalled } from './signals';
 
 // Listening: one listen helper for every server, with the error message both binaries print.

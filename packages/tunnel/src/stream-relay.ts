@@ -37,6 +37,12 @@ export interface RelayOptions {
   /** The caller's deadline (epoch ms, Infinity for none): the call ends with DEADLINE_EXCEEDED there. */
   deadlineMs: number;
   cutter?: CallCutter;
+  /**
+   * How the next hop is named when its connection never came up (refused, no route, DNS), in the
+   * UNAVAILABLE `<name> is unreachable (ECONNREFUSED)`; default `peerName`. Distinct from a
+   * connection lost during the call, after which the next hop may have run it.
+   */
+  unreachableName?: string;
 }
 
 /**
@@ -121,6 +127,8 @@ class CallRelay {
   private trailerStatus: { code: number; details: string } | undefined;
   private cancelTimer: (() => void) | undefined;
   private resolved = false;
+  /** Why the next hop's connection failed, when it never came up (its error's cause). */
+  private connectError: string | undefined;
 
   constructor(
     private readonly inbound: http2.ServerHttp2Stream,
@@ -158,7 +166,12 @@ class CallRelay {
       this.trailerStatus = statusOfHeaders(headers);
     });
     outbound.on('end', () => this.onResponseEnd());
-    outbound.on('error', () => {});
+    // Node cancels a stream whose session failed to connect with the connect error as the cause;
+    // the session's own 'error' (with the same code) comes only after this stream has closed.
+    outbound.on('error', (err: Error) => {
+      const cause = err.cause as NodeJS.ErrnoException | undefined;
+      this.connectError = cause ? (cause.code ?? cause.message) : undefined;
+    });
     outbound.on('close', () => this.onNextHopClosed());
   }
 
@@ -305,10 +318,15 @@ class CallRelay {
       const { session, outbound, opts } = this;
       const sessionGone = session === undefined || session.destroyed || session.closed;
       const rstCode = outbound.rstCode ?? NGHTTP2_CANCEL;
+      // A session still `connecting` when it is gone never reached the next hop: nothing ran.
+      const neverConnected = session !== undefined && sessionGone && session.connecting;
+      const unreachable = `${opts.unreachableName ?? opts.peerName} is unreachable`;
       this.fail(
-        rstCode === NGHTTP2_NO_ERROR && !sessionGone
-          ? new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`)
-          : statusOfReset(rstCode, sessionGone, opts.peerName),
+        neverConnected
+          ? new BurrowError(Status.UNAVAILABLE, `${unreachable} (${this.connectError ?? 'connection failed'})`)
+          : rstCode === NGHTTP2_NO_ERROR && !sessionGone
+            ? new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`)
+            : statusOfReset(rstCode, sessionGone, opts.peerName),
       );
     }
     this.finishIfDone();
