@@ -258,37 +258,50 @@ function run(args: Args): Promise<void> {
 }
 
 const ENROLL_OPTIONS = {
-  broker: { type: 'string', describe: 'HOST:PORT of the broker agent listener', demandOption: true },
-  token: { type: 'string', describe: 'the join token from `burrow-pki token create`', demandOption: true },
+  broker: {
+    type: 'string',
+    describe: 'HOST:PORT of the broker agent listener (default: the brokers the join token names)',
+  },
+  token: {
+    type: 'string',
+    describe: 'the join token from `burrow-pki token create` [env BURROW_AGENT_TOKEN]',
+    demandOption: true,
+  },
   'state-dir': { type: 'string', describe: 'where to write the key, certificate and trust bundle', demandOption: true },
   'broker-server-name': {
     type: 'string',
-    describe: 'TLS name to expect in the broker certificate when it differs from the --broker host',
+    describe: 'TLS name to expect in the broker certificate (default: the join token\'s, else the --broker host)',
   },
 } as const;
 
+/** The `burrow-agent run` command line that uses what an enrollment wrote. */
+export function runCommandLine(result: { broker: string; serverName?: string }, stateDir: string): string {
+  const name = result.serverName === undefined ? '' : ` --broker-server-name ${result.serverName}`;
+  return `burrow-agent run --broker ${result.broker}${name} --state-dir ${stateDir}`;
+}
+
 async function runEnroll(args: Args): Promise<void> {
-  let broker: string;
+  let broker: string | undefined;
   try {
-    broker = parseListenAddress('broker', args.broker);
+    broker = args.broker === undefined ? undefined : parseListenAddress('broker', args.broker);
   } catch (err) {
     fail((err as Error).message);
   }
   try {
+    const stateDir = String(args['state-dir']);
     const issued = await enroll({
       broker,
       token: String(args.token),
-      stateDir: String(args['state-dir']),
+      stateDir,
       serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
       notice: (line) => process.stderr.write(`${PROG}: enroll: ${line}\n`),
     });
     process.stdout.write(
-      `enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run ` +
-        `--broker ${broker} --state-dir ${String(args['state-dir'])}\n`,
+      `enrolled as ${issued.spiffeId}; state in ${stateDir}; start with: ${runCommandLine(issued, stateDir)}\n`,
     );
     process.exit(0);
   } catch (err) {
-    process.stderr.write(`${PROG}: enroll: ${(err as Error).message}\n`);
+    process.stderr.write(`${PROG}: enroll: ${(err as Error).message.replace(/\s*\n\s*/g, ' ')}\n`);
     process.exit(1);
   }
 }
