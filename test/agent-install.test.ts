@@ -1,0 +1,154 @@
+/**
+ * `burrow-agent install --token T` and `uninstall` (issue 16 section 3), with real processes: a
+ * broker with enrollment on, the agent CLI installing into a temporary root (--root, --no-user,
+ * --no-systemd: the systemd-less fallback), the printed foreground command run as printed, and a
+ * call served through it.
+ */
+import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import * as path from 'node:path';
+import { expect } from 'chai';
+import { Metadata } from '@grpc/grpc-js';
+import { SYSTEMD_UNIT } from '@burrow/agent';
+import { createJoinToken, initPki, issueCertificate, parseJoinToken, writeIssued } from '@burrow/pki';
+import { ECHO, EchoUpstream } from './helpers/echo-upstream';
+import { freePort } from './helpers/free-port';
+import { AGENT_CLI, BurrowProcess, killAll, runCli, startBroker } from './helpers/processes';
+import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
+import { pollUntil } from './helpers/wait';
+
+const ROOT_DIR = path.resolve(__dirname, '..', '..');
+
+/** Every file and directory under `dir`, relative, sorted. */
+function tree(dir: string): string[] {
+  if (!existsSync(dir)) return [];
+  return readdirSync(dir, { recursive: true, encoding: 'utf8' }).sort();
+}
+
+describe('burrow-agent install and uninstall (issue 16: the air-gapped path)', function () {
+  this.timeout(60_000);
+  const work = mkdtempSync(path.join(tmpdir(), 'burrow-install-'));
+  const pkiDir = path.join(work, 'pki');
+  const root = path.join(work, 'root');
+  let upstream: EchoUpstream;
+  let agentAddress = '';
+  let apiAddress = '';
+  let caller: RawClient;
+
+  const tokenFor = async (agentId: string): Promise<string> =>
+    (await createJoinToken({ dir: pkiDir, agentId, brokers: [agentAddress], serverName: 'localhost' })).token;
+  const install = (args: string[]): ReturnType<typeof runCli> =>
+    runCli(AGENT_CLI, ['install', '--root', root, '--no-user', '--no-systemd', ...args], {}, 30_000);
+  const tokenUnused = (token: string): boolean =>
+    existsSync(path.join(pkiDir, 'tokens', `${parseJoinToken(token).tokenId}.json`));
+
+  before(async () => {
+    await initPki({ dir: pkiDir });
+    upstream = await new EchoUpstream().start();
+    const b = await startBroker([
+      '--pki-dir',
+      pkiDir,
+      '--agent-listen',
+      '127.0.0.1:0',
+      '--api-listen',
+      '127.0.0.1:0',
+      '--tls-ip',
+      '127.0.0.1',
+    ]);
+    agentAddress = `127.0.0.1:${b.ports.agentPort}`;
+    apiAddress = `127.0.0.1:${b.ports.apiPort}`;
+    await writeIssued(path.join(work, 'svc'), await issueCertificate({ dir: pkiDir, role: 'service', name: 'caller' }));
+    const d = path.join(work, 'svc');
+    caller = new RawClient(
+      apiAddress,
+      mtlsCredentials({ cert: path.join(d, 'tls.crt'), key: path.join(d, 'tls.key'), ca: path.join(d, 'ca.crt') }),
+      { 'grpc.ssl_target_name_override': 'localhost' },
+    );
+  });
+
+  after(async () => {
+    caller?.close();
+    await killAll();
+    await upstream?.stop();
+    rmSync(work, { recursive: true, force: true });
+  });
+
+  it('the unit install writes is deploy/systemd/burrow-agent.service', () => {
+    expect(SYSTEMD_UNIT).to.equal(readFileSync(path.join(ROOT_DIR, 'deploy/systemd/burrow-agent.service'), 'utf8'));
+  });
+
+  it('--dry-run prints the plan and changes nothing; the token stays unused', async () => {
+    const token = await tokenFor('site-dry');
+    const r = await install(['--token', token, '--dry-run']);
+    expect(r.exit.code, r.stderrLines.join('\n')).to.equal(0);
+    expect(r.stdout).to.match(/^burrow-agent install --dry-run: nothing is changed and the token is not used/);
+    expect(r.stdout).to.contain(`enroll with join token ${parseJoinToken(token).tokenId} at ${agentAddress}`);
+    expect(r.stdout).to.contain(`write ${path.join(root, 'etc/burrow-agent/agent.yaml')}`);
+    expect(r.stdout).to.match(/then: start the agent in the foreground with: .* run --config /);
+    expect(tree(root)).to.deep.equal([]);
+    expect(tokenUnused(token)).to.equal(true);
+  });
+
+  it('installs without systemd, and the printed foreground command connects the agent and serves a call', async () => {
+    const token = await tokenFor('site-inst');
+    const adminPort = await freePort();
+    const r = await install([
+      '--token',
+      token,
+      '--upstream',
+      `*=${upstream.address}`,
+      '--admin-listen',
+      `127.0.0.1:${adminPort}`,
+    ]);
+    expect(r.exit.code, `${r.stdout}\n${r.stderrLines.join('\n')}`).to.equal(0);
+    const config = path.join(root, 'etc/burrow-agent/agent.yaml');
+    const unit = path.join(root, 'etc/systemd/system/burrow-agent.service');
+    expect(r.stdout).to.contain('enrolled as spiffe://burrow.local/agent/site-inst');
+    expect(r.stdout).to.contain(`wrote ${config}`);
+    expect(r.stdout).to.contain(`installed ${unit}`);
+    expect(r.stdout).to.contain('self-check ok');
+    const foreground = /start the agent in the foreground with: (.*)$/m.exec(r.stdout)?.[1];
+    expect(foreground, r.stdout).to.be.a('string');
+    expect(foreground).to.match(/ run --config \S+agent\.yaml$/);
+    expect(readFileSync(unit, 'utf8')).to.contain(`ExecStart=${foreground}\n`);
+    expect(readFileSync(config, 'utf8')).to.contain(`broker:\n  - "${agentAddress}"\nbroker-server-name: "localhost"`);
+    expect(tokenUnused(token)).to.equal(false);
+
+    const [exe, ...args] = foreground!.split(' ');
+    const agent = new BurrowProcess('installed-agent', '', args, {}, { executable: exe!, cwd: work, env: {} });
+    await agent.waitForLog('tunnel session established', () => true, { timeoutMs: 20_000 });
+    const md = new Metadata();
+    md.set('burrow-agent-id', 'site-inst');
+    const res = await pollUntil('a call through the installed agent', () =>
+      caller.unary(ECHO.unary, Buffer.from('installed'), md),
+    );
+    expect(res.response.toString()).to.equal('installed');
+    agent.signal('SIGTERM');
+    expect((await agent.waitExit(15_000)).code).to.equal(0);
+
+    // Install again: the enrollment is kept (the used token is not presented), the rest rewritten.
+    const again = await install(['--token', token, '--upstream', `*=${upstream.address}`]);
+    expect(again.exit.code, again.stdout).to.equal(0);
+    expect(again.stdout).to.contain('already enrolled as spiffe://burrow.local/agent/site-inst');
+  });
+
+  it('uninstall removes the unit and the config, keeps the state dir; --purge removes it', async () => {
+    const stateDir = path.join(root, 'var/lib/burrow-agent');
+    const u = await runCli(AGENT_CLI, ['uninstall', '--root', root, '--no-user', '--no-systemd']);
+    expect(u.exit.code, u.stdout).to.equal(0);
+    expect(u.stdout).to.contain(`kept ${stateDir}`);
+    expect(existsSync(path.join(root, 'etc/systemd/system/burrow-agent.service'))).to.equal(false);
+    expect(existsSync(path.join(root, 'etc/burrow-agent'))).to.equal(false);
+    expect(existsSync(path.join(stateDir, 'tls.crt'))).to.equal(true);
+    const p = await runCli(AGENT_CLI, ['uninstall', '--root', root, '--no-user', '--no-systemd', '--purge']);
+    expect(p.exit.code, p.stdout).to.equal(0);
+    expect(existsSync(stateDir)).to.equal(false);
+  });
+
+  it('a malformed token is refused in one line before anything is changed', async () => {
+    const bad = await install(['--token', 'burrow-join-v2.nope']);
+    expect(bad.exit.code).to.equal(2);
+    expect(bad.stderrLines).to.have.length(1);
+    expect(bad.stderrLines[0]).to.match(/^burrow-agent: install: token: malformed join token/);
+  });
+});
