@@ -4,7 +4,8 @@
  * --no-systemd: the systemd-less fallback), the printed foreground command run as printed, and a
  * call served through it.
  */
-import { existsSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
+import { execFile } from 'node:child_process';
+import { copyFileSync, existsSync, mkdirSync, mkdtempSync, readdirSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
@@ -18,6 +19,22 @@ import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { pollUntil } from './helpers/wait';
 
 const ROOT_DIR = path.resolve(__dirname, '..', '..');
+
+/** Runs a command to completion: exit code and output (for make and sha256sum). */
+function sh(file: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}) {
+  return new Promise<{ code: number; output: string }>((resolve) =>
+    execFile(file, args, { ...opts, maxBuffer: 16 << 20 }, (err, stdout, stderr) =>
+      resolve({ code: err === null ? 0 : Number(err.code ?? 1), output: `${stdout}${stderr}` }),
+    ),
+  );
+}
+
+/** PATH without any directory that holds a `node`: the site has no Node. */
+const pathWithoutNode = (): string =>
+  (process.env.PATH ?? '')
+    .split(':')
+    .filter((d) => d && !existsSync(path.join(d, 'node')))
+    .join(':');
 
 /** Every file and directory under `dir`, relative, sorted. */
 function tree(dir: string): string[] {
@@ -150,5 +167,52 @@ describe('burrow-agent install and uninstall (issue 16: the air-gapped path)', f
     expect(bad.exit.code).to.equal(2);
     expect(bad.stderrLines).to.have.length(1);
     expect(bad.stderrLines[0]).to.match(/^burrow-agent: install: token: malformed join token/);
+  });
+
+  it('the three commands with the single executable on a site without node: checksum, install, serving', async function () {
+    this.timeout(600_000);
+    const made = await sh('make', ['-s', 'agent-binary'], { cwd: ROOT_DIR });
+    expect(made.code, made.output).to.equal(0);
+    const site = path.join(work, 'site');
+    const siteRoot = path.join(work, 'site-root');
+    mkdirSync(site);
+    for (const f of ['burrow-agent-linux-x64', 'burrow-agent-linux-x64.sha256'])
+      copyFileSync(path.join(ROOT_DIR, 'dist', f), path.join(site, f));
+    const env = { PATH: pathWithoutNode(), HOME: site, LANG: 'C.UTF-8' };
+    const token = await tokenFor('site-bin');
+    const adminPort = await freePort();
+    const copiedAt = Date.now();
+    // 1. verify the checksum
+    const sum = await sh('sha256sum', ['-c', 'burrow-agent-linux-x64.sha256'], { cwd: site });
+    expect(sum.output.trim()).to.equal('burrow-agent-linux-x64: OK');
+    // 2. install (here under --root, without a user, and without systemd: the fallback)
+    const args = ['install', '--root', siteRoot, '--no-user', '--no-systemd', '--token', token];
+    const installed = await sh(
+      './burrow-agent-linux-x64',
+      [...args, '--upstream', `*=${upstream.address}`, '--admin-listen', `127.0.0.1:${adminPort}`],
+      { cwd: site, env },
+    );
+    expect(installed.code, installed.output).to.equal(0);
+    const binary = path.join(siteRoot, 'usr/local/bin/burrow-agent');
+    expect(installed.output).to.contain(`installed ${binary}`);
+    const foreground = /start the agent in the foreground with: (.*)$/m.exec(installed.output)?.[1];
+    expect(foreground).to.equal(`${binary} run --config ${path.join(siteRoot, 'etc/burrow-agent/agent.yaml')}`);
+    // 3. check the status: here the foreground command, then readyz and a call from the platform
+    const [exe, ...rest] = foreground!.split(' ');
+    const agent = new BurrowProcess('site-bin', '', rest, {}, { executable: exe!, cwd: site, env });
+    await agent.waitForLog('tunnel session established', () => true, { timeoutMs: 20_000 });
+    const md = new Metadata();
+    md.set('burrow-agent-id', 'site-bin');
+    const res = await pollUntil('a call through the installed binary', () =>
+      caller.unary(ECHO.unary, Buffer.from('air-gapped'), md),
+    );
+    expect(res.response.toString()).to.equal('air-gapped');
+    const seconds = ((Date.now() - copiedAt) / 1000).toFixed(1);
+    const ready = await sh('curl', ['-s', `http://127.0.0.1:${adminPort}/readyz`]);
+    expect(ready.output.trim()).to.equal('ready');
+    // The closing note of issue 16 quotes this: from the copied binary to the first served call.
+    process.stderr.write(`      (3 commands; copied binary to first served call: ${seconds} s)\n`);
+    agent.signal('SIGTERM');
+    expect((await agent.waitExit(15_000)).code).to.equal(0);
   });
 });

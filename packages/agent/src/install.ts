@@ -150,12 +150,18 @@ export function agentYaml(opts: {
   ].join('\n');
 }
 
-/** The unit with ExecStart and WorkingDirectory pointing at the paths of this install. */
-export function unitText(runCommand: string[], paths: InstallPaths): string {
-  return SYSTEMD_UNIT.replace(/^ExecStart=.*$/m, `ExecStart=${runCommand.map(quote).join(' ')}`).replace(
+/**
+ * The unit with ExecStart and WorkingDirectory pointing at the paths of this install, running as
+ * `user` (no user: the User=/Group= lines go, and systemd runs it as root).
+ */
+export function unitText(runCommand: string[], paths: InstallPaths, user: string | undefined): string {
+  const unit = SYSTEMD_UNIT.replace(/^ExecStart=.*$/m, `ExecStart=${runCommand.map(quote).join(' ')}`).replace(
     /^WorkingDirectory=.*$/m,
     `WorkingDirectory=${paths.stateDir}`,
   );
+  return user === undefined
+    ? unit.replace(/^(User|Group)=.*\n/gm, '')
+    : unit.replace(/^User=.*$/m, `User=${user}`).replace(/^Group=.*$/m, `Group=${user}`);
 }
 
 interface Step {
@@ -269,7 +275,7 @@ export async function install(opts: InstallOptions): Promise<number> {
     says: `install the systemd unit ${paths.unitFile}`,
     apply: async () => {
       await fs.mkdir(path.dirname(paths.unitFile), { recursive: true });
-      await writeFileAtomic(paths.unitFile, unitText(runLine, paths), 0o644);
+      await writeFileAtomic(paths.unitFile, unitText(runLine, paths, opts.user), 0o644);
       await writeFileAtomic(installRecordFile(paths), `${JSON.stringify(record, null, 2)}\n`, 0o600);
       return `installed ${paths.unitFile}`;
     },
