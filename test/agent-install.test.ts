@@ -169,7 +169,7 @@ describe('burrow-agent install and uninstall (issue 16: the air-gapped path)', f
     expect(bad.stderrLines[0]).to.match(/^burrow-agent: install: token: malformed join token/);
   });
 
-  it('the three commands with the single executable on a site without node: checksum, install, serving', async function () {
+  it('three commands with the single executable on a site without node: checksum, install, a call', async function () {
     this.timeout(600_000);
     const made = await sh('make', ['-s', 'agent-binary'], { cwd: ROOT_DIR });
     expect(made.code, made.output).to.equal(0);

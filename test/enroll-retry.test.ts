@@ -85,7 +85,7 @@ describe('enrollment retries (issue 16: a failed enroll does not burn the token)
     expect(existsSync(path.join(stateDir, PENDING_KEY_FILE))).to.equal(false);
   });
 
-  it('burrow-agent enroll into a state dir it may not write (EACCES) prints one line; the token still works', async () => {
+  it('enroll into a state dir it may not write (EACCES) prints one line; the token still works', async () => {
     const { token } = await createJoinToken({ dir: pkiDir, agentId: 'site-eacces', brokers: [agentAddress] });
     const parent = path.join(root, 'root-owned');
     mkdirSync(parent, { mode: 0o755 });
@@ -101,7 +101,9 @@ describe('enrollment retries (issue 16: a failed enroll does not burn the token)
     const denied = await run(path.join(parent, 'state'), NOBODY);
     expect(denied.code).to.equal(1);
     expect(denied.stderr.trimEnd().split('\n')).to.have.length(1);
-    expect(denied.stderr).to.match(/^burrow-agent: enroll: state-dir: cannot prepare .*EACCES.*join token was not used/);
+    expect(denied.stderr).to.match(
+      /^burrow-agent: enroll: state-dir: cannot prepare .*EACCES.*join token was not used/,
+    );
     const ok = await run(path.join(root, 'state-eacces'));
     expect(ok.stderr).to.equal('');
     expect(ok.code).to.equal(0);
@@ -141,9 +143,11 @@ describe('enrollment retries (issue 16: a failed enroll does not burn the token)
     const issued = await enroll({ broker: agentAddress, token, stateDir });
     expect(issued.agentId).to.equal('site-kept');
     const cert = readFileSync(stateFiles(stateDir).cert, 'utf8');
-    expect(new X509Certificate(cert).checkPrivateKey(
-      (await import('node:crypto')).createPrivateKey(readFileSync(stateFiles(stateDir).key)),
-    )).to.equal(true);
+    expect(
+      new X509Certificate(cert).checkPrivateKey(
+        (await import('node:crypto')).createPrivateKey(readFileSync(stateFiles(stateDir).key)),
+      ),
+    ).to.equal(true);
     const again = await enrollRaw(token, (await createCsr()).csrPem).then(
       () => undefined,
       (e: ServiceError) => e,
@@ -173,6 +177,8 @@ describe('enrollment retries (issue 16: a failed enroll does not burn the token)
       (e: Error) => e,
     );
     expect(noBroker?.message).to.match(/^broker: is required: this join token does not name a broker/);
-    expect(() => parseJoinToken(`${token.split('.').slice(0, 4).join('.').replace('v2', 'v1')}.x`)).to.throw(/four parts/);
+    expect(() => parseJoinToken(`${token.split('.').slice(0, 4).join('.').replace('v2', 'v1')}.x`)).to.throw(
+      /four parts/,
+    );
   });
 });

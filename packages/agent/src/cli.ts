@@ -35,14 +35,7 @@ import { existsSync } from 'node:fs';
 import * as path from 'node:path';
 import { Agent } from './agent';
 import { enroll, stateFiles } from './enroll';
-import {
-  defaultInstallPaths,
-  install,
-  selfCommand,
-  systemdRunning,
-  uninstall,
-  type InstallPaths,
-} from './install';
+import { defaultInstallPaths, install, selfCommand, systemdRunning, uninstall, type InstallPaths } from './install';
 import { AGENT_DEFAULTS, type AgentConfig, type AgentPolicyConfig } from './agent-config';
 import { policyCommand, type PolicyCliIo } from './policy-cli';
 import { AUTHN_RUN_OPTIONS, authnConfigFromArgs } from './authn/authn-config';
@@ -279,7 +272,7 @@ const ENROLL_OPTIONS = {
   'state-dir': { type: 'string', describe: 'where to write the key, certificate and trust bundle', demandOption: true },
   'broker-server-name': {
     type: 'string',
-    describe: 'TLS name to expect in the broker certificate (default: the join token\'s, else the --broker host)',
+    describe: "TLS name to expect in the broker certificate (default: the join token's, else the --broker host)",
   },
 } as const;
 
@@ -358,12 +351,20 @@ const INSTALL_OPTIONS = {
     describe: 'SERVICE=HOST:PORT site service for agent.yaml (repeatable)',
     default: ['*=127.0.0.1:50051'],
   },
-  'admin-listen': { type: 'string', describe: 'admin listener for agent.yaml (status, metrics)', default: '127.0.0.1:9091' },
+  'admin-listen': {
+    type: 'string',
+    describe: 'admin listener for agent.yaml (status, metrics)',
+    default: '127.0.0.1:9091',
+  },
 } as const;
 
 const UNINSTALL_OPTIONS = {
   ...INSTALL_PATH_OPTIONS,
-  purge: { type: 'boolean', describe: 'also remove the state directory (the agent identity) and the user', default: false },
+  purge: {
+    type: 'boolean',
+    describe: 'also remove the state directory (the agent identity) and the user',
+    default: false,
+  },
 } as const;
 
 function installPathsFromArgs(args: Args): InstallPaths {
@@ -381,7 +382,9 @@ function installPathsFromArgs(args: Args): InstallPaths {
 /** Installing into the real system needs root; under --root, or only planning, it does not. */
 function requireRoot(args: Args, command: string): void {
   if (args['dry-run'] || String(args.root ?? '/') !== '/' || process.getuid?.() === 0) return;
-  fail(`${command}: must run as root (sudo burrow-agent ${command} ...), or give --root DIR to install under a directory`);
+  fail(
+    `${command}: must run as root (sudo burrow-agent ${command} ...), or give --root DIR to install under a directory`,
+  );
 }
 
 const userOf = (args: Args): string | undefined => (args.user === false ? undefined : String(args.user ?? 'burrow'));
@@ -394,7 +397,8 @@ async function runInstall(args: Args): Promise<void> {
   let brokers: string[] | undefined;
   try {
     brokers = asList(args.broker).map((b) => parseListenAddress('broker', b));
-    for (const u of asList(args.upstream)) if (!/^[^=]+=.+:\d+$/.test(u)) throw new ConfigError('upstream', `"${u}" is not SERVICE=HOST:PORT`);
+    for (const u of asList(args.upstream))
+      if (!/^[^=]+=.+:\d+$/.test(u)) throw new ConfigError('upstream', `"${u}" is not SERVICE=HOST:PORT`);
     parseListenAddress('admin-listen', args['admin-listen']);
   } catch (err) {
     fail((err as Error).message);

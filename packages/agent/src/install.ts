@@ -296,7 +296,7 @@ export async function install(opts: InstallOptions): Promise<number> {
 
   if (opts.dryRun) {
     opts.out(`burrow-agent install --dry-run: nothing is changed and the token is not used. The plan:`);
-    steps.forEach((s, i) => opts.out(`  ${i + 1}. ${s.says}`));
+    for (const [i, step] of steps.entries()) opts.out(`  ${i + 1}. ${step.says}`);
     if (!opts.systemd) opts.out(`  then: ${foregroundAdvice(runLine, opts.user)}`);
     return 0;
   }
@@ -317,7 +317,9 @@ export async function install(opts: InstallOptions): Promise<number> {
     if (did !== undefined) opts.out(`${i + 1}. ${did}`);
   }
   if (opts.systemd) {
-    opts.out(`status: systemctl status ${unit}; logs: journalctl -u ${unit}; ready: curl http://${opts.adminListen}/readyz`);
+    opts.out(
+      `status: systemctl status ${unit}; logs: journalctl -u ${unit}; ready: curl http://${opts.adminListen}/readyz`,
+    );
   } else {
     opts.out(`systemd is not running here (no /run/systemd/system); ${foregroundAdvice(runLine, opts.user)}`);
     opts.out(`status: curl http://${opts.adminListen}/readyz (and /brokers)`);
@@ -366,7 +368,10 @@ export async function uninstall(opts: UninstallOptions): Promise<number> {
   });
   steps.push(remove(paths.unitFile, 'the unit'));
   if (opts.systemd) {
-    steps.push({ says: 'systemctl daemon-reload', apply: async () => (await run('systemctl', ['daemon-reload'])).output || undefined });
+    steps.push({
+      says: 'systemctl daemon-reload',
+      apply: async () => (await run('systemctl', ['daemon-reload'])).output || undefined,
+    });
   }
   steps.push(remove(paths.configFile, 'the config'));
   if (record?.binary !== undefined) steps.push(remove(record.binary, 'the binary install copied'));
@@ -395,7 +400,7 @@ export async function uninstall(opts: UninstallOptions): Promise<number> {
   }
   if (opts.dryRun) {
     opts.out('burrow-agent uninstall --dry-run: nothing is changed. The plan:');
-    steps.forEach((s, i) => opts.out(`  ${i + 1}. ${s.says}`));
+    for (const [i, step] of steps.entries()) opts.out(`  ${i + 1}. ${step.says}`);
     return 0;
   }
   for (const [i, step] of steps.entries()) {

@@ -304,7 +304,11 @@ export class BrokerPki {
       }
       try {
         const issued = await this.issueForAgent(agentId, csrPem, 0);
-        await recordTokenCertificate({ dir: this.opts.dir, token, certificatePem: issued.response.certificateChainPem });
+        await recordTokenCertificate({
+          dir: this.opts.dir,
+          token,
+          certificatePem: issued.response.certificateChainPem,
+        });
         this.opts.metrics.enrollments.inc({ result: 'ok' });
         this.opts.logger.info('agent enrolled', { agentId, source, serial: issued.serialHex });
         cb(null, issued.response);
@@ -312,7 +316,10 @@ export class BrokerPki {
         const bad = err instanceof PkiError;
         this.opts.metrics.enrollments.inc({ result: bad ? 'bad_csr' : 'error' });
         this.opts.logger.warn('enrollment failed', { agentId, source, error: (err as Error).message });
-        cb({ code: bad ? Status.INVALID_ARGUMENT : Status.INTERNAL, details: `enrollment refused: ${(err as Error).message}` });
+        cb({
+          code: bad ? Status.INVALID_ARGUMENT : Status.INTERNAL,
+          details: `enrollment refused: ${(err as Error).message}`,
+        });
       }
     })();
   };

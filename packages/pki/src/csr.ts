@@ -36,7 +36,8 @@ const MAX_CSR_PEM_LENGTH = 16_384;
 export async function createCsr(
   opts: { keyAlgorithm?: KeyAlgorithm; keyPem?: string } = {},
 ): Promise<{ csrPem: string; keyPem: string }> {
-  const key = opts.keyPem === undefined ? await generateKey(assertedAlgorithm(opts.keyAlgorithm)) : existingKey(opts.keyPem);
+  const key =
+    opts.keyPem === undefined ? await generateKey(assertedAlgorithm(opts.keyAlgorithm)) : existingKey(opts.keyPem);
   const keyAlgorithm = key.keyAlgorithm;
   const algorithm = webCryptoAlgorithm(keyAlgorithm);
   const pkcs8Der = createPrivateKeyDer(key.pkcs8Pem);

@@ -49,8 +49,10 @@ export const DEFAULT_JOIN_TOKEN_TTL_MS = 3_600_000;
 /** Used-token records are kept this long after the token's expiry, so reuse reads 'used', then deleted. */
 const USED_RETENTION_MS = 7 * 86_400_000;
 
-const TOKEN_PATTERN =
-  /^burrow-join-v([12])\.([0-9a-f]{16})\.([A-Za-z0-9_-]{43})\.([0-9a-f]{64}(?:~[0-9a-f]{64})*)(?:\.([A-Za-z0-9_-]{1,4096}))?$/;
+const TOKEN_PATTERN = new RegExp(
+  '^burrow-join-v([12])\\.([0-9a-f]{16})\\.([A-Za-z0-9_-]{43})\\.([0-9a-f]{64}(?:~[0-9a-f]{64})*)' +
+    '(?:\\.([A-Za-z0-9_-]{1,4096}))?$',
+);
 
 /** Why an enrollment token was refused. */
 export type EnrollmentFailureReason = 'malformed' | 'unknown' | 'expired' | 'used' | 'banned';
@@ -187,7 +189,10 @@ export async function createJoinToken(opts: {
   }
   const pins = tokenPins(pki).join('~');
   return {
-    token: where === undefined ? `${TOKEN_PREFIX}.${tokenId}.${secret}.${pins}` : `${TOKEN_PREFIX_V2}.${tokenId}.${secret}.${pins}.${where}`,
+    token:
+      where === undefined
+        ? `${TOKEN_PREFIX}.${tokenId}.${secret}.${pins}`
+        : `${TOKEN_PREFIX_V2}.${tokenId}.${secret}.${pins}.${where}`,
     tokenId,
     agentId: opts.agentId,
     expiresAt,
@@ -267,7 +272,10 @@ export function parseJoinToken(token: string): ParsedJoinToken {
   const parsed: ParsedJoinToken = { tokenId, secret, caPinSha256: caPinsSha256[0]!, caPinsSha256, brokers: [] };
   if ((version === '1') !== (where === undefined)) {
     const parts = version === '1' ? 'four' : 'five';
-    throw new EnrollmentError('malformed', `token: malformed join token: a burrow-join-v${version} token has ${parts} parts`);
+    throw new EnrollmentError(
+      'malformed',
+      `token: malformed join token: a burrow-join-v${version} token has ${parts} parts`,
+    );
   }
   return where === undefined ? parsed : { ...parsed, ...decodeWhere(where) };
 }
@@ -310,7 +318,11 @@ export async function consumeJoinToken(opts: {
  * Stores the certificate issued for a consumed token in its used record, so a retry with the same
  * key gets it back. Call after {@link consumeJoinToken} resolved without a certificate.
  */
-export async function recordTokenCertificate(opts: { dir: string; token: string; certificatePem: string }): Promise<void> {
+export async function recordTokenCertificate(opts: {
+  dir: string;
+  token: string;
+  certificatePem: string;
+}): Promise<void> {
   const parsed = parseJoinToken(opts.token);
   const { usedFile, name } = tokenPaths(opts.dir, parsed.tokenId);
   const used = await readStored(usedFile);
@@ -328,7 +340,10 @@ function tokenPaths(dir: string, tokenId: string): { tokenFile: string; usedFile
   };
 }
 
-/** A token presented again: the same enrollment retried (same key, token still valid) resolves, anything else is 'used'. */
+/**
+ * A token presented again: the same enrollment retried (same key, token still valid) resolves, anything
+ * else is 'used'.
+ */
 async function replay(
   absDir: string,
   used: StoredJoinToken,
