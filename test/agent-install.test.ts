@@ -21,7 +21,7 @@ import { pollUntil } from './helpers/wait';
 const ROOT_DIR = path.resolve(__dirname, '..', '..');
 
 /** Runs a command to completion: exit code and output (for make and sha256sum). */
-function sh(file: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv } = {}) {
+function sh(file: string, args: string[], opts: { cwd?: string; env?: NodeJS.ProcessEnv; uid?: number } = {}) {
   return new Promise<{ code: number; output: string }>((resolve) =>
     execFile(file, args, { ...opts, maxBuffer: 16 << 20 }, (err, stdout, stderr) =>
       resolve({ code: err === null ? 0 : Number(err.code ?? 1), output: `${stdout}${stderr}` }),
@@ -160,6 +160,19 @@ describe('burrow-agent install and uninstall (issue 16: the air-gapped path)', f
     const p = await runCli(AGENT_CLI, ['uninstall', '--root', root, '--no-user', '--no-systemd', '--purge']);
     expect(p.exit.code, p.stdout).to.equal(0);
     expect(existsSync(stateDir)).to.equal(false);
+  });
+
+  it('outside --root, install and uninstall need root: one line, nothing changed', async () => {
+    const token = await tokenFor('site-nobody');
+    for (const args of [['install', '--token', token], ['uninstall']]) {
+      const r = await sh(process.execPath, [AGENT_CLI, ...args], { env: { PATH: process.env.PATH ?? '' }, uid: 65534 });
+      expect(r.code, r.output).to.equal(2);
+      expect(r.output).to.match(
+        new RegExp(`^burrow-agent: ${args[0]}: must run as root \\(sudo burrow-agent ${args[0]} `),
+      );
+      expect(r.output.trimEnd().split('\n')).to.have.length(1);
+    }
+    expect(tokenUnused(token)).to.equal(true);
   });
 
   it('a malformed token is refused in one line before anything is changed', async () => {

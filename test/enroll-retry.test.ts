@@ -108,6 +108,8 @@ describe('enrollment retries (issue 16: a failed enroll does not burn the token)
     expect(ok.stderr).to.equal('');
     expect(ok.code).to.equal(0);
     expect(ok.stdout).to.match(/^enrolled as spiffe:\/\/burrow\.local\/agent\/site-eacces;/);
+    // The start line names what the token said: no flag to add by hand.
+    expect(ok.stdout).to.contain(`start with: burrow-agent run --broker ${agentAddress} --state-dir `);
   });
 
   it('the same token with the same key twice gets the same certificate; another key is refused', async () => {

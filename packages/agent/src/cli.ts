@@ -277,9 +277,10 @@ const ENROLL_OPTIONS = {
 } as const;
 
 /** The `burrow-agent run` command line that uses what an enrollment wrote. */
-export function runCommandLine(result: { broker: string; serverName?: string }, stateDir: string): string {
+export function runCommandLine(result: { brokers: string[]; serverName?: string }, stateDir: string): string {
+  const brokers = result.brokers.map((b) => ` --broker ${b}`).join('');
   const name = result.serverName === undefined ? '' : ` --broker-server-name ${result.serverName}`;
-  return `burrow-agent run --broker ${result.broker}${name} --state-dir ${stateDir}`;
+  return `burrow-agent run${brokers}${name} --state-dir ${stateDir}`;
 }
 
 async function runEnroll(args: Args): Promise<void> {

@@ -120,7 +120,10 @@ export const PENDING_KEY_FILE = 'enroll-pending.key';
 
 /** What {@link enroll} did: the identity, and the broker and TLS name it enrolled with (for `run`). */
 export interface EnrollResult extends IssuedAgentCertificate {
+  /** The broker that answered. */
   broker: string;
+  /** Every broker the enrollment was to try (the token's, or the one given): what `run` should dial. */
+  brokers: string[];
   serverName?: string;
 }
 
@@ -199,7 +202,7 @@ export async function enroll(opts: EnrollOptions): Promise<EnrollResult> {
       broker,
     });
     await fs.rm(path.join(opts.stateDir, PENDING_KEY_FILE), { force: true });
-    return serverName === undefined ? { ...issued, broker } : { ...issued, broker, serverName };
+    return serverName === undefined ? { ...issued, broker, brokers } : { ...issued, broker, brokers, serverName };
   }
   throw lastError;
 }
