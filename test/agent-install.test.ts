@@ -10,7 +10,7 @@ import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { expect } from 'chai';
 import { Metadata } from '@grpc/grpc-js';
-import { SYSTEMD_UNIT } from '@burrow/agent';
+import { SYSTEMD_UNIT, defaultInstallPaths, install as installAgent, uninstall } from '@burrow/agent';
 import { createJoinToken, initPki, issueCertificate, parseJoinToken, writeIssued } from '@burrow/pki';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { freePort } from './helpers/free-port';
@@ -173,6 +173,72 @@ describe('burrow-agent install and uninstall (issue 16: the air-gapped path)', f
       expect(r.output.trimEnd().split('\n')).to.have.length(1);
     }
     expect(tokenUnused(token)).to.equal(true);
+  });
+
+  it('with systemd and a user: useradd, chown, systemctl enable --now; uninstall --purge reverses them', async () => {
+    // No systemd on the test machine: the system commands go to a recorder that answers like them.
+    const calls: string[] = [];
+    let userExists = false;
+    const run = async (file: string, args: string[]): Promise<{ code: number; output: string }> => {
+      calls.push([file, ...args].join(' '));
+      if (file === 'getent') return { code: userExists ? 0 : 2, output: '' };
+      if (file === 'useradd') userExists = true;
+      if (file === 'userdel') userExists = false;
+      return { code: 0, output: file === 'systemctl' && args[0] === 'is-active' ? 'active' : '' };
+    };
+    const sysRoot = path.join(work, 'sys-root');
+    const paths = defaultInstallPaths(sysRoot);
+    const lines: string[] = [];
+    const code = await installAgent({
+      token: await tokenFor('site-sys'),
+      paths,
+      upstreams: [`*=${upstream.address}`],
+      adminListen: '127.0.0.1:9091',
+      user: 'burrow',
+      systemd: true,
+      dryRun: false,
+      self: [process.execPath, AGENT_CLI],
+      out: (l) => lines.push(l),
+      run,
+    });
+    expect(code, lines.join('\n')).to.equal(0);
+    const config = paths.configFile;
+    expect(calls).to.deep.equal([
+      'getent passwd burrow',
+      `useradd --system --user-group --home-dir ${paths.stateDir} --no-create-home --shell /usr/sbin/nologin burrow`,
+      `chown root:burrow ${path.dirname(config)} ${config}`,
+      `chown burrow:burrow -R ${paths.stateDir}`,
+      'systemctl daemon-reload',
+      'systemctl enable --now burrow-agent.service',
+      'systemctl is-active burrow-agent.service',
+    ]);
+    const unit = readFileSync(paths.unitFile, 'utf8');
+    expect(unit).to.contain(`ExecStart=${process.execPath} ${AGENT_CLI} run --config ${config}\n`);
+    expect(unit).to.contain('\nUser=burrow\nGroup=burrow\n');
+    expect(lines.at(-1)).to.equal(
+      'status: systemctl status burrow-agent.service; logs: journalctl -u burrow-agent.service; ' +
+        'ready: curl http://127.0.0.1:9091/readyz',
+    );
+    calls.length = 0;
+    const out: string[] = [];
+    const u = await uninstall({
+      paths,
+      purge: true,
+      user: 'burrow',
+      systemd: true,
+      dryRun: false,
+      out: (l) => out.push(l),
+      run,
+    });
+    expect(u, out.join('\n')).to.equal(0);
+    expect(calls).to.deep.equal([
+      'systemctl disable --now burrow-agent.service',
+      'systemctl daemon-reload',
+      'getent passwd burrow',
+      'userdel burrow',
+    ]);
+    for (const gone of [paths.unitFile, path.dirname(paths.configFile), paths.stateDir])
+      expect(existsSync(gone), gone).to.equal(false);
   });
 
   it('a malformed token is refused in one line before anything is changed', async () => {
