@@ -121,6 +121,8 @@ describe('enrollment retries (issue 16: a failed enroll does not burn the token)
     expect(serialOf(again.certificateChainPem)).to.equal(serialOf(first.certificateChainPem));
     expect(again.certificateChainPem).to.equal(first.certificateChainPem);
     expect(again.spiffeId).to.equal('spiffe://burrow.local/agent/site-same');
+    const repeated = (await broker.metrics.enrollments.get()).values.find((v) => v.labels.result === 'repeated');
+    expect(repeated?.value).to.equal(1);
     const other = await enrollRaw(token, (await createCsr()).csrPem).then(
       () => undefined,
       (e: ServiceError) => e,

@@ -297,7 +297,7 @@ export class BrokerPki {
       }
       const { agentId, certificatePem } = consumed;
       if (certificatePem !== undefined) {
-        this.opts.metrics.enrollments.inc({ result: 'ok' });
+        this.opts.metrics.enrollments.inc({ result: 'repeated' });
         this.opts.logger.info('agent enrollment repeated: same token and key, same certificate', { agentId, source });
         cb(null, this.agentResponse(agentId, certificatePem));
         return;
