@@ -102,6 +102,7 @@ describe('burrow-agent install and uninstall (issue 16: the air-gapped path)', f
     expect(r.stdout).to.contain(`enroll with join token ${parseJoinToken(token).tokenId} at ${agentAddress}`);
     expect(r.stdout).to.contain(`write ${path.join(root, 'etc/burrow-agent/agent.yaml')}`);
     expect(r.stdout).to.match(/then: start the agent in the foreground with: .* run --config /);
+    expect(r.stdout).to.contain(`broker ${agentAddress}: reachable, shows the CA the token pins, enrollment on`);
     expect(tree(root)).to.deep.equal([]);
     expect(tokenUnused(token)).to.equal(true);
   });
@@ -160,6 +161,19 @@ describe('burrow-agent install and uninstall (issue 16: the air-gapped path)', f
     const p = await runCli(AGENT_CLI, ['uninstall', '--root', root, '--no-user', '--no-systemd', '--purge']);
     expect(p.exit.code, p.stdout).to.equal(0);
     expect(existsSync(stateDir)).to.equal(false);
+  });
+
+  it('--dry-run with an unreachable broker says so in one line and exits 1', async () => {
+    const deadPort = await freePort();
+    const { token } = await createJoinToken({ dir: pkiDir, agentId: 'site-dead', brokers: [`127.0.0.1:${deadPort}`] });
+    const deadRoot = path.join(work, 'dead-root');
+    const r = await runCli(AGENT_CLI, ['install', '--root', deadRoot, '--no-user', '--token', token, '--dry-run']);
+    expect(r.exit.code).to.equal(1);
+    expect(r.stderrLines).to.deep.equal([
+      `burrow-agent: install: broker 127.0.0.1:${deadPort}: cannot reach broker 127.0.0.1:${deadPort}: ` +
+        `connect ECONNREFUSED 127.0.0.1:${deadPort}`,
+    ]);
+    expect(existsSync(deadRoot)).to.equal(false);
   });
 
   it('outside --root, install and uninstall need root: one line, nothing changed', async () => {

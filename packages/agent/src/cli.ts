@@ -334,7 +334,11 @@ const INSTALL_PATH_OPTIONS = {
     type: 'boolean',
     describe: 'install and start the systemd unit (default: when /run/systemd/system exists; --no-systemd: never)',
   },
-  'dry-run': { type: 'boolean', describe: 'print the plan and change nothing', default: false },
+  'dry-run': {
+    type: 'boolean',
+    describe: 'print the plan and change nothing (install: and check the brokers answer with the pinned CA)',
+    default: false,
+  },
 } as const;
 
 const INSTALL_OPTIONS = {

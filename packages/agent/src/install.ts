@@ -6,7 +6,7 @@
  * `burrow` system user, installs and starts the systemd unit, and prints what it did and how to see
  * the agent's status. Without systemd (no /run/systemd/system) it does the rest and prints the
  * command that runs the agent in the foreground. `dryRun` prints the plan and changes nothing (the
- * token is not presented either). Every step is idempotent: install run again keeps an existing
+ * token is not presented either), and checks that a broker answers with the pinned CA. Every step is idempotent: install run again keeps an existing
  * enrollment and rewrites the rest.
  *
  * uninstall: stops and disables the unit, removes it, agent.yaml and a binary install copied; the
@@ -19,9 +19,9 @@ import { execFile } from 'node:child_process';
 import { existsSync, promises as fs } from 'node:fs';
 import * as path from 'node:path';
 import { status as Status } from '@grpc/grpc-js';
-import { parseJoinToken } from '@burrow/pki';
+import { parseJoinToken, type ParsedJoinToken } from '@burrow/pki';
 import { BurrowError, seaAssets } from '@burrow/tunnel';
-import { enroll } from './enroll';
+import { enroll, fetchPinnedCa } from './enroll';
 import { readState, writeFileAtomic } from './state-dir';
 import { selfCheck } from './self-check';
 import { SYSTEMD_UNIT } from './systemd-unit';
@@ -298,7 +298,7 @@ export async function install(opts: InstallOptions): Promise<number> {
     opts.out(`burrow-agent install --dry-run: nothing is changed and the token is not used. The plan:`);
     for (const [i, step] of steps.entries()) opts.out(`  ${i + 1}. ${step.says}`);
     if (!opts.systemd) opts.out(`  then: ${foregroundAdvice(runLine, opts.user)}`);
-    return 0;
+    return enrolled === undefined ? checkBrokers(brokers, token, serverName, opts) : 0;
   }
   for (const [i, step] of steps.entries()) {
     let did: string | undefined;
@@ -325,6 +325,29 @@ export async function install(opts: InstallOptions): Promise<number> {
     opts.out(`status: curl http://${opts.adminListen}/readyz (and /brokers)`);
   }
   return 0;
+}
+
+/**
+ * The dry run's look at the brokers: each is reached over TLS and must show the CA the token pins
+ * (what enrollment checks first; nothing is sent). 0 when one of them does, else 1.
+ */
+async function checkBrokers(
+  brokers: string[],
+  token: ParsedJoinToken,
+  serverName: string | undefined,
+  opts: Pick<InstallOptions, 'out' | 'err' | 'timeoutMs'>,
+): Promise<number> {
+  let ok = false;
+  for (const broker of brokers) {
+    try {
+      await fetchPinnedCa(broker, token.caPinsSha256, serverName, opts.timeoutMs ?? 15_000);
+      opts.out(`broker ${broker}: reachable, shows the CA the token pins, enrollment on`);
+      ok = true;
+    } catch (err) {
+      (opts.err ?? opts.out)(`install: broker ${broker}: ${(err as Error).message}`);
+    }
+  }
+  return ok ? 0 : 1;
 }
 
 function foregroundAdvice(runLine: string[], user: string | undefined): string {
