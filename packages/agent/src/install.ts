@@ -6,8 +6,8 @@
  * `burrow` system user, installs and starts the systemd unit, and prints what it did and how to see
  * the agent's status. Without systemd (no /run/systemd/system) it does the rest and prints the
  * command that runs the agent in the foreground. `dryRun` prints the plan and changes nothing (the
- * token is not presented either), and checks that a broker answers with the pinned CA. Every step is idempotent: install run again keeps an existing
- * enrollment and rewrites the rest.
+ * token is not presented either), and checks that a broker answers with the pinned CA. Every step
+ * is idempotent: install run again keeps an existing enrollment and rewrites the rest.
  *
  * uninstall: stops and disables the unit, removes it, agent.yaml and a binary install copied; the
  * state directory (the agent's identity) and the user stay unless `purge`.
