@@ -193,14 +193,26 @@ export async function enroll(opts: EnrollOptions): Promise<EnrollResult> {
       throw err;
     }
     const files = { certPem: issued.certificateChainPem, keyPem, caPem: issued.trustBundlePem };
-    await writeIssued(opts.stateDir, files);
-    await writeState(opts.stateDir, {
-      agentId: issued.agentId,
-      spiffeId: issued.spiffeId,
-      bundleVersion: issued.bundleVersion,
-      enrolledAt: new Date().toISOString(),
-      broker,
-    });
+    try {
+      await writeIssued(opts.stateDir, files);
+      await writeState(opts.stateDir, {
+        agentId: issued.agentId,
+        spiffeId: issued.spiffeId,
+        bundleVersion: issued.bundleVersion,
+        enrolledAt: new Date().toISOString(),
+        broker,
+      });
+    } catch (err) {
+      // The token is spent now, but the key that was presented stays in the state directory, and the
+      // broker answers that token and key with the same certificate while the token is valid.
+      throw new BurrowError(
+        Status.FAILED_PRECONDITION,
+        `state-dir: the broker issued the certificate but it cannot be written to ${opts.stateDir} ` +
+          `(${(err as Error).message}); fix this and run the same command again with the same token before it ` +
+          'expires: the kept key gets the same certificate',
+        err,
+      );
+    }
     await fs.rm(path.join(opts.stateDir, PENDING_KEY_FILE), { force: true });
     return serverName === undefined ? { ...issued, broker, brokers } : { ...issued, broker, brokers, serverName };
   }
