@@ -56,4 +56,15 @@ export {
   type RenewerDeps,
 } from './certificate-renewer';
 /** @internal Enrollment and the state directory's file names. */
-export { enroll, stateFiles, type EnrollOptions } from './enroll';
+export { enroll, prepareStateDir, stateFiles, PENDING_KEY_FILE, type EnrollOptions, type EnrollResult } from './enroll';
+export {
+  install,
+  uninstall,
+  defaultInstallPaths,
+  agentYaml,
+  unitText,
+  type InstallOptions,
+  type InstallPaths,
+  type UninstallOptions,
+} from './install';
+export { SYSTEMD_UNIT } from './systemd-unit';

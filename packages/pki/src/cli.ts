@@ -6,7 +6,8 @@
  *                    [--root-ttl 3650d] [--issuing-ttl 365d]
  *   burrow-pki issue --dir D --role broker|agent|service --name N [--dns H]... [--ip A]...
  *                    [--ttl 24h] [--key-algorithm A] --out O
- *   burrow-pki token create --dir D --agent-id ID [--ttl 1h]      prints only the token
+ *   burrow-pki token create --dir D --agent-id ID --broker HOST:PORT... [--server-name N] [--ttl 1h]
+ *                                                                  prints only the token
  *   burrow-pki rotate --dir D init|update-clients|update-servers|finish|rollback|status [--force] [--json]
  *   burrow-pki revoke --dir D (--agent-id ID | --serial HEX) [--ban]
  *   burrow-pki crl    --dir D [--out F]                            PEM to F, or to stdout
@@ -181,6 +182,8 @@ async function runTokenCreate(argv: Record<string, unknown>): Promise<void> {
     dir: single(argv, 'dir')!,
     agentId: single(argv, 'agent-id')!,
     ttlMs: durationFlag(argv, 'ttl'),
+    brokers: list(argv, 'broker'),
+    serverName: single(argv, 'server-name'),
   });
   // Only the token on stdout, so `TOKEN=$(burrow-pki token create ...)` works.
   process.stdout.write(`${info.token}\n`);
@@ -458,6 +461,22 @@ function tokenCommands(y: Argv, dirFlag: Options): Argv {
         yy
           .option('dir', dirFlag)
           .option('agent-id', flag('agent-id', { describe: 'agent id the token enrolls', demandOption: true }))
+          .option(
+            'broker',
+            flag('broker', {
+              describe:
+                'HOST:PORT of a broker agent listener the agent enrolls at and connects to (repeatable; the ' +
+                'token carries them, so the agent needs no other flag)',
+              array: true,
+              demandOption: true,
+            }),
+          )
+          .option(
+            'server-name',
+            flag('server-name', {
+              describe: 'TLS name the agent expects in the broker certificate when it differs from the --broker host',
+            }),
+          )
           .option('ttl', flag('ttl', { describe: 'token lifetime, e.g. 10m, 1h (default 1h)' })),
       runTokenCreate,
     )
