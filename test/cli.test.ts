@@ -152,8 +152,9 @@ describe('cli', function () {
       );
       await refused(
         AGENT_CLI,
+        // The broker comes from a self-contained token: only the token itself is required.
         ['enroll', '--state-dir', state],
-        'burrow-agent: missing required flags: --broker (or BURROW_AGENT_BROKER), --token (or BURROW_AGENT_TOKEN)',
+        'burrow-agent: missing required flag: --token (or BURROW_AGENT_TOKEN)',
       );
       await refused(
         PKI_CLI,

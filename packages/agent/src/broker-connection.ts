@@ -382,43 +382,10 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
       return;
     }
     const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(method);
-    let outcome: Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>;
-    if (local) {
-      outcome = await answerUnary(stream, local, {
-        method,
-        maxMessageBytes: this.maxMessageBytes,
-        deadlineMs,
-        callId,
-        caller,
-      });
-    } else {
-      const upstream = this.opts.upstreams.sessionFor(method);
-      if (!upstream) {
-        outcome = answerUnimplemented(stream, `agent "${this.opts.agentId}" has no upstream for service "${service}"`);
-      } else {
-        const peerName = `upstream ${upstream.address}`;
-        try {
-          const owned = caller ? { [CALLER_ID_KEY]: caller } : undefined;
-          const next = nextHopHeaders(method, upstream.address, raw, deadlineMs, owned, headers['content-type']);
-          const out = openStream(upstream.session, next, peerName);
-          // The route's name as configured (`*` for the default route), as operations.md quotes it.
-          const route = this.opts.upstreams.hasRoute(service) ? service : '*';
-          outcome = await relayCall(stream, out, {
-            peerName,
-            maxMessageBytes: this.maxMessageBytes,
-            deadlineMs,
-            unreachableName: `agent "${this.opts.agentId}": upstream ${route} at ${upstream.address}`,
-          });
-          const why = upstream.lastError();
-          if (outcome.code === Status.UNAVAILABLE && why && !outcome.details.includes(`(${why})`))
-            outcome = { ...outcome, details: `${outcome.details} (${why})` };
-        } catch (err) {
-          const e = toBurrowError(err);
-          endWithStatus(stream, e.code, e.message);
-          outcome = { code: e.code, details: e.message };
-        }
-      }
-    }
+    const call = { stream, method, headers, raw, deadlineMs, caller };
+    const outcome = local
+      ? await answerUnary(stream, local, { method, maxMessageBytes: this.maxMessageBytes, deadlineMs, callId, caller })
+      : await this.relayToUpstream(call, service);
     this.callEnded();
     recordCallFinished(this.opts.logger, this.opts.metrics, {
       direction: 'from_broker',
@@ -429,6 +396,47 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
       responseBytes: outcome.responseBytes,
       log: { broker: this.opts.address, callId, method },
     });
+  }
+
+  /** A call for a service the agent does not answer itself: to its upstream, or UNIMPLEMENTED. */
+  private async relayToUpstream(
+    call: {
+      stream: http2.ServerHttp2Stream;
+      method: string;
+      headers: http2.IncomingHttpHeaders;
+      raw: string[];
+      deadlineMs: number;
+      caller: string | undefined;
+    },
+    service: string,
+  ): Promise<Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>> {
+    const { stream, method, deadlineMs, caller } = call;
+    const upstream = this.opts.upstreams.sessionFor(method);
+    if (!upstream)
+      return answerUnimplemented(stream, `agent "${this.opts.agentId}" has no upstream for service "${service}"`);
+    const peerName = `upstream ${upstream.address}`;
+    try {
+      const owned = caller ? { [CALLER_ID_KEY]: caller } : undefined;
+      const contentType = call.headers['content-type'];
+      const next = nextHopHeaders(method, upstream.address, call.raw, deadlineMs, owned, contentType);
+      const out = openStream(upstream.session, next, peerName);
+      // The route's name as configured (`*` for the default route), as operations.md quotes it.
+      const route = this.opts.upstreams.hasRoute(service) ? service : '*';
+      const outcome = await relayCall(stream, out, {
+        peerName,
+        maxMessageBytes: this.maxMessageBytes,
+        deadlineMs,
+        unreachableName: `agent "${this.opts.agentId}": upstream ${route} at ${upstream.address}`,
+      });
+      const why = upstream.lastError();
+      if (outcome.code === Status.UNAVAILABLE && why && !outcome.details.includes(`(${why})`))
+        return { ...outcome, details: `${outcome.details} (${why})` };
+      return outcome;
+    } catch (err) {
+      const e = toBurrowError(err);
+      endWithStatus(stream, e.code, e.message);
+      return { code: e.code, details: e.message };
+    }
   }
 
   private get maxMessageBytes(): number {

@@ -42,6 +42,19 @@ function splitHostPort(address: string): { host: string; port: number } {
   return { host: address.slice(0, i).replace(/^\[|\]$/g, ''), port: Number(address.slice(i + 1)) };
 }
 
+/** The certificate of the presented chain (PEM) whose SHA-256 pin is one of `pins`, if any. */
+function pinnedInChain(leaf: tls.DetailedPeerCertificate | undefined, pins: readonly string[]): string | undefined {
+  const seen = new Set<string>();
+  let cert = leaf;
+  while (cert?.raw && !seen.has(cert.fingerprint256)) {
+    seen.add(cert.fingerprint256);
+    const pem = new X509Certificate(cert.raw).toString();
+    if (pins.includes(caPinOf(pem))) return pem;
+    cert = cert.issuerCertificate;
+  }
+  return undefined;
+}
+
 /**
  * Connects without trusting anything yet, reads the broker's certificate chain and returns the
  * CA certificate whose SHA-256 pin the join token carries. The enrollment call then runs over a
@@ -94,17 +107,7 @@ export function fetchPinnedCa(
       settle(new BurrowError(Status.UNAVAILABLE, `cannot reach broker ${broker}: ${err.message}`));
     });
     socket.once('secureConnect', () => {
-      const seen = new Set<string>();
-      let cert: tls.DetailedPeerCertificate | undefined = socket.getPeerCertificate(true);
-      while (cert?.raw && !seen.has(cert.fingerprint256)) {
-        seen.add(cert.fingerprint256);
-        const pem = new X509Certificate(cert.raw).toString();
-        if (pins.includes(caPinOf(pem))) {
-          found = pem;
-          break;
-        }
-        cert = cert.issuerCertificate;
-      }
+      found = pinnedInChain(socket.getPeerCertificate(true), pins);
       // Whether the broker lets a client without a certificate through (enrollment on) shows only
       // once it answers: send the HTTP/2 preface and an empty SETTINGS frame, and wait for its
       // SETTINGS (enrollment on) or its certificate-required alert (the error above).

@@ -170,11 +170,50 @@ interface Step {
   apply: () => Promise<string | undefined>;
 }
 
+/** What install works out before any step: the token, the brokers, what is there already. */
+interface InstallContext {
+  run: CommandRunner;
+  token: ParsedJoinToken;
+  brokers: string[];
+  serverName: string | undefined;
+  /** The enrollment already in the state directory, if any (then the token is not used). */
+  enrolled: ReturnType<typeof readState>;
+  /** The agent's run command as the unit (or the foreground advice) has it. */
+  runLine: string[];
+  userExists: boolean;
+  /** What uninstall will reverse; steps fill it in as they go. */
+  record: InstallRecord;
+}
+
 /**
  * Installs the agent (see the file comment). Resolves with the exit code: 0 installed (or planned),
  * 1 a step failed (the message names it; steps before it stay done, and running install again resumes).
  */
 export async function install(opts: InstallOptions): Promise<number> {
+  const ctx = await installContext(opts);
+  const steps = installSteps(opts, ctx);
+  if (opts.dryRun) {
+    opts.out(`burrow-agent install --dry-run: nothing is changed and the token is not used. The plan:`);
+    for (const [i, step] of steps.entries()) opts.out(`  ${i + 1}. ${step.says}`);
+    if (!opts.systemd) opts.out(`  then: ${foregroundAdvice(ctx.runLine, opts.user)}`);
+    return ctx.enrolled === undefined ? checkBrokers(ctx.brokers, ctx.token, ctx.serverName, opts) : 0;
+  }
+  // Steps done stay done and each is idempotent: the same command resumes (a token not yet accepted
+  // by the broker is still unused; one accepted is kept in the state directory).
+  if (!(await runSteps('install', steps, opts, 'fix it and run the same command again'))) return 1;
+  const unit = unitName(opts.paths);
+  if (opts.systemd) {
+    opts.out(
+      `status: systemctl status ${unit}; logs: journalctl -u ${unit}; ready: curl http://${opts.adminListen}/readyz`,
+    );
+  } else {
+    opts.out(`systemd is not running here (no /run/systemd/system); ${foregroundAdvice(ctx.runLine, opts.user)}`);
+    opts.out(`status: curl http://${opts.adminListen}/readyz (and /brokers)`);
+  }
+  return 0;
+}
+
+async function installContext(opts: InstallOptions): Promise<InstallContext> {
   const run = opts.run ?? runCommand;
   const { paths } = opts;
   const token = parseJoinToken(opts.token);
@@ -185,19 +224,27 @@ export async function install(opts: InstallOptions): Promise<number> {
       'broker: is required: this join token does not name a broker (an older token); pass --broker HOST:PORT',
     );
   }
-  const serverName = opts.serverName ?? token.serverName;
-  const enrolled = readState(paths.stateDir);
-  const copyBinary = opts.self.length === 1 && path.resolve(opts.self[0]!) !== path.resolve(paths.binary);
   const binary = opts.self.length === 1 ? [paths.binary] : opts.self;
-  const runLine = [...binary, 'run', '--config', paths.configFile];
-  const userExists = opts.user === undefined ? true : (await run('getent', ['passwd', opts.user])).code === 0;
-  const record: InstallRecord = {
-    installedAt: new Date().toISOString(),
-    unitFile: paths.unitFile,
-    configFile: paths.configFile,
-    stateDir: paths.stateDir,
+  return {
+    run,
+    token,
+    brokers,
+    serverName: opts.serverName ?? token.serverName,
+    enrolled: readState(paths.stateDir),
+    runLine: [...binary, 'run', '--config', paths.configFile],
+    userExists: opts.user === undefined ? true : (await run('getent', ['passwd', opts.user])).code === 0,
+    record: {
+      installedAt: new Date().toISOString(),
+      unitFile: paths.unitFile,
+      configFile: paths.configFile,
+      stateDir: paths.stateDir,
+    },
   };
+}
 
+/** The plan: self-check, the user, enrollment, the binary, the config, the unit, the start. */
+function installSteps(opts: InstallOptions, ctx: InstallContext): Step[] {
+  const { paths } = opts;
   const steps: Step[] = [
     {
       says: 'check this binary (self-check: protos, Cedar policy engine, JWT signing)',
@@ -207,124 +254,134 @@ export async function install(opts: InstallOptions): Promise<number> {
       },
     },
   ];
-  if (opts.user !== undefined && !userExists) {
-    const user = opts.user;
-    steps.push({
-      says: `create the system user ${user} (useradd --system, no login shell)`,
-      apply: async () => {
-        const args = ['--system', '--user-group', '--home-dir', paths.stateDir, '--no-create-home'];
-        const r = await run('useradd', [...args, '--shell', '/usr/sbin/nologin', user]);
-        if (r.code !== 0) throw new Error(`useradd ${user} failed (exit ${r.code}): ${r.output}`);
-        record.createdUser = user;
-        return `created system user ${user}`;
-      },
-    });
-  }
-  steps.push(
-    enrolled === undefined
-      ? {
-          says: `enroll with join token ${token.tokenId} at ${brokers.join(' or ')} into ${paths.stateDir}`,
-          apply: async () => {
-            const issued = await enroll({
-              broker: opts.brokers?.length ? brokers[0] : undefined,
-              token: opts.token,
-              stateDir: paths.stateDir,
-              serverName,
-              timeoutMs: opts.timeoutMs,
-              notice: opts.out,
-            });
-            return `enrolled as ${issued.spiffeId} at ${issued.broker}; key and certificate in ${paths.stateDir}`;
-          },
-        }
-      : {
-          says: `keep the enrollment in ${paths.stateDir} (agent ${enrolled.agentId}); the token is not used`,
-          apply: async () =>
-            `already enrolled as ${enrolled.spiffeId}; kept ${paths.stateDir} (uninstall --purge to start over)`,
-        },
-  );
-  if (copyBinary) {
-    steps.push({
-      says: `copy this binary to ${paths.binary}`,
-      apply: async () => {
-        await fs.mkdir(path.dirname(paths.binary), { recursive: true });
-        await fs.copyFile(opts.self[0]!, `${paths.binary}.tmp`);
-        await fs.chmod(`${paths.binary}.tmp`, 0o755);
-        await fs.rename(`${paths.binary}.tmp`, paths.binary);
-        record.binary = paths.binary;
-        return `installed ${paths.binary}`;
-      },
-    });
-  }
-  steps.push({
-    says: `write ${paths.configFile} (brokers ${brokers.join(', ')}, upstream ${opts.upstreams.join(', ')})`,
-    apply: async () => {
-      await fs.mkdir(path.dirname(paths.configFile), { recursive: true, mode: 0o750 });
-      const { upstreams, adminListen } = opts;
-      const yaml = agentYaml({ brokers, serverName, stateDir: paths.stateDir, upstreams, adminListen });
-      await writeFileAtomic(paths.configFile, yaml, 0o640);
-      if (opts.user !== undefined) {
-        // root:burrow 0640: the service reads its config, cannot change it; it owns its state.
-        await chownTo(run, `root:${opts.user}`, [path.dirname(paths.configFile), paths.configFile]);
-        await chownTo(run, `${opts.user}:${opts.user}`, ['-R', paths.stateDir]);
-      }
-      return `wrote ${paths.configFile}`;
-    },
-  });
-  const unit = unitName(paths);
+  if (opts.user !== undefined && !ctx.userExists) steps.push(createUserStep(opts.user, paths, ctx));
+  steps.push(enrollStep(opts, ctx));
+  if (opts.self.length === 1 && path.resolve(opts.self[0]!) !== path.resolve(paths.binary))
+    steps.push(copyBinaryStep(opts.self[0]!, paths.binary, ctx));
+  steps.push(configStep(opts, ctx));
   steps.push({
     says: `install the systemd unit ${paths.unitFile}`,
     apply: async () => {
       await fs.mkdir(path.dirname(paths.unitFile), { recursive: true });
-      await writeFileAtomic(paths.unitFile, unitText(runLine, paths, opts.user), 0o644);
-      await writeFileAtomic(installRecordFile(paths), `${JSON.stringify(record, null, 2)}\n`, 0o600);
+      await writeFileAtomic(paths.unitFile, unitText(ctx.runLine, paths, opts.user), 0o644);
+      await writeFileAtomic(installRecordFile(paths), `${JSON.stringify(ctx.record, null, 2)}\n`, 0o600);
       return `installed ${paths.unitFile}`;
     },
   });
-  if (opts.systemd) {
-    steps.push({
-      says: `start it: systemctl daemon-reload; systemctl enable --now ${unit}`,
-      apply: async () => {
-        for (const args of [['daemon-reload'], ['enable', '--now', unit]]) {
-          const r = await run('systemctl', args);
-          if (r.code !== 0) throw new Error(`systemctl ${args.join(' ')} failed (exit ${r.code}): ${r.output}`);
-        }
-        const active = await run('systemctl', ['is-active', unit]);
-        return `started ${unit} (${active.output || 'state unknown'})`;
-      },
-    });
-  }
+  if (opts.systemd) steps.push(startStep(unitName(paths), ctx.run));
+  return steps;
+}
 
-  if (opts.dryRun) {
-    opts.out(`burrow-agent install --dry-run: nothing is changed and the token is not used. The plan:`);
-    for (const [i, step] of steps.entries()) opts.out(`  ${i + 1}. ${step.says}`);
-    if (!opts.systemd) opts.out(`  then: ${foregroundAdvice(runLine, opts.user)}`);
-    return enrolled === undefined ? checkBrokers(brokers, token, serverName, opts) : 0;
+function createUserStep(user: string, paths: InstallPaths, ctx: InstallContext): Step {
+  return {
+    says: `create the system user ${user} (useradd --system, no login shell)`,
+    apply: async () => {
+      const args = ['--system', '--user-group', '--home-dir', paths.stateDir, '--no-create-home'];
+      const r = await ctx.run('useradd', [...args, '--shell', '/usr/sbin/nologin', user]);
+      if (r.code !== 0) throw new Error(`useradd ${user} failed (exit ${r.code}): ${r.output}`);
+      ctx.record.createdUser = user;
+      return `created system user ${user}`;
+    },
+  };
+}
+
+function enrollStep(opts: InstallOptions, ctx: InstallContext): Step {
+  const { paths } = opts;
+  const { enrolled, brokers } = ctx;
+  if (enrolled !== undefined) {
+    return {
+      says: `keep the enrollment in ${paths.stateDir} (agent ${enrolled.agentId}); the token is not used`,
+      apply: async () =>
+        `already enrolled as ${enrolled.spiffeId}; kept ${paths.stateDir} (uninstall --purge to start over)`,
+    };
   }
+  return {
+    says: `enroll with join token ${ctx.token.tokenId} at ${brokers.join(' or ')} into ${paths.stateDir}`,
+    apply: async () => {
+      const issued = await enroll({
+        broker: opts.brokers?.length ? brokers[0] : undefined,
+        token: opts.token,
+        stateDir: paths.stateDir,
+        serverName: ctx.serverName,
+        timeoutMs: opts.timeoutMs,
+        notice: opts.out,
+      });
+      return `enrolled as ${issued.spiffeId} at ${issued.broker}; key and certificate in ${paths.stateDir}`;
+    },
+  };
+}
+
+function copyBinaryStep(self: string, binary: string, ctx: InstallContext): Step {
+  return {
+    says: `copy this binary to ${binary}`,
+    apply: async () => {
+      await fs.mkdir(path.dirname(binary), { recursive: true });
+      await fs.copyFile(self, `${binary}.tmp`);
+      await fs.chmod(`${binary}.tmp`, 0o755);
+      await fs.rename(`${binary}.tmp`, binary);
+      ctx.record.binary = binary;
+      return `installed ${binary}`;
+    },
+  };
+}
+
+function configStep(opts: InstallOptions, ctx: InstallContext): Step {
+  const { paths } = opts;
+  return {
+    says: `write ${paths.configFile} (brokers ${ctx.brokers.join(', ')}, upstream ${opts.upstreams.join(', ')})`,
+    apply: async () => {
+      await fs.mkdir(path.dirname(paths.configFile), { recursive: true, mode: 0o750 });
+      const { upstreams, adminListen } = opts;
+      const { brokers, serverName } = ctx;
+      const yaml = agentYaml({ brokers, serverName, stateDir: paths.stateDir, upstreams, adminListen });
+      await writeFileAtomic(paths.configFile, yaml, 0o640);
+      if (opts.user !== undefined) {
+        // root:burrow 0640: the service reads its config, cannot change it; it owns its state.
+        await chownTo(ctx.run, `root:${opts.user}`, [path.dirname(paths.configFile), paths.configFile]);
+        await chownTo(ctx.run, `${opts.user}:${opts.user}`, ['-R', paths.stateDir]);
+      }
+      return `wrote ${paths.configFile}`;
+    },
+  };
+}
+
+function startStep(unit: string, run: CommandRunner): Step {
+  return {
+    says: `start it: systemctl daemon-reload; systemctl enable --now ${unit}`,
+    apply: async () => {
+      for (const args of [['daemon-reload'], ['enable', '--now', unit]]) {
+        const r = await run('systemctl', args);
+        if (r.code !== 0) throw new Error(`systemctl ${args.join(' ')} failed (exit ${r.code}): ${r.output}`);
+      }
+      const active = await run('systemctl', ['is-active', unit]);
+      return `started ${unit} (${active.output || 'state unknown'})`;
+    },
+  };
+}
+
+/**
+ * Runs `steps` in order, printing what each did; at the first failure prints one line naming the
+ * step (and `advice`) and resolves false.
+ */
+async function runSteps(
+  command: 'install' | 'uninstall',
+  steps: Step[],
+  opts: Pick<InstallOptions, 'out' | 'err'>,
+  advice?: string,
+): Promise<boolean> {
   for (const [i, step] of steps.entries()) {
     let did: string | undefined;
     try {
       did = await step.apply();
     } catch (err) {
       const message = (err as Error).message.replace(/\s*\n\s*/g, ' ');
-      // Steps done stay done and each is idempotent: the same command resumes (a token not yet
-      // accepted by the broker is still unused; one accepted is kept in the state directory).
-      (opts.err ?? opts.out)(
-        `install: step ${i + 1} of ${steps.length} failed: ${step.says}: ${message}; fix it and run the same ` +
-          'command again',
-      );
-      return 1;
+      const then = advice ? `; ${advice}` : '';
+      (opts.err ?? opts.out)(`${command}: step ${i + 1} of ${steps.length} failed: ${step.says}: ${message}${then}`);
+      return false;
     }
     if (did !== undefined) opts.out(`${i + 1}. ${did}`);
   }
-  if (opts.systemd) {
-    opts.out(
-      `status: systemctl status ${unit}; logs: journalctl -u ${unit}; ready: curl http://${opts.adminListen}/readyz`,
-    );
-  } else {
-    opts.out(`systemd is not running here (no /run/systemd/system); ${foregroundAdvice(runLine, opts.user)}`);
-    opts.out(`status: curl http://${opts.adminListen}/readyz (and /brokers)`);
-  }
-  return 0;
+  return true;
 }
 
 /**
@@ -369,6 +426,24 @@ export async function uninstall(opts: UninstallOptions): Promise<number> {
     .then((text) => JSON.parse(text) as InstallRecord)
     .catch(() => undefined);
   const paths: InstallPaths = record === undefined ? opts.paths : { ...opts.paths, ...record };
+  const steps = uninstallSteps(opts, paths, record, recordFile, run);
+  if (opts.dryRun) {
+    opts.out('burrow-agent uninstall --dry-run: nothing is changed. The plan:');
+    for (const [i, step] of steps.entries()) opts.out(`  ${i + 1}. ${step.says}`);
+    return 0;
+  }
+  if (!(await runSteps('uninstall', steps, opts))) return 1;
+  if (!opts.purge) opts.out(`kept ${paths.stateDir} (the agent identity): uninstall --purge removes it`);
+  return 0;
+}
+
+function uninstallSteps(
+  opts: UninstallOptions,
+  paths: InstallPaths,
+  record: InstallRecord | undefined,
+  recordFile: string,
+  run: CommandRunner,
+): Step[] {
   const unit = unitName(paths);
   const steps: Step[] = [];
   if (opts.systemd) {
@@ -381,23 +456,15 @@ export async function uninstall(opts: UninstallOptions): Promise<number> {
       },
     });
   }
-  const remove = (file: string, what: string): Step => ({
-    says: `remove ${what} ${file}`,
-    apply: async () => {
-      if (!existsSync(file)) return `${file}: already gone`;
-      await fs.rm(file, { recursive: true, force: true });
-      return `removed ${file}`;
-    },
-  });
-  steps.push(remove(paths.unitFile, 'the unit'));
+  steps.push(removeStep(paths.unitFile, 'the unit'));
   if (opts.systemd) {
     steps.push({
       says: 'systemctl daemon-reload',
       apply: async () => (await run('systemctl', ['daemon-reload'])).output || undefined,
     });
   }
-  steps.push(remove(paths.configFile, 'the config'));
-  if (record?.binary !== undefined) steps.push(remove(record.binary, 'the binary install copied'));
+  steps.push(removeStep(paths.configFile, 'the config'));
+  if (record?.binary !== undefined) steps.push(removeStep(record.binary, 'the binary install copied'));
   steps.push({
     says: `remove ${path.dirname(paths.configFile)} if empty`,
     apply: async () => {
@@ -407,34 +474,32 @@ export async function uninstall(opts: UninstallOptions): Promise<number> {
     },
   });
   if (opts.purge) {
-    steps.push(remove(paths.stateDir, 'the state directory (the agent identity)'));
+    steps.push(removeStep(paths.stateDir, 'the state directory (the agent identity)'));
     const user = record?.createdUser ?? opts.user;
-    if (user !== undefined) {
-      steps.push({
-        says: `remove the system user ${user}`,
-        apply: async () => {
-          if ((await run('getent', ['passwd', user])).code !== 0) return `user ${user}: already gone`;
-          const r = await run('userdel', [user]);
-          if (r.code !== 0) throw new Error(`userdel ${user} failed (exit ${r.code}): ${r.output}`);
-          return `removed user ${user}`;
-        },
-      });
-    }
+    if (user !== undefined) steps.push(removeUserStep(user, run));
   }
-  if (opts.dryRun) {
-    opts.out('burrow-agent uninstall --dry-run: nothing is changed. The plan:');
-    for (const [i, step] of steps.entries()) opts.out(`  ${i + 1}. ${step.says}`);
-    return 0;
-  }
-  for (const [i, step] of steps.entries()) {
-    try {
-      const did = await step.apply();
-      if (did !== undefined) opts.out(`${i + 1}. ${did}`);
-    } catch (err) {
-      opts.out(`uninstall: step ${i + 1} failed: ${step.says}: ${(err as Error).message.replace(/\s*\n\s*/g, ' ')}`);
-      return 1;
-    }
-  }
-  if (!opts.purge) opts.out(`kept ${paths.stateDir} (the agent identity): uninstall --purge removes it`);
-  return 0;
+  return steps;
+}
+
+function removeStep(file: string, what: string): Step {
+  return {
+    says: `remove ${what} ${file}`,
+    apply: async () => {
+      if (!existsSync(file)) return `${file}: already gone`;
+      await fs.rm(file, { recursive: true, force: true });
+      return `removed ${file}`;
+    },
+  };
+}
+
+function removeUserStep(user: string, run: CommandRunner): Step {
+  return {
+    says: `remove the system user ${user}`,
+    apply: async () => {
+      if ((await run('getent', ['passwd', user])).code !== 0) return `user ${user}: already gone`;
+      const r = await run('userdel', [user]);
+      if (r.code !== 0) throw new Error(`userdel ${user} failed (exit ${r.code}): ${r.output}`);
+      return `removed user ${user}`;
+    },
+  };
 }

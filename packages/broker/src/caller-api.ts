@@ -285,37 +285,12 @@ export class CallerApi {
       endWithStatus(stream, e.code, e.message);
       return;
     }
-    const { registry, metrics } = this.deps;
+    const { metrics } = this.deps;
     const { agentId, caller } = admitted;
     metrics.toAgentCallStarted();
     const live = this.liveCall(caller, 'api');
-    let route: Route | undefined;
-    // The common case, a session of the agent here, has nothing to wait for and so nothing to
-    // cancel: no AbortController (an EventTarget, ~1.5% of the broker's CPU per call).
-    const session = registry.pick(agentId);
-    if (session) {
-      try {
-        admitted.holdAgentSlot();
-        route = { local: true, session };
-      } catch (err) {
-        this.endRefused(call, admitted, live, err as BurrowError);
-        return;
-      }
-    } else {
-      const abort = new AbortController();
-      live.waiting = abort;
-      const onClose = (): void => abort.abort();
-      stream.once('close', onClose);
-      try {
-        route = await this.route(admitted, call, abort.signal);
-      } catch (err) {
-        stream.off('close', onClose);
-        this.endRefused(call, admitted, live, live.cutBy ?? (err as BurrowError));
-        return;
-      }
-      stream.off('close', onClose);
-      live.waiting = undefined;
-    }
+    const route = await this.routeOf(call, admitted, live);
+    if (!route) return;
     let outcome: CallOutcome;
     try {
       const outbound = route.local ? this.openOnAgent(route.session, call, admitted) : route.stream;
@@ -337,6 +312,37 @@ export class CallerApi {
     live.untrack();
     metrics.toAgentCallEnded();
     admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
+  }
+
+  /**
+   * Where an admitted call goes, or undefined after ending it (the agent's limit, no route in time,
+   * the caller gone). The common case, a session of the agent here, has nothing to wait for and so
+   * nothing to cancel: no AbortController (an EventTarget, ~1.5% of the broker's CPU per call).
+   */
+  private async routeOf(call: ApiCall, admitted: AdmittedCall, live: LiveCallState): Promise<Route | undefined> {
+    const session = this.deps.registry.pick(admitted.agentId);
+    if (session) {
+      try {
+        admitted.holdAgentSlot();
+        return { local: true, session };
+      } catch (err) {
+        this.endRefused(call, admitted, live, err as BurrowError);
+        return undefined;
+      }
+    }
+    const abort = new AbortController();
+    live.waiting = abort;
+    const onClose = (): void => abort.abort();
+    call.stream.once('close', onClose);
+    try {
+      return await this.route(admitted, call, abort.signal);
+    } catch (err) {
+      this.endRefused(call, admitted, live, live.cutBy ?? (err as BurrowError));
+      return undefined;
+    } finally {
+      call.stream.off('close', onClose);
+      live.waiting = undefined;
+    }
   }
 
   /** The call's stream on the agent's session: the caller's metadata after the crossing rules, plus who calls. */
