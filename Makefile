@@ -17,8 +17,11 @@ install: node_modules/.package-lock.json
 build: install
 	node_modules/.bin/tsc -b tsconfig.json
 	chmod +x packages/*/dist/cli.js
+	@# @burrow/client's main and bin are bundles (so its tarball installs with no other @burrow/* package).
+	node scripts/bundle-client.js
 	@# npm links workspace bins only when their target exists; the first install ran before tsc.
 	@test -L node_modules/.bin/burrow-agent -a -L node_modules/.bin/burrow-broker -a -L node_modules/.bin/burrow-pki \
+	  -a -L node_modules/.bin/burrow-call \
 	  || $(NPM) rebuild --ignore-scripts --workspaces >/dev/null
 
 # Formatting and lint rules (biome.jsonc) are checked, never fixed, here: `make format` fixes. The line-length
@@ -53,4 +56,4 @@ $(AGENT_BINARY): $(AGENT_BINARY_INPUTS) | build
 	node scripts/build-agent-binary.js
 
 clean:
-	rm -rf dist node_modules packages/*/dist packages/*/tsconfig.tsbuildinfo test/dist test/tsconfig.tsbuildinfo
+	rm -rf dist node_modules packages/*/dist packages/client/bundle packages/client/proto packages/*/tsconfig.tsbuildinfo test/dist test/tsconfig.tsbuildinfo

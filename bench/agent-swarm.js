@@ -22,6 +22,7 @@ const { BuiltinServices } = require('@burrow/agent/dist/builtin-services');
 const {
   CredentialStore,
   UpstreamTable,
+  HealthService,
   createLogger,
   identityOfCertificate,
   parseUpstreamRoute,
@@ -37,6 +38,8 @@ silenceIpServerNameWarning();
 const logger = createLogger({ level: 'error', component: 'agent-swarm' });
 const metrics = new AgentMetrics();
 const builtins = new BuiltinServices({});
+// One health service for the whole swarm: a ping through a tunnel is answered by its agent.
+const health = new HealthService();
 const agents = [];
 let stopped = false;
 let upstreams;
@@ -95,6 +98,7 @@ class SwarmAgent {
         keepalive: AGENT_DEFAULTS.keepalive,
         upstreams,
         builtins,
+        health,
         metrics,
         logger,
       });

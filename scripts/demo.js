@@ -26,7 +26,8 @@ const { BurrowClient } = require('@burrow/client');
 const { loadGreeter, startSampleUpstream } = require('../examples/sample-upstream');
 
 const ROOT = path.resolve(__dirname, '..');
-const AGENT_ID = 'demo-site';
+// The names of the README quick start: agent site-a, caller billing, upstream site-upstream.
+const AGENT_ID = 'site-a';
 const children = [];
 let tmp;
 
@@ -155,10 +156,11 @@ async function main() {
   mint('keys', '--out', path.join(tmp, 'site-keys'));
   say(`    site token keys (the site's identity provider): ${path.join(tmp, 'site-keys', 'jwks.json')}`);
 
-  step(2, 'sample upstreams (burrow.demo.v1.Greeter)');
+  step(2, 'a site upstream and a platform upstream (examples/sample-upstream.js: burrow.demo.v1.Greeter)');
   const site = await startSampleUpstream('127.0.0.1:0', 'site-upstream');
   const platform = await startSampleUpstream('127.0.0.1:0', 'platform-upstream');
-  say(`    inside the site:  ${site.address}\n    on the platform:  ${platform.address}`);
+  say(`    site upstream (inside the site):     ${site.address}`);
+  say(`    platform upstream (on the platform): ${platform.address}`);
 
   step(3, 'broker and agent processes');
   const broker = startBinary('broker', [
@@ -186,8 +188,8 @@ async function main() {
   ]);
   const b = await broker.started;
   say(
-    `    broker pid ${broker.child.pid}: agents -> 127.0.0.1:${b.agentPort}, callers -> 127.0.0.1:${b.apiPort}, ` +
-      `AuthZEN -> https://localhost:${b.authzenPort}, admin -> http://127.0.0.1:${b.adminPort}`,
+    `    broker pid ${broker.child.pid}: agent listener 127.0.0.1:${b.agentPort}, API listener (callers) ` +
+      `127.0.0.1:${b.apiPort}, AuthZEN https://localhost:${b.authzenPort}, admin http://127.0.0.1:${b.adminPort}`,
   );
   const stateDir = path.join(tmp, 'agent-state');
   const enrolled = await new Promise((resolve, reject) => {
@@ -237,7 +239,7 @@ async function main() {
     '--jwks',
     path.join(tmp, 'site-keys', 'jwks.json'),
     '--token-issuer',
-    'https://idp.demo-site.example',
+    'https://idp.site-a.example',
     '--token-audience',
     'site-api',
     '--token-allowed-audience',
@@ -246,8 +248,8 @@ async function main() {
   const a = await agent.started;
   await waitForLine(agent, (r) => r.message === 'tunnel session established', 10_000);
   say(
-    `    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialled out with its enrolled certificate; site ` +
-      `clients -> 127.0.0.1:${a.localPort}`,
+    `    agent  pid ${agent.child.pid}: id "${AGENT_ID}" dialed out with its enrolled certificate; local ` +
+      `listener (site clients) 127.0.0.1:${a.localPort}`,
   );
 
   const Greeter = loadGreeter();
@@ -292,7 +294,7 @@ async function main() {
       '--key',
       path.join(tmp, 'site-keys', 'signing-key.jwk'),
       '--iss',
-      'https://idp.demo-site.example',
+      'https://idp.site-a.example',
       '--aud',
       'site-api',
       '--sub',

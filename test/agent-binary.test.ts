@@ -292,6 +292,8 @@ describe('agent single executable (make agent-binary), run as an air-gapped site
         'air-gapped-site',
         '--ttl',
         '10m',
+        '--broker',
+        brokerAddress,
       ]);
       expect(token.exit.code).to.equal(0);
 

@@ -63,11 +63,11 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
 
   it('status names the AuthZEN listener with its bound port', async () => {
     const { admin } = await brokerWithAgent('127.0.0.1', ['--authzen-listen', '127.0.0.1:0']);
-    const status = JSON.parse((await cli(['status', '--admin', admin, '--json'])).stdout) as {
+    const status = JSON.parse((await cli(['status', '--admin-listen', admin, '--json'])).stdout) as {
       listeners: { authzen?: string };
     };
     expect(status.listeners.authzen).to.match(/^127\.0\.0\.1:[1-9]\d*$/);
-    const text = await cli(['status', '--admin', admin]);
+    const text = await cli(['status', '--admin-listen', admin]);
     expect(text.exit.code, text.stderrLines.join('\n')).to.equal(0);
     expect(/^authzen listener\s+(\S+)$/m.exec(text.stdout)?.[1]).to.equal(status.listeners.authzen);
   });
@@ -76,11 +76,11 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     const { broker, admin } = await brokerWithAgent('127.0.0.1');
     const serial = new X509Certificate(readFileSync(agentCert.cert)).serialNumber.toLowerCase();
 
-    const list = await cli(['agents', 'list', '--admin', admin]);
+    const list = await cli(['agents', 'list', '--admin-listen', admin]);
     expect(list.exit.code, list.stderrLines.join('\n')).to.equal(0);
     expect(list.stdout.split('\n')[0]).to.match(/^AGENT\s+SESSIONS\s+CONNECTED SINCE/);
     expect(list.stdout).to.match(/^site-a\s+1\s+/m);
-    const listJson = JSON.parse((await cli(['agents', 'list', '--admin', admin, '--json'])).stdout) as {
+    const listJson = JSON.parse((await cli(['agents', 'list', '--admin-listen', admin, '--json'])).stdout) as {
       id: string;
       connections: number;
     }[];
@@ -88,28 +88,40 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
 
     // The admin address from the environment.
     const fromEnv = await cli(['agents', 'list', '--json'], {
-      BURROW_BROKER_ADMIN: admin,
+      BURROW_BROKER_ADMIN_LISTEN: admin,
       BURROW_BROKER_AGENT_LISTEN: '127.0.0.1:1',
     });
     expect(fromEnv.exit.code, fromEnv.stderrLines.join('\n')).to.equal(0);
 
+    // The old name of the flag still works, with a warning naming the new one; both at once is an error.
+    const oldName = await cli(['agents', 'list', '--json', '--admin', admin]);
+    expect(oldName.exit.code, oldName.stderrLines.join('\n')).to.equal(0);
+    expect(oldName.stderrLines).to.deep.equal([
+      'burrow-broker: --admin (BURROW_BROKER_ADMIN) is deprecated: use --admin-listen',
+    ]);
+    const both = await cli(['agents', 'list', '--admin', admin, '--admin-listen', admin]);
+    expect(both.exit.code).to.equal(2);
+    expect(both.stderrLines).to.deep.equal([
+      'burrow-broker: admin: is the old name of --admin-listen: give only --admin-listen',
+    ]);
+
     // ... and from a YAML config file; an unknown key there is one line naming it.
     const configFile = path.join(pki.root, 'admin-cli.yaml');
-    writeFileSync(configFile, `admin: ${admin}\njson: true\ntimeout: 10s\n`);
+    writeFileSync(configFile, `admin-listen: ${admin}\njson: true\ntimeout: 10s\n`);
     const fromConfig = await cli(['agents', 'list', '--config', configFile]);
     expect(fromConfig.exit.code, fromConfig.stderrLines.join('\n')).to.equal(0);
     expect((JSON.parse(fromConfig.stdout) as { id: string }[])[0]!.id).to.equal('site-a');
-    writeFileSync(configFile, `admin: ${admin}\nagent-listen: 127.0.0.1:1\n`);
+    writeFileSync(configFile, `admin-listen: ${admin}\nagent-listen: 127.0.0.1:1\n`);
     const badConfig = await cli(['status', '--config', configFile]);
     expect(badConfig.exit.code).to.equal(2);
     expect(badConfig.stderrLines).to.have.length(1);
     expect(badConfig.stderrLines[0]).to.match(/^burrow-broker: agent-listen: unknown key in /);
 
-    const show = await cli(['agents', 'show', 'site-a', '--admin', admin]);
+    const show = await cli(['agents', 'show', 'site-a', '--admin-listen', admin]);
     expect(show.exit.code).to.equal(0);
     expect(show.stdout).to.match(/^agent\s+site-a$/m);
     expect(show.stdout).to.include(serial);
-    const detail = JSON.parse((await cli(['agents', 'show', 'site-a', '--admin', admin, '--json'])).stdout) as {
+    const detail = JSON.parse((await cli(['agents', 'show', 'site-a', '--admin-listen', admin, '--json'])).stdout) as {
       id: string;
       callsInFlight: number;
       sessions: {
@@ -127,7 +139,7 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     );
     expect(detail.callsInFlight).to.equal(0);
 
-    const status = JSON.parse((await cli(['status', '--admin', admin, '--json'])).stdout) as {
+    const status = JSON.parse((await cli(['status', '--admin-listen', admin, '--json'])).stdout) as {
       agents: number;
       sessions: number;
       draining: boolean;
@@ -150,7 +162,7 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     const expectedSeconds =
       (Date.parse(new X509Certificate(readFileSync(brokerCert.cert)).validTo) - Date.now()) / 1000;
     expect(Number(exported![1])).to.be.closeTo(expectedSeconds, 60);
-    const statusText = await cli(['status', '--admin', admin]);
+    const statusText = await cli(['status', '--admin-listen', admin]);
     expect(statusText.exit.code).to.equal(0);
     expect(statusText.stdout).to.match(/^state\s+ready$/m);
     expect(statusText.stdout).to.match(/^agents\s+1$/m);
@@ -164,7 +176,7 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
       'site-a',
       '--reason',
       'moving site-a to broker-2',
-      '--admin',
+      '--admin-listen',
       admin,
     ]);
     expect(disconnect.exit.code, disconnect.stderrLines.join('\n')).to.equal(0);
@@ -183,19 +195,19 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
       ['agents', 'show', 'nope'],
       ['agents', 'disconnect', 'nope'],
     ]) {
-      const r = await cli([...args, '--admin', admin]);
+      const r = await cli([...args, '--admin-listen', admin]);
       expect(r.exit.code, args.join(' ')).to.equal(1);
       expect(r.stderrLines).to.deep.equal(['burrow-broker: agent "nope" is not connected to this broker']);
       expect(r.stdout).to.equal('');
     }
     const closed = `127.0.0.1:${await freePort()}`;
     for (const args of [['agents', 'list'], ['status'], ['agents', 'disconnect', 'site-a']]) {
-      const r = await cli([...args, '--admin', closed]);
+      const r = await cli([...args, '--admin-listen', closed]);
       expect(r.exit.code, args.join(' ')).to.equal(2);
       expect(r.stderrLines).to.have.length(1);
       expect(r.stderrLines[0]).to.include(closed);
     }
-    const noId = await cli(['agents', 'show', '--admin', admin]);
+    const noId = await cli(['agents', 'show', '--admin-listen', admin]);
     expect(noId.exit.code).to.equal(2);
     expect(noId.stderrLines).to.deep.equal(['burrow-broker: agent-id: agents show needs an agent id']);
   });
@@ -208,18 +220,18 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     expect((await request(url, 'POST', { origin: 'http://evil.example' })).status).to.equal(403);
     expect((await request(url, 'POST', { host: 'evil.example' })).status).to.equal(403);
     // Still connected after the refused attempts.
-    const r = await cli(['agents', 'list', '--admin', admin, '--json']);
+    const r = await cli(['agents', 'list', '--admin-listen', admin, '--json']);
     expect((JSON.parse(r.stdout) as unknown[]).length).to.equal(1);
   });
 
   it('refuses disconnect off loopback without a token; with --admin-token-file it needs the token', async () => {
     const open = await brokerWithAgent('0.0.0.0');
-    const refused = await cli(['agents', 'disconnect', 'site-a', '--admin', open.admin]);
+    const refused = await cli(['agents', 'disconnect', 'site-a', '--admin-listen', open.admin]);
     expect(refused.exit.code).to.equal(3);
     expect(refused.stderrLines).to.have.length(1);
     expect(refused.stderrLines[0]).to.include('not loopback, and no admin token file is configured');
     // Read-only commands still work.
-    expect((await cli(['agents', 'show', 'site-a', '--admin', open.admin])).exit.code).to.equal(0);
+    expect((await cli(['agents', 'show', 'site-a', '--admin-listen', open.admin])).exit.code).to.equal(0);
     await killAll();
 
     const tokenFile = path.join(pki.root, 'admin-token');
@@ -227,14 +239,14 @@ describe('burrow-broker agents / status (admin CLI, real processes)', function (
     writeFileSync(tokenFile, 'c0ffee-admin-token-0123456789\n', { mode: 0o600 });
     writeFileSync(wrongFile, 'not-the-admin-token-0123456789\n', { mode: 0o600 });
     const guarded = await brokerWithAgent('0.0.0.0', ['--admin-token-file', tokenFile]);
-    const noToken = await cli(['agents', 'disconnect', 'site-a', '--admin', guarded.admin]);
+    const noToken = await cli(['agents', 'disconnect', 'site-a', '--admin-listen', guarded.admin]);
     expect(noToken.exit.code).to.equal(3);
     expect(noToken.stderrLines[0]).to.include('missing or wrong admin token');
     expect(
-      (await cli(['agents', 'disconnect', 'site-a', '--admin', guarded.admin, '--admin-token-file', wrongFile])).exit
-        .code,
+      (await cli(['agents', 'disconnect', 'site-a', '--admin-listen', guarded.admin, '--admin-token-file', wrongFile]))
+        .exit.code,
     ).to.equal(3);
-    const ok = await cli(['agents', 'disconnect', 'site-a', '--admin', guarded.admin], {
+    const ok = await cli(['agents', 'disconnect', 'site-a', '--admin-listen', guarded.admin], {
       BURROW_BROKER_ADMIN_TOKEN_FILE: tokenFile,
     });
     expect(ok.exit.code, ok.stderrLines.join('\n')).to.equal(0);

@@ -9,6 +9,7 @@ import {
   BROKER_CLI,
   BurrowProcess,
   httpGet,
+  PKI_CLI,
   killAll,
   runCli,
   startAgent,
@@ -94,6 +95,89 @@ describe('cli', function () {
     expect(hits, 'ports that accepted a connection').to.deep.equal([]);
     return lines[0]!;
   }
+
+  describe('usage errors: one line, the flag as typed, where else it can come from', () => {
+    /** Runs a binary that must refuse its command line: exit 2, nothing on stdout, exactly `line` on stderr. */
+    const refused = async (cli: string, args: string[], line: string): Promise<void> => {
+      const r = await runCli(cli, args);
+      expect(r.exit, r.stderrLines.join('\n')).to.deep.equal({ code: 2, signal: null });
+      expect(r.stdout).to.equal('');
+      expect(r.stderrLines).to.deep.equal([line]);
+    };
+
+    it('a misspelt flag is named once, without its camelCase twin', async () => {
+      await refused(
+        BROKER_CLI,
+        ['serve', '--admin-listn', '127.0.0.1:0'],
+        'burrow-broker: unknown argument: --admin-listn',
+      );
+      await refused(
+        AGENT_CLI,
+        ['run', '--bogus-flag', '1', 'extra'],
+        'burrow-agent: unknown arguments: --bogus-flag, extra',
+      );
+    });
+
+    it('a flag in snake_case or camelCase is pointed to its real name, not reported missing', async () => {
+      const dir = path.join(pki.root, 'no-such-pki');
+      await refused(
+        PKI_CLI,
+        ['token', 'create', '--dir', dir, '--agent_id', 'site-a'],
+        'burrow-pki: unknown flag --agent_id: did you mean --agent-id?',
+      );
+      await refused(
+        BROKER_CLI,
+        ['serve', '--agent_listen', '127.0.0.1:0'],
+        'burrow-broker: unknown flag --agent_listen: did you mean --agent-listen?',
+      );
+      // yargs would take the camelCase spelling silently: one name per flag.
+      await refused(
+        BROKER_CLI,
+        ['status', '--adminListen', '127.0.0.1:1'],
+        'burrow-broker: unknown flag --adminListen: did you mean --admin-listen?',
+      );
+      await refused(
+        PKI_CLI,
+        ['token', 'create', '--dir', dir, '--agentId', 'site-a'],
+        'burrow-pki: unknown flag --agentId: did you mean --agent-id?',
+      );
+    });
+
+    it('a missing required flag names its environment variable', async () => {
+      const state = path.join(pki.root, 'enroll-state');
+      await refused(
+        AGENT_CLI,
+        ['enroll', '--broker', '127.0.0.1:1', '--state-dir', state],
+        'burrow-agent: missing required flag: --token (or BURROW_AGENT_TOKEN)',
+      );
+      await refused(
+        AGENT_CLI,
+        // The broker comes from a self-contained token: only the token itself is required.
+        ['enroll', '--state-dir', state],
+        'burrow-agent: missing required flag: --token (or BURROW_AGENT_TOKEN)',
+      );
+      await refused(
+        PKI_CLI,
+        ['issue', '--dir', path.join(pki.root, 'no-such-pki')],
+        'burrow-pki: missing required flags: --role (or BURROW_PKI_ROLE), --out (or BURROW_PKI_OUT)',
+      );
+    });
+
+    it('a value outside the choices is one line naming the argument', async () => {
+      await refused(
+        BROKER_CLI,
+        ['agents', 'frob'],
+        'burrow-broker: action: "frob" is not one of "list", "show", "disconnect"',
+      );
+    });
+
+    it('the admin commands name the admin address as serve does: --admin-listen', async () => {
+      const r = await runCli(BROKER_CLI, ['status', '--help']);
+      expect(r.exit.code).to.equal(0);
+      expect(r.stdout).to.match(/--admin-listen\s/);
+      expect(r.stdout).not.to.match(/--admin\s/);
+    });
+  });
 
   describe('help and version', () => {
     it('broker `serve --help` exits 0 and lists every flag', async () => {

@@ -156,6 +156,19 @@ describe('broker cluster (in process)', function () {
     expect(err?.details).to.include('"nowhere" is not connected to this broker or any other');
   });
 
+  it('a caller deadline shorter than the agent wait: UNAVAILABLE naming the agent before the deadline', async () => {
+    const started = Date.now();
+    const err = await callerB
+      .unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'nowhere'), { deadline: started + 1_000 })
+      .then(
+        () => undefined,
+        (e: ServiceError) => e,
+      );
+    expect(err?.code, err?.details).to.equal(Status.UNAVAILABLE);
+    expect(err?.details).to.include('"nowhere" is not connected to this broker or any other');
+    expect(Date.now() - started).to.be.below(1_000);
+  });
+
   it('the deadline bounds a forwarded call that waits', async () => {
     const started = Date.now();
     const err = await callerB.unary(ECHO.hang, Buffer.from('x'), stack.md(), { deadline: Date.now() + 300 }).then(

@@ -218,8 +218,14 @@ describe('identity', function () {
     it('a site call (agent -> platform) with a SERVICE certificate is refused with PERMISSION_DENIED', async () => {
       // The agent listener's ordinary gRPC side takes the agent's platform calls: a service
       // certificate may not pose as an agent there either.
+      const before = await rejected(stack.broker, 'agent', 'wrong_role');
       const s = await rawTunnelStream(stack.agentAddress, stack.serviceCert, ECHO.unary);
       expect(s.code, s.details).to.equal(Status.PERMISSION_DENIED);
+      // Worded for the likely cause, a caller on the wrong port; still counted as a wrong role.
+      expect(s.details).to.match(
+        /^this is the broker's agent listener \(agents connect here\); call the caller API on port \d+$/,
+      );
+      expect(await rejected(stack.broker, 'agent', 'wrong_role')).to.equal(before + 1);
       // The real agent's session is untouched.
       const res = await stack.caller.unary(ECHO.unary, Buffer.from('still'), stack.md());
       expect(res.response.toString()).to.equal('still');

@@ -9,13 +9,22 @@ import {
   dashboardQueries,
   ensurePrometheus,
   expandGrafanaVariables,
-  exportedMetricNames,
+  ROOT,
+  documentedMetrics,
   metricNamesIn,
+  metricNamesOfExposition,
   run,
 } from './helpers/monitoring';
+import { loadJose } from '@burrow/agent';
+import { freePort } from './helpers/free-port';
+import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
+import { httpGet, killAll, startAgent, startBroker, tlsArgs } from './helpers/processes';
+import { TestRedis } from './helpers/redis-server';
+import { ISS, jwksOf, makeKey } from './helpers/token-fixture';
 
 // The dashboard's data source is the Grafana template variable, written literally in the JSON.
 const DATASOURCE_VARIABLE = '$' + '{datasource}';
+const EXAMPLES = path.join(ROOT, 'examples');
 
 describe('monitoring assets: Grafana dashboard and metric names', function () {
   this.timeout(600_000);
@@ -90,9 +99,51 @@ describe('monitoring assets: Grafana dashboard and metric names', function () {
     });
   });
 
-  describe('metric names', () => {
-    it('every metric the alerts and the dashboard use is exported by the broker or the agent', async () => {
-      const exported = await exportedMetricNames();
+  describe('metric names, against a running broker and agent', () => {
+    let pki: PkiFixture | undefined;
+    let redis: TestRedis | undefined;
+    /** Names the two processes' /metrics declare, with where each came from. */
+    const exported = new Map<string, string>();
+
+    // Every optional feature with metrics of its own is on: a (one-replica) cluster broker on a
+    // Redis of the test's own, with its PKI, caller policies and AuthZEN; an agent that verifies
+    // tokens and decides policies.
+    before(async () => {
+      pki = await PkiFixture.create();
+      redis = await TestRedis.start();
+      const agentCert: CertFiles = await pki.issue('agent', 'site-a');
+      const broker = await startBroker([
+        ...['--pki-dir', pki.pkiDir, '--redis-url', redis.url, '--advertise', `127.0.0.1:${await freePort()}`],
+        ...['--agent-listen', '127.0.0.1:0', '--api-listen', '127.0.0.1:0', '--admin-listen', '127.0.0.1:0'],
+        ...['--authzen-listen', '127.0.0.1:0', '--caller-policies', path.join(EXAMPLES, 'callers')],
+        ...['--caller-entities', path.join(EXAMPLES, 'callers', 'entities.json')],
+      ]);
+      const jwksFile = path.join(pki.root, 'jwks.json');
+      writeFileSync(jwksFile, jwksOf(await makeKey(await loadJose(), 'ES256', 'k1')));
+      const agent = await startAgent([
+        ...['--broker', `127.0.0.1:${broker.ports.agentPort}`, ...tlsArgs(agentCert)],
+        ...['--upstream', `*=127.0.0.1:${await freePort()}`, '--admin-listen', '127.0.0.1:0'],
+        ...['--jwks', jwksFile, '--token-issuer', ISS, '--token-audience', 'site-api'],
+        ...['--policies', path.join(EXAMPLES, 'policy', 'policies')],
+        ...['--entities', path.join(EXAMPLES, 'policy', 'entities.json')],
+      ]);
+      await broker.proc.waitForLog('agent connected');
+      for (const [who, port] of [
+        ['broker', broker.ports.adminPort],
+        ['agent', agent.ports.adminPort],
+      ] as const) {
+        const res = await httpGet(`http://127.0.0.1:${port}/metrics`);
+        expect(res.status, `${who} /metrics`).to.equal(200);
+        for (const name of metricNamesOfExposition(res.body)) exported.set(name, who);
+      }
+    });
+    after(async () => {
+      await killAll();
+      await redis?.kill();
+      pki?.cleanup();
+    });
+
+    it('every metric the alerts and the dashboard use is exported by the broker or the agent', () => {
       const used = new Map<string, string>();
       for (const r of alertRules()) for (const n of metricNamesIn(r.expr)) used.set(n, `alert ${r.alert}`);
       for (const q of dashboardQueries())
@@ -102,14 +153,42 @@ describe('monitoring assets: Grafana dashboard and metric names', function () {
       expect(unknown, 'metric names nobody exports').to.deep.equal([]);
     });
 
-    it('the name check can fail: a misspelt name is reported', async () => {
-      const exported = await exportedMetricNames();
+    it('every metric the broker and the agent export is in the README metrics table', () => {
+      const { names, prefixes } = documentedMetrics();
+      expect(names.size).to.be.greaterThan(40);
+      const histogramPart = /_(bucket|sum|count)$/;
+      const undocumented = [...exported]
+        .filter(([n]) => !names.has(n) && !names.has(n.replace(histogramPart, '')))
+        .filter(([n]) => !prefixes.some((p) => n.startsWith(p)))
+        .map(([n, who]) => `${n} (${who})`);
+      expect(undocumented, 'exported but not documented in README.md').to.deep.equal([]);
+      // And the other way: a documented name nobody exports is a stale row.
+      const stale = [...names].filter((n) => !exported.has(n));
+      expect(stale, 'documented in README.md but not exported').to.deep.equal([]);
+    });
+
+    it('covers admission, authorization, limits, policy decisions and AuthZEN on the dashboard', () => {
+      const used = new Set(dashboardQueries().flatMap((q) => metricNamesIn(q.expr)));
+      for (const name of [
+        'burrow_broker_handshakes_shed_total',
+        'burrow_broker_handshakes_pending',
+        'burrow_broker_authz_decisions_total',
+        'burrow_broker_limited_calls_total',
+        'burrow_broker_authzen_requests_total',
+        'burrow_broker_caller_policy_decisions_total',
+        'burrow_agent_policy_decisions_total',
+      ])
+        expect(used.has(name), name).to.equal(true);
+    });
+
+    it('the name checks can fail: a misspelt or undocumented name is reported', () => {
       for (const bogus of ['burrow_broker_connected_agent', 'burrow_broker_call_duration_bucket']) {
         expect(metricNamesIn(`sum(${bogus}{job="x"})`)).to.deep.equal([bogus]);
         expect(exported.has(bogus)).to.equal(false);
       }
       expect(exported.has('burrow_broker_call_duration_seconds_bucket')).to.equal(true);
       expect(exported.has('burrow_broker_process_nodejs_eventloop_lag_p99_seconds')).to.equal(true);
+      expect(documentedMetrics().names.has('burrow_broker_connected_agent')).to.equal(false);
     });
   });
 });

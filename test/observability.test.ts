@@ -172,6 +172,19 @@ describe('observability', function () {
       expect([...res.response]).to.deep.equal([0x08, 0x01]);
     });
 
+    it('Health/Check naming an agent is a ping through the tunnel: the agent answers, or UNAVAILABLE', async () => {
+      // The site's upstream serves no health service: SERVING here comes from the agent itself.
+      const res = await stack.caller.unary(HEALTH_CHECK, Buffer.alloc(0), stack.md());
+      expect([...res.response]).to.deep.equal([0x08, 0x01]);
+      const md = new Metadata();
+      md.set('burrow-agent-id', 'nowhere');
+      const err = await stack.caller.unary(HEALTH_CHECK, Buffer.alloc(0), md, { deadline: Date.now() + 5_000 }).then(
+        () => undefined,
+        (e: ServiceError) => e,
+      );
+      expect(err?.code, err?.details).to.be.oneOf([Status.UNAVAILABLE, Status.DEADLINE_EXCEEDED]);
+    });
+
     it('grpc.health.v1.Health/Watch on the API streams SERVING first', async () => {
       const call = stack.caller.bidi('/grpc.health.v1.Health/Watch', new Metadata());
       const first = new Promise<Buffer>((resolve, reject) => {

@@ -382,11 +382,11 @@ describe('PKI lifecycle end to end', () => {
           const before = ok;
           await pollUntil('condition', () => ok > before + 5 || !running, 10_000);
         };
-        const pki = (world.broker as unknown as { pki: { bundleVersion: number } }).pki;
+        const broker = world.broker;
         try {
           for (const action of ['init', 'update-clients', 'update-servers'] as const) {
             const state = await rotate({ dir: world.dir, action });
-            await pollUntil('condition', () => pki.bundleVersion === state.bundleVersion, 3_000);
+            await pollUntil('condition', () => broker.trustBundleVersion === state.bundleVersion, 3_000);
             await live.renewNow();
             if (action === 'update-clients') {
               // Callers move to the new CA too; the old caller connection finishes its calls.

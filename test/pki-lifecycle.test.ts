@@ -1166,23 +1166,50 @@ describe('pki lifecycle', function () {
   describe('token CLI', () => {
     it('prints only the token, which enrolls once', async () => {
       const dir = await newPki('token-cli');
-      const created = await cli(['token', 'create', '--dir', dir, '--agent-id', 'site-a', '--ttl', '10m']);
+      const created = await cli([
+        'token',
+        'create',
+        '--dir',
+        dir,
+        '--agent-id',
+        'site-a',
+        '--ttl',
+        '10m',
+        '--broker',
+        'broker.example.com:8443',
+        '--broker',
+        '10.0.0.2:8443',
+        '--server-name',
+        'burrow.example.com',
+      ]);
       expect(created.code, created.stderr).to.equal(0);
       expect(created.stderr).to.equal('');
-      expect(created.stdout).to.match(/^burrow-join-v1\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}\.[0-9a-f]{64}\n$/);
+      expect(created.stdout).to.match(/^burrow-join-v2\.[0-9a-f]{16}\.[A-Za-z0-9_-]{43}\.[0-9a-f]{64}\.[\w-]+\n$/);
       const token = created.stdout.trim();
+      expect(parseJoinToken(token)).to.deep.include({
+        brokers: ['broker.example.com:8443', '10.0.0.2:8443'],
+        serverName: 'burrow.example.com',
+      });
       const stored = JSON.parse(
         fs.readFileSync(path.join(dir, 'tokens', `${parseJoinToken(token).tokenId}.json`), 'utf8'),
       );
       expect(Date.parse(stored.expiresAt)).to.be.closeTo(Date.now() + 600_000, 10_000);
       expect(await consumeJoinToken({ dir, token })).to.deep.equal({ agentId: 'site-a' });
-      const fromEnv = await cli(['token', 'create'], { BURROW_PKI_DIR: dir, BURROW_PKI_AGENT_ID: 'site-b' });
+      const fromEnv = await cli(['token', 'create'], {
+        BURROW_PKI_DIR: dir,
+        BURROW_PKI_AGENT_ID: 'site-b',
+        BURROW_PKI_BROKER: 'a.example.com:8443,b.example.com:8443',
+      });
       expect(fromEnv.code, fromEnv.stderr).to.equal(0);
+      expect(parseJoinToken(fromEnv.stdout.trim()).brokers).to.deep.equal(['a.example.com:8443', 'b.example.com:8443']);
       expect(await consumeJoinToken({ dir, token: fromEnv.stdout.trim() })).to.deep.equal({ agentId: 'site-b' });
       for (const args of [
-        ['token', 'create', '--dir', dir],
-        ['token', 'create', '--dir', dir, '--agent-id', 'Bad Id'],
-        ['token', 'create', '--dir', dir, '--agent-id', 'a', '--ttl', '0s'],
+        ['token', 'create', '--dir', dir, '--broker', 'b:1'],
+        ['token', 'create', '--dir', dir, '--agent-id', 'a'],
+        ['token', 'create', '--dir', dir, '--agent-id', 'a', '--broker', 'no-port'],
+        ['token', 'create', '--dir', dir, '--agent-id', 'a', '--broker', 'b:1', '--server-name', 'a b'],
+        ['token', 'create', '--dir', dir, '--agent-id', 'Bad Id', '--broker', 'b:1'],
+        ['token', 'create', '--dir', dir, '--agent-id', 'a', '--ttl', '0s', '--broker', 'b:1'],
         ['token', '--dir', dir],
       ]) {
         const r = await cli(args);

@@ -98,10 +98,21 @@ describe('key directories are tightened to 0700 (or refused)', function () {
     expect(brokerLine, b.proc.stderrTail()).to.not.equal(undefined);
     expect(modeOf(pkiDir)).to.equal('0700');
 
-    const token = await pki(['token', 'create', '--dir', pkiDir, '--agent-id', 'site-z', '--ttl', '10m']);
+    const broker = `127.0.0.1:${b.ports.agentPort}`;
+    const token = await pki([
+      'token',
+      'create',
+      '--dir',
+      pkiDir,
+      '--agent-id',
+      'site-z',
+      '--ttl',
+      '10m',
+      '--broker',
+      broker,
+    ]);
     expect(token.exit.code, token.stderrLines.join('\n')).to.equal(0);
     const stateDir = looseDir(path.join(root, 'state'));
-    const broker = `127.0.0.1:${b.ports.agentPort}`;
     const enroll = ['enroll', '--broker', broker, '--token', token.stdout.trim(), '--state-dir', stateDir];
     const enrolled = await runCli(AGENT_CLI, enroll);
     expect(enrolled.exit.code, enrolled.stderrLines.join('\n')).to.equal(0);

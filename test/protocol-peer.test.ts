@@ -47,9 +47,8 @@ async function counterValue(counter: Broker['metrics']['protocolErrors']): Promi
   return (await counter.get()).values.reduce((n, v) => n + v.value, 0);
 }
 
-/** The broker's agent listener, for its session count (leak checks). */
-const sessionCount = (broker: Broker): number =>
-  (broker as unknown as { agentListener: { sessionCount: number } }).agentListener.sessionCount;
+/** The sessions the broker's agent listener holds (leak checks). */
+const sessionCount = (broker: Broker): number => broker.agentSessions.sessionCount;
 
 /** The error a call failed with; fails the test if it succeeded. */
 const failure = (call: Promise<unknown>): Promise<ServiceError> =>

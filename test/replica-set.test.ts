@@ -25,16 +25,8 @@ import { pollUntil } from './helpers/wait';
  * sockets, real mTLS.
  */
 
-/**
- * The broker's agent listener. broker.ts does not wire the replica set yet (the Redis registry
- * will), so these tests reach the listener directly and call its public broadcastReplicaSet.
- */
-function listenerOf(broker: Broker): {
-  broadcastReplicaSet(set: BrokerEndpoint[]): void;
-  broadcastTrustBundle(pem: string, version: number): void;
-} {
-  return (broker as unknown as { agentListener: ReturnType<typeof listenerOf> }).agentListener;
-}
+/** Where the broker tells its agents' sessions the replica set and the trust bundle. */
+const listenerOf = (broker: Broker): Broker['agentSessions'] => broker.agentSessions;
 
 const sessions = (b: Broker): number => b.registry.counts().sessions;
 

@@ -3,6 +3,7 @@ import { Metadata, status as Status, type ServiceError } from '@grpc/grpc-js';
 import { Agent, AGENT_DEFAULTS } from '@burrow/agent';
 import { silentLogger } from '@burrow/tunnel';
 import { ECHO } from './helpers/echo-upstream';
+import { freePort } from './helpers/free-port';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
 import { Stack } from './helpers/stack';
 
@@ -41,6 +42,22 @@ describe('routing', () => {
     }
   });
 
+  it("a caller at the agent listener: refused naming that listener and the caller API's port", async () => {
+    const client = new RawClient(stack.agentAddress, mtlsCredentials(stack.serviceCert), {
+      'grpc.ssl_target_name_override': 'localhost',
+    });
+    try {
+      const err = await failure(client.unary(ECHO.unary, Buffer.from('x'), stack.md()));
+      const apiPort = stack.apiAddress.split(':').pop();
+      expect(err.code, err.details).to.equal(Status.PERMISSION_DENIED);
+      expect(err.details).to.equal(
+        `this is the broker's agent listener (agents connect here); call the caller API on port ${apiPort}`,
+      );
+    } finally {
+      client.close();
+    }
+  });
+
   it('no agent named: INVALID_ARGUMENT', async () => {
     const err = await failure(stack.caller.unary(ECHO.unary, Buffer.from('x'), new Metadata()));
     expect(err.code).to.equal(Status.INVALID_ARGUMENT);
@@ -57,11 +74,14 @@ describe('routing', () => {
     expect(stack.broker.registry.entryCount).to.equal(1);
   });
 
-  it('a caller deadline shorter than the wait: DEADLINE_EXCEEDED at the deadline', async () => {
+  it('a caller deadline shorter than the wait: UNAVAILABLE naming the agent, before the deadline', async () => {
+    const started = Date.now();
     const err = await failure(
       stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'site-nowhere'), { deadline: Date.now() + 200 }),
     );
-    expect(err.code).to.equal(Status.DEADLINE_EXCEEDED);
+    expect(err.code, err.details).to.equal(Status.UNAVAILABLE);
+    expect(err.details).to.match(/agent "site-nowhere" is not connected .*before the caller's deadline/);
+    expect(Date.now() - started).to.be.below(200);
   });
 
   it('an agent that connects while a call waits for it gets the call', async () => {
@@ -139,9 +159,34 @@ describe('routing at the agent', () => {
     expect(err.details).to.equal('agent "site-a" has no upstream for service "other.Service"');
   });
 
-  it('an unreachable upstream: UNAVAILABLE', async () => {
+  it('an unreachable upstream (closed port): UNAVAILABLE naming the agent, the route and the cause', async () => {
     const err = await failure(stack.caller.unary('/burrow.test.Gone/Method', Buffer.from('x'), stack.md()));
     expect(err.code).to.equal(Status.UNAVAILABLE);
+    expect(err.details).to.equal(
+      'agent "site-a": upstream burrow.test.Gone at 127.0.0.1:1 is unreachable (ECONNREFUSED)',
+    );
+  });
+
+  it('an unreachable default route names it `*`', async () => {
+    const port = await freePort(); // free: nothing listens there, a connect is refused
+    const cert = await stack.pki.issue('agent', 'site-b');
+    const agent = new Agent(
+      {
+        ...stack.agentConfigWith({ upstreams: [{ service: '*', address: `127.0.0.1:${port}` }] }),
+        tlsCertFile: cert.cert,
+        tlsKeyFile: cert.key,
+      },
+      silentLogger(),
+    );
+    try {
+      await agent.start();
+      await agent.waitConnected();
+      const err = await failure(stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'site-b')));
+      expect(err.code).to.equal(Status.UNAVAILABLE);
+      expect(err.details).to.equal(`agent "site-b": upstream * at 127.0.0.1:${port} is unreachable (ECONNREFUSED)`);
+    } finally {
+      await agent.stop();
+    }
   });
 
   it('many calls to an unreachable upstream do not starve other calls', async () => {
@@ -154,5 +199,30 @@ describe('routing at the agent', () => {
     goodResults.forEach((r, i) => {
       expect(r.response.toString()).to.equal(`g${i}`);
     });
+  });
+});
+
+describe('routing: a caller deadline (1 s) shorter than --agent-wait (5 s)', () => {
+  let stack: Stack;
+  before(async () => {
+    stack = await Stack.start({ broker: { agentWaitMs: 5_000 } });
+  });
+  after(async () => {
+    await stack?.stop();
+  });
+
+  it('an offline agent: UNAVAILABLE naming it within the deadline, not DEADLINE_EXCEEDED', async () => {
+    const started = Date.now();
+    const err = await failure(
+      stack.caller.unary(ECHO.unary, Buffer.from('x'), stack.md({}, 'site-offline'), { deadline: started + 1_000 }),
+    );
+    const tookMs = Date.now() - started;
+    expect(err.code, err.details).to.equal(Status.UNAVAILABLE);
+    expect(err.details).to.match(
+      /^agent "site-offline" is not connected \(waited \d+ ms, answering before the caller's deadline\)$/,
+    );
+    // It waited for the agent (most of the caller's second), then answered in time.
+    expect(tookMs).to.be.within(700, 999);
+    expect(stack.broker.registry.counts().waiters).to.equal(0);
   });
 });

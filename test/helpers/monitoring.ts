@@ -2,9 +2,6 @@ import { spawn } from 'node:child_process';
 import { readFileSync } from 'node:fs';
 import * as path from 'node:path';
 import * as YAML from 'yaml';
-import { AgentMetrics, AuthnMetrics } from '@burrow/agent';
-import { BrokerMetrics } from '@burrow/broker';
-import { PolicyMetrics } from '@burrow/policy';
 
 /**
  * The monitoring assets (deploy/prometheus, deploy/grafana) as tests see them: alert rules, the
@@ -79,25 +76,37 @@ export function metricNamesIn(expr: string): string[] {
 }
 
 /**
- * Every series name the broker and the agent export, as Prometheus stores them (histograms as
- * `_bucket`, `_sum`, `_count`), read from the metric registries the binaries serve.
+ * The series names a Prometheus text exposition (a `/metrics` body) declares, as Prometheus
+ * stores them: every `# TYPE` line's name, histograms also as `_bucket`, `_sum`, `_count`. A
+ * labelled metric nobody has observed yet has its TYPE line and no sample, and still counts.
  */
-export async function exportedMetricNames(): Promise<Set<string>> {
+export function metricNamesOfExposition(text: string): Set<string> {
   const names = new Set<string>();
-  const broker = new BrokerMetrics(() => ({ agents: 0, sessions: 0, idleOffers: 0, activeCalls: 0, waiters: 0 }));
-  // Every optional feature on: a cluster broker, an agent verifying tokens and deciding policies.
-  broker.enableClusterMetrics();
-  const agent = new AgentMetrics();
-  new AuthnMetrics(agent.registry);
-  new PolicyMetrics(agent.registry, 'burrow_agent_policy');
-  for (const registry of [broker.registry, agent.registry]) {
-    for (const m of await registry.getMetricsAsJSON()) {
-      names.add(m.name);
-      if (String(m.type) === 'histogram')
-        for (const suffix of ['_bucket', '_sum', '_count']) names.add(m.name + suffix);
-    }
+  for (const m of text.matchAll(/^# TYPE (\S+) (\S+)$/gm)) {
+    names.add(m[1]!);
+    if (m[2] === 'histogram') for (const suffix of ['_bucket', '_sum', '_count']) names.add(m[1]! + suffix);
   }
   return names;
+}
+
+/**
+ * The metric names README.md's metrics section documents (its tables' first column); a row
+ * such as `burrow_broker_process_*` documents every name with that prefix.
+ */
+export function documentedMetrics(): { names: Set<string>; prefixes: string[] } {
+  const readme = readFileSync(path.join(ROOT, 'README.md'), 'utf8');
+  const at = readme.indexOf('\n## Metrics\n');
+  if (at < 0) throw new Error('README.md has no "## Metrics" section');
+  const section = readme.slice(at);
+  const next = section.indexOf('\n## ', 1);
+  const body = next < 0 ? section : section.slice(0, next);
+  const names = new Set<string>();
+  const prefixes: string[] = [];
+  for (const m of body.matchAll(/^\| `(burrow_[a-z0-9_]+)(\*?)` \|/gm)) {
+    if (m[2]) prefixes.push(m[1]!);
+    else names.add(m[1]!);
+  }
+  return { names, prefixes };
 }
 
 /** Output of a finished child process. */

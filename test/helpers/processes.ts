@@ -21,6 +21,8 @@ const ROOT = path.resolve(__dirname, '..', '..', '..');
 export const BROKER_CLI = path.join(ROOT, 'packages', 'broker', 'dist', 'cli.js');
 export const AGENT_CLI = path.join(ROOT, 'packages', 'agent', 'dist', 'cli.js');
 export const PKI_CLI = path.join(ROOT, 'packages', 'pki', 'dist', 'cli.js');
+/** burrow-call as the @burrow/client tarball ships it: the bundle scripts/bundle-client.js builds. */
+export const CALL_CLI = path.join(ROOT, 'packages', 'client', 'bundle', 'burrow-call.js');
 
 /** One JSON log line of a Burrow binary. */
 export interface LogLine {

@@ -442,60 +442,13 @@ export class Agent {
     const backoff = new Backoff(this.config.reconnectBaseMs, this.config.reconnectMaxMs);
     let everConnected = false;
     while (!this.stopped && !target.removed) {
-      const conn = new BrokerConnection({
-        address,
-        // Read from the store at each dial: a renewed certificate or a rotated bundle applies to
-        // every new connection without a restart; open connections carry on.
-        tls: this.tls!,
-        trustDomain: this.trustDomain,
-        agentId: this.agentId,
-        agentVersion: this.version,
-        maxConcurrentCalls: this.config.maxConcurrentCalls,
-        maxMessageBytes: this.config.maxMessageBytes,
-        drainTimeoutMs: this.config.drainTimeoutMs,
-        keepalive: this.config.keepalive,
-        serverNameOverride: target.serverName,
-        upstreams: this.upstreams,
-        builtins: this.builtins,
-        metrics: this.metrics,
-        logger: this.logger,
-      });
-      target.conn = conn;
-      this.connections.add(conn);
-      conn.on('trust-bundle', (pem: string, version: number) => {
-        void this.installTrustBundle(pem, version);
-      });
-      conn.on('brokers', (set: BrokerEndpoint[]) => this.onReplicaSet(set, target));
+      const conn = this.connectionTo(target);
       const ended = new Promise<'closed' | 'drain'>((resolve) => {
         conn.once('closed', () => resolve('closed'));
         conn.once('drain', () => resolve('drain'));
       });
-      conn.once('closed', () => this.connections.delete(conn));
-      let sessionStartMs: number | undefined;
-      try {
-        await conn.open();
-        sessionStartMs = Date.now();
-        this.noteBrokerId(target);
-        this.metrics.connects.inc({ result: 'ok' });
-        if (everConnected) this.metrics.reconnects.inc();
-        everConnected = true;
-        for (const w of [...this.connectionWaiters]) w();
-      } catch (err) {
-        this.metrics.connects.inc({ result: 'failed' });
-        const message = (err as Error).message;
-        const hint = connectHint({
-          address,
-          message,
-          code: (err as { code?: number }).code,
-          caFile: this.config.caFile,
-        });
-        this.logger.warn('cannot establish tunnel session', {
-          broker: address,
-          error: message,
-          hint,
-          retryWithinMs: backoff.ceilingMs,
-        });
-      }
+      const sessionStartMs = await this.openSession(conn, target, everConnected, backoff.ceilingMs);
+      if (sessionStartMs !== undefined) everConnected = true;
       const why = await ended;
       // A removed target (a learned broker that left the replica set, an address DNS no longer
       // gives) is not dialled again; its connection drains on its own.
@@ -517,6 +470,69 @@ export class Agent {
         });
       }
       await this.sleep(backoff.nextDelayMs(), target);
+    }
+  }
+
+  /** A new connection to `target`'s broker, tracked and listened to (not dialled yet). */
+  private connectionTo(target: Target): BrokerConnection {
+    const conn = new BrokerConnection({
+      address: target.address,
+      // Read from the store at each dial: a renewed certificate or a rotated bundle applies to
+      // every new connection without a restart; open connections carry on.
+      tls: this.tls!,
+      trustDomain: this.trustDomain,
+      agentId: this.agentId,
+      agentVersion: this.version,
+      maxConcurrentCalls: this.config.maxConcurrentCalls,
+      maxMessageBytes: this.config.maxMessageBytes,
+      drainTimeoutMs: this.config.drainTimeoutMs,
+      keepalive: this.config.keepalive,
+      serverNameOverride: target.serverName,
+      upstreams: this.upstreams,
+      builtins: this.builtins,
+      health: this.health,
+      metrics: this.metrics,
+      logger: this.logger,
+    });
+    target.conn = conn;
+    this.connections.add(conn);
+    conn.on('trust-bundle', (pem: string, version: number) => {
+      void this.installTrustBundle(pem, version);
+    });
+    conn.on('brokers', (set: BrokerEndpoint[]) => this.onReplicaSet(set, target));
+    conn.once('closed', () => this.connections.delete(conn));
+    return conn;
+  }
+
+  /**
+   * Dials and opens the tunnel session; resolves to when it started, or undefined after logging why
+   * it could not be opened, with the hint for its cause (connect-hint.ts).
+   */
+  private async openSession(
+    conn: BrokerConnection,
+    target: Target,
+    reconnect: boolean,
+    retryWithinMs: number,
+  ): Promise<number | undefined> {
+    try {
+      await conn.open();
+      this.noteBrokerId(target);
+      this.metrics.connects.inc({ result: 'ok' });
+      if (reconnect) this.metrics.reconnects.inc();
+      for (const w of [...this.connectionWaiters]) w();
+      return Date.now();
+    } catch (err) {
+      this.metrics.connects.inc({ result: 'failed' });
+      const message = (err as Error).message;
+      const code = (err as { code?: number }).code;
+      const hint = connectHint({ address: target.address, message, code, caFile: this.config.caFile });
+      this.logger.warn('cannot establish tunnel session', {
+        broker: target.address,
+        error: message,
+        hint,
+        retryWithinMs,
+      });
+      return undefined;
     }
   }
 

@@ -7,11 +7,14 @@ import {
   BurrowError,
   CALLER_ID_KEY,
   CALL_ID_KEY,
+  CallIds,
   CONTROL_PATH,
+  SESSION_HANDSHAKE_TIMEOUT_MS,
   ControlChannel,
   ENROLLMENT_SERVICE,
   GRPC_CONTENT_TYPE,
   H2_SESSION_OPTIONS,
+  HealthService,
   LEGACY_SESSION_PATH,
   PROTOCOL_VERSIONS,
   ProtocolError,
@@ -42,12 +45,11 @@ import {
   type SessionFrame,
   type UpstreamTable,
   type WelcomeFrame,
+  type BrokerEndpoint,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
 import type { BuiltinServices } from './builtin-services';
 
-/** How long the agent waits for Welcome after the TLS handshake. */
-const WELCOME_TIMEOUT_MS = 10_000;
 /** How long a leaving agent waits for the broker's Drain that answers its own. */
 const DRAIN_ACK_TIMEOUT_MS = 5_000;
 
@@ -68,8 +70,26 @@ export interface BrokerConnectionOptions {
   upstreams: UpstreamTable;
   /** Services the agent answers itself (auth, policy), unless an upstream route names them. */
   builtins: BuiltinServices;
+  /** The agent's health (grpc.health.v1), answered for calls through the tunnel that ask for it. */
+  health: HealthService;
   metrics: AgentMetrics;
   logger: Logger;
+}
+
+/**
+ * What a {@link BrokerConnection} reports, by event name and listener arguments. Public:
+ * `closed` (once, with the error it ended with, if any), `drain` (the broker asked the agent to go
+ * elsewhere), `brokers` (each replica set the broker sends), `trust-bundle` (a new trust bundle).
+ * Internal: `welcome`, `drain-ack` (the broker's Drain after the agent's), `call-ended`.
+ */
+export interface BrokerConnectionEvents {
+  closed: [error?: BurrowError];
+  drain: [reason: string];
+  brokers: [set: BrokerEndpoint[]];
+  'trust-bundle': [pem: string, version: number];
+  welcome: [welcome: WelcomeFrame];
+  'drain-ack': [];
+  'call-ended': [];
 }
 
 /**
@@ -78,12 +98,10 @@ export interface BrokerConnectionOptions {
  * the calls the broker opens on it, each answered by a built-in service or relayed to an upstream.
  * Site clients' calls go up on a second, ordinary `h2` connection made when the first one comes.
  *
- * Events: `closed` (error?: BurrowError) once the tunnel is over; `drain` when the broker asked
- * the agent to go elsewhere. After either, the connection takes no new calls; calls in flight
- * finish and then the connection closes. `brokers` (set: BrokerEndpoint[]) for each replica set the
- * broker sends; `trust-bundle` (pem, version).
+ * Events ({@link BrokerConnectionEvents}): after `closed` or `drain` the connection takes no new
+ * calls; calls in flight finish and then the connection closes.
  */
-export class BrokerConnection extends EventEmitter {
+export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
   private socket: tls.TLSSocket | undefined;
   private h2: http2.ServerHttp2Session | undefined;
   private channel: ControlChannel | undefined;
@@ -95,7 +113,7 @@ export class BrokerConnection extends EventEmitter {
   private brokerDrained = false;
   /** The `h2` connection for site -> platform calls and renewals, made on first use. */
   private callSession: http2.ClientHttp2Session | undefined;
-  private callCounter = 0;
+  private readonly callIds = new CallIds('a');
 
   constructor(private readonly opts: BrokerConnectionOptions) {
     super();
@@ -163,10 +181,10 @@ export class BrokerConnection extends EventEmitter {
           fail(
             new BurrowError(
               Status.UNAVAILABLE,
-              `no welcome from broker ${this.opts.address} within ${WELCOME_TIMEOUT_MS} ms`,
+              `no welcome from broker ${this.opts.address} within ${SESSION_HANDSHAKE_TIMEOUT_MS} ms`,
             ),
           ),
-        WELCOME_TIMEOUT_MS,
+        SESSION_HANDSHAKE_TIMEOUT_MS,
       );
       this.once('welcome', (welcome: WelcomeFrame) => {
         if (settled) return;
@@ -211,7 +229,7 @@ export class BrokerConnection extends EventEmitter {
         'content-type': GRPC_CONTENT_TYPE,
         te: 'trailers',
       });
-      const timer = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), WELCOME_TIMEOUT_MS);
+      const timer = setTimeout(() => stream.close(http2.constants.NGHTTP2_CANCEL), SESSION_HANDSHAKE_TIMEOUT_MS);
       let status: { code: number; details: string } | undefined;
       let done = false;
       // Settled by the status itself: this stream's request side stays open (an old Session is a
@@ -354,42 +372,20 @@ export class BrokerConnection extends EventEmitter {
     // that sent burrow-caller-id twice must not make the upstream see one value that is both ids.
     // A v4 broker sends it once (it replaces any value); of several, the first is the one passed on.
     const caller = firstRawValue(raw, CALLER_ID_KEY) || undefined;
-    const callIdHeader = headers[CALL_ID_KEY];
-    const callId =
-      typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `a${(++this.callCounter).toString(36)}`;
+    const callId = this.callIds.fromHeader(headers[CALL_ID_KEY]);
     const service = serviceOfMethod(method);
     // A route naming the service wins over the built-in one; the default route `*` does not.
-    const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(method);
-    let outcome: Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>;
-    if (local) {
-      outcome = await answerUnary(stream, local, {
-        method,
-        maxMessageBytes: this.maxMessageBytes,
-        deadlineMs,
-        callId,
-        caller,
-      });
-    } else {
-      const upstream = this.opts.upstreams.sessionFor(method);
-      if (!upstream) {
-        outcome = answerUnimplemented(stream, `agent "${this.opts.agentId}" has no upstream for service "${service}"`);
-      } else {
-        const peerName = `upstream ${upstream.address}`;
-        try {
-          const owned = caller ? { [CALLER_ID_KEY]: caller } : undefined;
-          const next = nextHopHeaders(method, upstream.address, raw, deadlineMs, owned, headers['content-type']);
-          const out = openStream(upstream.session, next, peerName);
-          outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
-          const why = upstream.lastError();
-          if (outcome.code === Status.UNAVAILABLE && why)
-            outcome = { ...outcome, details: `${outcome.details} (${why})` };
-        } catch (err) {
-          const e = toBurrowError(err);
-          endWithStatus(stream, e.code, e.message);
-          outcome = { code: e.code, details: e.message };
-        }
-      }
+    if (HealthService.handles(method) && !this.opts.upstreams.hasRoute(service)) {
+      // A ping through the tunnel: the agent answers for itself (its health, not an upstream's).
+      this.opts.health.answer(stream, method, deadlineMs);
+      this.callEnded();
+      return;
     }
+    const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(method);
+    const call = { stream, method, headers, raw, deadlineMs, caller };
+    const outcome = local
+      ? await answerUnary(stream, local, { method, maxMessageBytes: this.maxMessageBytes, deadlineMs, callId, caller })
+      : await this.relayToUpstream(call, service);
     this.callEnded();
     recordCallFinished(this.opts.logger, this.opts.metrics, {
       direction: 'from_broker',
@@ -400,6 +396,47 @@ export class BrokerConnection extends EventEmitter {
       responseBytes: outcome.responseBytes,
       log: { broker: this.opts.address, callId, method },
     });
+  }
+
+  /** A call for a service the agent does not answer itself: to its upstream, or UNIMPLEMENTED. */
+  private async relayToUpstream(
+    call: {
+      stream: http2.ServerHttp2Stream;
+      method: string;
+      headers: http2.IncomingHttpHeaders;
+      raw: string[];
+      deadlineMs: number;
+      caller: string | undefined;
+    },
+    service: string,
+  ): Promise<Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>> {
+    const { stream, method, deadlineMs, caller } = call;
+    const upstream = this.opts.upstreams.sessionFor(method);
+    if (!upstream)
+      return answerUnimplemented(stream, `agent "${this.opts.agentId}" has no upstream for service "${service}"`);
+    const peerName = `upstream ${upstream.address}`;
+    try {
+      const owned = caller ? { [CALLER_ID_KEY]: caller } : undefined;
+      const contentType = call.headers['content-type'];
+      const next = nextHopHeaders(method, upstream.address, call.raw, deadlineMs, owned, contentType);
+      const out = openStream(upstream.session, next, peerName);
+      // The route's name as configured (`*` for the default route), as operations.md quotes it.
+      const route = this.opts.upstreams.hasRoute(service) ? service : '*';
+      const outcome = await relayCall(stream, out, {
+        peerName,
+        maxMessageBytes: this.maxMessageBytes,
+        deadlineMs,
+        unreachableName: `agent "${this.opts.agentId}": upstream ${route} at ${upstream.address}`,
+      });
+      const why = upstream.lastError();
+      if (outcome.code === Status.UNAVAILABLE && why && !outcome.details.includes(`(${why})`))
+        return { ...outcome, details: `${outcome.details} (${why})` };
+      return outcome;
+    } catch (err) {
+      const e = toBurrowError(err);
+      endWithStatus(stream, e.code, e.message);
+      return { code: e.code, details: e.message };
+    }
   }
 
   private get maxMessageBytes(): number {
@@ -436,7 +473,7 @@ export class BrokerConnection extends EventEmitter {
     this.activeCalls++;
     this.opts.metrics.tunnelStreams.inc({ state: 'active' });
     try {
-      const owned = { [CALL_ID_KEY]: `a${(++this.callCounter).toString(36)}` };
+      const owned = { [CALL_ID_KEY]: this.callIds.next() };
       const next = nextHopHeaders(method, this.opts.address, raw, deadlineMs, owned, headers['content-type']);
       const out = openStream(this.platformSession(), next, peerName);
       return await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });

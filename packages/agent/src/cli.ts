@@ -32,8 +32,10 @@ import {
   withEnvAndConfigFile,
 } from '@burrow/tunnel';
 import { existsSync } from 'node:fs';
+import * as path from 'node:path';
 import { Agent } from './agent';
 import { enroll, stateFiles } from './enroll';
+import { defaultInstallPaths, install, selfCommand, systemdRunning, uninstall, type InstallPaths } from './install';
 import { AGENT_DEFAULTS, type AgentConfig, type AgentPolicyConfig } from './agent-config';
 import { policyCommand, type PolicyCliIo } from './policy-cli';
 import { AUTHN_RUN_OPTIONS, authnConfigFromArgs } from './authn/authn-config';
@@ -258,37 +260,190 @@ function run(args: Args): Promise<void> {
 }
 
 const ENROLL_OPTIONS = {
-  broker: { type: 'string', describe: 'HOST:PORT of the broker agent listener', demandOption: true },
-  token: { type: 'string', describe: 'the join token from `burrow-pki token create`', demandOption: true },
+  broker: {
+    type: 'string',
+    describe: 'HOST:PORT of the broker agent listener (default: the brokers the join token names)',
+  },
+  token: {
+    type: 'string',
+    describe: 'the join token from `burrow-pki token create` [env BURROW_AGENT_TOKEN]',
+    demandOption: true,
+  },
   'state-dir': { type: 'string', describe: 'where to write the key, certificate and trust bundle', demandOption: true },
   'broker-server-name': {
     type: 'string',
-    describe: 'TLS name to expect in the broker certificate when it differs from the --broker host',
+    describe: "TLS name to expect in the broker certificate (default: the join token's, else the --broker host)",
   },
 } as const;
 
+/** The `burrow-agent run` command line that uses what an enrollment wrote. */
+export function runCommandLine(result: { brokers: string[]; serverName?: string }, stateDir: string): string {
+  const brokers = result.brokers.map((b) => ` --broker ${b}`).join('');
+  const name = result.serverName === undefined ? '' : ` --broker-server-name ${result.serverName}`;
+  return `burrow-agent run${brokers}${name} --state-dir ${stateDir}`;
+}
+
 async function runEnroll(args: Args): Promise<void> {
-  let broker: string;
+  let broker: string | undefined;
   try {
-    broker = parseListenAddress('broker', args.broker);
+    broker = args.broker === undefined ? undefined : parseListenAddress('broker', args.broker);
   } catch (err) {
     fail((err as Error).message);
   }
   try {
+    const stateDir = String(args['state-dir']);
     const issued = await enroll({
       broker,
       token: String(args.token),
-      stateDir: String(args['state-dir']),
+      stateDir,
       serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
       notice: (line) => process.stderr.write(`${PROG}: enroll: ${line}\n`),
     });
     process.stdout.write(
-      `enrolled as ${issued.spiffeId}; state in ${String(args['state-dir'])}; start with: burrow-agent run ` +
-        `--broker ${broker} --state-dir ${String(args['state-dir'])}\n`,
+      `enrolled as ${issued.spiffeId}; state in ${stateDir}; start with: ${runCommandLine(issued, stateDir)}\n`,
     );
     process.exit(0);
   } catch (err) {
-    process.stderr.write(`${PROG}: enroll: ${(err as Error).message}\n`);
+    process.stderr.write(`${PROG}: enroll: ${(err as Error).message.replace(/\s*\n\s*/g, ' ')}\n`);
+    process.exit(1);
+  }
+}
+
+const INSTALL_PATH_OPTIONS = {
+  root: {
+    type: 'string',
+    describe: 'prefix for every path below (install under a directory, e.g. to try it without root)',
+    default: '/',
+  },
+  'state-dir': { type: 'string', describe: 'state directory [default: ROOT/var/lib/burrow-agent]' },
+  'config-file': { type: 'string', describe: 'agent.yaml to write [default: ROOT/etc/burrow-agent/agent.yaml]' },
+  'unit-file': {
+    type: 'string',
+    describe: 'systemd unit to write [default: ROOT/etc/systemd/system/burrow-agent.service]',
+  },
+  binary: {
+    type: 'string',
+    describe: 'where the single executable copies itself [default: ROOT/usr/local/bin/burrow-agent]',
+  },
+  user: {
+    type: 'string',
+    describe: 'system user the agent runs as, created if missing (--no-user: none, keep file owners)',
+    default: 'burrow',
+  },
+  systemd: {
+    type: 'boolean',
+    describe: 'install and start the systemd unit (default: when /run/systemd/system exists; --no-systemd: never)',
+  },
+  'dry-run': {
+    type: 'boolean',
+    describe: 'print the plan and change nothing (install: and check the brokers answer with the pinned CA)',
+    default: false,
+  },
+} as const;
+
+const INSTALL_OPTIONS = {
+  token: ENROLL_OPTIONS.token,
+  'broker-server-name': ENROLL_OPTIONS['broker-server-name'],
+  ...INSTALL_PATH_OPTIONS,
+  broker: {
+    type: 'string',
+    array: true,
+    describe: 'HOST:PORT of a broker agent listener (repeatable; default: the brokers the join token names)',
+  },
+  upstream: {
+    type: 'string',
+    array: true,
+    describe: 'SERVICE=HOST:PORT site service for agent.yaml (repeatable)',
+    default: ['*=127.0.0.1:50051'],
+  },
+  'admin-listen': {
+    type: 'string',
+    describe: 'admin listener for agent.yaml (status, metrics)',
+    default: '127.0.0.1:9091',
+  },
+} as const;
+
+const UNINSTALL_OPTIONS = {
+  ...INSTALL_PATH_OPTIONS,
+  purge: {
+    type: 'boolean',
+    describe: 'also remove the state directory (the agent identity) and the user',
+    default: false,
+  },
+} as const;
+
+function installPathsFromArgs(args: Args): InstallPaths {
+  const root = String(args.root ?? '/');
+  const defaults = defaultInstallPaths(root);
+  const pick = (flag: string, fallback: string): string => (args[flag] ? path.resolve(String(args[flag])) : fallback);
+  return {
+    stateDir: pick('state-dir', defaults.stateDir),
+    configFile: pick('config-file', defaults.configFile),
+    unitFile: pick('unit-file', defaults.unitFile),
+    binary: pick('binary', defaults.binary),
+  };
+}
+
+/** Installing into the real system needs root; under --root, or only planning, it does not. */
+function requireRoot(args: Args, command: string): void {
+  if (args['dry-run'] || String(args.root ?? '/') !== '/' || process.getuid?.() === 0) return;
+  fail(
+    `${command}: must run as root (sudo burrow-agent ${command} ...), or give --root DIR to install under a directory`,
+  );
+}
+
+const userOf = (args: Args): string | undefined => (args.user === false ? undefined : String(args.user ?? 'burrow'));
+const out = (line: string): void => {
+  process.stdout.write(`${line}\n`);
+};
+
+async function runInstall(args: Args): Promise<void> {
+  requireRoot(args, 'install');
+  let brokers: string[] | undefined;
+  try {
+    brokers = asList(args.broker).map((b) => parseListenAddress('broker', b));
+    for (const u of asList(args.upstream))
+      if (!/^[^=]+=.+:\d+$/.test(u)) throw new ConfigError('upstream', `"${u}" is not SERVICE=HOST:PORT`);
+    parseListenAddress('admin-listen', args['admin-listen']);
+  } catch (err) {
+    fail((err as Error).message);
+  }
+  try {
+    const code = await install({
+      token: String(args.token),
+      brokers,
+      serverName: args['broker-server-name'] ? String(args['broker-server-name']) : undefined,
+      paths: installPathsFromArgs(args),
+      upstreams: asList(args.upstream),
+      adminListen: String(args['admin-listen']),
+      user: userOf(args),
+      systemd: typeof args.systemd === 'boolean' ? args.systemd : systemdRunning(),
+      dryRun: Boolean(args['dry-run']),
+      self: selfCommand(),
+      out,
+      err: (line) => process.stderr.write(`${PROG}: ${line}\n`),
+    });
+    process.exit(code);
+  } catch (err) {
+    process.stderr.write(`${PROG}: install: ${(err as Error).message.replace(/\s*\n\s*/g, ' ')}\n`);
+    process.exit(2);
+  }
+}
+
+async function runUninstall(args: Args): Promise<void> {
+  requireRoot(args, 'uninstall');
+  try {
+    const code = await uninstall({
+      paths: installPathsFromArgs(args),
+      purge: Boolean(args.purge),
+      user: userOf(args),
+      systemd: typeof args.systemd === 'boolean' ? args.systemd : systemdRunning(),
+      dryRun: Boolean(args['dry-run']),
+      out,
+    });
+    process.exit(code);
+  } catch (err) {
+    process.stderr.write(`${PROG}: uninstall: ${(err as Error).message.replace(/\s*\n\s*/g, ' ')}\n`);
     process.exit(1);
   }
 }
@@ -348,6 +503,22 @@ function main(): void {
         void runEnroll(args as Args);
       },
     )
+    .command(
+      'install',
+      'as root: enroll with a join token, write agent.yaml, create the burrow user, install and start the unit',
+      (y) => y.options(INSTALL_OPTIONS).env('BURROW_AGENT').strict(),
+      (args) => {
+        void runInstall(args as Args);
+      },
+    )
+    .command(
+      'uninstall',
+      'stop and remove what install made (the state directory stays unless --purge)',
+      (y) => y.options(UNINSTALL_OPTIONS).strict(),
+      (args) => {
+        void runUninstall(args as Args);
+      },
+    )
     .command(policyCommand(runPolicyCommand))
     // Hidden: run by `make agent-binary` and the tests to prove the single executable is complete.
     .command(
@@ -358,8 +529,8 @@ function main(): void {
         void runSelfCheck();
       },
     )
-    .demandCommand(1, 'name a command: run, enroll or policy');
-  parseCommandLine(commands, VERSION, fail);
+    .demandCommand(1, 'name a command: run, enroll, install, uninstall or policy');
+  parseCommandLine(commands, VERSION, fail, hideBin(process.argv));
 }
 
 /** Runs the CLI on process.argv; the single executable's entry point calls it (it is not `require.main`). */

@@ -20,72 +20,86 @@ export interface ConnectFailure {
  * own certificate suggests enrolling again: every other cause is fixed without a join token.
  */
 export function connectHint(f: ConnectFailure): string | undefined {
-  const { address, message } = f;
-  if (message.includes(NOT_A_BROKER)) {
-    return (
-      `the server at ${address} is not a broker of this agent's trust domain: check --broker (and DNS); ` +
-      'no session was opened'
-    );
-  }
-  // The caller API (same broker certificate, so TLS succeeds) refuses an agent certificate.
-  if (/certificate role "agent" may not call agents/.test(message)) {
-    return (
-      `${address} is the broker's caller API, not its agent listener: point --broker at the broker's agent port ` +
-      '(its --agent-listen)'
-    );
-  }
-  // A cluster broker's peer listener refuses an agent certificate the same way.
-  if (/certificate role "agent" may not use the peer API/.test(message)) {
-    return (
-      `${address} is a broker's peer listener (its --peer-listen), not its agent listener: point --broker at the ` +
-      "broker's agent port (its --agent-listen)"
-    );
-  }
-  // A plain-HTTP server (the broker's admin port) answers the TLS ClientHello with an HTTP response.
-  if (/wrong version number|packet length too long|http_request/i.test(message)) {
-    return (
-      `${address} answers in plain HTTP, not TLS (the broker's admin port?): point --broker at the broker's agent ` +
-      'port (its --agent-listen)'
-    );
-  }
-  // Node's checkServerIdentity: "Host: <name>. is not in the cert's altnames: DNS:a, IP Address:b".
-  const altnames =
-    /(?:Host|IP): (\S+?)\.? is not in the cert's (?:altnames|list): (.*?)(?:\. Resolution note|\.?\s*$)/s.exec(message);
-  if (altnames || /ERR_TLS_CERT_ALTNAME_INVALID/.test(message)) {
-    const names = altnames?.[2]?.trim();
-    return (
-      `the broker's certificate is not for the name ${altnames?.[1] ?? 'dialled'}` +
-      `${names ? ` (it has ${names})` : ''}: dial one of its names, or set --broker-server-name`
-    );
-  }
-  if (/unable to get local issuer certificate|self[- ]signed certificate|unable to verify the first/i.test(message)) {
-    return `the broker's certificate is not signed by the CA in ${f.caFile}: check --ca-file and --broker`;
-  }
-  const refused = /ECONNREFUSED (\S+?)\.?(?:\s|$)/.exec(message);
-  if (refused) return `nothing listens at ${refused[1]}: is the broker running, and is ${address} its agent port?`;
-  const dns = /Name resolution failed for target (?:dns:)?(\S+)|ENOTFOUND (\S+)/.exec(message);
-  if (dns) {
-    const host = (dns[1] ?? dns[2] ?? address).replace(/:\d+$/, '');
-    return `${host} does not resolve: check --broker and the site's DNS`;
-  }
-  if (/protocol version/.test(message)) {
-    // Retrying is still right: the broker (or this agent) may be upgraded while we wait.
-    return (
-      'this agent and the broker share no tunnel protocol version; upgrade the older one ' +
-      '(burrow-agent --version and the broker log show the versions)'
-    );
-  }
-  // The agent's own certificate refused: after a CA rotation or an expiry while offline, or revoked.
-  if (
-    f.code === Status.PERMISSION_DENIED ||
-    /PERMISSION_DENIED|no valid client certificate|certificate (?:expired|revoked|unknown)|bad certificate/i.test(
-      message,
-    )
-  ) {
-    return (
-      "the broker refused this agent's certificate: if it expired, was revoked, or this agent was offline " +
-      'through a CA rotation, enroll again with a new join token (burrow-agent enroll --state-dir ...)'
-    );
+  for (const rule of HINTS) {
+    const match = rule.match(f);
+    if (match) return rule.hint(f, match === true ? undefined : match);
   }
   return undefined;
 }
+
+/** One cause: how to recognise it in a failure, and what to say. The first rule that matches wins. */
+interface HintRule {
+  match(f: ConnectFailure): RegExpExecArray | boolean | null;
+  hint(f: ConnectFailure, match: RegExpExecArray | undefined): string;
+}
+
+const AGENT_PORT = "point --broker at the broker's agent port (its --agent-listen)";
+
+// Node's checkServerIdentity: "Host: <name>. is not in the cert's altnames: DNS:a, IP Address:b".
+const ALTNAMES = /(?:Host|IP): (\S+?)\.? is not in the cert's (?:altnames|list): (.*?)(?:\. Resolution note|\.?\s*$)/s;
+
+const HINTS: readonly HintRule[] = [
+  {
+    match: (f) => f.message.includes(NOT_A_BROKER),
+    hint: (f) =>
+      `the server at ${f.address} is not a broker of this agent's trust domain: check --broker (and DNS); ` +
+      'no session was opened',
+  },
+  // The caller API (same broker certificate, so TLS succeeds) refuses an agent certificate.
+  {
+    match: (f) => /certificate role "agent" may not call agents/.test(f.message),
+    hint: (f) => `${f.address} is the broker's caller API, not its agent listener: ${AGENT_PORT}`,
+  },
+  // A cluster broker's peer listener refuses an agent certificate the same way.
+  {
+    match: (f) => /certificate role "agent" may not use the peer API/.test(f.message),
+    hint: (f) => `${f.address} is a broker's peer listener (its --peer-listen), not its agent listener: ${AGENT_PORT}`,
+  },
+  // A plain-HTTP server (the broker's admin port) answers the TLS ClientHello with an HTTP response.
+  {
+    match: (f) => /wrong version number|packet length too long|http_request/i.test(f.message),
+    hint: (f) => `${f.address} answers in plain HTTP, not TLS (the broker's admin port?): ${AGENT_PORT}`,
+  },
+  {
+    match: (f) => ALTNAMES.exec(f.message) ?? /ERR_TLS_CERT_ALTNAME_INVALID/.test(f.message),
+    hint: (_f, m) => {
+      const names = m?.[2]?.trim();
+      return (
+        `the broker's certificate is not for the name ${m?.[1] ?? 'dialled'}` +
+        `${names ? ` (it has ${names})` : ''}: dial one of its names, or set --broker-server-name`
+      );
+    },
+  },
+  {
+    match: (f) =>
+      /unable to get local issuer certificate|self[- ]signed certificate|unable to verify the first/i.test(f.message),
+    hint: (f) => `the broker's certificate is not signed by the CA in ${f.caFile}: check --ca-file and --broker`,
+  },
+  {
+    match: (f) => /ECONNREFUSED (\S+?)\.?(?:\s|$)/.exec(f.message),
+    hint: (f, m) => `nothing listens at ${m?.[1]}: is the broker running, and is ${f.address} its agent port?`,
+  },
+  {
+    match: (f) => /Name resolution failed for target (?:dns:)?(\S+)|ENOTFOUND (\S+)/.exec(f.message),
+    hint: (f, m) =>
+      `${(m?.[1] ?? m?.[2] ?? f.address).replace(/:\d+$/, '')} does not resolve: check --broker and the site's DNS`,
+  },
+  // Retrying is still right: the broker (or this agent) may be upgraded while we wait.
+  {
+    match: (f) => /protocol version/.test(f.message),
+    hint: () =>
+      'this agent and the broker share no tunnel protocol version; upgrade the older one ' +
+      '(burrow-agent --version and the broker log show the versions)',
+  },
+  // The agent's own certificate refused: after a CA rotation or an expiry while offline, or revoked.
+  {
+    match: (f) =>
+      f.code === Status.PERMISSION_DENIED ||
+      /PERMISSION_DENIED|no valid client certificate|certificate (?:expired|revoked|unknown)|bad certificate/i.test(
+        f.message,
+      ),
+    hint: () =>
+      "the broker refused this agent's certificate: if it expired, was revoked, or this agent was offline " +
+      'through a CA rotation, enroll again with a new join token (burrow-agent enroll --state-dir ...)',
+  },
+];

@@ -37,7 +37,7 @@ export { AgentMetrics, type BrokerCounts } from './agent-metrics';
 /** @internal */
 export { Backoff } from './backoff';
 /** @internal */
-export { BrokerConnection, type BrokerConnectionOptions } from './broker-connection';
+export { BrokerConnection, type BrokerConnectionEvents, type BrokerConnectionOptions } from './broker-connection';
 /** @internal Which brokers the agent connects to (unit-tested pure functions). */
 export {
   expandConfigured,
@@ -56,4 +56,15 @@ export {
   type RenewerDeps,
 } from './certificate-renewer';
 /** @internal Enrollment and the state directory's file names. */
-export { enroll, stateFiles, type EnrollOptions } from './enroll';
+export { enroll, prepareStateDir, stateFiles, PENDING_KEY_FILE, type EnrollOptions, type EnrollResult } from './enroll';
+export {
+  install,
+  uninstall,
+  defaultInstallPaths,
+  agentYaml,
+  unitText,
+  type InstallOptions,
+  type InstallPaths,
+  type UninstallOptions,
+} from './install';
+export { SYSTEMD_UNIT } from './systemd-unit';

@@ -4,7 +4,10 @@ import { status as Status } from '@grpc/grpc-js';
 import {
   BurrowError,
   CALLING_AGENT_KEY,
+  CALL_ID_KEY,
+  CallIds,
   CONTROL_PATH,
+  SESSION_HANDSHAKE_TIMEOUT_MS,
   ControlChannel,
   ENROLLMENT_SERVICE,
   GRPC_CONTENT_TYPE,
@@ -42,14 +45,12 @@ import {
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import type { BrokerPki } from './broker-pki';
-import { AGENT_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
+import { AGENT_RULE, CALLER_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
 
 /** Site -> platform calls one agent connection may run at once (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS). */
 const MAX_SITE_CALLS_PER_CONNECTION = 4096;
 
-/** How long a new tunnel may take to send Hello before the broker gives up on it. */
-const HELLO_TIMEOUT_MS = 10_000;
 /** How long a refused or cut tunnel may take to read its Refused frame before the socket is destroyed. */
 const CLOSE_GRACE_MS = 2_000;
 
@@ -83,6 +84,11 @@ export interface AgentListenerDeps {
    * last given to {@link AgentListener.broadcastReplicaSet}, if any.
    */
   replicaSet?(): BrokerEndpoint[];
+  /**
+   * The port of this broker's caller API once bound, named to a caller (a service certificate)
+   * that called this listener by mistake; undefined before it is bound.
+   */
+  callerApiPort?(): number | undefined;
 }
 
 /** One tunnel connection: its HTTP/2 session (broker = client), its control channel, its session once welcomed. */
@@ -113,7 +119,7 @@ export class AgentListener {
   private readonly refusalsLogged = new Set<string>();
   /** `h2` connections of agents (site -> platform calls), cut with the agent's sessions. */
   private readonly callConnections = new Map<http2.ServerHttp2Session, PeerIdentity>();
-  private callCounter = 0;
+  private readonly callIds = new CallIds('b');
   /** Serves the `h2` connections. */
   readonly grpcServer: http2.Http2Server;
 
@@ -242,77 +248,36 @@ export class AgentListener {
   // Tunnels (ALPN burrow-tunnel): this broker is the HTTP/2 client.
 
   private openTunnel(socket: TLSSocket): void {
-    const { logger } = this.deps;
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
-    const h2 = http2.connect('https://agent.burrow', {
-      ...H2_SESSION_OPTIONS,
-      createConnection: () => socket,
-    });
-    const tunnel: Tunnel = { socket, h2, closed: false };
-    this.tunnels.add(tunnel);
-    h2.on('error', () => {});
-    h2.on('close', () => this.closeTunnel(tunnel, undefined));
-    keepSessionAlive(h2, this.deps.keepalive);
-    let control: http2.ClientHttp2Stream;
-    try {
-      control = h2.request(
-        { ':method': 'POST', ':path': CONTROL_PATH, 'content-type': GRPC_CONTENT_TYPE, te: 'trailers' },
-        { endStream: false },
-      );
-    } catch {
-      this.closeTunnel(tunnel, undefined);
-      return;
-    }
-    tunnel.control = control;
+    const tunnel = this.connectTunnel(socket);
+    if (!tunnel) return;
     const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
-    let id: PeerIdentity | undefined;
-    let refusal: BurrowError | undefined;
-    if ('refusal' in checked) refusal = checked.refusal;
-    else {
-      id = checked.identity;
-      refusal = this.sessionRefusal(id, peer);
-    }
-    // nghttp2 found the agent breaking HTTP/2 itself (a PUSH_PROMISE, a stream the agent, the
-    // HTTP/2 server, tried to open, bad framing): a protocol error like a bad session frame. The
-    // session is gone already (GOAWAY sent, its streams closed, often the tunnel forgotten with
-    // them), so no Refused can follow: the error is counted and logged, and the tunnel closed.
-    h2.on('error', (err: NodeJS.ErrnoException) => {
-      if (err.code !== 'ERR_HTTP2_ERROR') return;
-      this.reportProtocolError(tunnel, new ProtocolError(`HTTP/2: ${err.message}`), id);
-      this.closeTunnel(tunnel, undefined);
-    });
-    let helloTimer: NodeJS.Timeout | undefined;
-    let pending = false;
-    const settle = (): void => {
-      clearTimeout(helloTimer);
-      if (!pending || !id) return;
-      pending = false;
-      const n = (this.pendingSessions.get(id.name) ?? 1) - 1;
-      if (n > 0) this.pendingSessions.set(id.name, n);
-      else this.pendingSessions.delete(id.name);
-    };
-    tunnel.channel = new ControlChannel(control, {
+    const id = 'identity' in checked ? checked.identity : undefined;
+    const refusal = 'refusal' in checked ? checked.refusal : this.sessionRefusal(checked.identity, peer);
+    this.watchHttp2Errors(tunnel, id);
+    const hello = this.awaitHello(id);
+    tunnel.channel = new ControlChannel(tunnel.control!, {
       onFrame: (frame) => {
         // A refused or closed tunnel takes nothing more: an agent sends Hello without waiting, and
         // a Hello read after Refused must not register a session (past the cap, or never removed).
         if (tunnel.closed) return;
-        if (!tunnel.session) {
-          settle();
-          if (frame.kind !== 'hello' || !id) {
-            this.protocolError(tunnel, new ProtocolError(`session opened with ${frame.kind}, not hello`), id);
-            return;
-          }
-          this.welcome(tunnel, id, frame.hello.protocolVersions, frame.hello.agentVersion, peer);
+        if (tunnel.session) {
+          this.onSessionFrame(tunnel, tunnel.session, frame);
           return;
         }
-        this.onSessionFrame(tunnel, tunnel.session, frame);
+        hello.settle();
+        if (frame.kind !== 'hello' || !id) {
+          this.protocolError(tunnel, new ProtocolError(`session opened with ${frame.kind}, not hello`), id);
+          return;
+        }
+        this.welcome(tunnel, id, frame.hello.protocolVersions, frame.hello.agentVersion, peer);
       },
       onProtocolError: (error) => {
-        settle();
+        hello.settle();
         this.protocolError(tunnel, error, id);
       },
       onClosed: () => {
-        settle();
+        hello.settle();
         this.closeTunnel(tunnel, undefined);
       },
     });
@@ -320,18 +285,78 @@ export class AgentListener {
       // The per-agent cap logs its own line, once per agent while it stays over it: a flood of
       // connections must not become a flood of log lines.
       if (refusal.code !== Status.RESOURCE_EXHAUSTED)
-        logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
+        this.deps.logger.warn('tunnel refused', { agentId: id?.name, peer, reason: refusal.message });
       this.refuse(tunnel, refusal);
       return;
     }
-    if (id) {
-      pending = true;
-      this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
+    hello.start(() =>
+      this.protocolError(tunnel, new ProtocolError(`no hello within ${SESSION_HANDSHAKE_TIMEOUT_MS} ms`), id),
+    );
+  }
+
+  /**
+   * This broker as the HTTP/2 client on the socket the agent dialed, and the control stream opened
+   * on it (tunnel.proto, "Control stream"); undefined when the connection is already gone.
+   */
+  private connectTunnel(socket: TLSSocket): Tunnel | undefined {
+    const h2 = http2.connect('https://agent.burrow', { ...H2_SESSION_OPTIONS, createConnection: () => socket });
+    const tunnel: Tunnel = { socket, h2, closed: false };
+    this.tunnels.add(tunnel);
+    h2.on('error', () => {});
+    h2.on('close', () => this.closeTunnel(tunnel, undefined));
+    keepSessionAlive(h2, this.deps.keepalive);
+    try {
+      tunnel.control = h2.request(
+        { ':method': 'POST', ':path': CONTROL_PATH, 'content-type': GRPC_CONTENT_TYPE, te: 'trailers' },
+        { endStream: false },
+      );
+    } catch {
+      this.closeTunnel(tunnel, undefined);
+      return undefined;
     }
-    helloTimer = setTimeout(() => {
-      settle();
-      this.protocolError(tunnel, new ProtocolError(`no hello within ${HELLO_TIMEOUT_MS} ms`), id);
-    }, HELLO_TIMEOUT_MS);
+    return tunnel;
+  }
+
+  /**
+   * nghttp2 found the agent breaking HTTP/2 itself (a PUSH_PROMISE, a stream the agent, the HTTP/2
+   * server, tried to open, bad framing): a protocol error like a bad session frame. The session is
+   * gone already (GOAWAY sent, its streams closed), so no Refused can follow: the error is counted
+   * and logged, and the tunnel closed.
+   */
+  private watchHttp2Errors(tunnel: Tunnel, id: PeerIdentity | undefined): void {
+    tunnel.h2.on('error', (err: NodeJS.ErrnoException) => {
+      if (err.code !== 'ERR_HTTP2_ERROR') return;
+      this.reportProtocolError(tunnel, new ProtocolError(`HTTP/2: ${err.message}`), id);
+      this.closeTunnel(tunnel, undefined);
+    });
+  }
+
+  /**
+   * The wait for a tunnel's Hello: it counts against the agent's session cap from `start` until
+   * `settle` (Hello, a protocol error, the end), and `timedOut` runs when no Hello came in time.
+   */
+  private awaitHello(id: PeerIdentity | undefined): { start(timedOut: () => void): void; settle(): void } {
+    let timer: NodeJS.Timeout | undefined;
+    let pending = false;
+    const settle = (): void => {
+      clearTimeout(timer);
+      if (!pending || !id) return;
+      pending = false;
+      const n = (this.pendingSessions.get(id.name) ?? 1) - 1;
+      if (n > 0) this.pendingSessions.set(id.name, n);
+      else this.pendingSessions.delete(id.name);
+    };
+    const start = (timedOut: () => void): void => {
+      if (id) {
+        pending = true;
+        this.pendingSessions.set(id.name, (this.pendingSessions.get(id.name) ?? 0) + 1);
+      }
+      timer = setTimeout(() => {
+        settle();
+        timedOut();
+      }, SESSION_HANDSHAKE_TIMEOUT_MS);
+    };
+    return { start, settle };
   }
 
   /** Why a new session of `id` is not taken (draining, over the per-agent cap), or undefined. */
@@ -561,10 +586,13 @@ export class AgentListener {
       this.refuseLegacyAgent(stream, method);
       return;
     }
-    const checked = checkPeer(presentedBy(socket), AGENT_RULE, this.deps);
+    const presented = presentedBy(socket);
+    const checked = checkPeer(presented, AGENT_RULE, this.deps);
     if ('refusal' in checked) {
-      this.deps.logger.warn('site call refused', { peer: socket.remoteAddress, reason: checked.refusal.message });
-      endWithStatus(stream, checked.refusal.code, checked.refusal.message);
+      // A caller's certificate here means the wrong port, not a wrong certificate: say where to go.
+      const refusal = presented.identity?.role === CALLER_RULE.role ? this.wrongListener() : checked.refusal;
+      this.deps.logger.warn('site call refused', { peer: socket.remoteAddress, method, reason: refusal.message });
+      endWithStatus(stream, refusal.code, refusal.message);
       return;
     }
     const session = stream.session as http2.ServerHttp2Session;
@@ -573,6 +601,20 @@ export class AgentListener {
       session.once('close', () => this.callConnections.delete(session));
     }
     void this.answerSiteCall(stream, method, raw, headers, checked.identity, deadlineMs);
+  }
+
+  /**
+   * The refusal of a caller (service certificate) that called this listener: still PERMISSION_DENIED
+   * (the role may not use this listener, counted as wrong_role), but worded for the likely cause,
+   * the wrong port, rather than a problem with the certificate.
+   */
+  private wrongListener(): BurrowError {
+    const port = this.deps.callerApiPort?.();
+    const where = port === undefined ? "the broker's caller API port" : `the caller API on port ${port}`;
+    return new BurrowError(
+      Status.PERMISSION_DENIED,
+      `this is the broker's agent listener (agents connect here); call ${where}`,
+    );
   }
 
   /** A site client's call (site -> platform): relayed to the platform upstream that serves it. */
@@ -586,9 +628,7 @@ export class AgentListener {
   ): Promise<void> {
     const { metrics, logger, platformUpstreams } = this.deps;
     const startedMs = Date.now();
-    const callIdHeader = headers['burrow-call-id'];
-    const callId =
-      typeof callIdHeader === 'string' ? callIdHeader.slice(0, 64) : `b${(++this.callCounter).toString(36)}`;
+    const callId = this.callIds.fromHeader(headers[CALL_ID_KEY]);
     metrics.callsInFlight.inc({ direction: 'from_agent' });
     let outcome: { code: number; details: string; requestBytes?: number; responseBytes?: number };
     const upstream = platformUpstreams.sessionFor(method);
@@ -694,7 +734,7 @@ export class AgentListener {
       return;
     }
     const reader = new MessageReader(64 * 1024);
-    const timer = setTimeout(() => refuse('an older protocol (no hello)'), HELLO_TIMEOUT_MS);
+    const timer = setTimeout(() => refuse('an older protocol (no hello)'), SESSION_HANDSHAKE_TIMEOUT_MS);
     stream.on('close', () => clearTimeout(timer));
     stream.on('data', (chunk: Buffer) => {
       let frames: Buffer[];

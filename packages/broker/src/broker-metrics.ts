@@ -164,8 +164,8 @@ export class BrokerMetrics {
   readonly enrollments = new Counter({
     name: 'burrow_pki_enrollments_total',
     help:
-      'Enrollment attempts, by result (ok, malformed, unknown, ' +
-      'expired, used, banned, bad_csr, rate_limited, error).',
+      'Enrollment attempts, by result (ok, repeated (same token and key: the same certificate again), malformed, ' +
+      'unknown, expired, used, banned, bad_csr, rate_limited, error).',
     labelNames: ['result'],
     registers: [this.registry],
   });
@@ -266,6 +266,7 @@ export class BrokerMetrics {
     // and an alert on "any failure" would miss it.
     for (const result of [
       'ok',
+      'repeated',
       'malformed',
       'unknown',
       'expired',

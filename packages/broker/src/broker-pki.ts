@@ -1,3 +1,4 @@
+import { X509Certificate } from 'node:crypto';
 import { status as Status } from '@grpc/grpc-js';
 import type { PeerCertificateLike } from '@burrow/tunnel';
 
@@ -19,11 +20,13 @@ import {
   EnrollmentError,
   PkiError,
   consumeJoinToken,
+  csrPublicKeySha256,
   describeTightened,
   issueCertificate,
   loadPki,
   loadRevocations,
   recordAgentState,
+  recordTokenCertificate,
   securePkiDir,
   signCsr,
   trustBundle,
@@ -40,6 +43,12 @@ import {
   type RenewRequest,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
+
+/** The SPIFFE ID in the URI SAN of the first certificate of a chain (PEM). */
+function spiffeIdOfCertificate(chainPem: string): string {
+  const san = new X509Certificate(chainPem).subjectAltName ?? '';
+  return /URI:(spiffe:\/\/[^,\s]+)/.exec(san)?.[1] ?? '';
+}
 
 /** How often the broker re-reads the PKI directory: revocations reach every tunnel within ~1 s. */
 export const PKI_POLL_INTERVAL_MS = 500;
@@ -260,10 +269,22 @@ export class BrokerPki {
    */
   readonly enroll = (call: EnrollmentCall<EnrollRequest>, cb: EnrollmentReply): void => {
     const source = call.peer.replace(/:\d+$/, '');
+    const { token, csrPem } = call.request;
     void (async () => {
-      let agentId: string;
+      // The CSR is checked before the token is consumed: a bad request must not burn it, and the
+      // key it carries is what lets the same enrollment, retried, get the same certificate.
+      let publicKeySha256: string;
       try {
-        ({ agentId } = await consumeJoinToken({ dir: this.opts.dir, token: call.request.token, nowMs: this.now() }));
+        publicKeySha256 = await csrPublicKeySha256(csrPem);
+      } catch (err) {
+        this.opts.metrics.enrollments.inc({ result: 'bad_csr' });
+        this.opts.logger.warn('enrollment refused: bad CSR', { source, error: (err as Error).message });
+        cb({ code: Status.INVALID_ARGUMENT, details: `enrollment refused: ${(err as Error).message}` });
+        return;
+      }
+      let consumed: { agentId: string; certificatePem?: string };
+      try {
+        consumed = await consumeJoinToken({ dir: this.opts.dir, token, nowMs: this.now(), publicKeySha256 });
       } catch (err) {
         const reason = err instanceof EnrollmentError ? err.reason : 'error';
         this.opts.metrics.enrollments.inc({ result: reason });
@@ -274,15 +295,31 @@ export class BrokerPki {
         });
         return;
       }
+      const { agentId, certificatePem } = consumed;
+      if (certificatePem !== undefined) {
+        this.opts.metrics.enrollments.inc({ result: 'repeated' });
+        this.opts.logger.info('agent enrollment repeated: same token and key, same certificate', { agentId, source });
+        cb(null, this.agentResponse(agentId, certificatePem));
+        return;
+      }
       try {
-        const issued = await this.issueForAgent(agentId, call.request.csrPem, 0);
+        const issued = await this.issueForAgent(agentId, csrPem, 0);
+        await recordTokenCertificate({
+          dir: this.opts.dir,
+          token,
+          certificatePem: issued.response.certificateChainPem,
+        });
         this.opts.metrics.enrollments.inc({ result: 'ok' });
         this.opts.logger.info('agent enrolled', { agentId, source, serial: issued.serialHex });
         cb(null, issued.response);
       } catch (err) {
-        this.opts.metrics.enrollments.inc({ result: 'bad_csr' });
-        this.opts.logger.warn('enrollment refused: bad CSR', { agentId, source, error: (err as Error).message });
-        cb({ code: Status.INVALID_ARGUMENT, details: `enrollment refused: ${(err as Error).message}` });
+        const bad = err instanceof PkiError;
+        this.opts.metrics.enrollments.inc({ result: bad ? 'bad_csr' : 'error' });
+        this.opts.logger.warn('enrollment failed', { agentId, source, error: (err as Error).message });
+        cb({
+          code: bad ? Status.INVALID_ARGUMENT : Status.INTERNAL,
+          details: `enrollment refused: ${(err as Error).message}`,
+        });
       }
     })();
   };
@@ -329,6 +366,17 @@ export class BrokerPki {
     );
   };
 
+  /** The answer to an agent: its certificate chain with the current trust bundle. */
+  private agentResponse(agentId: string, certificateChainPem: string): IssuedAgentCertificate {
+    return {
+      certificateChainPem,
+      trustBundlePem: this.bundle.pem,
+      bundleVersion: this.bundle.version,
+      agentId,
+      spiffeId: spiffeIdOfCertificate(certificateChainPem),
+    };
+  }
+
   private async issueForAgent(
     agentId: string,
     csrPem: string,
@@ -350,13 +398,7 @@ export class BrokerPki {
       notAfter: issued.notAfter,
     }).catch((err: Error) => this.opts.logger.warn('cannot record agent state', { agentId, error: err.message }));
     return {
-      response: {
-        certificateChainPem: issued.certPem,
-        trustBundlePem: this.bundle.pem,
-        bundleVersion: this.bundle.version,
-        agentId,
-        spiffeId: issued.spiffeId,
-      },
+      response: this.agentResponse(agentId, issued.certPem),
       serialHex: issued.serialHex,
       notAfter: issued.notAfter,
     };

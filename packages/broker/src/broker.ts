@@ -174,6 +174,8 @@ export class Broker {
   private stopping: Promise<void> | undefined;
   private startedAtMs = 0;
   private ports: BrokerPorts | undefined;
+  /** The caller API's bound port, set as soon as it listens (the agent listener names it). */
+  private apiPort: number | undefined;
   private peerServer: http2.Http2SecureServer | undefined;
   private directory: AgentDirectory | undefined;
   private forwarder: PeerForwarder | undefined;
@@ -322,6 +324,7 @@ export class Broker {
       pki: this.pki,
       unauthenticated: this.unauthenticatedLimits(),
       replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
+      callerApiPort: () => this.apiPort,
     });
     this.agentCallSessions.track(this.agentListener.grpcServer);
   }
@@ -415,6 +418,7 @@ export class Broker {
     this.watch.watchHttp2Server(this.apiServer, 'api');
     const agentPort = await listenOn(this.agentServer, this.config.agentListen);
     const apiPort = await listenOn(this.apiServer, this.config.apiListen);
+    this.apiPort = apiPort;
     return { agentPort, apiPort };
   }
 
@@ -635,6 +639,19 @@ export class Broker {
       };
     }
     return { caPem, certPem: fromPki.certPem!, keyPem: fromPki.keyPem! };
+  }
+
+  /**
+   * What the broker tells its agents' sessions (replica set, trust bundle) and how many it holds:
+   * the cluster directory and the PKI poll drive these; tests drive them directly.
+   */
+  get agentSessions(): Pick<AgentListener, 'broadcastReplicaSet' | 'broadcastTrustBundle' | 'sessionCount'> {
+    return this.agentListener;
+  }
+
+  /** The trust bundle version the broker serves (with a PKI directory; undefined without). */
+  get trustBundleVersion(): number | undefined {
+    return this.pki?.bundleVersion;
   }
 
   get isDraining(): boolean {

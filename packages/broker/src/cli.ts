@@ -236,11 +236,15 @@ type Args = Record<string, unknown>;
 
 /** Options of the admin client commands (`agents`, `status`). */
 const ADMIN_OPTIONS = {
-  admin: {
+  // The name serve gives the same address, so one BURROW_BROKER_ADMIN_LISTEN serves both.
+  'admin-listen': {
     type: 'string',
-    describe: 'HOST:PORT of the broker admin listener (its --admin-listen)',
-    default: DEFAULT_ADMIN_ADDRESS,
+    describe: "HOST:PORT of the broker's admin listener (what serve was given as --admin-listen)",
+    // Applied in admin(): a yargs default would hide whether the old --admin was given as well.
+    defaultDescription: DEFAULT_ADMIN_ADDRESS,
   },
+  // The old name, still accepted with a warning; hidden from --help.
+  admin: { type: 'string', hidden: true },
   'admin-token-file': {
     type: 'string',
     describe: "file holding the broker's admin token (needed to disconnect when the admin listener is not on loopback)",
@@ -484,11 +488,23 @@ function serve(args: Args): Promise<void> {
   );
 }
 
+/**
+ * The admin address the admin commands call: `--admin-listen`, or the old `--admin` (renamed so
+ * that serve and the admin commands name the address alike) with a warning on stderr, or the default.
+ */
+function adminAddress(args: Args): unknown {
+  if (args.admin === undefined) return args['admin-listen'] ?? DEFAULT_ADMIN_ADDRESS;
+  if (args['admin-listen'] !== undefined)
+    throw new ConfigError('admin', 'is the old name of --admin-listen: give only --admin-listen');
+  process.stderr.write(`${PROG}: --admin (BURROW_BROKER_ADMIN) is deprecated: use --admin-listen\n`);
+  return args.admin;
+}
+
 /** `burrow-broker agents list|show|disconnect` and `burrow-broker status`. */
 async function admin(command: AdminCommand, args: Args): Promise<void> {
   let address: string, token: string | undefined, timeoutMs: number;
   try {
-    address = parseListenAddress('admin', args.admin);
+    address = parseListenAddress('admin-listen', adminAddress(args));
     token = args['admin-token-file'] ? readAdminToken('admin-token-file', String(args['admin-token-file'])) : undefined;
     timeoutMs = parseDurationMs('timeout', args.timeout);
     if (command.kind !== 'list' && command.kind !== 'status' && !command.agentId)
@@ -588,7 +604,7 @@ function main(): void {
       },
     )
     .demandCommand(1, 'name a command: serve, agents or status');
-  parseCommandLine(commands, VERSION, fail);
+  parseCommandLine(commands, VERSION, fail, hideBin(process.argv));
 }
 
 if (require.main === module) {

@@ -31,6 +31,27 @@ export interface PeerForwarderOptions {
   readyTimeoutMs?: number;
 }
 
+/** The reason of an attempt the client gave up on (not counted in peer_forwards_total). */
+const CANCELLED_BY_CLIENT = 'cancelled by the client';
+
+/**
+ * What a peer's answer without 100 Continue means: a refusal by the peer itself carries
+ * PEER_REFUSED_KEY (`decision`: a decision on the call, which goes to the caller as it is); any
+ * other answer is the transport's.
+ */
+function refusalOf(
+  peer: string,
+  headers: http2.IncomingHttpHeaders,
+): { byPeer: boolean; reason: string; refusal?: BurrowError } {
+  const status = statusOfHeaders(headers);
+  const refused = headers[PEER_REFUSED_KEY];
+  if (!status || refused === undefined)
+    return { byPeer: false, reason: `broker ${peer}: ${status?.details ?? 'answered without confirming the call'}` };
+  const decided = `${status.details} (decided by the broker holding the agent, ${peer})`;
+  const refusal = refused === PEER_REFUSED_DECISION ? new BurrowError(status.code, decided) : undefined;
+  return { byPeer: true, reason: `broker ${peer}: ${status.details}`, refusal };
+}
+
 /** A peer that failed at the transport level this recently is tried after the others. */
 const RECENT_FAILURE_MS = 5_000;
 
@@ -85,21 +106,27 @@ export class PeerForwarder {
       this.opts.metrics.peerForwards.inc({ result: 'unreachable' });
       return Promise.resolve({ ready: false, reason: (err as Error).message });
     }
+    const readyWithinMs = Math.max(1, Math.min(readyTimeoutMs, call.deadlineMs - Date.now()));
+    return this.confirmation(peer, stream, readyWithinMs, signal);
+  }
+
+  /**
+   * Waits for the peer's answer to an opened call: 100 Continue (ready), a refusal (trailers-only,
+   * with PEER_REFUSED_KEY when the peer itself decided), or nothing within `readyWithinMs` or a reset
+   * (unreachable: the peer is tried after the others for a while).
+   */
+  private confirmation(
+    peer: string,
+    stream: http2.ClientHttp2Stream,
+    readyWithinMs: number,
+    signal: AbortSignal,
+  ): Promise<PeerAttempt> {
+    const { metrics } = this.opts;
     return new Promise((resolve) => {
       let settled = false;
-      const unreachable = (reason: string): void => {
-        this.failedAtMs.set(peer, Date.now());
-        this.opts.metrics.peerForwards.inc({ result: 'unreachable' });
-        done({ ready: false, reason });
-      };
-      const timer = setTimeout(
-        () => {
-          stream.close(http2.constants.NGHTTP2_CANCEL);
-          unreachable(`broker ${peer} did not confirm the call within ${readyTimeoutMs} ms`);
-        },
-        Math.max(1, Math.min(readyTimeoutMs, call.deadlineMs - Date.now())),
-      );
-      const done = (attempt: PeerAttempt): void => {
+      // A connection that failed (TLS: a peer that is not a broker) destroys the stream with that error: name it.
+      let streamError: Error | undefined;
+      const done = (attempt: PeerAttempt, result: 'served' | 'refused' | 'unreachable'): void => {
         if (settled) return;
         settled = true;
         clearTimeout(timer);
@@ -107,38 +134,34 @@ export class PeerForwarder {
         stream.removeListener('response', onResponse);
         stream.removeListener('close', onClose);
         signal.removeEventListener('abort', onAbort);
+        if (result === 'unreachable') this.failedAtMs.set(peer, Date.now());
+        if (result === 'served') this.failedAtMs.delete(peer);
+        if (attempt.ready || attempt.reason !== CANCELLED_BY_CLIENT) metrics.peerForwards.inc({ result });
         resolve(attempt);
       };
-      const onContinue = (): void => {
-        this.failedAtMs.delete(peer);
-        this.opts.metrics.peerForwards.inc({ result: 'served' });
-        done({ ready: true, stream });
-      };
-      const onResponse = (h: http2.IncomingHttpHeaders): void => {
-        // A refusal by the peer itself carries PEER_REFUSED_KEY; anything else is the transport.
-        const status = statusOfHeaders(h);
-        const refused = h[PEER_REFUSED_KEY];
+      const timer = setTimeout(() => {
         stream.close(http2.constants.NGHTTP2_CANCEL);
-        if (!status || refused === undefined) {
-          unreachable(`broker ${peer}: ${status?.details ?? 'answered without confirming the call'}`);
-          return;
-        }
-        this.opts.metrics.peerForwards.inc({ result: 'refused' });
-        const refusal =
-          refused === PEER_REFUSED_DECISION
-            ? new BurrowError(status.code, `${status.details} (decided by the broker holding the agent, ${peer})`)
-            : undefined;
-        done({ ready: false, reason: `broker ${peer}: ${status.details}`, refusal });
-      };
-      // A connection that failed (TLS: a peer that is not a broker) destroys the stream with that error: name it.
-      let streamError: Error | undefined;
-      const onClose = (): void =>
-        unreachable(
-          `broker ${peer}: ${streamError?.message ?? `the stream was reset (HTTP/2 error ${stream.rstCode})`}`,
+        done(
+          { ready: false, reason: `broker ${peer} did not confirm the call within ${readyWithinMs} ms` },
+          'unreachable',
         );
+      }, readyWithinMs);
+      const onContinue = (): void => done({ ready: true, stream }, 'served');
+      const onResponse = (h: http2.IncomingHttpHeaders): void => {
+        stream.close(http2.constants.NGHTTP2_CANCEL);
+        const answer = refusalOf(peer, h);
+        done(
+          { ready: false, reason: answer.reason, refusal: answer.refusal },
+          answer.byPeer ? 'refused' : 'unreachable',
+        );
+      };
+      const onClose = (): void => {
+        const why = streamError?.message ?? `the stream was reset (HTTP/2 error ${stream.rstCode})`;
+        done({ ready: false, reason: `broker ${peer}: ${why}` }, 'unreachable');
+      };
       const onAbort = (): void => {
         stream.close(http2.constants.NGHTTP2_CANCEL);
-        done({ ready: false, reason: 'cancelled by the client' });
+        done({ ready: false, reason: CANCELLED_BY_CLIENT }, 'refused');
       };
       stream.on('error', (err) => {
         streamError ??= err;

@@ -6,6 +6,8 @@ import {
   type BurrowError,
   CALLER_ID_KEY,
   CALL_ID_KEY,
+  CallIds,
+  type StreamListener,
   GRPC_CONTENT_TYPE,
   deadlineFromTimeout,
   encodeGrpcMessage,
@@ -17,12 +19,14 @@ import {
   recordCallFinished,
   toBurrowError,
   type CallCutter,
+  type CallOutcome,
   type PeerIdentity,
 } from '@burrow/tunnel';
 import { countIfLimited } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
 import { ALLOW_ALL_CALLERS } from './caller-authorizer';
 import { PEER_BROKER_RULE, checkPeer, presentedBy } from './peer-admission';
+import type { AgentSession } from './tunnel-registry';
 import {
   FORWARDED_BY_KEY,
   HOP_CALLER_KEY,
@@ -79,18 +83,12 @@ interface PeerCall {
  * agent's tunnel. Never forwards a call further.
  */
 export class PeerListener {
-  private callCounter = 0;
-  private readonly idPrefix = `p${Math.random().toString(36).slice(2, 6)}`;
+  private readonly callIds = new CallIds('p');
 
   constructor(private readonly deps: PeerListenerDeps) {}
 
   /** The peer server's 'stream' handler. */
-  readonly handle = (
-    stream: http2.ServerHttp2Stream,
-    headers: http2.IncomingHttpHeaders,
-    _flags: number,
-    rawHeaders: string[],
-  ): void => {
+  readonly handle: StreamListener = (stream, headers, _flags, rawHeaders) => {
     stream.on('error', () => {});
     void this.onForward({ stream, headers, rawHeaders, method: String(headers[':path'] ?? '') });
   };
@@ -167,7 +165,7 @@ export class PeerListener {
   private async onForward(call: PeerCall): Promise<void> {
     const admitted = this.admitForward(call);
     if (!admitted) return;
-    const { registry, metrics, logger } = this.deps;
+    const { metrics } = this.deps;
     const { peer, agentId, forwardedBy, hop, releaseAgent } = admitted;
     const { stream } = call;
     const abort = new AbortController();
@@ -187,25 +185,10 @@ export class PeerListener {
       },
     });
     const deadlineMs = deadlineFromTimeout(call.headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
-    let session: Awaited<ReturnType<typeof registry.acquire>>;
-    let outbound: http2.ClientHttp2Stream;
-    const callId = `${this.idPrefix}-${(++this.callCounter).toString(36)}`;
+    const callId = this.callIds.next();
+    let opened: { session: AgentSession; outbound: http2.ClientHttp2Stream };
     try {
-      session = await registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, abort.signal);
-      const owned: Record<string, string> = { [CALL_ID_KEY]: callId };
-      if (hop) owned[CALLER_ID_KEY] = hop.caller;
-      outbound = openStream(
-        session.h2,
-        nextHopHeaders(
-          call.method,
-          `${agentId}.agent`,
-          call.rawHeaders,
-          deadlineMs,
-          owned,
-          call.headers['content-type'],
-        ),
-        `agent "${agentId}"`,
-      );
+      opened = await this.openOnAgent(call, agentId, hop, callId, deadlineMs, abort.signal);
     } catch (err) {
       stream.off('close', onClose);
       untrack();
@@ -214,6 +197,7 @@ export class PeerListener {
       this.refuse(call, e.code, e.message);
       return;
     }
+    const { session, outbound } = opened;
     stream.off('close', onClose);
     const startedMs = Date.now();
     // Ready: the forwarding broker sends the call's DATA from here on.
@@ -230,15 +214,36 @@ export class PeerListener {
     untrack();
     releaseAgent();
     metrics.toAgentCallEnded();
-    metrics.peerCalls.inc({ code: statusName(outcome.code) });
-    // Counted as a call where it entered; here only the peer call and the log line.
-    recordCallFinished(logger, undefined, {
-      direction: 'to_agent',
-      code: outcome.code,
-      details: outcome.details,
-      startedMs,
-      log: { agentId, callId, method: call.method, forwardedBy, caller: hop?.caller, entryPolicies: hop?.policies },
-    });
+    this.accountFinished(outcome, startedMs, { agentId, callId, method: call.method, forwardedBy, hop });
+  }
+
+  /** A relayed call is over: counted as a call where it entered; here only the peer call and the log line. */
+  private accountFinished(
+    outcome: CallOutcome,
+    startedMs: number,
+    call: { agentId: string; callId: string; method: string; forwardedBy: string; hop: Hop | undefined },
+  ): void {
+    this.deps.metrics.peerCalls.inc({ code: statusName(outcome.code) });
+    const { hop, ...fields } = call;
+    const log = { ...fields, caller: hop?.caller, entryPolicies: hop?.policies };
+    recordCallFinished(this.deps.logger, undefined, { direction: 'to_agent', ...outcome, startedMs, log });
+  }
+
+  /** Waits (bounded) for a session of the agent here and opens the call's stream on it. */
+  private async openOnAgent(
+    call: PeerCall,
+    agentId: string,
+    hop: Hop | undefined,
+    callId: string,
+    deadlineMs: number,
+    signal: AbortSignal,
+  ): Promise<{ session: AgentSession; outbound: http2.ClientHttp2Stream }> {
+    const session = await this.deps.registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, signal);
+    const owned: Record<string, string> = { [CALL_ID_KEY]: callId };
+    if (hop) owned[CALLER_ID_KEY] = hop.caller;
+    const contentType = call.headers['content-type'];
+    const headers = nextHopHeaders(call.method, `${agentId}.agent`, call.rawHeaders, deadlineMs, owned, contentType);
+    return { session, outbound: openStream(session.h2, headers, `agent "${agentId}"`) };
   }
 
   /**

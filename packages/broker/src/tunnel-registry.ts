@@ -191,21 +191,19 @@ export class TunnelRegistry {
 
   /**
    * A session of `agentId`, waiting up to `waitMs` for the agent to connect. Rejects with
-   * UNAVAILABLE naming the agent when it did not, with DEADLINE_EXCEEDED when `deadlineMs` (the
-   * caller's deadline) comes first, and with CANCELLED when `signal` aborts (caller cancelled).
+   * UNAVAILABLE naming the agent when it did not, also when the caller's deadline (`deadlineMs`)
+   * comes first: the wait then ends {@link answerMarginMs} before it, so the caller learns the agent
+   * is offline rather than a bare DEADLINE_EXCEEDED. Rejects with CANCELLED when `signal` aborts.
    */
   async acquire(agentId: string, waitMs: number, deadlineMs: number, signal: AbortSignal): Promise<AgentSession> {
-    const untilMs = Math.min(Date.now() + waitMs, deadlineMs);
+    const startedMs = Date.now();
+    const untilMs = giveUpAtMs(startedMs, waitMs, deadlineMs);
     for (;;) {
       const session = this.pick(agentId);
       if (session) return session;
       if (signal.aborted) throw new BurrowError(Status.CANCELLED, 'cancelled while waiting for the agent');
       const leftMs = untilMs - Date.now();
-      if (leftMs <= 0) {
-        if (deadlineMs <= untilMs)
-          throw new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while waiting for agent "${agentId}"`);
-        throw new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" is not connected (waited ${waitMs} ms)`);
-      }
+      if (leftMs <= 0) throw notConnected(agentId, Date.now() - startedMs, startedMs + waitMs > untilMs);
       this.waiting++;
       try {
         await this.whenConnected(agentId, leftMs, signal);
@@ -300,4 +298,28 @@ export class TunnelRegistry {
   *connectedAgentIds(): IterableIterator<string> {
     yield* this.agents.keys();
   }
+}
+
+/**
+ * How long before the caller's deadline a call waiting for its agent gives up, so that the answer
+ * (UNAVAILABLE naming the agent) reaches the caller before its own timer fires: 10% of the time the
+ * caller gave, at most 1 s (the answer's way back is one hop, not a tenth of a long deadline).
+ */
+export function answerMarginMs(budgetMs: number): number {
+  return Math.min(Math.max(0, budgetMs) / 10, 1_000);
+}
+
+/**
+ * When a call that started waiting at `nowMs` stops waiting for its agent: after `waitMs` (the
+ * broker's --agent-wait) or {@link answerMarginMs} before `deadlineMs`, whichever comes first.
+ */
+export function giveUpAtMs(nowMs: number, waitMs: number, deadlineMs: number): number {
+  const beforeDeadlineMs = deadlineMs - answerMarginMs(deadlineMs - nowMs);
+  return Math.min(nowMs + waitMs, beforeDeadlineMs);
+}
+
+/** UNAVAILABLE for an agent with no tunnel here after `waitedMs`; `forDeadline`: the caller's deadline cut the wait. */
+export function notConnected(agentId: string, waitedMs: number, forDeadline: boolean): BurrowError {
+  const why = forDeadline ? ", answering before the caller's deadline" : '';
+  return new BurrowError(Status.UNAVAILABLE, `agent "${agentId}" is not connected (waited ${waitedMs} ms${why})`);
 }

@@ -16,9 +16,14 @@ import {
   identityOfCertificate,
   splitPemCertificates,
   type ApiCodec,
-  type JsonObject,
-  type JsonValue,
 } from '@burrow/tunnel';
+
+// Declared here rather than imported, so that the package's type declarations need nothing but
+// this package: the published tarball bundles @burrow/tunnel's code but not its types.
+/** A JSON value, as the AuthZEN and authentication APIs carry it. */
+export type JsonValue = null | boolean | number | string | JsonValue[] | { [key: string]: JsonValue };
+/** A JSON object. */
+export type JsonObject = { [key: string]: JsonValue };
 
 /** AuthZEN subject, action, resource (Burrow's policy API uses the same JSON). */
 export interface Subject {
@@ -98,11 +103,40 @@ export interface CallOptions {
   signal?: AbortSignal;
 }
 
+/** What {@link BurrowClient.ping} learned. */
+export interface PingResult {
+  /** grpc.health.v1 status name: `SERVING`, `NOT_SERVING`, `UNKNOWN` or `SERVICE_UNKNOWN`. */
+  status: string;
+  /** Round trip of the answered attempt, in ms. */
+  rttMs: number;
+}
+
+const HEALTH_CHECK_METHOD = '/grpc.health.v1.Health/Check';
+const HEALTH_STATUS_NAMES = ['UNKNOWN', 'SERVING', 'NOT_SERVING', 'SERVICE_UNKNOWN'];
+
+/** HealthCheckResponse is one varint field (1: status); read it without loading health.proto. */
+function healthStatusOf(res: Buffer): string {
+  let status = 0;
+  for (let i = 0; i < res.length; ) {
+    const tag = res[i++]!;
+    let value = 0;
+    for (let shift = 0; i < res.length; shift += 7) {
+      const b = res[i++]!;
+      value |= (b & 0x7f) << shift;
+      if (b < 0x80) break;
+    }
+    if (tag === 0x08) status = value;
+    else if ((tag & 7) !== 0) break; // not a varint: not a HealthCheckResponse we know, stop reading
+  }
+  return HEALTH_STATUS_NAMES[status] ?? `status ${status}`;
+}
+
 /** A failed call: the gRPC status the broker or agent answered with. */
 export class BurrowCallError extends Error {
   override readonly name = 'BurrowCallError';
   constructor(
-    readonly code: Status,
+    /** The gRPC status code (a number: 14 is UNAVAILABLE); `grpc.status` of @grpc/grpc-js names them. */
+    readonly code: number,
     readonly details: string,
     readonly attempts: number,
   ) {
@@ -207,6 +241,33 @@ export class BurrowClient {
     };
   }
 
+  /**
+   * Asks the agent itself whether it serves (grpc.health.v1 Health/Check naming the agent: the
+   * broker routes it through the tunnel and the agent answers, no upstream involved). Resolves with
+   * the health status name (`SERVING`, `NOT_SERVING`, ...) and the round trip of the answered
+   * attempt; rejects with {@link BurrowCallError} (`UNAVAILABLE` for an agent that is not connected).
+   */
+  async ping(agentId: string, opts: CallOptions = {}): Promise<PingResult> {
+    let startedNs = 0n;
+    const res = await this.retrying(agentId, HEALTH_CHECK_METHOD, Buffer.alloc(0), opts, () => {
+      startedNs = process.hrtime.bigint();
+    });
+    const rttMs = Number(process.hrtime.bigint() - startedNs) / 1e6;
+    return { status: healthStatusOf(res), rttMs };
+  }
+
+  /**
+   * Calls any unary method of the site (`/pkg.Service/Method`) with an already serialized request
+   * and resolves with the serialized response: for callers that bring their own codec.
+   */
+  invoke(agentId: string, method: string, request: Buffer, opts: CallOptions = {}): Promise<Buffer> {
+    if (!/^\/[^/\s]+\/[^/\s]+$/.test(method))
+      return Promise.reject(
+        new BurrowCallError(Status.INVALID_ARGUMENT, `"${method}" is not a method path like /pkg.Service/Method`, 0),
+      );
+    return this.retrying(agentId, method, request, opts);
+  }
+
   /** Closes the connection to the broker. */
   close(): void {
     this.client.close();
@@ -220,14 +281,38 @@ export class BurrowClient {
     body: unknown,
     opts: CallOptions,
   ): Promise<JsonObject> {
-    const message = reqCodec.encode(body as JsonValue);
+    let message: Buffer;
+    try {
+      message = reqCodec.encode(body as JsonValue);
+    } catch (err) {
+      // The codec names the bad field with a gRPC code; callers handle one error type.
+      const e = err as { code?: number; message: string };
+      throw new BurrowCallError(e.code ?? Status.INVALID_ARGUMENT, e.message, 0);
+    }
+    return resCodec.decode(await this.retrying(agentId, method, message, opts));
+  }
+
+  private async retrying(
+    agentId: string,
+    method: string,
+    message: Buffer,
+    opts: CallOptions,
+    beforeAttempt?: () => void,
+  ): Promise<Buffer> {
     const deadlineMs = Date.now() + (opts.timeoutMs ?? this.timeoutMs);
+    let unavailable: ServiceError | undefined;
     for (let attempt = 1; ; attempt++) {
       try {
-        return resCodec.decode(await this.unary(agentId, method, message, deadlineMs, opts.signal));
+        beforeAttempt?.();
+        return await this.unary(agentId, method, message, deadlineMs, opts.signal);
       } catch (err) {
-        const e = err as ServiceError;
-        const retryable = e.code === Status.UNAVAILABLE && attempt < this.maxAttempts && !opts.signal?.aborted;
+        let e = err as ServiceError;
+        // A retry that ran out the clock says less than the UNAVAILABLE it retried (`agent "x" is not
+        // connected`): the broker waits for an absent agent until the deadline on the second attempt.
+        if (e.code === Status.DEADLINE_EXCEEDED && unavailable) e = unavailable;
+        if (e.code === Status.UNAVAILABLE) unavailable = e;
+        const retryable =
+          e === err && e.code === Status.UNAVAILABLE && attempt < this.maxAttempts && !opts.signal?.aborted;
         const delayMs = Math.random() * this.retryBaseMs * 2 ** (attempt - 1);
         if (!retryable || Date.now() + delayMs >= deadlineMs)
           throw new BurrowCallError(e.code ?? Status.UNKNOWN, e.details ?? e.message, attempt);

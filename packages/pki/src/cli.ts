@@ -6,7 +6,8 @@
  *                    [--root-ttl 3650d] [--issuing-ttl 365d]
  *   burrow-pki issue --dir D --role broker|agent|service --name N [--dns H]... [--ip A]...
  *                    [--ttl 24h] [--key-algorithm A] --out O
- *   burrow-pki token create --dir D --agent-id ID [--ttl 1h]      prints only the token
+ *   burrow-pki token create --dir D --agent-id ID --broker HOST:PORT... [--server-name N] [--ttl 1h]
+ *                                                                  prints only the token
  *   burrow-pki rotate --dir D init|update-clients|update-servers|finish|rollback|status [--force] [--json]
  *   burrow-pki revoke --dir D (--agent-id ID | --serial HEX) [--ban]
  *   burrow-pki crl    --dir D [--out F]                            PEM to F, or to stdout
@@ -24,6 +25,7 @@
  */
 import { promises as fs, readFileSync } from 'node:fs';
 import * as path from 'node:path';
+import { explainUsageError, misspeltFlag, usageOptionsOf } from '@burrow/tunnel/dist/explain-usage-error';
 import yargs, { type Argv, type Options } from 'yargs';
 import { DEFAULT_TRUST_DOMAIN, initPki } from './certificate-authority';
 import { parseDuration } from './duration';
@@ -180,6 +182,8 @@ async function runTokenCreate(argv: Record<string, unknown>): Promise<void> {
     dir: single(argv, 'dir')!,
     agentId: single(argv, 'agent-id')!,
     ttlMs: durationFlag(argv, 'ttl'),
+    brokers: list(argv, 'broker'),
+    serverName: single(argv, 'server-name'),
   });
   // Only the token on stdout, so `TOKEN=$(burrow-pki token create ...)` works.
   process.stdout.write(`${info.token}\n`);
@@ -355,7 +359,7 @@ function parser(args: readonly string[]): Argv {
   const y = yargs([...args])
     .scriptName(PROGRAM)
     .usage(`$0 <command> [options]\n\nCreate a Burrow PKI and issue SPIFFE X509-SVID style certificates.`);
-  return withCommonBehaviour(withPkiCommands(y, dirFlag));
+  return withCommonBehaviour(withPkiCommands(y, dirFlag), args);
 }
 
 /** A burrow-pki command; its options builder gets the shared --dir flag. */
@@ -457,6 +461,22 @@ function tokenCommands(y: Argv, dirFlag: Options): Argv {
         yy
           .option('dir', dirFlag)
           .option('agent-id', flag('agent-id', { describe: 'agent id the token enrolls', demandOption: true }))
+          .option(
+            'broker',
+            flag('broker', {
+              describe:
+                'HOST:PORT of a broker agent listener the agent enrolls at and connects to (repeatable; the ' +
+                'token carries them, so the agent needs no other flag)',
+              array: true,
+              demandOption: true,
+            }),
+          )
+          .option(
+            'server-name',
+            flag('server-name', {
+              describe: 'TLS name the agent expects in the broker certificate when it differs from the --broker host',
+            }),
+          )
           .option('ttl', flag('ttl', { describe: 'token lifetime, e.g. 10m, 1h (default 1h)' })),
       runTokenCreate,
     )
@@ -497,7 +517,7 @@ function revokeOptions(y: Argv, dirFlag: Options): Argv {
 }
 
 /** Directory hardening, strictness, help/version and error handling shared by every command. */
-function withCommonBehaviour(y: Argv): Argv {
+function withCommonBehaviour(y: Argv, args: readonly string[]): Argv {
   return y
     .middleware(async (argv) => {
       // Every command but init works on an existing PKI directory: one left group/world
@@ -506,13 +526,20 @@ function withCommonBehaviour(y: Argv): Argv {
       for (const outcome of await securePkiDir(argv.dir)) reportTightened(outcome);
     })
     .demandCommand(1, 'a command is required: init, issue, token, rotate, revoke, crl or check')
+    .check(() => {
+      const misspelt = misspeltFlag(args, usageOptionsOf(y));
+      if (misspelt) throw new UsageError(misspelt);
+      return true;
+    }, true)
     .strict()
     .version(packageVersion())
     .help()
     .alias('h', 'help')
     .wrap(Math.min(100, yargs().terminalWidth()))
     .fail((message, err) => {
-      throw err ?? new UsageError(message);
+      // The flags' variables are BURROW_PKI_<FLAG> (see flag()), not yargs' .env(): name them.
+      const options = { ...usageOptionsOf(y), envPrefix: ENV_PREFIX.slice(0, -1) };
+      throw err ?? new UsageError(explainUsageError(message, args, options));
     });
 }
 

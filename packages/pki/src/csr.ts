@@ -4,7 +4,7 @@
  * and issues a leaf for the identity it decided, ignoring whatever the CSR asks for
  * ({@link signCsr}). The private key never leaves the agent.
  */
-import { createPublicKey, verify, webcrypto, type KeyObject } from 'node:crypto';
+import { createHash, createPublicKey, verify, webcrypto, type KeyObject } from 'node:crypto';
 import { readTlv } from './der';
 import { assertNotBanned, validateLeafRequest, signLeaf, type IssuedCertificate } from './issue';
 import {
@@ -30,14 +30,15 @@ const MAX_CSR_PEM_LENGTH = 16_384;
  * Generates a key pair (default ECDSA P-256) and a PKCS#10 CSR for it, signed with that key.
  * The CSR's subject is a fixed placeholder (CN=burrow-agent) and it asks for no extensions: the
  * issuer decides the identity. Returns the CSR and the private key (PKCS#8 PEM), which stays with
- * the caller.
+ * the caller. With `keyPem` it signs the CSR with that key instead of making one: an enrollment
+ * retried after a failure presents the same key, so the broker can answer it with the same certificate.
  */
 export async function createCsr(
-  opts: { keyAlgorithm?: KeyAlgorithm } = {},
+  opts: { keyAlgorithm?: KeyAlgorithm; keyPem?: string } = {},
 ): Promise<{ csrPem: string; keyPem: string }> {
-  const keyAlgorithm = opts.keyAlgorithm ?? DEFAULT_KEY_ALGORITHM;
-  assertKeyAlgorithm(keyAlgorithm);
-  const key = await generateKey(keyAlgorithm);
+  const key =
+    opts.keyPem === undefined ? await generateKey(assertedAlgorithm(opts.keyAlgorithm)) : existingKey(opts.keyPem);
+  const keyAlgorithm = key.keyAlgorithm;
   const algorithm = webCryptoAlgorithm(keyAlgorithm);
   const pkcs8Der = createPrivateKeyDer(key.pkcs8Pem);
   const [privateKey, publicKey] = await Promise.all([
@@ -50,6 +51,29 @@ export async function createCsr(
     signingAlgorithm: signingAlgorithm(keyAlgorithm),
   });
   return { csrPem: ensureNewline(csr.toString('pem')), keyPem: key.pkcs8Pem };
+}
+
+function assertedAlgorithm(keyAlgorithm: KeyAlgorithm = DEFAULT_KEY_ALGORITHM): KeyAlgorithm {
+  assertKeyAlgorithm(keyAlgorithm);
+  return keyAlgorithm;
+}
+
+function existingKey(keyPem: string): { keyAlgorithm: KeyAlgorithm; spkiDer: Buffer; pkcs8Pem: string } {
+  let publicKey: KeyObject;
+  try {
+    publicKey = createPublicKey(keyPem);
+  } catch (err) {
+    throw new PkiError(`key: not a readable private key (${(err as Error).message})`, { cause: err });
+  }
+  const keyAlgorithm = keyAlgorithmOf(publicKey);
+  if (keyAlgorithm === undefined) throw new PkiError(`key: not one of ${KEY_ALGORITHMS.join(', ')}`);
+  return { keyAlgorithm, spkiDer: publicKey.export({ type: 'spki', format: 'der' }), pkcs8Pem: keyPem };
+}
+
+/** SHA-256 (lower-case hex) of the DER SubjectPublicKeyInfo a CSR carries, after checking its self-signature. */
+export async function csrPublicKeySha256(csrPem: unknown): Promise<string> {
+  const { spkiDer } = await verifiedCsrPublicKey(csrPem);
+  return createHash('sha256').update(spkiDer).digest('hex');
 }
 
 /** Options for {@link signCsr}. */

@@ -50,16 +50,18 @@ export {
   createJoinToken,
   parseJoinToken,
   consumeJoinToken,
+  recordTokenCertificate,
   caPinOf,
   trustBundlePins,
   EnrollmentError,
   TOKEN_PREFIX,
+  TOKEN_PREFIX_V2,
   DEFAULT_JOIN_TOKEN_TTL_MS,
   type JoinTokenInfo,
   type ParsedJoinToken,
   type EnrollmentFailureReason,
 } from './join-token';
-export { createCsr, signCsr, type SignCsrOptions } from './csr';
+export { createCsr, csrPublicKeySha256, signCsr, type SignCsrOptions } from './csr';
 export {
   rotate,
   rotationState,

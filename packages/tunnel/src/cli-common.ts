@@ -1,4 +1,5 @@
 import type { Argv } from 'yargs';
+import { explainUsageError, misspeltFlag, usageOptionsOf } from './explain-usage-error';
 import { ConfigError, asList, loadYamlConfig, parseBytes, parseDurationMs } from './cli-options';
 import { DEFAULT_MAX_MESSAGE_BYTES, PROTOCOL_VERSIONS } from './frames';
 import { DEFAULT_KEEPALIVE, type KeepaliveSettings } from './grpc-options';
@@ -169,11 +170,16 @@ export async function runDaemon<C extends { logLevel: string; logFormat: LogForm
  * `--version` prints `version` with the protocol versions spoken, and every parse error goes to
  * `fail`.
  */
-export function parseCommandLine<T>(y: Argv<T>, version: string, fail: CliFailure): void {
+export function parseCommandLine<T>(y: Argv<T>, version: string, fail: CliFailure, args: readonly string[]): void {
   void y
     .strict()
     .version(`${version} (protocol ${PROTOCOL_VERSIONS.join(', ')})`)
     .help()
-    .fail((msg, err) => fail(err ? err.message : msg))
+    .check(() => {
+      const misspelt = misspeltFlag(args, usageOptionsOf(y));
+      if (misspelt) throw new Error(misspelt);
+      return true;
+    }, true)
+    .fail((msg, err) => fail(err ? err.message : explainUsageError(msg, args, usageOptionsOf(y))))
     .parse();
 }

@@ -45,6 +45,12 @@ export const SESSION_FIELD_LIMITS = {
 /** Default largest forwarded gRPC message, in bytes (16 MiB). */
 export const DEFAULT_MAX_MESSAGE_BYTES = 16 * 1024 * 1024;
 
+/**
+ * How long either side of a new tunnel waits for the other's first session frame (the broker for
+ * Hello, the agent for Welcome or Refused) before it gives the connection up.
+ */
+export const SESSION_HANDSHAKE_TIMEOUT_MS = 10_000;
+
 /** The control stream's path: the first stream the broker opens on a tunnel connection. */
 export const CONTROL_PATH = '/burrow.tunnel.v1.Tunnel/Control';
 
@@ -188,63 +194,56 @@ export function decodeSessionFrame(bytes: Buffer): SessionFrame {
   } catch (err) {
     throw new ProtocolError(`undecodable session frame (${bytes.length} bytes)`, err);
   }
-  const limits = SESSION_FIELD_LIMITS;
-  switch (m.kind) {
-    case 'hello': {
-      const h = m.hello as Record<string, unknown>;
-      const versions = (h.protocolVersions as number[] | undefined) ?? [];
-      if (versions.length > limits.protocolVersions) {
-        throw new ProtocolError(`Hello lists ${versions.length} versions; at most ${limits.protocolVersions} allowed`);
-      }
-      const agentVersion = String(h.agentVersion ?? '');
-      tooLong('Hello agent_version', agentVersion, limits.agentVersionChars);
-      return { kind: 'hello', hello: { protocolVersions: versions.map(Number), agentVersion } };
-    }
-    case 'welcome': {
-      const w = m.welcome as Record<string, unknown>;
-      const sessionId = String(w.sessionId ?? '');
-      const brokerId = String(w.brokerId ?? '');
-      tooLong('Welcome session_id', sessionId, limits.idChars);
-      tooLong('Welcome broker_id', brokerId, limits.idChars);
-      const welcome = {
-        protocolVersion: Number(w.protocolVersion ?? 0),
-        sessionId,
-        brokerId,
-        maxMessageBytes: toNumber(w.maxMessageBytes),
-      };
-      return { kind: 'welcome', welcome };
-    }
-    case 'refused': {
-      const r = m.refused as { code?: number; message?: string };
-      const message = String(r.message ?? '');
-      tooLong('Refused message', message, limits.reasonChars);
-      return { kind: 'refused', code: Number(r.code ?? 2), message };
-    }
-    case 'drain': {
-      const reason = String((m.drain as { reason?: string }).reason ?? '');
-      tooLong('Drain reason', reason, limits.reasonChars);
-      return { kind: 'drain', reason };
-    }
-    // PEM fields are bounded by the frame size alone: a chain or bundle has no smaller natural bound.
-    case 'credentials':
-      return {
-        kind: 'credentials',
-        certificateChainPem: String((m.credentials as { certificateChainPem?: string }).certificateChainPem ?? ''),
-      };
-    case 'trustBundle': {
-      const t = m.trustBundle as { pem?: string; version?: unknown };
-      return { kind: 'trustBundle', pem: String(t.pem ?? ''), version: toNumber(t.version) };
-    }
-    case 'brokers': {
-      const list = (m.brokers as { brokers?: { brokerId?: string; address?: string }[] }).brokers ?? [];
-      const brokers = list.map((b) => ({ brokerId: String(b.brokerId ?? ''), address: String(b.address ?? '') }));
-      checkReplicaSet(brokers);
-      return { kind: 'brokers', brokers };
-    }
-    default:
-      throw new ProtocolError('session frame with no kind');
-  }
+  const decode =
+    typeof m.kind === 'string' && Object.hasOwn(FRAME_DECODERS, m.kind) ? FRAME_DECODERS[m.kind] : undefined;
+  if (!decode) throw new ProtocolError('session frame with no kind');
+  return decode(m[m.kind as string] as Record<string, unknown>);
 }
+
+const limits = SESSION_FIELD_LIMITS;
+
+/** Each kind's fields from the decoded oneof member, checked against their bounds. */
+const FRAME_DECODERS: Record<string, (f: Record<string, unknown>) => SessionFrame> = {
+  hello: (h) => {
+    const versions = (h.protocolVersions as number[] | undefined) ?? [];
+    if (versions.length > limits.protocolVersions) {
+      throw new ProtocolError(`Hello lists ${versions.length} versions; at most ${limits.protocolVersions} allowed`);
+    }
+    const agentVersion = String(h.agentVersion ?? '');
+    tooLong('Hello agent_version', agentVersion, limits.agentVersionChars);
+    return { kind: 'hello', hello: { protocolVersions: versions.map(Number), agentVersion } };
+  },
+  welcome: (w) => {
+    const sessionId = String(w.sessionId ?? '');
+    const brokerId = String(w.brokerId ?? '');
+    tooLong('Welcome session_id', sessionId, limits.idChars);
+    tooLong('Welcome broker_id', brokerId, limits.idChars);
+    const protocolVersion = Number(w.protocolVersion ?? 0);
+    return {
+      kind: 'welcome',
+      welcome: { protocolVersion, sessionId, brokerId, maxMessageBytes: toNumber(w.maxMessageBytes) },
+    };
+  },
+  refused: (r) => {
+    const message = String(r.message ?? '');
+    tooLong('Refused message', message, limits.reasonChars);
+    return { kind: 'refused', code: Number(r.code ?? 2), message };
+  },
+  drain: (d) => {
+    const reason = String(d.reason ?? '');
+    tooLong('Drain reason', reason, limits.reasonChars);
+    return { kind: 'drain', reason };
+  },
+  // PEM fields are bounded by the frame size alone: a chain or bundle has no smaller natural bound.
+  credentials: (c) => ({ kind: 'credentials', certificateChainPem: String(c.certificateChainPem ?? '') }),
+  trustBundle: (t) => ({ kind: 'trustBundle', pem: String(t.pem ?? ''), version: toNumber(t.version) }),
+  brokers: (b) => {
+    const list = (b.brokers as { brokerId?: string; address?: string }[] | undefined) ?? [];
+    const brokers = list.map((e) => ({ brokerId: String(e.brokerId ?? ''), address: String(e.address ?? '') }));
+    checkReplicaSet(brokers);
+    return { kind: 'brokers', brokers };
+  },
+};
 
 /** The protocol error for a session frame of `bytes` bytes, over {@link MAX_SESSION_FRAME_BYTES}. */
 export function sessionFrameTooLarge(bytes: number): string {

@@ -19,6 +19,7 @@ export {
   DEFAULT_MAX_MESSAGE_BYTES,
   TUNNEL_ALPN,
   CONTROL_PATH,
+  SESSION_HANDSHAKE_TIMEOUT_MS,
   CALL_ID_KEY,
   LEGACY_TUNNEL_SERVICE,
   LEGACY_SESSION_PATH,
@@ -60,6 +61,7 @@ export {
   type UnaryCallResult,
 } from './unary-call';
 export type { CallOutcome } from './call-outcome';
+export { CallIds, type StreamListener } from './call-ids';
 /** @internal The relayed call's state machine, exported for its unit tests. */
 export {
   transition,
@@ -192,6 +194,7 @@ export {
   maxMessageBytesFromArgs,
   keepaliveFromArgs,
 } from './cli-common';
+export { explainUsageError } from './explain-usage-error';
 export { runUntilSignalled } from './signals';
 
 // Listening: one listen helper for every server, with the error message both binaries print.

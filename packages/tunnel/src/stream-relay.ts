@@ -37,6 +37,12 @@ export interface RelayOptions {
   /** The caller's deadline (epoch ms, Infinity for none): the call ends with DEADLINE_EXCEEDED there. */
   deadlineMs: number;
   cutter?: CallCutter;
+  /**
+   * How the next hop is named when its connection never came up (refused, no route, DNS), in the
+   * UNAVAILABLE `<name> is unreachable (ECONNREFUSED)`; default `peerName`. Distinct from a
+   * connection lost during the call, after which the next hop may have run it.
+   */
+  unreachableName?: string;
 }
 
 /**
@@ -105,163 +111,224 @@ export function relayCall(
   outbound: http2.ClientHttp2Stream,
   opts: RelayOptions,
 ): Promise<CallOutcome> {
-  return new Promise((resolve) => {
-    // Kept now: a closed stream no longer names its session, and a reset must not read as a lost connection.
-    const session = outbound.session;
-    const requestGuard = new MessageSizeGuard(opts.maxMessageBytes);
-    const responseGuard = new MessageSizeGuard(opts.maxMessageBytes);
-    let requestBytes = 0;
-    let responseBytes = 0;
-    let state: CallState = INITIAL_CALL_STATE;
-    const settled = (): boolean => isSettled(state);
-    let trailersRaw: string[] | undefined;
-    let trailerStatus: { code: number; details: string } | undefined;
-    let cancelTimer: (() => void) | undefined;
-    let resolved = false;
+  return new Promise((resolve) => new CallRelay(inbound, outbound, opts, resolve).start());
+}
 
-    const finishIfDone = (): void => {
-      if (resolved || !settled() || !inbound.closed) return;
-      resolved = true;
-      state = transition(state, { kind: 'caller-closed' });
-      cancelTimer?.();
-      // A next hop that answered in full closes its stream by itself once our request has ended:
-      // a reset then would be one more frame each way per call for nothing.
-      const answered = trailerStatus !== undefined && outbound.readableEnded;
-      if (!outbound.closed && !(answered && outbound.writableFinished))
-        outbound.close(answered ? NGHTTP2_NO_ERROR : NGHTTP2_CANCEL);
-      resolve({
-        ...state.outcome!,
-        requestBytes: Math.max(0, requestBytes - MESSAGE_PREFIX_BYTES * requestGuard.messages),
-        responseBytes: Math.max(0, responseBytes - MESSAGE_PREFIX_BYTES * responseGuard.messages),
-      });
-    };
-    const settle = (code: number, details: string): void => {
-      state = transition(state, { kind: 'status', status: { code, details } });
-      finishIfDone();
-    };
-    /** Ends the call from this side: the caller gets `error`, the next hop a CANCEL. */
-    const fail = (error: BurrowError): void => {
-      if (settled()) return;
-      endWithStatus(inbound, error.code, error.message);
-      if (!outbound.closed) outbound.close(NGHTTP2_CANCEL);
-      state = transition(state, { kind: 'failed', status: { code: error.code, details: error.message } });
-      finishIfDone();
-    };
-    if (opts.cutter) opts.cutter.cut = fail;
-    cancelTimer = atDeadline(opts.deadlineMs, () =>
-      fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`)),
+/** One relayed call: the two streams, its state (call-state.ts) and what it counted. */
+class CallRelay {
+  // Kept now: a closed stream no longer names its session, and a reset must not read as a lost connection.
+  private readonly session: http2.Http2Session | undefined;
+  private readonly requestGuard: MessageSizeGuard;
+  private readonly responseGuard: MessageSizeGuard;
+  private requestBytes = 0;
+  private responseBytes = 0;
+  private state: CallState = INITIAL_CALL_STATE;
+  private trailersRaw: string[] | undefined;
+  private trailerStatus: { code: number; details: string } | undefined;
+  private cancelTimer: (() => void) | undefined;
+  private resolved = false;
+  /** Why the next hop's connection failed, when it never came up (its error's cause). */
+  private connectError: string | undefined;
+
+  constructor(
+    private readonly inbound: http2.ServerHttp2Stream,
+    private readonly outbound: http2.ClientHttp2Stream,
+    private readonly opts: RelayOptions,
+    private readonly resolve: (outcome: CallOutcome) => void,
+  ) {
+    this.session = outbound.session;
+    this.requestGuard = new MessageSizeGuard(opts.maxMessageBytes);
+    this.responseGuard = new MessageSizeGuard(opts.maxMessageBytes);
+  }
+
+  start(): void {
+    const { inbound, outbound, opts } = this;
+    if (opts.cutter) opts.cutter.cut = (error) => this.fail(error);
+    this.cancelTimer = atDeadline(opts.deadlineMs, () =>
+      this.fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`)),
     );
-
     // Caller -> next hop.
-    inbound.on('data', (chunk: Buffer) => {
-      if (settled()) return;
-      requestBytes += chunk.length;
-      const tooLarge = requestGuard.check(chunk);
-      if (tooLarge !== undefined) {
-        fail(new BurrowError(Status.RESOURCE_EXHAUSTED, `request ${messageTooLarge(tooLarge, opts.maxMessageBytes)}`));
-        return;
-      }
-      if (!outbound.write(chunk)) inbound.pause();
-    });
+    inbound.on('data', (chunk: Buffer) => this.onRequestData(chunk));
     outbound.on('drain', () => inbound.resume());
     inbound.on('end', () => {
       if (!outbound.closed && !outbound.writableEnded) outbound.end();
     });
     inbound.on('error', () => {});
-    inbound.on('close', () => {
-      // The caller reset its stream (cancelled, deadline at the caller, connection gone).
-      if (!settled()) {
-        if (!outbound.closed) outbound.close(NGHTTP2_CANCEL);
-        state = transition(state, { kind: 'caller-gone' });
-      }
-      finishIfDone();
-    });
-
+    inbound.on('close', () => this.onCallerClosed());
     // Next hop -> caller.
-    outbound.on('response', (headers: http2.IncomingHttpHeaders, flags: number, rawHeaders: string[]) => {
-      if (settled()) return;
-      const httpStatus = Number(headers[':status']);
-      const status = statusOfHeaders(headers);
-      if (flags & END_STREAM_FLAG || httpStatus !== 200) {
-        // Trailers-only (an error before any message), or not a gRPC answer at all.
-        const code = status?.code ?? (httpStatus === 200 ? Status.INTERNAL : statusOfHttp(httpStatus));
-        const details = status?.details ?? `${opts.peerName} answered HTTP ${httpStatus} without a gRPC status`;
-        if (status && httpStatus === 200) {
-          try {
-            const fields = withReadStatus(forwardedResponseMetadata(rawHeaders, true), status);
-            inbound.respond({ ...fields, ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
-              endStream: true,
-              sendDate: false,
-            } as http2.ServerStreamResponseOptions);
-            stopRequestAfterStatus(inbound);
-          } catch {
-            // The caller's stream is gone; its close settles nothing more.
-          }
-          if (!outbound.closed) outbound.close(NGHTTP2_NO_ERROR);
-          settle(code, details);
-        } else fail(new BurrowError(code, details));
-        return;
-      }
-      try {
-        const fields = forwardedResponseMetadata(rawHeaders, false);
-        const contentType = headers['content-type'];
-        inbound.respond(
-          {
-            ...fields,
-            ':status': 200,
-            'content-type': typeof contentType === 'string' ? contentType : GRPC_CONTENT_TYPE,
-          },
-          { waitForTrailers: true, sendDate: false } as http2.ServerStreamResponseOptions,
-        );
-        state = transition(state, { kind: 'response-headers' });
-      } catch {
-        fail(new BurrowError(Status.CANCELLED, 'the caller cancelled the call'));
-      }
-    });
-    outbound.on('data', (chunk: Buffer) => {
-      if (settled()) return;
-      responseBytes += chunk.length;
-      const tooLarge = responseGuard.check(chunk);
-      if (tooLarge !== undefined) {
-        fail(new BurrowError(Status.RESOURCE_EXHAUSTED, `response ${messageTooLarge(tooLarge, opts.maxMessageBytes)}`));
-        return;
-      }
-      if (!inbound.write(chunk)) outbound.pause();
-    });
+    outbound.on('response', (headers: http2.IncomingHttpHeaders, flags: number, raw: string[]) =>
+      this.onResponse(headers, flags, raw),
+    );
+    outbound.on('data', (chunk: Buffer) => this.onResponseData(chunk));
     inbound.on('drain', () => outbound.resume());
-    outbound.on('trailers', (headers: http2.IncomingHttpHeaders, _flags: number, rawHeaders: string[]) => {
-      trailersRaw = rawHeaders;
-      trailerStatus = statusOfHeaders(headers);
+    outbound.on('trailers', (headers: http2.IncomingHttpHeaders, _flags: number, raw: string[]) => {
+      this.trailersRaw = raw;
+      this.trailerStatus = statusOfHeaders(headers);
     });
-    outbound.on('end', () => {
-      // Node ends the readable side on a reset too (CANCEL included): without trailers, the
-      // close below says how the stream ended.
-      if (settled() || state.phase !== 'responding' || !trailerStatus) return;
-      const status = trailerStatus;
-      const trailers = withReadStatus(forwardedResponseMetadata(trailersRaw ?? [], true), status);
-      inbound.once('wantTrailers', () => {
-        try {
-          inbound.sendTrailers(trailers);
-          stopRequestAfterTrailers(inbound);
-        } catch {
-          inbound.close();
-        }
-      });
-      inbound.end();
-      settle(status.code, status.details);
+    outbound.on('end', () => this.onResponseEnd());
+    // Node cancels a stream whose session failed to connect with the connect error as the cause;
+    // the session's own 'error' (with the same code) comes only after this stream has closed.
+    outbound.on('error', (err: Error) => {
+      const cause = err.cause as NodeJS.ErrnoException | undefined;
+      this.connectError = cause ? (cause.code ?? cause.message) : undefined;
     });
-    outbound.on('error', () => {});
-    outbound.on('close', () => {
-      if (!settled()) {
-        const sessionGone = session === undefined || session.destroyed || session.closed;
-        const rstCode = outbound.rstCode ?? NGHTTP2_CANCEL;
-        fail(
-          rstCode === NGHTTP2_NO_ERROR && !sessionGone
+    outbound.on('close', () => this.onNextHopClosed());
+  }
+
+  private get settled(): boolean {
+    return isSettled(this.state);
+  }
+
+  /** Resolves once the status is decided and the caller's stream has closed. */
+  private finishIfDone(): void {
+    const { outbound } = this;
+    if (this.resolved || !this.settled || !this.inbound.closed) return;
+    this.resolved = true;
+    this.state = transition(this.state, { kind: 'caller-closed' });
+    this.cancelTimer?.();
+    // A next hop that answered in full closes its stream by itself once our request has ended:
+    // a reset then would be one more frame each way per call for nothing.
+    const answered = this.trailerStatus !== undefined && outbound.readableEnded;
+    if (!outbound.closed && !(answered && outbound.writableFinished))
+      outbound.close(answered ? NGHTTP2_NO_ERROR : NGHTTP2_CANCEL);
+    this.resolve({
+      ...this.state.outcome!,
+      requestBytes: Math.max(0, this.requestBytes - MESSAGE_PREFIX_BYTES * this.requestGuard.messages),
+      responseBytes: Math.max(0, this.responseBytes - MESSAGE_PREFIX_BYTES * this.responseGuard.messages),
+    });
+  }
+
+  /** The next hop's status went on to the caller. */
+  private settle(code: number, details: string): void {
+    this.state = transition(this.state, { kind: 'status', status: { code, details } });
+    this.finishIfDone();
+  }
+
+  /** Ends the call from this side: the caller gets `error`, the next hop a CANCEL. */
+  private fail(error: BurrowError): void {
+    if (this.settled) return;
+    endWithStatus(this.inbound, error.code, error.message);
+    if (!this.outbound.closed) this.outbound.close(NGHTTP2_CANCEL);
+    this.state = transition(this.state, { kind: 'failed', status: { code: error.code, details: error.message } });
+    this.finishIfDone();
+  }
+
+  private onRequestData(chunk: Buffer): void {
+    if (this.settled) return;
+    this.requestBytes += chunk.length;
+    const tooLarge = this.requestGuard.check(chunk);
+    if (tooLarge !== undefined) {
+      const why = `request ${messageTooLarge(tooLarge, this.opts.maxMessageBytes)}`;
+      this.fail(new BurrowError(Status.RESOURCE_EXHAUSTED, why));
+      return;
+    }
+    if (!this.outbound.write(chunk)) this.inbound.pause();
+  }
+
+  /** The caller's stream closed: after its status, or reset (cancelled, its deadline, connection gone). */
+  private onCallerClosed(): void {
+    if (!this.settled) {
+      if (!this.outbound.closed) this.outbound.close(NGHTTP2_CANCEL);
+      this.state = transition(this.state, { kind: 'caller-gone' });
+    }
+    this.finishIfDone();
+  }
+
+  private onResponse(headers: http2.IncomingHttpHeaders, flags: number, rawHeaders: string[]): void {
+    if (this.settled) return;
+    const httpStatus = Number(headers[':status']);
+    if (flags & END_STREAM_FLAG || httpStatus !== 200) {
+      this.onTrailersOnly(headers, httpStatus, rawHeaders);
+      return;
+    }
+    try {
+      const fields = forwardedResponseMetadata(rawHeaders, false);
+      const contentType = headers['content-type'];
+      this.inbound.respond(
+        {
+          ...fields,
+          ':status': 200,
+          'content-type': typeof contentType === 'string' ? contentType : GRPC_CONTENT_TYPE,
+        },
+        { waitForTrailers: true, sendDate: false } as http2.ServerStreamResponseOptions,
+      );
+      this.state = transition(this.state, { kind: 'response-headers' });
+    } catch {
+      this.fail(new BurrowError(Status.CANCELLED, 'the caller cancelled the call'));
+    }
+  }
+
+  /** A trailers-only answer (an error before any message), or not a gRPC answer at all. */
+  private onTrailersOnly(headers: http2.IncomingHttpHeaders, httpStatus: number, rawHeaders: string[]): void {
+    const status = statusOfHeaders(headers);
+    const code = status?.code ?? (httpStatus === 200 ? Status.INTERNAL : statusOfHttp(httpStatus));
+    const details = status?.details ?? `${this.opts.peerName} answered HTTP ${httpStatus} without a gRPC status`;
+    if (!status || httpStatus !== 200) {
+      this.fail(new BurrowError(code, details));
+      return;
+    }
+    try {
+      const fields = withReadStatus(forwardedResponseMetadata(rawHeaders, true), status);
+      this.inbound.respond({ ...fields, ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
+        endStream: true,
+        sendDate: false,
+      } as http2.ServerStreamResponseOptions);
+      stopRequestAfterStatus(this.inbound);
+    } catch {
+      // The caller's stream is gone; its close settles nothing more.
+    }
+    if (!this.outbound.closed) this.outbound.close(NGHTTP2_NO_ERROR);
+    this.settle(code, details);
+  }
+
+  private onResponseData(chunk: Buffer): void {
+    if (this.settled) return;
+    this.responseBytes += chunk.length;
+    const tooLarge = this.responseGuard.check(chunk);
+    if (tooLarge !== undefined) {
+      const why = `response ${messageTooLarge(tooLarge, this.opts.maxMessageBytes)}`;
+      this.fail(new BurrowError(Status.RESOURCE_EXHAUSTED, why));
+      return;
+    }
+    if (!this.inbound.write(chunk)) this.outbound.pause();
+  }
+
+  private onResponseEnd(): void {
+    // Node ends the readable side on a reset too (CANCEL included): without trailers, the close
+    // (onNextHopClosed) says how the stream ended.
+    const status = this.trailerStatus;
+    if (this.settled || this.state.phase !== 'responding' || !status) return;
+    const { inbound } = this;
+    const trailers = withReadStatus(forwardedResponseMetadata(this.trailersRaw ?? [], true), status);
+    inbound.once('wantTrailers', () => {
+      try {
+        inbound.sendTrailers(trailers);
+        stopRequestAfterTrailers(inbound);
+      } catch {
+        inbound.close();
+      }
+    });
+    inbound.end();
+    this.settle(status.code, status.details);
+  }
+
+  /** The next hop's stream closed: after its status, or reset, or its connection lost. */
+  private onNextHopClosed(): void {
+    if (!this.settled) {
+      const { session, outbound, opts } = this;
+      const sessionGone = session === undefined || session.destroyed || session.closed;
+      const rstCode = outbound.rstCode ?? NGHTTP2_CANCEL;
+      // A session still `connecting` when it is gone never reached the next hop: nothing ran.
+      const neverConnected = session !== undefined && sessionGone && session.connecting;
+      const unreachable = `${opts.unreachableName ?? opts.peerName} is unreachable`;
+      this.fail(
+        neverConnected
+          ? new BurrowError(Status.UNAVAILABLE, `${unreachable} (${this.connectError ?? 'connection failed'})`)
+          : rstCode === NGHTTP2_NO_ERROR && !sessionGone
             ? new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`)
             : statusOfReset(rstCode, sessionGone, opts.peerName),
-        );
-      }
-      finishIfDone();
-    });
-  });
+      );
+    }
+    this.finishIfDone();
+  }
 }

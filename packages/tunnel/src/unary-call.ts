@@ -54,92 +54,126 @@ export function answerUnary(
   handler: LocalUnaryHandler,
   opts: UnaryAnswerOptions,
 ): Promise<CallOutcome> {
-  return new Promise((resolve) => {
-    const reader = new MessageReader(opts.maxMessageBytes);
-    const messages: Buffer[] = [];
-    let requestBytes = 0;
-    let responseBytes = 0;
-    let outcome: { code: number; details: string } | undefined;
-    // An abort builds an event and an exception: done only when the handler is still running.
-    let handlerRunning = false;
-    let abort: AbortController | undefined;
-    let cancelTimer: (() => void) | undefined;
-    const settle = (code: number, details: string): void => {
-      if (outcome) return;
-      outcome = { code, details };
-      cancelTimer?.();
-      if (handlerRunning) abort?.abort();
-      if (stream.closed) resolve({ ...outcome, requestBytes, responseBytes });
-    };
-    const fail = (err: BurrowError): void => {
-      if (outcome) return;
-      endWithStatus(stream, err.code, err.message);
-      settle(err.code, err.message);
-    };
-    cancelTimer = atDeadline(opts.deadlineMs, () =>
-      fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while answering ${opts.method}`)),
+  return new Promise((resolve) => new UnaryAnswer(stream, handler, opts, resolve).start());
+}
+
+/** One unary call answered here: the request read so far, the handler's run, the status. */
+class UnaryAnswer {
+  private readonly reader: MessageReader;
+  private readonly messages: Buffer[] = [];
+  private requestBytes = 0;
+  private responseBytes = 0;
+  private outcome: { code: number; details: string } | undefined;
+  // An abort builds an event and an exception: done only when the handler is still running.
+  private handlerRunning = false;
+  private abort: AbortController | undefined;
+  private cancelTimer: (() => void) | undefined;
+
+  constructor(
+    private readonly stream: http2.ServerHttp2Stream,
+    private readonly handler: LocalUnaryHandler,
+    private readonly opts: UnaryAnswerOptions,
+    private readonly resolve: (outcome: CallOutcome) => void,
+  ) {
+    this.reader = new MessageReader(opts.maxMessageBytes);
+  }
+
+  start(): void {
+    const { stream, opts } = this;
+    this.cancelTimer = atDeadline(opts.deadlineMs, () =>
+      this.fail(new BurrowError(Status.DEADLINE_EXCEEDED, `deadline exceeded while answering ${opts.method}`)),
     );
-    stream.on('data', (chunk: Buffer) => {
-      if (outcome) return;
-      try {
-        for (const m of reader.push(chunk)) {
-          requestBytes += m.length;
-          messages.push(m);
-        }
-      } catch (err) {
-        fail(toBurrowError(err));
-        return;
-      }
-      if (messages.length > 1) fail(new BurrowError(Status.INTERNAL, `${opts.method} is unary but got two requests`));
-    });
-    stream.on('end', () => {
-      if (outcome) return;
-      const request = messages[0];
-      if (request === undefined || !reader.empty) {
-        fail(new BurrowError(Status.INTERNAL, `${opts.method} is unary but the request had no whole message`));
-        return;
-      }
-      abort = new AbortController();
-      handlerRunning = true;
-      const ctx: LocalCallContext = {
-        deadlineMs: opts.deadlineMs,
-        signal: abort.signal,
-        callId: opts.callId,
-        caller: opts.caller,
-      };
-      handler(request, ctx).then(
-        (response) => {
-          handlerRunning = false;
-          if (outcome) return;
-          if (stream.closed || stream.destroyed) {
-            settle(Status.CANCELLED, 'the caller cancelled the call');
-            return;
-          }
-          responseBytes = response.length;
-          try {
-            stream.respond({ ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
-              waitForTrailers: true,
-              sendDate: false,
-            } as http2.ServerStreamResponseOptions);
-            stream.once('wantTrailers', () => stream.sendTrailers(statusTrailers(Status.OK, '')));
-            stream.end(frameMessage(response));
-          } catch {
-            // Reset while answering: the close below settles it.
-          }
-          settle(Status.OK, '');
-        },
-        (err: unknown) => {
-          handlerRunning = false;
-          fail(toBurrowError(err, `${opts.method} failed`));
-        },
-      );
-    });
+    stream.on('data', (chunk: Buffer) => this.onData(chunk));
+    stream.on('end', () => this.onEnd());
     stream.on('error', () => {});
     stream.on('close', () => {
-      if (!outcome) settle(Status.CANCELLED, 'the caller cancelled the call');
-      resolve({ ...outcome!, requestBytes, responseBytes });
+      this.settle(Status.CANCELLED, 'the caller cancelled the call');
+      this.done();
     });
-  });
+  }
+
+  private done(): void {
+    const { requestBytes, responseBytes } = this;
+    if (this.outcome) this.resolve({ ...this.outcome, requestBytes, responseBytes });
+  }
+
+  /** The status is decided (the first call wins); resolves once the stream has closed too. */
+  private settle(code: number, details: string): void {
+    if (this.outcome) return;
+    this.outcome = { code, details };
+    this.cancelTimer?.();
+    if (this.handlerRunning) this.abort?.abort();
+    if (this.stream.closed) this.done();
+  }
+
+  private fail(err: BurrowError): void {
+    if (this.outcome) return;
+    endWithStatus(this.stream, err.code, err.message);
+    this.settle(err.code, err.message);
+  }
+
+  private onData(chunk: Buffer): void {
+    if (this.outcome) return;
+    try {
+      for (const m of this.reader.push(chunk)) {
+        this.requestBytes += m.length;
+        this.messages.push(m);
+      }
+    } catch (err) {
+      this.fail(toBurrowError(err));
+      return;
+    }
+    if (this.messages.length > 1)
+      this.fail(new BurrowError(Status.INTERNAL, `${this.opts.method} is unary but got two requests`));
+  }
+
+  /** The whole request is in: runs the handler on its one message. */
+  private onEnd(): void {
+    if (this.outcome) return;
+    const { opts } = this;
+    const request = this.messages[0];
+    if (request === undefined || !this.reader.empty) {
+      this.fail(new BurrowError(Status.INTERNAL, `${opts.method} is unary but the request had no whole message`));
+      return;
+    }
+    this.abort = new AbortController();
+    this.handlerRunning = true;
+    const ctx: LocalCallContext = {
+      deadlineMs: opts.deadlineMs,
+      signal: this.abort.signal,
+      callId: opts.callId,
+      caller: opts.caller,
+    };
+    this.handler(request, ctx).then(
+      (response) => this.respond(response),
+      (err: unknown) => {
+        this.handlerRunning = false;
+        this.fail(toBurrowError(err, `${opts.method} failed`));
+      },
+    );
+  }
+
+  private respond(response: Buffer): void {
+    this.handlerRunning = false;
+    const { stream } = this;
+    if (this.outcome) return;
+    if (stream.closed || stream.destroyed) {
+      this.settle(Status.CANCELLED, 'the caller cancelled the call');
+      return;
+    }
+    this.responseBytes = response.length;
+    try {
+      stream.respond({ ':status': 200, 'content-type': GRPC_CONTENT_TYPE }, {
+        waitForTrailers: true,
+        sendDate: false,
+      } as http2.ServerStreamResponseOptions);
+      stream.once('wantTrailers', () => stream.sendTrailers(statusTrailers(Status.OK, '')));
+      stream.end(frameMessage(response));
+    } catch {
+      // Reset while answering: the close settles it.
+    }
+    this.settle(Status.OK, '');
+  }
 }
 
 /** The result of a unary call made by {@link unaryCall}. */
@@ -203,73 +237,106 @@ export function unaryCall(
 export function unaryOnStream(
   stream: http2.ClientHttp2Stream,
   message: Buffer,
-  opts: { peerName: string; deadlineMs: number; maxMessageBytes: number; signal?: AbortSignal },
+  opts: UnaryStreamOptions,
 ): Promise<UnaryCallResult> {
-  return new Promise((resolve) => {
-    const requestBytes = message.length;
-    // Kept now: a closed stream no longer names its session.
-    const session = stream.session!;
-    const reader = new MessageReader(opts.maxMessageBytes);
-    let response: Buffer | undefined;
-    let done: UnaryCallResult | undefined;
-    let trailers: http2.IncomingHttpHeaders = {};
-    /** `answered`: the server sent its status, so the call is over for it and is not cancelled. */
-    const finish = (code: number, details: string, answered = false): void => {
-      if (done) return;
-      done = { code, details, requestBytes, responseBytes: response?.length ?? 0, response, trailers };
-      cancelTimer();
-      opts.signal?.removeEventListener('abort', onAbort);
-      if (!stream.closed) {
-        // A CANCEL after the answer would show the server a finished call as cancelled.
-        if (!answered) stream.close(http2.constants.NGHTTP2_CANCEL);
-        else if (!stream.writableFinished) stream.close(http2.constants.NGHTTP2_NO_ERROR);
-      }
-      resolve(done);
-    };
-    const onAbort = (): void => finish(Status.CANCELLED, 'cancelled');
-    opts.signal?.addEventListener('abort', onAbort, { once: true });
-    const cancelTimer = atDeadline(opts.deadlineMs, () =>
-      finish(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`),
+  return new Promise((resolve) => new UnaryCaller(stream, message, opts, resolve).start());
+}
+
+/** How {@link unaryOnStream} makes its call. */
+interface UnaryStreamOptions {
+  peerName: string;
+  deadlineMs: number;
+  maxMessageBytes: number;
+  signal?: AbortSignal;
+}
+
+/** One unary call made on a stream this side opened: the response read so far and the status. */
+class UnaryCaller {
+  // Kept now: a closed stream no longer names its session.
+  private readonly session: http2.Http2Session;
+  private readonly reader: MessageReader;
+  private response: Buffer | undefined;
+  private done: UnaryCallResult | undefined;
+  private trailers: http2.IncomingHttpHeaders = {};
+  private cancelTimer: () => void = () => {};
+  private readonly onAbort = (): void => this.finish(Status.CANCELLED, 'cancelled');
+
+  constructor(
+    private readonly stream: http2.ClientHttp2Stream,
+    private readonly message: Buffer,
+    private readonly opts: UnaryStreamOptions,
+    private readonly resolve: (result: UnaryCallResult) => void,
+  ) {
+    this.session = stream.session!;
+    this.reader = new MessageReader(opts.maxMessageBytes);
+  }
+
+  start(): void {
+    const { stream, opts } = this;
+    opts.signal?.addEventListener('abort', this.onAbort, { once: true });
+    this.cancelTimer = atDeadline(opts.deadlineMs, () =>
+      this.finish(Status.DEADLINE_EXCEEDED, `deadline exceeded waiting for ${opts.peerName}`),
     );
-    stream.on('response', (h, flags) => {
-      const status = statusOfHeaders(h);
-      const httpStatus = Number(h[':status']);
-      if (flags & 0x1 || status || httpStatus !== 200) {
-        trailers = h;
-        const code = status?.code ?? (httpStatus === 200 ? Status.INTERNAL : statusOfHttp(httpStatus));
-        const details = status?.details ?? `${opts.peerName} answered HTTP ${httpStatus} without a gRPC status`;
-        finish(code, details, flags & 0x1 ? true : httpStatus !== 200);
-      }
-    });
-    stream.on('data', (chunk: Buffer) => {
-      try {
-        const got = reader.push(chunk);
-        if (got.length > 0) response = got[0];
-      } catch (err) {
-        const e = toBurrowError(err);
-        finish(e.code, `response from ${opts.peerName}: ${e.message}`);
-      }
-    });
+    stream.on('response', (h, flags) => this.onResponse(h, flags));
+    stream.on('data', (chunk: Buffer) => this.onData(chunk));
     stream.on('trailers', (h) => {
-      trailers = h;
+      this.trailers = h;
     });
     stream.on('end', () => {
-      const status = statusOfHeaders(trailers);
-      // Node ends the readable side on a reset too: without a status, the close below says why.
-      if (status) finish(status.code, status.details, true);
+      const status = statusOfHeaders(this.trailers);
+      // Node ends the readable side on a reset too: without a status, the close says why.
+      if (status) this.finish(status.code, status.details, true);
     });
     stream.on('error', () => {});
-    stream.on('close', () => {
-      // `session`, not stream.session: a closed stream no longer names its session.
-      const sessionGone = session.destroyed || session.closed;
-      const rstCode = stream.rstCode ?? http2.constants.NGHTTP2_CANCEL;
-      if (rstCode === http2.constants.NGHTTP2_NO_ERROR && !sessionGone) {
-        finish(Status.INTERNAL, `${opts.peerName} ended the call without a status`);
-        return;
-      }
-      const e = statusOfReset(rstCode, sessionGone, opts.peerName);
-      finish(e.code, e.message);
-    });
-    stream.end(frameMessage(message));
-  });
+    stream.on('close', () => this.onClose());
+    stream.end(frameMessage(this.message));
+  }
+
+  /** `answered`: the server sent its status, so the call is over for it and is not cancelled. */
+  private finish(code: number, details: string, answered = false): void {
+    if (this.done) return;
+    const { stream, response } = this;
+    const responseBytes = response?.length ?? 0;
+    const requestBytes = this.message.length;
+    this.done = { code, details, requestBytes, responseBytes, response, trailers: this.trailers };
+    this.cancelTimer();
+    this.opts.signal?.removeEventListener('abort', this.onAbort);
+    if (!stream.closed) {
+      // A CANCEL after the answer would show the server a finished call as cancelled.
+      if (!answered) stream.close(http2.constants.NGHTTP2_CANCEL);
+      else if (!stream.writableFinished) stream.close(http2.constants.NGHTTP2_NO_ERROR);
+    }
+    this.resolve(this.done);
+  }
+
+  private onResponse(h: http2.IncomingHttpHeaders, flags: number): void {
+    const status = statusOfHeaders(h);
+    const httpStatus = Number(h[':status']);
+    if (!(flags & 0x1 || status || httpStatus !== 200)) return;
+    this.trailers = h;
+    const code = status?.code ?? (httpStatus === 200 ? Status.INTERNAL : statusOfHttp(httpStatus));
+    const details = status?.details ?? `${this.opts.peerName} answered HTTP ${httpStatus} without a gRPC status`;
+    this.finish(code, details, flags & 0x1 ? true : httpStatus !== 200);
+  }
+
+  private onData(chunk: Buffer): void {
+    try {
+      const got = this.reader.push(chunk);
+      if (got.length > 0) this.response = got[0];
+    } catch (err) {
+      const e = toBurrowError(err);
+      this.finish(e.code, `response from ${this.opts.peerName}: ${e.message}`);
+    }
+  }
+
+  private onClose(): void {
+    const sessionGone = this.session.destroyed || this.session.closed;
+    const rstCode = this.stream.rstCode ?? http2.constants.NGHTTP2_CANCEL;
+    if (rstCode === http2.constants.NGHTTP2_NO_ERROR && !sessionGone) {
+      this.finish(Status.INTERNAL, `${this.opts.peerName} ended the call without a status`);
+      return;
+    }
+    const e = statusOfReset(rstCode, sessionGone, this.opts.peerName);
+    this.finish(e.code, e.message);
+  }
 }

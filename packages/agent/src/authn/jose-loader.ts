@@ -18,7 +18,9 @@ let loading: Promise<JoseModule> | undefined;
  * which is synchronous and cheap; older Node 20 releases, or a Node started with
  * `--no-experimental-require-module`, throw ERR_REQUIRE_ESM, and then the module is loaded with a
  * real `import()` of the file `require.resolve` finds (an absolute file URL, so the resolution does
- * not depend on the working directory). Never rejects for a present jose.
+ * not depend on the working directory). Never rejects for a present jose. In the agent binary jose
+ * is bundled and the `require` always succeeds (why esbuild's advice to make jose external is not
+ * followed: scripts/build-agent-binary.js).
  */
 export function loadJose(): Promise<JoseModule> {
   loading ??= (async () => {
