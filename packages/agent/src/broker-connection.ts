@@ -422,16 +422,12 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
       const out = openStream(upstream.session, next, peerName);
       // The route's name as configured (`*` for the default route), as operations.md quotes it.
       const route = this.opts.upstreams.hasRoute(service) ? service : '*';
-      const outcome = await relayCall(stream, out, {
+      return await relayCall(stream, out, {
         peerName,
         maxMessageBytes: this.maxMessageBytes,
         deadlineMs,
         unreachableName: `agent "${this.opts.agentId}": upstream ${route} at ${upstream.address}`,
       });
-      const why = upstream.lastError();
-      if (outcome.code === Status.UNAVAILABLE && why && !outcome.details.includes(`(${why})`))
-        return { ...outcome, details: `${outcome.details} (${why})` };
-      return outcome;
     } catch (err) {
       const e = toBurrowError(err);
       endWithStatus(stream, e.code, e.message);

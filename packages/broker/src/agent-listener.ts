@@ -9,7 +9,9 @@ import {
   CONTROL_PATH,
   SESSION_HANDSHAKE_TIMEOUT_MS,
   ControlChannel,
+  ENROLLMENT_NOT_ENABLED,
   ENROLLMENT_SERVICE,
+  refuseStream,
   GRPC_CONTENT_TYPE,
   H2_SESSION_OPTIONS,
   LEGACY_SESSION_PATH,
@@ -679,7 +681,7 @@ export class AgentListener {
     const { pki } = this.deps;
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
     if (!pki) {
-      endWithStatus(stream, Status.UNIMPLEMENTED, 'enrollment is not enabled on this broker (start it with --pki-dir)');
+      endWithStatus(stream, Status.UNIMPLEMENTED, ENROLLMENT_NOT_ENABLED);
       return;
     }
     const enroll = method === ENROLLMENT_SERVICE.enroll.path;
@@ -687,8 +689,7 @@ export class AgentListener {
       // Before the body is read: a refused Enroll must not cost the broker its request.
       const refused = pki.refuseEnrollment(socket.remoteAddress ?? '');
       if (refused) {
-        endWithStatus(stream, refused.code, refused.details);
-        stream.close(http2.constants.NGHTTP2_NO_ERROR);
+        refuseStream(stream, refused.code, refused.details);
         return;
       }
     }

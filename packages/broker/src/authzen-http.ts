@@ -16,6 +16,7 @@ import {
 import { POLICY_INPUT_LIMITS, checkInputBounds } from '@burrow/policy';
 import type { BrokerMetrics } from './broker-metrics';
 import type { CallerApi } from './caller-api';
+import { followCredentialStore, serverTlsOptions } from './tls-listeners';
 import type { CredentialWatch } from './credential-watch';
 
 /**
@@ -155,42 +156,13 @@ interface AuthzenContext {
  */
 export function createAuthzenServer(deps: AuthzenHttpDeps): https.Server {
   const ctx: AuthzenContext = { deps, maxBodyBytes: Math.min(deps.maxBodyBytes, POLICY_INPUT_LIMITS.maxBodyBytes) };
-  const server = https.createServer(secureOptionsOf(deps.tls), (req, res) => {
+  const options = (): https.ServerOptions => serverTlsOptions(deps.tls, true, ['http/1.1']);
+  const server = https.createServer(options(), (req, res) => {
     void handle(ctx, req, res);
   });
   deps.watch.watchTlsServer(server, 'authzen');
-  followCredentialStore(server, deps.tls);
+  followCredentialStore(server, deps.tls, options);
   return server;
-}
-
-function secureOptionsOf(tls: CredentialStore): https.ServerOptions {
-  return {
-    key: tls.keyPem,
-    cert: tls.certPem,
-    ca: tls.caPem,
-    requestCert: true,
-    rejectUnauthorized: true,
-    minVersion: 'TLSv1.2',
-  };
-}
-
-/** Follows renewals and rotation: every update of the store rebuilds the context for new handshakes. */
-function followCredentialStore(server: https.Server, tls: CredentialStore): void {
-  let current = `${tls.certPem}${tls.caPem}`;
-  const refresh = (): void => {
-    const next = `${tls.certPem}${tls.caPem}`;
-    if (next === current) return;
-    current = next;
-    server.setSecureContext(secureOptionsOf(tls));
-  };
-  const onCa = (): void => refresh();
-  const onIdentity = (): void => refresh();
-  tls.addCaCertificateListener(onCa);
-  tls.addIdentityCertificateListener(onIdentity);
-  server.on('close', () => {
-    tls.removeCaCertificateListener(onCa);
-    tls.removeIdentityCertificateListener(onIdentity);
-  });
 }
 
 /** The answer to one request: counts it under its endpoint and writes the JSON body with the common headers. */

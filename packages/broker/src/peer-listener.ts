@@ -1,4 +1,4 @@
-import * as http2 from 'node:http2';
+import type * as http2 from 'node:http2';
 import type { TLSSocket } from 'node:tls';
 import { status as Status } from '@grpc/grpc-js';
 import {
@@ -8,9 +8,8 @@ import {
   CALL_ID_KEY,
   CallIds,
   type StreamListener,
-  GRPC_CONTENT_TYPE,
   deadlineFromTimeout,
-  encodeGrpcMessage,
+  refuseStream,
   nextHopHeaders,
   openStream,
   parseSpiffeId,
@@ -95,20 +94,8 @@ export class PeerListener {
 
   private refuse(call: PeerCall, code: Status, details: string, decision = false): void {
     this.deps.metrics.peerCalls.inc({ code: statusName(code) });
-    const { stream } = call;
-    if (stream.destroyed || stream.closed || stream.headersSent) return;
-    stream.respond(
-      {
-        ':status': 200,
-        'content-type': GRPC_CONTENT_TYPE,
-        'grpc-status': String(code),
-        'grpc-message': encodeGrpcMessage(details),
-        [PEER_REFUSED_KEY]: decision ? PEER_REFUSED_DECISION : '1',
-      },
-      { endStream: true },
-    );
-    // The forwarding broker sent no DATA (it waits for 100); a reset stops anything in flight.
-    stream.close(http2.constants.NGHTTP2_NO_ERROR);
+    // Before the 100: the forwarding broker has sent no DATA, and may try the next broker.
+    refuseStream(call.stream, code, details, { [PEER_REFUSED_KEY]: decision ? PEER_REFUSED_DECISION : '1' });
   }
 
   /**

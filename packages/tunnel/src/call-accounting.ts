@@ -45,5 +45,7 @@ export function recordCallFinished(logger: Logger, metrics: CallMetrics | undefi
     if (call.requestBytes !== undefined) metrics.messageBytes.inc({ direction, flow: 'request' }, call.requestBytes);
     if (call.responseBytes !== undefined) metrics.messageBytes.inc({ direction, flow: 'response' }, call.responseBytes);
   }
+  // A call that ended OK is logged at debug only: no log fields are built for it otherwise (per call).
+  if (code === 0 && !logger.isLevelEnabled('debug')) return;
   logCallFinished(logger, { direction, ...call.log, code, details: call.details, durationMs });
 }

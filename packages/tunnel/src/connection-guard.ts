@@ -1,7 +1,8 @@
-import * as http2 from 'node:http2';
+import type * as http2 from 'node:http2';
 import type { Socket } from 'node:net';
 import type { Server as TlsServer, TLSSocket } from 'node:tls';
 import { status as Status } from '@grpc/grpc-js';
+import { refuseStream } from './grpc-wire';
 
 /** Why a {@link guardConnections} guard closed a connection. */
 export type GuardedClose =
@@ -73,28 +74,6 @@ interface Tracked {
   /** The handshake timeout, then (unauthenticated) the connection's budget. */
   timer?: NodeJS.Timeout;
   closed: boolean;
-}
-
-/**
- * Sends `code`/`details` as a gRPC trailers-only response on `stream` (or resets it when headers
- * already went out) and resets the stream, so that the client stops sending its request body.
- * Used for refusals decided before any handler saw the call.
- */
-export function refuseStream(stream: http2.ServerHttp2Stream, code: Status, details: string): void {
-  if (stream.destroyed || stream.closed) return;
-  if (!stream.headersSent) {
-    stream.respond(
-      {
-        ':status': 200,
-        'content-type': 'application/grpc',
-        'grpc-status': String(code),
-        'grpc-message': encodeURIComponent(details),
-      },
-      { endStream: true },
-    );
-  }
-  // NO_ERROR after a complete response (RFC 9113 §8.1): the client stops sending and keeps the status.
-  stream.close(http2.constants.NGHTTP2_NO_ERROR);
 }
 
 /** Answers RESOURCE_EXHAUSTED on `stream` once its request bytes pass `maxBytes`, before they are buffered. */

@@ -199,19 +199,24 @@ export function statusTrailers(code: number, details: string, extra?: http2.Outg
  * yet (one HEADERS frame with END_STREAM, as gRPC answers an error before any message), else the
  * trailers after what was sent. A stream already closed is left alone. Never throws.
  */
-export function endWithStatus(stream: http2.ServerHttp2Stream, code: number, details: string): void {
+export function endWithStatus(
+  stream: http2.ServerHttp2Stream,
+  code: number,
+  details: string,
+  extra?: http2.OutgoingHttpHeaders,
+): void {
   if (stream.destroyed || stream.closed) return;
   try {
     if (!stream.headersSent) {
       stream.respond(
-        { ':status': 200, 'content-type': GRPC_CONTENT_TYPE, ...statusTrailers(code, details) },
+        { ':status': 200, 'content-type': GRPC_CONTENT_TYPE, ...statusTrailers(code, details, extra) },
         { endStream: true },
       );
       stopRequestAfterStatus(stream);
       return;
     }
     // Responded with waitForTrailers: the trailers go out in the wantTrailers event after end().
-    const trailers = statusTrailers(code, details);
+    const trailers = statusTrailers(code, details, extra);
     if (stream.writableEnded) {
       // end() was called already; the wantTrailers listener (if any) sends its own.
       return;
@@ -228,6 +233,21 @@ export function endWithStatus(stream: http2.ServerHttp2Stream, code: number, det
   } catch {
     stream.close();
   }
+}
+
+/**
+ * Refuses a call before any handler saw it: a trailers-only answer with `code`, `details` and
+ * `extra` fields, and the caller's request stopped (RST_STREAM NO_ERROR) so it sends no more body. A
+ * stream that already answered is only reset.
+ */
+export function refuseStream(
+  stream: http2.ServerHttp2Stream,
+  code: number,
+  details: string,
+  extra?: http2.OutgoingHttpHeaders,
+): void {
+  if (!stream.headersSent) endWithStatus(stream, code, details, extra);
+  else if (!stream.closed && !stream.destroyed) stream.close(NGHTTP2_NO_ERROR);
 }
 
 /**

@@ -45,6 +45,7 @@ export {
   statusOfHeaders,
   statusTrailers,
   endWithStatus,
+  refuseStream,
   stopRequestAfterStatus,
   stopRequestAfterTrailers,
   atDeadline,
@@ -127,7 +128,6 @@ export {
   type ConnectionGuard,
 } from './connection-guard';
 export { HealthService, type ServingStatus } from './health-service';
-export { refuseStream } from './connection-guard';
 
 // Errors and logging.
 export { toBurrowError, statusName, BurrowError, ProtocolError } from './errors';

@@ -128,7 +128,7 @@ class CallRelay {
   private cancelTimer: (() => void) | undefined;
   private resolved = false;
   /** Why the next hop's connection failed, when it never came up (its error's cause). */
-  private connectError: string | undefined;
+  private lostCause: string | undefined;
 
   constructor(
     private readonly inbound: http2.ServerHttp2Stream,
@@ -166,11 +166,11 @@ class CallRelay {
       this.trailerStatus = statusOfHeaders(headers);
     });
     outbound.on('end', () => this.onResponseEnd());
-    // Node cancels a stream whose session failed to connect with the connect error as the cause;
-    // the session's own 'error' (with the same code) comes only after this stream has closed.
+    // Node cancels the streams of a session that failed (to connect, or later) with the session's
+    // error as the cause; the session's own 'error' comes only after this stream has closed.
     outbound.on('error', (err: Error) => {
       const cause = err.cause as NodeJS.ErrnoException | undefined;
-      this.connectError = cause ? (cause.code ?? cause.message) : undefined;
+      this.lostCause = cause ? (cause.code ?? cause.message) : undefined;
     });
     outbound.on('close', () => this.onNextHopClosed());
   }
@@ -320,14 +320,18 @@ class CallRelay {
       const rstCode = outbound.rstCode ?? NGHTTP2_CANCEL;
       // A session still `connecting` when it is gone never reached the next hop: nothing ran.
       const neverConnected = session !== undefined && sessionGone && session.connecting;
+      const cause = this.lostCause;
       const unreachable = `${opts.unreachableName ?? opts.peerName} is unreachable`;
-      this.fail(
-        neverConnected
-          ? new BurrowError(Status.UNAVAILABLE, `${unreachable} (${this.connectError ?? 'connection failed'})`)
-          : rstCode === NGHTTP2_NO_ERROR && !sessionGone
-            ? new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`)
-            : statusOfReset(rstCode, sessionGone, opts.peerName),
-      );
+      let error: BurrowError;
+      if (neverConnected)
+        error = new BurrowError(Status.UNAVAILABLE, `${unreachable} (${cause ?? 'connection failed'})`);
+      else if (rstCode === NGHTTP2_NO_ERROR && !sessionGone)
+        error = new BurrowError(Status.INTERNAL, `${opts.peerName} ended the call without a status`);
+      else {
+        error = statusOfReset(rstCode, sessionGone, opts.peerName);
+        if (sessionGone && cause) error = new BurrowError(error.code, `${error.message} (${cause})`);
+      }
+      this.fail(error);
     }
     this.finishIfDone();
   }

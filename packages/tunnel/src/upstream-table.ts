@@ -35,10 +35,8 @@ export function serviceOfMethod(method: string): string {
 
 /** An upstream's HTTP/2 session and how it is named in status messages. */
 export interface UpstreamSession {
-  session: http2.ClientHttp2Session;
-  address: string;
-  /** Why the last connection to this upstream failed, if it did (status messages). */
-  lastError(): string | undefined;
+  readonly session: http2.ClientHttp2Session;
+  readonly address: string;
 }
 
 /**
@@ -49,8 +47,7 @@ export interface UpstreamSession {
  */
 export class UpstreamTable {
   private readonly byService = new Map<string, string>();
-  private readonly sessions = new Map<string, http2.ClientHttp2Session>();
-  private readonly errors = new Map<string, string>();
+  private readonly sessions = new Map<string, UpstreamSession>();
   private closed = false;
 
   constructor(routes: readonly UpstreamRoute[]) {
@@ -75,33 +72,32 @@ export class UpstreamTable {
   sessionFor(method: string): UpstreamSession | undefined {
     const address = this.addressFor(method);
     if (address === undefined || this.closed) return undefined;
-    let session = this.sessions.get(address);
-    if (!session || session.closed || session.destroyed) {
-      const made = http2.connect(`http://${address}`, { settings: { enablePush: false } });
-      this.sessions.set(address, made);
-      made.on('connect', (_session, socket) => {
-        this.errors.delete(address);
-        // Calls are small writes each way: Nagle would hold every other one for a delayed ACK.
-        (socket as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
-      });
-      made.on('error', (err: NodeJS.ErrnoException) => this.errors.set(address, err.code ?? err.message));
-      made.on('goaway', () => this.forget(address, made));
-      made.on('close', () => this.forget(address, made));
-      // The table keeps sessions for reuse; they must not keep a stopping process alive.
-      made.unref();
-      session = made;
-    }
-    return { session, address, lastError: () => this.errors.get(address) };
+    const kept = this.sessions.get(address);
+    if (kept && !kept.session.closed && !kept.session.destroyed) return kept;
+    const session = http2.connect(`http://${address}`, { settings: { enablePush: false } });
+    const made: UpstreamSession = { session, address };
+    this.sessions.set(address, made);
+    session.on('connect', (_session, socket) => {
+      // Calls are small writes each way: Nagle would hold every other one for a delayed ACK.
+      (socket as { setNoDelay?: (on: boolean) => void }).setNoDelay?.(true);
+    });
+    // The calls on the session report its error (stream-relay.ts reads it as their cause).
+    session.on('error', () => {});
+    session.on('goaway', () => this.forget(made));
+    session.on('close', () => this.forget(made));
+    // The table keeps sessions for reuse; they must not keep a stopping process alive.
+    session.unref();
+    return made;
   }
 
-  private forget(address: string, session: http2.ClientHttp2Session): void {
-    if (this.sessions.get(address) === session) this.sessions.delete(address);
+  private forget(made: UpstreamSession): void {
+    if (this.sessions.get(made.address) === made) this.sessions.delete(made.address);
   }
 
   /** Closes every upstream session. Calls still running on them finish first (HTTP/2 close). */
   close(): void {
     this.closed = true;
-    for (const s of this.sessions.values()) s.close();
+    for (const s of this.sessions.values()) s.session.close();
     this.sessions.clear();
   }
 }
