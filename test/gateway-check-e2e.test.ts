@@ -6,6 +6,7 @@ import { status as Status } from '@grpc/grpc-js';
 import { loadGatewayMapping, loadJose, type JoseModule } from '@burrow/agent';
 import { BurrowCallError, BurrowClient, type CheckRequest, type CheckResponse } from '@burrow/client';
 import type { CertFiles } from './helpers/pki-fixture';
+import { CALL_CLI, killAll, runCli } from './helpers/processes';
 import { AGENT_ID, Stack } from './helpers/stack';
 import { AUD, ISS, jwksOf, makeKey, signToken, type TestKey } from './helpers/token-fixture';
 
@@ -63,6 +64,7 @@ describe('gateway Check through the broker: the package-proxy example', function
     client = clientFor(stack.serviceCert);
   });
   after(async () => {
+    await killAll();
     client?.close();
     await stack?.stop();
     rmSync(tmp, { recursive: true, force: true });
@@ -170,5 +172,58 @@ describe('gateway Check through the broker: the package-proxy example', function
     } finally {
       intruder.close();
     }
+  });
+
+  describe('burrow-call check', () => {
+    const call = (args: string[], env: Record<string, string> = {}) =>
+      runCli(CALL_CLI, ['check', ...target(), ...args], env, 30_000);
+    const target = (): string[] => [
+      '--broker',
+      stack.apiAddress,
+      '--cert-dir',
+      path.dirname(stack.serviceCert.cert),
+      '--agent',
+      AGENT_ID,
+    ];
+
+    it('allow: the verdict, decision id, subject, reasons and headers; exit 0', async () => {
+      const token = await signToken(jose, key);
+      const r = await call(['--path', '/packages/npm/lodash', '--header', 'X-Package-Age-Days=30'], {
+        BURROW_CALL_TOKEN: token,
+      });
+      expect(r.exit.code, r.stderrLines.join('\n')).to.equal(0);
+      expect(r.stdout).to.match(/^allow {2}decision [0-9a-f-]{36}\n {2}subject: User::"alice"\n/);
+      expect(r.stdout).to.include('  reason: the package comes from a trusted registry and is at least 7 days old\n');
+      expect(r.stdout).to.include('  header: x-burrow-subject: alice\n');
+    });
+
+    it('quarantine with --json and --token-file: advice in the object; exit 0', async () => {
+      const file = path.join(tmp, 'token');
+      writeFileSync(file, `${await signToken(jose, key)}\n`);
+      const r = await call(['--path', '/packages/npm/brand-new', '--token-file', file, '--json']);
+      expect(r.exit.code, r.stderrLines.join('\n')).to.equal(0);
+      const j = JSON.parse(r.stdout);
+      expect(j).to.include({ verdict: 'ALLOW' });
+      expect(j.advice).to.deep.equal(['quarantine']);
+      expect(j.headers['x-burrow-advice']).to.equal('quarantine');
+    });
+
+    it('deny exits 20, unauthenticated 21, a gRPC error its status, a bad flag 2', async () => {
+      const token = await signToken(jose, key);
+      const deny = await call(['--path', '/packages/sketchy/x', '--token', token]);
+      expect(deny.exit.code, deny.stderrLines.join('\n')).to.equal(20);
+      expect(deny.stdout).to.match(/^deny {2}decision /);
+      const unauth = await call(['--path', '/packages/npm/lodash']);
+      expect(unauth.exit.code).to.equal(21);
+      expect(unauth.stdout).to.include('  token: missing: ');
+      const invalid = await call(['--path', 'no-slash', '--token', token]);
+      expect(invalid.exit.code).to.equal(Status.INVALID_ARGUMENT);
+      expect(invalid.stderrLines).to.deep.equal([
+        'burrow-call: INVALID_ARGUMENT: check request: path "no-slash" does not start with "/"',
+      ]);
+      const badFlag = await call(['--path', '/x', '--header', 'novalue']);
+      expect(badFlag.exit.code).to.equal(2);
+      expect(badFlag.stderrLines).to.deep.equal(['burrow-call: header: "novalue" is not NAME=VALUE']);
+    });
   });
 });
