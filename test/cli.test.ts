@@ -278,6 +278,16 @@ describe('cli', function () {
         ports.slice(1),
       );
       expect(noKeys).to.include('says token required: set --jwks, --jwks-url or --introspection-url');
+      const jwks = path.join(pki.root, 'gw-jwks.json');
+      writeFileSync(jwks, '{"keys": []}');
+      const keysOnly = { 'gateway-mapping': file, policies, jwks, 'token-issuer': 'https://idp.test' };
+      const noAudience = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, keysOnly),
+        'gateway-mapping',
+        ports.slice(1),
+      );
+      expect(noAudience).to.include('set --token-audience');
       const noPolicies = await expectConfigError(AGENT_CLI, agentFlags(ports), 'gateway-mapping', ports.slice(1), {
         BURROW_AGENT_GATEWAY_MAPPING: file,
       });

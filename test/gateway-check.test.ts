@@ -173,6 +173,9 @@ describe('gateway Check at the agent', function () {
     const bad = await check(b, { method: 'GET', path: '/pages/home', token: 'not.a.jwt' });
     expect(bad.verdict).to.equal('UNAUTHENTICATED');
     expect(bad.token_reason).to.match(/^malformed: /);
+    const huge = await check(b, { method: 'GET', path: '/pages/home', token: 'a'.repeat(17_000) });
+    expect(huge.verdict, 'an oversized token is a 401, not an error').to.equal('UNAUTHENTICATED');
+    expect(huge.token_reason).to.match(/^malformed: token is 17000 bytes/);
   });
 
   it('logs one line per decision with its id, never the token or its claims', async () => {

@@ -122,7 +122,10 @@ export class GatewayCheck {
     try {
       result = await this.opts.authenticator!.authenticate(input.token, '');
     } catch (err) {
-      throw engineError(err, 'token verification failed');
+      const e = engineError(err, 'token verification failed');
+      // An oversized token is the client's doing: the gateway answers 401, not an error it fails on.
+      if (e.code === Status.INVALID_ARGUMENT) return unauthenticated(`malformed: ${e.message}`);
+      throw e;
     }
     return result.authenticated ? { claims: result.claims } : unauthenticated(result.reason);
   }
