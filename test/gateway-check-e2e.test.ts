@@ -8,7 +8,8 @@ import { BurrowCallError, BurrowClient, type CheckRequest, type CheckResponse } 
 import type { CertFiles } from './helpers/pki-fixture';
 import { CALL_CLI, killAll, runCli } from './helpers/processes';
 import { AGENT_ID, Stack } from './helpers/stack';
-import { AUD, ISS, jwksOf, makeKey, signToken, type TestKey } from './helpers/token-fixture';
+import { AUD, ISS, jwksOf, makeKey, signToken, writeAtomically, type TestKey } from './helpers/token-fixture';
+import { pollUntil } from './helpers/wait';
 
 const EXAMPLE = path.resolve(__dirname, '..', '..', 'examples', 'package-proxy');
 const DAY_S = 86_400;
@@ -157,6 +158,26 @@ describe('gateway Check through the broker: the package-proxy example', function
       expect(err, text).to.be.instanceOf(BurrowCallError);
       expect(err!.code).to.equal(Status.INVALID_ARGUMENT);
       expect(err!.details).to.include(text);
+    }
+  });
+
+  it('a key removed from the JWKS stops its tokens at once, though Check remembers verified tokens', async () => {
+    const jwks = path.join(tmp, 'jwks.json');
+    const token = await signToken(jose, key);
+    expect((await pull('/packages/npm/lodash', { ...aged(30), token })).verdict).to.equal('ALLOW');
+    const successor = await makeKey(jose, 'ES256', 'site-key-2');
+    writeAtomically(jwks, jwksOf(successor));
+    try {
+      // The agent reloads the file when it changes; the remembered token must not outlive the
+      // reload (it would for 30 s otherwise, far past this wait).
+      const refused = await pollUntil('the removed key refused', async () => {
+        const r = await pull('/packages/npm/lodash', { ...aged(30), token });
+        return r.verdict === 'UNAUTHENTICATED' && r;
+      });
+      expect(refused.token_reason).to.match(/^unknown_key: /);
+    } finally {
+      writeAtomically(jwks, jwksOf(key, successor));
+      await pollUntil('the key back', async () => (await pull('/packages/npm/lodash', aged(30))).verdict === 'ALLOW');
     }
   });
 

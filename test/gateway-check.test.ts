@@ -10,6 +10,7 @@ import {
   type BuiltinServicesOptions,
   type GatewayMapping,
   type JoseModule,
+  VerifiedTokens,
 } from '@burrow/agent';
 import { PolicyEngine } from '@burrow/policy';
 import { API_CODECS, type BurrowError, POLICY_METHODS, type JsonObject } from '@burrow/tunnel';
@@ -221,5 +222,44 @@ describe('gateway Check at the agent', function () {
       expect(err.code, text).to.equal(Status.INVALID_ARGUMENT);
       expect(err.message).to.include(text);
     }
+  });
+
+  it("remembers verified tokens (not refusals) until the TTL or the token's exp, bounded, cleared", async () => {
+    let now = 1_000_000;
+    const cache = new VerifiedTokens(() => now, 30_000, 2);
+    const authn = { calls: 0 };
+    const counting = {
+      authenticate: (t: string, a: string) => {
+        authn.calls++;
+        return verifier.authenticate(t, a);
+      },
+    };
+    const b = services(mappingOf(...DOCS), { authenticator: counting });
+    // Through the dispatcher (its own cache) for use; the class alone, on a fake clock, for time.
+    const token = await signToken(jose, key);
+    for (let i = 0; i < 3; i++)
+      expect((await check(b, { method: 'GET', path: '/docs/a', token })).verdict).to.equal('ALLOW');
+    expect(authn.calls, 'one verification for three checks with one token').to.equal(1);
+    for (let i = 0; i < 2; i++) await check(b, { method: 'GET', path: '/docs/a', token: 'bad.token.x' });
+    expect(authn.calls, 'refusals are verified every time').to.equal(3);
+    b.forgetVerifiedTokens();
+    await check(b, { method: 'GET', path: '/docs/a', token });
+    expect(authn.calls, 'forgotten: verified again').to.equal(4);
+
+    cache.set('t1', { sub: 'a' }, new Date(now + 10_000));
+    cache.set('t2', { sub: 'b' }, undefined);
+    expect(cache.get('t1')).to.deep.equal({ sub: 'a' });
+    now += 10_000;
+    expect(cache.get('t1'), 'never past exp').to.equal(undefined);
+    expect(cache.get('t2')).to.deep.equal({ sub: 'b' });
+    now += 20_000;
+    expect(cache.get('t2'), 'never past the TTL').to.equal(undefined);
+    cache.set('a', {}, undefined);
+    cache.set('b', {}, undefined);
+    cache.set('c', {}, undefined);
+    expect(cache.size, 'bounded').to.equal(2);
+    expect(cache.get('a'), 'the oldest went first').to.equal(undefined);
+    cache.set('expired', {}, new Date(now - 1));
+    expect(cache.get('expired')).to.equal(undefined);
   });
 });

@@ -7,6 +7,7 @@ import { engineError } from '../engine-error';
 import { checkInputOf, parseTarget, type CheckInput } from './check-input';
 import type { GatewayMapping } from './gateway-mapping';
 import { MappingDenial, evaluationOf, headerValue, mappedHeaders, type SourceEnv } from './mapped-request';
+import { VerifiedTokens } from './verified-tokens';
 
 /**
  * PolicyDecisionService/Check at the agent: one gateway decision in one round trip. The bearer
@@ -35,13 +36,24 @@ export interface GatewayCheckOptions {
   authenticator?: TokenAuthenticator;
   policy?: PolicyDecider;
   logger: Logger;
+  /** Recently verified tokens; default a fresh {@link VerifiedTokens}. */
+  verifiedTokens?: VerifiedTokens;
 }
 
 const strings = (v: JsonValue | undefined): string[] =>
   Array.isArray(v) ? v.filter((x): x is string => typeof x === 'string') : [];
 
 export class GatewayCheck {
-  constructor(private readonly opts: GatewayCheckOptions) {}
+  private readonly verifiedTokens: VerifiedTokens;
+
+  constructor(private readonly opts: GatewayCheckOptions) {
+    this.verifiedTokens = opts.verifiedTokens ?? new VerifiedTokens();
+  }
+
+  /** Forgets the tokens verified so far: the verifier's key set changed. */
+  forgetVerifiedTokens(): void {
+    this.verifiedTokens.clear();
+  }
 
   /** Answers one decoded CheckRequest with a CheckResponse (JSON shape of API_CODECS). */
   async check(request: JsonObject, caller: string | undefined): Promise<JsonObject> {
@@ -118,6 +130,8 @@ export class GatewayCheck {
   ): Promise<Judgement | { claims: Record<string, unknown> }> {
     if (mapping.token === 'none' || (mapping.token === 'optional' && input.token === '')) return { claims: {} };
     if (input.token === '') return unauthenticated('missing: the request has no bearer token');
+    const known = this.verifiedTokens.get(input.token);
+    if (known) return { claims: known };
     let result: Awaited<ReturnType<TokenAuthenticator['authenticate']>>;
     try {
       result = await this.opts.authenticator!.authenticate(input.token, '');
@@ -127,7 +141,9 @@ export class GatewayCheck {
       if (e.code === Status.INVALID_ARGUMENT) return unauthenticated(`malformed: ${e.message}`);
       throw e;
     }
-    return result.authenticated ? { claims: result.claims } : unauthenticated(result.reason);
+    if (!result.authenticated) return unauthenticated(result.reason);
+    this.verifiedTokens.set(input.token, result.claims, result.expiresAt);
+    return { claims: result.claims };
   }
 
   private judgementOf(
