@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { status as Status } from '@grpc/grpc-js';
@@ -80,7 +80,7 @@ describe('gateway Check through the broker: the package-proxy example', function
       request_id: 'req-1',
       ...extra,
     });
-  const aged = (days: number): Partial<CheckRequest> => ({ headers: { 'x-package-age-days': String(days) } });
+  const aged = (days: number): Partial<CheckRequest> => ({ headers: { 'X-Package-Age-Days': String(days) } });
 
   it('allows a week-old package from a trusted registry, with the subject and decision id upstream', async () => {
     const r = await pull('/packages/npm/lodash', aged(30));
@@ -95,6 +95,15 @@ describe('gateway Check through the broker: the package-proxy example', function
     expect(r.headers).to.not.have.property('x-burrow-advice');
     const again = await pull('/packages/npm/lodash', aged(30));
     expect(again.decision_id, 'one id per decision, cached or not').to.not.equal(r.decision_id);
+    // The site's audit log ties the evaluation to the check (and to the gateway that asked).
+    const record = await pollUntil('the decision in the audit log', () =>
+      readFileSync(path.join(tmp, 'audit.jsonl'), 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as Record<string, unknown>)
+        .find((rec) => rec.decision_id === r.decision_id),
+    );
+    expect(record).to.include({ decision: 'allow', caller: `spiffe://${stack.pki.trustDomain}/service/platform-svc` });
   });
 
   it('quarantines a package younger than 7 days (allow, with advice in the fields and a header)', async () => {

@@ -31,7 +31,7 @@ export interface TokenAuthenticator {
 
 /** What the built-in policy service needs from a policy engine (AuthZEN JSON in and out). */
 export interface PolicyDecider {
-  evaluate(request: JsonObject, opts: { caller?: string }): Promise<JsonObject> | JsonObject;
+  evaluate(request: JsonObject, opts: { caller?: string; decisionId?: string }): Promise<JsonObject> | JsonObject;
   evaluations(request: JsonObject, opts: { caller?: string }): Promise<JsonObject> | JsonObject;
 }
 

@@ -61,7 +61,7 @@ export class GatewayCheck {
     const input = checkInputOf(request);
     const { mapping, policy } = this.ready();
     const decisionId = randomUUID();
-    const j = await this.judge(mapping, policy, input, caller);
+    const j = await this.judge(mapping, policy, input, { caller, decisionId });
     const response = responseOf(j, decisionId);
     this.opts.logger.info('gateway decision', {
       decision_id: decisionId,
@@ -95,7 +95,7 @@ export class GatewayCheck {
     mapping: GatewayMapping,
     policy: PolicyDecider,
     input: CheckInput,
-    caller: string | undefined,
+    who: { caller: string | undefined; decisionId: string },
   ): Promise<Judgement> {
     const verified = await this.verify(mapping, input);
     if ('verdict' in verified) return verified;
@@ -112,7 +112,7 @@ export class GatewayCheck {
     const subject = evaluation.subject as { type: string; id: string };
     let answer: JsonObject;
     try {
-      answer = await policy.evaluate(evaluation, { caller });
+      answer = await policy.evaluate(evaluation, who);
     } catch (err) {
       const e = engineError(err, 'policy evaluation failed');
       // The mapped request does not fit the site's schema or Cedar: the site's setup, not the
