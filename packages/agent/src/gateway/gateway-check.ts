@@ -147,7 +147,9 @@ export class GatewayCheck {
       throw e;
     }
     if (!result.authenticated) return unauthenticated(result.reason);
-    this.verifiedTokens.set(input.token, result.claims, result.expiresAt);
+    // Only signature-verified tokens: an introspected one follows --introspection-cache-ttl (an
+    // endpoint's revocation must not wait on a second cache).
+    if (result.verifiedBy === 'signature') this.verifiedTokens.set(input.token, result.claims, result.expiresAt);
     return { claims: result.claims };
   }
 
