@@ -192,6 +192,9 @@ describe('gateway Check at the agent', function () {
     const text = JSON.stringify(records);
     expect(text).to.not.include(token);
     expect(text).to.not.include('do-not-log');
+    await check(b, { method: 'GET', path: '/docs/readme', token, request_id: 'r'.repeat(10_000) });
+    const long = records.filter((rec) => rec.message === 'gateway decision')[1]!;
+    expect(long.request_id, 'a request id is bounded in the log').to.have.length(128);
   });
 
   it('a mapped request the engine refuses is a deny naming the problem, and a warning for the site', async () => {
