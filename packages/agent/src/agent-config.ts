@@ -1,4 +1,5 @@
 import type { TokenVerifierSettings } from './authn/token-verifier';
+import { DEFAULT_TELEMETRY_BUFFER_BYTES, type AgentTelemetryConfig } from './agent-telemetry';
 import { SHARED_CONFIG_DEFAULTS, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
 
 /** TLS material for the local listener, when site clients must use TLS. */
@@ -65,6 +66,8 @@ export interface AgentConfig {
   authn?: TokenVerifierSettings;
   /** The built-in policy decision service's sources; undefined without --policies. */
   policy?: AgentPolicyConfig;
+  /** Tracing and where the agent's spans go (up the tunnel by default). */
+  telemetry: AgentTelemetryConfig;
 }
 
 /** Where the built-in policy decision service reads its policies and writes its audit log. */
@@ -86,5 +89,11 @@ export const AGENT_DEFAULTS = {
   reconnectMaxMs: 30_000,
   brokerWaitMs: 5_000,
   drainTimeoutMs: 30_000,
+  telemetry: {
+    tracing: { sampleRatio: 1 },
+    upload: true,
+    bufferBytes: DEFAULT_TELEMETRY_BUFFER_BYTES,
+    includeContext: false,
+  } as AgentTelemetryConfig,
   ...SHARED_CONFIG_DEFAULTS,
 };

@@ -31,6 +31,7 @@ import { describeTightened, securePrivateDir } from '@burrow/pki';
 import { TokenVerifier } from './authn/token-verifier';
 import { BuiltinServices } from './builtin-services';
 import { BrokerConnection } from './broker-connection';
+import { AgentTelemetry } from './agent-telemetry';
 import { connectHint } from './connect-hint';
 import { chooseTargets, expandConfigured, systemResolver, type HostResolver, type TargetSpec } from './broker-targets';
 
@@ -94,6 +95,8 @@ export class Agent {
   /** The trust domain of this agent's certificate: the only one its brokers may belong to. */
   private readonly trustDomain: string;
   private readonly upstreams: UpstreamTable;
+  /** Tracing, and the upload of the agent's spans through its tunnels. */
+  readonly telemetry: AgentTelemetry;
   private builtins = new BuiltinServices({});
   private policyEngine: PolicyEngine | undefined;
   private tokenVerifier: TokenVerifier | undefined;
@@ -142,6 +145,13 @@ export class Agent {
     this.agentId = own.name;
     this.trustDomain = own.trustDomain;
     this.upstreams = new UpstreamTable(config.upstreams);
+    const tunnels = { send: (bytes: Buffer) => [...this.connections].some((c) => c.sendTelemetry(bytes)) };
+    this.telemetry = new AgentTelemetry(config.telemetry, tunnels, this.metrics.registry, this.agentId, version);
+  }
+
+  /** A tunnel came up or went: tracing (with upload) is on while some broker takes telemetry. */
+  private tunnelsChanged(): void {
+    this.telemetry.tunnelsChanged([...this.connections].some((c) => c.takesTelemetry));
   }
 
   /** Starts the listeners and the broker connection loops; resolves once listeners are bound. */
@@ -343,6 +353,7 @@ export class Agent {
       });
     const engine = this.policyEngine;
     this.builtins = new BuiltinServices({
+      tracing: this.telemetry.tracing,
       authenticator: this.tokenVerifier,
       policy: engine && {
         evaluate: (request, opts) => engine.evaluate(request, opts) as unknown as JsonObject,
@@ -401,6 +412,8 @@ export class Agent {
     this.health.setStatus('NOT_SERVING');
     this.health.close();
     for (const wake of this.wakeLoops) wake();
+    // The spans so far go up while the tunnels are still open.
+    await this.telemetry.flush();
     const local = this.localServer;
     local?.close();
     const localDone = Promise.all(
@@ -428,6 +441,7 @@ export class Agent {
     this.upstreams.close();
     this.tokenVerifier?.close();
     await this.policyEngine?.close();
+    await this.telemetry.stop();
     if (this.admin) {
       const admin = this.admin;
       admin.closeAllConnections();
@@ -493,6 +507,7 @@ export class Agent {
       health: this.health,
       metrics: this.metrics,
       logger: this.logger,
+      tracing: this.telemetry.tracing,
     });
     target.conn = conn;
     this.connections.add(conn);
@@ -500,7 +515,11 @@ export class Agent {
       void this.installTrustBundle(pem, version);
     });
     conn.on('brokers', (set: BrokerEndpoint[]) => this.onReplicaSet(set, target));
-    conn.once('closed', () => this.connections.delete(conn));
+    conn.once('closed', () => {
+      this.connections.delete(conn);
+      this.tunnelsChanged();
+    });
+    conn.once('welcome', () => this.tunnelsChanged());
     return conn;
   }
 

@@ -10,6 +10,13 @@ import {
   type JsonObject,
   type LocalCallContext,
   type LocalUnaryHandler,
+  BURROW_ATTRIBUTES,
+  TRACING_OFF,
+  endRpcSpan,
+  startChildSpan,
+  type Span,
+  type TraceParent,
+  type Tracing,
 } from '@burrow/tunnel';
 import type { AuthenticationResult } from './authn/token-verifier';
 
@@ -21,7 +28,8 @@ import type { AuthenticationResult } from './authn/token-verifier';
 
 /** What the built-in authentication service needs from a token verifier. */
 export interface TokenAuthenticator {
-  authenticate(token: string, audience: string): Promise<AuthenticationResult>;
+  /** `trace`: the call's span, under which a key fetch the token needs gets its own span. */
+  authenticate(token: string, audience: string, trace?: TraceParent): Promise<AuthenticationResult>;
 }
 
 /** What the built-in policy service needs from a policy engine (AuthZEN JSON in and out). */
@@ -31,6 +39,8 @@ export interface PolicyDecider {
 }
 
 export interface BuiltinServicesOptions {
+  /** The agent's tracing: spans of Cedar evaluations and key fetches (default off). */
+  tracing?: Tracing;
   authenticator?: TokenAuthenticator;
   policy?: PolicyDecider;
 }
@@ -57,7 +67,7 @@ export class BuiltinServices {
   private readonly handlers = new Map<string, LocalUnaryHandler>();
 
   constructor(private readonly opts: BuiltinServicesOptions) {
-    this.handlers.set(AUTH_METHODS.authenticate, (req) => this.authenticate(req));
+    this.handlers.set(AUTH_METHODS.authenticate, (req, ctx) => this.authenticate(req, ctx));
     this.handlers.set(POLICY_METHODS.evaluate, (req, ctx) => this.decide('evaluate', req, ctx));
     this.handlers.set(POLICY_METHODS.evaluations, (req, ctx) => this.decide('evaluations', req, ctx));
   }
@@ -84,7 +94,11 @@ export class BuiltinServices {
       );
   }
 
-  private async authenticate(request: Buffer): Promise<Buffer> {
+  private get tracing(): Tracing {
+    return this.opts.tracing ?? TRACING_OFF;
+  }
+
+  private async authenticate(request: Buffer, ctx: LocalCallContext): Promise<Buffer> {
     const verifier = this.opts.authenticator;
     if (!verifier)
       throw new BurrowError(
@@ -95,7 +109,8 @@ export class BuiltinServices {
     const req = API_CODECS.authenticateRequest.decode(request);
     let result: Awaited<ReturnType<typeof verifier.authenticate>>;
     try {
-      result = await verifier.authenticate(String(req.token ?? ''), String(req.audience ?? ''));
+      const trace = ctx.span ? { tracing: this.tracing, span: ctx.span } : undefined;
+      result = await verifier.authenticate(String(req.token ?? ''), String(req.audience ?? ''), trace);
     } catch (err) {
       throw engineError(err, 'token verification failed');
     }
@@ -141,14 +156,37 @@ export class BuiltinServices {
           : (err as Error).message;
       throw new BurrowError(Status.INVALID_ARGUMENT, `policy request cannot be decoded: ${why}`, err);
     }
+    const span = ctx.span && startChildSpan(this.tracing, 'cedar evaluation', ctx.span);
     let output: JsonObject;
     try {
       output = await (kind === 'evaluate'
         ? engine.evaluate(input, { caller: ctx.caller })
         : engine.evaluations(input, { caller: ctx.caller }));
     } catch (err) {
-      throw engineError(err, 'policy evaluation failed');
+      const e = engineError(err, 'policy evaluation failed');
+      if (span) endRpcSpan(span, e.code, e.message);
+      throw e;
     }
+    if (span) this.endEvaluationSpan(span, kind, input, output);
     return codecs.res.encode(output);
+  }
+
+  /**
+   * The Cedar evaluation span's attributes: the decision(s) and the policies that decided. Never
+   * the request's subject, resource or action, the entities, or a token; the request's context
+   * values only with --trace-include-context.
+   */
+  private endEvaluationSpan(span: Span, kind: 'evaluate' | 'evaluations', input: JsonObject, output: JsonObject): void {
+    const answers = (kind === 'evaluate' ? [output] : ((output.evaluations as JsonObject[] | undefined) ?? [])) as {
+      decision?: unknown;
+      context?: { policies?: unknown };
+    }[];
+    const decisions = answers.map((a) => (a.decision === true ? 'allow' : 'deny'));
+    const policies = answers.flatMap((a) => (Array.isArray(a.context?.policies) ? a.context.policies.map(String) : []));
+    span.setAttribute(BURROW_ATTRIBUTES.decision, kind === 'evaluate' ? decisions[0]! : decisions);
+    span.setAttribute(BURROW_ATTRIBUTES.policies, [...new Set(policies)]);
+    if (this.tracing.includeContext && input.context !== undefined)
+      span.setAttribute(BURROW_ATTRIBUTES.context, JSON.stringify(input.context).slice(0, 4096));
+    span.end();
   }
 }

@@ -40,6 +40,7 @@ import { AGENT_DEFAULTS, type AgentConfig, type AgentPolicyConfig } from './agen
 import { policyCommand, type PolicyCliIo } from './policy-cli';
 import { AUTHN_RUN_OPTIONS, authnConfigFromArgs } from './authn/authn-config';
 import { selfCheck } from './self-check';
+import { TELEMETRY_RUN_OPTIONS, telemetryConfigFromArgs } from './telemetry-config';
 
 const PROG = 'burrow-agent';
 const VERSION: string = (require('../package.json') as { version: string }).version;
@@ -114,6 +115,7 @@ const RUN_OPTIONS = {
     describe: 'file that gets one JSON line per policy decision (- for stdout)',
     default: '-',
   },
+  ...TELEMETRY_RUN_OPTIONS,
   ...CONFIG_FILE_OPTION,
 } as const;
 
@@ -147,6 +149,7 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     logFormat,
     authn: authnConfigFromArgs(args),
     policy: policyConfigFromArgs(args),
+    telemetry: telemetryConfigFromArgs(args),
   };
 }
 

@@ -44,8 +44,15 @@ import {
   type Logger,
   type PeerIdentity,
   type SessionFrame,
+  BURROW_ATTRIBUTES,
+  SpanKind,
+  TRACEPARENT_KEY,
+  endRpcSpan,
+  remoteParent,
+  startRpcSpan,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
+import { type BrokerTelemetry, TelemetryAllowance } from './broker-telemetry';
 import type { BrokerPki } from './broker-pki';
 import { AGENT_RULE, CALLER_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
@@ -91,6 +98,8 @@ export interface AgentListenerDeps {
    * that called this listener by mistake; undefined before it is bound.
    */
   callerApiPort?(): number | undefined;
+  /** Where agents' Telemetry frames go; absent: none are taken (Welcome says so). */
+  telemetry?: BrokerTelemetry;
 }
 
 /** One tunnel connection: its HTTP/2 session (broker = client), its control channel, its session once welcomed. */
@@ -102,6 +111,8 @@ interface Tunnel {
   channel?: ControlChannel;
   session?: AgentSession;
   closed: boolean;
+  /** The session's Telemetry byte allowance (set at Welcome when the broker takes telemetry). */
+  telemetryAllowance?: TelemetryAllowance;
 }
 
 /**
@@ -406,6 +417,10 @@ export class AgentListener {
       close: (err) => this.closeTunnel(tunnel, err),
     });
     tunnel.session = session;
+    const telemetry = this.deps.telemetry;
+    const acceptsTelemetry = telemetry?.acceptsAgentTelemetry === true;
+    if (acceptsTelemetry)
+      tunnel.telemetryAllowance = new TelemetryAllowance(telemetry.budgets.maxBytesPerAgentPerSecond);
     channel.send({
       kind: 'welcome',
       welcome: {
@@ -413,6 +428,7 @@ export class AgentListener {
         sessionId: session.id,
         maxMessageBytes: this.deps.maxMessageBytes,
         brokerId: this.deps.brokerId,
+        acceptsTelemetry,
       },
     });
     const replicas = this.deps.replicaSet ? this.deps.replicaSet() : this.lastReplicaSet;
@@ -431,6 +447,8 @@ export class AgentListener {
   private onSessionFrame(tunnel: Tunnel, session: AgentSession, frame: SessionFrame): void {
     if (frame.kind === 'credentials') this.acceptCredentials(tunnel, session, frame.certificateChainPem);
     else if (frame.kind === 'drain') this.agentLeaving(tunnel, session, frame.reason);
+    else if (frame.kind === 'telemetry')
+      this.deps.telemetry?.acceptAgentBatch(session.identity.name, tunnel.telemetryAllowance, frame.otlpTraces);
     else
       this.protocolError(tunnel, new ProtocolError(`${frame.kind} frame from an agent after hello`), session.identity);
   }
@@ -581,7 +599,7 @@ export class AgentListener {
     if (!socket) return;
     const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
     if (method === ENROLLMENT_SERVICE.enroll.path || method === ENROLLMENT_SERVICE.renew.path) {
-      this.answerEnrollment(stream, method, socket, deadlineMs);
+      this.answerEnrollment(stream, method, socket, deadlineMs, headers[TRACEPARENT_KEY]);
       return;
     }
     if (serviceOfMethod(method) === LEGACY_TUNNEL_SERVICE) {
@@ -677,6 +695,7 @@ export class AgentListener {
     method: string,
     socket: TLSSocket,
     deadlineMs: number,
+    traceparent: string | string[] | undefined,
   ): void {
     const { pki } = this.deps;
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
@@ -694,7 +713,13 @@ export class AgentListener {
       }
     }
     const certificate = socket.authorized ? peerCertificateOf(socket) : undefined;
-    void answerUnary(
+    const tracing = this.deps.telemetry?.tracing;
+    const span = tracing?.enabled
+      ? startRpcSpan(tracing, SpanKind.SERVER, method, remoteParent(traceparent), {
+          [BURROW_ATTRIBUTES.brokerId]: this.deps.brokerId,
+        })
+      : undefined;
+    const answered = answerUnary(
       stream,
       (request) =>
         new Promise<Buffer>((resolve, reject) => {
@@ -715,6 +740,7 @@ export class AgentListener {
         }),
       { method, maxMessageBytes: 64 * 1024, deadlineMs, callId: '' },
     );
+    if (span) void answered.then((outcome) => endRpcSpan(span, outcome.code, outcome.details));
   }
 
   /**

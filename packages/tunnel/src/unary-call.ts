@@ -15,6 +15,7 @@ import {
   timeoutHeader,
 } from './grpc-wire';
 import type { HeaderBlock } from './metadata-policy';
+import type { Span } from './tracing';
 
 /** What a built-in unary method learns about its call. */
 export interface LocalCallContext {
@@ -25,6 +26,8 @@ export interface LocalCallContext {
   callId: string;
   /** The platform caller's verified SPIFFE id, when the broker sent it. */
   caller?: string;
+  /** The call's span, when it is traced: a handler's own spans are its children. */
+  span?: Span;
 }
 
 /**
@@ -41,6 +44,7 @@ export interface UnaryAnswerOptions {
   deadlineMs: number;
   callId: string;
   caller?: string;
+  span?: Span;
 }
 
 /**
@@ -143,6 +147,7 @@ class UnaryAnswer {
       signal: this.abort.signal,
       callId: opts.callId,
       caller: opts.caller,
+      span: opts.span,
     };
     this.handler(request, ctx).then(
       (response) => this.respond(response),
