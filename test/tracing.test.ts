@@ -5,7 +5,7 @@ import * as path from 'node:path';
 import { Metadata } from '@grpc/grpc-js';
 import { loadJose } from '@burrow/agent';
 import { BurrowClient } from '@burrow/client';
-import { metricSum, parseMetrics } from './helpers/cluster';
+import { ClusterWorld, metricSum, parseMetrics } from './helpers/cluster';
 import { ECHO, EchoUpstream } from './helpers/echo-upstream';
 import { freePort } from './helpers/free-port';
 import { OtlpReceiver, SPAN_KIND, type ReceivedSpan } from './helpers/otlp-receiver';
@@ -258,6 +258,45 @@ describe('tracing across the tunnel (OpenTelemetry, OTLP)', function () {
       expect(everything).to.not.include(secret);
       expect(everything).to.not.include('carol');
     });
+  });
+
+  it('a cluster-forwarded call includes the forwarding broker: its SERVER and peer CLIENT spans', async () => {
+    const world = await ClusterWorld.create(['a', 'b'], { pki, brokerCert, serviceCert, echo });
+    try {
+      for (const name of ['a', 'b']) await world.startBroker(name, ['--otlp-endpoint', receiver.endpoint]);
+      await world.startAgent('site-x', ['b']);
+      await world.waitListed('b', 'site-x');
+      const caller = callerContext();
+      const md = new Metadata();
+      md.set('burrow-agent-id', 'site-x');
+      md.set('traceparent', caller.traceparent);
+      const res = await world.client('a').unary(ECHO.unary, Buffer.from('forwarded'), md, {
+        deadline: Date.now() + 10_000,
+      });
+      expect(res.response.toString()).to.equal('forwarded');
+      const spans = await receiver.waitFor('the six spans of the forwarded call', (all) => {
+        const t = all.filter((s) => s.traceId === caller.traceId && s.kind !== SPAN_KIND.INTERNAL);
+        return t.length >= 6;
+      });
+      const trace = spans.filter((s) => s.traceId === caller.traceId);
+      const byBroker = (id: string, kind: number) => (s: ReceivedSpan) =>
+        from('burrow-broker', kind, METHOD_NAME)(s) && s.resource['burrow.broker_id'] === id;
+      const entryServer = one(trace, 'broker a SERVER', byBroker('broker-a', SPAN_KIND.SERVER));
+      const peerClient = one(trace, 'broker a peer CLIENT', byBroker('broker-a', SPAN_KIND.CLIENT));
+      const ownerServer = one(trace, 'broker b SERVER', byBroker('broker-b', SPAN_KIND.SERVER));
+      const ownerClient = one(trace, 'broker b CLIENT', byBroker('broker-b', SPAN_KIND.CLIENT));
+      const agentServer = one(trace, 'agent SERVER', from('burrow-agent', SPAN_KIND.SERVER, METHOD_NAME));
+      const agentClient = one(trace, 'agent CLIENT', from('burrow-agent', SPAN_KIND.CLIENT, METHOD_NAME));
+      expect(entryServer.parentSpanId).to.equal(caller.spanId);
+      expectChild(peerClient, entryServer);
+      expectChild(ownerServer, peerClient);
+      expect(ownerServer.attributes['burrow.forwarded_by']).to.equal('broker-a');
+      expectChild(ownerClient, ownerServer);
+      expectChild(agentServer, ownerClient);
+      expectChild(agentClient, agentServer);
+    } finally {
+      await world.close(true);
+    }
   });
 
   it('an agent with --no-telemetry-upload sends no Telemetry frames; the trace still crosses it', async () => {

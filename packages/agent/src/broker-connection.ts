@@ -428,7 +428,8 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
     const outcome = local
       ? await answerUnary(stream, local, { method, maxMessageBytes, deadlineMs, callId, caller, span })
       : await this.relayToUpstream(call, service);
-    if (span) endRpcSpan(span, outcome.code, outcome.details);
+    // At the status sent (not the stream's close): the broker's CLIENT span ends after it got it.
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
     this.callEnded();
     recordCallFinished(this.opts.logger, this.opts.metrics, {
       direction: 'from_broker',
@@ -463,7 +464,7 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
     const span = call.span && startRpcSpan(this.opts.tracing, SpanKind.CLIENT, method, call.span);
     if (span) span.setAttribute('server.address', upstream.address);
     const outcome = await this.relayTo(call, upstream, service, span);
-    if (span) endRpcSpan(span, outcome.code, outcome.details);
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
     return outcome;
   }
 

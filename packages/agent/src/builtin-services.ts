@@ -13,6 +13,7 @@ import {
   BURROW_ATTRIBUTES,
   TRACING_OFF,
   endRpcSpan,
+  endSpan,
   startChildSpan,
   type Span,
   type TraceParent,
@@ -187,6 +188,6 @@ export class BuiltinServices {
     span.setAttribute(BURROW_ATTRIBUTES.policies, [...new Set(policies)]);
     if (this.tracing.includeContext && input.context !== undefined)
       span.setAttribute(BURROW_ATTRIBUTES.context, JSON.stringify(input.context).slice(0, 4096));
-    span.end();
+    endSpan(span);
   }
 }

@@ -29,6 +29,7 @@ import {
   SpanKind,
   TRACEPARENT_KEY,
   endRpcSpan,
+  endSpan,
   remoteParent,
   startChildSpan,
   startRpcSpan,
@@ -314,7 +315,7 @@ export class CallerApi {
       endWithStatus(stream, e.code, e.message);
       return;
     }
-    admission?.end();
+    if (admission) endSpan(admission);
     const { metrics } = this.deps;
     const { agentId, caller } = admitted;
     metrics.toAgentCallStarted();
@@ -344,7 +345,7 @@ export class CallerApi {
       this.endRefused(call, admitted, live, e);
       return;
     }
-    if (hopSpan) endRpcSpan(hopSpan, outcome.code, outcome.details);
+    if (hopSpan) endRpcSpan(hopSpan, outcome.code, outcome.details, outcome.settledAt);
     live.untrack();
     metrics.toAgentCallEnded();
     admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
@@ -520,7 +521,7 @@ export class CallerApi {
     });
     try {
       const result = await wait();
-      span.end();
+      endSpan(span);
       return result;
     } catch (err) {
       const e = toBurrowError(err);

@@ -214,7 +214,9 @@ export class PeerListener {
     untrack();
     releaseAgent();
     metrics.toAgentCallEnded();
-    if (spans) for (const span of [spans.client, spans.server]) endRpcSpan(span, outcome.code, outcome.details);
+    // Both when the status went back: the forwarding broker's CLIENT span ends after it got it.
+    const { code, details, settledAt } = outcome;
+    if (spans) for (const span of [spans.client, spans.server]) endRpcSpan(span, code, details, settledAt);
     const fields = { agentId, callId, method: call.method, forwardedBy, hop };
     this.accountFinished(outcome, startedMs, fields, spans?.server);
   }

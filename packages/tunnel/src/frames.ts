@@ -232,8 +232,9 @@ const FRAME_DECODERS: Record<string, (f: Record<string, unknown>) => SessionFram
     tooLong('Welcome broker_id', brokerId, limits.idChars);
     const protocolVersion = Number(w.protocolVersion ?? 0);
     const maxMessageBytes = toNumber(w.maxMessageBytes);
-    const acceptsTelemetry = w.acceptsTelemetry === true;
-    return { kind: 'welcome', welcome: { protocolVersion, sessionId, brokerId, maxMessageBytes, acceptsTelemetry } };
+    const welcome: WelcomeFrame = { protocolVersion, sessionId, brokerId, maxMessageBytes };
+    if (w.acceptsTelemetry === true) welcome.acceptsTelemetry = true;
+    return { kind: 'welcome', welcome };
   },
   refused: (r) => {
     const message = String(r.message ?? '');

@@ -217,6 +217,7 @@ export {
   startRpcSpan,
   startChildSpan,
   endRpcSpan,
+  endSpan,
   traceLogFields,
   SpanKind,
   ROOT_CONTEXT,

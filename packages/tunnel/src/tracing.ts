@@ -26,11 +26,20 @@ import { statusName } from './errors';
 export const TRACEPARENT_KEY = 'traceparent';
 export const TRACESTATE_KEY = 'tracestate';
 
-/*
- * Spans start at `performance.now()`: the SDK's default start time is Date.now(), whole
- * milliseconds, while it measures the end from the start with the monotonic clock, so a child
- * started within the same millisecond as its parent could seem to end after it.
+/**
+ * Every span of this process starts and ends on one clock, given explicitly: the SDK's own start
+ * time is Date.now() (whole milliseconds) shifted by a per-span offset, so a child started within
+ * the same millisecond as its parent could seem to start before it or end after it.
+ * `perfNow`: a performance.now() value (default now).
  */
+function epochMs(perfNow = performance.now()): number {
+  return performance.timeOrigin + perfNow;
+}
+
+/** Ends a span now, or at `at` (a performance.now() value), on the clock of {@link epochMs}. */
+export function endSpan(span: Span, at?: number): void {
+  span.end(epochMs(at));
+}
 
 /** Attribute keys Burrow sets on its spans besides the RPC semantic conventions. */
 export const BURROW_ATTRIBUTES = {
@@ -107,7 +116,7 @@ export function startRpcSpan(
   const service = path.slice(path.startsWith('/') ? 1 : 0, Math.max(slash, 0));
   const name = slash >= 0 ? path.slice(slash + 1) : path;
   const ctx = 'spanContext' in parent ? trace.setSpan(ROOT_CONTEXT, parent) : parent;
-  const span = tracing.tracer.startSpan(`${service}/${name}`, { kind, startTime: performance.now() }, ctx);
+  const span = tracing.tracer.startSpan(`${service}/${name}`, { kind, startTime: epochMs() }, ctx);
   span.setAttribute('rpc.system', 'grpc');
   span.setAttribute('rpc.service', service);
   span.setAttribute('rpc.method', name);
@@ -125,16 +134,19 @@ export function startChildSpan(
 ): Span {
   return tracing.tracer.startSpan(
     name,
-    { kind, attributes, startTime: performance.now() },
+    { kind, attributes, startTime: epochMs() },
     trace.setSpan(ROOT_CONTEXT, parent),
   );
 }
 
-/** Ends an RPC span with the call's gRPC status (an error status for anything but OK). */
-export function endRpcSpan(span: Span, code: number, details?: string): void {
+/**
+ * Ends an RPC span with the call's gRPC status (an error status for anything but OK), at `endTime`
+ * (a performance.now() value: a relayed call's `settledAt`, see call-outcome.ts) or now.
+ */
+export function endRpcSpan(span: Span, code: number, details?: string, endTime?: number): void {
   span.setAttribute('rpc.grpc.status_code', code);
   if (code !== Status.OK) span.setStatus({ code: SpanStatusCode.ERROR, message: `${statusName(code)}: ${details}` });
-  span.end();
+  endSpan(span, endTime);
 }
 
 /** `trace_id` and `span_id` of a call's log line (a search for the trace id finds the trace). */

@@ -68,6 +68,7 @@ class UnaryAnswer {
   private requestBytes = 0;
   private responseBytes = 0;
   private outcome: { code: number; details: string } | undefined;
+  private settledAt: number | undefined;
   // An abort builds an event and an exception: done only when the handler is still running.
   private handlerRunning = false;
   private abort: AbortController | undefined;
@@ -98,13 +99,14 @@ class UnaryAnswer {
 
   private done(): void {
     const { requestBytes, responseBytes } = this;
-    if (this.outcome) this.resolve({ ...this.outcome, requestBytes, responseBytes });
+    if (this.outcome) this.resolve({ ...this.outcome, requestBytes, responseBytes, settledAt: this.settledAt });
   }
 
   /** The status is decided (the first call wins); resolves once the stream has closed too. */
   private settle(code: number, details: string): void {
     if (this.outcome) return;
     this.outcome = { code, details };
+    this.settledAt = performance.now();
     this.cancelTimer?.();
     if (this.handlerRunning) this.abort?.abort();
     if (this.stream.closed) this.done();

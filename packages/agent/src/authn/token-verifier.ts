@@ -8,6 +8,7 @@ import {
   BurrowError,
   ConfigError,
   SpanKind,
+  endSpan,
   silentLogger,
   startChildSpan,
   statusName,
@@ -528,6 +529,6 @@ async function refreshKeys(source: JwksSource, trace: TraceParent | undefined): 
     span.setAttribute('burrow.jwks.changed', swapped);
     return swapped;
   } finally {
-    span.end();
+    endSpan(span);
   }
 }
