@@ -98,6 +98,15 @@ export class BrokerTelemetry {
       help: 'Encoded trace bytes the OTLP endpoint accepted.',
       registers: [registry],
     });
+    const queued = (): number => this.exporter?.queuedBytes ?? 0;
+    new Gauge({
+      name: 'burrow_broker_telemetry_queue_bytes',
+      help: 'Encoded trace bytes waiting for (or in flight to) the OTLP endpoint.',
+      registers: [registry],
+      collect() {
+        this.set(queued());
+      },
+    });
     if (!config.otlp) {
       this.tracing = TRACING_OFF;
       return;
@@ -109,14 +118,6 @@ export class BrokerTelemetry {
       onExported: (bytes) => this.exportedBytes.inc(bytes),
     });
     this.exporter = exporter;
-    new Gauge({
-      name: 'burrow_broker_telemetry_queue_bytes',
-      help: 'Encoded trace bytes waiting for (or in flight to) the OTLP endpoint.',
-      registers: [registry],
-      collect() {
-        this.set(exporter.queuedBytes);
-      },
-    });
     this.runtime = startTracing({
       serviceName: 'burrow-broker',
       serviceVersion: resource.version,
