@@ -109,7 +109,7 @@ describe('OTLP encoding and the Telemetry frame', () => {
     await runtime.shutdown();
   });
 
-  it('splits a batch into requests that each fit one Telemetry frame, and counts a span too large for any', async () => {
+  it('splits a batch into requests that each fit one Telemetry frame; counts a span too large for any', async () => {
     const { chunks, dropped, runtime, tracing } = capture(MAX_TELEMETRY_BYTES);
     for (let i = 0; i < 300; i++) {
       const span = startRpcSpan(tracing, SpanKind.SERVER, `/svc.S/M${i}`, remoteParent(undefined));
