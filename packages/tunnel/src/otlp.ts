@@ -61,9 +61,13 @@ export function keyValues(attributes: Attributes): KeyValue[] {
   return out;
 }
 
-/** Nanoseconds since the epoch as a decimal string: exact (a double holds them only to ~256 ns). */
-function unixNanos(time: HrTime): string {
-  return (BigInt(time[0]) * 1_000_000_000n + BigInt(time[1])).toString();
+/**
+ * Nanoseconds since the epoch as the two 32-bit halves protobufjs writes a fixed64 from: exact (a
+ * double holds them only to ~256 ns), and without the decimal string a Long would be parsed from.
+ */
+function unixNanos(time: HrTime): { low: number; high: number } {
+  const ns = BigInt(time[0]) * 1_000_000_000n + BigInt(time[1]);
+  return { low: Number(ns & 0xffffffffn), high: Number(ns >> 32n) };
 }
 
 // api SpanKind counts from INTERNAL = 0; OTLP from UNSPECIFIED = 0, INTERNAL = 1.
@@ -178,23 +182,75 @@ export function decodeExportRequest(bytes: Uint8Array): ExportTraceRequest {
   return t.toObject(t.decode(bytes), { longs: String, bytes: Buffer, enums: Number }) as ExportTraceRequest;
 }
 
+const LENGTH_DELIMITED = 2;
+const tagOf = (field: number): number => (field << 3) | LENGTH_DELIMITED;
+
 /**
  * An agent's export request with every resource's `burrow.agent_id` set to `agentId` (whatever the
- * agent wrote is replaced: an agent cannot pose as another) and the span count. Throws on bytes
- * that do not decode as an `ExportTraceServiceRequest`.
+ * agent wrote is replaced: an agent cannot pose as another), and its span count. Only the resources
+ * are decoded and re-encoded; the spans are checked to be well-formed protobuf (every field's wire
+ * type and length) and copied as they are, so the broker's work per agent span stays small. Fields
+ * it does not know are left out. Throws on bytes that are not such a request.
  */
 export function restampResource(bytes: Uint8Array, agentId: string): { bytes: Buffer; spans: number } {
-  const t = otlpTypes().request;
-  const message = t.decode(bytes) as unknown as {
-    resourceSpans: { resource?: { attributes: KeyValue[] }; scopeSpans: { spans: unknown[] }[] }[];
-  };
+  const reader = protobuf.Reader.create(bytes);
+  const out = protobuf.Writer.create();
   let spans = 0;
-  for (const rs of message.resourceSpans) {
-    const attributes = (rs.resource?.attributes ?? []).filter((kv) => kv.key !== AGENT_ID_ATTRIBUTE);
-    attributes.push({ key: AGENT_ID_ATTRIBUTE, value: { stringValue: agentId } });
-    rs.resource = { ...rs.resource, attributes };
-    for (const ss of rs.scopeSpans) spans += ss.spans.length;
+  while (reader.pos < reader.len) {
+    const tag = reader.uint32();
+    if (tag !== tagOf(1)) {
+      reader.skipType(tag & 7);
+      continue;
+    }
+    const restamped = restampResourceSpans(reader.bytes(), agentId);
+    spans += restamped.spans;
+    out.uint32(tag).bytes(restamped.bytes);
   }
-  const out = t.encode(message as unknown as protobuf.Message).finish();
-  return { bytes: Buffer.from(out.buffer, out.byteOffset, out.byteLength), spans };
+  const encoded = out.finish();
+  return { bytes: Buffer.from(encoded.buffer, encoded.byteOffset, encoded.byteLength), spans };
+}
+
+/** One `ResourceSpans`: its resource re-stamped, its `scope_spans` checked and copied. */
+function restampResourceSpans(bytes: Uint8Array, agentId: string): { bytes: Uint8Array; spans: number } {
+  const reader = protobuf.Reader.create(bytes);
+  const copied = protobuf.Writer.create();
+  let resource: { attributes?: KeyValue[] } = {};
+  let spans = 0;
+  while (reader.pos < reader.len) {
+    const tag = reader.uint32();
+    if (tag === tagOf(1)) resource = otlpTypes().resource.decode(reader.bytes()) as typeof resource;
+    else if (tag === tagOf(2)) {
+      const scopeSpans = reader.bytes();
+      spans += checkedSpanCount(scopeSpans);
+      copied.uint32(tag).bytes(scopeSpans);
+    } else if (tag === tagOf(3)) copied.uint32(tag).bytes(reader.bytes());
+    else reader.skipType(tag & 7);
+  }
+  const attributes = (resource.attributes ?? []).filter((kv) => kv.key !== AGENT_ID_ATTRIBUTE);
+  attributes.push({ key: AGENT_ID_ATTRIBUTE, value: { stringValue: agentId } });
+  const out = protobuf.Writer.create();
+  out.uint32(tagOf(1)).bytes(
+    otlpTypes()
+      .resource.encode({ ...resource, attributes })
+      .finish(),
+  );
+  const rest = copied.finish();
+  return { bytes: Buffer.concat([out.finish(), rest]), spans };
+}
+
+/** The spans of one `ScopeSpans`, each walked field by field (throws on malformed protobuf). */
+function checkedSpanCount(scopeSpans: Uint8Array): number {
+  const reader = protobuf.Reader.create(scopeSpans);
+  let spans = 0;
+  while (reader.pos < reader.len) {
+    const tag = reader.uint32();
+    if (tag !== tagOf(2)) {
+      reader.skipType(tag & 7);
+      continue;
+    }
+    const span = protobuf.Reader.create(reader.bytes());
+    while (span.pos < span.len) span.skipType(span.uint32() & 7);
+    spans++;
+  }
+  return spans;
 }
