@@ -304,7 +304,10 @@ export class CallerApi {
 
   private async forward(call: ApiCall): Promise<void> {
     const { stream } = call;
-    const span = this.deps.tracing.enabled ? this.serverSpan(call) : undefined;
+    const { headers } = call;
+    const span = this.deps.tracing.enabled
+      ? this.serverSpan(call.method, headers[TRACEPARENT_KEY], headers.tracestate)
+      : undefined;
     const admission = span && startChildSpan(this.deps.tracing, 'burrow.admission', span);
     let admitted: AdmittedCall;
     try {
@@ -383,9 +386,9 @@ export class CallerApi {
   }
 
   /** The SERVER span of a call on the caller API, continuing the caller's traceparent. */
-  private serverSpan(call: ApiCall): Span {
-    const parent = remoteParent(call.headers[TRACEPARENT_KEY], call.headers.tracestate);
-    return startRpcSpan(this.deps.tracing, SpanKind.SERVER, call.method, parent, {
+  private serverSpan(method: string, traceparent: unknown, tracestate?: unknown): Span {
+    const parent = remoteParent(traceparent, tracestate);
+    return startRpcSpan(this.deps.tracing, SpanKind.SERVER, method, parent, {
       [BURROW_ATTRIBUTES.brokerId]: this.deps.brokerId,
     });
   }
@@ -541,10 +544,12 @@ export class CallerApi {
     message: Buffer,
     deadlineMs: number,
     signal?: AbortSignal,
+    traceparent?: string,
   ): Promise<UnaryCallResult> {
+    const span = this.deps.tracing.enabled ? this.serverSpan(method, traceparent) : undefined;
     let admitted: AdmittedCall;
     try {
-      admitted = this.admit({ identity: peer }, agentId, method, 'http');
+      admitted = this.admit({ identity: peer }, agentId, method, 'http', span);
     } catch (err) {
       const e = err as BurrowError;
       return { code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 };
@@ -571,23 +576,42 @@ export class CallerApi {
       return ended({ code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 });
     }
     live.waiting = undefined;
-    const peerName = `agent "${agentId}"`;
-    const opts = { peerName, deadlineMs, maxMessageBytes: this.deps.maxMessageBytes, signal: waiting.signal };
     live.cutter.cut = (error) => {
       live.cutBy ??= error;
       waiting.abort();
     };
     if (live.cutBy) waiting.abort();
+    let result = await this.carryUnary(route, admitted, live, message, { deadlineMs, signal: waiting.signal });
+    if (live.cutBy) result = { ...result, code: live.cutBy.code, details: live.cutBy.message };
+    return ended(result);
+  }
+
+  /** {@link callUnary}'s call down the route, inside its hop's CLIENT span when traced. */
+  private async carryUnary(
+    route: Route,
+    admitted: AdmittedCall,
+    live: LiveCallState,
+    message: Buffer,
+    call: { deadlineMs: number; signal: AbortSignal },
+  ): Promise<UnaryCallResult> {
+    const { agentId, method } = admitted;
+    const opts = { ...call, peerName: `agent "${agentId}"`, maxMessageBytes: this.deps.maxMessageBytes };
     let result: UnaryCallResult;
+    let span = route.local ? undefined : route.span;
     if (route.local) {
       route.session.callStarted(live.cutter);
-      const headers = { [CALLER_ID_KEY]: admitted.caller.spiffeId, [CALL_ID_KEY]: admitted.callId };
+      if (admitted.span) span = this.agentSpan(admitted.span, admitted);
+      const headers: Record<string, string> = {
+        [CALLER_ID_KEY]: admitted.caller.spiffeId,
+        [CALL_ID_KEY]: admitted.callId,
+      };
+      if (span) headers[TRACEPARENT_KEY] = traceparentOf(span);
       result = await unaryCall(route.session.h2, method, message, { ...opts, authority: `${agentId}.agent`, headers });
       route.session.callEnded(live.cutter);
     } else {
       result = await unaryOnStream(route.stream, message, opts);
     }
-    if (live.cutBy) result = { ...result, code: live.cutBy.code, details: live.cutBy.message };
-    return ended(result);
+    if (span) endRpcSpan(span, result.code, result.details);
+    return result;
   }
 }

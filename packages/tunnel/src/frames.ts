@@ -139,6 +139,16 @@ export function checkReplicaSet(set: readonly BrokerEndpoint[]): void {
  */
 export const PROTO_DIR = resolveProtoDir(path.resolve(__dirname, '..', '..', '..', 'proto'));
 
+/**
+ * Loads `file` (a path relative to {@link PROTO_DIR}) with its imports resolved from PROTO_DIR, as
+ * `protoc -I proto` does: the vendored OpenTelemetry protos import each other by such paths.
+ */
+export function loadProto(file: string): protobuf.Root {
+  const root = new protobuf.Root();
+  root.resolvePath = (_origin, target) => (path.isAbsolute(target) ? target : path.join(PROTO_DIR, target));
+  return root.loadSync(file);
+}
+
 let root: protobuf.Root | undefined;
 function tunnelRoot(): protobuf.Root {
   root ??= protobuf.loadSync(path.join(PROTO_DIR, 'burrow', 'tunnel', 'v1', 'tunnel.proto'));

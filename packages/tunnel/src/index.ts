@@ -25,6 +25,7 @@ export {
   LEGACY_TUNNEL_SERVICE,
   LEGACY_SESSION_PATH,
   PROTO_DIR,
+  loadProto,
   type WelcomeFrame,
   type BrokerEndpoint,
 } from './frames';

@@ -1,8 +1,7 @@
-import * as path from 'node:path';
 import { type Attributes, type AttributeValue, type HrTime, SpanKind } from '@opentelemetry/api';
 import type { ReadableSpan } from '@opentelemetry/sdk-trace-base';
 import * as protobuf from 'protobufjs';
-import { PROTO_DIR } from './frames';
+import { loadProto } from './frames';
 
 /**
  * OTLP trace export, protobuf encoding (proto/opentelemetry, vendored): the one converter from SDK
@@ -16,12 +15,7 @@ export const AGENT_ID_ATTRIBUTE = 'burrow.agent_id';
 
 let root: protobuf.Root | undefined;
 function otlpRoot(): protobuf.Root {
-  if (!root) {
-    const r = new protobuf.Root();
-    // Imports are written from the proto root (`opentelemetry/proto/...`), as upstream has them.
-    r.resolvePath = (_origin, target) => (path.isAbsolute(target) ? target : path.join(PROTO_DIR, target));
-    root = r.loadSync('opentelemetry/proto/collector/trace/v1/trace_service.proto');
-  }
+  root ??= loadProto('opentelemetry/proto/collector/trace/v1/trace_service.proto');
   return root;
 }
 let types: { request: protobuf.Type; span: protobuf.Type; resource: protobuf.Type; scope: protobuf.Type } | undefined;
