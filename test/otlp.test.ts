@@ -1,7 +1,9 @@
 import { expect } from 'chai';
-import { TelemetryUploader } from '@burrow/agent';
+import { BuiltinServices, TelemetryUploader, telemetryConfigFromArgs } from '@burrow/agent';
 import { BrokerTelemetry, TelemetryAllowance } from '@burrow/broker';
 import {
+  API_CODECS,
+  POLICY_METHODS,
   ControlChannel,
   MAX_SESSION_FRAME_BYTES,
   MAX_TELEMETRY_BYTES,
@@ -250,3 +252,75 @@ describe('OTLP encoding and the Telemetry frame', () => {
     expect(uploader.bufferedBytes).to.equal(0);
   });
 });
+
+describe('privacy of policy spans and the tracing flags', () => {
+  const request = {
+    subject: { type: 'User', id: 'subject-secret' },
+    action: { name: 'edit' },
+    resource: { type: 'Document', id: 'resource-secret' },
+    context: { ip: 'context-secret' },
+  };
+
+  async function evaluated(includeContext: boolean): Promise<Record<string, unknown>> {
+    const chunks: OtlpChunk[] = [];
+    const runtime = startTracing({
+      serviceName: 'burrow-agent',
+      serviceVersion: '0',
+      sampleRatio: 1,
+      sink: { accept: (c) => chunks.push(c) },
+      includeContext,
+    });
+    const services = new BuiltinServices({
+      tracing: runtime.tracing,
+      policy: {
+        evaluate: () => ({ decision: false, context: { policies: ['forbid-edit'], reason: 'forbidden' } }),
+        evaluations: () => ({ evaluations: [] }),
+      },
+    });
+    const span = startRpcSpan(runtime.tracing, SpanKind.SERVER, POLICY_METHODS.evaluate, remoteParent(undefined));
+    const handler = services.handlerFor(POLICY_METHODS.evaluate)!;
+    const ctx = { deadlineMs: Number.POSITIVE_INFINITY, signal: new AbortController().signal, callId: 'c', span };
+    await handler(API_CODECS.evaluationRequest.encode(request), ctx);
+    endSpan(span);
+    await runtime.shutdown();
+    const spans = chunks.flatMap((c) => decodeSpans(c.bytes));
+    const cedar = spans.find((s) => s.name === 'cedar evaluation')!;
+    expect(cedar.parentSpanId).to.equal(span.spanContext().spanId);
+    expect(cedar.attributes['burrow.decision']).to.equal('deny');
+    expect(cedar.attributes['burrow.policies']).to.deep.equal(['forbid-edit']);
+    const everything = JSON.stringify(spans.map((s) => [s.name, s.attributes, s.resource, s.status]));
+    for (const secret of ['subject-secret', 'resource-secret']) expect(everything).to.not.include(secret);
+    return cedar.attributes;
+  }
+
+  it('a Cedar evaluation span carries the decision and policies, never the request; context only when allowed', async () => {
+    expect(JSON.stringify(await evaluated(false))).to.not.include('context-secret');
+    expect((await evaluated(true))['burrow.request.context']).to.equal('{"ip":"context-secret"}');
+  });
+
+  it('bad tracing flags are one-line errors naming the flag', () => {
+    const fails = (args: Record<string, unknown>, pattern: RegExp): void => {
+      expect(() => telemetryConfigOf(args)).to.throw(pattern);
+    };
+    fails({ 'trace-sample-ratio': 2 }, /trace-sample-ratio: "2" is not a number from 0 to 1/);
+    fails({ 'otlp-endpoint': 'collector:4318', 'telemetry-upload': false }, /otlp-endpoint: .* is not http/);
+    fails({ 'otlp-endpoint': 'http://c:4318' }, /otlp-endpoint: needs --no-telemetry-upload/);
+    fails({ 'otlp-ca': '/x' }, /otlp-ca: needs --otlp-endpoint/);
+    fails({ 'otlp-endpoint': 'http://c:4318', 'telemetry-upload': false, 'otlp-header': ['x'] }, /otlp-header/);
+    fails({ 'telemetry-buffer-bytes': '1KiB' }, /telemetry-buffer-bytes: must be at least 65536 bytes/);
+    const ok = telemetryConfigOf({ 'otlp-endpoint': 'https://c:4318/otel', 'telemetry-upload': false });
+    expect(ok.upload).to.equal(false);
+    expect(ok.tracing.otlp?.endpoint).to.equal('https://c:4318/otel');
+  });
+});
+
+/** The agent's telemetry settings from flags as yargs hands them over (defaults filled in). */
+function telemetryConfigOf(args: Record<string, unknown>) {
+  return telemetryConfigFromArgs({
+    'trace-sample-ratio': 1,
+    'telemetry-upload': true,
+    'telemetry-buffer-bytes': '1MiB',
+    'otlp-timeout': '10s',
+    ...args,
+  });
+}

@@ -70,3 +70,7 @@ export {
 export { SYSTEMD_UNIT } from './systemd-unit';
 /** @internal Tests drive the telemetry upload alone. */
 export { TelemetryUploader, type TelemetryTunnels } from './agent-telemetry';
+/** @internal Tests drive the built-in services alone. */
+export { BuiltinServices } from './builtin-services';
+/** @internal */
+export { telemetryConfigFromArgs } from './telemetry-config';

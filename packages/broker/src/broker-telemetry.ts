@@ -71,6 +71,8 @@ export class BrokerTelemetry {
   private readonly droppedBytes: Counter;
   private readonly frames: Counter;
   private readonly exportedBytes: Counter;
+  /** Set from an export's failure to the next success: one warning per outage, not one per batch. */
+  private exportFailing = false;
 
   constructor(
     config: TracingConfig,
@@ -114,8 +116,12 @@ export class BrokerTelemetry {
     const exporter = new OtlpHttpExporter({
       ...otlpExporterOptions(config.otlp),
       maxQueueBytes: budgets.queueBytes,
-      onDropped: (bytes, spans, reason) => this.dropped(bytes, reason, spans),
-      onExported: (bytes) => this.exportedBytes.inc(bytes),
+      onDropped: (bytes, spans, reason, error) => this.dropped(bytes, reason, spans, error),
+      onExported: (bytes) => {
+        this.exportedBytes.inc(bytes);
+        if (this.exportFailing) this.logger.info('trace export works again', { endpoint: config.otlp?.endpoint });
+        this.exportFailing = false;
+      },
     });
     this.exporter = exporter;
     this.runtime = startTracing({
@@ -158,10 +164,13 @@ export class BrokerTelemetry {
     if (reason) this.dropped(otlpTraces.length, reason);
   }
 
-  private dropped(bytes: number, reason: TelemetryDropReason, spans = 0): void {
+  private dropped(bytes: number, reason: TelemetryDropReason, spans = 0, error?: string): void {
     this.droppedBytes.inc({ reason }, bytes);
-    if (reason === 'export_failed' || reason === 'rejected')
-      this.logger.debug('trace export failed; spans dropped', { reason, bytes, spans });
+    if (reason !== 'export_failed' && reason !== 'rejected') return;
+    const fields = { reason, bytes, spans, error };
+    if (this.exportFailing) this.logger.debug('trace export failed; spans dropped', fields);
+    else this.logger.warn('trace export failed; spans dropped (counted) until it works again', fields);
+    this.exportFailing = true;
   }
 
   /** Exports what is queued (bounded by the export timeout and retries), then stops. */

@@ -24,7 +24,7 @@ export interface OtlpHttpOptions {
   /** Most bytes one request carries (several queued batches are concatenated up to it). */
   maxRequestBytes?: number;
   /** Counts what was dropped: `queue_full`, `export_failed` (retries used up), `rejected` (a 4xx). */
-  onDropped(bytes: number, spans: number, reason: 'queue_full' | 'export_failed' | 'rejected'): void;
+  onDropped(bytes: number, spans: number, reason: 'queue_full' | 'export_failed' | 'rejected', error?: string): void;
   onExported?(bytes: number, spans: number): void;
 }
 
@@ -105,7 +105,7 @@ export class OtlpHttpExporter implements SpanSink {
       const failure = await this.sendWithRetries(body);
       this.heldBytes -= body.length;
       if (!failure) this.opts.onExported?.(body.length, spans);
-      else this.opts.onDropped(body.length, spans, failure.retryable ? 'export_failed' : 'rejected');
+      else this.opts.onDropped(body.length, spans, failure.retryable ? 'export_failed' : 'rejected', failure.message);
     }
   }
 
