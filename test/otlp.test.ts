@@ -293,7 +293,7 @@ describe('privacy of policy spans and the tracing flags', () => {
     return cedar.attributes;
   }
 
-  it('a Cedar evaluation span carries the decision and policies, never the request; context only when allowed', async () => {
+  it('a Cedar evaluation span has the decision and policies, never the request; context only if allowed', async () => {
     expect(JSON.stringify(await evaluated(false))).to.not.include('context-secret');
     expect((await evaluated(true))['burrow.request.context']).to.equal('{"ip":"context-secret"}');
   });
