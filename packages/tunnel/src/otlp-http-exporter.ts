@@ -31,6 +31,8 @@ export interface OtlpHttpOptions {
 export const DEFAULT_OTLP_TIMEOUT_MS = 10_000;
 export const DEFAULT_OTLP_RETRIES = 2;
 const DEFAULT_MAX_REQUEST_BYTES = 1024 * 1024;
+/** How long a shutdown waits for queued spans to reach the collector. */
+const SHUTDOWN_GRACE_MS = 2_000;
 
 /** HTTP statuses the OTLP spec says to retry. */
 const RETRYABLE = new Set([429, 502, 503, 504]);
@@ -59,6 +61,8 @@ export class OtlpHttpExporter implements SpanSink {
   private readonly url: URL;
   private readonly agent: http.Agent;
   private closed = false;
+  /** Past the shutdown's grace: what is still queued is dropped, not sent. */
+  private stopped = false;
 
   constructor(private readonly opts: OtlpHttpOptions) {
     this.url = new URL(`${opts.endpoint.replace(/\/+$/, '')}/v1/traces`);
@@ -90,19 +94,25 @@ export class OtlpHttpExporter implements SpanSink {
     while (this.sending) await this.sending;
   }
 
-  /** Sends what is queued (bounded by the request timeout and retries), then stops taking more. */
-  async shutdown(): Promise<void> {
-    await this.flush();
+  /**
+   * Stops taking batches and sends what is queued for at most `graceMs`, then drops the rest (a
+   * collector that is down must not hold a process's shutdown for its timeouts and retries).
+   */
+  async shutdown(graceMs = SHUTDOWN_GRACE_MS): Promise<void> {
     this.closed = true;
+    let timer: NodeJS.Timeout | undefined;
+    await Promise.race([this.flush(), new Promise((resolve) => (timer = setTimeout(resolve, graceMs)))]);
+    clearTimeout(timer);
+    this.stopped = true;
     this.agent.destroy();
   }
 
   private async drain(): Promise<void> {
     while (this.queue.length > 0) {
-      const batch = this.takeBatch();
+      const batch = this.stopped ? this.queue.splice(0) : this.takeBatch();
       const body = Buffer.concat(batch.map((c) => c.bytes));
       const spans = batch.reduce((n, c) => n + c.spans, 0);
-      const failure = await this.sendWithRetries(body);
+      const failure = this.stopped ? new ExportFailure('shut down', true) : await this.sendWithRetries(body);
       this.heldBytes -= body.length;
       if (!failure) this.opts.onExported?.(body.length, spans);
       else this.opts.onDropped(body.length, spans, failure.retryable ? 'export_failed' : 'rejected', failure.message);
