@@ -233,7 +233,6 @@ export {
 } from './tracing-sdk';
 export {
   AGENT_ID_ATTRIBUTE,
-  encodeExportRequests,
   decodeExportRequest,
   restampResource,
   type OtlpChunk,

@@ -18,13 +18,12 @@ function otlpRoot(): protobuf.Root {
   root ??= loadProto('opentelemetry/proto/collector/trace/v1/trace_service.proto');
   return root;
 }
-let types: { request: protobuf.Type; span: protobuf.Type; resource: protobuf.Type; scope: protobuf.Type } | undefined;
+let types: { request: protobuf.Type; resource: protobuf.Type; scope: protobuf.Type } | undefined;
 function otlpTypes() {
   if (!types) {
     const r = otlpRoot();
     types = {
       request: r.lookupType('opentelemetry.proto.collector.trace.v1.ExportTraceServiceRequest'),
-      span: r.lookupType('opentelemetry.proto.trace.v1.Span'),
       resource: r.lookupType('opentelemetry.proto.resource.v1.Resource'),
       scope: r.lookupType('opentelemetry.proto.common.v1.InstrumentationScope'),
     };
@@ -32,7 +31,7 @@ function otlpTypes() {
   return types;
 }
 
-/** An OTLP `KeyValue` as protobufjs objects carry it. */
+/** An OTLP `KeyValue` as protobufjs objects carry it (resources, decoded requests). */
 interface KeyValue {
   key: string;
   value: Record<string, unknown>;
@@ -55,13 +54,52 @@ export function keyValues(attributes: Attributes): KeyValue[] {
   return out;
 }
 
+// Wire types and tags of the OTLP fields written by hand below (field numbers: trace.proto, common.proto).
+const VARINT = 0;
+const FIXED64 = 1;
+const LENGTH_DELIMITED = 2;
+const FIXED32 = 5;
+const tagOf = (field: number, wire = LENGTH_DELIMITED): number => (field << 3) | wire;
+
 /**
- * Nanoseconds since the epoch as the two 32-bit halves protobufjs writes a fixed64 from: exact (a
- * double holds them only to ~256 ns), and without the decimal string a Long would be parsed from.
+ * Writes a fixed64 of nanoseconds since the epoch: exact (a double holds them only to ~256 ns),
+ * from the two 32-bit halves, without the decimal string a Long would be parsed from.
  */
-function unixNanos(time: HrTime): { low: number; high: number } {
+function writeUnixNanos(w: protobuf.Writer, field: number, time: HrTime): void {
   const ns = BigInt(time[0]) * 1_000_000_000n + BigInt(time[1]);
-  return { low: Number(ns & 0xffffffffn), high: Number(ns >> 32n) };
+  w.uint32(tagOf(field, FIXED64)).fixed64({ low: Number(ns & 0xffffffffn), high: Number(ns >> 32n) } as never);
+}
+
+/** An `AnyValue` message (common.proto) of one attribute value, written in place. */
+function writeAnyValue(w: protobuf.Writer, value: AttributeValue): void {
+  if (typeof value === 'string') w.uint32(tagOf(1)).string(value);
+  else if (typeof value === 'boolean') w.uint32(tagOf(2, VARINT)).bool(value);
+  else if (typeof value === 'number') {
+    if (Number.isSafeInteger(value)) w.uint32(tagOf(3, VARINT)).int64(value);
+    else w.uint32(tagOf(4, FIXED64)).double(value);
+  } else {
+    w.uint32(tagOf(5)).fork();
+    for (const v of value) {
+      if (v === null || v === undefined) continue;
+      w.uint32(tagOf(1)).fork();
+      writeAnyValue(w, v);
+      w.ldelim();
+    }
+    w.ldelim();
+  }
+}
+
+/** `KeyValue`s (common.proto) as repeated field `field`; undefined values left out. */
+function writeAttributes(w: protobuf.Writer, field: number, attributes: Attributes): void {
+  for (const key in attributes) {
+    const value = attributes[key];
+    if (value === undefined) continue;
+    w.uint32(tagOf(field)).fork();
+    w.uint32(tagOf(1)).string(key);
+    w.uint32(tagOf(2)).fork();
+    writeAnyValue(w, value);
+    w.ldelim().ldelim();
+  }
 }
 
 // api SpanKind counts from INTERNAL = 0; OTLP from UNSPECIFIED = 0, INTERNAL = 1.
@@ -73,32 +111,40 @@ const OTLP_KIND: Record<SpanKind, number> = {
   [SpanKind.CONSUMER]: 5,
 };
 
-/** One finished SDK span as an encoded OTLP `Span` message. */
+/**
+ * One finished SDK span as an encoded OTLP `Span` message, written field by field (no message
+ * objects in between: this runs once per span, on the per-call path's heels).
+ */
 export function encodeSpan(span: ReadableSpan): Uint8Array {
   const ctx = span.spanContext();
-  const parent = span.parentSpanContext?.spanId;
-  const message: Record<string, unknown> = {
-    traceId: Buffer.from(ctx.traceId, 'hex'),
-    spanId: Buffer.from(ctx.spanId, 'hex'),
-    flags: ctx.traceFlags,
-    name: span.name,
-    kind: OTLP_KIND[span.kind],
-    startTimeUnixNano: unixNanos(span.startTime),
-    endTimeUnixNano: unixNanos(span.endTime),
-    attributes: keyValues(span.attributes),
-    droppedAttributesCount: span.droppedAttributesCount,
-    status: { code: span.status.code, message: span.status.message ?? '' },
-  };
-  if (parent) message.parentSpanId = Buffer.from(parent, 'hex');
+  const w = protobuf.Writer.create();
+  w.uint32(tagOf(1)).bytes(Buffer.from(ctx.traceId, 'hex'));
+  w.uint32(tagOf(2)).bytes(Buffer.from(ctx.spanId, 'hex'));
   const traceState = ctx.traceState?.serialize();
-  if (traceState) message.traceState = traceState;
-  if (span.events.length > 0)
-    message.events = span.events.map((e) => ({
-      timeUnixNano: unixNanos(e.time),
-      name: e.name,
-      attributes: keyValues(e.attributes ?? {}),
-    }));
-  return otlpTypes().span.encode(message).finish();
+  if (traceState) w.uint32(tagOf(3)).string(traceState);
+  const parent = span.parentSpanContext?.spanId;
+  if (parent) w.uint32(tagOf(4)).bytes(Buffer.from(parent, 'hex'));
+  w.uint32(tagOf(5)).string(span.name);
+  w.uint32(tagOf(6, VARINT)).uint32(OTLP_KIND[span.kind]);
+  writeUnixNanos(w, 7, span.startTime);
+  writeUnixNanos(w, 8, span.endTime);
+  writeAttributes(w, 9, span.attributes);
+  if (span.droppedAttributesCount) w.uint32(tagOf(10, VARINT)).uint32(span.droppedAttributesCount);
+  for (const e of span.events) {
+    w.uint32(tagOf(11)).fork();
+    writeUnixNanos(w, 1, e.time);
+    w.uint32(tagOf(2)).string(e.name);
+    if (e.attributes) writeAttributes(w, 3, e.attributes);
+    w.ldelim();
+  }
+  if (span.status.code !== 0) {
+    w.uint32(tagOf(15)).fork();
+    if (span.status.message) w.uint32(tagOf(2)).string(span.status.message);
+    w.uint32(tagOf(3, VARINT)).uint32(span.status.code);
+    w.ldelim();
+  }
+  w.uint32(tagOf(16, FIXED32)).fixed32(ctx.traceFlags);
+  return w.finish();
 }
 
 /** Bytes an `ExportTraceServiceRequest` adds around its spans besides the resource and scope. */
@@ -110,55 +156,60 @@ export interface OtlpChunk {
   spans: number;
 }
 
-/**
- * Spans as `ExportTraceServiceRequest`s of at most `maxBytes` each (one resource and one scope
- * per request, each span encoded once and the envelope written around the encoded spans). A span
- * that alone would not fit is left out and counted in `oversized`.
- */
-export function encodeExportRequests(
-  spans: readonly ReadableSpan[],
-  resource: Attributes,
-  scopeName: string,
-  maxBytes = Number.POSITIVE_INFINITY,
-): { chunks: OtlpChunk[]; oversized: number } {
+/** The parts every request of one process shares: its resource and scope, encoded once. */
+export interface OtlpEnvelope {
+  resource: Uint8Array;
+  scope: Uint8Array;
+}
+
+/** The envelope of a process's requests: `resource` attributes and the instrumentation scope's name. */
+export function otlpEnvelope(resource: Attributes, scopeName: string): OtlpEnvelope {
   const t = otlpTypes();
-  const resourceBytes = t.resource.encode({ attributes: keyValues(resource) }).finish();
-  const scopeBytes = t.scope.encode({ name: scopeName }).finish();
-  const fixed = resourceBytes.length + scopeBytes.length + ENVELOPE_BYTES;
+  return {
+    resource: t.resource.encode({ attributes: keyValues(resource) }).finish(),
+    scope: t.scope.encode({ name: scopeName }).finish(),
+  };
+}
+
+/** True when one span of `spanBytes` encoded bytes fits a request of at most `maxBytes` alone. */
+export function spanFits(envelope: OtlpEnvelope, spanBytes: number, maxBytes: number): boolean {
+  return envelope.resource.length + envelope.scope.length + ENVELOPE_BYTES + spanBytes + 6 <= maxBytes;
+}
+
+/**
+ * Encoded spans as `ExportTraceServiceRequest`s of at most `maxBytes` each (one resource and one
+ * scope per request, the envelope written around the encoded spans). Every span must fit alone
+ * ({@link spanFits}).
+ */
+export function assembleRequests(envelope: OtlpEnvelope, spans: readonly Uint8Array[], maxBytes: number): OtlpChunk[] {
+  const fixed = envelope.resource.length + envelope.scope.length + ENVELOPE_BYTES;
   const chunks: OtlpChunk[] = [];
-  let oversized = 0;
   let batch: Uint8Array[] = [];
   let batchBytes = fixed;
-  for (const span of spans) {
-    const encoded = encodeSpan(span);
+  for (const encoded of spans) {
     const cost = encoded.length + 6;
-    if (fixed + cost > maxBytes) {
-      oversized++;
-      continue;
-    }
-    if (batchBytes + cost > maxBytes) {
-      chunks.push(assemble(resourceBytes, scopeBytes, batch));
+    if (batch.length > 0 && batchBytes + cost > maxBytes) {
+      chunks.push(assemble(envelope, batch));
       batch = [];
       batchBytes = fixed;
     }
     batch.push(encoded);
     batchBytes += cost;
   }
-  if (batch.length > 0) chunks.push(assemble(resourceBytes, scopeBytes, batch));
-  return { chunks, oversized };
+  if (batch.length > 0) chunks.push(assemble(envelope, batch));
+  return chunks;
 }
 
 /** `ExportTraceServiceRequest{resource_spans: [{resource, scope_spans: [{scope, spans}]}]}`, by hand. */
-function assemble(resource: Uint8Array, scope: Uint8Array, spans: Uint8Array[]): OtlpChunk {
-  const scopeSpans = protobuf.Writer.create();
-  scopeSpans.uint32((1 << 3) | 2).bytes(scope);
-  for (const s of spans) scopeSpans.uint32((2 << 3) | 2).bytes(s);
-  const resourceSpans = protobuf.Writer.create();
-  resourceSpans.uint32((1 << 3) | 2).bytes(resource);
-  resourceSpans.uint32((2 << 3) | 2).bytes(scopeSpans.finish());
-  const request = protobuf.Writer.create();
-  request.uint32((1 << 3) | 2).bytes(resourceSpans.finish());
-  const bytes = request.finish();
+function assemble(envelope: OtlpEnvelope, spans: Uint8Array[]): OtlpChunk {
+  const w = protobuf.Writer.create();
+  w.uint32(tagOf(1)).fork();
+  w.uint32(tagOf(1)).bytes(envelope.resource);
+  w.uint32(tagOf(2)).fork();
+  w.uint32(tagOf(1)).bytes(envelope.scope);
+  for (const s of spans) w.uint32(tagOf(2)).bytes(s);
+  w.ldelim().ldelim();
+  const bytes = w.finish();
   return { bytes: Buffer.from(bytes.buffer, bytes.byteOffset, bytes.byteLength), spans: spans.length };
 }
 
@@ -175,9 +226,6 @@ export function decodeExportRequest(bytes: Uint8Array): ExportTraceRequest {
   const t = otlpTypes().request;
   return t.toObject(t.decode(bytes), { longs: String, bytes: Buffer, enums: Number }) as ExportTraceRequest;
 }
-
-const LENGTH_DELIMITED = 2;
-const tagOf = (field: number): number => (field << 3) | LENGTH_DELIMITED;
 
 /**
  * An agent's export request with every resource's `burrow.agent_id` set to `agentId` (whatever the

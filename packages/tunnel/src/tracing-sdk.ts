@@ -1,16 +1,14 @@
 import type { Attributes } from '@opentelemetry/api';
-import { ExportResultCode, type ExportResult } from '@opentelemetry/core';
 import { resourceFromAttributes } from '@opentelemetry/resources';
 import {
   BasicTracerProvider,
-  BatchSpanProcessor,
   ParentBasedSampler,
   type ReadableSpan,
-  type SpanExporter,
+  type SpanProcessor,
   TraceIdRatioBasedSampler,
 } from '@opentelemetry/sdk-trace-base';
 import { ATTR_SERVICE_NAME, ATTR_SERVICE_VERSION } from '@opentelemetry/semantic-conventions';
-import { encodeExportRequests, type OtlpChunk } from './otlp';
+import { assembleRequests, encodeSpan, otlpEnvelope, spanFits, type OtlpChunk, type OtlpEnvelope } from './otlp';
 import type { Tracing } from './tracing';
 
 /** Where finished spans go, already encoded as OTLP export requests. */
@@ -33,8 +31,8 @@ export interface TracingSetup {
   sink: SpanSink;
   /** Largest encoded request handed to the sink (the agent: one Telemetry frame). */
   maxRequestBytes?: number;
-  /** Finished spans held before export at most; more are dropped by the SDK (bounded memory). */
-  maxQueuedSpans?: number;
+  /** Encoded spans held between exports at most; more are dropped and counted (`queue_full`). */
+  maxQueuedBytes?: number;
   /** How often queued spans are exported. */
   exportIntervalMs?: number;
   /** `--trace-include-context` (agent). */
@@ -43,35 +41,73 @@ export interface TracingSetup {
   startDisabled?: boolean;
 }
 
-/** Default `maxQueuedSpans`: about 2 MiB of spans at most while the exporter is behind. */
-export const DEFAULT_MAX_QUEUED_SPANS = 4096;
+/** Default `maxQueuedBytes`: encoded spans held between exports. */
+export const DEFAULT_MAX_QUEUED_SPAN_BYTES = 4 * 1024 * 1024;
 /** Default export interval. */
 export const DEFAULT_TRACE_EXPORT_INTERVAL_MS = 1000;
 
-/** Encodes the SDK's batches to OTLP with the converter (otlp.ts) and hands them to the sink. */
-class EncodingExporter implements SpanExporter {
+/**
+ * Batching like the SDK's BatchSpanProcessor, but each span is encoded (otlp.ts) the moment it
+ * ends and only its bytes are kept: span objects die young instead of waiting a second in a queue
+ * and costing the old-generation GC. Every `exportIntervalMs`, or as soon as a full request's worth
+ * is queued, the bytes go to the sink as requests of at most `maxRequestBytes`. Bounded by
+ * `maxQueuedBytes`; past it a span is dropped and counted (`queue_full`).
+ */
+class EncodingSpanProcessor implements SpanProcessor {
+  private encoded: Uint8Array[] = [];
+  private queuedBytes = 0;
+  private timer: NodeJS.Timeout | undefined;
+  private envelope: OtlpEnvelope | undefined;
+
   constructor(
     private readonly sink: SpanSink,
     private readonly scopeName: string,
-    private readonly maxRequestBytes: number,
+    private readonly limits: { maxRequestBytes: number; maxQueuedBytes: number; exportIntervalMs: number },
   ) {}
 
-  export(spans: ReadableSpan[], done: (result: ExportResult) => void): void {
-    try {
-      const resource = spans[0]?.resource.attributes ?? {};
-      const { chunks, oversized } = encodeExportRequests(spans, resource, this.scopeName, this.maxRequestBytes);
-      for (const chunk of chunks) this.sink.accept(chunk);
-      if (oversized > 0) this.sink.dropped?.(oversized, 'too_large');
-      done({ code: ExportResultCode.SUCCESS });
-    } catch (error) {
-      done({ code: ExportResultCode.FAILED, error: error as Error });
+  onStart(): void {}
+
+  onEnd(span: ReadableSpan): void {
+    // The resource is the provider's, the same for every span: encoded once.
+    this.envelope ??= otlpEnvelope(span.resource.attributes, this.scopeName);
+    const bytes = encodeSpan(span);
+    if (!spanFits(this.envelope, bytes.length, this.limits.maxRequestBytes)) {
+      this.sink.dropped?.(1, 'too_large');
+      return;
     }
+    if (this.queuedBytes + bytes.length > this.limits.maxQueuedBytes) {
+      this.sink.dropped?.(1, 'queue_full');
+      return;
+    }
+    this.encoded.push(bytes);
+    this.queuedBytes += bytes.length;
+    if (this.queuedBytes >= Math.min(this.limits.maxRequestBytes, MAX_BATCH_BYTES)) this.exportNow();
+    else if (!this.timer) this.timer = setTimeout(() => this.exportNow(), this.limits.exportIntervalMs).unref();
+  }
+
+  private exportNow(): void {
+    clearTimeout(this.timer);
+    this.timer = undefined;
+    if (this.encoded.length === 0 || !this.envelope) return;
+    const spans = this.encoded;
+    this.encoded = [];
+    this.queuedBytes = 0;
+    for (const chunk of assembleRequests(this.envelope, spans, this.limits.maxRequestBytes)) this.sink.accept(chunk);
+  }
+
+  forceFlush(): Promise<void> {
+    this.exportNow();
+    return Promise.resolve();
   }
 
   shutdown(): Promise<void> {
+    this.exportNow();
     return Promise.resolve();
   }
 }
+
+/** A batch is handed on once this many encoded bytes are queued, before the interval is up. */
+const MAX_BATCH_BYTES = 256 * 1024;
 
 /** A running tracer: {@link Tracing} for the code that makes spans, plus its flush and shutdown. */
 export interface TracingRuntime {
@@ -83,7 +119,7 @@ export interface TracingRuntime {
 
 /**
  * The SDK behind a binary's {@link Tracing}: ParentBased(TraceIdRatioBased(sampleRatio)) sampling,
- * a batch processor with a bounded queue, and the OTLP encoder in front of `setup.sink`. No global
+ * and {@link EncodingSpanProcessor} (encode at the end, batch, bounded) in front of `setup.sink`. No global
  * provider or context manager is registered: Burrow passes parents explicitly.
  */
 export function startTracing(setup: TracingSetup): TracingRuntime {
@@ -95,14 +131,11 @@ export function startTracing(setup: TracingSetup): TracingRuntime {
       ...setup.resource,
     }),
     spanProcessors: [
-      new BatchSpanProcessor(
-        new EncodingExporter(setup.sink, setup.serviceName, setup.maxRequestBytes ?? Number.POSITIVE_INFINITY),
-        {
-          maxQueueSize: setup.maxQueuedSpans ?? DEFAULT_MAX_QUEUED_SPANS,
-          maxExportBatchSize: 512,
-          scheduledDelayMillis: setup.exportIntervalMs ?? DEFAULT_TRACE_EXPORT_INTERVAL_MS,
-        },
-      ),
+      new EncodingSpanProcessor(setup.sink, setup.serviceName, {
+        maxRequestBytes: setup.maxRequestBytes ?? Number.POSITIVE_INFINITY,
+        maxQueuedBytes: setup.maxQueuedBytes ?? DEFAULT_MAX_QUEUED_SPAN_BYTES,
+        exportIntervalMs: setup.exportIntervalMs ?? DEFAULT_TRACE_EXPORT_INTERVAL_MS,
+      }),
     ],
   });
   const tracing: Tracing = {
