@@ -61,8 +61,8 @@ export class TelemetryUploader implements SpanSink {
     this.pump();
   }
 
-  dropped(spans: number, reason: string): void {
-    this.onDropped(spans, reason as DropReason);
+  dropped(spans: number, reason: 'too_large' | 'queue_full'): void {
+    this.onDropped(spans, reason);
   }
 
   /** Sends queued frames while a tunnel takes them (called on new spans and when a tunnel comes up). */

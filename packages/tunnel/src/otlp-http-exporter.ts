@@ -89,6 +89,11 @@ export class OtlpHttpExporter implements SpanSink {
     });
   }
 
+  /** Spans the tracer dropped before they got here: counted like the exporter's own drops. */
+  dropped(spans: number, reason: 'too_large' | 'queue_full', bytes: number): void {
+    this.opts.onDropped(bytes, spans, 'queue_full', reason);
+  }
+
   /** Sends what is queued now; resolves when the queue is empty or every batch was dropped. */
   async flush(): Promise<void> {
     while (this.sending) await this.sending;

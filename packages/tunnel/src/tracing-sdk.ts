@@ -15,8 +15,11 @@ import type { Tracing } from './tracing';
 export interface SpanSink {
   /** Takes one encoded request; must not block (it queues, sends later or drops and counts). */
   accept(chunk: OtlpChunk): void;
-  /** Spans dropped before they reached the sink (one too large to encode within `maxRequestBytes`). */
-  dropped?(spans: number, reason: string): void;
+  /**
+   * Spans dropped before they reached the sink, with their encoded bytes: `too_large` (one span
+   * over `maxRequestBytes`), `queue_full` (over `maxQueuedBytes` between exports).
+   */
+  dropped?(spans: number, reason: 'too_large' | 'queue_full', bytes: number): void;
 }
 
 /** How a binary's tracing is set up (its CLI flags). */
@@ -72,11 +75,11 @@ class EncodingSpanProcessor implements SpanProcessor {
     this.envelope ??= otlpEnvelope(span.resource.attributes, this.scopeName);
     const bytes = encodeSpan(span);
     if (!spanFits(this.envelope, bytes.length, this.limits.maxRequestBytes)) {
-      this.sink.dropped?.(1, 'too_large');
+      this.sink.dropped?.(1, 'too_large', bytes.length);
       return;
     }
     if (this.queuedBytes + bytes.length > this.limits.maxQueuedBytes) {
-      this.sink.dropped?.(1, 'queue_full');
+      this.sink.dropped?.(1, 'queue_full', bytes.length);
       return;
     }
     this.encoded.push(bytes);
