@@ -444,8 +444,8 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
 
   /** The SERVER span of a call the broker carried here; its parent is the broker's CLIENT span. */
   private serverSpan(method: string, headers: http2.IncomingHttpHeaders, callId: string): Span {
+    // burrow.agent_id is on the resource of every agent span (the broker stamps it): not repeated.
     return startRpcSpan(this.opts.tracing, SpanKind.SERVER, method, remoteParent(headers[TRACEPARENT_KEY]), {
-      [BURROW_ATTRIBUTES.agentId]: this.opts.agentId,
       [BURROW_ATTRIBUTES.callId]: callId,
       [BURROW_ATTRIBUTES.brokerId]: this.brokerId,
     });
@@ -555,7 +555,6 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
     const { tracing } = this.opts;
     const span = tracing.enabled
       ? startRpcSpan(tracing, SpanKind.CLIENT, def.path, ROOT_CONTEXT, {
-          [BURROW_ATTRIBUTES.agentId]: this.opts.agentId,
           [BURROW_ATTRIBUTES.brokerId]: this.brokerId,
         })
       : undefined;

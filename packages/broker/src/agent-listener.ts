@@ -44,7 +44,6 @@ import {
   type Logger,
   type PeerIdentity,
   type SessionFrame,
-  BURROW_ATTRIBUTES,
   SpanKind,
   TRACEPARENT_KEY,
   endRpcSpan,
@@ -715,9 +714,7 @@ export class AgentListener {
     const certificate = socket.authorized ? peerCertificateOf(socket) : undefined;
     const tracing = this.deps.telemetry?.tracing;
     const span = tracing?.enabled
-      ? startRpcSpan(tracing, SpanKind.SERVER, method, remoteParent(traceparent), {
-          [BURROW_ATTRIBUTES.brokerId]: this.deps.brokerId,
-        })
+      ? startRpcSpan(tracing, SpanKind.SERVER, method, remoteParent(traceparent))
       : undefined;
     const answered = answerUnary(
       stream,

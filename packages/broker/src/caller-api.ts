@@ -40,7 +40,7 @@ import {
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { countIfLimited, type CallLimiter } from './call-limiter';
-import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
+import { ALLOW_ALL_CALLERS, type CallerAuthorizer, type CallerDecision } from './caller-authorizer';
 import type { CredentialWatch, WatchedListener } from './credential-watch';
 import type { AgentDirectory } from './agent-directory';
 import { CALLER_RULE, checkPeer, presentedBy, type PresentedPeer } from './peer-admission';
@@ -308,7 +308,9 @@ export class CallerApi {
     const span = this.deps.tracing.enabled
       ? this.serverSpan(call.method, headers[TRACEPARENT_KEY], headers.tracestate)
       : undefined;
-    const admission = span && startChildSpan(this.deps.tracing, 'burrow.admission', span);
+    // Admission is a span of its own where it decides something worth timing: a caller policy.
+    const admission =
+      span && this.deps.authorizer !== ALLOW_ALL_CALLERS && startChildSpan(this.deps.tracing, 'burrow.admission', span);
     let admitted: AdmittedCall;
     try {
       admitted = this.admit(presentedOf(stream), agentIdOfCall(call.headers), call.method, 'grpc', span);
@@ -388,9 +390,8 @@ export class CallerApi {
   /** The SERVER span of a call on the caller API, continuing the caller's traceparent. */
   private serverSpan(method: string, traceparent: unknown, tracestate?: unknown): Span {
     const parent = remoteParent(traceparent, tracestate);
-    return startRpcSpan(this.deps.tracing, SpanKind.SERVER, method, parent, {
-      [BURROW_ATTRIBUTES.brokerId]: this.deps.brokerId,
-    });
+    // burrow.broker_id is on the resource of every broker span: not repeated per span.
+    return startRpcSpan(this.deps.tracing, SpanKind.SERVER, method, parent);
   }
 
   /** The CLIENT span of a call's hop down an agent's tunnel (or to the broker holding it). */
@@ -398,7 +399,6 @@ export class CallerApi {
     const span = startRpcSpan(this.deps.tracing, SpanKind.CLIENT, admitted.method, parent, {
       [BURROW_ATTRIBUTES.agentId]: admitted.agentId,
       [BURROW_ATTRIBUTES.callId]: admitted.callId,
-      [BURROW_ATTRIBUTES.brokerId]: this.deps.brokerId,
     });
     if (peer) span.setAttribute('server.address', peer);
     return span;

@@ -230,7 +230,6 @@ export class PeerListener {
     const attributes = {
       [BURROW_ATTRIBUTES.agentId]: agentId,
       [BURROW_ATTRIBUTES.callId]: callId,
-      [BURROW_ATTRIBUTES.brokerId]: this.deps.brokerId,
     };
     const parent = remoteParent(call.headers[TRACEPARENT_KEY], call.headers.tracestate);
     const server = startRpcSpan(tracing, SpanKind.SERVER, call.method, parent, attributes);

@@ -116,12 +116,9 @@ export function startRpcSpan(
   const service = path.slice(path.startsWith('/') ? 1 : 0, Math.max(slash, 0));
   const name = slash >= 0 ? path.slice(slash + 1) : path;
   const ctx = 'spanContext' in parent ? trace.setSpan(ROOT_CONTEXT, parent) : parent;
-  const span = tracing.tracer.startSpan(`${service}/${name}`, { kind, startTime: epochMs() }, ctx);
-  span.setAttribute('rpc.system', 'grpc');
-  span.setAttribute('rpc.service', service);
-  span.setAttribute('rpc.method', name);
-  if (attributes) span.setAttributes(attributes);
-  return span;
+  // Given at the start, in one object: the SDK checks a span's attributes once instead of per call.
+  const all: Attributes = { 'rpc.system': 'grpc', 'rpc.service': service, 'rpc.method': name, ...attributes };
+  return tracing.tracer.startSpan(`${service}/${name}`, { kind, startTime: epochMs(), attributes: all }, ctx);
 }
 
 /** Starts a span of this process under `parent` (INTERNAL unless `kind` says otherwise). */
