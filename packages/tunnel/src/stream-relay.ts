@@ -22,6 +22,7 @@ import { forwardedRequestMetadata, forwardedResponseMetadata, type HeaderBlock }
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR } = http2.constants;
 const END_STREAM_FLAG = 0x1;
+const NEVER_INDEXED = ['traceparent'];
 
 /** Lets the owner of a call end it while it is carried (a revoked or expired credential). */
 export interface CallCutter {
@@ -66,6 +67,10 @@ export function nextHopHeaders(
   headers.te = 'trailers';
   const timeout = timeoutHeader(deadlineMs, Date.now());
   if (timeout) headers['grpc-timeout'] = timeout;
+  // A traceparent is new on every call: indexed by HPACK, each one would push the headers every
+  // call repeats out of the connection's table. Sent as a literal that is never indexed instead.
+  if (headers.traceparent !== undefined)
+    (headers as unknown as Record<symbol, unknown>)[http2.sensitiveHeaders] = NEVER_INDEXED;
   return headers;
 }
 
