@@ -840,7 +840,8 @@ export class Broker {
     this.authzen?.closeAllConnections();
     await authzenClosed;
     await this.authorizer.close();
-    await this.telemetry.stop();
+    // Unset when start() failed before it got this far.
+    await this.telemetry?.stop();
     if (this.admin) {
       const admin = this.admin;
       admin.closeAllConnections();
