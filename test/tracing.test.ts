@@ -140,6 +140,7 @@ describe('tracing across the tunnel (OpenTelemetry, OTLP)', function () {
     let broker: BurrowProcess;
     let agent: BurrowProcess;
     let bports: BrokerPorts;
+    let aports: { localPort?: number };
     let jwksFile: string;
     const jose = loadJose();
     let key: Awaited<ReturnType<typeof makeKey>>;
@@ -155,8 +156,17 @@ describe('tracing across the tunnel (OpenTelemetry, OTLP)', function () {
       const callers = path.join(pki.root, 'callers');
       mkdirSync(callers, { recursive: true });
       writeFileSync(path.join(callers, 'all.cedar'), '@id("everyone") permit(principal, action, resource);\n');
-      const brokerExtra = ['--otlp-endpoint', receiver.endpoint, '--caller-policies', callers];
-      ({ broker, bports, agent } = await startPair(brokerExtra, [...policy, ...authn]));
+      // The echo upstream doubles as the platform upstream for site -> platform calls.
+      const brokerExtra = [
+        '--otlp-endpoint',
+        receiver.endpoint,
+        '--caller-policies',
+        callers,
+        '--upstream',
+        `*=${echo.address}`,
+      ];
+      const local = ['--local-listen', '127.0.0.1:0'];
+      ({ broker, bports, agent, aports } = await startPair(brokerExtra, [...policy, ...authn, ...local]));
       receiver.watchPids = [broker.pid, agent.pid];
     });
     after(async () => {
@@ -221,6 +231,34 @@ describe('tracing across the tunnel (OpenTelemetry, OTLP)', function () {
         expect(metricSum(m, 'burrow_broker_telemetry_frames_total', 'result="accepted"')).to.be.greaterThan(0);
       },
     );
+
+    it("a site client's call to the platform: agent SERVER -> agent CLIENT -> broker SERVER -> broker CLIENT", async () => {
+      const caller = callerContext();
+      const seenByUpstream = new Promise<Metadata>((resolve) =>
+        echo.once('call', (c: { metadata: Metadata }) => resolve(c.metadata)),
+      );
+      const site = new RawClient(`127.0.0.1:${aports.localPort}`);
+      clients.push(site);
+      const md = new Metadata();
+      md.set('traceparent', caller.traceparent);
+      expect((await site.unary(ECHO.unary, Buffer.from('up'), md)).response.toString()).to.equal('up');
+      const spans = await receiver.waitFor('the four spans of the site call', (all) => {
+        return all.filter((s) => s.traceId === caller.traceId).length >= 4;
+      });
+      const trace = spans.filter((s) => s.traceId === caller.traceId);
+      const agentServer = one(trace, 'agent SERVER', from('burrow-agent', SPAN_KIND.SERVER, METHOD_NAME));
+      const agentClient = one(trace, 'agent CLIENT', from('burrow-agent', SPAN_KIND.CLIENT, METHOD_NAME));
+      const brokerServer = one(trace, 'broker SERVER', from('burrow-broker', SPAN_KIND.SERVER, METHOD_NAME));
+      const brokerClient = one(trace, 'broker CLIENT', from('burrow-broker', SPAN_KIND.CLIENT, METHOD_NAME));
+      expect(agentServer.parentSpanId).to.equal(caller.spanId);
+      expectChild(agentClient, agentServer);
+      expectChild(brokerServer, agentClient);
+      expectChild(brokerClient, brokerServer);
+      expect(brokerServer.attributes['burrow.agent_id']).to.equal(AGENT);
+      expect((await seenByUpstream).get('traceparent')).to.deep.equal([
+        `00-${caller.traceId}-${brokerClient.spanId}-01`,
+      ]);
+    });
 
     it('Evaluate and Authenticate spans carry the decision, never the token or the request context', async () => {
       const token = await signToken(await jose, key, { sub: 'alice' });

@@ -20,6 +20,11 @@ import {
   type Logger,
   recordCallFinished,
   listenOn,
+  SpanKind,
+  endRpcSpan,
+  remoteParent,
+  startRpcSpan,
+  traceLogFields,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
 import { readState, writeFileAtomic, writeState } from './state-dir';
@@ -702,7 +707,13 @@ export class Agent {
       this.metrics.calls.inc({ direction: 'to_broker', code: statusName(stream.closed ? Status.CANCELLED : err.code) });
       return;
     }
-    const outcome = await conn.forward(stream, headers, raw, deadlineMs);
+    const { tracing } = this.telemetry;
+    // A site client's call: its traceparent continued, the broker's hop a CLIENT span (BrokerConnection.forward).
+    const span = tracing.enabled
+      ? startRpcSpan(tracing, SpanKind.SERVER, method, remoteParent(headers.traceparent, headers.tracestate))
+      : undefined;
+    const outcome = await conn.forward(stream, headers, raw, deadlineMs, span);
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
     recordCallFinished(this.logger, this.metrics, {
       direction: 'to_broker',
       code: outcome.code,
@@ -710,7 +721,7 @@ export class Agent {
       startedMs,
       requestBytes: outcome.requestBytes,
       responseBytes: outcome.responseBytes,
-      log: { broker: conn.address, method },
+      log: { broker: conn.address, method, ...traceLogFields(span) },
     });
   }
 

@@ -527,23 +527,29 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
     headers: http2.IncomingHttpHeaders,
     raw: string[],
     deadlineMs: number,
+    parent?: Span,
   ): Promise<CallOutcome> {
     const method = String(headers[':path'] ?? '');
     const peerName = `broker ${this.opts.address}`;
     this.activeCalls++;
     this.opts.metrics.tunnelStreams.inc({ state: 'active' });
+    const owned: Record<string, string> = { [CALL_ID_KEY]: this.callIds.next() };
+    const span = parent && startRpcSpan(this.opts.tracing, SpanKind.CLIENT, method, parent);
+    if (span) owned[TRACEPARENT_KEY] = traceparentOf(span);
+    let outcome: CallOutcome;
     try {
-      const owned = { [CALL_ID_KEY]: this.callIds.next() };
       const next = nextHopHeaders(method, this.opts.address, raw, deadlineMs, owned, headers['content-type']);
       const out = openStream(this.platformSession(), next, peerName);
-      return await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
+      outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
     } catch (err) {
       const e = toBurrowError(err);
       endWithStatus(stream, e.code, e.message);
-      return { code: e.code, details: e.message, requestBytes: 0, responseBytes: 0 };
+      outcome = { code: e.code, details: e.message, requestBytes: 0, responseBytes: 0 };
     } finally {
       this.callEnded();
     }
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
+    return outcome;
   }
 
   /**

@@ -49,6 +49,10 @@ import {
   endRpcSpan,
   remoteParent,
   startRpcSpan,
+  BURROW_ATTRIBUTES,
+  traceLogFields,
+  traceparentOf,
+  type Span,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { type BrokerTelemetry, TelemetryAllowance } from './broker-telemetry';
@@ -645,36 +649,19 @@ export class AgentListener {
     agent: PeerIdentity,
     deadlineMs: number,
   ): Promise<void> {
-    const { metrics, logger, platformUpstreams } = this.deps;
+    const { metrics, logger } = this.deps;
     const startedMs = Date.now();
     const callId = this.callIds.fromHeader(headers[CALL_ID_KEY]);
     metrics.callsInFlight.inc({ direction: 'from_agent' });
-    let outcome: { code: number; details: string; requestBytes?: number; responseBytes?: number };
-    const upstream = platformUpstreams.sessionFor(method);
-    if (!upstream) {
-      outcome = answerUnimplemented(stream, `no platform upstream for the service of ${method} at this broker`);
-    } else {
-      const peerName = `platform upstream ${upstream.address}`;
-      try {
-        const out = openStream(
-          upstream.session,
-          nextHopHeaders(
-            method,
-            upstream.address,
-            raw,
-            deadlineMs,
-            { [CALLING_AGENT_KEY]: agent.name },
-            headers['content-type'],
-          ),
-          peerName,
-        );
-        outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.deps.maxMessageBytes, deadlineMs });
-      } catch (err) {
-        const e = toBurrowError(err);
-        endWithStatus(stream, e.code, e.message);
-        outcome = { code: e.code, details: e.message };
-      }
-    }
+    const tracing = this.deps.telemetry?.tracing;
+    const span = tracing?.enabled
+      ? startRpcSpan(tracing, SpanKind.SERVER, method, remoteParent(headers[TRACEPARENT_KEY], headers.tracestate), {
+          [BURROW_ATTRIBUTES.agentId]: agent.name,
+          [BURROW_ATTRIBUTES.callId]: callId,
+        })
+      : undefined;
+    const outcome = await this.relayToPlatform(stream, method, raw, headers, agent, deadlineMs, span);
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
     metrics.callsInFlight.dec({ direction: 'from_agent' });
     recordCallFinished(logger, metrics, {
       direction: 'from_agent',
@@ -684,8 +671,39 @@ export class AgentListener {
       requestBytes: outcome.requestBytes,
       responseBytes: outcome.responseBytes,
       callLabels: { method: metrics.methodLabel(method) },
-      log: { agentId: agent.name, callId, method },
+      log: { agentId: agent.name, callId, method, ...traceLogFields(span) },
     });
+  }
+
+  /** {@link answerSiteCall}'s relay to the platform upstream, in a CLIENT span when traced. */
+  private async relayToPlatform(
+    stream: http2.ServerHttp2Stream,
+    method: string,
+    raw: string[],
+    headers: http2.IncomingHttpHeaders,
+    agent: PeerIdentity,
+    deadlineMs: number,
+    span: Span | undefined,
+  ): Promise<{ code: number; details: string; requestBytes?: number; responseBytes?: number; settledAt?: number }> {
+    const upstream = this.deps.platformUpstreams.sessionFor(method);
+    if (!upstream)
+      return answerUnimplemented(stream, `no platform upstream for the service of ${method} at this broker`);
+    const peerName = `platform upstream ${upstream.address}`;
+    const client = span && startRpcSpan(this.deps.telemetry!.tracing, SpanKind.CLIENT, method, span);
+    const owned: Record<string, string> = { [CALLING_AGENT_KEY]: agent.name };
+    if (client) owned[TRACEPARENT_KEY] = traceparentOf(client);
+    let outcome: Awaited<ReturnType<AgentListener['relayToPlatform']>>;
+    try {
+      const next = nextHopHeaders(method, upstream.address, raw, deadlineMs, owned, headers['content-type']);
+      const out = openStream(upstream.session, next, peerName);
+      outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.deps.maxMessageBytes, deadlineMs });
+    } catch (err) {
+      const e = toBurrowError(err);
+      endWithStatus(stream, e.code, e.message);
+      outcome = { code: e.code, details: e.message };
+    }
+    if (client) endRpcSpan(client, outcome.code, outcome.details, outcome.settledAt);
+    return outcome;
   }
 
   /** Enroll (no client certificate needed) and Renew, when this broker has a PKI directory. */
