@@ -232,7 +232,7 @@ describe('tracing across the tunnel (OpenTelemetry, OTLP)', function () {
       },
     );
 
-    it("a site client's call to the platform: agent SERVER -> agent CLIENT -> broker SERVER -> broker CLIENT", async () => {
+    it("a site client's call to the platform: agent SERVER, agent CLIENT, broker SERVER, broker CLIENT", async () => {
       const caller = callerContext();
       const seenByUpstream = new Promise<Metadata>((resolve) =>
         echo.once('call', (c: { metadata: Metadata }) => resolve(c.metadata)),

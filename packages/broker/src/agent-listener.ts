@@ -660,7 +660,7 @@ export class AgentListener {
           [BURROW_ATTRIBUTES.callId]: callId,
         })
       : undefined;
-    const outcome = await this.relayToPlatform(stream, method, raw, headers, agent, deadlineMs, span);
+    const outcome = await this.relayToPlatform({ stream, method, raw, headers, agent, deadlineMs }, span);
     if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
     metrics.callsInFlight.dec({ direction: 'from_agent' });
     recordCallFinished(logger, metrics, {
@@ -677,14 +677,17 @@ export class AgentListener {
 
   /** {@link answerSiteCall}'s relay to the platform upstream, in a CLIENT span when traced. */
   private async relayToPlatform(
-    stream: http2.ServerHttp2Stream,
-    method: string,
-    raw: string[],
-    headers: http2.IncomingHttpHeaders,
-    agent: PeerIdentity,
-    deadlineMs: number,
+    call: {
+      stream: http2.ServerHttp2Stream;
+      method: string;
+      raw: string[];
+      headers: http2.IncomingHttpHeaders;
+      agent: PeerIdentity;
+      deadlineMs: number;
+    },
     span: Span | undefined,
   ): Promise<{ code: number; details: string; requestBytes?: number; responseBytes?: number; settledAt?: number }> {
+    const { stream, method, raw, headers, agent, deadlineMs } = call;
     const upstream = this.deps.platformUpstreams.sessionFor(method);
     if (!upstream)
       return answerUnimplemented(stream, `no platform upstream for the service of ${method} at this broker`);
