@@ -23,6 +23,16 @@ function evaluateTargets(cases) {
   t.unary_rps_c64 = { rule: 'burrow calls/s at c=64 >= 0.4x direct', value: c64, limit: 0.4, met: atLeast(c64, 0.4) };
   const pol = ratio(p?.burrow_policy?.p50_us, p?.floor?.p50_us);
   t.policy_p50 = { rule: 'policy decision p50 <= 2x the one-hop floor', value: pol, limit: 2, met: atMost(pol, 2) };
+  // Issue 18: tracing every call (ratio 1.0) costs at most 10% more CPU per call, broker + agent.
+  for (const kind of ['unary', 'policy']) {
+    const pct = cases.tracing?.[kind]?.cpuOverheadPct;
+    t[`tracing_${kind}_cpu`] = {
+      rule: `${kind}: broker + agent CPU per call with tracing on (ratio 1.0) <= 1.10x off`,
+      value: pct === null || pct === undefined ? null : Math.round((1 + pct / 100) * 100) / 100,
+      limit: 1.1,
+      met: pct === null || pct === undefined ? null : pct <= 10,
+    };
+  }
   const st = ratio(s?.burrow?.mb_s, s?.direct?.mb_s);
   t.stream_vs_direct = { rule: 'stream MB/s >= 0.5x direct', value: st, limit: 0.5, met: atLeast(st, 0.5) };
   const ss = ratio(s?.burrow?.mb_s, s?.ssh?.mb_s);
@@ -264,6 +274,34 @@ function tableLines(result) {
       '',
       '',
     );
+  }
+  const tr = cases.tracing;
+  if (tr) {
+    lines.push('');
+    row('tracing (c=64)', 'off', 'on (ratio 1.0)', 'on/off', 'target', 'result');
+    row('---', '---:', '---:', '---:', '---', '---');
+    for (const kind of ['unary', 'policy']) {
+      const c = tr[kind];
+      const target = t[`tracing_${kind}_cpu`];
+      row(`${kind} calls/s`, fmt(c.off.rps_c64), fmt(c.on.rps_c64), times(ratio(c.on.rps_c64, c.off.rps_c64)), '', '');
+      for (const proc of ['broker', 'agent'])
+        row(
+          `${kind} CPU µs per call, ${proc}`,
+          fmt(c.off[`cpuUsPerCall_${proc}`]),
+          fmt(c.on[`cpuUsPerCall_${proc}`]),
+          times(ratio(c.on[`cpuUsPerCall_${proc}`], c.off[`cpuUsPerCall_${proc}`])),
+          '',
+          '',
+        );
+      row(
+        `${kind} CPU µs per call, broker + agent`,
+        fmt(c.off.cpuUsPerCall_total),
+        fmt(c.on.cpuUsPerCall_total),
+        targetTimes(target),
+        '<= 1.10x',
+        verdict(target),
+      );
+    }
   }
   const sc = cases.scale;
   const is = cases.issuance;

@@ -17,6 +17,9 @@
 //   make bench                       # quick profile (< 5 min on 2 cores)
 //   BENCH_PROFILE=full make bench    # full profile (10,000 agents, 10 s streams, more rounds)
 //   BENCH_CASES=unary,policy,stream,scale,issuance   run only some cases (development)
+//   BENCH_CASES=tracing              the cost of tracing: unary and policy calls with a broker and
+//                                    agent tracing every call (ratio 1.0, a local OTLP sink) next
+//                                    to a pair with tracing off (in the default set too)
 //   BENCH_AGENTS=N                   agents in the scale case instead of the profile's
 //   BENCH_ROUNDS=N                   rounds instead of the profile's
 //   BENCH_CPU_PROF_DIR=DIR           run broker, agent and the first agent swarm with --cpu-prof into DIR
@@ -31,6 +34,7 @@ const { API_CODECS, POLICY_METHODS } = require('@burrow/tunnel');
 const { createCsr, createJoinToken, signCsr } = require('@burrow/pki');
 const { IpcChild } = require('./ipc');
 const { startSshTunnel } = require('./ssh-tunnel');
+const http = require('node:http');
 const { printTable, evaluateTargets } = require('./report');
 
 const ROOT = path.resolve(__dirname, '..');
@@ -82,7 +86,7 @@ const P = PROFILES[PROFILE_NAME];
 if (!P) throw new Error(`BENCH_PROFILE must be one of ${Object.keys(PROFILES).join(', ')}`);
 if (process.env.BENCH_AGENTS) P.scaleAgents = Number(process.env.BENCH_AGENTS);
 if (process.env.BENCH_ROUNDS) P.rounds = Number(process.env.BENCH_ROUNDS);
-const CASES = (process.env.BENCH_CASES ?? 'unary,policy,stream,scale,issuance').split(',');
+const CASES = (process.env.BENCH_CASES ?? 'unary,policy,stream,scale,issuance,tracing').split(',');
 const CPU_PROF_DIR = process.env.BENCH_CPU_PROF_DIR ? path.resolve(process.env.BENCH_CPU_PROF_DIR) : undefined;
 
 /** Scheduling priority of the agent swarm processes (the broker's is 0). */
@@ -941,6 +945,130 @@ async function runIssuance(ctx, result) {
   };
 }
 
+// ---- tracing: the cost of spans, ratio 1.0 vs off ------------------------------------------------
+
+/**
+ * An OTLP/HTTP sink on loopback that takes every export request (200) and counts its bytes: the
+ * collector of the tracing case, in this process so its CPU is not on the measured path.
+ */
+async function startOtlpSink() {
+  const sink = { requests: 0, bytes: 0 };
+  const server = http.createServer((req, res) => {
+    req.on('data', (c) => {
+      sink.bytes += c.length;
+    });
+    req.on('end', () => {
+      sink.requests++;
+      res.writeHead(200, { 'content-type': 'application/x-protobuf' }).end();
+    });
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  sink.endpoint = `http://127.0.0.1:${server.address().port}`;
+  sink.close = () => new Promise((resolve) => server.close(resolve));
+  return sink;
+}
+
+/** A broker and an agent (with policies, cache off) for the tracing case; `brokerExtra` turns tracing on. */
+async function startTracingPair(ctx, name, brokerExtra) {
+  const { dirs, echo } = ctx;
+  const [agentPort, apiPort, adminPort] = await freePorts(3);
+  const ports = { agent: agentPort, api: apiPort, admin: adminPort };
+  const broker = await startBurrow(
+    `broker-${name}`,
+    BROKER_CLI,
+    brokerArgs(ports, certFiles(dirs.broker), brokerExtra),
+    {
+      startedMessage: 'broker started',
+    },
+  );
+  const agent = await startBurrow(
+    `agent-${name}`,
+    AGENT_CLI,
+    [
+      'run',
+      '--broker',
+      `127.0.0.1:${agentPort}`,
+      ...tlsArgs(certFiles(dirs.agent)),
+      '--upstream',
+      `*=${echo}`,
+      '--policies',
+      path.join(ROOT, 'examples', 'policy', 'policies'),
+      '--entities',
+      path.join(ROOT, 'examples', 'policy', 'entities.json'),
+      '--policy-cache-ttl',
+      '0s',
+      '--audit-log',
+      path.join(tmp, `audit-${name}.jsonl`),
+    ],
+    { startedMessage: 'agent started' },
+  );
+  await agent.proc.waitForLog('tunnel session established', undefined, { timeoutMs: 15_000 });
+  const caller = forkChild('caller.js', `caller-${name}`);
+  await caller.call('connect', {
+    address: `127.0.0.1:${apiPort}`,
+    tls: certFiles(dirs.caller),
+    agentIds: [SITE_AGENT_ID],
+  });
+  return { broker, agent, caller, pids: { broker: broker.proc.pid, agent: agent.proc.pid } };
+}
+
+/**
+ * Issue 18: what tracing costs per call. Two broker + agent pairs, one tracing every call (ratio
+ * 1.0: a broker SERVER, admission and CLIENT span, an agent SERVER and CLIENT or Cedar span, the
+ * agent's spans up the tunnel, all exported to a local OTLP sink) and one with tracing off; unary
+ * echo and policy decisions at c=64, CPU µs per call of the broker and the agent, rounds alternated.
+ */
+async function runTracing(ctx, result) {
+  const sink = await startOtlpSink();
+  const pairs = {
+    off: await startTracingPair(ctx, 'trace-off', []),
+    on: await startTracingPair(ctx, 'trace-on', ['--otlp-endpoint', sink.endpoint, '--trace-sample-ratio', '1']),
+  };
+  const payloadB64 = Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64');
+  const policyB64 = API_CODECS.evaluationRequest
+    .encode(JSON.parse(fs.readFileSync(POLICY_REQUEST_FILE, 'utf8')))
+    .toString('base64');
+  const methods = { unary: [ECHO.unary, payloadB64], policy: [POLICY_METHODS.evaluate, policyB64] };
+  const out = {
+    unary: { off: new SideResult(), on: new SideResult() },
+    policy: { off: new SideResult(), on: new SideResult() },
+  };
+  for (let round = 0; round < P.rounds; round++) {
+    log(`tracing round ${round + 1}/${P.rounds}`);
+    const modes = round % 2 === 0 ? ['off', 'on'] : ['on', 'off'];
+    for (const [kind, [method, b64]] of Object.entries(methods)) {
+      for (const mode of modes) {
+        const { caller, pids } = pairs[mode];
+        const args = { method, payloadB64: b64, concurrency: 64, durationMs: P.rpsMs, warmupMs: P.rpsWarmupMs };
+        const r = await withCpuPerCall(pids, () => caller.call('throughput', args));
+        out[kind][mode].add('rps_c64', r.rps, r);
+        for (const [proc, us] of Object.entries(r.cpuUsPerCall)) out[kind][mode].add(`cpuUsPerCall_${proc}`, us, {});
+        out[kind][mode].add('cpuUsPerCall_total', r.cpuUsPerCall.broker + r.cpuUsPerCall.agent, {});
+      }
+    }
+  }
+  const plain = (bySide) => Object.fromEntries(Object.entries(bySide).map(([side, r]) => [side, r.toJSON()]));
+  const overhead = (c) => {
+    const off = c.off.cpuUsPerCall_total;
+    return off ? Math.round(((c.on.cpuUsPerCall_total - off) / off) * 1000) / 10 : null;
+  };
+  const unary = plain(out.unary);
+  const policy = plain(out.policy);
+  result.cases.tracing = {
+    is: 'ratio 1.0 sampling, spans exported to a local OTLP/HTTP sink (agent spans through the tunnel) vs tracing off',
+    concurrency: 64,
+    unary: { ...unary, cpuOverheadPct: overhead(unary) },
+    policy: { ...policy, cpuOverheadPct: overhead(policy) },
+    sink: { requests: sink.requests, bytes: sink.bytes },
+  };
+  for (const { caller, broker, agent } of Object.values(pairs)) {
+    await caller.call('close');
+    await caller.kill();
+    await Promise.all([stopGracefully(agent.proc), stopGracefully(broker.proc)]);
+  }
+  await sink.close();
+}
+
 // ---- main -----------------------------------------------------------------------------------
 
 async function main() {
@@ -982,6 +1110,7 @@ async function main() {
   const { echo, floor } = await upstream.call('addresses');
   const ctx = { dirs, echo, floor, upstreamPid: upstream.proc.pid };
   if (['unary', 'policy', 'stream'].some((c) => CASES.includes(c))) await runTunnelCases(ctx, result);
+  if (CASES.includes('tracing')) await runTracing(ctx, result);
   if (CASES.includes('scale')) await runScale(ctx, result);
   if (CASES.includes('issuance')) await runIssuance(ctx, result);
 

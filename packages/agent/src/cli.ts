@@ -41,6 +41,7 @@ import { policyCommand, type PolicyCliIo } from './policy-cli';
 import { AUTHN_RUN_OPTIONS, authnConfigFromArgs } from './authn/authn-config';
 import { selfCheck } from './self-check';
 import { GatewayMappingError, loadGatewayMapping, type GatewayMapping } from './gateway/gateway-mapping';
+import { TELEMETRY_RUN_OPTIONS, telemetryConfigFromArgs } from './telemetry-config';
 
 const PROG = 'burrow-agent';
 const VERSION: string = (require('../package.json') as { version: string }).version;
@@ -119,6 +120,7 @@ const RUN_OPTIONS = {
     'file mapping gateway Check requests (method, path, headers, token claims) to policy evaluations ' +
       '(docs/gateways.md)',
   ),
+  ...TELEMETRY_RUN_OPTIONS,
   ...CONFIG_FILE_OPTION,
 } as const;
 
@@ -155,6 +157,7 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     authn,
     policy,
     gatewayMapping: gatewayMappingFromArgs(args, policy, authn),
+    telemetry: telemetryConfigFromArgs(args),
   };
 }
 

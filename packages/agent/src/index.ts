@@ -91,3 +91,7 @@ export {
   type UninstallOptions,
 } from './install';
 export { SYSTEMD_UNIT } from './systemd-unit';
+/** @internal Tests drive the telemetry upload alone. */
+export { TelemetryUploader, type TelemetryTunnels } from './agent-telemetry';
+/** @internal */
+export { telemetryConfigFromArgs } from './telemetry-config';

@@ -336,6 +336,8 @@ async function evaluateThroughTunnel(
     call.message,
     deadlineMs,
     abort.signal,
+    // An HTTP client's W3C trace context, continued like a gRPC caller's.
+    typeof res.req.headers.traceparent === 'string' ? res.req.headers.traceparent : undefined,
   );
   res.removeListener('close', onGone);
   if (abort.signal.aborted) return; // the client left; nobody to answer

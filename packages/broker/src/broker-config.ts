@@ -1,5 +1,12 @@
 import type { CallLimits } from './call-limiter';
-import { SHARED_CONFIG_DEFAULTS, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
+import {
+  SHARED_CONFIG_DEFAULTS,
+  type KeepaliveSettings,
+  type LogFormat,
+  type TracingConfig,
+  type UpstreamRoute,
+} from '@burrow/tunnel';
+import { DEFAULT_TELEMETRY_BUDGETS, type TelemetryBudgets } from './broker-telemetry';
 
 /** Everything a broker needs to run; built by cli.ts from flags, env and the config file. */
 export interface BrokerConfig {
@@ -92,6 +99,10 @@ export interface BrokerConfig {
   limits: CallLimits;
   /** Set with --redis-url: the broker is one replica of a cluster (agent directory, peer API). */
   cluster?: ClusterConfig;
+  /** Spans and where they go (--otlp-endpoint, --trace-sample-ratio): off without an endpoint. */
+  tracing: TracingConfig;
+  /** Budgets of the agents' telemetry and of the export queue. */
+  telemetry: TelemetryBudgets;
   logLevel: string;
   logFormat: LogFormat;
 }
@@ -138,5 +149,7 @@ export const BROKER_DEFAULTS = {
     caller: { maxConcurrent: 4096, ratePerSecond: 0 },
     agent: { maxConcurrent: 2048, ratePerSecond: 0 },
   } as CallLimits,
+  tracing: { sampleRatio: 1 } as TracingConfig,
+  telemetry: DEFAULT_TELEMETRY_BUDGETS,
   ...SHARED_CONFIG_DEFAULTS,
 };

@@ -54,6 +54,7 @@ import {
 } from './agent-directory';
 import { PeerForwarder } from './peer-forwarder';
 import { PeerListener, type PeerListenerDeps } from './peer-listener';
+import { BrokerTelemetry } from './broker-telemetry';
 
 /** While a call waits for an agent connected nowhere yet, how often the directory is asked again. */
 const CLUSTER_RETRY_INTERVAL_MS = 250;
@@ -184,6 +185,8 @@ export class Broker {
   /** What the listeners ask while admitting calls and sessions. */
   private readonly drainingNow = (): boolean => this.draining;
   private readonly isRevoked: BrokerPki['isRevoked'];
+  /** Tracing (off without --otlp-endpoint) and the export of agents' telemetry; set by start(). */
+  private telemetry!: BrokerTelemetry;
 
   constructor(
     private readonly config: BrokerConfig,
@@ -222,6 +225,16 @@ export class Broker {
   /** Loads credentials and binds all listeners. Rejects with a message naming what failed. */
   async start(): Promise<BrokerPorts> {
     const { tls, certPem } = await this.loadIdentity();
+    this.telemetry = new BrokerTelemetry(
+      this.config.tracing,
+      this.config.telemetry,
+      this.metrics.registry,
+      this.logger,
+      {
+        brokerId: this.brokerId,
+        version: BROKER_VERSION,
+      },
+    );
     const cluster = this.config.cluster;
     if (cluster) await this.refuseDuplicateBrokerId(cluster);
     await this.loadCallerPolicy();
@@ -325,6 +338,7 @@ export class Broker {
       unauthenticated: this.unauthenticatedLimits(),
       replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
       callerApiPort: () => this.apiPort,
+      telemetry: this.telemetry,
     });
     this.agentCallSessions.track(this.agentListener.grpcServer);
   }
@@ -381,6 +395,8 @@ export class Broker {
       limiter: this.limiter,
       watch: this.watch,
       maxMessageBytes: this.config.maxMessageBytes,
+      tracing: this.telemetry.tracing,
+      brokerId: this.brokerId,
     };
   }
 
@@ -824,6 +840,8 @@ export class Broker {
     this.authzen?.closeAllConnections();
     await authzenClosed;
     await this.authorizer.close();
+    // Unset when start() failed before it got this far.
+    await this.telemetry?.stop();
     if (this.admin) {
       const admin = this.admin;
       admin.closeAllConnections();

@@ -19,6 +19,9 @@ import {
   logSettingsFromArgs,
   upstreamsFromArgs,
   maxMessageBytesFromArgs,
+  TRACING_OPTIONS,
+  tracingFromArgs,
+  telemetryBytesFromArgs,
   keepaliveFromArgs,
   runDaemon,
   withEnvAndConfigFile,
@@ -228,6 +231,17 @@ const SERVE_OPTIONS = {
     describe: 'how long a directory entry outlives its broker (refreshed every third of it)',
     default: '30s',
   },
+  ...TRACING_OPTIONS,
+  'telemetry-max-bytes-per-agent': {
+    type: 'string',
+    describe: "bytes per second of an agent session's Telemetry frames taken for export (more are dropped)",
+    default: '256KiB',
+  },
+  'telemetry-queue-bytes': {
+    type: 'string',
+    describe: 'encoded spans held for the OTLP endpoint at most (more are dropped)',
+    default: '16MiB',
+  },
   ...LOG_OPTIONS,
   ...CONFIG_FILE_OPTION,
 } as const;
@@ -312,6 +326,11 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     authzenListen: args['authzen-listen'] ? parseListenAddress('authzen-listen', args['authzen-listen']) : undefined,
     authzenTimeoutMs: parseDurationMs('authzen-timeout', args['authzen-timeout']),
     limits: callLimitsFromArgs(args, agentMaxConcurrent),
+    tracing: tracingFromArgs(args),
+    telemetry: {
+      maxBytesPerAgentPerSecond: telemetryBytesFromArgs(args, 'telemetry-max-bytes-per-agent', 1024),
+      queueBytes: telemetryBytesFromArgs(args, 'telemetry-queue-bytes', 64 * 1024),
+    },
     ...logging,
   };
 }

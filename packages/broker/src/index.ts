@@ -26,3 +26,5 @@ export { BrokerMetrics } from './broker-metrics';
 export { CallLimiter, LimitExceededError, type CallLimits, type KeyLimits, type LimitName } from './call-limiter';
 /** @internal */
 export { PeerForwarder, type PeerForwarderOptions, type PeerAttempt } from './peer-forwarder';
+/** @internal Tests drive the telemetry budgets alone. */
+export { BrokerTelemetry, TelemetryAllowance, type TelemetryBudgets } from './broker-telemetry';

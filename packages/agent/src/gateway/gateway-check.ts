@@ -1,7 +1,17 @@
 import { randomUUID } from 'node:crypto';
 import { performance } from 'node:perf_hooks';
 import { status as Status } from '@grpc/grpc-js';
-import { BurrowError, type JsonObject, type JsonValue, type Logger } from '@burrow/tunnel';
+import {
+  BURROW_ATTRIBUTES,
+  BurrowError,
+  type JsonObject,
+  type JsonValue,
+  type Logger,
+  type TraceParent,
+  endRpcSpan,
+  endSpan,
+  startChildSpan,
+} from '@burrow/tunnel';
 import type { PolicyDecider, TokenAuthenticator } from '../builtin-services';
 import { engineError } from '../engine-error';
 import { checkInputOf, parseTarget, type CheckInput } from './check-input';
@@ -58,13 +68,17 @@ export class GatewayCheck {
     this.verifiedTokens.clear();
   }
 
-  /** Answers one decoded CheckRequest with a CheckResponse (JSON shape of API_CODECS). */
-  async check(request: JsonObject, caller: string | undefined): Promise<JsonObject> {
+  /**
+   * Answers one decoded CheckRequest with a CheckResponse (JSON shape of API_CODECS). `trace`: the
+   * call's span when traced; the key fetch and the Cedar evaluation get child spans under it.
+   */
+  async check(request: JsonObject, caller: string | undefined, trace?: TraceParent): Promise<JsonObject> {
     const startedAt = performance.now();
     const input = checkInputOf(request);
     const { mapping, policy } = this.ready();
     const decisionId = randomUUID();
-    const j = await this.judge(mapping, policy, input, { caller, decisionId });
+    trace?.span.setAttribute(BURROW_ATTRIBUTES.decisionId, decisionId);
+    const j = await this.judge(mapping, policy, input, { caller, decisionId, trace });
     const response = responseOf(j, decisionId);
     this.opts.logger.info('gateway decision', {
       decision_id: decisionId,
@@ -99,9 +113,9 @@ export class GatewayCheck {
     mapping: GatewayMapping,
     policy: PolicyDecider,
     input: CheckInput,
-    who: { caller: string | undefined; decisionId: string },
+    who: { caller: string | undefined; decisionId: string; trace?: TraceParent },
   ): Promise<Judgement> {
-    const verified = await this.verify(mapping, input);
+    const verified = await this.verify(mapping, input, who.trace);
     if ('verdict' in verified) return verified;
     const target = parseTarget(input.target);
     if (!target.ok) return denial(target.reason);
@@ -115,10 +129,12 @@ export class GatewayCheck {
     }
     const subject = evaluation.subject as { type: string; id: string };
     let answer: JsonObject;
+    const span = who.trace && startChildSpan(who.trace.tracing, 'cedar evaluation', who.trace.span);
     try {
-      answer = await policy.evaluate(evaluation, who);
+      answer = await policy.evaluate(evaluation, { caller: who.caller, decisionId: who.decisionId });
     } catch (err) {
       const e = engineError(err, 'policy evaluation failed');
+      if (span) endRpcSpan(span, e.code, e.message);
       // The mapped request does not fit the site's schema or Cedar: the site's setup, not the
       // gateway's request, so a deny naming it rather than an error the gateway cannot act on.
       if (e.code !== Status.INVALID_ARGUMENT) throw e;
@@ -129,6 +145,12 @@ export class GatewayCheck {
       });
       return { ...denial(`the mapped request cannot be evaluated: ${e.message}`), subject: plain(subject) };
     }
+    if (span) {
+      // The decision and the deciding policies only: never the subject, resource, context or claims.
+      span.setAttribute(BURROW_ATTRIBUTES.decision, answer.decision === true ? 'allow' : 'deny');
+      span.setAttribute(BURROW_ATTRIBUTES.policies, strings((answer.context as JsonObject | undefined)?.policies));
+      endSpan(span);
+    }
     return this.judgementOf(answer, plain(subject), mapping, env);
   }
 
@@ -136,6 +158,7 @@ export class GatewayCheck {
   private async verify(
     mapping: GatewayMapping,
     input: CheckInput,
+    trace: TraceParent | undefined,
   ): Promise<Judgement | { claims: Record<string, unknown> }> {
     if (mapping.token === 'none' || (mapping.token === 'optional' && input.token === '')) return { claims: {} };
     if (input.token === '') return unauthenticated('missing: the request has no bearer token');
@@ -143,7 +166,7 @@ export class GatewayCheck {
     if (known) return { claims: known };
     let result: Awaited<ReturnType<TokenAuthenticator['authenticate']>>;
     try {
-      result = await this.opts.authenticator!.authenticate(input.token, '');
+      result = await this.opts.authenticator!.authenticate(input.token, '', trace);
     } catch (err) {
       const e = engineError(err, 'token verification failed');
       // An oversized token is the client's doing: the gateway answers 401, not an error it fails on.
