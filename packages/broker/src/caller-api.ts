@@ -444,8 +444,9 @@ export class CallerApi {
   }
 
   /**
-   * One unary call made on behalf of `peer` (the AuthZEN HTTP binding): admitted like a gRPC call,
-   * then carried down the agent's tunnel. Resolves with the status; never rejects.
+   * One unary call made on behalf of `peer` (the AuthZEN HTTP binding, the gateway listeners):
+   * admitted like a gRPC call, then carried down the agent's tunnel. `listener` names the entry in
+   * the credential watch's metrics and logs. Resolves with the status; never rejects.
    */
   async callUnary(
     peer: PeerIdentity | undefined,
@@ -454,17 +455,18 @@ export class CallerApi {
     message: Buffer,
     deadlineMs: number,
     signal?: AbortSignal,
+    listener: Exclude<WatchedListener, 'api' | 'peer'> = 'authzen',
   ): Promise<UnaryCallResult> {
     let admitted: AdmittedCall;
     try {
-      admitted = this.admit({ identity: peer }, agentId, method, 'http');
+      admitted = this.admit({ identity: peer }, agentId, method, listener === 'ext_authz' ? 'grpc' : 'http');
     } catch (err) {
       const e = err as BurrowError;
       return { code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 };
     }
     const { metrics } = this.deps;
     metrics.toAgentCallStarted();
-    const live = this.liveCall(admitted.caller, 'authzen');
+    const live = this.liveCall(admitted.caller, listener);
     const waiting = new AbortController();
     live.waiting = waiting;
     const onGone = (): void => waiting.abort();

@@ -1,0 +1,182 @@
+import { status as Status } from '@grpc/grpc-js';
+import {
+  API_CODECS,
+  BurrowError,
+  POLICY_METHODS,
+  type CredentialStore,
+  type JsonObject,
+  type Logger,
+  type PeerIdentity,
+  statusName,
+} from '@burrow/tunnel';
+import type { BrokerMetrics } from './broker-metrics';
+import type { CallerApi } from './caller-api';
+import type { CredentialWatch } from './credential-watch';
+
+/**
+ * What the broker's gateway listeners (Envoy ext_authz, nginx auth_request / Traefik ForwardAuth)
+ * share: one burrow.policy.v1.PolicyDecisionService/Check per protected request, carried to the
+ * named site through CallerApi.callUnary (the gateway's service certificate, the caller policy and
+ * the limits apply as to any caller), counted and logged once per check.
+ */
+
+/** The gateway listeners (metric label `gateway`, credential-watch label `listener`). */
+export type GatewayName = 'ext_authz' | 'forward_auth';
+
+/** burrow.policy.v1.CheckRequest in its JSON shape (policy.proto says what each field holds). */
+export interface GatewayCheckRequest {
+  method: string;
+  path: string;
+  host: string;
+  scheme: string;
+  headers: Record<string, string>;
+  token: string;
+  source_principal: string;
+  request_id: string;
+  context_extensions: Record<string, string>;
+  source_address: string;
+}
+
+export type Verdict = 'ALLOW' | 'DENY' | 'UNAUTHENTICATED';
+
+/** The site's answer, as the listeners turn it into their gateway's. */
+export interface GatewayVerdict {
+  verdict: Verdict;
+  decisionId: string;
+  /** Headers for the request upstream (x-burrow-subject, x-burrow-decision-id, ...), names in lower case. */
+  headers: Record<string, string>;
+  /** When UNAUTHENTICATED: the token's refusal (`missing`, `expired`, ...). */
+  tokenReason: string;
+}
+
+/** The gateway-facing name of a header (or the context extension) that names the site. */
+export const AGENT_CONTEXT_EXTENSION = 'burrow_agent';
+
+/**
+ * The token of an `Authorization: Bearer <token>` header (scheme case-insensitive, RFC 6750), or ''
+ * when there is none or the scheme is another.
+ */
+export function bearerToken(authorization: string | undefined): string {
+  if (!authorization) return '';
+  const m = /^Bearer[ \t]+(\S+)[ \t]*$/i.exec(authorization);
+  return m ? m[1]! : '';
+}
+
+/**
+ * The WWW-Authenticate challenge of a 401 (RFC 6750 section 3): a missing token gets the bare
+ * scheme; a refused one `error="invalid_token"` with the refusal's word.
+ */
+export function bearerChallenge(tokenReason: string): string {
+  if (tokenReason === '' || tokenReason === 'missing') return 'Bearer';
+  const word = /^[a-z_]+/.exec(tokenReason)?.[0] ?? 'refused';
+  return `Bearer error="invalid_token", error_description="token ${word}"`;
+}
+
+/** The short body of a 401 / 403 answer: no reasons (they may describe the policies), only the decision id. */
+export function deniedBody(verdict: Verdict, decisionId: string): string {
+  const what = verdict === 'UNAUTHENTICATED' ? 'authentication required' : 'access denied';
+  return `${what} (decision ${decisionId || 'none'})\n`;
+}
+
+/** What each gateway listener is built from. */
+export interface GatewayListenerDeps {
+  api: CallerApi;
+  tls: CredentialStore;
+  metrics: BrokerMetrics;
+  logger: Logger;
+  watch: CredentialWatch;
+  /** Longest a check may take, in ms. */
+  timeoutMs: number;
+  /** Lower-case name of the header that names the site when the gateway's own way does not. */
+  agentHeader?: string;
+}
+
+export interface GatewayCheckerDeps {
+  api: CallerApi;
+  metrics: BrokerMetrics;
+  logger: Logger;
+  gateway: GatewayName;
+}
+
+/** One gateway's checks: carried to the site, counted (burrow_broker_gateway_checks_total) and logged. */
+export class GatewayChecker {
+  constructor(private readonly deps: GatewayCheckerDeps) {
+    // Every verdict's series exists from the first scrape (see BrokerMetrics' constructor).
+    for (const verdict of ['allow', 'deny', 'unauthenticated', 'error'])
+      deps.metrics.gatewayChecks.inc({ gateway: deps.gateway, verdict }, 0);
+    deps.metrics.gatewayCheckDuration.zero({ gateway: deps.gateway });
+  }
+
+  /**
+   * Asks `agentId` for a decision on `request` on behalf of `peer` (the gateway's certificate).
+   * Resolves with the verdict; rejects with a BurrowError when there is none (the site unreachable,
+   * the deadline, the caller policy, the agent's own error), which each gateway answers as its
+   * failure mode.
+   */
+  async check(
+    peer: PeerIdentity | undefined,
+    agentId: string,
+    request: GatewayCheckRequest,
+    deadlineMs: number,
+    signal?: AbortSignal,
+  ): Promise<GatewayVerdict> {
+    const { api, gateway } = this.deps;
+    const startedMs = performance.now();
+    const message = API_CODECS.checkRequest.encode(request);
+    const result = await api.callUnary(peer, agentId, POLICY_METHODS.check, message, deadlineMs, signal, gateway);
+    if (result.code !== Status.OK) {
+      this.record(startedMs, agentId, request.request_id, { verdict: 'error', code: result.code });
+      throw new BurrowError(result.code, result.details);
+    }
+    let verdict: GatewayVerdict;
+    try {
+      verdict = verdictOf(API_CODECS.checkResponse.decode(result.response!));
+    } catch (err) {
+      this.record(startedMs, agentId, request.request_id, { verdict: 'error', code: Status.INTERNAL });
+      throw err;
+    }
+    this.record(startedMs, agentId, request.request_id, { verdict: verdict.verdict, decisionId: verdict.decisionId });
+    return verdict;
+  }
+
+  /** The metrics and the one log line of a check (never its token). */
+  private record(
+    startedMs: number,
+    agentId: string,
+    requestId: string,
+    outcome: { verdict: Verdict | 'error'; decisionId?: string; code?: number },
+  ): void {
+    const { metrics, logger, gateway } = this.deps;
+    const durationMs = performance.now() - startedMs;
+    const verdict = outcome.verdict.toLowerCase();
+    metrics.gatewayChecks.inc({ gateway, verdict });
+    metrics.gatewayCheckDuration.observe({ gateway }, durationMs / 1000);
+    logger.info('gateway check', {
+      gateway,
+      agentId,
+      verdict,
+      decisionId: outcome.decisionId,
+      code: outcome.code === undefined ? undefined : statusName(outcome.code),
+      requestId: requestId || undefined,
+      durationMs: Math.round(durationMs * 100) / 100,
+    });
+  }
+}
+
+/** The listeners' view of the agent's CheckResponse; one without a verdict is an agent fault. */
+function verdictOf(response: JsonObject): GatewayVerdict {
+  const verdict = response.verdict;
+  if (verdict !== 'ALLOW' && verdict !== 'DENY' && verdict !== 'UNAUTHENTICATED')
+    throw new BurrowError(Status.INTERNAL, `the agent answered Check without a verdict (${String(verdict)})`);
+  const headers: Record<string, string> = {};
+  for (const [k, v] of Object.entries((response.headers as Record<string, string> | undefined) ?? {}))
+    headers[k.toLowerCase()] = v;
+  const decisionId = typeof response.decision_id === 'string' ? response.decision_id : '';
+  if (decisionId && !headers['x-burrow-decision-id']) headers['x-burrow-decision-id'] = decisionId;
+  return {
+    verdict,
+    decisionId,
+    headers,
+    tokenReason: typeof response.token_reason === 'string' ? response.token_reason : '',
+  };
+}
