@@ -2,6 +2,7 @@ import { readFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { type ServiceError, credentials, loadPackageDefinition, type Client, Metadata } from '@grpc/grpc-js';
 import { loadSync } from '@grpc/proto-loader';
+import * as protobuf from 'protobufjs';
 import type { CertFiles } from './pki-fixture';
 
 /**
@@ -123,6 +124,15 @@ export function envoyCheckRequest(r: DownstreamRequest): object {
       context_extensions: r.agent === undefined ? {} : { burrow_agent: r.agent },
     },
   };
+}
+
+/** `request` (an object from {@link envoyCheckRequest}) as envoy.service.auth.v3.CheckRequest bytes. */
+export function encodeEnvoyCheckRequest(request: object): Buffer {
+  const root = new protobuf.Root();
+  root.resolvePath = (_origin, target) => path.join(PROTO_DIR, target);
+  root.loadSync('envoy/service/auth/v3/external_auth.proto', { keepCase: true });
+  const type = root.lookupType('envoy.service.auth.v3.CheckRequest');
+  return Buffer.from(type.encode(type.fromObject(request)).finish());
 }
 
 /** The headers of an ok/denied response as a plain object (the last value of a name wins). */

@@ -541,6 +541,7 @@ export class Broker {
         agentHeader: config.forwardAuthAgentHeader,
       });
       this.forwardAuth = server;
+      server.on('tlsClientError', this.tlsErrorObserver('forward_auth'));
       this.guardListener('forward_auth', [server]);
       forwardAuthPort = await listenOn(server, config.forwardAuthListen);
     }
