@@ -42,6 +42,9 @@ export class Stack {
   adminUrl = '';
   /** host:port of the AuthZEN HTTPS binding, when the broker config turned it on. */
   authzenAddress = '';
+  /** host:port of the gateway listeners (Envoy ext_authz, forward auth), when the broker config turned them on. */
+  extAuthzAddress = '';
+  forwardAuthAddress = '';
   localAddress = '';
   brokerConfig!: BrokerConfig;
   private baseline: ResourceSnapshot = {};
@@ -78,6 +81,8 @@ export class Stack {
     s.apiAddress = `127.0.0.1:${ports.apiPort}`;
     s.adminUrl = `http://127.0.0.1:${ports.adminPort}`;
     if (ports.authzenPort) s.authzenAddress = `127.0.0.1:${ports.authzenPort}`;
+    if (ports.extAuthzPort) s.extAuthzAddress = `127.0.0.1:${ports.extAuthzPort}`;
+    if (ports.forwardAuthPort) s.forwardAuthAddress = `127.0.0.1:${ports.forwardAuthPort}`;
     s.caller = new RawClient(s.apiAddress, mtlsCredentials(s.serviceCert));
     if (opts.startAgent !== false) await s.startAgent(opts.agent);
     return s;

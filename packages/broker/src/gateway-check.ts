@@ -67,8 +67,8 @@ export function bearerToken(authorization: string | undefined): string {
  * scheme; a refused one `error="invalid_token"` with the refusal's word.
  */
 export function bearerChallenge(tokenReason: string): string {
-  if (tokenReason === '' || tokenReason === 'missing') return 'Bearer';
-  const word = /^[a-z_]+/.exec(tokenReason)?.[0] ?? 'refused';
+  const word = /^[a-z_]+/.exec(tokenReason)?.[0] ?? '';
+  if (word === '' || word === 'missing') return 'Bearer';
   return `Bearer error="invalid_token", error_description="token ${word}"`;
 }
 
