@@ -1,4 +1,5 @@
 import type { TokenVerifierSettings } from './authn/token-verifier';
+import type { GatewayMapping } from './gateway/gateway-mapping';
 import { SHARED_CONFIG_DEFAULTS, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
 
 /** TLS material for the local listener, when site clients must use TLS. */
@@ -65,6 +66,11 @@ export interface AgentConfig {
   authn?: TokenVerifierSettings;
   /** The built-in policy decision service's sources; undefined without --policies. */
   policy?: AgentPolicyConfig;
+  /**
+   * How gateway Check requests become evaluations (--gateway-mapping FILE, parsed and validated at
+   * load with loadGatewayMapping); Check is FAILED_PRECONDITION without it.
+   */
+  gatewayMapping?: GatewayMapping;
 }
 
 /** Where the built-in policy decision service reads its policies and writes its audit log. */

@@ -344,6 +344,8 @@ export class Agent {
     const engine = this.policyEngine;
     this.builtins = new BuiltinServices({
       authenticator: this.tokenVerifier,
+      gatewayMapping: this.config.gatewayMapping,
+      logger: this.logger,
       policy: engine && {
         evaluate: (request, opts) => engine.evaluate(request, opts) as unknown as JsonObject,
         evaluations: (request, opts) => engine.evaluations(request, opts) as unknown as JsonObject,

@@ -6,12 +6,17 @@ import {
   BurrowError,
   POLICY_METHODS,
   serviceOfMethod,
-  toBurrowError,
   type JsonObject,
   type LocalCallContext,
   type LocalUnaryHandler,
+  type Logger,
+  silentLogger,
 } from '@burrow/tunnel';
 import type { AuthenticationResult } from './authn/token-verifier';
+import { engineError } from './engine-error';
+import { CHECK_LIMITS } from './gateway/check-input';
+import { GatewayCheck } from './gateway/gateway-check';
+import type { GatewayMapping } from './gateway/gateway-mapping';
 
 /**
  * The services the agent answers itself, without an upstream: token verification
@@ -33,6 +38,10 @@ export interface PolicyDecider {
 export interface BuiltinServicesOptions {
   authenticator?: TokenAuthenticator;
   policy?: PolicyDecider;
+  /** The gateway mapping Check uses (--gateway-mapping); Check is FAILED_PRECONDITION without it. */
+  gatewayMapping?: GatewayMapping;
+  /** Where Check logs its one line per decision. */
+  logger?: Logger;
 }
 
 const AUTH_SERVICE = serviceOfMethod(AUTH_METHODS.authenticate);
@@ -41,22 +50,19 @@ const POLICY_SERVICE = serviceOfMethod(POLICY_METHODS.evaluate);
 /** Full names of the services the agent can answer itself. */
 export const BUILTIN_SERVICE_NAMES: readonly string[] = [AUTH_SERVICE, POLICY_SERVICE];
 
-// Engines report bad input with their own error types; anything carrying a gRPC code (numeric
-// or its name) keeps it, the rest is INTERNAL with the message.
-function engineError(err: unknown, what: string): BurrowError {
-  const code = (err as { code?: unknown } | undefined)?.code;
-  if (typeof code === 'string' && code in Status) {
-    return new BurrowError((Status as unknown as Record<string, number>)[code]!, (err as Error).message, err);
-  }
-  const e = toBurrowError(err, what);
-  return e.code === Status.UNKNOWN ? new BurrowError(Status.INTERNAL, e.message, err) : e;
-}
-
 /** Dispatches forwarded calls for the built-in services to their engines. */
 export class BuiltinServices {
   private readonly handlers = new Map<string, LocalUnaryHandler>();
+  private readonly gateway: GatewayCheck;
 
   constructor(private readonly opts: BuiltinServicesOptions) {
+    this.gateway = new GatewayCheck({
+      mapping: opts.gatewayMapping,
+      authenticator: opts.authenticator,
+      policy: opts.policy,
+      logger: opts.logger ?? silentLogger(),
+    });
+    this.handlers.set(POLICY_METHODS.check, (req, ctx) => this.check(req, ctx));
     this.handlers.set(AUTH_METHODS.authenticate, (req) => this.authenticate(req));
     this.handlers.set(POLICY_METHODS.evaluate, (req, ctx) => this.decide('evaluate', req, ctx));
     this.handlers.set(POLICY_METHODS.evaluations, (req, ctx) => this.decide('evaluations', req, ctx));
@@ -150,5 +156,17 @@ export class BuiltinServices {
       throw engineError(err, 'policy evaluation failed');
     }
     return codecs.res.encode(output);
+  }
+
+  private async check(request: Buffer, ctx: LocalCallContext): Promise<Buffer> {
+    // Bounded before decoding, as the other policy methods are; the fields' own bounds follow.
+    if (request.length > CHECK_LIMITS.maxMessageBytes) {
+      throw new BurrowError(
+        Status.INVALID_ARGUMENT,
+        `check request is ${request.length} bytes; check requests may be at most ${CHECK_LIMITS.maxMessageBytes} bytes`,
+      );
+    }
+    const input = API_CODECS.checkRequest.decode(request);
+    return API_CODECS.checkResponse.encode(await this.gateway.check(input, ctx.caller));
   }
 }

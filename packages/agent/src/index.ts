@@ -15,6 +15,20 @@ export { AGENT_DEFAULTS, type AgentConfig, type LocalTlsConfig, type AgentPolicy
 /** Builds an {@link AgentConfig} from parsed `burrow-agent run` options (what the CLI does). */
 export { agentConfigFromArgs } from './cli';
 
+// Gateway decisions (PolicyDecisionService/Check) and their mapping file (docs/gateways.md).
+export {
+  loadGatewayMapping,
+  parseGatewayMapping,
+  GatewayMappingError,
+  type GatewayMapping,
+  type MappingSource,
+  type MappedValue,
+  type MappingRoute,
+  type MappingTarget,
+  type TokenMode,
+} from './gateway/gateway-mapping';
+export { CHECK_LIMITS } from './gateway/check-input';
+
 /** @internal The hint of `cannot establish tunnel session`, per cause (tests). */
 export { connectHint, type ConnectFailure } from './connect-hint';
 

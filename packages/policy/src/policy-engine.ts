@@ -556,6 +556,7 @@ export class PolicyEngine extends EventEmitter {
       decision: verdict.allow,
       context: { reason: reasonOf(verdict), policies: verdict.policies },
     };
+    annotate(response, active, verdict.policies);
     if (request.explain) response.context.explanation = this.explanationOf(active, call, verdict);
     return response;
   }
@@ -653,6 +654,27 @@ function reasonOf(verdict: Verdict): string {
     reason += `; ${describeErrors(unexplained, 'policy', 'failed to evaluate and did not apply')}`;
   }
   return reason;
+}
+
+/**
+ * Adds the deciding policies' @advice (distinct) and @reason to the response context, in policy
+ * order. The deciding policies are the permits of an allow and the forbids of a deny (those that
+ * failed to evaluate when failed closed), so a permit's advice never rides on a deny.
+ */
+function annotate(response: EvaluationResponse, active: ActiveSet, deciding: readonly string[]): void {
+  if (deciding.length === 0 || !active.compiled.annotated) return;
+  const policies = deciding
+    .map((id) => active.compiled.byId.get(id))
+    .filter((p): p is CompiledPolicy => p !== undefined)
+    .sort((a, b) => a.order - b.order);
+  const advice: string[] = [];
+  const reasons: string[] = [];
+  for (const p of policies) {
+    if (p.advice !== undefined && !advice.includes(p.advice)) advice.push(p.advice);
+    if (p.reason !== undefined) reasons.push(p.reason);
+  }
+  if (advice.length > 0) response.context.advice = advice;
+  if (reasons.length > 0) response.context.reasons = reasons;
 }
 
 /** The Cedar call for one request against the active set: uids, context and the entity slice. */
