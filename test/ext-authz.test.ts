@@ -9,6 +9,7 @@ import { EnvoyAuthzClient, envoyCheckRequest, headersOf, type DownstreamRequest 
 import { GatewaySite } from './helpers/gateway-site';
 import { PkiFixture } from './helpers/pki-fixture';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
+import { recordingLogger } from './helpers/recording-logger';
 import { AGENT_ID, Stack } from './helpers/stack';
 
 /** A Check that fails with a gRPC status instead of answering: the error. */
@@ -42,6 +43,8 @@ describe('Envoy ext_authz on the broker', function () {
   let stack: Stack;
   let envoy: EnvoyAuthzClient;
   let token: string;
+  const brokerLog = recordingLogger();
+  const agentLog = recordingLogger();
   const pull = (name: string, extra: DownstreamRequest = {}): DownstreamRequest => ({
     method: 'GET',
     path: `/packages/npm/${name}`,
@@ -69,6 +72,8 @@ describe('Envoy ext_authz on the broker', function () {
         callerPolicy: { policiesDir: callers },
       },
       agent: site.agentConfig(),
+      brokerLogger: brokerLog.logger,
+      agentLogger: agentLog.logger,
     });
     envoy = new EnvoyAuthzClient(stack.extAuthzAddress, await stack.pki.issue('service', 'envoy-edge'));
     token = await site.token('alice');
@@ -91,6 +96,17 @@ describe('Envoy ext_authz on the broker', function () {
     for (const option of res.ok_response?.headers ?? [])
       expect(option.append_action).to.equal('OVERWRITE_IF_EXISTS_OR_ADD');
     expect(await gatewayChecks(stack, 'allow')).to.equal(allowedBefore + 1);
+  });
+
+  it('logs one line per check at the broker, and the agent logs the same decision id; never the token', async () => {
+    const res = await envoy.check(envoyCheckRequest(pull('lodash', { requestId: 'req-find-me' })));
+    const decisionId = headersOf(res.ok_response?.headers)['x-burrow-decision-id'];
+    const atBroker = brokerLog.records.filter((r) => r.message === 'gateway check' && r.requestId === 'req-find-me');
+    expect(atBroker).to.have.length(1);
+    expect(atBroker[0]).to.include({ gateway: 'ext_authz', agentId: AGENT_ID, verdict: 'allow', decisionId });
+    expect(atBroker[0]!.durationMs).to.be.a('number');
+    expect(agentLog.records.some((r) => JSON.stringify(r).includes(decisionId!))).to.equal(true);
+    for (const records of [brokerLog.records, agentLog.records]) expect(JSON.stringify(records)).to.not.include(token);
   });
 
   it("carries the deciding policy's advice (quarantine) for a package younger than 7 days", async () => {

@@ -126,7 +126,7 @@ describe('nginx auth_request through the broker (real nginx)', function () {
     site?.cleanup();
   });
 
-  it('lets a good token through, with the subject and decision id arriving upstream (a forged one replaced)', async () => {
+  it('lets a good token through; the subject and decision id arrive upstream (a forged one replaced)', async () => {
     const res = await pull('lodash', 30, token, { 'x-burrow-subject': 'User::"mallory"' });
     expect(res.status, nginx.errorLog()).to.equal(200);
     expect(res.body).to.equal('upstream ok\n');

@@ -19,6 +19,9 @@ export interface StackOptions {
   agent?: Partial<AgentConfig>;
   /** Start the agent (default true). */
   startAgent?: boolean;
+  /** Loggers to use instead of the silent ones (e.g. a recording logger). */
+  brokerLogger?: Logger;
+  agentLogger?: Logger;
 }
 
 /**
@@ -48,6 +51,7 @@ export class Stack {
   localAddress = '';
   brokerConfig!: BrokerConfig;
   private baseline: ResourceSnapshot = {};
+  private agentLogger: Logger | undefined;
   agentConfig!: AgentConfig;
 
   static async start(opts: StackOptions = {}): Promise<Stack> {
@@ -75,7 +79,8 @@ export class Stack {
       drainTimeoutMs: 5_000,
       ...opts.broker,
     };
-    s.broker = new Broker(s.brokerConfig, logger('broker'));
+    s.broker = new Broker(s.brokerConfig, opts.brokerLogger ?? logger('broker'));
+    s.agentLogger = opts.agentLogger;
     const ports = await s.broker.start();
     s.agentAddress = `127.0.0.1:${ports.agentPort}`;
     s.apiAddress = `127.0.0.1:${ports.apiPort}`;
@@ -107,7 +112,7 @@ export class Stack {
 
   async startAgent(overrides: Partial<AgentConfig> = {}): Promise<Agent> {
     this.agentConfig = this.agentConfigWith(overrides);
-    this.agent = new Agent(this.agentConfig, logger('agent'));
+    this.agent = new Agent(this.agentConfig, this.agentLogger ?? logger('agent'));
     const ports = await this.agent.start();
     this.localAddress = `127.0.0.1:${ports.localPort}`;
     this.siteClient?.close();
