@@ -140,6 +140,8 @@ function gatewayLines(g, t, row, lines) {
   gatewayRow('p50 (µs)', 'p50_us', t.gateway_p50, '<= 1.2x');
   gatewayRow('p99 (µs)', 'p99_us');
   gatewayRow('calls/s, c=64', 'rps_c64', t.gateway_rps_c64, '>= 0.83x');
+  gatewayRow('broker CPU µs per call, c=64', 'cpuUsPerCallC64_broker');
+  gatewayRow('agent CPU µs per call, c=64', 'cpuUsPerCallC64_agent');
   row(
     'failed calls',
     fmt(g.floor?.failed),

@@ -569,8 +569,14 @@ async function runTunnelCases(ctx, result) {
         const l = await policyCallers[s].call('latency', latencyArgs(method, b64));
         policy[s].add('p50_us', l.p50_us, l);
         policy[s].add('p99_us', l.p99_us, {});
-        const r = await policyCallers[s].call('throughput', rpsArgs(method, b64, 64));
+        // Where a decision's CPU goes (broker, agent) on the two paths the gateway case compares.
+        const pids = s === 'burrow_policy' || s === 'ext_authz' ? pathPids.burrow : {};
+        const r = await withCpuPerCall({ ...pids, caller: policyCallers[s].proc.pid }, () =>
+          policyCallers[s].call('throughput', rpsArgs(method, b64, 64)),
+        );
         policy[s].add('rps_c64', r.rps, r);
+        for (const hop of ['broker', 'agent'])
+          if (r.cpuUsPerCall[hop] !== undefined) policy[s].add(`cpuUsPerCallC64_${hop}`, r.cpuUsPerCall[hop], {});
       }
     }
   }

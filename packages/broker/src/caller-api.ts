@@ -444,6 +444,19 @@ export class CallerApi {
   }
 
   /**
+   * Where a unary call goes: a session of the agent here when there is one (the common case, no
+   * wait and no promise chain to build), else {@link route}.
+   */
+  private unaryRoute(admitted: AdmittedCall, method: string, deadlineMs: number, signal: AbortSignal): Promise<Route> {
+    const session = this.deps.registry.pick(admitted.agentId);
+    if (session) {
+      admitted.holdAgentSlot();
+      return Promise.resolve({ local: true, session });
+    }
+    return this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, signal);
+  }
+
+  /**
    * One unary call made on behalf of `peer` (the AuthZEN HTTP binding, the gateway listeners):
    * admitted like a gRPC call, then carried down the agent's tunnel. `listener` names the entry in
    * the credential watch's metrics and logs. Resolves with the status; never rejects.
@@ -480,7 +493,7 @@ export class CallerApi {
     };
     let route: Route;
     try {
-      route = await this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, waiting.signal);
+      route = await this.unaryRoute(admitted, method, deadlineMs, waiting.signal);
     } catch (err) {
       const e = live.cutBy ?? (err as BurrowError);
       return ended({ code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 });

@@ -1,13 +1,11 @@
 import type * as http2 from 'node:http2';
-import * as path from 'node:path';
 import type { TLSSocket } from 'node:tls';
 import { status as Status } from '@grpc/grpc-js';
-import * as protobuf from 'protobufjs';
+import type * as protobuf from 'protobufjs';
 import {
   BurrowError,
   CallIds,
   type LocalCallContext,
-  PROTO_DIR,
   type PeerIdentity,
   answerUnary,
   answerUnimplemented,
@@ -24,6 +22,7 @@ import {
   type GatewayVerdict,
 } from './gateway-check';
 import { presentedBy } from './peer-admission';
+import { loadProtoTypes } from './proto-types';
 import { SessionSet, createSecureH2Server } from './tls-listeners';
 
 /**
@@ -57,14 +56,10 @@ let envoyTypes: EnvoyTypes | undefined;
 /** The vendored Envoy messages, loaded once (proto/envoy/service/auth/v3/external_auth.proto). */
 function types(): EnvoyTypes {
   if (!envoyTypes) {
-    const root = new protobuf.Root();
-    root.resolvePath = (_origin, target) => path.join(PROTO_DIR, target);
-    root.loadSync('envoy/service/auth/v3/external_auth.proto', { keepCase: true });
-    root.resolveAll();
-    envoyTypes = {
-      checkRequest: root.lookupType('envoy.service.auth.v3.CheckRequest'),
-      checkResponse: root.lookupType('envoy.service.auth.v3.CheckResponse'),
-    };
+    const request = 'envoy.service.auth.v3.CheckRequest';
+    const response = 'envoy.service.auth.v3.CheckResponse';
+    const loaded = loadProtoTypes('envoy/service/auth/v3/external_auth.proto', [request, response]);
+    envoyTypes = { checkRequest: loaded.get(request)!, checkResponse: loaded.get(response)! };
   }
   return envoyTypes;
 }

@@ -1,17 +1,18 @@
 import { status as Status } from '@grpc/grpc-js';
+import type * as protobuf from 'protobufjs';
 import {
-  API_CODECS,
   BurrowError,
   POLICY_METHODS,
   type CredentialStore,
-  type JsonObject,
   type Logger,
   type PeerIdentity,
+  boundedForLog,
   statusName,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import type { CallerApi } from './caller-api';
 import type { CredentialWatch } from './credential-watch';
+import { loadProtoTypes } from './proto-types';
 
 /**
  * What the broker's gateway listeners (Envoy ext_authz, nginx auth_request / Traefik ForwardAuth)
@@ -101,6 +102,7 @@ export interface GatewayCheckerDeps {
 /** One gateway's checks: carried to the site, counted (burrow_broker_gateway_checks_total) and logged. */
 export class GatewayChecker {
   constructor(private readonly deps: GatewayCheckerDeps) {
+    types();
     // Every verdict's series exists from the first scrape (see BrokerMetrics' constructor).
     for (const verdict of ['allow', 'deny', 'unauthenticated', 'error'])
       deps.metrics.gatewayChecks.inc({ gateway: deps.gateway, verdict }, 0);
@@ -122,7 +124,7 @@ export class GatewayChecker {
   ): Promise<GatewayVerdict> {
     const { api, gateway } = this.deps;
     const startedMs = performance.now();
-    const message = API_CODECS.checkRequest.encode(request);
+    const message = encodeCheckRequest(request);
     const result = await api.callUnary(peer, agentId, POLICY_METHODS.check, message, deadlineMs, signal, gateway);
     if (result.code !== Status.OK) {
       this.record(startedMs, agentId, request.request_id, { verdict: 'error', code: result.code });
@@ -130,7 +132,7 @@ export class GatewayChecker {
     }
     let verdict: GatewayVerdict;
     try {
-      verdict = verdictOf(API_CODECS.checkResponse.decode(result.response!));
+      verdict = verdictOf(decodeCheckResponse(result.response!));
     } catch (err) {
       this.record(startedMs, agentId, request.request_id, { verdict: 'error', code: Status.INTERNAL });
       throw err;
@@ -153,30 +155,70 @@ export class GatewayChecker {
     metrics.gatewayCheckDuration.observe({ gateway }, durationMs / 1000);
     logger.info('gateway check', {
       gateway,
-      agentId,
+      agentId: boundedForLog(agentId),
       verdict,
       decisionId: outcome.decisionId,
       code: outcome.code === undefined ? undefined : statusName(outcome.code),
-      requestId: requestId || undefined,
+      requestId: requestId ? boundedForLog(requestId) : undefined,
       durationMs: Math.round(durationMs * 100) / 100,
     });
   }
 }
 
+interface PolicyTypes {
+  checkRequest: protobuf.Type;
+  checkResponse: protobuf.Type;
+  verdicts: Record<number, string>;
+}
+
+let policyTypes: PolicyTypes | undefined;
+/** burrow.policy.v1.CheckRequest / CheckResponse (proto/burrow/policy/v1/policy.proto), loaded once. */
+function types(): PolicyTypes {
+  if (!policyTypes) {
+    const request = 'burrow.policy.v1.CheckRequest';
+    const response = 'burrow.policy.v1.CheckResponse';
+    const loaded = loadProtoTypes('burrow/policy/v1/policy.proto', [request, response]);
+    const checkResponse = loaded.get(response)!;
+    const verdicts = (checkResponse.fields.verdict!.resolvedType as protobuf.Enum).valuesById;
+    policyTypes = { checkRequest: loaded.get(request)!, checkResponse, verdicts };
+  }
+  return policyTypes;
+}
+
+/** The request as burrow.policy.v1.CheckRequest bytes (every field is a string or a string map). */
+function encodeCheckRequest(request: GatewayCheckRequest): Buffer {
+  return Buffer.from(types().checkRequest.encode(request).finish());
+}
+
+/** The parts of burrow.policy.v1.CheckResponse the listeners read (as protobufjs decodes them). */
+interface DecodedCheckResponse {
+  verdict?: string;
+  decision_id?: string;
+  headers?: Record<string, string>;
+  token_reason?: string;
+}
+
+/** The agent's answer; bytes that are not a CheckResponse are an agent fault (INTERNAL). */
+function decodeCheckResponse(bytes: Buffer): DecodedCheckResponse {
+  const { checkResponse, verdicts } = types();
+  let msg: { verdict?: number } & Omit<DecodedCheckResponse, 'verdict'>;
+  try {
+    msg = checkResponse.decode(bytes) as unknown as typeof msg;
+  } catch (err) {
+    const why = `the agent's Check answer is not a burrow.policy.v1.CheckResponse: ${(err as Error).message}`;
+    throw new BurrowError(Status.INTERNAL, why);
+  }
+  return { ...msg, verdict: verdicts[msg.verdict ?? 0] };
+}
+
 /** The listeners' view of the agent's CheckResponse; one without a verdict is an agent fault. */
-function verdictOf(response: JsonObject): GatewayVerdict {
+function verdictOf(response: DecodedCheckResponse): GatewayVerdict {
   const verdict = response.verdict;
   if (verdict !== 'ALLOW' && verdict !== 'DENY' && verdict !== 'UNAUTHENTICATED')
     throw new BurrowError(Status.INTERNAL, `the agent answered Check without a verdict (${String(verdict)})`);
   const headers: Record<string, string> = {};
-  for (const [k, v] of Object.entries((response.headers as Record<string, string> | undefined) ?? {}))
-    headers[k.toLowerCase()] = v;
-  const decisionId = typeof response.decision_id === 'string' ? response.decision_id : '';
+  for (const [k, v] of Object.entries(response.headers ?? {})) headers[k.toLowerCase()] = v;
+  const decisionId = response.decision_id ?? '';
   if (decisionId && !headers['x-burrow-decision-id']) headers['x-burrow-decision-id'] = decisionId;
-  return {
-    verdict,
-    decisionId,
-    headers,
-    tokenReason: typeof response.token_reason === 'string' ? response.token_reason : '',
-  };
+  return { verdict, decisionId, headers, tokenReason: response.token_reason ?? '' };
 }
