@@ -99,7 +99,7 @@ describe('nginx auth_request through the broker (real nginx)', function () {
     site = await GatewaySite.create();
     stack = await Stack.start({
       // An offline site is answered fast: the broker waits 300 ms for the agent, then says so.
-      broker: { forwardAuthListen: '127.0.0.1:0', agentWaitMs: 300 },
+      broker: { forwardAuthListen: '127.0.0.1:0', forwardAuthAgentHeader: 'x-burrow-site', agentWaitMs: 300 },
       agent: site.agentConfig(),
     });
     upstream = new RecordingUpstream();
@@ -176,6 +176,24 @@ describe('nginx auth_request through the broker (real nginx)', function () {
     expect(res.status, res.body).to.equal(200);
     expect(res.headers['x-burrow-subject']).to.include('alice');
     expect(res.headers['x-burrow-decision-id']).to.match(/\S{8,}/);
+  });
+
+  it('takes the site from the operator header on another path, and names both ways when neither is there', async () => {
+    const original = {
+      'x-original-method': 'GET',
+      'x-original-uri': '/packages/npm/lodash',
+      'x-package-age-days': '30',
+    };
+    const auth = { authorization: `Bearer ${token}` };
+    const named = await forwardAuth(stack.forwardAuthAddress, gatewayCert, '/check', {
+      ...original,
+      ...auth,
+      'x-burrow-site': AGENT_ID,
+    });
+    expect(named.status, named.body).to.equal(200);
+    const unnamed = await forwardAuth(stack.forwardAuthAddress, gatewayCert, '/check', { ...original, ...auth });
+    expect(unnamed.status).to.equal(400);
+    expect(unnamed.body).to.include('/agents/<id>/check').and.include('x-burrow-site');
   });
 
   it('refuses a check that does not name the original request with 400 naming the headers', async () => {
