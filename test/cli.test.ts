@@ -1,5 +1,5 @@
 import { expect } from 'chai';
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
 import { parseDurationMs } from '@burrow/tunnel';
 import { accepts, freePorts, portsThatAccepted } from './helpers/free-port';
@@ -250,6 +250,48 @@ describe('cli', function () {
         ports.slice(1),
       );
       expect(line).to.include('"nope"');
+    });
+
+    it('--gateway-mapping with an error: FILE:LINE: problem; a mapping reading tokens needs a key source', async () => {
+      const ports = await freePorts(3);
+      const file = path.join(pki.root, 'gw.conf');
+      writeFileSync(
+        file,
+        'token required\nsubject.type User\nsubject.id claim:sub\nroute GET /a action=a\ndefault deny\n',
+      );
+      const line = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, { 'gateway-mapping': file }),
+        'gateway-mapping',
+        ports.slice(1),
+      );
+      expect(line).to.equal(
+        `burrow-agent: gateway-mapping: ${file}:4: route needs action=... and resource=Type::"..."`,
+      );
+      writeFileSync(file, 'token required\nsubject.type User\nsubject.id claim:sub\ndefault deny\n');
+      const policies = path.join(pki.root, 'gw-policies');
+      mkdirSync(policies, { recursive: true });
+      const noKeys = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, { 'gateway-mapping': file, policies }),
+        'gateway-mapping',
+        ports.slice(1),
+      );
+      expect(noKeys).to.include('says token required: set --jwks, --jwks-url or --introspection-url');
+      const jwks = path.join(pki.root, 'gw-jwks.json');
+      writeFileSync(jwks, '{"keys": []}');
+      const keysOnly = { 'gateway-mapping': file, policies, jwks, 'token-issuer': 'https://idp.test' };
+      const noAudience = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, keysOnly),
+        'gateway-mapping',
+        ports.slice(1),
+      );
+      expect(noAudience).to.include('set --token-audience');
+      const noPolicies = await expectConfigError(AGENT_CLI, agentFlags(ports), 'gateway-mapping', ports.slice(1), {
+        BURROW_AGENT_GATEWAY_MAPPING: file,
+      });
+      expect(noPolicies).to.include('needs --policies');
     });
 
     it('--max-message-bytes 5x', async () => {

@@ -1,13 +1,15 @@
 import { expect } from 'chai';
-import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import * as path from 'node:path';
 import { status as Status } from '@grpc/grpc-js';
 import { loadGatewayMapping, loadJose, type JoseModule } from '@burrow/agent';
 import { BurrowCallError, BurrowClient, type CheckRequest, type CheckResponse } from '@burrow/client';
 import type { CertFiles } from './helpers/pki-fixture';
+import { CALL_CLI, killAll, runCli } from './helpers/processes';
 import { AGENT_ID, Stack } from './helpers/stack';
-import { AUD, ISS, jwksOf, makeKey, signToken, type TestKey } from './helpers/token-fixture';
+import { AUD, ISS, jwksOf, makeKey, signToken, writeAtomically, type TestKey } from './helpers/token-fixture';
+import { pollUntil } from './helpers/wait';
 
 const EXAMPLE = path.resolve(__dirname, '..', '..', 'examples', 'package-proxy');
 const DAY_S = 86_400;
@@ -63,6 +65,7 @@ describe('gateway Check through the broker: the package-proxy example', function
     client = clientFor(stack.serviceCert);
   });
   after(async () => {
+    await killAll();
     client?.close();
     await stack?.stop();
     rmSync(tmp, { recursive: true, force: true });
@@ -77,7 +80,7 @@ describe('gateway Check through the broker: the package-proxy example', function
       request_id: 'req-1',
       ...extra,
     });
-  const aged = (days: number): Partial<CheckRequest> => ({ headers: { 'x-package-age-days': String(days) } });
+  const aged = (days: number): Partial<CheckRequest> => ({ headers: { 'X-Package-Age-Days': String(days) } });
 
   it('allows a week-old package from a trusted registry, with the subject and decision id upstream', async () => {
     const r = await pull('/packages/npm/lodash', aged(30));
@@ -92,6 +95,15 @@ describe('gateway Check through the broker: the package-proxy example', function
     expect(r.headers).to.not.have.property('x-burrow-advice');
     const again = await pull('/packages/npm/lodash', aged(30));
     expect(again.decision_id, 'one id per decision, cached or not').to.not.equal(r.decision_id);
+    // The site's audit log ties the evaluation to the check (and to the gateway that asked).
+    const record = await pollUntil('the decision in the audit log', () =>
+      readFileSync(path.join(tmp, 'audit.jsonl'), 'utf8')
+        .split('\n')
+        .filter(Boolean)
+        .map((l) => JSON.parse(l) as Record<string, unknown>)
+        .find((rec) => rec.decision_id === r.decision_id),
+    );
+    expect(record).to.include({ decision: 'allow', caller: `spiffe://${stack.pki.trustDomain}/service/platform-svc` });
   });
 
   it('quarantines a package younger than 7 days (allow, with advice in the fields and a header)', async () => {
@@ -158,6 +170,26 @@ describe('gateway Check through the broker: the package-proxy example', function
     }
   });
 
+  it('a key removed from the JWKS stops its tokens at once, though Check remembers verified tokens', async () => {
+    const jwks = path.join(tmp, 'jwks.json');
+    const token = await signToken(jose, key);
+    expect((await pull('/packages/npm/lodash', { ...aged(30), token })).verdict).to.equal('ALLOW');
+    const successor = await makeKey(jose, 'ES256', 'site-key-2');
+    writeAtomically(jwks, jwksOf(successor));
+    try {
+      // The agent reloads the file when it changes; the remembered token must not outlive the
+      // reload (it would for 30 s otherwise, far past this wait).
+      const refused = await pollUntil('the removed key refused', async () => {
+        const r = await pull('/packages/npm/lodash', { ...aged(30), token });
+        return r.verdict === 'UNAUTHENTICATED' && r;
+      });
+      expect(refused.token_reason).to.match(/^unknown_key: /);
+    } finally {
+      writeAtomically(jwks, jwksOf(key, successor));
+      await pollUntil('the key back', async () => (await pull('/packages/npm/lodash', aged(30))).verdict === 'ALLOW');
+    }
+  });
+
   it("refuses a caller the broker's caller policy does not allow, before the site is asked", async () => {
     const intruder = clientFor(await stack.pki.issue('service', 'intruder'));
     try {
@@ -170,5 +202,58 @@ describe('gateway Check through the broker: the package-proxy example', function
     } finally {
       intruder.close();
     }
+  });
+
+  describe('burrow-call check', () => {
+    const call = (args: string[], env: Record<string, string> = {}) =>
+      runCli(CALL_CLI, ['check', ...target(), ...args], env, 30_000);
+    const target = (): string[] => [
+      '--broker',
+      stack.apiAddress,
+      '--cert-dir',
+      path.dirname(stack.serviceCert.cert),
+      '--agent',
+      AGENT_ID,
+    ];
+
+    it('allow: the verdict, decision id, subject, reasons and headers; exit 0', async () => {
+      const token = await signToken(jose, key);
+      const r = await call(['--path', '/packages/npm/lodash', '--header', 'X-Package-Age-Days=30'], {
+        BURROW_CALL_TOKEN: token,
+      });
+      expect(r.exit.code, r.stderrLines.join('\n')).to.equal(0);
+      expect(r.stdout).to.match(/^allow {2}decision [0-9a-f-]{36}\n {2}subject: User::"alice"\n/);
+      expect(r.stdout).to.include('  reason: the package comes from a trusted registry and is at least 7 days old\n');
+      expect(r.stdout).to.include('  header: x-burrow-subject: alice\n');
+    });
+
+    it('quarantine with --json and --token-file: advice in the object; exit 0', async () => {
+      const file = path.join(tmp, 'token');
+      writeFileSync(file, `${await signToken(jose, key)}\n`);
+      const r = await call(['--path', '/packages/npm/brand-new', '--token-file', file, '--json']);
+      expect(r.exit.code, r.stderrLines.join('\n')).to.equal(0);
+      const j = JSON.parse(r.stdout);
+      expect(j).to.include({ verdict: 'ALLOW' });
+      expect(j.advice).to.deep.equal(['quarantine']);
+      expect(j.headers['x-burrow-advice']).to.equal('quarantine');
+    });
+
+    it('deny exits 20, unauthenticated 21, a gRPC error its status, a bad flag 2', async () => {
+      const token = await signToken(jose, key);
+      const deny = await call(['--path', '/packages/sketchy/x', '--token', token]);
+      expect(deny.exit.code, deny.stderrLines.join('\n')).to.equal(20);
+      expect(deny.stdout).to.match(/^deny {2}decision /);
+      const unauth = await call(['--path', '/packages/npm/lodash']);
+      expect(unauth.exit.code).to.equal(21);
+      expect(unauth.stdout).to.include('  token: missing: ');
+      const invalid = await call(['--path', 'no-slash', '--token', token]);
+      expect(invalid.exit.code).to.equal(Status.INVALID_ARGUMENT);
+      expect(invalid.stderrLines).to.deep.equal([
+        'burrow-call: INVALID_ARGUMENT: check request: path "no-slash" does not start with "/"',
+      ]);
+      const badFlag = await call(['--path', '/x', '--header', 'novalue']);
+      expect(badFlag.exit.code).to.equal(2);
+      expect(badFlag.stderrLines).to.deep.equal(['burrow-call: header: "novalue" is not NAME=VALUE']);
+    });
   });
 });

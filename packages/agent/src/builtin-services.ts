@@ -31,7 +31,7 @@ export interface TokenAuthenticator {
 
 /** What the built-in policy service needs from a policy engine (AuthZEN JSON in and out). */
 export interface PolicyDecider {
-  evaluate(request: JsonObject, opts: { caller?: string }): Promise<JsonObject> | JsonObject;
+  evaluate(request: JsonObject, opts: { caller?: string; decisionId?: string }): Promise<JsonObject> | JsonObject;
   evaluations(request: JsonObject, opts: { caller?: string }): Promise<JsonObject> | JsonObject;
 }
 
@@ -66,6 +66,11 @@ export class BuiltinServices {
     this.handlers.set(AUTH_METHODS.authenticate, (req) => this.authenticate(req));
     this.handlers.set(POLICY_METHODS.evaluate, (req, ctx) => this.decide('evaluate', req, ctx));
     this.handlers.set(POLICY_METHODS.evaluations, (req, ctx) => this.decide('evaluations', req, ctx));
+  }
+
+  /** Check forgets the tokens it verified: call when the verifier's key set changes. */
+  forgetVerifiedTokens(): void {
+    this.gateway.forgetVerifiedTokens();
   }
 
   /** True when `service` is one the agent answers itself (configured or not). */

@@ -277,6 +277,11 @@ function gatewayMappingFromArgs(
       'gateway-mapping',
       `${file} says token ${mapping.token}: set --jwks, --jwks-url or --introspection-url to verify tokens`,
     );
+  if (mapping.token !== 'none' && !authn?.audiences?.length && !authn?.allowedAudiences?.length)
+    throw new ConfigError(
+      'gateway-mapping',
+      `${file} says token ${mapping.token}: set --token-audience (Check verifies tokens for the agent's audiences)`,
+    );
   return mapping;
 }
 

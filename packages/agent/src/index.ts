@@ -28,6 +28,15 @@ export {
   type TokenMode,
 } from './gateway/gateway-mapping';
 export { CHECK_LIMITS } from './gateway/check-input';
+/** @internal Check's memory of verified tokens (unit-tested alone). */
+export { VerifiedTokens, VERIFIED_TOKEN_CACHE } from './gateway/verified-tokens';
+/** @internal The built-in services' dispatcher, driven alone by tests and benchmarks. */
+export {
+  BuiltinServices,
+  type BuiltinServicesOptions,
+  type PolicyDecider,
+  type TokenAuthenticator,
+} from './builtin-services';
 
 /** @internal The hint of `cannot establish tunnel session`, per cause (tests). */
 export { connectHint, type ConnectFailure } from './connect-hint';

@@ -84,6 +84,8 @@ export interface EvaluateOptions {
   forwardedBy?: string;
   /** Ids of that broker's policies that permitted the request, for the audit log. */
   entryPolicies?: string[];
+  /** The gateway decision this evaluation answers (Check's decision_id), for the audit log. */
+  decisionId?: string;
 }
 
 /** Outcome of one (re)load. */
@@ -535,6 +537,7 @@ export class PolicyEngine extends EventEmitter {
     if (who.caller !== undefined) rec.caller = who.caller;
     if (who.forwardedBy !== undefined) rec.forwarded_by = who.forwardedBy;
     if (who.entryPolicies !== undefined) rec.entry_policies = who.entryPolicies;
+    if (who.decisionId !== undefined) rec.decision_id = who.decisionId;
     if (error !== undefined) rec.error = error;
     this.audit.record(rec);
   }

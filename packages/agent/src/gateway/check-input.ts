@@ -36,6 +36,22 @@ function stringMap(v: unknown): Record<string, string> {
   return typeof v === 'object' && v !== null ? (v as Record<string, string>) : {};
 }
 
+/**
+ * Header names as the contract has them, lower case; a caller that sent others gets them lowered
+ * (values of names that meet joined with ","). Copies only when a name needs it.
+ */
+function lowerCaseNames(m: Record<string, string>): Record<string, string> {
+  let upper = false;
+  for (const k in m) if (k !== k.toLowerCase()) upper = true;
+  if (!upper) return m;
+  const out: Record<string, string> = {};
+  for (const k in m) {
+    const name = k.toLowerCase();
+    out[name] = name in out ? `${out[name]},${m[k]}` : m[k]!;
+  }
+  return out;
+}
+
 function mapBytes(m: Record<string, string>): number {
   let n = 0;
   for (const k in m) n += Buffer.byteLength(k) + Buffer.byteLength(m[k]!);
@@ -56,7 +72,7 @@ export function checkInputOf(req: JsonObject): CheckInput {
   if (Buffer.byteLength(target) > CHECK_LIMITS.maxPathBytes)
     throw invalid(`path is ${Buffer.byteLength(target)} bytes; at most ${CHECK_LIMITS.maxPathBytes} bytes`);
   if (!target.startsWith('/')) throw invalid(`path ${JSON.stringify(target.slice(0, 64))} does not start with "/"`);
-  const headers = stringMap(req.headers);
+  const headers = lowerCaseNames(stringMap(req.headers));
   const extensions = stringMap(req.context_extensions);
   const headerBytes = mapBytes(headers) + mapBytes(extensions);
   if (headerBytes > CHECK_LIMITS.maxHeaderBytes)

@@ -7,6 +7,7 @@ import { engineError } from '../engine-error';
 import { checkInputOf, parseTarget, type CheckInput } from './check-input';
 import type { GatewayMapping } from './gateway-mapping';
 import { MappingDenial, evaluationOf, headerValue, mappedHeaders, type SourceEnv } from './mapped-request';
+import { VerifiedTokens } from './verified-tokens';
 
 /**
  * PolicyDecisionService/Check at the agent: one gateway decision in one round trip. The bearer
@@ -35,13 +36,24 @@ export interface GatewayCheckOptions {
   authenticator?: TokenAuthenticator;
   policy?: PolicyDecider;
   logger: Logger;
+  /** Recently verified tokens; default a fresh {@link VerifiedTokens}. */
+  verifiedTokens?: VerifiedTokens;
 }
 
 const strings = (v: JsonValue | undefined): string[] =>
   Array.isArray(v) ? v.filter((x): x is string => typeof x === 'string') : [];
 
 export class GatewayCheck {
-  constructor(private readonly opts: GatewayCheckOptions) {}
+  private readonly verifiedTokens: VerifiedTokens;
+
+  constructor(private readonly opts: GatewayCheckOptions) {
+    this.verifiedTokens = opts.verifiedTokens ?? new VerifiedTokens();
+  }
+
+  /** Forgets the tokens verified so far: the verifier's key set changed. */
+  forgetVerifiedTokens(): void {
+    this.verifiedTokens.clear();
+  }
 
   /** Answers one decoded CheckRequest with a CheckResponse (JSON shape of API_CODECS). */
   async check(request: JsonObject, caller: string | undefined): Promise<JsonObject> {
@@ -49,7 +61,7 @@ export class GatewayCheck {
     const input = checkInputOf(request);
     const { mapping, policy } = this.ready();
     const decisionId = randomUUID();
-    const j = await this.judge(mapping, policy, input, caller);
+    const j = await this.judge(mapping, policy, input, { caller, decisionId });
     const response = responseOf(j, decisionId);
     this.opts.logger.info('gateway decision', {
       decision_id: decisionId,
@@ -83,7 +95,7 @@ export class GatewayCheck {
     mapping: GatewayMapping,
     policy: PolicyDecider,
     input: CheckInput,
-    caller: string | undefined,
+    who: { caller: string | undefined; decisionId: string },
   ): Promise<Judgement> {
     const verified = await this.verify(mapping, input);
     if ('verdict' in verified) return verified;
@@ -100,7 +112,7 @@ export class GatewayCheck {
     const subject = evaluation.subject as { type: string; id: string };
     let answer: JsonObject;
     try {
-      answer = await policy.evaluate(evaluation, { caller });
+      answer = await policy.evaluate(evaluation, who);
     } catch (err) {
       const e = engineError(err, 'policy evaluation failed');
       // The mapped request does not fit the site's schema or Cedar: the site's setup, not the
@@ -118,13 +130,20 @@ export class GatewayCheck {
   ): Promise<Judgement | { claims: Record<string, unknown> }> {
     if (mapping.token === 'none' || (mapping.token === 'optional' && input.token === '')) return { claims: {} };
     if (input.token === '') return unauthenticated('missing: the request has no bearer token');
+    const known = this.verifiedTokens.get(input.token);
+    if (known) return { claims: known };
     let result: Awaited<ReturnType<TokenAuthenticator['authenticate']>>;
     try {
       result = await this.opts.authenticator!.authenticate(input.token, '');
     } catch (err) {
-      throw engineError(err, 'token verification failed');
+      const e = engineError(err, 'token verification failed');
+      // An oversized token is the client's doing: the gateway answers 401, not an error it fails on.
+      if (e.code === Status.INVALID_ARGUMENT) return unauthenticated(`malformed: ${e.message}`);
+      throw e;
     }
-    return result.authenticated ? { claims: result.claims } : unauthenticated(result.reason);
+    if (!result.authenticated) return unauthenticated(result.reason);
+    this.verifiedTokens.set(input.token, result.claims, result.expiresAt);
+    return { claims: result.claims };
   }
 
   private judgementOf(

@@ -228,6 +228,7 @@ const DIRECTIVES: Readonly<Record<string, DirectiveParser>> = {
       throw new LineError(`header needs a header name and a source, e.g. header x-user-groups claim:groups`);
     if (RESERVED_HEADERS.includes(lower)) throw new LineError(`header ${lower} is set by Burrow itself`);
     once(d, `header ${lower}`, line);
+    if (rest.length !== 1) throw new LineError(`header ${lower} takes one source (headers are text; no "as")`);
     d.headers.push(mappedValue(lower, rest, line, 'header'));
   },
 };
