@@ -148,7 +148,7 @@ function headerOptions(headers: Record<string, string>): object[] {
 }
 
 /** Envoy's CheckResponse for a verdict (see the table at the top). */
-export function envoyResponseOf(v: GatewayVerdict): object {
+export function envoyResponseOf(v: GatewayVerdict): Record<string, unknown> {
   if (v.verdict === 'ALLOW') return { status: { code: Status.OK }, ok_response: { headers: headerOptions(v.headers) } };
   const unauthenticated = v.verdict === 'UNAUTHENTICATED';
   const headers: Record<string, string> = {
@@ -213,7 +213,8 @@ export class ExtAuthzListener {
     const agentId = this.siteOf(attributes, request);
     const verdict = await this.checker.check(peer, agentId, request, ctx.deadlineMs, ctx.signal);
     const { checkResponse } = types();
-    return Buffer.from(checkResponse.encode(checkResponse.fromObject(envoyResponseOf(verdict))).finish());
+    // A plain object of the message's shape (enums as numbers): the generated coder takes it as it is.
+    return Buffer.from(checkResponse.encode(envoyResponseOf(verdict)).finish());
   }
 
   /** The site: the route's context extension, else the operator's header; neither is INVALID_ARGUMENT. */
