@@ -161,6 +161,9 @@ describe('Envoy ext_authz on the broker', function () {
     const err = await checkError(envoy, envoyCheckRequest(pull('lodash', { agent: undefined })));
     expect(err.code).to.equal(Status.INVALID_ARGUMENT);
     expect(err.details).to.include('context_extensions.burrow_agent').and.include('x-burrow-site');
+    const logged = brokerLog.records.filter((r) => r.message === 'gateway check' && r.code === 'INVALID_ARGUMENT');
+    expect(logged.at(-1)).to.include({ gateway: 'ext_authz', verdict: 'error' });
+    expect(String(logged.at(-1)!.details)).to.include('no site named');
   });
 
   it("refuses a gateway the broker's caller policy does not allow, before the site is asked", async () => {

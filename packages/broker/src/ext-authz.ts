@@ -191,7 +191,8 @@ export class ExtAuthzListener {
     stream.on('error', () => {});
     const method = String(headers[':path'] ?? '');
     if (method !== EXT_AUTHZ_CHECK_METHOD) {
-      answerUnimplemented(stream, `the ext_authz listener serves only ${EXT_AUTHZ_CHECK_METHOD}, not ${method}`);
+      const shown = JSON.stringify(method.slice(0, 200));
+      answerUnimplemented(stream, `the ext_authz listener serves only ${EXT_AUTHZ_CHECK_METHOD}, not ${shown}`);
       return;
     }
     const nowMs = Date.now();
@@ -208,9 +209,15 @@ export class ExtAuthzListener {
   }
 
   private async check(peer: PeerIdentity | undefined, bytes: Buffer, ctx: LocalCallContext): Promise<Buffer> {
-    const attributes = decodeAttributes(bytes);
-    const request = checkRequestOfAttributes(attributes);
-    const agentId = this.siteOf(attributes, request);
+    let request: GatewayCheckRequest;
+    let agentId: string;
+    try {
+      const attributes = decodeAttributes(bytes);
+      request = checkRequestOfAttributes(attributes);
+      agentId = this.siteOf(attributes, request);
+    } catch (err) {
+      throw this.checker.refused(err);
+    }
     const verdict = await this.checker.check(peer, agentId, request, ctx.deadlineMs, ctx.signal);
     const { checkResponse } = types();
     // A plain object of the message's shape (enums as numbers): the generated coder takes it as it is.

@@ -99,20 +99,34 @@ async function answer(
   };
   res.on('close', onGone);
   try {
-    const agentId = siteOf(req, deps.agentHeader);
-    const request = checkRequestOf(req.headers, deps.agentHeader);
+    let agentId: string;
+    let request: GatewayCheckRequest;
+    try {
+      agentId = siteOf(req, deps.agentHeader);
+      request = checkRequestOf(req.headers, deps.agentHeader);
+    } catch (err) {
+      throw checker.refused(err, first(req.headers['x-request-id']));
+    }
     const peer = presentedBy(req.socket as TLSSocket).identity;
     const verdict = await checker.check(peer, agentId, request, Date.now() + deps.timeoutMs, abort.signal);
     if (!abort.signal.aborted) sendVerdict(deps, req, res, verdict);
   } catch (err) {
     if (abort.signal.aborted) return; // the gateway left; nobody to answer
     const e = err instanceof BurrowError ? err : new BurrowError(Status.INTERNAL, (err as Error).message);
-    send(deps, req, res, ERROR_STATUS[e.code] ?? 500, `burrow: ${statusName(e.code)}: ${e.message}\n`, {
-      'x-burrow-error': statusName(e.code),
-    });
+    send(deps, req, res, ERROR_STATUS[e.code] ?? 500, errorBody(e), { 'x-burrow-error': statusName(e.code) });
   } finally {
     res.removeListener('close', onGone);
   }
+}
+
+/**
+ * The body of an answer without a decision. Traefik passes it to the client: only a malformed
+ * check (the gateway's configuration, nothing of the site's) is explained there; the broker's log
+ * line of the check has the details of every other error (which site, the caller policy's reason).
+ */
+function errorBody(e: BurrowError): string {
+  const code = statusName(e.code);
+  return e.code === Status.INVALID_ARGUMENT ? `burrow: ${code}: ${e.message}\n` : `burrow: ${code}: no decision\n`;
 }
 
 /** The site: `/agents/<id>/check` (percent-decoded), else the operator's header; else INVALID_ARGUMENT. */

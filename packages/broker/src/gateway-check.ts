@@ -127,18 +127,36 @@ export class GatewayChecker {
     const message = encodeCheckRequest(request);
     const result = await api.callUnary(peer, agentId, POLICY_METHODS.check, message, deadlineMs, signal, gateway);
     if (result.code !== Status.OK) {
-      this.record(startedMs, agentId, request.request_id, { verdict: 'error', code: result.code });
+      this.record(startedMs, agentId, request.request_id, {
+        verdict: 'error',
+        code: result.code,
+        details: result.details,
+      });
       throw new BurrowError(result.code, result.details);
     }
     let verdict: GatewayVerdict;
     try {
       verdict = verdictOf(decodeCheckResponse(result.response!));
     } catch (err) {
-      this.record(startedMs, agentId, request.request_id, { verdict: 'error', code: Status.INTERNAL });
+      this.record(startedMs, agentId, request.request_id, {
+        verdict: 'error',
+        code: Status.INTERNAL,
+        details: (err as Error).message,
+      });
       throw err;
     }
     this.record(startedMs, agentId, request.request_id, { verdict: verdict.verdict, decisionId: verdict.decisionId });
     return verdict;
+  }
+
+  /**
+   * Counts and logs a check refused before it could be carried (no site named, a malformed
+   * request), and returns the error for the listener to answer with.
+   */
+  refused(err: unknown, requestId = ''): BurrowError {
+    const e = err instanceof BurrowError ? err : new BurrowError(Status.INTERNAL, (err as Error).message);
+    this.record(performance.now(), '', requestId, { verdict: 'error', code: e.code, details: e.message });
+    return e;
   }
 
   /** The metrics and the one log line of a check (never its token). */
@@ -146,7 +164,7 @@ export class GatewayChecker {
     startedMs: number,
     agentId: string,
     requestId: string,
-    outcome: { verdict: Verdict | 'error'; decisionId?: string; code?: number },
+    outcome: { verdict: Verdict | 'error'; decisionId?: string; code?: number; details?: string },
   ): void {
     const { metrics, logger, gateway } = this.deps;
     const durationMs = performance.now() - startedMs;
@@ -155,10 +173,11 @@ export class GatewayChecker {
     metrics.gatewayCheckDuration.observe({ gateway }, durationMs / 1000);
     logger.info('gateway check', {
       gateway,
-      agentId: boundedForLog(agentId),
+      agentId: agentId ? boundedForLog(agentId) : undefined,
       verdict,
       decisionId: outcome.decisionId,
       code: outcome.code === undefined ? undefined : statusName(outcome.code),
+      details: outcome.details === undefined ? undefined : boundedForLog(outcome.details),
       requestId: requestId ? boundedForLog(requestId) : undefined,
       durationMs: Math.round(durationMs * 100) / 100,
     });
