@@ -194,6 +194,20 @@ describe('gateway Check at the agent', function () {
     expect(text).to.not.include('do-not-log');
   });
 
+  it('a mapped request the engine refuses is a deny naming the problem, and a warning for the site', async () => {
+    const { logger, records } = capturingLogger();
+    const b = services(
+      mappingOf('token none', 'subject.type header:x-kind', 'subject.id "x"', 'default action=read resource=Doc::"d"'),
+      { logger },
+    );
+    const r = await check(b, { method: 'GET', path: '/', headers: { 'x-kind': 'Not A Type' } });
+    expect(r.verdict).to.equal('DENY');
+    expect(String(r.reasons)).to.match(/^the mapped request cannot be evaluated: .*Not A Type/);
+    const warning = records.find((rec) => rec.level === 'warn');
+    expect(warning?.message).to.equal('gateway mapping made a request the policies cannot evaluate; denied');
+    expect(warning?.decision_id).to.equal(r.decision_id);
+  });
+
   it('FAILED_PRECONDITION naming the flag: no mapping, no policies, a token mapping without a verifier', async () => {
     const noMapping = await failure(check(services(undefined), { method: 'GET', path: '/' }));
     expect(noMapping.code).to.equal(Status.FAILED_PRECONDITION);

@@ -118,6 +118,11 @@ export class GatewayCheck {
       // The mapped request does not fit the site's schema or Cedar: the site's setup, not the
       // gateway's request, so a deny naming it rather than an error the gateway cannot act on.
       if (e.code !== Status.INVALID_ARGUMENT) throw e;
+      this.opts.logger.warn('gateway mapping made a request the policies cannot evaluate; denied', {
+        decision_id: who.decisionId,
+        mapping: mapping.file,
+        error: e.message,
+      });
       return { ...denial(`the mapped request cannot be evaluated: ${e.message}`), subject: plain(subject) };
     }
     return this.judgementOf(answer, plain(subject), mapping, env);
