@@ -1,9 +1,11 @@
 import { expect } from 'chai';
 import { mkdirSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
+import { loadJose } from '@burrow/agent';
 import { parseDurationMs } from '@burrow/tunnel';
 import { accepts, freePorts, portsThatAccepted } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
+import { AUD, ISS, jwksOf, makeKey } from './helpers/token-fixture';
 import {
   AGENT_CLI,
   BROKER_CLI,
@@ -516,6 +518,25 @@ describe('cli', function () {
         }
       },
     );
+
+    it('agent gateway-mapping from the config file: the agent starts with it and says which', async () => {
+      const ports = await freePorts(3);
+      const example = path.join(__dirname, '..', '..', 'examples', 'package-proxy');
+      const jose = await loadJose();
+      const jwks = path.join(pki.root, 'started-jwks.json');
+      writeFileSync(jwks, jwksOf(await makeKey(jose, 'ES256', 'k1')));
+      const mapping = path.join(example, 'gateway-mapping.conf');
+      const file = path.join(pki.root, 'gateway.yaml');
+      writeFileSync(file, `gateway-mapping: ${mapping}\npolicies: ${path.join(example, 'policies')}\n`);
+      const flags = agentFlags(ports, { 'local-listen': undefined, 'admin-listen': undefined });
+      const { proc, started } = await startAgent([
+        ...flags,
+        ...['--config', file, '--jwks', jwks, '--token-issuer', ISS, '--token-audience', AUD],
+      ]);
+      expect(started.gatewayMapping).to.equal(mapping);
+      proc.signal('SIGTERM');
+      expect(await proc.waitExit()).to.deep.equal({ code: 0, signal: null });
+    });
 
     it('a flag beats the environment, which beats the config file', async () => {
       const [a, b, fromFile, fromEnv, fromFlag] = await freePorts(5);

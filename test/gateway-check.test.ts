@@ -192,6 +192,9 @@ describe('gateway Check at the agent', function () {
     const text = JSON.stringify(records);
     expect(text).to.not.include(token);
     expect(text).to.not.include('do-not-log');
+    await check(b, { method: 'GET', path: '/docs/readme', token, request_id: 'r'.repeat(10_000) });
+    const long = records.filter((rec) => rec.message === 'gateway decision')[1]!;
+    expect(long.request_id, 'a request id is bounded in the log').to.have.length(128);
   });
 
   it('a mapped request the engine refuses is a deny naming the problem, and a warning for the site', async () => {
@@ -259,6 +262,25 @@ describe('gateway Check at the agent', function () {
     b.forgetVerifiedTokens();
     await check(b, { method: 'GET', path: '/docs/a', token });
     expect(authn.calls, 'forgotten: verified again').to.equal(4);
+    // An introspected token follows the introspection cache (its TTL, its revocations), not this one.
+    let introspections = 0;
+    const introspected = services(mappingOf(...DOCS), {
+      authenticator: {
+        authenticate: async () => {
+          introspections++;
+          return {
+            authenticated: true,
+            subject: 'svc',
+            groups: [],
+            claims: { sub: 'svc' },
+            reason: '',
+            verifiedBy: 'introspection',
+          };
+        },
+      },
+    });
+    for (let i = 0; i < 2; i++) await check(introspected, { method: 'GET', path: '/docs/a', token: 'opaque' });
+    expect(introspections).to.equal(2);
 
     cache.set('t1', { sub: 'a' }, new Date(now + 10_000));
     cache.set('t2', { sub: 'b' }, undefined);

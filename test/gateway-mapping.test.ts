@@ -75,6 +75,12 @@ describe('gateway mapping parser', () => {
     expect(m.headers.map((h) => h.name)).to.deep.equal(['x-burrow-groups']);
   });
 
+  it('a namespaced type is a literal; a colon elsewhere needs quotes', () => {
+    const m = parse('token required', 'subject.type Acme::User', 'subject.id claim:sub', 'default deny');
+    expect(m.subjectType).to.deep.equal({ kind: 'literal', value: 'Acme::User' });
+    expect(errorOf(...HEAD, 'context.a urn:x').message).to.include('quote it when it has a colon');
+  });
+
   it('reads the shipped example (examples/package-proxy/gateway-mapping.conf)', () => {
     const file = path.resolve(__dirname, '..', '..', 'examples', 'package-proxy', 'gateway-mapping.conf');
     const m = loadGatewayMapping(file);
@@ -85,6 +91,7 @@ describe('gateway mapping parser', () => {
 
   const cases: [string, string[], number, string][] = [
     ['an unknown directive', [...HEAD, 'subjct.id claim:sub'], 5, 'unknown directive "subjct.id"'],
+    ['a directive named like an object property', [...HEAD, 'constructor x'], 5, 'unknown directive "constructor"'],
     ['a bad token mode', ['token maybe', ...HEAD.slice(1)], 1, 'token must be required, optional or none'],
     ['a duplicate single directive', [...HEAD, 'subject.id claim:email'], 5, 'duplicate subject.id (first on line 3)'],
     [

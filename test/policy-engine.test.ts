@@ -724,6 +724,24 @@ forbid (principal, action == Action::"pull", resource) when { context.age < 0 };
       expect(engine.evaluate(pull({ age: 1 })).context.advice, 'from the cache').to.deep.equal(['quarantine']);
     });
 
+    it('the package-proxy example: every request gets the decision and advice its file name promises', async () => {
+      const dir = path.join(EXAMPLES_DIR, '..', 'package-proxy');
+      const engine = await PolicyEngine.open({
+        policiesDir: path.join(dir, 'policies'),
+        entitiesFile: path.join(dir, 'entities.json'),
+        schemaFile: path.join(dir, 'schema.cedarschema'),
+      });
+      engines.push(engine);
+      const files = readdirSync(path.join(dir, 'requests')).filter((f) => f.endsWith('.json'));
+      expect(files.length).to.be.at.least(4);
+      for (const f of files) {
+        const answer = engine.evaluate(JSON.parse(readFileSync(path.join(dir, 'requests', f), 'utf8')));
+        expect(answer.decision, f).to.equal(f.startsWith('permit-'));
+        expect(answer.context.advice, f).to.deep.equal(f.includes('quarantine') ? ['quarantine'] : undefined);
+        expect(answer.context.reasons ?? [], f).to.have.length(f.includes('untrusted') ? 0 : 1);
+      }
+    });
+
     it('an @advice that is not one word is a load error naming file:line', async () => {
       const fx = new PolicyFixture({ 'a.cedar': '\n@advice("hold, review")\npermit (principal, action, resource);\n' });
       fixtures.push(fx);

@@ -182,6 +182,7 @@ export class Agent {
       targets: [...this.targets.values()].map((t) => t.address),
       maxBrokers: this.config.maxBrokers,
       upstreams: this.config.upstreams.length,
+      gatewayMapping: this.config.gatewayMapping?.file,
       ...ports,
     });
     return ports;

@@ -79,6 +79,11 @@ export interface AuthenticationResult {
   expiresAt?: Date;
   /** Empty when authenticated; otherwise a stable word, `: ` and details (see {@link TokenRefusal}). */
   reason: string;
+  /**
+   * How an accepted token was judged: its signature against the site's keys, or the introspection
+   * endpoint's answer (which has its own cache and revocation, --introspection-cache-ttl).
+   */
+  verifiedBy?: 'signature' | 'introspection';
 }
 
 /** A key jose verifies with (the type its key lookups resolve to). */
@@ -341,7 +346,7 @@ export class TokenVerifier extends EventEmitter {
       if (outcome.word === 'unknown_key') return new TokenRefusal('unknown_key', this.describeKeyOf(token));
       return outcome;
     }
-    return this.accepted(outcome);
+    return this.accepted(outcome, 'signature');
   }
 
   /** One verification against one key set; a verdict, never a rejection, for the token's faults. */
@@ -440,12 +445,16 @@ export class TokenVerifier extends EventEmitter {
         return new TokenRefusal('malformed', `introspection answer lacks the required "${claim}" claim`);
     }
     const { active: _active, ...claims } = answer;
-    return this.accepted(claims);
+    return this.accepted(claims, 'introspection');
   }
 
-  private accepted(claims: Record<string, unknown>): AuthenticationResult {
+  private accepted(
+    claims: Record<string, unknown>,
+    verifiedBy: AuthenticationResult['verifiedBy'],
+  ): AuthenticationResult {
     return {
       authenticated: true,
+      verifiedBy,
       subject: typeof claims.sub === 'string' ? claims.sub : '',
       groups: stringArray(claimAt(claims, this.groupsPath)),
       claims,

@@ -40,6 +40,9 @@ export interface GatewayCheckOptions {
   verifiedTokens?: VerifiedTokens;
 }
 
+/** Characters of a gateway's request id written to the log (Envoy's are 36-character UUIDs). */
+const MAX_LOGGED_REQUEST_ID = 128;
+
 const strings = (v: JsonValue | undefined): string[] =>
   Array.isArray(v) ? v.filter((x): x is string => typeof x === 'string') : [];
 
@@ -65,7 +68,8 @@ export class GatewayCheck {
     const response = responseOf(j, decisionId);
     this.opts.logger.info('gateway decision', {
       decision_id: decisionId,
-      request_id: input.requestId || undefined,
+      // The gateway's id, as it sent it: bounded, so a peer cannot make one log line arbitrarily long.
+      request_id: input.requestId ? input.requestId.slice(0, MAX_LOGGED_REQUEST_ID) : undefined,
       verdict: j.verdict,
       subject: j.subject?.id,
       advice: j.advice.length > 0 ? j.advice : undefined,
@@ -147,7 +151,9 @@ export class GatewayCheck {
       throw e;
     }
     if (!result.authenticated) return unauthenticated(result.reason);
-    this.verifiedTokens.set(input.token, result.claims, result.expiresAt);
+    // Only signature-verified tokens: an introspected one follows --introspection-cache-ttl (an
+    // endpoint's revocation must not wait on a second cache).
+    if (result.verifiedBy === 'signature') this.verifiedTokens.set(input.token, result.claims, result.expiresAt);
     return { claims: result.claims };
   }
 

@@ -243,7 +243,7 @@ function directive(d: Draft, words: string[], line: number): void {
     d.context.push(mappedValue(name, args, line, head));
     return;
   }
-  const parse = DIRECTIVES[head];
+  const parse = Object.hasOwn(DIRECTIVES, head) ? DIRECTIVES[head] : undefined;
   if (!parse) {
     throw new LineError(
       `unknown directive "${head}"; known: token, anonymous, subject.type, subject.id, subject.property, ` +
@@ -287,7 +287,8 @@ function parseSource(word: string): MappingSource {
     return { kind: 'literal', value: unquote(word.slice(1, -1)) };
   }
   const colon = word.indexOf(':');
-  if (colon < 0) return { kind: 'literal', value: word };
+  // A namespaced type (Acme::User) is a literal, not a source prefix.
+  if (colon < 0 || ENTITY_TYPE.test(word)) return { kind: 'literal', value: word };
   const prefix = word.slice(0, colon);
   const name = word.slice(colon + 1);
   if (name === '') throw new LineError(`source "${word}" names nothing after "${prefix}:"`);

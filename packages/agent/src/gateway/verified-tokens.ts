@@ -18,8 +18,9 @@ interface Entry {
  * client sends the same token with each of them: verifying its signature again each time would be
  * most of a check's cost. An entry lives {@link VERIFIED_TOKEN_CACHE}.ttlMs at most and never past
  * the token's `exp`; the agent empties the cache whenever the verifier's key set changes (a key
- * removed from the JWKS stops its tokens at once). Refusals are not kept: a refused token is
- * verified again, and answered the same. Keys are SHA-256 digests, so memory is bounded by the
+ * removed from the JWKS stops its tokens at once). Only tokens verified by signature are kept
+ * (introspected ones follow the introspection cache and its TTL). Refusals are not kept: a refused
+ * token is verified again, and answered the same. Keys are SHA-256 digests, so memory is bounded by the
  * entry count, not by token sizes.
  */
 export class VerifiedTokens {
