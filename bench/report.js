@@ -90,6 +90,23 @@ function evaluateTargets(cases) {
     // The target names 10,000 agents; a quick run measures fewer, which says less.
     conclusive: sc ? sc.agents >= 10_000 : false,
   };
+  // Issue 17: a gateway check (token verified, mapped, decided) costs about one Evaluate.
+  const g = cases.gateway;
+  const gP50 = ratio(g?.ext_authz?.p50_us, g?.evaluate?.p50_us);
+  t.gateway_p50 = { rule: 'ext_authz Check p50 <= 1.2x Evaluate', value: gP50, limit: 1.2, met: atMost(gP50, 1.2) };
+  const gRps = ratio(g?.ext_authz?.rps_c64, g?.evaluate?.rps_c64);
+  t.gateway_rps_c64 = {
+    rule: 'ext_authz Check calls/s at c=64 within 1.2x of Evaluate (>= 0.83x)',
+    value: gRps,
+    limit: 0.83,
+    met: atLeast(gRps, 1 / 1.2),
+  };
+  t.gateway_failed = {
+    rule: 'no failed gateway checks',
+    value: g ? g.ext_authz.failed : null,
+    limit: 0,
+    met: g ? g.ext_authz.failed === 0 : null,
+  };
   t.issuance = {
     rule: 'issuance >= 200 certificates/s',
     value: is?.per_s ?? null,
@@ -114,6 +131,37 @@ const targetTimes = (target) => {
   if (!target || target.value === null || target.value === undefined) return '–';
   return `${fmt(target.value, Math.round(target.value * 100) / 100 === target.limit ? 3 : 2)}x`;
 };
+
+/** The gateway case's rows: the ext_authz Check next to Evaluate (same rounds) and the one-hop floor. */
+function gatewayLines(g, t, row, lines) {
+  lines.push('');
+  row('gateway check', 'floor (1 hop)', 'Evaluate (tunnel)', 'ext_authz Check', 'Check/Evaluate', 'target', 'result');
+  row('---', '---:', '---:', '---:', '---:', '---', '---');
+  const gatewayRow = (label, key, target, rule) =>
+    row(
+      label,
+      fmt(g.floor?.[key]),
+      fmt(g.evaluate?.[key]),
+      fmt(g.ext_authz?.[key]),
+      target ? targetTimes(target) : times(ratio(g.ext_authz?.[key], g.evaluate?.[key])),
+      rule ?? '',
+      target ? verdict(target) : '',
+    );
+  gatewayRow('p50 (µs)', 'p50_us', t.gateway_p50, '<= 1.2x');
+  gatewayRow('p99 (µs)', 'p99_us');
+  gatewayRow('calls/s, c=64', 'rps_c64', t.gateway_rps_c64, '>= 0.83x');
+  gatewayRow('broker CPU µs per call, c=64', 'cpuUsPerCallC64_broker');
+  gatewayRow('agent CPU µs per call, c=64', 'cpuUsPerCallC64_agent');
+  row(
+    'failed calls',
+    fmt(g.floor?.failed),
+    fmt(g.evaluate?.failed),
+    fmt(g.ext_authz?.failed),
+    '',
+    '0',
+    verdict(t.gateway_failed),
+  );
+}
 
 /** The result as a Markdown table (pasted into the README as it is). */
 function tableLines(result) {
@@ -303,6 +351,7 @@ function tableLines(result) {
       );
     }
   }
+  if (cases.gateway) gatewayLines(cases.gateway, t, row, lines);
   const sc = cases.scale;
   const is = cases.issuance;
   if (sc || is) {

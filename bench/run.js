@@ -17,6 +17,7 @@
 //   make bench                       # quick profile (< 5 min on 2 cores)
 //   BENCH_PROFILE=full make bench    # full profile (10,000 agents, 10 s streams, more rounds)
 //   BENCH_CASES=unary,policy,stream,scale,issuance   run only some cases (development)
+//   BENCH_CASES=gateway              Envoy ext_authz Check next to the policy case's Evaluate (in the default set)
 //   BENCH_CASES=tracing              the cost of tracing: unary and policy calls with a broker and
 //                                    agent tracing every call (ratio 1.0, a local OTLP sink) next
 //                                    to a pair with tracing off (in the default set too)
@@ -31,6 +32,7 @@ const os = require('node:os');
 const path = require('node:path');
 const { performance } = require('node:perf_hooks');
 const { API_CODECS, POLICY_METHODS } = require('@burrow/tunnel');
+const { EXT_AUTHZ_CHECK_METHOD } = require('@burrow/broker');
 const { createCsr, createJoinToken, signCsr } = require('@burrow/pki');
 const { IpcChild } = require('./ipc');
 const { startSshTunnel } = require('./ssh-tunnel');
@@ -86,7 +88,7 @@ const P = PROFILES[PROFILE_NAME];
 if (!P) throw new Error(`BENCH_PROFILE must be one of ${Object.keys(PROFILES).join(', ')}`);
 if (process.env.BENCH_AGENTS) P.scaleAgents = Number(process.env.BENCH_AGENTS);
 if (process.env.BENCH_ROUNDS) P.rounds = Number(process.env.BENCH_ROUNDS);
-const CASES = (process.env.BENCH_CASES ?? 'unary,policy,stream,scale,issuance,tracing').split(',');
+const CASES = (process.env.BENCH_CASES ?? 'unary,policy,gateway,stream,scale,issuance,tracing').split(',');
 const CPU_PROF_DIR = process.env.BENCH_CPU_PROF_DIR ? path.resolve(process.env.BENCH_CPU_PROF_DIR) : undefined;
 
 /** Scheduling priority of the agent swarm processes (the broker's is 0). */
@@ -98,6 +100,16 @@ const ENROLL_CONCURRENCY = 16;
 const SITE_AGENT_ID = 'bench-site';
 const POLICY_REQUEST_FILE = path.join(ROOT, 'examples', 'policy', 'requests', 'permit-owner-edits.json');
 const RESULTS_DIR = path.join(__dirname, 'results');
+// The gateway case: the same decision as POLICY_REQUEST_FILE (carol edits atlas-design), asked as
+// a gateway would, with a bearer token the agent verifies against a JWKS file (its key cached).
+const GATEWAY_MAPPING = [
+  'token required',
+  'subject.type User',
+  'subject.id claim:sub',
+  'route PUT /documents/{id} action=edit resource=Document::"{id}"',
+  'default deny',
+  '',
+].join('\n');
 
 const log = (text) => process.stderr.write(`[bench] ${text}\n`);
 
@@ -374,11 +386,12 @@ function brokerArgs(ports, files, extra = []) {
 
 async function runTunnelCases(ctx, result) {
   const { dirs, echo, floor } = ctx;
-  const [agentPort, apiPort, adminPort, sshPort, forwardPort] = await freePorts(5);
+  const [agentPort, apiPort, adminPort, sshPort, forwardPort, extAuthzPort] = await freePorts(6);
+  const gateway = CASES.includes('gateway') ? await gatewaySetup(extAuthzPort) : undefined;
   const broker = await startBurrow(
     'broker',
     BROKER_CLI,
-    brokerArgs({ agent: agentPort, api: apiPort, admin: adminPort }, certFiles(dirs.broker)),
+    brokerArgs({ agent: agentPort, api: apiPort, admin: adminPort }, certFiles(dirs.broker), gateway?.brokerArgs),
     { startedMessage: 'broker started' },
   );
   const agentArgs = [
@@ -398,6 +411,7 @@ async function runTunnelCases(ctx, result) {
     '0s',
     '--audit-log',
     path.join(tmp, 'audit.jsonl'),
+    ...(gateway?.agentArgs ?? []),
   ];
   // An agent that dies is started again, as systemd would (Restart=on-failure), and the death is
   // recorded: the calls it failed count as misses of the measurement that was running.
@@ -480,6 +494,11 @@ async function runTunnelCases(ctx, result) {
   await callers.floor.call('connect', { address: floor });
   callers.relayPolicy = forkChild('caller.js', 'caller-relay-policy');
   await callers.relayPolicy.call('connect', { address: policyHop, tls: certFiles(dirs.caller) });
+  if (gateway) {
+    await gateway.expectAllowed(certFiles(dirs.caller));
+    callers.extAuthz = forkChild('caller.js', 'caller-ext-authz');
+    await callers.extAuthz.call('connect', { address: gateway.address, tls: certFiles(dirs.caller) });
+  }
 
   const unarySides = Object.keys(sides);
   const upstreamPid = ctx.upstreamPid;
@@ -506,6 +525,13 @@ async function runTunnelCases(ctx, result) {
   const policy = { floor: new SideResult(), burrow_policy: new SideResult(), relay_policy: new SideResult() };
   const stream = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
   const policyCallers = { floor: callers.floor, burrow_policy: callers.burrow, relay_policy: callers.relayPolicy };
+  // The gateway case is judged against Evaluate measured in the same rounds.
+  if (gateway) {
+    policy.ext_authz = new SideResult();
+    policyCallers.ext_authz = callers.extAuthz;
+  }
+  const policyPayloads = { ext_authz: gateway?.payloadB64 };
+  const policyMethods = { ext_authz: EXT_AUTHZ_CHECK_METHOD };
   const payloadB64 = Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64');
   const policyB64 = API_CODECS.evaluationRequest
     .encode(JSON.parse(fs.readFileSync(POLICY_REQUEST_FILE, 'utf8')))
@@ -540,14 +566,21 @@ async function runTunnelCases(ctx, result) {
         }
       }
     }
-    if (CASES.includes('policy')) {
+    if (CASES.includes('policy') || gateway) {
       for (const s of order(Object.keys(policy))) {
-        const method = POLICY_METHODS.evaluate;
-        const l = await policyCallers[s].call('latency', latencyArgs(method, policyB64));
+        const method = policyMethods[s] ?? POLICY_METHODS.evaluate;
+        const b64 = policyPayloads[s] ?? policyB64;
+        const l = await policyCallers[s].call('latency', latencyArgs(method, b64));
         policy[s].add('p50_us', l.p50_us, l);
         policy[s].add('p99_us', l.p99_us, {});
-        const r = await policyCallers[s].call('throughput', rpsArgs(method, policyB64, 64));
+        // Where a decision's CPU goes (broker, agent) on the two paths the gateway case compares.
+        const pids = s === 'burrow_policy' || s === 'ext_authz' ? pathPids.burrow : {};
+        const r = await withCpuPerCall({ ...pids, caller: policyCallers[s].proc.pid }, () =>
+          policyCallers[s].call('throughput', rpsArgs(method, b64, 64)),
+        );
         policy[s].add('rps_c64', r.rps, r);
+        for (const hop of ['broker', 'agent'])
+          if (r.cpuUsPerCall[hop] !== undefined) policy[s].add(`cpuUsPerCallC64_${hop}`, r.cpuUsPerCall[hop], {});
       }
     }
   }
@@ -582,6 +615,19 @@ async function runTunnelCases(ctx, result) {
     }
   }
   const plain = (bySide) => Object.fromEntries(Object.entries(bySide).map(([side, r]) => [side, r.toJSON()]));
+  const extAuthz = policy.ext_authz;
+  delete policy.ext_authz;
+  if (gateway) {
+    result.cases.gateway = {
+      request: 'PUT /documents/atlas-design, Bearer ES256 token of carol (the policy request, asked as a gateway)',
+      mapping: GATEWAY_MAPPING,
+      ext_authzIs: 'Envoy-shaped envoy.service.auth.v3.Authorization/Check on --ext-authz-listen (mTLS)',
+      evaluateIs: "the policy case's Evaluate through the tunnel, measured in the same rounds",
+      ext_authz: extAuthz.toJSON(),
+      evaluate: policy.burrow_policy.toJSON(),
+      floor: policy.floor.toJSON(),
+    };
+  }
   if (CASES.includes('unary')) result.cases.unary = { payloadBytes: UNARY_PAYLOAD_BYTES, ...plain(unary) };
   if (CASES.includes('policy')) {
     result.cases.policy = {
@@ -599,6 +645,50 @@ async function runTunnelCases(ctx, result) {
   await Promise.all([stopGracefully(agent.proc), stopGracefully(broker.proc)]);
   for (const c of Object.values(callers)) await c.kill();
   for (const r of [...relays, ...rawHops]) await r.kill();
+}
+
+/**
+ * The gateway case's pieces: the broker's --ext-authz-listen, the agent's mapping, JWKS and token
+ * flags, the Envoy CheckRequest (built by the test suite's Envoy-shaped client) with a token signed
+ * here, and a check that the site allows it (a DENY is a gRPC OK too: the load loop cannot tell).
+ */
+async function gatewaySetup(extAuthzPort) {
+  const { loadJose } = require('@burrow/agent');
+  const { ISS, AUD, makeKey, jwksOf, signToken } = require(path.join(HELPERS, 'token-fixture.js'));
+  const { EnvoyAuthzClient, envoyCheckRequest, encodeEnvoyCheckRequest } = require(
+    path.join(HELPERS, 'envoy-client.js'),
+  );
+  const jose = await loadJose();
+  const key = await makeKey(jose, 'ES256', 'bench-key');
+  const jwks = path.join(tmp, 'jwks.json');
+  const mapping = path.join(tmp, 'gateway-mapping.conf');
+  fs.writeFileSync(jwks, jwksOf(key));
+  fs.writeFileSync(mapping, GATEWAY_MAPPING);
+  const nowS = Math.floor(Date.now() / 1000);
+  const token = await signToken(jose, key, { sub: 'carol', exp: nowS + 3600 });
+  const request = envoyCheckRequest({
+    method: 'PUT',
+    path: '/documents/atlas-design',
+    token,
+    agent: SITE_AGENT_ID,
+    requestId: 'bench-gateway',
+  });
+  const address = `127.0.0.1:${extAuthzPort}`;
+  return {
+    address,
+    brokerArgs: ['--ext-authz-listen', address],
+    agentArgs: ['--gateway-mapping', mapping, '--jwks', jwks, '--token-issuer', ISS, '--token-audience', AUD],
+    payloadB64: encodeEnvoyCheckRequest(request).toString('base64'),
+    async expectAllowed(tls) {
+      const client = new EnvoyAuthzClient(address, tls);
+      try {
+        const res = await client.check(request, 10_000);
+        if (!res.ok_response) throw new Error(`the gateway check is not allowed: ${JSON.stringify(res)}`);
+      } finally {
+        client.close();
+      }
+    },
+  };
 }
 
 function tlsArgs(files) {
@@ -1109,7 +1199,7 @@ async function main() {
   const upstream = forkChild('upstream.js', 'upstream');
   const { echo, floor } = await upstream.call('addresses');
   const ctx = { dirs, echo, floor, upstreamPid: upstream.proc.pid };
-  if (['unary', 'policy', 'stream'].some((c) => CASES.includes(c))) await runTunnelCases(ctx, result);
+  if (['unary', 'policy', 'stream', 'gateway'].some((c) => CASES.includes(c))) await runTunnelCases(ctx, result);
   if (CASES.includes('tracing')) await runTracing(ctx, result);
   if (CASES.includes('scale')) await runScale(ctx, result);
   if (CASES.includes('issuance')) await runIssuance(ctx, result);

@@ -64,6 +64,16 @@ type Route =
   | { local: true; session: AgentSession }
   | { local: false; peer: string; stream: http2.ClientHttp2Stream; span: Span | undefined };
 
+/** How {@link CallerApi.callUnary} is called: by which listener, cancelled by what, in which trace. */
+export interface UnaryCallOptions {
+  /** The client left: the call is cancelled. */
+  signal?: AbortSignal;
+  /** The listener the call came in on (credential-watch metrics and logs); default `authzen`. */
+  listener?: Exclude<WatchedListener, 'api' | 'peer'>;
+  /** The client's `traceparent` header, when it sent one. */
+  traceparent?: string;
+}
+
 /** A call as it arrived on the caller API: the stream, its method and headers. */
 interface ApiCall {
   stream: http2.ServerHttp2Stream;
@@ -534,8 +544,23 @@ export class CallerApi {
   }
 
   /**
-   * One unary call made on behalf of `peer` (the AuthZEN HTTP binding): admitted like a gRPC call,
-   * then carried down the agent's tunnel. Resolves with the status; never rejects.
+   * Where a unary call goes: a session of the agent here when there is one (the common case, no
+   * wait and no promise chain to build), else {@link route}.
+   */
+  private unaryRoute(admitted: AdmittedCall, method: string, deadlineMs: number, signal: AbortSignal): Promise<Route> {
+    const session = this.deps.registry.pick(admitted.agentId);
+    if (session) {
+      admitted.holdAgentSlot();
+      return Promise.resolve({ local: true, session });
+    }
+    return this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, signal);
+  }
+
+  /**
+   * One unary call made on behalf of `peer` (the AuthZEN HTTP binding, the gateway listeners):
+   * admitted like a gRPC call, then carried down the agent's tunnel. `listener` names the entry in
+   * the credential watch's metrics and logs; `traceparent` the client's W3C trace context, continued
+   * like a gRPC caller's. Resolves with the status; never rejects.
    */
   async callUnary(
     peer: PeerIdentity | undefined,
@@ -543,20 +568,21 @@ export class CallerApi {
     method: string,
     message: Buffer,
     deadlineMs: number,
-    signal?: AbortSignal,
-    traceparent?: string,
+    opts: UnaryCallOptions = {},
   ): Promise<UnaryCallResult> {
+    const { signal, listener = 'authzen', traceparent } = opts;
     const span = this.deps.tracing.enabled ? this.serverSpan(method, traceparent) : undefined;
     let admitted: AdmittedCall;
     try {
-      admitted = this.admit({ identity: peer }, agentId, method, 'http', span);
+      const transport = listener === 'ext_authz' ? 'grpc' : 'http';
+      admitted = this.admit({ identity: peer }, agentId, method, transport, span);
     } catch (err) {
       const e = err as BurrowError;
       return { code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 };
     }
     const { metrics } = this.deps;
     metrics.toAgentCallStarted();
-    const live = this.liveCall(admitted.caller, 'authzen');
+    const live = this.liveCall(admitted.caller, listener);
     const waiting = new AbortController();
     live.waiting = waiting;
     const onGone = (): void => waiting.abort();
@@ -570,7 +596,7 @@ export class CallerApi {
     };
     let route: Route;
     try {
-      route = await this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, waiting.signal);
+      route = await this.unaryRoute(admitted, method, deadlineMs, waiting.signal);
     } catch (err) {
       const e = live.cutBy ?? (err as BurrowError);
       return ended({ code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 });

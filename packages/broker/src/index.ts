@@ -20,6 +20,9 @@ export {
 } from './caller-authorizer';
 export { PolicyCallerAuthorizer, type PolicyCallerAuthorizerOptions } from './policy-caller-authorizer';
 
+// The gateway listeners (docs/gateways.md): the Envoy ext_authz method they serve.
+export { EXT_AUTHZ_CHECK_METHOD } from './ext-authz';
+
 /** @internal The broker's parts, driven alone by tests and benchmarks. */
 export { BrokerMetrics } from './broker-metrics';
 /** @internal */
