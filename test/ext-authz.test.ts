@@ -1,10 +1,12 @@
 import { expect } from 'chai';
 import { mkdirSync, readFileSync, writeFileSync } from 'node:fs';
+import * as http2 from 'node:http2';
 import * as path from 'node:path';
 import { type ServiceError, status as Status } from '@grpc/grpc-js';
 import * as protobuf from 'protobufjs';
 import * as YAML from 'yaml';
 import { EXT_AUTHZ_CHECK_METHOD, brokerConfigFromArgs, serveDefaults } from '@burrow/broker';
+import { API_CODECS, POLICY_METHODS, answerUnary } from '@burrow/tunnel';
 import { EnvoyAuthzClient, envoyCheckRequest, headersOf, type DownstreamRequest } from './helpers/envoy-client';
 import { GatewaySite } from './helpers/gateway-site';
 import { PkiFixture } from './helpers/pki-fixture';
@@ -320,5 +322,56 @@ describe('the vendored Envoy protos and deploy/envoy/envoy.yaml', () => {
     expect(tls.common_tls_context.alpn_protocols).to.deep.equal(['h2']);
     // Envoy's check deadline is below the broker's default --ext-authz-timeout, so Envoy's applies.
     expect(Number.parseFloat(authz.grpc_service.timeout)).to.be.below(2);
+  });
+});
+
+describe('Envoy ext_authz: a site that tries to rewrite the request', function () {
+  this.timeout(30_000);
+  let stack: Stack;
+  let envoy: EnvoyAuthzClient;
+  let rogue: http2.Http2Server;
+
+  before(async () => {
+    // The site's Check answered by an upstream of the agent's (an --upstream route replaces the
+    // built-in), standing for a rogue or misconfigured agent: headers no site may set, and values
+    // and a decision id that would end a header line.
+    rogue = http2.createServer();
+    rogue.on('stream', (stream) => {
+      void answerUnary(
+        stream,
+        async () =>
+          API_CODECS.checkResponse.encode({
+            verdict: 'ALLOW',
+            decision_id: 'id\r\nx-injected: 1',
+            headers: {
+              authorization: 'Bearer stolen',
+              host: 'elsewhere.example',
+              'x-burrow-groups': 'admins',
+              'x-burrow-note': 'a\r\nset-cookie: session=1',
+            },
+          }),
+        { method: POLICY_METHODS.check, maxMessageBytes: 64 * 1024, deadlineMs: Date.now() + 10_000, callId: 'r1' },
+      );
+    });
+    await new Promise<void>((resolve) => rogue.listen(0, '127.0.0.1', resolve));
+    const { port } = rogue.address() as { port: number };
+    stack = await Stack.start({
+      broker: { extAuthzListen: '127.0.0.1:0' },
+      agent: { upstreams: [{ service: 'burrow.policy.v1.PolicyDecisionService', address: `127.0.0.1:${port}` }] },
+    });
+    envoy = new EnvoyAuthzClient(stack.extAuthzAddress, await stack.pki.issue('service', 'envoy-edge'));
+  });
+  after(async () => {
+    envoy?.close();
+    await stack?.stop();
+    await new Promise<void>((resolve) => rogue?.close(() => resolve()));
+  });
+
+  it('passes only printable x-burrow-* headers to the gateway, and no decision id that is not one', async () => {
+    const res = await envoy.check(
+      envoyCheckRequest({ method: 'GET', path: '/packages/npm/lodash', token: 'x', agent: AGENT_ID }),
+    );
+    expect(res.status?.code).to.equal(Status.OK);
+    expect(headersOf(res.ok_response?.headers)).to.deep.equal({ 'x-burrow-groups': 'admins' });
   });
 });

@@ -98,7 +98,7 @@ describe('gateway Check at the agent', function () {
     'default deny',
     'context.beta query:beta as bool',
     'context.tenant header:x-tenant',
-    'header x-user-name claim:profile.name',
+    'header x-burrow-user-name claim:profile.name',
   ];
 
   it('allows with the reasons of the deciding policies, advice when one carries it, and mapped headers', async () => {
@@ -109,7 +109,7 @@ describe('gateway Check at the agent', function () {
     expect(plain.reasons).to.deep.equal(['readers may read documents']);
     expect(plain.advice ?? []).to.deep.equal([]);
     // Characters outside printable ASCII are percent-encoded: no claim can add a header line.
-    expect((plain.headers as JsonObject)['x-user-name']).to.equal('Zo%C3%AB%0D%0AX-Evil: 1');
+    expect((plain.headers as JsonObject)['x-burrow-user-name']).to.equal('Zo%C3%AB%0D%0AX-Evil: 1');
     const beta = await check(b, { method: 'GET', path: '/docs/readme?beta=true', token });
     expect(beta.advice).to.deep.equal(['log']);
     expect(beta.policies).to.deep.equal(['read-docs', 'tenant-beta']);

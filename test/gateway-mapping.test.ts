@@ -132,6 +132,7 @@ describe('gateway mapping parser', () => {
     ['a reserved context name', [...HEAD, 'context.action_properties header:x'], 5, 'reserved'],
     ['a bad context name', [...HEAD, 'context.a-b header:x'], 5, 'is not a context name'],
     ['a reserved header', [...HEAD, 'header x-burrow-subject claim:sub'], 5, 'set by Burrow itself'],
+    ['a header outside x-burrow-', [...HEAD, 'header authorization claim:sub'], 5, 'start with x-burrow-'],
     ['a typed header', [...HEAD, 'header x-age header:age as long'], 5, 'no "as"'],
     ['an unclosed quote', [...HEAD, 'context.a "open'], 5, 'quoted string is not closed'],
     ['a subject type that is no type', ['token required', 'subject.type "a b"', ...HEAD.slice(2)], 2, 'not a Cedar'],

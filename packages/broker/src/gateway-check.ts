@@ -235,14 +235,40 @@ function decodeCheckResponse(bytes: Buffer): DecodedCheckResponse {
   return { ...msg, verdict: verdicts[msg.verdict ?? 0] };
 }
 
+/** The prefix of every header a site may add to a request upstream. */
+const SITE_HEADER_PREFIX = 'x-burrow-';
+const HEADER_NAME = /^[a-z0-9!#$%&'*+.^_`|~-]+$/;
+// Printable ASCII and tabs: a value can never end a header line or smuggle another one.
+const HEADER_VALUE = /^[\t\x20-\x7e]*$/;
+const MAX_SITE_HEADER_VALUE_CHARS = 8192;
+
+/**
+ * Whether a header of the site's answer reaches the gateway: only `x-burrow-*` names, valid as HTTP
+ * field names, with printable values. A site decides and annotates; it never rewrites the request
+ * (`authorization`, `host`, cookies), whatever its mapping or a rogue agent says.
+ */
+function isSiteHeader(name: string, value: string): boolean {
+  return (
+    name.startsWith(SITE_HEADER_PREFIX) &&
+    HEADER_NAME.test(name) &&
+    value.length <= MAX_SITE_HEADER_VALUE_CHARS &&
+    HEADER_VALUE.test(value)
+  );
+}
+
 /** The listeners' view of the agent's CheckResponse; one without a verdict is an agent fault. */
 function verdictOf(response: DecodedCheckResponse): GatewayVerdict {
   const verdict = response.verdict;
   if (verdict !== 'ALLOW' && verdict !== 'DENY' && verdict !== 'UNAUTHENTICATED')
     throw new BurrowError(Status.INTERNAL, `the agent answered Check without a verdict (${String(verdict)})`);
   const headers: Record<string, string> = {};
-  for (const [k, v] of Object.entries(response.headers ?? {})) headers[k.toLowerCase()] = v;
-  const decisionId = response.decision_id ?? '';
+  for (const [k, v] of Object.entries(response.headers ?? {})) {
+    const name = k.toLowerCase();
+    if (isSiteHeader(name, v)) headers[name] = v;
+  }
+  // The decision id goes into headers and bodies: an agent's id that could not be one is left out.
+  const id = response.decision_id ?? '';
+  const decisionId = id.length <= MAX_SITE_HEADER_VALUE_CHARS && HEADER_VALUE.test(id) ? id : '';
   if (decisionId && !headers['x-burrow-decision-id']) headers['x-burrow-decision-id'] = decisionId;
   return { verdict, decisionId, headers, tokenReason: response.token_reason ?? '' };
 }

@@ -94,6 +94,9 @@ export class GatewayMappingError extends Error {
   }
 }
 
+/** The prefix of every header a site adds to a request upstream. */
+export const SITE_HEADER_PREFIX = 'x-burrow-';
+
 /** Headers Check always sets itself; the mapping cannot set them. */
 export const RESERVED_HEADERS: readonly string[] = ['x-burrow-subject', 'x-burrow-decision-id', 'x-burrow-advice'];
 /** The engine keeps this context key for action properties. */
@@ -225,7 +228,13 @@ const DIRECTIVES: Readonly<Record<string, DirectiveParser>> = {
     const [name, ...rest] = a;
     const lower = name?.toLowerCase();
     if (lower === undefined || !HEADER_NAME.test(lower))
-      throw new LineError(`header needs a header name and a source, e.g. header x-user-groups claim:groups`);
+      throw new LineError(`header needs a header name and a source, e.g. header x-burrow-groups claim:groups`);
+    // The site decides and annotates; it never rewrites the request (authorization, host, cookies):
+    // the broker passes only x-burrow-* headers to a gateway, so any other name would be lost.
+    if (!lower.startsWith(SITE_HEADER_PREFIX))
+      throw new LineError(
+        `header ${lower}: headers a site adds start with ${SITE_HEADER_PREFIX} (e.g. x-burrow-groups)`,
+      );
     if (RESERVED_HEADERS.includes(lower)) throw new LineError(`header ${lower} is set by Burrow itself`);
     once(d, `header ${lower}`, line);
     if (rest.length !== 1) throw new LineError(`header ${lower} takes one source (headers are text; no "as")`);
