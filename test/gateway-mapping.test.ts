@@ -100,7 +100,12 @@ describe('gateway mapping parser', () => {
       6,
       'duplicate context.a (first on line 5)',
     ],
-    ['a duplicate header', [...HEAD, 'header x-a claim:a', 'header X-A claim:b'], 6, 'duplicate header x-a'],
+    [
+      'a duplicate header',
+      [...HEAD, 'header x-burrow-a claim:a', 'header X-Burrow-A claim:b'],
+      6,
+      'duplicate header x-burrow-a',
+    ],
     [
       'a duplicate route',
       [...HEAD, 'route GET /a action=r resource=R::"a"', 'route GET /a action=w resource=R::"a"'],
@@ -133,7 +138,7 @@ describe('gateway mapping parser', () => {
     ['a bad context name', [...HEAD, 'context.a-b header:x'], 5, 'is not a context name'],
     ['a reserved header', [...HEAD, 'header x-burrow-subject claim:sub'], 5, 'set by Burrow itself'],
     ['a header outside x-burrow-', [...HEAD, 'header authorization claim:sub'], 5, 'start with x-burrow-'],
-    ['a typed header', [...HEAD, 'header x-age header:age as long'], 5, 'no "as"'],
+    ['a typed header', [...HEAD, 'header x-burrow-age header:age as long'], 5, 'no "as"'],
     ['an unclosed quote', [...HEAD, 'context.a "open'], 5, 'quoted string is not closed'],
     ['a subject type that is no type', ['token required', 'subject.type "a b"', ...HEAD.slice(2)], 2, 'not a Cedar'],
     ['anonymous with token required', [...HEAD, 'anonymous User::"anon"'], 5, 'only with token optional'],
