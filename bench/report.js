@@ -23,6 +23,16 @@ function evaluateTargets(cases) {
   t.unary_rps_c64 = { rule: 'burrow calls/s at c=64 >= 0.4x direct', value: c64, limit: 0.4, met: atLeast(c64, 0.4) };
   const pol = ratio(p?.burrow_policy?.p50_us, p?.floor?.p50_us);
   t.policy_p50 = { rule: 'policy decision p50 <= 2x the one-hop floor', value: pol, limit: 2, met: atMost(pol, 2) };
+  // Issue 18: tracing every call (ratio 1.0) costs at most 10% more CPU per call, broker + agent.
+  for (const kind of ['unary', 'policy']) {
+    const pct = cases.tracing?.[kind]?.cpuOverheadPct;
+    t[`tracing_${kind}_cpu`] = {
+      rule: `${kind}: broker + agent CPU per call with tracing on (ratio 1.0) <= 1.10x off`,
+      value: pct === null || pct === undefined ? null : Math.round((1 + pct / 100) * 100) / 100,
+      limit: 1.1,
+      met: pct === null || pct === undefined ? null : pct <= 10,
+    };
+  }
   const st = ratio(s?.burrow?.mb_s, s?.direct?.mb_s);
   t.stream_vs_direct = { rule: 'stream MB/s >= 0.5x direct', value: st, limit: 0.5, met: atLeast(st, 0.5) };
   const ss = ratio(s?.burrow?.mb_s, s?.ssh?.mb_s);
@@ -80,6 +90,23 @@ function evaluateTargets(cases) {
     // The target names 10,000 agents; a quick run measures fewer, which says less.
     conclusive: sc ? sc.agents >= 10_000 : false,
   };
+  // Issue 17: a gateway check (token verified, mapped, decided) costs about one Evaluate.
+  const g = cases.gateway;
+  const gP50 = ratio(g?.ext_authz?.p50_us, g?.evaluate?.p50_us);
+  t.gateway_p50 = { rule: 'ext_authz Check p50 <= 1.2x Evaluate', value: gP50, limit: 1.2, met: atMost(gP50, 1.2) };
+  const gRps = ratio(g?.ext_authz?.rps_c64, g?.evaluate?.rps_c64);
+  t.gateway_rps_c64 = {
+    rule: 'ext_authz Check calls/s at c=64 within 1.2x of Evaluate (>= 0.83x)',
+    value: gRps,
+    limit: 0.83,
+    met: atLeast(gRps, 1 / 1.2),
+  };
+  t.gateway_failed = {
+    rule: 'no failed gateway checks',
+    value: g ? g.ext_authz.failed : null,
+    limit: 0,
+    met: g ? g.ext_authz.failed === 0 : null,
+  };
   t.issuance = {
     rule: 'issuance >= 200 certificates/s',
     value: is?.per_s ?? null,
@@ -104,6 +131,37 @@ const targetTimes = (target) => {
   if (!target || target.value === null || target.value === undefined) return '–';
   return `${fmt(target.value, Math.round(target.value * 100) / 100 === target.limit ? 3 : 2)}x`;
 };
+
+/** The gateway case's rows: the ext_authz Check next to Evaluate (same rounds) and the one-hop floor. */
+function gatewayLines(g, t, row, lines) {
+  lines.push('');
+  row('gateway check', 'floor (1 hop)', 'Evaluate (tunnel)', 'ext_authz Check', 'Check/Evaluate', 'target', 'result');
+  row('---', '---:', '---:', '---:', '---:', '---', '---');
+  const gatewayRow = (label, key, target, rule) =>
+    row(
+      label,
+      fmt(g.floor?.[key]),
+      fmt(g.evaluate?.[key]),
+      fmt(g.ext_authz?.[key]),
+      target ? targetTimes(target) : times(ratio(g.ext_authz?.[key], g.evaluate?.[key])),
+      rule ?? '',
+      target ? verdict(target) : '',
+    );
+  gatewayRow('p50 (µs)', 'p50_us', t.gateway_p50, '<= 1.2x');
+  gatewayRow('p99 (µs)', 'p99_us');
+  gatewayRow('calls/s, c=64', 'rps_c64', t.gateway_rps_c64, '>= 0.83x');
+  gatewayRow('broker CPU µs per call, c=64', 'cpuUsPerCallC64_broker');
+  gatewayRow('agent CPU µs per call, c=64', 'cpuUsPerCallC64_agent');
+  row(
+    'failed calls',
+    fmt(g.floor?.failed),
+    fmt(g.evaluate?.failed),
+    fmt(g.ext_authz?.failed),
+    '',
+    '0',
+    verdict(t.gateway_failed),
+  );
+}
 
 /** The result as a Markdown table (pasted into the README as it is). */
 function tableLines(result) {
@@ -265,6 +323,35 @@ function tableLines(result) {
       '',
     );
   }
+  const tr = cases.tracing;
+  if (tr) {
+    lines.push('');
+    row('tracing (c=64)', 'off', 'on (ratio 1.0)', 'on/off', 'target', 'result');
+    row('---', '---:', '---:', '---:', '---', '---');
+    for (const kind of ['unary', 'policy']) {
+      const c = tr[kind];
+      const target = t[`tracing_${kind}_cpu`];
+      row(`${kind} calls/s`, fmt(c.off.rps_c64), fmt(c.on.rps_c64), times(ratio(c.on.rps_c64, c.off.rps_c64)), '', '');
+      for (const proc of ['broker', 'agent'])
+        row(
+          `${kind} CPU µs per call, ${proc}`,
+          fmt(c.off[`cpuUsPerCall_${proc}`]),
+          fmt(c.on[`cpuUsPerCall_${proc}`]),
+          times(ratio(c.on[`cpuUsPerCall_${proc}`], c.off[`cpuUsPerCall_${proc}`])),
+          '',
+          '',
+        );
+      row(
+        `${kind} CPU µs per call, broker + agent`,
+        fmt(c.off.cpuUsPerCall_total),
+        fmt(c.on.cpuUsPerCall_total),
+        targetTimes(target),
+        '<= 1.10x',
+        verdict(target),
+      );
+    }
+  }
+  if (cases.gateway) gatewayLines(cases.gateway, t, row, lines);
   const sc = cases.scale;
   const is = cases.issuance;
   if (sc || is) {

@@ -17,6 +17,10 @@
 //   make bench                       # quick profile (< 5 min on 2 cores)
 //   BENCH_PROFILE=full make bench    # full profile (10,000 agents, 10 s streams, more rounds)
 //   BENCH_CASES=unary,policy,stream,scale,issuance   run only some cases (development)
+//   BENCH_CASES=gateway              Envoy ext_authz Check next to the policy case's Evaluate (in the default set)
+//   BENCH_CASES=tracing              the cost of tracing: unary and policy calls with a broker and
+//                                    agent tracing every call (ratio 1.0, a local OTLP sink) next
+//                                    to a pair with tracing off (in the default set too)
 //   BENCH_AGENTS=N                   agents in the scale case instead of the profile's
 //   BENCH_ROUNDS=N                   rounds instead of the profile's
 //   BENCH_CPU_PROF_DIR=DIR           run broker, agent and the first agent swarm with --cpu-prof into DIR
@@ -28,9 +32,11 @@ const os = require('node:os');
 const path = require('node:path');
 const { performance } = require('node:perf_hooks');
 const { API_CODECS, POLICY_METHODS } = require('@burrow/tunnel');
+const { EXT_AUTHZ_CHECK_METHOD } = require('@burrow/broker');
 const { createCsr, createJoinToken, signCsr } = require('@burrow/pki');
 const { IpcChild } = require('./ipc');
 const { startSshTunnel } = require('./ssh-tunnel');
+const http = require('node:http');
 const { printTable, evaluateTargets } = require('./report');
 
 const ROOT = path.resolve(__dirname, '..');
@@ -82,7 +88,7 @@ const P = PROFILES[PROFILE_NAME];
 if (!P) throw new Error(`BENCH_PROFILE must be one of ${Object.keys(PROFILES).join(', ')}`);
 if (process.env.BENCH_AGENTS) P.scaleAgents = Number(process.env.BENCH_AGENTS);
 if (process.env.BENCH_ROUNDS) P.rounds = Number(process.env.BENCH_ROUNDS);
-const CASES = (process.env.BENCH_CASES ?? 'unary,policy,stream,scale,issuance').split(',');
+const CASES = (process.env.BENCH_CASES ?? 'unary,policy,gateway,stream,scale,issuance,tracing').split(',');
 const CPU_PROF_DIR = process.env.BENCH_CPU_PROF_DIR ? path.resolve(process.env.BENCH_CPU_PROF_DIR) : undefined;
 
 /** Scheduling priority of the agent swarm processes (the broker's is 0). */
@@ -94,6 +100,16 @@ const ENROLL_CONCURRENCY = 16;
 const SITE_AGENT_ID = 'bench-site';
 const POLICY_REQUEST_FILE = path.join(ROOT, 'examples', 'policy', 'requests', 'permit-owner-edits.json');
 const RESULTS_DIR = path.join(__dirname, 'results');
+// The gateway case: the same decision as POLICY_REQUEST_FILE (carol edits atlas-design), asked as
+// a gateway would, with a bearer token the agent verifies against a JWKS file (its key cached).
+const GATEWAY_MAPPING = [
+  'token required',
+  'subject.type User',
+  'subject.id claim:sub',
+  'route PUT /documents/{id} action=edit resource=Document::"{id}"',
+  'default deny',
+  '',
+].join('\n');
 
 const log = (text) => process.stderr.write(`[bench] ${text}\n`);
 
@@ -370,11 +386,12 @@ function brokerArgs(ports, files, extra = []) {
 
 async function runTunnelCases(ctx, result) {
   const { dirs, echo, floor } = ctx;
-  const [agentPort, apiPort, adminPort, sshPort, forwardPort] = await freePorts(5);
+  const [agentPort, apiPort, adminPort, sshPort, forwardPort, extAuthzPort] = await freePorts(6);
+  const gateway = CASES.includes('gateway') ? await gatewaySetup(extAuthzPort) : undefined;
   const broker = await startBurrow(
     'broker',
     BROKER_CLI,
-    brokerArgs({ agent: agentPort, api: apiPort, admin: adminPort }, certFiles(dirs.broker)),
+    brokerArgs({ agent: agentPort, api: apiPort, admin: adminPort }, certFiles(dirs.broker), gateway?.brokerArgs),
     { startedMessage: 'broker started' },
   );
   const agentArgs = [
@@ -394,6 +411,7 @@ async function runTunnelCases(ctx, result) {
     '0s',
     '--audit-log',
     path.join(tmp, 'audit.jsonl'),
+    ...(gateway?.agentArgs ?? []),
   ];
   // An agent that dies is started again, as systemd would (Restart=on-failure), and the death is
   // recorded: the calls it failed count as misses of the measurement that was running.
@@ -476,6 +494,11 @@ async function runTunnelCases(ctx, result) {
   await callers.floor.call('connect', { address: floor });
   callers.relayPolicy = forkChild('caller.js', 'caller-relay-policy');
   await callers.relayPolicy.call('connect', { address: policyHop, tls: certFiles(dirs.caller) });
+  if (gateway) {
+    await gateway.expectAllowed(certFiles(dirs.caller));
+    callers.extAuthz = forkChild('caller.js', 'caller-ext-authz');
+    await callers.extAuthz.call('connect', { address: gateway.address, tls: certFiles(dirs.caller) });
+  }
 
   const unarySides = Object.keys(sides);
   const upstreamPid = ctx.upstreamPid;
@@ -502,6 +525,13 @@ async function runTunnelCases(ctx, result) {
   const policy = { floor: new SideResult(), burrow_policy: new SideResult(), relay_policy: new SideResult() };
   const stream = Object.fromEntries(unarySides.map((s) => [s, new SideResult()]));
   const policyCallers = { floor: callers.floor, burrow_policy: callers.burrow, relay_policy: callers.relayPolicy };
+  // The gateway case is judged against Evaluate measured in the same rounds.
+  if (gateway) {
+    policy.ext_authz = new SideResult();
+    policyCallers.ext_authz = callers.extAuthz;
+  }
+  const policyPayloads = { ext_authz: gateway?.payloadB64 };
+  const policyMethods = { ext_authz: EXT_AUTHZ_CHECK_METHOD };
   const payloadB64 = Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64');
   const policyB64 = API_CODECS.evaluationRequest
     .encode(JSON.parse(fs.readFileSync(POLICY_REQUEST_FILE, 'utf8')))
@@ -536,14 +566,21 @@ async function runTunnelCases(ctx, result) {
         }
       }
     }
-    if (CASES.includes('policy')) {
+    if (CASES.includes('policy') || gateway) {
       for (const s of order(Object.keys(policy))) {
-        const method = POLICY_METHODS.evaluate;
-        const l = await policyCallers[s].call('latency', latencyArgs(method, policyB64));
+        const method = policyMethods[s] ?? POLICY_METHODS.evaluate;
+        const b64 = policyPayloads[s] ?? policyB64;
+        const l = await policyCallers[s].call('latency', latencyArgs(method, b64));
         policy[s].add('p50_us', l.p50_us, l);
         policy[s].add('p99_us', l.p99_us, {});
-        const r = await policyCallers[s].call('throughput', rpsArgs(method, policyB64, 64));
+        // Where a decision's CPU goes (broker, agent) on the two paths the gateway case compares.
+        const pids = s === 'burrow_policy' || s === 'ext_authz' ? pathPids.burrow : {};
+        const r = await withCpuPerCall({ ...pids, caller: policyCallers[s].proc.pid }, () =>
+          policyCallers[s].call('throughput', rpsArgs(method, b64, 64)),
+        );
         policy[s].add('rps_c64', r.rps, r);
+        for (const hop of ['broker', 'agent'])
+          if (r.cpuUsPerCall[hop] !== undefined) policy[s].add(`cpuUsPerCallC64_${hop}`, r.cpuUsPerCall[hop], {});
       }
     }
   }
@@ -578,6 +615,19 @@ async function runTunnelCases(ctx, result) {
     }
   }
   const plain = (bySide) => Object.fromEntries(Object.entries(bySide).map(([side, r]) => [side, r.toJSON()]));
+  const extAuthz = policy.ext_authz;
+  delete policy.ext_authz;
+  if (gateway) {
+    result.cases.gateway = {
+      request: 'PUT /documents/atlas-design, Bearer ES256 token of carol (the policy request, asked as a gateway)',
+      mapping: GATEWAY_MAPPING,
+      ext_authzIs: 'Envoy-shaped envoy.service.auth.v3.Authorization/Check on --ext-authz-listen (mTLS)',
+      evaluateIs: "the policy case's Evaluate through the tunnel, measured in the same rounds",
+      ext_authz: extAuthz.toJSON(),
+      evaluate: policy.burrow_policy.toJSON(),
+      floor: policy.floor.toJSON(),
+    };
+  }
   if (CASES.includes('unary')) result.cases.unary = { payloadBytes: UNARY_PAYLOAD_BYTES, ...plain(unary) };
   if (CASES.includes('policy')) {
     result.cases.policy = {
@@ -595,6 +645,50 @@ async function runTunnelCases(ctx, result) {
   await Promise.all([stopGracefully(agent.proc), stopGracefully(broker.proc)]);
   for (const c of Object.values(callers)) await c.kill();
   for (const r of [...relays, ...rawHops]) await r.kill();
+}
+
+/**
+ * The gateway case's pieces: the broker's --ext-authz-listen, the agent's mapping, JWKS and token
+ * flags, the Envoy CheckRequest (built by the test suite's Envoy-shaped client) with a token signed
+ * here, and a check that the site allows it (a DENY is a gRPC OK too: the load loop cannot tell).
+ */
+async function gatewaySetup(extAuthzPort) {
+  const { loadJose } = require('@burrow/agent');
+  const { ISS, AUD, makeKey, jwksOf, signToken } = require(path.join(HELPERS, 'token-fixture.js'));
+  const { EnvoyAuthzClient, envoyCheckRequest, encodeEnvoyCheckRequest } = require(
+    path.join(HELPERS, 'envoy-client.js'),
+  );
+  const jose = await loadJose();
+  const key = await makeKey(jose, 'ES256', 'bench-key');
+  const jwks = path.join(tmp, 'jwks.json');
+  const mapping = path.join(tmp, 'gateway-mapping.conf');
+  fs.writeFileSync(jwks, jwksOf(key));
+  fs.writeFileSync(mapping, GATEWAY_MAPPING);
+  const nowS = Math.floor(Date.now() / 1000);
+  const token = await signToken(jose, key, { sub: 'carol', exp: nowS + 3600 });
+  const request = envoyCheckRequest({
+    method: 'PUT',
+    path: '/documents/atlas-design',
+    token,
+    agent: SITE_AGENT_ID,
+    requestId: 'bench-gateway',
+  });
+  const address = `127.0.0.1:${extAuthzPort}`;
+  return {
+    address,
+    brokerArgs: ['--ext-authz-listen', address],
+    agentArgs: ['--gateway-mapping', mapping, '--jwks', jwks, '--token-issuer', ISS, '--token-audience', AUD],
+    payloadB64: encodeEnvoyCheckRequest(request).toString('base64'),
+    async expectAllowed(tls) {
+      const client = new EnvoyAuthzClient(address, tls);
+      try {
+        const res = await client.check(request, 10_000);
+        if (!res.ok_response) throw new Error(`the gateway check is not allowed: ${JSON.stringify(res)}`);
+      } finally {
+        client.close();
+      }
+    },
+  };
 }
 
 function tlsArgs(files) {
@@ -941,6 +1035,130 @@ async function runIssuance(ctx, result) {
   };
 }
 
+// ---- tracing: the cost of spans, ratio 1.0 vs off ------------------------------------------------
+
+/**
+ * An OTLP/HTTP sink on loopback that takes every export request (200) and counts its bytes: the
+ * collector of the tracing case, in this process so its CPU is not on the measured path.
+ */
+async function startOtlpSink() {
+  const sink = { requests: 0, bytes: 0 };
+  const server = http.createServer((req, res) => {
+    req.on('data', (c) => {
+      sink.bytes += c.length;
+    });
+    req.on('end', () => {
+      sink.requests++;
+      res.writeHead(200, { 'content-type': 'application/x-protobuf' }).end();
+    });
+  });
+  await new Promise((resolve) => server.listen(0, '127.0.0.1', resolve));
+  sink.endpoint = `http://127.0.0.1:${server.address().port}`;
+  sink.close = () => new Promise((resolve) => server.close(resolve));
+  return sink;
+}
+
+/** A broker and an agent (with policies, cache off) for the tracing case; `brokerExtra` turns tracing on. */
+async function startTracingPair(ctx, name, brokerExtra) {
+  const { dirs, echo } = ctx;
+  const [agentPort, apiPort, adminPort] = await freePorts(3);
+  const ports = { agent: agentPort, api: apiPort, admin: adminPort };
+  const broker = await startBurrow(
+    `broker-${name}`,
+    BROKER_CLI,
+    brokerArgs(ports, certFiles(dirs.broker), brokerExtra),
+    {
+      startedMessage: 'broker started',
+    },
+  );
+  const agent = await startBurrow(
+    `agent-${name}`,
+    AGENT_CLI,
+    [
+      'run',
+      '--broker',
+      `127.0.0.1:${agentPort}`,
+      ...tlsArgs(certFiles(dirs.agent)),
+      '--upstream',
+      `*=${echo}`,
+      '--policies',
+      path.join(ROOT, 'examples', 'policy', 'policies'),
+      '--entities',
+      path.join(ROOT, 'examples', 'policy', 'entities.json'),
+      '--policy-cache-ttl',
+      '0s',
+      '--audit-log',
+      path.join(tmp, `audit-${name}.jsonl`),
+    ],
+    { startedMessage: 'agent started' },
+  );
+  await agent.proc.waitForLog('tunnel session established', undefined, { timeoutMs: 15_000 });
+  const caller = forkChild('caller.js', `caller-${name}`);
+  await caller.call('connect', {
+    address: `127.0.0.1:${apiPort}`,
+    tls: certFiles(dirs.caller),
+    agentIds: [SITE_AGENT_ID],
+  });
+  return { broker, agent, caller, pids: { broker: broker.proc.pid, agent: agent.proc.pid } };
+}
+
+/**
+ * Issue 18: what tracing costs per call. Two broker + agent pairs, one tracing every call (ratio
+ * 1.0: a broker SERVER, admission and CLIENT span, an agent SERVER and CLIENT or Cedar span, the
+ * agent's spans up the tunnel, all exported to a local OTLP sink) and one with tracing off; unary
+ * echo and policy decisions at c=64, CPU µs per call of the broker and the agent, rounds alternated.
+ */
+async function runTracing(ctx, result) {
+  const sink = await startOtlpSink();
+  const pairs = {
+    off: await startTracingPair(ctx, 'trace-off', []),
+    on: await startTracingPair(ctx, 'trace-on', ['--otlp-endpoint', sink.endpoint, '--trace-sample-ratio', '1']),
+  };
+  const payloadB64 = Buffer.alloc(UNARY_PAYLOAD_BYTES, 7).toString('base64');
+  const policyB64 = API_CODECS.evaluationRequest
+    .encode(JSON.parse(fs.readFileSync(POLICY_REQUEST_FILE, 'utf8')))
+    .toString('base64');
+  const methods = { unary: [ECHO.unary, payloadB64], policy: [POLICY_METHODS.evaluate, policyB64] };
+  const out = {
+    unary: { off: new SideResult(), on: new SideResult() },
+    policy: { off: new SideResult(), on: new SideResult() },
+  };
+  for (let round = 0; round < P.rounds; round++) {
+    log(`tracing round ${round + 1}/${P.rounds}`);
+    const modes = round % 2 === 0 ? ['off', 'on'] : ['on', 'off'];
+    for (const [kind, [method, b64]] of Object.entries(methods)) {
+      for (const mode of modes) {
+        const { caller, pids } = pairs[mode];
+        const args = { method, payloadB64: b64, concurrency: 64, durationMs: P.rpsMs, warmupMs: P.rpsWarmupMs };
+        const r = await withCpuPerCall(pids, () => caller.call('throughput', args));
+        out[kind][mode].add('rps_c64', r.rps, r);
+        for (const [proc, us] of Object.entries(r.cpuUsPerCall)) out[kind][mode].add(`cpuUsPerCall_${proc}`, us, {});
+        out[kind][mode].add('cpuUsPerCall_total', r.cpuUsPerCall.broker + r.cpuUsPerCall.agent, {});
+      }
+    }
+  }
+  const plain = (bySide) => Object.fromEntries(Object.entries(bySide).map(([side, r]) => [side, r.toJSON()]));
+  const overhead = (c) => {
+    const off = c.off.cpuUsPerCall_total;
+    return off ? Math.round(((c.on.cpuUsPerCall_total - off) / off) * 1000) / 10 : null;
+  };
+  const unary = plain(out.unary);
+  const policy = plain(out.policy);
+  result.cases.tracing = {
+    is: 'ratio 1.0 sampling, spans exported to a local OTLP/HTTP sink (agent spans through the tunnel) vs tracing off',
+    concurrency: 64,
+    unary: { ...unary, cpuOverheadPct: overhead(unary) },
+    policy: { ...policy, cpuOverheadPct: overhead(policy) },
+    sink: { requests: sink.requests, bytes: sink.bytes },
+  };
+  for (const { caller, broker, agent } of Object.values(pairs)) {
+    await caller.call('close');
+    await caller.kill();
+    await Promise.all([stopGracefully(agent.proc), stopGracefully(broker.proc)]);
+  }
+  await sink.close();
+}
+
 // ---- main -----------------------------------------------------------------------------------
 
 async function main() {
@@ -981,7 +1199,8 @@ async function main() {
   const upstream = forkChild('upstream.js', 'upstream');
   const { echo, floor } = await upstream.call('addresses');
   const ctx = { dirs, echo, floor, upstreamPid: upstream.proc.pid };
-  if (['unary', 'policy', 'stream'].some((c) => CASES.includes(c))) await runTunnelCases(ctx, result);
+  if (['unary', 'policy', 'stream', 'gateway'].some((c) => CASES.includes(c))) await runTunnelCases(ctx, result);
+  if (CASES.includes('tracing')) await runTracing(ctx, result);
   if (CASES.includes('scale')) await runScale(ctx, result);
   if (CASES.includes('issuance')) await runIssuance(ctx, result);
 

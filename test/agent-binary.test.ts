@@ -63,10 +63,16 @@ describe('embedded protos (what the single executable loads instead of proto/ on
     ]);
     const read: string[] = [];
     restore = serveProtosFromAssets(diskAssets(PROTO_DIR, read));
+    // Imports resolved from the proto root, as `protoc -I` (the vendored OpenTelemetry protos need it).
+    const rootIn = (dir: string): protobuf.Root => {
+      const root = new protobuf.Root();
+      root.resolvePath = (_origin, target) => (path.isAbsolute(target) ? target : path.join(dir, target));
+      return root;
+    };
     for (const f of files) {
-      const fromDisk = protobuf.loadSync(path.join(PROTO_DIR, f)).toJSON();
-      expect(protobuf.loadSync(path.join(EMBEDDED_PROTO_DIR, f)).toJSON(), f).to.deep.equal(fromDisk);
-      expect((await protobuf.load(path.join(EMBEDDED_PROTO_DIR, f))).toJSON(), `${f} (async)`).to.deep.equal(fromDisk);
+      const fromDisk = rootIn(PROTO_DIR).loadSync(f).toJSON();
+      expect(rootIn(EMBEDDED_PROTO_DIR).loadSync(f).toJSON(), f).to.deep.equal(fromDisk);
+      expect((await rootIn(EMBEDDED_PROTO_DIR).load(f)).toJSON(), `${f} (async)`).to.deep.equal(fromDisk);
     }
     expect(read).to.include('proto/burrow/tunnel/v1/tunnel.proto');
   });

@@ -148,7 +148,7 @@ describe('burrow-call (the caller CLI)', function () {
   it("every flag of every command has a row in the README's burrow-call table with its variable", async () => {
     const readme = readFileSync(path.join(__dirname, '..', '..', 'README.md'), 'utf8');
     const section = readme.slice(readme.indexOf('### `burrow-call`'), readme.indexOf('## Error codes'));
-    for (const cmd of ['ping', 'authenticate', 'evaluate', 'evaluations', 'invoke']) {
+    for (const cmd of ['ping', 'authenticate', 'evaluate', 'evaluations', 'check', 'invoke']) {
       const help = await call([cmd, '--help']);
       const flags = [...help.stdout.matchAll(/^ {2}--([a-z-]+)/gm)].map((m) => m[1]!);
       expect(flags, cmd).to.include.members(['broker', 'cert-dir', 'agent', 'timeout', 'json', 'config']);

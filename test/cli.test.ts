@@ -1,9 +1,11 @@
 import { expect } from 'chai';
-import { writeFileSync } from 'node:fs';
+import { mkdirSync, writeFileSync } from 'node:fs';
 import * as path from 'node:path';
+import { loadJose } from '@burrow/agent';
 import { parseDurationMs } from '@burrow/tunnel';
 import { accepts, freePorts, portsThatAccepted } from './helpers/free-port';
 import { PkiFixture, type CertFiles } from './helpers/pki-fixture';
+import { AUD, ISS, jwksOf, makeKey } from './helpers/token-fixture';
 import {
   AGENT_CLI,
   BROKER_CLI,
@@ -252,6 +254,48 @@ describe('cli', function () {
       expect(line).to.include('"nope"');
     });
 
+    it('--gateway-mapping with an error: FILE:LINE: problem; a mapping reading tokens needs a key source', async () => {
+      const ports = await freePorts(3);
+      const file = path.join(pki.root, 'gw.conf');
+      writeFileSync(
+        file,
+        'token required\nsubject.type User\nsubject.id claim:sub\nroute GET /a action=a\ndefault deny\n',
+      );
+      const line = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, { 'gateway-mapping': file }),
+        'gateway-mapping',
+        ports.slice(1),
+      );
+      expect(line).to.equal(
+        `burrow-agent: gateway-mapping: ${file}:4: route needs action=... and resource=Type::"..."`,
+      );
+      writeFileSync(file, 'token required\nsubject.type User\nsubject.id claim:sub\ndefault deny\n');
+      const policies = path.join(pki.root, 'gw-policies');
+      mkdirSync(policies, { recursive: true });
+      const noKeys = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, { 'gateway-mapping': file, policies }),
+        'gateway-mapping',
+        ports.slice(1),
+      );
+      expect(noKeys).to.include('says token required: set --jwks, --jwks-url or --introspection-url');
+      const jwks = path.join(pki.root, 'gw-jwks.json');
+      writeFileSync(jwks, '{"keys": []}');
+      const keysOnly = { 'gateway-mapping': file, policies, jwks, 'token-issuer': 'https://idp.test' };
+      const noAudience = await expectConfigError(
+        AGENT_CLI,
+        agentFlags(ports, keysOnly),
+        'gateway-mapping',
+        ports.slice(1),
+      );
+      expect(noAudience).to.include('set --token-audience');
+      const noPolicies = await expectConfigError(AGENT_CLI, agentFlags(ports), 'gateway-mapping', ports.slice(1), {
+        BURROW_AGENT_GATEWAY_MAPPING: file,
+      });
+      expect(noPolicies).to.include('needs --policies');
+    });
+
     it('--max-message-bytes 5x', async () => {
       const ports = await freePorts(3);
       await expectConfigError(
@@ -474,6 +518,25 @@ describe('cli', function () {
         }
       },
     );
+
+    it('agent gateway-mapping from the config file: the agent starts with it and says which', async () => {
+      const ports = await freePorts(3);
+      const example = path.join(__dirname, '..', '..', 'examples', 'package-proxy');
+      const jose = await loadJose();
+      const jwks = path.join(pki.root, 'started-jwks.json');
+      writeFileSync(jwks, jwksOf(await makeKey(jose, 'ES256', 'k1')));
+      const mapping = path.join(example, 'gateway-mapping.conf');
+      const file = path.join(pki.root, 'gateway.yaml');
+      writeFileSync(file, `gateway-mapping: ${mapping}\npolicies: ${path.join(example, 'policies')}\n`);
+      const flags = agentFlags(ports, { 'local-listen': undefined, 'admin-listen': undefined });
+      const { proc, started } = await startAgent([
+        ...flags,
+        ...['--config', file, '--jwks', jwks, '--token-issuer', ISS, '--token-audience', AUD],
+      ]);
+      expect(started.gatewayMapping).to.equal(mapping);
+      proc.signal('SIGTERM');
+      expect(await proc.waitExit()).to.deep.equal({ code: 0, signal: null });
+    });
 
     it('a flag beats the environment, which beats the config file', async () => {
       const [a, b, fromFile, fromEnv, fromFlag] = await freePorts(5);

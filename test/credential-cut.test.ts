@@ -21,6 +21,8 @@ import { makeTempDir } from './helpers/pki-fixture';
 import { PKI_CLI, runCli } from './helpers/processes';
 import { httpsJson } from './helpers/https-json';
 import { RawClient, mtlsCredentials } from './helpers/raw-grpc';
+import { EnvoyAuthzClient, envoyCheckRequest } from './helpers/envoy-client';
+import { pollUntil } from './helpers/wait';
 import type { CertFiles } from './helpers/pki-fixture';
 
 const statusOf = (call: ClientDuplexStream<Buffer, Buffer>): Promise<StatusObject> =>
@@ -64,6 +66,7 @@ describe('credentials cut mid-call: service certificates', function () {
   let upstream: EchoUpstream;
   let apiAddress = '';
   let authzenAddress = '';
+  let extAuthzAddress = '';
   const baseline = snapshotResources();
   const files = (name: string): CertFiles => ({
     cert: path.join(root, name, 'tls.crt'),
@@ -93,12 +96,14 @@ describe('credentials cut mid-call: service certificates', function () {
         brokerId: 'cut-broker',
         drainTimeoutMs: 2_000,
         authzenListen: '127.0.0.1:0',
+        extAuthzListen: '127.0.0.1:0',
       },
       silentLogger(),
     );
     const ports = await broker.start();
     apiAddress = `127.0.0.1:${ports.apiPort}`;
     authzenAddress = `127.0.0.1:${ports.authzenPort}`;
+    extAuthzAddress = `127.0.0.1:${ports.extAuthzPort}`;
     await writeIssued(path.join(root, 'agent'), await issueCertificate({ dir, role: 'agent', name: 'site-cut' }));
     const f = files('agent');
     agent = new Agent(
@@ -210,6 +215,35 @@ describe('credentials cut mid-call: service certificates', function () {
       }
     },
   );
+
+  it("revoking Envoy's service certificate refuses its next ext_authz check within 1.5 s", async () => {
+    const svc = await issueCertificate({ dir, role: 'service', name: 'envoy-cut' });
+    await writeIssued(path.join(root, 'envoy'), svc);
+    const envoy = new EnvoyAuthzClient(extAuthzAddress, files('envoy'));
+    const check = (): Promise<ServiceError | undefined> =>
+      envoy.check(envoyCheckRequest({ agent: 'site-cut', path: '/x' })).then(
+        () => undefined,
+        (e: ServiceError) => e,
+      );
+    try {
+      // Admitted and carried: this agent has no gateway mapping, so the site itself refuses.
+      expect((await check())?.code).to.equal(Status.FAILED_PRECONDITION);
+      const revoked = await runCli(PKI_CLI, ['revoke', '--dir', dir, '--serial', svc.serialHex]);
+      expect(revoked.exit.code, revoked.stderrLines.join('\n')).to.equal(0);
+      const revokedAtMs = Date.now();
+      // The broker applies the revocation list when it next reads it: no event reaches the test.
+      const refused = await pollUntil('a refused check', async () => {
+        const err = await check();
+        return err?.code === Status.PERMISSION_DENIED ? err : undefined;
+      });
+      const tookMs = Date.now() - revokedAtMs;
+      console.log(`      (ext_authz check refused ${tookMs} ms after the revoke: "${refused.details}")`);
+      expect(refused.details).to.match(/service\/envoy-cut .*revoked/);
+      expect(tookMs).to.be.below(1_500);
+    } finally {
+      envoy.close();
+    }
+  });
 
   it('a stream whose service certificate expires mid-call ends with UNAUTHENTICATED at the expiry', async () => {
     const svc = await issueCertificate({ dir, role: 'service', name: 'short-lived', ttlMs: 4_000 });

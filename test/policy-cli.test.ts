@@ -41,6 +41,28 @@ describe('burrow-agent policy (CLI)', function () {
       expect(stdout).to.equal('ok: 7 policies, 17 entities\n');
     });
 
+    it('--gateway-mapping: validated too, ok with its routes, or FILE:LINE: problem and exit 1', async () => {
+      const proxy = path.join(EXAMPLES_DIR, '..', 'package-proxy');
+      const ok = await policy([
+        'check',
+        '--policies',
+        path.join(proxy, 'policies'),
+        '--gateway-mapping',
+        path.join(proxy, 'gateway-mapping.conf'),
+      ]);
+      expect(ok.exit.code, ok.stderrLines.join('\n')).to.equal(0);
+      expect(ok.stdout).to.equal('ok: 3 policies, 0 entities; gateway mapping: 1 route\n');
+      const fx = new PolicyFixture({ 'a.cedar': 'permit (principal, action, resource);\n' });
+      fixtures.push(fx);
+      const bad = path.join(fx.root, 'gw.conf');
+      writeFileSync(bad, 'token required\nsubject.type User\nsubject.id claim:sub\ndefault deny\ncontext.x cookie:y\n');
+      const r = await policy(['check', '--policies', fx.policiesDir, '--gateway-mapping', bad]);
+      expect(r.exit.code).to.equal(1);
+      expect(r.stdout).to.equal('');
+      expect(r.stderrLines).to.have.length(1);
+      expect(r.stderrLines[0]).to.match(new RegExp(`^burrow-agent: policy: ${bad}:5: unknown source "cookie:y"`));
+    });
+
     it('prints every error as file:line:column and exits 1', async () => {
       const fx = new PolicyFixture({
         'a.cedar':

@@ -656,6 +656,106 @@ describe('policy engine', function () {
     });
   });
 
+  describe('advice and reasons from @advice and @reason annotations', () => {
+    const ANNOTATED = `
+@id("b-pull")
+@reason("trusted registry")
+permit (principal, action == Action::"pull", resource);
+
+@id("a-young")
+@advice("quarantine")
+@reason("younger than 7 days")
+permit (principal, action == Action::"pull", resource) when { context.age < 7 };
+
+@id("c-young-too")
+@advice("quarantine")
+permit (principal, action == Action::"pull", resource) when { context.age < 3 };
+
+@id("z-malicious")
+@advice("alert")
+@reason("known-malicious package")
+forbid (principal, action == Action::"pull", resource) when { context has bad && context.bad };
+
+@id("y-fragile")
+@reason("the age check failed")
+forbid (principal, action == Action::"pull", resource) when { context.age < 0 };
+`;
+    const pull = (context: Record<string, unknown>): Record<string, unknown> =>
+      request('User:alice', 'pull', 'Package:npm/x', { context });
+
+    it("an allow carries the permits' advice (distinct, in policy order) and reasons", async () => {
+      const { engine } = await open({ 'p.cedar': ANNOTATED });
+      const old = engine.evaluate(pull({ age: 30 }));
+      expect(old.decision).to.equal(true);
+      expect(old.context.advice, 'no advice when no deciding policy carries one').to.equal(undefined);
+      expect(old.context.reasons).to.deep.equal(['trusted registry']);
+      expect(old.context.reason, 'the sentence stays').to.equal('permitted by b-pull');
+      const young = engine.evaluate(pull({ age: 1 }));
+      expect(young.context.policies).to.deep.equal(['a-young', 'b-pull', 'c-young-too']);
+      // Policy order is file order (b-pull is first in the file), not id order; advice is distinct.
+      expect(young.context.advice).to.deep.equal(['quarantine']);
+      expect(young.context.reasons).to.deep.equal(['trusted registry', 'younger than 7 days']);
+    });
+
+    it("a deny carries the forbids' advice and reasons, never the overridden permits'", async () => {
+      const { engine } = await open({ 'p.cedar': ANNOTATED });
+      const bad = engine.evaluate(pull({ age: 1, bad: true }));
+      expect(bad.decision).to.equal(false);
+      expect(bad.context.advice).to.deep.equal(['alert']);
+      expect(bad.context.reasons).to.deep.equal(['known-malicious package']);
+      const failed = engine.evaluate(pull({ age: 'old' }));
+      expect(failed.decision, 'a forbid that cannot be evaluated denies').to.equal(false);
+      expect(failed.context.reasons).to.deep.equal(['the age check failed']);
+      const none = engine.evaluate(request('User:alice', 'push', 'Package:npm/x'));
+      expect(none.context.advice).to.equal(undefined);
+      expect(none.context.reasons).to.equal(undefined);
+    });
+
+    it('evaluations and cached answers carry them too', async () => {
+      const { engine } = await open({ 'p.cedar': ANNOTATED });
+      const batch = engine.evaluations({
+        subject: { type: 'User', id: 'alice' },
+        action: { name: 'pull' },
+        resource: { type: 'Package', id: 'npm/x' },
+        evaluations: [{ context: { age: 1 } }, { context: { age: 1, bad: true } }],
+      });
+      expect(batch.evaluations.map((e) => e.context.advice)).to.deep.equal([['quarantine'], ['alert']]);
+      expect(engine.evaluate(pull({ age: 1 })).context.advice).to.deep.equal(['quarantine']);
+      expect(engine.evaluate(pull({ age: 1 })).context.advice, 'from the cache').to.deep.equal(['quarantine']);
+    });
+
+    it('the package-proxy example: every request gets the decision and advice its file name promises', async () => {
+      const dir = path.join(EXAMPLES_DIR, '..', 'package-proxy');
+      const engine = await PolicyEngine.open({
+        policiesDir: path.join(dir, 'policies'),
+        entitiesFile: path.join(dir, 'entities.json'),
+        schemaFile: path.join(dir, 'schema.cedarschema'),
+      });
+      engines.push(engine);
+      const files = readdirSync(path.join(dir, 'requests')).filter((f) => f.endsWith('.json'));
+      expect(files.length).to.be.at.least(4);
+      for (const f of files) {
+        const answer = engine.evaluate(JSON.parse(readFileSync(path.join(dir, 'requests', f), 'utf8')));
+        expect(answer.decision, f).to.equal(f.startsWith('permit-'));
+        expect(answer.context.advice, f).to.deep.equal(f.includes('quarantine') ? ['quarantine'] : undefined);
+        expect(answer.context.reasons ?? [], f).to.have.length(f.includes('untrusted') ? 0 : 1);
+      }
+    });
+
+    it('an @advice that is not one word is a load error naming file:line', async () => {
+      const fx = new PolicyFixture({ 'a.cedar': '\n@advice("hold, review")\npermit (principal, action, resource);\n' });
+      fixtures.push(fx);
+      const err = await PolicyEngine.open({ policiesDir: fx.policiesDir }).then(
+        () => undefined,
+        (e: unknown) => e as Error,
+      );
+      expect(err).to.be.instanceOf(PolicyLoadError);
+      expect(err!.message).to.match(
+        new RegExp(`^${fx.policyPath('a.cedar')}:2:1: @advice\\("hold, review"\\) must be one word`),
+      );
+    });
+  });
+
   describe('loading', () => {
     it('a parse error is a startup error naming file:line:column', async () => {
       const fx = new PolicyFixture({

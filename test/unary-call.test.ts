@@ -86,12 +86,9 @@ describe('unary-call', function () {
       const { response, status } = await client(server).unary('/pkg.Svc/Upper', Buffer.from('hello'));
       expect(response.toString()).to.equal('HELLO');
       expect(status.code).to.equal(Status.OK);
-      expect(await answered[0]!.outcome).to.deep.equal({
-        code: Status.OK,
-        details: '',
-        requestBytes: 5,
-        responseBytes: 5,
-      });
+      const { settledAt, ...outcome } = await answered[0]!.outcome;
+      expect(outcome).to.deep.equal({ code: Status.OK, details: '', requestBytes: 5, responseBytes: 5 });
+      expect(settledAt, 'when the status was sent (performance.now())').to.be.within(0, performance.now());
       expect(answered[0]!.ctx?.caller).to.equal('spiffe://test/caller');
       expect(answered[0]!.ctx?.callId).to.equal('call-0');
       expect(answered[0]!.ctx?.signal.aborted).to.equal(false);

@@ -19,6 +19,9 @@ export interface StackOptions {
   agent?: Partial<AgentConfig>;
   /** Start the agent (default true). */
   startAgent?: boolean;
+  /** Loggers to use instead of the silent ones (e.g. a recording logger). */
+  brokerLogger?: Logger;
+  agentLogger?: Logger;
 }
 
 /**
@@ -42,9 +45,13 @@ export class Stack {
   adminUrl = '';
   /** host:port of the AuthZEN HTTPS binding, when the broker config turned it on. */
   authzenAddress = '';
+  /** host:port of the gateway listeners (Envoy ext_authz, forward auth), when the broker config turned them on. */
+  extAuthzAddress = '';
+  forwardAuthAddress = '';
   localAddress = '';
   brokerConfig!: BrokerConfig;
   private baseline: ResourceSnapshot = {};
+  private agentLogger: Logger | undefined;
   agentConfig!: AgentConfig;
 
   static async start(opts: StackOptions = {}): Promise<Stack> {
@@ -72,12 +79,15 @@ export class Stack {
       drainTimeoutMs: 5_000,
       ...opts.broker,
     };
-    s.broker = new Broker(s.brokerConfig, logger('broker'));
+    s.broker = new Broker(s.brokerConfig, opts.brokerLogger ?? logger('broker'));
+    s.agentLogger = opts.agentLogger;
     const ports = await s.broker.start();
     s.agentAddress = `127.0.0.1:${ports.agentPort}`;
     s.apiAddress = `127.0.0.1:${ports.apiPort}`;
     s.adminUrl = `http://127.0.0.1:${ports.adminPort}`;
     if (ports.authzenPort) s.authzenAddress = `127.0.0.1:${ports.authzenPort}`;
+    if (ports.extAuthzPort) s.extAuthzAddress = `127.0.0.1:${ports.extAuthzPort}`;
+    if (ports.forwardAuthPort) s.forwardAuthAddress = `127.0.0.1:${ports.forwardAuthPort}`;
     s.caller = new RawClient(s.apiAddress, mtlsCredentials(s.serviceCert));
     if (opts.startAgent !== false) await s.startAgent(opts.agent);
     return s;
@@ -102,7 +112,7 @@ export class Stack {
 
   async startAgent(overrides: Partial<AgentConfig> = {}): Promise<Agent> {
     this.agentConfig = this.agentConfigWith(overrides);
-    this.agent = new Agent(this.agentConfig, logger('agent'));
+    this.agent = new Agent(this.agentConfig, this.agentLogger ?? logger('agent'));
     const ports = await this.agent.start();
     this.localAddress = `127.0.0.1:${ports.localPort}`;
     this.siteClient?.close();

@@ -1,4 +1,6 @@
 import type { TokenVerifierSettings } from './authn/token-verifier';
+import type { GatewayMapping } from './gateway/gateway-mapping';
+import { DEFAULT_TELEMETRY_BUFFER_BYTES, type AgentTelemetryConfig } from './agent-telemetry';
 import { SHARED_CONFIG_DEFAULTS, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
 
 /** TLS material for the local listener, when site clients must use TLS. */
@@ -65,6 +67,13 @@ export interface AgentConfig {
   authn?: TokenVerifierSettings;
   /** The built-in policy decision service's sources; undefined without --policies. */
   policy?: AgentPolicyConfig;
+  /**
+   * How gateway Check requests become evaluations (--gateway-mapping FILE, parsed and validated at
+   * load with loadGatewayMapping); Check is FAILED_PRECONDITION without it.
+   */
+  gatewayMapping?: GatewayMapping;
+  /** Tracing and where the agent's spans go (up the tunnel by default). */
+  telemetry: AgentTelemetryConfig;
 }
 
 /** Where the built-in policy decision service reads its policies and writes its audit log. */
@@ -86,5 +95,11 @@ export const AGENT_DEFAULTS = {
   reconnectMaxMs: 30_000,
   brokerWaitMs: 5_000,
   drainTimeoutMs: 30_000,
+  telemetry: {
+    tracing: { sampleRatio: 1 },
+    upload: true,
+    bufferBytes: DEFAULT_TELEMETRY_BUFFER_BYTES,
+    includeContext: false,
+  } as AgentTelemetryConfig,
   ...SHARED_CONFIG_DEFAULTS,
 };

@@ -20,6 +20,11 @@ import {
   type Logger,
   recordCallFinished,
   listenOn,
+  SpanKind,
+  endRpcSpan,
+  remoteParent,
+  startRpcSpan,
+  traceLogFields,
 } from '@burrow/tunnel';
 import { CertificateRenewer, SYSTEM_CLOCK, type Clock } from './certificate-renewer';
 import { readState, writeFileAtomic, writeState } from './state-dir';
@@ -31,6 +36,7 @@ import { describeTightened, securePrivateDir } from '@burrow/pki';
 import { TokenVerifier } from './authn/token-verifier';
 import { BuiltinServices } from './builtin-services';
 import { BrokerConnection } from './broker-connection';
+import { AgentTelemetry } from './agent-telemetry';
 import { connectHint } from './connect-hint';
 import { chooseTargets, expandConfigured, systemResolver, type HostResolver, type TargetSpec } from './broker-targets';
 
@@ -94,6 +100,8 @@ export class Agent {
   /** The trust domain of this agent's certificate: the only one its brokers may belong to. */
   private readonly trustDomain: string;
   private readonly upstreams: UpstreamTable;
+  /** Tracing, and the upload of the agent's spans through its tunnels. */
+  readonly telemetry: AgentTelemetry;
   private builtins = new BuiltinServices({});
   private policyEngine: PolicyEngine | undefined;
   private tokenVerifier: TokenVerifier | undefined;
@@ -142,6 +150,13 @@ export class Agent {
     this.agentId = own.name;
     this.trustDomain = own.trustDomain;
     this.upstreams = new UpstreamTable(config.upstreams);
+    const tunnels = { send: (bytes: Buffer) => [...this.connections].some((c) => c.sendTelemetry(bytes)) };
+    this.telemetry = new AgentTelemetry(config.telemetry, tunnels, this.metrics.registry, this.agentId, version);
+  }
+
+  /** A tunnel came up or went: tracing (with upload) is on while some broker takes telemetry. */
+  private tunnelsChanged(): void {
+    this.telemetry.tunnelsChanged([...this.connections].some((c) => c.takesTelemetry));
   }
 
   /** Starts the listeners and the broker connection loops; resolves once listeners are bound. */
@@ -182,6 +197,7 @@ export class Agent {
       targets: [...this.targets.values()].map((t) => t.address),
       maxBrokers: this.config.maxBrokers,
       upstreams: this.config.upstreams.length,
+      gatewayMapping: this.config.gatewayMapping?.file,
       ...ports,
     });
     return ports;
@@ -343,12 +359,18 @@ export class Agent {
       });
     const engine = this.policyEngine;
     this.builtins = new BuiltinServices({
+      tracing: this.telemetry.tracing,
       authenticator: this.tokenVerifier,
+      gatewayMapping: this.config.gatewayMapping,
+      logger: this.logger,
       policy: engine && {
         evaluate: (request, opts) => engine.evaluate(request, opts) as unknown as JsonObject,
         evaluations: (request, opts) => engine.evaluations(request, opts) as unknown as JsonObject,
       },
     });
+    // A key gone from the site's key set must stop its tokens at once, cached for Check or not.
+    const builtins = this.builtins;
+    this.tokenVerifier?.on('keys', () => builtins.forgetVerifiedTokens());
   }
 
   /** Broker connections with a live session. */
@@ -401,6 +423,8 @@ export class Agent {
     this.health.setStatus('NOT_SERVING');
     this.health.close();
     for (const wake of this.wakeLoops) wake();
+    // The spans so far go up while the tunnels are still open.
+    await this.telemetry.flush();
     const local = this.localServer;
     local?.close();
     const localDone = Promise.all(
@@ -428,6 +452,7 @@ export class Agent {
     this.upstreams.close();
     this.tokenVerifier?.close();
     await this.policyEngine?.close();
+    await this.telemetry.stop();
     if (this.admin) {
       const admin = this.admin;
       admin.closeAllConnections();
@@ -493,6 +518,7 @@ export class Agent {
       health: this.health,
       metrics: this.metrics,
       logger: this.logger,
+      tracing: this.telemetry.tracing,
     });
     target.conn = conn;
     this.connections.add(conn);
@@ -500,7 +526,11 @@ export class Agent {
       void this.installTrustBundle(pem, version);
     });
     conn.on('brokers', (set: BrokerEndpoint[]) => this.onReplicaSet(set, target));
-    conn.once('closed', () => this.connections.delete(conn));
+    conn.once('closed', () => {
+      this.connections.delete(conn);
+      this.tunnelsChanged();
+    });
+    conn.once('welcome', () => this.tunnelsChanged());
     return conn;
   }
 
@@ -683,7 +713,13 @@ export class Agent {
       this.metrics.calls.inc({ direction: 'to_broker', code: statusName(stream.closed ? Status.CANCELLED : err.code) });
       return;
     }
-    const outcome = await conn.forward(stream, headers, raw, deadlineMs);
+    const { tracing } = this.telemetry;
+    // A site client's call: its traceparent continued, the broker's hop a CLIENT span (BrokerConnection.forward).
+    const span = tracing.enabled
+      ? startRpcSpan(tracing, SpanKind.SERVER, method, remoteParent(headers.traceparent, headers.tracestate))
+      : undefined;
+    const outcome = await conn.forward(stream, headers, raw, deadlineMs, span);
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
     recordCallFinished(this.logger, this.metrics, {
       direction: 'to_broker',
       code: outcome.code,
@@ -691,7 +727,7 @@ export class Agent {
       startedMs,
       requestBytes: outcome.requestBytes,
       responseBytes: outcome.responseBytes,
-      log: { broker: conn.address, method },
+      log: { broker: conn.address, method, ...traceLogFields(span) },
     });
   }
 

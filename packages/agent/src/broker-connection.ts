@@ -46,6 +46,17 @@ import {
   type UpstreamTable,
   type WelcomeFrame,
   type BrokerEndpoint,
+  BURROW_ATTRIBUTES,
+  SpanKind,
+  TRACEPARENT_KEY,
+  endRpcSpan,
+  remoteParent,
+  startRpcSpan,
+  traceLogFields,
+  traceparentOf,
+  type Span,
+  type Tracing,
+  ROOT_CONTEXT,
 } from '@burrow/tunnel';
 import type { AgentMetrics } from './agent-metrics';
 import type { BuiltinServices } from './builtin-services';
@@ -74,6 +85,8 @@ export interface BrokerConnectionOptions {
   health: HealthService;
   metrics: AgentMetrics;
   logger: Logger;
+  /** Spans of the calls the broker carries here and of renewals; off: none, traceparent passes as it came. */
+  tracing: Tracing;
 }
 
 /**
@@ -90,6 +103,18 @@ export interface BrokerConnectionEvents {
   welcome: [welcome: WelcomeFrame];
   'drain-ack': [];
   'call-ended': [];
+}
+
+/** A call the broker opened on the tunnel, as {@link BrokerConnection.relayToUpstream} carries it. */
+interface TunnelCall {
+  stream: http2.ServerHttp2Stream;
+  method: string;
+  headers: http2.IncomingHttpHeaders;
+  raw: string[];
+  deadlineMs: number;
+  caller: string | undefined;
+  /** The call's SERVER span, when traced. */
+  span: Span | undefined;
 }
 
 /**
@@ -122,6 +147,21 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
   get address(): string {
     return this.opts.address;
   }
+  /**
+   * Sends one Telemetry frame (an encoded OTLP export request) when this session takes them (its
+   * Welcome said so) and the control stream can take it now; false, and nothing sent, otherwise.
+   */
+  sendTelemetry(otlpTraces: Buffer): boolean {
+    const channel = this.channel;
+    if (!this.usable || !this.welcome?.acceptsTelemetry || !channel?.writable) return false;
+    return channel.send({ kind: 'telemetry', otlpTraces });
+  }
+
+  /** True when this session is up and its broker takes Telemetry frames. */
+  get takesTelemetry(): boolean {
+    return this.usable && this.welcome?.acceptsTelemetry === true;
+  }
+
   /** True while the session is up and neither side is draining. */
   get usable(): boolean {
     return this.welcome !== undefined && !this.isClosed && !this.draining;
@@ -382,10 +422,14 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
       return;
     }
     const local = this.opts.upstreams.hasRoute(service) ? undefined : this.opts.builtins.handlerFor(method);
-    const call = { stream, method, headers, raw, deadlineMs, caller };
+    const span = this.opts.tracing.enabled ? this.serverSpan(method, headers, callId) : undefined;
+    const call = { stream, method, headers, raw, deadlineMs, caller, span };
+    const { maxMessageBytes } = this;
     const outcome = local
-      ? await answerUnary(stream, local, { method, maxMessageBytes: this.maxMessageBytes, deadlineMs, callId, caller })
+      ? await answerUnary(stream, local, { method, maxMessageBytes, deadlineMs, callId, caller, span })
       : await this.relayToUpstream(call, service);
+    // At the status sent (not the stream's close): the broker's CLIENT span ends after it got it.
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
     this.callEnded();
     recordCallFinished(this.opts.logger, this.opts.metrics, {
       direction: 'from_broker',
@@ -394,29 +438,49 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
       startedMs,
       requestBytes: outcome.requestBytes,
       responseBytes: outcome.responseBytes,
-      log: { broker: this.opts.address, callId, method },
+      log: { broker: this.opts.address, callId, method, ...traceLogFields(span) },
+    });
+  }
+
+  /** The SERVER span of a call the broker carried here; its parent is the broker's CLIENT span. */
+  private serverSpan(method: string, headers: http2.IncomingHttpHeaders, callId: string): Span {
+    // burrow.agent_id is on the resource of every agent span (the broker stamps it): not repeated.
+    return startRpcSpan(this.opts.tracing, SpanKind.SERVER, method, remoteParent(headers[TRACEPARENT_KEY]), {
+      [BURROW_ATTRIBUTES.callId]: callId,
+      [BURROW_ATTRIBUTES.brokerId]: this.brokerId,
     });
   }
 
   /** A call for a service the agent does not answer itself: to its upstream, or UNIMPLEMENTED. */
   private async relayToUpstream(
-    call: {
-      stream: http2.ServerHttp2Stream;
-      method: string;
-      headers: http2.IncomingHttpHeaders;
-      raw: string[];
-      deadlineMs: number;
-      caller: string | undefined;
-    },
+    call: TunnelCall,
     service: string,
   ): Promise<Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>> {
-    const { stream, method, deadlineMs, caller } = call;
+    const { stream, method } = call;
     const upstream = this.opts.upstreams.sessionFor(method);
     if (!upstream)
       return answerUnimplemented(stream, `agent "${this.opts.agentId}" has no upstream for service "${service}"`);
+    // The upstream call's CLIENT span: the upstream gets it as its parent in traceparent.
+    const span = call.span && startRpcSpan(this.opts.tracing, SpanKind.CLIENT, method, call.span);
+    if (span) span.setAttribute('server.address', upstream.address);
+    const outcome = await this.relayTo(call, upstream, service, span);
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
+    return outcome;
+  }
+
+  /** {@link relayToUpstream}'s relay proper. */
+  private async relayTo(
+    call: TunnelCall,
+    upstream: { address: string; session: http2.ClientHttp2Session },
+    service: string,
+    span: Span | undefined,
+  ): Promise<Pick<CallOutcome, 'code' | 'details'> & Partial<CallOutcome>> {
+    const { stream, method, deadlineMs, caller } = call;
     const peerName = `upstream ${upstream.address}`;
     try {
-      const owned = caller ? { [CALLER_ID_KEY]: caller } : undefined;
+      const owned: Record<string, string> = {};
+      if (caller) owned[CALLER_ID_KEY] = caller;
+      if (span) owned[TRACEPARENT_KEY] = traceparentOf(span);
       const contentType = call.headers['content-type'];
       const next = nextHopHeaders(method, upstream.address, call.raw, deadlineMs, owned, contentType);
       const out = openStream(upstream.session, next, peerName);
@@ -463,23 +527,29 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
     headers: http2.IncomingHttpHeaders,
     raw: string[],
     deadlineMs: number,
+    parent?: Span,
   ): Promise<CallOutcome> {
     const method = String(headers[':path'] ?? '');
     const peerName = `broker ${this.opts.address}`;
     this.activeCalls++;
     this.opts.metrics.tunnelStreams.inc({ state: 'active' });
+    const owned: Record<string, string> = { [CALL_ID_KEY]: this.callIds.next() };
+    const span = parent && startRpcSpan(this.opts.tracing, SpanKind.CLIENT, method, parent);
+    if (span) owned[TRACEPARENT_KEY] = traceparentOf(span);
+    let outcome: CallOutcome;
     try {
-      const owned = { [CALL_ID_KEY]: this.callIds.next() };
       const next = nextHopHeaders(method, this.opts.address, raw, deadlineMs, owned, headers['content-type']);
       const out = openStream(this.platformSession(), next, peerName);
-      return await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
+      outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.maxMessageBytes, deadlineMs });
     } catch (err) {
       const e = toBurrowError(err);
       endWithStatus(stream, e.code, e.message);
-      return { code: e.code, details: e.message, requestBytes: 0, responseBytes: 0 };
+      outcome = { code: e.code, details: e.message, requestBytes: 0, responseBytes: 0 };
     } finally {
       this.callEnded();
     }
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
+    return outcome;
   }
 
   /**
@@ -488,6 +558,12 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
    */
   async renew(csrPem: string, bundleVersion: number, timeoutMs = 15_000): Promise<IssuedAgentCertificate> {
     const def = ENROLLMENT_SERVICE.renew;
+    const { tracing } = this.opts;
+    const span = tracing.enabled
+      ? startRpcSpan(tracing, SpanKind.CLIENT, def.path, ROOT_CONTEXT, {
+          [BURROW_ATTRIBUTES.brokerId]: this.brokerId,
+        })
+      : undefined;
     const result = await unaryCall(
       this.platformSession(),
       def.path,
@@ -497,8 +573,10 @@ export class BrokerConnection extends EventEmitter<BrokerConnectionEvents> {
         peerName: `broker ${this.opts.address}`,
         deadlineMs: Date.now() + timeoutMs,
         maxMessageBytes: 1024 * 1024,
+        headers: span ? { [TRACEPARENT_KEY]: traceparentOf(span) } : undefined,
       },
     );
+    if (span) endRpcSpan(span, result.code, result.details);
     if (result.code !== Status.OK || !result.response)
       throw new BurrowError(result.code, `renewal at ${this.opts.address} failed: ${result.details}`);
     return def.responseDeserialize(result.response);

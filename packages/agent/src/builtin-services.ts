@@ -6,12 +6,25 @@ import {
   BurrowError,
   POLICY_METHODS,
   serviceOfMethod,
-  toBurrowError,
   type JsonObject,
   type LocalCallContext,
   type LocalUnaryHandler,
+  type Logger,
+  silentLogger,
+  BURROW_ATTRIBUTES,
+  TRACING_OFF,
+  endRpcSpan,
+  endSpan,
+  startChildSpan,
+  type Span,
+  type TraceParent,
+  type Tracing,
 } from '@burrow/tunnel';
 import type { AuthenticationResult } from './authn/token-verifier';
+import { engineError } from './engine-error';
+import { CHECK_LIMITS } from './gateway/check-input';
+import { GatewayCheck } from './gateway/gateway-check';
+import type { GatewayMapping } from './gateway/gateway-mapping';
 
 /**
  * The services the agent answers itself, without an upstream: token verification
@@ -21,18 +34,25 @@ import type { AuthenticationResult } from './authn/token-verifier';
 
 /** What the built-in authentication service needs from a token verifier. */
 export interface TokenAuthenticator {
-  authenticate(token: string, audience: string): Promise<AuthenticationResult>;
+  /** `trace`: the call's span, under which a key fetch the token needs gets its own span. */
+  authenticate(token: string, audience: string, trace?: TraceParent): Promise<AuthenticationResult>;
 }
 
 /** What the built-in policy service needs from a policy engine (AuthZEN JSON in and out). */
 export interface PolicyDecider {
-  evaluate(request: JsonObject, opts: { caller?: string }): Promise<JsonObject> | JsonObject;
+  evaluate(request: JsonObject, opts: { caller?: string; decisionId?: string }): Promise<JsonObject> | JsonObject;
   evaluations(request: JsonObject, opts: { caller?: string }): Promise<JsonObject> | JsonObject;
 }
 
 export interface BuiltinServicesOptions {
+  /** The agent's tracing: spans of Cedar evaluations and key fetches (default off). */
+  tracing?: Tracing;
   authenticator?: TokenAuthenticator;
   policy?: PolicyDecider;
+  /** The gateway mapping Check uses (--gateway-mapping); Check is FAILED_PRECONDITION without it. */
+  gatewayMapping?: GatewayMapping;
+  /** Where Check logs its one line per decision. */
+  logger?: Logger;
 }
 
 const AUTH_SERVICE = serviceOfMethod(AUTH_METHODS.authenticate);
@@ -41,25 +61,27 @@ const POLICY_SERVICE = serviceOfMethod(POLICY_METHODS.evaluate);
 /** Full names of the services the agent can answer itself. */
 export const BUILTIN_SERVICE_NAMES: readonly string[] = [AUTH_SERVICE, POLICY_SERVICE];
 
-// Engines report bad input with their own error types; anything carrying a gRPC code (numeric
-// or its name) keeps it, the rest is INTERNAL with the message.
-function engineError(err: unknown, what: string): BurrowError {
-  const code = (err as { code?: unknown } | undefined)?.code;
-  if (typeof code === 'string' && code in Status) {
-    return new BurrowError((Status as unknown as Record<string, number>)[code]!, (err as Error).message, err);
-  }
-  const e = toBurrowError(err, what);
-  return e.code === Status.UNKNOWN ? new BurrowError(Status.INTERNAL, e.message, err) : e;
-}
-
 /** Dispatches forwarded calls for the built-in services to their engines. */
 export class BuiltinServices {
   private readonly handlers = new Map<string, LocalUnaryHandler>();
+  private readonly gateway: GatewayCheck;
 
   constructor(private readonly opts: BuiltinServicesOptions) {
-    this.handlers.set(AUTH_METHODS.authenticate, (req) => this.authenticate(req));
+    this.gateway = new GatewayCheck({
+      mapping: opts.gatewayMapping,
+      authenticator: opts.authenticator,
+      policy: opts.policy,
+      logger: opts.logger ?? silentLogger(),
+    });
+    this.handlers.set(POLICY_METHODS.check, (req, ctx) => this.check(req, ctx));
+    this.handlers.set(AUTH_METHODS.authenticate, (req, ctx) => this.authenticate(req, ctx));
     this.handlers.set(POLICY_METHODS.evaluate, (req, ctx) => this.decide('evaluate', req, ctx));
     this.handlers.set(POLICY_METHODS.evaluations, (req, ctx) => this.decide('evaluations', req, ctx));
+  }
+
+  /** Check forgets the tokens it verified: call when the verifier's key set changes. */
+  forgetVerifiedTokens(): void {
+    this.gateway.forgetVerifiedTokens();
   }
 
   /** True when `service` is one the agent answers itself (configured or not). */
@@ -84,7 +106,11 @@ export class BuiltinServices {
       );
   }
 
-  private async authenticate(request: Buffer): Promise<Buffer> {
+  private get tracing(): Tracing {
+    return this.opts.tracing ?? TRACING_OFF;
+  }
+
+  private async authenticate(request: Buffer, ctx: LocalCallContext): Promise<Buffer> {
     const verifier = this.opts.authenticator;
     if (!verifier)
       throw new BurrowError(
@@ -95,7 +121,8 @@ export class BuiltinServices {
     const req = API_CODECS.authenticateRequest.decode(request);
     let result: Awaited<ReturnType<typeof verifier.authenticate>>;
     try {
-      result = await verifier.authenticate(String(req.token ?? ''), String(req.audience ?? ''));
+      const trace = ctx.span ? { tracing: this.tracing, span: ctx.span } : undefined;
+      result = await verifier.authenticate(String(req.token ?? ''), String(req.audience ?? ''), trace);
     } catch (err) {
       throw engineError(err, 'token verification failed');
     }
@@ -141,14 +168,50 @@ export class BuiltinServices {
           : (err as Error).message;
       throw new BurrowError(Status.INVALID_ARGUMENT, `policy request cannot be decoded: ${why}`, err);
     }
+    const span = ctx.span && startChildSpan(this.tracing, 'cedar evaluation', ctx.span);
     let output: JsonObject;
     try {
       output = await (kind === 'evaluate'
         ? engine.evaluate(input, { caller: ctx.caller })
         : engine.evaluations(input, { caller: ctx.caller }));
     } catch (err) {
-      throw engineError(err, 'policy evaluation failed');
+      const e = engineError(err, 'policy evaluation failed');
+      if (span) endRpcSpan(span, e.code, e.message);
+      throw e;
     }
+    if (span) this.endEvaluationSpan(span, kind, input, output);
     return codecs.res.encode(output);
+  }
+
+  private async check(request: Buffer, ctx: LocalCallContext): Promise<Buffer> {
+    // Bounded before decoding, as the other policy methods are; the fields' own bounds follow.
+    if (request.length > CHECK_LIMITS.maxMessageBytes) {
+      throw new BurrowError(
+        Status.INVALID_ARGUMENT,
+        `check request is ${request.length} bytes; check requests may be at most ${CHECK_LIMITS.maxMessageBytes} bytes`,
+      );
+    }
+    const input = API_CODECS.checkRequest.decode(request);
+    const trace = ctx.span ? { tracing: this.tracing, span: ctx.span } : undefined;
+    return API_CODECS.checkResponse.encode(await this.gateway.check(input, ctx.caller, trace));
+  }
+
+  /**
+   * The Cedar evaluation span's attributes: the decision(s) and the policies that decided. Never
+   * the request's subject, resource or action, the entities, or a token; the request's context
+   * values only with --trace-include-context.
+   */
+  private endEvaluationSpan(span: Span, kind: 'evaluate' | 'evaluations', input: JsonObject, output: JsonObject): void {
+    const answers = (kind === 'evaluate' ? [output] : ((output.evaluations as JsonObject[] | undefined) ?? [])) as {
+      decision?: unknown;
+      context?: { policies?: unknown };
+    }[];
+    const decisions = answers.map((a) => (a.decision === true ? 'allow' : 'deny'));
+    const policies = answers.flatMap((a) => (Array.isArray(a.context?.policies) ? a.context.policies.map(String) : []));
+    span.setAttribute(BURROW_ATTRIBUTES.decision, kind === 'evaluate' ? decisions[0]! : decisions);
+    span.setAttribute(BURROW_ATTRIBUTES.policies, [...new Set(policies)]);
+    if (this.tracing.includeContext && input.context !== undefined)
+      span.setAttribute(BURROW_ATTRIBUTES.context, JSON.stringify(input.context).slice(0, 4096));
+    endSpan(span);
   }
 }

@@ -40,6 +40,8 @@ import { AGENT_DEFAULTS, type AgentConfig, type AgentPolicyConfig } from './agen
 import { policyCommand, type PolicyCliIo } from './policy-cli';
 import { AUTHN_RUN_OPTIONS, authnConfigFromArgs } from './authn/authn-config';
 import { selfCheck } from './self-check';
+import { GatewayMappingError, loadGatewayMapping, type GatewayMapping } from './gateway/gateway-mapping';
+import { TELEMETRY_RUN_OPTIONS, telemetryConfigFromArgs } from './telemetry-config';
 
 const PROG = 'burrow-agent';
 const VERSION: string = (require('../package.json') as { version: string }).version;
@@ -114,6 +116,11 @@ const RUN_OPTIONS = {
     describe: 'file that gets one JSON line per policy decision (- for stdout)',
     default: '-',
   },
+  'gateway-mapping': stringOption(
+    'file mapping gateway Check requests (method, path, headers, token claims) to policy evaluations ' +
+      '(docs/gateways.md)',
+  ),
+  ...TELEMETRY_RUN_OPTIONS,
   ...CONFIG_FILE_OPTION,
 } as const;
 
@@ -131,6 +138,8 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
   const local = localSideFromArgs(args);
   const limits = streamLimitsFromArgs(args);
   const identity = identityFromArgs(args);
+  const authn = authnConfigFromArgs(args);
+  const policy = policyConfigFromArgs(args);
   return {
     ...AGENT_DEFAULTS,
     brokers,
@@ -145,8 +154,10 @@ export function agentConfigFromArgs(args: Args): AgentConfig {
     ...timingsFromArgs(args),
     logLevel,
     logFormat,
-    authn: authnConfigFromArgs(args),
-    policy: policyConfigFromArgs(args),
+    authn,
+    policy,
+    gatewayMapping: gatewayMappingFromArgs(args, policy, authn),
+    telemetry: telemetryConfigFromArgs(args),
   };
 }
 
@@ -243,6 +254,38 @@ function policyConfigFromArgs(args: Args): AgentPolicyConfig | undefined {
   const schemaFile = str('policy-schema') ? requireReadableFile('policy-schema', args['policy-schema']) : undefined;
   const cacheTtlMs = parseDurationMs('policy-cache-ttl', args['policy-cache-ttl']);
   return { policiesDir, entitiesFile, schemaFile, cacheTtlMs, auditLog: str('audit-log') ?? '-' };
+}
+
+/**
+ * The gateway mapping, parsed and checked against the rest of the config: it needs --policies,
+ * and a key source unless it says `token none`. Problems are `FILE:LINE: problem`.
+ */
+function gatewayMappingFromArgs(
+  args: Args,
+  policy: AgentPolicyConfig | undefined,
+  authn: AgentConfig['authn'],
+): GatewayMapping | undefined {
+  if (args['gateway-mapping'] === undefined || args['gateway-mapping'] === '') return undefined;
+  const file = String(args['gateway-mapping']);
+  let mapping: GatewayMapping;
+  try {
+    mapping = loadGatewayMapping(file);
+  } catch (err) {
+    if (err instanceof GatewayMappingError) throw new ConfigError('gateway-mapping', err.message);
+    throw err;
+  }
+  if (!policy) throw new ConfigError('gateway-mapping', 'needs --policies (the policies Check decides with)');
+  if (mapping.token !== 'none' && !authn)
+    throw new ConfigError(
+      'gateway-mapping',
+      `${file} says token ${mapping.token}: set --jwks, --jwks-url or --introspection-url to verify tokens`,
+    );
+  if (mapping.token !== 'none' && !authn?.audiences?.length && !authn?.allowedAudiences?.length)
+    throw new ConfigError(
+      'gateway-mapping',
+      `${file} says token ${mapping.token}: set --token-audience (Check verifies tokens for the agent's audiences)`,
+    );
+  return mapping;
 }
 
 function fail(message: string): never {

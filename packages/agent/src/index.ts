@@ -15,6 +15,29 @@ export { AGENT_DEFAULTS, type AgentConfig, type LocalTlsConfig, type AgentPolicy
 /** Builds an {@link AgentConfig} from parsed `burrow-agent run` options (what the CLI does). */
 export { agentConfigFromArgs } from './cli';
 
+// Gateway decisions (PolicyDecisionService/Check) and their mapping file (docs/gateways.md).
+export {
+  loadGatewayMapping,
+  parseGatewayMapping,
+  GatewayMappingError,
+  type GatewayMapping,
+  type MappingSource,
+  type MappedValue,
+  type MappingRoute,
+  type MappingTarget,
+  type TokenMode,
+} from './gateway/gateway-mapping';
+export { CHECK_LIMITS } from './gateway/check-input';
+/** @internal Check's memory of verified tokens (unit-tested alone). */
+export { VerifiedTokens, VERIFIED_TOKEN_CACHE } from './gateway/verified-tokens';
+/** @internal The built-in services' dispatcher, driven alone by tests and benchmarks. */
+export {
+  BuiltinServices,
+  type BuiltinServicesOptions,
+  type PolicyDecider,
+  type TokenAuthenticator,
+} from './builtin-services';
+
 /** @internal The hint of `cannot establish tunnel session`, per cause (tests). */
 export { connectHint, type ConnectFailure } from './connect-hint';
 
@@ -68,3 +91,7 @@ export {
   type UninstallOptions,
 } from './install';
 export { SYSTEMD_UNIT } from './systemd-unit';
+/** @internal Tests drive the telemetry upload alone. */
+export { TelemetryUploader, type TelemetryTunnels } from './agent-telemetry';
+/** @internal */
+export { telemetryConfigFromArgs } from './telemetry-config';

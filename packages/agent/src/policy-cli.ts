@@ -6,6 +6,7 @@
 import { readFile } from 'node:fs/promises';
 import type { Argv, CommandModule } from 'yargs';
 import { ConfigError, loadYamlConfig } from '@burrow/tunnel';
+import { GatewayMappingError, loadGatewayMapping } from './gateway/gateway-mapping';
 import {
   PolicyEngine,
   PolicyInputError,
@@ -22,6 +23,14 @@ export const POLICY_SOURCE_OPTIONS = {
   'policy-schema': {
     type: 'string',
     describe: 'Cedar schema (JSON or human format); policies, entities and requests are validated against it',
+  },
+} as const;
+
+export const POLICY_CHECK_OPTIONS = {
+  ...POLICY_SOURCE_OPTIONS,
+  'gateway-mapping': {
+    type: 'string',
+    describe: 'gateway mapping file to validate too (what burrow-agent run --gateway-mapping would load)',
   },
 } as const;
 
@@ -56,16 +65,25 @@ function sourcesFrom(args: Args): PolicySources {
 }
 
 /**
- * `policy check`: loads and validates the set offline. Prints `ok: N policies, M entities` and
- * returns 0, or prints every problem as `file:line:column: message` and returns 1.
+ * `policy check`: loads and validates the set offline (and the gateway mapping, when named). Prints
+ * `ok: N policies, M entities` (`; gateway mapping: R routes`) and returns 0, or prints every
+ * problem as `file:line:column: message` (a mapping's as `FILE:LINE: problem`) and returns 1.
  */
 export async function runPolicyCheck(args: Args, io: PolicyCliIo): Promise<number> {
   try {
     const set = await loadPolicySet(sourcesFrom(args));
+    const mappingFile = args['gateway-mapping'] ? String(args['gateway-mapping']) : undefined;
+    const mapping = mappingFile ? loadGatewayMapping(mappingFile) : undefined;
     for (const w of set.warnings) io.err(`warning: ${w}\n`);
-    io.out(`ok: ${set.policies.length} policies, ${set.entities.size} entities\n`);
+    const n = mapping?.routes.length ?? 0;
+    const routes = mapping ? `; gateway mapping: ${n} ${n === 1 ? 'route' : 'routes'}` : '';
+    io.out(`ok: ${set.policies.length} policies, ${set.entities.size} entities${routes}\n`);
     return POLICY_EXIT.ok;
   } catch (err) {
+    if (err instanceof GatewayMappingError) {
+      io.err(`${err.message}\n`);
+      return POLICY_EXIT.policyError;
+    }
     if (err instanceof PolicyLoadError) {
       for (const issue of err.issues) io.err(`${formatPolicyIssue(issue)}\n`);
       return POLICY_EXIT.policyError;
@@ -155,7 +173,7 @@ export function policyCommand(
           'check',
           'parse and validate the policy set: prints "ok: N policies, M entities", or every error as ' +
             'file:line:column and exits 1',
-          (c) => withConfig(c.options(POLICY_SOURCE_OPTIONS), Object.keys(POLICY_SOURCE_OPTIONS)),
+          (c) => withConfig(c.options(POLICY_CHECK_OPTIONS), Object.keys(POLICY_CHECK_OPTIONS)),
           handle(runPolicyCheck),
         )
         .command(

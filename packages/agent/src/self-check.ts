@@ -1,6 +1,4 @@
-import * as path from 'node:path';
-import * as protobuf from 'protobufjs';
-import { PROTO_DIR, listProtoFiles, seaAssets } from '@burrow/tunnel';
+import { PROTO_DIR, listProtoFiles, loadProto, seaAssets } from '@burrow/tunnel';
 
 /** What {@link selfCheck} found; every field was exercised, not just loaded. */
 export interface SelfCheckResult {
@@ -46,7 +44,7 @@ export async function selfCheck(): Promise<SelfCheckResult> {
   check(protos.includes('burrow/tunnel/v1/tunnel.proto'), `tunnel.proto is not among the protos in ${PROTO_DIR}`);
   for (const file of protos) {
     try {
-      protobuf.loadSync(path.join(PROTO_DIR, file)).resolveAll();
+      loadProto(file).resolveAll();
     } catch (err) {
       throw new Error(`self-check failed: ${file}: ${(err as Error).message}`, { cause: err });
     }

@@ -142,6 +142,8 @@ function statusText(s: BrokerStatus): string {
     ['api listener', s.listeners.api],
     ['admin listener', s.listeners.admin ?? 'off'],
     ['authzen listener', s.listeners.authzen ?? 'off'],
+    ['ext_authz listener', s.listeners.extAuthz ?? 'off'],
+    ['forward-auth listener', s.listeners.forwardAuth ?? 'off'],
     ['agents', s.agents],
     ['sessions', s.sessions],
     ['calls in flight', s.callsInFlight],

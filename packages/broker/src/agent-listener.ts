@@ -44,8 +44,18 @@ import {
   type Logger,
   type PeerIdentity,
   type SessionFrame,
+  SpanKind,
+  TRACEPARENT_KEY,
+  endRpcSpan,
+  remoteParent,
+  startRpcSpan,
+  BURROW_ATTRIBUTES,
+  traceLogFields,
+  traceparentOf,
+  type Span,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
+import { type BrokerTelemetry, TelemetryAllowance } from './broker-telemetry';
 import type { BrokerPki } from './broker-pki';
 import { AGENT_RULE, CALLER_RULE, checkPeer, peerCertificateOf, presentedBy } from './peer-admission';
 import { AgentSession, type TunnelRegistry } from './tunnel-registry';
@@ -91,6 +101,8 @@ export interface AgentListenerDeps {
    * that called this listener by mistake; undefined before it is bound.
    */
   callerApiPort?(): number | undefined;
+  /** Where agents' Telemetry frames go; absent: none are taken (Welcome says so). */
+  telemetry?: BrokerTelemetry;
 }
 
 /** One tunnel connection: its HTTP/2 session (broker = client), its control channel, its session once welcomed. */
@@ -102,6 +114,8 @@ interface Tunnel {
   channel?: ControlChannel;
   session?: AgentSession;
   closed: boolean;
+  /** The session's Telemetry byte allowance (set at Welcome when the broker takes telemetry). */
+  telemetryAllowance?: TelemetryAllowance;
 }
 
 /**
@@ -406,6 +420,10 @@ export class AgentListener {
       close: (err) => this.closeTunnel(tunnel, err),
     });
     tunnel.session = session;
+    const telemetry = this.deps.telemetry;
+    const acceptsTelemetry = telemetry?.acceptsAgentTelemetry === true;
+    if (acceptsTelemetry)
+      tunnel.telemetryAllowance = new TelemetryAllowance(telemetry.budgets.maxBytesPerAgentPerSecond);
     channel.send({
       kind: 'welcome',
       welcome: {
@@ -413,6 +431,7 @@ export class AgentListener {
         sessionId: session.id,
         maxMessageBytes: this.deps.maxMessageBytes,
         brokerId: this.deps.brokerId,
+        acceptsTelemetry,
       },
     });
     const replicas = this.deps.replicaSet ? this.deps.replicaSet() : this.lastReplicaSet;
@@ -431,6 +450,8 @@ export class AgentListener {
   private onSessionFrame(tunnel: Tunnel, session: AgentSession, frame: SessionFrame): void {
     if (frame.kind === 'credentials') this.acceptCredentials(tunnel, session, frame.certificateChainPem);
     else if (frame.kind === 'drain') this.agentLeaving(tunnel, session, frame.reason);
+    else if (frame.kind === 'telemetry')
+      this.deps.telemetry?.acceptAgentBatch(session.identity.name, tunnel.telemetryAllowance, frame.otlpTraces);
     else
       this.protocolError(tunnel, new ProtocolError(`${frame.kind} frame from an agent after hello`), session.identity);
   }
@@ -581,7 +602,7 @@ export class AgentListener {
     if (!socket) return;
     const deadlineMs = deadlineFromTimeout(headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
     if (method === ENROLLMENT_SERVICE.enroll.path || method === ENROLLMENT_SERVICE.renew.path) {
-      this.answerEnrollment(stream, method, socket, deadlineMs);
+      this.answerEnrollment(stream, method, socket, deadlineMs, headers[TRACEPARENT_KEY]);
       return;
     }
     if (serviceOfMethod(method) === LEGACY_TUNNEL_SERVICE) {
@@ -628,36 +649,19 @@ export class AgentListener {
     agent: PeerIdentity,
     deadlineMs: number,
   ): Promise<void> {
-    const { metrics, logger, platformUpstreams } = this.deps;
+    const { metrics, logger } = this.deps;
     const startedMs = Date.now();
     const callId = this.callIds.fromHeader(headers[CALL_ID_KEY]);
     metrics.callsInFlight.inc({ direction: 'from_agent' });
-    let outcome: { code: number; details: string; requestBytes?: number; responseBytes?: number };
-    const upstream = platformUpstreams.sessionFor(method);
-    if (!upstream) {
-      outcome = answerUnimplemented(stream, `no platform upstream for the service of ${method} at this broker`);
-    } else {
-      const peerName = `platform upstream ${upstream.address}`;
-      try {
-        const out = openStream(
-          upstream.session,
-          nextHopHeaders(
-            method,
-            upstream.address,
-            raw,
-            deadlineMs,
-            { [CALLING_AGENT_KEY]: agent.name },
-            headers['content-type'],
-          ),
-          peerName,
-        );
-        outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.deps.maxMessageBytes, deadlineMs });
-      } catch (err) {
-        const e = toBurrowError(err);
-        endWithStatus(stream, e.code, e.message);
-        outcome = { code: e.code, details: e.message };
-      }
-    }
+    const tracing = this.deps.telemetry?.tracing;
+    const span = tracing?.enabled
+      ? startRpcSpan(tracing, SpanKind.SERVER, method, remoteParent(headers[TRACEPARENT_KEY], headers.tracestate), {
+          [BURROW_ATTRIBUTES.agentId]: agent.name,
+          [BURROW_ATTRIBUTES.callId]: callId,
+        })
+      : undefined;
+    const outcome = await this.relayToPlatform({ stream, method, raw, headers, agent, deadlineMs }, span);
+    if (span) endRpcSpan(span, outcome.code, outcome.details, outcome.settledAt);
     metrics.callsInFlight.dec({ direction: 'from_agent' });
     recordCallFinished(logger, metrics, {
       direction: 'from_agent',
@@ -667,8 +671,42 @@ export class AgentListener {
       requestBytes: outcome.requestBytes,
       responseBytes: outcome.responseBytes,
       callLabels: { method: metrics.methodLabel(method) },
-      log: { agentId: agent.name, callId, method },
+      log: { agentId: agent.name, callId, method, ...traceLogFields(span) },
     });
+  }
+
+  /** {@link answerSiteCall}'s relay to the platform upstream, in a CLIENT span when traced. */
+  private async relayToPlatform(
+    call: {
+      stream: http2.ServerHttp2Stream;
+      method: string;
+      raw: string[];
+      headers: http2.IncomingHttpHeaders;
+      agent: PeerIdentity;
+      deadlineMs: number;
+    },
+    span: Span | undefined,
+  ): Promise<{ code: number; details: string; requestBytes?: number; responseBytes?: number; settledAt?: number }> {
+    const { stream, method, raw, headers, agent, deadlineMs } = call;
+    const upstream = this.deps.platformUpstreams.sessionFor(method);
+    if (!upstream)
+      return answerUnimplemented(stream, `no platform upstream for the service of ${method} at this broker`);
+    const peerName = `platform upstream ${upstream.address}`;
+    const client = span && startRpcSpan(this.deps.telemetry!.tracing, SpanKind.CLIENT, method, span);
+    const owned: Record<string, string> = { [CALLING_AGENT_KEY]: agent.name };
+    if (client) owned[TRACEPARENT_KEY] = traceparentOf(client);
+    let outcome: Awaited<ReturnType<AgentListener['relayToPlatform']>>;
+    try {
+      const next = nextHopHeaders(method, upstream.address, raw, deadlineMs, owned, headers['content-type']);
+      const out = openStream(upstream.session, next, peerName);
+      outcome = await relayCall(stream, out, { peerName, maxMessageBytes: this.deps.maxMessageBytes, deadlineMs });
+    } catch (err) {
+      const e = toBurrowError(err);
+      endWithStatus(stream, e.code, e.message);
+      outcome = { code: e.code, details: e.message };
+    }
+    if (client) endRpcSpan(client, outcome.code, outcome.details, outcome.settledAt);
+    return outcome;
   }
 
   /** Enroll (no client certificate needed) and Renew, when this broker has a PKI directory. */
@@ -677,6 +715,7 @@ export class AgentListener {
     method: string,
     socket: TLSSocket,
     deadlineMs: number,
+    traceparent: string | string[] | undefined,
   ): void {
     const { pki } = this.deps;
     const peer = `${socket.remoteAddress}:${socket.remotePort}`;
@@ -694,7 +733,11 @@ export class AgentListener {
       }
     }
     const certificate = socket.authorized ? peerCertificateOf(socket) : undefined;
-    void answerUnary(
+    const tracing = this.deps.telemetry?.tracing;
+    const span = tracing?.enabled
+      ? startRpcSpan(tracing, SpanKind.SERVER, method, remoteParent(traceparent))
+      : undefined;
+    const answered = answerUnary(
       stream,
       (request) =>
         new Promise<Buffer>((resolve, reject) => {
@@ -715,6 +758,7 @@ export class AgentListener {
         }),
       { method, maxMessageBytes: 64 * 1024, deadlineMs, callId: '' },
     );
+    if (span) void answered.then((outcome) => endRpcSpan(span, outcome.code, outcome.details));
   }
 
   /**

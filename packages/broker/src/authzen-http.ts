@@ -329,14 +329,11 @@ async function evaluateThroughTunnel(
   };
   res.on('close', onGone);
   const deadlineMs = Date.now() + deps.timeoutMs;
-  const result = await deps.api.callUnary(
-    call.peer,
-    call.agentId,
-    call.codec.method,
-    call.message,
-    deadlineMs,
-    abort.signal,
-  );
+  const result = await deps.api.callUnary(call.peer, call.agentId, call.codec.method, call.message, deadlineMs, {
+    signal: abort.signal,
+    // An HTTP client's W3C trace context, continued like a gRPC caller's.
+    traceparent: typeof res.req.headers.traceparent === 'string' ? res.req.headers.traceparent : undefined,
+  });
   res.removeListener('close', onGone);
   if (abort.signal.aborted) return; // the client left; nobody to answer
   if (result.code !== Status.OK)

@@ -1,5 +1,12 @@
 import type { CallLimits } from './call-limiter';
-import { SHARED_CONFIG_DEFAULTS, type KeepaliveSettings, type LogFormat, type UpstreamRoute } from '@burrow/tunnel';
+import {
+  SHARED_CONFIG_DEFAULTS,
+  type KeepaliveSettings,
+  type LogFormat,
+  type TracingConfig,
+  type UpstreamRoute,
+} from '@burrow/tunnel';
+import { DEFAULT_TELEMETRY_BUDGETS, type TelemetryBudgets } from './broker-telemetry';
 
 /** Everything a broker needs to run; built by cli.ts from flags, env and the config file. */
 export interface BrokerConfig {
@@ -86,12 +93,28 @@ export interface BrokerConfig {
   authzenListen?: string;
   /** Deadline of an AuthZEN HTTP request carried through the tunnel. */
   authzenTimeoutMs: number;
+  /** HOST:PORT of the Envoy ext_authz gRPC service (HTTP/2, mTLS with service certificates); off when unset. */
+  extAuthzListen?: string;
+  /** Longest an ext_authz check may take (Envoy's grpc-timeout applies when shorter). */
+  extAuthzTimeoutMs: number;
+  /** Lower-case header that names the site when the route has no `burrow_agent` context extension. */
+  extAuthzAgentHeader?: string;
+  /** HOST:PORT of forward auth for nginx auth_request / Traefik ForwardAuth (HTTPS, mTLS); off when unset. */
+  forwardAuthListen?: string;
+  /** Longest a forward-auth check may take. */
+  forwardAuthTimeoutMs: number;
+  /** Lower-case header that names the site when the path is not /agents/<id>/check. */
+  forwardAuthAgentHeader?: string;
   /** Caller authorization as Cedar policy; unset: every service may call everything (logged loudly). */
   callerPolicy?: { policiesDir: string; entitiesFile?: string; schemaFile?: string; auditLog?: string };
   /** Per-caller and per-agent limits on calls in flight and calls per second (0 = off). */
   limits: CallLimits;
   /** Set with --redis-url: the broker is one replica of a cluster (agent directory, peer API). */
   cluster?: ClusterConfig;
+  /** Spans and where they go (--otlp-endpoint, --trace-sample-ratio): off without an endpoint. */
+  tracing: TracingConfig;
+  /** Budgets of the agents' telemetry and of the export queue. */
+  telemetry: TelemetryBudgets;
   logLevel: string;
   logFormat: LogFormat;
 }
@@ -134,9 +157,13 @@ export const BROKER_DEFAULTS = {
   unauthenticatedTimeoutMs: 10_000,
   maxSessionsPerAgent: 4,
   authzenTimeoutMs: 10_000,
+  extAuthzTimeoutMs: 2_000,
+  forwardAuthTimeoutMs: 2_000,
   limits: {
     caller: { maxConcurrent: 4096, ratePerSecond: 0 },
     agent: { maxConcurrent: 2048, ratePerSecond: 0 },
   } as CallLimits,
+  tracing: { sampleRatio: 1 } as TracingConfig,
+  telemetry: DEFAULT_TELEMETRY_BUDGETS,
   ...SHARED_CONFIG_DEFAULTS,
 };

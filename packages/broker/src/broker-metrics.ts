@@ -157,7 +157,7 @@ export class BrokerMetrics {
     name: 'burrow_broker_calls_cut_total',
     help:
       'Calls in flight ended because the client certificate they came with was revoked or expired, ' +
-      'by listener (api, authzen, peer) and reason (revoked, expired).',
+      'by listener (api, authzen, ext_authz, forward_auth, peer) and reason (revoked, expired).',
     labelNames: ['listener', 'reason'],
     registers: [this.registry],
   });
@@ -217,6 +217,21 @@ export class BrokerMetrics {
     name: 'burrow_broker_authzen_requests_total',
     help: 'Requests on the AuthZEN HTTP binding, by endpoint (evaluation, evaluations, configuration) and HTTP status.',
     labelNames: ['endpoint', 'status'],
+    registers: [this.registry],
+  });
+  readonly gatewayChecks = new Counter({
+    name: 'burrow_broker_gateway_checks_total',
+    help:
+      'Gateway checks (Envoy ext_authz, nginx/Traefik forward auth), by gateway (ext_authz, forward_auth) and ' +
+      'verdict (allow, deny, unauthenticated, error: no verdict, the check failed).',
+    labelNames: ['gateway', 'verdict'],
+    registers: [this.registry],
+  });
+  readonly gatewayCheckDuration = new Histogram({
+    name: 'burrow_broker_gateway_check_duration_seconds',
+    help: 'Time from a gateway check arriving to its answer, through the tunnel and back, by gateway.',
+    labelNames: ['gateway'],
+    buckets: [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5],
     registers: [this.registry],
   });
   // Cluster (--redis-url): the agent directory and broker-to-broker forwarding.

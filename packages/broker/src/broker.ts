@@ -39,6 +39,8 @@ import { SessionSet, createSecureH2Server, followCredentialStore, serverTlsOptio
 import type { BrokerConfig, ClusterConfig } from './broker-config';
 import { BrokerMetrics } from './broker-metrics';
 import { createAuthzenServer } from './authzen-http';
+import { ExtAuthzListener } from './ext-authz';
+import { createForwardAuthServer } from './forward-auth';
 import { CallLimiter } from './call-limiter';
 import { CallerApi } from './caller-api';
 import { CredentialWatch } from './credential-watch';
@@ -54,6 +56,7 @@ import {
 } from './agent-directory';
 import { PeerForwarder } from './peer-forwarder';
 import { PeerListener, type PeerListenerDeps } from './peer-listener';
+import { BrokerTelemetry } from './broker-telemetry';
 
 /** While a call waits for an agent connected nowhere yet, how often the directory is asked again. */
 const CLUSTER_RETRY_INTERVAL_MS = 250;
@@ -64,6 +67,8 @@ export interface BrokerPorts {
   apiPort: number;
   adminPort?: number;
   authzenPort?: number;
+  extAuthzPort?: number;
+  forwardAuthPort?: number;
 }
 
 /** The broker package version (reported by /status and `burrow-broker --version`). */
@@ -80,7 +85,14 @@ export interface BrokerStatus {
   ready: boolean;
   draining: boolean;
   trustDomain: string;
-  listeners: { agent: string; api: string; admin?: string; authzen?: string };
+  listeners: {
+    agent: string;
+    api: string;
+    admin?: string;
+    authzen?: string;
+    extAuthz?: string;
+    forwardAuth?: string;
+  };
   agents: number;
   sessions: number;
   callsInFlight: number;
@@ -164,6 +176,8 @@ export class Broker {
   private brokerId = '';
   private admin: http.Server | undefined;
   private authzen: https.Server | undefined;
+  private extAuthz: ExtAuthzListener | undefined;
+  private forwardAuth: https.Server | undefined;
   private readonly limiter: CallLimiter;
   private readonly watch: CredentialWatch;
   private authorizer: CallerAuthorizer = ALLOW_ALL_CALLERS;
@@ -184,6 +198,8 @@ export class Broker {
   /** What the listeners ask while admitting calls and sessions. */
   private readonly drainingNow = (): boolean => this.draining;
   private readonly isRevoked: BrokerPki['isRevoked'];
+  /** Tracing (off without --otlp-endpoint) and the export of agents' telemetry; set by start(). */
+  private telemetry!: BrokerTelemetry;
 
   constructor(
     private readonly config: BrokerConfig,
@@ -222,6 +238,16 @@ export class Broker {
   /** Loads credentials and binds all listeners. Rejects with a message naming what failed. */
   async start(): Promise<BrokerPorts> {
     const { tls, certPem } = await this.loadIdentity();
+    this.telemetry = new BrokerTelemetry(
+      this.config.tracing,
+      this.config.telemetry,
+      this.metrics.registry,
+      this.logger,
+      {
+        brokerId: this.brokerId,
+        version: BROKER_VERSION,
+      },
+    );
     const cluster = this.config.cluster;
     if (cluster) await this.refuseDuplicateBrokerId(cluster);
     await this.loadCallerPolicy();
@@ -232,6 +258,7 @@ export class Broker {
     const peerPort =
       cluster && this.directory ? await this.startPeerListener(cluster, this.directory, tls, agentPort) : undefined;
     const authzenPort = await this.startAuthzen(api, tls);
+    const { extAuthzPort, forwardAuthPort } = await this.startGateways(api, tls);
     const exportFileCertExpiry = this.fileCertExpiryExporter(certPem);
     exportFileCertExpiry();
     const adminPort = await this.startAdmin();
@@ -239,9 +266,9 @@ export class Broker {
     this.startPki(tls);
     this.started = true;
     this.startedAtMs = Date.now();
-    this.ports = { agentPort, apiPort, adminPort, authzenPort };
+    this.ports = { agentPort, apiPort, adminPort, authzenPort, extAuthzPort, forwardAuthPort };
     this.logStarted(this.ports, peerPort);
-    return { agentPort, apiPort, adminPort, authzenPort };
+    return { ...this.ports };
   }
 
   /**
@@ -325,6 +352,7 @@ export class Broker {
       unauthenticated: this.unauthenticatedLimits(),
       replicaSet: this.config.cluster ? () => replicaEndpoints(this.directory?.replicaSet ?? []) : undefined,
       callerApiPort: () => this.apiPort,
+      telemetry: this.telemetry,
     });
     this.agentCallSessions.track(this.agentListener.grpcServer);
   }
@@ -381,6 +409,8 @@ export class Broker {
       limiter: this.limiter,
       watch: this.watch,
       maxMessageBytes: this.config.maxMessageBytes,
+      tracing: this.telemetry.tracing,
+      brokerId: this.brokerId,
     };
   }
 
@@ -497,6 +527,44 @@ export class Broker {
   }
 
   /**
+   * The gateway listeners, those configured: Envoy ext_authz (HTTP/2) and forward auth for nginx /
+   * Traefik (HTTPS). Both carry their checks through the caller API; resolves to their ports.
+   */
+  private async startGateways(
+    api: CallerApi,
+    tls: CredentialStore,
+  ): Promise<{ extAuthzPort?: number; forwardAuthPort?: number }> {
+    const { config } = this;
+    const common = { api, tls, metrics: this.metrics, logger: this.logger, watch: this.watch };
+    let extAuthzPort: number | undefined;
+    let forwardAuthPort: number | undefined;
+    if (config.extAuthzListen) {
+      const listener = new ExtAuthzListener({
+        ...common,
+        timeoutMs: config.extAuthzTimeoutMs,
+        agentHeader: config.extAuthzAgentHeader,
+        maxMessageBytes: config.maxMessageBytes,
+      });
+      this.extAuthz = listener;
+      listener.server.on('tlsClientError', this.tlsErrorObserver('ext_authz'));
+      this.guardListener('ext_authz', [listener.server]);
+      extAuthzPort = await listenOn(listener.server, config.extAuthzListen);
+    }
+    if (config.forwardAuthListen) {
+      const server = createForwardAuthServer({
+        ...common,
+        timeoutMs: config.forwardAuthTimeoutMs,
+        agentHeader: config.forwardAuthAgentHeader,
+      });
+      this.forwardAuth = server;
+      server.on('tlsClientError', this.tlsErrorObserver('forward_auth'));
+      this.guardListener('forward_auth', [server]);
+      forwardAuthPort = await listenOn(server, config.forwardAuthListen);
+    }
+    return { extAuthzPort, forwardAuthPort };
+  }
+
+  /**
    * A serving certificate from files is never renewed by the broker: what exports its expiry
    * (self-issued ones are exported by the PKI side, which renews them; then this does nothing).
    */
@@ -573,6 +641,8 @@ export class Broker {
       apiPort: ports.apiPort,
       adminPort: ports.adminPort,
       authzenPort: ports.authzenPort,
+      extAuthzPort: ports.extAuthzPort,
+      forwardAuthPort: ports.forwardAuthPort,
       trustDomain: this.trustDomain,
       platformUpstreams: this.config.upstreams.length,
     });
@@ -682,6 +752,12 @@ export class Broker {
         api: listen(this.config.apiListen, this.ports?.apiPort),
         ...(this.config.adminListen ? { admin: listen(this.config.adminListen, this.ports?.adminPort) } : {}),
         ...(this.config.authzenListen ? { authzen: listen(this.config.authzenListen, this.ports?.authzenPort) } : {}),
+        ...(this.config.extAuthzListen
+          ? { extAuthz: listen(this.config.extAuthzListen, this.ports?.extAuthzPort) }
+          : {}),
+        ...(this.config.forwardAuthListen
+          ? { forwardAuth: listen(this.config.forwardAuthListen, this.ports?.forwardAuthPort) }
+          : {}),
       },
       agents: counts.agents,
       sessions: counts.sessions,
@@ -734,9 +810,11 @@ export class Broker {
 
   private async doStop(): Promise<void> {
     await this.stopTakingWork();
-    // No new AuthZEN connections; requests in flight finish like gRPC calls do.
-    const authzen = this.authzen;
-    const authzenClosed = authzen ? new Promise<void>((resolve) => authzen.close(() => resolve())) : Promise.resolve();
+    // No new AuthZEN or forward-auth connections; requests in flight finish like gRPC calls do.
+    const httpsListeners = [this.authzen, this.forwardAuth].filter((s): s is https.Server => s !== undefined);
+    const authzenClosed = Promise.all(
+      httpsListeners.map((server) => new Promise<void>((resolve) => server.close(() => resolve()))),
+    ).then(() => undefined);
     const inFlight = this.registry.counts().activeCalls;
     this.logger.info('broker draining', { callsInFlight: inFlight, drainTimeoutMs: this.config.drainTimeoutMs });
     const timedOut = await this.timedOut(this.drainListeners(), this.config.drainTimeoutMs);
@@ -766,13 +844,18 @@ export class Broker {
     // close: a client that never closes its end must not hold it.
     // A listener's close completes once its last connection has closed: that includes one accepted
     // before the drain whose handshake ends after it (its session gets GOAWAY as it starts).
-    const callerListeners = [this.apiServer, ...(this.peerServer ? [this.peerServer] : [])];
+    const callerListeners = [
+      this.apiServer,
+      ...(this.peerServer ? [this.peerServer] : []),
+      ...(this.extAuthz ? [this.extAuthz.server] : []),
+    ];
     const listenersClosed = callerListeners.map((l) => new Promise<void>((resolve) => l.close(() => resolve())));
     this.agentServer.close();
     const closed = Promise.all([
       ...listenersClosed,
       this.apiSessions.closeGracefully(),
       this.peerSessions.closeGracefully(),
+      ...(this.extAuthz ? [this.extAuthz.sessions.closeGracefully()] : []),
     ]);
     // Calls from agents (site -> platform) finish before the sessions go away.
     this.agentListener.closeCallConnections();
@@ -784,7 +867,8 @@ export class Broker {
     );
     // The last statuses may still sit in send buffers: let the connections close by themselves
     // for a moment before cutting them.
-    await this.graceThenCut(closed, [this.apiSessions, this.peerSessions], this.peerServer ? 'api, peer' : 'api');
+    const sessions = [this.apiSessions, this.peerSessions, ...(this.extAuthz ? [this.extAuthz.sessions] : [])];
+    await this.graceThenCut(closed, sessions, this.peerServer ? 'api, peer, ext_authz' : 'api, ext_authz');
     this.logger.debug('drain: no call in flight; closing tunnel sessions');
     this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down'));
     this.logger.debug('drain: agent listener closed');
@@ -811,6 +895,7 @@ export class Broker {
     this.agentListener.closeAll(new BurrowError(Status.UNAVAILABLE, 'broker shut down before the call finished'));
     this.apiSessions.destroyAll();
     this.peerSessions.destroyAll();
+    this.extAuthz?.sessions.destroyAll();
     this.agentCallSessions.destroyAll();
   }
 
@@ -822,8 +907,11 @@ export class Broker {
     this.stopped = true;
     this.platformUpstreams.close();
     this.authzen?.closeAllConnections();
+    this.forwardAuth?.closeAllConnections();
     await authzenClosed;
     await this.authorizer.close();
+    // Unset when start() failed before it got this far.
+    await this.telemetry?.stop();
     if (this.admin) {
       const admin = this.admin;
       admin.closeAllConnections();

@@ -25,10 +25,22 @@ import {
   recordCallFinished,
   type CallCutter,
   type UnaryCallResult,
+  BURROW_ATTRIBUTES,
+  SpanKind,
+  TRACEPARENT_KEY,
+  endRpcSpan,
+  endSpan,
+  remoteParent,
+  startChildSpan,
+  startRpcSpan,
+  traceLogFields,
+  traceparentOf,
+  type Span,
+  type Tracing,
 } from '@burrow/tunnel';
 import type { BrokerMetrics } from './broker-metrics';
 import { countIfLimited, type CallLimiter } from './call-limiter';
-import type { CallerAuthorizer, CallerDecision } from './caller-authorizer';
+import { ALLOW_ALL_CALLERS, type CallerAuthorizer, type CallerDecision } from './caller-authorizer';
 import type { CredentialWatch, WatchedListener } from './credential-watch';
 import type { AgentDirectory } from './agent-directory';
 import { CALLER_RULE, checkPeer, presentedBy, type PresentedPeer } from './peer-admission';
@@ -48,7 +60,19 @@ export interface ClusterRouting {
  * Where a call goes: one of the agent's tunnel sessions here, or a stream to the broker that holds
  * the agent's tunnel (already confirmed ready).
  */
-type Route = { local: true; session: AgentSession } | { local: false; peer: string; stream: http2.ClientHttp2Stream };
+type Route =
+  | { local: true; session: AgentSession }
+  | { local: false; peer: string; stream: http2.ClientHttp2Stream; span: Span | undefined };
+
+/** How {@link CallerApi.callUnary} is called: by which listener, cancelled by what, in which trace. */
+export interface UnaryCallOptions {
+  /** The client left: the call is cancelled. */
+  signal?: AbortSignal;
+  /** The listener the call came in on (credential-watch metrics and logs); default `authzen`. */
+  listener?: Exclude<WatchedListener, 'api' | 'peer'>;
+  /** The client's `traceparent` header, when it sent one. */
+  traceparent?: string;
+}
 
 /** A call as it arrived on the caller API: the stream, its method and headers. */
 interface ApiCall {
@@ -79,6 +103,10 @@ export interface CallerApiDeps {
   maxMessageBytes: number;
   /** The broker's own health service, answered on the caller API. */
   health: HealthService;
+  /** Spans of calls; `tracing.enabled` false: none, and the caller's traceparent passes as it came. */
+  tracing: Tracing;
+  /** This broker's id (the spans' `burrow.broker_id`). */
+  brokerId: string;
 }
 
 /**
@@ -129,6 +157,8 @@ interface AdmittedCall {
   method: string;
   /** The caller-policy decision that let the call in (sent to the owning broker in hop metadata). */
   decision: CallerDecision;
+  /** The call's SERVER span here, when it is traced; `finish` ends it. */
+  span: Span | undefined;
   /** Takes the agent's limit slot (only where the call goes down a tunnel); released by `finish`. */
   holdAgentSlot(): void;
   finish(code: number, details: string, requestBytes?: number, responseBytes?: number): void;
@@ -178,9 +208,10 @@ export class CallerApi {
     agentId: string | undefined,
     method: string,
     transport: 'grpc' | 'http',
+    span?: Span,
   ): AdmittedCall {
     const { limiter, metrics } = this.deps;
-    const { callId, slots, finish } = this.accounting(presented, method, transport);
+    const { callId, slots, finish } = this.accounting(presented, method, transport, span);
     const refuse = (id: string | undefined, err: BurrowError): never => {
       finish(id, err.code, err.message);
       throw err;
@@ -219,6 +250,7 @@ export class CallerApi {
       callId,
       method,
       decision: authorized.decision,
+      span,
       holdAgentSlot,
       finish: (code, details, req, res) => finish(agent, code, details, req, res),
     };
@@ -228,7 +260,7 @@ export class CallerApi {
    * A new call's id, the limit slots it will hold, and its `finish`: releases those slots and
    * records the call (metrics, the log line), the first time only.
    */
-  private accounting(presented: PresentedPeer, method: string, transport: 'grpc' | 'http') {
+  private accounting(presented: PresentedPeer, method: string, transport: 'grpc' | 'http', span?: Span) {
     const { metrics } = this.deps;
     const startedMs = Date.now();
     const callId = this.callIds.next();
@@ -240,6 +272,11 @@ export class CallerApi {
       finished = true;
       slots.caller?.();
       slots.agent?.();
+      if (span) {
+        if (id) span.setAttribute(BURROW_ATTRIBUTES.agentId, id);
+        span.setAttribute(BURROW_ATTRIBUTES.callId, callId);
+        endRpcSpan(span, code, details);
+      }
       // A call refused at admission carried no message: it adds no byte series.
       recordCallFinished(this.deps.logger, metrics, {
         direction: 'to_agent',
@@ -249,7 +286,7 @@ export class CallerApi {
         requestBytes: requestBytes || undefined,
         responseBytes: responseBytes || undefined,
         callLabels: { method: metrics.methodLabel(method) },
-        log: { agentId: id, callId, method, caller: presented.identity?.spiffeId, transport },
+        log: { agentId: id, callId, method, caller: presented.identity?.spiffeId, transport, ...traceLogFields(span) },
       });
     };
     return { callId, slots, finish };
@@ -277,14 +314,23 @@ export class CallerApi {
 
   private async forward(call: ApiCall): Promise<void> {
     const { stream } = call;
+    const { headers } = call;
+    const span = this.deps.tracing.enabled
+      ? this.serverSpan(call.method, headers[TRACEPARENT_KEY], headers.tracestate)
+      : undefined;
+    // Admission is a span of its own where it decides something worth timing: a caller policy.
+    const admission =
+      span && this.deps.authorizer !== ALLOW_ALL_CALLERS && startChildSpan(this.deps.tracing, 'burrow.admission', span);
     let admitted: AdmittedCall;
     try {
-      admitted = this.admit(presentedOf(stream), agentIdOfCall(call.headers), call.method, 'grpc');
+      admitted = this.admit(presentedOf(stream), agentIdOfCall(call.headers), call.method, 'grpc', span);
     } catch (err) {
       const e = err as BurrowError;
+      if (admission) endRpcSpan(admission, e.code, e.message);
       endWithStatus(stream, e.code, e.message);
       return;
     }
+    if (admission) endSpan(admission);
     const { metrics } = this.deps;
     const { agentId, caller } = admitted;
     metrics.toAgentCallStarted();
@@ -292,8 +338,11 @@ export class CallerApi {
     const route = await this.routeOf(call, admitted, live);
     if (!route) return;
     let outcome: CallOutcome;
+    // The hop's CLIENT span: to the agent here, or the peer forward's (begun when it was opened).
+    let hopSpan = route.local ? undefined : route.span;
     try {
-      const outbound = route.local ? this.openOnAgent(route.session, call, admitted) : route.stream;
+      if (route.local && admitted.span) hopSpan = this.agentSpan(admitted.span, admitted);
+      const outbound = route.local ? this.openOnAgent(route.session, call, admitted, hopSpan) : route.stream;
       const peerName = route.local ? `agent "${agentId}"` : `broker ${route.peer} (for agent "${agentId}")`;
       if (route.local) route.session.callStarted(live.cutter);
       const relayed = relayCall(stream, outbound, {
@@ -306,9 +355,12 @@ export class CallerApi {
       outcome = await relayed;
       if (route.local) route.session.callEnded(live.cutter);
     } catch (err) {
-      this.endRefused(call, admitted, live, toBurrowError(err));
+      const e = toBurrowError(err);
+      if (hopSpan) endRpcSpan(hopSpan, e.code, e.message);
+      this.endRefused(call, admitted, live, e);
       return;
     }
+    if (hopSpan) endRpcSpan(hopSpan, outcome.code, outcome.details, outcome.settledAt);
     live.untrack();
     metrics.toAgentCallEnded();
     admitted.finish(outcome.code, outcome.details, outcome.requestBytes, outcome.responseBytes);
@@ -345,9 +397,35 @@ export class CallerApi {
     }
   }
 
-  /** The call's stream on the agent's session: the caller's metadata after the crossing rules, plus who calls. */
-  private openOnAgent(session: AgentSession, call: ApiCall, admitted: AdmittedCall): http2.ClientHttp2Stream {
-    const owned = { [CALLER_ID_KEY]: admitted.caller.spiffeId, [CALL_ID_KEY]: admitted.callId };
+  /** The SERVER span of a call on the caller API, continuing the caller's traceparent. */
+  private serverSpan(method: string, traceparent: unknown, tracestate?: unknown): Span {
+    const parent = remoteParent(traceparent, tracestate);
+    // burrow.broker_id is on the resource of every broker span: not repeated per span.
+    return startRpcSpan(this.deps.tracing, SpanKind.SERVER, method, parent);
+  }
+
+  /** The CLIENT span of a call's hop down an agent's tunnel (or to the broker holding it). */
+  private agentSpan(parent: Span, admitted: AdmittedCall, peer?: string): Span {
+    const span = startRpcSpan(this.deps.tracing, SpanKind.CLIENT, admitted.method, parent, {
+      [BURROW_ATTRIBUTES.agentId]: admitted.agentId,
+      [BURROW_ATTRIBUTES.callId]: admitted.callId,
+    });
+    if (peer) span.setAttribute('server.address', peer);
+    return span;
+  }
+
+  /**
+   * The call's stream on the agent's session: the caller's metadata after the crossing rules, plus
+   * who calls and, when traced, `traceparent` naming the hop's span.
+   */
+  private openOnAgent(
+    session: AgentSession,
+    call: ApiCall,
+    admitted: AdmittedCall,
+    span: Span | undefined,
+  ): http2.ClientHttp2Stream {
+    const owned: Record<string, string> = { [CALLER_ID_KEY]: admitted.caller.spiffeId, [CALL_ID_KEY]: admitted.callId };
+    if (span) owned[TRACEPARENT_KEY] = traceparentOf(span);
     const headers = nextHopHeaders(
       call.method,
       `${admitted.agentId}.agent`,
@@ -400,7 +478,7 @@ export class CallerApi {
     const { deadlineMs } = call;
     const local = async (waitMs: number): Promise<Route> => {
       admitted.holdAgentSlot();
-      const session = await registry.acquire(agentId, waitMs, deadlineMs, signal);
+      const session = await this.spanWait(admitted, () => registry.acquire(agentId, waitMs, deadlineMs, signal));
       return { local: true, session };
     };
     if (!cluster || registry.canServe(agentId)) return local(agentWaitMs);
@@ -420,14 +498,17 @@ export class CallerApi {
       }
       for (const peer of cluster.forwarder.rank(owners)) {
         if (signal.aborted) break;
+        const span = admitted.span && this.agentSpan(admitted.span, admitted, peer);
         const forwarded = {
           method: call.method,
           rawHeaders: call.rawHeaders,
           contentType: call.headers['content-type'],
           deadlineMs,
+          traceparent: span && traceparentOf(span),
         };
         const attempt = await cluster.forwarder.open(peer, agentId, forwarded, signal, hop);
-        if (attempt.ready) return { local: false, peer, stream: attempt.stream };
+        if (attempt.ready) return { local: false, peer, stream: attempt.stream, span };
+        if (span) endRpcSpan(span, attempt.refusal?.code ?? Status.UNAVAILABLE, attempt.reason);
         // The owner decided against the call (its caller policy, malformed hop metadata): final.
         if (attempt.refusal && attempt.refusal.code !== Status.RESOURCE_EXHAUSTED) throw attempt.refusal;
         if (attempt.refusal) exhausted = attempt.refusal;
@@ -439,13 +520,47 @@ export class CallerApi {
       if (registry.canServe(agentId)) return local(Math.max(0, waitUntilMs - Date.now()));
       const leftMs = waitUntilMs - Date.now();
       if (leftMs <= 0) throw noBrokerServes(agentId, Date.now() - startedMs, [...new Set(attempts)].slice(-3));
-      await registry.whenConnected(agentId, Math.min(leftMs, cluster.retryIntervalMs), signal);
+      await this.spanWait(admitted, () =>
+        registry.whenConnected(agentId, Math.min(leftMs, cluster.retryIntervalMs), signal),
+      );
+    }
+  }
+
+  /** `wait`, inside an INTERNAL span "burrow.wait_for_agent" when the call is traced. */
+  private async spanWait<T>(admitted: AdmittedCall, wait: () => Promise<T>): Promise<T> {
+    if (!admitted.span) return wait();
+    const span = startChildSpan(this.deps.tracing, 'burrow.wait_for_agent', admitted.span, SpanKind.INTERNAL, {
+      [BURROW_ATTRIBUTES.agentId]: admitted.agentId,
+    });
+    try {
+      const result = await wait();
+      endSpan(span);
+      return result;
+    } catch (err) {
+      const e = toBurrowError(err);
+      endRpcSpan(span, e.code, e.message);
+      throw err;
     }
   }
 
   /**
-   * One unary call made on behalf of `peer` (the AuthZEN HTTP binding): admitted like a gRPC call,
-   * then carried down the agent's tunnel. Resolves with the status; never rejects.
+   * Where a unary call goes: a session of the agent here when there is one (the common case, no
+   * wait and no promise chain to build), else {@link route}.
+   */
+  private unaryRoute(admitted: AdmittedCall, method: string, deadlineMs: number, signal: AbortSignal): Promise<Route> {
+    const session = this.deps.registry.pick(admitted.agentId);
+    if (session) {
+      admitted.holdAgentSlot();
+      return Promise.resolve({ local: true, session });
+    }
+    return this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, signal);
+  }
+
+  /**
+   * One unary call made on behalf of `peer` (the AuthZEN HTTP binding, the gateway listeners):
+   * admitted like a gRPC call, then carried down the agent's tunnel. `listener` names the entry in
+   * the credential watch's metrics and logs; `traceparent` the client's W3C trace context, continued
+   * like a gRPC caller's. Resolves with the status; never rejects.
    */
   async callUnary(
     peer: PeerIdentity | undefined,
@@ -453,18 +568,21 @@ export class CallerApi {
     method: string,
     message: Buffer,
     deadlineMs: number,
-    signal?: AbortSignal,
+    opts: UnaryCallOptions = {},
   ): Promise<UnaryCallResult> {
+    const { signal, listener = 'authzen', traceparent } = opts;
+    const span = this.deps.tracing.enabled ? this.serverSpan(method, traceparent) : undefined;
     let admitted: AdmittedCall;
     try {
-      admitted = this.admit({ identity: peer }, agentId, method, 'http');
+      const transport = listener === 'ext_authz' ? 'grpc' : 'http';
+      admitted = this.admit({ identity: peer }, agentId, method, transport, span);
     } catch (err) {
       const e = err as BurrowError;
       return { code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 };
     }
     const { metrics } = this.deps;
     metrics.toAgentCallStarted();
-    const live = this.liveCall(admitted.caller, 'authzen');
+    const live = this.liveCall(admitted.caller, listener);
     const waiting = new AbortController();
     live.waiting = waiting;
     const onGone = (): void => waiting.abort();
@@ -478,29 +596,48 @@ export class CallerApi {
     };
     let route: Route;
     try {
-      route = await this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, waiting.signal);
+      route = await this.unaryRoute(admitted, method, deadlineMs, waiting.signal);
     } catch (err) {
       const e = live.cutBy ?? (err as BurrowError);
       return ended({ code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 });
     }
     live.waiting = undefined;
-    const peerName = `agent "${agentId}"`;
-    const opts = { peerName, deadlineMs, maxMessageBytes: this.deps.maxMessageBytes, signal: waiting.signal };
     live.cutter.cut = (error) => {
       live.cutBy ??= error;
       waiting.abort();
     };
     if (live.cutBy) waiting.abort();
+    let result = await this.carryUnary(route, admitted, live, message, { deadlineMs, signal: waiting.signal });
+    if (live.cutBy) result = { ...result, code: live.cutBy.code, details: live.cutBy.message };
+    return ended(result);
+  }
+
+  /** {@link callUnary}'s call down the route, inside its hop's CLIENT span when traced. */
+  private async carryUnary(
+    route: Route,
+    admitted: AdmittedCall,
+    live: LiveCallState,
+    message: Buffer,
+    call: { deadlineMs: number; signal: AbortSignal },
+  ): Promise<UnaryCallResult> {
+    const { agentId, method } = admitted;
+    const opts = { ...call, peerName: `agent "${agentId}"`, maxMessageBytes: this.deps.maxMessageBytes };
     let result: UnaryCallResult;
+    let span = route.local ? undefined : route.span;
     if (route.local) {
       route.session.callStarted(live.cutter);
-      const headers = { [CALLER_ID_KEY]: admitted.caller.spiffeId, [CALL_ID_KEY]: admitted.callId };
+      if (admitted.span) span = this.agentSpan(admitted.span, admitted);
+      const headers: Record<string, string> = {
+        [CALLER_ID_KEY]: admitted.caller.spiffeId,
+        [CALL_ID_KEY]: admitted.callId,
+      };
+      if (span) headers[TRACEPARENT_KEY] = traceparentOf(span);
       result = await unaryCall(route.session.h2, method, message, { ...opts, authority: `${agentId}.agent`, headers });
       route.session.callEnded(live.cutter);
     } else {
       result = await unaryOnStream(route.stream, message, opts);
     }
-    if (live.cutBy) result = { ...result, code: live.cutBy.code, details: live.cutBy.message };
-    return ended(result);
+    if (span) endRpcSpan(span, result.code, result.details);
+    return result;
   }
 }

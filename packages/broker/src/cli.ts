@@ -19,6 +19,9 @@ import {
   logSettingsFromArgs,
   upstreamsFromArgs,
   maxMessageBytesFromArgs,
+  TRACING_OPTIONS,
+  tracingFromArgs,
+  telemetryBytesFromArgs,
   keepaliveFromArgs,
   runDaemon,
   withEnvAndConfigFile,
@@ -167,6 +170,36 @@ const SERVE_OPTIONS = {
     describe: 'deadline of an AuthZEN HTTP request carried to its agent',
     default: '10s',
   },
+  'ext-authz-listen': {
+    type: 'string',
+    describe:
+      'HOST:PORT of the Envoy ext_authz gRPC service (envoy.service.auth.v3.Authorization/Check; HTTP/2, mTLS ' +
+      'with service certificates); off when empty',
+  },
+  'ext-authz-timeout': {
+    type: 'string',
+    describe: "longest an ext_authz check may take (Envoy's own timeout applies when shorter)",
+    default: '2s',
+  },
+  'ext-authz-agent-header': {
+    type: 'string',
+    describe: 'request header that names the site when the route sets no context extension burrow_agent',
+  },
+  'forward-auth-listen': {
+    type: 'string',
+    describe:
+      'HOST:PORT of forward auth for nginx auth_request and Traefik ForwardAuth (HTTPS, mTLS with service ' +
+      'certificates; GET /agents/<id>/check); off when empty',
+  },
+  'forward-auth-timeout': {
+    type: 'string',
+    describe: 'longest a forward-auth check may take',
+    default: '2s',
+  },
+  'forward-auth-agent-header': {
+    type: 'string',
+    describe: 'request header that names the site when the path is not /agents/<id>/check',
+  },
   'caller-policies': {
     type: 'string',
     describe:
@@ -227,6 +260,17 @@ const SERVE_OPTIONS = {
     type: 'string',
     describe: 'how long a directory entry outlives its broker (refreshed every third of it)',
     default: '30s',
+  },
+  ...TRACING_OPTIONS,
+  'telemetry-max-bytes-per-agent': {
+    type: 'string',
+    describe: "bytes per second of an agent session's Telemetry frames taken for export (more are dropped)",
+    default: '256KiB',
+  },
+  'telemetry-queue-bytes': {
+    type: 'string',
+    describe: 'encoded spans held for the OTLP endpoint at most (more are dropped)',
+    default: '16MiB',
   },
   ...LOG_OPTIONS,
   ...CONFIG_FILE_OPTION,
@@ -311,9 +355,47 @@ export function brokerConfigFromArgs(args: Args): BrokerConfig {
     cluster: clusterFromArgs(args),
     authzenListen: args['authzen-listen'] ? parseListenAddress('authzen-listen', args['authzen-listen']) : undefined,
     authzenTimeoutMs: parseDurationMs('authzen-timeout', args['authzen-timeout']),
+    ...gatewaysFromArgs(args),
     limits: callLimitsFromArgs(args, agentMaxConcurrent),
+    tracing: tracingFromArgs(args),
+    telemetry: {
+      maxBytesPerAgentPerSecond: telemetryBytesFromArgs(args, 'telemetry-max-bytes-per-agent', 1024),
+      queueBytes: telemetryBytesFromArgs(args, 'telemetry-queue-bytes', 64 * 1024),
+    },
     ...logging,
   };
+}
+
+type GatewayConfig = Pick<
+  BrokerConfig,
+  | 'extAuthzListen'
+  | 'extAuthzTimeoutMs'
+  | 'extAuthzAgentHeader'
+  | 'forwardAuthListen'
+  | 'forwardAuthTimeoutMs'
+  | 'forwardAuthAgentHeader'
+>;
+
+/** The gateway listeners (Envoy ext_authz, forward auth), their deadlines and site headers. */
+function gatewaysFromArgs(args: Args): GatewayConfig {
+  const listen = (flag: string): string | undefined => (args[flag] ? parseListenAddress(flag, args[flag]) : undefined);
+  return {
+    extAuthzListen: listen('ext-authz-listen'),
+    extAuthzTimeoutMs: parseDurationMs('ext-authz-timeout', args['ext-authz-timeout']),
+    extAuthzAgentHeader: headerNameFromArgs('ext-authz-agent-header', args['ext-authz-agent-header']),
+    forwardAuthListen: listen('forward-auth-listen'),
+    forwardAuthTimeoutMs: parseDurationMs('forward-auth-timeout', args['forward-auth-timeout']),
+    forwardAuthAgentHeader: headerNameFromArgs('forward-auth-agent-header', args['forward-auth-agent-header']),
+  };
+}
+
+/** An HTTP header name (RFC 9110 token), lower-cased; unset when empty. */
+function headerNameFromArgs(flag: string, value: unknown): string | undefined {
+  if (value === undefined || value === '') return undefined;
+  const name = String(value);
+  if (!/^[!#$%&'*+.^_`|~0-9A-Za-z-]+$/.test(name))
+    throw new ConfigError(flag, `${JSON.stringify(name.slice(0, 100))} is not an HTTP header name`);
+  return name.toLowerCase();
 }
 
 type TlsFiles = Pick<BrokerConfig, 'pkiDir' | 'tlsCertFile' | 'tlsKeyFile' | 'leafTtlMs'>;

@@ -7,7 +7,7 @@ import type { BrokerMetrics } from './broker-metrics';
 import { presentedBy } from './peer-admission';
 
 /** The listeners whose client certificates are watched (metric label `listener`). */
-export type WatchedListener = 'api' | 'authzen' | 'peer';
+export type WatchedListener = 'api' | 'authzen' | 'peer' | 'ext_authz' | 'forward_auth';
 
 /** A call in flight on behalf of a client certificate (a service's, or a peer broker's). */
 export interface LiveCall {
@@ -60,7 +60,7 @@ export class CredentialWatch {
   private readonly connections = new Set<LiveConnection>();
   /** Connections cut and not yet closed, with the timer that destroys them. */
   private readonly closing = new Map<LiveConnection, NodeJS.Timeout>();
-  /** AuthZEN sockets being closed: their last responses say `connection: close`. */
+  /** HTTPS (AuthZEN, forward-auth) sockets being closed: their last responses say `connection: close`. */
   private readonly closingSockets = new WeakSet<TLSSocket>();
 
   constructor(private readonly deps: { logger: Logger; metrics: BrokerMetrics }) {}
@@ -92,7 +92,7 @@ export class CredentialWatch {
     });
   }
 
-  /** Tracks every connection of the AuthZEN HTTPS `server`. */
+  /** Tracks every connection of an HTTPS `server` (the AuthZEN and forward-auth listeners). */
   watchTlsServer(server: HttpsServer, listener: WatchedListener): void {
     server.on('secureConnection', (socket: TLSSocket) => {
       const conn: LiveConnection = {
@@ -110,7 +110,7 @@ export class CredentialWatch {
     });
   }
 
-  /** Whether an AuthZEN response on `socket` should close the connection (its certificate was cut). */
+  /** Whether an HTTPS response (AuthZEN, forward auth) on `socket` closes the connection (its certificate was cut). */
   isClosing(socket: TLSSocket): boolean {
     return this.closingSockets.has(socket);
   }

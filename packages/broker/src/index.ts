@@ -20,9 +20,14 @@ export {
 } from './caller-authorizer';
 export { PolicyCallerAuthorizer, type PolicyCallerAuthorizerOptions } from './policy-caller-authorizer';
 
+// The gateway listeners (docs/gateways.md): the Envoy ext_authz method they serve.
+export { EXT_AUTHZ_CHECK_METHOD } from './ext-authz';
+
 /** @internal The broker's parts, driven alone by tests and benchmarks. */
 export { BrokerMetrics } from './broker-metrics';
 /** @internal */
 export { CallLimiter, LimitExceededError, type CallLimits, type KeyLimits, type LimitName } from './call-limiter';
 /** @internal */
 export { PeerForwarder, type PeerForwarderOptions, type PeerAttempt } from './peer-forwarder';
+/** @internal Tests drive the telemetry budgets alone. */
+export { BrokerTelemetry, TelemetryAllowance, type TelemetryBudgets } from './broker-telemetry';

@@ -7,6 +7,7 @@ import {
   brokerIdentityCheck,
   keepSessionAlive,
   nextHopHeaders,
+  TRACEPARENT_KEY,
   openStream,
   splitHostPort,
   statusOfHeaders,
@@ -67,6 +68,8 @@ export interface ForwardedCall {
   rawHeaders: readonly string[];
   contentType?: string | string[];
   deadlineMs: number;
+  /** The forwarding broker's CLIENT span of this hop, when traced: replaces the caller's traceparent. */
+  traceparent?: string;
 }
 
 /**
@@ -96,6 +99,7 @@ export class PeerForwarder {
     const readyTimeoutMs = this.opts.readyTimeoutMs ?? 2_000;
     const owned: Record<string, string> = { [AGENT_ID_KEY]: agentId, [FORWARDED_BY_KEY]: this.opts.brokerId };
     encodeHop(hop, owned);
+    if (call.traceparent) owned[TRACEPARENT_KEY] = call.traceparent;
     const headers = nextHopHeaders(call.method, peer, call.rawHeaders, call.deadlineMs, owned, call.contentType);
     headers.expect = '100-continue';
     let stream: http2.ClientHttp2Stream;

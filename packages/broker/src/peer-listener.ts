@@ -20,6 +20,15 @@ import {
   type CallCutter,
   type CallOutcome,
   type PeerIdentity,
+  BURROW_ATTRIBUTES,
+  SpanKind,
+  TRACEPARENT_KEY,
+  endRpcSpan,
+  remoteParent,
+  startRpcSpan,
+  traceLogFields,
+  traceparentOf,
+  type Span,
 } from '@burrow/tunnel';
 import { countIfLimited } from './call-limiter';
 import type { CallerApiDeps } from './caller-api';
@@ -56,6 +65,8 @@ export type PeerListenerDeps = Pick<
   | 'limiter'
   | 'authorizer'
   | 'maxMessageBytes'
+  | 'tracing'
+  | 'brokerId'
 >;
 
 /** A forwarded call that passed {@link PeerListener.admitForward}; it holds the agent's limit slot. */
@@ -173,14 +184,16 @@ export class PeerListener {
     });
     const deadlineMs = deadlineFromTimeout(call.headers['grpc-timeout'], Date.now()) ?? Number.POSITIVE_INFINITY;
     const callId = this.callIds.next();
+    const spans = this.deps.tracing.enabled ? this.spans(call, agentId, callId, forwardedBy) : undefined;
     let opened: { session: AgentSession; outbound: http2.ClientHttp2Stream };
     try {
-      opened = await this.openOnAgent(call, agentId, hop, callId, deadlineMs, abort.signal);
+      opened = await this.openOnAgent(call, agentId, hop, callId, deadlineMs, abort.signal, spans?.client);
     } catch (err) {
       stream.off('close', onClose);
       untrack();
       releaseAgent();
       const e = cutBy ?? toBurrowError(err);
+      if (spans) for (const span of [spans.client, spans.server]) endRpcSpan(span, e.code, e.message);
       this.refuse(call, e.code, e.message);
       return;
     }
@@ -201,7 +214,27 @@ export class PeerListener {
     untrack();
     releaseAgent();
     metrics.toAgentCallEnded();
-    this.accountFinished(outcome, startedMs, { agentId, callId, method: call.method, forwardedBy, hop });
+    // Both when the status went back: the forwarding broker's CLIENT span ends after it got it.
+    const { code, details, settledAt } = outcome;
+    if (spans) for (const span of [spans.client, spans.server]) endRpcSpan(span, code, details, settledAt);
+    const fields = { agentId, callId, method: call.method, forwardedBy, hop };
+    this.accountFinished(outcome, startedMs, fields, spans?.server);
+  }
+
+  /**
+   * A traced forwarded call's spans here: SERVER (its parent the forwarding broker's CLIENT span,
+   * from traceparent) and the CLIENT span of its hop down the agent's tunnel.
+   */
+  private spans(call: PeerCall, agentId: string, callId: string, forwardedBy: string): { server: Span; client: Span } {
+    const { tracing } = this.deps;
+    const attributes = {
+      [BURROW_ATTRIBUTES.agentId]: agentId,
+      [BURROW_ATTRIBUTES.callId]: callId,
+    };
+    const parent = remoteParent(call.headers[TRACEPARENT_KEY], call.headers.tracestate);
+    const server = startRpcSpan(tracing, SpanKind.SERVER, call.method, parent, attributes);
+    server.setAttribute('burrow.forwarded_by', forwardedBy);
+    return { server, client: startRpcSpan(tracing, SpanKind.CLIENT, call.method, server, attributes) };
   }
 
   /** A relayed call is over: counted as a call where it entered; here only the peer call and the log line. */
@@ -209,10 +242,11 @@ export class PeerListener {
     outcome: CallOutcome,
     startedMs: number,
     call: { agentId: string; callId: string; method: string; forwardedBy: string; hop: Hop | undefined },
+    span: Span | undefined,
   ): void {
     this.deps.metrics.peerCalls.inc({ code: statusName(outcome.code) });
     const { hop, ...fields } = call;
-    const log = { ...fields, caller: hop?.caller, entryPolicies: hop?.policies };
+    const log = { ...fields, caller: hop?.caller, entryPolicies: hop?.policies, ...traceLogFields(span) };
     recordCallFinished(this.deps.logger, undefined, { direction: 'to_agent', ...outcome, startedMs, log });
   }
 
@@ -224,10 +258,12 @@ export class PeerListener {
     callId: string,
     deadlineMs: number,
     signal: AbortSignal,
+    span: Span | undefined,
   ): Promise<{ session: AgentSession; outbound: http2.ClientHttp2Stream }> {
     const session = await this.deps.registry.acquire(agentId, this.deps.agentWaitMs, deadlineMs, signal);
     const owned: Record<string, string> = { [CALL_ID_KEY]: callId };
     if (hop) owned[CALLER_ID_KEY] = hop.caller;
+    if (span) owned[TRACEPARENT_KEY] = traceparentOf(span);
     const contentType = call.headers['content-type'];
     const headers = nextHopHeaders(call.method, `${agentId}.agent`, call.rawHeaders, deadlineMs, owned, contentType);
     return { session, outbound: openStream(session.h2, headers, `agent "${agentId}"`) };

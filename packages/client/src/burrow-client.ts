@@ -67,6 +67,43 @@ export interface EvaluationsResponse {
   evaluations: EvaluationResponse[];
 }
 
+/** A gateway's question (burrow.policy.v1.CheckRequest): the HTTP request it is about to forward. */
+export interface CheckRequest {
+  /** Upper case ("GET"). */
+  method: string;
+  /** Path and query as sent, not decoded. */
+  path: string;
+  host?: string;
+  scheme?: string;
+  /** Lower-case names; repeated headers joined with ",". Not `authorization`: that is `token`. */
+  headers?: Record<string, string>;
+  /** The bearer token, without "Bearer ". */
+  token?: string;
+  source_principal?: string;
+  request_id?: string;
+  context_extensions?: Record<string, string>;
+  source_address?: string;
+}
+
+export type CheckVerdict = 'ALLOW' | 'DENY' | 'UNAUTHENTICATED';
+
+/** The site's answer to a {@link CheckRequest} (burrow.policy.v1.CheckResponse). */
+export interface CheckResponse {
+  verdict: CheckVerdict;
+  /** Unique per decision; logged by the agent and the broker. */
+  decision_id: string;
+  /** The subject evaluated; absent when UNAUTHENTICATED. */
+  subject?: Subject;
+  reasons: string[];
+  /** The @advice of the deciding policies ("quarantine"). */
+  advice: string[];
+  policies: string[];
+  /** Headers to add upstream (allow only). */
+  headers: Record<string, string>;
+  /** Why the token was refused (UNAUTHENTICATED): `missing`, `expired`, `signature`, ... first. */
+  token_reason: string;
+}
+
 export interface AuthenticationResult {
   authenticated: boolean;
   subject: string;
@@ -223,6 +260,32 @@ export class BurrowClient {
       opts,
     );
     return { decision: res.decision === true, context: res.context as JsonObject | undefined };
+  }
+
+  /**
+   * One gateway decision (PolicyDecisionService/Check): the site verifies the token, maps the request
+   * with its gateway mapping and decides. DENY and UNAUTHENTICATED are answers, not errors.
+   */
+  async check(agentId: string, request: CheckRequest, opts: CallOptions = {}): Promise<CheckResponse> {
+    const res = await this.call(
+      agentId,
+      POLICY_METHODS.check,
+      API_CODECS.checkRequest,
+      API_CODECS.checkResponse,
+      request as unknown as JsonObject,
+      opts,
+    );
+    const list = (v: JsonValue | undefined): string[] => (Array.isArray(v) ? v.map(String) : []);
+    return {
+      verdict: String(res.verdict ?? 'VERDICT_UNSPECIFIED') as CheckVerdict,
+      decision_id: String(res.decision_id ?? ''),
+      subject: res.subject as Subject | undefined,
+      reasons: list(res.reasons),
+      advice: list(res.advice),
+      policies: list(res.policies),
+      headers: (res.headers as Record<string, string> | undefined) ?? {},
+      token_reason: String(res.token_reason ?? ''),
+    };
   }
 
   /** Many evaluations in one round trip, answered in order (AuthZEN access evaluations). */

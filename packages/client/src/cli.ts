@@ -4,7 +4,8 @@
  * caller. The only file of the client that reads process.argv and the environment: flags,
  * BURROW_CALL_* variables and the YAML config file become a {@link CallTarget}, then one command
  * runs. Exit codes: the gRPC status of the call (0 OK, 14 UNAVAILABLE, ...); 2 for a bad command
- * line or configuration, before anything is sent.
+ * line or configuration, before anything is sent; `check` answers DENY with 20 and UNAUTHENTICATED
+ * with 21 (above every gRPC code), so a script can act on the verdict.
  */
 import { readFileSync } from 'node:fs';
 import * as path from 'node:path';
@@ -23,7 +24,7 @@ import {
   stringOption,
   withEnvAndConfigFile,
 } from '@burrow/tunnel';
-import { BurrowCallError, BurrowClient, type JsonObject } from './burrow-client';
+import { BurrowCallError, BurrowClient, type CheckRequest, type CheckResponse, type JsonObject } from './burrow-client';
 import { ProtoMethod } from './proto-method';
 
 const PROG = 'burrow-call';
@@ -55,6 +56,19 @@ const INVOKE_OPTIONS = {
   proto: stringOption('.proto file that defines the method (imports are resolved next to it)'),
   raw: { type: 'boolean', describe: 'send the bytes on stdin as the request, write the response bytes to stdout' },
 } as const;
+
+const CHECK_OPTIONS = {
+  method: { ...stringOption('HTTP method of the request to judge'), default: 'GET' },
+  path: stringOption('path and query of the request, as sent (percent-encoded)'),
+  host: stringOption('Host header of the request'),
+  token: stringOption("bearer token of the request (without 'Bearer '); the variable keeps it out of ps"),
+  'token-file': stringOption('file holding the bearer token (instead of --token)'),
+  header: { type: 'string', array: true, describe: 'NAME=VALUE: a request header the mapping may read (repeatable)' },
+  extension: { type: 'string', array: true, describe: 'KEY=VALUE: a context extension, as a gateway route sets one' },
+} as const;
+
+/** `check`'s exit codes for the verdicts that are not ALLOW: above every gRPC status code (0-16). */
+export const CHECK_EXIT_CODES = { DENY: 20, UNAUTHENTICATED: 21 } as const;
 
 type Args = Record<string, unknown>;
 
@@ -202,6 +216,52 @@ const evaluations: Command = async (client, target, args) => {
   out(target, r, human || '(no evaluations)');
 };
 
+/** `NAME=VALUE` flags as a map; header names lower case. */
+function pairsOf(flag: string, v: unknown, lower: boolean): Record<string, string> {
+  const out: Record<string, string> = {};
+  for (const item of v === undefined ? [] : Array.isArray(v) ? v : [v]) {
+    const text = String(item);
+    const eq = text.indexOf('=');
+    if (eq <= 0) throw new ConfigError(flag, `"${text}" is not NAME=VALUE`);
+    const name = lower ? text.slice(0, eq).toLowerCase() : text.slice(0, eq);
+    out[name] = name in out ? `${out[name]},${text.slice(eq + 1)}` : text.slice(eq + 1);
+  }
+  return out;
+}
+
+function tokenOf(args: Args): string {
+  if (args.token && args['token-file']) throw new ConfigError('token-file', 'give --token or --token-file, not both');
+  if (!args['token-file']) return args.token ? String(args.token) : '';
+  const file = requireReadableFile('token-file', args['token-file']);
+  return readFileSync(file, 'utf8').trim();
+}
+
+function describeCheck(r: CheckResponse): string {
+  const lines = [`${r.verdict.toLowerCase()}  decision ${r.decision_id}`];
+  if (r.subject) lines.push(`  subject: ${r.subject.type}::${JSON.stringify(r.subject.id)}`);
+  if (r.token_reason) lines.push(`  token: ${r.token_reason}`);
+  if (r.advice.length > 0) lines.push(`  advice: ${r.advice.join(', ')}`);
+  for (const reason of r.reasons) lines.push(`  reason: ${reason}`);
+  if (r.policies.length > 0) lines.push(`  policies: ${r.policies.join(', ')}`);
+  for (const [k, v] of Object.entries(r.headers).sort()) lines.push(`  header: ${k}: ${v}`);
+  return lines.join('\n');
+}
+
+const check: Command = async (client, target, args) => {
+  if (!args.path) throw new ConfigError('path', 'is required (the path and query of the request to judge)');
+  const request: CheckRequest = {
+    method: String(args.method ?? 'GET').toUpperCase(),
+    path: String(args.path),
+    host: args.host ? String(args.host) : '',
+    token: tokenOf(args),
+    headers: pairsOf('header', args.header, true),
+    context_extensions: pairsOf('extension', args.extension, false),
+  };
+  const r = await client.check(target.agent, request, { timeoutMs: target.timeoutMs });
+  out(target, r, describeCheck(r));
+  if (r.verdict === 'DENY' || r.verdict === 'UNAUTHENTICATED') process.exitCode = CHECK_EXIT_CODES[r.verdict];
+};
+
 const invoke: Command = async (client, target, args) => {
   const method = String(args.method ?? '');
   if (!/^\/[^/\s]+\/[^/\s]+$/.test(method))
@@ -246,8 +306,8 @@ async function run(command: Command, args: Args): Promise<void> {
     fail((err as Error).message);
   }
   try {
-    await command(client, target, args);
     process.exitCode = 0;
+    await command(client, target, args);
   } catch (err) {
     if (err instanceof ConfigError) fail(err.message);
     const code = err instanceof BurrowCallError ? err.code : Status.UNKNOWN;
@@ -291,8 +351,16 @@ function main(): void {
     .command(command('authenticate', "verify a token with the site's keys", AUTHENTICATE_OPTIONS, authenticate))
     .command(command('evaluate', 'one AuthZEN access evaluation (JSON in, decision out)', REQUEST_OPTION, evaluate))
     .command(command('evaluations', 'a batch of AuthZEN evaluations', REQUEST_OPTION, evaluations))
+    .command(
+      command(
+        'check',
+        'a gateway decision: judge one HTTP request (exit 20 deny, 21 unauthenticated)',
+        CHECK_OPTIONS,
+        check,
+      ),
+    )
     .command(command('invoke <method>', 'call any unary method of the site', INVOKE_OPTIONS, invoke))
-    .demandCommand(1, 'name a command: ping, authenticate, evaluate, evaluations or invoke');
+    .demandCommand(1, 'name a command: ping, authenticate, evaluate, evaluations, check or invoke');
   parseCommandLine(commands, VERSION, fail, args);
 }
 

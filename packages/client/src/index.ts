@@ -18,4 +18,7 @@ export {
   type EvaluationsSemantic,
   type EvaluationsRequest,
   type EvaluationsResponse,
+  type CheckRequest,
+  type CheckResponse,
+  type CheckVerdict,
 } from './burrow-client';

@@ -20,6 +20,8 @@ export interface AuditRecord {
   forwarded_by?: string;
   /** Ids of the entering broker's caller policies that permitted the call (with forwarded_by). */
   entry_policies?: string[];
+  /** The gateway decision (PolicyDecisionService/Check) this evaluation answered: its decision_id. */
+  decision_id?: string;
   /** For decision=error: why the request could not be evaluated. */
   error?: string;
 }

@@ -84,6 +84,8 @@ export interface EvaluateOptions {
   forwardedBy?: string;
   /** Ids of that broker's policies that permitted the request, for the audit log. */
   entryPolicies?: string[];
+  /** The gateway decision this evaluation answers (Check's decision_id), for the audit log. */
+  decisionId?: string;
 }
 
 /** Outcome of one (re)load. */
@@ -535,6 +537,7 @@ export class PolicyEngine extends EventEmitter {
     if (who.caller !== undefined) rec.caller = who.caller;
     if (who.forwardedBy !== undefined) rec.forwarded_by = who.forwardedBy;
     if (who.entryPolicies !== undefined) rec.entry_policies = who.entryPolicies;
+    if (who.decisionId !== undefined) rec.decision_id = who.decisionId;
     if (error !== undefined) rec.error = error;
     this.audit.record(rec);
   }
@@ -556,6 +559,7 @@ export class PolicyEngine extends EventEmitter {
       decision: verdict.allow,
       context: { reason: reasonOf(verdict), policies: verdict.policies },
     };
+    annotate(response, active, verdict.policies);
     if (request.explain) response.context.explanation = this.explanationOf(active, call, verdict);
     return response;
   }
@@ -653,6 +657,27 @@ function reasonOf(verdict: Verdict): string {
     reason += `; ${describeErrors(unexplained, 'policy', 'failed to evaluate and did not apply')}`;
   }
   return reason;
+}
+
+/**
+ * Adds the deciding policies' @advice (distinct) and @reason to the response context, in policy
+ * order. The deciding policies are the permits of an allow and the forbids of a deny (those that
+ * failed to evaluate when failed closed), so a permit's advice never rides on a deny.
+ */
+function annotate(response: EvaluationResponse, active: ActiveSet, deciding: readonly string[]): void {
+  if (deciding.length === 0 || !active.compiled.annotated) return;
+  const policies = deciding
+    .map((id) => active.compiled.byId.get(id))
+    .filter((p): p is CompiledPolicy => p !== undefined)
+    .sort((a, b) => a.order - b.order);
+  const advice: string[] = [];
+  const reasons: string[] = [];
+  for (const p of policies) {
+    if (p.advice !== undefined && !advice.includes(p.advice)) advice.push(p.advice);
+    if (p.reason !== undefined) reasons.push(p.reason);
+  }
+  if (advice.length > 0) response.context.advice = advice;
+  if (reasons.length > 0) response.context.reasons = reasons;
 }
 
 /** The Cedar call for one request against the active set: uids, context and the entity slice. */

@@ -80,6 +80,10 @@ export interface Explanation {
 export interface ResponseContext {
   reason?: string;
   policies?: string[];
+  /** The deciding policies' @advice, distinct, in policy order; absent when none carries one. */
+  advice?: string[];
+  /** The deciding policies' @reason, in policy order; absent when none carries one. */
+  reasons?: string[];
   explanation?: Explanation;
   error?: { code: 'INVALID_ARGUMENT'; message: string };
 }

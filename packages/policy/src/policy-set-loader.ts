@@ -66,6 +66,12 @@ export interface CompiledPolicy {
   line: number;
   column: number;
   text: string;
+  /** Its `@advice("...")` annotation: a word returned with the decisions it decides (docs/policy.md). */
+  advice?: string;
+  /** Its `@reason("...")` annotation: why, in words, returned with the decisions it decides. */
+  reason?: string;
+  /** Its place in the set (files in name order, policies in file order): advice comes in this order. */
+  order: number;
 }
 
 /** A parsed and validated policy set with its entity data, ready to be activated. */
@@ -76,6 +82,8 @@ export interface CompiledPolicySet {
   schema?: Schema;
   /** Keys of entities named literally in policy conditions (their attributes may be read by any decision). */
   literalEntityKeys: Set<string>;
+  /** True when some policy carries @advice or @reason (decisions look them up only then). */
+  annotated: boolean;
   /** Validator warnings, formatted; the set is still usable. */
   warnings: string[];
   fingerprint: string;
@@ -157,6 +165,9 @@ function parseSchema(source: SourceText, issues: PolicyIssue[]): Schema | undefi
   return schema;
 }
 
+/** What an @advice annotation may say: it travels in a comma-separated header (x-burrow-advice). */
+const ADVICE_WORD = /^[A-Za-z0-9_.-]{1,64}$/;
+
 interface FilePolicy extends CompiledPolicy {
   offset: number;
   fileText: string;
@@ -191,9 +202,22 @@ function compileFile(
     // test reads the request entity's ancestors. Only literals in conditions can have their
     // attributes or ancestors read (`Settings::"global".open`), so only those join every slice.
     collectEntityRefs(json.json.conditions, literalKeys);
-    const annotated = json.json.annotations?.id;
+    const annotations = json.json.annotations ?? {};
+    const annotated = annotations.id;
+    const advice = annotations.advice;
+    if (advice !== undefined && !ADVICE_WORD.test(advice)) {
+      issues.push({
+        file: file.path,
+        ...where,
+        message: `@advice("${advice}") must be one word (letters, digits, "-", "_", "."), e.g. @advice("quarantine")`,
+      });
+      return;
+    }
     out.push({
       id: annotated !== undefined ? annotated : `${file.name}#${index}`,
+      advice,
+      reason: annotations.reason,
+      order: 0,
       effect: json.json.effect,
       file: file.path,
       line: where.line,
@@ -269,6 +293,7 @@ export function compilePolicySet(inputs: PolicyInputs): CompiledPolicySet {
         });
         continue;
       }
+      policy.order = policies.length;
       byId.set(policy.id, policy);
       policies.push(policy);
     }
@@ -303,6 +328,7 @@ export function compilePolicySet(inputs: PolicyInputs): CompiledPolicySet {
     entities,
     schema,
     literalEntityKeys: literalKeys,
+    annotated: clean.some((p) => p.advice !== undefined || p.reason !== undefined),
     warnings,
     fingerprint: inputs.fingerprint,
   };

@@ -22,6 +22,7 @@ export const AUTH_METHODS = {
 export const POLICY_METHODS = {
   evaluate: '/burrow.policy.v1.PolicyDecisionService/Evaluate',
   evaluations: '/burrow.policy.v1.PolicyDecisionService/Evaluations',
+  check: '/burrow.policy.v1.PolicyDecisionService/Check',
 } as const;
 
 export type JsonValue = null | boolean | number | string | JsonValue[] | { [key: string]: JsonValue };
@@ -109,7 +110,9 @@ function messageToProto(type: protobuf.Type, json: unknown, at: string): Record<
     const v = json[field.name];
     if (v === undefined || v === null) continue;
     const fieldAt = at ? `${at}.${field.name}` : field.name;
-    if (field.repeated) {
+    if (field instanceof protobuf.MapField) {
+      out[field.name] = mapToProto(field, v, fieldAt);
+    } else if (field.repeated) {
       if (!Array.isArray(v)) throw invalid(fieldAt, 'must be a JSON array');
       out[field.name] = v.map((e, i) => scalarOrMessageToProto(field, e, `${fieldAt}[${i}]`));
     } else {
@@ -119,8 +122,26 @@ function messageToProto(type: protobuf.Type, json: unknown, at: string): Record<
   return out;
 }
 
-function scalarOrMessageToProto(field: protobuf.Field, v: unknown, at: string): unknown {
+// Map fields (string keys) as JSON objects, each value converted like a field of the value type.
+function mapToProto(field: protobuf.MapField, v: unknown, at: string): Record<string, unknown> {
+  if (!isPlainObject(v)) throw invalid(at, 'must be a JSON object');
+  const out: Record<string, unknown> = {};
+  for (const [k, e] of Object.entries(v)) {
+    if (e !== undefined && e !== null) out[k] = scalarOrMessageToProto(field, e, `${at}.${k}`);
+  }
+  return out;
+}
+
+// Enum values by name (as JSON writes them) or by number; an unknown name is INVALID_ARGUMENT.
+function enumToProto(type: protobuf.Enum, v: unknown, at: string): number {
+  if (typeof v === 'string' && v in type.values) return type.values[v]!;
+  if (typeof v === 'number' && Number.isInteger(v)) return v;
+  throw invalid(at, `must be one of ${Object.keys(type.values).join(', ')}`);
+}
+
+function scalarOrMessageToProto(field: protobuf.FieldBase, v: unknown, at: string): unknown {
   if (field.resolvedType instanceof protobuf.Type) return messageToProto(field.resolvedType, v, at);
+  if (field.resolvedType instanceof protobuf.Enum) return enumToProto(field.resolvedType, v, at);
   switch (field.type) {
     case 'string':
       if (typeof v !== 'string') throw invalid(at, 'must be a string');
@@ -139,7 +160,11 @@ function messageFromProto(type: protobuf.Type, msg: Record<string, unknown>): Js
   for (const field of type.fieldsArray) {
     const v = msg[field.name];
     if (v === undefined || v === null) continue;
-    if (field.repeated) {
+    if (field instanceof protobuf.MapField) {
+      const entries = Object.entries(v as Record<string, unknown>);
+      if (entries.length > 0)
+        out[field.name] = Object.fromEntries(entries.map(([k, e]) => [k, fieldFromProto(field, e)]));
+    } else if (field.repeated) {
       const items = v as unknown[];
       if (items.length === 0) continue;
       out[field.name] = items.map((e) => fieldFromProto(field, e));
@@ -150,7 +175,7 @@ function messageFromProto(type: protobuf.Type, msg: Record<string, unknown>): Js
   return out;
 }
 
-function fieldFromProto(field: protobuf.Field, v: unknown): JsonValue {
+function fieldFromProto(field: protobuf.FieldBase, v: unknown): JsonValue {
   const t = field.resolvedType;
   if (t instanceof protobuf.Type) {
     if (t.fullName === '.google.protobuf.Struct') return structFromProto(v as Record<string, unknown>);
@@ -161,6 +186,7 @@ function fieldFromProto(field: protobuf.Field, v: unknown): JsonValue {
     }
     return messageFromProto(t, v as Record<string, unknown>);
   }
+  if (t instanceof protobuf.Enum) return t.valuesById[v as number] ?? (v as number);
   if (typeof v === 'object' && v !== null && 'toNumber' in v) return (v as { toNumber(): number }).toNumber();
   return v as JsonValue;
 }
@@ -218,6 +244,12 @@ export const API_CODECS = {
   },
   get evaluationsResponse(): ApiCodec {
     return cached('burrow.policy.v1.EvaluationsResponse');
+  },
+  get checkRequest(): ApiCodec {
+    return cached('burrow.policy.v1.CheckRequest');
+  },
+  get checkResponse(): ApiCodec {
+    return cached('burrow.policy.v1.CheckResponse');
   },
 };
 

@@ -7,4 +7,10 @@ export interface CallOutcome {
   requestBytes: number;
   /** Message bytes that went from the upstream back to the caller. */
   responseBytes: number;
+  /**
+   * When this side decided the status and sent it (performance.now()); unset when the caller went
+   * first. A SERVER span ends here: before its caller can have seen the status, so it nests inside
+   * the caller's CLIENT span, which ends only once the stream has closed.
+   */
+  settledAt?: number;
 }

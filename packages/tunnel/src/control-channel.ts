@@ -49,6 +49,14 @@ export class ControlChannel {
     return true;
   }
 
+  /**
+   * True when a frame sent now goes out without queueing behind HTTP/2 flow control: best-effort
+   * frames (Telemetry) are sent only then, so they never hold up the frames that matter.
+   */
+  get writable(): boolean {
+    return !this.closed && !this.stream.destroyed && !this.stream.writableEnded && !this.stream.writableNeedDrain;
+  }
+
   /** Ends the stream after anything already written (a Refused frame goes out before the end). */
   end(): void {
     if (!this.stream.destroyed && !this.stream.writableEnded) this.stream.end();

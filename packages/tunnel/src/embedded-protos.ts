@@ -117,19 +117,48 @@ export function serveProtosFromAssets(assets: AssetSource, dir: string = EMBEDDE
     process.nextTick(cb, null, text);
     return undefined;
   };
+  const restoreImports = resolveImportsFromRoot(dir);
   return () => {
     util.fs = previousFs;
     rootProto.fetch = previousFetch;
+    restoreImports();
+  };
+}
+
+type ResolvePath = (origin: string, target: string) => string | null;
+
+/**
+ * Imports inside proto/ name their files from proto/'s root, as `protoc -I proto` reads them (the
+ * vendored Envoy protos: `import "envoy/config/core/v3/base.proto"`), where protobufjs resolves an
+ * import against the importing file's directory. For a file below `dir`, an import that is neither
+ * absolute nor `./` or `../` relative resolves against `dir` instead, so every proto loads on its
+ * own (`protobuf.loadSync(path.join(PROTO_DIR, file))`) with its imports. Returns a function that
+ * restores the previous resolver.
+ */
+export function resolveImportsFromRoot(dir: string): () => void {
+  const rootProto = protobuf.Root.prototype as unknown as { resolvePath: ResolvePath };
+  const previous = rootProto.resolvePath;
+  const prefix = dir + path.sep;
+  rootProto.resolvePath = function resolvePath(this: unknown, origin: string, target: string): string | null {
+    if (origin.startsWith(prefix) && !target.startsWith('.') && !path.isAbsolute(target)) return path.join(dir, target);
+    return previous.call(this, origin, target);
+  };
+  return () => {
+    rootProto.resolvePath = previous;
   };
 }
 
 /**
  * Where the protos are: `diskDir` in a normal process; in a single executable,
- * {@link EMBEDDED_PROTO_DIR}, after pointing protobufjs at the embedded copies. Called once, by
- * frames.ts to define PROTO_DIR.
+ * {@link EMBEDDED_PROTO_DIR}, after pointing protobufjs at the embedded copies. Either way imports
+ * resolve from that directory's root ({@link resolveImportsFromRoot}). Called once, by frames.ts to
+ * define PROTO_DIR.
  */
 export function resolveProtoDir(diskDir: string, assets: AssetSource | undefined = seaAssets()): string {
-  if (!assets) return diskDir;
+  if (!assets) {
+    resolveImportsFromRoot(diskDir);
+    return diskDir;
+  }
   serveProtosFromAssets(assets);
   return EMBEDDED_PROTO_DIR;
 }

@@ -71,7 +71,15 @@ export interface WelcomeFrame {
   sessionId: string;
   maxMessageBytes: number;
   brokerId: string;
+  /** The broker takes Telemetry frames on this session (tunnel.proto, "Telemetry"). */
+  acceptsTelemetry?: boolean;
 }
+
+/**
+ * Largest `Telemetry.otlp_traces` an agent puts in one frame: the frame limit less the frame's own
+ * fields (the oneof tag and two length prefixes take at most 8 bytes).
+ */
+export const MAX_TELEMETRY_BYTES = MAX_SESSION_FRAME_BYTES - 16;
 
 /** One broker replica (tunnel.proto `BrokerEndpoint`): its id and its agent listener's HOST:PORT. */
 export interface BrokerEndpoint {
@@ -87,7 +95,8 @@ export type SessionFrame =
   | { kind: 'drain'; reason: string }
   | { kind: 'credentials'; certificateChainPem: string }
   | { kind: 'trustBundle'; pem: string; version: number }
-  | { kind: 'brokers'; brokers: BrokerEndpoint[] };
+  | { kind: 'brokers'; brokers: BrokerEndpoint[] }
+  | { kind: 'telemetry'; otlpTraces: Buffer };
 
 /**
  * Throws {@link ProtocolError} when `value` (a string field of a peer's frame) is longer than
@@ -129,6 +138,16 @@ export function checkReplicaSet(set: readonly BrokerEndpoint[]): void {
  * agent's single executable, a virtual directory served from the embedded copies (embedded-protos.ts).
  */
 export const PROTO_DIR = resolveProtoDir(path.resolve(__dirname, '..', '..', '..', 'proto'));
+
+/**
+ * Loads `file` (a path relative to {@link PROTO_DIR}) with its imports resolved from PROTO_DIR, as
+ * `protoc -I proto` does: the vendored OpenTelemetry protos import each other by such paths.
+ */
+export function loadProto(file: string): protobuf.Root {
+  const root = new protobuf.Root();
+  root.resolvePath = (_origin, target) => (path.isAbsolute(target) ? target : path.join(PROTO_DIR, target));
+  return root.loadSync(file);
+}
 
 let root: protobuf.Root | undefined;
 function tunnelRoot(): protobuf.Root {
@@ -177,6 +196,9 @@ export function encodeSessionFrame(frame: SessionFrame): Buffer {
     case 'brokers':
       body = { brokers: { brokers: frame.brokers.map((b) => ({ brokerId: b.brokerId, address: b.address })) } };
       break;
+    case 'telemetry':
+      body = { telemetry: { otlpTraces: frame.otlpTraces } };
+      break;
   }
   return toBuffer(sessionType().encode(body).finish());
 }
@@ -219,10 +241,10 @@ const FRAME_DECODERS: Record<string, (f: Record<string, unknown>) => SessionFram
     tooLong('Welcome session_id', sessionId, limits.idChars);
     tooLong('Welcome broker_id', brokerId, limits.idChars);
     const protocolVersion = Number(w.protocolVersion ?? 0);
-    return {
-      kind: 'welcome',
-      welcome: { protocolVersion, sessionId, brokerId, maxMessageBytes: toNumber(w.maxMessageBytes) },
-    };
+    const maxMessageBytes = toNumber(w.maxMessageBytes);
+    const welcome: WelcomeFrame = { protocolVersion, sessionId, brokerId, maxMessageBytes };
+    if (w.acceptsTelemetry === true) welcome.acceptsTelemetry = true;
+    return { kind: 'welcome', welcome };
   },
   refused: (r) => {
     const message = String(r.message ?? '');
@@ -242,6 +264,11 @@ const FRAME_DECODERS: Record<string, (f: Record<string, unknown>) => SessionFram
     const brokers = list.map((e) => ({ brokerId: String(e.brokerId ?? ''), address: String(e.address ?? '') }));
     checkReplicaSet(brokers);
     return { kind: 'brokers', brokers };
+  },
+  // Opaque here: the broker decodes the payload and drops (not refuses) one that is malformed.
+  telemetry: (t) => {
+    const bytes = t.otlpTraces as Uint8Array | undefined;
+    return { kind: 'telemetry', otlpTraces: bytes ? toBuffer(bytes) : Buffer.alloc(0) };
   },
 };
 

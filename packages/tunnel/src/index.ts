@@ -16,6 +16,7 @@ export {
   PROTOCOL_VERSIONS,
   MAX_REPLICA_SET_SIZE,
   MAX_SESSION_FRAME_BYTES,
+  MAX_TELEMETRY_BYTES,
   DEFAULT_MAX_MESSAGE_BYTES,
   TUNNEL_ALPN,
   CONTROL_PATH,
@@ -24,6 +25,7 @@ export {
   LEGACY_TUNNEL_SERVICE,
   LEGACY_SESSION_PATH,
   PROTO_DIR,
+  loadProto,
   type WelcomeFrame,
   type BrokerEndpoint,
 } from './frames';
@@ -203,3 +205,45 @@ export { listenOn, splitHostPort } from './listen';
 // One place for each rule a listener or a side applies to every call.
 export { recordCallFinished, type CallMetrics, type FinishedCall } from './call-accounting';
 export { answerUnimplemented } from './answer-unimplemented';
+
+// Tracing: spans of calls (api only), the SDK set-up the binaries call, OTLP encoding and export.
+export {
+  type Tracing,
+  type TraceParent,
+  TRACING_OFF,
+  TRACEPARENT_KEY,
+  BURROW_ATTRIBUTES,
+  remoteParent,
+  traceparentOf,
+  startRpcSpan,
+  startChildSpan,
+  endRpcSpan,
+  endSpan,
+  traceLogFields,
+  SpanKind,
+  ROOT_CONTEXT,
+  type Span,
+} from './tracing';
+export {
+  startTracing,
+  type TracingRuntime,
+  type TracingSetup,
+  type SpanSink,
+  DEFAULT_TRACE_EXPORT_INTERVAL_MS,
+} from './tracing-sdk';
+export {
+  AGENT_ID_ATTRIBUTE,
+  decodeExportRequest,
+  restampResource,
+  type OtlpChunk,
+  type ExportTraceRequest,
+} from './otlp';
+export { OtlpHttpExporter, type OtlpHttpOptions, DEFAULT_OTLP_TIMEOUT_MS } from './otlp-http-exporter';
+export {
+  TRACING_OPTIONS,
+  tracingFromArgs,
+  telemetryBytesFromArgs,
+  otlpExporterOptions,
+  type TracingConfig,
+  type OtlpEndpointConfig,
+} from './tracing-options';

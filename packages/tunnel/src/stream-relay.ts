@@ -22,6 +22,7 @@ import { forwardedRequestMetadata, forwardedResponseMetadata, type HeaderBlock }
 
 const { NGHTTP2_CANCEL, NGHTTP2_NO_ERROR } = http2.constants;
 const END_STREAM_FLAG = 0x1;
+const NEVER_INDEXED = ['traceparent'];
 
 /** Lets the owner of a call end it while it is carried (a revoked or expired credential). */
 export interface CallCutter {
@@ -66,6 +67,10 @@ export function nextHopHeaders(
   headers.te = 'trailers';
   const timeout = timeoutHeader(deadlineMs, Date.now());
   if (timeout) headers['grpc-timeout'] = timeout;
+  // A traceparent is new on every call: indexed by HPACK, each one would push the headers every
+  // call repeats out of the connection's table. Sent as a literal that is never indexed instead.
+  if (headers.traceparent !== undefined)
+    (headers as unknown as Record<symbol, unknown>)[http2.sensitiveHeaders] = NEVER_INDEXED;
   return headers;
 }
 
@@ -129,6 +134,8 @@ class CallRelay {
   private resolved = false;
   /** Why the next hop's connection failed, when it never came up (its error's cause). */
   private lostCause: string | undefined;
+  /** See {@link CallOutcome.settledAt}. */
+  private settledAt: number | undefined;
 
   constructor(
     private readonly inbound: http2.ServerHttp2Stream,
@@ -193,6 +200,7 @@ class CallRelay {
       outbound.close(answered ? NGHTTP2_NO_ERROR : NGHTTP2_CANCEL);
     this.resolve({
       ...this.state.outcome!,
+      settledAt: this.settledAt,
       requestBytes: Math.max(0, this.requestBytes - MESSAGE_PREFIX_BYTES * this.requestGuard.messages),
       responseBytes: Math.max(0, this.responseBytes - MESSAGE_PREFIX_BYTES * this.responseGuard.messages),
     });
@@ -200,6 +208,7 @@ class CallRelay {
 
   /** The next hop's status went on to the caller. */
   private settle(code: number, details: string): void {
+    this.settledAt = performance.now();
     this.state = transition(this.state, { kind: 'status', status: { code, details } });
     this.finishIfDone();
   }
@@ -207,6 +216,7 @@ class CallRelay {
   /** Ends the call from this side: the caller gets `error`, the next hop a CANCEL. */
   private fail(error: BurrowError): void {
     if (this.settled) return;
+    this.settledAt = performance.now();
     endWithStatus(this.inbound, error.code, error.message);
     if (!this.outbound.closed) this.outbound.close(NGHTTP2_CANCEL);
     this.state = transition(this.state, { kind: 'failed', status: { code: error.code, details: error.message } });

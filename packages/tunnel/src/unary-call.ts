@@ -15,6 +15,7 @@ import {
   timeoutHeader,
 } from './grpc-wire';
 import type { HeaderBlock } from './metadata-policy';
+import type { Span } from './tracing';
 
 /** What a built-in unary method learns about its call. */
 export interface LocalCallContext {
@@ -25,6 +26,8 @@ export interface LocalCallContext {
   callId: string;
   /** The platform caller's verified SPIFFE id, when the broker sent it. */
   caller?: string;
+  /** The call's span, when it is traced: a handler's own spans are its children. */
+  span?: Span;
 }
 
 /**
@@ -41,6 +44,7 @@ export interface UnaryAnswerOptions {
   deadlineMs: number;
   callId: string;
   caller?: string;
+  span?: Span;
 }
 
 /**
@@ -64,6 +68,7 @@ class UnaryAnswer {
   private requestBytes = 0;
   private responseBytes = 0;
   private outcome: { code: number; details: string } | undefined;
+  private settledAt: number | undefined;
   // An abort builds an event and an exception: done only when the handler is still running.
   private handlerRunning = false;
   private abort: AbortController | undefined;
@@ -94,13 +99,14 @@ class UnaryAnswer {
 
   private done(): void {
     const { requestBytes, responseBytes } = this;
-    if (this.outcome) this.resolve({ ...this.outcome, requestBytes, responseBytes });
+    if (this.outcome) this.resolve({ ...this.outcome, requestBytes, responseBytes, settledAt: this.settledAt });
   }
 
   /** The status is decided (the first call wins); resolves once the stream has closed too. */
   private settle(code: number, details: string): void {
     if (this.outcome) return;
     this.outcome = { code, details };
+    this.settledAt = performance.now();
     this.cancelTimer?.();
     if (this.handlerRunning) this.abort?.abort();
     if (this.stream.closed) this.done();
@@ -143,6 +149,7 @@ class UnaryAnswer {
       signal: this.abort.signal,
       callId: opts.callId,
       caller: opts.caller,
+      span: opts.span,
     };
     this.handler(request, ctx).then(
       (response) => this.respond(response),

@@ -87,6 +87,11 @@ export class JwksSource extends EventEmitter {
     return this.load('unknown key');
   }
 
+  /** True while a load is in flight (a call that waits for it waits for a key fetch). */
+  get loading(): boolean {
+    return this.inFlight !== undefined;
+  }
+
   /** Stops the watcher and the timer; a load in flight finishes but changes nothing. */
   close(): void {
     this.closed = true;

@@ -4,7 +4,18 @@ import { performance } from 'node:perf_hooks';
 import { status as Status } from '@grpc/grpc-js';
 import { Registry } from 'prom-client';
 import type { JWTPayload, JWTVerifyGetKey, JWTVerifyOptions } from 'jose';
-import { BurrowError, ConfigError, silentLogger, statusName, toBurrowError, type Logger } from '@burrow/tunnel';
+import {
+  BurrowError,
+  ConfigError,
+  SpanKind,
+  endSpan,
+  silentLogger,
+  startChildSpan,
+  statusName,
+  toBurrowError,
+  type Logger,
+  type TraceParent,
+} from '@burrow/tunnel';
 import { AuthnMetrics, type AuthnResult } from './authn-metrics';
 import { HttpClient } from './http-client';
 import { IntrospectionClient, type IntrospectionAnswer, type IntrospectionOptions } from './introspection-client';
@@ -79,6 +90,11 @@ export interface AuthenticationResult {
   expiresAt?: Date;
   /** Empty when authenticated; otherwise a stable word, `: ` and details (see {@link TokenRefusal}). */
   reason: string;
+  /**
+   * How an accepted token was judged: its signature against the site's keys, or the introspection
+   * endpoint's answer (which has its own cache and revocation, --introspection-cache-ttl).
+   */
+  verifiedBy?: 'signature' | 'introspection';
 }
 
 /** A key jose verifies with (the type its key lookups resolve to). */
@@ -234,12 +250,12 @@ export class TokenVerifier extends EventEmitter {
    * `audience`, when not empty, replaces the configured audiences; with `allowedAudiences` set it
    * must be one of them, or the token is refused (`audience: ...`) without being looked at.
    */
-  async authenticate(token: string, audience = ''): Promise<AuthenticationResult> {
+  async authenticate(token: string, audience = '', trace?: TraceParent): Promise<AuthenticationResult> {
     const startedAt = performance.now();
     let result: AuthnResult = 'error';
     let reason = '';
     try {
-      const verdict = await this.judge(token, audience);
+      const verdict = await this.judge(token, audience, trace);
       if (verdict instanceof TokenRefusal) {
         result = 'refused';
         reason = verdict.word;
@@ -265,7 +281,11 @@ export class TokenVerifier extends EventEmitter {
     this.http.close();
   }
 
-  private async judge(token: string, audience: string): Promise<AuthenticationResult | TokenRefusal> {
+  private async judge(
+    token: string,
+    audience: string,
+    trace: TraceParent | undefined,
+  ): Promise<AuthenticationResult | TokenRefusal> {
     if (typeof token !== 'string' || token === '') throw new BurrowError(Status.INVALID_ARGUMENT, 'token is empty');
     const bytes = Buffer.byteLength(token, 'utf8');
     if (bytes > this.maxTokenBytes)
@@ -300,7 +320,7 @@ export class TokenVerifier extends EventEmitter {
       const bad = parts.findIndex((p, i) => !BASE64URL.test(p) || (p === '' && i < 2));
       if (bad >= 0)
         return new TokenRefusal('malformed', `the ${['header', 'payload', 'signature'][bad]} is not base64url`);
-      return this.verifyJwt(this.keySource, token, audiences);
+      return this.verifyJwt(this.keySource, token, audiences, trace);
     }
     if (this.introspection) return this.judgeIntrospected(this.introspection, token, audiences);
     return new TokenRefusal(
@@ -313,10 +333,11 @@ export class TokenVerifier extends EventEmitter {
     source: JwksSource,
     token: string,
     audiences: string[],
+    trace: TraceParent | undefined,
   ): Promise<AuthenticationResult | TokenRefusal> {
     let keys = source.keys();
     if (!keys) {
-      await source.refreshForUnknownKey();
+      await refreshKeys(source, trace);
       keys = source.keys();
       if (!keys)
         throw new BurrowError(
@@ -333,7 +354,7 @@ export class TokenVerifier extends EventEmitter {
       currentDate: new Date(this.clock()),
     };
     let outcome = await this.verifyWithKeys(keys, token, options);
-    if (outcome instanceof TokenRefusal && outcome.word === 'unknown_key' && (await source.refreshForUnknownKey())) {
+    if (outcome instanceof TokenRefusal && outcome.word === 'unknown_key' && (await refreshKeys(source, trace))) {
       // The key set changed: a rotated-in key is now known.
       outcome = await this.verifyWithKeys(source.keys()!, token, options);
     }
@@ -341,7 +362,7 @@ export class TokenVerifier extends EventEmitter {
       if (outcome.word === 'unknown_key') return new TokenRefusal('unknown_key', this.describeKeyOf(token));
       return outcome;
     }
-    return this.accepted(outcome);
+    return this.accepted(outcome, 'signature');
   }
 
   /** One verification against one key set; a verdict, never a rejection, for the token's faults. */
@@ -440,12 +461,16 @@ export class TokenVerifier extends EventEmitter {
         return new TokenRefusal('malformed', `introspection answer lacks the required "${claim}" claim`);
     }
     const { active: _active, ...claims } = answer;
-    return this.accepted(claims);
+    return this.accepted(claims, 'introspection');
   }
 
-  private accepted(claims: Record<string, unknown>): AuthenticationResult {
+  private accepted(
+    claims: Record<string, unknown>,
+    verifiedBy: AuthenticationResult['verifiedBy'],
+  ): AuthenticationResult {
     return {
       authenticated: true,
+      verifiedBy,
       subject: typeof claims.sub === 'string' ? claims.sub : '',
       groups: stringArray(claimAt(claims, this.groupsPath)),
       claims,
@@ -496,4 +521,23 @@ function readSecret(file: string): string {
   const secret = text.replace(/\r?\n$/, '');
   if (secret === '') throw new ConfigError('introspection.clientSecretFile', `${file} is empty`);
   return secret;
+}
+
+/**
+ * `source.refreshForUnknownKey()`, with a CLIENT span "jwks fetch" under the call's span when the
+ * call waits for a fetch (one it started or one in flight; none when the refresh is rate-limited).
+ */
+async function refreshKeys(source: JwksSource, trace: TraceParent | undefined): Promise<boolean> {
+  const refreshed = source.refreshForUnknownKey();
+  if (!trace || !source.loading) return refreshed;
+  const span = startChildSpan(trace.tracing, 'jwks fetch', trace.span, SpanKind.CLIENT, {
+    'burrow.jwks.source': source.description,
+  });
+  try {
+    const swapped = await refreshed;
+    span.setAttribute('burrow.jwks.changed', swapped);
+    return swapped;
+  } finally {
+    endSpan(span);
+  }
 }
