@@ -394,25 +394,7 @@ async function runTunnelCases(ctx, result) {
     brokerArgs({ agent: agentPort, api: apiPort, admin: adminPort }, certFiles(dirs.broker), gateway?.brokerArgs),
     { startedMessage: 'broker started' },
   );
-  const agentArgs = [
-    'run',
-    '--broker',
-    `127.0.0.1:${agentPort}`,
-    ...tlsArgs(certFiles(dirs.agent)),
-    '--upstream',
-    `*=${echo}`,
-    '--policies',
-    path.join(ROOT, 'examples', 'policy', 'policies'),
-    '--entities',
-    path.join(ROOT, 'examples', 'policy', 'entities.json'),
-    // Every decision is evaluated by Cedar: with the cache on, repeating one request would
-    // measure a map lookup instead.
-    '--policy-cache-ttl',
-    '0s',
-    '--audit-log',
-    path.join(tmp, 'audit.jsonl'),
-    ...(gateway?.agentArgs ?? []),
-  ];
+  const agentArgs = [...siteAgentArgs(dirs, agentPort, echo, 'audit.jsonl'), ...(gateway?.agentArgs ?? [])];
   // An agent that dies is started again, as systemd would (Restart=on-failure), and the death is
   // recorded: the calls it failed count as misses of the measurement that was running.
   let agent;
@@ -689,6 +671,30 @@ async function gatewaySetup(extAuthzPort) {
       }
     },
   };
+}
+
+/**
+ * `burrow-agent run` for the site of the tunnel cases: the echo upstream for every service, the
+ * example policies with the decision cache off (every decision is evaluated by Cedar: with the
+ * cache on, repeating one request would measure a map lookup instead), its audit log in `auditFile`.
+ */
+function siteAgentArgs(dirs, agentPort, echo, auditFile) {
+  return [
+    'run',
+    '--broker',
+    `127.0.0.1:${agentPort}`,
+    ...tlsArgs(certFiles(dirs.agent)),
+    '--upstream',
+    `*=${echo}`,
+    '--policies',
+    path.join(ROOT, 'examples', 'policy', 'policies'),
+    '--entities',
+    path.join(ROOT, 'examples', 'policy', 'entities.json'),
+    '--policy-cache-ttl',
+    '0s',
+    '--audit-log',
+    path.join(tmp, auditFile),
+  ];
 }
 
 function tlsArgs(files) {
@@ -1074,22 +1080,7 @@ async function startTracingPair(ctx, name, brokerExtra) {
   const agent = await startBurrow(
     `agent-${name}`,
     AGENT_CLI,
-    [
-      'run',
-      '--broker',
-      `127.0.0.1:${agentPort}`,
-      ...tlsArgs(certFiles(dirs.agent)),
-      '--upstream',
-      `*=${echo}`,
-      '--policies',
-      path.join(ROOT, 'examples', 'policy', 'policies'),
-      '--entities',
-      path.join(ROOT, 'examples', 'policy', 'entities.json'),
-      '--policy-cache-ttl',
-      '0s',
-      '--audit-log',
-      path.join(tmp, `audit-${name}.jsonl`),
-    ],
+    siteAgentArgs(dirs, agentPort, echo, `audit-${name}.jsonl`),
     { startedMessage: 'agent started' },
   );
   await agent.proc.waitForLog('tunnel session established', undefined, { timeoutMs: 15_000 });

@@ -372,16 +372,14 @@ export class CallerApi {
    * nothing to cancel: no AbortController (an EventTarget, ~1.5% of the broker's CPU per call).
    */
   private async routeOf(call: ApiCall, admitted: AdmittedCall, live: LiveCallState): Promise<Route | undefined> {
-    const session = this.deps.registry.pick(admitted.agentId);
-    if (session) {
-      try {
-        admitted.holdAgentSlot();
-        return { local: true, session };
-      } catch (err) {
-        this.endRefused(call, admitted, live, err as BurrowError);
-        return undefined;
-      }
+    let here: Route | undefined;
+    try {
+      here = this.sessionHere(admitted);
+    } catch (err) {
+      this.endRefused(call, admitted, live, err as BurrowError);
+      return undefined;
     }
+    if (here) return here;
     const abort = new AbortController();
     live.waiting = abort;
     const onClose = (): void => abort.abort();
@@ -544,16 +542,15 @@ export class CallerApi {
   }
 
   /**
-   * Where a unary call goes: a session of the agent here when there is one (the common case, no
-   * wait and no promise chain to build), else {@link route}.
+   * A session of the agent on this broker, its limit slot taken: the common case, with no wait and
+   * no promise chain to build. Undefined when none is up here ({@link route} then waits or
+   * forwards); throws RESOURCE_EXHAUSTED when the agent's limit is reached.
    */
-  private unaryRoute(admitted: AdmittedCall, method: string, deadlineMs: number, signal: AbortSignal): Promise<Route> {
+  private sessionHere(admitted: AdmittedCall): Route | undefined {
     const session = this.deps.registry.pick(admitted.agentId);
-    if (session) {
-      admitted.holdAgentSlot();
-      return Promise.resolve({ local: true, session });
-    }
-    return this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, signal);
+    if (!session) return undefined;
+    admitted.holdAgentSlot();
+    return { local: true, session };
   }
 
   /**
@@ -596,7 +593,9 @@ export class CallerApi {
     };
     let route: Route;
     try {
-      route = await this.unaryRoute(admitted, method, deadlineMs, waiting.signal);
+      route =
+        this.sessionHere(admitted) ??
+        (await this.route(admitted, { method, rawHeaders: [], headers: {}, deadlineMs }, waiting.signal));
     } catch (err) {
       const e = live.cutBy ?? (err as BurrowError);
       return ended({ code: e.code, details: e.message, trailers: {}, requestBytes: 0, responseBytes: 0 });

@@ -140,13 +140,12 @@ export function checkReplicaSet(set: readonly BrokerEndpoint[]): void {
 export const PROTO_DIR = resolveProtoDir(path.resolve(__dirname, '..', '..', '..', 'proto'));
 
 /**
- * Loads `file` (a path relative to {@link PROTO_DIR}) with its imports resolved from PROTO_DIR, as
- * `protoc -I proto` does: the vendored OpenTelemetry protos import each other by such paths.
+ * Loads `file` (a path relative to {@link PROTO_DIR}) into a root of its own. Its imports resolve
+ * from PROTO_DIR, as `protoc -I proto` reads them (resolveImportsFromRoot, set up with PROTO_DIR):
+ * the vendored Envoy and OpenTelemetry protos import each other by such paths.
  */
-export function loadProto(file: string): protobuf.Root {
-  const root = new protobuf.Root();
-  root.resolvePath = (_origin, target) => (path.isAbsolute(target) ? target : path.join(PROTO_DIR, target));
-  return root.loadSync(file);
+export function loadProto(file: string, options?: protobuf.IParseOptions): protobuf.Root {
+  return new protobuf.Root().loadSync(path.join(PROTO_DIR, file), options);
 }
 
 let root: protobuf.Root | undefined;
