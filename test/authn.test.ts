@@ -131,7 +131,7 @@ describe('authn: TokenVerifier (agent token verification)', function () {
       const token = await signToken(jose, es, { tenant: 'acme', exp: nowS + 300 }, {}, nowS);
       const result = await v.authenticate(token, '');
       expect(result).to.deep.include({ authenticated: true, subject: 'alice', groups: ['ops', 'dev'], reason: '' });
-      expect(result.verifiedBy).to.equal('signature');
+      expect(v.rememberedTokens, 'accepted by signature: remembered').to.equal(1);
       expect(result.claims).to.deep.equal({
         iss: ISS,
         aud: AUD,
@@ -567,7 +567,6 @@ describe('authn: TokenVerifier (agent token verification)', function () {
           subject: 'svc-billing',
           groups: ['billing'],
           reason: '',
-          verifiedBy: 'introspection',
         });
         expect(result.claims).to.include({ scope: 'read', iss: ISS });
         expect(result.claims).to.not.have.property('active');

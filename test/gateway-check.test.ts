@@ -241,61 +241,40 @@ describe('gateway Check at the agent', function () {
     }
   });
 
-  it("remembers verified tokens (not refusals) until the TTL or the token's exp, bounded, cleared", async () => {
+  it('the verifier remembers accepted tokens (not refusals), per audiences, until the TTL or exp', async () => {
+    const jwksFile = path.join(fixture.root, 'jwks.json');
+    const fresh = await TokenVerifier.create({ jwksFile, issuers: [ISS], audiences: [AUD] });
+    try {
+      const b = services(mappingOf(...DOCS), { authenticator: fresh });
+      const token = await signToken(jose, key);
+      for (let i = 0; i < 3; i++)
+        expect((await check(b, { method: 'GET', path: '/docs/a', token })).verdict).to.equal('ALLOW');
+      expect(fresh.rememberedTokens, 'one entry for three checks with one token').to.equal(1);
+      for (let i = 0; i < 2; i++) await check(b, { method: 'GET', path: '/docs/a', token: 'bad.token.x' });
+      expect(fresh.rememberedTokens, 'refusals are not remembered').to.equal(1);
+      await fresh.authenticate(token, AUD);
+      expect(fresh.rememberedTokens, 'the same audience list (the configured one): the same entry').to.equal(1);
+    } finally {
+      fresh.close();
+    }
     let now = 1_000_000;
     const cache = new VerifiedTokens(() => now, 30_000, 2);
-    const authn = { calls: 0 };
-    const counting = {
-      authenticate: (t: string, a: string) => {
-        authn.calls++;
-        return verifier.authenticate(t, a);
-      },
-    };
-    const b = services(mappingOf(...DOCS), { authenticator: counting });
-    // Through the dispatcher (its own cache) for use; the class alone, on a fake clock, for time.
-    const token = await signToken(jose, key);
-    for (let i = 0; i < 3; i++)
-      expect((await check(b, { method: 'GET', path: '/docs/a', token })).verdict).to.equal('ALLOW');
-    expect(authn.calls, 'one verification for three checks with one token').to.equal(1);
-    for (let i = 0; i < 2; i++) await check(b, { method: 'GET', path: '/docs/a', token: 'bad.token.x' });
-    expect(authn.calls, 'refusals are verified every time').to.equal(3);
-    b.forgetVerifiedTokens();
-    await check(b, { method: 'GET', path: '/docs/a', token });
-    expect(authn.calls, 'forgotten: verified again').to.equal(4);
-    // An introspected token follows the introspection cache (its TTL, its revocations), not this one.
-    let introspections = 0;
-    const introspected = services(mappingOf(...DOCS), {
-      authenticator: {
-        authenticate: async () => {
-          introspections++;
-          return {
-            authenticated: true,
-            subject: 'svc',
-            groups: [],
-            claims: { sub: 'svc' },
-            reason: '',
-            verifiedBy: 'introspection',
-          };
-        },
-      },
-    });
-    for (let i = 0; i < 2; i++) await check(introspected, { method: 'GET', path: '/docs/a', token: 'opaque' });
-    expect(introspections).to.equal(2);
-
-    cache.set('t1', { sub: 'a' }, new Date(now + 10_000));
-    cache.set('t2', { sub: 'b' }, undefined);
-    expect(cache.get('t1')).to.deep.equal({ sub: 'a' });
+    const aud = ['a'];
+    cache.set('t1', aud, { sub: 'a' }, new Date(now + 10_000));
+    cache.set('t2', aud, { sub: 'b' }, undefined);
+    expect(cache.get('t1', aud)).to.deep.equal({ sub: 'a' });
+    expect(cache.get('t1', ['b']), 'another audience').to.equal(undefined);
     now += 10_000;
-    expect(cache.get('t1'), 'never past exp').to.equal(undefined);
-    expect(cache.get('t2')).to.deep.equal({ sub: 'b' });
+    expect(cache.get('t1', aud), 'never past exp').to.equal(undefined);
+    expect(cache.get('t2', aud)).to.deep.equal({ sub: 'b' });
     now += 20_000;
-    expect(cache.get('t2'), 'never past the TTL').to.equal(undefined);
-    cache.set('a', {}, undefined);
-    cache.set('b', {}, undefined);
-    cache.set('c', {}, undefined);
+    expect(cache.get('t2', aud), 'never past the TTL').to.equal(undefined);
+    cache.set('a', aud, {}, undefined);
+    cache.set('b', aud, {}, undefined);
+    cache.set('c', aud, {}, undefined);
     expect(cache.size, 'bounded').to.equal(2);
-    expect(cache.get('a'), 'the oldest went first').to.equal(undefined);
-    cache.set('expired', {}, new Date(now - 1));
-    expect(cache.get('expired')).to.equal(undefined);
+    expect(cache.get('a', aud), 'the oldest went first').to.equal(undefined);
+    cache.set('expired', aud, {}, new Date(now - 1));
+    expect(cache.get('expired', aud)).to.equal(undefined);
   });
 });

@@ -368,9 +368,6 @@ export class Agent {
         evaluations: (request, opts) => engine.evaluations(request, opts) as unknown as JsonObject,
       },
     });
-    // A key gone from the site's key set must stop its tokens at once, cached for Check or not.
-    const builtins = this.builtins;
-    this.tokenVerifier?.on('keys', () => builtins.forgetVerifiedTokens());
   }
 
   /** Broker connections with a live session. */

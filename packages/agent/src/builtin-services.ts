@@ -79,11 +79,6 @@ export class BuiltinServices {
     this.handlers.set(POLICY_METHODS.evaluations, (req, ctx) => this.decide('evaluations', req, ctx));
   }
 
-  /** Check forgets the tokens it verified: call when the verifier's key set changes. */
-  forgetVerifiedTokens(): void {
-    this.gateway.forgetVerifiedTokens();
-  }
-
   /** True when `service` is one the agent answers itself (configured or not). */
   isBuiltinService(service: string): boolean {
     return service === AUTH_SERVICE || service === POLICY_SERVICE;

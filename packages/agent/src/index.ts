@@ -29,7 +29,7 @@ export {
 } from './gateway/gateway-mapping';
 export { CHECK_LIMITS } from './gateway/check-input';
 /** @internal Check's memory of verified tokens (unit-tested alone). */
-export { VerifiedTokens, VERIFIED_TOKEN_CACHE } from './gateway/verified-tokens';
+export { VerifiedTokens, VERIFIED_TOKEN_CACHE } from './authn/verified-tokens';
 /** @internal The built-in services' dispatcher, driven alone by tests and benchmarks. */
 export {
   BuiltinServices,

@@ -17,6 +17,7 @@ import {
   type TraceParent,
 } from '@burrow/tunnel';
 import { AuthnMetrics, type AuthnResult } from './authn-metrics';
+import { VerifiedTokens } from './verified-tokens';
 import { HttpClient } from './http-client';
 import { IntrospectionClient, type IntrospectionAnswer, type IntrospectionOptions } from './introspection-client';
 import { loadJose, type JoseModule } from './jose-loader';
@@ -90,11 +91,6 @@ export interface AuthenticationResult {
   expiresAt?: Date;
   /** Empty when authenticated; otherwise a stable word, `: ` and details (see {@link TokenRefusal}). */
   reason: string;
-  /**
-   * How an accepted token was judged: its signature against the site's keys, or the introspection
-   * endpoint's answer (which has its own cache and revocation, --introspection-cache-ttl).
-   */
-  verifiedBy?: 'signature' | 'introspection';
 }
 
 /** A key jose verifies with (the type its key lookups resolve to). */
@@ -140,6 +136,8 @@ export class TokenVerifier extends EventEmitter {
   private readonly http = new HttpClient();
   private readonly keySource: JwksSource | undefined;
   private readonly introspection: IntrospectionClient | undefined;
+  /** Tokens accepted by signature lately: a gateway asks about every request a client makes with one. */
+  private readonly verified: VerifiedTokens;
 
   private constructor(
     private readonly jose: JoseModule,
@@ -175,7 +173,12 @@ export class TokenVerifier extends EventEmitter {
     this.maxTokenBytes = options.maxTokenBytes ?? TOKEN_VERIFIER_DEFAULTS.maxTokenBytes;
 
     this.keySource = this.createKeySource(jose, options);
-    this.keySource?.on('keys', (set: JwksKeySet) => this.emit('keys', set));
+    this.verified = new VerifiedTokens(this.clock);
+    this.keySource?.on('keys', (set: JwksKeySet) => {
+      // A key removed from the set stops its tokens at once.
+      this.verified.clear();
+      this.emit('keys', set);
+    });
     this.keySource?.on('failed', (err: Error) => this.emit('jwks-failed', err));
     this.introspection = this.createIntrospectionClient(options);
   }
@@ -335,6 +338,8 @@ export class TokenVerifier extends EventEmitter {
     audiences: string[],
     trace: TraceParent | undefined,
   ): Promise<AuthenticationResult | TokenRefusal> {
+    const known = this.verified.get(token, audiences);
+    if (known) return this.accepted(known);
     let keys = source.keys();
     if (!keys) {
       await refreshKeys(source, trace);
@@ -362,7 +367,14 @@ export class TokenVerifier extends EventEmitter {
       if (outcome.word === 'unknown_key') return new TokenRefusal('unknown_key', this.describeKeyOf(token));
       return outcome;
     }
-    return this.accepted(outcome, 'signature');
+    const result = this.accepted(outcome);
+    this.verified.set(token, audiences, outcome, result.expiresAt);
+    return result;
+  }
+
+  /** How many accepted tokens are remembered now (tests). */
+  get rememberedTokens(): number {
+    return this.verified.size;
   }
 
   /** One verification against one key set; a verdict, never a rejection, for the token's faults. */
@@ -461,16 +473,12 @@ export class TokenVerifier extends EventEmitter {
         return new TokenRefusal('malformed', `introspection answer lacks the required "${claim}" claim`);
     }
     const { active: _active, ...claims } = answer;
-    return this.accepted(claims, 'introspection');
+    return this.accepted(claims);
   }
 
-  private accepted(
-    claims: Record<string, unknown>,
-    verifiedBy: AuthenticationResult['verifiedBy'],
-  ): AuthenticationResult {
+  private accepted(claims: Record<string, unknown>): AuthenticationResult {
     return {
       authenticated: true,
-      verifiedBy,
       subject: typeof claims.sub === 'string' ? claims.sub : '',
       groups: stringArray(claimAt(claims, this.groupsPath)),
       claims,

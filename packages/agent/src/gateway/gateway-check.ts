@@ -17,7 +17,6 @@ import { engineError } from '../engine-error';
 import { checkInputOf, parseTarget, type CheckInput } from './check-input';
 import type { GatewayMapping } from './gateway-mapping';
 import { MappingDenial, evaluationOf, headerValue, mappedHeaders, type SourceEnv } from './mapped-request';
-import { VerifiedTokens } from './verified-tokens';
 
 /**
  * PolicyDecisionService/Check at the agent: one gateway decision in one round trip. The bearer
@@ -46,8 +45,6 @@ export interface GatewayCheckOptions {
   authenticator?: TokenAuthenticator;
   policy?: PolicyDecider;
   logger: Logger;
-  /** Recently verified tokens; default a fresh {@link VerifiedTokens}. */
-  verifiedTokens?: VerifiedTokens;
 }
 
 /** Characters of a gateway's request id written to the log (Envoy's are 36-character UUIDs). */
@@ -57,16 +54,7 @@ const strings = (v: JsonValue | undefined): string[] =>
   Array.isArray(v) ? v.filter((x): x is string => typeof x === 'string') : [];
 
 export class GatewayCheck {
-  private readonly verifiedTokens: VerifiedTokens;
-
-  constructor(private readonly opts: GatewayCheckOptions) {
-    this.verifiedTokens = opts.verifiedTokens ?? new VerifiedTokens();
-  }
-
-  /** Forgets the tokens verified so far: the verifier's key set changed. */
-  forgetVerifiedTokens(): void {
-    this.verifiedTokens.clear();
-  }
+  constructor(private readonly opts: GatewayCheckOptions) {}
 
   /**
    * Answers one decoded CheckRequest with a CheckResponse (JSON shape of API_CODECS). `trace`: the
@@ -162,8 +150,6 @@ export class GatewayCheck {
   ): Promise<Judgement | { claims: Record<string, unknown> }> {
     if (mapping.token === 'none' || (mapping.token === 'optional' && input.token === '')) return { claims: {} };
     if (input.token === '') return unauthenticated('missing: the request has no bearer token');
-    const known = this.verifiedTokens.get(input.token);
-    if (known) return { claims: known };
     let result: Awaited<ReturnType<TokenAuthenticator['authenticate']>>;
     try {
       result = await this.opts.authenticator!.authenticate(input.token, '', trace);
@@ -174,9 +160,6 @@ export class GatewayCheck {
       throw e;
     }
     if (!result.authenticated) return unauthenticated(result.reason);
-    // Only signature-verified tokens: an introspected one follows --introspection-cache-ttl (an
-    // endpoint's revocation must not wait on a second cache).
-    if (result.verifiedBy === 'signature') this.verifiedTokens.set(input.token, result.claims, result.expiresAt);
     return { claims: result.claims };
   }
 

@@ -14,14 +14,14 @@ interface Entry {
 }
 
 /**
- * Tokens Check has verified recently, with their claims. A gateway asks about every request, and a
- * client sends the same token with each of them: verifying its signature again each time would be
- * most of a check's cost. An entry lives {@link VERIFIED_TOKEN_CACHE}.ttlMs at most and never past
- * the token's `exp`; the agent empties the cache whenever the verifier's key set changes (a key
- * removed from the JWKS stops its tokens at once). Only tokens verified by signature are kept
- * (introspected ones follow the introspection cache and its TTL). Refusals are not kept: a refused
- * token is verified again, and answered the same. Keys are SHA-256 digests, so memory is bounded by the
- * entry count, not by token sizes.
+ * Tokens the verifier accepted by signature recently, with their claims, per audience list. A
+ * gateway asks about every request, and a client sends the same token with each of them: verifying
+ * its signature again each time would be most of a check's cost. An entry lives
+ * {@link VERIFIED_TOKEN_CACHE}.ttlMs at most and never past the token's `exp`; the verifier empties
+ * the cache whenever its key set changes (a key removed from the JWKS stops its tokens at once).
+ * Introspected tokens are not kept (they follow the introspection cache and its TTL), nor are
+ * refusals: a refused token is verified again, and answered the same. Keys are SHA-256 digests, so
+ * memory is bounded by the entry count, not by token sizes.
  */
 export class VerifiedTokens {
   private readonly entries = new Map<string, Entry>();
@@ -32,14 +32,15 @@ export class VerifiedTokens {
     private readonly maxEntries: number = VERIFIED_TOKEN_CACHE.maxEntries,
   ) {}
 
-  private static keyOf(token: string): string {
-    return createHash('sha256').update(token).digest('base64');
+  // The audiences are part of the key: a token accepted for one audience says nothing of another.
+  private static keyOf(token: string, audiences: readonly string[]): string {
+    return createHash('sha256').update(audiences.join('\n')).update('\0').update(token).digest('base64');
   }
 
-  /** The claims of a token verified within its lifetime here, else undefined. */
-  get(token: string): Record<string, unknown> | undefined {
+  /** The claims of a token verified for `audiences` within its lifetime here, else undefined. */
+  get(token: string, audiences: readonly string[]): Record<string, unknown> | undefined {
     if (this.entries.size === 0) return undefined;
-    const key = VerifiedTokens.keyOf(token);
+    const key = VerifiedTokens.keyOf(token, audiences);
     const e = this.entries.get(key);
     if (!e) return undefined;
     if (this.clock() >= e.untilMs) {
@@ -49,13 +50,13 @@ export class VerifiedTokens {
     return e.claims;
   }
 
-  /** Remembers a token the verifier accepted, until `expiresAt` at the latest. */
-  set(token: string, claims: Record<string, unknown>, expiresAt: Date | undefined): void {
+  /** Remembers a token the verifier accepted for `audiences`, until `expiresAt` at the latest. */
+  set(token: string, audiences: readonly string[], claims: Record<string, unknown>, expiresAt: Date | undefined): void {
     if (this.ttlMs <= 0 || this.maxEntries <= 0) return;
     const now = this.clock();
     const untilMs = Math.min(now + this.ttlMs, expiresAt ? expiresAt.getTime() : Number.POSITIVE_INFINITY);
     if (untilMs <= now) return;
-    const key = VerifiedTokens.keyOf(token);
+    const key = VerifiedTokens.keyOf(token, audiences);
     this.entries.delete(key);
     if (this.entries.size >= this.maxEntries) this.entries.delete(this.entries.keys().next().value as string);
     this.entries.set(key, { claims, untilMs });
